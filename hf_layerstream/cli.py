@@ -1,0 +1,328 @@
+"""`hf-layerstream` console script: split | generate | demo | inspect | verify | bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from . import __version__
+
+
+def _max_memory(text: str | None) -> dict | None:
+    """`"cpu=16GiB,0=4GiB"` -> `{"cpu": "16GiB", 0: "4GiB"}`."""
+    if not text:
+        return None
+    out: dict = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"--max-memory item {item!r} must look like cpu=16GiB or 0=4GiB")
+        key = key.strip()
+        out[int(key) if key.isdigit() else key] = value.strip()
+    return out
+
+
+def _dtype(text: str | None):
+    if text in (None, "auto"):
+        return None
+    import torch
+
+    value = getattr(torch, text, None)
+    if not isinstance(value, torch.dtype):
+        raise argparse.ArgumentTypeError(f"unknown dtype {text!r} (use float32, bfloat16, float16 or auto)")
+    return value
+
+
+def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="execution device (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", default=None, help="compute dtype: auto (as stored), float32, bfloat16, float16")
+    p.add_argument("--max-memory", default=None, help="memory budget, e.g. 'cpu=16GiB,0=4GiB' (accelerate's convention)")
+    p.add_argument("--prefetch", type=int, default=None, help="layers read ahead of the compute (default 2)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hf-layerstream",
+        description="Run Hugging Face causal LMs larger than memory by streaming decoder layers from disk.",
+    )
+    parser.add_argument("--version", action="version", version=f"hf_layerstream {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what the library does")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("split", help="split a checkpoint into a per-layer shard directory (once)")
+    p.add_argument("source", help="local checkpoint folder or hub repo id")
+    p.add_argument("shard_dir", help="output shard directory")
+    p.add_argument("--compression", choices=["4bit", "8bit"], default=None, help="block-wise quantization (default: none, lossless)")
+    p.add_argument("--quant-type", default=None, help="4-bit code: nf4 (default) or fp4")
+    p.add_argument("--blocksize", type=int, default=None, help="quantization block size")
+    p.add_argument("--dtype", default=None, help="cast floating tensors (default: keep the checkpoint's)")
+    p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    p.add_argument("--token", default=None, help="hub token for gated/private repos")
+    p.add_argument("--overwrite", action="store_true", help="replace a shard directory of another model/options")
+    p.add_argument("--wait", action="store_true", help="wait for another split into the same directory to finish")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("generate", help="generate text with a streamed model (tokens printed as produced)")
+    p.add_argument("shard_dir", help="shard directory made by `split`")
+    p.add_argument("prompt", nargs="?", default=None, help="prompt text (default: read from stdin)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder or hub id (default: the shard directory's)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template to the prompt")
+    p.add_argument("--input", default=None, help="JSONL of prompts (batched, resumable); needs --output")
+    p.add_argument("--output", default=None, help="JSONL results, appended as each prompt finishes")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per sweep with --input")
+    p.add_argument("--assistant", default=None, help="small draft model (folder or hub id) for assisted decoding")
+    p.add_argument("--prompt-lookup", type=int, default=None, metavar="N", help="prompt-lookup decoding with N tokens")
+    p.add_argument("--profile", action="store_true", help="print per-layer timings after generating")
+    _add_runtime_args(p)
+
+    p = sub.add_parser("demo", help="the whole pipeline on a built-in random-weight Llama-shaped model (no download)")
+    p.add_argument("--dir", default=None, help="work folder (default: a temporary folder, removed afterwards)")
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--hidden-size", type=int, default=1024)
+    p.add_argument("--intermediate-size", type=int, default=2816)
+    p.add_argument("--vocab-size", type=int, default=32000)
+    p.add_argument("--dtype", default="bfloat16", help="checkpoint dtype (default bfloat16)")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--compression", choices=["4bit", "8bit"], default=None, help="also compare quantized shards")
+    p.add_argument("--max-memory", default="cpu=0", help="budget for the streamed run (default: stream every layer)")
+    p.add_argument("--prefetch", type=int, default=None)
+
+    p = sub.add_parser("inspect", help="show a shard directory: scheme, bytes per layer, residency plan")
+    p.add_argument("shard_dir")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_runtime_args(p)
+
+    p = sub.add_parser("verify", help="check every file of a shard directory against its manifest")
+    p.add_argument("shard_dir")
+    p.add_argument("--quick", action="store_true", help="sizes and headers only, no checksums")
+
+    try:
+        from .bench import add_bench_parser
+    except ImportError:  # pragma: no cover - bench is optional at import time
+        add_bench_parser = None
+    if add_bench_parser is not None:
+        add_bench_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    handlers = {
+        "split": _cmd_split,
+        "generate": _cmd_generate,
+        "demo": _cmd_demo,
+        "inspect": _cmd_inspect,
+        "verify": _cmd_verify,
+    }
+    handler = handlers.get(args.command) or getattr(args, "handler", None)
+    try:
+        return int(handler(args) or 0)
+    except (ValueError, FileNotFoundError, TypeError, OSError, NotImplementedError) as e:
+        print(f"hf-layerstream {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _cmd_split(args) -> int:
+    from .split import split_checkpoint
+
+    path = split_checkpoint(
+        args.source,
+        args.shard_dir,
+        compression=args.compression,
+        quant_type=args.quant_type,
+        blocksize=args.blocksize,
+        dtype=args.dtype,
+        revision=args.revision,
+        token=args.token,
+        overwrite=args.overwrite,
+        wait=args.wait,
+        progress=not args.quiet,
+    )
+    print(f"shard directory ready: {path}")
+    return 0
+
+
+def load_streamed_model(shard_dir, *, device=None, dtype=None, max_memory=None, prefetch=None, profile=False):
+    """Build the model of a shard directory on meta and enable streaming (what `generate` and `bench` use)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .shard_dir import ShardDirectory
+    from .stream import enable_layer_streaming
+
+    ShardDirectory(shard_dir)  # a clear error before transformers looks for config.json
+    config = AutoConfig.from_pretrained(shard_dir)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    model.eval()
+    return enable_layer_streaming(
+        model, shard_dir, device=device, dtype=dtype, max_memory=max_memory, prefetch=prefetch, profile=profile
+    )
+
+
+def _cmd_generate(args) -> int:
+    import torch
+    from transformers import AutoTokenizer, TextStreamer
+
+    from .stream import get_streaming_state
+
+    model = load_streamed_model(
+        args.shard_dir,
+        device=args.device,
+        dtype=_dtype(args.dtype),
+        max_memory=_max_memory(args.max_memory),
+        prefetch=args.prefetch,
+        profile=args.profile,
+    )
+    tok = AutoTokenizer.from_pretrained(args.tokenizer or args.shard_dir)
+    gen_kwargs = {"max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample}
+    if args.temperature is not None:
+        gen_kwargs["temperature"] = args.temperature
+    if args.top_p is not None:
+        gen_kwargs["top_p"] = args.top_p
+    if args.prompt_lookup:
+        gen_kwargs["prompt_lookup_num_tokens"] = args.prompt_lookup
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    if args.assistant:
+        from transformers import AutoModelForCausalLM
+
+        gen_kwargs["assistant_model"] = AutoModelForCausalLM.from_pretrained(args.assistant).to(model.device).eval()
+
+    if args.input:
+        if not args.output:
+            raise ValueError("`--input` needs `--output` (results are appended there as each prompt finishes).")
+        from .batch import generate_jsonl
+
+        stats = generate_jsonl(
+            model, tok, args.input, args.output, batch_size=args.batch_size, chat=args.chat, **gen_kwargs
+        )
+        print(json.dumps(stats), file=sys.stderr)
+        return 0
+
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    if not prompt.strip():
+        raise ValueError("No prompt: pass it as an argument or on standard input.")
+    if args.chat and getattr(tok, "chat_template", None):
+        inputs = tok.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+    else:
+        inputs = tok(prompt, return_tensors="pt")
+    inputs = {k: v.to(model.device) for k, v in inputs.items()}
+    if tok.pad_token_id is None and tok.eos_token_id is not None:
+        gen_kwargs["pad_token_id"] = tok.eos_token_id
+    streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    print(prompt, end="", flush=True)
+    with torch.no_grad():
+        model.generate(**inputs, streamer=streamer, **gen_kwargs)
+    state = get_streaming_state(model)
+    if args.profile and state.profile is not None:
+        print(state.profile.summary(), file=sys.stderr)
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(args)
+
+
+def _cmd_inspect(args) -> int:
+    import torch
+
+    from .engine import check_device, plan_residency
+    from .shard_dir import ShardDirectory
+
+    shards = ShardDirectory(args.shard_dir)
+    m = shards.manifest
+    device = check_device(args.device)
+    dtype = _dtype(args.dtype)
+    full_bytes = []
+    stored = []
+    for i in range(m.num_layers):
+        unit = shards.unit(f"layers.{i}")
+        numel = sum(_numel(t.shape) for t in unit.tensors.values())
+        full_bytes.append(numel * (dtype.itemsize if dtype else torch.bfloat16.itemsize))
+        stored.append(unit.size)
+    layer_sizes = None
+    if dtype is not None:
+        layer_sizes = {i: full_bytes[i] for i in range(m.num_layers)}
+    plan = plan_residency(
+        shards, device, dtype_size=layer_sizes, max_memory=_max_memory(args.max_memory), prefetch=args.prefetch or 2
+    )
+    ratio = sum(stored) / max(sum(full_bytes), 1)
+    info = {
+        "shard_dir": str(shards.path),
+        "source": m.source,
+        "model_type": m.model_type,
+        "num_layers": m.num_layers,
+        "dtype": m.dtype,
+        "compression": m.compression,
+        "resident_bytes": shards.unit("resident").size,
+        "layer_bytes": stored,
+        "bf16_layer_bytes": full_bytes if dtype is None else None,
+        "ratio_to_bf16" if dtype is None else f"ratio_to_{dtype}".replace("torch.", ""): round(ratio, 4),
+        "plan": plan.to_dict(),
+    }
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    scheme = "none (full precision)" if not m.compression else ", ".join(f"{k}={v}" for k, v in m.compression.items())
+    print(f"shard directory  {shards.path}")
+    print(f"source           {m.source.get('id')} (revision {m.source.get('revision')})")
+    print(f"model            {m.model_type}, {m.num_layers} layers under {m.layers_prefix!r}, dtype {m.dtype}")
+    print(f"compression      {scheme}")
+    print(f"resident file    {_human(shards.unit('resident').size)}")
+    print(f"per layer        {_human(sum(stored) / max(len(stored), 1))} on disk (mean), {_human(sum(full_bytes) / max(len(full_bytes), 1))} at {dtype or 'bfloat16'}")
+    print(f"ratio            {ratio:.3f}x of {'bf16' if dtype is None else dtype}")
+    print(f"plan on {device}   {plan.summary()}")
+    return 0
+
+
+def _cmd_verify(args) -> int:
+    from .shard_dir import ShardDirectory
+
+    shards = ShardDirectory(args.shard_dir, check_files=False)
+    problems = shards.verify(checksums=not args.quick)
+    for p in problems:
+        print(p)
+    n = len(shards.manifest.units)
+    if problems:
+        print(f"{len(problems)} problem(s) in {n} files of {shards.path}", file=sys.stderr)
+        return 1
+    print(f"{shards.path}: all {n} files match the manifest{' (sizes and headers only)' if args.quick else ''}")
+    return 0
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

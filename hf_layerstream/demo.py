@@ -1,0 +1,124 @@
+"""`hf-layerstream demo`: the whole pipeline on a built-in random-weight Llama-shaped checkpoint, no download."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+
+def write_demo_checkpoint(
+    path: str | Path,
+    *,
+    layers: int = 8,
+    hidden_size: int = 1024,
+    intermediate_size: int = 2816,
+    vocab_size: int = 32000,
+    dtype: str = "bfloat16",
+    seed: int = 0,
+) -> Path:
+    """Write a Llama-shaped checkpoint with random weights (several safetensors shards) and an offline tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from .testing import init_random_weights, make_tokenizer
+
+    path = Path(path)
+    tok = make_tokenizer()
+    heads = max(hidden_size // 64, 1)
+    config = LlamaConfig(
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=max(heads // 4, 1),
+        vocab_size=max(vocab_size, len(tok)),
+        max_position_embeddings=2048,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    init_random_weights(model)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(path, max_shard_size="100MB")
+    tok.save_pretrained(path)
+    return path
+
+
+def _human(n: float) -> str:
+    return f"{n / 2**20:.0f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
+
+
+def run_demo(args) -> int:
+    from transformers import AutoTokenizer
+
+    from ._measure import run_child
+    from .cli import _max_memory
+    from .split import split_checkpoint
+
+    work = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="hf_layerstream_demo_"))
+    try:
+        ckpt = work / "checkpoint"
+        shards = work / "shards"
+        if not (ckpt / "config.json").exists():
+            print(f"1. writing a random-weight Llama-shaped checkpoint ({args.layers} layers, hidden {args.hidden_size}) to {ckpt}")
+            write_demo_checkpoint(
+                ckpt,
+                layers=args.layers,
+                hidden_size=args.hidden_size,
+                intermediate_size=args.intermediate_size,
+                vocab_size=args.vocab_size,
+                dtype=args.dtype,
+            )
+        size = sum(p.stat().st_size for p in ckpt.glob("*.safetensors"))
+        print(f"   checkpoint: {_human(size)} of weights")
+        print(f"2. splitting it into one file per decoder layer: {shards}")
+        t0 = time.perf_counter()
+        split_checkpoint(ckpt, shards)
+        print(f"   done in {time.perf_counter() - t0:.1f} s")
+        runs = [("whole model in memory", {"system": "in_memory", "path": str(ckpt)})]
+        max_memory = _max_memory(args.max_memory)
+        runs.append(
+            (
+                f"streamed (max_memory={args.max_memory or 'default'})",
+                {"system": "streamed", "path": str(shards), "max_memory": max_memory, "prefetch": args.prefetch},
+            )
+        )
+        if args.compression:
+            qdir = work / f"shards-{args.compression}"
+            print(f"   also splitting with compression={args.compression}: {qdir}")
+            split_checkpoint(ckpt, qdir, compression=args.compression)
+            runs.append(
+                (f"streamed, {args.compression} shards", {"system": "streamed", "path": str(qdir), "max_memory": max_memory, "prefetch": args.prefetch})
+            )
+        tok = AutoTokenizer.from_pretrained(ckpt)
+        prompt = "The quick brown fox jumps over the lazy dog. Layer streaming lets"
+        ids = tok(prompt)["input_ids"]
+        print(f"3. generating {args.max_new_tokens} tokens greedily from {prompt!r}, each system in its own process")
+        results = []
+        for label, spec in runs:
+            spec.update(input_ids=ids, max_new_tokens=args.max_new_tokens, pad_token_id=tok.pad_token_id)
+            r = run_child(spec)
+            results.append((label, r))
+            print(f"   {label}: {tok.decode(r['tokens'])!r}")
+        ref = results[0][1]
+        print()
+        print(f"{'system':44} {'s/token':>9} {'tokens/s':>9} {'peak RSS':>10} {'same tokens':>12}")
+        for label, r in results:
+            same = "yes" if r["tokens"] == ref["tokens"] else "NO"
+            if label != results[0][0] and "shards" in label and args.compression and label.endswith("shards"):
+                agree = sum(a == b for a, b in zip(r["tokens"], ref["tokens"])) / max(len(ref["tokens"]), 1)
+                same = f"{agree:.0%} (lossy)"
+            spt = r["s_per_token"]
+            print(f"{label:44} {spt:9.4f} {1 / spt:9.1f} {_human(r['peak_rss']):>10} {same:>12}")
+        exact = results[1][1]["tokens"] == ref["tokens"]
+        print()
+        print("streamed output equals the whole model's:", "yes" if exact else "NO")
+        return 0 if exact else 1
+    finally:
+        if not args.dir:
+            shutil.rmtree(work, ignore_errors=True)

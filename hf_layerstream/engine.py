@@ -1,0 +1,538 @@
+"""The loader: makes decoder layers present on the execution device just in time, under a memory budget.
+
+The hooks only call `acquire(i)` before layer `i` runs and `release(i)` after; everything about *how* a layer
+gets there lives here:
+
+* a residency plan: resident parts, N layers kept on the device, M layers kept in host RAM (pinned on CUDA), the
+  rest streamed from disk;
+* a background thread that reads streamed layers `prefetch` layers ahead of the compute (cyclically: the next
+  token's first layers load while the head and sampling run);
+* CPU: host-resident layers are zero-copy memory maps; streamed layers are read with `readinto` (the GIL is
+  released, so the read overlaps compute) into reused buffers;
+* CUDA: pinned staging buffers allocated once, `non_blocking` copies on a side stream, events to order copy and
+  compute, no `empty_cache()` in the hot path;
+* quantized shards are dequantized on the execution device by the codec, in the loader.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+import time
+import weakref
+from collections import defaultdict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from ._safetensors import mmap_tensors, read_tensors_into
+from .errors import LayerLoadError, ShardDirError
+from .modeling import RESIDENT, layer_unit
+from .shard_dir import ShardDirectory
+
+logger = logging.getLogger(__name__)
+
+_SIZE_RE = re.compile(r"^\s*([0-9.]+)\s*([KMGT]?)(i?)B?\s*$", re.IGNORECASE)
+
+
+def parse_size(value: int | float | str, *, name: str = "max_memory") -> int:
+    """`"4GiB"` / `"500MB"` / `4_000_000_000` -> bytes (accelerate's convention: GiB is 2**30, GB is 10**9)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError(f"`{name}` sizes must be non-negative, got {value}.")
+        return int(value)
+    if isinstance(value, str):
+        m = _SIZE_RE.match(value)
+        if m:
+            number, unit, binary = m.groups()
+            power = "KMGT".find(unit.upper()) + 1 if unit else 0
+            base = 1024 if binary or not unit else 1000
+            return int(float(number) * base**power)
+    raise ValueError(f"`{name}` got the size {value!r}; use bytes (int) or a string such as '4GiB' or '500MB'.")
+
+
+def available_host_memory() -> int:
+    """MemAvailable from /proc/meminfo (what the kernel can give without swapping), else psutil-free fallback."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 4 * 2**30
+
+
+# --- residency plan ------------------------------------------------------------------------------------------------
+
+DEFAULT_HOST_SHARE = 0.5  # of MemAvailable: leave the rest to the page cache, the KV cache and other programs
+DEFAULT_DEVICE_SHARE = 0.8  # of free device memory, before reserving room for activations and the KV cache
+
+
+@dataclass
+class ResidencyPlan:
+    """Where each decoder layer lives between uses."""
+
+    device: torch.device
+    device_layers: list[int]  # kept on the execution device
+    host_layers: list[int]  # kept in host RAM (pinned on CUDA); on CPU execution these are the device layers
+    streamed: list[int]  # read from disk every time
+    resident_bytes: int
+    layer_bytes: list[int]  # at execution dtype
+    stored_bytes: list[int]  # on disk
+    budgets: dict[str, int] = field(default_factory=dict)
+    prefetch: int = 1
+
+    def tier(self, index: int) -> str:
+        if index in self._device_set:
+            return "device"
+        if index in self._host_set:
+            return "host"
+        return "disk"
+
+    def __post_init__(self):
+        self._device_set = set(self.device_layers)
+        self._host_set = set(self.host_layers)
+
+    def summary(self) -> str:
+        gib = 2**30
+        parts = [
+            f"resident parts {self.resident_bytes / gib:.2f} GiB on {self.device}",
+            f"{len(self.device_layers)} layers kept on {self.device}",
+        ]
+        if self.device.type != "cpu":
+            parts.append(f"{len(self.host_layers)} layers kept in pinned host RAM")
+        parts.append(f"{len(self.streamed)} streamed from disk (prefetch {self.prefetch})")
+        budget = ", ".join(f"{k}: {v / gib:.2f} GiB" for k, v in self.budgets.items())
+        return "; ".join(parts) + (f" [budget {budget}]" if budget else "")
+
+    def to_dict(self) -> dict:
+        return {
+            "device": str(self.device),
+            "device_layers": self.device_layers,
+            "host_layers": self.host_layers,
+            "streamed": self.streamed,
+            "resident_bytes": self.resident_bytes,
+            "layer_bytes": self.layer_bytes,
+            "stored_bytes": self.stored_bytes,
+            "budgets": self.budgets,
+            "prefetch": self.prefetch,
+        }
+
+
+def _spread(candidates: list[int], count: int) -> list[int]:
+    """Pick `count` of `candidates` evenly spaced, so resident layers' compute hides streamed layers' reads."""
+    if count <= 0:
+        return []
+    if count >= len(candidates):
+        return list(candidates)
+    step = len(candidates) / count
+    return sorted({candidates[int(i * step)] for i in range(count)})
+
+
+def _max_memory_for(max_memory: dict | None, key) -> int | None:
+    if not max_memory:
+        return None
+    for k in (key, str(key)):
+        if k in max_memory:
+            return parse_size(max_memory[k])
+    return None
+
+
+def plan_residency(
+    shards: ShardDirectory,
+    device: torch.device,
+    *,
+    dtype_size: dict[int, int] | None = None,
+    max_memory: dict | None = None,
+    prefetch: int = 1,
+    reserve: int | None = None,
+) -> ResidencyPlan:
+    """Turn a memory budget (accelerate's `max_memory` convention) into a static residency plan.
+
+    A sweep over all layers defeats an LRU cache, so the plan is static: which layers stay, decided once.
+    """
+    if max_memory is not None and not isinstance(max_memory, dict):
+        raise TypeError(f"`max_memory` must be a dict such as {{0: '4GiB', 'cpu': '16GiB'}}, got {type(max_memory).__name__}.")
+    n = shards.num_layers
+    layer_bytes = [dtype_size[i] if dtype_size else shards.unit(layer_unit(i)).logical_nbytes for i in range(n)]
+    stored = [shards.unit(layer_unit(i)).size for i in range(n)]
+    resident = shards.unit(RESIDENT).logical_nbytes
+    biggest = max(layer_bytes, default=0)
+    working = (prefetch + 1) * biggest
+    budgets: dict[str, int] = {}
+    host_budget = _max_memory_for(max_memory, "cpu")
+    if host_budget is None:
+        host_budget = int(DEFAULT_HOST_SHARE * available_host_memory())
+    budgets["cpu"] = host_budget
+    order = list(range(n))
+    if device.type == "cpu":
+        room = host_budget - resident - working
+        fit = _fit(layer_bytes, order, room)
+        device_layers = _spread(order, fit)
+        host_layers: list[int] = []
+    else:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        dev_budget = _max_memory_for(max_memory, index)
+        if dev_budget is None:
+            free, _total = torch.cuda.mem_get_info(index)
+            dev_budget = int(DEFAULT_DEVICE_SHARE * free)
+        budgets[str(index)] = dev_budget
+        if reserve is None:
+            reserve = min(2 * 2**30, dev_budget // 10)  # activations and KV cache
+        room = dev_budget - resident - working - reserve
+        device_layers = _spread(order, _fit(layer_bytes, order, room))
+        rest = [i for i in order if i not in set(device_layers)]
+        # host copies are kept as stored (packed when quantized), dequantized on the device
+        host_room = host_budget - (prefetch + 1) * max(stored, default=0)
+        host_layers = _spread(rest, _fit(stored, rest, host_room))
+    kept = set(device_layers) | set(host_layers)
+    streamed = [i for i in order if i not in kept]
+    return ResidencyPlan(device, device_layers, host_layers, streamed, resident, layer_bytes, stored, budgets, prefetch)
+
+
+def _fit(sizes: list[int], order: list[int], room: int) -> int:
+    count, used = 0, 0
+    for i in order:
+        if used + sizes[i] > room:
+            break
+        used += sizes[i]
+        count += 1
+    return count
+
+
+# --- profiling -------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LayerTimes:
+    wait: float = 0.0
+    read: float = 0.0
+    dequantize: float = 0.0
+    copy: float = 0.0
+    compute: float = 0.0
+    calls: int = 0
+    bytes_read: int = 0
+
+
+class Profile:
+    """Per-layer timings: waiting for the loader, read, dequantize, host-to-device copy, compute (seconds)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.layers: dict[int, LayerTimes] = defaultdict(LayerTimes)
+        self.forward_calls = 0
+        self.started = time.perf_counter()
+
+    def add(self, index: int, **values: float) -> None:
+        with self._lock:
+            t = self.layers[index]
+            for k, v in values.items():
+                setattr(t, k, getattr(t, k) + v)
+
+    def reset(self) -> None:
+        with self._lock:
+            self.layers.clear()
+            self.forward_calls = 0
+            self.started = time.perf_counter()
+
+    def totals(self) -> dict[str, float]:
+        out = {k: 0.0 for k in ("wait", "read", "dequantize", "copy", "compute")}
+        out["bytes_read"] = 0
+        with self._lock:
+            for t in self.layers.values():
+                for k in ("wait", "read", "dequantize", "copy", "compute"):
+                    out[k] += getattr(t, k)
+                out["bytes_read"] += t.bytes_read
+        out["wall"] = time.perf_counter() - self.started
+        out["forward_calls"] = self.forward_calls
+        return out
+
+    def to_dict(self) -> dict:
+        with self._lock:
+            layers = {i: vars(t).copy() for i, t in sorted(self.layers.items())}
+        return {"totals": self.totals(), "layers": layers}
+
+    def summary(self) -> str:
+        t = self.totals()
+        lines = [
+            f"forward calls: {t['forward_calls']}, wall {t['wall']:.3f} s",
+            f"  compute   {t['compute']:.3f} s",
+            f"  wait      {t['wait']:.3f} s (compute blocked on the loader)",
+            f"  read      {t['read']:.3f} s ({t['bytes_read'] / 2**20:.1f} MiB, background)",
+            f"  dequant   {t['dequantize']:.3f} s",
+            f"  copy H2D  {t['copy']:.3f} s",
+        ]
+        return "\n".join(lines)
+
+
+# --- the loader ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Ready:
+    tensors: dict[str, torch.Tensor]
+    event: object = None  # CUDA event the compute stream must wait for
+    buffer: object = None  # (pool, buffer) to give back on release
+
+
+class _BufferPool:
+    """Reusable byte buffers (pinned on CUDA). A buffer is reused only once no tensor viewing it is alive."""
+
+    def __init__(self, pin: bool):
+        self.pin = pin
+        self._free: list[torch.Tensor] = []
+        self._lock = threading.Lock()
+
+    def take(self, size: int) -> torch.Tensor:
+        with self._lock:
+            for i, buf in enumerate(self._free):
+                if buf.numel() >= size:
+                    return self._free.pop(i)
+        return torch.empty(max(size, 1), dtype=torch.uint8, pin_memory=self.pin)
+
+    def give(self, buf: torch.Tensor, views: list[weakref.ref]) -> None:
+        # Views still referenced elsewhere (e.g. an autograd graph) would see the next layer's bytes: drop the buffer.
+        if any(r() is not None for r in views):
+            return
+        with self._lock:
+            self._free.append(buf)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._free.clear()
+
+
+class LayerLoader:
+    """Provides each decoder layer's tensors (names relative to the layer) on the execution device."""
+
+    def __init__(
+        self,
+        shards: ShardDirectory,
+        device: torch.device,
+        plan: ResidencyPlan,
+        *,
+        target_dtypes: dict[str, torch.dtype],
+        layer_prefixes: list[str],
+        prefetch: int = 1,
+        profile: Profile | None = None,
+    ):
+        self.shards = shards
+        self.device = device
+        self.plan = plan
+        self.profile = profile
+        self.target_dtypes = target_dtypes  # full name -> dtype the model computes in
+        self.layer_prefixes = layer_prefixes
+        self.is_cuda = device.type == "cuda"
+        n = shards.num_layers
+        self._streamed = [i for i in range(n) if plan.tier(i) == "disk"]
+        self.prefetch = max(0, min(prefetch, max(len(self._streamed) - 1, 0)))
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf_layerstream-loader")
+        self._pending: dict[int, Future] = {}
+        self._in_use: dict[int, _Ready] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+        self._pool = _BufferPool(pin=self.is_cuda)
+        self._device_cache: dict[int, dict[str, torch.Tensor]] = {}
+        self._host_cache: dict[int, dict[str, torch.Tensor]] = {}
+        self._copy_stream = torch.cuda.Stream(device) if self.is_cuda else None
+        self.failures = 0
+
+    # -- public API used by the hooks -----------------------------------------------------------------------------
+
+    def acquire(self, index: int) -> dict[str, torch.Tensor]:
+        """Block until layer `index` is on the device; schedule the next streamed layers; return its tensors."""
+        if self._closed:
+            raise RuntimeError("Layer streaming was disabled; call `enable_layer_streaming` again to run the model.")
+        t0 = time.perf_counter()
+        tier = self.plan.tier(index)
+        if tier == "device":
+            tensors = self._device_cache.get(index)
+            if tensors is None:
+                tensors = self._load_device_resident(index)
+            ready = _Ready(tensors)
+        else:
+            with self._lock:
+                future = self._pending.pop(index, None)
+            if future is None:
+                future = self._submit(index)
+            self._schedule_after(index)
+            try:
+                ready = future.result()
+            except LayerLoadError:
+                raise
+            except Exception as e:  # noqa: BLE001 - surfaced in the caller, naming the layer
+                self.failures += 1
+                raise LayerLoadError(
+                    f"Loading decoder layer {index} from {self.shards.files[layer_unit(index)]} failed: "
+                    f"{type(e).__name__}: {e}"
+                ) from e
+            if ready.event is not None:
+                compute = torch.cuda.current_stream(self.device)
+                compute.wait_event(ready.event)
+                # allocated on the copy stream, used on the compute stream: tell the caching allocator, so the
+                # memory is not handed back to the copy stream while compute kernels still read it
+                for t in ready.tensors.values():
+                    t.record_stream(compute)
+        if tier == "device" and self._streamed:
+            self._schedule_after(index)
+        self._in_use[index] = ready
+        if self.profile is not None:
+            self.profile.add(index, wait=time.perf_counter() - t0, calls=1)
+        return ready.tensors
+
+    def release(self, index: int) -> None:
+        """Layer `index` finished its forward pass: drop its tensors (their memory is reused by later reads)."""
+        ready = self._in_use.pop(index, None)
+        if ready is None or ready.buffer is None:
+            return
+        pool, buf, views = ready.buffer
+        ready.tensors = {}
+        pool.give(buf, views)
+
+    def close(self) -> None:
+        """Stop the background thread and free every buffer; safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        with self._lock:
+            pending = list(self._pending.values())
+            self._pending.clear()
+        for f in pending:
+            f.cancel()
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        self._in_use.clear()
+        self._device_cache.clear()
+        self._host_cache.clear()
+        self._pool.clear()
+
+    # -- scheduling -----------------------------------------------------------------------------------------------
+
+    def _submit(self, index: int) -> Future:
+        return self._executor.submit(self._load_streamed, index)
+
+    def _schedule_after(self, index: int) -> None:
+        """Keep the next `prefetch` streamed layers (cyclically) loading in the background."""
+        if not self.prefetch or not self._streamed:
+            return
+        # position of the first streamed layer after `index`
+        pos = next((p for p, i in enumerate(self._streamed) if i > index), 0)
+        with self._lock:
+            for k in range(self.prefetch):
+                nxt = self._streamed[(pos + k) % len(self._streamed)]
+                if nxt == index or nxt in self._pending or nxt in self._in_use:
+                    continue
+                self._pending[nxt] = self._executor.submit(self._load_streamed, nxt)
+
+    # -- loading --------------------------------------------------------------------------------------------------
+
+    def _relative(self, index: int, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        prefix = self.layer_prefixes[index]
+        return {name[len(prefix) :] if name.startswith(prefix) else name: t for name, t in tensors.items()}
+
+    def _finish(self, unit: str, raw: dict[str, torch.Tensor], index: int) -> dict[str, torch.Tensor]:
+        """Stored tensors (host or device) -> logical tensors on the device, at the model's dtypes."""
+        from .quant import dequantize_tensor
+
+        entry = self.shards.unit(unit)
+        out: dict[str, torch.Tensor] = {}
+        t_deq = 0.0
+        t_copy = 0.0
+        for name, info in entry.tensors.items():
+            target = self.target_dtypes.get(name, info.dtype)
+            if info.quant is not None:
+                t0 = time.perf_counter()
+                parts = {p: raw[f"{name}::{p}"] for p in info.quant["parts"]}
+                value = dequantize_tensor(parts, info.quant, device=self.device, dtype=target)
+                t_deq += time.perf_counter() - t0
+            else:
+                value = raw[name]
+                if value.device != self.device:
+                    t0 = time.perf_counter()
+                    value = value.to(self.device, non_blocking=True)
+                    t_copy += time.perf_counter() - t0
+                if value.dtype != target:
+                    value = value.to(target)
+            out[name] = value
+        if self.profile is not None and index >= 0:
+            self.profile.add(index, dequantize=t_deq, copy=t_copy)
+        return out
+
+    def _load_device_resident(self, index: int) -> dict[str, torch.Tensor]:
+        unit = layer_unit(index)
+        raw = mmap_tensors(self.shards.header(unit))
+        tensors = self._relative(index, self._finish(unit, raw, index))
+        self._device_cache[index] = tensors
+        return tensors
+
+    def load_resident(self) -> dict[str, torch.Tensor]:
+        """The resident parts (embeddings, final norm, head), at the model's dtypes, on the device."""
+        raw = mmap_tensors(self.shards.header(RESIDENT))
+        return self._finish(RESIDENT, raw, -1)
+
+    def _load_streamed(self, index: int) -> _Ready:
+        """Runs in the loader thread."""
+        unit = layer_unit(index)
+        header = self.shards.header(unit)
+        tier = self.plan.tier(index)
+        t0 = time.perf_counter()
+        if tier == "host":
+            raw = self._host_cache.get(index)
+            if raw is None:
+                host = read_tensors_into(header, torch.empty(header.data_size, dtype=torch.uint8, pin_memory=self.is_cuda))
+                self._host_cache[index] = raw = host
+            buffer = None
+            nread = 0
+        else:
+            buf = self._pool.take(header.data_size)
+            raw = read_tensors_into(header, buf)
+            buffer = buf
+            nread = header.data_size
+        t_read = time.perf_counter() - t0
+        if not self.is_cuda:
+            tensors = self._relative(index, self._finish(unit, raw, index))
+            if self.profile is not None:
+                self.profile.add(index, read=t_read, bytes_read=nread)
+            views = [weakref.ref(t) for t in tensors.values()] if buffer is not None else []
+            return _Ready(tensors, None, (self._pool, buffer, views) if buffer is not None else None)
+        # CUDA: copy on the side stream, then dequantize/cast there; the compute stream waits on the event
+        with torch.cuda.stream(self._copy_stream):
+            tensors = self._relative(index, self._finish(unit, raw, index))
+            event = torch.cuda.Event()
+            event.record(self._copy_stream)
+        if buffer is not None:
+            # the pinned staging buffer can be refilled once the copy has landed
+            event.synchronize()
+            self._pool.give(buffer, [])
+        if self.profile is not None:
+            self.profile.add(index, read=t_read, bytes_read=nread)
+        return _Ready(tensors, event, None)
+
+    def describe(self) -> str:
+        return self.plan.summary()
+
+
+def check_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"`device` {device!r} is not a valid torch device (e.g. 'cpu', 'cuda', 'cuda:1').") from e
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"`device` is {device} but CUDA is not available here; pass device='cpu'.")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+    elif device.type not in ("cpu",):
+        raise ValueError(f"`device` {device} is not supported yet; use 'cpu' or a CUDA device.")
+    return device
+
+
+__all__ = ["LayerLoader", "ResidencyPlan", "plan_residency", "Profile", "parse_size", "ShardDirError"]

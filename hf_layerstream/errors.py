@@ -1,0 +1,30 @@
+"""Exceptions raised by hf_layerstream. All derive from the built-in type a user would expect to catch."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+class ShardDirError(ValueError):
+    """A shard directory is missing pieces, inconsistent, or does not match the model it is used with."""
+
+
+class ShardFileError(ShardDirError):
+    """One file of a shard directory (or of a source checkpoint) is unreadable, truncated or malformed."""
+
+    def __init__(self, path: str | os.PathLike, problem: str, fix: str | None = None):
+        self.path = Path(path)
+        self.problem = problem
+        fix = fix or (
+            "Re-create the shard directory with `split_checkpoint(...)` / `hf-layerstream split`, or run "
+            "`hf-layerstream verify` to list every damaged file."
+        )
+        super().__init__(f"{self.path} {problem}. {fix}")
+
+    def __reduce__(self):
+        return (type(self), (self.path, self.problem))
+
+
+class LayerLoadError(RuntimeError):
+    """Loading a decoder layer failed in the background loader; raised in the thread that needed the layer."""

@@ -1,0 +1,67 @@
+"""The accelerate hook attached to each decoder layer."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from accelerate.hooks import ModelHook
+from torch import nn
+
+
+class LayerStreamingHook(ModelHook):
+    """Makes one decoder layer's weights present for its forward pass, and releases them afterwards.
+
+    One hook per decoder layer (not per leaf module): `pre_forward` asks the loader for the layer's tensors and
+    swaps them into the layer's modules in place of the meta placeholders; `post_forward` puts the placeholders
+    back and tells the loader the memory can go. Swapping `_parameters` entries is a pointer update: no copy.
+    """
+
+    def __init__(self, index: int, loader, slots: list[tuple[nn.Module, str, str, bool]], profile=None):
+        self.index = index
+        self.loader = loader
+        # (module, attribute, name relative to the layer, is_parameter)
+        self.slots = slots
+        self.placeholders = [(m._parameters if p else m._buffers)[a] for m, a, _, p in slots]
+        self.profile = profile
+        self._t0 = 0.0
+
+    def init_hook(self, module):
+        return module
+
+    def pre_forward(self, module, *args, **kwargs):
+        tensors = self.loader.acquire(self.index)
+        for module_, attr, rel, is_param in self.slots:
+            value = tensors[rel]
+            if is_param:
+                module_._parameters[attr] = nn.Parameter(value, requires_grad=False)
+            else:
+                module_._buffers[attr] = value
+        if self.profile is not None:
+            if self.index == 0:
+                self.profile.forward_calls += 1
+            self._t0 = time.perf_counter()
+        return args, kwargs
+
+    def post_forward(self, module, output):
+        if self.profile is not None:
+            if self.loader.is_cuda:
+                torch.cuda.current_stream(self.loader.device).synchronize()
+            self.profile.add(self.index, compute=time.perf_counter() - self._t0)
+        self._unload()
+        return output
+
+    def _unload(self):
+        for (module_, attr, _, is_param), placeholder in zip(self.slots, self.placeholders):
+            (module_._parameters if is_param else module_._buffers)[attr] = placeholder
+        self.loader.release(self.index)
+
+    def detach_hook(self, module):
+        self._unload()
+        return module
+
+    def __repr__(self) -> str:
+        return (
+            f"LayerStreamingHook(layer={self.index}, tier={self.loader.plan.tier(self.index)}, "
+            f"device={self.loader.device}, tensors={len(self.slots)})"
+        )

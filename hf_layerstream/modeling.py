@@ -1,0 +1,247 @@
+"""What we need to know about a transformers model: its decoder-layer stack, its streaming units, its buffers.
+
+Everything here works on a model whose parameters live on the meta device, and relies on transformers' own
+metadata (`_no_split_modules`, `GradientCheckpointingLayer`, `all_tied_weights_keys`, the checkpoint conversion
+mapping) rather than on per-architecture tables, so a new architecture or release needs no change here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from copy import deepcopy
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+RESIDENT = "resident"
+
+
+def layer_unit(index: int) -> str:
+    return f"layers.{index}"
+
+
+@dataclass(frozen=True)
+class LayerStack:
+    """The decoder-layer `nn.ModuleList` of a model and its qualified name (e.g. `model.layers`)."""
+
+    prefix: str
+    layers: nn.ModuleList
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def unit_of(self, name: str) -> str:
+        """The streaming unit holding the parameter/buffer `name`: `layers.<i>` or `resident`."""
+        if name.startswith(self.prefix + "."):
+            rest = name[len(self.prefix) + 1 :]
+            head = rest.split(".", 1)[0]
+            if head.isdigit():
+                return layer_unit(int(head))
+        return RESIDENT
+
+    def layer_prefix(self, index: int) -> str:
+        return f"{self.prefix}.{index}."
+
+
+def find_layer_stack(model: nn.Module) -> LayerStack | None:
+    """Find the decoder-layer stack: the longest `nn.ModuleList` of decoder layers.
+
+    Decoder layers are recognised by transformers' own markers: the class names in `_no_split_modules`, or the
+    `GradientCheckpointingLayer` base class every modern decoder layer derives from.
+    """
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # pragma: no cover - very old transformers
+        GradientCheckpointingLayer = ()  # noqa: N806
+    no_split = set(getattr(model, "_no_split_modules", None) or ())
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        children = list(module)
+        if len({type(c) for c in children}) != 1:
+            continue
+        child = children[0]
+        if type(child).__name__ in no_split or isinstance(child, GradientCheckpointingLayer):
+            if best is None or len(module) > len(best[1]):
+                best = (name, module)
+    return None if best is None else LayerStack(best[0], best[1])
+
+
+def tied_targets(model: nn.Module) -> dict[str, str]:
+    """Tied parameter names (target -> source), e.g. GPT-2's `{"lm_head.weight": "transformer.wte.weight"}`."""
+    tied = getattr(model, "all_tied_weights_keys", None)
+    if tied is None:  # older transformers
+        tied = {}
+    return dict(tied)
+
+
+def expected_tensors(model: nn.Module, stack: LayerStack) -> dict[str, dict[str, tuple[tuple[int, ...], torch.dtype]]]:
+    """The tensors a shard directory must hold for `model`, grouped by unit: `{unit: {name: (shape, dtype)}}`.
+
+    That is the model's state dict (parameters and persistent buffers) minus tied duplicates, which are re-tied
+    after loading as `from_pretrained` does.
+    """
+    tied = tied_targets(model)
+    units: dict[str, dict[str, tuple[tuple[int, ...], torch.dtype]]] = defaultdict(dict)
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if name in tied:
+            continue
+        units[stack.unit_of(name)][name] = (tuple(tensor.shape), tensor.dtype)
+    units.setdefault(RESIDENT, {})
+    for i in range(len(stack)):
+        units.setdefault(layer_unit(i), {})
+    return dict(units)
+
+
+def architecture_fingerprint(model: nn.Module, stack: LayerStack) -> str:
+    """A hash of what a shard directory must match: model type, layer stack, tensor names and shapes."""
+    units = expected_tensors(model, stack)
+    payload = {
+        "model_type": getattr(getattr(model, "config", None), "model_type", None),
+        "layers": stack.prefix,
+        "num_layers": len(stack),
+        "tensors": {u: {n: list(s) for n, (s, _) in sorted(t.items())} for u, t in sorted(units.items())},
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def build_skeleton(config, model_class: type | None = None) -> nn.Module:
+    """The model built with `init_empty_weights()`: parameters on meta, buffers (rotary `inv_freq`) real on CPU."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        if model_class is not None and hasattr(model_class, "_from_config"):
+            return model_class._from_config(config)
+        return AutoModelForCausalLM.from_config(config)
+
+
+def non_persistent_buffers(model: nn.Module) -> Iterable[tuple[nn.Module, str, str]]:
+    """(module, attribute, qualified name) for every buffer that is not saved in a checkpoint."""
+    for mod_name, module in model.named_modules():
+        for attr in getattr(module, "_non_persistent_buffers_set", ()):
+            if module._buffers.get(attr) is not None:
+                yield module, attr, f"{mod_name}.{attr}" if mod_name else attr
+
+
+def repair_meta_buffers(model: nn.Module) -> list[str]:
+    """Give real values to non-persistent buffers left on meta (model built under `torch.device("meta")`).
+
+    Non-persistent buffers (rotary `inv_freq`, causal masks) are computed in `__init__` and never stored in a
+    checkpoint; a skeleton built with `init_empty_weights()` computes them the same way, so we copy them over.
+    Returns the names repaired.
+    """
+    meta = [(m, a, n) for m, a, n in non_persistent_buffers(model) if m._buffers[a].is_meta]
+    if not meta:
+        return []
+    skeleton = build_skeleton(model.config, type(model))
+    fresh = dict(skeleton.named_buffers())
+    repaired = []
+    for module, attr, name in meta:
+        if name not in fresh or fresh[name].is_meta:
+            raise ValueError(
+                f"The model's non-persistent buffer {name!r} is on the meta device and could not be rebuilt from the "
+                "config. Build the model with `accelerate.init_empty_weights()` instead of `torch.device('meta')`."
+            )
+        module._buffers[attr] = fresh[name].clone()
+        repaired.append(name)
+    return repaired
+
+
+def get_submodule_attr(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    module_name, _, attr = name.rpartition(".")
+    return (model.get_submodule(module_name) if module_name else model), attr
+
+
+# --- checkpoint key conversion (split time) -------------------------------------------------------------------
+
+
+@dataclass
+class ConversionPlan:
+    """How the checkpoint's keys become the model's tensors, grouped by streaming unit.
+
+    Built with transformers' own conversion machinery (`get_model_conversion_mapping` + `rename_source_key`, the
+    same calls `from_pretrained` makes), so fused experts, renamed heads and legacy names come out exactly as
+    `from_pretrained` would load them.
+    """
+
+    # unit -> list of (checkpoint key, renamed target key, converter source pattern or None)
+    units: dict[str, list[tuple[str, str, str | None]]] = field(default_factory=dict)
+    unexpected: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    converters: dict[str, object] = field(default_factory=dict)  # source pattern -> WeightConverter
+
+
+def plan_conversion(model: nn.Module, stack: LayerStack, checkpoint_keys: Iterable[str]) -> ConversionPlan:
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+
+    weight_mapping = get_model_conversion_mapping(model)
+    renamings = [t for t in weight_mapping if isinstance(t, WeightRenaming)]
+    converters = [t for t in weight_mapping if isinstance(t, WeightConverter)]
+    pattern_to_converter = {p: c for c in converters for p in c.source_patterns}
+    meta_sd = model.state_dict()
+    prefix = model.base_model_prefix
+    tied = tied_targets(model)
+
+    plan = ConversionPlan(converters=pattern_to_converter)
+    found: set[str] = set()
+    for key in sorted(checkpoint_keys, key=dot_natural_key):
+        renamed, pattern = rename_source_key(key, renamings, converters, prefix, meta_sd)
+        if renamed not in meta_sd and key in meta_sd:
+            renamed, pattern = rename_source_key(key, [], [], prefix, meta_sd)
+        if renamed not in meta_sd or renamed in tied:
+            plan.unexpected.append(key)
+            continue
+        plan.units.setdefault(stack.unit_of(renamed), []).append((key, renamed, pattern))
+        found.add(renamed)
+        if pattern is not None:
+            # a converter with several targets (qkv -> q, k, v) produces all of them from the first one
+            conv = pattern_to_converter[pattern]
+            first = conv.target_patterns[0]
+            for other in conv.target_patterns[1:]:
+                found.add(renamed.replace(first, other))
+    expected = {n for unit in expected_tensors(model, stack).values() for n in unit}
+    non_persistent = {n for _, _, n in non_persistent_buffers(model)}
+    plan.missing = sorted(expected - found - non_persistent)
+    return plan
+
+
+def convert_unit(
+    model: nn.Module,
+    entries: list[tuple[str, str, str | None]],
+    load: Callable[[str], torch.Tensor],
+    converters: dict[str, object],
+) -> dict[str, torch.Tensor]:
+    """Materialize one unit's tensors under the model's names, running transformers' conversion ops."""
+    from transformers.core_model_loading import WeightRenaming
+
+    mappings: dict[str, object] = {}
+    for key, renamed, pattern in entries:
+        if pattern is not None:
+            mapping = mappings.setdefault(renamed, deepcopy(converters[pattern]))
+        else:
+            mapping = mappings.setdefault(renamed, WeightRenaming(key, renamed))
+            pattern = key
+        mapping.add_tensor(renamed, key, pattern, lambda key=key: load(key))
+    out: dict[str, torch.Tensor] = {}
+    for first, mapping in mappings.items():
+        converted = mapping.convert(first, model=model, config=getattr(model, "config", None))
+        for name, value in converted.items():
+            value = value[0] if isinstance(value, list) else value
+            out[name] = value.contiguous()
+    return out
+
+
+_LAYER_RE = re.compile(r"^layers\.(\d+)$")
+
+
+def unit_index(unit: str) -> int | None:
+    m = _LAYER_RE.match(unit)
+    return int(m.group(1)) if m else None

@@ -1,0 +1,495 @@
+"""`split_checkpoint`: turn a transformers checkpoint into a shard directory, once."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from ._safetensors import atomic_write_bytes, dtype_to_str, fsync_dir, read_header, sha256_file
+from .errors import ShardDirError, ShardFileError
+from .modeling import (
+    RESIDENT,
+    architecture_fingerprint,
+    build_skeleton,
+    convert_unit,
+    find_layer_stack,
+    layer_unit,
+    plan_conversion,
+    unit_index,
+)
+from .shard_dir import MANIFEST_NAME, RESIDENT_FILE, Manifest, ShardDirectory, TensorEntry, UnitEntry, layer_file
+
+logger = logging.getLogger(__name__)
+
+PROGRESS_NAME = ".progress.json"
+LOCK_NAME = ".lock"
+_SIDE_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+_SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+# --- sources -----------------------------------------------------------------------------------------------------
+
+
+class _Source:
+    """A checkpoint to read from, local or on the hub; weight files are fetched one at a time, when first needed."""
+
+    def __init__(self, source: str | os.PathLike, *, revision: str | None, token: str | bool | None, cache_dir):
+        self.description = str(source)
+        self.revision = revision
+        self._token = token
+        self._cache_dir = cache_dir
+        local = Path(source).expanduser()
+        self.local_dir: Path | None = local if local.is_dir() else None
+        if self.local_dir is None:
+            if isinstance(source, os.PathLike) or str(source).startswith((".", "/", "~")) or str(source).count("/") > 1:
+                raise FileNotFoundError(
+                    f"`source` {source} is neither an existing local checkpoint folder nor a hub repo id "
+                    "(`organization/name`). Pass the folder that holds config.json and the weight files."
+                )
+            self.repo_id = str(source)
+        self._handles: dict[str, Any] = {}
+        self.config_path = self.fetch("config.json", required=True)
+        self.keys = self._list_keys()
+
+    def fetch(self, filename: str, *, required: bool = False) -> Path | None:
+        if self.local_dir is not None:
+            path = self.local_dir / filename
+            if path.is_file():
+                return path
+            if required:
+                raise FileNotFoundError(f"`source` {self.local_dir} has no {filename}; it is not a transformers checkpoint folder.")
+            return None
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+        try:
+            path = Path(
+                hf_hub_download(self.repo_id, filename, revision=self.revision, token=self._token, cache_dir=self._cache_dir)
+            )
+        except EntryNotFoundError:
+            if required:
+                raise FileNotFoundError(f"The hub repo {self.repo_id!r} has no {filename}.") from None
+            return None
+        except RepositoryNotFoundError as e:
+            raise FileNotFoundError(
+                f"`source` {self.repo_id!r} is not a local folder and the hub has no such repo (or it is gated and no "
+                "`token` was given)."
+            ) from e
+        except LocalEntryNotFoundError as e:
+            if not required and _is_offline():
+                return None
+            raise FileNotFoundError(
+                f"Cannot fetch {filename} of {self.repo_id!r}: the hub cannot be reached (offline, HF_HUB_OFFLINE="
+                f"{os.environ.get('HF_HUB_OFFLINE', '0')}) and the file is not in the hub cache. Download it once "
+                "with network access (`hf download REPO`) or pass a local checkpoint folder as `source`."
+            ) from e
+        if self.revision is None or len(self.revision) != 40:
+            # cache layout: .../snapshots/<commit>/<filename>
+            commit = path.parent.name
+            if len(commit) == 40:
+                self.revision = commit
+        return path
+
+    def _list_keys(self) -> dict[str, str]:
+        for index_name in _INDEX_FILES:
+            index = self.fetch(index_name)
+            if index is not None:
+                try:
+                    weight_map = json.loads(index.read_text())["weight_map"]
+                except (ValueError, KeyError) as e:
+                    raise ShardFileError(index, f"is not a valid checkpoint index ({e})") from e
+                return {k: v for k, v in weight_map.items()}
+        for single in _SINGLE_FILES:
+            path = self.fetch(single)
+            if path is not None:
+                return dict.fromkeys(self._open(single).keys(), single)
+        where = self.local_dir or self.repo_id
+        raise FileNotFoundError(
+            f"`source` {where} has no weights: expected one of {', '.join(_INDEX_FILES + _SINGLE_FILES)}."
+        )
+
+    def _open(self, filename: str):
+        if filename in self._handles:
+            return self._handles[filename]
+        if "/" in filename or "\\" in filename or filename.startswith(".."):
+            raise ShardFileError(filename, "is named by the checkpoint index but is not a plain file name")
+        path = self.fetch(filename, required=True)
+        if filename.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            read_header(path)  # a clear error for a truncated / hostile header before safetensors sees it
+            handle = safe_open(path, framework="pt", device="cpu")
+        else:
+            try:
+                # weights_only=True refuses pickles that would run code; mmap keeps memory at one unit
+                handle = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:  # noqa: BLE001 - re-raised with the file name
+                raise ShardFileError(
+                    path, f"cannot be loaded safely with torch.load(weights_only=True): {type(e).__name__}: {e}",
+                    "Only load checkpoints you trust; convert it to safetensors, or use the original publisher's files.",
+                ) from e
+            if not isinstance(handle, dict):
+                raise ShardFileError(path, "does not hold a state dict")
+        self._handles[filename] = handle
+        return handle
+
+    def load(self, key: str) -> torch.Tensor:
+        filename = self.keys[key]
+        handle = self._open(filename)
+        if isinstance(handle, dict):
+            return handle[key]
+        try:
+            return handle.get_tensor(key)
+        except Exception as e:  # noqa: BLE001
+            raise ShardFileError(self.fetch(filename), f"cannot provide tensor {key!r}: {e}") from e
+
+    def release(self, keep: set[str]) -> None:
+        for filename in list(self._handles):
+            if filename not in keep:
+                del self._handles[filename]
+
+
+def _is_offline() -> bool:
+    try:
+        from huggingface_hub import constants
+
+        return bool(constants.HF_HUB_OFFLINE)
+    except Exception:  # noqa: BLE001
+        return False
+
+
+# --- locking & progress ---------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _locked(shard_dir: Path, *, wait: bool):
+    import fcntl
+
+    lock_path = shard_dir / LOCK_NAME
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            raise ShardDirError(
+                f"Another process is splitting into {shard_dir} right now (it holds {lock_path}). Wait for it to "
+                "finish, or pass `wait=True` to block until it does."
+            ) from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _options_key(fingerprint: str, dtype: torch.dtype | None, compression: dict | None) -> dict:
+    return {"fingerprint": fingerprint, "dtype": None if dtype is None else dtype_to_str(dtype), "compression": compression}
+
+
+def _estimate_unit_bytes(shapes: dict[str, tuple[tuple[int, ...], torch.dtype]], scheme, unit: str) -> int:
+    total = 0
+    for name, (shape, dtype) in shapes.items():
+        numel = 1
+        for s in shape:
+            numel *= s
+        nbytes = numel * dtype.itemsize
+        if scheme is not None and len(shape) >= 2 and dtype.is_floating_point:
+            from .quant import should_quantize
+
+            if should_quantize(name, torch.empty(shape, dtype=dtype, device="meta"), scheme, is_embedding=unit == RESIDENT):
+                nbytes = numel * scheme.bits // 8 + 4 * (numel // scheme.blocksize + 1)
+        total += nbytes + 256
+    return total
+
+
+# --- main entry point ----------------------------------------------------------------------------------------------
+
+
+def split_checkpoint(
+    source: str | os.PathLike,
+    shard_dir: str | os.PathLike,
+    *,
+    compression: str | None = None,
+    quant_type: str | None = None,
+    blocksize: int | None = None,
+    dtype: torch.dtype | str | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    wait: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Split a transformers checkpoint into a shard directory: one file per decoder layer plus the resident parts.
+
+    Tensors are stored under the model's own parameter names exactly as `from_pretrained` would load them (the
+    checkpoint's keys go through transformers' conversion mapping: fused MoE experts, renamed heads, legacy names).
+    Each file is written atomically; an interrupted split resumes where it stopped when run again, and the
+    manifest, written last, is what makes the directory valid. The source is only read.
+
+    Args:
+        source (`str` or `os.PathLike`):
+            A local checkpoint folder (sharded or single `.safetensors`, or `.bin` loaded with `weights_only=True`)
+            or a hub repo id, fetched one weight file at a time (honours `HF_HUB_OFFLINE` and the hub cache).
+        shard_dir (`str` or `os.PathLike`):
+            Where to write the shard directory (created if needed).
+        compression (`str`, *optional*):
+            `None` (full precision, lossless), `"4bit"` or `"8bit"` block-wise quantization with bitsandbytes.
+        quant_type (`str`, *optional*):
+            For 4-bit: `"nf4"` (default) or `"fp4"`.
+        blocksize (`int`, *optional*):
+            Quantization block size.
+        dtype (`torch.dtype` or `str`, *optional*):
+            Cast floating-point tensors to this dtype (default: keep the checkpoint's).
+        revision, token, cache_dir:
+            Passed to `huggingface_hub.hf_hub_download` for hub sources.
+        overwrite (`bool`, defaults to `False`):
+            Replace an existing shard directory made with other options or from another model.
+        wait (`bool`, defaults to `False`):
+            If another process is splitting into `shard_dir`, wait for it instead of raising.
+        progress (`bool`, defaults to `True`):
+            Show a progress bar.
+
+    Returns:
+        `pathlib.Path`: the shard directory.
+
+    Example:
+    ```python
+    >>> from hf_layerstream import split_checkpoint
+    >>> split_checkpoint("meta-llama/Meta-Llama-3-8B-Instruct", "llama3-8b.layers")
+    ```
+    """
+    from transformers import AutoConfig
+
+    scheme = None
+    quantize_tensor = should_quantize = None
+    if compression is not None or quant_type is not None or blocksize is not None:
+        from .quant import quantize_tensor, resolve_compression, should_quantize
+
+        scheme = resolve_compression(compression, quant_type=quant_type, blocksize=blocksize)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None) if dtype != "auto" else None
+        if dtype is not None and not isinstance(dtype, torch.dtype):
+            raise ValueError(f"`dtype` {dtype!r} is not a torch dtype name (e.g. 'bfloat16', 'float16', 'float32').")
+    if dtype is not None and not dtype.is_floating_point:
+        raise ValueError(f"`dtype` must be a floating-point dtype, got {dtype}.")
+    shard_dir = Path(shard_dir)
+    if shard_dir.exists() and not shard_dir.is_dir():
+        raise ShardDirError(f"`shard_dir` {shard_dir} exists and is not a directory.")
+
+    src = _Source(source, revision=revision, token=token, cache_dir=cache_dir)
+    if src.local_dir is not None and shard_dir.resolve() == src.local_dir.resolve():
+        raise ValueError(f"`shard_dir` must differ from `source` ({shard_dir}); the source is never modified.")
+    config = AutoConfig.from_pretrained(src.config_path.parent)
+    model = build_skeleton(config)
+    stack = find_layer_stack(model)
+    if stack is None:
+        raise ValueError(
+            f"Found no decoder-layer stack in {type(model).__name__} (no nn.ModuleList of decoder layers); "
+            "hf_layerstream streams causal LMs built of repeated decoder layers."
+        )
+    fingerprint = architecture_fingerprint(model, stack)
+    plan = plan_conversion(model, stack, src.keys)
+    if plan.missing:
+        raise ShardDirError(
+            f"The checkpoint {src.description} lacks {len(plan.missing)} tensors that {type(model).__name__} needs "
+            f"(e.g. {plan.missing[:4]}); it does not match its config.json."
+        )
+    if plan.unexpected:
+        logger.warning("Ignoring %d checkpoint keys the model does not use (e.g. %s)", len(plan.unexpected), plan.unexpected[:3])
+
+    compression_dict = scheme.to_dict() if scheme is not None else None
+    options = _options_key(fingerprint, dtype, compression_dict)
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    with _locked(shard_dir, wait=wait):
+        manifest_path = shard_dir / MANIFEST_NAME
+        if manifest_path.exists():
+            existing = _read_json(manifest_path)
+            same = (
+                isinstance(existing, dict)
+                and existing.get("fingerprint") == fingerprint
+                and existing.get("compression") == compression_dict
+                and (dtype is None or existing.get("dtype") == dtype_to_str(dtype))
+            )
+            if same and not overwrite:
+                ShardDirectory(shard_dir)  # cheap size/header check
+                logger.info("%s already holds this split; nothing to do", shard_dir)
+                return shard_dir
+            if not overwrite:
+                raise ShardDirError(
+                    f"`shard_dir` {shard_dir} already holds a split of another model or with other options. Pass "
+                    "`overwrite=True` (`--overwrite`) to replace it, or choose another directory."
+                )
+            manifest_path.unlink()
+            fsync_dir(shard_dir)
+        done = _load_progress(shard_dir, options, overwrite=overwrite)
+
+        units = [layer_unit(i) for i in range(len(stack))] + [RESIDENT]
+        shapes = {u: {} for u in units}
+        for name, t in model.state_dict(keep_vars=True).items():
+            unit = stack.unit_of(name)
+            if unit in shapes:
+                shapes[unit][name] = (tuple(t.shape), dtype or t.dtype)
+        needed = sum(_estimate_unit_bytes(shapes[u], scheme, u) for u in units if u not in done)
+        free = shutil.disk_usage(shard_dir).free
+        if needed > free:
+            raise OSError(
+                errno.ENOSPC,
+                f"Not enough disk space in {shard_dir}: the split needs about {needed / 2**30:.2f} GiB and "
+                f"{free / 2**30:.2f} GiB are free. Free some space or choose another `shard_dir`",
+            )
+
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(units), desc="Splitting", unit="layer", disable=not progress or _bars_disabled())
+        bar.update(len([u for u in units if u in done]))
+        try:
+            for unit in units:
+                if unit in done:
+                    continue
+                entries = plan.units.get(unit, [])
+                tensors = convert_unit(model, entries, src.load, plan.converters)
+                tensors = {k: tensors[k] for k in sorted(tensors)}
+                if dtype is not None:
+                    tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+                done[unit] = _write_unit(
+                    shard_dir, unit, tensors, scheme, quantize_tensor, should_quantize
+                )
+                _save_progress(shard_dir, options, done)
+                # keep only the source files the next units still need open
+                nxt = units[units.index(unit) + 1 :]
+                src.release({src.keys[k] for u in nxt for k, _, _ in plan.units.get(u, [])})
+                bar.update(1)
+        finally:
+            bar.close()
+
+        for name in _SIDE_FILES:
+            path = src.fetch(name)
+            if path is not None:
+                atomic_write_bytes(shard_dir / name, path.read_bytes())
+        atomic_write_bytes(shard_dir / "config.json", config.to_json_string().encode())
+
+        floating = [t.dtype for u in done.values() for t in u.tensors.values() if t.dtype.is_floating_point]
+        main_dtype = max(set(floating), key=floating.count) if floating else torch.float32
+        manifest = Manifest(
+            source={"id": src.description if src.local_dir is None else str(src.local_dir.resolve()),
+                    "kind": "local" if src.local_dir is not None else "hub", "revision": src.revision},
+            model_type=getattr(config, "model_type", None),
+            architectures=list(getattr(config, "architectures", None) or [type(model).__name__]),
+            layers_prefix=stack.prefix,
+            num_layers=len(stack),
+            fingerprint=fingerprint,
+            dtype=dtype_to_str(main_dtype),
+            compression=compression_dict,
+            units={u: done[u] for u in units},
+            library_version=__version__,
+        )
+        atomic_write_bytes(manifest_path, json.dumps(manifest.to_json(), indent=1).encode())
+        try:
+            (shard_dir / PROGRESS_NAME).unlink()
+        except FileNotFoundError:
+            pass
+        fsync_dir(shard_dir)
+    logger.info("Wrote %d layers to %s", len(stack), shard_dir)
+    return shard_dir
+
+
+def _bars_disabled() -> bool:
+    try:
+        from huggingface_hub.utils import are_progress_bars_disabled
+
+        return are_progress_bars_disabled()
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _load_progress(shard_dir: Path, options: dict, *, overwrite: bool) -> dict[str, UnitEntry]:
+    """Units finished by an earlier, interrupted run with the same options (their files checked by size)."""
+    progress = _read_json(shard_dir / PROGRESS_NAME)
+    if not isinstance(progress, dict):
+        return {}
+    if progress.get("options") != options:
+        if not overwrite:
+            raise ShardDirError(
+                f"`shard_dir` {shard_dir} holds an unfinished split of another model or with other options. Pass "
+                "`overwrite=True` (`--overwrite`) to start over, or choose another directory."
+            )
+        return {}
+    done = {}
+    for unit_json in progress.get("units", []):
+        try:
+            entry = UnitEntry.from_json(unit_json)
+        except (KeyError, TypeError, ValueError):
+            continue
+        path = shard_dir / entry.file
+        if path.is_file() and path.stat().st_size == entry.size:
+            done[entry.name] = entry
+    return done
+
+
+def _save_progress(shard_dir: Path, options: dict, done: dict[str, UnitEntry]) -> None:
+    payload = {"options": options, "units": [u.to_json() for u in done.values()]}
+    atomic_write_bytes(shard_dir / PROGRESS_NAME, json.dumps(payload).encode())
+
+
+def _write_unit(
+    shard_dir: Path,
+    unit: str,
+    tensors: dict[str, torch.Tensor],
+    scheme,
+    quantize_tensor: Callable,
+    should_quantize: Callable,
+) -> UnitEntry:
+    from safetensors.torch import save
+
+    index = unit_index(unit)
+    rel = RESIDENT_FILE if index is None else layer_file(index)
+    stored: dict[str, torch.Tensor] = {}
+    entries: dict[str, TensorEntry] = {}
+    for name, tensor in tensors.items():
+        if scheme is not None and should_quantize(name, tensor, scheme, is_embedding=unit == RESIDENT):
+            parts, meta = quantize_tensor(tensor, scheme)
+            meta = dict(meta)
+            meta["parts"] = {p: {"shape": list(v.shape), "dtype": dtype_to_str(v.dtype)} for p, v in parts.items()}
+            for part, value in parts.items():
+                stored[f"{name}::{part}"] = value.contiguous()
+            entries[name] = TensorEntry(tuple(tensor.shape), tensor.dtype, meta)
+        else:
+            stored[name] = tensor.contiguous()
+            entries[name] = TensorEntry(tuple(tensor.shape), tensor.dtype)
+    data = save(stored, metadata={"format": "pt", "unit": unit})
+    path = shard_dir / rel
+    atomic_write_bytes(path, data)
+    import hashlib
+
+    return UnitEntry(unit, rel, len(data), hashlib.sha256(data).hexdigest(), entries)
+
+
+__all__ = ["split_checkpoint", "sha256_file"]

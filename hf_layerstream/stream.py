@@ -1,0 +1,303 @@
+"""`enable_layer_streaming` / `disable_layer_streaming`: wire a shard directory into a native transformers model."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from dataclasses import dataclass, field
+
+import torch
+from accelerate.hooks import add_hook_to_module, remove_hook_from_module
+from torch import nn
+
+from .engine import LayerLoader, Profile, ResidencyPlan, check_device, plan_residency
+from .errors import ShardDirError
+from .hooks import LayerStreamingHook
+from .modeling import (
+    RESIDENT,
+    LayerStack,
+    expected_tensors,
+    find_layer_stack,
+    get_submodule_attr,
+    layer_unit,
+    repair_meta_buffers,
+    tied_targets,
+)
+from .shard_dir import ShardDirectory
+
+logger = logging.getLogger(__name__)
+
+_STATE_ATTR = "_layerstream_state"
+DEFAULT_PREFETCH = 2
+
+
+@dataclass
+class StreamingState:
+    """What `enable_layer_streaming` attached to a model: the plan, the loader, the profile, and how to undo it."""
+
+    shard_dir: ShardDirectory
+    device: torch.device
+    stack: LayerStack
+    plan: ResidencyPlan
+    loader: LayerLoader
+    profile: Profile | None
+    hooks: list[LayerStreamingHook]
+    originals: list[tuple[nn.Module, str, bool, object]] = field(default_factory=list)
+    had_device_map: bool = False
+    old_device_map: object = None
+    last_profile: dict | None = None
+
+
+def get_streaming_state(model: nn.Module) -> StreamingState | None:
+    """The [`StreamingState`] of a model with layer streaming enabled, else `None`."""
+    return getattr(model, _STATE_ATTR, None)
+
+
+def _check_match(model: nn.Module, stack: LayerStack, shards: ShardDirectory) -> None:
+    """Raise before touching the model when the shard directory was not made from this model's architecture."""
+    m = shards.manifest
+    where = f"`shard_dir` {shards.path}"
+    fix = "Split this model's checkpoint into a new directory with `split_checkpoint` / `hf-layerstream split`."
+    if m.num_layers != len(stack):
+        raise ShardDirError(
+            f"{where} holds {m.num_layers} decoder layers but the model has {len(stack)} ({stack.prefix}); the shards "
+            f"were made from a different model. {fix}"
+        )
+    if m.layers_prefix != stack.prefix:
+        raise ShardDirError(
+            f"{where} stores decoder layers under {m.layers_prefix!r} but the model's are under {stack.prefix!r}. {fix}"
+        )
+    expected = expected_tensors(model, stack)
+    for unit, tensors in expected.items():
+        stored = shards.unit(unit).tensors
+        missing = sorted(set(tensors) - set(stored))
+        extra = sorted(set(stored) - set(tensors))
+        if missing or extra:
+            raise ShardDirError(
+                f"{where} does not match the model in unit {unit!r}: missing {missing[:3]}, unexpected {extra[:3]}. "
+                f"The shards were made from a different model. {fix}"
+            )
+        for name, (shape, dtype) in tensors.items():
+            entry = stored[name]
+            if entry.shape != shape:
+                raise ShardDirError(
+                    f"{where} stores {name!r} with shape {list(entry.shape)} but the model expects {list(shape)}. {fix}"
+                )
+            if entry.dtype.is_floating_point != dtype.is_floating_point:
+                raise ShardDirError(
+                    f"{where} stores {name!r} as {entry.dtype} but the model expects {dtype}. {fix}"
+                )
+
+
+def _set_tensor(module: nn.Module, attr: str, value: torch.Tensor, is_param: bool) -> None:
+    if is_param:
+        module._parameters[attr] = nn.Parameter(value, requires_grad=False)
+    else:
+        module._buffers[attr] = value
+
+
+def enable_layer_streaming(
+    model: nn.Module,
+    shard_dir: str | os.PathLike,
+    *,
+    device: str | int | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    max_memory: dict | None = None,
+    prefetch: int | None = None,
+    profile: bool = False,
+) -> nn.Module:
+    """Stream a model's decoder layers from a shard directory, in place; returns the same model.
+
+    The model must be built without weights (`accelerate.init_empty_weights()` or `torch.device("meta")` around
+    `AutoModelForCausalLM.from_config`). The resident parts (embeddings, final norm, head) are loaded on `device`;
+    each decoder layer gets a hook that makes its weights present just before its forward pass and releases them
+    after. `model.generate`, `pipeline(...)`, streamers and assisted decoding work unchanged.
+
+    Args:
+        model (`transformers.PreTrainedModel`):
+            A causal LM built on the meta device.
+        shard_dir (`str` or `os.PathLike`):
+            A shard directory made by [`split_checkpoint`].
+        device (`str`, `int` or `torch.device`, *optional*):
+            Execution device; defaults to CUDA when available, else CPU.
+        dtype (`torch.dtype`, *optional*):
+            Compute dtype for floating-point weights; defaults to the dtype stored in the shards (as
+            `from_pretrained(dtype="auto")`).
+        max_memory (`dict`, *optional*):
+            Memory budget in accelerate's convention, e.g. `{0: "4GiB", "cpu": "16GiB"}`: layers that fit stay on
+            the device or in host RAM, the rest are streamed from disk. Defaults to a safe share of free memory.
+        prefetch (`int`, *optional*):
+            How many streamed layers are read ahead of the compute (default 2).
+        profile (`bool`, defaults to `False`):
+            Record per-layer timings; see [`get_streaming_state`]`(model).profile`.
+
+    Returns:
+        The same `model`, ready to run.
+
+    Example:
+    ```python
+    >>> from accelerate import init_empty_weights
+    >>> from transformers import AutoConfig, AutoModelForCausalLM
+    >>> from hf_layerstream import enable_layer_streaming
+    >>> with init_empty_weights():
+    ...     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained("llama3-8b.layers"))
+    >>> model = enable_layer_streaming(model, "llama3-8b.layers")
+    >>> model.generate(**tok("Hello", return_tensors="pt"), max_new_tokens=20)
+    ```
+    """
+    if not isinstance(model, nn.Module) or not hasattr(model, "config"):
+        raise TypeError(
+            f"`model` must be a transformers PreTrainedModel (built with AutoModelForCausalLM.from_config), got "
+            f"{type(model).__name__}."
+        )
+    if get_streaming_state(model) is not None:
+        raise ValueError("Layer streaming is already enabled on this model; call `disable_layer_streaming(model)` first.")
+    device = check_device(device)
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise ValueError(f"`dtype` must be a floating-point torch.dtype (e.g. torch.bfloat16), got {dtype!r}.")
+    if prefetch is None:
+        prefetch = DEFAULT_PREFETCH
+    if not isinstance(prefetch, int) or isinstance(prefetch, bool) or prefetch < 0:
+        raise ValueError(f"`prefetch` must be a non-negative int, got {prefetch!r}.")
+    shards = ShardDirectory(shard_dir)
+    stack = find_layer_stack(model)
+    if stack is None:
+        raise ValueError(
+            f"Found no decoder-layer stack in {type(model).__name__}: no nn.ModuleList of decoder layers "
+            "(classes in `_no_split_modules` or `GradientCheckpointingLayer`). hf_layerstream streams causal LMs "
+            "built of repeated decoder layers."
+        )
+    for name, module in model.named_modules():
+        if hasattr(module, "_hf_hook"):
+            raise ValueError(
+                f"Module {name or type(model).__name__!r} already has an accelerate hook (the model was dispatched with "
+                "a `device_map`). Build the model with `init_empty_weights()` and no device_map, then enable streaming."
+            )
+    _check_match(model, stack, shards)
+
+    # dtypes the model will compute in: the stored ones (like dtype="auto"), or `dtype` for floating tensors
+    target_dtypes = {}
+    for unit in shards.manifest.units.values():
+        for name, entry in unit.tensors.items():
+            target_dtypes[name] = dtype if (dtype is not None and entry.dtype.is_floating_point) else entry.dtype
+
+    originals: list[tuple[nn.Module, str, bool, object]] = []
+    for module in model.modules():
+        for attr, p in module._parameters.items():
+            originals.append((module, attr, True, p))
+        for attr, b in module._buffers.items():
+            originals.append((module, attr, False, b))
+
+    layer_prefixes = [stack.layer_prefix(i) for i in range(len(stack))]
+    itemsize = {n: dt.itemsize for n, dt in target_dtypes.items()}
+    layer_sizes = {}
+    for i in range(len(stack)):
+        unit = shards.unit(layer_unit(i))
+        total = 0
+        for name, entry in unit.tensors.items():
+            numel = 1
+            for s in entry.shape:
+                numel *= s
+            total += numel * itemsize[name]
+        layer_sizes[i] = total
+    plan = plan_residency(shards, device, dtype_size=layer_sizes, max_memory=max_memory, prefetch=prefetch)
+    prof = Profile() if profile else None
+    loader = LayerLoader(
+        shards, device, plan, target_dtypes=target_dtypes, layer_prefixes=layer_prefixes, prefetch=prefetch, profile=prof
+    )
+    try:
+        repair_meta_buffers(model)
+        # resident parts on the device, then re-tie (GPT-2's lm_head <- wte), as from_pretrained does
+        params = dict(model.named_parameters(remove_duplicate=False))
+        for name, value in loader.load_resident().items():
+            module, attr = get_submodule_attr(model, name)
+            _set_tensor(module, attr, value, name in params)
+        if tied_targets(model) or getattr(model.config, "tie_word_embeddings", False):
+            model.tie_weights()
+        for module in model.modules():
+            for attr, b in list(module._buffers.items()):
+                if b is not None and not b.is_meta and b.device != device:
+                    module._buffers[attr] = b.to(device)
+        for name, p in model.named_parameters():
+            if p.is_meta and stack.unit_of(name) == RESIDENT:
+                raise ShardDirError(f"`shard_dir` {shards.path} provides no value for the model's {name!r}.")
+
+        hooks = []
+        for i, layer in enumerate(stack.layers):
+            slots = []
+            prefix = layer_prefixes[i]
+            unit = shards.unit(layer_unit(i))
+            for rel_name in (n[len(prefix) :] for n in unit.tensors):
+                module, attr = get_submodule_attr(layer, rel_name)
+                slots.append((module, attr, rel_name, attr in module._parameters))
+            hook = LayerStreamingHook(i, loader, slots, prof)
+            add_hook_to_module(layer, hook)
+            hooks.append(hook)
+    except BaseException:
+        loader.close()
+        _restore(model, originals)
+        for layer in stack.layers:
+            if hasattr(layer, "_hf_hook"):
+                remove_hook_from_module(layer)
+        raise
+
+    state = StreamingState(shards, device, stack, plan, loader, prof, hooks, originals)
+    state.had_device_map = hasattr(model, "hf_device_map")
+    state.old_device_map = getattr(model, "hf_device_map", None)
+    dev = device.index if device.type == "cuda" else "cpu"
+    # pipeline() reads the first value as the device (and then does not call model.to); generate() sees the
+    # streamed layers as "disk" offload, which keeps it from auto-compiling a graph around our hooks
+    device_map: dict[str, object] = {"": dev}
+    device_map.update({f"{stack.prefix}.{i}": "disk" for i in plan.streamed})
+    model.hf_device_map = device_map
+    setattr(model, _STATE_ATTR, state)
+    if prof is not None:
+        _wrap_generate(model, state)
+    logger.info("Layer streaming enabled from %s: %s", shards.path, plan.summary())
+    return model
+
+
+def _wrap_generate(model: nn.Module, state: StreamingState) -> None:
+    original = model.generate
+
+    @functools.wraps(original)
+    def generate(*args, **kwargs):
+        state.profile.reset()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            state.last_profile = state.profile.to_dict()
+            logger.info("hf_layerstream profile of the last generate call:\n%s", state.profile.summary())
+
+    generate._layerstream_wrapped = True
+    model.generate = generate
+
+
+def _restore(model: nn.Module, originals) -> None:
+    for module, attr, is_param, value in originals:
+        (module._parameters if is_param else module._buffers)[attr] = value
+
+
+def disable_layer_streaming(model: nn.Module) -> nn.Module:
+    """Detach every streaming hook, stop the loader and put the model back as it was (weights on meta).
+
+    Returns:
+        The same `model`.
+    """
+    state = get_streaming_state(model)
+    if state is None:
+        raise ValueError("Layer streaming is not enabled on this model.")
+    for layer in state.stack.layers:
+        if isinstance(getattr(layer, "_hf_hook", None), LayerStreamingHook):
+            remove_hook_from_module(layer)
+    state.loader.close()
+    _restore(model, state.originals)
+    if "generate" in vars(model):
+        del model.generate
+    if state.had_device_map:
+        model.hf_device_map = state.old_device_map
+    elif hasattr(model, "hf_device_map"):
+        del model.hf_device_map
+    delattr(model, _STATE_ATTR)
+    return model

@@ -1,0 +1,74 @@
+"""Shared fixtures: tiny offline checkpoints of real architectures, split once per session."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import _models  # noqa: E402
+
+from hf_layerstream import enable_layer_streaming, split_checkpoint  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_cuda)
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    """`checkpoints(arch, **kw)` -> (checkpoint dir, shard dir), built once per distinct request."""
+    cache: dict = {}
+    root = tmp_path_factory.mktemp("ckpts")
+
+    def get(arch: str, *, dtype=torch.float32, num_hidden_layers=None, compression=None, **split_kw):
+        key = (arch, dtype, num_hidden_layers, compression, tuple(sorted(split_kw.items())))
+        if key not in cache:
+            name = f"{arch}-{str(dtype).removeprefix('torch.')}-{num_hidden_layers}-{compression}-{len(cache)}"
+            ckpt = root / name / "checkpoint"
+            ckpt_key = (arch, dtype, num_hidden_layers)
+            existing = next((c for k, (c, _) in cache.items() if k[:3] == ckpt_key), None)
+            if existing is None:
+                _models.save_tiny_checkpoint(arch, ckpt, dtype=dtype, num_hidden_layers=num_hidden_layers)
+            else:
+                ckpt = existing
+            shards = split_checkpoint(ckpt, root / name / "shards", compression=compression, progress=False, **split_kw)
+            cache[key] = (ckpt, shards)
+        return cache[key]
+
+    return get
+
+
+def build_meta_model(config, *, meta_device: bool = False, dtype=None):
+    """The user's side: the model built without weights, as the README shows."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"attn_implementation": _models.ATTN_IMPLEMENTATION}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    if meta_device:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, **kwargs)
+    else:
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config, **kwargs)
+    return model.eval()
+
+
+def streamed_model(checkpoint: Path, shards: Path, *, meta_device: bool = False, dtype=None, **kwargs):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(checkpoint)
+    model = build_meta_model(config, meta_device=meta_device, dtype=dtype)
+    return enable_layer_streaming(model, shards, device="cpu", **kwargs)

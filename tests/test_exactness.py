@@ -1,0 +1,184 @@
+"""The core invariant: a streamed model's output equals the fully loaded model's, bit for bit in fp32.
+
+Every architecture is a tiny random-weight checkpoint written by `save_pretrained` in several shards, split with
+`split_checkpoint`, and compared with `from_pretrained` on the same folder.
+"""
+
+from __future__ import annotations
+
+import io
+from contextlib import redirect_stdout
+
+import _models
+import pytest
+import torch
+from conftest import streamed_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer, pipeline
+
+from hf_layerstream import ShardDirectory, disable_layer_streaming, get_streaming_state
+
+ARCHS = list(_models.ARCHITECTURES)
+STREAM_ALL = {"max_memory": {"cpu": 0}, "prefetch": 1}  # every layer read from disk, every time
+
+
+@pytest.fixture(scope="module")
+def pair(checkpoints):
+    """(reference model, streamed model, tokenizer) per architecture, built once per module."""
+    cache = {}
+
+    def get(arch):
+        if arch not in cache:
+            ckpt, shards = checkpoints(arch)
+            ref = _models.load_reference(ckpt)
+            streamed = streamed_model(ckpt, shards, **STREAM_ALL)
+            tok = AutoTokenizer.from_pretrained(ckpt)
+            cache.clear()  # keep one architecture in memory at a time
+            cache[arch] = (ref, streamed, tok)
+        return cache[arch]
+
+    return get
+
+
+def _ids(tok, text=_models.SAMPLE_PROMPTS[2]):
+    return tok(text, return_tensors="pt")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_logits_equal(pair, arch):
+    ref, streamed, tok = pair(arch)
+    inputs = _ids(tok)
+    with torch.no_grad():
+        expected = ref(**inputs).logits
+        got = streamed(**inputs).logits
+    assert got.dtype == torch.float32
+    assert torch.equal(got, expected), f"{arch}: max abs diff {(got - expected).abs().max().item()}"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_generate_with_kv_cache(pair, arch):
+    ref, streamed, tok = pair(arch)
+    inputs = _ids(tok, _models.SAMPLE_PROMPTS[1])
+    kw = {"max_new_tokens": 12, "do_sample": False, "use_cache": True, "pad_token_id": tok.pad_token_id}
+    expected = ref.generate(**inputs, **kw)
+    got = streamed.generate(**inputs, **kw)
+    assert expected.shape[1] > inputs["input_ids"].shape[1]
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_left_padded_batch(pair, arch):
+    ref, streamed, tok = pair(arch)
+    batch = tok(list(_models.SAMPLE_PROMPTS), return_tensors="pt", padding=True)
+    assert tok.padding_side == "left" and (batch["attention_mask"] == 0).any()
+    kw = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": tok.pad_token_id}
+    expected = ref.generate(**batch, **kw)
+    got = streamed.generate(**batch, **kw)
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_pipeline_same_text(pair, arch):
+    ref, streamed, tok = pair(arch)
+    kw = {"max_new_tokens": 10, "do_sample": False}
+    expected = pipeline("text-generation", model=ref, tokenizer=tok)(_models.SAMPLE_PROMPTS[0], **kw)
+    got = pipeline("text-generation", model=streamed, tokenizer=tok)(_models.SAMPLE_PROMPTS[0], **kw)
+    assert got[0]["generated_text"] == expected[0]["generated_text"]
+    assert got[0]["generated_text"].startswith(_models.SAMPLE_PROMPTS[0])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_text_streamer(pair, arch):
+    ref, streamed, tok = pair(arch)
+    inputs = _ids(tok, _models.SAMPLE_PROMPTS[0])
+    out = io.StringIO()
+    with redirect_stdout(out):
+        tokens = streamed.generate(
+            **inputs, max_new_tokens=8, do_sample=False, streamer=TextStreamer(tok), pad_token_id=tok.pad_token_id
+        )
+    printed = out.getvalue()
+    assert printed.strip() == tok.decode(tokens[0], skip_special_tokens=False).strip() or printed.strip() == tok.decode(
+        tokens[0]
+    ).strip()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_assisted_decoding(pair, arch):
+    """A small in-memory assistant drafts tokens, the streamed model verifies them: output equals plain greedy."""
+    ref, streamed, tok = pair(arch)
+    config = _models.make_config(arch, num_hidden_layers=1)
+    torch.manual_seed(1)
+    assistant = AutoModelForCausalLM.from_config(config).eval()
+    _models.init_random_weights(assistant)
+    inputs = _ids(tok, _models.SAMPLE_PROMPTS[1])
+    kw = {"max_new_tokens": 10, "do_sample": False, "pad_token_id": tok.pad_token_id}
+    expected = ref.generate(**inputs, **kw)
+    got = streamed.generate(**inputs, assistant_model=assistant, **kw)
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox", "qwen3_moe", "gemma2"])
+def test_model_built_under_meta_device(checkpoints, arch):
+    """`with torch.device("meta")` leaves rotary `inv_freq` on meta: enable repairs it, and re-ties embeddings."""
+    ckpt, shards = checkpoints(arch)
+    ref = _models.load_reference(ckpt)
+    model = streamed_model(ckpt, shards, meta_device=True)
+    assert all(not b.is_meta for b in model.buffers())
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    inputs = _ids(tok)
+    kw = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": tok.pad_token_id}
+    assert torch.equal(model.generate(**inputs, **kw), ref.generate(**inputs, **kw))
+    if arch == "gpt2":
+        assert model.lm_head.weight is model.transformer.wte.weight
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},  # default plan: everything fits, kept resident
+        {"max_memory": {"cpu": 0}, "prefetch": 0},
+        {"max_memory": {"cpu": 0}, "prefetch": 1},
+        {"max_memory": {"cpu": 0}, "prefetch": 3},
+        {"max_memory": "mixed", "prefetch": 2},  # some layers resident, some streamed
+    ],
+    ids=["resident", "stream-p0", "stream-p1", "stream-p3", "mixed-p2"],
+)
+def test_every_plan_is_exact(checkpoints, options):
+    ckpt, shards = checkpoints("llama", num_hidden_layers=6)
+    ref = _models.load_reference(ckpt)
+    mixed = options.get("max_memory") == "mixed"
+    if mixed:
+        m = ShardDirectory(shards)
+        layer = m.unit("layers.0").logical_nbytes
+        # resident parts + working set (prefetch + 1 layers) + room for exactly 2 kept layers
+        options = {**options, "max_memory": {"cpu": m.unit("resident").logical_nbytes + (2 + 1) * layer + 2 * layer}}
+    model = streamed_model(ckpt, shards, **options)
+    plan = get_streaming_state(model).plan
+    if mixed:
+        assert len(plan.device_layers) == 2 and len(plan.streamed) == 4, plan.summary()
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    batch = tok(list(_models.SAMPLE_PROMPTS), return_tensors="pt", padding=True)
+    kw = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": tok.pad_token_id}
+    assert torch.equal(model.generate(**batch, **kw), ref.generate(**batch, **kw))
+    disable_layer_streaming(model)
+
+
+def test_bf16_checkpoint_exact(checkpoints):
+    """bf16 shards give the same logits as `from_pretrained(dtype=bfloat16)` (same kernels, same bits)."""
+    ckpt, shards = checkpoints("llama", dtype=torch.bfloat16)
+    ref = _models.load_reference(ckpt, dtype=torch.bfloat16)
+    model = streamed_model(ckpt, shards, **STREAM_ALL)
+    assert model.dtype == torch.bfloat16
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    inputs = _ids(tok)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, ref(**inputs).logits)
+
+
+def test_dtype_override_casts_like_from_pretrained(checkpoints):
+    ckpt, shards = checkpoints("llama", dtype=torch.bfloat16)
+    ref = _models.load_reference(ckpt, dtype=torch.float32)
+    model = streamed_model(ckpt, shards, dtype=torch.float32, **STREAM_ALL)
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    inputs = _ids(tok)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, ref(**inputs).logits)
