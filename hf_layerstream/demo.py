@@ -99,12 +99,14 @@ def run_demo(args) -> int:
         prompt = "The quick brown fox jumps over the lazy dog. Layer streaming lets"
         ids = tok(prompt)["input_ids"]
         print(f"3. generating {args.max_new_tokens} tokens greedily from {prompt!r}, each system in its own process")
+        print("   (random weights: the tokens mean nothing, but every system must produce the same ones)")
         results = []
         for label, spec in runs:
             spec.update(input_ids=ids, max_new_tokens=args.max_new_tokens, pad_token_id=tok.pad_token_id)
             r = run_child(spec)
             results.append((label, r))
-            print(f"   {label}: {tok.decode(r['tokens'])!r}")
+            shown = ", ".join(map(str, r["tokens"][:10])) + (", ..." if len(r["tokens"]) > 10 else "")
+            print(f"   {label}: token ids [{shown}]")
         ref = results[0][1]
         print()
         print(f"{'system':44} {'s/token':>9} {'tokens/s':>9} {'peak RSS':>10} {'same tokens':>12}")

@@ -15,7 +15,17 @@ from typing import Any
 import torch
 
 from . import __version__
-from ._safetensors import atomic_write_bytes, dtype_to_str, fsync_dir, read_header, sha256_file
+from ._safetensors import (
+    atomic_write_bytes,
+    dtype_to_str,
+    fsync_dir,
+    read_header,
+    remove_stale_tmp_files,
+    sample_digest,
+    sample_digest_bytes,
+    sha256_file,
+    str_to_dtype,
+)
 from .errors import ShardDirError, ShardFileError
 from .modeling import (
     RESIDENT,
@@ -88,6 +98,15 @@ class _Source:
             path = Path(
                 hf_hub_download(self.repo_id, filename, revision=self.revision, token=self._token, cache_dir=self._cache_dir)
             )
+        except LocalEntryNotFoundError as e:
+            # (a subclass of EntryNotFoundError: must come first) offline, or the hub unreachable, and not cached
+            if not required and _is_offline():
+                return None
+            raise FileNotFoundError(
+                f"Cannot fetch {filename} of {self.repo_id!r}: the hub cannot be reached (offline, HF_HUB_OFFLINE="
+                f"{os.environ.get('HF_HUB_OFFLINE', '0')}) and the file is not in the hub cache. Download it once "
+                "with network access (`hf download REPO`) or pass a local checkpoint folder as `source`."
+            ) from e
         except EntryNotFoundError:
             if required:
                 raise FileNotFoundError(f"The hub repo {self.repo_id!r} has no {filename}.") from None
@@ -96,14 +115,6 @@ class _Source:
             raise FileNotFoundError(
                 f"`source` {self.repo_id!r} is not a local folder and the hub has no such repo (or it is gated and no "
                 "`token` was given)."
-            ) from e
-        except LocalEntryNotFoundError as e:
-            if not required and _is_offline():
-                return None
-            raise FileNotFoundError(
-                f"Cannot fetch {filename} of {self.repo_id!r}: the hub cannot be reached (offline, HF_HUB_OFFLINE="
-                f"{os.environ.get('HF_HUB_OFFLINE', '0')}) and the file is not in the hub cache. Download it once "
-                "with network access (`hf download REPO`) or pass a local checkpoint folder as `source`."
             ) from e
         if self.revision is None or len(self.revision) != 40:
             # cache layout: .../snapshots/<commit>/<filename>
@@ -120,7 +131,11 @@ class _Source:
                     weight_map = json.loads(index.read_text())["weight_map"]
                 except (ValueError, KeyError) as e:
                     raise ShardFileError(index, f"is not a valid checkpoint index ({e})") from e
-                return {k: v for k, v in weight_map.items()}
+                if not isinstance(weight_map, dict):
+                    raise ShardFileError(index, "is not a valid checkpoint index (`weight_map` is not an object)")
+                for filename in set(weight_map.values()):
+                    _check_plain_name(index, filename)
+                return {str(k): v for k, v in weight_map.items()}
         for single in _SINGLE_FILES:
             path = self.fetch(single)
             if path is not None:
@@ -155,6 +170,64 @@ class _Source:
         self._handles[filename] = handle
         return handle
 
+    def _local_weight_file(self, filename: str) -> Path | None:
+        """The weight file if it is on this machine already (local folder or hub cache); never downloads."""
+        if self.local_dir is not None:
+            path = self.local_dir / filename
+            return path if path.is_file() else None
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(self.repo_id, filename, cache_dir=self._cache_dir, revision=self.revision)
+        except Exception:  # noqa: BLE001 - only an optimisation
+            return None
+        return Path(cached) if isinstance(cached, str) else None
+
+    def identity(self) -> dict[str, Any]:
+        """What the split is made from: id, revision and a digest of the weight files' names, sizes and headers.
+
+        Recorded with an unfinished split, so that resuming from *another* checkpoint of the same architecture
+        (same shapes, other weights) is refused instead of mixing two models' layers in one directory.
+        """
+        import hashlib
+
+        h = hashlib.sha256()
+        for filename in sorted(set(self.keys.values())):
+            h.update(filename.encode() + b"\0")
+            path = self._local_weight_file(filename)
+            if path is None:  # a hub file not downloaded yet: the commit hash identifies it
+                continue
+            h.update(str(path.stat().st_size).encode() + b"\0")
+            if filename.endswith(".safetensors"):
+                with open(path, "rb") as f:
+                    prefix = f.read(8)
+                    if len(prefix) == 8:
+                        h.update(f.read(min(int.from_bytes(prefix, "little"), 100 * 2**20)))
+        return {
+            "id": self.description if self.local_dir is None else str(self.local_dir.resolve()),
+            "revision": self.revision,
+            "weights": h.hexdigest(),
+        }
+
+    def stored_dtypes(self) -> dict[str, torch.dtype]:
+        """Checkpoint key -> dtype as stored, from the safetensors headers (no tensor data is read).
+
+        Only files already on this machine are looked at (a hub file is not downloaded for this); `.bin` files are
+        opened with `weights_only=True` and memory-mapped, which reads the pickle but not the tensor data.
+        """
+        out: dict[str, torch.dtype] = {}
+        for filename in sorted(set(self.keys.values())):
+            path = self._local_weight_file(filename)
+            if path is None:
+                continue
+            if filename.endswith(".safetensors"):
+                header = read_header(path)
+                out.update({k: info.dtype for k, info in header.tensors.items()})
+            else:
+                handle = self._open(filename)
+                out.update({k: v.dtype for k, v in handle.items() if isinstance(v, torch.Tensor)})
+        return out
+
     def load(self, key: str) -> torch.Tensor:
         filename = self.keys[key]
         handle = self._open(filename)
@@ -169,6 +242,24 @@ class _Source:
         for filename in list(self._handles):
             if filename not in keep:
                 del self._handles[filename]
+
+
+def _check_plain_name(index: Path, filename) -> None:
+    """A checkpoint index may only name weight files next to it: no paths, so nothing outside the source is read."""
+    if (
+        not isinstance(filename, str)
+        or not filename
+        or "/" in filename
+        or "\\" in filename
+        or "\x00" in filename
+        or filename in (".", "..")
+        or not filename.endswith((".safetensors", ".bin"))
+    ):
+        raise ShardFileError(
+            index,
+            f"names the weight file {filename!r}, which is not a plain .safetensors/.bin file name next to the index",
+            "Only split checkpoints you trust; fix or re-download the index.",
+        )
 
 
 def _is_offline() -> bool:
@@ -202,24 +293,96 @@ def _locked(shard_dir: Path, *, wait: bool):
         os.close(fd)
 
 
-def _options_key(fingerprint: str, dtype: torch.dtype | None, compression: dict | None) -> dict:
-    return {"fingerprint": fingerprint, "dtype": None if dtype is None else dtype_to_str(dtype), "compression": compression}
+def _options_key(
+    fingerprint: str, dtype: torch.dtype | None, compression: dict | None, source: dict | None = None
+) -> dict:
+    """Everything a unit file depends on: two runs with equal keys write byte-identical files."""
+    return {
+        "fingerprint": fingerprint,
+        "dtype": None if dtype is None else dtype_to_str(dtype),
+        "compression": compression,
+        "source": source,
+    }
+
+
+def _options_digest(options: dict) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()
 
 
 def _estimate_unit_bytes(shapes: dict[str, tuple[tuple[int, ...], torch.dtype]], scheme, unit: str) -> int:
-    total = 0
+    """Bytes of one unit file: tensor data (quantized where the codec would be used) plus header and metadata."""
+    total = 1024  # length prefix, `__metadata__`, padding
     for name, (shape, dtype) in shapes.items():
         numel = 1
         for s in shape:
             numel *= s
         nbytes = numel * dtype.itemsize
-        if scheme is not None and len(shape) >= 2 and dtype.is_floating_point:
+        overhead = 2 * len(name) + 120  # the header entry and the tensor's entry in the embedded unit record
+        if scheme is not None and numel and len(shape) >= 2 and dtype.is_floating_point:
             from .quant import should_quantize
 
             if should_quantize(name, torch.empty(shape, dtype=dtype, device="meta"), scheme, is_embedding=unit == RESIDENT):
-                nbytes = numel * scheme.bits // 8 + 4 * (numel // scheme.blocksize + 1)
-        total += nbytes + 256
+                nbytes = -(-numel * scheme.bits // 8) + 4 * -(-numel // scheme.blocksize)
+                overhead = 4 * len(name) + 600  # two parts and the codec metadata
+        total += nbytes + overhead
     return total
+
+
+def estimate_split_bytes(
+    model: torch.nn.Module,
+    stack,
+    plan,
+    stored_dtypes: dict[str, torch.dtype],
+    *,
+    dtype: torch.dtype | None = None,
+    scheme=None,
+    units: list[str] | None = None,
+    fallback_dtype: torch.dtype | None = None,
+) -> int:
+    """Bytes the unit files of `units` (default: all) will take on disk.
+
+    Uses the dtypes the checkpoint really stores (from its safetensors headers): a bf16 checkpoint needs half the
+    room of the fp32 skeleton it is converted through. `dtype` (the split's cast) wins over them; quantized
+    tensors are counted at their packed size.
+    """
+    all_units = [layer_unit(i) for i in range(len(stack))] + [RESIDENT]
+    units = all_units if units is None else units
+    # the dtype each model tensor will be written in: that of the checkpoint tensor it is converted from
+    target_dtype: dict[str, torch.dtype] = {}
+    unit_dtype: dict[str, torch.dtype] = {}
+    for unit, entries in plan.units.items():
+        for key, renamed, _pattern in entries:
+            if key in stored_dtypes:
+                target_dtype.setdefault(renamed, stored_dtypes[key])
+                unit_dtype.setdefault(unit, stored_dtypes[key])
+    shapes: dict[str, dict[str, tuple[tuple[int, ...], torch.dtype]]] = {u: {} for u in units}
+    for name, t in model.state_dict(keep_vars=True).items():
+        unit = stack.unit_of(name)
+        if unit not in shapes:
+            continue
+        if not t.dtype.is_floating_point:
+            stored = t.dtype
+        elif dtype is not None:
+            stored = dtype
+        else:
+            # a converter's extra targets (q/k/v out of one qkv tensor) share their unit's checkpoint dtype
+            stored = target_dtype.get(name) or unit_dtype.get(unit) or fallback_dtype or t.dtype
+        shapes[unit][name] = (tuple(t.shape), stored)
+    return sum(_estimate_unit_bytes(shapes[u], scheme, u) for u in units)
+
+
+def _config_dtype(config) -> torch.dtype | None:
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(value, torch.dtype):
+        return value
+    if isinstance(value, str):
+        try:
+            return str_to_dtype(value)
+        except ValueError:
+            return None
+    return None
 
 
 # --- main entry point ----------------------------------------------------------------------------------------------
@@ -319,10 +482,16 @@ def split_checkpoint(
         logger.warning("Ignoring %d checkpoint keys the model does not use (e.g. %s)", len(plan.unexpected), plan.unexpected[:3])
 
     compression_dict = scheme.to_dict() if scheme is not None else None
-    options = _options_key(fingerprint, dtype, compression_dict)
+    source_identity = src.identity()
+    options = _options_key(fingerprint, dtype, compression_dict, source_identity)
+    units = [layer_unit(i) for i in range(len(stack))] + [RESIDENT]
     shard_dir.mkdir(parents=True, exist_ok=True)
     with _locked(shard_dir, wait=wait):
+        # Only one split runs here at a time (the lock): anything temporary is a leftover of a killed run.
+        for stale in remove_stale_tmp_files(shard_dir):
+            logger.info("Removed %s, left by an interrupted split", stale)
         manifest_path = shard_dir / MANIFEST_NAME
+        repaired: dict[str, UnitEntry] | None = None
         if manifest_path.exists():
             existing = _read_json(manifest_path)
             same = (
@@ -330,34 +499,59 @@ def split_checkpoint(
                 and existing.get("fingerprint") == fingerprint
                 and existing.get("compression") == compression_dict
                 and (dtype is None or existing.get("dtype") == dtype_to_str(dtype))
+                and existing.get("split_options") in (None, _options_digest(options))
             )
             if same and not overwrite:
-                ShardDirectory(shard_dir)  # cheap size/header check
-                logger.info("%s already holds this split; nothing to do", shard_dir)
-                return shard_dir
-            if not overwrite:
+                try:
+                    ShardDirectory(shard_dir)  # sizes, headers and sample digests
+                except ShardDirError as e:
+                    logger.warning("%s holds this split but is damaged (%s); repairing it", shard_dir, e)
+                    repaired = _sound_manifest_units(shard_dir, existing)
+                else:
+                    _remove(shard_dir / PROGRESS_NAME)
+                    logger.info("%s already holds this split; nothing to do", shard_dir)
+                    return shard_dir
+            elif not overwrite:
                 raise ShardDirError(
-                    f"`shard_dir` {shard_dir} already holds a split of another model or with other options. Pass "
-                    "`overwrite=True` (`--overwrite`) to replace it, or choose another directory."
+                    f"`shard_dir` {shard_dir} already holds a split of another model, another source checkpoint or "
+                    "with other options. Pass `overwrite=True` (`--overwrite`) to replace it, or choose another "
+                    "directory."
                 )
             manifest_path.unlink()
             fsync_dir(shard_dir)
+        if overwrite:
+            _remove_foreign_unit_files(shard_dir, {u: _unit_file(u) for u in units})
         done = _load_progress(shard_dir, options, overwrite=overwrite)
+        digest = _options_digest(options)
+        if repaired is not None:  # damaged units are rewritten, never adopted
+            done.update({u: e for u, e in repaired.items() if u not in done})
+        for unit in units if repaired is None and not overwrite else ():
+            # finished by a run killed before it could record them: adopt, do not re-read the source
+            if unit not in done:
+                entry = _adopt_unit_file(shard_dir, unit, digest)
+                if entry is not None:
+                    done[unit] = entry
+        if done:
+            logger.info("Resuming the split in %s: %d of %d units already done", shard_dir, len(done), len(units))
 
-        units = [layer_unit(i) for i in range(len(stack))] + [RESIDENT]
-        shapes = {u: {} for u in units}
-        for name, t in model.state_dict(keep_vars=True).items():
-            unit = stack.unit_of(name)
-            if unit in shapes:
-                shapes[unit][name] = (tuple(t.shape), dtype or t.dtype)
-        needed = sum(_estimate_unit_bytes(shapes[u], scheme, u) for u in units if u not in done)
+        todo = [u for u in units if u not in done]
+        stored_dtypes = src.stored_dtypes() if dtype is None else {}
+        needed = estimate_split_bytes(
+            model, stack, plan, stored_dtypes, dtype=dtype, scheme=scheme, units=todo,
+            fallback_dtype=_config_dtype(config),
+        )
+        needed += 4096 * len(units) + 2**20  # manifest, progress record, config and tokenizer files
         free = shutil.disk_usage(shard_dir).free
         if needed > free:
             raise OSError(
                 errno.ENOSPC,
-                f"Not enough disk space in {shard_dir}: the split needs about {needed / 2**30:.2f} GiB and "
-                f"{free / 2**30:.2f} GiB are free. Free some space or choose another `shard_dir`",
+                f"Not enough disk space in {shard_dir}: the split needs about {needed / 2**30:.2f} GiB more and "
+                f"{free / 2**30:.2f} GiB are free. Free some space or choose another `shard_dir`; nothing was "
+                "written",
             )
+
+        # recorded before the first unit, so an interrupted directory always says what it is and how to finish it
+        _save_progress(shard_dir, options, {u: done[u] for u in units if u in done})
 
         from tqdm.auto import tqdm
 
@@ -372,10 +566,22 @@ def split_checkpoint(
                 tensors = {k: tensors[k] for k in sorted(tensors)}
                 if dtype is not None:
                     tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
-                done[unit] = _write_unit(
-                    shard_dir, unit, tensors, scheme, quantize_tensor, should_quantize
-                )
-                _save_progress(shard_dir, options, done)
+                try:
+                    done[unit] = _write_unit(
+                        shard_dir, unit, tensors, scheme, quantize_tensor, should_quantize, split_digest=digest
+                    )
+                    _save_progress(shard_dir, options, done)
+                except OSError as e:
+                    if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS):
+                        raise
+                    free = shutil.disk_usage(shard_dir).free
+                    raise OSError(
+                        e.errno,
+                        f"Writing {_unit_file(unit)} into {shard_dir} failed: {e.strerror or e} ({free / 2**30:.2f} "
+                        f"GiB free). {len(done)} of {len(units)} units are complete and kept; no partial file was "
+                        "left. Fix the cause (free disk space, check the device) and run the same split again to "
+                        "resume",
+                    ) from e
                 # keep only the source files the next units still need open
                 nxt = units[units.index(unit) + 1 :]
                 src.release({src.keys[k] for u in nxt for k, _, _ in plan.units.get(u, [])})
@@ -403,12 +609,10 @@ def split_checkpoint(
             compression=compression_dict,
             units={u: done[u] for u in units},
             library_version=__version__,
+            split_options=digest,
         )
         atomic_write_bytes(manifest_path, json.dumps(manifest.to_json(), indent=1).encode())
-        try:
-            (shard_dir / PROGRESS_NAME).unlink()
-        except FileNotFoundError:
-            pass
+        _remove(shard_dir / PROGRESS_NAME)
         fsync_dir(shard_dir)
     logger.info("Wrote %d layers to %s", len(stack), shard_dir)
     return shard_dir
@@ -430,15 +634,93 @@ def _read_json(path: Path) -> Any:
         return None
 
 
+def _remove(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def _unit_file(unit: str) -> str:
+    index = unit_index(unit)
+    return RESIDENT_FILE if index is None else layer_file(index)
+
+
+def _remove_foreign_unit_files(shard_dir: Path, keep: dict[str, str]) -> None:
+    """With `overwrite=True`: delete layer files a previous split of a deeper model left behind."""
+    layers = shard_dir / "layers"
+    if not layers.is_dir():
+        return
+    wanted = {shard_dir / f for f in keep.values()}
+    for p in layers.iterdir():
+        if p.suffix == ".safetensors" and p not in wanted and p.is_file():
+            p.unlink()
+
+
+def _unit_file_sound(shard_dir: Path, entry: UnitEntry) -> bool:
+    """Cheap check that a recorded unit's file is still what was written: size, header, sample digest."""
+    path = shard_dir / entry.file
+    if entry.file != _unit_file(entry.name) or not path.is_file() or path.is_symlink():
+        return False
+    try:
+        header = read_header(path, expected_size=entry.size)
+        if header.metadata.get("unit", entry.name) != entry.name:
+            return False
+        return entry.sample_sha256 is None or sample_digest(path) == entry.sample_sha256
+    except (OSError, ShardDirError):
+        return False
+
+
+def _adopt_unit_file(shard_dir: Path, unit: str, digest: str) -> UnitEntry | None:
+    """A unit file a killed run renamed into place but did not record yet: adopt it when it is ours and complete.
+
+    Files are renamed into place only once complete and fsynced, and each carries its unit record and the digest of
+    the split options in its safetensors metadata, so such a file needs hashing (a read of the output), not a
+    re-read and re-conversion of the source.
+    """
+    rel = _unit_file(unit)
+    path = shard_dir / rel
+    if not path.is_file() or path.is_symlink():
+        return None
+    try:
+        header = read_header(path)
+        meta = header.metadata
+        if meta.get("unit") != unit or meta.get("hf_layerstream.split") != digest:
+            return None
+        tensors = {k: TensorEntry.from_json(v) for k, v in json.loads(meta["hf_layerstream.tensors"]).items()}
+        data = path.read_bytes()
+    except (OSError, ShardDirError, KeyError, TypeError, ValueError):
+        return None
+    import hashlib
+
+    entry = UnitEntry(unit, rel, len(data), hashlib.sha256(data).hexdigest(), tensors, sample_digest_bytes(data))
+    logger.info("Adopted %s, completed by an interrupted split", path)
+    return entry
+
+
+def _sound_manifest_units(shard_dir: Path, manifest_json: dict) -> dict[str, UnitEntry]:
+    """Units of an existing (damaged) manifest whose files still pass the cheap checks."""
+    out = {}
+    for unit_json in manifest_json.get("units") or []:
+        try:
+            entry = UnitEntry.from_json(unit_json)
+        except (KeyError, TypeError, ValueError):
+            continue
+        if _unit_file_sound(shard_dir, entry):
+            out[entry.name] = entry
+    return out
+
+
 def _load_progress(shard_dir: Path, options: dict, *, overwrite: bool) -> dict[str, UnitEntry]:
-    """Units finished by an earlier, interrupted run with the same options (their files checked by size)."""
+    """Units finished by an earlier, interrupted run with the same options (their files checked cheaply)."""
     progress = _read_json(shard_dir / PROGRESS_NAME)
     if not isinstance(progress, dict):
         return {}
     if progress.get("options") != options:
         if not overwrite:
             raise ShardDirError(
-                f"`shard_dir` {shard_dir} holds an unfinished split of another model or with other options. Pass "
+                f"`shard_dir` {shard_dir} holds an unfinished split of another model, another source checkpoint or "
+                "with other options. Run the split with the same source and options to finish it, pass "
                 "`overwrite=True` (`--overwrite`) to start over, or choose another directory."
             )
         return {}
@@ -448,9 +730,10 @@ def _load_progress(shard_dir: Path, options: dict, *, overwrite: bool) -> dict[s
             entry = UnitEntry.from_json(unit_json)
         except (KeyError, TypeError, ValueError):
             continue
-        path = shard_dir / entry.file
-        if path.is_file() and path.stat().st_size == entry.size:
+        if _unit_file_sound(shard_dir, entry):
             done[entry.name] = entry
+        else:
+            logger.warning("%s changed since an earlier run wrote it; writing it again", shard_dir / entry.file)
     return done
 
 
@@ -466,7 +749,10 @@ def _write_unit(
     scheme,
     quantize_tensor: Callable,
     should_quantize: Callable,
+    *,
+    split_digest: str | None = None,
 ) -> UnitEntry:
+    """Serialize one unit and write it atomically; the file carries its own unit record (see `_adopt_unit_file`)."""
     from safetensors.torch import save
 
     index = unit_index(unit)
@@ -484,12 +770,16 @@ def _write_unit(
         else:
             stored[name] = tensor.contiguous()
             entries[name] = TensorEntry(tuple(tensor.shape), tensor.dtype)
-    data = save(stored, metadata={"format": "pt", "unit": unit})
+    metadata = {"format": "pt", "unit": unit}
+    if split_digest is not None:
+        metadata["hf_layerstream.split"] = split_digest
+        metadata["hf_layerstream.tensors"] = json.dumps({k: v.to_json() for k, v in entries.items()}, sort_keys=True)
+    data = save(stored, metadata=metadata)
     path = shard_dir / rel
     atomic_write_bytes(path, data)
     import hashlib
 
-    return UnitEntry(unit, rel, len(data), hashlib.sha256(data).hexdigest(), entries)
+    return UnitEntry(unit, rel, len(data), hashlib.sha256(data).hexdigest(), entries, sample_digest_bytes(data))
 
 
-__all__ = ["split_checkpoint", "sha256_file"]
+__all__ = ["split_checkpoint", "sha256_file", "estimate_split_bytes"]

@@ -1,0 +1,346 @@
+"""The public API: shard directory layout and naming, sources, clear errors before any hook, disable."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import threading
+
+import _models
+import pytest
+import torch
+from conftest import build_meta_model, streamed_model
+from safetensors import safe_open
+from transformers import AutoConfig, AutoTokenizer
+
+from hf_layerstream import (
+    ShardDirError,
+    ShardDirectory,
+    ShardFileError,
+    disable_layer_streaming,
+    enable_layer_streaming,
+    get_streaming_state,
+    split_checkpoint,
+)
+
+
+def _tree_digest(path):
+    h = hashlib.sha256()
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(path)).encode())
+            h.update(p.read_bytes())
+            h.update(str(p.stat().st_mtime_ns).encode())
+    return h.hexdigest()
+
+
+# --- layout -------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "gpt_neox", "gpt2", "phi3"])
+def test_shards_hold_the_models_own_names_and_values(checkpoints, arch):
+    """Tensors are stored under the model's parameter names, exactly as from_pretrained loads them.
+
+    Mixtral/Qwen3-MoE experts are fused into 3-D `mlp.experts.gate_up_proj`, GPT-NeoX's `embed_out` becomes
+    `lm_head`; on disk the source checkpoint has other keys (see tests/_models.py).
+    """
+    ckpt, shards = checkpoints(arch)
+    ref_sd = _models.load_reference(ckpt).state_dict()
+    tied = {"lm_head.weight"} if arch == "gpt2" else set()
+    manifest = json.loads((shards / "manifest.json").read_text())
+    stored = {}
+    for unit in manifest["units"]:
+        with safe_open(shards / unit["file"], framework="pt") as f:
+            for key in f.keys():
+                stored[key] = f.get_tensor(key)
+    assert set(stored) == set(ref_sd) - tied
+    for name, value in stored.items():
+        assert torch.equal(value, ref_sd[name]), name
+    if arch in ("mixtral", "qwen3_moe"):
+        assert stored["model.layers.0.mlp.experts.gate_up_proj"].dim() == 3
+        assert not any(".experts.0." in k for k in stored)
+    if arch == "gpt_neox":
+        assert "lm_head.weight" in stored and "embed_out.weight" not in stored
+
+
+def test_one_file_per_layer_and_manifest(checkpoints):
+    ckpt, shards = checkpoints("llama")
+    layer_files = sorted(p.name for p in (shards / "layers").iterdir())
+    assert layer_files == ["00000.safetensors", "00001.safetensors", "00002.safetensors"]
+    m = json.loads((shards / "manifest.json").read_text())
+    assert m["format_version"] == 1 and m["num_layers"] == 3 and m["layers_prefix"] == "model.layers"
+    assert m["source"]["kind"] == "local" and m["dtype"] == "float32" and m["compression"] is None
+    assert len(m["fingerprint"]) == 64
+    for unit in m["units"]:
+        data = (shards / unit["file"]).read_bytes()
+        assert unit["size"] == len(data)
+        assert unit["sha256"] == hashlib.sha256(data).hexdigest()
+    resident = next(u for u in m["units"] if u["name"] == "resident")
+    assert set(resident["tensors"]) == {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
+    # side files make the directory usable on its own
+    assert AutoConfig.from_pretrained(shards).num_hidden_layers == 3
+    assert len(AutoTokenizer.from_pretrained(shards)) == len(AutoTokenizer.from_pretrained(ckpt))
+    assert not (shards / ".progress.json").exists()
+    assert ShardDirectory(shards).verify() == []
+
+
+def test_split_never_modifies_the_source_and_shows_progress(tmp_path, capsys, monkeypatch):
+    from hf_layerstream import split as split_mod
+
+    ckpt = _models.save_tiny_checkpoint("qwen2", tmp_path / "ckpt")
+    before = _tree_digest(ckpt)
+    monkeypatch.setattr(split_mod, "_bars_disabled", lambda: False)  # conftest silences HF progress bars
+    split_checkpoint(ckpt, tmp_path / "shards", progress=True)
+    assert _tree_digest(ckpt) == before
+    assert "Splitting" in capsys.readouterr().err
+    split_checkpoint(ckpt, tmp_path / "quiet", progress=False)
+    assert "Splitting" not in capsys.readouterr().err
+    # a second run finds the directory complete and does nothing
+    stamp = (tmp_path / "shards" / "manifest.json").stat().st_mtime_ns
+    split_checkpoint(ckpt, tmp_path / "shards", progress=False)
+    assert (tmp_path / "shards" / "manifest.json").stat().st_mtime_ns == stamp
+
+
+def test_interrupted_split_resumes_without_redoing_layers(tmp_path, monkeypatch):
+    from hf_layerstream import split as split_mod
+
+    ckpt = _models.save_tiny_checkpoint("llama", tmp_path / "ckpt", num_hidden_layers=4)
+    real_write = split_mod._write_unit
+    calls = []
+
+    def failing_write(shard_dir, unit, *args, **kwargs):
+        if unit == "layers.2":
+            raise KeyboardInterrupt  # the user pressed Ctrl-C in the middle
+        calls.append(unit)
+        return real_write(shard_dir, unit, *args, **kwargs)
+
+    monkeypatch.setattr(split_mod, "_write_unit", failing_write)
+    with pytest.raises(KeyboardInterrupt):
+        split_checkpoint(ckpt, tmp_path / "shards", progress=False)
+    assert calls == ["layers.0", "layers.1"]
+    with pytest.raises(ShardDirError, match="unfinished split"):
+        ShardDirectory(tmp_path / "shards")
+    calls.clear()
+    monkeypatch.setattr(split_mod, "_write_unit", lambda *a, **k: calls.append(a[1]) or real_write(*a, **k))
+    split_checkpoint(ckpt, tmp_path / "shards", progress=False)
+    assert calls == ["layers.2", "layers.3", "resident"]
+    ref = _models.load_reference(ckpt)
+    model = streamed_model(ckpt, tmp_path / "shards")
+    ids = torch.tensor([[1, 5, 9, 13, 17]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)
+
+
+# --- sources ------------------------------------------------------------------------------------------------------
+
+
+def _exact(ckpt, shards):
+    ref = _models.load_reference(ckpt)
+    model = streamed_model(ckpt, shards, max_memory={"cpu": 0})
+    ids = torch.tensor([[1, 20, 30, 40, 50, 60]])
+    with torch.no_grad():
+        return torch.equal(model(ids).logits, ref(ids).logits)
+
+
+def test_single_safetensors_source(tmp_path):
+    ckpt = _models.save_tiny_checkpoint("llama", tmp_path / "ckpt", max_shard_size="1GB")
+    assert (ckpt / "model.safetensors").exists() and not (ckpt / "model.safetensors.index.json").exists()
+    assert _exact(ckpt, split_checkpoint(ckpt, tmp_path / "shards", progress=False))
+
+
+def test_pytorch_bin_source_loaded_with_weights_only(tmp_path):
+    model = _models.build_tiny_model("llama")
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    model.config.save_pretrained(ckpt)
+    torch.save({k: v.clone() for k, v in model.state_dict().items()}, ckpt / "pytorch_model.bin")
+    shards = split_checkpoint(ckpt, tmp_path / "shards", progress=False)
+    ref = model
+    streamed = streamed_model(ckpt, shards)
+    ids = torch.tensor([[1, 20, 30, 40]])
+    with torch.no_grad():
+        assert torch.equal(streamed(ids).logits, ref(ids).logits)
+
+
+def _fake_hub_cache(cache_dir, repo_id, ckpt, commit="a" * 40):
+    """The layout huggingface_hub writes: models--org--name/{refs/main, snapshots/<commit>/...}."""
+    root = cache_dir / ("models--" + repo_id.replace("/", "--"))
+    snap = root / "snapshots" / commit
+    snap.mkdir(parents=True)
+    for p in ckpt.iterdir():
+        shutil.copy(p, snap / p.name)
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text(commit)
+    return commit
+
+
+def test_hub_repo_id_from_the_hub_cache_offline(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    ckpt = _models.save_tiny_checkpoint("llama", tmp_path / "ckpt")
+    commit = _fake_hub_cache(tmp_path / "cache", "tiny-org/tiny-llama", ckpt)
+    shards = split_checkpoint("tiny-org/tiny-llama", tmp_path / "shards", cache_dir=tmp_path / "cache", progress=False)
+    m = json.loads((shards / "manifest.json").read_text())
+    assert m["source"] == {"id": "tiny-org/tiny-llama", "kind": "hub", "revision": commit}
+    assert _exact(ckpt, shards)
+
+
+def test_hub_repo_id_offline_and_not_cached_is_a_clear_error(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(FileNotFoundError, match=r"HF_HUB_OFFLINE.*not in the hub cache"):
+        split_checkpoint("nobody/nothing", tmp_path / "shards", cache_dir=tmp_path / "empty", progress=False)
+    assert not (tmp_path / "shards").exists()
+
+
+def test_missing_local_source(tmp_path):
+    with pytest.raises(FileNotFoundError, match="neither an existing local checkpoint folder"):
+        split_checkpoint(tmp_path / "nope", tmp_path / "shards")
+
+
+# --- errors before any hook -----------------------------------------------------------------------------------------
+
+
+def _untouched(model):
+    return all(p.is_meta for p in model.parameters()) and not any(hasattr(m, "_hf_hook") for m in model.modules())
+
+
+def _llama_model():
+    return build_meta_model(_models.make_config("llama"))
+
+
+def test_error_shard_dir_missing(tmp_path):
+    model = _llama_model()
+    with pytest.raises(FileNotFoundError, match=r"does not exist; create it with `split_checkpoint"):
+        enable_layer_streaming(model, tmp_path / "missing")
+    assert _untouched(model)
+
+
+def test_error_not_a_shard_dir(tmp_path):
+    model = _llama_model()
+    with pytest.raises(ShardDirError, match=r"has no manifest.json, so it is not a shard directory"):
+        enable_layer_streaming(model, tmp_path)
+    assert _untouched(model)
+
+
+def test_error_shards_of_another_model_layer_count(checkpoints):
+    _, shards = checkpoints("llama")
+    model = build_meta_model(_models.make_config("llama", num_hidden_layers=5))
+    with pytest.raises(ShardDirError, match=r"holds 3 decoder layers but the model has 5"):
+        enable_layer_streaming(model, shards)
+    assert _untouched(model)
+
+
+def test_error_shards_of_another_model_names(checkpoints):
+    _, shards = checkpoints("mistral")
+    model = build_meta_model(_models.make_config("qwen3"))  # same depth, q_norm/k_norm extra
+    with pytest.raises(ShardDirError, match=r"does not match the model .*missing"):
+        enable_layer_streaming(model, shards)
+    assert _untouched(model)
+
+
+def test_error_shards_of_another_model_shapes(checkpoints):
+    _, shards = checkpoints("llama")
+    model = build_meta_model(_models.make_config("llama", intermediate_size=96))
+    with pytest.raises(ShardDirError, match=r"with shape \[128, 64\] but the model expects \[96, 64\]"):
+        enable_layer_streaming(model, shards)
+    assert _untouched(model)
+
+
+def test_error_shards_of_another_model_dtype(checkpoints):
+    """A float tensor stored where the model has an integer buffer (or the reverse) is another model's."""
+    from hf_layerstream.stream import _check_match
+
+    _, shards = checkpoints("llama")
+    model = _llama_model()
+    sd = ShardDirectory(shards)
+    sd.manifest.units["layers.1"].tensors["model.layers.1.mlp.up_proj.weight"].dtype = torch.int8
+    from hf_layerstream.modeling import find_layer_stack
+
+    with pytest.raises(ShardDirError, match=r"stores 'model.layers.1.mlp.up_proj.weight' as torch.int8"):
+        _check_match(model, find_layer_stack(model), sd)
+
+
+def test_error_model_without_decoder_layers(checkpoints):
+    _, shards = checkpoints("llama")
+
+    class NoLayers(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = _models.make_config("llama")
+            self.proj = torch.nn.Linear(4, 4, device="meta")
+
+    with pytest.raises(ValueError, match="Found no decoder-layer stack in NoLayers"):
+        enable_layer_streaming(NoLayers(), shards)
+
+
+def test_error_not_a_model(checkpoints):
+    _, shards = checkpoints("llama")
+    with pytest.raises(TypeError, match="must be a transformers PreTrainedModel"):
+        enable_layer_streaming("not a model", shards)
+
+
+def test_error_truncated_shard_names_the_file(checkpoints, tmp_path):
+    _, shards = checkpoints("llama")
+    copy = tmp_path / "copy"
+    shutil.copytree(shards, copy)
+    victim = copy / "layers" / "00001.safetensors"
+    victim.write_bytes(victim.read_bytes()[:-100])
+    model = _llama_model()
+    with pytest.raises(ShardFileError, match=r"00001.safetensors has \d+ bytes but the manifest records"):
+        enable_layer_streaming(model, copy)
+    assert _untouched(model)
+
+
+def test_error_bad_arguments(checkpoints):
+    _, shards = checkpoints("llama")
+    model = _llama_model()
+    with pytest.raises(ValueError, match="`prefetch` must be a non-negative int"):
+        enable_layer_streaming(model, shards, prefetch=-1)
+    with pytest.raises(ValueError, match="`max_memory` got the size 'lots'"):
+        enable_layer_streaming(model, shards, max_memory={"cpu": "lots"})
+    with pytest.raises(ValueError, match="CUDA is not available" if not torch.cuda.is_available() else "xyz"):
+        enable_layer_streaming(model, shards, device="cuda")
+    assert _untouched(model)
+
+
+# --- enable / disable -----------------------------------------------------------------------------------------------
+
+
+def test_disable_restores_the_model_and_stops_the_loader(checkpoints):
+    ckpt, shards = checkpoints("gpt2")
+    model = streamed_model(ckpt, shards, max_memory={"cpu": 0})
+    assert model.device.type == "cpu" and model.hf_device_map[""] == "cpu"
+    with pytest.raises(ValueError, match="already enabled"):
+        enable_layer_streaming(model, shards)
+    ids = torch.tensor([[1, 5, 7, 9]])
+    with torch.no_grad():
+        first = model(ids).logits
+    assert any(t.name.startswith("hf_layerstream-loader") for t in threading.enumerate())
+    assert disable_layer_streaming(model) is model
+    assert _untouched(model)
+    assert get_streaming_state(model) is None and not hasattr(model, "hf_device_map")
+    assert not any(t.name.startswith("hf_layerstream-loader") for t in threading.enumerate())
+    with pytest.raises(ValueError, match="not enabled"):
+        disable_layer_streaming(model)
+    # and it can be enabled again, with the same result
+    enable_layer_streaming(model, shards, device="cpu")
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, first)
+    disable_layer_streaming(model)
+
+
+def test_layer_weights_are_released_after_forward(checkpoints):
+    ckpt, shards = checkpoints("llama")
+    model = streamed_model(ckpt, shards, max_memory={"cpu": 0})
+    seen = []
+    layer = model.model.layers[1]
+    layer.mlp.register_forward_hook(lambda m, i, o: seen.append(m.up_proj.weight.device.type))
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3]]))
+    assert seen == ["cpu"]  # present during the forward pass
+    assert layer.mlp.up_proj.weight.is_meta  # released afterwards
+    assert repr(layer._hf_hook).startswith("LayerStreamingHook(layer=1, tier=disk")

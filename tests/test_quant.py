@@ -1,0 +1,430 @@
+"""Tests for the block-wise quantization codec (`hf_layerstream.quant`)."""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("bitsandbytes")
+
+from hf_layerstream.quant import (  # noqa: E402
+    QUANT_SUFFIX_SEP,
+    QuantScheme,
+    dequantize_tensor,
+    join_parts,
+    packed_nbytes,
+    quantize_tensor,
+    resolve_compression,
+    should_quantize,
+    split_parts,
+)
+
+NF4 = QuantScheme(4, "nf4", 64)
+FP4 = QuantScheme(4, "fp4", 64)
+INT8 = QuantScheme(8, "blockwise", 256)
+SCHEMES = {"nf4": NF4, "fp4": FP4, "8bit": INT8}
+
+# Cosine similarity floors, set just under what bitsandbytes measures on N(0, 1) data over 10 seeds (min / mean):
+#   >= 1000 elements: nf4 0.9953 / 0.9958, fp4 0.9918 / 0.9926, 8-bit 0.99993 / 0.99994
+#   35 elements:      nf4 0.9941 / 0.9960, fp4 0.9892 / 0.9936, 8-bit 0.99992 / 0.99996
+COS_FLOOR_LARGE = {"nf4": 0.995, "fp4": 0.991, "8bit": 0.9999}
+COS_FLOOR_SMALL = {"nf4": 0.993, "fp4": 0.988, "8bit": 0.9998}
+
+# Largest gap between neighbouring code values (of the map normalised to [-1, 1]); the nearest-code rounding error is
+# at most half of it times the block's absmax.
+MAX_CODE_GAP = {"nf4": 0.30381, "fp4": 1 / 3, "8bit": 0.014063}
+# relative rounding of the output dtype (round to nearest: half an ulp)
+OUT_EPS = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-24}
+
+SHAPES = [(64, 128), (100, 129), (7, 5), (1000,), (4, 96, 64), (1,)]
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().flatten(), b.double().flatten()
+    return float(torch.dot(a, b) / (a.norm() * b.norm()))
+
+
+def _randn(shape, dtype, seed=0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g).to(dtype)
+
+
+def _code_table(key: str) -> torch.Tensor:
+    import bitsandbytes.functional as bnbf
+
+    if key == "8bit":
+        return bnbf.create_dynamic_map().float()
+    return bnbf.get_4bit_type(key, device="cpu").float()
+
+
+def _reference_decode(parts, meta, key: str) -> torch.Tensor:
+    """Pure-torch decoder of the documented layout (fp32): code[idx] * absmax of the element's flat block."""
+    numel = math.prod(meta["shape"])
+    q = parts["qdata"].long()
+    if meta["bits"] == 4:
+        idx = torch.stack([q >> 4, q & 0xF], dim=1).reshape(-1)[:numel]  # high nibble first
+    else:
+        idx = q
+    blocks = torch.arange(numel) // meta["blocksize"]
+    return (_code_table(key)[idx] * parts["absmax"][blocks]).reshape(meta["shape"])
+
+
+# --- round trips ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", list(SCHEMES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_round_trip(key, dtype, shape):
+    scheme = SCHEMES[key]
+    x = _randn(shape, dtype, seed=zlib.crc32(f"{key}{shape}".encode()) % 1000)
+    parts, meta = quantize_tensor(x, scheme)
+
+    assert set(parts) == {"qdata", "absmax"}
+    for t in parts.values():
+        assert t.device.type == "cpu" and t.is_contiguous() and t.dim() == 1
+    assert meta["shape"] == list(shape)
+    assert meta["dtype"] == str(dtype).removeprefix("torch.")
+    assert (meta["bits"], meta["quant_type"], meta["blocksize"]) == (scheme.bits, scheme.quant_type, scheme.blocksize)
+    json.dumps(meta)  # JSON-able
+
+    y = dequantize_tensor(parts, meta)
+    assert y.shape == x.shape and y.dtype == dtype and y.is_contiguous() and y.device.type == "cpu"
+    assert torch.isfinite(y).all()
+
+    if x.numel() > 1:
+        floors = COS_FLOOR_LARGE if x.numel() >= 1000 else COS_FLOOR_SMALL
+        assert _cos(x, y) >= floors[key], _cos(x, y)
+
+    # elementwise: nearest-code rounding within the element's block, plus the output dtype's rounding (bitsandbytes'
+    # CPU 8-bit kernel rounds values lying within float error of a midpoint either way: measured 1.002x half a gap)
+    numel = x.numel()
+    absmax = parts["absmax"][torch.arange(numel) // scheme.blocksize].reshape(shape)
+    bound = absmax * (MAX_CODE_GAP[key] / 2 * 1.01) + y.float().abs() * OUT_EPS[dtype] + 1e-6
+    err = (x.float() - y.float()).abs()
+    assert (err <= bound).all(), float((err - bound).max())
+
+    # the stored layout is exactly what the docs say (and what the CPU kernel decodes)
+    ref = _reference_decode(parts, meta, key)
+    torch.testing.assert_close(dequantize_tensor(parts, meta, dtype=torch.float32), ref, rtol=1e-6, atol=0)
+
+
+def test_absmax_is_per_flat_block():
+    # one huge value must only widen the scale of its own block
+    x = torch.full((64, 130), 0.01)
+    x[10, 7] = 100.0
+    for key, scheme in SCHEMES.items():
+        parts, meta = quantize_tensor(x, scheme)
+        absmax = parts["absmax"]
+        assert absmax.numel() == math.ceil(x.numel() / scheme.blocksize)
+        hot = (10 * 130 + 7) // scheme.blocksize
+        assert absmax[hot] == 100.0
+        assert torch.allclose(torch.cat([absmax[:hot], absmax[hot + 1 :]]), torch.tensor(0.01))
+        y = dequantize_tensor(parts, meta)
+        assert y[10, 7] == 100.0
+        assert _cos(x, y) > 0.9999, key
+
+
+def test_zeros_round_trip():
+    x = torch.zeros(128, 64, dtype=torch.bfloat16)
+    for scheme in SCHEMES.values():
+        parts, meta = quantize_tensor(x, scheme)
+        assert torch.equal(dequantize_tensor(parts, meta), x)
+
+
+def test_odd_numel_avoids_compiled_fallback():
+    # bitsandbytes' CPU 4-bit kernel only takes an even last dimension; otherwise it falls back to a torch.compile'd
+    # function that compiles for seconds on every new shape. The codec decodes an even count instead.
+    import time
+
+    for shape in [(13, 11), (1, 2049)]:
+        parts, meta = quantize_tensor(_randn(shape, torch.bfloat16), NF4)
+        t0 = time.perf_counter()
+        y = dequantize_tensor(parts, meta)
+        assert time.perf_counter() - t0 < 1.0
+        assert y.shape == shape
+
+
+def test_dequantize_to_other_dtype():
+    x = _randn((256, 96), torch.bfloat16)
+    for key, scheme in SCHEMES.items():
+        parts, meta = quantize_tensor(x, scheme)
+        native = dequantize_tensor(parts, meta)
+        f32 = dequantize_tensor(parts, meta, dtype=torch.float32)
+        f16 = dequantize_tensor(parts, meta, dtype=torch.float16)
+        f64 = dequantize_tensor(parts, meta, dtype=torch.float64)
+        assert (native.dtype, f32.dtype, f16.dtype, f64.dtype) == (
+            torch.bfloat16,
+            torch.float32,
+            torch.float16,
+            torch.float64,
+        )
+        for t in (f32, f16, f64):
+            assert t.shape == x.shape and t.is_contiguous()
+        # decoding is done in fp32 and rounded once to the requested dtype
+        assert torch.equal(f32.to(torch.bfloat16), native), key
+        assert torch.equal(f32.to(torch.float16), f16), key
+        assert torch.equal(f64, f32.double()), key
+
+
+def test_sizes_realistic_matrix():
+    x = _randn((512, 1408), torch.bfloat16)
+    dense = x.numel() * x.element_size()
+    p4, _ = quantize_tensor(x, NF4)
+    p8, _ = quantize_tensor(x, INT8)
+    # 4 bits + one fp32 scale per 64 -> 0.28125x; 8 bits + one fp32 scale per 256 -> 0.5078x
+    assert packed_nbytes(p4) == x.numel() // 2 + 4 * (x.numel() // 64)
+    assert packed_nbytes(p8) == x.numel() + 4 * (x.numel() // 256)
+    assert packed_nbytes(p4) <= 0.30 * dense
+    assert packed_nbytes(p8) <= 0.55 * dense
+    assert packed_nbytes(p4.values()) == packed_nbytes(p4)
+
+
+def test_safetensors_round_trip_bit_exact(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    tensors = {
+        "model.layers.0.mlp.down_proj.weight": _randn((300, 129), torch.bfloat16),
+        "model.layers.0.mlp.experts.gate_up_proj": _randn((4, 96, 64), torch.float16, seed=1),
+        "model.layers.0.self_attn.o_proj.weight": _randn((7, 5), torch.float32, seed=2),
+    }
+    for key, scheme in SCHEMES.items():
+        flat: dict[str, torch.Tensor] = {"model.norm.weight": torch.ones(16)}
+        metas, before = {}, {}
+        for name, t in tensors.items():
+            parts, meta = quantize_tensor(t, scheme)
+            metas[name] = json.loads(json.dumps(meta))  # as it comes back from the manifest
+            before[name] = dequantize_tensor(parts, meta)
+            flat.update(join_parts(name, parts))
+        path = tmp_path / f"{key}.safetensors"
+        save_file(flat, str(path))
+        plain, quantized = split_parts(load_file(str(path)))
+        assert set(plain) == {"model.norm.weight"}
+        assert set(quantized) == set(tensors)
+        for name in tensors:
+            after = dequantize_tensor(quantized[name], metas[name])
+            assert after.dtype == before[name].dtype
+            assert torch.equal(after, before[name]), (key, name)
+
+
+def test_split_and_join_parts():
+    a, b, c = torch.zeros(2), torch.ones(3), torch.zeros(1)
+    flat = {"x.weight": a, **join_parts("y.weight", {"qdata": b, "absmax": c})}
+    assert set(flat) == {"x.weight", f"y.weight{QUANT_SUFFIX_SEP}qdata", "y.weight::absmax"}
+    plain, quantized = split_parts(flat)
+    assert plain == {"x.weight": a}
+    assert quantized == {"y.weight": {"qdata": b, "absmax": c}}
+    with pytest.raises(ValueError, match="Malformed"):
+        split_parts({"::qdata": a})
+    with pytest.raises(ValueError, match="Malformed"):
+        split_parts({"y.weight::": a})
+
+
+# --- input checking ------------------------------------------------------------------------------------------------
+
+
+def test_quantize_rejects_bad_input():
+    with pytest.raises(ValueError, match="int32"):
+        quantize_tensor(torch.zeros(64, 64, dtype=torch.int32), NF4)
+    with pytest.raises(ValueError, match="float64"):
+        quantize_tensor(torch.zeros(64, 64, dtype=torch.float64), NF4)
+    with pytest.raises(ValueError, match="empty"):
+        quantize_tensor(torch.zeros(0, 64), NF4)
+    with pytest.raises(ValueError, match="meta"):
+        quantize_tensor(torch.empty(64, 64, device="meta"), NF4)
+    bad = torch.zeros(64, 64)
+    bad[3, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        quantize_tensor(bad, INT8)
+
+
+def test_dequantize_rejects_mismatched_parts():
+    parts, meta = quantize_tensor(_randn((128, 64), torch.bfloat16), NF4)
+    with pytest.raises(ValueError, match="qdata"):
+        dequantize_tensor({"qdata": parts["qdata"][:-1], "absmax": parts["absmax"]}, meta)
+    with pytest.raises(ValueError, match="absmax"):
+        dequantize_tensor({"qdata": parts["qdata"], "absmax": parts["absmax"].half()}, meta)
+    with pytest.raises(ValueError, match="absmax"):
+        dequantize_tensor({"qdata": parts["qdata"]}, meta)
+    with pytest.raises(ValueError, match="shape"):
+        dequantize_tensor(parts, {k: v for k, v in meta.items() if k != "shape"})
+    with pytest.raises(ValueError, match="blocksize"):
+        dequantize_tensor(parts, {**meta, "blocksize": 100})
+    with pytest.raises(ValueError, match="dtype"):
+        dequantize_tensor(parts, {**meta, "dtype": "int8"})
+    p8, m8 = quantize_tensor(_randn((128, 64), torch.bfloat16), INT8)
+    with pytest.raises(ValueError, match="code table"):
+        dequantize_tensor(p8, {**m8, "code": "dynamic-0000000000000000"})
+
+
+# --- should_quantize -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, shape, dtype, expected",
+    [
+        ("model.layers.0.self_attn.q_proj.weight", (512, 512), torch.bfloat16, True),
+        ("model.layers.0.mlp.down_proj.weight", (512, 1408), torch.float16, True),
+        ("model.layers.0.mlp.gate_proj.weight", (1408, 512), torch.float32, True),
+        ("model.layers.0.mlp.experts.gate_up_proj", (8, 512, 2816), torch.bfloat16, True),
+        ("model.layers.0.mlp.experts.down_proj", (8, 1408, 512), torch.bfloat16, True),
+        ("model.layers.0.input_layernorm.weight", (512,), torch.bfloat16, False),
+        ("model.layers.0.self_attn.q_proj.bias", (512,), torch.bfloat16, False),
+        ("model.layers.0.self_attn.q_proj.weight", (512, 512), torch.int8, False),
+        ("model.layers.0.self_attn.q_proj.weight", (512, 512), torch.float64, False),
+        ("model.layers.0.self_attn.q_proj.weight", (512, 512), torch.float8_e4m3fn, False),
+        ("model.layers.0.self_attn.q_proj.weight", (16, 32), torch.bfloat16, False),  # tiny
+        ("model.layers.0.conv.weight", (64, 64, 3, 3), torch.bfloat16, False),  # 4-D
+        ("model.layers.0.mlp.gate.weight", (64, 2048), torch.bfloat16, False),  # MoE router
+        ("model.layers.0.mlp.router.weight", (64, 2048), torch.bfloat16, False),
+        ("model.embed_tokens.weight", (1000, 512), torch.bfloat16, False),
+        ("lm_head.weight", (1000, 512), torch.bfloat16, False),
+        ("transformer.wte.weight", (1000, 512), torch.bfloat16, False),
+    ],
+)
+def test_should_quantize(name, shape, dtype, expected):
+    for device in ("cpu", "meta"):  # only shape and dtype are read
+        t = torch.empty(shape, dtype=dtype, device=device)
+        assert should_quantize(name, t, NF4) is expected
+        assert should_quantize(name, t, INT8) is expected
+
+
+def test_should_quantize_embeddings_opt_in():
+    emb = torch.empty(1000, 512, dtype=torch.bfloat16, device="meta")
+    with_emb = QuantScheme(4, quantize_embeddings=True)
+    assert not should_quantize("model.embed_tokens.weight", emb, NF4)
+    assert should_quantize("model.embed_tokens.weight", emb, with_emb)
+    assert should_quantize("lm_head.weight", emb, with_emb)
+    # the caller's flag wins over a name that does not look like an embedding
+    assert not should_quantize("model.custom_table.weight", emb, NF4, is_embedding=True)
+    assert should_quantize("model.custom_table.weight", emb, with_emb, is_embedding=True)
+    assert should_quantize("model.custom_table.weight", emb, NF4)
+
+
+# --- QuantScheme / resolve_compression -----------------------------------------------------------------------------
+
+
+def test_scheme_defaults_and_dict_round_trip():
+    assert QuantScheme(4) == QuantScheme(4, "nf4", 64)
+    assert QuantScheme(8) == QuantScheme(8, "blockwise", 256)
+    for scheme in (NF4, FP4, INT8, QuantScheme(4, "fp4", 4096, quantize_embeddings=True), QuantScheme(8, None, 64)):
+        d = json.loads(json.dumps(scheme.to_dict()))
+        assert QuantScheme.from_dict(d) == scheme
+    assert QuantScheme.from_dict({"bits": 8}) == INT8
+    assert len({NF4, QuantScheme(4)}) == 1  # hashable, defaults resolved
+
+
+@pytest.mark.parametrize(
+    "kwargs, field, shown",
+    [
+        ({"bits": 3}, "bits", "3"),
+        ({"bits": "4"}, "bits", "'4'"),
+        ({"bits": True}, "bits", "True"),
+        ({"bits": 4, "quant_type": "int4"}, "quant_type", "'int4'"),
+        ({"bits": 8, "quant_type": "nf4"}, "quant_type", "'nf4'"),
+        ({"bits": 4, "blocksize": 100}, "blocksize", "100"),
+        ({"bits": 4, "blocksize": 16}, "blocksize", "16"),
+        ({"bits": 8, "blocksize": 32}, "blocksize", "32"),
+        ({"bits": 4, "blocksize": 64.0}, "blocksize", "64.0"),
+        ({"bits": 4, "quantize_embeddings": "yes"}, "quantize_embeddings", "'yes'"),
+    ],
+)
+def test_scheme_validation(kwargs, field, shown):
+    with pytest.raises(ValueError) as exc:
+        QuantScheme(**kwargs)
+    msg = str(exc.value)
+    assert field in msg and shown in msg and "must be" in msg
+    with pytest.raises(ValueError, match=field):
+        QuantScheme.from_dict(kwargs)
+
+
+def test_scheme_from_dict_errors():
+    with pytest.raises(ValueError, match="bits"):
+        QuantScheme.from_dict({"quant_type": "nf4"})
+    with pytest.raises(ValueError, match="block_size"):
+        QuantScheme.from_dict({"bits": 4, "block_size": 64})
+    with pytest.raises(ValueError, match="dict"):
+        QuantScheme.from_dict(["bits", 4])
+
+
+def test_resolve_compression():
+    assert resolve_compression(None) is None
+    assert resolve_compression("4bit") == QuantScheme(4, "nf4", 64)
+    assert resolve_compression("4bit", quant_type="fp4", blocksize=128) == QuantScheme(4, "fp4", 128)
+    assert resolve_compression("nf4") == QuantScheme(4, "nf4", 64)
+    assert resolve_compression("fp4", blocksize=32) == QuantScheme(4, "fp4", 32)
+    assert resolve_compression("8bit") == QuantScheme(8, "blockwise", 256)
+    assert resolve_compression("int8", blocksize=64) == QuantScheme(8, "blockwise", 64)
+    assert resolve_compression(" INT8 ") == QuantScheme(8, "blockwise", 256)
+    assert resolve_compression(NF4) is NF4
+
+
+def test_resolve_compression_errors():
+    with pytest.raises(ValueError, match="compression") as exc:
+        resolve_compression(None, quant_type="nf4")
+    assert "quant_type='nf4'" in str(exc.value)
+    with pytest.raises(ValueError, match="blocksize=64"):
+        resolve_compression(None, blocksize=64)
+    with pytest.raises(ValueError) as exc:
+        resolve_compression("2bit")
+    assert "'2bit'" in str(exc.value) and all(a in str(exc.value) for a in ("4bit", "8bit", "nf4", "fp4", "int8"))
+    with pytest.raises(ValueError, match="compression"):
+        resolve_compression(4)
+    with pytest.raises(ValueError, match="quant_type"):
+        resolve_compression("nf4", quant_type="fp4")
+    with pytest.raises(ValueError, match="quant_type"):
+        resolve_compression("8bit", quant_type="nf4")
+    with pytest.raises(ValueError, match="blocksize"):
+        resolve_compression("8bit", blocksize=32)
+
+
+def test_bitsandbytes_is_imported_lazily():
+    # `import hf_layerstream` must work without bitsandbytes: no module-level import of it in the codec
+    import hf_layerstream.quant as quant
+
+    tree = ast.parse(Path(quant.__file__).read_text())
+    for node in tree.body:  # top-level statements only; imports inside functions are fine
+        if isinstance(node, ast.Import):
+            assert not any(a.name.split(".")[0] == "bitsandbytes" for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            assert (node.module or "").split(".")[0] != "bitsandbytes"
+
+
+# --- CUDA ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("key", list(SCHEMES))
+def test_cuda_dequant_matches_cpu(key):
+    scheme = SCHEMES[key]
+    for shape, dtype in [((300, 129), torch.bfloat16), ((4, 96, 64), torch.float16), ((7, 5), torch.float32)]:
+        x = _randn(shape, dtype)
+        parts, meta = quantize_tensor(x, scheme)
+        for out_dtype in (None, torch.float32):
+            cpu = dequantize_tensor(parts, meta, dtype=out_dtype)
+            gpu = dequantize_tensor(parts, meta, device="cuda", dtype=out_dtype)
+            assert gpu.device.type == "cuda" and gpu.shape == cpu.shape and gpu.dtype == cpu.dtype
+            assert gpu.is_contiguous()
+            # both decode code[idx] * absmax in fp32; allow one rounding step of the output dtype
+            eps = OUT_EPS[cpu.dtype] * 2 if cpu.dtype != torch.float32 else 1e-5
+            torch.testing.assert_close(gpu.cpu(), cpu, rtol=eps, atol=1e-6)
+
+        # pinned host parts take the non_blocking path
+        pinned = {k: v.pin_memory() for k, v in parts.items()}
+        gpu = dequantize_tensor(pinned, meta, device=torch.device("cuda"))
+        torch.cuda.synchronize()
+        torch.testing.assert_close(gpu.cpu(), dequantize_tensor(parts, meta), rtol=OUT_EPS[dtype] * 2, atol=1e-6)
+
+        # quantizing on the GPU yields CPU parts of the same layout that decode to (nearly) the same weights
+        gparts, gmeta = quantize_tensor(x.cuda(), scheme)
+        assert all(t.device.type == "cpu" for t in gparts.values())
+        assert {k: v.shape for k, v in gparts.items()} == {k: v.shape for k, v in parts.items()}
+        assert _cos(dequantize_tensor(gparts, gmeta), x) >= COS_FLOOR_SMALL[key]
