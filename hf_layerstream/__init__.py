@@ -16,8 +16,10 @@ enable_layer_streaming(model, "llama3-8b.layers")
 
 __version__ = "0.1.0"
 
+from .batch import generate_batch, generate_jsonl  # noqa: E402
 from .errors import LayerLoadError, ShardDirError, ShardFileError  # noqa: E402
 from .shard_dir import ShardDirectory  # noqa: E402
+from .speculative import SweepCounter, configure_draft, count_sweeps, measure_sweeps  # noqa: E402
 from .split import split_checkpoint  # noqa: E402
 from .stream import StreamingState, disable_layer_streaming, enable_layer_streaming, get_streaming_state  # noqa: E402
 
@@ -27,6 +29,12 @@ __all__ = [
     "enable_layer_streaming",
     "disable_layer_streaming",
     "get_streaming_state",
+    "generate_batch",
+    "generate_jsonl",
+    "count_sweeps",
+    "SweepCounter",
+    "measure_sweeps",
+    "configure_draft",
     "StreamingState",
     "ShardDirectory",
     "ShardDirError",

@@ -78,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="JSONL results, appended as each prompt finishes")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per sweep with --input")
     p.add_argument("--assistant", default=None, help="small draft model (folder or hub id) for assisted decoding")
+    p.add_argument("--num-assistant-tokens", type=int, default=8, help="tokens the draft proposes per sweep")
     p.add_argument("--prompt-lookup", type=int, default=None, metavar="N", help="prompt-lookup decoding with N tokens")
     p.add_argument("--profile", action="store_true", help="print per-layer timings after generating")
     _add_runtime_args(p)
@@ -201,7 +202,10 @@ def _cmd_generate(args) -> int:
     if args.assistant:
         from transformers import AutoModelForCausalLM
 
-        gen_kwargs["assistant_model"] = AutoModelForCausalLM.from_pretrained(args.assistant).to(model.device).eval()
+        from .speculative import configure_draft
+
+        draft = AutoModelForCausalLM.from_pretrained(args.assistant).to(model.device).eval()
+        gen_kwargs["assistant_model"] = configure_draft(draft, num_assistant_tokens=args.num_assistant_tokens)
 
     if args.input:
         if not args.output:

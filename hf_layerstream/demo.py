@@ -49,6 +49,26 @@ def write_demo_checkpoint(
     return path
 
 
+def top1_agreement(reference, candidate, input_ids, *, chunk: int = 256) -> dict:
+    """Teacher-forced next-token agreement of two models over every position of `input_ids` (batch, seq).
+
+    Returns the share of positions where both models' argmax agree, and the mean cosine similarity of the logits.
+    """
+    import torch
+
+    agree = total = 0
+    cos_sum = 0.0
+    with torch.no_grad():
+        for start in range(0, input_ids.shape[0], max(chunk // input_ids.shape[1], 1)):
+            ids = input_ids[start : start + max(chunk // input_ids.shape[1], 1)]
+            a = reference(ids.to(reference.device)).logits.float().cpu()
+            b = candidate(ids.to(candidate.device)).logits.float().cpu()
+            agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+            total += a.shape[0] * a.shape[1]
+            cos_sum += float(torch.nn.functional.cosine_similarity(a, b, dim=-1).sum())
+    return {"positions": total, "top1_agreement": agree / max(total, 1), "mean_cosine": cos_sum / max(total, 1)}
+
+
 def _human(n: float) -> str:
     return f"{n / 2**20:.0f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
 
@@ -112,7 +132,7 @@ def run_demo(args) -> int:
         print(f"{'system':44} {'s/token':>9} {'tokens/s':>9} {'peak RSS':>10} {'same tokens':>12}")
         for label, r in results:
             same = "yes" if r["tokens"] == ref["tokens"] else "NO"
-            if label != results[0][0] and "shards" in label and args.compression and label.endswith("shards"):
+            if label.endswith("bit shards"):
                 agree = sum(a == b for a, b in zip(r["tokens"], ref["tokens"])) / max(len(ref["tokens"]), 1)
                 same = f"{agree:.0%} (lossy)"
             spt = r["s_per_token"]
@@ -120,6 +140,21 @@ def run_demo(args) -> int:
         exact = results[1][1]["tokens"] == ref["tokens"]
         print()
         print("streamed output equals the whole model's:", "yes" if exact else "NO")
+        if args.compression:
+            import torch
+            from transformers import AutoModelForCausalLM
+
+            from .cli import load_streamed_model
+
+            full = AutoModelForCausalLM.from_pretrained(ckpt).eval()
+            quant = load_streamed_model(work / f"shards-{args.compression}", device="cpu")
+            gen = torch.Generator().manual_seed(0)
+            ids = torch.randint(4, full.config.vocab_size, (4, 128), generator=gen)
+            report = top1_agreement(full, quant, ids)
+            print(
+                f"{args.compression} shards vs full precision, teacher-forced over {report['positions']} positions: "
+                f"top-1 agreement {report['top1_agreement']:.1%}, mean logit cosine {report['mean_cosine']:.4f}"
+            )
         return 0 if exact else 1
     finally:
         if not args.dir:

@@ -175,6 +175,14 @@ def enable_layer_streaming(
                 "a `device_map`). Build the model with `init_empty_weights()` and no device_map, then enable streaming."
             )
     _check_match(model, stack, shards)
+    loaded = sum(p.numel() for p in stack.layers.parameters() if not p.is_meta)
+    if loaded:
+        logger.warning(
+            "The model's decoder layers already hold %d loaded parameters; streaming replaces them, but the loaded "
+            "copies stay in memory until `disable_layer_streaming`. Build the model under `init_empty_weights()` "
+            "to save that memory.",
+            loaded,
+        )
 
     # dtypes the model will compute in: the stored ones (like dtype="auto"), or `dtype` for floating tensors
     target_dtypes = {}

@@ -15,8 +15,8 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoTokenizer
 
 from hf_layerstream import (
-    ShardDirError,
     ShardDirectory,
+    ShardDirError,
     ShardFileError,
     disable_layer_streaming,
     enable_layer_streaming,

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import streamed_model
 
-from hf_layerstream import ShardDirError, ShardDirectory, get_streaming_state, split_checkpoint
+from hf_layerstream import ShardDirectory, ShardDirError, get_streaming_state, split_checkpoint
 from hf_layerstream.cli import main
 
 # hidden size >= 256 so that quantization error behaves as on real models

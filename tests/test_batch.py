@@ -1,0 +1,253 @@
+"""Batched generation: every prompt of a batch gets what it gets alone, JSONL jobs resume after a crash.
+
+The streamed models read every layer from disk on every sweep (`max_memory={"cpu": 0}`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import _models
+import pytest
+import torch
+from conftest import streamed_model
+from transformers import AutoTokenizer
+
+from hf_layerstream.batch import generate_batch, generate_jsonl
+from hf_layerstream.cli import main as cli_main
+
+STREAM_ALL = {"max_memory": {"cpu": 0}}
+GREEDY = {"max_new_tokens": 8, "do_sample": False}
+
+# different lengths, so batches are left-padded; two end early on the tiny models
+PROMPTS = [
+    *_models.SAMPLE_PROMPTS,
+    "Question: what is the capital of France?",
+    "It was",
+    "We can stream the layers of a model from the disk, one layer at a time.",
+    "a",
+    "Every morning the man would open the window",
+]
+
+
+@pytest.fixture(scope="module")
+def llama(checkpoints):
+    ckpt, shards = checkpoints("llama")
+    return streamed_model(ckpt, shards, **STREAM_ALL), AutoTokenizer.from_pretrained(ckpt), shards
+
+
+def _alone(model, tok, ids: list[int], **kw) -> list[int]:
+    """Generate one prompt on its own (no padding); the new tokens, cut after the first end-of-sequence token."""
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        out = model.generate(x, attention_mask=torch.ones_like(x), pad_token_id=tok.pad_token_id, **GREEDY, **kw)
+    new = out[0, x.shape[1] :].tolist()
+    return new[: new.index(tok.eos_token_id) + 1] if tok.eos_token_id in new else new
+
+
+def _text(tok, new: list[int]) -> str:
+    return tok.decode([t for t in new if t != tok.eos_token_id], skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_batch_equals_each_prompt_alone(checkpoints, arch):
+    ckpt, shards = checkpoints(arch)
+    model = streamed_model(ckpt, shards, **STREAM_ALL)
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    prompts = PROMPTS if arch == "llama" else PROMPTS[:5]
+    expected = [_text(tok, _alone(model, tok, tok(p)["input_ids"])) for p in prompts]
+    got = generate_batch(model, tok, prompts, batch_size=3, progress=False, **GREEDY)
+    assert got == expected
+
+
+def test_chat_template_and_messages(llama):
+    model, tok, _ = llama
+    assert tok.chat_template
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello, how are you?"}]
+    prompts = ["Hello, how are you?", conversation]
+    got = generate_batch(model, tok, prompts, batch_size=2, chat=True, progress=False, **GREEDY)
+    expected = []
+    for messages in ([{"role": "user", "content": prompts[0]}], conversation):
+        ids = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=True)[
+            "input_ids"
+        ]
+        assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
+        expected.append(_text(tok, _alone(model, tok, list(ids))))
+    assert got == expected
+    # chat=False leaves plain text alone
+    assert generate_batch(model, tok, prompts[:1], progress=False, **GREEDY) == [
+        _text(tok, _alone(model, tok, tok(prompts[0])["input_ids"]))
+    ]
+
+
+def _write_input(path: Path) -> list:
+    lines = [
+        {"id": "a", "prompt": PROMPTS[0]},
+        PROMPTS[1],  # a bare string: its id is its position, 1
+        {"id": 7, "messages": [{"role": "user", "content": PROMPTS[2]}]},
+        {"prompt": PROMPTS[3]},  # no id: position 3
+        {"id": "e", "prompt": PROMPTS[4]},
+        {"id": "f", "prompt": PROMPTS[5]},
+        {"id": "g", "prompt": PROMPTS[6]},
+        {"id": "h", "prompt": PROMPTS[7]},
+    ]
+    path.write_text(
+        "\n".join(json.dumps(x) for x in lines[:3]) + "\n\n" + "\n".join(json.dumps(x) for x in lines[3:]) + "\n"
+    )
+    return ["a", 1, 7, 3, "e", "f", "g", "h"]
+
+
+def test_jsonl_schema_order_and_stats(llama, tmp_path):
+    model, tok, _ = llama
+    ids = _write_input(tmp_path / "in.jsonl")
+    stats = generate_jsonl(
+        model, tok, tmp_path / "in.jsonl", tmp_path / "out.jsonl", batch_size=4, progress=False, **GREEDY
+    )
+    records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in records] == ids  # input order, though batches ran longest first
+    texts = generate_batch(
+        model,
+        tok,
+        [PROMPTS[0], PROMPTS[1], [{"role": "user", "content": PROMPTS[2]}], *PROMPTS[3:]],
+        progress=False,
+        **GREEDY,
+    )
+    assert [r["completion"] for r in records] == texts
+    for r in records:
+        assert set(r) == {"id", "completion", "finish_reason", "prompt_tokens", "completion_tokens", "prompt_sha256"}
+        assert r["finish_reason"] in ("stop", "length")
+        assert r["completion_tokens"] == GREEDY["max_new_tokens"] or r["finish_reason"] == "stop"
+    assert stats["prompts"] == 8 and stats["generated"] == 8 and stats["skipped"] == 0 and stats["batches"] == 2
+    assert stats["tokens"] == sum(r["completion_tokens"] for r in records)
+    # two batches of four, every step one sweep: up to 4 tokens per sweep
+    assert stats["sweeps"] <= 2 * GREEDY["max_new_tokens"]
+    assert 2.0 < stats["tokens_per_sweep"] <= 4.0
+    # a rerun has nothing to do and leaves the file as it is
+    before = (tmp_path / "out.jsonl").read_bytes()
+    again = generate_jsonl(
+        model, tok, tmp_path / "in.jsonl", tmp_path / "out.jsonl", batch_size=4, progress=False, **GREEDY
+    )
+    assert again["skipped"] == 8 and again["generated"] == 0 and again["sweeps"] == 0
+    assert (tmp_path / "out.jsonl").read_bytes() == before
+
+
+_CHILD = """
+import os, sys, time
+import transformers.generation.utils as gu
+
+marker, argv = sys.argv[1], sys.argv[2:]
+original = gu.GenerationMixin.generate
+calls = [0]
+
+def generate(self, *args, **kwargs):
+    calls[0] += 1
+    if calls[0] == 3:  # two batches are written: stop here until killed
+        open(marker, "w").close()
+        time.sleep(600)
+    return original(self, *args, **kwargs)
+
+gu.GenerationMixin.generate = generate
+from hf_layerstream.cli import main
+sys.exit(main(argv))
+"""
+
+
+def test_resume_after_sigkill(llama, tmp_path, capsys):
+    _, _, shards = llama
+    prompts = [{"id": f"p{i}", "prompt": p} for i, p in enumerate(PROMPTS + [p + " And then" for p in PROMPTS[:4]])]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    args = [
+        "generate",
+        str(shards),
+        "--input",
+        str(tmp_path / "in.jsonl"),
+        "--batch-size",
+        "3",
+        "--max-new-tokens",
+        "8",
+    ]
+    args += ["--max-memory", "cpu=0", "--device", "cpu"]
+    out = tmp_path / "out.jsonl"
+    (tmp_path / "child.py").write_text(_CHILD)
+    marker = tmp_path / "two-batches-written"
+    env = {**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    child = subprocess.Popen(
+        [sys.executable, str(tmp_path / "child.py"), str(marker), *args, "--output", str(out)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 120
+    while not marker.exists():
+        if child.poll() is not None:
+            pytest.fail(f"the batch job ended before it was killed:\n{child.stderr.read().decode()[-3000:]}")
+        if time.monotonic() > deadline:
+            child.kill()
+            pytest.fail("the batch job did not reach its third batch in 120 s")
+        time.sleep(0.05)
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    child.stderr.close()
+    assert child.returncode == -signal.SIGKILL
+
+    written = out.read_bytes()
+    assert written.endswith(b"\n") and len(written.splitlines()) == 6  # two batches of three, flushed
+    with open(out, "ab") as f:  # and a torn line, as a crash in the middle of a write leaves
+        f.write(b'{"id": "p3", "completion": "The q')
+
+    assert cli_main([*args, "--output", str(out)]) == 0
+    resumed = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    assert resumed["skipped"] == 6 and resumed["generated"] == len(prompts) - 6 and resumed["repaired"] is True
+
+    assert cli_main([*args, "--output", str(tmp_path / "straight.jsonl")]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in records] == [p["id"] for p in prompts]  # every prompt exactly once, in input order
+    assert out.read_bytes() == (tmp_path / "straight.jsonl").read_bytes()
+
+
+def test_resume_refuses_other_input(llama, tmp_path):
+    model, tok, _ = llama
+    (tmp_path / "in.jsonl").write_text(json.dumps({"id": 1, "prompt": "Hello"}) + "\n")
+    generate_jsonl(model, tok, tmp_path / "in.jsonl", tmp_path / "out.jsonl", progress=False, max_new_tokens=2)
+    (tmp_path / "in.jsonl").write_text(json.dumps({"id": 1, "prompt": "Goodbye"}) + "\n")
+    with pytest.raises(ValueError, match="prompt differs"):
+        generate_jsonl(model, tok, tmp_path / "in.jsonl", tmp_path / "out.jsonl", progress=False, max_new_tokens=2)
+    (tmp_path / "in.jsonl").write_text(json.dumps({"id": 2, "prompt": "Hello"}) + "\n")
+    with pytest.raises(ValueError, match="not in the input"):
+        generate_jsonl(model, tok, tmp_path / "in.jsonl", tmp_path / "out.jsonl", progress=False, max_new_tokens=2)
+    import fcntl
+
+    with open(tmp_path / "out.jsonl", "ab") as held:  # another job holds the file
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        with pytest.raises(ValueError, match="being written by another running job"):
+            generate_jsonl(model, tok, tmp_path / "in.jsonl", tmp_path / "out.jsonl", progress=False, max_new_tokens=2)
+    (tmp_path / "bad.jsonl").write_text('{"id": 1, "comp\n{"id": 2, "completion": ""}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:1 is not a result line"):
+        generate_jsonl(model, tok, tmp_path / "in.jsonl", tmp_path / "bad.jsonl", progress=False, max_new_tokens=2)
+
+
+def test_user_errors(llama, tmp_path):
+    model, tok, _ = llama
+    with pytest.raises(ValueError, match="`batch_size` must be a positive int"):
+        generate_batch(model, tok, ["Hi"], batch_size=0)
+    with pytest.raises(ValueError, match="`streamer` cannot be passed"):
+        generate_batch(model, tok, ["Hi"], streamer=object())
+    with pytest.raises(ValueError, match="`num_return_sequences` must be 1"):
+        generate_batch(model, tok, ["Hi"], num_return_sequences=2)
+    with pytest.raises(TypeError, match="wrap it"):
+        generate_batch(model, tok, "Hi")
+    (tmp_path / "dup.jsonl").write_text('{"id": 1, "prompt": "a"}\n{"id": 1, "prompt": "b"}\n')
+    with pytest.raises(ValueError, match=r"dup.jsonl:2: id 1 already used"):
+        generate_jsonl(model, tok, tmp_path / "dup.jsonl", tmp_path / "o.jsonl", progress=False)
+    (tmp_path / "schema.jsonl").write_text('{"id": 1, "text": "a"}\n')
+    with pytest.raises(ValueError, match=r"schema.jsonl:1 has neither a string 'prompt' nor 'messages'"):
+        generate_jsonl(model, tok, tmp_path / "schema.jsonl", tmp_path / "o.jsonl", progress=False)
+    with pytest.raises(FileNotFoundError, match="`input_path`"):
+        generate_jsonl(model, tok, tmp_path / "missing.jsonl", tmp_path / "o.jsonl", progress=False)
+    assert not (tmp_path / "o.jsonl").exists()

@@ -1,0 +1,162 @@
+"""Speculative decoding with the streamed model as verifier: the same greedy output, in fewer sweeps.
+
+A strong draft (the target's own weights, fully loaded and resident) shows the sweeps saved; a weak draft (another
+random model) and prompt lookup must still give exactly the greedy output.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import _models
+import pytest
+import torch
+from conftest import streamed_model
+from transformers import AutoTokenizer
+
+from hf_layerstream.batch import generate_batch, generate_jsonl
+from hf_layerstream.speculative import SweepCounter, configure_draft, count_new_tokens, count_sweeps, measure_sweeps
+
+STREAM_ALL = {"max_memory": {"cpu": 0}}
+NEW = 16
+
+
+@pytest.fixture(scope="module")
+def setup(checkpoints):
+    ckpt, shards = checkpoints("llama")
+    model = streamed_model(ckpt, shards, **STREAM_ALL)
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    strong = configure_draft(_models.load_reference(ckpt), num_assistant_tokens=8)
+    weak = configure_draft(_models.build_tiny_model("llama", seed=1, num_hidden_layers=1), num_assistant_tokens=4)
+    plain = {}
+    for p in _models.SAMPLE_PROMPTS:
+        ids = tok(p, return_tensors="pt").input_ids
+        plain[p] = measure_sweeps(model, ids, max_new_tokens=NEW, min_new_tokens=NEW, pad_token_id=tok.pad_token_id)
+    return model, tok, strong, weak, plain
+
+
+def test_plain_decoding_is_one_token_per_sweep(setup):
+    _, _, _, _, plain = setup
+    for r in plain.values():
+        assert r["mode"] == "plain" and r["tokens"] == NEW and r["sweeps"] == NEW and r["tokens_per_sweep"] == 1.0
+
+
+@pytest.mark.parametrize("prompt", _models.SAMPLE_PROMPTS)
+def test_assisted_strong_draft_exact_and_fewer_sweeps(setup, prompt):
+    model, tok, strong, _, plain = setup
+    ids = tok(prompt, return_tensors="pt").input_ids
+    r = measure_sweeps(
+        model, ids, assistant_model=strong, max_new_tokens=NEW, min_new_tokens=NEW, pad_token_id=tok.pad_token_id
+    )
+    assert r["output_ids"] == plain[prompt]["output_ids"]
+    assert r["mode"] == "assisted" and r["tokens"] == NEW
+    # the draft is the target: every candidate is accepted, the verifier sweeps far fewer times than it generates
+    assert r["tokens_per_sweep"] >= 3.0, r
+
+
+def test_assisted_weak_draft_exact(setup):
+    """A draft that is mostly wrong: every rejected candidate must leave no trace in the output."""
+    model, tok, _, weak, plain = setup
+    for prompt in _models.SAMPLE_PROMPTS[1:]:
+        ids = tok(prompt, return_tensors="pt").input_ids
+        r = measure_sweeps(
+            model, ids, assistant_model=weak, max_new_tokens=NEW, min_new_tokens=NEW, pad_token_id=tok.pad_token_id
+        )
+        assert r["output_ids"] == plain[prompt]["output_ids"]
+        assert r["tokens_per_sweep"] >= 1.0
+
+
+@pytest.mark.parametrize("prompt", _models.SAMPLE_PROMPTS)
+def test_prompt_lookup_exact(setup, prompt):
+    model, tok, _, _, plain = setup
+    ids = tok(prompt, return_tensors="pt").input_ids
+    r = measure_sweeps(
+        model, ids, prompt_lookup_num_tokens=4, max_new_tokens=NEW, min_new_tokens=NEW, pad_token_id=tok.pad_token_id
+    )
+    assert r["output_ids"] == plain[prompt]["output_ids"]
+    assert r["mode"] == "prompt_lookup" and r["tokens_per_sweep"] >= 1.0
+
+
+def test_lookup_repetitive_prompt_saves_sweeps(setup):
+    """The tiny random model falls into loops; prompt lookup finds them in the context and verifies them at once."""
+    model, tok, _, _, _ = setup
+    ids = tok(_models.SAMPLE_PROMPTS[1], return_tensors="pt").input_ids
+    base = measure_sweeps(model, ids, max_new_tokens=32, pad_token_id=tok.pad_token_id)
+    r = measure_sweeps(model, ids, prompt_lookup_num_tokens=4, max_new_tokens=32, pad_token_id=tok.pad_token_id)
+    assert r["output_ids"] == base["output_ids"]
+    assert r["sweeps"] < base["sweeps"] and r["tokens_per_sweep"] > 1.0
+
+
+def test_batched_jobs_with_a_draft_run_one_prompt_per_sweep(setup, tmp_path, caplog):
+    model, tok, strong, _, plain = setup
+    prompts = list(_models.SAMPLE_PROMPTS)
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    kw = {"max_new_tokens": NEW, "min_new_tokens": NEW, "do_sample": False}
+    with caplog.at_level(logging.WARNING, logger="hf_layerstream.batch"):
+        stats = generate_jsonl(
+            model,
+            tok,
+            tmp_path / "in.jsonl",
+            tmp_path / "out.jsonl",
+            batch_size=8,
+            assistant_model=strong,
+            progress=False,
+            **kw,
+        )
+    assert "using batch_size=1" in caplog.text
+    records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["completion"] for r in records] == [
+        tok.decode(plain[p]["output_ids"][0], skip_special_tokens=True) for p in prompts
+    ]
+    assert stats["batch_size"] == 1 and stats["batches"] == 3
+    assert stats["tokens"] == 3 * NEW and stats["tokens_per_sweep"] >= 3.0
+    texts = generate_batch(model, tok, prompts, prompt_lookup_num_tokens=4, progress=False, **kw)
+    assert texts == [r["completion"] for r in records]
+
+
+def test_count_sweeps_and_batch_tokens_per_sweep(setup):
+    model, tok, _, _, _ = setup
+    batch = tok(list(_models.SAMPLE_PROMPTS), return_tensors="pt", padding=True)
+    r = measure_sweeps(
+        model,
+        batch.input_ids,
+        attention_mask=batch.attention_mask,
+        max_new_tokens=6,
+        min_new_tokens=6,
+        pad_token_id=tok.pad_token_id,
+    )
+    assert r["sweeps"] == 6 and r["tokens"] == 18 and r["tokens_per_sweep"] == 3.0
+    with count_sweeps(model) as counter:
+        with torch.no_grad():
+            model(batch.input_ids, attention_mask=batch.attention_mask)
+            model(batch.input_ids[:1])
+        assert counter.sweeps == 2
+    with torch.no_grad():
+        model(batch.input_ids[:1])
+    assert counter.sweeps == 2 and not counter.active  # the hook is gone after the block
+    fresh = SweepCounter(model).start()
+    assert "sweeps=0" in repr(fresh)
+    fresh.stop()
+
+
+def test_count_new_tokens_stops_at_eos():
+    assert count_new_tokens([[5, 6, 2, 0, 0], [5, 6, 7, 8, 9]], {2}) == [3, 5]
+    assert count_new_tokens(torch.tensor([[2, 0]]), [2]) == [1]
+
+
+def test_user_errors(setup):
+    model, tok, strong, _, _ = setup
+    ids = tok("Hello", return_tensors="pt").input_ids
+    with pytest.raises(ValueError, match="either `assistant_model` or `prompt_lookup_num_tokens`"):
+        measure_sweeps(model, ids, assistant_model=strong, prompt_lookup_num_tokens=3)
+    with pytest.raises(ValueError, match="batch size 2"):
+        measure_sweeps(model, ids.repeat(2, 1), prompt_lookup_num_tokens=3)
+    with pytest.raises(ValueError, match="`max_new_tokens` must be a positive int"):
+        measure_sweeps(model, ids, max_new_tokens=0)
+    with pytest.raises(ValueError, match="`num_assistant_tokens` must be a positive int"):
+        configure_draft(strong, num_assistant_tokens=0)
+    with pytest.raises(ValueError, match="`schedule` must be one of"):
+        configure_draft(strong, schedule="fast")
+    with pytest.raises(TypeError, match="`model` must be a torch.nn.Module"):
+        SweepCounter("model")
