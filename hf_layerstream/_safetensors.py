@@ -9,6 +9,7 @@ Files are still written with ``safetensors.torch.save`` so they stay readable by
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import mmap
@@ -77,10 +78,34 @@ class Header:
     file_size: int
     tensors: dict[str, TensorInfo]
     metadata: dict[str, str]
+    identity: tuple[int, int, int, int] | None = None  # (st_dev, st_ino, st_size, st_mtime_ns) when read
 
     @property
     def data_size(self) -> int:
         return self.file_size - self.data_offset
+
+    def check_unchanged(self, fd: int) -> None:
+        """Raise if the open file `fd` is not the file this header was read from (replaced, rewritten, truncated).
+
+        One `fstat`: cheap enough for every read, and it keeps a file swapped or rewritten under a running model
+        from being read with a stale header (which would give wrong tensors instead of an error).
+        """
+        if self.identity is None:
+            return
+        now = _identity(os.fstat(fd))
+        if now != self.identity:
+            raise ShardFileError(
+                self.path,
+                f"changed on disk since it was opened (size {self.identity[2]} -> {now[2]} bytes, or replaced or "
+                "rewritten in place)",
+                "Do not modify a shard directory while a model streams from it. Restore the file (re-run the same "
+                "`split_checkpoint` to repair the directory), then call `disable_layer_streaming(model)` and "
+                "`enable_layer_streaming(model, shard_dir)` again.",
+            )
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def read_header(path: str | os.PathLike, *, expected_size: int | None = None) -> Header:
@@ -92,7 +117,8 @@ def read_header(path: str | os.PathLike, *, expected_size: int | None = None) ->
     path = Path(path)
     try:
         with open(path, "rb") as f:
-            file_size = os.fstat(f.fileno()).st_size
+            st = os.fstat(f.fileno())
+            file_size = st.st_size
             if expected_size is not None and file_size != expected_size:
                 raise ShardFileError(
                     path, f"has {file_size} bytes but the manifest records {expected_size} (truncated or replaced)"
@@ -108,6 +134,8 @@ def read_header(path: str | os.PathLike, *, expected_size: int | None = None) ->
             raw = f.read(header_len)
     except OSError as e:  # permission, symlink loop, is a directory...
         raise ShardFileError(path, f"cannot be read: {e.strerror or e}") from e
+    if len(raw) != header_len:
+        raise ShardFileError(path, f"ended inside its {header_len}-byte header (truncated while reading)")
     try:
         parsed = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -142,7 +170,19 @@ def read_header(path: str | os.PathLike, *, expected_size: int | None = None) ->
         if numel and begin % itemsize:
             raise ShardFileError(path, f"stores tensor {name!r} at a misaligned offset {begin}")
         tensors[name] = TensorInfo(dtype, shape, begin, end)
-    return Header(path, data_offset, file_size, tensors, {str(k): str(v) for k, v in metadata.items()})
+    # The data region must be covered exactly once, as the safetensors format requires: no holes that could hide
+    # data and no overlapping tensors (two names aliasing the same bytes).
+    cursor = 0
+    for name, info in sorted(tensors.items(), key=lambda kv: (kv[1].begin, kv[1].end)):
+        if info.begin != cursor:
+            what = "overlaps the previous tensor" if info.begin < cursor else f"leaves a hole at byte {cursor}"
+            raise ShardFileError(path, f"declares tensor {name!r} at byte {info.begin}, which {what}")
+        cursor = info.end
+    if cursor != data_size:
+        raise ShardFileError(
+            path, f"has {data_size - cursor} bytes after its last tensor (the data region must be fully indexed)"
+        )
+    return Header(path, data_offset, file_size, tensors, {str(k): str(v) for k, v in metadata.items()}, _identity(st))
 
 
 def _views(header: Header, buffer, base_offset: int) -> dict[str, torch.Tensor]:
@@ -167,8 +207,12 @@ def mmap_tensors(header: Header) -> dict[str, torch.Tensor]:
     """
     if header.file_size == 0:
         return {}
-    with open(header.path, "rb") as f:
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    try:
+        with open(header.path, "rb") as f:
+            header.check_unchanged(f.fileno())
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    except OSError as e:
+        raise ShardFileError(header.path, f"cannot be read: {e.strerror or e}") from e
     if len(mm) != header.file_size:
         raise ShardFileError(header.path, f"changed size while being opened ({len(mm)} != {header.file_size})")
     return _views(header, mm, header.data_offset)
@@ -183,18 +227,63 @@ def read_tensors_into(header: Header, buffer: torch.Tensor | None = None) -> dic
     if buffer is None or buffer.numel() < size:
         buffer = torch.empty(size, dtype=torch.uint8)
     target = memoryview(buffer.numpy()).cast("B")[:size]
-    with open(header.path, "rb", buffering=0) as f:
-        f.seek(header.data_offset)
-        done = 0
-        while done < size:
-            n = f.readinto(target[done:])
-            if not n:
-                raise ShardFileError(header.path, f"ended after {done} of {size} data bytes (truncated while reading)")
-            done += n
+    try:
+        with open(header.path, "rb", buffering=0) as f:
+            header.check_unchanged(f.fileno())
+            f.seek(header.data_offset)
+            done = 0
+            while done < size:
+                n = f.readinto(target[done:])
+                if not n:
+                    raise ShardFileError(
+                        header.path, f"ended after {done} of {size} data bytes (truncated while reading)"
+                    )
+                done += n
+    except OSError as e:  # removed, unreadable, I/O error
+        raise ShardFileError(header.path, f"cannot be read: {e.strerror or e}") from e
     return _views(header, buffer.numpy(), 0)
 
 
+_TAGS = {v: k for k, v in _DTYPES.items()}
+
+
+def serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytearray:
+    """A safetensors file as bytes, byte-for-byte deterministic (readable by `safetensors` and every other tool).
+
+    `safetensors.torch.save` writes `__metadata__` in hash-map order, which changes from one process to the next:
+    two splits of the same checkpoint would differ in their first bytes, and a resumed split would not be
+    byte-identical to an uninterrupted one. Here the metadata keys are sorted, tensors are ordered by decreasing
+    element size then name (so every tensor is aligned) and the header is padded to 8 bytes with spaces.
+    """
+    order = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(metadata[k]) for k in sorted(metadata)}
+    offset = 0
+    for name in order:
+        t = tensors[name]
+        if t.dtype not in _TAGS:
+            raise ValueError(f"Cannot store tensor {name!r} of dtype {t.dtype} in a safetensors file.")
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": _TAGS[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    out = bytearray(8 + len(raw) + offset)
+    out[:8] = struct.pack("<Q", len(raw))
+    out[8 : 8 + len(raw)] = raw
+    start = 8 + len(raw)
+    for name in order:
+        t = tensors[name].detach().to("cpu").contiguous()
+        nbytes = t.numel() * t.element_size()
+        if nbytes:
+            out[start : start + nbytes] = t.reshape(-1).view(torch.uint8).numpy().tobytes()
+        start += nbytes
+    return out
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 16 * 1024 * 1024) -> str:
+    """The SHA-256 of a whole file, read in chunks (hex)."""
     h = hashlib.sha256()
     with open(path, "rb", buffering=0) as f:
         buf = bytearray(chunk)
@@ -204,28 +293,92 @@ def sha256_file(path: str | os.PathLike, chunk: int = 16 * 1024 * 1024) -> str:
     return h.hexdigest()
 
 
+SAMPLE_BYTES = 64 * 1024
+
+
+def sample_digest_bytes(data: bytes | memoryview) -> str:
+    """[`sample_digest`] of bytes in memory (what the writer records)."""
+    data = memoryview(data).cast("B")
+    h = hashlib.sha256(len(data).to_bytes(8, "little"))
+    h.update(data[:SAMPLE_BYTES])
+    h.update(data[max(len(data) - SAMPLE_BYTES, SAMPLE_BYTES) :])
+    return h.hexdigest()
+
+
+def sample_digest(path: str | os.PathLike) -> str:
+    """A cheap content fingerprint: SHA-256 of the size, the first and the last 64 KiB of the file (hex).
+
+    Reads at most 128 KiB whatever the file size, so it runs at every load. It catches what a size check cannot: a
+    same-size file from another split or another layer, a zeroed or rewritten file start or end. Full integrity
+    needs [`sha256_file`] (`ShardDirectory.verify()` / `hf-layerstream verify`).
+    """
+    with open(path, "rb", buffering=0) as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(min(size, SAMPLE_BYTES))
+        tail_start = max(size - SAMPLE_BYTES, SAMPLE_BYTES)
+        f.seek(tail_start)
+        tail = f.read(size - tail_start) if size > tail_start else b""
+    h = hashlib.sha256(size.to_bytes(8, "little"))
+    h.update(head)
+    h.update(tail)
+    return h.hexdigest()
+
+
+# errnos a directory fsync may legitimately return on filesystems that do not support it
+_FSYNC_DIR_UNSUPPORTED = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF, errno.EISDIR, errno.EACCES}
+
+
 def fsync_dir(path: Path) -> None:
+    """Make a rename inside `path` durable. Real I/O errors (EIO, ENOSPC) are raised; "not supported" is ignored."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
         return
     try:
         os.fsync(fd)
-    except OSError:
-        pass
+    except OSError as e:
+        if e.errno not in _FSYNC_DIR_UNSUPPORTED:
+            raise
     finally:
         os.close(fd)
 
 
+TMP_MARKER = ".tmp-"
+_WRITE_CHUNK = 64 * 1024 * 1024
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    """Write every byte of `data` to `fd` (short writes retried; chunked so a huge unit needs no second copy)."""
+    done = 0
+    while done < len(data):
+        n = os.write(fd, data[done : done + _WRITE_CHUNK])
+        if n <= 0:  # pragma: no cover - os.write raises instead
+            raise OSError(errno.EIO, f"write returned {n}")
+        done += n
+
+
+def tmp_path_for(path: Path) -> Path:
+    """The temporary name `atomic_write_bytes` writes `path` under (hidden, per process)."""
+    return path.with_name(f".{path.name}{TMP_MARKER}{os.getpid()}")
+
+
 def atomic_write_bytes(path: Path, data: bytes | memoryview) -> None:
-    """Write `data` to `path` so that `path` is either absent/old or complete: temp file, fsync, rename, fsync dir."""
+    """Write `data` to `path` so that `path` is either absent/old or complete: temp file, fsync, rename, fsync dir.
+
+    On any error (ENOSPC, EIO, a signal) the temporary file is removed and `path` is left as it was, so no file
+    that looks complete but is not can appear under its final name. A process killed with SIGKILL may leave the
+    hidden temporary file behind; [`remove_stale_tmp_files`] clears those (the split does, under its lock).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = tmp_path_for(path)
+    view = memoryview(data).cast("B")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            _write_all(fd, view)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -234,3 +387,16 @@ def atomic_write_bytes(path: Path, data: bytes | memoryview) -> None:
             pass
         raise
     fsync_dir(path.parent)
+
+
+def remove_stale_tmp_files(directory: Path) -> list[Path]:
+    """Delete temporary files left by an `atomic_write_bytes` that was killed; only call this under the lock."""
+    removed = []
+    for sub in (directory, directory / "layers"):
+        if not sub.is_dir():
+            continue
+        for p in sub.iterdir():
+            if p.name.startswith(".") and TMP_MARKER in p.name and p.is_file() and not p.is_symlink():
+                p.unlink()
+                removed.append(p)
+    return removed

@@ -81,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-assistant-tokens", type=int, default=8, help="tokens the draft proposes per sweep")
     p.add_argument("--prompt-lookup", type=int, default=None, metavar="N", help="prompt-lookup decoding with N tokens")
     p.add_argument("--profile", action="store_true", help="print per-layer timings after generating")
+    p.add_argument("--verify", action="store_true", help="check every shard file's checksum before loading")
     _add_runtime_args(p)
 
     p = sub.add_parser("demo", help="the whole pipeline on a built-in random-weight Llama-shaped model (no download)")
@@ -157,7 +158,9 @@ def _cmd_split(args) -> int:
     return 0
 
 
-def load_streamed_model(shard_dir, *, device=None, dtype=None, max_memory=None, prefetch=None, profile=False):
+def load_streamed_model(
+    shard_dir, *, device=None, dtype=None, max_memory=None, prefetch=None, profile=False, verify=False
+):
     """Build the model of a shard directory on meta and enable streaming (what `generate` and `bench` use)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -171,7 +174,8 @@ def load_streamed_model(shard_dir, *, device=None, dtype=None, max_memory=None, 
         model = AutoModelForCausalLM.from_config(config)
     model.eval()
     return enable_layer_streaming(
-        model, shard_dir, device=device, dtype=dtype, max_memory=max_memory, prefetch=prefetch, profile=profile
+        model, shard_dir, device=device, dtype=dtype, max_memory=max_memory, prefetch=prefetch, profile=profile,
+        verify=verify,
     )
 
 
@@ -188,6 +192,7 @@ def _cmd_generate(args) -> int:
         max_memory=_max_memory(args.max_memory),
         prefetch=args.prefetch,
         profile=args.profile,
+        verify=args.verify,
     )
     tok = AutoTokenizer.from_pretrained(args.tokenizer or args.shard_dir)
     gen_kwargs = {"max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample}

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ._safetensors import Header, read_header, sha256_file, str_to_dtype
+from ._safetensors import Header, read_header, sample_digest, sha256_file, str_to_dtype
 from .errors import ShardDirError, ShardFileError
 from .modeling import RESIDENT, layer_unit
 
@@ -63,6 +63,7 @@ class UnitEntry:
     size: int
     sha256: str
     tensors: dict[str, TensorEntry]
+    sample_sha256: str | None = None  # `sample_digest` of the file: checked at every load (absent in old manifests)
 
     @property
     def logical_nbytes(self) -> int:
@@ -76,19 +77,38 @@ class UnitEntry:
         return total
 
     def to_json(self) -> dict:
-        return {
+        d = {
             "name": self.name,
             "file": self.file,
             "size": self.size,
             "sha256": self.sha256,
-            "tensors": {k: v.to_json() for k, v in self.tensors.items()},
         }
+        if self.sample_sha256 is not None:
+            d["sample_sha256"] = self.sample_sha256
+        d["tensors"] = {k: v.to_json() for k, v in self.tensors.items()}
+        return d
 
     @classmethod
     def from_json(cls, d: dict) -> UnitEntry:
-        return cls(
-            d["name"], d["file"], int(d["size"]), d["sha256"], {k: TensorEntry.from_json(v) for k, v in d["tensors"].items()}
-        )
+        if not isinstance(d, dict):
+            raise TypeError(f"a unit entry must be an object, got {type(d).__name__}")
+        name, file, size, sha = d["name"], d["file"], d["size"], d["sha256"]
+        sample = d.get("sample_sha256")
+        if not isinstance(name, str) or not isinstance(file, str):
+            raise TypeError(f"unit `name` and `file` must be strings, got {name!r} and {file!r}")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise ValueError(f"unit {name!r} has an invalid size {size!r}")
+        for digest in (sha, sample):
+            if digest is not None and not _is_sha256(digest):
+                raise ValueError(f"unit {name!r} has an invalid SHA-256 {digest!r}")
+        tensors = d["tensors"]
+        if not isinstance(tensors, dict):
+            raise TypeError(f"unit {name!r} has `tensors` that is not an object")
+        return cls(name, file, size, sha, {str(k): TensorEntry.from_json(v) for k, v in tensors.items()}, sample)
+
+
+def _is_sha256(value) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
 
 @dataclass
@@ -103,6 +123,7 @@ class Manifest:
     compression: dict[str, Any] | None
     units: dict[str, UnitEntry] = field(default_factory=dict)
     library_version: str = ""
+    split_options: str | None = None  # digest of what the files depend on (model, source, dtype, compression)
 
     def to_json(self) -> dict:
         return {
@@ -118,11 +139,19 @@ class Manifest:
             "dtype": self.dtype,
             "compression": self.compression,
             "units": [u.to_json() for u in self.units.values()],
+            **({"split_options": self.split_options} if self.split_options is not None else {}),
         }
 
     @classmethod
     def from_json(cls, d: dict) -> Manifest:
+        if not isinstance(d["units"], list):
+            raise TypeError("`units` must be a list")
+        num_layers = d["num_layers"]
+        if not isinstance(num_layers, int) or isinstance(num_layers, bool) or not 0 < num_layers < len(d["units"]):
+            raise ValueError(f"`num_layers` {num_layers!r} does not fit the {len(d['units'])} units listed")
         units = [UnitEntry.from_json(u) for u in d["units"]]
+        if len({u.name for u in units}) != len(units):
+            raise ValueError("a unit is listed twice")
         return cls(
             source=d.get("source") or {},
             model_type=d.get("model_type"),
@@ -134,19 +163,23 @@ class Manifest:
             compression=d.get("compression"),
             units={u.name: u for u in units},
             library_version=d.get("library_version", ""),
+            split_options=d.get("split_options"),
         )
 
 
 def _inside(root: Path, rel: str, manifest_path: Path) -> Path:
-    """Resolve `rel` inside `root`, refusing absolute paths, `..` and symlinks that leave the directory."""
-    if not isinstance(rel, str) or not rel or os.path.isabs(rel) or ".." in Path(rel).parts:
+    """Resolve `rel` inside `root`, refusing absolute paths, `..`, symlink loops and symlinks that leave the directory."""
+    if not isinstance(rel, str) or not rel or "\x00" in rel or os.path.isabs(rel) or ".." in Path(rel).parts:
         raise ShardFileError(manifest_path, f"names the path {rel!r}, which is not a relative path inside the directory")
     path = root / rel
     try:
         resolved = path.resolve(strict=False)
-    except (OSError, RuntimeError) as e:  # symlink loop
-        raise ShardFileError(path, f"cannot be resolved ({e})") from e
-    if not resolved.is_relative_to(root.resolve()):
+        root_resolved = root.resolve(strict=True)
+    except (OSError, RuntimeError) as e:  # symlink loop (RuntimeError before Python 3.13, OSError ELOOP after)
+        raise ShardFileError(path, f"cannot be resolved: a symlink loop or an unreadable path ({e})") from e
+    if os.path.islink(path) and not os.path.exists(path):
+        raise ShardFileError(path, "is a dangling symlink or a symlink loop")
+    if not resolved.is_relative_to(root_resolved):
         raise ShardFileError(manifest_path, f"names {rel!r}, which resolves outside the directory to {resolved}")
     return path
 
@@ -154,20 +187,39 @@ def _inside(root: Path, rel: str, manifest_path: Path) -> Path:
 class ShardDirectory:
     """A validated shard directory (read-only: opening it never writes).
 
-    Opening checks the manifest and, cheaply, that every file exists with the recorded size and a header that
-    matches the manifest; `verify(checksums=True)` also hashes every file.
+    Opening checks the manifest and, cheaply, that every file exists with the recorded size, a header that matches
+    the manifest (tensor names, shapes, dtypes, offsets inside the file) and the recorded sample digest (the first
+    and last 64 KiB: a file from another split or another layer is caught). `checksums=True` also hashes every
+    file in full at open; [`~ShardDirectory.verify`] lists every problem instead of raising at the first.
+
+    Args:
+        path (`str` or `os.PathLike`):
+            The shard directory made by [`split_checkpoint`].
+        check_files (`bool`, defaults to `True`):
+            Check every file's size, header and sample digest at open (reads a few KiB per file).
+        checksums (`bool`, defaults to `False`):
+            Also compare every file's full SHA-256 with the manifest at open (reads the whole directory once).
+
+    Raises:
+        `FileNotFoundError`: `path` does not exist.
+        [`ShardDirError`] / [`ShardFileError`]: the directory or one of its files is not sound; the message names
+            the file, the problem and the fix.
     """
 
-    def __init__(self, path: str | os.PathLike, *, check_files: bool = True):
+    def __init__(self, path: str | os.PathLike, *, check_files: bool = True, checksums: bool = False):
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"`shard_dir` must be a str or os.PathLike, got {type(path).__name__}.")
         self.path = Path(path)
         fix = "create it with `split_checkpoint(source, shard_dir)` or `hf-layerstream split SOURCE SHARD_DIR`"
         if not self.path.exists():
+            if os.path.islink(self.path):
+                raise ShardDirError(f"`shard_dir` {self.path} is a dangling symlink or a symlink loop; {fix}.")
             raise FileNotFoundError(f"`shard_dir` {self.path} does not exist; {fix}.")
         if not self.path.is_dir():
             raise ShardDirError(f"`shard_dir` {self.path} is not a directory; {fix}.")
         manifest_path = self.path / MANIFEST_NAME
+        if os.path.lexists(manifest_path):
+            manifest_path = _inside(self.path, MANIFEST_NAME, manifest_path)
         if not manifest_path.is_file():
             partial = (self.path / ".progress.json").exists()
             hint = " It holds an unfinished split: run the same split again to finish it." if partial else ""
@@ -195,10 +247,25 @@ class ShardDirectory:
             extra = sorted(set(self.manifest.units) - expected)
             raise ShardFileError(manifest_path, f"lists the wrong units (missing {missing[:5]}, unexpected {extra[:5]})")
         self.files: dict[str, Path] = {u: _inside(self.path, e.file, manifest_path) for u, e in self.manifest.units.items()}
+        seen: dict[Path, str] = {}
+        for unit, file in self.files.items():
+            key = file.resolve()
+            if key in seen:
+                raise ShardFileError(manifest_path, f"names the same file {file} for units {seen[key]!r} and {unit!r}")
+            seen[key] = unit
         self._headers: dict[str, Header] = {}
         if check_files:
             for unit in self.manifest.units:
                 self.header(unit)
+        if checksums:
+            problems = self._checksum_problems()
+            if problems:
+                raise ShardDirError(
+                    f"`shard_dir` {self.path}: {len(problems)} file(s) do not match their manifest checksum: "
+                    + "; ".join(problems[:3])
+                    + ". Run `hf-layerstream verify` for the full list and re-run the same `split_checkpoint` to "
+                    "repair the directory."
+                )
 
     # ---------------------------------------------------------------------------------------------------------
     @property
@@ -219,34 +286,86 @@ class ShardDirectory:
         entry = self.manifest.units[unit]
         path = self.files[unit]
         if not path.is_file():
-            raise ShardFileError(path, "is missing")
+            what = "is a dangling symlink" if os.path.islink(path) else "is missing" if not path.exists() else "is not a file"
+            raise ShardFileError(path, f"{what} (the manifest records unit {unit!r} there)")
         header = read_header(path, expected_size=entry.size)
         stored = _stored_layout(entry)
-        if set(header.tensors) != set(stored):
-            diff = sorted(set(header.tensors) ^ set(stored))
-            raise ShardFileError(path, f"holds different tensors than the manifest records (e.g. {diff[:3]})")
+        problems = []
+        missing = sorted(set(stored) - set(header.tensors))
+        extra = sorted(set(header.tensors) - set(stored))
+        if missing:
+            problems.append(f"lacks {len(missing)} tensor(s) the manifest records (e.g. {missing[:3]})")
+        if extra:
+            problems.append(f"holds {len(extra)} tensor(s) the manifest does not record (e.g. {extra[:3]})")
         for name, (shape, dtype) in stored.items():
-            info = header.tensors[name]
-            if shape is not None and (info.shape != shape or info.dtype != dtype):
+            info = header.tensors.get(name)
+            if info is not None and shape is not None and (info.shape != shape or info.dtype != dtype):
+                problems.append(
+                    f"stores {name!r} as {list(info.shape)} {dtype_name(info.dtype)} but the manifest records "
+                    f"{list(shape)} {dtype_name(dtype)}"
+                )
+        tagged = header.metadata.get("unit")
+        if tagged is not None and tagged != unit:
+            problems.append(f"holds unit {tagged!r}, not {unit!r} (a file moved or copied from another place)")
+        if problems:
+            raise ShardFileError(path, "; ".join(problems))
+        if entry.sample_sha256 is not None:
+            try:
+                sample = sample_digest(path)
+            except OSError as e:
+                raise ShardFileError(path, f"cannot be read: {e.strerror or e}") from e
+            if sample != entry.sample_sha256:
                 raise ShardFileError(
                     path,
-                    f"stores {name!r} as {list(info.shape)} {info.dtype} but the manifest records {list(shape)} {dtype}",
+                    "has the recorded size and header but other content than the manifest records (a file from "
+                    "another split or another model, or corrupted)",
                 )
         self._headers[unit] = header
         return header
 
-    def verify(self, *, checksums: bool = True) -> list[str]:
-        """Check every file against the manifest; return a list of problems (empty when the directory is sound)."""
+    def _checksum_problems(self, units=None) -> list[str]:
         problems = []
-        for unit, entry in self.manifest.units.items():
+        for unit in units if units is not None else self.manifest.units:
+            path = self.files[unit]
+            try:
+                digest = sha256_file(path)
+            except OSError as e:
+                problems.append(f"{path} cannot be read: {e.strerror or e}")
+                continue
+            if digest != self.manifest.units[unit].sha256:
+                problems.append(f"{path} does not match its SHA-256 in the manifest (corrupted or replaced)")
+        return problems
+
+    def verify(self, *, checksums: bool = True) -> list[str]:
+        """Check every file against the manifest and return every problem found (empty when the directory is sound).
+
+        Checks each file's existence, size, safetensors header (offsets inside the file), tensor names, shapes and
+        dtypes, the unit tag and the sample digest, and with `checksums=True` (the default) its full SHA-256. Files
+        that pass the cheap checks are hashed; a file that fails them is reported once. Never writes.
+
+        Args:
+            checksums (`bool`, defaults to `True`):
+                Hash every file in full (reads the whole directory).
+
+        Returns:
+            `list[str]`: one message per damaged file, naming the file and the problem.
+        """
+        problems = []
+        sound = []
+        for unit in self.manifest.units:
             self._headers.pop(unit, None)
             try:
                 self.header(unit)
-                if checksums and sha256_file(self.files[unit]) != entry.sha256:
-                    problems.append(f"{self.files[unit]}: checksum does not match the manifest (corrupted)")
+                sound.append(unit)
             except ShardDirError as e:
                 problems.append(str(e))
+        if checksums:
+            problems.extend(self._checksum_problems(sound))
         return problems
+
+
+def dtype_name(dtype: torch.dtype | None) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _stored_layout(entry: UnitEntry) -> dict[str, tuple[tuple[int, ...] | None, torch.dtype | None]]:

@@ -23,6 +23,7 @@ from ._safetensors import (
     remove_stale_tmp_files,
     sample_digest,
     sample_digest_bytes,
+    serialize,
     sha256_file,
     str_to_dtype,
 )
@@ -753,7 +754,6 @@ def _write_unit(
     split_digest: str | None = None,
 ) -> UnitEntry:
     """Serialize one unit and write it atomically; the file carries its own unit record (see `_adopt_unit_file`)."""
-    from safetensors.torch import save
 
     index = unit_index(unit)
     rel = RESIDENT_FILE if index is None else layer_file(index)
@@ -774,7 +774,7 @@ def _write_unit(
     if split_digest is not None:
         metadata["hf_layerstream.split"] = split_digest
         metadata["hf_layerstream.tensors"] = json.dumps({k: v.to_json() for k, v in entries.items()}, sort_keys=True)
-    data = save(stored, metadata=metadata)
+    data = serialize(stored, metadata)
     path = shard_dir / rel
     atomic_write_bytes(path, data)
     import hashlib

@@ -106,6 +106,7 @@ def enable_layer_streaming(
     max_memory: dict | None = None,
     prefetch: int | None = None,
     profile: bool = False,
+    verify: bool = False,
 ) -> nn.Module:
     """Stream a model's decoder layers from a shard directory, in place; returns the same model.
 
@@ -131,6 +132,9 @@ def enable_layer_streaming(
             How many streamed layers are read ahead of the compute (default 2).
         profile (`bool`, defaults to `False`):
             Record per-layer timings; see [`get_streaming_state`]`(model).profile`.
+        verify (`bool`, defaults to `False`):
+            Hash every shard file in full and compare with the manifest before loading. Sizes, headers and a
+            sample digest of every file are always checked.
 
     Returns:
         The same `model`, ready to run.
@@ -160,7 +164,7 @@ def enable_layer_streaming(
         prefetch = DEFAULT_PREFETCH
     if not isinstance(prefetch, int) or isinstance(prefetch, bool) or prefetch < 0:
         raise ValueError(f"`prefetch` must be a non-negative int, got {prefetch!r}.")
-    shards = ShardDirectory(shard_dir)
+    shards = ShardDirectory(shard_dir, checksums=verify)
     stack = find_layer_stack(model)
     if stack is None:
         raise ValueError(

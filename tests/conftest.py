@@ -71,4 +71,4 @@ def streamed_model(checkpoint: Path, shards: Path, *, meta_device: bool = False,
 
     config = AutoConfig.from_pretrained(checkpoint)
     model = build_meta_model(config, meta_device=meta_device, dtype=dtype)
-    return enable_layer_streaming(model, shards, device="cpu", **kwargs)
+    return enable_layer_streaming(model, shards, device="cpu", dtype=dtype, **kwargs)

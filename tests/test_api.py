@@ -344,3 +344,17 @@ def test_layer_weights_are_released_after_forward(checkpoints):
     assert seen == ["cpu"]  # present during the forward pass
     assert layer.mlp.up_proj.weight.is_meta  # released afterwards
     assert repr(layer._hf_hook).startswith("LayerStreamingHook(layer=1, tier=disk")
+
+
+def test_verify_option_checks_full_checksums_before_any_hook(checkpoints, tmp_path):
+    _, shards = checkpoints("llama")
+    copy = tmp_path / "copy"
+    shutil.copytree(shards, copy)
+    victim = copy / "layers" / "00001.safetensors"
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0x01  # same size, outside the sampled head and tail: only a full hash sees it
+    victim.write_bytes(bytes(data))
+    model = _llama_model()
+    with pytest.raises(ShardDirError, match=r"00001.safetensors does not match its SHA-256"):
+        enable_layer_streaming(model, copy, verify=True)
+    assert _untouched(model)

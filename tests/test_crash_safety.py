@@ -1,0 +1,545 @@
+"""Crash safety of `split_checkpoint` and of the loader: SIGKILL, full disks, I/O errors, two writers at once.
+
+The invariant behind every test: whatever happened, running the same split again completes it, re-reads from the
+source only the units that are still missing, and gives a directory byte-identical to an uninterrupted split,
+whose streamed logits equal `from_pretrained`'s exactly (fp32, `torch.equal`). The source is never modified.
+
+Kills are real: the split runs in a separate process (forked from a helper `python -c` interpreter that imported
+torch and transformers once, so each kill costs milliseconds, not an import) with a slowed-down writer, and the
+test sends it SIGKILL after a random delay. Run the long campaign with `pytest -m slow tests/test_crash_safety.py`.
+"""
+
+from __future__ import annotations
+
+import builtins
+import errno
+import hashlib
+import json
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import _models
+import pytest
+import torch
+from conftest import streamed_model
+
+from hf_layerstream import LayerLoadError, ShardDirectory, ShardDirError, disable_layer_streaming, split_checkpoint
+from hf_layerstream import _safetensors as st_mod
+from hf_layerstream import split as split_mod
+
+logger = logging.getLogger(__name__)
+
+STREAM_ALL = {"max_memory": {"cpu": 0}, "prefetch": 1}  # every layer read from disk at every forward
+IDS = torch.tensor([[1, 20, 30, 40, 50, 60, 7]])
+LEDGER: dict[str, int] = {"kills_attempted": 0, "kills_landed": 0, "kills_survived": 0, "faults_injected": 0,
+                          "faults_survived": 0, "data_lost": 0}
+
+# --- helpers -------------------------------------------------------------------------------------------------------
+
+
+def tree(path: Path) -> dict[str, bytes]:
+    """Relative path -> content of every file under `path` (symlinks not followed)."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def tree_digest(path: Path) -> dict[str, str]:
+    return {k: hashlib.sha256(v).hexdigest() for k, v in tree(path).items()}
+
+
+def assert_same_tree(got: Path, expected: Path) -> None:
+    a, b = tree(got), tree(expected)
+    assert sorted(a) == sorted(b), f"files differ: {sorted(set(a) ^ set(b))}"
+    different = [k for k in a if a[k] != b[k]]
+    assert not different, f"contents differ: {different}"
+
+
+def no_partial_files(shards: Path, *, killed: bool = False) -> None:
+    """Every file under its final name is complete: unit files parse and match any record of them.
+
+    A SIGKILLed writer cannot clean up: it may leave a hidden `.<name>.tmp-<pid>` file (never taken for a unit; the
+    next split removes it). Any other failure must leave none.
+    """
+    names = [p.name for p in shards.rglob("*")]
+    tmp = [n for n in names if st_mod.TMP_MARKER in n]
+    assert not tmp or (killed and all(n.startswith(".") for n in tmp)), names
+    recorded = {}
+    progress = shards / split_mod.PROGRESS_NAME
+    if progress.exists():
+        recorded = {u["file"]: u for u in json.loads(progress.read_text())["units"]}
+    for p in [shards / "resident.safetensors", *sorted((shards / "layers").glob("*.safetensors"))]:
+        if p.exists():
+            header = st_mod.read_header(p)  # complete: offsets fit the file
+            entry = recorded.get(str(p.relative_to(shards)))
+            if entry is not None:
+                assert entry["size"] == header.file_size
+                assert entry["sha256"] == hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+class CountingLoads:
+    """Counts source tensor loads (`_Source.load`) and attributes them to the unit written next."""
+
+    def __init__(self, monkeypatch):
+        self.keys: list[str] = []
+        self.by_unit: dict[str, list[str]] = {}
+        real_load, real_write = split_mod._Source.load, split_mod._write_unit
+        pending: list[str] = []
+
+        def load(src, key):
+            self.keys.append(key)
+            pending.append(key)
+            return real_load(src, key)
+
+        def write(shard_dir, unit, *args, **kwargs):
+            self.by_unit[unit] = list(pending)
+            pending.clear()
+            return real_write(shard_dir, unit, *args, **kwargs)
+
+        monkeypatch.setattr(split_mod._Source, "load", load)
+        monkeypatch.setattr(split_mod, "_write_unit", write)
+
+
+@pytest.fixture(scope="module")
+def llama(server, tmp_path_factory):
+    """A 4-layer fp32 llama checkpoint, its uninterrupted split, the source keys of each unit, the reference model."""
+    root = tmp_path_factory.mktemp("crash")
+    ckpt = _models.save_tiny_checkpoint("llama", root / "ckpt", num_hidden_layers=4)
+    mp = pytest.MonkeyPatch()
+    counter = CountingLoads(mp)
+    try:
+        reference = split_checkpoint(ckpt, root / "reference", progress=False)
+    finally:
+        mp.undo()
+    ref_model = _models.load_reference(ckpt)
+    with torch.no_grad():
+        logits = ref_model(IDS).logits
+    server.warm(ckpt, root / "warm")
+    return {"ckpt": ckpt, "reference": reference, "keys_by_unit": counter.by_unit, "logits": logits,
+            "source_digest": tree_digest(ckpt)}
+
+
+def check_exact(llama, shards: Path) -> None:
+    """The directory is byte-identical to the uninterrupted split and streams the reference logits exactly."""
+    assert_same_tree(shards, llama["reference"])
+    assert ShardDirectory(shards).verify() == []
+    model = streamed_model(llama["ckpt"], shards, **STREAM_ALL)
+    try:
+        with torch.no_grad():
+            got = model(IDS).logits
+    finally:
+        disable_layer_streaming(model)  # stops the loader thread
+    assert got.dtype == torch.float32 and torch.equal(got, llama["logits"])
+    assert tree_digest(llama["ckpt"]) == llama["source_digest"], "the source checkpoint was modified"
+
+
+def final_unit_files(shards: Path) -> set[str]:
+    units = set()
+    if (shards / "resident.safetensors").exists():
+        units.add("resident")
+    for p in (shards / "layers").glob("*.safetensors") if (shards / "layers").is_dir() else ():
+        units.add(f"layers.{int(p.stem)}")
+    return units
+
+
+def resume_and_check(llama, shards: Path, monkeypatch, *, damaged: tuple[str, ...] = ()) -> list[str]:
+    """Run the split again in-process; assert it reads from the source exactly the units still missing (or damaged)."""
+    present = final_unit_files(shards) - set(damaged)
+    finished = (shards / "manifest.json").exists() and not damaged
+    with monkeypatch.context() as m:
+        counter = CountingLoads(m)
+        split_checkpoint(llama["ckpt"], shards, progress=False)
+    expected = [] if finished else sorted(k for u, keys in llama["keys_by_unit"].items() if u not in present for k in keys)
+    assert sorted(counter.keys) == expected, "the resumed split re-read tensors it had already written"
+    check_exact(llama, shards)
+    return counter.keys
+
+
+# --- the fork server: a python -c interpreter that imported everything once and forks one child per split ---------
+
+_SERVER = r"""
+import json, os, sys, time, traceback
+sys.path[:0] = json.loads(sys.argv[1])
+import torch
+torch.set_num_threads(1)  # before any op: no OpenMP pool in the process that forks
+from hf_layerstream import split_checkpoint, _safetensors
+print("ready", flush=True)
+for line in sys.stdin:
+    command, _, arg = line.partition(" ")
+    if command == "warm":  # one split here first: transformers' lazy imports then happen once, not in every child
+        split_checkpoint(*json.loads(arg), progress=False)
+        print(0, flush=True)
+        continue
+    if command == "reap":  # reap only when told: until then the pid cannot be reused, so a late kill hits nothing
+        _, status = os.waitpid(int(arg), 0)
+        print(status, flush=True)
+        continue
+    job = json.loads(arg)
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            sys.stdin.close()
+            slow, real_write_all, real_fsync = job["slow"], _safetensors._write_all, os.fsync
+            def slow_write_all(fd, data):  # a slow disk: each file written in 4 pieces, then a slow fsync
+                step = max(1, len(data) // 4)
+                for i in range(0, len(data), step):
+                    real_write_all(fd, data[i : i + step])
+                    time.sleep(slow)
+            def slow_fsync(fd):
+                time.sleep(slow)
+                return real_fsync(fd)
+            _safetensors._write_all = slow_write_all
+            os.fsync = slow_fsync
+            split_checkpoint(job["source"], job["shards"], progress=False, wait=job.get("wait", False))
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        finally:
+            os._exit(code)
+    print(pid, flush=True)
+"""
+
+
+class ForkServer:
+    def __init__(self):
+        paths = [str(Path(__file__).parent), str(Path(__file__).parent.parent)]
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _SERVER, json.dumps(paths)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
+        self.ready = False  # imports run in the background while the test prepares its checkpoints
+
+    def _command(self, line: str) -> int:
+        if not self.ready:
+            ready = self.proc.stdout.readline().strip()
+            if ready != "ready":
+                raise RuntimeError(f"fork server failed to start: {ready!r}")
+            self.ready = True
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        return int(self.proc.stdout.readline())
+
+    def warm(self, source: Path, shards: Path) -> None:
+        self._command("warm " + json.dumps([str(source), str(shards)]))
+
+    def start(self, source: Path, shards: Path, *, slow: float, wait: bool = False) -> int:
+        job = {"source": str(source), "shards": str(shards), "slow": slow, "wait": wait}
+        return self._command("start " + json.dumps(job))
+
+    def finish(self, pid: int, *, kill_after: float | None = None, timeout: float = 120) -> int:
+        """Optionally SIGKILL child `pid` after `kill_after` seconds; return its wait status once it is gone."""
+        if kill_after is not None:
+            time.sleep(kill_after)
+            os.kill(pid, signal.SIGKILL)  # our own child (not reaped yet: a zombie at worst, never another process)
+        deadline = time.monotonic() + timeout
+        while Path(f"/proc/{pid}").exists() and _state(pid) != "Z":
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                raise TimeoutError(f"split child {pid} hung")
+            time.sleep(0.01)
+        return self._command(f"reap {pid}")
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "X"
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = ForkServer()
+    yield s
+    s.close()
+
+
+SLOW = 0.004  # seconds per piece written and per fsync: a full split of the 4-layer model then takes ~0.6 s
+
+
+@pytest.fixture(scope="module")
+def split_duration(server, llama, tmp_path_factory):
+    """How long an uninterrupted, slowed-down split takes in a child: the range the random kill delays cover."""
+    target = tmp_path_factory.mktemp("calibrate") / "shards"
+    t0 = time.monotonic()
+    status = server.finish(server.start(llama["ckpt"], target, slow=SLOW))
+    duration = time.monotonic() - t0
+    logger.info("a slowed-down split takes %.2f s in a child", duration)
+    assert status == 0
+    assert_same_tree(target, llama["reference"])
+    return duration
+
+
+def kill_campaign(server, llama, root: Path, monkeypatch, *, kills: int, seed: int, duration: float) -> None:
+    """`kills` scenarios: kill a split 1-3 times at random moments, then resume it and check the result."""
+    rng = random.Random(seed)
+    for n in range(kills):
+        shards = root / f"run{n}"
+        for _ in range(rng.randint(1, 3)):
+            delay = rng.uniform(0, duration * 1.05)
+            pid = server.start(llama["ckpt"], shards, slow=SLOW)
+            status = server.finish(pid, kill_after=delay)
+            LEDGER["kills_attempted"] += 1
+            if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL:
+                LEDGER["kills_landed"] += 1
+            else:
+                assert status == 0, f"the split child failed on its own (status {status})"
+            if shards.exists():
+                no_partial_files(shards, killed=True)
+                if not (shards / "manifest.json").exists():
+                    with pytest.raises(ShardDirError):
+                        ShardDirectory(shards)  # an unfinished split never looks like a valid directory
+        try:
+            resume_and_check(llama, shards, monkeypatch)
+        except AssertionError:
+            LEDGER["data_lost"] += 1
+            raise
+        LEDGER["kills_survived"] += 1
+    print(
+        f"\nkill campaign (seed {seed}): {kills} scenarios, kills landed {LEDGER['kills_landed']} / attempted "
+        f"{LEDGER['kills_attempted']}, scenarios resumed exactly {LEDGER['kills_survived']}, data lost {LEDGER['data_lost']}"
+    )
+
+
+# --- kills -----------------------------------------------------------------------------------------------------------
+
+
+def test_sigkill_at_random_moments_then_resume(server, llama, split_duration, tmp_path, monkeypatch):
+    kill_campaign(server, llama, tmp_path, monkeypatch, kills=4, seed=1234, duration=split_duration)
+
+
+@pytest.mark.slow
+def test_sigkill_campaign(server, llama, split_duration, tmp_path, monkeypatch):
+    seed = int(os.environ.get("HF_LAYERSTREAM_KILL_SEED", "20240611"))
+    kill_campaign(server, llama, tmp_path, monkeypatch, kills=24, seed=seed, duration=split_duration)
+
+
+def test_two_splits_into_one_directory(server, llama, split_duration, tmp_path):
+    shards = tmp_path / "shards"
+    first = server.start(llama["ckpt"], shards, slow=SLOW * 3)
+    deadline = time.monotonic() + 60
+    # the first split holds the lock once it writes anything
+    while not any(st_mod.TMP_MARKER in p.name or p.name == ".progress.json" for p in shards.rglob("*") if shards.exists()):
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    with pytest.raises(ShardDirError, match=r"Another process is splitting into .*wait=True"):
+        split_checkpoint(llama["ckpt"], shards, progress=False)
+    second = server.start(llama["ckpt"], shards, slow=SLOW, wait=True)  # another process, waiting its turn
+    t0 = time.monotonic()
+    split_checkpoint(llama["ckpt"], shards, progress=False, wait=True)  # blocks until the first is done
+    assert (shards / "manifest.json").exists() and time.monotonic() - t0 > 0.05
+    assert server.finish(first) == 0 and server.finish(second) == 0
+    check_exact(llama, shards)
+
+
+# --- full disk, I/O errors ----------------------------------------------------------------------------------------
+
+
+def _fail_on(monkeypatch, what: str, when: str, err: int):
+    """Make the `what` step ("write", "fsync", "replace", "fsync_dir") of the write of a file named `when` fail."""
+    real = {"write": st_mod._write_all, "fsync": os.fsync, "replace": os.replace, "fsync_dir": os.fsync}
+    state = {"current": None, "fired": False}
+    real_atomic = st_mod.atomic_write_bytes
+
+    def atomic(path, data):
+        state["current"] = Path(path).name
+        try:
+            return real_atomic(path, data)
+        finally:
+            state["current"] = None
+
+    def should_fire():
+        if state["current"] == when and not state["fired"]:
+            state["fired"] = True
+            return True
+        return False
+
+    def write_all(fd, data):
+        if should_fire():
+            real["write"](fd, data[: len(data) // 2])  # half of it made it to disk
+            raise OSError(err, os.strerror(err))
+        return real["write"](fd, data)
+
+    fsync_calls = {"n": 0}
+
+    def fsync(fd):
+        if what == "fsync" and should_fire():
+            raise OSError(err, os.strerror(err))
+        if what == "fsync_dir" and state["current"] == when and os.path.isdir(f"/proc/self/fd/{fd}"):
+            if should_fire():
+                raise OSError(err, os.strerror(err))
+        fsync_calls["n"] += 1
+        return real["fsync"](fd)
+
+    def replace(a, b):
+        if should_fire():
+            raise OSError(err, os.strerror(err))
+        return real["replace"](a, b)
+
+    monkeypatch.setattr(split_mod, "atomic_write_bytes", atomic)
+    if what == "write":
+        monkeypatch.setattr(st_mod, "_write_all", write_all)
+    elif what in ("fsync", "fsync_dir"):
+        monkeypatch.setattr(os, "fsync", fsync)
+    elif what == "replace":
+        monkeypatch.setattr(os, "replace", replace)
+    return state
+
+
+@pytest.mark.parametrize(
+    "what, when, err",
+    [
+        ("write", "00001.safetensors", errno.ENOSPC),
+        ("write", "resident.safetensors", errno.ENOSPC),
+        ("write", ".progress.json", errno.ENOSPC),
+        ("write", "manifest.json", errno.ENOSPC),
+        ("fsync", "00002.safetensors", errno.EIO),
+        ("replace", "00000.safetensors", errno.EIO),
+        ("fsync_dir", "00003.safetensors", errno.EIO),
+        ("write", "config.json", errno.EIO),
+    ],
+)
+def test_disk_full_or_io_error_mid_split_then_rerun(llama, tmp_path, monkeypatch, what, when, err):
+    shards = tmp_path / "shards"
+    LEDGER["faults_injected"] += 1
+    with monkeypatch.context() as m:
+        state = _fail_on(m, what, when, err)
+        with pytest.raises(OSError) as info:
+            split_checkpoint(llama["ckpt"], shards, progress=False)
+    assert state["fired"] and info.value.errno == err
+    if when.endswith(".safetensors") and what != "fsync_dir":
+        assert "run the same split again" in str(info.value)  # names the cause and the fix
+    no_partial_files(shards)
+    assert not (shards / "manifest.json").exists()
+    # an interrupted directory never looks valid, and says how to finish it once it recorded anything
+    unfinished = "unfinished split" if (shards / split_mod.PROGRESS_NAME).exists() else "has no manifest.json"
+    with pytest.raises(ShardDirError, match=unfinished):
+        ShardDirectory(shards)
+    resume_and_check(llama, shards, monkeypatch)
+    LEDGER["faults_survived"] += 1
+
+
+def test_disk_space_preflight_refuses_before_writing(llama, tmp_path, monkeypatch):
+    shards = tmp_path / "shards"
+    need = sum(p.stat().st_size for p in llama["reference"].rglob("*.safetensors"))
+    monkeypatch.setattr(split_mod.shutil, "disk_usage", lambda p: type("U", (), {"free": need // 2})())
+    with pytest.raises(OSError, match="Not enough disk space") as info:
+        split_checkpoint(llama["ckpt"], shards, progress=False)
+    assert info.value.errno == errno.ENOSPC
+    assert not list(shards.rglob("*.safetensors")) and not (shards / "manifest.json").exists()
+
+
+@pytest.mark.parametrize(
+    "dtype, compression",
+    [(torch.float32, None), (torch.bfloat16, None), (torch.bfloat16, "4bit"), (torch.float32, "8bit")],
+)
+def test_disk_space_estimate_uses_the_checkpoint_dtypes(tmp_path, monkeypatch, dtype, compression):
+    """The estimate follows the stored dtypes (bf16: half of the fp32 skeleton's) and the codec's packed sizes."""
+    if compression is not None:
+        pytest.importorskip("bitsandbytes")
+    ckpt = _models.save_tiny_checkpoint("qwen3_moe", tmp_path / "ckpt", dtype=dtype)
+    seen = {}
+    real = split_mod.estimate_split_bytes
+
+    def spy(*args, **kwargs):
+        seen["bytes"] = real(*args, **kwargs)
+        return seen["bytes"]
+
+    monkeypatch.setattr(split_mod, "estimate_split_bytes", spy)
+    shards = split_checkpoint(ckpt, tmp_path / "shards", compression=compression, progress=False)
+    actual = sum(p.stat().st_size for p in shards.rglob("*.safetensors"))
+    # never under (the preflight would let the split run out of space), and close
+    assert actual <= seen["bytes"] <= 1.08 * actual, (seen["bytes"], actual)
+
+
+# --- the loader: a file damaged while a model streams from it -------------------------------------------------------
+
+
+def _damage(kind: str, path: Path, other: Path) -> None:
+    if kind == "truncate":
+        os.truncate(path, path.stat().st_size // 2)
+    elif kind == "remove":
+        path.unlink()
+    elif kind == "replace_same_size":  # another layer's bytes: same size, same header layout
+        path.write_bytes(other.read_bytes())
+
+
+@pytest.mark.parametrize("kind", ["truncate", "remove", "replace_same_size", "read_eio"])
+def test_loader_error_mid_generation_then_fresh_load_is_exact(llama, tmp_path, monkeypatch, kind):
+    import shutil
+
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    shards = tmp_path / "shards"
+    shutil.copytree(llama["reference"], shards)
+    model = streamed_model(llama["ckpt"], shards, **STREAM_ALL)
+    LEDGER["faults_injected"] += 1
+    target = shards / "layers" / "00002.safetensors"
+
+    class DamageAfterFirstToken(LogitsProcessor):
+        def __init__(self):
+            self.calls = 0
+
+        def __call__(self, input_ids, scores):
+            self.calls += 1
+            if self.calls == 2:
+                if kind == "read_eio":  # the disk fails under the loader: every open of the file raises EIO
+                    real_os_open, real_open = os.open, builtins.open
+
+                    def os_open(path, *args, **kwargs):
+                        if str(path).endswith("00002.safetensors"):
+                            raise OSError(errno.EIO, "Input/output error", str(path))
+                        return real_os_open(path, *args, **kwargs)
+
+                    def py_open(path, *args, **kwargs):
+                        if str(path).endswith("00002.safetensors"):
+                            raise OSError(errno.EIO, "Input/output error", str(path))
+                        return real_open(path, *args, **kwargs)
+
+                    monkeypatch.setattr(os, "open", os_open)
+                    monkeypatch.setattr(builtins, "open", py_open)
+                else:
+                    _damage(kind, target, shards / "layers" / "00001.safetensors")
+            return scores
+
+    proc = DamageAfterFirstToken()
+    try:
+        with pytest.raises(LayerLoadError, match="decoder layer") as info:
+            model.generate(IDS, max_new_tokens=6, do_sample=False, logits_processor=LogitsProcessorList([proc]))
+    finally:
+        disable_layer_streaming(model)
+    assert "00002.safetensors" in str(info.value)
+    assert proc.calls == 2  # it failed at the next token, not silently later with wrong weights
+    monkeypatch.undo()
+    # the damage is found by the cheap checks at the next load (or the transient error is gone), and the same
+    # split run again repairs the directory, reading only the damaged unit from the source
+    if kind != "read_eio":
+        with pytest.raises(ShardDirError, match="00002.safetensors"):
+            ShardDirectory(shards)
+        keys = resume_and_check(llama, shards, monkeypatch, damaged=("layers.2",))
+        assert sorted(keys) == sorted(llama["keys_by_unit"]["layers.2"])
+    else:
+        check_exact(llama, shards)
+    LEDGER["faults_survived"] += 1
+
+
+# --- summary -------------------------------------------------------------------------------------------------------
+
+
+def test_summary():
+    """Runs last in this module: the fault-injection numbers of this run (`pytest -s` shows them)."""
+    print(
+        "\ncrash-safety summary: kills landed {kills_landed} / attempted {kills_attempted}, survived {kills_survived} "
+        "scenarios; faults injected {faults_injected}, survived {faults_survived}; data lost {data_lost}".format(**LEDGER)
+    )
+    assert LEDGER["data_lost"] == 0
+    assert LEDGER["faults_survived"] == LEDGER["faults_injected"]

@@ -1,0 +1,413 @@
+"""Hostile or broken inputs: each is refused with an error that names the file, and nothing is changed.
+
+Shard-directory cases are checked twice, by `ShardDirectory` and by `enable_layer_streaming` (what users call);
+source-checkpoint cases by `split_checkpoint`. Every case snapshots the directories before and after.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import stat
+import struct
+from pathlib import Path
+
+import _models
+import pytest
+import torch
+from conftest import streamed_model
+
+from hf_layerstream import ShardDirectory, ShardDirError, ShardFileError, split_checkpoint
+from hf_layerstream._safetensors import read_header, sample_digest, serialize
+
+LEDGER = {"tried": 0, "rejected": 0}
+LAYER = "layers/00001.safetensors"
+
+
+def snapshot(*roots: Path) -> dict:
+    """Names, sizes, mtimes and content digests of everything under `roots` (symlinks recorded, never followed)."""
+    out = {}
+    for root in roots:
+        for dirpath, dirnames, filenames in os.walk(root):
+            for name in [*dirnames, *filenames]:
+                p = os.path.join(dirpath, name)
+                st = os.lstat(p)
+                if stat.S_ISLNK(st.st_mode):
+                    out[p] = ("link", os.readlink(p))
+                elif stat.S_ISREG(st.st_mode):
+                    out[p] = (st.st_size, st.st_mtime_ns, hashlib.sha256(Path(p).read_bytes()).hexdigest())
+                else:
+                    out[p] = ("dir", st.st_mtime_ns)
+    return out
+
+
+def manifest(shards: Path) -> dict:
+    return json.loads((shards / "manifest.json").read_text())
+
+
+def write_manifest(shards: Path, m: dict) -> None:
+    (shards / "manifest.json").write_text(json.dumps(m, indent=1))
+
+
+def unit_json(m: dict, file: str) -> dict:
+    return next(u for u in m["units"] if u["file"] == file)
+
+
+def replace_file(shards: Path, rel: str, data: bytes, *, update_manifest: bool = True) -> None:
+    """Write `data` as `rel`; with `update_manifest`, record its size and digests, so only deeper checks can object."""
+    (shards / rel).write_bytes(data)
+    if update_manifest:
+        m = manifest(shards)
+        u = unit_json(m, rel)
+        u["size"] = len(data)
+        u["sha256"] = hashlib.sha256(data).hexdigest()
+        u["sample_sha256"] = sample_digest(shards / rel)
+        write_manifest(shards, m)
+
+
+def rewrite_header(data: bytes, edit) -> bytes:
+    """Apply `edit` to the parsed header of a safetensors file and keep its length (pad with spaces)."""
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    edit(header)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    assert len(raw) <= n
+    return data[:8] + raw + b" " * (n - len(raw)) + data[8 + n :]
+
+
+def resave(data_path: Path, change) -> bytes:
+    from safetensors.torch import load_file
+
+    tensors = load_file(data_path)
+    meta = read_header(data_path).metadata
+    change(tensors)
+    return bytes(serialize(tensors, meta))
+
+
+# --- the cases ---------------------------------------------------------------------------------------------------
+
+
+def truncated_file(shards, tmp):
+    data = (shards / LAYER).read_bytes()
+    replace_file(shards, LAYER, data[: len(data) // 2], update_manifest=False)
+    return LAYER, "bytes but the manifest records"
+
+
+def truncated_header(shards, tmp):
+    replace_file(shards, LAYER, (shards / LAYER).read_bytes()[:40])
+    return LAYER, "header"
+
+
+def too_short(shards, tmp):
+    replace_file(shards, LAYER, b"\x01\x02\x03")
+    return LAYER, "too short"
+
+
+def garbage_header(shards, tmp):
+    data = (shards / LAYER).read_bytes()
+    replace_file(shards, LAYER, os.urandom(len(data)))
+    return LAYER, "header"
+
+
+def header_not_json(shards, tmp):
+    data = (shards / LAYER).read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    replace_file(shards, LAYER, data[:8] + b"{not json" + b"\xff" * (n - 9) + data[8 + n :])
+    return LAYER, "not valid JSON"
+
+
+def _point_past_the_end(h):
+    """The last tensor's end offset -> 99...9 (same number of digits, so the header keeps its length)."""
+    name = max((k for k in h if k != "__metadata__"), key=lambda k: h[k]["data_offsets"][1])
+    begin, end = h[name]["data_offsets"]
+    h[name]["data_offsets"] = [begin, int("9" * len(str(end)))]
+
+
+def offsets_outside_file(shards, tmp):
+    edit = _point_past_the_end
+
+    replace_file(shards, LAYER, rewrite_header((shards / LAYER).read_bytes(), edit))
+    return LAYER, "data region"
+
+
+def overlapping_tensors(shards, tmp):
+    def edit(h):
+        names = sorted((k for k in h if k != "__metadata__"), key=lambda k: h[k]["data_offsets"][0])
+        a, b = next((x, y) for x, y in zip(names, names[1:]) if h[x]["shape"] == h[y]["shape"] and h[x]["dtype"] == h[y]["dtype"])
+        h[b]["data_offsets"] = list(h[a]["data_offsets"])  # two names, one set of bytes
+
+    replace_file(shards, LAYER, rewrite_header((shards / LAYER).read_bytes(), edit))
+    return LAYER, "overlaps|hole|after its last tensor"
+
+
+def negative_dimension(shards, tmp):
+    def edit(h):
+        name = next(k for k in h if k != "__metadata__")
+        h[name]["shape"] = [-1] + h[name]["shape"][1:]
+
+    replace_file(shards, LAYER, rewrite_header((shards / LAYER).read_bytes(), edit))
+    return LAYER, "negative dimension"
+
+
+def wrong_shape(shards, tmp):
+    name = "model.layers.1.self_attn.q_proj.weight"
+    replace_file(shards, LAYER, resave(shards / LAYER, lambda t: t.__setitem__(name, t[name].reshape(32, -1).contiguous())))
+    return LAYER, "stores 'model.layers.1.self_attn.q_proj.weight' as \\[32, 128\\] float32 but the manifest records \\[64, 64\\]"
+
+
+def wrong_dtype(shards, tmp):
+    name = "model.layers.1.mlp.down_proj.weight"
+    replace_file(shards, LAYER, resave(shards / LAYER, lambda t: t.__setitem__(name, t[name].half())))
+    return LAYER, "float16 but the manifest records"
+
+
+def missing_tensor(shards, tmp):
+    replace_file(shards, LAYER, resave(shards / LAYER, lambda t: t.pop("model.layers.1.mlp.up_proj.weight")))
+    return LAYER, "lacks 1 tensor"
+
+
+def consistent_but_wrong_shape_for_the_model(shards, tmp):
+    """File and manifest agree, but not with the model: refused when streaming is enabled (stream.py's check)."""
+    name = "model.layers.1.self_attn.q_proj.weight"
+    replace_file(shards, LAYER, resave(shards / LAYER, lambda t: t.__setitem__(name, t[name].reshape(32, -1).contiguous())))
+    m = manifest(shards)
+    unit_json(m, LAYER)["tensors"][name]["shape"] = [32, 128]
+    write_manifest(shards, m)
+    return None, "q_proj.weight.*shape \\[32, 128\\].*expects \\[64, 64\\]"
+
+
+def consistent_but_integer_dtype(shards, tmp):
+    name = "model.layers.1.input_layernorm.weight"
+    replace_file(shards, LAYER, resave(shards / LAYER, lambda t: t.__setitem__(name, t[name].to(torch.int32))))
+    m = manifest(shards)
+    unit_json(m, LAYER)["tensors"][name]["dtype"] = "int32"
+    write_manifest(shards, m)
+    return None, "input_layernorm.weight.*int32"
+
+
+def shard_from_another_model(shards, tmp):
+    other = tmp / "other"
+    _models.save_tiny_checkpoint("llama", other / "ckpt", seed=1)
+    split_checkpoint(other / "ckpt", other / "shards", progress=False)
+    shutil.copy(other / "shards" / LAYER, shards / LAYER)  # same size, same tensor names, shapes and dtypes
+    return LAYER, "another split or another model"
+
+
+def layer_swapped_within_the_model(shards, tmp):
+    shutil.copy(shards / "layers/00000.safetensors", shards / LAYER)
+    return LAYER, "holds unit 'layers.0', not 'layers.1'"
+
+
+def missing_file(shards, tmp):
+    (shards / LAYER).unlink()
+    return LAYER, "is missing"
+
+
+def manifest_path_outside(shards, tmp):
+    shutil.copy(shards / LAYER, tmp / "outside.safetensors")
+    m = manifest(shards)
+    unit_json(m, LAYER)["file"] = "../outside.safetensors"
+    write_manifest(shards, m)
+    return "manifest.json", "not a relative path inside the directory"
+
+
+def manifest_absolute_path(shards, tmp):
+    m = manifest(shards)
+    unit_json(m, LAYER)["file"] = "/etc/passwd"
+    write_manifest(shards, m)
+    return "manifest.json", "not a relative path inside the directory"
+
+
+def symlink_out_of_the_directory(shards, tmp):
+    shutil.move(shards / LAYER, tmp / "elsewhere.safetensors")
+    (shards / LAYER).symlink_to(tmp / "elsewhere.safetensors")
+    return "manifest.json", "resolves outside the directory"
+
+
+def symlink_loop(shards, tmp):
+    (shards / LAYER).unlink()
+    (shards / "layers" / "loop_a").symlink_to("loop_b")
+    (shards / "layers" / "loop_b").symlink_to("loop_a")
+    (shards / LAYER).symlink_to("loop_a")
+    return LAYER, "symlink loop"
+
+
+def self_symlink(shards, tmp):
+    (shards / LAYER).unlink()
+    (shards / LAYER).symlink_to("00001.safetensors")
+    return LAYER, "symlink loop"
+
+
+def manifest_not_json(shards, tmp):
+    (shards / "manifest.json").write_bytes(b"\x00\xffnot json")
+    return "manifest.json", "not readable JSON"
+
+
+def manifest_huge_layer_count(shards, tmp):
+    m = manifest(shards)
+    m["num_layers"] = 10**12
+    write_manifest(shards, m)
+    return "manifest.json", "malformed"
+
+
+def manifest_bad_dtype_name(shards, tmp):
+    m = manifest(shards)
+    unit_json(m, LAYER)["tensors"]["model.layers.1.mlp.up_proj.weight"]["dtype"] = "nn"
+    write_manifest(shards, m)
+    return "manifest.json", "malformed"
+
+
+def manifest_same_file_twice(shards, tmp):
+    m = manifest(shards)
+    unit_json(m, LAYER)["file"] = "layers/00000.safetensors"
+    write_manifest(shards, m)
+    return "manifest.json", "same file"
+
+
+SHARD_CASES = [
+    truncated_file, truncated_header, too_short, garbage_header, header_not_json, offsets_outside_file,
+    overlapping_tensors, negative_dimension, wrong_shape, wrong_dtype, missing_tensor,
+    consistent_but_wrong_shape_for_the_model, consistent_but_integer_dtype, shard_from_another_model,
+    layer_swapped_within_the_model, missing_file, manifest_path_outside, manifest_absolute_path,
+    symlink_out_of_the_directory, symlink_loop, self_symlink, manifest_not_json, manifest_huge_layer_count,
+    manifest_bad_dtype_name, manifest_same_file_twice,
+]
+
+
+@pytest.fixture
+def shard_copy(checkpoints, tmp_path):
+    ckpt, shards = checkpoints("llama")
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy, symlinks=True)
+    return ckpt, copy
+
+
+@pytest.mark.parametrize("case", SHARD_CASES, ids=lambda f: f.__name__)
+def test_hostile_shard_directory(shard_copy, tmp_path, case):
+    ckpt, shards = shard_copy
+    LEDGER["tried"] += 1
+    culprit, message = case(shards, tmp_path)
+    before = snapshot(shards, tmp_path)
+    if culprit is not None:
+        with pytest.raises(ShardDirError, match=message) as info:
+            ShardDirectory(shards)
+        assert str(shards / culprit) in str(info.value), "the error must name the file"
+        try:  # what `hf-layerstream verify` reports (a path that cannot be resolved is refused already at open)
+            problems = ShardDirectory(shards, check_files=False).verify()
+        except ShardDirError as e:
+            problems = [str(e)]
+        assert problems and any(str(shards / culprit) in p for p in problems)
+    with pytest.raises(ShardDirError, match=message):
+        streamed_model(ckpt, shards)
+    assert snapshot(shards, tmp_path) == before, "a rejected load changed files"
+    LEDGER["rejected"] += 1
+
+
+def test_empty_directory(checkpoints, tmp_path):
+    ckpt, _ = checkpoints("llama")
+    LEDGER["tried"] += 1
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for attempt in (lambda: ShardDirectory(empty), lambda: streamed_model(ckpt, empty)):
+        with pytest.raises(ShardDirError, match=f"{empty} has no manifest.json.*split_checkpoint"):
+            attempt()
+    assert list(empty.iterdir()) == []
+    LEDGER["rejected"] += 1
+
+
+def test_shard_dir_is_a_symlink_loop(checkpoints, tmp_path):
+    ckpt, _ = checkpoints("llama")
+    LEDGER["tried"] += 1
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    with pytest.raises(ShardDirError, match="symlink loop"):
+        ShardDirectory(loop)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ShardDirectory(tmp_path / "nothing")
+    LEDGER["rejected"] += 1
+
+
+# --- hostile sources -----------------------------------------------------------------------------------------------
+
+
+class _RunsCode:
+    """A pickle payload: unpickling it would create a marker file (it runs code)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",))
+
+
+def malicious_pickle_bin(ckpt: Path, tmp: Path):
+    marker = tmp / "pwned"
+    for p in ckpt.glob("model*.safetensors*"):
+        p.unlink()
+    state = _models.build_tiny_model("llama").state_dict()
+    state["model.embed_tokens.weight"] = _RunsCode(marker)
+    torch.save(state, ckpt / "pytorch_model.bin")
+    return "pytorch_model.bin", "weights_only=True", marker
+
+
+def truncated_source_shard(ckpt: Path, tmp: Path):
+    path = sorted(ckpt.glob("model-*.safetensors"))[2]
+    path.write_bytes(path.read_bytes()[:30])
+    return path.name, "header|too short", None
+
+
+def source_offsets_outside(ckpt: Path, tmp: Path):
+    path = sorted(ckpt.glob("model-*.safetensors"))[1]
+    path.write_bytes(rewrite_header(path.read_bytes(), _point_past_the_end))
+    return path.name, "data region", None
+
+
+def source_index_escapes(ckpt: Path, tmp: Path):
+    index = ckpt / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    key = next(iter(data["weight_map"]))
+    data["weight_map"][key] = "../../etc/passwd"
+    index.write_text(json.dumps(data))
+    return "model.safetensors.index.json", "not a plain .safetensors/.bin file name", None
+
+
+def source_without_config(ckpt: Path, tmp: Path):
+    (ckpt / "config.json").unlink()
+    return None, "has no config.json", None
+
+
+SOURCE_CASES = [malicious_pickle_bin, truncated_source_shard, source_offsets_outside, source_index_escapes,
+                source_without_config]
+
+
+@pytest.mark.parametrize("case", SOURCE_CASES, ids=lambda f: f.__name__)
+def test_hostile_source_checkpoint(tmp_path, case):
+    LEDGER["tried"] += 1
+    ckpt = _models.save_tiny_checkpoint("llama", tmp_path / "ckpt")
+    culprit, message, marker = case(ckpt, tmp_path)
+    before = snapshot(ckpt)
+    shards = tmp_path / "shards"
+    with pytest.raises((ShardFileError, FileNotFoundError), match=message) as info:
+        split_checkpoint(ckpt, shards, progress=False)
+    if culprit is not None:
+        assert culprit in str(info.value), "the error must name the file"
+    assert snapshot(ckpt) == before, "the source was modified"
+    assert marker is None or not marker.exists(), "the pickle ran code"
+    assert not (shards / "manifest.json").exists() and not list(shards.rglob("*.safetensors"))
+    LEDGER["rejected"] += 1
+
+
+def test_empty_source_directory(tmp_path):
+    LEDGER["tried"] += 1
+    (tmp_path / "src").mkdir()
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        split_checkpoint(tmp_path / "src", tmp_path / "shards", progress=False)
+    assert list((tmp_path / "src").iterdir()) == []
+    LEDGER["rejected"] += 1
+
+
+def test_summary():
+    print("\nhostile-inputs summary: rejected cleanly {rejected} / tried {tried}".format(**LEDGER))
+    assert LEDGER["rejected"] == LEDGER["tried"]

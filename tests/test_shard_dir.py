@@ -1,0 +1,138 @@
+"""`ShardDirectory`: cheap checks at every load, full checksums on request, `verify` lists every problem, and
+loading never writes (a read-only shard directory works)."""
+
+from __future__ import annotations
+
+import builtins
+import io
+import os
+import shutil
+import stat
+
+import _models
+import pytest
+import torch
+from conftest import streamed_model
+
+from hf_layerstream import ShardDirectory, ShardDirError, disable_layer_streaming
+from hf_layerstream._safetensors import SAMPLE_BYTES, serialize
+from hf_layerstream.cli import main
+
+STREAM_ALL = {"max_memory": {"cpu": 0}, "prefetch": 1}
+
+
+@pytest.fixture
+def shard_copy(checkpoints, tmp_path):
+    ckpt, shards = checkpoints("llama")
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy)
+    return ckpt, copy
+
+
+def _flip_middle_byte(path):
+    data = bytearray(path.read_bytes())
+    assert len(data) > 2 * SAMPLE_BYTES + 16, "the file must be larger than the sampled head and tail"
+    data[len(data) // 2] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def test_sound_directory_passes_every_check(shard_copy, capsys):
+    _, shards = shard_copy
+    assert ShardDirectory(shards, checksums=True).verify() == []
+    assert main(["verify", str(shards)]) == 0
+    assert "all 4 files match the manifest" in capsys.readouterr().out
+
+
+def test_checksums_catch_what_the_cheap_checks_cannot(shard_copy):
+    """A flipped byte in the middle of a file: same size, same header, same sampled head and tail."""
+    _, shards = shard_copy
+    target = shards / "layers" / "00001.safetensors"
+    _flip_middle_byte(target)
+    ShardDirectory(shards)  # the cheap checks cannot see it
+    with pytest.raises(ShardDirError, match=r"00001\.safetensors does not match its SHA-256"):
+        ShardDirectory(shards, checksums=True)
+    assert ShardDirectory(shards).verify(checksums=False) == []
+    [problem] = ShardDirectory(shards).verify()
+    assert str(target) in problem and "SHA-256" in problem
+
+
+def test_verify_reports_each_problem(shard_copy, capsys):
+    _, shards = shard_copy
+    (shards / "layers" / "00000.safetensors").unlink()
+    _flip_middle_byte(shards / "layers" / "00001.safetensors")
+    from safetensors.torch import load_file
+
+    path = shards / "layers" / "00002.safetensors"
+    tensors = load_file(path)
+    tensors["model.layers.2.mlp.down_proj.weight"] = tensors["model.layers.2.mlp.down_proj.weight"].half()
+    path.write_bytes(bytes(serialize(tensors, {"unit": "layers.2"})))
+    with open(shards / "resident.safetensors", "r+b") as f:
+        f.truncate(100)
+
+    problems = ShardDirectory(shards, check_files=False).verify()
+    assert len(problems) == 4, problems
+    joined = "\n".join(problems)
+    for name in ("00000.safetensors", "00001.safetensors", "00002.safetensors", "resident.safetensors"):
+        assert name in joined
+    assert "is missing" in joined and "SHA-256" in joined and "100 bytes but the manifest records" in joined
+    assert main(["verify", str(shards)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out.count("\n") == 4 and "4 problem(s) in 4 files" in captured.err
+    assert main(["verify", "--quick", str(shards)]) == 1  # sizes and headers: 3 of the 4
+
+
+def test_loading_never_writes(shard_copy, monkeypatch):
+    """A read-only directory works: chmod -R a-w, and every write attempt during the load fails loudly.
+
+    Tests run as root, which ignores permission bits, so writes are also trapped at `open`/`os.open`, and the
+    directory's listing, sizes and mtimes are compared before and after.
+    """
+    ckpt, shards = shard_copy
+    ref = _models.load_reference(ckpt)
+    for p in [shards, *shards.rglob("*")]:
+        p.chmod(p.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+
+    def state():
+        return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in [shards, *sorted(shards.rglob("*"))]}
+
+    before = state()
+    writes = []
+    real_open, real_os_open = builtins.open, os.open
+    write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+
+    def guarded_open(file, mode="r", *args, **kwargs):
+        if str(file).startswith(str(shards)) and any(c in mode for c in "wax+"):
+            writes.append((file, mode))
+            raise PermissionError(f"write to {file} during a load")
+        return real_open(file, mode, *args, **kwargs)
+
+    def guarded_os_open(path, flags, *args, **kwargs):
+        if str(path).startswith(str(shards)) and flags & write_flags:
+            writes.append((path, flags))
+            raise PermissionError(f"write to {path} during a load")
+        return real_os_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", guarded_open)
+    monkeypatch.setattr(io, "open", guarded_open)
+    monkeypatch.setattr(os, "open", guarded_os_open)
+    try:
+        ShardDirectory(shards, checksums=True)
+        assert ShardDirectory(shards).verify() == []
+        model = streamed_model(ckpt, shards, **STREAM_ALL)
+        ids = torch.tensor([[1, 20, 30, 40, 50]])
+        try:
+            with torch.no_grad():
+                got = model(ids).logits
+                generated = model.generate(ids, max_new_tokens=5, do_sample=False)
+        finally:
+            disable_layer_streaming(model)
+    finally:
+        monkeypatch.undo()
+        for p in [shards, *shards.rglob("*")]:
+            p.chmod(p.stat().st_mode | stat.S_IWUSR)
+    assert writes == []
+    with torch.no_grad():
+        assert torch.equal(got, ref(ids).logits)
+        assert torch.equal(generated, ref.generate(ids, max_new_tokens=5, do_sample=False))
+    after = {k: v for k, v in state().items()}
+    assert after == before
