@@ -261,13 +261,9 @@ def _cmd_inspect(args) -> int:
     m = shards.manifest
     device = check_device(args.device)
     dtype = _dtype(args.dtype)
-    full_bytes = []
-    stored = []
-    for i in range(m.num_layers):
-        unit = shards.unit(f"layers.{i}")
-        numel = sum(_numel(t.shape) for t in unit.tensors.values())
-        full_bytes.append(numel * (dtype.itemsize if dtype else torch.bfloat16.itemsize))
-        stored.append(unit.size)
+    units = [shards.unit(f"layers.{i}") for i in range(m.num_layers)]
+    full_bytes = [u.nbytes_as(dtype or torch.bfloat16) for u in units]
+    stored = [u.size for u in units]
     layer_sizes = None
     if dtype is not None:
         layer_sizes = {i: full_bytes[i] for i in range(m.num_layers)}
@@ -316,13 +312,6 @@ def _cmd_verify(args) -> int:
         return 1
     print(f"{shards.path}: all {n} files match the manifest{' (sizes and headers only)' if args.quick else ''}")
     return 0
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def _human(n: float) -> str:

@@ -45,6 +45,13 @@ class TensorEntry:
     dtype: torch.dtype  # logical dtype (after dequantization)
     quant: dict[str, Any] | None = None  # codec metadata when stored quantized
 
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
     def to_json(self) -> dict:
         d: dict[str, Any] = {"shape": list(self.shape), "dtype": str(self.dtype).removeprefix("torch.")}
         if self.quant is not None:
@@ -68,12 +75,14 @@ class UnitEntry:
     @property
     def logical_nbytes(self) -> int:
         """Bytes once dequantized, at the stored logical dtype."""
+        return self.nbytes_as()
+
+    def nbytes_as(self, dtypes: dict[str, torch.dtype] | torch.dtype | None = None) -> int:
+        """Bytes once dequantized, at `dtypes` (one dtype, or per tensor name; default: the stored dtype)."""
         total = 0
-        for t in self.tensors.values():
-            n = 1
-            for s in t.shape:
-                n *= s
-            total += n * t.dtype.itemsize
+        for name, t in self.tensors.items():
+            dtype = dtypes.get(name, t.dtype) if isinstance(dtypes, dict) else (dtypes or t.dtype)
+            total += t.numel * dtype.itemsize
         return total
 
     def to_json(self) -> dict:

@@ -202,17 +202,7 @@ def enable_layer_streaming(
             originals.append((module, attr, False, b))
 
     layer_prefixes = [stack.layer_prefix(i) for i in range(len(stack))]
-    itemsize = {n: dt.itemsize for n, dt in target_dtypes.items()}
-    layer_sizes = {}
-    for i in range(len(stack)):
-        unit = shards.unit(layer_unit(i))
-        total = 0
-        for name, entry in unit.tensors.items():
-            numel = 1
-            for s in entry.shape:
-                numel *= s
-            total += numel * itemsize[name]
-        layer_sizes[i] = total
+    layer_sizes = {i: shards.unit(layer_unit(i)).nbytes_as(target_dtypes) for i in range(len(stack))}
     plan = plan_residency(shards, device, dtype_size=layer_sizes, max_memory=max_memory, prefetch=prefetch)
     prof = Profile() if profile else None
     loader = LayerLoader(
@@ -282,7 +272,6 @@ def _wrap_generate(model: nn.Module, state: StreamingState) -> None:
             state.last_profile = state.profile.to_dict()
             logger.info("hf_layerstream profile of the last generate call:\n%s", state.profile.summary())
 
-    generate._layerstream_wrapped = True
     model.generate = generate
 
 
