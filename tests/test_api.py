@@ -312,6 +312,11 @@ def test_error_bad_arguments(checkpoints):
 
 def test_disable_restores_the_model_and_stops_the_loader(checkpoints):
     ckpt, shards = checkpoints("gpt2")
+
+    def loader_threads():
+        return {t for t in threading.enumerate() if t.name.startswith("hf_layerstream-loader")}
+
+    before = loader_threads()
     model = streamed_model(ckpt, shards, max_memory={"cpu": 0})
     assert model.device.type == "cpu" and model.hf_device_map[""] == "cpu"
     with pytest.raises(ValueError, match="already enabled"):
@@ -319,11 +324,12 @@ def test_disable_restores_the_model_and_stops_the_loader(checkpoints):
     ids = torch.tensor([[1, 5, 7, 9]])
     with torch.no_grad():
         first = model(ids).logits
-    assert any(t.name.startswith("hf_layerstream-loader") for t in threading.enumerate())
+    mine = loader_threads() - before
+    assert mine  # this model's background reader
     assert disable_layer_streaming(model) is model
     assert _untouched(model)
     assert get_streaming_state(model) is None and not hasattr(model, "hf_device_map")
-    assert not any(t.name.startswith("hf_layerstream-loader") for t in threading.enumerate())
+    assert not any(t.is_alive() for t in mine)
     with pytest.raises(ValueError, match="not enabled"):
         disable_layer_streaming(model)
     # and it can be enabled again, with the same result
