@@ -52,19 +52,32 @@ def drop_page_cache(paths) -> None:
 
 
 class _TokenClock:
-    """A streamer that timestamps every generated token (the first `put` is the prompt)."""
+    """A streamer that timestamps every generated token (the first `put` is the prompt).
+
+    `before_forward` (the cold runs' page-cache eviction) runs after the timestamp and its time is excluded: each
+    step is timed from `resumed[i]` (after the eviction) to `times[i + 1]`.
+    """
 
     def __init__(self, before_forward=None):
         self.times: list[float] = []
+        self.resumed: list[float] = []
+        self.counts: list[int] = []
         self.before_forward = before_forward
 
     def put(self, value):
         self.times.append(time.perf_counter())
+        # plain decoding puts one token per row ([batch]); assisted decoding puts the accepted tokens ([1, n])
+        self.counts.append(int(value.shape[-1]) if getattr(value, "ndim", 0) == 2 else 1)
         if self.before_forward is not None:
             self.before_forward()
+        self.resumed.append(time.perf_counter())
 
     def end(self):
         pass
+
+    def decode_steps(self) -> list[tuple[float, int]]:
+        """(seconds, tokens produced) of each decode step after the first generated token."""
+        return [(self.times[i + 1] - self.resumed[i], self.counts[i + 1]) for i in range(1, len(self.times) - 1)]
 
 
 def weight_files(system: str, path: str) -> list[str]:
@@ -76,12 +89,59 @@ def weight_files(system: str, path: str) -> list[str]:
     ]
 
 
+def _count_sweeps(model) -> list[int]:
+    """Count forward passes through the first decoder layer (one per sweep over the layers, whatever the system)."""
+    from .modeling import find_layer_stack
+
+    counter = [0]
+    stack = find_layer_stack(model)
+    if stack is not None:
+
+        def bump(module, args):
+            counter[0] += 1
+
+        stack.layers[0].register_forward_pre_hook(bump)
+    return counter
+
+
+def _baseline_rss(path: str) -> int:
+    """VmHWM once the libraries and the model's modeling code are imported, before any weight is loaded.
+
+    Building the model on meta imports its transformers modules (~140 MB for Llama): every system pays that, so
+    it belongs to the baseline, not to the weights.
+    """
+    import gc
+
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from . import stream  # noqa: F401
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config)
+        del model
+    except (OSError, ValueError, KeyError):  # the measurement itself will report a broken path
+        pass
+    gc.collect()
+    return vm_hwm()
+
+
 def _load(spec: dict):
     import torch
     from transformers import AutoModelForCausalLM
 
     system = spec["system"]
     dtype = getattr(torch, spec["dtype"]) if spec.get("dtype") else None
+    if system == "baseline":
+        # the interpreter with torch and transformers imported and the model built on meta: what every system pays
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig
+
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(spec["path"]))
+        return model, []
     if system == "in_memory":
         model = AutoModelForCausalLM.from_pretrained(spec["path"], dtype=dtype or "auto")
         files = []
@@ -94,7 +154,9 @@ def _load(spec: dict):
             max_memory={"cpu": spec.get("offload_budget", "10MiB")},
             offload_folder=spec["offload_folder"],
         )
-        files = weight_files(system, spec["offload_folder"])
+        # transformers 5 offloads safetensors weights by memory-mapping the checkpoint itself (offload_folder only
+        # receives what is not already safetensors): evict both
+        files = weight_files(system, spec["offload_folder"]) + weight_files(system, spec["path"])
     elif system == "streamed":
         from .cli import load_streamed_model
 
@@ -113,15 +175,24 @@ def _load(spec: dict):
 
 
 def measure(spec: dict) -> dict:
-    """Run `spec` in this process: load, generate greedily, time every token. Returns a JSON-able dict."""
+    """Run `spec` in this process: load, generate greedily, time every token. Returns a JSON-able dict.
+
+    Keys of `spec`: `system` (`in_memory`, `accelerate_offload`, `streamed` or `baseline`), `path`, `input_ids`,
+    `max_new_tokens`, and optionally `cold`, `batch`, `repeats`, `threads`, `dtype`, `device`, `max_memory`,
+    `prefetch`, `profile`, `offload_folder`, `assistant` (a draft model folder for assisted decoding),
+    `pad_token_id`.
+    """
     import torch
 
     torch.manual_seed(0)
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
+    baseline_rss = _baseline_rss(spec["path"])
     t0 = time.perf_counter()
     model, files = _load(spec)
     load_s = time.perf_counter() - t0
+    if spec["system"] == "baseline":
+        return {"system": "baseline", "peak_rss": vm_hwm(), "baseline_rss": baseline_rss, "load_s": load_s}
     cold = bool(spec.get("cold"))
     if cold and not files:
         raise ValueError(f"system {spec['system']} has no weight files to evict; cold runs need a disk-backed system")
@@ -129,8 +200,16 @@ def measure(spec: dict) -> dict:
     batch = int(spec.get("batch", 1))
     ids = ids.repeat(batch, 1)
     device = model.device
+    if device.type == "meta":  # accelerate offloaded the first parameter to disk: inputs start on the CPU
+        device = torch.device("cpu")
     ids = ids.to(device)
     new = int(spec.get("max_new_tokens", 8))
+    extra = {}
+    if spec.get("assistant"):
+        from transformers import AutoModelForCausalLM
+
+        extra["assistant_model"] = AutoModelForCausalLM.from_pretrained(spec["assistant"]).to(device).eval()
+    sweeps = _count_sweeps(model)
     evict = (lambda: drop_page_cache(files)) if cold else None
     results = []
     for _ in range(int(spec.get("repeats", 1))):
@@ -139,6 +218,7 @@ def measure(spec: dict) -> dict:
             evict()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+        sweeps[0] = 0
         with torch.no_grad():
             out = model.generate(
                 ids,
@@ -148,29 +228,47 @@ def measure(spec: dict) -> dict:
                 do_sample=False,
                 streamer=clock,
                 pad_token_id=spec.get("pad_token_id", 0),
+                **extra,
             )
-        gaps = [b - a for a, b in zip(clock.times[1:], clock.times[2:])]  # decode steps (after the first token)
+        steps = clock.decode_steps()
         results.append(
-            {"prefill_s": clock.times[1] - clock.times[0] if len(clock.times) > 1 else None, "decode_gaps": gaps}
+            {
+                "prefill_s": clock.times[1] - clock.resumed[0] if len(clock.times) > 1 else None,
+                "steps": steps,
+                "sweeps": sweeps[0],
+                "new_tokens": int(out.shape[1] - ids.shape[1]),
+            }
         )
-    gaps = sorted(g for r in results for g in r["decode_gaps"])
-    median = gaps[len(gaps) // 2] if gaps else None
+    # seconds per generated token: median over plain decode steps (one token each), or, when a step yields several
+    # tokens (assisted decoding), total decode time over the tokens it produced
+    per_token = sorted(dt / max(n, 1) for r in results for dt, n in r["steps"])
+    median = per_token[len(per_token) // 2] if per_token else None
+    total_t = sum(dt for r in results for dt, _ in r["steps"])
+    total_n = sum(n for r in results for _, n in r["steps"])
+    last = results[-1]
     info = {
         "system": spec["system"],
         "cold": cold,
         "batch": batch,
         "load_s": load_s,
-        "s_per_token": median,
-        "tokens": out[0, ids.shape[1]:].tolist(),
+        "s_per_token": median if not extra else (total_t / total_n if total_n else None),
+        "mean_s_per_token": total_t / total_n if total_n else None,
+        "tokens": out[0, ids.shape[1] :].tolist(),
+        "new_tokens": last["new_tokens"],
+        "sweeps": last["sweeps"],
+        "sweeps_per_token": last["sweeps"] / max(last["new_tokens"], 1),
         "peak_rss": vm_hwm(),
+        "baseline_rss": baseline_rss,
         "cuda_peak": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-        "prefill_s": results[-1]["prefill_s"],
+        "prefill_s": last["prefill_s"],
+        "threads": torch.get_num_threads(),
     }
     from .stream import get_streaming_state
 
     state = get_streaming_state(model)
     if state is not None:
         info["plan"] = state.plan.summary()
+        info["plan_data"] = state.plan.to_dict()
         if state.last_profile is not None:
             info["profile"] = state.last_profile["totals"]
     return info

@@ -256,6 +256,7 @@ def _cmd_inspect(args) -> int:
 
     from .engine import check_device, plan_residency
     from .shard_dir import ShardDirectory
+    from .stream import DEFAULT_PREFETCH
 
     shards = ShardDirectory(args.shard_dir)
     m = shards.manifest
@@ -268,7 +269,11 @@ def _cmd_inspect(args) -> int:
     if dtype is not None:
         layer_sizes = {i: full_bytes[i] for i in range(m.num_layers)}
     plan = plan_residency(
-        shards, device, dtype_size=layer_sizes, max_memory=_max_memory(args.max_memory), prefetch=args.prefetch or 2
+        shards,
+        device,
+        dtype_size=layer_sizes,
+        max_memory=_max_memory(args.max_memory),
+        prefetch=DEFAULT_PREFETCH if args.prefetch is None else args.prefetch,
     )
     ratio = sum(stored) / max(sum(full_bytes), 1)
     info = {

@@ -7,8 +7,10 @@ gets there lives here:
   rest streamed from disk;
 * a background thread that reads streamed layers `prefetch` layers ahead of the compute (cyclically: the next
   token's first layers load while the head and sampling run);
-* CPU: host-resident layers are zero-copy memory maps; streamed layers are read with `readinto` (the GIL is
-  released, so the read overlaps compute) into reused buffers;
+* CPU: host-resident layers are zero-copy memory maps; streamed layers are read with `preadv` (the GIL is
+  released, so the read overlaps compute) into reused page-aligned buffers: from the page cache when the file is
+  there (probed with `RWF_NOWAIT`), else with `O_DIRECT` (no copy through the page cache, no CPU taken from the
+  compute, no cache pollution when the model is larger than RAM);
 * CUDA: pinned staging buffers allocated once, `non_blocking` copies on a side stream, events to order copy and
   compute, no `empty_cache()` in the hot path;
 * quantized shards are dequantized on the execution device by the codec, in the loader.
@@ -17,6 +19,7 @@ gets there lives here:
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import re
 import threading
@@ -28,8 +31,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ._safetensors import mmap_tensors, read_tensors_into
-from .errors import LayerLoadError, ShardDirError
+from ._safetensors import Header, _views, mmap_tensors
+from .errors import LayerLoadError, ShardDirError, ShardFileError
 from .modeling import RESIDENT, layer_unit
 from .shard_dir import ShardDirectory
 
@@ -272,6 +275,10 @@ class Profile:
         return "\n".join(lines)
 
 
+def _noop() -> None:
+    return None
+
+
 # --- the loader ----------------------------------------------------------------------------------------------------
 
 
@@ -280,33 +287,101 @@ class _Ready:
     tensors: dict[str, torch.Tensor]
     event: object = None  # CUDA event the compute stream must wait for
     buffer: object = None  # (pool, buffer) to give back on release
+    mapped: bool = False  # views of a memory map made for this use only (unmapped when they die)
+
+
+def _drop(tensors: dict) -> None:
+    """Runs in the loader thread: release the last references to a layer's tensors there."""
+    tensors.clear()
+
+
+_ALIGN = 4096  # O_DIRECT wants the buffer, the file offset and the length aligned to the logical block size
+_READ_CHUNK = 64 * 2**20
+
+
+def _round_up(n: int, align: int = _ALIGN) -> int:
+    return (n + align - 1) // align * align
+
+
+def _aligned_buffer(size: int, pin: bool) -> torch.Tensor:
+    """A page-aligned uint8 CPU tensor of at least `size` bytes (pinned for CUDA staging)."""
+    size = _round_up(max(size, 1))
+    if pin:
+        buf = torch.empty(size + _ALIGN, dtype=torch.uint8, pin_memory=True)
+        skip = (-buf.data_ptr()) % _ALIGN
+        return buf[skip : skip + size]
+    # an anonymous mapping is page-aligned and returned to the OS as soon as the tensor dies
+    return torch.frombuffer(mmap.mmap(-1, size), dtype=torch.uint8)
 
 
 class _BufferPool:
-    """Reusable byte buffers (pinned on CUDA). A buffer is reused only once no tensor viewing it is alive."""
+    """Reusable page-aligned byte buffers (pinned on CUDA), allocated once and reused for every read.
+
+    On CPU a buffer is reused only once no tensor viewing it is alive. On CUDA a buffer is reused once the
+    host-to-device copy reading it has completed (its event), without blocking anybody.
+    """
 
     def __init__(self, pin: bool):
         self.pin = pin
-        self._free: list[torch.Tensor] = []
+        self._free: list[tuple[torch.Tensor, object]] = []  # (buffer, CUDA event that must complete, or None)
         self._lock = threading.Lock()
+        self.allocated = 0
 
     def take(self, size: int) -> torch.Tensor:
+        need = _round_up(size)
+        found = None
         with self._lock:
-            for i, buf in enumerate(self._free):
-                if buf.numel() >= size:
-                    return self._free.pop(i)
-        return torch.empty(max(size, 1), dtype=torch.uint8, pin_memory=self.pin)
+            for i, item in enumerate(self._free):
+                if item[0].numel() >= need:
+                    found = self._free.pop(i)
+                    break
+        if found is not None:
+            buf, event = found
+            if event is not None:
+                event.synchronize()  # in the loader thread; the copy was queued long ago, this rarely waits
+            return buf
+        self.allocated += 1
+        return _aligned_buffer(need, self.pin)
 
-    def give(self, buf: torch.Tensor, views: list[weakref.ref]) -> None:
+    def give(self, buf: torch.Tensor, views: list[weakref.ref], event=None) -> None:
         # Views still referenced elsewhere (e.g. an autograd graph) would see the next layer's bytes: drop the buffer.
         if any(r() is not None for r in views):
             return
         with self._lock:
-            self._free.append(buf)
+            self._free.append((buf, event))
+
+    def discard_one(self) -> None:
+        """Free one idle buffer: a layer was mapped instead of read, so the pool needs one buffer fewer (keeps the
+        total of buffers and mapped layers at about `prefetch + 1` when the two paths mix)."""
+        with self._lock:
+            for i, (_, event) in enumerate(self._free):
+                if event is None:
+                    del self._free[i]
+                    return
 
     def clear(self) -> None:
         with self._lock:
+            for _, event in self._free:
+                if event is not None:
+                    event.synchronize()
             self._free.clear()
+
+
+def _page_cached(fd: int, header: Header) -> bool:
+    """Whether the file's data is in the page cache: probe a few pages with `RWF_NOWAIT` (fails instead of reading)."""
+    nowait = getattr(os, "RWF_NOWAIT", None)
+    if nowait is None or header.data_size == 0:
+        return True
+    probe = bytearray(_ALIGN)
+    last = max(header.file_size - _ALIGN, 0)
+    for offset in (header.data_offset, (header.data_offset + last) // 2, last):
+        try:
+            os.preadv(fd, [probe], offset, nowait)
+        except BlockingIOError:
+            return False
+        except OSError:  # RWF_NOWAIT not supported here: read through the page cache
+            return True
+    return True
 
 
 class LayerLoader:
@@ -331,8 +406,13 @@ class LayerLoader:
         self.layer_prefixes = layer_prefixes
         self.is_cuda = device.type == "cuda"
         n = shards.num_layers
-        self._streamed = [i for i in range(n) if plan.tier(i) == "disk"]
+        # every layer that is not kept on the device goes through the loader thread (host tier: an H2D copy from
+        # pinned RAM; disk tier: a read, then the copy on CUDA), in this order, `prefetch` ahead of the compute
+        self._streamed = [i for i in range(n) if plan.tier(i) != "device"]
         self.prefetch = max(0, min(prefetch, max(len(self._streamed) - 1, 0)))
+        self._direct = hasattr(os, "O_DIRECT")  # turned off at the first file system that refuses it
+        self.reads = {"mapped": 0, "page_cache": 0, "direct": 0}
+        self._map_cached = True  # CPU: a streamed layer found in the page cache is mapped, not copied
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf_layerstream-loader")
         self._pending: dict[int, Future] = {}
         self._in_use: dict[int, _Ready] = {}
@@ -360,11 +440,18 @@ class LayerLoader:
         else:
             with self._lock:
                 future = self._pending.pop(index, None)
+            prefetched = future is not None
             if future is None:
                 future = self._submit(index)
             self._schedule_after(index)
             try:
-                ready = future.result()
+                try:
+                    ready = future.result()
+                except Exception:  # noqa: BLE001
+                    if not prefetched:
+                        raise
+                    # read ahead, possibly long ago: the file may have been repaired since; read it again now
+                    ready = self._submit(index).result()
             except LayerLoadError:
                 raise
             except Exception as e:  # noqa: BLE001 - surfaced in the caller, naming the layer
@@ -390,11 +477,29 @@ class LayerLoader:
     def release(self, index: int) -> None:
         """Layer `index` finished its forward pass: drop its tensors (their memory is reused by later reads)."""
         ready = self._in_use.pop(index, None)
-        if ready is None or ready.buffer is None:
+        if ready is None:
+            return
+        if ready.mapped and not self._closed:
+            # the last references to a mapped layer: let the loader thread drop them, so the munmap (page-table
+            # teardown and TLB shootdown, milliseconds for a big layer) does not stall the compute
+            tensors, ready.tensors = ready.tensors, {}
+            self._executor.submit(_drop, tensors)
+            return
+        if ready.buffer is None:
             return
         pool, buf, views = ready.buffer
         ready.tensors = {}
         pool.give(buf, views)
+
+    def wait_idle(self) -> None:
+        """Wait until every read scheduled so far has finished (tests and benchmarks)."""
+        with self._lock:
+            pending = list(self._pending.values())
+        for f in pending:
+            try:
+                f.result()
+            except Exception:  # noqa: BLE001 - reported when the layer is acquired
+                pass
 
     def close(self) -> None:
         """Stop the background thread and free every buffer; safe to call twice."""
@@ -407,6 +512,8 @@ class LayerLoader:
         for f in pending:
             f.cancel()
         self._executor.shutdown(wait=True, cancel_futures=True)
+        if self._copy_stream is not None:
+            self._copy_stream.synchronize()  # no copy may still read a staging buffer we are about to free
         self._in_use.clear()
         self._device_cache.clear()
         self._host_cache.clear()
@@ -444,18 +551,22 @@ class LayerLoader:
         out: dict[str, torch.Tensor] = {}
         t_deq = 0.0
         t_copy = 0.0
+        # copies are asynchronous on CUDA: when profiling (only then) wait for each, so the times are real
+        sync = torch.cuda.current_stream(self.device).synchronize if (self.is_cuda and self.profile) else _noop
         for name, info in entry.tensors.items():
             target = self.target_dtypes.get(name, info.dtype)
             if info.quant is not None:
                 t0 = time.perf_counter()
                 parts = {p: raw[f"{name}::{p}"] for p in info.quant["parts"]}
                 value = dequantize_tensor(parts, info.quant, device=self.device, dtype=target)
+                sync()
                 t_deq += time.perf_counter() - t0
             else:
                 value = raw[name]
                 if value.device != self.device:
                     t0 = time.perf_counter()
                     value = value.to(self.device, non_blocking=True)
+                    sync()
                     t_copy += time.perf_counter() - t0
                 if value.dtype != target:
                     value = value.to(target)
@@ -476,42 +587,121 @@ class LayerLoader:
         raw = mmap_tensors(self.shards.header(RESIDENT))
         return self._finish(RESIDENT, raw, -1)
 
+    def _read_file(self, header: Header, buf: torch.Tensor) -> tuple[dict[str, torch.Tensor], str]:
+        """Read a layer file into `buf` (laid out as the file) and return views of its tensors.
+
+        From the page cache when the file is there; else with `O_DIRECT`, which reads straight from the disk into
+        our buffer (no kernel copy competing with the compute for CPU time, no page cache filled with a layer that
+        will be evicted before the next sweep anyway).
+        """
+        size = header.file_size
+        view = memoryview(buf.numpy())
+        fd = os.open(header.path, os.O_RDONLY)
+        try:
+            check = getattr(header, "check_unchanged", None)
+            if check is not None:  # a file replaced or rewritten under a running model fails loudly, naming it
+                check(fd)
+            how = "page_cache"
+            if self._direct and not _page_cached(fd, header):
+                try:
+                    self._read_direct(header, view)
+                    how = "direct"
+                except OSError as e:
+                    if isinstance(e, ShardFileError):
+                        raise
+                    logger.info("O_DIRECT reads refused for %s (%s); reading through the page cache", header.path, e)
+                    self._direct = False
+            if how == "page_cache":
+                done = header.data_offset
+                while done < size:
+                    n = os.preadv(fd, [view[done : min(done + _READ_CHUNK, size)]], done)
+                    if n <= 0:
+                        raise ShardFileError(
+                            header.path, f"ended after {done} of {size} bytes (truncated while reading)"
+                        )
+                    done += n
+        finally:
+            os.close(fd)
+            view.release()
+        self.reads[how] += 1
+        return _views(header, buf.numpy(), header.data_offset), how
+
+    def _map_if_cached(self, header: Header) -> dict[str, torch.Tensor] | None:
+        """CPU only: when the file is in the page cache, map it instead of copying it (zero-copy, no memcpy taking
+        CPU time from the compute). `MAP_POPULATE` builds the page tables here, in the loader thread, so the
+        compute takes no page faults. The mapping is read-only and lives as long as the tensors viewing it.
+        Returns `None` when the file is not cached (it is then read with `O_DIRECT`)."""
+        populate = getattr(mmap, "MAP_POPULATE", None)
+        if populate is None or not self._map_cached:
+            return None
+        fd = os.open(header.path, os.O_RDONLY)
+        try:
+            check = getattr(header, "check_unchanged", None)
+            if check is not None:
+                check(fd)
+            if not _page_cached(fd, header):
+                return None
+            if os.fstat(fd).st_size < header.file_size:  # mapping past the end would SIGBUS instead of raising
+                raise ShardFileError(header.path, f"is shorter than its {header.file_size} bytes (truncated)")
+            mm = mmap.mmap(fd, header.file_size, flags=mmap.MAP_PRIVATE | populate, prot=mmap.PROT_READ)
+        finally:
+            os.close(fd)
+        self.reads["mapped"] += 1
+        return _views(header, mm, header.data_offset)
+
+    def _read_direct(self, header: Header, view: memoryview) -> None:
+        size = header.file_size
+        end = _round_up(size)
+        fd = os.open(header.path, os.O_RDONLY | os.O_DIRECT)
+        try:
+            done = 0
+            while done < size:
+                n = os.preadv(fd, [view[done : min(done + _READ_CHUNK, end)]], done)
+                if n <= 0:
+                    raise ShardFileError(header.path, f"ended after {done} of {size} bytes (truncated while reading)")
+                done += n
+        finally:
+            os.close(fd)
+
     def _load_streamed(self, index: int) -> _Ready:
         """Runs in the loader thread."""
         unit = layer_unit(index)
         header = self.shards.header(unit)
         tier = self.plan.tier(index)
         t0 = time.perf_counter()
+        buffer = None
+        nread = 0
+        mapped = False
         if tier == "host":
             raw = self._host_cache.get(index)
             if raw is None:
-                host = read_tensors_into(header, torch.empty(header.data_size, dtype=torch.uint8, pin_memory=self.is_cuda))
-                self._host_cache[index] = raw = host
-            buffer = None
-            nread = 0
+                raw, _ = self._read_file(header, _aligned_buffer(header.file_size, self.is_cuda))
+                self._host_cache[index] = raw
+                nread = header.data_size
         else:
-            buf = self._pool.take(header.data_size)
-            raw = read_tensors_into(header, buf)
-            buffer = buf
+            raw = self._map_if_cached(header) if not self.is_cuda else None
+            mapped = raw is not None
+            if mapped:
+                self._pool.discard_one()
+            else:
+                buffer = self._pool.take(header.file_size)
+                raw, _ = self._read_file(header, buffer)
             nread = header.data_size
         t_read = time.perf_counter() - t0
+        if self.profile is not None:
+            self.profile.add(index, read=t_read, bytes_read=nread)
         if not self.is_cuda:
             tensors = self._relative(index, self._finish(unit, raw, index))
-            if self.profile is not None:
-                self.profile.add(index, read=t_read, bytes_read=nread)
             views = [weakref.ref(t) for t in tensors.values()] if buffer is not None else []
-            return _Ready(tensors, None, (self._pool, buffer, views) if buffer is not None else None)
-        # CUDA: copy on the side stream, then dequantize/cast there; the compute stream waits on the event
-        with torch.cuda.stream(self._copy_stream):
+            return _Ready(tensors, None, (self._pool, buffer, views) if buffer is not None else None, mapped)
+        # CUDA: copy (and dequantize/cast) on the side stream; the compute stream waits on the event, and the
+        # staging buffer goes back to the pool tagged with the event, to be refilled once the copy has landed
+        with torch.cuda.device(self.device), torch.cuda.stream(self._copy_stream):
             tensors = self._relative(index, self._finish(unit, raw, index))
             event = torch.cuda.Event()
             event.record(self._copy_stream)
         if buffer is not None:
-            # the pinned staging buffer can be refilled once the copy has landed
-            event.synchronize()
-            self._pool.give(buffer, [])
-        if self.profile is not None:
-            self.profile.add(index, read=t_read, bytes_read=nread)
+            self._pool.give(buffer, [], event)
         return _Ready(tensors, event, None)
 
     def describe(self) -> str:

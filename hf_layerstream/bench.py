@@ -1,0 +1,546 @@
+"""`hf-layerstream bench`: ours against the whole model in memory and accelerate's disk offload, in one run.
+
+Every system runs in its own child process (`_measure.run_child`), so each peak RSS (`VmHWM`) is its own. The same
+run measures the two physical limits the figures are compared with:
+
+* warm (files in the page cache): the compute, i.e. the whole model in memory, seconds per token;
+* cold (every weight file dropped from the page cache before each forward): bytes read per sweep / the disk's
+  sequential read bandwidth, measured here on the shard files (O_DIRECT, or buffered after `POSIX_FADV_DONTNEED`).
+
+```
+hf-layerstream bench --demo                      # the 1.7 GB Llama-shaped model of BENCHMARKS.md
+hf-layerstream bench path/to/checkpoint          # split into --work (or a temp dir) first
+hf-layerstream bench path/to/shards --checkpoint path/to/checkpoint
+```
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import mmap
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+SYSTEMS = ("in_memory", "accelerate_offload", "streamed", "streamed_disk")
+LABELS = {
+    "in_memory": "transformers, whole model in RAM",
+    "accelerate_offload": "accelerate disk offload",
+    "streamed": "hf_layerstream (budget)",
+    "streamed_disk": "hf_layerstream (every layer from disk)",
+    "physical_limit": "physical limit",
+}
+DEMO_SIZES = {"layers": 16, "hidden_size": 2048, "intermediate_size": 5632, "vocab_size": 32000}
+PROMPT = (
+    "The quick brown fox jumps over the lazy dog while layer streaming keeps only a few decoder layers in memory at "
+    "a time"
+)
+# targets of issue #4
+WARM_TARGET = 1.10  # x in-memory time, streaming from the page cache
+WARM_RESIDENT_TARGET = 1.05  # x in-memory time, a budget that holds everything
+COLD_TARGET = 1.15  # x bytes per sweep / disk bandwidth
+COLD_VS_ACCELERATE = 0.6  # x accelerate's cold disk offload
+RSS_SLACK = 1.15
+
+
+def add_bench_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `hf-layerstream bench` on the CLI's subparsers.
+
+    Args:
+        subparsers: what `argparse.ArgumentParser.add_subparsers` returned.
+
+    Returns:
+        The `bench` parser (its handler is [`run_bench`]).
+    """
+    p = subparsers.add_parser(
+        "bench",
+        help="ours vs whole model in RAM vs accelerate disk offload, warm and cold, against the physical limits",
+        description=__doc__.split("\n\n")[0],
+    )
+    p.add_argument("source", nargs="?", default=None, help="checkpoint folder, hub id, or shard directory")
+    p.add_argument("--demo", action="store_true", help="generate the random-weight Llama-shaped model of BENCHMARKS.md")
+    p.add_argument("--checkpoint", default=None, help="original checkpoint (when SOURCE is a shard directory)")
+    p.add_argument("--work", default=None, help="folder for the split / demo model / offload (default: temporary)")
+    p.add_argument("--layers", type=int, default=DEMO_SIZES["layers"], help="--demo: decoder layers")
+    p.add_argument("--hidden-size", type=int, default=DEMO_SIZES["hidden_size"], help="--demo: hidden size")
+    p.add_argument("--intermediate-size", type=int, default=DEMO_SIZES["intermediate_size"], help="--demo: MLP size")
+    p.add_argument("--vocab-size", type=int, default=DEMO_SIZES["vocab_size"], help="--demo: vocabulary")
+    p.add_argument("--dtype", default="bfloat16", help="--demo: checkpoint dtype (default bfloat16)")
+    p.add_argument("--max-new-tokens", type=int, default=8, help="tokens generated per run (default 8)")
+    p.add_argument("--prompt-tokens", type=int, default=16, help="prompt length in tokens (default 16)")
+    p.add_argument("--prefetch", type=int, default=None, help="layers read ahead by our loader (default: library's)")
+    p.add_argument(
+        "--max-memory", default=None, help="budget of the 'streamed' row, e.g. 'cpu=1GiB' (default: library's plan)"
+    )
+    p.add_argument(
+        "--systems",
+        default=",".join(SYSTEMS),
+        help=f"comma-separated subset of {','.join(SYSTEMS)} (streamed_disk: max_memory cpu=0)",
+    )
+    p.add_argument("--modes", default="warm,cold", help="warm, cold or both (default warm,cold)")
+    p.add_argument("--batch-sizes", default="1", help="prompts per sweep, e.g. 1,4,16,64: one row per size")
+    p.add_argument(
+        "--assistant",
+        default=None,
+        help="draft model folder (or `demo` with --demo): adds assisted-decoding rows with sweeps per token",
+    )
+    p.add_argument("--repeats", type=int, default=1, help="generate calls per measurement (median over all steps)")
+    p.add_argument(
+        "--rounds", type=int, default=1, help="run every system this many times, interleaved; report the median round"
+    )
+    p.add_argument("--threads", type=int, default=None, help="torch threads in every child (default: torch's)")
+    p.add_argument("--device", default=None, help="execution device of our rows (default: cuda if available)")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per child process")
+    p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    p.set_defaults(handler=run_bench)
+    return p
+
+
+# --- measuring the limits -------------------------------------------------------------------------------------------
+
+
+def drop_from_page_cache(paths) -> None:
+    """Evict files from the page cache (`POSIX_FADV_DONTNEED`)."""
+    from ._measure import drop_page_cache
+
+    drop_page_cache([str(p) for p in paths])
+
+
+def measure_disk_bandwidth(paths, *, chunk: int = 16 * 2**20) -> dict:
+    """Sequential read bandwidth of `paths` from the disk (not the page cache), in bytes per second.
+
+    Reads with `O_DIRECT` where the file system allows it (no page cache, no copy), else with buffered reads
+    after dropping the files from the page cache. The files are dropped from the page cache afterwards too.
+
+    Args:
+        paths: the files to read (the shard files: the bytes a cold sweep reads).
+        chunk (`int`): bytes per read call.
+
+    Returns:
+        `{"bytes", "seconds", "bandwidth", "method"}`.
+    """
+    paths = [str(p) for p in paths]
+    buf = mmap.mmap(-1, chunk)  # page-aligned, as O_DIRECT requires
+    view = memoryview(buf)
+    drop_from_page_cache(paths)
+    total, method = 0, "O_DIRECT"
+    t0 = time.perf_counter()
+    for path in paths:
+        flags = os.O_RDONLY | getattr(os, "O_DIRECT", 0)
+        try:
+            fd = os.open(path, flags)
+        except OSError:
+            fd, method = os.open(path, os.O_RDONLY), "buffered after POSIX_FADV_DONTNEED"
+        try:
+            offset = 0
+            while True:
+                try:
+                    n = os.preadv(fd, [view], offset)
+                except OSError:  # O_DIRECT refused at read time (e.g. tmpfs): fall back for this file
+                    os.close(fd)
+                    fd, method = os.open(path, os.O_RDONLY), "buffered after POSIX_FADV_DONTNEED"
+                    n = os.preadv(fd, [view], offset)
+                if n <= 0:
+                    break
+                offset += n
+                total += n
+        finally:
+            os.close(fd)
+    seconds = time.perf_counter() - t0
+    drop_from_page_cache(paths)
+    view.release()
+    buf.close()
+    return {"bytes": total, "seconds": seconds, "bandwidth": total / seconds if seconds > 0 else None, "method": method}
+
+
+# --- preparing the inputs -------------------------------------------------------------------------------------------
+
+
+def _is_shard_dir(path: Path) -> bool:
+    from .shard_dir import MANIFEST_NAME
+
+    return (path / MANIFEST_NAME).is_file()
+
+
+def prepare(args, work: Path) -> tuple[Path | None, Path]:
+    """(checkpoint folder or None, shard directory) for `args`: writes the demo model and splits as needed."""
+    from .split import split_checkpoint
+
+    if args.demo:
+        from .demo import write_demo_checkpoint
+
+        ckpt = work / "checkpoint"
+        if not (ckpt / "config.json").exists():
+            logger.info("writing the demo checkpoint to %s", ckpt)
+            write_demo_checkpoint(
+                ckpt,
+                layers=args.layers,
+                hidden_size=args.hidden_size,
+                intermediate_size=args.intermediate_size,
+                vocab_size=args.vocab_size,
+                dtype=args.dtype,
+            )
+        return ckpt, split_checkpoint(ckpt, work / "shards", progress=False)
+    if args.source is None:
+        raise ValueError("`bench` needs a SOURCE (checkpoint folder, hub id or shard directory) or `--demo`.")
+    source = Path(args.source)
+    if source.is_dir() and _is_shard_dir(source):
+        ckpt = Path(args.checkpoint) if args.checkpoint else None
+        if ckpt is None:
+            logger.warning("SOURCE is a shard directory and no --checkpoint was given: skipping in-memory and accelerate rows")
+        return ckpt, source
+    if source.is_dir():
+        ckpt = source
+    else:  # a hub id: from_pretrained and split_checkpoint both resolve it
+        from huggingface_hub import snapshot_download
+
+        ckpt = Path(snapshot_download(args.source, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    return ckpt, split_checkpoint(ckpt, work / "shards", progress=False)
+
+
+def _prompt_ids(path: Path, n: int) -> tuple[list[int], int]:
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        ids = tok(PROMPT)["input_ids"]
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    except (OSError, ValueError):  # no tokenizer: any ids within the vocabulary do
+        ids, pad = [5 + i % 50 for i in range(n)], 0
+    while len(ids) < n:
+        ids = ids + ids
+    return ids[:n], pad
+
+
+def _parse_list(text: str, allowed, name: str) -> list[str]:
+    items = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [s for s in items if s not in allowed]
+    if bad or not items:
+        raise ValueError(f"`{name}` got {text!r}; choose a comma-separated subset of {', '.join(allowed)}.")
+    return items
+
+
+def _parse_batches(text: str) -> list[int]:
+    try:
+        sizes = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or any(s < 1 for s in sizes):
+        raise ValueError(f"`--batch-sizes` got {text!r}; use positive integers such as 1,4,16,64.")
+    return sizes
+
+
+# --- the run ----------------------------------------------------------------------------------------------------------
+
+
+def run_bench(args) -> int:
+    """`hf-layerstream bench`: measure, print the table (or JSON); exit 1 when streamed tokens differ."""
+    report = bench(args)
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        print(format_report(report))
+    mismatched = [r for r in report["rows"] if r.get("same_tokens") is False]
+    return 1 if mismatched else 0
+
+
+def bench(args) -> dict:
+    """Run every requested system side by side and return the report (see `format_report` for the table).
+
+    Returns:
+        `{"model", "disk", "baseline_rss", "rows", "targets"}`; each row has `system`, `mode`, `batch`,
+        `s_per_token`, `tokens_per_s`, `peak_rss`, `cuda_peak`, `limit_s`, `ratio_to_limit`, `same_tokens`, ...
+    """
+    from .cli import _max_memory
+    from .shard_dir import ShardDirectory
+
+    systems = _parse_list(args.systems, SYSTEMS, "--systems")
+    modes = _parse_list(args.modes, ("warm", "cold"), "--modes")
+    batches = _parse_batches(args.batch_sizes)
+    if args.max_new_tokens < 2:
+        raise ValueError(f"`--max-new-tokens` is {args.max_new_tokens}; use at least 2 (decode steps are timed).")
+    if args.rounds < 1 or args.repeats < 1:
+        raise ValueError(f"`--rounds` ({args.rounds}) and `--repeats` ({args.repeats}) must be at least 1.")
+    if args.prefetch is not None and args.prefetch < 0:
+        raise ValueError(f"`--prefetch` is {args.prefetch}; use a non-negative number of layers.")
+    max_memory = _max_memory(args.max_memory)
+    if args.assistant and args.assistant != "demo" and not (Path(args.assistant) / "config.json").is_file():
+        raise ValueError(
+            f"`--assistant` {args.assistant!r} is not a model folder with a config.json; pass a small draft model "
+            "sharing the tokenizer (or `demo` with `--demo`)."
+        )
+    if args.assistant == "demo" and not args.demo:
+        raise ValueError("`--assistant demo` builds a 1-layer draft of the demo model; it needs `--demo`.")
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="hf_layerstream_bench_"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        ckpt, shard_dir = prepare(args, work)
+        shards = ShardDirectory(shard_dir)
+        if ckpt is None:
+            systems = [s for s in systems if s not in ("in_memory", "accelerate_offload")]
+        ids, pad = _prompt_ids(ckpt or shard_dir, args.prompt_tokens)
+        assistant = args.assistant
+        if assistant == "demo":
+            from .demo import write_demo_checkpoint
+
+            assistant = str(work / "assistant")
+            if not (work / "assistant" / "config.json").exists():
+                write_demo_checkpoint(
+                    assistant, layers=1, hidden_size=256, intermediate_size=512, vocab_size=args.vocab_size, dtype=args.dtype
+                )
+        layer_files = [shards.files[f"layers.{i}"] for i in range(shards.num_layers)]
+        stored = [shards.unit(f"layers.{i}").size for i in range(shards.num_layers)]
+        resident_bytes = shards.unit("resident").logical_nbytes
+        layer_bytes = max(shards.unit(f"layers.{i}").logical_nbytes for i in range(shards.num_layers))
+        model_info = {
+            "checkpoint": str(ckpt) if ckpt else None,
+            "shard_dir": str(shard_dir),
+            "num_layers": shards.num_layers,
+            "layer_file_bytes": sum(stored),
+            "resident_bytes": resident_bytes,
+            "max_layer_bytes": layer_bytes,
+            "prompt_tokens": len(ids),
+            "max_new_tokens": args.max_new_tokens,
+        }
+        disk = measure_disk_bandwidth(layer_files) if "cold" in modes else None
+        common = {"input_ids": ids, "max_new_tokens": args.max_new_tokens, "pad_token_id": pad, "repeats": args.repeats}
+        if args.threads:
+            common["threads"] = args.threads
+        rows: list[dict] = []
+
+        def spec_for(system: str) -> dict:
+            if system == "in_memory":
+                return {"system": "in_memory", "path": str(ckpt)}
+            if system == "accelerate_offload":
+                # a CPU budget far below one layer: every decoder layer (and, as in BENCHMARKS.md, most of the
+                # rest) is offloaded to disk
+                budget = max(1, min(10 * 2**20, (sum(stored) + resident_bytes) // 50))
+                return {
+                    "system": "accelerate_offload",
+                    "path": str(ckpt),
+                    "offload_folder": str(work / "offload"),
+                    "offload_budget": budget,
+                }
+            spec = {"system": "streamed", "path": str(shard_dir), "prefetch": args.prefetch, "profile": True}
+            spec["device"] = args.device
+            spec["max_memory"] = {"cpu": 0} if system == "streamed_disk" else max_memory
+            return spec
+
+        plans = {}
+        for _ in range(args.rounds):
+            _one_round(rows, plans, batches, modes, systems, spec_for, common, assistant, args)
+        rows = _merge_rounds(rows)
+        if disk is not None:
+            # the disk is shared too: measure again after the runs and keep the faster (the physical limit)
+            again = measure_disk_bandwidth(layer_files)
+            samples = [disk["bandwidth"], again["bandwidth"]]
+            disk = max(disk, again, key=lambda d: d["bandwidth"] or 0)
+            disk["samples"] = samples
+        baseline_rss = min((r["baseline_rss"] for r in rows if r.get("baseline_rss")), default=0)
+        _derive(rows, disk, stored, baseline_rss, resident_bytes, layer_bytes, args)
+        return {
+            "model": model_info,
+            "disk": disk,
+            "baseline_rss": baseline_rss,
+            "rows": rows,
+            "targets": {
+                "warm": WARM_TARGET,
+                "warm_resident": WARM_RESIDENT_TARGET,
+                "cold": COLD_TARGET,
+                "cold_vs_accelerate": COLD_VS_ACCELERATE,
+                "rss_slack": RSS_SLACK,
+            },
+        }
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _one_round(rows, plans, batches, modes, systems, spec_for, common, assistant, args) -> None:
+    """Every requested measurement once, appended to `rows` (rounds interleave systems, so load spikes on a
+    shared machine hit all of them alike)."""
+    for batch in batches:
+        for mode in modes:
+            for system in systems:
+                if mode == "cold" and system == "in_memory":
+                    continue
+                if mode == "cold" and system == "streamed" and plans.get(system, {}).get("streamed") == []:
+                    continue  # nothing is read from disk: a cold run would measure the warm one again
+                spec = {**spec_for(system), **common, "batch": batch, "cold": mode == "cold"}
+                logger.info("measuring %s %s batch %d", system, mode, batch)
+                t0 = time.perf_counter()
+                r = _run(spec, args.timeout)
+                r["wall_s"] = time.perf_counter() - t0
+                r["system"], r["mode"] = system, mode
+                if "plan_data" in r:
+                    plans[system] = r["plan_data"]
+                rows.append(r)
+        if assistant and batch == 1:
+            # accelerate's offload hooks do not survive assisted decoding (meta tensors): ours and the reference
+            for system in (s for s in systems if s != "accelerate_offload"):
+                spec = {**spec_for(system), **common, "batch": 1, "assistant": assistant}
+                r = _run(spec, args.timeout)
+                r["system"], r["mode"] = system, "warm, assisted"
+                rows.append(r)
+
+
+def _merge_rounds(rows: list[dict]) -> list[dict]:
+    """One row per (system, mode, batch): the round with the median seconds per token, all rounds listed."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["system"], r["mode"], r["batch"]), []).append(r)
+    merged = []
+    for group in groups.values():
+        ok = sorted((r for r in group if r.get("s_per_token")), key=lambda r: r["s_per_token"])
+        pick = dict(ok[(len(ok) - 1) // 2] if ok else group[0])
+        pick["rounds_s_per_token"] = [r.get("s_per_token") for r in group]
+        merged.append(pick)
+    return merged
+
+
+def _run(spec: dict, timeout: float) -> dict:
+    """One child; a failing system becomes a row with its error instead of ending the whole benchmark."""
+    from ._measure import run_child
+
+    try:
+        return run_child(spec, timeout=timeout)
+    except Exception as e:  # noqa: BLE001 - reported in the table
+        logger.warning("%s failed: %s", spec["system"], e)
+        return {
+            "system": spec["system"],
+            "batch": spec.get("batch", 1),
+            "error": str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__,
+            "s_per_token": None,
+            "tokens": None,
+            "peak_rss": None,
+        }
+
+
+def _derive(rows, disk, stored, baseline_rss, resident_bytes, layer_bytes, args) -> None:
+    """Add tokens/s, limits, ratios and target checks to each row, in place."""
+    from .stream import DEFAULT_PREFETCH
+
+    ref = {(r["batch"]): r for r in rows if r["system"] == "in_memory" and r["mode"] == "warm"}
+    acc_cold = {r["batch"]: r for r in rows if r["system"] == "accelerate_offload" and r["mode"] == "cold"}
+    bandwidth = disk["bandwidth"] if disk else None
+    for r in rows:
+        spt = r.get("s_per_token")
+        r["label"] = LABELS.get(r["system"], r["system"])
+        r["tokens_per_s"] = r["batch"] / spt if spt else None
+        base = ref.get(r["batch"])
+        comparable = base is not None and r["system"] != "in_memory" and r.get("tokens") and base.get("tokens")
+        r["same_tokens"] = (r["tokens"] == base["tokens"]) if comparable else None
+        plan = r.get("plan_data")
+        if r["system"].startswith("streamed") and plan is not None:
+            swept = sum(stored[i] for i in plan["streamed"])
+        elif r["system"] == "accelerate_offload":
+            swept = sum(stored)  # accelerate reads every layer's weights per sweep (its own files, same bytes)
+        else:
+            swept = 0
+        r["bytes_per_sweep"] = swept
+        r["compute_s"] = base["s_per_token"] if base else None
+        r["disk_limit_s"] = swept / bandwidth if (bandwidth and swept) else None
+        r["target"] = None
+        if r["mode"] == "cold":
+            r["limit_s"] = r["disk_limit_s"]
+            # neither can be faster than the slower of the two, whatever the overlap
+            r["bound_s"] = max(x for x in (r["disk_limit_s"], r["compute_s"], 0) if x is not None)
+            if r["system"].startswith("streamed"):
+                r["target"] = COLD_TARGET
+                acc = acc_cold.get(r["batch"])
+                if acc is not None and spt and acc.get("s_per_token"):
+                    r["ratio_to_accelerate"] = spt / acc["s_per_token"]
+        else:
+            r["limit_s"] = r["compute_s"]
+            r["bound_s"] = r["compute_s"]
+            if r["system"] == "streamed_disk" or (r["system"] == "streamed" and plan and plan["streamed"]):
+                r["target"] = WARM_TARGET
+            elif r["system"] == "streamed":
+                r["target"] = WARM_RESIDENT_TARGET
+        r["ratio_to_limit"] = spt / r["limit_s"] if (spt and r.get("limit_s")) else None
+        r.setdefault("peak_rss", None)
+        r["ratio_to_bound"] = spt / r["bound_s"] if (spt and r.get("bound_s")) else None
+        if r["system"] == "streamed_disk" and plan is not None:
+            k = plan.get("prefetch", args.prefetch if args.prefetch is not None else DEFAULT_PREFETCH)
+            allowed = RSS_SLACK * (resident_bytes + (k + 1) * layer_bytes)
+            r["rss_over_baseline"] = r["peak_rss"] - (r.get("baseline_rss") or baseline_rss)
+            r["rss_allowed"] = allowed
+        r.pop("plan_data", None)
+
+
+def _fmt(x, spec: str, none: str = "-") -> str:
+    return none if x is None else format(x, spec)
+
+
+def _gb(n) -> str:
+    return "-" if n is None else f"{n / 1e9:.2f} GB"
+
+
+def format_report(report: dict) -> str:
+    """The report as a text table: one row per system, mode and batch size, then the limits and the targets."""
+    m = report["model"]
+    lines = [
+        f"model: {m['num_layers']} layers, {m['layer_file_bytes'] / 1e9:.2f} GB of layer files + "
+        f"{m['resident_bytes'] / 1e9:.2f} GB resident parts; prompt {m['prompt_tokens']} tokens, "
+        f"{m['max_new_tokens']} new tokens (greedy)",
+    ]
+    disk = report.get("disk")
+    if disk:
+        lines.append(
+            f"disk read bandwidth: {disk['bandwidth'] / 1e9:.2f} GB/s ({disk['method']}, {disk['bytes'] / 1e9:.2f} GB "
+            f"in {disk['seconds']:.2f} s; best of {', '.join(f'{b / 1e9:.2f}' for b in disk.get('samples', []))} GB/s "
+            "measured before and after the runs)"
+        )
+    lines.append(f"baseline RSS (python + torch + transformers imported, before loading): {_gb(report['baseline_rss'])}")
+    header = (
+        f"{'system':40} {'mode':14} {'batch':>5} {'s/token':>8} {'tok/s':>7} {'peak RSS':>9} {'CUDA peak':>9} "
+        f"{'limit s':>8} {'x limit':>7} {'x bound':>7} {'target':>7} {'same':>5}"
+    )
+    lines += ["", header, "-" * len(header)]
+    for r in report["rows"]:
+        ok = ""
+        if r.get("target") and r.get("ratio_to_limit"):
+            ok = f"{'<=' if r['ratio_to_limit'] <= r['target'] else '>'}{r['target']:.2f}"
+        same = {True: "yes", False: "NO", None: "ref" if r["system"] == "in_memory" else "-"}[r.get("same_tokens")]
+        if r.get("error"):
+            lines.append(f"{r['label'][:40]:40} {r['mode']:14} {r['batch']:>5} failed: {r['error'][:80]}")
+            continue
+        lines.append(
+            f"{r['label'][:40]:40} {r['mode']:14} {r['batch']:>5} {_fmt(r['s_per_token'], '8.3f'):>8} "
+            f"{_fmt(r['tokens_per_s'], '7.2f'):>7} {_gb(r['peak_rss']):>9} {_gb(r.get('cuda_peak')):>9} "
+            f"{_fmt(r.get('limit_s'), '8.3f'):>8} {_fmt(r.get('ratio_to_limit'), '7.2f'):>7} "
+            f"{_fmt(r.get('ratio_to_bound'), '7.2f'):>7} {ok:>7} {same:>5}"
+        )
+    notes = []
+    for r in report["rows"]:
+        if r.get("ratio_to_accelerate") is not None:
+            verdict = "ok" if r["ratio_to_accelerate"] <= COLD_VS_ACCELERATE else "short"
+            notes.append(
+                f"{r['label']} cold, batch {r['batch']}: {r['ratio_to_accelerate']:.2f}x accelerate's cold disk "
+                f"offload (target <= {COLD_VS_ACCELERATE}: {verdict})"
+            )
+        if r.get("rss_allowed") is not None:
+            verdict = "ok" if r["rss_over_baseline"] <= r["rss_allowed"] else "over"
+            notes.append(
+                f"{r['label']} {r['mode']}: peak RSS over baseline {_gb(r['rss_over_baseline'])}, allowed "
+                f"{RSS_SLACK:.2f} x (resident + (prefetch+1) layers) = {_gb(r['rss_allowed'])} ({verdict})"
+            )
+        if "assisted" in r["mode"]:
+            notes.append(f"{r['label']} assisted: {r['sweeps_per_token']:.2f} sweeps per generated token")
+        if r.get("profile"):
+            p = r["profile"]
+            notes.append(
+                f"{r['label']} {r['mode']} profile: compute {p['compute']:.2f} s, wait {p['wait']:.2f} s, read "
+                f"{p['read']:.2f} s ({p['bytes_read'] / 1e9:.2f} GB), dequantize {p['dequantize']:.2f} s, copy "
+                f"{p['copy']:.2f} s over {p['forward_calls']} sweeps"
+            )
+    lines += ["", "limit: warm = whole model in RAM (compute); cold = bytes per sweep / disk bandwidth; "
+              "bound = max(disk limit, compute)"]
+    lines += notes
+    return "\n".join(lines)

@@ -1,0 +1,75 @@
+"""`hf-layerstream bench` end to end on a tiny demo model (each system in its own child process)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hf_layerstream.bench import format_report, measure_disk_bandwidth
+from hf_layerstream.cli import build_parser, main
+
+TINY = ["--layers", "3", "--hidden-size", "64", "--intermediate-size", "128", "--vocab-size", "256"]
+
+
+def test_bench_demo_json_and_table(tmp_path, capsys):
+    argv = ["bench", "--demo", *TINY, "--work", str(tmp_path), "--max-new-tokens", "3", "--prompt-tokens", "8"]
+    argv += ["--systems", "in_memory,streamed_disk", "--json"]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report) >= {"model", "disk", "baseline_rss", "rows", "targets"}
+    assert report["model"]["num_layers"] == 3 and report["model"]["prompt_tokens"] == 8
+    assert report["disk"]["bandwidth"] > 0 and report["disk"]["bytes"] == report["model"]["layer_file_bytes"]
+    rows = {(r["system"], r["mode"]): r for r in report["rows"]}
+    assert set(rows) == {("in_memory", "warm"), ("streamed_disk", "warm"), ("streamed_disk", "cold")}
+    for r in rows.values():
+        for key in ("s_per_token", "tokens_per_s", "peak_rss", "cuda_peak", "limit_s", "ratio_to_limit", "batch"):
+            assert key in r, key
+        assert r["s_per_token"] > 0 and r["peak_rss"] > 0 and r["batch"] == 1
+        assert len(r["tokens"]) == 3
+    assert rows[("in_memory", "warm")]["ratio_to_limit"] == pytest.approx(1.0)
+    assert rows[("streamed_disk", "warm")]["same_tokens"] is True
+    cold = rows[("streamed_disk", "cold")]
+    assert cold["same_tokens"] is True and cold["target"] == report["targets"]["cold"]
+    assert cold["bytes_per_sweep"] == report["model"]["layer_file_bytes"]
+    assert cold["limit_s"] == pytest.approx(cold["bytes_per_sweep"] / report["disk"]["bandwidth"])
+    assert cold["profile"]["forward_calls"] == 3 and cold["profile"]["bytes_read"] > 0
+    assert "rss_allowed" in cold and "rss_over_baseline" in cold
+    table = format_report(report)
+    assert "whole model in RAM" in table and "every layer from disk" in table
+    assert "disk read bandwidth" in table and "s/token" in table and "x limit" in table
+    # the work folder was kept (--work): a second run reuses the checkpoint and the split
+    assert (tmp_path / "checkpoint" / "config.json").exists() and (tmp_path / "shards" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--systems", "in_memory,bogus"], "--systems"),
+        (["--modes", "lukewarm"], "--modes"),
+        (["--batch-sizes", "1,0"], "--batch-sizes"),
+        (["--max-new-tokens", "1"], "--max-new-tokens"),
+        (["--assistant", "/nonexistent/draft"], "--assistant"),
+    ],
+)
+def test_bench_rejects_bad_options(tmp_path, capsys, extra, message):
+    assert main(["bench", "--demo", *TINY, "--work", str(tmp_path), *extra]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bench_needs_a_source(capsys):
+    assert main(["bench"]) == 2
+    assert "--demo" in capsys.readouterr().err
+
+
+def test_bench_parser_registered():
+    args = build_parser().parse_args(["bench", "--demo", "--batch-sizes", "1,4", "--assistant", "demo"])
+    assert args.handler.__name__ == "run_bench" and args.batch_sizes == "1,4" and args.assistant == "demo"
+
+
+def test_disk_bandwidth(tmp_path):
+    path = tmp_path / "blob"
+    path.write_bytes(b"\1" * (3 * 2**20 + 123))  # not a multiple of the block size: the tail still counts
+    result = measure_disk_bandwidth([path], chunk=2**20)
+    assert result["bytes"] == 3 * 2**20 + 123
+    assert result["bandwidth"] > 0 and result["seconds"] > 0 and result["method"]

@@ -1,0 +1,399 @@
+"""The loader: residency plans, sizes, errors surfacing in the caller, clean shutdown, profiles, peak memory."""
+
+from __future__ import annotations
+
+import gc
+import os
+import shutil
+import threading
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+
+import _models
+import pytest
+import torch
+from conftest import streamed_model
+from transformers import AutoTokenizer
+
+from hf_layerstream import (
+    LayerLoadError,
+    ShardDirectory,
+    disable_layer_streaming,
+    enable_layer_streaming,
+    get_streaming_state,
+)
+from hf_layerstream.engine import _spread, parse_size, plan_residency
+
+STREAM_ALL = {"max_memory": {"cpu": 0}, "prefetch": 1}
+GEN = {"max_new_tokens": 4, "min_new_tokens": 4, "do_sample": False}
+
+
+def _loader_threads(loader=None) -> list[threading.Thread]:
+    """Live loader threads: of `loader` only (other tests' models may be alive in this process), else all."""
+    if loader is not None:
+        return [t for t in loader._executor._threads if t.is_alive()]
+    return [t for t in threading.enumerate() if t.name.startswith("hf_layerstream-loader") and t.is_alive()]
+
+
+@pytest.fixture(scope="module")
+def llama(checkpoints):
+    """(checkpoint, shards, reference model, tokenizer inputs, reference tokens) for a 6-layer llama."""
+    ckpt, shards = checkpoints("llama", num_hidden_layers=6)
+    ref = _models.load_reference(ckpt)
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    inputs = tok(_models.SAMPLE_PROMPTS[1], return_tensors="pt")
+    expected = ref.generate(**inputs, **GEN, pad_token_id=tok.pad_token_id)
+    return ckpt, shards, inputs, expected, tok.pad_token_id
+
+
+# --- sizes and plans ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        (0, 0),
+        (1234, 1234),
+        (1.5e3, 1500),
+        ("4GiB", 4 * 2**30),
+        ("4 GiB", 4 * 2**30),
+        ("500MB", 500 * 10**6),
+        ("500mb", 500 * 10**6),
+        ("1.5KiB", 1536),
+        ("2K", 2000),
+        ("3T", 3 * 10**12),
+        ("7", 7),
+        ("7B", 7),
+    ],
+)
+def test_parse_size(value, expected):
+    assert parse_size(value) == expected
+
+
+@pytest.mark.parametrize("value", ["", "lots", "-1GiB", "4XB", "GiB", None, True, [4], -5])
+def test_parse_size_errors_name_the_argument(value):
+    with pytest.raises(ValueError, match="max_memory"):
+        parse_size(value)
+
+
+def test_spread_picks_evenly():
+    assert _spread(list(range(8)), 0) == []
+    assert _spread(list(range(8)), 2) == [0, 4]
+    assert _spread(list(range(8)), 4) == [0, 2, 4, 6]
+    assert _spread(list(range(8)), 9) == list(range(8))
+    assert _spread([1, 3, 5, 7], 2) == [1, 5]
+
+
+def _sizes(shards):
+    m = ShardDirectory(shards)
+    return m, m.unit("resident").logical_nbytes, m.unit("layers.0").logical_nbytes
+
+
+def test_plan_cpu_tiers(llama):
+    _, shards, *_ = llama
+    m, resident, layer = _sizes(shards)
+    cpu = torch.device("cpu")
+    everything = plan_residency(m, cpu, max_memory={"cpu": "100GiB"}, prefetch=2)
+    assert everything.device_layers == list(range(6)) and everything.streamed == []
+    nothing = plan_residency(m, cpu, max_memory={"cpu": 0}, prefetch=2)
+    assert nothing.device_layers == [] and nothing.streamed == list(range(6))
+    assert [nothing.tier(i) for i in range(6)] == ["disk"] * 6
+    # resident parts + working set (prefetch + 1 layers) + exactly 3 kept layers, spread over the stack
+    three = plan_residency(m, cpu, max_memory={"cpu": resident + 3 * layer + 3 * layer}, prefetch=2)
+    assert three.device_layers == [0, 2, 4] and three.streamed == [1, 3, 5]
+    assert three.tier(2) == "device" and three.tier(3) == "disk"
+    assert "3 layers kept on cpu" in three.summary() and "3 streamed" in three.summary()
+    assert three.to_dict()["streamed"] == [1, 3, 5]
+    with pytest.raises(TypeError, match="max_memory"):
+        plan_residency(m, cpu, max_memory="4GiB")
+
+
+def test_plan_cuda_tiers_without_a_gpu(llama):
+    """The device/host/disk split is arithmetic: with explicit budgets it needs no GPU to check."""
+    _, shards, *_ = llama
+    m, resident, layer = _sizes(shards)
+    stored = m.unit("layers.0").size
+    cuda = torch.device("cuda", 0)
+    budget = {0: resident + 2 * layer + 2 * layer, "cpu": 3 * stored + 2 * stored}
+    plan = plan_residency(m, cuda, max_memory=budget, prefetch=1, reserve=0)
+    assert plan.device_layers == [0, 3]
+    assert plan.host_layers == [1, 2, 4]
+    assert set(plan.device_layers) | set(plan.host_layers) | set(plan.streamed) == set(range(6))
+    assert len(plan.streamed) == 1 and plan.tier(plan.streamed[0]) == "disk"
+    assert plan.tier(0) == "device" and plan.tier(plan.host_layers[0]) == "host"
+    assert "pinned host RAM" in plan.summary()
+    nothing = plan_residency(m, cuda, max_memory={0: 0, "cpu": 0}, prefetch=1, reserve=0)
+    assert nothing.device_layers == [] and nothing.host_layers == [] and nothing.streamed == list(range(6))
+
+
+# --- errors in the loader -------------------------------------------------------------------------------------------
+
+
+def _copy_shards(shards, tmp_path):
+    dst = tmp_path / "shards"
+    shutil.copytree(shards, dst)
+    return dst
+
+
+class _OnToken:
+    """A streamer calling `action` once, after the `at`-th generated token."""
+
+    def __init__(self, at: int, action):
+        self.count, self.at, self.action = 0, at, action
+
+    def put(self, value):
+        self.count += 1
+        if self.count == self.at + 1:
+            self.action()
+
+    def end(self):
+        pass
+
+
+def test_truncated_file_mid_generation_names_the_layer(llama, tmp_path):
+    ckpt, shards, inputs, expected, pad = llama
+    shards = _copy_shards(shards, tmp_path)
+    model = streamed_model(ckpt, shards, **STREAM_ALL)
+    path = shards / "layers" / "00003.safetensors"
+    original = path.read_bytes()
+
+    def truncate():
+        with open(path, "r+b") as f:
+            f.truncate(len(original) // 2)
+
+    with pytest.raises(LayerLoadError, match=r"layer 3\b") as info:
+        model.generate(**inputs, **GEN, pad_token_id=pad, streamer=_OnToken(1, truncate))
+    assert "00003.safetensors" in str(info.value)
+    # the file is repaired: re-enabling streaming gives the exact output again
+    path.write_bytes(original)
+    disable_layer_streaming(model)
+    enable_layer_streaming(model, shards, device="cpu", **STREAM_ALL)
+    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+    loader = get_streaming_state(model).loader
+    assert all(t.name.startswith("hf_layerstream-loader") for t in _loader_threads(loader))
+    disable_layer_streaming(model)
+    assert not _loader_threads(loader)
+
+
+def test_transient_read_error_then_works_again(llama, monkeypatch):
+    """A failing read (e.g. an I/O error) raises in the caller naming the layer; the next call reads it again."""
+    ckpt, shards, inputs, expected, pad = llama
+    model = streamed_model(ckpt, shards, max_memory={"cpu": 0}, prefetch=2)
+    loader = get_streaming_state(model).loader
+    loader._map_cached = False  # every read goes through `_read_file`, even from the page cache
+    real = loader._read_file
+    failures = {"left": 2}  # the prefetched read and its retry both fail
+
+    def flaky(header, buf):
+        if header.path.name == "00004.safetensors" and failures["left"]:
+            failures["left"] -= 1
+            raise OSError(5, "Input/output error")
+        return real(header, buf)
+
+    monkeypatch.setattr(loader, "_read_file", flaky)
+    with pytest.raises(LayerLoadError, match=r"decoder layer 4 .*Input/output error"):
+        model.generate(**inputs, **GEN, pad_token_id=pad)
+    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+    disable_layer_streaming(model)
+
+
+def test_prefetched_failure_is_retried(llama, monkeypatch):
+    """A read-ahead that failed (file being repaired, say) is retried once when the layer is needed."""
+    ckpt, shards, inputs, expected, pad = llama
+    model = streamed_model(ckpt, shards, max_memory={"cpu": 0}, prefetch=2)
+    loader = get_streaming_state(model).loader
+    loader._map_cached = False  # every read goes through `_read_file`, even from the page cache
+    real = loader._read_file
+    failures = {"left": 1}
+
+    def flaky(header, buf):
+        if header.path.name == "00002.safetensors" and failures["left"]:
+            failures["left"] -= 1
+            raise OSError(5, "Input/output error")
+        return real(header, buf)
+
+    monkeypatch.setattr(loader, "_read_file", flaky)
+    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+    assert failures["left"] == 0
+    disable_layer_streaming(model)
+
+
+# --- shutdown -------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("options", [STREAM_ALL, {}], ids=["streamed", "resident"])
+def test_disable_stops_thread_and_frees_memory(llama, options):
+    ckpt, shards, inputs, expected, pad = llama
+    model = streamed_model(ckpt, shards, **options)
+    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+    state = get_streaming_state(model)
+    loader = state.loader
+    refs = [weakref.ref(model.model.embed_tokens.weight)]
+    refs += [weakref.ref(t) for layer in loader._device_cache.values() for t in layer.values()]
+    refs += [weakref.ref(buf) for buf, _ in loader._pool._free]
+    refs += [weakref.ref(f) for f in loader._pending.values()]
+    assert len(refs) > 1
+    threads = list(loader._executor._threads)
+    if options:
+        assert threads, "streaming all layers must have started the loader thread"
+        assert all(t.name.startswith("hf_layerstream-loader") for t in threads)
+    del state
+    disable_layer_streaming(model)
+    loader = None
+    gc.collect()
+    assert not [t for t in threads if t.is_alive()]
+    alive = [r for r in refs if r() is not None]
+    assert not alive, f"{len(alive)} tensors/buffers of the loader are still alive after disable"
+    assert model.model.embed_tokens.weight.is_meta
+    with pytest.raises(ValueError, match="not enabled"):
+        disable_layer_streaming(model)
+
+
+def test_acquire_after_close_raises():
+    from hf_layerstream.engine import LayerLoader
+
+    loader = LayerLoader.__new__(LayerLoader)
+    loader._closed = True
+    with pytest.raises(RuntimeError, match="enable_layer_streaming"):
+        loader.acquire(0)
+
+
+# --- scheduling -----------------------------------------------------------------------------------------------------
+
+
+def test_prefetch_runs_ahead_cyclically(llama):
+    """After a sweep the next sweep's first streamed layers are already being read (skipping kept layers)."""
+    ckpt, shards, inputs, expected, pad = llama
+    m, resident, layer = _sizes(shards)
+    model = streamed_model(ckpt, shards, max_memory={"cpu": resident + 3 * layer + 3 * layer}, prefetch=2)
+    loader = get_streaming_state(model).loader
+    assert loader.plan.streamed == [1, 3, 5]
+    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+    assert sorted(loader._pending) == [1, 3]
+    loader.wait_idle()
+    assert loader._pool.allocated <= loader.prefetch + 1
+    disable_layer_streaming(model)
+
+
+@pytest.mark.parametrize("mapped", [True, False], ids=["mapped", "read"])
+@pytest.mark.parametrize("prefetch", [0, 1, 2, 3])
+def test_buffers_bounded_by_prefetch(llama, prefetch, mapped):
+    ckpt, shards, inputs, expected, pad = llama
+    model = streamed_model(ckpt, shards, max_memory={"cpu": 0}, prefetch=prefetch)
+    loader = get_streaming_state(model).loader
+    loader._map_cached = mapped
+    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+    loader.wait_idle()
+    assert loader._pool.allocated <= prefetch + 1
+    disable_layer_streaming(model)
+
+
+def test_cold_files_are_read_directly(llama, tmp_path):
+    """Files not in the page cache are read with O_DIRECT (where the file system allows it); output unchanged."""
+    ckpt, shards, inputs, expected, pad = llama
+    shards = _copy_shards(shards, tmp_path)
+    model = streamed_model(ckpt, shards, **STREAM_ALL)
+    loader = get_streaming_state(model).loader
+    files = sorted((shards / "layers").glob("*.safetensors"))
+    for p in files:
+        fd = os.open(p, os.O_RDONLY)
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+    assert sum(loader.reads.values()) >= 4 * 6
+    if loader._direct:
+        assert loader.reads["direct"] > 0
+    disable_layer_streaming(model)
+
+
+# --- profile --------------------------------------------------------------------------------------------------------
+
+
+def test_profile_records_every_layer(llama):
+    ckpt, shards, inputs, expected, pad = llama
+    model = streamed_model(ckpt, shards, profile=True, **STREAM_ALL)
+    state = get_streaming_state(model)
+    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+    data = state.last_profile
+    totals = data["totals"]
+    for key in ("wait", "read", "dequantize", "copy", "compute", "bytes_read", "wall", "forward_calls"):
+        assert key in totals
+    assert totals["forward_calls"] == GEN["max_new_tokens"]  # one sweep per token with the KV cache
+    assert sorted(data["layers"]) == list(range(6))
+    m = ShardDirectory(shards)
+    for i, t in data["layers"].items():
+        assert t["calls"] == totals["forward_calls"]
+        assert t["compute"] > 0 and t["read"] > 0 and t["wait"] >= 0
+        assert t["bytes_read"] >= m.header(f"layers.{i}").data_size * (totals["forward_calls"] - 1)
+    assert 0 < totals["compute"] <= totals["wall"]
+    assert totals["wait"] <= totals["wall"]
+    summary = state.profile.summary()
+    for word in ("compute", "wait", "read", "dequant", "copy"):
+        assert word in summary
+    # a second call starts from zero
+    model.generate(**inputs, max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=pad)
+    assert state.last_profile["totals"]["forward_calls"] == 2
+    disable_layer_streaming(model)
+
+
+# --- peak memory ----------------------------------------------------------------------------------------------------
+
+
+def test_peak_rss_is_resident_plus_a_few_layers(tmp_path):
+    """24 layers streamed from disk: the child's VmHWM grows by the resident parts and ~(prefetch + 1) layers only."""
+    from hf_layerstream import split_checkpoint
+    from hf_layerstream._measure import run_child
+    from hf_layerstream.demo import write_demo_checkpoint
+
+    ckpt = write_demo_checkpoint(
+        tmp_path / "ckpt", layers=24, hidden_size=384, intermediate_size=1024, vocab_size=1000, dtype="float32"
+    )
+    shards = split_checkpoint(ckpt, tmp_path / "shards", progress=False)
+    m = ShardDirectory(shards)
+    layer = m.unit("layers.0").logical_nbytes
+    resident = m.unit("resident").logical_nbytes
+    model_bytes = resident + 24 * layer
+    common = {"input_ids": list(range(5, 21)), "max_new_tokens": 3, "pad_token_id": 0}
+    prefetch = 2
+    specs = [
+        {"system": "streamed", "path": str(shards), "max_memory": {"cpu": 0}, "prefetch": prefetch, **common},
+        {"system": "in_memory", "path": str(ckpt), **common},
+    ]
+    with ThreadPoolExecutor(2) as pool:  # two child processes side by side: each reads its own VmHWM
+        streamed, full = pool.map(run_child, specs)
+    assert streamed["tokens"] == full["tokens"]
+    grown = streamed["peak_rss"] - streamed["baseline_rss"]
+    allowed = 1.15 * (resident + (prefetch + 1) * layer) + 32 * 2**20  # + activations, allocator slack
+    assert grown <= allowed, f"streamed grew {grown / 2**20:.0f} MiB, allowed {allowed / 2**20:.0f} MiB"
+    full_grown = full["peak_rss"] - full["baseline_rss"]
+    assert full_grown >= 0.9 * model_bytes
+    assert grown < 0.4 * full_grown
+
+
+# --- CUDA -----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("options", [{"max_memory": {0: 0, "cpu": 0}}, {"max_memory": {0: "1GiB", "cpu": 0}}, {}])
+def test_cuda_streaming_exact_and_buffers_reused(checkpoints, options):
+    from conftest import build_meta_model
+    from transformers import AutoConfig
+
+    ckpt, shards = checkpoints("llama", num_hidden_layers=6)
+    ref = _models.load_reference(ckpt).to("cuda")
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    inputs = tok(_models.SAMPLE_PROMPTS[1], return_tensors="pt").to("cuda")
+    model = build_meta_model(AutoConfig.from_pretrained(ckpt))
+    enable_layer_streaming(model, shards, device="cuda", prefetch=2, profile=True, **options)
+    state = get_streaming_state(model)
+    kw = {**GEN, "pad_token_id": tok.pad_token_id}
+    assert torch.equal(model.generate(**inputs, **kw), ref.generate(**inputs, **kw))
+    loader = state.loader
+    loader.wait_idle()
+    assert loader._pool.allocated <= loader.prefetch + 1
+    assert all(buf.is_pinned() and buf.data_ptr() % 4096 == 0 for buf, _ in loader._pool._free)
+    if state.plan.streamed:
+        assert state.last_profile["totals"]["copy"] > 0
+    disable_layer_streaming(model)
+    assert not _loader_threads(loader)
