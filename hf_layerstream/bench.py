@@ -47,6 +47,13 @@ WARM_RESIDENT_TARGET = 1.05  # x in-memory time, a budget that holds everything
 COLD_TARGET = 1.15  # x bytes per sweep / disk bandwidth
 COLD_VS_ACCELERATE = 0.6  # x accelerate's cold disk offload
 RSS_SLACK = 1.15
+COMPRESSED_SPEEDUP = 1.8  # issue #3: 4-bit shards vs full-precision shards, cold, on CPU
+
+
+def _label(system: str) -> str:
+    if system.startswith("streamed_disk_"):  # compressed shards, e.g. streamed_disk_4bit
+        return f"hf_layerstream, {system.rsplit('_', 1)[1]} shards (from disk)"
+    return LABELS.get(system, system)
 
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
@@ -82,6 +89,12 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
         "--systems",
         default=",".join(SYSTEMS),
         help=f"comma-separated subset of {','.join(SYSTEMS)} (streamed_disk: max_memory cpu=0)",
+    )
+    p.add_argument(
+        "--compression",
+        default=None,
+        help="also split with 4bit and/or 8bit (e.g. '4bit,8bit') and add rows streaming those shards from disk, "
+        "side by side with the full-precision ones (needs the original checkpoint)",
     )
     p.add_argument("--modes", default="warm,cold", help="warm, cold or both (default warm,cold)")
     p.add_argument("--batch-sizes", default="1", help="prompts per sweep, e.g. 1,4,16,64: one row per size")
@@ -327,10 +340,27 @@ def bench(args) -> dict:
                     "offload_folder": str(work / "offload"),
                     "offload_budget": budget,
                 }
-            spec = {"system": "streamed", "path": str(shard_dir), "prefetch": args.prefetch, "profile": True}
+            path = compressed_dirs.get(system, shard_dir)
+            spec = {"system": "streamed", "path": str(path), "prefetch": args.prefetch, "profile": True}
             spec["device"] = args.device
-            spec["max_memory"] = {"cpu": 0} if system == "streamed_disk" else max_memory
+            spec["max_memory"] = {"cpu": 0} if system.startswith("streamed_disk") else max_memory
             return spec
+
+        compressed = _parse_list(args.compression, ("4bit", "8bit"), "--compression") if args.compression else []
+        stored_by_system: dict[str, list[int]] = {}
+        compressed_dirs: dict[str, Path] = {}
+        if compressed:
+            if ckpt is None:
+                raise ValueError("`--compression` needs the original checkpoint: pass it with `--checkpoint`.")
+            from .split import split_checkpoint
+
+            for c in compressed:
+                qdir = split_checkpoint(ckpt, work / f"shards-{c}", compression=c, progress=False)
+                q = ShardDirectory(qdir)
+                name = f"streamed_disk_{c}"
+                systems.append(name)
+                stored_by_system[name] = [q.unit(f"layers.{i}").size for i in range(q.num_layers)]
+                compressed_dirs[name] = qdir
 
         plans = {}
         for _ in range(args.rounds):
@@ -343,7 +373,7 @@ def bench(args) -> dict:
             disk = max(disk, again, key=lambda d: d["bandwidth"] or 0)
             disk["samples"] = samples
         baseline_rss = min((r["baseline_rss"] for r in rows if r.get("baseline_rss")), default=0)
-        _derive(rows, disk, stored, baseline_rss, resident_bytes, layer_bytes, args)
+        _derive(rows, disk, stored, baseline_rss, resident_bytes, layer_bytes, args, stored_by_system)
         return {
             "model": model_info,
             "disk": disk,
@@ -422,23 +452,33 @@ def _run(spec: dict, timeout: float) -> dict:
         }
 
 
-def _derive(rows, disk, stored, baseline_rss, resident_bytes, layer_bytes, args) -> None:
+def _derive(rows, disk, stored, baseline_rss, resident_bytes, layer_bytes, args, stored_by_system=None) -> None:
     """Add tokens/s, limits, ratios and target checks to each row, in place."""
     from .stream import DEFAULT_PREFETCH
+
+    stored_by_system = stored_by_system or {}
+    full_disk = {(r["mode"], r["batch"]): r for r in rows if r["system"] == "streamed_disk"}
 
     ref = {(r["batch"]): r for r in rows if r["system"] == "in_memory" and r["mode"] == "warm"}
     acc_cold = {r["batch"]: r for r in rows if r["system"] == "accelerate_offload" and r["mode"] == "cold"}
     bandwidth = disk["bandwidth"] if disk else None
     for r in rows:
         spt = r.get("s_per_token")
-        r["label"] = LABELS.get(r["system"], r["system"])
+        r["label"] = _label(r["system"])
         r["tokens_per_s"] = r["batch"] / spt if spt else None
         base = ref.get(r["batch"])
         comparable = base is not None and r["system"] != "in_memory" and r.get("tokens") and base.get("tokens")
-        r["same_tokens"] = (r["tokens"] == base["tokens"]) if comparable else None
+        lossy = r["system"] in stored_by_system
+        r["same_tokens"] = (r["tokens"] == base["tokens"]) if comparable and not lossy else None
+        if comparable and lossy:
+            r["token_agreement"] = sum(a == b for a, b in zip(r["tokens"], base["tokens"])) / len(base["tokens"])
+        full = full_disk.get((r["mode"], r["batch"]))
+        if lossy and full is not None and spt and full.get("s_per_token"):
+            r["speedup_vs_full_precision"] = full["s_per_token"] / spt
         plan = r.get("plan_data")
         if r["system"].startswith("streamed") and plan is not None:
-            swept = sum(stored[i] for i in plan["streamed"])
+            sizes = stored_by_system.get(r["system"], stored)
+            swept = sum(sizes[i] for i in plan["streamed"])
         elif r["system"] == "accelerate_offload":
             swept = sum(stored)  # accelerate reads every layer's weights per sweep (its own files, same bytes)
         else:
@@ -466,7 +506,7 @@ def _derive(rows, disk, stored, baseline_rss, resident_bytes, layer_bytes, args)
         r["ratio_to_limit"] = spt / r["limit_s"] if (spt and r.get("limit_s")) else None
         r.setdefault("peak_rss", None)
         r["ratio_to_bound"] = spt / r["bound_s"] if (spt and r.get("bound_s")) else None
-        if r["system"] == "streamed_disk" and plan is not None:
+        if r["system"].startswith("streamed_disk") and plan is not None:
             k = plan.get("prefetch", args.prefetch if args.prefetch is not None else DEFAULT_PREFETCH)
             allowed = RSS_SLACK * (resident_bytes + (k + 1) * layer_bytes)
             r["rss_over_baseline"] = r["peak_rss"] - (r.get("baseline_rss") or baseline_rss)
@@ -524,6 +564,13 @@ def format_report(report: dict) -> str:
             notes.append(
                 f"{r['label']} cold, batch {r['batch']}: {r['ratio_to_accelerate']:.2f}x accelerate's cold disk "
                 f"offload (target <= {COLD_VS_ACCELERATE}: {verdict})"
+            )
+        if r.get("speedup_vs_full_precision") is not None:
+            target = f" (issue target >= {COMPRESSED_SPEEDUP} cold)" if r["mode"] == "cold" else ""
+            notes.append(
+                f"{r['label']} {r['mode']}, batch {r['batch']}: {r['speedup_vs_full_precision']:.2f}x the speed of "
+                f"full-precision shards from disk{target}; greedy tokens agreeing with full precision: "
+                f"{r.get('token_agreement', 0):.0%}"
             )
         if r.get("rss_allowed") is not None:
             verdict = "ok" if r["rss_over_baseline"] <= r["rss_allowed"] else "over"

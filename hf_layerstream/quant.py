@@ -510,6 +510,21 @@ def dequantize_tensor(
     return out
 
 
+def load_backend() -> None:
+    """Import bitsandbytes now (it takes seconds: it sets up torch.compile at import), not in the first decode.
+
+    Raises:
+        ImportError: bitsandbytes is missing, with the install command.
+    """
+    try:
+        import bitsandbytes.functional  # noqa: F401
+    except ImportError as e:
+        raise ImportError(
+            "This shard directory is quantized and decoding it needs bitsandbytes: `pip install bitsandbytes` "
+            "(or `pip install hf_layerstream[quant]`)."
+        ) from e
+
+
 def packed_nbytes(parts: Mapping[str, torch.Tensor] | Iterable[torch.Tensor]) -> int:
     """Bytes taken by stored parts.
 

@@ -181,6 +181,10 @@ def enable_layer_streaming(
                 "a `device_map`). Build the model with `init_empty_weights()` and no device_map, then enable streaming."
             )
     _check_match(model, stack, shards)
+    if shards.compression is not None:
+        from .quant import load_backend
+
+        load_backend()  # a missing bitsandbytes fails here, before any hook; its slow import stays off the hot path
     loaded = sum(p.numel() for p in stack.layers.parameters() if not p.is_meta)
     if loaded:
         logger.warning(
