@@ -15,27 +15,26 @@ import sys
 import time
 
 
-def vm_hwm() -> int:
-    """Peak resident set size of this process in bytes (0 where /proc is not available)."""
+def _status_bytes(field: str) -> int:
+    """A `kB` field of /proc/self/status in bytes (0 where /proc is not available)."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return 0
+
+
+def vm_hwm() -> int:
+    """Peak resident set size of this process in bytes."""
+    return _status_bytes("VmHWM")
 
 
 def vm_rss() -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    """Current resident set size of this process in bytes."""
+    return _status_bytes("VmRSS")
 
 
 def drop_page_cache(paths) -> None:

@@ -186,19 +186,11 @@ def prepare(args, work: Path) -> tuple[Path | None, Path]:
     from .split import split_checkpoint
 
     if args.demo:
-        from .demo import write_demo_checkpoint
+        from .demo import write_demo_checkpoint_from_args
 
         ckpt = work / "checkpoint"
-        if not (ckpt / "config.json").exists():
-            logger.info("writing the demo checkpoint to %s", ckpt)
-            write_demo_checkpoint(
-                ckpt,
-                layers=args.layers,
-                hidden_size=args.hidden_size,
-                intermediate_size=args.intermediate_size,
-                vocab_size=args.vocab_size,
-                dtype=args.dtype,
-            )
+        if write_demo_checkpoint_from_args(ckpt, args):
+            logger.info("wrote the demo checkpoint to %s", ckpt)
         return ckpt, split_checkpoint(ckpt, work / "shards", progress=False)
     if args.source is None:
         raise ValueError("`bench` needs a SOURCE (checkpoint folder, hub id or shard directory) or `--demo`.")

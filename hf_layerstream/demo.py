@@ -49,6 +49,21 @@ def write_demo_checkpoint(
     return path
 
 
+def write_demo_checkpoint_from_args(path: str | Path, args) -> bool:
+    """Write the demo checkpoint sized by the CLI's `--layers/--hidden-size/...` unless `path` has one; True if written."""
+    if (Path(path) / "config.json").exists():
+        return False
+    write_demo_checkpoint(
+        path,
+        layers=args.layers,
+        hidden_size=args.hidden_size,
+        intermediate_size=args.intermediate_size,
+        vocab_size=args.vocab_size,
+        dtype=args.dtype,
+    )
+    return True
+
+
 def top1_agreement(reference, candidate, input_ids, *, chunk: int = 256) -> dict:
     """Teacher-forced next-token agreement of two models over every position of `input_ids` (batch, seq).
 
@@ -86,14 +101,7 @@ def run_demo(args) -> int:
         shards = work / "shards"
         if not (ckpt / "config.json").exists():
             print(f"1. writing a random-weight Llama-shaped checkpoint ({args.layers} layers, hidden {args.hidden_size}) to {ckpt}")
-            write_demo_checkpoint(
-                ckpt,
-                layers=args.layers,
-                hidden_size=args.hidden_size,
-                intermediate_size=args.intermediate_size,
-                vocab_size=args.vocab_size,
-                dtype=args.dtype,
-            )
+            write_demo_checkpoint_from_args(ckpt, args)
         size = sum(p.stat().st_size for p in ckpt.glob("*.safetensors"))
         print(f"   checkpoint: {_human(size)} of weights")
         print(f"2. splitting it into one file per decoder layer: {shards}")
