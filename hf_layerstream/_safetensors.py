@@ -218,32 +218,6 @@ def mmap_tensors(header: Header) -> dict[str, torch.Tensor]:
     return _views(header, mm, header.data_offset)
 
 
-def read_tensors_into(header: Header, buffer: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """Read the data region of the file into `buffer` (a uint8 CPU tensor, possibly pinned) and return views.
-
-    The read goes through `readinto`, which releases the GIL, so it overlaps with compute in another thread.
-    """
-    size = header.data_size
-    if buffer is None or buffer.numel() < size:
-        buffer = torch.empty(size, dtype=torch.uint8)
-    target = memoryview(buffer.numpy()).cast("B")[:size]
-    try:
-        with open(header.path, "rb", buffering=0) as f:
-            header.check_unchanged(f.fileno())
-            f.seek(header.data_offset)
-            done = 0
-            while done < size:
-                n = f.readinto(target[done:])
-                if not n:
-                    raise ShardFileError(
-                        header.path, f"ended after {done} of {size} data bytes (truncated while reading)"
-                    )
-                done += n
-    except OSError as e:  # removed, unreadable, I/O error
-        raise ShardFileError(header.path, f"cannot be read: {e.strerror or e}") from e
-    return _views(header, buffer.numpy(), 0)
-
-
 _TAGS = {v: k for k, v in _DTYPES.items()}
 
 

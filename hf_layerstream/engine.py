@@ -704,9 +704,6 @@ class LayerLoader:
             self._pool.give(buffer, [], event)
         return _Ready(tensors, event, None)
 
-    def describe(self) -> str:
-        return self.plan.summary()
-
 
 def check_device(device) -> torch.device:
     if device is None:
