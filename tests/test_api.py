@@ -302,8 +302,11 @@ def test_error_bad_arguments(checkpoints):
         enable_layer_streaming(model, shards, prefetch=-1)
     with pytest.raises(ValueError, match="`max_memory` got the size 'lots'"):
         enable_layer_streaming(model, shards, max_memory={"cpu": "lots"})
-    with pytest.raises(ValueError, match="CUDA is not available" if not torch.cuda.is_available() else "xyz"):
-        enable_layer_streaming(model, shards, device="cuda")
+    with pytest.raises(ValueError, match="not a valid torch device"):
+        enable_layer_streaming(model, shards, device="gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available here; pass device='cpu'"):
+            enable_layer_streaming(model, shards, device="cuda")
     assert _untouched(model)
 
 
