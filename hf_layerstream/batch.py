@@ -49,7 +49,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._safetensors import atomic_write_bytes, fsync_dir
 from .speculative import count_new_tokens, count_sweeps, eos_token_ids
+from .split import _bars_disabled
 
 logger = logging.getLogger(__name__)
 
@@ -218,15 +220,6 @@ class _Progress:
 
     def close(self) -> None:
         self.bar.close()
-
-
-def _bars_disabled() -> bool:
-    try:
-        from huggingface_hub.utils import are_progress_bars_disabled
-
-        return are_progress_bars_disabled()
-    except Exception:  # noqa: BLE001
-        return False
 
 
 def _run(
@@ -510,19 +503,6 @@ def _dumps(record: dict) -> bytes:
     return (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
 def _lock(f, path: Path) -> None:
     """Hold an exclusive lock on the output while the job runs: two jobs appending to one file would mix results."""
     try:
@@ -543,13 +523,7 @@ def _rewrite_in_order(path: Path, items: list[_Prompt], done: dict[str, dict]) -
     body = b"".join(_dumps(done[p.key]) for p in items)
     if path.exists() and path.read_bytes() == body:
         return
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(body)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    atomic_write_bytes(path, body)
 
 
 def generate_jsonl(
@@ -611,7 +585,7 @@ def generate_jsonl(
     with open(output_path, "ab") as out:
         _lock(out, output_path)
         if created:
-            _fsync_dir(output_path.parent)
+            fsync_dir(output_path.parent)
         done, repaired = _load_done(output_path, by_key)
         todo = [p for p in items if p.key not in done]
         stats = {"input": str(input_path), "output": str(output_path), "prompts": len(items), "skipped": len(done)}
