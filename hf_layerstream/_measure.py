@@ -37,6 +37,19 @@ def vm_rss() -> int:
     return _status_bytes("VmRSS")
 
 
+def disk_read_bytes() -> int | None:
+    """Bytes this process (all its threads) has had read from storage (`read_bytes` of /proc/self/io): what did
+    not come from the page cache. `None` where the kernel does not say."""
+    try:
+        with open("/proc/self/io") as f:
+            for line in f:
+                if line.startswith("read_bytes:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def drop_page_cache(paths) -> None:
     """Evict files from the page cache (POSIX_FADV_DONTNEED), simulating a model larger than RAM."""
     for path in paths:
@@ -166,6 +179,7 @@ def _load(spec: dict):
             max_memory=spec.get("max_memory"),
             prefetch=spec.get("prefetch"),
             profile=spec.get("profile", False),
+            keep_in_page_cache=spec.get("keep_in_page_cache"),
         )
         files = weight_files(system, spec["path"])
     else:
@@ -178,8 +192,8 @@ def measure(spec: dict) -> dict:
 
     Keys of `spec`: `system` (`in_memory`, `accelerate_offload`, `streamed` or `baseline`), `path`, `input_ids`,
     `max_new_tokens`, and optionally `cold`, `batch`, `repeats`, `threads`, `dtype`, `device`, `max_memory`,
-    `prefetch`, `profile`, `offload_folder`, `assistant` (a draft model folder for assisted decoding),
-    `pad_token_id`.
+    `prefetch`, `profile`, `keep_in_page_cache`, `offload_folder`, `assistant` (a draft model folder for assisted
+    decoding), `pad_token_id`.
     """
     import torch
 
@@ -211,6 +225,7 @@ def measure(spec: dict) -> dict:
     sweeps = _count_sweeps(model)
     evict = (lambda: drop_page_cache(files)) if cold else None
     results = []
+    read_before = disk_read_bytes()
     for _ in range(int(spec.get("repeats", 1))):
         clock = _TokenClock(evict)
         if evict:
@@ -240,6 +255,7 @@ def measure(spec: dict) -> dict:
         )
     # seconds per generated token: median over plain decode steps (one token each), or, when a step yields several
     # tokens (assisted decoding), total decode time over the tokens it produced
+    read_after = disk_read_bytes()
     per_token = sorted(dt / max(n, 1) for r in results for dt, n in r["steps"])
     median = per_token[len(per_token) // 2] if per_token else None
     total_t = sum(dt for r in results for dt, _ in r["steps"])
@@ -258,6 +274,9 @@ def measure(spec: dict) -> dict:
         "sweeps_per_token": last["sweeps"] / max(last["new_tokens"], 1),
         "peak_rss": vm_hwm(),
         "baseline_rss": baseline_rss,
+        # bytes read from storage while generating, and sweeps made: a warm run that reads much is not warm
+        "disk_read_bytes": (read_after - read_before) if read_before is not None and read_after is not None else None,
+        "total_sweeps": sum(r["sweeps"] for r in results),
         "cuda_peak": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         "prefill_s": last["prefill_s"],
         "threads": torch.get_num_threads(),

@@ -200,6 +200,82 @@ def _views(header: Header, buffer, base_offset: int) -> dict[str, torch.Tensor]:
     return out
 
 
+_MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", None)
+# Linux 5.14; Python exposes the constant from 3.13 on
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if hasattr(mmap, "MADV_HUGEPAGE") else None)
+
+
+def advise_huge(mm: mmap.mmap) -> None:
+    """Ask for huge pages on a file mapping (`MADV_HUGEPAGE`): pages the kernel reads in through it come as 2 MiB
+    folios, and 2 MiB folios are mapped with one page-table entry instead of 512. Mapping a 100 MB layer then costs
+    about 0.1 ms instead of about 3 ms, and the compute takes fewer TLB misses. A no-op where unsupported."""
+    if _MADV_HUGEPAGE is not None:
+        try:
+            mm.madvise(_MADV_HUGEPAGE)
+        except OSError:
+            pass
+
+
+def populate(mm: mmap.mmap, path) -> bool:
+    """Build the page tables of a whole mapping now (`MADV_POPULATE_READ`), reading what is not in the page cache
+    (read-ahead in large folios after `advise_huge`). Returns `False` where the kernel cannot (before Linux 5.14);
+    a file that cannot be read (I/O error, truncated) raises `ShardFileError` instead of a later `SIGBUS`."""
+    if _MADV_POPULATE_READ is None:
+        return False
+    try:
+        mm.madvise(_MADV_POPULATE_READ)
+    except OSError as e:
+        if e.errno in (errno.EINVAL, errno.ENOSYS):
+            return False
+        raise ShardFileError(path, f"could not be read: {e.strerror or e}") from e
+    return True
+
+
+_LIBC = None
+
+
+def _libc():
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.mmap.restype = ctypes.c_void_p
+            c = ctypes
+            libc.mmap.argtypes = [c.c_void_p, c.c_size_t, c.c_int, c.c_int, c.c_int, c.c_long]
+            libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+            libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+            _LIBC = libc
+        except (OSError, AttributeError):
+            _LIBC = False
+    return _LIBC or None
+
+
+def cached_fraction(fd: int, size: int) -> float | None:
+    """Share of a file's first `size` bytes that is in the page cache (`mincore` on a throw-away mapping, which
+    reads nothing), or `None` where it cannot be told. A read probe (`RWF_NOWAIT`) is no good for this: on recent
+    kernels it starts read-ahead of what it does not find."""
+    if size <= 0:
+        return 1.0
+    libc = _libc()
+    if libc is None:
+        return None
+    import ctypes
+
+    addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+    if addr is None or addr == ctypes.c_void_p(-1).value:
+        return None
+    try:
+        pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+        vec = ctypes.create_string_buffer(pages)
+        if libc.mincore(addr, size, vec) != 0:
+            return None
+        return 1.0 - vec.raw.count(0) / pages  # the kernel writes 1 (resident) or 0 per page
+    finally:
+        libc.munmap(addr, size)
+
+
 def mmap_tensors(header: Header) -> dict[str, torch.Tensor]:
     """Zero-copy CPU tensors over a private (copy-on-write) memory map of the file.
 
@@ -215,6 +291,7 @@ def mmap_tensors(header: Header) -> dict[str, torch.Tensor]:
         raise ShardFileError(header.path, f"cannot be read: {e.strerror or e}") from e
     if len(mm) != header.file_size:
         raise ShardFileError(header.path, f"changed size while being opened ({len(mm)} != {header.file_size})")
+    advise_huge(mm)
     return _views(header, mm, header.data_offset)
 
 

@@ -159,7 +159,15 @@ def _cmd_split(args) -> int:
 
 
 def load_streamed_model(
-    shard_dir, *, device=None, dtype=None, max_memory=None, prefetch=None, profile=False, verify=False
+    shard_dir,
+    *,
+    device=None,
+    dtype=None,
+    max_memory=None,
+    prefetch=None,
+    profile=False,
+    verify=False,
+    keep_in_page_cache=None,
 ):
     """Build the model of a shard directory on meta and enable streaming (what `generate` and `bench` use)."""
     from accelerate import init_empty_weights
@@ -175,7 +183,7 @@ def load_streamed_model(
     model.eval()
     return enable_layer_streaming(
         model, shard_dir, device=device, dtype=dtype, max_memory=max_memory, prefetch=prefetch, profile=profile,
-        verify=verify,
+        verify=verify, keep_in_page_cache=keep_in_page_cache,
     )
 
 

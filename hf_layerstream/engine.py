@@ -7,10 +7,13 @@ gets there lives here:
   rest streamed from disk;
 * a background thread that reads streamed layers `prefetch` layers ahead of the compute (cyclically: the next
   token's first layers load while the head and sampling run);
-* CPU: host-resident layers are zero-copy memory maps; streamed layers are read with `preadv` (the GIL is
-  released, so the read overlaps compute) into reused page-aligned buffers: from the page cache when the file is
-  there (probed with `RWF_NOWAIT`), else with `O_DIRECT` (no copy through the page cache, no CPU taken from the
-  compute, no cache pollution when the model is larger than RAM);
+* CPU: every layer is a zero-copy memory map of its file. Kept layers stay mapped. Streamed layers are mapped
+  with `MADV_HUGEPAGE` and populated (`MADV_POPULATE_READ`) in the loader thread, which reads what is not in the
+  page cache with read-ahead into 2 MiB folios (faster than `O_DIRECT` on the disks we measured) and maps 2 MiB
+  folios with one page-table entry each (so remapping a warm layer costs about 0.1 ms per 100 MB, and the compute
+  takes no page faults). After use a streamed layer is unmapped; its pages stay in the page cache while the plan's
+  page-cache share holds them, and are dropped (`POSIX_FADV_DONTNEED`) otherwise, so a model larger than RAM does
+  not flush the cache for nothing;
 * CUDA: pinned staging buffers allocated once, `non_blocking` copies on a side stream, events to order copy and
   compute, no `empty_cache()` in the hot path;
 * quantized shards are dequantized on the execution device by the codec, in the loader.
@@ -31,7 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ._safetensors import Header, _views, mmap_tensors
+from ._safetensors import Header, _views, advise_huge, cached_fraction, mmap_tensors, populate
 from .errors import LayerLoadError, ShardDirError, ShardFileError
 from .modeling import RESIDENT, layer_unit
 from .shard_dir import ShardDirectory
@@ -76,6 +79,9 @@ def available_host_memory() -> int:
 
 DEFAULT_HOST_SHARE = 0.5  # of MemAvailable: leave the rest to the page cache, the KV cache and other programs
 DEFAULT_DEVICE_SHARE = 0.8  # of free device memory, before reserving room for activations and the KV cache
+# of MemAvailable, for the pages of kept and streamed layers together: streamed layers beyond it are dropped from the
+# page cache after use (a sweep over more than fits would evict each layer before its next use anyway)
+DEFAULT_PAGE_CACHE_SHARE = 0.8
 
 
 @dataclass
@@ -85,12 +91,14 @@ class ResidencyPlan:
     device: torch.device
     device_layers: list[int]  # kept on the execution device
     host_layers: list[int]  # kept in host RAM (pinned on CUDA); on CPU execution these are the device layers
-    streamed: list[int]  # read from disk every time
+    streamed: list[int]  # loaded for each use and released after it
     resident_bytes: int
     layer_bytes: list[int]  # at execution dtype
     stored_bytes: list[int]  # on disk
     budgets: dict[str, int] = field(default_factory=dict)
     prefetch: int = 1
+    # streamed layers whose file pages are left in the page cache between uses (the others are dropped after use)
+    page_cache_layers: list[int] = field(default_factory=list)
 
     def tier(self, index: int) -> str:
         if index in self._device_set:
@@ -102,6 +110,10 @@ class ResidencyPlan:
     def __post_init__(self):
         self._device_set = set(self.device_layers)
         self._host_set = set(self.host_layers)
+        self._page_cache_set = set(self.page_cache_layers)
+
+    def keeps_in_page_cache(self, index: int) -> bool:
+        return index in self._page_cache_set
 
     def summary(self) -> str:
         gib = 2**30
@@ -112,6 +124,8 @@ class ResidencyPlan:
         if self.device.type != "cpu":
             parts.append(f"{len(self.host_layers)} layers kept in pinned host RAM")
         parts.append(f"{len(self.streamed)} streamed from disk (prefetch {self.prefetch})")
+        if self.streamed:
+            parts.append(f"{len(self.page_cache_layers)} of those left in the page cache between sweeps")
         budget = ", ".join(f"{k}: {v / gib:.2f} GiB" for k, v in self.budgets.items())
         return "; ".join(parts) + (f" [budget {budget}]" if budget else "")
 
@@ -126,6 +140,7 @@ class ResidencyPlan:
             "stored_bytes": self.stored_bytes,
             "budgets": self.budgets,
             "prefetch": self.prefetch,
+            "page_cache_layers": self.page_cache_layers,
         }
 
 
@@ -156,13 +171,16 @@ def plan_residency(
     max_memory: dict | None = None,
     prefetch: int = 1,
     reserve: int | None = None,
+    keep_in_page_cache: bool | None = None,
 ) -> ResidencyPlan:
     """Turn a memory budget (accelerate's `max_memory` convention) into a static residency plan.
 
     A sweep over all layers defeats an LRU cache, so the plan is static: which layers stay, decided once.
     """
     if max_memory is not None and not isinstance(max_memory, dict):
-        raise TypeError(f"`max_memory` must be a dict such as {{0: '4GiB', 'cpu': '16GiB'}}, got {type(max_memory).__name__}.")
+        raise TypeError(
+            f"`max_memory` must be a dict such as {{0: '4GiB', 'cpu': '16GiB'}}, got {type(max_memory).__name__}."
+        )
     n = shards.num_layers
     layer_bytes = [dtype_size[i] if dtype_size else shards.unit(layer_unit(i)).logical_nbytes for i in range(n)]
     stored = [shards.unit(layer_unit(i)).size for i in range(n)]
@@ -197,7 +215,25 @@ def plan_residency(
         host_layers = _spread(rest, _fit(stored, rest, host_room))
     kept = set(device_layers) | set(host_layers)
     streamed = [i for i in order if i not in kept]
-    return ResidencyPlan(device, device_layers, host_layers, streamed, resident, layer_bytes, stored, budgets, prefetch)
+    # the page cache: on CPU the kept layers are file maps too, so they count against the same share
+    kept_pages = sum(stored[i] for i in kept) if device.type == "cpu" else 0
+    if keep_in_page_cache is None:
+        cache_room = int(DEFAULT_PAGE_CACHE_SHARE * available_host_memory()) - kept_pages - working
+        page_cache_layers = _spread(streamed, _fit(stored, streamed, cache_room))
+    else:
+        page_cache_layers = list(streamed) if keep_in_page_cache else []
+    return ResidencyPlan(
+        device,
+        device_layers,
+        host_layers,
+        streamed,
+        resident,
+        layer_bytes,
+        stored,
+        budgets,
+        prefetch,
+        page_cache_layers,
+    )
 
 
 def _fit(sizes: list[int], order: list[int], room: int) -> int:
@@ -288,11 +324,23 @@ class _Ready:
     event: object = None  # CUDA event the compute stream must wait for
     buffer: object = None  # (pool, buffer) to give back on release
     mapped: bool = False  # views of a memory map made for this use only (unmapped when they die)
+    evict: object = None  # path of a file whose pages leave the page cache after use
 
 
-def _drop(tensors: dict) -> None:
-    """Runs in the loader thread: release the last references to a layer's tensors there."""
-    tensors.clear()
+def _evict(path) -> None:
+    """Drop a file's pages from the page cache (pages still mapped somewhere stay)."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 _ALIGN = 4096  # O_DIRECT wants the buffer, the file offset and the length aligned to the logical block size
@@ -368,20 +416,9 @@ class _BufferPool:
 
 
 def _page_cached(fd: int, header: Header) -> bool:
-    """Whether the file's data is in the page cache: probe a few pages with `RWF_NOWAIT` (fails instead of reading)."""
-    nowait = getattr(os, "RWF_NOWAIT", None)
-    if nowait is None or header.data_size == 0:
-        return True
-    probe = bytearray(_ALIGN)
-    last = max(header.file_size - _ALIGN, 0)
-    for offset in (header.data_offset, (header.data_offset + last) // 2, last):
-        try:
-            os.preadv(fd, [probe], offset, nowait)
-        except BlockingIOError:
-            return False
-        except OSError:  # RWF_NOWAIT not supported here: read through the page cache
-            return True
-    return True
+    """Whether all of the file is in the page cache (then a buffered read costs no I/O)."""
+    fraction = cached_fraction(fd, header.file_size)
+    return fraction is None or fraction >= 1.0
 
 
 class LayerLoader:
@@ -412,7 +449,8 @@ class LayerLoader:
         self.prefetch = max(0, min(prefetch, max(len(self._streamed) - 1, 0)))
         self._direct = hasattr(os, "O_DIRECT")  # turned off at the first file system that refuses it
         self.reads = {"mapped": 0, "page_cache": 0, "direct": 0}
-        self._map_cached = True  # CPU: a streamed layer found in the page cache is mapped, not copied
+        self._map = True  # CPU: streamed layers are mapped, not copied (tests turn it off to exercise reads)
+        self._populate = True  # MADV_POPULATE_READ works here (else MAP_POPULATE: no huge read-ahead)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf_layerstream-loader")
         self._pending: dict[int, Future] = {}
         self._in_use: dict[int, _Ready] = {}
@@ -479,11 +517,12 @@ class LayerLoader:
         ready = self._in_use.pop(index, None)
         if ready is None:
             return
-        if ready.mapped and not self._closed:
-            # the last references to a mapped layer: let the loader thread drop them, so the munmap (page-table
-            # teardown and TLB shootdown, milliseconds for a big layer) does not stall the compute
-            tensors, ready.tensors = ready.tensors, {}
-            self._executor.submit(_drop, tensors)
+        if ready.mapped:
+            # the last references to a mapped layer: the munmap, here and now (with 2 MiB mappings it takes tens of
+            # microseconds for a 100 MB layer); the eviction, when the plan asks for one, in the loader thread
+            ready.tensors = {}
+            if ready.evict is not None and not self._closed:
+                self._executor.submit(_evict, ready.evict)
             return
         if ready.buffer is None:
             return
@@ -514,7 +553,16 @@ class LayerLoader:
         self._executor.shutdown(wait=True, cancel_futures=True)
         if self._copy_stream is not None:
             self._copy_stream.synchronize()  # no copy may still read a staging buffer we are about to free
+        # layers read ahead for a sweep that will not come: unmap them; then the evictions the shutdown cancelled
+        # (and those of the read-ahead layers): leave the page cache as the plan says
+        done = [f.result() for f in pending if f.done() and not f.cancelled() and f.exception() is None]
+        for ready in done + list(self._in_use.values()):
+            ready.tensors = {}
         self._in_use.clear()
+        if not self.is_cuda and self.reads["mapped"]:
+            for i in self.plan.streamed:
+                if not self.plan.keeps_in_page_cache(i):
+                    _evict(self.shards.files[layer_unit(i)])
         self._device_cache.clear()
         self._host_cache.clear()
         self._pool.clear()
@@ -587,12 +635,12 @@ class LayerLoader:
         raw = mmap_tensors(self.shards.header(RESIDENT))
         return self._finish(RESIDENT, raw, -1)
 
-    def _read_file(self, header: Header, buf: torch.Tensor) -> tuple[dict[str, torch.Tensor], str]:
+    def _read_file(self, header: Header, buf: torch.Tensor, index: int) -> tuple[dict[str, torch.Tensor], str]:
         """Read a layer file into `buf` (laid out as the file) and return views of its tensors.
 
-        From the page cache when the file is there; else with `O_DIRECT`, which reads straight from the disk into
-        our buffer (no kernel copy competing with the compute for CPU time, no page cache filled with a layer that
-        will be evicted before the next sweep anyway).
+        Through the page cache when the file is there or the plan keeps it there; else with `O_DIRECT`, which reads
+        straight from the disk into our buffer (no kernel copy competing with the compute for CPU time, no page
+        cache filled with a layer that will be evicted before the next sweep anyway).
         """
         size = header.file_size
         view = memoryview(buf.numpy())
@@ -602,7 +650,7 @@ class LayerLoader:
             if check is not None:  # a file replaced or rewritten under a running model fails loudly, naming it
                 check(fd)
             how = "page_cache"
-            if self._direct and not _page_cached(fd, header):
+            if self._direct and not _page_cached(fd, header) and not self.plan.keeps_in_page_cache(index):
                 try:
                     self._read_direct(header, view)
                     how = "direct"
@@ -626,26 +674,36 @@ class LayerLoader:
         self.reads[how] += 1
         return _views(header, buf.numpy(), header.data_offset), how
 
-    def _map_if_cached(self, header: Header) -> dict[str, torch.Tensor] | None:
-        """CPU only: when the file is in the page cache, map it instead of copying it (zero-copy, no memcpy taking
-        CPU time from the compute). `MAP_POPULATE` builds the page tables here, in the loader thread, so the
-        compute takes no page faults. The mapping is read-only and lives as long as the tensors viewing it.
-        Returns `None` when the file is not cached (it is then read with `O_DIRECT`)."""
-        populate = getattr(mmap, "MAP_POPULATE", None)
-        if populate is None or not self._map_cached:
+    def _map_file(self, header: Header) -> dict[str, torch.Tensor] | None:
+        """CPU only: map the layer file instead of copying it (zero-copy, no memcpy taking CPU time from the compute)
+        and build its page tables here, in the loader thread, so the compute takes no page faults. Pages not in the
+        page cache are read in on the way, with huge-page read-ahead (see `advise_huge`). The mapping is read-only
+        and lives as long as the tensors viewing it. Returns `None` where mapping is off or unavailable."""
+        map_populate = getattr(mmap, "MAP_POPULATE", None)
+        if map_populate is None or not self._map or header.file_size == 0:
             return None
         fd = os.open(header.path, os.O_RDONLY)
         try:
             check = getattr(header, "check_unchanged", None)
             if check is not None:
                 check(fd)
-            if not _page_cached(fd, header):
-                return None
             if os.fstat(fd).st_size < header.file_size:  # mapping past the end would SIGBUS instead of raising
                 raise ShardFileError(header.path, f"is shorter than its {header.file_size} bytes (truncated)")
-            mm = mmap.mmap(fd, header.file_size, flags=mmap.MAP_PRIVATE | populate, prot=mmap.PROT_READ)
+            flags = mmap.MAP_PRIVATE | (0 if self._populate else map_populate)
+            mm = mmap.mmap(fd, header.file_size, flags=flags, prot=mmap.PROT_READ)
         finally:
             os.close(fd)
+        if self._populate:
+            advise_huge(mm)
+            try:
+                done = populate(mm, header.path)
+            except ShardFileError:
+                mm.close()
+                raise
+            if not done:  # an older kernel: populate at mmap time instead (no huge read-ahead)
+                mm.close()
+                self._populate = False
+                return self._map_file(header)
         self.reads["mapped"] += 1
         return _views(header, mm, header.data_offset)
 
@@ -675,17 +733,17 @@ class LayerLoader:
         if tier == "host":
             raw = self._host_cache.get(index)
             if raw is None:
-                raw, _ = self._read_file(header, _aligned_buffer(header.file_size, self.is_cuda))
+                raw, _ = self._read_file(header, _aligned_buffer(header.file_size, self.is_cuda), index)
                 self._host_cache[index] = raw
                 nread = header.data_size
         else:
-            raw = self._map_if_cached(header) if not self.is_cuda else None
+            raw = self._map_file(header) if not self.is_cuda else None
             mapped = raw is not None
             if mapped:
                 self._pool.discard_one()
             else:
                 buffer = self._pool.take(header.file_size)
-                raw, _ = self._read_file(header, buffer)
+                raw, _ = self._read_file(header, buffer, index)
             nread = header.data_size
         t_read = time.perf_counter() - t0
         if self.profile is not None:
@@ -693,7 +751,8 @@ class LayerLoader:
         if not self.is_cuda:
             tensors = self._relative(index, self._finish(unit, raw, index))
             views = [weakref.ref(t) for t in tensors.values()] if buffer is not None else []
-            return _Ready(tensors, None, (self._pool, buffer, views) if buffer is not None else None, mapped)
+            evict = header.path if mapped and not self.plan.keeps_in_page_cache(index) else None
+            return _Ready(tensors, None, (self._pool, buffer, views) if buffer is not None else None, mapped, evict)
         # CUDA: copy (and dequantize/cast) on the side stream; the compute stream waits on the event, and the
         # staging buffer goes back to the pool tagged with the event, to be refilled once the copy has landed
         with torch.cuda.device(self.device), torch.cuda.stream(self._copy_stream):

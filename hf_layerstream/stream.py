@@ -107,6 +107,7 @@ def enable_layer_streaming(
     prefetch: int | None = None,
     profile: bool = False,
     verify: bool = False,
+    keep_in_page_cache: bool | None = None,
 ) -> nn.Module:
     """Stream a model's decoder layers from a shard directory, in place; returns the same model.
 
@@ -134,6 +135,13 @@ def enable_layer_streaming(
             How many streamed layers are read ahead of the compute (default 2).
         profile (`bool`, defaults to `False`):
             Record per-layer timings; see [`get_streaming_state`]`(model).profile`.
+        keep_in_page_cache (`bool`, *optional*):
+            CPU: whether streamed layers' file pages stay in the page cache after use, so later sweeps read them
+            from RAM. By default they stay while they fit in 80% of MemAvailable together with the kept layers;
+            streamed layers beyond that are dropped after use (`POSIX_FADV_DONTNEED`), since a sweep over more than
+            fits would evict each one before its next use anyway. `False` drops every streamed layer after use
+            (nothing of the model is left cached: what a model far larger than RAM gets); `True` leaves all to the
+            kernel.
         verify (`bool`, defaults to `False`):
             Hash every shard file in full and compare with the manifest before loading. Sizes, headers and a
             sample digest of every file are always checked.
@@ -209,7 +217,14 @@ def enable_layer_streaming(
 
     layer_prefixes = [stack.layer_prefix(i) for i in range(len(stack))]
     layer_sizes = {i: shards.unit(layer_unit(i)).nbytes_as(target_dtypes) for i in range(len(stack))}
-    plan = plan_residency(shards, device, dtype_size=layer_sizes, max_memory=max_memory, prefetch=prefetch)
+    plan = plan_residency(
+        shards,
+        device,
+        dtype_size=layer_sizes,
+        max_memory=max_memory,
+        prefetch=prefetch,
+        keep_in_page_cache=keep_in_page_cache,
+    )
     prof = Profile() if profile else None
     loader = LayerLoader(
         shards, device, plan, target_dtypes=target_dtypes, layer_prefixes=layer_prefixes, prefetch=prefetch, profile=prof

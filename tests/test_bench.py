@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import mmap
 
 import pytest
 
@@ -35,6 +36,10 @@ def test_bench_demo_json_and_table(tmp_path, capsys):
     assert cold["limit_s"] == pytest.approx(cold["bytes_per_sweep"] / report["disk"]["bandwidth"])
     assert cold["profile"]["forward_calls"] == 3 and cold["profile"]["bytes_read"] > 0
     assert "rss_allowed" in cold and "rss_over_baseline" in cold
+    # cold means every layer really came from the disk, every sweep (the read-ahead for the next sweep too)
+    assert cold["total_sweeps"] == 3
+    if cold["disk_read_bytes"] is not None:
+        assert cold["disk_read_bytes"] >= cold["total_sweeps"] * report["model"]["layer_file_bytes"]
     table = format_report(report)
     assert "whole model in RAM" in table and "every layer from disk" in table
     assert "disk read bandwidth" in table and "s/token" in table and "x limit" in table
@@ -73,3 +78,8 @@ def test_disk_bandwidth(tmp_path):
     result = measure_disk_bandwidth([path], chunk=2**20)
     assert result["bytes"] == 3 * 2**20 + 123
     assert result["bandwidth"] > 0 and result["seconds"] > 0 and result["method"]
+    # the faster of the ways tried is the limit
+    assert result["bandwidth"] == max(result["by_method"].values())
+    assert result["method"] in result["by_method"]
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        assert len(result["by_method"]) == 2

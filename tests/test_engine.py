@@ -180,15 +180,15 @@ def test_transient_read_error_then_works_again(llama, monkeypatch):
     ckpt, shards, inputs, expected, pad = llama
     model = streamed_model(ckpt, shards, max_memory={"cpu": 0}, prefetch=2)
     loader = get_streaming_state(model).loader
-    loader._map_cached = False  # every read goes through `_read_file`, even from the page cache
+    loader._map = False  # every read goes through `_read_file` (the CUDA path), not a map
     real = loader._read_file
     failures = {"left": 2}  # the prefetched read and its retry both fail
 
-    def flaky(header, buf):
+    def flaky(header, buf, index):
         if header.path.name == "00004.safetensors" and failures["left"]:
             failures["left"] -= 1
             raise OSError(5, "Input/output error")
-        return real(header, buf)
+        return real(header, buf, index)
 
     monkeypatch.setattr(loader, "_read_file", flaky)
     with pytest.raises(LayerLoadError, match=r"decoder layer 4 .*Input/output error"):
@@ -202,15 +202,15 @@ def test_prefetched_failure_is_retried(llama, monkeypatch):
     ckpt, shards, inputs, expected, pad = llama
     model = streamed_model(ckpt, shards, max_memory={"cpu": 0}, prefetch=2)
     loader = get_streaming_state(model).loader
-    loader._map_cached = False  # every read goes through `_read_file`, even from the page cache
+    loader._map = False  # every read goes through `_read_file` (the CUDA path), not a map
     real = loader._read_file
     failures = {"left": 1}
 
-    def flaky(header, buf):
+    def flaky(header, buf, index):
         if header.path.name == "00002.safetensors" and failures["left"]:
             failures["left"] -= 1
             raise OSError(5, "Input/output error")
-        return real(header, buf)
+        return real(header, buf, index)
 
     monkeypatch.setattr(loader, "_read_file", flaky)
     assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
@@ -281,30 +281,109 @@ def test_buffers_bounded_by_prefetch(llama, prefetch, mapped):
     ckpt, shards, inputs, expected, pad = llama
     model = streamed_model(ckpt, shards, max_memory={"cpu": 0}, prefetch=prefetch)
     loader = get_streaming_state(model).loader
-    loader._map_cached = mapped
+    loader._map = mapped
     assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
     loader.wait_idle()
     assert loader._pool.allocated <= prefetch + 1
     disable_layer_streaming(model)
 
 
-def test_cold_files_are_read_directly(llama, tmp_path):
-    """Files not in the page cache are read with O_DIRECT (where the file system allows it); output unchanged."""
+def _drop_from_page_cache(files) -> None:
+    for p in files:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def _cached(path) -> float:
+    """Share of the file in the page cache (mincore: reads nothing)."""
+    from hf_layerstream._safetensors import cached_fraction
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fraction = cached_fraction(fd, os.path.getsize(path))
+    finally:
+        os.close(fd)
+    if fraction is None:
+        pytest.skip("mincore is not available here")
+    return fraction
+
+
+@pytest.mark.parametrize("keep", [None, True, False])
+def test_page_cache_share_in_the_plan(llama, keep, monkeypatch):
+    from hf_layerstream import engine
+
+    _, shards, *_ = llama
+    sd = ShardDirectory(shards)
+    layer = sd.unit("layers.0").size
+    # 10 layers' worth of page cache at the default share: all 6 streamed layers fit (beside 2 of read-ahead)
+    monkeypatch.setattr(engine, "available_host_memory", lambda: int(10 * layer / engine.DEFAULT_PAGE_CACHE_SHARE))
+    plan = plan_residency(sd, torch.device("cpu"), max_memory={"cpu": 0}, prefetch=1, keep_in_page_cache=keep)
+    assert plan.streamed == list(range(6))
+    expected = {None: list(range(6)), True: list(range(6)), False: []}[keep]
+    assert plan.page_cache_layers == expected
+    assert plan.to_dict()["page_cache_layers"] == expected
+    assert all(plan.keeps_in_page_cache(i) == (i in expected) for i in range(6))
+    # with room for 3 streamed layers (and 2 of read-ahead: prefetch 1), the default keeps 3, spread out
+    monkeypatch.setattr(engine, "available_host_memory", lambda: int(5.5 * layer / engine.DEFAULT_PAGE_CACHE_SHARE))
+    plan = plan_residency(sd, torch.device("cpu"), max_memory={"cpu": 0}, prefetch=1, keep_in_page_cache=keep)
+    expected = {None: [0, 2, 4], True: list(range(6)), False: []}[keep]
+    assert plan.page_cache_layers == expected
+
+
+def test_cold_files_are_mapped_and_stay_in_the_page_cache(llama, tmp_path):
+    """CPU: cold layer files are mapped (read in by the kernel's read-ahead), the output is unchanged, and with room
+    in the page cache the pages stay there, so the next sweep is warm."""
     ckpt, shards, inputs, expected, pad = llama
     shards = _copy_shards(shards, tmp_path)
     model = streamed_model(ckpt, shards, **STREAM_ALL)
     loader = get_streaming_state(model).loader
+    assert loader.plan.page_cache_layers == loader.plan.streamed == list(range(6))
     files = sorted((shards / "layers").glob("*.safetensors"))
-    for p in files:
-        fd = os.open(p, os.O_RDONLY)
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        os.close(fd)
+    _drop_from_page_cache(files)
+    if any(_cached(p) for p in files):
+        pytest.skip("this file system keeps dropped files in the page cache")
     assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
-    assert sum(loader.reads.values()) >= 4 * 6
-    if loader._direct:
-        assert loader.reads["direct"] > 0
+    loader.wait_idle()
+    assert loader.reads["mapped"] >= 4 * 6 and loader.reads["direct"] == loader.reads["page_cache"] == 0
+    assert all(_cached(p) == 1.0 for p in files)
     disable_layer_streaming(model)
+
+
+@pytest.mark.parametrize(
+    "mapped, how", [(True, "no room"), (True, "option"), (False, "no room")], ids=["mapped", "mapped-option", "read"]
+)
+def test_without_page_cache_room_layers_leave_the_cache(llama, tmp_path, monkeypatch, mapped, how):
+    """A model larger than the page-cache share (or `keep_in_page_cache=False`): mapped layers are dropped from the
+    page cache after use, and reads (the CUDA path) use O_DIRECT where the file system allows it; output unchanged."""
+    from hf_layerstream import engine
+
+    ckpt, shards, inputs, expected, pad = llama
+    shards = _copy_shards(shards, tmp_path)
+    if how == "no room":
+        monkeypatch.setattr(engine, "DEFAULT_PAGE_CACHE_SHARE", 0.0)  # the default plan when the model does not fit
+        model = streamed_model(ckpt, shards, **STREAM_ALL)
+    else:
+        model = streamed_model(ckpt, shards, keep_in_page_cache=False, **STREAM_ALL)
+    loader = get_streaming_state(model).loader
+    assert loader.plan.page_cache_layers == []
+    assert "0 of those left in the page cache" in loader.plan.summary()
+    loader._map = mapped
+    files = sorted((shards / "layers").glob("*.safetensors"))
+    _drop_from_page_cache(files)
+    if any(_cached(p) for p in files):
+        pytest.skip("this file system keeps dropped files in the page cache")
+    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+    disable_layer_streaming(model)  # waits for the loader: the last unmaps and evictions are done
+    assert sum(loader.reads.values()) >= 4 * 6
+    if mapped:
+        assert loader.reads["mapped"] >= 4 * 6
+        assert not any(_cached(p) for p in files)
+    elif loader._direct:
+        assert loader.reads["direct"] > 0
 
 
 # --- profile --------------------------------------------------------------------------------------------------------
