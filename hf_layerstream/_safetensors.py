@@ -216,6 +216,33 @@ def advise_huge(mm: mmap.mmap) -> None:
             pass
 
 
+_HUGE_PAGES = None
+
+
+def huge_pages_enabled() -> bool:
+    """Whether `MADV_HUGEPAGE` can do anything here (Linux with transparent huge pages not set to `never`)."""
+    global _HUGE_PAGES
+    if _HUGE_PAGES is None:
+        try:
+            with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+                _HUGE_PAGES = _MADV_HUGEPAGE is not None and "[never]" not in f.read()
+        except OSError:
+            _HUGE_PAGES = False
+    return _HUGE_PAGES
+
+
+def thread_read_bytes() -> int | None:
+    """Bytes the calling thread has had read from storage (`read_bytes` of /proc/thread-self/io), or `None`."""
+    try:
+        with open("/proc/thread-self/io") as f:
+            for line in f:
+                if line.startswith("read_bytes:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def populate(mm: mmap.mmap, path) -> bool:
     """Build the page tables of a whole mapping now (`MADV_POPULATE_READ`), reading what is not in the page cache
     (read-ahead in large folios after `advise_huge`). Returns `False` where the kernel cannot (before Linux 5.14);

@@ -34,7 +34,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ._safetensors import Header, _views, advise_huge, cached_fraction, mmap_tensors, populate
+from ._safetensors import (
+    Header,
+    _views,
+    advise_huge,
+    cached_fraction,
+    huge_pages_enabled,
+    mmap_tensors,
+    populate,
+    thread_read_bytes,
+)
 from .errors import LayerLoadError, ShardDirError, ShardFileError
 from .modeling import RESIDENT, layer_unit
 from .shard_dir import ShardDirectory
@@ -325,10 +334,13 @@ class _Ready:
     buffer: object = None  # (pool, buffer) to give back on release
     mapped: bool = False  # views of a memory map made for this use only (unmapped when they die)
     evict: object = None  # path of a file whose pages leave the page cache after use
+    repair: bool = False  # the eviction is to bring the file back in 2 MiB folios: make sure it is whole
 
 
-def _evict(path) -> None:
-    """Drop a file's pages from the page cache (pages still mapped somewhere stay)."""
+def _evict(path, *, whole: bool = False) -> None:
+    """Drop a file's pages from the page cache (pages still mapped somewhere stay). `whole`: check with `mincore`
+    and try once more if some pages were busy (held for a moment by reclaim or compaction): a page left behind
+    would keep its 2 MiB neighbourhood in small folios when the file is read again."""
     if not hasattr(os, "posix_fadvise"):
         return
     try:
@@ -337,11 +349,23 @@ def _evict(path) -> None:
         return
     try:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        if whole and cached_fraction(fd, os.fstat(fd).st_size):
+            time.sleep(0.001)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     except OSError:
         pass
     finally:
         os.close(fd)
 
+
+# Mapping pages that are already in the page cache costs about 1 us of CPU per MiB when the page cache holds them in
+# 2 MiB folios, and 13-50 us per MiB in the small folios that `read()`, `cp` or a partial eviction leave behind (the
+# loader thread takes that CPU from the compute at every sweep). Above this, a streamed layer's file is dropped from
+# the page cache after use, so that the next read brings it back in 2 MiB folios: at most `_MAX_REPAIRS` times per
+# layer (file systems without large folios never improve), and only for layers of at least `_REPAIR_MIN_BYTES`.
+_SMALL_PAGES_CPU_PER_MIB = 5e-6
+_MAX_REPAIRS = 2
+_REPAIR_MIN_BYTES = 8 * 2**20
 
 _ALIGN = 4096  # O_DIRECT wants the buffer, the file offset and the length aligned to the logical block size
 _READ_CHUNK = 64 * 2**20
@@ -451,6 +475,8 @@ class LayerLoader:
         self.reads = {"mapped": 0, "page_cache": 0, "direct": 0}
         self._map = True  # CPU: streamed layers are mapped, not copied (tests turn it off to exercise reads)
         self._populate = True  # MADV_POPULATE_READ works here (else MAP_POPULATE: no huge read-ahead)
+        self.repairs: dict[int, int] = {}  # layer -> times dropped from the page cache to come back in huge pages
+        self.small_page_layers: set[int] = set()  # layers whose last mapping found the page cache in small folios
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf_layerstream-loader")
         self._pending: dict[int, Future] = {}
         self._in_use: dict[int, _Ready] = {}
@@ -522,7 +548,7 @@ class LayerLoader:
             # microseconds for a 100 MB layer); the eviction, when the plan asks for one, in the loader thread
             ready.tensors = {}
             if ready.evict is not None and not self._closed:
-                self._executor.submit(_evict, ready.evict)
+                self._executor.submit(_evict, ready.evict, whole=ready.repair)
             return
         if ready.buffer is None:
             return
@@ -674,7 +700,7 @@ class LayerLoader:
         self.reads[how] += 1
         return _views(header, buf.numpy(), header.data_offset), how
 
-    def _map_file(self, header: Header) -> dict[str, torch.Tensor] | None:
+    def _map_file(self, header: Header, index: int = -1) -> dict[str, torch.Tensor] | None:
         """CPU only: map the layer file instead of copying it (zero-copy, no memcpy taking CPU time from the compute)
         and build its page tables here, in the loader thread, so the compute takes no page faults. Pages not in the
         page cache are read in on the way, with huge-page read-ahead (see `advise_huge`). The mapping is read-only
@@ -695,6 +721,7 @@ class LayerLoader:
             os.close(fd)
         if self._populate:
             advise_huge(mm)
+            read0, cpu0 = thread_read_bytes(), time.thread_time()
             try:
                 done = populate(mm, header.path)
             except ShardFileError:
@@ -703,9 +730,38 @@ class LayerLoader:
             if not done:  # an older kernel: populate at mmap time instead (no huge read-ahead)
                 mm.close()
                 self._populate = False
-                return self._map_file(header)
+                return self._map_file(header, index)
+            cpu, read1 = time.thread_time() - cpu0, thread_read_bytes()
+            # judged only when (almost) nothing came from the disk: reading costs CPU too, whatever the folio size
+            # (and what was just read came in through the huge-page advice: no reason to drop it again)
+            warm = read0 is not None and read1 is not None and read1 - read0 < header.file_size // 16
+            if warm and cpu > _SMALL_PAGES_CPU_PER_MIB * header.file_size / 2**20:
+                self.small_page_layers.add(index)
+            else:
+                self.small_page_layers.discard(index)
         self.reads["mapped"] += 1
         return _views(header, mm, header.data_offset)
+
+    def _keep_cached(self, index: int, header: Header) -> bool:
+        """Whether a mapped streamed layer's pages stay in the page cache after use: as the plan says, unless they
+        are there in small folios (see `_SMALL_PAGES_CPU_PER_MIB`): then drop them once or twice, so they come back
+        in 2 MiB folios."""
+        if not self.plan.keeps_in_page_cache(index):
+            return False
+        if index not in self.small_page_layers or header.file_size < _REPAIR_MIN_BYTES or not huge_pages_enabled():
+            return True
+        done = self.repairs.get(index, 0)
+        if done >= _MAX_REPAIRS:
+            return True
+        self.repairs[index] = done + 1
+        logger.info(
+            "Decoder layer %d is in the page cache in small pages (mapping it costs CPU at every sweep); dropping it "
+            "after use so the next read brings it back in 2 MiB pages (%d of at most %d).",
+            index,
+            done + 1,
+            _MAX_REPAIRS,
+        )
+        return False
 
     def _read_direct(self, header: Header, view: memoryview) -> None:
         size = header.file_size
@@ -737,7 +793,7 @@ class LayerLoader:
                 self._host_cache[index] = raw
                 nread = header.data_size
         else:
-            raw = self._map_file(header) if not self.is_cuda else None
+            raw = self._map_file(header, index) if not self.is_cuda else None
             mapped = raw is not None
             if mapped:
                 self._pool.discard_one()
@@ -751,8 +807,11 @@ class LayerLoader:
         if not self.is_cuda:
             tensors = self._relative(index, self._finish(unit, raw, index))
             views = [weakref.ref(t) for t in tensors.values()] if buffer is not None else []
-            evict = header.path if mapped and not self.plan.keeps_in_page_cache(index) else None
-            return _Ready(tensors, None, (self._pool, buffer, views) if buffer is not None else None, mapped, evict)
+            evict = header.path if mapped and not self._keep_cached(index, header) else None
+            repair = evict is not None and self.plan.keeps_in_page_cache(index)
+            return _Ready(
+                tensors, None, (self._pool, buffer, views) if buffer is not None else None, mapped, evict, repair
+            )
         # CUDA: copy (and dequantize/cast) on the side stream; the compute stream waits on the event, and the
         # staging buffer goes back to the pool tagged with the event, to be refilled once the copy has landed
         with torch.cuda.device(self.device), torch.cuda.stream(self._copy_stream):

@@ -386,6 +386,89 @@ def test_without_page_cache_room_layers_leave_the_cache(llama, tmp_path, monkeyp
         assert loader.reads["direct"] > 0
 
 
+def _read_in_big_chunks(path) -> None:
+    """Drop a file from the page cache and read it back with 16 MiB `pread`s, which leaves it in small folios."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        offset = 0
+        while chunk := os.pread(fd, 16 * 2**20, offset):
+            offset += len(chunk)
+    finally:
+        os.close(fd)
+
+
+def _map_cpu_per_mib(path) -> float:
+    """CPU seconds per MiB to map a cached file (huge-page advice, populated): ~1e-6 in 2 MiB folios."""
+    import mmap
+    import time
+
+    from hf_layerstream._safetensors import advise_huge, populate
+
+    size = os.path.getsize(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        mm = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
+    finally:
+        os.close(fd)
+    try:
+        advise_huge(mm)
+        t0 = time.thread_time()
+        populate(mm, path)
+        return (time.thread_time() - t0) / (size / 2**20)
+    finally:
+        mm.close()
+
+
+def test_layers_cached_in_small_pages_come_back_in_huge_pages(tmp_path):
+    """A warm page cache in small folios (as `read()`/`cp` leave it) makes every remap cost CPU: the loader notices
+    (CPU time of mapping, nothing read from disk), drops such a layer after use once, and the next read brings it
+    back in 2 MiB folios; the output stays exact throughout."""
+    from hf_layerstream import split_checkpoint
+    from hf_layerstream._safetensors import huge_pages_enabled
+    from hf_layerstream.demo import write_demo_checkpoint
+    from hf_layerstream.engine import _MAX_REPAIRS, _REPAIR_MIN_BYTES, _SMALL_PAGES_CPU_PER_MIB
+
+    if not huge_pages_enabled() or not os.path.exists("/proc/thread-self/io"):
+        pytest.skip("needs transparent huge pages and per-thread I/O accounting (Linux)")
+    # does this file system give 2 MiB page-cache folios at all?
+    probe = tmp_path / "probe"
+    probe.write_bytes(os.urandom(8 * 2**20))
+    _read_in_big_chunks(probe)
+    os.posix_fadvise(fd := os.open(probe, os.O_RDONLY), 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+    _map_cpu_per_mib(probe)  # reads it in through a huge-page map
+    if _map_cpu_per_mib(probe) > _SMALL_PAGES_CPU_PER_MIB:
+        pytest.skip("this file system does not keep files in 2 MiB page-cache folios")
+
+    # layers of 50 MB, as real ones are (tens to hundreds of MB): a few pages left behind by reclaim do not
+    # dominate the cost of mapping them
+    ckpt = write_demo_checkpoint(
+        tmp_path / "ckpt", layers=2, hidden_size=1024, intermediate_size=2816, vocab_size=1000, dtype="float32"
+    )
+    shards = split_checkpoint(ckpt, tmp_path / "shards", progress=False)
+    files = sorted((shards / "layers").glob("*.safetensors"))
+    assert all(p.stat().st_size >= _REPAIR_MIN_BYTES for p in files)
+    ids = torch.tensor([[5, 17, 99, 3, 250, 7]])
+    expected = _models.load_reference(ckpt).generate(ids, **GEN, pad_token_id=0)
+
+    model = streamed_model(ckpt, shards, **STREAM_ALL)
+    loader = get_streaming_state(model).loader
+    for p in files:
+        _read_in_big_chunks(p)
+    assert _map_cpu_per_mib(files[0]) > _SMALL_PAGES_CPU_PER_MIB  # the set-up really left small folios
+    assert torch.equal(model.generate(ids, **GEN, pad_token_id=0), expected)
+    assert loader.repairs, "no layer in small pages was noticed"
+    for _ in range(2):
+        assert torch.equal(model.generate(ids, **GEN, pad_token_id=0), expected)
+    loader.wait_idle()
+    assert not loader.small_page_layers, f"layers {loader.small_page_layers} still map in small pages ({loader.repairs})"
+    assert all(1 <= n <= _MAX_REPAIRS for n in loader.repairs.values())
+    assert sum(loader.repairs.values()) < 2 * len(files), "every layer needed a second drop: the first did not work"
+    disable_layer_streaming(model)
+    assert _map_cpu_per_mib(files[0]) < _SMALL_PAGES_CPU_PER_MIB
+
+
 # --- profile --------------------------------------------------------------------------------------------------------
 
 
