@@ -185,18 +185,27 @@ def read_header(path: str | os.PathLike, *, expected_size: int | None = None) ->
     return Header(path, data_offset, file_size, tensors, {str(k): str(v) for k, v in metadata.items()}, _identity(st))
 
 
+def _consume_readonly_warning() -> None:
+    """torch warns once per process that a read-only buffer gives a tensor it cannot write to. Our maps are read
+    only on purpose: spend that one warning here, at import, in the importing thread (`warnings.catch_warnings` is
+    not thread-safe, and `_views` runs in the loader thread on every read)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        torch.frombuffer(b"\0", dtype=torch.uint8)
+
+
+_consume_readonly_warning()
+
+
 def _views(header: Header, buffer, base_offset: int) -> dict[str, torch.Tensor]:
     out = {}
-    with warnings.catch_warnings():
-        # torch warns about read-only buffers; our mmaps are copy-on-write and the buffers are ours.
-        warnings.simplefilter("ignore", UserWarning)
-        for name, info in header.tensors.items():
-            numel = info.nbytes // max(torch.empty((), dtype=info.dtype).element_size(), 1)
-            if numel == 0:
-                out[name] = torch.empty(info.shape, dtype=info.dtype)
-                continue
-            t = torch.frombuffer(buffer, dtype=info.dtype, count=numel, offset=base_offset + info.begin)
-            out[name] = t.view(info.shape)
+    for name, info in header.tensors.items():
+        numel = info.nbytes // max(info.dtype.itemsize, 1)
+        if numel == 0:
+            out[name] = torch.empty(info.shape, dtype=info.dtype)
+            continue
+        t = torch.frombuffer(buffer, dtype=info.dtype, count=numel, offset=base_offset + info.begin)
+        out[name] = t.view(info.shape)
     return out
 
 
@@ -231,16 +240,16 @@ def huge_pages_enabled() -> bool:
     return _HUGE_PAGES
 
 
-def thread_read_bytes() -> int | None:
-    """Bytes the calling thread has had read from storage (`read_bytes` of /proc/thread-self/io), or `None`."""
+def thread_usage() -> tuple[float, int] | None:
+    """(CPU seconds, bytes read from storage) of the calling thread so far (`getrusage(RUSAGE_THREAD)`: one system
+    call), or `None` where the platform cannot tell."""
     try:
-        with open("/proc/thread-self/io") as f:
-            for line in f:
-                if line.startswith("read_bytes:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return None
+        import resource
+
+        u = resource.getrusage(resource.RUSAGE_THREAD)
+    except (ImportError, AttributeError, OSError):
+        return None
+    return u.ru_utime + u.ru_stime, u.ru_inblock * 512
 
 
 def populate(mm: mmap.mmap, path) -> bool:

@@ -42,7 +42,7 @@ from ._safetensors import (
     huge_pages_enabled,
     mmap_tensors,
     populate,
-    thread_read_bytes,
+    thread_usage,
 )
 from .errors import LayerLoadError, ShardDirError, ShardFileError
 from .modeling import RESIDENT, layer_unit
@@ -721,7 +721,7 @@ class LayerLoader:
             os.close(fd)
         if self._populate:
             advise_huge(mm)
-            read0, cpu0 = thread_read_bytes(), time.thread_time()
+            before = thread_usage()
             try:
                 done = populate(mm, header.path)
             except ShardFileError:
@@ -731,10 +731,11 @@ class LayerLoader:
                 mm.close()
                 self._populate = False
                 return self._map_file(header, index)
-            cpu, read1 = time.thread_time() - cpu0, thread_read_bytes()
+            after = thread_usage()
             # judged only when (almost) nothing came from the disk: reading costs CPU too, whatever the folio size
             # (and what was just read came in through the huge-page advice: no reason to drop it again)
-            warm = read0 is not None and read1 is not None and read1 - read0 < header.file_size // 16
+            cpu, read = (after[0] - before[0], after[1] - before[1]) if before and after else (0.0, 0)
+            warm = before is not None and read < header.file_size // 16
             if warm and cpu > _SMALL_PAGES_CPU_PER_MIB * header.file_size / 2**20:
                 self.small_page_layers.add(index)
             else:

@@ -427,12 +427,12 @@ def test_layers_cached_in_small_pages_are_read_again(tmp_path):
     through the huge-page map; a bounded number of times per layer; the output stays exact throughout."""
     from hf_layerstream import split_checkpoint
     from hf_layerstream._measure import disk_read_bytes
-    from hf_layerstream._safetensors import huge_pages_enabled
+    from hf_layerstream._safetensors import huge_pages_enabled, thread_usage
     from hf_layerstream.demo import write_demo_checkpoint
     from hf_layerstream.engine import _MAX_REPAIRS, _REPAIR_MIN_BYTES, _SMALL_PAGES_CPU_PER_MIB, _evict
 
-    if not huge_pages_enabled() or not os.path.exists("/proc/thread-self/io"):
-        pytest.skip("needs transparent huge pages and per-thread I/O accounting (Linux)")
+    if not huge_pages_enabled() or thread_usage() is None:
+        pytest.skip("needs transparent huge pages and per-thread CPU and I/O accounting (Linux)")
     # the mechanism: a file dropped whole and read again through a huge-page map maps cheaply (2 MiB folios); where
     # the file system has no large folios there is nothing to gain, and the loader's repairs stay bounded
     probe = tmp_path / "probe"
