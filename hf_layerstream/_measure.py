@@ -52,15 +52,10 @@ def disk_read_bytes() -> int | None:
 
 def drop_page_cache(paths) -> None:
     """Evict files from the page cache (POSIX_FADV_DONTNEED), simulating a model larger than RAM."""
+    from .engine import _evict
+
     for path in paths:
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+        _evict(path)
 
 
 class _TokenClock:

@@ -252,6 +252,17 @@ def thread_usage() -> tuple[float, int] | None:
     return u.ru_utime + u.ru_stime, u.ru_inblock * 512
 
 
+def map_readonly(path, size: int) -> mmap.mmap:
+    """A private read-only mapping of the first `size` bytes of `path`, asked for huge pages (`advise_huge`)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        mm = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
+    finally:
+        os.close(fd)
+    advise_huge(mm)
+    return mm
+
+
 def populate(mm: mmap.mmap, path) -> bool:
     """Build the page tables of a whole mapping now (`MADV_POPULATE_READ`), reading what is not in the page cache
     (read-ahead in large folios after `advise_huge`). Returns `False` where the kernel cannot (before Linux 5.14);

@@ -161,20 +161,15 @@ def _read_direct(paths: list[str], chunk: int) -> tuple[int, str]:
 
 def _read_mapped(paths: list[str]) -> tuple[int, str]:
     """Read `paths` the way our CPU loader does: a huge-page mapping populated by the kernel's read-ahead."""
-    from ._safetensors import advise_huge, populate
+    from ._safetensors import map_readonly, populate
 
     total = 0
     for path in paths:
         size = os.path.getsize(path)
         if size == 0:
             continue
-        fd = os.open(path, os.O_RDONLY)
+        mm = map_readonly(path, size)
         try:
-            mm = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
-        finally:
-            os.close(fd)
-        try:
-            advise_huge(mm)
             if not populate(mm, path):
                 raise OSError("MADV_POPULATE_READ is not supported here")
         finally:

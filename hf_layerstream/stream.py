@@ -174,6 +174,8 @@ def enable_layer_streaming(
         prefetch = DEFAULT_PREFETCH
     if not isinstance(prefetch, int) or isinstance(prefetch, bool) or prefetch < 0:
         raise ValueError(f"`prefetch` must be a non-negative int, got {prefetch!r}.")
+    if keep_in_page_cache is not None and not isinstance(keep_in_page_cache, bool):
+        raise ValueError(f"`keep_in_page_cache` must be True, False or None (automatic), got {keep_in_page_cache!r}.")
     shards = ShardDirectory(shard_dir, checksums=verify)
     stack = find_layer_stack(model)
     if stack is None:

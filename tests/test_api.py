@@ -300,6 +300,8 @@ def test_error_bad_arguments(checkpoints):
     model = _llama_model()
     with pytest.raises(ValueError, match="`prefetch` must be a non-negative int"):
         enable_layer_streaming(model, shards, prefetch=-1)
+    with pytest.raises(ValueError, match="`keep_in_page_cache` must be True, False or None"):
+        enable_layer_streaming(model, shards, keep_in_page_cache="yes")
     with pytest.raises(ValueError, match="`max_memory` got the size 'lots'"):
         enable_layer_streaming(model, shards, max_memory={"cpu": "lots"})
     with pytest.raises(ValueError, match="not a valid torch device"):

@@ -401,19 +401,13 @@ def _read_in_big_chunks(path) -> None:
 
 def _map_cpu_per_mib(path) -> float:
     """CPU seconds per MiB to map a cached file (huge-page advice, populated): ~1e-6 in 2 MiB folios."""
-    import mmap
     import time
 
-    from hf_layerstream._safetensors import advise_huge, populate
+    from hf_layerstream._safetensors import map_readonly, populate
 
     size = os.path.getsize(path)
-    fd = os.open(path, os.O_RDONLY)
+    mm = map_readonly(path, size)
     try:
-        mm = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
-    finally:
-        os.close(fd)
-    try:
-        advise_huge(mm)
         t0 = time.thread_time()
         populate(mm, path)
         return (time.thread_time() - t0) / (size / 2**20)
