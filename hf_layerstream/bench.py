@@ -3,7 +3,8 @@
 Every system runs in its own child process (`_measure.run_child`), so each peak RSS (`VmHWM`) is its own. The same
 run measures the two physical limits the figures are compared with:
 
-* warm (files in the page cache): the compute, i.e. the whole model in memory, seconds per token;
+* warm (files in the page cache, put there by one untimed `generate` call in the same process): the compute, i.e.
+  the whole model in memory, seconds per token;
 * cold (every weight file dropped from the page cache before each forward): bytes read per sweep / the disk's
   sequential read bandwidth, measured here on the shard files: the faster of O_DIRECT reads and the kernel's
   read-ahead into a huge-page map, each after `POSIX_FADV_DONTNEED`.
@@ -178,17 +179,42 @@ def _read_mapped(paths: list[str]) -> tuple[int, str]:
     return total, "read-ahead into a huge-page map"
 
 
-def measure_disk_bandwidth(paths, *, chunk: int = 16 * 2**20) -> dict:
+def _in_parallel(way, paths: list[str], streams: int) -> tuple[int, str]:
+    """`way` on `streams` threads at once, each reading every `streams`-th file (more requests in flight)."""
+    import threading
+
+    results: list = [None] * streams
+
+    def run(k: int) -> None:
+        try:
+            results[k] = way(paths[k::streams])
+        except OSError as e:
+            results[k] = e
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(streams)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for r in results:
+        if isinstance(r, OSError):
+            raise r
+    return sum(r[0] for r in results), f"{results[0][1]}, {streams} files at once"
+
+
+def measure_disk_bandwidth(paths, *, chunk: int = 16 * 2**20, streams: int = 2) -> dict:
     """Sequential read bandwidth of `paths` from the disk (not the page cache), in bytes per second.
 
-    Two ways, each after dropping the files from the page cache, and the faster is the limit: `O_DIRECT` reads
-    (buffered where the file system refuses `O_DIRECT`), and the kernel's read-ahead into a huge-page memory map
-    (what our CPU loader does; on some disks it keeps more requests in flight). The files are dropped from the page
-    cache afterwards too.
+    Several ways, each after dropping the files from the page cache, and the fastest is the limit: `O_DIRECT` reads
+    (buffered where the file system refuses `O_DIRECT`) and the kernel's read-ahead into a huge-page memory map
+    (what our CPU loader does; on some disks it keeps more requests in flight), each one file at a time and
+    `streams` files at once (a disk that serves parallel requests faster has that much more bandwidth). The files
+    are dropped from the page cache afterwards too.
 
     Args:
         paths: the files to read (the shard files: the bytes a cold sweep reads).
         chunk (`int`): bytes per `O_DIRECT` read call.
+        streams (`int`): files read at once by the parallel ways (1: no parallel way).
 
     Returns:
         `{"bytes", "seconds", "bandwidth", "method", "by_method"}`; `by_method` maps each way tried to its
@@ -196,9 +222,12 @@ def measure_disk_bandwidth(paths, *, chunk: int = 16 * 2**20) -> dict:
     """
     paths = [str(p) for p in paths]
     results = []
-    ways = [lambda: _read_direct(paths, chunk)]
+    one_by_one = [lambda files: _read_direct(files, chunk)]
     if hasattr(mmap, "MADV_HUGEPAGE"):
-        ways.append(lambda: _read_mapped(paths))
+        one_by_one.append(_read_mapped)
+    ways = [lambda w=w: w(paths) for w in one_by_one]
+    if streams > 1 and len(paths) > 1:
+        ways += [lambda w=w: _in_parallel(w, paths, min(streams, len(paths))) for w in one_by_one]
     for way in ways:
         drop_from_page_cache(paths)
         t0 = time.perf_counter()

@@ -358,12 +358,12 @@ def _evict(path, *, whole: bool = False) -> None:
         os.close(fd)
 
 
-# Mapping pages that are already in the page cache costs about 1 us of CPU per MiB when the page cache holds them in
+# Mapping pages that are already in the page cache costs about 1-4 us of CPU per MiB when the page cache holds them in
 # 2 MiB folios, and 13-50 us per MiB in the small folios that `read()`, `cp` or a partial eviction leave behind (the
 # loader thread takes that CPU from the compute at every sweep). Above this, a streamed layer's file is dropped from
 # the page cache after use, so that the next read brings it back in 2 MiB folios: at most `_MAX_REPAIRS` times per
 # layer (file systems without large folios never improve), and only for layers of at least `_REPAIR_MIN_BYTES`.
-_SMALL_PAGES_CPU_PER_MIB = 5e-6
+_SMALL_PAGES_CPU_PER_MIB = 8e-6
 _MAX_REPAIRS = 2
 _REPAIR_MIN_BYTES = 8 * 2**20
 

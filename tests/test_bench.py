@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import mmap
+import os
 
 import pytest
 
@@ -83,3 +84,38 @@ def test_disk_bandwidth(tmp_path):
     assert result["method"] in result["by_method"]
     if hasattr(mmap, "MADV_HUGEPAGE"):
         assert len(result["by_method"]) == 2
+    # with several files, the same ways reading two files at once too; every way reads every byte
+    other = tmp_path / "blob2"
+    other.write_bytes(b"\2" * (2**20 + 7))
+    both = measure_disk_bandwidth([path, other], chunk=2**20)
+    assert both["bytes"] == 4 * 2**20 + 130
+    assert len(both["by_method"]) == 2 * len(result["by_method"])
+    assert sum("2 files at once" in way for way in both["by_method"]) == len(result["by_method"])
+    assert both["bandwidth"] == max(both["by_method"].values())
+
+
+def test_warm_measurement_starts_from_a_warm_page_cache(tmp_path):
+    """A warm row times a model whose weights are in the page cache, whatever evicted them before (an earlier cold
+    run, the host's reclaim): one untimed call first."""
+    from hf_layerstream._measure import drop_page_cache, measure, weight_files
+    from hf_layerstream.demo import write_demo_checkpoint
+    from hf_layerstream.split import split_checkpoint
+
+    ckpt = write_demo_checkpoint(
+        tmp_path / "ckpt", layers=3, hidden_size=256, intermediate_size=512, vocab_size=256, dtype="float32"
+    )
+    shards = split_checkpoint(ckpt, tmp_path / "shards", progress=False)
+    layer_bytes = sum(p.stat().st_size for p in (shards / "layers").glob("*.safetensors"))
+    spec = {"system": "streamed", "path": str(shards), "max_memory": {"cpu": 0}, "input_ids": [5, 6, 7, 8]}
+    spec["max_new_tokens"] = 3
+    files = weight_files("streamed", str(shards))
+    os.sync()  # pages just written are dirty: they leave the page cache only once on the disk
+    drop_page_cache(files)
+    unwarmed = measure({**spec, "warmup": False})
+    # (the loader may start reading the first layers while the model loads, before the count starts)
+    if unwarmed["disk_read_bytes"] is None or unwarmed["disk_read_bytes"] < layer_bytes // 2:
+        pytest.skip("files cannot be dropped from the page cache here (or reads are not accounted)")
+    drop_page_cache(files)
+    warm = measure(spec)
+    assert warm["disk_read_bytes"] < layer_bytes // 8
+    assert warm["tokens"] == unwarmed["tokens"] and warm["total_sweeps"] == 3
