@@ -6,8 +6,9 @@ run measures the two physical limits the figures are compared with:
 * warm (files in the page cache, put there by one untimed `generate` call in the same process): the compute, i.e.
   the whole model in memory, seconds per token;
 * cold (every weight file dropped from the page cache before each forward): bytes read per sweep / the disk's
-  sequential read bandwidth, measured here on the shard files: the faster of O_DIRECT reads and the kernel's
-  read-ahead into a huge-page map, each after `POSIX_FADV_DONTNEED`.
+  sequential read bandwidth, measured here on the shard files: the fastest of O_DIRECT reads and the kernel's
+  read-ahead into a huge-page map, each one file at a time and two files at once, each after
+  `POSIX_FADV_DONTNEED`.
 
 ```
 hf-layerstream bench --demo                      # the 1.7 GB Llama-shaped model of BENCHMARKS.md

@@ -24,6 +24,11 @@ def _max_memory(text: str | None) -> dict | None:
     return out
 
 
+def _page_cache(choice: str | None) -> bool | None:
+    """`--page-cache auto|keep|drop` -> `keep_in_page_cache` None/True/False."""
+    return {"keep": True, "drop": False}.get(choice or "auto")
+
+
 def _dtype(text: str | None):
     if text in (None, "auto"):
         return None
@@ -40,6 +45,13 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="compute dtype: auto (as stored), float32, bfloat16, float16")
     p.add_argument("--max-memory", default=None, help="memory budget, e.g. 'cpu=16GiB,0=4GiB' (accelerate's convention)")
     p.add_argument("--prefetch", type=int, default=None, help="layers read ahead of the compute (default 2)")
+    p.add_argument(
+        "--page-cache",
+        choices=["auto", "keep", "drop"],
+        default="auto",
+        help="streamed layers' pages after use: keep them in the page cache, drop them, or auto (keep while they fit "
+        "in a safe share of the free memory)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -201,6 +213,7 @@ def _cmd_generate(args) -> int:
         prefetch=args.prefetch,
         profile=args.profile,
         verify=args.verify,
+        keep_in_page_cache=_page_cache(args.page_cache),
     )
     tok = AutoTokenizer.from_pretrained(args.tokenizer or args.shard_dir)
     gen_kwargs = {"max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample}
@@ -282,6 +295,7 @@ def _cmd_inspect(args) -> int:
         dtype_size=layer_sizes,
         max_memory=_max_memory(args.max_memory),
         prefetch=DEFAULT_PREFETCH if args.prefetch is None else args.prefetch,
+        keep_in_page_cache=_page_cache(args.page_cache),
     )
     ratio = sum(stored) / max(sum(full_bytes), 1)
     info = {

@@ -77,6 +77,11 @@ def test_inspect_and_verify(split_dir, capsys):
     assert main(["inspect", str(shards), "--json", "--device", "cpu", "--max-memory", "cpu=0"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["num_layers"] == 3 and info["plan"]["streamed"] == [0, 1, 2]
+    assert info["plan"]["page_cache_layers"] == [0, 1, 2]  # auto: the tiny model fits
+    for choice, expected in (("drop", []), ("keep", [0, 1, 2])):
+        argv = ["inspect", str(shards), "--json", "--device", "cpu", "--max-memory", "cpu=0", "--page-cache", choice]
+        assert main(argv) == 0
+        assert json.loads(capsys.readouterr().out)["plan"]["page_cache_layers"] == expected
     assert main(["verify", str(shards)]) == 0
     assert "all 4 files match" in capsys.readouterr().out
 
