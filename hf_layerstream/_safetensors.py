@@ -342,6 +342,25 @@ def madvise_released(mm: mmap.mmap, advice: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
+_MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", None)
+
+
+def release_mapped_pages(tensor: torch.Tensor) -> None:
+    """Unmap the whole pages under `tensor`, a view of a private read-only file mapping, from this process
+    (`MADV_DONTNEED`): they leave our resident set, stay in the page cache, and would be mapped again from there if
+    read. For a packed quantized weight once it has been decoded. Never call it on anonymous memory (it would read
+    back as zeros). A no-op where unsupported."""
+    libc = _libc()
+    if libc is None or _MADV_DONTNEED is None:
+        return
+    page = mmap.PAGESIZE
+    begin = tensor.data_ptr()
+    end = begin + tensor.numel() * tensor.element_size()
+    first, last = (begin + page - 1) // page * page, end // page * page
+    if last > first:
+        libc.madvise(first, last - first, _MADV_DONTNEED)  # a hint: a refusal changes nothing
+
+
 _LIBC = None
 
 

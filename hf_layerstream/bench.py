@@ -624,7 +624,7 @@ def format_report(report: dict) -> str:
         )
         if disk.get("by_method"):
             ways = "; ".join(f"{k} {v / 1e9:.2f} GB/s" for k, v in disk["by_method"].items() if v)
-            lines.append(f"  by way of reading (the faster is the limit): {ways}")
+            lines.append(f"  by way of reading (the fastest is the limit): {ways}")
     lines.append(
         f"baseline RSS (python + torch + transformers imported, before loading): {_gb(report['baseline_rss'])}"
     )
@@ -657,10 +657,11 @@ def format_report(report: dict) -> str:
             )
         if r.get("speedup_vs_full_precision") is not None:
             target = f" (issue target >= {COMPRESSED_SPEEDUP} cold)" if r["mode"] == "cold" else ""
+            agreement = r.get("token_agreement")
+            agreement = "not compared (no in-memory row)" if agreement is None else f"{agreement:.0%}"
             notes.append(
                 f"{r['label']} {r['mode']}, batch {r['batch']}: {r['speedup_vs_full_precision']:.2f}x the speed of "
-                f"full-precision shards from disk{target}; greedy tokens agreeing with full precision: "
-                f"{r.get('token_agreement', 0):.0%}"
+                f"full-precision shards from disk{target}; greedy tokens agreeing with full precision: {agreement}"
             )
         if r.get("rss_allowed") is not None:
             verdict = "ok" if r["rss_over_baseline"] <= r["rss_allowed"] else "over"

@@ -42,6 +42,7 @@ from ._safetensors import (
     huge_pages_enabled,
     mmap_tensors,
     populate,
+    release_mapped_pages,
     thread_usage,
 )
 from .errors import LayerLoadError, ShardDirError, ShardFileError
@@ -617,8 +618,12 @@ class LayerLoader:
         prefix = self.layer_prefixes[index]
         return {name[len(prefix) :] if name.startswith(prefix) else name: t for name, t in tensors.items()}
 
-    def _finish(self, unit: str, raw: dict[str, torch.Tensor], index: int) -> dict[str, torch.Tensor]:
-        """Stored tensors (host or device) -> logical tensors on the device, at the model's dtypes."""
+    def _finish(
+        self, unit: str, raw: dict[str, torch.Tensor], index: int, mapped: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """Stored tensors (host or device) -> logical tensors on the device, at the model's dtypes. `mapped`: `raw`
+        views a private map of the file used for this sweep only; packed parts leave the resident set once decoded
+        (so a layer's packed and decoded weights are not both resident until the whole layer is decoded)."""
         from .quant import dequantize_tensor
 
         entry = self.shards.unit(unit)
@@ -633,6 +638,9 @@ class LayerLoader:
                 t0 = time.perf_counter()
                 parts = {p: raw[f"{name}::{p}"] for p in info.quant["parts"]}
                 value = dequantize_tensor(parts, info.quant, device=self.device, dtype=target)
+                if mapped:
+                    for part in parts.values():
+                        release_mapped_pages(part)
                 sync()
                 t_deq += time.perf_counter() - t0
             else:
@@ -806,7 +814,7 @@ class LayerLoader:
         if self.profile is not None:
             self.profile.add(index, read=t_read, bytes_read=nread)
         if not self.is_cuda:
-            tensors = self._relative(index, self._finish(unit, raw, index))
+            tensors = self._relative(index, self._finish(unit, raw, index, mapped=mapped))
             views = [weakref.ref(t) for t in tensors.values()] if buffer is not None else []
             evict = header.path if mapped and not self._keep_cached(index, header) else None
             repair = evict is not None and self.plan.keeps_in_page_cache(index)

@@ -119,3 +119,29 @@ def test_warm_measurement_starts_from_a_warm_page_cache(tmp_path):
     warm = measure(spec)
     assert warm["disk_read_bytes"] < layer_bytes // 8
     assert warm["tokens"] == unwarmed["tokens"] and warm["total_sweeps"] == 3
+
+
+def test_report_says_when_compressed_tokens_were_not_compared():
+    """Without the in-memory row there is no reference for a compressed row's tokens: the note must say so rather
+    than print an agreement of 0%."""
+    row = {
+        "system": "streamed_disk_8bit",
+        "label": "hf_layerstream, 8bit shards (from disk)",
+        "mode": "cold",
+        "batch": 1,
+        "s_per_token": 1.0,
+        "tokens_per_s": 1.0,
+        "peak_rss": 10**9,
+        "speedup_vs_full_precision": 0.9,
+    }
+    report = {
+        "model": {"num_layers": 2, "layer_file_bytes": 10**9, "resident_bytes": 10**8, "prompt_tokens": 4},
+        "disk": None,
+        "baseline_rss": 4 * 10**8,
+        "rows": [row],
+    }
+    report["model"]["max_new_tokens"] = 3
+    assert "not compared (no in-memory row)" in format_report(report)
+    row["token_agreement"] = 0.375
+    text = format_report(report)
+    assert "agreeing with full precision: 38%" in text and "not compared" not in text

@@ -449,6 +449,29 @@ def test_populate_lets_other_threads_run(tmp_path):
     assert max(gaps) < 0.5 * took[0], (max(gaps), took[0])
 
 
+def test_released_pages_leave_the_resident_set_not_the_data(tmp_path):
+    """A packed weight, once decoded, is unmapped from the process (`release_mapped_pages`): the resident set
+    shrinks by its size, and the bytes still read back right (from the page cache)."""
+    from hf_layerstream._measure import _status_bytes
+    from hf_layerstream._safetensors import map_readonly, populate, release_mapped_pages
+
+    data = os.urandom(32 * 2**20)
+    path = tmp_path / "packed"
+    path.write_bytes(data)
+    mm = map_readonly(path, len(data))
+    if not populate(mm, path) or not _status_bytes("RssFile"):
+        mm.close()
+        pytest.skip("needs MADV_POPULATE_READ and /proc/self/status")
+    view = torch.frombuffer(mm, dtype=torch.uint8)
+    before = _status_bytes("RssFile")
+    release_mapped_pages(view[1000:])  # all but the first page (partly outside the range)
+    after = _status_bytes("RssFile")
+    assert before - after >= len(data) - 3 * 2**20  # allowing for other files the process maps meanwhile
+    assert bytes(view[-4096:].numpy()) == data[-4096:] and bytes(view[:4096].numpy()) == data[:4096]
+    del view
+    mm.close()
+
+
 def test_thread_cpu_time_is_exact():
     """The small-folio check compares CPU times of a fraction of a millisecond: the clock must resolve them (the
     user/system split of `getrusage` moved in 4 ms ticks here, so a 0.1 ms call read 0 or 4 ms)."""
