@@ -165,11 +165,7 @@ def read_header(path: str | os.PathLike, *, expected_size: int | None = None) ->
                 break
             raw += chunk
         _header_pages_read(fd, 8 + header_len)
-    except IsADirectoryError as e:
-        raise ShardFileError(path, f"cannot be read: {e.strerror or e}") from e
-    except OSError as e:
-        if isinstance(e, ShardFileError):
-            raise
+    except OSError as e:  # a directory (EISDIR at the read), an I/O error...
         raise ShardFileError(path, f"cannot be read: {e.strerror or e}") from e
     finally:
         os.close(fd)

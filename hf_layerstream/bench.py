@@ -189,7 +189,7 @@ def _in_parallel(way, paths: list[str], streams: int) -> tuple[int, str]:
     def run(k: int) -> None:
         try:
             results[k] = way(paths[k::streams])
-        except OSError as e:
+        except Exception as e:  # noqa: BLE001 - raised in the calling thread below
             results[k] = e
 
     threads = [threading.Thread(target=run, args=(k,)) for k in range(streams)]
@@ -198,7 +198,7 @@ def _in_parallel(way, paths: list[str], streams: int) -> tuple[int, str]:
     for t in threads:
         t.join()
     for r in results:
-        if isinstance(r, OSError):
+        if isinstance(r, Exception):
             raise r
     return sum(r[0] for r in results), f"{results[0][1]}, {streams} files at once"
 
