@@ -119,7 +119,7 @@ def _advise(fd: int, offset: int, length: int, advice: str) -> None:
             pass
 
 
-def _header_pages_read(fd: int, end: int) -> None:
+def _drop_header_pages(fd: int, end: int) -> None:
     """Drop the small page-cache pages that reading a header put there.
 
     Measured here: after a plain buffered read of the header, the first read of the tensor data through a
@@ -150,7 +150,7 @@ def read_header(path: str | os.PathLike, *, expected_size: int | None = None) ->
             raise ShardFileError(
                 path, f"has {file_size} bytes but the manifest records {expected_size} (truncated or replaced)"
             )
-        # only the header's own pages: no read-ahead into the tensor data (see `_header_pages_read`)
+        # only the header's own pages: no read-ahead into the tensor data (see `_drop_header_pages`)
         _advise(fd, 0, 0, "POSIX_FADV_RANDOM")
         prefix = os.pread(fd, 8, 0)
         if len(prefix) != 8:
@@ -164,7 +164,7 @@ def read_header(path: str | os.PathLike, *, expected_size: int | None = None) ->
             if not chunk:
                 break
             raw += chunk
-        _header_pages_read(fd, 8 + header_len)
+        _drop_header_pages(fd, 8 + header_len)
     except OSError as e:  # a directory (EISDIR at the read), an I/O error...
         raise ShardFileError(path, f"cannot be read: {e.strerror or e}") from e
     finally:

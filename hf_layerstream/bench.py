@@ -181,26 +181,13 @@ def _read_mapped(paths: list[str]) -> tuple[int, str]:
 
 
 def _in_parallel(way, paths: list[str], streams: int) -> tuple[int, str]:
-    """`way` on `streams` threads at once, each reading every `streams`-th file (more requests in flight)."""
-    import threading
+    """`way` on `streams` threads at once, each reading every `streams`-th file (more requests in flight); a
+    failure in any of them is raised here."""
+    from concurrent.futures import ThreadPoolExecutor
 
-    results: list = [None] * streams
-
-    def run(k: int) -> None:
-        try:
-            results[k] = way(paths[k::streams])
-        except Exception as e:  # noqa: BLE001 - raised in the calling thread below
-            results[k] = e
-
-    threads = [threading.Thread(target=run, args=(k,)) for k in range(streams)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for r in results:
-        if isinstance(r, Exception):
-            raise r
-    return sum(r[0] for r in results), f"{results[0][1]}, {streams} files at once"
+    with ThreadPoolExecutor(max_workers=streams) as pool:
+        results = list(pool.map(way, [paths[k::streams] for k in range(streams)]))
+    return sum(n for n, _ in results), f"{results[0][1]}, {streams} files at once"
 
 
 def measure_disk_bandwidth(paths, *, chunk: int = 16 * 2**20, streams: int = 2) -> dict:

@@ -36,6 +36,7 @@ import torch
 
 from ._safetensors import (
     Header,
+    _advise,
     _views,
     advise_huge,
     cached_fraction,
@@ -349,11 +350,11 @@ def _evict(path, *, whole: bool = False) -> None:
     except OSError:
         return
     try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        _advise(fd, 0, 0, "POSIX_FADV_DONTNEED")
         if whole and cached_fraction(fd, os.fstat(fd).st_size):
             time.sleep(0.001)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    except OSError:
+            _advise(fd, 0, 0, "POSIX_FADV_DONTNEED")
+    except OSError:  # fstat
         pass
     finally:
         os.close(fd)
