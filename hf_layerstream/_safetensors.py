@@ -251,8 +251,8 @@ _MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if hasattr(mmap, "M
 
 def advise_huge(mm: mmap.mmap) -> None:
     """Ask for huge pages on a file mapping (`MADV_HUGEPAGE`): pages the kernel reads in through it come as 2 MiB
-    folios, and 2 MiB folios are mapped with one page-table entry instead of 512. Mapping a 100 MB layer then costs
-    about 0.1 ms instead of about 3 ms, and the compute takes fewer TLB misses. A no-op where unsupported."""
+    folios, and 2 MiB folios are mapped with one page-table entry instead of 512. Mapping an 86 MB layer then costs
+    about 0.2 ms instead of about 2 ms (measured here), and the compute takes fewer TLB misses. A no-op where unsupported."""
     if _MADV_HUGEPAGE is not None:
         try:
             mm.madvise(_MADV_HUGEPAGE)

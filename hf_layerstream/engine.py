@@ -10,7 +10,7 @@ gets there lives here:
 * CPU: every layer is a zero-copy memory map of its file. Kept layers stay mapped. Streamed layers are mapped
   with `MADV_HUGEPAGE` and populated (`MADV_POPULATE_READ`) in the loader thread, which reads what is not in the
   page cache with read-ahead into 2 MiB folios (0.66-1.37 GB/s here, against 0.41-1.22 for `O_DIRECT`) and maps 2 MiB
-  folios with one page-table entry each (so remapping a warm layer costs about 0.1 ms per 100 MB, and the compute
+  folios with one page-table entry each (so remapping a warm layer costs about 0.2 ms per 86 MB, and the compute
   takes no page faults). After use a streamed layer is unmapped; its pages stay in the page cache while the plan's
   page-cache share holds them, and are dropped (`POSIX_FADV_DONTNEED`) otherwise, so a model larger than RAM does
   not flush the cache for nothing;
