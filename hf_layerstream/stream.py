@@ -47,6 +47,8 @@ class StreamingState:
     had_device_map: bool = False
     old_device_map: object = None
     last_profile: dict | None = None
+    compute_dtypes: frozenset = frozenset()  # the floating-point dtypes the streamed weights arrive in
+    shadowed: dict = field(default_factory=dict)  # instance attributes our wrappers replaced (restored on disable)
 
 
 def get_streaming_state(model: nn.Module) -> StreamingState | None:
@@ -268,6 +270,7 @@ def enable_layer_streaming(
         raise
 
     state = StreamingState(shards, device, stack, plan, loader, prof, hooks, originals)
+    state.compute_dtypes = frozenset(d for d in target_dtypes.values() if d.is_floating_point)
     state.had_device_map = hasattr(model, "hf_device_map")
     state.old_device_map = getattr(model, "hf_device_map", None)
     dev = device.index if device.type == "cuda" else "cpu"
@@ -279,8 +282,67 @@ def enable_layer_streaming(
     setattr(model, _STATE_ATTR, state)
     if prof is not None:
         _wrap_generate(model, state)
+    _guard_moves(model, state)
     logger.info("Layer streaming enabled from %s: %s", shards.path, plan.summary())
     return model
+
+
+def _shadow(model: nn.Module, state: StreamingState, name: str, wrapper) -> None:
+    """Set an instance attribute over a method, remembering any instance attribute it hides."""
+    if name in vars(model):
+        state.shadowed[name] = vars(model)[name]
+    setattr(model, name, wrapper)
+
+
+# methods that move or cast a module's tensors, and what each asks for: (device, dtype)
+_MOVES = {
+    "cpu": lambda *a, **k: (torch.device("cpu"), None),
+    "cuda": lambda device=None, *a, **k: (
+        torch.device("cuda", device) if isinstance(device, int) else torch.device(device or "cuda"),
+        None,
+    ),
+    "half": lambda *a, **k: (None, torch.float16),
+    "float": lambda *a, **k: (None, torch.float32),
+    "bfloat16": lambda *a, **k: (None, torch.bfloat16),
+    "double": lambda *a, **k: (None, torch.float64),
+    "to": lambda *a, **k: torch._C._nn._parse_to(*a, **k)[:2],
+}
+
+
+def _same_device(asked: torch.device, device: torch.device) -> bool:
+    if asked.type != device.type:
+        return False
+    if asked.type == "cuda" and asked.index is None:
+        return device.index == torch.cuda.current_device()
+    return asked.index is None or asked.index == device.index
+
+
+def _guard_moves(model: nn.Module, state: StreamingState) -> None:
+    """`model.to(...)`, `.cuda()`, `.half()`... on a streamed model: when it asks for the device and dtype the model
+    already streams to, what the plain method would do (cast floating buffers such as rotary frequencies), else a
+    clear error before anything moves. (The plain methods would fail half way on the meta tensors of the streamed
+    layers, leaving the resident parts moved or cast and the layers not.)"""
+    for name, parse in _MOVES.items():
+        original = getattr(model, name)
+
+        def moved(*args, _name=name, _parse=parse, **kwargs):
+            device, dtype = _parse(*args, **kwargs)
+            if device is not None:
+                device = torch.device(device)
+            same_device = device is None or _same_device(device, state.device)
+            same_dtype = dtype is None or state.compute_dtypes == {dtype}
+            if same_device and same_dtype:
+                if dtype is not None:  # what the plain method does to the tensors present: cast floating buffers
+                    model._apply(lambda t: t.to(dtype) if t.is_floating_point() and not t.is_meta else t)
+                return model
+            dtypes = ", ".join(sorted(str(d) for d in state.compute_dtypes)) or "its stored dtypes"
+            raise RuntimeError(
+                f"`model.{_name}(...)` cannot move or cast a model with layer streaming enabled (it streams its decoder "
+                f"layers to {state.device} in {dtypes}). To change them, call `disable_layer_streaming(model)`, then "
+                f"`enable_layer_streaming(model, shard_dir, device=..., dtype=...)`."
+            )
+
+        _shadow(model, state, name, functools.wraps(original)(moved))
 
 
 def _wrap_generate(model: nn.Module, state: StreamingState) -> None:
@@ -295,7 +357,7 @@ def _wrap_generate(model: nn.Module, state: StreamingState) -> None:
             state.last_profile = state.profile.to_dict()
             logger.info("hf_layerstream profile of the last generate call:\n%s", state.profile.summary())
 
-    model.generate = generate
+    _shadow(model, state, "generate", generate)
 
 
 def _restore(model: nn.Module, originals) -> None:
@@ -317,8 +379,11 @@ def disable_layer_streaming(model: nn.Module) -> nn.Module:
             remove_hook_from_module(layer)
     state.loader.close()
     _restore(model, state.originals)
-    if "generate" in vars(model):
-        del model.generate
+    for name in ("generate", *_MOVES):
+        if name in vars(model):
+            delattr(model, name)
+    for name, value in state.shadowed.items():
+        setattr(model, name, value)
     if state.had_device_map:
         model.hf_device_map = state.old_device_map
     elif hasattr(model, "hf_device_map"):

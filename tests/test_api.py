@@ -344,6 +344,59 @@ def test_disable_restores_the_model_and_stops_the_loader(checkpoints):
     disable_layer_streaming(model)
 
 
+def test_moving_or_casting_a_streamed_model(checkpoints):
+    """`.to()` / `.cpu()` / `.float()` asking for what the model already streams: what the plain model does; any
+    other device or dtype: a clear error, with nothing moved or cast (the plain methods would die half way on the
+    streamed layers' meta tensors)."""
+    ckpt, shards = checkpoints("llama", dtype=torch.bfloat16)
+    ref = _models.load_reference(ckpt, torch.bfloat16)
+    model = streamed_model(ckpt, shards, max_memory={"cpu": 0}, dtype=torch.bfloat16)
+    ids = torch.tensor([[1, 5, 7, 9, 11]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)
+        inv_freq = model.model.rotary_emb.inv_freq
+        assert inv_freq.dtype == torch.float32  # from_pretrained(dtype=bf16) keeps it in fp32, and so do we
+        assert model.to("cpu") is model and model.cpu() is model and model.to(device="cpu") is model
+        assert model.model.rotary_emb.inv_freq is inv_freq
+        # the plain model's `.to(torch.bfloat16)` casts the rotary frequencies too (changing the logits); so do we
+        assert model.to(torch.bfloat16) is model and model.bfloat16() is model
+        ref.to(torch.bfloat16)
+        assert model.model.rotary_emb.inv_freq.dtype == torch.bfloat16
+        assert torch.equal(model(ids).logits, ref(ids).logits)
+        before = {n: (t.device, t.dtype) for n, t in model.state_dict().items()}
+        for move, what in [
+            (lambda: model.to(torch.float32), "model.to"),
+            (lambda: model.float(), "model.float"),
+            (lambda: model.half(), "model.half"),
+            (lambda: model.to("meta"), "model.to"),
+            (lambda: model.to("cpu", torch.float16), "model.to"),
+        ]:
+            with pytest.raises(RuntimeError, match=rf"`{what}\(...\)` cannot move or cast .* to cpu in torch.bfloat16"):
+                move()
+        assert {n: (t.device, t.dtype) for n, t in model.state_dict().items()} == before
+        assert torch.equal(model(ids).logits, ref(ids).logits)
+    disable_layer_streaming(model)
+    assert "to" not in vars(model) and "half" not in vars(model)
+    assert model.to(torch.float32) is model  # the plain method again (every weight is on meta)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+@pytest.mark.cuda
+def test_moving_a_cuda_streamed_model(checkpoints):
+    ckpt, shards = checkpoints("llama")
+    model = build_meta_model(AutoConfig.from_pretrained(ckpt))
+    enable_layer_streaming(model, shards, device="cuda:0", max_memory={0: 0, "cpu": 0})
+    assert model.cuda() is model and model.to("cuda") is model and model.to(0) is model and model.cuda(0) is model
+    with pytest.raises(RuntimeError, match=r"`model.cpu\(...\)` cannot move .* to cuda:0"):
+        model.cpu()
+    assert model.model.embed_tokens.weight.device.type == "cuda"
+    ids = torch.tensor([[1, 5, 7, 9]], device="cuda")
+    ref = _models.load_reference(ckpt).to("cuda")
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)
+    disable_layer_streaming(model)
+
+
 def test_layer_weights_are_released_after_forward(checkpoints):
     ckpt, shards = checkpoints("llama")
     model = streamed_model(ckpt, shards, max_memory={"cpu": 0})
