@@ -377,13 +377,58 @@ def _round_up(n: int, align: int = _ALIGN) -> int:
     return (n + align - 1) // align * align
 
 
-def _aligned_buffer(size: int, pin: bool) -> torch.Tensor:
-    """A page-aligned uint8 CPU tensor of at least `size` bytes (pinned for CUDA staging)."""
-    size = _round_up(max(size, 1))
-    if pin:
+class _PinnedHost:
+    """Page-locked host buffers of exactly the size asked for (the CUDA staging buffers and host-tier layers).
+
+    `torch.empty(..., pin_memory=True)` goes through torch's caching host allocator, which rounds every block up to a
+    power of two: an 86 MB layer pins 128 MB, a 1.1 GB one 2 GB, so a host budget would be overrun by up to 2x. Here
+    an anonymous map of the exact size is registered with `cudaHostRegister` (as torch's own checkpoint stager
+    does). The buffers live until `release`, which unregisters each one before its map can go (`LayerLoader.close`
+    calls it once every copy reading them is done); a view kept alive after that reads ordinary pageable memory.
+    Where registering fails, the caching allocator is used instead.
+    """
+
+    _PORTABLE = 1  # cudaHostRegisterPortable: pinned for every CUDA context, as torch registers
+
+    def __init__(self):
+        self._held: dict[int, mmap.mmap] = {}  # address -> the map it starts
+        self._lock = threading.Lock()
+        self._registering = True
+
+    def empty(self, size: int) -> torch.Tensor:
+        if self._registering:
+            mm = mmap.mmap(-1, size)
+            buf = torch.frombuffer(mm, dtype=torch.uint8)
+            try:
+                err = int(torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), size, self._PORTABLE))
+            except (AssertionError, AttributeError, RuntimeError) as e:  # no cudart binding in this build
+                err = repr(e)
+            if err == 0:
+                with self._lock:
+                    self._held[buf.data_ptr()] = mm
+                return buf
+            logger.info("cudaHostRegister failed (%s); pinning with torch's caching host allocator instead", err)
+            self._registering = False
+            del buf  # the map goes with it
         buf = torch.empty(size + _ALIGN, dtype=torch.uint8, pin_memory=True)
         skip = (-buf.data_ptr()) % _ALIGN
         return buf[skip : skip + size]
+
+    def release(self) -> None:
+        """Unregister every buffer (no copy may still be reading one); their maps go once no tensor views them."""
+        with self._lock:
+            held, self._held = self._held, {}
+        for ptr in held:
+            err = int(torch.cuda.cudart().cudaHostUnregister(ptr))
+            if err != 0:
+                logger.warning("cudaHostUnregister(%#x) failed with CUDA error %d", ptr, err)
+
+
+def _aligned_buffer(size: int, pinned: _PinnedHost | None = None) -> torch.Tensor:
+    """A page-aligned uint8 CPU tensor of at least `size` bytes (from `pinned` for CUDA staging)."""
+    size = _round_up(max(size, 1))
+    if pinned is not None:
+        return pinned.empty(size)
     # an anonymous mapping is page-aligned and returned to the OS as soon as the tensor dies
     return torch.frombuffer(mmap.mmap(-1, size), dtype=torch.uint8)
 
@@ -395,8 +440,8 @@ class _BufferPool:
     host-to-device copy reading it has completed (its event), without blocking anybody.
     """
 
-    def __init__(self, pin: bool):
-        self.pin = pin
+    def __init__(self, pinned: _PinnedHost | None):
+        self.pinned = pinned
         self._free: list[tuple[torch.Tensor, object]] = []  # (buffer, CUDA event that must complete, or None)
         self._lock = threading.Lock()
         self.allocated = 0
@@ -415,7 +460,7 @@ class _BufferPool:
                 event.synchronize()  # in the loader thread; the copy was queued long ago, this rarely waits
             return buf
         self.allocated += 1
-        return _aligned_buffer(need, self.pin)
+        return _aligned_buffer(need, self.pinned)
 
     def give(self, buf: torch.Tensor, views: list[weakref.ref], event=None) -> None:
         # Views still referenced elsewhere (e.g. an autograd graph) would see the next layer's bytes: drop the buffer.
@@ -484,7 +529,11 @@ class LayerLoader:
         self._in_use: dict[int, _Ready] = {}
         self._lock = threading.Lock()
         self._closed = False
-        self._pool = _BufferPool(pin=self.is_cuda)
+        self._pinned = _PinnedHost() if self.is_cuda else None
+        self._pool = _BufferPool(self._pinned)
+        if self._pinned is not None:  # a loader dropped without `close` (model deleted while streaming) unpins too
+            self._unpin = weakref.finalize(self, self._pinned.release)
+            self._unpin.atexit = False  # at exit the process's pinned memory goes with it
         self._device_cache: dict[int, dict[str, torch.Tensor]] = {}
         self._host_cache: dict[int, dict[str, torch.Tensor]] = {}
         self._copy_stream = torch.cuda.Stream(device) if self.is_cuda else None
@@ -594,6 +643,8 @@ class LayerLoader:
         self._device_cache.clear()
         self._host_cache.clear()
         self._pool.clear()
+        if self._pinned is not None:
+            self._unpin()
 
     # -- scheduling -----------------------------------------------------------------------------------------------
 
@@ -799,7 +850,7 @@ class LayerLoader:
         if tier == "host":
             raw = self._host_cache.get(index)
             if raw is None:
-                raw, _ = self._read_file(header, _aligned_buffer(header.file_size, self.is_cuda), index)
+                raw, _ = self._read_file(header, _aligned_buffer(header.file_size, self._pinned), index)
                 self._host_cache[index] = raw
                 nread = header.data_size
         else:

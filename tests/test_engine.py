@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import os
 import shutil
@@ -22,7 +23,8 @@ from hf_layerstream import (
     enable_layer_streaming,
     get_streaming_state,
 )
-from hf_layerstream.engine import _spread, parse_size, plan_residency
+from hf_layerstream.engine import _PinnedHost, _round_up, _spread, parse_size, plan_residency
+from hf_layerstream.modeling import layer_unit
 
 STREAM_ALL = {"max_memory": {"cpu": 0}, "prefetch": 1}
 GEN = {"max_new_tokens": 4, "min_new_tokens": 4, "do_sample": False}
@@ -645,7 +647,9 @@ def test_peak_rss_is_resident_plus_a_few_layers(tmp_path):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("options", [{"max_memory": {0: 0, "cpu": 0}}, {"max_memory": {0: "1GiB", "cpu": 0}}, {}])
+@pytest.mark.parametrize(
+    "options", [{"max_memory": {0: 0, "cpu": 0}}, {"max_memory": {0: "1GiB", "cpu": 0}}, {"max_memory": {0: 0}}, {}]
+)
 def test_cuda_streaming_exact_and_buffers_reused(checkpoints, options):
     from conftest import build_meta_model
     from transformers import AutoConfig
@@ -663,7 +667,76 @@ def test_cuda_streaming_exact_and_buffers_reused(checkpoints, options):
     loader.wait_idle()
     assert loader._pool.allocated <= loader.prefetch + 1
     assert all(buf.is_pinned() and buf.data_ptr() % 4096 == 0 for buf, _ in loader._pool._free)
-    if state.plan.streamed:
+    # pinned at their exact (page-rounded) sizes, not at the caching host allocator's powers of two
+    sizes = {_round_up(loader.shards.header(layer_unit(i)).file_size) for i in range(6)}
+    staging = [buf for buf, _ in loader._pool._free]
+    assert all(buf.numel() in sizes for buf in staging)
+    assert set(loader._pinned._held) >= {buf.data_ptr() for buf in staging}
+    assert len(loader._pinned._held) == loader._pool.allocated + len(state.plan.host_layers)
+    if state.plan.streamed or state.plan.host_layers:
         assert state.last_profile["totals"]["copy"] > 0
     disable_layer_streaming(model)
     assert not _loader_threads(loader)
+    assert not loader._pinned._held  # unregistered
+
+
+class _FakeCudart:
+    """Records cudaHostRegister / cudaHostUnregister calls."""
+
+    def __init__(self, fail=False):
+        self.fail = fail
+        self.registered: dict[int, int] = {}
+        self.unregistered: list[int] = []
+
+    def cudaHostRegister(self, ptr, size, flags):  # noqa: N802 - the CUDA runtime's name
+        if self.fail:
+            return 2  # cudaErrorMemoryAllocation
+        assert flags == 1 and ptr % 4096 == 0
+        self.registered[ptr] = size
+        return 0
+
+    def cudaHostUnregister(self, ptr):  # noqa: N802
+        assert ptr in self.registered and ptr not in self.unregistered
+        # still mapped when unregistered (reading an unmapped address would crash the test run)
+        assert ctypes.string_at(ptr, 1) is not None
+        self.unregistered.append(ptr)
+        return 0
+
+
+def test_pinned_host_buffers_are_exact_size_and_unregistered_before_unmapped(monkeypatch):
+    pinned = _PinnedHost()
+    fake = _FakeCudart()
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: fake)
+    sizes = [_round_up(86_000_123), _round_up(5000), 4096]
+    bufs = [pinned.empty(n) for n in sizes]
+    # exactly what was asked, page-aligned, registered as such (torch's pinned allocator would round 86 MB to 128)
+    assert [b.numel() for b in bufs] == sizes
+    assert fake.registered == {b.data_ptr(): n for b, n in zip(bufs, sizes)}
+    bufs[0][:3] = torch.tensor([1, 2, 3], dtype=torch.uint8)
+    view = bufs[0][:3]
+    maps = [weakref.ref(m) for m in pinned._held.values()]
+    del bufs
+    assert all(m() is not None for m in maps)  # the registry keeps every map until it is unregistered
+    pinned.release()
+    assert sorted(fake.unregistered) == sorted(fake.registered) and not pinned._held
+    assert view.tolist() == [1, 2, 3]  # a view outliving release reads ordinary (unpinned) memory
+    assert sum(m() is not None for m in maps) == 1  # the view's map stays; the others went with the registry
+    pinned.release()  # twice: nothing left to unregister
+    assert len(fake.unregistered) == len(sizes)
+
+
+def test_pinned_host_falls_back_to_torch_when_registering_fails(monkeypatch):
+    pinned = _PinnedHost()
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: _FakeCudart(fail=True))
+    calls = []
+
+    def fake_empty(*args, **kwargs):
+        calls.append(kwargs.get("pin_memory"))
+        return torch.zeros(*args, dtype=kwargs["dtype"])
+
+    monkeypatch.setattr(torch, "empty", fake_empty)
+    buf = pinned.empty(8192)
+    assert calls == [True] and buf.numel() == 8192 and buf.data_ptr() % 4096 == 0
+    assert not pinned._registering and not pinned._held
+    pinned.empty(4096)  # no second attempt at registering
+    assert calls == [True, True]
