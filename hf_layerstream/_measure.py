@@ -149,6 +149,8 @@ def _load(spec: dict):
         return model, []
     if system == "in_memory":
         model = AutoModelForCausalLM.from_pretrained(spec["path"], dtype=dtype or "auto")
+        if spec.get("device") and torch.device(spec["device"]).type != "cpu":
+            model.to(spec["device"])  # the reference runs where ours does
         files = []
     elif system == "accelerate_offload":
         # accelerate's disk offload: the peer we compare against
@@ -289,6 +291,64 @@ def measure(spec: dict) -> dict:
     return info
 
 
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
+
+
+def measure_paired(spec: dict) -> dict:
+    """Warm, in one process: load every member of `spec["members"]` (the first is the reference), warm each with
+    one untimed `generate`, then alternate timed `generate` calls between them, `calls` each (the order reversed on
+    every other pass). Separate processes differ by several percent on a shared machine whatever they run; here
+    every member sees the same process, and each pass compares calls made seconds apart.
+
+    Returns `{"system": "paired", "members": [...], "s_per_token": {name: median}, "calls": {name: [per-call
+    median s/token]}, "ratios": {name: median over passes of member / reference}, "tokens": {name: [...]}}`.
+    """
+    import torch
+
+    torch.manual_seed(0)
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+    models = []
+    for member in spec["members"]:
+        model, _ = _load({"dtype": spec.get("dtype"), **member})
+        models.append((member["name"], model))
+    device = models[0][1].device
+    ids = torch.tensor([spec["input_ids"]], dtype=torch.long).repeat(int(spec.get("batch", 1)), 1).to(device)
+    new = int(spec.get("max_new_tokens", 8))
+    kwargs = dict(
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=new,
+        min_new_tokens=new,
+        do_sample=False,
+        pad_token_id=spec.get("pad_token_id", 0),
+    )
+    tokens = {}
+    with torch.no_grad():
+        for name, model in models:
+            tokens[name] = model.generate(ids, **kwargs)[0, ids.shape[1] :].tolist()
+    calls: dict[str, list[float]] = {name: [] for name, _ in models}
+    for i in range(int(spec.get("calls", 6))):
+        for name, model in models if i % 2 == 0 else models[::-1]:
+            clock = _TokenClock()
+            with torch.no_grad():
+                model.generate(ids, streamer=clock, **kwargs)
+            calls[name].append(_median([dt / max(n, 1) for dt, n in clock.decode_steps()]))
+    ref = models[0][0]
+    return {
+        "system": "paired",
+        "members": [name for name, _ in models],
+        "s_per_token": {name: _median(v) for name, v in calls.items()},
+        "calls": calls,
+        "ratios": {
+            name: _median([a / b for a, b in zip(v, calls[ref])]) for name, v in calls.items() if name != ref
+        },
+        "tokens": tokens,
+        "threads": torch.get_num_threads(),
+    }
+
+
 def run_child(spec: dict, *, timeout: float | None = None) -> dict:
     """Run `measure(spec)` in a fresh Python process and return its result (raises with the child's stderr)."""
     env = dict(os.environ)
@@ -311,4 +371,5 @@ if __name__ == "__main__":
     import logging
 
     logging.basicConfig(level=logging.WARNING)
-    print(json.dumps(measure(json.loads(sys.argv[1]))), flush=True)
+    spec = json.loads(sys.argv[1])
+    print(json.dumps(measure_paired(spec) if spec["system"] == "paired" else measure(spec)), flush=True)

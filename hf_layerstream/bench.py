@@ -110,6 +110,14 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--rounds", type=int, default=1, help="run every system this many times, interleaved; report the median round"
     )
+    p.add_argument(
+        "--paired-calls",
+        type=int,
+        default=6,
+        help="warm: also run the whole model in RAM and our full-precision systems in one process, alternating "
+        "generate calls, this many each, and report the median per-call ratios (free of the few percent that "
+        "separate processes differ by on a shared machine); 0: off",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads in every child (default: torch's)")
     p.add_argument("--device", default=None, help="execution device of our rows (default: cuda if available)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per child process")
@@ -323,6 +331,7 @@ def run_bench(args) -> int:
     else:
         print(format_report(report))
     mismatched = [r for r in report["rows"] if r.get("same_tokens") is False]
+    mismatched += [s for s, same in ((report.get("paired") or {}).get("same_tokens") or {}).items() if not same]
     return 1 if mismatched else 0
 
 
@@ -397,7 +406,7 @@ def bench(args) -> dict:
 
         def spec_for(system: str) -> dict:
             if system == "in_memory":
-                return {"system": "in_memory", "path": str(ckpt)}
+                return {"system": "in_memory", "path": str(ckpt), "device": args.device}
             if system == "accelerate_offload":
                 # a CPU budget far below one layer: every decoder layer (and, as in BENCHMARKS.md, most of the
                 # rest) is offloaded to disk
@@ -434,6 +443,18 @@ def bench(args) -> dict:
         for _ in range(args.rounds):
             _one_round(rows, plans, batches, modes, systems, spec_for, common, assistant, args)
         rows = _merge_rounds(rows)
+        paired = None
+        members = [s for s in ("in_memory", "streamed", "streamed_disk") if s in systems]
+        if args.paired_calls and "warm" in modes and members[:1] == ["in_memory"] and len(members) > 1:
+            logger.info("measuring %s warm in one process, alternating", ", ".join(members))
+            spec = {
+                **common,
+                "system": "paired",
+                "members": [{**spec_for(s), "name": s, "profile": False} for s in members],
+                "calls": args.paired_calls,
+            }
+            spec.pop("repeats")
+            paired = _run(spec, args.timeout)
         if disk is not None:
             # the disk is shared too: measure again after the runs and keep the faster (the physical limit)
             again = measure_disk_bandwidth(layer_files)
@@ -442,11 +463,18 @@ def bench(args) -> dict:
             disk["samples"] = samples
         baseline_rss = min((r["baseline_rss"] for r in rows if r.get("baseline_rss")), default=0)
         _derive(rows, disk, stored, baseline_rss, resident_bytes, layer_bytes, args, stored_by_system)
+        if paired is not None and not paired.get("error"):
+            # the same targets as the rows: 1.05x for a budget that keeps every layer, else 1.10x
+            warm_rows = {r["system"]: r for r in rows if r["mode"] == "warm" and r["batch"] == 1}
+            paired["targets"] = {s: warm_rows.get(s, {}).get("target") or WARM_TARGET for s in paired["ratios"]}
+            ref = paired["tokens"]["in_memory"]
+            paired["same_tokens"] = {s: t == ref for s, t in paired["tokens"].items() if s != "in_memory"}
         return {
             "model": model_info,
             "disk": disk,
             "baseline_rss": baseline_rss,
             "rows": rows,
+            "paired": paired,
             "targets": {
                 "warm": WARM_TARGET,
                 "warm_resident": WARM_RESIDENT_TARGET,
@@ -676,4 +704,20 @@ def format_report(report: dict) -> str:
         "bound = max(disk limit, compute)",
     ]
     lines += notes
+    paired = report.get("paired")
+    if paired and paired.get("error"):
+        lines.append(f"warm, in one process: failed: {paired['error'][:120]}")
+    elif paired:
+        n = len(paired["calls"]["in_memory"])
+        lines.append(
+            f"warm, in one process, alternating generate calls ({n} each; whole model in RAM "
+            f"{paired['s_per_token']['in_memory']:.3f} s/token):"
+        )
+        for s, ratio in paired["ratios"].items():
+            target = paired["targets"][s]
+            same = "same tokens" if paired["same_tokens"][s] else "DIFFERENT TOKENS"
+            lines.append(
+                f"  {_label(s)}: {paired['s_per_token'][s]:.3f} s/token, {ratio:.2f}x the whole model in RAM "
+                f"(median of per-call ratios; target <= {target:.2f}: {'ok' if ratio <= target else 'short'}); {same}"
+            )
     return "\n".join(lines)

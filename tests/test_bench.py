@@ -41,7 +41,18 @@ def test_bench_demo_json_and_table(tmp_path, capsys):
     assert cold["total_sweeps"] == 3
     if cold["disk_read_bytes"] is not None:
         assert cold["disk_read_bytes"] >= cold["total_sweeps"] * report["model"]["layer_file_bytes"]
+    # the warm comparison in one process, alternating calls (default 6 each): same tokens, a ratio per system
+    paired = report["paired"]
+    assert paired["members"] == ["in_memory", "streamed_disk"]
+    assert len(paired["calls"]["in_memory"]) == len(paired["calls"]["streamed_disk"]) == 6
+    assert paired["same_tokens"] == {"streamed_disk": True}
+    assert paired["tokens"]["in_memory"] == rows[("in_memory", "warm")]["tokens"]
+    ratios = sorted(a / b for a, b in zip(paired["calls"]["streamed_disk"], paired["calls"]["in_memory"]))
+    assert paired["ratios"]["streamed_disk"] == ratios[len(ratios) // 2]
+    assert paired["targets"] == {"streamed_disk": report["targets"]["warm"]}
     table = format_report(report)
+    assert "warm, in one process, alternating generate calls (6 each" in table
+    assert "hf_layerstream (every layer from disk): " in table and "median of per-call ratios" in table
     assert "whole model in RAM" in table and "every layer from disk" in table
     assert "disk read bandwidth" in table and "s/token" in table and "x limit" in table
     # the work folder was kept (--work): a second run reuses the checkpoint and the split
@@ -119,6 +130,34 @@ def test_warm_measurement_starts_from_a_warm_page_cache(tmp_path):
     warm = measure(spec)
     assert warm["disk_read_bytes"] < layer_bytes // 8
     assert warm["tokens"] == unwarmed["tokens"] and warm["total_sweeps"] == 3
+
+
+def test_paired_warm_measurement_alternates_in_one_process(tmp_path):
+    """In one process: each member warmed, then timed calls alternating, the first member the reference."""
+    from hf_layerstream._measure import measure_paired
+    from hf_layerstream.demo import write_demo_checkpoint
+    from hf_layerstream.split import split_checkpoint
+
+    ckpt = write_demo_checkpoint(
+        tmp_path / "ckpt", layers=2, hidden_size=64, intermediate_size=128, vocab_size=256, dtype="float32"
+    )
+    shards = split_checkpoint(ckpt, tmp_path / "shards", progress=False)
+    members = [
+        {"name": "in_memory", "system": "in_memory", "path": str(ckpt)},
+        {"name": "streamed_disk", "system": "streamed", "path": str(shards), "max_memory": {"cpu": 0}},
+        {"name": "streamed", "system": "streamed", "path": str(shards)},
+    ]
+    out = measure_paired(
+        {"system": "paired", "members": members, "calls": 3, "input_ids": [5, 6, 7, 8], "max_new_tokens": 3}
+    )
+    assert out["members"] == ["in_memory", "streamed_disk", "streamed"]
+    assert set(out["ratios"]) == {"streamed_disk", "streamed"}
+    assert all(len(v) == 3 and min(v) > 0 for v in out["calls"].values())
+    for name in ("streamed_disk", "streamed"):
+        assert out["tokens"][name] == out["tokens"]["in_memory"] and len(out["tokens"][name]) == 3
+        per_call = sorted(a / b for a, b in zip(out["calls"][name], out["calls"]["in_memory"]))
+        assert out["ratios"][name] == per_call[1]
+        assert out["s_per_token"][name] == sorted(out["calls"][name])[1]
 
 
 def test_report_says_when_compressed_tokens_were_not_compared():
