@@ -342,6 +342,8 @@ def bench(args) -> dict:
         `{"model", "disk", "baseline_rss", "rows", "targets"}`; each row has `system`, `mode`, `batch`,
         `s_per_token`, `tokens_per_s`, `peak_rss`, `cuda_peak`, `limit_s`, `ratio_to_limit`, `same_tokens`, ...
     """
+    import torch
+
     from .cli import _max_memory
     from .shard_dir import ShardDirectory
 
@@ -406,7 +408,9 @@ def bench(args) -> dict:
 
         def spec_for(system: str) -> dict:
             if system == "in_memory":
-                return {"system": "in_memory", "path": str(ckpt), "device": args.device}
+                # on the device ours runs on (ours defaults to CUDA where there is one)
+                device = args.device or ("cuda" if torch.cuda.is_available() else None)
+                return {"system": "in_memory", "path": str(ckpt), "device": device}
             if system == "accelerate_offload":
                 # a CPU budget far below one layer: every decoder layer (and, as in BENCHMARKS.md, most of the
                 # rest) is offloaded to disk
