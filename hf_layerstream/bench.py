@@ -354,6 +354,8 @@ def bench(args) -> dict:
         raise ValueError(f"`--max-new-tokens` is {args.max_new_tokens}; use at least 2 (decode steps are timed).")
     if args.rounds < 1 or args.repeats < 1:
         raise ValueError(f"`--rounds` ({args.rounds}) and `--repeats` ({args.repeats}) must be at least 1.")
+    if args.paired_calls < 0:
+        raise ValueError(f"`--paired-calls` is {args.paired_calls}; use 0 (off) or more calls.")
     if args.prefetch is not None and args.prefetch < 0:
         raise ValueError(f"`--prefetch` is {args.prefetch}; use a non-negative number of layers.")
     max_memory = _max_memory(args.max_memory)

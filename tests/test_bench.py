@@ -66,6 +66,7 @@ def test_bench_demo_json_and_table(tmp_path, capsys):
         (["--modes", "lukewarm"], "--modes"),
         (["--batch-sizes", "1,0"], "--batch-sizes"),
         (["--max-new-tokens", "1"], "--max-new-tokens"),
+        (["--paired-calls", "-1"], "--paired-calls"),
         (["--assistant", "/nonexistent/draft"], "--assistant"),
     ],
 )
