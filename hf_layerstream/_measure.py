@@ -311,9 +311,11 @@ def measure_paired(spec: dict) -> dict:
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
     models = []
-    for member in spec["members"]:
+    # the reference last: our plans are made from the free memory, as in their own processes (the reference takes
+    # what it takes whenever it loads)
+    for member in reversed(spec["members"]):
         model, _ = _load({"dtype": spec.get("dtype"), **member})
-        models.append((member["name"], model))
+        models.insert(0, (member["name"], model))
     device = models[0][1].device
     ids = torch.tensor([spec["input_ids"]], dtype=torch.long).repeat(int(spec.get("batch", 1)), 1).to(device)
     new = int(spec.get("max_new_tokens", 8))

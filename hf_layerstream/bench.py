@@ -339,8 +339,10 @@ def bench(args) -> dict:
     """Run every requested system side by side and return the report (see `format_report` for the table).
 
     Returns:
-        `{"model", "disk", "baseline_rss", "rows", "targets"}`; each row has `system`, `mode`, `batch`,
-        `s_per_token`, `tokens_per_s`, `peak_rss`, `cuda_peak`, `limit_s`, `ratio_to_limit`, `same_tokens`, ...
+        `{"model", "disk", "baseline_rss", "rows", "paired", "targets"}`; each row has `system`, `mode`, `batch`,
+        `s_per_token`, `tokens_per_s`, `peak_rss`, `cuda_peak`, `limit_s`, `ratio_to_limit`, `same_tokens`, ...;
+        `paired` (or `None`) is the warm comparison in one process (see `_measure.measure_paired`), with `targets`
+        and `same_tokens` per system.
     """
     import torch
 
