@@ -182,6 +182,26 @@ def _load(spec: dict):
     return model.eval(), files
 
 
+def _prompt(spec: dict, model):
+    """The prompt batch (`input_ids` repeated `batch` times) on the model's input device, and greedy `generate`
+    arguments producing exactly `max_new_tokens` tokens."""
+    import torch
+
+    device = model.device
+    if device.type == "meta":  # accelerate offloaded the first parameter to disk: inputs start on the CPU
+        device = torch.device("cpu")
+    ids = torch.tensor([spec["input_ids"]], dtype=torch.long).repeat(int(spec.get("batch", 1)), 1).to(device)
+    new = int(spec.get("max_new_tokens", 8))
+    kwargs = dict(
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=new,
+        min_new_tokens=new,
+        do_sample=False,
+        pad_token_id=spec.get("pad_token_id", 0),
+    )
+    return ids, kwargs
+
+
 def measure(spec: dict) -> dict:
     """Run `spec` in this process: load, generate greedily, time every token. Returns a JSON-able dict.
 
@@ -204,29 +224,17 @@ def measure(spec: dict) -> dict:
     cold = bool(spec.get("cold"))
     if cold and not files:
         raise ValueError(f"system {spec['system']} has no weight files to evict; cold runs need a disk-backed system")
-    ids = torch.tensor([spec["input_ids"]], dtype=torch.long)
-    batch = int(spec.get("batch", 1))
-    ids = ids.repeat(batch, 1)
-    device = model.device
-    if device.type == "meta":  # accelerate offloaded the first parameter to disk: inputs start on the CPU
-        device = torch.device("cpu")
-    ids = ids.to(device)
-    new = int(spec.get("max_new_tokens", 8))
+    ids, kwargs = _prompt(spec, model)
+    batch = ids.shape[0]
+    device = ids.device
     extra = {}
     if spec.get("assistant"):
         from transformers import AutoModelForCausalLM
 
         extra["assistant_model"] = AutoModelForCausalLM.from_pretrained(spec["assistant"]).to(device).eval()
+    kwargs.update(extra)
     sweeps = _count_sweeps(model)
     evict = (lambda: drop_page_cache(files)) if cold else None
-    kwargs = dict(
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=new,
-        min_new_tokens=new,
-        do_sample=False,
-        pad_token_id=spec.get("pad_token_id", 0),
-        **extra,
-    )
     if not cold and spec.get("warmup", True):
         # warm means "the weights are in the page cache": one untimed call puts them there (whatever earlier runs
         # or the host's reclaim left) and, like any benchmark warm-up, pays first-call costs outside the timing
@@ -316,16 +324,7 @@ def measure_paired(spec: dict) -> dict:
     for member in reversed(spec["members"]):
         model, _ = _load({"dtype": spec.get("dtype"), **member})
         models.insert(0, (member["name"], model))
-    device = models[0][1].device
-    ids = torch.tensor([spec["input_ids"]], dtype=torch.long).repeat(int(spec.get("batch", 1)), 1).to(device)
-    new = int(spec.get("max_new_tokens", 8))
-    kwargs = dict(
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=new,
-        min_new_tokens=new,
-        do_sample=False,
-        pad_token_id=spec.get("pad_token_id", 0),
-    )
+    ids, kwargs = _prompt(spec, models[0][1])
     tokens = {}
     with torch.no_grad():
         for name, model in models:
