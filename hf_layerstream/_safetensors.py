@@ -330,10 +330,7 @@ def madvise_released(mm: mmap.mmap, advice: int) -> None:
         return
     import ctypes
 
-    probe = torch.frombuffer(mm, dtype=torch.uint8, count=1)  # the mapping's address (read-only: no ctypes view)
-    address = probe.data_ptr()
-    del probe  # the buffer export would keep `mm` from closing
-    if libc.madvise(address, len(mm), advice) != 0:
+    if libc.madvise(map_address(mm), len(mm), advice) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
 
@@ -346,15 +343,34 @@ def release_mapped_pages(tensor: torch.Tensor) -> None:
     (`MADV_DONTNEED`): they leave our resident set, stay in the page cache, and would be mapped again from there if
     read. For a packed quantized weight once it has been decoded. Never call it on anonymous memory (it would read
     back as zeros). A no-op where unsupported."""
-    libc = _libc()
-    if libc is None or _MADV_DONTNEED is None:
-        return
     page = mmap.PAGESIZE
     begin = tensor.data_ptr()
     end = begin + tensor.numel() * tensor.element_size()
-    first, last = (begin + page - 1) // page * page, end // page * page
+    first, last = (begin + page - 1) // page * page, end // page * page  # the pages wholly inside the tensor
     if last > first:
-        libc.madvise(first, last - first, _MADV_DONTNEED)  # a hint: a refusal changes nothing
+        release_mapped_range(first, last - first)
+
+
+def can_release_mapped_pages() -> bool:
+    """Whether `release_mapped_range` does anything here (Linux `madvise(MADV_DONTNEED)` through libc)."""
+    return _MADV_DONTNEED is not None and _libc() is not None
+
+
+def release_mapped_range(address: int, length: int) -> None:
+    """`MADV_DONTNEED` on `[address, address + length)` (page-aligned `address`; the kernel rounds `length` up to
+    whole pages), part of a private read-only file mapping: see `release_mapped_pages`. A no-op where unsupported."""
+    libc = _libc()
+    if libc is None or _MADV_DONTNEED is None or length <= 0:
+        return
+    libc.madvise(address, length, _MADV_DONTNEED)  # a hint: a refusal changes nothing
+
+
+def map_address(mm: mmap.mmap) -> int:
+    """The address a (non-empty) mapping starts at."""
+    probe = torch.frombuffer(mm, dtype=torch.uint8, count=1)  # read-only maps give no ctypes view
+    address = probe.data_ptr()
+    del probe  # the buffer export would keep `mm` from closing
+    return address
 
 
 _LIBC = None

@@ -234,7 +234,10 @@ def test_disable_stops_thread_and_frees_memory(llama, options):
     refs += [weakref.ref(t) for layer in loader._device_cache.values() for t in layer.values()]
     refs += [weakref.ref(buf) for buf, _ in loader._pool._free]
     refs += [weakref.ref(f) for f in loader._pending.values()]
+    refs += [weakref.ref(x) for kept in loader._maps.values() for x in (kept.mm, *kept.views.values())]
     assert len(refs) > 1
+    if options:
+        assert loader._maps, "streamed layers are mapped on CPU"
     threads = list(loader._executor._threads)
     if options:
         assert threads, "streaming all layers must have started the loader thread"
@@ -386,6 +389,52 @@ def test_without_page_cache_room_layers_leave_the_cache(llama, tmp_path, monkeyp
         assert not any(_cached(p) for p in files)
     elif loader._direct:
         assert loader.reads["direct"] > 0
+
+
+def _resident_bytes(address: int, length: int) -> int:
+    """This process's resident bytes in the mappings that overlap `[address, address + length)` (`/proc/self/smaps`)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(maxsplit=1)[0]
+            if not head.endswith(":"):  # a mapping's first line: "start-end perms offset dev inode path"
+                start, end = (int(x, 16) for x in head.split("-"))
+                inside = start < address + length and address < end
+            elif head == "Rss:" and inside:
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+def test_streamed_layer_maps_are_kept_with_their_pages_released(llama, tmp_path):
+    """CPU: a streamed layer's file is mapped once and that map is used again at every sweep (no mmap, views or new
+    page tables per use); between uses its pages leave the resident set (`MADV_DONTNEED`), so only the layers in use
+    or read ahead are resident; after `disable_layer_streaming` no map of a layer file is left."""
+    from hf_layerstream._safetensors import can_release_mapped_pages
+
+    if not can_release_mapped_pages():
+        pytest.skip("no madvise(MADV_DONTNEED) here: maps live as long as their views")
+    ckpt, shards, inputs, expected, pad = llama
+    shards = _copy_shards(shards, tmp_path)
+    model = streamed_model(ckpt, shards, **STREAM_ALL)  # prefetch 1
+    loader = get_streaming_state(model).loader
+    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+    loader.wait_idle()
+    maps = {i: kept.mm for i, kept in loader._maps.items()}
+    assert sorted(maps) == list(range(6))
+    sizes = [len(maps[i]) for i in range(6)]
+    resident = [_resident_bytes(loader._maps[i].address, sizes[i]) for i in range(6)]
+    # the next sweep's first layer is read ahead (populated); every other layer's pages were released after use
+    assert resident[0] >= sizes[0] - 4096, resident
+    assert resident[1:] == [0] * 5, resident
+    mapped = loader.reads["mapped"]
+    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+    assert loader.reads["mapped"] >= mapped + 4 * 6
+    assert all(loader._maps[i].mm is maps[i] for i in range(6)), "a kept map was replaced"
+    del maps
+    disable_layer_streaming(model)
+    gc.collect()
+    with open("/proc/self/maps") as f:
+        assert str(shards / "layers") not in f.read()
 
 
 def _read_in_big_chunks(path) -> None:
