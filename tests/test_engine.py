@@ -466,6 +466,40 @@ def _map_cpu_per_mib(path) -> float:
         mm.close()
 
 
+@pytest.mark.parametrize("how", ["cachestat", "mincore"])
+def test_cached_fraction_tells_what_is_in_the_page_cache(tmp_path, monkeypatch, how):
+    """The page-cache probe of the read path: `cachestat(2)` where the kernel has it (one system call), else
+    `mincore` on a throw-away map; both read nothing and tell the same share."""
+    from hf_layerstream import _safetensors
+    from hf_layerstream._safetensors import cached_fraction
+
+    if how == "mincore":
+        monkeypatch.setattr(_safetensors, "_CACHESTAT", False)
+    elif not _safetensors._CACHESTAT:
+        pytest.skip("no cachestat on this platform")
+    path = tmp_path / "layer"
+    size = 8 * 2**20 + 1234  # not a whole number of pages
+    path.write_bytes(os.urandom(size))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        first = cached_fraction(fd, size)
+        if first is None:
+            pytest.skip(f"{how} cannot tell here")
+        if how == "cachestat" and _safetensors._CACHESTAT is False:
+            pytest.skip("the kernel refused cachestat (before Linux 6.5, or a sandbox)")
+        assert first == 1.0
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        if cached_fraction(fd, size) != 0.0:
+            pytest.skip("this file system keeps dropped files in the page cache")
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no read-ahead past what is read
+        os.pread(fd, 2 * 2**20, 0)
+        assert 0.2 <= cached_fraction(fd, size) <= 0.3  # 2 of 8 MiB (and no more than the range asked for)
+        assert cached_fraction(fd, 0) == 1.0
+    finally:
+        os.close(fd)
+
+
 def test_populate_lets_other_threads_run(tmp_path):
     """Reading a layer in (`MADV_POPULATE_READ` of a file not in the page cache) takes tens of milliseconds; the
     loader thread must not hold the GIL meanwhile, or the compute thread's Python stalls for the whole read (as it
