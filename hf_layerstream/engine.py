@@ -13,8 +13,8 @@ gets there lives here:
   folios with one page-table entry each (the compute takes no page faults). Each streamed layer's map is made once
   and kept: after use its pages leave the resident set (`MADV_DONTNEED`), and the next use populates the same map
   (for a warm 86 MB layer here about 0.15-0.2 ms to populate, against 0.3-0.4 ms to map it afresh with its views,
-  and about 0.1 ms to release). Its pages stay in the page cache while the plan's page-cache share holds them, and are dropped
-  (`POSIX_FADV_DONTNEED`) otherwise, so a model larger than RAM does not flush the cache for nothing;
+  and about 0.1 ms to release). Its pages stay in the page cache while the plan's page-cache share holds them, and
+  are dropped (`POSIX_FADV_DONTNEED`) otherwise, so a model larger than RAM does not flush the cache for nothing;
 * CUDA: pinned staging buffers allocated once, `non_blocking` copies on a side stream, events to order copy and
   compute, no `empty_cache()` in the hot path;
 * quantized shards are dequantized on the execution device by the codec, in the loader.
@@ -356,7 +356,7 @@ class _LayerMap:
 
 
 def _evict(path, *, whole: bool = False) -> None:
-    """Drop a file's pages from the page cache (pages still mapped somewhere stay). `whole`: check with `mincore`
+    """Drop a file's pages from the page cache (pages still mapped somewhere stay). `whole`: check (`cached_fraction`)
     and try once more if some pages were busy (held for a moment by reclaim or compaction): a page left behind
     would keep its 2 MiB neighbourhood in small folios when the file is read again."""
     if not hasattr(os, "posix_fadvise"):
@@ -676,6 +676,12 @@ class LayerLoader:
 
     def _submit(self, index: int) -> Future:
         return self._executor.submit(self._load_streamed, index)
+
+    def start(self) -> None:
+        """Start reading the first `prefetch` streamed layers now (`enable_layer_streaming` calls it last), so the
+        first forward pass does not wait for reads that could have begun while the caller tokenized its prompt."""
+        if not self._closed:
+            self._schedule_after(-1)
 
     def _schedule_after(self, index: int) -> None:
         """Keep the next `prefetch` streamed layers (cyclically) loading in the background."""

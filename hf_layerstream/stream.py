@@ -283,6 +283,7 @@ def enable_layer_streaming(
     if prof is not None:
         _wrap_generate(model, state)
     _guard_moves(model, state)
+    loader.start()
     logger.info("Layer streaming enabled from %s: %s", shards.path, plan.summary())
     return model
 

@@ -267,12 +267,17 @@ def test_acquire_after_close_raises():
 
 
 def test_prefetch_runs_ahead_cyclically(llama):
-    """After a sweep the next sweep's first streamed layers are already being read (skipping kept layers)."""
+    """Before the first sweep, and after each sweep, the next sweep's first streamed layers are already being read
+    (skipping kept layers)."""
     ckpt, shards, inputs, expected, pad = llama
     m, resident, layer = _sizes(shards)
     model = streamed_model(ckpt, shards, max_memory={"cpu": resident + 3 * layer + 3 * layer}, prefetch=2)
     loader = get_streaming_state(model).loader
     assert loader.plan.streamed == [1, 3, 5]
+    # the first sweep's first streamed layers are read from the moment streaming is enabled
+    assert sorted(loader._pending) == [1, 3]
+    loader.wait_idle()
+    assert loader.reads["mapped"] == 2
     assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
     assert sorted(loader._pending) == [1, 3]
     loader.wait_idle()
@@ -344,13 +349,13 @@ def test_cold_files_are_mapped_and_stay_in_the_page_cache(llama, tmp_path):
     in the page cache the pages stay there, so the next sweep is warm."""
     ckpt, shards, inputs, expected, pad = llama
     shards = _copy_shards(shards, tmp_path)
+    files = sorted((shards / "layers").glob("*.safetensors"))
+    _drop_from_page_cache(files)  # before streaming starts: it reads the first layer ahead at once
+    if any(_cached(p) for p in files):
+        pytest.skip("this file system keeps dropped files in the page cache")
     model = streamed_model(ckpt, shards, **STREAM_ALL)
     loader = get_streaming_state(model).loader
     assert loader.plan.page_cache_layers == loader.plan.streamed == list(range(6))
-    files = sorted((shards / "layers").glob("*.safetensors"))
-    _drop_from_page_cache(files)
-    if any(_cached(p) for p in files):
-        pytest.skip("this file system keeps dropped files in the page cache")
     assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
     loader.wait_idle()
     assert loader.reads["mapped"] >= 4 * 6 and loader.reads["direct"] == loader.reads["page_cache"] == 0
@@ -368,6 +373,10 @@ def test_without_page_cache_room_layers_leave_the_cache(llama, tmp_path, monkeyp
 
     ckpt, shards, inputs, expected, pad = llama
     shards = _copy_shards(shards, tmp_path)
+    files = sorted((shards / "layers").glob("*.safetensors"))
+    _drop_from_page_cache(files)  # before streaming starts: it reads the first layer ahead at once
+    if any(_cached(p) for p in files):
+        pytest.skip("this file system keeps dropped files in the page cache")
     if how == "no room":
         monkeypatch.setattr(engine, "DEFAULT_PAGE_CACHE_SHARE", 0.0)  # the default plan when the model does not fit
         model = streamed_model(ckpt, shards, **STREAM_ALL)
@@ -376,11 +385,7 @@ def test_without_page_cache_room_layers_leave_the_cache(llama, tmp_path, monkeyp
     loader = get_streaming_state(model).loader
     assert loader.plan.page_cache_layers == []
     assert "0 of those left in the page cache" in loader.plan.summary()
-    loader._map = mapped
-    files = sorted((shards / "layers").glob("*.safetensors"))
-    _drop_from_page_cache(files)
-    if any(_cached(p) for p in files):
-        pytest.skip("this file system keeps dropped files in the page cache")
+    loader._map = mapped  # (the first layer, read ahead at enable time, was mapped)
     assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
     disable_layer_streaming(model)  # waits for the loader: the last unmaps and evictions are done
     assert sum(loader.reads.values()) >= 4 * 6
@@ -644,12 +649,12 @@ def test_layers_cached_in_small_pages_are_read_again(tmp_path):
     ids = torch.tensor([[5, 17, 99, 3, 250, 7]])
     expected = _models.load_reference(ckpt).generate(ids, **GEN, pad_token_id=0)
 
-    model = streamed_model(ckpt, shards, **STREAM_ALL)
-    loader = get_streaming_state(model).loader
-    for p in files:
+    for p in files:  # before streaming starts: it reads the first layer ahead at once
         _read_in_big_chunks(p)
         assert _map_cpu_per_mib(p) > _SMALL_PAGES_CPU_PER_MIB  # the set-up really left small folios
     read0 = disk_read_bytes()
+    model = streamed_model(ckpt, shards, **STREAM_ALL)
+    loader = get_streaming_state(model).loader
     assert torch.equal(model.generate(ids, **GEN, pad_token_id=0), expected)
     assert set(loader.repairs) == {0, 1}, "layers in small pages were not noticed"
     assert torch.equal(model.generate(ids, **GEN, pad_token_id=0), expected)
