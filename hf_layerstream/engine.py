@@ -6,7 +6,7 @@ gets there lives here:
 * a residency plan: resident parts, N layers kept on the device, M layers kept in host RAM (pinned on CUDA), the
   rest streamed from disk;
 * a background thread that reads streamed layers `prefetch` layers ahead of the compute (cyclically: the next
-  token's first layers load while the head and sampling run);
+  token's first layers load while the head and sampling run; the first ones from the moment streaming is enabled);
 * CPU: every layer is a zero-copy memory map of its file. Kept layers stay mapped. Streamed layers are mapped
   with `MADV_HUGEPAGE` and populated (`MADV_POPULATE_READ`) in the loader thread, which reads what is not in the
   page cache with read-ahead into 2 MiB folios (0.66-1.37 GB/s here, against 0.41-1.22 for `O_DIRECT`) and maps 2 MiB
