@@ -136,9 +136,9 @@ def test_warm_measurement_starts_from_a_warm_page_cache(tmp_path):
 def test_rewarm_leaves_files_whole_in_the_page_cache_in_large_folios(tmp_path):
     """Before the warm comparison in one process the shard files are read back as our loader reads them: whole in the
     page cache, and (where the file system has large folios) in 2 MiB folios, however `read()` left them."""
-    import time
+    from _pagecache import cached_share, drop_from_page_cache, map_cpu_per_mib
 
-    from hf_layerstream._safetensors import cached_fraction, huge_pages_enabled, map_readonly, populate
+    from hf_layerstream._safetensors import huge_pages_enabled
     from hf_layerstream.bench import _rewarm
     from hf_layerstream.engine import _SMALL_PAGES_CPU_PER_MIB
 
@@ -146,32 +146,8 @@ def test_rewarm_leaves_files_whole_in_the_page_cache_in_large_folios(tmp_path):
     size = 16 * 2**20
     path.write_bytes(os.urandom(size))
 
-    def cached() -> float | None:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            return cached_fraction(fd, size)
-        finally:
-            os.close(fd)
-
-    def map_cpu_per_mib() -> float:
-        mm = map_readonly(path, size)
-        try:
-            t0 = time.thread_time()
-            populate(mm, path)
-            return (time.thread_time() - t0) / (size / 2**20)
-        finally:
-            mm.close()
-
-    def drop() -> None:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)  # dirty pages would stay
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
     def read_half_in_small_folios() -> None:  # as a buffered read leaves a file
-        drop()
+        drop_from_page_cache([path])
         fd = os.open(path, os.O_RDONLY)
         try:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
@@ -181,22 +157,22 @@ def test_rewarm_leaves_files_whole_in_the_page_cache_in_large_folios(tmp_path):
             os.close(fd)
 
     if huge_pages_enabled():  # what tells the two apart here, before `_rewarm` is asked to make one of them
-        drop()
-        map_cpu_per_mib()  # read from the disk through a huge-page map
-        large = min(map_cpu_per_mib() for _ in range(3))
+        drop_from_page_cache([path])
+        map_cpu_per_mib(path)  # read from the disk through a huge-page map
+        large = min(map_cpu_per_mib(path) for _ in range(3))
         if large > _SMALL_PAGES_CPU_PER_MIB:
             pytest.skip("this file system does not keep files in 2 MiB page-cache folios")
         read_half_in_small_folios()
-        map_cpu_per_mib()  # reads the other half in
-        if min(map_cpu_per_mib() for _ in range(3)) < 2 * large:
+        map_cpu_per_mib(path)  # reads the other half in
+        if min(map_cpu_per_mib(path) for _ in range(3)) < 2 * large:
             pytest.skip("small folios map about as cheaply as large ones here: nothing to tell apart")
     read_half_in_small_folios()
-    if cached() is None or cached() > 0.6:
-        pytest.skip("files cannot be dropped from the page cache here (or it cannot be told)")
+    if cached_share(path) > 0.6:
+        pytest.skip("files cannot be dropped from the page cache here")
     _rewarm([path])
-    assert cached() == 1.0
+    assert cached_share(path) == 1.0
     if huge_pages_enabled():
-        assert min(map_cpu_per_mib() for _ in range(3)) < _SMALL_PAGES_CPU_PER_MIB
+        assert min(map_cpu_per_mib(path) for _ in range(3)) < _SMALL_PAGES_CPU_PER_MIB
 
 
 def test_paired_warm_measurement_alternates_in_one_process(tmp_path):

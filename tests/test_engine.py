@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import _models
 import pytest
 import torch
+from _pagecache import cached_share, drop_from_page_cache, map_cpu_per_mib, read_in_big_chunks
 from conftest import streamed_model
 from transformers import AutoTokenizer
 
@@ -298,30 +299,6 @@ def test_buffers_bounded_by_prefetch(llama, prefetch, mapped):
     disable_layer_streaming(model)
 
 
-def _drop_from_page_cache(files) -> None:
-    for p in files:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
-def _cached(path) -> float:
-    """Share of the file in the page cache (mincore: reads nothing)."""
-    from hf_layerstream._safetensors import cached_fraction
-
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        fraction = cached_fraction(fd, os.path.getsize(path))
-    finally:
-        os.close(fd)
-    if fraction is None:
-        pytest.skip("mincore is not available here")
-    return fraction
-
-
 @pytest.mark.parametrize("keep", [None, True, False])
 def test_page_cache_share_in_the_plan(llama, keep, monkeypatch):
     from hf_layerstream import engine
@@ -350,8 +327,8 @@ def test_cold_files_are_mapped_and_stay_in_the_page_cache(llama, tmp_path):
     ckpt, shards, inputs, expected, pad = llama
     shards = _copy_shards(shards, tmp_path)
     files = sorted((shards / "layers").glob("*.safetensors"))
-    _drop_from_page_cache(files)  # before streaming starts: it reads the first layer ahead at once
-    if any(_cached(p) for p in files):
+    drop_from_page_cache(files)  # before streaming starts: it reads the first layer ahead at once
+    if any(cached_share(p) for p in files):
         pytest.skip("this file system keeps dropped files in the page cache")
     model = streamed_model(ckpt, shards, **STREAM_ALL)
     loader = get_streaming_state(model).loader
@@ -359,7 +336,7 @@ def test_cold_files_are_mapped_and_stay_in_the_page_cache(llama, tmp_path):
     assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
     loader.wait_idle()
     assert loader.reads["mapped"] >= 4 * 6 and loader.reads["direct"] == loader.reads["page_cache"] == 0
-    assert all(_cached(p) == 1.0 for p in files)
+    assert all(cached_share(p) == 1.0 for p in files)
     disable_layer_streaming(model)
 
 
@@ -374,8 +351,8 @@ def test_without_page_cache_room_layers_leave_the_cache(llama, tmp_path, monkeyp
     ckpt, shards, inputs, expected, pad = llama
     shards = _copy_shards(shards, tmp_path)
     files = sorted((shards / "layers").glob("*.safetensors"))
-    _drop_from_page_cache(files)  # before streaming starts: it reads the first layer ahead at once
-    if any(_cached(p) for p in files):
+    drop_from_page_cache(files)  # before streaming starts: it reads the first layer ahead at once
+    if any(cached_share(p) for p in files):
         pytest.skip("this file system keeps dropped files in the page cache")
     if how == "no room":
         monkeypatch.setattr(engine, "DEFAULT_PAGE_CACHE_SHARE", 0.0)  # the default plan when the model does not fit
@@ -391,7 +368,7 @@ def test_without_page_cache_room_layers_leave_the_cache(llama, tmp_path, monkeyp
     assert sum(loader.reads.values()) >= 4 * 6
     if mapped:
         assert loader.reads["mapped"] >= 4 * 6
-        assert not any(_cached(p) for p in files)
+        assert not any(cached_share(p) for p in files)
     elif loader._direct:
         assert loader.reads["direct"] > 0
 
@@ -442,35 +419,6 @@ def test_streamed_layer_maps_are_kept_with_their_pages_released(llama, tmp_path)
         assert str(shards / "layers") not in f.read()
 
 
-def _read_in_big_chunks(path) -> None:
-    """Drop a file from the page cache and read it back with 16 MiB `pread`s, which leaves it in small folios."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # dirty pages are not dropped
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        offset = 0
-        while chunk := os.pread(fd, 16 * 2**20, offset):
-            offset += len(chunk)
-    finally:
-        os.close(fd)
-
-
-def _map_cpu_per_mib(path) -> float:
-    """CPU seconds per MiB to map a cached file (huge-page advice, populated): ~1e-6 in 2 MiB folios."""
-    import time
-
-    from hf_layerstream._safetensors import map_readonly, populate
-
-    size = os.path.getsize(path)
-    mm = map_readonly(path, size)
-    try:
-        t0 = time.thread_time()
-        populate(mm, path)
-        return (time.thread_time() - t0) / (size / 2**20)
-    finally:
-        mm.close()
-
-
 @pytest.mark.parametrize("how", ["cachestat", "mincore"])
 def test_cached_fraction_tells_what_is_in_the_page_cache(tmp_path, monkeypatch, how):
     """The page-cache probe of the read path: `cachestat(2)` where the kernel has it (one system call), else
@@ -515,7 +463,7 @@ def test_populate_lets_other_threads_run(tmp_path):
 
     path = tmp_path / "layer"
     path.write_bytes(os.urandom(64 * 2**20))
-    _drop_from_page_cache([path])
+    drop_from_page_cache([path])
     mm = map_readonly(path, os.path.getsize(path))
     took = []
 
@@ -600,7 +548,7 @@ def test_reading_a_header_leaves_the_data_to_huge_page_reads(tmp_path):
         finally:
             os.close(fd)
 
-    _drop_from_page_cache([path])
+    drop_from_page_cache([path])
     if fraction() is None or fraction() > 0:
         pytest.skip("files cannot be dropped from the page cache here (or mincore is not available)")
     header = read_header(path)
@@ -608,12 +556,12 @@ def test_reading_a_header_leaves_the_data_to_huge_page_reads(tmp_path):
     assert fraction() == 0  # nothing of a cold file left behind: its data will come in through the huge-page map
     if not huge_pages_enabled():
         return
-    _map_cpu_per_mib(path)  # read from the disk in 2 MiB folios (where the file system has them)
-    if min(_map_cpu_per_mib(path) for _ in range(3)) > _SMALL_PAGES_CPU_PER_MIB:
+    map_cpu_per_mib(path)  # read from the disk in 2 MiB folios (where the file system has them)
+    if min(map_cpu_per_mib(path) for _ in range(3)) > _SMALL_PAGES_CPU_PER_MIB:
         return  # no large folios here: nothing more to keep
     read_header(path)
     assert fraction() == 1.0  # a warm file stays whole
-    assert min(_map_cpu_per_mib(path) for _ in range(3)) < _SMALL_PAGES_CPU_PER_MIB
+    assert min(map_cpu_per_mib(path) for _ in range(3)) < _SMALL_PAGES_CPU_PER_MIB
 
 
 def test_layers_cached_in_small_pages_are_read_again(tmp_path):
@@ -632,11 +580,11 @@ def test_layers_cached_in_small_pages_are_read_again(tmp_path):
     # the file system has no large folios there is nothing to gain, and the loader's repairs stay bounded
     probe = tmp_path / "probe"
     probe.write_bytes(os.urandom(16 * 2**20))
-    _read_in_big_chunks(probe)
-    assert _map_cpu_per_mib(probe) > _SMALL_PAGES_CPU_PER_MIB  # small folios: the cost the loader looks for
+    read_in_big_chunks(probe)
+    assert map_cpu_per_mib(probe) > _SMALL_PAGES_CPU_PER_MIB  # small folios: the cost the loader looks for
     _evict(probe, whole=True)
-    _map_cpu_per_mib(probe)  # read from the disk
-    if min(_map_cpu_per_mib(probe) for _ in range(3)) > _SMALL_PAGES_CPU_PER_MIB:
+    map_cpu_per_mib(probe)  # read from the disk
+    if min(map_cpu_per_mib(probe) for _ in range(3)) > _SMALL_PAGES_CPU_PER_MIB:
         pytest.skip("this file system does not keep files in 2 MiB page-cache folios")
 
     # layers of about 45 MB, as real ones are (tens to hundreds of MB)
@@ -650,8 +598,8 @@ def test_layers_cached_in_small_pages_are_read_again(tmp_path):
     expected = _models.load_reference(ckpt).generate(ids, **GEN, pad_token_id=0)
 
     for p in files:  # before streaming starts: it reads the first layer ahead at once
-        _read_in_big_chunks(p)
-        assert _map_cpu_per_mib(p) > _SMALL_PAGES_CPU_PER_MIB  # the set-up really left small folios
+        read_in_big_chunks(p)
+        assert map_cpu_per_mib(p) > _SMALL_PAGES_CPU_PER_MIB  # the set-up really left small folios
     read0 = disk_read_bytes()
     model = streamed_model(ckpt, shards, **STREAM_ALL)
     loader = get_streaming_state(model).loader
