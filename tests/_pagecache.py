@@ -21,12 +21,12 @@ def drop_from_page_cache(files) -> None:
             os.close(fd)
 
 
-def cached_share(path, size: int | None = None) -> float:
-    """Share of the file (its first `size` bytes) in the page cache (`cached_fraction`: reads nothing); skips the
-    test where that cannot be told."""
+def cached_share(path) -> float:
+    """Share of the file in the page cache (`cached_fraction`: reads nothing); skips the test where that cannot be
+    told."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        fraction = cached_fraction(fd, os.path.getsize(path) if size is None else size)
+        fraction = cached_fraction(fd, os.path.getsize(path))
     finally:
         os.close(fd)
     if fraction is None:
