@@ -1,0 +1,60 @@
+"""Split a checkpoint once, then generate with the native transformers model and `pipeline`, one layer at a time.
+
+    python examples/quickstart.py Qwen/Qwen2.5-0.5B-Instruct --shards qwen05b.layers
+    python examples/quickstart.py ./my-local-checkpoint --shards my.layers --compression 4bit --max-memory '{"cpu": "2GiB"}'
+
+The first run splits the checkpoint into `--shards` (one file per decoder layer); later runs find the split done and
+go straight to generating. Nothing but the resident parts (embeddings, final norm, head) and the layers the budget
+allows is ever in memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+from accelerate import init_empty_weights
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, TextStreamer, pipeline
+
+from hf_layerstream import enable_layer_streaming, get_streaming_state, split_checkpoint
+
+
+def main(argv: list[str] | None = None) -> str:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("model", nargs="?", default="Qwen/Qwen2.5-0.5B-Instruct", help="hub id or local checkpoint folder")
+    p.add_argument("--shards", default=None, help="shard directory (default: <model name>.layers)")
+    p.add_argument("--compression", choices=["4bit", "8bit"], default=None, help="block-quantized shards (lossy)")
+    p.add_argument("--max-memory", type=json.loads, default=None, help='budget, e.g. \'{"cpu": "16GiB", "0": "4GiB"}\'')
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--prompt", default="What is the capital of France?")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    args = p.parse_args(argv)
+    shards = args.shards or args.model.rstrip("/").split("/")[-1] + ".layers"
+
+    # 1. once: one safetensors file per decoder layer (resumable; a finished split is only checked)
+    split_checkpoint(args.model, shards, compression=args.compression)
+
+    # 2. the model as transformers builds it, without weights; the shard directory carries config and tokenizer
+    config = AutoConfig.from_pretrained(shards)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    tokenizer = AutoTokenizer.from_pretrained(shards)
+
+    # 3. the one extra line
+    enable_layer_streaming(model, shards, device=args.device, max_memory=args.max_memory)
+    print("residency plan:", get_streaming_state(model).plan.summary())
+
+    # the model is still a transformers model: generate with a streamer...
+    inputs = tokenizer(args.prompt, return_tensors="pt").to(model.device)
+    with torch.no_grad():
+        model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False, streamer=TextStreamer(tokenizer))
+
+    # ...or use it in a pipeline
+    generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
+    result = generator(args.prompt, max_new_tokens=args.max_new_tokens, do_sample=False, return_full_text=False)
+    return result[0]["generated_text"]
+
+
+if __name__ == "__main__":
+    print(main())
