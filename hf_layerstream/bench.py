@@ -8,7 +8,12 @@ run measures the two physical limits the figures are compared with:
 * cold (every weight file dropped from the page cache before each forward): bytes read per sweep / the disk's
   sequential read bandwidth, measured here on the shard files: the fastest of O_DIRECT reads and the kernel's
   read-ahead into a huge-page map, each one file at a time and two files at once, each after
-  `POSIX_FADV_DONTNEED`.
+  `POSIX_FADV_DONTNEED`;
+* on CUDA, also the host-to-device copy: bytes that cross to the device per sweep / the pinned-memory
+  host-to-device bandwidth, measured here (`measure_h2d_bandwidth`). It is the limit of decoding from host RAM
+  (the `streamed_host` row: every layer kept in pinned host RAM, none on the device), and the GPU memory peak of
+  each streamed row is checked against resident parts + (prefetch + 1) layers + the KV cache and activations
+  (what the whole model on the device peaks at beyond its weights, measured in the same run).
 
 ```
 hf-layerstream bench --demo                      # the 1.7 GB Llama-shaped model of BENCHMARKS.md
@@ -31,12 +36,14 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-SYSTEMS = ("in_memory", "accelerate_offload", "streamed", "streamed_disk")
+SYSTEMS = ("in_memory", "accelerate_offload", "streamed", "streamed_disk", "streamed_host")
+CUDA_ONLY = ("streamed_host",)  # host RAM is the device's memory on CPU: the row would be the budget row again
 LABELS = {
     "in_memory": "transformers, whole model in RAM",
     "accelerate_offload": "accelerate disk offload",
     "streamed": "hf_layerstream (budget)",
     "streamed_disk": "hf_layerstream (every layer from disk)",
+    "streamed_host": "hf_layerstream (every layer from pinned RAM)",
     "physical_limit": "physical limit",
 }
 DEMO_SIZES = {"layers": 16, "hidden_size": 2048, "intermediate_size": 5632, "vocab_size": 32000}
@@ -50,6 +57,7 @@ WARM_RESIDENT_TARGET = 1.05  # x in-memory time, a budget that holds everything
 COLD_TARGET = 1.15  # x bytes per sweep / disk bandwidth
 COLD_VS_ACCELERATE = 0.6  # x accelerate's cold disk offload
 RSS_SLACK = 1.15
+CUDA_HOST_TARGET = 1.2  # x bytes per sweep / pinned host-to-device bandwidth, decoding from host RAM
 COMPRESSED_SPEEDUP = 1.8  # issue #3: 4-bit shards vs full-precision shards, cold, on CPU
 
 
@@ -91,7 +99,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--systems",
         default=",".join(SYSTEMS),
-        help=f"comma-separated subset of {','.join(SYSTEMS)} (streamed_disk: max_memory cpu=0)",
+        help=f"comma-separated subset of {','.join(SYSTEMS)} (streamed_disk: nothing kept, every layer read from "
+        "disk; streamed_host, CUDA only: every layer kept in pinned host RAM, none on the device)",
     )
     p.add_argument(
         "--compression",
@@ -202,6 +211,35 @@ def _rewarm(paths) -> None:
             _read_mapped(paths)
         except OSError as e:  # the child's untimed warm-up call reads them instead
             logger.info("could not read the shard files back through a huge-page map (%s)", e)
+
+
+def measure_h2d_bandwidth(device, *, nbytes: int = 256 * 2**20, repeats: int = 8) -> dict:
+    """Host-to-device copy bandwidth from pinned memory to CUDA `device`, in bytes per second (the fastest of
+    `repeats` copies of `nbytes`, timed with CUDA events after one untimed copy): the limit of decoding from host RAM.
+
+    Returns:
+        `{"bytes", "seconds", "bandwidth", "samples"}`, `samples` being every copy's bandwidth.
+    """
+    import torch
+
+    device = torch.device(device)
+    with torch.cuda.device(device):
+        src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        dst.copy_(src, non_blocking=True)
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        seconds = []
+        for _ in range(repeats):
+            start.record()
+            dst.copy_(src, non_blocking=True)
+            end.record()
+            end.synchronize()
+            seconds.append(start.elapsed_time(end) / 1e3)
+    del src, dst
+    torch.cuda.empty_cache()  # once, outside any timing: the children measure their own GPU memory
+    best = min(seconds)
+    return {"bytes": nbytes, "seconds": best, "bandwidth": nbytes / best, "samples": [nbytes / t for t in seconds]}
 
 
 def _in_parallel(way, paths: list[str], streams: int) -> tuple[int, str]:
@@ -421,6 +459,17 @@ def bench(args) -> dict:
             "max_new_tokens": args.max_new_tokens,
         }
         disk = measure_disk_bandwidth(layer_files) if "cold" in modes else None
+        device = torch.device(args.device) if args.device else None
+        if device is None and torch.cuda.is_available():
+            device = torch.device("cuda")
+        on_cuda = device is not None and device.type == "cuda"
+        if on_cuda and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        skipped = [s for s in systems if s in CUDA_ONLY and not on_cuda]
+        if skipped:
+            logger.info("skipping %s: only meaningful on a CUDA device", ", ".join(skipped))
+            systems = [s for s in systems if s not in skipped]
+        h2d = measure_h2d_bandwidth(device) if on_cuda else None
         common = {"input_ids": ids, "max_new_tokens": args.max_new_tokens, "pad_token_id": pad, "repeats": args.repeats}
         if args.threads:
             common["threads"] = args.threads
@@ -444,7 +493,12 @@ def bench(args) -> dict:
             path = compressed_dirs.get(system, shard_dir)
             spec = {"system": "streamed", "path": str(path), "prefetch": args.prefetch, "profile": True}
             spec["device"] = args.device
-            spec["max_memory"] = {"cpu": 0} if system.startswith("streamed_disk") else max_memory
+            if system.startswith("streamed_disk"):  # nothing kept anywhere: on the device neither
+                spec["max_memory"] = {"cpu": 0, **({str(device.index): 0} if on_cuda else {})}
+            elif system == "streamed_host":  # nothing on the device; the host keeps what its default share holds
+                spec["max_memory"] = {str(device.index): 0}
+            else:
+                spec["max_memory"] = max_memory
             return spec
 
         compressed = _parse_list(args.compression, ("4bit", "8bit"), "--compression") if args.compression else []
@@ -487,7 +541,7 @@ def bench(args) -> dict:
             disk = max(disk, again, key=lambda d: d["bandwidth"] or 0)
             disk["samples"] = samples
         baseline_rss = min((r["baseline_rss"] for r in rows if r.get("baseline_rss")), default=0)
-        _derive(rows, disk, stored, baseline_rss, resident_bytes, layer_bytes, args, stored_by_system)
+        _derive(rows, disk, stored, baseline_rss, resident_bytes, layer_bytes, args, stored_by_system, h2d)
         if paired is not None and not paired.get("error"):
             # the same targets as the rows: 1.05x for a budget that keeps every layer, else 1.10x
             warm_rows = {r["system"]: r for r in rows if r["mode"] == "warm" and r["batch"] == 1}
@@ -497,6 +551,7 @@ def bench(args) -> dict:
         return {
             "model": model_info,
             "disk": disk,
+            "h2d": h2d,
             "baseline_rss": baseline_rss,
             "rows": rows,
             "paired": paired,
@@ -506,6 +561,7 @@ def bench(args) -> dict:
                 "cold": COLD_TARGET,
                 "cold_vs_accelerate": COLD_VS_ACCELERATE,
                 "rss_slack": RSS_SLACK,
+                "cuda_host": CUDA_HOST_TARGET,
             },
         }
     finally:
@@ -521,7 +577,11 @@ def _one_round(rows, plans, batches, modes, systems, spec_for, common, assistant
             for system in systems:
                 if mode == "cold" and system == "in_memory":
                     continue
-                if mode == "cold" and system == "streamed" and plans.get(system, {}).get("streamed") == []:
+                if (
+                    mode == "cold"
+                    and system in ("streamed", "streamed_host")
+                    and plans.get(system, {}).get("streamed") == []
+                ):
                     continue  # nothing is read from disk: a cold run would measure the warm one again
                 spec = {**spec_for(system), **common, "batch": batch, "cold": mode == "cold"}
                 if mode == "cold" and spec["system"] == "streamed":
@@ -577,8 +637,18 @@ def _run(spec: dict, timeout: float) -> dict:
         }
 
 
-def _derive(rows, disk, stored, baseline_rss, resident_bytes, layer_bytes, args, stored_by_system=None) -> None:
-    """Add tokens/s, limits, ratios and target checks to each row, in place."""
+def _derive(
+    rows, disk, stored, baseline_rss, resident_bytes, layer_bytes, args, stored_by_system=None, h2d=None
+) -> None:
+    """Add tokens/s, limits, ratios and target checks to each row, in place.
+
+    A row that ran on CUDA (it has a `cuda_peak`) is also compared with the host-to-device limit (`h2d`, see
+    `measure_h2d_bandwidth`): every byte of a layer not kept on the device crosses to it at every sweep. Warm, that
+    copy (not the GPU's compute) is the limit; the `streamed_host` row's target is `CUDA_HOST_TARGET` times it. Its
+    GPU memory peak is checked against the resident parts, the layers the plan keeps on the device, (prefetch + 1)
+    layers in flight, and the KV cache and activations: what the whole model on the device peaked at beyond its
+    weights at the same batch size.
+    """
     from .stream import DEFAULT_PREFETCH
 
     stored_by_system = stored_by_system or {}
@@ -587,6 +657,7 @@ def _derive(rows, disk, stored, baseline_rss, resident_bytes, layer_bytes, args,
     ref = {(r["batch"]): r for r in rows if r["system"] == "in_memory" and r["mode"] == "warm"}
     acc_cold = {r["batch"]: r for r in rows if r["system"] == "accelerate_offload" and r["mode"] == "cold"}
     bandwidth = disk["bandwidth"] if disk else None
+    h2d_bandwidth = h2d["bandwidth"] if h2d else None
     for r in rows:
         spt = r.get("s_per_token")
         r["label"] = _label(r["system"])
@@ -601,8 +672,9 @@ def _derive(rows, disk, stored, baseline_rss, resident_bytes, layer_bytes, args,
         if lossy and full is not None and spt and full.get("s_per_token"):
             r["speedup_vs_full_precision"] = full["s_per_token"] / spt
         plan = r.get("plan_data")
+        on_cuda = r.get("cuda_peak") is not None
+        sizes = stored_by_system.get(r["system"], stored)
         if r["system"].startswith("streamed") and plan is not None:
-            sizes = stored_by_system.get(r["system"], stored)
             swept = sum(sizes[i] for i in plan["streamed"])
         elif r["system"] == "accelerate_offload":
             swept = sum(stored)  # accelerate reads every layer's weights per sweep (its own files, same bytes)
@@ -611,6 +683,11 @@ def _derive(rows, disk, stored, baseline_rss, resident_bytes, layer_bytes, args,
         r["bytes_per_sweep"] = swept
         r["compute_s"] = base["s_per_token"] if base else None
         r["disk_limit_s"] = swept / bandwidth if (bandwidth and swept) else None
+        if on_cuda and plan is not None:
+            # host tier and disk tier alike cross to the device at every sweep, as stored (dequantized there)
+            crossing = swept + sum(sizes[i] for i in plan["host_layers"])
+            r["h2d_bytes_per_sweep"] = crossing
+            r["h2d_limit_s"] = crossing / h2d_bandwidth if (h2d_bandwidth and crossing) else None
         r["target"] = None
         if r["mode"] == "cold":
             r["limit_s"] = r["disk_limit_s"]
@@ -621,6 +698,14 @@ def _derive(rows, disk, stored, baseline_rss, resident_bytes, layer_bytes, args,
                 acc = acc_cold.get(r["batch"])
                 if acc is not None and spt and acc.get("s_per_token"):
                     r["ratio_to_accelerate"] = spt / acc["s_per_token"]
+        elif on_cuda and plan is not None:
+            # warm on a GPU: the copy to the device, not the compute, is the limit of whatever is not kept there
+            r["limit_s"] = max((x for x in (r["compute_s"], r.get("h2d_limit_s")) if x is not None), default=None)
+            r["bound_s"] = r["limit_s"]
+            if r["system"] == "streamed_host":
+                r["target"] = CUDA_HOST_TARGET
+            elif r["system"] == "streamed" and not plan["streamed"] and not plan["host_layers"]:
+                r["target"] = WARM_RESIDENT_TARGET
         else:
             r["limit_s"] = r["compute_s"]
             r["bound_s"] = r["compute_s"]
@@ -631,11 +716,22 @@ def _derive(rows, disk, stored, baseline_rss, resident_bytes, layer_bytes, args,
         r["ratio_to_limit"] = spt / r["limit_s"] if (spt and r.get("limit_s")) else None
         r.setdefault("peak_rss", None)
         r["ratio_to_bound"] = spt / r["bound_s"] if (spt and r.get("bound_s")) else None
-        if r["system"].startswith("streamed_disk") and plan is not None:
+        k = None
+        if plan is not None:
             k = plan.get("prefetch", args.prefetch if args.prefetch is not None else DEFAULT_PREFETCH)
+        # host RSS on CPU only: on CUDA the weights live on the device, and the CUDA runtime's libraries (loaded at
+        # its first use, after the baseline) dwarf what the loader holds in host memory
+        if r["system"].startswith("streamed_disk") and plan is not None and not on_cuda:
             allowed = RSS_SLACK * (resident_bytes + (k + 1) * layer_bytes)
             r["rss_over_baseline"] = r["peak_rss"] - (r.get("baseline_rss") or baseline_rss)
             r["rss_allowed"] = allowed
+        if on_cuda and plan is not None and base is not None and base.get("cuda_peak") is not None:
+            weights = resident_bytes + sum(plan["layer_bytes"])
+            kv_and_activations = max(0, base["cuda_peak"] - weights)
+            kept = sum(plan["layer_bytes"][i] for i in plan["device_layers"])
+            in_flight = (k + 1) * layer_bytes if (plan["streamed"] or plan["host_layers"]) else 0
+            r["cuda_kv_and_activations"] = kv_and_activations
+            r["cuda_allowed"] = resident_bytes + kept + in_flight + kv_and_activations
         r.pop("plan_data", None)
 
 
@@ -665,6 +761,12 @@ def format_report(report: dict) -> str:
         if disk.get("by_method"):
             ways = "; ".join(f"{k} {v / 1e9:.2f} GB/s" for k, v in disk["by_method"].items() if v)
             lines.append(f"  by way of reading (the fastest is the limit): {ways}")
+    h2d = report.get("h2d")
+    if h2d:
+        lines.append(
+            f"pinned host-to-device bandwidth: {h2d['bandwidth'] / 1e9:.2f} GB/s (fastest of {len(h2d['samples'])} "
+            f"copies of {h2d['bytes'] / 2**20:.0f} MiB)"
+        )
     lines.append(
         f"baseline RSS (python + torch + transformers imported, before loading): {_gb(report['baseline_rss'])}"
     )
@@ -709,6 +811,18 @@ def format_report(report: dict) -> str:
                 f"{r['label']} {r['mode']}: peak RSS over baseline {_gb(r['rss_over_baseline'])}, allowed "
                 f"{RSS_SLACK:.2f} x (resident + (prefetch+1) layers) = {_gb(r['rss_allowed'])} ({verdict})"
             )
+        if r.get("cuda_allowed") is not None and r.get("cuda_peak") is not None:
+            verdict = "ok" if r["cuda_peak"] <= r["cuda_allowed"] else "over"
+            notes.append(
+                f"{r['label']} {r['mode']}: CUDA peak {_gb(r['cuda_peak'])}, allowed resident + kept + (prefetch+1) "
+                f"layers + KV cache and activations ({_gb(r['cuda_kv_and_activations'])}, the whole model's peak "
+                f"beyond its weights) = {_gb(r['cuda_allowed'])} ({verdict})"
+            )
+        if r.get("h2d_limit_s") is not None:
+            notes.append(
+                f"{r['label']} {r['mode']}: {r['h2d_bytes_per_sweep'] / 1e9:.2f} GB cross to the device per sweep, "
+                f"{r['h2d_limit_s']:.4f} s at the pinned host-to-device bandwidth"
+            )
         if "assisted" in r["mode"]:
             notes.append(f"{r['label']} assisted: {r['sweeps_per_token']:.2f} sweeps per generated token")
         if r.get("disk_read_bytes") is not None and r.get("total_sweeps") and r["system"] != "in_memory":
@@ -725,7 +839,8 @@ def format_report(report: dict) -> str:
             )
     lines += [
         "",
-        "limit: warm = whole model in RAM (compute); cold = bytes per sweep / disk bandwidth; "
+        "limit: warm = whole model in RAM (compute), on CUDA the larger of that and bytes crossing to the device "
+        "per sweep / pinned host-to-device bandwidth; cold = bytes per sweep / disk bandwidth; "
         "bound = max(disk limit, compute)",
     ]
     lines += notes

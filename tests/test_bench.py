@@ -227,3 +227,132 @@ def test_report_says_when_compressed_tokens_were_not_compared():
     row["token_agreement"] = 0.375
     text = format_report(report)
     assert "agreeing with full precision: 38%" in text and "not compared" not in text
+
+
+def _cuda_plan(device=(), host=(), streamed=(), layers=4, layer=100, prefetch=2):
+    return {
+        "device_layers": list(device),
+        "host_layers": list(host),
+        "streamed": list(streamed),
+        "prefetch": prefetch,
+        "layer_bytes": [layer] * layers,
+    }
+
+
+def test_cuda_rows_are_held_to_the_host_to_device_limit_and_gpu_memory():
+    """On CUDA the limit of decoding from host RAM is the copy to the device, and the GPU memory peak may hold the
+    resident parts, the kept layers, (prefetch + 1) layers in flight and what the whole model needs beyond its
+    weights (KV cache, activations), measured in the same run (synthetic rows: the arithmetic on every field)."""
+    import argparse
+
+    from hf_layerstream.bench import CUDA_HOST_TARGET, WARM_RESIDENT_TARGET, _derive
+
+    layer, resident = 100, 50
+    extra = 30  # the whole model's peak beyond its weights
+    rows = [
+        {"system": "in_memory", "mode": "warm", "s_per_token": 0.01, "cuda_peak": resident + 4 * layer + extra},
+        {"system": "streamed_host", "mode": "warm", "s_per_token": 0.05, "cuda_peak": resident + 3 * layer + extra},
+        {"system": "streamed", "mode": "warm", "s_per_token": 0.0101, "cuda_peak": resident + 4 * layer + extra},
+        {"system": "streamed_disk", "mode": "warm", "s_per_token": 0.2, "cuda_peak": resident + 3 * layer + extra + 1},
+        {"system": "streamed_disk", "mode": "cold", "s_per_token": 0.3, "cuda_peak": resident + 2 * layer},
+    ]
+    plans = {
+        "streamed_host": _cuda_plan(host=range(4)),
+        "streamed": _cuda_plan(device=range(4)),
+        "streamed_disk": _cuda_plan(streamed=range(4)),
+    }
+    for r in rows:
+        r.update(batch=1, tokens=[1, 2], peak_rss=10**9, baseline_rss=10**8)
+        if r["system"] in plans:
+            r["plan_data"] = plans[r["system"]]
+    h2d = {"bandwidth": 4 * layer / 0.04, "bytes": 2**20, "samples": [1.0, 2.0], "seconds": 1.0}
+    disk = {"bandwidth": 4 * layer / 0.25}
+    _derive(rows, disk, [layer] * 4, 10**8, resident, layer, argparse.Namespace(prefetch=None), None, h2d)
+    ref, host, kept, disk_warm, disk_cold = rows
+
+    assert host["h2d_bytes_per_sweep"] == 4 * layer and host["h2d_limit_s"] == pytest.approx(0.04)
+    assert host["limit_s"] == pytest.approx(0.04) and host["ratio_to_limit"] == pytest.approx(1.25)
+    assert host["target"] == CUDA_HOST_TARGET
+    assert host["cuda_kv_and_activations"] == extra
+    assert host["cuda_allowed"] == resident + 3 * layer + extra  # nothing kept on the device, 3 layers in flight
+    # everything on the device: nothing crosses, the compute is the limit
+    assert kept["h2d_bytes_per_sweep"] == 0 and kept["h2d_limit_s"] is None
+    assert kept["limit_s"] == pytest.approx(0.01) and kept["target"] == WARM_RESIDENT_TARGET
+    assert kept["cuda_allowed"] == resident + 4 * layer + extra
+    # warm from the page cache on a GPU: the copy is the limit, no target (the issue sets one for host RAM)
+    assert disk_warm["limit_s"] == pytest.approx(0.04) and disk_warm["target"] is None
+    assert disk_warm["same_tokens"] is True
+    # cold: the disk, as on CPU
+    assert disk_cold["limit_s"] == pytest.approx(0.25) and disk_cold["h2d_limit_s"] == pytest.approx(0.04)
+    # host RSS is not held to the CPU allowance on CUDA (the CUDA runtime's libraries arrive after the baseline)
+    assert all("rss_allowed" not in r for r in rows)
+
+    report = {
+        "model": {"num_layers": 4, "layer_file_bytes": 4 * layer, "resident_bytes": resident, "prompt_tokens": 4},
+        "disk": None,
+        "h2d": h2d,
+        "baseline_rss": 10**8,
+        "rows": rows,
+    }
+    report["model"]["max_new_tokens"] = 3
+    text = format_report(report)
+    assert "pinned host-to-device bandwidth:" in text
+    notes = {line.split(":")[0]: line for line in text.splitlines() if "CUDA peak" in line and "allowed" in line}
+    assert notes["hf_layerstream (every layer from pinned RAM) warm"].endswith("(ok)")
+    assert notes["hf_layerstream (every layer from disk) warm"].endswith("(over)")
+    assert "<=1.20" not in text  # 1.25x the limit: short of the target, and the table says so
+    assert ">1.20" in text
+
+
+def test_cuda_only_rows_are_skipped_on_cpu(tmp_path, capsys):
+    argv = ["bench", "--demo", *TINY, "--work", str(tmp_path), "--max-new-tokens", "2", "--prompt-tokens", "4"]
+    argv += ["--systems", "streamed_host,streamed_disk", "--modes", "warm", "--device", "cpu", "--json"]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [r["system"] for r in report["rows"]] == ["streamed_disk"] and report["h2d"] is None
+
+
+@pytest.mark.cuda
+def test_h2d_bandwidth_on_cuda():
+    from hf_layerstream.bench import measure_h2d_bandwidth
+
+    out = measure_h2d_bandwidth("cuda", nbytes=64 * 2**20, repeats=3)
+    assert out["bytes"] == 64 * 2**20 and len(out["samples"]) == 3
+    assert out["bandwidth"] == max(out["samples"]) and out["bandwidth"] > 1e9  # any PCIe link moves > 1 GB/s
+
+
+@pytest.mark.cuda
+def test_bench_on_cuda_streams_from_host_ram_and_disk(tmp_path, capsys):
+    argv = ["bench", "--demo", *TINY, "--work", str(tmp_path), "--max-new-tokens", "3", "--prompt-tokens", "8"]
+    argv += ["--systems", "in_memory,streamed,streamed_disk,streamed_host", "--device", "cuda", "--json"]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["h2d"]["bandwidth"] > 1e9
+    rows = {(r["system"], r["mode"]): r for r in report["rows"]}
+    files = report["model"]["layer_file_bytes"]
+    for system in ("streamed_disk", "streamed_host"):
+        warm = rows[(system, "warm")]
+        assert warm["same_tokens"] is True and warm["cuda_peak"] > 0
+        assert warm["h2d_bytes_per_sweep"] == files  # every layer crosses to the device at every sweep
+        assert warm["cuda_peak"] <= warm["cuda_allowed"]
+    assert rows[("streamed_host", "warm")]["target"] == 1.2
+    assert rows[("streamed", "warm")]["h2d_bytes_per_sweep"] == 0  # the default budget keeps a tiny model on the GPU
+    assert rows[("streamed_disk", "cold")]["same_tokens"] is True
+
+
+def test_baseline_of_quantized_shards_includes_their_codec(checkpoints):
+    """The baseline every system's peak RSS is measured from holds the code that system loads before any weight:
+    for quantized shards that includes bitsandbytes (70-114 MiB here), not only torch and transformers."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("bitsandbytes")
+    _, full = checkpoints("llama")
+    _, packed = checkpoints("llama", compression="4bit")
+    probe = "import sys; from hf_layerstream._measure import _baseline_rss; _baseline_rss(sys.argv[1]); "
+    probe += "print('bitsandbytes' in sys.modules)"
+    seen = {}
+    for name, path in (("full", full), ("4bit", packed)):
+        out = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True, check=True)
+        seen[name] = out.stdout.strip().splitlines()[-1]
+    assert seen == {"full": "False", "4bit": "True"}
