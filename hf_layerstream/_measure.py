@@ -109,11 +109,23 @@ def _count_sweeps(model) -> list[int]:
     return counter
 
 
+def _is_compressed(path: str) -> bool:
+    """Whether `path` is a shard directory of quantized shards (its manifest names a compression)."""
+    from .shard_dir import MANIFEST_NAME
+
+    try:
+        with open(os.path.join(path, MANIFEST_NAME)) as f:
+            return bool(json.load(f).get("compression"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _baseline_rss(path: str) -> int:
     """VmHWM once the libraries and the model's modeling code are imported, before any weight is loaded.
 
     Building the model on meta imports its transformers modules (~140 MB for Llama): every system pays that, so
-    it belongs to the baseline, not to the weights.
+    it belongs to the baseline, not to the weights. Likewise the codec of quantized shards: importing bitsandbytes
+    took 70-114 MiB here (its CPU library and torch.compile set-up), code that any reader of those shards loads.
     """
     import gc
 
@@ -121,6 +133,11 @@ def _baseline_rss(path: str) -> int:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from . import stream  # noqa: F401
+
+    if _is_compressed(path):
+        from .quant import load_backend
+
+        load_backend()
 
     try:
         config = AutoConfig.from_pretrained(path)
