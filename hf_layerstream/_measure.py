@@ -89,9 +89,11 @@ def weight_files(system: str, path: str) -> list[str]:
     from pathlib import Path
 
     root = Path(path)
-    return [str(p) for p in sorted(root.rglob("*.safetensors"))] + [str(p) for p in sorted(root.rglob("*.bin"))] + [
-        str(p) for p in sorted(root.rglob("*.dat"))
-    ]
+    return (
+        [str(p) for p in sorted(root.rglob("*.safetensors"))]
+        + [str(p) for p in sorted(root.rglob("*.bin"))]
+        + [str(p) for p in sorted(root.rglob("*.dat"))]
+    )
 
 
 def _count_sweeps(model) -> list[int]:
@@ -359,9 +361,7 @@ def measure_paired(spec: dict) -> dict:
         "members": [name for name, _ in models],
         "s_per_token": {name: _median(v) for name, v in calls.items()},
         "calls": calls,
-        "ratios": {
-            name: _median([a / b for a, b in zip(v, calls[ref])]) for name, v in calls.items() if name != ref
-        },
+        "ratios": {name: _median([a / b for a, b in zip(v, calls[ref])]) for name, v in calls.items() if name != ref},
         "tokens": tokens,
         "threads": torch.get_num_threads(),
     }

@@ -43,7 +43,9 @@ def _dtype(text: str | None):
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="execution device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, help="compute dtype: auto (as stored), float32, bfloat16, float16")
-    p.add_argument("--max-memory", default=None, help="memory budget, e.g. 'cpu=16GiB,0=4GiB' (accelerate's convention)")
+    p.add_argument(
+        "--max-memory", default=None, help="memory budget, e.g. 'cpu=16GiB,0=4GiB' (accelerate's convention)"
+    )
     p.add_argument("--prefetch", type=int, default=None, help="layers read ahead of the compute (default 2)")
     p.add_argument(
         "--page-cache",
@@ -66,7 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("split", help="split a checkpoint into a per-layer shard directory (once)")
     p.add_argument("source", help="local checkpoint folder or hub repo id")
     p.add_argument("shard_dir", help="output shard directory")
-    p.add_argument("--compression", choices=["4bit", "8bit"], default=None, help="block-wise quantization (default: none, lossless)")
+    p.add_argument(
+        "--compression",
+        choices=["4bit", "8bit"],
+        default=None,
+        help="block-wise quantization (default: none, lossless)",
+    )
     p.add_argument("--quant-type", default=None, help="4-bit code: nf4 (default) or fp4")
     p.add_argument("--blocksize", type=int, default=None, help="quantization block size")
     p.add_argument("--dtype", default=None, help="cast floating tensors (default: keep the checkpoint's)")
@@ -194,8 +201,15 @@ def load_streamed_model(
         model = AutoModelForCausalLM.from_config(config)
     model.eval()
     return enable_layer_streaming(
-        model, shard_dir, device=device, dtype=dtype, max_memory=max_memory, prefetch=prefetch, profile=profile,
-        verify=verify, keep_in_page_cache=keep_in_page_cache,
+        model,
+        shard_dir,
+        device=device,
+        dtype=dtype,
+        max_memory=max_memory,
+        prefetch=prefetch,
+        profile=profile,
+        verify=verify,
+        keep_in_page_cache=keep_in_page_cache,
     )
 
 
@@ -320,7 +334,9 @@ def _cmd_inspect(args) -> int:
     print(f"model            {m.model_type}, {m.num_layers} layers under {m.layers_prefix!r}, dtype {m.dtype}")
     print(f"compression      {scheme}")
     print(f"resident file    {_human(shards.unit('resident').size)}")
-    print(f"per layer        {_human(sum(stored) / max(len(stored), 1))} on disk (mean), {_human(sum(full_bytes) / max(len(full_bytes), 1))} at {dtype or 'bfloat16'}")
+    print(
+        f"per layer        {_human(sum(stored) / max(len(stored), 1))} on disk (mean), {_human(sum(full_bytes) / max(len(full_bytes), 1))} at {dtype or 'bfloat16'}"
+    )
     print(f"ratio            {ratio:.3f}x of {'bf16' if dtype is None else dtype}")
     print(f"plan on {device}   {plan.summary()}")
     return 0

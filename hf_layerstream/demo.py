@@ -100,7 +100,9 @@ def run_demo(args) -> int:
         ckpt = work / "checkpoint"
         shards = work / "shards"
         if not (ckpt / "config.json").exists():
-            print(f"1. writing a random-weight Llama-shaped checkpoint ({args.layers} layers, hidden {args.hidden_size}) to {ckpt}")
+            print(
+                f"1. writing a random-weight Llama-shaped checkpoint ({args.layers} layers, hidden {args.hidden_size}) to {ckpt}"
+            )
             write_demo_checkpoint_from_args(ckpt, args)
         size = sum(p.stat().st_size for p in ckpt.glob("*.safetensors"))
         print(f"   checkpoint: {_human(size)} of weights")
@@ -121,7 +123,10 @@ def run_demo(args) -> int:
             print(f"   also splitting with compression={args.compression}: {qdir}")
             split_checkpoint(ckpt, qdir, compression=args.compression)
             runs.append(
-                (f"streamed, {args.compression} shards", {"system": "streamed", "path": str(qdir), "max_memory": max_memory, "prefetch": args.prefetch})
+                (
+                    f"streamed, {args.compression} shards",
+                    {"system": "streamed", "path": str(qdir), "max_memory": max_memory, "prefetch": args.prefetch},
+                )
             )
         tok = AutoTokenizer.from_pretrained(ckpt)
         prompt = "The quick brown fox jumps over the lazy dog. Layer streaming lets"

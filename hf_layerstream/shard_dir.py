@@ -179,7 +179,9 @@ class Manifest:
 def _inside(root: Path, rel: str, manifest_path: Path) -> Path:
     """Resolve `rel` inside `root`, refusing absolute paths, `..`, symlink loops and symlinks that leave the directory."""
     if not isinstance(rel, str) or not rel or "\x00" in rel or os.path.isabs(rel) or ".." in Path(rel).parts:
-        raise ShardFileError(manifest_path, f"names the path {rel!r}, which is not a relative path inside the directory")
+        raise ShardFileError(
+            manifest_path, f"names the path {rel!r}, which is not a relative path inside the directory"
+        )
     path = root / rel
     try:
         resolved = path.resolve(strict=False)
@@ -232,13 +234,20 @@ class ShardDirectory:
         if not manifest_path.is_file():
             partial = (self.path / ".progress.json").exists()
             hint = " It holds an unfinished split: run the same split again to finish it." if partial else ""
-            raise ShardDirError(f"`shard_dir` {self.path} has no {MANIFEST_NAME}, so it is not a shard directory;{hint} {fix}.")
+            raise ShardDirError(
+                f"`shard_dir` {self.path} has no {MANIFEST_NAME}, so it is not a shard directory;{hint} {fix}."
+            )
         try:
             raw = json.loads(manifest_path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ShardFileError(manifest_path, f"is not readable JSON ({e})") from e
         if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:
-            raise ShardFileError(manifest_path, f"is not an hf_layerstream manifest (format {raw.get('format')!r})" if isinstance(raw, dict) else "is not a JSON object")
+            raise ShardFileError(
+                manifest_path,
+                f"is not an hf_layerstream manifest (format {raw.get('format')!r})"
+                if isinstance(raw, dict)
+                else "is not a JSON object",
+            )
         if raw.get("format_version") != FORMAT_VERSION:
             raise ShardFileError(
                 manifest_path,
@@ -254,8 +263,12 @@ class ShardDirectory:
         if set(self.manifest.units) != expected:
             missing = sorted(expected - set(self.manifest.units))
             extra = sorted(set(self.manifest.units) - expected)
-            raise ShardFileError(manifest_path, f"lists the wrong units (missing {missing[:5]}, unexpected {extra[:5]})")
-        self.files: dict[str, Path] = {u: _inside(self.path, e.file, manifest_path) for u, e in self.manifest.units.items()}
+            raise ShardFileError(
+                manifest_path, f"lists the wrong units (missing {missing[:5]}, unexpected {extra[:5]})"
+            )
+        self.files: dict[str, Path] = {
+            u: _inside(self.path, e.file, manifest_path) for u, e in self.manifest.units.items()
+        }
         seen: dict[Path, str] = {}
         for unit, file in self.files.items():
             key = file.resolve()
@@ -295,7 +308,13 @@ class ShardDirectory:
         entry = self.manifest.units[unit]
         path = self.files[unit]
         if not path.is_file():
-            what = "is a dangling symlink" if os.path.islink(path) else "is missing" if not path.exists() else "is not a file"
+            what = (
+                "is a dangling symlink"
+                if os.path.islink(path)
+                else "is missing"
+                if not path.exists()
+                else "is not a file"
+            )
             raise ShardFileError(path, f"{what} (the manifest records unit {unit!r} there)")
         header = read_header(path, expected_size=entry.size)
         stored = _stored_layout(entry)

@@ -90,14 +90,18 @@ class _Source:
             if path.is_file():
                 return path
             if required:
-                raise FileNotFoundError(f"`source` {self.local_dir} has no {filename}; it is not a transformers checkpoint folder.")
+                raise FileNotFoundError(
+                    f"`source` {self.local_dir} has no {filename}; it is not a transformers checkpoint folder."
+                )
             return None
         from huggingface_hub import hf_hub_download
         from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
 
         try:
             path = Path(
-                hf_hub_download(self.repo_id, filename, revision=self.revision, token=self._token, cache_dir=self._cache_dir)
+                hf_hub_download(
+                    self.repo_id, filename, revision=self.revision, token=self._token, cache_dir=self._cache_dir
+                )
             )
         except LocalEntryNotFoundError as e:
             # (a subclass of EntryNotFoundError: must come first) offline, or the hub unreachable, and not cached
@@ -163,7 +167,8 @@ class _Source:
                 handle = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             except Exception as e:  # noqa: BLE001 - re-raised with the file name
                 raise ShardFileError(
-                    path, f"cannot be loaded safely with torch.load(weights_only=True): {type(e).__name__}: {e}",
+                    path,
+                    f"cannot be loaded safely with torch.load(weights_only=True): {type(e).__name__}: {e}",
                     "Only load checkpoints you trust; convert it to safetensors, or use the original publisher's files.",
                 ) from e
             if not isinstance(handle, dict):
@@ -324,7 +329,9 @@ def _estimate_unit_bytes(shapes: dict[str, tuple[tuple[int, ...], torch.dtype]],
         if scheme is not None and numel and len(shape) >= 2 and dtype.is_floating_point:
             from .quant import should_quantize
 
-            if should_quantize(name, torch.empty(shape, dtype=dtype, device="meta"), scheme, is_embedding=unit == RESIDENT):
+            if should_quantize(
+                name, torch.empty(shape, dtype=dtype, device="meta"), scheme, is_embedding=unit == RESIDENT
+            ):
                 nbytes = -(-numel * scheme.bits // 8) + 4 * -(-numel // scheme.blocksize)
                 overhead = 4 * len(name) + 600  # two parts and the codec metadata
         total += nbytes + overhead
@@ -480,7 +487,9 @@ def split_checkpoint(
             f"(e.g. {plan.missing[:4]}); it does not match its config.json."
         )
     if plan.unexpected:
-        logger.warning("Ignoring %d checkpoint keys the model does not use (e.g. %s)", len(plan.unexpected), plan.unexpected[:3])
+        logger.warning(
+            "Ignoring %d checkpoint keys the model does not use (e.g. %s)", len(plan.unexpected), plan.unexpected[:3]
+        )
 
     compression_dict = scheme.to_dict() if scheme is not None else None
     source_identity = src.identity()
@@ -538,7 +547,13 @@ def split_checkpoint(
         todo = [u for u in units if u not in done]
         stored_dtypes = src.stored_dtypes() if dtype is None else {}
         needed = estimate_split_bytes(
-            model, stack, plan, stored_dtypes, dtype=dtype, scheme=scheme, units=todo,
+            model,
+            stack,
+            plan,
+            stored_dtypes,
+            dtype=dtype,
+            scheme=scheme,
+            units=todo,
             fallback_dtype=_config_dtype(config),
         )
         needed += 4096 * len(units) + 2**20  # manifest, progress record, config and tokenizer files
@@ -599,8 +614,11 @@ def split_checkpoint(
         floating = [t.dtype for u in done.values() for t in u.tensors.values() if t.dtype.is_floating_point]
         main_dtype = max(set(floating), key=floating.count) if floating else torch.float32
         manifest = Manifest(
-            source={"id": src.description if src.local_dir is None else str(src.local_dir.resolve()),
-                    "kind": "local" if src.local_dir is not None else "hub", "revision": src.revision},
+            source={
+                "id": src.description if src.local_dir is None else str(src.local_dir.resolve()),
+                "kind": "local" if src.local_dir is not None else "hub",
+                "revision": src.revision,
+            },
             model_type=getattr(config, "model_type", None),
             architectures=list(getattr(config, "architectures", None) or [type(model).__name__]),
             layers_prefix=stack.prefix,

@@ -87,9 +87,7 @@ def _check_match(model: nn.Module, stack: LayerStack, shards: ShardDirectory) ->
                     f"{where} stores {name!r} with shape {list(entry.shape)} but the model expects {list(shape)}. {fix}"
                 )
             if entry.dtype.is_floating_point != dtype.is_floating_point:
-                raise ShardDirError(
-                    f"{where} stores {name!r} as {entry.dtype} but the model expects {dtype}. {fix}"
-                )
+                raise ShardDirError(f"{where} stores {name!r} as {entry.dtype} but the model expects {dtype}. {fix}")
 
 
 def _set_tensor(module: nn.Module, attr: str, value: torch.Tensor, is_param: bool) -> None:
@@ -168,7 +166,9 @@ def enable_layer_streaming(
             f"{type(model).__name__}."
         )
     if get_streaming_state(model) is not None:
-        raise ValueError("Layer streaming is already enabled on this model; call `disable_layer_streaming(model)` first.")
+        raise ValueError(
+            "Layer streaming is already enabled on this model; call `disable_layer_streaming(model)` first."
+        )
     device = check_device(device)
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         raise ValueError(f"`dtype` must be a floating-point torch.dtype (e.g. torch.bfloat16), got {dtype!r}.")
@@ -231,7 +231,13 @@ def enable_layer_streaming(
     )
     prof = Profile() if profile else None
     loader = LayerLoader(
-        shards, device, plan, target_dtypes=target_dtypes, layer_prefixes=layer_prefixes, prefetch=prefetch, profile=prof
+        shards,
+        device,
+        plan,
+        target_dtypes=target_dtypes,
+        layer_prefixes=layer_prefixes,
+        prefetch=prefetch,
+        profile=prof,
     )
     try:
         repair_meta_buffers(model)

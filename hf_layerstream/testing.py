@@ -119,7 +119,6 @@ def make_tokenizer(padding_side: str = "left") -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-
 def _is_norm(module: torch.nn.Module) -> bool:
     return isinstance(module, torch.nn.LayerNorm) or "norm" in type(module).__name__.lower()
 

@@ -50,7 +50,10 @@ def _greedy_text(ckpt, prompt, n):
 def test_generate_prompt_argument_streams_tokens(split_dir, capsys):
     ckpt, shards = split_dir
     prompt = _models.SAMPLE_PROMPTS[0]
-    assert main(["generate", str(shards), prompt, "--max-new-tokens", "8", "--device", "cpu", "--max-memory", "cpu=0"]) == 0
+    assert (
+        main(["generate", str(shards), prompt, "--max-new-tokens", "8", "--device", "cpu", "--max-memory", "cpu=0"])
+        == 0
+    )
     out = capsys.readouterr().out
     assert out.startswith(prompt)
     assert out[len(prompt) :].strip() == _greedy_text(ckpt, prompt, 8).strip()
@@ -105,8 +108,24 @@ def test_verify_reports_corruption(split_dir, tmp_path, capsys):
 
 def test_demo_runs_and_agrees(tmp_path):
     """The main job on the built-in default, shrunk: streamed and in-memory runs must produce the same tokens."""
-    cmd = [sys.executable, "-m", "hf_layerstream", "demo", "--dir", str(tmp_path), "--layers", "2", "--hidden-size", "64",
-           "--intermediate-size", "128", "--vocab-size", "256", "--max-new-tokens", "4"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "hf_layerstream",
+        "demo",
+        "--dir",
+        str(tmp_path),
+        "--layers",
+        "2",
+        "--hidden-size",
+        "64",
+        "--intermediate-size",
+        "128",
+        "--vocab-size",
+        "256",
+        "--max-new-tokens",
+        "4",
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "streamed output equals the whole model's: yes" in out.stdout

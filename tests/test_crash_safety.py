@@ -37,8 +37,14 @@ logger = logging.getLogger(__name__)
 
 STREAM_ALL = {"max_memory": {"cpu": 0}, "prefetch": 1}  # every layer read from disk at every forward
 IDS = torch.tensor([[1, 20, 30, 40, 50, 60, 7]])
-LEDGER: dict[str, int] = {"kills_attempted": 0, "kills_landed": 0, "kills_survived": 0, "faults_injected": 0,
-                          "faults_survived": 0, "data_lost": 0}
+LEDGER: dict[str, int] = {
+    "kills_attempted": 0,
+    "kills_landed": 0,
+    "kills_survived": 0,
+    "faults_injected": 0,
+    "faults_survived": 0,
+    "data_lost": 0,
+}
 
 # --- helpers -------------------------------------------------------------------------------------------------------
 
@@ -119,8 +125,13 @@ def llama(server, tmp_path_factory):
     with torch.no_grad():
         logits = ref_model(IDS).logits
     server.warm(ckpt, root / "warm")
-    return {"ckpt": ckpt, "reference": reference, "keys_by_unit": counter.by_unit, "logits": logits,
-            "source_digest": tree_digest(ckpt)}
+    return {
+        "ckpt": ckpt,
+        "reference": reference,
+        "keys_by_unit": counter.by_unit,
+        "logits": logits,
+        "source_digest": tree_digest(ckpt),
+    }
 
 
 def check_exact(llama, shards: Path) -> None:
@@ -153,7 +164,9 @@ def resume_and_check(llama, shards: Path, monkeypatch, *, damaged: tuple[str, ..
     with monkeypatch.context() as m:
         counter = CountingLoads(m)
         split_checkpoint(llama["ckpt"], shards, progress=False)
-    expected = [] if finished else sorted(k for u, keys in llama["keys_by_unit"].items() if u not in present for k in keys)
+    expected = (
+        [] if finished else sorted(k for u, keys in llama["keys_by_unit"].items() if u not in present for k in keys)
+    )
     assert sorted(counter.keys) == expected, "the resumed split re-read tensors it had already written"
     check_exact(llama, shards)
     return counter.keys
@@ -209,7 +222,10 @@ class ForkServer:
     def __init__(self):
         paths = [str(Path(__file__).parent), str(Path(__file__).parent.parent)]
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", _SERVER, json.dumps(paths)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            [sys.executable, "-c", _SERVER, json.dumps(paths)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
             env={**os.environ, "HF_HUB_OFFLINE": "1"},
         )
         self.ready = False  # imports run in the background while the test prepares its checkpoints
@@ -328,7 +344,9 @@ def test_two_splits_into_one_directory(server, llama, split_duration, tmp_path):
     first = server.start(llama["ckpt"], shards, slow=SLOW * 3)
     deadline = time.monotonic() + 60
     # the first split holds the lock once it writes anything
-    while not any(st_mod.TMP_MARKER in p.name or p.name == ".progress.json" for p in shards.rglob("*") if shards.exists()):
+    while not any(
+        st_mod.TMP_MARKER in p.name or p.name == ".progress.json" for p in shards.rglob("*") if shards.exists()
+    ):
         assert time.monotonic() < deadline
         time.sleep(0.005)
     with pytest.raises(ShardDirError, match=r"Another process is splitting into .*wait=True"):
@@ -539,7 +557,9 @@ def test_summary():
     """Runs last in this module: the fault-injection numbers of this run (`pytest -s` shows them)."""
     print(
         "\ncrash-safety summary: kills landed {kills_landed} / attempted {kills_attempted}, survived {kills_survived} "
-        "scenarios; faults injected {faults_injected}, survived {faults_survived}; data lost {data_lost}".format(**LEDGER)
+        "scenarios; faults injected {faults_injected}, survived {faults_survived}; data lost {data_lost}".format(
+            **LEDGER
+        )
     )
     assert LEDGER["data_lost"] == 0
     assert LEDGER["faults_survived"] == LEDGER["faults_injected"]

@@ -96,9 +96,10 @@ def test_text_streamer(pair, arch):
             **inputs, max_new_tokens=8, do_sample=False, streamer=TextStreamer(tok), pad_token_id=tok.pad_token_id
         )
     printed = out.getvalue()
-    assert printed.strip() == tok.decode(tokens[0], skip_special_tokens=False).strip() or printed.strip() == tok.decode(
-        tokens[0]
-    ).strip()
+    assert (
+        printed.strip() == tok.decode(tokens[0], skip_special_tokens=False).strip()
+        or printed.strip() == tok.decode(tokens[0]).strip()
+    )
 
 
 @pytest.mark.parametrize("arch", ARCHS)

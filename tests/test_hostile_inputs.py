@@ -135,7 +135,11 @@ def offsets_outside_file(shards, tmp):
 def overlapping_tensors(shards, tmp):
     def edit(h):
         names = sorted((k for k in h if k != "__metadata__"), key=lambda k: h[k]["data_offsets"][0])
-        a, b = next((x, y) for x, y in zip(names, names[1:]) if h[x]["shape"] == h[y]["shape"] and h[x]["dtype"] == h[y]["dtype"])
+        a, b = next(
+            (x, y)
+            for x, y in zip(names, names[1:])
+            if h[x]["shape"] == h[y]["shape"] and h[x]["dtype"] == h[y]["dtype"]
+        )
         h[b]["data_offsets"] = list(h[a]["data_offsets"])  # two names, one set of bytes
 
     replace_file(shards, LAYER, rewrite_header((shards / LAYER).read_bytes(), edit))
@@ -153,8 +157,13 @@ def negative_dimension(shards, tmp):
 
 def wrong_shape(shards, tmp):
     name = "model.layers.1.self_attn.q_proj.weight"
-    replace_file(shards, LAYER, resave(shards / LAYER, lambda t: t.__setitem__(name, t[name].reshape(32, -1).contiguous())))
-    return LAYER, "stores 'model.layers.1.self_attn.q_proj.weight' as \\[32, 128\\] float32 but the manifest records \\[64, 64\\]"
+    replace_file(
+        shards, LAYER, resave(shards / LAYER, lambda t: t.__setitem__(name, t[name].reshape(32, -1).contiguous()))
+    )
+    return (
+        LAYER,
+        "stores 'model.layers.1.self_attn.q_proj.weight' as \\[32, 128\\] float32 but the manifest records \\[64, 64\\]",
+    )
 
 
 def wrong_dtype(shards, tmp):
@@ -171,7 +180,9 @@ def missing_tensor(shards, tmp):
 def consistent_but_wrong_shape_for_the_model(shards, tmp):
     """File and manifest agree, but not with the model: refused when streaming is enabled (stream.py's check)."""
     name = "model.layers.1.self_attn.q_proj.weight"
-    replace_file(shards, LAYER, resave(shards / LAYER, lambda t: t.__setitem__(name, t[name].reshape(32, -1).contiguous())))
+    replace_file(
+        shards, LAYER, resave(shards / LAYER, lambda t: t.__setitem__(name, t[name].reshape(32, -1).contiguous()))
+    )
     m = manifest(shards)
     unit_json(m, LAYER)["tensors"][name]["shape"] = [32, 128]
     write_manifest(shards, m)
@@ -267,12 +278,31 @@ def manifest_same_file_twice(shards, tmp):
 
 
 SHARD_CASES = [
-    truncated_file, truncated_header, too_short, garbage_header, header_not_json, offsets_outside_file,
-    overlapping_tensors, negative_dimension, wrong_shape, wrong_dtype, missing_tensor,
-    consistent_but_wrong_shape_for_the_model, consistent_but_integer_dtype, shard_from_another_model,
-    layer_swapped_within_the_model, missing_file, manifest_path_outside, manifest_absolute_path,
-    symlink_out_of_the_directory, symlink_loop, self_symlink, manifest_not_json, manifest_huge_layer_count,
-    manifest_bad_dtype_name, manifest_same_file_twice,
+    truncated_file,
+    truncated_header,
+    too_short,
+    garbage_header,
+    header_not_json,
+    offsets_outside_file,
+    overlapping_tensors,
+    negative_dimension,
+    wrong_shape,
+    wrong_dtype,
+    missing_tensor,
+    consistent_but_wrong_shape_for_the_model,
+    consistent_but_integer_dtype,
+    shard_from_another_model,
+    layer_swapped_within_the_model,
+    missing_file,
+    manifest_path_outside,
+    manifest_absolute_path,
+    symlink_out_of_the_directory,
+    symlink_loop,
+    self_symlink,
+    manifest_not_json,
+    manifest_huge_layer_count,
+    manifest_bad_dtype_name,
+    manifest_same_file_twice,
 ]
 
 
@@ -378,8 +408,13 @@ def source_without_config(ckpt: Path, tmp: Path):
     return None, "has no config.json", None
 
 
-SOURCE_CASES = [malicious_pickle_bin, truncated_source_shard, source_offsets_outside, source_index_escapes,
-                source_without_config]
+SOURCE_CASES = [
+    malicious_pickle_bin,
+    truncated_source_shard,
+    source_offsets_outside,
+    source_index_escapes,
+    source_without_config,
+]
 
 
 @pytest.mark.parametrize("case", SOURCE_CASES, ids=lambda f: f.__name__)

@@ -26,8 +26,10 @@ def bf16_checkpoint(tmp_path_factory):
     root = tmp_path_factory.mktemp("quant")
     config = _models.make_config("llama", **FIDELITY_CONFIG)
     ckpt = _models.save_tiny_checkpoint(config, root / "ckpt", dtype=torch.bfloat16, max_shard_size="1MB")
-    dirs = {c: split_checkpoint(ckpt, root / f"shards-{c}", compression=None if c == "none" else c, progress=False)
-            for c in ("none", "8bit", "4bit")}
+    dirs = {
+        c: split_checkpoint(ckpt, root / f"shards-{c}", compression=None if c == "none" else c, progress=False)
+        for c in ("none", "8bit", "4bit")
+    }
     return ckpt, dirs
 
 
@@ -107,8 +109,9 @@ def test_bad_compression_arguments(tmp_path, bf16_checkpoint):
 
 def test_moe_experts_are_quantized_and_run(tmp_path):
     """Fused 3-D expert tensors are quantized; the model still tracks full precision."""
-    config = _models.make_config("qwen3_moe", hidden_size=256, num_attention_heads=4, num_key_value_heads=2,
-                                 moe_intermediate_size=256)
+    config = _models.make_config(
+        "qwen3_moe", hidden_size=256, num_attention_heads=4, num_key_value_heads=2, moe_intermediate_size=256
+    )
     ckpt = _models.save_tiny_checkpoint(config, tmp_path / "ckpt", dtype=torch.bfloat16, max_shard_size="2MB")
     shards = split_checkpoint(ckpt, tmp_path / "shards", compression="8bit", progress=False)
     entry = ShardDirectory(shards).unit("layers.0").tensors["model.layers.0.mlp.experts.gate_up_proj"]
