@@ -152,6 +152,17 @@ def _baseline_rss(path: str) -> int:
     return vm_hwm()
 
 
+def _offload_budget(spec: dict) -> dict:
+    """accelerate's `max_memory` for its disk offload: a small budget on the CPU and, when the run is on a GPU
+    (`offload_device`), the same there, so that it computes on the GPU as ours does (a `max_memory` without the GPU
+    would keep accelerate's compute on the CPU)."""
+    budget = spec.get("offload_budget", "10MiB")
+    max_memory: dict = {"cpu": budget}
+    if spec.get("offload_device") is not None:
+        max_memory[int(spec["offload_device"])] = budget
+    return max_memory
+
+
 def _load(spec: dict):
     import torch
     from transformers import AutoModelForCausalLM
@@ -177,7 +188,7 @@ def _load(spec: dict):
             spec["path"],
             dtype=dtype or "auto",
             device_map="auto",
-            max_memory={"cpu": spec.get("offload_budget", "10MiB")},
+            max_memory=_offload_budget(spec),
             offload_folder=spec["offload_folder"],
         )
         # transformers 5 offloads safetensors weights by memory-mapping the checkpoint itself (offload_folder only

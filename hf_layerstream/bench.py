@@ -43,7 +43,7 @@ LABELS = {
     "accelerate_offload": "accelerate disk offload",
     "streamed": "hf_layerstream (budget)",
     "streamed_disk": "hf_layerstream (every layer from disk)",
-    "streamed_host": "hf_layerstream (every layer from pinned RAM)",
+    "streamed_host": "hf_layerstream (every layer in host RAM)",
     "physical_limit": "physical limit",
 }
 DEMO_SIZES = {"layers": 16, "hidden_size": 2048, "intermediate_size": 5632, "vocab_size": 32000}
@@ -476,10 +476,8 @@ def bench(args) -> dict:
         rows: list[dict] = []
 
         def spec_for(system: str) -> dict:
-            if system == "in_memory":
-                # on the device ours runs on (ours defaults to CUDA where there is one)
-                device = args.device or ("cuda" if torch.cuda.is_available() else None)
-                return {"system": "in_memory", "path": str(ckpt), "device": device}
+            if system == "in_memory":  # on the device ours runs on (ours defaults to CUDA where there is one)
+                return {"system": "in_memory", "path": str(ckpt), "device": str(device) if device else None}
             if system == "accelerate_offload":
                 # a CPU budget far below one layer: every decoder layer (and, as in BENCHMARKS.md, most of the
                 # rest) is offloaded to disk
@@ -489,6 +487,7 @@ def bench(args) -> dict:
                     "path": str(ckpt),
                     "offload_folder": str(work / "offload"),
                     "offload_budget": budget,
+                    "offload_device": device.index if on_cuda else None,
                 }
             path = compressed_dirs.get(system, shard_dir)
             spec = {"system": "streamed", "path": str(path), "prefetch": args.prefetch, "profile": True}

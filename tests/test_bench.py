@@ -298,7 +298,7 @@ def test_cuda_rows_are_held_to_the_host_to_device_limit_and_gpu_memory():
     text = format_report(report)
     assert "pinned host-to-device bandwidth:" in text
     notes = {line.split(":")[0]: line for line in text.splitlines() if "CUDA peak" in line and "allowed" in line}
-    assert notes["hf_layerstream (every layer from pinned RAM) warm"].endswith("(ok)")
+    assert notes["hf_layerstream (every layer in host RAM) warm"].endswith("(ok)")
     assert notes["hf_layerstream (every layer from disk) warm"].endswith("(over)")
     assert "<=1.20" not in text  # 1.25x the limit: short of the target, and the table says so
     assert ">1.20" in text
@@ -356,3 +356,35 @@ def test_baseline_of_quantized_shards_includes_their_codec(checkpoints):
         out = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True, check=True)
         seen[name] = out.stdout.strip().splitlines()[-1]
     assert seen == {"full": "False", "4bit": "True"}
+
+
+def test_bench_asks_every_system_for_the_gpu_on_cuda(tmp_path, monkeypatch, capsys):
+    """What each child is asked to do on a CUDA machine (none here: the children are not run): the reference and
+    accelerate's offload compute on the GPU, the every-layer-from-disk row keeps nothing on the device either, the
+    pinned-RAM row keeps nothing on the device and every layer in host RAM."""
+    import torch
+
+    from hf_layerstream import bench as bench_module
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    h2d = {"bandwidth": 1e10, "bytes": 2**20, "seconds": 1e-4, "samples": [1e10]}
+    monkeypatch.setattr(bench_module, "measure_h2d_bandwidth", lambda device: h2d)
+    specs = {}
+
+    def fake_run(spec, timeout):
+        specs[spec.get("offload_folder") and "accelerate" or spec["system"] + str(spec.get("max_memory"))] = spec
+        return {"system": spec["system"], "batch": 1, "error": "not run here", "s_per_token": None, "tokens": None}
+
+    monkeypatch.setattr(bench_module, "_run", fake_run)
+    argv = ["bench", "--demo", *TINY, "--work", str(tmp_path), "--modes", "warm", "--paired-calls", "0"]
+    argv += ["--systems", "in_memory,accelerate_offload,streamed_disk,streamed_host"]
+    assert main(argv) == 0
+    assert set(specs) == {"in_memory" + "None", "accelerate", "streamed{'cpu': 0, '0': 0}", "streamed{'0': 0}"}
+    assert specs["in_memoryNone"]["device"] == "cuda:0"
+    assert specs["accelerate"]["offload_device"] == 0
+    out = capsys.readouterr().out
+    assert (
+        "pinned host-to-device bandwidth: 10.00 GB/s" in out and "hf_layerstream (every layer in host RAM) warm " in out
+    )
+    assert out.count("failed: not run here") == 4
