@@ -315,6 +315,8 @@ def measure(spec: dict) -> dict:
         "disk_read_bytes": (read_after - read_before) if read_before is not None and read_after is not None else None,
         "total_sweeps": sum(r["sweeps"] for r in results),
         "cuda_peak": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+        # what the caching allocator held at most (blocks freed on one stream wait there until the other passes them)
+        "cuda_reserved_peak": torch.cuda.max_memory_reserved(device) if device.type == "cuda" else None,
         "prefill_s": last["prefill_s"],
         "threads": torch.get_num_threads(),
     }

@@ -237,7 +237,10 @@ def measure_h2d_bandwidth(device, *, nbytes: int = 256 * 2**20, repeats: int = 8
             end.synchronize()
             seconds.append(start.elapsed_time(end) / 1e3)
     del src, dst
-    torch.cuda.empty_cache()  # once, outside any timing: the children measure their own GPU memory
+    # once, outside any timing: the children measure their own GPU memory, and plan from what is free
+    torch.cuda.empty_cache()
+    if hasattr(torch._C, "_host_emptyCache"):  # the pinned buffer stays in torch's host cache otherwise
+        torch._C._host_emptyCache()
     best = min(seconds)
     return {"bytes": nbytes, "seconds": best, "bandwidth": nbytes / best, "samples": [nbytes / t for t in seconds]}
 
@@ -490,7 +493,9 @@ def bench(args) -> dict:
                     "offload_device": device.index if on_cuda else None,
                 }
             path = compressed_dirs.get(system, shard_dir)
-            spec = {"system": "streamed", "path": str(path), "prefetch": args.prefetch, "profile": True}
+            # profiling waits for the GPU after every copy and every layer (to time them): not on CUDA, where that
+            # would remove the very overlap being measured
+            spec = {"system": "streamed", "path": str(path), "prefetch": args.prefetch, "profile": not on_cuda}
             spec["device"] = args.device
             if system.startswith("streamed_disk"):  # nothing kept anywhere: on the device neither
                 spec["max_memory"] = {"cpu": 0, **({str(device.index): 0} if on_cuda else {})}
@@ -812,10 +817,12 @@ def format_report(report: dict) -> str:
             )
         if r.get("cuda_allowed") is not None and r.get("cuda_peak") is not None:
             verdict = "ok" if r["cuda_peak"] <= r["cuda_allowed"] else "over"
+            reserved = r.get("cuda_reserved_peak")
             notes.append(
                 f"{r['label']} {r['mode']}: CUDA peak {_gb(r['cuda_peak'])}, allowed resident + kept + (prefetch+1) "
                 f"layers + KV cache and activations ({_gb(r['cuda_kv_and_activations'])}, the whole model's peak "
                 f"beyond its weights) = {_gb(r['cuda_allowed'])} ({verdict})"
+                + (f"; reserved by torch's allocator at most {_gb(reserved)}" if reserved is not None else "")
             )
         if r.get("h2d_limit_s") is not None:
             notes.append(

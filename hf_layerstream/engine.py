@@ -22,6 +22,7 @@ gets there lives here:
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import mmap
 import os
@@ -29,7 +30,7 @@ import re
 import threading
 import time
 import weakref
-from collections import defaultdict
+from collections import defaultdict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -424,6 +425,8 @@ class _PinnedHost:
                     self._held[buf.data_ptr()] = mm
                 return buf
             logger.info("cudaHostRegister failed (%s); pinning with torch's caching host allocator instead", err)
+            if isinstance(err, int):
+                _clear_cuda_error()
             self._registering = False
             del buf  # the map goes with it
         buf = torch.empty(size + _ALIGN, dtype=torch.uint8, pin_memory=True)
@@ -440,6 +443,26 @@ class _PinnedHost:
                 logger.warning("cudaHostUnregister(%#x) failed with CUDA error %d", ptr, err)
 
 
+def _clear_cuda_error() -> None:
+    """Reset this thread's last CUDA runtime error after a failed call whose failure is handled (`cudaHostRegister`):
+    the runtime keeps it until `cudaGetLastError` reads it, and torch checks that after every kernel launch, so the
+    next cast or decode in this thread would raise it as its own. Best effort: through torch's binding where it has
+    one, else the runtime library torch loaded (found in `/proc/self/maps`)."""
+    try:
+        get = getattr(torch.cuda.cudart(), "cudaGetLastError", None)
+        if get is None:
+            with open("/proc/self/maps") as f:
+                path = next((line.split()[-1] for line in f if "libcudart" in line), None)
+            if path is not None:
+                get = ctypes.CDLL(path).cudaGetLastError  # the library already loaded: dlopen returns it
+        if get is not None:
+            get()
+        else:
+            logger.debug("no CUDA runtime found to clear the error of a failed cudaHostRegister")
+    except (OSError, AttributeError, RuntimeError) as e:
+        logger.debug("could not clear the error of a failed cudaHostRegister: %s", e)
+
+
 def _aligned_buffer(size: int, pinned: _PinnedHost | None = None) -> torch.Tensor:
     """A page-aligned uint8 CPU tensor of at least `size` bytes (from `pinned` for CUDA staging)."""
     size = _round_up(max(size, 1))
@@ -453,7 +476,9 @@ class _BufferPool:
     """Reusable page-aligned byte buffers (pinned on CUDA), allocated once and reused for every read.
 
     On CPU a buffer is reused only once no tensor viewing it is alive. On CUDA a buffer is reused once the
-    host-to-device copy reading it has completed (its event), without blocking anybody.
+    host-to-device copy reading it has completed (its event): an idle buffer first, else a new one while fewer than
+    `limit` exist (so the next read from the disk overlaps the copy out of the last one), else the oldest, waiting
+    for its copy.
     """
 
     def __init__(self, pinned: _PinnedHost | None):
@@ -462,14 +487,16 @@ class _BufferPool:
         self._lock = threading.Lock()
         self.allocated = 0
 
-    def take(self, size: int) -> torch.Tensor:
+    def take(self, size: int, limit: int | None = None) -> torch.Tensor:
         need = _round_up(size)
         found = None
         with self._lock:
-            for i, item in enumerate(self._free):
-                if item[0].numel() >= need:
-                    found = self._free.pop(i)
-                    break
+            fits = [i for i, (buf, _) in enumerate(self._free) if buf.numel() >= need]
+            idle = [i for i in fits if self._free[i][1] is None or self._free[i][1].query()]
+            if idle:
+                found = self._free.pop(idle[0])
+            elif fits and (limit is None or self.allocated >= limit):
+                found = self._free.pop(fits[0])
         if found is not None:
             buf, event = found
             if event is not None:
@@ -556,6 +583,9 @@ class LayerLoader:
         self._device_cache: dict[int, dict[str, torch.Tensor]] = {}
         self._host_cache: dict[int, dict[str, torch.Tensor]] = {}
         self._copy_stream = torch.cuda.Stream(device) if self.is_cuda else None
+        # CUDA: a compute-stream event per released streamed layer; its memory is free for the next layer only once
+        # the GPU has passed it (see `_wait_released`)
+        self._released: deque = deque()
         self.failures = 0
 
     # -- public API used by the hooks -----------------------------------------------------------------------------
@@ -624,6 +654,10 @@ class LayerLoader:
             if ready.evict is not None and not self._closed:
                 self._executor.submit(_evict, ready.evict, whole=ready.repair)
             return
+        if ready.event is not None:  # CUDA, streamed: see `_wait_released`
+            done = torch.cuda.Event()
+            done.record(torch.cuda.current_stream(self.device))
+            self._released.append(done)
         if ready.buffer is None:
             return
         pool, buf, views = ready.buffer
@@ -659,6 +693,7 @@ class LayerLoader:
         for ready in done + list(self._in_use.values()):
             ready.tensors = {}
         self._in_use.clear()
+        self._released.clear()
         for kept in self._maps.values():
             kept.release_pages()
         self._maps.clear()  # each map goes once no tensor views it
@@ -909,14 +944,23 @@ class LayerLoader:
             if mapped:
                 self._pool.discard_one()
             else:
-                buffer = self._pool.take(header.file_size)
-                raw, _ = self._read_file(header, buffer, index)
+                buffer = self._pool.take(header.file_size, self.prefetch + 1 if self.is_cuda else None)
+                try:
+                    raw, _ = self._read_file(header, buffer, index)
+                except BaseException:
+                    self._pool.give(buffer, [])  # nothing views it yet: a failed read must not leak a (pinned) buffer
+                    raise
             nread = header.data_size
         t_read = time.perf_counter() - t0
         if self.profile is not None:
             self.profile.add(index, read=t_read, bytes_read=nread)
         if not self.is_cuda:
-            tensors = self._relative(index, self._finish(unit, raw, index, mapped=mapped))
+            try:
+                tensors = self._relative(index, self._finish(unit, raw, index, mapped=mapped))
+            except BaseException:
+                if buffer is not None:
+                    self._pool.give(buffer, [])
+                raise
             views = [weakref.ref(t) for t in tensors.values()] if buffer is not None else []
             evict = header.path if mapped and not self._keep_cached(index, header) else None
             repair = evict is not None and self.plan.keeps_in_page_cache(index)
@@ -925,13 +969,31 @@ class LayerLoader:
             )
         # CUDA: copy (and dequantize/cast) on the side stream; the compute stream waits on the event, and the
         # staging buffer goes back to the pool tagged with the event, to be refilled once the copy has landed
+        self._wait_released()
         with torch.cuda.device(self.device), torch.cuda.stream(self._copy_stream):
-            tensors = self._relative(index, self._finish(unit, raw, index))
-            event = torch.cuda.Event()
-            event.record(self._copy_stream)
-        if buffer is not None:
-            self._pool.give(buffer, [], event)
+            try:
+                tensors = self._relative(index, self._finish(unit, raw, index))
+            finally:  # also when a copy or decode failed half way: the buffer returns once what was queued has run
+                event = torch.cuda.Event()
+                event.record(self._copy_stream)
+                if buffer is not None:
+                    self._pool.give(buffer, [], event)
         return _Ready(tensors, event, None)
+
+    def _wait_released(self) -> None:
+        """CUDA, in the loader thread: wait until the GPU has finished every streamed layer released so far.
+
+        The compute thread only queues kernels, so it can run many layers ahead of the GPU. A released layer's memory
+        (freed with `record_stream`) goes back to the caching allocator only once the compute stream has passed it;
+        copying the next layer before then would allocate anew, and device memory would grow towards every streamed
+        layer of a sweep. Waiting here keeps it at (prefetch + 1) layers, and costs no overlap: the read from the disk
+        is done by now, and the copy still has the compute of the `prefetch` layers before it to hide behind."""
+        while True:
+            try:
+                done = self._released.popleft()
+            except IndexError:
+                return
+            done.synchronize()
 
 
 def check_device(device) -> torch.device:

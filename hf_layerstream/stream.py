@@ -283,6 +283,8 @@ def enable_layer_streaming(
     # pipeline() reads the first value as the device (and then does not call model.to); generate() sees the
     # streamed layers as "disk" offload, which keeps it from auto-compiling a graph around our hooks
     device_map: dict[str, object] = {"": dev}
+    # (layers kept in host RAM for a GPU are "cpu", as accelerate names CPU offload: that vetoes compiling too)
+    device_map.update({f"{stack.prefix}.{i}": "cpu" for i in plan.host_layers})
     device_map.update({f"{stack.prefix}.{i}": "disk" for i in plan.streamed})
     model.hf_device_map = device_map
     setattr(model, _STATE_ATTR, state)
