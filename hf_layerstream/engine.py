@@ -433,6 +433,16 @@ class _PinnedHost:
         skip = (-buf.data_ptr()) % _ALIGN
         return buf[skip : skip + size]
 
+    def free(self, buf: torch.Tensor) -> None:
+        """Unregister one buffer of ours now (nothing has been queued to copy from it): a host-tier layer whose read
+        failed, which is read again into a new buffer. Buffers from the fallback allocator are left to torch."""
+        with self._lock:
+            held = self._held.pop(buf.data_ptr(), None)
+        if held is not None:
+            err = int(torch.cuda.cudart().cudaHostUnregister(buf.data_ptr()))
+            if err != 0:
+                logger.warning("cudaHostUnregister(%#x) failed with CUDA error %d", buf.data_ptr(), err)
+
     def release(self) -> None:
         """Unregister every buffer (no copy may still be reading one); their maps go once no tensor views them."""
         with self._lock:
@@ -935,7 +945,13 @@ class LayerLoader:
         if tier == "host":
             raw = self._host_cache.get(index)
             if raw is None:
-                raw, _ = self._read_file(header, _aligned_buffer(header.file_size, self._pinned), index)
+                buf = _aligned_buffer(header.file_size, self._pinned)
+                try:
+                    raw, _ = self._read_file(header, buf, index)
+                except BaseException:
+                    if self._pinned is not None:  # a retry reads into a new buffer: do not keep this one pinned
+                        self._pinned.free(buf)
+                    raise
                 self._host_cache[index] = raw
                 nread = header.data_size
         else:

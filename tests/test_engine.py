@@ -811,6 +811,15 @@ def test_pinned_host_buffers_are_exact_size_and_unregistered_before_unmapped(mon
     assert sum(m() is not None for m in maps) == 1  # the view's map stays; the others went with the registry
     pinned.release()  # twice: nothing left to unregister
     assert len(fake.unregistered) == len(sizes)
+    # one buffer given up early (a host-tier layer whose read failed): unregistered now, the others stay pinned
+    # (a fresh registry: the addresses of the maps unmapped above may be handed out again)
+    pinned, fake = _PinnedHost(), _FakeCudart()
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: fake)
+    keep, drop = pinned.empty(4096), pinned.empty(8192)
+    pinned.free(drop)
+    assert fake.unregistered == [drop.data_ptr()] and set(pinned._held) == {keep.data_ptr()}
+    pinned.free(drop)  # twice: nothing more to unregister
+    assert fake.unregistered == [drop.data_ptr()]
 
 
 def test_pinned_host_falls_back_to_torch_when_registering_fails(monkeypatch):
