@@ -6,7 +6,9 @@
 
 `SHARD_DIR` is a shard directory made by `split_checkpoint` or `hf-layerstream split` (see quickstart.py). The profile
 separates what the compute waited for the loader from what the loader did in the background (read, dequantize,
-host-to-device copy): a large `wait` means the disk (or the decoding of compressed shards) is the limit.
+host-to-device copy): a large `wait` means the disk (or the decoding of compressed shards) is the limit. On CUDA,
+profiling waits for the GPU after every copy and every layer so that the times are real: it removes the overlap of
+copies and compute, so time the speed itself without it.
 """
 
 from __future__ import annotations
