@@ -370,19 +370,24 @@ def test_bench_asks_every_system_for_the_gpu_on_cuda(tmp_path, monkeypatch, caps
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     h2d = {"bandwidth": 1e10, "bytes": 2**20, "seconds": 1e-4, "samples": [1e10]}
     monkeypatch.setattr(bench_module, "measure_h2d_bandwidth", lambda device: h2d)
-    specs = {}
+    specs = []
 
     def fake_run(spec, timeout):
-        specs[spec.get("offload_folder") and "accelerate" or spec["system"] + str(spec.get("max_memory"))] = spec
+        specs.append(spec)
         return {"system": spec["system"], "batch": 1, "error": "not run here", "s_per_token": None, "tokens": None}
 
     monkeypatch.setattr(bench_module, "_run", fake_run)
     argv = ["bench", "--demo", *TINY, "--work", str(tmp_path), "--modes", "warm", "--paired-calls", "0"]
     argv += ["--systems", "in_memory,accelerate_offload,streamed_disk,streamed_host"]
     assert main(argv) == 0
-    assert set(specs) == {"in_memory" + "None", "accelerate", "streamed{'cpu': 0, '0': 0}", "streamed{'0': 0}"}
-    assert specs["in_memoryNone"]["device"] == "cuda:0"
-    assert specs["accelerate"]["offload_device"] == 0
+    by_system = {}
+    for spec in specs:
+        by_system.setdefault(spec["system"], []).append(spec)
+    assert sorted(by_system) == ["accelerate_offload", "in_memory", "streamed"]
+    assert [s["device"] for s in by_system["in_memory"]] == ["cuda:0"]
+    assert [s["offload_device"] for s in by_system["accelerate_offload"]] == [0]
+    # every layer from disk: nothing kept on the host or the GPU; every layer in host RAM: nothing on the GPU
+    assert [s["max_memory"] for s in by_system["streamed"]] == [{"cpu": 0, "0": 0}, {"0": 0}]
     out = capsys.readouterr().out
     assert (
         "pinned host-to-device bandwidth: 10.00 GB/s" in out and "hf_layerstream (every layer in host RAM) warm " in out
