@@ -51,7 +51,7 @@ from torch import nn
 
 from ._safetensors import atomic_write_bytes, fsync_dir
 from .speculative import count_new_tokens, count_sweeps, eos_token_ids
-from .split import _bars_disabled
+from .split import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -193,11 +193,7 @@ class _TokenMeter:
 
 class _Progress:
     def __init__(self, total: int, enabled: bool, desc: str):
-        from tqdm.auto import tqdm
-
-        self.bar = tqdm(
-            total=total, desc=desc, unit="prompt", disable=not enabled or _bars_disabled(), dynamic_ncols=True
-        )
+        self.bar = progress_bar(enabled, total=total, desc=desc, unit="prompt", dynamic_ncols=True)
         self.tokens = 0
         self.t0 = time.perf_counter()
         self._shown = 0.0

@@ -569,9 +569,7 @@ def split_checkpoint(
         # recorded before the first unit, so an interrupted directory always says what it is and how to finish it
         _save_progress(shard_dir, options, {u: done[u] for u in units if u in done})
 
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(units), desc="Splitting", unit="layer", disable=not progress or _bars_disabled())
+        bar = progress_bar(progress, total=len(units), desc="Splitting", unit="layer")
         bar.update(len([u for u in units if u in done]))
         try:
             for unit in units:
@@ -644,6 +642,34 @@ def _bars_disabled() -> bool:
         return are_progress_bars_disabled()
     except Exception:  # noqa: BLE001
         return False
+
+
+class _NoBar:
+    """A progress bar that shows nothing and takes no lock."""
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix_str(self, s: str = "", refresh: bool = True) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def progress_bar(enabled: bool, **kwargs):
+    """A `tqdm.auto` bar, or `_NoBar` when `enabled` is false or the hub's progress bars are disabled.
+
+    Not `tqdm(disable=True)`: constructing even a disabled bar takes tqdm's global write lock and starts its monitor
+    thread. Half of that lock is a multiprocessing semaphore shared by every process forked from the one that created
+    it, so a relative SIGKILLed while holding it (or a fork taken while the monitor thread held it) leaves any later
+    `tqdm()` there blocked forever; a split blocked there also keeps its directory locked.
+    """
+    if not enabled or _bars_disabled():
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(**kwargs)
 
 
 def _read_json(path: Path) -> Any:

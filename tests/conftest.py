@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -72,3 +74,50 @@ def streamed_model(checkpoint: Path, shards: Path, *, meta_device: bool = False,
     config = AutoConfig.from_pretrained(checkpoint)
     model = build_meta_model(config, meta_device=meta_device, dtype=dtype)
     return enable_layer_streaming(model, shards, device="cpu", dtype=dtype, **kwargs)
+
+
+@contextmanager
+def tqdm_lock_held_elsewhere():
+    """tqdm's global write lock, held by another thread for as long as the block runs.
+
+    This is how a process finds the lock when a relative was SIGKILLed holding it (its multiprocessing half is a
+    semaphore shared with every process forked from the one that created it), or when it was forked while tqdm's
+    monitor thread held it: anything that takes the lock then blocks forever.
+    """
+    from tqdm.std import tqdm
+
+    lock = tqdm.get_lock()
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with lock:
+            held.set()
+            release.wait()
+
+    holder = threading.Thread(target=hold, daemon=True)
+    holder.start()
+    assert held.wait(10)
+    try:
+        yield
+    finally:
+        release.set()
+        holder.join()
+
+
+def returns_within(seconds: float, fn, *args, **kwargs):
+    """`fn(*args, **kwargs)` run in a thread; fails if it has not returned after `seconds` (it is left to finish)."""
+    out: dict = {}
+
+    def run():
+        try:
+            out["value"] = fn(*args, **kwargs)
+        except BaseException as e:  # noqa: BLE001
+            out["error"] = e
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert not worker.is_alive(), f"{getattr(fn, '__name__', fn)} still blocked after {seconds} s"
+    if "error" in out:
+        raise out["error"]
+    return out.get("value")

@@ -16,7 +16,7 @@ from pathlib import Path
 import _models
 import pytest
 import torch
-from conftest import streamed_model
+from conftest import returns_within, streamed_model, tqdm_lock_held_elsewhere
 from transformers import AutoTokenizer
 
 from hf_layerstream.batch import generate_batch, generate_jsonl
@@ -63,6 +63,16 @@ def test_batch_equals_each_prompt_alone(checkpoints, arch):
     prompts = PROMPTS if arch == "llama" else PROMPTS[:5]
     expected = [_text(tok, _alone(model, tok, tok(p)["input_ids"])) for p in prompts]
     got = generate_batch(model, tok, prompts, batch_size=3, progress=False, **GREEDY)
+    assert got == expected
+
+
+def test_batch_without_a_bar_never_takes_tqdm_lock(llama):
+    """`progress=False` builds no tqdm bar: a disabled one still takes tqdm's global lock, which a process may find
+    held forever (a forked relative killed while holding it; see tests/test_crash_safety.py)."""
+    model, tok, _ = llama
+    expected = [_text(tok, _alone(model, tok, tok(p)["input_ids"])) for p in PROMPTS[:2]]
+    with tqdm_lock_held_elsewhere():
+        got = returns_within(60, generate_batch, model, tok, PROMPTS[:2], progress=False, **GREEDY)
     assert got == expected
 
 

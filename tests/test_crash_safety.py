@@ -27,7 +27,7 @@ from pathlib import Path
 import _models
 import pytest
 import torch
-from conftest import streamed_model
+from conftest import returns_within, streamed_model, tqdm_lock_held_elsewhere
 
 from hf_layerstream import LayerLoadError, ShardDirectory, ShardDirError, disable_layer_streaming, split_checkpoint
 from hf_layerstream import _safetensors as st_mod
@@ -334,6 +334,7 @@ def test_sigkill_at_random_moments_then_resume(server, llama, split_duration, tm
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 def test_sigkill_campaign(server, llama, split_duration, tmp_path, monkeypatch):
     seed = int(os.environ.get("HF_LAYERSTREAM_KILL_SEED", "20240611"))
     kill_campaign(server, llama, tmp_path, monkeypatch, kills=24, seed=seed, duration=split_duration)
@@ -353,10 +354,27 @@ def test_two_splits_into_one_directory(server, llama, split_duration, tmp_path):
         split_checkpoint(llama["ckpt"], shards, progress=False)
     second = server.start(llama["ckpt"], shards, slow=SLOW, wait=True)  # another process, waiting its turn
     t0 = time.monotonic()
-    split_checkpoint(llama["ckpt"], shards, progress=False, wait=True)  # blocks until the first is done
+    try:  # blocks until the first is done; bounded, so a child that hangs holding the lock fails the test
+        returns_within(120, split_checkpoint, llama["ckpt"], shards, progress=False, wait=True)
+    except AssertionError:
+        for pid in (first, second):
+            os.kill(pid, signal.SIGKILL)
+        raise
     assert (shards / "manifest.json").exists() and time.monotonic() - t0 > 0.05
     assert server.finish(first) == 0 and server.finish(second) == 0
     check_exact(llama, shards)
+
+
+def test_split_without_a_bar_never_takes_tqdm_lock(llama, tmp_path):
+    """A split with `progress=False` must not touch tqdm's global lock (even a disabled bar takes it).
+
+    Its multiprocessing half is shared by every process forked from the one that created it: CI once hung for 90
+    minutes in `test_two_splits_into_one_directory` after the kill campaign had SIGKILLed a split child holding it,
+    so every later child blocked in `tqdm()` while holding the split's directory lock.
+    """
+    with tqdm_lock_held_elsewhere():
+        shards = returns_within(60, split_checkpoint, llama["ckpt"], tmp_path / "shards", progress=False)
+    assert_same_tree(shards, llama["reference"])
 
 
 # --- full disk, I/O errors ----------------------------------------------------------------------------------------
