@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ._safetensors import (
+    DATA_ALIGN,
     Header,
     _advise,
     _views,
@@ -795,7 +796,16 @@ class LayerLoader:
 
     def load_resident(self) -> dict[str, torch.Tensor]:
         """The resident parts (embeddings, final norm, head), at the model's dtypes, on the device."""
-        raw = mmap_tensors(self.shards.header(RESIDENT))
+        header = self.shards.header(RESIDENT)
+        if not self.is_cuda and header.data_offset % DATA_ALIGN:
+            logger.warning(
+                "%s was split by an older hf_layerstream: the tensors in its files do not start on %d-byte cache "
+                "lines, and the CPU computes with them in place (memory maps), about 10%% slower than it could. "
+                "Split the checkpoint again into a new directory to fix it.",
+                self.shards.path,
+                DATA_ALIGN,
+            )
+        raw = mmap_tensors(header)
         return self._finish(RESIDENT, raw, -1)
 
     def _read_file(self, header: Header, buf: torch.Tensor, index: int) -> tuple[dict[str, torch.Tensor], str]:

@@ -15,7 +15,7 @@ import torch
 from conftest import streamed_model
 
 from hf_layerstream import ShardDirectory, ShardDirError, disable_layer_streaming
-from hf_layerstream._safetensors import SAMPLE_BYTES, serialize
+from hf_layerstream._safetensors import DATA_ALIGN, SAMPLE_BYTES, read_header, serialize
 from hf_layerstream.cli import main
 
 STREAM_ALL = {"max_memory": {"cpu": 0}, "prefetch": 1}
@@ -34,6 +34,38 @@ def _flip_middle_byte(path):
     assert len(data) > 2 * SAMPLE_BYTES + 16, "the file must be larger than the sampled head and tail"
     data[len(data) // 2] ^= 0x40
     path.write_bytes(bytes(data))
+
+
+def test_written_tensors_start_on_cache_lines(tmp_path):
+    """The data region starts at a multiple of DATA_ALIGN bytes, and so does every tensor whose size is a multiple
+    of it, whatever sizes and dtypes come mixed (the odd-sized ones are written after them); each tensor stays
+    aligned to its element size; the official reader gives back every value."""
+    from safetensors.torch import load
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "a.odd32": torch.randn(3, generator=g),  # 12 bytes
+        "b.matrix32": torch.randn(16, 16, generator=g),
+        "c.odd16": torch.randn(5, generator=g).bfloat16(),  # 10 bytes
+        "d.matrix16": torch.randn(8, 64, generator=g).bfloat16(),
+        "e.bytes": torch.arange(100, dtype=torch.uint8),
+        "f.odd64": torch.arange(3, dtype=torch.int64),  # 24 bytes
+        "g.vector64": torch.arange(8, dtype=torch.int64),
+    }
+    for metadata in (None, {"unit": "layers.0"}, {"unit": "x" * 37}):
+        data = bytes(serialize(tensors, metadata))
+        path = tmp_path / "t.safetensors"
+        path.write_bytes(data)
+        header = read_header(path)
+        assert header.data_offset % DATA_ALIGN == 0
+        for name, info in header.tensors.items():
+            start = header.data_offset + info.begin
+            assert start % tensors[name].element_size() == 0, name
+            if tensors[name].nbytes % DATA_ALIGN == 0:
+                assert start % DATA_ALIGN == 0, name
+        back = load(data)
+        assert sorted(back) == sorted(tensors)
+        assert all(back[k].dtype == v.dtype and torch.equal(back[k], v) for k, v in tensors.items())
 
 
 def test_sound_directory_passes_every_check(shard_copy, capsys):
