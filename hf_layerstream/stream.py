@@ -49,6 +49,7 @@ class StreamingState:
     last_profile: dict | None = None
     compute_dtypes: frozenset = frozenset()  # the floating-point dtypes the streamed weights arrive in
     shadowed: dict = field(default_factory=dict)  # instance attributes our wrappers replaced (restored on disable)
+    handles: list = field(default_factory=list)  # torch hook handles (removed on disable)
 
 
 def get_streaming_state(model: nn.Module) -> StreamingState | None:
@@ -95,6 +96,35 @@ def _set_tensor(module: nn.Module, attr: str, value: torch.Tensor, is_param: boo
         module._parameters[attr] = nn.Parameter(value, requires_grad=False)
     else:
         module._buffers[attr] = value
+
+
+def _foldable(x: torch.Tensor) -> bool:
+    """Whether `torch.matmul` folds `x` (3-D or more) into a matrix by a view, as torch's `should_fold` checks."""
+    return all(x.stride(i) == x.stride(i + 1) * x.size(i + 1) for i in range(x.dim() - 2))
+
+
+def _fold_head_input(module: nn.Module, args: tuple):
+    """Forward pre-hook of the output head: give it its input in strides `matmul` folds into a matrix.
+
+    `generate` feeds the head `hidden_states[:, -1:, :]` in the prompt pass. For a weight that requires grad (every
+    weight `from_pretrained` loads), `matmul` folds that into a matrix (`reshape(-1, hidden)`, a view) and calls
+    `mm`; for one that does not (ours), it folds only inputs whose strides say so, and calls `bmm` on the weight
+    expanded to the batch and copied otherwise: 0.3-0.4 s per prompt pass for a 131 MB head on this machine instead
+    of 6 ms, batch times the head's memory, and other bits in bf16 logits from batch 2 on. The strides of size-1
+    dimensions address nothing: set so that the fold check passes, the head takes the fully loaded model's path,
+    `mm` on the same view. Inputs that cannot be folded by a view are copied, as `reshape` copies them there.
+    """
+    x = args[0] if args else None
+    if not isinstance(x, torch.Tensor) or x.dim() < 3 or _foldable(x):
+        return None
+    strides = list(x.stride())
+    for i in range(x.dim() - 2):
+        if x.size(i + 1) == 1:
+            strides[i + 1] = strides[i]
+    folded = x.as_strided(x.shape, strides, x.storage_offset())
+    if not _foldable(folded):
+        folded = x.clone(memory_format=torch.contiguous_format)
+    return (folded, *args[1:])
 
 
 def enable_layer_streaming(
@@ -276,6 +306,9 @@ def enable_layer_streaming(
         raise
 
     state = StreamingState(shards, device, stack, plan, loader, prof, hooks, originals)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(head, nn.Module):
+        state.handles.append(head.register_forward_pre_hook(_fold_head_input))
     state.compute_dtypes = frozenset(d for d in target_dtypes.values() if d.is_floating_point)
     state.had_device_map = hasattr(model, "hf_device_map")
     state.old_device_map = getattr(model, "hf_device_map", None)
@@ -386,6 +419,8 @@ def disable_layer_streaming(model: nn.Module) -> nn.Module:
     for layer in state.stack.layers:
         if isinstance(getattr(layer, "_hf_hook", None), LayerStreamingHook):
             remove_hook_from_module(layer)
+    for handle in state.handles:
+        handle.remove()
     state.loader.close()
     _restore(model, state.originals)
     for name in ("generate", *_MOVES):

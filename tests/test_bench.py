@@ -55,6 +55,12 @@ def test_bench_demo_json_and_table(tmp_path, capsys):
     assert "hf_layerstream (every layer from disk): " in table and "median of per-call ratios" in table
     assert "whole model in RAM" in table and "every layer from disk" in table
     assert "disk read bandwidth" in table and "s/token" in table and "x limit" in table
+    # each row shows its prompt pass (time to the first token), which s/token leaves out
+    assert "prompt s" in table
+    for r in rows.values():
+        assert 0 < r["prefill_s"]
+        line = next(li for li in table.splitlines() if li.startswith(r["label"][:40]) and f" {r['mode']} " in li)
+        assert f" {r['prefill_s']:.3f} " in line, line
     # the work folder was kept (--work): a second run reuses the checkpoint and the split
     assert (tmp_path / "checkpoint" / "config.json").exists() and (tmp_path / "shards" / "manifest.json").exists()
 

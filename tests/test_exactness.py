@@ -175,6 +175,35 @@ def test_bf16_checkpoint_exact(checkpoints):
         assert torch.equal(model(**inputs).logits, ref(**inputs).logits)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # gpt2: the head is tied to the embeddings
+def test_prompt_pass_head_takes_the_path_of_the_loaded_model(checkpoints, arch):
+    """The prompt pass feeds the head the last position of each prompt, a slice `matmul` does not fold into a matrix
+    for a weight that does not require grad (ours): it would `bmm` a batch-sized copy of the head's weight (0.3-0.4 s
+    per prompt pass for a 131 MB head here) and give other bf16 bits than `from_pretrained`'s model, which folds it.
+    The streamed head must take the loaded model's path: no `bmm`, the same bits, and the hook gone on disable."""
+    from torch.profiler import profile
+
+    ckpt, shards = checkpoints(arch, dtype=torch.bfloat16)
+    ref = _models.load_reference(ckpt, dtype=torch.bfloat16)
+    model = streamed_model(ckpt, shards, **STREAM_ALL)
+    head, ref_head = model.get_output_embeddings(), ref.get_output_embeddings()
+    assert not head.weight.requires_grad and ref_head.weight.requires_grad
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 9, model.config.hidden_size, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for x in (hidden[:, -1:, :], hidden[:, 2:5, :], hidden[:1, -1:, :], hidden[:, :, :]):
+            with profile() as prof:
+                got = head(x)
+            ops = {e.name for e in prof.events()}
+            assert "aten::bmm" not in ops and "aten::mm" in ops, (tuple(x.shape), x.stride(), sorted(ops))
+            assert torch.equal(got, ref_head(x))
+        tok = AutoTokenizer.from_pretrained(ckpt)
+        batch = tok(list(_models.SAMPLE_PROMPTS), return_tensors="pt", padding=True)
+        assert torch.equal(model(**batch, logits_to_keep=1).logits, ref(**batch, logits_to_keep=1).logits)
+    disable_layer_streaming(model)
+    assert not head._forward_pre_hooks
+
+
 def test_dtype_override_casts_like_from_pretrained(checkpoints):
     ckpt, shards = checkpoints("llama", dtype=torch.bfloat16)
     ref = _models.load_reference(ckpt, dtype=torch.float32)
