@@ -204,6 +204,21 @@ def test_prompt_pass_head_takes_the_path_of_the_loaded_model(checkpoints, arch):
     assert not head._forward_pre_hooks
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_bf16_batch_exact(checkpoints, arch):
+    """bf16 shards, a left-padded batch: logits at every position and greedy tokens equal `from_pretrained`'s."""
+    ckpt, shards = checkpoints(arch, dtype=torch.bfloat16)
+    ref = _models.load_reference(ckpt, dtype=torch.bfloat16)
+    model = streamed_model(ckpt, shards, **STREAM_ALL)
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    batch = tok(list(_models.SAMPLE_PROMPTS), return_tensors="pt", padding=True)
+    kw = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": tok.pad_token_id}
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, ref(**batch).logits)
+        assert torch.equal(model.generate(**batch, **kw), ref.generate(**batch, **kw))
+    disable_layer_streaming(model)
+
+
 def test_dtype_override_casts_like_from_pretrained(checkpoints):
     ckpt, shards = checkpoints("llama", dtype=torch.bfloat16)
     ref = _models.load_reference(ckpt, dtype=torch.float32)
