@@ -776,8 +776,7 @@ def format_report(report: dict) -> str:
     )
     header = (
         f"{'system':40} {'mode':14} {'batch':>5} {'s/token':>8} {'tok/s':>7} {'prompt s':>8} {'peak RSS':>9} "
-        f"{'CUDA peak':>9} "
-        f"{'limit s':>8} {'x limit':>7} {'x bound':>7} {'target':>7} {'same':>5}"
+        f"{'CUDA peak':>9} {'limit s':>8} {'x limit':>7} {'x bound':>7} {'target':>7} {'same':>5}"
     )
     lines += ["", header, "-" * len(header)]
     for r in report["rows"]:
@@ -791,8 +790,7 @@ def format_report(report: dict) -> str:
         lines.append(
             f"{r['label'][:40]:40} {r['mode']:14} {r['batch']:>5} {_fmt(r['s_per_token'], '8.3f'):>8} "
             f"{_fmt(r['tokens_per_s'], '7.2f'):>7} {_fmt(r.get('prefill_s'), '8.3f'):>8} {_gb(r['peak_rss']):>9} "
-            f"{_gb(r.get('cuda_peak')):>9} "
-            f"{_fmt(r.get('limit_s'), '8.3f'):>8} {_fmt(r.get('ratio_to_limit'), '7.2f'):>7} "
+            f"{_gb(r.get('cuda_peak')):>9} {_fmt(r.get('limit_s'), '8.3f'):>8} {_fmt(r.get('ratio_to_limit'), '7.2f'):>7} "
             f"{_fmt(r.get('ratio_to_bound'), '7.2f'):>7} {ok:>7} {same:>5}"
         )
     notes = []

@@ -440,18 +440,21 @@ class _PinnedHost:
         with self._lock:
             held = self._held.pop(buf.data_ptr(), None)
         if held is not None:
-            err = int(torch.cuda.cudart().cudaHostUnregister(buf.data_ptr()))
-            if err != 0:
-                logger.warning("cudaHostUnregister(%#x) failed with CUDA error %d", buf.data_ptr(), err)
+            _unregister(buf.data_ptr())
 
     def release(self) -> None:
         """Unregister every buffer (no copy may still be reading one); their maps go once no tensor views them."""
         with self._lock:
             held, self._held = self._held, {}
         for ptr in held:
-            err = int(torch.cuda.cudart().cudaHostUnregister(ptr))
-            if err != 0:
-                logger.warning("cudaHostUnregister(%#x) failed with CUDA error %d", ptr, err)
+            _unregister(ptr)
+
+
+def _unregister(ptr: int) -> None:
+    """`cudaHostUnregister(ptr)`; a failure is logged (the memory stays pinned until its map goes)."""
+    err = int(torch.cuda.cudart().cudaHostUnregister(ptr))
+    if err != 0:
+        logger.warning("cudaHostUnregister(%#x) failed with CUDA error %d", ptr, err)
 
 
 def _clear_cuda_error() -> None:
