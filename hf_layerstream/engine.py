@@ -23,6 +23,7 @@ gets there lives here:
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import mmap
 import os
@@ -389,10 +390,42 @@ _REPAIR_MIN_BYTES = 8 * 2**20
 
 _ALIGN = 4096  # O_DIRECT wants the buffer, the file offset and the length aligned to the logical block size
 _READ_CHUNK = 64 * 2**20
+# a layer file read (`_read_file`: CUDA, and host-tier layers) from the disk is read as this many parts at once, one
+# in the loader thread and the others in helper threads: one sequential reader keeps too few requests in flight.
+# Measured here, 4 alternating rounds of reading the bench model's 16 layer files, dropped from the page cache before
+# each: O_DIRECT 1.36 GB/s (median) in one part, 1.46 in 4; buffered 1.07 and 1.79. Files in the page cache are read
+# in parts on CUDA only (on the CPU the cores are computing). CPU maps are populated in one part: in parts, a cold
+# `generate` of the bench model took 0.64 and 0.72 s/token against 0.59 and 0.65 (two runs, 21 and 28 steps each,
+# alternating): the helpers competed with the compute for the 2 cores, although the same reads alone ran faster.
+READ_STREAMS = 4
+_PART_ALIGN = 2 * 2**20  # parts start on huge-page boundaries (and so on O_DIRECT's alignment)
+_PARALLEL_MIN_BYTES = 8 * 2**20  # smaller files are read in one part
 
 
 def _round_up(n: int, align: int = _ALIGN) -> int:
     return (n + align - 1) // align * align
+
+
+def _parts(start: int, end: int, count: int) -> list[tuple[int, int]]:
+    """`[start, end)` cut into at most `count` contiguous parts of about equal size, inner bounds on `_PART_ALIGN`."""
+    if count <= 1 or end - start < _PARALLEL_MIN_BYTES:
+        return [(start, end)]
+    step = _round_up(-(-(end - start) // count), _PART_ALIGN)
+    bounds = [start] + [b for b in range(_round_up(start, _PART_ALIGN) + step, end, step)] + [end]
+    if len(bounds) > 2 and bounds[1] - start < _PART_ALIGN:  # a sliver before the first aligned bound: merge it
+        del bounds[1]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _read_part(fd: int, view: memoryview, lo: int, hi: int, limit: int, path, size: int) -> None:
+    """`pread` bytes `[lo, hi)` of the file into `view[lo:hi]`, in chunks; the last chunk may ask up to `limit`
+    (`O_DIRECT` reads whole blocks past the end of the file)."""
+    done = lo
+    while done < hi:
+        n = os.preadv(fd, [view[done : min(done + _READ_CHUNK, limit)]], done)
+        if n <= 0:
+            raise ShardFileError(path, f"ended at byte {done} of {size} (truncated while reading)")
+        done += n
 
 
 class _PinnedHost:
@@ -585,6 +618,10 @@ class LayerLoader:
         self._maps: dict[int, _LayerMap] = {}
         self._keep_maps = can_release_mapped_pages()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf_layerstream-loader")
+        # a file read from the disk is read in `read_streams` parts at once (see `READ_STREAMS`), the loader thread
+        # reading one and helper threads, started at the first such read, the others
+        self.read_streams = READ_STREAMS
+        self._helpers: ThreadPoolExecutor | None = None
         self._pending: dict[int, Future] = {}
         self._in_use: dict[int, _Ready] = {}
         self._lock = threading.Lock()
@@ -699,6 +736,8 @@ class LayerLoader:
         for f in pending:
             f.cancel()
         self._executor.shutdown(wait=True, cancel_futures=True)
+        if self._helpers is not None:  # idle now: only the loader thread, stopped above, gives them work
+            self._helpers.shutdown(wait=True)
         if self._copy_stream is not None:
             self._copy_stream.synchronize()  # no copy may still read a staging buffer we are about to free
         # layers read ahead for a sweep that will not come: unmap them; then the evictions the shutdown cancelled
@@ -746,6 +785,32 @@ class LayerLoader:
                 self._pending[nxt] = self._executor.submit(self._load_streamed, nxt)
 
     # -- loading --------------------------------------------------------------------------------------------------
+
+    def _in_parts(self, work, start: int, end: int) -> None:
+        """`work(lo, hi)` over `[start, end)` cut into up to `read_streams` parts (`_parts`), all at once: the first
+        in this thread, the others in helper threads. Returns when every part has finished (no helper still writes
+        into a buffer the caller may free), raising the first failure."""
+        parts = _parts(start, end, self.read_streams)
+        if len(parts) == 1:
+            work(start, end)
+            return
+        if self._helpers is None:
+            self._helpers = ThreadPoolExecutor(
+                max_workers=self.read_streams - 1, thread_name_prefix="hf_layerstream-loader-read"
+            )
+        futures = [self._helpers.submit(work, lo, hi) for lo, hi in parts[1:]]
+        error = None
+        try:
+            work(*parts[0])
+        except BaseException as e:  # noqa: BLE001 - raised below, once the other parts are done
+            error = e
+        for f in futures:
+            try:
+                f.result()
+            except BaseException as e:  # noqa: BLE001
+                error = error or e
+        if error is not None:
+            raise error
 
     def _relative(self, index: int, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         prefix = self.layer_prefixes[index]
@@ -826,24 +891,27 @@ class LayerLoader:
             if check is not None:  # a file replaced or rewritten under a running model fails loudly, naming it
                 check(fd)
             how = "page_cache"
-            if self._direct and not _page_cached(fd, header) and not self.plan.keeps_in_page_cache(index):
+            cached = _page_cached(fd, header)
+            if self._direct and not cached and not self.plan.keeps_in_page_cache(index):
                 try:
                     self._read_direct(header, view)
                     how = "direct"
                 except OSError as e:
-                    if isinstance(e, ShardFileError):
+                    # a file system without O_DIRECT refuses it with EINVAL (at open, or at the first read); any
+                    # other error (an I/O error, say) is the file's, and reading it again is the caller's retry
+                    if isinstance(e, ShardFileError) or e.errno != errno.EINVAL:
                         raise
                     logger.info("O_DIRECT reads refused for %s (%s); reading through the page cache", header.path, e)
                     self._direct = False
             if how == "page_cache":
-                done = header.data_offset
-                while done < size:
-                    n = os.preadv(fd, [view[done : min(done + _READ_CHUNK, size)]], done)
-                    if n <= 0:
-                        raise ShardFileError(
-                            header.path, f"ended after {done} of {size} bytes (truncated while reading)"
-                        )
-                    done += n
+                # from the disk: in parts at once; from the page cache: in parts too on CUDA (the host's cores are
+                # not computing), in one on the CPU (they are)
+                parts = 1 if cached and not self.is_cuda else self.read_streams
+                read = lambda lo, hi: _read_part(fd, view, lo, hi, hi, header.path, size)  # noqa: E731
+                if parts > 1:
+                    self._in_parts(read, header.data_offset, size)
+                else:
+                    read(header.data_offset, size)
         finally:
             os.close(fd)
             view.release()
@@ -934,15 +1002,12 @@ class LayerLoader:
 
     def _read_direct(self, header: Header, view: memoryview) -> None:
         size = header.file_size
-        end = _round_up(size)
+        end = _round_up(size)  # the buffer's size: the last read asks for whole blocks
         fd = os.open(header.path, os.O_RDONLY | os.O_DIRECT)
         try:
-            done = 0
-            while done < size:
-                n = os.preadv(fd, [view[done : min(done + _READ_CHUNK, end)]], done)
-                if n <= 0:
-                    raise ShardFileError(header.path, f"ended after {done} of {size} bytes (truncated while reading)")
-                done += n
+            self._in_parts(
+                lambda lo, hi: _read_part(fd, view, lo, hi, end if hi == size else hi, header.path, size), 0, size
+            )
         finally:
             os.close(fd)
 

@@ -440,6 +440,130 @@ def test_without_page_cache_room_layers_leave_the_cache(llama, tmp_path, monkeyp
         assert loader.reads["direct"] > 0
 
 
+def test_parts_cover_the_range_on_aligned_bounds():
+    from hf_layerstream.engine import _PARALLEL_MIN_BYTES, _PART_ALIGN, _parts
+
+    mib = 2**20
+    for start, end, count in [(0, 90 * mib, 4), (312, 90 * mib + 123, 4), (0, 9 * mib, 4), (4097, 50 * mib, 3)]:
+        parts = _parts(start, end, count)
+        assert 1 < len(parts) <= count
+        assert parts[0][0] == start and parts[-1][1] == end
+        assert all(a[1] == b[0] and b[0] % _PART_ALIGN == 0 for a, b in zip(parts, parts[1:]))
+        assert all(hi > lo for lo, hi in parts)
+    assert _parts(0, _PARALLEL_MIN_BYTES - 1, 4) == [(0, _PARALLEL_MIN_BYTES - 1)]
+    assert _parts(0, 90 * mib, 1) == [(0, 90 * mib)]
+
+
+def _small_parts(monkeypatch, tmp_path, shards):
+    """Shards copied and dropped from the page cache, and the loader's reads cut into parts of 4 KiB blocks (the tiny
+    model's layer files are far below the size where parts start); records every part read: (file, lo, hi, thread)."""
+    from hf_layerstream import engine
+
+    shards = _copy_shards(shards, tmp_path)
+    files = sorted((shards / "layers").glob("*.safetensors"))
+    assert min(p.stat().st_size for p in files) > 4 * 4 * 4096
+    monkeypatch.setattr(engine, "_PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(engine, "_PART_ALIGN", 4096)
+    seen = []
+    real = engine._read_part
+
+    def recording(fd, view, lo, hi, limit, path, size):
+        seen.append((os.path.basename(path), lo, hi, threading.current_thread().name))
+        return real(fd, view, lo, hi, limit, path, size)
+
+    monkeypatch.setattr(engine, "_read_part", recording)
+    return shards, seen
+
+
+def _drop_after_enable(loader, shards):
+    """Drop the layer files from the page cache once `enable_layer_streaming` is done (reading the headers of the tiny
+    files brought all of them in: they are smaller than the kernel's read-ahead)."""
+    loader.wait_idle()
+    files = sorted((shards / "layers").glob("*.safetensors"))
+    drop_from_page_cache(files)
+    if any(cached_share(p) for p in files[1:]):  # (layer 0, read ahead, is mapped: its pages stay)
+        pytest.skip("this file system keeps dropped files in the page cache")
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["O_DIRECT", "buffered"])
+def test_reads_from_the_disk_in_parts_at_once(llama, tmp_path, monkeypatch, direct):
+    """A layer file read from the disk (the CUDA path; host-tier layers) is read in parts at once, in the loader
+    thread and helper threads; the parts cover the file exactly (the output is the loaded model's) and the helpers
+    stop with the loader."""
+    ckpt, shards, inputs, expected, pad = llama
+    shards, seen = _small_parts(monkeypatch, tmp_path, shards)
+    model = streamed_model(ckpt, shards, keep_in_page_cache=False, **STREAM_ALL)
+    loader = get_streaming_state(model).loader
+    loader._map = False  # every read goes through `_read_file` (the CUDA path), not a map
+    loader._direct = direct and loader._direct
+    _drop_after_enable(loader, shards)
+    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+    loader.wait_idle()
+    if direct and not loader._direct:
+        pytest.skip("this file system refuses O_DIRECT")
+    assert loader.reads["direct" if direct else "page_cache"] > 0
+    # every layer was read from the disk in parts (layer 0: its read ahead at enable time was a map); the parts of a
+    # file tile it from its first byte read (O_DIRECT: the header too) to its end; helpers read some of them
+    for index in range(1, 6):
+        path = shards / "layers" / f"{index:05d}.safetensors"
+        header = loader.shards.header(layer_unit(index))
+        start = 0 if direct else header.data_offset
+        parts = sorted({(lo, hi) for name, lo, hi, _ in seen if name == path.name} - {(start, header.file_size)})
+        assert len(parts) > 1, f"layer {index} was not read in parts"
+        assert parts[0][0] == start and parts[-1][1] == header.file_size == path.stat().st_size
+        assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
+    assert any(t.startswith("hf_layerstream-loader-read") for _, _, _, t in seen)
+    helpers = list(loader._helpers._threads)
+    assert helpers
+    disable_layer_streaming(model)
+    assert not [t for t in helpers if t.is_alive()]
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["O_DIRECT", "buffered"])
+def test_a_failed_part_names_the_layer_and_waits_for_the_others(llama, tmp_path, monkeypatch, direct):
+    """A part failing in a helper thread surfaces in the caller naming the layer, once the other parts are done (none
+    still writes into the buffer given back); the next call reads the layer again and gives the exact output. An I/O
+    error in an O_DIRECT read is not taken for a file system refusing O_DIRECT."""
+    from hf_layerstream import engine
+
+    ckpt, shards, inputs, expected, pad = llama
+    shards, seen = _small_parts(monkeypatch, tmp_path, shards)
+    model = streamed_model(ckpt, shards, keep_in_page_cache=False, max_memory={"cpu": 0}, prefetch=2)
+    loader = get_streaming_state(model).loader
+    loader._map = False
+    loader._direct = direct and loader._direct
+    if direct and not loader._direct:
+        pytest.skip("this file system refuses O_DIRECT")
+    _drop_after_enable(loader, shards)
+    recording = engine._read_part
+    failures = {"left": 2}  # the read ahead and its retry
+    running = []
+
+    def flaky(fd, view, lo, hi, limit, path, size):
+        layer4 = os.path.basename(path) == "00004.safetensors"
+        running.append(layer4)
+        try:
+            if layer4 and lo > 0 and hi == size and failures["left"]:  # the last part (a helper's): once per read
+                failures["left"] -= 1
+                raise OSError(5, "Input/output error")
+            return recording(fd, view, lo, hi, limit, path, size)
+        finally:
+            running.remove(layer4)
+
+    monkeypatch.setattr(engine, "_read_part", flaky)
+    with pytest.raises(LayerLoadError, match=r"decoder layer 4 .*Input/output error"):
+        model.generate(**inputs, **GEN, pad_token_id=pad)
+    assert True not in running  # no part of layer 4's failed read still running (others are read ahead)
+    assert failures["left"] == 0 and any(name == "00004.safetensors" and lo > 0 for name, lo, _, _ in seen)
+    assert loader._direct == direct
+    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+    loader.wait_idle()
+    ahead = [f.result() for f in loader._pending.values() if f.exception() is None]
+    held = sum(ready.buffer is not None for ready in [*ahead, *loader._in_use.values()])
+    assert loader._pool.allocated == len(loader._pool._free) + held
+    disable_layer_streaming(model)
+
+
 def _resident_bytes(address: int, length: int) -> int:
     """This process's resident bytes in the mappings that overlap `[address, address + length)` (`/proc/self/smaps`)."""
     total, inside = 0, False
