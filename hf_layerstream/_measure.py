@@ -37,6 +37,17 @@ def vm_rss() -> int:
     return _status_bytes("VmRSS")
 
 
+def reset_peak_rss() -> bool:
+    """Set this process's peak RSS (`VmHWM`) back to its current RSS (Linux 4.0: `/proc/self/clear_refs`); whether
+    it could."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
 def disk_read_bytes() -> int | None:
     """Bytes this process (all its threads) has had read from storage: what did not come from the page cache
     (`getrusage(RUSAGE_SELF)`, the process-wide twin of `_safetensors.thread_usage`). `None` where unsupported."""
@@ -238,7 +249,9 @@ def measure(spec: dict) -> dict:
     Keys of `spec`: `system` (`in_memory`, `accelerate_offload`, `streamed` or `baseline`), `path`, `input_ids`,
     `max_new_tokens`, and optionally `cold`, `batch`, `repeats`, `threads`, `dtype`, `device`, `max_memory`,
     `prefetch`, `profile`, `keep_in_page_cache`, `offload_folder`, `assistant` (a draft model folder for assisted
-    decoding), `pad_token_id`, `warmup` (warm runs only: one untimed `generate` first; default true).
+    decoding), `pad_token_id`, `warmup` (warm runs only: one untimed `generate` first; default true), `disk_way`
+    (cold runs of our model: pair every decode step with a read of the layer files it streams, that way, just before
+    it; see `_DiskPairing`).
     """
     import torch
 
@@ -265,6 +278,11 @@ def measure(spec: dict) -> dict:
     kwargs.update(extra)
     sweeps = _count_sweeps(model)
     evict = (lambda: drop_page_cache(files)) if cold else None
+    pairing = None
+    # (the samples map files: only where the peak RSS can be set back after each, so they do not count as ours)
+    if cold and spec.get("disk_way") and spec["system"] == "streamed" and reset_peak_rss():
+        pairing = _DiskPairing(model, files, spec["disk_way"])
+        evict = pairing.before_forward
     if not cold and spec.get("warmup", True):
         # warm means "the weights are in the page cache": one untimed call puts them there (whatever earlier runs
         # or the host's reclaim left) and, like any benchmark warm-up, pays first-call costs outside the timing
@@ -281,7 +299,9 @@ def measure(spec: dict) -> dict:
         sweeps[0] = 0
         with torch.no_grad():
             out = model.generate(ids, streamer=clock, **kwargs)
-        steps = clock.decode_steps()
+        # paired with disk reads: each step with its wait for the read-ahead (which, unpaired, runs on in the
+        # step's untimed eviction; with a read sampled there, it would be done before the next step began)
+        steps = clock.decode_steps() if pairing is None else pairing.end_call(clock)
         results.append(
             {
                 "prefill_s": clock.times[1] - clock.resumed[0] if len(clock.times) > 1 else None,
@@ -309,10 +329,12 @@ def measure(spec: dict) -> dict:
         "new_tokens": last["new_tokens"],
         "sweeps": last["sweeps"],
         "sweeps_per_token": last["sweeps"] / max(last["new_tokens"], 1),
-        "peak_rss": vm_hwm(),
+        "peak_rss": max(vm_hwm(), pairing.peak_rss if pairing else 0),
         "baseline_rss": baseline_rss,
         # bytes read from storage while generating, and sweeps made: a warm run that reads much is not warm
-        "disk_read_bytes": (read_after - read_before) if read_before is not None and read_after is not None else None,
+        "disk_read_bytes": (read_after - read_before - (pairing.sampled_bytes if pairing else 0))
+        if read_before is not None and read_after is not None
+        else None,
         "total_sweeps": sum(r["sweeps"] for r in results),
         "cuda_peak": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         # what the caching allocator held at most (blocks freed on one stream wait there until the other passes them)
@@ -320,6 +342,8 @@ def measure(spec: dict) -> dict:
         "prefill_s": last["prefill_s"],
         "threads": torch.get_num_threads(),
     }
+    if pairing is not None:
+        info["paired_disk"] = pairing.report()
     from .stream import get_streaming_state
 
     state = get_streaming_state(model)
@@ -329,6 +353,90 @@ def measure(spec: dict) -> dict:
         if state.last_profile is not None:
             info["profile"] = state.last_profile["totals"]
     return info
+
+
+class _DiskPairing:
+    """Cold runs of our model: each decode step against a read of the same bytes from the disk, just before it.
+
+    The disk is shared: its bandwidth, measured minutes away from a run, went from 1.9 to 3.2 GB/s between runs
+    here. So
+    before every forward pass (after the previous one's timestamp, untimed) this waits for the loader's read-ahead
+    (that wait is the previous step's: the bytes it reads belong to the sweep just timed), drops the weight files
+    from the page cache, reads the layer files the model streams (`disk_way`, a way of `bench.disk_ways`, timed: the
+    sample), and drops them again. Each step's ratio is its time (with its wait) over the time the sample's bandwidth
+    needs for the bytes a sweep streams: 1.0 means the step ran at the speed of a plain read of its bytes, with
+    nothing else running. The sample's bandwidth counts the bytes it read from the disk (`disk_read_bytes`): the
+    layers read ahead for the next step are mapped, so the eviction leaves them, and the sample finds them cached.
+    The samples map files too: the peak RSS is recorded before each and set back after it (`reset_peak_rss`).
+    """
+
+    def __init__(self, model, files: list[str], way: str):
+        from .bench import disk_ways
+        from .modeling import layer_unit
+        from .stream import get_streaming_state
+
+        state = get_streaming_state(model)
+        self.loader = state.loader
+        shards = self.loader.shards
+        self.layer_files = [str(shards.files[layer_unit(i)]) for i in state.plan.streamed]
+        self.files = files
+        self.swept = sum(os.path.getsize(p) for p in self.layer_files)
+        self.way_name = way
+        self.way = disk_ways(files=len(self.layer_files))[way]
+        self.waits: list[float] = []
+        self.samples: list[float] = []  # bandwidth of each read, bytes per second
+        self.sampled_bytes = 0  # read from the disk by the samples (not by the model)
+        self.peak_rss = 0  # the peak RSS before each sample (it is set back after each)
+        self.steps: list[float] = []
+        self.sample_bandwidth: list[float] = []
+        self.ratios: list[float] = []
+
+    def before_forward(self) -> None:
+        t0 = time.perf_counter()
+        self.loader.wait_idle()
+        self.waits.append(time.perf_counter() - t0)
+        self.peak_rss = max(self.peak_rss, vm_hwm())  # the model's peak so far; the sample's own is not
+        drop_page_cache(self.files)
+        before = disk_read_bytes()
+        t0 = time.perf_counter()
+        nbytes, _ = self.way(self.layer_files)
+        seconds = time.perf_counter() - t0
+        after = disk_read_bytes()
+        if before is not None and after is not None and after > before:
+            nbytes = after - before
+            self.sampled_bytes += nbytes
+        self.samples.append(nbytes / max(seconds, 1e-9))
+        drop_page_cache(self.files)
+        reset_peak_rss()
+
+    def end_call(self, clock: _TokenClock) -> list[tuple[float, int]]:
+        """Pair the decode steps of the `generate` call just timed (its `before_forward` calls: one before the
+        call, then one after each token), then start afresh for the next call. Returns its decode steps as
+        `_TokenClock.decode_steps` does, each with its wait for the read-ahead."""
+        waits, samples = self.waits, self.samples
+        steps = []
+        # `before_forward` call 0 is the eviction before `generate`, call k + 1 follows the streamer's put k (put 0:
+        # the prompt, put k: token k); step i (i >= 1) runs from `resumed[i]` (after call i + 1, which took sample
+        # i + 1) to `times[i + 1]`, and call i + 2 waits for its read-ahead
+        for i, (dt, n) in enumerate(clock.decode_steps(), start=1):
+            step = dt + waits[i + 2]
+            steps.append((step, n))
+            self.steps.append(step)
+            self.ratios.append(step / (self.swept / samples[i + 1]))
+        self.sample_bandwidth += samples[2 : len(waits) - 1]
+        self.waits, self.samples = [], []
+        return steps
+
+    def report(self) -> dict:
+        return {
+            "way": self.way_name,
+            "files": len(self.layer_files),
+            "bytes_per_sweep": self.swept,
+            "steps_s": self.steps,
+            "sample_bandwidth": self.sample_bandwidth,
+            "ratios": self.ratios,
+            "ratio": _median(self.ratios) if self.ratios else None,
+        }
 
 
 def _median(values: list[float]) -> float:

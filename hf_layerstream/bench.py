@@ -255,12 +255,31 @@ def _in_parallel(way, paths: list[str], streams: int) -> tuple[int, str]:
     return sum(n for n, _ in results), f"{results[0][1]}, {streams} files at once"
 
 
+MAPPED_WAY = "read-ahead into a huge-page map"
+
+
+def disk_ways(*, chunk: int = 16 * 2**20, streams: int = 2, files: int = 2) -> dict:
+    """The ways `measure_disk_bandwidth` reads files, by name: `{name: way}`, `way(paths) -> (bytes, method)`
+    (`method` says what was done where it differs from the name, e.g. buffered reads where O_DIRECT is refused).
+    `files`: how many files will be read (no parallel way for one)."""
+    one_by_one = {"O_DIRECT": lambda paths: _read_direct(paths, chunk)}
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        one_by_one[MAPPED_WAY] = _read_mapped
+    ways = dict(one_by_one)
+    if streams > 1 and files > 1:
+        for name, way in one_by_one.items():
+            ways[f"{name}, {streams} files at once"] = lambda paths, w=way: _in_parallel(
+                w, paths, min(streams, len(paths))
+            )
+    return ways
+
+
 def measure_disk_bandwidth(paths, *, chunk: int = 16 * 2**20, streams: int = 2) -> dict:
     """Sequential read bandwidth of `paths` from the disk (not the page cache), in bytes per second.
 
-    Several ways, each after dropping the files from the page cache, and the fastest is the limit: `O_DIRECT` reads
-    (buffered where the file system refuses `O_DIRECT`) and the kernel's read-ahead into a huge-page memory map
-    (what our CPU loader does; on some disks it keeps more requests in flight), each one file at a time and
+    Several ways (`disk_ways`), each after dropping the files from the page cache, and the fastest is the limit:
+    `O_DIRECT` reads (buffered where the file system refuses `O_DIRECT`) and the kernel's read-ahead into a huge-page
+    memory map (what our CPU loader does; on some disks it keeps more requests in flight), each one file at a time and
     `streams` files at once (a disk that serves parallel requests faster has that much more bandwidth). The files
     are dropped from the page cache afterwards too.
 
@@ -270,22 +289,16 @@ def measure_disk_bandwidth(paths, *, chunk: int = 16 * 2**20, streams: int = 2) 
         streams (`int`): files read at once by the parallel ways (1: no parallel way).
 
     Returns:
-        `{"bytes", "seconds", "bandwidth", "method", "by_method"}`; `by_method` maps each way tried to its
-        bandwidth in bytes per second.
+        `{"bytes", "seconds", "bandwidth", "method", "way", "by_method"}`: `way` names the fastest way (a key of
+        `disk_ways`); `by_method` maps each way tried to its bandwidth in bytes per second.
     """
     paths = [str(p) for p in paths]
     results = []
-    one_by_one = [lambda files: _read_direct(files, chunk)]
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        one_by_one.append(_read_mapped)
-    ways = [lambda w=w: w(paths) for w in one_by_one]
-    if streams > 1 and len(paths) > 1:
-        ways += [lambda w=w: _in_parallel(w, paths, min(streams, len(paths))) for w in one_by_one]
-    for way in ways:
+    for name, way in disk_ways(chunk=chunk, streams=streams, files=len(paths)).items():
         drop_from_page_cache(paths)
         t0 = time.perf_counter()
         try:
-            total, method = way()
+            total, method = way(paths)
         except OSError as e:
             logger.info("disk bandwidth: one way of reading failed (%s); skipped", e)
             continue
@@ -296,6 +309,7 @@ def measure_disk_bandwidth(paths, *, chunk: int = 16 * 2**20, streams: int = 2) 
                 "seconds": seconds,
                 "bandwidth": total / seconds if seconds > 0 else None,
                 "method": method,
+                "way": name,
             }
         )
     drop_from_page_cache(paths)
@@ -474,6 +488,8 @@ def bench(args) -> dict:
             systems = [s for s in systems if s not in skipped]
         h2d = measure_h2d_bandwidth(device) if on_cuda else None
         common = {"input_ids": ids, "max_new_tokens": args.max_new_tokens, "pad_token_id": pad, "repeats": args.repeats}
+        if disk is not None:
+            common["disk_way"] = disk["way"]  # cold runs of ours: every step paired with a read that way
         if args.threads:
             common["threads"] = args.threads
         rows: list[dict] = []
@@ -828,6 +844,15 @@ def format_report(report: dict) -> str:
             notes.append(
                 f"{r['label']} {r['mode']}: {r['h2d_bytes_per_sweep'] / 1e9:.2f} GB cross to the device per sweep, "
                 f"{r['h2d_limit_s']:.4f} s at the pinned host-to-device bandwidth"
+            )
+        pd = r.get("paired_disk")
+        if pd and pd.get("ratio") is not None:
+            verdict = "ok" if pd["ratio"] <= COLD_TARGET else "short"
+            bw = sorted(pd["sample_bandwidth"])
+            notes.append(
+                f"{r['label']} cold, batch {r['batch']}, each step against a read of its {pd['files']} layer files "
+                f"({pd['way']}, {bw[0] / 1e9:.2f}-{bw[-1] / 1e9:.2f} GB/s) just before it: {pd['ratio']:.2f}x (median of "
+                f"{len(pd['ratios'])} steps; target <= {COLD_TARGET}: {verdict})"
             )
         if "assisted" in r["mode"]:
             notes.append(f"{r['label']} assisted: {r['sweeps_per_token']:.2f} sweeps per generated token")

@@ -41,6 +41,11 @@ def test_bench_demo_json_and_table(tmp_path, capsys):
     assert cold["total_sweeps"] == 3
     if cold["disk_read_bytes"] is not None:
         assert cold["disk_read_bytes"] >= cold["total_sweeps"] * report["model"]["layer_file_bytes"]
+    # each cold step is also held against a read of its layer files, the fastest way, just before it
+    if "paired_disk" in cold:  # (where the peak RSS can be set back after each read)
+        pd = cold["paired_disk"]
+        assert pd["way"] == report["disk"]["way"] and pd["files"] == 3 and len(pd["ratios"]) == 2
+        assert pd["bytes_per_sweep"] == report["model"]["layer_file_bytes"]
     # the warm comparison in one process, alternating calls (default 6 each): same tokens, a ratio per system
     paired = report["paired"]
     assert paired["members"] == ["in_memory", "streamed_disk"]
@@ -55,6 +60,9 @@ def test_bench_demo_json_and_table(tmp_path, capsys):
     assert "hf_layerstream (every layer from disk): " in table and "median of per-call ratios" in table
     assert "whole model in RAM" in table and "every layer from disk" in table
     assert "disk read bandwidth" in table and "s/token" in table and "x limit" in table
+    if "paired_disk" in cold:
+        assert f"each step against a read of its 3 layer files ({report['disk']['way']}" in table
+        assert f": {cold['paired_disk']['ratio']:.2f}x (median of 2 steps; target <= 1.15" in table
     # each row shows its prompt pass (time to the first token), which s/token leaves out
     assert "prompt s" in table
     for r in rows.values():
@@ -137,6 +145,56 @@ def test_warm_measurement_starts_from_a_warm_page_cache(tmp_path):
     warm = measure(spec)
     assert warm["disk_read_bytes"] < layer_bytes // 8
     assert warm["tokens"] == unwarmed["tokens"] and warm["total_sweeps"] == 3
+
+
+def test_peak_rss_can_be_set_back():
+    from hf_layerstream._measure import reset_peak_rss, vm_hwm
+
+    if not reset_peak_rss():
+        pytest.skip("/proc/self/clear_refs is not writable here")
+    block = bytearray(256 * 2**20)  # touched: resident
+    peak = vm_hwm()
+    del block
+    assert reset_peak_rss()
+    assert vm_hwm() < peak - 128 * 2**20
+
+
+@pytest.mark.parametrize("way", ["O_DIRECT", "read-ahead into a huge-page map, 2 files at once"])
+def test_cold_steps_are_paired_with_reads_of_their_bytes(tmp_path, way):
+    """Cold, each decode step of ours is compared with a read of the layer files it streams, sampled just before it
+    (the disk's bandwidth moves between runs on a shared machine); the step includes its wait for the read-ahead, and
+    the samples' reads are not counted as the model's."""
+    from hf_layerstream._measure import drop_page_cache, measure, weight_files
+    from hf_layerstream.bench import disk_ways
+    from hf_layerstream.demo import write_demo_checkpoint
+    from hf_layerstream.split import split_checkpoint
+
+    if way not in disk_ways(files=3):
+        pytest.skip(f"{way!r} is not available here")
+    ckpt = write_demo_checkpoint(
+        tmp_path / "ckpt", layers=3, hidden_size=256, intermediate_size=512, vocab_size=256, dtype="float32"
+    )
+    shards = split_checkpoint(ckpt, tmp_path / "shards", progress=False)
+    layer_bytes = sum(p.stat().st_size for p in (shards / "layers").glob("*.safetensors"))
+    spec = {"system": "streamed", "path": str(shards), "max_memory": {"cpu": 0}, "input_ids": [5, 6, 7, 8]}
+    spec.update(max_new_tokens=4, cold=True, keep_in_page_cache=False)
+    os.sync()
+    drop_page_cache(weight_files("streamed", str(shards)))
+    plain = measure(spec)
+    paired = measure({**spec, "disk_way": way})
+    assert "paired_disk" not in plain
+    pd = paired["paired_disk"]
+    assert pd["way"] == way and pd["files"] == 3 and pd["bytes_per_sweep"] == layer_bytes
+    assert len(pd["ratios"]) == len(pd["steps_s"]) == len(pd["sample_bandwidth"]) == 3  # the decode steps
+    assert all(r > 0 for r in pd["ratios"]) and all(b > 0 for b in pd["sample_bandwidth"])
+    for step, bandwidth, ratio in zip(pd["steps_s"], pd["sample_bandwidth"], pd["ratios"]):
+        assert ratio == pytest.approx(step * bandwidth / layer_bytes)
+    # the row's seconds per token are the paired steps (with their waits)
+    assert paired["s_per_token"] == sorted(pd["steps_s"])[len(pd["steps_s"]) // 2]
+    assert paired["tokens"] == plain["tokens"]
+    if plain["disk_read_bytes"] and plain["disk_read_bytes"] >= layer_bytes:  # reads are accounted, files dropped
+        # the samples read every layer file once per step besides the model's own reads: not counted as the model's
+        assert paired["disk_read_bytes"] < plain["disk_read_bytes"] + layer_bytes
 
 
 def test_rewarm_leaves_files_whole_in_the_page_cache_in_large_folios(tmp_path):
