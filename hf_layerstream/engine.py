@@ -344,6 +344,9 @@ class _Ready:
     mapped: bool = False  # views of a file map: its pages leave the resident set on release
     evict: object = None  # path of a file whose pages leave the page cache after use
     repair: bool = False  # the eviction is to bring the file back in 2 MiB folios: make sure it is whole
+    # profiling: the loader's times for this layer (read, dequantize, copy), added to the profile when the layer is
+    # used, so a `generate` call's profile has the reads of the layers it used, read ahead before it began or not
+    times: dict | None = None
 
 
 @dataclass
@@ -686,7 +689,7 @@ class LayerLoader:
             self._schedule_after(index)
         self._in_use[index] = ready
         if self.profile is not None:
-            self.profile.add(index, wait=time.perf_counter() - t0, calls=1)
+            self.profile.add(index, wait=time.perf_counter() - t0, calls=1, **(ready.times or {}))
         return ready.tensors
 
     def release(self, index: int) -> None:
@@ -817,7 +820,7 @@ class LayerLoader:
         return {name[len(prefix) :] if name.startswith(prefix) else name: t for name, t in tensors.items()}
 
     def _finish(
-        self, unit: str, raw: dict[str, torch.Tensor], index: int, mapped: bool = False
+        self, unit: str, raw: dict[str, torch.Tensor], index: int, mapped: bool = False, times: dict | None = None
     ) -> dict[str, torch.Tensor]:
         """Stored tensors (host or device) -> logical tensors on the device, at the model's dtypes. `mapped`: `raw`
         views a private map of the file used for this sweep only; packed parts leave the resident set once decoded
@@ -851,7 +854,9 @@ class LayerLoader:
                 if value.dtype != target:
                     value = value.to(target)
             out[name] = value
-        if self.profile is not None and index >= 0:
+        if times is not None:  # a streamed layer's: added to the profile when it is used
+            times.update(dequantize=t_deq, copy=t_copy)
+        elif self.profile is not None and index >= 0:
             self.profile.add(index, dequantize=t_deq, copy=t_copy)
         return out
 
@@ -1045,12 +1050,10 @@ class LayerLoader:
                     self._pool.give(buffer, [])  # nothing views it yet: a failed read must not leak a (pinned) buffer
                     raise
             nread = header.data_size
-        t_read = time.perf_counter() - t0
-        if self.profile is not None:
-            self.profile.add(index, read=t_read, bytes_read=nread)
+        times = {"read": time.perf_counter() - t0, "bytes_read": nread} if self.profile is not None else None
         if not self.is_cuda:
             try:
-                tensors = self._relative(index, self._finish(unit, raw, index, mapped=mapped))
+                tensors = self._relative(index, self._finish(unit, raw, index, mapped=mapped, times=times))
             except BaseException:
                 if buffer is not None:
                     self._pool.give(buffer, [])
@@ -1059,20 +1062,20 @@ class LayerLoader:
             evict = header.path if mapped and not self._keep_cached(index, header) else None
             repair = evict is not None and self.plan.keeps_in_page_cache(index)
             return _Ready(
-                tensors, None, (self._pool, buffer, views) if buffer is not None else None, mapped, evict, repair
+                tensors, None, (self._pool, buffer, views) if buffer is not None else None, mapped, evict, repair, times
             )
         # CUDA: copy (and dequantize/cast) on the side stream; the compute stream waits on the event, and the
         # staging buffer goes back to the pool tagged with the event, to be refilled once the copy has landed
         self._wait_released()
         with torch.cuda.device(self.device), torch.cuda.stream(self._copy_stream):
             try:
-                tensors = self._relative(index, self._finish(unit, raw, index))
+                tensors = self._relative(index, self._finish(unit, raw, index, times=times))
             finally:  # also when a copy or decode failed half way: the buffer returns once what was queued has run
                 event = torch.cuda.Event()
                 event.record(self._copy_stream)
                 if buffer is not None:
                     self._pool.give(buffer, [], event)
-        return _Ready(tensors, event, None)
+        return _Ready(tensors, event, None, times=times)
 
     def _wait_released(self) -> None:
         """CUDA, in the loader thread: wait until the GPU has finished every streamed layer released so far.
