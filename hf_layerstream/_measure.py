@@ -282,7 +282,10 @@ def measure(spec: dict) -> dict:
     # (the samples map files: only where the peak RSS can be set back after each, so they do not count as ours)
     if cold and spec.get("disk_way") and spec["system"] == "streamed" and reset_peak_rss():
         pairing = _DiskPairing(model, files, spec["disk_way"])
-        evict = pairing.before_forward
+        if pairing.layer_files:  # (a plan that streams nothing reads nothing to pair with)
+            evict = pairing.before_forward
+        else:
+            pairing = None
     if not cold and spec.get("warmup", True):
         # warm means "the weights are in the page cache": one untimed call puts them there (whatever earlier runs
         # or the host's reclaim left) and, like any benchmark warm-up, pays first-call costs outside the timing
@@ -359,11 +362,10 @@ class _DiskPairing:
     """Cold runs of our model: each decode step against a read of the same bytes from the disk, just before it.
 
     The disk is shared: its bandwidth, measured minutes away from a run, went from 1.9 to 3.2 GB/s between runs
-    here. So
-    before every forward pass (after the previous one's timestamp, untimed) this waits for the loader's read-ahead
-    (that wait is the previous step's: the bytes it reads belong to the sweep just timed), drops the weight files
-    from the page cache, reads the layer files the model streams (`disk_way`, a way of `bench.disk_ways`, timed: the
-    sample), and drops them again. Each step's ratio is its time (with its wait) over the time the sample's bandwidth
+    here. So before every forward pass (after the previous one's timestamp, untimed) this waits for the loader's
+    read-ahead (that wait is the previous step's: the bytes it reads belong to the sweep just timed), drops the weight
+    files from the page cache, reads the layer files the model streams (`disk_way`, a way of `bench.disk_ways`, timed:
+    the sample), and drops them again. Each step's ratio is its time (with its wait) over the time the sample's bandwidth
     needs for the bytes a sweep streams: 1.0 means the step ran at the speed of a plain read of its bytes, with
     nothing else running. The sample's bandwidth counts the bytes it read from the disk (`disk_read_bytes`): the
     layers read ahead for the next step are mapped, so the eviction leaves them, and the sample finds them cached.
@@ -381,8 +383,10 @@ class _DiskPairing:
         self.layer_files = [str(shards.files[layer_unit(i)]) for i in state.plan.streamed]
         self.files = files
         self.swept = sum(os.path.getsize(p) for p in self.layer_files)
-        self.way_name = way
-        self.way = disk_ways(files=len(self.layer_files))[way]
+        ways = disk_ways(files=len(self.layer_files))
+        # (a way reading several files at once, for a plan that streams one file: that way, one file at a time)
+        self.way_name = way if way in ways else way.split(", ")[0]
+        self.way = ways[self.way_name]
         self.waits: list[float] = []
         self.samples: list[float] = []  # bandwidth of each read, bytes per second
         self.sampled_bytes = 0  # read from the disk by the samples (not by the model)
