@@ -455,8 +455,8 @@ def test_parts_cover_the_range_on_aligned_bounds():
 
 
 def _small_parts(monkeypatch, tmp_path, shards):
-    """Shards copied and dropped from the page cache, and the loader's reads cut into parts of 4 KiB blocks (the tiny
-    model's layer files are far below the size where parts start); records every part read: (file, lo, hi, thread)."""
+    """Shards copied, and the loader's reads cut into parts on 4 KiB bounds (the tiny model's layer files are far
+    below the size where parts start); records every part read: (file, lo, hi, thread)."""
     from hf_layerstream import engine
 
     shards = _copy_shards(shards, tmp_path)
