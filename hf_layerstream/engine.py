@@ -399,7 +399,8 @@ _READ_CHUNK = 64 * 2**20
 # each: O_DIRECT 1.36 GB/s (median) in one part, 1.46 in 4; buffered 1.07 and 1.79. Files in the page cache are read
 # in parts on CUDA only (on the CPU the cores are computing). CPU maps are populated in one part: in parts, a cold
 # `generate` of the bench model took 0.64 and 0.72 s/token against 0.59 and 0.65 (two runs, 21 and 28 steps each,
-# alternating): the helpers competed with the compute for the 2 cores, although the same reads alone ran faster.
+# alternating), and 1.04x the one-part time in an 8-round rerun with 2 parts, although the same reads alone ran
+# faster in parts (why is not pinned down: populating a cold 86 MB layer takes only ~1.5 ms of the thread's CPU).
 READ_STREAMS = 4
 _PART_ALIGN = 2 * 2**20  # parts start on huge-page boundaries (and so on O_DIRECT's alignment)
 _PARALLEL_MIN_BYTES = 8 * 2**20  # smaller files are read in one part
