@@ -178,6 +178,15 @@ def test_truncated_file_mid_generation_names_the_layer(llama, tmp_path):
     assert not _loader_threads(loader)
 
 
+def _assert_every_buffer_accounted_for(loader) -> None:
+    """Every read buffer the loader ever allocated is idle in its pool or holds a layer read ahead or in use (failed
+    reads gave theirs back: pinned ones, on CUDA, would otherwise stay pinned until disable)."""
+    loader.wait_idle()
+    ahead = [f.result() for f in loader._pending.values() if f.exception() is None]
+    held = sum(ready.buffer is not None for ready in [*ahead, *loader._in_use.values()])
+    assert loader._pool.allocated == len(loader._pool._free) + held
+
+
 def test_transient_read_error_then_works_again(llama, monkeypatch):
     """A failing read (e.g. an I/O error) raises in the caller naming the layer; the next call reads it again."""
     ckpt, shards, inputs, expected, pad = llama
@@ -197,12 +206,7 @@ def test_transient_read_error_then_works_again(llama, monkeypatch):
     with pytest.raises(LayerLoadError, match=r"decoder layer 4 .*Input/output error"):
         model.generate(**inputs, **GEN, pad_token_id=pad)
     assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
-    # the failed reads gave their buffers back (pinned ones, on CUDA, would otherwise stay pinned until disable):
-    # every buffer ever allocated is idle in the pool or holds a layer read ahead or in use
-    loader.wait_idle()
-    ahead = [f.result() for f in loader._pending.values() if f.exception() is None]
-    held = sum(ready.buffer is not None for ready in [*ahead, *loader._in_use.values()])
-    assert loader._pool.allocated == len(loader._pool._free) + held
+    _assert_every_buffer_accounted_for(loader)
     disable_layer_streaming(model)
 
 
@@ -557,10 +561,7 @@ def test_a_failed_part_names_the_layer_and_waits_for_the_others(llama, tmp_path,
     assert failures["left"] == 0 and any(name == "00004.safetensors" and lo > 0 for name, lo, _, _ in seen)
     assert loader._direct == direct
     assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
-    loader.wait_idle()
-    ahead = [f.result() for f in loader._pending.values() if f.exception() is None]
-    held = sum(ready.buffer is not None for ready in [*ahead, *loader._in_use.values()])
-    assert loader._pool.allocated == len(loader._pool._free) + held
+    _assert_every_buffer_accounted_for(loader)
     disable_layer_streaming(model)
 
 
