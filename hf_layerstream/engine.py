@@ -790,11 +790,11 @@ class LayerLoader:
 
     # -- loading --------------------------------------------------------------------------------------------------
 
-    def _in_parts(self, work, start: int, end: int) -> None:
-        """`work(lo, hi)` over `[start, end)` cut into up to `read_streams` parts (`_parts`), all at once: the first
-        in this thread, the others in helper threads. Returns when every part has finished (no helper still writes
-        into a buffer the caller may free), raising the first failure."""
-        parts = _parts(start, end, self.read_streams)
+    def _in_parts(self, work, start: int, end: int, count: int | None = None) -> None:
+        """`work(lo, hi)` over `[start, end)` cut into up to `count` (default `read_streams`) parts (`_parts`), all
+        at once: the first in this thread, the others in helper threads. Returns when every part has finished (no
+        helper still writes into a buffer the caller may free), raising the first failure."""
+        parts = _parts(start, end, self.read_streams if count is None else count)
         if len(parts) == 1:
             work(start, end)
             return
@@ -912,12 +912,12 @@ class LayerLoader:
             if how == "page_cache":
                 # from the disk: in parts at once; from the page cache: in parts too on CUDA (the host's cores are
                 # not computing), in one on the CPU (they are)
-                parts = 1 if cached and not self.is_cuda else self.read_streams
-                read = lambda lo, hi: _read_part(fd, view, lo, hi, hi, header.path, size)  # noqa: E731
-                if parts > 1:
-                    self._in_parts(read, header.data_offset, size)
-                else:
-                    read(header.data_offset, size)
+                self._in_parts(
+                    lambda lo, hi: _read_part(fd, view, lo, hi, hi, header.path, size),
+                    header.data_offset,
+                    size,
+                    1 if cached and not self.is_cuda else None,
+                )
         finally:
             os.close(fd)
             view.release()
