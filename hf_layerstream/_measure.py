@@ -270,6 +270,10 @@ def measure(spec: dict) -> dict:
     ids, kwargs = _prompt(spec, model)
     batch = ids.shape[0]
     device = ids.device
+    # where the model computes: accelerate's offload takes its inputs on the CPU and computes on its GPU
+    gpu = device if device.type == "cuda" else None
+    if gpu is None and spec.get("offload_device") is not None:
+        gpu = torch.device("cuda", int(spec["offload_device"]))
     extra = {}
     if spec.get("assistant"):
         from transformers import AutoModelForCausalLM
@@ -297,8 +301,8 @@ def measure(spec: dict) -> dict:
         clock = _TokenClock(evict)
         if evict:
             evict()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+        if gpu is not None:
+            torch.cuda.reset_peak_memory_stats(gpu)
         sweeps[0] = 0
         with torch.no_grad():
             out = model.generate(ids, streamer=clock, **kwargs)
@@ -339,9 +343,9 @@ def measure(spec: dict) -> dict:
         if read_before is not None and read_after is not None
         else None,
         "total_sweeps": sum(r["sweeps"] for r in results),
-        "cuda_peak": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+        "cuda_peak": torch.cuda.max_memory_allocated(gpu) if gpu is not None else None,
         # what the caching allocator held at most (blocks freed on one stream wait there until the other passes them)
-        "cuda_reserved_peak": torch.cuda.max_memory_reserved(device) if device.type == "cuda" else None,
+        "cuda_reserved_peak": torch.cuda.max_memory_reserved(gpu) if gpu is not None else None,
         "prefill_s": last["prefill_s"],
         "threads": torch.get_num_threads(),
     }

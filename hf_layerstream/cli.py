@@ -307,6 +307,7 @@ def _cmd_inspect(args) -> int:
         shards,
         device,
         dtype_size=layer_sizes,
+        resident_size=shards.unit("resident").nbytes_as(dtype) if dtype is not None else None,
         max_memory=_max_memory(args.max_memory),
         prefetch=DEFAULT_PREFETCH if args.prefetch is None else args.prefetch,
         keep_in_page_cache=_page_cache(args.page_cache),

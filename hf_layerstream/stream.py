@@ -261,6 +261,7 @@ def enable_layer_streaming(
         shards,
         device,
         dtype_size=layer_sizes,
+        resident_size=shards.unit(RESIDENT).nbytes_as(target_dtypes),
         max_memory=max_memory,
         prefetch=prefetch,
         keep_in_page_cache=keep_in_page_cache,

@@ -85,6 +85,14 @@ def test_inspect_and_verify(split_dir, capsys):
         argv = ["inspect", str(shards), "--json", "--device", "cpu", "--max-memory", "cpu=0", "--page-cache", choice]
         assert main(argv) == 0
         assert json.loads(capsys.readouterr().out)["plan"]["page_cache_layers"] == expected
+    # `--dtype`: the plan counts the resident parts and the layers at that dtype (this checkpoint is float32)
+    plans = {}
+    for dtype in ("float32", "bfloat16"):
+        assert main(["inspect", str(shards), "--json", "--device", "cpu", "--dtype", dtype]) == 0
+        plans[dtype] = json.loads(capsys.readouterr().out)["plan"]
+    for key in ("resident_bytes", "layer_bytes"):
+        half = [b // 2 for b in plans["float32"][key]] if key == "layer_bytes" else plans["float32"][key] // 2
+        assert plans["bfloat16"][key] == half, key
     assert main(["verify", str(shards)]) == 0
     assert "all 4 files match" in capsys.readouterr().out
 

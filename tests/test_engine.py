@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import mmap
 import os
 import shutil
 import threading
@@ -109,6 +110,23 @@ def test_plan_cpu_tiers(llama):
     assert three.to_dict()["streamed"] == [1, 3, 5]
     with pytest.raises(TypeError, match="max_memory"):
         plan_residency(m, cpu, max_memory="4GiB")
+    # the resident parts count at the dtype the model computes in, as the layers do: larger, one layer less fits
+    budget = {"cpu": resident + 3 * layer + 3 * layer}
+    bigger = plan_residency(m, cpu, max_memory=budget, prefetch=2, resident_size=resident + layer)
+    assert bigger.resident_bytes == resident + layer and len(bigger.device_layers) == 2
+
+
+def test_plan_counts_resident_parts_at_the_compute_dtype(llama):
+    """A float32 checkpoint computed in bfloat16: the plan counts the resident parts (embeddings, head) at half
+    their stored bytes, as it counts the layers."""
+    ckpt, shards, *_ = llama
+    m = ShardDirectory(shards)
+    assert m.unit("resident").tensors["model.embed_tokens.weight"].dtype == torch.float32
+    model = streamed_model(ckpt, shards, dtype=torch.bfloat16, max_memory={"cpu": 0})
+    plan = get_streaming_state(model).plan
+    assert plan.resident_bytes == m.unit("resident").logical_nbytes // 2
+    assert plan.layer_bytes[0] == m.unit("layers.0").logical_nbytes // 2
+    disable_layer_streaming(model)
 
 
 def test_plan_cuda_tiers_without_a_gpu(llama):
@@ -390,6 +408,16 @@ def test_page_cache_share_in_the_plan(llama, keep, monkeypatch):
     plan = plan_residency(sd, torch.device("cpu"), max_memory={"cpu": 0}, prefetch=1, keep_in_page_cache=keep)
     expected = {None: [0, 2, 4], True: list(range(6)), False: []}[keep]
     assert plan.page_cache_layers == expected
+    # CUDA (explicit budgets: no GPU needed): the pinned host-tier layers (here 2) and the staging buffers
+    # ((prefetch + 1) layers) take host RAM too: room for 3 layers of page cache in 7, and 2 when the plan pins 3
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(engine, "available_host_memory", lambda: int(7.5 * layer / engine.DEFAULT_PAGE_CACHE_SHARE))
+    for pinned, cached in ((2, 3), (3, 2)):
+        budget = {0: 0, "cpu": (pinned + 2) * layer}
+        plan = plan_residency(sd, cuda, max_memory=budget, prefetch=1, reserve=0, keep_in_page_cache=keep)
+        assert len(plan.host_layers) == pinned
+        expected = {None: _spread(plan.streamed, cached), True: plan.streamed, False: []}[keep]
+        assert plan.page_cache_layers == expected, (plan.host_layers, plan.streamed)
 
 
 def test_cold_files_are_mapped_and_stay_in_the_page_cache(llama, tmp_path):
@@ -433,7 +461,9 @@ def test_without_page_cache_room_layers_leave_the_cache(llama, tmp_path, monkeyp
     loader = get_streaming_state(model).loader
     assert loader.plan.page_cache_layers == []
     assert "0 of those left in the page cache" in loader.plan.summary()
-    loader._map = mapped  # (the first layer, read ahead at enable time, was mapped)
+    loader.wait_idle()  # the first layer, read ahead at enable time, is mapped
+    loader._map = mapped
+    drop_from_page_cache(files)  # enabling read each file's header, and the kernel's read-ahead the rest of it
     assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
     disable_layer_streaming(model)  # waits for the loader: the last unmaps and evictions are done
     assert sum(loader.reads.values()) >= 4 * 6
@@ -908,8 +938,9 @@ def test_cuda_streaming_exact_and_buffers_reused(checkpoints, options, profile):
     sizes = {_round_up(loader.shards.header(layer_unit(i)).file_size) for i in range(6)}
     staging = [buf for buf, _ in loader._pool._free]
     assert all(buf.numel() in sizes for buf in staging)
-    assert set(loader._pinned._held) >= {buf.data_ptr() for buf in staging}
-    assert len(loader._pinned._held) == loader._pool.allocated + len(state.plan.host_layers)
+    if loader._pinned._registering:  # (where the driver refuses, torch's pinned allocator is used instead)
+        assert set(loader._pinned._held) >= {buf.data_ptr() for buf in staging}
+        assert len(loader._pinned._held) == loader._pool.allocated + len(state.plan.host_layers)
     if profile and (state.plan.streamed or state.plan.host_layers):
         assert state.last_profile["totals"]["copy"] > 0
     disable_layer_streaming(model)
@@ -954,13 +985,16 @@ def test_staging_pool_prefers_idle_buffers_and_overlaps_reads_with_copies():
 
 
 class _FakeCudart:
-    """Records cudaHostRegister / cudaHostUnregister / cudaGetLastError calls."""
+    """Records cudaHostRegister / cudaHostUnregister / cudaGetLastError calls, and the device each (un)registering
+    ran under (`device`: set by the `torch.cuda.device` stand-in that `_fake_cuda` installs)."""
 
     def __init__(self, fail=False):
         self.fail = fail
         self.registered: dict[int, int] = {}
         self.unregistered: list[int] = []
         self.errors_cleared = 0
+        self.device = None
+        self.devices: list = []  # the device current at each register / unregister call
 
     def cudaGetLastError(self):  # noqa: N802
         self.errors_cleared += 1
@@ -971,6 +1005,7 @@ class _FakeCudart:
             return 2  # cudaErrorMemoryAllocation
         assert flags == 1 and ptr % 4096 == 0
         self.registered[ptr] = size
+        self.devices.append(self.device)
         return 0
 
     def cudaHostUnregister(self, ptr):  # noqa: N802
@@ -978,13 +1013,31 @@ class _FakeCudart:
         # still mapped when unregistered (reading an unmapped address would crash the test run)
         assert ctypes.string_at(ptr, 1) is not None
         self.unregistered.append(ptr)
+        self.devices.append(self.device)
         return 0
 
 
-def test_pinned_host_buffers_are_exact_size_and_unregistered_before_unmapped(monkeypatch):
-    pinned = _PinnedHost()
-    fake = _FakeCudart()
+def _fake_cuda(monkeypatch, fake: _FakeCudart) -> None:
+    """`torch.cuda.cudart()` -> `fake`; `torch.cuda.device(d)` sets `fake.device` to `d` for its block."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def device(d):
+        before, fake.device = fake.device, d
+        try:
+            yield
+        finally:
+            fake.device = before
+
     monkeypatch.setattr(torch.cuda, "cudart", lambda: fake)
+    monkeypatch.setattr(torch.cuda, "device", device)
+
+
+def test_pinned_host_buffers_are_exact_size_and_unregistered_before_unmapped(monkeypatch):
+    gpu = torch.device("cuda", 1)
+    pinned = _PinnedHost(gpu)
+    fake = _FakeCudart()
+    _fake_cuda(monkeypatch, fake)
     sizes = [_round_up(86_000_123), _round_up(5000), 4096]
     bufs = [pinned.empty(n) for n in sizes]
     # exactly what was asked, page-aligned, registered as such (torch's pinned allocator would round 86 MB to 128)
@@ -995,16 +1048,20 @@ def test_pinned_host_buffers_are_exact_size_and_unregistered_before_unmapped(mon
     maps = [weakref.ref(m) for m in pinned._held.values()]
     del bufs
     assert all(m() is not None for m in maps)  # the registry keeps every map until it is unregistered
-    pinned.release()
+    synced = []
+    pinned.release(type("Stream", (), {"synchronize": lambda self: synced.append(len(fake.unregistered))})())
+    assert synced == [0]  # the copy stream was waited for before anything was unregistered
     assert sorted(fake.unregistered) == sorted(fake.registered) and not pinned._held
+    # registered and unregistered under the model's device (the loader thread never set one)
+    assert fake.devices == [gpu] * (2 * len(sizes))
     assert view.tolist() == [1, 2, 3]  # a view outliving release reads ordinary (unpinned) memory
     assert sum(m() is not None for m in maps) == 1  # the view's map stays; the others went with the registry
     pinned.release()  # twice: nothing left to unregister
     assert len(fake.unregistered) == len(sizes)
     # one buffer given up early (a host-tier layer whose read failed): unregistered now, the others stay pinned
     # (a fresh registry: the addresses of the maps unmapped above may be handed out again)
-    pinned, fake = _PinnedHost(), _FakeCudart()
-    monkeypatch.setattr(torch.cuda, "cudart", lambda: fake)
+    pinned, fake = _PinnedHost(gpu), _FakeCudart()
+    _fake_cuda(monkeypatch, fake)
     keep, drop = pinned.empty(4096), pinned.empty(8192)
     pinned.free(drop)
     assert fake.unregistered == [drop.data_ptr()] and set(pinned._held) == {keep.data_ptr()}
@@ -1015,18 +1072,26 @@ def test_pinned_host_buffers_are_exact_size_and_unregistered_before_unmapped(mon
 def test_pinned_host_falls_back_to_torch_when_registering_fails(monkeypatch):
     pinned = _PinnedHost()
     fake = _FakeCudart(fail=True)
-    monkeypatch.setattr(torch.cuda, "cudart", lambda: fake)
+    _fake_cuda(monkeypatch, fake)
     calls = []
+    skew = {"bytes": 0}  # where torch's pinned block starts, past a page boundary
 
-    def fake_empty(*args, **kwargs):
-        calls.append(kwargs.get("pin_memory"))
-        return torch.zeros(*args, dtype=kwargs["dtype"])
+    def fake_empty(size, **kwargs):
+        assert kwargs["pin_memory"]
+        calls.append(size)
+        block = torch.frombuffer(mmap.mmap(-1, size + 4096), dtype=kwargs["dtype"])  # page-aligned
+        return block[skew["bytes"] : skew["bytes"] + size]
 
     monkeypatch.setattr(torch, "empty", fake_empty)
     buf = pinned.empty(8192)
-    assert calls == [True] and buf.numel() == 8192 and buf.data_ptr() % 4096 == 0
+    # exactly the size asked for: asking for a page more would double a power-of-two size in torch's allocator
+    assert calls == [8192] and buf.numel() == 8192 and buf.data_ptr() % 4096 == 0
     assert not pinned._registering and not pinned._held
     # the failed call's error was read off, so this thread's next kernel launch does not raise it as its own
     assert fake.errors_cleared == 1
     pinned.empty(4096)  # no second attempt at registering
-    assert calls == [True, True] and fake.errors_cleared == 1
+    assert calls == [8192, 4096] and fake.errors_cleared == 1
+    # a block that is not page-aligned: a page more, and the aligned part of it (O_DIRECT reads into it)
+    skew["bytes"] = 64
+    buf = pinned.empty(4096)
+    assert calls == [8192, 4096, 4096, 8192] and buf.numel() == 4096 and buf.data_ptr() % 4096 == 0

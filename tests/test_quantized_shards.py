@@ -129,3 +129,115 @@ def test_inspect_shows_scheme_and_ratio(bf16_checkpoint, capsys):
     assert "bits=4" in out and "quant_type=nf4" in out
     ratio = float(out.split("ratio")[1].split("x")[0])
     assert 0.2 < ratio <= 0.30
+
+
+# --- the map thread: a quantized layer's read from the disk overlaps the previous layer's decoding -------------------
+
+
+def _record_stages(loader, monkeypatch, *, decode_s: float = 0.0):
+    """Record each map (thread, layer, start, end) and each decode (`_finish`: layer, start, end) of `loader`; each
+    decode takes at least `decode_s` (a slow decoder, so that overlap or its absence shows without timing luck)."""
+    import threading
+    import time
+
+    maps, decodes = [], []
+    real_map, real_finish = loader._map_file, loader._finish
+
+    def map_file(header, index=-1):
+        t0 = time.perf_counter()
+        out = real_map(header, index)
+        maps.append((threading.current_thread().name, index, t0, time.perf_counter()))
+        return out
+
+    def finish(unit, raw, index, *args, **kwargs):
+        t0 = time.perf_counter()
+        out = real_finish(unit, raw, index, *args, **kwargs)
+        time.sleep(decode_s)
+        decodes.append((index, t0, time.perf_counter()))
+        return out
+
+    monkeypatch.setattr(loader, "_map_file", map_file)
+    monkeypatch.setattr(loader, "_finish", finish)
+    return maps, decodes
+
+
+def test_quantized_layers_are_read_while_the_previous_one_decodes(bf16_checkpoint, monkeypatch):
+    """CPU, quantized shards not in the page cache: the map thread maps and reads layer i + 1 while the loader
+    thread decodes layer i, and the output is the same bits as with every layer kept."""
+    from hf_layerstream import disable_layer_streaming, engine
+
+    ckpt, dirs = bf16_checkpoint
+    ids = torch.randint(4, 120, (1, 20), generator=torch.Generator().manual_seed(1))
+    expected = _logits(streamed_model(ckpt, dirs["4bit"]), ids)
+    # as if nothing were in the page cache (a tmpfs, say, cannot drop anything)
+    monkeypatch.setattr(engine, "_page_cached", lambda fd, header: False)
+    model = streamed_model(ckpt, dirs["4bit"], max_memory={"cpu": 0}, prefetch=2)
+    loader = get_streaming_state(model).loader
+    loader.wait_idle()  # layers 0 and 1, read ahead at enable time: recorded from the next sweep on
+    maps, decodes = _record_stages(loader, monkeypatch, decode_s=0.05)
+    assert torch.equal(_logits(model, ids), expected)
+    loader.wait_idle()
+    assert maps and all(name.startswith("hf_layerstream-loader-map") for name, *_ in maps)
+    assert {index for _, index, *_ in maps} == {0, 1, 2}
+    # maps and decodes go in the same order (2, 0, 1 here: 0 and 1 of this sweep were read ahead at enable time)
+    maps.sort(key=lambda m: m[2])
+    decodes.sort(key=lambda d: d[1])
+    assert [m[1] for m in maps] == [d[0] for d in decodes]
+    overlapped = [m[1] for m, d in zip(maps[1:], decodes) if m[2] < d[2]]
+    assert overlapped, f"no map began before the previous layer's decoding ended: maps {maps}, decodes {decodes}"
+    threads = list(loader._mapper._threads)
+    disable_layer_streaming(model)
+    assert threads and not [t for t in threads if t.is_alive()]
+
+
+def test_layers_in_the_page_cache_are_mapped_where_they_are_decoded(bf16_checkpoint, monkeypatch):
+    """A quantized layer already in the page cache is mapped by the loader thread just before its decoding (mapping
+    it ahead would only make its pages resident earlier); full-precision layers never use the map thread."""
+    from hf_layerstream import engine
+
+    ckpt, dirs = bf16_checkpoint
+    ids = torch.randint(4, 120, (1, 20), generator=torch.Generator().manual_seed(1))
+    monkeypatch.setattr(engine, "_page_cached", lambda fd, header: True)
+    for compression in ("4bit", "none"):
+        model = streamed_model(ckpt, dirs[compression], max_memory={"cpu": 0}, prefetch=2)
+        loader = get_streaming_state(model).loader
+        loader.wait_idle()
+        maps, _ = _record_stages(loader, monkeypatch)
+        _logits(model, ids)
+        loader.wait_idle()
+        assert {index for _, index, *_ in maps} == {0, 1, 2}
+        assert all(name.startswith("hf_layerstream-loader_") for name, *_ in maps), maps
+        assert (loader._mapper is not None) == (compression == "4bit")
+
+
+@pytest.mark.parametrize("failures, raises", [(1, False), (2, True)], ids=["retried", "raised"])
+def test_a_failed_map_ahead_is_retried_then_names_the_layer(bf16_checkpoint, monkeypatch, failures, raises):
+    """A map made ahead that failed (I/O error) is made again when the layer is needed; if that fails too, the
+    caller gets the error naming the layer. Either way the next call gives the exact output."""
+    from hf_layerstream import LayerLoadError, engine
+    from hf_layerstream.errors import ShardFileError
+
+    ckpt, dirs = bf16_checkpoint
+    ids = torch.randint(4, 120, (1, 20), generator=torch.Generator().manual_seed(1))
+    expected = _logits(streamed_model(ckpt, dirs["4bit"]), ids)
+    monkeypatch.setattr(engine, "_page_cached", lambda fd, header: False)
+    model = streamed_model(ckpt, dirs["4bit"], max_memory={"cpu": 0}, prefetch=2)
+    loader = get_streaming_state(model).loader
+    loader.wait_idle()
+    real = loader._map_file
+    left = {"n": failures}
+
+    def flaky(header, index=-1):
+        if index == 2 and left["n"]:
+            left["n"] -= 1
+            raise ShardFileError(header.path, "could not be read: Input/output error")
+        return real(header, index)
+
+    monkeypatch.setattr(loader, "_map_file", flaky)
+    if raises:
+        with pytest.raises(LayerLoadError, match=r"decoder layer 2 .*Input/output error"):
+            _logits(model, ids)
+    else:
+        assert torch.equal(_logits(model, ids), expected)
+    assert left["n"] == 0
+    assert torch.equal(_logits(model, ids), expected)
