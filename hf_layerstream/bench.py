@@ -418,6 +418,7 @@ def bench(args) -> dict:
     import torch
 
     from .cli import _max_memory
+    from .engine import check_device
     from .shard_dir import ShardDirectory
 
     systems = _parse_list(args.systems, SYSTEMS, "--systems")
@@ -432,6 +433,8 @@ def bench(args) -> dict:
     if args.prefetch is not None and args.prefetch < 0:
         raise ValueError(f"`--prefetch` is {args.prefetch}; use a non-negative number of layers.")
     max_memory = _max_memory(args.max_memory)
+    if args.device:  # before any work: a device this machine lacks fails here, with the fix
+        check_device(args.device)
     if args.assistant and args.assistant != "demo" and not (Path(args.assistant) / "config.json").is_file():
         raise ValueError(
             f"`--assistant` {args.assistant!r} is not a model folder with a config.json; pass a small draft model "

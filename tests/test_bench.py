@@ -7,6 +7,7 @@ import mmap
 import os
 
 import pytest
+import torch
 
 from hf_layerstream.bench import format_report, measure_disk_bandwidth
 from hf_layerstream.cli import build_parser, main
@@ -82,6 +83,12 @@ def test_bench_demo_json_and_table(tmp_path, capsys):
         (["--max-new-tokens", "1"], "--max-new-tokens"),
         (["--paired-calls", "-1"], "--paired-calls"),
         (["--assistant", "/nonexistent/draft"], "--assistant"),
+        (["--device", "tpu"], "`device` 'tpu' is not a valid torch device"),
+        pytest.param(
+            ["--device", "cuda"],
+            "CUDA is not available",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA"),
+        ),
     ],
 )
 def test_bench_rejects_bad_options(tmp_path, capsys, extra, message):
