@@ -987,9 +987,9 @@ class LayerLoader:
 
     def _map_file(self, header: Header, index: int = -1) -> dict[str, torch.Tensor] | None:
         """CPU only: map the layer file instead of copying it (zero-copy, no memcpy taking CPU time from the compute)
-        and build its page tables here, in the loader thread, so the compute takes no page faults. Pages not in the
-        page cache are read in on the way, with huge-page read-ahead (see `advise_huge`). The mapping is read-only.
-        Returns `None` where mapping is off or unavailable.
+        and build its page tables here, in the loader thread (or the map thread), so the compute takes no page
+        faults. Pages not in the page cache are read in on the way, with huge-page read-ahead (see `advise_huge`).
+        The mapping is read-only. Returns `None` where mapping is off or unavailable.
 
         A streamed layer's map (with its tensor views) is made at its first use and kept: `release` takes its pages
         out of the resident set (`MADV_DONTNEED`; they stay in the page cache), and the next use populates the same

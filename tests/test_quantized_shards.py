@@ -161,19 +161,28 @@ def _record_stages(loader, monkeypatch, *, decode_s: float = 0.0):
     return maps, decodes
 
 
-def test_quantized_layers_are_read_while_the_previous_one_decodes(bf16_checkpoint, monkeypatch):
-    """CPU, quantized shards not in the page cache: the map thread maps and reads layer i + 1 while the loader
-    thread decodes layer i, and the output is the same bits as with every layer kept."""
-    from hf_layerstream import disable_layer_streaming, engine
+def _streamed_4bit_from_disk(bf16_checkpoint, monkeypatch):
+    """(model streaming every 4-bit layer with prefetch 2, prompt ids, the logits with every layer kept), with the
+    layer files taken as not in the page cache (a tmpfs, say, cannot drop anything), and the layers read ahead at
+    enable time loaded (what is recorded afterwards starts with the next sweep's reads)."""
+    from hf_layerstream import engine
 
     ckpt, dirs = bf16_checkpoint
     ids = torch.randint(4, 120, (1, 20), generator=torch.Generator().manual_seed(1))
     expected = _logits(streamed_model(ckpt, dirs["4bit"]), ids)
-    # as if nothing were in the page cache (a tmpfs, say, cannot drop anything)
     monkeypatch.setattr(engine, "_page_cached", lambda fd, header: False)
     model = streamed_model(ckpt, dirs["4bit"], max_memory={"cpu": 0}, prefetch=2)
+    get_streaming_state(model).loader.wait_idle()
+    return model, ids, expected
+
+
+def test_quantized_layers_are_read_while_the_previous_one_decodes(bf16_checkpoint, monkeypatch):
+    """CPU, quantized shards not in the page cache: the map thread maps and reads layer i + 1 while the loader
+    thread decodes layer i, and the output is the same bits as with every layer kept."""
+    from hf_layerstream import disable_layer_streaming
+
+    model, ids, expected = _streamed_4bit_from_disk(bf16_checkpoint, monkeypatch)
     loader = get_streaming_state(model).loader
-    loader.wait_idle()  # layers 0 and 1, read ahead at enable time: recorded from the next sweep on
     maps, decodes = _record_stages(loader, monkeypatch, decode_s=0.05)
     assert torch.equal(_logits(model, ids), expected)
     loader.wait_idle()
@@ -214,16 +223,11 @@ def test_layers_in_the_page_cache_are_mapped_where_they_are_decoded(bf16_checkpo
 def test_a_failed_map_ahead_is_retried_then_names_the_layer(bf16_checkpoint, monkeypatch, failures, raises):
     """A map made ahead that failed (I/O error) is made again when the layer is needed; if that fails too, the
     caller gets the error naming the layer. Either way the next call gives the exact output."""
-    from hf_layerstream import LayerLoadError, engine
+    from hf_layerstream import LayerLoadError
     from hf_layerstream.errors import ShardFileError
 
-    ckpt, dirs = bf16_checkpoint
-    ids = torch.randint(4, 120, (1, 20), generator=torch.Generator().manual_seed(1))
-    expected = _logits(streamed_model(ckpt, dirs["4bit"]), ids)
-    monkeypatch.setattr(engine, "_page_cached", lambda fd, header: False)
-    model = streamed_model(ckpt, dirs["4bit"], max_memory={"cpu": 0}, prefetch=2)
+    model, ids, expected = _streamed_4bit_from_disk(bf16_checkpoint, monkeypatch)
     loader = get_streaming_state(model).loader
-    loader.wait_idle()
     real = loader._map_file
     left = {"n": failures}
 
