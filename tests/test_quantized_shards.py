@@ -245,3 +245,37 @@ def test_a_failed_map_ahead_is_retried_then_names_the_layer(bf16_checkpoint, mon
         assert torch.equal(_logits(model, ids), expected)
     assert left["n"] == 0
     assert torch.equal(_logits(model, ids), expected)
+
+
+def test_quantized_layers_leave_the_page_cache_when_the_plan_says_so(bf16_checkpoint, tmp_path):
+    """`keep_in_page_cache=False` with 4-bit shards read from the disk by the map thread: the output is exact, a
+    layer leaves the page cache after use (its eviction runs in the map thread), and once streaming is disabled no
+    layer file is left there."""
+    import shutil
+
+    from _pagecache import cached_share, drop_from_page_cache
+
+    from hf_layerstream import disable_layer_streaming
+
+    ckpt, dirs = bf16_checkpoint
+    shards = shutil.copytree(dirs["4bit"], tmp_path / "shards")
+    files = sorted((shards / "layers").glob("*.safetensors"))
+    ids = torch.randint(4, 120, (1, 20), generator=torch.Generator().manual_seed(1))
+    reference = streamed_model(ckpt, shards)
+    expected = _logits(reference, ids)
+    disable_layer_streaming(reference)  # (its maps of the layer files would keep them in the page cache)
+    drop_from_page_cache(files)
+    if any(cached_share(p) for p in files):
+        pytest.skip("this file system keeps dropped files in the page cache")
+    model = streamed_model(ckpt, shards, max_memory={"cpu": 0}, prefetch=2, keep_in_page_cache=False)
+    loader = get_streaming_state(model).loader
+    for _ in range(2):
+        drop_from_page_cache(files)  # (enabling read each small file's header, and read-ahead the rest of it)
+        assert torch.equal(_logits(model, ids), expected)
+    loader.wait_idle()
+    loader._mapper.submit(lambda: None).result()  # the evictions queued there before it are done
+    assert loader.reads["mapped"] >= 6
+    # the last layer was used and dropped; the first two are read ahead for the next call (and so still cached)
+    assert loader.plan.streamed == [0, 1, 2] and cached_share(files[2]) == 0
+    disable_layer_streaming(model)
+    assert not any(cached_share(p) for p in files)
