@@ -429,8 +429,9 @@ def _cachestat_fraction(libc, fd: int, size: int) -> float | None:
     return min(stat.nr_cache / pages, 1.0)
 
 
-def cached_fraction(fd: int, size: int) -> float | None:
-    """Share of a file's first `size` bytes that is in the page cache, or `None` where it cannot be told.
+def cached_fraction(fd: int, size: int, *, cheap: bool = False) -> float | None:
+    """Share of a file's first `size` bytes that is in the page cache, or `None` where it cannot be told (with
+    `cheap`: where it cannot be told with `cachestat`).
 
     Asked with `cachestat` (Linux 6.5), one system call that reads nothing; else with `mincore` on a throw-away
     mapping, which reads nothing either but costs far more (measured here on an 86 MB file in the page cache: about
@@ -442,7 +443,7 @@ def cached_fraction(fd: int, size: int) -> float | None:
     if libc is None:
         return None
     fraction = _cachestat_fraction(libc, fd, size)
-    if fraction is not None:
+    if fraction is not None or cheap:
         return fraction
     import ctypes
 

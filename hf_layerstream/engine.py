@@ -605,6 +605,13 @@ def _page_cached(fd: int, header: Header) -> bool:
     return fraction is None or fraction >= 1.0
 
 
+def _known_cached(fd: int, header: Header) -> bool:
+    """Whether all of the file is in the page cache, asked only where that is cheap (`cachestat`); `False` where
+    it cannot be told so."""
+    fraction = cached_fraction(fd, header.file_size, cheap=True)
+    return fraction is not None and fraction >= 1.0
+
+
 class LayerLoader:
     """Provides each decoder layer's tensors (names relative to the layer) on the execution device."""
 
@@ -648,7 +655,11 @@ class LayerLoader:
         # CPU: layers whose files hold quantized weights are mapped and read by a second thread (`_map_ahead`,
         # started at the first), so the next such layer's read from the disk overlaps this one's decoding
         self._decoded = {i for i in self._streamed if any(t.quant for t in shards.unit(layer_unit(i)).tensors.values())}
-        self._mapper: ThreadPoolExecutor | None = None
+        self._mapper = (  # (its thread starts at the first task)
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf_layerstream-loader-map")
+            if self._decoded and not self.is_cuda and hasattr(mmap, "MAP_POPULATE")
+            else None
+        )
         self._mapped: dict[int, Future] = {}  # layer -> its map being made ahead (`_map_ahead`)
         self._pending: dict[int, Future] = {}
         self._in_use: dict[int, _Ready] = {}
@@ -733,7 +744,7 @@ class LayerLoader:
                 kept.release_pages()
             if ready.evict is not None and not self._closed:
                 # in the thread that maps this layer next: in order with that map (mapped pages are not dropped)
-                pool = self._mapper_thread() if self._maps_ahead(index) else self._executor
+                pool = self._mapper if self.prefetch and self._maps_ahead(index) else self._executor
                 pool.submit(_evict, ready.evict, whole=ready.repair)
             return
         if ready.event is not None:  # CUDA, streamed: see `_wait_released`
@@ -782,10 +793,11 @@ class LayerLoader:
             ready.tensors = {}
         self._in_use.clear()
         self._released.clear()
+        mapped = self.reads["mapped"] or self._maps  # (maps made ahead for loads that were cancelled count too)
         for kept in self._maps.values():
             kept.release_pages()
         self._maps.clear()  # each map goes once no tensor views it
-        if not self.is_cuda and self.reads["mapped"]:
+        if not self.is_cuda and mapped:
             for i in self.plan.streamed:
                 if not self.plan.keeps_in_page_cache(i):
                     _evict(self.shards.files[layer_unit(i)])
@@ -818,36 +830,34 @@ class LayerLoader:
                 if nxt == index or nxt in self._pending or nxt in self._in_use:
                     continue
                 if self._maps_ahead(nxt):
-                    self._mapped[nxt] = self._mapper_thread().submit(self._map_ahead, nxt)
+                    self._mapped[nxt] = self._mapper.submit(self._map_ahead, nxt)
                 self._pending[nxt] = self._executor.submit(self._load_streamed, nxt)
 
     def _maps_ahead(self, index: int) -> bool:
         """CPU: whether layer `index` is mapped and read by the map thread, ahead of its decoding in the loader
         thread. For layers of quantized weights: the loader thread decodes (about as long as reading the packed
         bytes from the disk here), and with one thread doing both, each layer's read waited for the previous
-        layer's decoding. Full-precision layers have nothing to decode: their map is made where it is used."""
-        return index in self._decoded and not self.is_cuda and self._map
+        layer's decoding. Full-precision layers have nothing to decode: their map is made where it is used. The
+        overlap needs `prefetch` >= 2: a layer's map and its decoding are scheduled at the same time, so with 1 the
+        decoding waits for the map as before."""
+        return self._mapper is not None and self._map and index in self._decoded
 
-    def _mapper_thread(self) -> ThreadPoolExecutor:
-        if self._mapper is None:
-            self._mapper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf_layerstream-loader-map")
-        return self._mapper
-
-    def _map_ahead(self, index: int) -> tuple[dict[str, torch.Tensor] | None, float] | None:
+    def _map_ahead(self, index: int) -> tuple[dict[str, torch.Tensor], float] | None:
         """In the map thread: layer `index`'s map, populated (read from the disk), and the seconds it took; `None`
-        when the whole file is in the page cache: then the loader thread maps it just before decoding, as it does
-        full-precision layers (mapping ahead gains nothing there, and its pages would be resident one layer
-        earlier: 30-40 MB more peak RSS on the 4-bit bench model, measured here)."""
+        where the loader thread is to map (or read) it just before decoding, as it does full-precision layers: when
+        the whole file is in the page cache (`cachestat` tells; mapping ahead gains nothing there, and its pages
+        would be resident one layer earlier: 30-40 MB more peak RSS on the 4-bit bench model, measured here), or
+        when mapping is off."""
         header = self.shards.header(layer_unit(index))
         t0 = time.perf_counter()
         fd = os.open(header.path, os.O_RDONLY)
         try:
-            if _page_cached(fd, header):
+            if _known_cached(fd, header):
                 return None
         finally:
             os.close(fd)
         raw = self._map_file(header, index)
-        return raw, time.perf_counter() - t0
+        return (raw, time.perf_counter() - t0) if raw is not None else None
 
     # -- loading --------------------------------------------------------------------------------------------------
 
@@ -1000,6 +1010,7 @@ class LayerLoader:
         if map_populate is None or not self._map or header.file_size == 0:
             return None
         kept = self._maps.get(index)
+        populating = self._populate  # (read once: the loader and the map thread may both be here)
         fd = os.open(header.path, os.O_RDONLY)
         try:
             check = getattr(header, "check_unchanged", None)
@@ -1008,15 +1019,15 @@ class LayerLoader:
             if os.fstat(fd).st_size < header.file_size:  # mapping past the end would SIGBUS instead of raising
                 raise ShardFileError(header.path, f"is shorter than its {header.file_size} bytes (truncated)")
             if kept is None:
-                flags = mmap.MAP_PRIVATE | (0 if self._populate else map_populate)
+                flags = mmap.MAP_PRIVATE | (0 if populating else map_populate)
                 mm = mmap.mmap(fd, header.file_size, flags=flags, prot=mmap.PROT_READ)
         finally:
             os.close(fd)
         if kept is not None:
             mm = kept.mm
-        elif self._populate:
+        elif populating:
             advise_huge(mm)
-        if self._populate:
+        if populating:
             before = thread_usage()
             try:
                 done = populate(mm, header.path)
@@ -1025,7 +1036,7 @@ class LayerLoader:
                     mm.close()
                 else:  # a map whose file could not be read: the next use maps it anew
                     kept.release_pages()
-                    del self._maps[index]
+                    self._maps.pop(index, None)
                 raise
             if not done:  # an older kernel: populate at mmap time instead (no huge read-ahead, no kept maps)
                 mm.close()
@@ -1100,7 +1111,8 @@ class LayerLoader:
                 self._host_cache[index] = raw
                 nread = header.data_size
         else:
-            ahead = self._mapped.pop(index, None)  # (put there before this load was submitted)
+            with self._lock:
+                ahead = self._mapped.pop(index, None)
             done = ahead.result() if ahead is not None else None
             if done is not None:  # mapped by the map thread, while this thread decoded the layers before
                 raw, read_s = done

@@ -169,11 +169,21 @@ def _streamed_4bit_from_disk(bf16_checkpoint, monkeypatch):
 
     ckpt, dirs = bf16_checkpoint
     ids = torch.randint(4, 120, (1, 20), generator=torch.Generator().manual_seed(1))
-    expected = _logits(streamed_model(ckpt, dirs["4bit"]), ids)
-    monkeypatch.setattr(engine, "_page_cached", lambda fd, header: False)
+    expected = _kept_logits(ckpt, dirs["4bit"], ids)
+    monkeypatch.setattr(engine, "_known_cached", lambda fd, header: False)
     model = streamed_model(ckpt, dirs["4bit"], max_memory={"cpu": 0}, prefetch=2)
     get_streaming_state(model).loader.wait_idle()
     return model, ids, expected
+
+
+def _kept_logits(ckpt, shards, ids):
+    """The logits with every layer kept (the reference), streaming disabled afterwards."""
+    from hf_layerstream import disable_layer_streaming
+
+    reference = streamed_model(ckpt, shards)
+    logits = _logits(reference, ids)
+    disable_layer_streaming(reference)
+    return logits
 
 
 def test_quantized_layers_are_read_while_the_previous_one_decodes(bf16_checkpoint, monkeypatch):
@@ -206,7 +216,7 @@ def test_layers_in_the_page_cache_are_mapped_where_they_are_decoded(bf16_checkpo
 
     ckpt, dirs = bf16_checkpoint
     ids = torch.randint(4, 120, (1, 20), generator=torch.Generator().manual_seed(1))
-    monkeypatch.setattr(engine, "_page_cached", lambda fd, header: True)
+    monkeypatch.setattr(engine, "_known_cached", lambda fd, header: True)
     for compression in ("4bit", "none"):
         model = streamed_model(ckpt, dirs[compression], max_memory={"cpu": 0}, prefetch=2)
         loader = get_streaming_state(model).loader
@@ -261,9 +271,7 @@ def test_quantized_layers_leave_the_page_cache_when_the_plan_says_so(bf16_checkp
     shards = shutil.copytree(dirs["4bit"], tmp_path / "shards")
     files = sorted((shards / "layers").glob("*.safetensors"))
     ids = torch.randint(4, 120, (1, 20), generator=torch.Generator().manual_seed(1))
-    reference = streamed_model(ckpt, shards)
-    expected = _logits(reference, ids)
-    disable_layer_streaming(reference)  # (its maps of the layer files would keep them in the page cache)
+    expected = _kept_logits(ckpt, shards, ids)  # (disabled: its maps would keep the files in the page cache)
     drop_from_page_cache(files)
     if any(cached_share(p) for p in files):
         pytest.skip("this file system keeps dropped files in the page cache")
@@ -279,3 +287,55 @@ def test_quantized_layers_leave_the_page_cache_when_the_plan_says_so(bf16_checkp
     assert loader.plan.streamed == [0, 1, 2] and cached_share(files[2]) == 0
     disable_layer_streaming(model)
     assert not any(cached_share(p) for p in files)
+
+
+def test_where_layers_cannot_be_mapped_the_loader_reads_them_and_times_the_read(bf16_checkpoint, monkeypatch):
+    """Mapping unavailable (as where `mmap` has no `MAP_POPULATE`): the map thread hands every layer back, the loader
+    thread reads it into a buffer, and the profile's read time is that read's (not the map thread's few ms)."""
+    import time
+
+    from hf_layerstream import engine
+
+    ckpt, dirs = bf16_checkpoint
+    ids = torch.randint(4, 120, (1, 20), generator=torch.Generator().manual_seed(1))
+    expected = _kept_logits(ckpt, dirs["4bit"], ids)
+    monkeypatch.setattr(engine, "_known_cached", lambda fd, header: False)
+    model = streamed_model(ckpt, dirs["4bit"], max_memory={"cpu": 0}, prefetch=2, profile=True)
+    state = get_streaming_state(model)
+    loader = state.loader
+    loader.wait_idle()
+    monkeypatch.setattr(loader, "_map_file", lambda header, index=-1: None)
+    real = loader._read_file
+
+    def slow_read(header, buf, index):
+        time.sleep(0.05)
+        return real(header, buf, index)
+
+    monkeypatch.setattr(loader, "_read_file", slow_read)
+    assert torch.equal(_logits(model, ids), expected)  # (it uses layers 0 and 1 as mapped at enable time)
+    loader.wait_idle()
+    state.profile.reset()  # the next pass uses only layers read since the patches
+    assert torch.equal(_logits(model, ids), expected)
+    loader.wait_idle()
+    assert loader.reads["page_cache"] + loader.reads["direct"] >= 3
+    reads = {i: t.read for i, t in state.profile.layers.items()}
+    assert all(reads[i] >= 0.05 for i in (0, 1, 2)), reads
+
+
+def test_without_read_ahead_the_map_thread_is_not_used(bf16_checkpoint, tmp_path):
+    """`prefetch=0` (also what a single streamed layer gets): nothing is mapped ahead, so a quantized layer's
+    eviction runs in the loader thread, in order with its next map there; the map thread never starts."""
+    import shutil
+
+    from _pagecache import drop_from_page_cache
+
+    ckpt, dirs = bf16_checkpoint
+    shards = shutil.copytree(dirs["4bit"], tmp_path / "shards")
+    files = sorted((shards / "layers").glob("*.safetensors"))
+    ids = torch.randint(4, 120, (1, 20), generator=torch.Generator().manual_seed(1))
+    model = streamed_model(ckpt, shards, max_memory={"cpu": 0}, prefetch=0, keep_in_page_cache=False)
+    loader = get_streaming_state(model).loader
+    drop_from_page_cache(files)
+    _logits(model, ids)
+    loader._executor.submit(lambda: None).result()  # the evictions queued there are done
+    assert loader.reads["mapped"] == 3 and not loader._mapper._threads
