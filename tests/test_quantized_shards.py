@@ -339,3 +339,33 @@ def test_without_read_ahead_the_map_thread_is_not_used(bf16_checkpoint, tmp_path
     _logits(model, ids)
     loader._executor.submit(lambda: None).result()  # the evictions queued there are done
     assert loader.reads["mapped"] == 3 and not loader._mapper._threads
+
+
+def test_disable_while_maps_are_made_ahead(bf16_checkpoint, monkeypatch):
+    """Disabling streaming while the map thread is reading layers ahead: it waits for them, stops both threads,
+    releases every map, and enabling again gives the exact output."""
+    import threading
+
+    from hf_layerstream import disable_layer_streaming, enable_layer_streaming
+
+    model, ids, expected = _streamed_4bit_from_disk(bf16_checkpoint, monkeypatch)
+    loader = get_streaming_state(model).loader
+    started, go = threading.Event(), threading.Event()
+    real = loader._map_file
+
+    def held_map(header, index=-1):  # the map thread is inside a map when streaming is disabled
+        started.set()
+        go.wait(5)
+        return real(header, index)
+
+    monkeypatch.setattr(loader, "_map_file", held_map)
+    loader._schedule_after(0)  # as the forward pass over layer 0 does: layer 2 is read ahead (1 was at enable)
+    assert started.wait(5)
+    threading.Timer(0.2, go.set).start()
+    disable_layer_streaming(model)  # returns once the held map has finished
+    threads = [*loader._executor._threads, *loader._mapper._threads]
+    assert threads and not [t for t in threads if t.is_alive()]
+    assert not loader._maps and not loader._mapped and not loader._pending
+    enable_layer_streaming(model, bf16_checkpoint[1]["4bit"], device="cpu", max_memory={"cpu": 0}, prefetch=2)
+    assert torch.equal(_logits(model, ids), expected)
+    disable_layer_streaming(model)
