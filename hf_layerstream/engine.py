@@ -660,7 +660,6 @@ class LayerLoader:
             if self._decoded and not self.is_cuda and hasattr(mmap, "MAP_POPULATE")
             else None
         )
-        self._mapped: dict[int, Future] = {}  # layer -> its map being made ahead (`_map_ahead`)
         self._pending: dict[int, Future] = {}
         self._in_use: dict[int, _Ready] = {}
         self._lock = threading.Lock()
@@ -775,12 +774,10 @@ class LayerLoader:
         with self._lock:
             pending = list(self._pending.values())
             self._pending.clear()
-            ahead = list(self._mapped.values())
-            self._mapped.clear()
-        for f in pending + ahead:
+        for f in pending:
             f.cancel()
         self._executor.shutdown(wait=True, cancel_futures=True)
-        if self._mapper is not None:
+        if self._mapper is not None:  # (maps made ahead for loads that were cancelled: not begun ones are dropped)
             self._mapper.shutdown(wait=True, cancel_futures=True)
         if self._helpers is not None:  # idle now: only the loader thread, stopped above, gives them work
             self._helpers.shutdown(wait=True)
@@ -829,9 +826,8 @@ class LayerLoader:
                 nxt = self._streamed[(pos + k) % len(self._streamed)]
                 if nxt == index or nxt in self._pending or nxt in self._in_use:
                     continue
-                if self._maps_ahead(nxt):
-                    self._mapped[nxt] = self._mapper.submit(self._map_ahead, nxt)
-                self._pending[nxt] = self._executor.submit(self._load_streamed, nxt)
+                ahead = self._mapper.submit(self._map_ahead, nxt) if self._maps_ahead(nxt) else None
+                self._pending[nxt] = self._executor.submit(self._load_streamed, nxt, ahead)
 
     def _maps_ahead(self, index: int) -> bool:
         """CPU: whether layer `index` is mapped and read by the map thread, ahead of its decoding in the loader
@@ -1088,8 +1084,8 @@ class LayerLoader:
         finally:
             os.close(fd)
 
-    def _load_streamed(self, index: int) -> _Ready:
-        """Runs in the loader thread."""
+    def _load_streamed(self, index: int, ahead: Future | None = None) -> _Ready:
+        """Runs in the loader thread. `ahead`: the map thread's `_map_ahead` of this layer, if it was asked."""
         unit = layer_unit(index)
         header = self.shards.header(unit)
         tier = self.plan.tier(index)
@@ -1111,8 +1107,6 @@ class LayerLoader:
                 self._host_cache[index] = raw
                 nread = header.data_size
         else:
-            with self._lock:
-                ahead = self._mapped.pop(index, None)
             done = ahead.result() if ahead is not None else None
             if done is not None:  # mapped by the map thread, while this thread decoded the layers before
                 raw, read_s = done

@@ -359,13 +359,16 @@ def test_disable_while_maps_are_made_ahead(bf16_checkpoint, monkeypatch):
         return real(header, index)
 
     monkeypatch.setattr(loader, "_map_file", held_map)
+    asked = []  # every map made ahead from here on
+    submit = loader._mapper.submit
+    monkeypatch.setattr(loader._mapper, "submit", lambda *a, **k: asked.append(submit(*a, **k)) or asked[-1])
     loader._schedule_after(0)  # as the forward pass over layer 0 does: layer 2 is read ahead (1 was at enable)
     assert started.wait(5)
     threading.Timer(0.2, go.set).start()
     disable_layer_streaming(model)  # returns once the held map has finished
     threads = [*loader._executor._threads, *loader._mapper._threads]
     assert threads and not [t for t in threads if t.is_alive()]
-    assert not loader._maps and not loader._mapped and not loader._pending
+    assert not loader._maps and not loader._pending and asked and all(f.done() for f in asked)
     enable_layer_streaming(model, bf16_checkpoint[1]["4bit"], device="cpu", max_memory={"cpu": 0}, prefetch=2)
     assert torch.equal(_logits(model, ids), expected)
     disable_layer_streaming(model)
