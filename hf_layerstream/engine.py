@@ -410,6 +410,12 @@ _READ_CHUNK = 64 * 2**20
 # alternating), and 1.04x the one-part time in an 8-round rerun with 2 parts, although the same reads alone ran
 # faster in parts (why is not pinned down: populating a cold 86 MB layer takes only ~1.5 ms of the thread's CPU).
 READ_STREAMS = 4
+# CPU: full-precision layers that the disk must supply are mapped (read) by this many map threads, taking turns, so
+# this many layers are read at once. Measured here on the bench model, every layer streamed from a cold page cache,
+# alternating `generate` calls in one process (8 tokens each; medians of per-round ratios): 0.85x the step time of
+# one layer at a time (10 rounds), 0.90x and 0.94x in two earlier runs (10 and 6 rounds); 3 threads with prefetch 3
+# did no better (0.94x). Reading the layer files alone, two at once was faster in most rounds, but noisily.
+MAP_STREAMS = 2
 _PART_ALIGN = 2 * 2**20  # parts start on huge-page boundaries (and so on O_DIRECT's alignment)
 _PARALLEL_MIN_BYTES = 8 * 2**20  # smaller files are read in one part
 
@@ -605,6 +611,12 @@ def _page_cached(fd: int, header: Header) -> bool:
     return fraction is None or fraction >= 1.0
 
 
+def _read_from_disk(before: tuple[float, int] | None, after: tuple[float, int] | None, size: int) -> bool:
+    """Whether a map populated between two `thread_usage` readings read its file (of `size` bytes) from the disk:
+    more than 1/16 of it; `True` where the platform cannot tell."""
+    return before is None or after is None or after[1] - before[1] >= size // 16
+
+
 def _known_cached(fd: int, header: Header) -> bool:
     """Whether all of the file is in the page cache, asked only where that is cheap (`cachestat`); `False` where
     it cannot be told so."""
@@ -652,14 +664,21 @@ class LayerLoader:
         # reading one and helper threads, started at the first such read, the others
         self.read_streams = READ_STREAMS
         self._helpers: ThreadPoolExecutor | None = None
-        # CPU: layers whose files hold quantized weights are mapped and read by a second thread (`_map_ahead`,
-        # started at the first), so the next such layer's read from the disk overlaps this one's decoding
-        self._decoded = {i for i in self._streamed if any(t.quant for t in shards.unit(layer_unit(i)).tensors.values())}
-        self._mapper = (  # (its thread starts at the first task)
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf_layerstream-loader-map")
-            if self._decoded and not self.is_cuda and hasattr(mmap, "MAP_POPULATE")
-            else None
-        )
+        # CPU: layers the disk must supply are mapped and read ahead by map threads (`_map_ahead`; see `_maps_ahead`),
+        # each layer always by the same one (`_map_thread`), so its eviction after use and its next map run in order
+        self._mappers = (
+            [
+                ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"hf_layerstream-loader-map-{k}")
+                for k in range(MAP_STREAMS)
+            ]
+            if self._streamed and not self.is_cuda and hasattr(mmap, "MAP_POPULATE")
+            else []
+        )  # (each one's thread starts at its first task)
+        decoded = {i for i in self._streamed if any(t.quant for t in shards.unit(layer_unit(i)).tensors.values())}
+        # full-precision layers take turns (two read at once); quantized ones all go to the first (their reads are
+        # small and overlap the decoding: two at once gained nothing there, 1.03x and 1.08x the step time, measured)
+        self._map_thread = {i: 0 if i in decoded else pos % MAP_STREAMS for pos, i in enumerate(self._streamed)}
+        self._from_disk = set(self._streamed)  # layers whose last map read from the disk (every layer until mapped)
         self._pending: dict[int, Future] = {}
         self._in_use: dict[int, _Ready] = {}
         self._lock = threading.Lock()
@@ -743,8 +762,8 @@ class LayerLoader:
                 kept.release_pages()
             if ready.evict is not None and not self._closed:
                 # in the thread that maps this layer next: in order with that map (mapped pages are not dropped)
-                pool = self._mapper if self.prefetch and self._maps_ahead(index) else self._executor
-                pool.submit(_evict, ready.evict, whole=ready.repair)
+                pool = self._mappers[self._map_thread[index]] if self.prefetch and self._maps_ahead(index) else None
+                (pool or self._executor).submit(_evict, ready.evict, whole=ready.repair)
             return
         if ready.event is not None:  # CUDA, streamed: see `_wait_released`
             done = torch.cuda.Event()
@@ -777,8 +796,8 @@ class LayerLoader:
         for f in pending:
             f.cancel()
         self._executor.shutdown(wait=True, cancel_futures=True)
-        if self._mapper is not None:  # (maps made ahead for loads that were cancelled: not begun ones are dropped)
-            self._mapper.shutdown(wait=True, cancel_futures=True)
+        for mapper in self._mappers:  # (maps made ahead for loads that were cancelled: not begun ones are dropped)
+            mapper.shutdown(wait=True, cancel_futures=True)
         if self._helpers is not None:  # idle now: only the loader thread, stopped above, gives them work
             self._helpers.shutdown(wait=True)
         if self._copy_stream is not None:
@@ -826,24 +845,26 @@ class LayerLoader:
                 nxt = self._streamed[(pos + k) % len(self._streamed)]
                 if nxt == index or nxt in self._pending or nxt in self._in_use:
                     continue
-                ahead = self._mapper.submit(self._map_ahead, nxt) if self._maps_ahead(nxt) else None
+                ahead = (
+                    self._mappers[self._map_thread[nxt]].submit(self._map_ahead, nxt) if self._maps_ahead(nxt) else None
+                )
                 self._pending[nxt] = self._executor.submit(self._load_streamed, nxt, ahead)
 
     def _maps_ahead(self, index: int) -> bool:
-        """CPU: whether layer `index` is mapped and read by the map thread, ahead of its decoding in the loader
-        thread. For layers of quantized weights: the loader thread decodes (about as long as reading the packed
-        bytes from the disk here), and with one thread doing both, each layer's read waited for the previous
-        layer's decoding. Full-precision layers have nothing to decode: their map is made where it is used. The
-        overlap needs `prefetch` >= 2: a layer's map and its decoding are scheduled at the same time, so with 1 the
-        decoding waits for the map as before."""
-        return self._mapper is not None and self._map and index in self._decoded
+        """CPU: whether layer `index` is mapped by a map thread, ahead of its use: where its last map read it from
+        the disk (or it was not mapped yet). Reads from the disk then overlap in two ways: two full-precision layers
+        are read at once (`MAP_STREAMS`), and a layer of quantized weights is read while the loader thread decodes
+        the one before (decoding takes about as long as reading the packed bytes here). Both need `prefetch` >= 2:
+        a layer's map and its load in the loader thread are scheduled together, so with 1 a single map is in
+        flight, and the decoding waits for it. A layer its last map found in the page cache is mapped by the loader
+        thread, where it is used: a map thread would only add a hand-over per layer to a warm sweep."""
+        return bool(self._mappers) and self._map and index in self._from_disk
 
     def _map_ahead(self, index: int) -> tuple[dict[str, torch.Tensor], float] | None:
-        """In the map thread: layer `index`'s map, populated (read from the disk), and the seconds it took; `None`
-        where the loader thread is to map (or read) it just before decoding, as it does full-precision layers: when
-        the whole file is in the page cache (`cachestat` tells; mapping ahead gains nothing there, and its pages
-        would be resident one layer earlier: 30-40 MB more peak RSS on the 4-bit bench model, measured here), or
-        when mapping is off."""
+        """In a map thread: layer `index`'s map, populated (read from the disk), and the seconds it took; `None`
+        where the loader thread is to map (or read) it just before use: when the whole file is in the page cache
+        (`cachestat` tells; mapping ahead gains nothing there, and its pages would be resident one layer earlier:
+        30-40 MB more peak RSS on the 4-bit bench model, measured here), or when mapping is off."""
         header = self.shards.header(layer_unit(index))
         t0 = time.perf_counter()
         fd = os.open(header.path, os.O_RDONLY)
@@ -1041,12 +1062,15 @@ class LayerLoader:
             after = thread_usage()
             # judged only when (almost) nothing came from the disk: reading costs CPU too, whatever the folio size
             # (and what was just read came in through the huge-page advice: no reason to drop it again)
-            cpu, read = (after[0] - before[0], after[1] - before[1]) if before and after else (0.0, 0)
-            warm = before is not None and read < header.file_size // 16
-            if warm and cpu > _SMALL_PAGES_CPU_PER_MIB * header.file_size / 2**20:
+            warm = not _read_from_disk(before, after, header.file_size)
+            if warm and after[0] - before[0] > _SMALL_PAGES_CPU_PER_MIB * header.file_size / 2**20:
                 self.small_page_layers.add(index)
             else:
                 self.small_page_layers.discard(index)
+            if warm:
+                self._from_disk.discard(index)
+            elif index >= 0:
+                self._from_disk.add(index)
             if kept is None and self._keep_maps and index >= 0:
                 kept = _LayerMap(mm, map_address(mm), _views(header, mm, header.data_offset))
                 self._maps[index] = kept

@@ -141,11 +141,11 @@ def test_warm_measurement_starts_from_a_warm_page_cache(tmp_path):
     layer_bytes = sum(p.stat().st_size for p in (shards / "layers").glob("*.safetensors"))
     spec = {"system": "streamed", "path": str(shards), "max_memory": {"cpu": 0}, "input_ids": [5, 6, 7, 8]}
     spec["max_new_tokens"] = 3
+    spec["prefetch"] = 0  # no layer is read while the model loads, before the count starts: the calls read them all
     files = weight_files("streamed", str(shards))
     os.sync()  # pages just written are dirty: they leave the page cache only once on the disk
     drop_page_cache(files)
     unwarmed = measure({**spec, "warmup": False})
-    # (the loader may start reading the first layers while the model loads, before the count starts)
     if unwarmed["disk_read_bytes"] is None or unwarmed["disk_read_bytes"] < layer_bytes // 2:
         pytest.skip("files cannot be dropped from the page cache here (or reads are not accounted)")
     drop_page_cache(files)

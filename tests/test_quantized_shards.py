@@ -134,9 +134,10 @@ def test_inspect_shows_scheme_and_ratio(bf16_checkpoint, capsys):
 # --- the map thread: a quantized layer's read from the disk overlaps the previous layer's decoding -------------------
 
 
-def _record_stages(loader, monkeypatch, *, decode_s: float = 0.0):
+def _record_stages(loader, monkeypatch, *, decode_s: float = 0.0, map_s: float = 0.0):
     """Record each map (thread, layer, start, end) and each decode (`_finish`: layer, start, end) of `loader`; each
-    decode takes at least `decode_s` (a slow decoder, so that overlap or its absence shows without timing luck)."""
+    decode takes at least `decode_s`, each map at least `map_s` (a slow decoder or disk, so that overlap or its
+    absence shows without timing luck)."""
     import threading
     import time
 
@@ -146,6 +147,7 @@ def _record_stages(loader, monkeypatch, *, decode_s: float = 0.0):
     def map_file(header, index=-1):
         t0 = time.perf_counter()
         out = real_map(header, index)
+        time.sleep(map_s)
         maps.append((threading.current_thread().name, index, t0, time.perf_counter()))
         return out
 
@@ -163,14 +165,16 @@ def _record_stages(loader, monkeypatch, *, decode_s: float = 0.0):
 
 def _streamed_4bit_from_disk(bf16_checkpoint, monkeypatch):
     """(model streaming every 4-bit layer with prefetch 2, prompt ids, the logits with every layer kept), with the
-    layer files taken as not in the page cache (a tmpfs, say, cannot drop anything), and the layers read ahead at
-    enable time loaded (what is recorded afterwards starts with the next sweep's reads)."""
+    layer files taken as not in the page cache and as read from the disk by every map (a tmpfs, say, cannot drop
+    anything), and the layers read ahead at enable time loaded (what is recorded afterwards starts with the next
+    sweep's reads)."""
     from hf_layerstream import engine
 
     ckpt, dirs = bf16_checkpoint
     ids = torch.randint(4, 120, (1, 20), generator=torch.Generator().manual_seed(1))
     expected = _kept_logits(ckpt, dirs["4bit"], ids)
     monkeypatch.setattr(engine, "_known_cached", lambda fd, header: False)
+    monkeypatch.setattr(engine, "_read_from_disk", lambda before, after, size: True)
     model = streamed_model(ckpt, dirs["4bit"], max_memory={"cpu": 0}, prefetch=2)
     get_streaming_state(model).loader.wait_idle()
     return model, ids, expected
@@ -197,6 +201,7 @@ def test_quantized_layers_are_read_while_the_previous_one_decodes(bf16_checkpoin
     assert torch.equal(_logits(model, ids), expected)
     loader.wait_idle()
     assert maps and all(name.startswith("hf_layerstream-loader-map") for name, *_ in maps)
+    assert len({name for name, *_ in maps}) == 1  # one map thread: two reads at once gain nothing while decoding
     assert {index for _, index, *_ in maps} == {0, 1, 2}
     # maps and decodes go in the same order (2, 0, 1 here: 0 and 1 of this sweep were read ahead at enable time)
     maps.sort(key=lambda m: m[2])
@@ -204,29 +209,105 @@ def test_quantized_layers_are_read_while_the_previous_one_decodes(bf16_checkpoin
     assert [m[1] for m in maps] == [d[0] for d in decodes]
     overlapped = [m[1] for m, d in zip(maps[1:], decodes) if m[2] < d[2]]
     assert overlapped, f"no map began before the previous layer's decoding ended: maps {maps}, decodes {decodes}"
-    threads = list(loader._mapper._threads)
+    threads = [t for mapper in loader._mappers for t in mapper._threads]
     disable_layer_streaming(model)
     assert threads and not [t for t in threads if t.is_alive()]
 
 
-def test_layers_in_the_page_cache_are_mapped_where_they_are_decoded(bf16_checkpoint, monkeypatch):
-    """A quantized layer already in the page cache is mapped by the loader thread just before its decoding (mapping
-    it ahead would only make its pages resident earlier); full-precision layers never use the map thread."""
+def test_layers_in_the_page_cache_are_mapped_where_they_are_used(bf16_checkpoint, monkeypatch):
+    """A layer already in the page cache is mapped by the loader thread just before its use (mapping it ahead would
+    only make its pages resident earlier), quantized or not; and once a layer's map found it in the page cache, it
+    is not handed to the map threads at all (a warm sweep makes no hand-over)."""
     from hf_layerstream import engine
 
     ckpt, dirs = bf16_checkpoint
     ids = torch.randint(4, 120, (1, 20), generator=torch.Generator().manual_seed(1))
     monkeypatch.setattr(engine, "_known_cached", lambda fd, header: True)
+    monkeypatch.setattr(engine, "_read_from_disk", lambda before, after, size: False)
     for compression in ("4bit", "none"):
         model = streamed_model(ckpt, dirs[compression], max_memory={"cpu": 0}, prefetch=2)
         loader = get_streaming_state(model).loader
         loader.wait_idle()
+        asked = []
+        real_ahead = loader._map_ahead
+        monkeypatch.setattr(loader, "_map_ahead", lambda index, a=asked, r=real_ahead: a.append(index) or r(index))
         maps, _ = _record_stages(loader, monkeypatch)
-        _logits(model, ids)
+        _logits(model, ids)  # layers 0 and 1 were mapped at enable time; 2, then 0 and 1 for the next pass now
         loader.wait_idle()
         assert {index for _, index, *_ in maps} == {0, 1, 2}
         assert all(name.startswith("hf_layerstream-loader_") for name, *_ in maps), maps
-        assert (loader._mapper is not None) == (compression == "4bit")
+        assert asked == [2], asked  # only the layer not mapped before: the map thread found it in the page cache
+        del asked[:], maps[:]
+        _logits(model, ids)
+        loader.wait_idle()
+        assert {index for _, index, *_ in maps} == {0, 1, 2} and not asked, asked
+
+
+def test_full_precision_layers_from_the_disk_are_read_two_at_once(bf16_checkpoint, monkeypatch):
+    """CPU, full-precision layers not in the page cache: the map threads read two layers at once (the disk serves two
+    files at once faster than one), and the output is the same bits as with every layer kept."""
+    from hf_layerstream import disable_layer_streaming, engine
+
+    ckpt, dirs = bf16_checkpoint
+    ids = torch.randint(4, 120, (1, 20), generator=torch.Generator().manual_seed(1))
+    expected = _kept_logits(ckpt, dirs["none"], ids)
+    monkeypatch.setattr(engine, "_known_cached", lambda fd, header: False)
+    monkeypatch.setattr(engine, "_read_from_disk", lambda before, after, size: True)
+    model = streamed_model(ckpt, dirs["none"], max_memory={"cpu": 0}, prefetch=2)
+    loader = get_streaming_state(model).loader
+    loader.wait_idle()
+    maps, _ = _record_stages(loader, monkeypatch, map_s=0.1)
+    for _ in range(2):
+        assert torch.equal(_logits(model, ids), expected)
+    loader.wait_idle()
+    assert len(maps) == 6 and all(name.startswith("hf_layerstream-loader-map") for name, *_ in maps), maps
+    assert len({name for name, *_ in maps}) == 2
+    together = [(a[1], b[1]) for a in maps for b in maps if a is not b and a[2] <= b[2] < a[3]]
+    assert together, f"no two maps were made at once: {maps}"
+    disable_layer_streaming(model)
+
+
+def test_a_layer_is_mapped_again_only_once_its_eviction_is_done(bf16_checkpoint, monkeypatch, tmp_path):
+    """`keep_in_page_cache=False`, layers read by the map threads: a layer's eviction after use runs in the map thread
+    that maps it next, before that map (pages still mapped would not be dropped)."""
+    import shutil
+    import threading
+    import time
+
+    from hf_layerstream import engine
+
+    ckpt, dirs = bf16_checkpoint
+    shards = shutil.copytree(dirs["none"], tmp_path / "shards")
+    ids = torch.randint(4, 120, (1, 20), generator=torch.Generator().manual_seed(1))
+    expected = _kept_logits(ckpt, shards, ids)
+    monkeypatch.setattr(engine, "_known_cached", lambda fd, header: False)
+    monkeypatch.setattr(engine, "_read_from_disk", lambda before, after, size: True)
+    evictions = []
+    real_evict = engine._evict
+
+    def slow_evict(path, *, whole=False):
+        t0 = time.perf_counter()
+        time.sleep(0.15)
+        real_evict(path, whole=whole)
+        evictions.append((str(path), threading.current_thread().name, t0, time.perf_counter()))
+
+    monkeypatch.setattr(engine, "_evict", slow_evict)
+    model = streamed_model(ckpt, shards, max_memory={"cpu": 0}, prefetch=2, keep_in_page_cache=False)
+    loader = get_streaming_state(model).loader
+    loader.wait_idle()
+    maps, _ = _record_stages(loader, monkeypatch)
+    for _ in range(2):
+        assert torch.equal(_logits(model, ids), expected)
+    loader.wait_idle()
+    paths = {i: str(loader.shards.header(f"layers.{i}").path) for i in range(3)}
+    later = 0
+    for path, thread, began, evicted in evictions:
+        index = next(i for i, p in paths.items() if p == path)
+        assert {name for name, i, *_ in maps if i == index} == {thread}, (index, thread, maps)
+        after = [start for _, i, start, _ in maps if i == index and start > began]  # (the maps after it was asked)
+        assert all(start >= evicted for start in after), (index, evicted, after)
+        later += len(after)
+    assert len(evictions) >= 3 and later >= 3, (evictions, maps)
 
 
 @pytest.mark.parametrize("failures, raises", [(1, False), (2, True)], ids=["retried", "raised"])
@@ -281,7 +362,8 @@ def test_quantized_layers_leave_the_page_cache_when_the_plan_says_so(bf16_checkp
         drop_from_page_cache(files)  # (enabling read each small file's header, and read-ahead the rest of it)
         assert torch.equal(_logits(model, ids), expected)
     loader.wait_idle()
-    loader._mapper.submit(lambda: None).result()  # the evictions queued there before it are done
+    for mapper in loader._mappers:
+        mapper.submit(lambda: None).result()  # the evictions queued there before it are done
     assert loader.reads["mapped"] >= 6
     # the last layer was used and dropped; the first two are read ahead for the next call (and so still cached)
     assert loader.plan.streamed == [0, 1, 2] and cached_share(files[2]) == 0
@@ -338,7 +420,7 @@ def test_without_read_ahead_the_map_thread_is_not_used(bf16_checkpoint, tmp_path
     drop_from_page_cache(files)
     _logits(model, ids)
     loader._executor.submit(lambda: None).result()  # the evictions queued there are done
-    assert loader.reads["mapped"] == 3 and not loader._mapper._threads
+    assert loader.reads["mapped"] == 3 and not [t for mapper in loader._mappers for t in mapper._threads]
 
 
 def test_disable_while_maps_are_made_ahead(bf16_checkpoint, monkeypatch):
@@ -360,13 +442,14 @@ def test_disable_while_maps_are_made_ahead(bf16_checkpoint, monkeypatch):
 
     monkeypatch.setattr(loader, "_map_file", held_map)
     asked = []  # every map made ahead from here on
-    submit = loader._mapper.submit
-    monkeypatch.setattr(loader._mapper, "submit", lambda *a, **k: asked.append(submit(*a, **k)) or asked[-1])
+    for mapper in loader._mappers:
+        submit = mapper.submit
+        monkeypatch.setattr(mapper, "submit", lambda *a, s=submit, **k: asked.append(s(*a, **k)) or asked[-1])
     loader._schedule_after(0)  # as the forward pass over layer 0 does: layer 2 is read ahead (1 was at enable)
     assert started.wait(5)
     threading.Timer(0.2, go.set).start()
     disable_layer_streaming(model)  # returns once the held map has finished
-    threads = [*loader._executor._threads, *loader._mapper._threads]
+    threads = [*loader._executor._threads, *(t for mapper in loader._mappers for t in mapper._threads)]
     assert threads and not [t for t in threads if t.is_alive()]
     assert not loader._maps and not loader._pending and asked and all(f.done() for f in asked)
     enable_layer_streaming(model, bf16_checkpoint[1]["4bit"], device="cpu", max_memory={"cpu": 0}, prefetch=2)
