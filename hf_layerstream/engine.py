@@ -287,7 +287,8 @@ class LayerTimes:
 
 
 class Profile:
-    """Per-layer timings: waiting for the loader, read, dequantize, host-to-device copy, compute (seconds)."""
+    """Per-layer timings: waiting for the loader, read, dequantize, host-to-device copy, compute (seconds). A layer's
+    read is its own: on CPU two layers may be read from the disk at once, so the total can exceed the wall time."""
 
     def __init__(self):
         self._lock = threading.Lock()
@@ -330,7 +331,7 @@ class Profile:
             f"forward calls: {t['forward_calls']}, wall {t['wall']:.3f} s",
             f"  compute   {t['compute']:.3f} s",
             f"  wait      {t['wait']:.3f} s (compute blocked on the loader)",
-            f"  read      {t['read']:.3f} s ({t['bytes_read'] / 2**20:.1f} MiB, background)",
+            f"  read      {t['read']:.3f} s ({t['bytes_read'] / 2**20:.1f} MiB, background; reads at once add up)",
             f"  dequant   {t['dequantize']:.3f} s",
             f"  copy H2D  {t['copy']:.3f} s",
         ]
