@@ -676,8 +676,9 @@ class LayerLoader:
             else []
         )  # (each one's thread starts at its first task)
         decoded = {i for i in self._streamed if any(t.quant for t in shards.unit(layer_unit(i)).tensors.values())}
-        # full-precision layers take turns (two read at once); quantized ones all go to the first (their reads are
-        # small and overlap the decoding: two at once gained nothing there, 1.03x and 1.08x the step time, measured)
+        # full-precision layers take turns (two read at once; with an odd number of streamed layers, the last and the
+        # first share one), quantized ones all go to the first (their reads are small and overlap the decoding: two at
+        # once gained nothing there, 1.03x and 1.08x the step time, measured)
         self._map_thread = {i: 0 if i in decoded else pos % MAP_STREAMS for pos, i in enumerate(self._streamed)}
         self._from_disk = set(self._streamed)  # layers whose last map read from the disk (every layer until mapped)
         self._pending: dict[int, Future] = {}
