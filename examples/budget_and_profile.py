@@ -29,7 +29,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument(
         "--max-memory", type=json.loads, default={"cpu": 0}, help='budget (default {"cpu": 0}: every layer from disk)'
     )
-    p.add_argument("--prefetch", type=int, default=None, help="layers read ahead of the compute (default 2)")
+    p.add_argument(
+        "--prefetch", type=int, default=None, help="layers read ahead of the compute (default: the library's)"
+    )
     p.add_argument("--device", default=None)
     p.add_argument("--prompt", default="The quick brown fox")
     p.add_argument("--max-new-tokens", type=int, default=16)

@@ -672,8 +672,6 @@ def _derive(
     layers in flight, and the KV cache and activations: what the whole model on the device peaked at beyond its
     weights at the same batch size.
     """
-    from .stream import DEFAULT_PREFETCH
-
     stored_by_system = stored_by_system or {}
     full_disk = {(r["mode"], r["batch"]): r for r in rows if r["system"] == "streamed_disk"}
 
@@ -741,7 +739,7 @@ def _derive(
         r["ratio_to_bound"] = spt / r["bound_s"] if (spt and r.get("bound_s")) else None
         k = None
         if plan is not None:
-            k = plan.get("prefetch", args.prefetch if args.prefetch is not None else DEFAULT_PREFETCH)
+            k = plan["prefetch"]
         # host RSS on CPU only: on CUDA the weights live on the device, and the CUDA runtime's libraries (loaded at
         # its first use, after the baseline) dwarf what the loader holds in host memory
         if r["system"].startswith("streamed_disk") and plan is not None and not on_cuda:

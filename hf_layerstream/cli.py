@@ -46,7 +46,12 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-memory", default=None, help="memory budget, e.g. 'cpu=16GiB,0=4GiB' (accelerate's convention)"
     )
-    p.add_argument("--prefetch", type=int, default=None, help="layers read ahead of the compute (default 2)")
+    p.add_argument(
+        "--prefetch",
+        type=int,
+        default=None,
+        help="layers read ahead of the compute (default 3 on CPU with full-precision shards, else 2)",
+    )
     p.add_argument(
         "--page-cache",
         choices=["auto", "keep", "drop"],
@@ -291,7 +296,7 @@ def _cmd_inspect(args) -> int:
 
     from .engine import check_device, plan_residency
     from .shard_dir import ShardDirectory
-    from .stream import DEFAULT_PREFETCH
+    from .stream import default_prefetch
 
     shards = ShardDirectory(args.shard_dir)
     m = shards.manifest
@@ -309,7 +314,7 @@ def _cmd_inspect(args) -> int:
         dtype_size=layer_sizes,
         resident_size=shards.unit("resident").nbytes_as(dtype) if dtype is not None else None,
         max_memory=_max_memory(args.max_memory),
-        prefetch=DEFAULT_PREFETCH if args.prefetch is None else args.prefetch,
+        prefetch=default_prefetch(device, shards) if args.prefetch is None else args.prefetch,
         keep_in_page_cache=_page_cache(args.page_cache),
     )
     ratio = sum(stored) / max(sum(full_bytes), 1)

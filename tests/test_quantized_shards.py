@@ -87,6 +87,23 @@ def test_compression_and_prefetch_work_together(bf16_checkpoint):
         assert torch.equal(_logits(model, ids), resident)
 
 
+def test_default_prefetch_is_by_device_and_compression(bf16_checkpoint, capsys):
+    """Without `prefetch`: 3 on CPU with full-precision shards (two map threads, one more layer queued), 2 with
+    quantized shards and on CUDA; `inspect` plans with the same default."""
+    from hf_layerstream import disable_layer_streaming
+    from hf_layerstream.stream import default_prefetch
+
+    ckpt, dirs = bf16_checkpoint
+    for compression, expected in (("none", 3), ("4bit", 2)):
+        model = streamed_model(ckpt, dirs[compression], max_memory={"cpu": 0})
+        state = get_streaming_state(model)
+        assert state.plan.prefetch == expected and state.loader.prefetch == min(expected, 2)  # (3 streamed layers)
+        disable_layer_streaming(model)
+        assert main(["inspect", str(dirs[compression]), "--json", "--device", "cpu", "--max-memory", "cpu=0"]) == 0
+        assert json.loads(capsys.readouterr().out)["plan"]["prefetch"] == expected
+        assert default_prefetch(torch.device("cuda", 0), ShardDirectory(dirs[compression])) == 2
+
+
 def test_a_directory_of_one_scheme_is_never_taken_for_another(bf16_checkpoint, tmp_path):
     ckpt, _ = bf16_checkpoint
     target = split_checkpoint(ckpt, tmp_path / "d", compression="4bit", progress=False)
