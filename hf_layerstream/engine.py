@@ -614,7 +614,7 @@ def _page_cached(fd: int, header: Header) -> bool:
 
 def _read_from_disk(before: tuple[float, int] | None, after: tuple[float, int] | None, size: int) -> bool:
     """Whether a map populated between two `thread_usage` readings read its file (of `size` bytes) from the disk:
-    more than 1/16 of it; `True` where the platform cannot tell."""
+    at least 1/16 of it; `True` where the platform cannot tell."""
     return before is None or after is None or after[1] - before[1] >= size // 16
 
 
