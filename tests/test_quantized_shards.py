@@ -180,19 +180,19 @@ def _record_stages(loader, monkeypatch, *, decode_s: float = 0.0, map_s: float =
     return maps, decodes
 
 
-def _streamed_4bit_from_disk(bf16_checkpoint, monkeypatch):
-    """(model streaming every 4-bit layer with prefetch 2, prompt ids, the logits with every layer kept), with the
-    layer files taken as not in the page cache and as read from the disk by every map (a tmpfs, say, cannot drop
-    anything), and the layers read ahead at enable time loaded (what is recorded afterwards starts with the next
-    sweep's reads)."""
+def _streamed_from_disk(bf16_checkpoint, monkeypatch, compression="4bit"):
+    """(model streaming every layer of the `compression` shards with prefetch 2, prompt ids, the logits with every
+    layer kept), with the layer files taken as not in the page cache and as read from the disk by every map (a
+    tmpfs, say, cannot drop anything), and the layers read ahead at enable time loaded (what is recorded afterwards
+    starts with the next sweep's reads)."""
     from hf_layerstream import engine
 
     ckpt, dirs = bf16_checkpoint
     ids = torch.randint(4, 120, (1, 20), generator=torch.Generator().manual_seed(1))
-    expected = _kept_logits(ckpt, dirs["4bit"], ids)
+    expected = _kept_logits(ckpt, dirs[compression], ids)
     monkeypatch.setattr(engine, "_known_cached", lambda fd, header: False)
     monkeypatch.setattr(engine, "_read_from_disk", lambda before, after, size: True)
-    model = streamed_model(ckpt, dirs["4bit"], max_memory={"cpu": 0}, prefetch=2)
+    model = streamed_model(ckpt, dirs[compression], max_memory={"cpu": 0}, prefetch=2)
     get_streaming_state(model).loader.wait_idle()
     return model, ids, expected
 
@@ -212,7 +212,7 @@ def test_quantized_layers_are_read_while_the_previous_one_decodes(bf16_checkpoin
     thread decodes layer i, and the output is the same bits as with every layer kept."""
     from hf_layerstream import disable_layer_streaming
 
-    model, ids, expected = _streamed_4bit_from_disk(bf16_checkpoint, monkeypatch)
+    model, ids, expected = _streamed_from_disk(bf16_checkpoint, monkeypatch)
     loader = get_streaming_state(model).loader
     maps, decodes = _record_stages(loader, monkeypatch, decode_s=0.05)
     assert torch.equal(_logits(model, ids), expected)
@@ -263,16 +263,10 @@ def test_layers_in_the_page_cache_are_mapped_where_they_are_used(bf16_checkpoint
 def test_full_precision_layers_from_the_disk_are_read_two_at_once(bf16_checkpoint, monkeypatch):
     """CPU, full-precision layers not in the page cache: the map threads read two layers at once (the disk serves two
     files at once faster than one), and the output is the same bits as with every layer kept."""
-    from hf_layerstream import disable_layer_streaming, engine
+    from hf_layerstream import disable_layer_streaming
 
-    ckpt, dirs = bf16_checkpoint
-    ids = torch.randint(4, 120, (1, 20), generator=torch.Generator().manual_seed(1))
-    expected = _kept_logits(ckpt, dirs["none"], ids)
-    monkeypatch.setattr(engine, "_known_cached", lambda fd, header: False)
-    monkeypatch.setattr(engine, "_read_from_disk", lambda before, after, size: True)
-    model = streamed_model(ckpt, dirs["none"], max_memory={"cpu": 0}, prefetch=2)
+    model, ids, expected = _streamed_from_disk(bf16_checkpoint, monkeypatch, "none")
     loader = get_streaming_state(model).loader
-    loader.wait_idle()
     maps, _ = _record_stages(loader, monkeypatch, map_s=0.1)
     for _ in range(2):
         assert torch.equal(_logits(model, ids), expected)
@@ -334,7 +328,7 @@ def test_a_failed_map_ahead_is_retried_then_names_the_layer(bf16_checkpoint, mon
     from hf_layerstream import LayerLoadError
     from hf_layerstream.errors import ShardFileError
 
-    model, ids, expected = _streamed_4bit_from_disk(bf16_checkpoint, monkeypatch)
+    model, ids, expected = _streamed_from_disk(bf16_checkpoint, monkeypatch)
     loader = get_streaming_state(model).loader
     real = loader._map_file
     left = {"n": failures}
@@ -447,7 +441,7 @@ def test_disable_while_maps_are_made_ahead(bf16_checkpoint, monkeypatch):
 
     from hf_layerstream import disable_layer_streaming, enable_layer_streaming
 
-    model, ids, expected = _streamed_4bit_from_disk(bf16_checkpoint, monkeypatch)
+    model, ids, expected = _streamed_from_disk(bf16_checkpoint, monkeypatch)
     loader = get_streaming_state(model).loader
     started, go = threading.Event(), threading.Event()
     real = loader._map_file
