@@ -294,7 +294,7 @@ def _cmd_demo(args) -> int:
 def _cmd_inspect(args) -> int:
     import torch
 
-    from .engine import check_device, plan_residency
+    from .engine import budget_shortfall, check_device, plan_residency
     from .shard_dir import ShardDirectory
     from .stream import default_prefetch
 
@@ -308,12 +308,13 @@ def _cmd_inspect(args) -> int:
     layer_sizes = None
     if dtype is not None:
         layer_sizes = {i: full_bytes[i] for i in range(m.num_layers)}
+    max_memory = _max_memory(args.max_memory)
     plan = plan_residency(
         shards,
         device,
         dtype_size=layer_sizes,
         resident_size=shards.unit("resident").nbytes_as(dtype) if dtype is not None else None,
-        max_memory=_max_memory(args.max_memory),
+        max_memory=max_memory,
         prefetch=default_prefetch(device, shards) if args.prefetch is None else args.prefetch,
         keep_in_page_cache=_page_cache(args.page_cache),
     )
@@ -330,6 +331,7 @@ def _cmd_inspect(args) -> int:
         "bf16_layer_bytes": full_bytes if dtype is None else None,
         "ratio_to_bf16" if dtype is None else f"ratio_to_{dtype}".replace("torch.", ""): round(ratio, 4),
         "plan": plan.to_dict(),
+        "warning": budget_shortfall(plan, max_memory),
     }
     if args.json:
         print(json.dumps(info, indent=1))
@@ -345,6 +347,8 @@ def _cmd_inspect(args) -> int:
     )
     print(f"ratio            {ratio:.3f}x of {'bf16' if dtype is None else dtype}")
     print(f"plan on {device}   {plan.summary()}")
+    if info["warning"]:
+        print(f"warning          {info['warning']}")
     return 0
 
 

@@ -262,6 +262,28 @@ def plan_residency(
     )
 
 
+def budget_shortfall(plan: ResidencyPlan, max_memory: dict | None) -> str | None:
+    """A warning where the caller's `max_memory` for the execution device cannot hold even the least the plan needs:
+    the resident parts plus `prefetch + 1` layers in flight (every layer is then streamed, and the peak still reaches
+    that). `None` otherwise, and for a budget of 0, the usual way to ask for every layer streamed."""
+    device = plan.device
+    key = "cpu" if device.type == "cpu" else (device.index if device.index is not None else torch.cuda.current_device())
+    budget = _max_memory_for(max_memory, key)
+    biggest = max(plan.layer_bytes, default=0)
+    in_flight = min(plan.prefetch, max(len(plan.layer_bytes) - 1, 0)) + 1  # (the loader reads at most n - 1 ahead)
+    working = in_flight * biggest
+    need = plan.resident_bytes + working
+    if not budget or budget >= need:
+        return None
+    gib = 2**30
+    return (
+        f"max_memory[{key!r}] = {budget / gib:.2f} GiB cannot hold the resident parts ({plan.resident_bytes / gib:.2f} "
+        f"GiB) and the {in_flight} layers in flight with prefetch={plan.prefetch} ({working / gib:.2f} GiB): "
+        f"every layer is streamed, and peak memory will still reach about {need / gib:.2f} GiB. Each step less of "
+        f"`prefetch` saves {biggest / gib:.2f} GiB."
+    )
+
+
 def _fit(sizes: list[int], order: list[int], room: int) -> int:
     count, used = 0, 0
     for i in order:

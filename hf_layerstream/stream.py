@@ -11,7 +11,7 @@ import torch
 from accelerate.hooks import add_hook_to_module, remove_hook_from_module
 from torch import nn
 
-from .engine import LayerLoader, Profile, ResidencyPlan, check_device, plan_residency
+from .engine import LayerLoader, Profile, ResidencyPlan, budget_shortfall, check_device, plan_residency
 from .errors import ShardDirError
 from .hooks import LayerStreamingHook
 from .modeling import (
@@ -279,6 +279,9 @@ def enable_layer_streaming(
         prefetch=prefetch,
         keep_in_page_cache=keep_in_page_cache,
     )
+    shortfall = budget_shortfall(plan, max_memory)
+    if shortfall is not None:
+        logger.warning(shortfall)
     prof = Profile() if profile else None
     loader = LayerLoader(
         shards,

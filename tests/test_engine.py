@@ -388,6 +388,33 @@ def test_directories_split_before_alignment_are_named(llama, monkeypatch, caplog
         assert not warned or (str(shards) in messages[0] and "Split the checkpoint again" in messages[0])
 
 
+def test_a_budget_below_the_least_the_plan_needs_is_warned_about(llama, caplog, capsys):
+    """A `max_memory` that cannot hold the resident parts and the layers in flight gets one warning, at enable time and
+    in `inspect`, with the peak to expect and what `prefetch` saves; a budget of 0 (every layer streamed, the usual
+    way to ask for it) and one that holds the working set get none."""
+    import json
+
+    from hf_layerstream.cli import main
+
+    ckpt, shards, inputs, expected, pad = llama
+    m, resident, layer = _sizes(shards)
+    least = resident + 3 * layer  # prefetch 2: 3 layers in flight
+    for budget, warned in ((least - 1, True), (least, False), (0, False)):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="hf_layerstream"):
+            model = streamed_model(ckpt, shards, max_memory={"cpu": budget}, prefetch=2)
+        assert get_streaming_state(model).plan.streamed == list(range(6))
+        disable_layer_streaming(model)
+        messages = [r.getMessage() for r in caplog.records if "cannot hold" in r.getMessage()]
+        assert len(messages) == warned, messages
+        assert not warned or (
+            "3 layers in flight with prefetch=2" in messages[0] and f"{least / 2**30:.2f} GiB" in messages[0]
+        )
+        argv = ["inspect", str(shards), "--json", "--device", "cpu", "--max-memory", f"cpu={budget}", "--prefetch", "2"]
+        assert main(argv) == 0
+        assert (json.loads(capsys.readouterr().out)["warning"] is not None) == warned
+
+
 @pytest.mark.parametrize("keep", [None, True, False])
 def test_page_cache_share_in_the_plan(llama, keep, monkeypatch):
     from hf_layerstream import engine
