@@ -901,8 +901,10 @@ def test_profile_records_every_layer(llama):
 # --- peak memory ----------------------------------------------------------------------------------------------------
 
 
-def test_peak_rss_is_resident_plus_a_few_layers(tmp_path):
-    """24 layers streamed from disk: the child's VmHWM grows by the resident parts and ~(prefetch + 1) layers only."""
+@pytest.mark.parametrize("prefetch", [2, None], ids=["prefetch2", "default"])
+def test_peak_rss_is_resident_plus_a_few_layers(tmp_path, prefetch):
+    """24 layers streamed from disk: the child's VmHWM grows by the resident parts and ~(prefetch + 1) layers only,
+    also with the default prefetch (3 on CPU with full-precision shards)."""
     from hf_layerstream import split_checkpoint
     from hf_layerstream._measure import run_child
     from hf_layerstream.demo import write_demo_checkpoint
@@ -916,7 +918,6 @@ def test_peak_rss_is_resident_plus_a_few_layers(tmp_path):
     resident = m.unit("resident").logical_nbytes
     model_bytes = resident + 24 * layer
     common = {"input_ids": list(range(5, 21)), "max_new_tokens": 3, "pad_token_id": 0}
-    prefetch = 2
     specs = [
         {"system": "streamed", "path": str(shards), "max_memory": {"cpu": 0}, "prefetch": prefetch, **common},
         {"system": "in_memory", "path": str(ckpt), **common},
@@ -925,7 +926,9 @@ def test_peak_rss_is_resident_plus_a_few_layers(tmp_path):
         streamed, full = pool.map(run_child, specs)
     assert streamed["tokens"] == full["tokens"]
     grown = streamed["peak_rss"] - streamed["baseline_rss"]
-    allowed = 1.15 * (resident + (prefetch + 1) * layer) + 32 * 2**20  # + activations, allocator slack
+    k = 3 if prefetch is None else prefetch
+    assert streamed["plan_data"]["prefetch"] == k
+    allowed = 1.15 * (resident + (k + 1) * layer) + 32 * 2**20  # + activations, allocator slack
     assert grown <= allowed, f"streamed grew {grown / 2**20:.0f} MiB, allowed {allowed / 2**20:.0f} MiB"
     full_grown = full["peak_rss"] - full["baseline_rss"]
     assert full_grown >= 0.9 * model_bytes
