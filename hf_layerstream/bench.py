@@ -194,7 +194,7 @@ def _read_mapped(paths: list[str]) -> tuple[int, str]:
         finally:
             mm.close()
         total += size
-    return total, "read-ahead into a huge-page map"
+    return total, MAPPED_WAY
 
 
 def _rewarm(paths) -> None:
@@ -564,7 +564,7 @@ def bench(args) -> dict:
             disk = max(disk, again, key=lambda d: d["bandwidth"] or 0)
             disk["samples"] = samples
         baseline_rss = min((r["baseline_rss"] for r in rows if r.get("baseline_rss")), default=0)
-        _derive(rows, disk, stored, baseline_rss, resident_bytes, layer_bytes, args, stored_by_system, h2d)
+        _derive(rows, disk, stored, baseline_rss, resident_bytes, layer_bytes, stored_by_system, h2d)
         if paired is not None and not paired.get("error"):
             # the same targets as the rows: 1.05x for a budget that keeps every layer, else 1.10x
             warm_rows = {r["system"]: r for r in rows if r["mode"] == "warm" and r["batch"] == 1}
@@ -660,9 +660,7 @@ def _run(spec: dict, timeout: float) -> dict:
         }
 
 
-def _derive(
-    rows, disk, stored, baseline_rss, resident_bytes, layer_bytes, args, stored_by_system=None, h2d=None
-) -> None:
+def _derive(rows, disk, stored, baseline_rss, resident_bytes, layer_bytes, stored_by_system=None, h2d=None) -> None:
     """Add tokens/s, limits, ratios and target checks to each row, in place.
 
     A row that ran on CUDA (it has a `cuda_peak`) is also compared with the host-to-device limit (`h2d`, see

@@ -8,16 +8,17 @@ gets there lives here:
 * a background thread that reads streamed layers `prefetch` layers ahead of the compute (cyclically: the next
   token's first layers load while the head and sampling run; the first ones from the moment streaming is enabled);
 * CPU: every layer is a zero-copy memory map of its file. Kept layers stay mapped. Streamed layers are mapped
-  with `MADV_HUGEPAGE` and populated (`MADV_POPULATE_READ`) in the loader thread, which reads what is not in the
-  page cache with read-ahead into 2 MiB folios (0.66-1.37 GB/s here, against 0.41-1.22 for `O_DIRECT`) and maps 2 MiB
-  folios with one page-table entry each (the compute takes no page faults). Each streamed layer's map is made once
+  with `MADV_HUGEPAGE` and populated (`MADV_POPULATE_READ`) in the background (the loader thread for layers in the
+  page cache, two map threads reading two layers at once for those the disk must supply): what is not in the page
+  cache comes in by read-ahead into 2 MiB folios (0.66-1.37 GB/s here, against 0.41-1.22 for `O_DIRECT`), and 2 MiB
+  folios are mapped with one page-table entry each (the compute takes no page faults). Each streamed layer's map is made once
   and kept: after use its pages leave the resident set (`MADV_DONTNEED`), and the next use populates the same map
   (for a warm 86 MB layer here about 0.15-0.2 ms to populate, against 0.3-0.4 ms to map it afresh with its views,
   and about 0.1 ms to release). Its pages stay in the page cache while the plan's page-cache share holds them, and
   are dropped (`POSIX_FADV_DONTNEED`) otherwise, so a model larger than RAM does not flush the cache for nothing;
 * CUDA: pinned staging buffers allocated once, `non_blocking` copies on a side stream, events to order copy and
   compute, no `empty_cache()` in the hot path;
-* quantized shards are dequantized on the execution device by the codec, in the loader. On CPU a second thread
+* quantized shards are dequantized on the execution device by the codec, in the loader. On CPU a map thread
   maps and reads a quantized layer's file from the disk while the loader thread decodes the layer before it.
 """
 
@@ -173,6 +174,13 @@ def _spread(candidates: list[int], count: int) -> list[int]:
     return sorted({candidates[int(i * step)] for i in range(count)})
 
 
+def _device_key(device: torch.device) -> int | str:
+    """`device`'s key in a `max_memory` dict: `"cpu"`, or the CUDA device's index."""
+    if device.type == "cpu":
+        return "cpu"
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def _max_memory_for(max_memory: dict | None, key) -> int | None:
     if not max_memory:
         return None
@@ -221,7 +229,7 @@ def plan_residency(
         device_layers = _spread(order, fit)
         host_layers: list[int] = []
     else:
-        index = device.index if device.index is not None else torch.cuda.current_device()
+        index = _device_key(device)
         dev_budget = _max_memory_for(max_memory, index)
         if dev_budget is None:
             free, _total = torch.cuda.mem_get_info(index)
@@ -266,8 +274,7 @@ def budget_shortfall(plan: ResidencyPlan, max_memory: dict | None) -> str | None
     """A warning where the caller's `max_memory` for the execution device cannot hold even the least the plan needs:
     the resident parts plus `prefetch + 1` layers in flight (every layer is then streamed, and the peak still reaches
     that). `None` otherwise, and for a budget of 0, the usual way to ask for every layer streamed."""
-    device = plan.device
-    key = "cpu" if device.type == "cpu" else (device.index if device.index is not None else torch.cuda.current_device())
+    key = _device_key(plan.device)
     budget = _max_memory_for(max_memory, key)
     biggest = max(plan.layer_bytes, default=0)
     in_flight = min(plan.prefetch, max(len(plan.layer_bytes) - 1, 0)) + 1  # (the loader reads at most n - 1 ahead)

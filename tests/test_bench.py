@@ -336,7 +336,6 @@ def test_cuda_rows_are_held_to_the_host_to_device_limit_and_gpu_memory():
     """On CUDA the limit of decoding from host RAM is the copy to the device, and the GPU memory peak may hold the
     resident parts, the kept layers, (prefetch + 1) layers in flight and what the whole model needs beyond its
     weights (KV cache, activations), measured in the same run (synthetic rows: the arithmetic on every field)."""
-    import argparse
 
     from hf_layerstream.bench import CUDA_HOST_TARGET, WARM_RESIDENT_TARGET, _derive
 
@@ -360,7 +359,7 @@ def test_cuda_rows_are_held_to_the_host_to_device_limit_and_gpu_memory():
             r["plan_data"] = plans[r["system"]]
     h2d = {"bandwidth": 4 * layer / 0.04, "bytes": 2**20, "samples": [1.0, 2.0], "seconds": 1.0}
     disk = {"bandwidth": 4 * layer / 0.25}
-    _derive(rows, disk, [layer] * 4, 10**8, resident, layer, argparse.Namespace(prefetch=None), None, h2d)
+    _derive(rows, disk, [layer] * 4, 10**8, resident, layer, None, h2d)
     ref, host, kept, disk_warm, disk_cold = rows
 
     assert host["h2d_bytes_per_sweep"] == 4 * layer and host["h2d_limit_s"] == pytest.approx(0.04)
