@@ -452,6 +452,13 @@ def _median(values: list[float]) -> float:
     return ordered[len(ordered) // 2]
 
 
+def _middle_half(values: list[float]) -> list[float]:
+    """The lower and upper quartiles of `values` (nearest rank): half of them lie between the two."""
+    ordered = sorted(values)
+    k = (len(ordered) - 1) // 4
+    return [ordered[k], ordered[-1 - k]]
+
+
 def measure_paired(spec: dict) -> dict:
     """Warm, in one process: load every member of `spec["members"]` (the first is the reference), warm each with
     one untimed `generate`, then alternate timed `generate` calls between them, `calls` each (the order reversed on
@@ -459,7 +466,9 @@ def measure_paired(spec: dict) -> dict:
     every member sees the same process, and each pass compares calls made seconds apart.
 
     Returns `{"system": "paired", "members": [...], "s_per_token": {name: median}, "calls": {name: [per-call
-    median s/token]}, "ratios": {name: median over passes of member / reference}, "tokens": {name: [...]}}`.
+    median s/token]}, "ratios": {name: median over passes of member / reference}, "spread": {name: [lower, upper]
+    quartile of those per-pass ratios}, "tokens": {name: [...]}}`. The spread shows how much the machine moved
+    between calls: on a shared VM, passes seconds apart differed by up to 20% here.
     """
     import torch
 
@@ -485,12 +494,14 @@ def measure_paired(spec: dict) -> dict:
                 model.generate(ids, streamer=clock, **kwargs)
             calls[name].append(_median([dt / max(n, 1) for dt, n in clock.decode_steps()]))
     ref = models[0][0]
+    per_pass = {name: [a / b for a, b in zip(v, calls[ref])] for name, v in calls.items() if name != ref}
     return {
         "system": "paired",
         "members": [name for name, _ in models],
         "s_per_token": {name: _median(v) for name, v in calls.items()},
         "calls": calls,
-        "ratios": {name: _median([a / b for a, b in zip(v, calls[ref])]) for name, v in calls.items() if name != ref},
+        "ratios": {name: _median(v) for name, v in per_pass.items()},
+        "spread": {name: _middle_half(v) for name, v in per_pass.items()},
         "tokens": tokens,
         "threads": torch.get_num_threads(),
     }

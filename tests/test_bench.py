@@ -47,17 +47,20 @@ def test_bench_demo_json_and_table(tmp_path, capsys):
         pd = cold["paired_disk"]
         assert pd["way"] == report["disk"]["way"] and pd["files"] == 3 and len(pd["ratios"]) == 2
         assert pd["bytes_per_sweep"] == report["model"]["layer_file_bytes"]
-    # the warm comparison in one process, alternating calls (default 6 each): same tokens, a ratio per system
+    # the warm comparison in one process, alternating calls (default 10 each): same tokens, a ratio per system
     paired = report["paired"]
     assert paired["members"] == ["in_memory", "streamed_disk"]
-    assert len(paired["calls"]["in_memory"]) == len(paired["calls"]["streamed_disk"]) == 6
+    assert len(paired["calls"]["in_memory"]) == len(paired["calls"]["streamed_disk"]) == 10
     assert paired["same_tokens"] == {"streamed_disk": True}
     assert paired["tokens"]["in_memory"] == rows[("in_memory", "warm")]["tokens"]
     ratios = sorted(a / b for a, b in zip(paired["calls"]["streamed_disk"], paired["calls"]["in_memory"]))
     assert paired["ratios"]["streamed_disk"] == ratios[len(ratios) // 2]
+    assert paired["spread"]["streamed_disk"] == [ratios[2], ratios[7]]  # the middle half of the 10 ratios
     assert paired["targets"] == {"streamed_disk": report["targets"]["warm"]}
     table = format_report(report)
-    assert "warm, in one process, alternating generate calls (6 each" in table
+    assert "warm, in one process, alternating generate calls (10 each" in table
+    low, high = paired["spread"]["streamed_disk"]
+    assert f"the middle half {low:.2f}x-{high:.2f}x; target <= 1.10" in table
     assert "hf_layerstream (every layer from disk): " in table and "median of per-call ratios" in table
     assert "whole model in RAM" in table and "every layer from disk" in table
     assert "disk read bandwidth" in table and "s/token" in table and "x limit" in table
@@ -293,6 +296,7 @@ def test_paired_warm_measurement_alternates_in_one_process(tmp_path):
         assert out["tokens"][name] == out["tokens"]["in_memory"] and len(out["tokens"][name]) == 3
         per_call = sorted(a / b for a, b in zip(out["calls"][name], out["calls"]["in_memory"]))
         assert out["ratios"][name] == per_call[1]
+        assert out["spread"][name] == [per_call[0], per_call[2]]  # (3 calls: the quartiles are the extremes)
         assert out["s_per_token"][name] == sorted(out["calls"][name])[1]
 
 
