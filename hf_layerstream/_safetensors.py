@@ -93,9 +93,13 @@ class Header:
         One `fstat`: cheap enough for every read, and it keeps a file swapped or rewritten under a running model
         from being read with a stale header (which would give wrong tensors instead of an error).
         """
+        self.check_stat(os.fstat(fd))
+
+    def check_stat(self, st: os.stat_result) -> None:
+        """`check_unchanged` from a `stat` of the file (of its path: one system call, no file to open)."""
         if self.identity is None:
             return
-        now = _identity(os.fstat(fd))
+        now = _identity(st)
         if now != self.identity:
             raise ShardFileError(
                 self.path,
@@ -304,14 +308,15 @@ def map_readonly(path, size: int) -> mmap.mmap:
     return mm
 
 
-def populate(mm: mmap.mmap, path) -> bool:
+def populate(mm: mmap.mmap, path, address: int | None = None) -> bool:
     """Build the page tables of a whole mapping now (`MADV_POPULATE_READ`), reading what is not in the page cache
     (read-ahead in large folios after `advise_huge`). Returns `False` where the kernel cannot (before Linux 5.14);
-    a file that cannot be read (I/O error, truncated) raises `ShardFileError` instead of a later `SIGBUS`."""
+    a file that cannot be read (I/O error, truncated) raises `ShardFileError` instead of a later `SIGBUS`.
+    `address`: where `mm` starts, if known (`map_address`)."""
     if _MADV_POPULATE_READ is None:
         return False
     try:
-        madvise_released(mm, _MADV_POPULATE_READ)
+        madvise_released(mm, _MADV_POPULATE_READ, address)
     except OSError as e:
         if e.errno in (errno.EINVAL, errno.ENOSYS):
             return False
@@ -319,7 +324,7 @@ def populate(mm: mmap.mmap, path) -> bool:
     return True
 
 
-def madvise_released(mm: mmap.mmap, advice: int) -> None:
+def madvise_released(mm: mmap.mmap, advice: int, address: int | None = None) -> None:
     """`mm.madvise(advice)` without holding the GIL.
 
     CPython's `mmap.madvise` keeps the GIL through the system call. `MADV_POPULATE_READ` of a layer that is not in
@@ -332,7 +337,7 @@ def madvise_released(mm: mmap.mmap, advice: int) -> None:
         return
     import ctypes
 
-    if libc.madvise(map_address(mm), len(mm), advice) != 0:
+    if libc.madvise(map_address(mm) if address is None else address, len(mm), advice) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
 

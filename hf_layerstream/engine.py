@@ -8,14 +8,16 @@ gets there lives here:
 * a background thread that reads streamed layers `prefetch` layers ahead of the compute (cyclically: the next
   token's first layers load while the head and sampling run; the first ones from the moment streaming is enabled);
 * CPU: every layer is a zero-copy memory map of its file. Kept layers stay mapped. Streamed layers are mapped
-  with `MADV_HUGEPAGE` and populated (`MADV_POPULATE_READ`) in the background (the loader thread for layers in the
-  page cache, two map threads reading two layers at once for those the disk must supply): what is not in the page
+  with `MADV_HUGEPAGE` and populated (`MADV_POPULATE_READ`): those the disk must supply in the background, by two
+  map threads reading two layers at once; those in the page cache by the loader thread at their first use, then by
+  the compute thread as each use begins (a warm layer's whole load: see `_maps_in_place`). What is not in the page
   cache comes in by read-ahead into 2 MiB folios (0.66-1.37 GB/s here, against 0.41-1.22 for `O_DIRECT`), and 2 MiB
-  folios are mapped with one page-table entry each (the compute takes no page faults). Each streamed layer's map is made once
-  and kept: after use its pages leave the resident set (`MADV_DONTNEED`), and the next use populates the same map
-  (for a warm 86 MB layer here about 0.15-0.2 ms to populate, against 0.3-0.4 ms to map it afresh with its views,
-  and about 0.1 ms to release). Its pages stay in the page cache while the plan's page-cache share holds them, and
-  are dropped (`POSIX_FADV_DONTNEED`) otherwise, so a model larger than RAM does not flush the cache for nothing;
+  folios are mapped with one page-table entry each (the compute takes no page faults). Each streamed layer's map is
+  made once and kept: after use its pages leave the resident set (`MADV_DONTNEED`), and the next use populates the
+  same map (for a warm 86 MB layer here about 0.1-0.2 ms to populate, against 0.3-0.4 ms to map it afresh with its
+  views, and about 0.1 ms to release). Its pages stay in the page cache while the plan's page-cache share holds
+  them, and are dropped (`POSIX_FADV_DONTNEED`) otherwise, so a model larger than RAM does not flush the cache for
+  nothing;
 * CUDA: pinned staging buffers allocated once, `non_blocking` copies on a side stream, events to order copy and
   compute, no `empty_cache()` in the hot path;
 * quantized shards are dequantized on the execution device by the codec, in the loader. On CPU a map thread
@@ -359,8 +361,9 @@ class Profile:
         lines = [
             f"forward calls: {t['forward_calls']}, wall {t['wall']:.3f} s",
             f"  compute   {t['compute']:.3f} s",
-            f"  wait      {t['wait']:.3f} s (compute blocked on the loader)",
-            f"  read      {t['read']:.3f} s ({t['bytes_read'] / 2**20:.1f} MiB, background; reads at once add up)",
+            f"  wait      {t['wait']:.3f} s (compute blocked on the loader, or mapping a warm layer itself)",
+            f"  read      {t['read']:.3f} s ({t['bytes_read'] / 2**20:.1f} MiB, mostly background; reads at once add "
+            "up)",
             f"  dequant   {t['dequantize']:.3f} s",
             f"  copy H2D  {t['copy']:.3f} s",
         ]
@@ -369,6 +372,16 @@ class Profile:
 
 def _noop() -> None:
     return None
+
+
+def _check_file(header: Header, st: os.stat_result) -> None:
+    """At every use of a layer file: one replaced or rewritten under a running model fails loudly, and one shorter
+    than its header says fails before it is mapped (a read past the end of a map is a `SIGBUS`, not an error)."""
+    check = getattr(header, "check_stat", None)
+    if check is not None:
+        check(st)
+    if st.st_size < header.file_size:
+        raise ShardFileError(header.path, f"is shorter than its {header.file_size} bytes (truncated)")
 
 
 # --- the loader ----------------------------------------------------------------------------------------------------
@@ -394,6 +407,7 @@ class _LayerMap:
     mm: mmap.mmap
     address: int
     views: dict[str, torch.Tensor]  # the stored tensors, zero-copy views of `mm`
+    finished: dict[str, torch.Tensor] | None = None  # the layer's tensors, where they are `views` as they are
 
     def release_pages(self) -> None:
         release_mapped_range(self.address, len(self.mm))
@@ -547,13 +561,14 @@ def _unregister(ptr: int, device: torch.device | None) -> None:
         err = int(torch.cuda.cudart().cudaHostUnregister(ptr))
     if err != 0:
         logger.warning("cudaHostUnregister(%#x) failed with CUDA error %d", ptr, err)
+        _clear_cuda_error()  # else the next kernel launched in this thread would raise it as its own
 
 
 def _clear_cuda_error() -> None:
-    """Reset this thread's last CUDA runtime error after a failed call whose failure is handled (`cudaHostRegister`):
-    the runtime keeps it until `cudaGetLastError` reads it, and torch checks that after every kernel launch, so the
-    next cast or decode in this thread would raise it as its own. Best effort: through torch's binding where it has
-    one, else the runtime library torch loaded (found in `/proc/self/maps`)."""
+    """Reset this thread's last CUDA runtime error after a failed call whose failure is handled (`cudaHostRegister`,
+    `cudaHostUnregister`): the runtime keeps it until `cudaGetLastError` reads it, and torch checks that after every
+    kernel launch, so the next cast or decode in this thread would raise it as its own. Best effort: through torch's
+    binding where it has one, else the runtime library torch loaded (found in `/proc/self/maps`)."""
     try:
         get = getattr(torch.cuda.cudart(), "cudaGetLastError", None)
         if get is None:
@@ -710,12 +725,20 @@ class LayerLoader:
         # once gained nothing there, 1.03x and 1.08x the step time, measured)
         self._map_thread = {i: 0 if i in decoded else pos % MAP_STREAMS for pos, i in enumerate(self._streamed)}
         self._from_disk = set(self._streamed)  # layers whose last map read from the disk (every layer until mapped)
+        # for each layer (and -1, before the first), the position in `_streamed` of the first streamed layer after it
+        self._first_after = [next((p for p, i in enumerate(self._streamed) if i > j), 0) for j in range(-1, n)]
+        self._dropped: set[int] = set()  # streamed layers dropped from the page cache after their last use
+        self._in_place = True  # warm layers mapped by the compute thread (see `_maps_in_place`; tests turn it off)
         self._pending: dict[int, Future] = {}
         self._in_use: dict[int, _Ready] = {}
         self._lock = threading.Lock()
         self._closed = False
         self._pinned = _PinnedHost(device) if self.is_cuda else None
         self._pool = _BufferPool(self._pinned)
+        # read buffers all take the largest streamed layer file: any buffer fits any layer, so the pool never grows
+        # past `prefetch + 1` (layers of different sizes, or file sizes that round up to different pages, would
+        # otherwise leave buffers that fit none of the next ones)
+        self._staging_size = max((shards.unit(layer_unit(i)).size for i in self._streamed), default=0)
         self._device_cache: dict[int, dict[str, torch.Tensor]] = {}
         self._host_cache: dict[int, dict[str, torch.Tensor]] = {}
         self._copy_stream = torch.cuda.Stream(device) if self.is_cuda else None
@@ -745,12 +768,13 @@ class LayerLoader:
             with self._lock:
                 future = self._pending.pop(index, None)
             prefetched = future is not None
-            if future is None:
+            in_place = future is None and self._maps_in_place(index)
+            if future is None and not in_place:
                 future = self._submit(index)
             self._schedule_after(index)
             try:
                 try:
-                    ready = future.result()
+                    ready = self._load_streamed(index) if in_place else future.result()
                 except Exception:  # noqa: BLE001
                     if not prefetched:
                         raise
@@ -791,12 +815,19 @@ class LayerLoader:
             kept = self._maps.get(index)
             if kept is not None:
                 kept.release_pages()
+            if ready.evict is None:
+                self._dropped.discard(index)
+            else:
+                self._dropped.add(index)
             if ready.evict is not None and not self._closed:
                 # in the thread that maps this layer next: in order with that map (mapped pages are not dropped)
                 pool = self._mappers[self._map_thread[index]] if self.prefetch and self._maps_ahead(index) else None
                 (pool or self._executor).submit(_evict, ready.evict, whole=ready.repair)
             return
         if ready.event is not None:  # CUDA, streamed: see `_wait_released`
+            # its tensors go first: freed, each is marked by the caching allocator as in use on the compute stream up
+            # to here, so once the event recorded next has completed, their memory is free for the next copy
+            ready.tensors = {}
             done = torch.cuda.Event()
             done.record(torch.cuda.current_stream(self.device))
             self._released.append(done)
@@ -869,17 +900,35 @@ class LayerLoader:
         """Keep the next `prefetch` streamed layers (cyclically) loading in the background."""
         if not self.prefetch or not self._streamed:
             return
-        # position of the first streamed layer after `index`
-        pos = next((p for p, i in enumerate(self._streamed) if i > index), 0)
+        pos = self._first_after[index + 1]
         with self._lock:
             for k in range(self.prefetch):
                 nxt = self._streamed[(pos + k) % len(self._streamed)]
-                if nxt == index or nxt in self._pending or nxt in self._in_use:
+                if nxt == index or nxt in self._pending or nxt in self._in_use or self._maps_in_place(nxt):
                     continue
                 ahead = (
                     self._mappers[self._map_thread[nxt]].submit(self._map_ahead, nxt) if self._maps_ahead(nxt) else None
                 )
                 self._pending[nxt] = self._executor.submit(self._load_streamed, nxt, ahead)
+
+    def _maps_in_place(self, index: int) -> bool:
+        """CPU: whether layer `index` is mapped where it is used, in the compute thread as its forward begins, with no
+        thread in between: a layer whose kept map found it in the page cache last time, was left there after its
+        last use, and whose tensors are its map's views as they are (nothing to decode or cast). Populating such a
+        map is the whole load (about 0.1 ms for an 86 MB layer here); handed over to the loader thread, it cost more
+        than that in the compute thread's waits for the GIL and the core the loader took from torch: a warm
+        `generate` streaming every layer took 0.97x, 0.97x, 1.00x and 0.97x the step time mapped in place (in-process
+        runs of 14, 20, 16 and 30 rounds alternating the two). Layers that are decoded or cast stay in the loader
+        thread, where that work overlaps the compute, as do layers the disk must supply (see `_maps_ahead`)."""
+        if not (self._in_place and self._map):
+            return False
+        kept = self._maps.get(index)
+        return (
+            kept is not None
+            and kept.finished is not None
+            and index not in self._from_disk
+            and index not in self._dropped
+        )
 
     def _maps_ahead(self, index: int) -> bool:
         """CPU: whether layer `index` is mapped by a map thread, ahead of its use: where its last map read it from
@@ -887,8 +936,9 @@ class LayerLoader:
         are read at once (`MAP_STREAMS`), and a layer of quantized weights is read while the loader thread decodes
         the one before (decoding takes about as long as reading the packed bytes here). Both need `prefetch` >= 2:
         a layer's map and its load in the loader thread are scheduled together, so with 1 a single map is in
-        flight, and the decoding waits for it. A layer its last map found in the page cache is mapped by the loader
-        thread, where it is used: a map thread would only add a hand-over per layer to a warm sweep."""
+        flight, and the decoding waits for it. A layer its last map found in the page cache is mapped where it is
+        used, by the compute thread (`_maps_in_place`) or the loader thread: a map thread would only add a hand-over
+        per layer to a warm sweep."""
         return bool(self._mappers) and self._map and index in self._from_disk
 
     def _map_ahead(self, index: int) -> tuple[dict[str, torch.Tensor], float] | None:
@@ -1059,26 +1109,23 @@ class LayerLoader:
             return None
         kept = self._maps.get(index)
         populating = self._populate  # (read once: the loader and the map thread may both be here)
-        fd = os.open(header.path, os.O_RDONLY)
-        try:
-            check = getattr(header, "check_unchanged", None)
-            if check is not None:  # at every use: a file replaced or rewritten under a running model fails loudly
-                check(fd)
-            if os.fstat(fd).st_size < header.file_size:  # mapping past the end would SIGBUS instead of raising
-                raise ShardFileError(header.path, f"is shorter than its {header.file_size} bytes (truncated)")
-            if kept is None:
+        if kept is not None:  # a map we have: one `stat` of the path checks the file, nothing to open
+            _check_file(header, os.stat(header.path))
+            mm = kept.mm
+        else:
+            fd = os.open(header.path, os.O_RDONLY)
+            try:
+                _check_file(header, os.fstat(fd))
                 flags = mmap.MAP_PRIVATE | (0 if populating else map_populate)
                 mm = mmap.mmap(fd, header.file_size, flags=flags, prot=mmap.PROT_READ)
-        finally:
-            os.close(fd)
-        if kept is not None:
-            mm = kept.mm
-        elif populating:
-            advise_huge(mm)
+            finally:
+                os.close(fd)
+            if populating:
+                advise_huge(mm)
         if populating:
             before = thread_usage()
             try:
-                done = populate(mm, header.path)
+                done = populate(mm, header.path, kept.address if kept is not None else None)
             except ShardFileError:
                 if kept is None:
                     mm.close()
@@ -1169,10 +1216,11 @@ class LayerLoader:
                 raw = self._map_file(header, index) if not self.is_cuda else None
             mapped = raw is not None
             if mapped:
-                self.reads["mapped"] += 1
+                with self._lock:
+                    self.reads["mapped"] += 1
                 self._pool.discard_one()
             else:
-                buffer = self._pool.take(header.file_size, self.prefetch + 1 if self.is_cuda else None)
+                buffer = self._pool.take(self._staging_size, self.prefetch + 1 if self.is_cuda else None)
                 try:
                     raw, _ = self._read_file(header, buffer, index)
                 except BaseException:
@@ -1183,8 +1231,18 @@ class LayerLoader:
             read_s = time.perf_counter() - t0
         times = {"read": read_s, "bytes_read": nread} if self.profile is not None else None
         if not self.is_cuda:
+            kept = self._maps.get(index) if mapped else None
             try:
-                tensors = self._relative(index, self._finish(unit, raw, index, mapped=mapped, times=times))
+                if kept is not None and kept.finished is not None:  # the views it gave last time, as they are
+                    tensors = kept.finished
+                    if times is not None:
+                        times.update(dequantize=0.0, copy=0.0)
+                else:
+                    tensors = self._relative(index, self._finish(unit, raw, index, mapped=mapped, times=times))
+                    if kept is not None and raw is kept.views:
+                        # nothing decoded or cast: the layer's tensors are its map's views, the same at every use
+                        if {id(t) for t in tensors.values()} == {id(t) for t in raw.values()}:
+                            kept.finished = tensors
             except BaseException:
                 if buffer is not None:
                     self._pool.give(buffer, [])
@@ -1197,7 +1255,12 @@ class LayerLoader:
             )
         # CUDA: copy (and dequantize/cast) on the side stream; the compute stream waits on the event, and the
         # staging buffer goes back to the pool tagged with the event, to be refilled once the copy has landed
-        self._wait_released()
+        try:
+            self._wait_released()
+        except BaseException:
+            if buffer is not None:  # nothing was queued from it yet
+                self._pool.give(buffer, [])
+            raise
         with torch.cuda.device(self.device), torch.cuda.stream(self._copy_stream):
             try:
                 tensors = self._relative(index, self._finish(unit, raw, index, times=times))

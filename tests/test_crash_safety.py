@@ -528,8 +528,13 @@ def test_loader_error_mid_generation_then_fresh_load_is_exact(llama, tmp_path, m
         def __call__(self, input_ids, scores):
             self.calls += 1
             if self.calls == 2:
-                if kind == "read_eio":  # the disk fails under the loader: every open of the file raises EIO
-                    real_os_open, real_open = os.open, builtins.open
+                if kind == "read_eio":  # the disk fails under the loader: every open or stat of the file raises EIO
+                    real_os_open, real_open, real_stat = os.open, builtins.open, os.stat
+
+                    def os_stat(path, *args, **kwargs):
+                        if str(path).endswith("00002.safetensors"):
+                            raise OSError(errno.EIO, "Input/output error", str(path))
+                        return real_stat(path, *args, **kwargs)
 
                     def os_open(path, *args, **kwargs):
                         if str(path).endswith("00002.safetensors"):
@@ -542,6 +547,7 @@ def test_loader_error_mid_generation_then_fresh_load_is_exact(llama, tmp_path, m
                         return real_open(path, *args, **kwargs)
 
                     monkeypatch.setattr(os, "open", os_open)
+                    monkeypatch.setattr(os, "stat", os_stat)
                     monkeypatch.setattr(builtins, "open", py_open)
                 else:
                     _damage(kind, target, shards / "layers" / "00001.safetensors")

@@ -295,22 +295,30 @@ def test_acquire_after_close_raises():
 # --- scheduling -----------------------------------------------------------------------------------------------------
 
 
-def test_prefetch_runs_ahead_cyclically(llama):
+@pytest.mark.parametrize("in_place", [False, True], ids=["read_ahead", "in_place"])
+def test_prefetch_runs_ahead_cyclically(llama, monkeypatch, in_place):
     """Before the first sweep, and after each sweep, the next sweep's first streamed layers are already being read
-    (skipping kept layers)."""
+    (skipping kept layers). Except, on CPU, layers found in the page cache whose map is their whole load: those are
+    mapped where they are used, in the compute thread, and nothing is read ahead for them."""
+    from hf_layerstream import engine
+
+    monkeypatch.setattr(engine, "_read_from_disk", lambda before, after, size: False)  # every map finds them warm
     ckpt, shards, inputs, expected, pad = llama
     m, resident, layer = _sizes(shards)
     model = streamed_model(ckpt, shards, max_memory={"cpu": resident + 3 * layer + 3 * layer}, prefetch=2)
     loader = get_streaming_state(model).loader
+    loader._in_place = in_place
     assert loader.plan.streamed == [1, 3, 5]
     # the first sweep's first streamed layers are read from the moment streaming is enabled
     assert sorted(loader._pending) == [1, 3]
     loader.wait_idle()
     assert loader.reads["mapped"] == 2
     assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
-    assert sorted(loader._pending) == [1, 3]
+    assert sorted(loader._pending) == ([] if in_place else [1, 3])
     loader.wait_idle()
     assert loader._pool.allocated <= loader.prefetch + 1
+    # one map per streamed layer and sweep (the first two were the ones made at enable time), and the read-ahead
+    assert loader.reads["mapped"] == 3 * GEN["max_new_tokens"] + (0 if in_place else 2)
     disable_layer_streaming(model)
 
 
@@ -636,27 +644,35 @@ def _resident_bytes(address: int, length: int) -> int:
     return total
 
 
-def test_streamed_layer_maps_are_kept_with_their_pages_released(llama, tmp_path):
+@pytest.mark.parametrize("in_place", [False, True], ids=["read_ahead", "in_place"])
+def test_streamed_layer_maps_are_kept_with_their_pages_released(llama, tmp_path, monkeypatch, in_place):
     """CPU: a streamed layer's file is mapped once and that map is used again at every sweep (no mmap, views or new
     page tables per use); between uses its pages leave the resident set (`MADV_DONTNEED`), so only the layers in use
-    or read ahead are resident; after `disable_layer_streaming` no map of a layer file is left."""
+    or read ahead are resident (none read ahead where warm layers are mapped in place); after
+    `disable_layer_streaming` no map of a layer file is left."""
+    from hf_layerstream import engine
     from hf_layerstream._safetensors import can_release_mapped_pages
 
     if not can_release_mapped_pages():
         pytest.skip("no madvise(MADV_DONTNEED) here: maps live as long as their views")
+    monkeypatch.setattr(engine, "_read_from_disk", lambda before, after, size: False)  # every map finds them warm
     ckpt, shards, inputs, expected, pad = llama
     shards = _copy_shards(shards, tmp_path)
     model = streamed_model(ckpt, shards, **STREAM_ALL)  # prefetch 1
     loader = get_streaming_state(model).loader
+    loader._in_place = in_place
     assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
     loader.wait_idle()
     maps = {i: kept.mm for i, kept in loader._maps.items()}
     assert sorted(maps) == list(range(6))
     sizes = [len(maps[i]) for i in range(6)]
     resident = [_resident_bytes(loader._maps[i].address, sizes[i]) for i in range(6)]
-    # the next sweep's first layer is read ahead (populated); every other layer's pages were released after use
-    assert resident[0] >= sizes[0] - 4096, resident
-    assert resident[1:] == [0] * 5, resident
+    # every layer's pages were released after use; read ahead, the next sweep's first layer is populated already
+    if in_place:
+        assert resident == [0] * 6, resident
+    else:
+        assert resident[0] >= sizes[0] - 4096, resident
+        assert resident[1:] == [0] * 5, resident
     mapped = loader.reads["mapped"]
     assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
     loader.wait_idle()  # the read-ahead for the next sweep is counted once it completes (`mapped` included the last)
@@ -938,10 +954,31 @@ def test_peak_rss_is_resident_plus_a_few_layers(tmp_path, prefetch):
 # --- CUDA -----------------------------------------------------------------------------------------------------------
 
 
+def _mixed_budget(shards, prefetch: int, on_device: int = 2, in_host: int = 2) -> dict:
+    """A CUDA `max_memory` whose plan keeps `on_device` layers on GPU 0, `in_host` in pinned host RAM and streams
+    the rest from the disk (fp32 shards: stored sizes are the computed ones)."""
+    m = ShardDirectory(shards)
+    layer = max(m.unit(layer_unit(i)).size for i in range(m.num_layers))
+    resident = m.unit("resident").logical_nbytes
+    # the plan keeps room for `prefetch + 1` layers in flight, and a tenth of the device budget for activations
+    device = resident + (prefetch + 1 + on_device) * layer + layer // 2
+    return {0: device * 10 // 9 + 10, "cpu": (prefetch + 1 + in_host) * layer + layer // 2}
+
+
+def test_mixed_cuda_budget_gives_every_tier(checkpoints):
+    """The budget the CUDA tests use for a mixed plan does give one (checked here, where no GPU is needed)."""
+    _, shards = checkpoints("llama", num_hidden_layers=6)
+    plan = plan_residency(
+        ShardDirectory(shards), torch.device("cuda", 0), max_memory=_mixed_budget(shards, 2), prefetch=2
+    )
+    assert (len(plan.device_layers), len(plan.host_layers), len(plan.streamed)) == (2, 2, 2)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("profile", [False, True], ids=["overlapped", "profiled"])  # profiling syncs every layer
 @pytest.mark.parametrize(
-    "options", [{"max_memory": {0: 0, "cpu": 0}}, {"max_memory": {0: "1GiB", "cpu": 0}}, {"max_memory": {0: 0}}, {}]
+    "options",
+    [{"max_memory": {0: 0, "cpu": 0}}, {"max_memory": {0: "1GiB", "cpu": 0}}, {"max_memory": {0: 0}}, {}, "mixed"],
 )
 def test_cuda_streaming_exact_and_buffers_reused(checkpoints, options, profile):
     from conftest import build_meta_model
@@ -952,8 +989,13 @@ def test_cuda_streaming_exact_and_buffers_reused(checkpoints, options, profile):
     tok = AutoTokenizer.from_pretrained(ckpt)
     inputs = tok(_models.SAMPLE_PROMPTS[1], return_tensors="pt").to("cuda")
     model = build_meta_model(AutoConfig.from_pretrained(ckpt))
+    mixed = options == "mixed"  # two layers on the GPU, two in pinned host RAM, two streamed from the disk
+    if mixed:
+        options = {"max_memory": _mixed_budget(shards, 2)}
     enable_layer_streaming(model, shards, device="cuda", prefetch=2, profile=profile, **options)
     state = get_streaming_state(model)
+    if mixed:
+        assert (len(state.plan.device_layers), len(state.plan.host_layers), len(state.plan.streamed)) == (2, 2, 2)
     # host-tier layers count as CPU offload, streamed ones as disk offload: either keeps generate from compiling
     prefix = state.stack.prefix
     assert all(model.hf_device_map[f"{prefix}.{i}"] == "cpu" for i in state.plan.host_layers)
@@ -964,10 +1006,11 @@ def test_cuda_streaming_exact_and_buffers_reused(checkpoints, options, profile):
     loader.wait_idle()
     assert loader._pool.allocated <= loader.prefetch + 1
     assert all(buf.is_pinned() and buf.data_ptr() % 4096 == 0 for buf, _ in loader._pool._free)
-    # pinned at their exact (page-rounded) sizes, not at the caching host allocator's powers of two
-    sizes = {_round_up(loader.shards.header(layer_unit(i)).file_size) for i in range(6)}
+    # pinned at the largest layer file's (page-rounded) size, not at the caching host allocator's powers of two
+    size = _round_up(max(loader.shards.header(layer_unit(i)).file_size for i in range(6)))
     staging = [buf for buf, _ in loader._pool._free]
-    assert all(buf.numel() in sizes for buf in staging)
+    assert all(buf.numel() == size for buf in staging)
+    assert bool(staging) == bool(state.plan.streamed)
     if loader._pinned._registering:  # (where the driver refuses, torch's pinned allocator is used instead)
         assert set(loader._pinned._held) >= {buf.data_ptr() for buf in staging}
         assert len(loader._pinned._held) == loader._pool.allocated + len(state.plan.host_layers)
@@ -976,6 +1019,97 @@ def test_cuda_streaming_exact_and_buffers_reused(checkpoints, options, profile):
     disable_layer_streaming(model)
     assert not _loader_threads(loader)
     assert not loader._pinned._held  # unregistered
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("lagging", ["copy", "compute"])
+def test_cuda_output_exact_when_one_stream_lags_far_behind(checkpoints, monkeypatch, lagging):
+    """Stream ordering, made visible: the copy stream held back before each layer's copies (the compute must wait
+    for each layer's event, or it reads memory not written yet), or the compute stream held back after each layer
+    (the loader runs ahead: a layer's device memory or a staging buffer reused before the GPU is done with it would
+    change what a queued kernel reads). The output stays exact, and the buffers bounded."""
+    from conftest import build_meta_model
+    from transformers import AutoConfig
+
+    ckpt, shards = checkpoints("llama", num_hidden_layers=6)
+    ref = _models.load_reference(ckpt).to("cuda")
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    inputs = tok(_models.SAMPLE_PROMPTS[1], return_tensors="pt").to("cuda")
+    kw = {**GEN, "pad_token_id": tok.pad_token_id}
+    expected = ref.generate(**inputs, **kw)
+    model = build_meta_model(AutoConfig.from_pretrained(ckpt))
+    enable_layer_streaming(model, shards, device="cuda", prefetch=2, max_memory={0: 0, "cpu": 0})
+    loader = get_streaming_state(model).loader
+    loader.wait_idle()
+    cycles = 20_000_000  # about 10 ms of a GPU's clock: far longer than a tiny layer's copy or compute
+    if lagging == "copy":
+        real_finish = loader._finish
+
+        def finish(*args, **kwargs):  # in `_load_streamed` the current stream is the copy stream
+            torch.cuda._sleep(cycles)
+            return real_finish(*args, **kwargs)
+
+        monkeypatch.setattr(loader, "_finish", finish)
+    else:
+        real_release = loader.release
+
+        def release(index):  # on the compute stream, after the layer's kernels, before its release is recorded
+            torch.cuda._sleep(cycles)
+            real_release(index)
+
+        monkeypatch.setattr(loader, "release", release)
+    for _ in range(2):
+        assert torch.equal(model.generate(**inputs, **kw), expected)
+    loader.wait_idle()
+    assert loader._pool.allocated <= loader.prefetch + 1
+    disable_layer_streaming(model)
+
+
+@pytest.mark.cuda
+def test_cuda_memory_stays_within_the_plan_across_sweeps(tmp_path):
+    """Every layer streamed from the disk, layers large enough for the caching allocator's large pool: the device
+    memory allocated while generating peaks at (prefetch + 1) layers over the resident parts (plus a few MiB of KV
+    cache and activations), and what the allocator reserves stops growing after the first sweeps (the loader waits
+    for the GPU to pass each released layer before it copies the next, so freed layers are reused, not added to)."""
+    from conftest import build_meta_model
+    from transformers.generation.streamers import BaseStreamer
+
+    from hf_layerstream import split_checkpoint
+
+    config = _models.make_config("llama", 6, hidden_size=512, intermediate_size=1408, vocab_size=1024)
+    ckpt = _models.save_tiny_checkpoint(config, tmp_path / "ckpt")
+    shards = split_checkpoint(ckpt, tmp_path / "shards", progress=False)
+    model = build_meta_model(config)
+    prefetch = 2
+    enable_layer_streaming(model, shards, device="cuda", prefetch=prefetch, max_memory={0: 0, "cpu": 0})
+    state = get_streaming_state(model)
+    layer = max(state.plan.layer_bytes)
+    assert layer > 8 * 2**20  # (its MLP weights are each over the small pool's 1 MiB)
+    ids = torch.randint(5, 1000, (1, 12), generator=torch.Generator().manual_seed(0)).to("cuda")
+    state.loader.wait_idle()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    reserved = []
+
+    class AfterEachSweep(BaseStreamer):  # `put` comes once per forward pass (the prompt's ids first, before any)
+        def put(self, value):
+            torch.cuda.synchronize()
+            reserved.append(torch.cuda.memory_stats()["reserved_bytes.large_pool.current"])
+
+        def end(self):
+            pass
+
+    kw = {"max_new_tokens": 10, "min_new_tokens": 10, "do_sample": False, "pad_token_id": 0}
+    out = model.generate(ids, streamer=AfterEachSweep(), **kw)
+    state.loader.wait_idle()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    assert layer <= peak <= (prefetch + 1) * layer + 16 * 2**20, (peak / 2**20, layer / 2**20)
+    assert len(reserved) == 11 and reserved[3:] == [reserved[3]] * 8, [r / 2**20 for r in reserved]
+    disable_layer_streaming(model)
+    ref = _models.load_reference(ckpt).to("cuda")
+    assert torch.equal(out, ref.generate(ids, **kw))
 
 
 class _FakeEvent:

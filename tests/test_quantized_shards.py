@@ -231,33 +231,118 @@ def test_quantized_layers_are_read_while_the_previous_one_decodes(bf16_checkpoin
     assert threads and not [t for t in threads if t.is_alive()]
 
 
-def test_layers_in_the_page_cache_are_mapped_where_they_are_used(bf16_checkpoint, monkeypatch):
-    """A layer already in the page cache is mapped by the loader thread just before its use (mapping it ahead would
-    only make its pages resident earlier), quantized or not; and once a layer's map found it in the page cache, it
-    is not handed to the map threads at all (a warm sweep makes no hand-over)."""
+def _warm(monkeypatch, read_from_disk=lambda before, after, size: False):
+    """Every layer file taken as in the page cache, and every map as having found it there (unless
+    `read_from_disk` says otherwise): the test model's files are small, so the real checks could go either way."""
     from hf_layerstream import engine
+
+    monkeypatch.setattr(engine, "_known_cached", lambda fd, header: True)
+    monkeypatch.setattr(engine, "_read_from_disk", read_from_disk)
+
+
+@pytest.mark.parametrize(
+    "compression, where", [("4bit", "hf_layerstream-loader_"), ("none", "MainThread")], ids=["4bit", "bf16"]
+)
+def test_layers_in_the_page_cache_are_mapped_where_they_are_used(bf16_checkpoint, monkeypatch, compression, where):
+    """A layer already in the page cache is mapped just before its use, never ahead by a map thread (that would
+    only make its pages resident earlier). Once its kept map has found it there: a quantized layer by the loader
+    thread, which decodes it while the layer before computes; a layer whose tensors are its map's views as they are
+    (bf16 shards, bf16 model) by the compute thread itself as its forward begins, with no hand-over, the same views
+    at every use. The output stays exact."""
+    ckpt, dirs = bf16_checkpoint
+    ids = torch.randint(4, 120, (1, 20), generator=torch.Generator().manual_seed(1))
+    expected = _kept_logits(ckpt, dirs[compression], ids)
+    _warm(monkeypatch)
+    model = streamed_model(ckpt, dirs[compression], max_memory={"cpu": 0}, prefetch=2)
+    loader = get_streaming_state(model).loader
+    loader.wait_idle()  # layers 0 and 1, read ahead at enable time, mapped by the loader thread
+    asked = []
+    real_ahead = loader._map_ahead
+    monkeypatch.setattr(loader, "_map_ahead", lambda index, a=asked, r=real_ahead: a.append(index) or r(index))
+    maps, _ = _record_stages(loader, monkeypatch)
+    assert torch.equal(_logits(model, ids), expected)
+    loader.wait_idle()
+    assert asked == [2], asked  # only the layer not mapped before: the map thread found it in the page cache
+    assert [(name[:22], index) for name, index, *_ in maps if index == 2] == [("hf_layerstream-loader_", 2)]
+    del asked[:], maps[:]
+    handed = []
+    real_acquire = loader.acquire
+    monkeypatch.setattr(loader, "acquire", lambda index: handed.append(real_acquire(index)) or handed[-1])
+    for _ in range(2):
+        assert torch.equal(_logits(model, ids), expected)
+    loader.wait_idle()
+    assert sorted(index for _, index, *_ in maps) == [0, 0, 1, 1, 2, 2] and not asked, asked
+    assert all(name.startswith(where) for name, *_ in maps), maps
+    if where == "MainThread":  # the kept map's own views, handed out as they are at every use
+        views = {i: {t.data_ptr() for t in loader._maps[i].views.values()} for i in range(3)}
+        assert [{t.data_ptr() for t in h.values()} for h in handed] == [views[i] for i in (0, 1, 2) * 2]
+        assert all(handed[i] is handed[i + 3] for i in range(3))
+    assert loader.reads["mapped"] >= 9
+
+
+def test_layers_cast_or_dropped_after_use_are_not_mapped_in_place(bf16_checkpoint, monkeypatch):
+    """Mapping in the compute thread is for layers whose map is the whole load: a layer cast to the model's dtype
+    (bf16 shards, float32 model) is mapped and cast by the loader thread, ahead, as is a layer the plan drops from
+    the page cache after each use (its next map reads it back from the disk). Both stay exact."""
+    ckpt, dirs = bf16_checkpoint
+    ids = torch.randint(4, 120, (1, 20), generator=torch.Generator().manual_seed(1))
+    _warm(monkeypatch)
+    for kwargs in ({"dtype": torch.float32}, {"keep_in_page_cache": False}):
+        reference = streamed_model(ckpt, dirs["none"], dtype=kwargs.get("dtype"))
+        expected = _logits(reference, ids)
+        model = streamed_model(ckpt, dirs["none"], max_memory={"cpu": 0}, prefetch=2, **kwargs)
+        loader = get_streaming_state(model).loader
+        maps, _ = _record_stages(loader, monkeypatch)
+        for _ in range(3):
+            assert torch.equal(_logits(model, ids), expected)
+        loader.wait_idle()
+        assert len(maps) >= 6 and all(name.startswith("hf_layerstream-loader") for name, *_ in maps), (kwargs, maps)
+
+
+def test_a_layer_mapped_in_place_that_the_disk_supplied_is_read_ahead_again(bf16_checkpoint, monkeypatch):
+    """A layer mapped in the compute thread whose map had to read it from the disk (memory pressure dropped it from
+    the page cache) goes to a map thread for the next sweep, mapped ahead (here `cachestat` finds it back in the page
+    cache, so the loader thread maps it, ahead); once a map finds it warm, it is mapped in place again."""
+    import threading
 
     ckpt, dirs = bf16_checkpoint
     ids = torch.randint(4, 120, (1, 20), generator=torch.Generator().manual_seed(1))
-    monkeypatch.setattr(engine, "_known_cached", lambda fd, header: True)
-    monkeypatch.setattr(engine, "_read_from_disk", lambda before, after, size: False)
-    for compression in ("4bit", "none"):
-        model = streamed_model(ckpt, dirs[compression], max_memory={"cpu": 0}, prefetch=2)
-        loader = get_streaming_state(model).loader
+    expected = _kept_logits(ckpt, dirs["none"], ids)
+    state = {"armed": False, "cold_thread": None}
+    _warm(monkeypatch, lambda before, after, size: state["cold_thread"] == threading.get_ident())
+    model = streamed_model(ckpt, dirs["none"], max_memory={"cpu": 0}, prefetch=2)
+    loader = get_streaming_state(model).loader
+    for _ in range(2):  # every layer mapped once, then in place
+        assert torch.equal(_logits(model, ids), expected)
+    loader.wait_idle()
+    maps, _ = _record_stages(loader, monkeypatch)
+    real_map = loader._map_file
+
+    def map_file(header, index=-1):  # layer 1's next map reads it from the disk
+        if state["armed"] and index == 1:
+            state.update(armed=False, cold_thread=threading.get_ident())
+        try:
+            return real_map(header, index)
+        finally:
+            if state["cold_thread"] == threading.get_ident():
+                state["cold_thread"] = None
+
+    monkeypatch.setattr(loader, "_map_file", map_file)
+    asked = []
+    real_ahead = loader._map_ahead
+    monkeypatch.setattr(loader, "_map_ahead", lambda index: asked.append(index) or real_ahead(index))
+    state["armed"] = True
+    sweeps = []
+    for _ in range(3):
+        del maps[:]
+        assert torch.equal(_logits(model, ids), expected)
         loader.wait_idle()
-        asked = []
-        real_ahead = loader._map_ahead
-        monkeypatch.setattr(loader, "_map_ahead", lambda index, a=asked, r=real_ahead: a.append(index) or r(index))
-        maps, _ = _record_stages(loader, monkeypatch)
-        _logits(model, ids)  # layers 0 and 1 were mapped at enable time; 2, then 0 and 1 for the next pass now
-        loader.wait_idle()
-        assert {index for _, index, *_ in maps} == {0, 1, 2}
-        assert all(name.startswith("hf_layerstream-loader_") for name, *_ in maps), maps
-        assert asked == [2], asked  # only the layer not mapped before: the map thread found it in the page cache
-        del asked[:], maps[:]
-        _logits(model, ids)
-        loader.wait_idle()
-        assert {index for _, index, *_ in maps} == {0, 1, 2} and not asked, asked
+        sweeps.append(sorted((index, name.rsplit("_", 1)[0]) for name, index, *_ in maps))  # (no worker number)
+    main, loader_thread = "MainThread", "hf_layerstream-loader"
+    assert sweeps[0] == [(0, main), (1, main), (1, loader_thread), (2, main)], sweeps
+    assert asked == [1]
+    assert sweeps[1] == [(0, main), (2, main)], sweeps  # layer 1: the map made ahead
+    assert sweeps[2] == [(0, main), (1, main), (2, main)], sweeps
 
 
 def test_full_precision_layers_from_the_disk_are_read_two_at_once(bf16_checkpoint, monkeypatch):
