@@ -413,7 +413,8 @@ def bench(args) -> dict:
         `{"model", "disk", "baseline_rss", "rows", "paired", "targets"}`; each row has `system`, `mode`, `batch`,
         `s_per_token`, `tokens_per_s`, `peak_rss`, `cuda_peak`, `limit_s`, `ratio_to_limit`, `same_tokens`, ...;
         `paired` (or `None`) is the warm comparison in one process (see `_measure.measure_paired`), with `targets`
-        and `same_tokens` per system.
+        and `same_tokens` per system; `disk` is the faster of two measurements (`measure_disk_bandwidth`), before
+        and after the runs, with both bandwidths in `samples` and both fastest ways in `sample_ways`.
     """
     import torch
 
@@ -561,8 +562,10 @@ def bench(args) -> dict:
             # the disk is shared too: measure again after the runs and keep the faster (the physical limit)
             again = measure_disk_bandwidth(layer_files)
             samples = [disk["bandwidth"], again["bandwidth"]]
+            ways = [disk["way"], again["way"]]  # (the cold steps of ours were paired with the first)
             disk = max(disk, again, key=lambda d: d["bandwidth"] or 0)
             disk["samples"] = samples
+            disk["sample_ways"] = ways
         baseline_rss = min((r["baseline_rss"] for r in rows if r.get("baseline_rss")), default=0)
         _derive(rows, disk, stored, baseline_rss, resident_bytes, layer_bytes, stored_by_system, h2d)
         if paired is not None and not paired.get("error"):

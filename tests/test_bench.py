@@ -45,7 +45,9 @@ def test_bench_demo_json_and_table(tmp_path, capsys):
     # each cold step is also held against a read of its layer files, the fastest way, just before it
     if "paired_disk" in cold:  # (where the peak RSS can be set back after each read)
         pd = cold["paired_disk"]
-        assert pd["way"] == report["disk"]["way"] and pd["files"] == 3 and len(pd["ratios"]) == 2
+        # (the fastest way measured before the runs: the one after them may differ, and the report keeps the faster)
+        assert pd["way"] == report["disk"]["sample_ways"][0] and pd["files"] == 3 and len(pd["ratios"]) == 2
+        assert report["disk"]["way"] in report["disk"]["sample_ways"]
         assert pd["bytes_per_sweep"] == report["model"]["layer_file_bytes"]
     # the warm comparison in one process, alternating calls (default 10 each): same tokens, a ratio per system
     paired = report["paired"]
@@ -65,7 +67,7 @@ def test_bench_demo_json_and_table(tmp_path, capsys):
     assert "whole model in RAM" in table and "every layer from disk" in table
     assert "disk read bandwidth" in table and "s/token" in table and "x limit" in table
     if "paired_disk" in cold:
-        assert f"each step against a read of its 3 layer files ({report['disk']['way']}" in table
+        assert f"each step against a read of its 3 layer files ({pd['way']}" in table
         assert f": {cold['paired_disk']['ratio']:.2f}x (median of 2 steps; target <= 1.15" in table
     # each row shows its prompt pass (time to the first token), which s/token leaves out
     assert "prompt s" in table
