@@ -774,7 +774,12 @@ class LayerLoader:
             self._schedule_after(index)
             try:
                 try:
-                    ready = self._load_streamed(index) if in_place else future.result()
+                    if in_place:
+                        ready = self._load_streamed(index)
+                        if index in self._from_disk:
+                            self._after_cold_in_place(index)
+                    else:
+                        ready = future.result()
                 except Exception:  # noqa: BLE001
                     if not prefetched:
                         raise
@@ -929,6 +934,15 @@ class LayerLoader:
             and index not in self._from_disk
             and index not in self._dropped
         )
+
+    def _after_cold_in_place(self, index: int) -> None:
+        """A layer mapped in place had to be read from the disk: the page cache lost it, and most likely the layers
+        after it too (memory pressure, a cache drop). Every streamed layer goes back to the map threads, which find
+        the ones still warm (`cachestat`) and leave those to the loader thread, and the next ones are read ahead now:
+        the rest of the sweep does not read from the disk in the compute thread, one layer at a time. Each map that
+        finds its layer warm returns it to being mapped in place."""
+        self._from_disk.update(self._streamed)
+        self._schedule_after(index)
 
     def _maps_ahead(self, index: int) -> bool:
         """CPU: whether layer `index` is mapped by a map thread, ahead of its use: where its last map read it from

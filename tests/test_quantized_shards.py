@@ -301,8 +301,10 @@ def test_layers_cast_or_dropped_after_use_are_not_mapped_in_place(bf16_checkpoin
 
 def test_a_layer_mapped_in_place_that_the_disk_supplied_is_read_ahead_again(bf16_checkpoint, monkeypatch):
     """A layer mapped in the compute thread whose map had to read it from the disk (memory pressure dropped it from
-    the page cache) goes to a map thread for the next sweep, mapped ahead (here `cachestat` finds it back in the page
-    cache, so the loader thread maps it, ahead); once a map finds it warm, it is mapped in place again."""
+    the page cache, likely with others) sends every layer back to the map threads, and the next ones are read ahead
+    at once: the rest of the sweep does not read from the disk in the compute thread. Here `cachestat` finds them in
+    the page cache, so the loader thread maps them, ahead; each map that finds its layer warm returns it to being
+    mapped in place."""
     import threading
 
     ckpt, dirs = bf16_checkpoint
@@ -339,10 +341,11 @@ def test_a_layer_mapped_in_place_that_the_disk_supplied_is_read_ahead_again(bf16
         loader.wait_idle()
         sweeps.append(sorted((index, name.rsplit("_", 1)[0]) for name, index, *_ in maps))  # (no worker number)
     main, loader_thread = "MainThread", "hf_layerstream-loader"
-    assert sweeps[0] == [(0, main), (1, main), (1, loader_thread), (2, main)], sweeps
-    assert asked == [1]
-    assert sweeps[1] == [(0, main), (2, main)], sweeps  # layer 1: the map made ahead
+    # layer 1 read from the disk in place: 2, and 0 and 1 for the next sweep, read ahead from then on
+    assert sweeps[0] == [(0, main), (0, loader_thread), (1, main), (1, loader_thread), (2, loader_thread)], sweeps
+    assert sweeps[1] == [(2, main)], sweeps  # 0 and 1: the maps made ahead, which found them warm
     assert sweeps[2] == [(0, main), (1, main), (2, main)], sweeps
+    assert sorted(asked) == [0, 1, 2]  # each went through a map thread once (which found it in the page cache)
 
 
 def test_full_precision_layers_from_the_disk_are_read_two_at_once(bf16_checkpoint, monkeypatch):
