@@ -735,10 +735,10 @@ class LayerLoader:
         self._closed = False
         self._pinned = _PinnedHost(device) if self.is_cuda else None
         self._pool = _BufferPool(self._pinned)
-        # read buffers all take the largest streamed layer file: any buffer fits any layer, so the pool never grows
-        # past `prefetch + 1` (layers of different sizes, or file sizes that round up to different pages, would
-        # otherwise leave buffers that fit none of the next ones)
-        self._staging_size = max((shards.unit(layer_unit(i)).size for i in self._streamed), default=0)
+        # read buffers all take the largest file of a layer streamed from the disk: any buffer fits any such layer, so
+        # the pool never grows past `prefetch + 1` (layers of different sizes, or file sizes that round up to
+        # different pages, would otherwise leave buffers that fit none of the next ones)
+        self._staging_size = max((shards.unit(layer_unit(i)).size for i in plan.streamed), default=0)
         self._device_cache: dict[int, dict[str, torch.Tensor]] = {}
         self._host_cache: dict[int, dict[str, torch.Tensor]] = {}
         self._copy_stream = torch.cuda.Stream(device) if self.is_cuda else None

@@ -335,6 +335,38 @@ def test_buffers_bounded_by_prefetch(llama, prefetch, mapped):
     disable_layer_streaming(model)
 
 
+def test_read_buffers_fit_every_streamed_layer(tmp_path):
+    """Layers read into buffers (CUDA staging; CPU where not mapped) of different file sizes (dense and MoE layers):
+    every buffer is taken at the largest streamed file's size, so any idle buffer fits the next layer and the pool
+    stays at `prefetch + 1` buffers (on CUDA a smaller idle buffer would be passed over and another one pinned)."""
+    from hf_layerstream import split_checkpoint
+
+    config = _models.make_config("qwen3_moe", 6, mlp_only_layers=[0, 3], moe_intermediate_size=128)
+    ckpt = _models.save_tiny_checkpoint(config, tmp_path / "ckpt")
+    shards = split_checkpoint(ckpt, tmp_path / "shards", progress=False)
+    sizes = [ShardDirectory(shards).unit(layer_unit(i)).size for i in range(6)]
+    assert len(set(sizes)) == 2 and abs(sizes[0] - sizes[1]) > 4096  # (they differ by more than a page)
+    ids = torch.randint(5, 100, (1, 8), generator=torch.Generator().manual_seed(0))
+    reference = streamed_model(ckpt, shards)
+    with torch.no_grad():
+        expected = reference(ids).logits
+    model = streamed_model(ckpt, shards, max_memory={"cpu": 0}, prefetch=2)
+    loader = get_streaming_state(model).loader
+    loader.wait_idle()
+    loader._map = False
+    asked = []
+    real_take = loader._pool.take
+    loader._pool.take = lambda size, limit=None: asked.append(size) or real_take(size, limit)
+    with torch.no_grad():
+        for _ in range(2):
+            assert torch.equal(model(ids).logits, expected)
+    loader.wait_idle()
+    assert len(asked) >= 6 and set(asked) == {max(sizes)}, asked
+    assert loader._pool.allocated <= loader.prefetch + 1
+    disable_layer_streaming(model)
+    disable_layer_streaming(reference)
+
+
 @pytest.mark.parametrize(
     "options",
     [
@@ -1006,8 +1038,8 @@ def test_cuda_streaming_exact_and_buffers_reused(checkpoints, options, profile):
     loader.wait_idle()
     assert loader._pool.allocated <= loader.prefetch + 1
     assert all(buf.is_pinned() and buf.data_ptr() % 4096 == 0 for buf, _ in loader._pool._free)
-    # pinned at the largest layer file's (page-rounded) size, not at the caching host allocator's powers of two
-    size = _round_up(max(loader.shards.header(layer_unit(i)).file_size for i in range(6)))
+    # pinned at the largest streamed layer file's (page-rounded) size, not at the caching host allocator's powers of 2
+    size = _round_up(max((loader.shards.header(layer_unit(i)).file_size for i in state.plan.streamed), default=0))
     staging = [buf for buf, _ in loader._pool._free]
     assert all(buf.numel() == size for buf in staging)
     assert bool(staging) == bool(state.plan.streamed)
