@@ -299,7 +299,7 @@ def test_layers_cast_or_dropped_after_use_are_not_mapped_in_place(bf16_checkpoin
         assert len(maps) >= 6 and all(name.startswith("hf_layerstream-loader") for name, *_ in maps), (kwargs, maps)
 
 
-def test_a_layer_mapped_in_place_that_the_disk_supplied_is_read_ahead_again(bf16_checkpoint, monkeypatch):
+def test_a_layer_mapped_in_place_from_the_disk_sends_the_sweep_back_to_the_map_threads(bf16_checkpoint, monkeypatch):
     """A layer mapped in the compute thread whose map had to read it from the disk (memory pressure dropped it from
     the page cache, likely with others) sends every layer back to the map threads, and the next ones are read ahead
     at once: the rest of the sweep does not read from the disk in the compute thread. Here `cachestat` finds them in
