@@ -26,6 +26,7 @@ gets there lives here:
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import errno
 import logging
@@ -725,8 +726,6 @@ class LayerLoader:
         # once gained nothing there, 1.03x and 1.08x the step time, measured)
         self._map_thread = {i: 0 if i in decoded else pos % MAP_STREAMS for pos, i in enumerate(self._streamed)}
         self._from_disk = set(self._streamed)  # layers whose last map read from the disk (every layer until mapped)
-        # for each layer (and -1, before the first), the position in `_streamed` of the first streamed layer after it
-        self._first_after = [next((p for p, i in enumerate(self._streamed) if i > j), 0) for j in range(-1, n)]
         self._dropped: set[int] = set()  # streamed layers dropped from the page cache after their last use
         self._in_place = True  # warm layers mapped by the compute thread (see `_maps_in_place`; tests turn it off)
         self._pending: dict[int, Future] = {}
@@ -822,9 +821,9 @@ class LayerLoader:
                 kept.release_pages()
             if ready.evict is None:
                 self._dropped.discard(index)
-            else:
-                self._dropped.add(index)
-            if ready.evict is not None and not self._closed:
+                return
+            self._dropped.add(index)
+            if not self._closed:
                 # in the thread that maps this layer next: in order with that map (mapped pages are not dropped)
                 pool = self._mappers[self._map_thread[index]] if self.prefetch and self._maps_ahead(index) else None
                 (pool or self._executor).submit(_evict, ready.evict, whole=ready.repair)
@@ -905,7 +904,7 @@ class LayerLoader:
         """Keep the next `prefetch` streamed layers (cyclically) loading in the background."""
         if not self.prefetch or not self._streamed:
             return
-        pos = self._first_after[index + 1]
+        pos = bisect.bisect_right(self._streamed, index) % len(self._streamed)  # the first streamed layer after it
         with self._lock:
             for k in range(self.prefetch):
                 nxt = self._streamed[(pos + k) % len(self._streamed)]
