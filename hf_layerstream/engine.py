@@ -756,6 +756,7 @@ class LayerLoader:
         """Block until layer `index` is on the device; schedule the next streamed layers; return its tensors."""
         if self._closed:
             raise RuntimeError("Layer streaming was disabled; call `enable_layer_streaming` again to run the model.")
+        self.release(index)  # (nothing to release, unless this layer's last forward pass raised before its release)
         t0 = time.perf_counter()
         tier = self.plan.tier(index)
         if tier == "device":
@@ -809,8 +810,34 @@ class LayerLoader:
     def release(self, index: int) -> None:
         """Layer `index` finished its forward pass: drop its tensors (their memory is reused by later reads)."""
         ready = self._in_use.pop(index, None)
-        if ready is None:
+        if ready is not None:
+            self._let_go(index, ready)
+
+    def in_use(self) -> list[int]:
+        """Layers acquired and not released: the one whose forward pass runs, or one whose forward pass raised."""
+        return list(self._in_use)
+
+    def sweep_begins(self) -> None:
+        """A new pass over the decoder layers begins (the hooks call it, after releasing any layer a pass that raised
+        left in use). Layers read ahead other than this pass's first `prefetch` streamed ones were read for a pass
+        that stopped part way (Ctrl-C, out of memory, an error raised in a layer): they are let go, once loaded (the
+        loader would finish them before the new pass's reads anyway), so what is held stays within the plan's
+        (prefetch + 1) layers instead of growing by the stale ones until the new pass reaches them."""
+        if not self._pending:
             return
+        first = set(self._streamed[: self.prefetch])
+        with self._lock:
+            stale = [(i, self._pending.pop(i)) for i in list(self._pending) if i not in first]
+        for index, future in stale:
+            try:
+                ready = future.result()
+            except Exception:  # noqa: BLE001 - read again, and reported, when the layer is next acquired
+                continue
+            self._let_go(index, ready)
+        if stale:
+            self._schedule_after(-1)
+
+    def _let_go(self, index: int, ready: _Ready) -> None:
         if ready.mapped:
             # its pages leave the resident set here and now: `MADV_DONTNEED` on a kept map, or the munmap when the
             # last view of a map made for this use dies (about 0.1 ms for an 86 MB layer in 2 MiB mappings here);

@@ -65,3 +65,17 @@ class LayerStreamingHook(ModelHook):
             f"LayerStreamingHook(layer={self.index}, tier={self.loader.plan.tier(self.index)}, "
             f"device={self.loader.device}, tensors={len(self.slots)})"
         )
+
+
+def sweep_start_hook(hooks: list[LayerStreamingHook], loader):
+    """A forward pre-hook for the module that runs the decoder layers (e.g. `LlamaModel`): a new pass over them
+    begins. A pass that raised inside a decoder layer (Ctrl-C, out of memory, an error in code hooked on a layer)
+    never reached that layer's `post_forward`: its weights are still swapped in, and the layers after it were read
+    ahead for nothing. Both are put back here, so the next pass starts as a finished one would have left it."""
+
+    def begin(module, args):
+        for index in loader.in_use():
+            hooks[index]._unload()
+        loader.sweep_begins()
+
+    return begin

@@ -13,7 +13,7 @@ from torch import nn
 
 from .engine import LayerLoader, Profile, ResidencyPlan, budget_shortfall, check_device, plan_residency
 from .errors import ShardDirError
-from .hooks import LayerStreamingHook
+from .hooks import LayerStreamingHook, sweep_start_hook
 from .modeling import (
     RESIDENT,
     LayerStack,
@@ -329,6 +329,8 @@ def enable_layer_streaming(
         raise
 
     state = StreamingState(shards, device, stack, plan, loader, prof, hooks, originals)
+    runner = model.get_submodule(stack.prefix.rpartition(".")[0])  # the module whose forward runs the layers
+    state.handles.append(runner.register_forward_pre_hook(sweep_start_hook(hooks, loader)))
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if isinstance(head, nn.Module):
         state.handles.append(head.register_forward_pre_hook(_fold_head_input))

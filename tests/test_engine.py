@@ -335,6 +335,65 @@ def test_buffers_bounded_by_prefetch(llama, prefetch, mapped):
     disable_layer_streaming(model)
 
 
+def _interrupt_then_generate(model, inputs, pad, layer: int = 3) -> list[int]:
+    """One `generate` call interrupted (KeyboardInterrupt, as Ctrl-C raises it) inside decoder layer `layer`'s forward
+    pass in its second sweep, then a whole one, whose output is returned; also returns what the loader held (layers
+    in use and read ahead) at each acquire of the whole call."""
+    state = get_streaming_state(model)
+    loader, layers = state.loader, state.stack.layers
+    sweeps = []
+
+    def interrupt(module, args):
+        sweeps.append(1)
+        if len(sweeps) == 2:
+            raise KeyboardInterrupt
+
+    handle = layers[layer].mlp.register_forward_pre_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        model.generate(**inputs, **GEN, pad_token_id=pad)
+    handle.remove()
+    assert loader.in_use() == [layer]  # (post_forward never ran)
+    held = []
+    acquire = loader.acquire
+
+    def counting(index):
+        tensors = acquire(index)
+        assert loader.in_use() == [index]  # a pass runs one layer at a time
+        with loader._lock:
+            held.append(len(loader._in_use) + len(loader._pending))
+        return tensors
+
+    loader.acquire = counting
+    try:
+        out = model.generate(**inputs, **GEN, pad_token_id=pad)
+    finally:
+        del loader.acquire
+    return out, held
+
+
+@pytest.mark.parametrize("way", ["in_place", "mapped", "read"])
+@pytest.mark.parametrize("prefetch", [1, 2, 3])
+def test_a_pass_interrupted_inside_a_layer_leaves_nothing_behind(llama, prefetch, way):
+    """Ctrl-C (or an out-of-memory error) inside a decoder layer's forward pass skips its `post_forward`: the layer
+    stays swapped in and the layers after it were read ahead for a pass that will not come. The next call gives the
+    exact output, every layer is back to its placeholders after it, and what the loader holds never goes past the
+    plan's (prefetch + 1) layers (without the clean-up, the stale read-ahead layers are held on top of the new
+    pass's ones until the sweep reaches them; and the interrupted layer is held until the sweep reaches it)."""
+    ckpt, shards, inputs, expected, pad = llama
+    model = streamed_model(ckpt, shards, max_memory={"cpu": 0}, prefetch=prefetch)
+    loader = get_streaming_state(model).loader
+    loader._map = way != "read"
+    loader._in_place = way == "in_place"  # else every layer through the loader thread, read ahead
+    out, held = _interrupt_then_generate(model, inputs, pad)
+    assert torch.equal(out, expected)
+    assert max(held) <= prefetch + 1, held
+    assert loader.in_use() == []
+    assert all(t.is_meta for layer in get_streaming_state(model).stack.layers for t in layer.parameters())
+    loader.wait_idle()
+    assert loader._pool.allocated <= prefetch + 1
+    disable_layer_streaming(model)
+
+
 def test_read_buffers_fit_every_streamed_layer(tmp_path):
     """Layers read into buffers (CUDA staging; CPU where not mapped) of different file sizes (dense and MoE layers):
     every buffer is taken at the largest streamed file's size, so any idle buffer fits the next layer and the pool
@@ -1051,6 +1110,30 @@ def test_cuda_streaming_exact_and_buffers_reused(checkpoints, options, profile):
     disable_layer_streaming(model)
     assert not _loader_threads(loader)
     assert not loader._pinned._held  # unregistered
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("prefetch", [1, 3])
+def test_cuda_pass_interrupted_inside_a_layer_leaves_nothing_behind(checkpoints, prefetch):
+    """As on CPU: after a pass interrupted inside a layer, the next call is exact, one layer at a time is in use,
+    and no more than (prefetch + 1) streamed layers are held (on a GPU, the stale read-ahead layers on top of the new
+    pass's ones would be device memory past the plan)."""
+    from conftest import build_meta_model
+    from transformers import AutoConfig
+
+    ckpt, shards = checkpoints("llama", num_hidden_layers=6)
+    ref = _models.load_reference(ckpt).to("cuda")
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    inputs = tok(_models.SAMPLE_PROMPTS[1], return_tensors="pt").to("cuda")
+    model = build_meta_model(AutoConfig.from_pretrained(ckpt))
+    enable_layer_streaming(model, shards, device="cuda", max_memory={0: 0, "cpu": 0}, prefetch=prefetch)
+    out, held = _interrupt_then_generate(model, inputs, tok.pad_token_id)
+    assert torch.equal(out, ref.generate(**inputs, **GEN, pad_token_id=tok.pad_token_id))
+    assert max(held) <= prefetch + 1, held
+    loader = get_streaming_state(model).loader
+    loader.wait_idle()
+    assert loader._pool.allocated <= prefetch + 1
+    disable_layer_streaming(model)
 
 
 @pytest.mark.cuda
