@@ -283,6 +283,31 @@ def test_disable_stops_thread_and_frees_memory(llama, options):
         disable_layer_streaming(model)
 
 
+@pytest.mark.parametrize("in_place", [False, True], ids=["read_ahead", "in_place"])
+def test_a_model_deleted_without_disable_leaves_no_thread_or_memory(llama, in_place):
+    """A user who drops a streamed model (`del model`, a notebook cell re-run) without `disable_layer_streaming`:
+    the loader goes with it, its threads (loader, map threads) end and its maps and buffers are freed, layers read
+    ahead for the next pass included."""
+    ckpt, shards, inputs, expected, pad = llama
+    model = streamed_model(ckpt, shards, max_memory={"cpu": 0}, prefetch=3)
+    loader = get_streaming_state(model).loader
+    loader._in_place = in_place
+    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+    loader.wait_idle()
+    threads = list(loader._executor._threads) + [t for m in loader._mappers for t in m._threads]
+    assert len(threads) >= 2, "the loader thread and a map thread ran"
+    refs = [weakref.ref(loader)]
+    refs += [weakref.ref(x) for kept in loader._maps.values() for x in (kept.mm, *kept.views.values())]
+    refs += [weakref.ref(f) for f in loader._pending.values()]
+    assert bool(loader._pending) != in_place, "the next pass's first layers are read ahead (unless mapped in place)"
+    del model, loader
+    gc.collect()
+    for t in threads:
+        t.join(10)
+    assert not [t.name for t in threads if t.is_alive()]
+    assert not [r for r in refs if r() is not None]
+
+
 def test_acquire_after_close_raises():
     from hf_layerstream.engine import LayerLoader
 
