@@ -784,7 +784,8 @@ class LayerLoader:
                     if not prefetched:
                         raise
                     # read ahead, possibly long ago: the file may have been repaired since; read it again now
-                    ready = self._submit(index).result()
+                    future = self._submit(index)
+                    ready = future.result()
             except LayerLoadError:
                 raise
             except Exception as e:  # noqa: BLE001 - surfaced in the caller, naming the layer
@@ -793,6 +794,14 @@ class LayerLoader:
                     f"Loading decoder layer {index} from {self.shards.files[layer_unit(index)]} failed: "
                     f"{type(e).__name__}: {e}"
                 ) from e
+            except BaseException:
+                # interrupted while waiting (Ctrl-C): the load goes on in the loader thread; handed back as read
+                # ahead, it is used by the next pass or let go as that pass begins (`sweep_begins`), not lost with
+                # its buffer or populated pages
+                if future is not None:
+                    with self._lock:
+                        self._pending.setdefault(index, future)
+                raise
             if ready.event is not None:
                 compute = torch.cuda.current_stream(self.device)
                 compute.wait_event(ready.event)

@@ -419,6 +419,46 @@ def test_a_pass_interrupted_inside_a_layer_leaves_nothing_behind(llama, prefetch
     disable_layer_streaming(model)
 
 
+@pytest.mark.parametrize("mapped", [True, False], ids=["mapped", "read"])
+def test_interrupted_while_waiting_for_a_layer_loses_nothing(llama, mapped):
+    """Ctrl-C while the compute thread waits for a layer the loader reads: the read goes on, and its result (a read
+    buffer, or a populated map) is not lost with the interrupted call: the next pass lets it go as it begins, or uses
+    it. Without that, the read buffer never went back to the pool, which then held prefetch + 2 buffers."""
+
+    class InterruptedOnce:
+        def __init__(self, future):
+            self.future, self.interrupted = future, False
+
+        def result(self):
+            if not self.interrupted:
+                self.interrupted = True
+                raise KeyboardInterrupt
+            return self.future.result()
+
+    ckpt, shards, inputs, expected, pad = llama
+    prefetch = 2
+    model = streamed_model(ckpt, shards, max_memory={"cpu": 0}, prefetch=prefetch)
+    loader = get_streaming_state(model).loader
+    loader._map, loader._in_place = mapped, False
+    schedule = loader._schedule_after
+
+    def schedule_then_interrupt(index):
+        schedule(index)
+        if index == 2 and 4 in loader._pending and not isinstance(loader._pending[4], InterruptedOnce):
+            loader._pending[4] = InterruptedOnce(loader._pending[4])
+
+    loader._schedule_after = schedule_then_interrupt
+    with pytest.raises(KeyboardInterrupt):
+        model.generate(**inputs, **GEN, pad_token_id=pad)
+    del loader._schedule_after
+    assert 4 in loader._pending  # handed back, as read ahead
+    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+    loader.wait_idle()
+    assert loader._pool.allocated <= prefetch + 1
+    assert loader.in_use() == []
+    disable_layer_streaming(model)
+
+
 def test_read_buffers_fit_every_streamed_layer(tmp_path):
     """Layers read into buffers (CUDA staging; CPU where not mapped) of different file sizes (dense and MoE layers):
     every buffer is taken at the largest streamed file's size, so any idle buffer fits the next layer and the pool
