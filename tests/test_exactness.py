@@ -102,6 +102,33 @@ def test_text_streamer(pair, arch):
     )
 
 
+def test_generate_in_a_thread_with_an_iterator_streamer(pair):
+    """The chat-UI pattern (gradio, servers): `generate` runs in a worker thread and the caller iterates a
+    `TextIteratorStreamer`. The compute thread is then not the one that enabled streaming: same text as the loaded
+    model, and the main thread's next call is exact too."""
+    import threading
+
+    from transformers import TextIteratorStreamer
+
+    ref, streamed, tok = pair("llama")
+    inputs = _ids(tok, _models.SAMPLE_PROMPTS[1])
+    kw = {"max_new_tokens": 8, "min_new_tokens": 8, "do_sample": False, "pad_token_id": tok.pad_token_id}
+    expected = ref.generate(**inputs, **kw)
+    for _ in range(2):
+        streamer = TextIteratorStreamer(tok, skip_prompt=True, timeout=60)
+        result = {}
+        worker = threading.Thread(
+            target=lambda: result.setdefault("tokens", streamed.generate(**inputs, streamer=streamer, **kw))
+        )
+        worker.start()
+        text = "".join(streamer)
+        worker.join(60)
+        assert not worker.is_alive()
+        assert torch.equal(result["tokens"], expected)
+        assert text == tok.decode(expected[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert torch.equal(streamed.generate(**inputs, **kw), expected)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_assisted_decoding(pair, arch):
     """A small in-memory assistant drafts tokens, the streamed model verifies them: output equals plain greedy."""
