@@ -332,16 +332,29 @@ def load_reference(
     *,
     attn_implementation: str | None = ATTN_IMPLEMENTATION,
 ) -> PreTrainedModel:
-    """Fully load the checkpoint at ``path`` with ``from_pretrained`` (eval mode, CPU).
+    """Fully load the checkpoint at ``path`` with ``from_pretrained`` (eval mode, CPU), every weight in memory of
+    its own.
 
     ``config.json`` does not record the attention implementation, so it is passed
     explicitly (eager by default, like :func:`make_config`); ``None`` means the
     transformers default (``"sdpa"`` for most architectures, eager for Gemma-2).
+
+    On CPU ``from_pretrained`` leaves weights of the checkpoint's dtype as views of the
+    safetensors file map, wherever the file's header puts them: most of the tiny
+    checkpoints' weights are not 16-byte aligned. A matrix-vector product (a decode
+    step's ``F.linear`` on one token) gives results an ulp apart for such a weight, so
+    such a model's own decode logits depend on how its checkpoint was written. Each
+    weight is copied into memory torch allocates (64-byte aligned), as a model moved to
+    a device or cast has it, and as streamed weights are (shard files put every tensor
+    on a 64-byte line): the reference the streamed model must equal bit for bit.
     """
     kwargs: dict[str, Any] = {"dtype": dtype}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            t.data = t.data.clone()
     return model.eval()
 
 

@@ -66,6 +66,32 @@ def test_greedy_generate_with_kv_cache(pair, arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+def test_decode_step_logits_and_hidden_states_bit_exact(pair, arch):
+    """Not only the tokens: every decode step's logits and every layer's hidden states, bit for bit. (A decode step
+    multiplies each weight by one token's vector, a path whose result depends on the weight's alignment; see
+    `_models.load_reference`.)"""
+    ref, streamed, tok = pair(arch)
+    inputs = _ids(tok)
+    kw = {
+        "max_new_tokens": 5,
+        "min_new_tokens": 5,
+        "do_sample": False,
+        "return_dict_in_generate": True,
+        "output_logits": True,
+        "output_hidden_states": True,
+        "pad_token_id": tok.pad_token_id,
+    }
+    a, b = ref.generate(**inputs, **kw), streamed.generate(**inputs, **kw)
+    assert torch.equal(a.sequences, b.sequences)
+    assert len(a.logits) == len(b.logits) == 5
+    for step, (x, y) in enumerate(zip(a.logits, b.logits)):
+        assert torch.equal(x, y), f"step {step}: logits differ by up to {(x - y).abs().max().item():.3g}"
+    for step, (xs, ys) in enumerate(zip(a.hidden_states, b.hidden_states)):
+        for layer, (x, y) in enumerate(zip(xs, ys)):
+            assert torch.equal(x, y), f"step {step}, hidden state {layer} differs"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_left_padded_batch(pair, arch):
     ref, streamed, tok = pair(arch)
     batch = tok(list(_models.SAMPLE_PROMPTS), return_tensors="pt", padding=True)
@@ -117,9 +143,11 @@ def test_generate_in_a_thread_with_an_iterator_streamer(pair):
     for _ in range(2):
         streamer = TextIteratorStreamer(tok, skip_prompt=True, timeout=60)
         result = {}
-        worker = threading.Thread(
-            target=lambda: result.setdefault("tokens", streamed.generate(**inputs, streamer=streamer, **kw))
-        )
+
+        def run(streamer=streamer, result=result):
+            result["tokens"] = streamed.generate(**inputs, streamer=streamer, **kw)
+
+        worker = threading.Thread(target=run)
         worker.start()
         text = "".join(streamer)
         worker.join(60)
