@@ -91,6 +91,39 @@ def test_decode_step_logits_and_hidden_states_bit_exact(pair, arch):
             assert torch.equal(x, y), f"step {step}, hidden state {layer} differs"
 
 
+GENERATE_VARIANTS = {
+    "beam_search": {"num_beams": 3, "do_sample": False},
+    "seeded_sampling": {"do_sample": True, "top_k": 20, "temperature": 0.9},
+    "static_cache": {"do_sample": False, "cache_implementation": "static"},
+}
+
+
+@pytest.mark.parametrize("variant", list(GENERATE_VARIANTS))
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "mixtral"])
+def test_generate_variants(pair, arch, variant):
+    """Existing `generate` code keeps working unchanged: beam search, sampling with a seed, a static cache."""
+    ref, streamed, tok = pair(arch)
+    inputs = _ids(tok)
+    kw = {"max_new_tokens": 6, "min_new_tokens": 6, "pad_token_id": tok.pad_token_id, **GENERATE_VARIANTS[variant]}
+    torch.manual_seed(0)
+    expected = ref.generate(**inputs, **kw)
+    torch.manual_seed(0)
+    assert torch.equal(streamed.generate(**inputs, **kw), expected)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "mixtral"])
+def test_forward_with_labels_and_attentions(pair, arch):
+    """A plain forward call as evaluation code makes it: the loss from `labels`, and the attention maps."""
+    ref, streamed, tok = pair(arch)
+    inputs = _ids(tok)
+    a = ref(**inputs, labels=inputs["input_ids"], output_attentions=True)
+    b = streamed(**inputs, labels=inputs["input_ids"], output_attentions=True)
+    assert torch.equal(a.loss, b.loss)
+    assert torch.equal(a.logits, b.logits)
+    assert a.attentions and len(a.attentions) == len(b.attentions)
+    assert all(torch.equal(x, y) for x, y in zip(a.attentions, b.attentions))
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_left_padded_batch(pair, arch):
     ref, streamed, tok = pair(arch)
