@@ -261,6 +261,11 @@ def test_bf16_checkpoint_exact(checkpoints):
     inputs = _ids(tok)
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, ref(**inputs).logits)
+    kw = {"max_new_tokens": 5, "do_sample": False, "return_dict_in_generate": True, "output_logits": True}
+    kw["pad_token_id"] = tok.pad_token_id
+    a, b = ref.generate(**inputs, **kw), model.generate(**inputs, **kw)  # decode steps too
+    assert torch.equal(a.sequences, b.sequences)
+    assert all(torch.equal(x, y) for x, y in zip(a.logits, b.logits))
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])  # gpt2: the head is tied to the embeddings
