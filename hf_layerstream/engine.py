@@ -184,6 +184,23 @@ def _device_key(device: torch.device) -> int | str:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
+def check_max_memory(max_memory: dict | None) -> None:
+    """Every key is one accelerate knows (GPU indices, `"cpu"`, `"disk"`, which streaming ignores: the shards are the
+    disk) and every value a size, as accelerate checks them: a misspelled key would otherwise be ignored silently,
+    and the plan built on a default the caller meant to replace."""
+    for key, value in (max_memory or {}).items():
+        index = isinstance(key, int) and not isinstance(key, bool) and key >= 0
+        if not (index or key in ("cpu", "disk") or (isinstance(key, str) and key.isdigit())):
+            hint = ""
+            if isinstance(key, str) and key.startswith("cuda:") and key[5:].isdigit():
+                hint = f" (for {key}, the key is {int(key[5:])})"
+            raise ValueError(
+                f"`max_memory` key {key!r} is not recognized{hint}: use GPU indices (0, 1, ...), 'cpu' or 'disk', as "
+                f"accelerate does, e.g. {{0: '4GiB', 'cpu': '16GiB'}}."
+            )
+        parse_size(value)
+
+
 def _max_memory_for(max_memory: dict | None, key) -> int | None:
     if not max_memory:
         return None
@@ -214,6 +231,7 @@ def plan_residency(
         raise TypeError(
             f"`max_memory` must be a dict such as {{0: '4GiB', 'cpu': '16GiB'}}, got {type(max_memory).__name__}."
         )
+    check_max_memory(max_memory)
     n = shards.num_layers
     layer_bytes = [dtype_size[i] if dtype_size else shards.unit(layer_unit(i)).logical_nbytes for i in range(n)]
     stored = [shards.unit(layer_unit(i)).size for i in range(n)]

@@ -178,6 +178,8 @@ def enable_layer_streaming(
             the device or in host RAM, the rest are streamed from disk. Defaults to a safe share of free memory
             (half of MemAvailable on the host, 80% of free device memory). On CPU every layer that fits is kept
             (as a zero-copy file map), which is what makes decoding from a warm page cache run at in-memory speed.
+            Keys as accelerate takes them: GPU indices, `"cpu"`, `"disk"` (ignored: the shards are the disk);
+            any other key, or a value that is not a size, raises `ValueError`.
         prefetch (`int`, *optional*):
             How many streamed layers are read ahead of the compute. Default: 3 on CPU with full-precision shards, 2
             otherwise (the fastest from a cold page cache in our measurements); each one more holds one more layer

@@ -80,6 +80,26 @@ def test_parse_size_errors_name_the_argument(value):
         parse_size(value)
 
 
+@pytest.mark.parametrize(
+    "max_memory, match",
+    [
+        ({"gpu": "4GiB"}, "'gpu' is not recognized"),
+        ({"cuda:0": "4GiB", "cpu": "1GiB"}, r"for cuda:0, the key is 0"),
+        ({-1: "4GiB"}, "-1 is not recognized"),
+        ({True: "4GiB"}, "True is not recognized"),
+        ({"cpu": "1GiB", 1: "lots"}, "'lots'"),  # a size for a device the plan does not use is still a size
+    ],
+)
+def test_max_memory_keys_and_sizes_are_checked(llama, max_memory, match):
+    """As accelerate does: a misspelled key or a bad size is an error at enable time, not a budget silently ignored
+    (the plan then built on the default share of free memory the caller meant to replace)."""
+    ckpt, shards, *_ = llama
+    with pytest.raises(ValueError, match=match):
+        streamed_model(ckpt, shards, max_memory=max_memory)
+    plan = plan_residency(ShardDirectory(shards), torch.device("cpu"), max_memory={"0": "1GiB", "disk": "1TB", 0: 1})
+    assert plan.budgets["cpu"] > 0  # GPU indices (int or digits) and 'disk' are accepted; on CPU they do not apply
+
+
 def test_spread_picks_evenly():
     assert _spread(list(range(8)), 0) == []
     assert _spread(list(range(8)), 2) == [0, 4]
