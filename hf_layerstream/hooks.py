@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import threading
 import time
 
 import torch
@@ -67,15 +69,38 @@ class LayerStreamingHook(ModelHook):
         )
 
 
-def sweep_start_hook(hooks: list[LayerStreamingHook], loader):
-    """A forward pre-hook for the module that runs the decoder layers (e.g. `LlamaModel`): a new pass over them
-    begins. A pass that raised inside a decoder layer (Ctrl-C, out of memory, an error in code hooked on a layer)
-    never reached that layer's `post_forward`: its weights are still swapped in, and the layers after it were read
-    ahead for nothing. Both are put back here, so the next pass starts as a finished one would have left it."""
+class PassGuard:
+    """Wraps the forward of the module that runs the decoder layers (e.g. `LlamaModel`): one pass over the layers.
 
-    def begin(module, args):
-        for index in loader.in_use():
-            hooks[index]._unload()
-        loader.sweep_begins()
+    * Passes run one at a time. The hooks swap each layer's weights into modules every pass shares, so two passes at
+      once (`generate` called from two threads, as a server's worker threads do) would put a layer's placeholders
+      back under the other's feet (errors, or a wrong output); a second caller waits for the pass running.
+    * A pass that raised inside a decoder layer (Ctrl-C, out of memory, an error in code hooked on a layer) never
+      reached that layer's `post_forward`: its weights are put back at once, and the layers read ahead for the rest
+      of that pass are let go as the next pass begins (`LayerLoader.sweep_begins`).
+    """
 
-    return begin
+    def __init__(self, hooks: list[LayerStreamingHook], loader):
+        self.hooks = hooks
+        self.loader = loader
+        self.lock = threading.RLock()
+        self.guarded = None  # the wrapper `wrap` made
+
+    def _put_back(self) -> None:
+        for index in self.loader.in_use():
+            self.hooks[index]._unload()
+
+    def wrap(self, forward):
+        @functools.wraps(forward)
+        def guarded(*args, **kwargs):
+            with self.lock:
+                self._put_back()  # (a layer called on its own, outside a pass, that raised)
+                self.loader.sweep_begins()
+                try:
+                    return forward(*args, **kwargs)
+                except BaseException:
+                    self._put_back()
+                    raise
+
+        self.guarded = guarded
+        return guarded

@@ -13,7 +13,7 @@ from torch import nn
 
 from .engine import LayerLoader, Profile, ResidencyPlan, budget_shortfall, check_device, plan_residency
 from .errors import ShardDirError
-from .hooks import LayerStreamingHook, sweep_start_hook
+from .hooks import LayerStreamingHook, PassGuard
 from .modeling import (
     RESIDENT,
     LayerStack,
@@ -67,6 +67,9 @@ class StreamingState:
     compute_dtypes: frozenset = frozenset()  # the floating-point dtypes the streamed weights arrive in
     shadowed: dict = field(default_factory=dict)  # instance attributes our wrappers replaced (restored on disable)
     handles: list = field(default_factory=list)  # torch hook handles (removed on disable)
+    runner: nn.Module | None = None  # the module whose forward runs the decoder layers
+    guard: PassGuard | None = None  # wraps its forward: one pass at a time, clean-up after one that raised
+    runner_forward: object = None  # the instance attribute `forward` the runner had before, if any
 
 
 def get_streaming_state(model: nn.Module) -> StreamingState | None:
@@ -331,8 +334,11 @@ def enable_layer_streaming(
         raise
 
     state = StreamingState(shards, device, stack, plan, loader, prof, hooks, originals)
-    runner = model.get_submodule(stack.prefix.rpartition(".")[0])  # the module whose forward runs the layers
-    state.handles.append(runner.register_forward_pre_hook(sweep_start_hook(hooks, loader)))
+    # the module whose forward runs the layers: its forward is wrapped (see `PassGuard`)
+    state.runner = model.get_submodule(stack.prefix.rpartition(".")[0])
+    state.guard = PassGuard(hooks, loader)
+    state.runner_forward = vars(state.runner).get("forward")  # an instance attribute it had (another wrapper), if any
+    state.runner.forward = state.guard.wrap(state.runner.forward)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if isinstance(head, nn.Module):
         state.handles.append(head.register_forward_pre_hook(_fold_head_input))
@@ -443,6 +449,18 @@ def disable_layer_streaming(model: nn.Module) -> nn.Module:
     state = get_streaming_state(model)
     if state is None:
         raise ValueError("Layer streaming is not enabled on this model.")
+    with state.guard.lock:  # a pass running in another thread ends first
+        _disable(model, state)
+    return model
+
+
+def _disable(model: nn.Module, state: StreamingState) -> None:
+    runner = state.runner
+    if vars(runner).get("forward") is state.guard.guarded:  # (not if something wrapped it since: left to it)
+        if state.runner_forward is None:
+            del runner.forward
+        else:
+            runner.forward = state.runner_forward
     for layer in state.stack.layers:
         if isinstance(getattr(layer, "_hf_hook", None), LayerStreamingHook):
             remove_hook_from_module(layer)
@@ -460,4 +478,3 @@ def disable_layer_streaming(model: nn.Module) -> nn.Module:
     elif hasattr(model, "hf_device_map"):
         del model.hf_device_map
     delattr(model, _STATE_ATTR)
-    return model

@@ -397,7 +397,9 @@ def _interrupt_then_generate(model, inputs, pad, layer: int = 3) -> list[int]:
     with pytest.raises(KeyboardInterrupt):
         model.generate(**inputs, **GEN, pad_token_id=pad)
     handle.remove()
-    assert loader.in_use() == [layer]  # (post_forward never ran)
+    # its post_forward never ran: the layer is put back as the exception leaves the pass
+    assert loader.in_use() == []
+    assert all(t.is_meta for t in layers[layer].parameters())
     held = []
     acquire = loader.acquire
 
@@ -420,10 +422,10 @@ def _interrupt_then_generate(model, inputs, pad, layer: int = 3) -> list[int]:
 @pytest.mark.parametrize("prefetch", [1, 2, 3])
 def test_a_pass_interrupted_inside_a_layer_leaves_nothing_behind(llama, prefetch, way):
     """Ctrl-C (or an out-of-memory error) inside a decoder layer's forward pass skips its `post_forward`: the layer
-    stays swapped in and the layers after it were read ahead for a pass that will not come. The next call gives the
-    exact output, every layer is back to its placeholders after it, and what the loader holds never goes past the
-    plan's (prefetch + 1) layers (without the clean-up, the stale read-ahead layers are held on top of the new
-    pass's ones until the sweep reaches them; and the interrupted layer is held until the sweep reaches it)."""
+    would stay swapped in, and the layers after it were read ahead for a pass that will not come. The layer is put
+    back as the exception leaves the pass; the next call gives the exact output, and what the loader holds never
+    goes past the plan's (prefetch + 1) layers (without the clean-up, the stale read-ahead layers are held on top of
+    the new pass's ones until the sweep reaches them; and the interrupted layer until the sweep reaches it)."""
     ckpt, shards, inputs, expected, pad = llama
     model = streamed_model(ckpt, shards, max_memory={"cpu": 0}, prefetch=prefetch)
     loader = get_streaming_state(model).loader
@@ -477,6 +479,75 @@ def test_interrupted_while_waiting_for_a_layer_loses_nothing(llama, mapped):
     assert loader._pool.allocated <= prefetch + 1
     assert loader.in_use() == []
     disable_layer_streaming(model)
+
+
+@pytest.mark.parametrize("options", [STREAM_ALL, {}], ids=["streamed", "resident"])
+def test_generate_from_several_threads_at_once(llama, options):
+    """A server's worker threads calling `generate` on one model at once: the hooks swap weights into modules every
+    pass shares, so passes run one at a time (without that, three of four threads failed with a meta-device error
+    and the fourth produced a wrong output). Every call gives its prompt's exact output."""
+    ckpt, shards, inputs, expected, pad = llama
+    model = streamed_model(ckpt, shards, **options)
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    prompts = [_models.SAMPLE_PROMPTS[i % 3] for i in range(4)]
+    ref = _models.load_reference(ckpt)
+    wanted = [ref.generate(**tok(p, return_tensors="pt"), **GEN, pad_token_id=pad) for p in prompts]
+    results: dict[int, list] = {i: [] for i in range(4)}
+    start = threading.Barrier(4)
+
+    def run(i):
+        start.wait()
+        for _ in range(3):
+            try:
+                results[i].append(model.generate(**tok(prompts[i], return_tensors="pt"), **GEN, pad_token_id=pad))
+            except Exception as e:  # noqa: BLE001 - reported below
+                results[i].append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for i in range(4):
+        assert len(results[i]) == 3
+        for out in results[i]:
+            assert isinstance(out, torch.Tensor), out
+            assert torch.equal(out, wanted[i])
+    assert get_streaming_state(model).loader.in_use() == []
+    disable_layer_streaming(model)
+
+
+def test_disable_waits_for_a_pass_running_in_another_thread(llama):
+    """`disable_layer_streaming` while another thread's forward pass runs: it waits for that pass, which ends on the
+    weights it began with (a `generate` running there fails at its next pass, the model being meta again)."""
+    ckpt, shards, inputs, expected, pad = llama
+    with torch.no_grad():
+        want = _models.load_reference(ckpt)(**inputs).logits
+    model = streamed_model(ckpt, shards, **STREAM_ALL)
+    layers = get_streaming_state(model).stack.layers
+    inside, go_on = threading.Event(), threading.Event()
+
+    def hold(module, args):
+        if not inside.is_set():
+            inside.set()
+            go_on.wait(30)
+
+    handle = layers[2].mlp.register_forward_pre_hook(hold)
+    out = {}
+    worker = threading.Thread(target=lambda: out.setdefault("logits", model(**inputs).logits))
+    worker.start()
+    assert inside.wait(30)
+    disabling = threading.Thread(target=disable_layer_streaming, args=(model,))
+    disabling.start()
+    disabling.join(0.5)
+    assert disabling.is_alive(), "disable waits for the pass running"
+    go_on.set()
+    worker.join(60)
+    disabling.join(60)
+    handle.remove()
+    assert torch.equal(out["logits"], want)  # the pass finished on the weights it began with, exact
+    assert get_streaming_state(model) is None
+    assert all(t.is_meta for t in layers[2].parameters())
 
 
 def test_read_buffers_fit_every_streamed_layer(tmp_path):
