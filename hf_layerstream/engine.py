@@ -767,6 +767,7 @@ class LayerLoader:
         # the GPU has passed it (see `_wait_released`)
         self._released: deque = deque()
         self.failures = 0
+        self._host_copies: tuple[int, dict[str, torch.Tensor]] | None = None  # see `host_tensor`
 
     # -- public API used by the hooks -----------------------------------------------------------------------------
 
@@ -939,6 +940,7 @@ class LayerLoader:
                     _evict(self.shards.files[layer_unit(i)])
         self._device_cache.clear()
         self._host_cache.clear()
+        self._host_copies = None
         self._pool.clear()
         if self._pinned is not None:
             self._unpin()
@@ -1103,6 +1105,31 @@ class LayerLoader:
         tensors = self._relative(index, self._finish(unit, raw, index))
         self._device_cache[index] = tensors
         return tensors
+
+    def host_tensor(self, index: int, name: str) -> torch.Tensor:
+        """Layer `index`'s tensor `name` (relative to the layer) in host memory of its own, at the model's dtype (a
+        quantized one dequantized), read from its file, off the streaming path: what transformers' `save_pretrained`
+        asks of an offloaded layer, one tensor at a time (`LayerStreamingHook.weights_map`). The layer is read once
+        and each tensor handed out once, so no more than one layer's copy is held, and none once all are out."""
+        from .quant import dequantize_tensor
+
+        held = self._host_copies
+        if held is None or held[0] != index or name not in held[1]:
+            unit = layer_unit(index)
+            raw = mmap_tensors(self.shards.header(unit))
+            out = {}
+            for full, info in self.shards.unit(unit).tensors.items():
+                target = self.target_dtypes.get(full, info.dtype)
+                if info.quant is not None:
+                    parts = {p: raw[f"{full}::{p}"] for p in info.quant["parts"]}
+                    out[full] = dequantize_tensor(parts, info.quant, device="cpu", dtype=target)
+                else:
+                    out[full] = raw[full].to(target, copy=True)
+            held = self._host_copies = (index, self._relative(index, out))
+        tensor = held[1].pop(name)
+        if not held[1]:
+            self._host_copies = None
+        return tensor
 
     def load_resident(self) -> dict[str, torch.Tensor]:
         """The resident parts (embeddings, final norm, head), at the model's dtypes, on the device."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import threading
 import time
+from collections.abc import Mapping
 
 import torch
 from accelerate.hooks import ModelHook
@@ -25,6 +26,7 @@ class LayerStreamingHook(ModelHook):
         # (module, attribute, name relative to the layer, is_parameter)
         self.slots = slots
         self.placeholders = [(m._parameters if p else m._buffers)[a] for m, a, _, p in slots]
+        self.names = [rel for _, _, rel, _ in slots]
         self.profile = profile
         self._t0 = 0.0
 
@@ -58,6 +60,13 @@ class LayerStreamingHook(ModelHook):
             (module_._parameters if is_param else module_._buffers)[attr] = placeholder
         self.loader.release(self.index)
 
+    @property
+    def weights_map(self) -> Mapping[str, torch.Tensor]:
+        """Where transformers' `save_pretrained` reads an offloaded layer's weights from, as from accelerate's offload
+        hooks: name relative to the layer -> the tensor in host memory, read from the shard file (dequantized from
+        quantized shards: the weights the model computes with)."""
+        return _LayerWeights(self)
+
     def detach_hook(self, module):
         self._unload()
         return module
@@ -67,6 +76,22 @@ class LayerStreamingHook(ModelHook):
             f"LayerStreamingHook(layer={self.index}, tier={self.loader.plan.tier(self.index)}, "
             f"device={self.loader.device}, tensors={len(self.slots)})"
         )
+
+
+class _LayerWeights(Mapping):
+    def __init__(self, hook: LayerStreamingHook):
+        self.hook = hook
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.hook.names:
+            raise KeyError(name)
+        return self.hook.loader.host_tensor(self.hook.index, name)
+
+    def __iter__(self):
+        return iter(self.hook.names)
+
+    def __len__(self) -> int:
+        return len(self.hook.names)
 
 
 class PassGuard:

@@ -397,6 +397,47 @@ def test_moving_a_cuda_streamed_model(checkpoints):
     disable_layer_streaming(model)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "mixtral"])  # gpt2: tied head; mixtral: fused experts
+@pytest.mark.parametrize("options", [{"max_memory": {"cpu": 0}}, {}], ids=["streamed", "kept"])
+def test_save_pretrained_of_a_streamed_model(checkpoints, tmp_path, arch, options):
+    """`save_pretrained` on a streamed model writes the whole model, as it does for one offloaded by accelerate
+    (each layer's weights read back from its shard file through the hook's `weights_map`; it raised an
+    AttributeError before), and `from_pretrained` of that folder is the original model, tensor for tensor."""
+    import warnings
+
+    ckpt, shards = checkpoints(arch)
+    model = streamed_model(ckpt, shards, **options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # transformers' note on saving offloaded modules
+        model.save_pretrained(tmp_path / "saved")
+    loader = get_streaming_state(model).loader
+    assert loader._host_copies is None  # every tensor handed out, no layer copy held
+    saved = _models.load_reference(tmp_path / "saved")
+    original = _models.load_reference(ckpt)
+    want = original.state_dict()
+    got = saved.state_dict()
+    assert got.keys() == want.keys()
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+    disable_layer_streaming(model)
+
+
+def test_save_pretrained_of_a_model_streamed_from_quantized_shards(checkpoints, tmp_path):
+    """From quantized shards `save_pretrained` writes the weights the model computes with (dequantized): the saved
+    model, loaded whole, gives the streamed model's logits bit for bit."""
+    import warnings
+
+    ckpt, shards = checkpoints("llama", compression="4bit")
+    model = streamed_model(ckpt, shards, max_memory={"cpu": 0})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_pretrained(tmp_path / "saved")
+    inputs = AutoTokenizer.from_pretrained(ckpt)(_models.SAMPLE_PROMPTS[0], return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(_models.load_reference(tmp_path / "saved")(**inputs).logits, model(**inputs).logits)
+    disable_layer_streaming(model)
+
+
 def test_layer_weights_are_released_after_forward(checkpoints):
     ckpt, shards = checkpoints("llama")
     model = streamed_model(ckpt, shards, max_memory={"cpu": 0})
