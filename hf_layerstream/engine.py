@@ -70,8 +70,8 @@ _SIZE_RE = re.compile(r"^\s*([0-9.]+)\s*([KMGT]?)(i?)B?\s*$", re.IGNORECASE)
 def parse_size(value: int | float | str, *, name: str = "max_memory") -> int:
     """`"4GiB"` / `"500MB"` / `4_000_000_000` -> bytes (accelerate's convention: GiB is 2**30, GB is 10**9)."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if value < 0:
-            raise ValueError(f"`{name}` sizes must be non-negative, got {value}.")
+        if not value >= 0 or value == float("inf"):  # (NaN fails the first test)
+            raise ValueError(f"`{name}` sizes must be finite and non-negative, got {value}.")
         return int(value)
     if isinstance(value, str):
         m = _SIZE_RE.match(value)
@@ -186,11 +186,12 @@ def _device_key(device: torch.device) -> int | str:
 
 def check_max_memory(max_memory: dict | None) -> None:
     """Every key is one accelerate knows (GPU indices, `"cpu"`, `"disk"`, which streaming ignores: the shards are the
-    disk) and every value a size, as accelerate checks them: a misspelled key would otherwise be ignored silently,
-    and the plan built on a default the caller meant to replace."""
+    disk; also GPU indices as digit strings, as a JSON config gives them) and every value a size: a misspelled key
+    would otherwise be ignored silently, and the plan built on a default the caller meant to replace."""
     for key, value in (max_memory or {}).items():
         index = isinstance(key, int) and not isinstance(key, bool) and key >= 0
-        if not (index or key in ("cpu", "disk") or (isinstance(key, str) and key.isdigit())):
+        digits = isinstance(key, str) and key.isascii() and key.isdigit()
+        if not (index or digits or key in ("cpu", "disk")):
             hint = ""
             if isinstance(key, str) and key.startswith("cuda:") and key[5:].isdigit():
                 hint = f" (for {key}, the key is {int(key[5:])})"
@@ -767,7 +768,6 @@ class LayerLoader:
         # the GPU has passed it (see `_wait_released`)
         self._released: deque = deque()
         self.failures = 0
-        self._host_copies: tuple[int, dict[str, torch.Tensor]] | None = None  # see `host_tensor`
 
     # -- public API used by the hooks -----------------------------------------------------------------------------
 
@@ -790,8 +790,8 @@ class LayerLoader:
             in_place = future is None and self._maps_in_place(index)
             if future is None and not in_place:
                 future = self._submit(index)
-            self._schedule_after(index)
             try:
+                self._schedule_after(index)
                 try:
                     if in_place:
                         ready = self._load_streamed(index)
@@ -821,6 +821,7 @@ class LayerLoader:
                     with self._lock:
                         self._pending.setdefault(index, future)
                 raise
+            self._in_use[index] = ready  # (before the stream work: a pass interrupted there puts it back too)
             if ready.event is not None:
                 compute = torch.cuda.current_stream(self.device)
                 compute.wait_event(ready.event)
@@ -828,9 +829,10 @@ class LayerLoader:
                 # memory is not handed back to the copy stream while compute kernels still read it
                 for t in ready.tensors.values():
                     t.record_stream(compute)
-        if tier == "device" and self._streamed:
-            self._schedule_after(index)
-        self._in_use[index] = ready
+        if tier == "device":
+            self._in_use[index] = ready
+            if self._streamed:
+                self._schedule_after(index)
         if self.profile is not None:
             self.profile.add(index, wait=time.perf_counter() - t0, calls=1, **(ready.times or {}))
         return ready.tensors
@@ -846,21 +848,28 @@ class LayerLoader:
         return list(self._in_use)
 
     def sweep_begins(self) -> None:
-        """A new pass over the decoder layers begins (the hooks call it, after releasing any layer a pass that raised
-        left in use). Layers read ahead other than this pass's first `prefetch` streamed ones were read for a pass
-        that stopped part way (Ctrl-C, out of memory, an error raised in a layer): they are let go, once loaded (the
-        loader would finish them before the new pass's reads anyway), so what is held stays within the plan's
-        (prefetch + 1) layers instead of growing by the stale ones until the new pass reaches them."""
-        if not self._pending:
-            return
+        """A pass over the decoder layers begins after one that raised part way (Ctrl-C, out of memory, an error in a
+        layer; `PassGuard` calls it then, having put back the layer that was in use). Layers read ahead other than
+        the new pass's first `prefetch` streamed ones were read for the rest of the pass that stopped: they are let
+        go, those still loading once loaded (at most `prefetch` of them), so what is held stays within the plan's
+        (prefetch + 1) layers instead of growing by the stale ones until the new pass reaches them. (A pass that
+        ends early without raising, as an early-exit draft does, keeps its read-ahead for the pass that goes on.)"""
         first = set(self._streamed[: self.prefetch])
         with self._lock:
-            stale = [(i, self._pending.pop(i)) for i in list(self._pending) if i not in first]
-        for index, future in stale:
+            stale = [i for i in self._pending if i not in first]
+        for index in stale:
+            with self._lock:
+                future = self._pending.pop(index, None)
+            if future is None:
+                continue
             try:
                 ready = future.result()
             except Exception:  # noqa: BLE001 - read again, and reported, when the layer is next acquired
                 continue
+            except BaseException:  # interrupted again: the next pass that begins lets it go
+                with self._lock:
+                    self._pending.setdefault(index, future)
+                raise
             self._let_go(index, ready)
         if stale:
             self._schedule_after(-1)
@@ -940,7 +949,6 @@ class LayerLoader:
                     _evict(self.shards.files[layer_unit(i)])
         self._device_cache.clear()
         self._host_cache.clear()
-        self._host_copies = None
         self._pool.clear()
         if self._pinned is not None:
             self._unpin()
@@ -1109,27 +1117,21 @@ class LayerLoader:
     def host_tensor(self, index: int, name: str) -> torch.Tensor:
         """Layer `index`'s tensor `name` (relative to the layer) in host memory of its own, at the model's dtype (a
         quantized one dequantized), read from its file, off the streaming path: what transformers' `save_pretrained`
-        asks of an offloaded layer, one tensor at a time (`LayerStreamingHook.weights_map`). The layer is read once
-        and each tensor handed out once, so no more than one layer's copy is held, and none once all are out."""
+        asks of an offloaded layer, one tensor at a time (`LayerStreamingHook.weights_map`). Only that tensor's
+        bytes are read (the file is mapped), and nothing is kept."""
         from .quant import dequantize_tensor
 
-        held = self._host_copies
-        if held is None or held[0] != index or name not in held[1]:
-            unit = layer_unit(index)
-            raw = mmap_tensors(self.shards.header(unit))
-            out = {}
-            for full, info in self.shards.unit(unit).tensors.items():
-                target = self.target_dtypes.get(full, info.dtype)
-                if info.quant is not None:
-                    parts = {p: raw[f"{full}::{p}"] for p in info.quant["parts"]}
-                    out[full] = dequantize_tensor(parts, info.quant, device="cpu", dtype=target)
-                else:
-                    out[full] = raw[full].to(target, copy=True)
-            held = self._host_copies = (index, self._relative(index, out))
-        tensor = held[1].pop(name)
-        if not held[1]:
-            self._host_copies = None
-        return tensor
+        unit = layer_unit(index)
+        full = self.layer_prefixes[index] + name
+        info = self.shards.unit(unit).tensors.get(full)
+        if info is None:
+            raise KeyError(name)
+        raw = mmap_tensors(self.shards.header(unit))
+        target = self.target_dtypes.get(full, info.dtype)
+        if info.quant is not None:
+            parts = {p: raw[f"{full}::{p}"] for p in info.quant["parts"]}
+            return dequantize_tensor(parts, info.quant, device="cpu", dtype=target)
+        return raw[full].to(target, copy=True)
 
     def load_resident(self) -> dict[str, torch.Tensor]:
         """The resident parts (embeddings, final norm, head), at the model's dtypes, on the device."""

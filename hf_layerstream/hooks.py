@@ -87,6 +87,9 @@ class _LayerWeights(Mapping):
             raise KeyError(name)
         return self.hook.loader.host_tensor(self.hook.index, name)
 
+    def __contains__(self, name) -> bool:  # (not through `__getitem__`: that reads the tensor)
+        return name in self.hook.names
+
     def __iter__(self):
         return iter(self.hook.names)
 
@@ -103,6 +106,8 @@ class PassGuard:
     * A pass that raised inside a decoder layer (Ctrl-C, out of memory, an error in code hooked on a layer) never
       reached that layer's `post_forward`: its weights are put back at once, and the layers read ahead for the rest
       of that pass are let go as the next pass begins (`LayerLoader.sweep_begins`).
+    * After `disable_layer_streaming` (`close`) the wrapper, if still called (something wrapped the forward after it,
+      or a call was waiting for the lock), calls straight through, holding nothing of the streaming state.
     """
 
     def __init__(self, hooks: list[LayerStreamingHook], loader):
@@ -110,20 +115,30 @@ class PassGuard:
         self.loader = loader
         self.lock = threading.RLock()
         self.guarded = None  # the wrapper `wrap` made
+        self._raised = False  # the last pass raised part way
 
     def _put_back(self) -> None:
         for index in self.loader.in_use():
             self.hooks[index]._unload()
 
+    def close(self) -> None:
+        """Streaming is disabled (called with the lock held)."""
+        self.hooks, self.loader = [], None
+
     def wrap(self, forward):
         @functools.wraps(forward)
         def guarded(*args, **kwargs):
             with self.lock:
+                if self.loader is None:
+                    return forward(*args, **kwargs)
                 self._put_back()  # (a layer called on its own, outside a pass, that raised)
-                self.loader.sweep_begins()
+                if self._raised:
+                    self.loader.sweep_begins()  # (interrupted there too: the next pass lets go of the rest)
+                    self._raised = False
                 try:
                     return forward(*args, **kwargs)
                 except BaseException:
+                    self._raised = True
                     self._put_back()
                     raise
 

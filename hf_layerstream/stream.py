@@ -456,11 +456,12 @@ def disable_layer_streaming(model: nn.Module) -> nn.Module:
 
 def _disable(model: nn.Module, state: StreamingState) -> None:
     runner = state.runner
-    if vars(runner).get("forward") is state.guard.guarded:  # (not if something wrapped it since: left to it)
+    if vars(runner).get("forward") is state.guard.guarded:  # (if something wrapped it since, left in place, inert)
         if state.runner_forward is None:
             del runner.forward
         else:
             runner.forward = state.runner_forward
+    state.guard.close()
     for layer in state.stack.layers:
         if isinstance(getattr(layer, "_hf_hook", None), LayerStreamingHook):
             remove_hook_from_module(layer)

@@ -333,6 +333,7 @@ def test_disable_restores_the_model_and_stops_the_loader(checkpoints):
     assert mine  # this model's background reader
     assert disable_layer_streaming(model) is model
     assert _untouched(model)
+    assert "forward" not in vars(model.transformer)  # the wrapper around the module running the layers is gone
     assert get_streaming_state(model) is None and not hasattr(model, "hf_device_map")
     assert not any(t.is_alive() for t in mine)
     with pytest.raises(ValueError, match="not enabled"):
@@ -341,6 +342,37 @@ def test_disable_restores_the_model_and_stops_the_loader(checkpoints):
     enable_layer_streaming(model, shards, device="cpu")
     with torch.no_grad():
         assert torch.equal(model(ids).logits, first)
+    disable_layer_streaming(model)
+
+
+def test_a_wrapper_added_over_ours_survives_disable_and_enable(checkpoints):
+    """Something wraps the forward of the module running the layers after streaming was enabled (a profiler, an
+    accelerate hook): disable leaves its wrapper, and ours under it, in place, ours inert and holding nothing of the
+    old streaming state; enabled again, the model gives the same result through both."""
+    import functools
+
+    ckpt, shards = checkpoints("llama")
+    model = streamed_model(ckpt, shards, max_memory={"cpu": 0})
+    ids = torch.tensor([[1, 5, 7, 9]])
+    with torch.no_grad():
+        first = model(ids).logits
+    runner, calls = model.model, []
+    inner = runner.forward
+
+    @functools.wraps(inner)
+    def theirs(*args, **kwargs):
+        calls.append(1)
+        return inner(*args, **kwargs)
+
+    runner.forward = theirs
+    guard = get_streaming_state(model).guard
+    disable_layer_streaming(model)
+    assert vars(runner)["forward"] is theirs
+    assert guard.loader is None and guard.hooks == []
+    enable_layer_streaming(model, shards, device="cpu", max_memory={"cpu": 0})
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, first)
+    assert calls == [1]
     disable_layer_streaming(model)
 
 
@@ -410,8 +442,10 @@ def test_save_pretrained_of_a_streamed_model(checkpoints, tmp_path, arch, option
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # transformers' note on saving offloaded modules
         model.save_pretrained(tmp_path / "saved")
-    loader = get_streaming_state(model).loader
-    assert loader._host_copies is None  # every tensor handed out, no layer copy held
+    weights = get_streaming_state(model).hooks[0].weights_map
+    assert next(iter(weights)) in weights and "no.such.weight" not in weights
+    with pytest.raises(KeyError):
+        weights["no.such.weight"]
     saved = _models.load_reference(tmp_path / "saved")
     original = _models.load_reference(ckpt)
     want = original.state_dict()

@@ -74,7 +74,7 @@ def test_parse_size(value, expected):
     assert parse_size(value) == expected
 
 
-@pytest.mark.parametrize("value", ["", "lots", "-1GiB", "4XB", "GiB", None, True, [4], -5])
+@pytest.mark.parametrize("value", ["", "lots", "-1GiB", "4XB", "GiB", None, True, [4], -5, float("inf"), float("nan")])
 def test_parse_size_errors_name_the_argument(value):
     with pytest.raises(ValueError, match="max_memory"):
         parse_size(value)
@@ -88,6 +88,7 @@ def test_parse_size_errors_name_the_argument(value):
         ({-1: "4GiB"}, "-1 is not recognized"),
         ({True: "4GiB"}, "True is not recognized"),
         ({"cpu": "1GiB", 1: "lots"}, "'lots'"),  # a size for a device the plan does not use is still a size
+        ({"\u00b2": "1GiB"}, "is not recognized"),  # (a digit to `str.isdigit`, not an index)
     ],
 )
 def test_max_memory_keys_and_sizes_are_checked(llama, max_memory, match):
@@ -380,6 +381,19 @@ def test_buffers_bounded_by_prefetch(llama, prefetch, mapped):
     disable_layer_streaming(model)
 
 
+class _InterruptedOnce:
+    """A read-ahead future whose first `result()` raises KeyboardInterrupt (Ctrl-C while waiting for it)."""
+
+    def __init__(self, future):
+        self.future, self.interrupted = future, False
+
+    def result(self):
+        if not self.interrupted:
+            self.interrupted = True
+            raise KeyboardInterrupt
+        return self.future.result()
+
+
 def _interrupt_then_generate(model, inputs, pad, layer: int = 3) -> list[int]:
     """One `generate` call interrupted (KeyboardInterrupt, as Ctrl-C raises it) inside decoder layer `layer`'s forward
     pass in its second sweep, then a whole one, whose output is returned; also returns what the loader held (layers
@@ -441,21 +455,35 @@ def test_a_pass_interrupted_inside_a_layer_leaves_nothing_behind(llama, prefetch
     disable_layer_streaming(model)
 
 
+def test_interrupted_again_while_letting_go_of_stale_layers_loses_nothing(llama):
+    """Ctrl-C in a pass, then again as the next pass lets go of the first one's read-ahead layers (waiting for one):
+    the ones not let go yet stay read ahead, and the pass after lets them go; no read buffer goes missing."""
+    ckpt, shards, inputs, expected, pad = llama
+    prefetch = 2
+    model = streamed_model(ckpt, shards, max_memory={"cpu": 0}, prefetch=prefetch)
+    state = get_streaming_state(model)
+    loader = state.loader
+    loader._map, loader._in_place = False, False
+    handle = state.stack.layers[2].mlp.register_forward_pre_hook(lambda m, a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        model.generate(**inputs, **GEN, pad_token_id=pad)
+    handle.remove()
+    assert sorted(loader._pending) == [3, 4]
+    loader._pending[3] = _InterruptedOnce(loader._pending[3])
+    with pytest.raises(KeyboardInterrupt):
+        model.generate(**inputs, **GEN, pad_token_id=pad)
+    assert 3 in loader._pending and 4 in loader._pending  # not lost: let go by the next pass
+    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+    loader.wait_idle()
+    assert loader._pool.allocated <= prefetch + 1
+    disable_layer_streaming(model)
+
+
 @pytest.mark.parametrize("mapped", [True, False], ids=["mapped", "read"])
 def test_interrupted_while_waiting_for_a_layer_loses_nothing(llama, mapped):
     """Ctrl-C while the compute thread waits for a layer the loader reads: the read goes on, and its result (a read
     buffer, or a populated map) is not lost with the interrupted call: the next pass lets it go as it begins, or uses
     it. Without that, the read buffer never went back to the pool, which then held prefetch + 2 buffers."""
-
-    class InterruptedOnce:
-        def __init__(self, future):
-            self.future, self.interrupted = future, False
-
-        def result(self):
-            if not self.interrupted:
-                self.interrupted = True
-                raise KeyboardInterrupt
-            return self.future.result()
 
     ckpt, shards, inputs, expected, pad = llama
     prefetch = 2
@@ -466,8 +494,8 @@ def test_interrupted_while_waiting_for_a_layer_loses_nothing(llama, mapped):
 
     def schedule_then_interrupt(index):
         schedule(index)
-        if index == 2 and 4 in loader._pending and not isinstance(loader._pending[4], InterruptedOnce):
-            loader._pending[4] = InterruptedOnce(loader._pending[4])
+        if index == 2 and 4 in loader._pending and not isinstance(loader._pending[4], _InterruptedOnce):
+            loader._pending[4] = _InterruptedOnce(loader._pending[4])
 
     loader._schedule_after = schedule_then_interrupt
     with pytest.raises(KeyboardInterrupt):

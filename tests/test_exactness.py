@@ -111,6 +111,35 @@ def test_generate_variants(pair, arch, variant):
     assert torch.equal(streamed.generate(**inputs, **kw), expected)
 
 
+@pytest.mark.parametrize("arch", ["llama", "mixtral"])  # (gpt2 has no early exit in transformers)
+def test_early_exit_self_speculation_keeps_its_read_ahead(checkpoints, arch):
+    """`assistant_early_exit`: the model drafts with its own first layers, passes that end early without raising.
+    The tokens are the loaded model's, and no layer read ahead is thrown away: every map made is used by a pass
+    (or is read ahead for the next one), as a pass cut short by an exception would have them let go."""
+    ckpt, shards = checkpoints(arch, num_hidden_layers=6)
+    ref = _models.load_reference(ckpt)
+    model = streamed_model(ckpt, shards, max_memory={"cpu": 0}, prefetch=2)
+    loader = get_streaming_state(model).loader
+    loader._in_place = False  # every layer read ahead by the loader
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    inputs = _ids(tok)
+    kw = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": tok.pad_token_id, "assistant_early_exit": 2}
+    expected = ref.generate(**inputs, **kw)
+    loader.wait_idle()
+    before = loader.reads["mapped"] - len(loader._pending)  # (the first pass's read-ahead, made at enable time)
+    acquired = []
+    acquire = loader.acquire
+    loader.acquire = lambda index: acquired.append(index) or acquire(index)
+    try:
+        assert torch.equal(model.generate(**inputs, **kw), expected)
+    finally:
+        del loader.acquire
+    loader.wait_idle()
+    assert max(acquired) == 5 and acquired.count(0) > acquired.count(5)  # draft passes, and full ones
+    assert loader.reads["mapped"] - before == len(acquired) + len(loader._pending)
+    disable_layer_streaming(model)
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "mixtral"])
 def test_forward_with_labels_and_attentions(pair, arch):
     """A plain forward call as evaluation code makes it: the loss from `labels`, and the attention maps."""
