@@ -193,7 +193,7 @@ def check_max_memory(max_memory: dict | None) -> None:
         digits = isinstance(key, str) and key.isascii() and key.isdigit()
         if not (index or digits or key in ("cpu", "disk")):
             hint = ""
-            if isinstance(key, str) and key.startswith("cuda:") and key[5:].isdigit():
+            if isinstance(key, str) and key.startswith("cuda:") and key[5:].isascii() and key[5:].isdigit():
                 hint = f" (for {key}, the key is {int(key[5:])})"
             raise ValueError(
                 f"`max_memory` key {key!r} is not recognized{hint}: use GPU indices (0, 1, ...), 'cpu' or 'disk', as "

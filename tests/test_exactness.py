@@ -111,7 +111,7 @@ def test_generate_variants(pair, arch, variant):
     assert torch.equal(streamed.generate(**inputs, **kw), expected)
 
 
-@pytest.mark.parametrize("arch", ["llama", "mixtral"])  # (gpt2 has no early exit in transformers)
+@pytest.mark.parametrize("arch", ["llama", "mixtral"])  # (on gpt2, early exit fails in transformers itself)
 def test_early_exit_self_speculation_keeps_its_read_ahead(checkpoints, arch):
     """`assistant_early_exit`: the model drafts with its own first layers, passes that end early without raising.
     The tokens are the loaded model's, and no layer read ahead is thrown away: every map made is used by a pass
