@@ -394,7 +394,7 @@ class _InterruptedOnce:
         return self.future.result()
 
 
-def _interrupt_then_generate(model, inputs, pad, layer: int = 3) -> list[int]:
+def _interrupt_then_generate(model, inputs, pad, layer: int = 3) -> tuple[torch.Tensor, list[int]]:
     """One `generate` call interrupted (KeyboardInterrupt, as Ctrl-C raises it) inside decoder layer `layer`'s forward
     pass in its second sweep, then a whole one, whose output is returned; also returns what the loader held (layers
     in use and read ahead) at each acquire of the whole call."""
