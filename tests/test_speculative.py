@@ -67,6 +67,20 @@ def test_assisted_weak_draft_exact(setup):
         assert r["tokens_per_sweep"] >= 1.0
 
 
+def test_assisted_by_a_draft_streamed_too(setup, checkpoints):
+    """A draft streamed from its own shard directory: two streamed models in one process, their passes interleaved
+    (two loaders, two pass guards); the output is still exactly the greedy one."""
+    model, tok, _, _, plain = setup
+    draft_ckpt, draft_shards = checkpoints("llama", num_hidden_layers=2)
+    draft = configure_draft(streamed_model(draft_ckpt, draft_shards, **STREAM_ALL), num_assistant_tokens=4)
+    for prompt in _models.SAMPLE_PROMPTS:
+        ids = tok(prompt, return_tensors="pt").input_ids
+        r = measure_sweeps(
+            model, ids, assistant_model=draft, max_new_tokens=NEW, min_new_tokens=NEW, pad_token_id=tok.pad_token_id
+        )
+        assert r["mode"] == "assisted" and r["output_ids"] == plain[prompt]["output_ids"]
+
+
 @pytest.mark.parametrize("prompt", _models.SAMPLE_PROMPTS)
 def test_prompt_lookup_exact(setup, prompt):
     model, tok, _, _, plain = setup
