@@ -689,6 +689,18 @@ def _known_cached(fd: int, header: Header) -> bool:
     return fraction is not None and fraction >= 1.0
 
 
+_LOADERS: weakref.WeakSet = weakref.WeakSet()  # every live loader, for `_after_fork_in_child`
+
+
+def _after_fork_in_child() -> None:
+    for loader in list(_LOADERS):
+        loader._after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class LayerLoader:
     """Provides each decoder layer's tensors (names relative to the layer) on the execution device."""
 
@@ -768,6 +780,7 @@ class LayerLoader:
         # the GPU has passed it (see `_wait_released`)
         self._released: deque = deque()
         self.failures = 0
+        _LOADERS.add(self)
 
     # -- public API used by the hooks -----------------------------------------------------------------------------
 
@@ -952,6 +965,27 @@ class LayerLoader:
         self._pool.clear()
         if self._pinned is not None:
             self._unpin()
+
+    def _after_fork(self) -> None:
+        """In a child forked from a process that streams with this loader (gunicorn's `--preload`, a fork-based
+        process pool): the parent's threads do not exist here, so work given to its executors would never run (the
+        next `generate` waited forever), and a lock one of them held stays held. New locks and threads; the parent's
+        read-ahead is dropped (its threads may not have finished it), and the next pass reads those layers again."""
+        self._lock = threading.Lock()
+        self._pool = _BufferPool(self._pinned)
+        if self.profile is not None:
+            self.profile._lock = threading.Lock()
+        self._pending = {}
+        self._released.clear()
+        self._helpers = None
+        if self._closed:
+            return
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf_layerstream-loader")
+        if self._mappers:
+            self._mappers = [
+                ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"hf_layerstream-loader-map-{k}")
+                for k in range(MAP_STREAMS)
+            ]
 
     # -- scheduling -----------------------------------------------------------------------------------------------
 

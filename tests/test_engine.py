@@ -329,6 +329,84 @@ def test_a_model_deleted_without_disable_leaves_no_thread_or_memory(llama, in_pl
     assert not [r for r in refs if r() is not None]
 
 
+@pytest.mark.skipif(not hasattr(os, "register_at_fork"), reason="needs fork")
+@pytest.mark.parametrize("in_place", [False, True], ids=["read_ahead", "in_place"])
+def test_a_forked_child_streams_too(llama, in_place):
+    """A process forked after streaming was enabled and used (gunicorn's `--preload`, a fork-based pool): the
+    parent's loader threads do not exist in the child, and its first `generate` waited forever for reads no thread
+    would make. The loader starts new threads and locks in the child, which gets the exact output, and so does the
+    parent after it. (The child sets torch to one thread: torch's own OpenMP pool hangs in a child forked after it
+    ran, a plain model too.)"""
+    import multiprocessing
+
+    ckpt, shards, inputs, expected, pad = llama
+    model = streamed_model(ckpt, shards, max_memory={"cpu": 0}, prefetch=2)
+    loader = get_streaming_state(model).loader
+    loader._in_place = in_place
+    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+    assert loader._pending or in_place  # read ahead for the next pass by the parent's threads
+    ctx = multiprocessing.get_context("fork")
+    results = ctx.Queue()
+
+    def child():
+        torch.set_num_threads(1)
+        results.put(model.generate(**inputs, **GEN, pad_token_id=pad).tolist())
+
+    process = ctx.Process(target=child)
+    process.start()
+    process.join(60)
+    if process.is_alive():
+        process.kill()
+        pytest.fail("the forked child's generate did not finish in 60 s")
+    assert process.exitcode == 0
+    assert results.get(timeout=5) == expected.tolist()
+    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+    disable_layer_streaming(model)
+
+
+@pytest.mark.skipif(not hasattr(os, "register_at_fork"), reason="needs fork")
+def test_a_child_forked_while_another_thread_runs_a_pass(llama):
+    """Forked while another thread is inside a pass (holding the pass lock, a layer swapped in): in the child that
+    thread does not exist, so the lock is new there and the layer it left in use is put back as the child's first
+    pass begins; the child's output is exact."""
+    import multiprocessing
+
+    ckpt, shards, inputs, expected, pad = llama
+    model = streamed_model(ckpt, shards, **STREAM_ALL)
+    layers = get_streaming_state(model).stack.layers
+    inside, go_on = threading.Event(), threading.Event()
+
+    def hold(module, args):
+        if not inside.is_set():
+            inside.set()
+            go_on.wait(60)
+
+    handle = layers[2].mlp.register_forward_pre_hook(hold)
+    worker = threading.Thread(target=lambda: model(**inputs))
+    worker.start()
+    assert inside.wait(30)
+    ctx = multiprocessing.get_context("fork")
+    results = ctx.Queue()
+
+    def child():
+        handle.remove()
+        torch.set_num_threads(1)
+        results.put(model.generate(**inputs, **GEN, pad_token_id=pad).tolist())
+
+    process = ctx.Process(target=child)
+    process.start()
+    process.join(60)
+    go_on.set()
+    worker.join(60)
+    handle.remove()
+    if process.is_alive():
+        process.kill()
+        pytest.fail("the forked child's generate did not finish in 60 s")
+    assert process.exitcode == 0
+    assert results.get(timeout=5) == expected.tolist()
+    disable_layer_streaming(model)
+
+
 def test_acquire_after_close_raises():
     from hf_layerstream.engine import LayerLoader
 
