@@ -10,6 +10,7 @@ import shutil
 import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import _models
 import pytest
@@ -329,22 +330,35 @@ def test_a_model_deleted_without_disable_leaves_no_thread_or_memory(llama, in_pl
     assert not [r for r in refs if r() is not None]
 
 
-@pytest.mark.skipif(not hasattr(os, "register_at_fork"), reason="needs fork")
-@pytest.mark.parametrize("in_place", [False, True], ids=["read_ahead", "in_place"])
-def test_a_forked_child_streams_too(llama, in_place):
-    """A process forked after streaming was enabled and used (gunicorn's `--preload`, a fork-based pool): the
-    parent's loader threads do not exist in the child, and its first `generate` waited forever for reads no thread
-    would make. The loader starts new threads and locks in the child, which gets the exact output, and so does the
-    parent after it. (The child sets torch to one thread: torch's own OpenMP pool hangs in a child forked after it
-    ran, a plain model too.)"""
+@contextmanager
+def _pass_held_inside_a_layer(model, inputs, layer: int = 2):
+    """Another thread runs a forward pass of `model` that waits inside decoder layer `layer` for as long as the block
+    runs (holding the pass lock, the layer swapped in); yields a dict that gets the pass's logits once it ends."""
+    inside, go_on = threading.Event(), threading.Event()
+
+    def hold(module, args):
+        if not inside.is_set():
+            inside.set()
+            go_on.wait(60)
+
+    handle = get_streaming_state(model).stack.layers[layer].mlp.register_forward_pre_hook(hold)
+    out: dict = {}
+    worker = threading.Thread(target=lambda: out.setdefault("logits", model(**inputs).logits))
+    worker.start()
+    try:
+        assert inside.wait(30)
+        yield out
+    finally:
+        go_on.set()
+        worker.join(60)
+        handle.remove()
+
+
+def _generate_in_a_forked_child(model, inputs, pad) -> list:
+    """`model.generate` in a child forked now (torch set to one thread there: its OpenMP pool hangs in a child forked
+    after it ran, a plain model too); fails if the child has not finished in 60 s."""
     import multiprocessing
 
-    ckpt, shards, inputs, expected, pad = llama
-    model = streamed_model(ckpt, shards, max_memory={"cpu": 0}, prefetch=2)
-    loader = get_streaming_state(model).loader
-    loader._in_place = in_place
-    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
-    assert loader._pending or in_place  # read ahead for the next pass by the parent's threads
     ctx = multiprocessing.get_context("fork")
     results = ctx.Queue()
 
@@ -359,7 +373,23 @@ def test_a_forked_child_streams_too(llama, in_place):
         process.kill()
         pytest.fail("the forked child's generate did not finish in 60 s")
     assert process.exitcode == 0
-    assert results.get(timeout=5) == expected.tolist()
+    return results.get(timeout=5)
+
+
+@pytest.mark.skipif(not hasattr(os, "register_at_fork"), reason="needs fork")
+@pytest.mark.parametrize("in_place", [False, True], ids=["read_ahead", "in_place"])
+def test_a_forked_child_streams_too(llama, in_place):
+    """A process forked after streaming was enabled and used (gunicorn's `--preload`, a fork-based pool): the
+    parent's loader threads do not exist in the child, and its first `generate` waited forever for reads no thread
+    would make. The loader starts new threads and locks in the child, which gets the exact output, and so does the
+    parent after it."""
+    ckpt, shards, inputs, expected, pad = llama
+    model = streamed_model(ckpt, shards, max_memory={"cpu": 0}, prefetch=2)
+    loader = get_streaming_state(model).loader
+    loader._in_place = in_place
+    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+    assert loader._pending or in_place  # read ahead for the next pass by the parent's threads
+    assert _generate_in_a_forked_child(model, inputs, pad) == expected.tolist()
     assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
     disable_layer_streaming(model)
 
@@ -369,41 +399,11 @@ def test_a_child_forked_while_another_thread_runs_a_pass(llama):
     """Forked while another thread is inside a pass (holding the pass lock, a layer swapped in): in the child that
     thread does not exist, so the lock is new there and the layer it left in use is put back as the child's first
     pass begins; the child's output is exact."""
-    import multiprocessing
-
     ckpt, shards, inputs, expected, pad = llama
     model = streamed_model(ckpt, shards, **STREAM_ALL)
-    layers = get_streaming_state(model).stack.layers
-    inside, go_on = threading.Event(), threading.Event()
-
-    def hold(module, args):
-        if not inside.is_set():
-            inside.set()
-            go_on.wait(60)
-
-    handle = layers[2].mlp.register_forward_pre_hook(hold)
-    worker = threading.Thread(target=lambda: model(**inputs))
-    worker.start()
-    assert inside.wait(30)
-    ctx = multiprocessing.get_context("fork")
-    results = ctx.Queue()
-
-    def child():
-        handle.remove()
-        torch.set_num_threads(1)
-        results.put(model.generate(**inputs, **GEN, pad_token_id=pad).tolist())
-
-    process = ctx.Process(target=child)
-    process.start()
-    process.join(60)
-    go_on.set()
-    worker.join(60)
-    handle.remove()
-    if process.is_alive():
-        process.kill()
-        pytest.fail("the forked child's generate did not finish in 60 s")
-    assert process.exitcode == 0
-    assert results.get(timeout=5) == expected.tolist()
+    with _pass_held_inside_a_layer(model, inputs):
+        tokens = _generate_in_a_forked_child(model, inputs, pad)
+    assert tokens == expected.tolist()
     disable_layer_streaming(model)
 
 
@@ -631,26 +631,12 @@ def test_disable_waits_for_a_pass_running_in_another_thread(llama):
         want = _models.load_reference(ckpt)(**inputs).logits
     model = streamed_model(ckpt, shards, **STREAM_ALL)
     layers = get_streaming_state(model).stack.layers
-    inside, go_on = threading.Event(), threading.Event()
-
-    def hold(module, args):
-        if not inside.is_set():
-            inside.set()
-            go_on.wait(30)
-
-    handle = layers[2].mlp.register_forward_pre_hook(hold)
-    out = {}
-    worker = threading.Thread(target=lambda: out.setdefault("logits", model(**inputs).logits))
-    worker.start()
-    assert inside.wait(30)
-    disabling = threading.Thread(target=disable_layer_streaming, args=(model,))
-    disabling.start()
-    disabling.join(0.5)
-    assert disabling.is_alive(), "disable waits for the pass running"
-    go_on.set()
-    worker.join(60)
+    with _pass_held_inside_a_layer(model, inputs) as out:
+        disabling = threading.Thread(target=disable_layer_streaming, args=(model,))
+        disabling.start()
+        disabling.join(0.5)
+        assert disabling.is_alive(), "disable waits for the pass running"
     disabling.join(60)
-    handle.remove()
     assert torch.equal(out["logits"], want)  # the pass finished on the weights it began with, exact
     assert get_streaming_state(model) is None
     assert all(t.is_meta for t in layers[2].parameters())
