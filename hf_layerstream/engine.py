@@ -736,21 +736,13 @@ class LayerLoader:
         # CPU: each streamed layer's file map, kept between uses with its pages released (see `_map_file`)
         self._maps: dict[int, _LayerMap] = {}
         self._keep_maps = can_release_mapped_pages()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf_layerstream-loader")
         # a file read from the disk is read in `read_streams` parts at once (see `READ_STREAMS`), the loader thread
         # reading one and helper threads, started at the first such read, the others
         self.read_streams = READ_STREAMS
-        self._helpers: ThreadPoolExecutor | None = None
         # CPU: layers the disk must supply are mapped and read ahead by map threads (`_map_ahead`; see `_maps_ahead`),
         # each layer always by the same one (`_map_thread`), so its eviction after use and its next map run in order
-        self._mappers = (
-            [
-                ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"hf_layerstream-loader-map-{k}")
-                for k in range(MAP_STREAMS)
-            ]
-            if self._streamed and not self.is_cuda and hasattr(mmap, "MAP_POPULATE")
-            else []
-        )  # (each one's thread starts at its first task)
+        self._map_streams = MAP_STREAMS if self._streamed and not self.is_cuda and hasattr(mmap, "MAP_POPULATE") else 0
+        self._new_executors()
         decoded = {i for i in self._streamed if any(t.quant for t in shards.unit(layer_unit(i)).tensors.values())}
         # full-precision layers take turns (two read at once; with an odd number of streamed layers, the last and the
         # first share one), quantized ones all go to the first (their reads are small and overlap the decoding: two at
@@ -977,15 +969,18 @@ class LayerLoader:
             self.profile._lock = threading.Lock()
         self._pending = {}
         self._released.clear()
-        self._helpers = None
-        if self._closed:
-            return
+        if not self._closed:
+            self._new_executors()
+
+    def _new_executors(self) -> None:
+        """The loader thread's executor, the map threads' (none where layers are not mapped ahead) and none yet for
+        the helper threads (made at the first read in parts); each thread starts at its first task."""
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf_layerstream-loader")
-        if self._mappers:
-            self._mappers = [
-                ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"hf_layerstream-loader-map-{k}")
-                for k in range(MAP_STREAMS)
-            ]
+        self._helpers: ThreadPoolExecutor | None = None
+        self._mappers = [
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"hf_layerstream-loader-map-{k}")
+            for k in range(self._map_streams)
+        ]
 
     # -- scheduling -----------------------------------------------------------------------------------------------
 
