@@ -689,12 +689,18 @@ def _known_cached(fd: int, header: Header) -> bool:
     return fraction is not None and fraction >= 1.0
 
 
-_LOADERS: weakref.WeakSet = weakref.WeakSet()  # every live loader, for `_after_fork_in_child`
+_RENEWED_AFTER_FORK: weakref.WeakSet = weakref.WeakSet()  # live loaders and pass guards (see `renew_after_fork`)
+
+
+def renew_after_fork(obj) -> None:
+    """Have `obj._after_fork()` run in every child forked while `obj` lives: the threads of the parent are not there,
+    and a lock one of them held stays held."""
+    _RENEWED_AFTER_FORK.add(obj)
 
 
 def _after_fork_in_child() -> None:
-    for loader in list(_LOADERS):
-        loader._after_fork()
+    for obj in list(_RENEWED_AFTER_FORK):
+        obj._after_fork()
 
 
 if hasattr(os, "register_at_fork"):
@@ -772,7 +778,7 @@ class LayerLoader:
         # the GPU has passed it (see `_wait_released`)
         self._released: deque = deque()
         self.failures = 0
-        _LOADERS.add(self)
+        renew_after_fork(self)
 
     # -- public API used by the hooks -----------------------------------------------------------------------------
 

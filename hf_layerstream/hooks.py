@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import functools
-import os
 import threading
 import time
-import weakref
 from collections.abc import Mapping
 
 import torch
 from accelerate.hooks import ModelHook
 from torch import nn
+
+from .engine import renew_after_fork
 
 
 class LayerStreamingHook(ModelHook):
@@ -99,18 +99,6 @@ class _LayerWeights(Mapping):
         return len(self.hook.names)
 
 
-_GUARDS: weakref.WeakSet = weakref.WeakSet()  # every live guard: a child forked while a pass ran gets a fresh lock
-
-
-def _after_fork_in_child() -> None:
-    for guard in list(_GUARDS):
-        guard.lock = threading.RLock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
 class PassGuard:
     """Wraps the forward of the module that runs the decoder layers (e.g. `LlamaModel`): one pass over the layers.
 
@@ -130,7 +118,10 @@ class PassGuard:
         self.lock = threading.RLock()
         self.guarded = None  # the wrapper `wrap` made
         self._raised = False  # the last pass raised part way
-        _GUARDS.add(self)
+        renew_after_fork(self)
+
+    def _after_fork(self) -> None:
+        self.lock = threading.RLock()  # (a child forked while another thread ran a pass: that thread is not there)
 
     def _put_back(self) -> None:
         for index in self.loader.in_use():
