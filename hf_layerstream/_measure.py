@@ -189,7 +189,9 @@ def _load(spec: dict):
             model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(spec["path"]))
         return model, []
     if system == "in_memory":
-        model = AutoModelForCausalLM.from_pretrained(spec["path"], dtype=dtype or "auto")
+        # use_kernels=False: the plain model (transformers 5.25 swaps in hub kernels by default; ours computes with
+        # the model's own modules)
+        model = AutoModelForCausalLM.from_pretrained(spec["path"], dtype=dtype or "auto", use_kernels=False)
         if spec.get("device") and torch.device(spec["device"]).type != "cpu":
             model.to(spec["device"])  # the reference runs where ours does
         files = []
@@ -198,6 +200,7 @@ def _load(spec: dict):
         model = AutoModelForCausalLM.from_pretrained(
             spec["path"],
             dtype=dtype or "auto",
+            use_kernels=False,
             device_map="auto",
             max_memory=_offload_budget(spec),
             offload_folder=spec["offload_folder"],
@@ -278,7 +281,9 @@ def measure(spec: dict) -> dict:
     if spec.get("assistant"):
         from transformers import AutoModelForCausalLM
 
-        extra["assistant_model"] = AutoModelForCausalLM.from_pretrained(spec["assistant"]).to(device).eval()
+        extra["assistant_model"] = (
+            AutoModelForCausalLM.from_pretrained(spec["assistant"], use_kernels=False).to(device).eval()
+        )
     kwargs.update(extra)
     sweeps = _count_sweeps(model)
     evict = (lambda: drop_page_cache(files)) if cold else None

@@ -159,7 +159,7 @@ def run_demo(args) -> int:
 
             from .cli import load_streamed_model
 
-            full = AutoModelForCausalLM.from_pretrained(ckpt).eval()
+            full = AutoModelForCausalLM.from_pretrained(ckpt, use_kernels=False).eval()
             quant = load_streamed_model(work / f"shards-{args.compression}", device="cpu")
             gen = torch.Generator().manual_seed(0)
             ids = torch.randint(4, full.config.vocab_size, (4, 128), generator=gen)

@@ -348,7 +348,9 @@ def load_reference(
     a device or cast has it, and as streamed weights are (shard files put every tensor
     on a 64-byte line): the reference the streamed model must equal bit for bit.
     """
-    kwargs: dict[str, Any] = {"dtype": dtype}
+    # use_kernels=False: transformers' own modules, as the streamed model computes with (from 5.25, `from_pretrained`
+    # swaps in hub kernels by default)
+    kwargs: dict[str, Any] = {"dtype": dtype, "use_kernels": False}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
