@@ -63,14 +63,33 @@ def find_layer_stack(model: nn.Module) -> LayerStack | None:
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
             continue
-        children = list(module)
-        if len({type(c) for c in children}) != 1:
-            continue
-        child = children[0]
-        if type(child).__name__ in no_split or isinstance(child, GradientCheckpointingLayer):
+        # every child a decoder layer; hybrid models (Jamba) mix several kinds of them in one stack
+        if all(type(c).__name__ in no_split or isinstance(c, GradientCheckpointingLayer) for c in module):
             if best is None or len(module) > len(best[1]):
                 best = (name, module)
     return None if best is None else LayerStack(best[0], best[1])
+
+
+def require_layer_stack(model: nn.Module) -> LayerStack:
+    """`find_layer_stack`, raising `ValueError` where the model cannot be streamed: no stack, or weights shared
+    between a decoder layer and another part of the model (Zamba2's shared attention blocks): each layer's file holds
+    its own weights, and a layer is swapped in alone."""
+    stack = find_layer_stack(model)
+    if stack is None:
+        raise ValueError(
+            f"Found no decoder-layer stack in {type(model).__name__}: no nn.ModuleList of decoder layers "
+            "(classes in `_no_split_modules` or `GradientCheckpointingLayer`). hf_layerstream streams causal LMs "
+            "built of repeated decoder layers."
+        )
+    for target, source in tied_targets(model).items():
+        units = {stack.unit_of(target), stack.unit_of(source)}
+        if len(units) > 1 and units != {RESIDENT}:
+            raise ValueError(
+                f"{type(model).__name__} shares weights between decoder layers or with the resident parts "
+                f"({target!r} is {source!r}); hf_layerstream streams each decoder layer from its own weights and "
+                "cannot stream this model."
+            )
+    return stack
 
 
 def tied_targets(model: nn.Module) -> dict[str, str]:

@@ -33,9 +33,9 @@ from .modeling import (
     architecture_fingerprint,
     build_skeleton,
     convert_unit,
-    find_layer_stack,
     layer_unit,
     plan_conversion,
+    require_layer_stack,
     unit_index,
 )
 from .shard_dir import MANIFEST_NAME, RESIDENT_FILE, Manifest, ShardDirectory, TensorEntry, UnitEntry, layer_file
@@ -473,12 +473,7 @@ def split_checkpoint(
         raise ValueError(f"`shard_dir` must differ from `source` ({shard_dir}); the source is never modified.")
     config = AutoConfig.from_pretrained(src.config_path.parent)
     model = build_skeleton(config)
-    stack = find_layer_stack(model)
-    if stack is None:
-        raise ValueError(
-            f"Found no decoder-layer stack in {type(model).__name__} (no nn.ModuleList of decoder layers); "
-            "hf_layerstream streams causal LMs built of repeated decoder layers."
-        )
+    stack = require_layer_stack(model)
     fingerprint = architecture_fingerprint(model, stack)
     plan = plan_conversion(model, stack, src.keys)
     if plan.missing:

@@ -18,10 +18,10 @@ from .modeling import (
     RESIDENT,
     LayerStack,
     expected_tensors,
-    find_layer_stack,
     get_submodule_attr,
     layer_unit,
     repair_meta_buffers,
+    require_layer_stack,
     tied_targets,
 )
 from .shard_dir import ShardDirectory
@@ -233,13 +233,7 @@ def enable_layer_streaming(
     shards = ShardDirectory(shard_dir, checksums=verify)
     if prefetch is None:
         prefetch = default_prefetch(device, shards)
-    stack = find_layer_stack(model)
-    if stack is None:
-        raise ValueError(
-            f"Found no decoder-layer stack in {type(model).__name__}: no nn.ModuleList of decoder layers "
-            "(classes in `_no_split_modules` or `GradientCheckpointingLayer`). hf_layerstream streams causal LMs "
-            "built of repeated decoder layers."
-        )
+    stack = require_layer_stack(model)
     for name, module in model.named_modules():
         if hasattr(module, "_hf_hook"):
             raise ValueError(

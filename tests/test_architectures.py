@@ -1,0 +1,187 @@
+"""More architectures than the 16 the rest of the suite runs everything on: each one split and streamed (every layer
+read from its file at each use), its greedy decode steps' logits bit for bit those of the loaded model.
+
+Among them MoE models with their own expert layouts (gpt-oss, DeepSeek-V3, Llama-4, Qwen3-Next), state-space and
+hybrid models (Mamba, Mamba-2, Bamba, Nemotron-H, LFM2, Jamba, whose stack mixes attention and Mamba layer
+classes), and older layouts (MPT, BLOOM, GPT-J). A model whose decoder layers share weights (Zamba2 with several
+hybrid layers) is refused with a `ValueError`.
+"""
+
+from __future__ import annotations
+
+import _models
+import pytest
+import torch
+from conftest import build_meta_model, streamed_model
+from transformers import AutoTokenizer
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+from hf_layerstream import enable_layer_streaming, split_checkpoint
+from hf_layerstream.modeling import find_layer_stack
+
+_COMMON = {
+    "hidden_size": _models.HIDDEN_SIZE,
+    "intermediate_size": _models.INTERMEDIATE_SIZE,
+    "num_attention_heads": _models.NUM_HEADS,
+    "num_key_value_heads": _models.NUM_KV_HEADS,
+    "max_position_embeddings": _models.MAX_POSITIONS,
+    "vocab_size": _models.VOCAB_SIZE,
+    "num_hidden_layers": _models.NUM_HIDDEN_LAYERS,
+    "pad_token_id": _models.PAD_TOKEN_ID,
+    "bos_token_id": _models.BOS_TOKEN_ID,
+    "eos_token_id": _models.EOS_TOKEN_ID,
+}
+_HEAD = {"head_dim": _models.HEAD_DIM}
+_WINDOW = {"sliding_window": 16}
+_EXPERTS = {"num_local_experts": 4, "num_experts_per_tok": 2}
+_MLA = {  # multi-head latent attention (DeepSeek-V2/V3)
+    "num_key_value_heads": _models.NUM_HEADS,
+    "kv_lora_rank": 16,
+    "q_lora_rank": 32,
+    "qk_rope_head_dim": 8,
+    "qk_nope_head_dim": 8,
+    "v_head_dim": 16,
+}
+_DEEPSEEK_MOE = {
+    "moe_intermediate_size": 32,
+    "n_routed_experts": 4,
+    "num_experts_per_tok": 2,
+    "n_shared_experts": 1,
+    "first_k_dense_replace": 1,
+    "n_group": 1,
+    "topk_group": 1,
+}
+_MAMBA2 = {"mamba_n_heads": 8, "mamba_d_head": 16, "mamba_n_groups": 1, "mamba_d_state": 16, "mamba_expand": 2}
+_GPT_STYLE = {"n_embd": _models.HIDDEN_SIZE, "n_head": _models.NUM_HEADS, "n_layer": _models.NUM_HIDDEN_LAYERS}
+_ZAMBA2 = {"mamba_headdim": 16, "mamba_ngroups": 1, "mamba_d_state": 16, "n_mamba_heads": 8, "num_mem_blocks": 1}
+
+#: model type -> config overrides on top of `_COMMON` (3 layers, hidden 64, vocabulary 128)
+MORE_ARCHITECTURES: dict[str, dict] = {
+    "gpt_oss": {**_HEAD, **_WINDOW, **_EXPERTS},
+    "deepseek_v2": {**_MLA, **_DEEPSEEK_MOE},
+    "deepseek_v3": {**_MLA, **_DEEPSEEK_MOE},
+    "gemma3_text": {**_HEAD, **_WINDOW, "query_pre_attn_scalar": _models.HEAD_DIM},
+    "cohere": {},
+    "cohere2": {**_HEAD, **_WINDOW},
+    "phi": {},
+    "stablelm": {},
+    "olmoe": {"num_experts": 4, "num_experts_per_tok": 2},
+    "qwen2_moe": {
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "shared_expert_intermediate_size": 64,
+        "use_sliding_window": False,
+    },
+    "qwen3_next": {
+        **_HEAD,
+        "full_attention_interval": 2,
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "shared_expert_intermediate_size": 32,
+        "linear_num_value_heads": 4,
+        "linear_num_key_heads": 2,
+        "linear_key_head_dim": 16,
+        "linear_value_head_dim": 16,
+    },
+    "glm4": {**_HEAD},
+    "exaone4": {**_WINDOW},
+    "granitemoe": {**_EXPERTS},
+    "smollm3": {},
+    "ernie4_5_moe": {**_HEAD, "moe_num_experts": 4, "moe_k": 2, "moe_intermediate_size": 32},
+    "llama4_text": {**_HEAD, "num_local_experts": 4, "num_experts_per_tok": 1, "intermediate_size_mlp": 128},
+    "olmo3": {**_WINDOW},
+    "seed_oss": {**_HEAD},
+    "hunyuan_v1_dense": {**_HEAD},
+    "apertus": {},
+    "minimax": {**_HEAD, **_EXPERTS},
+    "dots1": {**_HEAD, **{k: v for k, v in _DEEPSEEK_MOE.items() if k not in ("n_group", "topk_group")}},
+    "bitnet": {},
+    "nemotron": {},
+    "mpt": {"d_model": _models.HIDDEN_SIZE, "n_heads": _models.NUM_HEADS, "n_layers": _models.NUM_HIDDEN_LAYERS},
+    "bloom": {"n_head": _models.NUM_HEADS, "n_layer": _models.NUM_HIDDEN_LAYERS},
+    "gptj": {**_GPT_STYLE, "rotary_dim": 8},
+    "gpt_bigcode": {**_GPT_STYLE},
+    "mamba": {"state_size": 16, "expand": 2},
+    "mamba2": {"num_heads": 8, "head_dim": 16, "n_groups": 1, "state_size": 16, "expand": 2, "chunk_size": 16},
+    "falcon_mamba": {"state_size": 16, "expand": 2},
+    "bamba": {**_MAMBA2, "attn_layer_indices": [1], "mamba_chunk_size": 16},
+    "granitemoehybrid": {**_MAMBA2, **_EXPERTS, "layer_types": ["mamba", "attention", "mamba"], "mamba_chunk_size": 16},
+    "nemotron_h": {
+        "hybrid_override_pattern": "M*-",
+        "mamba_num_heads": 8,
+        "mamba_head_dim": 16,
+        "n_groups": 1,
+        "ssm_state_size": 16,
+        "expand": 2,
+        "chunk_size": 16,
+    },
+    "falcon_h1": {**_HEAD},
+    "lfm2": {"layer_types": ["conv", "full_attention", "conv"]},
+    "recurrent_gemma": {**_HEAD, "block_types": ["recurrent", "attention"], "lru_width": _models.HIDDEN_SIZE},
+    "jamba": {
+        **{"num_experts": 4, "num_experts_per_tok": 2},
+        "attn_layer_period": 2,
+        "attn_layer_offset": 1,
+        "expert_layer_period": 2,
+        "expert_layer_offset": 1,
+    },
+    # one hybrid layer: its shared attention block is its own
+    "zamba2": {**_ZAMBA2, "hybrid_layer_ids": [1], "layers_block_type": ["mamba", "hybrid", "mamba"]},
+}
+
+
+def _config(model_type: str, **overrides):
+    if model_type not in CONFIG_MAPPING:
+        pytest.skip(f"this transformers has no {model_type!r} architecture")
+    config = CONFIG_MAPPING[model_type](**{**_COMMON, **MORE_ARCHITECTURES.get(model_type, {}), **overrides})
+    config._attn_implementation = _models.ATTN_IMPLEMENTATION
+    return config
+
+
+@pytest.mark.parametrize("model_type", list(MORE_ARCHITECTURES))
+def test_streamed_decode_steps_equal_the_loaded_model(tmp_path, model_type):
+    ckpt = _models.save_tiny_checkpoint(_config(model_type), tmp_path / "checkpoint")
+    shards = split_checkpoint(ckpt, tmp_path / "shards", progress=False)
+    ref = _models.load_reference(ckpt)
+    streamed = streamed_model(ckpt, shards, max_memory={"cpu": 0}, prefetch=1)
+    inputs = AutoTokenizer.from_pretrained(ckpt)(_models.SAMPLE_PROMPTS[2], return_tensors="pt")
+    kw = {
+        "max_new_tokens": 4,
+        "min_new_tokens": 4,
+        "do_sample": False,
+        "return_dict_in_generate": True,
+        "output_logits": True,
+        "pad_token_id": _models.PAD_TOKEN_ID,
+    }
+    a, b = ref.generate(**inputs, **kw), streamed.generate(**inputs, **kw)
+    assert torch.equal(a.sequences, b.sequences)
+    assert len(a.logits) == len(b.logits) == 4
+    for step, (x, y) in enumerate(zip(a.logits, b.logits)):
+        assert torch.equal(x, y), f"step {step}: logits differ by up to {(x - y).abs().max().item():.3g}"
+
+
+def test_a_stack_of_several_layer_classes_is_found():
+    """Jamba's `model.layers` alternates Mamba and attention decoder layers: one stack of both (a stack of one class
+    only was looked for before, and Jamba was refused)."""
+    model = build_meta_model(_config("jamba"))
+    stack = find_layer_stack(model)
+    assert stack is not None and stack.prefix == "model.layers"
+    assert len(stack) == _models.NUM_HIDDEN_LAYERS
+    assert len({type(layer) for layer in stack.layers}) == 2
+
+
+def test_layers_sharing_weights_are_refused(tmp_path):
+    """Zamba2 with two hybrid layers: the second's attention block is tied to the first's. Streaming each layer from
+    its own file cannot keep that, so both splitting and enabling refuse it, naming a shared weight."""
+    types = ["mamba", "hybrid", "mamba", "hybrid", "mamba"]
+    config = _config("zamba2", num_hidden_layers=5, hybrid_layer_ids=[1, 3], layers_block_type=types)
+    ckpt = _models.save_tiny_checkpoint(config, tmp_path / "checkpoint")
+    with pytest.raises(
+        ValueError, match=r"shares weights .*'model\.layers\.3\.shared_transformer\..*' is 'model\.layers\.1\."
+    ):
+        split_checkpoint(ckpt, tmp_path / "shards", progress=False)
+    llama = split_checkpoint(_models.save_tiny_checkpoint("llama", tmp_path / "llama"), tmp_path / "ls", progress=False)
+    with pytest.raises(ValueError, match="shares weights between decoder layers"):
+        enable_layer_streaming(build_meta_model(config), llama, device="cpu")
