@@ -194,16 +194,14 @@ def load_streamed_model(
     keep_in_page_cache=None,
 ):
     """Build the model of a shard directory on meta and enable streaming (what `generate` and `bench` use)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
+    from .modeling import build_skeleton
     from .shard_dir import ShardDirectory
     from .stream import enable_layer_streaming
 
     ShardDirectory(shard_dir)  # a clear error before transformers looks for config.json
-    config = AutoConfig.from_pretrained(shard_dir)
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config)
+    model = build_skeleton(AutoConfig.from_pretrained(shard_dir))
     model.eval()
     return enable_layer_streaming(
         model,

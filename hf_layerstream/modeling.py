@@ -49,7 +49,7 @@ class LayerStack:
 
 
 def find_layer_stack(model: nn.Module) -> LayerStack | None:
-    """Find the decoder-layer stack: the longest `nn.ModuleList` of decoder layers.
+    """Find the decoder-layer stack: the `nn.ModuleList` of decoder layers holding the most weights.
 
     Decoder layers are recognised by transformers' own markers: the class names in `_no_split_modules`, or the
     `GradientCheckpointingLayer` base class every modern decoder layer derives from.
@@ -59,15 +59,18 @@ def find_layer_stack(model: nn.Module) -> LayerStack | None:
     except ImportError:  # pragma: no cover - very old transformers
         GradientCheckpointingLayer = ()  # noqa: N806
     no_split = set(getattr(model, "_no_split_modules", None) or ())
-    best: tuple[str, nn.ModuleList] | None = None
+    best: tuple[tuple[int, int], str, nn.ModuleList] | None = None
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
             continue
         # every child a decoder layer; hybrid models (Jamba) mix several kinds of them in one stack
         if all(type(c).__name__ in no_split or isinstance(c, GradientCheckpointingLayer) for c in module):
-            if best is None or len(module) > len(best[1]):
-                best = (name, module)
-    return None if best is None else LayerStack(best[0], best[1])
+            # the stack holding the most weights: a vision-language model's language model, not its vision encoder
+            # (which can have more layers: Qwen2.5-VL-7B's 32 against 28)
+            key = (sum(p.numel() for p in module.parameters()), len(module))
+            if best is None or key > best[0]:
+                best = (key, name, module)
+    return None if best is None else LayerStack(best[1], best[2])
 
 
 def require_layer_stack(model: nn.Module) -> LayerStack:
@@ -130,15 +133,29 @@ def architecture_fingerprint(model: nn.Module, stack: LayerStack) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
+def model_from_config(config) -> nn.Module:
+    """`AutoModelForCausalLM.from_config(config)`; for a vision-language model that class does not take (Llava,
+    Qwen2-VL, PaliGemma), `AutoModelForImageTextToText.from_config(config)`: its language model's decoder layers
+    are streamed, and the vision encoder stays with the resident parts."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    try:
+        return AutoModelForCausalLM.from_config(config)
+    except ValueError as not_causal_lm:  # "Unrecognized configuration class ..."
+        try:
+            return AutoModelForImageTextToText.from_config(config)
+        except ValueError:
+            raise not_causal_lm from None
+
+
 def build_skeleton(config, model_class: type | None = None) -> nn.Module:
     """The model built with `init_empty_weights()`: parameters on meta, buffers (rotary `inv_freq`) real on CPU."""
     from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
 
     with init_empty_weights(include_buffers=False):
         if model_class is not None and hasattr(model_class, "_from_config"):
             return model_class._from_config(config)
-        return AutoModelForCausalLM.from_config(config)
+        return model_from_config(config)
 
 
 def non_persistent_buffers(model: nn.Module) -> Iterable[tuple[nn.Module, str, str]]:

@@ -17,6 +17,7 @@ from transformers import AutoTokenizer
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from hf_layerstream import ShardDirectory, disable_layer_streaming, enable_layer_streaming, split_checkpoint
+from hf_layerstream.cli import load_streamed_model
 from hf_layerstream.modeling import find_layer_stack
 
 _COMMON = {
@@ -212,3 +213,111 @@ def test_quantized_shards_of_moe_and_state_space_models(tmp_path, model_type):
     assert torch.equal(streamed, kept)
     cosine = torch.nn.functional.cosine_similarity(streamed.flatten(), expected.flatten(), dim=0).item()
     assert cosine >= 0.9, cosine
+
+
+# --- vision-language models: the language model's layers are streamed, the vision encoder stays resident ----------
+
+_TEXT = {k: v for k, v in _COMMON.items() if k != "vocab_size"} | {"vocab_size": 160}  # room for the image tokens
+_IMAGE, _IMAGE_START, _IMAGE_END = 150, 151, 152
+_SIGLIP = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 2}
+_MROPE = {"rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]}}
+
+
+def _vision_language(model_type: str):
+    """A tiny config of `model_type` and the inputs of one prompt with one image."""
+    if model_type not in CONFIG_MAPPING:
+        pytest.skip(f"this transformers has no {model_type!r} architecture")
+    text = list(range(5, 12))
+    if model_type == "llava":
+        vision = {**_SIGLIP, "image_size": 28, "patch_size": 14, "model_type": "clip_vision_model"}
+        config = CONFIG_MAPPING[model_type](
+            text_config={**_TEXT, "model_type": "llama"},
+            vision_config=vision,
+            image_token_id=_IMAGE,
+            vision_feature_layer=-1,
+        )
+        ids, image = [_models.BOS_TOKEN_ID] + [_IMAGE] * 4 + text, {"pixel_values": torch.randn(1, 3, 28, 28)}
+    elif model_type == "qwen2_vl":
+        # the vision encoder has more layers (4) than the language model (3), and fewer weights
+        vision = {"depth": 4, "embed_dim": 32, "hidden_size": 64, "num_heads": 2, "mlp_ratio": 2, "patch_size": 14}
+        config = CONFIG_MAPPING[model_type](
+            text_config={**_TEXT, **_MROPE},
+            vision_config={**vision, "spatial_merge_size": 2, "temporal_patch_size": 2},
+            image_token_id=_IMAGE,
+            video_token_id=_IMAGE_END + 1,
+            vision_start_token_id=_IMAGE_START,
+        )
+        ids = [_models.BOS_TOKEN_ID, _IMAGE_START, _IMAGE] + text
+        image = {"pixel_values": torch.randn(4, 3 * 2 * 14 * 14), "image_grid_thw": torch.tensor([[1, 2, 2]])}
+    elif model_type == "gemma3":
+        config = CONFIG_MAPPING[model_type](
+            text_config={**_TEXT, **_HEAD, **_WINDOW},
+            vision_config={**_SIGLIP, "image_size": 28, "patch_size": 7},
+            mm_tokens_per_image=4,
+            image_token_index=_IMAGE,
+            boi_token_index=_IMAGE_START,
+            eoi_token_index=_IMAGE_END,
+        )
+        ids = [_models.BOS_TOKEN_ID, _IMAGE_START] + [_IMAGE] * 4 + [_IMAGE_END] + text
+        image = {"pixel_values": torch.randn(1, 3, 28, 28)}
+    else:  # paligemma
+        config = CONFIG_MAPPING[model_type](
+            text_config={**_TEXT, **_HEAD, "model_type": "gemma"},
+            vision_config={**_SIGLIP, "image_size": 28, "patch_size": 14, "projection_dim": 64},
+            image_token_index=_IMAGE,
+            projection_dim=64,
+        )
+        ids, image = [_IMAGE] * 4 + [_models.BOS_TOKEN_ID] + text, {"pixel_values": torch.randn(1, 3, 28, 28)}
+    config._attn_implementation = _models.ATTN_IMPLEMENTATION
+    input_ids = torch.tensor([ids])
+    return config, {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), **image}
+
+
+@pytest.mark.parametrize("model_type", ["llava", "qwen2_vl", "gemma3", "paligemma"])
+def test_vision_language_models_stream_their_language_model(tmp_path, model_type):
+    """Split from the checkpoint `save_pretrained` wrote, streamed with every layer from disk: the image and the
+    prompt give the loaded model's decode steps, bit for bit. (`AutoModelForCausalLM` does not take Llava's,
+    Qwen2-VL's or PaliGemma's config; split refused them before.)"""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    config, inputs = _vision_language(model_type)
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(config)
+    _models.init_random_weights(model)
+    model.save_pretrained(tmp_path / "checkpoint", max_shard_size=_models.DEFAULT_MAX_SHARD_SIZE)
+    shards = split_checkpoint(tmp_path / "checkpoint", tmp_path / "shards", progress=False)
+
+    ref = AutoModelForImageTextToText.from_pretrained(
+        tmp_path / "checkpoint", attn_implementation=_models.ATTN_IMPLEMENTATION, use_kernels=False
+    ).eval()
+    with torch.no_grad():  # weights in memory of their own, as `_models.load_reference` has them
+        for t in [*ref.parameters(), *ref.buffers()]:
+            t.data = t.data.clone()
+    with init_empty_weights():
+        streamed = AutoModelForImageTextToText.from_config(
+            AutoConfig.from_pretrained(shards), attn_implementation=_models.ATTN_IMPLEMENTATION
+        )
+    enable_layer_streaming(streamed, shards, device="cpu", max_memory={"cpu": 0})
+    from_cli = load_streamed_model(shards, device="cpu")  # what `hf-layerstream generate` builds: the same class
+    assert type(from_cli) is type(ref)
+    disable_layer_streaming(from_cli)
+    stack = find_layer_stack(streamed)
+    assert stack.prefix == "model.language_model.layers" and len(stack) == _models.NUM_HIDDEN_LAYERS
+
+    kw = {
+        "max_new_tokens": 4,
+        "min_new_tokens": 4,
+        "do_sample": False,
+        "return_dict_in_generate": True,
+        "output_logits": True,
+        "pad_token_id": _models.PAD_TOKEN_ID,
+    }
+    a, b = ref.generate(**inputs, **kw), streamed.generate(**inputs, **kw)
+    assert torch.equal(a.sequences, b.sequences)
+    for step, (x, y) in enumerate(zip(a.logits, b.logits)):
+        assert torch.equal(x, y), f"step {step}: logits differ by up to {(x - y).abs().max().item():.3g}"
+    # the image counts: without it the first step's logits are others
+    text_only = {k: v[:, -7:] for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        assert not torch.equal(streamed(**text_only).logits[:, -1], a.logits[0])
