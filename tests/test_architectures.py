@@ -286,7 +286,16 @@ def test_vision_language_models_stream_their_language_model(tmp_path, model_type
     model = AutoModelForImageTextToText.from_config(config)
     _models.init_random_weights(model)
     model.save_pretrained(tmp_path / "checkpoint", max_shard_size=_models.DEFAULT_MAX_SHARD_SIZE)
+    # the processor's files (written by hand: image processors need torchvision, which this suite does not install)
+    processor_files = {
+        "processor_config.json": f'{{"processor_class": "{model_type}", "image_token": "<image>"}}',
+        "preprocessor_config.json": '{"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": 28}}',
+    }
+    for name, text in processor_files.items():
+        (tmp_path / "checkpoint" / name).write_text(text)
     shards = split_checkpoint(tmp_path / "checkpoint", tmp_path / "shards", progress=False)
+    for name, text in processor_files.items():  # copied, so `AutoProcessor.from_pretrained(shard_dir)` finds them
+        assert (shards / name).read_text() == text
 
     ref = AutoModelForImageTextToText.from_pretrained(
         tmp_path / "checkpoint", attn_implementation=_models.ATTN_IMPLEMENTATION, use_kernels=False
