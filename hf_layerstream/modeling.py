@@ -134,11 +134,29 @@ def architecture_fingerprint(model: nn.Module, stack: LayerStack) -> str:
 
 
 def model_from_config(config) -> nn.Module:
-    """`AutoModelForCausalLM.from_config(config)`; for a vision-language model that class does not take (Llava,
-    Qwen2-VL, PaliGemma), `AutoModelForImageTextToText.from_config(config)`: its language model's decoder layers
-    are streamed, and the vision encoder stays with the resident parts."""
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    """The model of `config` as its checkpoint names it (`config.architectures`), where transformers has that class
+    as a causal LM or a vision-language model; else `AutoModelForCausalLM.from_config(config)`, and for a config that
+    class does not take (Llava, Qwen2-VL, PaliGemma), `AutoModelForImageTextToText.from_config(config)`. A
+    vision-language model's language model is streamed, and its vision encoder stays with the resident parts.
 
+    (Some configs map to a text-only class in `AutoModelForCausalLM`: Llama-4's and Llama-3.2-Vision's to
+    `Llama4ForCausalLM` and `MllamaForCausalLM`, which load no vision weights. Their checkpoints name the
+    `...ForConditionalGeneration` class.)"""
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    )
+
+    named = (getattr(config, "architectures", None) or [None])[0]
+    model_type = getattr(config, "model_type", None)
+    known = {
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type),
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.get(model_type),
+    }
+    if named is not None and named in known:
+        return getattr(transformers, named)._from_config(config)
     try:
         return AutoModelForCausalLM.from_config(config)
     except ValueError as not_causal_lm:  # "Unrecognized configuration class ..."

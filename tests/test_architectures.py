@@ -260,6 +260,30 @@ def _vision_language(model_type: str):
         )
         ids = [_models.BOS_TOKEN_ID, _IMAGE_START] + [_IMAGE] * 4 + [_IMAGE_END] + text
         image = {"pixel_values": torch.randn(1, 3, 28, 28)}
+    elif model_type == "mllama":
+        # Llama-3.2-Vision: cross-attention layers among the self-attention ones (two classes in one stack)
+        vision = {"hidden_size": 32, "intermediate_size": 64, "attention_heads": 2, "num_hidden_layers": 2}
+        config = CONFIG_MAPPING[model_type](
+            text_config={**_TEXT, "cross_attention_layers": [1]},
+            vision_config={
+                **vision,
+                "num_global_layers": 1,
+                "image_size": 28,
+                "patch_size": 14,
+                "max_num_tiles": 1,
+                "intermediate_layers_indices": [0],
+                "vision_output_dim": 64,
+                "supported_aspect_ratios": [[1, 1]],
+            },
+            image_token_index=_IMAGE,
+        )
+        ids = [_IMAGE, _models.BOS_TOKEN_ID] + text
+        image = {
+            "pixel_values": torch.randn(1, 1, 1, 3, 28, 28),  # batch, images, tiles, channels, height, width
+            "aspect_ratio_ids": torch.tensor([[1]]),
+            "aspect_ratio_mask": torch.ones(1, 1, 1, dtype=torch.long),
+            "cross_attention_mask": torch.ones(1, len(ids), 1, 1, dtype=torch.long),
+        }
     else:  # paligemma
         config = CONFIG_MAPPING[model_type](
             text_config={**_TEXT, **_HEAD, "model_type": "gemma"},
@@ -273,11 +297,12 @@ def _vision_language(model_type: str):
     return config, {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), **image}
 
 
-@pytest.mark.parametrize("model_type", ["llava", "qwen2_vl", "gemma3", "paligemma"])
+@pytest.mark.parametrize("model_type", ["llava", "qwen2_vl", "gemma3", "paligemma", "mllama"])
 def test_vision_language_models_stream_their_language_model(tmp_path, model_type):
     """Split from the checkpoint `save_pretrained` wrote, streamed with every layer from disk: the image and the
     prompt give the loaded model's decode steps, bit for bit. (`AutoModelForCausalLM` does not take Llava's,
-    Qwen2-VL's or PaliGemma's config; split refused them before.)"""
+    Qwen2-VL's or PaliGemma's config, and makes the text-only `MllamaForCausalLM` of Mllama's; split refused the
+    first three before, and split the fourth without its vision weights.)"""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForImageTextToText
 
