@@ -617,7 +617,7 @@ def split_checkpoint(
                 "revision": src.revision,
             },
             model_type=getattr(config, "model_type", None),
-            architectures=list(getattr(config, "architectures", None) or [type(model).__name__]),
+            architectures=[type(model).__name__],  # the class the files were laid out for
             layers_prefix=stack.prefix,
             num_layers=len(stack),
             fingerprint=fingerprint,

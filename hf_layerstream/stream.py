@@ -82,6 +82,15 @@ def _check_match(model: nn.Module, stack: LayerStack, shards: ShardDirectory) ->
     m = shards.manifest
     where = f"`shard_dir` {shards.path}"
     fix = "Split this model's checkpoint into a new directory with `split_checkpoint` / `hf-layerstream split`."
+    split_for = m.architectures[0] if m.architectures else None
+    if split_for and split_for != type(model).__name__:
+        # e.g. a vision-language checkpoint built as its text-only class (Llama4ForCausalLM for
+        # Llama4ForConditionalGeneration)
+        fix = (
+            f"The shard directory was split for {split_for} and the model is a {type(model).__name__}: build the model "
+            f"as {split_for} (a vision-language model with `AutoModelForImageTextToText.from_config(config)`), or "
+            "split this model's checkpoint into a new directory with `split_checkpoint` / `hf-layerstream split`."
+        )
     if m.num_layers != len(stack):
         raise ShardDirError(
             f"{where} holds {m.num_layers} decoder layers but the model has {len(stack)} ({stack.prefix}); the shards "

@@ -16,7 +16,13 @@ from conftest import build_meta_model, streamed_model
 from transformers import AutoTokenizer
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from hf_layerstream import ShardDirectory, disable_layer_streaming, enable_layer_streaming, split_checkpoint
+from hf_layerstream import (
+    ShardDirectory,
+    ShardDirError,
+    disable_layer_streaming,
+    enable_layer_streaming,
+    split_checkpoint,
+)
 from hf_layerstream.cli import load_streamed_model
 from hf_layerstream.modeling import find_layer_stack
 
@@ -355,3 +361,21 @@ def test_vision_language_models_stream_their_language_model(tmp_path, model_type
     text_only = {k: v[:, -7:] for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
     with torch.no_grad():
         assert not torch.equal(streamed(**text_only).logits[:, -1], a.logits[0])
+
+
+def test_a_text_only_class_of_a_vision_language_checkpoint_is_told_which_class_to_build(tmp_path):
+    """Llama-3.2-Vision's config builds `MllamaForCausalLM` through `AutoModelForCausalLM`; its shards are laid out
+    for `MllamaForConditionalGeneration` (the checkpoint's class). The mismatch names the class to build."""
+    from transformers import AutoModelForImageTextToText
+
+    config, _ = _vision_language("mllama")
+    model = AutoModelForImageTextToText.from_config(config)
+    model.save_pretrained(tmp_path / "checkpoint", max_shard_size=_models.DEFAULT_MAX_SHARD_SIZE)
+    shards = split_checkpoint(tmp_path / "checkpoint", tmp_path / "shards", progress=False)
+    assert ShardDirectory(shards).manifest.architectures == ["MllamaForConditionalGeneration"]
+    text_only = build_meta_model(config)
+    assert type(text_only).__name__ == "MllamaForCausalLM"
+    with pytest.raises(
+        ShardDirError, match="split for MllamaForConditionalGeneration and the model is a MllamaForCausalLM"
+    ):
+        enable_layer_streaming(text_only, shards, device="cpu")
