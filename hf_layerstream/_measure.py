@@ -143,9 +143,10 @@ def _baseline_rss(path: str) -> int:
     import gc
 
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     from . import stream  # noqa: F401
+    from .modeling import model_from_config
 
     if _is_compressed(path):
         from .quant import load_backend
@@ -155,7 +156,7 @@ def _baseline_rss(path: str) -> int:
     try:
         config = AutoConfig.from_pretrained(path)
         with init_empty_weights():
-            model = AutoModelForCausalLM.from_config(config)
+            model = model_from_config(config)
         del model
     except (OSError, ValueError, KeyError):  # the measurement itself will report a broken path
         pass
@@ -176,28 +177,34 @@ def _offload_budget(spec: dict) -> dict:
 
 def _load(spec: dict):
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from .modeling import model_class_for
 
     system = spec["system"]
     dtype = getattr(torch, spec["dtype"]) if spec.get("dtype") else None
     if system == "baseline":
         # the interpreter with torch and transformers imported and the model built on meta: what every system pays
         from accelerate import init_empty_weights
-        from transformers import AutoConfig
+
+        from .modeling import model_from_config
 
         with init_empty_weights():
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(spec["path"]))
+            model = model_from_config(AutoConfig.from_pretrained(spec["path"]))
         return model, []
+    if system in ("in_memory", "accelerate_offload"):
+        # the class the shards are laid out for (a vision-language model's own, not AutoModelForCausalLM's)
+        model_class = model_class_for(AutoConfig.from_pretrained(spec["path"]))
     if system == "in_memory":
         # use_kernels=False: the plain model (transformers 5.25 swaps in hub kernels by default; ours computes with
         # the model's own modules)
-        model = AutoModelForCausalLM.from_pretrained(spec["path"], dtype=dtype or "auto", use_kernels=False)
+        model = model_class.from_pretrained(spec["path"], dtype=dtype or "auto", use_kernels=False)
         if spec.get("device") and torch.device(spec["device"]).type != "cpu":
             model.to(spec["device"])  # the reference runs where ours does
         files = []
     elif system == "accelerate_offload":
         # accelerate's disk offload: the peer we compare against
-        model = AutoModelForCausalLM.from_pretrained(
+        model = model_class.from_pretrained(
             spec["path"],
             dtype=dtype or "auto",
             use_kernels=False,

@@ -133,37 +133,43 @@ def architecture_fingerprint(model: nn.Module, stack: LayerStack) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def model_from_config(config) -> nn.Module:
-    """The model of `config` as its checkpoint names it (`config.architectures`), where transformers has that class
-    as a causal LM or a vision-language model; else `AutoModelForCausalLM.from_config(config)`, and for a config that
-    class does not take (Llava, Qwen2-VL, PaliGemma), `AutoModelForImageTextToText.from_config(config)`. A
-    vision-language model's language model is streamed, and its vision encoder stays with the resident parts.
+def model_class_for(config) -> type:
+    """The class a shard directory of `config` is laid out for, and the model is built as.
 
-    (Some configs map to a text-only class in `AutoModelForCausalLM`: Llama-4's and Llama-3.2-Vision's to
-    `Llama4ForCausalLM` and `MllamaForCausalLM`, which load no vision weights. Their checkpoints name the
-    `...ForConditionalGeneration` class.)"""
+    The class the checkpoint's config names (`architectures`) where transformers has it as the causal LM or the
+    vision-language model of that model type; else `AutoModelForCausalLM`'s class for `config`, else
+    `AutoModelForImageTextToText`'s (Llava, Qwen2-VL, PaliGemma). A vision-language model's language model is
+    streamed, and its vision encoder stays with the resident parts. (For some configs `AutoModelForCausalLM` has a
+    text-only class that loads no vision weights: `MllamaForCausalLM` for Llama-3.2-Vision's, `Llama4ForCausalLM`
+    for Llama-4's; their checkpoints name the `...ForConditionalGeneration` class.)
+
+    Raises:
+        `ValueError`: `config` is neither a causal LM's nor a vision-language model's (e.g. T5's).
+    """
     import transformers
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
-    from transformers.models.auto.modeling_auto import (
-        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    from transformers.models.auto import modeling_auto as auto
+
+    mappings = (auto.MODEL_FOR_CAUSAL_LM_MAPPING, auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING)
+    model_type = getattr(config, "model_type", None)
+    named = (getattr(config, "architectures", None) or [None])[0]
+    known = {
+        auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type),
+        auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.get(model_type),
+    }
+    if named is not None and named in known and hasattr(transformers, named):
+        return getattr(transformers, named)
+    for mapping in mappings:
+        if type(config) in mapping:
+            return mapping[type(config)]
+    raise ValueError(
+        f"{type(config).__name__} ({model_type!r}) is the config of neither a causal LM (`AutoModelForCausalLM`) nor a "
+        "vision-language model (`AutoModelForImageTextToText`): hf_layerstream streams the decoder layers of those."
     )
 
-    named = (getattr(config, "architectures", None) or [None])[0]
-    model_type = getattr(config, "model_type", None)
-    known = {
-        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type),
-        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.get(model_type),
-    }
-    if named is not None and named in known:
-        return getattr(transformers, named)._from_config(config)
-    try:
-        return AutoModelForCausalLM.from_config(config)
-    except ValueError as not_causal_lm:  # "Unrecognized configuration class ..."
-        try:
-            return AutoModelForImageTextToText.from_config(config)
-        except ValueError:
-            raise not_causal_lm from None
+
+def model_from_config(config) -> nn.Module:
+    """`model_class_for(config)` built from `config` (as `AutoModel*.from_config` builds it)."""
+    return model_class_for(config)._from_config(config)
 
 
 def build_skeleton(config, model_class: type | None = None) -> nn.Module:

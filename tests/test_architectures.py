@@ -23,6 +23,7 @@ from hf_layerstream import (
     enable_layer_streaming,
     split_checkpoint,
 )
+from hf_layerstream._measure import _load
 from hf_layerstream.cli import load_streamed_model
 from hf_layerstream.modeling import find_layer_stack
 
@@ -327,6 +328,9 @@ def test_vision_language_models_stream_their_language_model(tmp_path, model_type
     shards = split_checkpoint(tmp_path / "checkpoint", tmp_path / "shards", progress=False)
     for name, text in processor_files.items():  # copied, so `AutoProcessor.from_pretrained(shard_dir)` finds them
         assert (shards / name).read_text() == text
+    # `hf-layerstream bench --checkpoint` loads its in-memory baseline as the same class (text prompts)
+    baseline, _ = _load({"system": "in_memory", "path": str(tmp_path / "checkpoint")})
+    assert type(baseline) is type(model)
 
     ref = AutoModelForImageTextToText.from_pretrained(
         tmp_path / "checkpoint", attn_implementation=_models.ATTN_IMPLEMENTATION, use_kernels=False
@@ -379,3 +383,13 @@ def test_a_text_only_class_of_a_vision_language_checkpoint_is_told_which_class_t
         ShardDirError, match="split for MllamaForConditionalGeneration and the model is a MllamaForCausalLM"
     ):
         enable_layer_streaming(text_only, shards, device="cpu")
+
+
+def test_an_encoder_decoder_checkpoint_is_refused_naming_what_is_streamed(tmp_path):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    config = T5Config(d_model=32, d_ff=64, num_layers=2, num_heads=2, d_kv=16, vocab_size=_models.VOCAB_SIZE)
+    T5ForConditionalGeneration(config).save_pretrained(tmp_path / "t5")
+    with pytest.raises(ValueError, match=r"T5Config \('t5'\) is the config of neither a causal LM"):
+        split_checkpoint(tmp_path / "t5", tmp_path / "shards", progress=False)
+    assert not (tmp_path / "shards" / "manifest.json").exists()
