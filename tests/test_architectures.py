@@ -148,16 +148,11 @@ def _config(model_type: str, **overrides):
     return config
 
 
-@pytest.mark.parametrize("model_type", list(MORE_ARCHITECTURES))
-def test_streamed_decode_steps_equal_the_loaded_model(tmp_path, model_type):
-    ckpt = _models.save_tiny_checkpoint(_config(model_type), tmp_path / "checkpoint")
-    shards = split_checkpoint(ckpt, tmp_path / "shards", progress=False)
-    ref = _models.load_reference(ckpt)
-    streamed = streamed_model(ckpt, shards, max_memory={"cpu": 0}, prefetch=1)
-    inputs = AutoTokenizer.from_pretrained(ckpt)(_models.SAMPLE_PROMPTS[2], return_tensors="pt")
+def _assert_same_decode_steps(ref, streamed, inputs, steps: int = 4) -> tuple[torch.Tensor, ...]:
+    """Greedy `generate` of both: the same tokens, and every step's logits bit for bit. Returns the logits."""
     kw = {
-        "max_new_tokens": 4,
-        "min_new_tokens": 4,
+        "max_new_tokens": steps,
+        "min_new_tokens": steps,
         "do_sample": False,
         "return_dict_in_generate": True,
         "output_logits": True,
@@ -165,9 +160,20 @@ def test_streamed_decode_steps_equal_the_loaded_model(tmp_path, model_type):
     }
     a, b = ref.generate(**inputs, **kw), streamed.generate(**inputs, **kw)
     assert torch.equal(a.sequences, b.sequences)
-    assert len(a.logits) == len(b.logits) == 4
+    assert len(a.logits) == len(b.logits) == steps
     for step, (x, y) in enumerate(zip(a.logits, b.logits)):
         assert torch.equal(x, y), f"step {step}: logits differ by up to {(x - y).abs().max().item():.3g}"
+    return a.logits
+
+
+@pytest.mark.parametrize("model_type", list(MORE_ARCHITECTURES))
+def test_streamed_decode_steps_equal_the_loaded_model(tmp_path, model_type):
+    ckpt = _models.save_tiny_checkpoint(_config(model_type), tmp_path / "checkpoint")
+    shards = split_checkpoint(ckpt, tmp_path / "shards", progress=False)
+    ref = _models.load_reference(ckpt)
+    streamed = streamed_model(ckpt, shards, max_memory={"cpu": 0}, prefetch=1)
+    inputs = AutoTokenizer.from_pretrained(ckpt)(_models.SAMPLE_PROMPTS[2], return_tensors="pt")
+    _assert_same_decode_steps(ref, streamed, inputs)
 
 
 def test_a_stack_of_several_layer_classes_is_found():
@@ -348,23 +354,11 @@ def test_vision_language_models_stream_their_language_model(tmp_path, model_type
     disable_layer_streaming(from_cli)
     stack = find_layer_stack(streamed)
     assert stack.prefix == "model.language_model.layers" and len(stack) == _models.NUM_HIDDEN_LAYERS
-
-    kw = {
-        "max_new_tokens": 4,
-        "min_new_tokens": 4,
-        "do_sample": False,
-        "return_dict_in_generate": True,
-        "output_logits": True,
-        "pad_token_id": _models.PAD_TOKEN_ID,
-    }
-    a, b = ref.generate(**inputs, **kw), streamed.generate(**inputs, **kw)
-    assert torch.equal(a.sequences, b.sequences)
-    for step, (x, y) in enumerate(zip(a.logits, b.logits)):
-        assert torch.equal(x, y), f"step {step}: logits differ by up to {(x - y).abs().max().item():.3g}"
+    first_step = _assert_same_decode_steps(ref, streamed, inputs)[0]
     # the image counts: without it the first step's logits are others
     text_only = {k: v[:, -7:] for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
     with torch.no_grad():
-        assert not torch.equal(streamed(**text_only).logits[:, -1], a.logits[0])
+        assert not torch.equal(streamed(**text_only).logits[:, -1], first_step)
 
 
 def test_a_text_only_class_of_a_vision_language_checkpoint_is_told_which_class_to_build(tmp_path):
