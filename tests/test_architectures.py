@@ -387,3 +387,39 @@ def test_an_encoder_decoder_checkpoint_is_refused_naming_what_is_streamed(tmp_pa
     with pytest.raises(ValueError, match=r"T5Config \('t5'\) is the config of neither a causal LM"):
         split_checkpoint(tmp_path / "t5", tmp_path / "shards", progress=False)
     assert not (tmp_path / "shards" / "manifest.json").exists()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("model_type", ["gpt_oss", "deepseek_v3", "mamba2", "jamba", "llava", "mllama"])
+def test_more_architectures_stream_exactly_on_cuda(tmp_path, model_type):
+    """On the GPU, every layer from pinned host RAM or from disk: the same decode steps as the model loaded there."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    vision = model_type in ("llava", "mllama")
+    if vision:
+        config, inputs = _vision_language(model_type)
+        torch.manual_seed(0)
+        model = AutoModelForImageTextToText.from_config(config)
+        _models.init_random_weights(model)
+        model.save_pretrained(tmp_path / "checkpoint", max_shard_size=_models.DEFAULT_MAX_SHARD_SIZE)
+        ckpt = tmp_path / "checkpoint"
+        ref = AutoModelForImageTextToText.from_pretrained(
+            ckpt, attn_implementation=_models.ATTN_IMPLEMENTATION, use_kernels=False
+        )
+    else:
+        ckpt = _models.save_tiny_checkpoint(_config(model_type), tmp_path / "checkpoint")
+        inputs = AutoTokenizer.from_pretrained(ckpt)(_models.SAMPLE_PROMPTS[2], return_tensors="pt")
+        ref = _models.load_reference(ckpt)
+    ref = ref.to("cuda").eval()
+    inputs = {k: v.to("cuda") for k, v in inputs.items()}
+    shards = split_checkpoint(ckpt, tmp_path / "shards", progress=False)
+    for budget in ({0: 0, "cpu": "1GiB"}, {0: 0, "cpu": 0}):  # host RAM, then disk
+        with init_empty_weights():
+            config = AutoConfig.from_pretrained(shards)
+            streamed = (AutoModelForImageTextToText if vision else AutoModelForCausalLM).from_config(
+                config, attn_implementation=_models.ATTN_IMPLEMENTATION
+            )
+        enable_layer_streaming(streamed, shards, device="cuda", max_memory=budget, prefetch=2)
+        _assert_same_decode_steps(ref, streamed, inputs)
+        disable_layer_streaming(streamed)
