@@ -179,7 +179,7 @@ def _load(spec: dict):
     import torch
     from transformers import AutoConfig
 
-    from .modeling import model_class_for
+    from .modeling import auto_class_for
 
     system = spec["system"]
     dtype = getattr(torch, spec["dtype"]) if spec.get("dtype") else None
@@ -193,8 +193,8 @@ def _load(spec: dict):
             model = model_from_config(AutoConfig.from_pretrained(spec["path"]))
         return model, []
     if system in ("in_memory", "accelerate_offload"):
-        # the class the shards are laid out for (a vision-language model's own, not AutoModelForCausalLM's)
-        model_class = model_class_for(AutoConfig.from_pretrained(spec["path"]))
+        # AutoModelForCausalLM, or AutoModelForImageTextToText for a vision-language model (as the shards were split)
+        model_class = auto_class_for(AutoConfig.from_pretrained(spec["path"]))
     if system == "in_memory":
         # use_kernels=False: the plain model (transformers 5.25 swaps in hub kernels by default; ours computes with
         # the model's own modules)

@@ -133,43 +133,38 @@ def architecture_fingerprint(model: nn.Module, stack: LayerStack) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def model_class_for(config) -> type:
-    """The class a shard directory of `config` is laid out for, and the model is built as.
+def auto_class_for(config) -> type:
+    """The transformers auto class that builds the model of `config`: `AutoModelForCausalLM`, else
+    `AutoModelForImageTextToText` for a vision-language model whose config the first does not take (Llava,
+    Qwen2-VL, PaliGemma). A vision-language model's language model is streamed, and its vision encoder stays with the
+    resident parts.
 
-    The class the checkpoint's config names (`architectures`) where transformers has it as the causal LM or the
-    vision-language model of that model type; else `AutoModelForCausalLM`'s class for `config`, else
-    `AutoModelForImageTextToText`'s (Llava, Qwen2-VL, PaliGemma). A vision-language model's language model is
-    streamed, and its vision encoder stays with the resident parts. (For some configs `AutoModelForCausalLM` has a
-    text-only class that loads no vision weights: `MllamaForCausalLM` for Llama-3.2-Vision's, `Llama4ForCausalLM`
-    for Llama-4's; their checkpoints name the `...ForConditionalGeneration` class.)
+    Where `AutoModelForCausalLM` takes a vision-language config, its (text-only) class is the one, as
+    `AutoModelForCausalLM.from_pretrained` loads it: Llama-4's and Llama-3.2-Vision's checkpoints are split as
+    `Llama4ForCausalLM` and `MllamaForCausalLM`, without their vision weights.
 
     Raises:
         `ValueError`: `config` is neither a causal LM's nor a vision-language model's (e.g. T5's).
     """
-    import transformers
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
     from transformers.models.auto import modeling_auto as auto
 
-    mappings = (auto.MODEL_FOR_CAUSAL_LM_MAPPING, auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING)
-    model_type = getattr(config, "model_type", None)
-    named = (getattr(config, "architectures", None) or [None])[0]
-    known = {
-        auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type),
-        auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.get(model_type),
-    }
-    if named is not None and named in known and hasattr(transformers, named):
-        return getattr(transformers, named)
-    for mapping in mappings:
+    for auto_class, mapping in (
+        (AutoModelForCausalLM, auto.MODEL_FOR_CAUSAL_LM_MAPPING),
+        (AutoModelForImageTextToText, auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING),
+    ):
         if type(config) in mapping:
-            return mapping[type(config)]
+            return auto_class
     raise ValueError(
-        f"{type(config).__name__} ({model_type!r}) is the config of neither a causal LM (`AutoModelForCausalLM`) nor a "
-        "vision-language model (`AutoModelForImageTextToText`): hf_layerstream streams the decoder layers of those."
+        f"{type(config).__name__} ({getattr(config, 'model_type', None)!r}) is the config of neither a causal LM "
+        "(`AutoModelForCausalLM`) nor a vision-language model (`AutoModelForImageTextToText`): hf_layerstream streams "
+        "the decoder layers of those."
     )
 
 
 def model_from_config(config) -> nn.Module:
-    """`model_class_for(config)` built from `config` (as `AutoModel*.from_config` builds it)."""
-    return model_class_for(config)._from_config(config)
+    """The model of `config`, built by `auto_class_for(config).from_config(config)`."""
+    return auto_class_for(config).from_config(config)
 
 
 def build_skeleton(config, model_class: type | None = None) -> nn.Module:

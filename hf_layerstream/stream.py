@@ -84,12 +84,12 @@ def _check_match(model: nn.Module, stack: LayerStack, shards: ShardDirectory) ->
     fix = "Split this model's checkpoint into a new directory with `split_checkpoint` / `hf-layerstream split`."
     split_for = m.architectures[0] if m.architectures else None
     if split_for and split_for != type(model).__name__:
-        # e.g. a vision-language checkpoint built as its text-only class (Llama4ForCausalLM for
-        # Llama4ForConditionalGeneration)
+        # e.g. a Llama-4 checkpoint (split as AutoModelForCausalLM's text-only class) built as the vision-language one
         fix = (
             f"The shard directory was split for {split_for} and the model is a {type(model).__name__}: build the model "
-            f"as {split_for} (a vision-language model with `AutoModelForImageTextToText.from_config(config)`), or "
-            "split this model's checkpoint into a new directory with `split_checkpoint` / `hf-layerstream split`."
+            f"as {split_for} (a vision-language checkpoint that `AutoModelForCausalLM` takes, such as Llama-4's, is "
+            "split as that class, text only), or split this model's checkpoint into a new directory with "
+            "`split_checkpoint` / `hf-layerstream split`."
         )
     if m.num_layers != len(stack):
         raise ShardDirError(

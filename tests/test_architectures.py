@@ -310,12 +310,11 @@ def _vision_language(model_type: str):
     return config, {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), **image}
 
 
-@pytest.mark.parametrize("model_type", ["llava", "qwen2_vl", "gemma3", "paligemma", "mllama"])
+@pytest.mark.parametrize("model_type", ["llava", "qwen2_vl", "gemma3", "paligemma"])
 def test_vision_language_models_stream_their_language_model(tmp_path, model_type):
     """Split from the checkpoint `save_pretrained` wrote, streamed with every layer from disk: the image and the
     prompt give the loaded model's decode steps, bit for bit. (`AutoModelForCausalLM` does not take Llava's,
-    Qwen2-VL's or PaliGemma's config, and makes the text-only `MllamaForCausalLM` of Mllama's; split refused the
-    first three before, and split the fourth without its vision weights.)"""
+    Qwen2-VL's or PaliGemma's config: split refused them before.)"""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForImageTextToText
 
@@ -361,22 +360,62 @@ def test_vision_language_models_stream_their_language_model(tmp_path, model_type
         assert not torch.equal(streamed(**text_only).logits[:, -1], first_step)
 
 
-def test_a_text_only_class_of_a_vision_language_checkpoint_is_told_which_class_to_build(tmp_path):
-    """Llama-3.2-Vision's config builds `MllamaForCausalLM` through `AutoModelForCausalLM`; its shards are laid out
-    for `MllamaForConditionalGeneration` (the checkpoint's class). The mismatch names the class to build."""
-    from transformers import AutoModelForImageTextToText
+def _llama4_config():
+    if "llama4" not in CONFIG_MAPPING:
+        pytest.skip("this transformers has no 'llama4' architecture")
+    vision = {"hidden_size": 32, "intermediate_size": 128, "num_attention_heads": 2, "num_hidden_layers": 2}
+    config = CONFIG_MAPPING["llama4"](
+        text_config={**_TEXT, **_HEAD, "num_local_experts": 4, "num_experts_per_tok": 1, "intermediate_size_mlp": 128},
+        vision_config={
+            **vision,
+            "image_size": 28,
+            "patch_size": 7,
+            "pixel_shuffle_ratio": 0.5,
+            "projector_input_dim": 64,
+            "projector_output_dim": 64,
+            "vision_output_dim": 64,
+        },
+        image_token_index=_IMAGE,
+        boi_token_index=_IMAGE_START,
+        eoi_token_index=_IMAGE_END,
+    )
+    config._attn_implementation = _models.ATTN_IMPLEMENTATION
+    return config
 
-    config, _ = _vision_language("mllama")
+
+@pytest.mark.parametrize("model_type", ["llama4", "mllama"])
+def test_vision_language_checkpoints_auto_model_for_causal_lm_takes_stream_as_text_models(tmp_path, model_type):
+    """Llama-4's and Llama-3.2-Vision's checkpoints (`...ForConditionalGeneration`) are what `AutoModelForCausalLM`
+    loads as its text-only `Llama4ForCausalLM` / `MllamaForCausalLM`: split as that class (without the vision
+    weights), they stream as the README's quick start builds them, bit for bit. Built as the vision-language class,
+    the model is told which class the shards are for."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    config = _llama4_config() if model_type == "llama4" else _vision_language(model_type)[0]
+    torch.manual_seed(0)
     model = AutoModelForImageTextToText.from_config(config)
+    _models.init_random_weights(model)
     model.save_pretrained(tmp_path / "checkpoint", max_shard_size=_models.DEFAULT_MAX_SHARD_SIZE)
     shards = split_checkpoint(tmp_path / "checkpoint", tmp_path / "shards", progress=False)
-    assert ShardDirectory(shards).manifest.architectures == ["MllamaForConditionalGeneration"]
-    text_only = build_meta_model(config)
-    assert type(text_only).__name__ == "MllamaForCausalLM"
-    with pytest.raises(
-        ShardDirError, match="split for MllamaForConditionalGeneration and the model is a MllamaForCausalLM"
-    ):
-        enable_layer_streaming(text_only, shards, device="cpu")
+    text_class = {"llama4": "Llama4ForCausalLM", "mllama": "MllamaForCausalLM"}[model_type]
+    assert ShardDirectory(shards).manifest.architectures == [text_class]
+
+    ref = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "checkpoint", attn_implementation=_models.ATTN_IMPLEMENTATION, use_kernels=False
+    ).eval()
+    with torch.no_grad():
+        for t in [*ref.parameters(), *ref.buffers()]:
+            t.data = t.data.clone()
+    streamed = streamed_model(tmp_path / "checkpoint", shards, max_memory={"cpu": 0})
+    assert type(streamed) is type(ref) and type(ref).__name__ == text_class
+    inputs = {"input_ids": torch.tensor([[_models.BOS_TOKEN_ID, *range(5, 14)]])}
+    _assert_same_decode_steps(ref, streamed, inputs)
+
+    with init_empty_weights():
+        vision_language = AutoModelForImageTextToText.from_config(config)
+    with pytest.raises(ShardDirError, match=f"split for {text_class} and the model is a {type(model).__name__}"):
+        enable_layer_streaming(vision_language, shards, device="cpu")
 
 
 def test_an_encoder_decoder_checkpoint_is_refused_naming_what_is_streamed(tmp_path):
@@ -390,13 +429,13 @@ def test_an_encoder_decoder_checkpoint_is_refused_naming_what_is_streamed(tmp_pa
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("model_type", ["gpt_oss", "deepseek_v3", "mamba2", "jamba", "llava", "mllama"])
+@pytest.mark.parametrize("model_type", ["gpt_oss", "deepseek_v3", "mamba2", "jamba", "llava", "qwen2_vl"])
 def test_more_architectures_stream_exactly_on_cuda(tmp_path, model_type):
     """On the GPU, every layer from pinned host RAM or from disk: the same decode steps as the model loaded there."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
-    vision = model_type in ("llava", "mllama")
+    vision = model_type in ("llava", "qwen2_vl")
     if vision:
         config, inputs = _vision_language(model_type)
         torch.manual_seed(0)
