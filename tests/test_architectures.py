@@ -5,6 +5,10 @@ Among them MoE models with their own expert layouts (gpt-oss, DeepSeek-V3, Llama
 hybrid models (Mamba, Mamba-2, Bamba, Nemotron-H, LFM2, Jamba, whose stack mixes attention and Mamba layer
 classes), and older layouts (MPT, BLOOM, GPT-J). A model whose decoder layers share weights (Zamba2 with several
 hybrid layers) is refused with a `ValueError`.
+
+Vision-language models stream their language model's layers: Llava, Qwen2-VL, Gemma-3 and PaliGemma with an image;
+Llama-4's and Llama-3.2-Vision's checkpoints as the text-only class `AutoModelForCausalLM` builds for them. A T5
+checkpoint is refused.
 """
 
 from __future__ import annotations
