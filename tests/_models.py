@@ -331,9 +331,10 @@ def load_reference(
     dtype: torch.dtype = torch.float32,
     *,
     attn_implementation: str | None = ATTN_IMPLEMENTATION,
+    auto_class: type = AutoModelForCausalLM,
 ) -> PreTrainedModel:
-    """Fully load the checkpoint at ``path`` with ``from_pretrained`` (eval mode, CPU), every weight in memory of
-    its own.
+    """Fully load the checkpoint at ``path`` with ``auto_class.from_pretrained`` (eval mode, CPU), every weight in
+    memory of its own. (``auto_class``: e.g. ``AutoModelForImageTextToText`` for a vision-language model.)
 
     ``config.json`` does not record the attention implementation, so it is passed
     explicitly (eager by default, like :func:`make_config`); ``None`` means the
@@ -353,7 +354,7 @@ def load_reference(
     kwargs: dict[str, Any] = {"dtype": dtype, "use_kernels": False}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model = auto_class.from_pretrained(path, **kwargs)
     with torch.no_grad():
         for t in [*model.parameters(), *model.buffers()]:
             t.data = t.data.clone()

@@ -144,9 +144,13 @@ MORE_ARCHITECTURES: dict[str, dict] = {
 }
 
 
-def _config(model_type: str, **overrides):
+def _skip_unless_known(model_type: str) -> None:
     if model_type not in CONFIG_MAPPING:
         pytest.skip(f"this transformers has no {model_type!r} architecture")
+
+
+def _config(model_type: str, **overrides):
+    _skip_unless_known(model_type)
     config = CONFIG_MAPPING[model_type](**{**_COMMON, **MORE_ARCHITECTURES.get(model_type, {}), **overrides})
     config._attn_implementation = _models.ATTN_IMPLEMENTATION
     return config
@@ -242,8 +246,7 @@ _MROPE = {"rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]}}
 
 def _vision_language(model_type: str):
     """A tiny config of `model_type` and the inputs of one prompt with one image."""
-    if model_type not in CONFIG_MAPPING:
-        pytest.skip(f"this transformers has no {model_type!r} architecture")
+    _skip_unless_known(model_type)
     text = list(range(5, 12))
     if model_type == "llava":
         vision = {**_SIGLIP, "image_size": 28, "patch_size": 14, "model_type": "clip_vision_model"}
@@ -314,6 +317,17 @@ def _vision_language(model_type: str):
     return config, {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), **image}
 
 
+def _save_vision_language(config, path):
+    """The random-weight vision-language model of `config`, saved in several shards at `path`; returns the model."""
+    from transformers import AutoModelForImageTextToText
+
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(config)
+    _models.init_random_weights(model)
+    model.save_pretrained(path, max_shard_size=_models.DEFAULT_MAX_SHARD_SIZE)
+    return model
+
+
 @pytest.mark.parametrize("model_type", ["llava", "qwen2_vl", "gemma3", "paligemma"])
 def test_vision_language_models_stream_their_language_model(tmp_path, model_type):
     """Split from the checkpoint `save_pretrained` wrote, streamed with every layer from disk: the image and the
@@ -323,10 +337,7 @@ def test_vision_language_models_stream_their_language_model(tmp_path, model_type
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     config, inputs = _vision_language(model_type)
-    torch.manual_seed(0)
-    model = AutoModelForImageTextToText.from_config(config)
-    _models.init_random_weights(model)
-    model.save_pretrained(tmp_path / "checkpoint", max_shard_size=_models.DEFAULT_MAX_SHARD_SIZE)
+    model = _save_vision_language(config, tmp_path / "checkpoint")
     # the processor's files (written by hand: image processors need torchvision, which this suite does not install)
     processor_files = {
         "processor_config.json": f'{{"processor_class": "{model_type}", "image_token": "<image>"}}',
@@ -341,12 +352,7 @@ def test_vision_language_models_stream_their_language_model(tmp_path, model_type
     baseline, _ = _load({"system": "in_memory", "path": str(tmp_path / "checkpoint")})
     assert type(baseline) is type(model)
 
-    ref = AutoModelForImageTextToText.from_pretrained(
-        tmp_path / "checkpoint", attn_implementation=_models.ATTN_IMPLEMENTATION, use_kernels=False
-    ).eval()
-    with torch.no_grad():  # weights in memory of their own, as `_models.load_reference` has them
-        for t in [*ref.parameters(), *ref.buffers()]:
-            t.data = t.data.clone()
+    ref = _models.load_reference(tmp_path / "checkpoint", auto_class=AutoModelForImageTextToText)
     with init_empty_weights():
         streamed = AutoModelForImageTextToText.from_config(
             AutoConfig.from_pretrained(shards), attn_implementation=_models.ATTN_IMPLEMENTATION
@@ -365,8 +371,7 @@ def test_vision_language_models_stream_their_language_model(tmp_path, model_type
 
 
 def _llama4_config():
-    if "llama4" not in CONFIG_MAPPING:
-        pytest.skip("this transformers has no 'llama4' architecture")
+    _skip_unless_known("llama4")
     vision = {"hidden_size": 32, "intermediate_size": 128, "num_attention_heads": 2, "num_hidden_layers": 2}
     config = CONFIG_MAPPING["llama4"](
         text_config={**_TEXT, **_HEAD, "num_local_experts": 4, "num_experts_per_tok": 1, "intermediate_size_mlp": 128},
@@ -394,23 +399,15 @@ def test_vision_language_checkpoints_auto_model_for_causal_lm_takes_stream_as_te
     weights), they stream as the README's quick start builds them, bit for bit. Built as the vision-language class,
     the model is told which class the shards are for."""
     from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers import AutoModelForImageTextToText
 
     config = _llama4_config() if model_type == "llama4" else _vision_language(model_type)[0]
-    torch.manual_seed(0)
-    model = AutoModelForImageTextToText.from_config(config)
-    _models.init_random_weights(model)
-    model.save_pretrained(tmp_path / "checkpoint", max_shard_size=_models.DEFAULT_MAX_SHARD_SIZE)
+    model = _save_vision_language(config, tmp_path / "checkpoint")
     shards = split_checkpoint(tmp_path / "checkpoint", tmp_path / "shards", progress=False)
     text_class = {"llama4": "Llama4ForCausalLM", "mllama": "MllamaForCausalLM"}[model_type]
     assert ShardDirectory(shards).manifest.architectures == [text_class]
 
-    ref = AutoModelForCausalLM.from_pretrained(
-        tmp_path / "checkpoint", attn_implementation=_models.ATTN_IMPLEMENTATION, use_kernels=False
-    ).eval()
-    with torch.no_grad():
-        for t in [*ref.parameters(), *ref.buffers()]:
-            t.data = t.data.clone()
+    ref = _models.load_reference(tmp_path / "checkpoint")  # AutoModelForCausalLM's text-only class
     streamed = streamed_model(tmp_path / "checkpoint", shards, max_memory={"cpu": 0})
     assert type(streamed) is type(ref) and type(ref).__name__ == text_class
     inputs = {"input_ids": torch.tensor([[_models.BOS_TOKEN_ID, *range(5, 14)]])}
@@ -442,14 +439,9 @@ def test_more_architectures_stream_exactly_on_cuda(tmp_path, model_type):
     vision = model_type in ("llava", "qwen2_vl")
     if vision:
         config, inputs = _vision_language(model_type)
-        torch.manual_seed(0)
-        model = AutoModelForImageTextToText.from_config(config)
-        _models.init_random_weights(model)
-        model.save_pretrained(tmp_path / "checkpoint", max_shard_size=_models.DEFAULT_MAX_SHARD_SIZE)
         ckpt = tmp_path / "checkpoint"
-        ref = AutoModelForImageTextToText.from_pretrained(
-            ckpt, attn_implementation=_models.ATTN_IMPLEMENTATION, use_kernels=False
-        )
+        _save_vision_language(config, ckpt)
+        ref = _models.load_reference(ckpt, auto_class=AutoModelForImageTextToText)
     else:
         ckpt = _models.save_tiny_checkpoint(_config(model_type), tmp_path / "checkpoint")
         inputs = AutoTokenizer.from_pretrained(ckpt)(_models.SAMPLE_PROMPTS[2], return_tensors="pt")
