@@ -294,7 +294,7 @@ def _cmd_inspect(args) -> int:
 
     from .engine import budget_shortfall, check_device, plan_residency
     from .shard_dir import ShardDirectory
-    from .stream import default_prefetch
+    from .stream import default_prefetch, host_candidates
 
     shards = ShardDirectory(args.shard_dir)
     m = shards.manifest
@@ -315,6 +315,7 @@ def _cmd_inspect(args) -> int:
         max_memory=max_memory,
         prefetch=default_prefetch(device, shards) if args.prefetch is None else args.prefetch,
         keep_in_page_cache=_page_cache(args.page_cache),
+        host_candidates=host_candidates(shards, dtype) if device.type == "cuda" else None,
     )
     ratio = sum(stored) / max(sum(full_bytes), 1)
     info = {

@@ -37,6 +37,7 @@ import threading
 import time
 import weakref
 from collections import defaultdict, deque
+from collections.abc import Collection
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -122,6 +123,13 @@ class ResidencyPlan:
     prefetch: int = 1
     # streamed layers whose file pages are left in the page cache between uses (the others are dropped after use)
     page_cache_layers: list[int] = field(default_factory=list)
+    # resident parts kept in host RAM instead of on a GPU too small for them (`"input_embeddings"`: looked up on the
+    # host; `"output_embeddings"`: copied to the device for each forward pass), and their bytes
+    host_resident: list[str] = field(default_factory=list)
+    host_resident_bytes: int = 0
+    # bytes copied to the device for each forward pass for the host-resident parts (the head's, or the tied
+    # embeddings' a head computes with): held there while the head runs, with `prefetch` layers read ahead
+    host_resident_copied: int = 0
 
     def tier(self, index: int) -> str:
         if index in self._device_set:
@@ -140,10 +148,17 @@ class ResidencyPlan:
 
     def summary(self) -> str:
         gib = 2**30
-        parts = [
-            f"resident parts {self.resident_bytes / gib:.2f} GiB on {self.device}",
-            f"{len(self.device_layers)} layers kept on {self.device}",
-        ]
+        parts = [f"resident parts {self.resident_bytes / gib:.2f} GiB on {self.device}"]
+        if self.host_resident:
+            how = {
+                "input_embeddings": "input embeddings, looked up there",
+                "output_embeddings": "output head, copied to the device for each forward pass",
+            }
+            kept = [how.get(name, name) for name in self.host_resident]
+            if "output_embeddings" not in self.host_resident and self.host_resident_copied:
+                kept.append("the head tied to them copies them to the device for each forward pass")
+            parts.append(f"{self.host_resident_bytes / gib:.2f} GiB kept in host RAM ({'; '.join(kept)})")
+        parts.append(f"{len(self.device_layers)} layers kept on {self.device}")
         if self.device.type != "cpu":
             parts.append(f"{len(self.host_layers)} layers kept in pinned host RAM")
         parts.append(f"{len(self.streamed)} streamed from disk (prefetch {self.prefetch})")
@@ -164,6 +179,9 @@ class ResidencyPlan:
             "budgets": self.budgets,
             "prefetch": self.prefetch,
             "page_cache_layers": self.page_cache_layers,
+            "host_resident": self.host_resident,
+            "host_resident_bytes": self.host_resident_bytes,
+            "host_resident_copied": self.host_resident_copied,
         }
 
 
@@ -221,12 +239,19 @@ def plan_residency(
     prefetch: int = 1,
     reserve: int | None = None,
     keep_in_page_cache: bool | None = None,
+    host_candidates: list[tuple[str, int, int]] | None = None,
 ) -> ResidencyPlan:
     """Turn a memory budget (accelerate's `max_memory` convention) into a static residency plan.
 
     A sweep over all layers defeats an LRU cache, so the plan is static: which layers stay, decided once.
     `dtype_size` (per layer) and `resident_size`: bytes at the dtypes the model computes in (default: as stored,
     dequantized).
+
+    `host_candidates`: resident parts that may live in host RAM instead of on a GPU, in the order to move them, as
+    `(name, bytes, bytes copied to the device for each forward pass)`. They move, one after the other, only while the
+    device budget cannot hold the resident parts, `prefetch + 1` layers and the reserve: a 70B model's embeddings and
+    head (2 GiB each at a 128k vocabulary) do not fit a 4 GiB GPU together with a layer. (Ignored on CPU: the host
+    is the device.)
     """
     if max_memory is not None and not isinstance(max_memory, dict):
         raise TypeError(
@@ -245,6 +270,8 @@ def plan_residency(
         host_budget = int(DEFAULT_HOST_SHARE * available_host_memory())
     budgets["cpu"] = host_budget
     order = list(range(n))
+    host_resident: list[str] = []
+    host_resident_bytes = host_copied = 0
     if device.type == "cpu":
         room = host_budget - resident - working
         fit = _fit(layer_bytes, order, room)
@@ -259,11 +286,20 @@ def plan_residency(
         budgets[str(index)] = dev_budget
         if reserve is None:
             reserve = min(2 * 2**30, dev_budget // 10)  # activations and KV cache
+        for name, size, copied in host_candidates or ():
+            if dev_budget - resident - working - reserve >= 0:
+                break
+            host_resident.append(name)
+            host_resident_bytes += size
+            resident -= size
+            host_copied = max(host_copied, copied)
+            # while the head runs on its copy, the loader holds the next sweep's first `prefetch` layers
+            working = max(working, host_copied + prefetch * biggest)
         room = dev_budget - resident - working - reserve
         device_layers = _spread(order, _fit(layer_bytes, order, room))
         rest = [i for i in order if i not in set(device_layers)]
         # host copies are kept as stored (packed when quantized), dequantized on the device
-        host_room = host_budget - (prefetch + 1) * max(stored, default=0)
+        host_room = host_budget - (prefetch + 1) * max(stored, default=0) - host_resident_bytes
         host_layers = _spread(rest, _fit(stored, rest, host_room))
     kept = set(device_layers) | set(host_layers)
     streamed = [i for i in order if i not in kept]
@@ -272,7 +308,7 @@ def plan_residency(
     if device.type == "cpu":
         host_use = sum(stored[i] for i in kept) + working
     else:
-        host_use = sum(stored[i] for i in host_layers) + (prefetch + 1) * max(stored, default=0)
+        host_use = sum(stored[i] for i in host_layers) + (prefetch + 1) * max(stored, default=0) + host_resident_bytes
     if keep_in_page_cache is None:
         cache_room = int(DEFAULT_PAGE_CACHE_SHARE * available_host_memory()) - host_use
         page_cache_layers = _spread(streamed, _fit(stored, streamed, cache_room))
@@ -289,6 +325,9 @@ def plan_residency(
         budgets,
         prefetch,
         page_cache_layers,
+        host_resident,
+        host_resident_bytes,
+        host_copied,
     )
 
 
@@ -301,13 +340,18 @@ def budget_shortfall(plan: ResidencyPlan, max_memory: dict | None) -> str | None
     biggest = max(plan.layer_bytes, default=0)
     in_flight = min(plan.prefetch, max(len(plan.layer_bytes) - 1, 0)) + 1  # (the loader reads at most n - 1 ahead)
     working = in_flight * biggest
+    what = f"the {in_flight} layers in flight with prefetch={plan.prefetch}"
+    if plan.host_resident_copied + (in_flight - 1) * biggest > working:  # (the head's copy, while it runs)
+        working = plan.host_resident_copied + (in_flight - 1) * biggest
+        what = f"the head's copy and the {in_flight - 1} layers read ahead while it runs"
     need = plan.resident_bytes + working
     if not budget or budget >= need:
         return None
     gib = 2**30
+    where = " on the device" if plan.host_resident else ""
     return (
-        f"max_memory[{key!r}] = {budget / gib:.2f} GiB cannot hold the resident parts ({plan.resident_bytes / gib:.2f} "
-        f"GiB) and the {in_flight} layers in flight with prefetch={plan.prefetch} ({working / gib:.2f} GiB): "
+        f"max_memory[{key!r}] = {budget / gib:.2f} GiB cannot hold the resident parts{where} "
+        f"({plan.resident_bytes / gib:.2f} GiB) and {what} ({working / gib:.2f} GiB): "
         f"every layer is streamed, and peak memory will still reach about {need / gib:.2f} GiB. Each step less of "
         f"`prefetch` saves {biggest / gib:.2f} GiB."
     )
@@ -782,6 +826,11 @@ class LayerLoader:
 
     # -- public API used by the hooks -----------------------------------------------------------------------------
 
+    @property
+    def copy_stream(self):
+        """CUDA: the side stream the loader copies layers to the device on (`None` on CPU)."""
+        return self._copy_stream
+
     def acquire(self, index: int) -> dict[str, torch.Tensor]:
         """Block until layer `index` is on the device; schedule the next streamed layers; return its tensors."""
         if self._closed:
@@ -1102,7 +1151,13 @@ class LayerLoader:
         return {name[len(prefix) :] if name.startswith(prefix) else name: t for name, t in tensors.items()}
 
     def _finish(
-        self, unit: str, raw: dict[str, torch.Tensor], index: int, mapped: bool = False, times: dict | None = None
+        self,
+        unit: str,
+        raw: dict[str, torch.Tensor],
+        index: int,
+        mapped: bool = False,
+        times: dict | None = None,
+        skip: frozenset = frozenset(),
     ) -> dict[str, torch.Tensor]:
         """Stored tensors (host or device) -> logical tensors on the device, at the model's dtypes. `mapped`: `raw`
         views a private map of the file used for this sweep only; packed parts leave the resident set once decoded
@@ -1116,6 +1171,8 @@ class LayerLoader:
         # copies are asynchronous on CUDA: when profiling (only then) wait for each, so the times are real
         sync = torch.cuda.current_stream(self.device).synchronize if (self.is_cuda and self.profile) else _noop
         for name, info in entry.tensors.items():
+            if name in skip:
+                continue
             target = self.target_dtypes.get(name, info.dtype)
             if info.quant is not None:
                 t0 = time.perf_counter()
@@ -1154,22 +1211,16 @@ class LayerLoader:
         quantized one dequantized), read from its file, off the streaming path: what transformers' `save_pretrained`
         asks of an offloaded layer, one tensor at a time (`LayerStreamingHook.weights_map`). Only that tensor's
         bytes are read (the file is mapped), and nothing is kept."""
-        from .quant import dequantize_tensor
-
         unit = layer_unit(index)
         full = self.layer_prefixes[index] + name
-        info = self.shards.unit(unit).tensors.get(full)
-        if info is None:
+        if full not in self.shards.unit(unit).tensors:
             raise KeyError(name)
-        raw = mmap_tensors(self.shards.header(unit))
-        target = self.target_dtypes.get(full, info.dtype)
-        if info.quant is not None:
-            parts = {p: raw[f"{full}::{p}"] for p in info.quant["parts"]}
-            return dequantize_tensor(parts, info.quant, device="cpu", dtype=target)
-        return raw[full].to(target, copy=True)
+        return self._host_value(unit, mmap_tensors(self.shards.header(unit)), full, copy=True)
 
-    def load_resident(self) -> dict[str, torch.Tensor]:
-        """The resident parts (embeddings, final norm, head), at the model's dtypes, on the device."""
+    def load_resident(self, on_host: Collection[str] = (), pinned: Collection[str] = ()) -> dict[str, torch.Tensor]:
+        """The resident parts (embeddings, final norm, head), at the model's dtypes, on the device; those named in
+        `on_host` in host memory instead (views of the file's map where no cast or decoding is needed; a pinned copy
+        on CUDA for those named in `pinned` too, which are copied to the device at each forward pass)."""
         header = self.shards.header(RESIDENT)
         if not self.is_cuda and header.data_offset % DATA_ALIGN:
             logger.warning(
@@ -1180,7 +1231,26 @@ class LayerLoader:
                 DATA_ALIGN,
             )
         raw = mmap_tensors(header)
-        return self._finish(RESIDENT, raw, -1)
+        skip = frozenset(on_host)
+        out = self._finish(RESIDENT, raw, -1, skip=skip)
+        for name in skip:
+            value = self._host_value(RESIDENT, raw, name)
+            if self.is_cuda and name in pinned:
+                value = torch.empty(value.shape, dtype=value.dtype, pin_memory=True).copy_(value)
+            out[name] = value
+        return out
+
+    def _host_value(self, unit: str, raw: dict[str, torch.Tensor], full: str, copy: bool = False) -> torch.Tensor:
+        """Tensor `full` of `unit` in host memory at the model's dtype, from `raw` (views of the file's map): the view
+        itself when it needs no decoding or cast, unless `copy`."""
+        from .quant import dequantize_tensor
+
+        info = self.shards.unit(unit).tensors[full]
+        target = self.target_dtypes.get(full, info.dtype)
+        if info.quant is not None:
+            parts = {p: raw[f"{full}::{p}"] for p in info.quant["parts"]}
+            return dequantize_tensor(parts, info.quant, device="cpu", dtype=target)
+        return raw[full].to(target, copy=copy)
 
     def _read_file(self, header: Header, buf: torch.Tensor, index: int) -> tuple[dict[str, torch.Tensor], str]:
         """Read a layer file into `buf` (laid out as the file) and return views of its tensors.

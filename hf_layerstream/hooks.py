@@ -9,6 +9,7 @@ from collections.abc import Mapping
 
 import torch
 from accelerate.hooks import ModelHook
+from accelerate.utils import send_to_device
 from torch import nn
 
 from .engine import renew_after_fork
@@ -150,3 +151,115 @@ class PassGuard:
 
         self.guarded = guarded
         return guarded
+
+
+class HostResident(torch.Tensor):
+    """What a resident module kept in host RAM holds between forward passes in place of its weight: shape, dtype and
+    the execution device, no storage. `model.device` (its first parameter's device, often the input embeddings') still
+    names the GPU, so inputs go there; any computation with it raises, naming what to do instead (a module's forward
+    pass swaps the real host tensor in, see `HostResidentHook`); `state_dict()` gives the host tensor (see
+    `host_state_dict_hook`)."""
+
+    source: str  # the tensor's name in the shard directory
+
+    @staticmethod
+    def __new__(cls, source: str, shape, dtype: torch.dtype, device: torch.device):
+        t = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=device, requires_grad=False)
+        t.source = source
+        return t
+
+    def __repr__(self, *, tensor_contents=None) -> str:
+        return f"HostResident({self.source!r}, shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device})"
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.detach.default, torch.ops.aten.alias.default):
+            t = args[0]
+            return HostResident(t.source, t.shape, t.dtype, t.device)
+        name = next((a.source for a in args if isinstance(a, HostResident)), "?")
+        raise RuntimeError(
+            f"{name!r} is kept in host RAM by layer streaming (the GPU's `max_memory` could not hold it): its module "
+            f"uses it in its forward pass, but `{func}` on it outside that pass cannot. Read it from "
+            "`model.state_dict()`, or give the GPU more `max_memory`."
+        )
+
+
+class HostResidentHook(ModelHook):
+    """A resident module (the input embeddings, or the output head) whose weights live in host RAM because the GPU's
+    budget could not hold them.
+
+    `on_host=True` (the input embeddings): the forward pass runs on the host, with the host tensors swapped in and the
+    inputs moved there; its output goes to the device (a lookup reads only the rows it needs). `on_host=False` (the
+    head): the host tensors (pinned) are copied to the device for the pass, and the copies dropped after it.
+    """
+
+    def __init__(
+        self,
+        slots: list[tuple[nn.Module, str, bool, torch.Tensor]],
+        device: torch.device,
+        *,
+        on_host: bool,
+        copy_stream=None,
+    ):
+        # (module, attribute, is_parameter, host tensor)
+        self.slots = slots
+        self.device = device
+        self.on_host = on_host
+        # CUDA: the loader's copy stream. The copies are allocated there, from the memory pool the streamed layers'
+        # copies take theirs from, so the head's memory is reused by the next layers' and not cached beside them
+        self.copy_stream = copy_stream
+        self.placeholders = [(m._parameters if p else m._buffers)[a] for m, a, p, _ in slots]
+
+    def init_hook(self, module):
+        return module
+
+    def _copies(self) -> list[torch.Tensor]:
+        if self.copy_stream is None:
+            return [host.to(self.device, non_blocking=True) for _, _, _, host in self.slots]
+        compute = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(self.copy_stream):
+            values = [host.to(self.device, non_blocking=True) for _, _, _, host in self.slots]
+            done = torch.cuda.Event()
+            done.record(self.copy_stream)
+        compute.wait_event(done)
+        for value in values:  # (used on the compute stream: its memory is reused once the compute has passed here)
+            value.record_stream(compute)
+        return values
+
+    def pre_forward(self, module, *args, **kwargs):
+        values = [host for _, _, _, host in self.slots] if self.on_host else self._copies()
+        for (module_, attr, is_param, _), value in zip(self.slots, values):
+            if is_param:
+                module_._parameters[attr] = nn.Parameter(value, requires_grad=False)
+            else:
+                module_._buffers[attr] = value
+        if self.on_host:
+            args, kwargs = send_to_device(args, "cpu"), send_to_device(kwargs, "cpu")
+        return args, kwargs
+
+    def post_forward(self, module, output):
+        self._unload()
+        return send_to_device(output, self.device) if self.on_host else output
+
+    def _unload(self):
+        for (module_, attr, is_param, _), placeholder in zip(self.slots, self.placeholders):
+            (module_._parameters if is_param else module_._buffers)[attr] = placeholder
+
+    def detach_hook(self, module):
+        self._unload()
+        return module
+
+    def __repr__(self) -> str:
+        where = "runs on the host" if self.on_host else f"copied to {self.device} for each pass"
+        return f"HostResidentHook({len(self.slots)} tensors in host RAM, {where})"
+
+
+def host_state_dict_hook(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
+    """`state_dict` post-hook of a module holding `HostResident` placeholders: the host tensors instead (what
+    `save_pretrained` writes)."""
+    hook = getattr(module, "_hf_hook", None)
+    if not isinstance(hook, HostResidentHook):
+        return
+    for module_, attr, _, host in hook.slots:
+        if module_ is module and isinstance(state_dict.get(prefix + attr), HostResident):
+            state_dict[prefix + attr] = host

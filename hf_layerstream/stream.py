@@ -13,7 +13,7 @@ from torch import nn
 
 from .engine import LayerLoader, Profile, ResidencyPlan, budget_shortfall, check_device, plan_residency
 from .errors import ShardDirError
-from .hooks import LayerStreamingHook, PassGuard
+from .hooks import HostResident, HostResidentHook, LayerStreamingHook, PassGuard, host_state_dict_hook
 from .modeling import (
     RESIDENT,
     LayerStack,
@@ -70,6 +70,7 @@ class StreamingState:
     runner: nn.Module | None = None  # the module whose forward runs the decoder layers
     guard: PassGuard | None = None  # wraps its forward: one pass at a time, clean-up after one that raised
     runner_forward: object = None  # the instance attribute `forward` the runner had before, if any
+    host_modules: list = field(default_factory=list)  # resident modules kept in host RAM (`HostResidentHook`)
 
 
 def get_streaming_state(model: nn.Module) -> StreamingState | None:
@@ -154,6 +155,94 @@ def _fold_head_input(module: nn.Module, args: tuple):
     if not _foldable(folded):
         folded = x.clone(memory_format=torch.contiguous_format)
     return (folded, *args[1:])
+
+
+def _target_dtypes(shards: ShardDirectory, dtype: torch.dtype | None) -> dict[str, torch.dtype]:
+    """The dtypes the model will compute in: the stored ones (like dtype="auto"), or `dtype` for floating tensors."""
+    return {
+        name: dtype if (dtype is not None and entry.dtype.is_floating_point) else entry.dtype
+        for unit in shards.manifest.units.values()
+        for name, entry in unit.tensors.items()
+    }
+
+
+def host_candidates(shards: ShardDirectory, dtype: torch.dtype | None = None) -> list[tuple[str, int, int]]:
+    """The resident parts a GPU plan may keep in host RAM (`plan_residency`'s `host_candidates`), as
+    `enable_layer_streaming` finds them, from the model the shard directory's config builds (without weights): what
+    `hf-layerstream inspect` plans with."""
+    from transformers import AutoConfig
+
+    from .modeling import build_skeleton
+
+    model = build_skeleton(AutoConfig.from_pretrained(shards.path))
+    parts = _host_parts(model, require_layer_stack(model), shards, _target_dtypes(shards, dtype))
+    return [(p.name, p.size, p.copied) for p in parts]
+
+
+@dataclass
+class _HostPart:
+    """A resident module that may be kept in host RAM (see `plan_residency`'s `host_candidates`)."""
+
+    name: str  # "input_embeddings" or "output_embeddings"
+    module: nn.Module
+    module_name: str
+    tensors: list[str]  # its parameters' full names in the resident unit
+    size: int  # their bytes at the model's dtypes
+    copied: int  # bytes copied to the device for each forward pass when it is kept in host RAM
+
+
+def _host_parts(model: nn.Module, stack: LayerStack, shards: ShardDirectory, target_dtypes: dict) -> list[_HostPart]:
+    """The input embeddings, then the output head (unless tied to them: then the embeddings' host tensor serves the
+    head too, copied to the device for each pass), where they are modules of their own with parameters in the
+    resident unit."""
+    names = {id(m): n for n, m in model.named_modules()}
+    unit = shards.unit(RESIDENT).tensors
+    tied = tied_targets(model)
+    parts: list[_HostPart] = []
+    for kind, getter in (("input_embeddings", "get_input_embeddings"), ("output_embeddings", "get_output_embeddings")):
+        try:
+            module = getattr(model, getter)() if hasattr(model, getter) else None
+        except (NotImplementedError, AttributeError):
+            module = None
+        if not isinstance(module, nn.Module) or id(module) not in names:
+            continue
+        prefix = names[id(module)] + "." if names[id(module)] else ""
+        own = [prefix + n for n, _ in module.named_parameters()]
+        tensors = [n for n in own if n in unit and stack.unit_of(n) == RESIDENT]
+        size = sum(unit[n].numel * target_dtypes.get(n, unit[n].dtype).itemsize for n in tensors)
+        if kind == "output_embeddings":
+            if parts and any(tied.get(n) in parts[0].tensors for n in own):  # tied to the embeddings
+                embeddings = parts[0]
+                sources = [tied[n] for n in own if tied.get(n) in embeddings.tensors]
+                embeddings.copied = sum(unit[n].numel * target_dtypes.get(n, unit[n].dtype).itemsize for n in sources)
+            if not tensors:
+                continue
+            parts.append(_HostPart(kind, module, names[id(module)], tensors, size, size))
+        elif tensors:
+            parts.append(_HostPart(kind, module, names[id(module)], tensors, size, 0))
+    return parts
+
+
+def _keep_on_host(model: nn.Module, parts: list[_HostPart], values: dict, loader: LayerLoader, handles: list):
+    """Hook the resident modules the plan keeps in host RAM (after `tie_weights`: a tied head holds the embeddings'
+    placeholder and is hooked too, copying the host tensor to the device)."""
+    host = {n: values[n] for part in parts for n in part.tensors}
+    device, copy_stream = loader.device, loader.copy_stream
+    hooked = []
+    for module in model.modules():
+        slots = []
+        for attr, p in module._parameters.items():
+            if isinstance(p, HostResident):
+                slots.append((module, attr, True, host[p.source]))
+        if not slots:
+            continue
+        on_host = any(module is part.module and part.name == "input_embeddings" for part in parts)
+        if on_host:  # buffers go to the host for the pass too (Gemma's `embed_scale` is multiplied in there)
+            slots += [(module, attr, False, b.to("cpu")) for attr, b in module._buffers.items() if b is not None]
+        add_hook_to_module(module, HostResidentHook(slots, device, on_host=on_host, copy_stream=copy_stream))
+        handles.append(module.register_state_dict_post_hook(host_state_dict_hook))
+        hooked.append(module)
+    return hooked
 
 
 def enable_layer_streaming(
@@ -263,11 +352,7 @@ def enable_layer_streaming(
             loaded,
         )
 
-    # dtypes the model will compute in: the stored ones (like dtype="auto"), or `dtype` for floating tensors
-    target_dtypes = {}
-    for unit in shards.manifest.units.values():
-        for name, entry in unit.tensors.items():
-            target_dtypes[name] = dtype if (dtype is not None and entry.dtype.is_floating_point) else entry.dtype
+    target_dtypes = _target_dtypes(shards, dtype)
 
     originals: list[tuple[nn.Module, str, bool, object]] = []
     for module in model.modules():
@@ -278,6 +363,7 @@ def enable_layer_streaming(
 
     layer_prefixes = [stack.layer_prefix(i) for i in range(len(stack))]
     layer_sizes = {i: shards.unit(layer_unit(i)).nbytes_as(target_dtypes) for i in range(len(stack))}
+    host_parts = _host_parts(model, stack, shards, target_dtypes)
     plan = plan_residency(
         shards,
         device,
@@ -286,11 +372,14 @@ def enable_layer_streaming(
         max_memory=max_memory,
         prefetch=prefetch,
         keep_in_page_cache=keep_in_page_cache,
+        host_candidates=[(p.name, p.size, p.copied) for p in host_parts],
     )
+    host_parts = [p for p in host_parts if p.name in plan.host_resident]
     shortfall = budget_shortfall(plan, max_memory)
     if shortfall is not None:
         logger.warning(shortfall)
     prof = Profile() if profile else None
+    handles: list = []
     loader = LayerLoader(
         shards,
         device,
@@ -304,8 +393,13 @@ def enable_layer_streaming(
         repair_meta_buffers(model)
         # resident parts on the device, then re-tie (GPT-2's lm_head <- wte), as from_pretrained does
         params = dict(model.named_parameters(remove_duplicate=False))
-        for name, value in loader.load_resident().items():
+        on_host = {n for p in host_parts for n in p.tensors}
+        copied = {n for p in host_parts if p.copied for n in p.tensors}
+        resident = loader.load_resident(on_host=on_host, pinned=copied)
+        for name, value in resident.items():
             module, attr = get_submodule_attr(model, name)
+            if name in on_host:
+                value = HostResident(name, value.shape, value.dtype, device)
             _set_tensor(module, attr, value, name in params)
         if tied_targets(model) or getattr(model.config, "tie_word_embeddings", False):
             model.tie_weights()
@@ -316,6 +410,7 @@ def enable_layer_streaming(
         for name, p in model.named_parameters():
             if p.is_meta and stack.unit_of(name) == RESIDENT:
                 raise ShardDirError(f"`shard_dir` {shards.path} provides no value for the model's {name!r}.")
+        host_modules = _keep_on_host(model, host_parts, resident, loader, handles) if host_parts else []
 
         hooks = []
         for i, layer in enumerate(stack.layers):
@@ -330,13 +425,17 @@ def enable_layer_streaming(
             hooks.append(hook)
     except BaseException:
         loader.close()
+        for handle in handles:
+            handle.remove()
+        for module in model.modules():
+            if isinstance(getattr(module, "_hf_hook", None), (LayerStreamingHook, HostResidentHook)):
+                remove_hook_from_module(module)
         _restore(model, originals)
-        for layer in stack.layers:
-            if hasattr(layer, "_hf_hook"):
-                remove_hook_from_module(layer)
         raise
 
     state = StreamingState(shards, device, stack, plan, loader, prof, hooks, originals)
+    state.handles += handles
+    state.host_modules = host_modules
     # the module whose forward runs the layers: its forward is wrapped (see `PassGuard`)
     state.runner = model.get_submodule(stack.prefix.rpartition(".")[0])
     state.guard = PassGuard(hooks, loader)
@@ -355,6 +454,7 @@ def enable_layer_streaming(
     # (layers kept in host RAM for a GPU are "cpu", as accelerate names CPU offload: that vetoes compiling too)
     device_map.update({f"{stack.prefix}.{i}": "cpu" for i in plan.host_layers})
     device_map.update({f"{stack.prefix}.{i}": "disk" for i in plan.streamed})
+    device_map.update({p.module_name: "cpu" for p in host_parts})
     model.hf_device_map = device_map
     setattr(model, _STATE_ATTR, state)
     if prof is not None:
@@ -468,6 +568,9 @@ def _disable(model: nn.Module, state: StreamingState) -> None:
     for layer in state.stack.layers:
         if isinstance(getattr(layer, "_hf_hook", None), LayerStreamingHook):
             remove_hook_from_module(layer)
+    for module in state.host_modules:
+        if isinstance(getattr(module, "_hf_hook", None), HostResidentHook):
+            remove_hook_from_module(module)
     for handle in state.handles:
         handle.remove()
     state.loader.close()

@@ -1,0 +1,263 @@
+"""Resident parts kept in host RAM: a GPU too small for the embeddings and head (a 70B model's are 2 GiB each at a
+128k vocabulary) still runs the model, exactly.
+
+The plan moves them (tested here with CUDA budgets; planning needs no GPU). The mechanism is the same on every device:
+on CPU the tests force the plan, and the hooks, placeholders, `state_dict` and `save_pretrained` are checked against
+the fully loaded model; the `cuda` test runs it where the copies are real.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import _models
+import pytest
+import torch
+from conftest import build_meta_model, streamed_model
+from transformers import AutoConfig, AutoTokenizer
+
+from hf_layerstream import ShardDirectory, disable_layer_streaming, enable_layer_streaming, get_streaming_state
+from hf_layerstream.engine import budget_shortfall, plan_residency
+from hf_layerstream.hooks import HostResident, HostResidentHook
+from hf_layerstream.stream import host_candidates
+
+GEN = {"max_new_tokens": 6, "do_sample": False}
+CUDA0 = torch.device("cuda", 0)
+
+
+def _layer_and_resident(shards):
+    m = ShardDirectory(shards)
+    return m, m.unit("layers.0").logical_nbytes, m.unit("resident").logical_nbytes
+
+
+def _nbytes(shards, *names):
+    unit = ShardDirectory(shards).unit("resident").tensors
+    return sum(unit[n].numel * unit[n].dtype.itemsize for n in names)
+
+
+# --- which parts, and when ------------------------------------------------------------------------------------------
+
+
+def test_candidates_are_the_embeddings_then_the_head(checkpoints):
+    """Untied (Llama): the embeddings (nothing copied: looked up on the host), then the head (copied for each pass).
+    Tied (GPT-2): the embeddings only, whose host tensor the head copies for each pass."""
+    _, llama = checkpoints("llama")
+    embeddings, head = _nbytes(llama, "model.embed_tokens.weight"), _nbytes(llama, "lm_head.weight")
+    assert host_candidates(ShardDirectory(llama)) == [
+        ("input_embeddings", embeddings, 0),
+        ("output_embeddings", head, head),
+    ]
+    # at another compute dtype, the sizes are at that dtype
+    assert host_candidates(ShardDirectory(llama), torch.bfloat16)[1] == ("output_embeddings", head // 2, head // 2)
+    _, gpt2 = checkpoints("gpt2")
+    wte = _nbytes(gpt2, "transformer.wte.weight")
+    assert host_candidates(ShardDirectory(gpt2)) == [("input_embeddings", wte, wte)]
+
+
+def test_plan_moves_the_embeddings_then_the_head_only_while_the_gpu_budget_is_short(checkpoints):
+    _, shards = checkpoints("llama")
+    m, layer, resident = _layer_and_resident(shards)
+    candidates = host_candidates(m)
+    (_, embeddings, _), (_, head, _) = candidates
+    host = {"cpu": "1GiB"}
+
+    def plan(device_budget, **kw):
+        return plan_residency(
+            m, CUDA0, max_memory={0: device_budget, **host}, prefetch=1, reserve=0, host_candidates=candidates, **kw
+        )
+
+    fits = plan(resident + 2 * layer)  # resident parts and prefetch + 1 layers: nothing moves
+    assert fits.host_resident == [] and fits.resident_bytes == resident and fits.host_resident_bytes == 0
+    short = plan(resident + 2 * layer - 1)  # the embeddings move first: they cost nothing per pass
+    assert short.host_resident == ["input_embeddings"]
+    assert (short.resident_bytes, short.host_resident_bytes, short.host_resident_copied) == (
+        resident - embeddings,
+        embeddings,
+        0,
+    )
+    shorter = plan(resident - embeddings + 2 * layer - 1)  # then the head, copied for each pass
+    assert shorter.host_resident == ["input_embeddings", "output_embeddings"]
+    assert shorter.resident_bytes == resident - embeddings - head and shorter.host_resident_copied == head
+    assert "input embeddings, looked up there" in shorter.summary()
+    assert "output head, copied to the device for each forward pass" in shorter.summary()
+    assert shorter.to_dict()["host_resident"] == ["input_embeddings", "output_embeddings"]
+    for p in (fits, short, shorter):  # each budget holds what its plan keeps on the device
+        assert budget_shortfall(p, {0: p.budgets["0"]}) is None
+        assert p.device_layers == [] and p.host_layers == list(range(m.num_layers))  # (the host budget holds them)
+    # what stays in host RAM comes off the host's budget for layers kept there
+    roomy = plan(resident - embeddings + 2 * layer - 1, keep_in_page_cache=False)
+    assert roomy.host_layers and roomy.host_resident_bytes
+    tight_host = {0: resident - embeddings + 2 * layer - 1, "cpu": 2 * layer + len(roomy.host_layers) * layer}
+    fewer = plan_residency(m, CUDA0, max_memory=tight_host, prefetch=1, reserve=0, host_candidates=candidates)
+    assert len(fewer.host_layers) < len(roomy.host_layers)
+    # on CPU the host is the device: nothing to move
+    on_cpu = plan_residency(m, torch.device("cpu"), max_memory={"cpu": 0}, prefetch=1, host_candidates=candidates)
+    assert on_cpu.host_resident == []
+
+
+def test_a_head_copy_larger_than_a_layer_is_planned_for():
+    """The head's copy is on the device with the `prefetch` layers read ahead for the next pass: a head larger than
+    a layer (a 70B model's, 2.1 GB against 1.7 GB) is what the device must hold then, and the plan and the warning
+    count it."""
+    from types import SimpleNamespace
+
+    layer, head, resident = 1000, 3000, 5000
+    units = {"resident": SimpleNamespace(logical_nbytes=resident, size=resident)}
+    units |= {f"layers.{i}": SimpleNamespace(logical_nbytes=layer, size=layer) for i in range(4)}
+    shards = SimpleNamespace(num_layers=4, unit=units.__getitem__)
+    candidates = [("input_embeddings", head, 0), ("output_embeddings", head, head)]
+    enough = resident - 2 * head + head + layer  # the head's copy and one layer read ahead (prefetch 1)
+    plan = plan_residency(
+        shards, CUDA0, max_memory={0: enough, "cpu": 0}, prefetch=1, reserve=0, host_candidates=candidates
+    )
+    assert plan.host_resident == ["input_embeddings", "output_embeddings"]
+    assert budget_shortfall(plan, {0: enough}) is None
+    warning = budget_shortfall(plan, {0: enough - 1})
+    assert warning is not None and "the head's copy and the 1 layers read ahead while it runs" in warning
+    assert "resident parts on the device" in warning
+
+
+# --- the mechanism, exact -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def force_host_resident(monkeypatch):
+    """Plans that keep every candidate in host RAM (what a small GPU's budget gives), on any device."""
+    import hf_layerstream.stream as stream
+
+    plan = stream.plan_residency
+
+    def forced(*args, host_candidates=None, **kwargs):
+        p = plan(*args, host_candidates=host_candidates, **kwargs)
+        return dataclasses.replace(
+            p,
+            host_resident=[name for name, _, _ in host_candidates],
+            host_resident_bytes=sum(size for _, size, _ in host_candidates),
+            host_resident_copied=max((copied for _, _, copied in host_candidates), default=0),
+        )
+
+    monkeypatch.setattr(stream, "plan_residency", forced)
+
+
+@pytest.mark.parametrize(
+    "arch, embeddings, head",
+    [
+        ("llama", "model.embed_tokens", "lm_head"),
+        ("gemma", "model.embed_tokens", None),  # tied head; `embed_scale` buffer multiplied in the embeddings' pass
+        ("gpt2", "transformer.wte", None),  # tied head
+    ],
+)
+def test_host_resident_parts_stream_exactly(checkpoints, force_host_resident, tmp_path, arch, embeddings, head):
+    ckpt, shards = checkpoints(arch)
+    ref = _models.load_reference(ckpt)
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    inputs = tok(_models.SAMPLE_PROMPTS[2], return_tensors="pt")
+    model = streamed_model(ckpt, shards, max_memory={"cpu": 0}, prefetch=1)
+    state = get_streaming_state(model)
+    assert "kept in host RAM" in state.plan.summary()
+    emb = model.get_input_embeddings()
+    # between passes: a placeholder with the shape, dtype and device of the weight, and no storage
+    weight = emb.weight
+    assert isinstance(weight, HostResident) and weight.device == state.device and model.device == state.device
+    assert weight.shape == ref.get_input_embeddings().weight.shape and model.dtype == torch.float32
+    with pytest.raises(RuntimeError, match=rf"'{embeddings}.weight' is kept in host RAM by layer streaming"):
+        weight.sum()
+    assert isinstance(emb._hf_hook, HostResidentHook) and emb._hf_hook.on_host
+    out_head = model.get_output_embeddings()
+    assert isinstance(out_head._hf_hook, HostResidentHook) and not out_head._hf_hook.on_host
+    assert (out_head.weight is weight) == (head is None)  # a tied head shares the placeholder
+    assert model.hf_device_map[embeddings] == "cpu" and model.hf_device_map.get(head, "cpu") == "cpu"
+
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, ref(**inputs).logits)
+    kw = {**GEN, "pad_token_id": tok.pad_token_id}
+    assert torch.equal(model.generate(**inputs, **kw), ref.generate(**inputs, **kw))
+    assert isinstance(emb.weight, HostResident)  # put back after each pass
+
+    # state_dict gives the weights themselves; save_pretrained writes a checkpoint that loads as the original
+    expected = ref.state_dict()
+    got = model.state_dict()
+    for name in (f"{embeddings}.weight", f"{head or embeddings}.weight"):
+        assert type(got[name]) is torch.Tensor and torch.equal(got[name], expected[name]), name
+    model.save_pretrained(tmp_path / "saved")
+    again = _models.load_reference(tmp_path / "saved")
+    with torch.no_grad():
+        assert torch.equal(again(**inputs).logits, ref(**inputs).logits)
+
+    disable_layer_streaming(model)
+    assert emb.weight.is_meta and not hasattr(emb, "_hf_hook") and not hasattr(out_head, "_hf_hook")
+    assert not emb._state_dict_hooks and not out_head._state_dict_hooks
+    assert all(not isinstance(t, HostResident) for t in model.state_dict().values())
+
+
+def test_failed_enable_leaves_no_host_hooks(checkpoints, force_host_resident, monkeypatch):
+    """A failure after the host parts were hooked undoes them with the rest: the model can be streamed again."""
+    import hf_layerstream.stream as stream
+
+    ckpt, shards = checkpoints("llama")
+    model = build_meta_model(AutoConfig.from_pretrained(ckpt))
+    with monkeypatch.context() as patch:
+        patch.setattr(stream, "add_hook_to_module", _fail_on_layers(stream.add_hook_to_module))
+        with pytest.raises(RuntimeError, match="injected"):
+            enable_layer_streaming(model, shards, device="cpu", max_memory={"cpu": 0})
+    assert all(not hasattr(m, "_hf_hook") for m in model.modules())
+    assert model.get_input_embeddings().weight.is_meta
+    assert not model.get_input_embeddings()._state_dict_hooks
+    enable_layer_streaming(model, shards, device="cpu", max_memory={"cpu": 0})
+    assert isinstance(model.get_input_embeddings().weight, HostResident)
+    ref = _models.load_reference(ckpt)
+    ids = torch.tensor([[1, 5, 9, 22]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)
+
+
+def _fail_on_layers(add_hook):
+    from hf_layerstream.hooks import LayerStreamingHook
+
+    def add(module, hook, *args, **kwargs):
+        if isinstance(hook, LayerStreamingHook) and hook.index == 1:
+            raise RuntimeError("injected")
+        return add_hook(module, hook, *args, **kwargs)
+
+    return add
+
+
+def test_inspect_shows_the_host_resident_parts(checkpoints, capsys, monkeypatch):
+    """`hf-layerstream inspect` plans as `enable_layer_streaming` does, the host parts included (a CUDA device is
+    planned for without one: `check_device` is the only part that needs it)."""
+    import hf_layerstream.engine as engine
+    from hf_layerstream.cli import main
+
+    _, shards = checkpoints("llama")
+    m, layer, resident = _layer_and_resident(shards)
+    monkeypatch.setattr(engine, "check_device", lambda device: CUDA0)
+    budget = resident + 3 * layer - 1  # prefetch 2 (the default), less a tenth for activations: short
+    argv = ["inspect", str(shards), "--json", "--device", "cuda", "--max-memory", f"0={budget}", "--prefetch", "2"]
+    assert main(argv) == 0
+    plan = json.loads(capsys.readouterr().out)["plan"]
+    assert plan["host_resident"][0] == "input_embeddings"
+    assert plan["resident_bytes"] == resident - plan["host_resident_bytes"]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("arch", ["llama", "gemma"])
+def test_host_resident_parts_on_cuda(checkpoints, arch):
+    """A GPU budget too small for the embeddings and head: they stay in host RAM (the head, or the tied embeddings,
+    copied for each pass) and the output is the model's on the GPU, bit for bit."""
+    ckpt, shards = checkpoints(arch)
+    m, layer, resident = _layer_and_resident(shards)
+    ref = _models.load_reference(ckpt).to("cuda")
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    inputs = tok(_models.SAMPLE_PROMPTS[1], return_tensors="pt").to("cuda")
+    model = build_meta_model(AutoConfig.from_pretrained(ckpt))
+    enable_layer_streaming(model, shards, device="cuda", max_memory={0: resident + 2 * layer, "cpu": 0}, prefetch=1)
+    state = get_streaming_state(model)
+    assert state.plan.host_resident and model.device == torch.device("cuda", torch.cuda.current_device())
+    kw = {**GEN, "pad_token_id": tok.pad_token_id}
+    assert torch.equal(model.generate(**inputs, **kw), ref.generate(**inputs, **kw))
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, ref(**inputs).logits)
+    head = model.get_output_embeddings()._hf_hook
+    assert all(host.is_pinned() for _, _, _, host in head.slots)
+    disable_layer_streaming(model)
