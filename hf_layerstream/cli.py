@@ -292,7 +292,7 @@ def _cmd_demo(args) -> int:
 def _cmd_inspect(args) -> int:
     import torch
 
-    from .engine import budget_shortfall, check_device, plan_residency
+    from .engine import budget_shortfall, check_device, fit_prefetch, plan_residency
     from .shard_dir import ShardDirectory
     from .stream import default_prefetch, host_candidates
 
@@ -307,15 +307,23 @@ def _cmd_inspect(args) -> int:
     if dtype is not None:
         layer_sizes = {i: full_bytes[i] for i in range(m.num_layers)}
     max_memory = _max_memory(args.max_memory)
-    plan = plan_residency(
-        shards,
-        device,
-        dtype_size=layer_sizes,
-        resident_size=shards.unit("resident").nbytes_as(dtype) if dtype is not None else None,
-        max_memory=max_memory,
-        prefetch=default_prefetch(device, shards) if args.prefetch is None else args.prefetch,
-        keep_in_page_cache=_page_cache(args.page_cache),
-        host_candidates=host_candidates(shards, dtype) if device.type == "cuda" else None,
+    candidates = host_candidates(shards, dtype) if device.type == "cuda" else None
+
+    def plan_for(prefetch: int):
+        return plan_residency(
+            shards,
+            device,
+            dtype_size=layer_sizes,
+            resident_size=shards.unit("resident").nbytes_as(dtype) if dtype is not None else None,
+            max_memory=max_memory,
+            prefetch=prefetch,
+            keep_in_page_cache=_page_cache(args.page_cache),
+            host_candidates=candidates,
+        )
+
+    # (as `enable_layer_streaming` plans: the default prefetch lowered until a GPU's budget holds it)
+    plan = (
+        fit_prefetch(plan_for, default_prefetch(device, shards)) if args.prefetch is None else plan_for(args.prefetch)
     )
     ratio = sum(stored) / max(sum(full_bytes), 1)
     info = {

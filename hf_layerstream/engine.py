@@ -37,7 +37,7 @@ import threading
 import time
 import weakref
 from collections import defaultdict, deque
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -331,12 +331,10 @@ def plan_residency(
     )
 
 
-def budget_shortfall(plan: ResidencyPlan, max_memory: dict | None) -> str | None:
-    """A warning where the caller's `max_memory` for the execution device cannot hold even the least the plan needs:
-    the resident parts plus `prefetch + 1` layers in flight (every layer is then streamed, and the peak still reaches
-    that). `None` otherwise, and for a budget of 0, the usual way to ask for every layer streamed."""
-    key = _device_key(plan.device)
-    budget = _max_memory_for(max_memory, key)
+def _least_need(plan: ResidencyPlan) -> tuple[int, int, str]:
+    """The least the plan needs on the execution device, whatever it keeps there: the resident parts plus the layers in
+    flight (or the head's copy, when kept in host RAM, with the layers read ahead while it runs, if more); as
+    `(bytes, bytes of the working set, what the working set is)`."""
     biggest = max(plan.layer_bytes, default=0)
     in_flight = min(plan.prefetch, max(len(plan.layer_bytes) - 1, 0)) + 1  # (the loader reads at most n - 1 ahead)
     working = in_flight * biggest
@@ -344,16 +342,46 @@ def budget_shortfall(plan: ResidencyPlan, max_memory: dict | None) -> str | None
     if plan.host_resident_copied + (in_flight - 1) * biggest > working:  # (the head's copy, while it runs)
         working = plan.host_resident_copied + (in_flight - 1) * biggest
         what = f"the head's copy and the {in_flight - 1} layers read ahead while it runs"
-    need = plan.resident_bytes + working
+    return plan.resident_bytes + working, working, what
+
+
+def fit_prefetch(plan_for: Callable[[int], ResidencyPlan], prefetch: int) -> ResidencyPlan:
+    """`plan_for(prefetch)`, or on CUDA, where that plan's device budget cannot hold the least it needs there (the
+    resident parts and the layers in flight, see `budget_shortfall`), the plan of the largest smaller `prefetch` whose
+    budget can, else of 0. For the default `prefetch` only, which is a choice for speed: on a small GPU fitting comes
+    first (a 70B model's 1.7 GB layers on a 4 GiB GPU fit one at a time). A budget of 0 asks for nothing on the device
+    and changes nothing."""
+    plan = plan_for(prefetch)
+    if plan.device.type == "cpu":
+        return plan
+    budget = plan.budgets.get(str(_device_key(plan.device)))
+    while budget and plan.prefetch > 0 and _least_need(plan)[0] > budget:
+        plan = plan_for(plan.prefetch - 1)
+    return plan
+
+
+def budget_shortfall(plan: ResidencyPlan, max_memory: dict | None) -> str | None:
+    """A warning where the caller's `max_memory` for the execution device cannot hold even the least the plan needs:
+    the resident parts plus `prefetch + 1` layers in flight (every layer is then streamed, and the peak still reaches
+    that). `None` otherwise, and for a budget of 0, the usual way to ask for every layer streamed. On a GPU with no
+    `max_memory` for it, the default budget (a share of its free memory) is checked the same way."""
+    key = _device_key(plan.device)
+    budget = _max_memory_for(max_memory, key)
+    gib = 2**30
+    name = f"max_memory[{key!r}] = {(budget or 0) / gib:.2f} GiB"
+    if budget is None and plan.device.type != "cpu":
+        budget = plan.budgets.get(str(key))
+        name = f"The default budget of {plan.device} ({DEFAULT_DEVICE_SHARE:.0%} of its free memory, {budget / gib:.2f} GiB)"
+    biggest = max(plan.layer_bytes, default=0)
+    need, working, what = _least_need(plan)
     if not budget or budget >= need:
         return None
-    gib = 2**30
     where = " on the device" if plan.host_resident else ""
+    less = f" Each step less of `prefetch` saves {biggest / gib:.2f} GiB." if plan.prefetch else ""
     return (
-        f"max_memory[{key!r}] = {budget / gib:.2f} GiB cannot hold the resident parts{where} "
-        f"({plan.resident_bytes / gib:.2f} GiB) and {what} ({working / gib:.2f} GiB): "
-        f"every layer is streamed, and peak memory will still reach about {need / gib:.2f} GiB. Each step less of "
-        f"`prefetch` saves {biggest / gib:.2f} GiB."
+        f"{name} cannot hold the resident parts{where} ({plan.resident_bytes / gib:.2f} GiB) and {what} "
+        f"({working / gib:.2f} GiB): every layer is streamed, and peak memory will still reach about "
+        f"{need / gib:.2f} GiB.{less}"
     )
 
 

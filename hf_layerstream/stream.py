@@ -11,7 +11,15 @@ import torch
 from accelerate.hooks import add_hook_to_module, remove_hook_from_module
 from torch import nn
 
-from .engine import LayerLoader, Profile, ResidencyPlan, budget_shortfall, check_device, plan_residency
+from .engine import (
+    LayerLoader,
+    Profile,
+    ResidencyPlan,
+    budget_shortfall,
+    check_device,
+    fit_prefetch,
+    plan_residency,
+)
 from .errors import ShardDirError
 from .hooks import HostResident, HostResidentHook, LayerStreamingHook, PassGuard, host_state_dict_hook
 from .modeling import (
@@ -280,11 +288,14 @@ def enable_layer_streaming(
             (half of MemAvailable on the host, 80% of free device memory). On CPU every layer that fits is kept
             (as a zero-copy file map), which is what makes decoding from a warm page cache run at in-memory speed.
             Keys as accelerate takes them: GPU indices, `"cpu"`, `"disk"` (ignored: the shards are the disk);
-            any other key, or a value that is not a size, raises `ValueError`.
+            any other key, or a value that is not a size, raises `ValueError`. A GPU budget that cannot hold the
+            resident parts with the layers in flight keeps the input embeddings, then the output head, in host RAM
+            (looked up there; copied to the GPU for each pass), with placeholders on the GPU between passes.
         prefetch (`int`, *optional*):
             How many streamed layers are read ahead of the compute. Default: 3 on CPU with full-precision shards, 2
             otherwise (the fastest from a cold page cache in our measurements); each one more holds one more layer
-            in memory.
+            in memory. On a GPU whose budget cannot hold the resident parts and that many layers in flight, the
+            default is lowered until it can (down to 0).
         profile (`bool`, defaults to `False`):
             Record per-layer timings; see [`get_streaming_state`]`(model).profile`.
         keep_in_page_cache (`bool`, *optional*):
@@ -329,6 +340,7 @@ def enable_layer_streaming(
     if keep_in_page_cache is not None and not isinstance(keep_in_page_cache, bool):
         raise ValueError(f"`keep_in_page_cache` must be True, False or None (automatic), got {keep_in_page_cache!r}.")
     shards = ShardDirectory(shard_dir, checksums=verify)
+    chosen = prefetch is not None
     if prefetch is None:
         prefetch = default_prefetch(device, shards)
     stack = require_layer_stack(model)
@@ -364,16 +376,26 @@ def enable_layer_streaming(
     layer_prefixes = [stack.layer_prefix(i) for i in range(len(stack))]
     layer_sizes = {i: shards.unit(layer_unit(i)).nbytes_as(target_dtypes) for i in range(len(stack))}
     host_parts = _host_parts(model, stack, shards, target_dtypes)
-    plan = plan_residency(
+    plan_for = functools.partial(
+        plan_residency,
         shards,
         device,
         dtype_size=layer_sizes,
         resident_size=shards.unit(RESIDENT).nbytes_as(target_dtypes),
         max_memory=max_memory,
-        prefetch=prefetch,
         keep_in_page_cache=keep_in_page_cache,
         host_candidates=[(p.name, p.size, p.copied) for p in host_parts],
     )
+    plan = plan_for(prefetch=prefetch) if chosen else fit_prefetch(lambda p: plan_for(prefetch=p), prefetch)
+    if plan.prefetch != prefetch:
+        logger.info(
+            "prefetch lowered to %d from the default %d: the device budget (%.2f GiB) cannot hold the resident parts "
+            "and more layers in flight. Pass `prefetch=` to choose it.",
+            plan.prefetch,
+            prefetch,
+            plan.budgets[str(device.index)] / 2**30,
+        )
+        prefetch = plan.prefetch
     host_parts = [p for p in host_parts if p.name in plan.host_resident]
     shortfall = budget_shortfall(plan, max_memory)
     if shortfall is not None:

@@ -18,7 +18,7 @@ from conftest import build_meta_model, streamed_model
 from transformers import AutoConfig, AutoTokenizer
 
 from hf_layerstream import ShardDirectory, disable_layer_streaming, enable_layer_streaming, get_streaming_state
-from hf_layerstream.engine import budget_shortfall, plan_residency
+from hf_layerstream.engine import budget_shortfall, fit_prefetch, plan_residency
 from hf_layerstream.hooks import HostResident, HostResidentHook
 from hf_layerstream.stream import host_candidates
 
@@ -100,12 +100,8 @@ def test_a_head_copy_larger_than_a_layer_is_planned_for():
     """The head's copy is on the device with the `prefetch` layers read ahead for the next pass: a head larger than
     a layer (a 70B model's, 2.1 GB against 1.7 GB) is what the device must hold then, and the plan and the warning
     count it."""
-    from types import SimpleNamespace
-
     layer, head, resident = 1000, 3000, 5000
-    units = {"resident": SimpleNamespace(logical_nbytes=resident, size=resident)}
-    units |= {f"layers.{i}": SimpleNamespace(logical_nbytes=layer, size=layer) for i in range(4)}
-    shards = SimpleNamespace(num_layers=4, unit=units.__getitem__)
+    shards = _shaped(4, layer, resident)
     candidates = [("input_embeddings", head, 0), ("output_embeddings", head, head)]
     enough = resident - 2 * head + head + layer  # the head's copy and one layer read ahead (prefetch 1)
     plan = plan_residency(
@@ -116,6 +112,73 @@ def test_a_head_copy_larger_than_a_layer_is_planned_for():
     warning = budget_shortfall(plan, {0: enough - 1})
     assert warning is not None and "the head's copy and the 1 layers read ahead while it runs" in warning
     assert "resident parts on the device" in warning
+
+
+def test_default_prefetch_is_lowered_until_a_gpu_budget_holds_it(checkpoints):
+    """The default `prefetch` is a choice for speed; on a GPU too small for the resident parts and that many layers in
+    flight it is lowered until they fit (with the resident parts in host RAM where the plan moves them), down to 0.
+    A budget of 0, and CPU plans, are left as they are."""
+    _, shards = checkpoints("llama")
+    m, layer, resident = _layer_and_resident(shards)
+    candidates = host_candidates(m)
+    embeddings = candidates[0][1]
+
+    def fitted(device_budget, device=CUDA0):
+        budget = {_key(device): device_budget, "cpu": "1GiB"}
+        return fit_prefetch(
+            lambda p: plan_residency(m, device, max_memory=budget, prefetch=p, host_candidates=candidates), 2
+        )
+
+    assert fitted(10 * 2**30).prefetch == 2
+    # the layers in flight fit, once the plan has moved the embeddings and head to make room for its reserve
+    roomy = fitted(resident + 3 * layer)
+    assert roomy.prefetch == 2 and roomy.host_resident == ["input_embeddings", "output_embeddings"]
+    lowered = fitted(resident - embeddings + 2 * layer)
+    assert lowered.prefetch == 1 and budget_shortfall(lowered, None) is None
+    assert fitted(resident - embeddings + layer).prefetch == 0
+    tiny = fitted(layer // 2)  # not even one layer: 0, and the warning says what the peak will be
+    assert tiny.prefetch == 0
+    warning = budget_shortfall(tiny, None)
+    assert warning.startswith("The default budget of cuda:0") and "Each step less" not in warning
+    assert fitted(0).prefetch == 2  # every layer streamed, as asked
+    cpu = torch.device("cpu")
+    assert fitted(layer // 2, cpu).prefetch == 2
+
+
+def _key(device):
+    return "cpu" if device.type == "cpu" else device.index
+
+
+def _shaped(num_layers: int, layer: int, resident: int):
+    """A stand-in for a shard directory: only the sizes `plan_residency` reads."""
+    from types import SimpleNamespace
+
+    units = {"resident": SimpleNamespace(logical_nbytes=resident, size=resident)}
+    units |= {f"layers.{i}": SimpleNamespace(logical_nbytes=layer, size=layer) for i in range(num_layers)}
+    return SimpleNamespace(num_layers=num_layers, unit=units.__getitem__)
+
+
+def test_a_70b_model_is_planned_onto_a_4_gib_gpu():
+    """Llama-3-70B's sizes at bf16 (80 layers of 1.71 GB; embeddings and head of 2.10 GB each) on a 4 GiB GPU's
+    default budget (80% of about 3.7 GiB free): the embeddings and head go to host RAM and layers come one at a time.
+    A 24 GiB GPU keeps them and 5 layers (with 3 in flight and its reserve)."""
+    layer, part = 1_711_309_824, 2_101_346_304
+    shards = _shaped(80, layer, 2 * part + 16_384)
+    candidates = [("input_embeddings", part, 0), ("output_embeddings", part, part)]
+
+    def plan(budget):
+        return fit_prefetch(
+            lambda p: plan_residency(
+                shards, CUDA0, max_memory={0: budget, "cpu": "64GiB"}, prefetch=p, host_candidates=candidates
+            ),
+            2,
+        )
+
+    small = plan(int(0.8 * 3.7 * 2**30))
+    assert small.host_resident == ["input_embeddings", "output_embeddings"] and small.prefetch == 0
+    assert small.device_layers == [] and budget_shortfall(small, None) is None
+    large = plan(int(0.8 * 23.5 * 2**30))
+    assert large.host_resident == [] and large.prefetch == 2 and len(large.device_layers) == 5
 
 
 # --- the mechanism, exact -------------------------------------------------------------------------------------------
@@ -238,6 +301,12 @@ def test_inspect_shows_the_host_resident_parts(checkpoints, capsys, monkeypatch)
     plan = json.loads(capsys.readouterr().out)["plan"]
     assert plan["host_resident"][0] == "input_embeddings"
     assert plan["resident_bytes"] == resident - plan["host_resident_bytes"]
+    # with no --prefetch, the default is lowered as `enable_layer_streaming` lowers it
+    embeddings = host_candidates(m)[0][1]
+    budget = resident - embeddings + 2 * layer
+    assert main(["inspect", str(shards), "--json", "--device", "cuda", "--max-memory", f"0={budget}"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["plan"]["prefetch"] == 1 and info["warning"] is None
 
 
 @pytest.mark.cuda
