@@ -254,6 +254,31 @@ def test_host_resident_parts_stream_exactly(checkpoints, force_host_resident, tm
     assert all(not isinstance(t, HostResident) for t in model.state_dict().values())
 
 
+@pytest.mark.parametrize("model_type", ["llava", "gemma3"])
+def test_vision_language_model_with_host_resident_parts(tmp_path, force_host_resident, model_type):
+    """A vision-language model's input embeddings (its language model's) in host RAM: the image's features are
+    merged into embeddings sent back to the device, and the decode steps are the loaded model's (Gemma-3: tied and
+    scaled embeddings)."""
+    from accelerate import init_empty_weights
+    from test_architectures import _assert_same_decode_steps, _save_vision_language, _vision_language
+    from transformers import AutoModelForImageTextToText
+
+    from hf_layerstream import split_checkpoint
+
+    config, inputs = _vision_language(model_type)
+    _save_vision_language(config, tmp_path / "checkpoint")
+    shards = split_checkpoint(tmp_path / "checkpoint", tmp_path / "shards", progress=False)
+    ref = _models.load_reference(tmp_path / "checkpoint", auto_class=AutoModelForImageTextToText)
+    with init_empty_weights():
+        streamed = AutoModelForImageTextToText.from_config(
+            AutoConfig.from_pretrained(shards), attn_implementation=_models.ATTN_IMPLEMENTATION
+        )
+    enable_layer_streaming(streamed, shards, device="cpu", max_memory={"cpu": 0}, prefetch=1)
+    assert get_streaming_state(streamed).plan.host_resident[0] == "input_embeddings"
+    assert isinstance(streamed.get_input_embeddings()._hf_hook, HostResidentHook)
+    _assert_same_decode_steps(ref, streamed, inputs)
+
+
 def test_failed_enable_leaves_no_host_hooks(checkpoints, force_host_resident, monkeypatch):
     """A failure after the host parts were hooked undoes them with the rest: the model can be streamed again."""
     import hf_layerstream.stream as stream
