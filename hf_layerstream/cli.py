@@ -292,13 +292,14 @@ def _cmd_demo(args) -> int:
 def _cmd_inspect(args) -> int:
     import torch
 
-    from .engine import budget_shortfall, check_device, fit_prefetch, plan_residency
+    from .engine import budget_shortfall, fit_prefetch, plan_residency
     from .shard_dir import ShardDirectory
     from .stream import default_prefetch, host_candidates
 
     shards = ShardDirectory(args.shard_dir)
     m = shards.manifest
-    device = check_device(args.device)
+    max_memory = _max_memory(args.max_memory)
+    device, absent = _planned_device(args.device, max_memory)
     dtype = _dtype(args.dtype)
     units = [shards.unit(f"layers.{i}") for i in range(m.num_layers)]
     full_bytes = [u.nbytes_as(dtype or torch.bfloat16) for u in units]
@@ -306,7 +307,6 @@ def _cmd_inspect(args) -> int:
     layer_sizes = None
     if dtype is not None:
         layer_sizes = {i: full_bytes[i] for i in range(m.num_layers)}
-    max_memory = _max_memory(args.max_memory)
     candidates = host_candidates(shards, dtype) if device.type == "cuda" else None
 
     def plan_for(prefetch: int):
@@ -338,6 +338,7 @@ def _cmd_inspect(args) -> int:
         "bf16_layer_bytes": full_bytes if dtype is None else None,
         "ratio_to_bf16" if dtype is None else f"ratio_to_{dtype}".replace("torch.", ""): round(ratio, 4),
         "plan": plan.to_dict(),
+        "device_available": not absent,
         "warning": budget_shortfall(plan, max_memory),
     }
     if args.json:
@@ -353,10 +354,35 @@ def _cmd_inspect(args) -> int:
         f"per layer        {_human(sum(stored) / max(len(stored), 1))} on disk (mean), {_human(sum(full_bytes) / max(len(full_bytes), 1))} at {dtype or 'bfloat16'}"
     )
     print(f"ratio            {ratio:.3f}x of {'bf16' if dtype is None else dtype}")
-    print(f"plan on {device}   {plan.summary()}")
+    print(f"plan on {device}{' (not on this machine)' if absent else ''}   {plan.summary()}")
     if info["warning"]:
         print(f"warning          {info['warning']}")
     return 0
+
+
+def _planned_device(name: str | None, max_memory: dict | None):
+    """`inspect`'s device, and whether this machine lacks it: a GPU this machine does not have is planned for from
+    its budget in `--max-memory` (planning for the machine one is about to rent), else refused as `enable` would."""
+    import torch
+
+    from .engine import check_device
+
+    try:
+        return check_device(name), False
+    except ValueError:
+        try:
+            wanted = torch.device(name)
+        except (RuntimeError, TypeError):
+            wanted = None
+        if wanted is None or wanted.type != "cuda" or torch.cuda.is_available():
+            raise
+        index = wanted.index or 0
+        if index not in (max_memory or {}) and str(index) not in (max_memory or {}):
+            raise ValueError(
+                f"{wanted} is not available here: to plan for it anyway, give its budget, e.g. "
+                f"--max-memory {index}=4GiB."
+            ) from None
+        return torch.device("cuda", index), True
 
 
 def _cmd_verify(args) -> int:

@@ -311,21 +311,28 @@ def _fail_on_layers(add_hook):
     return add
 
 
-def test_inspect_shows_the_host_resident_parts(checkpoints, capsys, monkeypatch):
-    """`hf-layerstream inspect` plans as `enable_layer_streaming` does, the host parts included (a CUDA device is
-    planned for without one: `check_device` is the only part that needs it)."""
-    import hf_layerstream.engine as engine
+def test_inspect_shows_the_host_resident_parts(checkpoints, capsys):
+    """`hf-layerstream inspect` plans as `enable_layer_streaming` does, the host parts included; for a GPU this
+    machine lacks too, from its budget (planning for the machine one is about to rent)."""
     from hf_layerstream.cli import main
 
     _, shards = checkpoints("llama")
     m, layer, resident = _layer_and_resident(shards)
-    monkeypatch.setattr(engine, "check_device", lambda device: CUDA0)
     budget = resident + 3 * layer - 1  # prefetch 2 (the default), less a tenth for activations: short
     argv = ["inspect", str(shards), "--json", "--device", "cuda", "--max-memory", f"0={budget}", "--prefetch", "2"]
     assert main(argv) == 0
-    plan = json.loads(capsys.readouterr().out)["plan"]
+    info = json.loads(capsys.readouterr().out)
+    plan = info["plan"]
+    assert info["device_available"] == torch.cuda.is_available() and plan["device"].startswith("cuda")
     assert plan["host_resident"][0] == "input_embeddings"
     assert plan["resident_bytes"] == resident - plan["host_resident_bytes"]
+    assert main(argv[:2] + argv[3:]) == 0  # the table
+    out = capsys.readouterr().out
+    assert "kept in host RAM (input embeddings, looked up there" in out
+    assert ("(not on this machine)" in out) == (not torch.cuda.is_available())
+    if not torch.cuda.is_available():  # without a budget for it there is nothing to plan with
+        assert main(["inspect", str(shards), "--device", "cuda:1", "--max-memory", "0=4GiB"]) == 2
+        assert "cuda:1 is not available here: to plan for it anyway" in capsys.readouterr().err
     # with no --prefetch, the default is lowered as `enable_layer_streaming` lowers it
     embeddings = host_candidates(m)[0][1]
     budget = resident - embeddings + 2 * layer
