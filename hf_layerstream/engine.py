@@ -416,6 +416,9 @@ class Profile:
     def __init__(self):
         self._lock = threading.Lock()
         self.layers: dict[int, LayerTimes] = defaultdict(LayerTimes)
+        # resident parts kept in host RAM ("input_embeddings", "output_embeddings"): the head's copy to the device,
+        # and the pass (for the embeddings: the ids to the host, the lookup, the embeddings back)
+        self.host_resident: dict[str, LayerTimes] = defaultdict(LayerTimes)
         self.forward_calls = 0
         self.started = time.perf_counter()
 
@@ -425,9 +428,16 @@ class Profile:
             for k, v in values.items():
                 setattr(t, k, getattr(t, k) + v)
 
+    def add_host_resident(self, part: str, **values: float) -> None:
+        with self._lock:
+            t = self.host_resident[part]
+            for k, v in values.items():
+                setattr(t, k, getattr(t, k) + v)
+
     def reset(self) -> None:
         with self._lock:
             self.layers.clear()
+            self.host_resident.clear()
             self.forward_calls = 0
             self.started = time.perf_counter()
 
@@ -446,7 +456,10 @@ class Profile:
     def to_dict(self) -> dict:
         with self._lock:
             layers = {i: vars(t).copy() for i, t in sorted(self.layers.items())}
-        return {"totals": self.totals(), "layers": layers}
+            host = {
+                part: {"copy": t.copy, "compute": t.compute, "calls": t.calls} for part, t in self.host_resident.items()
+            }
+        return {"totals": self.totals(), "layers": layers, "host_resident": host}
 
     def summary(self) -> str:
         t = self.totals()
@@ -459,6 +472,12 @@ class Profile:
             f"  dequant   {t['dequantize']:.3f} s",
             f"  copy H2D  {t['copy']:.3f} s",
         ]
+        with self._lock:
+            host = dict(self.host_resident)
+        names = {"input_embeddings": "embeddings", "output_embeddings": "head"}
+        for part, h in host.items():
+            copied = f", copy H2D {h.copy:.3f} s" if part == "output_embeddings" else ""
+            lines.append(f"  {names.get(part, part):9} {h.compute:.3f} s in host RAM ({h.calls} passes{copied})")
         return "\n".join(lines)
 
 

@@ -200,11 +200,15 @@ class HostResidentHook(ModelHook):
         *,
         on_host: bool,
         copy_stream=None,
+        profile=None,
     ):
         # (module, attribute, is_parameter, host tensor)
         self.slots = slots
         self.device = device
         self.on_host = on_host
+        self.part = "input_embeddings" if on_host else "output_embeddings"
+        self.profile = profile
+        self._t0 = 0.0
         # CUDA: the loader's copy stream. The copies are allocated there, from the memory pool the streamed layers'
         # copies take theirs from, so the head's memory is reused by the next layers' and not cached beside them
         self.copy_stream = copy_stream
@@ -226,8 +230,20 @@ class HostResidentHook(ModelHook):
             value.record_stream(compute)
         return values
 
+    def _sync(self) -> None:
+        if self.device.type == "cuda":  # (when profiling only: the times are real)
+            torch.cuda.current_stream(self.device).synchronize()
+
     def pre_forward(self, module, *args, **kwargs):
+        if self.profile is not None:
+            self._sync()
+            t0 = time.perf_counter()
         values = [host for _, _, _, host in self.slots] if self.on_host else self._copies()
+        if self.profile is not None:
+            self._sync()
+            self._t0 = time.perf_counter()
+            if not self.on_host:
+                self.profile.add_host_resident(self.part, copy=self._t0 - t0)
         for (module_, attr, is_param, _), value in zip(self.slots, values):
             if is_param:
                 module_._parameters[attr] = nn.Parameter(value, requires_grad=False)
@@ -239,7 +255,12 @@ class HostResidentHook(ModelHook):
 
     def post_forward(self, module, output):
         self._unload()
-        return send_to_device(output, self.device) if self.on_host else output
+        if self.on_host:
+            output = send_to_device(output, self.device)
+        if self.profile is not None:
+            self._sync()
+            self.profile.add_host_resident(self.part, compute=time.perf_counter() - self._t0, calls=1)
+        return output
 
     def _unload(self):
         for (module_, attr, is_param, _), placeholder in zip(self.slots, self.placeholders):

@@ -247,7 +247,8 @@ def _keep_on_host(model: nn.Module, parts: list[_HostPart], values: dict, loader
         on_host = any(module is part.module and part.name == "input_embeddings" for part in parts)
         if on_host:  # buffers go to the host for the pass too (Gemma's `embed_scale` is multiplied in there)
             slots += [(module, attr, False, b.to("cpu")) for attr, b in module._buffers.items() if b is not None]
-        add_hook_to_module(module, HostResidentHook(slots, device, on_host=on_host, copy_stream=copy_stream))
+        hook = HostResidentHook(slots, device, on_host=on_host, copy_stream=copy_stream, profile=loader.profile)
+        add_hook_to_module(module, hook)
         handles.append(module.register_state_dict_post_hook(host_state_dict_hook))
         hooked.append(module)
     return hooked

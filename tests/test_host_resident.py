@@ -254,6 +254,26 @@ def test_host_resident_parts_stream_exactly(checkpoints, force_host_resident, tm
     assert all(not isinstance(t, HostResident) for t in model.state_dict().values())
 
 
+def test_profile_has_the_host_resident_parts(checkpoints, force_host_resident):
+    """`profile=True` times the embeddings' pass and the head's copy and pass, once per forward pass, apart from the
+    layers'."""
+    ckpt, shards = checkpoints("llama")
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    inputs = tok(_models.SAMPLE_PROMPTS[1], return_tensors="pt")
+    model = streamed_model(ckpt, shards, max_memory={"cpu": 0}, prefetch=1, profile=True)
+    model.generate(**inputs, **GEN, pad_token_id=tok.pad_token_id)
+    state = get_streaming_state(model)
+    profile = state.last_profile
+    passes = profile["totals"]["forward_calls"]
+    assert passes == GEN["max_new_tokens"]
+    host = profile["host_resident"]
+    assert set(host) == {"input_embeddings", "output_embeddings"}
+    assert all(h["calls"] == passes and h["compute"] > 0 for h in host.values())
+    assert host["output_embeddings"]["copy"] > 0 and host["input_embeddings"]["copy"] == 0
+    summary = state.profile.summary()
+    assert f"in host RAM ({passes} passes)" in summary and f"in host RAM ({passes} passes, copy H2D" in summary
+
+
 @pytest.mark.parametrize("model_type", ["llava", "gemma3"])
 def test_vision_language_model_with_host_resident_parts(tmp_path, force_host_resident, model_type):
     """A vision-language model's input embeddings (its language model's) in host RAM: the image's features are
