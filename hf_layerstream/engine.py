@@ -286,7 +286,8 @@ def plan_residency(
         budgets[str(index)] = dev_budget
         if reserve is None:
             reserve = min(2 * 2**30, dev_budget // 10)  # activations and KV cache
-        for name, size, copied in host_candidates or ():
+        # (a budget of 0 is the usual way to ask for every layer streamed, not for the resident parts off the device)
+        for name, size, copied in (host_candidates or ()) if dev_budget else ():
             if dev_budget - resident - working - reserve >= 0:
                 break
             host_resident.append(name)
@@ -1282,8 +1283,9 @@ class LayerLoader:
         out = self._finish(RESIDENT, raw, -1, skip=skip)
         for name in skip:
             value = self._host_value(RESIDENT, raw, name)
-            if self.is_cuda and name in pinned:
-                value = torch.empty(value.shape, dtype=value.dtype, pin_memory=True).copy_(value)
+            if self.is_cuda and name in pinned:  # (pinned at its exact size, as host-tier layers are)
+                buf = self._pinned.empty(value.numel() * value.element_size())
+                value = buf.view(value.dtype).view(value.shape).copy_(value)
             out[name] = value
         return out
 

@@ -91,6 +91,8 @@ def test_plan_moves_the_embeddings_then_the_head_only_while_the_gpu_budget_is_sh
     tight_host = {0: resident - embeddings + 2 * layer - 1, "cpu": 2 * layer + len(roomy.host_layers) * layer}
     fewer = plan_residency(m, CUDA0, max_memory=tight_host, prefetch=1, reserve=0, host_candidates=candidates)
     assert len(fewer.host_layers) < len(roomy.host_layers)
+    # a device budget of 0 asks for every layer streamed, not for the resident parts off the device
+    assert plan(0).host_resident == [] and plan(0).resident_bytes == resident
     # on CPU the host is the device: nothing to move
     on_cpu = plan_residency(m, torch.device("cpu"), max_memory={"cpu": 0}, prefetch=1, host_candidates=candidates)
     assert on_cpu.host_resident == []
@@ -381,4 +383,6 @@ def test_host_resident_parts_on_cuda(checkpoints, arch):
         assert torch.equal(model(**inputs).logits, ref(**inputs).logits)
     head = model.get_output_embeddings()._hf_hook
     assert all(host.is_pinned() for _, _, _, host in head.slots)
+    if state.loader._pinned._registering:  # pinned at their exact size, with the loader's other pinned buffers
+        assert {host.data_ptr() for _, _, _, host in head.slots} <= set(state.loader._pinned._held)
     disable_layer_streaming(model)
