@@ -87,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a shard directory of another model/options")
     p.add_argument("--wait", action="store_true", help="wait for another split into the same directory to finish")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--model-class",
+        default=None,
+        help="transformers class to build the model as, e.g. AutoModelForImageTextToText for Llama-4 or "
+        "Llama-3.2-Vision with their vision weights (default: AutoModelForCausalLM's, else "
+        "AutoModelForImageTextToText's)",
+    )
 
     p = sub.add_parser("generate", help="generate text with a streamed model (tokens printed as produced)")
     p.add_argument("shard_dir", help="shard directory made by `split`")
@@ -177,6 +184,7 @@ def _cmd_split(args) -> int:
         overwrite=args.overwrite,
         wait=args.wait,
         progress=not args.quiet,
+        model_class=args.model_class,
     )
     print(f"shard directory ready: {path}")
     return 0
@@ -196,12 +204,13 @@ def load_streamed_model(
     """Build the model of a shard directory on meta and enable streaming (what `generate` and `bench` use)."""
     from transformers import AutoConfig
 
-    from .modeling import build_skeleton
+    from .modeling import build_for_shards
     from .shard_dir import ShardDirectory
     from .stream import enable_layer_streaming
 
-    ShardDirectory(shard_dir)  # a clear error before transformers looks for config.json
-    model = build_skeleton(AutoConfig.from_pretrained(shard_dir))
+    shards = ShardDirectory(shard_dir)  # a clear error before transformers looks for config.json
+    config = AutoConfig.from_pretrained(shard_dir)
+    model = build_for_shards(shards.manifest, config)  # the class it was split for
     model.eval()
     return enable_layer_streaming(
         model,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -17,6 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 RESIDENT = "resident"
 
@@ -167,13 +170,68 @@ def model_from_config(config) -> nn.Module:
     return auto_class_for(config).from_config(config)
 
 
+def resolve_model_class(config, model_class: type | str | None = None) -> type:
+    """The class to build the model of `config` as: `model_class` (a transformers model class or auto class, or its
+    name, e.g. `"AutoModelForImageTextToText"` or `"MllamaForConditionalGeneration"`), else `auto_class_for(config)`.
+
+    Raises:
+        `ValueError`: `model_class` names no class of transformers that builds a model from a config.
+    """
+    if model_class is None:
+        return auto_class_for(config)
+    if isinstance(model_class, str):
+        import transformers
+
+        try:
+            found = getattr(transformers, model_class, None)
+        except (ImportError, RuntimeError):  # (a lazily imported class whose module fails to import)
+            found = None
+        if found is None:
+            raise ValueError(
+                f"`model_class` {model_class!r} is not a class of transformers: pass an auto class such as "
+                "'AutoModelForImageTextToText', or a model class such as 'MllamaForConditionalGeneration'."
+            )
+        model_class = found
+    if not isinstance(model_class, type) or not (
+        hasattr(model_class, "_from_config") or hasattr(model_class, "from_config")
+    ):
+        raise ValueError(f"`model_class` {model_class!r} is not a model class or auto class of transformers.")
+    return model_class
+
+
+def build_for_shards(manifest, config) -> nn.Module:
+    """The model (parameters on meta) of a shard directory: built as the class it was split for, its manifest's
+    `architectures` (e.g. `MllamaForConditionalGeneration`, split with `model_class`), when transformers has that
+    class and it gives the directory's architecture fingerprint (a directory split before the class was recorded
+    holds the config's `architectures`, not always the class built), else as `auto_class_for(config)` builds it:
+    what `hf-layerstream generate` and `inspect` build."""
+    import transformers
+
+    model = build_skeleton(config)
+    names = getattr(manifest, "architectures", None) or []
+    if not names or type(model).__name__ == names[0]:
+        return model
+    try:
+        split_for = getattr(transformers, names[0], None)
+        if isinstance(split_for, type) and hasattr(split_for, "_from_config"):
+            other = build_skeleton(config, split_for)
+            if architecture_fingerprint(other, require_layer_stack(other)) == manifest.fingerprint:
+                return other
+    except (ImportError, RuntimeError, ValueError, TypeError, AttributeError) as e:
+        logger.debug("could not build %s for %s: %s", names[0], getattr(manifest, "path", "the shard directory"), e)
+    return model
+
+
 def build_skeleton(config, model_class: type | None = None) -> nn.Module:
-    """The model built with `init_empty_weights()`: parameters on meta, buffers (rotary `inv_freq`) real on CPU."""
+    """The model built with `init_empty_weights()`: parameters on meta, buffers (rotary `inv_freq`) real on CPU.
+    `model_class`: a model class or auto class (default: `auto_class_for(config)`)."""
     from accelerate import init_empty_weights
 
     with init_empty_weights(include_buffers=False):
         if model_class is not None and hasattr(model_class, "_from_config"):
             return model_class._from_config(config)
+        if model_class is not None:
+            return model_class.from_config(config)
         return model_from_config(config)
 
 

@@ -36,6 +36,7 @@ from .modeling import (
     layer_unit,
     plan_conversion,
     require_layer_stack,
+    resolve_model_class,
     unit_index,
 )
 from .shard_dir import MANIFEST_NAME, RESIDENT_FILE, Manifest, ShardDirectory, TensorEntry, UnitEntry, layer_file
@@ -414,6 +415,7 @@ def split_checkpoint(
     overwrite: bool = False,
     wait: bool = False,
     progress: bool = True,
+    model_class: type | str | None = None,
 ) -> Path:
     """Split a transformers checkpoint into a shard directory: one file per decoder layer plus the resident parts.
 
@@ -444,6 +446,11 @@ def split_checkpoint(
             If another process is splitting into `shard_dir`, wait for it instead of raising.
         progress (`bool`, defaults to `True`):
             Show a progress bar.
+        model_class (`type` or `str`, *optional*):
+            The class to build the model as, a transformers model class or auto class or its name (default:
+            `AutoModelForCausalLM`'s, else `AutoModelForImageTextToText`'s). Llama-4's and Llama-3.2-Vision's
+            checkpoints are split as the text-only class `AutoModelForCausalLM` loads them as; pass
+            `"AutoModelForImageTextToText"` to split them with their vision weights, for images.
 
     Returns:
         `pathlib.Path`: the shard directory.
@@ -476,7 +483,7 @@ def split_checkpoint(
     if src.local_dir is not None and shard_dir.resolve() == src.local_dir.resolve():
         raise ValueError(f"`shard_dir` must differ from `source` ({shard_dir}); the source is never modified.")
     config = AutoConfig.from_pretrained(src.config_path.parent)
-    model = build_skeleton(config)
+    model = build_skeleton(config, resolve_model_class(config, model_class))
     stack = require_layer_stack(model)
     fingerprint = architecture_fingerprint(model, stack)
     plan = plan_conversion(model, stack, src.keys)

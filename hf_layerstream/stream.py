@@ -97,8 +97,8 @@ def _check_match(model: nn.Module, stack: LayerStack, shards: ShardDirectory) ->
         fix = (
             f"The shard directory was split for {split_for} and the model is a {type(model).__name__}: build the model "
             f"as {split_for} (a vision-language checkpoint that `AutoModelForCausalLM` takes, such as Llama-4's, is "
-            "split as that class, text only), or split this model's checkpoint into a new directory with "
-            "`split_checkpoint` / `hf-layerstream split`."
+            "split as that class, text only, unless split with `model_class='AutoModelForImageTextToText'`), or split "
+            "this model's checkpoint into a new directory with `split_checkpoint` / `hf-layerstream split`."
         )
     if m.num_layers != len(stack):
         raise ShardDirError(
@@ -180,9 +180,9 @@ def host_candidates(shards: ShardDirectory, dtype: torch.dtype | None = None) ->
     `hf-layerstream inspect` plans with."""
     from transformers import AutoConfig
 
-    from .modeling import build_skeleton
+    from .modeling import build_for_shards
 
-    model = build_skeleton(AutoConfig.from_pretrained(shards.path))
+    model = build_for_shards(shards.manifest, AutoConfig.from_pretrained(shards.path))
     parts = _host_parts(model, require_layer_stack(model), shards, _target_dtypes(shards, dtype))
     return [(p.name, p.size, p.copied) for p in parts]
 

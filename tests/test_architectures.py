@@ -13,6 +13,8 @@ checkpoint is refused.
 
 from __future__ import annotations
 
+import json
+
 import _models
 import pytest
 import torch
@@ -427,6 +429,54 @@ def test_an_encoder_decoder_checkpoint_is_refused_naming_what_is_streamed(tmp_pa
     with pytest.raises(ValueError, match=r"T5Config \('t5'\) is the config of neither a causal LM"):
         split_checkpoint(tmp_path / "t5", tmp_path / "shards", progress=False)
     assert not (tmp_path / "shards" / "manifest.json").exists()
+
+
+def test_llama_3_2_vision_split_for_images_with_model_class(tmp_path):
+    """`model_class="AutoModelForImageTextToText"` (`--model-class`) splits Llama-3.2-Vision with its vision weights,
+    as `MllamaForConditionalGeneration`: streamed (its cross-attention layers among the others), an image and a
+    prompt give the loaded model's decode steps, bit for bit; `hf-layerstream generate` builds that class again.
+    (Llama-4's vision-language forward fails in transformers itself here, loaded or streamed.)"""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from hf_layerstream.cli import main
+
+    config, inputs = _vision_language("mllama")
+    _save_vision_language(config, tmp_path / "checkpoint")
+    shards = split_checkpoint(
+        tmp_path / "checkpoint", tmp_path / "shards", progress=False, model_class="AutoModelForImageTextToText"
+    )
+    assert ShardDirectory(shards).manifest.architectures == ["MllamaForConditionalGeneration"]
+    ref = _models.load_reference(tmp_path / "checkpoint", auto_class=AutoModelForImageTextToText)
+    with init_empty_weights():
+        streamed = AutoModelForImageTextToText.from_config(
+            AutoConfig.from_pretrained(shards), attn_implementation=_models.ATTN_IMPLEMENTATION
+        )
+    enable_layer_streaming(streamed, shards, device="cpu", max_memory={"cpu": 0})
+    first_step = _assert_same_decode_steps(ref, streamed, inputs)[0]
+    without_image = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        assert not torch.equal(streamed(**without_image).logits[:, -1], first_step)
+    from_cli = load_streamed_model(shards, device="cpu")
+    assert type(from_cli).__name__ == "MllamaForConditionalGeneration"
+    disable_layer_streaming(from_cli)
+    # the command line, and a name that is no class of transformers
+    argv = ["split", str(tmp_path / "checkpoint"), str(tmp_path / "cli"), "--quiet"]
+    assert main([*argv, "--model-class", "MllamaForConditionalGeneration"]) == 0
+    assert ShardDirectory(tmp_path / "cli").manifest.architectures == ["MllamaForConditionalGeneration"]
+    # a directory split before the class was recorded names the config's class; the text-only split of this
+    # checkpoint then is still built as the class whose tensors it holds
+    text_only = split_checkpoint(tmp_path / "checkpoint", tmp_path / "text", progress=False)
+    manifest = json.loads((text_only / "manifest.json").read_text())
+    assert manifest["architectures"] == ["MllamaForCausalLM"]
+    manifest["architectures"] = ["MllamaForConditionalGeneration"]
+    (text_only / "manifest.json").write_text(json.dumps(manifest))
+    old = load_streamed_model(text_only, device="cpu")
+    assert type(old).__name__ == "MllamaForCausalLM"
+    disable_layer_streaming(old)
+    with pytest.raises(ValueError, match="'AutoModelForVision' is not a class of transformers"):
+        split_checkpoint(tmp_path / "checkpoint", tmp_path / "bad", progress=False, model_class="AutoModelForVision")
+    assert not (tmp_path / "bad" / "manifest.json").exists()
 
 
 @pytest.mark.cuda
