@@ -113,11 +113,15 @@ class PassGuard:
       or a call was waiting for the lock), calls straight through, holding nothing of the streaming state.
     """
 
-    def __init__(self, hooks: list[LayerStreamingHook], loader):
+    def __init__(self, hooks: list[LayerStreamingHook], loader, host_hooks: list | None = None):
         self.hooks = hooks
         self.loader = loader
+        # the resident modules kept in host RAM (`HostResidentHook`): the head runs after the pass over the layers,
+        # and a VLM's embeddings before it, so with those the model's own forward is wrapped too (`wrap_model`)
+        self.host_hooks = host_hooks or []
         self.lock = threading.RLock()
         self.guarded = None  # the wrapper `wrap` made
+        self.model_guarded = None  # the wrapper `wrap_model` made
         self._raised = False  # the last pass raised part way
         renew_after_fork(self)
 
@@ -128,9 +132,35 @@ class PassGuard:
         for index in self.loader.in_use():
             self.hooks[index]._unload()
 
+    def _put_back_host(self) -> None:
+        """Placeholders back in the host-resident modules (a pass that raised inside one: the head's copy on the
+        device goes now, not at the next pass, which on a small GPU may need that memory)."""
+        for hook in self.host_hooks:
+            hook._unload()
+
     def close(self) -> None:
         """Streaming is disabled (called with the lock held)."""
-        self.hooks, self.loader = [], None
+        self.hooks, self.loader, self.host_hooks = [], None, []
+
+    def wrap_model(self, forward):
+        """Wrap the model's own forward (where resident modules are kept in host RAM and the runner is not the model
+        itself): the head, and a vision-language model's embeddings, run outside the runner's pass, and swap weights
+        into modules every call shares too, so calls run one at a time there as well; one that raised puts their
+        placeholders back."""
+
+        @functools.wraps(forward)
+        def guarded(*args, **kwargs):
+            with self.lock:
+                if self.loader is None:
+                    return forward(*args, **kwargs)
+                try:
+                    return forward(*args, **kwargs)
+                except BaseException:
+                    self._put_back_host()
+                    raise
+
+        self.model_guarded = guarded
+        return guarded
 
     def wrap(self, forward):
         @functools.wraps(forward)
@@ -147,6 +177,7 @@ class PassGuard:
                 except BaseException:
                     self._raised = True
                     self._put_back()
+                    self._put_back_host()
                     raise
 
         self.guarded = guarded

@@ -79,6 +79,7 @@ class StreamingState:
     guard: PassGuard | None = None  # wraps its forward: one pass at a time, clean-up after one that raised
     runner_forward: object = None  # the instance attribute `forward` the runner had before, if any
     host_modules: list = field(default_factory=list)  # resident modules kept in host RAM (`HostResidentHook`)
+    model_forward: object = None  # the instance attribute `forward` the model had before, if any (see `wrap_model`)
 
 
 def get_streaming_state(model: nn.Module) -> StreamingState | None:
@@ -461,9 +462,12 @@ def enable_layer_streaming(
     state.host_modules = host_modules
     # the module whose forward runs the layers: its forward is wrapped (see `PassGuard`)
     state.runner = model.get_submodule(stack.prefix.rpartition(".")[0])
-    state.guard = PassGuard(hooks, loader)
+    state.guard = PassGuard(hooks, loader, [m._hf_hook for m in host_modules])
     state.runner_forward = vars(state.runner).get("forward")  # an instance attribute it had (another wrapper), if any
     state.runner.forward = state.guard.wrap(state.runner.forward)
+    if host_modules and state.runner is not model:
+        state.model_forward = vars(model).get("forward")
+        model.forward = state.guard.wrap_model(model.forward)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if isinstance(head, nn.Module):
         state.handles.append(head.register_forward_pre_hook(_fold_head_input))
@@ -587,6 +591,11 @@ def _disable(model: nn.Module, state: StreamingState) -> None:
             del runner.forward
         else:
             runner.forward = state.runner_forward
+    if state.guard.model_guarded is not None and vars(model).get("forward") is state.guard.model_guarded:
+        if state.model_forward is None:
+            del model.forward
+        else:
+            model.forward = state.model_forward
     state.guard.close()
     for layer in state.stack.layers:
         if isinstance(getattr(layer, "_hf_hook", None), LayerStreamingHook):

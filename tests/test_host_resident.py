@@ -250,7 +250,9 @@ def test_host_resident_parts_stream_exactly(checkpoints, force_host_resident, tm
     with torch.no_grad():
         assert torch.equal(again(**inputs).logits, ref(**inputs).logits)
 
+    assert "forward" in vars(model)  # (the head runs outside the runner's pass: the model's forward is guarded too)
     disable_layer_streaming(model)
+    assert "forward" not in vars(model)
     assert emb.weight.is_meta and not hasattr(emb, "_hf_hook") and not hasattr(out_head, "_hf_hook")
     assert not emb._state_dict_hooks and not out_head._state_dict_hooks
     assert all(not isinstance(t, HostResident) for t in model.state_dict().values())
@@ -299,6 +301,75 @@ def test_vision_language_model_with_host_resident_parts(tmp_path, force_host_res
     assert get_streaming_state(streamed).plan.host_resident[0] == "input_embeddings"
     assert isinstance(streamed.get_input_embeddings()._hf_hook, HostResidentHook)
     _assert_same_decode_steps(ref, streamed, inputs)
+
+
+def test_host_resident_parts_with_generate_from_several_threads(checkpoints, force_host_resident, monkeypatch):
+    """Worker threads calling `generate` at once: the head runs outside the pass over the layers, and without a lock
+    one thread's head put the placeholder back under another's matmul (a head that takes a while, as a large one's
+    copy does, is what this test gives it). Every call gives its prompt's exact output."""
+    import threading
+    import time
+
+    ckpt, shards = checkpoints("llama")
+    model = streamed_model(ckpt, shards, max_memory={"cpu": 0}, prefetch=1)
+    head = model.get_output_embeddings()
+    forward = head._old_forward
+
+    def slow(*args, **kwargs):
+        time.sleep(0.005)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(head, "_old_forward", slow)
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    ref = _models.load_reference(ckpt)
+    prompts = [_models.SAMPLE_PROMPTS[i % 3] for i in range(4)]
+    kw = {**GEN, "pad_token_id": tok.pad_token_id}
+    wanted = [ref.generate(**tok(p, return_tensors="pt"), **kw) for p in prompts]
+    results: dict[int, list] = {i: [] for i in range(4)}
+    start = threading.Barrier(4)
+
+    def run(i):
+        start.wait()
+        for _ in range(3):
+            try:
+                results[i].append(model.generate(**tok(prompts[i], return_tensors="pt"), **kw))
+            except Exception as e:  # noqa: BLE001 - reported below
+                results[i].append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for i in range(4):
+        assert len(results[i]) == 3
+        for out in results[i]:
+            assert isinstance(out, torch.Tensor), out
+            assert torch.equal(out, wanted[i])
+    assert isinstance(model.get_output_embeddings().weight, HostResident)
+
+
+def test_a_pass_that_raises_in_the_head_lets_go_of_its_copy(checkpoints, force_host_resident, monkeypatch):
+    """A forward pass that raises inside the head (out of memory for a long prompt's logits, on a small GPU) does not
+    keep the head's copy on the device until the next pass: it is let go as the exception leaves the model, and the
+    next call is exact."""
+    ckpt, shards = checkpoints("llama")
+    model = streamed_model(ckpt, shards, max_memory={"cpu": 0}, prefetch=1)
+    ref = _models.load_reference(ckpt)
+    head = model.get_output_embeddings()
+    ids = torch.tensor([[1, 5, 9, 22]])
+    forward = head._old_forward
+
+    def fail(*args, **kwargs):
+        raise MemoryError("injected")
+
+    monkeypatch.setattr(head, "_old_forward", fail)
+    with pytest.raises(MemoryError, match="injected"), torch.no_grad():
+        model(ids)
+    assert isinstance(head.weight, HostResident)
+    monkeypatch.setattr(head, "_old_forward", forward)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)
 
 
 def test_failed_enable_leaves_no_host_hooks(checkpoints, force_host_resident, monkeypatch):
