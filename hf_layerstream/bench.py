@@ -706,8 +706,9 @@ def _derive(rows, disk, stored, baseline_rss, resident_bytes, layer_bytes, store
         r["compute_s"] = base["s_per_token"] if base else None
         r["disk_limit_s"] = swept / bandwidth if (bandwidth and swept) else None
         if on_cuda and plan is not None:
-            # host tier and disk tier alike cross to the device at every sweep, as stored (dequantized there)
-            crossing = swept + sum(sizes[i] for i in plan["host_layers"])
+            # host tier and disk tier alike cross to the device at every sweep, as stored (dequantized there); so
+            # does a head kept in host RAM (a small GPU's plan, e.g. `--max-memory 0=300MiB`)
+            crossing = swept + sum(sizes[i] for i in plan["host_layers"]) + plan.get("host_resident_copied", 0)
             r["h2d_bytes_per_sweep"] = crossing
             r["h2d_limit_s"] = crossing / h2d_bandwidth if (h2d_bandwidth and crossing) else None
         r["target"] = None
@@ -752,8 +753,12 @@ def _derive(rows, disk, stored, baseline_rss, resident_bytes, layer_bytes, store
             kv_and_activations = max(0, base["cuda_peak"] - weights)
             kept = sum(plan["layer_bytes"][i] for i in plan["device_layers"])
             in_flight = (k + 1) * layer_bytes if (plan["streamed"] or plan["host_layers"]) else 0
+            on_device = resident_bytes
+            if plan.get("host_resident"):  # the embeddings and head in host RAM: the head's copy while it runs
+                on_device = plan["resident_bytes"]
+                in_flight = max(in_flight, plan["host_resident_copied"] + k * layer_bytes)
             r["cuda_kv_and_activations"] = kv_and_activations
-            r["cuda_allowed"] = resident_bytes + kept + in_flight + kv_and_activations
+            r["cuda_allowed"] = on_device + kept + in_flight + kv_and_activations
         r.pop("plan_data", None)
 
 

@@ -382,6 +382,20 @@ def test_cuda_rows_are_held_to_the_host_to_device_limit_and_gpu_memory():
     assert disk_warm["same_tokens"] is True
     # cold: the disk, as on CPU
     assert disk_cold["limit_s"] == pytest.approx(0.25) and disk_cold["h2d_limit_s"] == pytest.approx(0.04)
+    # a small GPU's plan (`--max-memory 0=...`): the head kept in host RAM crosses at every sweep, and the GPU holds
+    # the resident parts left there and, while the head runs, its copy beside the layers read ahead
+    small = {"system": "streamed", "mode": "warm", "s_per_token": 0.06, "cuda_peak": 10, "batch": 1, "tokens": [1, 2]}
+    head = 4 * layer  # larger than a layer
+    small["plan_data"] = {
+        **_cuda_plan(host=range(4)),
+        "host_resident": ["input_embeddings", "output_embeddings"],
+        "resident_bytes": 5,
+        "host_resident_copied": head,
+    }
+    _derive([dict(ref), small], disk, [layer] * 4, 10**8, resident, layer, None, h2d)
+    assert small["h2d_bytes_per_sweep"] == 4 * layer + head
+    assert small["h2d_limit_s"] == pytest.approx((4 * layer + head) / h2d["bandwidth"])
+    assert small["cuda_allowed"] == 5 + head + 2 * layer + extra
     # host RSS is not held to the CPU allowance on CUDA (the CUDA runtime's libraries arrive after the baseline)
     assert all("rss_allowed" not in r for r in rows)
 
