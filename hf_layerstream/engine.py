@@ -130,6 +130,8 @@ class ResidencyPlan:
     # bytes copied to the device for each forward pass for the host-resident parts (the head's, or the tied
     # embeddings' a head computes with): held there while the head runs, with `prefetch` layers read ahead
     host_resident_copied: int = 0
+    # CUDA: what the plan leaves free on the device for activations and the KV cache
+    reserve: int = 0
 
     def tier(self, index: int) -> str:
         if index in self._device_set:
@@ -182,6 +184,7 @@ class ResidencyPlan:
             "host_resident": self.host_resident,
             "host_resident_bytes": self.host_resident_bytes,
             "host_resident_copied": self.host_resident_copied,
+            "reserve": self.reserve,
         }
 
 
@@ -329,6 +332,7 @@ def plan_residency(
         host_resident,
         host_resident_bytes,
         host_copied,
+        reserve if device.type != "cpu" else 0,
     )
 
 
@@ -348,15 +352,15 @@ def _least_need(plan: ResidencyPlan) -> tuple[int, int, str]:
 
 def fit_prefetch(plan_for: Callable[[int], ResidencyPlan], prefetch: int) -> ResidencyPlan:
     """`plan_for(prefetch)`, or on CUDA, where that plan's device budget cannot hold the least it needs there (the
-    resident parts and the layers in flight, see `budget_shortfall`), the plan of the largest smaller `prefetch` whose
-    budget can, else of 0. For the default `prefetch` only, which is a choice for speed: on a small GPU fitting comes
-    first (a 70B model's 1.7 GB layers on a 4 GiB GPU fit one at a time). A budget of 0 asks for nothing on the device
-    and changes nothing."""
+    resident parts and the layers in flight, see `budget_shortfall`) with its reserve for activations and the KV
+    cache, the plan of the largest smaller `prefetch` whose budget can, else of 0. For the default `prefetch` only,
+    which is a choice for speed: on a small GPU fitting comes first (a 70B model's 1.7 GB layers on a 4 GiB GPU fit
+    one at a time). A budget of 0 asks for nothing on the device and changes nothing."""
     plan = plan_for(prefetch)
     if plan.device.type == "cpu":
         return plan
     budget = plan.budgets.get(str(_device_key(plan.device)))
-    while budget and plan.prefetch > 0 and _least_need(plan)[0] > budget:
+    while budget and plan.prefetch > 0 and _least_need(plan)[0] + plan.reserve > budget:
         plan = plan_for(plan.prefetch - 1)
     return plan
 

@@ -135,8 +135,12 @@ def test_default_prefetch_is_lowered_until_a_gpu_budget_holds_it(checkpoints):
     # the layers in flight fit, once the plan has moved the embeddings and head to make room for its reserve
     roomy = fitted(resident + 3 * layer)
     assert roomy.prefetch == 2 and roomy.host_resident == ["input_embeddings", "output_embeddings"]
-    lowered = fitted(resident - embeddings + 2 * layer)
-    assert lowered.prefetch == 1 and budget_shortfall(lowered, None) is None
+    # prefetch 1 with the embeddings in host RAM, and a tenth of the budget left for activations and the KV cache
+    lowered = fitted((resident - embeddings + 2 * layer) * 10 // 9 + 10)
+    assert lowered.prefetch == 1 and lowered.host_resident == ["input_embeddings"]
+    assert budget_shortfall(lowered, None) is None and lowered.reserve == lowered.budgets["0"] // 10
+    # the same without that tenth: one layer less in flight
+    assert fitted(resident - embeddings + 2 * layer).prefetch == 0
     assert fitted(resident - embeddings + layer).prefetch == 0
     tiny = fitted(layer // 2)  # not even one layer: 0, and the warning says what the peak will be
     assert tiny.prefetch == 0
@@ -428,7 +432,7 @@ def test_inspect_shows_the_host_resident_parts(checkpoints, capsys):
         assert "cuda:1 is not available here: to plan for it anyway" in capsys.readouterr().err
     # with no --prefetch, the default is lowered as `enable_layer_streaming` lowers it
     embeddings = host_candidates(m)[0][1]
-    budget = resident - embeddings + 2 * layer
+    budget = (resident - embeddings + 2 * layer) * 10 // 9 + 10  # (and a tenth for activations)
     assert main(["inspect", str(shards), "--json", "--device", "cuda", "--max-memory", f"0={budget}"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["plan"]["prefetch"] == 1 and info["warning"] is None
