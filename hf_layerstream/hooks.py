@@ -1,4 +1,4 @@
-"""The accelerate hook attached to each decoder layer."""
+"""The accelerate hooks: one on each decoder layer, and on the resident modules kept in host RAM on a small GPU."""
 
 from __future__ import annotations
 

@@ -193,6 +193,10 @@ def test_a_70b_model_is_planned_onto_a_4_gib_gpu():
 @pytest.fixture
 def force_host_resident(monkeypatch):
     """Plans that keep every candidate in host RAM (what a small GPU's budget gives), on any device."""
+    _force_host_resident(monkeypatch)
+
+
+def _force_host_resident(monkeypatch):
     import hf_layerstream.stream as stream
 
     plan = stream.plan_residency
@@ -280,6 +284,23 @@ def test_profile_has_the_host_resident_parts(checkpoints, force_host_resident):
     assert host["output_embeddings"]["copy"] > 0 and host["input_embeddings"]["copy"] == 0
     summary = state.profile.summary()
     assert f"in host RAM ({passes} passes)" in summary and f"in host RAM ({passes} passes, copy H2D" in summary
+
+
+def test_quantized_shards_with_host_resident_parts(checkpoints, monkeypatch):
+    """4-bit shards (the resident parts stay full precision): the parts in host RAM give what the same shards give
+    with them on the device, bit for bit."""
+    pytest.importorskip("bitsandbytes")
+    ckpt, shards = checkpoints("llama", compression="4bit")
+    ids = torch.tensor([[1, 5, 9, 22, 40, 7]])
+    kept = streamed_model(ckpt, shards, max_memory={"cpu": 0}, prefetch=1)
+    with torch.no_grad():
+        expected = kept(ids).logits
+    disable_layer_streaming(kept)
+    _force_host_resident(monkeypatch)
+    model = streamed_model(ckpt, shards, max_memory={"cpu": 0}, prefetch=1)
+    assert isinstance(model.get_output_embeddings().weight, HostResident)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, expected)
 
 
 @pytest.mark.parametrize("model_type", ["llava", "gemma3"])
