@@ -121,3 +121,29 @@ def returns_within(seconds: float, fn, *args, **kwargs):
     if "error" in out:
         raise out["error"]
     return out.get("value")
+
+
+def generate_from_threads(model, tok, prompts: list[str], wanted: list, calls: int = 3, **kwargs) -> None:
+    """One thread per prompt, started at once, each calling `model.generate` on its prompt `calls` times (a server's
+    worker threads); every call must give `wanted[i]` exactly, none may raise."""
+    results: dict[int, list] = {i: [] for i in range(len(prompts))}
+    start = threading.Barrier(len(prompts))
+
+    def run(i):
+        start.wait()
+        for _ in range(calls):
+            try:
+                results[i].append(model.generate(**tok(prompts[i], return_tensors="pt"), **kwargs))
+            except Exception as e:  # noqa: BLE001 - reported below
+                results[i].append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for i in range(len(prompts)):
+        assert len(results[i]) == calls
+        for out in results[i]:
+            assert isinstance(out, torch.Tensor), out
+            assert torch.equal(out, wanted[i])

@@ -16,7 +16,7 @@ import _models
 import pytest
 import torch
 from _pagecache import cached_share, drop_from_page_cache, map_cpu_per_mib, read_in_big_chunks
-from conftest import streamed_model
+from conftest import generate_from_threads, streamed_model
 from transformers import AutoTokenizer
 
 from hf_layerstream import (
@@ -598,27 +598,7 @@ def test_generate_from_several_threads_at_once(llama, options):
     prompts = [_models.SAMPLE_PROMPTS[i % 3] for i in range(4)]
     ref = _models.load_reference(ckpt)
     wanted = [ref.generate(**tok(p, return_tensors="pt"), **GEN, pad_token_id=pad) for p in prompts]
-    results: dict[int, list] = {i: [] for i in range(4)}
-    start = threading.Barrier(4)
-
-    def run(i):
-        start.wait()
-        for _ in range(3):
-            try:
-                results[i].append(model.generate(**tok(prompts[i], return_tensors="pt"), **GEN, pad_token_id=pad))
-            except Exception as e:  # noqa: BLE001 - reported below
-                results[i].append(e)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    for i in range(4):
-        assert len(results[i]) == 3
-        for out in results[i]:
-            assert isinstance(out, torch.Tensor), out
-            assert torch.equal(out, wanted[i])
+    generate_from_threads(model, tok, prompts, wanted, **GEN, pad_token_id=pad)
     assert get_streaming_state(model).loader.in_use() == []
     disable_layer_streaming(model)
 

@@ -14,7 +14,7 @@ import json
 import _models
 import pytest
 import torch
-from conftest import build_meta_model, streamed_model
+from conftest import build_meta_model, generate_from_threads, streamed_model
 from transformers import AutoConfig, AutoTokenizer
 
 from hf_layerstream import ShardDirectory, disable_layer_streaming, enable_layer_streaming, get_streaming_state
@@ -332,7 +332,6 @@ def test_host_resident_parts_with_generate_from_several_threads(checkpoints, for
     """Worker threads calling `generate` at once: the head runs outside the pass over the layers, and without a lock
     one thread's head put the placeholder back under another's matmul (a head that takes a while, as a large one's
     copy does, is what this test gives it). Every call gives its prompt's exact output."""
-    import threading
     import time
 
     ckpt, shards = checkpoints("llama")
@@ -350,27 +349,7 @@ def test_host_resident_parts_with_generate_from_several_threads(checkpoints, for
     prompts = [_models.SAMPLE_PROMPTS[i % 3] for i in range(4)]
     kw = {**GEN, "pad_token_id": tok.pad_token_id}
     wanted = [ref.generate(**tok(p, return_tensors="pt"), **kw) for p in prompts]
-    results: dict[int, list] = {i: [] for i in range(4)}
-    start = threading.Barrier(4)
-
-    def run(i):
-        start.wait()
-        for _ in range(3):
-            try:
-                results[i].append(model.generate(**tok(prompts[i], return_tensors="pt"), **kw))
-            except Exception as e:  # noqa: BLE001 - reported below
-                results[i].append(e)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    for i in range(4):
-        assert len(results[i]) == 3
-        for out in results[i]:
-            assert isinstance(out, torch.Tensor), out
-            assert torch.equal(out, wanted[i])
+    generate_from_threads(model, tok, prompts, wanted, **kw)
     assert isinstance(model.get_output_embeddings().weight, HostResident)
 
 
