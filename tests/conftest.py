@@ -147,3 +147,29 @@ def generate_from_threads(model, tok, prompts: list[str], wanted: list, calls: i
         for out in results[i]:
             assert isinstance(out, torch.Tensor), out
             assert torch.equal(out, wanted[i])
+
+
+def assert_same_decode_steps(
+    ref, streamed, inputs, steps: int = 4, *, pad_token_id: int = _models.PAD_TOKEN_ID, hidden_states: bool = False
+) -> tuple[torch.Tensor, ...]:
+    """Greedy `generate` of both: the same tokens, and every step's logits (and, with `hidden_states`, every layer's
+    hidden states) bit for bit. Returns the logits."""
+    kw = {
+        "max_new_tokens": steps,
+        "min_new_tokens": steps,
+        "do_sample": False,
+        "return_dict_in_generate": True,
+        "output_logits": True,
+        "output_hidden_states": hidden_states,
+        "pad_token_id": pad_token_id,
+    }
+    a, b = ref.generate(**inputs, **kw), streamed.generate(**inputs, **kw)
+    assert torch.equal(a.sequences, b.sequences)
+    assert len(a.logits) == len(b.logits) == steps
+    for step, (x, y) in enumerate(zip(a.logits, b.logits)):
+        assert torch.equal(x, y), f"step {step}: logits differ by up to {(x - y).abs().max().item():.3g}"
+    if hidden_states:
+        for step, (xs, ys) in enumerate(zip(a.hidden_states, b.hidden_states)):
+            for layer, (x, y) in enumerate(zip(xs, ys)):
+                assert torch.equal(x, y), f"step {step}, hidden state {layer} differs"
+    return a.logits

@@ -18,7 +18,7 @@ import json
 import _models
 import pytest
 import torch
-from conftest import build_meta_model, streamed_model
+from conftest import assert_same_decode_steps, build_meta_model, streamed_model
 from transformers import AutoTokenizer
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -158,24 +158,6 @@ def _config(model_type: str, **overrides):
     return config
 
 
-def _assert_same_decode_steps(ref, streamed, inputs, steps: int = 4) -> tuple[torch.Tensor, ...]:
-    """Greedy `generate` of both: the same tokens, and every step's logits bit for bit. Returns the logits."""
-    kw = {
-        "max_new_tokens": steps,
-        "min_new_tokens": steps,
-        "do_sample": False,
-        "return_dict_in_generate": True,
-        "output_logits": True,
-        "pad_token_id": _models.PAD_TOKEN_ID,
-    }
-    a, b = ref.generate(**inputs, **kw), streamed.generate(**inputs, **kw)
-    assert torch.equal(a.sequences, b.sequences)
-    assert len(a.logits) == len(b.logits) == steps
-    for step, (x, y) in enumerate(zip(a.logits, b.logits)):
-        assert torch.equal(x, y), f"step {step}: logits differ by up to {(x - y).abs().max().item():.3g}"
-    return a.logits
-
-
 @pytest.mark.parametrize("model_type", list(MORE_ARCHITECTURES))
 def test_streamed_decode_steps_equal_the_loaded_model(tmp_path, model_type):
     ckpt = _models.save_tiny_checkpoint(_config(model_type), tmp_path / "checkpoint")
@@ -183,7 +165,7 @@ def test_streamed_decode_steps_equal_the_loaded_model(tmp_path, model_type):
     ref = _models.load_reference(ckpt)
     streamed = streamed_model(ckpt, shards, max_memory={"cpu": 0}, prefetch=1)
     inputs = AutoTokenizer.from_pretrained(ckpt)(_models.SAMPLE_PROMPTS[2], return_tensors="pt")
-    _assert_same_decode_steps(ref, streamed, inputs)
+    assert_same_decode_steps(ref, streamed, inputs)
 
 
 def test_a_stack_of_several_layer_classes_is_found():
@@ -365,7 +347,7 @@ def test_vision_language_models_stream_their_language_model(tmp_path, model_type
     disable_layer_streaming(from_cli)
     stack = find_layer_stack(streamed)
     assert stack.prefix == "model.language_model.layers" and len(stack) == _models.NUM_HIDDEN_LAYERS
-    first_step = _assert_same_decode_steps(ref, streamed, inputs)[0]
+    first_step = assert_same_decode_steps(ref, streamed, inputs)[0]
     # the image counts: without it the first step's logits are others
     text_only = {k: v[:, -7:] for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
     with torch.no_grad():
@@ -413,7 +395,7 @@ def test_vision_language_checkpoints_auto_model_for_causal_lm_takes_stream_as_te
     streamed = streamed_model(tmp_path / "checkpoint", shards, max_memory={"cpu": 0})
     assert type(streamed) is type(ref) and type(ref).__name__ == text_class
     inputs = {"input_ids": torch.tensor([[_models.BOS_TOKEN_ID, *range(5, 14)]])}
-    _assert_same_decode_steps(ref, streamed, inputs)
+    assert_same_decode_steps(ref, streamed, inputs)
 
     with init_empty_weights():
         vision_language = AutoModelForImageTextToText.from_config(config)
@@ -453,7 +435,7 @@ def test_llama_3_2_vision_split_for_images_with_model_class(tmp_path):
             AutoConfig.from_pretrained(shards), attn_implementation=_models.ATTN_IMPLEMENTATION
         )
     enable_layer_streaming(streamed, shards, device="cpu", max_memory={"cpu": 0})
-    first_step = _assert_same_decode_steps(ref, streamed, inputs)[0]
+    first_step = assert_same_decode_steps(ref, streamed, inputs)[0]
     without_image = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
     with torch.no_grad():
         assert not torch.equal(streamed(**without_image).logits[:, -1], first_step)
@@ -506,5 +488,5 @@ def test_more_architectures_stream_exactly_on_cuda(tmp_path, model_type):
                 config, attn_implementation=_models.ATTN_IMPLEMENTATION
             )
         enable_layer_streaming(streamed, shards, device="cuda", max_memory=budget, prefetch=2)
-        _assert_same_decode_steps(ref, streamed, inputs)
+        assert_same_decode_steps(ref, streamed, inputs)
         disable_layer_streaming(streamed)

@@ -12,7 +12,7 @@ from contextlib import redirect_stdout
 import _models
 import pytest
 import torch
-from conftest import streamed_model
+from conftest import assert_same_decode_steps, streamed_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer, pipeline
 
 from hf_layerstream import ShardDirectory, disable_layer_streaming, get_streaming_state
@@ -71,24 +71,7 @@ def test_decode_step_logits_and_hidden_states_bit_exact(pair, arch):
     multiplies each weight by one token's vector, a path whose result depends on the weight's alignment; see
     `_models.load_reference`.)"""
     ref, streamed, tok = pair(arch)
-    inputs = _ids(tok)
-    kw = {
-        "max_new_tokens": 5,
-        "min_new_tokens": 5,
-        "do_sample": False,
-        "return_dict_in_generate": True,
-        "output_logits": True,
-        "output_hidden_states": True,
-        "pad_token_id": tok.pad_token_id,
-    }
-    a, b = ref.generate(**inputs, **kw), streamed.generate(**inputs, **kw)
-    assert torch.equal(a.sequences, b.sequences)
-    assert len(a.logits) == len(b.logits) == 5
-    for step, (x, y) in enumerate(zip(a.logits, b.logits)):
-        assert torch.equal(x, y), f"step {step}: logits differ by up to {(x - y).abs().max().item():.3g}"
-    for step, (xs, ys) in enumerate(zip(a.hidden_states, b.hidden_states)):
-        for layer, (x, y) in enumerate(zip(xs, ys)):
-            assert torch.equal(x, y), f"step {step}, hidden state {layer} differs"
+    assert_same_decode_steps(ref, streamed, _ids(tok), 5, pad_token_id=tok.pad_token_id, hidden_states=True)
 
 
 GENERATE_VARIANTS = {

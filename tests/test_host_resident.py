@@ -14,7 +14,7 @@ import json
 import _models
 import pytest
 import torch
-from conftest import build_meta_model, generate_from_threads, streamed_model
+from conftest import assert_same_decode_steps, build_meta_model, generate_from_threads, streamed_model
 from transformers import AutoConfig, AutoTokenizer
 
 from hf_layerstream import ShardDirectory, disable_layer_streaming, enable_layer_streaming, get_streaming_state
@@ -309,7 +309,7 @@ def test_vision_language_model_with_host_resident_parts(tmp_path, force_host_res
     merged into embeddings sent back to the device, and the decode steps are the loaded model's (Gemma-3: tied and
     scaled embeddings)."""
     from accelerate import init_empty_weights
-    from test_architectures import _assert_same_decode_steps, _save_vision_language, _vision_language
+    from test_architectures import _save_vision_language, _vision_language
     from transformers import AutoModelForImageTextToText
 
     from hf_layerstream import split_checkpoint
@@ -325,7 +325,7 @@ def test_vision_language_model_with_host_resident_parts(tmp_path, force_host_res
     enable_layer_streaming(streamed, shards, device="cpu", max_memory={"cpu": 0}, prefetch=1)
     assert get_streaming_state(streamed).plan.host_resident[0] == "input_embeddings"
     assert isinstance(streamed.get_input_embeddings()._hf_hook, HostResidentHook)
-    _assert_same_decode_steps(ref, streamed, inputs)
+    assert_same_decode_steps(ref, streamed, inputs)
 
 
 def test_host_resident_parts_with_generate_from_several_threads(checkpoints, force_host_resident, monkeypatch):
