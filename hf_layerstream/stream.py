@@ -207,6 +207,10 @@ def _host_parts(model: nn.Module, stack: LayerStack, shards: ShardDirectory, tar
     names = {id(m): n for n, m in model.named_modules()}
     unit = shards.unit(RESIDENT).tensors
     tied = tied_targets(model)
+
+    def nbytes(names: list[str]) -> int:  # at the model's dtypes
+        return sum(unit[n].numel * target_dtypes.get(n, unit[n].dtype).itemsize for n in names)
+
     parts: list[_HostPart] = []
     for kind, getter in (("input_embeddings", "get_input_embeddings"), ("output_embeddings", "get_output_embeddings")):
         try:
@@ -218,12 +222,12 @@ def _host_parts(model: nn.Module, stack: LayerStack, shards: ShardDirectory, tar
         prefix = names[id(module)] + "." if names[id(module)] else ""
         own = [prefix + n for n, _ in module.named_parameters()]
         tensors = [n for n in own if n in unit and stack.unit_of(n) == RESIDENT]
-        size = sum(unit[n].numel * target_dtypes.get(n, unit[n].dtype).itemsize for n in tensors)
+        size = nbytes(tensors)
         if kind == "output_embeddings":
             if parts and any(tied.get(n) in parts[0].tensors for n in own):  # tied to the embeddings
                 embeddings = parts[0]
                 sources = [tied[n] for n in own if tied.get(n) in embeddings.tensors]
-                embeddings.copied = sum(unit[n].numel * target_dtypes.get(n, unit[n].dtype).itemsize for n in sources)
+                embeddings.copied = nbytes(sources)
             if not tensors:
                 continue
             parts.append(_HostPart(kind, module, names[id(module)], tensors, size, size))
