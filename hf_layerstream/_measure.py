@@ -226,6 +226,7 @@ def _load(spec: dict):
             prefetch=spec.get("prefetch"),
             profile=spec.get("profile", False),
             keep_in_page_cache=spec.get("keep_in_page_cache"),
+            dequantize=spec.get("dequantize"),
         )
         files = weight_files(system, spec["path"])
     else:
@@ -258,7 +259,7 @@ def measure(spec: dict) -> dict:
 
     Keys of `spec`: `system` (`in_memory`, `accelerate_offload`, `streamed` or `baseline`), `path`, `input_ids`,
     `max_new_tokens`, and optionally `cold`, `batch`, `repeats`, `threads`, `dtype`, `device`, `max_memory`,
-    `prefetch`, `profile`, `keep_in_page_cache`, `offload_folder`, `assistant` (a draft model folder for assisted
+    `prefetch`, `profile`, `keep_in_page_cache`, `dequantize`, `offload_folder`, `assistant` (a draft model folder for assisted
     decoding), `pad_token_id`, `warmup` (warm runs only: one untimed `generate` first; default true), `disk_way`
     (cold runs of our model: pair every decode step with a read of the layer files it streams, that way, just before
     it; see `_DiskPairing`).

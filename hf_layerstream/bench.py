@@ -81,6 +81,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
         help="ours vs whole model in RAM vs accelerate disk offload, warm and cold, against the physical limits",
         description=__doc__.split("\n\n")[0],
     )
+    from .cli import _add_dequantize_arg
+
     p.add_argument("source", nargs="?", default=None, help="checkpoint folder, hub id, or shard directory")
     p.add_argument("--demo", action="store_true", help="generate the random-weight Llama-shaped model of BENCHMARKS.md")
     p.add_argument("--checkpoint", default=None, help="original checkpoint (when SOURCE is a shard directory)")
@@ -93,6 +95,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=8, help="tokens generated per run (default 8)")
     p.add_argument("--prompt-tokens", type=int, default=16, help="prompt length in tokens (default 16)")
     p.add_argument("--prefetch", type=int, default=None, help="layers read ahead by our loader (default: library's)")
+    _add_dequantize_arg(p)
     p.add_argument(
         "--max-memory", default=None, help="budget of the 'streamed' row, e.g. 'cpu=1GiB' (default: library's plan)"
     )
@@ -516,6 +519,7 @@ def bench(args) -> dict:
             # profiling waits for the GPU after every copy and every layer (to time them): not on CUDA, where that
             # would remove the very overlap being measured
             spec = {"system": "streamed", "path": str(path), "prefetch": args.prefetch, "profile": not on_cuda}
+            spec["dequantize"] = None if args.dequantize == "auto" else args.dequantize
             spec["device"] = args.device
             if system.startswith("streamed_disk"):  # nothing kept anywhere: on the device neither
                 spec["max_memory"] = {"cpu": 0, **({str(device.index): 0} if on_cuda else {})}
@@ -740,23 +744,31 @@ def _derive(rows, disk, stored, baseline_rss, resident_bytes, layer_bytes, store
         r.setdefault("peak_rss", None)
         r["ratio_to_bound"] = spt / r["bound_s"] if (spt and r.get("bound_s")) else None
         k = None
+        in_flight_layer = layer_bytes  # a layer in flight, and what its weights need beyond that
+        scratch = 0
         if plan is not None:
             k = plan["prefetch"]
+            if plan.get("dequantize") == "module":  # held packed, one weight dequantized at a time
+                in_flight_layer = max(plan["layer_bytes"], default=0)
+                scratch = plan.get("scratch", 0)
         # host RSS on CPU only: on CUDA the weights live on the device, and the CUDA runtime's libraries (loaded at
         # its first use, after the baseline) dwarf what the loader holds in host memory
         if r["system"].startswith("streamed_disk") and plan is not None and not on_cuda:
-            allowed = RSS_SLACK * (resident_bytes + (k + 1) * layer_bytes)
+            allowed = RSS_SLACK * (resident_bytes + (k + 1) * in_flight_layer + scratch)
             r["rss_over_baseline"] = r["peak_rss"] - (r.get("baseline_rss") or baseline_rss)
             r["rss_allowed"] = allowed
         if on_cuda and plan is not None and base is not None and base.get("cuda_peak") is not None:
-            weights = resident_bytes + sum(plan["layer_bytes"])
+            # (what the whole model holds: the plan's layer sizes are packed ones where it dequantizes per module)
+            packed = plan.get("dequantize") == "module"
+            weights = resident_bytes + (len(plan["layer_bytes"]) * layer_bytes if packed else sum(plan["layer_bytes"]))
             kv_and_activations = max(0, base["cuda_peak"] - weights)
             kept = sum(plan["layer_bytes"][i] for i in plan["device_layers"])
-            in_flight = (k + 1) * layer_bytes if (plan["streamed"] or plan["host_layers"]) else 0
+            in_flight = (k + 1) * in_flight_layer if (plan["streamed"] or plan["host_layers"]) else 0
+            in_flight += scratch
             on_device = resident_bytes
             if plan.get("host_resident"):  # the embeddings and head in host RAM: the head's copy while it runs
                 on_device = plan["resident_bytes"]
-                in_flight = max(in_flight, plan["host_resident_copied"] + k * layer_bytes)
+                in_flight = max(in_flight, plan["host_resident_copied"] + k * in_flight_layer)
             r["cuda_kv_and_activations"] = kv_and_activations
             r["cuda_allowed"] = on_device + kept + in_flight + kv_and_activations
         r.pop("plan_data", None)

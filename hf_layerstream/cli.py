@@ -59,6 +59,22 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
         help="streamed layers' pages after use: keep them in the page cache, drop them, or auto (keep while they fit "
         "in a safe share of the free memory)",
     )
+    _add_dequantize_arg(p)
+
+
+def _add_dequantize_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--dequantize",
+        choices=["auto", "layer", "module"],
+        default="auto",
+        help="quantized shards: dequantize each layer ahead of the compute (layer), or hold layers packed and "
+        "dequantize each weight as its module runs (module: less memory); auto: module on a GPU that cannot keep "
+        "every layer dequantized, else layer",
+    )
+
+
+def _dequantize(text: str | None) -> str | None:
+    return None if text in (None, "auto") else text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -200,6 +216,7 @@ def load_streamed_model(
     profile=False,
     verify=False,
     keep_in_page_cache=None,
+    dequantize=None,
 ):
     """Build the model of a shard directory on meta and enable streaming (what `generate` and `bench` use)."""
     from transformers import AutoConfig
@@ -222,6 +239,7 @@ def load_streamed_model(
         profile=profile,
         verify=verify,
         keep_in_page_cache=keep_in_page_cache,
+        dequantize=dequantize,
     )
 
 
@@ -240,6 +258,7 @@ def _cmd_generate(args) -> int:
         profile=args.profile,
         verify=args.verify,
         keep_in_page_cache=_page_cache(args.page_cache),
+        dequantize=_dequantize(args.dequantize),
     )
     tok = AutoTokenizer.from_pretrained(args.tokenizer or args.shard_dir)
     gen_kwargs = {"max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample}
@@ -301,9 +320,9 @@ def _cmd_demo(args) -> int:
 def _cmd_inspect(args) -> int:
     import torch
 
-    from .engine import budget_shortfall, fit_prefetch, plan_residency
+    from .engine import budget_shortfall
     from .shard_dir import ShardDirectory
-    from .stream import default_prefetch, host_candidates
+    from .stream import plan_shard_dir
 
     shards = ShardDirectory(args.shard_dir)
     m = shards.manifest
@@ -313,26 +332,15 @@ def _cmd_inspect(args) -> int:
     units = [shards.unit(f"layers.{i}") for i in range(m.num_layers)]
     full_bytes = [u.nbytes_as(dtype or torch.bfloat16) for u in units]
     stored = [u.size for u in units]
-    layer_sizes = None
-    if dtype is not None:
-        layer_sizes = {i: full_bytes[i] for i in range(m.num_layers)}
-    candidates = host_candidates(shards, dtype) if device.type == "cuda" else None
-
-    def plan_for(prefetch: int):
-        return plan_residency(
-            shards,
-            device,
-            dtype_size=layer_sizes,
-            resident_size=shards.unit("resident").nbytes_as(dtype) if dtype is not None else None,
-            max_memory=max_memory,
-            prefetch=prefetch,
-            keep_in_page_cache=_page_cache(args.page_cache),
-            host_candidates=candidates,
-        )
-
-    # (as `enable_layer_streaming` plans: the default prefetch lowered until a GPU's budget holds it)
-    plan = (
-        fit_prefetch(plan_for, default_prefetch(device, shards)) if args.prefetch is None else plan_for(args.prefetch)
+    # (as `enable_layer_streaming` plans: the default prefetch lowered until a GPU's budget holds it, and so on)
+    plan = plan_shard_dir(
+        shards,
+        device,
+        dtype=dtype,
+        prefetch=args.prefetch,
+        dequantize=_dequantize(args.dequantize),
+        max_memory=max_memory,
+        keep_in_page_cache=_page_cache(args.page_cache),
     )
     ratio = sum(stored) / max(sum(full_bytes), 1)
     info = {

@@ -21,7 +21,9 @@ gets there lives here:
 * CUDA: pinned staging buffers allocated once, `non_blocking` copies on a side stream, events to order copy and
   compute, no `empty_cache()` in the hot path;
 * quantized shards are dequantized on the execution device by the codec, in the loader. On CPU a map thread
-  maps and reads a quantized layer's file from the disk while the loader thread decodes the layer before it.
+  maps and reads a quantized layer's file from the disk while the loader thread decodes the layer before it. Or,
+  with `deferred` weights (`dequantize="module"`), those are handed over packed (`PackedWeight`) and the hooks decode
+  each as its module runs.
 """
 
 from __future__ import annotations
@@ -117,7 +119,7 @@ class ResidencyPlan:
     host_layers: list[int]  # kept in host RAM (pinned on CUDA); on CPU execution these are the device layers
     streamed: list[int]  # loaded for each use and released after it
     resident_bytes: int
-    layer_bytes: list[int]  # at execution dtype
+    layer_bytes: list[int]  # at execution dtype (quantized weights dequantized per module: packed)
     stored_bytes: list[int]  # on disk
     budgets: dict[str, int] = field(default_factory=dict)
     prefetch: int = 1
@@ -132,6 +134,10 @@ class ResidencyPlan:
     host_resident_copied: int = 0
     # CUDA: what the plan leaves free on the device for activations and the KV cache
     reserve: int = 0
+    # where quantized weights are dequantized: "layer" (the whole layer by the loader, before its forward pass) or
+    # "module" (each weight as its module runs: layers are held packed, and `scratch` bytes hold the weight dequantized)
+    dequantize: str = "layer"
+    scratch: int = 0
 
     def tier(self, index: int) -> str:
         if index in self._device_set:
@@ -161,6 +167,10 @@ class ResidencyPlan:
                 kept.append("the head tied to them copies them to the device for each forward pass")
             parts.append(f"{self.host_resident_bytes / gib:.2f} GiB kept in host RAM ({'; '.join(kept)})")
         parts.append(f"{len(self.device_layers)} layers kept on {self.device}")
+        if self.dequantize == "module":
+            parts.append(
+                f"quantized weights held packed, dequantized one module at a time (up to {self.scratch / gib:.2f} GiB)"
+            )
         if self.device.type != "cpu":
             parts.append(f"{len(self.host_layers)} layers kept in pinned host RAM")
         parts.append(f"{len(self.streamed)} streamed from disk (prefetch {self.prefetch})")
@@ -185,6 +195,8 @@ class ResidencyPlan:
             "host_resident_bytes": self.host_resident_bytes,
             "host_resident_copied": self.host_resident_copied,
             "reserve": self.reserve,
+            "dequantize": self.dequantize,
+            "scratch": self.scratch,
         }
 
 
@@ -243,6 +255,8 @@ def plan_residency(
     reserve: int | None = None,
     keep_in_page_cache: bool | None = None,
     host_candidates: list[tuple[str, int, int]] | None = None,
+    dequantize: str = "layer",
+    scratch: int = 0,
 ) -> ResidencyPlan:
     """Turn a memory budget (accelerate's `max_memory` convention) into a static residency plan.
 
@@ -255,6 +269,10 @@ def plan_residency(
     device budget cannot hold the resident parts, `prefetch + 1` layers and the reserve: a 70B model's embeddings and
     head (2 GiB each at a 128k vocabulary) do not fit a 4 GiB GPU together with a layer. (Ignored on CPU: the host
     is the device.)
+
+    `dequantize="module"`: the quantized weights are dequantized one module at a time, as it runs; `dtype_size` then
+    gives their layers' sizes with those weights packed, and `scratch` (the largest of them dequantized) is added to
+    the working set.
     """
     if max_memory is not None and not isinstance(max_memory, dict):
         raise TypeError(
@@ -266,7 +284,7 @@ def plan_residency(
     stored = [shards.unit(layer_unit(i)).size for i in range(n)]
     resident = shards.unit(RESIDENT).logical_nbytes if resident_size is None else resident_size
     biggest = max(layer_bytes, default=0)
-    working = (prefetch + 1) * biggest
+    working = (prefetch + 1) * biggest + scratch
     budgets: dict[str, int] = {}
     host_budget = _max_memory_for(max_memory, "cpu")
     if host_budget is None:
@@ -333,6 +351,8 @@ def plan_residency(
         host_resident_bytes,
         host_copied,
         reserve if device.type != "cpu" else 0,
+        dequantize,
+        scratch,
     )
 
 
@@ -342,8 +362,10 @@ def _least_need(plan: ResidencyPlan) -> tuple[int, int, str]:
     `(bytes, bytes of the working set, what the working set is)`."""
     biggest = max(plan.layer_bytes, default=0)
     in_flight = min(plan.prefetch, max(len(plan.layer_bytes) - 1, 0)) + 1  # (the loader reads at most n - 1 ahead)
-    working = in_flight * biggest
+    working = in_flight * biggest + plan.scratch
     what = f"the {in_flight} layers in flight with prefetch={plan.prefetch}"
+    if plan.scratch:
+        what += " (packed, and one weight dequantized)"
     if plan.host_resident_copied + (in_flight - 1) * biggest > working:  # (the head's copy, while it runs)
         working = plan.host_resident_copied + (in_flight - 1) * biggest
         what = f"the head's copy and the {in_flight - 1} layers read ahead while it runs"
@@ -484,6 +506,15 @@ class Profile:
             copied = f", copy H2D {h.copy:.3f} s" if part == "output_embeddings" else ""
             lines.append(f"  {names.get(part, part):9} {h.compute:.3f} s in host RAM ({h.calls} passes{copied})")
         return "\n".join(lines)
+
+
+def _leaves(tensors: dict) -> list[torch.Tensor]:
+    """A layer's tensors as the loader hands them over, with each packed weight's parts in its place."""
+    out = []
+    for value in tensors.values():
+        parts = getattr(value, "parts", None)
+        out.extend(parts.values() if isinstance(parts, dict) else (value,))
+    return out
 
 
 def _noop() -> None:
@@ -816,6 +847,7 @@ class LayerLoader:
         layer_prefixes: list[str],
         prefetch: int = 1,
         profile: Profile | None = None,
+        deferred: Collection[str] = frozenset(),
     ):
         self.shards = shards
         self.device = device
@@ -823,6 +855,9 @@ class LayerLoader:
         self.profile = profile
         self.target_dtypes = target_dtypes  # full name -> dtype the model computes in
         self.layer_prefixes = layer_prefixes
+        # quantized weights (full names) handed over packed (`PackedWeight`), dequantized by the hooks as each one's
+        # module runs (`dequantize="module"`)
+        self.deferred = frozenset(deferred)
         self.is_cuda = device.type == "cuda"
         n = shards.num_layers
         # every layer that is not kept on the device goes through the loader thread (host tier: an H2D copy from
@@ -845,7 +880,11 @@ class LayerLoader:
         # each layer always by the same one (`_map_thread`), so its eviction after use and its next map run in order
         self._map_streams = MAP_STREAMS if self._streamed and not self.is_cuda and hasattr(mmap, "MAP_POPULATE") else 0
         self._new_executors()
-        decoded = {i for i in self._streamed if any(t.quant for t in shards.unit(layer_unit(i)).tensors.values())}
+        decoded = {
+            i
+            for i in self._streamed
+            if any(t.quant and n not in self.deferred for n, t in shards.unit(layer_unit(i)).tensors.items())
+        }
         # full-precision layers take turns (two read at once; with an odd number of streamed layers, the last and the
         # first share one), quantized ones all go to the first (their reads are small and overlap the decoding: two at
         # once gained nothing there, 1.03x and 1.08x the step time, measured)
@@ -1213,8 +1252,9 @@ class LayerLoader:
     ) -> dict[str, torch.Tensor]:
         """Stored tensors (host or device) -> logical tensors on the device, at the model's dtypes. `mapped`: `raw`
         views a private map of the file used for this sweep only; packed parts leave the resident set once decoded
-        (so a layer's packed and decoded weights are not both resident until the whole layer is decoded)."""
-        from .quant import dequantize_tensor
+        (so a layer's packed and decoded weights are not both resident until the whole layer is decoded). The weights
+        in `deferred` stay packed (`PackedWeight`, its parts on the device)."""
+        from .quant import PackedWeight, dequantize_tensor
 
         entry = self.shards.unit(unit)
         out: dict[str, torch.Tensor] = {}
@@ -1226,7 +1266,16 @@ class LayerLoader:
             if name in skip:
                 continue
             target = self.target_dtypes.get(name, info.dtype)
-            if info.quant is not None:
+            if info.quant is not None and name in self.deferred:
+                parts = {p: raw[f"{name}::{p}"] for p in info.quant["parts"]}
+                if any(part.device != self.device for part in parts.values()):
+                    t0 = time.perf_counter()
+                    # (as the codec copies them: asynchronously from pinned memory, a file map's pages synchronously)
+                    parts = {p: part.to(self.device, non_blocking=part.is_pinned()) for p, part in parts.items()}
+                    sync()
+                    t_copy += time.perf_counter() - t0
+                value = PackedWeight(parts, info.quant, target, self.device)
+            elif info.quant is not None:
                 t0 = time.perf_counter()
                 parts = {p: raw[f"{name}::{p}"] for p in info.quant["parts"]}
                 value = dequantize_tensor(parts, info.quant, device=self.device, dtype=target)
@@ -1494,8 +1543,9 @@ class LayerLoader:
                 else:
                     tensors = self._relative(index, self._finish(unit, raw, index, mapped=mapped, times=times))
                     if kept is not None and raw is kept.views:
-                        # nothing decoded or cast: the layer's tensors are its map's views, the same at every use
-                        if {id(t) for t in tensors.values()} == {id(t) for t in raw.values()}:
+                        # nothing decoded or cast: the layer's tensors are its map's views (or packed weights of
+                        # them), the same at every use
+                        if {id(t) for t in _leaves(tensors)} == {id(t) for t in raw.values()}:
                             kept.finished = tensors
             except BaseException:
                 if buffer is not None:

@@ -32,33 +32,46 @@ class LayerStreamingHook(ModelHook):
         self.names = [rel for _, _, rel, _ in slots]
         self.profile = profile
         self._t0 = 0.0
+        # slots whose weight the loader hands over packed (see `ModuleDequantizer`): their `Packed` placeholder
+        # while the layer is loaded, and, during its forward pass, the packed weight
+        self.packed_placeholders: dict[int, nn.Parameter] = {}
+        self.packed: dict = {}
+        self.dequantized = 0.0  # profiling: seconds spent dequantizing in this forward pass (not compute)
 
     def init_hook(self, module):
         return module
 
+    def _sync(self) -> None:
+        if self.loader.is_cuda:  # (when profiling only: the times are real)
+            torch.cuda.current_stream(self.loader.device).synchronize()
+
     def pre_forward(self, module, *args, **kwargs):
         tensors = self.loader.acquire(self.index)
-        for module_, attr, rel, is_param in self.slots:
+        for k, (module_, attr, rel, is_param) in enumerate(self.slots):
             value = tensors[rel]
-            if is_param:
-                module_._parameters[attr] = nn.Parameter(value, requires_grad=False)
-            else:
-                module_._buffers[attr] = value
+            if k in self.packed_placeholders and not isinstance(value, torch.Tensor):
+                self.packed[k] = value
+                value = self.packed_placeholders[k]
+            elif is_param:
+                value = nn.Parameter(value, requires_grad=False)
+            (module_._parameters if is_param else module_._buffers)[attr] = value
         if self.profile is not None:
             if self.index == 0:
                 self.profile.forward_calls += 1
+            self.dequantized = 0.0
             self._t0 = time.perf_counter()
         return args, kwargs
 
     def post_forward(self, module, output):
         if self.profile is not None:
-            if self.loader.is_cuda:
-                torch.cuda.current_stream(self.loader.device).synchronize()
-            self.profile.add(self.index, compute=time.perf_counter() - self._t0)
+            self._sync()
+            elapsed = time.perf_counter() - self._t0
+            self.profile.add(self.index, compute=elapsed - self.dequantized, dequantize=self.dequantized)
         self._unload()
         return output
 
     def _unload(self):
+        self.packed = {}
         for (module_, attr, _, is_param), placeholder in zip(self.slots, self.placeholders):
             (module_._parameters if is_param else module_._buffers)[attr] = placeholder
         self.loader.release(self.index)
@@ -184,12 +197,9 @@ class PassGuard:
         return guarded
 
 
-class HostResident(torch.Tensor):
-    """What a resident module kept in host RAM holds between forward passes in place of its weight: shape, dtype and
-    the execution device, no storage. `model.device` (its first parameter's device, often the input embeddings') still
-    names the GPU, so inputs go there; any computation with it raises, naming what to do instead (a module's forward
-    pass swaps the real host tensor in, see `HostResidentHook`); `state_dict()` gives the host tensor (see
-    `host_state_dict_hook`)."""
+class _Placeholder(torch.Tensor):
+    """A weight's stand-in with no storage: its shape, dtype and device (so code reading `.device` or `.dtype` sees
+    what the model computes with), and any computation with it raises `_refusal`."""
 
     source: str  # the tensor's name in the shard directory
 
@@ -200,19 +210,77 @@ class HostResident(torch.Tensor):
         return t
 
     def __repr__(self, *, tensor_contents=None) -> str:
-        return f"HostResident({self.source!r}, shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device})"
+        return f"{type(self).__name__}({self.source!r}, shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device})"
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         if func in (torch.ops.aten.detach.default, torch.ops.aten.alias.default):
             t = args[0]
-            return HostResident(t.source, t.shape, t.dtype, t.device)
-        name = next((a.source for a in args if isinstance(a, HostResident)), "?")
-        raise RuntimeError(
-            f"{name!r} is kept in host RAM by layer streaming (the GPU's `max_memory` could not hold it): its module "
-            f"uses it in its forward pass, but `{func}` on it outside that pass cannot. Read it from "
+            return type(t)(t.source, t.shape, t.dtype, t.device)
+        placeholder = next((a for a in args if isinstance(a, _Placeholder)), None)
+        raise RuntimeError(placeholder._refusal(func) if placeholder is not None else f"`{func}` on a placeholder")
+
+    def _refusal(self, func) -> str:
+        raise NotImplementedError
+
+
+class HostResident(_Placeholder):
+    """What a resident module kept in host RAM holds between forward passes in place of its weight: shape, dtype and
+    the execution device, no storage. `model.device` (its first parameter's device, often the input embeddings') still
+    names the GPU, so inputs go there; any computation with it raises, naming what to do instead (a module's forward
+    pass swaps the real host tensor in, see `HostResidentHook`); `state_dict()` gives the host tensor (see
+    `host_state_dict_hook`)."""
+
+    def _refusal(self, func) -> str:
+        return (
+            f"{self.source!r} is kept in host RAM by layer streaming (the GPU's `max_memory` could not hold it): its "
+            f"module uses it in its forward pass, but `{func}` on it outside that pass cannot. Read it from "
             "`model.state_dict()`, or give the GPU more `max_memory`."
         )
+
+
+class Packed(_Placeholder):
+    """What a module whose weight is dequantized as it runs (`dequantize="module"`) holds during its layer's forward
+    pass, outside its own: the weight's shape, compute dtype and device. Its forward pass swaps the dequantized weight
+    in (see `ModuleDequantizer`); code of the layer that computes with the weight elsewhere raises, naming the fix."""
+
+    def _refusal(self, func) -> str:
+        return (
+            f"{self.source!r} is held packed (quantized) by layer streaming and dequantized only for its module's own "
+            f"forward pass (`dequantize='module'`), but the layer's code ran `{func}` on it outside that pass. Enable "
+            "streaming with `dequantize='layer'` for this model."
+        )
+
+
+class ModuleDequantizer:
+    """Forward hooks of a module (a `nn.Linear`) whose quantized weight its layer's hook leaves packed: the weight is
+    dequantized on the execution device as the module's forward pass begins, and dropped as it ends (also when it
+    raised), so a layer in flight takes its packed size plus one weight dequantized at a time."""
+
+    def __init__(self, layer_hook: LayerStreamingHook, slots: list[tuple[str, int]]):
+        self.layer_hook = layer_hook
+        self.slots = slots  # (attribute, index of the layer hook's slot)
+
+    def pre(self, module: nn.Module, args):
+        packed = self.layer_hook.packed
+        profile = self.layer_hook.profile
+        if profile is not None:
+            self.layer_hook._sync()
+            t0 = time.perf_counter()
+        for attr, k in self.slots:
+            weight = packed.get(k)
+            if weight is not None:  # (else the layer is not loaded: the module keeps its placeholder)
+                module._parameters[attr] = nn.Parameter(weight.dequantize(), requires_grad=False)
+        if profile is not None:
+            self.layer_hook._sync()
+            self.layer_hook.dequantized += time.perf_counter() - t0
+
+    def post(self, module: nn.Module, args, output):
+        packed = self.layer_hook.packed
+        for attr, k in self.slots:
+            if k in packed:
+                module._parameters[attr] = self.layer_hook.packed_placeholders[k]
+        return None
 
 
 class HostResidentHook(ModelHook):

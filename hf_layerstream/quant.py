@@ -510,6 +510,42 @@ def dequantize_tensor(
     return out
 
 
+class PackedWeight:
+    """A quantized weight as stored (its parts, on the execution device), dequantized when its module runs.
+
+    What the loader hands over, in place of the dequantized tensor, for the weights the hooks dequantize one module
+    at a time (`enable_layer_streaming(dequantize="module")`): a layer in flight then takes its packed size in
+    memory, plus one weight dequantized at a time, instead of its full size at the compute dtype.
+    """
+
+    __slots__ = ("parts", "meta", "dtype", "device")
+
+    def __init__(self, parts: Mapping[str, torch.Tensor], meta: Mapping[str, Any], dtype: torch.dtype, device):
+        self.parts = dict(parts)
+        self.meta = meta
+        self.dtype = dtype
+        self.device = torch.device(device)
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight at its compute dtype, on its device: what `dequantize_tensor` gives for the same parts."""
+        return dequantize_tensor(self.parts, self.meta, device=self.device, dtype=self.dtype)
+
+    def record_stream(self, stream) -> None:
+        """CUDA: the parts, copied on the loader's stream, are used on `stream` (see `torch.Tensor.record_stream`)."""
+        for part in self.parts.values():
+            part.record_stream(stream)
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size(self.meta["shape"])
+
+    def __repr__(self) -> str:
+        return (
+            f"PackedWeight(shape={list(self.meta['shape'])}, {self.meta['bits']}-bit, packed {packed_nbytes(self.parts)} "
+            f"bytes, dtype={self.dtype}, device={self.device})"
+        )
+
+
 def load_backend() -> None:
     """Import bitsandbytes now (it takes seconds: it sets up torch.compile at import), not in the first decode.
 
@@ -572,6 +608,7 @@ def split_parts(
 
 __all__ = [
     "QUANT_SUFFIX_SEP",
+    "PackedWeight",
     "QuantScheme",
     "dequantize_tensor",
     "is_embedding_name",

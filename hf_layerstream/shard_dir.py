@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,19 @@ class TensorEntry:
             n *= s
         return n
 
+    @property
+    def stored_nbytes(self) -> int | None:
+        """Bytes of its stored parts when quantized (`None` for a tensor stored as it is)."""
+        if self.quant is None:
+            return None
+        total = 0
+        for spec in self.quant.get("parts", {}).values():
+            n = 1
+            for s in spec["shape"]:
+                n *= s
+            total += n * str_to_dtype(spec["dtype"]).itemsize
+        return total
+
     def to_json(self) -> dict:
         d: dict[str, Any] = {"shape": list(self.shape), "dtype": str(self.dtype).removeprefix("torch.")}
         if self.quant is not None:
@@ -77,10 +91,16 @@ class UnitEntry:
         """Bytes once dequantized, at the stored logical dtype."""
         return self.nbytes_as()
 
-    def nbytes_as(self, dtypes: dict[str, torch.dtype] | torch.dtype | None = None) -> int:
-        """Bytes once dequantized, at `dtypes` (one dtype, or per tensor name; default: the stored dtype)."""
+    def nbytes_as(
+        self, dtypes: dict[str, torch.dtype] | torch.dtype | None = None, packed: Collection[str] = ()
+    ) -> int:
+        """Bytes once dequantized, at `dtypes` (one dtype, or per tensor name; default: the stored dtype); the
+        quantized tensors named in `packed` at their stored (packed) size."""
         total = 0
         for name, t in self.tensors.items():
+            if t.quant is not None and name in packed:
+                total += t.stored_nbytes
+                continue
             dtype = dtypes.get(name, t.dtype) if isinstance(dtypes, dict) else (dtypes or t.dtype)
             total += t.numel * dtype.itemsize
         return total

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import torch
@@ -21,7 +22,15 @@ from .engine import (
     plan_residency,
 )
 from .errors import ShardDirError
-from .hooks import HostResident, HostResidentHook, LayerStreamingHook, PassGuard, host_state_dict_hook
+from .hooks import (
+    HostResident,
+    HostResidentHook,
+    LayerStreamingHook,
+    ModuleDequantizer,
+    Packed,
+    PassGuard,
+    host_state_dict_hook,
+)
 from .modeling import (
     RESIDENT,
     LayerStack,
@@ -179,13 +188,129 @@ def host_candidates(shards: ShardDirectory, dtype: torch.dtype | None = None) ->
     """The resident parts a GPU plan may keep in host RAM (`plan_residency`'s `host_candidates`), as
     `enable_layer_streaming` finds them, from the model the shard directory's config builds (without weights): what
     `hf-layerstream inspect` plans with."""
+    model = _skeleton(shards)
+    parts = _host_parts(model, require_layer_stack(model), shards, _target_dtypes(shards, dtype))
+    return [(p.name, p.size, p.copied) for p in parts]
+
+
+def _skeleton(shards: ShardDirectory) -> nn.Module:
+    """The model the shard directory's config builds, without weights."""
     from transformers import AutoConfig
 
     from .modeling import build_for_shards
 
-    model = build_for_shards(shards.manifest, AutoConfig.from_pretrained(shards.path))
-    parts = _host_parts(model, require_layer_stack(model), shards, _target_dtypes(shards, dtype))
-    return [(p.name, p.size, p.copied) for p in parts]
+    return build_for_shards(shards.manifest, AutoConfig.from_pretrained(shards.path))
+
+
+def plan_shard_dir(
+    shards: ShardDirectory,
+    device: torch.device,
+    *,
+    dtype: torch.dtype | None = None,
+    prefetch: int | None = None,
+    dequantize: str | None = None,
+    max_memory: dict | None = None,
+    keep_in_page_cache: bool | None = None,
+) -> ResidencyPlan:
+    """The plan `enable_layer_streaming` would make for the shard directory's model with these arguments, from a
+    skeleton built from its config (what `hf-layerstream inspect` shows; `device` may be one this machine lacks, given
+    a budget for it in `max_memory`)."""
+    model = _skeleton(shards)
+    stack = require_layer_stack(model)
+    target_dtypes = _target_dtypes(shards, dtype)
+    parts = _host_parts(model, stack, shards, target_dtypes) if device.type == "cuda" else []
+    return plan_streaming(
+        shards,
+        device,
+        target_dtypes=target_dtypes,
+        prefetch=prefetch,
+        dequantize=dequantize,
+        deferrable=deferrable_weights(model, stack, shards),
+        max_memory=max_memory,
+        keep_in_page_cache=keep_in_page_cache,
+        host_candidates=[(p.name, p.size, p.copied) for p in parts],
+    )
+
+
+DEQUANTIZE_MODES = ("layer", "module")
+
+
+def deferrable_weights(model: nn.Module, stack: LayerStack, shards: ShardDirectory) -> dict[str, tuple[nn.Module, str]]:
+    """The quantized layer weights that can be dequantized one module at a time (`dequantize="module"`): the weights
+    of `nn.Linear` modules (whose forward pass is the only code that computes with them), not shared with another
+    module; full name -> (module, attribute)."""
+    owners: dict[int, int] = {}
+    for _, p in stack.layers.named_parameters(remove_duplicate=False):
+        owners[id(p)] = owners.get(id(p), 0) + 1
+    out: dict[str, tuple[nn.Module, str]] = {}
+    for i, layer in enumerate(stack.layers):
+        prefix = stack.layer_prefix(i)
+        for name, entry in shards.unit(layer_unit(i)).tensors.items():
+            if entry.quant is None or not name.startswith(prefix):
+                continue
+            module, attr = get_submodule_attr(layer, name[len(prefix) :])
+            weight = module._parameters.get(attr) if isinstance(module, nn.Linear) else None
+            if attr == "weight" and weight is not None and owners.get(id(weight)) == 1:
+                out[name] = (module, attr)
+    return out
+
+
+def plan_streaming(
+    shards: ShardDirectory,
+    device: torch.device,
+    *,
+    target_dtypes: dict[str, torch.dtype],
+    prefetch: int | None,
+    dequantize: str | None,
+    deferrable: Collection[str] = (),
+    max_memory: dict | None = None,
+    keep_in_page_cache: bool | None = None,
+    host_candidates: list[tuple[str, int, int]] | None = None,
+) -> ResidencyPlan:
+    """The residency plan `enable_layer_streaming` (and `hf-layerstream inspect`) runs with.
+
+    `prefetch=None`: the default, lowered on a GPU until its budget holds it (`fit_prefetch`). `dequantize=None`: "layer"
+    unless the shards are quantized and a GPU's budget cannot keep every layer on it dequantized: then "module" (the
+    layers in flight and kept on the GPU are held packed, about a quarter of their size at 4 bits, so more fit; each
+    weight is dequantized as its module runs, which a GPU does in a fraction of the time its copy takes). On CPU
+    dequantizing is slow (about 2 GB/s of output here), so the loader does it ahead of the compute there unless asked.
+    """
+    n = shards.num_layers
+    chosen = prefetch is not None
+    if prefetch is None:
+        prefetch = default_prefetch(device, shards)
+
+    def fitted(deferred: frozenset) -> ResidencyPlan:
+        scratch = max(
+            (
+                entry.numel * target_dtypes.get(name, entry.dtype).itemsize
+                for i in range(n)
+                for name, entry in shards.unit(layer_unit(i)).tensors.items()
+                if name in deferred
+            ),
+            default=0,
+        )
+        plan_for = functools.partial(
+            plan_residency,
+            shards,
+            device,
+            dtype_size={i: shards.unit(layer_unit(i)).nbytes_as(target_dtypes, deferred) for i in range(n)},
+            resident_size=shards.unit(RESIDENT).nbytes_as(target_dtypes),
+            max_memory=max_memory,
+            keep_in_page_cache=keep_in_page_cache,
+            host_candidates=host_candidates,
+            dequantize="module" if deferred else "layer",
+            scratch=scratch,
+        )
+        return plan_for(prefetch=prefetch) if chosen else fit_prefetch(lambda p: plan_for(prefetch=p), prefetch)
+
+    deferrable = frozenset(deferrable)
+    if dequantize == "module" or not deferrable:
+        return fitted(deferrable if dequantize == "module" else frozenset())
+    plan = fitted(frozenset())
+    if dequantize is None and device.type == "cuda" and len(plan.device_layers) < n:
+        plan = fitted(deferrable)
+    return plan
 
 
 @dataclass
@@ -236,6 +361,32 @@ def _host_parts(model: nn.Module, stack: LayerStack, shards: ShardDirectory, tar
     return parts
 
 
+def _dequantize_per_module(
+    hook: LayerStreamingHook,
+    prefix: str,
+    deferred: dict[str, tuple[nn.Module, str]],
+    target_dtypes: dict,
+    device: torch.device,
+    handles: list,
+) -> None:
+    """Give a layer hook's slots of packed weights their `Packed` placeholders, and their modules the hooks that
+    dequantize them as they run (`ModuleDequantizer`)."""
+    per_module: dict[int, tuple[nn.Module, list]] = {}
+    for k, (module, attr, rel, _) in enumerate(hook.slots):
+        name = prefix + rel
+        if name not in deferred:
+            continue
+        shape = module._parameters[attr].shape
+        hook.packed_placeholders[k] = nn.Parameter(
+            Packed(name, shape, target_dtypes[name], device), requires_grad=False
+        )
+        per_module.setdefault(id(module), (module, []))[1].append((attr, k))
+    for module, slots in per_module.values():
+        dequantizer = ModuleDequantizer(hook, slots)
+        handles.append(module.register_forward_pre_hook(dequantizer.pre))
+        handles.append(module.register_forward_hook(dequantizer.post, always_call=True))
+
+
 def _keep_on_host(model: nn.Module, parts: list[_HostPart], values: dict, loader: LayerLoader, handles: list):
     """Hook the resident modules the plan keeps in host RAM (after `tie_weights`: a tied head holds the embeddings'
     placeholder and is hooked too, copying the host tensor to the device)."""
@@ -270,6 +421,7 @@ def enable_layer_streaming(
     profile: bool = False,
     verify: bool = False,
     keep_in_page_cache: bool | None = None,
+    dequantize: str | None = None,
 ) -> nn.Module:
     """Stream a model's decoder layers from a shard directory, in place; returns the same model.
 
@@ -311,6 +463,13 @@ def enable_layer_streaming(
             fits would evict each one before its next use anyway. `False` drops every streamed layer after use
             (nothing of the model is left cached: what a model far larger than RAM gets); `True` leaves all to the
             kernel.
+        dequantize (`str`, *optional*):
+            Quantized shards: `"layer"` dequantizes a layer's weights as the loader brings it in, ahead of the
+            compute; `"module"` holds layers packed (kept and in flight) and dequantizes each `nn.Linear` weight on
+            the device as its module runs, so a layer takes about its packed size in memory (plus the largest weight
+            dequantized), not its full size. The output is the same, bit for bit. Default: `"layer"` on CPU, where
+            dequantizing is slow and overlaps the compute in the loader; on a GPU `"module"` when its budget cannot
+            keep every layer on it dequantized, else `"layer"`. Ignored for full-precision shards.
         verify (`bool`, defaults to `False`):
             Hash every shard file in full and compare with the manifest before loading. Sizes, headers and a
             sample digest of every file are always checked.
@@ -345,10 +504,11 @@ def enable_layer_streaming(
         raise ValueError(f"`prefetch` must be a non-negative int, got {prefetch!r}.")
     if keep_in_page_cache is not None and not isinstance(keep_in_page_cache, bool):
         raise ValueError(f"`keep_in_page_cache` must be True, False or None (automatic), got {keep_in_page_cache!r}.")
+    if dequantize is not None and dequantize not in DEQUANTIZE_MODES:
+        raise ValueError(f"`dequantize` must be 'layer', 'module' or None (automatic), got {dequantize!r}.")
     shards = ShardDirectory(shard_dir, checksums=verify)
     chosen = prefetch is not None
-    if prefetch is None:
-        prefetch = default_prefetch(device, shards)
+    default = default_prefetch(device, shards)
     stack = require_layer_stack(model)
     for name, module in model.named_modules():
         if hasattr(module, "_hf_hook"):
@@ -380,28 +540,29 @@ def enable_layer_streaming(
             originals.append((module, attr, False, b))
 
     layer_prefixes = [stack.layer_prefix(i) for i in range(len(stack))]
-    layer_sizes = {i: shards.unit(layer_unit(i)).nbytes_as(target_dtypes) for i in range(len(stack))}
     host_parts = _host_parts(model, stack, shards, target_dtypes)
-    plan_for = functools.partial(
-        plan_residency,
+    deferrable = deferrable_weights(model, stack, shards)
+    plan = plan_streaming(
         shards,
         device,
-        dtype_size=layer_sizes,
-        resident_size=shards.unit(RESIDENT).nbytes_as(target_dtypes),
+        target_dtypes=target_dtypes,
+        prefetch=prefetch,
+        dequantize=dequantize,
+        deferrable=deferrable,
         max_memory=max_memory,
         keep_in_page_cache=keep_in_page_cache,
         host_candidates=[(p.name, p.size, p.copied) for p in host_parts],
     )
-    plan = plan_for(prefetch=prefetch) if chosen else fit_prefetch(lambda p: plan_for(prefetch=p), prefetch)
-    if plan.prefetch != prefetch:
+    if not chosen and plan.prefetch != default:
         logger.info(
             "prefetch lowered to %d from the default %d: the device budget (%.2f GiB) cannot hold the resident parts "
             "and more layers in flight. Pass `prefetch=` to choose it.",
             plan.prefetch,
-            prefetch,
+            default,
             plan.budgets[str(device.index)] / 2**30,
         )
-        prefetch = plan.prefetch
+    prefetch = plan.prefetch
+    deferred = deferrable if plan.dequantize == "module" else {}
     host_parts = [p for p in host_parts if p.name in plan.host_resident]
     shortfall = budget_shortfall(plan, max_memory)
     if shortfall is not None:
@@ -416,6 +577,7 @@ def enable_layer_streaming(
         layer_prefixes=layer_prefixes,
         prefetch=prefetch,
         profile=prof,
+        deferred=frozenset(deferred),
     )
     try:
         repair_meta_buffers(model)
@@ -449,6 +611,7 @@ def enable_layer_streaming(
                 module, attr = get_submodule_attr(layer, rel_name)
                 slots.append((module, attr, rel_name, attr in module._parameters))
             hook = LayerStreamingHook(i, loader, slots, prof)
+            _dequantize_per_module(hook, prefix, deferred, target_dtypes, device, handles)
             add_hook_to_module(layer, hook)
             hooks.append(hook)
     except BaseException:

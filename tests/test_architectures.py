@@ -27,6 +27,7 @@ from hf_layerstream import (
     ShardDirError,
     disable_layer_streaming,
     enable_layer_streaming,
+    get_streaming_state,
     split_checkpoint,
 )
 from hf_layerstream._measure import _load
@@ -196,8 +197,8 @@ def test_layers_sharing_weights_are_refused(tmp_path):
 @pytest.mark.parametrize("model_type", ["gpt_oss", "deepseek_v3", "mamba2", "jamba"])
 def test_quantized_shards_of_moe_and_state_space_models(tmp_path, model_type):
     """4-bit shards (expert tensors, MLA projections, Mamba mixers, 1-D convolutions): some weights of every layer
-    quantized; streamed from disk, the logits equal those with every layer kept, bit for bit, and track full
-    precision."""
+    quantized; streamed from disk, the logits equal those with every layer kept, bit for bit (also dequantized per
+    module), and track full precision."""
     ckpt = _models.save_tiny_checkpoint(_config(model_type), tmp_path / "checkpoint")
     shards = split_checkpoint(ckpt, tmp_path / "shards", compression="4bit", progress=False)
     directory = ShardDirectory(shards)
@@ -216,6 +217,10 @@ def test_quantized_shards_of_moe_and_state_space_models(tmp_path, model_type):
     kept = logits(streamed_model(ckpt, shards))
     streamed = logits(streamed_model(ckpt, shards, max_memory={"cpu": 0}, prefetch=2))
     assert torch.equal(streamed, kept)
+    # each `nn.Linear` weight dequantized as its module runs (expert tensors, convolutions: with their layer)
+    per_module = streamed_model(ckpt, shards, max_memory={"cpu": 0}, prefetch=2, dequantize="module")
+    assert get_streaming_state(per_module).plan.dequantize == "module"
+    assert torch.equal(logits(per_module), kept)
     cosine = torch.nn.functional.cosine_similarity(streamed.flatten(), expected.flatten(), dim=0).item()
     assert cosine >= 0.9, cosine
 
