@@ -387,6 +387,10 @@ def _dequantize_per_module(
         handles.append(module.register_forward_hook(dequantizer.post, always_call=True))
 
 
+def _put_back_host(hook: HostResidentHook, module: nn.Module, args, output) -> None:
+    hook._unload()
+
+
 def _keep_on_host(model: nn.Module, parts: list[_HostPart], values: dict, loader: LayerLoader, handles: list):
     """Hook the resident modules the plan keeps in host RAM (after `tie_weights`: a tied head holds the embeddings'
     placeholder and is hooked too, copying the host tensor to the device)."""
@@ -406,6 +410,9 @@ def _keep_on_host(model: nn.Module, parts: list[_HostPart], values: dict, loader
         hook = HostResidentHook(slots, device, on_host=on_host, copy_stream=copy_stream, profile=loader.profile)
         add_hook_to_module(module, hook)
         handles.append(module.register_state_dict_post_hook(host_state_dict_hook))
+        # a call of the module itself that raises (e.g. `model.get_output_embeddings()(x)` out of memory) never reaches
+        # accelerate's post-forward: put the placeholders back as it leaves (after one that returned, again: a no-op)
+        handles.append(module.register_forward_hook(functools.partial(_put_back_host, hook), always_call=True))
         hooked.append(module)
     return hooked
 

@@ -376,6 +376,30 @@ def test_a_pass_that_raises_in_the_head_lets_go_of_its_copy(checkpoints, force_h
         assert torch.equal(model(ids).logits, ref(ids).logits)
 
 
+def test_a_direct_call_of_the_head_that_raises_lets_go_of_its_copy(checkpoints, force_host_resident, monkeypatch):
+    """The head called on its own (outside the model's forward, which the pass guard wraps) that raises: its copy is
+    let go as the exception leaves it too, and the next call gives the loaded head's logits."""
+    ckpt, shards = checkpoints("llama")
+    model = streamed_model(ckpt, shards, max_memory={"cpu": 0}, prefetch=1)
+    ref = _models.load_reference(ckpt)
+    head = model.get_output_embeddings()
+    x = torch.randn(1, 3, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    forward = head._old_forward
+
+    def fail(*args, **kwargs):
+        assert not isinstance(head.weight, HostResident)  # (the copy is in place while it runs)
+        raise MemoryError("injected")
+
+    monkeypatch.setattr(head, "_old_forward", fail)
+    with pytest.raises(MemoryError, match="injected"), torch.no_grad():
+        head(x)
+    assert isinstance(head.weight, HostResident)
+    monkeypatch.setattr(head, "_old_forward", forward)
+    with torch.no_grad():
+        assert torch.equal(head(x), ref.get_output_embeddings()(x))
+    assert isinstance(head.weight, HostResident)
+
+
 def test_failed_enable_leaves_no_host_hooks(checkpoints, force_host_resident, monkeypatch):
     """A failure after the host parts were hooked undoes them with the rest: the model can be streamed again."""
     import hf_layerstream.stream as stream
