@@ -353,48 +353,44 @@ def test_host_resident_parts_with_generate_from_several_threads(checkpoints, for
     assert isinstance(model.get_output_embeddings().weight, HostResident)
 
 
-def test_a_pass_that_raises_in_the_head_lets_go_of_its_copy(checkpoints, force_host_resident, monkeypatch):
-    """A forward pass that raises inside the head (out of memory for a long prompt's logits, on a small GPU) does not
-    keep the head's copy on the device until the next pass: it is let go as the exception leaves the model, and the
-    next call is exact."""
-    ckpt, shards = checkpoints("llama")
-    model = streamed_model(ckpt, shards, max_memory={"cpu": 0}, prefetch=1)
-    ref = _models.load_reference(ckpt)
-    head = model.get_output_embeddings()
-    ids = torch.tensor([[1, 5, 9, 22]])
+def _head_raises_in(call, head, monkeypatch) -> None:
+    """`call()` with the head's forward raising (out of memory for a long prompt's logits, on a small GPU): its copy
+    is in place while it runs and let go as the exception leaves (the placeholder back, not at the next call); then
+    the head's forward is restored."""
     forward = head._old_forward
 
     def fail(*args, **kwargs):
+        assert not isinstance(head.weight, HostResident)
         raise MemoryError("injected")
 
     monkeypatch.setattr(head, "_old_forward", fail)
     with pytest.raises(MemoryError, match="injected"), torch.no_grad():
-        model(ids)
+        call()
     assert isinstance(head.weight, HostResident)
     monkeypatch.setattr(head, "_old_forward", forward)
+
+
+def test_a_pass_that_raises_in_the_head_lets_go_of_its_copy(checkpoints, force_host_resident, monkeypatch):
+    """A forward pass that raises inside the head does not keep the head's copy on the device until the next pass,
+    and the next call is exact."""
+    ckpt, shards = checkpoints("llama")
+    model = streamed_model(ckpt, shards, max_memory={"cpu": 0}, prefetch=1)
+    ref = _models.load_reference(ckpt)
+    ids = torch.tensor([[1, 5, 9, 22]])
+    _head_raises_in(lambda: model(ids), model.get_output_embeddings(), monkeypatch)
     with torch.no_grad():
         assert torch.equal(model(ids).logits, ref(ids).logits)
 
 
 def test_a_direct_call_of_the_head_that_raises_lets_go_of_its_copy(checkpoints, force_host_resident, monkeypatch):
-    """The head called on its own (outside the model's forward, which the pass guard wraps) that raises: its copy is
-    let go as the exception leaves it too, and the next call gives the loaded head's logits."""
+    """The head called on its own (outside the model's forward, which the pass guard wraps) that raises lets go of
+    its copy too, and the next call gives the loaded head's logits."""
     ckpt, shards = checkpoints("llama")
     model = streamed_model(ckpt, shards, max_memory={"cpu": 0}, prefetch=1)
     ref = _models.load_reference(ckpt)
     head = model.get_output_embeddings()
     x = torch.randn(1, 3, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
-    forward = head._old_forward
-
-    def fail(*args, **kwargs):
-        assert not isinstance(head.weight, HostResident)  # (the copy is in place while it runs)
-        raise MemoryError("injected")
-
-    monkeypatch.setattr(head, "_old_forward", fail)
-    with pytest.raises(MemoryError, match="injected"), torch.no_grad():
-        head(x)
-    assert isinstance(head.weight, HostResident)
-    monkeypatch.setattr(head, "_old_forward", forward)
+    _head_raises_in(lambda: head(x), head, monkeypatch)
     with torch.no_grad():
         assert torch.equal(head(x), ref.get_output_embeddings()(x))
     assert isinstance(head.weight, HostResident)
