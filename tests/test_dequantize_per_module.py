@@ -251,6 +251,27 @@ def test_threads_generate_exactly(quantized):
     generate_from_threads(model, tok, prompts, wanted, **kw)
 
 
+def test_batches_and_prompt_lookup_give_the_layer_decodes_text(quantized):
+    """`generate_batch` (left-padded batches) and prompt-lookup decoding (several tokens per pass) per module: the
+    same completions as decoding by layer."""
+    from hf_layerstream import generate_batch
+
+    ckpt, dirs = quantized
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    prompts = list(_models.SAMPLE_PROMPTS[:4])
+    kw = {"max_new_tokens": 6, "do_sample": False, "progress": False}
+    outputs = {}
+    for mode in ("layer", "module"):
+        model = streamed_model(ckpt, dirs["4bit"], max_memory={"cpu": 0}, prefetch=1, dequantize=mode)
+        outputs[mode] = (
+            generate_batch(model, tok, prompts, batch_size=3, **kw),
+            generate_batch(model, tok, prompts[:2], prompt_lookup_num_tokens=3, **kw),
+        )
+        disable_layer_streaming(model)
+    assert outputs["module"] == outputs["layer"]
+    assert all(text for batch in outputs["module"] for text in batch)
+
+
 def test_bad_dequantize_values_are_refused(quantized):
     ckpt, dirs = quantized
     model = build_meta_model(AutoConfig.from_pretrained(ckpt))
