@@ -421,7 +421,7 @@ def bench(args) -> dict:
     """
     import torch
 
-    from .cli import _max_memory
+    from .cli import _dequantize, _max_memory
     from .engine import check_device
     from .shard_dir import ShardDirectory
 
@@ -519,7 +519,7 @@ def bench(args) -> dict:
             # profiling waits for the GPU after every copy and every layer (to time them): not on CUDA, where that
             # would remove the very overlap being measured
             spec = {"system": "streamed", "path": str(path), "prefetch": args.prefetch, "profile": not on_cuda}
-            spec["dequantize"] = None if args.dequantize == "auto" else args.dequantize
+            spec["dequantize"] = _dequantize(args.dequantize)
             spec["device"] = args.device
             if system.startswith("streamed_disk"):  # nothing kept anywhere: on the device neither
                 spec["max_memory"] = {"cpu": 0, **({str(device.index): 0} if on_cuda else {})}
@@ -743,14 +743,12 @@ def _derive(rows, disk, stored, baseline_rss, resident_bytes, layer_bytes, store
         r["ratio_to_limit"] = spt / r["limit_s"] if (spt and r.get("limit_s")) else None
         r.setdefault("peak_rss", None)
         r["ratio_to_bound"] = spt / r["bound_s"] if (spt and r.get("bound_s")) else None
-        k = None
-        in_flight_layer = layer_bytes  # a layer in flight, and what its weights need beyond that
-        scratch = 0
-        if plan is not None:
-            k = plan["prefetch"]
-            if plan.get("dequantize") == "module":  # held packed, one weight dequantized at a time
-                in_flight_layer = max(plan["layer_bytes"], default=0)
-                scratch = plan.get("scratch", 0)
+        k = plan["prefetch"] if plan is not None else None
+        # a layer in flight, and what its weights need beyond that: held packed, one weight dequantized at a time,
+        # where the plan dequantizes per module (its layer sizes are the packed ones)
+        packed = plan is not None and plan.get("dequantize") == "module"
+        in_flight_layer = max(plan["layer_bytes"], default=0) if packed else layer_bytes
+        scratch = plan.get("scratch", 0) if packed else 0
         # host RSS on CPU only: on CUDA the weights live on the device, and the CUDA runtime's libraries (loaded at
         # its first use, after the baseline) dwarf what the loader holds in host memory
         if r["system"].startswith("streamed_disk") and plan is not None and not on_cuda:
@@ -758,8 +756,7 @@ def _derive(rows, disk, stored, baseline_rss, resident_bytes, layer_bytes, store
             r["rss_over_baseline"] = r["peak_rss"] - (r.get("baseline_rss") or baseline_rss)
             r["rss_allowed"] = allowed
         if on_cuda and plan is not None and base is not None and base.get("cuda_peak") is not None:
-            # (what the whole model holds: the plan's layer sizes are packed ones where it dequantizes per module)
-            packed = plan.get("dequantize") == "module"
+            # (what the whole model holds)
             weights = resident_bytes + (len(plan["layer_bytes"]) * layer_bytes if packed else sum(plan["layer_bytes"]))
             kv_and_activations = max(0, base["cuda_peak"] - weights)
             kept = sum(plan["layer_bytes"][i] for i in plan["device_layers"])

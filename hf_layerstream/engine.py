@@ -1266,24 +1266,24 @@ class LayerLoader:
             if name in skip:
                 continue
             target = self.target_dtypes.get(name, info.dtype)
-            if info.quant is not None and name in self.deferred:
+            if info.quant is not None:
                 parts = {p: raw[f"{name}::{p}"] for p in info.quant["parts"]}
-                if any(part.device != self.device for part in parts.values()):
+                if name in self.deferred:
+                    if any(part.device != self.device for part in parts.values()):
+                        t0 = time.perf_counter()
+                        # (as the codec copies them: asynchronously from pinned memory, a file map's pages synchronously)
+                        parts = {p: part.to(self.device, non_blocking=part.is_pinned()) for p, part in parts.items()}
+                        sync()
+                        t_copy += time.perf_counter() - t0
+                    value = PackedWeight(parts, info.quant, target, self.device)
+                else:
                     t0 = time.perf_counter()
-                    # (as the codec copies them: asynchronously from pinned memory, a file map's pages synchronously)
-                    parts = {p: part.to(self.device, non_blocking=part.is_pinned()) for p, part in parts.items()}
+                    value = dequantize_tensor(parts, info.quant, device=self.device, dtype=target)
+                    if mapped:
+                        for part in parts.values():
+                            release_mapped_pages(part)
                     sync()
-                    t_copy += time.perf_counter() - t0
-                value = PackedWeight(parts, info.quant, target, self.device)
-            elif info.quant is not None:
-                t0 = time.perf_counter()
-                parts = {p: raw[f"{name}::{p}"] for p in info.quant["parts"]}
-                value = dequantize_tensor(parts, info.quant, device=self.device, dtype=target)
-                if mapped:
-                    for part in parts.values():
-                        release_mapped_pages(part)
-                sync()
-                t_deq += time.perf_counter() - t0
+                    t_deq += time.perf_counter() - t0
             else:
                 value = raw[name]
                 if value.device != self.device:

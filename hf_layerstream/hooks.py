@@ -15,6 +15,12 @@ from torch import nn
 from .engine import renew_after_fork
 
 
+def _sync(device: torch.device) -> None:
+    """Profiling only: wait for the work queued on a GPU, so the times taken are real."""
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+
+
 class LayerStreamingHook(ModelHook):
     """Makes one decoder layer's weights present for its forward pass, and releases them afterwards.
 
@@ -41,10 +47,6 @@ class LayerStreamingHook(ModelHook):
     def init_hook(self, module):
         return module
 
-    def _sync(self) -> None:
-        if self.loader.is_cuda:  # (when profiling only: the times are real)
-            torch.cuda.current_stream(self.loader.device).synchronize()
-
     def pre_forward(self, module, *args, **kwargs):
         tensors = self.loader.acquire(self.index)
         for k, (module_, attr, rel, is_param) in enumerate(self.slots):
@@ -64,7 +66,7 @@ class LayerStreamingHook(ModelHook):
 
     def post_forward(self, module, output):
         if self.profile is not None:
-            self._sync()
+            _sync(self.loader.device)
             elapsed = time.perf_counter() - self._t0
             self.profile.add(self.index, compute=elapsed - self.dequantized, dequantize=self.dequantized)
         self._unload()
@@ -265,14 +267,14 @@ class ModuleDequantizer:
         packed = self.layer_hook.packed
         profile = self.layer_hook.profile
         if profile is not None:
-            self.layer_hook._sync()
+            _sync(self.layer_hook.loader.device)
             t0 = time.perf_counter()
         for attr, k in self.slots:
             weight = packed.get(k)
             if weight is not None:  # (else the layer is not loaded: the module keeps its placeholder)
                 module._parameters[attr] = nn.Parameter(weight.dequantize(), requires_grad=False)
         if profile is not None:
-            self.layer_hook._sync()
+            _sync(self.layer_hook.loader.device)
             self.layer_hook.dequantized += time.perf_counter() - t0
 
     def post(self, module: nn.Module, args, output):
@@ -329,17 +331,13 @@ class HostResidentHook(ModelHook):
             value.record_stream(compute)
         return values
 
-    def _sync(self) -> None:
-        if self.device.type == "cuda":  # (when profiling only: the times are real)
-            torch.cuda.current_stream(self.device).synchronize()
-
     def pre_forward(self, module, *args, **kwargs):
         if self.profile is not None:
-            self._sync()
+            _sync(self.device)
             t0 = time.perf_counter()
         values = [host for _, _, _, host in self.slots] if self.on_host else self._copies()
         if self.profile is not None:
-            self._sync()
+            _sync(self.device)
             self._t0 = time.perf_counter()
             if not self.on_host:
                 self.profile.add_host_resident(self.part, copy=self._t0 - t0)
@@ -357,7 +355,7 @@ class HostResidentHook(ModelHook):
         if self.on_host:
             output = send_to_device(output, self.device)
         if self.profile is not None:
-            self._sync()
+            _sync(self.device)
             self.profile.add_host_resident(self.part, compute=time.perf_counter() - self._t0, calls=1)
         return output
 

@@ -190,7 +190,7 @@ def host_candidates(shards: ShardDirectory, dtype: torch.dtype | None = None) ->
     `hf-layerstream inspect` plans with."""
     model = _skeleton(shards)
     parts = _host_parts(model, require_layer_stack(model), shards, _target_dtypes(shards, dtype))
-    return [(p.name, p.size, p.copied) for p in parts]
+    return [p.candidate for p in parts]
 
 
 def _skeleton(shards: ShardDirectory) -> nn.Module:
@@ -228,21 +228,21 @@ def plan_shard_dir(
         deferrable=deferrable_weights(model, stack, shards),
         max_memory=max_memory,
         keep_in_page_cache=keep_in_page_cache,
-        host_candidates=[(p.name, p.size, p.copied) for p in parts],
+        host_candidates=[p.candidate for p in parts],
     )
 
 
 DEQUANTIZE_MODES = ("layer", "module")
 
 
-def deferrable_weights(model: nn.Module, stack: LayerStack, shards: ShardDirectory) -> dict[str, tuple[nn.Module, str]]:
+def deferrable_weights(model: nn.Module, stack: LayerStack, shards: ShardDirectory) -> frozenset[str]:
     """The quantized layer weights that can be dequantized one module at a time (`dequantize="module"`): the weights
     of `nn.Linear` modules (whose forward pass is the only code that computes with them), not shared with another
-    module; full name -> (module, attribute)."""
+    module; their full names."""
     owners: dict[int, int] = {}
     for _, p in stack.layers.named_parameters(remove_duplicate=False):
         owners[id(p)] = owners.get(id(p), 0) + 1
-    out: dict[str, tuple[nn.Module, str]] = {}
+    out: set[str] = set()
     for i, layer in enumerate(stack.layers):
         prefix = stack.layer_prefix(i)
         for name, entry in shards.unit(layer_unit(i)).tensors.items():
@@ -251,8 +251,8 @@ def deferrable_weights(model: nn.Module, stack: LayerStack, shards: ShardDirecto
             module, attr = get_submodule_attr(layer, name[len(prefix) :])
             weight = module._parameters.get(attr) if isinstance(module, nn.Linear) else None
             if attr == "weight" and weight is not None and owners.get(id(weight)) == 1:
-                out[name] = (module, attr)
-    return out
+                out.add(name)
+    return frozenset(out)
 
 
 def plan_streaming(
@@ -324,6 +324,11 @@ class _HostPart:
     size: int  # their bytes at the model's dtypes
     copied: int  # bytes copied to the device for each forward pass when it is kept in host RAM
 
+    @property
+    def candidate(self) -> tuple[str, int, int]:
+        """As `plan_residency` takes it: `(name, bytes, bytes copied for each forward pass)`."""
+        return self.name, self.size, self.copied
+
 
 def _host_parts(model: nn.Module, stack: LayerStack, shards: ShardDirectory, target_dtypes: dict) -> list[_HostPart]:
     """The input embeddings, then the output head (unless tied to them: then the embeddings' host tensor serves the
@@ -364,7 +369,7 @@ def _host_parts(model: nn.Module, stack: LayerStack, shards: ShardDirectory, tar
 def _dequantize_per_module(
     hook: LayerStreamingHook,
     prefix: str,
-    deferred: dict[str, tuple[nn.Module, str]],
+    deferred: frozenset[str],
     target_dtypes: dict,
     device: torch.device,
     handles: list,
@@ -558,7 +563,7 @@ def enable_layer_streaming(
         deferrable=deferrable,
         max_memory=max_memory,
         keep_in_page_cache=keep_in_page_cache,
-        host_candidates=[(p.name, p.size, p.copied) for p in host_parts],
+        host_candidates=[p.candidate for p in host_parts],
     )
     if not chosen and plan.prefetch != default:
         logger.info(
@@ -569,7 +574,7 @@ def enable_layer_streaming(
             plan.budgets[str(device.index)] / 2**30,
         )
     prefetch = plan.prefetch
-    deferred = deferrable if plan.dequantize == "module" else {}
+    deferred = deferrable if plan.dequantize == "module" else frozenset()
     host_parts = [p for p in host_parts if p.name in plan.host_resident]
     shortfall = budget_shortfall(plan, max_memory)
     if shortfall is not None:
@@ -584,7 +589,7 @@ def enable_layer_streaming(
         layer_prefixes=layer_prefixes,
         prefetch=prefetch,
         profile=prof,
-        deferred=frozenset(deferred),
+        deferred=deferred,
     )
     try:
         repair_meta_buffers(model)
