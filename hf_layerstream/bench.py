@@ -755,6 +755,11 @@ def _derive(rows, disk, stored, baseline_rss, resident_bytes, layer_bytes, store
             allowed = RSS_SLACK * (resident_bytes + (k + 1) * in_flight_layer + scratch)
             r["rss_over_baseline"] = r["peak_rss"] - (r.get("baseline_rss") or baseline_rss)
             r["rss_allowed"] = allowed
+            r["rss_allowed_terms"] = (
+                "resident + (prefetch+1) packed layers + the largest dequantized weight"
+                if packed
+                else "resident + (prefetch+1) layers"
+            )
         if on_cuda and plan is not None and base is not None and base.get("cuda_peak") is not None:
             # (what the whole model holds)
             weights = resident_bytes + (len(plan["layer_bytes"]) * layer_bytes if packed else sum(plan["layer_bytes"]))
@@ -768,6 +773,7 @@ def _derive(rows, disk, stored, baseline_rss, resident_bytes, layer_bytes, store
                 in_flight = max(in_flight, plan["host_resident_copied"] + k * in_flight_layer)
             r["cuda_kv_and_activations"] = kv_and_activations
             r["cuda_allowed"] = on_device + kept + in_flight + kv_and_activations
+            r["cuda_packed"] = packed
         r.pop("plan_data", None)
 
 
@@ -845,14 +851,14 @@ def format_report(report: dict) -> str:
             verdict = "ok" if r["rss_over_baseline"] <= r["rss_allowed"] else "over"
             notes.append(
                 f"{r['label']} {r['mode']}: peak RSS over baseline {_gb(r['rss_over_baseline'])}, allowed "
-                f"{RSS_SLACK:.2f} x (resident + (prefetch+1) layers) = {_gb(r['rss_allowed'])} ({verdict})"
+                f"{RSS_SLACK:.2f} x ({r['rss_allowed_terms']}) = {_gb(r['rss_allowed'])} ({verdict})"
             )
         if r.get("cuda_allowed") is not None and r.get("cuda_peak") is not None:
             verdict = "ok" if r["cuda_peak"] <= r["cuda_allowed"] else "over"
             reserved = r.get("cuda_reserved_peak")
             notes.append(
                 f"{r['label']} {r['mode']}: CUDA peak {_gb(r['cuda_peak'])}, allowed resident + kept + (prefetch+1) "
-                f"layers + KV cache and activations ({_gb(r['cuda_kv_and_activations'])}, the whole model's peak "
+                f"{'packed layers + the largest dequantized weight' if r.get('cuda_packed') else 'layers'} + KV cache and activations ({_gb(r['cuda_kv_and_activations'])}, the whole model's peak "
                 f"beyond its weights) = {_gb(r['cuda_allowed'])} ({verdict})"
                 + (f"; reserved by torch's allocator at most {_gb(reserved)}" if reserved is not None else "")
             )

@@ -505,3 +505,55 @@ def test_bench_asks_every_system_for_the_gpu_on_cuda(tmp_path, monkeypatch, caps
         "pinned host-to-device bandwidth: 10.00 GB/s" in out and "hf_layerstream (every layer in host RAM) warm " in out
     )
     assert out.count("failed: not run here") == 4
+
+
+def test_allowances_of_rows_dequantized_per_module_count_packed_layers_and_one_weight():
+    """A row whose plan dequantizes per module holds its layers packed and one weight dequantized at a time: its RSS
+    allowance (CPU) and GPU allowance (CUDA) count (prefetch + 1) packed layers plus that weight, not (prefetch + 1)
+    layers at the compute dtype, and the notes name what they counted (synthetic rows: the arithmetic)."""
+    from hf_layerstream.bench import RSS_SLACK, _derive
+
+    layer, packed, scratch, resident, extra = 100, 30, 10, 50, 7
+    plan = {**_cuda_plan(streamed=range(4), layer=packed, prefetch=1), "dequantize": "module", "scratch": scratch}
+    by_layer = {**_cuda_plan(streamed=range(4), layer=layer, prefetch=1), "dequantize": "layer", "scratch": 0}
+
+    def rows(cuda_peak=None):
+        out = [
+            {"system": "in_memory", "mode": "warm", "s_per_token": 0.01},
+            {"system": "streamed_disk_4bit", "mode": "warm", "s_per_token": 0.05, "plan_data": plan},
+            {"system": "streamed_disk", "mode": "warm", "s_per_token": 0.04, "plan_data": by_layer},
+        ]
+        for r in out:
+            r.update(batch=1, tokens=[1, 2], peak_rss=10**9, baseline_rss=10**8, cuda_peak=cuda_peak)
+        if cuda_peak is not None:
+            out[0]["cuda_peak"] = resident + 4 * layer + extra  # the whole model: its weights, KV cache, activations
+        return out
+
+    report = {
+        "model": {"num_layers": 4, "layer_file_bytes": 4 * layer, "resident_bytes": resident, "prompt_tokens": 4},
+        "disk": None,
+        "baseline_rss": 10**8,
+    }
+    report["model"]["max_new_tokens"] = 3
+    stored = {"streamed_disk_4bit": [packed] * 4}
+
+    cpu = rows()
+    _derive(cpu, None, [layer] * 4, 10**8, resident, layer, stored)
+    _, module, layered = cpu
+    assert module["rss_allowed"] == pytest.approx(RSS_SLACK * (resident + 2 * packed + scratch))
+    assert layered["rss_allowed"] == pytest.approx(RSS_SLACK * (resident + 2 * layer))
+    text = format_report({**report, "rows": cpu})
+    notes = {line.split(":")[0]: line for line in text.splitlines() if "peak RSS over baseline" in line}
+    assert "(prefetch+1) packed layers + the largest dequantized weight" in notes[f"{module['label']} warm"]
+    assert "x (resident + (prefetch+1) layers) =" in notes[f"{layered['label']} warm"]
+
+    gpu = rows(cuda_peak=1)
+    _derive(gpu, None, [layer] * 4, 10**8, resident, layer, stored)
+    _, module, layered = gpu
+    assert module["cuda_kv_and_activations"] == extra  # (the whole model's weights at the compute dtype)
+    assert module["cuda_allowed"] == resident + 2 * packed + scratch + extra
+    assert layered["cuda_allowed"] == resident + 2 * layer + extra
+    text = format_report({**report, "rows": gpu})
+    notes = {line.split(":")[0]: line for line in text.splitlines() if "CUDA peak" in line and "allowed" in line}
+    assert "(prefetch+1) packed layers + the largest dequantized weight + KV cache" in notes[f"{module['label']} warm"]
+    assert "(prefetch+1) layers + KV cache" in notes[f"{layered['label']} warm"]
