@@ -1354,15 +1354,16 @@ class LayerLoader:
             return dequantize_tensor(parts, info.quant, device="cpu", dtype=target)
         return raw[full].to(target, copy=copy)
 
-    def _read_file(self, header: Header, buf: torch.Tensor, index: int) -> tuple[dict[str, torch.Tensor], str]:
-        """Read a layer file into `buf` (laid out as the file) and return views of its tensors.
+    def _read_file(self, header: Header, buf, index: int) -> tuple[dict[str, torch.Tensor], str]:
+        """Read a layer file into `buf` (laid out as the file; an array, `buffer.numpy()`) and return views of its
+        tensors. Each view's memory holds a reference to `buf`: while `buf` is alive, something still reads it.
 
         Through the page cache when the file is there or the plan keeps it there; else with `O_DIRECT`, which reads
         straight from the disk into our buffer (no kernel copy competing with the compute for CPU time, no page
         cache filled with a layer that will be evicted before the next sweep anyway).
         """
         size = header.file_size
-        view = memoryview(buf.numpy())
+        view = memoryview(buf)
         fd = os.open(header.path, os.O_RDONLY)
         try:
             check = getattr(header, "check_unchanged", None)
@@ -1394,7 +1395,7 @@ class LayerLoader:
             os.close(fd)
             view.release()
         self.reads[how] += 1
-        return _views(header, buf.numpy(), header.data_offset), how
+        return _views(header, buf, header.data_offset), how
 
     def _map_file(self, header: Header, index: int = -1) -> dict[str, torch.Tensor] | None:
         """CPU only: map the layer file instead of copying it (zero-copy, no memcpy taking CPU time from the compute)
@@ -1496,7 +1497,7 @@ class LayerLoader:
         tier = self.plan.tier(index)
         t0 = time.perf_counter()
         read_s = None  # the map thread's time, for a layer it mapped
-        buffer = None
+        buffer = array = None  # a pool buffer read into, and its array, which every view of its bytes holds
         nread = 0
         mapped = False
         if tier == "host":
@@ -1504,7 +1505,7 @@ class LayerLoader:
             if raw is None:
                 buf = _aligned_buffer(header.file_size, self._pinned)
                 try:
-                    raw, _ = self._read_file(header, buf, index)
+                    raw, _ = self._read_file(header, buf.numpy(), index)
                 except BaseException:
                     if self._pinned is not None:  # a retry reads into a new buffer: do not keep this one pinned
                         self._pinned.free(buf)
@@ -1524,8 +1525,9 @@ class LayerLoader:
                 self._pool.discard_one()
             else:
                 buffer = self._pool.take(self._staging_size, self.prefetch + 1 if self.is_cuda else None)
+                array = buffer.numpy()
                 try:
-                    raw, _ = self._read_file(header, buffer, index)
+                    raw, _ = self._read_file(header, array, index)
                 except BaseException:
                     self._pool.give(buffer, [])  # nothing views it yet: a failed read must not leak a (pinned) buffer
                     raise
@@ -1551,7 +1553,9 @@ class LayerLoader:
                 if buffer is not None:
                     self._pool.give(buffer, [])
                 raise
-            views = [weakref.ref(t) for t in tensors.values()] if buffer is not None else []
+            # every tensor made from the buffer's bytes (the views, what was made of them, and what an autograd graph
+            # saved of those: a weight that `nn.Parameter` wrapped, a transposed view) keeps `array` alive
+            views = [weakref.ref(array)] if buffer is not None else []
             evict = header.path if mapped and not self._keep_cached(index, header) else None
             repair = evict is not None and self.plan.keeps_in_page_cache(index)
             return _Ready(

@@ -211,6 +211,32 @@ def test_a_module_that_raises_drops_its_weight_and_the_next_pass_is_exact(quanti
     assert torch.equal(_logits(model), expected)
 
 
+@pytest.mark.parametrize("way", ["mapped", "read"])
+def test_gradients_with_respect_to_the_inputs_equal_the_layer_decodes(quantized, way):
+    """A backward pass through packed layers: each weight dequantized for its module's forward is the one autograd
+    saved, and the packed parts stay readable until the graph is gone ("read": layers read into the loader's reused
+    buffers instead of mapped). The input gradient is the whole-layer decode's, bit for bit."""
+    ckpt, dirs = quantized
+    ids = IDS[:, :8]
+    out = {}
+    for mode in ("layer", "module"):
+        model = streamed_model(
+            ckpt, dirs["4bit"], max_memory={"cpu": 0}, prefetch=0, dequantize=mode, keep_in_page_cache=way == "mapped"
+        )
+        loader = get_streaming_state(model).loader
+        loader.wait_idle()  # (the first layer, read ahead at enable time, is mapped)
+        loader._map = way == "mapped"
+        embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        logits = model(inputs_embeds=embeds).logits
+        logits.float().pow(2).mean().backward()
+        out[mode] = (logits.detach(), embeds.grad)
+        with torch.no_grad():  # and the next pass, without a graph, gives the same logits
+            assert torch.equal(model(inputs_embeds=embeds.detach()).logits, out[mode][0])
+        disable_layer_streaming(model)
+    assert out["module"][1] is not None and out["module"][1].abs().sum() > 0
+    assert torch.equal(out["module"][0], out["layer"][0]) and torch.equal(out["module"][1], out["layer"][1])
+
+
 def test_disable_removes_the_module_hooks(quantized):
     ckpt, dirs = quantized
     model = streamed_model(ckpt, dirs["4bit"], max_memory={"cpu": 0}, dequantize="module")

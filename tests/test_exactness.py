@@ -136,6 +136,50 @@ def test_forward_with_labels_and_attentions(pair, arch):
     assert all(torch.equal(x, y) for x, y in zip(a.attentions, b.attentions))
 
 
+def _input_gradient(model, ids):
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+    logits = model(inputs_embeds=embeds).logits
+    logits.pow(2).mean().backward()
+    return logits.detach(), embeds.grad
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "mixtral"])
+@pytest.mark.parametrize("prefetch", [0, 2])
+@pytest.mark.parametrize("way", ["mapped", "read"])
+def test_gradients_with_respect_to_the_inputs(checkpoints, arch, prefetch, way):
+    """The weights are frozen, but the activations are not: a backward pass through every streamed layer (saliency,
+    prompt tuning) gives the loaded model's input gradient, bit for bit. The autograd graph keeps each layer's weights
+    after its pass, so the loader must not read a later layer into the same buffer ("read": layers read into the
+    loader's reused buffers, as on CUDA, instead of mapped); the next pass is exact too."""
+    ckpt, shards = checkpoints(arch)
+    ref = _models.load_reference(ckpt)
+    model = streamed_model(ckpt, shards, max_memory={"cpu": 0}, prefetch=prefetch, keep_in_page_cache=way == "mapped")
+    loader = get_streaming_state(model).loader
+    loader.wait_idle()  # (the first layer, read ahead at enable time, is mapped)
+    loader._map = way == "mapped"
+    mapped = loader.reads["mapped"]
+    ids = torch.randint(4, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    ref_logits, ref_grad = _input_gradient(ref, ids)
+    logits, grad = _input_gradient(model, ids)
+    assert torch.equal(logits, ref_logits)
+    assert grad is not None and grad.abs().sum() > 0
+    assert torch.equal(grad, ref_grad)
+    if way == "read":
+        assert loader.reads["mapped"] == mapped and loader.reads["direct"] + loader.reads["page_cache"] > 0
+    # every weight is frozen (README, Limits: inference only): none gets a gradient, the loaded model's head does
+    assert ref.lm_head.weight.grad is not None
+    assert all(p.grad is None for p in model.parameters())
+    # with grad mode on but nothing requiring a gradient, no graph is recorded: no layer is held after its pass, and
+    # the read buffers are reused (a second pass allocates none)
+    expected = ref(ids).logits.detach()
+    for _ in range(2):
+        allocated = loader._pool.allocated
+        plain = model(ids).logits
+        assert plain.grad_fn is None and torch.equal(plain, expected)
+    assert loader._pool.allocated == allocated
+    disable_layer_streaming(model)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_left_padded_batch(pair, arch):
     ref, streamed, tok = pair(arch)
