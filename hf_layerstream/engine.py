@@ -1302,8 +1302,11 @@ class LayerLoader:
 
     def _load_device_resident(self, index: int) -> dict[str, torch.Tensor]:
         unit = layer_unit(index)
-        raw = mmap_tensors(self.shards.header(unit))
-        tensors = self._relative(index, self._finish(unit, raw, index))
+        # in the compute thread, at the layer's first use, kept for every later one: made outside inference mode
+        # whatever the caller's, as a loaded model's weights are (an inference tensor cannot be saved for backward)
+        with torch.inference_mode(False):
+            raw = mmap_tensors(self.shards.header(unit))
+            tensors = self._relative(index, self._finish(unit, raw, index))
         self._device_cache[index] = tensors
         return tensors
 

@@ -180,6 +180,26 @@ def test_gradients_with_respect_to_the_inputs(checkpoints, arch, prefetch, way):
     disable_layer_streaming(model)
 
 
+@pytest.mark.parametrize("compression", [None, "4bit"])
+def test_layers_kept_at_a_first_use_in_inference_mode_serve_autograd_later(checkpoints, compression):
+    """Kept layers are loaded at their first use, in the caller's thread, and kept: a first `generate` under
+    `torch.inference_mode()` must not make them inference tensors, which autograd refuses to save ("Inference tensors
+    cannot be saved for backward"). A later backward pass to the inputs runs and gives the same gradient as a model
+    that never ran in inference mode."""
+    ckpt, shards = checkpoints("llama", compression=compression)
+    ids = torch.randint(4, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    fresh = streamed_model(ckpt, shards)
+    assert not get_streaming_state(fresh).plan.streamed  # every layer kept
+    expected = _input_gradient(fresh, ids)
+    model = streamed_model(ckpt, shards)
+    with torch.inference_mode():
+        model.generate(ids, max_new_tokens=2, do_sample=False)
+    logits, grad = _input_gradient(model, ids)
+    assert torch.equal(logits, expected[0]) and torch.equal(grad, expected[1])
+    disable_layer_streaming(model)
+    disable_layer_streaming(fresh)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_left_padded_batch(pair, arch):
     ref, streamed, tok = pair(arch)
