@@ -295,8 +295,7 @@ def plan_residency(
     host_resident_bytes = host_copied = 0
     if device.type == "cpu":
         room = host_budget - resident - working
-        fit = _fit(layer_bytes, order, room)
-        device_layers = _spread(order, fit)
+        device_layers = _pick(layer_bytes, order, room)
         host_layers: list[int] = []
     else:
         index = _device_key(device)
@@ -318,11 +317,11 @@ def plan_residency(
             # while the head runs on its copy, the loader holds the next sweep's first `prefetch` layers
             working = max(working, host_copied + prefetch * biggest)
         room = dev_budget - resident - working - reserve
-        device_layers = _spread(order, _fit(layer_bytes, order, room))
+        device_layers = _pick(layer_bytes, order, room)
         rest = [i for i in order if i not in set(device_layers)]
         # host copies are kept as stored (packed when quantized), dequantized on the device
         host_room = host_budget - (prefetch + 1) * max(stored, default=0) - host_resident_bytes
-        host_layers = _spread(rest, _fit(stored, rest, host_room))
+        host_layers = _pick(stored, rest, host_room)
     kept = set(device_layers) | set(host_layers)
     streamed = [i for i in order if i not in kept]
     # the page cache's share of host RAM, less what the plan itself takes there: on CPU the kept layers (file maps,
@@ -333,7 +332,7 @@ def plan_residency(
         host_use = sum(stored[i] for i in host_layers) + (prefetch + 1) * max(stored, default=0) + host_resident_bytes
     if keep_in_page_cache is None:
         cache_room = int(DEFAULT_PAGE_CACHE_SHARE * available_host_memory()) - host_use
-        page_cache_layers = _spread(streamed, _fit(stored, streamed, cache_room))
+        page_cache_layers = _pick(stored, streamed, cache_room)
     else:
         page_cache_layers = list(streamed) if keep_in_page_cache else []
     return ResidencyPlan(
@@ -420,6 +419,29 @@ def _fit(sizes: list[int], order: list[int], room: int) -> int:
         used += sizes[i]
         count += 1
     return count
+
+
+def _pick(sizes: list[int], candidates: list[int], room: int) -> list[int]:
+    """The layers of `candidates` to keep in `room` bytes: never more than fit, spread over the stack.
+
+    With layers of one size, the most that fit, evenly spaced (`_spread`). Where sizes differ (DeepSeek-V3's dense
+    layers before its MoE ones, Jamba's Mamba and attention layers), the largest evenly spaced pick that fits, then
+    the largest of the other layers that still fit in what is left."""
+    most = _fit(sizes, sorted(candidates, key=lambda i: sizes[i]), room)  # (no pick of more layers fits)
+    chosen: list[int] = []
+    for count in range(most, 0, -1):
+        chosen = _spread(candidates, count)
+        if sum(sizes[i] for i in chosen) <= room:
+            break
+    else:
+        chosen = []
+    left = room - sum(sizes[i] for i in chosen)
+    taken = set(chosen)
+    for i in sorted((i for i in candidates if i not in taken), key=lambda i: -sizes[i]):
+        if sizes[i] <= left:
+            chosen.append(i)
+            left -= sizes[i]
+    return sorted(chosen)
 
 
 # --- profiling -------------------------------------------------------------------------------------------------------

@@ -138,6 +138,51 @@ def test_plan_cpu_tiers(llama):
     assert bigger.resident_bytes == resident + layer and len(bigger.device_layers) == 2
 
 
+def test_plans_of_layers_of_different_sizes_stay_within_the_budget(llama):
+    """Small layers first, large ones after (DeepSeek-V3's dense layers before its MoE ones): the count of layers that
+    fit must not come from the small ones while the even spread picks large ones (it did: 12 units kept in a room of
+    3). Every tier stays within its room, and keeps as much as the uniform rule would where it can."""
+    _, shards, *_ = llama
+    m, resident, _ = _sizes(shards)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    unit = 2**20
+    sizes = {i: s * unit for i, s in enumerate([1, 1, 1, 10, 10, 10])}
+    working = 2 * 10 * unit  # (prefetch + 1) of the largest layer
+
+    def kept(plan, tier):
+        return sum(sizes[i] for i in tier)
+
+    for room, expected in [(3, [0, 1, 2]), (12, [0, 2, 4]), (13, [0, 1, 2, 4]), (33, [0, 1, 2, 3, 4, 5])]:
+        budget = {"cpu": resident + working + room * unit}
+        plan = plan_residency(m, cpu, dtype_size=sizes, max_memory=budget, prefetch=1)
+        assert kept(plan, plan.device_layers) <= room * unit, (room, plan.device_layers)
+        assert plan.device_layers == expected, (room, plan.device_layers)
+    # on a GPU: the device tier, then the host tier (stored sizes: these shards' own, all the same) and the page cache
+    budget = {0: resident + working + 3 * unit, "cpu": 0}
+    plan = plan_residency(m, cuda, dtype_size=sizes, max_memory=budget, prefetch=1, reserve=0)
+    assert plan.device_layers == [0, 1, 2] and plan.streamed == [3, 4, 5]
+    plan = plan_residency(m, cuda, dtype_size=sizes, max_memory={**budget, 0: budget[0] + 10 * unit}, reserve=0)
+    assert kept(plan, plan.device_layers) <= 13 * unit and plan.device_layers == [0, 1, 2, 4]
+
+
+def test_pick_keeps_the_uniform_rule_and_fills_what_is_left():
+    from hf_layerstream.engine import _pick
+
+    assert _pick([5] * 8, list(range(8)), 20) == [0, 2, 4, 6]  # one size: the most that fit, evenly spaced
+    assert _pick([5] * 8, list(range(8)), 19) == [0, 2, 5]
+    assert _pick([5] * 8, list(range(8)), 0) == []
+    # 4 is the most that could fit (the four of size 1); 4 evenly spaced, [0, 1, 3, 4], fit too (13)
+    assert _pick([10, 1, 10, 1, 1, 1], list(range(6)), 13) == [0, 1, 3, 4]
+    # 3 could fit (1 + 1 + 1); 3 evenly spaced, [0, 2, 4], do not (30), 2 do ([0, 3], 11); then the largest of the
+    # others that fits in what is left (1): a layer of size 1
+    assert _pick([10, 1, 10, 1, 10, 1], list(range(6)), 12) == [0, 1, 3]
+    for sizes, room in [([10, 1, 10, 1, 1, 1], 13), ([3, 9, 1, 7, 2, 8, 4], 15), ([1, 2, 3], 100), ([7], 6)]:
+        chosen = _pick(sizes, list(range(len(sizes))), room)
+        assert sum(sizes[i] for i in chosen) <= room and chosen == sorted(set(chosen))
+        left = room - sum(sizes[i] for i in chosen)
+        assert all(sizes[i] > left for i in range(len(sizes)) if i not in chosen)  # nothing else would fit
+
+
 def test_plan_counts_resident_parts_at_the_compute_dtype(llama):
     """A float32 checkpoint computed in bfloat16: the plan counts the resident parts (embeddings, head) at half
     their stored bytes, as it counts the layers."""
