@@ -217,10 +217,12 @@ class _Placeholder(torch.Tensor):
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         if func in (torch.ops.aten.detach.default, torch.ops.aten.alias.default):
-            t = args[0]
-            return type(t)(t.source, t.shape, t.dtype, t.device)
+            return args[0]._copy()
         placeholder = next((a for a in args if isinstance(a, _Placeholder)), None)
         raise RuntimeError(placeholder._refusal(func) if placeholder is not None else f"`{func}` on a placeholder")
+
+    def _copy(self) -> _Placeholder:
+        return type(self)(self.source, self.shape, self.dtype, self.device)
 
     def _refusal(self, func) -> str:
         raise NotImplementedError
@@ -244,14 +246,49 @@ class HostResident(_Placeholder):
 class Packed(_Placeholder):
     """What a module whose weight is dequantized as it runs (`dequantize="module"`) holds during its layer's forward
     pass, outside its own: the weight's shape, compute dtype and device. Its forward pass swaps the dequantized weight
-    in (see `ModuleDequantizer`); code of the layer that computes with the weight elsewhere raises, naming the fix."""
+    in (see `ModuleDequantizer`). Code of the layer that computes with the weight elsewhere (Jamba's and Mamba's
+    `self.dt_proj.weight @ x`, a fused MLP) gets it dequantized for that one operation: the same bits, decoded
+    again at each such use, and dropped after it."""
+
+    hook: LayerStreamingHook | None = None  # the layer hook holding this weight packed during its pass, and its slot
+    slot: int = -1
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.detach.default, torch.ops.aten.alias.default):
+            return args[0]._copy()
+        args, kwargs = torch.utils._pytree.tree_map(lambda a: _dequantized(a, func), (args, kwargs or {}))
+        return func(*args, **kwargs)
+
+    def _copy(self) -> Packed:
+        t = super()._copy()
+        t.hook, t.slot = self.hook, self.slot
+        return t
 
     def _refusal(self, func) -> str:
         return (
-            f"{self.source!r} is held packed (quantized) by layer streaming and dequantized only for its module's own "
-            f"forward pass (`dequantize='module'`), but the layer's code ran `{func}` on it outside that pass. Enable "
-            "streaming with `dequantize='layer'` for this model."
+            f"{self.source!r} is held packed (quantized) by layer streaming and dequantized for its layer's forward "
+            f"pass, but `{func}` ran on it outside that pass."
         )
+
+
+def _dequantized(a, func):
+    """`a`, or where it is a `Packed` placeholder, its weight dequantized (the layer's pass holds it packed) for
+    `func`."""
+    if not isinstance(a, Packed):
+        return a
+    hook = a.hook
+    weight = hook.packed.get(a.slot) if hook is not None else None
+    if weight is None:
+        raise RuntimeError(a._refusal(func))
+    if hook.profile is None:
+        return weight.dequantize()
+    _sync(hook.loader.device)
+    t0 = time.perf_counter()
+    out = weight.dequantize()
+    _sync(hook.loader.device)
+    hook.dequantized += time.perf_counter() - t0
+    return out
 
 
 class ModuleDequantizer:

@@ -237,8 +237,8 @@ DEQUANTIZE_MODES = ("layer", "module")
 
 def deferrable_weights(model: nn.Module, stack: LayerStack, shards: ShardDirectory) -> frozenset[str]:
     """The quantized layer weights that can be dequantized one module at a time (`dequantize="module"`): the weights
-    of `nn.Linear` modules (whose forward pass is the only code that computes with them), not shared with another
-    module; their full names."""
+    of `nn.Linear` modules (whose forward pass computes with them; any other use during the layer's pass gets the
+    weight dequantized for that operation, see `hooks.Packed`), not shared with another module; their full names."""
     owners: dict[int, int] = {}
     for _, p in stack.layers.named_parameters(remove_duplicate=False):
         owners[id(p)] = owners.get(id(p), 0) + 1
@@ -382,9 +382,9 @@ def _dequantize_per_module(
         if name not in deferred:
             continue
         shape = module._parameters[attr].shape
-        hook.packed_placeholders[k] = nn.Parameter(
-            Packed(name, shape, target_dtypes[name], device), requires_grad=False
-        )
+        placeholder = Packed(name, shape, target_dtypes[name], device)
+        placeholder.hook, placeholder.slot = hook, k  # (kept by `nn.Parameter`'s detach: see `Packed._copy`)
+        hook.packed_placeholders[k] = nn.Parameter(placeholder, requires_grad=False)
         per_module.setdefault(id(module), (module, []))[1].append((attr, k))
     for module, slots in per_module.values():
         dequantizer = ModuleDequantizer(hook, slots)

@@ -225,6 +225,25 @@ def test_quantized_shards_of_moe_and_state_space_models(tmp_path, model_type):
     assert cosine >= 0.9, cosine
 
 
+def test_jamba_computing_with_its_time_step_projections_weight_runs_per_module(tmp_path):
+    """Jamba's Mamba mixer computes `self.dt_proj.weight @ x` itself, outside `dt_proj`'s forward. Real checkpoints'
+    `dt_proj` is large enough to be quantized (the tiny default is not: `mamba_dt_rank` makes it so here); per module,
+    that use gets the weight dequantized for the operation, and the logits equal every layer kept, bit for bit."""
+    ckpt = _models.save_tiny_checkpoint(_config("jamba", mamba_dt_rank=16), tmp_path / "checkpoint")
+    shards = split_checkpoint(ckpt, tmp_path / "shards", compression="4bit", progress=False)
+    entry = ShardDirectory(shards).unit("layers.0").tensors["model.layers.0.mamba.dt_proj.weight"]
+    assert entry.quant is not None
+    ids = torch.randint(4, 120, (1, 24), generator=torch.Generator().manual_seed(3))
+    out = {}
+    for how in ("layer", "module"):
+        model = streamed_model(ckpt, shards, max_memory={"cpu": 0}, prefetch=1, dequantize=how)
+        assert "model.layers.0.mamba.dt_proj.weight" in get_streaming_state(model).loader.deferred or how == "layer"
+        with torch.no_grad():
+            out[how] = model(ids).logits
+        disable_layer_streaming(model)
+    assert torch.equal(out["module"], out["layer"])
+
+
 # --- vision-language models: the language model's layers are streamed, the vision encoder stays resident ----------
 
 _TEXT = {k: v for k, v in _COMMON.items() if k != "vocab_size"} | {"vocab_size": 160}  # room for the image tokens

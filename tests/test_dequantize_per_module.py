@@ -163,13 +163,16 @@ def test_weights_are_dequantized_only_while_their_module_runs(quantized):
     assert layer.mlp.down_proj.weight.is_meta  # between passes
 
 
-def test_code_computing_with_a_packed_weight_outside_its_module_is_told_what_to_do(quantized):
-    """A layer whose own code uses a projection's weight (some fused kernels do) raises, naming the weight and
-    `dequantize='layer'`, which runs it."""
+def test_code_computing_with_a_packed_weight_outside_its_module_gets_it_dequantized(quantized):
+    """A layer whose own code uses a projection's weight (some fused kernels do; Jamba's and Mamba's mixers compute
+    `self.dt_proj.weight @ x`): each such operation gets the weight dequantized, the same bits as by layer. A
+    placeholder used after its layer's pass (nothing holds the weight then) raises, naming it."""
     ckpt, dirs = quantized
     model = streamed_model(ckpt, dirs["4bit"], max_memory={"cpu": 0}, dequantize="module")
+    seen = []
 
     def fused(self, x):  # the MLP as a fused kernel would take it: the weights, not the modules
+        seen.append(self.gate_proj.weight)
         gate = torch.nn.functional.linear(x, self.gate_proj.weight)
         up = torch.nn.functional.linear(x, self.up_proj.weight)
         return torch.nn.functional.linear(self.act_fn(gate) * up, self.down_proj.weight)
@@ -178,14 +181,15 @@ def test_code_computing_with_a_packed_weight_outside_its_module_is_told_what_to_
     original = mlp_class.forward
     mlp_class.forward = fused
     try:
-        with pytest.raises(RuntimeError, match=r"'model\.layers\.0\.mlp\.gate_proj\.weight' is held packed.*"):
-            _logits(model)
-        disable_layer_streaming(model)
+        per_module = _logits(model)
         layered = streamed_model(ckpt, dirs["4bit"], max_memory={"cpu": 0}, dequantize="layer")
-        fused_logits = _logits(layered)
+        assert torch.equal(per_module, _logits(layered))
     finally:
         mlp_class.forward = original
-    assert torch.equal(fused_logits, _logits(layered))
+    assert isinstance(seen[0], Packed)  # (what the fused code was given: the placeholder, not a dequantized weight)
+    with pytest.raises(RuntimeError, match=r"'model\.layers\.0\.mlp\.gate_proj\.weight' is held packed.*outside"):
+        seen[0] + 1
+    disable_layer_streaming(model)
 
 
 def test_a_module_that_raises_drops_its_weight_and_the_next_pass_is_exact(quantized):
