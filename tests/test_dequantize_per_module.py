@@ -456,10 +456,11 @@ def test_per_module_on_cuda_is_exact_and_holds_less(quantized, max_memory):
     peaks, outs = {}, {}
     for mode in ("layer", "module"):
         model = build_meta_model(AutoConfig.from_pretrained(ckpt))
-        enable_layer_streaming(model, dirs["4bit"], device="cuda", max_memory=max_memory, prefetch=2, dequantize=mode)
+        # counted from before enabling: the loader reads layers ahead (and a plan keeps some) as soon as it starts
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
+        enable_layer_streaming(model, dirs["4bit"], device="cuda", max_memory=max_memory, prefetch=2, dequantize=mode)
         with torch.no_grad():
             outs[mode] = (model(ids).logits, model.generate(ids, **GEN))
         torch.cuda.synchronize()
