@@ -83,6 +83,7 @@ class StreamingState:
     last_profile: dict | None = None
     compute_dtypes: frozenset = frozenset()  # the floating-point dtypes the streamed weights arrive in
     shadowed: dict = field(default_factory=dict)  # instance attributes our wrappers replaced (restored on disable)
+    compile_vetoed: bool = False  # `generate` asked to compile the forward pass, and was told not to (logged once)
     handles: list = field(default_factory=list)  # torch hook handles (removed on disable)
     runner: nn.Module | None = None  # the module whose forward runs the decoder layers
     guard: PassGuard | None = None  # wraps its forward: one pass at a time, clean-up after one that raised
@@ -665,6 +666,7 @@ def enable_layer_streaming(
     setattr(model, _STATE_ATTR, state)
     if prof is not None:
         _wrap_generate(model, state)
+    _no_auto_compile(model, state)
     _guard_moves(model, state)
     loader.start()
     logger.info("Layer streaming enabled from %s: %s", shards.path, plan.summary())
@@ -744,6 +746,28 @@ def _wrap_generate(model: nn.Module, state: StreamingState) -> None:
     _shadow(model, state, "generate", generate)
 
 
+def _no_auto_compile(model: nn.Module, state: StreamingState) -> None:
+    """Keep `generate` from compiling the forward pass by itself (on a GPU with a static cache): the hooks swap each
+    layer's weights in at every pass, so `torch.compile` would recompile for each layer (51 s for 5 tokens of a
+    3-layer test model on CPU). The "disk"/"cpu" entries of `hf_device_map` veto it already unless every layer is kept
+    on the device; this covers that plan too. (A method transformers may rename: then this shadows nothing.)"""
+    original = getattr(model, "_valid_auto_compile_criteria", None)
+    if original is None:
+        return
+
+    @functools.wraps(original)
+    def criteria(*args, **kwargs):
+        if original(*args, **kwargs) and not state.compile_vetoed:
+            state.compile_vetoed = True  # (said once per enable)
+            logger.warning(
+                "`generate` would compile the forward pass of this streamed model; not compiling it (its hooks swap "
+                "the layers' weights in at every pass, so it would recompile for each layer)."
+            )
+        return False
+
+    _shadow(model, state, "_valid_auto_compile_criteria", criteria)
+
+
 def _restore(model: nn.Module, originals) -> None:
     for module, attr, is_param, value in originals:
         (module._parameters if is_param else module._buffers)[attr] = value
@@ -786,7 +810,7 @@ def _disable(model: nn.Module, state: StreamingState) -> None:
         handle.remove()
     state.loader.close()
     _restore(model, state.originals)
-    for name in ("generate", *_MOVES):
+    for name in ("generate", "_valid_auto_compile_criteria", *_MOVES):
         if name in vars(model):
             delattr(model, name)
     for name, value in state.shadowed.items():

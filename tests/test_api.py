@@ -497,3 +497,35 @@ def test_verify_option_checks_full_checksums_before_any_hook(checkpoints, tmp_pa
     with pytest.raises(ShardDirError, match=r"00001.safetensors does not match its SHA-256"):
         enable_layer_streaming(model, copy, verify=True)
     assert _untouched(model)
+
+
+def test_generate_does_not_compile_a_streamed_model(checkpoints, caplog):
+    """With a static cache on a GPU, `generate` compiles the forward pass by itself unless the model is offloaded;
+    with every layer kept on the device nothing says so in `hf_device_map`, and the hooks swapping weights in at
+    every pass would make it recompile for each layer. Streaming tells `generate` not to compile (logged once), and
+    the output is the loaded model's. (`_compile_all_devices` lets `generate` compile on CPU: the GPU's case here.)"""
+    import logging
+
+    from transformers import CompileConfig, GenerationConfig, StaticCache
+
+    ckpt, shards = checkpoints("llama")
+    ref = _models.load_reference(ckpt)
+    model = streamed_model(ckpt, shards)
+    assert not get_streaming_state(model).plan.streamed  # every layer kept: no "disk" in `hf_device_map`
+    config = GenerationConfig(
+        max_new_tokens=4, do_sample=False, cache_implementation="static", compile_config=CompileConfig()
+    )
+    config.compile_config._compile_all_devices = True
+    cache = StaticCache(config=model.config, max_cache_len=32)
+    asked = {"cache": cache, "past_key_values": cache}  # (the key differs across transformers releases)
+    assert ref._valid_auto_compile_criteria(asked, config)  # the loaded model would compile
+    with caplog.at_level(logging.WARNING, logger="hf_layerstream"):
+        assert not model._valid_auto_compile_criteria(asked, config)
+        assert not model._valid_auto_compile_criteria(asked, config)
+    assert caplog.text.count("not compiling it") == 1
+    ids = torch.randint(4, 100, (1, 8), generator=torch.Generator().manual_seed(0))
+    plain = GenerationConfig(max_new_tokens=4, do_sample=False, cache_implementation="static")
+    expected = ref.generate(ids, generation_config=plain)
+    assert torch.equal(model.generate(ids, generation_config=config), expected)
+    disable_layer_streaming(model)
+    assert "_valid_auto_compile_criteria" not in vars(model)
