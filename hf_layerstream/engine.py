@@ -1365,6 +1365,8 @@ class LayerLoader:
                 buf = self._pinned.empty(value.numel() * value.element_size())
                 value = buf.view(value.dtype).view(value.shape).copy_(value)
             out[name] = value
+        if self.is_cuda:  # queued on the stream current now: a pass run on another stream must find them there
+            torch.cuda.current_stream(self.device).synchronize()
         return out
 
     def _host_value(self, unit: str, raw: dict[str, torch.Tensor], full: str, copy: bool = False) -> torch.Tensor:
