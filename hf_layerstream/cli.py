@@ -15,10 +15,10 @@ def _max_memory(text: str | None) -> dict | None:
     if not text:
         return None
     out: dict = {}
-    for item in text.split(","):
+    for item in filter(str.strip, text.split(",")):  # (a trailing comma is harmless)
         key, sep, value = item.partition("=")
         if not sep:
-            raise argparse.ArgumentTypeError(f"--max-memory item {item!r} must look like cpu=16GiB or 0=4GiB")
+            raise ValueError(f"--max-memory item {item!r} must look like cpu=16GiB or 0=4GiB")
         key = key.strip()
         out[int(key) if key.isdigit() else key] = value.strip()
     return out
@@ -36,7 +36,7 @@ def _dtype(text: str | None):
 
     value = getattr(torch, text, None)
     if not isinstance(value, torch.dtype):
-        raise argparse.ArgumentTypeError(f"unknown dtype {text!r} (use float32, bfloat16, float16 or auto)")
+        raise ValueError(f"unknown dtype {text!r} (use float32, bfloat16, float16 or auto)")
     return value
 
 

@@ -62,6 +62,7 @@ _SIDE_FILES = (
     "video_preprocessor_config.json",
 )
 _INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+_SAMPLE = 64 * 1024  # bytes read at each end of a local weight file for the source's identity
 _SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
@@ -194,26 +195,39 @@ class _Source:
             return None
         return Path(cached) if isinstance(cached, str) else None
 
-    def identity(self) -> dict[str, Any]:
-        """What the split is made from: id, revision and a digest of the weight files' names, sizes and headers.
+    def identity(self, *, legacy: bool = False) -> dict[str, Any]:
+        """What the split is made from, recorded with it, so that resuming or re-running it from *another* checkpoint
+        of the same architecture (same shapes, other weights) is refused instead of mixing two models' layers.
 
-        Recorded with an unfinished split, so that resuming from *another* checkpoint of the same architecture
-        (same shapes, other weights) is refused instead of mixing two models' layers in one directory.
+        A hub repo: its id, the commit and the weight files' names (the commit fixes every file; what the hub cache
+        happens to hold must not count: a sharded repo's files are fetched during the split, and a later run would
+        find them cached). A local folder: its path and, for each weight file, its name, size, safetensors header and
+        first and last 64 KiB (a checkpoint saved again in place, with the same shapes, differs there).
+
+        `legacy`: as hf_layerstream 0.1.0 recorded it before (sizes and headers of the files found on this machine,
+        hub or local, no samples); a split finished then is still recognized as this one.
         """
         import hashlib
 
         h = hashlib.sha256()
         for filename in sorted(set(self.keys.values())):
             h.update(filename.encode() + b"\0")
-            path = self._local_weight_file(filename)
-            if path is None:  # a hub file not downloaded yet: the commit hash identifies it
+            if self.local_dir is None and not legacy:
                 continue
-            h.update(str(path.stat().st_size).encode() + b"\0")
-            if filename.endswith(".safetensors"):
-                with open(path, "rb") as f:
+            path = self._local_weight_file(filename)
+            if path is None:  # (legacy: a hub file not downloaded yet)
+                continue
+            size = path.stat().st_size
+            h.update(str(size).encode() + b"\0")
+            with open(path, "rb") as f:
+                if filename.endswith(".safetensors"):
                     prefix = f.read(8)
                     if len(prefix) == 8:
                         h.update(f.read(min(int.from_bytes(prefix, "little"), 100 * 2**20)))
+                if not legacy:
+                    h.update(f.read(_SAMPLE))
+                    f.seek(max(size - _SAMPLE, 0))
+                    h.update(f.read(_SAMPLE))
         return {
             "id": self.description if self.local_dir is None else str(self.local_dir.resolve()),
             "revision": self.revision,
@@ -469,10 +483,12 @@ def split_checkpoint(
         from .quant import quantize_tensor, resolve_compression, should_quantize
 
         scheme = resolve_compression(compression, quant_type=quant_type, blocksize=blocksize)
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype, None) if dtype != "auto" else None
-        if dtype is not None and not isinstance(dtype, torch.dtype):
-            raise ValueError(f"`dtype` {dtype!r} is not a torch dtype name (e.g. 'bfloat16', 'float16', 'float32').")
+    if isinstance(dtype, str) and dtype != "auto":
+        name, dtype = dtype, getattr(torch, dtype, None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"`dtype` {name!r} is not a torch dtype name (e.g. 'bfloat16', 'float16', 'float32').")
+    elif dtype == "auto":
+        dtype = None
     if dtype is not None and not dtype.is_floating_point:
         raise ValueError(f"`dtype` must be a floating-point dtype, got {dtype}.")
     shard_dir = Path(shard_dir)
@@ -500,6 +516,8 @@ def split_checkpoint(
     compression_dict = scheme.to_dict() if scheme is not None else None
     source_identity = src.identity()
     options = _options_key(fingerprint, dtype, compression_dict, source_identity)
+    # (a split finished by 0.1.0, which recorded the source otherwise, is this one too)
+    legacy_digest = _options_digest(_options_key(fingerprint, dtype, compression_dict, src.identity(legacy=True)))
     units = [layer_unit(i) for i in range(len(stack))] + [RESIDENT]
     shard_dir.mkdir(parents=True, exist_ok=True)
     with _locked(shard_dir, wait=wait):
@@ -515,7 +533,7 @@ def split_checkpoint(
                 and existing.get("fingerprint") == fingerprint
                 and existing.get("compression") == compression_dict
                 and (dtype is None or existing.get("dtype") == dtype_to_str(dtype))
-                and existing.get("split_options") in (None, _options_digest(options))
+                and existing.get("split_options") in (None, _options_digest(options), legacy_digest)
             )
             if same and not overwrite:
                 try:

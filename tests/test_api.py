@@ -132,6 +132,52 @@ def test_interrupted_split_resumes_without_redoing_layers(tmp_path, monkeypatch)
         assert torch.equal(model(ids).logits, ref(ids).logits)
 
 
+def _interrupt_at(monkeypatch, unit):
+    """Make the split raise KeyboardInterrupt as it is about to write `unit`; returns the function that undoes it."""
+    from hf_layerstream import split as split_mod
+
+    real_write = split_mod._write_unit
+
+    def failing_write(shard_dir, name, *args, **kwargs):
+        if name == unit:
+            raise KeyboardInterrupt
+        return real_write(shard_dir, name, *args, **kwargs)
+
+    monkeypatch.setattr(split_mod, "_write_unit", failing_write)
+    return lambda: monkeypatch.setattr(split_mod, "_write_unit", real_write)
+
+
+def test_a_checkpoint_saved_again_in_place_is_not_resumed_into(tmp_path, monkeypatch):
+    """A split interrupted, then the source folder overwritten by another checkpoint of the same architecture (a
+    newer fine-tune saved to the same path: same file names, sizes and headers): resuming would mix two models'
+    layers. It is refused, naming the fix; the same checkpoint resumes."""
+    ckpt = _models.save_tiny_checkpoint("llama", tmp_path / "ckpt", num_hidden_layers=4)
+    restore = _interrupt_at(monkeypatch, "layers.2")
+    with pytest.raises(KeyboardInterrupt):
+        split_checkpoint(ckpt, tmp_path / "shards", progress=False)
+    restore()
+    _models.save_tiny_checkpoint("llama", ckpt, num_hidden_layers=4, seed=1)  # other weights, same shapes
+    with pytest.raises(ShardDirError, match="unfinished split of another model, another source checkpoint"):
+        split_checkpoint(ckpt, tmp_path / "shards", progress=False)
+    split_checkpoint(ckpt, tmp_path / "shards", progress=False, overwrite=True)
+    assert _exact(ckpt, tmp_path / "shards")
+
+
+def test_a_split_finished_by_0_1_0_is_recognized(tmp_path, monkeypatch):
+    """0.1.0 recorded a local source without samples of its files: running a split it finished again finds it done
+    (refusing it as "another model" would break every script that splits before it streams)."""
+    from hf_layerstream import split as split_mod
+
+    ckpt = _models.save_tiny_checkpoint("llama", tmp_path / "ckpt")
+    identity = split_mod._Source.identity
+    monkeypatch.setattr(split_mod._Source, "identity", lambda self, legacy=False: identity(self, legacy=True))
+    split_checkpoint(ckpt, tmp_path / "shards", progress=False)
+    monkeypatch.setattr(split_mod._Source, "identity", identity)
+    stamp = (tmp_path / "shards" / "manifest.json").stat().st_mtime_ns
+    split_checkpoint(ckpt, tmp_path / "shards", progress=False)
+    assert (tmp_path / "shards" / "manifest.json").stat().st_mtime_ns == stamp
+
+
 # --- sources ------------------------------------------------------------------------------------------------------
 
 
@@ -185,6 +231,49 @@ def test_hub_repo_id_from_the_hub_cache_offline(tmp_path, monkeypatch):
     m = json.loads((shards / "manifest.json").read_text())
     assert m["source"] == {"id": "tiny-org/tiny-llama", "kind": "hub", "revision": commit}
     assert _exact(ckpt, shards)
+
+
+def test_hub_repo_fetched_during_the_split_resumes_and_reruns(tmp_path, monkeypatch):
+    """A sharded hub repo not in the cache: its weight files are fetched one by one as the split reads them. An
+    interrupted split resumes, and running the finished split again finds it done, although the cache now holds files
+    it did not hold the first time (that changed the recorded source before, and both were refused)."""
+    import huggingface_hub
+    from huggingface_hub.errors import EntryNotFoundError
+
+    remote = _models.save_tiny_checkpoint("llama", tmp_path / "remote", num_hidden_layers=4)
+    assert (remote / "model.safetensors.index.json").exists()
+    commit = "c" * 40
+    repo = tmp_path / "cache" / "models--tiny-org--lazy"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    fetched = []
+
+    def hf_hub_download(repo_id, filename, revision=None, token=None, cache_dir=None, **kwargs):
+        if not (remote / filename).is_file():
+            raise EntryNotFoundError(f"{filename} not found")
+        if not (snapshot / filename).exists():
+            fetched.append(filename)
+            shutil.copy(remote / filename, snapshot / filename)
+        return str(snapshot / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    out = tmp_path / "shards"
+    restore = _interrupt_at(monkeypatch, "layers.2")
+    with pytest.raises(KeyboardInterrupt):
+        split_checkpoint("tiny-org/lazy", out, cache_dir=tmp_path / "cache", progress=False)
+    restore()
+    first = [f for f in fetched if f.endswith(".safetensors")]
+    assert first and len(first) < len(
+        set(json.loads((remote / "model.safetensors.index.json").read_text())["weight_map"].values())
+    )
+    split_checkpoint("tiny-org/lazy", out, cache_dir=tmp_path / "cache", progress=False)  # resumes
+    stamp = (out / "manifest.json").stat().st_mtime_ns
+    split_checkpoint("tiny-org/lazy", out, cache_dir=tmp_path / "cache", progress=False)  # done: nothing to do
+    assert (out / "manifest.json").stat().st_mtime_ns == stamp
+    assert json.loads((out / "manifest.json").read_text())["source"]["revision"] == commit
+    assert _exact(remote, out)
 
 
 def test_hub_repo_id_offline_and_not_cached_is_a_clear_error(tmp_path, monkeypatch):

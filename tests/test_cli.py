@@ -72,6 +72,31 @@ def test_generate_errors_are_clear(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["generate", "{shards}", "hi", "--dtype", "bf16"], "unknown dtype 'bf16'"),
+        (["inspect", "{shards}", "--max-memory", "cpu16GiB"], "--max-memory item 'cpu16GiB' must look like"),
+        (["split", "{ckpt}", "{tmp}/out", "--dtype", "fp16"], "`dtype` 'fp16' is not a torch dtype name"),
+    ],
+    ids=["generate-dtype", "inspect-max-memory", "split-dtype"],
+)
+def test_bad_option_values_are_clear_errors(split_dir, tmp_path, capsys, argv, message):
+    """A misspelled value fails with the CLI's one-line error and exit status 2, not a traceback (or, for split's
+    dtype, silently not casting)."""
+    ckpt, shards = split_dir
+    argv = [a.format(shards=shards, ckpt=ckpt, tmp=tmp_path) for a in argv]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_a_trailing_comma_in_max_memory_is_harmless(split_dir, capsys):
+    _, shards = split_dir
+    assert main(["inspect", str(shards), "--json", "--device", "cpu", "--max-memory", "cpu=0,"]) == 0
+    assert json.loads(capsys.readouterr().out)["plan"]["streamed"] == [0, 1, 2]
+
+
 def test_inspect_and_verify(split_dir, capsys):
     _, shards = split_dir
     assert main(["inspect", str(shards), "--device", "cpu"]) == 0
