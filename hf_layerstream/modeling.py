@@ -358,3 +358,22 @@ _LAYER_RE = re.compile(r"^layers\.(\d+)$")
 def unit_index(unit: str) -> int | None:
     m = _LAYER_RE.match(unit)
     return int(m.group(1)) if m else None
+
+
+def kept_in_float32(model: nn.Module, dtype: torch.dtype) -> re.Pattern | None:
+    """The weights `from_pretrained(..., dtype=dtype)` keeps in float32 for `model`: its `_keep_in_fp32_modules`
+    (at float16) and `_keep_in_fp32_modules_strict` (at float16 and bfloat16), e.g. DeepSeek-V3's router
+    (`gate.weight`) and `e_score_correction_bias`. Matched as transformers matches them: each name searched anywhere
+    in a weight's full name, `*` standing for any characters. `None` where nothing is kept."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return None
+    plan = getattr(model, "_get_dtype_plan", None)
+    if plan is not None:
+        names = [n for n, d in plan(dtype).items() if d == torch.float32]
+    else:  # (transformers releases without it)
+        names = list(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
+        if dtype == torch.float16:
+            names += list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    if not names:
+        return None
+    return re.compile("|".join(f"(?:{n.replace('*', '.*')})" for n in sorted(names)))

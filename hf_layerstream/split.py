@@ -33,6 +33,7 @@ from .modeling import (
     architecture_fingerprint,
     build_skeleton,
     convert_unit,
+    kept_in_float32,
     layer_unit,
     plan_conversion,
     require_layer_stack,
@@ -593,6 +594,7 @@ def split_checkpoint(
         # recorded before the first unit, so an interrupted directory always says what it is and how to finish it
         _save_progress(shard_dir, options, {u: done[u] for u in units if u in done})
 
+        kept = kept_in_float32(model, dtype) if dtype is not None else None
         bar = progress_bar(progress, total=len(units), desc="Splitting", unit="layer")
         bar.update(len([u for u in units if u in done]))
         try:
@@ -602,8 +604,13 @@ def split_checkpoint(
                 entries = plan.units.get(unit, [])
                 tensors = convert_unit(model, entries, src.load, plan.converters)
                 tensors = {k: tensors[k] for k in sorted(tensors)}
-                if dtype is not None:
-                    tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+                if dtype is not None:  # (what the model keeps in float32 at `dtype` stays float32, as it loads)
+                    tensors = {
+                        k: v.to(torch.float32 if kept is not None and kept.search(k) else dtype)
+                        if v.is_floating_point()
+                        else v
+                        for k, v in tensors.items()
+                    }
                 try:
                     done[unit] = _write_unit(
                         shard_dir, unit, tensors, scheme, quantize_tensor, should_quantize, split_digest=digest

@@ -176,13 +176,24 @@ def _fold_head_input(module: nn.Module, args: tuple):
     return (folded, *args[1:])
 
 
-def _target_dtypes(shards: ShardDirectory, dtype: torch.dtype | None) -> dict[str, torch.dtype]:
-    """The dtypes the model will compute in: the stored ones (like dtype="auto"), or `dtype` for floating tensors."""
-    return {
-        name: dtype if (dtype is not None and entry.dtype.is_floating_point) else entry.dtype
-        for unit in shards.manifest.units.values()
-        for name, entry in unit.tensors.items()
-    }
+def _target_dtypes(shards: ShardDirectory, dtype: torch.dtype | None, model: nn.Module) -> dict[str, torch.dtype]:
+    """The dtypes the model will compute in: the stored ones (like dtype="auto"), or `dtype` for floating tensors;
+    float32, as `from_pretrained` loads them, for the weights the model keeps in float32 at that dtype (see
+    `kept_in_float32`)."""
+    from .modeling import kept_in_float32
+
+    kept = {d: kept_in_float32(model, d) for d in (torch.float16, torch.bfloat16)}
+    out = {}
+    for unit in shards.manifest.units.values():
+        for name, entry in unit.tensors.items():
+            target = entry.dtype
+            if entry.dtype.is_floating_point:
+                target = dtype or entry.dtype
+                pattern = kept.get(target)
+                if pattern is not None and pattern.search(name):
+                    target = torch.float32
+            out[name] = target
+    return out
 
 
 def host_candidates(shards: ShardDirectory, dtype: torch.dtype | None = None) -> list[tuple[str, int, int]]:
@@ -190,7 +201,7 @@ def host_candidates(shards: ShardDirectory, dtype: torch.dtype | None = None) ->
     `enable_layer_streaming` finds them, from the model the shard directory's config builds (without weights): what
     `hf-layerstream inspect` plans with."""
     model = _skeleton(shards)
-    parts = _host_parts(model, require_layer_stack(model), shards, _target_dtypes(shards, dtype))
+    parts = _host_parts(model, require_layer_stack(model), shards, _target_dtypes(shards, dtype, model))
     return [p.candidate for p in parts]
 
 
@@ -218,7 +229,7 @@ def plan_shard_dir(
     a budget for it in `max_memory`)."""
     model = _skeleton(shards)
     stack = require_layer_stack(model)
-    target_dtypes = _target_dtypes(shards, dtype)
+    target_dtypes = _target_dtypes(shards, dtype, model)
     parts = _host_parts(model, stack, shards, target_dtypes) if device.type == "cuda" else []
     return plan_streaming(
         shards,
@@ -452,7 +463,8 @@ def enable_layer_streaming(
             Execution device; defaults to CUDA when available, else CPU.
         dtype (`torch.dtype`, *optional*):
             Compute dtype for floating-point weights; defaults to the dtype stored in the shards (as
-            `from_pretrained(dtype="auto")`).
+            `from_pretrained(dtype="auto")`). As `from_pretrained` does, the weights the model keeps in float32 at
+            float16/bfloat16 (`_keep_in_fp32_modules(_strict)`, e.g. DeepSeek-V3's router) stay float32.
         max_memory (`dict`, *optional*):
             Memory budget in accelerate's convention, e.g. `{0: "4GiB", "cpu": "16GiB"}`: layers that fit stay on
             the device or in host RAM, the rest are streamed from disk. Defaults to a safe share of free memory
@@ -543,7 +555,7 @@ def enable_layer_streaming(
             loaded,
         )
 
-    target_dtypes = _target_dtypes(shards, dtype)
+    target_dtypes = _target_dtypes(shards, dtype, model)
 
     originals: list[tuple[nn.Module, str, bool, object]] = []
     for module in model.modules():

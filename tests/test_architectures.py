@@ -244,6 +244,53 @@ def test_jamba_computing_with_its_time_step_projections_weight_runs_per_module(t
     assert torch.equal(out["module"], out["layer"])
 
 
+@pytest.mark.parametrize(
+    "model_type, dtype",
+    [("deepseek_v3", torch.bfloat16), ("gpt_oss", torch.float16)],
+    ids=["deepseek_v3-bf16", "gpt_oss-fp16"],
+)
+def test_weights_transformers_keeps_in_float32_stay_float32(tmp_path, model_type, dtype):
+    """`from_pretrained(..., dtype=...)` keeps some weights in float32 (`_keep_in_fp32_modules_strict`: DeepSeek-V3's
+    router `gate.weight` and `e_score_correction_bias`; `_keep_in_fp32_modules` at float16: gpt-oss's norms). A
+    streamed model cast to that dtype, a split cast to it, and a split of a checkpoint stored in it (streamed as
+    stored, as `dtype="auto"` loads it) keep them too: the logits equal the loaded model's, bit for bit. (They were
+    cast like the rest: DeepSeek-V3's logits differed by up to 0.06.)"""
+    from hf_layerstream.modeling import kept_in_float32
+
+    ckpt = _models.save_tiny_checkpoint(_config(model_type), tmp_path / "checkpoint")
+    ref = _models.load_reference(ckpt, dtype=dtype)
+    kept = {n for n, t in [*ref.named_parameters(), *ref.named_buffers()] if t.dtype == torch.float32}
+    pattern = kept_in_float32(ref, dtype)
+    assert pattern is not None and any(pattern.search(n) and ".layers." in n for n in kept)
+    ids = torch.randint(4, 120, (1, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = ref(ids).logits
+
+    def logits(shards, **kwargs):
+        model = streamed_model(ckpt, shards, max_memory={"cpu": 0}, **kwargs)
+        with torch.no_grad():
+            out = model(ids).logits
+        disable_layer_streaming(model)
+        return out
+
+    full = split_checkpoint(ckpt, tmp_path / "full", progress=False)
+    assert torch.equal(logits(full, dtype=dtype), expected)
+    cast = split_checkpoint(ckpt, tmp_path / "cast", dtype=dtype, progress=False)
+    stored = {n: t.dtype for u in ShardDirectory(cast).manifest.units.values() for n, t in u.tensors.items()}
+    assert {n for n, d in stored.items() if d == torch.float32 and ".layers." in n} == {
+        n for n in kept if ".layers." in n and n in stored
+    }
+    assert torch.equal(logits(cast), expected)
+    # a checkpoint stored at that dtype, streamed as stored: the kept weights go up to float32, as "auto" loads them
+    low = _models.save_tiny_checkpoint(_config(model_type), tmp_path / "low", dtype=dtype)
+    with torch.no_grad():
+        auto = _models.load_reference(low, dtype="auto")(ids).logits
+    model = streamed_model(low, split_checkpoint(low, tmp_path / "low-shards", progress=False), max_memory={"cpu": 0})
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, auto)
+    disable_layer_streaming(model)
+
+
 # --- vision-language models: the language model's layers are streamed, the vision encoder stays resident ----------
 
 _TEXT = {k: v for k, v in _COMMON.items() if k != "vocab_size"} | {"vocab_size": 160}  # room for the image tokens
