@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import threading
 import time
+import weakref
 from collections.abc import Mapping
 
 import torch
@@ -48,6 +49,13 @@ class LayerStreamingHook(ModelHook):
         return module
 
     def pre_forward(self, module, *args, **kwargs):
+        if getattr(module, "gradient_checkpointing", False) and module.training and torch.is_grad_enabled():
+            raise RuntimeError(
+                "Gradient checkpointing is enabled on a streamed model: the backward pass would run each decoder "
+                "layer again after streaming has let go of its weights. Call `model.gradient_checkpointing_disable()` "
+                "(or `model.eval()`); the streamed weights are frozen, and gradients with respect to the inputs work "
+                "without it."
+            )
         tensors = self.loader.acquire(self.index)
         for k, (module_, attr, rel, is_param) in enumerate(self.slots):
             value = tensors[rel]
@@ -250,8 +258,12 @@ class Packed(_Placeholder):
     `self.dt_proj.weight @ x`, a fused MLP) gets it dequantized for that one operation: the same bits, decoded
     again at each such use, and dropped after it."""
 
-    hook: LayerStreamingHook | None = None  # the layer hook holding this weight packed during its pass, and its slot
-    slot: int = -1
+    _hook: weakref.ref | None = None  # the layer hook holding this weight packed during its pass (weakly: no cycle)
+    slot: int = -1  # and its slot there
+
+    @property
+    def hook(self) -> LayerStreamingHook | None:
+        return self._hook() if self._hook is not None else None
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
@@ -262,7 +274,7 @@ class Packed(_Placeholder):
 
     def _copy(self) -> Packed:
         t = super()._copy()
-        t.hook, t.slot = self.hook, self.slot
+        t._hook, t.slot = self._hook, self.slot
         return t
 
     def _refusal(self, func) -> str:

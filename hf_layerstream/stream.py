@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import weakref
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
@@ -83,6 +84,7 @@ class StreamingState:
     last_profile: dict | None = None
     compute_dtypes: frozenset = frozenset()  # the floating-point dtypes the streamed weights arrive in
     shadowed: dict = field(default_factory=dict)  # instance attributes our wrappers replaced (restored on disable)
+    installed: list = field(default_factory=list)  # the names of the instance attributes we set (`_shadow`)
     compile_vetoed: bool = False  # `generate` asked to compile the forward pass, and was told not to (logged once)
     handles: list = field(default_factory=list)  # torch hook handles (removed on disable)
     runner: nn.Module | None = None  # the module whose forward runs the decoder layers
@@ -395,7 +397,7 @@ def _dequantize_per_module(
             continue
         shape = module._parameters[attr].shape
         placeholder = Packed(name, shape, target_dtypes[name], device)
-        placeholder.hook, placeholder.slot = hook, k  # (kept by `nn.Parameter`'s detach: see `Packed._copy`)
+        placeholder._hook, placeholder.slot = weakref.ref(hook), k  # (kept by `nn.Parameter`'s detach: `Packed._copy`)
         hook.packed_placeholders[k] = nn.Parameter(placeholder, requires_grad=False)
         per_module.setdefault(id(module), (module, []))[1].append((attr, k))
     for module, slots in per_module.values():
@@ -686,9 +688,10 @@ def enable_layer_streaming(
 
 
 def _shadow(model: nn.Module, state: StreamingState, name: str, wrapper) -> None:
-    """Set an instance attribute over a method, remembering any instance attribute it hides."""
+    """Set an instance attribute over a method, remembering it and any instance attribute it hides."""
     if name in vars(model):
         state.shadowed[name] = vars(model)[name]
+    state.installed.append(name)
     setattr(model, name, wrapper)
 
 
@@ -710,6 +713,8 @@ _MOVES = {
 def _same_device(asked: torch.device, device: torch.device) -> bool:
     if asked.type != device.type:
         return False
+    if asked.type == "cpu":  # ("cpu:0" is the CPU too)
+        return True
     if asked.type == "cuda" and asked.index is None:
         return device.index == torch.cuda.current_device()
     return asked.index is None or asked.index == device.index
@@ -822,7 +827,7 @@ def _disable(model: nn.Module, state: StreamingState) -> None:
         handle.remove()
     state.loader.close()
     _restore(model, state.originals)
-    for name in ("generate", "_valid_auto_compile_criteria", *_MOVES):
+    for name in state.installed:  # (only ours: an instance attribute set while streaming stays)
         if name in vars(model):
             delattr(model, name)
     for name, value in state.shadowed.items():

@@ -478,6 +478,7 @@ def test_moving_or_casting_a_streamed_model(checkpoints):
         inv_freq = model.model.rotary_emb.inv_freq
         assert inv_freq.dtype == torch.float32  # from_pretrained(dtype=bf16) keeps it in fp32, and so do we
         assert model.to("cpu") is model and model.cpu() is model and model.to(device="cpu") is model
+        assert model.to("cpu:0") is model and model.to(torch.device("cpu", 0)) is model  # (the CPU too)
         assert model.model.rotary_emb.inv_freq is inv_freq
         # the plain model's `.to(torch.bfloat16)` casts the rotary frequencies too (changing the logits); so do we
         assert model.to(torch.bfloat16) is model and model.bfloat16() is model
@@ -500,6 +501,34 @@ def test_moving_or_casting_a_streamed_model(checkpoints):
     assert "to" not in vars(model) and "half" not in vars(model)
     assert model.to(torch.float32) is model  # the plain method again (every weight is on meta)
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_disable_leaves_attributes_it_did_not_set_and_frees_the_loader_without_gc(checkpoints):
+    """`disable_layer_streaming` removes only the instance attributes streaming set: a `generate` wrapper the user set
+    while streaming (without `profile`, streaming sets none) stays. Per module, the placeholders refer to their hook
+    weakly: after disable, the closed loader goes as soon as the model lets go of it, with the garbage collector off."""
+    import gc
+    import weakref
+
+    ckpt, shards = checkpoints("llama", compression="4bit")
+    model = streamed_model(ckpt, shards, max_memory={"cpu": 0}, dequantize="module")
+    loader = weakref.ref(get_streaming_state(model).loader)
+    ids = torch.tensor([[1, 5, 7, 9, 11]])
+    with torch.no_grad():
+        model(ids)
+
+    def mine(*args, **kwargs):
+        return "mine"
+
+    model.generate = mine
+    gc.collect()
+    gc.disable()
+    try:
+        disable_layer_streaming(model)
+        assert loader() is None
+    finally:
+        gc.enable()
+    assert vars(model).get("generate") is mine
 
 
 @pytest.mark.cuda

@@ -180,6 +180,25 @@ def test_gradients_with_respect_to_the_inputs(checkpoints, arch, prefetch, way):
     disable_layer_streaming(model)
 
 
+def test_gradient_checkpointing_is_refused_with_the_fix_named(checkpoints):
+    """Checkpointing runs a layer's forward again in the backward pass, outside the hook that streams its weights in:
+    the backward failed with a meta-device error. The forward refuses it, naming the fix; without it, training mode
+    and eval mode give the loaded model's input gradient."""
+    ckpt, shards = checkpoints("llama")
+    ref = _models.load_reference(ckpt)
+    model = streamed_model(ckpt, shards, max_memory={"cpu": 0})
+    ids = torch.randint(4, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    model.gradient_checkpointing_enable()
+    model.train()
+    with pytest.raises(RuntimeError, match=r"gradient_checkpointing_disable\(\)"):
+        _input_gradient(model, ids)
+    with torch.no_grad():  # (no backward to replay: generate in training mode is fine)
+        assert torch.equal(model(ids).logits, ref(ids).logits)
+    model.gradient_checkpointing_disable()
+    assert torch.equal(_input_gradient(model, ids)[1], _input_gradient(ref, ids)[1])
+    disable_layer_streaming(model)
+
+
 @pytest.mark.parametrize("compression", [None, "4bit"])
 def test_layers_kept_at_a_first_use_in_inference_mode_serve_autograd_later(checkpoints, compression):
     """Kept layers are loaded at their first use, in the caller's thread, and kept: a first `generate` under
