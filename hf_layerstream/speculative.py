@@ -310,7 +310,17 @@ def configure_draft(
         raise TypeError(
             f"`draft_model` must be a transformers model with a `generation_config`, got {type(draft_model).__name__}."
         )
-    config.num_assistant_tokens = num_assistant_tokens
-    config.num_assistant_tokens_schedule = schedule
-    config.assistant_confidence_threshold = confidence_threshold or 0.0
+    settings = {
+        "num_assistant_tokens": num_assistant_tokens,
+        "num_assistant_tokens_schedule": schedule,
+        "assistant_confidence_threshold": confidence_threshold or 0.0,
+    }
+    # a generation config takes any attribute: one transformers renamed would be set and silently ignored
+    missing = [name for name in settings if not hasattr(type(config)(), name)]
+    if missing:
+        raise RuntimeError(
+            f"This transformers release's generation config has no {missing}: cannot configure the draft."
+        )
+    for name, value in settings.items():
+        setattr(config, name, value)
     return draft_model

@@ -174,3 +174,31 @@ def test_user_errors(setup):
         configure_draft(strong, schedule="fast")
     with pytest.raises(TypeError, match="`model` must be a torch.nn.Module"):
         SweepCounter("model")
+
+
+def test_configure_draft_sets_what_generate_reads(setup):
+    """The draft's settings are generation-config attributes transformers reads in assisted decoding. A config
+    takes any attribute, so one transformers renamed would be set and ignored: `configure_draft` checks each exists
+    in a fresh config (this test fails in CI at such a release), and refuses a config class that lacks them."""
+    from transformers import GenerationConfig
+
+    _, _, strong, _, _ = setup
+    configure_draft(strong, num_assistant_tokens=3, schedule="constant", confidence_threshold=0.25)
+    fresh = GenerationConfig()
+    for name, value in [
+        ("num_assistant_tokens", 3),
+        ("num_assistant_tokens_schedule", "constant"),
+        ("assistant_confidence_threshold", 0.25),
+    ]:
+        assert hasattr(fresh, name), name
+        assert getattr(strong.generation_config, name) == value
+
+    class Renamed(GenerationConfig):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            del self.num_assistant_tokens
+
+    draft = _models.build_tiny_model("llama", num_hidden_layers=1)
+    draft.generation_config = Renamed()
+    with pytest.raises(RuntimeError, match=r"no \['num_assistant_tokens'\]"):
+        configure_draft(draft, num_assistant_tokens=2)
