@@ -140,8 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bfloat16", help="checkpoint dtype (default bfloat16)")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--compression", choices=["4bit", "8bit"], default=None, help="also compare quantized shards")
-    p.add_argument("--max-memory", default="cpu=0", help="budget for the streamed run (default: stream every layer)")
+    p.add_argument(
+        "--max-memory",
+        default=None,
+        help="budget for the streamed run (default: stream every layer: cpu=0, and 0=0,cpu=0 on a GPU)",
+    )
     p.add_argument("--prefetch", type=int, default=None)
+    p.add_argument("--device", default=None, help="where both runs compute (default: cuda if available, else cpu)")
 
     p = sub.add_parser("inspect", help="show a shard directory: scheme, bytes per layer, residency plan")
     p.add_argument("shard_dir")

@@ -93,6 +93,7 @@ def run_demo(args) -> int:
 
     from ._measure import run_child
     from .cli import _max_memory
+    from .engine import check_device
     from .split import split_checkpoint
 
     work = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="hf_layerstream_demo_"))
@@ -110,24 +111,18 @@ def run_demo(args) -> int:
         t0 = time.perf_counter()
         split_checkpoint(ckpt, shards)
         print(f"   done in {time.perf_counter() - t0:.1f} s")
-        runs = [("whole model in memory", {"system": "in_memory", "path": str(ckpt)})]
-        max_memory = _max_memory(args.max_memory)
-        runs.append(
-            (
-                f"streamed (max_memory={args.max_memory or 'default'})",
-                {"system": "streamed", "path": str(shards), "max_memory": max_memory, "prefetch": args.prefetch},
-            )
-        )
+        # both runs on the same device (on a GPU: the whole model there, against every layer streamed to it)
+        device = str(check_device(getattr(args, "device", None)))
+        budget = args.max_memory or ("cpu=0" if device == "cpu" else f"{device.partition(':')[2] or 0}=0,cpu=0")
+        max_memory = _max_memory(budget)
+        runs = [("whole model in memory", {"system": "in_memory", "path": str(ckpt), "device": device})]
+        stream = {"system": "streamed", "path": str(shards), "max_memory": max_memory, "prefetch": args.prefetch}
+        runs.append((f"streamed (max_memory={budget})", {**stream, "device": device}))
         if args.compression:
             qdir = work / f"shards-{args.compression}"
             print(f"   also splitting with compression={args.compression}: {qdir}")
             split_checkpoint(ckpt, qdir, compression=args.compression)
-            runs.append(
-                (
-                    f"streamed, {args.compression} shards",
-                    {"system": "streamed", "path": str(qdir), "max_memory": max_memory, "prefetch": args.prefetch},
-                )
-            )
+            runs.append((f"streamed, {args.compression} shards", {**stream, "path": str(qdir), "device": device}))
         tok = AutoTokenizer.from_pretrained(ckpt)
         prompt = "The quick brown fox jumps over the lazy dog. Layer streaming lets"
         ids = tok(prompt)["input_ids"]

@@ -165,3 +165,30 @@ def test_demo_runs_and_agrees(tmp_path):
     assert "peak RSS" in out.stdout and "s/token" in out.stdout
     assert (tmp_path / "shards" / "manifest.json").exists()
     assert torch.__version__  # the demo ran with this interpreter's torch
+
+
+def test_demo_runs_both_systems_on_one_device(tmp_path, monkeypatch, capsys):
+    """The whole model and the streamed one are compared on the same device, and the default budget streams every
+    layer there (on a GPU: `0=0,cpu=0`; the reference ran on the CPU and the streamed model kept every layer on the
+    GPU before). What each child process is asked to do, as `run_demo` builds it."""
+    import hf_layerstream._measure as measure
+    from hf_layerstream import engine
+
+    specs = []
+
+    def fake_child(spec):
+        specs.append(dict(spec))
+        return {"tokens": [1, 2, 3], "s_per_token": 0.1, "peak_rss": 2**20}
+
+    monkeypatch.setattr(measure, "run_child", fake_child)
+    tiny = ["--layers", "2", "--hidden-size", "64", "--intermediate-size", "128", "--vocab-size", "256"]
+    assert main(["demo", "--dir", str(tmp_path), *tiny, "--max-new-tokens", "3", "--device", "cpu"]) == 0
+    assert [s["device"] for s in specs] == ["cpu", "cpu"]
+    assert specs[1]["max_memory"] == {"cpu": "0"}
+    # a GPU machine (this one has none: the device check is what says so)
+    specs.clear()
+    monkeypatch.setattr(engine, "check_device", lambda device: torch.device("cuda", 0))
+    assert main(["demo", "--dir", str(tmp_path), *tiny, "--max-new-tokens", "3"]) == 0
+    assert [s["device"] for s in specs] == ["cuda:0", "cuda:0"]
+    assert specs[1]["max_memory"] == {0: "0", "cpu": "0"}
+    assert "streamed (max_memory=0=0,cpu=0)" in capsys.readouterr().out
