@@ -391,7 +391,7 @@ def _read_input(path: Path) -> list[_Prompt]:
         raise FileNotFoundError(f"`input_path` {path} does not exist; give a JSONL file with one prompt per line.")
     items: list[_Prompt] = []
     seen: dict[str, int] = {}
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # (a byte-order mark, as some Windows editors write, is not JSON)
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue

@@ -254,6 +254,16 @@ def _cmd_generate(args) -> int:
 
     from .stream import get_streaming_state
 
+    # refused before the model loads: transformers would take one of them and ignore the other
+    if args.assistant and args.prompt_lookup is not None:
+        raise ValueError("Pass either `--assistant` or `--prompt-lookup`, not both.")
+    if args.prompt_lookup is not None and args.prompt_lookup < 1:
+        raise ValueError(f"`--prompt-lookup` must be a positive number of tokens, got {args.prompt_lookup}.")
+    if args.input and args.prompt is not None:
+        raise ValueError("Pass either a PROMPT or `--input` (a JSONL file of prompts), not both.")
+    if args.input and not args.output:
+        raise ValueError("`--input` needs `--output` (results are appended there as each prompt finishes).")
+
     model = load_streamed_model(
         args.shard_dir,
         device=args.device,
@@ -283,18 +293,24 @@ def _cmd_generate(args) -> int:
         draft = AutoModelForCausalLM.from_pretrained(args.assistant).to(model.device).eval()
         gen_kwargs["assistant_model"] = configure_draft(draft, num_assistant_tokens=args.num_assistant_tokens)
 
+    if args.chat and not getattr(tok, "chat_template", None):
+        print(
+            "hf-layerstream generate: the tokenizer has no chat template; prompts are used as they are", file=sys.stderr
+        )
     if args.input:
-        if not args.output:
-            raise ValueError("`--input` needs `--output` (results are appended there as each prompt finishes).")
         from .batch import generate_jsonl
 
         stats = generate_jsonl(
             model, tok, args.input, args.output, batch_size=args.batch_size, chat=args.chat, **gen_kwargs
         )
         print(json.dumps(stats), file=sys.stderr)
+        state = get_streaming_state(model)
+        if args.profile and state.profile is not None:
+            print(state.profile.summary(), file=sys.stderr)
         return 0
 
-    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    # (from standard input: without the newline that ends the piped text)
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read().rstrip("\r\n")
     if not prompt.strip():
         raise ValueError("No prompt: pass it as an argument or on standard input.")
     if args.chat and getattr(tok, "chat_template", None):

@@ -62,9 +62,9 @@ _SIDE_FILES = (
     "preprocessor_config.json",
     "video_preprocessor_config.json",
 )
-_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 _SAMPLE = 64 * 1024  # bytes read at each end of a local weight file for the source's identity
 _SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
+_PREFERENCE = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin")
 
 
 # --- sources -----------------------------------------------------------------------------------------------------
@@ -136,8 +136,13 @@ class _Source:
         return path
 
     def _list_keys(self) -> dict[str, str]:
-        for index_name in _INDEX_FILES:
-            index = self.fetch(index_name)
+        # transformers' preference: safetensors (sharded, then single) before pickled `.bin` files
+        for name in _PREFERENCE:
+            if name in _SINGLE_FILES:
+                if self.fetch(name) is not None:
+                    return dict.fromkeys(self._open(name).keys(), name)
+                continue
+            index = self.fetch(name)
             if index is not None:
                 try:
                     weight_map = json.loads(index.read_text())["weight_map"]
@@ -148,14 +153,8 @@ class _Source:
                 for filename in set(weight_map.values()):
                     _check_plain_name(index, filename)
                 return {str(k): v for k, v in weight_map.items()}
-        for single in _SINGLE_FILES:
-            path = self.fetch(single)
-            if path is not None:
-                return dict.fromkeys(self._open(single).keys(), single)
         where = self.local_dir or self.repo_id
-        raise FileNotFoundError(
-            f"`source` {where} has no weights: expected one of {', '.join(_INDEX_FILES + _SINGLE_FILES)}."
-        )
+        raise FileNotFoundError(f"`source` {where} has no weights: expected one of {', '.join(_PREFERENCE)}.")
 
     def _open(self, filename: str):
         if filename in self._handles:
@@ -312,7 +311,7 @@ def _locked(shard_dir: Path, *, wait: bool):
         except BlockingIOError:
             raise ShardDirError(
                 f"Another process is splitting into {shard_dir} right now (it holds {lock_path}). Wait for it to "
-                "finish, or pass `wait=True` to block until it does."
+                "finish, or pass `wait=True` (`--wait`) to block until it does."
             ) from None
         yield
     finally:

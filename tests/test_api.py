@@ -209,6 +209,24 @@ def test_pytorch_bin_source_loaded_with_weights_only(tmp_path):
         assert torch.equal(streamed(ids).logits, ref(ids).logits)
 
 
+def test_safetensors_are_preferred_to_pickled_shards(tmp_path):
+    """A folder with sharded `.bin` files (and their index) and a single `model.safetensors`, as some hub repos hold:
+    the safetensors file is split, as transformers would load it (the `.bin` index was taken first before)."""
+    model = _models.build_tiny_model("llama")
+    ckpt = tmp_path / "ckpt"
+    model.save_pretrained(ckpt, max_shard_size="1GB")
+    assert (ckpt / "model.safetensors").exists()
+    other = _models.build_tiny_model("llama", seed=1).state_dict()  # other weights in the pickled shards
+    torch.save({k: v.clone() for k, v in other.items()}, ckpt / "pytorch_model-00001-of-00001.bin")
+    index = {"metadata": {}, "weight_map": dict.fromkeys(other, "pytorch_model-00001-of-00001.bin")}
+    (ckpt / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    shards = split_checkpoint(ckpt, tmp_path / "shards", progress=False)
+    streamed = streamed_model(ckpt, shards)
+    ids = torch.tensor([[1, 20, 30, 40]])
+    with torch.no_grad():
+        assert torch.equal(streamed(ids).logits, model(ids).logits)
+
+
 def _fake_hub_cache(cache_dir, repo_id, ckpt, commit="a" * 40):
     """The layout huggingface_hub writes: models--org--name/{refs/main, snapshots/<commit>/...}."""
     root = cache_dir / ("models--" + repo_id.replace("/", "--"))

@@ -261,3 +261,11 @@ def test_user_errors(llama, tmp_path):
     with pytest.raises(FileNotFoundError, match="`input_path`"):
         generate_jsonl(model, tok, tmp_path / "missing.jsonl", tmp_path / "o.jsonl", progress=False)
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_a_jsonl_file_with_a_byte_order_mark_is_read(llama, tmp_path):
+    model, tok, _ = llama
+    (tmp_path / "in.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps({"id": 1, "prompt": "Hello"}).encode() + b"\n")
+    stats = generate_jsonl(model, tok, tmp_path / "in.jsonl", tmp_path / "out.jsonl", progress=False, max_new_tokens=2)
+    assert stats["generated"] == 1
+    assert json.loads((tmp_path / "out.jsonl").read_text())["id"] == 1

@@ -62,9 +62,19 @@ def test_generate_prompt_argument_streams_tokens(split_dir, capsys):
 def test_generate_prompt_from_stdin(split_dir, capsys, monkeypatch):
     ckpt, shards = split_dir
     prompt = _models.SAMPLE_PROMPTS[1]
-    monkeypatch.setattr(sys, "stdin", io.StringIO(prompt))
+    monkeypatch.setattr(sys, "stdin", io.StringIO(prompt + "\n"))  # (`echo PROMPT |`: the newline is not the prompt's)
     assert main(["generate", str(shards), "--max-new-tokens", "5", "--device", "cpu"]) == 0
-    assert capsys.readouterr().out[len(prompt) :].strip() == _greedy_text(ckpt, prompt, 5).strip()
+    out = capsys.readouterr().out
+    assert out.startswith(prompt) and out[len(prompt) :].strip() == _greedy_text(ckpt, prompt, 5).strip()
+
+
+def test_generate_from_a_jsonl_file_prints_its_profile(split_dir, tmp_path, capsys):
+    _, shards = split_dir
+    (tmp_path / "in.jsonl").write_text(json.dumps({"id": 1, "prompt": "Hello"}) + "\n")
+    argv = ["generate", str(shards), "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl")]
+    assert main([*argv, "--max-new-tokens", "2", "--device", "cpu", "--profile"]) == 0
+    err = capsys.readouterr().err
+    assert '"generated": 1' in err and "layer" in err.split('"generated": 1', 1)[1]
 
 
 def test_generate_errors_are_clear(tmp_path, capsys):
@@ -78,8 +88,11 @@ def test_generate_errors_are_clear(tmp_path, capsys):
         (["generate", "{shards}", "hi", "--dtype", "bf16"], "unknown dtype 'bf16'"),
         (["inspect", "{shards}", "--max-memory", "cpu16GiB"], "--max-memory item 'cpu16GiB' must look like"),
         (["split", "{ckpt}", "{tmp}/out", "--dtype", "fp16"], "`dtype` 'fp16' is not a torch dtype name"),
+        (["generate", "{shards}", "hi", "--assistant", "{ckpt}", "--prompt-lookup", "3"], "either `--assistant` or"),
+        (["generate", "{shards}", "hi", "--input", "{tmp}/in.jsonl", "--output", "{tmp}/o"], "either a PROMPT or"),
+        (["generate", "{shards}", "hi", "--prompt-lookup", "0"], "`--prompt-lookup` must be a positive"),
     ],
-    ids=["generate-dtype", "inspect-max-memory", "split-dtype"],
+    ids=["generate-dtype", "inspect-max-memory", "split-dtype", "assistant-and-lookup", "prompt-and-input", "lookup-0"],
 )
 def test_bad_option_values_are_clear_errors(split_dir, tmp_path, capsys, argv, message):
     """A misspelled value fails with the CLI's one-line error and exit status 2, not a traceback (or, for split's
