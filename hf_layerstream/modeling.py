@@ -377,3 +377,22 @@ def kept_in_float32(model: nn.Module, dtype: torch.dtype) -> re.Pattern | None:
     if not names:
         return None
     return re.compile("|".join(f"(?:{n.replace('*', '.*')})" for n in sorted(names)))
+
+
+def conversion_record(model: nn.Module) -> dict:
+    """How transformers converts this model's checkpoint tensors into its own (fused experts, split or merged
+    projections: `WeightConverter`s and their operations), and the transformers release: recorded by a split, checked
+    when streaming, because a release that changed a layout without changing names or shapes would load an older
+    split's tensors silently wrong. Renamings are left out: a changed name fails the shard check loudly."""
+    import transformers
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter
+
+    described = []
+    for t in get_model_conversion_mapping(model):
+        if not isinstance(t, WeightConverter):
+            continue
+        ops = [[type(o).__name__, sorted((k, repr(v)) for k, v in vars(o).items())] for o in t.operations]
+        described.append([list(t.source_patterns), list(t.target_patterns), ops])
+    digest = hashlib.sha256(json.dumps(sorted(described, key=repr)).encode()).hexdigest()[:16]
+    return {"transformers": transformers.__version__, "converters": digest}

@@ -153,6 +153,7 @@ class Manifest:
     units: dict[str, UnitEntry] = field(default_factory=dict)
     library_version: str = ""
     split_options: str | None = None  # digest of what the files depend on (model, source, dtype, compression)
+    conversion: dict | None = None  # transformers' release and converters at split time (`conversion_record`)
 
     def to_json(self) -> dict:
         return {
@@ -169,6 +170,7 @@ class Manifest:
             "compression": self.compression,
             "units": [u.to_json() for u in self.units.values()],
             **({"split_options": self.split_options} if self.split_options is not None else {}),
+            **({"conversion": self.conversion} if self.conversion is not None else {}),
         }
 
     @classmethod
@@ -193,6 +195,7 @@ class Manifest:
             units={u.name: u for u in units},
             library_version=d.get("library_version", ""),
             split_options=d.get("split_options"),
+            conversion=d.get("conversion") if isinstance(d.get("conversion"), dict) else None,
         )
 
 

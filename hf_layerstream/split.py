@@ -32,6 +32,7 @@ from .modeling import (
     RESIDENT,
     architecture_fingerprint,
     build_skeleton,
+    conversion_record,
     convert_unit,
     kept_in_float32,
     layer_unit,
@@ -657,6 +658,7 @@ def split_checkpoint(
             units={u: done[u] for u in units},
             library_version=__version__,
             split_options=digest,
+            conversion=conversion_record(model),
         )
         atomic_write_bytes(manifest_path, json.dumps(manifest.to_json(), indent=1).encode())
         _remove(shard_dir / PROGRESS_NAME)

@@ -99,6 +99,30 @@ def get_streaming_state(model: nn.Module) -> StreamingState | None:
     return getattr(model, _STATE_ATTR, None)
 
 
+def _check_conversion(model: nn.Module, shards: ShardDirectory) -> None:
+    """Warn where transformers now converts this model's checkpoints otherwise than when the shards were split (a
+    release that changed a fused layout keeps names and shapes: the shards would load, silently wrong)."""
+    from .modeling import conversion_record
+
+    then = shards.manifest.conversion
+    if not then:
+        return
+    try:
+        now = conversion_record(model)
+    except Exception as e:  # noqa: BLE001 - only a check
+        logger.warning("Could not check how transformers converts this model's checkpoints (%s).", e)
+        return
+    if now["converters"] != then.get("converters"):
+        logger.warning(
+            "%s was split with transformers %s, which converted this model's checkpoint tensors (fused experts, "
+            "merged projections) otherwise than transformers %s does. If the layout changed, the shards hold the "
+            "old one: split the checkpoint again with this release.",
+            shards.path,
+            then.get("transformers", "?"),
+            now["transformers"],
+        )
+
+
 def _check_match(model: nn.Module, stack: LayerStack, shards: ShardDirectory) -> None:
     """Raise before touching the model when the shard directory was not made from this model's architecture."""
     m = shards.manifest
@@ -544,6 +568,7 @@ def enable_layer_streaming(
                 "a `device_map`). Build the model with `init_empty_weights()` and no device_map, then enable streaming."
             )
     _check_match(model, stack, shards)
+    _check_conversion(model, shards)
     if shards.compression is not None:
         from .quant import load_backend
 

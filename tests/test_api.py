@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import shutil
@@ -225,6 +226,39 @@ def test_safetensors_are_preferred_to_pickled_shards(tmp_path):
     ids = torch.tensor([[1, 20, 30, 40]])
     with torch.no_grad():
         assert torch.equal(streamed(ids).logits, model(ids).logits)
+
+
+def test_streaming_warns_when_transformers_converts_the_checkpoint_otherwise(checkpoints, caplog, monkeypatch):
+    """A split records transformers' release and how it converts the model's checkpoint tensors (Mixtral's experts
+    fused into `gate_up_proj`). Streaming with the same conversion says nothing; a release whose conversion differs
+    (here a fused dimension changed) would load an older split's layout silently wrong, so it is warned about."""
+    import logging
+
+    import transformers
+    import transformers.conversion_mapping as conversion_mapping
+
+    ckpt, shards = checkpoints("mixtral")
+    recorded = ShardDirectory(shards).manifest.conversion
+    assert recorded["transformers"] == transformers.__version__ and len(recorded["converters"]) == 16
+    with caplog.at_level(logging.WARNING, logger="hf_layerstream"):
+        disable_layer_streaming(streamed_model(ckpt, shards))
+    assert "converted this model's checkpoint tensors" not in caplog.text
+
+    original = conversion_mapping.get_model_conversion_mapping
+
+    def changed(model, *args, **kwargs):
+        mapping = [copy.deepcopy(t) for t in original(model, *args, **kwargs)]
+        for t in mapping:
+            for op in getattr(t, "operations", []):
+                if type(op).__name__ == "Concatenate":
+                    op.dim = 0
+        return mapping
+
+    monkeypatch.setattr(conversion_mapping, "get_model_conversion_mapping", changed)
+    with caplog.at_level(logging.WARNING, logger="hf_layerstream"):
+        disable_layer_streaming(streamed_model(ckpt, shards))
+    assert f"split with transformers {transformers.__version__}, which converted" in caplog.text
+    assert "split the checkpoint again" in caplog.text
 
 
 def _fake_hub_cache(cache_dir, repo_id, ckpt, commit="a" * 40):
