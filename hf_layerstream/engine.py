@@ -1322,6 +1322,13 @@ class LayerLoader:
             self.profile.add(index, dequantize=t_deq, copy=t_copy)
         return out
 
+    def kept(self, index: int) -> dict[str, torch.Tensor]:
+        """The tensors of layer `index`, which the plan keeps on the device (loaded now if never used yet)."""
+        if self.plan.tier(index) != "device":
+            raise ValueError(f"layer {index} is not kept on the device")
+        tensors = self._device_cache.get(index)
+        return tensors if tensors is not None else self._load_device_resident(index)
+
     def _load_device_resident(self, index: int) -> dict[str, torch.Tensor]:
         unit = layer_unit(index)
         # in the compute thread, at the layer's first use, kept for every later one: made outside inference mode

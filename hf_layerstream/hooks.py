@@ -430,3 +430,22 @@ def host_state_dict_hook(module: nn.Module, state_dict: dict, prefix: str, local
     for module_, attr, _, host in hook.slots:
         if module_ is module and isinstance(state_dict.get(prefix + attr), HostResident):
             state_dict[prefix + attr] = host
+
+
+def kept_state_dict_hook(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
+    """`state_dict` post-hook of a decoder layer the plan keeps on the device: its kept tensors instead of the meta
+    placeholders it holds between passes (no copy; a weight held packed is dequantized into host memory).
+    `save_pretrained` of a model whose every layer is kept on a GPU needs it: with no "cpu" or "disk" in
+    `hf_device_map`, transformers reads no `weights_map` and would meet meta tensors."""
+    hook = getattr(module, "_hf_hook", None)
+    if not isinstance(hook, LayerStreamingHook) or hook.loader.plan.tier(hook.index) != "device":
+        return
+    tensors = None
+    for _, _, rel, _ in hook.slots:
+        value = state_dict.get(prefix + rel)
+        if value is None or not value.is_meta:
+            continue
+        if tensors is None:
+            tensors = hook.loader.kept(hook.index)
+        kept = tensors[rel]
+        state_dict[prefix + rel] = kept if isinstance(kept, torch.Tensor) else hook.loader.host_tensor(hook.index, rel)

@@ -31,6 +31,7 @@ from .hooks import (
     Packed,
     PassGuard,
     host_state_dict_hook,
+    kept_state_dict_hook,
 )
 from .modeling import (
     RESIDENT,
@@ -665,6 +666,8 @@ def enable_layer_streaming(
             hook = LayerStreamingHook(i, loader, slots, prof)
             _dequantize_per_module(hook, prefix, deferred, target_dtypes, device, handles)
             add_hook_to_module(layer, hook)
+            if plan.tier(i) == "device":
+                handles.append(layer.register_state_dict_post_hook(kept_state_dict_hook))
             hooks.append(hook)
     except BaseException:
         loader.close()

@@ -626,6 +626,45 @@ def test_save_pretrained_of_a_streamed_model(checkpoints, tmp_path, arch, option
     disable_layer_streaming(model)
 
 
+@pytest.mark.parametrize("compression", [None, "4bit"])
+def test_kept_layers_give_their_tensors_to_state_dict_and_save_without_offload_markers(
+    checkpoints, tmp_path, compression
+):
+    """Layers the plan keeps on the device hand `state_dict()` their kept tensors (not the meta placeholders they hold
+    between passes); streamed layers stay meta, as accelerate's offloaded ones. So `save_pretrained` works without a
+    "cpu" or "disk" entry in `hf_device_map`, as on a GPU that keeps every layer (`{"": 0}`: it raised "Cannot copy
+    out of meta tensor" there). Per module, kept packed weights are dequantized, as by layer."""
+    import warnings
+
+    ckpt, shards = checkpoints("llama", compression=compression)
+    ref = _models.load_reference(ckpt)
+    options = {"dequantize": "module"} if compression else {}
+    mixed = {"max_memory": {"cpu": ShardDirectory(shards).unit("resident").logical_nbytes}}
+    model = streamed_model(ckpt, shards, **options)  # every layer kept
+    layered = streamed_model(ckpt, shards, dequantize="layer") if compression else None
+    state = model.state_dict()
+    names = [n for n in state if ".layers." in n]
+    assert names and not any(state[n].is_meta for n in names)
+    if compression is None:
+        want = ref.state_dict()
+        assert all(torch.equal(state[n], want[n]) for n in names)
+    else:
+        want = layered.state_dict()
+        assert all(torch.equal(state[n], want[n]) for n in names)
+        disable_layer_streaming(layered)
+    model.hf_device_map = {"": 0}  # (what a GPU plan keeping every layer sets; nothing reads the device here)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_pretrained(tmp_path / "saved")
+    saved = _models.load_reference(tmp_path / "saved").state_dict()
+    assert all(torch.equal(saved[n], want[n]) for n in names)
+    disable_layer_streaming(model)
+    streamed = streamed_model(ckpt, shards, prefetch=0, **mixed, **options)
+    assert get_streaming_state(streamed).plan.streamed  # streamed layers: meta, as accelerate's offloaded ones
+    assert any(t.is_meta for n, t in streamed.state_dict().items() if ".layers." in n)
+    disable_layer_streaming(streamed)
+
+
 def test_save_pretrained_of_a_model_streamed_from_quantized_shards(checkpoints, tmp_path):
     """From quantized shards `save_pretrained` writes the weights the model computes with (dequantized): the saved
     model, loaded whole, gives the streamed model's logits bit for bit."""
