@@ -856,6 +856,12 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+_NO_COPY = (
+    "A model with layer streaming enabled cannot be copied or pickled (its loader holds threads, file maps and "
+    "buffers): call `disable_layer_streaming(model)` first, then enable streaming on each copy."
+)
+
+
 class LayerLoader:
     """Provides each decoder layer's tensors (names relative to the layer) on the execution device."""
 
@@ -1077,6 +1083,12 @@ class LayerLoader:
         pool, buf, views = ready.buffer
         ready.tensors = {}
         pool.give(buf, views)
+
+    def __deepcopy__(self, memo):
+        raise TypeError(_NO_COPY)
+
+    def __reduce__(self):
+        raise TypeError(_NO_COPY)
 
     def wait_idle(self) -> None:
         """Wait until every read scheduled so far has finished (tests and benchmarks)."""

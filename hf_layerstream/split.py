@@ -53,7 +53,10 @@ _SIDE_FILES = (
     "special_tokens_map.json",
     "tokenizer.model",
     "vocab.json",
+    "vocab.txt",  # (WordPiece tokenizers)
     "merges.txt",
+    "sentencepiece.bpe.model",
+    "tiktoken.model",
     "added_tokens.json",
     "chat_template.jinja",
     "chat_template.json",

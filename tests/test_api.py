@@ -583,6 +583,23 @@ def test_disable_leaves_attributes_it_did_not_set_and_frees_the_loader_without_g
     assert vars(model).get("generate") is mine
 
 
+def test_copying_or_pickling_a_streamed_model_is_refused_with_the_fix_named(checkpoints):
+    import pickle
+
+    ckpt, shards = checkpoints("llama")
+    model = streamed_model(ckpt, shards, max_memory={"cpu": 0})
+    for copy_it in (copy.deepcopy, pickle.dumps):
+        with pytest.raises(TypeError, match=r"call `disable_layer_streaming\(model\)` first"):
+            copy_it(model)
+    disable_layer_streaming(model)
+    twin = copy.deepcopy(model)  # (a meta model again: copied as any)
+    enable_layer_streaming(twin, shards, device="cpu", max_memory={"cpu": 0})
+    ids = torch.tensor([[1, 5, 7, 9, 11]])
+    with torch.no_grad():
+        assert torch.equal(twin(ids).logits, _models.load_reference(ckpt)(ids).logits)
+    disable_layer_streaming(twin)
+
+
 @pytest.mark.cuda
 def test_moving_a_cuda_streamed_model(checkpoints):
     ckpt, shards = checkpoints("llama")
