@@ -86,6 +86,16 @@ def test_one_file_per_layer_and_manifest(checkpoints):
     assert ShardDirectory(shards).verify() == []
 
 
+@pytest.mark.parametrize("name", ["vocab.txt", "sentencepiece.bpe.model", "tiktoken.model"])
+def test_split_copies_other_tokenizers_files(tmp_path, name):
+    """WordPiece (`vocab.txt`), XLM-R-style SentencePiece and tiktoken files travel with the split too, so
+    `AutoTokenizer.from_pretrained(shard_dir)` finds them."""
+    ckpt = _models.save_tiny_checkpoint("llama", tmp_path / "ckpt")
+    (ckpt / name).write_bytes(b"a tokenizer's file\n")
+    shards = split_checkpoint(ckpt, tmp_path / "shards", progress=False)
+    assert (shards / name).read_bytes() == b"a tokenizer's file\n"
+
+
 def test_split_never_modifies_the_source_and_shows_progress(tmp_path, capsys, monkeypatch):
     from hf_layerstream import split as split_mod
 
