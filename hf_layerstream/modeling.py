@@ -305,10 +305,13 @@ def plan_conversion(model: nn.Module, stack: LayerStack, checkpoint_keys: Iterab
 
     plan = ConversionPlan(converters=pattern_to_converter)
     found: set[str] = set()
+    tied_keys: dict[str, str] = {}  # tied target -> the checkpoint key holding it
     for key in sorted(checkpoint_keys, key=dot_natural_key):
         renamed, pattern = rename_source_key(key, renamings, converters, prefix, meta_sd)
         if renamed not in meta_sd and key in meta_sd:
             renamed, pattern = rename_source_key(key, [], [], prefix, meta_sd)
+        if renamed in tied and pattern is None:
+            tied_keys[renamed] = key
         if renamed not in meta_sd or renamed in tied:
             plan.unexpected.append(key)
             continue
@@ -320,6 +323,15 @@ def plan_conversion(model: nn.Module, stack: LayerStack, checkpoint_keys: Iterab
             first = conv.target_patterns[0]
             for other in conv.target_patterns[1:]:
                 found.add(renamed.replace(first, other))
+    # a tied pair stored under the target's name only (`safetensors.torch.save_model` keeps one name of each
+    # shared tensor, the first in order: `lm_head.weight`): the source is read from there, as `from_pretrained`
+    # ties it the other way
+    for target, source in tied.items():
+        key = tied_keys.get(target)
+        if source not in found and key is not None and source in meta_sd:
+            plan.units.setdefault(stack.unit_of(source), []).append((key, source, None))
+            plan.unexpected.remove(key)
+            found.add(source)
     expected = {n for unit in expected_tensors(model, stack).values() for n in unit}
     non_persistent = {n for _, _, n in non_persistent_buffers(model)}
     plan.missing = sorted(expected - found - non_persistent)

@@ -220,6 +220,19 @@ def test_pytorch_bin_source_loaded_with_weights_only(tmp_path):
         assert torch.equal(streamed(ids).logits, ref(ids).logits)
 
 
+def test_a_tied_pair_stored_under_the_heads_name_only(tmp_path):
+    """`safetensors.torch.save_model` keeps one name of each shared tensor: for GPT-2's tied embeddings and head,
+    `lm_head.weight`. `from_pretrained` ties it the other way; the split takes the embeddings from there too (it
+    refused the checkpoint, lacking `transformer.wte.weight`)."""
+    from safetensors.torch import load_file, save_file
+
+    ckpt = _models.save_tiny_checkpoint("gpt2", tmp_path / "ckpt", max_shard_size="1GB")
+    state = load_file(ckpt / "model.safetensors")
+    state["lm_head.weight"] = state.pop("transformer.wte.weight")
+    save_file(state, ckpt / "model.safetensors", metadata={"format": "pt"})
+    assert _exact(ckpt, split_checkpoint(ckpt, tmp_path / "shards", progress=False))
+
+
 def test_safetensors_are_preferred_to_pickled_shards(tmp_path):
     """A folder with sharded `.bin` files (and their index) and a single `model.safetensors`, as some hub repos hold:
     the safetensors file is split, as transformers would load it (the `.bin` index was taken first before)."""
