@@ -9,6 +9,7 @@ import weakref
 from collections.abc import Mapping
 
 import torch
+import torch.utils._pytree as pytree
 from accelerate.hooks import ModelHook
 from accelerate.utils import send_to_device
 from torch import nn
@@ -269,7 +270,7 @@ class Packed(_Placeholder):
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         if func in (torch.ops.aten.detach.default, torch.ops.aten.alias.default):
             return args[0]._copy()
-        args, kwargs = torch.utils._pytree.tree_map(lambda a: _dequantized(a, func), (args, kwargs or {}))
+        args, kwargs = pytree.tree_map(lambda a: _dequantized(a, func), (args, kwargs or {}))
         return func(*args, **kwargs)
 
     def _copy(self) -> Packed:

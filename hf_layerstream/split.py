@@ -84,6 +84,9 @@ class _Source:
         self._cache_dir = cache_dir
         local = Path(source).expanduser()
         self.local_dir: Path | None = local if local.is_dir() else None
+        if self.local_dir is not None and revision is not None:
+            logger.warning("`revision` %r applies to hub repos; %s is a local folder, split as it is.", revision, local)
+            self.revision = None  # (nor recorded: a later run without it is the same split)
         if self.local_dir is None:
             if isinstance(source, os.PathLike) or str(source).startswith((".", "/", "~")) or str(source).count("/") > 1:
                 raise FileNotFoundError(

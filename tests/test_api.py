@@ -233,6 +233,18 @@ def test_a_tied_pair_stored_under_the_heads_name_only(tmp_path):
     assert _exact(ckpt, split_checkpoint(ckpt, tmp_path / "shards", progress=False))
 
 
+def test_a_revision_for_a_local_folder_is_ignored_with_a_warning(tmp_path, caplog):
+    import logging
+
+    ckpt = _models.save_tiny_checkpoint("llama", tmp_path / "ckpt")
+    with caplog.at_level(logging.WARNING, logger="hf_layerstream"):
+        split_checkpoint(ckpt, tmp_path / "shards", revision="main", progress=False)
+    assert "applies to hub repos" in caplog.text
+    stamp = (tmp_path / "shards" / "manifest.json").stat().st_mtime_ns
+    split_checkpoint(ckpt, tmp_path / "shards", progress=False)  # the same split: nothing to do
+    assert (tmp_path / "shards" / "manifest.json").stat().st_mtime_ns == stamp
+
+
 def test_safetensors_are_preferred_to_pickled_shards(tmp_path):
     """A folder with sharded `.bin` files (and their index) and a single `model.safetensors`, as some hub repos hold:
     the safetensors file is split, as transformers would load it (the `.bin` index was taken first before)."""
