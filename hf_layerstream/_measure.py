@@ -71,7 +71,8 @@ class _TokenClock:
     """A streamer that timestamps every generated token (the first `put` is the prompt).
 
     `before_forward` (the cold runs' page-cache eviction) runs after the timestamp and its time is excluded: each
-    step is timed from `resumed[i]` (after the eviction) to `times[i + 1]`.
+    step is timed from `resumed[i]` (after the eviction) to `times[i + 1]`; the seconds it returns, if any (a wait
+    for reads the step started), are counted back in.
     """
 
     def __init__(self, before_forward=None):
@@ -84,9 +85,8 @@ class _TokenClock:
         self.times.append(time.perf_counter())
         # plain decoding puts one token per row ([batch]); assisted decoding puts the accepted tokens ([1, n])
         self.counts.append(int(value.shape[-1]) if getattr(value, "ndim", 0) == 2 else 1)
-        if self.before_forward is not None:
-            self.before_forward()
-        self.resumed.append(time.perf_counter())
+        charged = self.before_forward() if self.before_forward is not None else None
+        self.resumed.append(time.perf_counter() - (charged or 0.0))
 
     def end(self):
         pass
@@ -164,15 +164,30 @@ def _baseline_rss(path: str) -> int:
     return vm_hwm()
 
 
-def _offload_budget(spec: dict) -> dict:
-    """accelerate's `max_memory` for its disk offload: a small budget on the CPU and, when the run is on a GPU
-    (`offload_device`), the same there, so that it computes on the GPU as ours does (a `max_memory` without the GPU
-    would keep accelerate's compute on the CPU)."""
-    budget = spec.get("offload_budget", "10MiB")
-    max_memory: dict = {"cpu": budget}
-    if spec.get("offload_device") is not None:
-        max_memory[int(spec["offload_device"])] = budget
-    return max_memory
+def _offload_device_map(spec: dict) -> dict:
+    """accelerate's disk offload placed as ours streams: every decoder layer on disk, and what holds weights outside
+    the layers (embeddings, final norm, head, rotary frequencies) where the compute runs (the CPU, or the GPU of
+    `offload_device`). A budget-based "auto" map put those on disk too, and accelerate then read the embeddings and
+    head from the disk at every token, which ours do not: bytes the comparison did not count, in our favour."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    from .modeling import model_from_config, require_layer_stack
+
+    with init_empty_weights():
+        skeleton = model_from_config(AutoConfig.from_pretrained(spec["path"]))
+    stack = require_layer_stack(skeleton)
+    home = int(spec["offload_device"]) if spec.get("offload_device") is not None else "cpu"
+    device_map: dict = {f"{stack.prefix}.{i}": "disk" for i in range(len(stack))}
+    for name, module in skeleton.named_modules():
+        if name.startswith(stack.prefix + "."):
+            continue
+        if (
+            next(module.parameters(recurse=False), None) is not None
+            or next(module.buffers(recurse=False), None) is not None
+        ):
+            device_map[name] = home
+    return device_map
 
 
 def _load(spec: dict):
@@ -208,8 +223,7 @@ def _load(spec: dict):
             spec["path"],
             dtype=dtype or "auto",
             use_kernels=False,
-            device_map="auto",
-            max_memory=_offload_budget(spec),
+            device_map=_offload_device_map(spec),
             offload_folder=spec["offload_folder"],
         )
         # transformers 5 offloads safetensors weights by memory-mapping the checkpoint itself (offload_folder only
@@ -295,8 +309,23 @@ def measure(spec: dict) -> dict:
     kwargs.update(extra)
     sweeps = _count_sweeps(model)
     evict = (lambda: drop_page_cache(files)) if cold else None
+    if cold and spec["system"] == "streamed":
+        from .stream import get_streaming_state
+
+        loader = get_streaming_state(model).loader
+
+        def evict():
+            # the loader's reads ahead finish first, and their wait counts in the step: they must not go on, untimed,
+            # while the page cache is dropped
+            t0 = time.perf_counter()
+            loader.wait_idle()
+            waited = time.perf_counter() - t0
+            drop_page_cache(files)
+            return waited
+
     pairing = None
     # (the samples map files: only where the peak RSS can be set back after each, so they do not count as ours)
+    loaded_peak = vm_hwm()  # (loading counts, as in every other row: the pairing below sets the high-water mark back)
     if cold and spec.get("disk_way") and spec["system"] == "streamed" and reset_peak_rss():
         pairing = _DiskPairing(model, files, spec["disk_way"])
         if pairing.layer_files:  # (a plan that streams nothing reads nothing to pair with)
@@ -349,7 +378,7 @@ def measure(spec: dict) -> dict:
         "new_tokens": last["new_tokens"],
         "sweeps": last["sweeps"],
         "sweeps_per_token": last["sweeps"] / max(last["new_tokens"], 1),
-        "peak_rss": max(vm_hwm(), pairing.peak_rss if pairing else 0),
+        "peak_rss": max(vm_hwm(), pairing.peak_rss if pairing else 0, loaded_peak),
         "baseline_rss": baseline_rss,
         # bytes read from storage while generating, and sweeps made: a warm run that reads much is not warm
         "disk_read_bytes": (read_after - read_before - (pairing.sampled_bytes if pairing else 0))

@@ -505,14 +505,11 @@ def bench(args) -> dict:
             if system == "in_memory":  # on the device ours runs on (ours defaults to CUDA where there is one)
                 return {"system": "in_memory", "path": str(ckpt), "device": str(device) if device else None}
             if system == "accelerate_offload":
-                # a CPU budget far below one layer: every decoder layer (and, as in BENCHMARKS.md, most of the
-                # rest) is offloaded to disk
-                budget = max(1, min(10 * 2**20, (sum(stored) + resident_bytes) // 50))
+                # every decoder layer offloaded to disk, the rest where the compute runs: as ours streams
                 return {
                     "system": "accelerate_offload",
                     "path": str(ckpt),
                     "offload_folder": str(work / "offload"),
-                    "offload_budget": budget,
                     "offload_device": device.index if on_cuda else None,
                 }
             path = compressed_dirs.get(system, shard_dir)
@@ -834,10 +831,16 @@ def format_report(report: dict) -> str:
     notes = []
     for r in report["rows"]:
         if r.get("ratio_to_accelerate") is not None:
-            verdict = "ok" if r["ratio_to_accelerate"] <= COLD_VS_ACCELERATE else "short"
+            # the target compares like with like: every layer from disk at full precision, as accelerate reads them
+            # (a budget plan keeps layers in memory; compressed shards read fewer bytes and are lossy)
+            if r["system"] == "streamed_disk":
+                verdict = "ok" if r["ratio_to_accelerate"] <= COLD_VS_ACCELERATE else "short"
+                verdict = f"target <= {COLD_VS_ACCELERATE}: {verdict}"
+            else:
+                verdict = "for information: not the target's like-for-like row"
             notes.append(
                 f"{r['label']} cold, batch {r['batch']}: {r['ratio_to_accelerate']:.2f}x accelerate's cold disk "
-                f"offload (target <= {COLD_VS_ACCELERATE}: {verdict})"
+                f"offload ({verdict})"
             )
         if r.get("speedup_vs_full_precision") is not None:
             target = f" (issue target >= {COMPRESSED_SPEEDUP} cold)" if r["mode"] == "cold" else ""

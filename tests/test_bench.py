@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import time
 
 import pytest
 import torch
@@ -558,3 +559,75 @@ def test_allowances_of_rows_dequantized_per_module_count_packed_layers_and_one_w
     notes = {line.split(":")[0]: line for line in text.splitlines() if "CUDA peak" in line and "allowed" in line}
     assert "(prefetch+1) packed layers + the largest dequantized weight + KV cache" in notes[f"{module['label']} warm"]
     assert "(prefetch+1) layers + KV cache" in notes[f"{layered['label']} warm"]
+
+
+def test_accelerates_offload_keeps_the_same_parts_in_memory_as_ours(tmp_path):
+    """The peer's disk offload is placed as ours streams: every decoder layer on disk, the embeddings, final norm,
+    head and rotary frequencies where the compute runs. (A 10 MiB "auto" budget put those on disk too, and
+    accelerate read the embeddings and head from the disk at every token, which ours do not.) Same logits."""
+    import _models
+
+    from hf_layerstream._measure import _load
+
+    ckpt = _models.save_tiny_checkpoint("llama", tmp_path / "ckpt")
+    model, files = _load({"system": "accelerate_offload", "path": str(ckpt), "offload_folder": str(tmp_path / "off")})
+    placed = model.hf_device_map
+    assert {placed[f"model.layers.{i}"] for i in range(3)} == {"disk"}
+    assert {d for n, d in placed.items() if not n.startswith("model.layers.")} == {"cpu"}
+    assert {"model.embed_tokens", "model.norm", "lm_head"} <= set(placed)
+    assert files  # (what a cold run drops from the page cache)
+    ids = torch.tensor([[1, 5, 9, 13]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, _models.load_reference(ckpt, attn_implementation=None)(ids).logits)
+
+
+def test_only_the_like_for_like_row_is_held_to_the_accelerate_target():
+    """The 0.6x-of-accelerate target compares like with like: every layer from disk at full precision. A budget plan
+    (layers kept in memory) and compressed shards (fewer bytes, lossy) get the ratio for information only."""
+    from hf_layerstream.bench import _derive
+
+    def row(system, spt, plan=True):
+        r = {"system": system, "mode": "cold", "batch": 1, "s_per_token": spt, "tokens": [1], "peak_rss": 1}
+        if plan:
+            r["plan_data"] = {"device_layers": [], "host_layers": [], "streamed": [0, 1], "prefetch": 1}
+            r["plan_data"]["layer_bytes"] = [10, 10]
+        return r
+
+    rows = [
+        row("accelerate_offload", 1.0, plan=False),
+        row("streamed_disk", 0.5),
+        row("streamed", 0.4),
+        row("streamed_disk_4bit", 0.2),
+    ]
+    _derive(rows, {"bandwidth": 100.0}, [10, 10], 0, 5, 10, {"streamed_disk_4bit": [3, 3]})
+    report = {
+        "model": {
+            "num_layers": 2,
+            "layer_file_bytes": 20,
+            "resident_bytes": 5,
+            "prompt_tokens": 4,
+            "max_new_tokens": 1,
+        },
+        "disk": None,
+        "baseline_rss": 0,
+        "rows": rows,
+    }
+    notes = [line for line in format_report(report).splitlines() if "accelerate's cold disk offload" in line]
+    assert len(notes) == 3
+    assert "0.50x accelerate's cold disk offload (target <= 0.6: ok)" in notes[0]
+    assert all(n.endswith("(for information: not the target's like-for-like row)") for n in notes[1:])
+
+
+def test_a_wait_the_eviction_reports_counts_in_the_step():
+    """Cold runs drop the page cache between decode steps, untimed; for ours, the loader's reads ahead finish first
+    (they must not go on, untimed, during the drop) and that wait is counted back into the step."""
+    from hf_layerstream._measure import _TokenClock
+
+    steps = {}
+    for charged in (None, 0.25):
+        clock = _TokenClock(lambda charged=charged: (time.sleep(0.05), charged)[1])
+        for _ in range(4):  # the prompt's token, then three decode steps
+            clock.put(torch.tensor([1]))
+        steps[charged] = [s for s, _ in clock.decode_steps()]
+    assert all(s < 0.05 for s in steps[None])  # the eviction itself is not timed
+    assert all(0.25 <= s < 0.3 for s in steps[0.25])
