@@ -432,17 +432,17 @@ def test_cuda_dequant_matches_cpu(key):
 
 # the 4-bit code tables shards are written with (bitsandbytes 0.50; NF4 as in the QLoRA paper): decoding takes the
 # installed bitsandbytes' tables, so a release that changed them would decode existing shards wrong, silently
-NF4 = [
+NF4_TABLE = [
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
     -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
     0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
 ]  # fmt: skip
-FP4 = [
+FP4_TABLE = [
     0.0, 0.0052083334885537624, 0.6666666865348816, 1.0, 0.3333333432674408, 0.5, 0.1666666716337204, 0.25,
     0.0, -0.0052083334885537624, -0.6666666865348816, -1.0, -0.3333333432674408, -0.5, -0.1666666716337204, -0.25,
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("key, table", [("nf4", NF4), ("fp4", FP4)])
+@pytest.mark.parametrize("key, table", [("nf4", NF4_TABLE), ("fp4", FP4_TABLE)])
 def test_the_4bit_code_tables_are_the_ones_shards_were_written_with(key, table):
     assert _code_table(key).tolist() == table
