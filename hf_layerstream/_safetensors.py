@@ -194,7 +194,7 @@ def read_header(path: str | os.PathLike, *, expected_size: int | None = None) ->
             dtype = _DTYPES[entry["dtype"]]
             shape = tuple(int(s) for s in entry["shape"])
             begin, end = (int(o) for o in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, OverflowError) as e:  # (OverflowError: `1e400` is JSON, not an int)
             raise ShardFileError(path, f"has a malformed header entry for tensor {name!r}: {entry!r}") from e
         if any(s < 0 for s in shape):
             raise ShardFileError(path, f"declares a negative dimension for tensor {name!r}: {shape}")

@@ -576,6 +576,7 @@ class _LayerMap:
     mm: mmap.mmap
     address: int
     views: dict[str, torch.Tensor]  # the stored tensors, zero-copy views of `mm`
+    header: Header  # the header the map was made with (the file as it was then)
     finished: dict[str, torch.Tensor] | None = None  # the layer's tensors, where they are `views` as they are
 
     def release_pages(self) -> None:
@@ -1144,6 +1145,7 @@ class LayerLoader:
         next `generate` waited forever), and a lock one of them held stays held. New locks and threads; the parent's
         read-ahead is dropped (its threads may not have finished it), and the next pass reads those layers again."""
         self._lock = threading.Lock()
+        self._pool._lock = threading.Lock()  # (layers in use hand their buffers back to it: a held lock would hang)
         self._pool = _BufferPool(self._pinned)
         if self.profile is not None:
             self.profile._lock = threading.Lock()
@@ -1458,6 +1460,11 @@ class LayerLoader:
         if map_populate is None or not self._map or header.file_size == 0:
             return None
         kept = self._maps.get(index)
+        if kept is not None and kept.header is not header:
+            # the directory's headers were read again since the map was made (`ShardDirectory.verify`): the map holds
+            # the file as it was then, the header the file as it is now; map it anew
+            self._maps.pop(index, None)
+            kept = None
         populating = self._populate  # (read once: the loader and the map thread may both be here)
         if kept is not None:  # a map we have: one `stat` of the path checks the file, nothing to open
             _check_file(header, os.stat(header.path))
@@ -1484,6 +1491,8 @@ class LayerLoader:
                     self._maps.pop(index, None)
                 raise
             if not done:  # an older kernel: populate at mmap time instead (no huge read-ahead, no kept maps)
+                if kept is not None:  # (a kept map worked before: its views may be in use, it must not be closed)
+                    raise ShardFileError(header.path, "could no longer be populated (MADV_POPULATE_READ refused)")
                 mm.close()
                 self._populate = False
                 return self._map_file(header, index)
@@ -1500,7 +1509,7 @@ class LayerLoader:
             elif index >= 0:
                 self._from_disk.add(index)
             if kept is None and self._keep_maps and index >= 0:
-                kept = _LayerMap(mm, map_address(mm), _views(header, mm, header.data_offset))
+                kept = _LayerMap(mm, map_address(mm), _views(header, mm, header.data_offset), header)
                 self._maps[index] = kept
         return kept.views if kept is not None else _views(header, mm, header.data_offset)
 
@@ -1530,6 +1539,9 @@ class LayerLoader:
         end = _round_up(size)  # the buffer's size: the last read asks for whole blocks
         fd = os.open(header.path, os.O_RDONLY | os.O_DIRECT)
         try:
+            check = getattr(header, "check_unchanged", None)
+            if check is not None:  # (opened again: the file checked on the other descriptor may have been replaced)
+                check(fd)
             self._in_parts(
                 lambda lo, hi: _read_part(fd, view, lo, hi, end if hi == size else hi, header.path, size), 0, size
             )
@@ -1596,8 +1608,8 @@ class LayerLoader:
                         if {id(t) for t in _leaves(tensors)} == {id(t) for t in raw.values()}:
                             kept.finished = tensors
             except BaseException:
-                if buffer is not None:
-                    self._pool.give(buffer, [])
+                if buffer is not None:  # (the failed decode's views, alive in the traceback, keep it from reuse)
+                    self._pool.give(buffer, [weakref.ref(array)])
                 raise
             # every tensor made from the buffer's bytes (the views, what was made of them, and what an autograd graph
             # saved of those: a weight that `nn.Parameter` wrapped, a transposed view) keeps `array` alive

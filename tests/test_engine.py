@@ -316,6 +316,68 @@ def test_prefetched_failure_is_retried(llama, monkeypatch):
     disable_layer_streaming(model)
 
 
+def test_a_kept_map_is_not_served_after_verify_reads_a_replaced_file_anew(llama, tmp_path):
+    """A layer file replaced under a running model (its middle bytes, outside the sampled ends) fails its next use.
+    `ShardDirectory.verify()` then reads the directory's headers again, and the loader's check accepted the new file,
+    while its kept map still held the old one: the old bytes were served, with no error. The map is made anew: the
+    output is what a fresh enable on the directory as it is gives."""
+    ckpt, shards, inputs, expected, pad = llama
+    shards = _copy_shards(shards, tmp_path)
+    model = streamed_model(ckpt, shards, **STREAM_ALL)
+    state = get_streaming_state(model)
+    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+    assert 3 in state.loader._maps
+    path = shards / "layers" / "00003.safetensors"
+    data = bytearray(path.read_bytes())
+    assert len(data) > 2**17 + 4096  # (a middle outside the two sampled 64 KiB ends)
+    data[2**16 : -(2**16)] = bytes(len(data) - 2**17)  # zeros: other weights, the same header and sampled ends
+    path.with_name("new.tmp").write_bytes(bytes(data))
+    os.replace(path.with_name("new.tmp"), path)
+    with pytest.raises(LayerLoadError, match="changed on disk"):
+        model.generate(**inputs, **GEN, pad_token_id=pad)
+    assert state.shard_dir.verify(checksums=False) == []
+    with torch.no_grad():
+        now = model(**inputs).logits
+    disable_layer_streaming(model)
+    fresh = streamed_model(ckpt, shards, **STREAM_ALL)
+    with torch.no_grad():
+        assert torch.equal(now, fresh(**inputs).logits)
+        assert not torch.equal(now, _models.load_reference(ckpt)(**inputs).logits)  # (the new bytes, not the old)
+    disable_layer_streaming(fresh)
+
+
+def test_a_file_replaced_between_the_check_and_the_direct_read_is_refused(llama, tmp_path):
+    """A cold read with `O_DIRECT` opens the file a second time: a file replaced between the check on the first
+    descriptor and that open was read with the old header, silently, for one use. The second descriptor is checked
+    too."""
+    ckpt, shards, inputs, expected, pad = llama
+    shards = _copy_shards(shards, tmp_path)
+    model = streamed_model(ckpt, shards, keep_in_page_cache=False, **STREAM_ALL)
+    loader = get_streaming_state(model).loader
+    loader.wait_idle()
+    loader._map = False  # reads, as on CUDA
+    if not loader._direct:
+        pytest.skip("no O_DIRECT here")
+    real = loader._read_direct
+    path = shards / "layers" / "00002.safetensors"
+
+    def replaced_first(header, view):
+        if header.path == path:
+            data = path.read_bytes()
+            path.with_name("new.tmp").write_bytes(data)
+            os.replace(path.with_name("new.tmp"), path)  # the same bytes, another file
+        return real(header, view)
+
+    loader._read_direct = replaced_first
+    drop_from_page_cache([path])  # (read from the disk: with O_DIRECT)
+    if cached_share(path):
+        pytest.skip("this file system keeps dropped files in the page cache")
+    with pytest.raises(LayerLoadError, match="changed on disk"):
+        with torch.no_grad():
+            model(**inputs)
+    disable_layer_streaming(model)
+
+
 # --- shutdown -------------------------------------------------------------------------------------------------------
 
 

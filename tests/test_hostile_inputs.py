@@ -132,6 +132,17 @@ def offsets_outside_file(shards, tmp):
     return LAYER, "data region"
 
 
+def infinite_dimension(shards, tmp):
+    """`Infinity` (and `1e400`) parse as a JSON float; `int()` of it raised OverflowError, not the file's error."""
+
+    def edit(h):
+        name = next(k for k in h if k != "__metadata__")
+        h[name]["shape"] = [float("inf")] + h[name]["shape"][1:]
+
+    replace_file(shards, LAYER, rewrite_header((shards / LAYER).read_bytes(), edit))
+    return LAYER, "malformed header entry"
+
+
 def overlapping_tensors(shards, tmp):
     def edit(h):
         names = sorted((k for k in h if k != "__metadata__"), key=lambda k: h[k]["data_offsets"][0])
@@ -284,6 +295,7 @@ SHARD_CASES = [
     garbage_header,
     header_not_json,
     offsets_outside_file,
+    infinite_dimension,
     overlapping_tensors,
     negative_dimension,
     wrong_shape,
