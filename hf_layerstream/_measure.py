@@ -71,8 +71,8 @@ class _TokenClock:
     """A streamer that timestamps every generated token (the first `put` is the prompt).
 
     `before_forward` (the cold runs' page-cache eviction) runs after the timestamp and its time is excluded: each
-    step is timed from `resumed[i]` (after the eviction) to `times[i + 1]`; the seconds it returns, if any (a wait
-    for reads the step started), are counted back in.
+    step is timed from `resumed[i]` (after the eviction) to `times[i + 1]`. The seconds it returns, if any (a wait
+    for reads the step just ended started), count in that step, as `_DiskPairing` counts its waits.
     """
 
     def __init__(self, before_forward=None):
@@ -86,7 +86,8 @@ class _TokenClock:
         # plain decoding puts one token per row ([batch]); assisted decoding puts the accepted tokens ([1, n])
         self.counts.append(int(value.shape[-1]) if getattr(value, "ndim", 0) == 2 else 1)
         charged = self.before_forward() if self.before_forward is not None else None
-        self.resumed.append(time.perf_counter() - (charged or 0.0))
+        self.times[-1] += charged or 0.0
+        self.resumed.append(time.perf_counter())
 
     def end(self):
         pass
@@ -315,8 +316,8 @@ def measure(spec: dict) -> dict:
         loader = get_streaming_state(model).loader
 
         def evict():
-            # the loader's reads ahead finish first, and their wait counts in the step: they must not go on, untimed,
-            # while the page cache is dropped
+            # the loader's reads ahead finish first, and their wait counts in the step that started them: they must
+            # not go on, untimed, while the page cache is dropped
             t0 = time.perf_counter()
             loader.wait_idle()
             waited = time.perf_counter() - t0

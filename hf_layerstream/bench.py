@@ -746,17 +746,17 @@ def _derive(rows, disk, stored, baseline_rss, resident_bytes, layer_bytes, store
         packed = plan is not None and plan.get("dequantize") == "module"
         in_flight_layer = max(plan["layer_bytes"], default=0) if packed else layer_bytes
         scratch = plan.get("scratch", 0) if packed else 0
+        # (what the allowances below count in flight, as the notes say it)
+        in_flight_terms = (
+            "(prefetch+1) packed layers + the largest dequantized weight" if packed else "(prefetch+1) layers"
+        )
         # host RSS on CPU only: on CUDA the weights live on the device, and the CUDA runtime's libraries (loaded at
         # its first use, after the baseline) dwarf what the loader holds in host memory
         if r["system"].startswith("streamed_disk") and plan is not None and not on_cuda:
             allowed = RSS_SLACK * (resident_bytes + (k + 1) * in_flight_layer + scratch)
             r["rss_over_baseline"] = r["peak_rss"] - (r.get("baseline_rss") or baseline_rss)
             r["rss_allowed"] = allowed
-            r["rss_allowed_terms"] = (
-                "resident + (prefetch+1) packed layers + the largest dequantized weight"
-                if packed
-                else "resident + (prefetch+1) layers"
-            )
+            r["in_flight_terms"] = in_flight_terms
         if on_cuda and plan is not None and base is not None and base.get("cuda_peak") is not None:
             # (what the whole model holds)
             weights = resident_bytes + (len(plan["layer_bytes"]) * layer_bytes if packed else sum(plan["layer_bytes"]))
@@ -770,7 +770,7 @@ def _derive(rows, disk, stored, baseline_rss, resident_bytes, layer_bytes, store
                 in_flight = max(in_flight, plan["host_resident_copied"] + k * in_flight_layer)
             r["cuda_kv_and_activations"] = kv_and_activations
             r["cuda_allowed"] = on_device + kept + in_flight + kv_and_activations
-            r["cuda_packed"] = packed
+            r["in_flight_terms"] = in_flight_terms
         r.pop("plan_data", None)
 
 
@@ -854,15 +854,15 @@ def format_report(report: dict) -> str:
             verdict = "ok" if r["rss_over_baseline"] <= r["rss_allowed"] else "over"
             notes.append(
                 f"{r['label']} {r['mode']}: peak RSS over baseline {_gb(r['rss_over_baseline'])}, allowed "
-                f"{RSS_SLACK:.2f} x ({r['rss_allowed_terms']}) = {_gb(r['rss_allowed'])} ({verdict})"
+                f"{RSS_SLACK:.2f} x (resident + {r['in_flight_terms']}) = {_gb(r['rss_allowed'])} ({verdict})"
             )
         if r.get("cuda_allowed") is not None and r.get("cuda_peak") is not None:
             verdict = "ok" if r["cuda_peak"] <= r["cuda_allowed"] else "over"
             reserved = r.get("cuda_reserved_peak")
             notes.append(
-                f"{r['label']} {r['mode']}: CUDA peak {_gb(r['cuda_peak'])}, allowed resident + kept + (prefetch+1) "
-                f"{'packed layers + the largest dequantized weight' if r.get('cuda_packed') else 'layers'} + KV cache and activations ({_gb(r['cuda_kv_and_activations'])}, the whole model's peak "
-                f"beyond its weights) = {_gb(r['cuda_allowed'])} ({verdict})"
+                f"{r['label']} {r['mode']}: CUDA peak {_gb(r['cuda_peak'])}, allowed resident + kept + "
+                f"{r['in_flight_terms']} + KV cache and activations ({_gb(r['cuda_kv_and_activations'])}, the whole "
+                f"model's peak beyond its weights) = {_gb(r['cuda_allowed'])} ({verdict})"
                 + (f"; reserved by torch's allocator at most {_gb(reserved)}" if reserved is not None else "")
             )
         if r.get("h2d_limit_s") is not None:

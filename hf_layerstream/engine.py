@@ -959,10 +959,7 @@ class LayerLoader:
         t0 = time.perf_counter()
         tier = self.plan.tier(index)
         if tier == "device":
-            tensors = self._device_cache.get(index)
-            if tensors is None:
-                tensors = self._load_device_resident(index)
-            ready = _Ready(tensors)
+            ready = _Ready(self.kept(index))
         else:
             with self._lock:
                 future = self._pending.pop(index, None)
@@ -1338,8 +1335,6 @@ class LayerLoader:
 
     def kept(self, index: int) -> dict[str, torch.Tensor]:
         """The tensors of layer `index`, which the plan keeps on the device (loaded now if never used yet)."""
-        if self.plan.tier(index) != "device":
-            raise ValueError(f"layer {index} is not kept on the device")
         tensors = self._device_cache.get(index)
         return tensors if tensors is not None else self._load_device_resident(index)
 

@@ -227,6 +227,11 @@ class _Placeholder(torch.Tensor):
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         if func in (torch.ops.aten.detach.default, torch.ops.aten.alias.default):
             return args[0]._copy()
+        return cls._compute(func, args, kwargs or {})
+
+    @classmethod
+    def _compute(cls, func, args, kwargs):
+        """Any other operation on a placeholder: refused (`Packed` computes it with the weight dequantized)."""
         placeholder = next((a for a in args if isinstance(a, _Placeholder)), None)
         raise RuntimeError(placeholder._refusal(func) if placeholder is not None else f"`{func}` on a placeholder")
 
@@ -267,10 +272,8 @@ class Packed(_Placeholder):
         return self._hook() if self._hook is not None else None
 
     @classmethod
-    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        if func in (torch.ops.aten.detach.default, torch.ops.aten.alias.default):
-            return args[0]._copy()
-        args, kwargs = pytree.tree_map(lambda a: _dequantized(a, func), (args, kwargs or {}))
+    def _compute(cls, func, args, kwargs):
+        args, kwargs = pytree.tree_map(lambda a: _dequantized(a, func), (args, kwargs))
         return func(*args, **kwargs)
 
     def _copy(self) -> Packed:
