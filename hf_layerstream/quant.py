@@ -257,18 +257,51 @@ def is_embedding_name(name: str) -> bool:
 
 
 def is_router_name(name: str) -> bool:
-    """Whether a parameter name looks like a MoE router (`mlp.gate.weight`, `mlp.router.weight`, ...)."""
-    comps = _components(name)
-    return bool(comps) and _ROUTER_RE.match(comps[-1]) is not None
+    """Whether a parameter name looks like a MoE router (`mlp.gate.weight`, `mlp.router.weight`, and the linear
+    inside a router module: DBRX's `ffn.router.layer.weight`, Hunyuan's `mlp.gate.wg.weight`)."""
+    return any(_ROUTER_RE.match(comp) for comp in _components(name)[-2:])
 
 
-def should_quantize(name: str, tensor: torch.Tensor, scheme: QuantScheme, *, is_embedding: bool = False) -> bool:
+def parameter_owners(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Every parameter name of `model` (tied names included) -> the module that holds it, for `should_quantize`."""
+    owners: dict[str, torch.nn.Module] = {}
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        for attr, _ in module.named_parameters(recurse=False):
+            owners[f"{prefix}.{attr}" if prefix else attr] = module
+    return owners
+
+
+def _is_matrix_weight(name: str, tensor: torch.Tensor, owner: torch.nn.Module) -> bool:
+    """What transformers' own bitsandbytes path would quantize: `nn.Linear` (or GPT-2's `Conv1D`) weights, and the
+    3-D fused expert weights of an experts module. Not: routers' or SSM parameters held as bare 2-D tensors (Mamba's
+    `A_log`), 2-D expert biases (gpt-oss's `gate_up_proj_bias`), convolution kernels (Mamba's depthwise `conv1d`)."""
+    attr = name.rpartition(".")[2]
+    if tensor.dim() == 2:
+        from transformers.pytorch_utils import Conv1D
+
+        return attr == "weight" and isinstance(owner, (torch.nn.Linear, Conv1D))
+    return (
+        not isinstance(owner, torch.nn.modules.conv._ConvNd) and not attr.endswith("bias") and min(tensor.shape[1:]) > 1
+    )
+
+
+def should_quantize(
+    name: str,
+    tensor: torch.Tensor,
+    scheme: QuantScheme,
+    *,
+    is_embedding: bool = False,
+    owner: torch.nn.Module | None = None,
+) -> bool:
     """Whether a weight is stored quantized under `scheme`.
 
     Quantized: floating (`float32`/`float16`/`bfloat16`) 2-D weight matrices and 3-D fused expert tensors (e.g.
     `mlp.experts.gate_up_proj`) spanning at least `MIN_BLOCKS_TO_QUANTIZE` blocks. Kept as is: 1-D tensors (norms,
     biases), non-float or other float dtypes (e.g. fp8), small tensors, MoE routers, and embeddings / the output head
-    unless `scheme.quantize_embeddings`. Only the tensor's shape and dtype are read, so meta tensors work.
+    unless `scheme.quantize_embeddings`. Only the tensor's shape and dtype are read, so meta tensors work. Given the
+    module that holds the weight (`owner`, see `parameter_owners`), 2-D weights are quantized only when it is a linear
+    layer, and 3-D ones only when they are not biases or convolution kernels, as transformers' bitsandbytes path
+    quantizes; `split_checkpoint` passes it.
 
     Args:
         name (`str`): Full parameter name.
@@ -276,6 +309,8 @@ def should_quantize(name: str, tensor: torch.Tensor, scheme: QuantScheme, *, is_
         scheme ([`QuantScheme`]): The scheme in use.
         is_embedding (`bool`, *optional*, defaults to `False`):
             The caller knows this is an embedding / head (names are also checked heuristically).
+        owner (`torch.nn.Module`, *optional*):
+            The module holding the weight; without it, the decision is made from the name and shape alone.
 
     Returns:
         `bool`
@@ -286,9 +321,9 @@ def should_quantize(name: str, tensor: torch.Tensor, scheme: QuantScheme, *, is_
         return False
     if is_embedding or is_embedding_name(name):
         return scheme.quantize_embeddings
-    if is_router_name(name):
+    if is_router_name(name) or name.rpartition(".")[2].endswith("bias"):
         return False
-    return True
+    return owner is None or _is_matrix_weight(name, tensor, owner)
 
 
 # --- code tables -------------------------------------------------------------------------------------------------
@@ -613,6 +648,7 @@ __all__ = [
     "dequantize_tensor",
     "is_embedding_name",
     "is_router_name",
+    "parameter_owners",
     "join_parts",
     "packed_nbytes",
     "quantize_tensor",

@@ -343,7 +343,9 @@ def _options_digest(options: dict) -> str:
     return hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()
 
 
-def _estimate_unit_bytes(shapes: dict[str, tuple[tuple[int, ...], torch.dtype]], scheme, unit: str) -> int:
+def _estimate_unit_bytes(
+    shapes: dict[str, tuple[tuple[int, ...], torch.dtype]], scheme, unit: str, owners: dict | None = None
+) -> int:
     """Bytes of one unit file: tensor data (quantized where the codec would be used) plus header and metadata."""
     total = 1024  # length prefix, `__metadata__`, padding
     for name, (shape, dtype) in shapes.items():
@@ -356,7 +358,11 @@ def _estimate_unit_bytes(shapes: dict[str, tuple[tuple[int, ...], torch.dtype]],
             from .quant import should_quantize
 
             if should_quantize(
-                name, torch.empty(shape, dtype=dtype, device="meta"), scheme, is_embedding=unit == RESIDENT
+                name,
+                torch.empty(shape, dtype=dtype, device="meta"),
+                scheme,
+                is_embedding=unit == RESIDENT,
+                owner=(owners or {}).get(name),
             ):
                 nbytes = -(-numel * scheme.bits // 8) + 4 * -(-numel // scheme.blocksize)
                 overhead = 4 * len(name) + 600  # two parts and the codec metadata
@@ -404,7 +410,12 @@ def estimate_split_bytes(
             # a converter's extra targets (q/k/v out of one qkv tensor) share their unit's checkpoint dtype
             stored = target_dtype.get(name) or unit_dtype.get(unit) or fallback_dtype or t.dtype
         shapes[unit][name] = (tuple(t.shape), stored)
-    return sum(_estimate_unit_bytes(shapes[u], scheme, u) for u in units)
+    owners = None
+    if scheme is not None:
+        from .quant import parameter_owners
+
+        owners = parameter_owners(model)
+    return sum(_estimate_unit_bytes(shapes[u], scheme, u, owners) for u in units)
 
 
 def _config_dtype(config) -> torch.dtype | None:
@@ -485,9 +496,9 @@ def split_checkpoint(
     from transformers import AutoConfig
 
     scheme = None
-    quantize_tensor = should_quantize = None
+    quantize_tensor = None
     if compression is not None or quant_type is not None or blocksize is not None:
-        from .quant import quantize_tensor, resolve_compression, should_quantize
+        from .quant import quantize_tensor, resolve_compression
 
         scheme = resolve_compression(compression, quant_type=quant_type, blocksize=blocksize)
     if isinstance(dtype, str) and dtype != "auto":
@@ -508,6 +519,16 @@ def split_checkpoint(
     config = AutoConfig.from_pretrained(src.config_path.parent)
     model = build_skeleton(config, resolve_model_class(config, model_class))
     stack = require_layer_stack(model)
+    should_quantize = None
+    if scheme is not None:  # decided knowing the module that holds each weight (a linear layer's, an expert's)
+        from .quant import parameter_owners
+        from .quant import should_quantize as _should_quantize
+
+        owners = parameter_owners(model)
+
+        def should_quantize(name, tensor, scheme, *, is_embedding=False):
+            return _should_quantize(name, tensor, scheme, is_embedding=is_embedding, owner=owners.get(name))
+
     fingerprint = architecture_fingerprint(model, stack)
     plan = plan_conversion(model, stack, src.keys)
     if plan.missing:
@@ -842,7 +863,11 @@ def _write_unit(
     stored: dict[str, torch.Tensor] = {}
     entries: dict[str, TensorEntry] = {}
     for name, tensor in tensors.items():
-        if scheme is not None and should_quantize(name, tensor, scheme, is_embedding=unit == RESIDENT):
+        quantize = scheme is not None and should_quantize(name, tensor, scheme, is_embedding=unit == RESIDENT)
+        if quantize and not torch.isfinite(tensor).all():  # block-wise scales cannot hold inf / NaN
+            logger.warning("%s holds inf or NaN values; it is stored unquantized", name)
+            quantize = False
+        if quantize:
             parts, meta = quantize_tensor(tensor, scheme)
             meta = dict(meta)
             meta["parts"] = {p: {"shape": list(v.shape), "dtype": dtype_to_str(v.dtype)} for p, v in parts.items()}

@@ -479,7 +479,9 @@ def enable_layer_streaming(
     The model must be built without weights (`accelerate.init_empty_weights()` or `torch.device("meta")` around
     `AutoModelForCausalLM.from_config`). The resident parts (embeddings, final norm, head) are loaded on `device`;
     each decoder layer gets a hook that makes its weights present just before its forward pass and releases them
-    after. `model.generate`, `pipeline(...)`, streamers and assisted decoding work unchanged.
+    after. `model.generate`, `pipeline(...)`, streamers and assisted decoding work unchanged. As `from_pretrained`
+    does, the model is put in evaluation mode (`from_config` builds it in training mode, with dropout on); call
+    `model.train()` afterwards to have dropout.
 
     Args:
         model (`transformers.PreTrainedModel`):
@@ -710,6 +712,7 @@ def enable_layer_streaming(
         _wrap_generate(model, state)
     _no_auto_compile(model, state)
     _guard_moves(model, state)
+    model.eval()
     loader.start()
     logger.info("Layer streaming enabled from %s: %s", shards.path, plan.summary())
     return model

@@ -521,6 +521,27 @@ def test_disable_restores_the_model_and_stops_the_loader(checkpoints):
     disable_layer_streaming(model)
 
 
+def test_the_model_is_put_in_evaluation_mode_as_from_pretrained_does(checkpoints):
+    """`from_config` builds a model in training mode: GPT-2's dropout (0.1) would make greedy decoding random.
+    Enabling streaming puts it in evaluation mode, as `from_pretrained` does; the logits equal the loaded model's."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    ckpt, shards = checkpoints("gpt2")
+    config = AutoConfig.from_pretrained(ckpt, attn_implementation=_models.ATTN_IMPLEMENTATION)
+    assert config.resid_pdrop > 0
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    assert model.training
+    enable_layer_streaming(model, shards, device="cpu", max_memory={"cpu": 0})
+    assert not any(m.training for m in model.modules())
+    ids = torch.tensor([[1, 5, 7, 9, 11, 13]])
+    with torch.no_grad():
+        expected = _models.load_reference(ckpt)(ids).logits
+        assert torch.equal(model(ids).logits, expected) and torch.equal(model(ids).logits, expected)
+    disable_layer_streaming(model)
+
+
 def test_a_wrapper_added_over_ours_survives_disable_and_enable(checkpoints):
     """Something wraps the forward of the module running the layers after streaming was enabled (a profiler, an
     accelerate hook): disable leaves its wrapper, and ours under it, in place, ours inert and holding nothing of the

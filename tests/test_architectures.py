@@ -196,7 +196,7 @@ def test_layers_sharing_weights_are_refused(tmp_path):
 
 @pytest.mark.parametrize("model_type", ["gpt_oss", "deepseek_v3", "mamba2", "jamba"])
 def test_quantized_shards_of_moe_and_state_space_models(tmp_path, model_type):
-    """4-bit shards (expert tensors, MLA projections, Mamba mixers, 1-D convolutions): some weights of every layer
+    """4-bit shards (expert tensors, MLA projections, Mamba mixers' projections): some weights of every layer
     quantized; streamed from disk, the logits equal those with every layer kept, bit for bit (also dequantized per
     module), and track full precision."""
     ckpt = _models.save_tiny_checkpoint(_config(model_type), tmp_path / "checkpoint")
@@ -223,6 +223,32 @@ def test_quantized_shards_of_moe_and_state_space_models(tmp_path, model_type):
     assert torch.equal(logits(per_module), kept)
     cosine = torch.nn.functional.cosine_similarity(streamed.flatten(), expected.flatten(), dim=0).item()
     assert cosine >= 0.9, cosine
+
+
+@pytest.mark.parametrize(
+    "model_type, kept, quantized",
+    [
+        (
+            "gpt_oss",
+            ["mlp.experts.gate_up_proj_bias", "mlp.router.weight"],
+            ["mlp.experts.gate_up_proj", "mlp.experts.down_proj", "self_attn.q_proj.weight"],
+        ),
+        ("mamba", ["mixer.A_log", "mixer.conv1d.weight"], ["mixer.in_proj.weight", "mixer.out_proj.weight"]),
+    ],
+)
+def test_compression_quantizes_linear_and_expert_weights_only(tmp_path, model_type, kept, quantized):
+    """A compressed split quantizes the weights transformers' bitsandbytes path would (linear layers' and the fused
+    experts'), and keeps at full precision 2-D expert biases, routers, SSM parameters and convolution kernels, however
+    large: gpt-oss's `gate_up_proj_bias` and Mamba's `A_log` were quantized (NF4 cut `A_log`'s decay rates by up to
+    45%)."""
+    ckpt = _models.save_tiny_checkpoint(_config(model_type), tmp_path / "checkpoint")
+    shards = split_checkpoint(ckpt, tmp_path / "shards", compression="4bit", progress=False)
+    tensors = ShardDirectory(shards).unit("layers.0").tensors
+    is_quantized = {n.partition(".0.")[2]: t.quant is not None for n, t in tensors.items()}
+    assert {n: is_quantized[n] for n in kept + quantized} == {
+        **dict.fromkeys(kept, False),
+        **dict.fromkeys(quantized, True),
+    }
 
 
 def test_jamba_computing_with_its_time_step_projections_weight_runs_per_module(tmp_path):

@@ -139,6 +139,22 @@ def test_moe_experts_are_quantized_and_run(tmp_path):
     assert _cosine(got, ref) >= 0.995
 
 
+def test_a_weight_with_inf_or_nan_is_stored_unquantized_with_a_warning(tmp_path, caplog):
+    """Block-wise scales cannot hold inf / NaN: such a weight is stored as it is, with a warning naming it, and the
+    split goes on (it stopped with an error advising to keep the tensor unquantized, which no option allowed)."""
+    model = _models.build_tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
+    model.save_pretrained(tmp_path / "ckpt")
+    _models.make_tokenizer().save_pretrained(tmp_path / "ckpt")
+    with caplog.at_level("WARNING", logger="hf_layerstream"):
+        shards = split_checkpoint(tmp_path / "ckpt", tmp_path / "shards", compression="4bit", progress=False)
+    assert "model.layers.1.mlp.up_proj.weight holds inf or NaN values; it is stored unquantized" in caplog.text
+    layer = ShardDirectory(shards).unit("layers.1").tensors
+    assert layer["model.layers.1.mlp.up_proj.weight"].quant is None
+    assert layer["model.layers.1.mlp.down_proj.weight"].quant is not None
+
+
 def test_inspect_shows_scheme_and_ratio(bf16_checkpoint, capsys):
     _, dirs = bf16_checkpoint
     assert main(["inspect", str(dirs["4bit"]), "--device", "cpu"]) == 0
