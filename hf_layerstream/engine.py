@@ -925,6 +925,7 @@ class LayerLoader:
         self._in_use: dict[int, _Ready] = {}
         self._lock = threading.Lock()
         self._closed = False
+        self._close_done = False  # (`close` ran to its end)
         self._pinned = _PinnedHost(device) if self.is_cuda else None
         self._pool = _BufferPool(self._pinned)
         # read buffers all take the largest file of a layer streamed from the disk: any buffer fits any such layer, so
@@ -958,16 +959,18 @@ class LayerLoader:
         self.release(index)  # (nothing to release, unless this layer's last forward pass raised before its release)
         t0 = time.perf_counter()
         tier = self.plan.tier(index)
-        if tier == "device":
-            ready = _Ready(self.kept(index))
-        else:
+        future = None
+        if tier != "device":
             with self._lock:
                 future = self._pending.pop(index, None)
-            prefetched = future is not None
-            in_place = future is None and self._maps_in_place(index)
-            if future is None and not in_place:
-                future = self._submit(index)
-            try:
+        prefetched = future is not None
+        in_place = tier != "device" and future is None and self._maps_in_place(index)
+        if tier != "device" and future is None and not in_place:
+            future = self._submit(index)
+        try:
+            if tier == "device":  # (kept: loaded at its first use, then held)
+                ready = _Ready(self.kept(index))
+            else:
                 self._schedule_after(index)
                 try:
                     if in_place:
@@ -982,34 +985,33 @@ class LayerLoader:
                     # read ahead, possibly long ago: the file may have been repaired since; read it again now
                     future = self._submit(index)
                     ready = future.result()
-            except LayerLoadError:
-                raise
-            except Exception as e:  # noqa: BLE001 - surfaced in the caller, naming the layer
-                self.failures += 1
-                raise LayerLoadError(
-                    f"Loading decoder layer {index} from {self.shards.files[layer_unit(index)]} failed: "
-                    f"{type(e).__name__}: {e}"
-                ) from e
-            except BaseException:
-                # interrupted while waiting (Ctrl-C): the load goes on in the loader thread; handed back as read
-                # ahead, it is used by the next pass or let go as that pass begins (`sweep_begins`), not lost with
-                # its buffer or populated pages
-                if future is not None:
-                    with self._lock:
-                        self._pending.setdefault(index, future)
-                raise
-            self._in_use[index] = ready  # (before the stream work: a pass interrupted there puts it back too)
-            if ready.event is not None:
-                compute = torch.cuda.current_stream(self.device)
-                compute.wait_event(ready.event)
-                # allocated on the copy stream, used on the compute stream: tell the caching allocator, so the
-                # memory is not handed back to the copy stream while compute kernels still read it
-                for t in ready.tensors.values():
-                    t.record_stream(compute)
+        except LayerLoadError:
+            raise
+        except Exception as e:  # noqa: BLE001 - surfaced in the caller, naming the layer
+            self.failures += 1
+            raise LayerLoadError(
+                f"Loading decoder layer {index} from {self.shards.files[layer_unit(index)]} failed: "
+                f"{type(e).__name__}: {e}"
+            ) from e
+        except BaseException:
+            # interrupted while waiting (Ctrl-C): the load goes on in the loader thread; handed back as read
+            # ahead, it is used by the next pass or let go as that pass begins (`sweep_begins`), not lost with
+            # its buffer or populated pages
+            if future is not None:
+                with self._lock:
+                    self._pending.setdefault(index, future)
+            raise
+        self._in_use[index] = ready  # (before the stream work: a pass interrupted there puts it back too)
         if tier == "device":
-            self._in_use[index] = ready
             if self._streamed:
                 self._schedule_after(index)
+        elif ready.event is not None:
+            compute = torch.cuda.current_stream(self.device)
+            compute.wait_event(ready.event)
+            # allocated on the copy stream, used on the compute stream: tell the caching allocator, so the
+            # memory is not handed back to the copy stream while compute kernels still read it
+            for t in ready.tensors.values():
+                t.record_stream(compute)
         if self.profile is not None:
             self.profile.add(index, wait=time.perf_counter() - t0, calls=1, **(ready.times or {}))
         return ready.tensors
@@ -1099,10 +1101,11 @@ class LayerLoader:
                 pass
 
     def close(self) -> None:
-        """Stop the background thread and free every buffer; safe to call twice."""
-        if self._closed:
+        """Stop the background thread and free every buffer; safe to call twice (a second call finishes a first one
+        interrupted part way, by Ctrl-C while it waited for the threads)."""
+        if self._close_done:
             return
-        self._closed = True
+        self._closed = True  # (at once: no acquire from here on)
         with self._lock:
             pending = list(self._pending.values())
             self._pending.clear()
@@ -1135,6 +1138,7 @@ class LayerLoader:
         self._pool.clear()
         if self._pinned is not None:
             self._unpin()
+        self._close_done = True
 
     def _after_fork(self) -> None:
         """In a child forked from a process that streams with this loader (gunicorn's `--preload`, a fork-based

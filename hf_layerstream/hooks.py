@@ -124,6 +124,13 @@ class _LayerWeights(Mapping):
         return len(self.hook.names)
 
 
+DISABLED_DURING_CALL = (
+    "disable_layer_streaming(model) ran in another thread during this call: the model's decoder layers are back on the "
+    "meta device. Let calls end before disabling streaming (it waits for a forward pass running, not for a whole "
+    "`generate`)."
+)
+
+
 class PassGuard:
     """Wraps the forward of the module that runs the decoder layers (e.g. `LlamaModel`): one pass over the layers.
 
@@ -133,8 +140,9 @@ class PassGuard:
     * A pass that raised inside a decoder layer (Ctrl-C, out of memory, an error in code hooked on a layer) never
       reached that layer's `post_forward`: its weights are put back at once, and the layers read ahead for the rest
       of that pass are let go as the next pass begins (`LayerLoader.sweep_begins`).
-    * After `disable_layer_streaming` (`close`) the wrapper, if still called (something wrapped the forward after it,
-      or a call was waiting for the lock), calls straight through, holding nothing of the streaming state.
+    * After `disable_layer_streaming` (`close`) the wrapper, if still called (something wrapped the forward after it),
+      calls straight through, holding nothing of the streaming state; a call that was waiting for the lock while
+      streaming was disabled raises, saying so.
     """
 
     def __init__(self, hooks: list[LayerStreamingHook], loader, host_hooks: list | None = None):
@@ -189,8 +197,11 @@ class PassGuard:
     def wrap(self, forward):
         @functools.wraps(forward)
         def guarded(*args, **kwargs):
+            was_open = self.loader is not None
             with self.lock:
                 if self.loader is None:
+                    if was_open:  # it waited for the lock while streaming was disabled: the layers are meta now
+                        raise RuntimeError(DISABLED_DURING_CALL)  # (a pass on them may even "succeed", on meta)
                     return forward(*args, **kwargs)
                 self._put_back()  # (a layer called on its own, outside a pass, that raised)
                 if self._raised:

@@ -24,6 +24,7 @@ from .engine import (
 )
 from .errors import ShardDirError
 from .hooks import (
+    DISABLED_DURING_CALL,
     HostResident,
     HostResidentHook,
     LayerStreamingHook,
@@ -85,7 +86,8 @@ class StreamingState:
     last_profile: dict | None = None
     compute_dtypes: frozenset = frozenset()  # the floating-point dtypes the streamed weights arrive in
     shadowed: dict = field(default_factory=dict)  # instance attributes our wrappers replaced (restored on disable)
-    installed: list = field(default_factory=list)  # the names of the instance attributes we set (`_shadow`)
+    installed: dict = field(default_factory=dict)  # name -> the wrapper we set as an instance attribute (`_shadow`)
+    disabled: bool = False  # `disable_layer_streaming` began (a call running in another thread then fails clearly)
     compile_vetoed: bool = False  # `generate` asked to compile the forward pass, and was told not to (logged once)
     handles: list = field(default_factory=list)  # torch hook handles (removed on disable)
     runner: nn.Module | None = None  # the module whose forward runs the decoder layers
@@ -708,8 +710,7 @@ def enable_layer_streaming(
     device_map.update({p.module_name: "cpu" for p in host_parts})
     model.hf_device_map = device_map
     setattr(model, _STATE_ATTR, state)
-    if prof is not None:
-        _wrap_generate(model, state)
+    _wrap_generate(model, state)
     _no_auto_compile(model, state)
     _guard_moves(model, state)
     model.eval()
@@ -722,7 +723,7 @@ def _shadow(model: nn.Module, state: StreamingState, name: str, wrapper) -> None
     """Set an instance attribute over a method, remembering it and any instance attribute it hides."""
     if name in vars(model):
         state.shadowed[name] = vars(model)[name]
-    state.installed.append(name)
+    state.installed[name] = wrapper
     setattr(model, name, wrapper)
 
 
@@ -780,16 +781,24 @@ def _guard_moves(model: nn.Module, state: StreamingState) -> None:
 
 
 def _wrap_generate(model: nn.Module, state: StreamingState) -> None:
+    """`generate`: a profile per call (`profile=True`), and a clear error where `disable_layer_streaming` ran in another
+    thread during the call (its next pass found the layers back on the meta device)."""
     original = model.generate
 
     @functools.wraps(original)
     def generate(*args, **kwargs):
-        state.profile.reset()
+        if state.profile is not None:
+            state.profile.reset()
         try:
             return original(*args, **kwargs)
+        except Exception as e:
+            if state.disabled:
+                raise RuntimeError(DISABLED_DURING_CALL) from e
+            raise
         finally:
-            state.last_profile = state.profile.to_dict()
-            logger.info("hf_layerstream profile of the last generate call:\n%s", state.profile.summary())
+            if state.profile is not None:
+                state.last_profile = state.profile.to_dict()
+                logger.info("hf_layerstream profile of the last generate call:\n%s", state.profile.summary())
 
     _shadow(model, state, "generate", generate)
 
@@ -836,6 +845,7 @@ def disable_layer_streaming(model: nn.Module) -> nn.Module:
 
 
 def _disable(model: nn.Module, state: StreamingState) -> None:
+    state.disabled = True
     runner = state.runner
     if vars(runner).get("forward") is state.guard.guarded:  # (if something wrapped it since, left in place, inert)
         if state.runner_forward is None:
@@ -858,11 +868,11 @@ def _disable(model: nn.Module, state: StreamingState) -> None:
         handle.remove()
     state.loader.close()
     _restore(model, state.originals)
-    for name in state.installed:  # (only ours: an instance attribute set while streaming stays)
-        if name in vars(model):
+    for name, wrapper in state.installed.items():  # (only ours: an instance attribute set over it since stays)
+        if vars(model).get(name) is wrapper:
             delattr(model, name)
-    for name, value in state.shadowed.items():
-        setattr(model, name, value)
+            if name in state.shadowed:
+                setattr(model, name, state.shadowed[name])
     if state.had_device_map:
         model.hf_device_map = state.old_device_map
     elif hasattr(model, "hf_device_map"):

@@ -263,6 +263,22 @@ def test_truncated_file_mid_generation_names_the_layer(llama, tmp_path):
     assert not _loader_threads(loader)
 
 
+def test_a_kept_layer_that_cannot_be_loaded_names_the_layer(llama, tmp_path):
+    """The default CPU plan keeps layers, loaded at their first use: a failure there is a `LayerLoadError` naming the
+    decoder layer and its file, as for a streamed layer (it was the file's `ShardFileError`, which code catching
+    `LayerLoadError` missed), and counts in the loader's failures."""
+    ckpt, shards, inputs, expected, pad = llama
+    shards = _copy_shards(shards, tmp_path)
+    model = streamed_model(ckpt, shards)
+    loader = get_streaming_state(model).loader
+    assert loader.plan.tier(1) == "device" and 1 not in loader._device_cache
+    (shards / "layers" / "00001.safetensors").unlink()
+    with pytest.raises(LayerLoadError, match=r"decoder layer 1 from .*00001\.safetensors failed"):
+        model.generate(**inputs, **GEN, pad_token_id=pad)
+    assert loader.failures == 1 and loader.in_use() == []
+    disable_layer_streaming(model)
+
+
 def _assert_every_buffer_accounted_for(loader) -> None:
     """Every read buffer the loader ever allocated is idle in its pool or holds a layer read ahead or in use (failed
     reads gave theirs back: pinned ones, on CUDA, would otherwise stay pinned until disable)."""
@@ -410,6 +426,103 @@ def test_disable_stops_thread_and_frees_memory(llama, options):
     assert model.model.embed_tokens.weight.is_meta
     with pytest.raises(ValueError, match="not enabled"):
         disable_layer_streaming(model)
+
+
+def test_a_disable_interrupted_while_it_waits_for_the_threads_is_finished_by_the_next(llama, monkeypatch):
+    """Ctrl-C while `disable_layer_streaming` waits for the loader's threads: the model is still streaming (enable
+    refuses), and the next disable finishes the loader's close (it returned at once, leaving the maps, their files
+    and the map threads until the garbage collector came)."""
+    ckpt, shards, inputs, expected, pad = llama
+    model = streamed_model(ckpt, shards, **STREAM_ALL)
+    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+    loader = get_streaming_state(model).loader
+    assert loader._maps
+    threads = _loader_threads(loader)
+    shutdown = loader._executor.shutdown
+
+    def interrupted(*args, **kwargs):
+        shutdown(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loader._executor, "shutdown", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        disable_layer_streaming(model)
+    monkeypatch.undo()
+    assert get_streaming_state(model) is not None and loader._maps
+    disable_layer_streaming(model)
+    assert not loader._maps and not [t for t in threads if t.is_alive()]
+    enable_layer_streaming(model, shards, device="cpu", **STREAM_ALL)
+    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+    disable_layer_streaming(model)
+
+
+def test_disable_in_another_thread_during_generate_is_named(llama):
+    """`disable_layer_streaming` run by another thread between two passes of a `generate`: the call's next pass finds
+    the layers on the meta device, and the error says what happened (it was torch's meta-device error)."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    from hf_layerstream.hooks import DISABLED_DURING_CALL
+
+    ckpt, shards, inputs, expected, pad = llama
+    model = streamed_model(ckpt, shards, **STREAM_ALL)
+
+    class DisableElsewhere(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            worker = threading.Thread(target=disable_layer_streaming, args=(model,))
+            worker.start()
+            worker.join(60)
+            return scores
+
+    with pytest.raises(RuntimeError, match="ran in another thread during this call") as info:
+        model.generate(**inputs, **GEN, pad_token_id=pad, logits_processor=LogitsProcessorList([DisableElsewhere()]))
+    assert str(info.value) == DISABLED_DURING_CALL and info.value.__cause__ is not None
+    assert get_streaming_state(model) is None and "generate" not in vars(model)
+
+
+def test_a_pass_waiting_for_the_lock_while_streaming_is_disabled_is_named(llama):
+    """A forward pass that waited for the pass lock while another thread disabled streaming fails saying so (it ran
+    on the layers put back on the meta device, and returned meta logits without an error)."""
+    from hf_layerstream.hooks import DISABLED_DURING_CALL
+
+    ckpt, shards, inputs, expected, pad = llama
+    model = streamed_model(ckpt, shards, **STREAM_ALL)
+    guard = get_streaming_state(model).guard
+    out, entered = {}, threading.Event()
+
+    def forward():
+        entered.set()
+        try:
+            with torch.no_grad():
+                model(**inputs)
+        except BaseException as e:  # noqa: BLE001
+            out["error"] = e
+
+    with guard.lock:  # (a pass running elsewhere)
+        caller = threading.Thread(target=forward)
+        caller.start()
+        assert entered.wait(10)
+        caller.join(0.5)  # it waits for the lock
+        assert caller.is_alive()
+        disable_layer_streaming(model)
+    caller.join(60)
+    assert isinstance(out.get("error"), RuntimeError) and str(out["error"]) == DISABLED_DURING_CALL
+
+
+def test_disable_leaves_the_users_attributes_set_over_ours(llama):
+    """Attributes the user set on the model while it streamed, over our wrappers (`generate` with `profile=True`, the
+    move methods), stay after `disable_layer_streaming` (they were deleted); ours go."""
+    ckpt, shards, inputs, expected, pad = llama
+    model = streamed_model(ckpt, shards, profile=True, **STREAM_ALL)
+    assert "generate" in vars(model) and "to" in vars(model)
+
+    def mine(*args, **kwargs):
+        return "mine"
+
+    model.generate = mine
+    model.to = mine
+    disable_layer_streaming(model)
+    assert vars(model)["generate"] is mine and vars(model)["to"] is mine
+    assert "half" not in vars(model) and "cuda" not in vars(model)
 
 
 @pytest.mark.parametrize("in_place", [False, True], ids=["read_ahead", "in_place"])
