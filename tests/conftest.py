@@ -169,6 +169,8 @@ def assert_same_decode_steps(
     for step, (x, y) in enumerate(zip(a.logits, b.logits)):
         assert torch.equal(x, y), f"step {step}: logits differ by up to {(x - y).abs().max().item():.3g}"
     if hidden_states:
+        assert len(a.hidden_states) == len(b.hidden_states) == steps
+        assert all(len(xs) == len(ys) for xs, ys in zip(a.hidden_states, b.hidden_states))
         for step, (xs, ys) in enumerate(zip(a.hidden_states, b.hidden_states)):
             for layer, (x, y) in enumerate(zip(xs, ys)):
                 assert torch.equal(x, y), f"step {step}, hidden state {layer} differs"

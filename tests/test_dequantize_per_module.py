@@ -37,7 +37,7 @@ FIDELITY_CONFIG = {"hidden_size": 256, "intermediate_size": 688, "num_attention_
 def quantized(tmp_path_factory):
     """A bf16 Llama checkpoint and its 4-bit and 8-bit shard directories."""
     root = tmp_path_factory.mktemp("per-module")
-    config = _models.make_config("llama", **FIDELITY_CONFIG)
+    config = _models.make_config("llama", num_hidden_layers=5, **FIDELITY_CONFIG)  # (prefetch 3 needs 5 streamed)
     ckpt = _models.save_tiny_checkpoint(config, root / "ckpt", dtype=torch.bfloat16, max_shard_size="1MB")
     dirs = {c: split_checkpoint(ckpt, root / f"shards-{c}", compression=c, progress=False) for c in ("4bit", "8bit")}
     return ckpt, dirs
@@ -82,13 +82,21 @@ def test_every_plan_gives_the_layer_decodes_bits(quantized, compression):
     plans = [({}, None), ({"cpu": 0}, 0), ({"cpu": 0}, 1), ({"cpu": 0}, 2), ({"cpu": 0}, 3), ({"cpu": mixed}, 0)]
     for max_memory, prefetch in plans:
         model = streamed_model(ckpt, shards, max_memory=max_memory, prefetch=prefetch, dequantize="module")
-        plan = get_streaming_state(model).plan
+        state = get_streaming_state(model)
+        plan = state.plan
         assert plan.dequantize == "module"
+        if prefetch is not None:
+            assert state.loader.prefetch == prefetch
         assert torch.equal(_logits(model), expected), (max_memory, prefetch)
         assert torch.equal(model.generate(IDS, **GEN), tokens), (max_memory, prefetch)
         disable_layer_streaming(model)
     # the last plan kept one layer, packed (its stored size fits where its dequantized size would not)
     assert len(plan.device_layers) == 1 and plan.streamed
+    # whole layers dequantized in the loader, three read ahead
+    model = streamed_model(ckpt, shards, max_memory={"cpu": 0}, prefetch=3, dequantize="layer")
+    assert get_streaming_state(model).loader.prefetch == 3
+    assert torch.equal(_logits(model), expected)
+    disable_layer_streaming(model)
 
 
 def test_packed_layers_and_the_largest_weight_make_the_plan(quantized):

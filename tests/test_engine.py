@@ -669,12 +669,24 @@ def test_prefetch_runs_ahead_cyclically(llama, monkeypatch, in_place):
 @pytest.mark.parametrize("mapped", [True, False], ids=["mapped", "read"])
 @pytest.mark.parametrize("prefetch", [0, 1, 2, 3])
 def test_buffers_bounded_by_prefetch(llama, prefetch, mapped):
+    """At most `prefetch + 1` layers held (in use and read ahead) at any layer's start, and as many read buffers
+    (mapped layers take none: their bound is the first)."""
     ckpt, shards, inputs, expected, pad = llama
     model = streamed_model(ckpt, shards, max_memory={"cpu": 0}, prefetch=prefetch)
     loader = get_streaming_state(model).loader
+    assert loader.prefetch == prefetch
     loader._map = mapped
+    held, acquire = [], loader.acquire
+
+    def counting(index):
+        tensors = acquire(index)
+        held.append(len(loader._pending) + len(loader._in_use))
+        return tensors
+
+    loader.acquire = counting
     assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
     loader.wait_idle()
+    assert len(held) == 6 * GEN["max_new_tokens"] and max(held) <= prefetch + 1, held
     assert loader._pool.allocated <= prefetch + 1
     disable_layer_streaming(model)
 
