@@ -38,6 +38,7 @@ class LayerStreamingHook(ModelHook):
         self.slots = slots
         self.placeholders = [(m._parameters if p else m._buffers)[a] for m, a, _, p in slots]
         self.names = [rel for _, _, rel, _ in slots]
+        self.placeholder_kinds = [(p.dtype, p.device) for p in self.placeholders]  # (a cast since is refused)
         self.profile = profile
         self._t0 = 0.0
         # slots whose weight the loader hands over packed (see `ModuleDequantizer`): their `Packed` placeholder
@@ -57,6 +58,15 @@ class LayerStreamingHook(ModelHook):
                 "(or `model.eval()`); the streamed weights are frozen, and gradients with respect to the inputs work "
                 "without it."
             )
+        for (module_, attr, rel, is_param), (dtype, device) in zip(self.slots, self.placeholder_kinds):
+            current = (module_._parameters if is_param else module_._buffers)[attr]
+            if current.dtype != dtype or current.device != device:  # (`_apply` casts a parameter in place)
+                raise RuntimeError(
+                    f"Decoder layer {self.index}'s {rel} was cast or moved to {current.dtype} on {current.device} while "
+                    "streaming (e.g. by `model.model.half()`), which the streamed weights do not follow. To change "
+                    "them, call `disable_layer_streaming(model)`, then `enable_layer_streaming(model, shard_dir, "
+                    "device=..., dtype=...)`."
+                )
         tensors = self.loader.acquire(self.index)
         for k, (module_, attr, rel, is_param) in enumerate(self.slots):
             value = tensors[rel]

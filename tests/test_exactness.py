@@ -15,7 +15,7 @@ import torch
 from conftest import assert_same_decode_steps, streamed_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer, pipeline
 
-from hf_layerstream import ShardDirectory, disable_layer_streaming, get_streaming_state
+from hf_layerstream import ShardDirectory, disable_layer_streaming, enable_layer_streaming, get_streaming_state
 
 ARCHS = list(_models.ARCHITECTURES)
 STREAM_ALL = {"max_memory": {"cpu": 0}, "prefetch": 1}  # every layer read from disk, every time
@@ -409,6 +409,27 @@ def test_bf16_batch_exact(checkpoints, arch):
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, ref(**batch).logits)
         assert torch.equal(model.generate(**batch, **kw), ref.generate(**batch, **kw))
+    disable_layer_streaming(model)
+
+
+@pytest.mark.parametrize("options", [{}, STREAM_ALL], ids=["kept", "streamed"])
+def test_casting_part_of_a_streamed_model_is_refused_at_its_next_pass(checkpoints, options):
+    """`model.model.half()` (the module running the layers, not the model, whose moves streaming guards) cast the
+    resident parts and the layers' placeholders, while the layers went on streaming at float32: a silently mixed
+    precision model. Its next pass now raises, naming the layer and the fix, which gives the exact model again."""
+    ckpt, shards = checkpoints("llama")
+    ref = _models.load_reference(ckpt)
+    model = streamed_model(ckpt, shards, **options)
+    ids = torch.tensor([[1, 5, 7, 9]])
+    model.model.half()
+    with torch.no_grad(), pytest.raises(RuntimeError, match=r"layer 0's .* was cast or moved to torch.float16"):
+        model(ids)
+    assert get_streaming_state(model).loader.in_use() == []
+    disable_layer_streaming(model)
+    model.model.float()
+    enable_layer_streaming(model, shards, device="cpu", **options)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)
     disable_layer_streaming(model)
 
 
