@@ -20,16 +20,20 @@ chat template, else used as plain text.
 Output JSONL: one line per prompt,
 
     {"id": "q1", "completion": " Paris.", "finish_reason": "stop", "prompt_tokens": 12, "completion_tokens": 3,
-     "prompt_sha256": "9f2c..."}
+     "prompt_sha256": "9f2c...", "settings_sha256": "51ab..."}
 
-`finish_reason` is `"stop"` (an end-of-sequence token) or `"length"` (`max_new_tokens` reached);
-`completion_tokens` counts the end-of-sequence token; `prompt_sha256` identifies the prompt so a rerun against a
-different input file is refused instead of mixing results.
+`finish_reason` is `"stop"` (an end-of-sequence token, a stop string of `stop_strings=` or a stopping criterion of
+`stopping_criteria=`) or `"length"` (`max_new_tokens` reached); `completion_tokens` counts the end-of-sequence token
+(the completion leaves it out, but keeps a stop string); `prompt_sha256` identifies the prompt and
+`settings_sha256` the settings (`chat`, and the generation settings that change what is generated, from the keyword
+arguments and the generation config), so a rerun against a different input file or with other settings is refused
+instead of mixing results.
 
 Order and crash safety. Prompts are sorted by token length (longest first) so that each batch holds prompts of
 similar length and little padding; greedy results do not depend on the batch. Each finished batch is appended to
 the output file, flushed and `fsync`ed before the next batch starts, so a crash loses at most the batch in flight.
-A rerun reads the output, drops a torn last line left by a crash, and generates only the prompts without a result.
+A rerun reads the output, drops a torn last line left by a crash (an unfinished result line), and generates only
+the prompts without a result; a file with any other line that is not a result is refused, never truncated.
 When every prompt has its result, the file is rewritten (atomically: temporary file, `fsync`, rename) in input
 order: a finished output file is in input order, one line per prompt, whatever crashes happened on the way.
 """
@@ -48,17 +52,62 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import GenerationConfig
+from transformers.generation import GenerationMode
 
 from ._safetensors import atomic_write_bytes, fsync_dir
-from .speculative import count_new_tokens, count_sweeps, eos_token_ids
+from .speculative import (
+    _generation_config,
+    _StopRecorder,
+    _StopWatch,
+    _with_settings,
+    count_new_tokens,
+    count_sweeps,
+    eos_token_ids,
+)
 from .split import progress_bar
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["generate_batch", "generate_jsonl"]
 
-_SPECULATIVE_KWARGS = ("assistant_model", "prompt_lookup_num_tokens")
 _FORBIDDEN_KWARGS = ("input_ids", "attention_mask", "inputs", "streamer")
+# the decoding modes that take a streamer (the tokens/s display)
+_METERED_MODES = (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE, GenerationMode.ASSISTED_GENERATION)
+# the keys every result line has (`settings_sha256` too, from files written by newer versions)
+_RESULT_KEYS = ("id", "completion", "finish_reason", "prompt_tokens", "completion_tokens", "prompt_sha256")
+_RECORD_START = b'{"id": '  # how every result line written by `_dumps` starts
+# generation settings that change the speed or what `generate` returns besides the tokens, not the tokens
+_NOT_IN_SETTINGS = frozenset(
+    {
+        "_from_model_config",
+        "transformers_version",
+        "assistant_confidence_threshold",
+        "assistant_early_exit",
+        "assistant_lookbehind",
+        "target_lookbehind",
+        "num_assistant_tokens",
+        "num_assistant_tokens_schedule",
+        "max_matching_ngram_size",
+        "prompt_lookup_num_tokens",
+        "use_mtp",
+        "is_assistant",
+        "use_cache",
+        "cache_config",
+        "cache_implementation",
+        "max_cache_len",
+        "compile_config",
+        "disable_compile",
+        "continuous_batching_config",
+        "prefill_chunk_size",
+        "low_memory",
+        "output_attentions",
+        "output_hidden_states",
+        "output_logits",
+        "output_scores",
+        "return_dict_in_generate",
+    }
+)
 
 
 @dataclass
@@ -131,7 +180,9 @@ def _pad_token_id(model: nn.Module, tokenizer, generate_kwargs: dict) -> int:
     )
 
 
-def _check_kwargs(batch_size: Any, generate_kwargs: dict) -> int:
+def _check_kwargs(model: nn.Module, batch_size: Any, generate_kwargs: dict) -> tuple[int, GenerationConfig, str]:
+    """Checks the arguments against the settings `generate` will run with (the keyword arguments over
+    `generation_config`, else the model's own); returns the batch size to use, those settings and the decoding mode."""
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"`batch_size` must be a positive int (e.g. 8 or 16), got {batch_size!r}.")
     for name in _FORBIDDEN_KWARGS:
@@ -141,21 +192,51 @@ def _check_kwargs(batch_size: Any, generate_kwargs: dict) -> int:
                 f"here{' and progress is reported through a streamer of its own' if name == 'streamer' else ''}. "
                 "Remove it, or call `model.generate` yourself."
             )
-    if generate_kwargs.get("num_return_sequences", 1) != 1:
+    config = _generation_config(model, generate_kwargs)
+    if (config.num_return_sequences or 1) != 1:
+        where = "" if "num_return_sequences" in generate_kwargs else " (from the generation config)"
         raise ValueError(
             f"`num_return_sequences` must be 1 for batched generation (one result per prompt), got "
-            f"{generate_kwargs['num_return_sequences']!r}. Repeat the prompt with different ids instead."
+            f"{config.num_return_sequences!r}{where}. Repeat the prompt with different ids instead."
         )
-    speculative = [k for k in _SPECULATIVE_KWARGS if generate_kwargs.get(k) is not None]
-    if speculative and batch_size > 1:
+    assistant = generate_kwargs.get("assistant_model")
+    mode = config.get_generation_mode(assistant)
+    if mode == GenerationMode.ASSISTED_GENERATION and batch_size > 1:
+        reasons = ["assistant_model"] if assistant is not None else []
+        reasons += [k for k in ("prompt_lookup_num_tokens", "assistant_early_exit") if getattr(config, k) is not None]
+        reasons += ["use_mtp"] if config.use_mtp else []
         logger.warning(
             "%s: transformers' speculative decoding handles one prompt per generate call; using batch_size=1 instead "
             "of %d (every sweep then verifies several tokens of one prompt).",
-            " and ".join(f"`{k}`" for k in speculative),
+            " and ".join(f"`{k}`" for k in reasons),
             batch_size,
         )
         batch_size = 1
-    return batch_size
+    return batch_size, config, mode
+
+
+def _describe(value: Any) -> Any:
+    """`value` for the settings fingerprint: JSON values as they are, anything else by its type's name."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_describe(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _describe(v) for k, v in value.items()}
+    return getattr(value, "__qualname__", None) or type(value).__qualname__
+
+
+def _settings_digest(tokenizer, chat: bool, config: GenerationConfig, generate_kwargs: dict) -> str:
+    """A fingerprint of what decides a job's results besides the prompt and the model: how prompts are rendered and
+    the generation settings (not those that only change the speed, such as a draft model or prompt lookup)."""
+    generation = {k: v for k, v in config.to_diff_dict().items() if k not in _NOT_IN_SETTINGS}
+    custom = ("logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "custom_generate")
+    settings = {
+        "chat": bool(chat and _has_chat_template(tokenizer)),
+        "generation": _describe(generation),
+        "custom": {k: _describe(generate_kwargs[k]) for k in custom if generate_kwargs.get(k) is not None},
+    }
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # --- the batch loop -----------------------------------------------------------------------------------------------
@@ -164,24 +245,31 @@ def _check_kwargs(batch_size: Any, generate_kwargs: dict) -> int:
 class _TokenMeter:
     """A `generate` streamer that counts the generated tokens of the rows still running, for the tokens/s display."""
 
-    def __init__(self, eos_ids: set[int], on_tokens):
+    def __init__(self, eos_ids: set[int], on_tokens, recorder: _StopRecorder | None = None):
         self.eos_ids = eos_ids
         self.on_tokens = on_tokens
+        self.recorder = recorder  # rows ended by stop strings or stopping criteria
         self._started = False
         self._finished: list[bool] = []
+        self._counts: list[int] = []
 
     def put(self, value: torch.Tensor) -> None:
         if not self._started:  # the first call hands over the prompt
             self._started = True
             self._finished = [False] * value.shape[0]
+            self._counts = [0] * value.shape[0]
             return
         rows = value[:, None] if value.dim() == 1 else value  # (batch,) per step, (1, n) under assisted decoding
+        stopped = self.recorder.stopped_at() if self.recorder is not None else []
         n = 0
         for i, row in enumerate(rows.tolist()):
             for t in row:
+                if not self._finished[i] and i < len(stopped) and stopped[i] is not None:
+                    self._finished[i] = self._counts[i] >= stopped[i]
                 if self._finished[i]:
                     break
                 n += 1
+                self._counts[i] += 1
                 if t in self.eos_ids:
                     self._finished[i] = True
         if n:
@@ -227,6 +315,8 @@ def _run(
     chat: bool,
     progress: bool,
     generate_kwargs: dict,
+    config: GenerationConfig,
+    mode: str,
     stats: dict,
 ) -> Iterator[list[tuple[_Prompt, dict]]]:
     """Generate `prompts` in length-sorted batches; yields each finished batch as (prompt, result) pairs."""
@@ -237,11 +327,16 @@ def _run(
             raise ValueError(f"Prompt {p.id!r} is empty after tokenization; give it some text.")
     pad_id = _pad_token_id(model, tokenizer, generate_kwargs)
     eos_ids = eos_token_ids(model, tokenizer, generate_kwargs)
-    kwargs = {"pad_token_id": pad_id, **generate_kwargs}
+    kwargs = dict(generate_kwargs)
+    if "pad_token_id" not in kwargs:
+        kwargs = _with_settings(kwargs, pad_token_id=pad_id)
+    if "custom_generate" not in kwargs:  # (a custom decoding function takes only its own arguments)
+        kwargs["tokenizer"] = tokenizer  # for `stop_strings`, and a draft model with another vocabulary
+    stops = _StopWatch(config, kwargs)
     # longest first: batches of similar lengths (little padding), and an out-of-memory shows up on the first batch
     order = sorted(prompts, key=lambda p: -len(p.input_ids))
     bar = _Progress(len(order), progress, "Generating")
-    use_meter = kwargs.get("num_beams", getattr(model.generation_config, "num_beams", 1) or 1) == 1
+    use_meter = mode in _METERED_MODES
     device = model.device
     try:
         with count_sweeps(model) as counter:
@@ -253,24 +348,32 @@ def _run(
                 for row, p in enumerate(batch):  # left padding: every prompt ends where generation starts
                     ids[row, width - len(p.input_ids) :] = torch.tensor(p.input_ids, dtype=torch.long)
                     mask[row, width - len(p.input_ids) :] = 1
-                extra = {"streamer": _TokenMeter(eos_ids, bar.add_tokens)} if use_meter else {}
+                call = stops.criteria(width, kwargs)
+                extra = {"streamer": _TokenMeter(eos_ids, bar.add_tokens, stops.recorder)} if use_meter else {}
                 with torch.no_grad():
-                    out = model.generate(ids.to(device), attention_mask=mask.to(device), **kwargs, **extra)
+                    out = model.generate(ids.to(device), attention_mask=mask.to(device), **call, **extra)
                 sequences = out.sequences if hasattr(out, "sequences") else out
+                if sequences.shape[0] != len(batch):
+                    raise ValueError(
+                        f"`generate` returned {sequences.shape[0]} sequences for a batch of {len(batch)} prompts; "
+                        "batched generation pairs each prompt with one sequence. Remove the setting that asks for "
+                        "several sequences per prompt."
+                    )
                 new = sequences[:, width:].cpu().tolist()
-                counts = count_new_tokens(new, eos_ids)
+                stopped_at = stops.stopped_at(new, eos_ids, pad_id)
+                counts = count_new_tokens(new, eos_ids, stopped_at)
                 results = []
-                for p, row, n in zip(batch, new, counts):
+                for p, row, n, stop in zip(batch, new, counts, stopped_at):
                     tokens = row[:n]
-                    stopped = bool(tokens) and tokens[-1] in eos_ids
-                    text = tokenizer.decode(tokens[:-1] if stopped else tokens, skip_special_tokens=True)
+                    at_eos = bool(tokens) and tokens[-1] in eos_ids
+                    text = tokenizer.decode(tokens[:-1] if at_eos else tokens, skip_special_tokens=True)
                     results.append(
                         (
                             p,
                             {
                                 "id": p.id,
                                 "completion": text,
-                                "finish_reason": "stop" if stopped else "length",
+                                "finish_reason": "stop" if at_eos or stop == n else "length",
                                 "prompt_tokens": len(p.input_ids),
                                 "completion_tokens": n,
                                 "prompt_sha256": p.digest,
@@ -328,20 +431,23 @@ def generate_batch(
         model (`transformers.PreTrainedModel`):
             A causal LM, streamed ([`enable_layer_streaming`]) or not.
         tokenizer (`transformers.PreTrainedTokenizerBase`):
-            Its tokenizer.
+            Its tokenizer; also passed to `model.generate` (as `tokenizer=`, for `stop_strings` and for a draft
+            model with another vocabulary, with `assistant_tokenizer=`).
         prompts (list of `str` or of chat message lists):
             Plain-text prompts, or conversations (`[{"role": "user", "content": ...}, ...]`, rendered with the
             tokenizer's chat template).
         batch_size (`int`, defaults to 8):
             Prompts per `generate` call (per sweep). Speculative decoding (`assistant_model=`,
-            `prompt_lookup_num_tokens=`) runs one prompt per call.
+            `prompt_lookup_num_tokens=`, `assistant_early_exit=`, `use_mtp=`, as arguments or in the generation
+            config) runs one prompt per call.
         chat (`bool`, defaults to `False`):
             Render plain-text prompts as a user message with the tokenizer's chat template (when it has one).
         progress (`bool`, defaults to `True`):
             Show a progress bar with tokens/s.
         **generate_kwargs:
-            Passed to `model.generate` (`max_new_tokens`, `do_sample`, `assistant_model`, ...). Use `max_new_tokens`
-            rather than `max_length`, which counts the padding of the batch.
+            Passed to `model.generate` (`max_new_tokens`, `do_sample`, `generation_config`, `stop_strings`,
+            `assistant_model`, ...). Use `max_new_tokens` rather than `max_length`, which counts the padding of the
+            batch. The generation config must ask for one sequence per prompt (`num_return_sequences=1`).
 
     Returns:
         `list[str]`: the completion of each prompt (special tokens removed), in input order.
@@ -355,7 +461,7 @@ def generate_batch(
     """
     if isinstance(prompts, (str, bytes)):
         raise TypeError("`prompts` must be a list of prompts, got a single string; wrap it: `[prompt]`.")
-    batch_size = _check_kwargs(batch_size, generate_kwargs)
+    batch_size, config, mode = _check_kwargs(model, batch_size, generate_kwargs)
     items = []
     for i, prompt in enumerate(prompts):
         if isinstance(prompt, list):
@@ -374,6 +480,8 @@ def generate_batch(
         chat=chat,
         progress=progress,
         generate_kwargs=generate_kwargs,
+        config=config,
+        mode=mode,
         stats=stats,
     ):
         for p, record in results:
@@ -400,6 +508,13 @@ def _read_input(path: Path) -> list[_Prompt]:
                 obj = json.loads(line)
             except ValueError as e:
                 raise ValueError(f"{where} is not valid JSON ({e}); each line must be one JSON value.") from None
+            try:
+                json.dumps(obj, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(
+                    f'{where} holds an unpaired surrogate escape (such as "\\ud800"), which is not text: it can be '
+                    "neither tokenized nor written to the output. Fix the line."
+                ) from None
             index = len(items)
             pid: Any = index
             if isinstance(obj, str):
@@ -433,7 +548,7 @@ def _read_input(path: Path) -> list[_Prompt]:
     return items
 
 
-def _load_done(path: Path, by_key: dict[str, _Prompt]) -> tuple[dict[str, dict], bool]:
+def _load_done(path: Path, by_key: dict[str, _Prompt], settings: str) -> tuple[dict[str, dict], bool]:
     """Results already in `path`, by id key; drops a torn last line (a crash mid-write). Returns (done, repaired)."""
     if not path.exists():
         return {}, False
@@ -443,25 +558,28 @@ def _load_done(path: Path, by_key: dict[str, _Prompt]) -> tuple[dict[str, dict],
     good_end = 0
     pos = 0
     repaired = False
+    unchecked = 0
     while pos < len(data):
         nl = data.find(b"\n", pos)
         end = len(data) if nl < 0 else nl + 1
         raw = data[pos:end]
-        is_last = end == len(data)
-        try:
-            record = json.loads(raw) if raw.strip() else None
-            if record is not None and (not isinstance(record, dict) or "id" not in record):
-                raise ValueError("not a result record")
-        except ValueError:
-            if is_last:  # a write torn by a crash: only ever the last line
-                logger.warning("Dropping a torn last line of %s (left by an interrupted run): %r", path, raw[:80])
-                repaired = True
-                break
-            lineno = data.count(b"\n", 0, pos) + 1
-            raise ValueError(
-                f"`output_path` {path}:{lineno} is not a result line ({raw[:80]!r}). It is not an output of "
-                "`generate_jsonl`; choose another `output_path` or remove the file."
-            ) from None
+        record = None
+        if raw.strip():
+            try:
+                record = json.loads(raw)
+            except ValueError:
+                # a write torn by a crash: only ever the last line, unfinished, and the start of a result line
+                if nl < 0 and (raw.startswith(_RECORD_START) or _RECORD_START.startswith(raw)):
+                    logger.warning("Dropping a torn last line of %s (left by an interrupted run): %r", path, raw[:80])
+                    repaired = True
+                    break
+            if not isinstance(record, dict) or any(k not in record for k in _RESULT_KEYS):
+                lineno = data.count(b"\n", 0, pos) + 1
+                raise ValueError(
+                    f"`output_path` {path}:{lineno} is not a result line ({raw[:80]!r}). It is not an output of "
+                    f"`generate_jsonl` (a result line has {', '.join(_RESULT_KEYS)}); choose another `output_path` "
+                    "or remove the file."
+                )
         if nl < 0 and record is not None:
             repaired = True  # complete JSON without its newline: keep it, add the newline
         pos = end
@@ -475,15 +593,31 @@ def _load_done(path: Path, by_key: dict[str, _Prompt]) -> tuple[dict[str, dict],
                 f"`output_path` {path} has a result for id {record['id']!r}, which is not in the input. It was made "
                 "from another input file; choose another `output_path` or remove the file."
             )
-        if record.get("prompt_sha256") not in (None, prompt.digest):
+        if record["prompt_sha256"] != prompt.digest:
             raise ValueError(
                 f"`output_path` {path} has a result for id {record['id']!r} whose prompt differs from the input's. "
                 "It was made from another input file; choose another `output_path` or remove the file."
+            )
+        if "settings_sha256" not in record:
+            unchecked += 1
+        elif record["settings_sha256"] != settings:
+            raise ValueError(
+                f"`output_path` {path} has a result for id {record['id']!r} made with other settings than this "
+                "run's: `chat` (the chat template), `max_new_tokens` or another generation setting differs, and "
+                "the results would mix. Rerun with the settings of the run that wrote it, or choose another "
+                "`output_path`."
             )
         if key in done:
             logger.warning("Ignoring a second result for id %r in %s.", record["id"], path)
             continue
         done[key] = record
+    if unchecked:
+        logger.warning(
+            "%d results in %s have no `settings_sha256` (an older hf_layerstream wrote them): whether they were made "
+            "with this run's settings is not checked.",
+            unchecked,
+            path,
+        )
     if repaired:
         with open(path, "r+b") as f:
             f.truncate(good_end)
@@ -536,14 +670,15 @@ def generate_jsonl(
     """Generate a completion for every prompt of a JSONL file; resumable, results appended as they complete.
 
     See the module docstring for the input and output schemas. Prompts that already have a result in `output_path`
-    are skipped, so rerunning the same command after a crash finishes the job. Once all prompts have a result,
-    `output_path` holds exactly one line per prompt, in input order.
+    are skipped, so rerunning the same command after a crash finishes the job; a rerun with other settings (`chat`,
+    generation settings) is refused. Each batch's results are `fsync`ed once the batch completes. Once all prompts
+    have a result, `output_path` holds exactly one line per prompt, in input order.
 
     Args:
         model (`transformers.PreTrainedModel`):
             A causal LM, streamed or not.
         tokenizer (`transformers.PreTrainedTokenizerBase`):
-            Its tokenizer.
+            Its tokenizer; also passed to `model.generate` (see [`generate_batch`]).
         input_path (`str` or `os.PathLike`):
             JSONL prompts.
         output_path (`str` or `os.PathLike`):
@@ -555,7 +690,7 @@ def generate_jsonl(
         progress (`bool`, defaults to `True`):
             Show a progress bar with tokens/s.
         **generate_kwargs:
-            Passed to `model.generate`.
+            Passed to `model.generate` (see [`generate_batch`]).
 
     Returns:
         `dict` of statistics: `prompts`, `skipped` (already done), `generated`, `batches`, `prompt_tokens`,
@@ -572,7 +707,8 @@ def generate_jsonl(
     output_path = Path(output_path)
     if output_path.resolve() == input_path.resolve():
         raise ValueError(f"`output_path` {output_path} is the input file; write results to another file.")
-    batch_size = _check_kwargs(batch_size, generate_kwargs)
+    batch_size, config, mode = _check_kwargs(model, batch_size, generate_kwargs)
+    settings = _settings_digest(tokenizer, chat, config, generate_kwargs)
     items = _read_input(input_path)
     by_key = {p.key: p for p in items}
     output_path.parent.mkdir(parents=True, exist_ok=True)
@@ -582,7 +718,7 @@ def generate_jsonl(
         _lock(out, output_path)
         if created:
             fsync_dir(output_path.parent)
-        done, repaired = _load_done(output_path, by_key)
+        done, repaired = _load_done(output_path, by_key, settings)
         todo = [p for p in items if p.key not in done]
         stats = {"input": str(input_path), "output": str(output_path), "prompts": len(items), "skipped": len(done)}
         stats.update(_new_stats(batch_size))
@@ -596,9 +732,12 @@ def generate_jsonl(
             chat=chat,
             progress=progress,
             generate_kwargs=generate_kwargs,
+            config=config,
+            mode=mode,
             stats=stats,
         ):
             for p, record in results:
+                record["settings_sha256"] = settings
                 out.write(_dumps(record))
                 out.flush()
                 done[p.key] = record

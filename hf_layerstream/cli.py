@@ -125,7 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="JSONL results, appended as each prompt finishes")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per sweep with --input")
     p.add_argument("--assistant", default=None, help="small draft model (folder or hub id) for assisted decoding")
-    p.add_argument("--num-assistant-tokens", type=int, default=8, help="tokens the draft proposes per sweep")
+    p.add_argument(
+        "--num-assistant-tokens",
+        type=int,
+        default=8,
+        help="draft tokens proposed per verification sweep at first; +2 after a fully accepted block, -1 otherwise, "
+        "and never cut short by the draft's confidence (transformers' own default: up to 20, cut short when the "
+        "draft is unsure)",
+    )
     p.add_argument("--prompt-lookup", type=int, default=None, metavar="N", help="prompt-lookup decoding with N tokens")
     p.add_argument("--profile", action="store_true", help="print per-layer timings after generating")
     p.add_argument("--verify", action="store_true", help="check every shard file's checksum before loading")
@@ -292,6 +299,10 @@ def _cmd_generate(args) -> int:
 
         draft = AutoModelForCausalLM.from_pretrained(args.assistant).to(model.device).eval()
         gen_kwargs["assistant_model"] = configure_draft(draft, num_assistant_tokens=args.num_assistant_tokens)
+        # transformers takes a draft of another vocabulary size for one with another tokenizer: it then translates
+        # through both tokenizers (universal assisted decoding) and refuses `assistant_tokenizer` otherwise
+        if draft.config.get_text_config().vocab_size != model.config.get_text_config().vocab_size:
+            gen_kwargs["assistant_tokenizer"] = AutoTokenizer.from_pretrained(args.assistant)
 
     if args.chat and not getattr(tok, "chat_template", None):
         print(
@@ -325,7 +336,7 @@ def _cmd_generate(args) -> int:
     streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     print(prompt, end="", flush=True)
     with torch.no_grad():
-        model.generate(**inputs, streamer=streamer, **gen_kwargs)
+        model.generate(**inputs, streamer=streamer, tokenizer=tok, **gen_kwargs)
     state = get_streaming_state(model)
     if args.profile and state.profile is not None:
         print(state.profile.summary(), file=sys.stderr)

@@ -21,19 +21,29 @@ reports tokens, sweeps and tokens per sweep (what `hf-layerstream bench` and `ge
 ```
 
 The draft's own `generation_config` sets how many tokens it proposes (`num_assistant_tokens`,
-`num_assistant_tokens_schedule`, `assistant_confidence_threshold`). transformers' defaults are tuned for a verifier
-that is cheap to run; when every verification is a sweep over the disk, proposing more tokens usually pays: see
-[`configure_draft`].
+`num_assistant_tokens_schedule`, `assistant_confidence_threshold`). transformers' defaults cut a draft short as soon
+as the draft is unsure of a token, which suits a verifier that is cheap to run; when every verification is a sweep
+over the disk, a full block of draft tokens usually pays: see [`configure_draft`].
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
+from transformers import (
+    EosTokenCriteria,
+    GenerationConfig,
+    MaxLengthCriteria,
+    MaxTimeCriteria,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    StopStringCriteria,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +158,11 @@ def eos_token_ids(model: nn.Module | None = None, tokenizer=None, generate_kwarg
     return {int(v) for v in value}
 
 
-def count_new_tokens(new_tokens: torch.Tensor | Sequence[Sequence[int]], eos_ids: Iterable[int]) -> list[int]:
+def count_new_tokens(
+    new_tokens: torch.Tensor | Sequence[Sequence[int]],
+    eos_ids: Iterable[int],
+    stopped_at: Sequence[int | None] | None = None,
+) -> list[int]:
     """Generated tokens per row, up to and including the first end-of-sequence token (the padding after it excluded).
 
     Args:
@@ -156,6 +170,9 @@ def count_new_tokens(new_tokens: torch.Tensor | Sequence[Sequence[int]], eos_ids
             The generated part of `generate`'s output, one row per prompt.
         eos_ids (iterable of `int`):
             End-of-sequence token ids.
+        stopped_at (list of `int` or `None`, *optional*):
+            For each row, the number of generated tokens at which another stopping criterion (stop strings, a
+            `StoppingCriteria`) ended it, or `None`; `generate` pads such a row after that point.
 
     Returns:
         `list[int]`: the count for each row.
@@ -163,14 +180,143 @@ def count_new_tokens(new_tokens: torch.Tensor | Sequence[Sequence[int]], eos_ids
     eos = set(eos_ids)
     rows = new_tokens.tolist() if isinstance(new_tokens, torch.Tensor) else new_tokens
     counts = []
-    for row in rows:
+    for i, row in enumerate(rows):
         n = len(row)
-        for i, t in enumerate(row):
+        for j, t in enumerate(row):
             if t in eos:
-                n = i + 1
+                n = j + 1
                 break
+        if stopped_at is not None and stopped_at[i] is not None:
+            n = min(n, stopped_at[i])
         counts.append(n)
     return counts
+
+
+# --- what a generate call will do, and which rows its stopping criteria ended -----------------------------------
+
+
+def _generation_config(model: nn.Module, generate_kwargs: dict) -> GenerationConfig:
+    """The settings a `model.generate(**generate_kwargs)` call runs with, as `generate` works them out.
+
+    A copy of `generation_config` (the model's own when none is given; the model's values fill what a given one
+    leaves unset), updated with the keyword arguments that are generation settings.
+    """
+    given = generate_kwargs.get("generation_config")
+    own = getattr(model, "generation_config", None)
+    config = copy.deepcopy(given if given is not None else own if own is not None else GenerationConfig())
+    if given is not None and own is not None:
+        for key, value in own.to_dict().items():
+            if hasattr(config, key) and getattr(config, key) is None:
+                setattr(config, key, value)
+    for key, value in generate_kwargs.items():
+        if key != "generation_config" and hasattr(config, key):
+            setattr(config, key, value)
+    return config
+
+
+def _with_settings(generate_kwargs: dict, **settings) -> dict:
+    """`generate_kwargs` plus `settings`, inside a copy of `generation_config` when one is given (transformers warns
+    when a config comes with generation arguments), else as keyword arguments."""
+    kwargs = dict(generate_kwargs)
+    given = kwargs.get("generation_config")
+    if given is None or not settings:
+        kwargs.update(settings)
+        return kwargs
+    config = copy.deepcopy(given)
+    for key, value in settings.items():
+        setattr(config, key, value)
+    kwargs["generation_config"] = config
+    return kwargs
+
+
+class _StopRecorder(StoppingCriteria):
+    """Runs stopping criteria for `generate` (their verdicts OR-ed, as `generate` does) and records, per row, the
+    length at which one of them first ended it."""
+
+    def __init__(self, criteria: Sequence[StoppingCriteria], prompt_length: int):
+        self.criteria = list(criteria)
+        self.prompt_length = prompt_length
+        self.lengths: torch.Tensor | None = None  # per row: sequence length when stopped, -1 while running
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for criterion in self.criteria:
+            done = done | criterion(input_ids, scores, **kwargs)
+        if self.lengths is None:
+            self.lengths = torch.full_like(done, -1, dtype=torch.long)
+        # (on the device: no synchronization per step)
+        self.lengths = torch.where(done & (self.lengths < 0), input_ids.shape[1], self.lengths)
+        return done
+
+    def stopped_at(self) -> list[int | None]:
+        """For each row, the generated tokens when a criterion ended it, or `None`."""
+        if self.lengths is None:
+            return []
+        return [n - self.prompt_length if n >= 0 else None for n in self.lengths.tolist()]
+
+
+class _StopWatch:
+    """Finds which rows of a `generate` call were ended by stop strings or custom stopping criteria, and when.
+
+    `generate` pads such rows after their end without saying which they are (it does say for an end-of-sequence
+    token: the token is there). For each call, `criteria` gives the `stopping_criteria` to pass
+    instead of the caller's: the same criteria, the caller's custom ones called (once per step, as before) through a
+    recorder. Transformers' own criterion types (`EosTokenCriteria`, `StopStringCriteria`, `MaxLengthCriteria`,
+    `MaxTimeCriteria`) stay in place (one given replaces `generate`'s own of its type); the first two are stateless
+    and are also evaluated by the recorder. Beam search ranks beams, not prompts: there the rows that end in a run of
+    padding (with a padding id that is no end-of-sequence id) are taken as stopped.
+
+    Args:
+        config (`GenerationConfig`):
+            The call's settings (`_generation_config`).
+        generate_kwargs (`dict`):
+            The call's keyword arguments (`stopping_criteria`, `tokenizer`).
+        tokenizer (`PreTrainedTokenizerBase`, *optional*):
+            For `stop_strings`, when `generate_kwargs` has none.
+    """
+
+    def __init__(self, config: GenerationConfig, generate_kwargs: dict, tokenizer=None):
+        given = list(generate_kwargs.get("stopping_criteria") or [])
+        self.kept: list[StoppingCriteria] = []
+        self.watched: list[StoppingCriteria] = []
+        for criterion in given:
+            if type(criterion) in (MaxLengthCriteria, MaxTimeCriteria):  # they end every row: "length"
+                self.kept.append(criterion)
+            elif type(criterion) in (EosTokenCriteria, StopStringCriteria):
+                self.kept.append(criterion)
+                self.watched.append(criterion)
+            else:
+                self.watched.append(criterion)
+        tokenizer = generate_kwargs.get("tokenizer", tokenizer)
+        if config.stop_strings and tokenizer is not None and not any(type(c) is StopStringCriteria for c in given):
+            # the criterion `generate` builds from `stop_strings` (it raises itself when there is no tokenizer)
+            self.watched.append(StopStringCriteria(tokenizer=tokenizer, stop_strings=config.stop_strings))
+        self.active = bool(self.watched)
+        self.beams = (config.num_beams or 1) > 1
+        self.recorder: _StopRecorder | None = None
+
+    def criteria(self, prompt_length: int, generate_kwargs: dict) -> dict:
+        """The keyword arguments for one `generate` call whose prompts are `prompt_length` tokens (padded)."""
+        self.recorder = None
+        if not self.active or self.beams:
+            return generate_kwargs
+        self.recorder = _StopRecorder(self.watched, prompt_length)
+        return {**generate_kwargs, "stopping_criteria": StoppingCriteriaList([*self.kept, self.recorder])}
+
+    def stopped_at(self, new_tokens: Sequence[Sequence[int]], eos_ids: Iterable[int], pad_id: int | None):
+        """For each row of the last call's generated tokens, the count at which a criterion ended it, or `None`."""
+        if self.recorder is not None:
+            return self.recorder.stopped_at() or [None] * len(new_tokens)
+        eos = set(eos_ids)
+        stops: list[int | None] = [None] * len(new_tokens)
+        if self.active and pad_id is not None and pad_id not in eos:
+            for i, row in enumerate(new_tokens):
+                n = len(row)
+                while n and row[n - 1] == pad_id:
+                    n -= 1
+                if n < len(row) and not eos.intersection(row):
+                    stops[i] = n
+        return stops
 
 
 def measure_sweeps(
@@ -206,7 +352,8 @@ def measure_sweeps(
             Passed to `model.generate` (e.g. `min_new_tokens`, `pad_token_id`).
 
     Returns:
-        `dict` with `tokens` (generated, summed over the batch, padding excluded), `sweeps`, `tokens_per_sweep`,
+        `dict` with `tokens` (generated, summed over the batch; the padding after a row's end, by an
+        end-of-sequence token, a stop string or a stopping criterion, excluded), `sweeps`, `tokens_per_sweep`,
         `seconds`, `tokens_per_s`, `batch_size`, `mode` (`"plain"`, `"assisted"` or `"prompt_lookup"`) and
         `output_ids` (the generated ids of each prompt, as lists).
     """
@@ -239,23 +386,30 @@ def measure_sweeps(
     device = model.device
     input_ids = input_ids.to(device)
     attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
-    kwargs = {"do_sample": False, **generate_kwargs, "max_new_tokens": max_new_tokens}
+    given = generate_kwargs.get("generation_config")
+    settings = {"max_new_tokens": max_new_tokens}
+    if "do_sample" not in generate_kwargs and getattr(given, "do_sample", None) is None:
+        settings["do_sample"] = False  # greedy by default; a `do_sample` given either way is kept
+    if prompt_lookup_num_tokens is not None:
+        settings["prompt_lookup_num_tokens"] = prompt_lookup_num_tokens
+    kwargs = _with_settings(generate_kwargs, **settings)
     if assistant_model is not None:
         kwargs["assistant_model"] = assistant_model
-    if prompt_lookup_num_tokens is not None:
-        kwargs["prompt_lookup_num_tokens"] = prompt_lookup_num_tokens
-    if "pad_token_id" not in kwargs and getattr(model.generation_config, "pad_token_id", None) is None:
-        eos = eos_token_ids(model, None, kwargs)
-        if eos:
-            kwargs["pad_token_id"] = min(eos)
+    config = _generation_config(model, kwargs)
+    eos = eos_token_ids(model, None, kwargs)
+    if config.pad_token_id is None and eos:
+        kwargs = _with_settings(kwargs, pad_token_id=min(eos))
+    stops = _StopWatch(config, kwargs)
+    kwargs = stops.criteria(input_ids.shape[1], kwargs)
 
     with count_sweeps(model) as counter, torch.no_grad():
         t0 = time.perf_counter()
         out = model.generate(input_ids, attention_mask=attention_mask, **kwargs)
         seconds = time.perf_counter() - t0
     sequences = out.sequences if hasattr(out, "sequences") else out
-    new = sequences[:, input_ids.shape[1] :].cpu()
-    counts = count_new_tokens(new, eos_token_ids(model, None, kwargs))
+    new = sequences[:, input_ids.shape[1] :].cpu().tolist()
+    pad_id = config.pad_token_id if config.pad_token_id is not None else min(eos) if eos else None
+    counts = count_new_tokens(new, eos, stops.stopped_at(new, eos, pad_id))
     tokens = sum(counts)
     sweeps = counter.sweeps
     mode = "assisted" if assistant_model is not None else "prompt_lookup" if prompt_lookup_num_tokens else "plain"
@@ -267,7 +421,7 @@ def measure_sweeps(
         "tokens_per_sweep": tokens / sweeps if sweeps else None,
         "seconds": seconds,
         "tokens_per_s": tokens / seconds if seconds > 0 else None,
-        "output_ids": [row[:n] for row, n in zip(new.tolist(), counts)],
+        "output_ids": [row[:n] for row, n in zip(new, counts)],
     }
 
 
@@ -281,9 +435,12 @@ def configure_draft(
     """Tune a draft model's proposal length for a streamed verifier, in place; returns the same model.
 
     A verification sweep of a streamed model reads every streamed layer from disk or host memory, so it costs
-    about as much for 8 candidate tokens as for 1, while the resident draft is cheap: proposing more tokens per
-    sweep pays even at a modest acceptance rate. transformers' defaults (5 tokens, and drafting stops as soon as
-    the draft's confidence falls below 0.4) are tuned for an in-memory verifier.
+    about as much for 8 candidate tokens as for 1, while the resident draft is cheap: a full block of draft tokens
+    per sweep pays even at a modest acceptance rate. transformers' defaults (up to 20 tokens, a `"constant"`
+    schedule, and drafting stops as soon as the draft's confidence in a token falls below 0.4, a threshold it then
+    tunes) are made for an in-memory verifier, where a rejected token costs verification time: with them a weak
+    draft often proposes only a token or two per sweep. Here drafting is never cut short by the draft's confidence,
+    and the `"heuristic"` schedule grows the block while drafts are accepted and shrinks it while they are not.
 
     Args:
         draft_model (`transformers.PreTrainedModel`):

@@ -6,6 +6,7 @@ The streamed models read every layer from disk on every sweep (`max_memory={"cpu
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -17,7 +18,7 @@ import _models
 import pytest
 import torch
 from conftest import returns_within, streamed_model, tqdm_lock_held_elsewhere
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from hf_layerstream.batch import generate_batch, generate_jsonl
 from hf_layerstream.cli import main as cli_main
@@ -130,7 +131,15 @@ def test_jsonl_schema_order_and_stats(llama, tmp_path):
     )
     assert [r["completion"] for r in records] == texts
     for r in records:
-        assert set(r) == {"id", "completion", "finish_reason", "prompt_tokens", "completion_tokens", "prompt_sha256"}
+        assert set(r) == {
+            "id",
+            "completion",
+            "finish_reason",
+            "prompt_tokens",
+            "completion_tokens",
+            "prompt_sha256",
+            "settings_sha256",
+        }
         assert r["finish_reason"] in ("stop", "length")
         assert r["completion_tokens"] == GREEDY["max_new_tokens"] or r["finish_reason"] == "stop"
     assert stats["prompts"] == 8 and stats["generated"] == 8 and stats["skipped"] == 0 and stats["batches"] == 2
@@ -269,3 +278,216 @@ def test_a_jsonl_file_with_a_byte_order_mark_is_read(llama, tmp_path):
     stats = generate_jsonl(model, tok, tmp_path / "in.jsonl", tmp_path / "out.jsonl", progress=False, max_new_tokens=2)
     assert stats["generated"] == 1
     assert json.loads((tmp_path / "out.jsonl").read_text())["id"] == 1
+
+
+def _reference_alone(ref, tok, prompt: str, config: GenerationConfig) -> str:
+    x = torch.tensor([tok(prompt)["input_ids"]])
+    with torch.no_grad():
+        out = ref.generate(x, attention_mask=torch.ones_like(x), generation_config=config)
+    return _text(tok, out[0, x.shape[1] :].tolist())
+
+
+def test_the_generation_config_is_checked_as_keyword_arguments_are(llama, checkpoints, caplog):
+    """Settings given through `generation_config=` (or the model's own config) are the settings `generate` runs with:
+    they ask for one sequence per prompt, take no streamer under beam search, and run one prompt per call when
+    speculating, as the same settings given as keyword arguments do."""
+    model, tok, _ = llama
+    ref = _models.load_reference(checkpoints("llama")[0])
+    prompts = PROMPTS[:6]
+    with pytest.raises(ValueError, match=r"`num_return_sequences` must be 1 .*\(from the generation config\)"):
+        generate_batch(
+            model,
+            tok,
+            prompts,
+            batch_size=3,
+            progress=False,
+            generation_config=GenerationConfig(max_new_tokens=4, do_sample=True, num_return_sequences=2),
+        )
+    beams = GenerationConfig(max_new_tokens=6, num_beams=2)
+    got = generate_batch(model, tok, prompts, batch_size=3, progress=False, generation_config=beams)
+    alone = GenerationConfig(
+        max_new_tokens=6, num_beams=2, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id
+    )
+    assert got == [_reference_alone(ref, tok, p, alone) for p in prompts]
+
+    greedy = GenerationConfig(**GREEDY, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    expected = [_reference_alone(ref, tok, p, greedy) for p in prompts]
+    lookup = GenerationConfig(**GREEDY, prompt_lookup_num_tokens=3)
+    with caplog.at_level(logging.WARNING, logger="hf_layerstream.batch"):
+        assert generate_batch(model, tok, prompts, batch_size=3, progress=False, generation_config=lookup) == expected
+    assert "`prompt_lookup_num_tokens`: transformers' speculative decoding" in caplog.text
+    assert "using batch_size=1 instead of 3" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hf_layerstream.batch"):
+        got = generate_batch(model, tok, prompts, batch_size=3, progress=False, assistant_early_exit=2, **GREEDY)
+    assert got == expected
+    assert "`assistant_early_exit`: transformers' speculative decoding" in caplog.text
+
+
+def test_the_padding_id_travels_inside_a_given_generation_config(llama, monkeypatch):
+    """transformers warns when a `generation_config` comes with generation arguments: the padding id batching needs
+    goes into a copy of the config, the caller's own left as it was."""
+    model, tok, _ = llama
+    calls = []
+    original = model.generate
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(model, "generate", spy)
+    given = GenerationConfig(max_new_tokens=3)
+    got = generate_batch(model, tok, PROMPTS[:2], progress=False, generation_config=given)
+    assert "pad_token_id" not in calls[0]
+    assert calls[0]["generation_config"].pad_token_id == tok.pad_token_id
+    assert given.pad_token_id is None
+    monkeypatch.undo()
+    assert got == [_text(tok, _alone(model, tok, tok(p)["input_ids"])[:3]) for p in PROMPTS[:2]]
+
+
+def test_a_generate_call_returning_more_sequences_than_prompts_is_refused(llama, monkeypatch):
+    """Results are paired with prompts row by row: any extra row would shift every pairing after it."""
+    model, tok, _ = llama
+    original = model.generate
+    monkeypatch.setattr(model, "generate", lambda *a, **k: original(*a, **k).repeat_interleave(2, dim=0))
+    with pytest.raises(ValueError, match="`generate` returned 4 sequences for a batch of 2 prompts"):
+        generate_batch(model, tok, PROMPTS[:2], batch_size=2, progress=False, max_new_tokens=2)
+
+
+class _StopAtToken(StoppingCriteria):
+    """A custom stopping criterion: ends a row once it generates `token` (`generate` pads the row after it)."""
+
+    def __init__(self, token: int):
+        self.token = token
+        self.calls = 0
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.calls += 1
+        return input_ids[:, -1] == self.token
+
+
+@pytest.mark.parametrize("how", ["stop_strings", "stopping_criteria"])
+def test_rows_ended_by_stop_strings_or_criteria_report_stop(llama, tmp_path, how):
+    """A row ended by a stop string or a custom criterion is padded by `generate` while the batch runs on: its result
+    is what generating it alone gives, `finish_reason` "stop", the padding not counted. The tokenizer reaches
+    `generate` (stop strings need it)."""
+    model, tok, _ = llama
+    prompts = PROMPTS[:6]
+    plain = _alone(model, tok, tok(prompts[1])["input_ids"])
+    if how == "stop_strings":
+        stop = tok.decode(plain[1:2]).strip()
+        assert stop
+        kw = {"stop_strings": [stop]}
+        alone_kw = {"stop_strings": [stop], "tokenizer": tok}
+    else:
+        criterion = _StopAtToken(plain[1])
+        kw = {"stopping_criteria": StoppingCriteriaList([criterion])}
+        alone_kw = {"stopping_criteria": StoppingCriteriaList([_StopAtToken(plain[1])])}
+    (tmp_path / "in.jsonl").write_text(
+        "".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in enumerate(prompts))
+    )
+    stats = generate_jsonl(
+        model, tok, tmp_path / "in.jsonl", tmp_path / "out.jsonl", batch_size=6, progress=False, **GREEDY, **kw
+    )
+    records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    for p, r in zip(prompts, records):
+        new = _alone(model, tok, tok(p)["input_ids"], **alone_kw)
+        ended = len(new) < GREEDY["max_new_tokens"] or new[-1] in (tok.eos_token_id, plain[1])
+        assert (r["completion"], r["completion_tokens"]) == (_text(tok, new), len(new))
+        assert r["finish_reason"] == ("stop" if ended else "length")
+    # the batch had rows stopped early next to rows that ran to the end: padding was there to be miscounted
+    assert {r["finish_reason"] for r in records} == {"stop", "length"}
+    assert any(r["completion_tokens"] < GREEDY["max_new_tokens"] and r["finish_reason"] == "stop" for r in records)
+    assert stats["tokens"] == sum(r["completion_tokens"] for r in records)
+    if how == "stopping_criteria":
+        assert criterion.calls == GREEDY["max_new_tokens"]  # called once per step, as `generate` alone calls it
+    # generate_batch gives the same completions
+    assert generate_batch(model, tok, prompts, progress=False, **GREEDY, **kw) == [r["completion"] for r in records]
+
+
+def test_a_draft_with_another_vocabulary_size(llama, checkpoints, tmp_path):
+    """Universal assisted decoding: a draft whose vocabulary size differs needs `tokenizer=` and
+    `assistant_tokenizer=` in `generate`; the batch functions pass their tokenizer on. Greedy output unchanged."""
+    model, tok, _ = llama
+    draft_ckpt = _models.save_tiny_checkpoint(
+        _models.make_config("llama", num_hidden_layers=1, vocab_size=136), tmp_path / "draft"
+    )
+    draft = _models.load_reference(draft_ckpt)
+    prompts = PROMPTS[:2]
+    expected = [_text(tok, _alone(model, tok, tok(p)["input_ids"])) for p in prompts]
+    got = generate_batch(
+        model,
+        tok,
+        prompts,
+        progress=False,
+        assistant_model=draft,
+        assistant_tokenizer=AutoTokenizer.from_pretrained(draft_ckpt),
+        **GREEDY,
+    )
+    assert got == expected
+
+
+def test_resume_refuses_an_output_file_that_is_not_results(llama, tmp_path):
+    """Only an unfinished result line at the end is a torn write to drop; any other line that is not a result (a
+    file of one's own, a copy of the input) is refused and left as it is."""
+    model, tok, _ = llama
+    (tmp_path / "in.jsonl").write_text(json.dumps({"id": "a", "prompt": "Hello"}) + "\n")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes, one line, no newline at the end")
+    with pytest.raises(ValueError, match=r"notes.txt:1 is not a result line"):
+        generate_jsonl(model, tok, tmp_path / "in.jsonl", notes, progress=False, max_new_tokens=2)
+    assert notes.read_text() == "my notes, one line, no newline at the end"
+    copy = tmp_path / "copy.jsonl"
+    copy.write_text((tmp_path / "in.jsonl").read_text())
+    with pytest.raises(ValueError, match=r"copy.jsonl:1 is not a result line"):
+        generate_jsonl(model, tok, tmp_path / "in.jsonl", copy, progress=False, max_new_tokens=2)
+    assert copy.read_text() == (tmp_path / "in.jsonl").read_text()
+    for torn in ('{"i', '{"id": "a", "completion": "x'):  # crashes in the middle of writing a result
+        (tmp_path / "out.jsonl").write_text(torn)
+        stats = generate_jsonl(
+            model, tok, tmp_path / "in.jsonl", tmp_path / "out.jsonl", progress=False, max_new_tokens=2
+        )
+        assert stats["repaired"] is True and stats["generated"] == 1
+        assert json.loads((tmp_path / "out.jsonl").read_text())["id"] == "a"
+
+
+def test_an_unpaired_surrogate_is_refused_when_the_input_is_read(llama, tmp_path):
+    """`"\\ud800"` is valid JSON but no text: refused before any generation, not when writing the result."""
+    model, tok, _ = llama
+    for line in ('{"id": "\\ud800", "prompt": "hello"}', '{"id": 1, "prompt": "a \\udc00 b"}'):
+        (tmp_path / "in.jsonl").write_text(line + "\n")
+        with pytest.raises(ValueError, match=r"in.jsonl:1 holds an unpaired surrogate"):
+            generate_jsonl(model, tok, tmp_path / "in.jsonl", tmp_path / "out.jsonl", progress=False, max_new_tokens=2)
+        assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_resume_refuses_other_settings(llama, tmp_path, caplog):
+    """A resumed job whose rendering or generation settings changed would mix results: refused. The batch size and
+    speed-only settings (prompt lookup, a draft) may change."""
+    model, tok, _ = llama
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in enumerate(PROMPTS[:3])))
+    generate_jsonl(model, tok, inp, tmp_path / "straight.jsonl", batch_size=1, progress=False, max_new_tokens=3)
+    first = (tmp_path / "straight.jsonl").read_text().splitlines(True)[0]
+    out.write_text(first)  # as if killed after the first prompt
+    for kw in (
+        {"max_new_tokens": 5},
+        {"max_new_tokens": 3, "chat": True},
+        {"max_new_tokens": 3, "do_sample": True},
+        {"generation_config": GenerationConfig(max_new_tokens=3, repetition_penalty=1.3)},
+    ):
+        with pytest.raises(ValueError, match="made with other settings than this run's"):
+            generate_jsonl(model, tok, inp, out, batch_size=1, progress=False, **kw)
+        assert out.read_text() == first
+    stats = generate_jsonl(
+        model, tok, inp, out, batch_size=2, progress=False, max_new_tokens=3, prompt_lookup_num_tokens=2
+    )
+    assert stats["skipped"] == 1 and stats["generated"] == 2
+    assert out.read_text() == (tmp_path / "straight.jsonl").read_text()
+    # results written before the fingerprint existed are taken, with a warning
+    record = json.loads(first)
+    del record["settings_sha256"]
+    out.write_text(json.dumps(record) + "\n")
+    with caplog.at_level(logging.WARNING, logger="hf_layerstream.batch"):
+        stats = generate_jsonl(model, tok, inp, out, batch_size=2, progress=False, max_new_tokens=3)
+    assert stats["skipped"] == 1 and "have no `settings_sha256`" in caplog.text

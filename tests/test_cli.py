@@ -59,6 +59,21 @@ def test_generate_prompt_argument_streams_tokens(split_dir, capsys):
     assert out[len(prompt) :].strip() == _greedy_text(ckpt, prompt, 8).strip()
 
 
+def test_generate_with_a_draft_of_another_vocabulary_size(split_dir, tmp_path, capsys):
+    """A draft whose vocabulary size differs (e.g. a padded embedding) runs through universal assisted decoding,
+    which needs both tokenizers: the output is the greedy one."""
+    ckpt, shards = split_dir
+    draft = _models.save_tiny_checkpoint(
+        _models.make_config("llama", num_hidden_layers=1, vocab_size=136), tmp_path / "draft"
+    )
+    prompt = _models.SAMPLE_PROMPTS[1]
+    argv = ["generate", str(shards), prompt, "--assistant", str(draft), "--max-new-tokens", "8", "--device", "cpu"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(prompt)
+    assert out[len(prompt) :].strip() == _greedy_text(ckpt, prompt, 8).strip()
+
+
 def test_generate_prompt_from_stdin(split_dir, capsys, monkeypatch):
     ckpt, shards = split_dir
     prompt = _models.SAMPLE_PROMPTS[1]

@@ -157,6 +157,35 @@ def test_count_sweeps_and_batch_tokens_per_sweep(setup):
 def test_count_new_tokens_stops_at_eos():
     assert count_new_tokens([[5, 6, 2, 0, 0], [5, 6, 7, 8, 9]], {2}) == [3, 5]
     assert count_new_tokens(torch.tensor([[2, 0]]), [2]) == [1]
+    # rows another criterion ended (`generate` pads them): cut there, or at an earlier end-of-sequence token
+    assert count_new_tokens([[5, 6, 0, 0], [5, 2, 0, 0], [5, 6, 7, 8]], {2}, [2, 3, None]) == [2, 2, 4]
+
+
+def test_measure_sweeps_does_not_count_the_padding_after_a_stop_string(setup):
+    """In a batch, a row ended by a stop string is padded while the others run on: `output_ids` and `tokens` are
+    what each prompt generates alone."""
+    model, tok, _, _, plain = setup
+    prompts = list(_models.SAMPLE_PROMPTS)
+    stop = tok.decode(plain[prompts[1]]["output_ids"][0][1:2]).strip()
+    assert stop
+    kw = {"max_new_tokens": NEW, "stop_strings": [stop], "tokenizer": tok, "pad_token_id": tok.pad_token_id}
+    alone = [measure_sweeps(model, tok(p, return_tensors="pt").input_ids, **kw)["output_ids"][0] for p in prompts]
+    assert min(len(a) for a in alone) < NEW == max(len(a) for a in alone)  # stopped rows next to running ones
+    batch = tok(prompts, return_tensors="pt", padding=True)
+    r = measure_sweeps(model, batch.input_ids, attention_mask=batch.attention_mask, **kw)
+    assert r["output_ids"] == alone
+    assert r["tokens"] == sum(len(a) for a in alone)
+
+
+def test_configure_draft_states_transformers_current_defaults():
+    """`configure_draft` explains itself against transformers' own draft settings: those of this release."""
+    from transformers import GenerationConfig
+
+    defaults = GenerationConfig._get_default_generation_params()
+    doc = " ".join(configure_draft.__doc__.split())
+    assert f"up to {defaults['num_assistant_tokens']} tokens" in doc
+    assert f'a `"{defaults["num_assistant_tokens_schedule"]}"` schedule' in doc
+    assert f"falls below {defaults['assistant_confidence_threshold']}" in doc
 
 
 def test_user_errors(setup):
