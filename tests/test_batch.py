@@ -58,11 +58,13 @@ def _text(tok, new: list[int]) -> str:
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_batch_equals_each_prompt_alone(checkpoints, arch):
+    """Batched on the streamed model, each prompt gets what it gets alone on the loaded model."""
     ckpt, shards = checkpoints(arch)
     model = streamed_model(ckpt, shards, **STREAM_ALL)
     tok = AutoTokenizer.from_pretrained(ckpt)
     prompts = PROMPTS if arch == "llama" else PROMPTS[:5]
-    expected = [_text(tok, _alone(model, tok, tok(p)["input_ids"])) for p in prompts]
+    ref = _models.load_reference(ckpt)
+    expected = [_text(tok, _alone(ref, tok, tok(p)["input_ids"])) for p in prompts]
     got = generate_batch(model, tok, prompts, batch_size=3, progress=False, **GREEDY)
     assert got == expected
 
@@ -77,8 +79,11 @@ def test_batch_without_a_bar_never_takes_tqdm_lock(llama):
     assert got == expected
 
 
-def test_chat_template_and_messages(llama):
+def test_chat_template_and_messages(llama, checkpoints):
+    """Conversations and chat-templated prompts, batched on the streamed model, get what each gets alone on the
+    loaded model."""
     model, tok, _ = llama
+    ref = _models.load_reference(checkpoints("llama")[0])
     assert tok.chat_template
     conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello, how are you?"}]
     prompts = ["Hello, how are you?", conversation]
@@ -89,11 +94,11 @@ def test_chat_template_and_messages(llama):
             "input_ids"
         ]
         assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
-        expected.append(_text(tok, _alone(model, tok, list(ids))))
+        expected.append(_text(tok, _alone(ref, tok, list(ids))))
     assert got == expected
     # chat=False leaves plain text alone
     assert generate_batch(model, tok, prompts[:1], progress=False, **GREEDY) == [
-        _text(tok, _alone(model, tok, tok(prompts[0])["input_ids"]))
+        _text(tok, _alone(ref, tok, tok(prompts[0])["input_ids"]))
     ]
 
 

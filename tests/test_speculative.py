@@ -30,9 +30,15 @@ def setup(checkpoints):
     strong = configure_draft(_models.load_reference(ckpt), num_assistant_tokens=8)
     weak = configure_draft(_models.build_tiny_model("llama", seed=1, num_hidden_layers=1), num_assistant_tokens=4)
     plain = {}
+    ref = _models.load_reference(ckpt)
     for p in _models.SAMPLE_PROMPTS:
         ids = tok(p, return_tensors="pt").input_ids
         plain[p] = measure_sweeps(model, ids, max_new_tokens=NEW, min_new_tokens=NEW, pad_token_id=tok.pad_token_id)
+        # the streamed model's plain decoding, which every test here holds the others to, is the loaded model's
+        with torch.no_grad():
+            kw = {"max_new_tokens": NEW, "min_new_tokens": NEW, "do_sample": False, "pad_token_id": tok.pad_token_id}
+            loaded = ref.generate(ids, **kw)[:, ids.shape[1] :]
+        assert plain[p]["output_ids"] == loaded.tolist(), p
     return model, tok, strong, weak, plain
 
 
