@@ -45,6 +45,22 @@ for _tag, _name in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
     if hasattr(torch, _name):
         _DTYPES[_tag] = getattr(torch, _name)
 
+# source checkpoints may hold more: every dtype the safetensors library reads (torch dtypes where it maps them)
+_SOURCE_DTYPES: dict[str, torch.dtype] = {**_DTYPES, "C64": torch.complex64}
+for _tag, _name in (
+    ("F8_E4M3FNUZ", "float8_e4m3fnuz"),
+    ("F8_E5M2FNUZ", "float8_e5m2fnuz"),
+    ("F8_E8M0", "float8_e8m0fnu"),
+):
+    if hasattr(torch, _name):
+        _SOURCE_DTYPES[_tag] = getattr(torch, _name)
+# ... and sub-byte ones, by their bits per element (checked for size, not listed in `Header.tensors`)
+_SOURCE_BITS = {"F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
+_SOURCE_FIX = (
+    "It is a file of the source checkpoint: re-download it, or save the checkpoint again (`from_pretrained` and "
+    "`save_pretrained`)."
+)
+
 _MAX_HEADER = 100 * 1024 * 1024  # same bound as the safetensors library
 
 
@@ -138,13 +154,26 @@ def _drop_header_pages(fd: int, end: int) -> None:
     _advise(fd, 0, (end + page - 1) // page * page, "POSIX_FADV_DONTNEED")  # whole pages only are dropped
 
 
-def read_header(path: str | os.PathLike, *, expected_size: int | None = None) -> Header:
+def read_header(path: str | os.PathLike, *, expected_size: int | None = None, source: bool = False) -> Header:
     """Read and validate the header of a safetensors file.
 
     Every offset is checked against the real file size, so a truncated file or a header that points outside the
     file raises [`ShardFileError`] naming the file, before any tensor is created.
+
+    `source`: a file of a source checkpoint, checked no more strictly than the safetensors library reads it: its
+    tensors need not start at a multiple of their element size (only our own files' must, as they are mapped), every
+    dtype the library reads is accepted (those torch has no dtype of the same layout for, such as `F4`, are left out
+    of `tensors`), and an error says what to do about a source file.
     """
-    path = Path(path)
+    if not source:
+        return _read_header(Path(path), expected_size, source=False)
+    try:
+        return _read_header(Path(path), expected_size, source=True)
+    except ShardFileError as e:
+        raise ShardFileError(e.path, e.problem, _SOURCE_FIX) from e.__cause__
+
+
+def _read_header(path: Path, expected_size: int | None, *, source: bool) -> Header:
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError as e:  # permission, symlink loop, missing...
@@ -188,10 +217,16 @@ def read_header(path: str | os.PathLike, *, expected_size: int | None = None) ->
         raise ShardFileError(path, "has a `__metadata__` entry that is not an object")
     data_offset = 8 + header_len
     data_size = file_size - data_offset
+    dtypes = _SOURCE_DTYPES if source else _DTYPES
     tensors: dict[str, TensorInfo] = {}
+    spans: list[tuple[int, int, str]] = []
     for name, entry in parsed.items():
         try:
-            dtype = _DTYPES[entry["dtype"]]
+            tag = entry["dtype"]
+            dtype = dtypes.get(tag)
+            bits = dtype.itemsize * 8 if dtype is not None else _SOURCE_BITS[tag] if source else None
+            if bits is None:
+                raise KeyError(tag)
             shape = tuple(int(s) for s in entry["shape"])
             begin, end = (int(o) for o in entry["data_offsets"])
         except (KeyError, TypeError, ValueError, OverflowError) as e:  # (OverflowError: `1e400` is JSON, not an int)
@@ -201,24 +236,25 @@ def read_header(path: str | os.PathLike, *, expected_size: int | None = None) ->
         numel = 1
         for s in shape:
             numel *= s
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        if not (0 <= begin <= end <= data_size) or end - begin != numel * itemsize:
+        if not (0 <= begin <= end <= data_size) or (end - begin) * 8 != numel * bits:
             raise ShardFileError(
                 path,
                 f"declares tensor {name!r} at bytes [{begin}, {end}) of a {data_size}-byte data region, which does "
-                f"not fit its shape {list(shape)} and dtype {dtype_to_str(dtype)}",
+                f"not fit its shape {list(shape)} and dtype {dtype_to_str(dtype) if dtype is not None else tag}",
             )
-        if numel and begin % itemsize:
+        if numel and begin % (bits // 8 or 1) and not source:
             raise ShardFileError(path, f"stores tensor {name!r} at a misaligned offset {begin}")
-        tensors[name] = TensorInfo(dtype, shape, begin, end)
+        if dtype is not None:
+            tensors[name] = TensorInfo(dtype, shape, begin, end)
+        spans.append((begin, end, name))
     # The data region must be covered exactly once, as the safetensors format requires: no holes that could hide
     # data and no overlapping tensors (two names aliasing the same bytes).
     cursor = 0
-    for name, info in sorted(tensors.items(), key=lambda kv: (kv[1].begin, kv[1].end)):
-        if info.begin != cursor:
-            what = "overlaps the previous tensor" if info.begin < cursor else f"leaves a hole at byte {cursor}"
-            raise ShardFileError(path, f"declares tensor {name!r} at byte {info.begin}, which {what}")
-        cursor = info.end
+    for begin, end, name in sorted(spans):
+        if begin != cursor:
+            what = "overlaps the previous tensor" if begin < cursor else f"leaves a hole at byte {cursor}"
+            raise ShardFileError(path, f"declares tensor {name!r} at byte {begin}, which {what}")
+        cursor = end
     if cursor != data_size:
         raise ShardFileError(
             path, f"has {data_size - cursor} bytes after its last tensor (the data region must be fully indexed)"

@@ -222,17 +222,21 @@ def build_for_shards(manifest, config) -> nn.Module:
     return model
 
 
-def build_skeleton(config, model_class: type | None = None) -> nn.Module:
+def build_skeleton(config, model_class: type | None = None, dtype: torch.dtype | None = None) -> nn.Module:
     """The model built with `init_empty_weights()`: parameters on meta, buffers (rotary `inv_freq`) real on CPU.
-    `model_class`: a model class or auto class (default: `auto_class_for(config)`)."""
+    `model_class`: a model class or auto class (default: `auto_class_for(config)`). `dtype`: the dtype to build it at
+    (default: the config's, as `from_config` does), on a copy of `config` (`from_config` records it there)."""
     from accelerate import init_empty_weights
 
+    kwargs = {}
+    if dtype is not None:
+        config, kwargs = deepcopy(config), {"dtype": dtype}
     with init_empty_weights(include_buffers=False):
         if model_class is not None and hasattr(model_class, "_from_config"):
-            return model_class._from_config(config)
+            return model_class._from_config(config, **kwargs)
         if model_class is not None:
-            return model_class.from_config(config)
-        return model_from_config(config)
+            return model_class.from_config(config, **kwargs)
+        return auto_class_for(config).from_config(config, **kwargs)
 
 
 def non_persistent_buffers(model: nn.Module) -> Iterable[tuple[nn.Module, str, str]]:
@@ -289,6 +293,9 @@ class ConversionPlan:
     unexpected: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     converters: dict[str, object] = field(default_factory=dict)  # source pattern -> WeightConverter
+    # tied target -> the checkpoint key that stores it too, where its source is stored under its own name as well
+    # (`from_pretrained` ties such a pair only if the two hold equal values: see `split_checkpoint`)
+    tied_stored: dict[str, str] = field(default_factory=dict)
 
 
 def plan_conversion(model: nn.Module, stack: LayerStack, checkpoint_keys: Iterable[str]) -> ConversionPlan:
@@ -332,6 +339,8 @@ def plan_conversion(model: nn.Module, stack: LayerStack, checkpoint_keys: Iterab
             plan.units.setdefault(stack.unit_of(source), []).append((key, source, None))
             plan.unexpected.remove(key)
             found.add(source)
+        elif key is not None and source in found:
+            plan.tied_stored[target] = key
     expected = {n for unit in expected_tensors(model, stack).values() for n in unit}
     non_persistent = {n for _, _, n in non_persistent_buffers(model)}
     plan.missing = sorted(expected - found - non_persistent)
@@ -389,6 +398,26 @@ def kept_in_float32(model: nn.Module, dtype: torch.dtype) -> re.Pattern | None:
     if not names:
         return None
     return re.compile("|".join(f"(?:{n.replace('*', '.*')})" for n in sorted(names)))
+
+
+def created_dtypes(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """The floating-point weights (parameters and persistent buffers) that `model`'s class creates in another dtype
+    than `dtype` when built at `dtype`, and theirs: e.g. Olmo-Hybrid's `linear_attn.A_log` and Mamba's `A_log`,
+    created float32. `from_pretrained(dtype=dtype)` loads each weight at the dtype of the parameter it loads into, so
+    those keep theirs. Read off `model` where it was built at `dtype` (most of its floating-point weights are in it),
+    else off a skeleton built at `dtype`."""
+
+    def other(m: nn.Module) -> dict[str, torch.dtype]:
+        sd = m.state_dict(keep_vars=True)
+        return {n: t.dtype for n, t in sd.items() if t.is_floating_point() and t.dtype != dtype}
+
+    sizes: dict[torch.dtype, int] = defaultdict(int)
+    for t in model.state_dict(keep_vars=True).values():
+        if t.is_floating_point():
+            sizes[t.dtype] += t.numel()
+    if sizes and max(sizes, key=sizes.get) == dtype:
+        return other(model)
+    return other(build_skeleton(model.config, type(model), dtype))
 
 
 def conversion_record(model: nn.Module) -> dict:

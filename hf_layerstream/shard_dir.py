@@ -33,6 +33,11 @@ FORMAT_NAME = "hf_layerstream.shards"
 FORMAT_VERSION = 1
 
 
+def _is_newer_format(version) -> bool:
+    """Whether a manifest's `format_version` is one a newer hf_layerstream wrote (an int above `FORMAT_VERSION`)."""
+    return isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION
+
+
 def layer_file(index: int) -> str:
     return f"layers/{index:05d}.safetensors"
 
@@ -154,6 +159,9 @@ class Manifest:
     library_version: str = ""
     split_options: str | None = None  # digest of what the files depend on (model, source, dtype, compression)
     conversion: dict | None = None  # transformers' release and converters at split time (`conversion_record`)
+    # the dtype `from_pretrained(dtype="auto")` loads the source's floating weights at (the split's `dtype` where
+    # given): what they are streamed at by default. `None`: split before it was recorded (streamed as stored)
+    load_dtype: str | None = None
 
     def to_json(self) -> dict:
         return {
@@ -171,6 +179,7 @@ class Manifest:
             "units": [u.to_json() for u in self.units.values()],
             **({"split_options": self.split_options} if self.split_options is not None else {}),
             **({"conversion": self.conversion} if self.conversion is not None else {}),
+            **({"load_dtype": self.load_dtype} if self.load_dtype is not None else {}),
         }
 
     @classmethod
@@ -183,6 +192,9 @@ class Manifest:
         units = [UnitEntry.from_json(u) for u in d["units"]]
         if len({u.name for u in units}) != len(units):
             raise ValueError("a unit is listed twice")
+        load_dtype = d.get("load_dtype")
+        if load_dtype is not None and not (isinstance(load_dtype, str) and str_to_dtype(load_dtype).is_floating_point):
+            raise ValueError(f"`load_dtype` {load_dtype!r} is not a floating-point dtype")
         return cls(
             source=d.get("source") or {},
             model_type=d.get("model_type"),
@@ -196,6 +208,7 @@ class Manifest:
             library_version=d.get("library_version", ""),
             split_options=d.get("split_options"),
             conversion=d.get("conversion") if isinstance(d.get("conversion"), dict) else None,
+            load_dtype=load_dtype,
         )
 
 
@@ -270,6 +283,14 @@ class ShardDirectory:
                 f"is not an hf_layerstream manifest (format {raw.get('format')!r})"
                 if isinstance(raw, dict)
                 else "is not a JSON object",
+            )
+        if _is_newer_format(raw.get("format_version")):
+            raise ShardFileError(
+                manifest_path,
+                f"was written by a newer hf_layerstream (shard format version {raw['format_version']}; this "
+                f"hf_layerstream reads version {FORMAT_VERSION})",
+                "Upgrade hf_layerstream to use this shard directory (or split the checkpoint again into another "
+                "directory with this version).",
             )
         if raw.get("format_version") != FORMAT_VERSION:
             raise ShardFileError(

@@ -34,6 +34,7 @@ from .modeling import (
     build_skeleton,
     conversion_record,
     convert_unit,
+    created_dtypes,
     kept_in_float32,
     layer_unit,
     plan_conversion,
@@ -41,7 +42,17 @@ from .modeling import (
     resolve_model_class,
     unit_index,
 )
-from .shard_dir import MANIFEST_NAME, RESIDENT_FILE, Manifest, ShardDirectory, TensorEntry, UnitEntry, layer_file
+from .shard_dir import (
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    RESIDENT_FILE,
+    Manifest,
+    ShardDirectory,
+    TensorEntry,
+    UnitEntry,
+    _is_newer_format,
+    layer_file,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +106,7 @@ class _Source:
                 )
             self.repo_id = str(source)
         self._handles: dict[str, Any] = {}
+        self.index_metadata: dict = {}  # the checkpoint index's `metadata` (transformers reads a `dtype` there)
         self.config_path = self.fetch("config.json", required=True)
         self.keys = self._list_keys()
 
@@ -152,9 +164,12 @@ class _Source:
             index = self.fetch(name)
             if index is not None:
                 try:
-                    weight_map = json.loads(index.read_text())["weight_map"]
-                except (ValueError, KeyError) as e:
+                    data = json.loads(index.read_text())
+                    weight_map = data["weight_map"]
+                except (ValueError, KeyError, TypeError) as e:
                     raise ShardFileError(index, f"is not a valid checkpoint index ({e})") from e
+                if isinstance(data.get("metadata"), dict):
+                    self.index_metadata = data["metadata"]
                 if not isinstance(weight_map, dict):
                     raise ShardFileError(index, "is not a valid checkpoint index (`weight_map` is not an object)")
                 for filename in set(weight_map.values()):
@@ -172,7 +187,7 @@ class _Source:
         if filename.endswith(".safetensors"):
             from safetensors import safe_open
 
-            read_header(path)  # a clear error for a truncated / hostile header before safetensors sees it
+            read_header(path, source=True)  # a clear error for a truncated / hostile header before safetensors sees it
             handle = safe_open(path, framework="pt", device="cpu")
         else:
             try:
@@ -253,12 +268,26 @@ class _Source:
             if path is None:
                 continue
             if filename.endswith(".safetensors"):
-                header = read_header(path)
+                header = read_header(path, source=True)
                 out.update({k: info.dtype for k, info in header.tensors.items()})
             else:
                 handle = self._open(filename)
                 out.update({k: v.dtype for k, v in handle.items() if isinstance(v, torch.Tensor)})
         return out
+
+    def first_floating_dtype(self) -> torch.dtype | None:
+        """The dtype of the first floating-point tensor (not fp8/fp4) of the first weight file, keys in the order
+        transformers reads them: what `from_pretrained(dtype="auto")` loads at when the config names no dtype."""
+        filename = sorted(set(self.keys.values()))[0] if self.keys else None
+        if filename is None:
+            return None
+        if filename.endswith(".safetensors"):
+            header = read_header(self.fetch(filename, required=True), source=True)
+            dtypes = [header.tensors[k].dtype for k in sorted(header.tensors)]
+        else:
+            dtypes = [v.dtype for v in self._open(filename).values() if isinstance(v, torch.Tensor)]
+        low = ("float8_", "float4_")
+        return next((d for d in dtypes if d.is_floating_point and not str(d).startswith(low, 6)), None)
 
     def load(self, key: str) -> torch.Tensor:
         filename = self.keys[key]
@@ -430,6 +459,65 @@ def _config_dtype(config) -> torch.dtype | None:
     return None
 
 
+def _auto_dtype(config, src: _Source) -> torch.dtype | None:
+    """The dtype `from_pretrained(dtype="auto")` loads the checkpoint's floating-point weights at (transformers'
+    `_get_dtype`): the config's `dtype`, else the checkpoint index's `metadata.dtype`, else the dtype of the first
+    floating-point tensor of the first weight file. `None` where none of them tells."""
+    found = _config_dtype(config)
+    if found is None and isinstance(src.index_metadata.get("dtype"), str):
+        found = getattr(torch, src.index_metadata["dtype"], None)
+    if found is None:
+        found = src.first_floating_dtype()
+    return found if isinstance(found, torch.dtype) and found.is_floating_point else None
+
+
+def _refuse_prequantized(config, src: _Source) -> None:
+    """Raise where the checkpoint is stored quantized (its config has a `quantization_config`: block-FP8, MXFP4,
+    GPTQ, AWQ, bitsandbytes...): its files hold codes and scales, not weights, which a split would store as weights."""
+    for cfg in (config, config.get_text_config() if hasattr(config, "get_text_config") else None):
+        quant = getattr(cfg, "quantization_config", None)
+        if not quant:
+            continue
+        method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+        method = getattr(method, "value", method)  # (a `QuantizationMethod` enum)
+        raise ShardDirError(
+            f"The checkpoint {src.description} is stored pre-quantized (its config.json has a `quantization_config`, "
+            f"quant_method {method!r}): its weight files hold quantized codes and their scales, which hf_layerstream "
+            "does not split or stream. Split the original-precision checkpoint instead (its publisher's bf16/fp16 "
+            "release), or dequantize this one first (load it with `from_pretrained` where transformers can "
+            "dequantize it and `save_pretrained` it in bf16); pass `compression='4bit'` or `'8bit'` "
+            "(`--compression`) to have the split store its own block-quantized layers."
+        )
+
+
+def _refuse_untied_pairs(model, plan, src: _Source, dtype: torch.dtype | None) -> None:
+    """Raise where the config ties a pair (`tie_word_embeddings`) that the checkpoint stores under both names with
+    different values: `from_pretrained` leaves such a pair untied (it warns), while the model built from the config,
+    which the shards are streamed into, ties it (equal values are tied by both, as before)."""
+    from .modeling import tied_targets
+
+    tied = tied_targets(model)
+    for target, key in sorted(plan.tied_stored.items()):
+        source = tied[target]
+        entries = [e for entries in plan.units.values() for e in entries if e[1] == source]
+        value = convert_unit(model, entries, src.load, plan.converters).get(source) if entries else None
+        if value is None:
+            continue
+        stored = src.load(key)
+        common = dtype or torch.promote_types(value.dtype, stored.dtype)
+        if stored.shape == value.shape and torch.equal(stored.to(common), value.to(common)):
+            continue
+        stored_as = f" (as {key!r})" if key != target else ""
+        raise ShardDirError(
+            f"The checkpoint {src.description} stores {target!r}{stored_as} and {source!r} with different values, "
+            f"but its config ties them (`tie_word_embeddings`: true). `from_pretrained` leaves the two untied then, "
+            "while a model built from this config ties them, so hf_layerstream cannot stream it as `from_pretrained` "
+            'loads it. Set `"tie_word_embeddings": false` in config.json (in a copy of the checkpoint folder; its '
+            "weight files can be symlinks), split that copy, and build the model from its config (or the shard "
+            "directory's)."
+        )
+
+
 # --- main entry point ----------------------------------------------------------------------------------------------
 
 
@@ -469,7 +557,9 @@ def split_checkpoint(
         blocksize (`int`, *optional*):
             Quantization block size.
         dtype (`torch.dtype` or `str`, *optional*):
-            Cast floating-point tensors to this dtype (default: keep the checkpoint's).
+            Cast floating-point tensors to this dtype (default: keep the checkpoint's). Either way the manifest
+            records the dtype they are streamed at by default: this one, else the one `from_pretrained(dtype="auto")`
+            loads the checkpoint at.
         revision, token, cache_dir:
             Passed to `huggingface_hub.hf_hub_download` for hub sources.
         overwrite (`bool`, defaults to `False`):
@@ -486,6 +576,11 @@ def split_checkpoint(
 
     Returns:
         `pathlib.Path`: the shard directory.
+
+    Raises:
+        [`ShardDirError`]: the checkpoint is stored pre-quantized (its config has a `quantization_config`), or its
+            config ties a pair of weights it stores with different values; `shard_dir` holds another split, or one
+            made by a newer hf_layerstream (pass `overwrite=True` to replace it).
 
     Example:
     ```python
@@ -517,6 +612,7 @@ def split_checkpoint(
     if src.local_dir is not None and shard_dir.resolve() == src.local_dir.resolve():
         raise ValueError(f"`shard_dir` must differ from `source` ({shard_dir}); the source is never modified.")
     config = AutoConfig.from_pretrained(src.config_path.parent)
+    _refuse_prequantized(config, src)
     model = build_skeleton(config, resolve_model_class(config, model_class))
     stack = require_layer_stack(model)
     should_quantize = None
@@ -536,10 +632,13 @@ def split_checkpoint(
             f"The checkpoint {src.description} lacks {len(plan.missing)} tensors that {type(model).__name__} needs "
             f"(e.g. {plan.missing[:4]}); it does not match its config.json."
         )
+    _refuse_untied_pairs(model, plan, src, dtype)
     if plan.unexpected:
         logger.warning(
             "Ignoring %d checkpoint keys the model does not use (e.g. %s)", len(plan.unexpected), plan.unexpected[:3]
         )
+    # what streaming casts floating weights to by default, as `from_pretrained(dtype="auto")` loads them
+    load_dtype = dtype or _auto_dtype(config, src)
 
     compression_dict = scheme.to_dict() if scheme is not None else None
     source_identity = src.identity()
@@ -556,6 +655,14 @@ def split_checkpoint(
         repaired: dict[str, UnitEntry] | None = None
         if manifest_path.exists():
             existing = _read_json(manifest_path)
+            version = existing.get("format_version") if isinstance(existing, dict) else None
+            if _is_newer_format(version) and not overwrite:
+                raise ShardDirError(
+                    f"`shard_dir` {shard_dir} was made by a newer hf_layerstream (shard format version {version}; "
+                    f"this hf_layerstream {__version__} reads and writes version {FORMAT_VERSION}); it is left as it "
+                    "is. Upgrade hf_layerstream to use it, pass `overwrite=True` "
+                    "(`--overwrite`) to replace it with a split made by this version, or choose another directory."
+                )
             same = (
                 isinstance(existing, dict)
                 and existing.get("fingerprint") == fingerprint
@@ -622,6 +729,7 @@ def split_checkpoint(
         _save_progress(shard_dir, options, {u: done[u] for u in units if u in done})
 
         kept = kept_in_float32(model, dtype) if dtype is not None else None
+        created = created_dtypes(model, dtype) if dtype is not None else {}
         bar = progress_bar(progress, total=len(units), desc="Splitting", unit="layer")
         bar.update(len([u for u in units if u in done]))
         try:
@@ -631,9 +739,9 @@ def split_checkpoint(
                 entries = plan.units.get(unit, [])
                 tensors = convert_unit(model, entries, src.load, plan.converters)
                 tensors = {k: tensors[k] for k in sorted(tensors)}
-                if dtype is not None:  # (what the model keeps in float32 at `dtype` stays float32, as it loads)
+                if dtype is not None:  # (what the model keeps in float32 or creates in another dtype keeps it)
                     tensors = {
-                        k: v.to(torch.float32 if kept is not None and kept.search(k) else dtype)
+                        k: v.to(torch.float32 if kept is not None and kept.search(k) else created.get(k, dtype))
                         if v.is_floating_point()
                         else v
                         for k, v in tensors.items()
@@ -686,6 +794,7 @@ def split_checkpoint(
             library_version=__version__,
             split_options=digest,
             conversion=conversion_record(model),
+            load_dtype=None if load_dtype is None else dtype_to_str(load_dtype),
         )
         atomic_write_bytes(manifest_path, json.dumps(manifest.to_json(), indent=1).encode())
         _remove(shard_dir / PROGRESS_NAME)

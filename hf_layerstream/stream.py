@@ -206,21 +206,29 @@ def _fold_head_input(module: nn.Module, args: tuple):
 
 
 def _target_dtypes(shards: ShardDirectory, dtype: torch.dtype | None, model: nn.Module) -> dict[str, torch.dtype]:
-    """The dtypes the model will compute in: the stored ones (like dtype="auto"), or `dtype` for floating tensors;
-    float32, as `from_pretrained` loads them, for the weights the model keeps in float32 at that dtype (see
-    `kept_in_float32`)."""
-    from .modeling import kept_in_float32
+    """The dtypes the model will compute in, for floating tensors: `dtype`, else the one `from_pretrained(dtype="auto")`
+    loads the checkpoint at (the manifest's `load_dtype`: the config's dtype, whatever each tensor is stored in; the
+    stored ones for a directory split before it was recorded); float32, as `from_pretrained` loads them, for the
+    weights the model keeps in float32 at that dtype (see `kept_in_float32`), and their own dtype for those the
+    model creates in another one (see `created_dtypes`)."""
+    from ._safetensors import str_to_dtype
+    from .modeling import created_dtypes, kept_in_float32
 
     kept = {d: kept_in_float32(model, d) for d in (torch.float16, torch.bfloat16)}
+    auto = shards.manifest.load_dtype
+    load = dtype or (str_to_dtype(auto) if auto is not None else None)
+    created = created_dtypes(model, load) if load is not None else {}
     out = {}
     for unit in shards.manifest.units.values():
         for name, entry in unit.tensors.items():
             target = entry.dtype
             if entry.dtype.is_floating_point:
-                target = dtype or entry.dtype
+                target = load or entry.dtype
                 pattern = kept.get(target)
                 if pattern is not None and pattern.search(name):
                     target = torch.float32
+                elif load is not None:
+                    target = created.get(name, target)
             out[name] = target
     return out
 
@@ -493,9 +501,11 @@ def enable_layer_streaming(
         device (`str`, `int` or `torch.device`, *optional*):
             Execution device; defaults to CUDA when available, else CPU.
         dtype (`torch.dtype`, *optional*):
-            Compute dtype for floating-point weights; defaults to the dtype stored in the shards (as
-            `from_pretrained(dtype="auto")`). As `from_pretrained` does, the weights the model keeps in float32 at
-            float16/bfloat16 (`_keep_in_fp32_modules(_strict)`, e.g. DeepSeek-V3's router) stay float32.
+            Compute dtype for floating-point weights; defaults to the one `from_pretrained(dtype="auto")` loads the
+            checkpoint at (the config's dtype, recorded by the split; the stored dtypes for a directory split before
+            it was recorded). As `from_pretrained` does, the weights the model keeps in float32 at float16/bfloat16
+            (`_keep_in_fp32_modules(_strict)`, e.g. DeepSeek-V3's router) stay float32, and those it creates in
+            another dtype (Mamba's and Olmo-Hybrid's `A_log`) keep it.
         max_memory (`dict`, *optional*):
             Memory budget in accelerate's convention, e.g. `{0: "4GiB", "cpu": "16GiB"}`: layers that fit stay on
             the device or in host RAM, the rest are streamed from disk. Defaults to a safe share of free memory
@@ -873,6 +883,8 @@ def _disable(model: nn.Module, state: StreamingState) -> None:
             delattr(model, name)
             if name in state.shadowed:
                 setattr(model, name, state.shadowed[name])
+    state.installed.clear()  # (our wrappers refer to the state: no cycle left for the garbage collector)
+    state.shadowed.clear()
     if state.had_device_map:
         model.hf_device_map = state.old_device_map
     elif hasattr(model, "hf_device_map"):

@@ -233,6 +233,147 @@ def test_a_tied_pair_stored_under_the_heads_name_only(tmp_path):
     assert _exact(ckpt, split_checkpoint(ckpt, tmp_path / "shards", progress=False))
 
 
+def _set_config(ckpt, **changes):
+    config = json.loads((ckpt / "config.json").read_text())
+    for key, value in changes.items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    (ckpt / "config.json").write_text(json.dumps(config))
+
+
+def _untied_checkpoint(path, *, same_values: bool):
+    """A Llama checkpoint whose config ties the head to the embeddings and which stores both, with different values
+    (or the same ones)."""
+    from safetensors.torch import load_file, save_file
+
+    ckpt = _models.save_tiny_checkpoint(
+        _models.make_config("llama", tie_word_embeddings=False), path, max_shard_size="1GB"
+    )
+    if same_values:
+        state = load_file(ckpt / "model.safetensors")
+        state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
+        save_file(state, ckpt / "model.safetensors", metadata={"format": "pt"})
+    _set_config(ckpt, tie_word_embeddings=True)
+    return ckpt
+
+
+def test_a_head_stored_apart_from_the_embeddings_it_is_tied_to_is_refused_with_the_fix(tmp_path):
+    """The config ties the head to the embeddings, the checkpoint stores both with different values:
+    `from_pretrained` leaves them untied (it warns), a model built from the config ties them. The split refused
+    nothing: it dropped the head and streaming tied it (logits off by up to 1.2). Now it refuses, naming the fix, and
+    the fix (the config saying what the checkpoint holds) streams what `from_pretrained` of the original loads."""
+    ckpt = _untied_checkpoint(tmp_path / "ckpt", same_values=False)
+    ref = _models.load_reference(ckpt)
+    assert ref.lm_head.weight.data_ptr() != ref.model.embed_tokens.weight.data_ptr()
+    before = _tree_digest(ckpt)
+    with pytest.raises(ShardDirError, match=r"'lm_head.weight' and 'model.embed_tokens.weight' with different values"):
+        split_checkpoint(ckpt, tmp_path / "shards", progress=False)
+    assert _tree_digest(ckpt) == before and not (tmp_path / "shards" / "manifest.json").exists()
+    # the fix the message names: a copy of the folder (weight files as symlinks) whose config does not tie them
+    fixed = tmp_path / "fixed"
+    fixed.mkdir()
+    for p in ckpt.iterdir():
+        (fixed / p.name).symlink_to(p) if p.name != "config.json" else shutil.copy(p, fixed / p.name)
+    _set_config(fixed, tie_word_embeddings=False)
+    model = streamed_model(fixed, split_checkpoint(fixed, tmp_path / "shards", progress=False), max_memory={"cpu": 0})
+    ids = torch.tensor([[1, 20, 30, 40, 50, 60]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)
+    disable_layer_streaming(model)
+
+
+def test_a_head_stored_equal_to_the_embeddings_it_is_tied_to_is_tied(tmp_path):
+    """Both stored with equal values (as `.bin` checkpoints of tied models hold them): `from_pretrained` ties them,
+    and so does streaming."""
+    ckpt = _untied_checkpoint(tmp_path / "ckpt", same_values=True)
+    shards = split_checkpoint(ckpt, tmp_path / "shards", progress=False)
+    assert "lm_head.weight" not in ShardDirectory(shards).unit("resident").tensors
+    assert _exact(ckpt, shards)
+
+
+def _to_block_fp8(ckpt, block=32):
+    """Rewrite a checkpoint as block-FP8 (DeepSeek-V3's / Qwen3-FP8's layout): float8 `*proj.weight` and their
+    `*proj.weight_scale_inv`, `quantization_config` in config.json."""
+    from safetensors.torch import load_file, save_file
+
+    index_path = ckpt / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    for f in sorted(ckpt.glob("*.safetensors")):
+        out = {}
+        for k, v in load_file(f).items():
+            if k.endswith("proj.weight"):
+                r, c = v.shape
+                blocks = v.float().view(r // block, block, c // block, block)
+                scale = blocks.abs().amax(dim=(1, 3)) / 448.0
+                out[k] = (blocks / scale[:, None, :, None]).view(r, c).to(torch.float8_e4m3fn)
+                out[k + "_scale_inv"] = scale
+                index["weight_map"][k + "_scale_inv"] = f.name
+            else:
+                out[k] = v
+        save_file(out, f, metadata={"format": "pt"})
+    index_path.write_text(json.dumps(index))
+    quant = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3", "weight_block_size": [block, block]}
+    _set_config(ckpt, quantization_config=quant)
+
+
+@pytest.mark.parametrize(
+    "quant",
+    [
+        None,  # block-FP8 weights and scales
+        {"quant_method": "gptq", "bits": 4, "group_size": 128},
+        {"quant_method": "awq", "bits": 4, "group_size": 128},
+        {"quant_method": "bitsandbytes", "load_in_4bit": True},
+        {"quant_method": "mxfp4"},
+    ],
+    ids=["fp8", "gptq", "awq", "bitsandbytes", "mxfp4"],
+)
+def test_a_pre_quantized_checkpoint_is_refused_naming_its_method_and_what_to_do(tmp_path, quant):
+    """A checkpoint stored quantized (its config has a `quantization_config`) holds codes and scales, not weights:
+    the split stored the fp8 codes as weights and dropped the scales as unused keys, and streaming them gave garbage
+    (cosine -0.03 to the model's logits) or failed. Now it is refused before anything is written."""
+    ckpt = _models.save_tiny_checkpoint("llama", tmp_path / "ckpt", dtype=torch.bfloat16)
+    if quant is None:
+        _to_block_fp8(ckpt)
+    else:
+        _set_config(ckpt, quantization_config=quant)
+    method = "fp8" if quant is None else quant["quant_method"]
+    before = _tree_digest(ckpt)
+    with pytest.raises(ShardDirError, match=rf"pre-quantized.*quant_method '{method}'.*original-precision") as info:
+        split_checkpoint(ckpt, tmp_path / "shards", progress=False)
+    assert "compression='4bit'" in str(info.value) and "dequantize" in str(info.value)
+    assert _tree_digest(ckpt) == before
+    assert not (tmp_path / "shards").exists() or not list((tmp_path / "shards").rglob("*.safetensors"))
+
+
+@pytest.mark.parametrize("config_dtype", ["bfloat16", None], ids=["config-dtype", "no-config-dtype"])
+def test_a_checkpoint_stored_in_mixed_dtypes_streams_as_from_pretrained_auto_loads_it(tmp_path, config_dtype):
+    """bf16 matrices and float32 norms on disk: `from_pretrained(dtype="auto")` loads every floating weight at the
+    config's dtype (without one, at the first floating tensor's of the first file): bf16. Streaming with the default
+    dtype streamed each tensor at its stored dtype and failed (float32 norm output into a bf16 matmul). The split
+    keeps the tensors as stored and records that dtype; streaming casts to it: the logits are bit for bit."""
+    from safetensors.torch import load_file, save_file
+
+    ckpt = _models.save_tiny_checkpoint("llama", tmp_path / "ckpt", dtype=torch.bfloat16)
+    for f in ckpt.glob("*.safetensors"):
+        state = {k: v.float() if "norm" in k else v for k, v in load_file(f).items()}
+        save_file(state, f, metadata={"format": "pt"})
+    _set_config(ckpt, dtype=config_dtype)
+    ref = _models.load_reference(ckpt, dtype="auto")
+    assert ref.model.norm.weight.dtype == torch.bfloat16
+    shards = split_checkpoint(ckpt, tmp_path / "shards", progress=False)
+    directory = ShardDirectory(shards)
+    assert directory.unit("resident").tensors["model.norm.weight"].dtype == torch.float32  # kept as stored
+    model = streamed_model(ckpt, shards, max_memory={"cpu": 0})
+    assert model.model.norm.weight.dtype == torch.bfloat16
+    ids = torch.tensor([[1, 5, 17, 33, 9, 44, 12]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)
+    disable_layer_streaming(model)
+    assert directory.manifest.load_dtype == "bfloat16"
+
+
 def test_a_revision_for_a_local_folder_is_ignored_with_a_warning(tmp_path, caplog):
     import logging
 

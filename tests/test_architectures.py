@@ -317,6 +317,45 @@ def test_weights_transformers_keeps_in_float32_stay_float32(tmp_path, model_type
     disable_layer_streaming(model)
 
 
+def test_weights_a_model_creates_in_float32_stay_float32(tmp_path):
+    """Olmo-Hybrid creates `linear_attn.A_log` in float32 at any dtype it is built at, outside
+    `_keep_in_fp32_modules(_strict)`; `from_pretrained(dtype=bf16)` keeps it float32 (its loader casts each weight to
+    the dtype of the parameter it loads into). Streaming at bf16, and a split cast to bf16, cast it too: the logits
+    differed. Now both keep it, and the logits are the loaded model's, bit for bit."""
+    from safetensors.torch import load_file, save_file
+
+    ckpt = _models.save_tiny_checkpoint(_config("olmo_hybrid"), tmp_path / "checkpoint")
+    g = torch.Generator().manual_seed(0)
+    for f in ckpt.glob("*.safetensors"):  # values as its `_init_weights` makes them (the log of 1..16)
+        state = load_file(f)
+        state = {
+            k: torch.log(torch.empty_like(v).uniform_(1, 16, generator=g)) if k.endswith("A_log") else v
+            for k, v in state.items()
+        }
+        save_file(state, f, metadata={"format": "pt"})
+    ref = _models.load_reference(ckpt, dtype=torch.bfloat16)
+    assert ref.model.layers[0].linear_attn.A_log.dtype == torch.float32
+    ids = torch.randint(4, 120, (1, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = ref(ids).logits
+
+    def logits(shards, **kwargs):
+        model = streamed_model(ckpt, shards, max_memory={"cpu": 0}, **kwargs)
+        with torch.no_grad():
+            out = model(ids).logits
+        disable_layer_streaming(model)
+        return out
+
+    assert torch.equal(
+        logits(split_checkpoint(ckpt, tmp_path / "full", progress=False), dtype=torch.bfloat16), expected
+    )
+    cast = split_checkpoint(ckpt, tmp_path / "cast", dtype=torch.bfloat16, progress=False)
+    stored = ShardDirectory(cast).unit("layers.0").tensors
+    assert stored["model.layers.0.linear_attn.A_log"].dtype == torch.float32
+    assert stored["model.layers.0.linear_attn.a_proj.weight"].dtype == torch.bfloat16
+    assert torch.equal(logits(cast), expected)
+
+
 # --- vision-language models: the language model's layers are streamed, the vision encoder stays resident ----------
 
 _TEXT = {k: v for k, v in _COMMON.items() if k != "vocab_size"} | {"vocab_size": 160}  # room for the image tokens

@@ -446,6 +446,83 @@ def test_hostile_source_checkpoint(tmp_path, case):
     LEDGER["rejected"] += 1
 
 
+def _write_unaligned(path: Path, tensors: dict[str, torch.Tensor], extra: dict[str, tuple[str, list, bytes]]) -> None:
+    """A safetensors file as the format allows and early or third-party writers made them: `extra` raw entries
+    (`name: (dtype tag, shape, bytes)`) first, then the tensors in name order, none aligned to its element size."""
+    header, blobs, offset = {"__metadata__": {"format": "pt"}}, [], 0
+    tags = {torch.float32: "F32", torch.int64: "I64"}
+    items = [(k, tag, shape, data) for k, (tag, shape, data) in extra.items()]
+    items += [
+        (k, tags[t.dtype], list(t.shape), t.contiguous().view(torch.uint8).numpy().tobytes())
+        for k, t in sorted(tensors.items())
+    ]
+    for name, tag, shape, data in items:
+        header[name] = {"dtype": tag, "shape": shape, "data_offsets": [offset, offset + len(data)]}
+        offset += len(data)
+        blobs.append(data)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"".join(blobs))
+
+
+# entries of dtypes the safetensors library reads (sizes of 1, 2 and 8 bytes put what follows off alignment)
+_LIBRARY_DTYPES = {
+    "aaa.c64": ("C64", [1], b"\0" * 8),
+    "aab.fnuz": ("F8_E4M3FNUZ", [1], b"\0"),
+    "aac.fnuz": ("F8_E5M2FNUZ", [2], b"\0\0"),
+    "aad.e8m0": ("F8_E8M0", [1], b"\x7f"),
+    "aae.f4": ("F4", [2], b"\0"),
+}
+
+
+def test_a_source_the_safetensors_library_reads_is_split(tmp_path):
+    """The safetensors format does not require a tensor to start at a multiple of its element size, and the library
+    reads dtypes our own files never hold (complex64, the FNUZ fp8 kinds, F8_E8M0, F4): `from_pretrained` loads such
+    a checkpoint. The split refused it (`misaligned offset`, `malformed header entry`), calling the source file a
+    damaged shard to re-create. Now it is split, and streams bit for bit what `from_pretrained` loads."""
+    from safetensors.torch import load_file
+
+    ckpt = _models.save_tiny_checkpoint("llama", tmp_path / "ckpt", max_shard_size="1GB")
+    path = ckpt / "model.safetensors"
+    _write_unaligned(path, load_file(path), _LIBRARY_DTYPES)
+    (n,) = struct.unpack("<Q", path.read_bytes()[:8])
+    assert json.loads(path.read_bytes()[8 : 8 + n])["model.norm.weight"]["data_offsets"][0] % 4  # (off alignment)
+    ref = _models.load_reference(ckpt)
+    shards = split_checkpoint(ckpt, tmp_path / "shards", progress=False)
+    model = streamed_model(ckpt, shards, max_memory={"cpu": 0})
+    ids = torch.tensor([[1, 5, 17, 33, 9, 44, 12]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)
+
+
+def test_our_own_files_keep_the_strict_checks(checkpoints, tmp_path):
+    """A shard file laid out so (a byte first, every tensor off its alignment after it) is still refused: shard
+    files are memory-mapped and their tensors used in place."""
+    from safetensors.torch import load_file
+
+    _, shards = checkpoints("llama")
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy)
+    path = tmp_path / "unaligned.safetensors"
+    _write_unaligned(path, load_file(copy / LAYER), {"aaa": ("U8", [1], b"\0")})
+    replace_file(copy, LAYER, path.read_bytes())
+    with pytest.raises(ShardFileError, match="misaligned offset") as info:
+        ShardDirectory(copy)
+    assert LAYER in str(info.value) and "Re-create the shard directory" in str(info.value)
+
+
+def test_a_broken_source_file_is_named_as_the_sources(tmp_path):
+    """A damaged source file is reported as the source's, with what to do about it (not as a damaged shard directory
+    to re-create)."""
+    ckpt = _models.save_tiny_checkpoint("llama", tmp_path / "ckpt")
+    path = sorted(ckpt.glob("model-*.safetensors"))[1]
+    path.write_bytes(rewrite_header(path.read_bytes(), _point_past_the_end))
+    with pytest.raises(ShardFileError, match="data region") as info:
+        split_checkpoint(ckpt, tmp_path / "shards", progress=False)
+    message = str(info.value)
+    assert path.name in message and "source checkpoint" in message and "Re-create the shard directory" not in message
+
+
 def test_empty_source_directory(tmp_path):
     LEDGER["tried"] += 1
     (tmp_path / "src").mkdir()

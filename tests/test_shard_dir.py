@@ -168,3 +168,27 @@ def test_loading_never_writes(shard_copy, monkeypatch):
         assert torch.equal(generated, ref.generate(ids, max_new_tokens=5, do_sample=False))
     after = {k: v for k, v in state().items()}
     assert after == before
+
+
+def test_a_directory_made_by_a_newer_version_says_so_and_is_not_rewritten(shard_copy):
+    """A manifest of a newer format version: the error said to re-split "with this version" (a downgrade), and the
+    same split "repaired" the directory, rewriting its manifest at the older version. Now the error says it is newer
+    and to upgrade, and the split leaves the directory alone unless asked to replace it (`overwrite=True`)."""
+    import json
+
+    from hf_layerstream import ShardFileError, split_checkpoint
+
+    ckpt, shards = shard_copy
+    manifest = json.loads((shards / "manifest.json").read_text())
+    manifest["format_version"] = 2
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    before = {p: p.read_bytes() for p in sorted(shards.rglob("*")) if p.is_file()}
+    with pytest.raises(ShardFileError, match=r"written by a newer hf_layerstream \(shard format version 2") as info:
+        ShardDirectory(shards)
+    assert "Upgrade hf_layerstream" in str(info.value) and "with this version of hf_layerstream" not in str(info.value)
+    with pytest.raises(ShardDirError, match=r"made by a newer hf_layerstream.*Upgrade.*overwrite=True"):
+        split_checkpoint(ckpt, shards, progress=False)
+    assert {p: p.read_bytes() for p in sorted(shards.rglob("*")) if p.is_file()} == before
+    split_checkpoint(ckpt, shards, overwrite=True, progress=False)
+    assert json.loads((shards / "manifest.json").read_text())["format_version"] == 1
+    assert ShardDirectory(shards, checksums=True).verify() == []
