@@ -581,8 +581,11 @@ class PackedWeight:
         )
 
 
-def load_backend() -> None:
+def load_backend(need: str = "This shard directory is quantized and decoding it") -> None:
     """Import bitsandbytes now (it takes seconds: it sets up torch.compile at import), not in the first decode.
+
+    Args:
+        need (`str`): What needs it, for the error (the sentence's subject).
 
     Raises:
         ImportError: bitsandbytes is missing, with the install command.
@@ -591,8 +594,7 @@ def load_backend() -> None:
         import bitsandbytes.functional  # noqa: F401
     except ImportError as e:
         raise ImportError(
-            "This shard directory is quantized and decoding it needs bitsandbytes: `pip install bitsandbytes` "
-            "(or `pip install hf_layerstream[quant]`)."
+            f"{need} needs bitsandbytes: `pip install bitsandbytes` (or `pip install hf_layerstream[quant]`)."
         ) from e
 
 

@@ -268,10 +268,10 @@ class ShardDirectory:
         if os.path.lexists(manifest_path):
             manifest_path = _inside(self.path, MANIFEST_NAME, manifest_path)
         if not manifest_path.is_file():
-            partial = (self.path / ".progress.json").exists()
-            hint = " It holds an unfinished split: run the same split again to finish it." if partial else ""
+            if (self.path / ".progress.json").exists():
+                fix = "it holds an unfinished split: run the same split again to finish it"
             raise ShardDirError(
-                f"`shard_dir` {self.path} has no {MANIFEST_NAME}, so it is not a shard directory;{hint} {fix}."
+                f"`shard_dir` {self.path} has no {MANIFEST_NAME}, so it is not a shard directory; {fix}."
             )
         try:
             raw = json.loads(manifest_path.read_text())

@@ -593,9 +593,10 @@ def split_checkpoint(
     scheme = None
     quantize_tensor = None
     if compression is not None or quant_type is not None or blocksize is not None:
-        from .quant import quantize_tensor, resolve_compression
+        from .quant import load_backend, quantize_tensor, resolve_compression
 
         scheme = resolve_compression(compression, quant_type=quant_type, blocksize=blocksize)
+        load_backend("Splitting with `compression`")  # (before anything is written: not half way)
     if isinstance(dtype, str) and dtype != "auto":
         name, dtype = dtype, getattr(torch, dtype, None)
         if not isinstance(dtype, torch.dtype):

@@ -130,7 +130,9 @@ def test_interrupted_split_resumes_without_redoing_layers(tmp_path, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         split_checkpoint(ckpt, tmp_path / "shards", progress=False)
     assert calls == ["layers.0", "layers.1"]
-    with pytest.raises(ShardDirError, match="unfinished split"):
+    with pytest.raises(
+        ShardDirError, match=r"directory; it holds an unfinished split: run the same split again to finish it\.$"
+    ):
         ShardDirectory(tmp_path / "shards")
     calls.clear()
     monkeypatch.setattr(split_mod, "_write_unit", lambda *a, **k: calls.append(a[1]) or real_write(*a, **k))

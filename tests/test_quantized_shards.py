@@ -156,6 +156,24 @@ def test_a_weight_with_inf_or_nan_is_stored_unquantized_with_a_warning(tmp_path,
     assert layer["model.layers.1.mlp.down_proj.weight"].quant is not None
 
 
+def test_a_compressed_split_without_bitsandbytes_fails_first_with_the_install_command(
+    bf16_checkpoint, tmp_path, monkeypatch
+):
+    """bitsandbytes is an optional extra: a split asked to compress fails before writing anything, saying what to
+    install (it failed in the first quantized tensor, a bare ModuleNotFoundError, leaving a lock and a progress
+    record that `verify` then called an unfinished split)."""
+    import sys
+
+    ckpt, _ = bf16_checkpoint
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    monkeypatch.setitem(sys.modules, "bitsandbytes.functional", None)
+    with pytest.raises(
+        ImportError, match=r"Splitting with `compression` needs bitsandbytes: `pip install bitsandbytes`"
+    ):
+        split_checkpoint(ckpt, tmp_path / "shards", compression="4bit", progress=False)
+    assert not (tmp_path / "shards").exists()
+
+
 def test_inspect_shows_scheme_and_ratio(bf16_checkpoint, capsys):
     _, dirs = bf16_checkpoint
     assert main(["inspect", str(dirs["4bit"]), "--device", "cpu"]) == 0
