@@ -201,7 +201,8 @@ def resolve_compression(
             `None` (no quantization), `"4bit"` (nf4 unless `quant_type` says otherwise), `"nf4"`, `"fp4"`, `"8bit"` or
             `"int8"` (case-insensitive). A [`QuantScheme`] is returned as is.
         quant_type (`str`, *optional*):
-            Overrides the 4-bit type (`"nf4"` or `"fp4"`); for 8-bit only `"blockwise"` is accepted.
+            Overrides the 4-bit type (`"nf4"` or `"fp4"`, case-insensitive); for 8-bit only `"blockwise"` is
+            accepted.
         blocksize (`int`, *optional*):
             Overrides the block size (default 64 for 4-bit, 256 for 8-bit).
 
@@ -213,12 +214,11 @@ def resolve_compression(
     """
     if compression is None:
         if quant_type is not None or blocksize is not None:
-            given = ", ".join(
-                f"{k}={v!r}" for k, v in (("quant_type", quant_type), ("blocksize", blocksize)) if v is not None
-            )
+            given = [f"{k}={v!r}" for k, v in (("quant_type", quant_type), ("blocksize", blocksize)) if v is not None]
             raise ValueError(
-                f"{given} only apply to quantized shards; pass compression='4bit' or '8bit' as well "
-                "(or drop them to store weights in full precision)."
+                f"{' and '.join(given)} only {'apply' if len(given) > 1 else 'applies'} to quantized shards; pass "
+                f"compression='4bit' or '8bit' as well (or drop {'them' if len(given) > 1 else 'it'} to store weights "
+                "in full precision)."
             )
         return None
     if isinstance(compression, QuantScheme):
@@ -229,6 +229,8 @@ def resolve_compression(
     if not isinstance(compression, str) or compression.strip().lower() not in _COMPRESSION_ALIASES:
         raise ValueError(f"compression must be None or one of {accepted}, got {compression!r}.")
     bits, implied_type = _COMPRESSION_ALIASES[compression.strip().lower()]
+    if isinstance(quant_type, str):  # case-insensitive, as `compression` is ("NF4" is nf4)
+        quant_type = quant_type.strip().lower()
     if implied_type is not None and quant_type is not None and quant_type != implied_type:
         raise ValueError(
             f"compression={compression!r} implies quant_type={implied_type!r}, but quant_type={quant_type!r} was "
