@@ -16,7 +16,7 @@ run measures the two physical limits the figures are compared with:
   (what the whole model on the device peaks at beyond its weights, measured in the same run).
 
 ```
-hf-layerstream bench --demo                      # the 1.7 GB Llama-shaped model of BENCHMARKS.md
+hf-layerstream bench --demo                      # the 1.7 GB Llama-shaped model of the README's Performance section
 hf-layerstream bench path/to/checkpoint          # split into --work (or a temp dir) first
 hf-layerstream bench path/to/shards --checkpoint path/to/checkpoint
 ```
@@ -84,7 +84,12 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     from .cli import _add_dequantize_arg
 
     p.add_argument("source", nargs="?", default=None, help="checkpoint folder, hub id, or shard directory")
-    p.add_argument("--demo", action="store_true", help="generate the random-weight Llama-shaped model of BENCHMARKS.md")
+    p.add_argument(
+        "--demo",
+        action="store_true",
+        help="instead of SOURCE: write and measure the random-weight Llama-shaped model of the README's Performance "
+        "section (sized by --layers, --hidden-size, ...)",
+    )
     p.add_argument("--checkpoint", default=None, help="original checkpoint (when SOURCE is a shard directory)")
     p.add_argument("--work", default=None, help="folder for the split / demo model / offload (default: temporary)")
     p.add_argument("--layers", type=int, default=DEMO_SIZES["layers"], help="--demo: decoder layers")
@@ -332,6 +337,31 @@ def _is_shard_dir(path: Path) -> bool:
     return (path / MANIFEST_NAME).is_file()
 
 
+def _check_source(args) -> None:
+    """Refuse what `prepare` would silently ignore: a SOURCE with `--demo`, a `--checkpoint` beside a SOURCE that
+    is a checkpoint itself (or with `--demo`), and a `--dtype` the demo model cannot be written in.
+
+    Raises:
+        `ValueError`: Naming the options that conflict.
+    """
+    from .demo import checkpoint_dtype
+
+    checkpoint_dtype(args.dtype)  # (the demo model's, and `--assistant demo`'s)
+    if args.demo and args.source is not None:
+        raise ValueError(
+            f"Pass either SOURCE ({args.source!r}) or `--demo` (which writes and measures its own model), not both."
+        )
+    if args.checkpoint is None:
+        return
+    if args.demo:
+        raise ValueError("`--checkpoint` is not used with `--demo` (which writes its own checkpoint); drop it.")
+    if args.source is not None and not (Path(args.source).is_dir() and _is_shard_dir(Path(args.source))):
+        raise ValueError(
+            f"`--checkpoint` is only used when SOURCE is a shard directory; SOURCE {args.source!r} is not one (it is "
+            "split and measured itself): drop `--checkpoint`, or pass the shard directory as SOURCE."
+        )
+
+
 def prepare(args, work: Path) -> tuple[Path | None, Path]:
     """(checkpoint folder or None, shard directory) for `args`: writes the demo model and splits as needed."""
     from .split import split_checkpoint
@@ -446,6 +476,7 @@ def bench(args) -> dict:
         )
     if args.assistant == "demo" and not args.demo:
         raise ValueError("`--assistant demo` builds a 1-layer draft of the demo model; it needs `--demo`.")
+    _check_source(args)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="hf_layerstream_bench_"))
     work.mkdir(parents=True, exist_ok=True)
     try:

@@ -2,10 +2,45 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 import time
 from pathlib import Path
+
+# the config fields the CLI's size options set, and how a mismatch names them
+_SIZE_FIELDS = {
+    "num_hidden_layers": "layers",
+    "hidden_size": "hidden",
+    "intermediate_size": "intermediate",
+    "vocab_size": "vocab",
+    "dtype": "dtype",
+}
+
+
+def checkpoint_dtype(text: str) -> str:
+    """Check the demo checkpoint's `--dtype` (with the CLI's dtype parser) before anything is written.
+
+    Args:
+        text (`str`): The dtype name given, e.g. `"bfloat16"`.
+
+    Returns:
+        `str`: `text`, a floating-point dtype a checkpoint can be written in.
+
+    Raises:
+        `ValueError`: Not `float32`, `bfloat16` or `float16` (a typo such as `bfloat61`, or `auto`).
+    """
+    import torch
+
+    from .cli import _dtype
+
+    try:
+        value = _dtype(text)
+    except ValueError:
+        value = None
+    if value not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"`--dtype` {text!r} is not a checkpoint dtype (use float32, bfloat16 or float16).")
+    return text
 
 
 def write_demo_checkpoint(
@@ -20,11 +55,28 @@ def write_demo_checkpoint(
 ) -> Path:
     """Write a Llama-shaped checkpoint with random weights (several safetensors shards) and an offline tokenizer."""
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
-    from .testing import init_random_weights, make_tokenizer
+    from .testing import init_random_weights
 
     path = Path(path)
+    config, tok = _demo_config(layers, hidden_size, intermediate_size, vocab_size)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    init_random_weights(model)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(path, max_shard_size="100MB")
+    tok.save_pretrained(path)
+    return path
+
+
+def _demo_config(layers: int, hidden_size: int, intermediate_size: int, vocab_size: int):
+    """The demo checkpoint's `LlamaConfig` for these sizes, and its tokenizer (the vocabulary holds at least its
+    tokens)."""
+    from transformers import LlamaConfig
+
+    from .testing import make_tokenizer
+
     tok = make_tokenizer()
     heads = max(hidden_size // 64, 1)
     config = LlamaConfig(
@@ -40,18 +92,44 @@ def write_demo_checkpoint(
         pad_token_id=tok.pad_token_id,
         tie_word_embeddings=False,
     )
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
-    init_random_weights(model)
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.save_pretrained(path, max_shard_size="100MB")
-    tok.save_pretrained(path)
-    return path
+    return config, tok
+
+
+def _describe(sizes: dict) -> str:
+    return ", ".join(f"{label} {sizes.get(key)}" for key, label in _SIZE_FIELDS.items())
 
 
 def write_demo_checkpoint_from_args(path: str | Path, args) -> bool:
-    """Write the demo checkpoint sized by the CLI's `--layers/--hidden-size/...` unless `path` has one; True if written."""
-    if (Path(path) / "config.json").exists():
+    """Write the demo checkpoint sized by the CLI's `--layers/--hidden-size/...` unless `path` has one.
+
+    A checkpoint already there (a `--dir`/`--work` used before) is reused only if it has the sizes and dtype asked
+    for, and never overwritten: it may not be one the demo wrote, and the shards split from it are beside it.
+
+    Args:
+        path (`str` or `os.PathLike`): The checkpoint folder.
+        args (`argparse.Namespace`): `layers`, `hidden_size`, `intermediate_size`, `vocab_size` and `dtype`.
+
+    Returns:
+        `bool`: `True` if it was written, `False` if the one there was reused.
+
+    Raises:
+        `ValueError`: `path` holds a checkpoint of other sizes or dtype (both are named), or `dtype` is unknown.
+    """
+    checkpoint_dtype(args.dtype)
+    config_file = Path(path) / "config.json"
+    if config_file.exists():
+        config, _ = _demo_config(args.layers, args.hidden_size, args.intermediate_size, args.vocab_size)
+        wanted = {key: getattr(config, key) for key in _SIZE_FIELDS if key != "dtype"}
+        wanted["dtype"] = args.dtype
+        stored = json.loads(config_file.read_text())
+        stored.setdefault("dtype", stored.get("torch_dtype"))  # (the name before transformers 5)
+        found = {key: stored.get(key) for key in _SIZE_FIELDS}
+        if found != wanted:
+            raise ValueError(
+                f"{path} already holds a checkpoint of {_describe(found)}, not the {_describe(wanted)} asked for; "
+                f"pass another folder, or empty {Path(path).parent} to start anew (nothing in it is overwritten: the "
+                "shards there were split from the checkpoint there)."
+            )
         return False
     write_demo_checkpoint(
         path,
@@ -96,15 +174,18 @@ def run_demo(args) -> int:
     from .engine import check_device
     from .split import split_checkpoint
 
+    checkpoint_dtype(args.dtype)  # (a typo fails before anything is written)
     work = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="hf_layerstream_demo_"))
     try:
         ckpt = work / "checkpoint"
         shards = work / "shards"
-        if not (ckpt / "config.json").exists():
-            print(
-                f"1. writing a random-weight Llama-shaped checkpoint ({args.layers} layers, hidden {args.hidden_size}) to {ckpt}"
-            )
-            write_demo_checkpoint_from_args(ckpt, args)
+        sizes = f"{args.layers} layers, hidden {args.hidden_size}"
+        reused = (ckpt / "config.json").exists()
+        if not reused:
+            print(f"1. writing a random-weight Llama-shaped checkpoint ({sizes}) to {ckpt}")
+        write_demo_checkpoint_from_args(ckpt, args)  # (one already there is checked against the sizes asked for)
+        if reused:
+            print(f"1. reusing the checkpoint in {ckpt} ({sizes})")
         size = sum(p.stat().st_size for p in ckpt.glob("*.safetensors"))
         print(f"   checkpoint: {_human(size)} of weights")
         print(f"2. splitting it into one file per decoder layer: {shards}")

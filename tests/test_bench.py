@@ -90,6 +90,9 @@ def test_bench_demo_json_and_table(tmp_path, capsys):
         (["--paired-calls", "-1"], "--paired-calls"),
         (["--assistant", "/nonexistent/draft"], "--assistant"),
         (["--device", "tpu"], "`device` 'tpu' is not a valid torch device"),
+        (["--dtype", "bfloat61"], "`--dtype` 'bfloat61' is not a checkpoint dtype"),
+        (["some/shards"], "either SOURCE ('some/shards') or `--demo`"),
+        (["--checkpoint", "some/ckpt"], "`--checkpoint` is not used with `--demo`"),
         pytest.param(
             ["--device", "cuda"],
             "CUDA is not available",
@@ -98,8 +101,48 @@ def test_bench_demo_json_and_table(tmp_path, capsys):
     ],
 )
 def test_bench_rejects_bad_options(tmp_path, capsys, extra, message):
-    assert main(["bench", "--demo", *TINY, "--work", str(tmp_path), *extra]) == 2
+    """Refused before any work (a SOURCE or `--checkpoint` beside `--demo` was ignored: the demo model was measured)."""
+    quick = ["--systems", "streamed", "--modes", "warm", "--paired-calls", "0", "--max-new-tokens", "2"]
+    assert main(["bench", "--demo", *TINY, "--work", str(tmp_path), *quick, *extra]) == 2
     assert message in capsys.readouterr().err
+    assert not (tmp_path / "checkpoint").exists()
+
+
+def test_bench_refuses_a_checkpoint_beside_a_checkpoint_source(tmp_path, capsys):
+    """`--checkpoint` only serves a SOURCE that is a shard directory; beside a checkpoint it was silently ignored."""
+    import _models
+
+    ckpt = _models.save_tiny_checkpoint("llama", tmp_path / "ckpt")
+    argv = ["bench", str(ckpt), "--checkpoint", str(ckpt), "--work", str(tmp_path / "w"), "--systems", "streamed"]
+    assert main([*argv, "--modes", "warm", "--paired-calls", "0", "--max-new-tokens", "2"]) == 2
+    assert "`--checkpoint` is only used when SOURCE is a shard directory" in capsys.readouterr().err
+    assert not (tmp_path / "w" / "shards").exists()
+
+
+def test_bench_demo_refuses_a_work_folder_holding_a_checkpoint_of_other_sizes(tmp_path, capsys):
+    """`bench --demo --work W` measured the checkpoint already in W, whatever the size options said."""
+    from hf_layerstream.demo import write_demo_checkpoint
+
+    write_demo_checkpoint(tmp_path / "checkpoint", layers=2, hidden_size=64, intermediate_size=128, vocab_size=256)
+    argv = ["bench", "--demo", *TINY, "--work", str(tmp_path), "--systems", "streamed", "--modes", "warm"]
+    assert main([*argv, "--paired-calls", "0", "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a checkpoint of layers 2, hidden 64" in err and "not the layers 3, hidden 64" in err
+    assert not (tmp_path / "shards").exists()
+
+
+def test_bench_help_points_to_the_readme(capsys):
+    """The demo model is described in the README's Performance section (there is no BENCHMARKS.md)."""
+    from pathlib import Path
+
+    import hf_layerstream.bench as bench_module
+
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    text = " ".join((capsys.readouterr().out + bench_module.__doc__).split())  # (help is wrapped to the terminal)
+    assert "BENCHMARKS.md" not in text and text.count("README's Performance section") == 2
+    readme = Path(bench_module.__file__).parents[1] / "README.md"
+    assert "\n## Performance\n" in readme.read_text()
 
 
 def test_bench_needs_a_source(capsys):
