@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from . import __version__
@@ -122,16 +123,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template to the prompt")
     p.add_argument("--input", default=None, help="JSONL of prompts (batched, resumable); needs --output")
-    p.add_argument("--output", default=None, help="JSONL results, appended as each prompt finishes")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per sweep with --input")
+    p.add_argument("--output", default=None, help="JSONL results, appended as each prompt finishes (with --input)")
+    p.add_argument("--batch-size", type=int, default=None, help="prompts per sweep with --input (default 8)")
     p.add_argument("--assistant", default=None, help="small draft model (folder or hub id) for assisted decoding")
     p.add_argument(
         "--num-assistant-tokens",
         type=int,
-        default=8,
-        help="draft tokens proposed per verification sweep at first; +2 after a fully accepted block, -1 otherwise, "
-        "and never cut short by the draft's confidence (transformers' own default: up to 20, cut short when the "
-        "draft is unsure)",
+        default=None,
+        help="with --assistant: draft tokens proposed per verification sweep at first (default 8); +2 after a fully "
+        "accepted block, -1 otherwise, and never cut short by the draft's confidence (transformers' own default: up "
+        "to 20, cut short when the draft is unsure)",
     )
     p.add_argument("--prompt-lookup", type=int, default=None, metavar="N", help="prompt-lookup decoding with N tokens")
     p.add_argument("--profile", action="store_true", help="print per-layer timings after generating")
@@ -173,9 +174,57 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _prompt_from_leftovers(leftovers: list[str]) -> tuple[str | None, list[str]]:
+    """`generate`'s PROMPT among the arguments argparse left over, and what is left after it.
+
+    argparse fills an optional positional from the first run of positionals only, so in `generate SHARD_DIR
+    --max-new-tokens 3 PROMPT` the prompt is left over. The first leftover that is not an option (or the one after
+    `--`) is taken as the prompt.
+
+    Args:
+        leftovers (`list[str]`): What `parse_known_args` did not match.
+
+    Returns:
+        `(prompt or None, the other leftovers)`.
+    """
+    for i, arg in enumerate(leftovers):
+        if arg == "--":  # everything after it is positional
+            if i + 1 < len(leftovers):
+                return leftovers[i + 1], leftovers[:i] + leftovers[i + 2 :]
+            break
+        if not arg.startswith("-"):
+            return arg, leftovers[:i] + leftovers[i + 1 :]
+    return None, leftovers
+
+
+def _stdout_to_devnull() -> None:
+    """After a broken pipe: point stdout at /dev/null so the flush at exit does not fail again (the Python docs' Note
+    on SIGPIPE). Nothing to do where stdout is not a file descriptor (captured in tests)."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the `hf-layerstream` command line.
+
+    Args:
+        argv (`list[str]`, *optional*): The arguments (default: `sys.argv[1:]`).
+
+    Returns:
+        `int`: The exit status: 0 on success, 1 when a check failed (or stdout was closed early: a broken pipe), 2
+        for a usage error or a one-line error, 130 on Ctrl-C.
+    """
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, leftovers = parser.parse_known_args(argv)
+    if args.command == "generate" and args.prompt is None and leftovers:
+        args.prompt, leftovers = _prompt_from_leftovers(leftovers)
+    if leftovers:  # what `parse_args` would have refused
+        parser.error(f"unrecognized arguments: {' '.join(leftovers)}")
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
@@ -188,8 +237,14 @@ def main(argv: list[str] | None = None) -> int:
     }
     handler = handlers.get(args.command) or getattr(args, "handler", None)
     try:
-        return int(handler(args) or 0)
-    except (ValueError, FileNotFoundError, TypeError, OSError, NotImplementedError) as e:
+        status = int(handler(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here rather than at exit, where it could not be handled
+        return status
+    except BrokenPipeError:  # stdout closed early (`| head`): quietly, as the Python docs recommend
+        _stdout_to_devnull()
+        return 1
+    # (ImportError: an optional dependency is missing; the message says what to install)
+    except (ValueError, FileNotFoundError, TypeError, OSError, NotImplementedError, ImportError) as e:
         print(f"hf-layerstream {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -270,6 +325,14 @@ def _cmd_generate(args) -> int:
         raise ValueError("Pass either a PROMPT or `--input` (a JSONL file of prompts), not both.")
     if args.input and not args.output:
         raise ValueError("`--input` needs `--output` (results are appended there as each prompt finishes).")
+    # options that do nothing without their partner: refused rather than silently ignored
+    for option, value, partner, needed in (
+        ("--output", args.output, "--input", args.input),
+        ("--batch-size", args.batch_size, "--input", args.input),
+        ("--num-assistant-tokens", args.num_assistant_tokens, "--assistant", args.assistant),
+    ):
+        if value is not None and not needed:
+            raise ValueError(f"`{option}` only applies with `{partner}`; pass `{partner}` too, or drop `{option}`.")
 
     model = load_streamed_model(
         args.shard_dir,
@@ -298,7 +361,8 @@ def _cmd_generate(args) -> int:
         from .speculative import configure_draft
 
         draft = AutoModelForCausalLM.from_pretrained(args.assistant).to(model.device).eval()
-        gen_kwargs["assistant_model"] = configure_draft(draft, num_assistant_tokens=args.num_assistant_tokens)
+        tokens = 8 if args.num_assistant_tokens is None else args.num_assistant_tokens
+        gen_kwargs["assistant_model"] = configure_draft(draft, num_assistant_tokens=tokens)
         # transformers takes a draft of another vocabulary size for one with another tokenizer: it then translates
         # through both tokenizers (universal assisted decoding) and refuses `assistant_tokenizer` otherwise
         if draft.config.get_text_config().vocab_size != model.config.get_text_config().vocab_size:
@@ -311,13 +375,21 @@ def _cmd_generate(args) -> int:
     if args.input:
         from .batch import generate_jsonl
 
-        stats = generate_jsonl(
-            model, tok, args.input, args.output, batch_size=args.batch_size, chat=args.chat, **gen_kwargs
-        )
-        print(json.dumps(stats), file=sys.stderr)
+        batch_size = 8 if args.batch_size is None else args.batch_size
         state = get_streaming_state(model)
-        if args.profile and state.profile is not None:
-            print(state.profile.summary(), file=sys.stderr)
+        # the profile restarts at every generate call (one per batch): sum them into one for the whole job
+        job = _JobProfile(model, state) if args.profile and state.profile is not None else None
+        try:
+            stats = generate_jsonl(
+                model, tok, args.input, args.output, batch_size=batch_size, chat=args.chat, **gen_kwargs
+            )
+        finally:
+            if job is not None:
+                job.stop()
+        print(json.dumps(stats), file=sys.stderr)
+        if job is not None:
+            print(f"profile of the whole job ({job.calls} generate calls):", file=sys.stderr)
+            print(job.profile.summary(), file=sys.stderr)
         return 0
 
     # (from standard input: without the newline that ends the piped text)
@@ -341,6 +413,54 @@ def _cmd_generate(args) -> int:
     if args.profile and state.profile is not None:
         print(state.profile.summary(), file=sys.stderr)
     return 0
+
+
+class _JobProfile:
+    """Sums the per-call profiles of every `generate` call made while it is on (a job of several batches).
+
+    A streamed model's profile restarts at each `generate` call; this wraps the model's `generate` (until `stop`)
+    and adds each call's profile, layer by layer, into one [`~engine.Profile`], whose wall time runs from this
+    object's creation (the job's start) to the summary.
+
+    Args:
+        model (`nn.Module`): The streamed model.
+        state (`StreamingState`): Its streaming state (`get_streaming_state(model)`), profiling on.
+    """
+
+    def __init__(self, model, state):
+        from .engine import Profile
+
+        self.model, self.state = model, state
+        self.profile = Profile()  # (its clock starts now: the wall time is the job's)
+        self.calls = 0
+        self.had_own = "generate" in vars(model)
+        self.original = model.generate
+        original = self.original
+
+        def generate(*args, **kwargs):
+            try:
+                return original(*args, **kwargs)
+            finally:  # (the streamed generate has just stored this call's profile in `last_profile`)
+                self._add(state.last_profile)
+
+        model.generate = generate
+
+    def _add(self, call: dict | None) -> None:
+        if not call:
+            return
+        self.calls += 1
+        for index, times in call["layers"].items():
+            self.profile.add(index, **times)
+        for part, times in call["host_resident"].items():
+            self.profile.add_host_resident(part, **times)
+        self.profile.forward_calls += call["totals"]["forward_calls"]
+
+    def stop(self) -> None:
+        """Put the model's `generate` back as it was."""
+        if self.had_own:
+            self.model.generate = self.original
+        else:  # pragma: no cover - a streamed model always has its own
+            del self.model.generate
 
 
 def _cmd_demo(args) -> int:

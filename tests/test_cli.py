@@ -84,12 +84,92 @@ def test_generate_prompt_from_stdin(split_dir, capsys, monkeypatch):
 
 
 def test_generate_from_a_jsonl_file_prints_its_profile(split_dir, tmp_path, capsys):
+    """`--profile` with `--input` covers the whole job: every batch's generate call, not only the last one's (the
+    profile restarts at each call)."""
     _, shards = split_dir
-    (tmp_path / "in.jsonl").write_text(json.dumps({"id": 1, "prompt": "Hello"}) + "\n")
+    lines = [json.dumps({"id": i, "prompt": p}) for i, p in enumerate(_models.SAMPLE_PROMPTS[:3])]
+    (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
     argv = ["generate", str(shards), "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl")]
-    assert main([*argv, "--max-new-tokens", "2", "--device", "cpu", "--profile"]) == 0
+    argv += ["--batch-size", "1", "--max-new-tokens", "2", "--device", "cpu", "--profile"]
+    assert main(argv) == 0
     err = capsys.readouterr().err
-    assert '"generated": 1' in err and "layer" in err.split('"generated": 1', 1)[1]
+    stats = json.loads(next(line for line in err.splitlines() if line.startswith("{")))
+    assert stats["generated"] == 3 and stats["batches"] == 3
+    profile = err.split(json.dumps(stats), 1)[1]
+    # one forward call per sweep of the model, in all three batches (2 tokens each)
+    assert stats["sweeps"] == 6 and f"forward calls: {stats['sweeps']}," in profile
+    assert "profile of the whole job (3 generate calls):" in profile and "compute" in profile and "wait" in profile
+
+
+@pytest.mark.parametrize(
+    "between",
+    [["--max-new-tokens", "4"], ["--chat", "--max-new-tokens", "4"], ["--max-new-tokens", "4", "--"]],
+    ids=["after-an-option", "after-a-flag", "after-dashes"],
+)
+def test_generate_prompt_after_options(split_dir, capsys, between):
+    """`generate SHARD_DIR --max-new-tokens 4 PROMPT`: a prompt after the options is the prompt (argparse fills an
+    optional positional from the first run of positionals only, and refused it as an unrecognized argument)."""
+    ckpt, shards = split_dir
+    prompt = _models.SAMPLE_PROMPTS[0]
+    assert main(["generate", str(shards), "--device", "cpu", *between, prompt]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(prompt)
+    if "--chat" not in between:  # (the chat template changes what the model sees)
+        assert out[len(prompt) :].strip() == _greedy_text(ckpt, prompt, 4).strip()
+
+
+@pytest.mark.parametrize(
+    "argv, leftover",
+    [
+        (["generate", "{shards}", "--max-new-tokens", "3", "Once", "upon"], "upon"),
+        (["generate", "{shards}", "hi", "--max-new-tokens", "3", "there"], "there"),
+        (["generate", "{shards}", "--bogus", "hi"], "--bogus"),
+        (["inspect", "{shards}", "extra"], "extra"),
+    ],
+    ids=["second-word", "prompt-given", "unknown-option", "other-command"],
+)
+def test_other_leftover_arguments_are_usage_errors(split_dir, capsys, argv, leftover):
+    _, shards = split_dir
+    with pytest.raises(SystemExit) as e:
+        main([a.format(shards=shards) for a in argv])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.endswith(f"error: unrecognized arguments: {leftover}\n")
+
+
+def test_missing_bitsandbytes_is_a_one_line_error(split_dir, tmp_path, monkeypatch, capsys):
+    """Quantized shards without bitsandbytes (an optional extra): the CLI's one-line error with the install hint,
+    not a traceback."""
+    pytest.importorskip("bitsandbytes")
+    ckpt, _ = split_dir
+    assert main(["split", str(ckpt), str(tmp_path / "q4"), "--compression", "4bit", "--quiet"]) == 0
+    capsys.readouterr()
+    for name in ("bitsandbytes", "bitsandbytes.functional"):  # (as if not installed: importing it fails)
+        monkeypatch.setitem(sys.modules, name, None)
+    assert main(["generate", str(tmp_path / "q4"), "hi", "--max-new-tokens", "2", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hf-layerstream generate: error: This shard directory is quantized")
+    assert "pip install bitsandbytes" in err and len(err.splitlines()) == 1
+
+
+def test_quant_type_is_case_insensitive(split_dir, tmp_path, capsys):
+    pytest.importorskip("bitsandbytes")
+    ckpt, _ = split_dir
+    argv = ["split", str(ckpt), str(tmp_path / "q4"), "--compression", "4bit", "--quant-type", "FP4", "--quiet"]
+    assert main(argv) == 0, capsys.readouterr().err
+    manifest = json.loads((tmp_path / "q4" / "manifest.json").read_text())
+    assert manifest["compression"]["quant_type"] == "fp4"
+
+
+def test_closed_stdout_ends_quietly(split_dir):
+    """`generate ... | head -c 3`: once the reader is gone, no "Broken pipe" error and no traceback; exit status 1
+    with stdout sent to /dev/null, as the Python docs' Note on SIGPIPE recommends."""
+    _, shards = split_dir
+    cmd = [sys.executable, "-m", "hf_layerstream", "generate", str(shards), "Once upon", "--device", "cpu"]
+    proc = subprocess.Popen([*cmd, "--max-new-tokens", "4"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # (before it writes anything: its imports alone take longer)
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 1, err
+    assert "Broken pipe" not in err and "Traceback" not in err and "Exception ignored" not in err
 
 
 def test_generate_errors_are_clear(tmp_path, capsys):
@@ -106,8 +186,25 @@ def test_generate_errors_are_clear(tmp_path, capsys):
         (["generate", "{shards}", "hi", "--assistant", "{ckpt}", "--prompt-lookup", "3"], "either `--assistant` or"),
         (["generate", "{shards}", "hi", "--input", "{tmp}/in.jsonl", "--output", "{tmp}/o"], "either a PROMPT or"),
         (["generate", "{shards}", "hi", "--prompt-lookup", "0"], "`--prompt-lookup` must be a positive"),
+        (["generate", "{shards}", "hi", "--output", "{tmp}/o"], "`--output` only applies with `--input`"),
+        (["generate", "{shards}", "hi", "--batch-size", "4"], "`--batch-size` only applies with `--input`"),
+        (["generate", "{shards}", "hi", "--num-assistant-tokens", "4"], "`--num-assistant-tokens` only applies with"),
+        (["demo", "--dtype", "bfloat61"], "`--dtype` 'bfloat61' is not a checkpoint dtype"),
+        (["split", "{ckpt}", "{tmp}/out", "--quant-type", "fp4"], "quant_type='fp4' only applies to quantized shards"),
     ],
-    ids=["generate-dtype", "inspect-max-memory", "split-dtype", "assistant-and-lookup", "prompt-and-input", "lookup-0"],
+    ids=[
+        "generate-dtype",
+        "inspect-max-memory",
+        "split-dtype",
+        "assistant-and-lookup",
+        "prompt-and-input",
+        "lookup-0",
+        "output-without-input",
+        "batch-size-without-input",
+        "draft-tokens-without-assistant",
+        "demo-dtype",
+        "quant-type-without-compression",
+    ],
 )
 def test_bad_option_values_are_clear_errors(split_dir, tmp_path, capsys, argv, message):
     """A misspelled value fails with the CLI's one-line error and exit status 2, not a traceback (or, for split's
@@ -116,7 +213,7 @@ def test_bad_option_values_are_clear_errors(split_dir, tmp_path, capsys, argv, m
     argv = [a.format(shards=shards, ckpt=ckpt, tmp=tmp_path) for a in argv]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
-    assert not (tmp_path / "out" / "manifest.json").exists()
+    assert not (tmp_path / "out" / "manifest.json").exists() and not (tmp_path / "o").exists()
 
 
 def test_a_trailing_comma_in_max_memory_is_harmless(split_dir, capsys):
@@ -220,3 +317,24 @@ def test_demo_runs_both_systems_on_one_device(tmp_path, monkeypatch, capsys):
     assert [s["device"] for s in specs] == ["cuda:0", "cuda:0"]
     assert specs[1]["max_memory"] == {0: "0", "cpu": "0"}
     assert "streamed (max_memory=0=0,cpu=0)" in capsys.readouterr().out
+
+
+def test_demo_refuses_a_folder_holding_a_checkpoint_of_other_sizes(tmp_path, monkeypatch, capsys):
+    """`demo --dir D` a second time with other sizes: refused, naming both (it measured the old checkpoint, ignoring
+    the sizes); the same sizes reuse it."""
+    import hf_layerstream._measure as measure
+
+    monkeypatch.setattr(measure, "run_child", lambda spec: {"tokens": [1], "s_per_token": 0.1, "peak_rss": 2**20})
+    tiny = ["--hidden-size", "64", "--intermediate-size", "128", "--vocab-size", "256", "--max-new-tokens", "2"]
+    argv = ["demo", "--dir", str(tmp_path), "--device", "cpu", *tiny]
+    assert main([*argv, "--layers", "2"]) == 0
+    capsys.readouterr()
+    assert main([*argv, "--layers", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a checkpoint of layers 2, hidden 64, intermediate 128, vocab 256, dtype bfloat16" in err
+    assert "not the layers 3, hidden 64, intermediate 128, vocab 256, dtype bfloat16 asked for" in err
+    assert main([*argv, "--layers", "2", "--dtype", "float32"]) == 2
+    assert "dtype float32 asked for" in capsys.readouterr().err
+    assert json.loads((tmp_path / "checkpoint" / "config.json").read_text())["num_hidden_layers"] == 2  # untouched
+    assert main([*argv, "--layers", "2"]) == 0
+    assert "1. reusing the checkpoint" in capsys.readouterr().out
