@@ -270,6 +270,15 @@ def test_jamba_computing_with_its_time_step_projections_weight_runs_per_module(t
     assert torch.equal(out["module"], out["layer"])
 
 
+def _streamed_logits(ckpt, shards, ids, **kwargs) -> torch.Tensor:
+    """The logits of `ids` through a model streaming every layer from `shards` (disabled after)."""
+    model = streamed_model(ckpt, shards, max_memory={"cpu": 0}, **kwargs)
+    with torch.no_grad():
+        out = model(ids).logits
+    disable_layer_streaming(model)
+    return out
+
+
 @pytest.mark.parametrize(
     "model_type, dtype",
     [("deepseek_v3", torch.bfloat16), ("gpt_oss", torch.float16)],
@@ -292,21 +301,14 @@ def test_weights_transformers_keeps_in_float32_stay_float32(tmp_path, model_type
     with torch.no_grad():
         expected = ref(ids).logits
 
-    def logits(shards, **kwargs):
-        model = streamed_model(ckpt, shards, max_memory={"cpu": 0}, **kwargs)
-        with torch.no_grad():
-            out = model(ids).logits
-        disable_layer_streaming(model)
-        return out
-
     full = split_checkpoint(ckpt, tmp_path / "full", progress=False)
-    assert torch.equal(logits(full, dtype=dtype), expected)
+    assert torch.equal(_streamed_logits(ckpt, full, ids, dtype=dtype), expected)
     cast = split_checkpoint(ckpt, tmp_path / "cast", dtype=dtype, progress=False)
     stored = {n: t.dtype for u in ShardDirectory(cast).manifest.units.values() for n, t in u.tensors.items()}
     assert {n for n, d in stored.items() if d == torch.float32 and ".layers." in n} == {
         n for n in kept if ".layers." in n and n in stored
     }
-    assert torch.equal(logits(cast), expected)
+    assert torch.equal(_streamed_logits(ckpt, cast, ids), expected)
     # a checkpoint stored at that dtype, streamed as stored: the kept weights go up to float32, as "auto" loads them
     low = _models.save_tiny_checkpoint(_config(model_type), tmp_path / "low", dtype=dtype)
     with torch.no_grad():
@@ -339,21 +341,13 @@ def test_weights_a_model_creates_in_float32_stay_float32(tmp_path):
     with torch.no_grad():
         expected = ref(ids).logits
 
-    def logits(shards, **kwargs):
-        model = streamed_model(ckpt, shards, max_memory={"cpu": 0}, **kwargs)
-        with torch.no_grad():
-            out = model(ids).logits
-        disable_layer_streaming(model)
-        return out
-
-    assert torch.equal(
-        logits(split_checkpoint(ckpt, tmp_path / "full", progress=False), dtype=torch.bfloat16), expected
-    )
+    full = split_checkpoint(ckpt, tmp_path / "full", progress=False)
+    assert torch.equal(_streamed_logits(ckpt, full, ids, dtype=torch.bfloat16), expected)
     cast = split_checkpoint(ckpt, tmp_path / "cast", dtype=torch.bfloat16, progress=False)
     stored = ShardDirectory(cast).unit("layers.0").tensors
     assert stored["model.layers.0.linear_attn.A_log"].dtype == torch.float32
     assert stored["model.layers.0.linear_attn.a_proj.weight"].dtype == torch.bfloat16
-    assert torch.equal(logits(cast), expected)
+    assert torch.equal(_streamed_logits(ckpt, cast, ids), expected)
 
 
 # --- vision-language models: the language model's layers are streamed, the vision encoder stays resident ----------
