@@ -959,14 +959,14 @@ class LayerLoader:
         self.release(index)  # (nothing to release, unless this layer's last forward pass raised before its release)
         t0 = time.perf_counter()
         tier = self.plan.tier(index)
-        future = None
+        future, prefetched, in_place = None, False, False
         if tier != "device":
             with self._lock:
                 future = self._pending.pop(index, None)
-        prefetched = future is not None
-        in_place = tier != "device" and future is None and self._maps_in_place(index)
-        if tier != "device" and future is None and not in_place:
-            future = self._submit(index)
+            prefetched = future is not None
+            in_place = future is None and self._maps_in_place(index)
+            if future is None and not in_place:
+                future = self._submit(index)
         try:
             if tier == "device":  # (kept: loaded at its first use, then held)
                 ready = _Ready(self.kept(index))

@@ -276,15 +276,14 @@ def parameter_owners(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
 def _is_matrix_weight(name: str, tensor: torch.Tensor, owner: torch.nn.Module) -> bool:
     """What transformers' own bitsandbytes path would quantize: `nn.Linear` (or GPT-2's `Conv1D`) weights, and the
     3-D fused expert weights of an experts module. Not: routers' or SSM parameters held as bare 2-D tensors (Mamba's
-    `A_log`), 2-D expert biases (gpt-oss's `gate_up_proj_bias`), convolution kernels (Mamba's depthwise `conv1d`)."""
+    `A_log`), convolution kernels (Mamba's depthwise `conv1d`). (Biases, 2-D ones such as gpt-oss's
+    `gate_up_proj_bias` too, `should_quantize` keeps before asking.)"""
     attr = name.rpartition(".")[2]
     if tensor.dim() == 2:
         from transformers.pytorch_utils import Conv1D
 
         return attr == "weight" and isinstance(owner, (torch.nn.Linear, Conv1D))
-    return (
-        not isinstance(owner, torch.nn.modules.conv._ConvNd) and not attr.endswith("bias") and min(tensor.shape[1:]) > 1
-    )
+    return not isinstance(owner, torch.nn.modules.conv._ConvNd) and min(tensor.shape[1:]) > 1
 
 
 def should_quantize(
