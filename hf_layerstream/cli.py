@@ -433,7 +433,6 @@ class _JobProfile:
         self.model, self.state = model, state
         self.profile = Profile()  # (its clock starts now: the wall time is the job's)
         self.calls = 0
-        self.had_own = "generate" in vars(model)
         self.original = model.generate
         original = self.original
 
@@ -456,11 +455,8 @@ class _JobProfile:
         self.profile.forward_calls += call["totals"]["forward_calls"]
 
     def stop(self) -> None:
-        """Put the model's `generate` back as it was."""
-        if self.had_own:
-            self.model.generate = self.original
-        else:  # pragma: no cover - a streamed model always has its own
-            del self.model.generate
+        """Put the model's `generate` back: streaming's own wrapper (every streamed model has one)."""
+        self.model.generate = self.original
 
 
 def _cmd_demo(args) -> int:
