@@ -19,6 +19,7 @@ import struct
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -528,18 +529,9 @@ _TAGS = {v: k for k, v in _DTYPES.items()}
 DATA_ALIGN = 64
 
 
-def serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytearray:
-    """A safetensors file as bytes, byte-for-byte deterministic (readable by `safetensors` and every other tool).
-
-    `safetensors.torch.save` writes `__metadata__` in hash-map order, which changes from one process to the next:
-    two splits of the same checkpoint would differ in their first bytes, and a resumed split would not be
-    byte-identical to an uninterrupted one. Here the metadata keys are sorted; the header is padded with spaces (as
-    the format allows) so that the data region starts at a multiple of `DATA_ALIGN` bytes; tensors whose size is a
-    multiple of `DATA_ALIGN` come first (each then starts at such a multiple), the others after them by decreasing
-    element size (each aligned to its element size), each group by name. In a memory map of the file, every weight
-    matrix of a usual model then starts on a cache line, as it does in memory torch allocates: matrix-vector products
-    over weights 8 bytes off a cache line ran 8-10% slower here (bf16, 2048 x 8192).
-    """
+def _layout(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> tuple[bytes, list[str], int]:
+    """The file's first bytes (header length and padded header), the order of the tensors after it, and the file's
+    size (see `serialize`)."""
     order = sorted(tensors, key=lambda n: (bool(tensors[n].nbytes % DATA_ALIGN), -tensors[n].element_size(), n))
     header: dict[str, object] = {}
     if metadata:
@@ -554,16 +546,39 @@ def serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None 
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-(8 + len(raw)) % DATA_ALIGN)
-    out = bytearray(8 + len(raw) + offset)
-    out[:8] = struct.pack("<Q", len(raw))
-    out[8 : 8 + len(raw)] = raw
-    start = 8 + len(raw)
+    head = struct.pack("<Q", len(raw)) + raw
+    return head, order, len(head) + offset
+
+
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    """A tensor's bytes as they are stored (row-major, little-endian), without a copy where it is a contiguous CPU
+    tensor."""
+    t = t.detach().to("cpu").contiguous()
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytearray:
+    """A safetensors file as bytes, byte-for-byte deterministic (readable by `safetensors` and every other tool).
+
+    `safetensors.torch.save` writes `__metadata__` in hash-map order, which changes from one process to the next:
+    two splits of the same checkpoint would differ in their first bytes, and a resumed split would not be
+    byte-identical to an uninterrupted one. Here the metadata keys are sorted; the header is padded with spaces (as
+    the format allows) so that the data region starts at a multiple of `DATA_ALIGN` bytes; tensors whose size is a
+    multiple of `DATA_ALIGN` come first (each then starts at such a multiple), the others after them by decreasing
+    element size (each aligned to its element size), each group by name. In a memory map of the file, every weight
+    matrix of a usual model then starts on a cache line, as it does in memory torch allocates: matrix-vector products
+    over weights 8 bytes off a cache line ran 8-10% slower here (bf16, 2048 x 8192).
+
+    [`atomic_write_safetensors`] writes the same bytes to a file without holding them in memory.
+    """
+    head, order, size = _layout(tensors, metadata)
+    out = bytearray(size)
+    out[: len(head)] = head
+    start = len(head)
     for name in order:
-        t = tensors[name].detach().to("cpu").contiguous()
-        nbytes = t.numel() * t.element_size()
-        if nbytes:
-            out[start : start + nbytes] = t.reshape(-1).view(torch.uint8).numpy().tobytes()
-        start += nbytes
+        data = _tensor_bytes(tensors[name])
+        out[start : start + len(data)] = data
+        start += len(data)
     return out
 
 
@@ -581,15 +596,6 @@ def sha256_file(path: str | os.PathLike, chunk: int = 16 * 1024 * 1024) -> str:
 SAMPLE_BYTES = 64 * 1024
 
 
-def sample_digest_bytes(data: bytes | memoryview) -> str:
-    """[`sample_digest`] of bytes in memory (what the writer records)."""
-    data = memoryview(data).cast("B")
-    h = hashlib.sha256(len(data).to_bytes(8, "little"))
-    h.update(data[:SAMPLE_BYTES])
-    h.update(data[max(len(data) - SAMPLE_BYTES, SAMPLE_BYTES) :])
-    return h.hexdigest()
-
-
 def sample_digest(path: str | os.PathLike) -> str:
     """A cheap content fingerprint: SHA-256 of the size, the first and the last 64 KiB of the file (hex).
 
@@ -598,15 +604,28 @@ def sample_digest(path: str | os.PathLike) -> str:
     needs [`sha256_file`] (`ShardDirectory.verify()` / `hf-layerstream verify`).
     """
     with open(path, "rb", buffering=0) as f:
-        size = os.fstat(f.fileno()).st_size
-        head = f.read(min(size, SAMPLE_BYTES))
-        tail_start = max(size - SAMPLE_BYTES, SAMPLE_BYTES)
-        f.seek(tail_start)
-        tail = f.read(size - tail_start) if size > tail_start else b""
+        return _sample_digest_fd(f.fileno())
+
+
+def _sample_digest_fd(fd: int) -> str:
+    size = os.fstat(fd).st_size
+    tail_start = max(size - SAMPLE_BYTES, SAMPLE_BYTES)
     h = hashlib.sha256(size.to_bytes(8, "little"))
-    h.update(head)
-    h.update(tail)
+    h.update(_pread_all(fd, min(size, SAMPLE_BYTES), 0))
+    h.update(_pread_all(fd, size - tail_start, tail_start) if size > tail_start else b"")
     return h.hexdigest()
+
+
+def _pread_all(fd: int, n: int, offset: int) -> bytes:
+    parts = []
+    while n > 0:
+        chunk = os.pread(fd, n, offset)
+        if not chunk:
+            raise OSError(errno.EIO, f"the file ended {n} bytes early")
+        parts.append(chunk)
+        n -= len(chunk)
+        offset += len(chunk)
+    return b"".join(parts)
 
 
 # errnos a directory fsync may legitimately return on filesystems that do not support it
@@ -654,13 +673,49 @@ def atomic_write_bytes(path: Path, data: bytes | memoryview) -> None:
     that looks complete but is not can appear under its final name. A process killed with SIGKILL may leave the
     hidden temporary file behind; [`remove_stale_tmp_files`] clears those (the split does, under its lock).
     """
+    view = memoryview(data).cast("B")
+    _atomic_write(path, lambda fd: _write_all(fd, view))
+
+
+def atomic_write_safetensors(
+    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None, *, consume: bool = False
+) -> tuple[int, str, str]:
+    """Write `serialize(tensors, metadata)` to `path` as [`atomic_write_bytes`] does, one tensor at a time: the file
+    is never held in memory (a 70B model's embeddings and head are 4 GiB; its bytes and a copy were 8 more).
+
+    Args:
+        consume (`bool`): Drop each tensor from `tensors` once it is written, so that its memory can be freed while
+            the rest are written.
+
+    Returns:
+        `tuple[int, str, str]`: The file's size, its SHA-256 ([`sha256_file`]) and its [`sample_digest`].
+    """
+    head, order, size = _layout(tensors, metadata)
+    digest = hashlib.sha256(head)
+    sample: list[str] = []
+
+    def body(fd: int) -> None:
+        _write_all(fd, memoryview(head))
+        for name in order:
+            data = _tensor_bytes(tensors.pop(name) if consume else tensors[name])
+            digest.update(data)
+            _write_all(fd, data)
+            del data
+        sample.append(_sample_digest_fd(fd))
+
+    _atomic_write(path, body, readable=True)
+    return size, digest.hexdigest(), sample[0]
+
+
+def _atomic_write(path: Path, body: Callable[[int], None], *, readable: bool = False) -> None:
+    """Write a file through `body(fd)` atomically (see [`atomic_write_bytes`]); `readable`: `fd` is also open for
+    reading."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_path_for(path)
-    view = memoryview(data).cast("B")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(tmp, (os.O_RDWR if readable else os.O_WRONLY) | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            _write_all(fd, view)
+            body(fd)
             os.fsync(fd)
         finally:
             os.close(fd)

@@ -17,13 +17,12 @@ import torch
 from . import __version__
 from ._safetensors import (
     atomic_write_bytes,
+    atomic_write_safetensors,
     dtype_to_str,
     fsync_dir,
     read_header,
     remove_stale_tmp_files,
     sample_digest,
-    sample_digest_bytes,
-    serialize,
     sha256_file,
     str_to_dtype,
 )
@@ -741,12 +740,10 @@ def split_checkpoint(
                 tensors = convert_unit(model, entries, src.load, plan.converters)
                 tensors = {k: tensors[k] for k in sorted(tensors)}
                 if dtype is not None:  # (what the model keeps in float32 or creates in another dtype keeps it)
-                    tensors = {
-                        k: v.to(torch.float32 if kept is not None and kept.search(k) else created.get(k, dtype))
-                        if v.is_floating_point()
-                        else v
-                        for k, v in tensors.items()
-                    }
+                    for k in list(tensors):  # (one at a time: each source tensor is freed once cast)
+                        if tensors[k].is_floating_point():
+                            to = torch.float32 if kept is not None and kept.search(k) else created.get(k, dtype)
+                            tensors[k] = tensors[k].to(to)
                 try:
                     done[unit] = _write_unit(
                         shard_dir, unit, tensors, scheme, quantize_tensor, should_quantize, split_digest=digest
@@ -902,12 +899,9 @@ def _adopt_unit_file(shard_dir: Path, unit: str, digest: str) -> UnitEntry | Non
         if meta.get("unit") != unit or meta.get("hf_layerstream.split") != digest:
             return None
         tensors = {k: TensorEntry.from_json(v) for k, v in json.loads(meta["hf_layerstream.tensors"]).items()}
-        data = path.read_bytes()
+        entry = UnitEntry(unit, rel, path.stat().st_size, sha256_file(path), tensors, sample_digest(path))
     except (OSError, ShardDirError, KeyError, TypeError, ValueError):
         return None
-    import hashlib
-
-    entry = UnitEntry(unit, rel, len(data), hashlib.sha256(data).hexdigest(), tensors, sample_digest_bytes(data))
     logger.info("Adopted %s, completed by an interrupted split", path)
     return entry
 
@@ -966,37 +960,39 @@ def _write_unit(
     *,
     split_digest: str | None = None,
 ) -> UnitEntry:
-    """Serialize one unit and write it atomically; the file carries its own unit record (see `_adopt_unit_file`)."""
+    """Serialize one unit and write it atomically; the file carries its own unit record (see `_adopt_unit_file`).
+    Consumes `tensors`: each one is dropped from it once stored, so a unit is held in memory about once."""
 
     index = unit_index(unit)
     rel = RESIDENT_FILE if index is None else layer_file(index)
     stored: dict[str, torch.Tensor] = {}
     entries: dict[str, TensorEntry] = {}
-    for name, tensor in tensors.items():
-        quantize = scheme is not None and should_quantize(name, tensor, scheme, is_embedding=unit == RESIDENT)
-        if quantize and not torch.isfinite(tensor).all():  # block-wise scales cannot hold inf / NaN
-            logger.warning("%s holds inf or NaN values; it is stored unquantized", name)
-            quantize = False
-        if quantize:
-            parts, meta = quantize_tensor(tensor, scheme)
-            meta = dict(meta)
-            meta["parts"] = {p: {"shape": list(v.shape), "dtype": dtype_to_str(v.dtype)} for p, v in parts.items()}
-            for part, value in parts.items():
-                stored[f"{name}::{part}"] = value.contiguous()
-            entries[name] = TensorEntry(tuple(tensor.shape), tensor.dtype, meta)
-        else:
-            stored[name] = tensor.contiguous()
-            entries[name] = TensorEntry(tuple(tensor.shape), tensor.dtype)
+    for name in list(tensors):
+        parts, entries[name] = _stored_form(name, tensors.pop(name), scheme, quantize_tensor, should_quantize, unit)
+        stored.update(parts)
     metadata = {"format": "pt", "unit": unit}
     if split_digest is not None:
         metadata["hf_layerstream.split"] = split_digest
         metadata["hf_layerstream.tensors"] = json.dumps({k: v.to_json() for k, v in entries.items()}, sort_keys=True)
-    data = serialize(stored, metadata)
-    path = shard_dir / rel
-    atomic_write_bytes(path, data)
-    import hashlib
+    size, sha256, sample = atomic_write_safetensors(shard_dir / rel, stored, metadata, consume=True)
+    return UnitEntry(unit, rel, size, sha256, entries, sample)
 
-    return UnitEntry(unit, rel, len(data), hashlib.sha256(data).hexdigest(), entries, sample_digest_bytes(data))
+
+def _stored_form(
+    name: str, tensor: torch.Tensor, scheme, quantize_tensor: Callable, should_quantize: Callable, unit: str
+) -> tuple[dict[str, torch.Tensor], TensorEntry]:
+    """How one tensor of `unit` is stored: its file tensors (itself, or its quantized parts) and its record."""
+    quantize = scheme is not None and should_quantize(name, tensor, scheme, is_embedding=unit == RESIDENT)
+    if quantize and not torch.isfinite(tensor).all():  # block-wise scales cannot hold inf / NaN
+        logger.warning("%s holds inf or NaN values; it is stored unquantized", name)
+        quantize = False
+    if not quantize:
+        return {name: tensor.contiguous()}, TensorEntry(tuple(tensor.shape), tensor.dtype)
+    parts, meta = quantize_tensor(tensor, scheme)
+    meta = dict(meta)
+    meta["parts"] = {p: {"shape": list(v.shape), "dtype": dtype_to_str(v.dtype)} for p, v in parts.items()}
+    stored = {f"{name}::{part}": value.contiguous() for part, value in parts.items()}
+    return stored, TensorEntry(tuple(tensor.shape), tensor.dtype, meta)
 
 
 __all__ = ["split_checkpoint", "sha256_file", "estimate_split_bytes"]

@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+from hf_layerstream import ShardDirectory
 from hf_layerstream.bench import format_report, measure_disk_bandwidth
 from hf_layerstream.cli import build_parser, main
 
@@ -525,6 +526,7 @@ def test_bench_asks_every_system_for_the_gpu_on_cuda(tmp_path, monkeypatch, caps
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (80 * 2**30, 80 * 2**30))
     h2d = {"bandwidth": 1e10, "bytes": 2**20, "seconds": 1e-4, "samples": [1e10]}
     monkeypatch.setattr(bench_module, "measure_h2d_bandwidth", lambda device: h2d)
     specs = []
@@ -550,6 +552,51 @@ def test_bench_asks_every_system_for_the_gpu_on_cuda(tmp_path, monkeypatch, caps
         "pinned host-to-device bandwidth: 10.00 GB/s" in out and "hf_layerstream (every layer in host RAM) warm " in out
     )
     assert out.count("failed: not run here") == 4
+
+
+@pytest.mark.parametrize("on_gpu", [False, True], ids=["host", "gpu"])  # (an id "cuda" would need a GPU)
+def test_the_whole_model_is_measured_in_memory_only_where_it_fits(tmp_path, monkeypatch, caplog, on_gpu):
+    """A model larger than RAM (or the GPU) is what streaming is for: the bench does not try to load it whole (a
+    killed row, or the machine swapping), says why, and measures ours without the warm reference. The children are
+    not run here; what they are asked to do is."""
+    import logging
+
+    import torch
+
+    from hf_layerstream import bench as bench_module
+    from hf_layerstream import engine
+
+    free = {"bytes": 2**40}
+    if on_gpu:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["bytes"], 2**40))
+        h2d = {"bandwidth": 1e10, "bytes": 2**20, "seconds": 1e-4, "samples": [1e10]}
+        monkeypatch.setattr(bench_module, "measure_h2d_bandwidth", lambda device: h2d)
+    else:
+        monkeypatch.setattr(engine, "available_host_memory", lambda: free["bytes"])
+    asked = []
+
+    def fake_run(spec, timeout):
+        asked.append(spec["system"])
+        return {"system": spec["system"], "batch": 1, "error": "not run here", "s_per_token": None, "tokens": None}
+
+    monkeypatch.setattr(bench_module, "_run", fake_run)
+    argv = ["bench", "--demo", *TINY, "--work", str(tmp_path), "--modes", "warm", "--paired-calls", "0"]
+    argv += ["--systems", "in_memory,streamed_disk", "--json"]
+    assert main(argv) == 0
+    assert asked == ["in_memory", "streamed"]
+    shards = ShardDirectory(tmp_path / "shards")
+    whole = shards.unit("resident").logical_nbytes + sum(
+        shards.unit(f"layers.{i}").logical_nbytes for i in range(shards.num_layers)
+    )
+    asked.clear()
+    free["bytes"] = int(whole / bench_module.FIT_SHARE) - 1  # just too little
+    with caplog.at_level(logging.WARNING, logger="hf_layerstream"):
+        assert main(argv) == 0
+    assert asked == ["streamed"]
+    assert "skipping the whole model in memory (in_memory)" in caplog.text
+    assert f"its weights ({whole / 1e9:.2f} GB) are more than 90%" in caplog.text
 
 
 def test_allowances_of_rows_dequantized_per_module_count_packed_layers_and_one_weight():

@@ -384,14 +384,16 @@ def _fail_on(monkeypatch, what: str, when: str, err: int):
     """Make the `what` step ("write", "fsync", "replace", "fsync_dir") of the write of a file named `when` fail."""
     real = {"write": st_mod._write_all, "fsync": os.fsync, "replace": os.replace, "fsync_dir": os.fsync}
     state = {"current": None, "fired": False}
-    real_atomic = st_mod.atomic_write_bytes
 
-    def atomic(path, data):
-        state["current"] = Path(path).name
-        try:
-            return real_atomic(path, data)
-        finally:
-            state["current"] = None
+    def naming(real_atomic):  # the file being written, while it is written
+        def atomic(path, *args, **kwargs):
+            state["current"] = Path(path).name
+            try:
+                return real_atomic(path, *args, **kwargs)
+            finally:
+                state["current"] = None
+
+        return atomic
 
     def should_fire():
         if state["current"] == when and not state["fired"]:
@@ -421,7 +423,8 @@ def _fail_on(monkeypatch, what: str, when: str, err: int):
             raise OSError(err, os.strerror(err))
         return real["replace"](a, b)
 
-    monkeypatch.setattr(split_mod, "atomic_write_bytes", atomic)
+    monkeypatch.setattr(split_mod, "atomic_write_bytes", naming(st_mod.atomic_write_bytes))
+    monkeypatch.setattr(split_mod, "atomic_write_safetensors", naming(st_mod.atomic_write_safetensors))
     if what == "write":
         monkeypatch.setattr(st_mod, "_write_all", write_all)
     elif what in ("fsync", "fsync_dir"):

@@ -15,7 +15,16 @@ import torch
 from conftest import streamed_model
 
 from hf_layerstream import ShardDirectory, ShardDirError, disable_layer_streaming
-from hf_layerstream._safetensors import DATA_ALIGN, SAMPLE_BYTES, read_header, serialize
+from hf_layerstream import _safetensors as st_mod
+from hf_layerstream._safetensors import (
+    DATA_ALIGN,
+    SAMPLE_BYTES,
+    atomic_write_safetensors,
+    read_header,
+    sample_digest,
+    serialize,
+    sha256_file,
+)
 from hf_layerstream.cli import main
 
 STREAM_ALL = {"max_memory": {"cpu": 0}, "prefetch": 1}
@@ -66,6 +75,39 @@ def test_written_tensors_start_on_cache_lines(tmp_path):
         back = load(data)
         assert sorted(back) == sorted(tensors)
         assert all(back[k].dtype == v.dtype and torch.equal(back[k], v) for k, v in tensors.items())
+
+
+def test_a_unit_file_is_written_one_tensor_at_a_time(tmp_path, monkeypatch):
+    """`atomic_write_safetensors` writes `serialize`'s bytes (and reports their size and digests) without holding the
+    file in memory: with `consume`, each tensor is released before the next one is written, so splitting a 70B
+    model's 4 GiB of embeddings and head holds them once, not three times."""
+    import weakref
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"t{i}": torch.randn(300 + i, 70, generator=g).bfloat16() for i in range(4)}
+    tensors["odd"] = torch.arange(5, dtype=torch.int64)
+    tensors["empty"] = torch.zeros(0)
+    tensors["strided"] = torch.randn(40, 30, generator=g).t()  # not contiguous
+    expected = bytes(serialize(tensors, {"unit": "layers.0"}))
+    alive = [weakref.ref(t) for t in tensors.values()]
+    real_write_all = st_mod._write_all
+    held_at_each_write = []
+
+    def write_all(fd, data):
+        held_at_each_write.append(sum(r() is not None for r in alive))
+        return real_write_all(fd, data)
+
+    monkeypatch.setattr(st_mod, "_write_all", write_all)
+    path = tmp_path / "unit.safetensors"
+    size, sha256, sample = atomic_write_safetensors(path, tensors, {"unit": "layers.0"}, consume=True)
+    assert path.read_bytes() == expected
+    assert (size, sha256, sample) == (len(expected), sha256_file(path), sample_digest(path))
+    assert tensors == {}
+    # the header with every tensor held, then one write per tensor, each dropped from `tensors` as it is written (its
+    # bytes then live only in the view being written)
+    assert held_at_each_write == [7, 6, 5, 4, 3, 2, 1, 0]
+    assert all(r() is None for r in alive)
+    assert [p.name for p in tmp_path.iterdir()] == ["unit.safetensors"]  # no temporary file left
 
 
 def test_sound_directory_passes_every_check(shard_copy, capsys):
