@@ -53,21 +53,75 @@ def write_demo_checkpoint(
     dtype: str = "bfloat16",
     seed: int = 0,
 ) -> Path:
-    """Write a Llama-shaped checkpoint with random weights (several safetensors shards) and an offline tokenizer."""
+    """Write a Llama-shaped checkpoint with random weights (several safetensors shards, as `save_pretrained` lays
+    them out) and an offline tokenizer.
+
+    The model is never built: its weights are drawn and written one shard at a time, so a checkpoint larger than
+    this machine's RAM (a 70B-shaped one, to see streaming from disk) can be written too. Drawn as
+    [`~testing.init_random_weights`] draws them: N(0, 0.02), norm weights 1 + N(0, 0.1); the same `seed` gives the
+    same checkpoint.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .testing import init_random_weights
-
     path = Path(path)
     config, tok = _demo_config(layers, hidden_size, intermediate_size, vocab_size)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
-    init_random_weights(model)
+    torch_dtype = getattr(torch, dtype)
+    with torch.device("meta"):  # (names and shapes only)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    path.mkdir(parents=True, exist_ok=True)
+    _write_random_weights(model, path, torch_dtype, seed)
+    model.config.save_pretrained(path)
     model.generation_config.pad_token_id = tok.pad_token_id
-    model.save_pretrained(path, max_shard_size="100MB")
+    model.generation_config.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+_SHARD_BYTES = 100 * 10**6  # what `save_pretrained(max_shard_size="100MB")` writes at most per file (bar one tensor)
+_DRAW = 2**24  # values drawn at once (float32: 64 MiB)
+
+
+def _write_random_weights(model, path: Path, dtype, seed: int) -> None:
+    """Draw `model`'s weights (on the meta device) and write them as sharded safetensors files with their index."""
+    import torch
+    from safetensors.torch import save_file
+
+    from .testing import _is_norm
+
+    names, seen = [], set()
+    for prefix, module in model.named_modules():
+        for pname, param in module.named_parameters(recurse=False):
+            if id(param) not in seen:  # (a tied pair is stored once, under its first name, as `save_pretrained` does)
+                seen.add(id(param))
+                norm = _is_norm(module) and pname == "weight"
+                names.append((f"{prefix}.{pname}" if prefix else pname, param.shape, norm))
+    groups: list[list] = [[]]
+    size = 0
+    for item in names:
+        nbytes = item[1].numel() * dtype.itemsize
+        if groups[-1] and size + nbytes > _SHARD_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append(item)
+        size += nbytes
+    generator = torch.Generator().manual_seed(seed)
+    weight_map, total = {}, 0
+    for k, group in enumerate(groups, 1):
+        filename = f"model-{k:05d}-of-{len(groups):05d}.safetensors"
+        tensors = {}
+        for name, shape, norm in group:
+            out = torch.empty(shape, dtype=dtype)
+            flat = out.view(-1)
+            for start in range(0, flat.numel(), _DRAW):  # (in pieces: a 70B model's embeddings are 4 GiB in float32)
+                noise = torch.randn(min(_DRAW, flat.numel() - start), generator=generator)
+                flat[start : start + noise.numel()] = 1.0 + 0.1 * noise if norm else 0.02 * noise
+            tensors[name] = out
+            weight_map[name] = filename
+            total += out.nbytes
+        save_file(tensors, path / filename, metadata={"format": "pt"})
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
 def _demo_config(layers: int, hidden_size: int, intermediate_size: int, vocab_size: int):

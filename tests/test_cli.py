@@ -338,3 +338,45 @@ def test_demo_refuses_a_folder_holding_a_checkpoint_of_other_sizes(tmp_path, mon
     assert json.loads((tmp_path / "checkpoint" / "config.json").read_text())["num_hidden_layers"] == 2  # untouched
     assert main([*argv, "--layers", "2"]) == 0
     assert "1. reusing the checkpoint" in capsys.readouterr().out
+
+
+def test_the_demo_checkpoint_is_written_a_shard_at_a_time(tmp_path, monkeypatch):
+    """The demo model is never built: its weights are drawn and written one shard at a time (a checkpoint larger than
+    RAM can be written), laid out as `save_pretrained` lays them out, loaded by `from_pretrained` with every weight
+    present, and the same for the same seed."""
+    import safetensors.torch
+    from transformers import AutoModelForCausalLM
+
+    from hf_layerstream import demo
+
+    monkeypatch.setattr(demo, "_SHARD_BYTES", 20_000)
+    monkeypatch.setattr(demo, "_DRAW", 1000)  # (drawn in pieces)
+    written = []
+    real_save = safetensors.torch.save_file
+
+    def save_file(tensors, filename, metadata=None):
+        written.append(sum(t.nbytes for t in tensors.values()))
+        return real_save(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    sizes = {"layers": 2, "hidden_size": 64, "intermediate_size": 96, "vocab_size": 200}
+    ckpt = demo.write_demo_checkpoint(tmp_path / "a", **sizes)
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+    files = sorted(p.name for p in ckpt.glob("*.safetensors"))
+    assert len(files) == len(written) > 3 and files == sorted(set(index["weight_map"].values()))
+    assert files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    assert index["metadata"]["total_size"] == sum(written)
+    embed = 200 * 64 * 2  # the embeddings and the head: each larger than a shard, each in a file of its own
+    assert sorted(n for n in written if n > 20_000) == [embed, embed]
+    model, info = AutoModelForCausalLM.from_pretrained(ckpt, output_loading_info=True)
+    assert not any(info.values()), info  # no missing, unexpected or mismatched weight
+    assert model.dtype == torch.bfloat16
+    sd = model.state_dict()
+    assert len(index["weight_map"]) == len(sd)
+    norm = sd["model.norm.weight"].float()
+    assert 0.8 < norm.mean() < 1.2 and 0.05 < norm.std() < 0.2  # 1 + N(0, 0.1)
+    proj = sd["model.layers.1.mlp.up_proj.weight"].float()
+    assert abs(proj.mean()) < 0.005 and 0.015 < proj.std() < 0.025  # N(0, 0.02)
+    again = demo.write_demo_checkpoint(tmp_path / "b", **sizes)
+    for name in files:
+        assert (again / name).read_bytes() == (ckpt / name).read_bytes()
