@@ -376,9 +376,17 @@ def fit_prefetch(plan_for: Callable[[int], ResidencyPlan], prefetch: int) -> Res
     resident parts and the layers in flight, see `budget_shortfall`) with its reserve for activations and the KV
     cache, the plan of the largest smaller `prefetch` whose budget can, else of 0. For the default `prefetch` only,
     which is a choice for speed: on a small GPU fitting comes first (a 70B model's 1.7 GB layers on a 4 GiB GPU fit
-    one at a time). A budget of 0 asks for nothing on the device and changes nothing."""
+    one at a time). A budget of 0 asks for nothing on the device and changes nothing.
+
+    On CPU the layers in flight are file pages in RAM (the resident parts too): where they would take more than the
+    page cache's share of the available memory (`DEFAULT_PAGE_CACHE_SHARE`), layers read ahead would be evicted before
+    their use and read again, so `prefetch` is lowered until they fit there, whatever the budget (a 70B model's
+    embeddings and head, 3.9 GiB, and four 1.6 GiB layers in flight need 10.3 GiB)."""
     plan = plan_for(prefetch)
     if plan.device.type == "cpu":
+        room = DEFAULT_PAGE_CACHE_SHARE * available_host_memory()
+        while plan.prefetch > 0 and _least_need(plan)[0] > room:
+            plan = plan_for(plan.prefetch - 1)
         return plan
     budget = plan.budgets.get(str(_device_key(plan.device)))
     while budget and plan.prefetch > 0 and _least_need(plan)[0] + plan.reserve > budget:

@@ -621,12 +621,20 @@ def enable_layer_streaming(
         host_candidates=[p.candidate for p in host_parts],
     )
     if not chosen and plan.prefetch != default:
+        from . import engine
+
+        room = (
+            f"the page cache's share of the available memory ({engine.DEFAULT_PAGE_CACHE_SHARE:.0%} of "
+            f"{engine.available_host_memory() / 2**30:.2f} GiB)"
+            if device.type == "cpu"
+            else f"the device budget ({plan.budgets[str(device.index)] / 2**30:.2f} GiB)"
+        )
         logger.info(
-            "prefetch lowered to %d from the default %d: the device budget (%.2f GiB) cannot hold the resident parts "
-            "and more layers in flight. Pass `prefetch=` to choose it.",
+            "prefetch lowered to %d from the default %d: %s cannot hold the resident parts and more layers in flight. "
+            "Pass `prefetch=` to choose it.",
             plan.prefetch,
             default,
-            plan.budgets[str(device.index)] / 2**30,
+            room,
         )
     prefetch = plan.prefetch
     deferred = deferrable if plan.dequantize == "module" else frozenset()

@@ -974,6 +974,30 @@ def test_a_budget_below_the_least_the_plan_needs_is_warned_about(llama, caplog, 
         assert (json.loads(capsys.readouterr().out)["warning"] is not None) == warned
 
 
+def test_default_prefetch_on_cpu_fits_the_page_cache(llama, monkeypatch, caplog):
+    """`enable_layer_streaming` on CPU with too little available memory for the resident parts and the default's four
+    layers in flight: the default prefetch is lowered (and says so), an explicit one is kept, and the output is the
+    same."""
+    from hf_layerstream import engine
+
+    ckpt, shards, inputs, expected, pad = llama
+    model = streamed_model(ckpt, shards, max_memory={"cpu": 0})
+    plan = get_streaming_state(model).plan
+    disable_layer_streaming(model)
+    assert plan.prefetch == 3
+    two_in_flight = plan.resident_bytes + 2 * max(plan.layer_bytes)
+    monkeypatch.setattr(engine, "available_host_memory", lambda: int(two_in_flight / engine.DEFAULT_PAGE_CACHE_SHARE))
+    with caplog.at_level("INFO", logger="hf_layerstream"):
+        model = streamed_model(ckpt, shards, max_memory={"cpu": 0})
+    assert get_streaming_state(model).plan.prefetch == 1
+    assert "prefetch lowered to 1 from the default 3: the page cache's share of the available memory" in caplog.text
+    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+    disable_layer_streaming(model)
+    model = streamed_model(ckpt, shards, max_memory={"cpu": 0}, prefetch=3)
+    assert get_streaming_state(model).plan.prefetch == 3
+    disable_layer_streaming(model)
+
+
 @pytest.mark.parametrize("keep", [None, True, False])
 def test_page_cache_share_in_the_plan(llama, keep, monkeypatch):
     from hf_layerstream import engine

@@ -148,7 +148,33 @@ def test_default_prefetch_is_lowered_until_a_gpu_budget_holds_it(checkpoints):
     assert warning.startswith("The default budget of cuda:0") and "Each step less" not in warning
     assert fitted(0).prefetch == 2  # every layer streamed, as asked
     cpu = torch.device("cpu")
-    assert fitted(layer // 2, cpu).prefetch == 2
+    assert fitted(layer // 2, cpu).prefetch == 2  # (on CPU the budget does not lower it: see the next test)
+
+
+def test_on_cpu_the_default_prefetch_is_lowered_where_the_layers_in_flight_would_not_stay_in_ram(monkeypatch):
+    """On CPU the layers in flight are file pages in RAM: a 70B model's embeddings and head (3.9 GiB) and four 1.6 GiB
+    layers in flight (prefetch 3) need 10.3 GiB. Where that is more than the page cache's share of the available
+    memory, layers read ahead would be evicted before their use, so the default is lowered until they fit."""
+    from hf_layerstream import engine
+
+    layer, part = 1_711_309_824, 2_101_346_304
+    shards = _shaped(80, layer, 2 * part + 16_384)
+    available = {"bytes": 0}
+    monkeypatch.setattr(engine, "available_host_memory", lambda: available["bytes"])
+
+    def prefetch_with(gib):
+        available["bytes"] = int(gib * 2**30)
+        plan = fit_prefetch(lambda p: plan_residency(shards, torch.device("cpu"), prefetch=p), 3)
+        assert plan.device_layers == []  # (no room to keep any layer at these sizes)
+        return plan.prefetch
+
+    need = {p: 2 * part + 16_384 + (p + 1) * layer for p in range(4)}
+    share = engine.DEFAULT_PAGE_CACHE_SHARE
+    assert prefetch_with(14) == 3  # a 16 GiB machine: 11.2 GiB of page cache holds the 10.3
+    assert prefetch_with(need[3] / share / 2**30) == 3
+    assert prefetch_with(need[3] / share / 2**30 - 0.01) == 2
+    assert prefetch_with(10) == 1  # 8 GiB of page cache: two layers in flight
+    assert prefetch_with(4) == 0  # not even one layer beside the resident parts: 0, the least there is
 
 
 def _key(device):
