@@ -96,11 +96,20 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--checkpoint", default=None, help="original checkpoint (when SOURCE is a shard directory)")
     p.add_argument("--work", default=None, help="folder for the split / demo model / offload (default: temporary)")
-    p.add_argument("--layers", type=int, default=DEMO_SIZES["layers"], help="--demo: decoder layers")
-    p.add_argument("--hidden-size", type=int, default=DEMO_SIZES["hidden_size"], help="--demo: hidden size")
-    p.add_argument("--intermediate-size", type=int, default=DEMO_SIZES["intermediate_size"], help="--demo: MLP size")
-    p.add_argument("--vocab-size", type=int, default=DEMO_SIZES["vocab_size"], help="--demo: vocabulary")
-    p.add_argument("--dtype", default="bfloat16", help="--demo: checkpoint dtype (default bfloat16)")
+    p.add_argument("--layers", type=int, default=None, help=f"--demo: decoder layers (default {DEMO_SIZES['layers']})")
+    p.add_argument(
+        "--hidden-size", type=int, default=None, help=f"--demo: hidden size (default {DEMO_SIZES['hidden_size']})"
+    )
+    p.add_argument(
+        "--intermediate-size",
+        type=int,
+        default=None,
+        help=f"--demo: MLP size (default {DEMO_SIZES['intermediate_size']})",
+    )
+    p.add_argument(
+        "--vocab-size", type=int, default=None, help=f"--demo: vocabulary (default {DEMO_SIZES['vocab_size']})"
+    )
+    p.add_argument("--dtype", default=None, help="--demo: checkpoint dtype (default bfloat16)")
     p.add_argument("--max-new-tokens", type=int, default=8, help="tokens generated per run (default 8)")
     p.add_argument("--prompt-tokens", type=int, default=16, help="prompt length in tokens (default 16)")
     p.add_argument("--prefetch", type=int, default=None, help="layers read ahead by our loader (default: library's)")
@@ -342,14 +351,24 @@ def _is_shard_dir(path: Path) -> bool:
 
 
 def _check_source(args) -> None:
-    """Refuse what `prepare` would silently ignore: a SOURCE with `--demo`, a `--checkpoint` beside a SOURCE that
-    is a checkpoint itself (or with `--demo`), and a `--dtype` the demo model cannot be written in.
+    """Refuse what `prepare` would silently ignore: a SOURCE with `--demo`, the demo model's sizes and dtype without
+    it, a `--checkpoint` beside a SOURCE that is a checkpoint itself (or with `--demo`), and a `--dtype` the demo model
+    cannot be written in; fill in the demo model's default sizes and dtype.
 
     Raises:
         `ValueError`: Naming the options that conflict.
     """
     from .demo import checkpoint_dtype
 
+    given = [f"--{k.replace('_', '-')}" for k in (*DEMO_SIZES, "dtype") if getattr(args, k) is not None]
+    if given and not args.demo:
+        raise ValueError(
+            f"{', '.join(given)}: only for the model `--demo` writes; SOURCE is measured as it is. Drop "
+            f"{'them' if len(given) > 1 else 'it'}, or pass `--demo` instead of SOURCE."
+        )
+    for key, value in {**DEMO_SIZES, "dtype": "bfloat16"}.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     checkpoint_dtype(args.dtype)  # (the demo model's, and `--assistant demo`'s)
     if args.demo and args.source is not None:
         raise ValueError(

@@ -120,6 +120,19 @@ def test_bench_refuses_a_checkpoint_beside_a_checkpoint_source(tmp_path, capsys)
     assert not (tmp_path / "w" / "shards").exists()
 
 
+@pytest.mark.parametrize(
+    "extra, named",
+    [(["--layers", "4"], "--layers:"), (["--hidden-size", "64", "--dtype", "float32"], "--hidden-size, --dtype:")],
+)
+def test_bench_refuses_the_demo_sizes_beside_a_source(tmp_path, capsys, extra, named):
+    """`--layers`, `--hidden-size`, ... and `--dtype` size the model `--demo` writes; beside a SOURCE they were
+    silently ignored (the table measured SOURCE at its own sizes)."""
+    argv = ["bench", str(tmp_path / "ckpt"), *extra, "--work", str(tmp_path / "w"), "--systems", "streamed"]
+    assert main([*argv, "--modes", "warm", "--paired-calls", "0", "--max-new-tokens", "2"]) == 2
+    assert f"{named} only for the model `--demo` writes" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
+
+
 def test_bench_demo_refuses_a_work_folder_holding_a_checkpoint_of_other_sizes(tmp_path, capsys):
     """`bench --demo --work W` measured the checkpoint already in W, whatever the size options said."""
     from hf_layerstream.demo import write_demo_checkpoint
