@@ -71,6 +71,7 @@ def write_demo_checkpoint(
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
     path.mkdir(parents=True, exist_ok=True)
     _write_random_weights(model, path, torch_dtype, seed)
+    model.config.architectures = [type(model).__name__]  # (as `save_pretrained` records it: vLLM and others need it)
     model.config.save_pretrained(path)
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.save_pretrained(path)
@@ -108,7 +109,8 @@ def _write_random_weights(model, path: Path, dtype, seed: int) -> None:
     generator = torch.Generator().manual_seed(seed)
     weight_map, total = {}, 0
     for k, group in enumerate(groups, 1):
-        filename = f"model-{k:05d}-of-{len(groups):05d}.safetensors"
+        # (one file: `model.safetensors` and no index, as `save_pretrained` writes it)
+        filename = f"model-{k:05d}-of-{len(groups):05d}.safetensors" if len(groups) > 1 else "model.safetensors"
         tensors = {}
         for name, shape, norm in group:
             out = torch.empty(shape, dtype=dtype)
@@ -120,6 +122,8 @@ def _write_random_weights(model, path: Path, dtype, seed: int) -> None:
             weight_map[name] = filename
             total += out.nbytes
         save_file(tensors, path / filename, metadata={"format": "pt"})
+    if len(groups) == 1:
+        return
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 

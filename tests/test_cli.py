@@ -371,6 +371,8 @@ def test_the_demo_checkpoint_is_written_a_shard_at_a_time(tmp_path, monkeypatch)
     model, info = AutoModelForCausalLM.from_pretrained(ckpt, output_loading_info=True)
     assert not any(info.values()), info  # no missing, unexpected or mismatched weight
     assert model.dtype == torch.bfloat16
+    config = json.loads((ckpt / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"]  # (as `save_pretrained` records it)
     sd = model.state_dict()
     assert len(index["weight_map"]) == len(sd)
     norm = sd["model.norm.weight"].float()
@@ -380,3 +382,17 @@ def test_the_demo_checkpoint_is_written_a_shard_at_a_time(tmp_path, monkeypatch)
     again = demo.write_demo_checkpoint(tmp_path / "b", **sizes)
     for name in files:
         assert (again / name).read_bytes() == (ckpt / name).read_bytes()
+
+
+def test_a_demo_checkpoint_of_one_shard_is_one_model_safetensors(tmp_path):
+    """As `save_pretrained` writes a checkpoint that fits one shard: `model.safetensors`, no index."""
+    from transformers import AutoModelForCausalLM
+
+    from hf_layerstream import demo
+
+    sizes = {"layers": 1, "hidden_size": 64, "intermediate_size": 96, "vocab_size": 200}
+    ckpt = demo.write_demo_checkpoint(tmp_path / "a", **sizes)
+    assert sorted(p.name for p in ckpt.glob("*.safetensors")) == ["model.safetensors"]
+    assert not (ckpt / "model.safetensors.index.json").exists()
+    _, info = AutoModelForCausalLM.from_pretrained(ckpt, output_loading_info=True)
+    assert not any(info.values()), info

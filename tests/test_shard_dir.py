@@ -110,6 +110,32 @@ def test_a_unit_file_is_written_one_tensor_at_a_time(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["unit.safetensors"]  # no temporary file left
 
 
+def test_a_unit_files_tensors_are_freed_as_they_are_written(tmp_path, monkeypatch):
+    """The memory of each tensor (its storage, not only the Python object, which `_tensor_bytes`' views outlive) is
+    freed once it is written: when a tensor is written, only it and those after it are still held."""
+    import weakref
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"t{i}": torch.randn(300 + i, 70, generator=g).bfloat16() for i in range(4)}
+    tensors["odd"] = torch.arange(5, dtype=torch.int64)
+    tensors["strided"] = torch.randn(40, 30, generator=g).t()  # not contiguous: a copy is written
+    storages = {k: weakref.ref(v.untyped_storage()) for k, v in tensors.items()}
+    _, order, _ = st_mod._layout(tensors, None)
+    real_write_all = st_mod._write_all
+    alive_at_each_write = []
+
+    def write_all(fd, data):
+        alive_at_each_write.append({k for k, r in storages.items() if r() is not None})
+        return real_write_all(fd, data)
+
+    monkeypatch.setattr(st_mod, "_write_all", write_all)
+    atomic_write_safetensors(tmp_path / "unit.safetensors", tensors, consume=True)
+    assert alive_at_each_write[0] == set(order)  # the header
+    for i, name in enumerate(order, 1):
+        assert alive_at_each_write[i] <= set(order[i - 1 :]), (name, alive_at_each_write[i])
+    assert all(r() is None for r in storages.values())
+
+
 def test_sound_directory_passes_every_check(shard_copy, capsys):
     _, shards = shard_copy
     assert ShardDirectory(shards, checksums=True).verify() == []
