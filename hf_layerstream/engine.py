@@ -385,7 +385,7 @@ def fit_prefetch(plan_for: Callable[[int], ResidencyPlan], prefetch: int) -> Res
     plan = plan_for(prefetch)
     if plan.device.type == "cpu":
         room = DEFAULT_PAGE_CACHE_SHARE * available_host_memory()
-        while plan.prefetch > 0 and _least_need(plan)[0] > room:
+        while plan.prefetch > 0 and plan.streamed and _least_need(plan)[0] > room:  # (nothing in flight: kept)
             plan = plan_for(plan.prefetch - 1)
         return plan
     budget = plan.budgets.get(str(_device_key(plan.device)))
