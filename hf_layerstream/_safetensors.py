@@ -4,7 +4,7 @@ We parse the (tiny) safetensors header ourselves instead of going through ``safe
 three things the library does not give: every header checked against the file before any tensor is touched (so a
 hostile or truncated file fails with a message naming it, not deep inside torch), zero-copy views over a memory
 map we control the lifetime of, and reads of the raw data region into a caller-owned (possibly pinned) buffer.
-Files are still written with ``safetensors.torch.save`` so they stay readable by every other tool.
+Files are written in the safetensors format byte for byte (`serialize`), so they stay readable by every other tool.
 """
 
 from __future__ import annotations
@@ -604,28 +604,21 @@ def sample_digest(path: str | os.PathLike) -> str:
     needs [`sha256_file`] (`ShardDirectory.verify()` / `hf-layerstream verify`).
     """
     with open(path, "rb", buffering=0) as f:
-        return _sample_digest_fd(f.fileno())
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(min(size, SAMPLE_BYTES))
+        tail_start = max(size - SAMPLE_BYTES, SAMPLE_BYTES)
+        f.seek(tail_start)
+        tail = f.read(size - tail_start) if size > tail_start else b""
+    return _sample_of(size, head, tail)
 
 
-def _sample_digest_fd(fd: int) -> str:
-    size = os.fstat(fd).st_size
-    tail_start = max(size - SAMPLE_BYTES, SAMPLE_BYTES)
+def _sample_of(size: int, head: bytes, tail: bytes) -> str:
+    """[`sample_digest`] of a file of `size` bytes from its first `SAMPLE_BYTES` and its bytes from
+    `max(size - SAMPLE_BYTES, SAMPLE_BYTES)` on."""
     h = hashlib.sha256(size.to_bytes(8, "little"))
-    h.update(_pread_all(fd, min(size, SAMPLE_BYTES), 0))
-    h.update(_pread_all(fd, size - tail_start, tail_start) if size > tail_start else b"")
+    h.update(head)
+    h.update(tail)
     return h.hexdigest()
-
-
-def _pread_all(fd: int, n: int, offset: int) -> bytes:
-    parts = []
-    while n > 0:
-        chunk = os.pread(fd, n, offset)
-        if not chunk:
-            raise OSError(errno.EIO, f"the file ended {n} bytes early")
-        parts.append(chunk)
-        n -= len(chunk)
-        offset += len(chunk)
-    return b"".join(parts)
 
 
 # errnos a directory fsync may legitimately return on filesystems that do not support it
@@ -691,29 +684,38 @@ def atomic_write_safetensors(
         `tuple[int, str, str]`: The file's size, its SHA-256 ([`sha256_file`]) and its [`sample_digest`].
     """
     head, order, size = _layout(tensors, metadata)
-    digest = hashlib.sha256(head)
-    sample: list[str] = []
+    digest = hashlib.sha256()
+    # the sampled bytes (see `sample_digest`), taken as they go by
+    tail_start = max(size - SAMPLE_BYTES, SAMPLE_BYTES)
+    sampled = {"head": bytearray(), "tail": bytearray(), "at": 0}
+
+    def write(fd: int, data: memoryview) -> None:
+        at, end = sampled["at"], sampled["at"] + len(data)
+        if at < SAMPLE_BYTES:
+            sampled["head"] += data[: SAMPLE_BYTES - at]
+        if end > tail_start:
+            sampled["tail"] += data[max(tail_start - at, 0) :]
+        digest.update(data)
+        _write_all(fd, data)
+        sampled["at"] = end
 
     def body(fd: int) -> None:
-        _write_all(fd, memoryview(head))
+        write(fd, memoryview(head))
         for name in order:
             data = _tensor_bytes(tensors.pop(name) if consume else tensors[name])
-            digest.update(data)
-            _write_all(fd, data)
+            write(fd, data)
             del data
-        sample.append(_sample_digest_fd(fd))
 
-    _atomic_write(path, body, readable=True)
-    return size, digest.hexdigest(), sample[0]
+    _atomic_write(path, body)
+    return size, digest.hexdigest(), _sample_of(size, bytes(sampled["head"]), bytes(sampled["tail"]))
 
 
-def _atomic_write(path: Path, body: Callable[[int], None], *, readable: bool = False) -> None:
-    """Write a file through `body(fd)` atomically (see [`atomic_write_bytes`]); `readable`: `fd` is also open for
-    reading."""
+def _atomic_write(path: Path, body: Callable[[int], None]) -> None:
+    """Write a file through `body(fd)` atomically (see [`atomic_write_bytes`])."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_path_for(path)
     try:
-        fd = os.open(tmp, (os.O_RDWR if readable else os.O_WRONLY) | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             body(fd)
             os.fsync(fd)

@@ -177,7 +177,9 @@ def test_on_cpu_the_default_prefetch_is_lowered_where_the_layers_in_flight_would
     assert prefetch_with(4) == 0  # not even one layer beside the resident parts: 0, the least there is
     # every layer kept (a budget that holds them): nothing is in flight, nothing to lower (nor to log as lowered)
     available["bytes"] = 8 * 2**30
-    plan = fit_prefetch(lambda p: plan_residency(shards, torch.device("cpu"), prefetch=p, max_memory={"cpu": "1TiB"}), 3)
+    plan = fit_prefetch(
+        lambda p: plan_residency(shards, torch.device("cpu"), prefetch=p, max_memory={"cpu": "1TiB"}), 3
+    )
     assert not plan.streamed and plan.prefetch == 3
 
 
