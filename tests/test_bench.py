@@ -609,7 +609,43 @@ def test_the_whole_model_is_measured_in_memory_only_where_it_fits(tmp_path, monk
         assert main(argv) == 0
     assert asked == ["streamed"]
     assert "skipping the whole model in memory (in_memory)" in caplog.text
-    assert f"its weights ({whole / 1e9:.2f} GB) are more than 90%" in caplog.text
+    assert f"their weights ({whole / 1e9:.2f} GB) are more than 90%" in caplog.text
+
+
+def test_the_warm_run_in_one_process_needs_room_for_two_models(tmp_path, monkeypatch, caplog):
+    """The paired warm run holds the whole model and ours (whose budget plan keeps every layer that fits) in one
+    process: on CPU it runs only where both fit; the whole model alone is still measured."""
+    import logging
+
+    from hf_layerstream import bench as bench_module
+    from hf_layerstream import engine
+
+    free = {"bytes": 2**40}
+    monkeypatch.setattr(engine, "available_host_memory", lambda: free["bytes"])
+    asked = []
+
+    def fake_run(spec, timeout):
+        asked.append(spec["system"])
+        return {"system": spec["system"], "batch": 1, "error": "not run here", "s_per_token": None, "tokens": None}
+
+    monkeypatch.setattr(bench_module, "_run", fake_run)
+    argv = ["bench", "--demo", *TINY, "--work", str(tmp_path), "--modes", "warm", "--paired-calls", "2"]
+    argv += ["--systems", "in_memory,streamed,streamed_disk", "--device", "cpu"]
+    assert main(argv) == 0
+    assert asked == ["in_memory", "streamed", "streamed", "paired"]
+    shards = ShardDirectory(tmp_path / "shards")
+    whole = shards.unit("resident").logical_nbytes + sum(
+        shards.unit(f"layers.{i}").logical_nbytes for i in range(shards.num_layers)
+    )
+    asked.clear()
+    free["bytes"] = int(2 * whole / bench_module.FIT_SHARE) - 1  # one model fits, two do not
+    with caplog.at_level(logging.WARNING, logger="hf_layerstream"):
+        assert main(argv) == 0
+    assert asked == ["in_memory", "streamed", "streamed"]
+    assert "skipping the warm run in one process (--paired-calls), two models" in caplog.text
+    asked.clear()  # every layer from disk beside the whole model: no second model
+    assert main([*argv[:-4], "--systems", "in_memory,streamed_disk", "--device", "cpu"]) == 0
+    assert asked == ["in_memory", "streamed", "paired"]
 
 
 def test_allowances_of_rows_dequantized_per_module_count_packed_layers_and_one_weight():
