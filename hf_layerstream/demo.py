@@ -84,7 +84,8 @@ _DRAW = 2**24  # values drawn at once (float32: 64 MiB)
 
 
 def _write_random_weights(model, path: Path, dtype, seed: int) -> None:
-    """Draw `model`'s weights (on the meta device) and write them as sharded safetensors files with their index."""
+    """Draw the weights of `model` (on the meta device) and write them as `save_pretrained` would: safetensors files
+    of at most `_SHARD_BYTES` (bar a larger tensor, alone in its file) with their index, or one `model.safetensors`."""
     import torch
     from safetensors.torch import save_file
 

@@ -318,12 +318,12 @@ def plan_streaming(
 ) -> ResidencyPlan:
     """The residency plan `enable_layer_streaming` (and `hf-layerstream inspect`) runs with.
 
-    `prefetch=None`: the default, lowered on a GPU until its budget holds it, on CPU until the page cache's share
-    of the available memory does (`fit_prefetch`). `dequantize=None`: "layer"
-    unless the shards are quantized and a GPU's budget cannot keep every layer on it dequantized: then "module" (the
-    layers in flight and kept on the GPU are held packed, about a quarter of their size at 4 bits, so more fit; each
-    weight is dequantized as its module runs: a memory-bound kernel there, against the copy over PCIe). On CPU
-    dequantizing is slow (about 2 GB/s of output here), so the loader does it ahead of the compute there unless asked.
+    `prefetch=None`: the default, lowered on a GPU until its budget holds it, on CPU until the page cache's share of
+    the available memory does (`fit_prefetch`). `dequantize=None`: "layer" unless the shards are quantized and a
+    GPU's budget cannot keep every layer on it dequantized: then "module" (the layers in flight and kept on the GPU
+    are held packed, about a quarter of their size at 4 bits, so more fit; each weight is dequantized as its module
+    runs: a memory-bound kernel there, against the copy over PCIe). On CPU dequantizing is slow (about 2 GB/s of
+    output here), so the loader does it ahead of the compute there unless asked.
     """
     n = shards.num_layers
     chosen = prefetch is not None
