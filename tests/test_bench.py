@@ -567,6 +567,20 @@ def test_bench_asks_every_system_for_the_gpu_on_cuda(tmp_path, monkeypatch, caps
     assert out.count("failed: not run here") == 4
 
 
+def _children_asked(monkeypatch) -> list[str]:
+    """The systems the bench asks its children to measure, in order (the children are not run: each row fails)."""
+    from hf_layerstream import bench as bench_module
+
+    asked = []
+
+    def fake_run(spec, timeout):
+        asked.append(spec["system"])
+        return {"system": spec["system"], "batch": 1, "error": "not run here", "s_per_token": None, "tokens": None}
+
+    monkeypatch.setattr(bench_module, "_run", fake_run)
+    return asked
+
+
 @pytest.mark.parametrize("on_gpu", [False, True], ids=["host", "gpu"])  # (an id "cuda" would need a GPU)
 def test_the_whole_model_is_measured_in_memory_only_where_it_fits(tmp_path, monkeypatch, caplog, on_gpu):
     """A model larger than RAM (or the GPU) is what streaming is for: the bench does not try to load it whole (a
@@ -588,21 +602,13 @@ def test_the_whole_model_is_measured_in_memory_only_where_it_fits(tmp_path, monk
         monkeypatch.setattr(bench_module, "measure_h2d_bandwidth", lambda device: h2d)
     else:
         monkeypatch.setattr(engine, "available_host_memory", lambda: free["bytes"])
-    asked = []
-
-    def fake_run(spec, timeout):
-        asked.append(spec["system"])
-        return {"system": spec["system"], "batch": 1, "error": "not run here", "s_per_token": None, "tokens": None}
-
-    monkeypatch.setattr(bench_module, "_run", fake_run)
+    asked = _children_asked(monkeypatch)
     argv = ["bench", "--demo", *TINY, "--work", str(tmp_path), "--modes", "warm", "--paired-calls", "0"]
     argv += ["--systems", "in_memory,streamed_disk", "--json"]
     assert main(argv) == 0
     assert asked == ["in_memory", "streamed"]
     shards = ShardDirectory(tmp_path / "shards")
-    whole = shards.unit("resident").logical_nbytes + sum(
-        shards.unit(f"layers.{i}").logical_nbytes for i in range(shards.num_layers)
-    )
+    whole = shards.unit("resident").logical_nbytes + sum(shards.unit(f"layers.{i}").logical_nbytes for i in range(3))
     asked.clear()
     free["bytes"] = int(whole / bench_module.FIT_SHARE) - 1  # just too little
     with caplog.at_level(logging.WARNING, logger="hf_layerstream"):
@@ -622,21 +628,13 @@ def test_the_warm_run_in_one_process_needs_room_for_two_models(tmp_path, monkeyp
 
     free = {"bytes": 2**40}
     monkeypatch.setattr(engine, "available_host_memory", lambda: free["bytes"])
-    asked = []
-
-    def fake_run(spec, timeout):
-        asked.append(spec["system"])
-        return {"system": spec["system"], "batch": 1, "error": "not run here", "s_per_token": None, "tokens": None}
-
-    monkeypatch.setattr(bench_module, "_run", fake_run)
+    asked = _children_asked(monkeypatch)
     argv = ["bench", "--demo", *TINY, "--work", str(tmp_path), "--modes", "warm", "--paired-calls", "2"]
     argv += ["--systems", "in_memory,streamed,streamed_disk", "--device", "cpu"]
     assert main(argv) == 0
     assert asked == ["in_memory", "streamed", "streamed", "paired"]
     shards = ShardDirectory(tmp_path / "shards")
-    whole = shards.unit("resident").logical_nbytes + sum(
-        shards.unit(f"layers.{i}").logical_nbytes for i in range(shards.num_layers)
-    )
+    whole = shards.unit("resident").logical_nbytes + sum(shards.unit(f"layers.{i}").logical_nbytes for i in range(3))
     asked.clear()
     free["bytes"] = int(2 * whole / bench_module.FIT_SHARE) - 1  # one model fits, two do not
     with caplog.at_level(logging.WARNING, logger="hf_layerstream"):
