@@ -87,7 +87,14 @@ def parse_size(value: int | float | str, *, name: str = "max_memory") -> int:
 
 
 def available_host_memory() -> int:
-    """MemAvailable from /proc/meminfo (what the kernel can give without swapping), else psutil-free fallback."""
+    """The memory this process can still get without swapping: MemAvailable, or less where the memory limit of its
+    cgroup (a container's, a Kubernetes pod's, a Slurm job's) leaves less (`cgroup_memory_room`)."""
+    available, room = _mem_available(), cgroup_memory_room()
+    return available if room is None else min(available, room)
+
+
+def _mem_available() -> int:
+    """MemAvailable from /proc/meminfo (what the kernel can give without swapping), else a psutil-free fallback."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -101,12 +108,103 @@ def available_host_memory() -> int:
         return 4 * 2**30
 
 
+_NO_LIMIT = 2**60  # cgroup v1 writes "no limit" as the largest page count (9223372036854771712 with 4 KiB pages)
+
+
+def cgroup_memory_room(proc_cgroup: str = "/proc/self/cgroup", mountinfo: str = "/proc/self/mountinfo") -> int | None:
+    """The room left under the tightest memory limit of this process's cgroup and the cgroups above it: the limit less
+    the working set (the memory charged, less its inactive file pages, which the kernel reclaims first; Kubernetes
+    counts it the same way). `None` where no limit applies or none can be read. /proc/meminfo shows the whole host
+    inside a container, so a plan made from it alone could ask for more than the limit allows, and be killed.
+
+    cgroup v2: `memory.max` and `memory.high`, `memory.current`, `inactive_file`, at every level up to the mount's
+    root. v1: the memory controller's `hierarchical_memory_limit`, `memory.usage_in_bytes`, `total_inactive_file`."""
+    try:
+        with open(proc_cgroup) as f:
+            entries = [fields for line in f if len(fields := line.rstrip("\n").split(":", 2)) == 3]
+        with open(mountinfo) as f:
+            mounts = [line.split() for line in f]
+    except OSError:
+        return None
+    # "0::PATH" is the v2 cgroup; "N:memory:PATH" (or "N:cpu,memory:PATH") the v1 memory controller's
+    v2_path = next((path for number, names, path in entries if number == "0" and names == ""), None)
+    v1_path = next((path for _, names, path in entries if "memory" in names.split(",")), None)
+    rooms = []
+    for fields in mounts:
+        # mount ID, parent ID, major:minor, root, mount point, options, optional fields..., "-", type, source, options
+        if "-" not in fields or len(fields) < 5:
+            continue
+        root, point = fields[3], fields[4].replace("\\040", " ")
+        fs_type, *rest = fields[fields.index("-") + 1 :] or [""]
+        super_options = rest[1].split(",") if len(rest) > 1 else []
+        room = None
+        if fs_type == "cgroup2" and v2_path is not None:
+            room = _cgroup2_room(point, _relative(v2_path, root))
+        elif fs_type == "cgroup" and "memory" in super_options and v1_path is not None:
+            room = _cgroup1_room(os.path.join(point, _relative(v1_path, root)))
+        if room is not None:
+            rooms.append(room)
+    return min(rooms) if rooms else None
+
+
+def _relative(path: str, root: str) -> str:
+    """`path` (from /proc/self/cgroup) below the mount's `root`: "" where the mount shows the process's own cgroup
+    (a cgroup namespace, or a container given its subtree) or the path lies outside it."""
+    path, root = path.rstrip("/"), root.rstrip("/")
+    if root and (path == root or path.startswith(root + "/")):
+        path = path[len(root) :]
+    elif root:
+        return ""
+    return path.lstrip("/")
+
+
+def _read_number(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None  # ("max": no limit)
+
+
+def _stat_field(path: str, name: str) -> int:
+    try:
+        with open(path) as f:
+            return next((int(line.split()[1]) for line in f if line.split()[:1] == [name]), 0)
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _cgroup2_room(mount_point: str, relative: str) -> int | None:
+    rooms = []
+    parts = [p for p in relative.split("/") if p]
+    for depth in range(len(parts), -1, -1):  # the process's cgroup, then each one above it up to the mount's root
+        level = os.path.join(mount_point, *parts[:depth])
+        # memory.high: above it the kernel throttles the cgroup and reclaims hard; memory.max: above it, the OOM killer
+        limits = [_read_number(os.path.join(level, name)) for name in ("memory.max", "memory.high")]
+        limit = min((n for n in limits if n is not None), default=None)
+        current = _read_number(os.path.join(level, "memory.current"))
+        if limit is not None and current is not None and limit < _NO_LIMIT:
+            working_set = current - _stat_field(os.path.join(level, "memory.stat"), "inactive_file")
+            rooms.append(max(limit - max(working_set, 0), 0))
+    return min(rooms) if rooms else None
+
+
+def _cgroup1_room(level: str) -> int | None:
+    stat = os.path.join(level, "memory.stat")
+    limit = _stat_field(stat, "hierarchical_memory_limit") or _read_number(os.path.join(level, "memory.limit_in_bytes"))
+    usage = _read_number(os.path.join(level, "memory.usage_in_bytes"))
+    if not limit or usage is None or limit >= _NO_LIMIT:
+        return None
+    return max(limit - max(usage - _stat_field(stat, "total_inactive_file"), 0), 0)
+
+
 # --- residency plan ------------------------------------------------------------------------------------------------
 
-DEFAULT_HOST_SHARE = 0.5  # of MemAvailable: leave the rest to the page cache, the KV cache and other programs
+DEFAULT_HOST_SHARE = 0.5  # of the available memory: leave the rest to the page cache, the KV cache and other programs
 DEFAULT_DEVICE_SHARE = 0.8  # of free device memory, before reserving room for activations and the KV cache
-# of MemAvailable, for the pages of kept and streamed layers together: streamed layers beyond it are dropped from the
-# page cache after use (a sweep over more than fits would evict each layer before its next use anyway)
+# of the available memory, for the pages of kept and streamed layers together: streamed layers beyond it are dropped
+# from the page cache after use (a sweep over more than fits would evict each layer before its next use anyway)
 DEFAULT_PAGE_CACHE_SHARE = 0.8
 
 

@@ -510,8 +510,9 @@ def enable_layer_streaming(
         max_memory (`dict`, *optional*):
             Memory budget in accelerate's convention, e.g. `{0: "4GiB", "cpu": "16GiB"}`: layers that fit stay on
             the device or in host RAM, the rest are streamed from disk. Defaults to a safe share of free memory
-            (half of MemAvailable on the host, 80% of free device memory). On CPU every layer that fits is kept
-            (as a zero-copy file map), which is what makes decoding from a warm page cache run at in-memory speed.
+            (half of the available host memory, 80% of free device memory). The available host memory is
+            MemAvailable, or the room left under the memory limit of the process's cgroup where that is less (in a
+            container, a Kubernetes pod, a Slurm job). On CPU every layer that fits is kept (as a zero-copy file map), which is what makes decoding from a warm page cache run at in-memory speed.
             Keys as accelerate takes them: GPU indices, `"cpu"`, `"disk"` (ignored: the shards are the disk);
             any other key, or a value that is not a size, raises `ValueError`. A GPU budget that cannot hold the
             resident parts with the layers in flight keeps the input embeddings, then the output head, in host RAM
@@ -525,7 +526,7 @@ def enable_layer_streaming(
             Record per-layer timings; see [`get_streaming_state`]`(model).profile`.
         keep_in_page_cache (`bool`, *optional*):
             CPU: whether streamed layers' file pages stay in the page cache after use, so later sweeps read them
-            from RAM. By default they stay while they fit in 80% of MemAvailable together with the kept layers;
+            from RAM. By default they stay while they fit in 80% of the available memory together with the kept layers;
             streamed layers beyond that are dropped after use (`POSIX_FADV_DONTNEED`), since a sweep over more than
             fits would evict each one before its next use anyway. `False` drops every streamed layer after use
             (nothing of the model is left cached: what a model far larger than RAM gets); `True` leaves all to the
