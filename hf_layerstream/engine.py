@@ -469,20 +469,23 @@ def _least_need(plan: ResidencyPlan) -> tuple[int, int, str]:
     return plan.resident_bytes + working, working, what
 
 
-def fit_prefetch(plan_for: Callable[[int], ResidencyPlan], prefetch: int) -> ResidencyPlan:
+def fit_prefetch(
+    plan_for: Callable[[int], ResidencyPlan], prefetch: int, max_memory: dict | None = None
+) -> ResidencyPlan:
     """`plan_for(prefetch)`, or on CUDA, where that plan's device budget cannot hold the least it needs there (the
     resident parts and the layers in flight, see `budget_shortfall`) with its reserve for activations and the KV
     cache, the plan of the largest smaller `prefetch` whose budget can, else of 0. For the default `prefetch` only,
     which is a choice for speed: on a small GPU fitting comes first (a 70B model's 1.7 GB layers on a 4 GiB GPU fit
     one at a time). A budget of 0 asks for nothing on the device and changes nothing.
 
-    On CPU the layers in flight are file pages in RAM (the resident parts too): where they would take more than the
-    page cache's share of the available memory (`DEFAULT_PAGE_CACHE_SHARE`), layers read ahead would be evicted before
-    their use and read again, so `prefetch` is lowered until they fit there, whatever the budget (a 70B model's
-    embeddings and head, 3.9 GiB, and four 1.6 GiB layers in flight need 10.3 GiB)."""
+    On CPU the layers in flight are file pages in RAM (the resident parts too): where they would take more than
+    `cpu_prefetch_room` (the page cache's share of the available memory, or the caller's `max_memory["cpu"]` where
+    less), layers read ahead would be evicted before their use and read again, or the caller's budget exceeded, so
+    `prefetch` is lowered until they fit there (a 70B model's embeddings and head, 3.9 GiB, and four 1.6 GiB layers
+    in flight need 10.3 GiB)."""
     plan = plan_for(prefetch)
     if plan.device.type == "cpu":
-        room = DEFAULT_PAGE_CACHE_SHARE * available_host_memory()
+        room = cpu_prefetch_room(max_memory)[0]
         while plan.prefetch > 0 and plan.streamed and _least_need(plan)[0] > room:  # (nothing in flight: kept)
             plan = plan_for(plan.prefetch - 1)
         return plan
@@ -490,6 +493,16 @@ def fit_prefetch(plan_for: Callable[[int], ResidencyPlan], prefetch: int) -> Res
     while budget and plan.prefetch > 0 and _least_need(plan)[0] + plan.reserve > budget:
         plan = plan_for(plan.prefetch - 1)
     return plan
+
+
+def cpu_prefetch_room(max_memory: dict | None) -> tuple[int, str]:
+    """On CPU, the most the resident parts and the layers in flight may take with the default `prefetch`, and what
+    sets it: the page cache's share of the available memory (`DEFAULT_PAGE_CACHE_SHARE`), or the caller's
+    `max_memory["cpu"]` where that is less (0, which asks for every layer streamed, sets nothing)."""
+    share = int(DEFAULT_PAGE_CACHE_SHARE * available_host_memory())
+    room = (share, f"the page cache's share of the available memory ({share / 2**30:.2f} GiB)")
+    budget = _max_memory_for(max_memory, "cpu")
+    return (budget, f"max_memory['cpu'] ({budget / 2**30:.2f} GiB)") if budget and budget < share else room
 
 
 def budget_shortfall(plan: ResidencyPlan, max_memory: dict | None) -> str | None:

@@ -319,7 +319,7 @@ def plan_streaming(
     """The residency plan `enable_layer_streaming` (and `hf-layerstream inspect`) runs with.
 
     `prefetch=None`: the default, lowered on a GPU until its budget holds it, on CPU until the page cache's share of
-    the available memory does (`fit_prefetch`). `dequantize=None`: "layer" unless the shards are quantized and a
+    the available memory, or `max_memory["cpu"]` where less, does (`fit_prefetch`). `dequantize=None`: "layer" unless the shards are quantized and a
     GPU's budget cannot keep every layer on it dequantized: then "module" (the layers in flight and kept on the GPU
     are held packed, about a quarter of their size at 4 bits, so more fit; each weight is dequantized as its module
     runs: a memory-bound kernel there, against the copy over PCIe). On CPU dequantizing is slow (about 2 GB/s of
@@ -352,7 +352,11 @@ def plan_streaming(
             dequantize="module" if deferred else "layer",
             scratch=scratch,
         )
-        return plan_for(prefetch=prefetch) if chosen else fit_prefetch(lambda p: plan_for(prefetch=p), prefetch)
+        return (
+            plan_for(prefetch=prefetch)
+            if chosen
+            else fit_prefetch(lambda p: plan_for(prefetch=p), prefetch, max_memory)
+        )
 
     deferrable = frozenset(deferrable)
     if dequantize == "module" or not deferrable:
@@ -521,7 +525,8 @@ def enable_layer_streaming(
             How many streamed layers are read ahead of the compute. Default: 3 on CPU with full-precision shards, 2
             otherwise (the fastest from a cold page cache in our measurements); each one more holds one more layer
             in memory. On a GPU whose budget cannot hold the resident parts and that many layers in flight, the
-            default is lowered until it can (down to 0).
+            default is lowered until it can (down to 0); on CPU, until they fit in 80% of the available memory (so
+            read-ahead is not evicted before its use) and in `max_memory["cpu"]`, when given.
         profile (`bool`, defaults to `False`):
             Record per-layer timings; see [`get_streaming_state`]`(model).profile`.
         keep_in_page_cache (`bool`, *optional*):
@@ -626,8 +631,7 @@ def enable_layer_streaming(
         from . import engine
 
         room = (
-            f"the page cache's share of the available memory ({engine.DEFAULT_PAGE_CACHE_SHARE:.0%} of "
-            f"{engine.available_host_memory() / 2**30:.2f} GiB)"
+            engine.cpu_prefetch_room(max_memory)[1]
             if device.type == "cpu"
             else f"the device budget ({plan.budgets[str(device.index)] / 2**30:.2f} GiB)"
         )

@@ -976,8 +976,8 @@ def test_a_budget_below_the_least_the_plan_needs_is_warned_about(llama, caplog, 
 
 def test_default_prefetch_on_cpu_fits_the_page_cache(llama, monkeypatch, caplog):
     """`enable_layer_streaming` on CPU with too little available memory for the resident parts and the default's four
-    layers in flight: the default prefetch is lowered (and says so), an explicit one is kept, and the output is the
-    same."""
+    layers in flight, or too small a `max_memory["cpu"]`: the default prefetch is lowered (and says so), an explicit
+    one is kept, and the output is the same."""
     from hf_layerstream import engine
 
     ckpt, shards, inputs, expected, pad = llama
@@ -995,6 +995,15 @@ def test_default_prefetch_on_cpu_fits_the_page_cache(llama, monkeypatch, caplog)
     disable_layer_streaming(model)
     model = streamed_model(ckpt, shards, max_memory={"cpu": 0}, prefetch=3)
     assert get_streaming_state(model).plan.prefetch == 3
+    disable_layer_streaming(model)
+    # plenty of memory, but the caller's `max_memory["cpu"]` holds the resident parts and three layers: prefetch 2
+    monkeypatch.setattr(engine, "available_host_memory", lambda: 2**40)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="hf_layerstream"):
+        model = streamed_model(ckpt, shards, max_memory={"cpu": two_in_flight + max(plan.layer_bytes)})
+    assert get_streaming_state(model).plan.prefetch == 2
+    assert "prefetch lowered to 2 from the default 3: max_memory['cpu'] (" in caplog.text
+    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
     disable_layer_streaming(model)
 
 

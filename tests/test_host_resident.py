@@ -148,7 +148,7 @@ def test_default_prefetch_is_lowered_until_a_gpu_budget_holds_it(checkpoints):
     assert warning.startswith("The default budget of cuda:0") and "Each step less" not in warning
     assert fitted(0).prefetch == 2  # every layer streamed, as asked
     cpu = torch.device("cpu")
-    assert fitted(layer // 2, cpu).prefetch == 2  # (on CPU the budget does not lower it: see the next test)
+    assert fitted(layer // 2, cpu).prefetch == 2  # (on CPU `max_memory["cpu"]`, 1 GiB here, holds it: the next test)
 
 
 def test_on_cpu_the_default_prefetch_is_lowered_where_the_layers_in_flight_would_not_stay_in_ram(monkeypatch):
@@ -175,6 +175,19 @@ def test_on_cpu_the_default_prefetch_is_lowered_where_the_layers_in_flight_would
     assert prefetch_with(need[3] / share / 2**30 - 0.01) == 2
     assert prefetch_with(10) == 1  # 8 GiB of page cache: two layers in flight
     assert prefetch_with(4) == 0  # not even one layer beside the resident parts: 0, the least there is
+    # the caller's `max_memory["cpu"]` lowers it too, where it is less than the page cache's share (0: every layer
+    # streamed, as asked, which sets nothing)
+    available["bytes"] = 14 * 2**30
+
+    def with_budget(budget):
+        return fit_prefetch(
+            lambda p: plan_residency(shards, torch.device("cpu"), prefetch=p, max_memory={"cpu": budget}),
+            3,
+            {"cpu": budget},
+        ).prefetch
+
+    assert with_budget(need[1]) == 1 and with_budget(need[1] - 1) == 0 and with_budget(need[2]) == 2
+    assert with_budget(0) == 3 and with_budget("13GiB") == 3 and with_budget("1TiB") == 3
     # every layer kept (a budget that holds them): nothing is in flight, nothing to lower (nor to log as lowered)
     available["bytes"] = 8 * 2**30
     plan = fit_prefetch(
