@@ -58,8 +58,8 @@ COLD_TARGET = 1.15  # x bytes per sweep / disk bandwidth
 COLD_VS_ACCELERATE = 0.6  # x accelerate's cold disk offload
 RSS_SLACK = 1.15
 # the whole model in memory is measured only where its weights take at most this share of the memory free for them
-# (the available host memory on CPU, see `available_host_memory`; the GPU's free memory on CUDA): a model larger than RAM is what streaming is for, and loading it
-# whole would only get the row killed, and maybe the benchmark with it
+# (the available host memory on CPU, see `available_host_memory`; the GPU's free memory on CUDA): a model larger than
+# RAM is what streaming is for, and loading it whole would only get the row killed, and maybe the benchmark with it
 FIT_SHARE = 0.9
 CUDA_HOST_TARGET = 1.2  # x bytes per sweep / pinned host-to-device bandwidth, decoding from host RAM
 COMPRESSED_SPEEDUP = 1.8  # issue #3: 4-bit shards vs full-precision shards, cold, on CPU

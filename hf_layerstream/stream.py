@@ -319,11 +319,12 @@ def plan_streaming(
     """The residency plan `enable_layer_streaming` (and `hf-layerstream inspect`) runs with.
 
     `prefetch=None`: the default, lowered on a GPU until its budget holds it, on CPU until the page cache's share of
-    the available memory, or `max_memory["cpu"]` where less, does (`fit_prefetch`). `dequantize=None`: "layer" unless the shards are quantized and a
-    GPU's budget cannot keep every layer on it dequantized: then "module" (the layers in flight and kept on the GPU
-    are held packed, about a quarter of their size at 4 bits, so more fit; each weight is dequantized as its module
-    runs: a memory-bound kernel there, against the copy over PCIe). On CPU dequantizing is slow (about 2 GB/s of
-    output here), so the loader does it ahead of the compute there unless asked.
+    the available memory, or `max_memory["cpu"]` where less, does (`fit_prefetch`). `dequantize=None`: "layer"
+    unless the shards are quantized and a GPU's budget cannot keep every layer on it dequantized: then "module" (the
+    layers in flight and kept on the GPU are held packed, about a quarter of their size at 4 bits, so more fit; each
+    weight is dequantized as its module runs: a memory-bound kernel there, against the copy over PCIe). On CPU
+    dequantizing is slow (about 2 GB/s of output here), so the loader does it ahead of the compute there unless
+    asked.
     """
     n = shards.num_layers
     chosen = prefetch is not None
@@ -516,7 +517,8 @@ def enable_layer_streaming(
             the device or in host RAM, the rest are streamed from disk. Defaults to a safe share of free memory
             (half of the available host memory, 80% of free device memory). The available host memory is
             MemAvailable, or the room left under the memory limit of the process's cgroup where that is less (in a
-            container, a Kubernetes pod, a Slurm job). On CPU every layer that fits is kept (as a zero-copy file map), which is what makes decoding from a warm page cache run at in-memory speed.
+            container, a Kubernetes pod, a Slurm job). On CPU every layer that fits is kept (as a zero-copy file
+            map), which is what makes decoding from a warm page cache run at in-memory speed.
             Keys as accelerate takes them: GPU indices, `"cpu"`, `"disk"` (ignored: the shards are the disk);
             any other key, or a value that is not a size, raises `ValueError`. A GPU budget that cannot hold the
             resident parts with the layers in flight keeps the input embeddings, then the output head, in host RAM
@@ -531,9 +533,9 @@ def enable_layer_streaming(
             Record per-layer timings; see [`get_streaming_state`]`(model).profile`.
         keep_in_page_cache (`bool`, *optional*):
             CPU: whether streamed layers' file pages stay in the page cache after use, so later sweeps read them
-            from RAM. By default they stay while they fit in 80% of the available memory together with the kept layers;
-            streamed layers beyond that are dropped after use (`POSIX_FADV_DONTNEED`), since a sweep over more than
-            fits would evict each one before its next use anyway. `False` drops every streamed layer after use
+            from RAM. By default they stay while they fit in 80% of the available memory together with the kept
+            layers; streamed layers beyond that are dropped after use (`POSIX_FADV_DONTNEED`), since a sweep over
+            more than fits would evict each one before its next use anyway. `False` drops every streamed layer after use
             (nothing of the model is left cached: what a model far larger than RAM gets); `True` leaves all to the
             kernel.
         dequantize (`str`, *optional*):
