@@ -468,7 +468,7 @@ def _cmd_demo(args) -> int:
 def _cmd_inspect(args) -> int:
     import torch
 
-    from .engine import budget_shortfall
+    from .engine import budget_shortfall, host_memory
     from .shard_dir import ShardDirectory
     from .stream import plan_shard_dir
 
@@ -491,6 +491,7 @@ def _cmd_inspect(args) -> int:
         keep_in_page_cache=_page_cache(args.page_cache),
     )
     ratio = sum(stored) / max(sum(full_bytes), 1)
+    memory = host_memory()  # (what the default plan took its share of)
     info = {
         "shard_dir": str(shards.path),
         "source": m.source,
@@ -504,6 +505,7 @@ def _cmd_inspect(args) -> int:
         "ratio_to_bf16" if dtype is None else f"ratio_to_{dtype}".replace("torch.", ""): round(ratio, 4),
         "plan": plan.to_dict(),
         "device_available": not absent,
+        "host_memory": memory,
         "warning": budget_shortfall(plan, max_memory),
     }
     if args.json:
@@ -520,6 +522,11 @@ def _cmd_inspect(args) -> int:
     )
     print(f"ratio            {ratio:.3f}x of {'bf16' if dtype is None else dtype}")
     print(f"plan on {device}{' (not on this machine)' if absent else ''}   {plan.summary()}")
+    gib = 2**30
+    source = f"MemAvailable {memory['mem_available'] / gib:.2f} GiB"
+    if memory["cgroup_room"] is not None:
+        source += f"; left under this process's cgroup memory limit {memory['cgroup_room'] / gib:.2f} GiB"
+    print(f"host memory      {memory['available'] / gib:.2f} GiB available ({source})")
     if info["warning"]:
         print(f"warning          {info['warning']}")
     return 0

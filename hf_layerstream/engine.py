@@ -89,8 +89,15 @@ def parse_size(value: int | float | str, *, name: str = "max_memory") -> int:
 def available_host_memory() -> int:
     """The memory this process can still get without swapping: MemAvailable, or less where the memory limit of its
     cgroup (a container's, a Kubernetes pod's, a Slurm job's) leaves less (`cgroup_memory_room`)."""
-    available, room = _mem_available(), cgroup_memory_room()
-    return available if room is None else min(available, room)
+    return host_memory()["available"]
+
+
+def host_memory() -> dict[str, int | None]:
+    """`available` (see `available_host_memory`) and what it is the less of: `mem_available` (/proc/meminfo) and
+    `cgroup_room` (`None` where no cgroup limit applies)."""
+    mem_available, room = _mem_available(), cgroup_memory_room()
+    available = mem_available if room is None else min(mem_available, room)
+    return {"available": available, "mem_available": mem_available, "cgroup_room": room}
 
 
 def _mem_available() -> int:

@@ -247,6 +247,27 @@ def test_inspect_and_verify(split_dir, capsys):
     assert "all 4 files match" in capsys.readouterr().out
 
 
+def test_inspect_shows_the_host_memory_the_default_plan_used(split_dir, capsys, monkeypatch):
+    """In a container /proc/meminfo shows the whole host: `inspect` says what the default plan took its share of, the
+    room under the cgroup's memory limit where that is less, and the plan's budget follows it."""
+    from hf_layerstream import engine
+
+    _, shards = split_dir
+    monkeypatch.setattr(engine, "_mem_available", lambda: 20 * 2**30)
+    monkeypatch.setattr(engine, "cgroup_memory_room", lambda: None)
+    assert main(["inspect", str(shards), "--device", "cpu"]) == 0
+    assert "host memory      20.00 GiB available (MemAvailable 20.00 GiB)\n" in capsys.readouterr().out
+    monkeypatch.setattr(engine, "cgroup_memory_room", lambda: 3 * 2**30)
+    assert main(["inspect", str(shards), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "host memory      3.00 GiB available (MemAvailable 20.00 GiB; left under this process's cgroup memory" in out
+    assert "[budget cpu: 1.50 GiB]" in out
+    assert main(["inspect", str(shards), "--json", "--device", "cpu"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["host_memory"] == {"available": 3 * 2**30, "mem_available": 20 * 2**30, "cgroup_room": 3 * 2**30}
+    assert info["plan"]["budgets"]["cpu"] == int(engine.DEFAULT_HOST_SHARE * 3 * 2**30)
+
+
 def test_verify_reports_corruption(split_dir, tmp_path, capsys):
     import shutil
 
