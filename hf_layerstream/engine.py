@@ -37,6 +37,7 @@ import os
 import re
 import threading
 import time
+import traceback
 import weakref
 from collections import defaultdict, deque
 from collections.abc import Callable, Collection
@@ -479,37 +480,27 @@ def _least_need(plan: ResidencyPlan) -> tuple[int, int, str]:
 def fit_prefetch(
     plan_for: Callable[[int], ResidencyPlan], prefetch: int, max_memory: dict | None = None
 ) -> ResidencyPlan:
-    """`plan_for(prefetch)`, or on CUDA, where that plan's device budget cannot hold the least it needs there (the
-    resident parts and the layers in flight, see `budget_shortfall`) with its reserve for activations and the KV
-    cache, the plan of the largest smaller `prefetch` whose budget can, else of 0. For the default `prefetch` only,
-    which is a choice for speed: on a small GPU fitting comes first (a 70B model's 1.7 GB layers on a 4 GiB GPU fit
-    one at a time). A budget of 0 asks for nothing on the device and changes nothing.
+    """`plan_for(prefetch)`, or, where that plan's budget for the execution device cannot hold the least it needs there
+    (the resident parts and the layers in flight, see `budget_shortfall`; on CUDA with its reserve for activations and
+    the KV cache), the plan of the largest smaller `prefetch` whose budget can, else of 0. For the default `prefetch`
+    only, which is a choice for speed: on a small GPU fitting comes first (a 70B model's 1.7 GB layers on a 4 GiB GPU
+    fit one at a time). A budget of 0 asks for nothing on the device and changes nothing.
 
-    On CPU the layers in flight are file pages in RAM (the resident parts too): where they would take more than
-    `cpu_prefetch_room` (the page cache's share of the available memory, or the caller's `max_memory["cpu"]` where
-    less), layers read ahead would be evicted before their use and read again, or the caller's budget exceeded, so
-    `prefetch` is lowered until they fit there (a 70B model's embeddings and head, 3.9 GiB, and four 1.6 GiB layers
-    in flight need 10.3 GiB)."""
+    On CPU only the caller's `max_memory["cpu"]` lowers it, not the available memory: there the layers in flight are
+    file pages, which the kernel reclaims as it needs (a used layer's, the embedding rows no token looked up), and
+    lowering the default for a small memory was not measured to gain anything. A 70B-shaped model (1.78 GB layers,
+    3.9 GiB of embeddings and head), six forward passes from a cold page cache in an 8 GiB cgroup: 103, 96, 96 and
+    92 s at `prefetch` 0 to 3 (an earlier rule lowered it to 0 there); in 5 GiB: 90, 92, 69 and 87 s."""
     plan = plan_for(prefetch)
     if plan.device.type == "cpu":
-        room = cpu_prefetch_room(max_memory)[0]
-        while plan.prefetch > 0 and plan.streamed and _least_need(plan)[0] > room:  # (nothing in flight: kept)
-            plan = plan_for(plan.prefetch - 1)
+        budget = _max_memory_for(max_memory, "cpu")
+        while budget and plan.prefetch > 0 and plan.streamed and _least_need(plan)[0] > budget:
+            plan = plan_for(plan.prefetch - 1)  # (nothing streamed: nothing in flight, nothing to lower)
         return plan
     budget = plan.budgets.get(str(_device_key(plan.device)))
     while budget and plan.prefetch > 0 and _least_need(plan)[0] + plan.reserve > budget:
         plan = plan_for(plan.prefetch - 1)
     return plan
-
-
-def cpu_prefetch_room(max_memory: dict | None) -> tuple[int, str]:
-    """On CPU, the most the resident parts and the layers in flight may take with the default `prefetch`, and what
-    sets it: the page cache's share of the available memory (`DEFAULT_PAGE_CACHE_SHARE`), or the caller's
-    `max_memory["cpu"]` where that is less (0, which asks for every layer streamed, sets nothing)."""
-    share = int(DEFAULT_PAGE_CACHE_SHARE * available_host_memory())
-    room = (share, f"the page cache's share of the available memory ({share / 2**30:.2f} GiB)")
-    budget = _max_memory_for(max_memory, "cpu")
-    return (budget, f"max_memory['cpu'] ({budget / 2**30:.2f} GiB)") if budget and budget < share else room
 
 
 def budget_shortfall(plan: ResidencyPlan, max_memory: dict | None) -> str | None:
@@ -889,6 +880,17 @@ def _aligned_buffer(size: int, pinned: _PinnedHost | None = None) -> torch.Tenso
     return torch.frombuffer(mmap.mmap(-1, size), dtype=torch.uint8)
 
 
+def _free_locals(error: BaseException) -> None:
+    """Clear the local variables of the finished frames in `error`'s traceback and in those of the errors it chains
+    (the frames stay, for the traceback's lines), so that tensors a failed load had made are freed now rather than
+    when the error is."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        traceback.clear_frames(error.__traceback__)  # (frames still running are skipped)
+        error = error.__cause__ or error.__context__
+
+
 class _BufferPool:
     """Reusable page-aligned byte buffers (pinned on CUDA), allocated once and reused for every read.
 
@@ -919,8 +921,9 @@ class _BufferPool:
             if event is not None:
                 event.synchronize()  # in the loader thread; the copy was queued long ago, this rarely waits
             return buf
-        self.allocated += 1
-        return _aligned_buffer(need, self.pinned)
+        buf = _aligned_buffer(need, self.pinned)
+        self.allocated += 1  # (counted once made: a failed allocation leaves no buffer to count)
+        return buf
 
     def give(self, buf: torch.Tensor, views: list[weakref.ref], event=None) -> None:
         # Views still referenced elsewhere (e.g. an autograd graph) would see the next layer's bytes: drop the buffer.
@@ -1294,7 +1297,17 @@ class LayerLoader:
     # -- scheduling -----------------------------------------------------------------------------------------------
 
     def _submit(self, index: int) -> Future:
-        return self._executor.submit(self._load_streamed, index)
+        return self._executor.submit(self._load_in_loader, index)
+
+    def _load_in_loader(self, index: int, ahead: Future | None = None) -> _Ready:
+        """`_load_streamed` in the loader thread. A load that fails (a GPU out of memory part way, a damaged file)
+        leaves no memory behind: the tensors it had made stay referenced by its traceback's frames, which the future
+        keeps until the layer is acquired, and the error raised then keeps too; they are freed here."""
+        try:
+            return self._load_streamed(index, ahead)
+        except BaseException as e:
+            _free_locals(e)
+            raise
 
     def start(self) -> None:
         """Start reading the first `prefetch` streamed layers now (`enable_layer_streaming` calls it last), so the
@@ -1315,7 +1328,7 @@ class LayerLoader:
                 ahead = (
                     self._mappers[self._map_thread[nxt]].submit(self._map_ahead, nxt) if self._maps_ahead(nxt) else None
                 )
-                self._pending[nxt] = self._executor.submit(self._load_streamed, nxt, ahead)
+                self._pending[nxt] = self._executor.submit(self._load_in_loader, nxt, ahead)
 
     def _maps_in_place(self, index: int) -> bool:
         """CPU: whether layer `index` is mapped where it is used, in the compute thread as its forward begins, with no

@@ -318,8 +318,8 @@ def plan_streaming(
 ) -> ResidencyPlan:
     """The residency plan `enable_layer_streaming` (and `hf-layerstream inspect`) runs with.
 
-    `prefetch=None`: the default, lowered on a GPU until its budget holds it, on CPU until the page cache's share of
-    the available memory, or `max_memory["cpu"]` where less, does (`fit_prefetch`). `dequantize=None`: "layer"
+    `prefetch=None`: the default, lowered until the device's budget holds it (on CPU, a `max_memory["cpu"]` given;
+    `fit_prefetch`). `dequantize=None`: "layer"
     unless the shards are quantized and a GPU's budget cannot keep every layer on it dequantized: then "module" (the
     layers in flight and kept on the GPU are held packed, about a quarter of their size at 4 bits, so more fit; each
     weight is dequantized as its module runs: a memory-bound kernel there, against the copy over PCIe). On CPU
@@ -527,8 +527,7 @@ def enable_layer_streaming(
             How many streamed layers are read ahead of the compute. Default: 3 on CPU with full-precision shards, 2
             otherwise (the fastest from a cold page cache in our measurements); each one more holds one more layer
             in memory. On a GPU whose budget cannot hold the resident parts and that many layers in flight, the
-            default is lowered until it can (down to 0); on CPU, until they fit in 80% of the available memory (so
-            read-ahead is not evicted before its use) and in `max_memory["cpu"]`, when given.
+            default is lowered until it can (down to 0); on CPU, until they fit in `max_memory["cpu"]`, when given.
         profile (`bool`, defaults to `False`):
             Record per-layer timings; see [`get_streaming_state`]`(model).profile`.
         keep_in_page_cache (`bool`, *optional*):
@@ -630,13 +629,9 @@ def enable_layer_streaming(
         host_candidates=[p.candidate for p in host_parts],
     )
     if not chosen and plan.prefetch != default:
-        from . import engine
-
-        room = (
-            engine.cpu_prefetch_room(max_memory)[1]
-            if device.type == "cpu"
-            else f"the device budget ({plan.budgets[str(device.index)] / 2**30:.2f} GiB)"
-        )
+        key = "cpu" if device.type == "cpu" else str(device.index)
+        name = "max_memory['cpu']" if device.type == "cpu" else "the device budget"
+        room = f"{name} ({plan.budgets[key] / 2**30:.2f} GiB)"
         logger.info(
             "prefetch lowered to %d from the default %d: %s cannot hold the resident parts and more layers in flight. "
             "Pass `prefetch=` to choose it.",

@@ -8,6 +8,7 @@ import mmap
 import os
 import shutil
 import threading
+import traceback
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -276,6 +277,45 @@ def test_a_kept_layer_that_cannot_be_loaded_names_the_layer(llama, tmp_path):
     with pytest.raises(LayerLoadError, match=r"decoder layer 1 from .*00001\.safetensors failed"):
         model.generate(**inputs, **GEN, pad_token_id=pad)
     assert loader.failures == 1 and loader.in_use() == []
+    disable_layer_streaming(model)
+
+
+@pytest.mark.parametrize("read_ahead", [True, False], ids=["read-ahead", "on-demand"])
+def test_a_failed_load_frees_what_it_had_made(llama, read_ahead, monkeypatch):
+    """A load that fails part way (a GPU out of memory after some weights were copied, a damaged file) frees what it
+    had made at once, not when its error is let go: the error's traceback would hold the loader's frames and their
+    tensors (on a GPU, device memory). Read ahead: the first attempt's are freed before the retry too, and both stay
+    freed while the caller holds the `LayerLoadError`. Loaded on demand (`prefetch=0`), the same."""
+    ckpt, shards, inputs, expected, pad = llama
+    model = streamed_model(ckpt, shards, max_memory={"cpu": 0}, prefetch=1 if read_ahead else 0)
+    loader = get_streaming_state(model).loader
+    loader._map = False  # every layer read into a buffer (the CUDA path): its tensors are made by the load
+    made: list[weakref.ref] = []
+    alive_at_retry = []
+    real, real_submit = loader._relative, loader._submit
+
+    def failing(index, tensors):  # the last step of a load, with every tensor made
+        if index == 2:
+            made.extend(weakref.ref(t) for t in tensors.values())
+            raise RuntimeError("CUDA out of memory. (simulated)")
+        return real(index, tensors)
+
+    def submit(index):  # a load on demand, or (once an attempt failed) the retry of a layer read ahead
+        if made:
+            gc.collect()
+            alive_at_retry.append(sum(r() is not None for r in made))
+        return real_submit(index)
+
+    monkeypatch.setattr(loader, "_relative", failing)
+    monkeypatch.setattr(loader, "_submit", submit)
+    with pytest.raises(LayerLoadError, match=r"decoder layer 2 .*CUDA out of memory") as info:
+        model.generate(**inputs, **GEN, pad_token_id=pad)
+    gc.collect()
+    assert made and [r() for r in made] == [None] * len(made)
+    assert alive_at_retry == ([0] if read_ahead else [])
+    assert "_relative" in "".join(traceback.format_exception(info.value))  # (the traceback keeps its lines)
+    monkeypatch.undo()
+    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
     disable_layer_streaming(model)
 
 
@@ -974,10 +1014,10 @@ def test_a_budget_below_the_least_the_plan_needs_is_warned_about(llama, caplog, 
         assert (json.loads(capsys.readouterr().out)["warning"] is not None) == warned
 
 
-def test_default_prefetch_on_cpu_fits_the_page_cache(llama, monkeypatch, caplog):
-    """`enable_layer_streaming` on CPU with too little available memory for the resident parts and the default's four
-    layers in flight, or too small a `max_memory["cpu"]`: the default prefetch is lowered (and says so), an explicit
-    one is kept, and the output is the same."""
+def test_default_prefetch_on_cpu_fits_a_cpu_budget(llama, monkeypatch, caplog):
+    """`enable_layer_streaming` on CPU with a `max_memory["cpu"]` too small for the resident parts and the default's
+    four layers in flight: the default prefetch is lowered until they fit (and says so), an explicit one is kept, and
+    the output is the same. Too little available memory does not lower it (see `fit_prefetch`)."""
     from hf_layerstream import engine
 
     ckpt, shards, inputs, expected, pad = llama
@@ -986,24 +1026,22 @@ def test_default_prefetch_on_cpu_fits_the_page_cache(llama, monkeypatch, caplog)
     disable_layer_streaming(model)
     assert plan.prefetch == 3
     two_in_flight = plan.resident_bytes + 2 * max(plan.layer_bytes)
-    monkeypatch.setattr(engine, "available_host_memory", lambda: int(two_in_flight / engine.DEFAULT_PAGE_CACHE_SHARE))
+    monkeypatch.setattr(engine, "available_host_memory", lambda: two_in_flight)
     with caplog.at_level("INFO", logger="hf_layerstream"):
         model = streamed_model(ckpt, shards, max_memory={"cpu": 0})
-    assert get_streaming_state(model).plan.prefetch == 1
-    assert "prefetch lowered to 1 from the default 3: the page cache's share of the available memory" in caplog.text
-    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+    assert get_streaming_state(model).plan.prefetch == 3 and "prefetch lowered" not in caplog.text
     disable_layer_streaming(model)
-    model = streamed_model(ckpt, shards, max_memory={"cpu": 0}, prefetch=3)
-    assert get_streaming_state(model).plan.prefetch == 3
-    disable_layer_streaming(model)
-    # plenty of memory, but the caller's `max_memory["cpu"]` holds the resident parts and three layers: prefetch 2
     monkeypatch.setattr(engine, "available_host_memory", lambda: 2**40)
-    caplog.clear()
-    with caplog.at_level("INFO", logger="hf_layerstream"):
-        model = streamed_model(ckpt, shards, max_memory={"cpu": two_in_flight + max(plan.layer_bytes)})
-    assert get_streaming_state(model).plan.prefetch == 2
-    assert "prefetch lowered to 2 from the default 3: max_memory['cpu'] (" in caplog.text
-    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+    for budget, prefetch in ((two_in_flight, 1), (two_in_flight + max(plan.layer_bytes), 2)):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="hf_layerstream"):
+            model = streamed_model(ckpt, shards, max_memory={"cpu": budget})
+        assert get_streaming_state(model).plan.prefetch == prefetch
+        assert f"prefetch lowered to {prefetch} from the default 3: max_memory['cpu'] (" in caplog.text
+        assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+        disable_layer_streaming(model)
+    model = streamed_model(ckpt, shards, max_memory={"cpu": two_in_flight}, prefetch=3)
+    assert get_streaming_state(model).plan.prefetch == 3
     disable_layer_streaming(model)
 
 
@@ -1755,6 +1793,27 @@ def test_staging_pool_prefers_idle_buffers_and_overlaps_reads_with_copies():
     # no limit (CPU reads, no events): the first that fits, as before
     pool.give(again, [])
     assert pool.take(100).data_ptr() == first.data_ptr() and pool.allocated == 2
+
+
+def test_a_staging_buffer_that_cannot_be_allocated_is_not_counted(monkeypatch):
+    """A failed allocation (pinned memory or host RAM exhausted) leaves the pool's count as it was: counted, the pool
+    would wait for busy buffers as if at its limit, and hold one buffer fewer than it may."""
+    from hf_layerstream import engine
+
+    pool = engine._BufferPool(None)
+    pool.give(pool.take(5000, limit=2), [], _FakeEvent(done=False))
+    real = engine._aligned_buffer
+
+    def exhausted(*args, **kwargs):
+        raise RuntimeError("CUDA error: out of memory (simulated cudaHostAlloc)")
+
+    monkeypatch.setattr(engine, "_aligned_buffer", exhausted)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        pool.take(5000, limit=2)
+    assert pool.allocated == 1
+    monkeypatch.setattr(engine, "_aligned_buffer", real)
+    busy = pool._free[0][1]
+    assert pool.take(5000, limit=2) is not None and pool.allocated == 2 and not busy.waited  # (a new one: no wait)
 
 
 class _FakeCudart:
