@@ -1488,6 +1488,8 @@ class LayerLoader:
         with torch.inference_mode(False):
             raw = mmap_tensors(self.shards.header(unit))
             tensors = self._relative(index, self._finish(unit, raw, index))
+        if self.is_cuda:  # as for the resident parts: a later pass run on another stream must find them there
+            torch.cuda.current_stream(self.device).synchronize()
         self._device_cache[index] = tensors
         return tensors
 

@@ -1795,6 +1795,29 @@ def test_staging_pool_prefers_idle_buffers_and_overlaps_reads_with_copies():
     assert pool.take(100).data_ptr() == first.data_ptr() and pool.allocated == 2
 
 
+def test_a_layer_kept_on_the_gpu_is_loaded_with_its_copies_waited_for(llama, monkeypatch):
+    """A kept layer is loaded at its first use, in the compute thread, on the stream current then; like the resident
+    parts it waits for its copies there, once, so that a later pass run on another stream finds it whole (a stand-in
+    stream on CPU: the GPU's own run is in the `cuda` tests)."""
+    ckpt, shards, *_ = llama
+    model = streamed_model(ckpt, shards)
+    loader = get_streaming_state(model).loader
+    kept = [i for i in range(loader.shards.num_layers) if loader.plan.tier(i) == "device"]
+    assert kept and kept[0] not in loader._device_cache
+    syncs = []
+
+    class Stream:
+        def synchronize(self):
+            syncs.append(len(loader._device_cache))  # (before the layer is handed out)
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    monkeypatch.setattr(loader, "is_cuda", True)
+    first = loader.kept(kept[0])
+    assert syncs == [0] and loader.kept(kept[0]) is first and syncs == [0]
+    monkeypatch.undo()
+    disable_layer_streaming(model)
+
+
 def test_a_staging_buffer_that_cannot_be_allocated_is_not_counted(monkeypatch):
     """A failed allocation (pinned memory or host RAM exhausted) leaves the pool's count as it was: counted, the pool
     would wait for busy buffers as if at its limit, and hold one buffer fewer than it may."""
