@@ -319,12 +319,11 @@ def plan_streaming(
     """The residency plan `enable_layer_streaming` (and `hf-layerstream inspect`) runs with.
 
     `prefetch=None`: the default, lowered until the device's budget holds it (on CPU, a `max_memory["cpu"]` given;
-    `fit_prefetch`). `dequantize=None`: "layer"
-    unless the shards are quantized and a GPU's budget cannot keep every layer on it dequantized: then "module" (the
-    layers in flight and kept on the GPU are held packed, about a quarter of their size at 4 bits, so more fit; each
-    weight is dequantized as its module runs: a memory-bound kernel there, against the copy over PCIe). On CPU
-    dequantizing is slow (about 2 GB/s of output here), so the loader does it ahead of the compute there unless
-    asked.
+    `fit_prefetch`). `dequantize=None`: "layer" unless the shards are quantized and a GPU's budget cannot keep every
+    layer on it dequantized: then "module" (the layers in flight and kept on the GPU are held packed, about a quarter
+    of their size at 4 bits, so more fit; each weight is dequantized as its module runs: a memory-bound kernel there,
+    against the copy over PCIe). On CPU dequantizing is slow (about 2 GB/s of output here), so the loader does it
+    ahead of the compute there unless asked.
     """
     n = shards.num_layers
     chosen = prefetch is not None
@@ -534,9 +533,9 @@ def enable_layer_streaming(
             CPU: whether streamed layers' file pages stay in the page cache after use, so later sweeps read them
             from RAM. By default they stay while they fit in 80% of the available memory together with the kept
             layers; streamed layers beyond that are dropped after use (`POSIX_FADV_DONTNEED`), since a sweep over
-            more than fits would evict each one before its next use anyway. `False` drops every streamed layer after use
-            (nothing of the model is left cached: what a model far larger than RAM gets); `True` leaves all to the
-            kernel.
+            more than fits would evict each one before its next use anyway. `False` drops every streamed layer
+            after use (nothing of the model is left cached: what a model far larger than RAM gets); `True` leaves
+            all to the kernel.
         dequantize (`str`, *optional*):
             Quantized shards: `"layer"` dequantizes a layer's weights as the loader brings it in, ahead of the
             compute; `"module"` holds layers packed (kept and in flight) and dequantizes each `nn.Linear` weight on
