@@ -148,7 +148,7 @@ def test_default_prefetch_is_lowered_until_a_gpu_budget_holds_it(checkpoints):
     assert warning.startswith("The default budget of cuda:0") and "Each step less" not in warning
     assert fitted(0).prefetch == 2  # every layer streamed, as asked
     cpu = torch.device("cpu")
-    assert fitted(layer // 2, cpu).prefetch == 2  # (on CPU `max_memory["cpu"]`, 1 GiB here, holds it: the next test)
+    assert fitted(layer // 2, cpu).prefetch == 2  # (on CPU only a `max_memory["cpu"]` lowers it: the next test)
 
 
 def test_on_cpu_the_default_prefetch_is_lowered_by_a_cpu_budget_not_by_the_available_memory(monkeypatch):
