@@ -76,6 +76,17 @@ def streamed_model(checkpoint: Path, shards: Path, *, meta_device: bool = False,
     return enable_layer_streaming(model, shards, device="cpu", dtype=dtype, **kwargs)
 
 
+def shaped_shard_dir(num_layers: int, layer: int, resident: int, *, stored: int | None = None):
+    """A stand-in for a shard directory: only the sizes `plan_residency` reads. Layers of `layer` bytes at the
+    model's dtype and `stored` on disk (default the same: full precision; less: quantized)."""
+    from types import SimpleNamespace
+
+    units = {"resident": SimpleNamespace(logical_nbytes=resident, size=resident)}
+    on_disk = layer if stored is None else stored
+    units |= {f"layers.{i}": SimpleNamespace(logical_nbytes=layer, size=on_disk) for i in range(num_layers)}
+    return SimpleNamespace(num_layers=num_layers, unit=units.__getitem__)
+
+
 @contextmanager
 def tqdm_lock_held_elsewhere():
     """tqdm's global write lock, held by another thread for as long as the block runs.

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import _models
 import pytest
 import torch
-from conftest import build_meta_model, generate_from_threads, streamed_model
+from conftest import build_meta_model, generate_from_threads, shaped_shard_dir, streamed_model
 from transformers import AutoConfig, AutoTokenizer
 
 from hf_layerstream import (
@@ -341,12 +341,8 @@ def test_a_70b_model_in_4_bits_reads_ahead_on_a_4_gib_gpu():
     """Llama-3-70B in nf4 (layers of 481 MB packed, 1.71 GB at bf16; the largest weight 470 MB at bf16) on a 4 GiB
     GPU's default budget: whole-layer decoding fits one layer at a time (prefetch 0, no overlap of copy and compute);
     per module, a layer is read ahead. A 24 GiB GPU keeps 25 packed layers instead of 5 dequantized ones."""
-    from types import SimpleNamespace
-
     decoded, packed, scratch, part = 1_711_309_824, 481_328_640, 469_762_048, 2_101_346_304
-    units = {"resident": SimpleNamespace(logical_nbytes=2 * part, size=2 * part)}
-    units |= {f"layers.{i}": SimpleNamespace(logical_nbytes=decoded, size=packed) for i in range(80)}
-    shards = SimpleNamespace(num_layers=80, unit=units.__getitem__)
+    shards = shaped_shard_dir(80, decoded, 2 * part, stored=packed)
     candidates = [("input_embeddings", part, 0), ("output_embeddings", part, part)]
 
     def plan(budget, per_module):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import shaped_shard_dir
 
 from hf_layerstream import engine
 from hf_layerstream.engine import available_host_memory, cgroup_memory_room
@@ -120,12 +121,7 @@ def test_this_machines_reading_is_sane():
 def test_a_cgroup_limit_lowers_the_default_cpu_plan(monkeypatch):
     """On a host with far more memory than the container's limit, the default plan keeps layers by the limit: with
     MemAvailable alone it would keep half of 80 GiB of layers in a 16 GiB container."""
-    from types import SimpleNamespace
-
-    layer = GiB
-    units = {"resident": SimpleNamespace(logical_nbytes=layer, size=layer)}
-    units |= {f"layers.{i}": SimpleNamespace(logical_nbytes=layer, size=layer) for i in range(80)}
-    shards = SimpleNamespace(num_layers=80, unit=units.__getitem__)
+    shards = shaped_shard_dir(80, GiB, GiB)
     monkeypatch.setattr(engine, "_mem_available", lambda: 80 * GiB)
     room = {"bytes": None}
     monkeypatch.setattr(engine, "cgroup_memory_room", lambda: room["bytes"])

@@ -14,7 +14,13 @@ import json
 import _models
 import pytest
 import torch
-from conftest import assert_same_decode_steps, build_meta_model, generate_from_threads, streamed_model
+from conftest import (
+    assert_same_decode_steps,
+    build_meta_model,
+    generate_from_threads,
+    shaped_shard_dir,
+    streamed_model,
+)
 from transformers import AutoConfig, AutoTokenizer
 
 from hf_layerstream import ShardDirectory, disable_layer_streaming, enable_layer_streaming, get_streaming_state
@@ -103,7 +109,7 @@ def test_a_head_copy_larger_than_a_layer_is_planned_for():
     a layer (a 70B model's, 2.1 GB against 1.7 GB) is what the device must hold then, and the plan and the warning
     count it."""
     layer, head, resident = 1000, 3000, 5000
-    shards = _shaped(4, layer, resident)
+    shards = shaped_shard_dir(4, layer, resident)
     candidates = [("input_embeddings", head, 0), ("output_embeddings", head, head)]
     enough = resident - 2 * head + head + layer  # the head's copy and one layer read ahead (prefetch 1)
     plan = plan_residency(
@@ -159,7 +165,7 @@ def test_on_cpu_the_default_prefetch_is_lowered_by_a_cpu_budget_not_by_the_avail
     from hf_layerstream import engine
 
     layer, part = 1_711_309_824, 2_101_346_304
-    shards = _shaped(80, layer, 2 * part + 16_384)
+    shards = shaped_shard_dir(80, layer, 2 * part + 16_384)
     available = {"bytes": 0}
     monkeypatch.setattr(engine, "available_host_memory", lambda: available["bytes"])
 
@@ -188,21 +194,12 @@ def _key(device):
     return "cpu" if device.type == "cpu" else device.index
 
 
-def _shaped(num_layers: int, layer: int, resident: int):
-    """A stand-in for a shard directory: only the sizes `plan_residency` reads."""
-    from types import SimpleNamespace
-
-    units = {"resident": SimpleNamespace(logical_nbytes=resident, size=resident)}
-    units |= {f"layers.{i}": SimpleNamespace(logical_nbytes=layer, size=layer) for i in range(num_layers)}
-    return SimpleNamespace(num_layers=num_layers, unit=units.__getitem__)
-
-
 def test_a_70b_model_is_planned_onto_a_4_gib_gpu():
     """Llama-3-70B's sizes at bf16 (80 layers of 1.71 GB; embeddings and head of 2.10 GB each) on a 4 GiB GPU's
     default budget (80% of about 3.7 GiB free): the embeddings and head go to host RAM and layers come one at a time.
     A 24 GiB GPU keeps them and 5 layers (with 3 in flight and its reserve)."""
     layer, part = 1_711_309_824, 2_101_346_304
-    shards = _shaped(80, layer, 2 * part + 16_384)
+    shards = shaped_shard_dir(80, layer, 2 * part + 16_384)
     candidates = [("input_embeddings", part, 0), ("output_embeddings", part, part)]
 
     def plan(budget):
