@@ -567,6 +567,13 @@ def test_bench_asks_every_system_for_the_gpu_on_cuda(tmp_path, monkeypatch, caps
     assert out.count("failed: not run here") == 4
 
 
+def _weights_bytes(shard_dir) -> int:
+    """The bytes of a shard directory's weights at their dtypes: what the whole model in memory would take."""
+    shards = ShardDirectory(shard_dir)
+    layers = (shards.unit(f"layers.{i}").logical_nbytes for i in range(shards.num_layers))
+    return shards.unit("resident").logical_nbytes + sum(layers)
+
+
 def _children_asked(monkeypatch) -> list[str]:
     """The systems the bench asks its children to measure, in order (the children are not run: each row fails)."""
     from hf_layerstream import bench as bench_module
@@ -607,8 +614,7 @@ def test_the_whole_model_is_measured_in_memory_only_where_it_fits(tmp_path, monk
     argv += ["--systems", "in_memory,streamed_disk", "--json"]
     assert main(argv) == 0
     assert asked == ["in_memory", "streamed"]
-    shards = ShardDirectory(tmp_path / "shards")
-    whole = shards.unit("resident").logical_nbytes + sum(shards.unit(f"layers.{i}").logical_nbytes for i in range(3))
+    whole = _weights_bytes(tmp_path / "shards")
     asked.clear()
     free["bytes"] = int(whole / bench_module.FIT_SHARE) - 1  # just too little
     with caplog.at_level(logging.WARNING, logger="hf_layerstream"):
@@ -633,8 +639,7 @@ def test_the_warm_run_in_one_process_needs_room_for_two_models(tmp_path, monkeyp
     argv += ["--systems", "in_memory,streamed,streamed_disk", "--device", "cpu"]
     assert main(argv) == 0
     assert asked == ["in_memory", "streamed", "streamed", "paired"]
-    shards = ShardDirectory(tmp_path / "shards")
-    whole = shards.unit("resident").logical_nbytes + sum(shards.unit(f"layers.{i}").logical_nbytes for i in range(3))
+    whole = _weights_bytes(tmp_path / "shards")
     asked.clear()
     free["bytes"] = int(2 * whole / bench_module.FIT_SHARE) - 1  # one model fits, two do not
     with caplog.at_level(logging.WARNING, logger="hf_layerstream"):
