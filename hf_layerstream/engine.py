@@ -29,7 +29,6 @@ gets there lives here:
 from __future__ import annotations
 
 import bisect
-import ctypes
 import errno
 import logging
 import mmap
@@ -813,7 +812,7 @@ class _PinnedHost:
                 return buf
             logger.info("cudaHostRegister failed (%s); pinning with torch's caching host allocator instead", err)
             if isinstance(err, int):
-                _clear_cuda_error()
+                _clear_cuda_error(self.device)
             self._registering = False
             del buf  # the map goes with it
         with torch.cuda.device(self.device):
@@ -848,27 +847,38 @@ def _unregister(ptr: int, device: torch.device | None) -> None:
         err = int(torch.cuda.cudart().cudaHostUnregister(ptr))
     if err != 0:
         logger.warning("cudaHostUnregister(%#x) failed with CUDA error %d", ptr, err)
-        _clear_cuda_error()  # else the next kernel launched in this thread would raise it as its own
+        _clear_cuda_error(device)  # else the next kernel launched in this thread would raise it as its own
 
 
-def _clear_cuda_error() -> None:
+def _clear_cuda_error(device: torch.device | None) -> None:
     """Reset this thread's last CUDA runtime error after a failed call whose failure is handled (`cudaHostRegister`,
-    `cudaHostUnregister`): the runtime keeps it until `cudaGetLastError` reads it, and torch checks that after every
-    kernel launch, so the next cast or decode in this thread would raise it as its own. Best effort: through torch's
-    binding where it has one, else the runtime library torch loaded (found in `/proc/self/maps`)."""
+    `cudaHostUnregister`): the runtime keeps it until `cudaGetLastError` reads it, and torch reads it after every
+    kernel launch, so the next cast or decode in this thread would raise it as its own.
+
+    torch binds no `cudaGetLastError` (its `cudart()` has a few calls only), so a one-element kernel is launched here
+    instead: torch's check after the launch reads the error off, in the runtime torch itself uses (linked statically
+    or not), and raises it, and that is dropped. A binding is used where a torch build has one."""
     try:
         get = getattr(torch.cuda.cudart(), "cudaGetLastError", None)
-        if get is None:
-            with open("/proc/self/maps") as f:
-                path = next((line.split()[-1] for line in f if "libcudart" in line), None)
-            if path is not None:
-                get = ctypes.CDLL(path).cudaGetLastError  # the library already loaded: dlopen returns it
         if get is not None:
             get()
-        else:
-            logger.debug("no CUDA runtime found to clear the error of a failed cudaHostRegister")
-    except (OSError, AttributeError, RuntimeError) as e:
-        logger.debug("could not clear the error of a failed cudaHostRegister: %s", e)
+            return
+        _launch_one_kernel(device)
+    except RuntimeError as e:  # (torch.AcceleratorError is one): the error being cleared, or a binding missing
+        logger.debug("cleared the CUDA error of a failed host (un)registering: %s", e)
+
+
+def _launch_one_kernel(device: torch.device | None) -> None:
+    """One element, one kernel on `device`, its launch checked by torch (`C10_CUDA_KERNEL_LAUNCH_CHECK`)."""
+    with torch.cuda.device(device):
+        torch.zeros(1, device=device if device is not None else "cuda").add_(1)
+
+
+def _loader_event() -> torch.cuda.Event:
+    """A CUDA event the loader thread waits for (`synchronize`): a blocking one, so that the thread sleeps until the
+    GPU reaches it. A default event is waited for by spinning on a core (CUDA's automatic scheduling, with fewer
+    contexts than cores), the core the reads, the decoding and the compute thread's Python need."""
+    return torch.cuda.Event(blocking=True)
 
 
 def _aligned_buffer(size: int, pinned: _PinnedHost | None = None) -> torch.Tensor:
@@ -1204,7 +1214,7 @@ class LayerLoader:
             # its tensors go first: freed, each is marked by the caching allocator as in use on the compute stream up
             # to here, so once the event recorded next has completed, their memory is free for the next copy
             ready.tensors = {}
-            done = torch.cuda.Event()
+            done = _loader_event()
             done.record(torch.cuda.current_stream(self.device))
             self._released.append(done)
         if ready.buffer is None:
@@ -1771,7 +1781,7 @@ class LayerLoader:
             try:
                 tensors = self._relative(index, self._finish(unit, raw, index, times=times))
             finally:  # also when a copy or decode failed half way: the buffer returns once what was queued has run
-                event = torch.cuda.Event()
+                event = _loader_event()
                 event.record(self._copy_stream)
                 if buffer is not None:
                     self._pool.give(buffer, [], event)

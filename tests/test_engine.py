@@ -1924,6 +1924,75 @@ def test_pinned_host_buffers_are_exact_size_and_unregistered_before_unmapped(mon
     assert fake.unregistered == [drop.data_ptr()]
 
 
+def test_cuda_error_of_a_failed_registering_is_read_off_by_a_kernel_launch(monkeypatch):
+    """torch binds no `cudaGetLastError`: the error a failed `cudaHostRegister` leaves is read off by launching a
+    one-element kernel, whose launch check raises it (and that is dropped), under the model's device."""
+    from hf_layerstream import engine
+
+    gpu = torch.device("cuda", 1)
+
+    class NoGetLastError(_FakeCudart):  # as torch's `_cudart` is
+        cudaGetLastError = None  # noqa: N815
+
+    fake = NoGetLastError(fail=True)
+    _fake_cuda(monkeypatch, fake)
+    launched = []
+
+    def launch(device):  # as torch raises the pending error after the launch
+        launched.append(device)
+        raise RuntimeError("CUDA error: out of memory")
+
+    monkeypatch.setattr(engine, "_launch_one_kernel", launch)
+    monkeypatch.setattr(torch, "empty", lambda size, **kw: torch.frombuffer(mmap.mmap(-1, size), dtype=kw["dtype"]))
+    pinned = _PinnedHost(gpu)
+    assert pinned.empty(4096).numel() == 4096  # (from the fallback allocator; no error escapes)
+    assert launched == [gpu] and not pinned._registering
+    # a failed unregistering too, under its device
+    monkeypatch.setattr(fake, "cudaHostUnregister", lambda ptr: 1)
+    engine._unregister(8192, gpu)
+    assert launched == [gpu, gpu]
+    # anything else than a RuntimeError is not swallowed
+    monkeypatch.setattr(engine, "_launch_one_kernel", lambda device: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        engine._clear_cuda_error(gpu)
+
+
+@pytest.mark.cuda
+def test_cuda_error_of_a_failed_registering_does_not_reach_the_next_kernel():
+    """A real failed `cudaHostRegister` (the same memory twice) and its error cleared: the next kernel launched in
+    this thread runs, rather than raising that error as its own."""
+    from hf_layerstream import engine
+
+    buf = torch.frombuffer(mmap.mmap(-1, 4096), dtype=torch.uint8)
+    cudart = torch.cuda.cudart()
+    assert int(cudart.cudaHostRegister(buf.data_ptr(), 4096, 1)) == 0
+    try:
+        assert int(cudart.cudaHostRegister(buf.data_ptr(), 4096, 1)) != 0  # already registered
+        engine._clear_cuda_error(torch.device("cuda", torch.cuda.current_device()))
+        assert torch.ones(3, device="cuda").add_(1).tolist() == [2.0, 2.0, 2.0]
+    finally:
+        assert int(cudart.cudaHostUnregister(buf.data_ptr())) == 0
+
+
+@pytest.mark.cuda
+def test_the_loader_sleeps_while_it_waits_for_the_gpu():
+    """The events the loader thread waits for are blocking: it sleeps until the GPU reaches them rather than spinning
+    on a core (which the reads and the compute thread need)."""
+    import time
+
+    from hf_layerstream import engine
+
+    torch.cuda.synchronize()
+    torch.cuda._sleep(10**9)  # a billion GPU cycles: about 0.5 s
+    event = engine._loader_event()
+    event.record()
+    wall, cpu = time.perf_counter(), time.thread_time()
+    event.synchronize()
+    wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
+    assert wall > 0.05, wall  # (it did wait)
+    assert cpu < 0.5 * wall, (cpu, wall)
+
+
 def test_pinned_host_falls_back_to_torch_when_registering_fails(monkeypatch):
     pinned = _PinnedHost()
     fake = _FakeCudart(fail=True)
