@@ -573,4 +573,10 @@ if __name__ == "__main__":
 
     logging.basicConfig(level=logging.WARNING)
     spec = json.loads(sys.argv[1])
-    print(json.dumps(measure_paired(spec) if spec["system"] == "paired" else measure(spec)), flush=True)
+    if spec["system"] == "cuda_probe":
+        from .bench import probe_cuda
+
+        result = probe_cuda(spec["device"])
+    else:
+        result = measure_paired(spec) if spec["system"] == "paired" else measure(spec)
+    print(json.dumps(result), flush=True)

@@ -10,7 +10,7 @@ run measures the two physical limits the figures are compared with:
   read-ahead into a huge-page map, each one file at a time and two files at once, each after
   `POSIX_FADV_DONTNEED`;
 * on CUDA, also the host-to-device copy: bytes that cross to the device per sweep / the pinned-memory
-  host-to-device bandwidth, measured here (`measure_h2d_bandwidth`). It is the limit of decoding from host RAM
+  host-to-device bandwidth, measured in a child of its own (`measure_h2d_bandwidth`). It is the limit of decoding from host RAM
   (the `streamed_host` row: every layer kept in pinned host RAM, none on the device), and the GPU memory peak of
   each streamed row is checked against resident parts + (prefetch + 1) layers + the KV cache and activations
   (what the whole model on the device peaks at beyond its weights, measured in the same run).
@@ -548,12 +548,13 @@ def bench(args) -> dict:
             logger.info("skipping %s: only meaningful on a CUDA device", ", ".join(skipped))
             systems = [s for s in systems if s not in skipped]
         whole = resident_bytes + sum(shards.unit(f"layers.{i}").logical_nbytes for i in range(shards.num_layers))
+        gpu = _probe_cuda(device, args.timeout) if on_cuda else None
         if "in_memory" in systems:
-            why = _does_not_fit(whole, device if on_cuda else None)
+            why = _does_not_fit(whole, device if on_cuda else None, gpu["free"] if gpu else None)
             if why:
                 logger.warning("skipping the whole model in memory (in_memory): %s; ours are measured without it", why)
                 systems = [s for s in systems if s != "in_memory"]
-        h2d = measure_h2d_bandwidth(device) if on_cuda else None
+        h2d = gpu["h2d"] if gpu else None
         common = {"input_ids": ids, "max_new_tokens": args.max_new_tokens, "pad_token_id": pad, "repeats": args.repeats}
         if disk is not None:
             common["disk_way"] = disk["way"]  # cold runs of ours: every step paired with a read that way
@@ -664,17 +665,34 @@ def bench(args) -> dict:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _does_not_fit(nbytes: int, device) -> str | None:
-    """Why weights of `nbytes` cannot be measured whole in memory on `device` (the host where `None`), or `None` where
-    they fit (see `FIT_SHARE`)."""
+def probe_cuda(device) -> dict:
+    """In a child (`_probe_cuda`): the free and total memory of CUDA `device`, and its pinned host-to-device bandwidth
+    (`measure_h2d_bandwidth`)."""
     import torch
 
+    device = torch.device(device)
+    h2d = measure_h2d_bandwidth(device)
+    free, total = torch.cuda.mem_get_info(device)
+    return {"free": free, "total": total, "h2d": h2d}
+
+
+def _probe_cuda(device, timeout: float) -> dict:
+    """`probe_cuda` in a child process of its own. Measured here, it would leave this process a CUDA context (a few
+    hundred MiB of the GPU) for the whole run, which each child's default budget would see as taken."""
+    from ._measure import run_child
+
+    return run_child({"system": "cuda_probe", "device": str(device)}, timeout=timeout)
+
+
+def _does_not_fit(nbytes: int, device, free: int | None = None) -> str | None:
+    """Why weights of `nbytes` cannot be measured whole in memory on `device` (the host where `None`), or `None` where
+    they fit (see `FIT_SHARE`). A CUDA device's `free` memory is given (`probe_cuda`)."""
     from .engine import available_host_memory
 
     if device is None:
         free, where = available_host_memory(), "this machine's available RAM"
     else:
-        free, where = torch.cuda.mem_get_info(device)[0], f"the free memory of {device}"
+        where = f"the free memory of {device}"
     if nbytes <= FIT_SHARE * free:
         return None
     return f"their weights ({nbytes / 1e9:.2f} GB) are more than {FIT_SHARE:.0%} of {where} ({free / 1e9:.2f} GB)"

@@ -529,19 +529,42 @@ def test_baseline_of_quantized_shards_includes_their_codec(checkpoints):
     assert seen == {"full": "False", "4bit": "True"}
 
 
+def _gpu_not_queried_here(monkeypatch) -> None:
+    """Asking this process's CUDA runtime for the GPU's free memory or bandwidth fails the test: the bench asks a
+    child of its own (`_probe_cuda`)."""
+    import torch
+
+    from hf_layerstream import bench as bench_module
+
+    def not_here(*args, **kwargs):
+        raise AssertionError("the bench's own process queried the GPU")
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", not_here)
+    monkeypatch.setattr(bench_module, "measure_h2d_bandwidth", not_here)
+
+
 def test_bench_asks_every_system_for_the_gpu_on_cuda(tmp_path, monkeypatch, capsys):
     """What each child is asked to do on a CUDA machine (none here: the children are not run): the reference and
     accelerate's offload compute on the GPU, the every-layer-from-disk row keeps nothing on the device either, the
     pinned-RAM row keeps nothing on the device and every layer in host RAM."""
     import torch
 
+    from hf_layerstream import _measure
     from hf_layerstream import bench as bench_module
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (80 * 2**30, 80 * 2**30))
     h2d = {"bandwidth": 1e10, "bytes": 2**20, "seconds": 1e-4, "samples": [1e10]}
-    monkeypatch.setattr(bench_module, "measure_h2d_bandwidth", lambda device: h2d)
+    # the GPU's free memory and bandwidth are measured in a child of their own, not in this process (where a CUDA
+    # context would stay for the whole run, taken from every child's default budget)
+    _gpu_not_queried_here(monkeypatch)
+    probes = []
+
+    def fake_run_child(spec, timeout=None):
+        probes.append(spec)
+        return {"free": 80 * 2**30, "total": 80 * 2**30, "h2d": h2d}
+
+    monkeypatch.setattr(_measure, "run_child", fake_run_child)
     specs = []
 
     def fake_run(spec, timeout):
@@ -555,6 +578,7 @@ def test_bench_asks_every_system_for_the_gpu_on_cuda(tmp_path, monkeypatch, caps
     by_system = {}
     for spec in specs:
         by_system.setdefault(spec["system"], []).append(spec)
+    assert probes == [{"system": "cuda_probe", "device": "cuda:0"}]
     assert sorted(by_system) == ["accelerate_offload", "in_memory", "streamed"]
     assert [s["device"] for s in by_system["in_memory"]] == ["cuda:0"]
     assert [s["offload_device"] for s in by_system["accelerate_offload"]] == [0]
@@ -604,9 +628,11 @@ def test_the_whole_model_is_measured_in_memory_only_where_it_fits(tmp_path, monk
     if on_gpu:
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["bytes"], 2**40))
         h2d = {"bandwidth": 1e10, "bytes": 2**20, "seconds": 1e-4, "samples": [1e10]}
-        monkeypatch.setattr(bench_module, "measure_h2d_bandwidth", lambda device: h2d)
+        _gpu_not_queried_here(monkeypatch)
+        monkeypatch.setattr(
+            bench_module, "_probe_cuda", lambda device, timeout: {"free": free["bytes"], "total": 2**40, "h2d": h2d}
+        )
     else:
         monkeypatch.setattr(engine, "available_host_memory", lambda: free["bytes"])
     asked = _children_asked(monkeypatch)
