@@ -216,6 +216,9 @@ def _read_header(path: Path, expected_size: int | None, *, source: bool) -> Head
     metadata = parsed.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict):
         raise ShardFileError(path, "has a `__metadata__` entry that is not an object")
+    odd = next((k for k, v in metadata.items() if not isinstance(v, str)), None)
+    if odd is not None:  # (the safetensors library refuses such a file: its metadata maps strings to strings)
+        raise ShardFileError(path, f"has a `__metadata__` value that is not a string: {odd!r}: {metadata[odd]!r}")
     data_offset = 8 + header_len
     data_size = file_size - data_offset
     dtypes = _SOURCE_DTYPES if source else _DTYPES
@@ -228,9 +231,9 @@ def _read_header(path: Path, expected_size: int | None, *, source: bool) -> Head
             bits = dtype.itemsize * 8 if dtype is not None else _SOURCE_BITS[tag] if source else None
             if bits is None:
                 raise KeyError(tag)
-            shape = tuple(int(s) for s in entry["shape"])
-            begin, end = (int(o) for o in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError, OverflowError) as e:  # (OverflowError: `1e400` is JSON, not an int)
+            shape = tuple(_integers(entry["shape"]))
+            begin, end = _integers(entry["data_offsets"])
+        except (KeyError, TypeError, ValueError) as e:
             raise ShardFileError(path, f"has a malformed header entry for tensor {name!r}: {entry!r}") from e
         if any(s < 0 for s in shape):
             raise ShardFileError(path, f"declares a negative dimension for tensor {name!r}: {shape}")
@@ -261,6 +264,14 @@ def _read_header(path: Path, expected_size: int | None, *, source: bool) -> Head
             path, f"has {data_size - cursor} bytes after its last tensor (the data region must be fully indexed)"
         )
     return Header(path, data_offset, file_size, tensors, {str(k): str(v) for k, v in metadata.items()}, _identity(st))
+
+
+def _integers(values) -> list[int]:
+    """A header's list of integers, as the safetensors library reads them: JSON integers only (`64`, not `64.0`,
+    `64.9`, `"64"`, `true` or `1e400`, which `int()` would each turn into a number)."""
+    if not isinstance(values, list) or any(type(v) is not int for v in values):
+        raise TypeError(f"not a list of integers: {values!r}")
+    return values
 
 
 def _consume_readonly_warning() -> None:

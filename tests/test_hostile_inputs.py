@@ -67,14 +67,16 @@ def replace_file(shards: Path, rel: str, data: bytes, *, update_manifest: bool =
         write_manifest(shards, m)
 
 
-def rewrite_header(data: bytes, edit) -> bytes:
-    """Apply `edit` to the parsed header of a safetensors file and keep its length (pad with spaces)."""
+def rewrite_header(data: bytes, edit, *, grow: bool = False) -> bytes:
+    """Apply `edit` to the parsed header of a safetensors file and keep its length (pad with spaces); with `grow`,
+    a longer header where the edit needs one (the data's offsets are relative to its end)."""
     (n,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8 : 8 + n])
     edit(header)
     raw = json.dumps(header, separators=(",", ":")).encode()
-    assert len(raw) <= n
-    return data[:8] + raw + b" " * (n - len(raw)) + data[8 + n :]
+    size = max(n, len(raw) + (-len(raw) % 8)) if grow else n
+    assert len(raw) <= size
+    return struct.pack("<Q", size) + raw + b" " * (size - len(raw)) + data[8 + n :]
 
 
 def resave(data_path: Path, change) -> bytes:
@@ -141,6 +143,42 @@ def infinite_dimension(shards, tmp):
 
     replace_file(shards, LAYER, rewrite_header((shards / LAYER).read_bytes(), edit))
     return LAYER, "malformed header entry"
+
+
+def _first_tensor_edit(field, change):
+    """An edit of the first tensor's `field` ("shape" or "data_offsets") by `change` (a list -> a list)."""
+
+    def edit(h):
+        name = next(k for k in h if k != "__metadata__")
+        h[name][field] = change(h[name][field])
+
+    return edit
+
+
+def dimension_as_text(shards, tmp):
+    """`"64"` for 64: `int()` took it; the safetensors library does not (JSON integers only)."""
+    edit = _first_tensor_edit("shape", lambda shape: [str(shape[0])] + shape[1:])
+    replace_file(shards, LAYER, rewrite_header((shards / LAYER).read_bytes(), edit))
+    return LAYER, "malformed header entry"
+
+
+def fractional_offset(shards, tmp):
+    """`64.9` for an offset: `int()` made it 64."""
+    edit = _first_tensor_edit("data_offsets", lambda offsets: [offsets[0], offsets[1] + 0.9])
+    replace_file(shards, LAYER, rewrite_header((shards / LAYER).read_bytes(), edit))
+    return LAYER, "malformed header entry"
+
+
+def metadata_not_text(shards, tmp):
+    """A `__metadata__` value that is not a string (the format maps strings to strings)."""
+
+    def edit(h):
+        key = next(iter(h["__metadata__"]))
+        h["__metadata__"][key] = 7
+
+    data = (shards / LAYER).read_bytes()
+    replace_file(shards, LAYER, rewrite_header(data, edit))
+    return LAYER, "`__metadata__` value that is not a string"
 
 
 def overlapping_tensors(shards, tmp):
@@ -296,6 +334,9 @@ SHARD_CASES = [
     header_not_json,
     offsets_outside_file,
     infinite_dimension,
+    dimension_as_text,
+    fractional_offset,
+    metadata_not_text,
     overlapping_tensors,
     negative_dimension,
     wrong_shape,
@@ -406,6 +447,15 @@ def source_offsets_outside(ckpt: Path, tmp: Path):
     return path.name, "data region", None
 
 
+def source_dimension_not_an_integer(ckpt: Path, tmp: Path):
+    """A dimension written `64.0`: the safetensors library refuses the file, and so does the split (`int()` took
+    it, and the shard files would have been made from a file `from_pretrained` cannot load)."""
+    path = sorted(ckpt.glob("model-*.safetensors"))[1]
+    edit = _first_tensor_edit("shape", lambda shape: [float(shape[0])] + shape[1:])
+    path.write_bytes(rewrite_header(path.read_bytes(), edit, grow=True))
+    return path.name, "malformed header entry", None
+
+
 def source_index_escapes(ckpt: Path, tmp: Path):
     index = ckpt / "model.safetensors.index.json"
     data = json.loads(index.read_text())
@@ -424,6 +474,7 @@ SOURCE_CASES = [
     malicious_pickle_bin,
     truncated_source_shard,
     source_offsets_outside,
+    source_dimension_not_an_integer,
     source_index_escapes,
     source_without_config,
 ]
