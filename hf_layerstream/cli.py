@@ -197,6 +197,19 @@ def _prompt_from_leftovers(leftovers: list[str]) -> tuple[str | None, list[str]]
     return None, leftovers
 
 
+def _as_options(message: str, parser: argparse.ArgumentParser, command: str) -> str:
+    """The library's error `message` with each Python argument it names (`` `dtype` ``) written as the command's
+    option (`` `--dtype` ``), where the command has one: what the user of the command line typed."""
+    sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    if sub is None or command not in sub.choices:
+        return message
+    for action in sub.choices[command]._actions:
+        long = [o for o in action.option_strings if o.startswith("--")]
+        if long and action.dest != "help":
+            message = message.replace(f"`{action.dest}`", f"`{long[0]}`")
+    return message
+
+
 def _stdout_to_devnull() -> None:
     """After a broken pipe: point stdout at /dev/null so the flush at exit does not fail again (the Python docs' Note
     on SIGPIPE). Nothing to do where stdout is not a file descriptor (captured in tests)."""
@@ -245,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     # (ImportError: an optional dependency is missing; the message says what to install)
     except (ValueError, FileNotFoundError, TypeError, OSError, NotImplementedError, ImportError) as e:
-        print(f"hf-layerstream {args.command}: error: {e}", file=sys.stderr)
+        print(f"hf-layerstream {args.command}: error: {_as_options(str(e), parser, args.command)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -392,8 +392,10 @@ def plan_residency(
     working = (prefetch + 1) * biggest + scratch
     budgets: dict[str, int] = {}
     host_budget = _max_memory_for(max_memory, "cpu")
+    # one reading (of /proc and the cgroup's files) for both the default host budget and the page cache's room
+    free_host = available_host_memory() if host_budget is None or keep_in_page_cache is None else 0
     if host_budget is None:
-        host_budget = int(DEFAULT_HOST_SHARE * available_host_memory())
+        host_budget = int(DEFAULT_HOST_SHARE * free_host)
     budgets["cpu"] = host_budget
     order = list(range(n))
     host_resident: list[str] = []
@@ -436,7 +438,7 @@ def plan_residency(
     else:
         host_use = sum(stored[i] for i in host_layers) + (prefetch + 1) * max(stored, default=0) + host_resident_bytes
     if keep_in_page_cache is None:
-        cache_room = int(DEFAULT_PAGE_CACHE_SHARE * available_host_memory()) - host_use
+        cache_room = int(DEFAULT_PAGE_CACHE_SHARE * free_host) - host_use
         page_cache_layers = _pick(stored, streamed, cache_room)
     else:
         page_cache_layers = list(streamed) if keep_in_page_cache else []

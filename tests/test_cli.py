@@ -417,3 +417,16 @@ def test_a_demo_checkpoint_of_one_shard_is_one_model_safetensors(tmp_path):
     assert not (ckpt / "model.safetensors.index.json").exists()
     _, info = AutoModelForCausalLM.from_pretrained(ckpt, output_loading_info=True)
     assert not any(info.values()), info
+
+
+def test_errors_name_the_options_typed(split_dir, tmp_path, capsys):
+    """A library error naming a Python argument (`dtype`, `prefetch`) names the command's option instead (`--dtype`,
+    `--prefetch`): what the user of the command line typed. Positionals read the same either way."""
+    ckpt, shards = split_dir
+    assert main(["split", str(ckpt), str(tmp_path / "out"), "--dtype", "int8", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hf-layerstream split: error: `--dtype` must be a floating-point dtype"), err
+    assert main(["split", str(ckpt), str(ckpt), "--quiet"]) == 2
+    assert "error: `shard_dir` must differ from `source`" in capsys.readouterr().err
+    assert main(["generate", str(shards), "hi", "--prefetch", "-1", "--device", "cpu"]) == 2
+    assert "error: `--prefetch` must be a non-negative int, got -1" in capsys.readouterr().err

@@ -1077,6 +1077,24 @@ def test_page_cache_share_in_the_plan(llama, keep, monkeypatch):
         assert plan.page_cache_layers == expected, (plan.host_layers, plan.streamed)
 
 
+def test_a_plan_reads_the_available_memory_once(llama, monkeypatch):
+    """The default host budget and the page cache's room come from one reading of the available memory (each reads
+    /proc and the cgroup's files), and none is taken where both are given."""
+    from hf_layerstream import engine
+
+    _, shards, *_ = llama
+    sd = ShardDirectory(shards)
+    readings = []
+    monkeypatch.setattr(engine, "available_host_memory", lambda: readings.append(1) or 2**40)
+    plan = plan_residency(sd, torch.device("cpu"), prefetch=1)
+    assert len(readings) == 1 and plan.budgets["cpu"] == int(engine.DEFAULT_HOST_SHARE * 2**40)
+    plan_residency(sd, torch.device("cpu"), max_memory={"cpu": 0}, prefetch=1)  # (the page cache's room)
+    plan_residency(sd, torch.device("cpu"), prefetch=1, keep_in_page_cache=False)  # (the host budget)
+    assert len(readings) == 3
+    plan_residency(sd, torch.device("cpu"), max_memory={"cpu": 0}, prefetch=1, keep_in_page_cache=True)
+    assert len(readings) == 3
+
+
 def test_cold_files_are_mapped_and_stay_in_the_page_cache(llama, tmp_path):
     """CPU: cold layer files are mapped (read in by the kernel's read-ahead), the output is unchanged, and with room
     in the page cache the pages stay there, so the next sweep is warm."""
