@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 
 from . import __version__
@@ -198,8 +199,9 @@ def _prompt_from_leftovers(leftovers: list[str]) -> tuple[str | None, list[str]]
 
 
 def _as_options(message: str, parser: argparse.ArgumentParser, command: str) -> str:
-    """The library's error `message` with each Python argument it names (`` `dtype` ``) written as the command's
-    option (`` `--dtype` ``), where the command has one: what the user of the command line typed."""
+    """The library's error `message` with each Python argument it names written as the command's option, where the
+    command has one (`` `dtype` `` as `` `--dtype` ``, `quant_type='fp4'` as `--quant-type 'fp4'`): what the user of
+    the command line typed."""
     sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
     if sub is None or command not in sub.choices:
         return message
@@ -207,6 +209,7 @@ def _as_options(message: str, parser: argparse.ArgumentParser, command: str) -> 
         long = [o for o in action.option_strings if o.startswith("--")]
         if long and action.dest != "help":
             message = message.replace(f"`{action.dest}`", f"`{long[0]}`")
+            message = re.sub(rf"(?<![\w.`-]){re.escape(action.dest)}=", f"{long[0]} ", message)
     return message
 
 

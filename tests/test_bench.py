@@ -90,7 +90,7 @@ def test_bench_demo_json_and_table(tmp_path, capsys):
         (["--max-new-tokens", "1"], "--max-new-tokens"),
         (["--paired-calls", "-1"], "--paired-calls"),
         (["--assistant", "/nonexistent/draft"], "--assistant"),
-        (["--device", "tpu"], "`device` 'tpu' is not a valid torch device"),
+        (["--device", "tpu"], "`--device` 'tpu' is not a valid torch device"),
         (["--dtype", "bfloat61"], "`--dtype` 'bfloat61' is not a checkpoint dtype"),
         (["some/shards"], "either SOURCE ('some/shards') or `--demo`"),
         (["--checkpoint", "some/ckpt"], "`--checkpoint` is not used with `--demo`"),

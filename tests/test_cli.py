@@ -182,7 +182,7 @@ def test_generate_errors_are_clear(tmp_path, capsys):
     [
         (["generate", "{shards}", "hi", "--dtype", "bf16"], "unknown dtype 'bf16'"),
         (["inspect", "{shards}", "--max-memory", "cpu16GiB"], "--max-memory item 'cpu16GiB' must look like"),
-        (["split", "{ckpt}", "{tmp}/out", "--dtype", "fp16"], "`dtype` 'fp16' is not a torch dtype name"),
+        (["split", "{ckpt}", "{tmp}/out", "--dtype", "fp16"], "`--dtype` 'fp16' is not a torch dtype name"),
         (["generate", "{shards}", "hi", "--assistant", "{ckpt}", "--prompt-lookup", "3"], "either `--assistant` or"),
         (["generate", "{shards}", "hi", "--input", "{tmp}/in.jsonl", "--output", "{tmp}/o"], "either a PROMPT or"),
         (["generate", "{shards}", "hi", "--prompt-lookup", "0"], "`--prompt-lookup` must be a positive"),
@@ -190,7 +190,10 @@ def test_generate_errors_are_clear(tmp_path, capsys):
         (["generate", "{shards}", "hi", "--batch-size", "4"], "`--batch-size` only applies with `--input`"),
         (["generate", "{shards}", "hi", "--num-assistant-tokens", "4"], "`--num-assistant-tokens` only applies with"),
         (["demo", "--dtype", "bfloat61"], "`--dtype` 'bfloat61' is not a checkpoint dtype"),
-        (["split", "{ckpt}", "{tmp}/out", "--quant-type", "fp4"], "quant_type='fp4' only applies to quantized shards"),
+        (
+            ["split", "{ckpt}", "{tmp}/out", "--quant-type", "fp4"],
+            "--quant-type 'fp4' only applies to quantized shards",
+        ),
     ],
     ids=[
         "generate-dtype",
@@ -430,3 +433,8 @@ def test_errors_name_the_options_typed(split_dir, tmp_path, capsys):
     assert "error: `shard_dir` must differ from `source`" in capsys.readouterr().err
     assert main(["generate", str(shards), "hi", "--prefetch", "-1", "--device", "cpu"]) == 2
     assert "error: `--prefetch` must be a non-negative int, got -1" in capsys.readouterr().err
+    # written as a call's argument (`quant_type='nf4'`): as the option, with its value
+    assert main(["split", str(ckpt), str(tmp_path / "q"), "--quant-type", "fp4", "--blocksize", "64", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    expected = "error: --quant-type 'fp4' and --blocksize 64 only apply to quantized shards; pass --compression '4bit'"
+    assert expected in err, err
