@@ -51,6 +51,12 @@ class LayerStack:
         return f"{self.prefix}.{index}."
 
 
+# submodule names of the encoders of a multimodal model's inputs (transformers' names for them)
+_ENCODER_PARTS = frozenset(
+    {"vision_model", "vision_tower", "visual", "image_encoder", "vision_encoder", "audio_tower", "audio_encoder"}
+)
+
+
 def find_layer_stack(model: nn.Module) -> LayerStack | None:
     """Find the decoder-layer stack: the `nn.ModuleList` of decoder layers holding the most weights.
 
@@ -69,8 +75,10 @@ def find_layer_stack(model: nn.Module) -> LayerStack | None:
         # every child a decoder layer; hybrid models (Jamba) mix several kinds of them in one stack
         if all(type(c).__name__ in no_split or isinstance(c, GradientCheckpointingLayer) for c in module):
             # the stack holding the most weights: a vision-language model's language model, not its vision encoder
-            # (which can have more layers: Qwen2.5-VL-7B's 32 against 28)
-            key = (sum(p.numel() for p in module.parameters()), len(module))
+            # (which can have more layers: Qwen2.5-VL-7B's 32 against 28); a stack inside a vision or audio encoder
+            # only where there is no other (GIT's image encoder holds more weights than its text decoder)
+            tower = not _ENCODER_PARTS.isdisjoint(name.split("."))
+            key = (not tower, sum(p.numel() for p in module.parameters()), len(module))
             if best is None or key > best[0]:
                 best = (key, name, module)
     return None if best is None else LayerStack(best[1], best[2])

@@ -68,6 +68,7 @@ _DEEPSEEK_MOE = {
 }
 _MAMBA2 = {"mamba_n_heads": 8, "mamba_d_head": 16, "mamba_n_groups": 1, "mamba_d_state": 16, "mamba_expand": 2}
 _GPT_STYLE = {"n_embd": _models.HIDDEN_SIZE, "n_head": _models.NUM_HEADS, "n_layer": _models.NUM_HIDDEN_LAYERS}
+_VISION = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "image_size": 32, "patch_size": 16}
 _ZAMBA2 = {"mamba_headdim": 16, "mamba_ngroups": 1, "mamba_d_state": 16, "n_mamba_heads": 8, "num_mem_blocks": 1}
 
 #: model type -> config overrides on top of `_COMMON` (3 layers, hidden 64, vocabulary 128)
@@ -144,6 +145,8 @@ MORE_ARCHITECTURES: dict[str, dict] = {
     },
     # one hybrid layer: its shared attention block is its own
     "zamba2": {**_ZAMBA2, "hybrid_layer_ids": [1], "layers_block_type": ["mamba", "hybrid", "mamba"]},
+    # a captioning model: its image encoder (4 layers, more weights) is not the stack streamed, its text decoder is
+    "git": {"vision_config": {**_VISION, "num_hidden_layers": 4}},
 }
 
 
@@ -177,6 +180,16 @@ def test_a_stack_of_several_layer_classes_is_found():
     assert stack is not None and stack.prefix == "model.layers"
     assert len(stack) == _models.NUM_HIDDEN_LAYERS
     assert len({type(layer) for layer in stack.layers}) == 2
+
+
+def test_the_stack_is_the_decoder_not_an_encoder_of_images():
+    """GIT's image encoder holds more weights than its text decoder (here 4 layers against 3, as in GIT-base's 12
+    against 6): the text decoder is the stack streamed, the image encoder stays with the resident parts."""
+    model = build_meta_model(_config("git"))
+    stack = find_layer_stack(model)
+    assert stack is not None and stack.prefix == "git.encoder.layer" and len(stack) == _models.NUM_HIDDEN_LAYERS
+    encoder = model.git.image_encoder.vision_model.encoder.layers
+    assert sum(p.numel() for p in encoder.parameters()) > sum(p.numel() for p in stack.layers.parameters())
 
 
 def test_layers_sharing_weights_are_refused(tmp_path):
