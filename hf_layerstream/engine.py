@@ -876,6 +876,16 @@ def _launch_one_kernel(device: torch.device | None) -> None:
         torch.zeros(1, device=device if device is not None else "cuda").add_(1)
 
 
+def empty_allocator_caches(device: torch.device) -> None:
+    """Hand what torch's caching allocators keep of freed memory back to the driver and the OS: the device's blocks,
+    and pinned host blocks (where `cudaHostRegister` failed and torch's pinned allocator was used). Once, as streaming
+    is disabled and the weights are gone; never in the hot path."""
+    with torch.cuda.device(device):
+        torch.cuda.empty_cache()
+    if hasattr(torch._C, "_host_emptyCache"):
+        torch._C._host_emptyCache()
+
+
 def _loader_event() -> torch.cuda.Event:
     """A CUDA event the loader thread waits for (`synchronize`): a blocking one, so that the thread sleeps until the
     GPU reaches it. A default event is waited for by spinning on a core (CUDA's automatic scheduling, with fewer

@@ -396,7 +396,9 @@ class HostResidentHook(ModelHook):
         if self.copy_stream is None:
             return [host.to(self.device, non_blocking=True) for _, _, _, host in self.slots]
         compute = torch.cuda.current_stream(self.device)
-        with torch.cuda.stream(self.copy_stream):
+        # under the model's device first: leaving a stream's block alone makes the device current at its start the
+        # current one again, and in a thread that set none (the model on cuda:1) that would create a context on cuda:0
+        with torch.cuda.device(self.device), torch.cuda.stream(self.copy_stream):
             values = [host.to(self.device, non_blocking=True) for _, _, _, host in self.slots]
             done = torch.cuda.Event()
             done.record(self.copy_stream)

@@ -19,6 +19,7 @@ from .engine import (
     ResidencyPlan,
     budget_shortfall,
     check_device,
+    empty_allocator_caches,
     fit_prefetch,
     plan_residency,
 )
@@ -900,3 +901,5 @@ def _disable(model: nn.Module, state: StreamingState) -> None:
     elif hasattr(model, "hf_device_map"):
         del model.hf_device_map
     delattr(model, _STATE_ATTR)
+    if state.loader.is_cuda:  # the weights are gone: what the allocators cached of them goes back too
+        empty_allocator_caches(state.loader.device)

@@ -1836,6 +1836,33 @@ def test_a_layer_kept_on_the_gpu_is_loaded_with_its_copies_waited_for(llama, mon
     disable_layer_streaming(model)
 
 
+def test_disabling_hands_the_allocators_caches_back(llama, monkeypatch):
+    """On CUDA, `disable_layer_streaming` empties the caching allocators once, at the end: the device blocks the
+    freed weights leave cached, and torch's pinned host blocks (used where `cudaHostRegister` failed), which would
+    otherwise stay with the process (stand-ins on CPU: the GPU's own run is in the `cuda` tests)."""
+    from contextlib import contextmanager
+
+    ckpt, shards, *_ = llama
+    model = streamed_model(ckpt, shards)
+    loader = get_streaming_state(model).loader
+    emptied = []
+
+    @contextmanager
+    def device(d):
+        emptied.append(("device", d))
+        yield
+
+    monkeypatch.setattr(torch.cuda, "device", device)
+    # (once the model's weights are gone: meta again, so nothing of them is left in use to stay cached)
+    on_meta = lambda: all(p.device.type == "meta" for p in model.parameters())  # noqa: E731
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(("device cache", on_meta())))
+    monkeypatch.setattr(torch._C, "_host_emptyCache", lambda: emptied.append(("host cache", None)), raising=False)
+    monkeypatch.setattr(loader, "is_cuda", True)
+    disable_layer_streaming(model)
+    assert emptied == [("device", loader.device), ("device cache", True), ("host cache", None)]
+    monkeypatch.undo()
+
+
 def test_a_staging_buffer_that_cannot_be_allocated_is_not_counted(monkeypatch):
     """A failed allocation (pinned memory or host RAM exhausted) leaves the pool's count as it was: counted, the pool
     would wait for busy buffers as if at its limit, and hold one buffer fewer than it may."""

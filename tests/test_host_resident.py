@@ -511,3 +511,51 @@ def test_host_resident_parts_on_cuda(checkpoints, arch):
     if state.loader._pinned._registering:  # pinned at their exact size, with the loader's other pinned buffers
         assert {host.data_ptr() for _, _, _, host in head.slots} <= set(state.loader._pinned._held)
     disable_layer_streaming(model)
+
+
+def test_the_heads_copy_is_queued_under_the_models_device(monkeypatch):
+    """The head's copy to the device enters the model's device before the copy stream: leaving the stream's block
+    restores the device current at its start, and in a thread that set none (a model on cuda:1) that would create a
+    context on cuda:0 (stand-ins for the device, stream and event on CPU: the GPU's own run is in the `cuda` tests)."""
+    from contextlib import contextmanager
+
+    gpu = torch.device("cuda", 1)
+    entered = []
+
+    def context(kind):
+        @contextmanager
+        def enter(value):
+            entered.append((kind, value))
+            yield
+            entered.append((f"left {kind}", value))
+
+        return enter
+
+    class Event:
+        def record(self, stream):
+            entered.append(("event", stream))
+
+    class Compute:
+        def wait_event(self, event):
+            entered.append(("compute waits", None))
+
+    copy_stream = object()
+    monkeypatch.setattr(torch.cuda, "device", context("device"))
+    monkeypatch.setattr(torch.cuda, "stream", context("stream"))
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Compute())
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: None)
+    head = torch.nn.Linear(4, 4, bias=False)
+    hook = HostResidentHook([(head, "weight", True, torch.ones(4, 4))], gpu, on_host=False, copy_stream=copy_stream)
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *args, **kwargs: self.clone())  # (no GPU here)
+    values = hook._copies()
+    assert [kind for kind, _ in entered] == [
+        "device",
+        "stream",
+        "event",
+        "left stream",
+        "left device",
+        "compute waits",
+    ]
+    assert entered[0] == ("device", gpu) and entered[1] == ("stream", copy_stream)
+    assert len(values) == 1 and torch.equal(values[0], torch.ones(4, 4))
