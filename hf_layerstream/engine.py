@@ -1601,6 +1601,10 @@ class LayerLoader:
                     size,
                     1 if cached and not self.is_cuda else None,
                 )
+                if not cached and not self.plan.keeps_in_page_cache(index):
+                    # through the page cache only where O_DIRECT is refused or missing: its pages go, as the plan
+                    # says (a model larger than RAM would otherwise push everything else out of the cache)
+                    _advise(fd, 0, 0, "POSIX_FADV_DONTNEED")
         finally:
             os.close(fd)
             view.release()

@@ -1115,11 +1115,14 @@ def test_cold_files_are_mapped_and_stay_in_the_page_cache(llama, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "mapped, how", [(True, "no room"), (True, "option"), (False, "no room")], ids=["mapped", "mapped-option", "read"]
+    "mapped, how",
+    [(True, "no room"), (True, "option"), (False, "no room"), (False, "buffered")],
+    ids=["mapped", "mapped-option", "read", "read-buffered"],
 )
 def test_without_page_cache_room_layers_leave_the_cache(llama, tmp_path, monkeypatch, mapped, how):
     """A model larger than the page-cache share (or `keep_in_page_cache=False`): mapped layers are dropped from the
-    page cache after use, and reads (the CUDA path) use O_DIRECT where the file system allows it; output unchanged."""
+    page cache after use, and reads (the CUDA path) use O_DIRECT where the file system allows it, else read through
+    the page cache and drop the file from it at once; output unchanged."""
     from hf_layerstream import engine
 
     ckpt, shards, inputs, expected, pad = llama
@@ -1128,7 +1131,7 @@ def test_without_page_cache_room_layers_leave_the_cache(llama, tmp_path, monkeyp
     drop_from_page_cache(files)  # before streaming starts: it reads the first layer ahead at once
     if any(cached_share(p) for p in files):
         pytest.skip("this file system keeps dropped files in the page cache")
-    if how == "no room":
+    if how in ("no room", "buffered"):
         monkeypatch.setattr(engine, "DEFAULT_PAGE_CACHE_SHARE", 0.0)  # the default plan when the model does not fit
         model = streamed_model(ckpt, shards, **STREAM_ALL)
     else:
@@ -1138,8 +1141,15 @@ def test_without_page_cache_room_layers_leave_the_cache(llama, tmp_path, monkeyp
     assert "0 of those left in the page cache" in loader.plan.summary()
     loader.wait_idle()  # the first layer, read ahead at enable time, is mapped
     loader._map = mapped
+    if how == "buffered":
+        loader._direct = False  # (as where the file system refuses O_DIRECT)
     drop_from_page_cache(files)  # enabling read each file's header, and the kernel's read-ahead the rest of it
     assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+    if how == "buffered":
+        loader.wait_idle()
+        assert loader.reads["page_cache"] >= 4 * 5 and not loader.reads["direct"]
+        # every file read since is out of the page cache again (layer 0's map, made at enable, is another matter)
+        assert not any(cached_share(p) for p in files[1:]), [cached_share(p) for p in files]
     disable_layer_streaming(model)  # waits for the loader: the last unmaps and evictions are done
     assert sum(loader.reads.values()) >= 4 * 6
     if mapped:
