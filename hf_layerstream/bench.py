@@ -10,10 +10,10 @@ run measures the two physical limits the figures are compared with:
   read-ahead into a huge-page map, each one file at a time and two files at once, each after
   `POSIX_FADV_DONTNEED`;
 * on CUDA, also the host-to-device copy: bytes that cross to the device per sweep / the pinned-memory
-  host-to-device bandwidth, measured in a child of its own (`measure_h2d_bandwidth`). It is the limit of decoding from host RAM
-  (the `streamed_host` row: every layer kept in pinned host RAM, none on the device), and the GPU memory peak of
-  each streamed row is checked against resident parts + (prefetch + 1) layers + the KV cache and activations
-  (what the whole model on the device peaks at beyond its weights, measured in the same run).
+  host-to-device bandwidth, measured in a child of its own (`measure_h2d_bandwidth`). It is the limit of decoding
+  from host RAM (the `streamed_host` row: every layer kept in pinned host RAM, none on the device), and the GPU
+  memory peak of each streamed row is checked against resident parts + (prefetch + 1) layers + the KV cache and
+  activations (what the whole model on the device peaks at beyond its weights, measured in the same run).
 
 ```
 hf-layerstream bench --demo                      # the 1.7 GB Llama-shaped model of the README's Performance section
