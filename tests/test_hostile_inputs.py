@@ -134,17 +134,6 @@ def offsets_outside_file(shards, tmp):
     return LAYER, "data region"
 
 
-def infinite_dimension(shards, tmp):
-    """`Infinity` (and `1e400`) parse as a JSON float; `int()` of it raised OverflowError, not the file's error."""
-
-    def edit(h):
-        name = next(k for k in h if k != "__metadata__")
-        h[name]["shape"] = [float("inf")] + h[name]["shape"][1:]
-
-    replace_file(shards, LAYER, rewrite_header((shards / LAYER).read_bytes(), edit))
-    return LAYER, "malformed header entry"
-
-
 def _first_tensor_edit(field, change):
     """An edit of the first tensor's `field` ("shape" or "data_offsets") by `change` (a list -> a list)."""
 
@@ -153,6 +142,13 @@ def _first_tensor_edit(field, change):
         h[name][field] = change(h[name][field])
 
     return edit
+
+
+def infinite_dimension(shards, tmp):
+    """`Infinity` (and `1e400`) parse as a JSON float; `int()` of it raised OverflowError, not the file's error."""
+    edit = _first_tensor_edit("shape", lambda shape: [float("inf")] + shape[1:])
+    replace_file(shards, LAYER, rewrite_header((shards / LAYER).read_bytes(), edit))
+    return LAYER, "malformed header entry"
 
 
 def dimension_as_text(shards, tmp):
@@ -176,8 +172,7 @@ def metadata_not_text(shards, tmp):
         key = next(iter(h["__metadata__"]))
         h["__metadata__"][key] = 7
 
-    data = (shards / LAYER).read_bytes()
-    replace_file(shards, LAYER, rewrite_header(data, edit))
+    replace_file(shards, LAYER, rewrite_header((shards / LAYER).read_bytes(), edit))
     return LAYER, "`__metadata__` value that is not a string"
 
 
@@ -196,10 +191,7 @@ def overlapping_tensors(shards, tmp):
 
 
 def negative_dimension(shards, tmp):
-    def edit(h):
-        name = next(k for k in h if k != "__metadata__")
-        h[name]["shape"] = [-1] + h[name]["shape"][1:]
-
+    edit = _first_tensor_edit("shape", lambda shape: [-1] + shape[1:])
     replace_file(shards, LAYER, rewrite_header((shards / LAYER).read_bytes(), edit))
     return LAYER, "negative dimension"
 
