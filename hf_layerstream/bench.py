@@ -243,6 +243,8 @@ def measure_h2d_bandwidth(device, *, nbytes: int = 256 * 2**20, repeats: int = 8
     """
     import torch
 
+    from .engine import empty_allocator_caches
+
     device = torch.device(device)
     with torch.cuda.device(device):
         src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
@@ -258,10 +260,8 @@ def measure_h2d_bandwidth(device, *, nbytes: int = 256 * 2**20, repeats: int = 8
             end.synchronize()
             seconds.append(start.elapsed_time(end) / 1e3)
     del src, dst
-    # once, outside any timing: the children measure their own GPU memory, and plan from what is free
-    torch.cuda.empty_cache()
-    if hasattr(torch._C, "_host_emptyCache"):  # the pinned buffer stays in torch's host cache otherwise
-        torch._C._host_emptyCache()
+    # once, outside any timing: the free memory read next (`probe_cuda`) does not count the buffers as taken
+    empty_allocator_caches(device)
     best = min(seconds)
     return {"bytes": nbytes, "seconds": best, "bandwidth": nbytes / best, "samples": [nbytes / t for t in seconds]}
 
