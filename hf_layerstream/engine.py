@@ -1308,8 +1308,11 @@ class LayerLoader:
 
     def _new_executors(self) -> None:
         """The loader thread's executor, the map threads' (none where layers are not mapped ahead) and none yet for
-        the helper threads (made at the first read in parts); each thread starts at its first task."""
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf_layerstream-loader")
+        the helper threads (made at the first read in parts); each thread starts at its first task. On CUDA the
+        loader thread's current device is the model's from its start (every call that needs one also names it): a
+        call made there without `torch.cuda.device` would otherwise reach device 0, and make a CUDA context there."""
+        on_device = {"initializer": torch.cuda.set_device, "initargs": (self.device,)} if self.is_cuda else {}
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf_layerstream-loader", **on_device)
         self._helpers: ThreadPoolExecutor | None = None
         self._mappers = [
             ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"hf_layerstream-loader-map-{k}")

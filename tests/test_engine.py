@@ -2048,6 +2048,32 @@ def test_the_loader_sleeps_while_it_waits_for_the_gpu():
     assert cpu < 0.5 * wall, (cpu, wall)
 
 
+def test_the_loader_thread_starts_on_the_models_gpu(monkeypatch):
+    """On CUDA the loader thread's current device is the model's from its start, so a call made there without
+    naming the device does not reach device 0 (and a CUDA context there). Its executors, made with a CUDA device
+    whose `set_device` a stand-in records (the threads are the real ones)."""
+    from hf_layerstream.engine import LayerLoader
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append((device, threading.get_ident())))
+    loader = LayerLoader.__new__(LayerLoader)
+    loader.device, loader.is_cuda, loader._map_streams = torch.device("cuda", 1), True, 0
+    loader._new_executors()
+    try:
+        ident = loader._executor.submit(threading.get_ident).result()
+    finally:
+        loader._executor.shutdown(wait=True)
+    assert calls == [(torch.device("cuda", 1), ident)]
+    assert ident != threading.get_ident()
+    loader.is_cuda, loader.device = False, torch.device("cpu")  # on CPU: nothing set
+    loader._new_executors()
+    try:
+        loader._executor.submit(threading.get_ident).result()
+    finally:
+        loader._executor.shutdown(wait=True)
+    assert len(calls) == 1
+
+
 def test_pinned_host_falls_back_to_torch_when_registering_fails(monkeypatch):
     pinned = _PinnedHost()
     fake = _FakeCudart(fail=True)
