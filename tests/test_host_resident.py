@@ -447,6 +447,27 @@ def test_failed_enable_leaves_no_host_hooks(checkpoints, force_host_resident, mo
         assert torch.equal(model(ids).logits, ref(ids).logits)
 
 
+def test_disable_frees_the_host_copies_before_emptying_the_caches(checkpoints, force_host_resident, monkeypatch):
+    """On CUDA, `disable_layer_streaming` ends by handing torch's cached memory back (`empty_allocator_caches`); the
+    host-resident parts' tensors (pinned; from torch's pinned allocator where registering failed) must be freed by
+    then, or their blocks stay cached by torch until the process ends. Here the loader says CUDA at disable only."""
+    import weakref
+
+    import hf_layerstream.stream as stream
+
+    ckpt, shards = checkpoints("llama")
+    model = streamed_model(ckpt, shards, max_memory={"cpu": 0}, prefetch=1)
+    state = get_streaming_state(model)
+    hosts = [weakref.ref(host) for module in state.host_modules for *_, host in module._hf_hook.slots]
+    assert len(hosts) == 2  # the embeddings and the head
+    alive = []
+    monkeypatch.setattr(stream, "empty_allocator_caches", lambda device: alive.append([r() for r in hosts]))
+    state.loader.is_cuda = True
+    del state
+    disable_layer_streaming(model)
+    assert alive == [[None, None]]
+
+
 def _fail_on_layers(add_hook):
     from hf_layerstream.hooks import LayerStreamingHook
 
