@@ -58,6 +58,10 @@ class LayerStreamingHook(ModelHook):
                 "(or `model.eval()`); the streamed weights are frozen, and gradients with respect to the inputs work "
                 "without it."
             )
+        if self.index in self.loader.in_use():
+            # the layer's last forward raised, in a call of the layer itself (a pass that raised was put back by
+            # `PassGuard`): its weights are still in; out first, so they are not taken for a cast below
+            self._unload()
         for (module_, attr, rel, is_param), (dtype, device) in zip(self.slots, self.placeholder_kinds):
             current = (module_._parameters if is_param else module_._buffers)[attr]
             if current.dtype != dtype or current.device != device:  # (`_apply` casts a parameter in place)

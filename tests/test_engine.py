@@ -805,6 +805,30 @@ def test_a_pass_interrupted_inside_a_layer_leaves_nothing_behind(llama, prefetch
     disable_layer_streaming(model)
 
 
+def test_a_direct_call_of_a_layer_that_raised_is_put_back_at_the_next_call(llama):
+    """A decoder layer called by itself (outside a pass of the model, so no `PassGuard`) whose forward raises skips
+    its `post_forward`: its weights stay in. The next call of that layer puts them back first, and runs exactly;
+    before, it took them for a cast of the model (`model.model.half()`) and refused to run."""
+    ckpt, shards, inputs, expected, pad = llama
+    model = streamed_model(ckpt, shards, max_memory={"cpu": 0}, prefetch=1)
+    ref = _models.load_reference(ckpt)
+    ids = inputs["input_ids"]
+    with torch.no_grad():
+        hidden = ref.model.embed_tokens(ids)
+        rotary = ref.model.rotary_emb(hidden, torch.arange(ids.shape[1])[None])
+        expected_out = ref.model.layers[2](hidden, position_embeddings=rotary)
+        layer = model.model.layers[2]
+        assert torch.equal(layer(hidden, position_embeddings=rotary), expected_out)
+        with pytest.raises(TypeError):  # (no `position_embeddings`: raises inside the attention)
+            layer(hidden)
+        assert get_streaming_state(model).loader.in_use() == [2]
+        assert torch.equal(layer(hidden, position_embeddings=rotary), expected_out)
+    assert get_streaming_state(model).loader.in_use() == []
+    assert all(t.is_meta for t in layer.parameters())
+    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+    disable_layer_streaming(model)
+
+
 def test_interrupted_again_while_letting_go_of_stale_layers_loses_nothing(llama):
     """Ctrl-C in a pass, then again as the next pass lets go of the first one's read-ahead layers (waiting for one):
     the ones not let go yet stay read ahead, and the pass after lets them go; no read buffer goes missing."""
