@@ -23,6 +23,16 @@ def _sync(device: torch.device) -> None:
         torch.cuda.current_stream(device).synchronize()
 
 
+def _wants_grad(placeholder: torch.Tensor, value: torch.Tensor) -> bool:
+    """Whether a streamed weight swapped in for a forward pass run without gradients (`no_grad`, `inference_mode`:
+    `generate`, `pipeline`) requires grad: as the parameter it stands in for does (all of them, in a model as
+    `from_pretrained` loads it, unless the caller froze some). No graph is recorded either way, but some kernels
+    depend on it: `torch.matmul` folds a batched input that needs a copy into one matrix product only for a weight
+    that requires grad, and takes a batched product otherwise (other bits; Mamba's mixers call `x_proj` so). With
+    gradients on, streamed weights never require grad: an autograd graph would hold every layer's weights."""
+    return placeholder.requires_grad and (value.is_floating_point() or value.is_complex())
+
+
 class LayerStreamingHook(ModelHook):
     """Makes one decoder layer's weights present for its forward pass, and releases them afterwards.
 
@@ -72,13 +82,14 @@ class LayerStreamingHook(ModelHook):
                     "device=..., dtype=...)`."
                 )
         tensors = self.loader.acquire(self.index)
+        no_grad = not torch.is_grad_enabled()
         for k, (module_, attr, rel, is_param) in enumerate(self.slots):
             value = tensors[rel]
             if k in self.packed_placeholders and not isinstance(value, torch.Tensor):
                 self.packed[k] = value
                 value = self.packed_placeholders[k]
             elif is_param:
-                value = nn.Parameter(value, requires_grad=False)
+                value = nn.Parameter(value, requires_grad=no_grad and _wants_grad(self.placeholders[k], value))
             (module_._parameters if is_param else module_._buffers)[attr] = value
         if self.profile is not None:
             if self.index == 0:
@@ -350,7 +361,9 @@ class ModuleDequantizer:
         for attr, k in self.slots:
             weight = packed.get(k)
             if weight is not None:  # (else the layer is not loaded: the module keeps its placeholder)
-                module._parameters[attr] = nn.Parameter(weight.dequantize(), requires_grad=False)
+                value = weight.dequantize()
+                wants = not torch.is_grad_enabled() and _wants_grad(self.layer_hook.placeholders[k], value)
+                module._parameters[attr] = nn.Parameter(value, requires_grad=wants)
         if profile is not None:
             _sync(self.layer_hook.loader.device)
             self.layer_hook.dequantized += time.perf_counter() - t0

@@ -249,6 +249,36 @@ def test_gradients_with_respect_to_the_inputs_equal_the_layer_decodes(quantized,
     assert torch.equal(out["module"][0], out["layer"][0]) and torch.equal(out["module"][1], out["layer"][1])
 
 
+@pytest.mark.parametrize("mode", ["layer", "module"])
+def test_streamed_weights_require_grad_as_the_parameters_they_stand_in_for(quantized, mode):
+    """Without gradients (`no_grad`, `inference_mode`: `generate`) a streamed weight requires grad as its parameter
+    does (`from_pretrained`'s all do; some kernels choose by it, see `hooks._wants_grad`), following the caller's
+    `requires_grad_`; with gradients on it never does (a graph would hold every layer's weights)."""
+    ckpt, dirs = quantized
+    model = streamed_model(ckpt, dirs["4bit"], max_memory={"cpu": 0}, prefetch=0, dequantize=mode)
+    seen = []
+    q_proj, norm = model.model.layers[1].self_attn.q_proj, model.model.layers[1].input_layernorm
+    handles = [m.register_forward_pre_hook(lambda m, a: seen.append(m.weight.requires_grad)) for m in (q_proj, norm)]
+    ids = IDS[:, :8]
+
+    def flags(context) -> list[bool]:
+        seen.clear()
+        with context():
+            model(ids)
+        return list(seen)
+
+    assert flags(torch.no_grad) == [True, True]  # (the norm, then the projection: both as loaded)
+    assert flags(torch.inference_mode) == [True, True]
+    assert flags(torch.enable_grad) == [False, False]
+    model.requires_grad_(False)
+    assert flags(torch.no_grad) == [False, False]
+    q_proj.requires_grad_(True)
+    assert flags(torch.no_grad) == [False, True]
+    for handle in handles:
+        handle.remove()
+    disable_layer_streaming(model)
+
+
 def test_disable_removes_the_module_hooks(quantized):
     ckpt, dirs = quantized
     model = streamed_model(ckpt, dirs["4bit"], max_memory={"cpu": 0}, dequantize="module")
