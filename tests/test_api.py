@@ -531,6 +531,20 @@ def _llama_model():
     return build_meta_model(_models.make_config("llama"))
 
 
+def test_a_relative_shard_dir_keeps_working_after_the_working_directory_changes(checkpoints, monkeypatch):
+    """The layer files are opened as they are needed: a shard directory given relative to the working directory
+    still streams after the process changed it (a server, a notebook's `%cd`)."""
+    ckpt, shards = checkpoints("llama")
+    ref = _models.load_reference(ckpt)
+    ids = torch.tensor([[1, 5, 9, 22, 40]])
+    monkeypatch.chdir(shards.parent)
+    model = streamed_model(ckpt, shards.name, max_memory={"cpu": 0}, prefetch=0)  # (every layer from its file)
+    monkeypatch.chdir("/")
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)
+    disable_layer_streaming(model)
+
+
 def test_error_shard_dir_missing(tmp_path):
     model = _llama_model()
     with pytest.raises(FileNotFoundError, match=r"does not exist; create it with `split_checkpoint"):
