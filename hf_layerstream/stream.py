@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import torch
 from accelerate.hooks import add_hook_to_module, remove_hook_from_module
 from torch import nn
+from transformers import GenerationConfig
+from transformers.utils import GENERATION_CONFIG_NAME
 
 from .engine import (
     LayerLoader,
@@ -96,6 +98,8 @@ class StreamingState:
     runner_forward: object = None  # the instance attribute `forward` the runner had before, if any
     host_modules: list = field(default_factory=list)  # resident modules kept in host RAM (`HostResidentHook`)
     model_forward: object = None  # the instance attribute `forward` the model had before, if any (see `wrap_model`)
+    generation_config: object = None  # the shard directory's, set by enable (see `_load_generation_config`)
+    own_generation_config: object = None  # the model's before it (put back by disable)
 
 
 def get_streaming_state(model: nn.Module) -> StreamingState | None:
@@ -497,7 +501,10 @@ def enable_layer_streaming(
     each decoder layer gets a hook that makes its weights present just before its forward pass and releases them
     after. `model.generate`, `pipeline(...)`, streamers and assisted decoding work unchanged. As `from_pretrained`
     does, the model is put in evaluation mode (`from_config` builds it in training mode, with dropout on); call
-    `model.train()` afterwards to have dropout.
+    `model.train()` afterwards to have dropout. And as it does, the checkpoint's `generation_config.json` (copied
+    into the shard directory by the split: extra end-of-sequence ids, sampling defaults) becomes the model's
+    `generation_config`, unless the model has one other than the one derived from its config, or changed it
+    (disabling streaming puts the model's own back).
 
     Args:
         model (`transformers.PreTrainedModel`):
@@ -730,6 +737,7 @@ def enable_layer_streaming(
     device_map.update({f"{stack.prefix}.{i}": "disk" for i in plan.streamed})
     device_map.update({p.module_name: "cpu" for p in host_parts})
     model.hf_device_map = device_map
+    _load_generation_config(model, shards, state)
     setattr(model, _STATE_ATTR, state)
     _wrap_generate(model, state)
     _no_auto_compile(model, state)
@@ -738,6 +746,25 @@ def enable_layer_streaming(
     loader.start()
     logger.info("Layer streaming enabled from %s: %s", shards.path, plan.summary())
     return model
+
+
+def _load_generation_config(model: nn.Module, shards: ShardDirectory, state: StreamingState) -> None:
+    """The shard directory's `generation_config.json`, as `from_pretrained` loads a checkpoint's, where the model's
+    `generation_config` is the one `from_config` derived from its config and unchanged since (the hash transformers
+    records for that check); a model given another keeps it. (A file transformers cannot read is warned about.)"""
+    own = getattr(model, "generation_config", None)
+    path = shards.path / GENERATION_CONFIG_NAME
+    if own is None or not path.is_file() or not getattr(own, "_from_model_config", False):
+        return
+    if getattr(own, "_original_object_hash", None) != hash(own):
+        return
+    try:
+        loaded = GenerationConfig.from_pretrained(shards.path)
+    except Exception as e:  # noqa: BLE001 - streaming works without it
+        logger.warning("%s could not be read (%s); the model keeps the generation settings of its config.", path, e)
+        return
+    state.own_generation_config, state.generation_config = own, loaded
+    model.generation_config = loaded
 
 
 def _shadow(model: nn.Module, state: StreamingState, name: str, wrapper) -> None:
@@ -901,5 +928,7 @@ def _disable(model: nn.Module, state: StreamingState) -> None:
     elif hasattr(model, "hf_device_map"):
         del model.hf_device_map
     delattr(model, _STATE_ATTR)
+    if state.generation_config is not None and getattr(model, "generation_config", None) is state.generation_config:
+        model.generation_config = state.own_generation_config  # (one the caller set since stays)
     if state.loader.is_cuda:  # the weights are gone: what the allocators cached of them goes back too
         empty_allocator_caches(state.loader.device)

@@ -96,6 +96,33 @@ def test_split_copies_other_tokenizers_files(tmp_path, name):
     assert (shards / name).read_bytes() == b"a tokenizer's file\n"
 
 
+def test_the_checkpoints_generation_config_is_the_streamed_models_as_from_pretrained_loads_it(tmp_path):
+    """`generation_config.json` (an extra end-of-turn id, sampling defaults: what instruct models keep there only)
+    applies to the streamed model as `from_pretrained` applies it: `generate` with no settings of its own gives the
+    same tokens. A generation config the caller changed stays, and disabling streaming puts the model's back."""
+    from transformers import GenerationConfig
+
+    ckpt = _models.save_tiny_checkpoint("llama", tmp_path / "ckpt")
+    GenerationConfig(bos_token_id=1, eos_token_id=[2, 90], pad_token_id=0, repetition_penalty=1.3).save_pretrained(ckpt)
+    shards = split_checkpoint(ckpt, tmp_path / "shards", progress=False)
+    ref = _models.load_reference(ckpt)
+    ids = torch.tensor([[1, 5, 7, 9, 11]])
+    expected = ref.generate(ids, max_new_tokens=8, do_sample=False)
+    model = build_meta_model(AutoConfig.from_pretrained(shards))
+    own = model.generation_config
+    config_only = ref.generate(ids, generation_config=own, max_new_tokens=8)
+    assert not torch.equal(config_only, expected)  # (the premise: the file's settings change the tokens)
+    enable_layer_streaming(model, shards, device="cpu", max_memory={"cpu": 0})
+    assert model.generation_config.eos_token_id == [2, 90] and model.generation_config.repetition_penalty == 1.3
+    assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False), expected)
+    disable_layer_streaming(model)
+    assert model.generation_config is own
+    own.max_new_tokens = 3  # the caller's change: kept
+    enable_layer_streaming(model, shards, device="cpu", max_memory={"cpu": 0})
+    assert model.generation_config is own and own.repetition_penalty is None
+    disable_layer_streaming(model)
+
+
 def test_split_never_modifies_the_source_and_shows_progress(tmp_path, capsys, monkeypatch):
     from hf_layerstream import split as split_mod
 
