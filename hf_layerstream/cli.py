@@ -508,12 +508,16 @@ def _cmd_inspect(args) -> int:
     )
     ratio = sum(stored) / max(sum(full_bytes), 1)
     memory = host_memory()  # (what the default plan took its share of)
+    # what streaming computes in: `--dtype`, else the dtype `from_pretrained(dtype="auto")` loads at (recorded by the
+    # split; a directory split before it was recorded streams at its stored dtypes)
+    computes = str(dtype).replace("torch.", "") if dtype is not None else (m.load_dtype or m.dtype)
     info = {
         "shard_dir": str(shards.path),
         "source": m.source,
         "model_type": m.model_type,
         "num_layers": m.num_layers,
         "dtype": m.dtype,
+        "compute_dtype": computes,
         "compression": m.compression,
         "resident_bytes": shards.unit("resident").size,
         "layer_bytes": stored,
@@ -530,7 +534,8 @@ def _cmd_inspect(args) -> int:
     scheme = "none (full precision)" if not m.compression else ", ".join(f"{k}={v}" for k, v in m.compression.items())
     print(f"shard directory  {shards.path}")
     print(f"source           {m.source.get('id')} (revision {m.source.get('revision')})")
-    print(f"model            {m.model_type}, {m.num_layers} layers under {m.layers_prefix!r}, dtype {m.dtype}")
+    dtypes = f"dtype {m.dtype}" if computes == m.dtype else f"stored in {m.dtype}, computes in {computes}"
+    print(f"model            {m.model_type}, {m.num_layers} layers under {m.layers_prefix!r}, {dtypes}")
     print(f"compression      {scheme}")
     print(f"resident file    {_human(shards.unit('resident').size)}")
     print(

@@ -250,6 +250,22 @@ def test_inspect_and_verify(split_dir, capsys):
     assert "all 4 files match" in capsys.readouterr().out
 
 
+def test_inspect_names_the_dtype_the_model_computes_in(tmp_path, capsys):
+    """A checkpoint stored in float32 whose config says bfloat16 streams at bfloat16, as `from_pretrained(dtype=
+    "auto")` loads it: `inspect` says both (it said "dtype float32", half of what the plan counts for each layer)."""
+    ckpt = _models.save_tiny_checkpoint("llama", tmp_path / "ckpt")
+    config = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))
+    assert main(["split", str(ckpt), str(tmp_path / "shards"), "--quiet"]) == 0
+    assert main(["inspect", str(tmp_path / "shards"), "--device", "cpu"]) == 0
+    assert "3 layers under 'model.layers', stored in float32, computes in bfloat16" in capsys.readouterr().out
+    assert main(["inspect", str(tmp_path / "shards"), "--device", "cpu", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["dtype"] == "float32" and info["compute_dtype"] == "bfloat16"
+    assert main(["inspect", str(tmp_path / "shards"), "--device", "cpu", "--dtype", "float32"]) == 0
+    assert "3 layers under 'model.layers', dtype float32" in capsys.readouterr().out
+
+
 def test_inspect_shows_the_host_memory_the_default_plan_used(split_dir, capsys, monkeypatch):
     """In a container /proc/meminfo shows the whole host: `inspect` says what the default plan took its share of, the
     room under the cgroup's memory limit where that is less, and the plan's budget follows it."""
