@@ -13,8 +13,17 @@ import torch.utils._pytree as pytree
 from accelerate.hooks import ModelHook
 from accelerate.utils import send_to_device
 from torch import nn
+from transformers import PreTrainedModel
 
 from .engine import renew_after_fork
+
+# how transformers names turning it off: `activation_checkpointing_disable` where it has it (5.24 does, and warns at
+# the older `gradient_checkpointing_disable`)
+_CHECKPOINTING_OFF = (
+    "activation_checkpointing_disable"
+    if hasattr(PreTrainedModel, "activation_checkpointing_disable")
+    else "gradient_checkpointing_disable"
+)
 
 
 def _sync(device: torch.device) -> None:
@@ -64,8 +73,8 @@ class LayerStreamingHook(ModelHook):
         if getattr(module, "gradient_checkpointing", False) and module.training and torch.is_grad_enabled():
             raise RuntimeError(
                 "Gradient checkpointing is enabled on a streamed model: the backward pass would run each decoder "
-                "layer again after streaming has let go of its weights. Call `model.gradient_checkpointing_disable()` "
-                "(or `model.eval()`); the streamed weights are frozen, and gradients with respect to the inputs work "
+                f"layer again after streaming has let go of its weights. Call `model.{_CHECKPOINTING_OFF}()` (or "
+                "`model.eval()`); the streamed weights are frozen, and gradients with respect to the inputs work "
                 "without it."
             )
         if self.index in self.loader.in_use():
