@@ -105,6 +105,8 @@ class _Source:
                 )
             self.repo_id = str(source)
         self._handles: dict[str, Any] = {}
+        # set when a file the checkpoint may lack could not be fetched for want of the hub (see `fetch`)
+        self.hub_unreachable = False
         self.index_metadata: dict = {}  # the checkpoint index's `metadata` (transformers reads a `dtype` there)
         self.config_path = self.fetch("config.json", required=True)
         self.keys = self._list_keys()
@@ -125,12 +127,32 @@ class _Source:
         try:
             path = Path(
                 hf_hub_download(
-                    self.repo_id, filename, revision=self.revision, token=self._token, cache_dir=self._cache_dir
+                    self.repo_id,
+                    filename,
+                    revision=self.revision,
+                    token=self._token,
+                    cache_dir=self._cache_dir,
+                    # once the hub was found unreachable, a file the checkpoint may lack is looked up in the cache
+                    # only: huggingface_hub retries each lookup of a file it has not cached for about 20 s
+                    local_files_only=self.hub_unreachable and not required,
                 )
             )
         except LocalEntryNotFoundError as e:
-            # (a subclass of EntryNotFoundError: must come first) offline, or the hub unreachable, and not cached
-            if not required and _is_offline():
+            # (a subclass of EntryNotFoundError: must come first) the hub unreachable (HF_HUB_OFFLINE, no network, the
+            # hub down) and the file not in the hub cache
+            if not required:
+                # taken as absent, whatever HF_HUB_OFFLINE says, as `from_pretrained` takes it (transformers'
+                # `cached_file(..., _raise_exceptions_for_connection_errors=False)`): a repo all in the cache splits
+                # from it when the hub cannot be reached
+                if not self.hub_unreachable and not _is_offline():  # (HF_HUB_OFFLINE=1 asked for it)
+                    logger.warning(
+                        "The hub cannot be reached (%s); splitting %r from the hub cache, where files it does not "
+                        "hold (such as %s) are taken as absent from the repo",
+                        type(e.__cause__ or e).__name__,
+                        self.repo_id,
+                        filename,
+                    )
+                self.hub_unreachable = True
                 return None
             raise FileNotFoundError(
                 f"Cannot fetch {filename} of {self.repo_id!r}: the hub cannot be reached (offline, HF_HUB_OFFLINE="
@@ -175,6 +197,13 @@ class _Source:
                     _check_plain_name(index, filename)
                 return {str(k): v for k, v in weight_map.items()}
         where = self.local_dir or self.repo_id
+        if self.hub_unreachable:
+            raise FileNotFoundError(
+                f"`source` {where} has no weights in the hub cache, and the hub cannot be reached (HF_HUB_OFFLINE="
+                f"{os.environ.get('HF_HUB_OFFLINE', '0')}) to fetch them: expected one of {', '.join(_PREFERENCE)}. "
+                "Download the repo once with network access (`hf download REPO`) or pass a local checkpoint folder "
+                "as `source`."
+            )
         raise FileNotFoundError(f"`source` {where} has no weights: expected one of {', '.join(_PREFERENCE)}.")
 
     def _open(self, filename: str):

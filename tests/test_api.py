@@ -490,6 +490,59 @@ def test_hub_repo_id_from_the_hub_cache_offline(tmp_path, monkeypatch):
     assert _exact(ckpt, shards)
 
 
+def test_hub_repo_id_from_the_hub_cache_when_the_hub_cannot_be_reached(tmp_path, monkeypatch, caplog):
+    """HF_HUB_OFFLINE unset and the hub unreachable (no network, the hub down), the repo in the hub cache: the split is
+    made from the cache, as `from_pretrained` loads it. Files the repo lacks (a single-file repo's index, tokenizer
+    files it does not have) are taken as absent; the first such lookup raised before, the hub being unreachable.
+    huggingface_hub retries each lookup of a file it has not cached for ~20 s: after the first, the split looks in the
+    cache only. A repo whose weights are not in the cache says that the hub could not be reached."""
+    import logging
+    import socket
+    import time
+
+    import huggingface_hub.utils._http as hub_http
+    from huggingface_hub import constants
+
+    class NoSleep:  # huggingface_hub's backoff, timed instead of waited for
+        slept = 0.0
+
+        def sleep(self, seconds):
+            self.slept += seconds
+
+        def __getattr__(self, name):
+            return getattr(time, name)
+
+    closed = socket.socket()  # bound, never listening: a connection to it is refused at once
+    closed.bind(("127.0.0.1", 0))
+    dead = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", dead)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", dead + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(hub_http, "time", NoSleep())
+    try:
+        ckpt = _models.save_tiny_checkpoint("llama", tmp_path / "ckpt", max_shard_size="1GB")
+        assert not (ckpt / "model.safetensors.index.json").exists() and not (ckpt / "tokenizer.model").exists()
+        commit = _fake_hub_cache(tmp_path / "cache", "tiny-org/single", ckpt)
+        with caplog.at_level(logging.WARNING, logger="hf_layerstream"):
+            shards = split_checkpoint(
+                "tiny-org/single", tmp_path / "shards", cache_dir=tmp_path / "cache", progress=False
+            )
+        assert "The hub cannot be reached (ConnectError)" in caplog.text
+        assert json.loads((shards / "manifest.json").read_text())["source"]["revision"] == commit
+        assert (shards / "tokenizer.json").read_bytes() == (ckpt / "tokenizer.json").read_bytes()
+        assert hub_http.time.slept < 30  # one lookup's retries (1 + 2 + 4 + 8 + 8 s), not one per absent file
+        assert _exact(ckpt, shards)
+
+        config_only = tmp_path / "config-only"
+        config_only.mkdir()
+        shutil.copy(ckpt / "config.json", config_only)
+        _fake_hub_cache(tmp_path / "cache", "tiny-org/config-only", config_only)
+        with pytest.raises(FileNotFoundError, match=r"has no weights in the hub cache, and the hub cannot be reached"):
+            split_checkpoint("tiny-org/config-only", tmp_path / "none", cache_dir=tmp_path / "cache", progress=False)
+    finally:
+        closed.close()
+
+
 def test_hub_repo_fetched_during_the_split_resumes_and_reruns(tmp_path, monkeypatch):
     """A sharded hub repo not in the cache: its weight files are fetched one by one as the split reads them. An
     interrupted split resumes, and running the finished split again finds it done, although the cache now holds files
