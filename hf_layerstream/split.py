@@ -66,6 +66,7 @@ _SIDE_FILES = (
     "vocab.txt",  # (WordPiece tokenizers)
     "merges.txt",
     "sentencepiece.bpe.model",
+    "spiece.model",  # (T5, GPT-SW3, CPM: also found by `_tokenizer_files`, unless sentencepiece is missing here)
     "tiktoken.model",
     "added_tokens.json",
     "chat_template.jinja",
@@ -76,6 +77,7 @@ _SIDE_FILES = (
     "preprocessor_config.json",
     "video_preprocessor_config.json",
 )
+_CHAT_TEMPLATE_DIR = "additional_chat_templates"  # a tokenizer's named chat templates besides the default one
 _SAMPLE = 64 * 1024  # bytes read at each end of a local weight file for the source's identity
 _SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
 _PREFERENCE = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin")
@@ -174,6 +176,31 @@ class _Source:
             if len(commit) == 40:
                 self.revision = commit
         return path
+
+    def chat_templates(self) -> list[str]:
+        """The file names in the checkpoint's `additional_chat_templates/` folder (`*.jinja`), which
+        `AutoTokenizer.from_pretrained` loads as named chat templates; on the hub, listed with transformers'
+        `list_repo_templates` (the hub cache's when the hub cannot be reached). Empty where it cannot tell."""
+        if self.local_dir is not None:
+            folder = self.local_dir / _CHAT_TEMPLATE_DIR
+            names = [p.name for p in folder.iterdir() if p.is_file()] if folder.is_dir() else []
+        else:
+            try:
+                from transformers.utils.hub import list_repo_templates
+
+                names = list_repo_templates(
+                    self.repo_id,
+                    local_files_only=self.hub_unreachable or _is_offline(),
+                    revision=self.revision,
+                    cache_dir=self._cache_dir,
+                    token=self._token,
+                )
+            except Exception as e:  # noqa: BLE001 - the templates are optional
+                logger.warning("Cannot list %s/ of %r (%s); not copied", _CHAT_TEMPLATE_DIR, self.repo_id, e)
+                return []
+        # (listed online with their `.jinja`, from the cache without it, as transformers does)
+        names = {n.removesuffix(".jinja") + ".jinja" for n in names if isinstance(n, str)}
+        return sorted(n for n in names if "/" not in n and "\\" not in n and not n.startswith("."))
 
     def _list_keys(self) -> dict[str, str]:
         # transformers' preference: safetensors (sharded, then single) before pickled `.bin` files
@@ -349,6 +376,36 @@ def _check_plain_name(index: Path, filename) -> None:
             f"names the weight file {filename!r}, which is not a plain .safetensors/.bin file name next to the index",
             "Only split checkpoints you trust; fix or re-download the index.",
         )
+
+
+def _tokenizer_files(tokenizer_config: Path | None, config) -> list[str]:
+    """Files the checkpoint's tokenizer reads that `_SIDE_FILES` does not name (GPT-NeoX-Japanese's `emoji.json`),
+    to copy so that `AutoTokenizer.from_pretrained(shard_dir)` finds them: the `vocab_files_names` of each class
+    `AutoTokenizer` may pick (tokenizer_config.json's `tokenizer_class`, the config's, the one transformers registers
+    for its model type), looked up as transformers looks them up. A class it cannot find or load here (remote code, a
+    missing dependency) adds nothing; a name the checkpoint lacks is not copied."""
+    data = _read_json(tokenizer_config) if tokenizer_config is not None else None
+    try:
+        from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING_NAMES, tokenizer_class_from_name
+    except ImportError:
+        return []
+    classes = [
+        data.get("tokenizer_class") if isinstance(data, dict) else None,
+        getattr(config, "tokenizer_class", None),
+        TOKENIZER_MAPPING_NAMES.get(getattr(config, "model_type", None) or ""),
+    ]
+    names: set[str] = set()
+    for class_name in classes:
+        if not isinstance(class_name, str):
+            continue
+        for candidate in {class_name, class_name.removesuffix("Fast")}:  # (as AutoTokenizer retries a `...Fast`)
+            try:  # (a class whose dependency is missing is a placeholder that raises when asked anything)
+                files = getattr(tokenizer_class_from_name(candidate), "vocab_files_names", None)
+            except Exception:  # noqa: BLE001 - nothing to add
+                continue
+            if isinstance(files, dict):
+                names.update(f for f in files.values() if isinstance(f, str) and f and "/" not in f and "\\" not in f)
+    return sorted(names - set(_SIDE_FILES))
 
 
 def _is_offline() -> bool:
@@ -796,8 +853,10 @@ def split_checkpoint(
         finally:
             bar.close()
 
-        for name in _SIDE_FILES:
-            path = src.fetch(name)
+        side = {name: src.fetch(name) for name in _SIDE_FILES}
+        side |= {name: src.fetch(name) for name in _tokenizer_files(side["tokenizer_config.json"], config)}
+        side |= {name: src.fetch(name) for name in (f"{_CHAT_TEMPLATE_DIR}/{n}" for n in src.chat_templates())}
+        for name, path in side.items():
             if path is not None:
                 atomic_write_bytes(shard_dir / name, path.read_bytes())
         atomic_write_bytes(shard_dir / "config.json", config.to_json_string().encode())

@@ -123,6 +123,39 @@ def test_the_checkpoints_generation_config_is_the_streamed_models_as_from_pretra
     disable_layer_streaming(model)
 
 
+def test_split_copies_the_files_its_tokenizer_class_reads_and_named_chat_templates(tmp_path, monkeypatch):
+    """Files a tokenizer's class reads beyond the usual names (GPT-NeoX-Japanese's `emoji.json`, named in its
+    `vocab_files_names`) and the named chat templates in `additional_chat_templates/` travel with the split too, from a
+    local folder and from the hub cache: `AutoTokenizer.from_pretrained(shard_dir)` raised for the first before, and
+    lost the second."""
+    from huggingface_hub import constants
+    from transformers import GPTNeoXJapaneseConfig, GPTNeoXJapaneseForCausalLM, GPTNeoXJapaneseTokenizer
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    words = ["<|endoftext|>", "<|startoftext|>", "<|padding|>", "<|byte0|>", *"abcdefghijklmnopqrstuvwxyz ", "世界"]
+    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
+    (tmp_path / "emoji.json").write_text(json.dumps({"emoji": {}, "emoji_inv": {}}))
+    tok = GPTNeoXJapaneseTokenizer(str(tmp_path / "vocab.txt"), str(tmp_path / "emoji.json"))
+    tok.chat_template = {"default": "{{ messages[0].content }}", "tool_use": "tool: {{ messages[0].content }}"}
+    tok.save_pretrained(ckpt)
+    assert (ckpt / "emoji.json").is_file() and (ckpt / "additional_chat_templates" / "tool_use.jinja").is_file()
+    config = GPTNeoXJapaneseConfig(
+        vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_multiple_size=2
+    )
+    torch.manual_seed(0)
+    GPTNeoXJapaneseForCausalLM(config).save_pretrained(ckpt)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    _fake_hub_cache(tmp_path / "cache", "tiny-org/neox-ja", ckpt)
+    for i, source in enumerate((ckpt, "tiny-org/neox-ja")):
+        shards = split_checkpoint(source, tmp_path / f"shards{i}", cache_dir=tmp_path / "cache", progress=False)
+        assert (shards / "emoji.json").read_bytes() == (ckpt / "emoji.json").read_bytes()
+        loaded = AutoTokenizer.from_pretrained(shards)
+        assert type(loaded) is GPTNeoXJapaneseTokenizer
+        assert loaded("世界 abc").input_ids == tok("世界 abc").input_ids
+        assert loaded.chat_template == tok.chat_template
+
+
 def test_split_never_modifies_the_source_and_shows_progress(tmp_path, capsys, monkeypatch):
     from hf_layerstream import split as split_mod
 
@@ -472,7 +505,7 @@ def _fake_hub_cache(cache_dir, repo_id, ckpt, commit="a" * 40):
     snap = root / "snapshots" / commit
     snap.mkdir(parents=True)
     for p in ckpt.iterdir():
-        shutil.copy(p, snap / p.name)
+        (shutil.copytree if p.is_dir() else shutil.copy)(p, snap / p.name)
     (root / "refs").mkdir()
     (root / "refs" / "main").write_text(commit)
     return commit
@@ -548,6 +581,7 @@ def test_hub_repo_fetched_during_the_split_resumes_and_reruns(tmp_path, monkeypa
     interrupted split resumes, and running the finished split again finds it done, although the cache now holds files
     it did not hold the first time (that changed the recorded source before, and both were refused)."""
     import huggingface_hub
+    import transformers.utils.hub
     from huggingface_hub.errors import EntryNotFoundError
 
     remote = _models.save_tiny_checkpoint("llama", tmp_path / "remote", num_hidden_layers=4)
@@ -569,6 +603,8 @@ def test_hub_repo_fetched_during_the_split_resumes_and_reruns(tmp_path, monkeypa
         return str(snapshot / filename)
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    # (the hub's listing of `additional_chat_templates/`: this repo has none)
+    monkeypatch.setattr(transformers.utils.hub, "list_repo_templates", lambda *args, **kwargs: [])
     out = tmp_path / "shards"
     restore = _interrupt_at(monkeypatch, "layers.2")
     with pytest.raises(KeyboardInterrupt):
