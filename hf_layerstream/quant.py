@@ -273,6 +273,22 @@ def parameter_owners(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     return owners
 
 
+def modules_to_not_convert(model: torch.nn.Module) -> list[str]:
+    """The module-name patterns whose weights transformers' bitsandbytes path leaves in full precision, for
+    `should_quantize`: the model's `_keep_in_fp32_modules` (GLM-MoE-DSA's `indexer.weights_proj`, a linear layer),
+    which its 4- and 8-bit quantizers add to `get_modules_to_not_convert` whatever the dtype. (Not
+    `_keep_in_fp32_modules_strict`, which they do not read; the embeddings and head are `should_quantize`'s own rule.)"""
+    return sorted(getattr(model, "_keep_in_fp32_modules", None) or ())
+
+
+def _not_converted(module_name: str, patterns: list[str]) -> bool:
+    """Whether transformers' bitsandbytes path skips the module `module_name` for `patterns`, by its own matching rule
+    (`should_convert_module`; in 5.24 a pattern from the start up to a module boundary, as a regex, or a suffix)."""
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    return not should_convert_module(module_name, patterns)
+
+
 def _is_matrix_weight(name: str, tensor: torch.Tensor, owner: torch.nn.Module) -> bool:
     """What transformers' own bitsandbytes path would quantize: `nn.Linear` (or GPT-2's `Conv1D`) weights, and the
     3-D fused expert weights of an experts module. Not: routers' or SSM parameters held as bare 2-D tensors (Mamba's
@@ -293,6 +309,7 @@ def should_quantize(
     *,
     is_embedding: bool = False,
     owner: torch.nn.Module | None = None,
+    not_converted: list[str] | None = None,
 ) -> bool:
     """Whether a weight is stored quantized under `scheme`.
 
@@ -301,8 +318,9 @@ def should_quantize(
     biases), non-float or other float dtypes (e.g. fp8), small tensors, MoE routers, and embeddings / the output head
     unless `scheme.quantize_embeddings`. Only the tensor's shape and dtype are read, so meta tensors work. Given the
     module that holds the weight (`owner`, see `parameter_owners`), 2-D weights are quantized only when it is a linear
-    layer, and 3-D ones only when they are not biases or convolution kernels, as transformers' bitsandbytes path
-    quantizes; `split_checkpoint` passes it.
+    layer, and 3-D ones only when they are not biases or convolution kernels, and given the model's
+    `modules_to_not_convert`, none of a module they name, as transformers' bitsandbytes path quantizes;
+    `split_checkpoint` passes both.
 
     Args:
         name (`str`): Full parameter name.
@@ -312,6 +330,9 @@ def should_quantize(
             The caller knows this is an embedding / head (names are also checked heuristically).
         owner (`torch.nn.Module`, *optional*):
             The module holding the weight; without it, the decision is made from the name and shape alone.
+        not_converted (`list[str]`, *optional*):
+            Module-name patterns the model keeps in full precision (`modules_to_not_convert(model)`), matched against
+            the name of the module holding the weight (`name` less its last part) as transformers matches them.
 
     Returns:
         `bool`
@@ -319,6 +340,8 @@ def should_quantize(
     if tensor.dtype not in _BNB_DTYPES or tensor.dim() not in (2, 3):
         return False
     if tensor.numel() < MIN_BLOCKS_TO_QUANTIZE * scheme.blocksize:
+        return False
+    if not_converted and _not_converted(name.rpartition(".")[0], not_converted):
         return False
     if is_embedding or is_embedding_name(name):
         return scheme.quantize_embeddings
@@ -653,6 +676,7 @@ __all__ = [
     "is_router_name",
     "parameter_owners",
     "join_parts",
+    "modules_to_not_convert",
     "packed_nbytes",
     "quantize_tensor",
     "resolve_compression",

@@ -458,7 +458,11 @@ def _options_digest(options: dict) -> str:
 
 
 def _estimate_unit_bytes(
-    shapes: dict[str, tuple[tuple[int, ...], torch.dtype]], scheme, unit: str, owners: dict | None = None
+    shapes: dict[str, tuple[tuple[int, ...], torch.dtype]],
+    scheme,
+    unit: str,
+    owners: dict | None = None,
+    not_converted: list[str] | None = None,
 ) -> int:
     """Bytes of one unit file: tensor data (quantized where the codec would be used) plus header and metadata."""
     total = 1024  # length prefix, `__metadata__`, padding
@@ -477,6 +481,7 @@ def _estimate_unit_bytes(
                 scheme,
                 is_embedding=unit == RESIDENT,
                 owner=(owners or {}).get(name),
+                not_converted=not_converted,
             ):
                 nbytes = -(-numel * scheme.bits // 8) + 4 * -(-numel // scheme.blocksize)
                 overhead = 4 * len(name) + 600  # two parts and the codec metadata
@@ -524,12 +529,12 @@ def estimate_split_bytes(
             # a converter's extra targets (q/k/v out of one qkv tensor) share their unit's checkpoint dtype
             stored = target_dtype.get(name) or unit_dtype.get(unit) or fallback_dtype or t.dtype
         shapes[unit][name] = (tuple(t.shape), stored)
-    owners = None
+    owners = not_converted = None
     if scheme is not None:
-        from .quant import parameter_owners
+        from .quant import modules_to_not_convert, parameter_owners
 
-        owners = parameter_owners(model)
-    return sum(_estimate_unit_bytes(shapes[u], scheme, u, owners) for u in units)
+        owners, not_converted = parameter_owners(model), modules_to_not_convert(model)
+    return sum(_estimate_unit_bytes(shapes[u], scheme, u, owners, not_converted) for u in units)
 
 
 def _config_dtype(config) -> torch.dtype | None:
@@ -703,13 +708,15 @@ def split_checkpoint(
     stack = require_layer_stack(model)
     should_quantize = None
     if scheme is not None:  # decided knowing the module that holds each weight (a linear layer's, an expert's)
-        from .quant import parameter_owners
+        from .quant import modules_to_not_convert, parameter_owners
         from .quant import should_quantize as _should_quantize
 
-        owners = parameter_owners(model)
+        owners, not_converted = parameter_owners(model), modules_to_not_convert(model)
 
         def should_quantize(name, tensor, scheme, *, is_embedding=False):
-            return _should_quantize(name, tensor, scheme, is_embedding=is_embedding, owner=owners.get(name))
+            return _should_quantize(
+                name, tensor, scheme, is_embedding=is_embedding, owner=owners.get(name), not_converted=not_converted
+            )
 
     fingerprint = architecture_fingerprint(model, stack)
     plan = plan_conversion(model, stack, src.keys)

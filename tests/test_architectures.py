@@ -268,6 +268,27 @@ def test_compression_quantizes_linear_and_expert_weights_only(tmp_path, model_ty
     }
 
 
+def test_compression_keeps_what_the_model_keeps_out_of_bitsandbytes_at_full_precision(tmp_path):
+    """transformers' bitsandbytes path leaves the modules a model names in `_keep_in_fp32_modules` unquantized
+    (`get_modules_to_not_convert`), whatever their class: GLM-MoE-DSA's indexer `weights_proj`, a linear layer. A
+    compressed split keeps them at full precision too (it quantized them), and the other linear layers quantized."""
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    config = _config("glm_moe_dsa", **_MLA, **_DEEPSEEK_MOE, index_n_heads=32, index_head_dim=16)
+    ckpt = _models.save_tiny_checkpoint(config, tmp_path / "checkpoint")
+    model = _models.build_tiny_model(config)
+    kept = "model.layers.0.self_attn.indexer.weights_proj"
+    assert isinstance(model.get_submodule(kept), torch.nn.Linear)
+    assert not should_convert_module(kept, list(model._keep_in_fp32_modules))  # what transformers skips
+    shards = split_checkpoint(ckpt, tmp_path / "shards", compression="4bit", progress=False)
+    tensors = {n: t for u in ShardDirectory(shards).manifest.units.values() for n, t in u.tensors.items()}
+    indexer = [n for n in tensors if n.endswith("indexer.weights_proj.weight")]
+    assert len(indexer) == _models.NUM_HIDDEN_LAYERS
+    assert all(tensors[n].quant is None for n in indexer)
+    assert tensors["model.layers.0.self_attn.q_a_proj.weight"].quant is not None
+    assert tensors["model.layers.1.self_attn.indexer.wq_b.weight"].quant is not None
+
+
 def test_jamba_computing_with_its_time_step_projections_weight_runs_per_module(tmp_path):
     """Jamba's Mamba mixer computes `self.dt_proj.weight @ x` itself, outside `dt_proj`'s forward. Real checkpoints'
     `dt_proj` is large enough to be quantized (the tiny default is not: `mamba_dt_rank` makes it so here); per module,
