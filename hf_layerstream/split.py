@@ -16,6 +16,7 @@ import torch
 
 from . import __version__
 from ._safetensors import (
+    _SOURCE_FIX,
     atomic_write_bytes,
     atomic_write_safetensors,
     dtype_to_str,
@@ -245,15 +246,23 @@ class _Source:
             read_header(path, source=True)  # a clear error for a truncated / hostile header before safetensors sees it
             handle = safe_open(path, framework="pt", device="cpu")
         else:
+            import pickle
+            import zipfile
+
+            # weights_only=True refuses pickles that would run code; mmap keeps memory at one unit. torch can map
+            # only the zip format (torch.save's since torch 1.6): a file in the older format is read whole, as
+            # transformers' `load_state_dict` reads it (it passes mmap only for a zip file too).
+            mmap = zipfile.is_zipfile(path)
             try:
-                # weights_only=True refuses pickles that would run code; mmap keeps memory at one unit
-                handle = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except Exception as e:  # noqa: BLE001 - re-raised with the file name
+                handle = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            except pickle.UnpicklingError as e:  # (what weights_only raises for what it refuses to unpickle)
                 raise ShardFileError(
                     path,
                     f"cannot be loaded safely with torch.load(weights_only=True): {type(e).__name__}: {e}",
                     "Only load checkpoints you trust; convert it to safetensors, or use the original publisher's files.",
                 ) from e
+            except Exception as e:  # noqa: BLE001 - re-raised with the file name
+                raise ShardFileError(path, f"cannot be read by torch.load: {type(e).__name__}: {e}", _SOURCE_FIX) from e
             if not isinstance(handle, dict):
                 raise ShardFileError(path, "does not hold a state dict")
         self._handles[filename] = handle
@@ -315,7 +324,8 @@ class _Source:
         """Checkpoint key -> dtype as stored, from the safetensors headers (no tensor data is read).
 
         Only files already on this machine are looked at (a hub file is not downloaded for this); `.bin` files are
-        opened with `weights_only=True` and memory-mapped, which reads the pickle but not the tensor data.
+        opened with `weights_only=True` and memory-mapped, which reads the pickle but not the tensor data (a file in
+        torch's pre-1.6 format, which cannot be mapped, is read whole).
         """
         out: dict[str, torch.dtype] = {}
         for filename in sorted(set(self.keys.values())):

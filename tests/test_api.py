@@ -268,18 +268,39 @@ def test_single_safetensors_source(tmp_path):
     assert _exact(ckpt, split_checkpoint(ckpt, tmp_path / "shards", progress=False))
 
 
-def test_pytorch_bin_source_loaded_with_weights_only(tmp_path):
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "pre-1.6"])
+def test_pytorch_bin_source_loaded_with_weights_only(tmp_path, legacy):
+    """Both formats `torch.save` writes: the zip one (torch >= 1.6) and the older one many hub checkpoints still
+    hold, which torch cannot memory-map (the split passed `mmap=True` for it and refused it as unsafe to load;
+    transformers maps only a zip file)."""
     model = _models.build_tiny_model("llama")
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     model.config.save_pretrained(ckpt)
-    torch.save({k: v.clone() for k, v in model.state_dict().items()}, ckpt / "pytorch_model.bin")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.save(state, ckpt / "pytorch_model.bin", _use_new_zipfile_serialization=not legacy)
     shards = split_checkpoint(ckpt, tmp_path / "shards", progress=False)
     ref = model
     streamed = streamed_model(ckpt, shards)
     ids = torch.tensor([[1, 20, 30, 40]])
     with torch.no_grad():
         assert torch.equal(streamed(ids).logits, ref(ids).logits)
+
+
+def test_a_damaged_pytorch_bin_source_is_named_unreadable_not_unsafe(tmp_path):
+    """A truncated `.bin` file (an interrupted download) is reported as a source file to fetch again, not as one
+    `weights_only=True` refused to load safely: that message is for pickles that would run code."""
+    model = _models.build_tiny_model("llama")
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    model.config.save_pretrained(ckpt)
+    path = ckpt / "pytorch_model.bin"
+    torch.save(model.state_dict(), path, _use_new_zipfile_serialization=False)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ShardFileError, match="cannot be read by torch.load") as info:
+        split_checkpoint(ckpt, tmp_path / "shards", progress=False)
+    message = str(info.value)
+    assert str(path) in message and "re-download it" in message and "safely" not in message
 
 
 def test_a_tied_pair_stored_under_the_heads_name_only(tmp_path):
