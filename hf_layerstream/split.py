@@ -119,9 +119,14 @@ class _Source:
             path = self.local_dir / filename
             if path.is_file():
                 return path
-            if required:
+            if required and filename == "config.json":
                 raise FileNotFoundError(
                     f"`source` {self.local_dir} has no {filename}; it is not a transformers checkpoint folder."
+                )
+            if required:  # (a weight file its checkpoint index names)
+                raise FileNotFoundError(
+                    f"`source` {self.local_dir} has no {filename}, which its checkpoint index names: the download or "
+                    "copy of the checkpoint looks incomplete. Finish it and run the split again."
                 )
             return None
         from huggingface_hub import hf_hub_download
@@ -268,6 +273,12 @@ class _Source:
         self._handles[filename] = handle
         return handle
 
+    def missing_files(self, files: set[str]) -> list[str]:
+        """Those of `files` a local folder lacks (a hub repo's are fetched when first needed)."""
+        if self.local_dir is None:
+            return []
+        return sorted(f for f in files if not (self.local_dir / f).is_file())
+
     def _local_weight_file(self, filename: str) -> Path | None:
         """The weight file if it is on this machine already (local folder or hub cache); never downloads."""
         if self.local_dir is not None:
@@ -281,17 +292,23 @@ class _Source:
             return None
         return Path(cached) if isinstance(cached, str) else None
 
-    def identity(self, *, legacy: bool = False) -> dict[str, Any]:
+    def identity(self, files: set[str] | None = None, *, legacy: bool = False) -> dict[str, Any]:
         """What the split is made from, recorded with it, so that resuming or re-running it from *another* checkpoint
         of the same architecture (same shapes, other weights) is refused instead of mixing two models' layers.
 
         A hub repo: its id, the commit and the weight files' names (the commit fixes every file; what the hub cache
         happens to hold must not count: a sharded repo's files are fetched during the split, and a later run would
-        find them cached). A local folder: its path and, for each weight file, its name, size, safetensors header and
-        first and last 64 KiB (a checkpoint saved again in place, with the same shapes, differs there).
+        find them cached). A local folder: its path, every weight file's name and, for each of `files` (those the
+        split reads: they hold a tensor the model needs, and `split_checkpoint` refuses a folder that lacks one),
+        its size, safetensors header and first and last 64 KiB (a checkpoint saved again in place, with the same
+        shapes, differs there). The other files hold only tensors the model does not use, so the split does not
+        depend on them: they count by name only, and may be absent (a download of what a text-only split needs) or
+        arrive later without the split being taken for another source's. Counting whatever was present made it
+        depend on how far a download had got: a split resumed after the download completed was refused.
 
-        `legacy`: as hf_layerstream 0.1.0 recorded it before (sizes and headers of the files found on this machine,
-        hub or local, no samples); a split finished then is still recognized as this one.
+        `files=None`: the content of every weight file found on this machine, as the identity was recorded before
+        (a split finished then is still recognized as this one). `legacy`: as hf_layerstream 0.1.0 recorded it
+        (sizes and headers of the files found on this machine, hub or local, no samples); likewise recognized.
         """
         import hashlib
 
@@ -300,8 +317,10 @@ class _Source:
             h.update(filename.encode() + b"\0")
             if self.local_dir is None and not legacy:
                 continue
+            if files is not None and not legacy and filename not in files:
+                continue
             path = self._local_weight_file(filename)
-            if path is None:  # (legacy: a hub file not downloaded yet)
+            if path is None:  # (legacy, `files=None`: a file not downloaded yet)
                 continue
             size = path.stat().st_size
             h.update(str(size).encode() + b"\0")
@@ -735,6 +754,18 @@ def split_checkpoint(
             f"The checkpoint {src.description} lacks {len(plan.missing)} tensors that {type(model).__name__} needs "
             f"(e.g. {plan.missing[:4]}); it does not match its config.json."
         )
+    # the weight files the split reads: checked before anything is written, not found missing half way through
+    needed = {src.keys[k] for entries in plan.units.values() for k, _, _ in entries} | {
+        src.keys[k] for k in plan.tied_stored.values()
+    }
+    absent = src.missing_files(needed)
+    if absent:
+        raise FileNotFoundError(
+            f"`source` {src.local_dir} lacks {len(absent)} weight file(s) that its checkpoint index names and that "
+            f"hold tensors {type(model).__name__} needs: {', '.join(absent[:8])}{', ...' if len(absent) > 8 else ''}. "
+            "The download or copy of the checkpoint looks incomplete: finish it (`hf download REPO --local-dir DIR` "
+            "fetches what is missing) and run the split again; nothing was written."
+        )
     _refuse_untied_pairs(model, plan, src, dtype)
     if plan.unexpected:
         logger.warning(
@@ -744,10 +775,13 @@ def split_checkpoint(
     load_dtype = dtype or _auto_dtype(config, src)
 
     compression_dict = scheme.to_dict() if scheme is not None else None
-    source_identity = src.identity()
+    source_identity = src.identity(needed)
     options = _options_key(fingerprint, dtype, compression_dict, source_identity)
-    # (a split finished by 0.1.0, which recorded the source otherwise, is this one too)
-    legacy_digest = _options_digest(_options_key(fingerprint, dtype, compression_dict, src.identity(legacy=True)))
+    # (a split finished before, which recorded the source otherwise, is this one too: see `_Source.identity`)
+    earlier_digests = [
+        _options_digest(_options_key(fingerprint, dtype, compression_dict, src.identity(legacy=legacy)))
+        for legacy in (False, True)
+    ]
     units = [layer_unit(i) for i in range(len(stack))] + [RESIDENT]
     shard_dir.mkdir(parents=True, exist_ok=True)
     with _locked(shard_dir, wait=wait):
@@ -771,7 +805,7 @@ def split_checkpoint(
                 and existing.get("fingerprint") == fingerprint
                 and existing.get("compression") == compression_dict
                 and (dtype is None or existing.get("dtype") == dtype_to_str(dtype))
-                and existing.get("split_options") in (None, _options_digest(options), legacy_digest)
+                and existing.get("split_options") in (None, _options_digest(options), *earlier_digests)
             )
             if same and not overwrite:
                 try:

@@ -236,14 +236,18 @@ def test_a_checkpoint_saved_again_in_place_is_not_resumed_into(tmp_path, monkeyp
     assert _exact(ckpt, tmp_path / "shards")
 
 
-def test_a_split_finished_by_0_1_0_is_recognized(tmp_path, monkeypatch):
-    """0.1.0 recorded a local source without samples of its files: running a split it finished again finds it done
-    (refusing it as "another model" would break every script that splits before it streams)."""
+@pytest.mark.parametrize("recorded", ["0.1.0", "every present file"])
+def test_a_split_finished_by_0_1_0_is_recognized(tmp_path, monkeypatch, recorded):
+    """0.1.0 recorded a local source without samples of its files, and later versions sampled every weight file
+    present, one that holds only tensors the model does not use too: running a split either finished again finds it
+    done (refusing it as "another model" would break every script that splits before it streams)."""
     from hf_layerstream import split as split_mod
 
     ckpt = _models.save_tiny_checkpoint("llama", tmp_path / "ckpt")
+    _add_unused_weight_file(ckpt)
     identity = split_mod._Source.identity
-    monkeypatch.setattr(split_mod._Source, "identity", lambda self, legacy=False: identity(self, legacy=True))
+    legacy = recorded == "0.1.0"
+    monkeypatch.setattr(split_mod._Source, "identity", lambda self, files=None, **_: identity(self, legacy=legacy))
     split_checkpoint(ckpt, tmp_path / "shards", progress=False)
     monkeypatch.setattr(split_mod._Source, "identity", identity)
     stamp = (tmp_path / "shards" / "manifest.json").stat().st_mtime_ns
@@ -650,6 +654,75 @@ def test_hub_repo_id_offline_and_not_cached_is_a_clear_error(tmp_path, monkeypat
     with pytest.raises(FileNotFoundError, match=r"HF_HUB_OFFLINE.*not in the hub cache"):
         split_checkpoint("nobody/nothing", tmp_path / "shards", cache_dir=tmp_path / "empty", progress=False)
     assert not (tmp_path / "shards").exists()
+
+
+def _add_unused_weight_file(ckpt, *, write=True, name="model-unused.safetensors"):
+    """Name in the checkpoint's index a weight file that holds only a tensor the model does not use (as a
+    vision-language checkpoint's vision shards are to a text-only split); returns its path."""
+    from safetensors.torch import save_file
+
+    index_path = ckpt / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    path = ckpt / name
+    index["weight_map"]["vision_tower.unused.weight"] = path.name
+    index_path.write_text(json.dumps(index))
+    if write:
+        save_file({"vision_tower.unused.weight": torch.ones(4, 4)}, path)
+    return path
+
+
+def test_a_local_checkpoint_lacking_a_weight_file_is_refused_before_anything_is_written(tmp_path):
+    """A sharded checkpoint whose index names a file the folder lacks (a download or copy not finished): refused up
+    front, naming the file and the cause. The split found it missing only as it reached the file, layers already
+    written, and called the folder "not a transformers checkpoint folder"; once the download was completed, the run
+    that should resume was refused as a split of another source (the identity had left the file out)."""
+    ckpt = _models.save_tiny_checkpoint("llama", tmp_path / "ckpt", num_hidden_layers=4)
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+    late = index["weight_map"]["model.layers.2.mlp.down_proj.weight"]
+    assert late != index["weight_map"]["model.layers.0.mlp.down_proj.weight"]
+    (ckpt / late).rename(tmp_path / late)
+    out = tmp_path / "shards"
+    with pytest.raises(FileNotFoundError, match="looks incomplete") as info:
+        split_checkpoint(ckpt, out, progress=False)
+    assert late in str(info.value) and "not a transformers checkpoint" not in str(info.value)
+    assert not out.exists()
+    (tmp_path / late).rename(ckpt / late)  # the download completed
+    split_checkpoint(ckpt, out, progress=False)
+    assert _exact(ckpt, out)
+
+
+def test_the_first_weight_file_read_for_the_dtype_named_when_absent(tmp_path):
+    """With no dtype in config.json or the index, the dtype `from_pretrained(dtype="auto")` loads at is read from
+    the first weight file, which may hold only unused tensors: absent, it is named as a download not finished (the
+    folder was called "not a transformers checkpoint folder")."""
+    ckpt = _models.save_tiny_checkpoint("llama", tmp_path / "ckpt")
+    config = json.loads((ckpt / "config.json").read_text())
+    del config["dtype"]
+    (ckpt / "config.json").write_text(json.dumps(config))
+    _add_unused_weight_file(ckpt, write=False, name="model-00000-unused.safetensors")
+    with pytest.raises(FileNotFoundError, match="model-00000-unused.safetensors, which its checkpoint index names"):
+        split_checkpoint(ckpt, tmp_path / "shards", progress=False)
+
+
+def test_a_weight_file_holding_only_unused_tensors_may_be_absent_or_arrive_later(tmp_path, monkeypatch):
+    """The split does not read a file that holds only tensors the model does not use, so it may be absent, and its
+    arrival changes nothing: the interrupted split resumes and the finished one is found done (its content counted
+    in the source's identity once present, and the resume was refused as another source's)."""
+    ckpt = _models.save_tiny_checkpoint("llama", tmp_path / "ckpt", num_hidden_layers=4)
+    unused = _add_unused_weight_file(ckpt, write=False)
+    out = tmp_path / "shards"
+    restore = _interrupt_at(monkeypatch, "layers.2")
+    with pytest.raises(KeyboardInterrupt):
+        split_checkpoint(ckpt, out, progress=False)
+    restore()
+    _add_unused_weight_file(ckpt)
+    assert unused.is_file()
+    split_checkpoint(ckpt, out, progress=False)  # resumes
+    assert _exact(ckpt, out)  # (`from_pretrained` needs every file the index names)
+    stamp = (out / "manifest.json").stat().st_mtime_ns
+    unused.unlink()
+    split_checkpoint(ckpt, out, progress=False)  # done: nothing to do
+    assert (out / "manifest.json").stat().st_mtime_ns == stamp
 
 
 def test_missing_local_source(tmp_path):
