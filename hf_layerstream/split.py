@@ -535,6 +535,24 @@ def estimate_split_bytes(
     room of the fp32 skeleton it is converted through. `dtype` (the split's cast) wins over them; quantized
     tensors are counted at their packed size.
     """
+    estimates = _estimate_units_bytes(
+        model, stack, plan, stored_dtypes, dtype=dtype, scheme=scheme, units=units, fallback_dtype=fallback_dtype
+    )
+    return sum(estimates.values())
+
+
+def _estimate_units_bytes(
+    model: torch.nn.Module,
+    stack,
+    plan,
+    stored_dtypes: dict[str, torch.dtype],
+    *,
+    dtype: torch.dtype | None = None,
+    scheme=None,
+    units: list[str] | None = None,
+    fallback_dtype: torch.dtype | None = None,
+) -> dict[str, int]:
+    """`estimate_split_bytes` unit by unit: unit -> bytes of its file."""
     all_units = [layer_unit(i) for i in range(len(stack))] + [RESIDENT]
     units = all_units if units is None else units
     # the dtype each model tensor will be written in: that of the checkpoint tensor it is converted from
@@ -563,7 +581,34 @@ def estimate_split_bytes(
         from .quant import modules_to_not_convert, parameter_owners
 
         owners, not_converted = parameter_owners(model), modules_to_not_convert(model)
-    return sum(_estimate_unit_bytes(shapes[u], scheme, u, owners, not_converted) for u in units)
+    return {u: _estimate_unit_bytes(shapes[u], scheme, u, owners, not_converted) for u in units}
+
+
+def _space_needed(shard_dir: Path, estimates: dict[str, int]) -> int:
+    """Disk space that writing the unit files of `estimates` (unit -> bytes) takes beyond what `shard_dir` holds.
+
+    Each file is written beside the file of the same unit a previous split left (a re-split, `overwrite=True`) and
+    renamed over it, one unit at a time: the old file's bytes are freed as its replacement takes its place, so only
+    growth counts, plus the largest old file, which still exists while its replacement is being written. Counting
+    every unit as new refused a re-split that fits (a disk holding one split and one more layer). A file that is a
+    symlink or has other hard links frees nothing when replaced.
+    """
+    import stat
+
+    grown, beside = 0, 0
+    for unit, new in estimates.items():
+        try:
+            st = os.lstat(shard_dir / _unit_file(unit))
+        except OSError:
+            st = None
+        old = st.st_size if st is not None and stat.S_ISREG(st.st_mode) and st.st_nlink == 1 else 0
+        grown += max(new - old, 0)
+        beside = max(beside, old)
+    return grown + beside
+
+
+def _size_text(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
 
 
 def _config_dtype(config) -> torch.dtype | None:
@@ -823,10 +868,6 @@ def split_checkpoint(
                     "with other options. Pass `overwrite=True` (`--overwrite`) to replace it, or choose another "
                     "directory."
                 )
-            manifest_path.unlink()
-            fsync_dir(shard_dir)
-        if overwrite:
-            _remove_foreign_unit_files(shard_dir, {u: _unit_file(u) for u in units})
         done = _load_progress(shard_dir, options, overwrite=overwrite)
         digest = _options_digest(options)
         if repaired is not None:  # damaged units are rewritten, never adopted
@@ -842,7 +883,7 @@ def split_checkpoint(
 
         todo = [u for u in units if u not in done]
         stored_dtypes = src.stored_dtypes() if dtype is None else {}
-        needed = estimate_split_bytes(
+        estimates = _estimate_units_bytes(
             model,
             stack,
             plan,
@@ -852,15 +893,24 @@ def split_checkpoint(
             units=todo,
             fallback_dtype=_config_dtype(config),
         )
+        needed = _space_needed(shard_dir, estimates)
         needed += 4096 * len(units) + 2**20  # manifest, progress record, config and tokenizer files
         free = shutil.disk_usage(shard_dir).free
         if needed > free:
             raise OSError(
                 errno.ENOSPC,
-                f"Not enough disk space in {shard_dir}: the split needs about {needed / 2**30:.2f} GiB more and "
-                f"{free / 2**30:.2f} GiB are free. Free some space or choose another `shard_dir`; nothing was "
+                f"Not enough disk space in {shard_dir}: the split needs about {_size_text(needed)} more and "
+                f"{_size_text(free)} are free. Free some space or choose another `shard_dir`; nothing was "
                 "written",
             )
+
+        # Only now, every check that can refuse passed: a refused run (`overwrite=True`, or the repair of a damaged
+        # directory) leaves the split the directory holds as usable as it was.
+        if manifest_path.exists():
+            manifest_path.unlink()
+            fsync_dir(shard_dir)
+        if overwrite:
+            _remove_foreign_unit_files(shard_dir, {u: _unit_file(u) for u in units})
 
         # recorded before the first unit, so an interrupted directory always says what it is and how to finish it
         _save_progress(shard_dir, options, {u: done[u] for u in units if u in done})

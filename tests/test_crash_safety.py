@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -477,6 +478,41 @@ def test_disk_space_preflight_refuses_before_writing(llama, tmp_path, monkeypatc
     assert not list(shards.rglob("*.safetensors")) and not (shards / "manifest.json").exists()
 
 
+def _free_bytes(monkeypatch, free: int) -> None:
+    monkeypatch.setattr(split_mod.shutil, "disk_usage", lambda p: type("U", (), {"free": free})())
+
+
+def test_a_refused_overwrite_leaves_the_split_there_usable(llama, tmp_path, monkeypatch):
+    """`overwrite=True` into a directory holding a split, refused for want of disk space: the split there is left as
+    it was, and works (its manifest was deleted before the check, which said that nothing was written). Sizes under
+    1 GiB are given in MiB (the message read "0.00 GiB more and 0.00 GiB are free")."""
+    shards = tmp_path / "shards"
+    shutil.copytree(llama["reference"], shards)
+    other = _models.save_tiny_checkpoint("llama", tmp_path / "other", num_hidden_layers=4, seed=1)
+    _free_bytes(monkeypatch, 0)
+    with pytest.raises(OSError, match=r"needs about [\d.]+ MiB more and 0\.0 MiB are free") as info:
+        split_checkpoint(other, shards, overwrite=True, progress=False)
+    assert info.value.errno == errno.ENOSPC and "nothing was written" in str(info.value)
+    check_exact(llama, shards)
+
+
+def test_a_resplit_in_place_needs_room_for_one_layer_not_a_second_copy(llama, tmp_path, monkeypatch):
+    """Each unit file replaces the one of the same unit in place (written beside it, renamed over it): re-splitting
+    into a directory that holds a split of the same size needs room for about one layer, not for a second copy of
+    the whole split, which the check asked for before (and refused a split that fits)."""
+    shards = tmp_path / "shards"
+    shutil.copytree(llama["reference"], shards)
+    size = sum(p.stat().st_size for p in shards.rglob("*.safetensors"))
+    largest = max(p.stat().st_size for p in shards.rglob("*.safetensors"))
+    assert largest < size // 4
+    other = _models.save_tiny_checkpoint("llama", tmp_path / "other", num_hidden_layers=4, seed=1)
+    _free_bytes(monkeypatch, size // 2 + 2**20 + 4096 * 5)  # (the check's allowance for the small files)
+    split_checkpoint(other, shards, overwrite=True, progress=False)
+    model = streamed_model(other, shards, **STREAM_ALL)
+    with torch.no_grad():
+        assert torch.equal(model(IDS).logits, _models.load_reference(other)(IDS).logits)
+
+
 @pytest.mark.parametrize(
     "dtype, compression",
     [(torch.float32, None), (torch.bfloat16, None), (torch.bfloat16, "4bit"), (torch.float32, "8bit")],
@@ -487,13 +523,14 @@ def test_disk_space_estimate_uses_the_checkpoint_dtypes(tmp_path, monkeypatch, d
         pytest.importorskip("bitsandbytes")
     ckpt = _models.save_tiny_checkpoint("qwen3_moe", tmp_path / "ckpt", dtype=dtype)
     seen = {}
-    real = split_mod.estimate_split_bytes
+    real = split_mod._estimate_units_bytes
 
     def spy(*args, **kwargs):
-        seen["bytes"] = real(*args, **kwargs)
-        return seen["bytes"]
+        estimates = real(*args, **kwargs)
+        seen["bytes"] = sum(estimates.values())
+        return estimates
 
-    monkeypatch.setattr(split_mod, "estimate_split_bytes", spy)
+    monkeypatch.setattr(split_mod, "_estimate_units_bytes", spy)
     shards = split_checkpoint(ckpt, tmp_path / "shards", compression=compression, progress=False)
     actual = sum(p.stat().st_size for p in shards.rglob("*.safetensors"))
     # never under (the preflight would let the split run out of space), and close
