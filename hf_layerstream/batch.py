@@ -44,6 +44,7 @@ import hashlib
 import json
 import logging
 import os
+import stat
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -649,11 +650,17 @@ def _lock(f, path: Path) -> None:
 
 
 def _rewrite_in_order(path: Path, items: list[_Prompt], done: dict[str, dict]) -> None:
-    """Write every result in input order to a temporary file and rename it over `path` (atomic)."""
+    """Write every result in input order to a temporary file and rename it over `path` (atomic). Where `path` is a
+    symlink, over the file it points to, where the results were appended (renaming over the link replaced it with a
+    file, and left the target out of order); that file keeps its permissions."""
     body = b"".join(_dumps(done[p.key]) for p in items)
-    if path.exists() and path.read_bytes() == body:
+    target = path.resolve()
+    if target.exists() and target.read_bytes() == body:
         return
-    atomic_write_bytes(path, body)
+    mode = stat.S_IMODE(target.stat().st_mode) if target.exists() else None
+    atomic_write_bytes(target, body)
+    if mode is not None:
+        os.chmod(target, mode)
 
 
 def generate_jsonl(

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -275,6 +276,22 @@ def test_user_errors(llama, tmp_path):
     with pytest.raises(FileNotFoundError, match="`input_path`"):
         generate_jsonl(model, tok, tmp_path / "missing.jsonl", tmp_path / "o.jsonl", progress=False)
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_a_symlinked_output_file_is_rewritten_in_order_where_it_points(llama, tmp_path):
+    """Results are appended through the link, to its target; the final rewrite in input order goes there too, and the
+    target keeps its permissions (the rename replaced the link with a file, and left the target in batch order)."""
+    model, tok, _ = llama
+    ids = _write_input(tmp_path / "in.jsonl")
+    (tmp_path / "elsewhere").mkdir()
+    target = tmp_path / "elsewhere" / "results.jsonl"
+    target.touch(mode=0o600)
+    target.chmod(0o600)
+    (tmp_path / "out.jsonl").symlink_to(target)
+    generate_jsonl(model, tok, tmp_path / "in.jsonl", tmp_path / "out.jsonl", batch_size=4, progress=False, **GREEDY)
+    assert (tmp_path / "out.jsonl").is_symlink()
+    assert [json.loads(line)["id"] for line in target.read_text().splitlines()] == ids
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
 
 
 def test_a_jsonl_file_with_a_byte_order_mark_is_read(llama, tmp_path):
