@@ -51,7 +51,8 @@ __all__ = ["SweepCounter", "count_sweeps", "measure_sweeps", "configure_draft", 
 
 
 def _sweep_module(model: nn.Module) -> nn.Module:
-    """The module whose forward marks one sweep: the first decoder layer (the model itself when there is none)."""
+    """The module whose forward marks one sweep: the last decoder layer (the model itself when there is none), which
+    every full pass reaches and an early-exit draft (`assistant_early_exit`: the model's own first layers) does not."""
     from .modeling import find_layer_stack
     from .stream import get_streaming_state
 
@@ -59,15 +60,16 @@ def _sweep_module(model: nn.Module) -> nn.Module:
     stack = state.stack if state is not None else find_layer_stack(model)
     if stack is None or len(stack.layers) == 0:
         return model
-    return stack.layers[0]
+    return stack.layers[-1]
 
 
 class SweepCounter:
     """Counts the forward sweeps of a model over its decoder layers while active.
 
-    A forward pre-hook on the first decoder layer counts one sweep per forward pass of the model: a prefill, a
-    decoding step, or the verification of a block of draft tokens. The draft model of assisted generation is a
-    different module and is not counted. Use it as a context manager (see [`count_sweeps`]) or call
+    A forward pre-hook on the last decoder layer counts one sweep per forward pass of the model over all its layers: a
+    prefill, a decoding step, or the verification of a block of draft tokens. The draft model of assisted generation
+    is a different module and is not counted, nor are the passes of an early-exit draft, which stop before the last
+    layer. Use it as a context manager (see [`count_sweeps`]) or call
     [`~SweepCounter.start`] / [`~SweepCounter.stop`].
 
     Args:
@@ -354,8 +356,8 @@ def measure_sweeps(
     Returns:
         `dict` with `tokens` (generated, summed over the batch; the padding after a row's end, by an
         end-of-sequence token, a stop string or a stopping criterion, excluded), `sweeps`, `tokens_per_sweep`,
-        `seconds`, `tokens_per_s`, `batch_size`, `mode` (`"plain"`, `"assisted"` or `"prompt_lookup"`) and
-        `output_ids` (the generated ids of each prompt, as lists).
+        `seconds`, `tokens_per_s`, `batch_size`, `mode` (`"plain"`, `"assisted"`, `"prompt_lookup"` or
+        `"early_exit"`) and `output_ids` (the generated ids of each prompt, as lists).
     """
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise ValueError(f"`max_new_tokens` must be a positive int, got {max_new_tokens!r}.")
@@ -412,7 +414,12 @@ def measure_sweeps(
     counts = count_new_tokens(new, eos, stops.stopped_at(new, eos, pad_id))
     tokens = sum(counts)
     sweeps = counter.sweeps
-    mode = "assisted" if assistant_model is not None else "prompt_lookup" if prompt_lookup_num_tokens else "plain"
+    if assistant_model is not None:
+        mode = "assisted"
+    elif prompt_lookup_num_tokens:
+        mode = "prompt_lookup"
+    else:
+        mode = "early_exit" if config.assistant_early_exit is not None else "plain"
     return {
         "mode": mode,
         "batch_size": int(input_ids.shape[0]),

@@ -135,6 +135,20 @@ def test_batched_jobs_with_a_draft_run_one_prompt_per_sweep(setup, tmp_path, cap
     assert texts == [r["completion"] for r in records]
 
 
+def test_early_exit_drafts_are_not_counted_as_sweeps(setup):
+    """`assistant_early_exit`: the model drafts with its own first layers, passes that stop before the last one. Only
+    passes over every layer are sweeps: the draft passes made the count higher than plain decoding's (29 for 16 tokens
+    here, 0.55 tokens per sweep), though early exit needs fewer full sweeps."""
+    model, tok, _, _, plain = setup
+    prompt = _models.SAMPLE_PROMPTS[0]
+    ids = tok(prompt, return_tensors="pt").input_ids
+    kw = {"max_new_tokens": NEW, "min_new_tokens": NEW, "pad_token_id": tok.pad_token_id}
+    r = measure_sweeps(model, ids, assistant_early_exit=1, **kw)
+    assert r["output_ids"] == plain[prompt]["output_ids"]
+    assert r["mode"] == "early_exit" and r["tokens"] == NEW
+    assert 1 <= r["sweeps"] <= plain[prompt]["sweeps"] and r["tokens_per_sweep"] >= 1.0
+
+
 def test_count_sweeps_and_batch_tokens_per_sweep(setup):
     model, tok, _, _, _ = setup
     batch = tok(list(_models.SAMPLE_PROMPTS), return_tensors="pt", padding=True)
