@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import threading
 import weakref
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -830,13 +831,18 @@ def _guard_moves(model: nn.Module, state: StreamingState) -> None:
 
 def _wrap_generate(model: nn.Module, state: StreamingState) -> None:
     """`generate`: a profile per call (`profile=True`), and a clear error where `disable_layer_streaming` ran in another
-    thread during the call (its next pass found the layers back on the meta device)."""
+    thread during the call (its next pass found the layers back on the meta device). A call made inside another in the
+    same thread (an early-exit draft: transformers drafts with the model's own `generate`) is part of the outer
+    call's profile: it neither restarts it nor ends it."""
     original = model.generate
+    calls = threading.local()  # (`depth`: the calls of this thread under way)
 
     @functools.wraps(original)
     def generate(*args, **kwargs):
-        if state.profile is not None:
+        outer = not getattr(calls, "depth", 0)
+        if outer and state.profile is not None:
             state.profile.reset()
+        calls.depth = getattr(calls, "depth", 0) + 1
         try:
             return original(*args, **kwargs)
         except Exception as e:
@@ -844,7 +850,8 @@ def _wrap_generate(model: nn.Module, state: StreamingState) -> None:
                 raise RuntimeError(DISABLED_DURING_CALL) from e
             raise
         finally:
-            if state.profile is not None:
+            calls.depth -= 1
+            if outer and state.profile is not None:
                 state.last_profile = state.profile.to_dict()
                 logger.info("hf_layerstream profile of the last generate call:\n%s", state.profile.summary())
 

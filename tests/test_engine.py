@@ -1588,6 +1588,29 @@ def test_profile_records_every_layer(llama):
     disable_layer_streaming(model)
 
 
+def test_the_profile_of_an_early_exit_call_covers_the_whole_call(llama):
+    """`assistant_early_exit`: transformers drafts with the model's own `generate`, called inside the outer call; those
+    calls restarted the profile, which then held only the tail of the call (3 of 29 passes). The draft's passes
+    through the first layers are part of the call's profile, and the last layer runs once per full pass."""
+    ckpt, shards, inputs, expected, pad = llama
+    model = streamed_model(ckpt, shards, profile=True, **STREAM_ALL)
+    state = get_streaming_state(model)
+    layers = state.stack.layers
+    passes = {0: 0, 5: 0}
+    handles = [
+        layers[i].register_forward_pre_hook(lambda m, a, i=i: passes.__setitem__(i, passes[i] + 1)) for i in passes
+    ]
+    kw = {**GEN, "pad_token_id": pad, "assistant_early_exit": 2}
+    assert torch.equal(model.generate(**inputs, **kw), expected)
+    for handle in handles:
+        handle.remove()
+    data = state.last_profile
+    assert passes[0] > passes[5]  # (draft passes, and full ones)
+    assert data["totals"]["forward_calls"] == passes[0]
+    assert data["layers"][0]["calls"] == passes[0] and data["layers"][5]["calls"] == passes[5]
+    disable_layer_streaming(model)
+
+
 # --- peak memory ----------------------------------------------------------------------------------------------------
 
 
