@@ -328,7 +328,7 @@ def load_streamed_model(
 
 def _cmd_generate(args) -> int:
     import torch
-    from transformers import AutoTokenizer, TextStreamer
+    from transformers import AutoTokenizer
 
     from .stream import get_streaming_state
 
@@ -421,7 +421,7 @@ def _cmd_generate(args) -> int:
     inputs = {k: v.to(model.device) for k, v in inputs.items()}
     if tok.pad_token_id is None and tok.eos_token_id is not None:
         gen_kwargs["pad_token_id"] = tok.eos_token_id
-    streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    streamer = _continuation_streamer(tok, inputs["input_ids"][0].tolist(), skip_special_tokens=True)
     print(prompt, end="", flush=True)
     with torch.no_grad():
         model.generate(**inputs, streamer=streamer, tokenizer=tok, **gen_kwargs)
@@ -429,6 +429,19 @@ def _cmd_generate(args) -> int:
     if args.profile and state.profile is not None:
         print(state.profile.summary(), file=sys.stderr)
     return 0
+
+
+def _continuation_streamer(tokenizer, prompt_ids: list[int], **decode_kwargs):
+    """A `TextStreamer(tokenizer, skip_prompt=True)` that prints what the new tokens add to the decoded prompt:
+    decoded on their own, a SentencePiece tokenizer (Llama-2's, Mistral's) drops the first one's leading space, and
+    the first word was glued to the prompt ("is itcm" for "is it cm")."""
+    from transformers import TextStreamer
+
+    streamer = TextStreamer(tokenizer, skip_prompt=True, **decode_kwargs)
+    # (it decodes its cache whole at each token and prints past `print_len`: the prompt's text is already out)
+    streamer.token_cache = list(prompt_ids)
+    streamer.print_len = len(tokenizer.decode(prompt_ids, **decode_kwargs))
+    return streamer
 
 
 class _JobProfile:
