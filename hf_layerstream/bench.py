@@ -30,6 +30,7 @@ import logging
 import mmap
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -451,7 +452,9 @@ def _parse_batches(text: str) -> list[int]:
 
 
 def run_bench(args) -> int:
-    """`hf-layerstream bench`: measure, print the table (or JSON); exit 1 when streamed tokens differ."""
+    """`hf-layerstream bench`: measure, print the table (or JSON); exit 1 when streamed tokens differ or a
+    measurement failed (a row or the warm run in one process: the table shows its error, and a benchmark with a
+    missing figure is not a success)."""
     report = bench(args)
     if args.json:
         print(json.dumps(report, indent=1))
@@ -459,7 +462,19 @@ def run_bench(args) -> int:
         print(format_report(report))
     mismatched = [r for r in report["rows"] if r.get("same_tokens") is False]
     mismatched += [s for s, same in ((report.get("paired") or {}).get("same_tokens") or {}).items() if not same]
-    return 1 if mismatched else 0
+    failed = failed_measurements(report)
+    if failed:
+        print(f"hf-layerstream bench: {len(failed)} measurement(s) failed: {'; '.join(failed)}", file=sys.stderr)
+    return 1 if mismatched or failed else 0
+
+
+def failed_measurements(report: dict) -> list[str]:
+    """What failed in `report`, one line each: the rows with an error, and the warm run in one process."""
+    failed = [f"{r['system']} {r['mode']} batch {r['batch']}: {r['error']}" for r in report["rows"] if r.get("error")]
+    paired = report.get("paired") or {}
+    if paired.get("error"):
+        failed.append(f"warm, in one process: {paired['error']}")
+    return failed
 
 
 def bench(args) -> dict:
@@ -475,12 +490,13 @@ def bench(args) -> dict:
     import torch
 
     from .cli import _dequantize, _max_memory
-    from .engine import check_device
+    from .engine import check_device, check_max_memory
     from .shard_dir import ShardDirectory
 
     systems = _parse_list(args.systems, SYSTEMS, "--systems")
     modes = _parse_list(args.modes, ("warm", "cold"), "--modes")
     batches = _parse_batches(args.batch_sizes)
+    compressed = _parse_list(args.compression, ("4bit", "8bit"), "--compression") if args.compression else []
     if args.max_new_tokens < 2:
         raise ValueError(f"`--max-new-tokens` is {args.max_new_tokens}; use at least 2 (decode steps are timed).")
     if args.rounds < 1 or args.repeats < 1:
@@ -489,7 +505,15 @@ def bench(args) -> dict:
         raise ValueError(f"`--paired-calls` is {args.paired_calls}; use 0 (off) or more calls.")
     if args.prefetch is not None and args.prefetch < 0:
         raise ValueError(f"`--prefetch` is {args.prefetch}; use a non-negative number of layers.")
+    # what would otherwise fail only in a child, after the minutes of work before it (a failed row)
+    if args.prompt_tokens < 1:
+        raise ValueError(f"`--prompt-tokens` is {args.prompt_tokens}; use at least 1 token.")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"`--threads` is {args.threads}; use at least 1 (or leave it out for torch's default).")
+    if not args.timeout > 0:  # (NaN too)
+        raise ValueError(f"`--timeout` is {args.timeout}; use a positive number of seconds per child process.")
     max_memory = _max_memory(args.max_memory)
+    check_max_memory(max_memory)  # keys accelerate knows, sizes that parse
     if args.device:  # before any work: a device this machine lacks fails here, with the fix
         check_device(args.device)
     if args.assistant and args.assistant != "demo" and not (Path(args.assistant) / "config.json").is_file():
@@ -587,7 +611,6 @@ def bench(args) -> dict:
                 spec["max_memory"] = max_memory
             return spec
 
-        compressed = _parse_list(args.compression, ("4bit", "8bit"), "--compression") if args.compression else []
         stored_by_system: dict[str, list[int]] = {}
         compressed_dirs: dict[str, Path] = {}
         if compressed:

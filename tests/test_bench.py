@@ -94,6 +94,14 @@ def test_bench_demo_json_and_table(tmp_path, capsys):
         (["--dtype", "bfloat61"], "`--dtype` 'bfloat61' is not a checkpoint dtype"),
         (["some/shards"], "either SOURCE ('some/shards') or `--demo`"),
         (["--checkpoint", "some/ckpt"], "`--checkpoint` is not used with `--demo`"),
+        # what failed only in the children, after the demo model was written and split (rows 'failed', exit 0)
+        (["--max-memory", "cpu=lots"], "`--max-memory` got the size 'lots'"),
+        (["--max-memory", "gpu=1GiB"], "`--max-memory` key 'gpu' is not recognized"),
+        (["--prompt-tokens", "0"], "`--prompt-tokens` is 0; use at least 1"),
+        (["--threads", "0"], "`--threads` is 0; use at least 1"),
+        (["--threads", "-2"], "`--threads` is -2; use at least 1"),
+        (["--timeout", "0"], "`--timeout` is 0.0; use a positive number"),
+        (["--compression", "3bit"], "`--compression` got '3bit'"),
         pytest.param(
             ["--device", "cuda"],
             "CUDA is not available",
@@ -574,7 +582,7 @@ def test_bench_asks_every_system_for_the_gpu_on_cuda(tmp_path, monkeypatch, caps
     monkeypatch.setattr(bench_module, "_run", fake_run)
     argv = ["bench", "--demo", *TINY, "--work", str(tmp_path), "--modes", "warm", "--paired-calls", "0"]
     argv += ["--systems", "in_memory,accelerate_offload,streamed_disk,streamed_host"]
-    assert main(argv) == 0
+    assert main(argv) == 1  # (every row failed: not run here)
     by_system = {}
     for spec in specs:
         by_system.setdefault(spec["system"], []).append(spec)
@@ -584,11 +592,13 @@ def test_bench_asks_every_system_for_the_gpu_on_cuda(tmp_path, monkeypatch, caps
     assert [s["offload_device"] for s in by_system["accelerate_offload"]] == [0]
     # every layer from disk: nothing kept on the host or the GPU; every layer in host RAM: nothing on the GPU
     assert [s["max_memory"] for s in by_system["streamed"]] == [{"cpu": 0, "0": 0}, {"0": 0}]
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert (
         "pinned host-to-device bandwidth: 10.00 GB/s" in out and "hf_layerstream (every layer in host RAM) warm " in out
     )
     assert out.count("failed: not run here") == 4
+    assert "hf-layerstream bench: 4 measurement(s) failed: in_memory warm batch 1: not run here" in captured.err
 
 
 def _weights_bytes(shard_dir) -> int:
@@ -610,6 +620,42 @@ def _children_asked(monkeypatch) -> list[str]:
 
     monkeypatch.setattr(bench_module, "_run", fake_run)
     return asked
+
+
+@pytest.mark.parametrize("failing", [None, "streamed", "paired"])
+def test_bench_exits_1_when_a_measurement_failed(tmp_path, monkeypatch, capsys, failing):
+    """A row (or the warm run in one process) that failed is shown as 'failed: ...' in the table; the bench printed
+    it and exited 0, as if the benchmark had succeeded. The children are not run: each answers a row."""
+    from hf_layerstream import bench as bench_module
+
+    def fake_run(spec, timeout):
+        if spec["system"] == failing:
+            return {"system": spec["system"], "batch": 1, "error": "boom", "s_per_token": None, "tokens": None}
+        if spec["system"] == "paired":
+            calls = {m["name"]: [0.1, 0.1] for m in spec["members"]}
+            return {
+                "members": list(calls),
+                "calls": calls,
+                "s_per_token": {name: 0.1 for name in calls},
+                "ratios": {"streamed_disk": 1.0},
+                "spread": {"streamed_disk": [1.0, 1.0]},
+                "tokens": {name: [7, 8] for name in calls},
+            }
+        return {"system": spec["system"], "batch": 1, "s_per_token": 0.1, "tokens": [7, 8], "peak_rss": 10**9}
+
+    monkeypatch.setattr(bench_module, "_run", fake_run)
+    argv = ["bench", "--demo", *TINY, "--work", str(tmp_path), "--modes", "warm", "--paired-calls", "2"]
+    argv += ["--systems", "in_memory,streamed_disk", "--device", "cpu"]
+    status = main(argv)
+    captured = capsys.readouterr()
+    if failing is None:
+        assert status == 0 and "failed" not in captured.out + captured.err
+        assert "warm, in one process, alternating generate calls (2 each" in captured.out
+        return
+    assert status == 1
+    assert "failed: boom" in captured.out
+    what = "streamed_disk warm batch 1" if failing == "streamed" else "warm, in one process"
+    assert f"hf-layerstream bench: 1 measurement(s) failed: {what}: boom" in captured.err
 
 
 @pytest.mark.parametrize("on_gpu", [False, True], ids=["host", "gpu"])  # (an id "cuda" would need a GPU)
@@ -638,13 +684,13 @@ def test_the_whole_model_is_measured_in_memory_only_where_it_fits(tmp_path, monk
     asked = _children_asked(monkeypatch)
     argv = ["bench", "--demo", *TINY, "--work", str(tmp_path), "--modes", "warm", "--paired-calls", "0"]
     argv += ["--systems", "in_memory,streamed_disk", "--json"]
-    assert main(argv) == 0
+    assert main(argv) == 1  # (the rows failed: not run here)
     assert asked == ["in_memory", "streamed"]
     whole = _weights_bytes(tmp_path / "shards")
     asked.clear()
     free["bytes"] = int(whole / bench_module.FIT_SHARE) - 1  # just too little
     with caplog.at_level(logging.WARNING, logger="hf_layerstream"):
-        assert main(argv) == 0
+        assert main(argv) == 1
     assert asked == ["streamed"]
     assert "skipping the whole model in memory (in_memory)" in caplog.text
     assert f"their weights ({whole / 1e9:.2f} GB) are more than 90%" in caplog.text
@@ -663,17 +709,17 @@ def test_the_warm_run_in_one_process_needs_room_for_two_models(tmp_path, monkeyp
     asked = _children_asked(monkeypatch)
     argv = ["bench", "--demo", *TINY, "--work", str(tmp_path), "--modes", "warm", "--paired-calls", "2"]
     argv += ["--systems", "in_memory,streamed,streamed_disk", "--device", "cpu"]
-    assert main(argv) == 0
+    assert main(argv) == 1  # (the rows failed: not run here)
     assert asked == ["in_memory", "streamed", "streamed", "paired"]
     whole = _weights_bytes(tmp_path / "shards")
     asked.clear()
     free["bytes"] = int(2 * whole / bench_module.FIT_SHARE) - 1  # one model fits, two do not
     with caplog.at_level(logging.WARNING, logger="hf_layerstream"):
-        assert main(argv) == 0
+        assert main(argv) == 1
     assert asked == ["in_memory", "streamed", "streamed"]
     assert "skipping the warm run in one process (--paired-calls), two models" in caplog.text
     asked.clear()  # every layer from disk beside the whole model: no second model
-    assert main([*argv[:-4], "--systems", "in_memory,streamed_disk", "--device", "cpu"]) == 0
+    assert main([*argv[:-4], "--systems", "in_memory,streamed_disk", "--device", "cpu"]) == 1
     assert asked == ["in_memory", "streamed", "paired"]
 
 
