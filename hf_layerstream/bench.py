@@ -386,6 +386,38 @@ def _check_source(args) -> None:
         )
 
 
+def _check_systems(args, systems: list[str], modes: list[str], compressed: list[str]) -> None:
+    """Refuse a `--systems` selection that leaves nothing to measure here (the bench measured nothing and exited 0):
+    `streamed_host` needs a CUDA device, the whole model in memory and accelerate's offload need the original
+    checkpoint, and the whole model in memory is measured warm only. Rows of `--compression` count.
+
+    Raises:
+        `ValueError`: Naming why each system selected does not apply, and the systems that do.
+    """
+    import torch
+
+    on_cuda = torch.device(args.device).type == "cuda" if args.device else torch.cuda.is_available()
+    source = Path(args.source) if args.source is not None else None
+    no_checkpoint = not args.demo and args.checkpoint is None and source is not None and _is_shard_dir(source)
+    why_not = {}
+    for system in systems:
+        if system in CUDA_ONLY and not on_cuda:
+            why_not[system] = "needs a CUDA device"
+        elif system in ("in_memory", "accelerate_offload") and no_checkpoint:
+            why_not[system] = "needs the original checkpoint (`--checkpoint`)"
+        elif system == "in_memory" and "warm" not in modes and not args.assistant:
+            why_not[system] = "is measured warm only"
+    if compressed or any(s not in why_not for s in systems):
+        return
+    valid = [s for s in SYSTEMS if not (s in CUDA_ONLY and not on_cuda)]
+    if no_checkpoint:
+        valid = [s for s in valid if s not in ("in_memory", "accelerate_offload")]
+    reasons = "; ".join(f"{s} {why}" for s, why in why_not.items())
+    raise ValueError(
+        f"`--systems` {args.systems!r} leaves nothing to measure here ({reasons}); choose from {', '.join(valid)}."
+    )
+
+
 def prepare(args, work: Path) -> tuple[Path | None, Path]:
     """(checkpoint folder or None, shard directory) for `args`: writes the demo model and splits as needed."""
     from .split import split_checkpoint
@@ -524,6 +556,7 @@ def bench(args) -> dict:
     if args.assistant == "demo" and not args.demo:
         raise ValueError("`--assistant demo` builds a 1-layer draft of the demo model; it needs `--demo`.")
     _check_source(args)
+    _check_systems(args, systems, modes, compressed)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="hf_layerstream_bench_"))
     work.mkdir(parents=True, exist_ok=True)
     try:
@@ -576,6 +609,11 @@ def bench(args) -> dict:
         if "in_memory" in systems:
             why = _does_not_fit(whole, device if on_cuda else None, gpu["free"] if gpu else None)
             if why:
+                if systems == ["in_memory"] and not compressed:
+                    raise ValueError(
+                        f"`--systems` {args.systems!r} leaves nothing to measure: the whole model in memory "
+                        f"(in_memory) does not fit, {why}. Add one of ours: streamed, streamed_disk."
+                    )
                 logger.warning("skipping the whole model in memory (in_memory): %s; ours are measured without it", why)
                 systems = [s for s in systems if s != "in_memory"]
         h2d = gpu["h2d"] if gpu else None

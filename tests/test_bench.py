@@ -102,6 +102,17 @@ def test_bench_demo_json_and_table(tmp_path, capsys):
         (["--threads", "-2"], "`--threads` is -2; use at least 1"),
         (["--timeout", "0"], "`--timeout` is 0.0; use a positive number"),
         (["--compression", "3bit"], "`--compression` got '3bit'"),
+        # a selection that leaves nothing to measure (the bench measured nothing and exited 0)
+        (["--systems", ""], "choose a comma-separated subset of in_memory, accelerate_offload, streamed,"),
+        (
+            ["--systems", "streamed_host", "--device", "cpu"],
+            "`--systems` 'streamed_host' leaves nothing to measure here (streamed_host needs a CUDA device); choose "
+            "from in_memory, accelerate_offload, streamed, streamed_disk.",
+        ),
+        (
+            ["--systems", "in_memory", "--modes", "cold"],
+            "`--systems` 'in_memory' leaves nothing to measure here (in_memory is measured warm only)",
+        ),
         pytest.param(
             ["--device", "cuda"],
             "CUDA is not available",
@@ -115,6 +126,34 @@ def test_bench_rejects_bad_options(tmp_path, capsys, extra, message):
     assert main(["bench", "--demo", *TINY, "--work", str(tmp_path), *quick, *extra]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "checkpoint").exists()
+
+
+def test_bench_refuses_systems_that_need_the_checkpoint_it_was_not_given(tmp_path, capsys, checkpoints):
+    """SOURCE a shard directory without `--checkpoint`: the whole model in memory and accelerate's offload are
+    skipped; asking for those alone measured nothing and exited 0."""
+    _, shards = checkpoints("llama")
+    argv = ["bench", str(shards), "--work", str(tmp_path / "w"), "--device", "cpu", "--modes", "warm"]
+    assert main([*argv, "--systems", "in_memory,accelerate_offload,streamed_host"]) == 2
+    assert (
+        "`--systems` 'in_memory,accelerate_offload,streamed_host' leaves nothing to measure here (in_memory needs "
+        "the original checkpoint (`--checkpoint`); accelerate_offload needs the original checkpoint (`--checkpoint`); "
+        "streamed_host needs a CUDA device); choose from streamed, streamed_disk." in capsys.readouterr().err
+    )
+    assert not (tmp_path / "w").exists()
+
+
+def test_bench_refuses_systems_left_empty_by_a_model_too_large_for_memory(tmp_path, monkeypatch, capsys):
+    """`--systems in_memory` where the whole model does not fit: it was skipped, and nothing measured (exit 0)."""
+    from hf_layerstream import engine
+
+    monkeypatch.setattr(engine, "available_host_memory", lambda: 1000)
+    asked = _children_asked(monkeypatch)
+    argv = ["bench", "--demo", *TINY, "--work", str(tmp_path), "--modes", "warm", "--device", "cpu"]
+    assert main([*argv, "--systems", "in_memory"]) == 2
+    err = capsys.readouterr().err
+    assert "`--systems` 'in_memory' leaves nothing to measure: the whole model in memory (in_memory) does not" in err
+    assert "are more than 90% of this machine's available RAM (0.00 GB). Add one of ours" in err
+    assert asked == []
 
 
 def test_bench_refuses_a_checkpoint_beside_a_checkpoint_source(tmp_path, capsys):
