@@ -66,10 +66,27 @@ CUDA_HOST_TARGET = 1.2  # x bytes per sweep / pinned host-to-device bandwidth, d
 COMPRESSED_SPEEDUP = 1.8  # issue #3: 4-bit shards vs full-precision shards, cold, on CPU
 
 
-def _label(system: str) -> str:
+def _label(system: str, scheme: str | None = None) -> str:
+    """The table's name of `system`; `scheme`: the quantization of the shards it streams, where SOURCE is a quantized
+    shard directory."""
     if system.startswith("streamed_disk_"):  # compressed shards, e.g. streamed_disk_4bit
         return f"hf_layerstream, {system.rsplit('_', 1)[1]} shards (from disk)"
-    return LABELS.get(system, system)
+    label = LABELS.get(system, system)
+    return f"{label}, {scheme} shards" if scheme else label
+
+
+def scheme_name(compression: dict | None) -> str | None:
+    """A shard manifest's `compression` in a few characters (`"4bit nf4"`, `"8bit"`), `None` for full precision."""
+    if not compression:
+        return None
+    bits = compression.get("bits")
+    quant_type = compression.get("quant_type")
+    return f"{bits}bit" + (f" {quant_type}" if bits == 4 and quant_type else "")
+
+
+def token_agreement(tokens: list, reference: list) -> float:
+    """Share of `reference`'s greedy tokens that `tokens` has at the same position (lossy shards' check)."""
+    return sum(a == b for a, b in zip(tokens, reference)) / len(reference)
 
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
@@ -562,6 +579,15 @@ def bench(args) -> dict:
     try:
         ckpt, shard_dir = prepare(args, work)
         shards = ShardDirectory(shard_dir)
+        # quantized shards as SOURCE: every row of ours is lossy, held to token agreement rather than exactness
+        scheme = scheme_name(shards.compression)
+        lossy = {"streamed", "streamed_disk", "streamed_host"} if scheme else set()
+        if scheme and compressed:
+            raise ValueError(
+                f"`--compression` adds rows of quantized shards beside full-precision ones; SOURCE {str(shard_dir)!r} "
+                f"is quantized itself ({scheme}): pass its full-precision shard directory (or the checkpoint) as "
+                "SOURCE, or drop `--compression`."
+            )
         if ckpt is None:
             systems = [s for s in systems if s not in ("in_memory", "accelerate_offload")]
         ids, pad = _prompt_ids(ckpt or shard_dir, args.prompt_tokens)
@@ -590,6 +616,7 @@ def bench(args) -> dict:
             "layer_file_bytes": sum(stored),
             "resident_bytes": resident_bytes,
             "max_layer_bytes": layer_bytes,
+            "compression": shards.compression,
             "prompt_tokens": len(ids),
             "max_new_tokens": args.max_new_tokens,
         }
@@ -698,13 +725,16 @@ def bench(args) -> dict:
             disk["samples"] = samples
             disk["sample_ways"] = ways
         baseline_rss = min((r["baseline_rss"] for r in rows if r.get("baseline_rss")), default=0)
-        _derive(rows, disk, stored, baseline_rss, resident_bytes, layer_bytes, stored_by_system, h2d)
+        _derive(rows, disk, stored, baseline_rss, resident_bytes, layer_bytes, stored_by_system, h2d, lossy, scheme)
         if paired is not None and not paired.get("error"):
             # the same targets as the rows: 1.05x for a budget that keeps every layer, else 1.10x
             warm_rows = {r["system"]: r for r in rows if r["mode"] == "warm" and r["batch"] == 1}
             paired["targets"] = {s: warm_rows.get(s, {}).get("target") or WARM_TARGET for s in paired["ratios"]}
             ref = paired["tokens"]["in_memory"]
-            paired["same_tokens"] = {s: t == ref for s, t in paired["tokens"].items() if s != "in_memory"}
+            ours = {s: t for s, t in paired["tokens"].items() if s != "in_memory"}
+            paired["same_tokens"] = {s: t == ref for s, t in ours.items() if s not in lossy}
+            paired["token_agreement"] = {s: token_agreement(t, ref) for s, t in ours.items() if s in lossy}
+            paired["labels"] = {s: _label(s, scheme if s in lossy else None) for s in ours}
         return {
             "model": model_info,
             "disk": disk,
@@ -827,8 +857,23 @@ def _run(spec: dict, timeout: float) -> dict:
         }
 
 
-def _derive(rows, disk, stored, baseline_rss, resident_bytes, layer_bytes, stored_by_system=None, h2d=None) -> None:
+def _derive(
+    rows,
+    disk,
+    stored,
+    baseline_rss,
+    resident_bytes,
+    layer_bytes,
+    stored_by_system=None,
+    h2d=None,
+    lossy=(),
+    scheme=None,
+) -> None:
     """Add tokens/s, limits, ratios and target checks to each row, in place.
+
+    Rows of quantized shards are lossy: those of `stored_by_system` (`--compression`) and the systems in `lossy`
+    (all of ours where SOURCE is quantized, by `scheme`, named in their labels). They get `token_agreement` with the
+    whole model in memory instead of `same_tokens`, which stays `None`.
 
     A row that ran on CUDA (it has a `cuda_peak`) is also compared with the host-to-device limit (`h2d`, see
     `measure_h2d_bandwidth`): every byte of a layer not kept on the device crosses to it at every sweep. Warm, that
@@ -846,16 +891,17 @@ def _derive(rows, disk, stored, baseline_rss, resident_bytes, layer_bytes, store
     h2d_bandwidth = h2d["bandwidth"] if h2d else None
     for r in rows:
         spt = r.get("s_per_token")
-        r["label"] = _label(r["system"])
+        r["label"] = _label(r["system"], scheme if r["system"] in lossy else None)
         r["tokens_per_s"] = r["batch"] / spt if spt else None
         base = ref.get(r["batch"])
         comparable = base is not None and r["system"] != "in_memory" and r.get("tokens") and base.get("tokens")
-        lossy = r["system"] in stored_by_system
-        r["same_tokens"] = (r["tokens"] == base["tokens"]) if comparable and not lossy else None
-        if comparable and lossy:
-            r["token_agreement"] = sum(a == b for a, b in zip(r["tokens"], base["tokens"])) / len(base["tokens"])
+        extra_rows = r["system"] in stored_by_system
+        is_lossy = extra_rows or r["system"] in lossy
+        r["same_tokens"] = (r["tokens"] == base["tokens"]) if comparable and not is_lossy else None
+        if comparable and is_lossy:
+            r["token_agreement"] = token_agreement(r["tokens"], base["tokens"])
         full = full_disk.get((r["mode"], r["batch"]))
-        if lossy and full is not None and spt and full.get("s_per_token"):
+        if extra_rows and full is not None and spt and full.get("s_per_token"):
             r["speedup_vs_full_precision"] = full["s_per_token"] / spt
         plan = r.get("plan_data")
         on_cuda = r.get("cuda_peak") is not None
@@ -953,6 +999,12 @@ def format_report(report: dict) -> str:
         f"{m['resident_bytes'] / 1e9:.2f} GB resident parts; prompt {m['prompt_tokens']} tokens, "
         f"{m['max_new_tokens']} new tokens (greedy)",
     ]
+    scheme = scheme_name(m.get("compression"))
+    if scheme:
+        lines.append(
+            f"shards quantized ({scheme}): lossy, so our rows show the share of the whole model's greedy tokens they "
+            "agree with (same: %), not exactness"
+        )
     disk = report.get("disk")
     if disk:
         lines.append(
@@ -972,8 +1024,10 @@ def format_report(report: dict) -> str:
     lines.append(
         f"baseline RSS (python + torch + transformers imported, before loading): {_gb(report['baseline_rss'])}"
     )
+    # (as wide as the longest label: a quantized SOURCE's labels name the scheme at their end)
+    width = max([40] + [len(r["label"]) for r in report["rows"]])
     header = (
-        f"{'system':40} {'mode':14} {'batch':>5} {'s/token':>8} {'tok/s':>7} {'prompt s':>8} {'peak RSS':>9} "
+        f"{'system':{width}} {'mode':14} {'batch':>5} {'s/token':>8} {'tok/s':>7} {'prompt s':>8} {'peak RSS':>9} "
         f"{'CUDA peak':>9} {'limit s':>8} {'x limit':>7} {'x bound':>7} {'target':>7} {'same':>5}"
     )
     lines += ["", header, "-" * len(header)]
@@ -982,11 +1036,13 @@ def format_report(report: dict) -> str:
         if r.get("target") and r.get("ratio_to_limit"):
             ok = f"{'<=' if r['ratio_to_limit'] <= r['target'] else '>'}{r['target']:.2f}"
         same = {True: "yes", False: "NO", None: "ref" if r["system"] == "in_memory" else "-"}[r.get("same_tokens")]
+        if r.get("token_agreement") is not None:  # lossy: the share of the reference's tokens
+            same = f"{r['token_agreement']:.0%}"
         if r.get("error"):
-            lines.append(f"{r['label'][:40]:40} {r['mode']:14} {r['batch']:>5} failed: {r['error'][:80]}")
+            lines.append(f"{r['label']:{width}} {r['mode']:14} {r['batch']:>5} failed: {r['error'][:80]}")
             continue
         lines.append(
-            f"{r['label'][:40]:40} {r['mode']:14} {r['batch']:>5} {_fmt(r['s_per_token'], '8.3f'):>8} "
+            f"{r['label']:{width}} {r['mode']:14} {r['batch']:>5} {_fmt(r['s_per_token'], '8.3f'):>8} "
             f"{_fmt(r['tokens_per_s'], '7.2f'):>7} {_fmt(r.get('prefill_s'), '8.3f'):>8} {_gb(r['peak_rss']):>9} "
             f"{_gb(r.get('cuda_peak')):>9} {_fmt(r.get('limit_s'), '8.3f'):>8} {_fmt(r.get('ratio_to_limit'), '7.2f'):>7} "
             f"{_fmt(r.get('ratio_to_bound'), '7.2f'):>7} {ok:>7} {same:>5}"
@@ -996,7 +1052,7 @@ def format_report(report: dict) -> str:
         if r.get("ratio_to_accelerate") is not None:
             # the target compares like with like: every layer from disk at full precision, as accelerate reads them
             # (a budget plan keeps layers in memory; compressed shards read fewer bytes and are lossy)
-            if r["system"] == "streamed_disk":
+            if r["system"] == "streamed_disk" and not scheme:
                 verdict = "ok" if r["ratio_to_accelerate"] <= COLD_VS_ACCELERATE else "short"
                 verdict = f"target <= {COLD_VS_ACCELERATE}: {verdict}"
             else:
@@ -1075,10 +1131,13 @@ def format_report(report: dict) -> str:
         )
         for s, ratio in paired["ratios"].items():
             target = paired["targets"][s]
-            same = "same tokens" if paired["same_tokens"][s] else "DIFFERENT TOKENS"
+            if s in (paired.get("token_agreement") or {}):  # quantized shards: lossy
+                same = f"greedy tokens agreeing with the whole model's: {paired['token_agreement'][s]:.0%}"
+            else:
+                same = "same tokens" if paired["same_tokens"][s] else "DIFFERENT TOKENS"
             low, high = paired["spread"][s]
             lines.append(
-                f"  {_label(s)}: {paired['s_per_token'][s]:.3f} s/token, {ratio:.2f}x the whole model in RAM "
+                f"  {(paired.get('labels') or {}).get(s) or _label(s)}: {paired['s_per_token'][s]:.3f} s/token, {ratio:.2f}x the whole model in RAM "
                 f"(median of per-call ratios, the middle half {low:.2f}x-{high:.2f}x; target <= {target:.2f}: "
                 f"{'ok' if ratio <= target else 'short'}); {same}"
             )

@@ -697,6 +697,64 @@ def test_bench_exits_1_when_a_measurement_failed(tmp_path, monkeypatch, capsys, 
     assert f"hf-layerstream bench: 1 measurement(s) failed: {what}: boom" in captured.err
 
 
+def test_rows_of_a_quantized_source_report_token_agreement_not_exactness(tmp_path, monkeypatch, capsys, checkpoints):
+    """SOURCE a 4-bit shard directory, with the checkpoint as reference: its rows are lossy. They were held to the
+    whole model's tokens exactly (a 'NO', and exit 1, for what quantization does), under full-precision labels, and the
+    model info did not say the shards were quantized. The children are not run: ours answer other tokens."""
+    from hf_layerstream import bench as bench_module
+
+    ckpt, packed = checkpoints("llama", compression="4bit")
+
+    def fake_run(spec, timeout):
+        tokens = [7, 8, 9, 10] if spec["system"] == "in_memory" else [7, 8, 1, 10]
+        if spec["system"] == "paired":
+            names = [m["name"] for m in spec["members"]]
+            calls = {name: [0.1, 0.1] for name in names}
+            return {
+                "members": names,
+                "calls": calls,
+                "s_per_token": {name: 0.1 for name in names},
+                "ratios": {name: 1.0 for name in names[1:]},
+                "spread": {name: [1.0, 1.0] for name in names[1:]},
+                "tokens": {name: [7, 8, 9, 10] if name == "in_memory" else [7, 8, 1, 10] for name in names},
+            }
+        return {"system": spec["system"], "batch": 1, "s_per_token": 0.1, "tokens": tokens, "peak_rss": 10**9}
+
+    monkeypatch.setattr(bench_module, "_run", fake_run)
+    argv = ["bench", str(packed), "--checkpoint", str(ckpt), "--work", str(tmp_path), "--device", "cpu"]
+    argv += ["--systems", "in_memory,streamed,streamed_disk", "--modes", "warm", "--paired-calls", "2"]
+    assert main([*argv, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["model"]["compression"] == ShardDirectory(packed).compression
+    assert report["model"]["compression"]["bits"] == 4
+    rows = {r["system"]: r for r in report["rows"]}
+    for system, label in (("streamed", "budget"), ("streamed_disk", "every layer from disk")):
+        assert rows[system]["same_tokens"] is None and rows[system]["token_agreement"] == 0.75
+        assert rows[system]["label"] == f"hf_layerstream ({label}), 4bit nf4 shards"
+    assert rows["in_memory"]["label"] == "transformers, whole model in RAM"
+    assert "token_agreement" not in rows["in_memory"]
+    paired = report["paired"]
+    assert paired["same_tokens"] == {} and paired["token_agreement"] == {"streamed": 0.75, "streamed_disk": 0.75}
+    # the table says so, in the labels, the same column and the paired lines
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "shards quantized (4bit nf4): lossy" in out
+    line = next(li for li in out.splitlines() if li.startswith("hf_layerstream (every layer from disk), 4bit nf4"))
+    assert line.endswith(" 75%") and "NO" not in out and "DIFFERENT TOKENS" not in out
+    assert "  hf_layerstream (budget), 4bit nf4 shards: 0.100 s/token" in out
+    assert "greedy tokens agreeing with the whole model's: 75%" in out
+
+
+def test_a_quantized_source_refuses_compression_rows(tmp_path, capsys, checkpoints):
+    """`--compression` puts quantized rows beside full-precision ones; from a quantized SOURCE, its 'full precision'
+    rows would have been 4-bit ones."""
+    ckpt, packed = checkpoints("llama", compression="4bit")
+    argv = ["bench", str(packed), "--checkpoint", str(ckpt), "--work", str(tmp_path / "w"), "--device", "cpu"]
+    assert main([*argv, "--systems", "streamed_disk", "--modes", "warm", "--compression", "8bit"]) == 2
+    assert "is quantized itself (4bit nf4)" in capsys.readouterr().err
+    assert not (tmp_path / "w" / "shards-8bit").exists()
+
+
 @pytest.mark.parametrize("on_gpu", [False, True], ids=["host", "gpu"])  # (an id "cuda" would need a GPU)
 def test_the_whole_model_is_measured_in_memory_only_where_it_fits(tmp_path, monkeypatch, caplog, on_gpu):
     """A model larger than RAM (or the GPU) is what streaming is for: the bench does not try to load it whole (a
