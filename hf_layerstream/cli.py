@@ -22,7 +22,8 @@ def _max_memory(text: str | None) -> dict | None:
         if not sep:
             raise ValueError(f"--max-memory item {item!r} must look like cpu=16GiB or 0=4GiB")
         key = key.strip()
-        out[int(key) if key.isdigit() else key] = value.strip()
+        # (ASCII digits only: int() takes '٤' and str.isdigit() '²', which int() refuses with its own message)
+        out[int(key) if key.isascii() and key.isdigit() else key] = value.strip()
     return out
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import bisect
 import errno
+import fractions
 import logging
 import mmap
 import os
@@ -67,23 +68,38 @@ from .shard_dir import ShardDirectory
 
 logger = logging.getLogger(__name__)
 
-_SIZE_RE = re.compile(r"^\s*([0-9.]+)\s*([KMGT]?)(i?)B?\s*$", re.IGNORECASE)
+# a number (ASCII digits, at most one decimal point, digits on one side of it at least), then a unit: K, M, G or T, an
+# `i` only after one of them, and a `B`; nothing else. ASCII only: under IGNORECASE a Unicode pattern's K matches the
+# Kelvin sign and its i the dotted capital I, which the unit lookup then did not find (`"4\u212aB"` was 4 bytes), and
+# a bare `i` was taken as binary (`"4iB"` was 4 bytes)
+_SIZE_RE = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(?:([KMGT])(i?))?B?\s*", re.IGNORECASE | re.ASCII)
 
 
 def parse_size(value: int | float | str, *, name: str = "max_memory") -> int:
-    """`"4GiB"` / `"500MB"` / `4_000_000_000` -> bytes (accelerate's convention: GiB is 2**30, GB is 10**9)."""
+    """`"4GiB"` / `"500MB"` / `4_000_000_000` -> bytes (accelerate's convention: GiB is 2**30, GB is 10**9).
+
+    Strict: a string is a non-negative number in ASCII digits (`"1.5GiB"`), with an optional unit and nothing else;
+    its bytes are computed exactly (a number of 400 digits is that many bytes, not a float's overflow).
+
+    Raises:
+        `ValueError`: Anything else (empty, negative, trailing or leading text, non-ASCII digits, a second decimal
+            point, NaN, infinity), naming `name`.
+    """
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if not value >= 0 or value == float("inf"):  # (NaN fails the first test)
             raise ValueError(f"`{name}` sizes must be finite and non-negative, got {value}.")
         return int(value)
     if isinstance(value, str):
-        m = _SIZE_RE.match(value)
+        m = _SIZE_RE.fullmatch(value)
         if m:
             number, unit, binary = m.groups()
-            power = "KMGT".find(unit.upper()) + 1 if unit else 0
+            power = "KMGT".index(unit.upper()) + 1 if unit else 0
             base = 1024 if binary or not unit else 1000
-            return int(float(number) * base**power)
-    raise ValueError(f"`{name}` got the size {value!r}; use bytes (int) or a string such as '4GiB' or '500MB'.")
+            return int(fractions.Fraction(number) * base**power)
+    raise ValueError(
+        f"`{name}` got the size {value!r}; use bytes (a non-negative int) or a string such as '4GiB', '1.5GB' or "
+        "'500MB' (ASCII digits, then an optional unit: K, M, G or T, with i for powers of 1024, and B)."
+    )
 
 
 def available_host_memory() -> int:

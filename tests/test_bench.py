@@ -97,6 +97,8 @@ def test_bench_demo_json_and_table(tmp_path, capsys):
         # what failed only in the children, after the demo model was written and split (rows 'failed', exit 0)
         (["--max-memory", "cpu=lots"], "`--max-memory` got the size 'lots'"),
         (["--max-memory", "gpu=1GiB"], "`--max-memory` key 'gpu' is not recognized"),
+        (["--max-memory", "cpu=4iB"], "`--max-memory` got the size '4iB'"),
+        (["--max-memory", "\u00b2=1GiB"], "`--max-memory` key '\u00b2' is not recognized"),
         (["--prompt-tokens", "0"], "`--prompt-tokens` is 0; use at least 1"),
         (["--threads", "0"], "`--threads` is 0; use at least 1"),
         (["--threads", "-2"], "`--threads` is -2; use at least 1"),

@@ -70,6 +70,12 @@ def llama(checkpoints):
         ("3T", 3 * 10**12),
         ("7", 7),
         ("7B", 7),
+        (".5KiB", 512),
+        ("0.1GB", 10**8),
+        ("4GB\n", 4 * 10**9),
+        # exactly: a float's rounding (1e39 is not 10**39) or overflow (a 400-digit number: OverflowError) gone
+        ("1" + "0" * 30 + "GB", 10**39),
+        ("1" + "0" * 400, 10**400),
     ],
 )
 def test_parse_size(value, expected):
@@ -79,6 +85,33 @@ def test_parse_size(value, expected):
 @pytest.mark.parametrize("value", ["", "lots", "-1GiB", "4XB", "GiB", None, True, [4], -5, float("inf"), float("nan")])
 def test_parse_size_errors_name_the_argument(value):
     with pytest.raises(ValueError, match="max_memory"):
+        parse_size(value)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "1.2.3",  # (float's own message: "could not convert string to float")
+        ".",
+        "4iB",  # an i without a unit (was 4 bytes)
+        "4i",
+        "4\u212aB",  # the Kelvin sign, matched by K under IGNORECASE (was 4 bytes)
+        "4\u0130B",  # the dotted capital I, matched by i (was 4 bytes)
+        "4G\u0131B",  # the dotless i (was 4 GiB)
+        "\u0664GB",  # an Arabic-Indic digit
+        "4\xa0GB",  # a non-ASCII space
+        "4GBx",
+        "x4GB",
+        "   ",
+        "1_000",
+        "1e3",
+        "+4GB",
+        "-0",
+    ],
+)
+def test_parse_size_is_strict(value):
+    """Only ASCII digits, one decimal point and a unit; the error says what a size looks like."""
+    with pytest.raises(ValueError, match=r"`max_memory` got the size .*; use bytes \(a non-negative int\) or a string"):
         parse_size(value)
 
 
