@@ -435,17 +435,39 @@ def _check_systems(args, systems: list[str], modes: list[str], compressed: list[
     )
 
 
-def prepare(args, work: Path) -> tuple[Path | None, Path]:
-    """(checkpoint folder or None, shard directory) for `args`: writes the demo model and splits as needed."""
+def split_in_work(ckpt: Path, dest: Path, **kwargs) -> Path:
+    """`split_checkpoint(ckpt, dest, progress=False, **kwargs)` into the work folder, where a refusal advises what
+    bench can do. `split` refuses a directory holding another split (or an unfinished one, or a newer format's) and
+    says to pass `--overwrite`, an option bench does not have: bench never overwrites a split in `--work`.
+
+    Raises:
+        `ShardDirError`: `dest` holds another split: the problem as `split` states it, and bench's fix.
+    """
+    from .errors import ShardDirError
     from .split import split_checkpoint
 
+    try:
+        return split_checkpoint(ckpt, dest, progress=False, **kwargs)
+    except ShardDirError as e:
+        text = str(e)
+        if "overwrite=True" not in text:
+            raise
+        problem = text.split(". ", 1)[0]  # (the problem; what follows is split's advice)
+        raise ShardDirError(
+            f"{problem}. bench does not overwrite a split in its `--work` folder: pass another `--work`, or delete "
+            f"{dest} to have it split there anew."
+        ) from e
+
+
+def prepare(args, work: Path) -> tuple[Path | None, Path]:
+    """(checkpoint folder or None, shard directory) for `args`: writes the demo model and splits as needed."""
     if args.demo:
         from .demo import write_demo_checkpoint_from_args
 
         ckpt = work / "checkpoint"
         if write_demo_checkpoint_from_args(ckpt, args):
             logger.info("wrote the demo checkpoint to %s", ckpt)
-        return ckpt, split_checkpoint(ckpt, work / "shards", progress=False)
+        return ckpt, split_in_work(ckpt, work / "shards")
     if args.source is None:
         raise ValueError("`bench` needs a SOURCE (checkpoint folder, hub id or shard directory) or `--demo`.")
     source = Path(args.source)
@@ -462,7 +484,7 @@ def prepare(args, work: Path) -> tuple[Path | None, Path]:
         from huggingface_hub import snapshot_download
 
         ckpt = Path(snapshot_download(args.source, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
-    return ckpt, split_checkpoint(ckpt, work / "shards", progress=False)
+    return ckpt, split_in_work(ckpt, work / "shards")
 
 
 def _prompt_ids(path: Path, n: int) -> tuple[list[int], int]:
@@ -681,10 +703,8 @@ def bench(args) -> dict:
         if compressed:
             if ckpt is None:
                 raise ValueError("`--compression` needs the original checkpoint: pass it with `--checkpoint`.")
-            from .split import split_checkpoint
-
             for c in compressed:
-                qdir = split_checkpoint(ckpt, work / f"shards-{c}", compression=c, progress=False)
+                qdir = split_in_work(ckpt, work / f"shards-{c}", compression=c)
                 q = ShardDirectory(qdir)
                 name = f"streamed_disk_{c}"
                 systems.append(name)

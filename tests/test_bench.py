@@ -158,6 +158,30 @@ def test_bench_refuses_systems_left_empty_by_a_model_too_large_for_memory(tmp_pa
     assert asked == []
 
 
+@pytest.mark.parametrize("where", ["shards", "shards-4bit"])
+def test_bench_does_not_advise_an_overwrite_option_it_lacks(tmp_path, capsys, checkpoints, where):
+    """A `--work` folder holding another model's split: split's refusal told the user to pass `--overwrite`, which
+    bench does not take (its parser refuses it), nor would it overwrite the split there."""
+    import shutil
+
+    import _models
+
+    _, other = checkpoints("llama")
+    ckpt = _models.save_tiny_checkpoint("llama", tmp_path / "ckpt", num_hidden_layers=3)
+    shutil.copytree(other, tmp_path / "w" / where)
+    argv = ["bench", str(ckpt), "--work", str(tmp_path / "w"), "--device", "cpu", "--systems", "streamed"]
+    argv += ["--modes", "warm", "--paired-calls", "0"] + (["--compression", "4bit"] if where != "shards" else [])
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"`shard_dir` {tmp_path / 'w' / where} already holds a split of another model" in err
+    assert "--overwrite" not in err and "overwrite=True" not in err
+    assert (
+        "bench does not overwrite a split in its `--work` folder: pass another `--work`, or delete "
+        f"{tmp_path / 'w' / where} to have it split there anew." in err
+    )
+    assert ShardDirectory(tmp_path / "w" / where).num_layers == ShardDirectory(other).num_layers  # left as it was
+
+
 def test_bench_refuses_a_checkpoint_beside_a_checkpoint_source(tmp_path, capsys):
     """`--checkpoint` only serves a SOURCE that is a shard directory; beside a checkpoint it was silently ignored."""
     import _models
