@@ -67,6 +67,42 @@ def drop_page_cache(paths) -> None:
         _evict(path)
 
 
+def cached_after_drop(paths) -> float | None:
+    """Drop `paths` from the page cache and return the share of their bytes still in it, or `None` where that cannot
+    be told (`cached_fraction`). About 0 where the drop works; about 1 on a file system that keeps files in memory
+    (tmpfs: the drop does nothing), or where something else maps the files: cold reads there are not cold."""
+    from ._safetensors import cached_fraction
+
+    for path in paths:  # dirty pages are not dropped: a file just written (a fresh split) would look cached
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.fsync(fd)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    drop_page_cache(paths)
+    cached = total = 0
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            size = os.fstat(fd).st_size
+            fraction = cached_fraction(fd, size)
+        finally:
+            os.close(fd)
+        if fraction is None:
+            return None
+        cached += fraction * size
+        total += size
+    return cached / total if total else None
+
+
 class _TokenClock:
     """A streamer that timestamps every generated token (the first `put` is the prompt).
 
@@ -285,12 +321,14 @@ def measure(spec: dict) -> dict:
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
     baseline_rss = _baseline_rss(spec["path"])
+    cold = bool(spec.get("cold"))
+    # before the model maps anything: whether the drop that makes a run cold leaves the weight files cached (tmpfs)
+    cached_share = cached_after_drop(weight_files(spec["system"], spec["path"])) if cold else None
     t0 = time.perf_counter()
     model, files = _load(spec)
     load_s = time.perf_counter() - t0
     if spec["system"] == "baseline":
         return {"system": "baseline", "peak_rss": vm_hwm(), "baseline_rss": baseline_rss, "load_s": load_s}
-    cold = bool(spec.get("cold"))
     if cold and not files:
         raise ValueError(f"system {spec['system']} has no weight files to evict; cold runs need a disk-backed system")
     ids, kwargs = _prompt(spec, model)
@@ -392,6 +430,8 @@ def measure(spec: dict) -> dict:
         "prefill_s": last["prefill_s"],
         "threads": torch.get_num_threads(),
     }
+    if cold:
+        info["cold_cached_share"] = cached_share
     if pairing is not None:
         info["paired_disk"] = pairing.report()
     from .stream import get_streaming_state

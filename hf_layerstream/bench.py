@@ -64,6 +64,9 @@ RSS_SLACK = 1.15
 FIT_SHARE = 0.9
 CUDA_HOST_TARGET = 1.2  # x bytes per sweep / pinned host-to-device bandwidth, decoding from host RAM
 COMPRESSED_SPEEDUP = 1.8  # issue #3: 4-bit shards vs full-precision shards, cold, on CPU
+# a cold row whose weight files kept more than this share of their bytes in the page cache after the drop (a tmpfs,
+# where the drop does nothing) read from memory: marked "cold (cached)", and held to no cold target
+COLD_CACHED_SHARE = 0.5
 
 
 def _label(system: str, scheme: str | None = None) -> str:
@@ -966,6 +969,10 @@ def _derive(
                 r["target"] = WARM_TARGET
             elif r["system"] == "streamed":
                 r["target"] = WARM_RESIDENT_TARGET
+        share = r.get("cold_cached_share")
+        r["cold_cached"] = r["mode"] == "cold" and share is not None and share > COLD_CACHED_SHARE
+        if r["cold_cached"]:
+            r["target"] = None  # (not a read from the disk: the disk's limit does not bound it)
         r["ratio_to_limit"] = spt / r["limit_s"] if (spt and r.get("limit_s")) else None
         r.setdefault("peak_rss", None)
         r["ratio_to_bound"] = spt / r["bound_s"] if (spt and r.get("bound_s")) else None
@@ -1001,6 +1008,11 @@ def _derive(
             r["cuda_allowed"] = on_device + kept + in_flight + kv_and_activations
             r["in_flight_terms"] = in_flight_terms
         r.pop("plan_data", None)
+
+
+def _mode(r: dict) -> str:
+    """A row's mode as the table shows it: "cold (cached)" for a cold row whose files the drop left cached."""
+    return "cold (cached)" if r.get("cold_cached") else r["mode"]
 
 
 def _fmt(x, spec: str, none: str = "-") -> str:
@@ -1059,10 +1071,10 @@ def format_report(report: dict) -> str:
         if r.get("token_agreement") is not None:  # lossy: the share of the reference's tokens
             same = f"{r['token_agreement']:.0%}"
         if r.get("error"):
-            lines.append(f"{r['label']:{width}} {r['mode']:14} {r['batch']:>5} failed: {r['error'][:80]}")
+            lines.append(f"{r['label']:{width}} {_mode(r):14} {r['batch']:>5} failed: {r['error'][:80]}")
             continue
         lines.append(
-            f"{r['label']:{width}} {r['mode']:14} {r['batch']:>5} {_fmt(r['s_per_token'], '8.3f'):>8} "
+            f"{r['label']:{width}} {_mode(r):14} {r['batch']:>5} {_fmt(r['s_per_token'], '8.3f'):>8} "
             f"{_fmt(r['tokens_per_s'], '7.2f'):>7} {_fmt(r.get('prefill_s'), '8.3f'):>8} {_gb(r['peak_rss']):>9} "
             f"{_gb(r.get('cuda_peak')):>9} {_fmt(r.get('limit_s'), '8.3f'):>8} {_fmt(r.get('ratio_to_limit'), '7.2f'):>7} "
             f"{_fmt(r.get('ratio_to_bound'), '7.2f'):>7} {ok:>7} {same:>5}"
@@ -1072,13 +1084,13 @@ def format_report(report: dict) -> str:
         if r.get("ratio_to_accelerate") is not None:
             # the target compares like with like: every layer from disk at full precision, as accelerate reads them
             # (a budget plan keeps layers in memory; compressed shards read fewer bytes and are lossy)
-            if r["system"] == "streamed_disk" and not scheme:
+            if r["system"] == "streamed_disk" and not scheme and not r.get("cold_cached"):
                 verdict = "ok" if r["ratio_to_accelerate"] <= COLD_VS_ACCELERATE else "short"
                 verdict = f"target <= {COLD_VS_ACCELERATE}: {verdict}"
             else:
                 verdict = "for information: not the target's like-for-like row"
             notes.append(
-                f"{r['label']} cold, batch {r['batch']}: {r['ratio_to_accelerate']:.2f}x accelerate's cold disk "
+                f"{r['label']} {_mode(r)}, batch {r['batch']}: {r['ratio_to_accelerate']:.2f}x accelerate's cold disk "
                 f"offload ({verdict})"
             )
         if r.get("speedup_vs_full_precision") is not None:
@@ -1086,35 +1098,37 @@ def format_report(report: dict) -> str:
             agreement = r.get("token_agreement")
             agreement = "not compared (no in-memory row)" if agreement is None else f"{agreement:.0%}"
             notes.append(
-                f"{r['label']} {r['mode']}, batch {r['batch']}: {r['speedup_vs_full_precision']:.2f}x the speed of "
+                f"{r['label']} {_mode(r)}, batch {r['batch']}: {r['speedup_vs_full_precision']:.2f}x the speed of "
                 f"full-precision shards from disk{target}; greedy tokens agreeing with full precision: {agreement}"
             )
         if r.get("rss_allowed") is not None:
             verdict = "ok" if r["rss_over_baseline"] <= r["rss_allowed"] else "over"
             notes.append(
-                f"{r['label']} {r['mode']}: peak RSS over baseline {_gb(r['rss_over_baseline'])}, allowed "
+                f"{r['label']} {_mode(r)}: peak RSS over baseline {_gb(r['rss_over_baseline'])}, allowed "
                 f"{RSS_SLACK:.2f} x (resident + {r['in_flight_terms']}) = {_gb(r['rss_allowed'])} ({verdict})"
             )
         if r.get("cuda_allowed") is not None and r.get("cuda_peak") is not None:
             verdict = "ok" if r["cuda_peak"] <= r["cuda_allowed"] else "over"
             reserved = r.get("cuda_reserved_peak")
             notes.append(
-                f"{r['label']} {r['mode']}: CUDA peak {_gb(r['cuda_peak'])}, allowed resident + kept + "
+                f"{r['label']} {_mode(r)}: CUDA peak {_gb(r['cuda_peak'])}, allowed resident + kept + "
                 f"{r['in_flight_terms']} + KV cache and activations ({_gb(r['cuda_kv_and_activations'])}, the whole "
                 f"model's peak beyond its weights) = {_gb(r['cuda_allowed'])} ({verdict})"
                 + (f"; reserved by torch's allocator at most {_gb(reserved)}" if reserved is not None else "")
             )
         if r.get("h2d_limit_s") is not None:
             notes.append(
-                f"{r['label']} {r['mode']}: {r['h2d_bytes_per_sweep'] / 1e9:.2f} GB cross to the device per sweep, "
+                f"{r['label']} {_mode(r)}: {r['h2d_bytes_per_sweep'] / 1e9:.2f} GB cross to the device per sweep, "
                 f"{r['h2d_limit_s']:.4f} s at the pinned host-to-device bandwidth"
             )
         pd = r.get("paired_disk")
         if pd and pd.get("ratio") is not None:
             verdict = "ok" if pd["ratio"] <= COLD_TARGET else "short"
+            if r.get("cold_cached"):
+                verdict = "not a read from the disk: the files stayed cached"
             bw = sorted(pd["sample_bandwidth"])
             notes.append(
-                f"{r['label']} cold, batch {r['batch']}, each step against a read of its {pd['files']} layer files "
+                f"{r['label']} {_mode(r)}, batch {r['batch']}, each step against a read of its {pd['files']} layer files "
                 f"({pd['way']}, {bw[0] / 1e9:.2f}-{bw[-1] / 1e9:.2f} GB/s) just before it: {pd['ratio']:.2f}x (median of "
                 f"{len(pd['ratios'])} steps; target <= {COLD_TARGET}: {verdict})"
             )
@@ -1122,13 +1136,13 @@ def format_report(report: dict) -> str:
             notes.append(f"{r['label']} assisted: {r['sweeps_per_token']:.2f} sweeps per generated token")
         if r.get("disk_read_bytes") is not None and r.get("total_sweeps") and r["system"] != "in_memory":
             notes.append(
-                f"{r['label']} {r['mode']}: read from the disk while generating {r['disk_read_bytes'] / 1e9:.2f} GB "
+                f"{r['label']} {_mode(r)}: read from the disk while generating {r['disk_read_bytes'] / 1e9:.2f} GB "
                 f"= {r['disk_read_bytes'] / r['total_sweeps'] / 1e9:.3f} GB per sweep"
             )
         if r.get("profile"):
             p = r["profile"]
             notes.append(
-                f"{r['label']} {r['mode']} profile: compute {p['compute']:.2f} s, wait {p['wait']:.2f} s, read "
+                f"{r['label']} {_mode(r)} profile: compute {p['compute']:.2f} s, wait {p['wait']:.2f} s, read "
                 f"{p['read']:.2f} s ({p['bytes_read'] / 1e9:.2f} GB), dequantize {p['dequantize']:.2f} s, copy "
                 f"{p['copy']:.2f} s over {p['forward_calls']} sweeps"
             )
@@ -1139,6 +1153,15 @@ def format_report(report: dict) -> str:
         "per sweep / pinned host-to-device bandwidth; cold = bytes per sweep / disk bandwidth; "
         "bound = max(disk limit, compute)",
     ]
+    cached = [r for r in report["rows"] if r.get("cold_cached")]
+    if cached:
+        share = min(r["cold_cached_share"] for r in cached)
+        least = " (the least of those rows)" if len(cached) > 1 else ""
+        lines.append(
+            f"cold (cached): after the drop from the page cache, {share:.0%} of the weight files' bytes stayed cached"
+            f"{least} (a tmpfs keeps them in memory whatever is dropped; or something else maps them), so those cold "
+            "rows read from memory, not from the disk; no cold target is held to them"
+        )
     lines += notes
     paired = report.get("paired")
     if paired and paired.get("error"):

@@ -290,6 +290,75 @@ def test_warm_measurement_starts_from_a_warm_page_cache(tmp_path):
     assert warm["tokens"] == unwarmed["tokens"] and warm["total_sweeps"] == 3
 
 
+def _tmpfs_dir():
+    """A folder on a tmpfs (/dev/shm), where dropping files from the page cache does nothing; skips where none."""
+    import tempfile
+
+    from hf_layerstream._measure import cached_after_drop
+
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm here")
+    folder = tempfile.mkdtemp(dir="/dev/shm", prefix="hf_layerstream_test_")
+    probe = os.path.join(folder, "probe")
+    with open(probe, "wb") as f:
+        f.write(b"\1" * 2**20)
+    share = cached_after_drop([probe])
+    os.remove(probe)
+    if share is None:
+        pytest.skip("the page cache cannot be probed here (no cachestat or mincore)")
+    return folder
+
+
+def test_cached_after_drop_tells_a_tmpfs_from_a_disk(tmp_path):
+    """Cold means the weight files were dropped from the page cache; on a tmpfs the drop does nothing."""
+    import shutil
+
+    from hf_layerstream._measure import cached_after_drop
+
+    folder = _tmpfs_dir()
+    try:
+        held = os.path.join(folder, "blob")
+        with open(held, "wb") as f:
+            f.write(b"\1" * (3 * 2**20))
+        assert cached_after_drop([held]) == 1.0
+    finally:
+        shutil.rmtree(folder)
+    on_disk = tmp_path / "blob"
+    on_disk.write_bytes(b"\1" * (3 * 2**20))  # (just written: dirty pages, which a drop alone leaves cached)
+    share = cached_after_drop([on_disk])
+    if share > 0.5:
+        pytest.skip(f"{tmp_path} keeps dropped files cached too (a tmpfs?)")
+    assert share < 0.1
+
+
+def test_cold_rows_on_a_tmpfs_are_marked_cached(tmp_path, capsys, checkpoints):
+    """'cold' drops the weight files from the page cache before every step; on a tmpfs they stay in memory, and the
+    row was reported as a cold read from the disk, held to the disk's limit."""
+    import shutil
+
+    _, shards = checkpoints("llama")
+    folder = _tmpfs_dir()
+    try:
+        source = shutil.copytree(shards, os.path.join(folder, "shards"))
+        argv = ["bench", source, "--work", str(tmp_path / "w"), "--device", "cpu", "--systems", "streamed_disk"]
+        argv += ["--modes", "warm,cold", "--max-new-tokens", "2", "--prompt-tokens", "4", "--json"]
+        assert main(argv) == 0
+        report = json.loads(capsys.readouterr().out)
+    finally:
+        shutil.rmtree(folder)
+    rows = {r["mode"]: r for r in report["rows"]}
+    cold = rows["cold"]
+    assert cold["cold_cached"] is True and cold["cold_cached_share"] == 1.0
+    assert cold["target"] is None  # (not held to the disk's limit: it did not read from the disk)
+    assert rows["warm"]["cold_cached"] is False and "cold_cached_share" not in rows["warm"]
+    table = format_report(report)
+    line = next(li for li in table.splitlines() if li.startswith(cold["label"]) and " cold " in li)
+    assert " cold (cached) " in line and "1.15" not in line
+    assert (
+        "cold (cached): after the drop from the page cache, 100% of the weight files' bytes stayed cached (a" in table
+    )
+
+
 def test_peak_rss_can_be_set_back():
     from hf_layerstream._measure import reset_peak_rss, vm_hwm
 
