@@ -556,7 +556,9 @@ def bench(args) -> dict:
 
     Returns:
         `{"model", "disk", "baseline_rss", "rows", "paired", "targets"}`; each row has `system`, `mode`, `batch`,
-        `s_per_token`, `tokens_per_s`, `peak_rss`, `cuda_peak`, `limit_s`, `ratio_to_limit`, `same_tokens`, ...;
+        `s_per_token`, `tokens_per_s`, `peak_rss`, `cuda_peak`, `limit_s`, `ratio_to_limit`, `same_tokens` (or
+        `token_agreement` for rows of quantized shards: `model["compression"]` is the SOURCE's scheme), `cold_cached`
+        (a cold row whose files stayed in the page cache after the drop), ...;
         `paired` (or `None`) is the warm comparison in one process (see `_measure.measure_paired`), with `targets`
         and `same_tokens` per system; `disk` is the faster of two measurements (`measure_disk_bandwidth`), before
         and after the runs, with both bandwidths in `samples` and both fastest ways in `sample_ways`.
@@ -1179,8 +1181,9 @@ def format_report(report: dict) -> str:
             else:
                 same = "same tokens" if paired["same_tokens"][s] else "DIFFERENT TOKENS"
             low, high = paired["spread"][s]
+            label = (paired.get("labels") or {}).get(s) or _label(s)
             lines.append(
-                f"  {(paired.get('labels') or {}).get(s) or _label(s)}: {paired['s_per_token'][s]:.3f} s/token, {ratio:.2f}x the whole model in RAM "
+                f"  {label}: {paired['s_per_token'][s]:.3f} s/token, {ratio:.2f}x the whole model in RAM "
                 f"(median of per-call ratios, the middle half {low:.2f}x-{high:.2f}x; target <= {target:.2f}: "
                 f"{'ok' if ratio <= target else 'short'}); {same}"
             )
