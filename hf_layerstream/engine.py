@@ -1468,8 +1468,9 @@ class LayerLoader:
         skip: frozenset = frozenset(),
     ) -> dict[str, torch.Tensor]:
         """Stored tensors (host or device) -> logical tensors on the device, at the model's dtypes. `mapped`: `raw`
-        views a private map of the file used for this sweep only; packed parts leave the resident set once decoded
-        (so a layer's packed and decoded weights are not both resident until the whole layer is decoded). The weights
+        views a private map of the file used for this sweep only; packed parts leave the resident set once decoded,
+        and stored tensors once cast (so a layer's stored and decoded or cast weights are not both resident until its
+        use ends: the plan counts a layer in flight at the compute dtype only). The weights
         in `deferred` stay packed (`PackedWeight`, its parts on the device)."""
         from .quant import PackedWeight, dequantize_tensor
 
@@ -1509,7 +1510,10 @@ class LayerLoader:
                     sync()
                     t_copy += time.perf_counter() - t0
                 if value.dtype != target:
+                    stored = value
                     value = value.to(target)
+                    if mapped:  # the cast is a copy: the stored bytes leave the resident set now, as decoded parts do
+                        release_mapped_pages(stored)
             out[name] = value
         if times is not None:  # a streamed layer's: added to the profile when it is used
             times.update(dequantize=t_deq, copy=t_copy)

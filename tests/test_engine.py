@@ -1392,6 +1392,48 @@ def test_streamed_layer_maps_are_kept_with_their_pages_released(llama, tmp_path,
         assert str(shards / "layers") not in f.read()
 
 
+def test_a_layer_cast_to_the_compute_dtype_holds_only_its_cast(llama, tmp_path):
+    """CPU, a float32 shard directory computed in bfloat16: a streamed layer in flight is the bfloat16 copy the loader
+    cast, as the plan counts it (`layer_bytes` at the compute dtype); the float32 pages of its file map, read to make
+    the copy, leave the resident set once cast, as a quantized layer's packed parts do once decoded. (They stayed
+    mapped until the layer's use ended: each layer in flight took its stored bytes on top of the plan's, 3x its
+    planned size for a float32 -> bfloat16 cast.)"""
+    from hf_layerstream._safetensors import can_release_mapped_pages
+
+    if not can_release_mapped_pages():
+        pytest.skip("no madvise(MADV_DONTNEED) here: maps live as long as their views")
+    ckpt, shards, inputs, _, pad = llama
+    shards = _copy_shards(shards, tmp_path)
+    model = streamed_model(ckpt, shards, dtype=torch.bfloat16, **STREAM_ALL)  # prefetch 1
+    state = get_streaming_state(model)
+    loader, page = state.loader, mmap.PAGESIZE
+    assert state.plan.layer_bytes[0] * 2 < state.plan.stored_bytes[0]  # (counted at the compute dtype)
+    seen = []
+
+    def check(*_):  # as each layer's forward begins: the layer in use, and the one read ahead by then
+        loader.wait_idle()
+        for i, kept in list(loader._maps.items()):
+            header = kept.header
+            # what may stay: the pages not wholly inside a tensor (the header's, those two tensors share)
+            inside = 0
+            for info in header.tensors.values():
+                begin, end = header.data_offset + info.begin, header.data_offset + info.end
+                inside += max(end // page - -(-begin // page), 0)
+            allowed = (-(-header.file_size // page) - inside) * page
+            assert allowed < header.file_size // 2
+            seen.append((i, _resident_bytes(kept.address, len(kept.mm)), allowed))
+
+    handles = [layer.register_forward_pre_hook(check) for layer in state.stack.layers]
+    expected = _models.load_reference(ckpt, dtype=torch.bfloat16).generate(**inputs, **GEN, pad_token_id=pad)
+    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+    for handle in handles:
+        handle.remove()
+    assert {i for i, _, _ in seen} == set(range(6))
+    assert all(resident <= allowed for _, resident, allowed in seen), seen
+    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+    disable_layer_streaming(model)
+
+
 @pytest.mark.parametrize("how", ["cachestat", "mincore"])
 def test_cached_fraction_tells_what_is_in_the_page_cache(tmp_path, monkeypatch, how):
     """The page-cache probe of the read path: `cachestat(2)` where the kernel has it (one system call), else
