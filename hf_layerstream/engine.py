@@ -1854,8 +1854,12 @@ def check_device(device) -> torch.device:
             raise ValueError(f"`device` is {device} but CUDA is not available here; pass device='cpu'.")
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
-    elif device.type not in ("cpu",):
+    elif device.type != "cpu":
         raise ValueError(f"`device` {device} is not supported yet; use 'cpu' or a CUDA device.")
+    elif device.index is not None:
+        # "cpu:0" is the CPU, but not equal to torch.device("cpu"), which the tensors made there report: every
+        # `tensor.to(device)` would copy (a streamed layer's file map, at every use) where it should leave it in place
+        device = torch.device("cpu")
     return device
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import gc
 import mmap
 import os
@@ -1390,6 +1391,38 @@ def test_streamed_layer_maps_are_kept_with_their_pages_released(llama, tmp_path,
     gc.collect()
     with open("/proc/self/maps") as f:
         assert str(shards / "layers") not in f.read()
+
+
+@pytest.mark.parametrize("device", ["cpu", "cpu:0", torch.device("cpu", 0)], ids=["cpu", "cpu:0", "device-cpu-0"])
+def test_cpu_with_an_index_streams_zero_copy_as_cpu_does(llama, device):
+    """`device="cpu:0"` is the CPU: streamed layers compute on their file maps in place, as with "cpu". (It differs
+    from `torch.device("cpu")`, the device of every CPU tensor, so each `tensor.to(device)` copied: every streamed
+    layer was copied out of its map at every use, its map's pages and the copy both resident.)"""
+    from conftest import build_meta_model
+    from transformers import AutoConfig
+
+    ckpt, shards, inputs, expected, pad = llama
+    model = enable_layer_streaming(
+        build_meta_model(AutoConfig.from_pretrained(ckpt)), shards, device=device, **STREAM_ALL
+    )
+    state = get_streaming_state(model)
+    loader, where = state.loader, []
+
+    def check(index, module, args):  # a weight in the layer's forward: a view of the layer file's map, not a copy
+        kept = loader._maps.get(index)
+        ptr = module.weight.data_ptr()
+        where.append(kept is not None and kept.address <= ptr < kept.address + len(kept.mm))
+
+    handles = [
+        layer.self_attn.q_proj.register_forward_pre_hook(functools.partial(check, i))
+        for i, layer in enumerate(state.stack.layers)
+    ]
+    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+    for handle in handles:
+        handle.remove()
+    assert len(where) == 6 * GEN["max_new_tokens"] and all(where), where
+    assert state.device == torch.device("cpu") and model.device == torch.device("cpu")
+    disable_layer_streaming(model)
 
 
 def test_a_layer_cast_to_the_compute_dtype_holds_only_its_cast(llama, tmp_path):
