@@ -16,14 +16,15 @@ class ShardFileError(ShardDirError):
     def __init__(self, path: str | os.PathLike, problem: str, fix: str | None = None):
         self.path = Path(path)
         self.problem = problem
+        self.fix = fix  # (as given: `None` for the default below)
         fix = fix or (
             "Re-create the shard directory with `split_checkpoint(...)` / `hf-layerstream split`, or run "
             "`hf-layerstream verify` to list every damaged file."
         )
         super().__init__(f"{self.path} {problem}. {fix}")
 
-    def __reduce__(self):
-        return (type(self), (self.path, self.problem))
+    def __reduce__(self):  # (pickled, as from a worker process, or copied: the same message, its fix included)
+        return (type(self), (self.path, self.problem, self.fix))
 
 
 class LayerLoadError(RuntimeError):

@@ -578,3 +578,17 @@ def test_empty_source_directory(tmp_path):
 def test_summary():
     print("\nhostile-inputs summary: rejected cleanly {rejected} / tried {tried}".format(**LEDGER))
     assert LEDGER["rejected"] == LEDGER["tried"]
+
+
+@pytest.mark.parametrize("fix", [None, "Do not modify a shard directory while a model streams from it."])
+def test_a_file_error_keeps_its_message_when_pickled_or_copied(fix):
+    """A `ShardFileError` raised in a worker process reaches the parent pickled, and `copy.copy` goes the same way:
+    the message, the fix it names included, stays the one raised. (The fix was dropped: a file changed under a running
+    model then told the user to re-create the shard directory.)"""
+    import copy
+    import pickle
+
+    error = ShardFileError("/shards/layers/00003.safetensors", "changed on disk since it was opened", fix)
+    for again in (pickle.loads(pickle.dumps(error)), copy.copy(error)):
+        assert type(again) is ShardFileError and str(again) == str(error)
+        assert (again.path, again.problem) == (error.path, error.problem)
