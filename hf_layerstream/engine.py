@@ -381,7 +381,9 @@ def plan_residency(
 ) -> ResidencyPlan:
     """Turn a memory budget (accelerate's `max_memory` convention) into a static residency plan.
 
-    A sweep over all layers defeats an LRU cache, so the plan is static: which layers stay, decided once.
+    A sweep over all layers defeats an LRU cache, so the plan is static: which layers stay, decided once. Room for
+    `prefetch + 1` layers in flight is set aside only where some layer is streamed: a budget that holds the resident
+    parts and every layer (and the reserve, on a GPU) keeps them all.
     `dtype_size` (per layer) and `resident_size`: bytes at the dtypes the model computes in (default: as stored,
     dequantized).
 
@@ -416,9 +418,11 @@ def plan_residency(
     order = list(range(n))
     host_resident: list[str] = []
     host_resident_bytes = host_copied = 0
+    # a budget that holds every layer (and the one weight dequantized at a time) keeps them all: nothing is in flight
+    everything = sum(layer_bytes) + scratch
     if device.type == "cpu":
         room = host_budget - resident - working
-        device_layers = _pick(layer_bytes, order, room)
+        device_layers = order if host_budget - resident >= everything else _pick(layer_bytes, order, room)
         host_layers: list[int] = []
     else:
         index = _device_key(device)
@@ -429,8 +433,9 @@ def plan_residency(
         budgets[str(index)] = dev_budget
         if reserve is None:
             reserve = min(2 * 2**30, dev_budget // 10)  # activations and KV cache
+        fits_all = dev_budget - resident - reserve >= everything
         # (a budget of 0 is the usual way to ask for every layer streamed, not for the resident parts off the device)
-        for name, size, copied in (host_candidates or ()) if dev_budget else ():
+        for name, size, copied in (host_candidates or ()) if dev_budget and not fits_all else ():
             if dev_budget - resident - working - reserve >= 0:
                 break
             host_resident.append(name)
@@ -440,7 +445,7 @@ def plan_residency(
             # while the head runs on its copy, the loader holds the next sweep's first `prefetch` layers
             working = max(working, host_copied + prefetch * biggest)
         room = dev_budget - resident - working - reserve
-        device_layers = _pick(layer_bytes, order, room)
+        device_layers = order if fits_all else _pick(layer_bytes, order, room)
         rest = [i for i in order if i not in set(device_layers)]
         # host copies are kept as stored (packed when quantized), dequantized on the device
         host_room = host_budget - (prefetch + 1) * max(stored, default=0) - host_resident_bytes
@@ -482,6 +487,8 @@ def _least_need(plan: ResidencyPlan) -> tuple[int, int, str]:
     """The least the plan needs on the execution device, whatever it keeps there: the resident parts plus the layers in
     flight (or the head's copy, when kept in host RAM, with the layers read ahead while it runs, if more); as
     `(bytes, bytes of the working set, what the working set is)`."""
+    if len(plan.device_layers) == len(plan.layer_bytes):  # every layer kept: none in flight
+        return plan.resident_bytes + plan.scratch, plan.scratch, "no layer in flight (every layer is kept)"
     biggest = max(plan.layer_bytes, default=0)
     in_flight = min(plan.prefetch, max(len(plan.layer_bytes) - 1, 0)) + 1  # (the loader reads at most n - 1 ahead)
     working = in_flight * biggest + plan.scratch

@@ -418,7 +418,7 @@ def test_a_gpu_plan_holds_layers_packed_only_when_they_do_not_all_fit(quantized,
     n = m.num_layers
     roomy = inspect("--device", "cuda", "--max-memory", f"0={(resident + (n + 3) * decoded) * 10 // 9 + 10}")
     assert roomy["dequantize"] == "layer" and len(roomy["device_layers"]) == m.num_layers
-    tight_budget = f"0={(resident + (n + 1) * decoded) * 10 // 9 + 10}"
+    tight_budget = f"0={(resident + (n - 1) * decoded) * 10 // 9 + 10}"  # (every layer but one, dequantized)
     tight = inspect("--device", "cuda", "--max-memory", tight_budget, "--prefetch", "2")
     layered = inspect("--device", "cuda", "--max-memory", tight_budget, "--prefetch", "2", "--dequantize", "layer")
     assert tight["dequantize"] == "module" and layered["dequantize"] == "layer"

@@ -28,7 +28,7 @@ from hf_layerstream import (
     enable_layer_streaming,
     get_streaming_state,
 )
-from hf_layerstream.engine import _PinnedHost, _round_up, _spread, parse_size, plan_residency
+from hf_layerstream.engine import _PinnedHost, _round_up, _spread, budget_shortfall, parse_size, plan_residency
 from hf_layerstream.modeling import layer_unit
 
 STREAM_ALL = {"max_memory": {"cpu": 0}, "prefetch": 1}
@@ -160,7 +160,7 @@ def test_plan_cpu_tiers(llama):
     assert nothing.device_layers == [] and nothing.streamed == list(range(6))
     assert [nothing.tier(i) for i in range(6)] == ["disk"] * 6
     # resident parts + working set (prefetch + 1 layers) + exactly 3 kept layers, spread over the stack
-    three = plan_residency(m, cpu, max_memory={"cpu": resident + 3 * layer + 3 * layer}, prefetch=2)
+    three = plan_residency(m, cpu, max_memory={"cpu": resident + 3 * layer + 2 * layer}, prefetch=1)
     assert three.device_layers == [0, 2, 4] and three.streamed == [1, 3, 5]
     assert three.tier(2) == "device" and three.tier(3) == "disk"
     assert "3 layers kept on cpu" in three.summary() and "3 streamed" in three.summary()
@@ -168,9 +168,28 @@ def test_plan_cpu_tiers(llama):
     with pytest.raises(TypeError, match="max_memory"):
         plan_residency(m, cpu, max_memory="4GiB")
     # the resident parts count at the dtype the model computes in, as the layers do: larger, one layer less fits
-    budget = {"cpu": resident + 3 * layer + 3 * layer}
-    bigger = plan_residency(m, cpu, max_memory=budget, prefetch=2, resident_size=resident + layer)
+    budget = {"cpu": resident + 3 * layer + 2 * layer}
+    bigger = plan_residency(m, cpu, max_memory=budget, prefetch=1, resident_size=resident + layer)
     assert bigger.resident_bytes == resident + layer and len(bigger.device_layers) == 2
+
+
+def test_a_budget_that_holds_every_layer_keeps_them_all(llama):
+    """No room is set aside for layers in flight when none need to be: a budget of exactly the resident parts and
+    every layer keeps every layer (it kept `6 - prefetch - 1` and streamed the rest); a byte less streams some."""
+    _, shards, *_ = llama
+    m, resident, layer = _sizes(shards)
+    cpu = torch.device("cpu")
+    whole = resident + 6 * layer
+    for prefetch in (0, 2):
+        kept = plan_residency(m, cpu, max_memory={"cpu": whole}, prefetch=prefetch)
+        assert kept.device_layers == list(range(6)) and kept.streamed == []
+        assert budget_shortfall(kept, {"cpu": whole}) is None
+        short = plan_residency(m, cpu, max_memory={"cpu": whole - 1}, prefetch=prefetch)
+        assert len(short.device_layers) == 6 - prefetch - 1 - 1 and len(short.streamed) == prefetch + 2
+    # dequantizing one module at a time needs its scratch besides every layer
+    scratch = plan_residency(m, cpu, max_memory={"cpu": whole}, prefetch=1, scratch=1)
+    assert scratch.streamed
+    assert plan_residency(m, cpu, max_memory={"cpu": whole + 1}, prefetch=1, scratch=1).streamed == []
 
 
 def test_plans_of_layers_of_different_sizes_stay_within_the_budget(llama):
@@ -182,22 +201,29 @@ def test_plans_of_layers_of_different_sizes_stay_within_the_budget(llama):
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
     unit = 2**20
     sizes = {i: s * unit for i, s in enumerate([1, 1, 1, 10, 10, 10])}
-    working = 2 * 10 * unit  # (prefetch + 1) of the largest layer
+    working = 10 * unit  # (prefetch + 1) of the largest layer, with prefetch=0
 
     def kept(plan, tier):
         return sum(sizes[i] for i in tier)
 
-    for room, expected in [(3, [0, 1, 2]), (12, [0, 2, 4]), (13, [0, 1, 2, 4]), (33, [0, 1, 2, 3, 4, 5])]:
+    for room, expected in [(3, [0, 1, 2]), (12, [0, 2, 4]), (13, [0, 1, 2, 4]), (22, [0, 1, 3, 4])]:
         budget = {"cpu": resident + working + room * unit}
-        plan = plan_residency(m, cpu, dtype_size=sizes, max_memory=budget, prefetch=1)
+        plan = plan_residency(m, cpu, dtype_size=sizes, max_memory=budget, prefetch=0)
         assert kept(plan, plan.device_layers) <= room * unit, (room, plan.device_layers)
         assert plan.device_layers == expected, (room, plan.device_layers)
+    # a budget that holds every layer keeps them all, with no room for a layer in flight (none is)
+    for room in (33, 40):
+        plan = plan_residency(m, cpu, dtype_size=sizes, max_memory={"cpu": resident + room * unit}, prefetch=0)
+        assert plan.device_layers == [0, 1, 2, 3, 4, 5] and plan.streamed == []
     # on a GPU: the device tier, then the host tier (stored sizes: these shards' own, all the same) and the page cache
     budget = {0: resident + working + 3 * unit, "cpu": 0}
-    plan = plan_residency(m, cuda, dtype_size=sizes, max_memory=budget, prefetch=1, reserve=0)
+    plan = plan_residency(m, cuda, dtype_size=sizes, max_memory=budget, prefetch=0, reserve=0)
     assert plan.device_layers == [0, 1, 2] and plan.streamed == [3, 4, 5]
-    plan = plan_residency(m, cuda, dtype_size=sizes, max_memory={**budget, 0: budget[0] + 10 * unit}, reserve=0)
+    budget = {**budget, 0: budget[0] + 10 * unit}
+    plan = plan_residency(m, cuda, dtype_size=sizes, max_memory=budget, prefetch=0, reserve=0)
     assert kept(plan, plan.device_layers) <= 13 * unit and plan.device_layers == [0, 1, 2, 4]
+    plan = plan_residency(m, cuda, dtype_size=sizes, max_memory={0: resident + 33 * unit}, prefetch=1, reserve=0)
+    assert plan.device_layers == [0, 1, 2, 3, 4, 5] and plan.streamed == []
 
 
 def test_pick_keeps_the_uniform_rule_and_fills_what_is_left():
@@ -723,20 +749,20 @@ def test_prefetch_runs_ahead_cyclically(llama, monkeypatch, in_place):
     monkeypatch.setattr(engine, "_read_from_disk", lambda before, after, size: False)  # every map finds them warm
     ckpt, shards, inputs, expected, pad = llama
     m, resident, layer = _sizes(shards)
-    model = streamed_model(ckpt, shards, max_memory={"cpu": resident + 3 * layer + 3 * layer}, prefetch=2)
+    model = streamed_model(ckpt, shards, max_memory={"cpu": resident + 2 * layer + 3 * layer}, prefetch=2)
     loader = get_streaming_state(model).loader
     loader._in_place = in_place
-    assert loader.plan.streamed == [1, 3, 5]
+    assert loader.plan.streamed == [1, 2, 4, 5]
     # the first sweep's first streamed layers are read from the moment streaming is enabled
-    assert sorted(loader._pending) == [1, 3]
+    assert sorted(loader._pending) == [1, 2]
     loader.wait_idle()
     assert loader.reads["mapped"] == 2
     assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
-    assert sorted(loader._pending) == ([] if in_place else [1, 3])
+    assert sorted(loader._pending) == ([] if in_place else [1, 2])
     loader.wait_idle()
     assert loader._pool.allocated <= loader.prefetch + 1
     # one map per streamed layer and sweep (the first two were the ones made at enable time), and the read-ahead
-    assert loader.reads["mapped"] == 3 * GEN["max_new_tokens"] + (0 if in_place else 2)
+    assert loader.reads["mapped"] == 4 * GEN["max_new_tokens"] + (0 if in_place else 2)
     disable_layer_streaming(model)
 
 
