@@ -1206,7 +1206,8 @@ class LayerLoader:
         the new pass's first `prefetch` streamed ones were read for the rest of the pass that stopped: they are let
         go, those still loading once loaded (at most `prefetch` of them), so what is held stays within the plan's
         (prefetch + 1) layers instead of growing by the stale ones until the new pass reaches them. (A pass that
-        ends early without raising, as an early-exit draft does, keeps its read-ahead for the pass that goes on.)"""
+        ends early without raising, as an early-exit draft does, keeps its read-ahead for the pass that goes on; the
+        passes before it read ahead only as far as that bound leaves room, see `_schedule_after`.)"""
         first = set(self._streamed[: self.prefetch])
         with self._lock:
             stale = [i for i in self._pending if i not in first]
@@ -1364,15 +1365,23 @@ class LayerLoader:
             self._schedule_after(-1)
 
     def _schedule_after(self, index: int) -> None:
-        """Keep the next `prefetch` streamed layers (cyclically) loading in the background."""
+        """Keep the next `prefetch` streamed layers (cyclically) loading in the background, while no more than
+        `prefetch + 1` streamed layers are held: read ahead, in use, and `index` as it is acquired. A pass that ended
+        early without raising (an early-exit draft) leaves its read-ahead for the pass that goes on; the passes that
+        begin meanwhile read fewer layers ahead, not more than the plan has room for."""
         if not self.prefetch or not self._streamed:
             return
         pos = bisect.bisect_right(self._streamed, index) % len(self._streamed)  # the first streamed layer after it
         with self._lock:
+            streamed_in_use = (i for i in (*self._in_use, index) if i >= 0 and self.plan.tier(i) != "device")
+            held = len({*self._pending, *streamed_in_use})
             for k in range(self.prefetch):
                 nxt = self._streamed[(pos + k) % len(self._streamed)]
                 if nxt == index or nxt in self._pending or nxt in self._in_use or self._maps_in_place(nxt):
                     continue
+                if held > self.prefetch:
+                    break
+                held += 1
                 ahead = (
                     self._mappers[self._map_thread[nxt]].submit(self._map_ahead, nxt) if self._maps_ahead(nxt) else None
                 )

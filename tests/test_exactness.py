@@ -98,7 +98,9 @@ def test_generate_variants(pair, arch, variant):
 def test_early_exit_self_speculation_keeps_its_read_ahead(checkpoints, arch):
     """`assistant_early_exit`: the model drafts with its own first layers, passes that end early without raising.
     The tokens are the loaded model's, and no layer read ahead is thrown away: every map made is used by a pass
-    (or is read ahead for the next one), as a pass cut short by an exception would have them let go."""
+    (or is read ahead for the next one), as a pass cut short by an exception would have them let go. No more than
+    `prefetch + 1` layers are held meanwhile: a draft pass does not read ahead from layer 0 on top of the read-ahead
+    the last draft left for the layers after its exit (it held up to `2 * prefetch + 1`)."""
     ckpt, shards = checkpoints(arch, num_hidden_layers=6)
     ref = _models.load_reference(ckpt)
     model = streamed_model(ckpt, shards, max_memory={"cpu": 0}, prefetch=2)
@@ -110,15 +112,22 @@ def test_early_exit_self_speculation_keeps_its_read_ahead(checkpoints, arch):
     expected = ref.generate(**inputs, **kw)
     loader.wait_idle()
     before = loader.reads["mapped"] - len(loader._pending)  # (the first pass's read-ahead, made at enable time)
-    acquired = []
-    acquire = loader.acquire
-    loader.acquire = lambda index: acquired.append(index) or acquire(index)
+    acquired, held = [], []
+
+    def acquire(index, acquire=loader.acquire):
+        acquired.append(index)
+        tensors = acquire(index)
+        held.append(len(loader._pending) + len(loader._in_use))  # (every layer is streamed)
+        return tensors
+
+    loader.acquire = acquire
     try:
         assert torch.equal(model.generate(**inputs, **kw), expected)
     finally:
         del loader.acquire
     loader.wait_idle()
     assert max(acquired) == 5 and acquired.count(0) > acquired.count(5)  # draft passes, and full ones
+    assert max(held) <= loader.prefetch + 1, held
     assert loader.reads["mapped"] - before == len(acquired) + len(loader._pending)
     disable_layer_streaming(model)
 
