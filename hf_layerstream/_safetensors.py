@@ -359,7 +359,9 @@ def map_readonly(path, size: int) -> mmap.mmap:
 def populate(mm: mmap.mmap, path, address: int | None = None) -> bool:
     """Build the page tables of a whole mapping now (`MADV_POPULATE_READ`), reading what is not in the page cache
     (read-ahead in large folios after `advise_huge`). Returns `False` where the kernel cannot (before Linux 5.14);
-    a file that cannot be read (I/O error, truncated) raises `ShardFileError` instead of a later `SIGBUS`.
+    a file that cannot be read (I/O error, truncated) raises `ShardFileError` instead of a later `SIGBUS`. Where
+    the memory to read it into cannot be had (`ENOMEM`: the process or its cgroup at its limit), `MemoryError`: the
+    file is not at fault, re-creating it would not help.
     `address`: where `mm` starts, if known (`map_address`)."""
     if _MADV_POPULATE_READ is None:
         return False
@@ -368,6 +370,12 @@ def populate(mm: mmap.mmap, path, address: int | None = None) -> bool:
     except OSError as e:
         if e.errno in (errno.EINVAL, errno.ENOSYS):
             return False
+        if e.errno == errno.ENOMEM:
+            raise MemoryError(
+                f"Out of memory reading {path} ({len(mm) / 2**20:.0f} MiB) into memory (MADV_POPULATE_READ: "
+                f"{e.strerror or e}): this process or its cgroup is at its memory limit. Free memory, or lower "
+                "`max_memory['cpu']` or `prefetch`."
+            ) from e
         raise ShardFileError(path, f"could not be read: {e.strerror or e}") from e
     return True
 

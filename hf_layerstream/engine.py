@@ -1688,7 +1688,7 @@ class LayerLoader:
             before = thread_usage()
             try:
                 done = populate(mm, header.path, kept.address if kept is not None else None)
-            except ShardFileError:
+            except (ShardFileError, MemoryError):
                 if kept is None:
                     mm.close()
                 else:  # a map whose file could not be read: the next use maps it anew

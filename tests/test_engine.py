@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import functools
 import gc
 import mmap
@@ -1525,6 +1526,48 @@ def test_cached_fraction_tells_what_is_in_the_page_cache(tmp_path, monkeypatch, 
         assert cached_fraction(fd, 0) == 1.0
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize("err", [errno.ENOMEM, errno.EIO, errno.EINVAL], ids=["ENOMEM", "EIO", "EINVAL"])
+def test_populate_tells_memory_from_a_bad_file(llama, monkeypatch, err):
+    """`MADV_POPULATE_READ` failing for want of memory (`ENOMEM`: a cgroup at its limit) raises `MemoryError`,
+    without the advice to re-create the shard directory an unreadable file gets (`EIO`: `ShardFileError`); `EINVAL`
+    is a kernel without it (`False`: populated at mmap time instead). Streaming, the caller gets the error naming the
+    layer, and once memory is back the next call is exact."""
+    from hf_layerstream import _safetensors
+    from hf_layerstream._safetensors import map_readonly, populate
+    from hf_layerstream.errors import ShardFileError
+
+    ckpt, shards, inputs, expected, pad = llama
+    path = next(iter(sorted((shards / "layers").glob("*.safetensors"))))
+    model = streamed_model(ckpt, shards, max_memory={"cpu": 0}, prefetch=1)
+    loader = get_streaming_state(model).loader
+    loader.wait_idle()
+    if not loader._populate:
+        pytest.skip("this kernel has no MADV_POPULATE_READ")
+
+    def refuse(mm, advice, address=None):
+        raise OSError(err, os.strerror(err))
+
+    monkeypatch.setattr(_safetensors, "madvise_released", refuse)
+    mm = map_readonly(path, os.path.getsize(path))
+    try:
+        if err == errno.EINVAL:
+            assert populate(mm, path) is False
+        else:
+            kind = MemoryError if err == errno.ENOMEM else ShardFileError
+            with pytest.raises(kind) as raised:
+                populate(mm, path)
+            assert str(path) in str(raised.value) and os.strerror(err) in str(raised.value)
+            assert ("Re-create the shard directory" in str(raised.value)) == (kind is ShardFileError)
+    finally:
+        mm.close()
+    if err == errno.ENOMEM:
+        with pytest.raises(LayerLoadError, match=r"decoder layer \d+ .*MemoryError: Out of memory reading"):
+            model.generate(**inputs, **GEN, pad_token_id=pad)
+        monkeypatch.undo()
+        assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+    disable_layer_streaming(model)
 
 
 def test_populate_lets_other_threads_run(tmp_path):
