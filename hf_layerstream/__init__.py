@@ -17,7 +17,7 @@ enable_layer_streaming(model, "llama3-8b.layers")
 __version__ = "0.1.0"
 
 from .batch import generate_batch, generate_jsonl  # noqa: E402
-from .errors import LayerLoadError, ShardDirError, ShardFileError  # noqa: E402
+from .errors import LayerLoadError, ShardDirError, ShardDirOccupiedError, ShardFileError  # noqa: E402
 from .shard_dir import ShardDirectory  # noqa: E402
 from .speculative import SweepCounter, configure_draft, count_sweeps, measure_sweeps  # noqa: E402
 from .split import split_checkpoint  # noqa: E402
@@ -38,6 +38,7 @@ __all__ = [
     "StreamingState",
     "ShardDirectory",
     "ShardDirError",
+    "ShardDirOccupiedError",
     "ShardFileError",
     "LayerLoadError",
 ]

@@ -446,18 +446,14 @@ def split_in_work(ckpt: Path, dest: Path, **kwargs) -> Path:
     Raises:
         `ShardDirError`: `dest` holds another split: the problem as `split` states it, and bench's fix.
     """
-    from .errors import ShardDirError
+    from .errors import ShardDirError, ShardDirOccupiedError
     from .split import split_checkpoint
 
     try:
         return split_checkpoint(ckpt, dest, progress=False, **kwargs)
-    except ShardDirError as e:
-        text = str(e)
-        if "overwrite=True" not in text:
-            raise
-        problem = text.split(". ", 1)[0]  # (the problem; what follows is split's advice)
+    except ShardDirOccupiedError as e:
         raise ShardDirError(
-            f"{problem}. bench does not overwrite a split in its `--work` folder: pass another `--work`, or delete "
+            f"{e.problem} bench does not overwrite a split in its `--work` folder: pass another `--work`, or delete "
             f"{dest} to have it split there anew."
         ) from e
 
@@ -647,7 +643,6 @@ def bench(args) -> dict:
             "prompt_tokens": len(ids),
             "max_new_tokens": args.max_new_tokens,
         }
-        disk = measure_disk_bandwidth(layer_files) if "cold" in modes else None
         device = torch.device(args.device) if args.device else None
         if device is None and torch.cuda.is_available():
             device = torch.device("cuda")
@@ -670,6 +665,8 @@ def bench(args) -> dict:
                     )
                 logger.warning("skipping the whole model in memory (in_memory): %s; ours are measured without it", why)
                 systems = [s for s in systems if s != "in_memory"]
+        # (after the refusal above: a selection that measures nothing does not wait for the disk's measurement)
+        disk = measure_disk_bandwidth(layer_files) if "cold" in modes else None
         h2d = gpu["h2d"] if gpu else None
         common = {"input_ids": ids, "max_new_tokens": args.max_new_tokens, "pad_token_id": pad, "repeats": args.repeats}
         if disk is not None:

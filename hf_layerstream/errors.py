@@ -10,6 +10,20 @@ class ShardDirError(ValueError):
     """A shard directory is missing pieces, inconsistent, or does not match the model it is used with."""
 
 
+class ShardDirOccupiedError(ShardDirError):
+    """`split_checkpoint` refused a `shard_dir` that holds another split (another model, source or options; an
+    unfinished one; a newer format's), leaving it as it is: `overwrite=True` would replace it. `problem` states what
+    the directory holds, `fix` what to do."""
+
+    def __init__(self, problem: str, fix: str):
+        self.problem = problem
+        self.fix = fix
+        super().__init__(f"{problem} {fix}")
+
+    def __reduce__(self):  # (pickled or copied: the same message)
+        return (type(self), (self.problem, self.fix))
+
+
 class ShardFileError(ShardDirError):
     """One file of a shard directory (or of a source checkpoint) is unreadable, truncated or malformed."""
 

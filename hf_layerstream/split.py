@@ -27,7 +27,7 @@ from ._safetensors import (
     sha256_file,
     str_to_dtype,
 )
-from .errors import ShardDirError, ShardFileError
+from .errors import ShardDirError, ShardDirOccupiedError, ShardFileError
 from .modeling import (
     RESIDENT,
     architecture_fingerprint,
@@ -839,11 +839,12 @@ def split_checkpoint(
             existing = _read_json(manifest_path)
             version = existing.get("format_version") if isinstance(existing, dict) else None
             if _is_newer_format(version) and not overwrite:
-                raise ShardDirError(
+                raise ShardDirOccupiedError(
                     f"`shard_dir` {shard_dir} was made by a newer hf_layerstream (shard format version {version}; "
                     f"this hf_layerstream {__version__} reads and writes version {FORMAT_VERSION}); it is left as it "
-                    "is. Upgrade hf_layerstream to use it, pass `overwrite=True` "
-                    "(`--overwrite`) to replace it with a split made by this version, or choose another directory."
+                    "is.",
+                    "Upgrade hf_layerstream to use it, pass `overwrite=True` (`--overwrite`) to replace it with a "
+                    "split made by this version, or choose another directory.",
                 )
             same = (
                 isinstance(existing, dict)
@@ -863,10 +864,10 @@ def split_checkpoint(
                     logger.info("%s already holds this split; nothing to do", shard_dir)
                     return shard_dir
             elif not overwrite:
-                raise ShardDirError(
+                raise ShardDirOccupiedError(
                     f"`shard_dir` {shard_dir} already holds a split of another model, another source checkpoint or "
-                    "with other options. Pass `overwrite=True` (`--overwrite`) to replace it, or choose another "
-                    "directory."
+                    "with other options.",
+                    "Pass `overwrite=True` (`--overwrite`) to replace it, or choose another directory.",
                 )
         done = _load_progress(shard_dir, options, overwrite=overwrite)
         digest = _options_digest(options)
@@ -1115,10 +1116,11 @@ def _load_progress(shard_dir: Path, options: dict, *, overwrite: bool) -> dict[s
         return {}
     if progress.get("options") != options:
         if not overwrite:
-            raise ShardDirError(
+            raise ShardDirOccupiedError(
                 f"`shard_dir` {shard_dir} holds an unfinished split of another model, another source checkpoint or "
-                "with other options. Run the split with the same source and options to finish it, pass "
-                "`overwrite=True` (`--overwrite`) to start over, or choose another directory."
+                "with other options.",
+                "Run the split with the same source and options to finish it, pass `overwrite=True` (`--overwrite`) "
+                "to start over, or choose another directory.",
             )
         return {}
     done = {}

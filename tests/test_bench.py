@@ -145,17 +145,20 @@ def test_bench_refuses_systems_that_need_the_checkpoint_it_was_not_given(tmp_pat
 
 
 def test_bench_refuses_systems_left_empty_by_a_model_too_large_for_memory(tmp_path, monkeypatch, capsys):
-    """`--systems in_memory` where the whole model does not fit: it was skipped, and nothing measured (exit 0)."""
-    from hf_layerstream import engine
+    """`--systems in_memory` where the whole model does not fit: it was skipped, and nothing measured (exit 0).
+    Refused before the disk is measured for the cold rows (it was measured first)."""
+    from hf_layerstream import bench, engine
 
     monkeypatch.setattr(engine, "available_host_memory", lambda: 1000)
+    disk = []
+    monkeypatch.setattr(bench, "measure_disk_bandwidth", lambda files: disk.append(files))
     asked = _children_asked(monkeypatch)
-    argv = ["bench", "--demo", *TINY, "--work", str(tmp_path), "--modes", "warm", "--device", "cpu"]
+    argv = ["bench", "--demo", *TINY, "--work", str(tmp_path), "--modes", "warm,cold", "--device", "cpu"]
     assert main([*argv, "--systems", "in_memory"]) == 2
     err = capsys.readouterr().err
     assert "`--systems` 'in_memory' leaves nothing to measure: the whole model in memory (in_memory) does not" in err
     assert "are more than 90% of this machine's available RAM (0.00 GB). Add one of ours" in err
-    assert asked == []
+    assert asked == [] and disk == []
 
 
 @pytest.mark.parametrize("where", ["shards", "shards-4bit"])
@@ -180,6 +183,46 @@ def test_bench_does_not_advise_an_overwrite_option_it_lacks(tmp_path, capsys, ch
         f"{tmp_path / 'w' / where} to have it split there anew." in err
     )
     assert ShardDirectory(tmp_path / "w" / where).num_layers == ShardDirectory(other).num_layers  # left as it was
+
+
+def test_split_refusals_of_an_occupied_directory_are_told_apart_by_type(tmp_path, checkpoints):
+    """bench recognizes split's refusal of an occupied directory by its type (it matched the message's text), for
+    each of the three: another model's split, an unfinished one, a newer format's. Other refusals pass through."""
+    import json
+    import pickle
+    import shutil
+
+    import _models
+
+    from hf_layerstream import ShardDirError, ShardDirOccupiedError, split_checkpoint
+    from hf_layerstream.bench import split_in_work
+
+    _, other = checkpoints("llama")
+    ckpt = _models.save_tiny_checkpoint("llama", tmp_path / "ckpt", num_hidden_layers=3)
+    taken = shutil.copytree(other, tmp_path / "taken")
+    with pytest.raises(ShardDirOccupiedError) as refused:
+        split_checkpoint(ckpt, taken, progress=False)
+    assert refused.value.problem.endswith(
+        "already holds a split of another model, another source checkpoint or with other options."
+    )
+    assert "overwrite=True" in refused.value.fix and str(refused.value).endswith(refused.value.fix)
+    copy = pickle.loads(pickle.dumps(refused.value))
+    assert (type(copy), str(copy), copy.problem) == (ShardDirOccupiedError, str(refused.value), refused.value.problem)
+    newer = shutil.copytree(other, tmp_path / "newer")
+    manifest = json.loads((newer / "manifest.json").read_text())
+    (newer / "manifest.json").write_text(json.dumps({**manifest, "format_version": 10**6}))
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / ".progress.json").write_text(json.dumps({"options": {"another": "split"}, "units": []}))
+    for dest, said in [(taken, "already holds a split"), (newer, "newer hf_layerstream"), (unfinished, "unfinished")]:
+        with pytest.raises(ShardDirError) as told:
+            split_in_work(ckpt, dest)
+        assert not isinstance(told.value, ShardDirOccupiedError) and said in str(told.value)
+        assert "bench does not overwrite a split" in str(told.value) and "overwrite=True" not in str(told.value)
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ShardDirError) as other_refusal:  # (not an occupied directory: passed on as split said it)
+        split_in_work(ckpt, tmp_path / "a-file")
+    assert str(other_refusal.value) == f"`shard_dir` {tmp_path / 'a-file'} exists and is not a directory."
 
 
 def test_bench_refuses_a_checkpoint_beside_a_checkpoint_source(tmp_path, capsys):
