@@ -367,7 +367,7 @@ def _run(
                 for p, row, n, stop in zip(batch, new, counts, stopped_at):
                     tokens = row[:n]
                     at_eos = bool(tokens) and tokens[-1] in eos_ids
-                    text = tokenizer.decode(tokens[:-1] if at_eos else tokens, skip_special_tokens=True)
+                    text = completion_text(tokenizer, p.input_ids, tokens[:-1] if at_eos else tokens)
                     results.append(
                         (
                             p,
@@ -392,6 +392,19 @@ def _run(
                 bar.done(len(batch))
     finally:
         bar.close()
+
+
+def completion_text(tokenizer, prompt_ids: Sequence[int], new_ids: Sequence[int]) -> str:
+    """What `new_ids` add to the decoded prompt (special tokens removed): prompt + completion is the whole
+    sequence's text. Decoded on their own, a SentencePiece tokenizer's new tokens (Llama-2's, Mistral's) drop the
+    first one's leading space: " Paris." came out as "Paris.", glued to the prompt when the two are joined (as the
+    text-generation pipeline of transformers 5 joins them: it decodes the new tokens alone). Where the whole sequence,
+    decoded, does not begin with the decoded prompt (a cleanup that changes the prompt's end), the new tokens alone."""
+    prompt = tokenizer.decode(list(prompt_ids), skip_special_tokens=True)
+    whole = tokenizer.decode([*prompt_ids, *new_ids], skip_special_tokens=True)
+    if whole.startswith(prompt):
+        return whole[len(prompt) :]
+    return tokenizer.decode(list(new_ids), skip_special_tokens=True)
 
 
 def _new_stats(batch_size: int) -> dict:

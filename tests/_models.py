@@ -371,3 +371,21 @@ def disk_keys(path: str | pathlib.Path) -> dict[str, str]:
 
     with safe_open(str(path / "model.safetensors"), framework="pt") as handle:
         return dict.fromkeys(handle.keys(), "model.safetensors")
+
+
+def save_metaspace_tokenizer(path):
+    """A Llama-2-style tokenizer (SentencePiece pieces, `▁` for a space; decoding strips the text's first space) of
+    the tiny models' 128 ids."""
+    import string
+
+    from transformers import LlamaTokenizer
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "▁": 3} | {c: 4 + i for i, c in enumerate(string.ascii_lowercase)}
+    merges = [("▁", c) for c in string.ascii_lowercase]
+    vocab |= {"▁" + c: len(vocab) + i for i, c in enumerate(string.ascii_lowercase)}
+    for a in string.ascii_lowercase:
+        for b in string.ascii_lowercase[: max(0, min(26, VOCAB_SIZE - len(vocab)))]:
+            vocab["▁" + a + b] = len(vocab)
+            merges.append(("▁" + a, b))
+    LlamaTokenizer(vocab=vocab, merges=merges).save_pretrained(path)
+    return path

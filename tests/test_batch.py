@@ -70,6 +70,36 @@ def test_batch_equals_each_prompt_alone(checkpoints, arch):
     assert got == expected
 
 
+def test_completions_keep_the_space_before_the_first_new_word(checkpoints, tmp_path):
+    """With a SentencePiece tokenizer (Llama-2's, Mistral's), new tokens decoded on their own lose the first one's
+    leading space: a completion read " is it" as "is it", glued to its prompt when the two are joined. A completion is
+    what the new tokens add to the decoded prompt, so that prompt + completion is the whole sequence's text; in the
+    JSONL job too."""
+    ckpt, shards = checkpoints("llama")
+    model = streamed_model(ckpt, shards, **STREAM_ALL)
+    tok = AutoTokenizer.from_pretrained(_models.save_metaspace_tokenizer(tmp_path / "tokenizer"))
+    prompts = ["is it", "we can stream the layers", "a"]
+    got = generate_batch(model, tok, prompts, batch_size=2, progress=False, **GREEDY)
+    ref = _models.load_reference(ckpt)
+    expected = []
+    for prompt in prompts:
+        ids = tok(prompt)["input_ids"]
+        new = _alone(ref, tok, ids)
+        whole = tok.decode(ids + new, skip_special_tokens=True)
+        expected.append(whole[len(tok.decode(ids, skip_special_tokens=True)) :])
+        assert prompt + expected[-1] == whole
+    assert got == expected
+    # (the premise: some completion begins with a new word, which decoded alone loses its space)
+    assert any(
+        text.startswith(" ") and not _text(tok, _alone(ref, tok, tok(p)["input_ids"])).startswith(" ")
+        for p, text in zip(prompts, got)
+    )
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    generate_jsonl(model, tok, tmp_path / "in.jsonl", tmp_path / "out.jsonl", batch_size=2, progress=False, **GREEDY)
+    lines = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["completion"] for r in lines] == got
+
+
 def test_batch_without_a_bar_never_takes_tqdm_lock(llama):
     """`progress=False` builds no tqdm bar: a disabled one still takes tqdm's global lock, which a process may find
     held forever (a forked relative killed while holding it; see tests/test_crash_safety.py)."""

@@ -59,29 +59,11 @@ def test_generate_prompt_argument_streams_tokens(split_dir, capsys):
     assert out[len(prompt) :].strip() == _greedy_text(ckpt, prompt, 8).strip()
 
 
-def _metaspace_tokenizer(path):
-    """A Llama-2-style tokenizer (SentencePiece pieces, `▁` for a space; decoding strips the text's first space) of
-    the tiny models' 128 ids."""
-    import string
-
-    from transformers import LlamaTokenizer
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "▁": 3} | {c: 4 + i for i, c in enumerate(string.ascii_lowercase)}
-    merges = [("▁", c) for c in string.ascii_lowercase]
-    vocab |= {"▁" + c: len(vocab) + i for i, c in enumerate(string.ascii_lowercase)}
-    for a in string.ascii_lowercase:
-        for b in string.ascii_lowercase[: max(0, min(26, _models.VOCAB_SIZE - len(vocab)))]:
-            vocab["▁" + a + b] = len(vocab)
-            merges.append(("▁" + a, b))
-    LlamaTokenizer(vocab=vocab, merges=merges).save_pretrained(path)
-    return path
-
-
 def test_generate_prints_the_space_before_the_first_new_word(split_dir, tmp_path, capsys):
     """With a SentencePiece tokenizer, the new tokens decoded on their own lose the first one's leading space: the
     first word was printed glued to the prompt. What is printed is the whole sequence, decoded."""
     ckpt, shards = split_dir
-    tokenizer = _metaspace_tokenizer(tmp_path / "tokenizer")
+    tokenizer = _models.save_metaspace_tokenizer(tmp_path / "tokenizer")
     argv = ["generate", str(shards), "is it", "--tokenizer", str(tokenizer), "--max-new-tokens", "4"]
     assert main([*argv, "--device", "cpu", "--max-memory", "cpu=0"]) == 0
     tok = AutoTokenizer.from_pretrained(tokenizer)
