@@ -390,6 +390,10 @@ def _owned_cpu(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+class NonFiniteError(ValueError):
+    """`quantize_tensor` was given a tensor holding NaN or Inf, which block-wise scales cannot hold."""
+
+
 def quantize_tensor(tensor: torch.Tensor, scheme: QuantScheme) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Quantize one weight block-wise (offline; runs on the tensor's device).
 
@@ -420,7 +424,7 @@ def quantize_tensor(tensor: torch.Tensor, scheme: QuantScheme) -> tuple[dict[str
         raise ValueError("quantize_tensor needs real data, got a tensor on the meta device.")
     flat = tensor.detach().contiguous().reshape(-1)
     if not bool(torch.isfinite(flat).all()):
-        raise ValueError(
+        raise NonFiniteError(
             f"quantize_tensor: tensor of shape {list(tensor.shape)} contains NaN or Inf; block-wise quantization "
             "would corrupt its whole block. Keep it unquantized or fix the checkpoint."
         )
@@ -669,6 +673,7 @@ def split_parts(
 
 __all__ = [
     "QUANT_SUFFIX_SEP",
+    "NonFiniteError",
     "PackedWeight",
     "QuantScheme",
     "dequantize_tensor",

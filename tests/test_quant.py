@@ -239,10 +239,16 @@ def test_quantize_rejects_bad_input():
         quantize_tensor(torch.zeros(0, 64), NF4)
     with pytest.raises(ValueError, match="meta"):
         quantize_tensor(torch.empty(64, 64, device="meta"), NF4)
-    bad = torch.zeros(64, 64)
-    bad[3, 3] = float("nan")
-    with pytest.raises(ValueError, match="NaN"):
-        quantize_tensor(bad, INT8)
+    from hf_layerstream.quant import NonFiniteError
+
+    for value, scheme in [(float("nan"), INT8), (float("inf"), NF4), (float("-inf"), INT8)]:
+        bad = torch.zeros(64, 64)
+        bad[3, 3] = value
+        with pytest.raises(NonFiniteError, match="NaN or Inf"):  # (a ValueError, which the split tells apart)
+            quantize_tensor(bad, scheme)
+    with pytest.raises(ValueError) as other:
+        quantize_tensor(torch.zeros(0, 64), NF4)
+    assert not isinstance(other.value, NonFiniteError)
 
 
 def test_dequantize_rejects_mismatched_parts():

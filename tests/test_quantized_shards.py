@@ -146,14 +146,18 @@ def test_a_weight_with_inf_or_nan_is_stored_unquantized_with_a_warning(tmp_path,
     model = _models.build_tiny_model("llama")
     with torch.no_grad():
         model.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
+        model.model.layers[2].self_attn.q_proj.weight[0, 1] = float("inf")
     model.save_pretrained(tmp_path / "ckpt")
     _models.make_tokenizer().save_pretrained(tmp_path / "ckpt")
     with caplog.at_level("WARNING", logger="hf_layerstream"):
         shards = split_checkpoint(tmp_path / "ckpt", tmp_path / "shards", compression="4bit", progress=False)
     assert "model.layers.1.mlp.up_proj.weight holds inf or NaN values; it is stored unquantized" in caplog.text
+    assert "model.layers.2.self_attn.q_proj.weight holds inf or NaN values; it is stored unquantized" in caplog.text
+    assert caplog.text.count("holds inf or NaN values") == 2
     layer = ShardDirectory(shards).unit("layers.1").tensors
     assert layer["model.layers.1.mlp.up_proj.weight"].quant is None
     assert layer["model.layers.1.mlp.down_proj.weight"].quant is not None
+    assert ShardDirectory(shards).unit("layers.2").tensors["model.layers.2.self_attn.q_proj.weight"].quant is None
 
 
 def test_a_compressed_split_without_bitsandbytes_fails_first_with_the_install_command(
