@@ -435,10 +435,19 @@ def _cmd_generate(args) -> int:
 def _continuation_streamer(tokenizer, prompt_ids: list[int], **decode_kwargs):
     """A `TextStreamer(tokenizer, skip_prompt=True)` that prints what the new tokens add to the decoded prompt:
     decoded on their own, a SentencePiece tokenizer (Llama-2's, Mistral's) drops the first one's leading space, and
-    the first word was glued to the prompt ("is itcm" for "is it cm")."""
+    the first word was glued to the prompt ("is itcm" for "is it cm"). After a newline the last token stays as the
+    context, as transformers 5.25 keeps it (5.15 emptied its cache there: the first space of the next line, an
+    indentation's, was lost)."""
     from transformers import TextStreamer
 
-    streamer = TextStreamer(tokenizer, skip_prompt=True, **decode_kwargs)
+    class _Streamer(TextStreamer):
+        def put(self, value):
+            super().put(value)
+            if not self.token_cache and value.numel():  # (emptied after a newline by a transformers before 5.25)
+                self.token_cache = [int(value.reshape(-1)[-1])]
+                self.print_len = len(self.tokenizer.decode(self.token_cache, **self.decode_kwargs))
+
+    streamer = _Streamer(tokenizer, skip_prompt=True, **decode_kwargs)
     # (it decodes its cache whole at each token and prints past `print_len`: the prompt's text is already out)
     streamer.token_cache = list(prompt_ids)
     streamer.print_len = len(tokenizer.decode(prompt_ids, **decode_kwargs))

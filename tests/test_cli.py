@@ -73,6 +73,34 @@ def test_generate_prints_the_space_before_the_first_new_word(split_dir, tmp_path
     assert capsys.readouterr().out == tok.decode(out[0], skip_special_tokens=True) + "\n"
 
 
+def test_the_streamer_keeps_the_space_that_begins_a_line(capsys):
+    """What `generate` prints equals the whole sequence decoded, past the prompt, where a line begins with a space
+    (an indentation; SentencePiece writes it into the next word's piece): transformers before 5.25 emptied the
+    streamer's cache after a newline, so the next piece was decoded alone and its space dropped."""
+    import string
+
+    from transformers import LlamaTokenizer
+
+    from hf_layerstream.cli import _continuation_streamer
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "▁": 3, "\n": 4} | {
+        c: 5 + i for i, c in enumerate(string.ascii_lowercase)
+    }
+    vocab |= {"▁" + c: len(vocab) + i for i, c in enumerate(string.ascii_lowercase)}
+    tok = LlamaTokenizer(vocab=vocab, merges=[("▁", c) for c in string.ascii_lowercase])
+    prompt, text = tok("is it")["input_ids"], "is it\n a b\n  c\nd"
+    ids = tok(text)["input_ids"]
+    assert ids[: len(prompt)] == prompt and tok.decode(ids) == text
+    assert tok.convert_ids_to_tokens(ids[len(prompt) + 1])[0] == "▁"  # (the premise: a line that begins with ▁a)
+    streamer = _continuation_streamer(tok, prompt, skip_special_tokens=True)
+    capsys.readouterr()
+    streamer.put(torch.tensor([prompt]))
+    for token in ids[len(prompt) :]:
+        streamer.put(torch.tensor([token]))
+    streamer.end()
+    assert capsys.readouterr().out == text[len("is it") :] + "\n"
+
+
 def test_generate_with_a_draft_of_another_vocabulary_size(split_dir, tmp_path, capsys):
     """A draft whose vocabulary size differs (e.g. a padded embedding) runs through universal assisted decoding,
     which needs both tokenizers: the output is the greedy one."""
