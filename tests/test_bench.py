@@ -677,6 +677,7 @@ def test_h2d_bandwidth_on_cuda():
 
 
 @pytest.mark.cuda
+@pytest.mark.timeout(300)  # (seven child processes, each starting CUDA: over 90 s on the lent H200)
 def test_bench_on_cuda_streams_from_host_ram_and_disk(tmp_path, capsys):
     argv = ["bench", "--demo", *TINY, "--work", str(tmp_path), "--max-new-tokens", "3", "--prompt-tokens", "8"]
     argv += ["--systems", "in_memory,streamed,streamed_disk,streamed_host", "--device", "cuda", "--json"]
