@@ -1066,6 +1066,7 @@ class LayerLoader:
         # every layer that is not kept on the device goes through the loader thread (host tier: an H2D copy from
         # pinned RAM; disk tier: a read, then the copy on CUDA), in this order, `prefetch` ahead of the compute
         self._streamed = [i for i in range(n) if plan.tier(i) != "device"]
+        self._window = self._streamed  # the streamed layers the pass running reaches (see `pass_runs`)
         self.prefetch = max(0, min(prefetch, max(len(self._streamed) - 1, 0)))
         self._direct = hasattr(os, "O_DIRECT")  # turned off at the first file system that refuses it
         self.reads = {"mapped": 0, "page_cache": 0, "direct": 0}
@@ -1364,6 +1365,14 @@ class LayerLoader:
         if not self._closed:
             self._schedule_after(-1)
 
+    def pass_runs(self, layers: int | None) -> None:
+        """A pass begins that runs only the first `layers` decoder layers (`None`: all of them), as an early-exit
+        draft does (transformers' `assistant_early_exit` lowers the config's `num_hidden_layers` for its drafts): the
+        layers are read ahead cyclically within those, so each draft reads the next one's first layers ahead, not the
+        layers past its exit that no draft uses. Where no streamed layer is within them, as before: all."""
+        window = [i for i in self._streamed if i < layers] if layers is not None else []
+        self._window = window or self._streamed
+
     def _schedule_after(self, index: int) -> None:
         """Keep the next `prefetch` streamed layers (cyclically) loading in the background, while no more than
         `prefetch + 1` streamed layers are held: read ahead, in use, and `index` as it is acquired. A pass that ended
@@ -1371,12 +1380,13 @@ class LayerLoader:
         begin meanwhile read fewer layers ahead, not more than the plan has room for."""
         if not self.prefetch or not self._streamed:
             return
-        pos = bisect.bisect_right(self._streamed, index) % len(self._streamed)  # the first streamed layer after it
+        window = self._window
+        pos = bisect.bisect_right(window, index) % len(window)  # the first streamed layer after it, in this pass
         with self._lock:
             streamed_in_use = (i for i in (*self._in_use, index) if i >= 0 and self.plan.tier(i) != "device")
             held = len({*self._pending, *streamed_in_use})
             for k in range(self.prefetch):
-                nxt = self._streamed[(pos + k) % len(self._streamed)]
+                nxt = window[(pos + k) % len(window)]
                 if nxt == index or nxt in self._pending or nxt in self._in_use or self._maps_in_place(nxt):
                     continue
                 if held > self.prefetch:

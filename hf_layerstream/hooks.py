@@ -6,7 +6,7 @@ import functools
 import threading
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.utils._pytree as pytree
@@ -179,9 +179,17 @@ class PassGuard:
       streaming was disabled raises, saying so.
     """
 
-    def __init__(self, hooks: list[LayerStreamingHook], loader, host_hooks: list | None = None):
+    def __init__(
+        self,
+        hooks: list[LayerStreamingHook],
+        loader,
+        host_hooks: list | None = None,
+        layers_run: Callable[[], int | None] | None = None,
+    ):
         self.hooks = hooks
         self.loader = loader
+        # how many decoder layers a pass beginning now runs (`None`: all), told to the loader (`pass_runs`)
+        self.layers_run = layers_run or (lambda: None)
         # the resident modules kept in host RAM (`HostResidentHook`): the head runs after the pass over the layers,
         # and a VLM's embeddings before it, so with those the model's own forward is wrapped too (`wrap_model`)
         self.host_hooks = host_hooks or []
@@ -241,6 +249,7 @@ class PassGuard:
                 if self._raised:
                     self.loader.sweep_begins()  # (interrupted there too: the next pass lets go of the rest)
                     self._raised = False
+                self.loader.pass_runs(self.layers_run())
                 try:
                     return forward(*args, **kwargs)
                 except BaseException:

@@ -175,6 +175,23 @@ def _check_match(model: nn.Module, stack: LayerStack, shards: ShardDirectory) ->
                 raise ShardDirError(f"{where} stores {name!r} as {entry.dtype} but the model expects {dtype}. {fix}")
 
 
+def _layers_run(runner: nn.Module, n: int):
+    """For `PassGuard`: how many decoder layers a pass of `runner` beginning now runs. transformers' early-exit
+    drafting (`assistant_early_exit`) lowers `config.num_hidden_layers` for its drafts, and the decoder loop runs
+    `self.layers[: self.config.num_hidden_layers]`. Only a value lowered below the one the config held when streaming
+    was enabled counts (`None` otherwise: every layer), so a config whose `num_hidden_layers` means something else
+    changes nothing."""
+    config = getattr(runner, "config", None)
+    enabled = getattr(config, "num_hidden_layers", None)
+
+    def layers_run() -> int | None:
+        k = getattr(config, "num_hidden_layers", None)
+        lowered = isinstance(k, int) and isinstance(enabled, int) and 0 < k < min(enabled, n)
+        return k if lowered else None
+
+    return layers_run
+
+
 def _set_tensor(module: nn.Module, attr: str, value: torch.Tensor, is_param: bool) -> None:
     if is_param:
         module._parameters[attr] = nn.Parameter(value, requires_grad=False)
@@ -717,7 +734,7 @@ def enable_layer_streaming(
     state.host_modules = host_modules
     # the module whose forward runs the layers: its forward is wrapped (see `PassGuard`)
     state.runner = model.get_submodule(stack.prefix.rpartition(".")[0])
-    state.guard = PassGuard(hooks, loader, [m._hf_hook for m in host_modules])
+    state.guard = PassGuard(hooks, loader, [m._hf_hook for m in host_modules], _layers_run(state.runner, len(stack)))
     state.runner_forward = vars(state.runner).get("forward")  # an instance attribute it had (another wrapper), if any
     state.runner.forward = state.guard.wrap(state.runner.forward)
     if host_modules and state.runner is not model:

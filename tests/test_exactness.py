@@ -100,7 +100,8 @@ def test_early_exit_self_speculation_keeps_its_read_ahead(checkpoints, arch):
     The tokens are the loaded model's, and no layer read ahead is thrown away: every map made is used by a pass
     (or is read ahead for the next one), as a pass cut short by an exception would have them let go. No more than
     `prefetch + 1` layers are held meanwhile: a draft pass does not read ahead from layer 0 on top of the read-ahead
-    the last draft left for the layers after its exit (it held up to `2 * prefetch + 1`)."""
+    the last draft left for the layers after its exit (it held up to `2 * prefetch + 1`). And every layer a pass
+    uses was read ahead: a draft's read-ahead wraps to layer 0 at its exit."""
     ckpt, shards = checkpoints(arch, num_hidden_layers=6)
     ref = _models.load_reference(ckpt)
     model = streamed_model(ckpt, shards, max_memory={"cpu": 0}, prefetch=2)
@@ -112,10 +113,11 @@ def test_early_exit_self_speculation_keeps_its_read_ahead(checkpoints, arch):
     expected = ref.generate(**inputs, **kw)
     loader.wait_idle()
     before = loader.reads["mapped"] - len(loader._pending)  # (the first pass's read-ahead, made at enable time)
-    acquired, held = [], []
+    acquired, held, ahead = [], [], []
 
     def acquire(index, acquire=loader.acquire):
         acquired.append(index)
+        ahead.append(index in loader._pending)  # (read ahead, or loaded now, on demand)
         tensors = acquire(index)
         held.append(len(loader._pending) + len(loader._in_use))  # (every layer is streamed)
         return tensors
@@ -128,6 +130,9 @@ def test_early_exit_self_speculation_keeps_its_read_ahead(checkpoints, arch):
     loader.wait_idle()
     assert max(acquired) == 5 and acquired.count(0) > acquired.count(5)  # draft passes, and full ones
     assert max(held) <= loader.prefetch + 1, held
+    # every layer was read ahead: a draft's read-ahead wraps to layer 0 at its exit (it read the layers past the
+    # exit, which no draft uses, and then, capped, nothing for the drafts)
+    assert all(ahead), [i for i, a in zip(acquired, ahead) if not a]
     assert loader.reads["mapped"] - before == len(acquired) + len(loader._pending)
     disable_layer_streaming(model)
 
