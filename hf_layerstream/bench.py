@@ -251,7 +251,7 @@ def _rewarm(paths) -> None:
     if hasattr(mmap, "MADV_HUGEPAGE"):
         try:
             _read_mapped(paths)
-        except OSError as e:  # the child's untimed warm-up call reads them instead
+        except (OSError, MemoryError) as e:  # the child's untimed warm-up call reads them instead
             logger.info("could not read the shard files back through a huge-page map (%s)", e)
 
 
@@ -341,7 +341,7 @@ def measure_disk_bandwidth(paths, *, chunk: int = 16 * 2**20, streams: int = 2) 
         t0 = time.perf_counter()
         try:
             total, method = way(paths)
-        except OSError as e:
+        except (OSError, MemoryError) as e:  # (a huge-page map's populate out of memory: `MemoryError`)
             logger.info("disk bandwidth: one way of reading failed (%s); skipped", e)
             continue
         seconds = time.perf_counter() - t0

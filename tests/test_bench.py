@@ -306,6 +306,32 @@ def test_disk_bandwidth(tmp_path):
     assert both["bandwidth"] == max(both["by_method"].values())
 
 
+@pytest.mark.skipif(not hasattr(mmap, "MADV_HUGEPAGE"), reason="no huge-page map way here")
+def test_disk_bandwidth_skips_a_way_that_runs_out_of_memory(tmp_path, monkeypatch):
+    """Reading through a huge-page map where memory is short (`MADV_POPULATE_READ`: `ENOMEM`, a `MemoryError`) skips
+    that way, as a refused `O_DIRECT` or a failed read does: the disk is measured by the others (it stopped bench)."""
+    import errno
+
+    from hf_layerstream import _safetensors
+    from hf_layerstream.bench import MAPPED_WAY, _rewarm
+
+    if _safetensors._MADV_POPULATE_READ is None:
+        pytest.skip("no MADV_POPULATE_READ here")
+
+    def out_of_memory(mm, advice, address=None):
+        raise OSError(errno.ENOMEM, os.strerror(errno.ENOMEM))
+
+    monkeypatch.setattr(_safetensors, "madvise_released", out_of_memory)
+    paths = [tmp_path / "a", tmp_path / "b"]
+    for p in paths:
+        p.write_bytes(b"\1" * 2**20)
+    result = measure_disk_bandwidth(paths, chunk=2**20)
+    assert result["bytes"] == 2 * 2**20 and result["bandwidth"] > 0
+    assert set(result["by_method"]) == {"O_DIRECT", "O_DIRECT, 2 files at once"}
+    assert all(MAPPED_WAY not in way for way in result["by_method"])
+    _rewarm(paths)  # (logged, not raised: the child's warm-up reads them instead)
+
+
 def test_warm_measurement_starts_from_a_warm_page_cache(tmp_path):
     """A warm row times a model whose weights are in the page cache, whatever evicted them before (an earlier cold
     run, the host's reclaim): one untimed call first."""
