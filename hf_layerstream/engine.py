@@ -1375,9 +1375,11 @@ class LayerLoader:
 
     def _schedule_after(self, index: int) -> None:
         """Keep the next `prefetch` streamed layers (cyclically) loading in the background, while no more than
-        `prefetch + 1` streamed layers are held: read ahead, in use, and `index` as it is acquired. A pass that ended
-        early without raising (an early-exit draft) leaves its read-ahead for the pass that goes on; the passes that
-        begin meanwhile read fewer layers ahead, not more than the plan has room for."""
+        `prefetch + 1` streamed layers are held: read ahead, in use, and `index` as it is acquired. Cyclically within
+        the layers the pass runs (`pass_runs`): an early-exit draft's read-ahead wraps to layer 0 at its exit. A pass
+        that ended early otherwise (without raising, and without a lowered `num_hidden_layers`) leaves its read-ahead
+        for the pass that goes on, and the passes that begin meanwhile read fewer layers ahead, not more than the
+        plan has room for."""
         if not self.prefetch or not self._streamed:
             return
         window = self._window

@@ -1173,11 +1173,11 @@ def _stored_form(
     name: str, tensor: torch.Tensor, scheme, quantize_tensor: Callable, should_quantize: Callable, unit: str
 ) -> tuple[dict[str, torch.Tensor], TensorEntry]:
     """How one tensor of `unit` is stored: its file tensors (itself, or its quantized parts) and its record."""
-    from .quant import NonFiniteError
-
     quantize = scheme is not None and should_quantize(name, tensor, scheme, is_embedding=unit == RESIDENT)
     parts = None
     if quantize:
+        from .quant import NonFiniteError
+
         try:  # (quantize_tensor checks the values are finite: a second check here took about 6% of a 4-bit split)
             parts, meta = quantize_tensor(tensor, scheme)
         except NonFiniteError:  # block-wise scales cannot hold inf / NaN
