@@ -341,6 +341,47 @@ def test_a_kept_layer_that_cannot_be_loaded_names_the_layer(llama, tmp_path):
     disable_layer_streaming(model)
 
 
+def test_a_kept_layer_swaps_in_the_same_parameters_at_every_pass(llama):
+    """A layer kept on the device holds the same tensors at every pass: its hook makes their `nn.Parameter`s once (one
+    set with gradients off, one with them on, which never require grad) and swaps those in at each pass; a streamed
+    layer's are made for each pass. The output stays exact, and disabling streaming lets the kept tensors go."""
+    ckpt, shards, inputs, expected, pad = llama
+    model = streamed_model(ckpt, shards, max_memory={"cpu": "1GiB"})  # (the default keeps every layer here too)
+    loader = get_streaming_state(model).loader
+    assert all(loader.plan.tier(i) == "device" for i in range(6))
+    layer = model.model.layers[2]
+    seen = []
+    # (inside the layer's forward pass: what its hook swapped in)
+    layer.self_attn.register_forward_pre_hook(lambda m, a: seen.append((m.q_proj.weight, layer.input_layernorm.weight)))
+    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+    with torch.no_grad():
+        model(**inputs)
+    weight = seen[0][0]
+    assert len(seen) > 2 and all(w is weight and n is seen[0][1] for w, n in seen)
+    assert isinstance(weight, torch.nn.Parameter) and weight.requires_grad  # (as the model's own, see `_wants_grad`)
+    assert weight.data_ptr() == loader.kept(2)["self_attn.q_proj.weight"].data_ptr()
+    seen.clear()
+    logits = model(**inputs).logits  # gradients on: weights that require none, made once too
+    model(**inputs)
+    assert seen[0][0] is not weight and seen[0][0] is seen[1][0] and not seen[0][0].requires_grad
+    assert not logits.requires_grad
+    kept = weakref.ref(loader.kept(2)["self_attn.q_proj.weight"])
+    del seen, weight
+    disable_layer_streaming(model)
+    gc.collect()
+    assert kept() is None
+
+    # every layer streamed: a layer's Parameters are made for each pass (its tensors are the loader's for that pass)
+    model = streamed_model(ckpt, shards, max_memory={"cpu": 0})
+    layer = model.model.layers[2]
+    seen = []
+    layer.self_attn.register_forward_pre_hook(lambda m, a: seen.append(m.q_proj.weight))
+    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+    assert len(seen) > 2 and len({id(w) for w in seen}) == len(seen)
+    assert get_streaming_state(model).hooks[2]._kept_values is None
+    disable_layer_streaming(model)
+
+
 @pytest.mark.parametrize("read_ahead", [True, False], ids=["read-ahead", "on-demand"])
 def test_a_failed_load_frees_what_it_had_made(llama, read_ahead, monkeypatch):
     """A load that fails part way (a GPU out of memory after some weights were copied, a damaged file) frees what it

@@ -7,7 +7,7 @@ import json
 import _models
 import pytest
 import torch
-from conftest import streamed_model
+from conftest import shaped_shard_dir, streamed_model
 
 from hf_layerstream import ShardDirectory, ShardDirError, get_streaming_state, split_checkpoint
 from hf_layerstream.cli import main
@@ -90,9 +90,20 @@ def test_compression_and_prefetch_work_together(bf16_checkpoint):
 
 def test_default_prefetch_is_by_device_and_compression(bf16_checkpoint, capsys):
     """Without `prefetch`: 3 on CPU with full-precision shards (two map threads, one more layer queued), 2 with
-    quantized shards and on CUDA; `inspect` plans with the same default."""
+    quantized shards; on CUDA as many layers as hold `CUDA_AHEAD_BYTES` as stored (what crosses to the device), from 2
+    to `CUDA_MAX_PREFETCH`. `inspect` plans with the same default."""
     from hf_layerstream import disable_layer_streaming
-    from hf_layerstream.stream import default_prefetch
+    from hf_layerstream.stream import CUDA_AHEAD_BYTES, CUDA_MAX_PREFETCH, default_prefetch
+
+    cuda = torch.device("cuda", 0)
+    mib = 2**20
+    assert CUDA_AHEAD_BYTES == 320 * mib and CUDA_MAX_PREFETCH == 8
+    for stored, expected in ((90 * mib, 4), (80 * mib, 4), (79 * mib, 5), (160 * mib, 2), (2 * 2**30, 2), (mib, 8)):
+        # (the largest layer counts: one of 1 MiB beside it changes nothing)
+        shards = shaped_shard_dir(3, 4 * stored, 0, stored=stored)
+        assert default_prefetch(cuda, shards) == expected, stored
+        shards.unit("layers.1").size = mib
+        assert default_prefetch(cuda, shards) == expected
 
     ckpt, dirs = bf16_checkpoint
     for compression, expected in (("none", 3), ("4bit", 2)):
@@ -102,7 +113,7 @@ def test_default_prefetch_is_by_device_and_compression(bf16_checkpoint, capsys):
         disable_layer_streaming(model)
         assert main(["inspect", str(dirs[compression]), "--json", "--device", "cpu", "--max-memory", "cpu=0"]) == 0
         assert json.loads(capsys.readouterr().out)["plan"]["prefetch"] == expected
-        assert default_prefetch(torch.device("cuda", 0), ShardDirectory(dirs[compression])) == 2
+        assert default_prefetch(cuda, ShardDirectory(dirs[compression])) == CUDA_MAX_PREFETCH  # (tiny layers)
 
 
 def test_a_directory_of_one_scheme_is_never_taken_for_another(bf16_checkpoint, tmp_path):
