@@ -72,7 +72,9 @@ DEFAULT_PREFETCH_CPU = 3
 # ms of Python at batch 1) the loader can copy no further than `prefetch` layers ahead, and small layers copy in less
 # time than that: the H200 here (55 GB/s pinned host-to-device), every layer of the bench model (16 layers of 90 MB)
 # from pinned host RAM, took 31.0 / 34.2 ms a token at prefetch 2 and 27.2 at 4 (one sweep's copies alone: 26.5 ms;
-# prefetch 1: 35.4). Layers of 160 MB or more get 2, as before; a budget too small for them lowers it (`fit_prefetch`).
+# prefetch 1: 35.4), in a call where the whole model took 20-21 ms; where it took 12-17 ms (a faster phase of that
+# shared machine: a shorter gap) 2 and 4 both gave 28-30 ms. Layers of 160 MB or more get 2, as before; a budget too
+# small for them lowers it (`fit_prefetch`).
 CUDA_AHEAD_BYTES = 320 * 2**20
 CUDA_MAX_PREFETCH = 8
 
