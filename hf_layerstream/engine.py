@@ -527,6 +527,27 @@ def fit_prefetch(
     return plan
 
 
+def deepen_prefetch(plan: ResidencyPlan, plan_for: Callable[[int], ResidencyPlan], most: int) -> ResidencyPlan:
+    """On CUDA: `plan` (made with a `prefetch` of at most 2, and fitted to the budget by `fit_prefetch`), or the plan of
+    the largest `prefetch` up to `most` (the default by layer size, see `stream.CUDA_AHEAD_BYTES`) that keeps as much:
+    the same layers on the device and in host RAM, the same resident parts on the device, within the device's budget.
+    A layer kept saves its copy at every sweep, which reading further ahead only spreads out: what reading ahead gets
+    is the room left over after the layers kept, or any with a budget of 0 (every layer streamed, as asked)."""
+    if plan.device.type == "cpu" or most <= plan.prefetch or len(plan.device_layers) == len(plan.layer_bytes):
+        return plan  # (every layer kept on the device: none is copied to it, from host RAM or the disk)
+    budget = plan.budgets.get(str(_device_key(plan.device)))
+    for prefetch in range(most, plan.prefetch, -1):
+        deeper = plan_for(prefetch)
+        if (
+            deeper.device_layers == plan.device_layers
+            and deeper.host_layers == plan.host_layers
+            and deeper.host_resident == plan.host_resident
+            and not (budget and _least_need(deeper)[0] + deeper.reserve > budget)
+        ):
+            return deeper
+    return plan
+
+
 def budget_shortfall(plan: ResidencyPlan, max_memory: dict | None) -> str | None:
     """A warning where the caller's `max_memory` for the execution device cannot hold even the least the plan needs:
     the resident parts plus `prefetch + 1` layers in flight (every layer is then streamed, and the peak still reaches

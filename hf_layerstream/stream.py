@@ -22,6 +22,7 @@ from .engine import (
     ResidencyPlan,
     budget_shortfall,
     check_device,
+    deepen_prefetch,
     empty_allocator_caches,
     fit_prefetch,
     plan_residency,
@@ -73,10 +74,17 @@ DEFAULT_PREFETCH_CPU = 3
 # time than that: the H200 here (55 GB/s pinned host-to-device), every layer of the bench model (16 layers of 90 MB)
 # from pinned host RAM, took 31.0 / 34.2 ms a token at prefetch 2 and 27.2 at 4 (one sweep's copies alone: 26.5 ms;
 # prefetch 1: 35.4), in a call where the whole model took 20-21 ms; where it took 12-17 ms (a faster phase of that
-# shared machine: a shorter gap) 2 and 4 both gave 28-30 ms. Layers of 160 MB or more get 2, as before; a budget too
-# small for them lowers it (`fit_prefetch`).
+# shared machine: a shorter gap) 2 and 4 both gave 28-30 ms. Layers of 160 MB or more get 2, as before. A plan starts
+# from at most 2, fitted to the budget (`fit_prefetch`), and reads further ahead only where that keeps the same layers
+# (`engine.deepen_prefetch`): with layers of one size, only when it keeps none (a device budget of 0).
 CUDA_AHEAD_BYTES = 320 * 2**20
 CUDA_MAX_PREFETCH = 8
+
+
+def base_prefetch(device: torch.device, default: int) -> int:
+    """The `prefetch` a default plan starts from: on CUDA at most `DEFAULT_PREFETCH`, raised towards the default by
+    layer size only where that keeps as many layers (`engine.deepen_prefetch`); on CPU the default itself."""
+    return default if device.type == "cpu" else min(default, DEFAULT_PREFETCH)
 
 
 def default_prefetch(device: torch.device, shards: ShardDirectory) -> int:
@@ -392,11 +400,10 @@ def plan_streaming(
             dequantize="module" if deferred else "layer",
             scratch=scratch,
         )
-        return (
-            plan_for(prefetch=prefetch)
-            if chosen
-            else fit_prefetch(lambda p: plan_for(prefetch=p), prefetch, max_memory)
-        )
+        if chosen:
+            return plan_for(prefetch=prefetch)
+        plan = fit_prefetch(lambda p: plan_for(prefetch=p), base_prefetch(device, prefetch), max_memory)
+        return deepen_prefetch(plan, lambda p: plan_for(prefetch=p), prefetch)
 
     deferrable = frozenset(deferrable)
     if dequantize == "module" or not deferrable:
@@ -670,7 +677,7 @@ def enable_layer_streaming(
         keep_in_page_cache=keep_in_page_cache,
         host_candidates=[p.candidate for p in host_parts],
     )
-    if not chosen and plan.prefetch != default:
+    if not chosen and plan.prefetch < base_prefetch(device, default):
         key = "cpu" if device.type == "cpu" else str(device.index)
         name = "max_memory['cpu']" if device.type == "cpu" else "the device budget"
         room = f"{name} ({plan.budgets[key] / 2**30:.2f} GiB)"

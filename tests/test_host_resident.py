@@ -157,6 +157,46 @@ def test_default_prefetch_is_lowered_until_a_gpu_budget_holds_it(checkpoints):
     assert fitted(layer // 2, cpu).prefetch == 2  # (on CPU only a `max_memory["cpu"]` lowers it: the next test)
 
 
+def test_on_cuda_the_default_reads_further_ahead_only_with_room_no_kept_layer_needs(checkpoints):
+    """On CUDA the default `prefetch` goes by layer size (tiny layers here: `CUDA_MAX_PREFETCH`), but a plan starts from
+    2 (fitted to the budget) and reads further ahead only where that keeps the same layers on the device and in host
+    RAM and the same resident parts there: a kept layer saves its copy at every sweep. Every budget gives the
+    prefetch-2 plan's residency; a budget of 0 (or leftover room: with layers of one size the plan keeps one more
+    layer instead, so it reads further ahead only when it keeps none) gives deeper read-ahead within the budget."""
+    from hf_layerstream.engine import _least_need
+    from hf_layerstream.stream import CUDA_MAX_PREFETCH, plan_shard_dir
+
+    _, shards = checkpoints("llama", num_hidden_layers=6)
+    m, layer, resident = _layer_and_resident(shards)
+    n = m.num_layers
+
+    def plan(budget, prefetch=None):
+        return plan_shard_dir(m, CUDA0, prefetch=prefetch, max_memory={0: budget, "cpu": "1GiB"})
+
+    # every layer streamed, as asked: from host RAM, or with none there, from the disk
+    assert plan(0).prefetch == CUDA_MAX_PREFETCH and plan(0).host_layers == list(range(n))
+    off_host = plan_shard_dir(m, CUDA0, max_memory={0: 0, "cpu": 0})
+    assert off_host.prefetch == CUDA_MAX_PREFETCH and off_host.streamed == list(range(n))
+    same = 0
+    for budget in range(resident, resident + (n + 4) * layer * 10 // 9, max(layer // 7, 1)):
+        base = fit_prefetch(lambda p, b=budget: plan(b, p), 2)
+        got = plan(budget)
+        kept = (got.device_layers, got.host_layers, got.host_resident)
+        assert kept == (base.device_layers, base.host_layers, base.host_resident), budget
+        if len(got.device_layers) == n:  # (nothing copied to the device: read-ahead does not matter)
+            continue
+        assert base.prefetch <= got.prefetch <= CUDA_MAX_PREFETCH
+        if got.prefetch > base.prefetch:
+            assert _least_need(got)[0] + got.reserve <= budget
+        elif got.prefetch == 2:
+            # deeper would have given up a kept layer (or a resident part's place on the device), or not fitted
+            more = plan(budget, 3)
+            gives_up = (more.device_layers, more.host_resident) != (got.device_layers, got.host_resident)
+            assert gives_up or _least_need(more)[0] + more.reserve > budget, budget
+            same += 1
+    assert same  # (budgets where reading further ahead would have cost a kept layer were met)
+
+
 def test_on_cpu_the_default_prefetch_is_lowered_by_a_cpu_budget_not_by_the_available_memory(monkeypatch):
     """On CPU the layers in flight are file pages, which the kernel reclaims as it needs: a small available memory does
     not lower the default (lowering it was measured no faster, see `fit_prefetch`). The caller's `max_memory["cpu"]`
