@@ -677,7 +677,8 @@ def enable_layer_streaming(
         keep_in_page_cache=keep_in_page_cache,
         host_candidates=[p.candidate for p in host_parts],
     )
-    if not chosen and plan.prefetch < base_prefetch(device, default):
+    base = base_prefetch(device, default)
+    if not chosen and plan.prefetch < base:
         key = "cpu" if device.type == "cpu" else str(device.index)
         name = "max_memory['cpu']" if device.type == "cpu" else "the device budget"
         room = f"{name} ({plan.budgets[key] / 2**30:.2f} GiB)"
@@ -685,7 +686,7 @@ def enable_layer_streaming(
             "prefetch lowered to %d from the default %d: %s cannot hold the resident parts and more layers in flight. "
             "Pass `prefetch=` to choose it.",
             plan.prefetch,
-            default,
+            base,
             room,
         )
     prefetch = plan.prefetch
