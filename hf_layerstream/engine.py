@@ -521,10 +521,16 @@ def fit_prefetch(
         while budget and plan.prefetch > 0 and plan.streamed and _least_need(plan)[0] > budget:
             plan = plan_for(plan.prefetch - 1)  # (nothing streamed: nothing in flight, nothing to lower)
         return plan
-    budget = plan.budgets.get(str(_device_key(plan.device)))
-    while budget and plan.prefetch > 0 and _least_need(plan)[0] + plan.reserve > budget:
+    while plan.prefetch > 0 and _over_budget(plan):
         plan = plan_for(plan.prefetch - 1)
     return plan
+
+
+def _over_budget(plan: ResidencyPlan) -> bool:
+    """A GPU plan: whether its device budget (0 or none: nothing asked of it) cannot hold the least the plan needs
+    there, with the reserve for activations and the KV cache."""
+    budget = plan.budgets.get(str(_device_key(plan.device)))
+    return bool(budget) and _least_need(plan)[0] + plan.reserve > budget
 
 
 def deepen_prefetch(plan: ResidencyPlan, plan_for: Callable[[int], ResidencyPlan], most: int) -> ResidencyPlan:
@@ -535,14 +541,13 @@ def deepen_prefetch(plan: ResidencyPlan, plan_for: Callable[[int], ResidencyPlan
     is the room left over after the layers kept, or any with a budget of 0 (every layer streamed, as asked)."""
     if plan.device.type == "cpu" or most <= plan.prefetch or len(plan.device_layers) == len(plan.layer_bytes):
         return plan  # (every layer kept on the device: none is copied to it, from host RAM or the disk)
-    budget = plan.budgets.get(str(_device_key(plan.device)))
     for prefetch in range(most, plan.prefetch, -1):
         deeper = plan_for(prefetch)
         if (
             deeper.device_layers == plan.device_layers
             and deeper.host_layers == plan.host_layers
             and deeper.host_resident == plan.host_resident
-            and not (budget and _least_need(deeper)[0] + deeper.reserve > budget)
+            and not _over_budget(deeper)
         ):
             return deeper
     return plan
