@@ -411,19 +411,25 @@ def _tokenizer_files(tokenizer_config: Path | None, config) -> list[str]:
     """Files the checkpoint's tokenizer reads that `_SIDE_FILES` does not name (GPT-NeoX-Japanese's `emoji.json`),
     to copy so that `AutoTokenizer.from_pretrained(shard_dir)` finds them: the `vocab_files_names` of each class
     `AutoTokenizer` may pick (tokenizer_config.json's `tokenizer_class`, the config's, the one transformers registers
-    for its model type), looked up as transformers looks them up. A class it cannot find or load here (remote code, a
-    missing dependency) adds nothing; a name the checkpoint lacks is not copied."""
+    for its model type), looked up as transformers looks them up, and the versioned `tokenizer.json` files that
+    tokenizer_config.json's `fast_tokenizer_files` lists (transformers reads the newest one not newer than itself
+    instead of `tokenizer.json`: without it the shard directory's tokenizer encoded text to nothing). A class it
+    cannot find or load here (remote code, a missing dependency) adds nothing; a name the checkpoint lacks is not
+    copied."""
     data = _read_json(tokenizer_config) if tokenizer_config is not None else None
+    names: set[str] = set()
+    versioned = data.get("fast_tokenizer_files") if isinstance(data, dict) else None
+    if isinstance(versioned, list):
+        names.update(f for f in versioned if _plain_name(f))
     try:
         from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING_NAMES, tokenizer_class_from_name
     except ImportError:
-        return []
+        return sorted(names - set(_SIDE_FILES))
     classes = [
         data.get("tokenizer_class") if isinstance(data, dict) else None,
         getattr(config, "tokenizer_class", None),
         TOKENIZER_MAPPING_NAMES.get(getattr(config, "model_type", None) or ""),
     ]
-    names: set[str] = set()
     for class_name in classes:
         if not isinstance(class_name, str):
             continue
@@ -433,8 +439,13 @@ def _tokenizer_files(tokenizer_config: Path | None, config) -> list[str]:
             except Exception:  # noqa: BLE001 - nothing to add
                 continue
             if isinstance(files, dict):
-                names.update(f for f in files.values() if isinstance(f, str) and f and "/" not in f and "\\" not in f)
+                names.update(f for f in files.values() if _plain_name(f))
     return sorted(names - set(_SIDE_FILES))
+
+
+def _plain_name(name) -> bool:
+    """A file name of the checkpoint's top folder (no path: a name from a config file is copied as it is)."""
+    return isinstance(name, str) and bool(name) and "/" not in name and "\\" not in name and not name.startswith(".")
 
 
 def _is_offline() -> bool:

@@ -156,6 +156,30 @@ def test_split_copies_the_files_its_tokenizer_class_reads_and_named_chat_templat
         assert loaded.chat_template == tok.chat_template
 
 
+def test_split_copies_the_versioned_tokenizer_file_that_tokenizer_config_names(tmp_path, monkeypatch):
+    """A tokenizer_config.json listing `fast_tokenizer_files` has transformers read `tokenizer.<version>.json` instead
+    of `tokenizer.json`: the split copies those files, from a local folder and from the hub cache. Without them the
+    shard directory's tokenizer loaded without complaint and encoded text to no ids."""
+    from huggingface_hub import constants
+
+    ckpt = _models.save_tiny_checkpoint("llama", tmp_path / "ckpt")
+    _models.save_metaspace_tokenizer(ckpt)
+    (ckpt / "tokenizer.json").rename(ckpt / "tokenizer.4.0.0.json")
+    config = json.loads((ckpt / "tokenizer_config.json").read_text())
+    config["fast_tokenizer_files"] = ["tokenizer.4.0.0.json", "../tokenizer.9.json"]  # (names only are copied)
+    (ckpt / "tokenizer_config.json").write_text(json.dumps(config))
+    (tmp_path / "tokenizer.9.json").write_text("{}")  # (what the path names, next to the checkpoint)
+    expected = AutoTokenizer.from_pretrained(ckpt)("hello world").input_ids
+    assert len(expected) > 2
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    _fake_hub_cache(tmp_path / "cache", "tiny-org/versioned-tok", ckpt)
+    for i, source in enumerate((ckpt, "tiny-org/versioned-tok")):
+        shards = split_checkpoint(source, tmp_path / f"out{i}" / "shards", cache_dir=tmp_path / "cache", progress=False)
+        assert (shards / "tokenizer.4.0.0.json").read_bytes() == (ckpt / "tokenizer.4.0.0.json").read_bytes()
+        assert not (shards.parent / "tokenizer.9.json").exists()
+        assert AutoTokenizer.from_pretrained(shards)("hello world").input_ids == expected
+
+
 def test_split_never_modifies_the_source_and_shows_progress(tmp_path, capsys, monkeypatch):
     from hf_layerstream import split as split_mod
 
