@@ -61,12 +61,13 @@ class LayerStreamingHook(ModelHook):
         self.names = [rel for _, _, rel, _ in slots]
         self.placeholder_kinds = [(p.dtype, p.device) for p in self.placeholders]  # (a cast since is refused)
         # a layer the plan keeps on the device: the values its last passes swapped in, made once for its kept tensors,
-        # as (those tensors, {grad off: values}). Making a `nn.Parameter` for each weight at every pass was most of
-        # this hook's work, which a GPU at batch 1 sees beside a layer's 0.8 ms of kernel launches: `pre_forward` +
-        # `post_forward` of a kept Llama layer took 20.6 us, now 4.9 (CPU, best of 9 x 5000); a forward pass of a
-        # 16-layer tiny Llama, every layer kept, built as `generate` builds it: 46-47 us a layer over the loaded
-        # model's, now 1-30 (10th percentile of 300 passes, two and four runs on a shared 2-core machine)
-        self._kept_values: tuple[dict, dict[bool, list]] | None = None
+        # as (those tensors, {grad off: (the placeholders' requires_grad they followed, None with grad on; values)}).
+        # Making a `nn.Parameter` for each weight at every pass was most of this hook's work, which a GPU at batch 1
+        # sees beside a layer's 0.8 ms of kernel launches: `pre_forward` + `post_forward` of a kept Llama layer took
+        # 20.6 us, now 4.9 (CPU, best of 9 x 5000); a forward pass of a 16-layer tiny Llama, every layer kept, built
+        # as `generate` builds it: 46-47 us a layer over the loaded model's, now 1-30 (10th percentile of 300 passes,
+        # two and four runs on a shared 2-core machine)
+        self._kept_values: tuple[dict, dict[bool, tuple[list | None, list]]] | None = None
         self.profile = profile
         self._t0 = 0.0
         # slots whose weight the loader hands over packed (see `ModuleDequantizer`): their `Packed` placeholder
@@ -96,10 +97,15 @@ class LayerStreamingHook(ModelHook):
                 raise self._moved(k, current)
         tensors = self.loader.acquire(self.index)
         no_grad = not torch.is_grad_enabled()
+        # without gradients a weight requires grad as its placeholder does, which the caller may have changed since the
+        # kept values were made (`model.requires_grad_(False)`): reused, they kept the old flags, and a Mamba model
+        # then gave other bits than the loaded model frozen alike (reading the flags: pre + post 4.7 -> 5.7 us here)
+        grads = [p.requires_grad for p in self.placeholders] if no_grad else None
         kept = self._kept_values
-        values = kept[1].get(no_grad) if kept is not None and kept[0] is tensors else None
+        made = kept[1].get(no_grad) if kept is not None and kept[0] is tensors else None
+        values = made[1] if made is not None and made[0] == grads else None
         if values is None:
-            values = self._values(tensors, no_grad)
+            values = self._values(tensors, no_grad, grads)
         for (entry, attr), value in zip(self.entries, values):
             entry[attr] = value
         if self.profile is not None:
@@ -109,10 +115,11 @@ class LayerStreamingHook(ModelHook):
             self._t0 = time.perf_counter()
         return args, kwargs
 
-    def _values(self, tensors: dict, no_grad: bool) -> list:
+    def _values(self, tensors: dict, no_grad: bool, grads: list | None) -> list:
         """What each slot holds during this pass: the loaded tensors, weights as `nn.Parameter`s, a packed weight's
         `Packed` placeholder (the weight itself in `self.packed`, dequantized as its module runs). Kept for the next
-        passes where the layer is kept on the device and none of its weights is packed."""
+        passes where the layer is kept on the device and none of its weights is packed, with the placeholders'
+        `requires_grad` they followed (`grads`; `None` with gradients on, where no weight requires grad)."""
         values = []
         for k, (_, _, rel, is_param) in enumerate(self.slots):
             value = tensors[rel]
@@ -126,7 +133,7 @@ class LayerStreamingHook(ModelHook):
             kept = self._kept_values
             if kept is None or kept[0] is not tensors:
                 kept = self._kept_values = (tensors, {})
-            kept[1][no_grad] = values
+            kept[1][no_grad] = (grads, values)
         return values
 
     def _moved(self, k: int, current: torch.Tensor) -> RuntimeError:

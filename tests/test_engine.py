@@ -382,6 +382,36 @@ def test_a_kept_layer_swaps_in_the_same_parameters_at_every_pass(llama):
     disable_layer_streaming(model)
 
 
+def test_a_kept_layer_follows_requires_grad_changed_after_its_parameters_were_made(llama):
+    """The Parameters a kept layer's hook makes once require grad (without gradients) as their placeholders did then;
+    the caller may change that later (`model.requires_grad_(False)`, as for a frozen loaded model): the next pass
+    swaps in weights that follow it, as a streamed layer's do. Some kernels choose by it (see `hooks._wants_grad`):
+    reused, a Mamba model gave other bits than the loaded model frozen alike."""
+    ckpt, shards, *_ = llama
+    model = streamed_model(ckpt, shards, max_memory={"cpu": "1GiB"})
+    assert get_streaming_state(model).loader.plan.tier(1) == "device"
+    q_proj, norm = model.model.layers[1].self_attn.q_proj, model.model.layers[1].input_layernorm
+    seen = []
+    for m in (norm, q_proj):
+        m.register_forward_pre_hook(lambda m, a: seen.append(m.weight.requires_grad))
+    ids = torch.tensor([[1, 5, 7, 9]])
+
+    def flags() -> list[bool]:
+        seen.clear()
+        with torch.no_grad():
+            model(ids)
+        return list(seen)
+
+    assert flags() == [True, True] and flags() == [True, True]
+    model.requires_grad_(False)
+    assert flags() == [False, False]
+    q_proj.requires_grad_(True)
+    assert flags() == [False, True]
+    model.requires_grad_(True)
+    assert flags() == [True, True]
+    disable_layer_streaming(model)
+
+
 @pytest.mark.parametrize("read_ahead", [True, False], ids=["read-ahead", "on-demand"])
 def test_a_failed_load_frees_what_it_had_made(llama, read_ahead, monkeypatch):
     """A load that fails part way (a GPU out of memory after some weights were copied, a damaged file) frees what it
