@@ -533,10 +533,22 @@ def _over_budget(plan: ResidencyPlan) -> bool:
     return bool(budget) and _least_need(plan)[0] + plan.reserve > budget
 
 
+def _over_host_budget(plan: ResidencyPlan) -> bool:
+    """A GPU plan: whether host RAM's budget (0: nothing asked of it) cannot hold what `plan_residency` counts there:
+    the layers and resident parts kept in host RAM and the pinned staging buffers of the `prefetch + 1` layers in
+    flight. (The plan keeps a layer in host RAM only in the room the buffers leave, but keeps none where they take
+    more than the budget.)"""
+    budget = plan.budgets.get("cpu")
+    staging = (plan.prefetch + 1) * max(plan.stored_bytes, default=0)
+    kept = sum(plan.stored_bytes[i] for i in plan.host_layers) + plan.host_resident_bytes
+    return bool(budget) and kept + staging > budget
+
+
 def deepen_prefetch(plan: ResidencyPlan, plan_for: Callable[[int], ResidencyPlan], most: int) -> ResidencyPlan:
     """On CUDA: `plan` (made with a `prefetch` of at most 2, and fitted to the budget by `fit_prefetch`), or the plan of
     the largest `prefetch` up to `most` (the default by layer size, see `stream.CUDA_AHEAD_BYTES`) that keeps as much:
-    the same layers on the device and in host RAM, the same resident parts on the device, within the device's budget.
+    the same layers on the device and in host RAM, the same resident parts on the device, within the device's budget
+    and host RAM's (where that keeps no layer, the staging buffers could outgrow it: `_over_host_budget`).
     A layer kept saves its copy at every sweep, which reading further ahead only spreads out: what reading ahead gets
     is the room left over after the layers kept, or any with a budget of 0 (every layer streamed, as asked)."""
     if plan.device.type == "cpu" or most <= plan.prefetch or len(plan.device_layers) == len(plan.layer_bytes):
@@ -548,6 +560,7 @@ def deepen_prefetch(plan: ResidencyPlan, plan_for: Callable[[int], ResidencyPlan
             and deeper.host_layers == plan.host_layers
             and deeper.host_resident == plan.host_resident
             and not _over_budget(deeper)
+            and not _over_host_budget(deeper)
         ):
             return deeper
     return plan

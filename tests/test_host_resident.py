@@ -197,6 +197,26 @@ def test_on_cuda_the_default_reads_further_ahead_only_with_room_no_kept_layer_ne
     assert same  # (budgets where reading further ahead would have cost a kept layer were met)
 
 
+def test_on_cuda_reading_further_ahead_stays_within_the_host_budget(checkpoints):
+    """A layer streamed from the disk to a GPU is read into a pinned staging buffer, one for each of the `prefetch + 1`
+    layers in flight, which the plan counts in `max_memory["cpu"]` before the layers it keeps there. Where that budget
+    keeps none (less than 4 layers' room at prefetch 2), reading further ahead than 2 took 9 buffers (tiny layers:
+    `CUDA_MAX_PREFETCH`), beyond the budget; it reads ahead only as far as the budget holds, and not at all where it
+    holds not even prefetch 2's. (A budget of 0, as for the device, asks for nothing: the previous test.)"""
+    from hf_layerstream.stream import plan_shard_dir
+
+    _, shards = checkpoints("llama", num_hidden_layers=6)
+    m = ShardDirectory(shards)
+    stored = max(m.unit(f"layers.{i}").size for i in range(m.num_layers))
+    for layers in (2.5, 3.5, 3.99):
+        cpu = int(layers * stored)
+        plan = plan_shard_dir(m, CUDA0, max_memory={0: 0, "cpu": cpu})
+        assert plan.host_layers == [] and plan.prefetch == 2, (layers, plan.prefetch)
+    # with room for a layer more the plan keeps it in host RAM, as at prefetch 2
+    plan = plan_shard_dir(m, CUDA0, max_memory={0: 0, "cpu": 4 * stored})
+    assert plan.host_layers == [0] and plan.prefetch == 2
+
+
 def test_on_cpu_the_default_prefetch_is_lowered_by_a_cpu_budget_not_by_the_available_memory(monkeypatch):
     """On CPU the layers in flight are file pages, which the kernel reclaims as it needs: a small available memory does
     not lower the default (lowering it was measured no faster, see `fit_prefetch`). The caller's `max_memory["cpu"]`
