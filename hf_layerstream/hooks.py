@@ -489,9 +489,12 @@ class HostResidentHook(ModelHook):
             self._t0 = time.perf_counter()
             if not self.on_host:
                 self.profile.add_host_resident(self.part, copy=self._t0 - t0)
-        for (module_, attr, is_param, _), value in zip(self.slots, values):
+        no_grad = not torch.is_grad_enabled()
+        for (module_, attr, is_param, _), value, placeholder in zip(self.slots, values, self.placeholders):
             if is_param:
-                module_._parameters[attr] = nn.Parameter(value, requires_grad=False)
+                # (as a layer's: the head's placeholder requires grad as the loaded head does, see `stream._HeadGrad`)
+                wants = no_grad and _wants_grad(placeholder, value)
+                module_._parameters[attr] = nn.Parameter(value, requires_grad=wants)
             else:
                 module_._buffers[attr] = value
         if self.on_host:

@@ -126,6 +126,8 @@ class StreamingState:
     model_forward: object = None  # the instance attribute `forward` the model had before, if any (see `wrap_model`)
     generation_config: object = None  # the shard directory's, set by enable (see `_load_generation_config`)
     own_generation_config: object = None  # the model's before it (put back by disable)
+    # (the output head, its own weight before enable): disable gives that one the `requires_grad` the caller set since
+    head_weight: tuple[nn.Module, object] | None = None
 
 
 def get_streaming_state(model: nn.Module) -> StreamingState | None:
@@ -217,6 +219,50 @@ def _layers_run(runner: nn.Module, n: int):
     return layers_run
 
 
+class _HeadGrad:
+    """The output head's weight requires grad as the loaded model's does: as the model's own parameter did when
+    streaming was enabled (True, unless the caller froze it), and then as the caller sets it (`model.requires_grad_
+    (False)`). `torch.matmul` chooses its kernel for the prompt pass's input by it (see `_fold_head_input`): a frozen
+    loaded head multiplies a batch-sized copy of its weight, and gives other bits from batch 2 on, which the streamed
+    head must give too. The other resident weights never require grad; they take no part in that choice.
+
+    With gradients on, no resident weight takes part in autograd (README, Limits: no weight gets a gradient, and
+    an input's backward pass holds none): each module holding the head's weight (the input embeddings too, where
+    tied) swaps in an alias of it that does not require grad for its forward, put back as the forward leaves."""
+
+    def __init__(self, weight: nn.Parameter):
+        self.weight = weight
+        self.swapped: dict[int, nn.Parameter] = {}  # id(module) -> the weight it held, while an alias is in
+
+    def pre(self, module: nn.Module, args):
+        weight = module._parameters.get("weight")
+        if weight is self.weight and weight.requires_grad and torch.is_grad_enabled():
+            self.swapped[id(module)] = weight
+            module._parameters["weight"] = nn.Parameter(weight.detach(), requires_grad=False)
+
+    def post(self, module: nn.Module, args, output):
+        weight = self.swapped.pop(id(module), None)
+        if weight is not None:
+            module._parameters["weight"] = weight
+
+
+def _follow_head_grad(model: nn.Module, head: nn.Module, wants_grad: bool, handles: list) -> None:
+    """See `_HeadGrad`: the head's weight, as resident on the device (a weight kept in host RAM has its placeholder
+    there, which `HostResidentHook` follows), made to require grad as `wants_grad`, and the modules holding it
+    hooked."""
+    weight = head._parameters.get("weight")
+    if not isinstance(weight, nn.Parameter) or not (weight.is_floating_point() or weight.is_complex()):
+        return
+    weight.requires_grad_(wants_grad)
+    if isinstance(weight, HostResident):
+        return
+    swap = _HeadGrad(weight)
+    for module in model.modules():
+        if module._parameters.get("weight") is weight:
+            handles.append(module.register_forward_pre_hook(swap.pre))
+            handles.append(module.register_forward_hook(swap.post, always_call=True))
+
+
 def _set_tensor(module: nn.Module, attr: str, value: torch.Tensor, is_param: bool) -> None:
     if is_param:
         module._parameters[attr] = nn.Parameter(value, requires_grad=False)
@@ -239,10 +285,15 @@ def _fold_head_input(module: nn.Module, args: tuple):
     of 6 ms, batch times the head's memory, and other bits in bf16 logits from batch 2 on. The strides of size-1
     dimensions address nothing: set so that the fold check passes, the head takes the fully loaded model's path,
     `mm` on the same view. Inputs that cannot be folded by a view are copied, as `reshape` copies them there.
+    The head's weight requires grad as the loaded model's does (see `_HeadGrad`), so a head the caller froze is
+    left to the path the loaded model takes then.
     """
     x = args[0] if args else None
     if not isinstance(x, torch.Tensor) or x.dim() < 3 or _foldable(x):
         return None
+    weight = module._parameters.get("weight")
+    if isinstance(weight, torch.Tensor) and not weight.requires_grad:
+        return None  # (the caller froze the head, as `model.requires_grad_(False)` does: the loaded one's `bmm` then)
     strides = list(x.stride())
     for i in range(x.dim() - 2):
         if x.size(i + 1) == 1:
@@ -656,6 +707,9 @@ def enable_layer_streaming(
 
     target_dtypes = _target_dtypes(shards, dtype, model)
 
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_weight = head._parameters.get("weight") if isinstance(head, nn.Module) else None
+    head_wants_grad = isinstance(head_weight, torch.Tensor) and head_weight.requires_grad  # (see `_HeadGrad`)
     originals: list[tuple[nn.Module, str, bool, object]] = []
     for module in model.modules():
         for attr, p in module._parameters.items():
@@ -767,7 +821,9 @@ def enable_layer_streaming(
         model.forward = state.guard.wrap_model(model.forward)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if isinstance(head, nn.Module):
-        state.handles.append(head.register_forward_pre_hook(_fold_head_input))
+        state.handles.append(head.register_forward_pre_hook(_fold_head_input))  # (first: it reads the flag)
+        _follow_head_grad(model, head, head_wants_grad, state.handles)
+        state.head_weight = (head, head_weight)
     state.compute_dtypes = frozenset(d for d in target_dtypes.values() if d.is_floating_point)
     state.had_device_map = hasattr(model, "hf_device_map")
     state.old_device_map = getattr(model, "hf_device_map", None)
@@ -964,6 +1020,11 @@ def _disable(model: nn.Module, state: StreamingState) -> None:
     for handle in state.handles:
         handle.remove()
     state.loader.close()
+    if state.head_weight is not None:  # (frozen while streaming: the model's own head weight is frozen too)
+        head, own = state.head_weight
+        current = head._parameters.get("weight")
+        if isinstance(own, torch.Tensor) and isinstance(current, torch.Tensor) and own.is_floating_point():
+            own.requires_grad_(current.requires_grad)
     _restore(model, state.originals)
     for name, wrapper in state.installed.items():  # (only ours: an instance attribute set over it since stays)
         if vars(model).get(name) is wrapper:

@@ -386,31 +386,52 @@ def test_bf16_checkpoint_exact(checkpoints):
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])  # gpt2: the head is tied to the embeddings
 def test_prompt_pass_head_takes_the_path_of_the_loaded_model(checkpoints, arch):
-    """The prompt pass feeds the head the last position of each prompt, a slice `matmul` does not fold into a matrix
-    for a weight that does not require grad (ours): it would `bmm` a batch-sized copy of the head's weight (0.3-0.4 s
-    per prompt pass for a 131 MB head here) and give other bf16 bits than `from_pretrained`'s model, which folds it.
-    The streamed head must take the loaded model's path: no `bmm`, the same bits, and the hook gone on disable."""
+    """The prompt pass feeds the head the last position of each prompt, a slice `matmul` folds into a matrix only for
+    a weight that requires grad: for one that does not, it `bmm`s a batch-sized copy of the head's weight (0.3-0.4 s
+    per prompt pass for a 131 MB head here) and gives other bf16 bits. The streamed head takes the loaded model's
+    path and bits: with its weight requiring grad as the loaded one's (as `from_pretrained` loads it, and frozen by
+    `requires_grad_(False)`, which gave other bits before), with gradients off and on (where an alias that does not
+    require grad stands in for the forward, so no graph is recorded: the input-gradient test), and the hooks gone on
+    disable."""
     from torch.profiler import profile
+
+    from hf_layerstream.stream import _foldable
 
     ckpt, shards = checkpoints(arch, dtype=torch.bfloat16)
     ref = _models.load_reference(ckpt, dtype=torch.bfloat16)
     model = streamed_model(ckpt, shards, **STREAM_ALL)
     head, ref_head = model.get_output_embeddings(), ref.get_output_embeddings()
-    assert not head.weight.requires_grad and ref_head.weight.requires_grad
+    weight = head.weight
     torch.manual_seed(0)
     hidden = torch.randn(3, 9, model.config.hidden_size, dtype=torch.bfloat16)
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    batch = tok(list(_models.SAMPLE_PROMPTS), return_tensors="pt", padding=True)
+    for frozen in (False, True):  # (as loaded, then frozen as the caller freezes a model)
+        if frozen:
+            ref.requires_grad_(False)
+            model.requires_grad_(False)
+        assert head.weight.requires_grad == ref_head.weight.requires_grad == (not frozen)
+        for grad in (False, True):
+            with torch.set_grad_enabled(grad):
+                for x in (hidden[:, -1:, :], hidden[:, 2:5, :], hidden[:1, -1:, :], hidden[:, :, :]):
+                    ops = []
+                    for m in (ref_head, head):
+                        with profile() as prof:
+                            out = m(x)
+                        ops.append({e.name for e in prof.events()} & {"aten::bmm", "aten::mm"})
+                    assert ops[0] == ops[1], (frozen, grad, tuple(x.shape), x.stride(), ops)
+                    assert ("aten::bmm" in ops[1]) == (frozen and not _foldable(x)), ops  # (the premise)
+                    assert torch.equal(out, ref_head(x)) and out.grad_fn is None and head.weight is weight
+                assert torch.equal(model(**batch, logits_to_keep=1).logits, ref(**batch, logits_to_keep=1).logits)
+        assert weight.grad is None
+    disable_layer_streaming(model)
+    assert not head._forward_pre_hooks and not head._forward_hooks
+    assert head.weight.is_meta and not head.weight.requires_grad  # (frozen while streaming: stays frozen)
+    enable_layer_streaming(model, shards, device="cpu", **STREAM_ALL)
+    assert not head.weight.requires_grad
     with torch.no_grad():
-        for x in (hidden[:, -1:, :], hidden[:, 2:5, :], hidden[:1, -1:, :], hidden[:, :, :]):
-            with profile() as prof:
-                got = head(x)
-            ops = {e.name for e in prof.events()}
-            assert "aten::bmm" not in ops and "aten::mm" in ops, (tuple(x.shape), x.stride(), sorted(ops))
-            assert torch.equal(got, ref_head(x))
-        tok = AutoTokenizer.from_pretrained(ckpt)
-        batch = tok(list(_models.SAMPLE_PROMPTS), return_tensors="pt", padding=True)
         assert torch.equal(model(**batch, logits_to_keep=1).logits, ref(**batch, logits_to_keep=1).logits)
     disable_layer_streaming(model)
-    assert not head._forward_pre_hooks
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -356,6 +356,41 @@ def test_host_resident_parts_stream_exactly(checkpoints, force_host_resident, tm
     assert all(not isinstance(t, HostResident) for t in model.state_dict().values())
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # gpt2: the head is tied to the embeddings
+def test_a_host_resident_head_requires_grad_as_the_loaded_one_frozen_or_not(checkpoints, force_host_resident, arch):
+    """The head kept in host RAM requires grad as the loaded model's head does, frozen (`requires_grad_(False)`) or
+    not, so a batch's prompt pass takes its `matmul` path (a frozen head `bmm`s a batch-sized copy of its weight,
+    which can give other bits than the folded product) and bits; with gradients on, nothing takes part in autograd."""
+    ckpt, shards = checkpoints(arch, dtype=torch.bfloat16)
+    ref = _models.load_reference(ckpt, dtype=torch.bfloat16)
+    model = streamed_model(ckpt, shards, max_memory={"cpu": 0}, prefetch=1)
+    assert isinstance(model.get_output_embeddings().weight, HostResident)
+    from torch.profiler import profile
+
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    batch = tok(list(_models.SAMPLE_PROMPTS), return_tensors="pt", padding=True)
+    head, ref_head = model.get_output_embeddings(), ref.get_output_embeddings()
+    torch.manual_seed(0)
+    last = torch.randn(3, 9, model.config.hidden_size, dtype=torch.bfloat16)[:, -1:, :]  # (what the prompt pass gives)
+    for frozen in (False, True):  # (as loaded, then frozen as the caller freezes a model)
+        if frozen:
+            ref.requires_grad_(False)
+            model.requires_grad_(False)
+        for grad in (False, True):
+            with torch.set_grad_enabled(grad):
+                ops = []
+                for m in (ref_head, head):
+                    with profile() as prof:
+                        out = m(last)
+                    ops.append({e.name for e in prof.events()} & {"aten::bmm", "aten::mm"})
+                assert ops[0] == ops[1] == ({"aten::bmm"} if frozen else {"aten::mm"}), (frozen, grad, ops)
+                assert torch.equal(out, ref_head(last)) and out.grad_fn is None
+                got = model(**batch, logits_to_keep=1).logits
+                assert torch.equal(got, ref(**batch, logits_to_keep=1).logits), (frozen, grad)
+                assert got.grad_fn is None
+    disable_layer_streaming(model)
+
+
 def test_profile_has_the_host_resident_parts(checkpoints, force_host_resident):
     """`profile=True` times the embeddings' pass and the head's copy and pass, once per forward pass, apart from the
     layers'."""
