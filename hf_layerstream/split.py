@@ -972,6 +972,8 @@ def split_checkpoint(
         for name, path in side.items():
             if path is not None:
                 atomic_write_bytes(shard_dir / name, path.read_bytes())
+        if overwrite:  # the replaced split's chat template or generation config would pass for the new source's
+            _remove_foreign_side_files(shard_dir, {name for name, path in side.items() if path is not None})
         atomic_write_bytes(shard_dir / "config.json", config.to_json_string().encode())
 
         floating = [t.dtype for u in done.values() for t in u.tensors.values() if t.dtype.is_floating_point]
@@ -1067,6 +1069,19 @@ def _remove_foreign_unit_files(shard_dir: Path, keep: dict[str, str]) -> None:
     for p in layers.iterdir():
         if p.suffix == ".safetensors" and p not in wanted and p.is_file():
             p.unlink()
+
+
+def _remove_foreign_side_files(shard_dir: Path, keep: set[str]) -> None:
+    """With `overwrite=True`: delete the side files (tokenizer, chat templates, generation config) a previous split
+    copied from its source that the new source lacks."""
+    names = set(_SIDE_FILES)
+    templates = shard_dir / _CHAT_TEMPLATE_DIR
+    if templates.is_dir():
+        names |= {f"{_CHAT_TEMPLATE_DIR}/{p.name}" for p in templates.iterdir() if p.suffix == ".jinja"}
+    for name in names - keep:
+        path = shard_dir / name
+        if path.is_file() and not path.is_symlink():
+            path.unlink()
 
 
 def _unit_file_sound(shard_dir: Path, entry: UnitEntry) -> bool:

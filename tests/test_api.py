@@ -260,6 +260,28 @@ def test_a_checkpoint_saved_again_in_place_is_not_resumed_into(tmp_path, monkeyp
     assert _exact(ckpt, tmp_path / "shards")
 
 
+def test_an_overwrite_leaves_no_side_file_of_the_split_it_replaces(tmp_path):
+    """`overwrite=True` from a source without a chat template or generation config into a directory holding a split
+    of one with them: the replaced split's copies go too (the tokenizer would load the old chat template, and
+    streaming the old generation config)."""
+    with_them = _models.save_tiny_checkpoint("llama", tmp_path / "a", num_hidden_layers=2)
+    tok = _models.make_tokenizer()
+    tok.chat_template = {"default": "{{ messages[0].content }}", "tool_use": "tool: {{ messages[0].content }}"}
+    tok.save_pretrained(with_them)
+    without = _models.save_tiny_checkpoint("llama", tmp_path / "b", num_hidden_layers=2, seed=1)
+    for name in ("chat_template.jinja", "generation_config.json"):
+        (without / name).unlink(missing_ok=True)
+    shards = split_checkpoint(with_them, tmp_path / "shards", progress=False)
+    assert (shards / "generation_config.json").is_file()
+    assert (shards / "additional_chat_templates" / "tool_use.jinja").is_file()
+    split_checkpoint(without, shards, progress=False, overwrite=True)
+    for name in ("chat_template.jinja", "generation_config.json", "additional_chat_templates/tool_use.jinja"):
+        assert not (shards / name).exists(), name
+    assert not AutoTokenizer.from_pretrained(shards).chat_template
+    assert (shards / "tokenizer.json").is_file()
+    assert _exact(without, shards)
+
+
 @pytest.mark.parametrize("recorded", ["0.1.0", "every present file"])
 def test_a_split_finished_by_0_1_0_is_recognized(tmp_path, monkeypatch, recorded):
     """0.1.0 recorded a local source without samples of its files, and later versions sampled every weight file
