@@ -132,25 +132,36 @@ def _write_random_weights(model, path: Path, dtype, seed: int) -> None:
 def _demo_config(layers: int, hidden_size: int, intermediate_size: int, vocab_size: int):
     """The demo checkpoint's `LlamaConfig` for these sizes, and its tokenizer (the vocabulary holds at least its
     tokens)."""
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import LlamaConfig
 
     from .testing import make_tokenizer
 
+    sizes = (("--layers", layers), ("--hidden-size", hidden_size), ("--intermediate-size", intermediate_size))
+    for option, value in (*sizes, ("--vocab-size", vocab_size)):
+        if value < 1:
+            raise ValueError(f"`{option}` is {value}; use at least 1.")
     tok = make_tokenizer()
     heads = max(hidden_size // 64, 1)
-    config = LlamaConfig(
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=max(heads // 4, 1),
-        vocab_size=max(vocab_size, len(tok)),
-        max_position_embeddings=2048,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=False,
-    )
+    try:
+        config = LlamaConfig(
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=max(heads // 4, 1),
+            vocab_size=max(vocab_size, len(tok)),
+            max_position_embeddings=2048,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            tie_word_embeddings=False,
+        )
+    except (ValueError, StrictDataclassError) as e:  # (transformers' checks: RoPE needs an even head size)
+        raise ValueError(
+            f"`--hidden-size` {hidden_size} makes no Llama-shaped model ({e.__cause__ or e}); use a multiple of 64 "
+            "(heads of 64)."
+        ) from None
     return config, tok
 
 
@@ -230,10 +241,19 @@ def run_demo(args) -> int:
 
     from ._measure import run_child
     from .cli import _max_memory
-    from .engine import check_device
+    from .engine import check_device, check_max_memory
     from .split import split_checkpoint
 
     checkpoint_dtype(args.dtype)  # (a typo fails before anything is written)
+    # what the streamed run would refuse only in its child, after the checkpoint was written, split and run whole
+    device = str(check_device(getattr(args, "device", None)))
+    budget = args.max_memory or ("cpu=0" if device == "cpu" else f"{device.partition(':')[2] or 0}=0,cpu=0")
+    max_memory = _max_memory(budget)
+    check_max_memory(max_memory)
+    if args.prefetch is not None and args.prefetch < 0:
+        raise ValueError(f"`--prefetch` is {args.prefetch}; use a non-negative number of layers.")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"`--max-new-tokens` is {args.max_new_tokens}; use at least 1.")
     work = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="hf_layerstream_demo_"))
     try:
         ckpt = work / "checkpoint"
@@ -252,9 +272,6 @@ def run_demo(args) -> int:
         split_checkpoint(ckpt, shards)
         print(f"   done in {time.perf_counter() - t0:.1f} s")
         # both runs on the same device (on a GPU: the whole model there, against every layer streamed to it)
-        device = str(check_device(getattr(args, "device", None)))
-        budget = args.max_memory or ("cpu=0" if device == "cpu" else f"{device.partition(':')[2] or 0}=0,cpu=0")
-        max_memory = _max_memory(budget)
         runs = [("whole model in memory", {"system": "in_memory", "path": str(ckpt), "device": device})]
         stream = {"system": "streamed", "path": str(shards), "max_memory": max_memory, "prefetch": args.prefetch}
         runs.append((f"streamed (max_memory={budget})", {**stream, "device": device}))

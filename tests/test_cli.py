@@ -422,6 +422,30 @@ def test_demo_refuses_a_folder_holding_a_checkpoint_of_other_sizes(tmp_path, mon
     assert "1. reusing the checkpoint" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize(
+    "extra, named",
+    [
+        (["--max-memory", "cpu=abc"], "`--max-memory` got the size 'abc'"),
+        (["--max-memory", "gpu=1GiB"], "`--max-memory` key 'gpu' is not recognized"),
+        (["--prefetch", "-1"], "`--prefetch` is -1"),
+        (["--max-new-tokens", "0"], "`--max-new-tokens` is 0"),
+        (["--layers", "0"], "`--layers` is 0"),
+        (["--hidden-size", "130"], "`--hidden-size` 130 makes no Llama-shaped model (RoPE requires an even"),
+    ],
+)
+def test_demo_refuses_its_options_before_writing_anything(tmp_path, monkeypatch, capsys, extra, named):
+    """Options the streamed run (a child process) or transformers would refuse: refused with the option named before
+    the checkpoint is written, split and run whole (a traceback of the child's, or transformers', before)."""
+    import hf_layerstream._measure as measure
+
+    monkeypatch.setattr(measure, "run_child", lambda spec: pytest.fail("a system was run"))
+    tiny = ["--layers", "2", "--hidden-size", "64", "--intermediate-size", "128", "--vocab-size", "256"]
+    assert main(["demo", "--dir", str(tmp_path / "work"), "--device", "cpu", *tiny, *extra]) == 2
+    assert named in capsys.readouterr().err
+    assert not (tmp_path / "work" / "checkpoint" / "model.safetensors").exists()
+    assert not (tmp_path / "work" / "shards").exists()
+
+
 def test_the_demo_checkpoint_is_written_a_shard_at_a_time(tmp_path, monkeypatch):
     """The demo model is never built: its weights are drawn and written one shard at a time (a checkpoint larger than
     RAM can be written), laid out as `save_pretrained` lays them out, loaded by `from_pretrained` with every weight
