@@ -413,6 +413,12 @@ def _cmd_generate(args) -> int:
     prompt = args.prompt if args.prompt is not None else sys.stdin.read().rstrip("\r\n")
     if not prompt.strip():
         raise ValueError("No prompt: pass it as an argument or on standard input.")
+    try:  # (Python passes bytes that are not UTF-8 through as lone surrogates, which the tokenizer refuses cryptically)
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(
+            "The prompt is not valid UTF-8 text; pass it in UTF-8 (e.g. convert it with `iconv -t UTF-8`)."
+        ) from None
     if args.chat and getattr(tok, "chat_template", None):
         inputs = tok.apply_chat_template(
             [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True

@@ -125,6 +125,24 @@ def test_generate_prompt_from_stdin(split_dir, capsys, monkeypatch):
     assert out.startswith(prompt) and out[len(prompt) :].strip() == _greedy_text(ckpt, prompt, 5).strip()
 
 
+@pytest.mark.parametrize("where", ["stdin", "argument"])
+def test_generate_refuses_a_prompt_that_is_not_utf8(split_dir, capsys, monkeypatch, where):
+    """Bytes that are not UTF-8 (a Latin-1 file piped in) reach Python as lone surrogates (`surrogateescape`, as
+    for stdin and argv under a UTF-8 or C locale): refused as such, not with the tokenizer's
+    "TextEncodeInput must be Union[...]"."""
+    _, shards = split_dir
+    prompt = b"h\xe9llo".decode("utf-8", "surrogateescape")
+    argv = ["generate", str(shards), "--max-new-tokens", "2", "--device", "cpu"]
+    if where == "stdin":
+        monkeypatch.setattr(sys, "stdin", io.StringIO(prompt + "\n"))
+    else:
+        argv.insert(2, prompt)
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert "The prompt is not valid UTF-8 text" in captured.err and "TextEncodeInput" not in captured.err
+    assert captured.out == ""
+
+
 def test_generate_from_a_jsonl_file_prints_its_profile(split_dir, tmp_path, capsys):
     """`--profile` with `--input` covers the whole job: every batch's generate call, not only the last one's (the
     profile restarts at each call)."""
