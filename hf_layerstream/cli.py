@@ -53,7 +53,8 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
         "--prefetch",
         type=int,
         default=None,
-        help="layers read ahead of the compute (default 3 on CPU with full-precision shards, else 2)",
+        help="layers read ahead of the compute (default on CPU: 3 with full-precision shards, 2 with quantized ones; "
+        "on CUDA: 2, or as many layers as hold 320 MiB, up to 8, where that gives up no layer kept on the GPU)",
     )
     p.add_argument(
         "--page-cache",
