@@ -551,6 +551,7 @@ def deepen_prefetch(plan: ResidencyPlan, plan_for: Callable[[int], ResidencyPlan
     and host RAM's (where that keeps no layer, the staging buffers could outgrow it: `_over_host_budget`).
     A layer kept saves its copy at every sweep, which reading further ahead only spreads out: what reading ahead gets
     is the room left over after the layers kept, or any with a budget of 0 (every layer streamed, as asked)."""
+    most = min(most, len(plan.layer_bytes) - 1)  # (the loader reads at most n - 1 layers ahead: more would be shown)
     if plan.device.type == "cpu" or most <= plan.prefetch or len(plan.device_layers) == len(plan.layer_bytes):
         return plan  # (every layer kept on the device: none is copied to it, from host RAM or the disk)
     for prefetch in range(most, plan.prefetch, -1):
