@@ -210,9 +210,14 @@ def _as_options(message: str, parser: argparse.ArgumentParser, command: str) -> 
     for action in sub.choices[command]._actions:
         long = [o for o in action.option_strings if o.startswith("--")]
         if long and action.dest != "help":
-            message = message.replace(f"`{action.dest}`", f"`{long[0]}`")
-            message = re.sub(rf"(?<![\w.`-]){re.escape(action.dest)}=", f"{long[0]} ", message)
+            for name in (action.dest, *_LIBRARY_NAMES.get(action.dest, ())):
+                message = message.replace(f"`{name}`", f"`{long[0]}`")
+                message = re.sub(rf"(?<![\w.`-]){re.escape(name)}=", f"{long[0]} ", message)
     return message
+
+
+# an option's destination -> the library's names for the same value, where they differ (`generate_jsonl`'s paths)
+_LIBRARY_NAMES = {"input": ("input_path",), "output": ("output_path",)}
 
 
 def _stdout_to_devnull() -> None:
@@ -339,6 +344,8 @@ def _cmd_generate(args) -> int:
         raise ValueError("Pass either `--assistant` or `--prompt-lookup`, not both.")
     if args.prompt_lookup is not None and args.prompt_lookup < 1:
         raise ValueError(f"`--prompt-lookup` must be a positive number of tokens, got {args.prompt_lookup}.")
+    if args.max_new_tokens < 1:  # (transformers refuses it too, but only once the model is loaded)
+        raise ValueError(f"`--max-new-tokens` must be a positive number of tokens, got {args.max_new_tokens}.")
     if args.input and args.prompt is not None:
         raise ValueError("Pass either a PROMPT or `--input` (a JSONL file of prompts), not both.")
     if args.input and not args.output:

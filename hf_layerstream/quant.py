@@ -119,25 +119,21 @@ class QuantScheme:
 
     def __post_init__(self) -> None:
         if not _is_int(self.bits) or self.bits not in SUPPORTED_BITS:
-            raise ValueError(f"QuantScheme.bits must be one of {list(SUPPORTED_BITS)}, got {self.bits!r}.")
+            raise ValueError(f"`bits` must be one of {list(SUPPORTED_BITS)}, got {self.bits!r}.")
         quant_type = DEFAULT_QUANT_TYPE[self.bits] if self.quant_type is None else self.quant_type
         accepted_types = QUANT_TYPES[self.bits]
         if not isinstance(quant_type, str) or quant_type not in accepted_types:
             raise ValueError(
-                f"QuantScheme.quant_type must be one of {list(accepted_types)} for bits={self.bits}, "
-                f"got {self.quant_type!r}."
+                f"`quant_type` must be one of {list(accepted_types)} for bits={self.bits}, got {self.quant_type!r}."
             )
         blocksize = DEFAULT_BLOCKSIZE[self.bits] if self.blocksize is None else self.blocksize
         accepted_sizes = BLOCKSIZES[self.bits]
         if not _is_int(blocksize) or blocksize not in accepted_sizes:
             raise ValueError(
-                f"QuantScheme.blocksize must be one of {list(accepted_sizes)} for bits={self.bits}, "
-                f"got {self.blocksize!r}."
+                f"`blocksize` must be one of {list(accepted_sizes)} for bits={self.bits}, got {self.blocksize!r}."
             )
         if not isinstance(self.quantize_embeddings, bool):
-            raise ValueError(
-                f"QuantScheme.quantize_embeddings must be True or False, got {self.quantize_embeddings!r}."
-            )
+            raise ValueError(f"`quantize_embeddings` must be True or False, got {self.quantize_embeddings!r}.")
         # frozen dataclass: fill the resolved defaults in place (equality and hashing see concrete values)
         object.__setattr__(self, "quant_type", quant_type)
         object.__setattr__(self, "blocksize", blocksize)

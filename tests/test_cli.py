@@ -246,6 +246,7 @@ def test_generate_errors_are_clear(tmp_path, capsys):
         (["generate", "{shards}", "hi", "--assistant", "{ckpt}", "--prompt-lookup", "3"], "either `--assistant` or"),
         (["generate", "{shards}", "hi", "--input", "{tmp}/in.jsonl", "--output", "{tmp}/o"], "either a PROMPT or"),
         (["generate", "{shards}", "hi", "--prompt-lookup", "0"], "`--prompt-lookup` must be a positive"),
+        (["generate", "{shards}", "hi", "--max-new-tokens", "0"], "`--max-new-tokens` must be a positive"),
         (["generate", "{shards}", "hi", "--output", "{tmp}/o"], "`--output` only applies with `--input`"),
         (["generate", "{shards}", "hi", "--batch-size", "4"], "`--batch-size` only applies with `--input`"),
         (["generate", "{shards}", "hi", "--num-assistant-tokens", "4"], "`--num-assistant-tokens` only applies with"),
@@ -262,6 +263,7 @@ def test_generate_errors_are_clear(tmp_path, capsys):
         "assistant-and-lookup",
         "prompt-and-input",
         "lookup-0",
+        "max-new-tokens-0",
         "output-without-input",
         "batch-size-without-input",
         "draft-tokens-without-assistant",
@@ -538,3 +540,11 @@ def test_errors_name_the_options_typed(split_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     expected = "error: --quant-type 'fp4' and --blocksize 64 only apply to quantized shards; pass --compression '4bit'"
     assert expected in err, err
+    assert main(["split", str(ckpt), str(tmp_path / "q"), "--compression", "8bit", "--quant-type", "fp4"]) == 2
+    err = capsys.readouterr().err
+    assert "error: `--quant-type` must be one of" in err and "got 'fp4'" in err, err
+    # the library's names for an option's value (`generate_jsonl`'s `input_path`, `output_path`)
+    assert (
+        main(["generate", str(shards), "--input", str(tmp_path / "none.jsonl"), "--output", str(tmp_path / "o")]) == 2
+    )
+    assert "error: `--input` " in capsys.readouterr().err
