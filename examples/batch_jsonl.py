@@ -20,7 +20,7 @@ from hf_layerstream import enable_layer_streaming, generate_jsonl
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("shard_dir")
     p.add_argument("input", help="JSONL prompts")
     p.add_argument("output", help="JSONL results (resumed when it exists)")

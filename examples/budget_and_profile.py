@@ -24,7 +24,7 @@ from hf_layerstream import disable_layer_streaming, enable_layer_streaming, get_
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("shard_dir")
     p.add_argument(
         "--max-memory", type=json.loads, default={"cpu": 0}, help='budget (default {"cpu": 0}: every layer from disk)'

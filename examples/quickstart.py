@@ -21,7 +21,7 @@ from hf_layerstream import enable_layer_streaming, get_streaming_state, split_ch
 
 
 def main(argv: list[str] | None = None) -> str:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("model", nargs="?", default="Qwen/Qwen2.5-0.5B-Instruct", help="hub id or local checkpoint folder")
     p.add_argument("--shards", default=None, help="shard directory (default: <model name>.layers)")
     p.add_argument("--compression", choices=["4bit", "8bit"], default=None, help="block-quantized shards (lossy)")
@@ -48,7 +48,12 @@ def main(argv: list[str] | None = None) -> str:
     # the model is still a transformers model: generate with a streamer...
     inputs = tokenizer(args.prompt, return_tensors="pt").to(model.device)
     with torch.no_grad():
-        model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False, streamer=TextStreamer(tokenizer))
+        model.generate(
+            **inputs,
+            max_new_tokens=args.max_new_tokens,
+            do_sample=False,
+            streamer=TextStreamer(tokenizer, skip_special_tokens=True),
+        )
 
     # ...or use it in a pipeline
     generator = pipeline("text-generation", model=model, tokenizer=tokenizer)

@@ -17,7 +17,7 @@ from hf_layerstream import configure_draft, enable_layer_streaming, measure_swee
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("shard_dir", help="the streamed (large) model's shard directory")
     p.add_argument("draft", help="the draft (small) model: hub id or local folder")
     p.add_argument("--prompt", default="def fibonacci(n):")

@@ -34,8 +34,9 @@ def test_quickstart_splits_then_generates_as_the_loaded_model(checkpoints, tmp_p
     argv = [str(ckpt), "--shards", str(shards), "--device", "cpu", "--max-new-tokens", "6", "--prompt", "Once upon"]
     text = _example("quickstart").main(argv)
     ShardDirectory(shards).verify()  # the split it made is complete and valid
-    assert "residency plan:" in capsys.readouterr().out
+    out = capsys.readouterr().out
     tok = AutoTokenizer.from_pretrained(ckpt)
+    assert "residency plan:" in out and tok.bos_token not in out  # (the streamer prints the text, not special tokens)
     ref = pipeline("text-generation", model=_models.load_reference(ckpt), tokenizer=tok)
     expected = ref("Once upon", max_new_tokens=6, do_sample=False, return_full_text=False)[0]["generated_text"]
     assert text == expected
