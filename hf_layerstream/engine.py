@@ -574,22 +574,33 @@ def budget_shortfall(plan: ResidencyPlan, max_memory: dict | None) -> str | None
     `max_memory` for it, the default budget (a share of its free memory) is checked the same way."""
     key = _device_key(plan.device)
     budget = _max_memory_for(max_memory, key)
-    gib = 2**30
-    name = f"max_memory[{key!r}] = {(budget or 0) / gib:.2f} GiB"
+    name = f"max_memory[{key!r}] = {size_text(budget or 0)}"
     if budget is None and plan.device.type != "cpu":
         budget = plan.budgets.get(str(key))
-        name = f"The default budget of {plan.device} ({DEFAULT_DEVICE_SHARE:.0%} of its free memory, {budget / gib:.2f} GiB)"
+        name = (
+            f"The default budget of {plan.device} ({DEFAULT_DEVICE_SHARE:.0%} of its free memory, {size_text(budget)})"
+        )
     biggest = max(plan.layer_bytes, default=0)
     need, working, what = _least_need(plan)
     if not budget or budget >= need:
         return None
     where = " on the device" if plan.host_resident else ""
-    less = f" Each step less of `prefetch` saves {biggest / gib:.2f} GiB." if plan.prefetch else ""
+    less = f" Each step less of `prefetch` saves {size_text(biggest)}." if plan.prefetch else ""
     return (
-        f"{name} cannot hold the resident parts{where} ({plan.resident_bytes / gib:.2f} GiB) and {what} "
-        f"({working / gib:.2f} GiB): every layer is streamed, and peak memory will still reach about "
-        f"{need / gib:.2f} GiB.{less}"
+        f"{name} cannot hold the resident parts{where} ({size_text(plan.resident_bytes)}) and {what} "
+        f"({size_text(working)}): every layer is streamed, and peak memory will still reach about "
+        f"{size_text(need)}.{less}"
     )
+
+
+def size_text(nbytes: int) -> str:
+    """`nbytes` for a message: in GiB from a tenth of one, else in MiB, else in KiB (a small model's sizes read 0.00
+    GiB otherwise)."""
+    if nbytes >= 2**30 // 10:
+        return f"{nbytes / 2**30:.2f} GiB"
+    if nbytes >= 2**20:
+        return f"{nbytes / 2**20:.1f} MiB"
+    return f"{nbytes / 2**10:.1f} KiB"
 
 
 def _fit(sizes: list[int], order: list[int], room: int) -> int:

@@ -26,6 +26,7 @@ from .engine import (
     empty_allocator_caches,
     fit_prefetch,
     plan_residency,
+    size_text,
 )
 from .errors import ShardDirError
 from .hooks import (
@@ -735,7 +736,7 @@ def enable_layer_streaming(
     if not chosen and plan.prefetch < base:
         key = "cpu" if device.type == "cpu" else str(device.index)
         name = "max_memory['cpu']" if device.type == "cpu" else "the device budget"
-        room = f"{name} ({plan.budgets[key] / 2**30:.2f} GiB)"
+        room = f"{name} ({size_text(plan.budgets[key])})"
         logger.info(
             "prefetch lowered to %d from the default %d: %s cannot hold the resident parts and more layers in flight. "
             "Pass `prefetch=` to choose it.",
