@@ -232,16 +232,12 @@ def top1_agreement(reference, candidate, input_ids, *, chunk: int = 256) -> dict
     return {"positions": total, "top1_agreement": agree / max(total, 1), "mean_cosine": cos_sum / max(total, 1)}
 
 
-def _human(n: float) -> str:
-    return f"{n / 2**20:.0f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
-
-
 def run_demo(args) -> int:
     from transformers import AutoTokenizer
 
     from ._measure import run_child
     from .cli import _max_memory
-    from .engine import check_device, check_max_memory
+    from .engine import check_device, check_max_memory, size_text
     from .split import split_checkpoint
 
     checkpoint_dtype(args.dtype)  # (a typo fails before anything is written)
@@ -266,7 +262,7 @@ def run_demo(args) -> int:
         if reused:
             print(f"1. reusing the checkpoint in {ckpt} ({sizes})")
         size = sum(p.stat().st_size for p in ckpt.glob("*.safetensors"))
-        print(f"   checkpoint: {_human(size)} of weights")
+        print(f"   checkpoint: {size_text(size)} of weights")
         print(f"2. splitting it into one file per decoder layer: {shards}")
         t0 = time.perf_counter()
         split_checkpoint(ckpt, shards)
@@ -301,7 +297,7 @@ def run_demo(args) -> int:
                 agree = sum(a == b for a, b in zip(r["tokens"], ref["tokens"])) / max(len(ref["tokens"]), 1)
                 same = f"{agree:.0%} (lossy)"
             spt = r["s_per_token"]
-            print(f"{label:44} {spt:9.4f} {1 / spt:9.1f} {_human(r['peak_rss']):>10} {same:>12}")
+            print(f"{label:44} {spt:9.4f} {1 / spt:9.1f} {size_text(r['peak_rss']):>10} {same:>12}")
         exact = results[1][1]["tokens"] == ref["tokens"]
         print()
         print("streamed output equals the whole model's:", "yes" if exact else "NO")

@@ -27,6 +27,7 @@ from ._safetensors import (
     sha256_file,
     str_to_dtype,
 )
+from .engine import size_text
 from .errors import ShardDirError, ShardDirOccupiedError, ShardFileError
 from .modeling import (
     RESIDENT,
@@ -618,10 +619,6 @@ def _space_needed(shard_dir: Path, estimates: dict[str, int]) -> int:
     return grown + beside
 
 
-def _size_text(nbytes: int) -> str:
-    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
-
-
 def _config_dtype(config) -> torch.dtype | None:
     value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(value, torch.dtype):
@@ -911,8 +908,8 @@ def split_checkpoint(
         if needed > free:
             raise OSError(
                 errno.ENOSPC,
-                f"Not enough disk space in {shard_dir}: the split needs about {_size_text(needed)} more and "
-                f"{_size_text(free)} are free. Free some space or choose another `shard_dir`; nothing was "
+                f"Not enough disk space in {shard_dir}: the split needs about {size_text(needed)} more and "
+                f"{size_text(free)} are free. Free some space or choose another `shard_dir`; nothing was "
                 "written",
             )
 
