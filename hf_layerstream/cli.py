@@ -575,11 +575,12 @@ def _cmd_inspect(args) -> int:
     print(f"model            {m.model_type}, {m.num_layers} layers under {m.layers_prefix!r}, {dtypes}")
     print(f"compression      {scheme}")
     print(f"resident file    {_human(shards.unit('resident').size)}")
+    named = "bfloat16" if dtype is None else str(dtype).replace("torch.", "")
     print(
-        f"per layer        {_human(sum(stored) / max(len(stored), 1))} on disk (mean), {_human(sum(full_bytes) / max(len(full_bytes), 1))} at {dtype or 'bfloat16'}"
+        f"per layer        {_human(sum(stored) / max(len(stored), 1))} on disk (mean), {_human(sum(full_bytes) / max(len(full_bytes), 1))} at {named}"
     )
-    print(f"ratio            {ratio:.3f}x of {'bf16' if dtype is None else dtype}")
-    print(f"plan on {device}{' (not on this machine)' if absent else ''}   {plan.summary()}")
+    print(f"ratio            {ratio:.3f}x of {'bf16' if dtype is None else named}")
+    print(f"{f'plan on {device}' + (' (not on this machine)' if absent else ''):16} {plan.summary()}")
     gib = 2**30
     source = f"MemAvailable {memory['mem_available'] / gib:.2f} GiB"
     if memory["cgroup_room"] is not None:

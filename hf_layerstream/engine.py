@@ -276,8 +276,7 @@ class ResidencyPlan:
         return index in self._page_cache_set
 
     def summary(self) -> str:
-        gib = 2**30
-        parts = [f"resident parts {self.resident_bytes / gib:.2f} GiB on {self.device}"]
+        parts = [f"resident parts {size_text(self.resident_bytes)} on {self.device}"]
         if self.host_resident:
             how = {
                 "input_embeddings": "input embeddings, looked up there",
@@ -286,18 +285,18 @@ class ResidencyPlan:
             kept = [how.get(name, name) for name in self.host_resident]
             if "output_embeddings" not in self.host_resident and self.host_resident_copied:
                 kept.append("the head tied to them copies them to the device for each forward pass")
-            parts.append(f"{self.host_resident_bytes / gib:.2f} GiB kept in host RAM ({'; '.join(kept)})")
+            parts.append(f"{size_text(self.host_resident_bytes)} kept in host RAM ({'; '.join(kept)})")
         parts.append(f"{len(self.device_layers)} layers kept on {self.device}")
         if self.dequantize == "module":
             parts.append(
-                f"quantized weights held packed, dequantized one module at a time (up to {self.scratch / gib:.2f} GiB)"
+                f"quantized weights held packed, dequantized one module at a time (up to {size_text(self.scratch)})"
             )
         if self.device.type != "cpu":
             parts.append(f"{len(self.host_layers)} layers kept in pinned host RAM")
         parts.append(f"{len(self.streamed)} streamed from disk (prefetch {self.prefetch})")
         if self.streamed:
             parts.append(f"{len(self.page_cache_layers)} of those left in the page cache between sweeps")
-        budget = ", ".join(f"{k}: {v / gib:.2f} GiB" for k, v in self.budgets.items())
+        budget = ", ".join(f"{k}: {size_text(v)}" for k, v in self.budgets.items())
         return "; ".join(parts) + (f" [budget {budget}]" if budget else "")
 
     def to_dict(self) -> dict:
@@ -594,13 +593,13 @@ def budget_shortfall(plan: ResidencyPlan, max_memory: dict | None) -> str | None
 
 
 def size_text(nbytes: int) -> str:
-    """`nbytes` for a message: in GiB from a tenth of one, else in MiB, else in KiB (a small model's sizes read 0.00
+    """`nbytes` for a message: in GiB from a tenth of one, else in MiB, KiB or bytes (a small model's sizes read 0.00
     GiB otherwise)."""
     if nbytes >= 2**30 // 10:
         return f"{nbytes / 2**30:.2f} GiB"
     if nbytes >= 2**20:
         return f"{nbytes / 2**20:.1f} MiB"
-    return f"{nbytes / 2**10:.1f} KiB"
+    return f"{nbytes / 2**10:.1f} KiB" if nbytes >= 2**10 else f"{int(nbytes)} B"
 
 
 def _fit(sizes: list[int], order: list[int], room: int) -> int:
