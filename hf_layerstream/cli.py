@@ -337,6 +337,7 @@ def _cmd_generate(args) -> int:
     import torch
     from transformers import AutoTokenizer
 
+    from .shard_dir import MANIFEST_NAME
     from .stream import get_streaming_state
 
     # refused before the model loads: transformers would take one of them and ignore the other
@@ -346,6 +347,11 @@ def _cmd_generate(args) -> int:
         raise ValueError(f"`--prompt-lookup` must be a positive number of tokens, got {args.prompt_lookup}.")
     if args.max_new_tokens < 1:  # (transformers refuses it too, but only once the model is loaded)
         raise ValueError(f"`--max-new-tokens` must be a positive number of tokens, got {args.max_new_tokens}.")
+    if args.assistant and os.path.isfile(os.path.join(args.assistant, MANIFEST_NAME)):
+        raise ValueError(
+            f"`--assistant` {args.assistant} is a shard directory; the draft model is loaded whole "
+            "(`from_pretrained`): pass its checkpoint folder or hub id."
+        )
     if args.input and args.prompt is not None:
         raise ValueError("Pass either a PROMPT or `--input` (a JSONL file of prompts), not both.")
     if args.input and not args.output:
