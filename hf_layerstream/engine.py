@@ -1257,8 +1257,9 @@ class LayerLoader:
         the new pass's first `prefetch` streamed ones were read for the rest of the pass that stopped: they are let
         go, those still loading once loaded (at most `prefetch` of them), so what is held stays within the plan's
         (prefetch + 1) layers instead of growing by the stale ones until the new pass reaches them. (A pass that
-        ends early without raising, as an early-exit draft does, keeps its read-ahead for the pass that goes on; the
-        passes before it read ahead only as far as that bound leaves room, see `_schedule_after`.)"""
+        ends early without raising keeps its read-ahead for the pass that goes on: an early-exit draft's wraps to
+        layer 0 at its exit, and other passes read ahead only as far as that bound leaves room, see
+        `_schedule_after`.)"""
         first = set(self._streamed[: self.prefetch])
         with self._lock:
             stale = [i for i in self._pending if i not in first]
