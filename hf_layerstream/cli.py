@@ -251,6 +251,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
+    # huggingface_hub prints its records through a handler of its own (its retries while the hub cannot be reached):
+    # passed on to the root logger's too, each came out twice
+    from huggingface_hub.utils import logging as hub_logging
+
+    hub_logging.get_logger().propagate = False
     handlers = {
         "split": _cmd_split,
         "generate": _cmd_generate,

@@ -232,6 +232,18 @@ def test_closed_stdout_ends_quietly(split_dir):
     assert "Broken pipe" not in err and "Traceback" not in err and "Exception ignored" not in err
 
 
+def test_a_hub_warning_is_printed_once(split_dir):
+    """huggingface_hub prints its warnings (retries while the hub cannot be reached) through a handler of its own; the
+    command line's root handler printed each a second time."""
+    _, shards = split_dir
+    code = (
+        "import sys; from hf_layerstream.cli import main; main(['inspect', sys.argv[1]]);"
+        "from huggingface_hub.utils import logging; logging.get_logger('huggingface_hub.utils._http').warning('retry 1')"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(shards)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stderr.count("retry 1") == 1, proc.stderr
+
+
 def test_generate_errors_are_clear(tmp_path, capsys):
     assert main(["generate", str(tmp_path / "nope"), "hi"]) == 2
     assert "does not exist" in capsys.readouterr().err
