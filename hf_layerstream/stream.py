@@ -233,18 +233,42 @@ class _HeadGrad:
 
     def __init__(self, weight: nn.Parameter):
         self.weight = weight
-        self.swapped: dict[int, nn.Parameter] = {}  # id(module) -> the weight it held, while an alias is in
+        # id(module) -> [the weight it held, the forwards with gradients on under way with the alias in], while one is
+        # in: the head runs outside `PassGuard`, and a call from another thread meeting the alias leaves it in until
+        # the last one leaves (put back by the first to leave, the other's forward read the weight itself: a graph
+        # held it and its backward gave it a gradient)
+        self.swapped: dict[int, list] = {}
+        self.lock = threading.Lock()
+        self.counted = threading.local()  # (`of`: id(module) -> the forwards of this thread counted there)
 
     def pre(self, module: nn.Module, args):
-        weight = module._parameters.get("weight")
-        if weight is self.weight and weight.requires_grad and torch.is_grad_enabled():
-            self.swapped[id(module)] = weight
-            module._parameters["weight"] = nn.Parameter(weight.detach(), requires_grad=False)
+        if not torch.is_grad_enabled():
+            return
+        with self.lock:
+            entry = self.swapped.get(id(module))
+            if entry is None:
+                weight = module._parameters.get("weight")
+                if weight is not self.weight or not weight.requires_grad:
+                    return
+                entry = self.swapped[id(module)] = [weight, 0]
+                alias = nn.Parameter(weight.detach(), requires_grad=False)
+                alias.stands_for = weight  # (what `_fold_head_input` and `_disable` read the flag of)
+                module._parameters["weight"] = alias
+            entry[1] += 1
+        counted = self.counted.__dict__.setdefault("of", {})
+        counted[id(module)] = counted.get(id(module), 0) + 1
 
     def post(self, module: nn.Module, args, output):
-        weight = self.swapped.pop(id(module), None)
-        if weight is not None:
-            module._parameters["weight"] = weight
+        counted = getattr(self.counted, "of", {})
+        if not counted.get(id(module)):
+            return  # (gradients off, or a frozen head: this forward swapped nothing in)
+        counted[id(module)] -= 1
+        with self.lock:
+            entry = self.swapped[id(module)]
+            entry[1] -= 1
+            if not entry[1]:
+                del self.swapped[id(module)]
+                module._parameters["weight"] = entry[0]
 
 
 def _follow_head_grad(model: nn.Module, head: nn.Module, wants_grad: bool, handles: list) -> None:
@@ -293,6 +317,7 @@ def _fold_head_input(module: nn.Module, args: tuple):
     if not isinstance(x, torch.Tensor) or x.dim() < 3 or _foldable(x):
         return None
     weight = module._parameters.get("weight")
+    weight = getattr(weight, "stands_for", weight)  # (another thread's forward with gradients on has an alias in)
     if isinstance(weight, torch.Tensor) and not weight.requires_grad:
         return None  # (the caller froze the head, as `model.requires_grad_(False)` does: the loaded one's `bmm` then)
     strides = list(x.stride())
@@ -1024,6 +1049,7 @@ def _disable(model: nn.Module, state: StreamingState) -> None:
     if state.head_weight is not None:  # (frozen while streaming: the model's own head weight is frozen too)
         head, own = state.head_weight
         current = head._parameters.get("weight")
+        current = getattr(current, "stands_for", current)  # (a head running in another thread, gradients on)
         if isinstance(own, torch.Tensor) and isinstance(current, torch.Tensor) and own.is_floating_point():
             own.requires_grad_(current.requires_grad)
     _restore(model, state.originals)

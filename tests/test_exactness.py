@@ -434,6 +434,65 @@ def test_prompt_pass_head_takes_the_path_of_the_loaded_model(checkpoints, arch):
     disable_layer_streaming(model)
 
 
+def test_the_head_called_from_two_threads_with_gradients_on_in_one(checkpoints):
+    """The head runs outside `PassGuard`: while one thread's forward with gradients on has the alias that does not
+    require grad in, another thread's call of the head takes the loaded model's path all the same (it took `bmm` for
+    the prompt pass's slice: other bf16 bits), and one with gradients on too does not meet the weight itself once the
+    first has put it back (a graph held it, and its backward gave it a gradient)."""
+    import threading
+
+    from torch.profiler import profile
+
+    ckpt, shards = checkpoints("llama", dtype=torch.bfloat16)
+    ref = _models.load_reference(ckpt, dtype=torch.bfloat16)
+    model = streamed_model(ckpt, shards, **STREAM_ALL)
+    head, ref_head = model.get_output_embeddings(), ref.get_output_embeddings()
+    weight, size = head.weight, model.config.hidden_size
+    torch.manual_seed(0)
+    last = torch.randn(3, 9, size, dtype=torch.bfloat16)[:, -1:, :]  # (what the prompt pass gives)
+    steps = {name: threading.Event() for name in ("a_in", "b_in", "a_out")}
+
+    def order(module, args):  # (after streaming's hooks: A's forward waits inside the head, alias in, for B's)
+        if threading.current_thread().name == "A":
+            steps["a_in"].set()
+            assert steps["b_in"].wait(10)
+        else:
+            steps["b_in"].set()
+            steps["a_out"].wait(0.5 if torch.is_grad_enabled() else 0)  # (B with grad: its forward after A's ends)
+
+    handle = head.register_forward_pre_hook(order)
+    for b_grad in (False, True):
+        for step in steps.values():
+            step.clear()
+        got = {}
+
+        def a():
+            with torch.enable_grad():
+                head(torch.randn(1, 1, size, dtype=torch.bfloat16))
+            steps["a_out"].set()
+
+        def b(b_grad=b_grad, got=got):
+            assert steps["a_in"].wait(10)
+            with torch.set_grad_enabled(b_grad), profile() as prof:
+                x = last.detach().requires_grad_(b_grad)
+                got["out"] = head(x)
+                if b_grad:
+                    got["out"].float().sum().backward()
+            got["ops"] = {e.name for e in prof.events()} & {"aten::bmm", "aten::mm"}
+
+        threads = [threading.Thread(target=a, name="A"), threading.Thread(target=b, name="B")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert got["ops"] == {"aten::mm"}, (b_grad, got["ops"])  # (the loaded head's, see the test above)
+        with torch.no_grad():
+            assert torch.equal(got["out"].detach(), ref_head(last))
+        assert weight.grad is None and head.weight is weight and weight.requires_grad, b_grad
+    handle.remove()
+    disable_layer_streaming(model)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_bf16_batch_exact(checkpoints, arch):
     """bf16 shards, a left-padded batch: logits at every position and greedy tokens equal `from_pretrained`'s."""
