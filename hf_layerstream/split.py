@@ -1070,8 +1070,10 @@ def _remove_foreign_unit_files(shard_dir: Path, keep: dict[str, str]) -> None:
 
 def _remove_foreign_side_files(shard_dir: Path, keep: set[str]) -> None:
     """With `overwrite=True`: delete the side files (tokenizer, chat templates, generation config) a previous split
-    copied from its source that the new source lacks."""
-    names = set(_SIDE_FILES)
+    copied from its source that the new source lacks: the names every split may copy, versioned `tokenizer.*.json`
+    files and named chat templates. (Files only a tokenizer class names, such as GPT-NeoX-Japanese's `emoji.json`,
+    stay: not knowing the old source, a name could be a file of the user's.)"""
+    names = set(_SIDE_FILES) | {p.name for p in shard_dir.glob("tokenizer.*.json")}
     templates = shard_dir / _CHAT_TEMPLATE_DIR
     if templates.is_dir():
         names |= {f"{_CHAT_TEMPLATE_DIR}/{p.name}" for p in templates.iterdir() if p.suffix == ".jinja"}

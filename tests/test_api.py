@@ -271,11 +271,17 @@ def test_an_overwrite_leaves_no_side_file_of_the_split_it_replaces(tmp_path):
     without = _models.save_tiny_checkpoint("llama", tmp_path / "b", num_hidden_layers=2, seed=1)
     for name in ("chat_template.jinja", "generation_config.json"):
         (without / name).unlink(missing_ok=True)
+    (with_them / "tokenizer.4.0.0.json").write_bytes((with_them / "tokenizer.json").read_bytes())
+    config = json.loads((with_them / "tokenizer_config.json").read_text())
+    (with_them / "tokenizer_config.json").write_text(
+        json.dumps({**config, "fast_tokenizer_files": ["tokenizer.4.0.0.json"]})
+    )
     shards = split_checkpoint(with_them, tmp_path / "shards", progress=False)
-    assert (shards / "generation_config.json").is_file()
+    assert (shards / "generation_config.json").is_file() and (shards / "tokenizer.4.0.0.json").is_file()
     assert (shards / "additional_chat_templates" / "tool_use.jinja").is_file()
     split_checkpoint(without, shards, progress=False, overwrite=True)
-    for name in ("chat_template.jinja", "generation_config.json", "additional_chat_templates/tool_use.jinja"):
+    gone = ("chat_template.jinja", "generation_config.json", "additional_chat_templates/tool_use.jinja")
+    for name in (*gone, "tokenizer.4.0.0.json"):
         assert not (shards / name).exists(), name
     assert not AutoTokenizer.from_pretrained(shards).chat_template
     assert (shards / "tokenizer.json").is_file()
