@@ -225,7 +225,7 @@ class _HeadGrad:
     streaming was enabled (True, unless the caller froze it), and then as the caller sets it (`model.requires_grad_
     (False)`). `torch.matmul` chooses its kernel for the prompt pass's input by it (see `_fold_head_input`): a frozen
     loaded head multiplies a batch-sized copy of its weight, and gives other bits from batch 2 on, which the streamed
-    head must give too. The other resident weights never require grad; they take no part in that choice.
+    head must give too. The other resident weights are loaded not requiring grad; they take no part in that choice.
 
     With gradients on, no resident weight takes part in autograd (README, Limits: no weight gets a gradient, and
     an input's backward pass holds none): each module holding the head's weight (the input embeddings too, where
