@@ -143,13 +143,23 @@ def _demo_config(layers: int, hidden_size: int, intermediate_size: int, vocab_si
             raise ValueError(f"`{option}` is {value}; use at least 1.")
     tok = make_tokenizer()
     heads = max(hidden_size // 64, 1)
+    head_size, rest = divmod(hidden_size, heads)
+    if rest or head_size % 2:  # (checked here: transformers before 5.2x builds the config and fails in the forward)
+        raise ValueError(
+            f"`--hidden-size` {hidden_size} makes no Llama-shaped model: its {heads} attention heads "
+            f"{'do not divide it' if rest else f'are of {head_size}, and RoPE needs an even size'}; use a multiple of "
+            "64 (heads of 64)."
+        )
+    kv_heads = max(heads // 4, 1)
+    while heads % kv_heads:  # (grouped-query attention: the key/value heads divide the heads)
+        kv_heads -= 1
     try:
         config = LlamaConfig(
             hidden_size=hidden_size,
             intermediate_size=intermediate_size,
             num_hidden_layers=layers,
             num_attention_heads=heads,
-            num_key_value_heads=max(heads // 4, 1),
+            num_key_value_heads=kv_heads,
             vocab_size=max(vocab_size, len(tok)),
             max_position_embeddings=2048,
             bos_token_id=tok.bos_token_id,

@@ -464,7 +464,8 @@ def test_demo_refuses_a_folder_holding_a_checkpoint_of_other_sizes(tmp_path, mon
         (["--prefetch", "-1"], "`--prefetch` is -1"),
         (["--max-new-tokens", "0"], "`--max-new-tokens` is 0"),
         (["--layers", "0"], "`--layers` is 0"),
-        (["--hidden-size", "130"], "`--hidden-size` 130 makes no Llama-shaped model (RoPE requires an even"),
+        (["--hidden-size", "130"], "`--hidden-size` 130 makes no Llama-shaped model: its 2 attention heads are of 65"),
+        (["--hidden-size", "200"], "`--hidden-size` 200 makes no Llama-shaped model: its 3 attention heads do not"),
     ],
 )
 def test_demo_refuses_its_options_before_writing_anything(tmp_path, monkeypatch, capsys, extra, named):
