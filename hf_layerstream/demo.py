@@ -167,7 +167,7 @@ def _demo_config(layers: int, hidden_size: int, intermediate_size: int, vocab_si
             pad_token_id=tok.pad_token_id,
             tie_word_embeddings=False,
         )
-    except (ValueError, StrictDataclassError) as e:  # (transformers' checks: RoPE needs an even head size)
+    except (ValueError, StrictDataclassError) as e:  # (transformers' own checks of the config, where it has more)
         raise ValueError(
             f"`--hidden-size` {hidden_size} makes no Llama-shaped model ({e.__cause__ or e}); use a multiple of 64 "
             "(heads of 64)."

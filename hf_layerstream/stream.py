@@ -845,8 +845,7 @@ def enable_layer_streaming(
     if host_modules and state.runner is not model:
         state.model_forward = vars(model).get("forward")
         model.forward = state.guard.wrap_model(model.forward)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if isinstance(head, nn.Module):
+    if isinstance(head, nn.Module):  # (the module looked up before loading: tying replaces its weight, not it)
         state.handles.append(head.register_forward_pre_hook(_fold_head_input))  # (first: it reads the flag)
         _follow_head_grad(model, head, head_wants_grad, state.handles)
         state.head_weight = (head, head_weight)
