@@ -612,7 +612,7 @@ def test_cuda_rows_are_held_to_the_host_to_device_limit_and_gpu_memory():
     resident parts, the kept layers, (prefetch + 1) layers in flight and what the whole model needs beyond its
     weights (KV cache, activations), measured in the same run (synthetic rows: the arithmetic on every field)."""
 
-    from hf_layerstream.bench import CUDA_HOST_TARGET, WARM_RESIDENT_TARGET, _derive
+    from hf_layerstream.bench import CUDA_HOST_TARGET, WARM_RESIDENT_TARGET, _derive, paired_targets
 
     layer, resident = 100, 50
     extra = 30  # the whole model's peak beyond its weights
@@ -683,6 +683,23 @@ def test_cuda_rows_are_held_to_the_host_to_device_limit_and_gpu_memory():
     assert notes["hf_layerstream (every layer from disk) warm"].endswith("(over)")
     assert "<=1.20" not in text  # 1.25x the limit: short of the target, and the table says so
     assert ">1.20" in text
+    # warm in one process, against the whole model on the GPU: the budget keeping every layer is held to 1.05x; every
+    # layer from disk to none (its limit is the copy; it was held to the CPU's 1.10x and shown "short" at 4.9x)
+    paired = {
+        "members": ["in_memory", "streamed", "streamed_disk"],
+        "calls": {"in_memory": [0.01] * 4, "streamed": [0.0108] * 4, "streamed_disk": [0.049] * 4},
+        "s_per_token": {"in_memory": 0.01, "streamed": 0.0108, "streamed_disk": 0.049},
+        "ratios": {"streamed": 1.08, "streamed_disk": 4.9},
+        "spread": {"streamed": [1.06, 1.12], "streamed_disk": [4.8, 5.0]},
+        "same_tokens": {"streamed": True, "streamed_disk": True},
+    }
+    paired["targets"] = paired_targets(paired, rows)
+    assert paired["targets"] == {"streamed": WARM_RESIDENT_TARGET, "streamed_disk": None}
+    lines = format_report({**report, "paired": paired}).splitlines()
+    budget = next(li for li in lines if li.startswith("  hf_layerstream (budget): "))
+    from_disk = next(li for li in lines if li.startswith("  hf_layerstream (every layer from disk): "))
+    assert "1.08x" in budget and "target <= 1.05: short" in budget
+    assert "4.90x" in from_disk and "no target" in from_disk and "short" not in from_disk
 
 
 def test_cuda_only_rows_are_skipped_on_cpu(tmp_path, capsys):
