@@ -1157,7 +1157,7 @@ class LayerLoader:
         # the pool never grows past `prefetch + 1` (layers of different sizes, or file sizes that round up to
         # different pages, would otherwise leave buffers that fit none of the next ones)
         self._staging_size = max((shards.unit(layer_unit(i)).size for i in plan.streamed), default=0)
-        self._device_cache: dict[int, dict[str, torch.Tensor]] = {}
+        self._device_cache: dict[int, _Ready] = {}
         self._host_cache: dict[int, dict[str, torch.Tensor]] = {}
         self._copy_stream = torch.cuda.Stream(device) if self.is_cuda else None
         if self._pinned is not None:  # a loader dropped without `close` (model deleted while streaming) unpins too,
@@ -1182,6 +1182,14 @@ class LayerLoader:
         if self._closed:
             raise RuntimeError("Layer streaming was disabled; call `enable_layer_streaming` again to run the model.")
         self.release(index)  # (nothing to release, unless this layer's last forward pass raised before its release)
+        ready = self._device_cache.get(index)
+        if ready is not None and self.profile is None:
+            # kept on the device and loaded already (every layer at every token where the device holds the model):
+            # nothing to wait for or to time
+            self._in_use[index] = ready
+            if self._streamed:
+                self._schedule_after(index)
+            return ready.tensors
         t0 = time.perf_counter()
         tier = self.plan.tier(index)
         future, prefetched, in_place = None, False, False
@@ -1194,7 +1202,7 @@ class LayerLoader:
                 future = self._submit(index)
         try:
             if tier == "device":  # (kept: loaded at its first use, then held)
-                ready = _Ready(self.kept(index))
+                ready = self._device_cache.get(index) or self._load_device_resident(index)
             else:
                 self._schedule_after(index)
                 try:
@@ -1246,6 +1254,10 @@ class LayerLoader:
         ready = self._in_use.pop(index, None)
         if ready is not None:
             self._let_go(index, ready)
+
+    def holds(self, index: int) -> bool:
+        """Whether layer `index` is in use (see `in_use`)."""
+        return index in self._in_use
 
     def in_use(self) -> list[int]:
         """Layers acquired and not released: the one whose forward pass runs, or one whose forward pass raised."""
@@ -1602,10 +1614,10 @@ class LayerLoader:
 
     def kept(self, index: int) -> dict[str, torch.Tensor]:
         """The tensors of layer `index`, which the plan keeps on the device (loaded now if never used yet)."""
-        tensors = self._device_cache.get(index)
-        return tensors if tensors is not None else self._load_device_resident(index)
+        ready = self._device_cache.get(index) or self._load_device_resident(index)
+        return ready.tensors
 
-    def _load_device_resident(self, index: int) -> dict[str, torch.Tensor]:
+    def _load_device_resident(self, index: int) -> _Ready:
         unit = layer_unit(index)
         # in the compute thread, at the layer's first use, kept for every later one: made outside inference mode
         # whatever the caller's, as a loaded model's weights are (an inference tensor cannot be saved for backward)
@@ -1614,8 +1626,9 @@ class LayerLoader:
             tensors = self._relative(index, self._finish(unit, raw, index))
         if self.is_cuda:  # as for the resident parts: a later pass run on another stream must find them there
             torch.cuda.current_stream(self.device).synchronize()
-        self._device_cache[index] = tensors
-        return tensors
+        # (one `_Ready` for every use: releasing a kept layer changes nothing in it)
+        ready = self._device_cache[index] = _Ready(tensors)
+        return ready
 
     def host_tensor(self, index: int, name: str) -> torch.Tensor:
         """Layer `index`'s tensor `name` (relative to the layer) in host memory of its own, at the model's dtype (a

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import collections
 import functools
 import threading
 import time
 import weakref
 from collections.abc import Callable, Mapping
+from operator import attrgetter, getitem, setitem
 
 import torch
 import torch.utils._pytree as pytree
@@ -26,20 +28,28 @@ _CHECKPOINTING_OFF = (
 )
 
 
+# the hook's per-pass work runs for every decoder layer at every token, and a GPU at batch 1 waits for it (a layer's
+# kernel launches take about a millisecond there): its loops over a layer's tensors run in C (`map`), not in Python
+# what a slot holds, read at each pass: (dtype, on meta or the device, requires_grad)
+_KIND_META = attrgetter("dtype", "is_meta", "requires_grad")
+_KIND = attrgetter("dtype", "device", "requires_grad")
+_consume = functools.partial(collections.deque, maxlen=0)
+
+
 def _sync(device: torch.device) -> None:
     """Profiling only: wait for the work queued on a GPU, so the times taken are real."""
     if device.type == "cuda":
         torch.cuda.current_stream(device).synchronize()
 
 
-def _wants_grad(placeholder: torch.Tensor, value: torch.Tensor) -> bool:
+def _wants_grad(requires_grad: bool, value: torch.Tensor) -> bool:
     """Whether a streamed weight swapped in for a forward pass run without gradients (`no_grad`, `inference_mode`:
     `generate`, `pipeline`) requires grad: as the parameter it stands in for does (all of them, in a model as
     `from_pretrained` loads it, unless the caller froze some). No graph is recorded either way, but some kernels
     depend on it: `torch.matmul` folds a batched input that needs a copy into one matrix product only for a weight
     that requires grad, and takes a batched product otherwise (other bits; Mamba's mixers call `x_proj` so). With
     gradients on, streamed weights never require grad: an autograd graph would hold every layer's weights."""
-    return placeholder.requires_grad and (value.is_floating_point() or value.is_complex())
+    return requires_grad and (value.is_floating_point() or value.is_complex())
 
 
 class LayerStreamingHook(ModelHook):
@@ -57,11 +67,18 @@ class LayerStreamingHook(ModelHook):
         self.slots = slots
         # each slot's dict (the module's `_parameters` or `_buffers`) and key: the swap is an item assignment there
         self.entries = [(m._parameters if p else m._buffers, a) for m, a, _, p in slots]
+        self._dicts = [entry for entry, _ in self.entries]
+        self._keys = [a for _, a in self.entries]
         self.placeholders = [entry[a] for entry, a in self.entries]
         self.names = [rel for _, _, rel, _ in slots]
-        self.placeholder_kinds = [(p.dtype, p.device) for p in self.placeholders]  # (a cast since is refused)
+        # what the placeholders are (a cast or move since is refused): their dtypes, and their devices, which for meta
+        # placeholders (a model built with `init_empty_weights()`) only need to stay meta
+        self._dtypes = [p.dtype for p in self.placeholders]
+        self._devices = [p.device for p in self.placeholders]
+        self._on_meta = all(p.is_meta for p in self.placeholders)
+        self._kind = _KIND_META if self._on_meta else _KIND
         # a layer the plan keeps on the device: the values its last passes swapped in, made once for its kept tensors,
-        # as (those tensors, {grad off: (the placeholders' requires_grad they followed, None with grad on; values)}).
+        # as (those tensors, {grad off: (the slots' kinds they were made for, see `pre_forward`; values)}).
         # Making a `nn.Parameter` for each weight at every pass was most of this hook's work, which a GPU at batch 1
         # sees beside a layer's 0.8 ms of kernel launches: `pre_forward` + `post_forward` of a kept Llama layer took
         # 20.6 us, now 4.9 (CPU, best of 9 x 5000); a forward pass of a 16-layer tiny Llama, every layer kept, built
@@ -87,27 +104,25 @@ class LayerStreamingHook(ModelHook):
                 "`model.eval()`); the streamed weights are frozen, and gradients with respect to the inputs work "
                 "without it."
             )
-        if self.index in self.loader.in_use():
+        if self.loader.holds(self.index):
             # the layer's last forward raised, in a call of the layer itself (a pass that raised was put back by
             # `PassGuard`): its weights are still in; out first, so they are not taken for a cast below
             self._unload()
-        for k, ((entry, attr), (dtype, device)) in enumerate(zip(self.entries, self.placeholder_kinds)):
-            current = entry[attr]
-            if current.dtype != dtype or current.device != device:  # (`_apply` casts a parameter in place)
-                raise self._moved(k, current)
-        tensors = self.loader.acquire(self.index)
+        # each slot's kind: a dtype or device other than its placeholder's is a cast since enable (`_apply` casts a
+        # parameter in place), refused; without gradients a weight requires grad as its placeholder does, which the
+        # caller may have changed since the kept values were made (`model.requires_grad_(False)`: reused, they kept
+        # the old flags, and a Mamba model then gave other bits than the loaded model frozen alike). Kept values are
+        # reused for the kinds they were made for, which were checked then.
+        kinds = list(map(self._kind, map(getitem, self._dicts, self._keys)))
         no_grad = not torch.is_grad_enabled()
-        # without gradients a weight requires grad as its placeholder does, which the caller may have changed since the
-        # kept values were made (`model.requires_grad_(False)`): reused, they kept the old flags, and a Mamba model
-        # then gave other bits than the loaded model frozen alike (reading the flags: pre + post 4.7 -> 5.7 us here)
-        grads = [p.requires_grad for p in self.placeholders] if no_grad else None
         kept = self._kept_values
-        made = kept[1].get(no_grad) if kept is not None and kept[0] is tensors else None
-        values = made[1] if made is not None and made[0] == grads else None
-        if values is None:
-            values = self._values(tensors, no_grad, grads)
-        for (entry, attr), value in zip(self.entries, values):
-            entry[attr] = value
+        made = kept[1].get(no_grad) if kept is not None else None
+        if made is None or made[0] != kinds:
+            made = None
+            self._check(kinds)
+        tensors = self.loader.acquire(self.index)
+        values = made[1] if made is not None and kept[0] is tensors else self._values(tensors, no_grad, kinds)
+        _consume(map(setitem, self._dicts, self._keys, values))
         if self.profile is not None:
             if self.index == 0:
                 self.profile.forward_calls += 1
@@ -115,11 +130,11 @@ class LayerStreamingHook(ModelHook):
             self._t0 = time.perf_counter()
         return args, kwargs
 
-    def _values(self, tensors: dict, no_grad: bool, grads: list | None) -> list:
-        """What each slot holds during this pass: the loaded tensors, weights as `nn.Parameter`s, a packed weight's
-        `Packed` placeholder (the weight itself in `self.packed`, dequantized as its module runs). Kept for the next
-        passes where the layer is kept on the device and none of its weights is packed, with the placeholders'
-        `requires_grad` they followed (`grads`; `None` with gradients on, where no weight requires grad)."""
+    def _values(self, tensors: dict, no_grad: bool, kinds: list[tuple]) -> list:
+        """What each slot holds during this pass: the loaded tensors, weights as `nn.Parameter`s (requiring grad as
+        the slot's kind says, without gradients), a packed weight's `Packed` placeholder (the weight itself in
+        `self.packed`, dequantized as its module runs). Kept for the next passes where the layer is kept on the
+        device and none of its weights is packed, with the kinds they were made for."""
         values = []
         for k, (_, _, rel, is_param) in enumerate(self.slots):
             value = tensors[rel]
@@ -127,16 +142,22 @@ class LayerStreamingHook(ModelHook):
                 self.packed[k] = value
                 value = self.packed_placeholders[k]
             elif is_param:
-                value = nn.Parameter(value, requires_grad=no_grad and _wants_grad(self.placeholders[k], value))
+                value = nn.Parameter(value, requires_grad=no_grad and _wants_grad(kinds[k][2], value))
             values.append(value)
         if not self.packed_placeholders and self.loader.plan.tier(self.index) == "device":
             kept = self._kept_values
             if kept is None or kept[0] is not tensors:
                 kept = self._kept_values = (tensors, {})
-            kept[1][no_grad] = (grads, values)
+            kept[1][no_grad] = (kinds, values)
         return values
 
-    def _moved(self, k: int, current: torch.Tensor) -> RuntimeError:
+    def _check(self, kinds: list[tuple]) -> None:
+        for k, (dtype, where, _) in enumerate(kinds):
+            if dtype != self._dtypes[k] or (where is not True if self._on_meta else where != self._devices[k]):
+                raise self._moved(k)
+
+    def _moved(self, k: int) -> RuntimeError:
+        current = self._dicts[k][self._keys[k]]
         return RuntimeError(
             f"Decoder layer {self.index}'s {self.names[k]} was cast or moved to {current.dtype} on {current.device} while "
             "streaming (e.g. by `model.model.half()`), which the streamed weights do not follow. To change them, call "
@@ -152,9 +173,9 @@ class LayerStreamingHook(ModelHook):
         return output
 
     def _unload(self):
-        self.packed = {}
-        for (entry, attr), placeholder in zip(self.entries, self.placeholders):
-            entry[attr] = placeholder
+        if self.packed:
+            self.packed = {}
+        _consume(map(setitem, self._dicts, self._keys, self.placeholders))
         self.loader.release(self.index)
 
     @property
@@ -417,7 +438,9 @@ class ModuleDequantizer:
             weight = packed.get(k)
             if weight is not None:  # (else the layer is not loaded: the module keeps its placeholder)
                 value = weight.dequantize()
-                wants = not torch.is_grad_enabled() and _wants_grad(self.layer_hook.placeholders[k], value)
+                wants = not torch.is_grad_enabled() and _wants_grad(
+                    self.layer_hook.placeholders[k].requires_grad, value
+                )
                 module._parameters[attr] = nn.Parameter(value, requires_grad=wants)
         if profile is not None:
             _sync(self.layer_hook.loader.device)
@@ -493,7 +516,7 @@ class HostResidentHook(ModelHook):
         for (module_, attr, is_param, _), value, placeholder in zip(self.slots, values, self.placeholders):
             if is_param:
                 # (as a layer's: the head's placeholder requires grad as the loaded head does, see `stream._HeadGrad`)
-                wants = no_grad and _wants_grad(placeholder, value)
+                wants = no_grad and _wants_grad(placeholder.requires_grad, value)
                 module_._parameters[attr] = nn.Parameter(value, requires_grad=wants)
             else:
                 module_._buffers[attr] = value

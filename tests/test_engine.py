@@ -577,7 +577,7 @@ def test_disable_stops_thread_and_frees_memory(llama, options):
     state = get_streaming_state(model)
     loader = state.loader
     refs = [weakref.ref(model.model.embed_tokens.weight)]
-    refs += [weakref.ref(t) for layer in loader._device_cache.values() for t in layer.values()]
+    refs += [weakref.ref(t) for layer in loader._device_cache.values() for t in layer.tensors.values()]
     refs += [weakref.ref(buf) for buf, _ in loader._pool._free]
     refs += [weakref.ref(f) for f in loader._pending.values()]
     refs += [weakref.ref(x) for kept in loader._maps.values() for x in (kept.mm, *kept.views.values())]
