@@ -508,6 +508,23 @@ def test_bf16_batch_exact(checkpoints, arch):
     disable_layer_streaming(model)
 
 
+def test_casting_part_of_a_model_enabled_over_loaded_weights_is_refused_too(checkpoints):
+    """Placeholders that are the model's loaded weights (enabled without `init_empty_weights()`, with a warning) are
+    checked by device and dtype, not by being on meta: a cast of a module in a kept layer after its first pass (its
+    values made and reused since) is refused at the next pass."""
+    ckpt, shards = checkpoints("llama")
+    ref = _models.load_reference(ckpt)
+    model = enable_layer_streaming(_models.load_reference(ckpt), shards, device="cpu")
+    assert not model.model.layers[1]._hf_hook._on_meta
+    ids = torch.tensor([[1, 5, 7, 9]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)
+        model.model.layers[1].mlp.half()
+        with pytest.raises(RuntimeError, match=r"layer 1's mlp\.\w+\.weight was cast or moved to torch.float16 on cpu"):
+            model(ids)
+    disable_layer_streaming(model)
+
+
 @pytest.mark.parametrize("options", [{}, STREAM_ALL], ids=["kept", "streamed"])
 def test_casting_part_of_a_streamed_model_is_refused_at_its_next_pass(checkpoints, options):
     """`model.model.half()` (the module running the layers, not the model, whose moves streaming guards) cast the
