@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import collections
 import functools
 import threading
 import time
@@ -33,7 +32,6 @@ _CHECKPOINTING_OFF = (
 # what a slot holds, read at each pass: (dtype, on meta or the device, requires_grad)
 _KIND_META = attrgetter("dtype", "is_meta", "requires_grad")
 _KIND = attrgetter("dtype", "device", "requires_grad")
-_consume = functools.partial(collections.deque, maxlen=0)
 
 
 def _sync(device: torch.device) -> None:
@@ -122,7 +120,8 @@ class LayerStreamingHook(ModelHook):
             self._check(kinds)
         tensors = self.loader.acquire(self.index)
         values = made[1] if made is not None and kept[0] is tensors else self._values(tensors, no_grad, kinds)
-        _consume(map(setitem, self._dicts, self._keys, values))
+        for _ in map(setitem, self._dicts, self._keys, values):  # (the swap: no loop in Python, nor a deque to make)
+            pass
         if self.profile is not None:
             if self.index == 0:
                 self.profile.forward_calls += 1
@@ -175,7 +174,8 @@ class LayerStreamingHook(ModelHook):
     def _unload(self):
         if self.packed:
             self.packed = {}
-        _consume(map(setitem, self._dicts, self._keys, self.placeholders))
+        for _ in map(setitem, self._dicts, self._keys, self.placeholders):
+            pass
         self.loader.release(self.index)
 
     @property
