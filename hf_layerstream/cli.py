@@ -532,7 +532,7 @@ def _cmd_demo(args) -> int:
 def _cmd_inspect(args) -> int:
     import torch
 
-    from .engine import budget_shortfall, host_memory
+    from .engine import budget_shortfall, host_memory, size_text
     from .shard_dir import ShardDirectory
     from .stream import plan_shard_dir
 
@@ -585,11 +585,10 @@ def _cmd_inspect(args) -> int:
     dtypes = f"dtype {m.dtype}" if computes == m.dtype else f"stored in {m.dtype}, computes in {computes}"
     print(f"model            {m.model_type}, {m.num_layers} layers under {m.layers_prefix!r}, {dtypes}")
     print(f"compression      {scheme}")
-    print(f"resident file    {_human(shards.unit('resident').size)}")
+    print(f"resident file    {size_text(shards.unit('resident').size)}")
     named = "bfloat16" if dtype is None else str(dtype).replace("torch.", "")
-    print(
-        f"per layer        {_human(sum(stored) / max(len(stored), 1))} on disk (mean), {_human(sum(full_bytes) / max(len(full_bytes), 1))} at {named}"
-    )
+    mean_stored, mean_full = (sum(b) // max(len(b), 1) for b in (stored, full_bytes))
+    print(f"per layer        {size_text(mean_stored)} on disk (mean), {size_text(mean_full)} at {named}")
     print(f"ratio            {ratio:.3f}x of {'bf16' if dtype is None else named}")
     print(f"{f'plan on {device}' + (' (not on this machine)' if absent else ''):16} {plan.summary()}")
     gib = 2**30
@@ -640,14 +639,6 @@ def _cmd_verify(args) -> int:
         return 1
     print(f"{shards.path}: all {n} files match the manifest{' (sizes and headers only)' if args.quick else ''}")
     return 0
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -13,6 +13,8 @@ import torch
 from transformers import AutoTokenizer
 
 from hf_layerstream.cli import build_parser, main
+from hf_layerstream.engine import size_text
+from hf_layerstream.shard_dir import ShardDirectory
 
 COMMANDS = ["split", "generate", "demo", "inspect", "verify"]
 
@@ -306,6 +308,12 @@ def test_inspect_and_verify(split_dir, capsys):
     assert main(["inspect", str(shards), "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "3 layers" in out and "compression      none" in out
+    # sizes in the unit `engine.size_text` gives messages and the plan summary (a tiny model's in KiB)
+    directory = ShardDirectory(shards)
+    layer_sizes = [directory.unit(f"layers.{i}").size for i in range(3)]
+    assert f"resident file    {size_text(directory.unit('resident').size)}\n" in out
+    assert f"per layer        {size_text(sum(layer_sizes) // 3)} on disk (mean), " in out
+    assert " KiB on disk (mean), " in out
     assert main(["inspect", str(shards), "--json", "--device", "cpu", "--max-memory", "cpu=0"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["num_layers"] == 3 and info["plan"]["streamed"] == [0, 1, 2]
