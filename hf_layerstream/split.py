@@ -163,10 +163,18 @@ class _Source:
                     )
                 self.hub_unreachable = True
                 return None
+            # (the first file fetched: a misspelt folder name reads as a hub repo id, and meets this first)
+            no_folder = ""
+            if filename == "config.json":
+                no_folder = (
+                    f"`source` {self.repo_id!r} is no local folder ({Path(self.repo_id).absolute()} does not exist), "
+                    "and as a hub repo: "
+                )
             raise FileNotFoundError(
-                f"Cannot fetch {filename} of {self.repo_id!r}: the hub cannot be reached (offline, HF_HUB_OFFLINE="
-                f"{os.environ.get('HF_HUB_OFFLINE', '0')}) and the file is not in the hub cache. Download it once "
-                "with network access (`hf download REPO`) or pass a local checkpoint folder as `source`."
+                f"{no_folder}Cannot fetch {filename} of {self.repo_id!r}: the hub cannot be reached (offline, "
+                f"HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}) and the file is not in the hub cache. "
+                "Download it once with network access (`hf download REPO`) or pass a local checkpoint folder as "
+                "`source`."
             ) from e
         except EntryNotFoundError:
             if required:

@@ -7,6 +7,7 @@ import hashlib
 import json
 import shutil
 import threading
+from pathlib import Path
 
 import _models
 import pytest
@@ -703,9 +704,13 @@ def test_hub_repo_id_offline_and_not_cached_is_a_clear_error(tmp_path, monkeypat
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(FileNotFoundError, match=r"HF_HUB_OFFLINE.*not in the hub cache"):
+    with pytest.raises(FileNotFoundError, match=r"HF_HUB_OFFLINE.*not in the hub cache") as raised:
         split_checkpoint("nobody/nothing", tmp_path / "shards", cache_dir=tmp_path / "empty", progress=False)
     assert not (tmp_path / "shards").exists()
+    # a name that may be a misspelt folder as well: the error says no such folder exists, where it looked
+    assert str(raised.value).startswith(
+        f"`source` 'nobody/nothing' is no local folder ({Path.cwd() / 'nobody' / 'nothing'} does not exist), and as a hub repo: Cannot fetch config.json"
+    )
 
 
 def _add_unused_weight_file(ckpt, *, write=True, name="model-unused.safetensors"):
