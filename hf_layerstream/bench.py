@@ -749,7 +749,7 @@ def bench(args) -> dict:
         baseline_rss = min((r["baseline_rss"] for r in rows if r.get("baseline_rss")), default=0)
         _derive(rows, disk, stored, baseline_rss, resident_bytes, layer_bytes, stored_by_system, h2d, lossy, scheme)
         if paired is not None and not paired.get("error"):
-            paired["targets"] = paired_targets(paired, rows)
+            paired["targets"] = paired_targets(paired, rows, on_cuda)
             ref = paired["tokens"]["in_memory"]
             ours = {s: t for s, t in paired["tokens"].items() if s != "in_memory"}
             paired["same_tokens"] = {s: t == ref for s, t in ours.items() if s not in lossy}
@@ -877,12 +877,14 @@ def _run(spec: dict, timeout: float) -> dict:
         }
 
 
-def paired_targets(paired: dict, rows: list[dict]) -> dict[str, float | None]:
+def paired_targets(paired: dict, rows: list[dict], on_cuda: bool) -> dict[str, float | None]:
     """The targets of the warm run in one process: its rows' (1.05x for a budget that keeps every layer, else 1.10x),
     and none where the row has none: on CUDA a row that copies layers to the device is bound by the copy, not by the
-    whole model the ratios there are to."""
-    warm_rows = {r["system"]: r for r in rows if r["mode"] == "warm" and r["batch"] == 1}
-    return {s: warm_rows[s].get("target") if s in warm_rows else WARM_TARGET for s in paired["ratios"]}
+    whole model the ratios there are to. A row that failed in its own process tells nothing of its plan: on CUDA no
+    target then, on CPU 1.10x."""
+    warm_rows = {r["system"]: r for r in rows if r["mode"] == "warm" and r["batch"] == 1 and not r.get("error")}
+    fallback = None if on_cuda else WARM_TARGET
+    return {s: warm_rows[s].get("target") if s in warm_rows else fallback for s in paired["ratios"]}
 
 
 def _derive(

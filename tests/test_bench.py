@@ -612,7 +612,7 @@ def test_cuda_rows_are_held_to_the_host_to_device_limit_and_gpu_memory():
     resident parts, the kept layers, (prefetch + 1) layers in flight and what the whole model needs beyond its
     weights (KV cache, activations), measured in the same run (synthetic rows: the arithmetic on every field)."""
 
-    from hf_layerstream.bench import CUDA_HOST_TARGET, WARM_RESIDENT_TARGET, _derive, paired_targets
+    from hf_layerstream.bench import CUDA_HOST_TARGET, WARM_RESIDENT_TARGET, WARM_TARGET, _derive, paired_targets
 
     layer, resident = 100, 50
     extra = 30  # the whole model's peak beyond its weights
@@ -693,8 +693,17 @@ def test_cuda_rows_are_held_to_the_host_to_device_limit_and_gpu_memory():
         "spread": {"streamed": [1.06, 1.12], "streamed_disk": [4.8, 5.0]},
         "same_tokens": {"streamed": True, "streamed_disk": True},
     }
-    paired["targets"] = paired_targets(paired, rows)
+    paired["targets"] = paired_targets(paired, rows, on_cuda=True)
     assert paired["targets"] == {"streamed": WARM_RESIDENT_TARGET, "streamed_disk": None}
+    # the disk row failed in its own process (e.g. timed out): its error row says nothing of its plan, and gave 1.10x
+    failed = {"system": "streamed_disk", "mode": "warm", "batch": 1, "error": "timed out", "s_per_token": None}
+    with_failed = [r for r in rows if (r["system"], r["mode"]) != ("streamed_disk", "warm")] + [failed]
+    _derive(with_failed, disk, [layer] * 4, 10**8, resident, layer, None, h2d)
+    assert paired_targets(paired, with_failed, on_cuda=True) == {
+        "streamed": WARM_RESIDENT_TARGET,
+        "streamed_disk": None,
+    }
+    assert paired_targets(paired, with_failed, on_cuda=False)["streamed_disk"] == WARM_TARGET
     lines = format_report({**report, "paired": paired}).splitlines()
     budget = next(li for li in lines if li.startswith("  hf_layerstream (budget): "))
     from_disk = next(li for li in lines if li.startswith("  hf_layerstream (every layer from disk): "))
