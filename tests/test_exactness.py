@@ -522,6 +522,14 @@ def test_casting_part_of_a_model_enabled_over_loaded_weights_is_refused_too(chec
         model.model.layers[1].mlp.half()
         with pytest.raises(RuntimeError, match=r"layer 1's mlp\.\w+\.weight was cast or moved to torch.float16 on cpu"):
             model(ids)
+        model.model.layers[1].mlp.float()
+        assert torch.equal(model(ids).logits, ref(ids).logits)
+        # a move that keeps the dtype: the device is what tells it
+        model.model.layers[2].self_attn.to("meta")
+        with pytest.raises(
+            RuntimeError, match=r"layer 2's self_attn\.\w+\.weight was cast or moved to torch.float32 on meta"
+        ):
+            model(ids)
     disable_layer_streaming(model)
 
 
