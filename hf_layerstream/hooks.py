@@ -168,15 +168,22 @@ class LayerStreamingHook(ModelHook):
             _sync(self.loader.device)
             elapsed = time.perf_counter() - self._t0
             self.profile.add(self.index, compute=elapsed - self.dequantized, dequantize=self.dequantized)
-        self._unload()
+        self._swap_out()
         return output
 
-    def _unload(self):
+    def _swap_out(self):
         if self.packed:
             self.packed = {}
         for _ in map(setitem, self._dicts, self._keys, self.placeholders):
             pass
         self.loader.release(self.index)
+
+    def _unload(self):
+        """Out of a forward that did not reach `post_forward` (it raised; or streaming is disabled). A kept layer's
+        values are made anew at its next pass: the model held them meanwhile, and a cast made then (`layer.half()`
+        after a direct call of the layer raised) reached them, which every later pass would have reused."""
+        self._swap_out()
+        self._kept_values = None
 
     @property
     def weights_map(self) -> Mapping[str, torch.Tensor]:
@@ -186,8 +193,7 @@ class LayerStreamingHook(ModelHook):
         return _LayerWeights(self)
 
     def detach_hook(self, module):
-        self._unload()
-        self._kept_values = None  # (the kept tensors go with the loader's)
+        self._unload()  # (the kept values go too, as the kept tensors go with the loader's)
         return module
 
     def __repr__(self) -> str:

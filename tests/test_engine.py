@@ -961,6 +961,39 @@ def test_a_direct_call_of_a_layer_that_raised_is_put_back_at_the_next_call(llama
     disable_layer_streaming(model)
 
 
+def test_a_cast_while_a_kept_layer_that_raised_holds_its_weights_does_not_reach_later_passes(llama):
+    """A layer kept in memory, called by itself, raised: its weights (the Parameters made once and reused by every
+    pass) stayed in its modules, where `layer.self_attn.half()` then `.float()` cast them (`_apply` put new ones in,
+    the reused ones stayed float16): every later pass then failed on mixed dtypes. The next call puts the
+    placeholders back and makes its values anew from the loaded tensors, exact again."""
+    ckpt, shards, inputs, expected, pad = llama
+    model = streamed_model(ckpt, shards)  # (every layer kept)
+    ref = _models.load_reference(ckpt)
+    ids = inputs["input_ids"]
+    assert get_streaming_state(model).loader.plan.tier(2) == "device"
+    with torch.no_grad():
+        hidden = ref.model.embed_tokens(ids)
+        rotary = ref.model.rotary_emb(hidden, torch.arange(ids.shape[1])[None])
+        expected_out = ref.model.layers[2](hidden, position_embeddings=rotary)
+        layer = model.model.layers[2]
+        assert torch.equal(layer(hidden, position_embeddings=rotary), expected_out)  # (its values made, kept)
+        with pytest.raises(TypeError):  # (no `position_embeddings`: raises inside the attention)
+            layer(hidden)
+        assert not layer.self_attn.q_proj.weight.is_meta  # (still in)
+        layer.self_attn.half()
+        layer.self_attn.float()
+        assert torch.equal(layer(hidden, position_embeddings=rotary), expected_out)
+        # the same, the next call a pass of the model (which puts the layer's weights back as it begins)
+        with pytest.raises(TypeError):
+            layer(hidden)
+        layer.self_attn.half()
+        layer.self_attn.float()
+    assert all(t.is_meta for t in model.model.layers[1].parameters())
+    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+    assert all(t.is_meta for t in layer.parameters())
+    disable_layer_streaming(model)
+
+
 def test_interrupted_again_while_letting_go_of_stale_layers_loses_nothing(llama):
     """Ctrl-C in a pass, then again as the next pass lets go of the first one's read-ahead layers (waiting for one):
     the ones not let go yet stay read ahead, and the pass after lets them go; no read buffer goes missing."""
