@@ -27,9 +27,9 @@ _CHECKPOINTING_OFF = (
 )
 
 
-# the hook's per-pass work runs for every decoder layer at every token, and a GPU at batch 1 waits for it (a layer's
-# kernel launches take about a millisecond there): its loops over a layer's tensors run in C (`map`), not in Python
-# what a slot holds, read at each pass: (dtype, on meta or the device, requires_grad)
+# what a slot holds, read at each pass: (dtype, on meta or the device, requires_grad). The hook's per-pass work runs
+# for every decoder layer at every token, and a GPU at batch 1 waits for it (a layer's kernel launches take about a
+# millisecond there): its loops over a layer's tensors run in C (`map`), not in Python
 _KIND_META = attrgetter("dtype", "is_meta", "requires_grad")
 _KIND = attrgetter("dtype", "device", "requires_grad")
 
