@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ast
 import copy
 import hashlib
+import inspect
 import json
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -1241,3 +1244,51 @@ def test_generate_does_not_compile_a_streamed_model(checkpoints, caplog):
     del model.get_compiled_call
     disable_layer_streaming(model)
     assert "_valid_auto_compile_criteria" not in vars(model)
+
+
+def _readme_signatures() -> dict[str, str]:
+    """The calls the README's API table shows (first column): name -> the text between its parentheses."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    table = readme.split("\n## API\n", 1)[1].split("\n## ", 1)[0]
+    shown = {}
+    for row in table.splitlines():
+        if not row.startswith("| `"):
+            continue
+        for call in re.findall(r"`(\w+)\(([^`]*)\)(?: -> [^`]*)?`", row.split(" | ", 1)[0]):
+            shown[call[0]] = call[1]
+    return shown
+
+
+def test_the_readmes_api_table_shows_each_function_as_it_is():
+    """The README's API table gave `configure_draft` a positional `num_assistant_tokens` (keyword-only: calling it so
+    raised TypeError) and left out two of its parameters, and `generate_jsonl`'s `progress`: each call shown there now
+    has the real names, order, kinds (after `*`: keyword-only) and defaults; `...` stands for the rest."""
+    import hf_layerstream
+
+    shown = _readme_signatures()
+    assert {"split_checkpoint", "enable_layer_streaming", "generate_jsonl", "configure_draft"} <= set(shown)
+    for name, text in shown.items():
+        real = inspect.signature(getattr(hf_layerstream, name))
+        params = list(real.parameters.values())
+        keyword_only, k = False, 0
+        for part in (p.strip() for p in text.split(",") if p.strip()):
+            if part == "...":
+                break
+            if part == "*":
+                keyword_only = True
+                continue
+            assert k < len(params), f"{name}: the README shows {part!r} beyond the real parameters"
+            param = params[k]
+            k += 1
+            if part.startswith("**"):
+                assert param.kind is param.VAR_KEYWORD and param.name == part[2:], (name, part)
+                continue
+            shown_name, _, default = part.partition("=")
+            assert param.name == shown_name, (name, part, param.name)
+            assert (param.kind is param.KEYWORD_ONLY) == keyword_only, (name, part, param.kind)
+            if default:
+                assert param.default == ast.literal_eval(default), (name, part, param.default)
+            else:
+                assert param.default is param.empty, (name, part)
+        else:
+            assert k == len(params), f"{name}: the README leaves out {[p.name for p in params[k:]]}"
