@@ -963,9 +963,10 @@ def test_a_direct_call_of_a_layer_that_raised_is_put_back_at_the_next_call(llama
 
 def test_a_cast_while_a_kept_layer_that_raised_holds_its_weights_does_not_reach_later_passes(llama):
     """A layer kept in memory, called by itself, raised: its weights (the Parameters made once and reused by every
-    pass) stayed in its modules, where `layer.self_attn.half()` then `.float()` cast them (`_apply` put new ones in,
-    the reused ones stayed float16): every later pass then failed on mixed dtypes. The next call puts the
-    placeholders back and makes its values anew from the loaded tensors, exact again."""
+    pass) stayed in its modules, where `layer.self_attn.half()` then `.float()` reached them: later passes reused
+    them, rounded through float16 (other bits; with `_apply` putting new Parameters in, the reused ones stayed float16
+    and passes failed on mixed dtypes). The next call puts the placeholders back and makes its values anew from the
+    loaded tensors, exact again."""
     ckpt, shards, inputs, expected, pad = llama
     model = streamed_model(ckpt, shards)  # (every layer kept)
     ref = _models.load_reference(ckpt)
