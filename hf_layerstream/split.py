@@ -737,7 +737,8 @@ def split_checkpoint(
         blocksize (`int`, *optional*):
             Quantization block size.
         dtype (`torch.dtype` or `str`, *optional*):
-            Cast floating-point tensors to this dtype (default: keep the checkpoint's). Either way the manifest
+            Cast floating-point tensors to this dtype (default: keep the checkpoint's); the shard directory's config
+            (and its sub-configs) then says it, as `from_pretrained(dtype=...)` sets it. Either way the manifest
             records the dtype they are streamed at by default: this one, else the one `from_pretrained(dtype="auto")`
             loads the checkpoint at.
         revision, token, cache_dir:
@@ -979,6 +980,12 @@ def split_checkpoint(
                 atomic_write_bytes(shard_dir / name, path.read_bytes())
         if overwrite:  # the replaced split's chat template or generation config would pass for the new source's
             _remove_foreign_side_files(shard_dir, {name for name, path in side.items() if path is not None})
+        if dtype is not None:
+            # the weights were cast: the config says so, as `from_pretrained(dtype=...)` sets it on the config and its
+            # sub-configs (a model built from the shard directory's config is then built at the dtype it streams at)
+            for cfg in (config, *(getattr(config, key, None) for key in getattr(config, "sub_configs", {}))):
+                if cfg is not None:
+                    cfg.dtype = dtype
         atomic_write_bytes(shard_dir / "config.json", config.to_json_string().encode())
 
         floating = [t.dtype for u in done.values() for t in u.tensors.values() if t.dtype.is_floating_point]

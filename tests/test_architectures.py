@@ -480,6 +480,28 @@ def _save_vision_language(config, path):
     return model
 
 
+def test_a_split_cast_to_a_dtype_says_it_in_its_config_and_sub_configs(tmp_path):
+    """`split_checkpoint(dtype=torch.bfloat16)` of a float32 checkpoint wrote the source's config.json unchanged: a
+    model built from the shard directory's config (as the README builds it) came out float32 while it streamed at
+    bfloat16, and `model.config.dtype` disagreed with `model.dtype`. Now the config and its sub-configs say the dtype
+    the weights were cast to, as `from_pretrained(dtype=...)` sets them; without `dtype`, the source's dtype."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    config, _ = _vision_language("llava")
+    _save_vision_language(config, tmp_path / "checkpoint")
+    kept = AutoConfig.from_pretrained(split_checkpoint(tmp_path / "checkpoint", tmp_path / "kept", progress=False))
+    assert kept.dtype == kept.text_config.dtype == kept.vision_config.dtype == torch.float32
+    shards = split_checkpoint(tmp_path / "checkpoint", tmp_path / "bf16", dtype=torch.bfloat16, progress=False)
+    written = AutoConfig.from_pretrained(shards)
+    assert written.dtype == written.text_config.dtype == written.vision_config.dtype == torch.bfloat16
+    with init_empty_weights():
+        model = AutoModelForImageTextToText.from_config(written)
+    enable_layer_streaming(model, shards, device="cpu")
+    assert model.dtype == model.config.dtype == torch.bfloat16
+    disable_layer_streaming(model)
+
+
 @pytest.mark.parametrize("model_type", ["llava", "qwen2_vl", "gemma3", "paligemma"])
 def test_vision_language_models_stream_their_language_model(tmp_path, model_type):
     """Split from the checkpoint `save_pretrained` wrote, streamed with every layer from disk: the image and the
