@@ -1202,7 +1202,7 @@ class LayerLoader:
                 future = self._submit(index)
         try:
             if tier == "device":  # (kept: loaded at its first use, then held)
-                ready = self._device_cache.get(index) or self._load_device_resident(index)
+                ready = self._kept_ready(index)
             else:
                 self._schedule_after(index)
                 try:
@@ -1614,8 +1614,10 @@ class LayerLoader:
 
     def kept(self, index: int) -> dict[str, torch.Tensor]:
         """The tensors of layer `index`, which the plan keeps on the device (loaded now if never used yet)."""
-        ready = self._device_cache.get(index) or self._load_device_resident(index)
-        return ready.tensors
+        return self._kept_ready(index).tensors
+
+    def _kept_ready(self, index: int) -> _Ready:
+        return self._device_cache.get(index) or self._load_device_resident(index)
 
     def _load_device_resident(self, index: int) -> _Ready:
         unit = layer_unit(index)
