@@ -1249,6 +1249,14 @@ class LayerLoader:
             self.profile.add(index, wait=time.perf_counter() - t0, calls=1, **(ready.times or {}))
         return ready.tensors
 
+    def kept_runs(self, index: int) -> None:
+        """Layer `index`, kept on the device and holding its weights since its last pass, runs (no `acquire`): the
+        streamed layers after it are read ahead as `acquire` would."""
+        if self._streamed:
+            self._schedule_after(index)
+        if self.profile is not None:
+            self.profile.add(index, wait=0.0, calls=1)
+
     def release(self, index: int) -> None:
         """Layer `index` finished its forward pass: drop its tensors (their memory is reused by later reads)."""
         ready = self._in_use.pop(index, None)

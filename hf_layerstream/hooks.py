@@ -83,6 +83,10 @@ class LayerStreamingHook(ModelHook):
         # as `generate` builds it: 46-47 us a layer over the loaded model's, now 1-30 (10th percentile of 300 passes,
         # two and four runs on a shared 2-core machine)
         self._kept_values: tuple[dict, dict[bool, tuple[list | None, list]]] | None = None
+        # where the layer holds its kept values between passes run without gradients (`hold_between_passes`): whether
+        # it may, and whether it does now
+        self.holds_between = False
+        self._installed = False
         self.profile = profile
         self._t0 = 0.0
         # slots whose weight the loader hands over packed (see `ModuleDequantizer`): their `Packed` placeholder
@@ -95,6 +99,13 @@ class LayerStreamingHook(ModelHook):
         return module
 
     def pre_forward(self, module, *args, **kwargs):
+        if self._installed:  # (a kept layer holding its weights since its last pass)
+            if not torch.is_grad_enabled():
+                self.loader.kept_runs(self.index)
+                if self.profile is not None:
+                    self._profile_begins()
+                return args, kwargs
+            self._take_out()  # (gradients on: its weights swapped in below without them, see `_wants_grad`)
         if getattr(module, "gradient_checkpointing", False) and module.training and torch.is_grad_enabled():
             raise RuntimeError(
                 "Gradient checkpointing is enabled on a streamed model: the backward pass would run each decoder "
@@ -122,12 +133,18 @@ class LayerStreamingHook(ModelHook):
         values = made[1] if made is not None and kept[0] is tensors else self._values(tensors, no_grad, kinds)
         for _ in map(setitem, self._dicts, self._keys, values):  # (the swap: no loop in Python, nor a deque to make)
             pass
+        if no_grad and self.holds_between:  # (they stay in after the pass: the loader holds them anyway)
+            self._installed = True
+            self.loader.release(self.index)
         if self.profile is not None:
-            if self.index == 0:
-                self.profile.forward_calls += 1
-            self.dequantized = 0.0
-            self._t0 = time.perf_counter()
+            self._profile_begins()
         return args, kwargs
+
+    def _profile_begins(self) -> None:
+        if self.index == 0:
+            self.profile.forward_calls += 1
+        self.dequantized = 0.0
+        self._t0 = time.perf_counter()
 
     def _values(self, tensors: dict, no_grad: bool, kinds: list[tuple]) -> list:
         """What each slot holds during this pass: the loaded tensors, weights as `nn.Parameter`s (requiring grad as
@@ -168,10 +185,44 @@ class LayerStreamingHook(ModelHook):
             _sync(self.loader.device)
             elapsed = time.perf_counter() - self._t0
             self.profile.add(self.index, compute=elapsed - self.dequantized, dequantize=self.dequantized)
-        self._swap_out()
+        if not self._installed:
+            self._swap_out()
         return output
 
+    def hold_between_passes(self) -> list:
+        """Let this layer, which the plan keeps on the device (none of its weights packed, no module of it another
+        layer's too), hold its kept weights in its modules between passes run without gradients, as a loaded model
+        holds its weights: its hook's work at each pass is then a flag read, not a swap in and out of every tensor.
+        A GPU at batch 1 waits for the Python launching its kernels: there the default plan (every layer kept) took
+        1.08x the whole model's time a token, and a 16-layer tiny Llama on a CPU, as Python-bound, 1.07-1.09x, with
+        held weights 1.02x (`hf-layerstream bench --paired-calls`). What the placeholders guarded between passes is
+        kept: a cast or move (`_apply`: `half()`, `to()`) and `load_state_dict` of a module holding the weights first
+        put the placeholders back (they are cast, or loaded into, as before, and the next pass checks them); a pass
+        with gradients takes them out too. Returns the handles that undo it (`.remove()`)."""
+        self.holds_between = True
+        modules = list({id(m): m for m, _, _, _ in self.slots}.values())
+        handles: list = [_ApplyGuard(m, self) for m in modules]
+        handles += [m.register_load_state_dict_pre_hook(self._before_load) for m in modules]
+        return handles
+
+    def _take_out(self) -> None:
+        """The held weights out of the modules, the placeholders back in; a `requires_grad` set on a weight since
+        (`model.requires_grad_(False)`) goes to its placeholder, which the next pass reads, and the kept values are
+        made anew then (they no longer are what the kinds they were made for say)."""
+        self._installed = False
+        for p, v in zip(self.placeholders, map(getitem, self._dicts, self._keys)):
+            if v is not p and isinstance(p, nn.Parameter) and v.requires_grad != p.requires_grad:
+                p.requires_grad_(v.requires_grad)
+                self._kept_values = None
+        for _ in map(setitem, self._dicts, self._keys, self.placeholders):
+            pass
+
+    def _before_load(self, *_) -> None:
+        if self._installed:
+            self._take_out()
+
     def _swap_out(self):
+        self._installed = False
         if self.packed:
             self.packed = {}
         for _ in map(setitem, self._dicts, self._keys, self.placeholders):
@@ -201,6 +252,33 @@ class LayerStreamingHook(ModelHook):
             f"LayerStreamingHook(layer={self.index}, tier={self.loader.plan.tier(self.index)}, "
             f"device={self.loader.device}, tensors={len(self.slots)})"
         )
+
+
+class _ApplyGuard:
+    """On a module of a layer holding its kept weights between passes (`LayerStreamingHook.hold_between_passes`):
+    its `_apply` (what `half()`, `to()`, `cuda()` call, also from a module above it) first puts the placeholders back,
+    so a cast reaches them, as between passes before, and not the kept weights every later pass uses. An instance
+    attribute, as accelerate's `forward`; `remove` takes it off."""
+
+    def __init__(self, module: nn.Module, hook: LayerStreamingHook):
+        self.module = module
+        self.hook = hook
+        self.own = vars(module).get("_apply")  # (an instance attribute it had, if any: called through)
+        module._apply = self.apply
+
+    def apply(self, *args, **kwargs):
+        if self.hook._installed:
+            self.hook._take_out()
+        if self.own is not None:
+            return self.own(*args, **kwargs)
+        return type(self.module)._apply(self.module, *args, **kwargs)
+
+    def remove(self) -> None:
+        if vars(self.module).get("_apply") == self.apply:  # (one set over it since stays)
+            if self.own is None:
+                del self.module._apply
+            else:
+                self.module._apply = self.own
 
 
 class _LayerWeights(Mapping):

@@ -7,6 +7,7 @@ import logging
 import os
 import threading
 import weakref
+from collections import Counter
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
@@ -824,6 +825,13 @@ def enable_layer_streaming(
             if plan.tier(i) == "device":
                 handles.append(layer.register_state_dict_post_hook(kept_state_dict_hook))
             hooks.append(hook)
+        # kept layers hold their weights between passes, except where a module holding some is another layer's too
+        # (the same object in two layers: each swaps its own weights in at each pass)
+        owners = Counter(id(m) for hook in hooks for m in {id(m): m for m, _, _, _ in hook.slots}.values())
+        for i, hook in enumerate(hooks):
+            if plan.tier(i) == "device" and not hook.packed_placeholders:
+                if all(owners[id(m)] == 1 for m, _, _, _ in hook.slots):
+                    handles += hook.hold_between_passes()
     except BaseException:
         loader.close()
         for handle in handles:

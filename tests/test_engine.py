@@ -19,7 +19,7 @@ import _models
 import pytest
 import torch
 from _pagecache import cached_share, drop_from_page_cache, map_cpu_per_mib, read_in_big_chunks
-from conftest import generate_from_threads, streamed_model
+from conftest import build_meta_model, generate_from_threads, streamed_model
 from transformers import AutoTokenizer
 
 from hf_layerstream import (
@@ -989,9 +989,136 @@ def test_a_cast_while_a_kept_layer_that_raised_holds_its_weights_does_not_reach_
             layer(hidden)
         layer.self_attn.half()
         layer.self_attn.float()
-    assert all(t.is_meta for t in model.model.layers[1].parameters())
+    assert all(t.is_meta for t in model.model.layers[1].parameters())  # (not run yet)
     assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+    assert not any(t.is_meta for t in layer.parameters())  # (kept layers hold their weights between passes)
+    disable_layer_streaming(model)
+
+
+def _held(model, index: int) -> dict[str, torch.Tensor]:
+    """What a kept layer's modules hold now, by name relative to the layer."""
+    return dict(model.model.layers[index].named_parameters())
+
+
+def test_kept_layers_hold_their_weights_between_passes_without_asking_the_loader(llama, monkeypatch):
+    """After its first pass without gradients a kept layer holds its kept weights in its modules, as a loaded model
+    does: the next passes swap nothing and ask the loader for nothing (its hook's work at each pass is a flag read;
+    the swap in and out with its checks cost a GPU at batch 1 several percent of a token), and stay exact. The weights are the loader's kept tensors (no copy); `disable_layer_streaming` puts the model back on meta
+    and takes its `_apply` guards off the modules."""
+    ckpt, shards, inputs, expected, pad = llama
+    model = streamed_model(ckpt, shards)  # (every layer kept)
+    loader = get_streaming_state(model).loader
+    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+    held = [_held(model, i) for i in range(6)]
+    for i, weights in enumerate(held):
+        kept = loader.kept(i)
+        assert weights and all(w.data_ptr() == kept[n].data_ptr() and not w.is_meta for n, w in weights.items())
+    acquired = []
+    monkeypatch.setattr(loader, "acquire", lambda index: acquired.append(index))
+    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+    assert acquired == []
+    assert all(_held(model, i)[n] is w for i, weights in enumerate(held) for n, w in weights.items())
+    monkeypatch.undo()
+    layer = model.model.layers[1]
+    assert "_apply" in vars(layer.mlp.up_proj)
+    disable_layer_streaming(model)
     assert all(t.is_meta for t in layer.parameters())
+    assert not any("_apply" in vars(m) for m in model.modules())
+
+
+def test_a_cast_or_a_load_between_passes_does_not_reach_the_weights_a_kept_layer_holds(llama):
+    """Between passes a kept layer's modules hold its kept weights, which every later pass uses: a cast there
+    (`layer.half()` then `.float()`: through float16 and back) or a `load_state_dict` would have changed them for good
+    (for the kept layers only, not the streamed ones). Both first put the placeholders back, as the modules held
+    between passes before: the cast reaches those (refused at the next pass while it stands, see
+    test_exactness.py), the load loads into meta, and the passes after stay exact."""
+    ckpt, shards, inputs, expected, pad = llama
+    model = streamed_model(ckpt, shards)
+    ids = inputs["input_ids"]
+    ref = _models.load_reference(ckpt)
+    with torch.no_grad():
+        want = ref(ids).logits
+        assert torch.equal(model(ids).logits, want)
+        layer = model.model.layers[1]
+        held = layer.self_attn.q_proj.weight
+        assert not held.is_meta
+        layer.half()
+        assert layer.self_attn.q_proj.weight.is_meta and layer.self_attn.q_proj.weight.dtype == torch.float16
+        with pytest.raises(RuntimeError, match=r"layer 1's .* was cast or moved to torch.float16"):
+            model(ids)
+        layer.float()
+        assert held.dtype == torch.float32
+        assert torch.equal(model(ids).logits, want)
+        assert layer.self_attn.q_proj.weight is held
+        zeros = {n: torch.zeros_like(t) for n, t in ref.model.layers[1].state_dict().items()}
+        with pytest.warns(UserWarning, match="to a meta parameter in the current model, which is a no-op"):
+            model.model.layers[1].load_state_dict(zeros)
+            model.model.layers[2].mlp.load_state_dict({n[4:]: t for n, t in zeros.items() if n.startswith("mlp.")})
+        assert torch.equal(model(ids).logits, want)
+        assert torch.equal(held, ref.model.layers[1].self_attn.q_proj.weight)
+    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+    disable_layer_streaming(model)
+
+
+def test_a_module_two_layers_share_is_swapped_at_every_pass(llama):
+    """Where a module holding weights is the same object in two decoder layers (the split stored each layer's own),
+    the layers swap their weights in at every pass, as before: held between passes, one's would have stood in for the
+    other's. The layers that share nothing hold theirs."""
+    from transformers import AutoConfig
+
+    ckpt, shards, inputs, expected, pad = llama
+    model = build_meta_model(AutoConfig.from_pretrained(ckpt))
+    model.model.layers[2].mlp = model.model.layers[1].mlp
+    enable_layer_streaming(model, shards, device="cpu")
+    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+    assert all(t.is_meta for i in (1, 2) for t in model.model.layers[i].parameters())
+    assert not any(t.is_meta for t in model.model.layers[3].parameters())
+    disable_layer_streaming(model)
+
+
+def test_a_pass_with_gradients_takes_out_what_kept_layers_hold(llama):
+    """With gradients on, a kept layer's weights run without requiring grad (no graph holds them, none gets a
+    `.grad`), as streamed ones: the weights it held since a pass without gradients (requiring grad as loaded) are
+    taken out first. A `requires_grad_` set on them while held goes to the placeholders, which the next pass reads:
+    frozen while held, then a pass with gradients, then one without: still frozen; and unfrozen after that pass with
+    gradients (on the placeholders): the next pass's weights require grad again; and the other way round."""
+    ckpt, shards, inputs, expected, pad = llama
+    model = streamed_model(ckpt, shards)
+    ref = _models.load_reference(ckpt)
+    ids = inputs["input_ids"]
+    q_proj = model.model.layers[1].self_attn.q_proj
+    seen = []
+    q_proj.register_forward_pre_hook(lambda m, a: seen.append(m.weight.requires_grad))
+    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+    assert seen[-1] and q_proj.weight.requires_grad and not q_proj.weight.is_meta  # (held, as loaded)
+    embeds = ref.get_input_embeddings()(ids).detach().requires_grad_(True)
+    ref(inputs_embeds=embeds).logits.pow(2).mean().backward()
+    want = embeds.grad
+    embeds = embeds.detach().requires_grad_(True)
+    model(inputs_embeds=embeds).logits.pow(2).mean().backward()
+    assert torch.equal(embeds.grad, want)
+    assert seen[-1] is False and all(p.grad is None for p in model.parameters())
+    assert q_proj.weight.is_meta  # (taken out: the next pass without gradients holds them again)
+    with torch.no_grad():
+        model(ids)
+    assert seen[-1] and not q_proj.weight.is_meta
+    model.requires_grad_(False)  # (reaches the weights held)
+    model(ids)  # (gradients on: takes them out)
+    with torch.no_grad():
+        model(ids)
+    assert seen[-1] is False and not q_proj.weight.is_meta and not q_proj.weight.requires_grad
+    model.requires_grad_(True)  # (held)
+    model(ids)
+    model.requires_grad_(False)  # (on the placeholders)
+    with torch.no_grad():
+        model(ids)
+    assert seen[-1] is False and not q_proj.weight.requires_grad
+    model(ids)
+    model.requires_grad_(True)
+    with torch.no_grad():
+        model(ids)
+    assert seen[-1] is True and q_proj.weight.requires_grad
+    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
     disable_layer_streaming(model)
 
 
