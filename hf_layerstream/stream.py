@@ -130,6 +130,8 @@ class StreamingState:
     own_generation_config: object = None  # the model's before it (put back by disable)
     # (the output head, its own weight before enable): disable gives that one the `requires_grad` the caller set since
     head_weight: tuple[nn.Module, object] | None = None
+    # (config or sub-config, its dtype before): where enable's `dtype=` set the dtype on them (put back by disable)
+    config_dtypes: list = field(default_factory=list)
 
 
 def get_streaming_state(model: nn.Module) -> StreamingState | None:
@@ -638,7 +640,8 @@ def enable_layer_streaming(
             checkpoint at (the config's dtype, recorded by the split; the stored dtypes for a directory split before
             it was recorded). As `from_pretrained` does, the weights the model keeps in float32 at float16/bfloat16
             (`_keep_in_fp32_modules(_strict)`, e.g. DeepSeek-V3's router) stay float32, and those it creates in
-            another dtype (Mamba's and Olmo-Hybrid's `A_log`) keep it.
+            another dtype (Mamba's and Olmo-Hybrid's `A_log`) keep it. Given, it is set on the model's config and
+            sub-configs too, as `from_pretrained(dtype=...)` sets it (disabling streaming puts theirs back).
         max_memory (`dict`, *optional*):
             Memory budget in accelerate's convention, e.g. `{0: "4GiB", "cpu": "16GiB"}`: layers that fit stay on
             the device or in host RAM, the rest are streamed from disk. Defaults to a safe share of free memory
@@ -870,6 +873,12 @@ def enable_layer_streaming(
     device_map.update({p.module_name: "cpu" for p in host_parts})
     model.hf_device_map = device_map
     _load_generation_config(model, shards, state)
+    if dtype is not None:  # the config says the dtype the model computes in, as `from_pretrained(dtype=...)` sets it
+        config = getattr(model, "config", None)
+        subs = (getattr(config, key, None) for key in getattr(config, "sub_configs", {}))
+        for cfg in (c for c in (config, *subs) if c is not None and hasattr(c, "dtype")):
+            state.config_dtypes.append((cfg, cfg.dtype))
+            cfg.dtype = dtype
     setattr(model, _STATE_ATTR, state)
     _wrap_generate(model, state)
     _no_auto_compile(model, state)
@@ -1074,5 +1083,7 @@ def _disable(model: nn.Module, state: StreamingState) -> None:
     delattr(model, _STATE_ATTR)
     if state.generation_config is not None and getattr(model, "generation_config", None) is state.generation_config:
         model.generation_config = state.own_generation_config  # (one the caller set since stays)
+    for cfg, old_dtype in state.config_dtypes:
+        cfg.dtype = old_dtype
     if state.loader.is_cuda:  # the weights are gone: what the allocators cached of them goes back too
         empty_allocator_caches(state.loader.device)

@@ -484,7 +484,8 @@ def test_a_split_cast_to_a_dtype_says_it_in_its_config_and_sub_configs(tmp_path)
     """`split_checkpoint(dtype=torch.bfloat16)` of a float32 checkpoint wrote the source's config.json unchanged: a
     model built from the shard directory's config (as the README builds it) came out float32 while it streamed at
     bfloat16, and `model.config.dtype` disagreed with `model.dtype`. Now the config and its sub-configs say the dtype
-    the weights were cast to, as `from_pretrained(dtype=...)` sets them; without `dtype`, the source's dtype."""
+    the weights were cast to, as `from_pretrained(dtype=...)` sets them; without `dtype`, the source's dtype. So does
+    `enable_layer_streaming(dtype=...)`."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForImageTextToText
 
@@ -500,6 +501,14 @@ def test_a_split_cast_to_a_dtype_says_it_in_its_config_and_sub_configs(tmp_path)
     enable_layer_streaming(model, shards, device="cpu")
     assert model.dtype == model.config.dtype == torch.bfloat16
     disable_layer_streaming(model)
+    # `enable_layer_streaming(dtype=...)` sets them too, as `from_pretrained(dtype=...)`; disabling puts them back
+    with init_empty_weights():
+        model = AutoModelForImageTextToText.from_config(kept)
+    enable_layer_streaming(model, tmp_path / "kept", device="cpu", dtype=torch.bfloat16)
+    c = model.config
+    assert model.dtype == c.dtype == c.text_config.dtype == c.vision_config.dtype == torch.bfloat16
+    disable_layer_streaming(model)
+    assert c.dtype == c.text_config.dtype == c.vision_config.dtype == torch.float32
 
 
 @pytest.mark.parametrize("model_type", ["llava", "qwen2_vl", "gemma3", "paligemma"])

@@ -12,8 +12,8 @@ from contextlib import redirect_stdout
 import _models
 import pytest
 import torch
-from conftest import assert_same_decode_steps, streamed_model
-from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer, pipeline
+from conftest import assert_same_decode_steps, build_meta_model, streamed_model
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, TextStreamer, pipeline
 
 from hf_layerstream import ShardDirectory, disable_layer_streaming, enable_layer_streaming, get_streaming_state
 
@@ -552,6 +552,22 @@ def test_casting_part_of_a_streamed_model_is_refused_at_its_next_pass(checkpoint
     with torch.no_grad():
         assert torch.equal(model(ids).logits, ref(ids).logits)
     disable_layer_streaming(model)
+
+
+def test_dtype_override_sets_the_config_dtype_as_from_pretrained_does(checkpoints):
+    """`enable_layer_streaming(dtype=...)` on a model built from a bfloat16 config: the config then says the dtype
+    the model computes in, as `from_pretrained(dtype=...)` sets it (`save_pretrained` writes it beside the weights);
+    disabling streaming puts the config's back."""
+    ckpt, shards = checkpoints("llama", dtype=torch.bfloat16)
+    ref = _models.load_reference(ckpt, dtype=torch.float32)
+    model = build_meta_model(AutoConfig.from_pretrained(ckpt))
+    before = model.config.dtype
+    assert before == torch.bfloat16
+    enable_layer_streaming(model, shards, device="cpu", dtype=torch.float32)
+    assert model.config.dtype == ref.config.dtype == torch.float32
+    assert model.dtype == torch.float32
+    disable_layer_streaming(model)
+    assert model.config.dtype == before
 
 
 def test_dtype_override_casts_like_from_pretrained(checkpoints):
