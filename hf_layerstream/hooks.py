@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 import time
 import weakref
 from collections.abc import Callable, Mapping
-from operator import attrgetter, getitem, setitem
+from operator import attrgetter, getitem, is_, setitem
 
 import torch
 import torch.utils._pytree as pytree
@@ -87,6 +88,8 @@ class LayerStreamingHook(ModelHook):
         # it may, and whether it does now
         self.holds_between = False
         self._installed = False
+        self._held: list = []  # the values it holds then, one per slot
+        self.guard: PassGuard | None = None  # (set by `PassGuard`: its lock serializes taking them out with passes)
         self.profile = profile
         self._t0 = 0.0
         # slots whose weight the loader hands over packed (see `ModuleDequantizer`): their `Packed` placeholder
@@ -100,12 +103,14 @@ class LayerStreamingHook(ModelHook):
 
     def pre_forward(self, module, *args, **kwargs):
         if self._installed:  # (a kept layer holding its weights since its last pass)
-            if not torch.is_grad_enabled():
+            if not torch.is_grad_enabled() and all(map(is_, map(getitem, self._dicts, self._keys), self._held)):
                 self.loader.kept_runs(self.index)
                 if self.profile is not None:
                     self._profile_begins()
                 return args, kwargs
-            self._take_out()  # (gradients on: its weights swapped in below without them, see `_wants_grad`)
+            # gradients on (its weights swapped in below without them, see `_wants_grad`), or a slot was given another
+            # value since (`module.weight = ...`: left there, and refused below as a placeholder cast or moved is)
+            self._take_out()
         if getattr(module, "gradient_checkpointing", False) and module.training and torch.is_grad_enabled():
             raise RuntimeError(
                 "Gradient checkpointing is enabled on a streamed model: the backward pass would run each decoder "
@@ -135,6 +140,7 @@ class LayerStreamingHook(ModelHook):
             pass
         if no_grad and self.holds_between:  # (they stay in after the pass: the loader holds them anyway)
             self._installed = True
+            self._held = values
             self.loader.release(self.index)
         if self.profile is not None:
             self._profile_begins()
@@ -197,29 +203,29 @@ class LayerStreamingHook(ModelHook):
         1.08x the whole model's time a token, and a 16-layer tiny Llama on a CPU, as Python-bound, 1.07-1.09x, with
         held weights 1.02x (`hf-layerstream bench --paired-calls`). What the placeholders guarded between passes is
         kept: a cast or move (`_apply`: `half()`, `to()`) and `load_state_dict` of a module holding the weights first
-        put the placeholders back (they are cast, or loaded into, as before, and the next pass checks them); a pass
-        with gradients takes them out too. Returns the handles that undo it (`.remove()`)."""
+        put the placeholders back (they are cast, or loaded into, as before, and the next pass checks them; from
+        another thread, after the pass running, see `_MethodGuard`); a pass with gradients takes them out too, and a
+        weight put over a held one (`module.weight = ...`) is refused at the next pass. Returns the handles that undo
+        it (`.remove()`)."""
         self.holds_between = True
         modules = list({id(m): m for m, _, _, _ in self.slots}.values())
-        handles: list = [_ApplyGuard(m, self) for m in modules]
-        handles += [m.register_load_state_dict_pre_hook(self._before_load) for m in modules]
-        return handles
+        return [_MethodGuard(m, name, self) for m in modules for name in ("_apply", "_load_from_state_dict")]
 
     def _take_out(self) -> None:
-        """The held weights out of the modules, the placeholders back in; a `requires_grad` set on a weight since
+        """The held weights out of the modules, the placeholders back in (a slot given another value since keeps
+        it: the next pass refuses it, as a placeholder cast or moved); a `requires_grad` set on a weight since
         (`model.requires_grad_(False)`) goes to its placeholder, which the next pass reads, and the kept values are
         made anew then (they no longer are what the kinds they were made for say)."""
         self._installed = False
-        for p, v in zip(self.placeholders, map(getitem, self._dicts, self._keys)):
-            if v is not p and isinstance(p, nn.Parameter) and v.requires_grad != p.requires_grad:
+        held, self._held = self._held, []
+        for k, (entry, key, p) in enumerate(zip(self._dicts, self._keys, self.placeholders)):
+            v = entry[key]
+            if v is not held[k]:
+                continue
+            if isinstance(p, nn.Parameter) and v.requires_grad != p.requires_grad:
                 p.requires_grad_(v.requires_grad)
                 self._kept_values = None
-        for _ in map(setitem, self._dicts, self._keys, self.placeholders):
-            pass
-
-    def _before_load(self, *_) -> None:
-        if self._installed:
-            self._take_out()
+            entry[key] = p
 
     def _swap_out(self):
         self._installed = False
@@ -233,6 +239,8 @@ class LayerStreamingHook(ModelHook):
         """Out of a forward that did not reach `post_forward` (it raised; or streaming is disabled). A kept layer's
         values are made anew at its next pass: the model held them meanwhile, and a cast made then (`layer.half()`
         after a direct call of the layer raised) reached them, which every later pass would have reused."""
+        if self._installed:
+            self._take_out()  # (a `requires_grad` set on a held weight stays with the model)
         self._swap_out()
         self._kept_values = None
 
@@ -254,31 +262,48 @@ class LayerStreamingHook(ModelHook):
         )
 
 
-class _ApplyGuard:
+class _MethodGuard:
     """On a module of a layer holding its kept weights between passes (`LayerStreamingHook.hold_between_passes`):
-    its `_apply` (what `half()`, `to()`, `cuda()` call, also from a module above it) first puts the placeholders back,
-    so a cast reaches them, as between passes before, and not the kept weights every later pass uses. An instance
-    attribute, as accelerate's `forward`; `remove` takes it off."""
+    its `_apply` (what `half()`, `to()`, `cuda()` call, also from a module above it) or `_load_from_state_dict`
+    (`load_state_dict`) first puts the placeholders back, so a cast or load reaches them, as between passes before,
+    and not the kept weights every later pass uses. It holds the lock passes run under: a cast from another thread
+    waits for a pass running, which would otherwise lose its weights part way. An instance attribute, as
+    accelerate's `forward`; `remove` takes it off. A copy of the module (`copy.deepcopy`, `pickle`) gets an inert one
+    (the copy is a plain module, no layer's).
+    """
 
-    def __init__(self, module: nn.Module, hook: LayerStreamingHook):
+    def __init__(self, module: nn.Module, name: str, hook: LayerStreamingHook | None, own=None):
         self.module = module
+        self.name = name
         self.hook = hook
-        self.own = vars(module).get("_apply")  # (an instance attribute it had, if any: called through)
-        module._apply = self.apply
+        # an instance attribute the module had, if any: called through
+        self.own = vars(module).get(name) if hook is not None else own
+        if hook is not None:
+            setattr(module, name, self.call)
 
-    def apply(self, *args, **kwargs):
-        if self.hook._installed:
-            self.hook._take_out()
+    def call(self, *args, **kwargs):
+        hook = self.hook
+        if hook is None:
+            return self._through(*args, **kwargs)
+        with hook.guard.lock if hook.guard is not None else contextlib.nullcontext():
+            if hook._installed:
+                hook._take_out()
+            return self._through(*args, **kwargs)
+
+    def _through(self, *args, **kwargs):
         if self.own is not None:
             return self.own(*args, **kwargs)
-        return type(self.module)._apply(self.module, *args, **kwargs)
+        return getattr(type(self.module), self.name)(self.module, *args, **kwargs)
 
     def remove(self) -> None:
-        if vars(self.module).get("_apply") == self.apply:  # (one set over it since stays)
+        if vars(self.module).get(self.name) == self.call:  # (one set over it since stays)
             if self.own is None:
-                del self.module._apply
+                delattr(self.module, self.name)
             else:
-                self.module._apply = self.own
+                setattr(self.module, self.name, self.own)
+
+    def __reduce__(self):  # (`copy.deepcopy` too)
+        return _MethodGuard, (self.module, self.name, None, self.own)
 
 
 class _LayerWeights(Mapping):
@@ -329,6 +354,8 @@ class PassGuard:
         layers_run: Callable[[], int | None] | None = None,
     ):
         self.hooks = hooks
+        for hook in hooks:
+            hook.guard = self
         self.loader = loader
         # how many decoder layers a pass beginning now runs (`None`: all), told to the loader (`pass_runs`)
         self.layers_run = layers_run or (lambda: None)

@@ -1060,6 +1060,110 @@ def test_a_cast_or_a_load_between_passes_does_not_reach_the_weights_a_kept_layer
     disable_layer_streaming(model)
 
 
+def test_a_cast_from_another_thread_waits_for_the_pass_running(llama):
+    """A cast of a kept layer's module (here one that changes nothing: `float()` of a float32 layer, which streaming
+    lets through on the model too) puts its held weights out of the modules: from another thread, it waits for the
+    pass running, which would lose its weights part way otherwise (every pass failed so, on meta tensors), and the
+    next pass holds them again. Passes and casts taking turns as they come, all exact."""
+    ckpt, shards, inputs, expected, pad = llama
+    model = streamed_model(ckpt, shards)
+    ids = inputs["input_ids"]
+    with torch.no_grad():
+        want = _models.load_reference(ckpt)(ids).logits
+    stop, casts = threading.Event(), [0]
+
+    def cast() -> None:
+        while not stop.is_set():
+            model.model.layers[2].float()
+            model.float()
+            casts[0] += 1
+
+    caster = threading.Thread(target=cast)
+    caster.start()
+    try:
+        with torch.no_grad():
+            outs = [model(ids).logits for _ in range(40)]
+    finally:
+        stop.set()
+        caster.join(30)
+    assert casts[0] > 0
+    assert all(torch.equal(out, want) for out in outs)
+    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+    disable_layer_streaming(model)
+
+
+def test_a_weight_replaced_on_a_kept_layer_that_holds_its_weights_is_refused(llama):
+    """`module.weight = nn.Parameter(...)` on a kept layer holding its weights: its next pass refuses it, naming it, as
+    it refused one put over a placeholder before (held weights would have used it without gradients only, and the
+    next pass with gradients dropped it)."""
+    ckpt, shards, inputs, expected, pad = llama
+    model = streamed_model(ckpt, shards)
+    ids = inputs["input_ids"]
+    with torch.no_grad():
+        model(ids)
+        up = model.model.layers[1].mlp.up_proj
+        up.weight = torch.nn.Parameter(torch.zeros_like(up.weight))
+        for grad in (False, True):
+            with (
+                torch.set_grad_enabled(grad),
+                pytest.raises(RuntimeError, match=r"layer 1's mlp\.up_proj\.weight was cast"),
+            ):
+                model(ids)
+    disable_layer_streaming(model)
+
+
+def test_a_module_of_a_kept_layer_copies_and_pickles_as_a_plain_module(llama):
+    """A module of a layer holding its weights carries the guard on its `_apply` (see `hooks._MethodGuard`): a copy
+    (`copy.deepcopy`, as PEFT's `modules_to_save` makes; `torch.save`) is a plain module with the weights it held,
+    whose casts reach its own weights and leave the layer's alone."""
+    import copy
+    import io
+
+    ckpt, shards, inputs, expected, pad = llama
+    model = streamed_model(ckpt, shards)
+    ref = _models.load_reference(ckpt)
+    mlp = model.model.layers[1].mlp
+    for held in (False, True):
+        if held:
+            assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+        copied = copy.deepcopy(mlp)
+        buf = io.BytesIO()
+        torch.save(mlp.up_proj, buf)
+        buf.seek(0)
+        loaded = torch.load(buf, weights_only=False)
+        if held:
+            assert torch.equal(copied.up_proj.weight, ref.model.layers[1].mlp.up_proj.weight)
+            assert torch.equal(loaded.weight, ref.model.layers[1].mlp.up_proj.weight)
+            copied.half()
+            loaded.half()
+            assert copied.up_proj.weight.dtype == loaded.weight.dtype == torch.float16
+            assert mlp.up_proj.weight.dtype == torch.float32 and not mlp.up_proj.weight.is_meta
+    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+    disable_layer_streaming(model)
+
+
+def test_kept_layers_holding_their_weights_read_ahead_as_they_run(llama, monkeypatch):
+    """In a plan that keeps some layers and streams the others, a kept layer holding its weights asks the loader for
+    nothing, but it still keeps the streamed layers after it loading ahead, as its `acquire` did."""
+    ckpt, shards, inputs, expected, pad = llama
+    per_layer = ShardDirectory(shards).unit(layer_unit(0)).logical_nbytes
+    resident = ShardDirectory(shards).unit("resident").logical_nbytes
+    model = streamed_model(ckpt, shards, max_memory={"cpu": resident + 5 * per_layer}, prefetch=1)
+    loader = get_streaming_state(model).loader
+    kept = [i for i in range(6) if loader.plan.tier(i) == "device"]
+    assert kept and loader.plan.streamed
+    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+    scheduled = []
+    real = loader._schedule_after
+    monkeypatch.setattr(loader, "_schedule_after", lambda index: (scheduled.append(index), real(index)))
+    with torch.no_grad():
+        model(inputs["input_ids"])
+    assert set(kept) <= set(scheduled)
+    monkeypatch.undo()
+    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+    disable_layer_streaming(model)
+
+
 def test_a_module_two_layers_share_is_swapped_at_every_pass(llama):
     """Where a module holding weights is the same object in two decoder layers (the split stored each layer's own),
     the layers swap their weights in at every pass, as before: held between passes, one's would have stood in for the
@@ -1119,7 +1223,9 @@ def test_a_pass_with_gradients_takes_out_what_kept_layers_hold(llama):
         model(ids)
     assert seen[-1] is True and q_proj.weight.requires_grad
     assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+    model.requires_grad_(False)  # (held: disabling keeps it, as for a model frozen between passes before)
     disable_layer_streaming(model)
+    assert not any(p.requires_grad for p in model.model.layers.parameters())
 
 
 def test_interrupted_again_while_letting_go_of_stale_layers_loses_nothing(llama):
