@@ -88,7 +88,7 @@ class LayerStreamingHook(ModelHook):
         # it may, and whether it does now
         self.holds_between = False
         self._installed = False
-        self._held: list = []  # the values it holds then, one per slot
+        self._held: list = []  # the values it holds then (or last held), one per slot
         self.guard: PassGuard | None = None  # (set by `PassGuard`: its lock serializes taking them out with passes)
         self.profile = profile
         self._t0 = 0.0
@@ -122,6 +122,10 @@ class LayerStreamingHook(ModelHook):
             # the layer's last forward raised, in a call of the layer itself (a pass that raised was put back by
             # `PassGuard`): its weights are still in; out first, so they are not taken for a cast below
             self._unload()
+        if self._held:
+            # values it held, put back in a slot since it took them out (`torch.func.functional_call` restores what
+            # it found; a weight saved, replaced and restored by the caller): its own, so its placeholder again
+            self._placeholders_over(self._held)
         # each slot's kind: a dtype or device other than its placeholder's is a cast since enable (`_apply` casts a
         # parameter in place), refused; without gradients a weight requires grad as its placeholder does, which the
         # caller may have changed since the kept values were made (`model.requires_grad_(False)`: reused, they kept
@@ -217,10 +221,12 @@ class LayerStreamingHook(ModelHook):
         (`model.requires_grad_(False)`) goes to its placeholder, which the next pass reads, and the kept values are
         made anew then (they no longer are what the kinds they were made for say)."""
         self._installed = False
-        held, self._held = self._held, []
+        self._placeholders_over(self._held)
+
+    def _placeholders_over(self, values: list) -> None:
         for k, (entry, key, p) in enumerate(zip(self._dicts, self._keys, self.placeholders)):
             v = entry[key]
-            if v is not held[k]:
+            if v is not values[k] or v is p:
                 continue
             if isinstance(p, nn.Parameter) and v.requires_grad != p.requires_grad:
                 p.requires_grad_(v.requires_grad)
@@ -241,6 +247,7 @@ class LayerStreamingHook(ModelHook):
         after a direct call of the layer raised) reached them, which every later pass would have reused."""
         if self._installed:
             self._take_out()  # (a `requires_grad` set on a held weight stays with the model)
+        self._held = []
         self._swap_out()
         self._kept_values = None
 
@@ -285,7 +292,12 @@ class _MethodGuard:
         hook = self.hook
         if hook is None:
             return self._through(*args, **kwargs)
-        with hook.guard.lock if hook.guard is not None else contextlib.nullcontext():
+        guard = hook.guard
+        if guard is not None and guard.owner == threading.get_ident():
+            # from inside a pass (a hook in a layer; the lock is this thread's): the layer running may be this one
+            guard.deferred.add(hook)
+            return self._through(*args, **kwargs)
+        with guard.lock if guard is not None else contextlib.nullcontext():
             if hook._installed:
                 hook._take_out()
             return self._through(*args, **kwargs)
@@ -366,14 +378,29 @@ class PassGuard:
         self.guarded = None  # the wrapper `wrap` made
         self.model_guarded = None  # the wrapper `wrap_model` made
         self._raised = False  # the last pass raised part way
+        # the thread running a pass (`None`: none), and the layers whose held weights a cast or load from inside it
+        # (a hook in a layer) asked out: out as the pass ends, not under the feet of the layer running
+        self.owner: int | None = None
+        self.deferred: set = set()
         renew_after_fork(self)
 
     def _after_fork(self) -> None:
         self.lock = threading.RLock()  # (a child forked while another thread ran a pass: that thread is not there)
+        self.owner = None
 
     def _put_back(self) -> None:
         for index in self.loader.in_use():
             self.hooks[index]._unload()
+
+    def _take_out_deferred(self) -> None:
+        """The held weights a cast or load asked out during the pass that ended: out now, and the kept values made
+        anew at the next pass (the cast reached those the layer held, as it reached the weights in during a pass
+        before)."""
+        deferred, self.deferred = self.deferred, set()
+        for hook in deferred:
+            if hook._installed:
+                hook._take_out()
+            hook._kept_values = None
 
     def _put_back_host(self) -> None:
         """Placeholders back in the host-resident modules (a pass that raised inside one: the head's copy on the
@@ -419,6 +446,7 @@ class PassGuard:
                     self.loader.sweep_begins()  # (interrupted there too: the next pass lets go of the rest)
                     self._raised = False
                 self.loader.pass_runs(self.layers_run())
+                owner, self.owner = self.owner, threading.get_ident()
                 try:
                     return forward(*args, **kwargs)
                 except BaseException:
@@ -426,6 +454,10 @@ class PassGuard:
                     self._put_back()
                     self._put_back_host()
                     raise
+                finally:
+                    self.owner = owner
+                    if owner is None and self.deferred:
+                        self._take_out_deferred()
 
         self.guarded = guarded
         return guarded

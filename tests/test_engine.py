@@ -1099,16 +1099,47 @@ def test_a_weight_replaced_on_a_kept_layer_that_holds_its_weights_is_refused(lla
     ckpt, shards, inputs, expected, pad = llama
     model = streamed_model(ckpt, shards)
     ids = inputs["input_ids"]
+    refused = pytest.raises(RuntimeError, match=r"layer 1's mlp\.up_proj\.weight was cast")
     with torch.no_grad():
-        model(ids)
+        want = _models.load_reference(ckpt)(ids).logits
+        assert torch.equal(model(ids).logits, want)
         up = model.model.layers[1].mlp.up_proj
-        up.weight = torch.nn.Parameter(torch.zeros_like(up.weight))
+        held = up.weight
+        up.weight = torch.nn.Parameter(torch.zeros_like(held))
         for grad in (False, True):
-            with (
-                torch.set_grad_enabled(grad),
-                pytest.raises(RuntimeError, match=r"layer 1's mlp\.up_proj\.weight was cast"),
-            ):
+            with torch.set_grad_enabled(grad), refused:
                 model(ids)
+        # the held weight put back (a save and restore): the layer's own again, exact
+        up.weight = held
+        assert torch.equal(model(ids).logits, want) and torch.equal(model(ids).logits, want)
+        # `torch.func.functional_call` swaps a value in for one call, refused, and puts back the held one
+        name = "model.layers.1.mlp.up_proj.weight"
+        with refused:
+            torch.func.functional_call(model, {name: torch.zeros_like(held)}, (ids,))
+        assert up.weight is held
+        assert torch.equal(model(ids).logits, want) and torch.equal(model(ids).logits, want)
+    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+    disable_layer_streaming(model)
+
+
+def test_a_cast_from_a_hook_inside_a_pass_waits_for_the_pass_to_end(llama):
+    """A cast that changes nothing (`model.float()`) from a forward hook inside a kept layer, during a pass: the
+    layer running holds its weights, which the cast would have taken out under its feet (the rest of its forward
+    met meta placeholders); they go out as the pass ends, and the next pass holds them again. Both exact."""
+    ckpt, shards, inputs, expected, pad = llama
+    model = streamed_model(ckpt, shards)
+    ids = inputs["input_ids"]
+    with torch.no_grad():
+        want = _models.load_reference(ckpt)(ids).logits
+        assert torch.equal(model(ids).logits, want)
+        calls = []
+        q_proj = model.model.layers[2].self_attn.q_proj
+        handle = q_proj.register_forward_hook(lambda m, a, o: calls.append(model.float()))
+        assert torch.equal(model(ids).logits, want)
+        assert calls and q_proj.weight.is_meta  # (out as the pass ended)
+        handle.remove()
+        assert torch.equal(model(ids).logits, want)
+        assert not q_proj.weight.is_meta
     disable_layer_streaming(model)
 
 
@@ -1153,12 +1184,14 @@ def test_kept_layers_holding_their_weights_read_ahead_as_they_run(llama, monkeyp
     kept = [i for i in range(6) if loader.plan.tier(i) == "device"]
     assert kept and loader.plan.streamed
     assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
-    scheduled = []
-    real = loader._schedule_after
-    monkeypatch.setattr(loader, "_schedule_after", lambda index: (scheduled.append(index), real(index)))
+    scheduled, acquired = [], []
+    schedule, acquire = loader._schedule_after, loader.acquire
+    monkeypatch.setattr(loader, "_schedule_after", lambda index: (scheduled.append(index), schedule(index)))
+    monkeypatch.setattr(loader, "acquire", lambda index: (acquired.append(index), acquire(index))[1])
     with torch.no_grad():
         model(inputs["input_ids"])
     assert set(kept) <= set(scheduled)
+    assert not set(kept) & set(acquired) and set(acquired) == set(loader.plan.streamed)
     monkeypatch.undo()
     assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
     disable_layer_streaming(model)
