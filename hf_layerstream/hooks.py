@@ -104,6 +104,7 @@ class LayerStreamingHook(ModelHook):
     def pre_forward(self, module, *args, **kwargs):
         if self._installed:  # (a kept layer holding its weights since its last pass)
             if not torch.is_grad_enabled() and all(map(is_, map(getitem, self._dicts, self._keys), self._held)):
+                self.guard.running = self
                 self.loader.kept_runs(self.index)
                 if self.profile is not None:
                     self._profile_begins()
@@ -124,8 +125,9 @@ class LayerStreamingHook(ModelHook):
             self._unload()
         if self._held:
             # values it held, put back in a slot since it took them out (`torch.func.functional_call` restores what
-            # it found; a weight saved, replaced and restored by the caller): its own, so its placeholder again
-            self._placeholders_over(self._held)
+            # it found; a weight saved, replaced and restored by the caller): its own, so its placeholder again (whose
+            # `requires_grad` stays: the model's since, which that value, out of the model, did not follow)
+            self._placeholders_over(self._held, carry=False)
         # each slot's kind: a dtype or device other than its placeholder's is a cast since enable (`_apply` casts a
         # parameter in place), refused; without gradients a weight requires grad as its placeholder does, which the
         # caller may have changed since the kept values were made (`model.requires_grad_(False)`: reused, they kept
@@ -146,6 +148,8 @@ class LayerStreamingHook(ModelHook):
             self._installed = True
             self._held = values
             self.loader.release(self.index)
+            if self.guard is not None:
+                self.guard.running = self
         if self.profile is not None:
             self._profile_begins()
         return args, kwargs
@@ -223,12 +227,12 @@ class LayerStreamingHook(ModelHook):
         self._installed = False
         self._placeholders_over(self._held)
 
-    def _placeholders_over(self, values: list) -> None:
+    def _placeholders_over(self, values: list, carry: bool = True) -> None:
         for k, (entry, key, p) in enumerate(zip(self._dicts, self._keys, self.placeholders)):
             v = entry[key]
             if v is not values[k] or v is p:
                 continue
-            if isinstance(p, nn.Parameter) and v.requires_grad != p.requires_grad:
+            if carry and isinstance(p, nn.Parameter) and v.requires_grad != p.requires_grad:
                 p.requires_grad_(v.requires_grad)
                 self._kept_values = None
             entry[key] = p
@@ -293,8 +297,8 @@ class _MethodGuard:
         if hook is None:
             return self._through(*args, **kwargs)
         guard = hook.guard
-        if guard is not None and guard.owner == threading.get_ident():
-            # from inside a pass (a hook in a layer; the lock is this thread's): the layer running may be this one
+        if guard is not None and guard.running is hook and guard.owner == threading.get_ident():
+            # from inside this layer's own forward (a hook in it; the lock is this thread's): out as the pass ends
             guard.deferred.add(hook)
             return self._through(*args, **kwargs)
         with guard.lock if guard is not None else contextlib.nullcontext():
@@ -378,24 +382,27 @@ class PassGuard:
         self.guarded = None  # the wrapper `wrap` made
         self.model_guarded = None  # the wrapper `wrap_model` made
         self._raised = False  # the last pass raised part way
-        # the thread running a pass (`None`: none), and the layers whose held weights a cast or load from inside it
-        # (a hook in a layer) asked out: out as the pass ends, not under the feet of the layer running
+        # the thread running a pass (`None`: none), the kept layer that ran last in it (holding its weights), and the
+        # layers whose held weights a cast or load from inside the running one (a hook in it) asked out: out as the
+        # pass ends, not under its feet
         self.owner: int | None = None
+        self.running: LayerStreamingHook | None = None
         self.deferred: set = set()
         renew_after_fork(self)
 
     def _after_fork(self) -> None:
         self.lock = threading.RLock()  # (a child forked while another thread ran a pass: that thread is not there)
-        self.owner = None
+        if self.owner != threading.get_ident():  # (forked by the thread running the pass, which goes on in the child)
+            self.owner = None
 
     def _put_back(self) -> None:
         for index in self.loader.in_use():
             self.hooks[index]._unload()
 
     def _take_out_deferred(self) -> None:
-        """The held weights a cast or load asked out during the pass that ended: out now, and the kept values made
-        anew at the next pass (the cast reached those the layer held, as it reached the weights in during a pass
-        before)."""
+        """The held weights a cast or load from inside their own layer's forward asked out: out now, as that pass
+        ended, and the kept values made anew at the next pass (the cast reached those the layer held while it ran, as
+        it reached the weights in during a pass before, and not the placeholders: it is not followed)."""
         deferred, self.deferred = self.deferred, set()
         for hook in deferred:
             if hook._installed:
@@ -456,8 +463,10 @@ class PassGuard:
                     raise
                 finally:
                     self.owner = owner
-                    if owner is None and self.deferred:
-                        self._take_out_deferred()
+                    if owner is None:
+                        self.running = None
+                        if self.deferred:
+                            self._take_out_deferred()
 
         self.guarded = guarded
         return guarded

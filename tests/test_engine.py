@@ -10,6 +10,7 @@ import mmap
 import os
 import shutil
 import threading
+import time
 import traceback
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -1140,6 +1141,62 @@ def test_a_cast_from_a_hook_inside_a_pass_waits_for_the_pass_to_end(llama):
         handle.remove()
         assert torch.equal(model(ids).logits, want)
         assert not q_proj.weight.is_meta
+        # a cast of another layer (one that ran) from inside the pass reaches its placeholders at once, as between
+        # passes: refused at the next pass while it stands
+        once = []
+        mlp = model.model.layers[1].mlp
+        hook = lambda m, a, o: once or once.append(mlp.half())  # noqa: E731
+        handle = model.model.layers[3].mlp.register_forward_hook(hook)
+        model(ids)
+        handle.remove()
+        assert mlp.up_proj.weight.is_meta and mlp.up_proj.weight.dtype == torch.float16
+        with pytest.raises(RuntimeError, match=r"layer 1's mlp\.\w+\.weight was cast or moved to torch.float16"):
+            model(ids)
+        mlp.float()
+        assert torch.equal(model(ids).logits, want)
+    disable_layer_streaming(model)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_child_forked_from_inside_a_pass_goes_on_with_it(llama):
+    """Forked from a hook inside a kept layer's forward: in the child the thread that forked goes on with the pass,
+    still its owner, so a cast from there (`model.float()`, which changes nothing) waits for the pass to end there too,
+    not taking the running layer's weights out (it failed on meta placeholders). Exact in both processes."""
+    ckpt, shards, inputs, expected, pad = llama
+    model = streamed_model(ckpt, shards)
+    ids = inputs["input_ids"]
+    with torch.no_grad():
+        want = _models.load_reference(ckpt)(ids).logits
+        assert torch.equal(model(ids).logits, want)
+    parent, child = os.getpid(), []
+
+    def fork_here(module, args, output):
+        if child:
+            return
+        pid = os.fork()
+        child.append(pid)
+        if pid == 0:
+            torch.set_num_threads(1)  # (torch's OpenMP pool hangs in a child forked after it ran)
+            model.float()
+
+    handle = model.model.layers[2].self_attn.q_proj.register_forward_hook(fork_here)
+    try:
+        with torch.no_grad():
+            exact = torch.equal(model(ids).logits, want)
+    except BaseException:
+        exact = False
+    if os.getpid() != parent:
+        os._exit(0 if exact else 1)
+    handle.remove()
+    for _ in range(600):
+        done, status = os.waitpid(child[0], os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(child[0], 9)
+        pytest.fail("the forked child did not finish its pass in 60 s")
+    assert exact and os.waitstatus_to_exitcode(status) == 0
     disable_layer_streaming(model)
 
 
@@ -1255,6 +1312,20 @@ def test_a_pass_with_gradients_takes_out_what_kept_layers_hold(llama):
     with torch.no_grad():
         model(ids)
     assert seen[-1] is True and q_proj.weight.requires_grad
+    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+    # a held weight saved, then out of the model (a pass with gradients), frozen meanwhile, put back: its placeholder
+    # again, frozen as the model now is (the saved weight did not follow the freezing)
+    with torch.no_grad():
+        model(ids)
+    saved = q_proj.weight
+    model(ids)
+    model.requires_grad_(False)
+    q_proj.weight = saved
+    assert saved.requires_grad
+    with torch.no_grad():
+        model(ids)
+    assert seen[-1] is False and not q_proj.weight.requires_grad
+    model.requires_grad_(True)
     assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
     model.requires_grad_(False)  # (held: disabling keeps it, as for a model frozen between passes before)
     disable_layer_streaming(model)
