@@ -209,7 +209,7 @@ class LayerStreamingHook(ModelHook):
         holds its weights: its hook's work at each pass is then a flag read, not a swap in and out of every tensor.
         A GPU at batch 1 waits for the Python launching its kernels: there the default plan (every layer kept) took
         1.08x the whole model's time a token, and a 16-layer tiny Llama on a CPU, as Python-bound, 1.07-1.09x, with
-        held weights 1.02x (`hf-layerstream bench --paired-calls`). What the placeholders guarded between passes is
+        held weights 1.02-1.05x (`hf-layerstream bench --paired-calls`). What the placeholders guarded between passes is
         kept: a cast or move (`_apply`: `half()`, `to()`) and `load_state_dict` of a module holding the weights first
         put the placeholders back (they are cast, or loaded into, as before, and the next pass checks them; from
         another thread, after the pass running, see `_MethodGuard`); a pass with gradients takes them out too, and a
