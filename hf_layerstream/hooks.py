@@ -89,7 +89,7 @@ class LayerStreamingHook(ModelHook):
         self.holds_between = False
         self._installed = False
         self._held: list = []  # the values it holds then (or last held), one per slot
-        self.guard: PassGuard | None = None  # (set by `PassGuard`: its lock serializes taking them out with passes)
+        self.guard: PassGuard = _NO_GUARD  # (set by `PassGuard`: its lock serializes taking them out with passes)
         self.profile = profile
         self._t0 = 0.0
         # slots whose weight the loader hands over packed (see `ModuleDequantizer`): their `Packed` placeholder
@@ -102,9 +102,9 @@ class LayerStreamingHook(ModelHook):
         return module
 
     def pre_forward(self, module, *args, **kwargs):
+        self.guard.running = self  # (until `post_forward`: a cast of its modules from inside its forward waits)
         if self._installed:  # (a kept layer holding its weights since its last pass)
             if not torch.is_grad_enabled() and all(map(is_, map(getitem, self._dicts, self._keys), self._held)):
-                self.guard.running = self
                 self.loader.kept_runs(self.index)
                 if self.profile is not None:
                     self._profile_begins()
@@ -148,8 +148,6 @@ class LayerStreamingHook(ModelHook):
             self._installed = True
             self._held = values
             self.loader.release(self.index)
-            if self.guard is not None:
-                self.guard.running = self
         if self.profile is not None:
             self._profile_begins()
         return args, kwargs
@@ -195,6 +193,7 @@ class LayerStreamingHook(ModelHook):
         )
 
     def post_forward(self, module, output):
+        self.guard.running = None
         if self.profile is not None:
             _sync(self.loader.device)
             elapsed = time.perf_counter() - self._t0
@@ -297,11 +296,11 @@ class _MethodGuard:
         if hook is None:
             return self._through(*args, **kwargs)
         guard = hook.guard
-        if guard is not None and guard.running is hook and guard.owner == threading.get_ident():
+        if guard.running is hook and guard.owner == threading.get_ident():
             # from inside this layer's own forward (a hook in it; the lock is this thread's): out as the pass ends
             guard.deferred.add(hook)
             return self._through(*args, **kwargs)
-        with guard.lock if guard is not None else contextlib.nullcontext():
+        with guard.lock:
             if hook._installed:
                 hook._take_out()
             return self._through(*args, **kwargs)
@@ -348,6 +347,16 @@ DISABLED_DURING_CALL = (
 )
 
 
+class _NoGuard:
+    """A hook's guard before `PassGuard` takes it (no pass runs then)."""
+
+    running = owner = None
+    lock = contextlib.nullcontext()
+
+
+_NO_GUARD = _NoGuard()
+
+
 class PassGuard:
     """Wraps the forward of the module that runs the decoder layers (e.g. `LlamaModel`): one pass over the layers.
 
@@ -382,9 +391,9 @@ class PassGuard:
         self.guarded = None  # the wrapper `wrap` made
         self.model_guarded = None  # the wrapper `wrap_model` made
         self._raised = False  # the last pass raised part way
-        # the thread running a pass (`None`: none), the kept layer that ran last in it (holding its weights), and the
-        # layers whose held weights a cast or load from inside the running one (a hook in it) asked out: out as the
-        # pass ends, not under its feet
+        # the thread running a pass (`None`: none), the layer whose forward runs in it (between its hook's
+        # `pre_forward` and `post_forward`), and the layers whose held weights a cast or load from inside their own
+        # forward (a hook in it) asked out: out as the pass ends, not under their feet
         self.owner: int | None = None
         self.running: LayerStreamingHook | None = None
         self.deferred: set = set()
@@ -454,6 +463,7 @@ class PassGuard:
                     self._raised = False
                 self.loader.pass_runs(self.layers_run())
                 owner, self.owner = self.owner, threading.get_ident()
+                running, self.running = self.running, None  # (a pass inside a layer's forward: back to it after)
                 try:
                     return forward(*args, **kwargs)
                 except BaseException:
@@ -462,11 +472,9 @@ class PassGuard:
                     self._put_back_host()
                     raise
                 finally:
-                    self.owner = owner
-                    if owner is None:
-                        self.running = None
-                        if self.deferred:
-                            self._take_out_deferred()
+                    self.owner, self.running = owner, running
+                    if owner is None and self.deferred:
+                        self._take_out_deferred()
 
         self.guarded = guarded
         return guarded

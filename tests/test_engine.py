@@ -1157,6 +1157,90 @@ def test_a_cast_from_a_hook_inside_a_pass_waits_for_the_pass_to_end(llama):
     disable_layer_streaming(model)
 
 
+def _once(action):
+    """A forward (pre-)hook that runs `action` at its first call only."""
+    done = []
+
+    def hook(*_):
+        if not done:
+            done.append(True)  # (first: the action may run the model, and this hook, again)
+            action()
+
+    return hook
+
+
+@pytest.mark.parametrize("where", ["pre-hook of the next layer", "the final norm", "a streamed layer"])
+def test_a_cast_from_inside_a_pass_of_a_layer_not_running_is_refused_at_the_next_pass(llama, where):
+    """A cast of a kept layer holding its weights, from inside a pass but outside that layer's forward (a forward
+    pre-hook of the next layer, which runs before its hook; the final norm after the last layer; a streamed layer
+    of a mixed plan), reaches its placeholders at once: refused at the next pass while it stands, as between passes
+    (it was taken for a cast from inside the layer's own forward, which is not followed, and the next pass ran on)."""
+    ckpt, shards, inputs, expected, pad = llama
+    options = {"max_memory": {"cpu": "850KB"}} if where == "a streamed layer" else {}
+    model = streamed_model(ckpt, shards, **options)
+    plan = get_streaming_state(model).loader.plan
+    ids = inputs["input_ids"]
+    with torch.no_grad():
+        want = _models.load_reference(ckpt)(ids).logits
+        assert torch.equal(model(ids).logits, want)
+        layers = model.model.layers
+        if where == "pre-hook of the next layer":
+            target, handle = 1, layers[2].register_forward_pre_hook(_once(lambda: layers[1].mlp.half()))
+        elif where == "the final norm":
+            target, handle = 5, model.model.norm.register_forward_hook(_once(lambda: layers[5].mlp.half()))
+        else:
+            target = next(i for i in range(6) if plan.tier(i) == "device")
+            streamed = next(i for i in plan.streamed if i > target)
+            cast = _once(lambda: layers[target].mlp.half())
+            handle = layers[streamed].mlp.register_forward_hook(cast)
+        assert plan.tier(target) == "device"
+        model(ids)
+        handle.remove()
+        with pytest.raises(
+            RuntimeError, match=rf"layer {target}'s mlp\.\w+\.weight was cast or moved to torch.float16"
+        ):
+            model(ids)
+        layers[target].mlp.float()
+        assert torch.equal(model(ids).logits, want)
+    disable_layer_streaming(model)
+
+
+@pytest.mark.parametrize("case", ["gradients on", "a pass inside it"])
+def test_a_cast_from_inside_a_layers_own_forward_is_not_followed(llama, case):
+    """A cast of a layer's modules from a hook inside its own forward reaches the weights it runs with and is not
+    followed after the pass: with gradients on too (the values made for such passes are made anew, not reused cast:
+    the next pass with gradients failed on mixed dtypes), and after a pass of the model run inside that forward (it
+    took the layer's weights out under its feet: the rest of its forward met meta placeholders)."""
+    ckpt, shards, inputs, expected, pad = llama
+    model = streamed_model(ckpt, shards)
+    ids = inputs["input_ids"]
+    layer = model.model.layers[3]
+    with torch.no_grad():
+        want = _models.load_reference(ckpt)(ids).logits
+        assert torch.equal(model(ids).logits, want)
+    if case == "gradients on":
+        handle = layer.mlp.down_proj.register_forward_hook(_once(lambda: layer.self_attn.half()))
+        grad = True
+    else:
+
+        def inner():
+            model(ids)
+            layer.self_attn.float()
+
+        handle = layer.mlp.up_proj.register_forward_hook(_once(inner))
+        grad = False
+    with torch.set_grad_enabled(grad):
+        first = model(ids).logits.detach()
+    handle.remove()
+    if case == "a pass inside it":
+        assert torch.equal(first, want)
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            assert torch.equal(model(ids).logits.detach(), want)
+    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+    disable_layer_streaming(model)
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_a_child_forked_from_inside_a_pass_goes_on_with_it(llama):
     """Forked from a hook inside a kept layer's forward: in the child the thread that forked goes on with the pass,
