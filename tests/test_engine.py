@@ -1123,16 +1123,24 @@ def test_a_weight_replaced_on_a_kept_layer_that_holds_its_weights_is_refused(lla
     disable_layer_streaming(model)
 
 
-def test_a_cast_from_a_hook_inside_a_pass_waits_for_the_pass_to_end(llama):
-    """A cast that changes nothing (`model.float()`) from a forward hook inside a kept layer, during a pass: the
-    layer running holds its weights, which the cast would have taken out under its feet (the rest of its forward
-    met meta placeholders); they go out as the pass ends, and the next pass holds them again. Both exact."""
+def _held_after_a_pass(llama):
+    """A model keeping every layer, after one exact pass without gradients (its layers hold their weights since); the
+    prompt's ids and the loaded model's logits for them."""
     ckpt, shards, inputs, expected, pad = llama
     model = streamed_model(ckpt, shards)
     ids = inputs["input_ids"]
     with torch.no_grad():
         want = _models.load_reference(ckpt)(ids).logits
         assert torch.equal(model(ids).logits, want)
+    return model, ids, want
+
+
+def test_a_cast_from_a_hook_inside_a_pass_waits_for_the_pass_to_end(llama):
+    """A cast that changes nothing (`model.float()`) from a forward hook inside a kept layer, during a pass: the
+    layer running holds its weights, which the cast would have taken out under its feet (the rest of its forward
+    met meta placeholders); they go out as the pass ends, and the next pass holds them again. Both exact."""
+    model, ids, want = _held_after_a_pass(llama)
+    with torch.no_grad():
         calls = []
         q_proj = model.model.layers[2].self_attn.q_proj
         handle = q_proj.register_forward_hook(lambda m, a, o: calls.append(model.float()))
@@ -1246,12 +1254,7 @@ def test_a_child_forked_from_inside_a_pass_goes_on_with_it(llama):
     """Forked from a hook inside a kept layer's forward: in the child the thread that forked goes on with the pass,
     still its owner, so a cast from there (`model.float()`, which changes nothing) waits for the pass to end there too,
     not taking the running layer's weights out (it failed on meta placeholders). Exact in both processes."""
-    ckpt, shards, inputs, expected, pad = llama
-    model = streamed_model(ckpt, shards)
-    ids = inputs["input_ids"]
-    with torch.no_grad():
-        want = _models.load_reference(ckpt)(ids).logits
-        assert torch.equal(model(ids).logits, want)
+    model, ids, want = _held_after_a_pass(llama)
     parent, child = os.getpid(), []
 
     def fork_here(module, args, output):
