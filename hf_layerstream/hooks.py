@@ -89,7 +89,9 @@ class LayerStreamingHook(ModelHook):
         self.holds_between = False
         self._installed = False
         self._held: list = []  # the values it holds then (or last held), one per slot
-        self.guard: PassGuard = _NO_GUARD  # (set by `PassGuard`: its lock serializes taking them out with passes)
+        self.guard: PassGuard | _NoGuard = (
+            _NoGuard()
+        )  # (`PassGuard`'s: its lock serializes taking them out with passes)
         self.profile = profile
         self._t0 = 0.0
         # slots whose weight the loader hands over packed (see `ModuleDequantizer`): their `Packed` placeholder
@@ -350,11 +352,9 @@ DISABLED_DURING_CALL = (
 class _NoGuard:
     """A hook's guard before `PassGuard` takes it (no pass runs then)."""
 
-    running = owner = None
-    lock = contextlib.nullcontext()
-
-
-_NO_GUARD = _NoGuard()
+    def __init__(self):
+        self.running = self.owner = None
+        self.lock = contextlib.nullcontext()
 
 
 class PassGuard:
