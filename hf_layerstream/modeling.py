@@ -106,6 +106,13 @@ def require_layer_stack(model: nn.Module) -> LayerStack:
     return stack
 
 
+def dtype_configs(config) -> list:
+    """`config` and its sub-configs (a vision-language model's `text_config`, `vision_config`): where
+    `from_pretrained(dtype=...)` sets the dtype."""
+    subs = (getattr(config, key, None) for key in getattr(config, "sub_configs", {}))
+    return [c for c in (config, *subs) if c is not None and hasattr(c, "dtype")]
+
+
 def tied_targets(model: nn.Module) -> dict[str, str]:
     """Tied parameter names (target -> source), e.g. GPT-2's `{"lm_head.weight": "transformer.wte.weight"}`."""
     tied = getattr(model, "all_tied_weights_keys", None)

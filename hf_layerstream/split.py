@@ -36,6 +36,7 @@ from .modeling import (
     conversion_record,
     convert_unit,
     created_dtypes,
+    dtype_configs,
     kept_in_float32,
     layer_unit,
     plan_conversion,
@@ -983,9 +984,8 @@ def split_checkpoint(
         if dtype is not None:
             # the weights were cast: the config says so, as `from_pretrained(dtype=...)` sets it on the config and its
             # sub-configs (a model built from the shard directory's config is then built at the dtype it streams at)
-            for cfg in (config, *(getattr(config, key, None) for key in getattr(config, "sub_configs", {}))):
-                if cfg is not None:
-                    cfg.dtype = dtype
+            for cfg in dtype_configs(config):
+                cfg.dtype = dtype
         atomic_write_bytes(shard_dir / "config.json", config.to_json_string().encode())
 
         floating = [t.dtype for u in done.values() for t in u.tensors.values() if t.dtype.is_floating_point]

@@ -44,6 +44,7 @@ from .hooks import (
 from .modeling import (
     RESIDENT,
     LayerStack,
+    dtype_configs,
     expected_tensors,
     get_submodule_attr,
     layer_unit,
@@ -874,9 +875,7 @@ def enable_layer_streaming(
     model.hf_device_map = device_map
     _load_generation_config(model, shards, state)
     if dtype is not None:  # the config says the dtype the model computes in, as `from_pretrained(dtype=...)` sets it
-        config = getattr(model, "config", None)
-        subs = (getattr(config, key, None) for key in getattr(config, "sub_configs", {}))
-        for cfg in (c for c in (config, *subs) if c is not None and hasattr(c, "dtype")):
+        for cfg in dtype_configs(getattr(model, "config", None)):
             state.config_dtypes.append((cfg, cfg.dtype))
             cfg.dtype = dtype
     setattr(model, _STATE_ATTR, state)
