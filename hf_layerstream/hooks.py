@@ -70,6 +70,7 @@ class LayerStreamingHook(ModelHook):
         self._keys = [a for _, a in self.entries]
         self.placeholders = [entry[a] for entry, a in self.entries]
         self.names = [rel for _, _, rel, _ in slots]
+        self.modules = list({id(m): m for m, _, _, _ in slots}.values())  # (those holding its tensors, once each)
         # what the placeholders are (a cast or move since is refused): their dtypes, and their devices, which for meta
         # placeholders (a model built with `init_empty_weights()`) only need to stay meta
         self._dtypes = [p.dtype for p in self.placeholders]
@@ -217,8 +218,7 @@ class LayerStreamingHook(ModelHook):
         weight put over a held one (`module.weight = ...`) is refused at the next pass. Returns the handles that undo
         it (`.remove()`)."""
         self.holds_between = True
-        modules = list({id(m): m for m, _, _, _ in self.slots}.values())
-        return [_MethodGuard(m, name, self) for m in modules for name in ("_apply", "_load_from_state_dict")]
+        return [_MethodGuard(m, name, self) for m in self.modules for name in ("_apply", "_load_from_state_dict")]
 
     def _take_out(self) -> None:
         """The held weights out of the modules, the placeholders back in (a slot given another value since keeps

@@ -831,10 +831,10 @@ def enable_layer_streaming(
             hooks.append(hook)
         # kept layers hold their weights between passes, except where a module holding some is another layer's too
         # (the same object in two layers: each swaps its own weights in at each pass)
-        owners = Counter(id(m) for hook in hooks for m in {id(m): m for m, _, _, _ in hook.slots}.values())
+        owners = Counter(id(m) for hook in hooks for m in hook.modules)
         for i, hook in enumerate(hooks):
             if plan.tier(i) == "device" and not hook.packed_placeholders:
-                if all(owners[id(m)] == 1 for m, _, _, _ in hook.slots):
+                if all(owners[id(m)] == 1 for m in hook.modules):
                     handles += hook.hold_between_passes()
     except BaseException:
         loader.close()
