@@ -5,11 +5,12 @@
 At batch 1 a GPU waits for the Python that launches its kernels (the bench model's 16 layers: 12 to 21 ms a token on
 the lent H200, against well under 1 ms of reading weights), so our hooks' work per layer counts in full. Three models
 take turns, `generate` call by call (CALLS each, default 10, 32 new tokens): the whole model on the GPU, ours with
-the default plan, and ours with the layer hooks taken off (each layer's kept weights swapped in once, its own forward
-back): the last two's ratios to the first split the default plan's cost into the hooks' share and the rest (the
-model's and `generate`'s wrappers, the head's hooks). Then the hooks' own time inside those calls (`pre_forward`
-and `post_forward`, per layer call) and the top of a cProfile of one call of each. WORK: `bench --demo`'s work folder
-(the model is written and split there if missing). `DEVICE=cpu` runs it here (slowly: the bench model is 1.7 GB)."""
+the default plan, and ours with the layer hooks taken off (each layer holding its kept weights from a first call,
+its own forward back): the last two's ratios to the first split the default plan's cost into the hooks' share and
+the rest (the model's and `generate`'s wrappers, the head's hooks). Then the hooks' own time inside those calls
+(`pre_forward` and `post_forward`, per layer call) and the top of a cProfile of one call of each. WORK: `bench
+--demo`'s work folder (the model is written and split there if missing). `DEVICE=cpu` runs it here (slowly: the
+bench model is 1.7 GB)."""
 
 import cProfile
 import io
@@ -51,12 +52,9 @@ def call(model) -> tuple[float, list[int]]:
 whole = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16, use_kernels=False).to(dev).eval()
 hooked = load_streamed_model(shards, device=dev)
 bare = load_streamed_model(shards, device=dev)
-call(bare)  # (every kept layer loaded)
+call(bare)  # (after a pass without gradients every kept layer holds its weights in its modules)
 for layer in bare.model.layers:
-    hook = layer._hf_hook
-    with torch.no_grad():
-        hook.pre_forward(layer)
-    hook.loader.release(hook.index)  # (the weights stay in: no `post_forward`)
+    assert layer._hf_hook._installed, "a layer of the default plan does not hold its weights between passes"
     layer.forward = layer._old_forward
 models = {"whole model": whole, "default plan": hooked, "default plan, layer hooks off": bare}
 reference = call(whole)[1]

@@ -663,7 +663,8 @@ def test_llama_3_2_vision_split_for_images_with_model_class(tmp_path):
 @pytest.mark.cuda
 @pytest.mark.parametrize("model_type", ["gpt_oss", "deepseek_v3", "mamba2", "jamba", "llava", "qwen2_vl"])
 def test_more_architectures_stream_exactly_on_cuda(tmp_path, model_type):
-    """On the GPU, every layer from pinned host RAM or from disk: the same decode steps as the model loaded there."""
+    """On the GPU, every layer kept there, from pinned host RAM or from disk: the same decode steps as the model loaded
+    there."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
@@ -680,7 +681,8 @@ def test_more_architectures_stream_exactly_on_cuda(tmp_path, model_type):
     ref = ref.to("cuda").eval()
     inputs = {k: v.to("cuda") for k, v in inputs.items()}
     shards = split_checkpoint(ckpt, tmp_path / "shards", progress=False)
-    for budget in ({0: 0, "cpu": "1GiB"}, {0: 0, "cpu": 0}):  # host RAM, then disk
+    # the default plan (every layer kept on the GPU, holding its weights between passes), host RAM, then disk
+    for budget in (None, {0: 0, "cpu": "1GiB"}, {0: 0, "cpu": 0}):
         with init_empty_weights():
             config = AutoConfig.from_pretrained(shards)
             streamed = (AutoModelForImageTextToText if vision else AutoModelForCausalLM).from_config(

@@ -1004,8 +1004,9 @@ def _held(model, index: int) -> dict[str, torch.Tensor]:
 def test_kept_layers_hold_their_weights_between_passes_without_asking_the_loader(llama, monkeypatch):
     """After its first pass without gradients a kept layer holds its kept weights in its modules, as a loaded model
     does: the next passes swap nothing and ask the loader for nothing (its hook's work at each pass is a flag read;
-    the swap in and out with its checks cost a GPU at batch 1 several percent of a token), and stay exact. The weights are the loader's kept tensors (no copy); `disable_layer_streaming` puts the model back on meta
-    and takes its `_apply` guards off the modules."""
+    the swap in and out with its checks cost a GPU at batch 1 several percent of a token), and stay exact. The
+    weights are the loader's kept tensors (no copy); `disable_layer_streaming` puts the model back on meta and takes
+    its `_apply` guards off the modules."""
     ckpt, shards, inputs, expected, pad = llama
     model = streamed_model(ckpt, shards)  # (every layer kept)
     loader = get_streaming_state(model).loader
@@ -2423,6 +2424,50 @@ def test_cuda_streaming_exact_and_buffers_reused(checkpoints, options, profile):
     disable_layer_streaming(model)
     assert not _loader_threads(loader)
     assert not loader._pinned._held  # unregistered
+
+
+@pytest.mark.cuda
+def test_cuda_kept_layers_hold_their_weights_on_a_mixed_plan(checkpoints):
+    """On the GPU, in a plan that keeps two layers there, two in pinned host RAM and streams two from the disk: the
+    kept layers hold their weights between passes (the host and disk ones do not), the passes stay exact, a pass with
+    gradients takes the held weights out and gives the loaded model's input gradient, a same-dtype `model.to(...)`
+    goes through the guards and the layers hold again after the next pass, and `disable_layer_streaming` leaves no
+    layer's weights allocated on the GPU."""
+    from conftest import build_meta_model
+    from transformers import AutoConfig
+
+    ckpt, shards = checkpoints("llama", num_hidden_layers=6)
+    ref = _models.load_reference(ckpt).to("cuda")
+    ids = torch.tensor([[1, 5, 7, 9, 11]], device="cuda")
+    with torch.no_grad():
+        want = ref(ids).logits
+    embeds = ref.get_input_embeddings()(ids).detach().requires_grad_(True)
+    ref(inputs_embeds=embeds).logits.pow(2).mean().backward()
+    ref.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    model = build_meta_model(AutoConfig.from_pretrained(ckpt))
+    enable_layer_streaming(model, shards, device="cuda", max_memory=_mixed_budget(shards, 2), prefetch=2)
+    state = get_streaming_state(model)
+    kept, others = state.plan.device_layers, state.plan.host_layers + state.plan.streamed
+    assert len(kept) == 2 and len(others) == 4
+    with torch.no_grad():
+        for _ in range(3):
+            assert torch.equal(model(ids).logits, want)
+    assert all(state.hooks[i]._installed for i in kept) and not any(state.hooks[i]._installed for i in others)
+    assert all(not w.is_meta and w.is_cuda for i in kept for w in _held(model, i).values())
+    streamed_embeds = embeds.detach().requires_grad_(True)
+    model(inputs_embeds=streamed_embeds).logits.pow(2).mean().backward()
+    assert torch.equal(streamed_embeds.grad, embeds.grad)
+    assert not any(state.hooks[i]._installed for i in kept)
+    model.to("cuda", torch.float32)  # the device and dtype it streams to: allowed, through the guards
+    with torch.no_grad():
+        for _ in range(2):
+            assert torch.equal(model(ids).logits, want)
+    assert all(state.hooks[i]._installed for i in kept)
+    disable_layer_streaming(model)
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() - base < min(state.plan.layer_bytes)
 
 
 @pytest.mark.cuda
