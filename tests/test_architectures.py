@@ -689,5 +689,8 @@ def test_more_architectures_stream_exactly_on_cuda(tmp_path, model_type):
                 config, attn_implementation=_models.ATTN_IMPLEMENTATION
             )
         enable_layer_streaming(streamed, shards, device="cuda", max_memory=budget, prefetch=2)
+        if budget is None:
+            plan = get_streaming_state(streamed).plan
+            assert len(plan.device_layers) == len(plan.layer_bytes)
         assert_same_decode_steps(ref, streamed, inputs)
         disable_layer_streaming(streamed)

@@ -2429,10 +2429,10 @@ def test_cuda_streaming_exact_and_buffers_reused(checkpoints, options, profile):
 @pytest.mark.cuda
 def test_cuda_kept_layers_hold_their_weights_on_a_mixed_plan(checkpoints):
     """On the GPU, in a plan that keeps two layers there, two in pinned host RAM and streams two from the disk: the
-    kept layers hold their weights between passes (the host and disk ones do not), the passes stay exact, a pass with
-    gradients takes the held weights out and gives the loaded model's input gradient, a same-dtype `model.to(...)`
-    goes through the guards and the layers hold again after the next pass, and `disable_layer_streaming` leaves no
-    layer's weights allocated on the GPU."""
+    kept layers hold their weights between passes (the host and disk ones do not), the passes stay exact, a
+    same-dtype `model.to(...)` takes the held weights out through the guards and the layers hold again after the next
+    pass, a pass with gradients takes them out and gives the loaded model's input gradient, and
+    `disable_layer_streaming` leaves no layer's weights allocated on the GPU."""
     from conftest import build_meta_model
     from transformers import AutoConfig
 
@@ -2456,14 +2456,19 @@ def test_cuda_kept_layers_hold_their_weights_on_a_mixed_plan(checkpoints):
             assert torch.equal(model(ids).logits, want)
     assert all(state.hooks[i]._installed for i in kept) and not any(state.hooks[i]._installed for i in others)
     assert all(not w.is_meta and w.is_cuda for i in kept for w in _held(model, i).values())
+    model.to("cuda", torch.float32)  # the device and dtype it streams to: allowed, the held weights out first
+    assert not any(state.hooks[i]._installed for i in kept)
+    assert all(w.is_meta for i in kept for w in _held(model, i).values())
+    with torch.no_grad():
+        for _ in range(2):
+            assert torch.equal(model(ids).logits, want)
+    assert all(state.hooks[i]._installed for i in kept)
     streamed_embeds = embeds.detach().requires_grad_(True)
     model(inputs_embeds=streamed_embeds).logits.pow(2).mean().backward()
     assert torch.equal(streamed_embeds.grad, embeds.grad)
     assert not any(state.hooks[i]._installed for i in kept)
-    model.to("cuda", torch.float32)  # the device and dtype it streams to: allowed, through the guards
     with torch.no_grad():
-        for _ in range(2):
-            assert torch.equal(model(ids).logits, want)
+        assert torch.equal(model(ids).logits, want)
     assert all(state.hooks[i]._installed for i in kept)
     disable_layer_streaming(model)
     torch.cuda.synchronize()
