@@ -113,6 +113,23 @@ def dtype_configs(config) -> list:
     return [c for c in (config, *subs) if c is not None and hasattr(c, "dtype")]
 
 
+def resolve_dtype(dtype) -> torch.dtype | None:
+    """A `dtype` argument as `from_pretrained` takes it: a floating-point `torch.dtype`, its name (`"bfloat16"`),
+    or `None` / `"auto"` (the checkpoint's)."""
+    if dtype is None or dtype == "auto":
+        return None
+    if isinstance(dtype, str):
+        name, dtype = dtype, getattr(torch, dtype.removeprefix("torch."), None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"`dtype` {name!r} is not a torch dtype name (e.g. 'bfloat16', 'float16', 'float32').")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(
+            f"`dtype` must be a floating-point torch.dtype or its name (e.g. torch.bfloat16 or 'bfloat16'), got "
+            f"{dtype!r}."
+        )
+    return dtype
+
+
 def tied_targets(model: nn.Module) -> dict[str, str]:
     """Tied parameter names (target -> source), e.g. GPT-2's `{"lm_head.weight": "transformer.wte.weight"}`."""
     tied = getattr(model, "all_tied_weights_keys", None)

@@ -41,6 +41,7 @@ from .modeling import (
     layer_unit,
     plan_conversion,
     require_layer_stack,
+    resolve_dtype,
     resolve_model_class,
     unit_index,
 )
@@ -779,14 +780,7 @@ def split_checkpoint(
 
         scheme = resolve_compression(compression, quant_type=quant_type, blocksize=blocksize)
         load_backend("Splitting with `compression`")  # (before anything is written: not half way)
-    if isinstance(dtype, str) and dtype != "auto":
-        name, dtype = dtype, getattr(torch, dtype, None)
-        if not isinstance(dtype, torch.dtype):
-            raise ValueError(f"`dtype` {name!r} is not a torch dtype name (e.g. 'bfloat16', 'float16', 'float32').")
-    elif dtype == "auto":
-        dtype = None
-    if dtype is not None and not dtype.is_floating_point:
-        raise ValueError(f"`dtype` must be a floating-point dtype, got {dtype}.")
+    dtype = resolve_dtype(dtype)
     shard_dir = Path(shard_dir)
     if shard_dir.exists() and not shard_dir.is_dir():
         raise ShardDirError(f"`shard_dir` {shard_dir} exists and is not a directory.")

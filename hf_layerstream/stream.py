@@ -50,6 +50,7 @@ from .modeling import (
     layer_unit,
     repair_meta_buffers,
     require_layer_stack,
+    resolve_dtype,
     tied_targets,
 )
 from .shard_dir import ShardDirectory
@@ -609,7 +610,7 @@ def enable_layer_streaming(
     shard_dir: str | os.PathLike,
     *,
     device: str | int | torch.device | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     max_memory: dict | None = None,
     prefetch: int | None = None,
     profile: bool = False,
@@ -636,8 +637,9 @@ def enable_layer_streaming(
             A shard directory made by [`split_checkpoint`].
         device (`str`, `int` or `torch.device`, *optional*):
             Execution device; defaults to CUDA when available, else CPU.
-        dtype (`torch.dtype`, *optional*):
-            Compute dtype for floating-point weights; defaults to the one `from_pretrained(dtype="auto")` loads the
+        dtype (`torch.dtype` or `str`, *optional*):
+            Compute dtype for floating-point weights (a `torch.dtype` or its name, `"auto"` for the default, as
+            `from_pretrained` takes it); defaults to the one `from_pretrained(dtype="auto")` loads the
             checkpoint at (the config's dtype, recorded by the split; the stored dtypes for a directory split before
             it was recorded). As `from_pretrained` does, the weights the model keeps in float32 at float16/bfloat16
             (`_keep_in_fp32_modules(_strict)`, e.g. DeepSeek-V3's router) stay float32, and those it creates in
@@ -703,8 +705,7 @@ def enable_layer_streaming(
             "Layer streaming is already enabled on this model; call `disable_layer_streaming(model)` first."
         )
     device = check_device(device)
-    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
-        raise ValueError(f"`dtype` must be a floating-point torch.dtype (e.g. torch.bfloat16), got {dtype!r}.")
+    dtype = resolve_dtype(dtype)
     if prefetch is not None and (not isinstance(prefetch, int) or isinstance(prefetch, bool) or prefetch < 0):
         raise ValueError(f"`prefetch` must be a non-negative int, got {prefetch!r}.")
     if keep_in_page_cache is not None and not isinstance(keep_in_page_cache, bool):
@@ -882,6 +883,7 @@ def enable_layer_streaming(
     _wrap_generate(model, state)
     _no_auto_compile(model, state)
     _guard_moves(model, state)
+    _refuse_resize(model, state)
     model.eval()
     loader.start()
     logger.info("Layer streaming enabled from %s: %s", shards.path, plan.summary())
@@ -966,6 +968,25 @@ def _guard_moves(model: nn.Module, state: StreamingState) -> None:
             )
 
         _shadow(model, state, name, functools.wraps(original)(moved))
+
+
+def _refuse_resize(model: nn.Module, state: StreamingState) -> None:
+    """`resize_token_embeddings` on a streamed model: refused, naming the way. It resized the resident embeddings and
+    head in memory, the shard directory keeping the old ones, and `disable_layer_streaming` put the model back on meta
+    without it: it seemed to work, then was lost."""
+    original = getattr(model, "resize_token_embeddings", None)
+    if original is None:
+        return
+
+    @functools.wraps(original)
+    def refused(*args, **kwargs):
+        raise RuntimeError(
+            "`model.resize_token_embeddings(...)` is not supported with layer streaming enabled: the embeddings and "
+            "head come from the shard directory, which keeps their size. Resize the fully loaded model, "
+            "`save_pretrained` it, and split that (`split_checkpoint(..., overwrite=True)`)."
+        )
+
+    _shadow(model, state, "resize_token_embeddings", refused)
 
 
 def _wrap_generate(model: nn.Module, state: StreamingState) -> None:

@@ -909,6 +909,11 @@ def test_error_bad_arguments(checkpoints):
         enable_layer_streaming(model, shards, max_memory={"cpu": "lots"})
     with pytest.raises(ValueError, match="not a valid torch device"):
         enable_layer_streaming(model, shards, device="gpu0")
+    with pytest.raises(ValueError, match="`dtype` 'fp16' is not a torch dtype name"):
+        enable_layer_streaming(model, shards, dtype="fp16")
+    for dtype in (torch.int8, "int8", 16):
+        with pytest.raises(ValueError, match="`dtype` must be a floating-point torch.dtype or its name"):
+            enable_layer_streaming(model, shards, dtype=dtype)
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available here; pass device='cpu'"):
             enable_layer_streaming(model, shards, device="cuda")
@@ -1032,8 +1037,15 @@ def test_moving_or_casting_a_streamed_model(checkpoints):
                 move()
         assert {n: (t.device, t.dtype) for n, t in model.state_dict().items()} == before
         assert torch.equal(model(ids).logits, ref(ids).logits)
+        # `resize_token_embeddings` resized the resident embeddings and head only, and `disable` lost it: refused
+        embeddings = model.get_input_embeddings().weight
+        with pytest.raises(
+            RuntimeError, match=r"`model.resize_token_embeddings\(...\)` is not supported .* split that"
+        ):
+            model.resize_token_embeddings(embeddings.shape[0] + 8)
+        assert model.get_input_embeddings().weight is embeddings
     disable_layer_streaming(model)
-    assert "to" not in vars(model) and "half" not in vars(model)
+    assert not {"to", "half", "resize_token_embeddings"} & set(vars(model))
     assert model.to(torch.float32) is model  # the plain method again (every weight is on meta)
     assert all(p.dtype == torch.float32 for p in model.parameters())
 

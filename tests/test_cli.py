@@ -553,7 +553,7 @@ def test_errors_name_the_options_typed(split_dir, tmp_path, capsys):
     ckpt, shards = split_dir
     assert main(["split", str(ckpt), str(tmp_path / "out"), "--dtype", "int8", "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("hf-layerstream split: error: `--dtype` must be a floating-point dtype"), err
+    assert err.startswith("hf-layerstream split: error: `--dtype` must be a floating-point torch.dtype"), err
     assert main(["split", str(ckpt), str(ckpt), "--quiet"]) == 2
     assert "error: `shard_dir` must differ from `source`" in capsys.readouterr().err
     assert main(["generate", str(shards), "hi", "--prefetch", "-1", "--device", "cpu"]) == 2

@@ -554,16 +554,17 @@ def test_casting_part_of_a_streamed_model_is_refused_at_its_next_pass(checkpoint
     disable_layer_streaming(model)
 
 
-def test_dtype_override_sets_the_config_dtype_as_from_pretrained_does(checkpoints):
+@pytest.mark.parametrize("asked", [torch.float32, "float32", "torch.float32"])
+def test_dtype_override_sets_the_config_dtype_as_from_pretrained_does(checkpoints, asked):
     """`enable_layer_streaming(dtype=...)` on a model built from a bfloat16 config: the config then says the dtype
     the model computes in, as `from_pretrained(dtype=...)` sets it (`save_pretrained` writes it beside the weights);
-    disabling streaming puts the config's back."""
+    disabling streaming puts the config's back. The dtype may be named, as `from_pretrained` takes it."""
     ckpt, shards = checkpoints("llama", dtype=torch.bfloat16)
     ref = _models.load_reference(ckpt, dtype=torch.float32)
     model = build_meta_model(AutoConfig.from_pretrained(ckpt))
     before = model.config.dtype
     assert before == torch.bfloat16
-    enable_layer_streaming(model, shards, device="cpu", dtype=torch.float32)
+    enable_layer_streaming(model, shards, device="cpu", dtype=asked)
     assert model.config.dtype == ref.config.dtype == torch.float32
     assert model.dtype == torch.float32
     disable_layer_streaming(model)
