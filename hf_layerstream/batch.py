@@ -509,8 +509,11 @@ def generate_batch(
 
 
 def _read_input(path: Path) -> list[_Prompt]:
-    if not path.is_file():
+    # (read once: a pipe, `/dev/stdin` or `<(...)`, does too)
+    if not path.exists():
         raise FileNotFoundError(f"`input_path` {path} does not exist; give a JSONL file with one prompt per line.")
+    if path.is_dir():
+        raise ValueError(f"`input_path` {path} is a directory; give a JSONL file with one prompt per line.")
     items: list[_Prompt] = []
     seen: dict[str, int] = {}
     with open(path, encoding="utf-8-sig") as f:  # (a byte-order mark, as some Windows editors write, is not JSON)
@@ -727,6 +730,12 @@ def generate_jsonl(
     output_path = Path(output_path)
     if output_path.resolve() == input_path.resolve():
         raise ValueError(f"`output_path` {output_path} is the input file; write results to another file.")
+    if output_path.exists() and not output_path.is_file():
+        # (a pipe or `/dev/stdout` waited forever for the read-back, `/dev/null` failed to fsync after the first batch)
+        raise ValueError(
+            f"`output_path` {output_path} is not a regular file: the results are read back (to resume a job) and "
+            "rewritten in input order at the end. Write them to a file."
+        )
     batch_size, config, mode = _check_kwargs(model, batch_size, generate_kwargs)
     settings = _settings_digest(tokenizer, chat, config, generate_kwargs)
     items = _read_input(input_path)

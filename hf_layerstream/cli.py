@@ -185,8 +185,9 @@ def _prompt_from_leftovers(leftovers: list[str]) -> tuple[str | None, list[str]]
     """`generate`'s PROMPT among the arguments argparse left over, and what is left after it.
 
     argparse fills an optional positional from the first run of positionals only, so in `generate SHARD_DIR
-    --max-new-tokens 3 PROMPT` the prompt is left over. The first leftover that is not an option (or the one after
-    `--`) is taken as the prompt.
+    --max-new-tokens 3 PROMPT` the prompt is left over. The first leftover that argparse reads as a positional (not
+    an option: a prompt may begin with a dash where it holds a space, "- item one", or is a negative number, "-5"),
+    or the one after `--`, is taken as the prompt.
 
     Args:
         leftovers (`list[str]`): What `parse_known_args` did not match.
@@ -199,9 +200,12 @@ def _prompt_from_leftovers(leftovers: list[str]) -> tuple[str | None, list[str]]
             if i + 1 < len(leftovers):
                 return leftovers[i + 1], leftovers[:i] + leftovers[i + 2 :]
             break
-        if not arg.startswith("-"):
+        if not arg.startswith("-") or " " in arg or _NEGATIVE_NUMBER.fullmatch(arg):  # (as argparse tells them)
             return arg, leftovers[:i] + leftovers[i + 1 :]
     return None, leftovers
+
+
+_NEGATIVE_NUMBER = re.compile(r"-\d+|-\d*\.\d+")  # (argparse's `_negative_number_matcher`)
 
 
 def _as_options(message: str, parser: argparse.ArgumentParser, command: str) -> str:
@@ -385,7 +389,15 @@ def _cmd_generate(args) -> int:
         keep_in_page_cache=_page_cache(args.page_cache),
         dequantize=_dequantize(args.dequantize),
     )
-    tok = AutoTokenizer.from_pretrained(args.tokenizer or args.shard_dir)
+    try:
+        tok = AutoTokenizer.from_pretrained(args.tokenizer or args.shard_dir)
+    except (OSError, ValueError) as e:
+        if args.tokenizer is not None:
+            raise
+        raise ValueError(
+            f"The shard directory {args.shard_dir} holds no tokenizer that loads ({e}); give one with `--tokenizer` "
+            "(a folder or a hub id)."
+        ) from e
     gen_kwargs = {"max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample}
     if args.temperature is not None:
         gen_kwargs["temperature"] = args.temperature
@@ -402,10 +414,14 @@ def _cmd_generate(args) -> int:
 
         draft = AutoModelForCausalLM.from_pretrained(args.assistant).to(model.device).eval()
         tokens = 8 if args.num_assistant_tokens is None else args.num_assistant_tokens
+        threshold = draft.generation_config.assistant_confidence_threshold
         gen_kwargs["assistant_model"] = configure_draft(draft, num_assistant_tokens=tokens)
         # transformers takes a draft of another vocabulary size for one with another tokenizer: it then translates
-        # through both tokenizers (universal assisted decoding) and refuses `assistant_tokenizer` otherwise
+        # through both tokenizers (universal assisted decoding) and refuses `assistant_tokenizer` otherwise. There
+        # the draft keeps transformers' confidence threshold: with `configure_draft`'s 0 (draft every token asked
+        # for), a one-token prompt crashed inside transformers' translation ("cannot reshape tensor of 0 elements")
         if draft.config.get_text_config().vocab_size != model.config.get_text_config().vocab_size:
+            draft.generation_config.assistant_confidence_threshold = threshold
             gen_kwargs["assistant_tokenizer"] = AutoTokenizer.from_pretrained(args.assistant)
 
     if args.chat and not getattr(tok, "chat_template", None):
@@ -453,8 +469,12 @@ def _cmd_generate(args) -> int:
         gen_kwargs["pad_token_id"] = tok.eos_token_id
     streamer = _continuation_streamer(tok, inputs["input_ids"][0].tolist(), skip_special_tokens=True)
     print(prompt, end="", flush=True)
-    with torch.no_grad():
-        model.generate(**inputs, streamer=streamer, tokenizer=tok, **gen_kwargs)
+    try:
+        with torch.no_grad():
+            model.generate(**inputs, streamer=streamer, tokenizer=tok, **gen_kwargs)
+    except Exception:
+        print(flush=True)  # (the error goes on a line of its own, not after the text printed: "hihf-layerstream ...")
+        raise
     state = get_streaming_state(model)
     if args.profile and state.profile is not None:
         print(state.profile.summary(), file=sys.stderr)

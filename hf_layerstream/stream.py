@@ -381,11 +381,23 @@ def _skeleton(shards: ShardDirectory) -> nn.Module:
     return build_for_shards(shards.manifest, AutoConfig.from_pretrained(shards.path))
 
 
+def _check_options(dtype, prefetch, keep_in_page_cache, dequantize) -> torch.dtype | None:
+    """`enable_layer_streaming`'s (and `plan_shard_dir`'s) options checked; the dtype as a `torch.dtype` (or `None`)."""
+    dtype = resolve_dtype(dtype)
+    if prefetch is not None and (not isinstance(prefetch, int) or isinstance(prefetch, bool) or prefetch < 0):
+        raise ValueError(f"`prefetch` must be a non-negative int, got {prefetch!r}.")
+    if keep_in_page_cache is not None and not isinstance(keep_in_page_cache, bool):
+        raise ValueError(f"`keep_in_page_cache` must be True, False or None (automatic), got {keep_in_page_cache!r}.")
+    if dequantize is not None and dequantize not in DEQUANTIZE_MODES:
+        raise ValueError(f"`dequantize` must be 'layer', 'module' or None (automatic), got {dequantize!r}.")
+    return dtype
+
+
 def plan_shard_dir(
     shards: ShardDirectory,
     device: torch.device,
     *,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     prefetch: int | None = None,
     dequantize: str | None = None,
     max_memory: dict | None = None,
@@ -393,7 +405,8 @@ def plan_shard_dir(
 ) -> ResidencyPlan:
     """The plan `enable_layer_streaming` would make for the shard directory's model with these arguments, from a
     skeleton built from its config (what `hf-layerstream inspect` shows; `device` may be one this machine lacks, given
-    a budget for it in `max_memory`)."""
+    a budget for it in `max_memory`). The arguments are checked as `enable_layer_streaming` checks them."""
+    dtype = _check_options(dtype, prefetch, keep_in_page_cache, dequantize)
     model = _skeleton(shards)
     stack = require_layer_stack(model)
     target_dtypes = _target_dtypes(shards, dtype, model)
@@ -705,13 +718,7 @@ def enable_layer_streaming(
             "Layer streaming is already enabled on this model; call `disable_layer_streaming(model)` first."
         )
     device = check_device(device)
-    dtype = resolve_dtype(dtype)
-    if prefetch is not None and (not isinstance(prefetch, int) or isinstance(prefetch, bool) or prefetch < 0):
-        raise ValueError(f"`prefetch` must be a non-negative int, got {prefetch!r}.")
-    if keep_in_page_cache is not None and not isinstance(keep_in_page_cache, bool):
-        raise ValueError(f"`keep_in_page_cache` must be True, False or None (automatic), got {keep_in_page_cache!r}.")
-    if dequantize is not None and dequantize not in DEQUANTIZE_MODES:
-        raise ValueError(f"`dequantize` must be 'layer', 'module' or None (automatic), got {dequantize!r}.")
+    dtype = _check_options(dtype, prefetch, keep_in_page_cache, dequantize)
     shards = ShardDirectory(shard_dir, checksums=verify)
     chosen = prefetch is not None
     default = default_prefetch(device, shards)

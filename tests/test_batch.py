@@ -324,6 +324,34 @@ def test_a_symlinked_output_file_is_rewritten_in_order_where_it_points(llama, tm
     assert stat.S_IMODE(target.stat().st_mode) == 0o600
 
 
+def test_prompts_from_a_pipe_and_results_only_to_a_regular_file(llama, tmp_path):
+    """The input is read once, so a pipe serves (`--input /dev/stdin`, `<(...)`): the same results as from a file.
+    The results are read back and rewritten in input order, so they must go to a regular file: a pipe
+    (`/dev/stdout`) waited forever for the read-back, `/dev/null` failed after its first batch; both are refused
+    before anything is generated, as is a directory for the input."""
+    import threading
+
+    model, tok, _ = llama
+    ids = _write_input(tmp_path / "in.jsonl")
+    generate_jsonl(model, tok, tmp_path / "in.jsonl", tmp_path / "want.jsonl", batch_size=4, progress=False, **GREEDY)
+    fifo = tmp_path / "in.fifo"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_bytes((tmp_path / "in.jsonl").read_bytes()))
+    writer.start()
+    stats = generate_jsonl(model, tok, fifo, tmp_path / "out.jsonl", batch_size=4, progress=False, **GREEDY)
+    writer.join()
+    assert stats["prompts"] == len(ids)
+    assert (tmp_path / "out.jsonl").read_text() == (tmp_path / "want.jsonl").read_text()
+    out_fifo = tmp_path / "out.fifo"
+    os.mkfifo(out_fifo)
+    for output in (out_fifo, Path(os.devnull)):
+        with pytest.raises(ValueError, match="is not a regular file: the results are read back"):
+            generate_jsonl(model, tok, tmp_path / "in.jsonl", output, progress=False, **GREEDY)
+    with pytest.raises(ValueError, match="`input_path` .* is a directory"):
+        generate_jsonl(model, tok, tmp_path, tmp_path / "o.jsonl", progress=False, **GREEDY)
+    assert not (tmp_path / "o.jsonl").exists()
+
+
 def test_a_jsonl_file_with_a_byte_order_mark_is_read(llama, tmp_path):
     model, tok, _ = llama
     (tmp_path / "in.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps({"id": 1, "prompt": "Hello"}).encode() + b"\n")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import subprocess
 import sys
 
@@ -103,19 +104,47 @@ def test_the_streamer_keeps_the_space_that_begins_a_line(capsys):
     assert capsys.readouterr().out == text[len("is it") :] + "\n"
 
 
-def test_generate_with_a_draft_of_another_vocabulary_size(split_dir, tmp_path, capsys):
+@pytest.mark.parametrize("prompt", [_models.SAMPLE_PROMPTS[1], "I"], ids=["sentence", "one-token"])
+def test_generate_with_a_draft_of_another_vocabulary_size(split_dir, tmp_path, capsys, prompt):
     """A draft whose vocabulary size differs (e.g. a padded embedding) runs through universal assisted decoding,
-    which needs both tokenizers: the output is the greedy one."""
+    which needs both tokenizers: the output is the greedy one. There the draft keeps transformers' confidence
+    threshold (with `configure_draft`'s 0, a one-token prompt crashed inside transformers' translation)."""
     ckpt, shards = split_dir
     draft = _models.save_tiny_checkpoint(
         _models.make_config("llama", num_hidden_layers=1, vocab_size=136), tmp_path / "draft"
     )
-    prompt = _models.SAMPLE_PROMPTS[1]
     argv = ["generate", str(shards), prompt, "--assistant", str(draft), "--max-new-tokens", "8", "--device", "cpu"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert out.startswith(prompt)
     assert out[len(prompt) :].strip() == _greedy_text(ckpt, prompt, 8).strip()
+
+
+def test_a_shard_directory_without_a_tokenizer_names_the_option_to_give_one(split_dir, tmp_path, capsys):
+    """A shard directory split from a checkpoint without tokenizer files: `generate` says so and names `--tokenizer`
+    (transformers' own error spoke of converting a slow tokenizer); with `--tokenizer` it runs."""
+    ckpt, shards = split_dir
+    bare = tmp_path / "shards"
+    shutil.copytree(shards, bare)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
+        (bare / name).unlink(missing_ok=True)
+    assert main(["generate", str(bare), "hi", "--max-new-tokens", "2", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert f"The shard directory {bare} holds no tokenizer that loads" in err
+    assert err.rstrip().endswith("give one with `--tokenizer` (a folder or a hub id).")
+    assert (
+        main(["generate", str(bare), "hi", "--max-new-tokens", "2", "--device", "cpu", "--tokenizer", str(ckpt)]) == 0
+    )
+
+
+def test_an_error_from_generate_goes_on_a_line_of_its_own(split_dir, capsys):
+    """The prompt is printed before `generate` runs; an error it raises then (transformers' check of the sampling
+    settings) is told on a line of its own, not glued to the prompt ("hihf-layerstream generate: error: ...")."""
+    _, shards = split_dir
+    assert main(["generate", str(shards), "hi", "--do-sample", "--temperature", "0", "--device", "cpu"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "hi\n"
+    assert err.startswith("hf-layerstream generate: error: `--temperature` (=0.0) has to be a strictly positive")
 
 
 def test_generate_prompt_from_stdin(split_dir, capsys, monkeypatch):
@@ -164,15 +193,21 @@ def test_generate_from_a_jsonl_file_prints_its_profile(split_dir, tmp_path, caps
 
 
 @pytest.mark.parametrize(
-    "between",
-    [["--max-new-tokens", "4"], ["--chat", "--max-new-tokens", "4"], ["--max-new-tokens", "4", "--"]],
-    ids=["after-an-option", "after-a-flag", "after-dashes"],
+    "between, prompt",
+    [
+        (["--max-new-tokens", "4"], _models.SAMPLE_PROMPTS[0]),
+        (["--chat", "--max-new-tokens", "4"], _models.SAMPLE_PROMPTS[0]),
+        (["--max-new-tokens", "4", "--"], _models.SAMPLE_PROMPTS[0]),
+        (["--max-new-tokens", "4"], "- item one"),
+        (["--max-new-tokens", "4"], "-5"),
+    ],
+    ids=["after-an-option", "after-a-flag", "after-dashes", "a-dash-and-a-space", "a-negative-number"],
 )
-def test_generate_prompt_after_options(split_dir, capsys, between):
+def test_generate_prompt_after_options(split_dir, capsys, between, prompt):
     """`generate SHARD_DIR --max-new-tokens 4 PROMPT`: a prompt after the options is the prompt (argparse fills an
-    optional positional from the first run of positionals only, and refused it as an unrecognized argument)."""
+    optional positional from the first run of positionals only, and refused it as an unrecognized argument), also one
+    that begins with a dash where argparse reads it as a positional ("- item one", "-5": refused before)."""
     ckpt, shards = split_dir
-    prompt = _models.SAMPLE_PROMPTS[0]
     assert main(["generate", str(shards), "--device", "cpu", *between, prompt]) == 0
     out = capsys.readouterr().out
     assert out.startswith(prompt)
@@ -256,6 +291,8 @@ def test_generate_errors_are_clear(tmp_path, capsys):
     [
         (["generate", "{shards}", "hi", "--dtype", "bf16"], "unknown dtype 'bf16'"),
         (["inspect", "{shards}", "--max-memory", "cpu16GiB"], "--max-memory item 'cpu16GiB' must look like"),
+        (["inspect", "{shards}", "--prefetch", "-1"], "`--prefetch` must be a non-negative int, got -1"),
+        (["inspect", "{shards}", "--dtype", "int8"], "`--dtype` must be a floating-point torch.dtype"),
         (["split", "{ckpt}", "{tmp}/out", "--dtype", "fp16"], "`--dtype` 'fp16' is not a torch dtype name"),
         (["generate", "{shards}", "hi", "--assistant", "{ckpt}", "--prompt-lookup", "3"], "either `--assistant` or"),
         (["generate", "{shards}", "hi", "--input", "{tmp}/in.jsonl", "--output", "{tmp}/o"], "either a PROMPT or"),
@@ -274,6 +311,8 @@ def test_generate_errors_are_clear(tmp_path, capsys):
     ids=[
         "generate-dtype",
         "inspect-max-memory",
+        "inspect-prefetch",
+        "inspect-dtype",
         "split-dtype",
         "assistant-and-lookup",
         "prompt-and-input",
