@@ -703,9 +703,9 @@ def generate_jsonl(
         tokenizer (`transformers.PreTrainedTokenizerBase`):
             Its tokenizer; also passed to `model.generate` (see [`generate_batch`]).
         input_path (`str` or `os.PathLike`):
-            JSONL prompts.
+            JSONL prompts (read once: a pipe does too).
         output_path (`str` or `os.PathLike`):
-            JSONL results; created, or resumed when it exists.
+            JSONL results, a regular file; created, or resumed when it exists.
         batch_size (`int`, defaults to 8):
             Prompts per sweep.
         chat (`bool`, defaults to `False`):
