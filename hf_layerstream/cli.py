@@ -186,7 +186,8 @@ def _prompt_from_leftovers(leftovers: list[str]) -> tuple[str | None, list[str]]
 
     argparse fills an optional positional from the first run of positionals only, so in `generate SHARD_DIR
     --max-new-tokens 3 PROMPT` the prompt is left over. The first leftover that argparse reads as a positional (not
-    an option: a prompt may begin with a dash where it holds a space, "- item one", or is a negative number, "-5"),
+    an option: a prompt may be a dash, begin with one where it holds a space, "- item one", or be a negative number,
+    "-5"),
     or the one after `--`, is taken as the prompt.
 
     Args:
@@ -200,7 +201,7 @@ def _prompt_from_leftovers(leftovers: list[str]) -> tuple[str | None, list[str]]
             if i + 1 < len(leftovers):
                 return leftovers[i + 1], leftovers[:i] + leftovers[i + 2 :]
             break
-        if not arg.startswith("-") or " " in arg or _NEGATIVE_NUMBER.fullmatch(arg):  # (as argparse tells them)
+        if not arg.startswith("-") or arg == "-" or " " in arg or _NEGATIVE_NUMBER.fullmatch(arg):  # (as argparse does)
             return arg, leftovers[:i] + leftovers[i + 1 :]
     return None, leftovers
 
@@ -472,7 +473,7 @@ def _cmd_generate(args) -> int:
     try:
         with torch.no_grad():
             model.generate(**inputs, streamer=streamer, tokenizer=tok, **gen_kwargs)
-    except Exception:
+    except BaseException:  # (Ctrl-C too)
         print(flush=True)  # (the error goes on a line of its own, not after the text printed: "hihf-layerstream ...")
         raise
     state = get_streaming_state(model)

@@ -147,6 +147,20 @@ def test_an_error_from_generate_goes_on_a_line_of_its_own(split_dir, capsys):
     assert err.startswith("hf-layerstream generate: error: `--temperature` (=0.0) has to be a strictly positive")
 
 
+def test_ctrl_c_during_generate_goes_on_a_line_of_its_own(split_dir, capsys, monkeypatch):
+    """Ctrl-C while the text is printed: "interrupted" (exit 130) on a line of its own, as an error is."""
+    from transformers.generation.utils import GenerationMixin
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(GenerationMixin, "generate", interrupted)
+    _, shards = split_dir
+    assert main(["generate", str(shards), "hi", "--max-new-tokens", "2", "--device", "cpu"]) == 130
+    out, err = capsys.readouterr()
+    assert out == "hi\n" and err == "interrupted\n"
+
+
 def test_generate_prompt_from_stdin(split_dir, capsys, monkeypatch):
     ckpt, shards = split_dir
     prompt = _models.SAMPLE_PROMPTS[1]
@@ -200,13 +214,14 @@ def test_generate_from_a_jsonl_file_prints_its_profile(split_dir, tmp_path, caps
         (["--max-new-tokens", "4", "--"], _models.SAMPLE_PROMPTS[0]),
         (["--max-new-tokens", "4"], "- item one"),
         (["--max-new-tokens", "4"], "-5"),
+        (["--max-new-tokens", "4"], "-"),
     ],
-    ids=["after-an-option", "after-a-flag", "after-dashes", "a-dash-and-a-space", "a-negative-number"],
+    ids=["after-an-option", "after-a-flag", "after-dashes", "a-dash-and-a-space", "a-negative-number", "a-dash"],
 )
 def test_generate_prompt_after_options(split_dir, capsys, between, prompt):
     """`generate SHARD_DIR --max-new-tokens 4 PROMPT`: a prompt after the options is the prompt (argparse fills an
     optional positional from the first run of positionals only, and refused it as an unrecognized argument), also one
-    that begins with a dash where argparse reads it as a positional ("- item one", "-5": refused before)."""
+    that begins with a dash where argparse reads it as a positional ("- item one", "-5", "-": refused before)."""
     ckpt, shards = split_dir
     assert main(["generate", str(shards), "--device", "cpu", *between, prompt]) == 0
     out = capsys.readouterr().out
