@@ -508,12 +508,15 @@ def test_a_checkpoint_stored_in_mixed_dtypes_streams_as_from_pretrained_auto_loa
     shards = split_checkpoint(ckpt, tmp_path / "shards", progress=False)
     directory = ShardDirectory(shards)
     assert directory.unit("resident").tensors["model.norm.weight"].dtype == torch.float32  # kept as stored
-    model = streamed_model(ckpt, shards, max_memory={"cpu": 0})
-    assert model.model.norm.weight.dtype == torch.bfloat16
     ids = torch.tensor([[1, 5, 17, 33, 9, 44, 12]])
-    with torch.no_grad():
-        assert torch.equal(model(ids).logits, ref(ids).logits)
-    disable_layer_streaming(model)
+    for dtype in (None, "auto"):  # (the default, and "auto" as `from_pretrained` takes it)
+        model = enable_layer_streaming(
+            build_meta_model(AutoConfig.from_pretrained(ckpt)), shards, device="cpu", dtype=dtype, max_memory={"cpu": 0}
+        )
+        assert model.model.norm.weight.dtype == torch.bfloat16
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, ref(ids).logits)
+        disable_layer_streaming(model)
     assert directory.manifest.load_dtype == "bfloat16"
 
 
