@@ -90,9 +90,8 @@ class LayerStreamingHook(ModelHook):
         self.holds_between = False
         self._installed = False
         self._held: list = []  # the values it holds then (or last held), one per slot
-        self.guard: PassGuard | _NoGuard = (
-            _NoGuard()
-        )  # (`PassGuard`'s: its lock serializes taking them out with passes)
+        # (`PassGuard`'s once it takes the hook: its lock serializes taking the held weights out with passes)
+        self.guard: PassGuard | _NoGuard = _NoGuard()
         self.profile = profile
         self._t0 = 0.0
         # slots whose weight the loader hands over packed (see `ModuleDequantizer`): their `Packed` placeholder
