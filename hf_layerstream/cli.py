@@ -32,17 +32,6 @@ def _page_cache(choice: str | None) -> bool | None:
     return {"keep": True, "drop": False}.get(choice or "auto")
 
 
-def _dtype(text: str | None):
-    if text in (None, "auto"):
-        return None
-    import torch
-
-    value = getattr(torch, text, None)
-    if not isinstance(value, torch.dtype):
-        raise ValueError(f"unknown dtype {text!r} (use float32, bfloat16, float16 or auto)")
-    return value
-
-
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="execution device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, help="compute dtype: auto (as stored), float32, bfloat16, float16")
@@ -351,6 +340,7 @@ def _cmd_generate(args) -> int:
     import torch
     from transformers import AutoTokenizer
 
+    from .modeling import resolve_dtype
     from .shard_dir import MANIFEST_NAME
     from .stream import get_streaming_state
 
@@ -382,7 +372,7 @@ def _cmd_generate(args) -> int:
     model = load_streamed_model(
         args.shard_dir,
         device=args.device,
-        dtype=_dtype(args.dtype),
+        dtype=resolve_dtype(args.dtype),
         max_memory=_max_memory(args.max_memory),
         prefetch=args.prefetch,
         profile=args.profile,
@@ -558,6 +548,7 @@ def _cmd_inspect(args) -> int:
     import torch
 
     from .engine import budget_shortfall, host_memory, size_text
+    from .modeling import resolve_dtype
     from .shard_dir import ShardDirectory
     from .stream import plan_shard_dir
 
@@ -565,7 +556,7 @@ def _cmd_inspect(args) -> int:
     m = shards.manifest
     max_memory = _max_memory(args.max_memory)
     device, absent = _planned_device(args.device, max_memory)
-    dtype = _dtype(args.dtype)
+    dtype = resolve_dtype(args.dtype)
     units = [shards.unit(f"layers.{i}") for i in range(m.num_layers)]
     full_bytes = [u.nbytes_as(dtype or torch.bfloat16) for u in units]
     stored = [u.size for u in units]

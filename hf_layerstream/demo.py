@@ -19,7 +19,7 @@ _SIZE_FIELDS = {
 
 
 def checkpoint_dtype(text: str) -> str:
-    """Check the demo checkpoint's `--dtype` (with the CLI's dtype parser) before anything is written.
+    """Check the demo checkpoint's `--dtype` before anything is written.
 
     Args:
         text (`str`): The dtype name given, e.g. `"bfloat16"`.
@@ -30,15 +30,7 @@ def checkpoint_dtype(text: str) -> str:
     Raises:
         `ValueError`: Not `float32`, `bfloat16` or `float16` (a typo such as `bfloat61`, or `auto`).
     """
-    import torch
-
-    from .cli import _dtype
-
-    try:
-        value = _dtype(text)
-    except ValueError:
-        value = None
-    if value not in (torch.float32, torch.bfloat16, torch.float16):
+    if text not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"`--dtype` {text!r} is not a checkpoint dtype (use float32, bfloat16 or float16).")
     return text
 
