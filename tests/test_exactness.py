@@ -301,6 +301,24 @@ def test_generate_in_a_thread_with_an_iterator_streamer(pair):
     assert torch.equal(streamed.generate(**inputs, **kw), expected)
 
 
+def test_continuous_batching_generate_batch(pair):
+    """transformers' continuous batching (`model.generate_batch`: a paged KV cache, requests scheduled into one batch,
+    the model run in a manager thread of its own): each request's tokens as the loaded model's, and plain `generate`
+    stays exact after it. (About 10 s, most of it transformers setting up its static buffers.)"""
+    from transformers import GenerationConfig
+
+    ref, streamed, tok = pair("llama")
+    prompts = [tok(p)["input_ids"] for p in _models.SAMPLE_PROMPTS]
+    config = GenerationConfig(max_new_tokens=6, do_sample=False, eos_token_id=-1, pad_token_id=tok.pad_token_id)
+    expected = {k: v.generated_tokens for k, v in ref.generate_batch(inputs=prompts, generation_config=config).items()}
+    got = {k: v.generated_tokens for k, v in streamed.generate_batch(inputs=prompts, generation_config=config).items()}
+    assert len(expected) == len(prompts) and all(len(t) == 6 for t in expected.values())
+    assert got == expected
+    inputs = _ids(tok, _models.SAMPLE_PROMPTS[1])
+    kw = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": tok.pad_token_id}
+    assert torch.equal(streamed.generate(**inputs, **kw), ref.generate(**inputs, **kw))
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_assisted_decoding(pair, arch):
     """A small in-memory assistant drafts tokens, the streamed model verifies them: output equals plain greedy."""
