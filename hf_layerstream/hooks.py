@@ -68,8 +68,15 @@ class LayerStreamingHook(ModelHook):
         self.entries = [(m._parameters if p else m._buffers, a) for m, a, _, p in slots]
         self._dicts = [entry for entry, _ in self.entries]
         self._keys = [a for _, a in self.entries]
-        self.placeholders = [entry[a] for entry, a in self.entries]
         self.names = [rel for _, _, rel, _ in slots]
+        # what the slots hold outside the layer's forward: a meta tensor of the model's (`init_empty_weights()`) gives
+        # way to a `Streamed` one, which refuses a computation with real tensors (the model's own go back at disable)
+        self.placeholders = [
+            _streamed(entry[a], index, rel, p) if entry[a].is_meta else entry[a]
+            for (entry, a), (_, _, rel, p) in zip(self.entries, slots)
+        ]
+        for entry, a, placeholder in zip(self._dicts, self._keys, self.placeholders):
+            entry[a] = placeholder
         self.modules = list({id(m): m for m, _, _, _ in slots}.values())  # (those holding its tensors, once each)
         # what the placeholders are (a cast or move since is refused): their dtypes, and their devices, which for meta
         # placeholders (a model built with `init_empty_weights()`) only need to stay meta
@@ -188,9 +195,16 @@ class LayerStreamingHook(ModelHook):
 
     def _moved(self, k: int) -> RuntimeError:
         current = self._dicts[k][self._keys[k]]
+        name = f"Decoder layer {self.index}'s {self.names[k]}"
+        if self._on_meta and not current.is_meta:  # (a cast or move of a meta tensor gives a meta tensor)
+            return RuntimeError(
+                f"{name} was replaced by another tensor ({current.dtype} on {current.device}) while streaming (e.g. "
+                "`module.weight = ...`, `torch.func.functional_call`): the layer computes with the weights of the shard "
+                "directory. To compute with other weights, save the model with them and split it again."
+            )
         return RuntimeError(
-            f"Decoder layer {self.index}'s {self.names[k]} was cast or moved to {current.dtype} on {current.device} while "
-            "streaming (e.g. by `model.model.half()`), which the streamed weights do not follow. To change them, call "
+            f"{name} was cast or moved to {current.dtype} on {current.device} while streaming (e.g. by "
+            "`model.model.half()`), which the streamed weights do not follow. To change them, call "
             "`disable_layer_streaming(model)`, then `enable_layer_streaming(model, shard_dir, device=..., dtype=...)`."
         )
 
@@ -513,6 +527,60 @@ class _Placeholder(torch.Tensor):
         raise NotImplementedError
 
 
+class Streamed(_Placeholder):
+    """What a decoder layer's module holds in place of a weight outside its layer's forward pass, where the model was
+    built on the meta device: a meta tensor (shape and dtype, no storage), as the model's own. An operation on meta
+    tensors alone gives meta tensors, as on the model's own (a cast, a view: `half()` reaches it, and the layer's next
+    pass refuses the cast); a computation with a real tensor raises, naming the weight. On the model's own meta tensor
+    torch computes it as memory never written (`F.linear(x, meta_weight)` on a CPU, torch 2.13): a module of a layer
+    not holding its weights, called by itself outside its layer's forward, returned that silently."""
+
+    @classmethod
+    def _compute(cls, func, args, kwargs):
+        leaves = pytree.tree_leaves((args, kwargs))
+        holder = next(a for a in leaves if isinstance(a, Streamed))
+        first = func._schema.arguments[0].alias_info if func._schema.arguments else None
+        into = args and isinstance(args[0], Streamed) and first is not None and first.is_write
+        # (into it, as into a meta tensor: nothing is written; `load_state_dict` copies into meta so, with torch's
+        # warning that it is a no-op)
+        if not into and any(isinstance(a, torch.Tensor) and not a.is_meta for a in leaves):
+            raise RuntimeError(holder._refusal(func))
+        plain_args, plain_kwargs = pytree.tree_map_only(Streamed, _plain_meta, (args, kwargs))
+        out = func(*plain_args, **plain_kwargs)
+        if into:
+            return args[0]  # (in place: itself, as a meta tensor's in-place operation returns it)
+        return pytree.tree_map_only(torch.Tensor, lambda t: holder._like(t) if t.is_meta else t, out)
+
+    def _like(self, t: torch.Tensor) -> Streamed:
+        out = torch.Tensor._make_wrapper_subclass(
+            Streamed, t.shape, strides=t.stride(), dtype=t.dtype, device=t.device, requires_grad=False
+        )
+        out.source = self.source
+        return out
+
+    def _copy(self) -> Streamed:
+        return self._like(self)
+
+    def _refusal(self, func) -> str:
+        return (
+            f"{self.source} is brought in by layer streaming for its layer's forward pass only, but `{func}` ran on it "
+            "with a real tensor outside that pass (a module of the layer called by itself?). Call the whole decoder "
+            "layer (its hook brings its weights in) or the model."
+        )
+
+
+def _plain_meta(t: Streamed) -> torch.Tensor:
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+
+
+def _streamed(value: torch.Tensor, index: int, rel: str, is_param: bool) -> torch.Tensor:
+    """A `Streamed` stand-in for the meta tensor `value`, decoder layer `index`'s `rel` (a parameter requiring grad
+    as `value` does, for a parameter)."""
+    placeholder = Streamed(f"Decoder layer {index}'s {rel}", value.shape, value.dtype, value.device)
+    placeholder = placeholder._like(value) if not value.is_contiguous() else placeholder
+    return nn.Parameter(placeholder, requires_grad=value.requires_grad) if is_param else placeholder
+
+
 class HostResident(_Placeholder):
     """What a resident module kept in host RAM holds between forward passes in place of its weight: shape, dtype and
     the execution device, no storage. `model.device` (its first parameter's device, often the input embeddings') still
@@ -714,6 +782,19 @@ def host_state_dict_hook(module: nn.Module, state_dict: dict, prefix: str, local
     for module_, attr, _, host in hook.slots:
         if module_ is module and isinstance(state_dict.get(prefix + attr), HostResident):
             state_dict[prefix + attr] = host
+
+
+def streamed_state_dict_hook(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
+    """`state_dict` post-hook of a decoder layer the plan does not keep on the device: plain meta tensors for its
+    `Streamed` placeholders, as accelerate gives for offloaded weights (`torch.load(weights_only=True)` takes no other
+    class; `keep_vars=True` gives the module's own, left as they are)."""
+    hook = getattr(module, "_hf_hook", None)
+    if not isinstance(hook, LayerStreamingHook):
+        return
+    for rel, placeholder in zip(hook.names, hook.placeholders):
+        value = state_dict.get(prefix + rel)
+        if isinstance(value, Streamed) and value is not placeholder:
+            state_dict[prefix + rel] = _plain_meta(value)
 
 
 def kept_state_dict_hook(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:

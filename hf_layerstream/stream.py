@@ -38,8 +38,10 @@ from .hooks import (
     ModuleDequantizer,
     Packed,
     PassGuard,
+    Streamed,
     host_state_dict_hook,
     kept_state_dict_hook,
+    streamed_state_dict_hook,
 )
 from .modeling import (
     RESIDENT,
@@ -834,8 +836,10 @@ def enable_layer_streaming(
             hook = LayerStreamingHook(i, loader, slots, prof)
             _dequantize_per_module(hook, prefix, deferred, target_dtypes, device, handles)
             add_hook_to_module(layer, hook)
-            if plan.tier(i) == "device":
-                handles.append(layer.register_state_dict_post_hook(kept_state_dict_hook))
+            kept = plan.tier(i) == "device"
+            handles.append(
+                layer.register_state_dict_post_hook(kept_state_dict_hook if kept else streamed_state_dict_hook)
+            )
             hooks.append(hook)
         # kept layers hold their weights between passes, except where a module holding some is another layer's too
         # (the same object in two layers: each swaps its own weights in at each pass)
@@ -1049,7 +1053,11 @@ def _no_auto_compile(model: nn.Module, state: StreamingState) -> None:
 
 def _restore(model: nn.Module, originals) -> None:
     for module, attr, is_param, value in originals:
-        (module._parameters if is_param else module._buffers)[attr] = value
+        entry = module._parameters if is_param else module._buffers
+        current = entry.get(attr)
+        if isinstance(current, Streamed) and isinstance(value, torch.Tensor) and current is not value:
+            value.requires_grad_(current.requires_grad)  # (a decoder layer's meta weight: as set while streaming)
+        entry[attr] = value
 
 
 def disable_layer_streaming(model: nn.Module) -> nn.Module:

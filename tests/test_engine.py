@@ -6,6 +6,7 @@ import ctypes
 import errno
 import functools
 import gc
+import io
 import mmap
 import os
 import shutil
@@ -21,7 +22,7 @@ import pytest
 import torch
 from _pagecache import cached_share, drop_from_page_cache, map_cpu_per_mib, read_in_big_chunks
 from conftest import build_meta_model, generate_from_threads, streamed_model
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from hf_layerstream import (
     LayerLoadError,
@@ -1062,6 +1063,51 @@ def test_a_cast_or_a_load_between_passes_does_not_reach_the_weights_a_kept_layer
     disable_layer_streaming(model)
 
 
+@pytest.mark.parametrize("options", [{}, {"max_memory": {"cpu": 0}}], ids=["kept", "streamed"])
+def test_a_module_of_a_layer_without_its_weights_called_by_itself_is_refused_not_garbage(llama, options):
+    """A module of a decoder layer that does not hold its weights (a streamed layer; a kept one before its first pass),
+    called by itself outside its layer's forward (probing code: `layer.mlp(x)`): torch computed with the model's meta
+    weight as memory never written (`F.linear` on a CPU gave 1e32-sized sums, silently). It raises now, naming the
+    weight and what to call. What a meta tensor does still works: its shape, a cast or view of it (meta),
+    `load_state_dict`'s copy into it (a no-op, with torch's warning); `state_dict()` gives plain meta tensors for the
+    streamed layers, which `torch.load(weights_only=True)` takes; and `disable_layer_streaming` gives the model its own
+    meta weights back, requiring grad as set while streaming."""
+    ckpt, shards, inputs, expected, pad = llama
+    model = build_meta_model(AutoConfig.from_pretrained(ckpt))
+    own = model.model.layers[0].mlp.gate_proj.weight
+    enable_layer_streaming(model, shards, device="cpu", **options)
+    ref = _models.load_reference(ckpt)
+    mlp = model.model.layers[0].mlp
+    x = torch.randn(1, 3, ref.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    refused = pytest.raises(RuntimeError, match=r"Decoder layer 0's mlp\.gate_proj\.weight is brought in by layer stre")
+    weight = mlp.gate_proj.weight
+    assert weight.is_meta and weight.shape == own.shape and weight.dtype == own.dtype and weight is not own
+    assert weight.T.is_meta and weight.to(torch.float16).dtype == torch.float16
+    with torch.no_grad():
+        with refused:
+            mlp(x)
+        with refused:
+            x[0] @ weight.T
+        ids = inputs["input_ids"]
+        assert torch.equal(model(ids).logits, ref(ids).logits)
+        if options:  # (streamed: out of its modules again after the pass)
+            with refused:
+                mlp(x)
+        else:  # (kept: it holds its weights since that pass, as a loaded model does)
+            assert torch.equal(mlp(x), ref.model.layers[0].mlp(x))
+    state = model.state_dict()
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)
+    assert loaded.keys() == ref.state_dict().keys()
+    name = "model.layers.0.mlp.gate_proj.weight"
+    assert loaded[name].is_meta == bool(options) and type(state[name]) is torch.Tensor
+    model.requires_grad_(False)
+    disable_layer_streaming(model)
+    assert model.model.layers[0].mlp.gate_proj.weight is own and not own.requires_grad
+
+
 def test_a_cast_from_another_thread_waits_for_the_pass_running(llama):
     """A cast of a kept layer's module (here one that changes nothing: `float()` of a float32 layer, which streaming
     lets through on the model too) puts its held weights out of the modules: from another thread, it waits for the
@@ -1101,7 +1147,7 @@ def test_a_weight_replaced_on_a_kept_layer_that_holds_its_weights_is_refused(lla
     ckpt, shards, inputs, expected, pad = llama
     model = streamed_model(ckpt, shards)
     ids = inputs["input_ids"]
-    refused = pytest.raises(RuntimeError, match=r"layer 1's mlp\.up_proj\.weight was cast")
+    refused = pytest.raises(RuntimeError, match=r"layer 1's mlp\.up_proj\.weight was replaced by another tensor")
     with torch.no_grad():
         want = _models.load_reference(ckpt)(ids).logits
         assert torch.equal(model(ids).logits, want)
