@@ -651,7 +651,11 @@ def _cmd_verify(args) -> int:
         print(p)
     n = len(shards.manifest.units)
     if problems:
-        print(f"{len(problems)} problem(s) in {n} files of {shards.path}", file=sys.stderr)
+        print(
+            f"{len(problems)} problem(s) in {n} files of {shards.path}: delete the files named and re-run the same "
+            "split (`hf-layerstream split SOURCE SHARD_DIR`), which writes them again",
+            file=sys.stderr,
+        )
         return 1
     print(
         f"{shards.path}: all {n} files match the manifest{' (sizes, headers and sample digests)' if args.quick else ''}"

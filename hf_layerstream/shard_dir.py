@@ -331,8 +331,9 @@ class ShardDirectory:
                 raise ShardDirError(
                     f"`shard_dir` {self.path}: {len(problems)} file(s) do not match their manifest checksum: "
                     + "; ".join(problems[:3])
-                    + ". Run `hf-layerstream verify` for the full list and re-run the same `split_checkpoint` to "
-                    "repair the directory."
+                    + ". Run `hf-layerstream verify` for the full list, delete the files it names and re-run the same "
+                    "`split_checkpoint` (`hf-layerstream split`), which writes them again (a re-run alone checks sizes, "
+                    "headers and sample digests only: it takes a file damaged within for sound)."
                 )
 
     # ---------------------------------------------------------------------------------------------------------

@@ -156,6 +156,27 @@ def test_checksums_catch_what_the_cheap_checks_cannot(shard_copy):
     assert str(target) in problem and "SHA-256" in problem
 
 
+def test_a_file_damaged_within_is_repaired_as_its_error_says(shard_copy, capsys):
+    """The checksum error said "re-run the same split to repair", which takes a file damaged within (same size, same
+    header and sample digest) for sound and does nothing. It says to delete the files named first; done so, the same
+    split writes them again, the bytes they had."""
+    from hf_layerstream import split_checkpoint
+
+    ckpt, shards = shard_copy
+    target = shards / "layers" / "00001.safetensors"
+    sound = target.read_bytes()
+    _flip_middle_byte(target)
+    with pytest.raises(ShardDirError, match=r"delete the files it names and re-run the same `split_checkpoint`"):
+        ShardDirectory(shards, checksums=True)
+    assert main(["verify", str(shards)]) == 1
+    assert "delete the files named and re-run the same split" in capsys.readouterr().err
+    split_checkpoint(ckpt, shards, progress=False)  # (alone: nothing to do, as the message says)
+    assert target.read_bytes() != sound
+    target.unlink()
+    split_checkpoint(ckpt, shards, progress=False)
+    assert target.read_bytes() == sound and ShardDirectory(shards, checksums=True).verify() == []
+
+
 def test_verify_reports_each_problem(shard_copy, capsys):
     _, shards = shard_copy
     (shards / "layers" / "00000.safetensors").unlink()
