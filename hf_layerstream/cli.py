@@ -93,7 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="cast floating tensors (default: keep the checkpoint's)")
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     p.add_argument("--token", default=None, help="hub token for gated/private repos")
-    p.add_argument("--overwrite", action="store_true", help="replace a shard directory of another model/options")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a shard directory of another model/options, or write into a non-empty folder holding none",
+    )
     p.add_argument("--wait", action="store_true", help="wait for another split into the same directory to finish")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument(

@@ -12,8 +12,8 @@ class ShardDirError(ValueError):
 
 class ShardDirOccupiedError(ShardDirError):
     """`split_checkpoint` refused a `shard_dir` that holds another split (another model, source or options; an
-    unfinished one; a newer format's), leaving it as it is: `overwrite=True` would replace it. `problem` states what
-    the directory holds, `fix` what to do."""
+    unfinished one; a newer format's) or files but no shard directory, leaving it as it is: `overwrite=True` would
+    write the split there. `problem` states what the directory holds, `fix` what to do."""
 
     def __init__(self, problem: str, fix: str):
         self.problem = problem

@@ -17,6 +17,7 @@ import torch
 from . import __version__
 from ._safetensors import (
     _SOURCE_FIX,
+    TMP_MARKER,
     atomic_write_bytes,
     atomic_write_safetensors,
     dtype_to_str,
@@ -490,6 +491,18 @@ def _locked(shard_dir: Path, *, wait: bool):
         os.close(fd)
 
 
+def _foreign_entries(shard_dir: Path) -> list[str]:
+    """The names in `shard_dir` that no split of ours left there, sorted, where it holds neither a shard directory nor
+    an unfinished split (whose own checks apply); its lock and the temporary files of a killed run are ours."""
+    if not shard_dir.is_dir() or (shard_dir / MANIFEST_NAME).exists() or (shard_dir / PROGRESS_NAME).exists():
+        return []
+    return sorted(
+        p.name
+        for p in shard_dir.iterdir()
+        if p.name != LOCK_NAME and not (p.name.startswith(".") and TMP_MARKER in p.name)
+    )
+
+
 def _options_key(
     fingerprint: str, dtype: torch.dtype | None, compression: dict | None, source: dict | None = None
 ) -> dict:
@@ -746,7 +759,8 @@ def split_checkpoint(
         revision, token, cache_dir:
             Passed to `huggingface_hub.hf_hub_download` for hub sources.
         overwrite (`bool`, defaults to `False`):
-            Replace an existing shard directory made with other options or from another model.
+            Replace an existing shard directory made with other options or from another model, or write into a
+            non-empty folder that holds no shard directory (files of the names the split writes are replaced).
         wait (`bool`, defaults to `False`):
             If another process is splitting into `shard_dir`, wait for it instead of raising.
         progress (`bool`, defaults to `True`):
@@ -762,8 +776,8 @@ def split_checkpoint(
 
     Raises:
         [`ShardDirError`]: the checkpoint is stored pre-quantized (its config has a `quantization_config`), or its
-            config ties a pair of weights it stores with different values; `shard_dir` holds another split, or one
-            made by a newer hf_layerstream (pass `overwrite=True` to replace it).
+            config ties a pair of weights it stores with different values; `shard_dir` holds another split, one
+            made by a newer hf_layerstream, or files but no shard directory (pass `overwrite=True` to write there).
 
     Example:
     ```python
@@ -788,6 +802,15 @@ def split_checkpoint(
     src = _Source(source, revision=revision, token=token, cache_dir=cache_dir)
     if src.local_dir is not None and shard_dir.resolve() == src.local_dir.resolve():
         raise ValueError(f"`shard_dir` must differ from `source` ({shard_dir}); the source is never modified.")
+    foreign = _foreign_entries(shard_dir)
+    if foreign and not overwrite:
+        raise ShardDirOccupiedError(
+            f"`shard_dir` {shard_dir} is not empty and holds no shard directory ({', '.join(foreign[:3])}"
+            f"{', ...' if len(foreign) > 3 else ''}): the split would write its `config.json`, tokenizer files and "
+            "`layers/` over what is there (a checkpoint's own, say).",
+            "Choose a new or empty directory, or pass `overwrite=True` (`--overwrite`) to write the split there "
+            "(files of the same names are replaced, the others left).",
+        )
     config = AutoConfig.from_pretrained(src.config_path.parent)
     _refuse_prequantized(config, src)
     model = build_skeleton(config, resolve_model_class(config, model_class))

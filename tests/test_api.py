@@ -201,6 +201,38 @@ def test_split_never_modifies_the_source_and_shows_progress(tmp_path, capsys, mo
     assert (tmp_path / "shards" / "manifest.json").stat().st_mtime_ns == stamp
 
 
+def test_a_folder_that_holds_no_shard_directory_is_not_written_over_unless_asked(tmp_path):
+    """A non-empty folder that is no shard directory (another model's checkpoint, here): the split wrote its
+    `config.json` and tokenizer files over the checkpoint's, which then said another model. Refused before anything is
+    written, naming what is there; `overwrite=True` writes the split there, leaving the files of other names."""
+    from hf_layerstream import ShardDirOccupiedError
+
+    ckpt = _models.save_tiny_checkpoint("llama", tmp_path / "ckpt")
+    other = _models.save_tiny_checkpoint("gpt2", tmp_path / "other")
+    before = _tree_digest(other)
+    with pytest.raises(
+        ShardDirOccupiedError, match=r"is not empty and holds no shard directory \(chat_template\.jinja, config\.json, "
+    ):
+        split_checkpoint(ckpt, other, progress=False)
+    assert _tree_digest(other) == before
+    # an empty folder, or one left with our lock only (a split killed as it began), is taken
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "locked").mkdir()
+    (tmp_path / "locked" / ".lock").touch()
+    for folder in ("empty", "locked"):
+        split_checkpoint(ckpt, tmp_path / folder, progress=False)
+        assert ShardDirectory(tmp_path / folder).num_layers == _models.NUM_HIDDEN_LAYERS
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "README.txt").write_text("mine")
+    with pytest.raises(ShardDirOccupiedError, match=r"\(README\.txt\)"):
+        split_checkpoint(ckpt, notes, progress=False)
+    split_checkpoint(ckpt, notes, progress=False, overwrite=True)
+    assert (notes / "README.txt").read_text() == "mine" and ShardDirectory(
+        notes
+    ).num_layers == _models.NUM_HIDDEN_LAYERS
+
+
 def test_interrupted_split_resumes_without_redoing_layers(tmp_path, monkeypatch):
     from hf_layerstream import split as split_mod
 
