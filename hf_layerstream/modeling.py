@@ -231,6 +231,35 @@ def resolve_model_class(config, model_class: type | str | None = None) -> type:
     return model_class
 
 
+def build_as(config, model_class: type | str | None = None) -> nn.Module:
+    """The model of `config` built on meta as `model_class` (see `resolve_model_class`; default: `auto_class_for`),
+    what `split_checkpoint` builds.
+
+    Raises:
+        `ValueError`: `model_class` is no class of transformers, does not build from `config` (another
+            architecture's: `GPT2LMHeadModel` for a Llama config), or builds a model that cannot generate (a base
+            model without its language-model head, such as `LlamaModel`).
+    """
+    cls = resolve_model_class(config, model_class)
+    if model_class is None:
+        return build_skeleton(config, cls)
+    try:
+        model = build_skeleton(config, cls)
+    except (AttributeError, TypeError, KeyError, ValueError) as e:
+        raise ValueError(
+            f"`model_class` {cls.__name__} does not build from this checkpoint's config ({type(config).__name__}, "
+            f"model type {getattr(config, 'model_type', None)!r}): {type(e).__name__}: {e}. Pass the class of its "
+            "architecture, or leave `model_class` out."
+        ) from e
+    if not callable(getattr(model, "generate", None)):
+        raise ValueError(
+            f"`model_class` {cls.__name__} builds {type(model).__name__}, which cannot generate (no language-model "
+            "head): pass a class such as 'AutoModelForCausalLM' or 'AutoModelForImageTextToText', or leave "
+            "`model_class` out."
+        )
+    return model
+
+
 def build_for_shards(manifest, config) -> nn.Module:
     """The model (parameters on meta) of a shard directory: built as the class it was split for, its manifest's
     `architectures` (e.g. `MllamaForConditionalGeneration`, split with `model_class`), when transformers has that

@@ -33,7 +33,7 @@ from .errors import ShardDirError, ShardDirOccupiedError, ShardFileError
 from .modeling import (
     RESIDENT,
     architecture_fingerprint,
-    build_skeleton,
+    build_as,
     conversion_record,
     convert_unit,
     created_dtypes,
@@ -43,7 +43,6 @@ from .modeling import (
     plan_conversion,
     require_layer_stack,
     resolve_dtype,
-    resolve_model_class,
     unit_index,
 )
 from .shard_dir import (
@@ -813,7 +812,7 @@ def split_checkpoint(
         )
     config = AutoConfig.from_pretrained(src.config_path.parent)
     _refuse_prequantized(config, src)
-    model = build_skeleton(config, resolve_model_class(config, model_class))
+    model = build_as(config, model_class)
     stack = require_layer_stack(model)
     should_quantize = None
     if scheme is not None:  # decided knowing the module that holds each weight (a linear layer's, an expert's)

@@ -325,6 +325,12 @@ def test_generate_errors_are_clear(tmp_path, capsys):
             ["split", "{ckpt}", "{tmp}/out", "--quant-type", "fp4"],
             "--quant-type 'fp4' only applies to quantized shards",
         ),
+        # (a traceback; and a split that `generate` then failed on with a traceback: `LlamaModel` has no `generate`)
+        (
+            ["split", "{ckpt}", "{tmp}/out", "--model-class", "GPT2LMHeadModel"],
+            "`--model-class` GPT2LMHeadModel does not build from this checkpoint's config (LlamaConfig",
+        ),
+        (["split", "{ckpt}", "{tmp}/out", "--model-class", "LlamaModel"], "builds LlamaModel, which cannot generate"),
     ],
     ids=[
         "generate-dtype",
@@ -344,6 +350,8 @@ def test_generate_errors_are_clear(tmp_path, capsys):
         "demo-dtype",
         "demo-dtype-alias",
         "quant-type-without-compression",
+        "model-class-of-another-architecture",
+        "model-class-without-head",
     ],
 )
 def test_bad_option_values_are_clear_errors(split_dir, tmp_path, capsys, argv, message):
