@@ -10,6 +10,7 @@ import re
 import sys
 
 from . import __version__
+from .errors import LayerLoadError
 
 
 def _max_memory(text: str | None) -> dict | None:
@@ -276,6 +277,11 @@ def main(argv: list[str] | None = None) -> int:
     # (ImportError: an optional dependency is missing; the message says what to install)
     except (ValueError, FileNotFoundError, TypeError, OSError, NotImplementedError, ImportError) as e:
         print(f"hf-layerstream {args.command}: error: {_as_options(str(e), parser, args.command)}", file=sys.stderr)
+        return 2
+    except LayerLoadError as e:  # a shard file that changed or went bad while streaming, as any error above
+        if not isinstance(e.__cause__, (ValueError, OSError)):  # (anything else: a fault of ours, the traceback)
+            raise
+        print(f"hf-layerstream {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -364,6 +364,34 @@ def test_bad_option_values_are_clear_errors(split_dir, tmp_path, capsys, argv, m
     assert not (tmp_path / "out" / "manifest.json").exists() and not (tmp_path / "o").exists()
 
 
+def test_a_layer_that_fails_to_load_during_generate_is_a_one_line_error(split_dir, capsys, monkeypatch):
+    """A shard file that changed or went bad while `generate` streams (the loader raises `LayerLoadError`, caused by
+    a `ShardFileError`): the one-line error with exit status 2, as one found before loading is, not a traceback. An
+    error of another kind in the loader (a fault of ours) keeps its traceback."""
+    from hf_layerstream import LayerLoadError, ShardFileError
+    from hf_layerstream.engine import LayerLoader
+
+    _, shards = split_dir
+    path = shards / "layers" / "00000.safetensors"
+
+    def changed(self, index, *_):
+        raise ShardFileError(path, "changed on disk since it was opened", "Do not modify a shard directory.")
+
+    monkeypatch.setattr(LayerLoader, "_load_streamed", changed)
+    argv = ["generate", str(shards), "hi", "--max-new-tokens", "2", "--max-memory", "cpu=0", "--prefetch", "0"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hf-layerstream generate: error: Loading decoder layer 0 from ") and err.count("\n") == 1
+    assert "changed on disk since it was opened" in err
+
+    def bug(self, index, *_):
+        raise KeyError("a fault of ours")
+
+    monkeypatch.setattr(LayerLoader, "_load_streamed", bug)
+    with pytest.raises(LayerLoadError, match="KeyError"):
+        main(argv)
+
+
 def test_a_trailing_comma_in_max_memory_is_harmless(split_dir, capsys):
     _, shards = split_dir
     assert main(["inspect", str(shards), "--json", "--device", "cpu", "--max-memory", "cpu=0,"]) == 0
