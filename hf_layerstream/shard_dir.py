@@ -323,6 +323,13 @@ class ShardDirectory:
             seen[key] = unit
         self._headers: dict[str, Header] = {}
         if check_files:
+            problem = self._config_problem()
+            if problem is not None:
+                raise ShardFileError(
+                    self.path / "config.json",
+                    problem,
+                    "Run the same split again (`split_checkpoint` / `hf-layerstream split`): it writes the file again.",
+                )
             for unit in self.manifest.units:
                 self.header(unit)
         if checksums:
@@ -411,6 +418,14 @@ class ShardDirectory:
                 problems.append(f"{path} does not match its SHA-256 in the manifest (corrupted or replaced)")
         return problems
 
+    def _config_problem(self) -> str | None:
+        """What is wrong with the directory's `config.json`, which the split writes beside the manifest and a model is
+        built from (without it transformers' own error named no file: "Should have a `model_type` key"), if
+        anything."""
+        if not (self.path / "config.json").is_file():
+            return "is missing (the split writes it beside the manifest; the model is built from it)"
+        return None
+
     def verify(self, *, checksums: bool = True) -> list[str]:
         """Check every file against the manifest and return every problem found (empty when the directory is sound).
 
@@ -426,6 +441,9 @@ class ShardDirectory:
             `list[str]`: one message per damaged file, naming the file and the problem.
         """
         problems = []
+        problem = self._config_problem()
+        if problem is not None:
+            problems.append(f"{self.path / 'config.json'} {problem}")
         sound = []
         for unit in self.manifest.units:
             self._headers.pop(unit, None)

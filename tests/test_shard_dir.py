@@ -202,6 +202,27 @@ def test_verify_reports_each_problem(shard_copy, capsys):
     assert main(["verify", "--quick", str(shards)]) == 1  # sizes and headers: 3 of the 4
 
 
+def test_a_lost_config_json_is_named_and_written_again_by_the_same_split(shard_copy, capsys):
+    """`config.json`, which the model is built from, deleted: `verify` said every file matched, a re-run of the split
+    found nothing to do, and `generate` failed with transformers' "Should have a `model_type` key". Opening the
+    directory names the file and the fix, `verify` lists it, and the same split writes it again."""
+    from hf_layerstream import split_checkpoint
+
+    ckpt, shards = shard_copy
+    config = shards / "config.json"
+    before = config.read_bytes()
+    config.unlink()
+    with pytest.raises(ShardDirError, match=r"config\.json is missing .* Run the same split again"):
+        ShardDirectory(shards)
+    problems = ShardDirectory(shards, check_files=False).verify(checksums=False)
+    assert len(problems) == 1 and "config.json is missing" in problems[0]
+    assert main(["verify", "--quick", str(shards)]) == 1
+    assert main(["generate", str(shards), "hi"]) == 2
+    assert "config.json is missing" in capsys.readouterr().err
+    split_checkpoint(ckpt, shards, progress=False)
+    assert config.read_bytes() == before and ShardDirectory(shards, checksums=True).verify() == []
+
+
 def test_loading_never_writes(shard_copy, monkeypatch):
     """A read-only directory works: chmod -R a-w, and every write attempt during the load fails loudly.
 
