@@ -132,7 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
         "to 20, cut short when the draft is unsure)",
     )
     p.add_argument("--prompt-lookup", type=int, default=None, metavar="N", help="prompt-lookup decoding with N tokens")
-    p.add_argument("--profile", action="store_true", help="print per-layer timings after generating")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="print where the time went after generating: compute, waiting for the loader, reads, dequantizing, "
+        "copies (totals; per layer in the API: get_streaming_state(model).last_profile)",
+    )
     p.add_argument("--verify", action="store_true", help="check every shard file's checksum before loading")
     _add_runtime_args(p)
 
