@@ -72,14 +72,15 @@ logger = logging.getLogger(__name__)
 # `i` only after one of them, and a `B`; nothing else. ASCII only: under IGNORECASE a Unicode pattern's K matches the
 # Kelvin sign and its i the dotted capital I, which the unit lookup then did not find (`"4\u212aB"` was 4 bytes), and
 # a bare `i` was taken as binary (`"4iB"` was 4 bytes)
-_SIZE_RE = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(?:([KMGT])(i?))?B?\s*", re.IGNORECASE | re.ASCII)
+_SIZE_RE = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(?:([KMGT])(i?))?(B?)\s*", re.IGNORECASE | re.ASCII)
 
 
 def parse_size(value: int | float | str, *, name: str = "max_memory") -> int:
     """`"4GiB"` / `"500MB"` / `4_000_000_000` -> bytes (accelerate's convention: GiB is 2**30, GB is 10**9).
 
     Strict: a string is a non-negative number in ASCII digits (`"1.5GiB"`), with an optional unit and nothing else;
-    its bytes are computed exactly (a number of 400 digits is that many bytes, not a float's overflow).
+    its bytes are computed exactly (a number of 400 digits is that many bytes, not a float's overflow). A lowercase
+    `b` other than in `KiB`-style units (`"500Mb"`, `"500mb"`) is refused: accelerate reads it as bits.
 
     Raises:
         `ValueError`: Anything else (empty, negative, trailing or leading text, non-ASCII digits, a second decimal
@@ -91,8 +92,17 @@ def parse_size(value: int | float | str, *, name: str = "max_memory") -> int:
         return int(value)
     if isinstance(value, str):
         m = _SIZE_RE.fullmatch(value)
+        if m and m.group(4) == "b" and not m.group(3):
+            # accelerate reads "500Mb" as megabits (a lowercase b after a decimal unit: an eighth of "500MB"), which
+            # the same budget given to `from_pretrained` then means: refused, not read as bytes 8 times larger
+            number, unit = m.group(1), (m.group(2) or "").upper()
+            binary = f", or {number + unit + 'iB'!r} for powers of 1024" if unit else ""
+            raise ValueError(
+                f"`{name}` got the size {value!r}, whose lowercase b accelerate reads as bits (an eighth of the bytes); "
+                f"write {number + unit + 'B'!r} for bytes{binary}."
+            )
         if m:
-            number, unit, binary = m.groups()
+            number, unit, binary, _ = m.groups()
             power = "KMGT".index(unit.upper()) + 1 if unit else 0
             base = 1024 if binary or not unit else 1000
             return int(fractions.Fraction(number) * base**power)

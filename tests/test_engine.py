@@ -9,6 +9,7 @@ import gc
 import io
 import mmap
 import os
+import re
 import shutil
 import threading
 import time
@@ -68,7 +69,8 @@ def llama(checkpoints):
         ("4GiB", 4 * 2**30),
         ("4 GiB", 4 * 2**30),
         ("500MB", 500 * 10**6),
-        ("500mb", 500 * 10**6),
+        ("500MiB", 500 * 2**20),
+        ("4gib", 4 * 2**30),  # (a lowercase b after an i: bytes, in accelerate too)
         ("1.5KiB", 1536),
         ("2K", 2000),
         ("3T", 3 * 10**12),
@@ -89,6 +91,20 @@ def test_parse_size(value, expected):
 @pytest.mark.parametrize("value", ["", "lots", "-1GiB", "4XB", "GiB", None, True, [4], -5, float("inf"), float("nan")])
 def test_parse_size_errors_name_the_argument(value):
     with pytest.raises(ValueError, match="max_memory"):
+        parse_size(value)
+
+
+@pytest.mark.parametrize(
+    "value, fix", [("500mb", "'500MB' for bytes, or '500MiB'"), ("1.5 Gb", "'1.5GB'"), ("7b", "'7B'")]
+)
+def test_a_lowercase_b_that_accelerate_reads_as_bits_is_refused(value, fix):
+    """accelerate (`from_pretrained(max_memory=...)`) reads "500mb" as 500 megabits, an eighth of "500MB"; it was
+    read as bytes here, so the same budget meant 8 times more memory. Refused, naming the spellings that say bytes."""
+    with pytest.raises(
+        ValueError, match=rf"`max_memory` got the size '{value}', whose lowercase b accelerate reads as"
+    ):
+        parse_size(value)
+    with pytest.raises(ValueError, match=re.escape(fix)):
         parse_size(value)
 
 
