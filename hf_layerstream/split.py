@@ -17,7 +17,6 @@ import torch
 from . import __version__
 from ._safetensors import (
     _SOURCE_FIX,
-    TMP_MARKER,
     atomic_write_bytes,
     atomic_write_safetensors,
     dtype_to_str,
@@ -491,15 +490,12 @@ def _locked(shard_dir: Path, *, wait: bool):
 
 
 def _foreign_entries(shard_dir: Path) -> list[str]:
-    """The names in `shard_dir` that no split of ours left there, sorted, where it holds neither a shard directory nor
-    an unfinished split (whose own checks apply); its lock and the temporary files of a killed run are ours."""
+    """The names in `shard_dir` that a split would write over or beside, sorted, where it holds neither a shard
+    directory nor an unfinished split (whose own checks apply). Hidden names are left out: the lock and temporary
+    files of a killed split are ours, and a file manager's or version control's (`.DS_Store`, `.git`) harm nothing."""
     if not shard_dir.is_dir() or (shard_dir / MANIFEST_NAME).exists() or (shard_dir / PROGRESS_NAME).exists():
         return []
-    return sorted(
-        p.name
-        for p in shard_dir.iterdir()
-        if p.name != LOCK_NAME and not (p.name.startswith(".") and TMP_MARKER in p.name)
-    )
+    return sorted(p.name for p in shard_dir.iterdir() if not p.name.startswith("."))
 
 
 def _options_key(

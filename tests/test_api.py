@@ -215,10 +215,11 @@ def test_a_folder_that_holds_no_shard_directory_is_not_written_over_unless_asked
     ):
         split_checkpoint(ckpt, other, progress=False)
     assert _tree_digest(other) == before
-    # an empty folder, or one left with our lock only (a split killed as it began), is taken
+    # an empty folder, one left with our lock only (a split killed as it began), or with hidden files only, is taken
     (tmp_path / "empty").mkdir()
     (tmp_path / "locked").mkdir()
     (tmp_path / "locked" / ".lock").touch()
+    (tmp_path / "locked" / ".DS_Store").touch()
     for folder in ("empty", "locked"):
         split_checkpoint(ckpt, tmp_path / folder, progress=False)
         assert ShardDirectory(tmp_path / folder).num_layers == _models.NUM_HIDDEN_LAYERS
