@@ -940,7 +940,32 @@ _MOVES = {
     "bfloat16": lambda *a, **k: (None, torch.bfloat16),
     "double": lambda *a, **k: (None, torch.float64),
     "to": lambda *a, **k: torch._C._nn._parse_to(*a, **k)[:2],
+    "type": lambda dst_type, *a, **k: _type_target(dst_type),
 }
+for _other in ("xpu", "mtia", "ipu"):  # (the other accelerators' moves, where this torch has them)
+    if hasattr(nn.Module, _other):
+        _MOVES[_other] = lambda device=None, *a, _kind=_other, **k: (
+            torch.device(_kind, device) if isinstance(device, int) else torch.device(device or _kind),
+            None,
+        )
+
+# `module.type(...)`'s legacy tensor type names -> dtype (their module says the device: `torch.cuda.HalfTensor`)
+_TENSOR_TYPES = {
+    "FloatTensor": torch.float32,
+    "DoubleTensor": torch.float64,
+    "HalfTensor": torch.float16,
+    "BFloat16Tensor": torch.bfloat16,
+}
+
+
+def _type_target(dst_type) -> tuple[torch.device | None, object]:
+    """What `module.type(dst_type)` asks for: (device or `None`, dtype; one no model streams in for anything but a
+    floating tensor type)."""
+    if isinstance(dst_type, torch.dtype):
+        return None, dst_type
+    name = dst_type if isinstance(dst_type, str) else f"{getattr(dst_type, '__module__', '')}.{dst_type.__name__}"
+    module, _, base = name.rpartition(".")
+    return torch.device("cuda" if module.endswith("cuda") else "cpu"), _TENSOR_TYPES.get(base, dst_type)
 
 
 def _same_device(asked: torch.device, device: torch.device) -> bool:

@@ -1058,6 +1058,7 @@ def test_moving_or_casting_a_streamed_model(checkpoints):
         assert model.model.rotary_emb.inv_freq is inv_freq
         # the plain model's `.to(torch.bfloat16)` casts the rotary frequencies too (changing the logits); so do we
         assert model.to(torch.bfloat16) is model and model.bfloat16() is model
+        assert model.type(torch.bfloat16) is model and model.type("torch.BFloat16Tensor") is model
         ref.to(torch.bfloat16)
         assert model.model.rotary_emb.inv_freq.dtype == torch.bfloat16
         assert torch.equal(model(ids).logits, ref(ids).logits)
@@ -1068,6 +1069,10 @@ def test_moving_or_casting_a_streamed_model(checkpoints):
             (lambda: model.half(), "model.half"),
             (lambda: model.to("meta"), "model.to"),
             (lambda: model.to("cpu", torch.float16), "model.to"),
+            # (`type` cast the resident parts and left the layers: the next pass refused them, half cast)
+            (lambda: model.type(torch.float16), "model.type"),
+            (lambda: model.type("torch.FloatTensor"), "model.type"),
+            (lambda: model.type(torch.LongTensor), "model.type"),
         ]:
             with pytest.raises(RuntimeError, match=rf"`{what}\(...\)` cannot move or cast .* to cpu in torch.bfloat16"):
                 move()
@@ -1081,7 +1086,7 @@ def test_moving_or_casting_a_streamed_model(checkpoints):
             model.resize_token_embeddings(embeddings.shape[0] + 8)
         assert model.get_input_embeddings().weight is embeddings
     disable_layer_streaming(model)
-    assert not {"to", "half", "resize_token_embeddings"} & set(vars(model))
+    assert not {"to", "half", "type", "resize_token_embeddings"} & set(vars(model))
     assert model.to(torch.float32) is model  # the plain method again (every weight is on meta)
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
