@@ -894,7 +894,7 @@ def enable_layer_streaming(
     _wrap_generate(model, state)
     _no_auto_compile(model, state)
     _guard_moves(model, state)
-    _refuse_resize(model, state)
+    _refuse(model, state)
     model.eval()
     loader.start()
     logger.info("Layer streaming enabled from %s: %s", shards.path, plan.summary())
@@ -1006,23 +1006,33 @@ def _guard_moves(model: nn.Module, state: StreamingState) -> None:
         _shadow(model, state, name, functools.wraps(original)(moved))
 
 
-def _refuse_resize(model: nn.Module, state: StreamingState) -> None:
-    """`resize_token_embeddings` on a streamed model: refused, naming the way. It resized the resident embeddings and
-    head in memory, the shard directory keeping the old ones, and `disable_layer_streaming` put the model back on meta
-    without it: it seemed to work, then was lost."""
-    original = getattr(model, "resize_token_embeddings", None)
-    if original is None:
-        return
+# methods refused while streaming, and why (what each would do to a model whose weights come from the shard directory)
+_REFUSED = {
+    # it resized the resident embeddings and head in memory, the shard directory keeping the old ones, and
+    # `disable_layer_streaming` put the model back on meta without it: it seemed to work, then was lost
+    "resize_token_embeddings": "the embeddings and head come from the shard directory, which keeps their size. Resize "
+    "the fully loaded model, `save_pretrained` it, and split that (`split_checkpoint(..., overwrite=True)`).",
+    # torch's "_share_fd_: only available on CPU" from a placeholder, after sharing the resident parts
+    "share_memory": "the decoder layers are read from the shard directory by this process's loader, not held in "
+    "memory another process could share. Enable streaming in each process (their reads share the page cache).",
+    # it put uninitialized memory in the resident parts, and the next pass refused the layers as replaced
+    "to_empty": "it would put uninitialized memory in place of the weights loaded from the shard directory. To "
+    "stream to another device, call `disable_layer_streaming(model)`, then `enable_layer_streaming(model, shard_dir, "
+    "device=...)`.",
+}
 
-    @functools.wraps(original)
-    def refused(*args, **kwargs):
-        raise RuntimeError(
-            "`model.resize_token_embeddings(...)` is not supported with layer streaming enabled: the embeddings and "
-            "head come from the shard directory, which keeps their size. Resize the fully loaded model, "
-            "`save_pretrained` it, and split that (`split_checkpoint(..., overwrite=True)`)."
-        )
 
-    _shadow(model, state, "resize_token_embeddings", refused)
+def _refuse(model: nn.Module, state: StreamingState) -> None:
+    """The methods of `_REFUSED` on a streamed model: refused before anything changes, naming the way."""
+    for name, why in _REFUSED.items():
+        original = getattr(model, name, None)
+        if original is None:
+            continue
+
+        def refused(*args, _name=name, _why=why, **kwargs):
+            raise RuntimeError(f"`model.{_name}(...)` is not supported with layer streaming enabled: {_why}")
+
+        _shadow(model, state, name, functools.wraps(original)(refused))
 
 
 def _wrap_generate(model: nn.Module, state: StreamingState) -> None:

@@ -1085,8 +1085,18 @@ def test_moving_or_casting_a_streamed_model(checkpoints):
         ):
             model.resize_token_embeddings(embeddings.shape[0] + 8)
         assert model.get_input_embeddings().weight is embeddings
+        # `share_memory` shared the resident parts, then died on a placeholder with torch's "_share_fd_: only
+        # available on CPU"; `to_empty` put uninitialized memory in the resident parts, and the next pass named a
+        # layer's weight replaced: both refused, nothing changed
+        with pytest.raises(RuntimeError, match=r"`model.share_memory\(...\)` is not supported .* in each process"):
+            model.share_memory()
+        with pytest.raises(RuntimeError, match=r"`model.to_empty\(...\)` is not supported .* uninitialized memory"):
+            model.to_empty(device="cpu")
+        assert not embeddings.is_shared()
+        assert {n: (t.device, t.dtype) for n, t in model.state_dict().items()} == before
+        assert torch.equal(model(ids).logits, ref(ids).logits)
     disable_layer_streaming(model)
-    assert not {"to", "half", "type", "resize_token_embeddings"} & set(vars(model))
+    assert not {"to", "half", "type", "resize_token_embeddings", "share_memory", "to_empty"} & set(vars(model))
     assert model.to(torch.float32) is model  # the plain method again (every weight is on meta)
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
