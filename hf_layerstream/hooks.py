@@ -551,12 +551,17 @@ class Streamed(_Placeholder):
             return args[0]  # (in place: itself, as a meta tensor's in-place operation returns it)
         return pytree.tree_map_only(torch.Tensor, lambda t: holder._like(t) if t.is_meta else t, out)
 
-    def _like(self, t: torch.Tensor) -> Streamed:
+    @staticmethod
+    def of(source: str, t: torch.Tensor) -> Streamed:
+        """A `Streamed` named `source` with `t`'s shape, strides, dtype and device."""
         out = torch.Tensor._make_wrapper_subclass(
             Streamed, t.shape, strides=t.stride(), dtype=t.dtype, device=t.device, requires_grad=False
         )
-        out.source = self.source
+        out.source = source
         return out
+
+    def _like(self, t: torch.Tensor) -> Streamed:
+        return Streamed.of(self.source, t)
 
     def _copy(self) -> Streamed:
         return self._like(self)
@@ -576,8 +581,7 @@ def _plain_meta(t: Streamed) -> torch.Tensor:
 def _streamed(value: torch.Tensor, index: int, rel: str, is_param: bool) -> torch.Tensor:
     """A `Streamed` stand-in for the meta tensor `value`, decoder layer `index`'s `rel` (a parameter requiring grad
     as `value` does, for a parameter)."""
-    placeholder = Streamed(f"Decoder layer {index}'s {rel}", value.shape, value.dtype, value.device)
-    placeholder = placeholder._like(value) if not value.is_contiguous() else placeholder
+    placeholder = Streamed.of(f"Decoder layer {index}'s {rel}", value)
     return nn.Parameter(placeholder, requires_grad=value.requires_grad) if is_param else placeholder
 
 
