@@ -515,7 +515,7 @@ def _read_input(path: Path) -> list[_Prompt]:
     if path.is_dir():
         raise ValueError(f"`input_path` {path} is a directory; give a JSONL file with one prompt per line.")
     items: list[_Prompt] = []
-    seen: dict[str, int] = {}
+    seen: dict[str, str] = {}  # id key -> the line that has it
     with open(path, encoding="utf-8-sig") as f:  # (a byte-order mark, as some Windows editors write, is not JSON)
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -555,12 +555,14 @@ def _read_input(path: Path) -> list[_Prompt]:
             if isinstance(pid, bool) or not isinstance(pid, (str, int)):
                 raise ValueError(f"{where}: 'id' must be a string or an integer, got {pid!r}.")
             item = _Prompt(index, pid, prompt)
+            # (a line without an id has its position among the prompts, from 0: named so, as no id is written there)
+            given = "" if isinstance(obj, dict) and "id" in obj else " (its position: it has no 'id')"
             if item.key in seen:
                 raise ValueError(
-                    f"{where}: id {pid!r} already used by prompt {seen[item.key]}; ids must be unique (results are "
+                    f"{where}: id {pid!r}{given} is already the id of {seen[item.key]}; ids must be unique (results are "
                     "matched to prompts by id when a job resumes)."
                 )
-            seen[item.key] = index
+            seen[item.key] = f"line {lineno}{given}"
             items.append(item)
     return items
 

@@ -501,13 +501,18 @@ def _least_need(plan: ResidencyPlan) -> tuple[int, int, str]:
     biggest = max(plan.layer_bytes, default=0)
     in_flight = min(plan.prefetch, max(len(plan.layer_bytes) - 1, 0)) + 1  # (the loader reads at most n - 1 ahead)
     working = in_flight * biggest + plan.scratch
-    what = f"the {in_flight} layers in flight with prefetch={plan.prefetch}"
+    what = f"the {_layers(in_flight)} in flight with prefetch={plan.prefetch}"
     if plan.scratch:
         what += " (packed, and one weight dequantized)"
     if plan.host_resident_copied + (in_flight - 1) * biggest > working:  # (the head's copy, while it runs)
         working = plan.host_resident_copied + (in_flight - 1) * biggest
-        what = f"the head's copy and the {in_flight - 1} layers read ahead while it runs"
+        ahead = f" and the {_layers(in_flight - 1)} read ahead while it runs" if in_flight > 1 else ""
+        what = f"the head's copy{ahead}"
     return plan.resident_bytes + working, working, what
+
+
+def _layers(n: int) -> str:
+    return f"{n} layer" if n == 1 else f"{n} layers"
 
 
 def fit_prefetch(

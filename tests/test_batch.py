@@ -298,7 +298,19 @@ def test_user_errors(llama, tmp_path):
     with pytest.raises(TypeError, match="wrap it"):
         generate_batch(model, tok, "Hi")
     (tmp_path / "dup.jsonl").write_text('{"id": 1, "prompt": "a"}\n{"id": 1, "prompt": "b"}\n')
-    with pytest.raises(ValueError, match=r"dup.jsonl:2: id 1 already used"):
+    with pytest.raises(ValueError, match=r"dup.jsonl:2: id 1 is already the id of line 1;"):
+        generate_jsonl(model, tok, tmp_path / "dup.jsonl", tmp_path / "o.jsonl", progress=False)
+    # a line without an id has its position (from 0) as its id, which the message names (it said "id 1 already used
+    # by prompt 0" of a line with no id written, against an earlier line's explicit 1); blank lines do not count
+    (tmp_path / "dup.jsonl").write_text('{"id": 1, "prompt": "a"}\n\n"b"\n')
+    with pytest.raises(
+        ValueError, match=r"dup.jsonl:3: id 1 \(its position: it has no 'id'\) is already the id of line 1;"
+    ):
+        generate_jsonl(model, tok, tmp_path / "dup.jsonl", tmp_path / "o.jsonl", progress=False)
+    (tmp_path / "dup.jsonl").write_text('"a"\n{"id": 0, "prompt": "b"}\n')
+    with pytest.raises(
+        ValueError, match=r"dup.jsonl:2: id 0 is already the id of line 1 \(its position: it has no 'id'\);"
+    ):
         generate_jsonl(model, tok, tmp_path / "dup.jsonl", tmp_path / "o.jsonl", progress=False)
     (tmp_path / "schema.jsonl").write_text('{"id": 1, "text": "a"}\n')
     with pytest.raises(ValueError, match=r"schema.jsonl:1 has neither a string 'prompt' nor 'messages'"):

@@ -118,8 +118,21 @@ def test_a_head_copy_larger_than_a_layer_is_planned_for():
     assert plan.host_resident == ["input_embeddings", "output_embeddings"]
     assert budget_shortfall(plan, {0: enough}) is None
     warning = budget_shortfall(plan, {0: enough - 1})
-    assert warning is not None and "the head's copy and the 1 layers read ahead while it runs" in warning
+    assert warning is not None and "the head's copy and the 1 layer read ahead while it runs" in warning
     assert "resident parts on the device" in warning
+    # prefetch 0: the head's copy alone is what the device holds beyond the resident parts (not "and the 0 layers")
+    shards = shaped_shard_dir(4, layer, 2 * head + 1000)
+    plan = plan_residency(
+        shards, CUDA0, max_memory={0: 1000 + head, "cpu": 0}, prefetch=0, reserve=0, host_candidates=candidates
+    )
+    assert plan.host_resident == ["input_embeddings", "output_embeddings"] and plan.resident_bytes == 1000
+    assert budget_shortfall(plan, {0: 1000 + head}) is None
+    warning = budget_shortfall(plan, {0: 1000 + head - 1})
+    assert warning is not None and "on the device (1000 B) and the head's copy (2.9 KiB):" in warning, warning
+    # on CPU (no head's copy), prefetch 0: one layer in flight, so named
+    plan = plan_residency(shards, torch.device("cpu"), max_memory={"cpu": 1}, prefetch=0)
+    warning = budget_shortfall(plan, {"cpu": 1})
+    assert warning is not None and "the 1 layer in flight with prefetch=0 " in warning, warning
 
 
 def test_default_prefetch_is_lowered_until_a_gpu_budget_holds_it(checkpoints):
