@@ -1755,7 +1755,10 @@ class LayerLoader:
         """CPU only: map the layer file instead of copying it (zero-copy, no memcpy taking CPU time from the compute)
         and build its page tables here, in the loader thread (or the map thread), so the compute takes no page
         faults. Pages not in the page cache are read in on the way, with huge-page read-ahead (see `advise_huge`).
-        The mapping is read-only. Returns `None` where mapping is off or unavailable.
+        The mapping is private (copy-on-write; populated, it maps the page cache read-only, as a read-only map
+        would, in the same folios): an in-place write to a weight from a hook inside the layer's pass changes that
+        pass's weights, as a copy's would, and `release` drops it (a read-only map killed the process with SIGSEGV).
+        Returns `None` where mapping is off or unavailable.
 
         A streamed layer's map (with its tensor views) is made at its first use and kept: `release` takes its pages
         out of the resident set (`MADV_DONTNEED`; they stay in the page cache), and the next use populates the same
@@ -1780,7 +1783,7 @@ class LayerLoader:
             try:
                 _check_file(header, os.fstat(fd))
                 flags = mmap.MAP_PRIVATE | (0 if populating else map_populate)
-                mm = mmap.mmap(fd, header.file_size, flags=flags, prot=mmap.PROT_READ)
+                mm = mmap.mmap(fd, header.file_size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
             finally:
                 os.close(fd)
             if populating:

@@ -17,6 +17,7 @@ import traceback
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from pathlib import Path
 
 import _models
 import pytest
@@ -1122,6 +1123,55 @@ def test_a_module_of_a_layer_without_its_weights_called_by_itself_is_refused_not
     model.requires_grad_(False)
     disable_layer_streaming(model)
     assert model.model.layers[0].mlp.gate_proj.weight is own and not own.requires_grad
+
+
+_WRITE_IN_A_PASS = """
+import sys
+import torch
+sys.path.insert(0, sys.argv[3])
+import _models
+from conftest import streamed_model
+
+ckpt, shards = sys.argv[1], sys.argv[2]
+ids = torch.tensor([[1, 5, 9, 17, 33, 40, 7, 3]])
+models = {"loaded": _models.load_reference(ckpt), "streamed": streamed_model(ckpt, shards, max_memory={"cpu": 0})}
+edits = {name: [] for name in models}
+for name, model in models.items():
+    def clamp(module, args, name=name):  # (a hook clamping or adding noise to a weight as its module runs)
+        with torch.no_grad():
+            module.weight.clamp_(-0.01, 0.01)
+            edits[name].append(module.weight.abs().max().item())
+    handle = model.model.layers[1].mlp.down_proj.register_forward_pre_hook(clamp)
+    with torch.no_grad():
+        clamped = [model(ids).logits for _ in range(2)]
+    handle.remove()
+    models[name] = clamped
+assert edits["streamed"] == edits["loaded"] == [0.01, 0.01], edits
+assert all(torch.equal(a, b) for a, b in zip(models["streamed"], models["loaded"]))
+print("ok")
+"""
+
+
+def test_an_in_place_write_to_a_streamed_weight_inside_its_pass_reaches_that_pass(llama):
+    """A forward pre-hook writing into a streamed layer's weight in place (a clamp, noise injection) killed the process
+    with SIGSEGV on CPU: the layer's tensors were views of a read-only map of its file. The map is private
+    (copy-on-write): the write reaches the pass, as on the loaded model (an idempotent one gives its output), and the
+    shard file is not written. In a child process, as a regression would kill the one running it."""
+    import hashlib
+    import subprocess
+    import sys
+
+    ckpt, shards, *_ = llama
+    digest = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((shards / "layers").iterdir())}
+    tests = str(Path(__file__).parent)
+    out = subprocess.run(
+        [sys.executable, "-c", _WRITE_IN_A_PASS, str(ckpt), str(shards), tests],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), (out.returncode, out.stderr[-3000:])
+    assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in digest} == digest
 
 
 def test_a_cast_from_another_thread_waits_for_the_pass_running(llama):
