@@ -113,7 +113,8 @@ class LayerStreamingHook(ModelHook):
     def pre_forward(self, module, *args, **kwargs):
         self.guard.running = self  # (until `post_forward`: a cast of its modules from inside its forward waits)
         if self._installed:  # (a kept layer holding its weights since its last pass)
-            if not torch.is_grad_enabled() and all(map(is_, map(getitem, self._dicts, self._keys), self._held)):
+            # (`dict.get`: a slot the caller removed since, `torch.nn.utils.prune`, is refused below)
+            if not torch.is_grad_enabled() and all(map(is_, map(dict.get, self._dicts, self._keys), self._held)):
                 self.loader.kept_runs(self.index)
                 if self.profile is not None:
                     self._profile_begins()
@@ -142,7 +143,10 @@ class LayerStreamingHook(ModelHook):
         # caller may have changed since the kept values were made (`model.requires_grad_(False)`: reused, they kept
         # the old flags, and a Mamba model then gave other bits than the loaded model frozen alike). Kept values are
         # reused for the kinds they were made for, which were checked then.
-        kinds = list(map(self._kind, map(getitem, self._dicts, self._keys)))
+        try:
+            kinds = list(map(self._kind, map(getitem, self._dicts, self._keys)))
+        except KeyError:
+            raise self._removed() from None
         no_grad = not torch.is_grad_enabled()
         kept = self._kept_values
         made = kept[1].get(no_grad) if kept is not None else None
@@ -192,6 +196,15 @@ class LayerStreamingHook(ModelHook):
         for k, (dtype, where, _) in enumerate(kinds):
             if dtype != self._dtypes[k] or (where is not True if self._on_meta else where != self._devices[k]):
                 raise self._moved(k)
+
+    def _removed(self) -> RuntimeError:
+        k = next(k for k, (entry, key) in enumerate(zip(self._dicts, self._keys)) if key not in entry)
+        return RuntimeError(
+            f"Decoder layer {self.index}'s {self.names[k]} was taken out of its module while streaming (e.g. by "
+            "`torch.nn.utils.prune` or `torch.nn.utils.parametrize`): the layer computes with the weights of the shard "
+            "directory, as they are stored. To prune or reparametrize them, do it on the loaded model, save it and "
+            "split that."
+        )
 
     def _moved(self, k: int) -> RuntimeError:
         current = self._dicts[k][self._keys[k]]
@@ -243,7 +256,7 @@ class LayerStreamingHook(ModelHook):
 
     def _placeholders_over(self, values: list, carry: bool = True) -> None:
         for k, (entry, key, p) in enumerate(zip(self._dicts, self._keys, self.placeholders)):
-            v = entry[key]
+            v = entry.get(key)  # (`None` for a slot taken out since: left out)
             if v is not values[k] or v is p:
                 continue
             if carry and isinstance(p, nn.Parameter) and v.requires_grad != p.requires_grad:
@@ -266,7 +279,10 @@ class LayerStreamingHook(ModelHook):
         if self._installed:
             self._take_out()  # (a `requires_grad` set on a held weight stays with the model)
         self._held = []
+        removed = [(entry, key) for entry, key in zip(self._dicts, self._keys) if key not in entry]
         self._swap_out()
+        for entry, key in removed:  # (taken out by the caller, `torch.nn.utils.prune`: left so, as the caller made it)
+            del entry[key]
         self._kept_values = None
 
     @property

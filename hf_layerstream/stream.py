@@ -1089,6 +1089,8 @@ def _no_auto_compile(model: nn.Module, state: StreamingState) -> None:
 def _restore(model: nn.Module, originals) -> None:
     for module, attr, is_param, value in originals:
         entry = module._parameters if is_param else module._buffers
+        if attr not in entry:  # taken out by the caller while streaming (`torch.nn.utils.prune`): left so
+            continue
         current = entry.get(attr)
         if isinstance(current, Streamed) and isinstance(value, torch.Tensor) and current is not value:
             value.requires_grad_(current.requires_grad)  # (a decoder layer's meta weight: as set while streaming)

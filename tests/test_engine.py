@@ -1174,6 +1174,35 @@ def test_an_in_place_write_to_a_streamed_weight_inside_its_pass_reaches_that_pas
     assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in digest} == digest
 
 
+@pytest.mark.parametrize("how", ["prune", "parametrize"])
+@pytest.mark.parametrize("plan", ["kept", "streamed"])
+def test_a_weight_taken_out_of_its_module_is_refused_and_disable_works(llama, plan, how):
+    """`torch.nn.utils.prune` / `parametrize` on a module of a decoder layer take its weight out of `_parameters`:
+    the next pass raised a bare `KeyError: 'weight'`, and so did `disable_layer_streaming` where the layer held its
+    weights (the model left half streaming). Now the pass refuses it, naming the weight and the way, and disable
+    leaves the module as the caller made it."""
+    import torch.nn.utils.parametrize as parametrize
+    import torch.nn.utils.prune as prune
+
+    ckpt, shards, inputs, *_ = llama
+    model = streamed_model(ckpt, shards, **({"max_memory": {"cpu": 0}} if plan == "streamed" else {}))
+    ids = inputs["input_ids"]
+    with torch.no_grad():
+        model(ids)  # (kept: the layers hold their weights since)
+    module = model.model.layers[1].mlp.down_proj
+    if how == "prune":
+        prune.l1_unstructured(module, "weight", amount=0.3)
+    else:
+        parametrize.register_parametrization(module, "weight", torch.nn.Identity())
+    with pytest.raises(RuntimeError, match=r"Decoder layer 1's mlp.down_proj.weight was taken out of its module .*"):
+        with torch.no_grad():
+            model(ids)
+    disable_layer_streaming(model)
+    assert get_streaming_state(model) is None and not _loader_threads()
+    assert "weight" not in module._parameters  # (as the caller made it)
+    assert all(p.is_meta for n, p in model.model.layers[2].named_parameters())
+
+
 def test_a_cast_from_another_thread_waits_for_the_pass_running(llama):
     """A cast of a kept layer's module (here one that changes nothing: `float()` of a float32 layer, which streaming
     lets through on the model too) puts its held weights out of the modules: from another thread, it waits for the
