@@ -248,6 +248,12 @@ class _HeadGrad:
         self.lock = threading.Lock()
         self.counted = threading.local()  # (`of`: id(module) -> the forwards of this thread counted there)
 
+    def __reduce__(self):
+        # a copy of a module it hooks (`copy.deepcopy(model.lm_head)`, `torch.save` of it) gets an inert one, for no
+        # weight (the copy's is not this one): a plain module, as the loaded head's copy is (its lock and thread-local
+        # counts made either fail with "cannot pickle '_thread.lock' object")
+        return _HeadGrad, (None,)
+
     def pre(self, module: nn.Module, args):
         if not torch.is_grad_enabled():
             return

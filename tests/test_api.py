@@ -1146,6 +1146,36 @@ def test_copying_or_pickling_a_streamed_model_is_refused_with_the_fix_named(chec
     disable_layer_streaming(twin)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_the_head_of_a_streamed_model_copies_and_saves_as_the_loaded_heads(checkpoints, arch):
+    """`copy.deepcopy(model.lm_head)` or `torch.save` of it (GPT-2: its tied input embeddings too) failed with
+    "cannot pickle '_thread.lock' object" (the hook that makes the head's weight require grad as loaded): a copy is
+    a plain module with the loaded head's copy's outputs, gradients on and off."""
+    import io
+
+    ckpt, shards = checkpoints(arch)
+    ref = _models.load_reference(ckpt)
+    model = streamed_model(ckpt, shards)
+    x = torch.randn(1, 3, model.config.hidden_size)
+    ids = torch.tensor([[1, 5, 7]])
+    for head_too, get in ((True, lambda m: m.get_output_embeddings()), (False, lambda m: m.get_input_embeddings())):
+        buffer = io.BytesIO()
+        torch.save(get(model), buffer)
+        buffer.seek(0)
+        for head in (copy.deepcopy(get(model)), torch.load(buffer, weights_only=False)):
+            want = copy.deepcopy(get(ref))
+            assert head.weight is not get(model).weight and torch.equal(head.weight, want.weight)
+            given = x if isinstance(head, torch.nn.Linear) else ids
+            out, expected = head(given), want(given)
+            # (the head's weight requires grad as loaded; the other resident weights do not: README, Limits)
+            assert torch.equal(out, expected) and (out.requires_grad == expected.requires_grad or not head_too)
+            with torch.no_grad():
+                assert torch.equal(head(given), want(given))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)  # (the model's own head as it was)
+    disable_layer_streaming(model)
+
+
 @pytest.mark.cuda
 def test_moving_a_cuda_streamed_model(checkpoints):
     ckpt, shards = checkpoints("llama")
