@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -867,42 +868,53 @@ def enable_layer_streaming(
     state = StreamingState(shards, device, stack, plan, loader, prof, hooks, originals)
     state.handles += handles
     state.host_modules = host_modules
-    # the module whose forward runs the layers: its forward is wrapped (see `PassGuard`)
-    state.runner = model.get_submodule(stack.prefix.rpartition(".")[0])
-    state.guard = PassGuard(hooks, loader, [m._hf_hook for m in host_modules], _layers_run(state.runner, len(stack)))
-    state.runner_forward = vars(state.runner).get("forward")  # an instance attribute it had (another wrapper), if any
-    state.runner.forward = state.guard.wrap(state.runner.forward)
-    if host_modules and state.runner is not model:
-        state.model_forward = vars(model).get("forward")
-        model.forward = state.guard.wrap_model(model.forward)
-    if isinstance(head, nn.Module):  # (the module looked up before loading: tying replaces its weight, not it)
-        state.handles.append(head.register_forward_pre_hook(_fold_head_input))  # (first: it reads the flag)
-        _follow_head_grad(model, head, head_wants_grad, state.handles)
-        state.head_weight = (head, head_weight)
-    state.compute_dtypes = frozenset(d for d in target_dtypes.values() if d.is_floating_point)
     state.had_device_map = hasattr(model, "hf_device_map")
     state.old_device_map = getattr(model, "hf_device_map", None)
-    dev = device.index if device.type == "cuda" else "cpu"
-    # pipeline() reads the first value as the device (and then does not call model.to); generate() sees the
-    # streamed layers as "disk" offload, which keeps it from auto-compiling a graph around our hooks
-    device_map: dict[str, object] = {"": dev}
-    # (layers kept in host RAM for a GPU are "cpu", as accelerate names CPU offload: that vetoes compiling too)
-    device_map.update({f"{stack.prefix}.{i}": "cpu" for i in plan.host_layers})
-    device_map.update({f"{stack.prefix}.{i}": "disk" for i in plan.streamed})
-    device_map.update({p.module_name: "cpu" for p in host_parts})
-    model.hf_device_map = device_map
-    _load_generation_config(model, shards, state)
-    if dtype is not None:  # the config says the dtype the model computes in, as `from_pretrained(dtype=...)` sets it
-        for cfg in dtype_configs(getattr(model, "config", None)):
-            state.config_dtypes.append((cfg, cfg.dtype))
-            cfg.dtype = dtype
-    setattr(model, _STATE_ATTR, state)
-    _wrap_generate(model, state)
-    _no_auto_compile(model, state)
-    _guard_moves(model, state)
-    _refuse(model, state)
-    model.eval()
-    loader.start()
+    try:  # (all or nothing: an interruption here, Ctrl-C, undoes what was done, as `disable_layer_streaming` does)
+        # the module whose forward runs the layers: its forward is wrapped (see `PassGuard`)
+        state.runner = model.get_submodule(stack.prefix.rpartition(".")[0])
+        state.guard = PassGuard(
+            hooks, loader, [m._hf_hook for m in host_modules], _layers_run(state.runner, len(stack))
+        )
+        state.runner_forward = vars(state.runner).get(
+            "forward"
+        )  # an instance attribute it had (another wrapper), if any
+        state.runner.forward = state.guard.wrap(state.runner.forward)
+        if host_modules and state.runner is not model:
+            state.model_forward = vars(model).get("forward")
+            model.forward = state.guard.wrap_model(model.forward)
+        if isinstance(head, nn.Module):  # (the module looked up before loading: tying replaces its weight, not it)
+            state.handles.append(head.register_forward_pre_hook(_fold_head_input))  # (first: it reads the flag)
+            _follow_head_grad(model, head, head_wants_grad, state.handles)
+            state.head_weight = (head, head_weight)
+        state.compute_dtypes = frozenset(d for d in target_dtypes.values() if d.is_floating_point)
+        dev = device.index if device.type == "cuda" else "cpu"
+        # pipeline() reads the first value as the device (and then does not call model.to); generate() sees the
+        # streamed layers as "disk" offload, which keeps it from auto-compiling a graph around our hooks
+        device_map: dict[str, object] = {"": dev}
+        # (layers kept in host RAM for a GPU are "cpu", as accelerate names CPU offload: that vetoes compiling too)
+        device_map.update({f"{stack.prefix}.{i}": "cpu" for i in plan.host_layers})
+        device_map.update({f"{stack.prefix}.{i}": "disk" for i in plan.streamed})
+        device_map.update({p.module_name: "cpu" for p in host_parts})
+        model.hf_device_map = device_map
+        _load_generation_config(model, shards, state)
+        if (
+            dtype is not None
+        ):  # the config says the dtype the model computes in, as `from_pretrained(dtype=...)` sets it
+            for cfg in dtype_configs(getattr(model, "config", None)):
+                state.config_dtypes.append((cfg, cfg.dtype))
+                cfg.dtype = dtype
+        setattr(model, _STATE_ATTR, state)
+        _wrap_generate(model, state)
+        _no_auto_compile(model, state)
+        _guard_moves(model, state)
+        _refuse(model, state)
+        model.eval()
+        loader.start()
+    except BaseException:
+        with contextlib.suppress(Exception):  # (the first error is the one to see)
+            _disable(model, state)
+        raise
     logger.info("Layer streaming enabled from %s: %s", shards.path, plan.summary())
     return model
 
@@ -1119,18 +1131,20 @@ def disable_layer_streaming(model: nn.Module) -> nn.Module:
 
 def _disable(model: nn.Module, state: StreamingState) -> None:
     state.disabled = True
-    runner = state.runner
-    if vars(runner).get("forward") is state.guard.guarded:  # (if something wrapped it since, left in place, inert)
-        if state.runner_forward is None:
-            del runner.forward
-        else:
-            runner.forward = state.runner_forward
-    if state.guard.model_guarded is not None and vars(model).get("forward") is state.guard.model_guarded:
+    guard, runner = state.guard, state.runner  # (`None` where an enable interrupted undoes itself before them)
+    if guard is not None and runner is not None and guard.guarded is not None:
+        if vars(runner).get("forward") is guard.guarded:  # (if something wrapped it since, left in place, inert)
+            if state.runner_forward is None:
+                del runner.forward
+            else:
+                runner.forward = state.runner_forward
+    if guard is not None and guard.model_guarded is not None and vars(model).get("forward") is guard.model_guarded:
         if state.model_forward is None:
             del model.forward
         else:
             model.forward = state.model_forward
-    state.guard.close()
+    if guard is not None:
+        guard.close()
     for layer in state.stack.layers:
         if isinstance(getattr(layer, "_hf_hook", None), LayerStreamingHook):
             remove_hook_from_module(layer)
@@ -1158,7 +1172,8 @@ def _disable(model: nn.Module, state: StreamingState) -> None:
         model.hf_device_map = state.old_device_map
     elif hasattr(model, "hf_device_map"):
         del model.hf_device_map
-    delattr(model, _STATE_ATTR)
+    if vars(model).get(_STATE_ATTR) is state:
+        delattr(model, _STATE_ATTR)
     if state.generation_config is not None and getattr(model, "generation_config", None) is state.generation_config:
         model.generation_config = state.own_generation_config  # (one the caller set since stays)
     for cfg, old_dtype in state.config_dtypes:

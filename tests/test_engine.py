@@ -647,6 +647,37 @@ def test_a_disable_interrupted_while_it_waits_for_the_threads_is_finished_by_the
     disable_layer_streaming(model)
 
 
+@pytest.mark.parametrize("where", ["_load_generation_config", "_refuse", "start"])
+def test_an_enable_interrupted_at_its_end_leaves_the_model_as_it_was(llama, monkeypatch, where):
+    """Ctrl-C late in `enable_layer_streaming` (reading the shard directory's `generation_config.json`; wrapping the
+    model's methods; starting the loader): the hooks were in but no state was attached, so `disable` said streaming
+    was not enabled and a second `enable` named a `device_map` the caller never gave, for good. Now an interrupted
+    enable undoes itself: the model is as before, and enables again."""
+    from hf_layerstream import engine, stream
+
+    ckpt, shards, inputs, expected, pad = llama
+    model = build_meta_model(AutoConfig.from_pretrained(ckpt))
+    dtype_before = model.config.dtype
+    before = set(vars(model))
+    owner, name = (engine.LayerLoader, where) if where == "start" else (stream, where)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(owner, name, interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        enable_layer_streaming(model, shards, device="cpu", dtype=torch.bfloat16, **STREAM_ALL)
+    monkeypatch.undo()
+    assert get_streaming_state(model) is None and not _loader_threads()
+    assert not any(hasattr(m, "_hf_hook") for m in model.modules())
+    assert set(vars(model)) == before and "forward" not in vars(model.model)
+    assert not hasattr(model, "hf_device_map") and model.config.dtype == dtype_before
+    assert all(p.is_meta for p in model.parameters())
+    enable_layer_streaming(model, shards, device="cpu", **STREAM_ALL)
+    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+    disable_layer_streaming(model)
+
+
 def test_disable_in_another_thread_during_generate_is_named(llama):
     """`disable_layer_streaming` run by another thread between two passes of a `generate`: the call's next pass finds
     the layers on the meta device, and the error says what happened (it was torch's meta-device error)."""
