@@ -611,6 +611,8 @@ def size_text(nbytes: int) -> str:
     """`nbytes` for a message: in GiB from a tenth of one, else in MiB, KiB or bytes (a small model's sizes read 0.00
     GiB otherwise)."""
     if nbytes >= 2**30 // 10:
+        if nbytes >= 2**1000:  # (a budget of hundreds of digits, which `parse_size` takes: past a float's range)
+            return f"{nbytes // 2**30} GiB"
         return f"{nbytes / 2**30:.2f} GiB"
     if nbytes >= 2**20:
         return f"{nbytes / 2**20:.1f} MiB"

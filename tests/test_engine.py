@@ -157,6 +157,25 @@ def test_max_memory_keys_and_sizes_are_checked(llama, max_memory, match):
     assert plan.budgets["cpu"] > 0  # GPU indices (int or digits) and 'disk' are accepted; on CPU they do not apply
 
 
+def test_a_budget_past_a_floats_range_plans_and_prints(llama, capsys):
+    """`parse_size` takes a 400-digit size exactly; the plan's messages divided it by 2**30 as a float:
+    `OverflowError` at enable and in `inspect` (a traceback, exit 1). It keeps every layer, as any budget that holds
+    them does."""
+    from hf_layerstream.cli import main
+    from hf_layerstream.engine import size_text
+
+    ckpt, shards, inputs, expected, pad = llama
+    huge = "1" + "0" * 400
+    assert size_text(10**400) == f"{10**400 // 2**30} GiB" and size_text(3 * 2**30) == "3.00 GiB"
+    model = streamed_model(ckpt, shards, max_memory={"cpu": huge}, prefetch=1)
+    plan = get_streaming_state(model).plan
+    assert plan.device_layers == list(range(6)) and size_text(10**400) in plan.summary()
+    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+    disable_layer_streaming(model)
+    assert main(["inspect", str(shards), "--device", "cpu", "--max-memory", f"cpu={huge}"]) == 0
+    assert "6 layers kept" in capsys.readouterr().out
+
+
 def test_spread_picks_evenly():
     assert _spread(list(range(8)), 0) == []
     assert _spread(list(range(8)), 2) == [0, 4]
