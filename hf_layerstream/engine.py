@@ -600,10 +600,15 @@ def budget_shortfall(plan: ResidencyPlan, max_memory: dict | None) -> str | None
         return None
     where = " on the device" if plan.host_resident else ""
     less = f" Each step less of `prefetch` saves {size_text(biggest)}." if plan.prefetch else ""
+    fate = "every layer is streamed"
+    if plan.host_layers:  # (a GPU's plan keeping layers in host RAM: copied for each pass, not read from the disk)
+        rest = ", the rest streamed from disk" if plan.streamed else ""
+        fate = (
+            f"no layer is kept on the device ({_layers(len(plan.host_layers))} in host RAM, copied for each pass{rest})"
+        )
     return (
         f"{name} cannot hold the resident parts{where} ({size_text(plan.resident_bytes)}) and {what} "
-        f"({size_text(working)}): every layer is streamed, and peak memory will still reach about "
-        f"{size_text(need)}.{less}"
+        f"({size_text(working)}): {fate}, and peak memory will still reach about {size_text(need)}.{less}"
     )
 
 

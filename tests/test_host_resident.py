@@ -133,6 +133,17 @@ def test_a_head_copy_larger_than_a_layer_is_planned_for():
     plan = plan_residency(shards, torch.device("cpu"), max_memory={"cpu": 1}, prefetch=0)
     warning = budget_shortfall(plan, {"cpu": 1})
     assert warning is not None and "the 1 layer in flight with prefetch=0 " in warning, warning
+    # a GPU's budget for no layer, host RAM for every one: they are copied from there, not streamed from disk
+    plan = plan_residency(shards, CUDA0, max_memory={0: 1, "cpu": 100 * layer}, prefetch=0, reserve=0)
+    assert plan.host_layers == [0, 1, 2, 3] and not plan.streamed
+    warning = budget_shortfall(plan, {0: 1})
+    assert (
+        warning is not None and "no layer is kept on the device (4 layers in host RAM, copied for each pass)" in warning
+    )
+    assert "streamed" not in warning, warning
+    plan = plan_residency(shards, CUDA0, max_memory={0: 1, "cpu": 2 * layer}, prefetch=0, reserve=0)
+    assert plan.host_layers and plan.streamed
+    assert "copied for each pass, the rest streamed from disk)" in budget_shortfall(plan, {0: 1})
 
 
 def test_default_prefetch_is_lowered_until_a_gpu_budget_holds_it(checkpoints):
