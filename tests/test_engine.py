@@ -1196,7 +1196,7 @@ for name, model in models.items():
         clamped = [model(ids).logits for _ in range(2)]
     handle.remove()
     models[name] = clamped
-assert edits["streamed"] == edits["loaded"] == [0.01, 0.01], edits
+assert edits["streamed"] == edits["loaded"] == [torch.tensor(0.01).item()] * 2, edits
 assert all(torch.equal(a, b) for a, b in zip(models["streamed"], models["loaded"]))
 print("ok")
 """
