@@ -421,7 +421,8 @@ def can_release_mapped_pages() -> bool:
 
 def release_mapped_range(address: int, length: int) -> None:
     """`MADV_DONTNEED` on `[address, address + length)` (page-aligned `address`; the kernel rounds `length` up to
-    whole pages), part of a private file mapping (pages written since, copied on write, go too): see `release_mapped_pages`. A no-op where unsupported."""
+    whole pages), part of a private file mapping (pages written since, copied on write, go too): see
+    `release_mapped_pages`. A no-op where unsupported."""
     libc = _libc()
     if libc is None or _MADV_DONTNEED is None or length <= 0:
         return

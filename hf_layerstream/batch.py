@@ -559,8 +559,8 @@ def _read_input(path: Path) -> list[_Prompt]:
             given = "" if isinstance(obj, dict) and "id" in obj else " (its position: it has no 'id')"
             if item.key in seen:
                 raise ValueError(
-                    f"{where}: id {pid!r}{given} is already the id of {seen[item.key]}; ids must be unique (results are "
-                    "matched to prompts by id when a job resumes)."
+                    f"{where}: id {pid!r}{given} is already the id of {seen[item.key]}; ids must be unique "
+                    "(results are matched to prompts by id when a job resumes)."
                 )
             seen[item.key] = f"line {lineno}{given}"
             items.append(item)

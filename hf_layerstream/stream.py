@@ -876,9 +876,8 @@ def enable_layer_streaming(
         state.guard = PassGuard(
             hooks, loader, [m._hf_hook for m in host_modules], _layers_run(state.runner, len(stack))
         )
-        state.runner_forward = vars(state.runner).get(
-            "forward"
-        )  # an instance attribute it had (another wrapper), if any
+        # an instance attribute it had (another wrapper), if any
+        state.runner_forward = vars(state.runner).get("forward")
         state.runner.forward = state.guard.wrap(state.runner.forward)
         if host_modules and state.runner is not model:
             state.model_forward = vars(model).get("forward")
@@ -898,9 +897,8 @@ def enable_layer_streaming(
         device_map.update({p.module_name: "cpu" for p in host_parts})
         model.hf_device_map = device_map
         _load_generation_config(model, shards, state)
-        if (
-            dtype is not None
-        ):  # the config says the dtype the model computes in, as `from_pretrained(dtype=...)` sets it
+        # the config says the dtype the model computes in, as `from_pretrained(dtype=...)` sets it
+        if dtype is not None:
             for cfg in dtype_configs(getattr(model, "config", None)):
                 state.config_dtypes.append((cfg, cfg.dtype))
                 cfg.dtype = dtype
