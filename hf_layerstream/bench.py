@@ -406,6 +406,15 @@ def _check_source(args) -> None:
         if getattr(args, key) is None:
             setattr(args, key, value)
     checkpoint_dtype(args.dtype)  # (the demo model's, and `--assistant demo`'s)
+    from .split import looks_local
+
+    for what, value in (("SOURCE", args.source), ("`--checkpoint`", args.checkpoint)):
+        # (else a local path that is not there went to the hub as a repo id: "Repo id must be in the form ...", after
+        # the rows measured before it, for `--checkpoint`)
+        if value is not None and not Path(value).expanduser().is_dir() and looks_local(value):
+            raise ValueError(
+                f"{what} {value!r} is neither an existing local folder nor a hub repo id (`organization/name`)."
+            )
     if args.demo and args.source is not None:
         raise ValueError(
             f"Pass either SOURCE ({args.source!r}) or `--demo` (which writes and measures its own model), not both."
@@ -604,10 +613,16 @@ def bench(args) -> dict:
     check_max_memory(max_memory)  # keys accelerate knows, sizes that parse
     if args.device:  # before any work: a device this machine lacks fails here, with the fix
         check_device(args.device)
+    if args.assistant and args.assistant != "demo" and _is_shard_dir(Path(args.assistant)):
+        raise ValueError(
+            f"`--assistant` {args.assistant!r} is a shard directory; the draft model is loaded whole "
+            "(`from_pretrained`): pass its checkpoint folder."
+        )
     if args.assistant and args.assistant != "demo" and not (Path(args.assistant) / "config.json").is_file():
+        # (the word demo is not in backticks: the command line's messages write a backticked option name as the option)
         raise ValueError(
             f"`--assistant` {args.assistant!r} is not a model folder with a config.json; pass a small draft model "
-            "sharing the tokenizer (or `demo` with `--demo`)."
+            "sharing the tokenizer (or demo, with `--demo`)."
         )
     if args.assistant == "demo" and not args.demo:
         raise ValueError("`--assistant demo` builds a 1-layer draft of the demo model; it needs `--demo`.")
@@ -903,6 +918,9 @@ def paired_targets(paired: dict, rows: list[dict], on_cuda: bool) -> dict[str, f
     return {s: warm_rows[s].get("target") if s in warm_rows else fallback for s in paired["ratios"]}
 
 
+_REF_MODES = ("warm", "warm, assisted")
+
+
 def _derive(
     rows,
     disk,
@@ -931,7 +949,9 @@ def _derive(
     stored_by_system = stored_by_system or {}
     full_disk = {(r["mode"], r["batch"]): r for r in rows if r["system"] == "streamed_disk"}
 
-    ref = {(r["batch"]): r for r in rows if r["system"] == "in_memory" and r["mode"] == "warm"}
+    # the whole model in memory, warm: what each row is compared with (an assisted row with its assisted row: the
+    # same decoding, not plain decoding, which takes other time per token)
+    ref = {(r["mode"], r["batch"]): r for r in rows if r["system"] == "in_memory" and r["mode"] in _REF_MODES}
     acc_cold = {r["batch"]: r for r in rows if r["system"] == "accelerate_offload" and r["mode"] == "cold"}
     bandwidth = disk["bandwidth"] if disk else None
     h2d_bandwidth = h2d["bandwidth"] if h2d else None
@@ -939,7 +959,7 @@ def _derive(
         spt = r.get("s_per_token")
         r["label"] = _label(r["system"], scheme if r["system"] in lossy else None)
         r["tokens_per_s"] = r["batch"] / spt if spt else None
-        base = ref.get(r["batch"])
+        base = ref.get(("warm, assisted" if "assisted" in r["mode"] else "warm", r["batch"]))
         comparable = base is not None and r["system"] != "in_memory" and r.get("tokens") and base.get("tokens")
         extra_rows = r["system"] in stored_by_system
         is_lossy = extra_rows or r["system"] in lossy
@@ -972,7 +992,7 @@ def _derive(
             r["limit_s"] = r["disk_limit_s"]
             # neither can be faster than the slower of the two, whatever the overlap
             r["bound_s"] = max(x for x in (r["disk_limit_s"], r["compute_s"], 0) if x is not None)
-            if r["system"].startswith("streamed"):
+            if r["system"].startswith("streamed") and swept:  # (a plan that streams nothing reads nothing: no target)
                 r["target"] = COLD_TARGET
                 acc = acc_cold.get(r["batch"])
                 if acc is not None and spt and acc.get("s_per_token"):
@@ -1155,7 +1175,7 @@ def format_report(report: dict) -> str:
                 f"({pd['way']}, {bw[0] / 1e9:.2f}-{bw[-1] / 1e9:.2f} GB/s) just before it: {pd['ratio']:.2f}x (median of "
                 f"{len(pd['ratios'])} steps; target <= {COLD_TARGET}: {verdict})"
             )
-        if "assisted" in r["mode"]:
+        if "assisted" in r["mode"] and r.get("sweeps_per_token") is not None:  # (a row that failed has none)
             notes.append(f"{r['label']} assisted: {r['sweeps_per_token']:.2f} sweeps per generated token")
         if r.get("disk_read_bytes") is not None and r.get("total_sweeps") and r["system"] != "in_memory":
             notes.append(

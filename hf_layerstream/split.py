@@ -89,6 +89,19 @@ _PREFERENCE = ("model.safetensors.index.json", "model.safetensors", "pytorch_mod
 # --- sources -----------------------------------------------------------------------------------------------------
 
 
+def looks_local(source: str | os.PathLike) -> bool:
+    """Whether `source`, not a folder, names a local path rather than a hub repo id: a path object, or text starting
+    with `.`, `/` or `~`, with more than one `/`, or naming something that exists (a file: `llama/config.json` read
+    as a repo id went to the hub, and offline failed with a connection error)."""
+    text = str(source)
+    return (
+        isinstance(source, os.PathLike)
+        or text.startswith((".", "/", "~"))
+        or text.count("/") > 1
+        or Path(text).expanduser().exists()
+    )
+
+
 class _Source:
     """A checkpoint to read from, local or on the hub; weight files are fetched one at a time, when first needed."""
 
@@ -103,7 +116,7 @@ class _Source:
             logger.warning("`revision` %r applies to hub repos; %s is a local folder, split as it is.", revision, local)
             self.revision = None  # (nor recorded: a later run without it is the same split)
         if self.local_dir is None:
-            if isinstance(source, os.PathLike) or str(source).startswith((".", "/", "~")) or str(source).count("/") > 1:
+            if looks_local(source):
                 raise FileNotFoundError(
                     f"`source` {source} is neither an existing local checkpoint folder nor a hub repo id "
                     "(`organization/name`). Pass the folder that holds config.json and the weight files."

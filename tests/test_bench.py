@@ -90,6 +90,8 @@ def test_bench_demo_json_and_table(tmp_path, capsys):
         (["--max-new-tokens", "1"], "--max-new-tokens"),
         (["--paired-calls", "-1"], "--paired-calls"),
         (["--assistant", "/nonexistent/draft"], "--assistant"),
+        # (it read "(or `--demo` with `--demo`)": the command line writes a backticked option name as the option)
+        (["--assistant", "nope"], "sharing the tokenizer (or demo, with `--demo`)."),
         (["--device", "tpu"], "`--device` 'tpu' is not a valid torch device"),
         (["--dtype", "bfloat61"], "`--dtype` 'bfloat61' is not a checkpoint dtype"),
         (["some/shards"], "either SOURCE ('some/shards') or `--demo`"),
@@ -1162,6 +1164,84 @@ def test_only_the_like_for_like_row_is_held_to_the_accelerate_target():
     assert all(n.endswith("(for information: not the target's like-for-like row)") for n in notes[1:])
 
 
+def test_paths_that_are_not_there_are_refused_before_measuring(tmp_path, capsys, checkpoints):
+    """A SOURCE or `--checkpoint` that reads as a local path but is not a folder went to the hub as a repo id ("Repo
+    id must be in the form ...", or offline a connection error), `--checkpoint` only after the rows measured before
+    it; `--assistant` a shard directory failed in every assisted child. All refused first, exit 2."""
+    ckpt, shards = checkpoints("llama")
+    quick = ["--systems", "streamed", "--modes", "warm", "--paired-calls", "0", "--max-new-tokens", "2"]
+    work = ["--work", str(tmp_path / "work")]
+    for argv, message in (
+        ([str(tmp_path / "nope")], f"SOURCE '{tmp_path / 'nope'}' is neither an existing local folder nor a hub"),
+        ([str(ckpt / "config.json")], "config.json' is neither an existing local folder nor a hub repo id"),
+        ([str(shards), "--checkpoint", str(tmp_path / "gone")], "`--checkpoint` '"),
+        ([str(shards), "--assistant", str(shards)], "is a shard directory; the draft model is loaded whole"),
+    ):
+        assert main(["bench", *argv, *work, *quick]) == 2, argv
+        assert message in capsys.readouterr().err, argv
+        assert not (tmp_path / "work").exists()
+    # `generate --assistant` of a path not there: refused before the model loads (it went to the hub once loaded)
+    assert main(["generate", str(shards), "hi", "--assistant", str(tmp_path / "nope")]) == 2
+    assert "is neither an existing local model folder nor a hub repo id" in capsys.readouterr().err
+
+
+def test_assisted_rows_are_compared_with_the_assisted_whole_model_and_a_failed_one_is_shown():
+    """An assisted row was held to the whole model's plain decoding (a faster streamed assisted row read "1.76x, >1.05"
+    beside an in-memory assisted row at 2.17x); a failed assisted row ended the report with `KeyError:
+    'sweeps_per_token'`, losing every row measured. A cold row of a plan streaming nothing has no target."""
+    from hf_layerstream.bench import _derive
+
+    plan = {"device_layers": [0, 1], "host_layers": [], "streamed": [], "prefetch": 1, "layer_bytes": [10, 10]}
+
+    def row(system, mode, spt, **extra):
+        return {
+            "system": system,
+            "mode": mode,
+            "batch": 1,
+            "s_per_token": spt,
+            "tokens": [1, 2],
+            "peak_rss": 1,
+            **extra,
+        }
+
+    rows = [
+        row("in_memory", "warm", 0.10),
+        row("streamed", "warm", 0.104, plan_data=plan),
+        row("streamed", "cold", 0.104, plan_data=plan),
+        row("in_memory", "warm, assisted", 0.05, sweeps_per_token=0.5),
+        row("streamed", "warm, assisted", 0.051, sweeps_per_token=0.5, plan_data=plan),
+        {
+            "system": "streamed_disk",
+            "mode": "warm, assisted",
+            "batch": 1,
+            "error": "boom",
+            "s_per_token": None,
+            "tokens": None,
+            "peak_rss": None,
+        },
+    ]
+    _derive(rows, {"bandwidth": 100.0}, [10, 10], 0, 5, 10)
+    warm, cold, ref, assisted, failed = rows[1], rows[2], rows[3], rows[4], rows[5]
+    assert warm["compute_s"] == 0.10 and assisted["compute_s"] == 0.05 == ref["compute_s"]
+    assert assisted["ratio_to_limit"] == pytest.approx(1.02) and assisted["same_tokens"] is True
+    assert cold["target"] is None and cold["bytes_per_sweep"] == 0
+    report = {
+        "model": {
+            "num_layers": 2,
+            "layer_file_bytes": 20,
+            "resident_bytes": 5,
+            "prompt_tokens": 4,
+            "max_new_tokens": 2,
+        },
+        "disk": None,
+        "baseline_rss": 0,
+        "rows": rows,
+    }
+    text = format_report(report)
+    assert "failed: boom" in text and f"{assisted['label']} assisted: 0.50 sweeps per generated token" in text
+    assert failed["label"] in text
+
+
 def test_a_wait_the_eviction_reports_counts_in_the_step():
     """Cold runs drop the page cache between decode steps, untimed; for ours, the loader's reads ahead finish first
     (they must not go on, untimed, during the drop) and that wait is counted back into the step."""
@@ -1175,3 +1255,11 @@ def test_a_wait_the_eviction_reports_counts_in_the_step():
         steps[charged] = [s for s, _ in clock.decode_steps()]
     assert all(s < 0.05 for s in steps[None])  # the eviction itself is not timed
     assert all(0.25 <= s < 0.3 for s in steps[0.25])
+
+
+def test_the_median_of_an_even_count_is_the_mean_of_its_middle_two():
+    """The paired run's median of two ratios was the upper one ("median 3.73x, middle half 0.74x-3.73x")."""
+    from hf_layerstream._measure import _median
+
+    assert _median([3.73, 0.74]) == pytest.approx(2.235)
+    assert _median([5.0, 1.0, 3.0]) == 3.0 and _median([4.0, 1.0, 3.0, 2.0]) == 2.5
