@@ -86,6 +86,7 @@ class SweepCounter:
         self.model = model
         self.sweeps = 0
         self._handle = None
+        self._depth = 0
 
     def _hook(self, module, args):
         self.sweeps += 1
@@ -111,10 +112,13 @@ class SweepCounter:
         self.sweeps = 0
 
     def __enter__(self) -> SweepCounter:
+        self._depth += 1  # (nested `with` blocks of one counter: counting stops as the outermost ends)
         return self.start()
 
     def __exit__(self, *exc) -> None:
-        self.stop()
+        self._depth -= 1
+        if not self._depth:
+            self.stop()
 
     def __repr__(self) -> str:
         return f"SweepCounter(model={type(self.model).__name__}, sweeps={self.sweeps}, active={self.active})"
@@ -362,7 +366,9 @@ def measure_sweeps(
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise ValueError(f"`max_new_tokens` must be a positive int, got {max_new_tokens!r}.")
     if prompt_lookup_num_tokens is not None and (
-        not isinstance(prompt_lookup_num_tokens, int) or prompt_lookup_num_tokens < 1
+        not isinstance(prompt_lookup_num_tokens, int)
+        or isinstance(prompt_lookup_num_tokens, bool)
+        or prompt_lookup_num_tokens < 1
     ):
         raise ValueError(
             f"`prompt_lookup_num_tokens` must be a positive int (e.g. 10) or None, got {prompt_lookup_num_tokens!r}."
@@ -378,13 +384,6 @@ def measure_sweeps(
         input_ids = input_ids[None]
     if input_ids.dim() != 2:
         raise ValueError(f"`input_ids` must have shape (batch, length), got {tuple(input_ids.shape)}.")
-    speculative = assistant_model is not None or prompt_lookup_num_tokens is not None
-    if speculative and input_ids.shape[0] != 1:
-        raise ValueError(
-            f"Speculative decoding in transformers handles one prompt at a time; `input_ids` has batch size "
-            f"{input_ids.shape[0]}. Measure one prompt (`input_ids[:1]`) or drop `assistant_model` / "
-            "`prompt_lookup_num_tokens`."
-        )
     device = model.device
     input_ids = input_ids.to(device)
     attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
@@ -398,6 +397,14 @@ def measure_sweeps(
     if assistant_model is not None:
         kwargs["assistant_model"] = assistant_model
     config = _generation_config(model, kwargs)
+    # (prompt lookup and early exit set in a generation config, given or the model's, count as given here)
+    lookup = config.prompt_lookup_num_tokens
+    if (assistant_model is not None or lookup or config.assistant_early_exit is not None) and input_ids.shape[0] != 1:
+        raise ValueError(
+            f"Speculative decoding in transformers handles one prompt at a time; `input_ids` has batch size "
+            f"{input_ids.shape[0]}. Measure one prompt (`input_ids[:1]`) or drop `assistant_model` / "
+            "`prompt_lookup_num_tokens` / `assistant_early_exit`."
+        )
     eos = eos_token_ids(model, None, kwargs)
     if config.pad_token_id is None and eos:
         kwargs = _with_settings(kwargs, pad_token_id=min(eos))
@@ -416,7 +423,7 @@ def measure_sweeps(
     sweeps = counter.sweeps
     if assistant_model is not None:
         mode = "assisted"
-    elif prompt_lookup_num_tokens:
+    elif lookup:
         mode = "prompt_lookup"
     else:
         mode = "early_exit" if config.assistant_early_exit is not None else "plain"
@@ -467,7 +474,11 @@ def configure_draft(
     schedules = ("constant", "heuristic", "heuristic_transient")
     if schedule not in schedules:
         raise ValueError(f"`schedule` must be one of {schedules}, got {schedule!r}.")
-    if confidence_threshold is not None and not 0.0 <= confidence_threshold < 1.0:
+    if confidence_threshold is not None and (
+        not isinstance(confidence_threshold, (int, float))
+        or isinstance(confidence_threshold, bool)
+        or not 0.0 <= confidence_threshold < 1.0
+    ):
         raise ValueError(f"`confidence_threshold` must be in [0, 1) or None, got {confidence_threshold!r}.")
     config = getattr(draft_model, "generation_config", None)
     if config is None:

@@ -96,6 +96,13 @@ def test_prompt_lookup_exact(setup, prompt):
     )
     assert r["output_ids"] == plain[prompt]["output_ids"]
     assert r["mode"] == "prompt_lookup" and r["tokens_per_sweep"] >= 1.0
+    # asked for in a generation config (given, or the model's): prompt lookup too, not "plain"
+    from transformers import GenerationConfig
+
+    given = GenerationConfig(prompt_lookup_num_tokens=4, pad_token_id=tok.pad_token_id)
+    again = measure_sweeps(model, ids, max_new_tokens=NEW, min_new_tokens=NEW, generation_config=given)
+    assert again["mode"] == "prompt_lookup" and again["output_ids"] == r["output_ids"]
+    assert again["sweeps"] == r["sweeps"]
 
 
 def test_lookup_repetitive_prompt_saves_sweeps(setup):
@@ -169,6 +176,15 @@ def test_count_sweeps_and_batch_tokens_per_sweep(setup):
     with torch.no_grad():
         model(batch.input_ids[:1])
     assert counter.sweeps == 2 and not counter.active  # the hook is gone after the block
+    # one counter in nested blocks counts until the outermost ends (the inner end took the hook away: 2, not 3)
+    with counter:
+        with torch.no_grad():
+            model(batch.input_ids[:1])
+            with counter:
+                model(batch.input_ids[:1])
+            model(batch.input_ids[:1])
+        assert counter.active
+    assert counter.sweeps == 5 and not counter.active
     fresh = SweepCounter(model).start()
     assert "sweeps=0" in repr(fresh)
     fresh.stop()
@@ -215,6 +231,17 @@ def test_user_errors(setup):
         measure_sweeps(model, ids, assistant_model=strong, prompt_lookup_num_tokens=3)
     with pytest.raises(ValueError, match="batch size 2"):
         measure_sweeps(model, ids.repeat(2, 1), prompt_lookup_num_tokens=3)
+    # (set in the model's generation config: transformers' "only supported for batch_size = 1" came instead)
+    model.generation_config.prompt_lookup_num_tokens = 3
+    try:
+        with pytest.raises(ValueError, match="batch size 2"):
+            measure_sweeps(model, ids.repeat(2, 1))
+    finally:
+        model.generation_config.prompt_lookup_num_tokens = None
+    with pytest.raises(ValueError, match="`prompt_lookup_num_tokens` must be a positive int"):
+        measure_sweeps(model, ids, prompt_lookup_num_tokens=True)
+    with pytest.raises(ValueError, match="`confidence_threshold` must be in"):
+        configure_draft(strong, confidence_threshold="0.5")
     with pytest.raises(ValueError, match="`max_new_tokens` must be a positive int"):
         measure_sweeps(model, ids, max_new_tokens=0)
     with pytest.raises(ValueError, match="`num_assistant_tokens` must be a positive int"):
