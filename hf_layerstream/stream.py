@@ -732,6 +732,7 @@ def enable_layer_streaming(
     chosen = prefetch is not None
     default = default_prefetch(device, shards)
     stack = require_layer_stack(model)
+    _refuse_weights_changed_by_forward(model)
     for name, module in model.named_modules():
         if hasattr(module, "_hf_hook"):
             raise ValueError(
@@ -915,6 +916,21 @@ def enable_layer_streaming(
         raise
     logger.info("Layer streaming enabled from %s: %s", shards.path, plan.summary())
     return model
+
+
+def _refuse_weights_changed_by_forward(model: nn.Module) -> None:
+    """A model whose own forward changes its decoder layers' weights in place: refused, naming the way. RWKV rescales
+    its blocks' output weights at its first pass in eval mode (`config.rescale_every`) and halves the hidden states
+    to match; the streamed layers' weights, brought in at each pass, never took the rescale (logits off by ~1e-2)."""
+    for name, module in model.named_modules():
+        config = getattr(module, "config", None)
+        if hasattr(module, "_rescale_layers") and getattr(config, "rescale_every", 0) > 0:
+            raise ValueError(
+                f"{type(module).__name__} ({name or 'the model'}) rescales its decoder layers' weights in place at its "
+                f"first forward pass (`config.rescale_every` = {config.rescale_every}), which layers streamed in at "
+                "each pass do not take: the output would be wrong. Set `model.config.rescale_every = 0` before "
+                "enabling streaming (the loaded model with the same setting gives the same output)."
+            )
 
 
 def _load_generation_config(model: nn.Module, shards: ShardDirectory, state: StreamingState) -> None:

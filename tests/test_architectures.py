@@ -19,7 +19,7 @@ import _models
 import pytest
 import torch
 from conftest import assert_same_decode_steps, build_meta_model, streamed_model
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from hf_layerstream import (
@@ -209,6 +209,31 @@ def test_layers_sharing_weights_are_refused(tmp_path):
     llama = split_checkpoint(_models.save_tiny_checkpoint("llama", tmp_path / "llama"), tmp_path / "ls", progress=False)
     with pytest.raises(ValueError, match="shares weights between decoder layers"):
         enable_layer_streaming(build_meta_model(config), llama, device="cpu")
+
+
+def test_a_model_rescaling_its_layers_weights_in_its_forward_is_refused(tmp_path):
+    """RWKV rescales its blocks' output weights in place at its first pass in eval mode (`rescale_every`) and halves
+    the hidden states to match: the streamed weights, brought in at each pass, never took it, and the logits were off
+    by ~1e-2, silently. Refused at enable, naming the way; with `rescale_every = 0`, bit for bit."""
+    _skip_unless_known("rwkv")
+    config = CONFIG_MAPPING["rwkv"](
+        vocab_size=128, context_length=64, hidden_size=64, num_hidden_layers=3, attention_hidden_size=64,
+        intermediate_size=128, rescale_every=1, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    ckpt = _models.save_tiny_checkpoint(config, tmp_path / "checkpoint")
+    shards = split_checkpoint(ckpt, tmp_path / "shards", progress=False)
+    model = build_meta_model(AutoConfig.from_pretrained(ckpt))
+    with pytest.raises(ValueError, match=r"`config.rescale_every` = 1\), .* Set `model.config.rescale_every = 0`"):
+        enable_layer_streaming(model, shards, device="cpu")
+    assert not any(hasattr(m, "_hf_hook") for m in model.modules())
+    model.config.rescale_every = 0
+    enable_layer_streaming(model, shards, device="cpu", max_memory={"cpu": 0})
+    ref = _models.load_reference(ckpt, attn_implementation=None)
+    ref.config.rescale_every = 0
+    ids = torch.tensor([[1, 5, 7, 9, 11, 13]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)
+    disable_layer_streaming(model)
 
 
 @pytest.mark.parametrize("model_type", ["gpt_oss", "deepseek_v3", "mamba2", "jamba"])
