@@ -83,7 +83,9 @@ _SIDE_FILES = (
 _CHAT_TEMPLATE_DIR = "additional_chat_templates"  # a tokenizer's named chat templates besides the default one
 _SAMPLE = 64 * 1024  # bytes read at each end of a local weight file for the source's identity
 _SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
-_PREFERENCE = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin")
+# transformers' order (`_get_resolved_checkpoint_files`): safetensors before pickled `.bin`, each single file before
+# its index (a folder holding both, with other weights, loads the single file)
+_PREFERENCE = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 # --- sources -----------------------------------------------------------------------------------------------------
@@ -232,7 +234,7 @@ class _Source:
         return sorted(n for n in names if "/" not in n and "\\" not in n and not n.startswith("."))
 
     def _list_keys(self) -> dict[str, str]:
-        # transformers' preference: safetensors (sharded, then single) before pickled `.bin` files
+        # transformers' preference (see `_PREFERENCE`)
         for name in _PREFERENCE:
             if name in _SINGLE_FILES:
                 if self.fetch(name) is not None:

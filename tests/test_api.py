@@ -361,6 +361,32 @@ def test_single_safetensors_source(tmp_path):
     assert _exact(ckpt, split_checkpoint(ckpt, tmp_path / "shards", progress=False))
 
 
+@pytest.mark.parametrize("kind", ["safetensors", "bin"])
+def test_a_single_weight_file_beside_an_index_is_read_as_transformers_reads_it(tmp_path, kind):
+    """A folder holding a single weight file and an index with shards, of other weights: transformers loads the single
+    file (`_get_resolved_checkpoint_files`); the split read the index, and streamed other logits, silently."""
+    ckpt = _models.save_tiny_checkpoint("llama", tmp_path / "ckpt", seed=1)  # (sharded, with its index)
+    other = _models.build_tiny_model("llama", seed=2)
+    state = {k: v.clone().contiguous() for k, v in other.state_dict().items()}
+    if kind == "safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
+    else:  # the same in pickled files: two shards of the first weights with their index, and a single file
+        for f in ckpt.glob("model*.safetensors*"):
+            f.unlink()
+        first = _models.build_tiny_model("llama", seed=1).state_dict()
+        names = sorted(first)
+        weight_map = {}
+        for i, part in enumerate((names[: len(names) // 2], names[len(names) // 2 :])):
+            file = f"pytorch_model-0000{i + 1}-of-00002.bin"
+            torch.save({n: first[n].clone() for n in part}, ckpt / file)
+            weight_map.update(dict.fromkeys(part, file))
+        (ckpt / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+        torch.save(state, ckpt / "pytorch_model.bin")
+    assert _exact(ckpt, split_checkpoint(ckpt, tmp_path / "shards", progress=False))
+
+
 @pytest.mark.parametrize("legacy", [False, True], ids=["zip", "pre-1.6"])
 def test_pytorch_bin_source_loaded_with_weights_only(tmp_path, legacy):
     """Both formats `torch.save` writes: the zip one (torch >= 1.6) and the older one many hub checkpoints still
