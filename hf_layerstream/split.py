@@ -44,6 +44,7 @@ from .modeling import (
     resolve_dtype,
     unit_index,
 )
+from .quant import _BNB_DTYPES
 from .shard_dir import (
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -863,6 +864,12 @@ def split_checkpoint(
         )
     # what streaming casts floating weights to by default, as `from_pretrained(dtype="auto")` loads them
     load_dtype = dtype or _auto_dtype(config, src)
+    if scheme is not None and dtype is not None and dtype not in _BNB_DTYPES:
+        # (bitsandbytes quantizes these only: the split stored every weight at full precision, named 4-bit)
+        raise ValueError(
+            f"`compression` quantizes float32, float16 and bfloat16 weights; `dtype` {dtype_to_str(dtype)} would "
+            "leave every weight unquantized. Pass one of those as `dtype` (or none, for the checkpoint's)."
+        )
 
     compression_dict = scheme.to_dict() if scheme is not None else None
     source_identity = src.identity(needed)

@@ -133,7 +133,10 @@ def test_bad_compression_arguments(tmp_path, bf16_checkpoint):
         split_checkpoint(ckpt, tmp_path / "x", compression="3bit")
     with pytest.raises(ValueError, match="quant_type"):
         split_checkpoint(ckpt, tmp_path / "y", quant_type="nf4")  # without compression
-    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    # (bitsandbytes quantizes float32/16 and bfloat16 only: the split stored every weight unquantized, named 4-bit)
+    with pytest.raises(ValueError, match=r"`dtype` float64 would leave every weight unquantized"):
+        split_checkpoint(ckpt, tmp_path / "z", compression="4bit", dtype="float64")
+    assert not any((tmp_path / d).exists() for d in "xyz")
 
 
 def test_moe_experts_are_quantized_and_run(tmp_path):
