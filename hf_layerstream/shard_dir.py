@@ -74,7 +74,9 @@ class TensorEntry:
     def to_json(self) -> dict:
         d: dict[str, Any] = {"shape": list(self.shape), "dtype": str(self.dtype).removeprefix("torch.")}
         if self.quant is not None:
-            d["quant"] = self.quant
+            # (its keys sorted, at any depth: as a unit file's metadata holds them, from which a resumed split adopts
+            # a unit written before a kill; its manifest then ends byte-identical to an uninterrupted split's)
+            d["quant"] = json.loads(json.dumps(self.quant, sort_keys=True))
         return d
 
     @classmethod

@@ -468,6 +468,28 @@ def test_disk_full_or_io_error_mid_split_then_rerun(llama, tmp_path, monkeypatch
     LEDGER["faults_survived"] += 1
 
 
+def test_a_quantized_split_killed_after_a_unit_is_in_place_resumes_byte_identical(llama, tmp_path, monkeypatch):
+    """Killed right after a unit file took its final name, before the progress record named it: the rerun adopts it
+    from its own metadata. Of a quantized split, the manifest then held that unit's codec settings in sorted key order
+    (as the metadata holds them), not as an uninterrupted split writes them: not byte-identical."""
+    reference = split_checkpoint(llama["ckpt"], tmp_path / "reference", compression="4bit", progress=False)
+    shards = tmp_path / "shards"
+    replace = os.replace
+
+    def killed_after(src, dst, *args, **kwargs):
+        replace(src, dst, *args, **kwargs)
+        if str(dst).endswith("00000.safetensors"):
+            raise KeyboardInterrupt  # (what a SIGKILL leaves: the file in place, not yet recorded)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", killed_after)
+        with pytest.raises(KeyboardInterrupt):
+            split_checkpoint(llama["ckpt"], shards, compression="4bit", progress=False)
+    assert (shards / "layers" / "00000.safetensors").exists() and not (shards / "manifest.json").exists()
+    split_checkpoint(llama["ckpt"], shards, compression="4bit", progress=False)
+    assert_same_tree(shards, reference)
+
+
 def test_disk_space_preflight_refuses_before_writing(llama, tmp_path, monkeypatch):
     shards = tmp_path / "shards"
     need = sum(p.stat().st_size for p in llama["reference"].rglob("*.safetensors"))
