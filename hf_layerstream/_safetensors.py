@@ -751,10 +751,11 @@ def _atomic_write(path: Path, body: Callable[[int], None]) -> None:
     fsync_dir(path.parent)
 
 
-def remove_stale_tmp_files(directory: Path) -> list[Path]:
-    """Delete temporary files left by an `atomic_write_bytes` that was killed; only call this under the lock."""
+def remove_stale_tmp_files(directory: Path, subfolders: tuple[str, ...] = ("layers",)) -> list[Path]:
+    """Delete temporary files left by an `atomic_write_bytes` that was killed, in `directory` and its `subfolders`;
+    only call this under the lock."""
     removed = []
-    for sub in (directory, directory / "layers"):
+    for sub in (directory, *(directory / name for name in subfolders)):
         if not sub.is_dir():
             continue
         for p in sub.iterdir():

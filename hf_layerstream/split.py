@@ -883,7 +883,7 @@ def split_checkpoint(
     shard_dir.mkdir(parents=True, exist_ok=True)
     with _locked(shard_dir, wait=wait):
         # Only one split runs here at a time (the lock): anything temporary is a leftover of a killed run.
-        for stale in remove_stale_tmp_files(shard_dir):
+        for stale in remove_stale_tmp_files(shard_dir, ("layers", _CHAT_TEMPLATE_DIR)):
             logger.info("Removed %s, left by an interrupted split", stale)
         manifest_path = shard_dir / MANIFEST_NAME
         repaired: dict[str, UnitEntry] | None = None

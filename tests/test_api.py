@@ -158,6 +158,14 @@ def test_split_copies_the_files_its_tokenizer_class_reads_and_named_chat_templat
         assert type(loaded) is GPTNeoXJapaneseTokenizer
         assert loaded("世界 abc").input_ids == tok("世界 abc").input_ids
         assert loaded.chat_template == tok.chat_template
+    # a copy killed half way leaves its temporary file beside the templates: the next split takes it away, as it does
+    # in the shard directory itself and in `layers/` (it was left there for good)
+    from hf_layerstream._safetensors import TMP_MARKER
+
+    stale = shards / "additional_chat_templates" / f".tool_use.jinja{TMP_MARKER}12345"
+    stale.write_text("half")
+    split_checkpoint(ckpt, shards, progress=False, overwrite=True)
+    assert not stale.exists() and (shards / "additional_chat_templates" / "tool_use.jinja").is_file()
 
 
 def test_split_copies_the_versioned_tokenizer_file_that_tokenizer_config_names(tmp_path, monkeypatch):
