@@ -286,8 +286,10 @@ def _not_converted(module_name: str, patterns: list[str]) -> bool:
 
 
 def _is_matrix_weight(name: str, tensor: torch.Tensor, owner: torch.nn.Module) -> bool:
-    """What transformers' own bitsandbytes path would quantize: `nn.Linear` (or GPT-2's `Conv1D`) weights, and the
-    3-D fused expert weights of an experts module. Not: routers' or SSM parameters held as bare 2-D tensors (Mamba's
+    """Linear layers' weights: `nn.Linear` (and its subclasses, such as Falcon's `FalconLinear`) or GPT-2's `Conv1D`
+    weights, and the 3-D fused expert weights of an experts module. (transformers' own bitsandbytes path, 5.25,
+    quantizes exactly `nn.Linear` and `Conv1D`: neither the subclasses nor the fused experts, which hold most of a
+    MoE model's bytes.) Not: routers' or SSM parameters held as bare 2-D tensors (Mamba's
     `A_log`), convolution kernels (Mamba's depthwise `conv1d`). (Biases, 2-D ones such as gpt-oss's
     `gate_up_proj_bias` too, `should_quantize` keeps before asking.)"""
     attr = name.rpartition(".")[2]
