@@ -510,6 +510,13 @@ def plan_streaming(
         return deepen_prefetch(plan, lambda p: plan_for(prefetch=p), prefetch)
 
     deferrable = frozenset(deferrable)
+    if dequantize == "module" and not deferrable:  # (taken as "layer", and said so)
+        logger.warning(
+            "`dequantize='module'`: %s; its layers are dequantized whole, as with 'layer'.",
+            f"{shards.path} holds full-precision layers (nothing to dequantize)"
+            if shards.compression is None
+            else "no quantized weight of its layers is an `nn.Linear`'s (GPT-2's `Conv1D`) to dequantize as it runs",
+        )
     if dequantize == "module" or not deferrable:
         return fitted(deferrable if dequantize == "module" else frozenset())
     plan = fitted(frozenset())

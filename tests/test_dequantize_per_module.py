@@ -119,16 +119,21 @@ def test_packed_layers_and_the_largest_weight_make_the_plan(quantized):
     assert layered.layer_bytes == [m.unit(f"layers.{i}").logical_nbytes for i in range(m.num_layers)]
 
 
-def test_full_precision_shards_and_models_without_linear_weights_are_unchanged(checkpoints):
+def test_full_precision_shards_and_models_without_linear_weights_are_unchanged(checkpoints, caplog):
     """Nothing to hold packed: full-precision shards, and GPT-2's 4-bit layers (its projections are `Conv1D`, whose
-    forward is not `nn.Linear`'s): the plan dequantizes by layer, and the output is exact."""
+    forward is not `nn.Linear`'s): the plan dequantizes by layer, says so (it was silent), and the output is exact."""
     ckpt, full = checkpoints("llama")
-    model = streamed_model(ckpt, full, max_memory={"cpu": 0}, dequantize="module")
+    with caplog.at_level("WARNING", logger="hf_layerstream"):
+        model = streamed_model(ckpt, full, max_memory={"cpu": 0}, dequantize="module")
+    assert "holds full-precision layers (nothing to dequantize); its layers are dequantized whole" in caplog.text
     assert get_streaming_state(model).plan.dequantize == "layer"
     ref = _models.load_reference(ckpt)
     assert torch.equal(_logits(model), _logits(ref))
     gpt2, gpt2_4bit = checkpoints("gpt2", compression="4bit")
-    model = streamed_model(gpt2, gpt2_4bit, max_memory={"cpu": 0}, dequantize="module")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hf_layerstream"):
+        model = streamed_model(gpt2, gpt2_4bit, max_memory={"cpu": 0}, dequantize="module")
+    assert "no quantized weight of its layers is an `nn.Linear`'s (GPT-2's `Conv1D`)" in caplog.text
     assert get_streaming_state(model).plan.dequantize == "layer"
     assert torch.equal(_logits(model), _logits(streamed_model(gpt2, gpt2_4bit, max_memory={"cpu": 0})))
 
