@@ -45,6 +45,28 @@ def layer_file(index: int) -> str:
 RESIDENT_FILE = "resident.safetensors"
 
 
+LOCK_NAME = ".lock"  # what a split holds while it writes (see `split._locked`)
+
+
+def _split_running(path: Path) -> bool:
+    """Whether a split holds the lock of the folder `path` now: asked without waiting (a shared lock, let go at once)."""
+    try:
+        import fcntl
+
+        fd = os.open(path / LOCK_NAME, os.O_RDONLY)
+    except (ImportError, OSError):
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return False
+
+
 @dataclass
 class TensorEntry:
     shape: tuple[int, ...]
@@ -272,7 +294,9 @@ class ShardDirectory:
         if os.path.lexists(manifest_path):
             manifest_path = _inside(self.path, MANIFEST_NAME, manifest_path)
         if not manifest_path.is_file():
-            if (self.path / ".progress.json").exists():
+            if _split_running(self.path):  # (its advice to run the same split again was refused: the lock is held)
+                fix = "a split is writing it right now (it holds its lock): wait for that split to finish"
+            elif (self.path / ".progress.json").exists():
                 fix = "it holds an unfinished split: run the same split again to finish it"
             raise ShardDirError(
                 f"`shard_dir` {self.path} has no {MANIFEST_NAME}, so it is not a shard directory; {fix}."

@@ -47,6 +47,7 @@ from .modeling import (
 from .quant import _BNB_DTYPES
 from .shard_dir import (
     FORMAT_VERSION,
+    LOCK_NAME,
     MANIFEST_NAME,
     RESIDENT_FILE,
     Manifest,
@@ -60,7 +61,6 @@ from .shard_dir import (
 logger = logging.getLogger(__name__)
 
 PROGRESS_NAME = ".progress.json"
-LOCK_NAME = ".lock"
 _SIDE_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",

@@ -302,3 +302,18 @@ def test_a_directory_made_by_a_newer_version_says_so_and_is_not_rewritten(shard_
     split_checkpoint(ckpt, shards, overwrite=True, progress=False)
     assert json.loads((shards / "manifest.json").read_text())["format_version"] == 1
     assert ShardDirectory(shards, checksums=True).verify() == []
+
+
+def test_a_folder_a_split_is_writing_is_named_so(tmp_path):
+    """A folder a split is writing right now (it holds the lock): opening it said to run the same split again to
+    finish it, which the lock then refused ("Another process is splitting into ..."); it now says to wait."""
+    from hf_layerstream.split import _locked
+
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    (folder / ".progress.json").write_text("{}")
+    with _locked(folder, wait=False):
+        with pytest.raises(ShardDirError, match="a split is writing it right now .* wait for that split to finish"):
+            ShardDirectory(folder)
+    with pytest.raises(ShardDirError, match="unfinished split: run the same split again to finish it"):
+        ShardDirectory(folder)
