@@ -516,11 +516,18 @@ def _read_input(path: Path) -> list[_Prompt]:
         raise ValueError(f"`input_path` {path} is a directory; give a JSONL file with one prompt per line.")
     items: list[_Prompt] = []
     seen: dict[str, str] = {}  # id key -> the line that has it
-    with open(path, encoding="utf-8-sig") as f:  # (a byte-order mark, as some Windows editors write, is not JSON)
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # (decoded line by line: a line that is not UTF-8 is named)
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:  # (a byte-order mark, as some Windows editors write, is not JSON)
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(
+                    f"{where} is not UTF-8 text ({e.reason} at byte {e.start}); convert the file to "
+                    "UTF-8 (e.g. `iconv -f LATIN1 -t UTF-8`)."
+                ) from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 obj = json.loads(line)
             except ValueError as e:

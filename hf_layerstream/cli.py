@@ -367,11 +367,11 @@ def _cmd_generate(args) -> int:
         raise ValueError(f"`--prompt-lookup` must be a positive number of tokens, got {args.prompt_lookup}.")
     if args.max_new_tokens < 1:  # (transformers refuses it too, but only once the model is loaded)
         raise ValueError(f"`--max-new-tokens` must be a positive number of tokens, got {args.max_new_tokens}.")
-    if args.assistant and not os.path.isdir(os.path.expanduser(args.assistant)) and looks_local(args.assistant):
-        raise ValueError(  # (it went to the hub as a repo id, once the model was loaded)
-            f"`--assistant` {args.assistant} is neither an existing local model folder nor a hub repo id "
-            "(`organization/name`)."
-        )
+    for option, value in (("--assistant", args.assistant), ("--tokenizer", args.tokenizer)):
+        if value and not os.path.isdir(os.path.expanduser(value)) and looks_local(value):
+            raise ValueError(  # (it went to the hub as a repo id, once the model was loaded)
+                f"`{option}` {value} is neither an existing local folder nor a hub repo id (`organization/name`)."
+            )
     if args.assistant and os.path.isfile(os.path.join(args.assistant, MANIFEST_NAME)):
         raise ValueError(
             f"`--assistant` {args.assistant} is a shard directory; the draft model is loaded whole "

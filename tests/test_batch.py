@@ -312,6 +312,13 @@ def test_user_errors(llama, tmp_path):
         ValueError, match=r"dup.jsonl:2: id 0 is already the id of line 1 \(its position: it has no 'id'\);"
     ):
         generate_jsonl(model, tok, tmp_path / "dup.jsonl", tmp_path / "o.jsonl", progress=False)
+    # a line that is not UTF-8: named (it was the codec's message alone, naming neither file nor line)
+    (tmp_path / "latin.jsonl").write_bytes(b'{"id": 1, "prompt": "a"}\n{"id": 2, "prompt": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"latin.jsonl:2 is not UTF-8 text \(invalid continuation byte at byte 24\)"):
+        generate_jsonl(model, tok, tmp_path / "latin.jsonl", tmp_path / "o.jsonl", progress=False)
+    (tmp_path / "bom.jsonl").write_bytes(b'\xef\xbb\xbf{"id": 1, "prompt": "a"}\n')  # (a byte-order mark: read)
+    stats = generate_jsonl(model, tok, tmp_path / "bom.jsonl", tmp_path / "b.jsonl", progress=False, max_new_tokens=2)
+    assert stats["generated"] == 1 and json.loads((tmp_path / "b.jsonl").read_text())["id"] == 1
     (tmp_path / "schema.jsonl").write_text('{"id": 1, "text": "a"}\n')
     with pytest.raises(ValueError, match=r"schema.jsonl:1 has neither a string 'prompt' nor 'messages'"):
         generate_jsonl(model, tok, tmp_path / "schema.jsonl", tmp_path / "o.jsonl", progress=False)

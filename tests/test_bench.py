@@ -1182,7 +1182,11 @@ def test_paths_that_are_not_there_are_refused_before_measuring(tmp_path, capsys,
         assert not (tmp_path / "work").exists()
     # `generate --assistant` of a path not there: refused before the model loads (it went to the hub once loaded)
     assert main(["generate", str(shards), "hi", "--assistant", str(tmp_path / "nope")]) == 2
-    assert "is neither an existing local model folder nor a hub repo id" in capsys.readouterr().err
+    assert "is neither an existing local folder nor a hub repo id" in capsys.readouterr().err
+    # `--tokenizer` alike (a hub repo-id error once the model had loaded; a file path went to the hub)
+    for tokenizer in (tmp_path / "nope", ckpt / "config.json"):
+        assert main(["generate", str(shards), "hi", "--tokenizer", str(tokenizer)]) == 2
+        assert f"`--tokenizer` {tokenizer} is neither an existing local folder" in capsys.readouterr().err
 
 
 def test_assisted_rows_are_compared_with_the_assisted_whole_model_and_a_failed_one_is_shown():
