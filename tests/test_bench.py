@@ -1127,6 +1127,12 @@ def test_accelerates_offload_keeps_the_same_parts_in_memory_as_ours(tmp_path):
         assert torch.equal(model(ids).logits, _models.load_reference(ckpt, attn_implementation=None)(ids).logits)
 
 
+def _two_layer_report(rows: list[dict], *, max_new_tokens: int) -> dict:
+    """A report of `rows` measured on a 2-layer model of 10-byte layers (for `format_report`)."""
+    model = {"num_layers": 2, "layer_file_bytes": 20, "resident_bytes": 5, "prompt_tokens": 4}
+    return {"model": {**model, "max_new_tokens": max_new_tokens}, "disk": None, "baseline_rss": 0, "rows": rows}
+
+
 def test_only_the_like_for_like_row_is_held_to_the_accelerate_target():
     """The 0.6x-of-accelerate target compares like with like: every layer from disk at full precision. A budget plan
     (layers kept in memory) and compressed shards (fewer bytes, lossy) get the ratio for information only."""
@@ -1146,18 +1152,7 @@ def test_only_the_like_for_like_row_is_held_to_the_accelerate_target():
         row("streamed_disk_4bit", 0.2),
     ]
     _derive(rows, {"bandwidth": 100.0}, [10, 10], 0, 5, 10, {"streamed_disk_4bit": [3, 3]})
-    report = {
-        "model": {
-            "num_layers": 2,
-            "layer_file_bytes": 20,
-            "resident_bytes": 5,
-            "prompt_tokens": 4,
-            "max_new_tokens": 1,
-        },
-        "disk": None,
-        "baseline_rss": 0,
-        "rows": rows,
-    }
+    report = _two_layer_report(rows, max_new_tokens=1)
     notes = [line for line in format_report(report).splitlines() if "accelerate's cold disk offload" in line]
     assert len(notes) == 3
     assert "0.50x accelerate's cold disk offload (target <= 0.6: ok)" in notes[0]
@@ -1229,19 +1224,7 @@ def test_assisted_rows_are_compared_with_the_assisted_whole_model_and_a_failed_o
     assert warm["compute_s"] == 0.10 and assisted["compute_s"] == 0.05 == ref["compute_s"]
     assert assisted["ratio_to_limit"] == pytest.approx(1.02) and assisted["same_tokens"] is True
     assert cold["target"] is None and cold["bytes_per_sweep"] == 0
-    report = {
-        "model": {
-            "num_layers": 2,
-            "layer_file_bytes": 20,
-            "resident_bytes": 5,
-            "prompt_tokens": 4,
-            "max_new_tokens": 2,
-        },
-        "disk": None,
-        "baseline_rss": 0,
-        "rows": rows,
-    }
-    text = format_report(report)
+    text = format_report(_two_layer_report(rows, max_new_tokens=2))
     assert "failed: boom" in text and f"{assisted['label']} assisted: 0.50 sweeps per generated token" in text
     assert failed["label"] in text
 
