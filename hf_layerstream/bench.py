@@ -406,12 +406,12 @@ def _check_source(args) -> None:
         if getattr(args, key) is None:
             setattr(args, key, value)
     checkpoint_dtype(args.dtype)  # (the demo model's, and `--assistant demo`'s)
-    from .split import looks_local
+    from .split import missing_local_folder
 
     for what, value in (("SOURCE", args.source), ("`--checkpoint`", args.checkpoint)):
         # (else a local path that is not there went to the hub as a repo id: "Repo id must be in the form ...", after
         # the rows measured before it, for `--checkpoint`)
-        if value is not None and not Path(value).expanduser().is_dir() and looks_local(value):
+        if value is not None and missing_local_folder(value):
             raise ValueError(
                 f"{what} {value!r} is neither an existing local folder nor a hub repo id (`organization/name`)."
             )

@@ -357,7 +357,7 @@ def _cmd_generate(args) -> int:
 
     from .modeling import resolve_dtype
     from .shard_dir import MANIFEST_NAME
-    from .split import looks_local
+    from .split import missing_local_folder
     from .stream import get_streaming_state
 
     # refused before the model loads: transformers would take one of them and ignore the other
@@ -368,7 +368,7 @@ def _cmd_generate(args) -> int:
     if args.max_new_tokens < 1:  # (transformers refuses it too, but only once the model is loaded)
         raise ValueError(f"`--max-new-tokens` must be a positive number of tokens, got {args.max_new_tokens}.")
     for option, value in (("--assistant", args.assistant), ("--tokenizer", args.tokenizer)):
-        if value and not os.path.isdir(os.path.expanduser(value)) and looks_local(value):
+        if value and missing_local_folder(value):
             raise ValueError(  # (it went to the hub as a repo id, once the model was loaded)
                 f"`{option}` {value} is neither an existing local folder nor a hub repo id (`organization/name`)."
             )

@@ -92,17 +92,15 @@ _PREFERENCE = ("model.safetensors", "model.safetensors.index.json", "pytorch_mod
 # --- sources -----------------------------------------------------------------------------------------------------
 
 
-def looks_local(source: str | os.PathLike) -> bool:
-    """Whether `source`, not a folder, names a local path rather than a hub repo id: a path object, or text starting
-    with `.`, `/` or `~`, with more than one `/`, or naming something that exists (a file: `llama/config.json` read
-    as a repo id went to the hub, and offline failed with a connection error)."""
+def missing_local_folder(source: str | os.PathLike) -> bool:
+    """Whether `source` names a local path, not a hub repo id, and no folder is there: a path object, or text
+    starting with `.`, `/` or `~`, with more than one `/`, or naming something that exists (a file:
+    `llama/config.json` read as a repo id went to the hub, and offline failed with a connection error)."""
     text = str(source)
-    return (
-        isinstance(source, os.PathLike)
-        or text.startswith((".", "/", "~"))
-        or text.count("/") > 1
-        or Path(text).expanduser().exists()
-    )
+    local = Path(text).expanduser()
+    if local.is_dir():
+        return False
+    return isinstance(source, os.PathLike) or text.startswith((".", "/", "~")) or text.count("/") > 1 or local.exists()
 
 
 class _Source:
@@ -119,7 +117,7 @@ class _Source:
             logger.warning("`revision` %r applies to hub repos; %s is a local folder, split as it is.", revision, local)
             self.revision = None  # (nor recorded: a later run without it is the same split)
         if self.local_dir is None:
-            if looks_local(source):
+            if missing_local_folder(source):
                 raise FileNotFoundError(
                     f"`source` {source} is neither an existing local checkpoint folder nor a hub repo id "
                     "(`organization/name`). Pass the folder that holds config.json and the weight files."

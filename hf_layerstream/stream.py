@@ -970,10 +970,6 @@ def _shadow(model: nn.Module, state: StreamingState, name: str, wrapper) -> None
 # methods that move or cast a module's tensors, and what each asks for: (device, dtype)
 _MOVES = {
     "cpu": lambda *a, **k: (torch.device("cpu"), None),
-    "cuda": lambda device=None, *a, **k: (
-        torch.device("cuda", device) if isinstance(device, int) else torch.device(device or "cuda"),
-        None,
-    ),
     "half": lambda *a, **k: (None, torch.float16),
     "float": lambda *a, **k: (None, torch.float32),
     "bfloat16": lambda *a, **k: (None, torch.bfloat16),
@@ -981,7 +977,7 @@ _MOVES = {
     "to": lambda *a, **k: torch._C._nn._parse_to(*a, **k)[:2],
     "type": lambda dst_type, *a, **k: _type_target(dst_type),
 }
-for _other in ("xpu", "mtia", "ipu"):  # (the other accelerators' moves, where this torch has them)
+for _other in ("cuda", "xpu", "mtia", "ipu"):  # (the accelerators' moves, where this torch has them)
     if hasattr(nn.Module, _other):
         _MOVES[_other] = lambda device=None, *a, _kind=_other, **k: (
             torch.device(_kind, device) if isinstance(device, int) else torch.device(device or _kind),
