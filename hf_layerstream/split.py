@@ -104,7 +104,9 @@ def missing_local_folder(source: str | os.PathLike) -> bool:
 
 
 class _Source:
-    """A checkpoint to read from, local or on the hub; weight files are fetched one at a time, when first needed."""
+    """A checkpoint to read from, local or on the hub. The keys come from the weight files, as transformers loads them
+    (see `_keys_of_files`); a hub repo's files the split reads are fetched into the hub cache before it writes a
+    layer (`read_keys_of_files`)."""
 
     def __init__(self, source: str | os.PathLike, *, revision: str | None, token: str | bool | None, cache_dir):
         self.description = str(source)
@@ -127,6 +129,9 @@ class _Source:
         # set when a file the checkpoint may lack could not be fetched for want of the hub (see `fetch`)
         self.hub_unreachable = False
         self.index_metadata: dict = {}  # the checkpoint index's `metadata` (transformers reads a `dtype` there)
+        self.files: list[str] = []  # the weight files, in the order transformers loads them
+        self._listed: dict[str, set[str]] = {}  # (see `_keys_of_files`)
+        self._weight_map: dict = {}
         self.config_path = self.fetch("config.json", required=True)
         self.keys = self._list_keys()
 
@@ -237,6 +242,7 @@ class _Source:
         for name in _PREFERENCE:
             if name in _SINGLE_FILES:
                 if self.fetch(name) is not None:
+                    self.files, self._listed = [name], {}
                     return dict.fromkeys(self._open(name).keys(), name)
                 continue
             index = self.fetch(name)
@@ -252,7 +258,7 @@ class _Source:
                     raise ShardFileError(index, "is not a valid checkpoint index (`weight_map` is not an object)")
                 for filename in set(weight_map.values()):
                     _check_plain_name(index, filename)
-                return {str(k): v for k, v in weight_map.items()}
+                return self._keys_of_files(weight_map)
         where = self.local_dir or self.repo_id
         if self.hub_unreachable:
             raise FileNotFoundError(
@@ -262,6 +268,45 @@ class _Source:
                 "as `source`."
             )
         raise FileNotFoundError(f"`source` {where} has no weights: expected one of {', '.join(_PREFERENCE)}.")
+
+    def _keys_of_files(self, weight_map: dict) -> dict[str, str]:
+        """Checkpoint key -> the weight file transformers loads it from. `from_pretrained` takes only the file list
+        from an index and loads every tensor each file holds, in sorted order, a later file's over an earlier one's
+        (`merged_state_dict.update`), whatever `weight_map` says of the key. So does this, from the headers of the
+        files on this machine (a `.bin` file's pickle, mapped); a hub file not downloaded yet is taken as the index
+        lists it (in `_listed`) until `read_keys_of_files` fetches it."""
+        self._weight_map = weight_map
+        self.files = sorted(set(weight_map.values()))
+        self._listed = {}
+        keys: dict[str, str] = {}
+        for filename in self.files:
+            path = self._local_weight_file(filename)
+            if path is None:
+                names = self._listed[filename] = {str(k) for k, f in weight_map.items() if f == filename}
+            elif filename.endswith(".safetensors"):
+                names = read_header(path, source=True).tensors
+            else:
+                names = [k for k, v in self._open(filename).items() if isinstance(v, torch.Tensor)]
+                del self._handles[filename]  # (read again when needed: a pre-1.6 pickle is read whole)
+            keys.update(dict.fromkeys(names, filename))
+        return keys
+
+    def read_keys_of_files(self, files: set[str]) -> bool:
+        """Fetch those of `files` (the weight files the split reads, by the index) not on this machine yet and take the
+        keys from them, as transformers does (see `_keys_of_files`); all of the index's files where one of them does
+        not hold what the index lists for it. Returns whether a key then comes from another file than planned."""
+        if not self._listed:  # (every file's own keys known: a local folder, a repo in the hub cache)
+            return False
+        listed = dict(self._listed)
+        for filename in sorted(files & listed.keys()):
+            self.fetch(filename, required=True)
+        keys = self._keys_of_files(self._weight_map)
+        if any(f not in self._listed and {k for k, g in keys.items() if g == f} != v for f, v in listed.items()):
+            for filename in sorted(self._listed):
+                self.fetch(filename, required=True)
+            keys = self._keys_of_files(self._weight_map)
+        moved, self.keys = keys != self.keys, keys
+        return moved
 
     def _open(self, filename: str):
         if filename in self._handles:
@@ -337,7 +382,7 @@ class _Source:
         import hashlib
 
         h = hashlib.sha256()
-        for filename in sorted(set(self.keys.values())):
+        for filename in self.files:
             h.update(filename.encode() + b"\0")
             if self.local_dir is None and not legacy:
                 continue
@@ -371,7 +416,7 @@ class _Source:
         torch's pre-1.6 format, which cannot be mapped, is read whole).
         """
         out: dict[str, torch.dtype] = {}
-        for filename in sorted(set(self.keys.values())):
+        for filename in self.files:
             path = self._local_weight_file(filename)
             if path is None:
                 continue
@@ -386,7 +431,7 @@ class _Source:
     def first_floating_dtype(self) -> torch.dtype | None:
         """The dtype of the first floating-point tensor (not fp8/fp4) of the first weight file, keys in the order
         transformers reads them: what `from_pretrained(dtype="auto")` loads at when the config names no dtype."""
-        filename = sorted(set(self.keys.values()))[0] if self.keys else None
+        filename = self.files[0] if self.files else None
         if filename is None:
             return None
         if filename.endswith(".safetensors"):
@@ -675,6 +720,16 @@ def _auto_dtype(config, src: _Source) -> torch.dtype | None:
     return found if isinstance(found, torch.dtype) and found.is_floating_point else None
 
 
+def _plan(model, stack, src: _Source):
+    plan = plan_conversion(model, stack, src.keys)
+    if plan.missing:
+        raise ShardDirError(
+            f"The checkpoint {src.description} lacks {len(plan.missing)} tensors that {type(model).__name__} needs "
+            f"(e.g. {plan.missing[:4]}); it does not match its config.json."
+        )
+    return plan
+
+
 def _refuse_prequantized(config, src: _Source) -> None:
     """Raise where the checkpoint is stored quantized (its config has a `quantization_config`: block-FP8, MXFP4,
     GPTQ, AWQ, bitsandbytes...): its files hold codes and scales, not weights, which a split would store as weights."""
@@ -837,17 +892,12 @@ def split_checkpoint(
             )
 
     fingerprint = architecture_fingerprint(model, stack)
-    plan = plan_conversion(model, stack, src.keys)
-    if plan.missing:
-        raise ShardDirError(
-            f"The checkpoint {src.description} lacks {len(plan.missing)} tensors that {type(model).__name__} needs "
-            f"(e.g. {plan.missing[:4]}); it does not match its config.json."
-        )
+    plan = _plan(model, stack, src)
     # the weight files the split reads: checked before anything is written, not found missing half way through
-    needed = {src.keys[k] for entries in plan.units.values() for k, _, _ in entries} | {
+    needed_files = {src.keys[k] for entries in plan.units.values() for k, _, _ in entries} | {
         src.keys[k] for k in plan.tied_stored.values()
     }
-    absent = src.missing_files(needed)
+    absent = src.missing_files(needed_files)
     if absent:
         raise FileNotFoundError(
             f"`source` {src.local_dir} lacks {len(absent)} weight file(s) that its checkpoint index names and that "
@@ -870,7 +920,7 @@ def split_checkpoint(
         )
 
     compression_dict = scheme.to_dict() if scheme is not None else None
-    source_identity = src.identity(needed)
+    source_identity = src.identity(needed_files)
     options = _options_key(fingerprint, dtype, compression_dict, source_identity)
     # (a split finished before, which recorded the source otherwise, is this one too: see `_Source.identity`)
     earlier_digests = [
@@ -954,6 +1004,12 @@ def split_checkpoint(
                 f"{size_text(free)} are free. Free some space or choose another `shard_dir`; nothing was "
                 "written",
             )
+
+        if todo and src.read_keys_of_files(needed_files):
+            # (a hub file fetched just now holds other tensors than its index lists: planned from what the files hold,
+            # as transformers loads them)
+            plan = _plan(model, stack, src)
+            _refuse_untied_pairs(model, plan, src, dtype)
 
         # Only now, every check that can refuse passed: a refused run (`overwrite=True`, or the repair of a damaged
         # directory) leaves the split the directory holds as usable as it was.

@@ -395,6 +395,34 @@ def test_a_single_weight_file_beside_an_index_is_read_as_transformers_reads_it(t
     assert _exact(ckpt, split_checkpoint(ckpt, tmp_path / "shards", progress=False))
 
 
+@pytest.mark.parametrize("fault", ["key left out", "key listed with another file", "key in two files"])
+def test_the_weight_files_keys_count_not_the_index_s_as_transformers_reads_them(tmp_path, fault):
+    """transformers takes only the file list from a checkpoint index and loads every tensor each file holds, a later
+    file's over an earlier one's (`merged_state_dict.update`). The split looked tensors up by the index's
+    `weight_map`: a tensor it left out was "missing" (the split refused a checkpoint `from_pretrained` loads), one it
+    listed with the wrong file was not found, and one held by two files was read from the one the index named, not
+    the one transformers loads: other logits, silently."""
+    from safetensors.torch import load_file, save_file
+
+    ckpt = _models.save_tiny_checkpoint("llama", tmp_path / "ckpt", seed=1)
+    index_path = ckpt / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    weight_map = index["weight_map"]
+    files = sorted(set(weight_map.values()))
+    assert len(files) >= 2
+    first = next(k for k in weight_map if weight_map[k] == files[0] and ".layers." in k)
+    if fault == "key left out":
+        del weight_map[first]
+    elif fault == "key listed with another file":
+        weight_map[first] = files[-1]
+    else:  # the last file holds other values under the same name; the index names the first
+        last = load_file(str(ckpt / files[-1]))
+        last[first] = torch.randn_like(load_file(str(ckpt / files[0]))[first])
+        save_file(last, str(ckpt / files[-1]), metadata={"format": "pt"})
+    index_path.write_text(json.dumps(index))
+    assert _exact(ckpt, split_checkpoint(ckpt, tmp_path / "shards", progress=False))
+
+
 @pytest.mark.parametrize("legacy", [False, True], ids=["zip", "pre-1.6"])
 def test_pytorch_bin_source_loaded_with_weights_only(tmp_path, legacy):
     """Both formats `torch.save` writes: the zip one (torch >= 1.6) and the older one many hub checkpoints still
@@ -727,28 +755,28 @@ def test_hub_repo_id_from_the_hub_cache_when_the_hub_cannot_be_reached(tmp_path,
         closed.close()
 
 
-def test_hub_repo_fetched_during_the_split_resumes_and_reruns(tmp_path, monkeypatch):
-    """A sharded hub repo not in the cache: its weight files are fetched one by one as the split reads them. An
-    interrupted split resumes, and running the finished split again finds it done, although the cache now holds files
-    it did not hold the first time (that changed the recorded source before, and both were refused)."""
+def _lazy_hub_repo(monkeypatch, remote, cache_dir, repo_id, commit, *, interrupt_at=None):
+    """A hub repo holding the checkpoint folder `remote`, none of it in the hub cache yet: each file is copied into the
+    cache as `hf_hub_download` fetches it (the first fetch of `interrupt_at` raises KeyboardInterrupt instead).
+    Returns the list of the files fetched, as they are."""
     import huggingface_hub
     import transformers.utils.hub
     from huggingface_hub.errors import EntryNotFoundError
 
-    remote = _models.save_tiny_checkpoint("llama", tmp_path / "remote", num_hidden_layers=4)
-    assert (remote / "model.safetensors.index.json").exists()
-    commit = "c" * 40
-    repo = tmp_path / "cache" / "models--tiny-org--lazy"
+    repo = cache_dir / ("models--" + repo_id.replace("/", "--"))
     snapshot = repo / "snapshots" / commit
     snapshot.mkdir(parents=True)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
-    fetched = []
+    fetched, interrupted = [], []
 
     def hf_hub_download(repo_id, filename, revision=None, token=None, cache_dir=None, **kwargs):
         if not (remote / filename).is_file():
             raise EntryNotFoundError(f"{filename} not found")
         if not (snapshot / filename).exists():
+            if filename == interrupt_at and interrupt_at not in interrupted:
+                interrupted.append(filename)
+                raise KeyboardInterrupt
             fetched.append(filename)
             shutil.copy(remote / filename, snapshot / filename)
         return str(snapshot / filename)
@@ -756,20 +784,53 @@ def test_hub_repo_fetched_during_the_split_resumes_and_reruns(tmp_path, monkeypa
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
     # (the hub's listing of `additional_chat_templates/`: this repo has none)
     monkeypatch.setattr(transformers.utils.hub, "list_repo_templates", lambda *args, **kwargs: [])
+    return fetched
+
+
+def test_a_hub_repo_s_files_count_not_its_index_as_transformers_reads_them(tmp_path, monkeypatch):
+    """A hub repo not in the cache is planned from its index (no header is on this machine yet); once the files the
+    split reads are fetched, it is planned from what they hold, as transformers loads them: here a tensor the index
+    gives the first file is held by the last one too, with other values, which transformers loads."""
+    from safetensors.torch import load_file, save_file
+
+    remote = _models.save_tiny_checkpoint("llama", tmp_path / "remote", seed=1)
+    weight_map = json.loads((remote / "model.safetensors.index.json").read_text())["weight_map"]
+    files = sorted(set(weight_map.values()))
+    name = next(k for k in weight_map if weight_map[k] == files[0] and ".layers." in k)
+    last = load_file(str(remote / files[-1]))
+    last[name] = torch.randn_like(load_file(str(remote / files[0]))[name])
+    save_file(last, str(remote / files[-1]), metadata={"format": "pt"})
+    fetched = _lazy_hub_repo(monkeypatch, remote, tmp_path / "cache", "tiny-org/lazy", "c" * 40)
+    split_checkpoint("tiny-org/lazy", tmp_path / "shards", cache_dir=tmp_path / "cache", progress=False)
+    assert sorted(f for f in fetched if f.endswith(".safetensors")) == files
+    assert _exact(remote, tmp_path / "shards")
+
+
+def test_hub_repo_fetched_during_the_split_resumes_and_reruns(tmp_path, monkeypatch):
+    """A sharded hub repo not in the cache: the weight files the split reads are fetched before it writes a layer. A
+    split interrupted while fetching them, then one interrupted while writing, resume, and running the finished split
+    again finds it done, although the cache now holds files it did not hold the first time (that changed the
+    recorded source before, and both were refused)."""
+    remote = _models.save_tiny_checkpoint("llama", tmp_path / "remote", num_hidden_layers=4)
+    files = sorted(set(json.loads((remote / "model.safetensors.index.json").read_text())["weight_map"].values()))
+    assert len(files) >= 2
+    commit = "c" * 40
+    fetched = _lazy_hub_repo(monkeypatch, remote, tmp_path / "cache", "tiny-org/lazy", commit, interrupt_at=files[1])
     out = tmp_path / "shards"
+    with pytest.raises(KeyboardInterrupt):
+        split_checkpoint("tiny-org/lazy", out, cache_dir=tmp_path / "cache", progress=False)
+    assert files[0] in fetched and files[1] not in fetched
     restore = _interrupt_at(monkeypatch, "layers.2")
     with pytest.raises(KeyboardInterrupt):
         split_checkpoint("tiny-org/lazy", out, cache_dir=tmp_path / "cache", progress=False)
     restore()
-    first = [f for f in fetched if f.endswith(".safetensors")]
-    assert first and len(first) < len(
-        set(json.loads((remote / "model.safetensors.index.json").read_text())["weight_map"].values())
-    )
+    assert json.loads((out / ".progress.json").read_text())["units"]  # (layers 0 and 1)
     split_checkpoint("tiny-org/lazy", out, cache_dir=tmp_path / "cache", progress=False)  # resumes
     stamp = (out / "manifest.json").stat().st_mtime_ns
     split_checkpoint("tiny-org/lazy", out, cache_dir=tmp_path / "cache", progress=False)  # done: nothing to do
     assert (out / "manifest.json").stat().st_mtime_ns == stamp
     assert json.loads((out / "manifest.json").read_text())["source"]["revision"] == commit
+    assert sorted(f for f in fetched if f.endswith(".safetensors")) == files  # (each once)
     assert _exact(remote, out)
 
 
