@@ -16,12 +16,52 @@ enable_layer_streaming(model, "llama3-8b.layers")
 
 __version__ = "0.1.0"
 
-from .batch import generate_batch, generate_jsonl  # noqa: E402
-from .errors import LayerLoadError, ShardDirError, ShardDirOccupiedError, ShardFileError  # noqa: E402
-from .shard_dir import ShardDirectory  # noqa: E402
-from .speculative import SweepCounter, configure_draft, count_sweeps, measure_sweeps  # noqa: E402
-from .split import split_checkpoint  # noqa: E402
-from .stream import StreamingState, disable_layer_streaming, enable_layer_streaming, get_streaming_state  # noqa: E402
+from typing import TYPE_CHECKING
+
+# what each public name is imported from, when first used (PEP 562): `import hf_layerstream` and the CLI's parser
+# (`hf-layerstream --help`) take no torch or transformers import, and Ctrl-C during those imports reaches the CLI's
+# handler, not an import traceback
+_SOURCES = {
+    "generate_batch": "batch",
+    "generate_jsonl": "batch",
+    "LayerLoadError": "errors",
+    "ShardDirError": "errors",
+    "ShardDirOccupiedError": "errors",
+    "ShardFileError": "errors",
+    "ShardDirectory": "shard_dir",
+    "SweepCounter": "speculative",
+    "configure_draft": "speculative",
+    "count_sweeps": "speculative",
+    "measure_sweeps": "speculative",
+    "split_checkpoint": "split",
+    "StreamingState": "stream",
+    "disable_layer_streaming": "stream",
+    "enable_layer_streaming": "stream",
+    "get_streaming_state": "stream",
+}
+
+if TYPE_CHECKING:
+    from .batch import generate_batch, generate_jsonl
+    from .errors import LayerLoadError, ShardDirError, ShardDirOccupiedError, ShardFileError
+    from .shard_dir import ShardDirectory
+    from .speculative import SweepCounter, configure_draft, count_sweeps, measure_sweeps
+    from .split import split_checkpoint
+    from .stream import StreamingState, disable_layer_streaming, enable_layer_streaming, get_streaming_state
+
+
+def __getattr__(name: str):
+    if name not in _SOURCES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{_SOURCES[name]}", __name__), name)
+    globals()[name] = value  # (looked up directly from now on)
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_SOURCES))
+
 
 __all__ = [
     "__version__",

@@ -259,11 +259,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
-    # huggingface_hub prints its records through a handler of its own (its retries while the hub cannot be reached):
-    # passed on to the root logger's too, each came out twice
-    from huggingface_hub.utils import logging as hub_logging
-
-    hub_logging.get_logger().propagate = False
     handlers = {
         "split": _cmd_split,
         "generate": _cmd_generate,
@@ -272,7 +267,12 @@ def main(argv: list[str] | None = None) -> int:
         "verify": _cmd_verify,
     }
     handler = handlers.get(args.command) or getattr(args, "handler", None)
-    try:
+    try:  # (torch, transformers and huggingface_hub are first imported in here: Ctrl-C during that is handled too)
+        # huggingface_hub prints its records through a handler of its own (its retries while the hub cannot be
+        # reached): passed on to the root logger's too, each came out twice
+        from huggingface_hub.utils import logging as hub_logging
+
+        hub_logging.get_logger().propagate = False
         status = int(handler(args) or 0)
         sys.stdout.flush()  # a closed pipe shows here rather than at exit, where it could not be handled
         return status
@@ -367,6 +367,12 @@ def _cmd_generate(args) -> int:
         raise ValueError(f"`--prompt-lookup` must be a positive number of tokens, got {args.prompt_lookup}.")
     if args.max_new_tokens < 1:  # (transformers refuses it too, but only once the model is loaded)
         raise ValueError(f"`--max-new-tokens` must be a positive number of tokens, got {args.max_new_tokens}.")
+    # (as transformers' sampling checks them, which they met only once the model was loaded and the prompt printed;
+    # unused without --do-sample, where transformers warns that they are ignored)
+    if args.do_sample and args.temperature is not None and not args.temperature > 0:
+        raise ValueError(f"`--temperature` (={args.temperature}) has to be a strictly positive number.")
+    if args.do_sample and args.top_p is not None and not 0 <= args.top_p <= 1:
+        raise ValueError(f"`--top-p` (={args.top_p}) has to be a number from 0 to 1.")
     for option, value in (("--assistant", args.assistant), ("--tokenizer", args.tokenizer)):
         if value and missing_local_folder(value):
             raise ValueError(  # (it went to the hub as a repo id, once the model was loaded)
@@ -477,10 +483,12 @@ def _cmd_generate(args) -> int:
     else:
         inputs = tok(prompt, return_tensors="pt")
     inputs = {k: v.to(model.device) for k, v in inputs.items()}
+    _refuse_past_the_position_table(model, inputs["input_ids"].shape[-1], args.max_new_tokens)
     if tok.pad_token_id is None and tok.eos_token_id is not None:
         gen_kwargs["pad_token_id"] = tok.eos_token_id
     streamer = _continuation_streamer(tok, inputs["input_ids"][0].tolist(), skip_special_tokens=True)
-    print(prompt, end="", flush=True)
+    # (a chat reply answers the prompt, on a line of its own; a completion continues it)
+    print(prompt, end="\n" if args.chat else "", flush=True)
     try:
         with torch.no_grad():
             model.generate(**inputs, streamer=streamer, tokenizer=tok, **gen_kwargs)
@@ -491,6 +499,31 @@ def _cmd_generate(args) -> int:
     if args.profile and state.profile is not None:
         print(state.profile.summary(), file=sys.stderr)
     return 0
+
+
+def _refuse_past_the_position_table(model, prompt_tokens: int, max_new_tokens: int) -> None:
+    """A model with a learned table of absolute positions (GPT-2's `wpe`, OPT's `embed_positions`: an embedding of
+    `max_position_embeddings` rows, OPT's with 2 more) cannot go past its end: the loaded model ends in a torch
+    `IndexError` there, once it got that far. Refused before anything is generated (rotary or ALiBi models have no
+    table and go on past `max_position_embeddings`)."""
+    import torch
+
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if not isinstance(limit, int) or prompt_tokens + max_new_tokens <= limit:
+        return
+    words = model.get_input_embeddings()
+    if not any(
+        isinstance(m, torch.nn.Embedding) and m is not words and limit <= m.num_embeddings <= limit + 2
+        for m in model.modules()
+    ):
+        return
+    table = f"the {limit} positions of {type(model).__name__}'s learned position table (`max_position_embeddings`)"
+    if prompt_tokens >= limit:
+        raise ValueError(f"The prompt ({prompt_tokens} tokens) fills {table}: shorten it.")
+    raise ValueError(
+        f"The prompt ({prompt_tokens} tokens) and `--max-new-tokens` {max_new_tokens} run past {table}: pass "
+        f"`--max-new-tokens` {limit - prompt_tokens} or less, or a shorter prompt."
+    )
 
 
 def _continuation_streamer(tokenizer, prompt_ids: list[int], **decode_kwargs):

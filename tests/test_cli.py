@@ -11,7 +11,7 @@ import sys
 import _models
 import pytest
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from hf_layerstream.cli import build_parser, main
 from hf_layerstream.engine import size_text
@@ -35,6 +35,37 @@ def test_console_script_is_installed():
         assert command in out.stdout
 
 
+def test_the_cli_imports_nothing_heavy_before_a_command_runs_and_ctrl_c_there_is_handled(tmp_path):
+    """`import hf_layerstream` imported torch and transformers (every public name, eagerly), so `hf-layerstream
+    --help` took seconds and Ctrl-C while a command started printed an import traceback. The package's names are
+    imported when first used now (PEP 562), and a Ctrl-C during a command's imports is "interrupted", exit 130."""
+    script = (
+        "import sys\n"
+        "import hf_layerstream.cli\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'accelerate', 'huggingface_hub') if m in sys.modules))\n"
+        "class Interrupt:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name in ('torch', 'transformers'):\n"
+        "            raise KeyboardInterrupt\n"
+        "sys.meta_path.insert(0, Interrupt())\n"
+        "sys.exit(hf_layerstream.cli.main(['verify', sys.argv[1]]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert (out.returncode, out.stdout, out.stderr) == (130, "[]\n", "interrupted\n")
+
+
+def test_every_public_name_is_there_when_first_used():
+    import hf_layerstream
+
+    for name in hf_layerstream.__all__:
+        assert getattr(hf_layerstream, name) is not None and name in dir(hf_layerstream)
+    from hf_layerstream import ShardDirError, enable_layer_streaming, errors, stream
+
+    assert (ShardDirError, enable_layer_streaming) == (errors.ShardDirError, stream.enable_layer_streaming)
+    with pytest.raises(ImportError, match="cannot import name 'enable_streaming'"):
+        from hf_layerstream import enable_streaming  # noqa: F401
+
+
 @pytest.fixture(scope="module")
 def split_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
@@ -48,6 +79,24 @@ def _greedy_text(ckpt, prompt, n):
     ref = _models.load_reference(ckpt, attn_implementation=None)
     out = ref.generate(**tok(prompt, return_tensors="pt"), max_new_tokens=n, do_sample=False, pad_token_id=0)
     return tok.decode(out[0, -n:], skip_special_tokens=True)
+
+
+def test_a_chat_reply_goes_on_a_line_of_its_own(split_dir, capsys):
+    """With `--chat` the model answers the prompt rather than continuing it: the reply was printed right after the
+    echoed prompt ("Tell meafafaf"). It goes on the next line now, and is the loaded model's reply to the templated
+    prompt."""
+    ckpt, shards = split_dir
+    prompt = _models.SAMPLE_PROMPTS[0]
+    assert main(["generate", str(shards), prompt, "--chat", "--max-new-tokens", "6", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(prompt + "\n")
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    inputs = tok.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    ref = _models.load_reference(ckpt, attn_implementation=None)
+    ids = ref.generate(**inputs, max_new_tokens=6, do_sample=False, pad_token_id=0)[0, inputs["input_ids"].shape[1] :]
+    assert out[len(prompt) + 1 :].strip() == tok.decode(ids, skip_special_tokens=True).strip() != ""
 
 
 def test_generate_prompt_argument_streams_tokens(split_dir, capsys):
@@ -137,14 +186,74 @@ def test_a_shard_directory_without_a_tokenizer_names_the_option_to_give_one(spli
     )
 
 
-def test_an_error_from_generate_goes_on_a_line_of_its_own(split_dir, capsys):
-    """The prompt is printed before `generate` runs; an error it raises then (transformers' check of the sampling
-    settings) is told on a line of its own, not glued to the prompt ("hihf-layerstream generate: error: ...")."""
+def test_an_error_from_generate_goes_on_a_line_of_its_own(split_dir, capsys, monkeypatch):
+    """The prompt is printed before `generate` runs; an error it raises then is told on a line of its own, not glued
+    to the prompt ("hihf-layerstream generate: error: ...")."""
+    from transformers.generation.utils import GenerationMixin
+
+    def failing(self, *args, **kwargs):
+        raise ValueError("a check of transformers' failed")
+
+    monkeypatch.setattr(GenerationMixin, "generate", failing)
     _, shards = split_dir
-    assert main(["generate", str(shards), "hi", "--do-sample", "--temperature", "0", "--device", "cpu"]) == 2
+    assert main(["generate", str(shards), "hi", "--device", "cpu"]) == 2
     out, err = capsys.readouterr()
     assert out == "hi\n"
-    assert err.startswith("hf-layerstream generate: error: `--temperature` (=0.0) has to be a strictly positive")
+    assert err == "hf-layerstream generate: error: a check of transformers' failed\n"
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--temperature", "0"], "`--temperature` (=0.0) has to be a strictly positive number"),
+        (["--temperature", "-1"], "`--temperature` (=-1.0) has to be a strictly positive number"),
+        (["--top-p", "1.5"], "`--top-p` (=1.5) has to be a number from 0 to 1"),
+        (["--top-p", "nan"], "`--top-p` (=nan) has to be a number from 0 to 1"),
+    ],
+)
+def test_sampling_settings_transformers_refuses_are_refused_before_anything_is_printed(
+    split_dir, capsys, options, message
+):
+    """transformers checks the sampling settings once `generate` has begun: the prompt was printed, then the error
+    (after the model had loaded). Refused first now, with nothing on standard output; without `--do-sample` they are
+    not used (transformers warns that they are ignored), and not refused."""
+    _, shards = split_dir
+    assert main(["generate", str(shards), "hi", "--do-sample", "--device", "cpu", *options]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith(f"hf-layerstream generate: error: {message}"), err
+    assert main(["generate", str(shards), "hi", "--max-new-tokens", "2", "--device", "cpu", *options]) == 0
+    assert capsys.readouterr().out.startswith("hi")
+
+
+def test_a_generation_past_a_learned_position_table_is_refused_before_it_starts(tmp_path, capsys):
+    """GPT-2 has a learned table of 256 positions here (`n_positions`): a prompt and `--max-new-tokens` past it ran
+    until the table ran out, then ended in a torch traceback (`IndexError: index out of range in self`, the loaded
+    model's too). Refused first, naming both numbers and the fix; up to the table's end it generates; a rotary model
+    (Llama) has no table, and is not held to `max_position_embeddings`."""
+    ckpt = _models.save_tiny_checkpoint("gpt2", tmp_path / "gpt2")
+    shards = tmp_path / "shards"
+    assert main(["split", str(ckpt), str(shards), "--quiet"]) == 0
+    capsys.readouterr()
+    prompt_tokens = len(AutoTokenizer.from_pretrained(ckpt)("hello there").input_ids)
+    room = 256 - prompt_tokens
+    args = ["generate", str(shards), "hello there", "--device", "cpu", "--max-new-tokens"]
+    assert main([*args, str(room + 1)]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == (
+        f"hf-layerstream generate: error: The prompt ({prompt_tokens} tokens) and `--max-new-tokens` {room + 1} run "
+        f"past the 256 positions of GPT2LMHeadModel's learned position table (`max_position_embeddings`): pass "
+        f"`--max-new-tokens` {room} or less, or a shorter prompt.\n"
+    )
+    assert main([*args, str(room)]) == 0  # (random weights: it may stop early at its end-of-sequence token)
+    assert capsys.readouterr().out.startswith("hello there")
+
+    llama = _models.save_tiny_checkpoint("llama", tmp_path / "llama")
+    assert main(["split", str(llama), str(tmp_path / "llama-shards"), "--quiet"]) == 0
+    capsys.readouterr()
+    long = ["generate", str(tmp_path / "llama-shards"), "hello there", "--device", "cpu", "--max-new-tokens", "300"]
+    assert AutoConfig.from_pretrained(llama).max_position_embeddings == 256
+    assert main(long) == 0
 
 
 def test_ctrl_c_during_generate_goes_on_a_line_of_its_own(split_dir, capsys, monkeypatch):
