@@ -458,15 +458,20 @@ class PassGuard:
         self.hooks, self.loader, self.host_hooks = [], None, []
 
     def wrap_model(self, forward):
-        """Wrap the model's own forward (where resident modules are kept in host RAM and the runner is not the model
-        itself): the head, and a vision-language model's embeddings, run outside the runner's pass, and swap weights
-        into modules every call shares too, so calls run one at a time there as well; one that raised puts their
-        placeholders back."""
+        """Wrap the model's own forward (where the runner is not the model itself): the head, and a vision-language
+        model's embeddings, run outside the runner's pass, so calls run one at a time there as well, and
+        `disable_layer_streaming` from another thread waits for the whole call: it put the model's meta head weight
+        back while a call went from the pass over the layers to the head, which computed on it (torch on a CPU reads
+        memory never written) and returned that, silently. Where resident modules are kept in host RAM, they swap
+        weights into modules every call shares too; a call that raised puts their placeholders back."""
 
         @functools.wraps(forward)
         def guarded(*args, **kwargs):
+            was_open = self.loader is not None
             with self.lock:
                 if self.loader is None:
+                    if was_open:  # (it waited for the lock while streaming was disabled: see `wrap`)
+                        raise RuntimeError(DISABLED_DURING_CALL)
                     return forward(*args, **kwargs)
                 try:
                     return forward(*args, **kwargs)

@@ -887,7 +887,7 @@ def enable_layer_streaming(
         # an instance attribute it had (another wrapper), if any
         state.runner_forward = vars(state.runner).get("forward")
         state.runner.forward = state.guard.wrap(state.runner.forward)
-        if host_modules and state.runner is not model:
+        if state.runner is not model:  # (the head runs after the pass over the layers: see `wrap_model`)
             state.model_forward = vars(model).get("forward")
             model.forward = state.guard.wrap_model(model.forward)
         if isinstance(head, nn.Module):  # (the module looked up before loading: tying replaces its weight, not it)

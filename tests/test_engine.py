@@ -1702,6 +1702,37 @@ def test_disable_waits_for_a_pass_running_in_another_thread(llama):
     assert all(t.is_meta for t in layers[2].parameters())
 
 
+@pytest.mark.parametrize("options", [{}, STREAM_ALL], ids=["default", "stream_all"])
+def test_disable_waits_for_the_head_of_a_call_running_in_another_thread(llama, options):
+    """`disable_layer_streaming` while another thread's call went from the pass over the layers to the output head:
+    only that pass was waited for, and the head, given the model's meta weight back, computed on memory never written
+    (torch on a CPU) and returned that, silently (logits ~1e30 off). It waits for the whole call now, which ends on the
+    weights it began with."""
+    ckpt, shards, inputs, expected, pad = llama
+    with torch.no_grad():
+        want = _models.load_reference(ckpt)(**inputs).logits
+    model = streamed_model(ckpt, shards, **options)
+    at_head, out = threading.Event(), {}
+
+    def slow_head(module, args):
+        at_head.set()
+        time.sleep(0.3)
+
+    model.lm_head.register_forward_pre_hook(slow_head)
+
+    def call():
+        with torch.no_grad():
+            out["logits"] = model(**inputs).logits
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    assert at_head.wait(60)
+    disable_layer_streaming(model)
+    caller.join(60)
+    assert torch.equal(out["logits"], want)
+    assert get_streaming_state(model) is None and all(p.is_meta for p in model.parameters())
+
+
 def test_read_buffers_fit_every_streamed_layer(tmp_path):
     """Layers read into buffers (CUDA staging; CPU where not mapped) of different file sizes (dense and MoE layers):
     every buffer is taken at the largest streamed file's size, so any idle buffer fits the next layer and the pool
