@@ -112,6 +112,8 @@ class LayerStreamingHook(ModelHook):
 
     def pre_forward(self, module, *args, **kwargs):
         self.guard.running = self  # (until `post_forward`: a cast of its modules from inside its forward waits)
+        if self in self.guard.under_way:  # (run by a pass from inside its own forward: on the weights in already)
+            return args, kwargs
         if self._installed:  # (a kept layer holding its weights since its last pass)
             # (`dict.get`: a slot the caller removed since, `torch.nn.utils.prune`, is refused below)
             if not torch.is_grad_enabled() and all(map(is_, map(dict.get, self._dicts, self._keys), self._held)):
@@ -223,6 +225,8 @@ class LayerStreamingHook(ModelHook):
 
     def post_forward(self, module, output):
         self.guard.running = None
+        if self in self.guard.under_way:  # (the pass its forward runs goes on with them: see `pre_forward`)
+            return output
         if self.profile is not None:
             _sync(self.loader.device)
             elapsed = time.perf_counter() - self._t0
@@ -383,6 +387,7 @@ class _NoGuard:
 
     def __init__(self):
         self.running = self.owner = None
+        self.under_way = ()
         self.lock = contextlib.nullcontext()
 
 
@@ -426,6 +431,9 @@ class PassGuard:
         self.owner: int | None = None
         self.running: LayerStreamingHook | None = None
         self.deferred: set = set()
+        # the layers whose forward runs further up the thread running a pass, which runs a pass of the model from
+        # inside them (a hook in a layer evaluating the model): they keep their weights through it (see `wrap`)
+        self.under_way: list[LayerStreamingHook] = []
         renew_after_fork(self)
 
     def _after_fork(self) -> None:
@@ -435,7 +443,8 @@ class PassGuard:
 
     def _put_back(self) -> None:
         for index in self.loader.in_use():
-            self.hooks[index]._unload()
+            if self.hooks[index] not in self.under_way:
+                self.hooks[index]._unload()
 
     def _take_out_deferred(self) -> None:
         """The held weights a cast or load from inside their own layer's forward asked out: out now, as that pass
@@ -491,22 +500,30 @@ class PassGuard:
                     if was_open:  # it waited for the lock while streaming was disabled: the layers are meta now
                         raise RuntimeError(DISABLED_DURING_CALL)  # (a pass on them may even "succeed", on meta)
                     return forward(*args, **kwargs)
-                self._put_back()  # (a layer called on its own, outside a pass, that raised)
-                if self._raised:
-                    self.loader.sweep_begins()  # (interrupted there too: the next pass lets go of the rest)
-                    self._raised = False
-                self.loader.pass_runs(self.layers_run())
                 owner, self.owner = self.owner, threading.get_ident()
                 running, self.running = self.running, None  # (a pass inside a layer's forward: back to it after)
+                # a pass from inside that layer's forward, in the thread running it: the layer keeps its weights, and
+                # the inner pass runs it on them
+                inside = running if owner == self.owner and running is not None else None
+                if inside is not None:
+                    self.under_way.append(inside)
                 try:
+                    self._put_back()  # (a layer called on its own, outside a pass, that raised)
+                    if self._raised:
+                        self.loader.sweep_begins()  # (interrupted there too: the next pass lets go of the rest)
+                        self._raised = False
+                    self.loader.pass_runs(self.layers_run())
                     return forward(*args, **kwargs)
                 except BaseException:
                     self._raised = True
-                    self._put_back()
-                    self._put_back_host()
+                    if self.loader is not None:  # (`None`: disabled from inside the pass)
+                        self._put_back()
+                        self._put_back_host()
                     raise
                 finally:
                     self.owner, self.running = owner, running
+                    if inside is not None:
+                        self.under_way.pop()
                     if owner is None and self.deferred:
                         self._take_out_deferred()
 

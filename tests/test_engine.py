@@ -1443,6 +1443,47 @@ def test_a_cast_from_inside_a_layers_own_forward_is_not_followed(llama, case):
     disable_layer_streaming(model)
 
 
+@pytest.mark.parametrize("where", ["layers.3.mlp.up_proj", "layers.1.self_attn", "layers.1.mlp.up_proj"])
+@pytest.mark.parametrize(
+    "options", [{}, STREAM_ALL, {"max_memory": {"cpu": 0}, "prefetch": 3}], ids=["default", "stream_all", "prefetch3"]
+)
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_a_pass_of_the_model_from_inside_a_layer_gives_the_loaded_models_output(llama, where, options, grad):
+    """A pass of the whole model run from a hook inside a decoder layer (an evaluation inside an instrumented layer),
+    as the loaded model runs it: where that layer is streamed, the inner pass took its weights out (the next pass put
+    back a layer left in use, and the layer's own hook swapped it out as the inner pass ran it), and the rest of the
+    outer layer's forward met meta placeholders and raised. The layer under way keeps its weights now, and both
+    passes give the loaded model's outputs."""
+    ckpt, shards, inputs, expected, pad = llama
+    ids = inputs["input_ids"]
+
+    def run(model):
+        inner = []
+
+        def evaluate(*args):
+            if not inner:  # (once: the inner pass runs this hook too)
+                inner.append(None)
+                inner[0] = model(ids).logits
+
+        handle = model.model.get_submodule(where).register_forward_hook(evaluate)
+        try:
+            with torch.set_grad_enabled(grad):
+                outer = model(ids).logits
+        finally:
+            handle.remove()
+        return outer.detach(), inner[0].detach()
+
+    want = run(_models.load_reference(ckpt))
+    model = streamed_model(ckpt, shards, **options)
+    for _ in range(2):  # (the second: with the loader's read-ahead and kept layers as the first pass left them)
+        outer, inner = run(model)
+        assert torch.equal(outer, want[0]) and torch.equal(inner, want[1])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, want[0])
+    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+    disable_layer_streaming(model)
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_a_child_forked_from_inside_a_pass_goes_on_with_it(llama):
     """Forked from a hook inside a kept layer's forward: in the child the thread that forked goes on with the pass,
