@@ -308,6 +308,23 @@ def non_persistent_buffers(model: nn.Module) -> Iterable[tuple[nn.Module, str, s
                 yield module, attr, f"{mod_name}.{attr}" if mod_name else attr
 
 
+def buffers_built_at(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The non-persistent floating-point buffers `model`'s class computes as it is built (Gemma's `embed_scale`, XGLM's
+    sinusoidal position table) in another dtype at `dtype` than `model` holds them: as a skeleton built at `dtype`
+    holds them, the way `from_pretrained(dtype=dtype)` builds them. Empty where `model` was built at `dtype` (most of
+    its floating-point weights are in it: see `created_dtypes`)."""
+    held = {n: m._buffers[a] for m, a, n in non_persistent_buffers(model)}
+    held = {n: b for n, b in held.items() if b.is_floating_point() and not b.is_meta}
+    sizes: dict[torch.dtype, int] = defaultdict(int)
+    for t in model.state_dict(keep_vars=True).values():
+        if t.is_floating_point():
+            sizes[t.dtype] += t.numel()
+    if not held or (sizes and max(sizes, key=sizes.get) == dtype):
+        return {}
+    fresh = dict(build_skeleton(model.config, type(model), dtype).named_buffers())
+    return {n: fresh[n] for n, b in held.items() if n in fresh and not fresh[n].is_meta and fresh[n].dtype != b.dtype}
+
+
 def repair_meta_buffers(model: nn.Module) -> list[str]:
     """Give real values to non-persistent buffers left on meta (model built under `torch.device("meta")`).
 

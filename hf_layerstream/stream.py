@@ -47,6 +47,7 @@ from .hooks import (
 from .modeling import (
     RESIDENT,
     LayerStack,
+    buffers_built_at,
     dtype_configs,
     expected_tensors,
     get_submodule_attr,
@@ -344,18 +345,24 @@ def _fold_head_input(module: nn.Module, args: tuple):
     return (folded, *args[1:])
 
 
+def _load_dtype(shards: ShardDirectory, dtype: torch.dtype | None) -> torch.dtype | None:
+    """`dtype`, else the one `from_pretrained(dtype="auto")` loads the checkpoint at (see `_target_dtypes`)."""
+    from ._safetensors import str_to_dtype
+
+    auto = shards.manifest.load_dtype
+    return dtype or (str_to_dtype(auto) if auto is not None else None)
+
+
 def _target_dtypes(shards: ShardDirectory, dtype: torch.dtype | None, model: nn.Module) -> dict[str, torch.dtype]:
     """The dtypes the model will compute in, for floating tensors: `dtype`, else the one `from_pretrained(dtype="auto")`
     loads the checkpoint at (the manifest's `load_dtype`: the config's dtype, whatever each tensor is stored in; the
     stored ones for a directory split before it was recorded); float32, as `from_pretrained` loads them, for the
     weights the model keeps in float32 at that dtype (see `kept_in_float32`), and their own dtype for those the
     model creates in another one (see `created_dtypes`)."""
-    from ._safetensors import str_to_dtype
     from .modeling import created_dtypes, kept_in_float32
 
     kept = {d: kept_in_float32(model, d) for d in (torch.float16, torch.bfloat16)}
-    auto = shards.manifest.load_dtype
-    load = dtype or (str_to_dtype(auto) if auto is not None else None)
+    load = _load_dtype(shards, dtype)
     created = created_dtypes(model, load) if load is not None else {}
     out = {}
     for unit in shards.manifest.units.values():
@@ -818,6 +825,10 @@ def enable_layer_streaming(
         deferred=deferred,
     )
     try:
+        load = _load_dtype(shards, dtype)
+        for name, value in (buffers_built_at(model, load) if load is not None else {}).items():
+            module, attr = get_submodule_attr(model, name)
+            module._buffers[attr] = value
         repair_meta_buffers(model)
         # resident parts on the device, then re-tie (GPT-2's lm_head <- wte), as from_pretrained does
         params = dict(model.named_parameters(remove_duplicate=False))

@@ -589,6 +589,44 @@ def test_dtype_override_sets_the_config_dtype_as_from_pretrained_does(checkpoint
     assert model.config.dtype == before
 
 
+@pytest.mark.parametrize("arch", ["gemma", "xglm"])
+def test_buffers_the_model_computes_as_it_is_built_are_at_the_dtype_streamed(tmp_path, arch):
+    """Buffers a model computes as it is built and never stores (Gemma's `embed_tokens.embed_scale`, XGLM's sinusoidal
+    position table) are built at the dtype `from_pretrained(dtype=...)` builds the model at. Built from a bfloat16
+    config and streamed at float32 or float16, the model kept them at bfloat16: Gemma's logits were 2e-4 off, and XGLM
+    at float16 raised torch's "mixed dtype" error. They are built at the dtype streamed now (bit for bit, decode steps
+    too); disabling streaming puts the model's back."""
+    from hf_layerstream import split_checkpoint
+
+    if arch == "gemma":  # (hidden 48: sqrt(48) is not a bfloat16 number)
+        config = _models.make_config("gemma", hidden_size=48)
+    else:
+        config = AutoConfig.for_model(
+            "xglm",
+            vocab_size=128,
+            d_model=64,
+            num_layers=3,
+            attention_heads=4,
+            ffn_dim=128,
+            max_position_embeddings=256,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+    ckpt = _models.save_tiny_checkpoint(config, tmp_path / "ckpt", dtype=torch.bfloat16)
+    shards = split_checkpoint(ckpt, tmp_path / "shards", progress=False)
+    model = build_meta_model(AutoConfig.from_pretrained(shards))  # (at bfloat16, as the README builds it)
+    before = {n: b for n, b in model.named_buffers()}
+    ids = torch.tensor([[1, 5, 9, 20, 33, 7]])
+    for dtype in (torch.float32, torch.float16):
+        enable_layer_streaming(model, shards, device="cpu", dtype=dtype)
+        ref = _models.load_reference(ckpt, dtype)
+        assert {n: b.dtype for n, b in model.named_buffers()} == {n: b.dtype for n, b in ref.named_buffers()}
+        assert_same_decode_steps(ref, model, {"input_ids": ids})
+        disable_layer_streaming(model)
+        assert all(b is before[n] for n, b in model.named_buffers())
+
+
 def test_dtype_override_casts_like_from_pretrained(checkpoints):
     ckpt, shards = checkpoints("llama", dtype=torch.bfloat16)
     ref = _models.load_reference(ckpt, dtype=torch.float32)
