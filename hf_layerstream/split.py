@@ -912,11 +912,12 @@ def split_checkpoint(
         )
     # what streaming casts floating weights to by default, as `from_pretrained(dtype="auto")` loads them
     load_dtype = dtype or _auto_dtype(config, src)
-    if scheme is not None and dtype is not None and dtype not in _BNB_DTYPES:
+    if scheme is not None and load_dtype is not None and load_dtype not in _BNB_DTYPES:
         # (bitsandbytes quantizes these only: the split stored every weight at full precision, named 4-bit)
+        what = f"`dtype` {dtype_to_str(dtype)}" if dtype is not None else f"the checkpoint's {dtype_to_str(load_dtype)}"
         raise ValueError(
-            f"`compression` quantizes float32, float16 and bfloat16 weights; `dtype` {dtype_to_str(dtype)} would "
-            "leave every weight unquantized. Pass one of those as `dtype` (or none, for the checkpoint's)."
+            f"`compression` quantizes float32, float16 and bfloat16 weights; {what} would leave every weight "
+            "unquantized. Pass one of those as `dtype`" + (" (or none, for the checkpoint's)." if dtype else ".")
         )
 
     compression_dict = scheme.to_dict() if scheme is not None else None

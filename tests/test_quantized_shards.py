@@ -139,6 +139,19 @@ def test_bad_compression_arguments(tmp_path, bf16_checkpoint):
     assert not any((tmp_path / d).exists() for d in "xyz")
 
 
+def test_compression_of_a_float64_checkpoint_is_refused_as_a_float64_dtype_is(tmp_path):
+    """A checkpoint stored in float64 (its config says so), split with `compression` and no `dtype`: bitsandbytes
+    quantizes none of its weights, and the split stored them all at full precision under a manifest saying 4-bit,
+    silently (a `dtype="float64"` was refused). Refused alike, naming the fix; with `dtype` bfloat16 it quantizes."""
+    ckpt = _models.save_tiny_checkpoint("llama", tmp_path / "ckpt", dtype=torch.float64)
+    assert json.loads((ckpt / "config.json").read_text())["dtype"] == "float64"
+    with pytest.raises(ValueError, match=r"the checkpoint's float64 would leave every weight unquantized\. Pass one"):
+        split_checkpoint(ckpt, tmp_path / "4bit", compression="4bit")
+    assert not (tmp_path / "4bit").exists()
+    shards = ShardDirectory(split_checkpoint(ckpt, tmp_path / "4bit", compression="4bit", dtype="bfloat16"))
+    assert any(t.quant for u in shards.manifest.units.values() for t in u.tensors.values())
+
+
 def test_moe_experts_are_quantized_and_run(tmp_path):
     """Fused 3-D expert tensors are quantized; the model still tracks full precision."""
     config = _models.make_config(
