@@ -697,7 +697,9 @@ def _space_needed(shard_dir: Path, estimates: dict[str, int]) -> int:
 
 
 def _config_dtype(config) -> torch.dtype | None:
-    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    # (a config whose class predates `dtype` keeps `torch_dtype` as an attribute of its own: read from the instance,
+    # not through transformers' deprecated `torch_dtype` property, which warns)
+    value = getattr(config, "dtype", None) or getattr(config, "__dict__", {}).get("torch_dtype")
     if isinstance(value, torch.dtype):
         return value
     if isinstance(value, str):

@@ -395,6 +395,27 @@ def test_a_single_weight_file_beside_an_index_is_read_as_transformers_reads_it(t
     assert _exact(ckpt, split_checkpoint(ckpt, tmp_path / "shards", progress=False))
 
 
+def test_a_config_without_dtype_splits_without_transformers_deprecation_warning(tmp_path, monkeypatch):
+    """A config.json without `dtype`: the split read the config's deprecated `torch_dtype` property, and transformers
+    printed "`torch_dtype` is deprecated! Use `dtype` instead!", which `from_pretrained` does not print. A config
+    object that has its own `torch_dtype` attribute (a class from before `dtype`) is still read."""
+    import logging
+    from types import SimpleNamespace
+
+    from hf_layerstream.split import _config_dtype
+
+    ckpt = _models.save_tiny_checkpoint("llama", tmp_path / "ckpt", max_shard_size="1GB")
+    config = json.loads((ckpt / "config.json").read_text())
+    config.pop("dtype", None)
+    config.pop("torch_dtype", None)
+    (ckpt / "config.json").write_text(json.dumps(config))
+    said = []
+    monkeypatch.setattr(logging.Logger, "warning_once", lambda self, msg, *a, **k: said.append(str(msg)), raising=False)
+    assert _exact(ckpt, split_checkpoint(ckpt, tmp_path / "shards", progress=False))
+    assert not [m for m in said if "torch_dtype" in m]
+    assert _config_dtype(SimpleNamespace(dtype=None, torch_dtype="bfloat16")) == torch.bfloat16
+
+
 @pytest.mark.parametrize("fault", ["key left out", "key listed with another file", "key in two files"])
 def test_the_weight_files_keys_count_not_the_index_s_as_transformers_reads_them(tmp_path, fault):
     """transformers takes only the file list from a checkpoint index and loads every tensor each file holds, a later
