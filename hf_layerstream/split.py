@@ -87,6 +87,9 @@ _SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
 # transformers' order (`_get_resolved_checkpoint_files`): safetensors before pickled `.bin`, each single file before
 # its index (a folder holding both, with other weights, loads the single file)
 _PREFERENCE = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+# config.json's key naming the weights `from_pretrained` loads in place of `_PREFERENCE`'s (`_Source._explicit_weights`)
+_EXPLICIT_WEIGHTS_KEY = "transformers_weights"
+_EXPLICIT_SUFFIXES = (".safetensors", ".safetensors.index.json")
 
 
 # --- sources -----------------------------------------------------------------------------------------------------
@@ -132,6 +135,7 @@ class _Source:
         self.files: list[str] = []  # the weight files, in the order transformers loads them
         self._listed: dict[str, set[str]] = {}  # (see `_keys_of_files`)
         self._weight_map: dict = {}
+        self._explicit: str | None = None  # config.json's `transformers_weights` (see `_explicit_weights`)
         self.config_path = self.fetch("config.json", required=True)
         self.keys = self._list_keys()
 
@@ -237,10 +241,48 @@ class _Source:
         names = {n.removesuffix(".jinja") + ".jinja" for n in names if isinstance(n, str)}
         return sorted(n for n in names if "/" not in n and "\\" not in n and not n.startswith("."))
 
+    def _explicit_weights(self) -> str | None:
+        """config.json's `transformers_weights`: the one weight file (`.safetensors`) or index
+        (`.safetensors.index.json`) `from_pretrained` loads, whatever else the folder holds
+        (`_get_resolved_checkpoint_files`' `transformers_explicit_filename`), checked as it checks it: such a name
+        (or `adapter_model.bin`), inside the checkpoint's folder (a subfolder too). `None` where config.json names
+        none."""
+        data = _read_json(self.config_path)
+        name = data.get(_EXPLICIT_WEIGHTS_KEY) if isinstance(data, dict) else None
+        if name is None:
+            return None
+        where = self.local_dir or self.repo_id
+        if not isinstance(name, str) or not (name.endswith(_EXPLICIT_SUFFIXES) or name == "adapter_model.bin"):
+            raise ValueError(
+                f"`source` {where}: config.json's `{_EXPLICIT_WEIGHTS_KEY}` {name!r} is neither a safetensors file "
+                "(*.safetensors) nor a safetensors index file (*.safetensors.index.json); `from_pretrained` refuses it "
+                "too."
+            )
+        base = os.path.abspath(self.local_dir if self.local_dir is not None else os.sep + "repo")
+        try:
+            contained = os.path.commonpath([base, os.path.abspath(os.path.join(base, name))]) == base
+        except ValueError:
+            contained = False
+        if not contained or "\x00" in name:
+            raise ValueError(
+                f"`source` {where}: config.json's `{_EXPLICIT_WEIGHTS_KEY}` must name a file inside the checkpoint's "
+                f"folder, got {name!r}"
+            )
+        return name
+
     def _list_keys(self) -> dict[str, str]:
-        # transformers' preference (see `_PREFERENCE`)
-        for name in _PREFERENCE:
-            if name in _SINGLE_FILES:
+        explicit = self._explicit_weights()
+        if explicit is not None and self.fetch(explicit) is None:
+            where = self.local_dir or self.repo_id
+            cache = " in the hub cache, and the hub cannot be reached" if self.hub_unreachable else ""
+            raise FileNotFoundError(
+                f"`source` {where} has no {explicit}{cache}: the weights its config.json names "
+                f"(`{_EXPLICIT_WEIGHTS_KEY}`), which `from_pretrained` loads instead of any other weight file."
+            )
+        self._explicit = explicit
+        # the file config.json names, else transformers' preference (see `_PREFERENCE`)
+        for name in _PREFERENCE if explicit is None else (explicit,):
+            if name in _SINGLE_FILES or name == explicit and not name.endswith(".index.json"):
                 if self.fetch(name) is not None:
                     self.files, self._listed = [name], {}
                     return dict.fromkeys(self._open(name).keys(), name)
@@ -311,7 +353,8 @@ class _Source:
     def _open(self, filename: str):
         if filename in self._handles:
             return self._handles[filename]
-        if "/" in filename or "\\" in filename or filename.startswith(".."):
+        # (config.json's `transformers_weights` may name a file in a subfolder, checked by `_explicit_weights`)
+        if filename != self._explicit and ("/" in filename or "\\" in filename or filename.startswith("..")):
             raise ShardFileError(filename, "is named by the checkpoint index but is not a plain file name")
         path = self.fetch(filename, required=True)
         if filename.endswith(".safetensors"):
@@ -710,6 +753,16 @@ def _config_dtype(config) -> torch.dtype | None:
     return None
 
 
+def _shard_config_json(config, src: _Source) -> str:
+    """The shard directory's config.json: the config's, as `save_pretrained` writes it, without `transformers_weights`
+    (it names a weight file of the source, which the shard directory does not hold; `save_pretrained` drops it too)."""
+    text = config.to_json_string()
+    data = json.loads(text)
+    if data.pop(_EXPLICIT_WEIGHTS_KEY, None) is None:
+        return text
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+
 def _auto_dtype(config, src: _Source) -> torch.dtype | None:
     """The dtype `from_pretrained(dtype="auto")` loads the checkpoint's floating-point weights at (transformers'
     `_get_dtype`): the config's `dtype`, else the checkpoint index's `metadata.dtype`, else the dtype of the first
@@ -1077,7 +1130,7 @@ def split_checkpoint(
             # sub-configs (a model built from the shard directory's config is then built at the dtype it streams at)
             for cfg in dtype_configs(config):
                 cfg.dtype = dtype
-        atomic_write_bytes(shard_dir / "config.json", config.to_json_string().encode())
+        atomic_write_bytes(shard_dir / "config.json", _shard_config_json(config, src).encode())
 
         floating = [t.dtype for u in done.values() for t in u.tensors.values() if t.dtype.is_floating_point]
         main_dtype = max(set(floating), key=floating.count) if floating else torch.float32

@@ -395,6 +395,48 @@ def test_a_single_weight_file_beside_an_index_is_read_as_transformers_reads_it(t
     assert _exact(ckpt, split_checkpoint(ckpt, tmp_path / "shards", progress=False))
 
 
+@pytest.mark.parametrize("named", ["file beside model.safetensors", "index beside model.safetensors", "file alone"])
+def test_the_weights_config_json_names_are_split_as_from_pretrained_loads_them(tmp_path, named):
+    """config.json's `transformers_weights` names the weight file (or index) `from_pretrained` loads, whatever else
+    the folder holds (`_get_resolved_checkpoint_files`). The split ignored it: beside `model.safetensors` of other
+    weights it split those (other logits, silently), and with only the named file it found "no weights". The shard
+    directory's config.json does not keep the name (its weights are not there; `save_pretrained` drops it too)."""
+    ckpt = _models.save_tiny_checkpoint("llama", tmp_path / "ckpt", seed=1, max_shard_size="1GB")
+    other = _models.save_tiny_checkpoint("llama", tmp_path / "other", seed=2)  # (sharded, with its index)
+    if named.startswith("index"):
+        name = "custom.safetensors.index.json"
+        shutil.move(other / "model.safetensors.index.json", ckpt / name)
+        for f in other.glob("model-*.safetensors"):
+            shutil.move(f, ckpt / f.name)
+    else:
+        name = "weights/custom.safetensors"  # (in a subfolder: transformers allows it)
+        (ckpt / "weights").mkdir()
+        from safetensors.torch import save_file
+
+        state = _models.build_tiny_model("llama", seed=2).state_dict()
+        save_file({k: v.clone().contiguous() for k, v in state.items()}, str(ckpt / name), metadata={"format": "pt"})
+    if named == "file alone":
+        (ckpt / "model.safetensors").unlink()
+    config = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps(config | {"transformers_weights": name}))
+    shards = split_checkpoint(ckpt, tmp_path / "shards", progress=False)
+    assert _exact(ckpt, shards)
+    assert "transformers_weights" not in json.loads((shards / "config.json").read_text())
+
+
+@pytest.mark.parametrize("name", ["weights.bin", "../other/model.safetensors", "/abs/model.safetensors"])
+def test_a_transformers_weights_name_from_pretrained_refuses_is_refused(tmp_path, name):
+    """A `transformers_weights` that `from_pretrained` refuses (neither `.safetensors` nor `.safetensors.index.json`,
+    or outside the checkpoint's folder) is refused by the split too: it split `model.safetensors` instead."""
+    ckpt = _models.save_tiny_checkpoint("llama", tmp_path / "ckpt", max_shard_size="1GB")
+    _models.save_tiny_checkpoint("llama", tmp_path / "other", max_shard_size="1GB")
+    config = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps(config | {"transformers_weights": name}))
+    with pytest.raises(ValueError, match="transformers_weights"):
+        split_checkpoint(ckpt, tmp_path / "shards", progress=False)
+    assert not (tmp_path / "shards").exists()
+
+
 def test_a_config_without_dtype_splits_without_transformers_deprecation_warning(tmp_path, monkeypatch):
     """A config.json without `dtype`: the split read the config's deprecated `torch_dtype` property, and transformers
     printed "`torch_dtype` is deprecated! Use `dtype` instead!", which `from_pretrained` does not print. A config
