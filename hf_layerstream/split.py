@@ -753,14 +753,35 @@ def _config_dtype(config) -> torch.dtype | None:
     return None
 
 
+# config.json keys the config object takes in but does not write back out (`to_json_string`), which
+# `AutoConfig.from_pretrained` and so `from_pretrained` and `from_config` honour: the kernels the model runs
+_IMPLEMENTATION_KEYS = ("attn_implementation", "experts_implementation")
+
+
 def _shard_config_json(config, src: _Source) -> str:
-    """The shard directory's config.json: the config's, as `save_pretrained` writes it, without `transformers_weights`
-    (it names a weight file of the source, which the shard directory does not hold; `save_pretrained` drops it too)."""
+    """The shard directory's config.json: the config's, as `save_pretrained` writes it (without `transformers_weights`,
+    which names a weight file of the source: `save_pretrained` drops it too), with the source config.json's
+    `attn_implementation` / `experts_implementation` put back where they were (top level, sub-config dicts): the
+    config object drops them, and the model built from the shard directory's config ran other kernels than
+    `from_pretrained(source)` (eager attention or experts taken for sdpa / grouped_mm)."""
     text = config.to_json_string()
+    raw = _read_json(src.config_path)
     data = json.loads(text)
-    if data.pop(_EXPLICIT_WEIGHTS_KEY, None) is None:
-        return text
-    return json.dumps(data, indent=2, sort_keys=True) + "\n"
+    changed = data.pop(_EXPLICIT_WEIGHTS_KEY, None) is not None
+
+    def put_back(raw: dict, out: dict) -> bool:
+        found = False
+        for key, value in raw.items():
+            if key in _IMPLEMENTATION_KEYS and value is not None and out.get(key) != value:
+                out[key] = value
+                found = True
+            elif isinstance(value, dict) and isinstance(out.get(key), dict):
+                found = put_back(value, out[key]) or found
+        return found
+
+    if isinstance(raw, dict):
+        changed = put_back(raw, data) or changed
+    return json.dumps(data, indent=2, sort_keys=True) + "\n" if changed else text
 
 
 def _auto_dtype(config, src: _Source) -> torch.dtype | None:

@@ -437,6 +437,33 @@ def test_a_transformers_weights_name_from_pretrained_refuses_is_refused(tmp_path
     assert not (tmp_path / "shards").exists()
 
 
+@pytest.mark.parametrize(
+    ("arch", "key", "dtype"),
+    [("llama", "attn_implementation", torch.float32), ("mixtral", "experts_implementation", torch.bfloat16)],
+)
+def test_config_jsons_attention_and_experts_implementation_stay_in_the_shard_dirs_config(tmp_path, arch, key, dtype):
+    """`attn_implementation` / `experts_implementation` in config.json choose the kernels `from_pretrained` and
+    `from_config(AutoConfig.from_pretrained(source))` run. The split wrote config.json from the config object, which
+    drops them: the model built from the shard directory's config ran sdpa attention / grouped_mm experts where
+    `from_pretrained` runs eager ones (logits 1e-7 apart in float32, 4e-3 in bfloat16)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    ckpt = _models.save_tiny_checkpoint(arch, tmp_path / "ckpt", dtype=dtype, max_shard_size="1GB")
+    config = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps(config | {key: "eager"}))
+    shards = split_checkpoint(ckpt, tmp_path / "shards", progress=False)
+    assert json.loads((shards / "config.json").read_text())[key] == "eager"
+    ref = _models.load_reference(ckpt, dtype, attn_implementation=None)  # (the config's choice)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(shards)).eval()
+    assert getattr(model.config, f"_{key}") == getattr(ref.config, f"_{key}") == "eager"
+    enable_layer_streaming(model, shards, device="cpu", max_memory={"cpu": 0})
+    ids = torch.tensor([[1, 20, 30, 40, 50, 60]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)
+
+
 def test_a_config_without_dtype_splits_without_transformers_deprecation_warning(tmp_path, monkeypatch):
     """A config.json without `dtype`: the split read the config's deprecated `torch_dtype` property, and transformers
     printed "`torch_dtype` is deprecated! Use `dtype` instead!", which `from_pretrained` does not print. A config
