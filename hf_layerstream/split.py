@@ -784,6 +784,31 @@ def _shard_config_json(config, src: _Source) -> str:
     return json.dumps(data, indent=2, sort_keys=True) + "\n" if changed else text
 
 
+def _generation_config_of_config_json(src: _Source, config) -> str | None:
+    """For a source without generation_config.json: the generation config `from_pretrained` gives its model, built from
+    the source's config.json (`GenerationConfig.from_pretrained(source, config_file_name="config.json",
+    _from_model_config=True)`, i.e. `GenerationConfig.from_model_config` of its dict), as generation_config.json, where
+    it holds other settings than the one a model built from the shard directory's config derives (older checkpoints
+    keep `max_length`, `no_repeat_ngram_size`, `do_sample`... in config.json; the config object drops them, so the
+    streamed model generated with transformers' defaults). `None` where they are the same."""
+    from transformers import GenerationConfig
+
+    raw = _read_json(src.config_path)
+    if not isinstance(raw, dict):
+        return None
+    try:
+        loaded = GenerationConfig.from_model_config(raw)
+        derived = GenerationConfig.from_model_config(config)
+    except Exception as e:  # noqa: BLE001 - the split is whole without it
+        logger.warning("Cannot build a generation config from %s (%s); none written", src.config_path, e)
+        return None
+    defaults = getattr(GenerationConfig, "_get_default_generation_params", None)
+    keys = defaults().keys() if callable(defaults) else loaded.to_dict().keys()
+    if all(getattr(loaded, k, None) == getattr(derived, k, None) for k in keys):
+        return None
+    return loaded.to_json_string(use_diff=True)
+
+
 def _auto_dtype(config, src: _Source) -> torch.dtype | None:
     """The dtype `from_pretrained(dtype="auto")` loads the checkpoint's floating-point weights at (transformers'
     `_get_dtype`): the config's `dtype`, else the checkpoint index's `metadata.dtype`, else the dtype of the first
@@ -1144,8 +1169,14 @@ def split_checkpoint(
         for name, path in side.items():
             if path is not None:
                 atomic_write_bytes(shard_dir / name, path.read_bytes())
+        written = {name for name, path in side.items() if path is not None}
+        if side["generation_config.json"] is None:  # (the generation settings of an older checkpoint's config.json)
+            generation = _generation_config_of_config_json(src, config)
+            if generation is not None:
+                atomic_write_bytes(shard_dir / "generation_config.json", generation.encode())
+                written.add("generation_config.json")
         if overwrite:  # the replaced split's chat template or generation config would pass for the new source's
-            _remove_foreign_side_files(shard_dir, {name for name, path in side.items() if path is not None})
+            _remove_foreign_side_files(shard_dir, written)
         if dtype is not None:
             # the weights were cast: the config says so, as `from_pretrained(dtype=...)` sets it on the config and its
             # sub-configs (a model built from the shard directory's config is then built at the dtype it streams at)

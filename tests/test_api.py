@@ -437,6 +437,28 @@ def test_a_transformers_weights_name_from_pretrained_refuses_is_refused(tmp_path
     assert not (tmp_path / "shards").exists()
 
 
+def test_generation_settings_kept_in_config_json_are_the_streamed_models_as_from_pretrained_gives_them(tmp_path):
+    """An older checkpoint keeps its generation settings in config.json, with no generation_config.json:
+    `from_pretrained` builds the model's generation config from them. The split's config.json (written from the
+    config object) lost them and it wrote no generation_config.json, so the streamed model generated with
+    transformers' defaults: other lengths and tokens. A checkpoint with no such settings gets no file."""
+    ckpt = _models.save_tiny_checkpoint("llama", tmp_path / "ckpt", seed=1, max_shard_size="1GB")
+    (ckpt / "generation_config.json").unlink()
+    plain = split_checkpoint(ckpt, tmp_path / "plain", progress=False)
+    assert not (plain / "generation_config.json").exists()
+    config = json.loads((ckpt / "config.json").read_text())
+    legacy = {"max_length": 9, "no_repeat_ngram_size": 2, "repetition_penalty": 1.3, "do_sample": False}
+    (ckpt / "config.json").write_text(json.dumps(config | legacy))
+    shards = split_checkpoint(ckpt, tmp_path / "shards", progress=False)
+    ref = _models.load_reference(ckpt)
+    model = build_meta_model(AutoConfig.from_pretrained(shards))
+    enable_layer_streaming(model, shards, device="cpu", max_memory={"cpu": 0})
+    assert model.generation_config.to_dict() == ref.generation_config.to_dict()
+    assert model.generation_config.max_length == 9 and model.generation_config.no_repeat_ngram_size == 2
+    ids = torch.tensor([[1, 20, 30, 40, 50, 60]])
+    assert torch.equal(model.generate(ids), ref.generate(ids))
+
+
 @pytest.mark.parametrize(
     ("arch", "key", "dtype"),
     [("llama", "attn_implementation", torch.float32), ("mixtral", "experts_implementation", torch.bfloat16)],
