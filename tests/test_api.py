@@ -395,8 +395,10 @@ def test_a_single_weight_file_beside_an_index_is_read_as_transformers_reads_it(t
     assert _exact(ckpt, split_checkpoint(ckpt, tmp_path / "shards", progress=False))
 
 
-@pytest.mark.parametrize("named", ["file beside model.safetensors", "index beside model.safetensors", "file alone"])
-def test_the_weights_config_json_names_are_split_as_from_pretrained_loads_them(tmp_path, named):
+@pytest.mark.parametrize(
+    "named", ["file beside model.safetensors", "index beside model.safetensors", "file alone", "index, hub cache"]
+)
+def test_the_weights_config_json_names_are_split_as_from_pretrained_loads_them(tmp_path, monkeypatch, named):
     """config.json's `transformers_weights` names the weight file (or index) `from_pretrained` loads, whatever else
     the folder holds (`_get_resolved_checkpoint_files`). The split ignored it: beside `model.safetensors` of other
     weights it split those (other logits, silently), and with only the named file it found "no weights". The shard
@@ -419,7 +421,14 @@ def test_the_weights_config_json_names_are_split_as_from_pretrained_loads_them(t
         (ckpt / "model.safetensors").unlink()
     config = json.loads((ckpt / "config.json").read_text())
     (ckpt / "config.json").write_text(json.dumps(config | {"transformers_weights": name}))
-    shards = split_checkpoint(ckpt, tmp_path / "shards", progress=False)
+    source = ckpt
+    if named.endswith("hub cache"):  # (a hub repo, as fetched into the hub cache)
+        from huggingface_hub import constants
+
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+        _fake_hub_cache(tmp_path / "cache", "tiny-org/tiny-llama", ckpt)
+        source = "tiny-org/tiny-llama"
+    shards = split_checkpoint(source, tmp_path / "shards", cache_dir=tmp_path / "cache", progress=False)
     assert _exact(ckpt, shards)
     assert "transformers_weights" not in json.loads((shards / "config.json").read_text())
 
