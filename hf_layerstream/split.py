@@ -960,13 +960,33 @@ def split_checkpoint(
         scheme = resolve_compression(compression, quant_type=quant_type, blocksize=blocksize)
         load_backend("Splitting with `compression`")  # (before anything is written: not half way)
     dtype = resolve_dtype(dtype)
-    shard_dir = Path(shard_dir)
+    shard_dir = Path(shard_dir).expanduser()  # (as `source` is: `~/x.layers` made a folder named `~`)
+    if os.path.islink(shard_dir) and not shard_dir.exists():
+        raise ShardDirError(
+            f"`shard_dir` {shard_dir} is a dangling symlink (to {os.readlink(shard_dir)}): create the folder it points "
+            "to, or pass another `shard_dir`."
+        )
     if shard_dir.exists() and not shard_dir.is_dir():
         raise ShardDirError(f"`shard_dir` {shard_dir} exists and is not a directory.")
+    if os.path.islink(shard_dir / "layers"):
+        # (the split wrote through it, then every layer was refused as resolving outside the directory)
+        raise ShardDirError(
+            f"`shard_dir` {shard_dir} holds `layers` as a symlink (to {os.readlink(shard_dir / 'layers')}): a shard "
+            "directory's files must lie inside it. Remove the symlink, or make the whole `shard_dir` the folder on "
+            "the other disk (or a symlink to it)."
+        )
 
     src = _Source(source, revision=revision, token=token, cache_dir=cache_dir)
-    if src.local_dir is not None and shard_dir.resolve() == src.local_dir.resolve():
-        raise ValueError(f"`shard_dir` must differ from `source` ({shard_dir}); the source is never modified.")
+    if src.local_dir is not None:
+        # (`overwrite=True` into a folder holding the source, `split(ckpt_dir / "layers", ckpt_dir)`, deleted its weight
+        # files before they were read)
+        inner, outer = shard_dir.resolve(), src.local_dir.resolve()
+        if inner.is_relative_to(outer) or outer.is_relative_to(inner):
+            raise ValueError(
+                f"`shard_dir` must differ from `source`, and neither may be inside the other ({shard_dir}, "
+                f"{src.local_dir}): the split would write into the source's folder, which it never modifies. Choose a "
+                "`shard_dir` outside the checkpoint folder (and not holding it); nothing was written."
+            )
     foreign = _foreign_entries(shard_dir)
     if foreign and not overwrite:
         raise ShardDirOccupiedError(

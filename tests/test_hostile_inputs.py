@@ -575,6 +575,62 @@ def test_empty_source_directory(tmp_path):
     LEDGER["rejected"] += 1
 
 
+def test_a_source_inside_the_shard_dir_or_holding_it_is_refused_untouched(tmp_path):
+    """The only overlap refused was `shard_dir == source`: `split_checkpoint(d / "layers", d, overwrite=True)` deleted
+    the source's weight files (as a replaced split's layer files) before reading them, and a `shard_dir` inside the
+    source wrote into the source's folder. Both are refused before anything is touched."""
+    LEDGER["tried"] += 1
+    outer = tmp_path / "d"
+    ckpt = _models.save_tiny_checkpoint("llama", outer / "layers")
+    assert list(ckpt.glob("*.safetensors"))
+    before = snapshot(tmp_path)
+    for src, dest in ((ckpt, outer), (ckpt, ckpt / "shards"), (ckpt, ckpt / "a" / "b")):
+        with pytest.raises(ValueError, match="neither may be inside the other"):
+            split_checkpoint(src, dest, overwrite=True, progress=False)
+        assert snapshot(tmp_path) == before, "the source was modified"
+    LEDGER["rejected"] += 1
+
+
+def test_layers_as_a_symlink_is_refused_before_writing(checkpoints, tmp_path):
+    """`shard_dir/layers` a symlink to another disk: the split wrote through it and said it succeeded, then every
+    layer was refused as resolving outside the directory, and re-running the split "repaired" it into the same state.
+    It is refused at the start, saying what to do instead."""
+    ckpt, _ = checkpoints("llama")
+    LEDGER["tried"] += 1
+    shards, elsewhere = tmp_path / "shards", tmp_path / "fast_disk"
+    shards.mkdir()
+    elsewhere.mkdir()
+    (shards / "layers").symlink_to(elsewhere)
+    before = snapshot(tmp_path)
+    for overwrite in (True, False):
+        with pytest.raises(ShardDirError, match="holds `layers` as a symlink") as info:
+            split_checkpoint(ckpt, shards, overwrite=overwrite, progress=False)
+        assert str(elsewhere) in str(info.value)
+    assert snapshot(tmp_path) == before and not list(elsewhere.iterdir())
+    LEDGER["rejected"] += 1
+
+
+def test_shard_dir_paths_a_user_types(checkpoints, tmp_path, monkeypatch):
+    """`~` was expanded in `source` but not in `shard_dir` (a folder named `~` appeared in the working directory),
+    and a `shard_dir` that is a dangling symlink failed, after all the planning, with a bare FileExistsError."""
+    ckpt, _ = checkpoints("llama")
+    LEDGER["tried"] += 1
+    link = tmp_path / "link.layers"
+    link.symlink_to(tmp_path / "not_there_yet")
+    with pytest.raises(ShardDirError, match="is a dangling symlink") as info:
+        split_checkpoint(ckpt, link, progress=False)
+    assert str(tmp_path / "not_there_yet") in str(info.value) and not (tmp_path / "not_there_yet").exists()
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir()
+    cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    assert split_checkpoint(ckpt, "~/x.layers", progress=False) == home / "x.layers"
+    ShardDirectory(home / "x.layers")
+    assert list(cwd.iterdir()) == []
+    LEDGER["rejected"] += 1
+
+
 def test_summary():
     print("\nhostile-inputs summary: rejected cleanly {rejected} / tried {tried}".format(**LEDGER))
     assert LEDGER["rejected"] == LEDGER["tried"]
