@@ -448,8 +448,19 @@ class ShardDirectory:
         """What is wrong with the directory's `config.json`, which the split writes beside the manifest and a model is
         built from (without it transformers' own error named no file: "Should have a `model_type` key"), if
         anything."""
-        if not (self.path / "config.json").is_file():
+        path = self.path / "config.json"
+        if not path.is_file():
             return "is missing (the split writes it beside the manifest; the model is built from it)"
+        # (a damaged one passed `verify` and the split's re-run, and failed only as the model was built)
+        try:
+            config = json.loads(path.read_bytes())
+        except (OSError, ValueError) as e:
+            return f"is not readable JSON ({e})"
+        if not isinstance(config, dict):
+            return "is not a JSON object"
+        expected = self.manifest.model_type
+        if expected is not None and config.get("model_type") != expected:
+            return f"has model_type {config.get('model_type')!r}, not {expected!r} as the manifest records"
         return None
 
     def verify(self, *, checksums: bool = True) -> list[str]:

@@ -223,6 +223,38 @@ def test_a_lost_config_json_is_named_and_written_again_by_the_same_split(shard_c
     assert config.read_bytes() == before and ShardDirectory(shards, checksums=True).verify() == []
 
 
+@pytest.mark.parametrize("damage", ["torn", "not_an_object", "another_model"])
+def test_a_damaged_config_json_is_named_and_written_again_by_the_same_split(shard_copy, capsys, damage):
+    """Only a missing `config.json` was caught: a torn one (or another model's) passed `ShardDirectory`, `verify` and
+    `hf-layerstream verify` (exit 0), a re-run of the split found nothing to do, and the model could not be built.
+    It must be a JSON object of the manifest's model_type; the same split writes it again."""
+    from hf_layerstream import split_checkpoint
+
+    ckpt, shards = shard_copy
+    config = shards / "config.json"
+    before = config.read_bytes()
+    damaged = {
+        "torn": before[: len(before) // 2],
+        "not_an_object": b"[]",
+        "another_model": before.replace(b'"model_type": "llama"', b'"model_type": "gpt2"'),
+    }[damage]
+    assert damaged != before
+    config.write_bytes(damaged)
+    message = {
+        "torn": "is not readable JSON",
+        "not_an_object": "is not a JSON object",
+        "another_model": "has model_type 'gpt2'",
+    }[damage]
+    with pytest.raises(ShardDirError, match=rf"config\.json {message}.* Run the same split again"):
+        ShardDirectory(shards)
+    problems = ShardDirectory(shards, check_files=False).verify(checksums=False)
+    assert len(problems) == 1 and f"config.json {message}" in problems[0]
+    assert main(["verify", "--quick", str(shards)]) == 1
+    capsys.readouterr()
+    split_checkpoint(ckpt, shards, progress=False)
+    assert config.read_bytes() == before and ShardDirectory(shards, checksums=True).verify() == []
+
+
 def test_loading_never_writes(shard_copy, monkeypatch):
     """A read-only directory works: chmod -R a-w, and every write attempt during the load fails loudly.
 
