@@ -735,7 +735,7 @@ def _atomic_write(path: Path, body: Callable[[int], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_path_for(path)
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # (the umask decides, as for `save_pretrained`)
         try:
             body(fd)
             os.fsync(fd)

@@ -577,10 +577,21 @@ def _locked(shard_dir: Path, *, wait: bool):
     import fcntl
 
     lock_path = shard_dir / LOCK_NAME
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:  # (0o666: the umask decides, as for the files `save_pretrained` writes)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        # a folder this user cannot write (a read-only mount, a group's folder whose `.lock` another user made):
+        # `flock` works on a read-only descriptor, so re-running a finished split there still only checks it
+        if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        try:
+            fd = os.open(lock_path, os.O_RDONLY)
+        except FileNotFoundError:  # (nor can it be created: no split writes here, this one included)
+            fd = None
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            if fd is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             raise ShardDirError(
                 f"Another process is splitting into {shard_dir} right now (it holds {lock_path}). Wait for it to "
@@ -588,7 +599,8 @@ def _locked(shard_dir: Path, *, wait: bool):
             ) from None
         yield
     finally:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
 
 
 def _foreign_entries(shard_dir: Path) -> list[str]:
@@ -1053,8 +1065,12 @@ def split_checkpoint(
     shard_dir.mkdir(parents=True, exist_ok=True)
     with _locked(shard_dir, wait=wait):
         # Only one split runs here at a time (the lock): anything temporary is a leftover of a killed run.
-        for stale in remove_stale_tmp_files(shard_dir, ("layers", _CHAT_TEMPLATE_DIR)):
-            logger.info("Removed %s, left by an interrupted split", stale)
+        try:
+            for stale in remove_stale_tmp_files(shard_dir, ("layers", _CHAT_TEMPLATE_DIR)):
+                logger.info("Removed %s, left by an interrupted split", stale)
+        except OSError as e:  # (a folder this user cannot write: a finished split there is only checked)
+            if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise
         manifest_path = shard_dir / MANIFEST_NAME
         repaired: dict[str, UnitEntry] | None = None
         if manifest_path.exists():

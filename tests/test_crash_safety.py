@@ -20,6 +20,7 @@ import os
 import random
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -557,6 +558,75 @@ def test_disk_space_estimate_uses_the_checkpoint_dtypes(tmp_path, monkeypatch, d
     actual = sum(p.stat().st_size for p in shards.rglob("*.safetensors"))
     # never under (the preflight would let the split run out of space), and close
     assert actual <= seen["bytes"] <= 1.08 * actual, (seen["bytes"], actual)
+
+
+@pytest.mark.parametrize("err", [errno.EROFS, errno.EACCES], ids=["EROFS", "EACCES"])
+def test_a_finished_split_is_checked_in_a_folder_this_user_cannot_write(llama, tmp_path, monkeypatch, caplog, err):
+    """The lock was opened for writing (and created) before anything else: re-running a finished split on a read-only
+    mount (EROFS), or in a group's folder whose `.lock` another user made 0644 (EACCES), failed instead of saying it
+    has nothing to do. (As root, permissions are simulated at `os.open`: every open for writing under `shards`.)"""
+    shards = tmp_path / "shards"
+    shutil.copytree(llama["reference"], shards)
+    real_open = os.open
+
+    def open_(path, flags, *args, **kwargs):
+        if str(path).startswith(str(shards)) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise OSError(err, os.strerror(err), str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", open_)
+    with caplog.at_level(logging.INFO, logger="hf_layerstream.split"):
+        assert split_checkpoint(llama["ckpt"], shards, progress=False) == shards
+    assert "already holds this split; nothing to do" in caplog.text
+    monkeypatch.undo()
+    check_exact(llama, shards)
+
+
+def test_a_group_shared_folder_is_repaired_under_the_lock_another_user_made(llama, tmp_path, monkeypatch):
+    """A group's folder: `.lock` is another user's 0644 file, the folder is writable. The split opened the lock for
+    writing and failed (EACCES); it takes the lock through a read-only descriptor and repairs the directory."""
+    import fcntl
+
+    shards = tmp_path / "shards"
+    shutil.copytree(llama["reference"], shards)
+    (shards / ".lock").touch()
+    os.truncate(shards / "layers" / "00001.safetensors", 1000)
+    real_open, real_flock, locked = os.open, fcntl.flock, []
+
+    def open_(path, flags, *args, **kwargs):
+        if str(path) == str(shards / ".lock") and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    def flock(fd, operation):
+        locked.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real_flock(fd, operation)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "open", open_)
+        m.setattr(fcntl, "flock", flock)
+        split_checkpoint(llama["ckpt"], shards, progress=False)
+    assert str(shards / ".lock") in locked
+    check_exact(llama, shards)
+
+
+def test_files_are_created_as_the_umask_allows(llama, tmp_path):
+    """Every file was created 0644 whatever the umask: in a group's folder (umask 002) the next user of the group
+    could not take the lock or replace a file. They are created as `save_pretrained`'s are: 0666 less the umask."""
+    old = os.umask(0o002)
+    try:
+        shards = split_checkpoint(llama["ckpt"], tmp_path / "shards", progress=False)
+    finally:
+        os.umask(old)
+    for name in (
+        ".lock",
+        "manifest.json",
+        "config.json",
+        "tokenizer.json",
+        "resident.safetensors",
+        "layers/00000.safetensors",
+    ):
+        assert stat.S_IMODE((shards / name).stat().st_mode) == 0o664, name
 
 
 # --- the loader: a file damaged while a model streams from it -------------------------------------------------------
