@@ -1151,14 +1151,15 @@ def split_checkpoint(
 
         # Only now, every check that can refuse passed: a refused run (`overwrite=True`, or the repair of a damaged
         # directory) leaves the split the directory holds as usable as it was.
+        # The progress is recorded before the first unit, and before the manifest goes, so an interrupted directory
+        # always says what it is and how to finish it (removed first, a run killed in between left neither, and the
+        # same split refused the folder as holding no shard directory).
+        _save_progress(shard_dir, options, {u: done[u] for u in units if u in done})
         if manifest_path.exists():
             manifest_path.unlink()
             fsync_dir(shard_dir)
         if overwrite:
             _remove_foreign_unit_files(shard_dir, {u: _unit_file(u) for u in units})
-
-        # recorded before the first unit, so an interrupted directory always says what it is and how to finish it
-        _save_progress(shard_dir, options, {u: done[u] for u in units if u in done})
 
         kept = kept_in_float32(model, dtype) if dtype is not None else None
         created = created_dtypes(model, dtype) if dtype is not None else {}

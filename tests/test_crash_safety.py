@@ -629,6 +629,38 @@ def test_files_are_created_as_the_umask_allows(llama, tmp_path):
         assert stat.S_IMODE((shards / name).stat().st_mode) == 0o664, name
 
 
+def test_a_repair_interrupted_as_it_starts_is_finished_by_the_same_split(llama, tmp_path, monkeypatch):
+    """The repair of a damaged directory deleted the manifest before it recorded its progress: killed in between, or
+    failing on that first record (EIO), it left a folder with neither, which the same split then refused as holding
+    no shard directory ("pass overwrite=True"). The progress is recorded first."""
+    shards = tmp_path / "shards"
+    shutil.copytree(llama["reference"], shards)
+    os.truncate(shards / "layers" / "00001.safetensors", 1000)
+    real_fsync_dir = split_mod.fsync_dir
+
+    def killed_once_the_manifest_is_gone(path):
+        real_fsync_dir(path)
+        if not (Path(path) / "manifest.json").exists():
+            raise KeyboardInterrupt  # (what a SIGKILL leaves: nothing after this runs)
+
+    with monkeypatch.context() as m:
+        m.setattr(split_mod, "fsync_dir", killed_once_the_manifest_is_gone)
+        with pytest.raises(KeyboardInterrupt):
+            split_checkpoint(llama["ckpt"], shards, progress=False)
+    with pytest.raises(ShardDirError, match="unfinished split"):
+        ShardDirectory(shards)
+    resume_and_check(llama, shards, monkeypatch, damaged=("layers.1",))
+
+    os.truncate(shards / "layers" / "00002.safetensors", 1000)
+    with monkeypatch.context() as m:
+        _fail_on(m, "write", ".progress.json", errno.EIO)
+        with pytest.raises(OSError) as info:
+            split_checkpoint(llama["ckpt"], shards, progress=False)
+    assert info.value.errno == errno.EIO
+    assert (shards / "manifest.json").exists()  # (a failed repair leaves the directory as it was)
+    resume_and_check(llama, shards, monkeypatch, damaged=("layers.2",))
+
+
 # --- the loader: a file damaged while a model streams from it -------------------------------------------------------
 
 
