@@ -1132,8 +1132,13 @@ def split_checkpoint(
             units=todo,
             fallback_dtype=_config_dtype(config),
         )
+        # the side files, fetched first so their sizes count (a tokenizer.json takes up to tens of MB)
+        side = {name: src.fetch(name) for name in _SIDE_FILES}
+        side |= {name: src.fetch(name) for name in _tokenizer_files(side["tokenizer_config.json"], config)}
+        side |= {name: src.fetch(name) for name in (f"{_CHAT_TEMPLATE_DIR}/{n}" for n in src.chat_templates())}
         needed = _space_needed(shard_dir, estimates)
-        needed += 4096 * len(units) + 2**20  # manifest, progress record, config and tokenizer files
+        needed += sum(path.stat().st_size for path in side.values() if path is not None)
+        needed += 4096 * len(units) + 2**20  # manifest, progress record and config
         free = shutil.disk_usage(shard_dir).free
         if needed > free:
             raise OSError(
@@ -1154,7 +1159,8 @@ def split_checkpoint(
         # The progress is recorded before the first unit, and before the manifest goes, so an interrupted directory
         # always says what it is and how to finish it (removed first, a run killed in between left neither, and the
         # same split refused the folder as holding no shard directory).
-        _save_progress(shard_dir, options, {u: done[u] for u in units if u in done})
+        with _write_errors_named(shard_dir, PROGRESS_NAME, f"{len(done)} of {len(units)} units are complete and kept"):
+            _save_progress(shard_dir, options, {u: done[u] for u in units if u in done})
         if manifest_path.exists():
             manifest_path.unlink()
             fsync_dir(shard_dir)
@@ -1177,22 +1183,13 @@ def split_checkpoint(
                         if tensors[k].is_floating_point():
                             to = torch.float32 if kept is not None and kept.search(k) else created.get(k, dtype)
                             tensors[k] = tensors[k].to(to)
-                try:
+                with _write_errors_named(
+                    shard_dir, _unit_file(unit), lambda: f"{len(done)} of {len(units)} units are complete and kept"
+                ):
                     done[unit] = _write_unit(
                         shard_dir, unit, tensors, scheme, quantize_tensor, should_quantize, split_digest=digest
                     )
                     _save_progress(shard_dir, options, done)
-                except OSError as e:
-                    if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS):
-                        raise
-                    free = shutil.disk_usage(shard_dir).free
-                    raise OSError(
-                        e.errno,
-                        f"Writing {_unit_file(unit)} into {shard_dir} failed: {e.strerror or e} ({free / 2**30:.2f} "
-                        f"GiB free). {len(done)} of {len(units)} units are complete and kept; no partial file was "
-                        "left. Fix the cause (free disk space, check the device) and run the same split again to "
-                        "resume",
-                    ) from e
                 # keep only the source files the next units still need open
                 nxt = units[units.index(unit) + 1 :]
                 src.release({src.keys[k] for u in nxt for k, _, _ in plan.units.get(u, [])})
@@ -1200,17 +1197,14 @@ def split_checkpoint(
         finally:
             bar.close()
 
-        side = {name: src.fetch(name) for name in _SIDE_FILES}
-        side |= {name: src.fetch(name) for name in _tokenizer_files(side["tokenizer_config.json"], config)}
-        side |= {name: src.fetch(name) for name in (f"{_CHAT_TEMPLATE_DIR}/{n}" for n in src.chat_templates())}
         for name, path in side.items():
             if path is not None:
-                atomic_write_bytes(shard_dir / name, path.read_bytes())
+                _write_file(shard_dir, name, path.read_bytes())
         written = {name for name, path in side.items() if path is not None}
         if side["generation_config.json"] is None:  # (the generation settings of an older checkpoint's config.json)
             generation = _generation_config_of_config_json(src, config)
             if generation is not None:
-                atomic_write_bytes(shard_dir / "generation_config.json", generation.encode())
+                _write_file(shard_dir, "generation_config.json", generation.encode())
                 written.add("generation_config.json")
         if overwrite:  # the replaced split's chat template or generation config would pass for the new source's
             _remove_foreign_side_files(shard_dir, written)
@@ -1219,7 +1213,7 @@ def split_checkpoint(
             # sub-configs (a model built from the shard directory's config is then built at the dtype it streams at)
             for cfg in dtype_configs(config):
                 cfg.dtype = dtype
-        atomic_write_bytes(shard_dir / "config.json", _shard_config_json(config, src).encode())
+        _write_file(shard_dir, "config.json", _shard_config_json(config, src).encode())
 
         floating = [t.dtype for u in done.values() for t in u.tensors.values() if t.dtype.is_floating_point]
         main_dtype = max(set(floating), key=floating.count) if floating else torch.float32
@@ -1242,7 +1236,7 @@ def split_checkpoint(
             conversion=conversion_record(model),
             load_dtype=None if load_dtype is None else dtype_to_str(load_dtype),
         )
-        atomic_write_bytes(manifest_path, json.dumps(manifest.to_json(), indent=1).encode())
+        _write_file(shard_dir, MANIFEST_NAME, json.dumps(manifest.to_json(), indent=1).encode())
         _remove(shard_dir / PROGRESS_NAME)
         fsync_dir(shard_dir)
     logger.info("Wrote %d layers to %s", len(stack), shard_dir)
@@ -1291,6 +1285,36 @@ def _read_json(path: Path) -> Any:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG)
+
+
+@contextmanager
+def _write_errors_named(shard_dir: Path, name: str, kept: str | Callable[[], str]):
+    """An error writing `name` into `shard_dir` that the user can fix (a full disk, a file too large for the
+    filesystem, an I/O error) names the file, the free space, what is kept and the fix."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in _WRITE_ERRNOS:
+            raise
+        free = shutil.disk_usage(shard_dir).free
+        fix = "free disk space, check the device"
+        if e.errno == errno.EFBIG:  # (FAT32 holds files up to 4 GiB; `ulimit -f` caps the size of any file)
+            fix = "split onto a filesystem that holds files this large, such as ext4 or NTFS, or raise `ulimit -f`"
+        raise OSError(
+            e.errno,
+            f"Writing {name} into {shard_dir} failed: {e.strerror or e} ({size_text(free)} free). "
+            f"{kept() if callable(kept) else kept}; no partial file was left. Fix the cause ({fix}) and run the "
+            "same split again to resume",
+        ) from e
+
+
+def _write_file(shard_dir: Path, name: str, data: bytes) -> None:
+    """Write one of the small files the split writes after the units (config, tokenizer files, manifest)."""
+    with _write_errors_named(shard_dir, name, "Every unit is complete and kept"):
+        atomic_write_bytes(shard_dir / name, data)
 
 
 def _remove(path: Path) -> None:

@@ -447,9 +447,13 @@ def _fail_on(monkeypatch, what: str, when: str, err: int):
         ("replace", "00000.safetensors", errno.EIO),
         ("fsync_dir", "00003.safetensors", errno.EIO),
         ("write", "config.json", errno.EIO),
+        ("write", "tokenizer.json", errno.ENOSPC),
+        ("write", "manifest.json", errno.EFBIG),
     ],
 )
 def test_disk_full_or_io_error_mid_split_then_rerun(llama, tmp_path, monkeypatch, what, when, err):
+    """Each error names the file, the free space and the fix (the first progress record, the side files, config and
+    manifest, and any EFBIG, raised a bare "[Errno 28] No space left on device")."""
     shards = tmp_path / "shards"
     LEDGER["faults_injected"] += 1
     with monkeypatch.context() as m:
@@ -457,8 +461,8 @@ def test_disk_full_or_io_error_mid_split_then_rerun(llama, tmp_path, monkeypatch
         with pytest.raises(OSError) as info:
             split_checkpoint(llama["ckpt"], shards, progress=False)
     assert state["fired"] and info.value.errno == err
-    if when.endswith(".safetensors") and what != "fsync_dir":
-        assert "run the same split again" in str(info.value)  # names the cause and the fix
+    assert f"{when} into {shards} failed" in str(info.value) and "free)" in str(info.value)
+    assert "run the same split again" in str(info.value)  # names the cause and the fix
     no_partial_files(shards)
     assert not (shards / "manifest.json").exists()
     # an interrupted directory never looks valid, and says how to finish it once it recorded anything
@@ -558,6 +562,60 @@ def test_disk_space_estimate_uses_the_checkpoint_dtypes(tmp_path, monkeypatch, d
     actual = sum(p.stat().st_size for p in shards.rglob("*.safetensors"))
     # never under (the preflight would let the split run out of space), and close
     assert actual <= seen["bytes"] <= 1.08 * actual, (seen["bytes"], actual)
+
+
+def _with_big_tokenizer(ckpt: Path, dest: Path, size: int) -> Path:
+    """A copy of `ckpt` whose tokenizer.json is `size` bytes (padded with spaces: the same JSON)."""
+    shutil.copytree(ckpt, dest)
+    text = json.dumps(json.loads((dest / "tokenizer.json").read_text()))
+    (dest / "tokenizer.json").write_text(text[:-1] + " " * (size - len(text)) + "}")
+    return dest
+
+
+def test_disk_space_preflight_counts_the_side_files(llama, tmp_path, monkeypatch):
+    """The preflight counted the unit files and 1 MiB for every other file: a tokenizer.json of 9–33 MB (Llama-3's,
+    Gemma-3's) passed it, and the split ran out of space copying it after writing every layer. Its size counts."""
+    units = sum(p.stat().st_size for p in llama["reference"].rglob("*.safetensors"))
+    free = int(1.2 * units) + 4096 * 5 + 2 * 2**20
+    _free_bytes(monkeypatch, free)
+    big = _with_big_tokenizer(llama["ckpt"], tmp_path / "ckpt", 4 * 2**20)
+    with pytest.raises(OSError, match="Not enough disk space") as info:
+        split_checkpoint(big, tmp_path / "shards", progress=False)
+    assert info.value.errno == errno.ENOSPC and not list((tmp_path / "shards").rglob("*.safetensors"))
+    split_checkpoint(llama["ckpt"], tmp_path / "shards", progress=False)  # (the same room, a small tokenizer: fits)
+
+
+def test_a_file_too_large_for_the_filesystem_is_named_with_the_fix(llama, tmp_path):
+    """EFBIG (FAT32 holds 4 GiB per file; `ulimit -f`) was not among the errors that name the file and the fix, and
+    the side files, config and manifest written after the layers were outside that handling: a bare "[Errno 27] File
+    too large". Here a file size limit that every unit file fits but the tokenizer.json does not (a real one, set in
+    a child process)."""
+    import hf_layerstream
+
+    big = _with_big_tokenizer(llama["ckpt"], tmp_path / "ckpt", 2 * 2**20)
+    assert max(p.stat().st_size for p in llama["reference"].rglob("*")) < 2**20
+    code = (
+        "import resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, resource.RLIM_INFINITY))\n"
+        "from hf_layerstream import split_checkpoint\n"
+        "try:\n"
+        "    split_checkpoint(sys.argv[1], sys.argv[2], progress=False)\n"
+        "except OSError as e:\n"
+        "    print(e.errno, e)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(hf_layerstream.__file__).parents[1]), *sys.path]))
+    shards = tmp_path / "shards"
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(big), str(shards)], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert out.returncode == 0, out.stderr
+    message = out.stdout.strip()
+    assert message.startswith(f"{errno.EFBIG} [Errno {errno.EFBIG}] Writing tokenizer.json into {shards} failed"), (
+        message
+    )
+    assert "ulimit -f" in message and "free)" in message and "run the same split again" in message, message
+    assert not (shards / "manifest.json").exists()
 
 
 @pytest.mark.parametrize("err", [errno.EROFS, errno.EACCES], ids=["EROFS", "EACCES"])
