@@ -325,17 +325,18 @@ def buffers_built_at(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Te
     return {n: fresh[n] for n, b in held.items() if n in fresh and not fresh[n].is_meta and fresh[n].dtype != b.dtype}
 
 
-def repair_meta_buffers(model: nn.Module) -> list[str]:
+def repair_meta_buffers(model: nn.Module, dtype: torch.dtype | None = None) -> list[str]:
     """Give real values to non-persistent buffers left on meta (model built under `torch.device("meta")`).
 
     Non-persistent buffers (rotary `inv_freq`, causal masks) are computed in `__init__` and never stored in a
-    checkpoint; a skeleton built with `init_empty_weights()` computes them the same way, so we copy them over.
-    Returns the names repaired.
+    checkpoint; a skeleton built with `init_empty_weights()` computes them the same way, so we copy them over. `dtype`:
+    the dtype to build it at (default: the config's), as `from_pretrained(dtype=...)` builds them (Gemma's
+    `embed_scale` was at the config's). Returns the names repaired.
     """
     meta = [(m, a, n) for m, a, n in non_persistent_buffers(model) if m._buffers[a].is_meta]
     if not meta:
         return []
-    skeleton = build_skeleton(model.config, type(model))
+    skeleton = build_skeleton(model.config, type(model), dtype)
     fresh = dict(skeleton.named_buffers())
     repaired = []
     for module, attr, name in meta:

@@ -829,7 +829,7 @@ def enable_layer_streaming(
         for name, value in (buffers_built_at(model, load) if load is not None else {}).items():
             module, attr = get_submodule_attr(model, name)
             module._buffers[attr] = value
-        repair_meta_buffers(model)
+        repair_meta_buffers(model, load)
         # resident parts on the device, then re-tie (GPT-2's lm_head <- wte), as from_pretrained does
         params = dict(model.named_parameters(remove_duplicate=False))
         on_host = {n for p in host_parts for n in p.tensors}
@@ -858,7 +858,18 @@ def enable_layer_streaming(
             unit = shards.unit(layer_unit(i))
             for rel_name in (n[len(prefix) :] for n in unit.tensors):
                 module, attr = get_submodule_attr(layer, rel_name)
-                slots.append((module, attr, rel_name, attr in module._parameters))
+                is_param = attr in module._parameters
+                held = (module._parameters if is_param else module._buffers)[attr]
+                want = target_dtypes.get(prefix + rel_name)
+                if held is not None and held.is_meta and want is not None and held.dtype != want:
+                    # its placeholder says the dtype the layer computes in, as the loaded model's weight does (the
+                    # model's own, of the dtype it was built at, comes back at disable): `parameters()`, memory
+                    # footprints and a cast to that dtype (a no-op) read it
+                    value = held.to(want)
+                    if is_param:
+                        value = nn.Parameter(value, requires_grad=held.requires_grad)
+                    (module._parameters if is_param else module._buffers)[attr] = value
+                slots.append((module, attr, rel_name, is_param))
             hook = LayerStreamingHook(i, loader, slots, prof)
             _dequantize_per_module(hook, prefix, deferred, target_dtypes, device, handles)
             add_hook_to_module(layer, hook)
@@ -916,11 +927,13 @@ def enable_layer_streaming(
         device_map.update({p.module_name: "cpu" for p in host_parts})
         model.hf_device_map = device_map
         _load_generation_config(model, shards, state)
-        # the config says the dtype the model computes in, as `from_pretrained(dtype=...)` sets it
-        if dtype is not None:
-            for cfg in dtype_configs(getattr(model, "config", None)):
+        # the config says the dtype the model computes in, as `from_pretrained(dtype=...)` sets it; without `dtype`,
+        # a config naming none says the one it loads at, as `from_pretrained(dtype="auto")` sets it
+        load = _load_dtype(shards, dtype)
+        for cfg in dtype_configs(getattr(model, "config", None)):
+            if dtype is not None or (load is not None and cfg.dtype is None):
                 state.config_dtypes.append((cfg, cfg.dtype))
-                cfg.dtype = dtype
+                cfg.dtype = load
         setattr(model, _STATE_ATTR, state)
         _wrap_generate(model, state)
         _no_auto_compile(model, state)

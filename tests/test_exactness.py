@@ -589,13 +589,15 @@ def test_dtype_override_sets_the_config_dtype_as_from_pretrained_does(checkpoint
     assert model.config.dtype == before
 
 
+@pytest.mark.parametrize("meta_device", [False, True], ids=["init_empty_weights", "meta_device"])
 @pytest.mark.parametrize("arch", ["gemma", "xglm"])
-def test_buffers_the_model_computes_as_it_is_built_are_at_the_dtype_streamed(tmp_path, arch):
+def test_buffers_the_model_computes_as_it_is_built_are_at_the_dtype_streamed(tmp_path, arch, meta_device):
     """Buffers a model computes as it is built and never stores (Gemma's `embed_tokens.embed_scale`, XGLM's sinusoidal
     position table) are built at the dtype `from_pretrained(dtype=...)` builds the model at. Built from a bfloat16
     config and streamed at float32 or float16, the model kept them at bfloat16: Gemma's logits were 2e-4 off, and XGLM
     at float16 raised torch's "mixed dtype" error. They are built at the dtype streamed now (bit for bit, decode steps
-    too); disabling streaming puts the model's back."""
+    too); disabling streaming puts the model's back. Built under `torch.device("meta")`, such buffers are rebuilt from
+    the config: at the dtype streamed too (they were at the config's)."""
     from hf_layerstream import split_checkpoint
 
     if arch == "gemma":  # (hidden 48: sqrt(48) is not a bfloat16 number)
@@ -615,7 +617,7 @@ def test_buffers_the_model_computes_as_it_is_built_are_at_the_dtype_streamed(tmp
         )
     ckpt = _models.save_tiny_checkpoint(config, tmp_path / "ckpt", dtype=torch.bfloat16)
     shards = split_checkpoint(ckpt, tmp_path / "shards", progress=False)
-    model = build_meta_model(AutoConfig.from_pretrained(shards))  # (at bfloat16, as the README builds it)
+    model = build_meta_model(AutoConfig.from_pretrained(shards), meta_device=meta_device)  # (at bfloat16)
     before = {n: b for n, b in model.named_buffers()}
     ids = torch.tensor([[1, 5, 9, 20, 33, 7]])
     for dtype in (torch.float32, torch.float16):
@@ -625,6 +627,48 @@ def test_buffers_the_model_computes_as_it_is_built_are_at_the_dtype_streamed(tmp
         assert_same_decode_steps(ref, model, {"input_ids": ids})
         disable_layer_streaming(model)
         assert all(b is before[n] for n, b in model.named_buffers())
+
+
+@pytest.mark.parametrize("built", ["bfloat16 config", "config without dtype"])
+@pytest.mark.parametrize("options", [{}, STREAM_ALL], ids=["default", "stream_all"])
+def test_a_model_built_at_another_dtype_reports_the_dtype_it_computes_in(tmp_path, built, options):
+    """A model built at one dtype and streamed at another (a bfloat16 config, `dtype=torch.float32`; a checkpoint
+    stored in bfloat16 whose config names no dtype, built float32 and streamed at bfloat16): its decoder layers'
+    weights said the dtype it was built at, so `parameters()`, `get_memory_footprint()` and accelerate's
+    `compute_module_sizes` were off (up to 2x), and a cast to the dtype it computes in (`layer.float()`, a no-op on
+    the loaded model) was refused at the next pass; a config without dtype kept `None` where `from_pretrained` sets
+    the dtype it loaded. They say the loaded model's now; disabling streaming puts the model's back."""
+    import json
+
+    from accelerate.utils import compute_module_sizes
+
+    from hf_layerstream import split_checkpoint
+
+    ckpt = _models.save_tiny_checkpoint("llama", tmp_path / "ckpt", dtype=torch.bfloat16)
+    dtype = torch.float32
+    if built == "config without dtype":
+        config = json.loads((ckpt / "config.json").read_text())
+        del config["dtype"]
+        (ckpt / "config.json").write_text(json.dumps(config))
+        dtype = None
+    shards = split_checkpoint(ckpt, tmp_path / "shards", progress=False)
+    model = build_meta_model(AutoConfig.from_pretrained(shards))
+    before = {n: (p, p.dtype) for n, p in model.named_parameters()}
+    config_dtype = model.config.dtype
+    enable_layer_streaming(model, shards, device="cpu", dtype=dtype, **options)
+    ref = _models.load_reference(ckpt, dtype or "auto")
+    assert {n: p.dtype for n, p in model.named_parameters()} == {n: p.dtype for n, p in ref.named_parameters()}
+    assert model.config.dtype == ref.config.dtype
+    assert model.get_memory_footprint() == ref.get_memory_footprint()
+    assert compute_module_sizes(model)[""] == compute_module_sizes(ref)[""]
+    ids = torch.tensor([[1, 5, 9, 20, 33, 7]])
+    model.model.layers[0].to(ref.dtype)
+    ref.model.layers[0].to(ref.dtype)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)
+    disable_layer_streaming(model)
+    assert {n: (p, p.dtype) for n, p in model.named_parameters()} == before
+    assert model.config.dtype == config_dtype
 
 
 def test_dtype_override_casts_like_from_pretrained(checkpoints):
