@@ -46,7 +46,8 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Iterator, Sequence
+import types
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,7 @@ from transformers import GenerationConfig
 from transformers.generation import GenerationMode
 
 from ._safetensors import atomic_write_bytes, fsync_dir
+from .modeling import learned_position_limit
 from .speculative import (
     _generation_config,
     _StopRecorder,
@@ -216,26 +218,48 @@ def _check_kwargs(model: nn.Module, batch_size: Any, generate_kwargs: dict) -> t
     return batch_size, config, mode
 
 
-def _describe(value: Any) -> Any:
-    """`value` for the settings fingerprint: JSON values as they are, anything else by its type's name."""
+def _describe(value: Any, depth: int = 0, *, legacy: bool = False) -> Any:
+    """`value` for the settings fingerprint: JSON values as they are; a tensor by its dtype, shape and bytes; an object
+    (a logits processor, a stopping criterion) by its type's name and, two levels deep, its attributes (a processor
+    suppressing other tokens is another setting: by its name alone, two runs with different ones had one
+    fingerprint); a function by its name. `legacy`: as hf_layerstream 0.1.0 described it (anything not JSON by its
+    type's name), so that the results it wrote still resume."""
     if value is None or isinstance(value, (str, int, float, bool)):
         return value
     if isinstance(value, (list, tuple)):
-        return [_describe(v) for v in value]
+        return [_describe(v, depth, legacy=legacy) for v in value]
     if isinstance(value, dict):
-        return {str(k): _describe(v) for k, v in value.items()}
-    return getattr(value, "__qualname__", None) or type(value).__qualname__
+        return {str(k): _describe(v, depth, legacy=legacy) for k, v in value.items()}
+    name = getattr(value, "__qualname__", None) or type(value).__qualname__
+    if legacy:
+        return name
+    if isinstance(value, (set, frozenset)):
+        return sorted((_describe(v, depth) for v in value), key=repr)
+    if isinstance(value, torch.Tensor):
+        data = value.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        return {"tensor": str(value.dtype), "shape": list(value.shape), "sha256": hashlib.sha256(data).hexdigest()}
+    if isinstance(value, (type, types.FunctionType, types.MethodType, types.BuiltinFunctionType)) or depth >= 2:
+        return name
+    state = getattr(value, "__dict__", None)
+    if not isinstance(state, dict):
+        return name
+    return {"type": name, "state": _describe({k: v for k, v in state.items() if not k.startswith("_")}, depth + 1)}
 
 
-def _settings_digest(tokenizer, chat: bool, config: GenerationConfig, generate_kwargs: dict) -> str:
-    """A fingerprint of what decides a job's results besides the prompt and the model: how prompts are rendered and
-    the generation settings (not those that only change the speed, such as a draft model or prompt lookup)."""
+def _settings_digest(tokenizer, chat: bool, config: GenerationConfig, generate_kwargs: dict, legacy=False) -> str:
+    """A fingerprint of what decides a job's results besides the prompt and the model: how prompts are rendered (the
+    chat template's text, where `chat` renders them with it) and the generation settings (not those that only change
+    the speed, such as a draft model or prompt lookup). `legacy`: as hf_layerstream 0.1.0 made it (`chat` as a flag,
+    see `_describe`)."""
     generation = {k: v for k, v in config.to_diff_dict().items() if k not in _NOT_IN_SETTINGS}
     custom = ("logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "custom_generate")
+    templated = bool(chat and _has_chat_template(tokenizer))
     settings = {
-        "chat": bool(chat and _has_chat_template(tokenizer)),
-        "generation": _describe(generation),
-        "custom": {k: _describe(generate_kwargs[k]) for k in custom if generate_kwargs.get(k) is not None},
+        "chat": templated if legacy or not templated else str(tokenizer.chat_template),
+        "generation": _describe(generation, legacy=legacy),
+        "custom": {
+            k: _describe(generate_kwargs[k], legacy=legacy) for k in custom if generate_kwargs.get(k) is not None
+        },
     }
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -326,6 +350,18 @@ def _run(
             p.input_ids = _encode(tokenizer, p.prompt, chat)
         if not p.input_ids:
             raise ValueError(f"Prompt {p.id!r} is empty after tokenization; give it some text.")
+    # (refused before anything is generated: the loaded model ends in a torch `IndexError` there, and with it the job)
+    limit, new = learned_position_limit(model), config.max_new_tokens
+    longest = max(prompts, key=lambda p: len(p.input_ids), default=None)
+    # (the last new token is not run through the model: a prompt of P tokens takes up to `limit` - P + 1 new ones)
+    if limit is not None and new is not None and longest is not None and len(longest.input_ids) + new - 1 > limit:
+        n = len(longest.input_ids)
+        raise ValueError(
+            f"Prompt {longest.id!r} ({n} tokens) and `max_new_tokens` {new} run past the {limit} positions of "
+            f"{type(model).__name__}'s learned position table (`max_position_embeddings`): "
+            + (f"pass `max_new_tokens` {limit - n + 1} or less, or " if n <= limit else "")
+            + "shorten the prompt (or leave it out); nothing was generated."
+        )
     pad_id = _pad_token_id(model, tokenizer, generate_kwargs)
     eos_ids = eos_token_ids(model, tokenizer, generate_kwargs)
     kwargs = dict(generate_kwargs)
@@ -574,7 +610,7 @@ def _read_input(path: Path) -> list[_Prompt]:
     return items
 
 
-def _load_done(path: Path, by_key: dict[str, _Prompt], settings: str) -> tuple[dict[str, dict], bool]:
+def _load_done(path: Path, by_key: dict[str, _Prompt], settings: Collection[str]) -> tuple[dict[str, dict], bool]:
     """Results already in `path`, by id key; drops a torn last line (a crash mid-write). Returns (done, repaired)."""
     if not path.exists():
         return {}, False
@@ -626,7 +662,7 @@ def _load_done(path: Path, by_key: dict[str, _Prompt], settings: str) -> tuple[d
             )
         if "settings_sha256" not in record:
             unchecked += 1
-        elif record["settings_sha256"] != settings:
+        elif record["settings_sha256"] not in settings:
             raise ValueError(
                 f"`output_path` {path} has a result for id {record['id']!r} made with other settings than this "
                 "run's: `chat` (the chat template), `max_new_tokens` or another generation setting differs, and "
@@ -756,7 +792,9 @@ def generate_jsonl(
         _lock(out, output_path)
         if created:
             fsync_dir(output_path.parent)
-        done, repaired = _load_done(output_path, by_key, settings)
+        # (results an older hf_layerstream wrote carry its fingerprint of the same settings)
+        legacy = _settings_digest(tokenizer, chat, config, generate_kwargs, legacy=True)
+        done, repaired = _load_done(output_path, by_key, {settings, legacy})
         todo = [p for p in items if p.key not in done]
         stats = {"input": str(input_path), "output": str(output_path), "prompts": len(items), "skipped": len(done)}
         stats.update(_new_stats(batch_size))

@@ -502,27 +502,19 @@ def _cmd_generate(args) -> int:
 
 
 def _refuse_past_the_position_table(model, prompt_tokens: int, max_new_tokens: int) -> None:
-    """A model with a learned table of absolute positions (GPT-2's `wpe`, OPT's `embed_positions`: an embedding of
-    `max_position_embeddings` rows, OPT's with 2 more) cannot go past its end: the loaded model ends in a torch
-    `IndexError` there, once it got that far. Refused before anything is generated (rotary or ALiBi models have no
-    table and go on past `max_position_embeddings`)."""
-    import torch
+    """Refused before anything is generated (see `modeling.learned_position_limit`)."""
+    from .modeling import learned_position_limit
 
-    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-    if not isinstance(limit, int) or prompt_tokens + max_new_tokens <= limit:
-        return
-    words = model.get_input_embeddings()
-    if not any(
-        isinstance(m, torch.nn.Embedding) and m is not words and limit <= m.num_embeddings <= limit + 2
-        for m in model.modules()
-    ):
+    limit = learned_position_limit(model)
+    # (the last new token is not run through the model: a prompt of P tokens takes up to `limit` - P + 1 new ones)
+    if limit is None or prompt_tokens + max_new_tokens - 1 <= limit:
         return
     table = f"the {limit} positions of {type(model).__name__}'s learned position table (`max_position_embeddings`)"
-    if prompt_tokens >= limit:
-        raise ValueError(f"The prompt ({prompt_tokens} tokens) fills {table}: shorten it.")
+    if prompt_tokens > limit:
+        raise ValueError(f"The prompt ({prompt_tokens} tokens) runs past {table}: shorten it.")
     raise ValueError(
         f"The prompt ({prompt_tokens} tokens) and `--max-new-tokens` {max_new_tokens} run past {table}: pass "
-        f"`--max-new-tokens` {limit - prompt_tokens} or less, or a shorter prompt."
+        f"`--max-new-tokens` {limit - prompt_tokens + 1} or less, or a shorter prompt."
     )
 
 

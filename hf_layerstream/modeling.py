@@ -308,6 +308,21 @@ def non_persistent_buffers(model: nn.Module) -> Iterable[tuple[nn.Module, str, s
                 yield module, attr, f"{mod_name}.{attr}" if mod_name else attr
 
 
+def learned_position_limit(model: nn.Module) -> int | None:
+    """How many positions a model with a learned table of absolute positions (GPT-2's `wpe`, OPT's `embed_positions`:
+    an embedding of `max_position_embeddings` rows, OPT's with 2 more) can run: past its end the loaded model ends in a
+    torch `IndexError` (`index out of range in self`), once it got that far. `None` for a model without one (rotary or
+    ALiBi models go on past `max_position_embeddings`)."""
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if not isinstance(limit, int):
+        return None
+    words = model.get_input_embeddings()
+    for m in model.modules():
+        if isinstance(m, nn.Embedding) and m is not words and limit <= m.num_embeddings <= limit + 2:
+            return limit
+    return None
+
+
 def buffers_built_at(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The non-persistent floating-point buffers `model`'s class computes as it is built (Gemma's `embed_scale`, XGLM's
     sinusoidal position table) in another dtype at `dtype` than `model` holds them: as a skeleton built at `dtype`

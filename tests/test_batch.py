@@ -560,6 +560,81 @@ def test_an_unpaired_surrogate_is_refused_when_the_input_is_read(llama, tmp_path
         assert not (tmp_path / "out.jsonl").exists()
 
 
+def test_resume_refuses_another_logits_processor_or_chat_template(llama, tmp_path):
+    """The fingerprint took an object passed to `generate` (a logits processor, a stopping criterion) by its class's
+    name, and `chat` as a flag: a resumed job suppressing other tokens, or rendering prompts with another chat template
+    (`--tokenizer` of another model), mixed its results with the first run's, silently. Those are settings now; the
+    same ones resume, and results a 0.1.0 job wrote (its fingerprint of the same settings) still resume."""
+    from transformers import SuppressTokensLogitsProcessor
+
+    from hf_layerstream import batch
+
+    model, tok, _ = llama
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in enumerate(PROMPTS[:2])))
+
+    def suppress(tokens):
+        return [SuppressTokensLogitsProcessor(tokens)]
+
+    def first_line(**kw):
+        generate_jsonl(model, tok, inp, tmp_path / "straight.jsonl", progress=False, max_new_tokens=3, **kw)
+        line = (tmp_path / "straight.jsonl").read_text().splitlines(True)[0]
+        (tmp_path / "straight.jsonl").unlink()
+        out.write_text(line)  # as if killed after the first prompt
+        return line
+
+    first_line(logits_processor=suppress([85]))
+    with pytest.raises(ValueError, match="made with other settings than this run's"):
+        generate_jsonl(model, tok, inp, out, progress=False, max_new_tokens=3, logits_processor=suppress(range(4, 99)))
+    stats = generate_jsonl(model, tok, inp, out, progress=False, max_new_tokens=3, logits_processor=suppress([85]))
+    assert stats["skipped"] == 1
+
+    templated = tok.chat_template
+    first_line(chat=True)
+    tok.chat_template = templated.replace("assistant:", "answer:")
+    try:
+        with pytest.raises(ValueError, match="made with other settings than this run's"):
+            generate_jsonl(model, tok, inp, out, progress=False, max_new_tokens=3, chat=True)
+    finally:
+        tok.chat_template = templated
+
+    line = json.loads(first_line(chat=True))
+    line["settings_sha256"] = batch._settings_digest(
+        tok, True, batch._check_kwargs(model, 8, {"max_new_tokens": 3})[1], {"max_new_tokens": 3}, legacy=True
+    )
+    out.write_text(json.dumps(line) + "\n")
+    stats = generate_jsonl(model, tok, inp, out, progress=False, max_new_tokens=3, chat=True)
+    assert stats["skipped"] == 1 and stats["generated"] == 1
+
+
+def test_a_prompt_past_a_learned_position_table_is_refused_before_any_generation(checkpoints, tmp_path):
+    """GPT-2's learned table of 256 positions here: a job whose longest prompt and `max_new_tokens` ran past it ended
+    in a torch `IndexError` traceback part way through the first batch (`hf-layerstream generate --input` too), with
+    no result for the other prompts of that batch. Refused before anything is generated, naming the prompt; within
+    the table it runs (the last new token needs no position: a prompt of P tokens takes 257 - P)."""
+    ckpt, shards = checkpoints("gpt2")
+    model = streamed_model(ckpt, shards)
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    long = "hello"
+    while len(tok(long + " hello").input_ids) < 200:
+        long += " hello"
+    n = len(tok(long).input_ids)
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(
+        json.dumps({"id": "short", "prompt": "hi"}) + "\n" + json.dumps({"id": "long", "prompt": long}) + "\n"
+    )
+    message = rf"Prompt 'long' \({n} tokens\) and `max_new_tokens` {258 - n} run past the 256 positions of "
+    with pytest.raises(ValueError, match=message + rf".*pass `max_new_tokens` {257 - n} or less"):
+        generate_jsonl(
+            model, tok, inp, tmp_path / "out.jsonl", progress=False, max_new_tokens=258 - n, min_new_tokens=258 - n
+        )
+    assert not (tmp_path / "out.jsonl").exists() or (tmp_path / "out.jsonl").read_text() == ""
+    with pytest.raises(ValueError, match="Prompt 1 "):
+        generate_batch(model, tok, ["hi", long], progress=False, max_new_tokens=258 - n, min_new_tokens=258 - n)
+    kw = {"max_new_tokens": 257 - n, "min_new_tokens": 257 - n}
+    assert len(generate_batch(model, tok, ["hi", long], progress=False, **kw)) == 2
+
+
 def test_resume_refuses_other_settings(llama, tmp_path, caplog):
     """A resumed job whose rendering or generation settings changed would mix results: refused. The batch size and
     speed-only settings (prompt lookup, a draft) may change."""
