@@ -315,6 +315,18 @@ class _StopWatch:
             return self.recorder.stopped_at() or [None] * len(new_tokens)
         eos = set(eos_ids)
         stops: list[int | None] = [None] * len(new_tokens)
+        strings = [c for c in self.watched if type(c) is StopStringCriteria]
+        if self.active and strings:
+            # (beam search: a stop string found again, stateless, at the first count where it ends the row; the row
+            # is filled after it with padding, or with an end-of-sequence id that no model generated there)
+            for i, row in enumerate(new_tokens):
+                for n in range(1, len(row) + 1):
+                    ids = torch.tensor([row[:n]], dtype=torch.long)
+                    if any(bool(c(ids, None)[0]) for c in strings):
+                        stops[i] = n
+                        break
+            if len(strings) == len(self.watched):  # (every criterion watched is a stop string: the rest is "length")
+                return stops
         if self.active and pad_id is not None and pad_id not in eos:
             for i, row in enumerate(new_tokens):
                 n = len(row)

@@ -504,6 +504,32 @@ def test_rows_ended_by_stop_strings_or_criteria_report_stop(llama, tmp_path, how
     assert generate_batch(model, tok, prompts, progress=False, **GREEDY, **kw) == [r["completion"] for r in records]
 
 
+def test_beam_search_rows_ended_by_a_stop_string_report_stop_whatever_the_batch_size(llama, tmp_path):
+    """Beam search with `stop_strings`: a row its stop string ended was reported "length" at batch size 1, and at
+    batch size 3 "stop" with one token too many (the end-of-sequence id transformers fills finished beams with was
+    counted as generated). Each row now reports "stop" and the tokens generating it alone gives, at any batch size."""
+    model, tok, _ = llama
+    prompts = ["a", "The quick brown fox jumps over the lazy dog", "x y z"]
+    kw = {"max_new_tokens": 12, "do_sample": False, "num_beams": 2, "stop_strings": [" "]}
+    alone = []
+    for p in prompts:
+        x = tok(p, return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**x, pad_token_id=tok.pad_token_id, tokenizer=tok, **kw)
+        alone.append(out[0, x["input_ids"].shape[1] :].tolist())
+    assert any(len(new) < kw["max_new_tokens"] for new in alone) and any(len(n) == kw["max_new_tokens"] for n in alone)
+    (tmp_path / "in.jsonl").write_text(
+        "".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in enumerate(prompts))
+    )
+    for batch_size in (1, 3):
+        out = tmp_path / f"out{batch_size}.jsonl"
+        generate_jsonl(model, tok, tmp_path / "in.jsonl", out, batch_size=batch_size, progress=False, **kw)
+        records = [json.loads(line) for line in out.read_text().splitlines()]
+        for new, r in zip(alone, records):
+            stopped = " " in tok.decode(new) and len(new) < kw["max_new_tokens"]
+            assert (r["completion_tokens"], r["finish_reason"]) == (len(new), "stop" if stopped else "length"), r
+
+
 def test_a_draft_with_another_vocabulary_size(llama, checkpoints, tmp_path):
     """Universal assisted decoding: a draft whose vocabulary size differs needs `tokenizer=` and
     `assistant_tokenizer=` in `generate`; the batch functions pass their tokenizer on. Greedy output unchanged."""
