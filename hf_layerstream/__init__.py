@@ -50,10 +50,14 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str):
-    if name not in _SOURCES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     import importlib
+    import importlib.util
 
+    if name not in _SOURCES:
+        # a submodule (`hf_layerstream.errors.ShardDirError`, as the eager imports made them attributes before)
+        if not name.startswith("_") and importlib.util.find_spec(f".{name}", __name__) is not None:
+            return importlib.import_module(f".{name}", __name__)
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     value = getattr(importlib.import_module(f".{_SOURCES[name]}", __name__), name)
     globals()[name] = value  # (looked up directly from now on)
     return value

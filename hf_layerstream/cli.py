@@ -488,7 +488,7 @@ def _cmd_generate(args) -> int:
         gen_kwargs["pad_token_id"] = tok.eos_token_id
     streamer = _continuation_streamer(tok, inputs["input_ids"][0].tolist(), skip_special_tokens=True)
     # (a chat reply answers the prompt, on a line of its own; a completion continues it)
-    print(prompt, end="\n" if args.chat else "", flush=True)
+    print(prompt, end="\n" if args.chat and getattr(tok, "chat_template", None) else "", flush=True)
     try:
         with torch.no_grad():
             model.generate(**inputs, streamer=streamer, tokenizer=tok, **gen_kwargs)

@@ -835,6 +835,10 @@ def _auto_dtype(config, src: _Source) -> torch.dtype | None:
 
 def _plan(model, stack, src: _Source):
     plan = plan_conversion(model, stack, src.keys)
+    if plan.missing and src.read_keys_of_files(set(src.files)):
+        # (a hub repo's index that leaves out a tensor one of its files holds: transformers loads it, so every file is
+        # fetched and read before the checkpoint is taken to lack it)
+        plan = plan_conversion(model, stack, src.keys)
     if plan.missing:
         raise ShardDirError(
             f"The checkpoint {src.description} lacks {len(plan.missing)} tensors that {type(model).__name__} needs "

@@ -908,19 +908,27 @@ def _lazy_hub_repo(monkeypatch, remote, cache_dir, repo_id, commit, *, interrupt
     return fetched
 
 
-def test_a_hub_repo_s_files_count_not_its_index_as_transformers_reads_them(tmp_path, monkeypatch):
+@pytest.mark.parametrize("fault", ["key in two files", "key left out"])
+def test_a_hub_repo_s_files_count_not_its_index_as_transformers_reads_them(tmp_path, monkeypatch, fault):
     """A hub repo not in the cache is planned from its index (no header is on this machine yet); once the files the
     split reads are fetched, it is planned from what they hold, as transformers loads them: here a tensor the index
-    gives the first file is held by the last one too, with other values, which transformers loads."""
+    gives the first file is held by the last one too, with other values, which transformers loads; or the index
+    leaves out a tensor its file holds (the split refused the repo as lacking it, before fetching anything)."""
     from safetensors.torch import load_file, save_file
 
     remote = _models.save_tiny_checkpoint("llama", tmp_path / "remote", seed=1)
-    weight_map = json.loads((remote / "model.safetensors.index.json").read_text())["weight_map"]
+    index_path = remote / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    weight_map = index["weight_map"]
     files = sorted(set(weight_map.values()))
     name = next(k for k in weight_map if weight_map[k] == files[0] and ".layers." in k)
-    last = load_file(str(remote / files[-1]))
-    last[name] = torch.randn_like(load_file(str(remote / files[0]))[name])
-    save_file(last, str(remote / files[-1]), metadata={"format": "pt"})
+    if fault == "key in two files":
+        last = load_file(str(remote / files[-1]))
+        last[name] = torch.randn_like(load_file(str(remote / files[0]))[name])
+        save_file(last, str(remote / files[-1]), metadata={"format": "pt"})
+    else:
+        del weight_map[name]
+        index_path.write_text(json.dumps(index))
     fetched = _lazy_hub_repo(monkeypatch, remote, tmp_path / "cache", "tiny-org/lazy", "c" * 40)
     split_checkpoint("tiny-org/lazy", tmp_path / "shards", cache_dir=tmp_path / "cache", progress=False)
     assert sorted(f for f in fetched if f.endswith(".safetensors")) == files

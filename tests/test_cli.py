@@ -54,6 +54,18 @@ def test_the_cli_imports_nothing_heavy_before_a_command_runs_and_ctrl_c_there_is
     assert (out.returncode, out.stdout, out.stderr) == (130, "[]\n", "interrupted\n")
 
 
+def test_the_submodules_are_attributes_of_the_package_after_a_plain_import():
+    """`import hf_layerstream` made its submodules attributes of the package (the names were imported eagerly), and
+    code reads them so (`hf_layerstream.errors.ShardDirError`): imported when first used now, they still are."""
+    script = (
+        "import hf_layerstream\n"
+        "print(hf_layerstream.errors.ShardDirError.__name__, hf_layerstream.stream.__name__)\n"
+        "print(hasattr(hf_layerstream, 'no_such_module'))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert (out.returncode, out.stdout) == (0, "ShardDirError hf_layerstream.stream\nFalse\n"), out.stderr
+
+
 def test_every_public_name_is_there_when_first_used():
     import hf_layerstream
 
@@ -81,7 +93,7 @@ def _greedy_text(ckpt, prompt, n):
     return tok.decode(out[0, -n:], skip_special_tokens=True)
 
 
-def test_a_chat_reply_goes_on_a_line_of_its_own(split_dir, capsys):
+def test_a_chat_reply_goes_on_a_line_of_its_own(split_dir, capsys, tmp_path):
     """With `--chat` the model answers the prompt rather than continuing it: the reply was printed right after the
     echoed prompt ("Tell meafafaf"). It goes on the next line now, and is the loaded model's reply to the templated
     prompt."""
@@ -97,6 +109,16 @@ def test_a_chat_reply_goes_on_a_line_of_its_own(split_dir, capsys):
     ref = _models.load_reference(ckpt, attn_implementation=None)
     ids = ref.generate(**inputs, max_new_tokens=6, do_sample=False, pad_token_id=0)[0, inputs["input_ids"].shape[1] :]
     assert out[len(prompt) + 1 :].strip() == tok.decode(ids, skip_special_tokens=True).strip() != ""
+    # a tokenizer without a chat template: the prompt is used as it is, and the text continues it, as without --chat
+    plain = tmp_path / "plain-tokenizer"
+    plain.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(ckpt / name, plain / name)
+    args = ["generate", str(shards), prompt, "--max-new-tokens", "4", "--device", "cpu", "--tokenizer", str(plain)]
+    assert main([*args, "--chat"]) == 0
+    chatted = capsys.readouterr().out
+    assert main(args) == 0
+    assert chatted == capsys.readouterr().out and not chatted.startswith(prompt + "\n")
 
 
 def test_generate_prompt_argument_streams_tokens(split_dir, capsys):

@@ -629,7 +629,7 @@ def test_buffers_the_model_computes_as_it_is_built_are_at_the_dtype_streamed(tmp
         assert all(b is before[n] for n, b in model.named_buffers())
 
 
-@pytest.mark.parametrize("built", ["bfloat16 config", "config without dtype"])
+@pytest.mark.parametrize("built", ["bfloat16 config", "config without dtype", "built at bfloat16"])
 @pytest.mark.parametrize("options", [{}, STREAM_ALL], ids=["default", "stream_all"])
 def test_a_model_built_at_another_dtype_reports_the_dtype_it_computes_in(tmp_path, built, options):
     """A model built at one dtype and streamed at another (a bfloat16 config, `dtype=torch.float32`; a checkpoint
@@ -637,22 +637,26 @@ def test_a_model_built_at_another_dtype_reports_the_dtype_it_computes_in(tmp_pat
     weights said the dtype it was built at, so `parameters()`, `get_memory_footprint()` and accelerate's
     `compute_module_sizes` were off (up to 2x), and a cast to the dtype it computes in (`layer.float()`, a no-op on
     the loaded model) was refused at the next pass; a config without dtype kept `None` where `from_pretrained` sets
-    the dtype it loaded. They say the loaded model's now; disabling streaming puts the model's back."""
+    the dtype it loaded, and a model built at bfloat16 from a float32 checkpoint's config kept bfloat16 there. They say
+    the loaded model's now; disabling streaming puts the model's back."""
     import json
 
     from accelerate.utils import compute_module_sizes
 
     from hf_layerstream import split_checkpoint
 
-    ckpt = _models.save_tiny_checkpoint("llama", tmp_path / "ckpt", dtype=torch.bfloat16)
-    dtype = torch.float32
+    stored = torch.float32 if built == "built at bfloat16" else torch.bfloat16
+    ckpt = _models.save_tiny_checkpoint("llama", tmp_path / "ckpt", dtype=stored)
+    dtype = torch.float32 if built == "bfloat16 config" else None
     if built == "config without dtype":
         config = json.loads((ckpt / "config.json").read_text())
         del config["dtype"]
         (ckpt / "config.json").write_text(json.dumps(config))
-        dtype = None
     shards = split_checkpoint(ckpt, tmp_path / "shards", progress=False)
-    model = build_meta_model(AutoConfig.from_pretrained(shards))
+    # ("built at bfloat16": a float32 checkpoint's model built at bfloat16, streamed at the checkpoint's float32)
+    model = build_meta_model(
+        AutoConfig.from_pretrained(shards), dtype=torch.bfloat16 if stored == torch.float32 else None
+    )
     before = {n: (p, p.dtype) for n, p in model.named_parameters()}
     config_dtype = model.config.dtype
     enable_layer_streaming(model, shards, device="cpu", dtype=dtype, **options)
