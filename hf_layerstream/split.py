@@ -135,7 +135,6 @@ class _Source:
         self.files: list[str] = []  # the weight files, in the order transformers loads them
         self._listed: dict[str, set[str]] = {}  # (see `_keys_of_files`)
         self._weight_map: dict = {}
-        self._explicit: str | None = None  # config.json's `transformers_weights` (see `_explicit_weights`)
         self.config_path = self.fetch("config.json", required=True)
         self.keys = self._list_keys()
 
@@ -258,12 +257,7 @@ class _Source:
                 "(*.safetensors) nor a safetensors index file (*.safetensors.index.json); `from_pretrained` refuses it "
                 "too."
             )
-        base = os.path.abspath(self.local_dir if self.local_dir is not None else os.sep + "repo")
-        try:
-            contained = os.path.commonpath([base, os.path.abspath(os.path.join(base, name))]) == base
-        except ValueError:
-            contained = False
-        if not contained or "\x00" in name:
+        if not _inside_name(name):
             raise ValueError(
                 f"`source` {where}: config.json's `{_EXPLICIT_WEIGHTS_KEY}` must name a file inside the checkpoint's "
                 f"folder, got {name!r}"
@@ -279,7 +273,6 @@ class _Source:
                 f"`source` {where} has no {explicit}{cache}: the weights its config.json names "
                 f"(`{_EXPLICIT_WEIGHTS_KEY}`), which `from_pretrained` loads instead of any other weight file."
             )
-        self._explicit = explicit
         # the file config.json names, else transformers' preference (see `_PREFERENCE`)
         for name in _PREFERENCE if explicit is None else (explicit,):
             if name in _SINGLE_FILES or name == explicit and not name.endswith(".index.json"):
@@ -353,9 +346,8 @@ class _Source:
     def _open(self, filename: str):
         if filename in self._handles:
             return self._handles[filename]
-        # (config.json's `transformers_weights` may name a file in a subfolder, checked by `_explicit_weights`)
-        if filename != self._explicit and ("/" in filename or "\\" in filename or filename.startswith("..")):
-            raise ShardFileError(filename, "is named by the checkpoint index but is not a plain file name")
+        if not _inside_name(filename):  # (checked where the names are read too: `_check_plain_name`)
+            raise ShardFileError(filename, "is named by the checkpoint index but is not a file in the checkpoint")
         path = self.fetch(filename, required=True)
         if filename.endswith(".safetensors"):
             from safetensors import safe_open
@@ -501,20 +493,23 @@ class _Source:
                 del self._handles[filename]
 
 
+def _inside_name(filename) -> bool:
+    """A weight file name a checkpoint index (or config.json's `transformers_weights`) may give: relative, in the
+    checkpoint's folder or a subfolder of it (`weights/model-00001-of-00002.safetensors`), as transformers allows
+    (`_check_shard_filenames_stay_in_model_dir`: no absolute path, no `..`), so nothing outside the source is read."""
+    if not isinstance(filename, str) or not filename or "\\" in filename or "\x00" in filename:
+        return False
+    parts = filename.split("/")
+    return not filename.startswith("/") and all(part not in ("", ".", "..") for part in parts)
+
+
 def _check_plain_name(index: Path, filename) -> None:
-    """A checkpoint index may only name weight files next to it: no paths, so nothing outside the source is read."""
-    if (
-        not isinstance(filename, str)
-        or not filename
-        or "/" in filename
-        or "\\" in filename
-        or "\x00" in filename
-        or filename in (".", "..")
-        or not filename.endswith((".safetensors", ".bin"))
-    ):
+    """A checkpoint index may only name weight files in its folder or a subfolder: nothing outside the source."""
+    if not _inside_name(filename) or not filename.endswith((".safetensors", ".bin")):
         raise ShardFileError(
             index,
-            f"names the weight file {filename!r}, which is not a plain .safetensors/.bin file name next to the index",
+            f"names the weight file {filename!r}, which is not a .safetensors/.bin file in the index's folder (or a "
+            "subfolder of it)",
             "Only split checkpoints you trust; fix or re-download the index.",
         )
 

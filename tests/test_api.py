@@ -876,6 +876,28 @@ def test_hub_repo_id_from_the_hub_cache_when_the_hub_cannot_be_reached(tmp_path,
         closed.close()
 
 
+def test_an_index_naming_shards_in_a_subfolder_is_split_as_transformers_loads_it(tmp_path):
+    """An index whose `weight_map` names its shards in a subfolder (`weights/model-00001-of-00006.safetensors`):
+    transformers loads it (it refuses only absolute names and `..`); the split refused every name with a `/`. Split
+    now, with the loaded model's logits; a name that leaves the folder is still refused."""
+    ckpt = _models.save_tiny_checkpoint("llama", tmp_path / "ckpt")
+    index_path = ckpt / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    (ckpt / "weights").mkdir()
+    for name in set(index["weight_map"].values()):
+        (ckpt / name).rename(ckpt / "weights" / name)
+    index["weight_map"] = {k: f"weights/{v}" for k, v in index["weight_map"].items()}
+    index_path.write_text(json.dumps(index))
+    assert _exact(ckpt, split_checkpoint(ckpt, tmp_path / "shards", progress=False))
+    key = next(iter(index["weight_map"]))
+    for name in ("weights/../../outside.safetensors", "/etc/model.safetensors", "weights//x.safetensors"):
+        index["weight_map"][key] = name
+        index_path.write_text(json.dumps(index))
+        with pytest.raises(ShardFileError, match="which is not a .safetensors/.bin file in the index's folder"):
+            split_checkpoint(ckpt, tmp_path / "refused", progress=False)
+    assert not (tmp_path / "refused").exists()
+
+
 def _lazy_hub_repo(monkeypatch, remote, cache_dir, repo_id, commit, *, interrupt_at=None):
     """A hub repo holding the checkpoint folder `remote`, none of it in the hub cache yet: each file is copied into the
     cache as `hf_hub_download` fetches it (the first fetch of `interrupt_at` raises KeyboardInterrupt instead).

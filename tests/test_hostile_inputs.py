@@ -454,7 +454,7 @@ def source_index_escapes(ckpt: Path, tmp: Path):
     key = next(iter(data["weight_map"]))
     data["weight_map"][key] = "../../etc/passwd"
     index.write_text(json.dumps(data))
-    return "model.safetensors.index.json", "not a plain .safetensors/.bin file name", None
+    return "model.safetensors.index.json", "not a .safetensors/.bin file in the index's folder", None
 
 
 def source_without_config(ckpt: Path, tmp: Path):
