@@ -1051,6 +1051,17 @@ def split_checkpoint(
             f"`compression` quantizes float32, float16 and bfloat16 weights; {what} would leave every weight "
             "unquantized. Pass one of those as `dtype`" + (" (or none, for the checkpoint's)." if dtype else ".")
         )
+    if scheme is not None and dtype is None:
+        # weights stored in another dtype (float64) whatever the config says: without `dtype` they are stored as they
+        # are, and were left unquantized under a manifest saying 4-bit (the files on this machine are looked at)
+        read = {k for entries in plan.units.values() for k, _, _ in entries}
+        odd = {d for k, d in src.stored_dtypes().items() if k in read and d.is_floating_point and d not in _BNB_DTYPES}
+        if odd:
+            raise ValueError(
+                f"`compression` quantizes float32, float16 and bfloat16 weights; the checkpoint stores weights in "
+                f"{', '.join(sorted(map(dtype_to_str, odd)))}, which it would leave unquantized. Pass `dtype` (e.g. "
+                f"{dtype_to_str(load_dtype)!r}, the dtype `from_pretrained` loads them at) to cast them first."
+            )
 
     compression_dict = scheme.to_dict() if scheme is not None else None
     source_identity = src.identity(needed_files)

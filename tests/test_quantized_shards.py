@@ -142,7 +142,8 @@ def test_bad_compression_arguments(tmp_path, bf16_checkpoint):
 def test_compression_of_a_float64_checkpoint_is_refused_as_a_float64_dtype_is(tmp_path):
     """A checkpoint stored in float64 (its config says so), split with `compression` and no `dtype`: bitsandbytes
     quantizes none of its weights, and the split stored them all at full precision under a manifest saying 4-bit,
-    silently (a `dtype="float64"` was refused). Refused alike, naming the fix; with `dtype` bfloat16 it quantizes."""
+    silently (a `dtype="float64"` was refused); so were they under a config saying bfloat16. Refused alike, naming the
+    fix; with `dtype` bfloat16 it quantizes."""
     ckpt = _models.save_tiny_checkpoint("llama", tmp_path / "ckpt", dtype=torch.float64)
     assert json.loads((ckpt / "config.json").read_text())["dtype"] == "float64"
     with pytest.raises(ValueError, match=r"the checkpoint's float64 would leave every weight unquantized\. Pass one"):
@@ -150,6 +151,13 @@ def test_compression_of_a_float64_checkpoint_is_refused_as_a_float64_dtype_is(tm
     assert not (tmp_path / "4bit").exists()
     shards = ShardDirectory(split_checkpoint(ckpt, tmp_path / "4bit", compression="4bit", dtype="bfloat16"))
     assert any(t.quant for u in shards.manifest.units.values() for t in u.tensors.values())
+    # stored in float64 under a config saying bfloat16 (what `from_pretrained` loads it at): refused alike, naming it
+    config = json.loads((ckpt / "config.json").read_text())
+    config["dtype"] = "bfloat16"
+    (ckpt / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"stores weights in float64, which it would leave unquantized\. Pass `dtype`"):
+        split_checkpoint(ckpt, tmp_path / "bf16-config", compression="4bit")
+    assert not (tmp_path / "bf16-config").exists()
 
 
 def test_moe_experts_are_quantized_and_run(tmp_path):
