@@ -35,7 +35,11 @@ def _page_cache(choice: str | None) -> bool | None:
 
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="execution device (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", default=None, help="compute dtype: auto (as stored), float32, bfloat16, float16")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        help="compute dtype: auto (the config's, as from_pretrained(dtype='auto') loads it), float32, bfloat16, float16",
+    )
     p.add_argument(
         "--max-memory", default=None, help="memory budget, e.g. 'cpu=16GiB,0=4GiB' (accelerate's convention)"
     )
@@ -43,8 +47,9 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
         "--prefetch",
         type=int,
         default=None,
-        help="layers read ahead of the compute (default on CPU: 3 with full-precision shards, 2 with quantized ones; "
-        "on CUDA: 2, or as many layers as hold 320 MiB, up to 8, where that gives up no layer kept on the GPU)",
+        help="layers read ahead of the compute (default on CPU: 3 with full-precision shards, 2 with quantized ones, "
+        "lowered to fit a --max-memory cpu= budget other than 0; on CUDA: 2, or as many layers as hold 320 MiB, up "
+        "to 8, where that gives up no layer kept on the GPU)",
     )
     p.add_argument(
         "--page-cache",
@@ -120,7 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template to the prompt")
     p.add_argument("--input", default=None, help="JSONL of prompts (batched, resumable); needs --output")
-    p.add_argument("--output", default=None, help="JSONL results, appended as each prompt finishes (with --input)")
+    p.add_argument(
+        "--output", default=None, help="JSONL results, each batch's appended as the batch completes (with --input)"
+    )
     p.add_argument("--batch-size", type=int, default=None, help="prompts per sweep with --input (default 8)")
     p.add_argument("--assistant", default=None, help="small draft model (folder or hub id) for assisted decoding")
     p.add_argument(
@@ -386,7 +393,7 @@ def _cmd_generate(args) -> int:
     if args.input and args.prompt is not None:
         raise ValueError("Pass either a PROMPT or `--input` (a JSONL file of prompts), not both.")
     if args.input and not args.output:
-        raise ValueError("`--input` needs `--output` (results are appended there as each prompt finishes).")
+        raise ValueError("`--input` needs `--output` (each batch's results are appended there as the batch completes).")
     # options that do nothing without their partner: refused rather than silently ignored
     for option, value, partner, needed in (
         ("--output", args.output, "--input", args.input),
