@@ -828,6 +828,23 @@ def _auto_dtype(config, src: _Source) -> torch.dtype | None:
     return found if isinstance(found, torch.dtype) and found.is_floating_point else None
 
 
+def _refuse_unquantizable(plan, src: _Source, load_dtype: torch.dtype | None) -> None:
+    """`compression` without `dtype` of weights stored in a dtype bitsandbytes does not quantize (float64), whatever the
+    config says: they are stored as they are, and were left unquantized under a manifest saying 4-bit. Refused, from the
+    files on this machine (a hub repo's are looked at again once fetched)."""
+    read = {k for entries in plan.units.values() for k, _, _ in entries}
+    odd = {d for k, d in src.stored_dtypes().items() if k in read and d.is_floating_point and d not in _BNB_DTYPES}
+    if odd:
+        load = (
+            f"{dtype_to_str(load_dtype)!r}, the dtype `from_pretrained` loads them at" if load_dtype else "'bfloat16'"
+        )
+        raise ValueError(
+            f"`compression` quantizes float32, float16 and bfloat16 weights; the checkpoint stores weights in "
+            f"{', '.join(sorted(map(dtype_to_str, odd)))}, which it would leave unquantized. Pass `dtype` (e.g. "
+            f"{load}) to cast them first."
+        )
+
+
 def _plan(model, stack, src: _Source):
     plan = plan_conversion(model, stack, src.keys)
     if plan.missing and src.read_keys_of_files(set(src.files)):
@@ -1052,16 +1069,7 @@ def split_checkpoint(
             "unquantized. Pass one of those as `dtype`" + (" (or none, for the checkpoint's)." if dtype else ".")
         )
     if scheme is not None and dtype is None:
-        # weights stored in another dtype (float64) whatever the config says: without `dtype` they are stored as they
-        # are, and were left unquantized under a manifest saying 4-bit (the files on this machine are looked at)
-        read = {k for entries in plan.units.values() for k, _, _ in entries}
-        odd = {d for k, d in src.stored_dtypes().items() if k in read and d.is_floating_point and d not in _BNB_DTYPES}
-        if odd:
-            raise ValueError(
-                f"`compression` quantizes float32, float16 and bfloat16 weights; the checkpoint stores weights in "
-                f"{', '.join(sorted(map(dtype_to_str, odd)))}, which it would leave unquantized. Pass `dtype` (e.g. "
-                f"{dtype_to_str(load_dtype)!r}, the dtype `from_pretrained` loads them at) to cast them first."
-            )
+        _refuse_unquantizable(plan, src, load_dtype)
 
     compression_dict = scheme.to_dict() if scheme is not None else None
     source_identity = src.identity(needed_files)
@@ -1163,6 +1171,8 @@ def split_checkpoint(
             # as transformers loads them)
             plan = _plan(model, stack, src)
             _refuse_untied_pairs(model, plan, src, dtype)
+        if todo and scheme is not None and dtype is None:
+            _refuse_unquantizable(plan, src, load_dtype)  # (a hub repo's files, fetched by now)
 
         # Only now, every check that can refuse passed: a refused run (`overwrite=True`, or the repair of a damaged
         # directory) leaves the split the directory holds as usable as it was.

@@ -957,6 +957,22 @@ def test_a_hub_repo_s_files_count_not_its_index_as_transformers_reads_them(tmp_p
     assert _exact(remote, tmp_path / "shards")
 
 
+def test_compression_of_a_hub_repo_stored_in_float64_is_refused_once_its_files_are_fetched(tmp_path, monkeypatch):
+    """A hub repo whose weights are stored in float64 under a config saying bfloat16, not in the cache: its stored
+    dtypes are known only once the files are fetched, and `compression` without `dtype` left them unquantized under a
+    manifest saying 4-bit. Refused then, before a layer is written, as a local folder is."""
+    pytest.importorskip("bitsandbytes")
+    remote = _models.save_tiny_checkpoint("llama", tmp_path / "remote", dtype=torch.float64)
+    config = json.loads((remote / "config.json").read_text())
+    config["dtype"] = "bfloat16"
+    (remote / "config.json").write_text(json.dumps(config))
+    fetched = _lazy_hub_repo(monkeypatch, remote, tmp_path / "cache", "tiny-org/f64", "d" * 40)
+    with pytest.raises(ValueError, match=r"stores weights in float64, which it would leave unquantized"):
+        split_checkpoint("tiny-org/f64", tmp_path / "shards", cache_dir=tmp_path / "cache", compression="4bit")
+    assert any(f.endswith(".safetensors") for f in fetched)
+    assert not list((tmp_path / "shards").glob("layers/*")) and not (tmp_path / "shards" / "manifest.json").exists()
+
+
 def test_hub_repo_fetched_during_the_split_resumes_and_reruns(tmp_path, monkeypatch):
     """A sharded hub repo not in the cache: the weight files the split reads are fetched before it writes a layer. A
     split interrupted while fetching them, then one interrupted while writing, resume, and running the finished split
