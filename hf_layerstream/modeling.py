@@ -323,18 +323,25 @@ def learned_position_limit(model: nn.Module) -> int | None:
     return None
 
 
+def position_overrun(model: nn.Module, prompt_tokens: int, max_new_tokens: int) -> tuple[int, int] | None:
+    """(the learned position table's size, the most new tokens that fit after the prompt) where a prompt of
+    `prompt_tokens` and `max_new_tokens` new tokens run past the table (see `learned_position_limit`), else `None`.
+    The last new token is not run through the model and needs no position: a prompt of P tokens takes up to
+    `limit - P + 1` (0 or less: the prompt alone runs past it)."""
+    limit = learned_position_limit(model)
+    if limit is None or prompt_tokens + max_new_tokens - 1 <= limit:
+        return None
+    return limit, limit - prompt_tokens + 1
+
+
 def buffers_built_at(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The non-persistent floating-point buffers `model`'s class computes as it is built (Gemma's `embed_scale`, XGLM's
     sinusoidal position table) in another dtype at `dtype` than `model` holds them: as a skeleton built at `dtype`
     holds them, the way `from_pretrained(dtype=dtype)` builds them. Empty where `model` was built at `dtype` (most of
-    its floating-point weights are in it: see `created_dtypes`)."""
+    its floating-point weights are in it: `_built_at`)."""
     held = {n: m._buffers[a] for m, a, n in non_persistent_buffers(model)}
     held = {n: b for n, b in held.items() if b.is_floating_point() and not b.is_meta}
-    sizes: dict[torch.dtype, int] = defaultdict(int)
-    for t in model.state_dict(keep_vars=True).values():
-        if t.is_floating_point():
-            sizes[t.dtype] += t.numel()
-    if not held or (sizes and max(sizes, key=sizes.get) == dtype):
+    if not held or _built_at(model, dtype):
         return {}
     fresh = dict(build_skeleton(model.config, type(model), dtype).named_buffers())
     return {n: fresh[n] for n, b in held.items() if n in fresh and not fresh[n].is_meta and fresh[n].dtype != b.dtype}
@@ -494,6 +501,15 @@ def kept_in_float32(model: nn.Module, dtype: torch.dtype) -> re.Pattern | None:
     return re.compile("|".join(f"(?:{n.replace('*', '.*')})" for n in sorted(names)))
 
 
+def _built_at(model: nn.Module, dtype: torch.dtype) -> bool:
+    """Whether `model` was built at `dtype`: most of its floating-point weights are in it."""
+    sizes: dict[torch.dtype, int] = defaultdict(int)
+    for t in model.state_dict(keep_vars=True).values():
+        if t.is_floating_point():
+            sizes[t.dtype] += t.numel()
+    return bool(sizes) and max(sizes, key=sizes.get) == dtype
+
+
 def created_dtypes(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.dtype]:
     """The floating-point weights (parameters and persistent buffers) that `model`'s class creates in another dtype
     than `dtype` when built at `dtype`, and theirs: e.g. Olmo-Hybrid's `linear_attn.A_log` and Mamba's `A_log`,
@@ -505,11 +521,7 @@ def created_dtypes(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.dtyp
         sd = m.state_dict(keep_vars=True)
         return {n: t.dtype for n, t in sd.items() if t.is_floating_point() and t.dtype != dtype}
 
-    sizes: dict[torch.dtype, int] = defaultdict(int)
-    for t in model.state_dict(keep_vars=True).values():
-        if t.is_floating_point():
-            sizes[t.dtype] += t.numel()
-    if sizes and max(sizes, key=sizes.get) == dtype:
+    if _built_at(model, dtype):
         return other(model)
     return other(build_skeleton(model.config, type(model), dtype))
 

@@ -927,9 +927,9 @@ def enable_layer_streaming(
         device_map.update({p.module_name: "cpu" for p in host_parts})
         model.hf_device_map = device_map
         _load_generation_config(model, shards, state)
-        # the config and its sub-configs say the dtype the model computes in, as `from_pretrained(dtype=...)` sets
-        # them, and `from_pretrained(dtype="auto")` (the model may have been built at another: see `buffers_built_at`)
-        load = _load_dtype(shards, dtype)
+        # the config and its sub-configs say the dtype the model computes in (`load`, above), as
+        # `from_pretrained(dtype=...)` sets them, and `from_pretrained(dtype="auto")` (the model may have been built at
+        # another: see `buffers_built_at`)
         for cfg in dtype_configs(getattr(model, "config", None)):
             if load is not None and cfg.dtype != load:
                 state.config_dtypes.append((cfg, cfg.dtype))
