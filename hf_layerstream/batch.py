@@ -58,7 +58,7 @@ from transformers import GenerationConfig
 from transformers.generation import GenerationMode
 
 from ._safetensors import atomic_write_bytes, fsync_dir
-from .modeling import learned_position_limit
+from .modeling import position_overrun
 from .speculative import (
     _generation_config,
     _StopRecorder,
@@ -351,15 +351,15 @@ def _run(
         if not p.input_ids:
             raise ValueError(f"Prompt {p.id!r} is empty after tokenization; give it some text.")
     # (refused before anything is generated: the loaded model ends in a torch `IndexError` there, and with it the job)
-    limit, new = learned_position_limit(model), config.max_new_tokens
+    new = config.max_new_tokens
     longest = max(prompts, key=lambda p: len(p.input_ids), default=None)
-    # (the last new token is not run through the model: a prompt of P tokens takes up to `limit` - P + 1 new ones)
-    if limit is not None and new is not None and longest is not None and len(longest.input_ids) + new - 1 > limit:
-        n = len(longest.input_ids)
+    overrun = position_overrun(model, len(longest.input_ids), new) if new is not None and longest else None
+    if overrun is not None:
+        (limit, room), n = overrun, len(longest.input_ids)
         raise ValueError(
             f"Prompt {longest.id!r} ({n} tokens) and `max_new_tokens` {new} run past the {limit} positions of "
             f"{type(model).__name__}'s learned position table (`max_position_embeddings`): "
-            + (f"pass `max_new_tokens` {limit - n + 1} or less, or " if n <= limit else "")
+            + (f"pass `max_new_tokens` {room} or less, or " if room >= 1 else "")
             + "shorten the prompt (or leave it out); nothing was generated."
         )
     pad_id = _pad_token_id(model, tokenizer, generate_kwargs)

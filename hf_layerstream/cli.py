@@ -509,19 +509,19 @@ def _cmd_generate(args) -> int:
 
 
 def _refuse_past_the_position_table(model, prompt_tokens: int, max_new_tokens: int) -> None:
-    """Refused before anything is generated (see `modeling.learned_position_limit`)."""
-    from .modeling import learned_position_limit
+    """Refused before anything is generated (see `modeling.position_overrun`)."""
+    from .modeling import position_overrun
 
-    limit = learned_position_limit(model)
-    # (the last new token is not run through the model: a prompt of P tokens takes up to `limit` - P + 1 new ones)
-    if limit is None or prompt_tokens + max_new_tokens - 1 <= limit:
+    overrun = position_overrun(model, prompt_tokens, max_new_tokens)
+    if overrun is None:
         return
+    limit, room = overrun
     table = f"the {limit} positions of {type(model).__name__}'s learned position table (`max_position_embeddings`)"
-    if prompt_tokens > limit:
+    if room < 1:
         raise ValueError(f"The prompt ({prompt_tokens} tokens) runs past {table}: shorten it.")
     raise ValueError(
         f"The prompt ({prompt_tokens} tokens) and `--max-new-tokens` {max_new_tokens} run past {table}: pass "
-        f"`--max-new-tokens` {limit - prompt_tokens + 1} or less, or a shorter prompt."
+        f"`--max-new-tokens` {room} or less, or a shorter prompt."
     )
 
 
