@@ -160,7 +160,12 @@ def _encode(tokenizer, prompt: str | list, chat: bool) -> list[int]:
         messages = [{"role": "user", "content": prompt}]
     else:
         return list(tokenizer(prompt)["input_ids"])
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    # a conversation ending with an assistant turn is a prefill that the reply continues, as the text-generation
+    # pipeline treats it (most templates cannot follow an assistant turn with another)
+    prefill = messages[-1]["role"] == "assistant"
+    text = tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=not prefill, continue_final_message=prefill
+    )
     # the template writes the special tokens (BOS) itself, as pipelines do
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 

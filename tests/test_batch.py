@@ -21,7 +21,7 @@ import torch
 from conftest import returns_within, streamed_model, tqdm_lock_held_elsewhere
 from transformers import AutoTokenizer, GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
-from hf_layerstream.batch import generate_batch, generate_jsonl
+from hf_layerstream.batch import _encode, generate_batch, generate_jsonl
 from hf_layerstream.cli import main as cli_main
 
 STREAM_ALL = {"max_memory": {"cpu": 0}}
@@ -131,6 +131,26 @@ def test_chat_template_and_messages(llama, checkpoints):
     assert generate_batch(model, tok, prompts[:1], progress=False, **GREEDY) == [
         _text(tok, _alone(ref, tok, tok(prompts[0])["input_ids"]))
     ]
+
+
+def test_a_conversation_ending_with_an_assistant_turn_is_continued_as_the_pipeline_does(llama, checkpoints):
+    """A conversation whose last message is the assistant's is a prefill: its reply continues that message, as
+    `pipeline("text-generation")` renders it, not a new assistant turn after it."""
+    from transformers import pipeline
+
+    model, tok, _ = llama
+    ref = _models.load_reference(checkpoints("llama")[0])
+    prefill = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "The colour is"}]
+    got = generate_batch(model, tok, [prefill], progress=False, **GREEDY)
+    generator = pipeline("text-generation", model=ref, tokenizer=tok)
+    text = generator(prefill, return_full_text=False, pad_token_id=tok.pad_token_id, **GREEDY)[0]["generated_text"]
+    ids = tok.apply_chat_template(prefill, continue_final_message=True, return_dict=True)["input_ids"]
+    assert got == [text] == [_text(tok, _alone(ref, tok, list(ids)))]
+    # the prompt is the pipeline's (the tiny model's reply alone may not tell the two renderings apart)
+    assert _encode(tok, prefill, chat=True) == list(ids)
+    assert list(ids) != list(
+        tok.apply_chat_template(prefill, add_generation_prompt=True, return_dict=True)["input_ids"]
+    )
 
 
 def _write_input(path: Path) -> list:
