@@ -127,6 +127,29 @@ def test_the_checkpoints_generation_config_is_the_streamed_models_as_from_pretra
     disable_layer_streaming(model)
 
 
+def test_an_unreadable_generation_config_leaves_the_models_own_with_a_warning(tmp_path, caplog):
+    """A shard directory's `generation_config.json` that is not valid JSON (a torn copy, an edit gone wrong) is what
+    `from_pretrained` falls back from, logging it: the model keeps the generation config made from its config, and the
+    warning names the file, instead of `enable_layer_streaming` failing."""
+    import logging
+
+    ckpt = _models.save_tiny_checkpoint("llama", tmp_path / "ckpt")
+    shards = split_checkpoint(ckpt, tmp_path / "shards", progress=False)
+    (shards / "generation_config.json").write_text('{"eos_token_id": [2, 90],')  # cut short
+    model = build_meta_model(AutoConfig.from_pretrained(shards))
+    own = model.generation_config
+    with caplog.at_level(logging.WARNING, logger="hf_layerstream"):
+        enable_layer_streaming(model, shards, device="cpu", max_memory={"cpu": 0})
+    try:
+        assert model.generation_config is own
+        assert str(shards / "generation_config.json") in caplog.text and "could not be read" in caplog.text
+        ids = torch.tensor([[1, 5, 7, 9, 11]])
+        assert model.generate(ids, max_new_tokens=4, do_sample=False).shape == (1, 9)
+    finally:
+        disable_layer_streaming(model)
+    assert model.generation_config is own
+
+
 def test_split_copies_the_files_its_tokenizer_class_reads_and_named_chat_templates(tmp_path, monkeypatch):
     """Files a tokenizer's class reads beyond the usual names (GPT-NeoX-Japanese's `emoji.json`, named in its
     `vocab_files_names`) and the named chat templates in `additional_chat_templates/` travel with the split too, from a
