@@ -25,9 +25,9 @@ Output JSONL: one line per prompt,
 `finish_reason` is `"stop"` (an end-of-sequence token, a stop string of `stop_strings=` or a stopping criterion of
 `stopping_criteria=`) or `"length"` (`max_new_tokens` reached); `completion_tokens` counts the end-of-sequence token
 (the completion leaves it out, but keeps a stop string); `prompt_sha256` identifies the prompt and
-`settings_sha256` the settings (`chat`, and the generation settings that change what is generated, from the keyword
-arguments and the generation config), so a rerun against a different input file or with other settings is refused
-instead of mixing results.
+`settings_sha256` the settings (`chat`, the generation settings that change what is generated, from the keyword
+arguments and the generation config, and a sampled job's `seed`), so a rerun against a different input file or with
+other settings is refused instead of mixing results.
 
 Order and crash safety. Prompts are sorted by token length (longest first) so that each batch holds prompts of
 similar length and little padding; greedy results do not depend on the batch. Each finished batch is appended to
@@ -251,11 +251,14 @@ def _describe(value: Any, depth: int = 0, *, legacy: bool = False) -> Any:
     return {"type": name, "state": _describe({k: v for k, v in state.items() if not k.startswith("_")}, depth + 1)}
 
 
-def _settings_digest(tokenizer, chat: bool, config: GenerationConfig, generate_kwargs: dict, legacy=False) -> str:
+def _settings_digest(
+    tokenizer, chat: bool, config: GenerationConfig, generate_kwargs: dict, legacy=False, seed: int | None = None
+) -> str:
     """A fingerprint of what decides a job's results besides the prompt and the model: how prompts are rendered (the
-    chat template's text, where `chat` renders them with it) and the generation settings (not those that only change
-    the speed, such as a draft model or prompt lookup). `legacy`: as hf_layerstream 0.1.0 made it (`chat` as a flag,
-    see `_describe`)."""
+    chat template's text, where `chat` renders them with it), the generation settings (not those that only change
+    the speed, such as a draft model or prompt lookup) and `seed` (given for a sampled job only: greedy results do
+    not depend on it; without it, the fingerprint is the one made before seeds were part of it). `legacy`: as
+    hf_layerstream 0.1.0 made it (`chat` as a flag, see `_describe`)."""
     generation = {k: v for k, v in config.to_diff_dict().items() if k not in _NOT_IN_SETTINGS}
     custom = ("logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "custom_generate")
     templated = bool(chat and _has_chat_template(tokenizer))
@@ -266,6 +269,8 @@ def _settings_digest(tokenizer, chat: bool, config: GenerationConfig, generate_k
             k: _describe(generate_kwargs[k], legacy=legacy) for k in custom if generate_kwargs.get(k) is not None
         },
     }
+    if seed is not None:
+        settings["seed"] = seed
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -615,8 +620,12 @@ def _read_input(path: Path) -> list[_Prompt]:
     return items
 
 
-def _load_done(path: Path, by_key: dict[str, _Prompt], settings: Collection[str]) -> tuple[dict[str, dict], bool]:
-    """Results already in `path`, by id key; drops a torn last line (a crash mid-write). Returns (done, repaired)."""
+def _load_done(
+    path: Path, by_key: dict[str, _Prompt], settings: Collection[str], *, unseeded: str | None = None, seed=None
+) -> tuple[dict[str, dict], bool]:
+    """Results already in `path`, by id key; drops a torn last line (a crash mid-write). Returns (done, repaired).
+    `unseeded`: for a sampled job given `seed`, the fingerprint of its settings without it, which results written
+    before seeds were part of it carry: taken, with a warning."""
     if not path.exists():
         return {}, False
     with open(path, "rb") as f:
@@ -626,6 +635,7 @@ def _load_done(path: Path, by_key: dict[str, _Prompt], settings: Collection[str]
     pos = 0
     repaired = False
     unchecked = 0
+    seedless = 0
     while pos < len(data):
         nl = data.find(b"\n", pos)
         end = len(data) if nl < 0 else nl + 1
@@ -667,12 +677,14 @@ def _load_done(path: Path, by_key: dict[str, _Prompt], settings: Collection[str]
             )
         if "settings_sha256" not in record:
             unchecked += 1
+        elif unseeded is not None and record["settings_sha256"] == unseeded:
+            seedless += 1
         elif record["settings_sha256"] not in settings:
             raise ValueError(
                 f"`output_path` {path} has a result for id {record['id']!r} made with other settings than this "
-                "run's: `chat` (the chat template), `max_new_tokens` or another generation setting differs, and "
-                "the results would mix. Rerun with the settings of the run that wrote it, or choose another "
-                "`output_path`."
+                "run's: `chat` (the chat template), `max_new_tokens`, another generation setting or the `seed` of a "
+                "sampled job differs, and the results would mix. Rerun with the settings of the run that wrote it, "
+                "or choose another `output_path`."
             )
         if key in done:
             logger.warning("Ignoring a second result for id %r in %s.", record["id"], path)
@@ -684,6 +696,14 @@ def _load_done(path: Path, by_key: dict[str, _Prompt], settings: Collection[str]
             "with this run's settings is not checked.",
             unchecked,
             path,
+        )
+    if seedless:
+        logger.warning(
+            "%d results in %s record no seed (written without `seed`, or by an older hf_layerstream): whether they "
+            "were sampled with seed %d is not checked.",
+            seedless,
+            path,
+            seed,
         )
     if repaired:
         with open(path, "r+b") as f:
@@ -738,14 +758,15 @@ def generate_jsonl(
     batch_size: int = 8,
     chat: bool = False,
     progress: bool = True,
+    seed: int | None = None,
     **generate_kwargs,
 ) -> dict:
     """Generate a completion for every prompt of a JSONL file; resumable, results appended as they complete.
 
     See the module docstring for the input and output schemas. Prompts that already have a result in `output_path`
     are skipped, so rerunning the same command after a crash finishes the job; a rerun with other settings (`chat`,
-    generation settings) is refused. Each batch's results are `fsync`ed once the batch completes. Once all prompts
-    have a result, `output_path` holds exactly one line per prompt, in input order.
+    generation settings, a sampled job's `seed`) is refused. Each batch's results are `fsync`ed once the batch
+    completes. Once all prompts have a result, `output_path` holds exactly one line per prompt, in input order.
 
     Args:
         model (`transformers.PreTrainedModel`):
@@ -762,6 +783,11 @@ def generate_jsonl(
             Render `"prompt"` lines with the tokenizer's chat template (`"messages"` lines always are).
         progress (`bool`, defaults to `True`):
             Show a progress bar with tokens/s.
+        seed (`int`, *optional*):
+            Seeds torch's random number generators (`torch.manual_seed`) before the first batch, for sampling
+            (`do_sample=True`). A sampled job's seed is one of its settings: a rerun with another one (or none) is
+            refused. A resumed job seeds them again, so its remaining prompts get other samples than an uninterrupted
+            run's (each batch draws from the generator in turn).
         **generate_kwargs:
             Passed to `model.generate` (see [`generate_batch`]).
 
@@ -786,8 +812,11 @@ def generate_jsonl(
             f"`output_path` {output_path} is not a regular file: the results are read back (to resume a job) and "
             "rewritten in input order at the end. Write them to a file."
         )
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise TypeError(f"`seed` must be an int or None, got {seed!r}.")
     batch_size, config, mode = _check_kwargs(model, batch_size, generate_kwargs)
-    settings = _settings_digest(tokenizer, chat, config, generate_kwargs)
+    sampled_seed = seed if config.do_sample else None  # (greedy results do not depend on it)
+    settings = _settings_digest(tokenizer, chat, config, generate_kwargs, seed=sampled_seed)
     items = _read_input(input_path)
     by_key = {p.key: p for p in items}
     output_path.parent.mkdir(parents=True, exist_ok=True)
@@ -799,12 +828,16 @@ def generate_jsonl(
             fsync_dir(output_path.parent)
         # (results an older hf_layerstream wrote carry its fingerprint of the same settings)
         legacy = _settings_digest(tokenizer, chat, config, generate_kwargs, legacy=True)
-        done, repaired = _load_done(output_path, by_key, {settings, legacy})
+        # (and results written before a sampled job's seed was part of the settings, with a warning)
+        unseeded = None if sampled_seed is None else _settings_digest(tokenizer, chat, config, generate_kwargs)
+        done, repaired = _load_done(output_path, by_key, {settings, legacy}, unseeded=unseeded, seed=sampled_seed)
         todo = [p for p in items if p.key not in done]
         stats = {"input": str(input_path), "output": str(output_path), "prompts": len(items), "skipped": len(done)}
         stats.update(_new_stats(batch_size))
         if done:
             logger.info("Resuming %s: %d of %d prompts already done.", output_path, len(done), len(items))
+        if seed is not None:
+            torch.manual_seed(seed)
         for results in _run(
             model,
             tokenizer,

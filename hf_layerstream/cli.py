@@ -122,7 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="random seed for sampling (with --input: part of a sampled job's settings, a resume with another is "
+        "refused)",
+    )
     p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template to the prompt")
     p.add_argument("--input", default=None, help="JSONL of prompts (batched, resumable); needs --output")
     p.add_argument(
@@ -462,7 +468,7 @@ def _cmd_generate(args) -> int:
         job = _JobProfile(model, state) if args.profile and state.profile is not None else None
         try:
             stats = generate_jsonl(
-                model, tok, args.input, args.output, batch_size=batch_size, chat=args.chat, **gen_kwargs
+                model, tok, args.input, args.output, batch_size=batch_size, chat=args.chat, seed=args.seed, **gen_kwargs
             )
         finally:
             if job is not None:

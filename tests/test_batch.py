@@ -711,3 +711,55 @@ def test_resume_refuses_other_settings(llama, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="hf_layerstream.batch"):
         stats = generate_jsonl(model, tok, inp, out, batch_size=2, progress=False, max_new_tokens=3)
     assert stats["skipped"] == 1 and "have no `settings_sha256`" in caplog.text
+
+
+def test_resume_refuses_another_seed_of_a_sampled_job(llama, tmp_path, caplog, capsys):
+    """A sampled job's seed (`seed=`, `generate --seed`) was not one of its settings: a resume with another seed mixed
+    its samples with the first run's, silently. It is now, for sampled jobs only (greedy results do not depend on it);
+    results written before (no seed in their fingerprint) resume with a warning."""
+    from hf_layerstream import batch
+
+    model, tok, shards = llama
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in enumerate(PROMPTS[:3])))
+    sampled = {"max_new_tokens": 3, "do_sample": True, "top_k": 0}
+
+    def first_line(**kw):
+        generate_jsonl(model, tok, inp, tmp_path / "straight.jsonl", batch_size=1, progress=False, **kw)
+        line = (tmp_path / "straight.jsonl").read_text().splitlines(True)[0]
+        (tmp_path / "straight.jsonl").unlink()
+        out.write_text(line)  # as if killed after the first prompt
+        return line
+
+    first = first_line(seed=1, **sampled)
+    for other in ({"seed": 2}, {}):
+        with pytest.raises(ValueError, match="made with other settings than this run's.*`seed`"):
+            generate_jsonl(model, tok, inp, out, batch_size=1, progress=False, **other, **sampled)
+        assert out.read_text() == first
+    stats = generate_jsonl(model, tok, inp, out, batch_size=1, progress=False, seed=1, **sampled)
+    assert stats["skipped"] == 1 and stats["generated"] == 2
+    # the seed seeds the job: the same seed, the same samples
+    generate_jsonl(model, tok, inp, tmp_path / "again.jsonl", batch_size=1, progress=False, seed=1, **sampled)
+    again = (tmp_path / "again.jsonl").read_text()
+    assert again.splitlines(True)[0] == first
+
+    # through the CLI: `--seed` reaches the job's settings
+    args = ["generate", str(shards), "--input", str(inp), "--max-new-tokens", "3", "--do-sample", "--device", "cpu"]
+    out.write_text(first)
+    assert cli_main([*args, "--seed", "2", "--output", str(out)]) == 2
+    assert "made with other settings than this run's" in capsys.readouterr().err
+    assert out.read_text() == first
+
+    # greedy: the seed is not a setting
+    first_line(seed=1, max_new_tokens=3)
+    stats = generate_jsonl(model, tok, inp, out, batch_size=1, progress=False, seed=2, max_new_tokens=3)
+    assert stats["skipped"] == 1
+
+    # a result written before the seed was part of the settings: taken, with a warning
+    record = json.loads(first)
+    config = batch._check_kwargs(model, 1, dict(sampled))[1]
+    record["settings_sha256"] = batch._settings_digest(tok, False, config, dict(sampled))
+    out.write_text(json.dumps(record) + "\n")
+    with caplog.at_level(logging.WARNING, logger="hf_layerstream.batch"):
+        stats = generate_jsonl(model, tok, inp, out, batch_size=1, progress=False, seed=1, **sampled)
+    assert stats["skipped"] == 1 and "record no seed" in caplog.text
