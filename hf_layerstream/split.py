@@ -1257,8 +1257,10 @@ def split_checkpoint(
             load_dtype=None if load_dtype is None else dtype_to_str(load_dtype),
         )
         _write_file(shard_dir, MANIFEST_NAME, json.dumps(manifest.to_json(), indent=1).encode())
-        _remove(shard_dir / PROGRESS_NAME)
-        fsync_dir(shard_dir)
+        with _finishing_errors_named(shard_dir, f"removing the progress record {shard_dir / PROGRESS_NAME}"):
+            _remove(shard_dir / PROGRESS_NAME)
+        with _finishing_errors_named(shard_dir, f"syncing the directory {shard_dir} (to make the manifest durable)"):
+            fsync_dir(shard_dir)
     logger.info("Wrote %d layers to %s", len(stack), shard_dir)
     return shard_dir
 
@@ -1328,6 +1330,20 @@ def _write_errors_named(shard_dir: Path, name: str, kept: str | Callable[[], str
             f"Writing {name} into {shard_dir} failed: {e.strerror or e} ({size_text(free)} free). "
             f"{kept() if callable(kept) else kept}; no partial file was left. Fix the cause ({fix}) and run the "
             "same split again to resume",
+        ) from e
+
+
+@contextmanager
+def _finishing_errors_named(shard_dir: Path, step: str):
+    """An error in the last steps of a split, once its manifest is in place (the progress record's removal, the
+    directory's fsync), names the step and the path, and says the split is otherwise complete."""
+    try:
+        yield
+    except OSError as e:
+        raise OSError(
+            e.errno,
+            f"The split into {shard_dir} wrote every file and its manifest, but {step} failed: {e.strerror or e}. "
+            "Fix the cause (check the device) and run the same split again: it checks the directory and finishes",
         ) from e
 
 

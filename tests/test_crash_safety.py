@@ -618,6 +618,50 @@ def test_a_file_too_large_for_the_filesystem_is_named_with_the_fix(llama, tmp_pa
     assert not (shards / "manifest.json").exists()
 
 
+@pytest.mark.parametrize("step", ["progress record", "directory fsync"])
+def test_an_error_in_the_last_steps_of_a_split_names_the_step_and_the_path(llama, tmp_path, monkeypatch, step):
+    """Once the manifest is in place, the split removes its progress record and syncs the directory: an error there
+    (EIO) raised the bare OSError ("[Errno 5] Input/output error", with the record's path at most), saying neither
+    what failed nor that the split was otherwise complete. It names the step and the path, keeps the errno, and the
+    same split run again checks the directory and finishes it."""
+    shards = tmp_path / "shards"
+    progress = shards / split_mod.PROGRESS_NAME
+    real_unlink, real_fsync_dir = Path.unlink, split_mod.fsync_dir
+    fired = []
+
+    def unlink(path, *args, **kwargs):
+        if path == progress and step == "progress record":
+            fired.append(path)
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
+        return real_unlink(path, *args, **kwargs)
+
+    def fsync_dir(path):
+        if step == "directory fsync" and (Path(path) / "manifest.json").exists():
+            fired.append(path)
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real_fsync_dir(path)
+
+    LEDGER["faults_injected"] += 1
+    with monkeypatch.context() as m:
+        m.setattr(Path, "unlink", unlink)
+        m.setattr(split_mod, "fsync_dir", fsync_dir)
+        with pytest.raises(OSError) as info:
+            split_checkpoint(llama["ckpt"], shards, progress=False)
+    assert fired and info.value.errno == errno.EIO
+    named = (
+        f"removing the progress record {progress}" if step == "progress record" else f"syncing the directory {shards}"
+    )
+    message = str(info.value)
+    assert f"The split into {shards} wrote every file and its manifest, but {named}" in message, message
+    assert "Input/output error" in message and "run the same split again" in message, message
+    assert ShardDirectory(shards).verify() == []  # (complete: the manifest is in place)
+    assert progress.exists() == (step == "progress record")
+    assert split_checkpoint(llama["ckpt"], shards, progress=False) == shards
+    assert not progress.exists()
+    check_exact(llama, shards)
+    LEDGER["faults_survived"] += 1
+
+
 @pytest.mark.parametrize("err", [errno.EROFS, errno.EACCES], ids=["EROFS", "EACCES"])
 def test_a_finished_split_is_checked_in_a_folder_this_user_cannot_write(llama, tmp_path, monkeypatch, caplog, err):
     """The lock was opened for writing (and created) before anything else: re-running a finished split on a read-only
