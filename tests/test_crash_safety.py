@@ -684,6 +684,42 @@ def test_a_finished_split_is_checked_in_a_folder_this_user_cannot_write(llama, t
     check_exact(llama, shards)
 
 
+@pytest.mark.parametrize("folder", ["read-only, finished", "lock refused, fresh"])
+def test_a_split_where_no_lock_file_can_be_made_runs_without_one(llama, tmp_path, monkeypatch, folder):
+    """Where `.lock` can be neither created nor opened (a read-only mount holding a finished split copied without its
+    hidden files; a folder refusing that one file), the split runs without a lock: it checks the finished one, leaving
+    it as it is, or writes one identical to the reference, instead of failing. (As root, the refusals are simulated at
+    `os.open`.)"""
+    import fcntl
+
+    shards = tmp_path / "shards"
+    lock = shards / split_mod.LOCK_NAME
+    if folder == "read-only, finished":
+        shutil.copytree(llama["reference"], shards)
+        lock.unlink()
+    before = tree(shards) if shards.exists() else None
+    real_open, locked = os.open, []
+
+    def open_(path, flags, *args, **kwargs):
+        writing = flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)
+        if writing and (
+            str(path) == str(lock) or (folder == "read-only, finished" and str(path).startswith(str(shards)))
+        ):
+            raise OSError(errno.EROFS if folder == "read-only, finished" else errno.EPERM, "refused", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "open", open_)
+        m.setattr(fcntl, "flock", lambda fd, operation: locked.append(fd))
+        assert split_checkpoint(llama["ckpt"], shards, progress=False) == shards
+    assert locked == [] and not lock.exists()
+    if before is not None:
+        assert tree(shards) == before
+    expected = {k: v for k, v in tree(llama["reference"]).items() if k != split_mod.LOCK_NAME}
+    assert tree(shards) == expected
+    assert ShardDirectory(shards).verify() == []
+
+
 def test_a_group_shared_folder_is_repaired_under_the_lock_another_user_made(llama, tmp_path, monkeypatch):
     """A group's folder: `.lock` is another user's 0644 file, the folder is writable. The split opened the lock for
     writing and failed (EACCES); it takes the lock through a read-only descriptor and repairs the directory."""
