@@ -567,6 +567,10 @@ def _is_offline() -> bool:
 # --- locking & progress ---------------------------------------------------------------------------------------------
 
 
+# `flock` errors of a filesystem that has no locks (rather than a lock held elsewhere)
+_NO_FLOCK = frozenset({errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS})
+
+
 @contextmanager
 def _locked(shard_dir: Path, *, wait: bool):
     import fcntl
@@ -592,6 +596,17 @@ def _locked(shard_dir: Path, *, wait: bool):
                 f"Another process is splitting into {shard_dir} right now (it holds {lock_path}). Wait for it to "
                 "finish, or pass `wait=True` (`--wait`) to block until it does."
             ) from None
+        except OSError as e:
+            # a filesystem without `flock` (some NFS, FUSE and SMB mounts): the split runs unlocked, as where no
+            # lock file can be made, since its own files are still written atomically
+            if e.errno not in _NO_FLOCK:
+                raise
+            logger.warning(
+                "The filesystem of %s does not support file locks (%s): splitting without one, so another split "
+                "into the same folder at the same time is not prevented.",
+                shard_dir,
+                os.strerror(e.errno),
+            )
         yield
     finally:
         if fd is not None:

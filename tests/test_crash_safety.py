@@ -720,6 +720,34 @@ def test_a_split_where_no_lock_file_can_be_made_runs_without_one(llama, tmp_path
     assert ShardDirectory(shards).verify() == []
 
 
+@pytest.mark.parametrize("err", [errno.ENOLCK, errno.EOPNOTSUPP])
+def test_a_filesystem_without_file_locks_splits_unlocked_with_a_warning(llama, tmp_path, monkeypatch, caplog, err):
+    """Some NFS, FUSE and SMB mounts refuse `flock` itself (ENOLCK, EOPNOTSUPP): the split runs without the lock,
+    warning that concurrent splits are not prevented, and writes the reference's files; a lock held elsewhere is
+    still refused."""
+    import fcntl
+
+    shards = tmp_path / "shards"
+
+    def flock(fd, operation):
+        raise OSError(err, os.strerror(err))
+
+    with monkeypatch.context() as m, caplog.at_level(logging.WARNING, logger="hf_layerstream.split"):
+        m.setattr(fcntl, "flock", flock)
+        assert split_checkpoint(llama["ckpt"], shards, progress=False) == shards
+    assert "does not support file locks" in caplog.text and str(shards) in caplog.text
+    assert tree(shards) == tree(llama["reference"])
+    check_exact(llama, shards)
+
+    def busy(fd, operation):
+        raise BlockingIOError(errno.EWOULDBLOCK, "held")
+
+    with monkeypatch.context() as m:
+        m.setattr(fcntl, "flock", busy)
+        with pytest.raises(ShardDirError, match="Another process is splitting"):
+            split_checkpoint(llama["ckpt"], shards, progress=False)
+
+
 def test_a_group_shared_folder_is_repaired_under_the_lock_another_user_made(llama, tmp_path, monkeypatch):
     """A group's folder: `.lock` is another user's 0644 file, the folder is writable. The split opened the lock for
     writing and failed (EACCES); it takes the lock through a read-only descriptor and repairs the directory."""
