@@ -396,6 +396,15 @@ def _cmd_generate(args) -> int:
             f"`--assistant` {args.assistant} is a shard directory; the draft model is loaded whole "
             "(`from_pretrained`): pass its checkpoint folder or hub id."
         )
+    if (
+        args.assistant
+        and os.path.isdir(args.assistant)
+        and not os.path.isfile(os.path.join(args.assistant, "config.json"))
+    ):
+        raise ValueError(  # (transformers' error, once the model was loaded, asked for a `model_type` in a config.json)
+            f"`--assistant` {args.assistant} is a folder without a config.json, not a model: pass a small draft "
+            "model's checkpoint folder or hub id, sharing the tokenizer."
+        )
     if args.input and args.prompt is not None:
         raise ValueError("Pass either a PROMPT or `--input` (a JSONL file of prompts), not both.")
     if args.input and not args.output:

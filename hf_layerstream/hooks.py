@@ -376,9 +376,9 @@ class _LayerWeights(Mapping):
 
 
 DISABLED_DURING_CALL = (
-    "disable_layer_streaming(model) ran in another thread during this call: the model's decoder layers are back on the "
-    "meta device. Let calls end before disabling streaming (it waits for a forward pass running, not for a whole "
-    "`generate`)."
+    "disable_layer_streaming(model) ran during this call (in another thread, or in a callback of this one: a "
+    "streamer, a stopping criterion): the model's decoder layers are back on the meta device. Let calls end before "
+    "disabling streaming (it waits for a forward pass running, not for a whole `generate`)."
 )
 
 

@@ -87,6 +87,7 @@ class SweepCounter:
         self.sweeps = 0
         self._handle = None
         self._depth = 0
+        self._started_before = False
 
     def _hook(self, module, args):
         self.sweeps += 1
@@ -112,12 +113,16 @@ class SweepCounter:
         self.sweeps = 0
 
     def __enter__(self) -> SweepCounter:
-        self._depth += 1  # (nested `with` blocks of one counter: counting stops as the outermost ends)
+        # (nested `with` blocks of one counter: counting stops as the outermost ends, unless it counted before it,
+        # started with `start()`, and then goes on as it was)
+        if not self._depth:
+            self._started_before = self.active
+        self._depth += 1
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self._depth -= 1
-        if not self._depth:
+        if not self._depth and not self._started_before:
             self.stop()
 
     def __repr__(self) -> str:

@@ -698,6 +698,27 @@ def test_an_enable_interrupted_at_its_end_leaves_the_model_as_it_was(llama, monk
     disable_layer_streaming(model)
 
 
+def test_disable_from_a_callback_of_generate_is_named(llama):
+    """`disable_layer_streaming` called by the generating thread itself, from a logits processor: the next pass
+    fails with the same named error, which does not claim another thread ran it."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    from hf_layerstream.hooks import DISABLED_DURING_CALL
+
+    ckpt, shards, inputs, expected, pad = llama
+    model = streamed_model(ckpt, shards, **STREAM_ALL)
+
+    class DisableHere(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            disable_layer_streaming(model)
+            return scores
+
+    with pytest.raises(RuntimeError, match="in a callback of this one") as info:
+        model.generate(**inputs, **GEN, pad_token_id=pad, logits_processor=LogitsProcessorList([DisableHere()]))
+    assert str(info.value) == DISABLED_DURING_CALL
+    assert get_streaming_state(model) is None
+
+
 def test_disable_in_another_thread_during_generate_is_named(llama):
     """`disable_layer_streaming` run by another thread between two passes of a `generate`: the call's next pass finds
     the layers on the meta device, and the error says what happened (it was torch's meta-device error)."""
@@ -715,7 +736,7 @@ def test_disable_in_another_thread_during_generate_is_named(llama):
             worker.join(60)
             return scores
 
-    with pytest.raises(RuntimeError, match="ran in another thread during this call") as info:
+    with pytest.raises(RuntimeError, match="ran during this call") as info:
         model.generate(**inputs, **GEN, pad_token_id=pad, logits_processor=LogitsProcessorList([DisableElsewhere()]))
     assert str(info.value) == DISABLED_DURING_CALL and info.value.__cause__ is not None
     assert get_streaming_state(model) is None and "generate" not in vars(model)

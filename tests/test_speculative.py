@@ -187,7 +187,15 @@ def test_count_sweeps_and_batch_tokens_per_sweep(setup):
     assert counter.sweeps == 5 and not counter.active
     fresh = SweepCounter(model).start()
     assert "sweeps=0" in repr(fresh)
+    # a counter started by hand goes on counting after a `with` block of it ends
+    with torch.no_grad():
+        with fresh:
+            model(batch.input_ids[:1])
+        assert fresh.active
+        model(batch.input_ids[:1])
+    assert fresh.sweeps == 2
     fresh.stop()
+    assert not fresh.active
 
 
 def test_count_new_tokens_stops_at_eos():
