@@ -860,7 +860,7 @@ def _refuse_unquantizable(plan, src: _Source, load_dtype: torch.dtype | None) ->
         )
 
 
-def _plan(model, stack, src: _Source):
+def _plan(model, stack, src: _Source, config=None, model_class=None):
     plan = plan_conversion(model, stack, src.keys)
     if plan.missing and src.read_keys_of_files(set(src.files)):
         # (a hub repo's index that leaves out a tensor one of its files holds: transformers loads it, so every file is
@@ -869,9 +869,23 @@ def _plan(model, stack, src: _Source):
     if plan.missing:
         raise ShardDirError(
             f"The checkpoint {src.description} lacks {len(plan.missing)} tensors that {type(model).__name__} needs "
-            f"(e.g. {plan.missing[:4]}); it does not match its config.json."
+            f"(e.g. {plan.missing[:4]}); it does not match its config.json.{_vision_language_hint(config, model_class)}"
         )
     return plan
+
+
+def _vision_language_hint(config, model_class) -> str:
+    """Where the default class was a text-only causal LM's and the checkpoint's config is a vision-language model's too
+    (Emu3): its checkpoint may be the vision-language model's, whose keys the text-only class does not take."""
+    from transformers.models.auto import modeling_auto as auto
+
+    if model_class is not None or type(config) not in auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING:
+        return ""
+    return (
+        f" Its config is a vision-language model's too ({auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING[type(config)].__name__}"
+        "): if the checkpoint is that model's, split it with `model_class='AutoModelForImageTextToText'` "
+        "(`--model-class AutoModelForImageTextToText`)."
+    )
 
 
 def _refuse_prequantized(config, src: _Source) -> None:
@@ -1056,7 +1070,7 @@ def split_checkpoint(
             )
 
     fingerprint = architecture_fingerprint(model, stack)
-    plan = _plan(model, stack, src)
+    plan = _plan(model, stack, src, config, model_class)
     # the weight files the split reads: checked before anything is written, not found missing half way through
     needed_files = {src.keys[k] for entries in plan.units.values() for k, _, _ in entries} | {
         src.keys[k] for k in plan.tied_stored.values()
@@ -1184,7 +1198,7 @@ def split_checkpoint(
         if todo and src.read_keys_of_files(needed_files):
             # (a hub file fetched just now holds other tensors than its index lists: planned from what the files hold,
             # as transformers loads them)
-            plan = _plan(model, stack, src)
+            plan = _plan(model, stack, src, config, model_class)
             _refuse_untied_pairs(model, plan, src, dtype)
         if todo and scheme is not None and dtype is None:
             _refuse_unquantizable(plan, src, load_dtype)  # (a hub repo's files, fetched by now)

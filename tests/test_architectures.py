@@ -627,6 +627,41 @@ def test_vision_language_checkpoints_auto_model_for_causal_lm_takes_stream_as_te
         enable_layer_streaming(vision_language, shards, device="cpu")
 
 
+def test_a_vision_language_checkpoint_the_text_class_cannot_take_names_model_class(tmp_path):
+    """Emu3's checkpoints are `Emu3ForConditionalGeneration`'s, whose keys `AutoModelForCausalLM`'s `Emu3ForCausalLM`
+    does not take (`from_pretrained` leaves all of them random): the default split is refused, and the message says
+    it did not match its config.json; it now names the class to split it as, with which it streams bit for bit."""
+    _skip_unless_known("emu3")
+    vq = {
+        "embed_dim": 8,
+        "codebook_size": 16,
+        "base_channels": 32,
+        "channel_multiplier": [1, 1],
+        "num_res_blocks": 1,
+        "attn_resolutions": [],
+        "latent_channels": 8,
+        "temporal_downsample_factor": 1,
+    }
+    config = CONFIG_MAPPING["emu3"](text_config=dict(_TEXT), vq_config=vq, vocabulary_map={"<image>": _IMAGE})
+    _save_vision_language(config, tmp_path / "checkpoint")
+    with pytest.raises(ShardDirError, match=r"split it with `model_class='AutoModelForImageTextToText'`"):
+        split_checkpoint(tmp_path / "checkpoint", tmp_path / "default", progress=False)
+    shards = split_checkpoint(
+        tmp_path / "checkpoint", tmp_path / "shards", progress=False, model_class="AutoModelForImageTextToText"
+    )
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    ref = _models.load_reference(tmp_path / "checkpoint", auto_class=AutoModelForImageTextToText)
+    with init_empty_weights():
+        streamed = AutoModelForImageTextToText.from_config(
+            AutoConfig.from_pretrained(shards), attn_implementation=_models.ATTN_IMPLEMENTATION
+        )
+    enable_layer_streaming(streamed, shards, device="cpu", max_memory={"cpu": 0})
+    assert type(streamed).__name__ == "Emu3ForConditionalGeneration" == type(ref).__name__
+    assert_same_decode_steps(ref, streamed, {"input_ids": torch.tensor([[_models.BOS_TOKEN_ID, *range(5, 14)]])})
+
+
 def test_an_encoder_decoder_checkpoint_is_refused_naming_what_is_streamed(tmp_path):
     from transformers import T5Config, T5ForConditionalGeneration
 
