@@ -711,9 +711,19 @@ def _planned_device(name: str | None, max_memory: dict | None):
 
 
 def _cmd_verify(args) -> int:
+    from .errors import ShardFileError
     from .shard_dir import ShardDirectory
 
-    shards = ShardDirectory(args.shard_dir, check_files=False)
+    try:
+        shards = ShardDirectory(args.shard_dir, check_files=False)
+    except ShardFileError as e:  # (its manifest: a check failed, not an option refused)
+        print(f"{e.path} {e.problem}", file=sys.stderr)
+        print(
+            f"The manifest of {args.shard_dir} is damaged: split again there (`hf-layerstream split SOURCE "
+            "SHARD_DIR --overwrite`)",
+            file=sys.stderr,
+        )
+        return 1
     problems = shards.verify(checksums=not args.quick)
     for p in problems:
         print(p)

@@ -463,12 +463,38 @@ class ShardDirectory:
             return f"has model_type {config.get('model_type')!r}, not {expected!r} as the manifest records"
         return None
 
+    def config_mismatch(self) -> str | None:
+        """What differs between the model the directory's `config.json` builds and the one the shards were split from
+        (another number of layers, other tensor shapes: the architecture fingerprint the manifest records), if
+        anything; `None` also where `config.json` is unreadable (see `_config_problem`). Builds the model without
+        weights, which takes a moment for a large one: `verify` and a re-run split check it, opening the directory
+        does not (enabling streaming compares the model given with the manifest anyway)."""
+        if self._config_problem() is not None:
+            return None
+        from transformers import AutoConfig
+
+        from .modeling import architecture_fingerprint, build_for_shards, require_layer_stack
+
+        try:
+            model = build_for_shards(self.manifest, AutoConfig.from_pretrained(self.path))
+            stack = require_layer_stack(model)
+        except Exception as e:  # noqa: BLE001 - any failure to build it is the problem to report
+            return f"does not build a model ({type(e).__name__}: {e})"
+        if architecture_fingerprint(model, stack) == self.manifest.fingerprint:
+            return None
+        if len(stack) != self.manifest.num_layers:
+            differs = f"{len(stack)} decoder layers, where the shards hold {self.manifest.num_layers}"
+        else:
+            differs = "other tensor names or shapes than the shards hold"
+        return f"describes another model than the split's: {differs} (it was changed since the split)"
+
     def verify(self, *, checksums: bool = True) -> list[str]:
         """Check every file against the manifest and return every problem found (empty when the directory is sound).
 
-        Checks each file's existence, size, safetensors header (offsets inside the file), tensor names, shapes and
-        dtypes, the unit tag and the sample digest, and with `checksums=True` (the default) its full SHA-256. Files
-        that pass the cheap checks are hashed; a file that fails them is reported once. Never writes.
+        Checks `config.json` (readable, and building the model the shards were split from), each file's existence,
+        size, safetensors header (offsets inside the file), tensor names, shapes and dtypes, the unit tag and the
+        sample digest, and with `checksums=True` (the default) its full SHA-256. Files that pass the cheap checks are
+        hashed; a file that fails them is reported once. Never writes.
 
         Args:
             checksums (`bool`, defaults to `True`):
@@ -478,7 +504,7 @@ class ShardDirectory:
             `list[str]`: one message per damaged file, naming the file and the problem.
         """
         problems = []
-        problem = self._config_problem()
+        problem = self._config_problem() or self.config_mismatch()
         if problem is not None:
             problems.append(f"{self.path / 'config.json'} {problem}")
         sound = []

@@ -1140,7 +1140,10 @@ def split_checkpoint(
             )
             if same and not overwrite:
                 try:
-                    ShardDirectory(shard_dir)  # sizes, headers and sample digests
+                    directory = ShardDirectory(shard_dir)  # sizes, headers and sample digests
+                    mismatch = directory.config_mismatch()  # (a config.json edited since: its side files are rewritten)
+                    if mismatch is not None:
+                        raise ShardFileError(shard_dir / "config.json", mismatch)
                 except ShardDirError as e:
                     logger.warning("%s holds this split but is damaged (%s); repairing it", shard_dir, e)
                     repaired = _sound_manifest_units(shard_dir, existing)
@@ -1148,6 +1151,12 @@ def split_checkpoint(
                     _remove(shard_dir / PROGRESS_NAME)
                     logger.info("%s already holds this split; nothing to do", shard_dir)
                     return shard_dir
+            elif not overwrite and not isinstance(existing, dict):
+                raise ShardDirOccupiedError(
+                    f"`shard_dir` {shard_dir} holds a split whose {MANIFEST_NAME} is damaged (not a readable JSON "
+                    "object): which model, source and options it was made of is unknown.",
+                    "Pass `overwrite=True` (`--overwrite`) to split again there, or choose another directory.",
+                )
             elif not overwrite:
                 raise ShardDirOccupiedError(
                     f"`shard_dir` {shard_dir} already holds a split of another model, another source checkpoint or "

@@ -255,6 +255,51 @@ def test_a_damaged_config_json_is_named_and_written_again_by_the_same_split(shar
     assert config.read_bytes() == before and ShardDirectory(shards, checksums=True).verify() == []
 
 
+@pytest.mark.parametrize("edit", ["num_hidden_layers", "intermediate_size"])
+def test_a_config_json_describing_another_model_is_named_and_written_again_by_the_same_split(shard_copy, capsys, edit):
+    """A `config.json` edited since the split to another number of layers or other sizes, with the same model_type:
+    `verify` said every file matched (exit 0), a re-run of the split found nothing to do, and the model built from it
+    failed at enable. `verify` names it now (exit 1), and the same split writes it again."""
+    import json
+
+    from hf_layerstream import split_checkpoint
+
+    ckpt, shards = shard_copy
+    config = shards / "config.json"
+    before = config.read_bytes()
+    edited = json.loads(before)
+    edited[edit] = edited[edit] - 1 if edit == "num_hidden_layers" else edited[edit] * 2
+    config.write_text(json.dumps(edited))
+    ShardDirectory(shards)  # (opening it does not build the model: enable compares the model given with the manifest)
+    problems = ShardDirectory(shards, check_files=False).verify(checksums=False)
+    message = "decoder layers, where the shards hold" if edit == "num_hidden_layers" else "other tensor names or shapes"
+    assert len(problems) == 1 and "config.json describes another model than the split's" in problems[0]
+    assert message in problems[0]
+    assert main(["verify", "--quick", str(shards)]) == 1
+    assert message in capsys.readouterr().out
+    split_checkpoint(ckpt, shards, progress=False)
+    assert config.read_bytes() == before and ShardDirectory(shards, checksums=True).verify() == []
+
+
+def test_a_damaged_manifest_fails_verify_and_split_says_what_to_do(shard_copy, capsys):
+    """A torn `manifest.json`: `hf-layerstream verify` exited 2 (an option refused) advising to run verify, and the
+    same split said the directory held a split of another model. Now verify exits 1 naming the manifest, and the split
+    says the manifest is damaged; `overwrite=True` splits again there."""
+    from hf_layerstream import split_checkpoint
+    from hf_layerstream.errors import ShardDirOccupiedError
+
+    ckpt, shards = shard_copy
+    manifest = shards / "manifest.json"
+    manifest.write_bytes(manifest.read_bytes() + b"}")
+    assert main(["verify", str(shards)]) == 1
+    err = capsys.readouterr().err
+    assert "manifest.json is not readable JSON" in err and "--overwrite" in err
+    with pytest.raises(ShardDirOccupiedError, match=r"manifest\.json is damaged"):
+        split_checkpoint(ckpt, shards, progress=False)
+    split_checkpoint(ckpt, shards, progress=False, overwrite=True)
+    assert ShardDirectory(shards, checksums=True).verify() == []
+
+
 def test_loading_never_writes(shard_copy, monkeypatch):
     """A read-only directory works: chmod -R a-w, and every write attempt during the load fails loudly.
 
