@@ -1175,6 +1175,23 @@ def test_paths_that_are_not_there_are_refused_before_measuring(tmp_path, capsys,
         assert main(["bench", *argv, *work, *quick]) == 2, argv
         assert message in capsys.readouterr().err, argv
         assert not (tmp_path / "work").exists()
+    # a `--checkpoint` that is a folder but no checkpoint, or a hub repo that cannot be fetched: refused before any row
+    # is measured (they failed the rows that load it, in their child processes, after the streamed rows)
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def offline(repo_id, **kwargs):
+        raise LocalEntryNotFoundError(f"{repo_id} is not in the hub cache and the hub cannot be reached")
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(huggingface_hub, "snapshot_download", offline)
+        for checkpoint, message in (
+            (str(tmp_path), "holds no config.json: it is not a checkpoint"),
+            ("nobody/nothing", "nobody/nothing is not in the hub cache"),
+        ):
+            assert main(["bench", str(shards), "--checkpoint", checkpoint, *work, *quick]) == 2, checkpoint
+            captured = capsys.readouterr()
+            assert message in captured.err and "s/token" not in captured.out, checkpoint
     # `generate --assistant` of a path not there: refused before the model loads (it went to the hub once loaded)
     assert main(["generate", str(shards), "hi", "--assistant", str(tmp_path / "nope")]) == 2
     assert "is neither an existing local folder nor a hub repo id" in capsys.readouterr().err
