@@ -1953,6 +1953,18 @@ class LayerLoader:
                     self._pool.give(buffer, [], event)
         return _Ready(tensors, event, None, times=times)
 
+    def wait_released_passed(self) -> None:
+        """CUDA, in the compute thread, before it allocates beside the layers (the output head's copy, kept in host RAM):
+        wait until the GPU has passed every streamed layer released so far, so that the memory of the last one (freed
+        as its forward was queued, still read by its kernels) is free again, as the plan counts it (the head's copy
+        and the layers read ahead, not one more). Leaves the events to the loader (`_wait_released`), and waits on the
+        newest only: the compute stream passes them in order."""
+        try:
+            newest = self._released[-1]
+        except IndexError:  # (none, or the loader took them: it waits on them before it copies)
+            return
+        newest.synchronize()
+
     def _wait_released(self) -> None:
         """CUDA, in the loader thread: wait until the GPU has finished every streamed layer released so far.
 

@@ -740,6 +740,7 @@ class HostResidentHook(ModelHook):
         on_host: bool,
         copy_stream=None,
         profile=None,
+        before_copy: Callable[[], None] | None = None,
     ):
         # (module, attribute, is_parameter, host tensor)
         self.slots = slots
@@ -751,6 +752,7 @@ class HostResidentHook(ModelHook):
         # CUDA: the loader's copy stream. The copies are allocated there, from the memory pool the streamed layers'
         # copies take theirs from, so the head's memory is reused by the next layers' and not cached beside them
         self.copy_stream = copy_stream
+        self.before_copy = before_copy
         self.placeholders = [(m._parameters if p else m._buffers)[a] for m, a, p, _ in slots]
 
     def init_hook(self, module):
@@ -760,6 +762,8 @@ class HostResidentHook(ModelHook):
         if self.copy_stream is None:
             return [host.to(self.device, non_blocking=True) for _, _, _, host in self.slots]
         compute = torch.cuda.current_stream(self.device)
+        if self.before_copy is not None:  # (the last layer's memory free again first: see `wait_released_passed`)
+            self.before_copy()
         # under the model's device first: leaving a stream's block alone makes the device current at its start the
         # current one again, and in a thread that set none (the model on cuda:1) that would create a context on cuda:0
         with torch.cuda.device(self.device), torch.cuda.stream(self.copy_stream):

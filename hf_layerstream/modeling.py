@@ -372,6 +372,53 @@ def repair_meta_buffers(model: nn.Module, dtype: torch.dtype | None = None) -> l
     return repaired
 
 
+def buffers_as_loaded(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The non-persistent floating-point buffers whose values `from_pretrained` computes otherwise than `model` holds
+    them, by name, with those values. `from_pretrained` builds the model inside its dtype context, then (outside it, at
+    the default dtype) gives non-persistent buffers their values with the `_init_weights` of the model class they
+    belong to, copied into the buffers of the dtype they were built at; `from_config` (and `__init__`) compute them
+    inside it. Where the arithmetic follows the default dtype, they differ: GPT-J's and CodeGen's sinusoidal position
+    table, whose frequencies were rounded to bfloat16 in a model built at bfloat16 (logits off by ~2e-3). A module
+    whose `_init_weights` fails on a copy of it keeps its buffers."""
+    from transformers import PreTrainedModel
+
+    owners: list[tuple[str, nn.Module, Callable]] = []
+
+    def walk(prefix: str, module: nn.Module, init: Callable) -> None:
+        for name, child in module.named_children():
+            walk(f"{prefix}{name}.", child, child._init_weights if isinstance(child, PreTrainedModel) else init)
+        if any(
+            b is not None and b.is_floating_point() and not b.is_meta
+            for a, b in module._buffers.items()
+            if a in module._non_persistent_buffers_set
+        ):
+            owners.append((prefix, module, init))
+
+    if not isinstance(model, PreTrainedModel):
+        return {}
+    walk("", model, model._init_weights)
+    out = {}
+    for prefix, module, init in owners:
+        try:
+            twin = deepcopy(module)  # (its parameters are on meta: the copy costs its buffers only)
+            for b in twin.buffers(recurse=False):
+                if hasattr(b, "_is_hf_initialized"):
+                    del b._is_hf_initialized
+            init(twin)
+        except Exception as e:  # noqa: BLE001 - an initializer that needs real weights: the buffers stay as built
+            logger.debug(
+                "Not recomputing the buffers of %s (%s: %s)", prefix.rstrip(".") or "the model", type(e).__name__, e
+            )
+            continue
+        for attr in module._non_persistent_buffers_set:
+            held, fresh = module._buffers.get(attr), twin._buffers.get(attr)
+            if held is None or fresh is None or not held.is_floating_point() or held.is_meta or fresh.is_meta:
+                continue
+            if fresh.dtype != held.dtype or fresh.shape != held.shape or not torch.equal(fresh, held):
+                out[prefix + attr] = fresh
+    return out
+
+
 def get_submodule_attr(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     module_name, _, attr = name.rpartition(".")
     return (model.get_submodule(module_name) if module_name else model), attr

@@ -47,6 +47,7 @@ from .hooks import (
 from .modeling import (
     RESIDENT,
     LayerStack,
+    buffers_as_loaded,
     buffers_built_at,
     dtype_configs,
     expected_tensors,
@@ -631,7 +632,14 @@ def _keep_on_host(model: nn.Module, parts: list[_HostPart], values: dict, loader
         on_host = any(module is part.module and part.name == "input_embeddings" for part in parts)
         if on_host:  # buffers go to the host for the pass too (Gemma's `embed_scale` is multiplied in there)
             slots += [(module, attr, False, b.to("cpu")) for attr, b in module._buffers.items() if b is not None]
-        hook = HostResidentHook(slots, device, on_host=on_host, copy_stream=copy_stream, profile=loader.profile)
+        hook = HostResidentHook(
+            slots,
+            device,
+            on_host=on_host,
+            copy_stream=copy_stream,
+            profile=loader.profile,
+            before_copy=loader.wait_released_passed,
+        )
         add_hook_to_module(module, hook)
         handles.append(module.register_state_dict_post_hook(host_state_dict_hook))
         # a call of the module itself that raises (e.g. `model.get_output_embeddings()(x)` out of memory) never reaches
@@ -830,6 +838,9 @@ def enable_layer_streaming(
             module, attr = get_submodule_attr(model, name)
             module._buffers[attr] = value
         repair_meta_buffers(model, load)
+        for name, value in buffers_as_loaded(model).items():  # (their values, as `from_pretrained` computes them)
+            module, attr = get_submodule_attr(model, name)
+            module._buffers[attr] = value
         # resident parts on the device, then re-tie (GPT-2's lm_head <- wte), as from_pretrained does
         params = dict(model.named_parameters(remove_duplicate=False))
         on_host = {n for p in host_parts for n in p.tensors}
@@ -1172,20 +1183,6 @@ def disable_layer_streaming(model: nn.Module) -> nn.Module:
 
 def _disable(model: nn.Module, state: StreamingState) -> None:
     state.disabled = True
-    guard, runner = state.guard, state.runner  # (`None` where an enable interrupted undoes itself before them)
-    if guard is not None and runner is not None and guard.guarded is not None:
-        if vars(runner).get("forward") is guard.guarded:  # (if something wrapped it since, left in place, inert)
-            if state.runner_forward is None:
-                del runner.forward
-            else:
-                runner.forward = state.runner_forward
-    if guard is not None and guard.model_guarded is not None and vars(model).get("forward") is guard.model_guarded:
-        if state.model_forward is None:
-            del model.forward
-        else:
-            model.forward = state.model_forward
-    if guard is not None:
-        guard.close()
     for layer in state.stack.layers:
         if isinstance(getattr(layer, "_hf_hook", None), LayerStreamingHook):
             remove_hook_from_module(layer)
@@ -1221,3 +1218,19 @@ def _disable(model: nn.Module, state: StreamingState) -> None:
         cfg.dtype = old_dtype
     if state.loader.is_cuda:  # the weights are gone: what the allocators cached of them goes back too
         empty_allocator_caches(state.loader.device)
+    # the forward wrappers go last: a call beginning while the rest is taken apart goes through them, waits for the
+    # lock held here and raises `DISABLED_DURING_CALL`, instead of running on a model half taken apart
+    guard, runner = state.guard, state.runner  # (`None` where an enable interrupted undoes itself before them)
+    if guard is not None and runner is not None and guard.guarded is not None:
+        if vars(runner).get("forward") is guard.guarded:  # (if something wrapped it since, left in place, inert)
+            if state.runner_forward is None:
+                del runner.forward
+            else:
+                runner.forward = state.runner_forward
+    if guard is not None and guard.model_guarded is not None and vars(model).get("forward") is guard.model_guarded:
+        if state.model_forward is None:
+            del model.forward
+        else:
+            model.forward = state.model_forward
+    if guard is not None:
+        guard.close()

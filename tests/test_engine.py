@@ -698,6 +698,43 @@ def test_an_enable_interrupted_at_its_end_leaves_the_model_as_it_was(llama, monk
     disable_layer_streaming(model)
 
 
+def test_a_call_beginning_while_disable_takes_the_model_apart_waits_and_is_named(llama, monkeypatch):
+    """`disable_layer_streaming` took the forward wrappers off first, then took the rest apart holding the lock: a call
+    beginning in between found no wrapper, did not wait, and ran on a model half taken apart (meta-device logits, no
+    error). The wrappers go last now: such a call waits for the lock and raises `DISABLED_DURING_CALL`."""
+    import hf_layerstream.stream as stream
+    from hf_layerstream.hooks import DISABLED_DURING_CALL
+
+    ckpt, shards, inputs, expected, pad = llama
+    model = streamed_model(ckpt, shards, **STREAM_ALL)
+    tearing, calling, result = threading.Event(), threading.Event(), {}
+    real_restore = stream._restore
+
+    def restore(*args, **kwargs):  # (the teardown, paused half way while the other thread calls the model)
+        real_restore(*args, **kwargs)
+        tearing.set()
+        assert calling.wait(30)
+        time.sleep(0.3)
+
+    def caller():
+        assert tearing.wait(30)
+        calling.set()
+        try:
+            with torch.no_grad():
+                result["out"] = model(inputs["input_ids"])
+        except Exception as e:  # noqa: BLE001 - the test reads it
+            result["error"] = e
+
+    monkeypatch.setattr(stream, "_restore", restore)
+    worker = threading.Thread(target=caller)
+    worker.start()
+    disable_layer_streaming(model)
+    worker.join(60)
+    assert isinstance(result.get("error"), RuntimeError), result
+    assert str(result["error"]) == DISABLED_DURING_CALL
+    assert get_streaming_state(model) is None and "forward" not in vars(model)
+
+
 def test_disable_from_a_callback_of_generate_is_named(llama):
     """`disable_layer_streaming` called by the generating thread itself, from a logits processor: the next pass
     fails with the same named error, which does not claim another thread ran it."""

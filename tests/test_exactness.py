@@ -629,6 +629,33 @@ def test_buffers_the_model_computes_as_it_is_built_are_at_the_dtype_streamed(tmp
         assert all(b is before[n] for n, b in model.named_buffers())
 
 
+@pytest.mark.parametrize("meta_device", [False, True], ids=["init_empty_weights", "meta_device"])
+@pytest.mark.parametrize("arch", ["gptj", "codegen"])
+def test_buffers_get_the_values_from_pretrained_computes_for_them(tmp_path, arch, meta_device):
+    """`from_pretrained` gives non-persistent buffers their values with the model's `_init_weights`, at the default
+    dtype, after building the model inside its dtype context; `from_config` computes them inside it. GPT-J's and
+    CodeGen's sinusoidal position tables (float32 buffers whose frequencies follow the default dtype) were rounded
+    through bfloat16 in a model built from a bfloat16 config, and the streamed logits were ~2e-3 off the loaded
+    model's. They take `from_pretrained`'s values now: buffers and decode steps bit for bit."""
+    from hf_layerstream import split_checkpoint
+
+    sizes = {"n_embd": 64, "n_layer": 3, "n_head": 4, "rotary_dim": 8, "n_positions": 256}
+    if arch == "codegen":
+        sizes["n_ctx"] = 256
+    config = AutoConfig.for_model(arch, vocab_size=128, pad_token_id=0, bos_token_id=1, eos_token_id=2, **sizes)
+    ckpt = _models.save_tiny_checkpoint(config, tmp_path / "ckpt", dtype=torch.bfloat16)
+    shards = split_checkpoint(ckpt, tmp_path / "shards", progress=False)
+    model = build_meta_model(AutoConfig.from_pretrained(shards), meta_device=meta_device)  # (at bfloat16)
+    before = {n: b for n, b in model.named_buffers()}
+    enable_layer_streaming(model, shards, device="cpu", max_memory={"cpu": 0})
+    ref = _models.load_reference(ckpt, torch.bfloat16)
+    tables = [n for n, _ in ref.named_buffers() if n.endswith("embed_positions")]
+    assert tables and all(torch.equal(model.get_buffer(n), ref.get_buffer(n)) for n in tables)
+    assert_same_decode_steps(ref, model, {"input_ids": torch.tensor([[1, 5, 9, 20, 33, 7]])})
+    disable_layer_streaming(model)
+    assert all(b is before[n] for n, b in model.named_buffers())
+
+
 @pytest.mark.parametrize("built", ["bfloat16 config", "config without dtype", "built at bfloat16"])
 @pytest.mark.parametrize("options", [{}, STREAM_ALL], ids=["default", "stream_all"])
 def test_a_model_built_at_another_dtype_reports_the_dtype_it_computes_in(tmp_path, built, options):

@@ -689,10 +689,17 @@ def test_the_heads_copy_is_queued_under_the_models_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Compute())
     monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: None)
     head = torch.nn.Linear(4, 4, bias=False)
-    hook = HostResidentHook([(head, "weight", True, torch.ones(4, 4))], gpu, on_host=False, copy_stream=copy_stream)
+    hook = HostResidentHook(
+        [(head, "weight", True, torch.ones(4, 4))],
+        gpu,
+        on_host=False,
+        copy_stream=copy_stream,
+        before_copy=lambda: entered.append(("released layers passed", None)),
+    )
     monkeypatch.setattr(torch.Tensor, "to", lambda self, *args, **kwargs: self.clone())  # (no GPU here)
     values = hook._copies()
     assert [kind for kind, _ in entered] == [
+        "released layers passed",  # (the last layer's memory free again before the copy is allocated)
         "device",
         "stream",
         "event",
@@ -700,5 +707,32 @@ def test_the_heads_copy_is_queued_under_the_models_device(monkeypatch):
         "left device",
         "compute waits",
     ]
-    assert entered[0] == ("device", gpu) and entered[1] == ("stream", copy_stream)
+    assert entered[1] == ("device", gpu) and entered[2] == ("stream", copy_stream)
     assert len(values) == 1 and torch.equal(values[0], torch.ones(4, 4))
+
+
+def test_the_heads_copy_waits_for_the_gpu_to_pass_the_layers_released(checkpoints, force_host_resident):
+    """The head's copy was allocated while the GPU still ran the last layer, whose memory (freed with
+    `record_stream`) the allocator cannot reuse until then: the device held the head's copy, the layers read ahead
+    and that layer, one more than the plan counts. The copy now first waits for the newest release event (the
+    compute stream passes them in order), leaving the events to the loader. (Stand-in events: no GPU here.)"""
+    ckpt, shards = checkpoints("llama")
+    model = streamed_model(ckpt, shards, max_memory={"cpu": 0}, prefetch=1)
+    loader = get_streaming_state(model).loader
+    assert model.get_output_embeddings()._hf_hook.before_copy == loader.wait_released_passed
+    waited = []
+
+    class Event:
+        def __init__(self, name):
+            self.name = name
+
+        def synchronize(self):
+            waited.append(self.name)
+
+    loader.wait_released_passed()  # none released: nothing to wait for
+    assert waited == []
+    loader._released.extend([Event("layer 2"), Event("layer 3")])
+    loader.wait_released_passed()
+    assert waited == ["layer 3"] and [e.name for e in loader._released] == ["layer 2", "layer 3"]
+    loader._released.clear()
+    disable_layer_streaming(model)
