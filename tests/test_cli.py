@@ -551,10 +551,18 @@ def test_inspect_and_verify(split_dir, capsys):
         assert main(argv) == 0
         assert json.loads(capsys.readouterr().out)["plan"]["page_cache_layers"] == expected
     # `--dtype`: the plan counts the resident parts and the layers at that dtype (this checkpoint is float32)
-    plans = {}
+    plans, infos = {}, {}
     for dtype in ("float32", "bfloat16"):
         assert main(["inspect", str(shards), "--json", "--device", "cpu", "--dtype", dtype]) == 0
-        plans[dtype] = json.loads(capsys.readouterr().out)["plan"]
+        infos[dtype] = json.loads(capsys.readouterr().out)
+        plans[dtype] = infos[dtype]["plan"]
+    # the same keys whatever `--dtype` (they were renamed after it, and the bf16 sizes left out)
+    assert infos["float32"].keys() == infos["bfloat16"].keys() == info.keys()
+    assert infos["float32"]["bf16_layer_bytes"] == infos["bfloat16"]["full_layer_bytes"] == info["bf16_layer_bytes"]
+    assert [b // 2 for b in infos["float32"]["full_layer_bytes"]] == info["bf16_layer_bytes"]
+    assert infos["float32"]["ratio_dtype"] == "float32" and info["ratio_dtype"] == "bfloat16"
+    assert infos["float32"]["ratio_to_bf16"] == info["ratio_to_bf16"] == info["ratio"]
+    assert infos["float32"]["ratio"] == pytest.approx(info["ratio"] / 2, abs=1e-4)
     for key in ("resident_bytes", "layer_bytes"):
         half = [b // 2 for b in plans["float32"][key]] if key == "layer_bytes" else plans["float32"][key] // 2
         assert plans["bfloat16"][key] == half, key
