@@ -640,6 +640,8 @@ def _keep_on_host(model: nn.Module, parts: list[_HostPart], values: dict, loader
             profile=loader.profile,
             before_copy=loader.wait_released_passed,
         )
+        if _half_detached(module):  # (a disable interrupted there: its own forward back first)
+            remove_hook_from_module(module)
         add_hook_to_module(module, hook)
         handles.append(module.register_state_dict_post_hook(host_state_dict_hook))
         # a call of the module itself that raises (e.g. `model.get_output_embeddings()(x)` out of memory) never reaches
@@ -883,6 +885,8 @@ def enable_layer_streaming(
                 slots.append((module, attr, rel_name, is_param))
             hook = LayerStreamingHook(i, loader, slots, prof)
             _dequantize_per_module(hook, prefix, deferred, target_dtypes, device, handles)
+            if _half_detached(layer):  # (a disable interrupted there: its own forward back first)
+                remove_hook_from_module(layer)
             add_hook_to_module(layer, hook)
             kept = plan.tier(i) == "device"
             handles.append(
@@ -901,8 +905,7 @@ def enable_layer_streaming(
         for handle in handles:
             handle.remove()
         for module in model.modules():
-            if isinstance(getattr(module, "_hf_hook", None), (LayerStreamingHook, HostResidentHook)):
-                remove_hook_from_module(module)
+            _detach(module, (LayerStreamingHook, HostResidentHook))
         _restore(model, originals)
         raise
 
@@ -1181,14 +1184,31 @@ def disable_layer_streaming(model: nn.Module) -> nn.Module:
     return model
 
 
+def _half_detached(module: nn.Module) -> bool:
+    """Whether accelerate's `remove_hook_from_module` was interrupted on `module` (Ctrl-C): it deletes `_hf_hook`, then
+    puts the forward back from `_old_forward`. Left so, the next `add_hook_to_module` takes accelerate's wrapper for
+    the module's own forward, and the wrapper then calls itself at every pass (a `RecursionError`)."""
+    wrapper = vars(module).get("forward")
+    return (
+        "_hf_hook" not in vars(module)
+        and "_old_forward" in vars(module)
+        and isinstance(wrapper, functools.partial)
+        and getattr(wrapper.func, "__name__", None) == "new_forward"
+    )
+
+
+def _detach(module: nn.Module, kinds) -> None:
+    """Take our hook off `module`, or finish taking it off where that was interrupted (see `_half_detached`)."""
+    if isinstance(getattr(module, "_hf_hook", None), kinds) or _half_detached(module):
+        remove_hook_from_module(module)
+
+
 def _disable(model: nn.Module, state: StreamingState) -> None:
     state.disabled = True
     for layer in state.stack.layers:
-        if isinstance(getattr(layer, "_hf_hook", None), LayerStreamingHook):
-            remove_hook_from_module(layer)
+        _detach(layer, LayerStreamingHook)
     for module in state.host_modules:
-        if isinstance(getattr(module, "_hf_hook", None), HostResidentHook):
-            remove_hook_from_module(module)
+        _detach(module, HostResidentHook)
     for handle in state.handles:
         handle.remove()
     state.loader.close()

@@ -735,6 +735,45 @@ def test_a_call_beginning_while_disable_takes_the_model_apart_waits_and_is_named
     assert get_streaming_state(model) is None and "forward" not in vars(model)
 
 
+def test_a_disable_interrupted_inside_accelerate_is_finished_and_streaming_works_again(llama, monkeypatch):
+    """Ctrl-C inside accelerate's `remove_hook_from_module` (it deletes `_hf_hook`, then puts the forward back) left a
+    layer with accelerate's wrapper as its forward and no hook: a second disable skipped it, and the next enable took
+    the wrapper for the layer's own forward, which then called itself at every pass (`RecursionError`). The second
+    disable finishes it now, and an enable repairs a layer left so; the output is the loaded model's."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    import hf_layerstream.stream as stream
+
+    ckpt, shards, inputs, expected, pad = llama
+    model = streamed_model(ckpt, shards, **STREAM_ALL)
+    layer = get_streaming_state(model).stack.layers[0]
+    real = stream.remove_hook_from_module
+
+    def interrupted(module, *args, **kwargs):
+        module._hf_hook.detach_hook(module)  # (accelerate's first steps, then the signal)
+        del module._hf_hook
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stream, "remove_hook_from_module", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        disable_layer_streaming(model)
+    monkeypatch.setattr(stream, "remove_hook_from_module", real)
+    assert "_hf_hook" not in vars(layer) and "_old_forward" in vars(layer)
+    disable_layer_streaming(model)
+    assert get_streaming_state(model) is None
+    assert not {"_hf_hook", "_old_forward"} & set(vars(layer)) and not hasattr(layer.forward, "func")
+    enable_layer_streaming(model, shards, device="cpu", **STREAM_ALL)
+    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+    disable_layer_streaming(model)
+    # a layer left so by a disable interrupted for good (before our state could finish it): enable repairs it
+    add_hook_to_module(layer, ModelHook())
+    del layer._hf_hook
+    enable_layer_streaming(model, shards, device="cpu", **STREAM_ALL)
+    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+    disable_layer_streaming(model)
+    assert not {"_hf_hook", "_old_forward"} & set(vars(layer))
+
+
 def test_disable_from_a_callback_of_generate_is_named(llama):
     """`disable_layer_streaming` called by the generating thread itself, from a logits processor: the next pass
     fails with the same named error, which does not claim another thread ran it."""
