@@ -1236,8 +1236,6 @@ def _disable(model: nn.Module, state: StreamingState) -> None:
         model.generation_config = state.own_generation_config  # (one the caller set since stays)
     for cfg, old_dtype in state.config_dtypes:
         cfg.dtype = old_dtype
-    if state.loader.is_cuda:  # the weights are gone: what the allocators cached of them goes back too
-        empty_allocator_caches(state.loader.device)
     # the forward wrappers go last: a call beginning while the rest is taken apart goes through them, waits for the
     # lock held here and raises `DISABLED_DURING_CALL`, instead of running on a model half taken apart
     guard, runner = state.guard, state.runner  # (`None` where an enable interrupted undoes itself before them)
@@ -1254,3 +1252,5 @@ def _disable(model: nn.Module, state: StreamingState) -> None:
             model.forward = state.model_forward
     if guard is not None:
         guard.close()
+    if state.loader.is_cuda:  # the weights are gone: what the allocators cached of them goes back too
+        empty_allocator_caches(state.loader.device)
