@@ -260,7 +260,7 @@ def build_as(config, model_class: type | str | None = None) -> nn.Module:
     return model
 
 
-def build_for_shards(manifest, config) -> nn.Module:
+def build_for_shards(manifest, config, *, meta: bool = False) -> nn.Module:
     """The model (parameters on meta) of a shard directory: built as the class it was split for, its manifest's
     `architectures` (e.g. `MllamaForConditionalGeneration`, split with `model_class`), when transformers has that
     class and it gives the directory's architecture fingerprint (a directory split before the class was recorded
@@ -268,14 +268,14 @@ def build_for_shards(manifest, config) -> nn.Module:
     what `hf-layerstream generate` and `inspect` build."""
     import transformers
 
-    model = build_skeleton(config)
+    model = build_skeleton(config, meta=meta)
     names = getattr(manifest, "architectures", None) or []
     if not names or type(model).__name__ == names[0]:
         return model
     try:
         split_for = getattr(transformers, names[0], None)
         if isinstance(split_for, type) and hasattr(split_for, "_from_config"):
-            other = build_skeleton(config, split_for)
+            other = build_skeleton(config, split_for, meta=meta)
             if architecture_fingerprint(other, require_layer_stack(other)) == manifest.fingerprint:
                 return other
     except (ImportError, RuntimeError, ValueError, TypeError, AttributeError) as e:
@@ -283,16 +283,20 @@ def build_for_shards(manifest, config) -> nn.Module:
     return model
 
 
-def build_skeleton(config, model_class: type | None = None, dtype: torch.dtype | None = None) -> nn.Module:
+def build_skeleton(
+    config, model_class: type | None = None, dtype: torch.dtype | None = None, *, meta: bool = False
+) -> nn.Module:
     """The model built with `init_empty_weights()`: parameters on meta, buffers (rotary `inv_freq`) real on CPU.
     `model_class`: a model class or auto class (default: `auto_class_for(config)`). `dtype`: the dtype to build it at
-    (default: the config's, as `from_config` does), on a copy of `config` (`from_config` records it there)."""
+    (default: the config's, as `from_config` does), on a copy of `config` (`from_config` records it there). `meta`:
+    under `torch.device("meta")`, buffers too, and tensors a model creates on the CPU before it moves them (some MoE
+    experts: a Llama-4-Maverick-sized config took 20 GiB the other way), for names and shapes only."""
     from accelerate import init_empty_weights
 
     kwargs = {}
     if dtype is not None:
         config, kwargs = deepcopy(config), {"dtype": dtype}
-    with init_empty_weights(include_buffers=False):
+    with torch.device("meta") if meta else init_empty_weights(include_buffers=False):
         if model_class is not None and hasattr(model_class, "_from_config"):
             return model_class._from_config(config, **kwargs)
         if model_class is not None:

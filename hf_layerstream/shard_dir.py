@@ -16,6 +16,7 @@ Quantized tensors are stored as `"<name>::<part>"` entries and described in the 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ import torch
 from ._safetensors import Header, read_header, sample_digest, sha256_file, str_to_dtype
 from .errors import ShardDirError, ShardFileError
 from .modeling import RESIDENT, layer_unit
+
+logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "hf_layerstream.shards"
@@ -475,18 +478,27 @@ class ShardDirectory:
 
         from .modeling import architecture_fingerprint, build_for_shards, require_layer_stack
 
-        try:
-            model = build_for_shards(self.manifest, AutoConfig.from_pretrained(self.path))
+        try:  # (names and shapes only: on meta, buffers too, and what a model makes on the CPU first)
+            model = build_for_shards(self.manifest, AutoConfig.from_pretrained(self.path), meta=True)
             stack = require_layer_stack(model)
-        except Exception as e:  # noqa: BLE001 - any failure to build it is the problem to report
-            return f"does not build a model ({type(e).__name__}: {e})"
+        except Exception as e:  # noqa: BLE001 - this machine or this transformers, not the file: not a damage found
+            logger.warning(
+                "Could not check %s against the shards: building its model failed (%s: %s)",
+                self.path / "config.json",
+                type(e).__name__,
+                e,
+            )
+            return None
         if architecture_fingerprint(model, stack) == self.manifest.fingerprint:
             return None
         if len(stack) != self.manifest.num_layers:
             differs = f"{len(stack)} decoder layers, where the shards hold {self.manifest.num_layers}"
         else:
             differs = "other tensor names or shapes than the shards hold"
-        return f"describes another model than the split's: {differs} (it was changed since the split)"
+        return (
+            f"describes another model than the split's: {differs} (it was changed since the split, or this "
+            "transformers builds the model otherwise)"
+        )
 
     def verify(self, *, checksums: bool = True) -> list[str]:
         """Check every file against the manifest and return every problem found (empty when the directory is sound).

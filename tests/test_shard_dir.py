@@ -281,6 +281,34 @@ def test_a_config_json_describing_another_model_is_named_and_written_again_by_th
     assert config.read_bytes() == before and ShardDirectory(shards, checksums=True).verify() == []
 
 
+def test_a_config_json_this_machine_cannot_build_is_not_called_damaged(shard_copy, monkeypatch, caplog):
+    """Building the model to compare it with the shards can fail for reasons of this machine (memory) or this
+    transformers (a model type it lacks): `verify` said the file was damaged and to split again. It warns that it
+    could not check instead. (The model is built on meta: nothing is allocated for a large one.)"""
+    import logging
+
+    import hf_layerstream.modeling as modeling
+
+    _, shards = shard_copy
+    built = []
+    real = modeling.build_skeleton
+
+    def build(*args, **kwargs):
+        built.append(kwargs.get("meta"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(modeling, "build_skeleton", build)
+    assert ShardDirectory(shards, check_files=False).verify(checksums=False) == [] and built == [True]
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(modeling, "build_skeleton", fails)
+    with caplog.at_level(logging.WARNING, logger="hf_layerstream.shard_dir"):
+        assert ShardDirectory(shards, check_files=False).verify(checksums=False) == []
+    assert "Could not check" in caplog.text and "can't allocate memory" in caplog.text
+
+
 def test_a_damaged_manifest_fails_verify_and_split_says_what_to_do(shard_copy, capsys):
     """A torn `manifest.json`: `hf-layerstream verify` exited 2 (an option refused) advising to run verify, and the
     same split said the directory held a split of another model. Now verify exits 1 naming the manifest, and the split
