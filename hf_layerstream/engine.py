@@ -1189,6 +1189,9 @@ class LayerLoader:
         # CUDA: a compute-stream event per released streamed layer; its memory is free for the next layer only once
         # the GPU has passed it (see `_wait_released`)
         self._released: deque = deque()
+        self._last_released = (
+            None  # (the newest of them, which the loader's taking does not hide: see `wait_released_passed`)
+        )
         self.failures = 0
         renew_after_fork(self)
 
@@ -1347,6 +1350,7 @@ class LayerLoader:
             done = _loader_event()
             done.record(torch.cuda.current_stream(self.device))
             self._released.append(done)
+            self._last_released = done
         if ready.buffer is None:
             return
         pool, buf, views = ready.buffer
@@ -1394,6 +1398,7 @@ class LayerLoader:
             ready.tensors = {}
         self._in_use.clear()
         self._released.clear()
+        self._last_released = None
         mapped = self.reads["mapped"] or self._maps  # (maps made ahead for loads that were cancelled count too)
         for kept in self._maps.values():
             kept.release_pages()
@@ -1421,6 +1426,7 @@ class LayerLoader:
             self.profile._lock = threading.Lock()
         self._pending = {}
         self._released.clear()
+        self._last_released = None
         if not self._closed:
             self._new_executors()
 
@@ -1957,13 +1963,11 @@ class LayerLoader:
         """CUDA, in the compute thread, before it allocates beside the layers (the output head's copy, kept in host RAM):
         wait until the GPU has passed every streamed layer released so far, so that the memory of the last one (freed
         as its forward was queued, still read by its kernels) is free again, as the plan counts it (the head's copy
-        and the layers read ahead, not one more). Leaves the events to the loader (`_wait_released`), and waits on the
-        newest only: the compute stream passes them in order."""
-        try:
-            newest = self._released[-1]
-        except IndexError:  # (none, or the loader took them: it waits on them before it copies)
-            return
-        newest.synchronize()
+        and the layers read ahead, not one more). Waits on the newest release, which the loader may already have taken
+        from its queue while the GPU still runs that layer (the compute stream passes them in order)."""
+        newest = self._last_released
+        if newest is not None:
+            newest.synchronize()
 
     def _wait_released(self) -> None:
         """CUDA, in the loader thread: wait until the GPU has finished every streamed layer released so far.
