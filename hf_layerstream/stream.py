@@ -1230,8 +1230,6 @@ def _disable(model: nn.Module, state: StreamingState) -> None:
         model.hf_device_map = state.old_device_map
     elif hasattr(model, "hf_device_map"):
         del model.hf_device_map
-    if vars(model).get(_STATE_ATTR) is state:
-        delattr(model, _STATE_ATTR)
     if state.generation_config is not None and getattr(model, "generation_config", None) is state.generation_config:
         model.generation_config = state.own_generation_config  # (one the caller set since stays)
     for cfg, old_dtype in state.config_dtypes:
@@ -1254,3 +1252,6 @@ def _disable(model: nn.Module, state: StreamingState) -> None:
         guard.close()
     if state.loader.is_cuda:  # the weights are gone: what the allocators cached of them goes back too
         empty_allocator_caches(state.loader.device)
+    # last: a disable interrupted before here (Ctrl-C) is finished by calling it again (every step above repeats)
+    if vars(model).get(_STATE_ATTR) is state:
+        delattr(model, _STATE_ATTR)

@@ -774,6 +774,36 @@ def test_a_disable_interrupted_inside_accelerate_is_finished_and_streaming_works
     assert not {"_hf_hook", "_old_forward"} & set(vars(layer))
 
 
+def test_a_disable_interrupted_late_is_finished_by_the_next(llama):
+    """A disable interrupted late (Ctrl-C while it puts the configs' dtypes back) had removed the streaming state
+    before the forward wrappers it now removes last: a second disable said streaming was not enabled, and the
+    wrappers stayed. The state goes last: the second disable finishes, and streaming works again."""
+    ckpt, shards, inputs, expected, pad = llama
+    model = streamed_model(ckpt, shards, **STREAM_ALL)
+    state = get_streaming_state(model)
+
+    class Interrupting:
+        @property
+        def dtype(self):
+            return None
+
+        @dtype.setter
+        def dtype(self, value):
+            raise KeyboardInterrupt
+
+    state.config_dtypes.append((Interrupting(), None))
+    with pytest.raises(KeyboardInterrupt):
+        disable_layer_streaming(model)
+    state.config_dtypes.pop()
+    assert get_streaming_state(model) is state
+    disable_layer_streaming(model)
+    assert get_streaming_state(model) is None and "forward" not in vars(model)
+    assert "forward" not in vars(state.runner)
+    enable_layer_streaming(model, shards, device="cpu", **STREAM_ALL)
+    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+    disable_layer_streaming(model)
+
+
 def test_disable_from_a_callback_of_generate_is_named(llama):
     """`disable_layer_streaming` called by the generating thread itself, from a logits processor: the next pass
     fails with the same named error, which does not claim another thread ran it."""
