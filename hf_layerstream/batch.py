@@ -147,6 +147,16 @@ def _has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
+def _continues_final_message(prompt: str | list) -> bool:
+    """Whether `prompt` is a conversation whose last message is the assistant's, which the reply continues."""
+    return (
+        isinstance(prompt, list)
+        and bool(prompt)
+        and isinstance(prompt[-1], dict)
+        and prompt[-1].get("role") == "assistant"
+    )
+
+
 def _encode(tokenizer, prompt: str | list, chat: bool) -> list[int]:
     """Token ids of one prompt: chat messages through the template, text through the template when `chat`, else plain."""
     if isinstance(prompt, list):
@@ -162,7 +172,7 @@ def _encode(tokenizer, prompt: str | list, chat: bool) -> list[int]:
         return list(tokenizer(prompt)["input_ids"])
     # a conversation ending with an assistant turn is a prefill that the reply continues, as the text-generation
     # pipeline treats it (most templates cannot follow an assistant turn with another)
-    prefill = messages[-1]["role"] == "assistant"
+    prefill = _continues_final_message(messages)
     text = tokenizer.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=not prefill, continue_final_message=prefill
     )
@@ -252,13 +262,21 @@ def _describe(value: Any, depth: int = 0, *, legacy: bool = False) -> Any:
 
 
 def _settings_digest(
-    tokenizer, chat: bool, config: GenerationConfig, generate_kwargs: dict, legacy=False, seed: int | None = None
+    tokenizer,
+    chat: bool,
+    config: GenerationConfig,
+    generate_kwargs: dict,
+    legacy=False,
+    seed: int | None = None,
+    prefill: bool = False,
 ) -> str:
     """A fingerprint of what decides a job's results besides the prompt and the model: how prompts are rendered (the
     chat template's text, where `chat` renders them with it), the generation settings (not those that only change
     the speed, such as a draft model or prompt lookup) and `seed` (given for a sampled job only: greedy results do
-    not depend on it; without it, the fingerprint is the one made before seeds were part of it). `legacy`: as
-    hf_layerstream 0.1.0 made it (`chat` as a flag, see `_describe`)."""
+    not depend on it; without it, the fingerprint is the one made before seeds were part of it) and `prefill`: some
+    conversation ends with an assistant turn, which the reply continues (rendered as a new turn after it before, so
+    results written then are not taken). `legacy`: as hf_layerstream 0.1.0 made it (`chat` as a flag, see
+    `_describe`)."""
     generation = {k: v for k, v in config.to_diff_dict().items() if k not in _NOT_IN_SETTINGS}
     custom = ("logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "custom_generate")
     templated = bool(chat and _has_chat_template(tokenizer))
@@ -271,6 +289,8 @@ def _settings_digest(
     }
     if seed is not None:
         settings["seed"] = seed
+    if prefill:
+        settings["prefill"] = "continue_final_message"
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -357,7 +377,10 @@ def _run(
     """Generate `prompts` in length-sorted batches; yields each finished batch as (prompt, result) pairs."""
     for p in prompts:
         if p.input_ids is None:
-            p.input_ids = _encode(tokenizer, p.prompt, chat)
+            try:
+                p.input_ids = _encode(tokenizer, p.prompt, chat)
+            except Exception as e:  # (a template's own refusal, say of an assistant turn to continue: which prompt)
+                raise ValueError(f"Prompt {p.id!r} could not be rendered and tokenized: {type(e).__name__}: {e}") from e
         if not p.input_ids:
             raise ValueError(f"Prompt {p.id!r} is empty after tokenization; give it some text.")
     # (refused before anything is generated: the loaded model ends in a torch `IndexError` there, and with it the job)
@@ -816,8 +839,9 @@ def generate_jsonl(
         raise TypeError(f"`seed` must be an int or None, got {seed!r}.")
     batch_size, config, mode = _check_kwargs(model, batch_size, generate_kwargs)
     sampled_seed = seed if config.do_sample else None  # (greedy results do not depend on it)
-    settings = _settings_digest(tokenizer, chat, config, generate_kwargs, seed=sampled_seed)
     items = _read_input(input_path)
+    prefill = any(_continues_final_message(p.prompt) for p in items)
+    settings = _settings_digest(tokenizer, chat, config, generate_kwargs, seed=sampled_seed, prefill=prefill)
     by_key = {p.key: p for p in items}
     output_path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -827,9 +851,13 @@ def generate_jsonl(
         if created:
             fsync_dir(output_path.parent)
         # (results an older hf_layerstream wrote carry its fingerprint of the same settings)
-        legacy = _settings_digest(tokenizer, chat, config, generate_kwargs, legacy=True)
+        legacy = _settings_digest(tokenizer, chat, config, generate_kwargs, legacy=True, prefill=prefill)
         # (and results written before a sampled job's seed was part of the settings, with a warning)
-        unseeded = None if sampled_seed is None else _settings_digest(tokenizer, chat, config, generate_kwargs)
+        unseeded = (
+            None
+            if sampled_seed is None
+            else _settings_digest(tokenizer, chat, config, generate_kwargs, prefill=prefill)
+        )
         done, repaired = _load_done(output_path, by_key, {settings, legacy}, unseeded=unseeded, seed=sampled_seed)
         todo = [p for p in items if p.key not in done]
         stats = {"input": str(input_path), "output": str(output_path), "prompts": len(items), "skipped": len(done)}

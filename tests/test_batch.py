@@ -153,6 +153,37 @@ def test_a_conversation_ending_with_an_assistant_turn_is_continued_as_the_pipeli
     )
 
 
+def test_a_job_continuing_assistant_turns_refuses_results_rendered_as_new_turns(llama, tmp_path, monkeypatch):
+    """Results that an older hf_layerstream wrote for a job with a conversation ending in an assistant turn rendered it
+    followed by a new turn: resumed now (which continues the turn), they would mix two renderings unnoticed. Such a
+    job's settings say so, and those results are refused. A template that cannot continue a turn names the prompt."""
+    import hf_layerstream.batch as batch
+
+    model, tok, _ = llama
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    prefill = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "The colour is"}]
+    inp.write_text(json.dumps({"id": "p", "messages": prefill}) + "\n" + json.dumps({"id": "q", "prompt": "Hi"}) + "\n")
+    real = batch._settings_digest
+    with monkeypatch.context() as m:  # (the fingerprint an older hf_layerstream gave it)
+        m.setattr(batch, "_settings_digest", lambda *a, prefill=False, **k: real(*a, **k))
+        generate_jsonl(model, tok, inp, out, progress=False, **GREEDY)
+    written = out.read_text()
+    with pytest.raises(ValueError, match="made with other settings than this run's"):
+        generate_jsonl(model, tok, inp, out, progress=False, **GREEDY)
+    assert out.read_text() == written
+    # a job without such a conversation keeps its fingerprint (results written before still resume)
+    assert (
+        real(tok, False, model.generation_config, GREEDY)
+        == real(tok, False, model.generation_config, GREEDY, prefill=False)
+        != real(tok, False, model.generation_config, GREEDY, prefill=True)
+    )
+    # a template that drops the message contents cannot continue one: the error names the prompt
+    tok_without = AutoTokenizer.from_pretrained(tok.name_or_path)
+    tok_without.chat_template = "{% for m in messages %}{{ m['role'] }}: ...\n{% endfor %}"
+    with pytest.raises(ValueError, match=r"Prompt 0 could not be rendered and tokenized: ValueError"):
+        generate_batch(model, tok_without, [prefill], progress=False, **GREEDY)
+
+
 def _write_input(path: Path) -> list:
     lines = [
         {"id": "a", "prompt": PROMPTS[0]},
