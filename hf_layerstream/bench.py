@@ -495,7 +495,7 @@ def prepare(args, work: Path) -> tuple[Path | None, Path]:
         raise ValueError("`bench` needs a SOURCE (checkpoint folder, hub id or shard directory) or `--demo`.")
     source = Path(args.source)
     if source.is_dir() and _is_shard_dir(source):
-        ckpt = _checkpoint_folder(args.checkpoint) if args.checkpoint else None
+        ckpt = _checkpoint_folder(args.checkpoint, fetch=False) if args.checkpoint else None
         if ckpt is None:
             logger.warning(
                 "SOURCE is a shard directory and no --checkpoint was given: skipping in-memory and accelerate rows"
@@ -504,14 +504,19 @@ def prepare(args, work: Path) -> tuple[Path | None, Path]:
     return (ckpt := _checkpoint_folder(args.source)), split_in_work(ckpt, work / "shards")
 
 
-def _checkpoint_folder(source: str) -> Path:
-    """The local folder of a checkpoint: `source` itself, or a hub repo's files fetched (or found in the hub cache),
-    before anything is measured: the rows that load it run in child processes, where a repo that cannot be reached
-    failed each of them after the streamed rows were measured."""
+def _checkpoint_folder(source: str, *, fetch: bool = True) -> Path:
+    """The checkpoint `source`, checked before anything is measured (the rows that load it run in child processes,
+    where a repo that cannot be reached failed each of them after the streamed rows were measured): a local folder
+    holding a config.json, or a hub repo, whose files are fetched (or found in the hub cache) to split it, or with
+    `fetch=False` (a `--checkpoint` the rows load with `from_pretrained`, which fetches what it needs) whose
+    config.json is."""
     path = Path(source)
     if not path.is_dir():  # a hub id: from_pretrained and split_checkpoint both resolve it
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import hf_hub_download, snapshot_download
 
+        if not fetch:
+            hf_hub_download(source, "config.json")
+            return path
         path = Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
     if not (path / "config.json").is_file():
         raise ValueError(f"{source!r} holds no config.json: it is not a checkpoint (a model folder or hub repo).")

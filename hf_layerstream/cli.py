@@ -399,8 +399,8 @@ def _cmd_generate(args) -> int:
     if (
         args.assistant
         and os.path.isdir(args.assistant)
-        and not os.path.isfile(os.path.join(args.assistant, "config.json"))
-    ):
+        and not any(os.path.isfile(os.path.join(args.assistant, f)) for f in ("config.json", "adapter_config.json"))
+    ):  # (a PEFT adapter's folder holds adapter_config.json: `from_pretrained` loads it, with peft installed)
         raise ValueError(  # (transformers' error, once the model was loaded, asked for a `model_type` in a config.json)
             f"`--assistant` {args.assistant} is a folder without a config.json, not a model: pass a small draft "
             "model's checkpoint folder or hub id, sharing the tokenizer."

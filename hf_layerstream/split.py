@@ -32,6 +32,7 @@ from .errors import ShardDirError, ShardDirOccupiedError, ShardFileError
 from .modeling import (
     RESIDENT,
     architecture_fingerprint,
+    auto_class_for,
     build_as,
     conversion_record,
     convert_unit,
@@ -877,9 +878,12 @@ def _plan(model, stack, src: _Source, config=None, model_class=None):
 def _vision_language_hint(config, model_class) -> str:
     """Where the default class was a text-only causal LM's and the checkpoint's config is a vision-language model's too
     (Emu3): its checkpoint may be the vision-language model's, whose keys the text-only class does not take."""
+    from transformers import AutoModelForCausalLM
     from transformers.models.auto import modeling_auto as auto
 
     if model_class is not None or type(config) not in auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING:
+        return ""
+    if auto_class_for(config) is not AutoModelForCausalLM:  # (Llava's: the class it was split as already)
         return ""
     return (
         f" Its config is a vision-language model's too ({auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING[type(config)].__name__}"

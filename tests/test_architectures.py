@@ -646,6 +646,12 @@ def test_a_vision_language_checkpoint_the_text_class_cannot_take_names_model_cla
     _save_vision_language(config, tmp_path / "checkpoint")
     with pytest.raises(ShardDirError, match=r"split it with `model_class='AutoModelForImageTextToText'`"):
         split_checkpoint(tmp_path / "checkpoint", tmp_path / "default", progress=False)
+    # (not for a model that class builds already, nor for a class given: the hint would name what was done)
+    from hf_layerstream.split import _vision_language_hint
+
+    assert _vision_language_hint(_vision_language("llava")[0], None) == ""
+    assert _vision_language_hint(config, "AutoModelForImageTextToText") == ""
+    assert "model_class=" in _vision_language_hint(config, None)
     shards = split_checkpoint(
         tmp_path / "checkpoint", tmp_path / "shards", progress=False, model_class="AutoModelForImageTextToText"
     )

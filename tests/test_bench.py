@@ -1180,11 +1180,11 @@ def test_paths_that_are_not_there_are_refused_before_measuring(tmp_path, capsys,
     import huggingface_hub
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    def offline(repo_id, **kwargs):
+    def offline(repo_id, *args, **kwargs):
         raise LocalEntryNotFoundError(f"{repo_id} is not in the hub cache and the hub cannot be reached")
 
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(huggingface_hub, "snapshot_download", offline)
+        m.setattr(huggingface_hub, "hf_hub_download", offline)
         for checkpoint, message in (
             (str(tmp_path), "holds no config.json: it is not a checkpoint"),
             ("nobody/nothing", "nobody/nothing is not in the hub cache"),

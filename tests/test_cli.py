@@ -497,6 +497,29 @@ def test_bad_option_values_are_clear_errors(split_dir, tmp_path, capsys, argv, m
     assert not (tmp_path / "out" / "manifest.json").exists() and not (tmp_path / "o").exists()
 
 
+def test_a_peft_adapter_folder_is_taken_as_a_draft(split_dir, tmp_path, monkeypatch):
+    """`--assistant` refuses a folder without config.json before the model loads, but not a PEFT adapter's (its
+    adapter_config.json: `from_pretrained` loads it, with peft installed): past the early checks, the model loads."""
+    import hf_layerstream.cli as cli
+
+    _, shards = split_dir
+
+    class LoadedError(Exception):
+        pass
+
+    def load(*args, **kwargs):
+        raise LoadedError
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    monkeypatch.setattr(cli, "load_streamed_model", load)
+    with pytest.raises(LoadedError):
+        main(["generate", str(shards), "hi", "--assistant", str(adapter)])
+    (adapter / "adapter_config.json").unlink()
+    assert main(["generate", str(shards), "hi", "--assistant", str(adapter)]) == 2
+
+
 def test_a_layer_that_fails_to_load_during_generate_is_a_one_line_error(split_dir, capsys, monkeypatch):
     """A shard file that changed or went bad while `generate` streams (the loader raises `LayerLoadError`, caused by
     a `ShardFileError`): the one-line error with exit status 2, as one found before loading is, not a traceback. An
