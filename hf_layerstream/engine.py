@@ -1189,9 +1189,8 @@ class LayerLoader:
         # CUDA: a compute-stream event per released streamed layer; its memory is free for the next layer only once
         # the GPU has passed it (see `_wait_released`)
         self._released: deque = deque()
-        self._last_released = (
-            None  # (the newest of them, which the loader's taking does not hide: see `wait_released_passed`)
-        )
+        # the newest of them, which the loader's taking them does not hide (see `wait_released_passed`)
+        self._last_released = None
         self.failures = 0
         renew_after_fork(self)
 
