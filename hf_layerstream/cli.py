@@ -626,7 +626,8 @@ def _cmd_inspect(args) -> int:
     device, absent = _planned_device(args.device, max_memory)
     dtype = resolve_dtype(args.dtype)
     units = [shards.unit(f"layers.{i}") for i in range(m.num_layers)]
-    full_bytes = [u.nbytes_as(dtype or torch.bfloat16) for u in units]
+    bf16_bytes = [u.nbytes_as(torch.bfloat16) for u in units]
+    full_bytes = bf16_bytes if dtype is None else [u.nbytes_as(dtype) for u in units]
     stored = [u.size for u in units]
     # (as `enable_layer_streaming` plans: the default prefetch lowered until a GPU's budget holds it, and so on)
     plan = plan_shard_dir(
@@ -654,8 +655,8 @@ def _cmd_inspect(args) -> int:
         "resident_bytes": shards.unit("resident").size,
         "layer_bytes": stored,
         # (the same keys whatever `--dtype`: each layer at bfloat16, and at the dtype `ratio` is to, `ratio_dtype`)
-        "bf16_layer_bytes": [u.nbytes_as(torch.bfloat16) for u in units],
-        "ratio_to_bf16": round(sum(stored) / max(sum(u.nbytes_as(torch.bfloat16) for u in units), 1), 4),
+        "bf16_layer_bytes": bf16_bytes,
+        "ratio_to_bf16": round(sum(stored) / max(sum(bf16_bytes), 1), 4),
         "full_layer_bytes": full_bytes,
         "ratio": round(ratio, 4),
         "ratio_dtype": "bfloat16" if dtype is None else str(dtype).replace("torch.", ""),
