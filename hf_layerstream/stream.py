@@ -640,9 +640,7 @@ def _keep_on_host(model: nn.Module, parts: list[_HostPart], values: dict, loader
             profile=loader.profile,
             before_copy=loader.wait_released_passed,
         )
-        if _half_detached(module):  # (a disable interrupted there: its own forward back first)
-            remove_hook_from_module(module)
-        add_hook_to_module(module, hook)
+        _attach(module, hook)
         handles.append(module.register_state_dict_post_hook(host_state_dict_hook))
         # a call of the module itself that raises (e.g. `model.get_output_embeddings()(x)` out of memory) never reaches
         # accelerate's post-forward: put the placeholders back as it leaves (after one that returned, again: a no-op)
@@ -885,9 +883,7 @@ def enable_layer_streaming(
                 slots.append((module, attr, rel_name, is_param))
             hook = LayerStreamingHook(i, loader, slots, prof)
             _dequantize_per_module(hook, prefix, deferred, target_dtypes, device, handles)
-            if _half_detached(layer):  # (a disable interrupted there: its own forward back first)
-                remove_hook_from_module(layer)
-            add_hook_to_module(layer, hook)
+            _attach(layer, hook)
             kept = plan.tier(i) == "device"
             handles.append(
                 layer.register_state_dict_post_hook(kept_state_dict_hook if kept else streamed_state_dict_hook)
@@ -1195,6 +1191,13 @@ def _half_detached(module: nn.Module) -> bool:
         and isinstance(wrapper, functools.partial)
         and getattr(wrapper.func, "__name__", None) == "new_forward"
     )
+
+
+def _attach(module: nn.Module, hook) -> None:
+    """`add_hook_to_module`, after finishing a removal interrupted there (see `_half_detached`): its own forward back."""
+    if _half_detached(module):
+        remove_hook_from_module(module)
+    add_hook_to_module(module, hook)
 
 
 def _detach(module: nn.Module, kinds) -> None:
