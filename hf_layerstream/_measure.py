@@ -59,6 +59,32 @@ def disk_read_bytes() -> int | None:
         return None
 
 
+def cpu_ticks() -> tuple[int, int] | None:
+    """The machine's CPU time so far, in clock ticks, from /proc/stat: `(steal, total)`. `steal` is the time a
+    hypervisor gave this virtual machine's CPUs to something else while they had work (on some VMs the host's own
+    emulation of the disk); `total` the time of every state, idle included. `None` where /proc/stat is missing."""
+    try:
+        with open("/proc/stat", "rb") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if len(fields) < 9 or fields[0] != b"cpu":
+        return None
+    ticks = [int(v) for v in fields[1:9]]  # user nice system idle iowait irq softirq steal (guest is within user)
+    return ticks[7], sum(ticks)
+
+
+def steal_share(spans: list[tuple[tuple[int, int] | None, tuple[int, int] | None]]) -> float | None:
+    """The share of the CPU time stolen (see `cpu_ticks`) over `spans`, `(before, after)` pairs of `cpu_ticks()`."""
+    steal = total = 0
+    for before, after in spans:
+        if before is None or after is None:
+            return None
+        steal += after[0] - before[0]
+        total += after[1] - before[1]
+    return steal / total if total > 0 else None
+
+
 def drop_page_cache(paths) -> None:
     """Evict files from the page cache (POSIX_FADV_DONTNEED), simulating a model larger than RAM."""
     from .engine import _evict
@@ -115,14 +141,17 @@ class _TokenClock:
         self.times: list[float] = []
         self.resumed: list[float] = []
         self.counts: list[int] = []
+        self.ticks: list[tuple] = []  # `cpu_ticks()` at each put, and after its `before_forward`
         self.before_forward = before_forward
 
     def put(self, value):
         self.times.append(time.perf_counter())
+        at_put = cpu_ticks()
         # plain decoding puts one token per row ([batch]); assisted decoding puts the accepted tokens ([1, n])
         self.counts.append(int(value.shape[-1]) if getattr(value, "ndim", 0) == 2 else 1)
         charged = self.before_forward() if self.before_forward is not None else None
         self.times[-1] += charged or 0.0
+        self.ticks.append((at_put, cpu_ticks()))
         self.resumed.append(time.perf_counter())
 
     def end(self):
@@ -131,6 +160,10 @@ class _TokenClock:
     def decode_steps(self) -> list[tuple[float, int]]:
         """(seconds, tokens produced) of each decode step after the first generated token."""
         return [(self.times[i + 1] - self.resumed[i], self.counts[i + 1]) for i in range(1, len(self.times) - 1)]
+
+    def step_ticks(self) -> list[tuple]:
+        """`cpu_ticks()` at the start and end of each decode step (the spans `decode_steps` times)."""
+        return [(self.ticks[i][1], self.ticks[i + 1][0]) for i in range(1, len(self.ticks) - 1)]
 
 
 def weight_files(system: str, path: str) -> list[str]:
@@ -377,6 +410,7 @@ def measure(spec: dict) -> dict:
         with torch.no_grad():
             model.generate(ids, **kwargs)
     results = []
+    spans = []  # the CPU time of every decode step timed: how much the hypervisor took (`steal_share`)
     read_before = disk_read_bytes()
     for _ in range(int(spec.get("repeats", 1))):
         clock = _TokenClock(evict)
@@ -390,6 +424,7 @@ def measure(spec: dict) -> dict:
         # paired with disk reads: each step with its wait for the read-ahead (which, unpaired, runs on in the
         # step's untimed eviction; with a read sampled there, it would be done before the next step began)
         steps = clock.decode_steps() if pairing is None else pairing.end_call(clock)
+        spans += clock.step_ticks()
         results.append(
             {
                 "prefill_s": clock.times[1] - clock.resumed[0] if len(clock.times) > 1 else None,
@@ -429,6 +464,7 @@ def measure(spec: dict) -> dict:
         "cuda_reserved_peak": torch.cuda.max_memory_reserved(gpu) if gpu is not None else None,
         "prefill_s": last["prefill_s"],
         "threads": torch.get_num_threads(),
+        "cpu_steal_share": steal_share(spans),
     }
     if cold:
         info["cold_cached_share"] = cached_share

@@ -67,6 +67,9 @@ COMPRESSED_SPEEDUP = 1.8  # issue #3: 4-bit shards vs full-precision shards, col
 # a cold row whose weight files kept more than this share of their bytes in the page cache after the drop (a tmpfs,
 # where the drop does nothing) read from memory: marked "cold (cached)", and held to no cold target
 COLD_CACHED_SHARE = 0.5
+# a row whose decode steps lost at least this share of the machine's CPU time to the hypervisor (steal) says so: on
+# this 2-core VM, reading the layer files while both cores computed lost 29-31% (0 computing or reading alone)
+STEAL_NOTE_SHARE = 0.02
 
 
 def _label(system: str, scheme: str | None = None) -> str:
@@ -332,20 +335,25 @@ def measure_disk_bandwidth(paths, *, chunk: int = 16 * 2**20, streams: int = 2, 
         rounds (`int`): times each way is tried.
 
     Returns:
-        `{"bytes", "seconds", "bandwidth", "method", "way", "pair_way", "by_method"}`: the fastest read of all (the
-        limit), `way` naming its way (a key of `disk_ways`); `pair_way` the way fastest over all rounds together
-        (least time in all), the one a cold step of ours is paired with (`_measure._DiskPairing`): a way that read
-        fast once and slowly after does not set every step's yardstick (a lucky `O_DIRECT` read on a shared disk made
-        the steps 0.35x "plain reads" of their bytes); `by_method` maps each way tried to its fastest bandwidth in
-        bytes per second.
+        `{"bytes", "seconds", "bandwidth", "method", "way", "pair_way", "by_method", "cpu_steal_share"}`: the
+        fastest read of all (the limit), `way` naming its way (a key of `disk_ways`); `pair_way` the way fastest over
+        all rounds together (least time in all), the one a cold step of ours is paired with
+        (`_measure._DiskPairing`): a way that read fast once and slowly after does not set every step's yardstick (a
+        lucky `O_DIRECT` read on a shared disk made the steps 0.35x "plain reads" of their bytes); `by_method` maps
+        each way tried to its fastest bandwidth in bytes per second; `cpu_steal_share` the share of the machine's CPU
+        time a hypervisor took while the reads ran (`_measure.cpu_ticks`; `None` without /proc/stat).
     """
     paths = [str(p) for p in paths]
     if not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"`rounds` must be a positive int, got {rounds!r}.")
+    from ._measure import cpu_ticks, steal_share
+
     results = []
+    spans = []  # the CPU time of the reads (`cpu_steal_share`)
     ways = list(disk_ways(chunk=chunk, streams=streams, files=len(paths)).items())
     for name, way in [w for r in range(rounds) for w in (ways if r % 2 == 0 else ways[::-1])]:
         drop_from_page_cache(paths)
+        before = cpu_ticks()
         t0 = time.perf_counter()
         try:
             total, method = way(paths)
@@ -353,6 +361,7 @@ def measure_disk_bandwidth(paths, *, chunk: int = 16 * 2**20, streams: int = 2, 
             logger.info("disk bandwidth: one way of reading failed (%s); skipped", e)
             continue
         seconds = time.perf_counter() - t0
+        spans.append((before, cpu_ticks()))
         results.append(
             {
                 "bytes": total,
@@ -374,6 +383,7 @@ def measure_disk_bandwidth(paths, *, chunk: int = 16 * 2**20, streams: int = 2, 
         tried.setdefault(r["way"], []).append(r["seconds"])
     complete = {w: sum(t) for w, t in tried.items() if len(t) == rounds} or {w: sum(t) for w, t in tried.items()}
     best["pair_way"] = min(complete, key=complete.get)
+    best["cpu_steal_share"] = steal_share(spans)
     return best
 
 
@@ -787,9 +797,11 @@ def bench(args) -> dict:
             again = measure_disk_bandwidth(layer_files)
             samples = [disk["bandwidth"], again["bandwidth"]]
             ways = [disk["pair_way"], again["pair_way"]]  # (the cold steps of ours were paired with the first)
+            steal = [disk.get("cpu_steal_share"), again.get("cpu_steal_share")]
             disk = max(disk, again, key=lambda d: d["bandwidth"] or 0)
             disk["samples"] = samples
             disk["sample_ways"] = ways
+            disk["steal_samples"] = steal
         baseline_rss = min((r["baseline_rss"] for r in rows if r.get("baseline_rss")), default=0)
         _derive(rows, disk, stored, baseline_rss, resident_bytes, layer_bytes, stored_by_system, h2d, lossy, scheme)
         if paired is not None and not paired.get("error"):
@@ -1195,6 +1207,12 @@ def format_report(report: dict) -> str:
                 f"{r['label']} {_mode(r)}: read from the disk while generating {r['disk_read_bytes'] / 1e9:.2f} GB "
                 f"= {r['disk_read_bytes'] / r['total_sweeps'] / 1e9:.3f} GB per sweep"
             )
+        steal = r.get("cpu_steal_share")
+        if steal is not None and steal >= STEAL_NOTE_SHARE:
+            notes.append(
+                f"{r['label']} {_mode(r)}: the hypervisor took {steal:.0%} of this machine's CPU time during the timed "
+                "decode steps (steal, /proc/stat)"
+            )
         if r.get("profile"):
             p = r["profile"]
             notes.append(
@@ -1209,6 +1227,15 @@ def format_report(report: dict) -> str:
         "per sweep / pinned host-to-device bandwidth; cold = bytes per sweep / disk bandwidth; "
         "bound = max(disk limit, compute)",
     ]
+    stolen = [r for r in report["rows"] if r["mode"] == "cold" and (r.get("cpu_steal_share") or 0) >= STEAL_NOTE_SHARE]
+    if stolen and disk and disk.get("steal_samples"):
+        alone = ", ".join(_fmt(x, ".0%") for x in disk["steal_samples"])
+        lines.append(
+            f"steal: the hypervisor took CPU time from this virtual machine while cold rows computed and read (up to "
+            f"{max(r['cpu_steal_share'] for r in stolen):.0%}), against {alone} while the disk bandwidth was measured "
+            "with the CPUs idle: where the host's disk emulation shares the cores, the disk limit is not reachable "
+            "while computing"
+        )
     cached = [r for r in report["rows"] if r.get("cold_cached")]
     if cached:
         share = min(r["cold_cached_share"] for r in cached)

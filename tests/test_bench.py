@@ -298,6 +298,7 @@ def test_disk_bandwidth(tmp_path):
     assert result["method"] in result["by_method"]
     if hasattr(mmap, "MADV_HUGEPAGE"):
         assert len(result["by_method"]) == 2
+    assert result["cpu_steal_share"] is None or 0 <= result["cpu_steal_share"] <= 1  # (None: under a clock tick)
     # with several files, the same ways reading two files at once too; every way reads every byte
     other = tmp_path / "blob2"
     other.write_bytes(b"\2" * (2**20 + 7))
@@ -539,6 +540,8 @@ def test_cold_pairing_of_a_single_streamed_file_reads_it_alone(tmp_path):
         pytest.skip("the peak RSS cannot be set back here")
     assert result["paired_disk"]["way"] == "O_DIRECT" and result["paired_disk"]["files"] == 1
     assert len(result["paired_disk"]["ratios"]) == 2
+    # the share of CPU time stolen over the timed steps, the paired reads apart (`None` for steps under a clock tick)
+    assert result["cpu_steal_share"] is None or 0 <= result["cpu_steal_share"] <= 1
 
 
 def test_rewarm_leaves_files_whole_in_the_page_cache_in_large_folios(tmp_path):
@@ -1267,3 +1270,47 @@ def test_the_median_of_an_even_count_is_the_mean_of_its_middle_two():
 
     assert _median([3.73, 0.74]) == pytest.approx(2.235)
     assert _median([5.0, 1.0, 3.0]) == 3.0 and _median([4.0, 1.0, 3.0, 2.0]) == 2.5
+
+
+def test_cpu_time_stolen_by_the_hypervisor_is_measured_over_the_timed_steps_and_reported():
+    """On a VM the host can take CPU time from the guest (steal): here reading the layer files while both cores
+    computed lost about 30% of the CPU time, and nothing computing or reading alone. A cold row's steps and the disk's
+    measurement each record their share, and the report says when a cold row lost some."""
+    from hf_layerstream._measure import _TokenClock, cpu_ticks, steal_share
+
+    before = cpu_ticks()
+    if before is None:
+        pytest.skip("no /proc/stat here")
+    time.sleep(0.05)
+    after = cpu_ticks()
+    assert 0 <= before[0] <= after[0] and before[1] < after[1]  # (every state counts: the sleep's idle time too)
+    assert steal_share([((10, 100), (13, 200)), ((20, 300), (21, 400))]) == pytest.approx(4 / 200)
+    assert steal_share([((0, 100), (0, 100))]) is None and steal_share([(None, (1, 2))]) is None
+
+    clock = _TokenClock(lambda: time.sleep(0.01))
+    for _ in range(4):  # the prompt's token, then three decode steps
+        clock.put(torch.tensor([1]))
+    spans = clock.step_ticks()
+    assert len(spans) == len(clock.decode_steps()) == 2
+    # each span runs from after the eviction to the next token: after the previous span's end
+    assert all(start[1] <= end[1] for start, end in spans) and spans[0][1][1] <= spans[1][0][1]
+
+    def row(mode, steal):
+        r = {"system": "streamed_disk", "mode": mode, "batch": 1, "s_per_token": 0.5, "tokens": [1], "peak_rss": 1}
+        r["plan_data"] = {"device_layers": [], "host_layers": [], "streamed": [0, 1], "prefetch": 1}
+        r["plan_data"]["layer_bytes"] = [10, 10]
+        return {**r, "cpu_steal_share": steal}
+
+    disk = {"bandwidth": 100.0, "bytes": 20, "seconds": 0.2, "method": "O_DIRECT", "steal_samples": [0.0, 0.01]}
+    for steal, shown in ((0.3, True), (0.01, False), (None, False)):
+        rows = [row("cold", steal), row("warm", steal)]
+        from hf_layerstream.bench import _derive
+
+        _derive(rows, disk, [10, 10], 0, 5, 10)
+        text = format_report({**_two_layer_report(rows, max_new_tokens=1), "disk": disk})
+        note = f"{rows[0]['label']} cold: the hypervisor took 30% of this machine's CPU time during the timed decode"
+        assert (note in text) is shown, steal
+        assert ("steal: the hypervisor took CPU time" in text) is shown, steal
+        if shown:
+            assert "(up to 30%), against 0%, 1% while the disk bandwidth was measured" in text
+            assert f"{rows[1]['label']} warm: the hypervisor took 30%" in text  # (each row says it)
