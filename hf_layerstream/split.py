@@ -292,9 +292,8 @@ class _Source:
                     self.index_metadata = data["metadata"]
                 if not isinstance(weight_map, dict):
                     raise ShardFileError(index, "is not a valid checkpoint index (`weight_map` is not an object)")
-                for filename in set(weight_map.values()):
-                    _check_plain_name(index, filename)
-                return self._keys_of_files(weight_map)
+                names = {filename: _check_plain_name(index, filename) for filename in set(weight_map.values())}
+                return self._keys_of_files({key: names[filename] for key, filename in weight_map.items()})
         where = self.local_dir or self.repo_id
         if self.hub_unreachable:
             raise FileNotFoundError(
@@ -504,15 +503,21 @@ def _inside_name(filename) -> bool:
     return not filename.startswith("/") and all(part not in ("", ".", "..") for part in parts)
 
 
-def _check_plain_name(index: Path, filename) -> None:
-    """A checkpoint index may only name weight files in its folder or a subfolder: nothing outside the source."""
-    if not _inside_name(filename) or not filename.endswith((".safetensors", ".bin")):
+def _check_plain_name(index: Path, filename) -> str:
+    """A checkpoint index may only name weight files in its folder or a subfolder: nothing outside the source.
+    Returns the name without `.` parts (`./model-00001-of-00002.safetensors`, which `from_pretrained` loads as its
+    path resolves: the file in the index's folder)."""
+    plain = filename
+    if isinstance(filename, str) and not filename.startswith("/"):  # (an absolute name is refused below)
+        plain = "/".join(part for part in filename.split("/") if part != ".")
+    if not _inside_name(plain) or not plain.endswith((".safetensors", ".bin")):
         raise ShardFileError(
             index,
             f"names the weight file {filename!r}, which is not a .safetensors/.bin file in the index's folder (or a "
             "subfolder of it)",
             "Only split checkpoints you trust; fix or re-download the index.",
         )
+    return plain
 
 
 def _tokenizer_files(tokenizer_config: Path | None, config) -> list[str]:

@@ -900,9 +900,9 @@ def test_hub_repo_id_from_the_hub_cache_when_the_hub_cannot_be_reached(tmp_path,
 
 
 def test_an_index_naming_shards_in_a_subfolder_is_split_as_transformers_loads_it(tmp_path):
-    """An index whose `weight_map` names its shards in a subfolder (`weights/model-00001-of-00006.safetensors`):
-    transformers loads it (it refuses only absolute names and `..`); the split refused every name with a `/`. Split
-    now, with the loaded model's logits; a name that leaves the folder is still refused."""
+    """An index whose `weight_map` names its shards in a subfolder (`weights/model-00001-of-00006.safetensors`), or
+    with `./` parts: transformers loads it (it refuses only absolute names and `..`); the split refused every name with
+    a `/`. Split now, with the loaded model's logits; a name that leaves the folder is still refused."""
     ckpt = _models.save_tiny_checkpoint("llama", tmp_path / "ckpt")
     index_path = ckpt / "model.safetensors.index.json"
     index = json.loads(index_path.read_text())
@@ -912,8 +912,13 @@ def test_an_index_naming_shards_in_a_subfolder_is_split_as_transformers_loads_it
     index["weight_map"] = {k: f"weights/{v}" for k, v in index["weight_map"].items()}
     index_path.write_text(json.dumps(index))
     assert _exact(ckpt, split_checkpoint(ckpt, tmp_path / "shards", progress=False))
+    # `./` parts, as a path resolves them (transformers loads such an index; the split refused it, saying the file
+    # was not in the index's folder)
+    index["weight_map"] = {k: f"./weights/./{v.split('/')[1]}" for k, v in index["weight_map"].items()}
+    index_path.write_text(json.dumps(index))
+    assert _exact(ckpt, split_checkpoint(ckpt, tmp_path / "dotted", progress=False))
     key = next(iter(index["weight_map"]))
-    for name in ("weights/../../outside.safetensors", "/etc/model.safetensors", "weights//x.safetensors"):
+    for name in ("weights/../../outside.safetensors", "./", "/etc/model.safetensors", "weights//x.safetensors"):
         index["weight_map"][key] = name
         index_path.write_text(json.dumps(index))
         with pytest.raises(ShardFileError, match="which is not a .safetensors/.bin file in the index's folder"):
