@@ -1180,6 +1180,9 @@ class LayerLoader:
         # different pages, would otherwise leave buffers that fit none of the next ones)
         self._staging_size = max((shards.unit(layer_unit(i)).size for i in plan.streamed), default=0)
         self._device_cache: dict[int, _Ready] = {}
+        # CPU: the files the model computes with in place, mapped once and kept (the resident parts, the layers the
+        # plan keeps), by unit: checked at every pass (`check_kept_files`)
+        self._kept_files: dict[str, Header] = {}
         self._host_cache: dict[int, dict[str, torch.Tensor]] = {}
         self._copy_stream = torch.cuda.Stream(device) if self.is_cuda else None
         if self._pinned is not None:  # a loader dropped without `close` (model deleted while streaming) unpins too,
@@ -1407,6 +1410,7 @@ class LayerLoader:
                 if not self.plan.keeps_in_page_cache(i):
                     _evict(self.shards.files[layer_unit(i)])
         self._device_cache.clear()
+        self._kept_files.clear()
         self._host_cache.clear()
         self._pool.clear()
         if self._pinned is not None:
@@ -1462,6 +1466,19 @@ class LayerLoader:
         first forward pass does not wait for reads that could have begun while the caller tokenized its prompt."""
         if not self._closed:
             self._schedule_after(-1)
+
+    def check_kept_files(self) -> None:
+        """At every pass (`PassGuard`), on CPU: the files mapped once and kept (`_kept_files`), one `stat` each. A
+        file rewritten in place since it was mapped changes the weights under the model (its map shows the page
+        cache's pages): that raises, as a streamed layer's file does at its next use. A path that now names another
+        file (replaced by a rename) or none leaves the map the file it was, unchanged: not checked."""
+        for header in list(self._kept_files.values()):
+            try:
+                st = os.stat(header.path)
+            except OSError:
+                continue
+            if header.identity is None or (st.st_dev, st.st_ino) == header.identity[:2]:
+                _check_file(header, st)
 
     def pass_runs(self, layers: int | None) -> None:
         """A pass begins that runs only the first `layers` decoder layers (`None`: all of them), as an early-exit
@@ -1658,9 +1675,12 @@ class LayerLoader:
         unit = layer_unit(index)
         # in the compute thread, at the layer's first use, kept for every later one: made outside inference mode
         # whatever the caller's, as a loaded model's weights are (an inference tensor cannot be saved for backward)
+        header = self.shards.header(unit)
         with torch.inference_mode(False):
-            raw = mmap_tensors(self.shards.header(unit))
+            raw = mmap_tensors(header)
             tensors = self._relative(index, self._finish(unit, raw, index))
+        if not self.is_cuda:
+            self._kept_files[unit] = header
         if self.is_cuda:  # as for the resident parts: a later pass run on another stream must find them there
             torch.cuda.current_stream(self.device).synchronize()
         # (one `_Ready` for every use: releasing a kept layer changes nothing in it)
@@ -1692,6 +1712,8 @@ class LayerLoader:
                 DATA_ALIGN,
             )
         raw = mmap_tensors(header)
+        if not self.is_cuda:
+            self._kept_files[RESIDENT] = header
         skip = frozenset(on_host)
         out = self._finish(RESIDENT, raw, -1, skip=skip)
         for name in skip:

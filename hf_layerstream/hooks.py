@@ -512,6 +512,7 @@ class PassGuard:
                     if self._raised:
                         self.loader.sweep_begins()  # (interrupted there too: the next pass lets go of the rest)
                         self._raised = False
+                    self.loader.check_kept_files()
                     self.loader.pass_runs(self.layers_run())
                     return forward(*args, **kwargs)
                 except BaseException:

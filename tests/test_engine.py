@@ -29,6 +29,7 @@ from transformers import AutoConfig, AutoTokenizer
 from hf_layerstream import (
     LayerLoadError,
     ShardDirectory,
+    ShardFileError,
     disable_layer_streaming,
     enable_layer_streaming,
     get_streaming_state,
@@ -570,6 +571,43 @@ def test_a_kept_map_is_not_served_after_verify_reads_a_replaced_file_anew(llama,
         assert torch.equal(now, fresh(**inputs).logits)
         assert not torch.equal(now, _models.load_reference(ckpt)(**inputs).logits)  # (the new bytes, not the old)
     disable_layer_streaming(fresh)
+
+
+def _rewrite_in_place(path) -> None:
+    """Zeros over the middle of `path`, written into the file itself (as `cp` over it writes): the same inode and
+    size, other weights."""
+    size = path.stat().st_size
+    with open(path, "r+b") as f:
+        f.seek(size // 4)
+        f.write(bytes(size // 2))
+
+
+def test_a_file_mapped_once_and_kept_rewritten_in_place_fails_the_next_pass(llama, tmp_path):
+    """On CPU a layer the plan keeps, and the resident parts, are maps of their files made once: a file rewritten in
+    place between two calls (`cp` of another split's file over it) changed the weights under the model, silently
+    (logits 0.48 off), and after the file was put back too, while a streamed layer's file fails its next use. Each
+    pass now checks them (one `stat` each); a file replaced by a rename leaves the map the old file: still exact."""
+    ckpt, shards, inputs, expected, pad = llama
+    for name, plan in (("layers/00002.safetensors", {}), ("resident.safetensors", STREAM_ALL)):
+        copy = _copy_shards(shards, tmp_path / name.replace("/", "_"))
+        model = streamed_model(ckpt, copy, **plan)
+        state = get_streaming_state(model)
+        assert (2 in state.plan.device_layers) is (not plan)  # (the default plan keeps every layer)
+        assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+        path = copy / name
+        data = path.read_bytes()
+        path.with_name("new.tmp").write_bytes(bytes(len(data)))  # zeros, by a rename: another file
+        os.replace(path.with_name("new.tmp"), path)
+        assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected), name
+        disable_layer_streaming(model)
+        path.write_bytes(data)
+        model = streamed_model(ckpt, copy, **plan)
+        assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+        _rewrite_in_place(path)
+        with pytest.raises(ShardFileError, match="changed on disk") as caught:
+            model.generate(**inputs, **GEN, pad_token_id=pad)
+        assert caught.value.path == path and "disable_layer_streaming" in str(caught.value), name
+        disable_layer_streaming(model)
 
 
 def test_a_file_replaced_between_the_check_and_the_direct_read_is_refused(llama, tmp_path):
