@@ -1157,7 +1157,12 @@ def split_checkpoint(
                     logger.warning("%s holds this split but is damaged (%s); repairing it", shard_dir, e)
                     repaired = _sound_manifest_units(shard_dir, existing)
                 else:
-                    _remove(shard_dir / PROGRESS_NAME)
+                    stale = shard_dir / PROGRESS_NAME  # (an interrupted re-run's record; beside the manifest, unread)
+                    if os.path.lexists(stale):  # (on a read-only mount an unlink fails, EROFS, even with no file)
+                        try:
+                            _remove(stale)
+                        except OSError as e:
+                            logger.info("could not remove %s (%s); it is ignored beside the manifest", stale, e)
                     logger.info("%s already holds this split; nothing to do", shard_dir)
                     return shard_dir
             elif not overwrite and not isinstance(existing, dict):

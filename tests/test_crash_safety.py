@@ -666,17 +666,25 @@ def test_an_error_in_the_last_steps_of_a_split_names_the_step_and_the_path(llama
 def test_a_finished_split_is_checked_in_a_folder_this_user_cannot_write(llama, tmp_path, monkeypatch, caplog, err):
     """The lock was opened for writing (and created) before anything else: re-running a finished split on a read-only
     mount (EROFS), or in a group's folder whose `.lock` another user made 0644 (EACCES), failed instead of saying it
-    has nothing to do. (As root, permissions are simulated at `os.open`: every open for writing under `shards`.)"""
+    has nothing to do; on the mount, so did removing the progress record a finished split does not have (Linux's
+    unlink there fails with EROFS before it looks the name up). (As root, permissions are simulated at `os.open`,
+    every open for writing under `shards`, and `os.unlink`.)"""
     shards = tmp_path / "shards"
     shutil.copytree(llama["reference"], shards)
-    real_open = os.open
+    real_open, real_unlink = os.open, os.unlink
 
     def open_(path, flags, *args, **kwargs):
         if str(path).startswith(str(shards)) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
             raise OSError(err, os.strerror(err), str(path))
         return real_open(path, flags, *args, **kwargs)
 
+    def unlink(path, *args, **kwargs):
+        if str(path).startswith(str(shards)) and (err == errno.EROFS or os.path.lexists(path)):
+            raise OSError(err, os.strerror(err), str(path))
+        return real_unlink(path, *args, **kwargs)
+
     monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(os, "unlink", unlink)
     with caplog.at_level(logging.INFO, logger="hf_layerstream.split"):
         assert split_checkpoint(llama["ckpt"], shards, progress=False) == shards
     assert "already holds this split; nothing to do" in caplog.text
