@@ -284,8 +284,9 @@ class ShardDirectory:
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"`shard_dir` must be a str or os.PathLike, got {type(path).__name__}.")
         # absolute: the files are opened as they are needed, and the process may change its working directory by
-        # then (a server, a notebook's `%cd`)
-        self.path = Path(path).absolute()
+        # then (a server, a notebook's `%cd`); `~` expanded, as `split_checkpoint` expands it for the directory it
+        # writes
+        self.path = Path(path).expanduser().absolute()
         fix = "create it with `split_checkpoint(source, shard_dir)` or `hf-layerstream split SOURCE SHARD_DIR`"
         if not self.path.exists():
             if os.path.islink(self.path):

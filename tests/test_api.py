@@ -1141,6 +1141,20 @@ def test_a_relative_shard_dir_keeps_working_after_the_working_directory_changes(
     disable_layer_streaming(model)
 
 
+def test_a_shard_dir_under_home_is_found_as_the_split_wrote_it(checkpoints, monkeypatch, tmp_path):
+    """`split_checkpoint(src, "~/m.layers")` writes under the home folder; `enable_layer_streaming(model, "~/m.layers")`
+    said that path did not exist (it looked for a folder named `~`), and so did `ShardDirectory`."""
+    ckpt, shards = checkpoints("llama")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copytree(shards, tmp_path / "m.layers")
+    assert ShardDirectory("~/m.layers").path == tmp_path / "m.layers"
+    model = streamed_model(ckpt, "~/m.layers", max_memory={"cpu": 0}, prefetch=0)
+    ids = torch.tensor([[1, 5, 9, 22, 40]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, _models.load_reference(ckpt)(ids).logits)
+    disable_layer_streaming(model)
+
+
 def test_error_shard_dir_missing(tmp_path):
     model = _llama_model()
     with pytest.raises(FileNotFoundError, match=r"does not exist; create it with `split_checkpoint"):
