@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ShardFileError
+from .errors import ShardFileError, unreadable
 
 # safetensors dtype tags -> torch dtypes (only those torch can represent)
 _DTYPES: dict[str, torch.dtype] = {
@@ -178,7 +178,7 @@ def _read_header(path: Path, expected_size: int | None, *, source: bool) -> Head
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError as e:  # permission, symlink loop, missing...
-        raise ShardFileError(path, f"cannot be read: {e.strerror or e}") from e
+        raise unreadable(path, e) from e
     try:
         st = os.fstat(fd)
         file_size = st.st_size
@@ -202,7 +202,7 @@ def _read_header(path: Path, expected_size: int | None, *, source: bool) -> Head
             raw += chunk
         _drop_header_pages(fd, 8 + header_len)
     except OSError as e:  # a directory (EISDIR at the read), an I/O error...
-        raise ShardFileError(path, f"cannot be read: {e.strerror or e}") from e
+        raise unreadable(path, e) from e
     finally:
         os.close(fd)
     if len(raw) != header_len:
@@ -534,7 +534,7 @@ def mmap_tensors(header: Header) -> dict[str, torch.Tensor]:
             header.check_unchanged(f.fileno())
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     except OSError as e:
-        raise ShardFileError(header.path, f"cannot be read: {e.strerror or e}") from e
+        raise unreadable(header.path, e) from e
     if len(mm) != header.file_size:
         raise ShardFileError(header.path, f"changed size while being opened ({len(mm)} != {header.file_size})")
     advise_huge(mm)

@@ -716,7 +716,7 @@ def _planned_device(name: str | None, max_memory: dict | None):
 
 
 def _cmd_verify(args) -> int:
-    from .errors import ShardFileError
+    from .errors import UNREADABLE_BY_THIS_USER, ShardFileError
     from .shard_dir import ShardDirectory
 
     try:
@@ -734,11 +734,16 @@ def _cmd_verify(args) -> int:
         print(p)
     n = len(shards.manifest.units)
     if problems:
-        print(
-            f"{len(problems)} problem(s) in {n} files of {shards.path}: delete the files named and re-run the same "
-            "split (`hf-layerstream split SOURCE SHARD_DIR`), which writes them again",
-            file=sys.stderr,
+        denied = sum(UNREADABLE_BY_THIS_USER in p for p in problems)
+        advice = (
+            "delete the files named and re-run the same split (`hf-layerstream split SOURCE SHARD_DIR`), which writes "
+            "them again"
         )
+        if denied == len(problems):  # (permissions, not damage: a new split is not the fix)
+            advice = "this user may not read the files named: fix their permissions"
+        elif denied:
+            advice += f"; {denied} of them this user may not read: fix their permissions instead"
+        print(f"{len(problems)} problem(s) in {n} files of {shards.path}: {advice}", file=sys.stderr)
         return 1
     print(
         f"{shards.path}: all {n} files match the manifest{' (sizes, headers and sample digests)' if args.quick else ''}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -43,3 +44,17 @@ class ShardFileError(ShardDirError):
 
 class LayerLoadError(RuntimeError):
     """Loading a decoder layer failed in the background loader; raised in the thread that needed the layer."""
+
+
+UNREADABLE_BY_THIS_USER = (
+    "This user may not read it: the file itself may be sound. Make it readable (`chmod a+r`, by its owner) or run as a "
+    "user who can read it."
+)
+
+
+def unreadable(path: str | os.PathLike, error: OSError) -> ShardFileError:
+    """A file that cannot be read, with the fix its error calls for: permissions are not damage to repair."""
+    denied = error.errno in (errno.EACCES, errno.EPERM)
+    return ShardFileError(
+        path, f"cannot be read: {error.strerror or error}", UNREADABLE_BY_THIS_USER if denied else None
+    )

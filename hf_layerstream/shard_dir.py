@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from ._safetensors import Header, read_header, sample_digest, sha256_file, str_to_dtype
-from .errors import ShardDirError, ShardFileError
+from .errors import ShardDirError, ShardFileError, unreadable
 from .modeling import RESIDENT, layer_unit
 
 logger = logging.getLogger(__name__)
@@ -425,7 +425,7 @@ class ShardDirectory:
             try:
                 sample = sample_digest(path)
             except OSError as e:
-                raise ShardFileError(path, f"cannot be read: {e.strerror or e}") from e
+                raise unreadable(path, e) from e
             if sample != entry.sample_sha256:
                 raise ShardFileError(
                     path,
@@ -442,7 +442,8 @@ class ShardDirectory:
             try:
                 digest = sha256_file(path)
             except OSError as e:
-                problems.append(f"{path} cannot be read: {e.strerror or e}")
+                error = unreadable(path, e)
+                problems.append(str(error) if error.fix else f"{path} {error.problem}")
                 continue
             if digest != self.manifest.units[unit].sha256:
                 problems.append(f"{path} does not match its SHA-256 in the manifest (corrupted or replaced)")

@@ -15,6 +15,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from hf_layerstream.cli import build_parser, main
 from hf_layerstream.engine import size_text
+from hf_layerstream.errors import ShardFileError
 from hf_layerstream.shard_dir import ShardDirectory
 
 COMMANDS = ["split", "generate", "demo", "inspect", "verify"]
@@ -645,6 +646,38 @@ def test_verify_reports_corruption(split_dir, tmp_path, capsys):
     assert main(["verify", str(copy)]) == 1
     report = capsys.readouterr().out
     assert "layers/00002.safetensors" in report and "00001.safetensors" not in report
+
+
+def test_verify_tells_a_file_this_user_may_not_read_from_a_damaged_one(split_dir, monkeypatch, capsys):
+    """A layer file this user may not read (mode 000, another owner) was reported with the fix for damage: re-create
+    the shard directory, delete the files named and split again. It is named now with the fix for permissions, and
+    enabling says so too. (Run as root, the refusal is simulated at `os.open`.)"""
+    import errno
+    import os
+
+    from hf_layerstream.errors import UNREADABLE_BY_THIS_USER, unreadable
+
+    _, shards = split_dir
+    victim = shards / "layers" / "00001.safetensors"
+    real_open = os.open
+
+    def open_(path, flags, *args, **kwargs):
+        if str(path) == str(victim):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", open_)
+    assert main(["verify", str(shards), "--quick"]) == 1
+    captured = capsys.readouterr()
+    assert f"{victim} cannot be read: Permission denied. {UNREADABLE_BY_THIS_USER}" in captured.out
+    assert "this user may not read the files named: fix their permissions" in captured.err
+    assert "delete the files named" not in captured.err
+    with pytest.raises(ShardFileError, match="This user may not read it"):
+        ShardDirectory(shards)
+    monkeypatch.undo()
+    assert main(["verify", str(shards), "--quick"]) == 0
+    damaged = unreadable(victim, OSError(errno.EIO, "Input/output error"))
+    assert damaged.fix is None and "Re-create the shard directory" in str(damaged)  # (damage: the default fix)
 
 
 def test_demo_runs_and_agrees(tmp_path):
