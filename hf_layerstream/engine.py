@@ -412,6 +412,7 @@ def plan_residency(
         )
     check_max_memory(max_memory)
     n = shards.num_layers
+    prefetch = min(prefetch, max(n - 1, 0))  # (the loader reads at most n - 1 layers ahead: more would be counted)
     layer_bytes = [dtype_size[i] if dtype_size else shards.unit(layer_unit(i)).logical_nbytes for i in range(n)]
     stored = [shards.unit(layer_unit(i)).size for i in range(n)]
     resident = shards.unit(RESIDENT).logical_nbytes if resident_size is None else resident_size
@@ -457,8 +458,7 @@ def plan_residency(
         device_layers = order if fits_all else _pick(layer_bytes, order, room)
         rest = [i for i in order if i not in set(device_layers)]
         # host copies are kept as stored (packed when quantized), dequantized on the device
-        host_room = host_budget - (prefetch + 1) * max(stored, default=0) - host_resident_bytes
-        host_layers = _pick(stored, rest, host_room)
+        host_layers = _host_tier(stored, rest, host_budget - host_resident_bytes, prefetch)
     kept = set(device_layers) | set(host_layers)
     streamed = [i for i in order if i not in kept]
     # the page cache's share of host RAM, less what the plan itself takes there: on CPU the kept layers (file maps,
@@ -466,7 +466,9 @@ def plan_residency(
     if device.type == "cpu":
         host_use = sum(stored[i] for i in kept) + working
     else:
-        host_use = sum(stored[i] for i in host_layers) + (prefetch + 1) * max(stored, default=0) + host_resident_bytes
+        host_use = (
+            sum(stored[i] for i in host_layers) + _staging_bytes(stored, streamed, prefetch) + host_resident_bytes
+        )
     if keep_in_page_cache is None:
         cache_room = int(DEFAULT_PAGE_CACHE_SHARE * free_host) - host_use
         page_cache_layers = _pick(stored, streamed, cache_room)
@@ -490,6 +492,26 @@ def plan_residency(
         dequantize,
         scratch,
     )
+
+
+def _staging_bytes(stored: list[int], streamed: list[int], prefetch: int) -> int:
+    """CUDA: the pinned staging buffers the layers read from the disk go through, one per such layer in flight (the
+    loader's pool makes them as they are needed, each of its largest stored size): at most `prefetch + 1`, and no
+    more than are streamed (none where every layer not on the device is kept in host RAM)."""
+    return min(prefetch + 1, len(streamed)) * max((stored[i] for i in streamed), default=0)
+
+
+def _host_tier(stored: list[int], rest: list[int], room: int, prefetch: int) -> list[int]:
+    """CUDA: the layers of `rest` (those not kept on the device) to keep in pinned host RAM, within `room` bytes
+    together with the staging buffers the others are read from the disk through (`_staging_bytes`): where every one
+    of them fits, none is streamed and no buffer is needed; where fewer than `prefetch + 1` are streamed, buffers for
+    only those. (The buffers are counted at the largest layer of `rest`: the loader sizes them by the streamed ones.)"""
+    biggest = max((stored[i] for i in rest), default=0)
+    for buffers in range(min(prefetch + 1, len(rest)) + 1):
+        host = _pick(stored, rest, room - buffers * biggest)
+        if min(prefetch + 1, len(rest) - len(host)) <= buffers:
+            return host
+    return []  # (not reached: with the most buffers, any pick qualifies)
 
 
 def _least_need(plan: ResidencyPlan) -> tuple[int, int, str]:
@@ -549,11 +571,11 @@ def _over_budget(plan: ResidencyPlan) -> bool:
 
 def _over_host_budget(plan: ResidencyPlan) -> bool:
     """A GPU plan: whether host RAM's budget (0: nothing asked of it) cannot hold what `plan_residency` counts there:
-    the layers and resident parts kept in host RAM and the pinned staging buffers of the `prefetch + 1` layers in
-    flight. (The plan keeps a layer in host RAM only in the room the buffers leave, but keeps none where they take
-    more than the budget.)"""
+    the layers and resident parts kept in host RAM and the pinned staging buffers of the streamed layers in flight
+    (`_staging_bytes`). (The plan keeps a layer in host RAM only in the room the buffers leave, but keeps none where
+    they take more than the budget.)"""
     budget = plan.budgets.get("cpu")
-    staging = (plan.prefetch + 1) * max(plan.stored_bytes, default=0)
+    staging = _staging_bytes(plan.stored_bytes, plan.streamed, plan.prefetch)
     kept = sum(plan.stored_bytes[i] for i in plan.host_layers) + plan.host_resident_bytes
     return bool(budget) and kept + staging > budget
 

@@ -803,7 +803,8 @@ def enable_layer_streaming(
         host_candidates=[p.candidate for p in host_parts],
     )
     base = base_prefetch(device, default)
-    if not chosen and plan.prefetch < base:
+    # (the plan reads at most n - 1 layers ahead, whatever the default: not a budget's lowering)
+    if not chosen and plan.prefetch < min(base, max(len(plan.layer_bytes) - 1, 0)):
         key = "cpu" if device.type == "cpu" else str(device.index)
         name = "max_memory['cpu']" if device.type == "cpu" else "the device budget"
         room = f"{name} ({size_text(plan.budgets[key])})"

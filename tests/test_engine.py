@@ -303,14 +303,24 @@ def test_plan_cuda_tiers_without_a_gpu(llama):
     m, resident, layer = _sizes(shards)
     stored = m.unit("layers.0").size
     cuda = torch.device("cuda", 0)
-    budget = {0: resident + 2 * layer + 2 * layer, "cpu": 3 * stored + 2 * stored}
+    # staging buffers (pinned, one per layer read from the disk in flight) are set aside only for layers streamed: a
+    # host budget holding the four layers the device does not keeps them all (it kept 3, and streamed one, as if
+    # `prefetch + 1` buffers were always needed)
+    budget = {0: resident + 2 * layer + 2 * layer, "cpu": 4 * stored}
     plan = plan_residency(m, cuda, max_memory=budget, prefetch=1, reserve=0)
-    assert plan.device_layers == [0, 3]
-    assert plan.host_layers == [1, 2, 4]
+    assert plan.device_layers == [0, 3] and plan.host_layers == [1, 2, 4, 5] and plan.streamed == []
+    # a byte less: 3 in host RAM would leave one streamed, with its buffer (4 layers' bytes); 2 leave two, with two
+    # buffers (prefetch 1: two in flight); so one is kept, and three stream through two buffers
+    plan = plan_residency(m, cuda, max_memory={**budget, "cpu": 4 * stored - 1}, prefetch=1, reserve=0)
+    assert plan.device_layers == [0, 3] and len(plan.host_layers) == 1 and len(plan.streamed) == 3
     assert set(plan.device_layers) | set(plan.host_layers) | set(plan.streamed) == set(range(6))
-    assert len(plan.streamed) == 1 and plan.tier(plan.streamed[0]) == "disk"
+    assert plan.tier(plan.streamed[0]) == "disk"
     assert plan.tier(0) == "device" and plan.tier(plan.host_layers[0]) == "host"
     assert "pinned host RAM" in plan.summary()
+    # a `prefetch` beyond the layers is what the loader runs, n - 1: it asked the budgets for more than runs
+    for budget in ({0: 2**20}, {0: 0, "cpu": 6 * stored}, {0: resident + 3 * layer, "cpu": 2 * stored}):
+        beyond = plan_residency(m, cuda, max_memory=budget, prefetch=8, reserve=0)
+        assert beyond == plan_residency(m, cuda, max_memory=budget, prefetch=5, reserve=0) and beyond.prefetch == 5
     nothing = plan_residency(m, cuda, max_memory={0: 0, "cpu": 0}, prefetch=1, reserve=0)
     assert nothing.device_layers == [] and nothing.host_layers == [] and nothing.streamed == list(range(6))
 
@@ -2089,6 +2099,20 @@ def test_default_prefetch_on_cpu_fits_a_cpu_budget(llama, monkeypatch, caplog):
     model = streamed_model(ckpt, shards, max_memory={"cpu": two_in_flight}, prefetch=3)
     assert get_streaming_state(model).plan.prefetch == 3
     disable_layer_streaming(model)
+
+
+def test_a_prefetch_beyond_the_layers_is_shown_as_the_loader_runs_it(checkpoints, caplog):
+    """The loader reads at most n - 1 layers ahead; the plan showed (and budgeted) the `prefetch` asked, 8 for a
+    6-layer model. The default (3 on CPU) for a 2-layer model is 1 then, which is not a budget's lowering."""
+    ckpt, shards = checkpoints("llama", num_hidden_layers=2)
+    for prefetch in (None, 8):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="hf_layerstream"):
+            model = streamed_model(ckpt, shards, max_memory={"cpu": 0}, prefetch=prefetch)
+        plan = get_streaming_state(model).plan
+        assert plan.prefetch == 1 and "prefetch 1" in plan.summary(), prefetch
+        assert "prefetch lowered" not in caplog.text
+        disable_layer_streaming(model)
 
 
 @pytest.mark.parametrize("keep", [None, True, False])
