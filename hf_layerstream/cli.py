@@ -24,7 +24,13 @@ def _max_memory(text: str | None) -> dict | None:
             raise ValueError(f"--max-memory item {item!r} must look like cpu=16GiB or 0=4GiB")
         key = key.strip()
         # (ASCII digits only: int() takes '٤' and str.isdigit() '²', which int() refuses with its own message)
-        out[int(key) if key.isascii() and key.isdigit() else key] = value.strip()
+        key = int(key) if key.isascii() and key.isdigit() else key
+        if key in out:  # (the last one silently won)
+            raise ValueError(f"--max-memory gives {key} twice: {text!r}")
+        out[key] = value.strip()
+    from .engine import check_max_memory
+
+    check_max_memory(out)  # (before a device is picked for the keys: `cuda:0=1GiB` is named as the key it means)
     return out
 
 

@@ -33,6 +33,7 @@ import errno
 import fractions
 import logging
 import mmap
+import numbers
 import os
 import re
 import threading
@@ -86,7 +87,7 @@ def parse_size(value: int | float | str, *, name: str = "max_memory") -> int:
         `ValueError`: Anything else (empty, negative, trailing or leading text, non-ASCII digits, a second decimal
             point, NaN, infinity), naming `name`.
     """
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):  # (NumPy's integers too, as accelerate)
         if not value >= 0 or value == float("inf"):  # (NaN fails the first test)
             raise ValueError(f"`{name}` sizes must be finite and non-negative, got {value}.")
         return int(value)
@@ -105,6 +106,11 @@ def parse_size(value: int | float | str, *, name: str = "max_memory") -> int:
             number, unit, binary, _ = m.groups()
             power = "KMGT".index(unit.upper()) + 1 if unit else 0
             base = 1024 if binary or not unit else 1000
+            if not unit and fractions.Fraction(number).denominator != 1:  # ("1.5" was 1 byte; accelerate refuses it)
+                raise ValueError(
+                    f"`{name}` got the size {value!r}: without a unit a size is bytes, a whole number; give a unit, "
+                    f"e.g. {number + 'GiB'!r}."
+                )
             return int(fractions.Fraction(number) * base**power)
     raise ValueError(
         f"`{name}` got the size {value!r}; use bytes (a non-negative int) or a string such as '4GiB', '1.5GB' or "
@@ -353,11 +359,14 @@ def check_max_memory(max_memory: dict | None) -> None:
     would otherwise be ignored silently, and the plan built on a default the caller meant to replace."""
     for key, value in (max_memory or {}).items():
         index = isinstance(key, int) and not isinstance(key, bool) and key >= 0
-        digits = isinstance(key, str) and key.isascii() and key.isdigit()
+        # (as `_max_memory_for` looks them up: "00" would be ignored, and the plan built on the default)
+        digits = isinstance(key, str) and key.isascii() and key.isdigit() and str(int(key)) == key
         if not (index or digits or key in ("cpu", "disk")):
             hint = ""
             if isinstance(key, str) and key.startswith("cuda:") and key[5:].isascii() and key[5:].isdigit():
                 hint = f" (for {key}, the key is {int(key[5:])})"
+            elif isinstance(key, str) and key.isascii() and key.isdigit():
+                hint = f" (the key is {int(key)})"
             raise ValueError(
                 f"`max_memory` key {key!r} is not recognized{hint}: use GPU indices (0, 1, ...), 'cpu' or 'disk', as "
                 f"accelerate does, e.g. {{0: '4GiB', 'cpu': '16GiB'}}."

@@ -555,6 +555,19 @@ def test_a_trailing_comma_in_max_memory_is_harmless(split_dir, capsys):
     assert json.loads(capsys.readouterr().out)["plan"]["streamed"] == [0, 1, 2]
 
 
+def test_max_memory_given_twice_or_keyed_as_a_device_name_is_refused(split_dir, capsys):
+    """`--max-memory cpu=1GiB,cpu=0` kept the last silently; `--device cuda --max-memory cuda:0=1GiB` on a machine
+    without a GPU said to give its budget (it had), not that the key for cuda:0 is 0."""
+    _, shards = split_dir
+    for budget, device, message in (
+        ("cpu=1GiB,cpu=0", "cpu", "--max-memory gives cpu twice: 'cpu=1GiB,cpu=0'"),
+        ("0=1GiB,00=2GiB", "cpu", "--max-memory gives 0 twice"),
+        ("cuda:0=1GiB", "cuda", "for cuda:0, the key is 0"),
+    ):
+        assert main(["inspect", str(shards), "--device", device, "--max-memory", budget]) == 2, budget
+        assert message in capsys.readouterr().err, budget
+
+
 def test_inspect_and_verify(split_dir, capsys):
     _, shards = split_dir
     assert main(["inspect", str(shards), "--device", "cpu"]) == 0

@@ -90,6 +90,16 @@ def test_parse_size(value, expected):
     assert parse_size(value) == expected
 
 
+def test_parse_size_takes_numpy_numbers_as_accelerate_does():
+    """`np.int64` (a budget computed with NumPy) was refused with "use bytes (a non-negative int)"; `np.float64`, a
+    float, was taken."""
+    np = pytest.importorskip("numpy")
+    assert parse_size(np.int64(5 * 2**20)) == 5 * 2**20 and parse_size(np.float64(1.5e3)) == 1500
+    with pytest.raises(ValueError, match="finite and non-negative"):
+        parse_size(np.int64(-1))
+    assert parse_size("1.0") == 1 and parse_size("3.") == 3  # (whole numbers of bytes, written with a point)
+
+
 @pytest.mark.parametrize("value", ["", "lots", "-1GiB", "4XB", "GiB", None, True, [4], -5, float("inf"), float("nan")])
 def test_parse_size_errors_name_the_argument(value):
     with pytest.raises(ValueError, match="max_memory"):
@@ -146,6 +156,8 @@ def test_parse_size_is_strict(value):
         ({True: "4GiB"}, "True is not recognized"),
         ({"cpu": "1GiB", 1: "lots"}, "'lots'"),  # a size for a device the plan does not use is still a size
         ({"\u00b2": "1GiB"}, "is not recognized"),  # (a digit to `str.isdigit`, not an index)
+        ({"00": "1MiB"}, r"'00' is not recognized \(the key is 0\)"),  # (was accepted, then looked up as 0: ignored)
+        ({"cpu": "1.5"}, r"without a unit a size is bytes, a whole number; give a unit, e.g. '1.5GiB'"),  # (1 byte)
     ],
 )
 def test_max_memory_keys_and_sizes_are_checked(llama, max_memory, match):
