@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 import threading
 import time
 import weakref
@@ -580,30 +581,41 @@ class Streamed(_Placeholder):
         holder = next(a for a in leaves if isinstance(a, Streamed))
         first = func._schema.arguments[0].alias_info if func._schema.arguments else None
         into = args and isinstance(args[0], Streamed) and first is not None and first.is_write
-        # (into it, as into a meta tensor: nothing is written; `load_state_dict` copies into meta so, with torch's
-        # warning that it is a no-op)
+        if into and args[0].of_weight and _an_edit(args[1:], kwargs) and not _loading_state_dict():
+            # an edit (`weight[:, :8] = 0`, `copy_`, `zero_`, an init function): on the model's own meta tensor it is
+            # a no-op, but the loaded model's weights take it, and the layer's passes would not: it was dropped,
+            # silently. `load_state_dict` copies into meta so, with torch's warning that it is a no-op: left so.
+            raise RuntimeError(holder._write_refusal(func))
+        if func in _READS_OUT and (func is not torch.ops.aten._to_copy.default or _to_a_device(kwargs)):
+            raise RuntimeError(holder._read_refusal(func))  # (torch's own: "Cannot copy out of meta tensor")
         if not into and any(isinstance(a, torch.Tensor) and not a.is_meta for a in leaves):
             raise RuntimeError(holder._refusal(func))
         plain_args, plain_kwargs = pytree.tree_map_only(Streamed, _plain_meta, (args, kwargs))
         out = func(*plain_args, **plain_kwargs)
         if into:
             return args[0]  # (in place: itself, as a meta tensor's in-place operation returns it)
-        return pytree.tree_map_only(torch.Tensor, lambda t: holder._like(t) if t.is_meta else t, out)
+        # a view of the weight (a slice, a transpose) is the weight to a write; a new tensor (`ones_like`, a product:
+        # `prune` builds its mask so) is not
+        view = isinstance(args[0], Streamed) and args[0].of_weight
+        view = view and any(r.alias_info is not None for r in func._schema.returns)
+        return pytree.tree_map_only(torch.Tensor, lambda t: holder._like(t, view) if t.is_meta else t, out)
 
     @staticmethod
-    def of(source: str, t: torch.Tensor) -> Streamed:
-        """A `Streamed` named `source` with `t`'s shape, strides, dtype and device."""
+    def of(source: str, t: torch.Tensor, of_weight: bool = True) -> Streamed:
+        """A `Streamed` named `source` with `t`'s shape, strides, dtype and device; `of_weight`: the placeholder of a
+        weight, or a view of it (a write into it would be an edit of the weight, see `_write_refusal`)."""
         out = torch.Tensor._make_wrapper_subclass(
             Streamed, t.shape, strides=t.stride(), dtype=t.dtype, device=t.device, requires_grad=False
         )
         out.source = source
+        out.of_weight = of_weight
         return out
 
-    def _like(self, t: torch.Tensor) -> Streamed:
-        return Streamed.of(self.source, t)
+    def _like(self, t: torch.Tensor, of_weight: bool) -> Streamed:
+        return Streamed.of(self.source, t, of_weight)
 
     def _copy(self) -> Streamed:
-        return self._like(self)
+        return self._like(self, self.of_weight)  # (`detach`, `alias`: the same weight)
 
     def _refusal(self, func) -> str:
         return (
@@ -611,6 +623,54 @@ class Streamed(_Placeholder):
             "with a real tensor outside that pass (a module of the layer called by itself?). Call the whole decoder "
             "layer (its hook brings its weights in) or the model."
         )
+
+    def _write_refusal(self, func) -> str:
+        return (
+            f"{self.source} is brought in by layer streaming for its layer's forward pass only, read from the shard "
+            f"directory: `{func}` writes into it outside that pass, which would not reach the weights the layer "
+            "computes with. Edit the loaded model's weights, save it (`save_pretrained`) and split that; or change "
+            "what the module computes with a forward hook on it."
+        )
+
+    def _read_refusal(self, func) -> str:
+        return (
+            f"{self.source} is brought in by layer streaming for its layer's forward pass only: outside that pass it "
+            f"holds no values to read (`{func}`). Read it in a forward hook on its module (inside the pass), or from "
+            "the layer's file in the shard directory (safetensors), or save the model (`save_pretrained`)."
+        )
+
+
+# reads of a placeholder's values, which torch refuses on any meta tensor in its own words ("Cannot copy out of meta
+# tensor", "cannot be called on meta tensors"): refused naming the weight and where its values are
+_READS_OUT = frozenset({torch.ops.aten._to_copy.default, torch.ops.aten._local_scalar_dense.default})
+
+
+def _to_a_device(kwargs: dict) -> bool:
+    """Whether a `_to_copy` takes its tensor off the meta device (a cast keeps it there)."""
+    device = kwargs.get("device")
+    return device is not None and torch.device(device).type != "meta"
+
+
+def _an_edit(rest, kwargs) -> bool:
+    """Whether an in-place operation with these other arguments writes values: from a real tensor, a number (as a
+    tensor: `weight[:, :8] = 0` copies a meta 0-dim one), or none (`zero_`, `normal_`); not from placeholders alone
+    (`set_` of itself, as `torch.nn.utils.parametrize` registers a weight: a no-op, refused at the next pass as any
+    weight taken out)."""
+    tensors = [a for a in pytree.tree_leaves((rest, kwargs)) if isinstance(a, torch.Tensor)]
+    return not tensors or not all(isinstance(t, Streamed) for t in tensors)
+
+
+def _loading_state_dict() -> bool:
+    """Whether the calling thread is in an `nn.Module._load_from_state_dict` (which copies into each parameter)."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code is _LOAD_FROM_STATE_DICT:
+            return True
+        frame = frame.f_back
+    return False
+
+
+_LOAD_FROM_STATE_DICT = nn.Module._load_from_state_dict.__code__
 
 
 def _plain_meta(t: Streamed) -> torch.Tensor:

@@ -1442,6 +1442,48 @@ def test_a_weight_taken_out_of_its_module_is_refused_and_disable_works(llama, pl
     assert all(p.is_meta for n, p in model.model.layers[2].named_parameters())
 
 
+@pytest.mark.parametrize("plan", ["kept", "streamed"])
+def test_an_edit_of_a_weight_outside_its_layers_pass_is_refused_not_dropped(llama, plan):
+    """Neuron ablation or a ROME-style edit, in place, of a decoder layer's weight outside a pass (`weight[:, :8] = 0`,
+    `copy_`, `zero_`, an init function) was dropped silently where the layer did not hold its weights (every streamed
+    layer; a kept one before its first pass): the loaded model takes it, the streamed one computed without it. It is
+    refused now, naming the weight and the fix; a kept layer's held weights take it, as the loaded model's. A read of
+    its values there names where they are, not "Cannot copy out of meta tensor"."""
+    ckpt, shards, inputs, *_ = llama
+    model = streamed_model(ckpt, shards, **({"max_memory": {"cpu": 0}} if plan == "streamed" else {}))
+    ids = inputs["input_ids"]
+    weight = model.model.layers[1].mlp.down_proj.weight
+    edits = {
+        "slice": lambda w: w[:, :8].__setitem__(slice(None), 0),
+        "index": lambda w: w.__setitem__((slice(None), slice(0, 8)), 0),
+        "copy_": lambda w: w.copy_(torch.zeros(w.shape)),
+        "zero_": lambda w: w.zero_(),
+        "init": torch.nn.init.normal_,
+        "mul_": lambda w: w.mul_(0.5),
+        "detach": lambda w: w.detach().zero_(),
+    }
+    with torch.no_grad():
+        for name, edit in edits.items():
+            with pytest.raises(RuntimeError, match=r"Decoder layer 1's mlp.down_proj.weight .* writes into it outside"):
+                edit(weight)
+        for read in (lambda w: w.cpu(), lambda w: w.sum().item(), lambda w: w.to("cpu", torch.float64)):
+            with pytest.raises(RuntimeError, match=r"down_proj.weight .* holds no values to read"):
+                read(weight)
+        assert weight.half().dtype == torch.float16 and weight.T.shape == weight.shape[::-1]  # (meta: as before)
+        ref = _models.load_reference(ckpt)
+        assert torch.equal(model(ids).logits, ref(ids).logits)  # (nothing was written)
+        # a kept layer holds its weights after a pass without gradients: an edit reaches them, as the loaded model's;
+        # a streamed layer's is still refused after passes
+        if plan == "kept":
+            for m in (ref, model):
+                m.model.layers[1].mlp.down_proj.weight[:, :8] = 0
+            assert torch.equal(model(ids).logits, ref(ids).logits)
+        else:
+            with pytest.raises(RuntimeError, match=r"writes into it outside that pass"):
+                model.model.layers[1].mlp.down_proj.weight[:, :8] = 0
+    disable_layer_streaming(model)
+
+
 def test_a_cast_from_another_thread_waits_for_the_pass_running(llama):
     """A cast of a kept layer's module (here one that changes nothing: `float()` of a float32 layer, which streaming
     lets through on the model too) puts its held weights out of the modules: from another thread, it waits for the
