@@ -11,8 +11,10 @@ import hashlib
 import json
 import logging
 import re
+import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 from copy import deepcopy
 from dataclasses import dataclass, field
 
@@ -291,17 +293,45 @@ def build_skeleton(
     (default: the config's, as `from_config` does), on a copy of `config` (`from_config` records it there). `meta`:
     under `torch.device("meta")`, buffers too, and tensors a model creates on the CPU before it moves them (some MoE
     experts: a Llama-4-Maverick-sized config took 20 GiB the other way), for names and shapes only."""
-    from accelerate import init_empty_weights
-
     kwargs = {}
     if dtype is not None:
         config, kwargs = deepcopy(config), {"dtype": dtype}
-    with torch.device("meta") if meta else init_empty_weights(include_buffers=False):
+    with torch.device("meta") if meta else parameters_on_meta():
         if model_class is not None and hasattr(model_class, "_from_config"):
             return model_class._from_config(config, **kwargs)
         if model_class is not None:
             return model_class.from_config(config, **kwargs)
         return auto_class_for(config).from_config(config, **kwargs)
+
+
+_ON_META = threading.RLock()
+
+
+@contextmanager
+def parameters_on_meta():
+    """accelerate's `init_empty_weights(include_buffers=False)` for the calling thread only: the parameters of the
+    modules it builds go to the meta device, their buffers stay real. accelerate's swaps `nn.Module.register_parameter`
+    for the whole process: the modules other threads built meanwhile (a `from_pretrained` in a server's other thread
+    while a model was enabled) got meta parameters, silently, and two at once could put back each other's function,
+    so that every module built in the process after got them. Ours are taken one at a time, and the function swapped
+    in leaves other threads' modules as they are."""
+    me = threading.get_ident()
+    with _ON_META:
+        before = nn.Module.register_parameter
+
+        def register_parameter(module, name, param):
+            before(module, name, param)
+            if param is not None and threading.get_ident() == me:  # (as accelerate's `register_empty_parameter`)
+                made = module._parameters[name]
+                kwargs = made.__dict__
+                kwargs["requires_grad"] = param.requires_grad
+                module._parameters[name] = type(made)(made.to("meta"), **kwargs)
+
+        nn.Module.register_parameter = register_parameter
+        try:
+            yield
+        finally:
+            nn.Module.register_parameter = before
 
 
 def non_persistent_buffers(model: nn.Module) -> Iterable[tuple[nn.Module, str, str]]:

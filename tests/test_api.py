@@ -1689,3 +1689,53 @@ def test_the_readmes_api_table_shows_each_function_as_it_is():
                 assert param.default is param.empty, (name, part)
         else:
             assert k == len(params), f"{name}: the README leaves out {[p.name for p in params[k:]]}"
+
+
+def test_building_a_skeleton_leaves_other_threads_modules_as_they_are(checkpoints):
+    """Enabling a model built under `torch.device("meta")` (or at another dtype), `split_checkpoint`, `inspect` build
+    a skeleton of the model under accelerate's `init_empty_weights(include_buffers=False)`, which swaps
+    `nn.Module.register_parameter` for the whole process: modules other threads built meanwhile (a `from_pretrained`
+    in a server's other thread) got meta parameters, silently, and several enables at once could leave the swap in
+    place for good. Now only the building thread's parameters go to meta."""
+    from torch import nn
+
+    from hf_layerstream.modeling import build_skeleton, parameters_on_meta
+
+    pristine = nn.Module.register_parameter
+    built = {}
+    with parameters_on_meta():
+        mine = nn.Linear(3, 3)
+        other = threading.Thread(target=lambda: built.setdefault("other", nn.Linear(3, 3)))
+        other.start()
+        other.join()
+    assert mine.weight.is_meta and mine.weight.requires_grad  # (requires_grad kept, as accelerate keeps it)
+    assert not built["other"].weight.is_meta and nn.Module.register_parameter is pristine
+
+    config = _models.make_config("llama")
+    stop, on_meta, errors = threading.Event(), [], []
+
+    def skeletons():
+        try:
+            for _ in range(5):
+                model = build_skeleton(config)
+                assert all(p.is_meta for p in model.parameters())
+                assert not any(b.is_meta for b in model.buffers())  # (buffers real, as computed)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    def plain_modules():
+        while not stop.is_set():
+            on_meta.append(nn.Linear(4, 4).weight.is_meta)
+
+    watcher = threading.Thread(target=plain_modules)
+    watcher.start()
+    builders = [threading.Thread(target=skeletons) for _ in range(3)]
+    for t in builders:
+        t.start()
+    for t in builders:
+        t.join()
+    stop.set()
+    watcher.join()
+    assert not errors, errors
+    assert on_meta and not any(on_meta)  # (accelerate's swap: hundreds of meta Linears here)
+    assert nn.Module.register_parameter is pristine and not nn.Linear(2, 2).weight.is_meta
