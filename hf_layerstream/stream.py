@@ -744,6 +744,29 @@ def enable_layer_streaming(
             f"`model` must be a transformers PreTrainedModel (built with AutoModelForCausalLM.from_config), got "
             f"{type(model).__name__}."
         )
+    with _model_lock(model):  # (two threads enabling one model at once: the second is refused, as one after the other)
+        return _enable(
+            model, shard_dir, device, dtype, max_memory, prefetch, profile, verify, keep_in_page_cache, dequantize
+        )
+
+
+# a lock per model for enabling and disabling it: two threads enabling one model at once both went on (the state is
+# set at the end), and one's loader, its threads and maps, lived on unclosed
+_MODEL_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_MODEL_LOCKS_GUARD = threading.Lock()
+
+
+def _model_lock(model: nn.Module) -> threading.RLock:
+    with _MODEL_LOCKS_GUARD:
+        try:
+            return _MODEL_LOCKS.setdefault(model, threading.RLock())
+        except TypeError:  # (a model that cannot be a weak key: unhashable; not shared then)
+            return threading.RLock()
+
+
+def _enable(
+    model, shard_dir, device, dtype, max_memory, prefetch, profile, verify, keep_in_page_cache, dequantize
+) -> nn.Module:
     if get_streaming_state(model) is not None:
         raise ValueError(
             "Layer streaming is already enabled on this model; call `disable_layer_streaming(model)` first."
@@ -1176,7 +1199,11 @@ def disable_layer_streaming(model: nn.Module) -> nn.Module:
     state = get_streaming_state(model)
     if state is None:
         raise ValueError("Layer streaming is not enabled on this model.")
-    with state.guard.lock:  # a pass running in another thread ends first
+    # a pass running in another thread ends first; then, one enable or disable of the model at a time (in this order:
+    # a disable from a callback inside a pass holds the pass's lock already)
+    with state.guard.lock, _model_lock(model):
+        if get_streaming_state(model) is not state:  # (disabled meanwhile, by another thread)
+            raise ValueError("Layer streaming is not enabled on this model.")
         _disable(model, state)
     return model
 

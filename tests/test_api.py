@@ -1739,3 +1739,71 @@ def test_building_a_skeleton_leaves_other_threads_modules_as_they_are(checkpoint
     assert not errors, errors
     assert on_meta and not any(on_meta)  # (accelerate's swap: hundreds of meta Linears here)
     assert nn.Module.register_parameter is pristine and not nn.Linear(2, 2).weight.is_meta
+
+
+def test_two_threads_enabling_one_model_at_once_are_taken_one_after_the_other(checkpoints, monkeypatch):
+    """Both enables went on (the state is set at the end) and one's loader, its threads and maps, lived on after
+    `disable_layer_streaming`. The second waits for the first now, and is refused as an enable after it is; a disable
+    racing another is refused as one after it is."""
+    from hf_layerstream import engine, stream
+
+    ckpt, shards = checkpoints("llama")
+    model = build_meta_model(AutoConfig.from_pretrained(ckpt))
+    inside, go_on = threading.Event(), threading.Event()
+    real = stream.ShardDirectory
+    made = []
+
+    def slow(*args, **kwargs):  # the first enable waits inside until the second has started
+        if not inside.is_set():
+            inside.set()
+            assert go_on.wait(30)
+        return real(*args, **kwargs)
+
+    real_loader = engine.LayerLoader
+
+    def loader(*args, **kwargs):
+        made.append(real_loader(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(stream, "ShardDirectory", slow)
+    monkeypatch.setattr(stream, "LayerLoader", loader)
+    outcome = []
+
+    def enable():
+        try:
+            enable_layer_streaming(model, shards, device="cpu", max_memory={"cpu": 0})
+            outcome.append("enabled")
+        except ValueError as e:
+            outcome.append(str(e))
+
+    first = threading.Thread(target=enable)
+    first.start()
+    assert inside.wait(30)
+    second = threading.Thread(target=enable)
+    second.start()
+    second.join(0.5)
+    assert second.is_alive()  # (waiting for the first)
+    go_on.set()
+    first.join(30)
+    second.join(30)
+    assert outcome[0] == "enabled" and "already enabled on this model" in outcome[1]
+    assert len(made) == 1
+    ids = torch.tensor([[1, 5, 9, 22, 40]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, _models.load_reference(ckpt)(ids).logits)
+    results = []
+
+    def disable():
+        try:
+            disable_layer_streaming(model)
+            results.append("disabled")
+        except ValueError as e:
+            results.append(str(e))
+
+    both = [threading.Thread(target=disable) for _ in range(2)]
+    for t in both:
+        t.start()
+    for t in both:
+        t.join(30)
+    assert sorted(results) == ["Layer streaming is not enabled on this model.", "disabled"]
+    assert not [t for t in made[0]._executor._threads if t.is_alive()]
