@@ -185,6 +185,10 @@ class LayerStreamingHook(ModelHook):
             if k in self.packed_placeholders and not isinstance(value, torch.Tensor):
                 self.packed[k] = value
                 value = self.packed_placeholders[k]
+                # as the weight dequantized whole would (`_wants_grad`): code of the layer computing with it outside
+                # its module (Jamba's and FalconMamba's `dt_proj.weight @ x`) gets `torch.matmul`'s kernel by it, so
+                # `dequantize="module"` gave other bits than "layer" for a batched input
+                value.requires_grad_(no_grad and _wants_grad(kinds[k][2], value))
             elif is_param:
                 value = nn.Parameter(value, requires_grad=no_grad and _wants_grad(kinds[k][2], value))
             values.append(value)
