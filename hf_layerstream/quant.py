@@ -287,17 +287,25 @@ def _not_converted(module_name: str, patterns: list[str]) -> bool:
 
 def _is_matrix_weight(name: str, tensor: torch.Tensor, owner: torch.nn.Module) -> bool:
     """Linear layers' weights: `nn.Linear` (and its subclasses, such as Falcon's `FalconLinear`) or GPT-2's `Conv1D`
-    weights, and the 3-D fused expert weights of an experts module. (transformers' own bitsandbytes path, 5.25,
-    quantizes exactly `nn.Linear` and `Conv1D`: neither the subclasses nor the fused experts, which hold most of a
-    MoE model's bytes.) Not: routers' or SSM parameters held as bare 2-D tensors (Mamba's
-    `A_log`), convolution kernels (Mamba's depthwise `conv1d`). (Biases, 2-D ones such as gpt-oss's
+    weights, and the fused expert weights of an experts module (3-D, or DBRX's 2-D). (transformers' own bitsandbytes
+    path, 5.25, quantizes exactly `nn.Linear` and `Conv1D`: neither the subclasses nor the fused experts, which hold
+    most of a MoE model's bytes.) Not: routers' or SSM parameters held as bare tensors (Mamba's 2-D `A_log`,
+    Zamba's 3-D one), convolution kernels (Mamba's depthwise `conv1d`). (Biases, 2-D ones such as gpt-oss's
     `gate_up_proj_bias` too, `should_quantize` keeps before asking.)"""
     attr = name.rpartition(".")[2]
+    if _experts(owner):  # (3-D, or DBRX's 2-D `w1`/`v1`/`w2` of [experts x ffn, d_model])
+        return min(tensor.shape[1:]) > 1
     if tensor.dim() == 2:
         from transformers.pytorch_utils import Conv1D
 
         return attr == "weight" and isinstance(owner, (torch.nn.Linear, Conv1D))
-    return not isinstance(owner, torch.nn.modules.conv._ConvNd) and min(tensor.shape[1:]) > 1
+    return False  # (3-D, not an expert module's: Zamba's `A_log`, RecurrentGemma's block-diagonal gates)
+
+
+def _experts(owner: torch.nn.Module) -> bool:
+    """Whether `owner` holds fused expert weights: transformers names every such module so (`MixtralExperts`,
+    `JetMoeParallelExperts`, `DbrxExpertGLU`, ...; 100 kinds of 3-D weights in 5.25's causal LMs, all theirs)."""
+    return "expert" in type(owner).__name__.lower() and not isinstance(owner, torch.nn.modules.conv._ConvNd)
 
 
 def should_quantize(

@@ -661,7 +661,7 @@ def _estimate_unit_bytes(
             numel *= s
         nbytes = numel * dtype.itemsize
         overhead = 2 * len(name) + 120  # the header entry and the tensor's entry in the embedded unit record
-        if scheme is not None and numel and len(shape) >= 2 and dtype.is_floating_point:
+        if scheme is not None and numel and len(shape) >= 2 and dtype.is_floating_point and name in (owners or {}):
             from .quant import should_quantize
 
             if should_quantize(
@@ -1074,8 +1074,10 @@ def split_checkpoint(
         owners, not_converted = parameter_owners(model), modules_to_not_convert(model)
 
         def should_quantize(name, tensor, scheme, *, is_embedding=False):
+            if name not in owners:  # a buffer (MiniMax's lightning-attention decays): as it is, as from_pretrained's
+                return False
             return _should_quantize(
-                name, tensor, scheme, is_embedding=is_embedding, owner=owners.get(name), not_converted=not_converted
+                name, tensor, scheme, is_embedding=is_embedding, owner=owners[name], not_converted=not_converted
             )
 
     fingerprint = architecture_fingerprint(model, stack)

@@ -293,6 +293,64 @@ def test_compression_quantizes_linear_and_expert_weights_only(tmp_path, model_ty
     }
 
 
+def _dbrx_config():
+    from transformers import DbrxConfig
+
+    return DbrxConfig(
+        d_model=_models.HIDDEN_SIZE,
+        n_heads=_models.NUM_HEADS,
+        n_layers=_models.NUM_HIDDEN_LAYERS,
+        max_seq_len=256,
+        vocab_size=_models.VOCAB_SIZE,
+        attn_config={"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
+        ffn_config={"ffn_hidden_size": 128, "moe_num_experts": 4, "moe_top_k": 2},
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+
+
+@pytest.mark.parametrize("model_type", ["minimax", "recurrent_gemma", "dbrx"])
+def test_compression_tells_expert_weights_from_other_tensors_of_their_shapes(tmp_path, model_type):
+    """Fused expert weights are quantized wherever they are: DBRX holds them as 2-D parameters of its `DbrxExpertGLU`
+    (`w1`, `v1`, `w2`: 97% of a DBRX-132B layer), which stayed at full precision. Other tensors of such shapes are
+    not: every 3-D parameter was taken for fused experts (RecurrentGemma's block-diagonal gate weights, Zamba's
+    `A_log`), and buffers for weights (MiniMax's lightning-attention decays). Streamed, per layer and per module, the
+    logits equal those with every layer kept."""
+    if model_type == "dbrx":
+        config = _dbrx_config()
+    elif model_type == "minimax":  # (a lightning-attention layer: decays of 4 x 256 x 1)
+        config = _config(model_type, layer_types=["linear_attention", "full_attention", "full_attention"])
+    else:
+        config = _config(model_type)
+    ckpt = _models.save_tiny_checkpoint(config, tmp_path / "checkpoint")
+    shards = split_checkpoint(ckpt, tmp_path / "shards", compression="4bit", progress=False)
+    directory = ShardDirectory(shards)
+    entries = {n: t for i in range(_models.NUM_HIDDEN_LAYERS) for n, t in directory.unit(f"layers.{i}").tensors.items()}
+    model = _models.build_tiny_model(config)
+    buffers = {n for n, _ in model.named_buffers()}
+    owners = {
+        n: type(m).__name__
+        for prefix, m in model.named_modules()
+        for n in (f"{prefix}.{a}" for a, _ in m.named_parameters(recurse=False))
+    }
+    large = [n for n, t in entries.items() if len(t.shape) >= 2 and torch.Size(t.shape).numel() >= 1024]
+    experts = [n for n in large if n in owners and "expert" in owners[n].lower() and "bias" not in n]
+    others_3d = [n for n in large if len(entries[n].shape) == 3 and n not in experts]
+    stored_buffers = [n for n in large if n in buffers]
+    assert (experts, others_3d, stored_buffers)[["dbrx", "recurrent_gemma", "minimax"].index(model_type)]
+    assert all(entries[n].quant is not None for n in experts), [n for n in experts if entries[n].quant is None]
+    assert all(entries[n].quant is None for n in others_3d + stored_buffers)
+    ids = torch.tensor([[1, 5, 7, 9, 11, 13, 17], [1, 19, 23, 29, 31, 37, 41]])
+    logits = []
+    for kwargs in ({}, {"max_memory": {"cpu": 0}}, {"max_memory": {"cpu": 0}, "dequantize": "module"}):
+        streamed = streamed_model(ckpt, shards, prefetch=1, **kwargs)
+        with torch.no_grad():
+            logits.append(streamed(ids).logits)
+        disable_layer_streaming(streamed)
+    assert torch.equal(logits[0], logits[1]) and torch.equal(logits[0], logits[2])
+
+
 def test_compression_keeps_what_the_model_keeps_out_of_bitsandbytes_at_full_precision(tmp_path):
     """transformers' bitsandbytes path leaves the modules a model names in `_keep_in_fp32_modules` unquantized
     (`get_modules_to_not_convert`), whatever their class: GLM-MoE-DSA's indexer `weights_proj`, a linear layer. A

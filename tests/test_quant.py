@@ -304,7 +304,7 @@ def test_should_quantize(name, shape, dtype, expected):
 
 def test_should_quantize_knowing_the_module_quantizes_what_transformers_bitsandbytes_path_does():
     """Given the module holding a weight, 2-D weights are quantized only in linear layers (`nn.Linear`, GPT-2's
-    `Conv1D`) and 3-D ones unless they are convolution kernels; biases and routers never. (By name alone, Mamba's
+    `Conv1D`) and experts modules, and 3-D ones only in experts modules; biases and routers never. (By name alone, Mamba's
     `A_log` (2-D, in the mixer itself) and gpt-oss's 2-D expert biases were quantized, and routers held in a linear
     under a router module (DBRX's `ffn.router.layer`, Hunyuan's `mlp.gate.wg`) too.)"""
     from transformers.pytorch_utils import Conv1D
@@ -313,11 +313,20 @@ def test_should_quantize_knowing_the_module_quantizes_what_transformers_bitsandb
         t = torch.empty(shape, dtype=torch.bfloat16, device="meta")
         return should_quantize(name, t, NF4, owner=owner)
 
-    mixer, experts = torch.nn.Module(), torch.nn.Module()
+    class MixtralExperts(torch.nn.Module):  # (transformers names every module of fused experts so)
+        pass
+
+    class DbrxExpertGLU(torch.nn.Module):
+        pass
+
+    mixer, experts = torch.nn.Module(), MixtralExperts()
     linear, conv = torch.nn.Linear(2, 2, device="meta"), torch.nn.Conv1d(4, 4, 3, groups=4, device="meta")
     assert quantized("model.layers.0.self_attn.q_proj.weight", (512, 512), linear)
     assert quantized("transformer.h.0.attn.c_attn.weight", (512, 1536), Conv1D(1536, 512))
     assert quantized("model.layers.0.mlp.experts.gate_up_proj", (8, 512, 2816), experts)
+    # DBRX's experts are 2-D ([experts x ffn, d_model]); a 3-D tensor outside experts is not theirs (Zamba's `A_log`)
+    assert quantized("transformer.blocks.0.ffn.experts.mlp.w1", (16 * 10752, 6144), DbrxExpertGLU())
+    assert not quantized("model.layers.0.mamba.A_log", (2, 3712, 16), mixer)
     assert not quantized("backbone.layers.0.mixer.A_log", (8192, 16), mixer)
     assert not quantized("backbone.layers.0.mixer.conv1d.weight", (8192, 4, 4), conv)
     assert not quantized("model.layers.0.mlp.experts.gate_up_proj_bias", (32, 5760), experts)
