@@ -1463,7 +1463,7 @@ def test_an_edit_of_a_weight_outside_its_layers_pass_is_refused_not_dropped(llam
         "detach": lambda w: w.detach().zero_(),
     }
     with torch.no_grad():
-        for name, edit in edits.items():
+        for edit in edits.values():
             with pytest.raises(RuntimeError, match=r"Decoder layer 1's mlp.down_proj.weight .* writes into it outside"):
                 edit(weight)
         for read in (lambda w: w.cpu(), lambda w: w.sum().item(), lambda w: w.to("cpu", torch.float64)):
