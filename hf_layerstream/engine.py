@@ -90,6 +90,8 @@ def parse_size(value: int | float | str, *, name: str = "max_memory") -> int:
     if isinstance(value, numbers.Real) and not isinstance(value, bool):  # (NumPy's integers too, as accelerate)
         if not value >= 0 or value == float("inf"):  # (NaN fails the first test)
             raise ValueError(f"`{name}` sizes must be finite and non-negative, got {value}.")
+        if value != int(value):  # (1.5 was 1 byte, as "1.5" was)
+            raise ValueError(f"`{name}` got the size {value!r}: a number is bytes, a whole number.")
         return int(value)
     if isinstance(value, str):
         m = _SIZE_RE.fullmatch(value)
@@ -358,7 +360,7 @@ def check_max_memory(max_memory: dict | None) -> None:
     disk; also GPU indices as digit strings, as a JSON config gives them) and every value a size: a misspelled key
     would otherwise be ignored silently, and the plan built on a default the caller meant to replace."""
     for key, value in (max_memory or {}).items():
-        index = isinstance(key, int) and not isinstance(key, bool) and key >= 0
+        index = isinstance(key, numbers.Integral) and not isinstance(key, bool) and key >= 0  # (NumPy's too)
         # (as `_max_memory_for` looks them up: "00" would be ignored, and the plan built on the default)
         digits = isinstance(key, str) and key.isascii() and key.isdigit() and str(int(key)) == key
         if not (index or digits or key in ("cpu", "disk")):
@@ -1743,7 +1745,7 @@ class LayerLoader:
                 DATA_ALIGN,
             )
         raw = mmap_tensors(header)
-        if not self.is_cuda:
+        if not self.is_cuda or set(on_host) - set(pinned):  # (on CUDA, parts in host RAM may be views of the map)
             self._kept_files[RESIDENT] = header
         skip = frozenset(on_host)
         out = self._finish(RESIDENT, raw, -1, skip=skip)
@@ -1956,7 +1958,9 @@ class LayerLoader:
                     self.reads["mapped"] += 1
                 self._pool.discard_one()
             else:
-                buffer = self._pool.take(self._staging_size, self.prefetch + 1 if self.is_cuda else None)
+                # (as many as the plan counts: one per layer read from the disk in flight, see `_staging_bytes`)
+                limit = min(self.prefetch + 1, len(self.plan.streamed)) if self.is_cuda else None
+                buffer = self._pool.take(self._staging_size, limit)
                 array = buffer.numpy()
                 try:
                     raw, _ = self._read_file(header, array, index)

@@ -585,13 +585,15 @@ class Streamed(_Placeholder):
         holder = next(a for a in leaves if isinstance(a, Streamed))
         first = func._schema.arguments[0].alias_info if func._schema.arguments else None
         into = args and isinstance(args[0], Streamed) and first is not None and first.is_write
-        if into and args[0].of_weight and _an_edit(args[1:], kwargs) and not _loading_state_dict():
+        if into and args[0].of_weight and _an_edit(func, args[1:], kwargs) and not _loading_state_dict():
             # an edit (`weight[:, :8] = 0`, `copy_`, `zero_`, an init function): on the model's own meta tensor it is
             # a no-op, but the loaded model's weights take it, and the layer's passes would not: it was dropped,
             # silently. `load_state_dict` copies into meta so, with torch's warning that it is a no-op: left so.
             raise RuntimeError(holder._write_refusal(func))
-        if func in _READS_OUT and (func is not torch.ops.aten._to_copy.default or _to_a_device(kwargs)):
-            raise RuntimeError(holder._read_refusal(func))  # (torch's own: "Cannot copy out of meta tensor")
+        if func is torch.ops.aten._to_copy.default and _to_a_device(kwargs):
+            raise NotImplementedError(holder._move_refusal())  # (as torch's own: "Cannot copy out of meta tensor")
+        if func is torch.ops.aten._local_scalar_dense.default:
+            raise RuntimeError(holder._read_refusal(func))  # (torch's own: "cannot be called on meta tensors")
         if not into and any(isinstance(a, torch.Tensor) and not a.is_meta for a in leaves):
             raise RuntimeError(holder._refusal(func))
         plain_args, plain_kwargs = pytree.tree_map_only(Streamed, _plain_meta, (args, kwargs))
@@ -636,6 +638,15 @@ class Streamed(_Placeholder):
             "what the module computes with a forward hook on it."
         )
 
+    def _move_refusal(self) -> str:
+        return (
+            f"{self.source} is brought in by layer streaming for its layer's forward pass only, onto the device it "
+            "streams to: outside that pass it has no values to move or copy. To stream to another device, "
+            "`disable_layer_streaming(model)`, then `enable_layer_streaming(model, shard_dir, device=...)`; to read "
+            "its values, see a forward hook on its module (inside the pass) or the layer's file in the shard "
+            "directory."
+        )
+
     def _read_refusal(self, func) -> str:
         return (
             f"{self.source} is brought in by layer streaming for its layer's forward pass only: outside that pass it "
@@ -644,24 +655,19 @@ class Streamed(_Placeholder):
         )
 
 
-# reads of a placeholder's values, which torch refuses on any meta tensor in its own words ("Cannot copy out of meta
-# tensor", "cannot be called on meta tensors"): refused naming the weight and where its values are
-_READS_OUT = frozenset({torch.ops.aten._to_copy.default, torch.ops.aten._local_scalar_dense.default})
-
-
 def _to_a_device(kwargs: dict) -> bool:
     """Whether a `_to_copy` takes its tensor off the meta device (a cast keeps it there)."""
     device = kwargs.get("device")
     return device is not None and torch.device(device).type != "meta"
 
 
-def _an_edit(rest, kwargs) -> bool:
-    """Whether an in-place operation with these other arguments writes values: from a real tensor, a number (as a
-    tensor: `weight[:, :8] = 0` copies a meta 0-dim one), or none (`zero_`, `normal_`); not from placeholders alone
-    (`set_` of itself, as `torch.nn.utils.parametrize` registers a weight: a no-op, refused at the next pass as any
-    weight taken out)."""
+def _an_edit(func, rest, kwargs) -> bool:
+    """Whether an in-place operation writes values into a weight: all do (from a real tensor, a number, another
+    weight, or none: `zero_`, `normal_`), except `set_` to a placeholder (as `torch.nn.utils.parametrize` registers a
+    weight over itself: a no-op, refused at the next pass as any weight taken out of its module)."""
     tensors = [a for a in pytree.tree_leaves((rest, kwargs)) if isinstance(a, torch.Tensor)]
-    return not tensors or not all(isinstance(t, Streamed) for t in tensors)
+    setting = func in (torch.ops.aten.set_.source_Tensor, torch.ops.aten.set_.default)
+    return not (setting and tensors and all(isinstance(t, Streamed) for t in tensors))
 
 
 def _loading_state_dict() -> bool:
@@ -744,12 +750,17 @@ def _dequantized(a, func):
     if weight is None:
         raise RuntimeError(a._refusal(func))
     if hook.profile is None:
-        return weight.dequantize()
-    _sync(hook.loader.device)
-    t0 = time.perf_counter()
-    out = weight.dequantize()
-    _sync(hook.loader.device)
-    hook.dequantized += time.perf_counter() - t0
+        out = weight.dequantize()
+    else:
+        _sync(hook.loader.device)
+        t0 = time.perf_counter()
+        out = weight.dequantize()
+        _sync(hook.loader.device)
+        hook.dequantized += time.perf_counter() - t0
+    if a.requires_grad and not torch.is_grad_enabled():
+        # as the placeholder (see `LayerStreamingHook._values`): under `inference_mode` `torch.matmul` reaches the
+        # placeholder whole, and computes on this tensor, which picks its kernel by it
+        out.requires_grad_(True)
     return out
 
 

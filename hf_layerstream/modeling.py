@@ -304,34 +304,53 @@ def build_skeleton(
         return auto_class_for(config).from_config(config, **kwargs)
 
 
-_ON_META = threading.RLock()
+_ON_META = threading.local()  # `depth`: how many `parameters_on_meta` the thread is in
+_INSTALLING = threading.Lock()
+
+
+def _install_register_parameter() -> None:
+    """Put in `nn.Module.register_parameter` a function that calls the one there and, in a thread inside
+    `parameters_on_meta`, moves the parameter to the meta device; once, for good (elsewhere it changes nothing). A
+    swap made and undone around each build, as accelerate's `init_empty_weights` does, is the whole process's while it
+    lasts, and undone out of order where two overlap (another thread's `init_empty_weights` of the user's): left in
+    place for good, it put every module built after on meta. Installed as hf_layerstream is imported, and again where
+    something replaced it since."""
+    with _INSTALLING:
+        inner = nn.Module.register_parameter
+        if getattr(inner, "_hf_layerstream_meta", False):
+            return
+
+        def register_parameter(module, name, param):
+            inner(module, name, param)
+            if param is not None and getattr(_ON_META, "depth", 0):  # (as accelerate's `register_empty_parameter`)
+                made = module._parameters[name]
+                kwargs = made.__dict__
+                kwargs["requires_grad"] = param.requires_grad
+                module._parameters[name] = type(made)(made.to("meta"), **kwargs)
+
+        register_parameter._hf_layerstream_meta = True
+        nn.Module.register_parameter = register_parameter
+
+
+# at import: before a user's `init_empty_weights` (whose swap then saves and puts back this one), not in the middle
+# of one in another thread (whose end would take this one out while a build needs it)
+_install_register_parameter()
 
 
 @contextmanager
 def parameters_on_meta():
     """accelerate's `init_empty_weights(include_buffers=False)` for the calling thread only: the parameters of the
     modules it builds go to the meta device, their buffers stay real. accelerate's swaps `nn.Module.register_parameter`
-    for the whole process: the modules other threads built meanwhile (a `from_pretrained` in a server's other thread
-    while a model was enabled) got meta parameters, silently, and two at once could put back each other's function,
-    so that every module built in the process after got them. Ours are taken one at a time, and the function swapped
-    in leaves other threads' modules as they are."""
-    me = threading.get_ident()
-    with _ON_META:
-        before = nn.Module.register_parameter
-
-        def register_parameter(module, name, param):
-            before(module, name, param)
-            if param is not None and threading.get_ident() == me:  # (as accelerate's `register_empty_parameter`)
-                made = module._parameters[name]
-                kwargs = made.__dict__
-                kwargs["requires_grad"] = param.requires_grad
-                module._parameters[name] = type(made)(made.to("meta"), **kwargs)
-
-        nn.Module.register_parameter = register_parameter
-        try:
-            yield
-        finally:
-            nn.Module.register_parameter = before
+    for the whole process while it lasts: the modules other threads built meanwhile (a `from_pretrained` in a
+    server's other thread while a model was enabled) got meta parameters, silently, and two at once could put back
+    each other's function, so that every module built in the process after got them (see
+    `_install_register_parameter`)."""
+    _install_register_parameter()
+    _ON_META.depth = getattr(_ON_META, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _ON_META.depth -= 1
 
 
 def non_persistent_buffers(model: nn.Module) -> Iterable[tuple[nn.Module, str, str]]:

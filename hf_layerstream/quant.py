@@ -305,7 +305,9 @@ def _is_matrix_weight(name: str, tensor: torch.Tensor, owner: torch.nn.Module) -
 def _experts(owner: torch.nn.Module) -> bool:
     """Whether `owner` holds fused expert weights: transformers names every such module so (`MixtralExperts`,
     `JetMoeParallelExperts`, `DbrxExpertGLU`, ...; 100 kinds of 3-D weights in 5.25's causal LMs, all theirs)."""
-    return "expert" in type(owner).__name__.lower() and not isinstance(owner, torch.nn.modules.conv._ConvNd)
+    name = type(owner).__name__.lower()
+    # (not a norm of each expert's: Ergo's `ErgoExpertNorm`, a weight per expert)
+    return "expert" in name and "norm" not in name and not isinstance(owner, torch.nn.modules.conv._ConvNd)
 
 
 def should_quantize(
@@ -324,7 +326,8 @@ def should_quantize(
     biases), non-float or other float dtypes (e.g. fp8), small tensors, MoE routers, and embeddings / the output head
     unless `scheme.quantize_embeddings`. Only the tensor's shape and dtype are read, so meta tensors work. Given the
     module that holds the weight (`owner`, see `parameter_owners`), 2-D weights are quantized only when it is a linear
-    layer, and 3-D ones only when they are not biases or convolution kernels, and given the model's
+    layer or an experts module, and 3-D ones only when it is an experts module (see `_is_matrix_weight`), and given
+    the model's
     `modules_to_not_convert`, none of a module they name, as transformers' bitsandbytes path quantizes;
     `split_checkpoint` passes both.
 

@@ -1740,6 +1740,29 @@ def test_building_a_skeleton_leaves_other_threads_modules_as_they_are(checkpoint
     assert on_meta and not any(on_meta)  # (accelerate's swap: hundreds of meta Linears here)
     assert nn.Module.register_parameter is pristine and not nn.Linear(2, 2).weight.is_meta
 
+    # overlapping a user's `init_empty_weights` in another thread, which ends first (it put back the function it
+    # found, taking ours out while our build went on)
+    from accelerate import init_empty_weights
+
+    entered, ours_in, user_out = threading.Event(), threading.Event(), threading.Event()
+
+    def user():
+        with init_empty_weights():
+            entered.set()
+            assert ours_in.wait(30)
+        user_out.set()
+
+    other = threading.Thread(target=user)
+    other.start()
+    assert entered.wait(30)
+    with parameters_on_meta():
+        ours_in.set()
+        assert user_out.wait(30)
+        late = nn.Linear(3, 3)
+    other.join()
+    assert late.weight.is_meta and not nn.Linear(2, 2).weight.is_meta
+    assert nn.Module.register_parameter is pristine
+
 
 def test_two_threads_enabling_one_model_at_once_are_taken_one_after_the_other(checkpoints, monkeypatch):
     """Both enables went on (the state is set at the end) and one's loader, its threads and maps, lived on after

@@ -392,6 +392,8 @@ def test_jamba_computing_with_its_time_step_projections_weight_runs_per_module(t
         assert "model.layers.0.mamba.dt_proj.weight" in get_streaming_state(model).loader.deferred or how == "layer"
         with torch.no_grad():
             out[how] = [model(ids).logits for ids in inputs]
+        with torch.inference_mode():  # (as pipelines run: `torch.matmul` reaches the placeholder whole there)
+            out[how] += [model(ids).logits for ids in inputs]
         disable_layer_streaming(model)
     for module, layer in zip(out["module"], out["layer"]):
         assert torch.equal(module, layer)

@@ -327,6 +327,11 @@ def test_should_quantize_knowing_the_module_quantizes_what_transformers_bitsandb
     # DBRX's experts are 2-D ([experts x ffn, d_model]); a 3-D tensor outside experts is not theirs (Zamba's `A_log`)
     assert quantized("transformer.blocks.0.ffn.experts.mlp.w1", (16 * 10752, 6144), DbrxExpertGLU())
     assert not quantized("model.layers.0.mamba.A_log", (2, 3712, 16), mixer)
+
+    class ErgoExpertNorm(torch.nn.Module):  # (a norm weight per expert, [experts, hidden])
+        pass
+
+    assert not quantized("model.layers.0.mlp.experts.norm.weight", (256, 8192), ErgoExpertNorm())
     assert not quantized("backbone.layers.0.mixer.A_log", (8192, 16), mixer)
     assert not quantized("backbone.layers.0.mixer.conv1d.weight", (8192, 4, 4), conv)
     assert not quantized("model.layers.0.mlp.experts.gate_up_proj_bias", (32, 5760), experts)
