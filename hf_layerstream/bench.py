@@ -1233,8 +1233,8 @@ def format_report(report: dict) -> str:
         lines.append(
             f"steal: the hypervisor took CPU time from this virtual machine while cold rows computed and read (up to "
             f"{max(r['cpu_steal_share'] for r in stolen):.0%}), against {alone} while the disk bandwidth was measured "
-            "with the CPUs idle: where the host's disk emulation shares the cores, the disk limit is not reachable "
-            "while computing"
+            "with the CPUs idle: where the host's disk emulation shares the cores, the disk limit may not be "
+            "reachable while computing"
         )
     cached = [r for r in report["rows"] if r.get("cold_cached")]
     if cached:
