@@ -722,7 +722,7 @@ def _planned_device(name: str | None, max_memory: dict | None):
 
 
 def _cmd_verify(args) -> int:
-    from .errors import UNREADABLE_BY_THIS_USER, ShardFileError
+    from .errors import NOT_DAMAGE, ShardFileError
     from .shard_dir import ShardDirectory
 
     try:
@@ -740,15 +740,15 @@ def _cmd_verify(args) -> int:
         print(p)
     n = len(shards.manifest.units)
     if problems:
-        denied = sum(UNREADABLE_BY_THIS_USER in p for p in problems)
+        sound = sum(NOT_DAMAGE in p for p in problems)  # (permissions or a limit of the process: not damage)
         advice = (
             "delete the files named and re-run the same split (`hf-layerstream split SOURCE SHARD_DIR`), which writes "
             "them again"
         )
-        if denied == len(problems):  # (permissions, not damage: a new split is not the fix)
-            advice = "this user may not read the files named: fix their permissions"
-        elif denied:
-            advice += f"; {denied} of them this user may not read: fix their permissions instead"
+        if sound == len(problems):  # (a new split is not the fix)
+            advice = "the files named could not be read, but may be sound: fix what each message names"
+        elif sound:
+            advice += f"; {sound} of them may be sound: fix what their messages name instead"
         print(f"{len(problems)} problem(s) in {n} files of {shards.path}: {advice}", file=sys.stderr)
         return 1
     print(

@@ -63,7 +63,7 @@ from ._safetensors import (
     release_mapped_range,
     thread_usage,
 )
-from .errors import LayerLoadError, ShardDirError, ShardFileError
+from .errors import LayerLoadError, ShardDirError, ShardFileError, unreadable
 from .modeling import RESIDENT, layer_unit
 from .shard_dir import ShardDirectory
 
@@ -1846,11 +1846,16 @@ class LayerLoader:
             _check_file(header, os.stat(header.path))
             mm = kept.mm
         else:
-            fd = os.open(header.path, os.O_RDONLY)
+            try:
+                fd = os.open(header.path, os.O_RDONLY)
+            except OSError as e:  # (out of descriptors: one per map kept, see `errors.unreadable`)
+                raise unreadable(header.path, e) from e
             try:
                 _check_file(header, os.fstat(fd))
                 flags = mmap.MAP_PRIVATE | (0 if populating else map_populate)
                 mm = mmap.mmap(fd, header.file_size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            except OSError as e:  # (`vm.max_map_count`, `ulimit -v`, or the map's own descriptor)
+                raise unreadable(header.path, e) from e
             finally:
                 os.close(fd)
             if populating:

@@ -46,15 +46,27 @@ class LayerLoadError(RuntimeError):
     """Loading a decoder layer failed in the background loader; raised in the thread that needed the layer."""
 
 
+# what the fixes for a file that could not be read, but is not damaged, say (verify's summary looks for it)
+NOT_DAMAGE = "the file itself may be sound"
 UNREADABLE_BY_THIS_USER = (
-    "This user may not read it: the file itself may be sound. Make it readable (`chmod a+r`, by its owner) or run as a "
-    "user who can read it."
+    f"This user may not read it: {NOT_DAMAGE}. Make it readable (`chmod a+r`, by its owner) or run as a user who can "
+    "read it."
 )
+_LIMIT_FIXES = {
+    errno.EMFILE: f"This process has as many files open as its limit allows (`ulimit -n`, RLIMIT_NOFILE): {NOT_DAMAGE}. "
+    "On CPU each layer file mapped holds one while streaming is enabled (its map is kept): raise the limit above the "
+    "number of layers plus what else the process opens (e.g. `ulimit -n 4096`).",
+    errno.ENFILE: f"The system has as many files open as it allows (`fs.file-max`): {NOT_DAMAGE}. Raise it, or close "
+    "files elsewhere.",
+    errno.ENOMEM: f"No memory map could be made: {NOT_DAMAGE}. The process is at its limit of maps "
+    "(`sysctl vm.max_map_count`), of address space (`ulimit -v`: on CPU every layer file stays mapped while streaming "
+    "is enabled, so it must hold the whole model's files) or of memory: raise the limit at fault.",
+}
 
 
 def unreadable(path: str | os.PathLike, error: OSError) -> ShardFileError:
-    """A file that cannot be read, with the fix its error calls for: permissions are not damage to repair."""
+    """A file that cannot be read, with the fix its error calls for: permissions and the process's limits (open
+    files, maps, address space) are not damage to repair."""
     denied = error.errno in (errno.EACCES, errno.EPERM)
-    return ShardFileError(
-        path, f"cannot be read: {error.strerror or error}", UNREADABLE_BY_THIS_USER if denied else None
-    )
+    fix = UNREADABLE_BY_THIS_USER if denied else _LIMIT_FIXES.get(error.errno)
+    return ShardFileError(path, f"cannot be read: {error.strerror or error}", fix)

@@ -638,6 +638,32 @@ def test_a_file_mapped_once_and_kept_rewritten_in_place_fails_the_next_pass(llam
         disable_layer_streaming(model)
 
 
+def test_running_out_of_file_descriptors_is_named_as_the_limit_not_damage(llama, monkeypatch):
+    """On CPU each layer file's map is kept, holding a descriptor: a model of more layers than `ulimit -n` allows ran
+    out at some layer with "cannot be read: Too many open files. Re-create the shard directory" (the file is sound),
+    or, every layer streamed, a bare `OSError`. The error names the limit and its fix now."""
+    ckpt, shards, inputs, expected, pad = llama
+    model = streamed_model(ckpt, shards, **STREAM_ALL)
+    state = get_streaming_state(model)
+    state.loader.wait_idle()
+    victim = str(state.loader.shards.files[layer_unit(4)])
+    state.loader._maps.pop(4, None)  # (its map made anew at its next use: opened then)
+    real_open = os.open
+
+    def open_(path, flags, *args, **kwargs):
+        if str(path) == victim:
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE), str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", open_)
+    with pytest.raises(LayerLoadError, match=r"decoder layer 4 .*ulimit -n") as caught:
+        model.generate(**inputs, **GEN, pad_token_id=pad)
+    assert "Re-create the shard directory" not in str(caught.value)
+    monkeypatch.undo()
+    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)  # (the limit raised: as before)
+    disable_layer_streaming(model)
+
+
 def test_a_file_replaced_between_the_check_and_the_direct_read_is_refused(llama, tmp_path):
     """A cold read with `O_DIRECT` opens the file a second time: a file replaced between the check on the first
     descriptor and that open was read with the old header, silently, for one use. The second descriptor is checked
