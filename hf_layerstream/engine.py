@@ -1712,10 +1712,10 @@ class LayerLoader:
         with torch.inference_mode(False):
             raw = mmap_tensors(header)
             tensors = self._relative(index, self._finish(unit, raw, index))
-        if not self.is_cuda:
-            self._kept_files[unit] = header
         if self.is_cuda:  # as for the resident parts: a later pass run on another stream must find them there
             torch.cuda.current_stream(self.device).synchronize()
+        else:  # (its tensors view the file's map)
+            self._kept_files[unit] = header
         # (one `_Ready` for every use: releasing a kept layer changes nothing in it)
         ready = self._device_cache[index] = _Ready(tensors)
         return ready
@@ -1846,18 +1846,16 @@ class LayerLoader:
             _check_file(header, os.stat(header.path))
             mm = kept.mm
         else:
-            try:
+            try:  # (out of descriptors, one per map kept; `vm.max_map_count`; `ulimit -v`: see `errors.unreadable`)
                 fd = os.open(header.path, os.O_RDONLY)
-            except OSError as e:  # (out of descriptors: one per map kept, see `errors.unreadable`)
+                try:
+                    _check_file(header, os.fstat(fd))
+                    flags = mmap.MAP_PRIVATE | (0 if populating else map_populate)
+                    mm = mmap.mmap(fd, header.file_size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+                finally:
+                    os.close(fd)
+            except OSError as e:
                 raise unreadable(header.path, e) from e
-            try:
-                _check_file(header, os.fstat(fd))
-                flags = mmap.MAP_PRIVATE | (0 if populating else map_populate)
-                mm = mmap.mmap(fd, header.file_size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-            except OSError as e:  # (`vm.max_map_count`, `ulimit -v`, or the map's own descriptor)
-                raise unreadable(header.path, e) from e
-            finally:
-                os.close(fd)
             if populating:
                 advise_huge(mm)
         if populating:

@@ -646,14 +646,29 @@ def _options_digest(options: dict) -> str:
     return hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()
 
 
+def _quantization_rule(model: torch.nn.Module) -> Callable[..., bool]:
+    """Whether the split stores a tensor of `model` quantized: `rule(name, tensor, scheme, *, is_embedding=False)`,
+    decided knowing the module that holds each weight (a linear layer's, an expert's: `quant.should_quantize`); a
+    buffer (MiniMax's lightning-attention decays) never, as `from_pretrained` keeps it."""
+    from .quant import modules_to_not_convert, parameter_owners, should_quantize
+
+    owners, not_converted = parameter_owners(model), modules_to_not_convert(model)
+
+    def rule(name, tensor, scheme, *, is_embedding=False):
+        if name not in owners:
+            return False
+        return should_quantize(
+            name, tensor, scheme, is_embedding=is_embedding, owner=owners[name], not_converted=not_converted
+        )
+
+    return rule
+
+
 def _estimate_unit_bytes(
-    shapes: dict[str, tuple[tuple[int, ...], torch.dtype]],
-    scheme,
-    unit: str,
-    owners: dict | None = None,
-    not_converted: list[str] | None = None,
+    shapes: dict[str, tuple[tuple[int, ...], torch.dtype]], scheme, unit: str, quantizes: Callable[..., bool] | None
 ) -> int:
-    """Bytes of one unit file: tensor data (quantized where the codec would be used) plus header and metadata."""
+    """Bytes of one unit file: tensor data (quantized where the codec would be used, `quantizes`: see
+    `_quantization_rule`) plus header and metadata."""
     total = 1024  # length prefix, `__metadata__`, padding
     for name, (shape, dtype) in shapes.items():
         numel = 1
@@ -661,17 +676,9 @@ def _estimate_unit_bytes(
             numel *= s
         nbytes = numel * dtype.itemsize
         overhead = 2 * len(name) + 120  # the header entry and the tensor's entry in the embedded unit record
-        if scheme is not None and numel and len(shape) >= 2 and dtype.is_floating_point and name in (owners or {}):
-            from .quant import should_quantize
-
-            if should_quantize(
-                name,
-                torch.empty(shape, dtype=dtype, device="meta"),
-                scheme,
-                is_embedding=unit == RESIDENT,
-                owner=(owners or {}).get(name),
-                not_converted=not_converted,
-            ):
+        if scheme is not None and numel and len(shape) >= 2 and dtype.is_floating_point:
+            meta = torch.empty(shape, dtype=dtype, device="meta")
+            if quantizes(name, meta, scheme, is_embedding=unit == RESIDENT):
                 nbytes = -(-numel * scheme.bits // 8) + 4 * -(-numel // scheme.blocksize)
                 overhead = 4 * len(name) + 600  # two parts and the codec metadata
         total += nbytes + overhead
@@ -736,12 +743,8 @@ def _estimate_units_bytes(
             # a converter's extra targets (q/k/v out of one qkv tensor) share their unit's checkpoint dtype
             stored = target_dtype.get(name) or unit_dtype.get(unit) or fallback_dtype or t.dtype
         shapes[unit][name] = (tuple(t.shape), stored)
-    owners = not_converted = None
-    if scheme is not None:
-        from .quant import modules_to_not_convert, parameter_owners
-
-        owners, not_converted = parameter_owners(model), modules_to_not_convert(model)
-    return {u: _estimate_unit_bytes(shapes[u], scheme, u, owners, not_converted) for u in units}
+    quantizes = _quantization_rule(model) if scheme is not None else None
+    return {u: _estimate_unit_bytes(shapes[u], scheme, u, quantizes) for u in units}
 
 
 def _space_needed(shard_dir: Path, estimates: dict[str, int]) -> int:
@@ -1066,19 +1069,7 @@ def split_checkpoint(
     _refuse_prequantized(config, src)
     model = build_as(config, model_class)
     stack = require_layer_stack(model)
-    should_quantize = None
-    if scheme is not None:  # decided knowing the module that holds each weight (a linear layer's, an expert's)
-        from .quant import modules_to_not_convert, parameter_owners
-        from .quant import should_quantize as _should_quantize
-
-        owners, not_converted = parameter_owners(model), modules_to_not_convert(model)
-
-        def should_quantize(name, tensor, scheme, *, is_embedding=False):
-            if name not in owners:  # a buffer (MiniMax's lightning-attention decays): as it is, as from_pretrained's
-                return False
-            return _should_quantize(
-                name, tensor, scheme, is_embedding=is_embedding, owner=owners[name], not_converted=not_converted
-            )
+    should_quantize = _quantization_rule(model) if scheme is not None else None
 
     fingerprint = architecture_fingerprint(model, stack)
     plan = _plan(model, stack, src, config, model_class)
