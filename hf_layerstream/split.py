@@ -718,8 +718,10 @@ def _estimate_units_bytes(
     scheme=None,
     units: list[str] | None = None,
     fallback_dtype: torch.dtype | None = None,
+    quantizes: Callable[..., bool] | None = None,
 ) -> dict[str, int]:
-    """`estimate_split_bytes` unit by unit: unit -> bytes of its file."""
+    """`estimate_split_bytes` unit by unit: unit -> bytes of its file. `quantizes`: the model's
+    `_quantization_rule`, where the caller has it already."""
     all_units = [layer_unit(i) for i in range(len(stack))] + [RESIDENT]
     units = all_units if units is None else units
     # the dtype each model tensor will be written in: that of the checkpoint tensor it is converted from
@@ -743,7 +745,8 @@ def _estimate_units_bytes(
             # a converter's extra targets (q/k/v out of one qkv tensor) share their unit's checkpoint dtype
             stored = target_dtype.get(name) or unit_dtype.get(unit) or fallback_dtype or t.dtype
         shapes[unit][name] = (tuple(t.shape), stored)
-    quantizes = _quantization_rule(model) if scheme is not None else None
+    if scheme is not None and quantizes is None:
+        quantizes = _quantization_rule(model)
     return {u: _estimate_unit_bytes(shapes[u], scheme, u, quantizes) for u in units}
 
 
@@ -1194,6 +1197,7 @@ def split_checkpoint(
             scheme=scheme,
             units=todo,
             fallback_dtype=_config_dtype(config),
+            quantizes=should_quantize,
         )
         # the side files, fetched first so their sizes count (a tokenizer.json takes up to tens of MB)
         side = {name: src.fetch(name) for name in _SIDE_FILES}
