@@ -1153,6 +1153,30 @@ def split_checkpoint(
                     logger.warning("%s holds this split but is damaged (%s); repairing it", shard_dir, e)
                     repaired = _sound_manifest_units(shard_dir, existing)
                 else:
+                    ruled_otherwise = (
+                        _units_of_another_rule(directory, should_quantize, scheme) if scheme is not None else []
+                    )
+                if repaired is None and ruled_otherwise:
+                    # (an earlier hf_layerstream stored other tensors quantized: MiniMax's decay buffers, DBRX's 2-D
+                    # experts; the split is made again where the current rule decides otherwise, the rest kept)
+                    logger.warning(
+                        "%s was split under an earlier compression rule: %d of %d units store other tensors "
+                        "quantized than this hf_layerstream %s does (%s); writing those again",
+                        shard_dir,
+                        len(ruled_otherwise),
+                        len(units),
+                        __version__,
+                        ", ".join(ruled_otherwise[:4]) + (", ..." if len(ruled_otherwise) > 4 else ""),
+                    )
+                    repaired = {u: directory.unit(u) for u in units if u not in ruled_otherwise}
+                    if not os.access(shard_dir, os.W_OK):  # (a read-only mount: still usable, as it was)
+                        logger.warning(
+                            "%s cannot be written to: its split is left as it is (it runs; splitting to a writable "
+                            "directory stores the tensors as this version does)",
+                            shard_dir,
+                        )
+                        return shard_dir
+                elif repaired is None:
                     stale = shard_dir / PROGRESS_NAME  # (an interrupted re-run's record; beside the manifest, unread)
                     if os.path.lexists(stale):  # (on a read-only mount an unlink fails, EROFS, even with no file)
                         try:
@@ -1476,6 +1500,33 @@ def _adopt_unit_file(shard_dir: Path, unit: str, digest: str) -> UnitEntry | Non
         return None
     logger.info("Adopted %s, completed by an interrupted split", path)
     return entry
+
+
+def _units_of_another_rule(directory, rule: Callable[..., bool], scheme) -> list[str]:
+    """Units of a compressed split whose stored tensors the quantization `rule` (`_quantization_rule`) stores
+    otherwise: quantized where it keeps full precision, or the other way round (a split made by an earlier
+    hf_layerstream, whose rule differed). A tensor the rule quantizes stored as it is because it holds inf or NaN
+    (see `_stored_form`) is not one."""
+    from safetensors import safe_open
+
+    out = []
+    for unit in directory.manifest.units:
+        entry = directory.unit(unit)
+        for name, t in entry.tensors.items():
+            if not t.dtype.is_floating_point:
+                continue
+            quantizes = rule(
+                name, torch.empty(t.shape, dtype=t.dtype, device="meta"), scheme, is_embedding=unit == RESIDENT
+            )
+            if quantizes == (t.quant is not None):
+                continue
+            if quantizes:
+                with safe_open(directory.path / entry.file, framework="pt") as f:
+                    if not bool(torch.isfinite(f.get_tensor(name)).all()):
+                        continue
+            out.append(unit)
+            break
+    return out
 
 
 def _sound_manifest_units(shard_dir: Path, manifest_json: dict) -> dict[str, UnitEntry]:

@@ -195,6 +195,51 @@ def test_a_weight_with_inf_or_nan_is_stored_unquantized_with_a_warning(tmp_path,
     assert layer["model.layers.1.mlp.up_proj.weight"].quant is None
     assert layer["model.layers.1.mlp.down_proj.weight"].quant is not None
     assert ShardDirectory(shards).unit("layers.2").tensors["model.layers.2.self_attn.q_proj.weight"].quant is None
+    caplog.clear()
+    with caplog.at_level("INFO", logger="hf_layerstream"):  # (not taken for a split of an earlier rule)
+        split_checkpoint(tmp_path / "ckpt", shards, compression="4bit", progress=False)
+    assert "already holds this split; nothing to do" in caplog.text
+
+
+def test_a_split_of_an_earlier_compression_rule_is_made_again_where_the_rule_changed(
+    bf16_checkpoint, tmp_path, monkeypatch, caplog
+):
+    """A compressed split whose tensors an earlier hf_layerstream quantized otherwise (its rule stored MiniMax's decay
+    buffers in 4 bits and DBRX's 2-D experts at full precision) was taken for the same split by a re-run: "nothing to
+    do", and the model kept the old precision. The units the current rule stores otherwise are written again."""
+    import hf_layerstream.split as split_mod
+
+    ckpt, dirs = bf16_checkpoint
+    current = split_mod._quantization_rule
+
+    def earlier(model):  # another rule: layer 1's attention kept in full precision
+        rule = current(model)
+        return lambda name, *a, **k: False if name.startswith("model.layers.1.self_attn") else rule(name, *a, **k)
+
+    monkeypatch.setattr(split_mod, "_quantization_rule", earlier)
+    shards = split_checkpoint(ckpt, tmp_path / "s", compression="4bit", progress=False)
+    assert ShardDirectory(shards).unit("layers.1").tensors["model.layers.1.self_attn.q_proj.weight"].quant is None
+    files = {u: (shards / ShardDirectory(shards).unit(u).file).stat().st_mtime_ns for u in ("layers.0", "layers.1")}
+    monkeypatch.setattr(split_mod, "_quantization_rule", current)
+    writable = split_mod.os.access
+    with monkeypatch.context() as m, caplog.at_level("INFO", logger="hf_layerstream"):  # a read-only mount: kept
+        m.setattr(split_mod.os, "access", lambda p, mode: mode != split_mod.os.W_OK and writable(p, mode))
+        split_checkpoint(ckpt, shards, compression="4bit", progress=False)
+    assert "cannot be written to: its split is left as it is" in caplog.text
+    assert ShardDirectory(shards).unit("layers.1").tensors["model.layers.1.self_attn.q_proj.weight"].quant is None
+    caplog.clear()
+    with caplog.at_level("INFO", logger="hf_layerstream"):
+        split_checkpoint(ckpt, shards, compression="4bit", progress=False)
+    assert "split under an earlier compression rule: 1 of" in caplog.text and "(layers.1)" in caplog.text
+    assert "nothing to do" not in caplog.text
+    again, fresh = ShardDirectory(shards), ShardDirectory(dirs["4bit"])
+    for unit in fresh.manifest.units:
+        assert again.unit(unit).sha256 == fresh.unit(unit).sha256, unit
+    assert (shards / again.unit("layers.0").file).stat().st_mtime_ns == files["layers.0"]  # (kept, not rewritten)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="hf_layerstream"):
+        split_checkpoint(ckpt, shards, compression="4bit", progress=False)
+    assert "already holds this split; nothing to do" in caplog.text
 
 
 def test_a_compressed_split_without_bitsandbytes_fails_first_with_the_install_command(
