@@ -524,7 +524,12 @@ def _cmd_generate(args) -> int:
         print(flush=True)  # (the error goes on a line of its own, not after the text printed: "hihf-layerstream ...")
         raise
     state = get_streaming_state(model)
-    if args.profile and state.profile is not None:
+    # (with `-v` the library has logged it, as it logs each generate call's profile)
+    if (
+        args.profile
+        and state.profile is not None
+        and not logging.getLogger("hf_layerstream").isEnabledFor(logging.INFO)
+    ):
         print(state.profile.summary(), file=sys.stderr)
     return 0
 

@@ -320,6 +320,18 @@ def test_generate_refuses_a_prompt_that_is_not_utf8(split_dir, capsys, monkeypat
     assert captured.out == ""
 
 
+@pytest.mark.parametrize("verbose", [False, True], ids=["quiet", "-v"])
+def test_generate_prints_its_profile_once(split_dir, capsys, caplog, verbose):
+    """`generate --profile` prints the call's profile; with `-v`, which logs every generate call's profile, it was
+    printed twice."""
+    _, shards = split_dir
+    argv = ["generate", str(shards), _models.SAMPLE_PROMPTS[0], "--max-new-tokens", "2", "--device", "cpu"]
+    with caplog.at_level("INFO" if verbose else "WARNING", logger="hf_layerstream"):
+        assert main((["-v"] if verbose else []) + [*argv, "--profile"]) == 0
+    shown = capsys.readouterr().err + caplog.text
+    assert shown.count("forward calls: 2,") == 1, shown
+
+
 def test_generate_from_a_jsonl_file_prints_its_profile(split_dir, tmp_path, capsys):
     """`--profile` with `--input` covers the whole job: every batch's generate call, not only the last one's (the
     profile restarts at each call)."""
