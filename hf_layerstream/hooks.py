@@ -84,6 +84,7 @@ class LayerStreamingHook(ModelHook):
         self._dtypes = [p.dtype for p in self.placeholders]
         self._devices = [p.device for p in self.placeholders]
         self._on_meta = all(p.is_meta for p in self.placeholders)
+        self._casts_seen = -1  # (`Streamed.casts` when the slots were last checked)
         self._kind = _KIND_META if self._on_meta else _KIND
         # a layer the plan keeps on the device: the values its last passes swapped in, made once for its kept tensors,
         # as (those tensors, {grad off: (the slots' kinds they were made for, see `pre_forward`; values)}).
@@ -156,6 +157,8 @@ class LayerStreamingHook(ModelHook):
         if made is None or made[0] != kinds:
             made = None
             self._check(kinds)
+        elif self._casts_seen != Streamed.casts:  # (a placeholder cast since: maybe back, to the kinds made for)
+            self._check(kinds)
         tensors = self.loader.acquire(self.index)
         values = made[1] if made is not None and kept[0] is tensors else self._values(tensors, no_grad, kinds)
         for _ in map(setitem, self._dicts, self._keys, values):  # (the swap: no loop in Python, nor a deque to make)
@@ -200,9 +203,22 @@ class LayerStreamingHook(ModelHook):
         return values
 
     def _check(self, kinds: list[tuple]) -> None:
+        casts = Streamed.casts
         for k, (dtype, where, _) in enumerate(kinds):
             if dtype != self._dtypes[k] or (where is not True if self._on_meta else where != self._devices[k]):
                 raise self._moved(k)
+        for k, value in enumerate(map(getitem, self._dicts, self._keys)):
+            if getattr(value, "cast", False):
+                raise self._cast_back(k)
+        self._casts_seen = casts
+
+    def _cast_back(self, k: int) -> RuntimeError:
+        return RuntimeError(
+            f"Decoder layer {self.index}'s {self.names[k]} was cast to another dtype while streaming and back to "
+            f"{self._dtypes[k]} (e.g. `model.model.half()`, then `.float()`), which the streamed weights do not "
+            "follow: the loaded model's would keep the rounding. To compute at another dtype, call "
+            "`disable_layer_streaming(model)`, then `enable_layer_streaming(model, shard_dir, dtype=...)`."
+        )
 
     def _removed(self) -> RuntimeError:
         k = next(k for k, (entry, key) in enumerate(zip(self._dicts, self._keys)) if key not in entry)
@@ -579,6 +595,24 @@ class Streamed(_Placeholder):
     torch computes it as memory never written (`F.linear(x, meta_weight)` on a CPU, torch 2.13): a module of a layer
     not holding its weights, called by itself outside its layer's forward, returned that silently."""
 
+    # how many times a placeholder was cast (`cast` set on it, see `data`): each layer's hook looks for such slots at
+    # its next pass (`LayerStreamingHook._check`)
+    casts = 0
+
+    @property
+    def data(self):
+        return _DATA.__get__(self)
+
+    @data.setter
+    def data(self, new: torch.Tensor) -> None:
+        # `nn.Module._apply` (`half()`, `to(dtype)`, from any module above the layer's) casts a parameter in place, so:
+        # a cast there and back left a placeholder as it was, and the layer computed with the shard directory's
+        # weights where the loaded model keeps the rounding. Marked for good, and refused at the layer's next pass.
+        if new.dtype != self.dtype or getattr(new, "cast", False):
+            self.cast = True
+            Streamed.casts += 1
+        _DATA.__set__(self, new)
+
     @classmethod
     def _compute(cls, func, args, kwargs):
         leaves = pytree.tree_leaves((args, kwargs))
@@ -604,7 +638,13 @@ class Streamed(_Placeholder):
         # `prune` builds its mask so) is not
         view = isinstance(args[0], Streamed) and args[0].of_weight
         view = view and any(r.alias_info is not None for r in func._schema.returns)
-        return pytree.tree_map_only(torch.Tensor, lambda t: holder._like(t, view) if t.is_meta else t, out)
+        out = pytree.tree_map_only(torch.Tensor, lambda t: holder._like(t, view) if t.is_meta else t, out)
+        if func is torch.ops.aten._to_copy.default and (out.dtype != holder.dtype or getattr(holder, "cast", False)):
+            # (a cast: marked, as a slot it is swapped into, not set through `data`, under torch's
+            # `set_swap_module_params_on_conversion`, must be refused too)
+            out.cast = True
+            Streamed.casts += 1
+        return out
 
     @staticmethod
     def of(source: str, t: torch.Tensor, of_weight: bool = True) -> Streamed:
@@ -653,6 +693,9 @@ class Streamed(_Placeholder):
             f"holds no values to read (`{func}`). Read it in a forward hook on its module (inside the pass), or from "
             "the layer's file in the shard directory (safetensors), or save the model (`save_pretrained`)."
         )
+
+
+_DATA = torch._C.TensorBase.data  # (`Tensor.data`'s getter and setter)
 
 
 def _to_a_device(kwargs: dict) -> bool:

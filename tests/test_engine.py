@@ -1254,8 +1254,9 @@ def test_a_cast_while_a_kept_layer_that_raised_holds_its_weights_does_not_reach_
     """A layer kept in memory, called by itself, raised: its weights (the Parameters made once and reused by every
     pass) stayed in its modules, where `layer.self_attn.half()` then `.float()` reached them: later passes reused
     them, rounded through float16 (other bits; with `_apply` putting new Parameters in, the reused ones stayed float16
-    and passes failed on mixed dtypes). The next call puts the placeholders back and makes its values anew from the
-    loaded tensors, exact again."""
+    and passes failed on mixed dtypes). The cast reaches the placeholders now, and the next call, of the layer or of
+    the model, refuses it as any cast there and back (the loaded model's weights would keep the rounding); a call
+    that raises inside the layer leaves its values exact for the next."""
     ckpt, shards, inputs, expected, pad = llama
     model = streamed_model(ckpt, shards)  # (every layer kept)
     ref = _models.load_reference(ckpt)
@@ -1270,8 +1271,19 @@ def test_a_cast_while_a_kept_layer_that_raised_holds_its_weights_does_not_reach_
         with pytest.raises(TypeError):  # (no `position_embeddings`: raises inside the attention)
             layer(hidden)
         assert not layer.self_attn.q_proj.weight.is_meta  # (still in)
+        assert torch.equal(layer(hidden, position_embeddings=rotary), expected_out)
+        with pytest.raises(TypeError):
+            layer(hidden)
         layer.self_attn.half()
         layer.self_attn.float()
+        with pytest.raises(
+            RuntimeError, match=r"layer 2's self_attn\.\w+\.weight was cast to another dtype .* and back"
+        ):
+            layer(hidden, position_embeddings=rotary)
+    disable_layer_streaming(model)
+    enable_layer_streaming(model, shards, device="cpu")
+    layer = model.model.layers[2]
+    with torch.no_grad():
         assert torch.equal(layer(hidden, position_embeddings=rotary), expected_out)
         # the same, the next call a pass of the model (which puts the layer's weights back as it begins)
         with pytest.raises(TypeError):
@@ -1279,8 +1291,14 @@ def test_a_cast_while_a_kept_layer_that_raised_holds_its_weights_does_not_reach_
         layer.self_attn.half()
         layer.self_attn.float()
     assert all(t.is_meta for t in model.model.layers[1].parameters())  # (not run yet)
+    with pytest.raises(RuntimeError, match=r"layer 2's self_attn\.\w+\.weight was cast to another dtype .* and back"):
+        model.generate(**inputs, **GEN, pad_token_id=pad)
+    disable_layer_streaming(model)
+    enable_layer_streaming(model, shards, device="cpu")
     assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
-    assert not any(t.is_meta for t in layer.parameters())  # (kept layers hold their weights between passes)
+    assert not any(
+        t.is_meta for t in model.model.layers[2].parameters()
+    )  # (kept layers hold their weights between passes)
     disable_layer_streaming(model)
 
 
