@@ -1338,7 +1338,7 @@ def test_a_cast_or_a_load_between_passes_does_not_reach_the_weights_a_kept_layer
     """Between passes a kept layer's modules hold its kept weights, which every later pass uses: a cast there
     (`layer.half()` then `.float()`: through float16 and back) or a `load_state_dict` would have changed them for good
     (for the kept layers only, not the streamed ones). Both first put the placeholders back, as the modules held
-    between passes before: the cast reaches those (refused at the next pass while it stands, see
+    between passes before: the cast reaches those (refused at the next passes, also once cast back: see
     test_exactness.py), the load loads into meta, and the passes after stay exact."""
     ckpt, shards, inputs, expected, pad = llama
     model = streamed_model(ckpt, shards)
@@ -1356,8 +1356,15 @@ def test_a_cast_or_a_load_between_passes_does_not_reach_the_weights_a_kept_layer
             model(ids)
         layer.float()
         assert held.dtype == torch.float32
+        with pytest.raises(RuntimeError, match=r"layer 1's .* was cast to another dtype while streaming and back"):
+            model(ids)
+        assert torch.equal(held, ref.model.layers[1].self_attn.q_proj.weight)  # (not rounded)
+    disable_layer_streaming(model)
+    enable_layer_streaming(model, shards, device="cpu")
+    with torch.no_grad():
         assert torch.equal(model(ids).logits, want)
-        assert layer.self_attn.q_proj.weight is held
+        held = layer.self_attn.q_proj.weight
+        assert not held.is_meta
         zeros = {n: torch.zeros_like(t) for n, t in ref.model.layers[1].state_dict().items()}
         with pytest.warns(UserWarning, match="to a meta parameter in the current model, which is a no-op"):
             model.model.layers[1].load_state_dict(zeros)
@@ -1616,7 +1623,8 @@ def _held_after_a_pass(llama):
 def test_a_cast_from_a_hook_inside_a_pass_waits_for_the_pass_to_end(llama):
     """A cast that changes nothing (`model.float()`) from a forward hook inside a kept layer, during a pass: the
     layer running holds its weights, which the cast would have taken out under its feet (the rest of its forward
-    met meta placeholders); they go out as the pass ends, and the next pass holds them again. Both exact."""
+    met meta placeholders); they go out as the pass ends, and the next pass holds them again. Both exact. A cast of
+    another layer from inside the pass is refused at the next passes, cast back too."""
     model, ids, want = _held_after_a_pass(llama)
     with torch.no_grad():
         calls = []
@@ -1628,7 +1636,7 @@ def test_a_cast_from_a_hook_inside_a_pass_waits_for_the_pass_to_end(llama):
         assert torch.equal(model(ids).logits, want)
         assert not q_proj.weight.is_meta
         # a cast of another layer (one that ran) from inside the pass reaches its placeholders at once, as between
-        # passes: refused at the next pass while it stands
+        # passes: refused at the next passes
         once = []
         mlp = model.model.layers[1].mlp
         hook = lambda m, a, o: once or once.append(mlp.half())  # noqa: E731
@@ -1639,7 +1647,8 @@ def test_a_cast_from_a_hook_inside_a_pass_waits_for_the_pass_to_end(llama):
         with pytest.raises(RuntimeError, match=r"layer 1's mlp\.\w+\.weight was cast or moved to torch.float16"):
             model(ids)
         mlp.float()
-        assert torch.equal(model(ids).logits, want)
+        with pytest.raises(RuntimeError, match=r"layer 1's mlp\.\w+\.weight was cast to another dtype .* and back"):
+            model(ids)
     disable_layer_streaming(model)
 
 
@@ -1660,7 +1669,8 @@ def test_a_cast_from_inside_a_pass_of_a_layer_not_running_is_refused_at_the_next
     """A cast of a kept layer holding its weights, from inside a pass but outside that layer's forward (a forward
     pre-hook of the next layer, which runs before its hook; the final norm after the last layer; a streamed layer
     of a mixed plan), reaches its placeholders at once: refused at the next pass while it stands, as between passes
-    (it was taken for a cast from inside the layer's own forward, which is not followed, and the next pass ran on)."""
+    (it was taken for a cast from inside the layer's own forward, which is not followed, and the next pass ran on),
+    cast back too; exact again once enabled anew."""
     ckpt, shards, inputs, expected, pad = llama
     options = {"max_memory": {"cpu": "850KB"}} if where == "a streamed layer" else {}
     model = streamed_model(ckpt, shards, **options)
@@ -1687,6 +1697,11 @@ def test_a_cast_from_inside_a_pass_of_a_layer_not_running_is_refused_at_the_next
         ):
             model(ids)
         layers[target].mlp.float()
+        with pytest.raises(RuntimeError, match=rf"layer {target}'s mlp\.\w+\.weight was cast to another dtype"):
+            model(ids)
+    disable_layer_streaming(model)
+    enable_layer_streaming(model, shards, device="cpu", **options)
+    with torch.no_grad():
         assert torch.equal(model(ids).logits, want)
     disable_layer_streaming(model)
 
