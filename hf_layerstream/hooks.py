@@ -42,6 +42,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.current_stream(device).synchronize()
 
 
+def forget_autocast_casts(device: torch.device) -> None:
+    """Inside `torch.autocast` for `device`'s type: drop the casts it keeps. Autocast keeps the low-precision cast of
+    every weight (a leaf tensor requiring grad, as ours do without gradients too, see `_wants_grad`) it casts, until
+    its block ends, for the next use of the same tensor: a loaded model's weights are cast once, but a streamed
+    layer's are new tensors at every pass, and every pass added a copy of each (`generate` under autocast to bfloat16
+    grew by a copy of the streamed layers per token, and kept them to the block's end). Called after such a layer's
+    pass: the casts kept are at most those of one layer (the model's other weights are cast again at their next use,
+    to the same values)."""
+    if torch.is_autocast_enabled(device.type) and torch.is_autocast_cache_enabled():
+        torch.clear_autocast_cache()
+
+
 def _wants_grad(requires_grad: bool, value: torch.Tensor) -> bool:
     """Whether a streamed weight swapped in for a forward pass run without gradients (`no_grad`, `inference_mode`:
     `generate`, `pipeline`) requires grad: as the parameter it stands in for does (all of them, in a model as
@@ -85,6 +97,9 @@ class LayerStreamingHook(ModelHook):
         self._devices = [p.device for p in self.placeholders]
         self._on_meta = all(p.is_meta for p in self.placeholders)
         self._casts_seen = -1  # (`Streamed.casts` when the slots were last checked)
+        # whether each pass computes with tensors of its own (a streamed layer; one decoded module by module), not the
+        # same ones as the last (see `forget_autocast_casts`); known at the first pass's end
+        self._fresh_each_pass: bool | None = None
         self._kind = _KIND_META if self._on_meta else _KIND
         # a layer the plan keeps on the device: the values its last passes swapped in, made once for its kept tensors,
         # as (those tensors, {grad off: (the slots' kinds they were made for, see `pre_forward`; values)}).
@@ -254,6 +269,10 @@ class LayerStreamingHook(ModelHook):
             self.profile.add(self.index, compute=elapsed - self.dequantized, dequantize=self.dequantized)
         if not self._installed:
             self._swap_out()
+        if self._fresh_each_pass is None:
+            self._fresh_each_pass = bool(self.packed_placeholders) or self.loader.plan.tier(self.index) != "device"
+        if self._fresh_each_pass:
+            forget_autocast_casts(self.loader.device)
         return output
 
     def hold_between_passes(self) -> list:
@@ -918,6 +937,7 @@ class HostResidentHook(ModelHook):
 
     def post_forward(self, module, output):
         self._unload()
+        forget_autocast_casts(self.device)  # (the head's copy is new at every pass)
         if self.on_host:
             output = send_to_device(output, self.device)
         if self.profile is not None:
