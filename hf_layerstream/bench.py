@@ -131,7 +131,10 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
         help=f"--demo: MLP size (default {DEMO_SIZES['intermediate_size']})",
     )
     p.add_argument(
-        "--vocab-size", type=int, default=None, help=f"--demo: vocabulary (default {DEMO_SIZES['vocab_size']})"
+        "--vocab-size",
+        type=int,
+        default=None,
+        help=f"--demo: vocabulary, at least the demo tokenizer's (default {DEMO_SIZES['vocab_size']})",
     )
     p.add_argument("--dtype", default=None, help="--demo: checkpoint dtype (default bfloat16)")
     p.add_argument("--max-new-tokens", type=int, default=8, help="tokens generated per run (default 8)")
@@ -438,6 +441,8 @@ def _check_source(args) -> None:
             f"`--checkpoint` is only used when SOURCE is a shard directory; SOURCE {args.source!r} is not one (it is "
             "split and measured itself): drop `--checkpoint`, or pass the shard directory as SOURCE."
         )
+    if args.source is not None:
+        _refuse_another_model(args.checkpoint, Path(args.source))
 
 
 def _check_systems(args, systems: list[str], modes: list[str], compressed: list[str]) -> None:
@@ -512,6 +517,30 @@ def prepare(args, work: Path) -> tuple[Path | None, Path]:
             )
         return ckpt, source
     return (ckpt := _checkpoint_folder(args.source)), split_in_work(ckpt, work / "shards")
+
+
+def _refuse_another_model(checkpoint: str, source: Path) -> None:
+    """`--checkpoint` must build the model the shard directory `source` was split from (its architecture
+    fingerprint): another model was measured beside it, and its rows said the streamed output was not the same (exit
+    1), as if streaming were wrong."""
+    from transformers import AutoConfig
+
+    from .modeling import architecture_fingerprint, build_for_shards, require_layer_stack
+    from .shard_dir import ShardDirectory
+
+    manifest = ShardDirectory(source).manifest
+    model = build_for_shards(manifest, AutoConfig.from_pretrained(checkpoint), meta=True)
+    stack = require_layer_stack(model)
+    if architecture_fingerprint(model, stack) != manifest.fingerprint:
+        differs = (
+            f"{len(stack)} decoder layers, where the shards hold {manifest.num_layers}"
+            if len(stack) != manifest.num_layers
+            else "other tensor names or shapes than the shards hold"
+        )
+        raise ValueError(
+            f"`--checkpoint` {checkpoint!r} is not the model SOURCE {str(source)!r} was split from ({differs}): "
+            "pass the checkpoint it was split from, or drop `--checkpoint` to measure the streamed rows only."
+        )
 
 
 def _checkpoint_folder(source: str, *, fetch: bool = True) -> Path:

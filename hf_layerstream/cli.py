@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--hidden-size", type=int, default=1024)
     p.add_argument("--intermediate-size", type=int, default=2816)
-    p.add_argument("--vocab-size", type=int, default=32000)
+    p.add_argument("--vocab-size", type=int, default=32000, help="at least the demo tokenizer's (default: 32000)")
     p.add_argument("--dtype", default="bfloat16", help="checkpoint dtype (default bfloat16)")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--compression", choices=["4bit", "8bit"], default=None, help="also compare quantized shards")
@@ -275,6 +275,10 @@ def main(argv: list[str] | None = None) -> int:
         args.prompt, leftovers = _prompt_from_leftovers(leftovers)
     if leftovers:  # what `parse_args` would have refused
         parser.error(f"unrecognized arguments: {' '.join(leftovers)}")
+    for name in _PATH_ARGUMENTS:  # `"~/m.layers"` quoted (no shell expanded it): as `split`, `inspect` take it
+        value = getattr(args, name, None)
+        if isinstance(value, str) and value.startswith("~"):
+            setattr(args, name, os.path.expanduser(value))
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
@@ -293,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
 
         hub_logging.get_logger().propagate = False
         status = int(handler(args) or 0)
-        sys.stdout.flush()  # a closed pipe shows here rather than at exit, where it could not be handled
+        if sys.stdout is not None:  # (`None` where the command ran with standard output closed, `>&-`)
+            sys.stdout.flush()  # a closed pipe shows here rather than at exit, where it could not be handled
         return status
     except BrokenPipeError:  # stdout closed early (`| head`): quietly, as the Python docs recommend
         _stdout_to_devnull()
@@ -310,6 +315,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+# the arguments that name files or folders, of every command (a hub id never starts with "~")
+_PATH_ARGUMENTS = ("source", "shard_dir", "tokenizer", "assistant", "input", "output", "checkpoint", "work", "dir")
 
 
 def _cmd_split(args) -> int:
@@ -423,6 +432,17 @@ def _cmd_generate(args) -> int:
     ):
         if value is not None and not needed:
             raise ValueError(f"`{option}` only applies with `{partner}`; pass `{partner}` too, or drop `{option}`.")
+    if not args.input:  # (before the model loads: a missing prompt is refused at once, not minutes later)
+        # (from standard input: without the newline that ends the piped text)
+        prompt = args.prompt if args.prompt is not None else _prompt_from_stdin()
+        if not prompt.strip():
+            raise ValueError("No prompt: pass it as an argument or on standard input.")
+        try:  # (Python passes bytes that are not UTF-8 through as lone surrogates, which the tokenizer refuses oddly)
+            prompt.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(
+                "The prompt is not valid UTF-8 text; pass it in UTF-8 (e.g. convert it with `iconv -t UTF-8`)."
+            ) from None
 
     model = load_streamed_model(
         args.shard_dir,
@@ -494,16 +514,6 @@ def _cmd_generate(args) -> int:
             print(job.profile.summary(), file=sys.stderr)
         return 0
 
-    # (from standard input: without the newline that ends the piped text)
-    prompt = args.prompt if args.prompt is not None else sys.stdin.read().rstrip("\r\n")
-    if not prompt.strip():
-        raise ValueError("No prompt: pass it as an argument or on standard input.")
-    try:  # (Python passes bytes that are not UTF-8 through as lone surrogates, which the tokenizer refuses cryptically)
-        prompt.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError(
-            "The prompt is not valid UTF-8 text; pass it in UTF-8 (e.g. convert it with `iconv -t UTF-8`)."
-        ) from None
     if args.chat and getattr(tok, "chat_template", None):
         inputs = tok.apply_chat_template(
             [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
@@ -532,6 +542,16 @@ def _cmd_generate(args) -> int:
     ):
         print(state.profile.summary(), file=sys.stderr)
     return 0
+
+
+def _prompt_from_stdin() -> str:
+    """The prompt piped in, without the newline that ends it; empty where standard input is closed (`<&-`). From a
+    terminal, read as typed, with a line on stderr saying so (it waited silently)."""
+    if sys.stdin is None:
+        return ""
+    if sys.stdin.isatty():
+        print("Reading the prompt from standard input; end it with Ctrl-D.", file=sys.stderr, flush=True)
+    return sys.stdin.read().rstrip("\r\n")
 
 
 def _refuse_past_the_position_table(model, prompt_tokens: int, max_new_tokens: int) -> None:

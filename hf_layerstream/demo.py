@@ -252,6 +252,8 @@ def run_demo(args) -> int:
         raise ValueError(f"`--prefetch` is {args.prefetch}; use a non-negative number of layers.")
     if args.max_new_tokens < 1:
         raise ValueError(f"`--max-new-tokens` is {args.max_new_tokens}; use at least 1.")
+    # (the sizes too: refused after the first step's line was printed)
+    _demo_config(args.layers, args.hidden_size, args.intermediate_size, args.vocab_size)
     work = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="hf_layerstream_demo_"))
     try:
         ckpt = work / "checkpoint"

@@ -146,6 +146,30 @@ def test_bench_refuses_systems_that_need_the_checkpoint_it_was_not_given(tmp_pat
     assert not (tmp_path / "w").exists()
 
 
+def test_bench_refuses_a_checkpoint_of_another_model_than_the_shards(tmp_path, capsys, checkpoints):
+    """`bench SHARDS --checkpoint OTHER` measured both and said the streamed output was not the same (exit 1), as if
+    streaming were wrong. Refused before anything is measured, as another model."""
+    _, shards = checkpoints("llama")
+    other, _ = checkpoints("gpt2")
+    argv = ["bench", str(shards), "--checkpoint", str(other), "--work", str(tmp_path / "w"), "--device", "cpu"]
+    assert main([*argv, "--modes", "warm", "--systems", "in_memory,streamed", "--paired-calls", "0"]) == 2
+    err = capsys.readouterr().err
+    assert f"`--checkpoint` {str(other)!r} is not the model SOURCE {str(shards)!r} was split from" in err
+    assert not (tmp_path / "w").exists()
+
+
+def test_bench_expands_a_tilde_in_its_paths(tmp_path, capsys, monkeypatch, checkpoints):
+    """`bench "~/m.layers"` took the path for a hub id (`Path` does not expand it)."""
+    ckpt, shards = checkpoints("llama")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "m.layers").symlink_to(shards)
+    (tmp_path / "ckpt").symlink_to(ckpt)
+    other, _ = checkpoints("gpt2")
+    argv = ["bench", "~/m.layers", "--checkpoint", str(other), "--work", "~/w", "--device", "cpu", "--modes", "warm"]
+    assert main([*argv, "--systems", "in_memory,streamed", "--paired-calls", "0"]) == 2  # (checked as a shard dir)
+    assert f"is not the model SOURCE {str(tmp_path / 'm.layers')!r} was split from" in capsys.readouterr().err
+
+
 def test_bench_refuses_systems_left_empty_by_a_model_too_large_for_memory(tmp_path, monkeypatch, capsys):
     """`--systems in_memory` where the whole model does not fit: it was skipped, and nothing measured (exit 0).
     Refused before the disk is measured for the cold rows (it was measured first)."""

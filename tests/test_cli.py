@@ -892,3 +892,65 @@ def test_errors_name_the_options_typed(split_dir, tmp_path, capsys):
         main(["generate", str(shards), "--input", str(tmp_path / "none.jsonl"), "--output", str(tmp_path / "o")]) == 2
     )
     assert "error: `--input` " in capsys.readouterr().err
+
+
+def test_paths_given_with_a_tilde_are_expanded_for_every_command(split_dir, tmp_path, monkeypatch, capsys):
+    """`generate "~/m.layers"` (quoted: no shell expanded it) went to transformers as a hub repo id ("Repo id must
+    use alphanumeric chars"), where `split`, `inspect` and `verify` expanded it; `--tokenizer` too."""
+    ckpt, shards = split_dir
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "m.layers").symlink_to(shards)
+    (tmp_path / "tok").symlink_to(ckpt)
+    prompt = _models.SAMPLE_PROMPTS[0]
+    argv = ["generate", "~/m.layers", prompt, "--tokenizer", "~/tok", "--max-new-tokens", "3", "--device", "cpu"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out[len(prompt) :].strip() == _greedy_text(ckpt, prompt, 3).strip()
+
+
+@pytest.mark.parametrize("closed", ["stdout", "stdin"])
+def test_a_closed_standard_stream_is_no_traceback(split_dir, monkeypatch, capsys, closed):
+    """Run with `>&-` or `<&-`, Python's `sys.stdout` / `sys.stdin` is `None`: `generate` failed with
+    "'NoneType' object has no attribute 'flush'" (or 'read'). Without standard output it runs (nothing to print
+    to); without standard input and no prompt argument, there is no prompt."""
+    _, shards = split_dir
+    argv = ["generate", str(shards), "--max-new-tokens", "2", "--device", "cpu"]
+    monkeypatch.setattr(sys, closed, None)
+    if closed == "stdout":
+        assert main([*argv, _models.SAMPLE_PROMPTS[0]]) == 0
+    else:
+        assert main(argv) == 2
+        assert "No prompt: pass it as an argument or on standard input." in capsys.readouterr().err
+
+
+def test_a_prompt_from_a_terminal_is_asked_for_before_the_model_loads(split_dir, monkeypatch, capsys):
+    """With no prompt argument and standard input a terminal, `generate` loaded the model and waited, silently. The
+    prompt is read first now, with a line saying so; a missing one is refused before the model loads."""
+    import hf_layerstream.cli as cli
+
+    _, shards = split_dir
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    loads = []
+    real = cli.load_streamed_model
+    monkeypatch.setattr(cli, "load_streamed_model", lambda *a, **k: loads.append(1) or real(*a, **k))
+    argv = ["generate", str(shards), "--max-new-tokens", "2", "--device", "cpu"]
+    monkeypatch.setattr(sys, "stdin", Terminal("\n"))
+    assert main(argv) == 2 and loads == []
+    captured = capsys.readouterr()
+    assert "Reading the prompt from standard input; end it with Ctrl-D." in captured.err and "No prompt" in captured.err
+    monkeypatch.setattr(sys, "stdin", Terminal(_models.SAMPLE_PROMPTS[0] + "\n"))
+    assert main(argv) == 0 and loads == [1]
+    assert capsys.readouterr().out.startswith(_models.SAMPLE_PROMPTS[0])
+
+
+@pytest.mark.parametrize("option", [["--layers", "0"], ["--hidden-size", "0"], ["--vocab-size", "-1"]])
+def test_demo_refuses_its_sizes_before_it_prints_a_step(tmp_path, capsys, option):
+    """`demo --layers 0` printed "1. writing a random-weight Llama-shaped checkpoint (0 layers...)", then refused."""
+    assert main(["demo", "--dir", str(tmp_path / "d"), *option]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and f"`{option[0]}` is {option[1]}; use at least 1." in captured.err
+    assert not (tmp_path / "d").exists()
