@@ -529,6 +529,7 @@ def _refuse_another_model(checkpoint: str, source: Path) -> None:
     from .shard_dir import ShardDirectory
 
     manifest = ShardDirectory(source).manifest
+    _checkpoint_folder(checkpoint, fetch=False)  # (a folder without config.json: named so)
     model = build_for_shards(manifest, AutoConfig.from_pretrained(checkpoint), meta=True)
     stack = require_layer_stack(model)
     if architecture_fingerprint(model, stack) != manifest.fingerprint:
