@@ -60,8 +60,34 @@ def _wants_grad(requires_grad: bool, value: torch.Tensor) -> bool:
     `from_pretrained` loads it, unless the caller froze some). No graph is recorded either way, but some kernels
     depend on it: `torch.matmul` folds a batched input that needs a copy into one matrix product only for a weight
     that requires grad, and takes a batched product otherwise (other bits; Mamba's mixers call `x_proj` so). With
-    gradients on, streamed weights never require grad: an autograd graph would hold every layer's weights."""
+    gradients on, streamed weights require grad only in a pass with gradients to its inputs (see
+    `_no_weight_gradient`); in any other, an autograd graph would hold every layer's weights."""
     return requires_grad and (value.is_floating_point() or value.is_complex())
+
+
+class _NoWeightGradient(torch.autograd.Function):
+    """The identity, whose backward passes nothing on: see `_no_weight_gradient`."""
+
+    @staticmethod
+    def forward(ctx, weight):
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None
+
+
+def _no_weight_gradient(value: torch.Tensor) -> torch.Tensor:
+    """`value` as a weight that requires grad, as the loaded model's, in a pass with gradients to its inputs (a
+    backward to them: saliency, prompt tuning), whose gradient goes nowhere: the kernels that pick by it are the
+    loaded model's (`torch.matmul`'s fold, see `_wants_grad`: Jamba's and FalconMamba's `dt_proj.weight @ x` gave
+    input gradients 1e-5 off), and no `.grad` is kept (each is computed, as the loaded model computes them, and let
+    go at once)."""
+    return _NoWeightGradient.apply(value.detach().requires_grad_())
+
+
+def _an_input_requires_grad(args, kwargs) -> bool:
+    return any(isinstance(t, torch.Tensor) and t.requires_grad for t in pytree.tree_leaves((args, kwargs)))
 
 
 class LayerStreamingHook(ModelHook):
@@ -167,15 +193,21 @@ class LayerStreamingHook(ModelHook):
         except KeyError:
             raise self._removed() from None
         no_grad = not torch.is_grad_enabled()
+        # with gradients on, and an input that requires them: weights that require grad too (see
+        # `_no_weight_gradient`), new at every such pass
+        to_inputs = not no_grad and _an_input_requires_grad(args, kwargs)
         kept = self._kept_values
-        made = kept[1].get(no_grad) if kept is not None else None
+        made = kept[1].get(no_grad) if kept is not None and not to_inputs else None
         if made is None or made[0] != kinds:
             made = None
             self._check(kinds)
         elif self._casts_seen != Streamed.casts:  # (a placeholder cast since: maybe back, to the kinds made for)
             self._check(kinds)
         tensors = self.loader.acquire(self.index)
-        values = made[1] if made is not None and kept[0] is tensors else self._values(tensors, no_grad, kinds)
+        if made is not None and kept[0] is tensors:
+            values = made[1]
+        else:
+            values = self._values(tensors, no_grad, kinds, to_inputs)
         for _ in map(setitem, self._dicts, self._keys, values):  # (the swap: no loop in Python, nor a deque to make)
             pass
         if no_grad and self.holds_between:  # (they stay in after the pass: the loader holds them anyway)
@@ -192,7 +224,7 @@ class LayerStreamingHook(ModelHook):
         self.dequantized = 0.0
         self._t0 = time.perf_counter()
 
-    def _values(self, tensors: dict, no_grad: bool, kinds: list[tuple]) -> list:
+    def _values(self, tensors: dict, no_grad: bool, kinds: list[tuple], to_inputs: bool = False) -> list:
         """What each slot holds during this pass: the loaded tensors, weights as `nn.Parameter`s (requiring grad as
         the slot's kind says, without gradients), a packed weight's `Packed` placeholder (the weight itself in
         `self.packed`, dequantized as its module runs). Kept for the next passes where the layer is kept on the
@@ -207,10 +239,12 @@ class LayerStreamingHook(ModelHook):
                 # its module (Jamba's and FalconMamba's `dt_proj.weight @ x`) gets `torch.matmul`'s kernel by it, so
                 # `dequantize="module"` gave other bits than "layer" for a batched input
                 value.requires_grad_(no_grad and _wants_grad(kinds[k][2], value))
+            elif is_param and to_inputs and _wants_grad(kinds[k][2], value):
+                value = _no_weight_gradient(value)
             elif is_param:
                 value = nn.Parameter(value, requires_grad=no_grad and _wants_grad(kinds[k][2], value))
             values.append(value)
-        if not self.packed_placeholders and self.loader.plan.tier(self.index) == "device":
+        if not self.packed_placeholders and self.loader.plan.tier(self.index) == "device" and not to_inputs:
             kept = self._kept_values
             if kept is None or kept[0] is not tensors:
                 kept = self._kept_values = (tensors, {})
