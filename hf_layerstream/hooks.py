@@ -892,6 +892,9 @@ class ModuleDequantizer:
         for attr, k in self.slots:
             if k in packed:
                 module._parameters[attr] = self.layer_hook.packed_placeholders[k]
+        # (under autocast, its cast of the weight just dequantized, which held that weight too, to the layer's end:
+        # every weight of the layer decoded at once, and their casts)
+        forget_autocast_casts(self.layer_hook.loader.device)
         return None
 
 

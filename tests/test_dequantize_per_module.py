@@ -508,3 +508,56 @@ def test_per_module_on_cuda_is_exact_and_holds_less(quantized, max_memory):
         disable_layer_streaming(model)
     assert torch.equal(outs["layer"][0], outs["module"][0]) and torch.equal(outs["layer"][1], outs["module"][1])
     assert peaks["module"] < peaks["layer"]
+
+
+def _allocated_bytes():
+    """Bytes malloc has handed out and not taken back (glibc's `mallinfo2`: the main arena, where the compute thread
+    allocates, and every mmapped block), or `None`. Unlike the resident set, not hidden by memory freed earlier that
+    malloc keeps and reuses."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        mallinfo2 = libc.mallinfo2
+    except (OSError, AttributeError, TypeError):
+        return None
+
+    class Info(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                   "fsmblks", "uordblks", "fordblks", "keepcost")]  # fmt: skip
+
+    mallinfo2.restype = Info
+    info = mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
+def test_under_autocast_a_layer_decoded_by_module_holds_one_weight_at_a_time(tmp_path):
+    """Under `torch.autocast`, torch keeps its cast of each weight it casts, and the cast held the weight just
+    decoded with it: every `nn.Linear` of a layer decoded by module kept its decoded weight and its cast to the layer's
+    end (the whole layer decoded, and a bfloat16 copy: more than `dequantize="layer"`). Dropped after each module's
+    forward: what is allocated grows by no weight from one module of the layer to the next."""
+    pytest.importorskip("bitsandbytes")
+    if _allocated_bytes() is None:
+        pytest.skip("needs glibc's mallinfo2")
+    config = _models.make_config(
+        "llama", num_hidden_layers=2, hidden_size=512, intermediate_size=2048, num_attention_heads=8,
+        num_key_value_heads=8, vocab_size=1000,
+    )  # fmt: skip
+    ckpt = _models.save_tiny_checkpoint(config, tmp_path / "ckpt")
+    shards = split_checkpoint(ckpt, tmp_path / "shards", compression="4bit", progress=False)
+    model = streamed_model(ckpt, shards, max_memory={"cpu": 0}, dequantize="module")
+    linears = [m for m in model.model.layers[0].modules() if isinstance(m, torch.nn.Linear)]
+    smallest = min(m.weight.numel() * 4 for m in linears)  # (bytes decoded, float32)
+    trace = []
+    for m in linears:
+        m.register_forward_hook(lambda *_: trace.append(_allocated_bytes()))
+    ids = torch.randint(4, 900, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for _ in range(2):
+            trace.clear()
+            model(ids)
+    assert len(trace) == len(linears)
+    # (all 7 weights held, with their casts: 17x the smallest (a 512 x 512 one))
+    assert max(trace) - trace[0] < smallest, (trace, smallest)
+    disable_layer_streaming(model)
