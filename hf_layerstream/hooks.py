@@ -19,6 +19,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .engine import renew_after_fork
+from .modeling import layer_unit
 
 # how transformers names turning it off: `activation_checkpointing_disable` where it has it (5.24 does, and warns at
 # the older `gradient_checkpointing_disable`)
@@ -42,16 +43,26 @@ def _sync(device: torch.device) -> None:
         torch.cuda.current_stream(device).synchronize()
 
 
-def forget_autocast_casts(device: torch.device) -> None:
-    """Inside `torch.autocast` for `device`'s type: drop the casts it keeps. Autocast keeps the low-precision cast of
-    every weight (a leaf tensor requiring grad, as ours do without gradients too, see `_wants_grad`) it casts, until
-    its block ends, for the next use of the same tensor: a loaded model's weights are cast once, but a streamed
-    layer's are new tensors at every pass, and every pass added a copy of each (`generate` under autocast to bfloat16
-    grew by a copy of the streamed layers per token, and kept them to the block's end). Called after such a layer's
-    pass: the casts kept are at most those of one layer (the model's other weights are cast again at their next use,
-    to the same values)."""
-    if torch.is_autocast_enabled(device.type) and torch.is_autocast_cache_enabled():
-        torch.clear_autocast_cache()
+def autocast_cache_off(device: torch.device) -> bool:
+    """Inside `torch.autocast` for `device`'s type, with its cache on: turn the cache off (the calling thread's), and
+    say so (the caller turns it on again as its pass ends). Autocast keeps the low-precision cast of every weight (a
+    leaf tensor requiring grad, as ours do without gradients too, see `_wants_grad`) it casts, until its block ends,
+    for the next use of the same tensor: a loaded model's weights are cast once, but a streamed layer's are new
+    tensors at every pass, and every pass added a copy of each (`generate` under autocast to bfloat16 grew by a copy
+    of the streamed layers per token, and kept them to the block's end). Off during such a pass, nothing of it is
+    kept; the casts kept of other tensors stay (clearing the cache instead had the caller's own weights cast again at
+    their next use: their gradients then summed in float32, where the loaded model's single cast sums them in
+    bfloat16)."""
+    if torch.is_autocast_cache_enabled() and torch.is_autocast_enabled(device.type):
+        torch.set_autocast_cache_enabled(False)
+        return True
+    return False
+
+
+def _in_functorch() -> bool:
+    """Whether a `torch.func` transform (`grad`, `vmap`, ...) runs the calling code."""
+    peek = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
+    return peek is not None and peek() is not None
 
 
 def _wants_grad(requires_grad: bool, value: torch.Tensor) -> bool:
@@ -124,8 +135,11 @@ class LayerStreamingHook(ModelHook):
         self._on_meta = all(p.is_meta for p in self.placeholders)
         self._casts_seen = -1  # (`Streamed.casts` when the slots were last checked)
         # whether each pass computes with tensors of its own (a streamed layer; one decoded module by module), not the
-        # same ones as the last (see `forget_autocast_casts`); known at the first pass's end
+        # same ones as the last (see `autocast_cache_off`), and whether autocast's cache is off for the pass running
         self._fresh_each_pass: bool | None = None
+        self._cache_off = False
+        # whether the layer's shards hold quantized weights (see `_to_inputs`)
+        self._quantized: bool | None = None
         self._kind = _KIND_META if self._on_meta else _KIND
         # a layer the plan keeps on the device: the values its last passes swapped in, made once for its kept tensors,
         # as (those tensors, {grad off: (the slots' kinds they were made for, see `pre_forward`; values)}).
@@ -195,7 +209,7 @@ class LayerStreamingHook(ModelHook):
         no_grad = not torch.is_grad_enabled()
         # with gradients on, and an input that requires them: weights that require grad too (see
         # `_no_weight_gradient`), new at every such pass
-        to_inputs = not no_grad and _an_input_requires_grad(args, kwargs)
+        to_inputs = not no_grad and self._to_inputs(args, kwargs)
         kept = self._kept_values
         made = kept[1].get(no_grad) if kept is not None and not to_inputs else None
         if made is None or made[0] != kinds:
@@ -214,9 +228,23 @@ class LayerStreamingHook(ModelHook):
             self._installed = True
             self._held = values
             self.loader.release(self.index)
+        if self._fresh_each_pass is None:
+            self._fresh_each_pass = bool(self.packed_placeholders) or self.loader.plan.tier(self.index) != "device"
+        if self._fresh_each_pass:
+            self._cache_off = autocast_cache_off(self.loader.device)
         if self.profile is not None:
             self._profile_begins()
         return args, kwargs
+
+    def _to_inputs(self, args, kwargs) -> bool:
+        """A pass with gradients on: whether its weights require grad (see `_no_weight_gradient`): where an input
+        requires grad, outside a `torch.func` transform (which refuses `requires_grad_` inside it; its weights stay
+        frozen there, as before), and for a layer of full-precision weights (a quantized one's, decoded whole or
+        module by module, stay frozen: the two ways give the same bits, as without gradients)."""
+        if self._quantized is None:
+            unit = self.loader.shards.unit(layer_unit(self.index))
+            self._quantized = any(t.quant is not None for t in unit.tensors.values())
+        return not self._quantized and _an_input_requires_grad(args, kwargs) and not _in_functorch()
 
     def _profile_begins(self) -> None:
         if self.index == 0:
@@ -303,10 +331,9 @@ class LayerStreamingHook(ModelHook):
             self.profile.add(self.index, compute=elapsed - self.dequantized, dequantize=self.dequantized)
         if not self._installed:
             self._swap_out()
-        if self._fresh_each_pass is None:
-            self._fresh_each_pass = bool(self.packed_placeholders) or self.loader.plan.tier(self.index) != "device"
-        if self._fresh_each_pass:
-            forget_autocast_casts(self.loader.device)
+        if self._cache_off:
+            self._cache_off = False
+            torch.set_autocast_cache_enabled(True)
         return output
 
     def hold_between_passes(self) -> list:
@@ -354,6 +381,9 @@ class LayerStreamingHook(ModelHook):
         """Out of a forward that did not reach `post_forward` (it raised; or streaming is disabled). A kept layer's
         values are made anew at its next pass: the model held them meanwhile, and a cast made then (`layer.half()`
         after a direct call of the layer raised) reached them, which every later pass would have reused."""
+        if self._cache_off:  # (autocast's cache on again, as `post_forward` turns it)
+            self._cache_off = False
+            torch.set_autocast_cache_enabled(True)
         if self._installed:
             self._take_out()  # (a `requires_grad` set on a held weight stays with the model)
         self._held = []
@@ -714,7 +744,10 @@ class Streamed(_Placeholder):
         return Streamed.of(self.source, t, of_weight)
 
     def _copy(self) -> Streamed:
-        return self._like(self, self.of_weight)  # (`detach`, `alias`: the same weight)
+        out = self._like(self, self.of_weight)  # (`detach`, `alias`: the same weight)
+        if getattr(self, "cast", False):  # (`nn.Parameter` over a cast, as torch's swap and overwrite paths make)
+            out.cast = True
+        return out
 
     def _refusal(self, func) -> str:
         return (
@@ -892,9 +925,6 @@ class ModuleDequantizer:
         for attr, k in self.slots:
             if k in packed:
                 module._parameters[attr] = self.layer_hook.packed_placeholders[k]
-        # (under autocast, its cast of the weight just dequantized, which held that weight too, to the layer's end:
-        # every weight of the layer decoded at once, and their casts)
-        forget_autocast_casts(self.layer_hook.loader.device)
         return None
 
 
@@ -929,6 +959,7 @@ class HostResidentHook(ModelHook):
         self.copy_stream = copy_stream
         self.before_copy = before_copy
         self.placeholders = [(m._parameters if p else m._buffers)[a] for m, a, p, _ in slots]
+        self._cache_off = False  # (autocast's cache off for the pass running: the head's copy is new at every pass)
 
     def init_hook(self, module):
         return module
@@ -968,13 +999,13 @@ class HostResidentHook(ModelHook):
                 module_._parameters[attr] = nn.Parameter(value, requires_grad=wants)
             else:
                 module_._buffers[attr] = value
+        self._cache_off = autocast_cache_off(self.device)
         if self.on_host:
             args, kwargs = send_to_device(args, "cpu"), send_to_device(kwargs, "cpu")
         return args, kwargs
 
     def post_forward(self, module, output):
         self._unload()
-        forget_autocast_casts(self.device)  # (the head's copy is new at every pass)
         if self.on_host:
             output = send_to_device(output, self.device)
         if self.profile is not None:
@@ -985,6 +1016,9 @@ class HostResidentHook(ModelHook):
     def _unload(self):
         for (module_, attr, is_param, _), placeholder in zip(self.slots, self.placeholders):
             (module_._parameters if is_param else module_._buffers)[attr] = placeholder
+        if self._cache_off:
+            self._cache_off = False
+            torch.set_autocast_cache_enabled(True)
 
     def detach_hook(self, module):
         self._unload()

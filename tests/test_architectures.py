@@ -853,3 +853,33 @@ def test_input_gradients_of_a_weight_multiplied_into_a_batch_are_the_loaded_mode
     with torch.no_grad():
         assert torch.equal(model(ids).logits, ref(ids).logits)
     disable_layer_streaming(model)
+
+
+def test_input_gradients_through_torch_func_and_of_quantized_shards(tmp_path):
+    """Review of the fix above: under `torch.func.grad` the weights made to require grad raised (`requires_grad_`
+    inside a transform); they stay frozen there, as before (llama: bit for bit). A layer of quantized weights keeps
+    frozen weights too, decoded whole or module by module, so the two give the same bits (FalconMamba with a 4-bit
+    `dt_proj`: one required grad, the other not, and `torch.matmul` folded `dt_proj.weight @ x` in one only)."""
+    ckpt = _models.save_tiny_checkpoint("llama", tmp_path / "llama")
+    shards = split_checkpoint(ckpt, tmp_path / "llama-shards", progress=False)
+    ref = _models.load_reference(ckpt)
+    model = streamed_model(ckpt, shards, max_memory={"cpu": 0}, prefetch=1)
+    ids = torch.tensor([[1, 5, 7, 9, 11, 13, 17], [1, 19, 23, 29, 31, 37, 41]])
+    embeds = ref.get_input_embeddings()(ids).detach()
+    grads = [torch.func.grad(lambda e, m=m: m(inputs_embeds=e).logits.pow(2).mean())(embeds) for m in (ref, model)]
+    assert torch.equal(grads[0], grads[1])
+    disable_layer_streaming(model)
+
+    pytest.importorskip("bitsandbytes")
+    ckpt = _models.save_tiny_checkpoint(_config("falcon_mamba", time_step_rank=64), tmp_path / "fm")
+    shards = split_checkpoint(ckpt, tmp_path / "fm-4bit", compression="4bit", progress=False)
+    assert ShardDirectory(shards).unit("layers.0").tensors["backbone.layers.0.mixer.dt_proj.weight"].quant is not None
+    got = []
+    for mode in ("layer", "module"):
+        model = streamed_model(ckpt, shards, dequantize=mode)
+        embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        logits = model(inputs_embeds=embeds).logits
+        logits.pow(2).mean().backward()
+        got.append((logits.detach(), embeds.grad))
+        disable_layer_streaming(model)
+    assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1])

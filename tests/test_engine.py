@@ -3525,3 +3525,32 @@ def test_autocast_keeps_the_casts_of_one_layer_at_most(tmp_path, compression, op
                 assert torch.equal(model(ids).logits, _models.load_reference(ckpt)(ids).logits)
     assert grown < casts_per_sweep, (grown, casts_per_sweep)
     disable_layer_streaming(model)
+
+
+def test_under_autocast_the_callers_own_weights_keep_their_single_cast(checkpoints):
+    """Review: dropping autocast's cache after each streamed layer's pass also dropped the casts of the caller's own
+    weights (a P-tuning-style prompt encoder used for two passes in one autocast block): cast twice, their gradients
+    were summed in float32 where the loaded model's single cast sums them in bfloat16 (7.6e-6 off). The cache is off
+    during such passes instead, and what it holds stays: the encoder's gradients are the loaded model's."""
+    ckpt, shards = checkpoints("llama")
+    ref = _models.load_reference(ckpt)
+    hidden = ref.config.hidden_size
+    torch.manual_seed(0)
+    start = torch.nn.Linear(hidden, hidden).state_dict()
+    x = torch.randn(2, 6, hidden)
+
+    def run(model):
+        encoder = torch.nn.Linear(hidden, hidden)
+        encoder.load_state_dict(start)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            total = sum(model(inputs_embeds=encoder(x[i : i + 1])).logits.float().pow(2).mean() for i in range(2))
+        total.backward()
+        return total.detach(), encoder.weight.grad, encoder.bias.grad
+
+    want = run(ref)
+    for options in ({}, STREAM_ALL):
+        model = streamed_model(ckpt, shards, **options)
+        got = run(model)
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), options
+        assert torch.is_autocast_cache_enabled()  # (on again after the passes)
+        disable_layer_streaming(model)
