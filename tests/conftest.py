@@ -186,3 +186,23 @@ def assert_same_decode_steps(
             for layer, (x, y) in enumerate(zip(xs, ys)):
                 assert torch.equal(x, y), f"step {step}, hidden state {layer} differs"
     return a.logits
+
+
+def anon_growth_under_autocast(model, ids, *, calls: int = 3, tokens: int = 4) -> int | None:
+    """Bytes of anonymous memory (`RssAnon`) the process gained over `calls` `generate` calls of `tokens` tokens in
+    one `torch.autocast` block to bfloat16 (after one call outside it), measured inside the block; `None` without
+    /proc/self/status."""
+    import gc
+
+    from hf_layerstream._measure import _status_bytes
+
+    if not _status_bytes("RssAnon"):
+        return None
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=2, pad_token_id=0)
+        gc.collect()
+        before = _status_bytes("RssAnon")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            for _ in range(calls):
+                model.generate(ids, max_new_tokens=tokens, pad_token_id=0)
+            return _status_bytes("RssAnon") - before

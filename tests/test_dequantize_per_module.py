@@ -535,8 +535,8 @@ def _allocated_bytes():
 def test_under_autocast_a_layer_decoded_by_module_holds_one_weight_at_a_time(tmp_path):
     """Under `torch.autocast`, torch keeps its cast of each weight it casts, and the cast held the weight just
     decoded with it: every `nn.Linear` of a layer decoded by module kept its decoded weight and its cast to the layer's
-    end (the whole layer decoded, and a bfloat16 copy: more than `dequantize="layer"`). Dropped after each module's
-    forward: what is allocated grows by no weight from one module of the layer to the next."""
+    end (the whole layer decoded, and a bfloat16 copy: more than `dequantize="layer"`). With autocast's cache off
+    during the layer's pass, what is allocated grows by no weight from one module of the layer to the next."""
     pytest.importorskip("bitsandbytes")
     if _allocated_bytes() is None:
         pytest.skip("needs glibc's mallinfo2")

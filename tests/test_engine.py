@@ -23,7 +23,7 @@ import _models
 import pytest
 import torch
 from _pagecache import cached_share, drop_from_page_cache, map_cpu_per_mib, read_in_big_chunks
-from conftest import build_meta_model, generate_from_threads, streamed_model
+from conftest import anon_growth_under_autocast, build_meta_model, generate_from_threads, streamed_model
 from transformers import AutoConfig, AutoTokenizer
 
 from hf_layerstream import (
@@ -3492,18 +3492,15 @@ def test_pinned_host_falls_back_to_torch_when_registering_fails(monkeypatch):
     [(None, {"max_memory": {"cpu": 0}, "prefetch": 1}), ("4bit", {"dequantize": "module"})],
     ids=["every layer streamed", "4-bit, decoded by module"],
 )
-def test_autocast_keeps_the_casts_of_one_layer_at_most(tmp_path, compression, options):
+def test_autocast_keeps_no_casts_of_weights_new_at_each_pass(tmp_path, compression, options):
     """Under `torch.autocast` (to bfloat16), torch keeps the cast of every weight it casts until the block ends, for
     its next use: a loaded model's weights are cast once, but a streamed layer's (and a weight decoded module by
     module) are new tensors at every pass, and every pass added a copy of each: three `generate` calls of 4 tokens
     grew the process by 350 MB (every layer streamed, 37 MB of casts per sweep) and 1.3 GB (4-bit), to the block's end.
-    Now at most one layer's casts are kept; the logits stay the loaded model's under the same autocast."""
-    from hf_layerstream._measure import _status_bytes
-
+    Now autocast's cache is off during such passes, and nothing of them is kept; the logits stay the loaded model's
+    under the same autocast."""
     if compression is not None:
         pytest.importorskip("bitsandbytes")
-    if not _status_bytes("RssAnon"):
-        pytest.skip("needs /proc/self/status")
     config = _models.make_config(
         "llama", num_hidden_layers=8, hidden_size=512, intermediate_size=1024, num_attention_heads=8,
         num_key_value_heads=4, vocab_size=4000,
@@ -3513,16 +3510,12 @@ def test_autocast_keeps_the_casts_of_one_layer_at_most(tmp_path, compression, op
     model = streamed_model(ckpt, shards, **options)
     casts_per_sweep = sum(2 * p.numel() for p in _models.load_reference(ckpt).model.layers.parameters())
     ids = torch.tensor([[1, 5, 9, 33, 17, 20, 5, 9, 33]])
-    with torch.no_grad():
-        model.generate(ids, max_new_tokens=2, pad_token_id=0)
-        gc.collect()
-        before = _status_bytes("RssAnon")
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            for _ in range(3):
-                model.generate(ids, max_new_tokens=4, pad_token_id=0)
-            grown = _status_bytes("RssAnon") - before
-            if compression is None:
-                assert torch.equal(model(ids).logits, _models.load_reference(ckpt)(ids).logits)
+    grown = anon_growth_under_autocast(model, ids)
+    if grown is None:
+        pytest.skip("needs /proc/self/status")
+    if compression is None:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(model(ids).logits, _models.load_reference(ckpt)(ids).logits)
     assert grown < casts_per_sweep, (grown, casts_per_sweep)
     disable_layer_streaming(model)
 
