@@ -3547,3 +3547,42 @@ def test_under_autocast_the_callers_own_weights_keep_their_single_cast(checkpoin
         assert all(torch.equal(a, b) for a, b in zip(got, want)), options
         assert torch.is_autocast_cache_enabled()  # (on again after the passes)
         disable_layer_streaming(model)
+
+
+def test_kept_layers_are_read_into_the_page_cache_ahead_of_their_first_use(llama, monkeypatch):
+    """A layer the plan keeps is mapped at its first use, in the compute thread: from a cold page cache each was read
+    from the disk there, a page fault at a time, behind the compute. The next two kept layers not loaded yet are read
+    into the page cache ahead now (from enable on, and at each kept layer's first use), each once; the output is the
+    loaded model's."""
+    from hf_layerstream.engine import LayerLoader
+
+    ckpt, shards, inputs, expected, pad = llama
+    events = []
+    real_warm, real_load = LayerLoader._warm_file, LayerLoader._load_device_resident
+
+    def warm(self, index):
+        events.append(("warm", index))
+        real_warm(self, index)
+
+    def load(self, index):
+        ready = real_load(self, index)
+        events.append(("load", index, set(self._warmed)))  # (asked for by then)
+        return ready
+
+    monkeypatch.setattr(LayerLoader, "_warm_file", warm)
+    monkeypatch.setattr(LayerLoader, "_load_device_resident", load)
+    drop_from_page_cache(sorted((shards / "layers").iterdir()))
+    model = streamed_model(ckpt, shards)  # (every layer kept)
+    loader = get_streaming_state(model).loader
+    assert loader.plan.device_layers == list(range(6))
+    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+    warmed = [e[1] for e in events if e[0] == "warm"]
+    assert sorted(warmed) == list(range(6)) == sorted(set(warmed))  # (each once)
+    loads = [e for e in events if e[0] == "load"]
+    assert [e[1] for e in loads] == list(range(6))  # (once each: kept)
+    for _, i, asked in loads:  # (the next two asked for as each kept layer is first loaded)
+        assert set(range(i + 1, min(i + 3, 6))) <= asked, (i, asked)
+    loader._warmer.shutdown(wait=True)  # (done: every file read in)
+    for path in sorted((shards / "layers").iterdir()):
+        assert cached_share(path) == 1.0, path
+    disable_layer_streaming(model)
