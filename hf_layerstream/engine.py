@@ -1512,7 +1512,7 @@ class LayerLoader:
     def _warm_kept_ahead(self, after: int) -> None:
         """Layers the plan keeps are mapped (CPU) or copied to the device at their first use, in the compute thread:
         from a cold page cache each was read from the disk there, a page fault at a time, not overlapping the compute
-        (the bench model's first pass under the default plan took 2.2-2.6 s against 1.6 warm, where streaming every
+        (the bench model's first pass under the default plan took 2.2-3.1 s against 1.6 warm, where streaming every
         layer took 1.9). The next two of them after `after` not loaded yet (or `prefetch`, if more; it is 0 where
         every layer is kept) are read into the page cache ahead of their use, by a thread of their own, as streamed
         layers are read ahead (`_warm_file`)."""
