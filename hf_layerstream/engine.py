@@ -1112,10 +1112,14 @@ def _read_from_disk(before: tuple[float, int] | None, after: tuple[float, int] |
     return before is None or after is None or after[1] - before[1] >= size // 16
 
 
-def _known_cached(fd: int, header: Header) -> bool:
+def _known_cached(header: Header) -> bool:
     """Whether all of the file is in the page cache, asked only where that is cheap (`cachestat`); `False` where
     it cannot be told so."""
-    fraction = cached_fraction(fd, header.file_size, cheap=True)
+    fd = os.open(header.path, os.O_RDONLY)
+    try:
+        fraction = cached_fraction(fd, header.file_size, cheap=True)
+    finally:
+        os.close(fd)
     return fraction is not None and fraction >= 1.0
 
 
@@ -1531,12 +1535,8 @@ class LayerLoader:
         Best effort: a file that cannot be read is named by its use, which maps it anyway."""
         header = self.shards.header(layer_unit(index))
         try:
-            fd = os.open(header.path, os.O_RDONLY)
-            try:
-                if _known_cached(fd, header):
-                    return
-            finally:
-                os.close(fd)
+            if _known_cached(header):
+                return
             mm = map_readonly(header.path, header.file_size)
             try:
                 populate(mm, header.path)
@@ -1638,12 +1638,8 @@ class LayerLoader:
         30-40 MB more peak RSS on the 4-bit bench model, measured here), or when mapping is off."""
         header = self.shards.header(layer_unit(index))
         t0 = time.perf_counter()
-        fd = os.open(header.path, os.O_RDONLY)
-        try:
-            if _known_cached(fd, header):
-                return None
-        finally:
-            os.close(fd)
+        if _known_cached(header):
+            return None
         raw = self._map_file(header, index)
         return (raw, time.perf_counter() - t0) if raw is not None else None
 

@@ -311,7 +311,7 @@ def _streamed_from_disk(bf16_checkpoint, monkeypatch, compression="4bit"):
     ckpt, dirs = bf16_checkpoint
     ids = torch.randint(4, 120, (1, 20), generator=torch.Generator().manual_seed(1))
     expected = _kept_logits(ckpt, dirs[compression], ids)
-    monkeypatch.setattr(engine, "_known_cached", lambda fd, header: False)
+    monkeypatch.setattr(engine, "_known_cached", lambda header: False)
     monkeypatch.setattr(engine, "_read_from_disk", lambda before, after, size: True)
     model = streamed_model(ckpt, dirs[compression], max_memory={"cpu": 0}, prefetch=2)
     get_streaming_state(model).loader.wait_idle()
@@ -357,7 +357,7 @@ def _warm(monkeypatch, read_from_disk=lambda before, after, size: False):
     `read_from_disk` says otherwise): the test model's files are small, so the real checks could go either way."""
     from hf_layerstream import engine
 
-    monkeypatch.setattr(engine, "_known_cached", lambda fd, header: True)
+    monkeypatch.setattr(engine, "_known_cached", lambda header: True)
     monkeypatch.setattr(engine, "_read_from_disk", read_from_disk)
 
 
@@ -500,7 +500,7 @@ def test_a_layer_is_mapped_again_only_once_its_eviction_is_done(bf16_checkpoint,
     shards = shutil.copytree(dirs["none"], tmp_path / "shards")
     ids = torch.randint(4, 120, (1, 20), generator=torch.Generator().manual_seed(1))
     expected = _kept_logits(ckpt, shards, ids)
-    monkeypatch.setattr(engine, "_known_cached", lambda fd, header: False)
+    monkeypatch.setattr(engine, "_known_cached", lambda header: False)
     monkeypatch.setattr(engine, "_read_from_disk", lambda before, after, size: True)
     evictions = []
     real_evict = engine._evict
@@ -601,7 +601,7 @@ def test_where_layers_cannot_be_mapped_the_loader_reads_them_and_times_the_read(
     ckpt, dirs = bf16_checkpoint
     ids = torch.randint(4, 120, (1, 20), generator=torch.Generator().manual_seed(1))
     expected = _kept_logits(ckpt, dirs["4bit"], ids)
-    monkeypatch.setattr(engine, "_known_cached", lambda fd, header: False)
+    monkeypatch.setattr(engine, "_known_cached", lambda header: False)
     model = streamed_model(ckpt, dirs["4bit"], max_memory={"cpu": 0}, prefetch=2, profile=True)
     state = get_streaming_state(model)
     loader = state.loader
