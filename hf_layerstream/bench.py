@@ -525,19 +525,12 @@ def _refuse_another_model(checkpoint: str, source: Path) -> None:
     1), as if streaming were wrong."""
     from transformers import AutoConfig
 
-    from .modeling import architecture_fingerprint, build_for_shards, require_layer_stack
     from .shard_dir import ShardDirectory
 
-    manifest = ShardDirectory(source).manifest
+    shards = ShardDirectory(source)
     _checkpoint_folder(checkpoint, fetch=False)  # (a folder without config.json: named so)
-    model = build_for_shards(manifest, AutoConfig.from_pretrained(checkpoint), meta=True)
-    stack = require_layer_stack(model)
-    if architecture_fingerprint(model, stack) != manifest.fingerprint:
-        differs = (
-            f"{len(stack)} decoder layers, where the shards hold {manifest.num_layers}"
-            if len(stack) != manifest.num_layers
-            else "other tensor names or shapes than the shards hold"
-        )
+    differs = shards.model_mismatch(AutoConfig.from_pretrained(checkpoint))
+    if differs is not None:
         raise ValueError(
             f"`--checkpoint` {checkpoint!r} is not the model SOURCE {str(source)!r} was split from ({differs}): "
             "pass the checkpoint it was split from, or drop `--checkpoint` to measure the streamed rows only."

@@ -478,11 +478,8 @@ class ShardDirectory:
             return None
         from transformers import AutoConfig
 
-        from .modeling import architecture_fingerprint, build_for_shards, require_layer_stack
-
-        try:  # (names and shapes only: on meta, buffers too, and what a model makes on the CPU first)
-            model = build_for_shards(self.manifest, AutoConfig.from_pretrained(self.path), meta=True)
-            stack = require_layer_stack(model)
+        try:
+            differs = self.model_mismatch(AutoConfig.from_pretrained(self.path))
         except Exception as e:  # noqa: BLE001 - this machine or this transformers, not the file: not a damage found
             logger.warning(
                 "Could not check %s against the shards: building its model failed (%s: %s)",
@@ -491,16 +488,27 @@ class ShardDirectory:
                 e,
             )
             return None
-        if architecture_fingerprint(model, stack) == self.manifest.fingerprint:
+        if differs is None:
             return None
-        if len(stack) != self.manifest.num_layers:
-            differs = f"{len(stack)} decoder layers, where the shards hold {self.manifest.num_layers}"
-        else:
-            differs = "other tensor names or shapes than the shards hold"
         return (
             f"describes another model than the split's: {differs} (it was changed since the split, or this "
             "transformers builds the model otherwise)"
         )
+
+    def model_mismatch(self, config) -> str | None:
+        """What differs between the model `config` builds (as the class the shards were split for) and the one the
+        shards hold (the architecture fingerprint the manifest records): another number of decoder layers, or other
+        tensor names or shapes; `None` where nothing does. Builds it without weights (names and shapes only: on meta,
+        buffers too, and what a model makes on the CPU first); raises what building it raises."""
+        from .modeling import architecture_fingerprint, build_for_shards, require_layer_stack
+
+        model = build_for_shards(self.manifest, config, meta=True)
+        stack = require_layer_stack(model)
+        if architecture_fingerprint(model, stack) == self.manifest.fingerprint:
+            return None
+        if len(stack) != self.manifest.num_layers:
+            return f"{len(stack)} decoder layers, where the shards hold {self.manifest.num_layers}"
+        return "other tensor names or shapes than the shards hold"
 
     def verify(self, *, checksums: bool = True) -> list[str]:
         """Check every file against the manifest and return every problem found (empty when the directory is sound).
