@@ -59,6 +59,14 @@ def autocast_cache_off(device: torch.device) -> bool:
     return False
 
 
+def autocast_cache_back(hook) -> None:
+    """Autocast's cache on again where `hook` turned it off for its pass (`hook._cache_off`, see
+    `autocast_cache_off`): as the pass ends, or as one that raised is put back."""
+    if hook._cache_off:
+        hook._cache_off = False
+        torch.set_autocast_cache_enabled(True)
+
+
 def _in_functorch() -> bool:
     """Whether a `torch.func` transform (`grad`, `vmap`, ...) runs the calling code."""
     peek = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
@@ -331,9 +339,7 @@ class LayerStreamingHook(ModelHook):
             self.profile.add(self.index, compute=elapsed - self.dequantized, dequantize=self.dequantized)
         if not self._installed:
             self._swap_out()
-        if self._cache_off:
-            self._cache_off = False
-            torch.set_autocast_cache_enabled(True)
+        autocast_cache_back(self)
         return output
 
     def hold_between_passes(self) -> list:
@@ -381,9 +387,7 @@ class LayerStreamingHook(ModelHook):
         """Out of a forward that did not reach `post_forward` (it raised; or streaming is disabled). A kept layer's
         values are made anew at its next pass: the model held them meanwhile, and a cast made then (`layer.half()`
         after a direct call of the layer raised) reached them, which every later pass would have reused."""
-        if self._cache_off:  # (autocast's cache on again, as `post_forward` turns it)
-            self._cache_off = False
-            torch.set_autocast_cache_enabled(True)
+        autocast_cache_back(self)  # (as `post_forward` does)
         if self._installed:
             self._take_out()  # (a `requires_grad` set on a held weight stays with the model)
         self._held = []
@@ -1016,9 +1020,7 @@ class HostResidentHook(ModelHook):
     def _unload(self):
         for (module_, attr, is_param, _), placeholder in zip(self.slots, self.placeholders):
             (module_._parameters if is_param else module_._buffers)[attr] = placeholder
-        if self._cache_off:
-            self._cache_off = False
-            torch.set_autocast_cache_enabled(True)
+        autocast_cache_back(self)
 
     def detach_hook(self, module):
         self._unload()
