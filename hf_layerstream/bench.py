@@ -31,7 +31,6 @@ import mmap
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -432,6 +431,8 @@ def _check_source(args) -> None:
         raise ValueError(
             f"Pass either SOURCE ({args.source!r}) or `--demo` (which writes and measures its own model), not both."
         )
+    if args.source is not None and not Path(args.source).is_dir():  # a hub id: its config.json, before any work
+        _checkpoint_folder(args.source, fetch=False)
     if args.checkpoint is None:
         return
     if args.demo:
@@ -510,7 +511,7 @@ def prepare(args, work: Path) -> tuple[Path | None, Path]:
         raise ValueError("`bench` needs a SOURCE (checkpoint folder, hub id or shard directory) or `--demo`.")
     source = Path(args.source)
     if source.is_dir() and _is_shard_dir(source):
-        ckpt = _checkpoint_folder(args.checkpoint, fetch=False) if args.checkpoint else None
+        ckpt = _checkpoint_folder(args.checkpoint, fetch=False, role="`--checkpoint`") if args.checkpoint else None
         if ckpt is None:
             logger.warning(
                 "SOURCE is a shard directory and no --checkpoint was given: skipping in-memory and accelerate rows"
@@ -528,8 +529,16 @@ def _refuse_another_model(checkpoint: str, source: Path) -> None:
     from .shard_dir import ShardDirectory
 
     shards = ShardDirectory(source)
-    _checkpoint_folder(checkpoint, fetch=False)  # (a folder without config.json: named so)
-    differs = shards.model_mismatch(AutoConfig.from_pretrained(checkpoint))
+    _checkpoint_folder(checkpoint, fetch=False, role="`--checkpoint`")  # (a folder without config.json: named so)
+    config = AutoConfig.from_pretrained(checkpoint)
+    try:
+        differs = shards.model_mismatch(config)
+    except Exception as e:  # noqa: BLE001 - a one-line error, not a traceback; the rows that load it fail alike
+        raise ValueError(
+            f"`--checkpoint` {checkpoint!r}: building its model (as the class SOURCE was split for) failed "
+            f"({type(e).__name__}: {e}); pass the checkpoint SOURCE was split from, or drop `--checkpoint` to measure "
+            "the streamed rows only."
+        ) from e
     if differs is not None:
         raise ValueError(
             f"`--checkpoint` {checkpoint!r} is not the model SOURCE {str(source)!r} was split from ({differs}): "
@@ -537,20 +546,37 @@ def _refuse_another_model(checkpoint: str, source: Path) -> None:
         )
 
 
-def _checkpoint_folder(source: str, *, fetch: bool = True) -> Path:
-    """The checkpoint `source`, checked before anything is measured (the rows that load it run in child processes,
-    where a repo that cannot be reached failed each of them after the streamed rows were measured): a local folder
-    holding a config.json, or a hub repo, whose files are fetched (or found in the hub cache) to split it, or with
-    `fetch=False` (a `--checkpoint` the rows load with `from_pretrained`, which fetches what it needs) whose
-    config.json is."""
+def _checkpoint_folder(source: str, *, fetch: bool = True, role: str = "SOURCE") -> Path:
+    """The checkpoint `source` (given as `role`), checked before anything is measured (the rows that load it run in
+    child processes, where a repo that cannot be reached failed each of them after the streamed rows were measured):
+    a local folder holding a config.json, or a hub repo, whose files are fetched (or found in the hub cache) to split
+    it, or with `fetch=False` (a `--checkpoint` the rows load with `from_pretrained`, which fetches what it needs)
+    whose config.json is.
+
+    Raises:
+        `FileNotFoundError`: A hub repo that cannot be reached and is not in the hub cache, or that the hub lacks.
+        `ValueError`: No config.json.
+    """
     path = Path(source)
     if not path.is_dir():  # a hub id: from_pretrained and split_checkpoint both resolve it
         from huggingface_hub import hf_hub_download, snapshot_download
+        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-        if not fetch:
-            hf_hub_download(source, "config.json")
-            return path
-        path = Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+        from .split import hub_unreachable_error, no_such_repo_error
+
+        what = "config.json"
+        try:
+            hf_hub_download(source, what)
+            if not fetch:
+                return path
+            what = "the weight files"
+            path = Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+        except LocalEntryNotFoundError as e:  # (a subclass of EntryNotFoundError: first)
+            raise hub_unreachable_error(source, what, role) from e
+        except EntryNotFoundError:
+            pass  # (no config.json: refused below)
+        except RepositoryNotFoundError as e:
+            raise no_such_repo_error(source, role) from e
     if not (path / "config.json").is_file():
         raise ValueError(f"{source!r} holds no config.json: it is not a checkpoint (a model folder or hub repo).")
     return path
@@ -633,6 +659,7 @@ def bench(args) -> dict:
     import torch
 
     from .cli import _dequantize, _max_memory
+    from .demo import work_folder
     from .engine import check_device, check_max_memory
     from .shard_dir import ShardDirectory
 
@@ -674,8 +701,7 @@ def bench(args) -> dict:
         raise ValueError("`--assistant demo` builds a 1-layer draft of the demo model; it needs `--demo`.")
     _check_source(args)
     _check_systems(args, systems, modes, compressed)
-    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="hf_layerstream_bench_"))
-    work.mkdir(parents=True, exist_ok=True)
+    work = work_folder(args.work, "--work", "hf_layerstream_bench_")
     try:
         ckpt, shard_dir = prepare(args, work)
         shards = ShardDirectory(shard_dir)

@@ -234,6 +234,25 @@ def top1_agreement(reference, candidate, input_ids, *, chunk: int = 256) -> dict
     return {"positions": total, "top1_agreement": agree / max(total, 1), "mean_cosine": cos_sum / max(total, 1)}
 
 
+def work_folder(path: str | None, option: str, prefix: str) -> Path:
+    """The work folder `path` (the command's `option`), made with its parents, or a new temporary one (named with
+    `prefix`) where `path` is `None`.
+
+    Raises:
+        `ValueError`: `path` is a file, or cannot be made a folder (naming the option, not an `[Errno 17]`).
+    """
+    if path is None:
+        return Path(tempfile.mkdtemp(prefix=prefix))
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"`{option}` {path!r} is a file; pass a folder.")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # (a file on the way: "[Errno 20] Not a directory"; no permission)
+        raise ValueError(f"`{option}` {path!r} cannot be made a folder ({e.strerror or e}); pass another.") from e
+    return folder
+
+
 def run_demo(args) -> int:
     from transformers import AutoTokenizer
 
@@ -254,7 +273,7 @@ def run_demo(args) -> int:
         raise ValueError(f"`--max-new-tokens` is {args.max_new_tokens}; use at least 1.")
     # (the sizes too: refused after the first step's line was printed)
     _demo_config(args.layers, args.hidden_size, args.intermediate_size, args.vocab_size)
-    work = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="hf_layerstream_demo_"))
+    work = work_folder(args.dir, "--dir", "hf_layerstream_demo_")
     try:
         ckpt = work / "checkpoint"
         shards = work / "shards"

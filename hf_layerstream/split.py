@@ -107,6 +107,30 @@ def missing_local_folder(source: str | os.PathLike) -> bool:
     return isinstance(source, os.PathLike) or text.startswith((".", "/", "~")) or text.count("/") > 1 or local.exists()
 
 
+def hub_unreachable_error(repo_id: str, filename: str, role: str) -> FileNotFoundError:
+    """The error for a file of the hub repo `repo_id` (given as `role`, e.g. "`source`") that could not be fetched:
+    the hub cannot be reached and the file is not in the hub cache. For config.json, the first file fetched, it says
+    that no local folder has that name either (a misspelt folder name reads as a hub repo id, and meets this first)."""
+    no_folder = ""
+    if filename == "config.json":
+        no_folder = (
+            f"{role} {repo_id!r} is no local folder ({Path(repo_id).absolute()} does not exist), and as a hub repo: "
+        )
+    return FileNotFoundError(
+        f"{no_folder}Cannot fetch {filename} of {repo_id!r}: the hub cannot be reached (offline, "
+        f"HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}) and it is not in the hub cache. "
+        f"Download it once with network access (`hf download REPO`) or pass a local checkpoint folder as {role}."
+    )
+
+
+def no_such_repo_error(repo_id: str, role: str) -> FileNotFoundError:
+    """The error for a hub repo id (given as `role`) the hub does not know (or that is gated without a token)."""
+    return FileNotFoundError(
+        f"{role} {repo_id!r} is not a local folder and the hub has no such repo (or it is gated and no `token` was "
+        "given)."
+    )
+
+
 class _Source:
     """A checkpoint to read from, local or on the hub. The keys come from the weight files, as transformers loads them
     (see `_keys_of_files`); a hub repo's files the split reads are fetched into the hub cache before it writes a
@@ -122,6 +146,8 @@ class _Source:
         if self.local_dir is not None and revision is not None:
             logger.warning("`revision` %r applies to hub repos; %s is a local folder, split as it is.", revision, local)
             self.revision = None  # (nor recorded: a later run without it is the same split)
+        if self.local_dir is not None and isinstance(token, str):
+            logger.warning("`token` applies to hub repos; %s is a local folder, read without it.", local)
         if self.local_dir is None:
             if missing_local_folder(source):
                 raise FileNotFoundError(
@@ -187,28 +213,13 @@ class _Source:
                     )
                 self.hub_unreachable = True
                 return None
-            # (the first file fetched: a misspelt folder name reads as a hub repo id, and meets this first)
-            no_folder = ""
-            if filename == "config.json":
-                no_folder = (
-                    f"`source` {self.repo_id!r} is no local folder ({Path(self.repo_id).absolute()} does not exist), "
-                    "and as a hub repo: "
-                )
-            raise FileNotFoundError(
-                f"{no_folder}Cannot fetch {filename} of {self.repo_id!r}: the hub cannot be reached (offline, "
-                f"HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}) and the file is not in the hub cache. "
-                "Download it once with network access (`hf download REPO`) or pass a local checkpoint folder as "
-                "`source`."
-            ) from e
+            raise hub_unreachable_error(self.repo_id, filename, "`source`") from e
         except EntryNotFoundError:
             if required:
                 raise FileNotFoundError(f"The hub repo {self.repo_id!r} has no {filename}.") from None
             return None
         except RepositoryNotFoundError as e:
-            raise FileNotFoundError(
-                f"`source` {self.repo_id!r} is not a local folder and the hub has no such repo (or it is gated and no "
-                "`token` was given)."
-            ) from e
+            raise no_such_repo_error(self.repo_id, "`source`") from e
         if self.revision is None or len(self.revision) != 40:
             # cache layout: .../snapshots/<commit>/<filename>
             commit = path.parent.name

@@ -759,13 +759,16 @@ def test_a_checkpoint_stored_in_mixed_dtypes_streams_as_from_pretrained_auto_loa
     assert directory.manifest.load_dtype == "bfloat16"
 
 
-def test_a_revision_for_a_local_folder_is_ignored_with_a_warning(tmp_path, caplog):
+def test_a_revision_or_token_for_a_local_folder_is_ignored_with_a_warning(tmp_path, caplog):
+    """`token` too (it was ignored silently: `split --token T` of a folder looked as if it had been used)."""
     import logging
 
     ckpt = _models.save_tiny_checkpoint("llama", tmp_path / "ckpt")
     with caplog.at_level(logging.WARNING, logger="hf_layerstream"):
-        split_checkpoint(ckpt, tmp_path / "shards", revision="main", progress=False)
-    assert "applies to hub repos" in caplog.text
+        split_checkpoint(ckpt, tmp_path / "shards", revision="main", token="hf_abc", progress=False)
+    assert "`revision` 'main' applies to hub repos" in caplog.text
+    assert f"`token` applies to hub repos; {ckpt} is a local folder, read without it." in caplog.text
+    assert "hf_abc" not in caplog.text  # (a token is never logged)
     stamp = (tmp_path / "shards" / "manifest.json").stat().st_mtime_ns
     split_checkpoint(ckpt, tmp_path / "shards", progress=False)  # the same split: nothing to do
     assert (tmp_path / "shards" / "manifest.json").stat().st_mtime_ns == stamp

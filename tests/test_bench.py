@@ -6,6 +6,7 @@ import json
 import mmap
 import os
 import time
+import types
 
 import pytest
 import torch
@@ -1205,20 +1206,38 @@ def test_paths_that_are_not_there_are_refused_before_measuring(tmp_path, capsys,
     # a `--checkpoint` that is a folder but no checkpoint, or a hub repo that cannot be fetched: refused before any row
     # is measured (they failed the rows that load it, in their child processes, after the streamed rows)
     import huggingface_hub
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
 
     def offline(repo_id, *args, **kwargs):
         raise LocalEntryNotFoundError(f"{repo_id} is not in the hub cache and the hub cannot be reached")
 
     with pytest.MonkeyPatch.context() as m:
         m.setattr(huggingface_hub, "hf_hub_download", offline)
+        unreachable = "Cannot fetch config.json of 'nobody/nothing': the hub cannot be reached"
         for checkpoint, message in (
             (str(tmp_path), "holds no config.json: it is not a checkpoint"),
-            ("nobody/nothing", "nobody/nothing is not in the hub cache"),
+            ("nobody/nothing", f"`--checkpoint` 'nobody/nothing' is no local folder ({tmp_path}/nobody/nothing"),
+            ("nobody/nothing", unreachable),
         ):
+            m.chdir(tmp_path)
             assert main(["bench", str(shards), "--checkpoint", checkpoint, *work, *quick]) == 2, checkpoint
             captured = capsys.readouterr()
             assert message in captured.err and "s/token" not in captured.out, checkpoint
+        # a hub id as SOURCE alike: it was huggingface_hub's own error ("Got: ConnectError: ... An error happened
+        # while trying to locate the files on the Hub"), naming no option and no fix
+        assert main(["bench", "nobody/nothing", *work, *quick]) == 2
+        err = capsys.readouterr().err
+        assert "SOURCE 'nobody/nothing' is no local folder" in err and unreachable in err
+        assert "pass a local checkpoint folder as SOURCE" in err
+
+    def no_repo(repo_id, *args, **kwargs):
+        raise RepositoryNotFoundError(f"404 for {repo_id}", response=types.SimpleNamespace(headers={}, request=None))
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(huggingface_hub, "hf_hub_download", no_repo)
+        assert main(["bench", "nobody/nothing", *work, *quick]) == 2
+        assert "SOURCE 'nobody/nothing' is not a local folder and the hub has no such repo" in capsys.readouterr().err
+    assert not (tmp_path / "work").exists()
     # `generate --assistant` of a path not there: refused before the model loads (it went to the hub once loaded)
     assert main(["generate", str(shards), "hi", "--assistant", str(tmp_path / "nope")]) == 2
     assert "is neither an existing local folder nor a hub repo id" in capsys.readouterr().err
@@ -1338,3 +1357,40 @@ def test_cpu_time_stolen_by_the_hypervisor_is_measured_over_the_timed_steps_and_
         if shown:
             assert "(up to 30%), against 0%, 1% while the disk bandwidth was measured" in text
             assert f"{rows[1]['label']} warm: the hypervisor took 30%" in text  # (each row says it)
+
+
+def test_a_work_folder_that_cannot_be_one_is_a_one_line_error(tmp_path, capsys, checkpoints):
+    """`bench --work FILE` printed "[Errno 17] File exists: ..." (and `demo --dir FILE` "[Errno 20] Not a directory"
+    after its first step's line), naming no option."""
+    _, shards = checkpoints("llama")
+    (tmp_path / "file").write_text("")
+    quick = ["--systems", "streamed", "--modes", "warm", "--paired-calls", "0", "--max-new-tokens", "2"]
+    for work, message in (
+        (tmp_path / "file", f"`--work` {str(tmp_path / 'file')!r} is a file; pass a folder."),
+        (
+            tmp_path / "file" / "w",
+            f"`--work` {str(tmp_path / 'file' / 'w')!r} cannot be made a folder (Not a directory)",
+        ),
+    ):
+        assert main(["bench", str(shards), "--work", str(work), *quick]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["demo", "--dir", str(tmp_path / "file")]) == 2
+    captured = capsys.readouterr()
+    assert f"`--dir` {str(tmp_path / 'file')!r} is a file; pass a folder." in captured.err and not captured.out
+
+
+def test_a_checkpoint_whose_model_does_not_build_is_a_one_line_error(tmp_path, capsys, checkpoints, monkeypatch):
+    """`bench SHARDS --checkpoint C` builds C's model to compare it with the shards; where that build raised (a model
+    this transformers cannot build as the class the shards were split for), the traceback came out."""
+    ckpt, shards = checkpoints("llama")
+
+    def fails(self, config):
+        raise RuntimeError("no kernel for this model")
+
+    monkeypatch.setattr(ShardDirectory, "model_mismatch", fails)
+    argv = ["bench", str(shards), "--checkpoint", str(ckpt), "--work", str(tmp_path / "w"), "--modes", "warm"]
+    assert main([*argv, "--systems", "in_memory,streamed", "--paired-calls", "0"]) == 2
+    err = capsys.readouterr().err
+    assert f"`--checkpoint` {str(ckpt)!r}: building its model (as the class SOURCE was split for) failed" in err
+    assert "(RuntimeError: no kernel for this model)" in err and "Traceback" not in err
+    assert not (tmp_path / "w").exists()
