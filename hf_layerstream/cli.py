@@ -136,9 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
         "refused)",
     )
     p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template to the prompt")
-    p.add_argument("--input", default=None, help="JSONL of prompts (batched, resumable); needs --output")
     p.add_argument(
-        "--output", default=None, help="JSONL results, each batch's appended as the batch completes (with --input)"
+        "--input", default=None, help="JSONL of prompts (batched, resumable; - for standard input); needs --output"
+    )
+    p.add_argument(
+        "--output",
+        default=None,
+        help="JSONL results, each batch's appended as the batch completes (with --input; a regular file, read back to "
+        "resume)",
     )
     p.add_argument("--batch-size", type=int, default=None, help="prompts per sweep with --input (default 8)")
     p.add_argument("--assistant", default=None, help="small draft model (folder or hub id) for assisted decoding")
@@ -240,7 +245,28 @@ def _as_options(message: str, parser: argparse.ArgumentParser, command: str) -> 
             for name in (action.dest, *_LIBRARY_NAMES.get(action.dest, ())):
                 message = message.replace(f"`{name}`", f"`{long[0]}`")
                 message = re.sub(rf"(?<![\w.`-]){re.escape(name)}=", f"{long[0]} ", message)
+        if action.dest == "max_memory":  # its entries and examples as the option writes them, not as Python does
+            message = re.sub(r"max_memory\[(['\"]?)(\w+)\1\]", r"--max-memory \2", message)
+            message = re.sub(r"\{(?:'?\w+'?: '[^']*'(?:, )?)+\}", _as_option_value, message)
     return message
+
+
+def _as_option_value(match: re.Match) -> str:
+    """`{0: '4GiB', 'cpu': '16GiB'}` -> `0=4GiB,cpu=16GiB`."""
+    return ",".join(f"{key}={value}" for key, value in re.findall(r"'?(\w+)'?: '([^']*)'", match.group(0)))
+
+
+class _OptionNames(logging.Filter):
+    """Writes the library's records (the warnings of a plan) with the command's option names, as its errors are."""
+
+    def __init__(self, parser: argparse.ArgumentParser, command: str):
+        super().__init__()
+        self.parser, self.command = parser, command
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("hf_layerstream"):
+            record.msg, record.args = _as_options(record.getMessage(), self.parser, self.command), None
+        return True
 
 
 # an option's destination -> the library's names for the same value, where they differ (`generate_jsonl`'s paths)
@@ -282,6 +308,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
+    names = _OptionNames(parser, args.command)
+    log_handlers = list(logging.getLogger().handlers)
+    for log_handler in log_handlers:
+        log_handler.addFilter(names)
     handlers = {
         "split": _cmd_split,
         "generate": _cmd_generate,
@@ -315,6 +345,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:  # (`main` called again in one process, as the tests do: one filter per call)
+        for log_handler in log_handlers:
+            log_handler.removeFilter(names)
 
 
 # the arguments that name files or folders, of every command (a hub id never starts with "~")
@@ -419,6 +452,13 @@ def _cmd_generate(args) -> int:
         raise ValueError(  # (transformers' error, once the model was loaded, asked for a `model_type` in a config.json)
             f"`--assistant` {args.assistant} is a folder without a config.json, not a model: pass a small draft "
             "model's checkpoint folder or hub id, sharing the tokenizer."
+        )
+    if args.input == "-":  # (the usual name for standard input: it was looked for as a file named "-")
+        args.input = "/dev/stdin"  # (read once, as a pipe is)
+    if args.output == "-":
+        raise ValueError(
+            "`--output` - (standard output) is not supported: the results go to a regular file, read back to resume "
+            "the job; pass a file path."
         )
     if args.input and args.prompt is not None:
         raise ValueError("Pass either a PROMPT or `--input` (a JSONL file of prompts), not both.")
@@ -710,14 +750,14 @@ def _cmd_inspect(args) -> int:
     mean_stored, mean_full = (sum(b) // max(len(b), 1) for b in (stored, full_bytes))
     print(f"per layer        {size_text(mean_stored)} on disk (mean), {size_text(mean_full)} at {named}")
     print(f"ratio            {ratio:.3f}x of {'bf16' if dtype is None else named}")
-    print(f"{f'plan on {device}' + (' (not on this machine)' if absent else ''):16} {plan.summary()}")
+    print(f"{f'plan on {device}':16} {'(not on this machine) ' if absent else ''}{plan.summary()}")
     gib = 2**30
     source = f"MemAvailable {memory['mem_available'] / gib:.2f} GiB"
     if memory["cgroup_room"] is not None:
         source += f"; left under this process's cgroup memory limit {memory['cgroup_room'] / gib:.2f} GiB"
     print(f"host memory      {memory['available'] / gib:.2f} GiB available ({source})")
     if info["warning"]:
-        print(f"warning          {info['warning']}")
+        print(f"warning          {_as_options(info['warning'], build_parser(), 'inspect')}")
     return 0
 
 

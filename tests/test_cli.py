@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -954,3 +955,66 @@ def test_demo_refuses_its_sizes_before_it_prints_a_step(tmp_path, capsys, option
     captured = capsys.readouterr()
     assert captured.out == "" and f"`{option[0]}` is {option[1]}; use at least 1." in captured.err
     assert not (tmp_path / "d").exists()
+
+
+def test_input_dash_reads_standard_input_and_output_dash_is_refused(split_dir, tmp_path, capsys):
+    """`--input -` looked for a file named "-" ("does not exist"); it is standard input now, as for most commands.
+    `--output -` wrote a file named "-" in the working folder: refused, since the results are read back to resume."""
+    _, shards = split_dir
+    lines = "".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in enumerate(_models.SAMPLE_PROMPTS[:2]))
+    (tmp_path / "in.jsonl").write_text(lines)
+    common = ["--max-new-tokens", "3", "--device", "cpu"]
+    argv = ["generate", str(shards), "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "file.jsonl")]
+    assert main([*argv, *common]) == 0
+    piped = subprocess.run(
+        [sys.executable, "-m", "hf_layerstream", "generate", str(shards), "--input", "-"]
+        + ["--output", str(tmp_path / "piped.jsonl"), *common],
+        input=lines,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert piped.returncode == 0, piped.stderr
+    assert (tmp_path / "piped.jsonl").read_text() == (tmp_path / "file.jsonl").read_text()
+    assert len((tmp_path / "piped.jsonl").read_text().splitlines()) == 2
+    capsys.readouterr()
+    argv = ["generate", str(shards), "--input", str(tmp_path / "in.jsonl"), "--output", "-", *common]
+    with pytest.MonkeyPatch.context() as m:
+        m.chdir(tmp_path)
+        assert main(argv) == 2
+    assert "`--output` - (standard output) is not supported" in capsys.readouterr().err
+    assert not (tmp_path / "-").exists()
+
+
+def test_max_memory_is_named_as_the_option_writes_it(split_dir, capsys, caplog):
+    """The command line's messages wrote budgets as Python does: `max_memory['cpu'] = 1.0 KiB cannot hold ...` (in
+    `inspect`'s warning line and `generate`'s logged warning) and `e.g. {0: '4GiB', 'cpu': '16GiB'}` for a key it
+    does not know, where the user typed `--max-memory cpu=...`."""
+    from hf_layerstream.cli import _OptionNames
+
+    _, shards = split_dir
+    assert main(["inspect", str(shards), "--device", "cpu", "--max-memory", "gpu=1GiB"]) == 2
+    err = capsys.readouterr().err
+    assert "key 'gpu' is not recognized" in err and "e.g. 0=4GiB,cpu=16GiB." in err and "{" not in err
+    assert main(["inspect", str(shards), "--device", "cpu", "--max-memory", "cpu=1KiB"]) == 0
+    warning = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("warning"))
+    assert warning.startswith("warning          --max-memory cpu = 1.0 KiB cannot hold the resident parts")
+    assert "max_memory[" not in warning and "with --prefetch 0 (" in warning
+    caplog.set_level(logging.WARNING, logger="hf_layerstream")
+    argv = ["generate", str(shards), "hi", "--max-new-tokens", "1", "--device", "cpu", "--max-memory", "cpu=1KiB"]
+    assert main(argv) == 0
+    assert "--max-memory cpu = 1.0 KiB cannot hold" in caplog.text and "max_memory[" not in caplog.text
+    # the filter goes with the command: the library's records outside it are as the library wrote them
+    assert not any(isinstance(f, _OptionNames) for h in logging.getLogger().handlers for f in h.filters)
+
+
+def test_inspect_keeps_its_labels_aligned_for_a_device_not_on_this_machine(split_dir, capsys):
+    """`plan on cuda:0 (not on this machine)` ran past the 16 columns of the labels, the plan after it unaligned."""
+    if torch.cuda.is_available():
+        pytest.skip("plans for a GPU this machine lacks")
+    _, shards = split_dir
+    assert main(["inspect", str(shards), "--device", "cuda", "--max-memory", "0=1GiB"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    plan = next(line for line in out if line.startswith("plan on"))
+    assert plan.startswith("plan on cuda:0   (not on this machine) resident parts")
+    assert all(line[16] == " " and line[17] != " " for line in out if line[:1].isalpha()), out
