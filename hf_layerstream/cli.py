@@ -285,6 +285,24 @@ def _stdout_to_devnull() -> None:
     os.close(devnull)
 
 
+def _closed_standard_streams_on_devnull() -> None:
+    """Run with a standard stream closed (`2>&-`), its file descriptor was free: the next file the command opened
+    took its number (a shard file or results file as fd 2, where anything written to standard error would land), and
+    Python's `sys.stderr` was `None`, which the progress bars and logging write to (`split` and `generate --input`
+    failed). Each closed one is opened on /dev/null instead, and `sys.stderr` writes there (a closed `sys.stdout` stays
+    `None`: `print` then prints nothing)."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            devnull = os.open(os.devnull, os.O_RDWR)  # (the lowest free number: `fd` itself, the lower ones open)
+            if devnull != fd:
+                os.dup2(devnull, fd)
+                os.close(devnull)
+    if sys.stderr is None:
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - for the process's life, as sys.stderr is
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the `hf-layerstream` command line.
 
@@ -295,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         `int`: The exit status: 0 on success, 1 when a check failed (or stdout was closed early: a broken pipe), 2
         for a usage error or a one-line error, 130 on Ctrl-C.
     """
+    _closed_standard_streams_on_devnull()
     parser = build_parser()
     args, leftovers = parser.parse_known_args(argv)
     if args.command == "generate" and args.prompt is None and leftovers:

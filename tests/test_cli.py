@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -1018,3 +1019,29 @@ def test_inspect_keeps_its_labels_aligned_for_a_device_not_on_this_machine(split
     plan = next(line for line in out if line.startswith("plan on"))
     assert plan.startswith("plan on cuda:0   (not on this machine) resident parts")
     assert all(line[16] == " " and line[17] != " " for line in out if line[:1].isalpha()), out
+
+
+def test_a_closed_standard_stream_does_not_lend_its_number_to_a_file_the_command_opens(tmp_path):
+    """Run with `2>&-`, file descriptor 2 was free: the first file the command opened took it (a layer file `split`
+    writes, a results file), where whatever writes to standard error at the C level (torch's warnings, faulthandler)
+    would have landed. A closed standard stream is now opened on /dev/null for the command's run."""
+    script = f"""
+import os, sys
+import hf_layerstream.cli as cli
+import hf_layerstream.split as split
+
+def split_checkpoint(*args, **kwargs):  # (stands in for the split: opens a file as it does)
+    fd = os.open({str(tmp_path / "opened")!r}, os.O_WRONLY | os.O_CREAT)
+    os.write(1, f"fd={{fd}} stderr={{os.readlink('/proc/self/fd/2')}}\\n".encode())
+    os.close(fd)
+    return {str(tmp_path)!r}
+
+split.split_checkpoint = split_checkpoint
+sys.exit(cli.main(["split", "source", "dest", "--quiet"]))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, timeout=120, preexec_fn=lambda: os.close(2)
+    )
+    assert done.returncode == 0, done.stdout
+    fd, stderr = done.stdout.split("\n")[0].split(" ")
+    assert fd != "fd=2" and stderr == f"stderr={os.devnull}" and "shard directory ready" in done.stdout
