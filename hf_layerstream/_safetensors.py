@@ -122,9 +122,11 @@ class Header:
                 self.path,
                 f"changed on disk since it was opened (size {self.identity[2]} -> {now[2]} bytes, or replaced or "
                 "rewritten in place)",
-                "Do not modify a shard directory while a model streams from it. Restore the file (re-run the same "
-                "`split_checkpoint` to repair the directory), then call `disable_layer_streaming(model)` and "
-                "`enable_layer_streaming(model, shard_dir)` again.",
+                "Do not modify a shard directory while a model streams from it. Restore the file: delete it and "
+                "re-run the same `split_checkpoint` (`hf-layerstream split`), which writes it again (a re-run alone "
+                "checks sizes, headers and sample digests only: it takes a file changed within for sound; "
+                "`hf-layerstream verify` lists every file that no longer matches), then call "
+                "`disable_layer_streaming(model)` and `enable_layer_streaming(model, shard_dir)` again.",
             )
 
 

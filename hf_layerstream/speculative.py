@@ -362,9 +362,9 @@ def measure_sweeps(
         model (`transformers.PreTrainedModel`):
             The (streamed) model, the verifier when speculating.
         input_ids (`torch.LongTensor` of shape `(batch, length)`, or a 1-D tensor / list of ids for one prompt):
-            Prompt ids; a batch must be left-padded and come with `attention_mask`.
+            Prompt ids; a batch must be left-padded (and should come with `attention_mask`).
         attention_mask (`torch.Tensor`, *optional*):
-            Defaults to all ones.
+            Defaults to what `generate` infers from the padding (`pad_token_id`), as for a plain `generate` call.
         assistant_model (`transformers.PreTrainedModel`, *optional*):
             A resident draft model with the same tokenizer (assisted generation; batch size 1).
         prompt_lookup_num_tokens (`int`, *optional*):
@@ -403,7 +403,8 @@ def measure_sweeps(
         raise ValueError(f"`input_ids` must have shape (batch, length), got {tuple(input_ids.shape)}.")
     device = model.device
     input_ids = input_ids.to(device)
-    attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
+    # (none given: `generate` infers it from `pad_token_id`, as for a plain call; all ones attended to the padding)
+    attention_mask = None if attention_mask is None else attention_mask.to(device)
     given = generate_kwargs.get("generation_config")
     settings = {"max_new_tokens": max_new_tokens}
     if "do_sample" not in generate_kwargs and getattr(given, "do_sample", None) is None:

@@ -572,6 +572,34 @@ def test_prefetched_failure_is_retried(llama, monkeypatch):
     disable_layer_streaming(model)
 
 
+def test_the_fix_a_changed_layer_file_names_restores_the_output(llama, tmp_path):
+    """A layer file changed within (outside its sampled ends) under a running model fails its next use, and the error
+    said to re-run the same split "to repair the directory": that re-run checks sizes, headers and sample digests only,
+    found nothing to do, and a fresh enable computed with the changed weights, silently. The fix it names now (delete
+    the file, re-run the split) gives the loaded model's output again."""
+    from hf_layerstream import split_checkpoint
+
+    ckpt, shards, inputs, expected, pad = llama
+    shards = _copy_shards(shards, tmp_path)
+    model = streamed_model(ckpt, shards, **STREAM_ALL)
+    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+    path = shards / "layers" / "00002.safetensors"
+    data = bytearray(path.read_bytes())
+    assert len(data) > 2**17 + 4096
+    data[2**16 : -(2**16)] = bytes(len(data) - 2**17)
+    path.write_bytes(bytes(data))  # (in place: the same inode, another mtime)
+    with pytest.raises(LayerLoadError) as caught:
+        model.generate(**inputs, **GEN, pad_token_id=pad)
+    message = str(caught.value.__cause__)
+    assert "delete it and re-run the same `split_checkpoint`" in message
+    disable_layer_streaming(model)
+    path.unlink()
+    split_checkpoint(ckpt, shards, progress=False)
+    model = streamed_model(ckpt, shards, **STREAM_ALL)
+    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+    disable_layer_streaming(model)
+
+
 def test_a_kept_map_is_not_served_after_verify_reads_a_replaced_file_anew(llama, tmp_path):
     """A layer file replaced under a running model (its middle bytes, outside the sampled ends) fails its next use.
     `ShardDirectory.verify()` then reads the directory's headers again, and the loader's check accepted the new file,

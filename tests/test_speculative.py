@@ -286,3 +286,19 @@ def test_configure_draft_sets_what_generate_reads(setup):
     draft.generation_config = Renamed()
     with pytest.raises(RuntimeError, match=r"no \['num_assistant_tokens'\]"):
         configure_draft(draft, num_assistant_tokens=2)
+
+
+def test_measure_sweeps_of_a_padded_batch_without_a_mask_infers_it_as_generate_does(setup):
+    """Without `attention_mask`, a left-padded batch got a mask of all ones: its padded rows attended to the padding
+    and generated other tokens, silently, where `generate` given the same ids infers the mask from `pad_token_id`."""
+    model, tok, _, _, _ = setup
+    prompts = list(_models.SAMPLE_PROMPTS)
+    batch = tok(prompts, return_tensors="pt", padding=True)
+    assert (batch.attention_mask == 0).any() and tok.pad_token_id not in tok(prompts[0]).input_ids
+    kw = {"max_new_tokens": NEW, "min_new_tokens": NEW, "pad_token_id": tok.pad_token_id}
+    masked = measure_sweeps(model, batch.input_ids, attention_mask=batch.attention_mask, **kw)
+    inferred = measure_sweeps(model, batch.input_ids, **kw)
+    assert inferred["output_ids"] == masked["output_ids"]
+    with torch.no_grad():
+        plain = model.generate(batch.input_ids, do_sample=False, **kw)[:, batch.input_ids.shape[1] :]
+    assert inferred["output_ids"] == plain.tolist()
