@@ -614,6 +614,11 @@ def _read_input(path: Path) -> list[_Prompt]:
                 prompt: str | list = obj
             elif isinstance(obj, dict):
                 pid = obj.get("id", index)
+                if "messages" in obj and "prompt" in obj:  # (the prompt was ignored, silently)
+                    raise ValueError(
+                        f"{where} has both 'prompt' and 'messages': {line.strip()[:80]!r}. Give one of them (the "
+                        "messages for a chat, the prompt for a completion)."
+                    )
                 if "messages" in obj:
                     prompt = _check_messages(obj["messages"], where)
                 elif isinstance(obj.get("prompt"), str):

@@ -147,7 +147,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
         "--systems",
         default=",".join(SYSTEMS),
         help=f"comma-separated subset of {','.join(SYSTEMS)} (streamed_disk: nothing kept, every layer read from "
-        "disk; streamed_host, CUDA only: every layer kept in pinned host RAM, none on the device)",
+        "disk; streamed_host, CUDA only: every layer kept in pinned host RAM, none on the device; default: all)",
     )
     p.add_argument(
         "--compression",
@@ -162,9 +162,14 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
         default=None,
         help="draft model folder (or `demo` with --demo): adds assisted-decoding rows with sweeps per token",
     )
-    p.add_argument("--repeats", type=int, default=1, help="generate calls per measurement (median over all steps)")
     p.add_argument(
-        "--rounds", type=int, default=1, help="run every system this many times, interleaved; report the median round"
+        "--repeats", type=int, default=1, help="generate calls per measurement (median over all steps; default 1)"
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run every system this many times, interleaved; report the median round (default 1)",
     )
     p.add_argument(
         "--paired-calls",
@@ -172,11 +177,11 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
         default=10,
         help="warm: also run the whole model in RAM and our full-precision systems in one process, alternating "
         "generate calls, this many each, and report the median per-call ratio and the middle half of them (free of "
-        "the few percent that separate processes differ by on a shared machine); 0: off",
+        "the few percent that separate processes differ by on a shared machine); 0: off (default 10)",
     )
     p.add_argument("--threads", type=int, default=None, help="torch threads in every child (default: torch's)")
     p.add_argument("--device", default=None, help="execution device of our rows (default: cuda if available)")
-    p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per child process")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per child process (default 1800)")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     p.set_defaults(handler=run_bench)
     return p

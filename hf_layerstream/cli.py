@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("shard_dir", help="shard directory made by `split`")
     p.add_argument("prompt", nargs="?", default=None, help="prompt text (default: read from stdin)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder or hub id (default: the shard directory's)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--top-p", type=float, default=None)
@@ -167,12 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the whole pipeline on a built-in random-weight Llama-shaped model (no download)")
     p.add_argument("--dir", default=None, help="work folder (default: a temporary folder, removed afterwards)")
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--hidden-size", type=int, default=1024)
-    p.add_argument("--intermediate-size", type=int, default=2816)
+    p.add_argument("--layers", type=int, default=8, help="decoder layers (default 8)")
+    p.add_argument("--hidden-size", type=int, default=1024, help="hidden size (default 1024)")
+    p.add_argument("--intermediate-size", type=int, default=2816, help="MLP size (default 2816)")
     p.add_argument("--vocab-size", type=int, default=32000, help="at least the demo tokenizer's (default: 32000)")
     p.add_argument("--dtype", default="bfloat16", help="checkpoint dtype (default bfloat16)")
-    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate (default 16)")
     p.add_argument("--compression", choices=["4bit", "8bit"], default=None, help="also compare quantized shards")
     p.add_argument(
         "--max-memory",

@@ -994,7 +994,8 @@ def split_checkpoint(
         shard_dir (`str` or `os.PathLike`):
             Where to write the shard directory (created if needed).
         compression (`str`, *optional*):
-            `None` (full precision, lossless), `"4bit"` or `"8bit"` block-wise quantization with bitsandbytes.
+            `None` (full precision, lossless), `"4bit"` or `"8bit"` block-wise quantization with bitsandbytes (also
+            by name: `"nf4"`, `"fp4"`, `"int8"`; case-insensitive).
         quant_type (`str`, *optional*):
             For 4-bit: `"nf4"` (default) or `"fp4"`.
         blocksize (`int`, *optional*):

@@ -701,10 +701,12 @@ def enable_layer_streaming(
             resident parts with the layers in flight keeps the input embeddings, then the output head, in host RAM
             (looked up there; copied to the GPU for each pass), with placeholders on the GPU between passes.
         prefetch (`int`, *optional*):
-            How many streamed layers are read ahead of the compute. Default: 3 on CPU with full-precision shards, 2
-            otherwise (the fastest from a cold page cache in our measurements); each one more holds one more layer
-            in memory. On a GPU whose budget cannot hold the resident parts and that many layers in flight, the
-            default is lowered until it can (down to 0); on CPU, until they fit in `max_memory["cpu"]`, when given.
+            How many streamed layers are read ahead of the compute, at most one fewer than the layers. Default on
+            CPU: 3 with full-precision shards, 2 with quantized ones (the fastest from a cold page cache in our
+            measurements); on CUDA: as many layers as hold 320 MiB as stored, from 2 to 8, where that gives up no
+            layer the plan would keep on the GPU at 2 (else 2). Each one more holds one more layer in memory. On a
+            GPU whose budget cannot hold the resident parts and that many layers in flight, the default is lowered
+            until it can (down to 0); on CPU, until they fit in `max_memory["cpu"]`, when given and not 0.
         profile (`bool`, defaults to `False`):
             Record per-layer timings; see [`get_streaming_state`]`(model).profile`.
         keep_in_page_cache (`bool`, *optional*):

@@ -373,6 +373,10 @@ def test_user_errors(llama, tmp_path):
     (tmp_path / "schema.jsonl").write_text('{"id": 1, "text": "a"}\n')
     with pytest.raises(ValueError, match=r"schema.jsonl:1 has neither a string 'prompt' nor 'messages'"):
         generate_jsonl(model, tok, tmp_path / "schema.jsonl", tmp_path / "o.jsonl", progress=False)
+    # both: the prompt was ignored without a word (the messages were rendered)
+    (tmp_path / "both.jsonl").write_text('{"id": 1, "prompt": "a", "messages": [{"role": "user", "content": "b"}]}\n')
+    with pytest.raises(ValueError, match=r"both.jsonl:1 has both 'prompt' and 'messages'"):
+        generate_jsonl(model, tok, tmp_path / "both.jsonl", tmp_path / "o.jsonl", progress=False)
     with pytest.raises(FileNotFoundError, match="`input_path`"):
         generate_jsonl(model, tok, tmp_path / "missing.jsonl", tmp_path / "o.jsonl", progress=False)
     assert not (tmp_path / "o.jsonl").exists()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import _models
 import pytest
+import torch
 from transformers import AutoTokenizer, pipeline
 
 from hf_layerstream import ShardDirectory, generate_batch
@@ -55,6 +56,12 @@ def test_budget_and_profile_reports_every_streamed_layer(checkpoints, capsys):
     assert profile["totals"]["forward_calls"] == 4
     assert all(t["calls"] == 4 and t["bytes_read"] > 0 for t in profile["layers"].values())
     assert "slowest layer:" in out
+    # the text it prints is the loaded model's
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    inputs = tok("The quick brown fox", return_tensors="pt")
+    with torch.no_grad():
+        ref = _models.load_reference(ckpt).generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert tok.decode(ref[0], skip_special_tokens=True) + "\n" in out
 
 
 def test_batch_jsonl_writes_the_loaded_models_completions(checkpoints, tmp_path, capsys):
@@ -84,6 +91,12 @@ def test_speculative_example_keeps_the_output_in_fewer_sweeps(checkpoints, capsy
     assert plain["tokens"] == assisted["tokens"] > 1
     assert assisted["sweeps"] < plain["sweeps"]
     assert "same output: True" in capsys.readouterr().out
+    # and both are the loaded model's greedy output
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    ids = tok("def fibonacci(n):", return_tensors="pt").input_ids
+    with torch.no_grad():
+        ref = _models.load_reference(ckpt).generate(ids, max_new_tokens=12, do_sample=False)
+    assert plain["output_ids"] == [ref[0, ids.shape[1] :].tolist()]
 
 
 @pytest.mark.parametrize("name", ["quickstart", "budget_and_profile", "batch_jsonl", "speculative"])
