@@ -800,6 +800,23 @@ def _check_file(header: Header, st: os.stat_result) -> None:
         raise ShardFileError(header.path, f"is shorter than its {header.file_size} bytes (truncated)")
 
 
+def _mapped_file_stat(identity: tuple) -> os.stat_result | None:
+    """A `stat` of the file this process maps with `identity` (its device and inode first), whatever its path names
+    now: through the map's entry in /proc/self/map_files (Linux). `None` where there is no such map, or no /proc to
+    tell it by."""
+    device, inode = identity[:2]
+    want = f"{os.major(device):02x}:{os.minor(device):02x}"
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                fields = line.split(maxsplit=5)
+                if len(fields) >= 5 and fields[4] == str(inode) and fields[3] == want:
+                    return os.stat(f"/proc/self/map_files/{fields[0]}")
+    except OSError:
+        return None
+    return None
+
+
 # --- the loader ----------------------------------------------------------------------------------------------------
 
 
@@ -1225,6 +1242,10 @@ class LayerLoader:
         # CPU: the files the model computes with in place, mapped once and kept (the resident parts, the layers the
         # plan keeps), by unit: checked at every pass (`check_kept_files`)
         self._kept_files: dict[str, Header] = {}
+        # of those, the ones found changed (they fail every later pass: the map shows the changed file), and the ones
+        # replaced by a rename whose old file was found whole and unlinked (nothing can change it any more)
+        self._changed_kept: dict[str, ShardFileError] = {}
+        self._detached_kept: set[str] = set()
         self._host_cache: dict[int, dict[str, torch.Tensor]] = {}
         self._copy_stream = torch.cuda.Stream(device) if self.is_cuda else None
         if self._pinned is not None:  # a loader dropped without `close` (model deleted while streaming) unpins too,
@@ -1455,6 +1476,8 @@ class LayerLoader:
                     _evict(self.shards.files[layer_unit(i)])
         self._device_cache.clear()
         self._kept_files.clear()
+        self._changed_kept.clear()
+        self._detached_kept.clear()
         self._host_cache.clear()
         self._pool.clear()
         if self._pinned is not None:
@@ -1548,15 +1571,34 @@ class LayerLoader:
     def check_kept_files(self) -> None:
         """At every pass (`PassGuard`), on CPU: the files mapped once and kept (`_kept_files`), one `stat` each. A
         file rewritten in place since it was mapped changes the weights under the model (its map shows the page
-        cache's pages): that raises, as a streamed layer's file does at its next use. A path that now names another
-        file (replaced by a rename) or none leaves the map the file it was, unchanged: not checked."""
-        for header in list(self._kept_files.values()):
-            try:
-                st = os.stat(header.path)
-            except OSError:
+        cache's pages): that raises, as a streamed layer's file does at its next use, and at every pass after it (the
+        map stays the changed file's, also once the path names a repaired one). A path that now names another file
+        (replaced by a rename: what a re-run split does) or none leaves the map the file it was: that file is checked
+        through the map (`_mapped_file_stat`), since one truncated before it was replaced would end the process with
+        `SIGBUS` at the next read of its pages; once found whole and unlinked, it is not checked again."""
+        for unit, header in list(self._kept_files.items()):
+            if header.identity is None or unit in self._detached_kept:
                 continue
-            if header.identity is None or (st.st_dev, st.st_ino) == header.identity[:2]:
-                _check_file(header, st)
+            found = self._changed_kept.get(unit)
+            if found is not None:  # (as found then: also where it was rewritten to its old bytes since)
+                raise ShardFileError(found.path, found.problem, found.fix)
+            try:
+                try:
+                    st = os.stat(header.path)
+                except OSError:
+                    st = None
+                if st is not None and (st.st_dev, st.st_ino) == header.identity[:2]:
+                    _check_file(header, st)
+                    continue
+                mapped = _mapped_file_stat(header.identity)
+                if mapped is None:  # (no /proc here, or the map is gone: nothing to check it by)
+                    continue
+                _check_file(header, mapped)
+                if mapped.st_nlink == 0:
+                    self._detached_kept.add(unit)
+            except ShardFileError as e:
+                self._changed_kept[unit] = e
+                raise
 
     def pass_runs(self, layers: int | None) -> None:
         """A pass begins that runs only the first `layers` decoder layers (`None`: all of them), as an early-exit

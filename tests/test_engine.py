@@ -667,6 +667,70 @@ def test_a_file_mapped_once_and_kept_rewritten_in_place_fails_the_next_pass(llam
         disable_layer_streaming(model)
 
 
+_TRUNCATED_THEN_REPLACED = """
+import os, sys
+import torch
+sys.path.insert(0, sys.argv[4])
+import _models
+from conftest import streamed_model
+from hf_layerstream import ShardFileError, disable_layer_streaming, split_checkpoint
+
+ckpt, shards, name = sys.argv[1], sys.argv[2], sys.argv[3]
+plan = {"max_memory": {"cpu": 0}} if name == "resident.safetensors" else {}
+ids = torch.tensor([[1, 5, 9, 17, 33, 40, 7, 3]])
+with torch.no_grad():
+    expected = _models.load_reference(ckpt)(ids).logits
+path = os.path.join(shards, name)
+for way in ("a pass between", "no pass between"):
+    model = streamed_model(ckpt, shards, **plan)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, expected)
+    os.truncate(path, os.path.getsize(path) // 2)
+    if way == "a pass between":  # (found at once: the file the map maps is the path's)
+        try:
+            model(ids)
+            raise AssertionError("a truncated kept file was not refused")
+        except ShardFileError as e:
+            assert "changed on disk" in str(e), e
+    split_checkpoint(ckpt, shards, progress=False)  # the repair: a new file, renamed over the truncated one
+    for _ in range(2):  # (its map still maps the truncated file: a read of its pages past the end is a SIGBUS)
+        try:
+            with torch.no_grad():
+                model(ids)
+            raise AssertionError(f"{way}: a kept map of a truncated file was read")
+        except ShardFileError as e:
+            assert "changed on disk" in str(e) or "truncated" in str(e), e
+    disable_layer_streaming(model)
+    model = streamed_model(ckpt, shards, **plan)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, expected)
+    disable_layer_streaming(model)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("name", ["layers/00002.safetensors", "resident.safetensors"])
+def test_a_kept_file_truncated_then_repaired_by_a_new_split_fails_its_passes_not_the_process(llama, tmp_path, name):
+    """On CPU a kept layer's file (and the resident file, in every plan) is mapped once. Truncated, then repaired as
+    the error says (the same split again: a new file renamed over it), the next pass found the path naming another
+    file and left the map unchecked: it still mapped the truncated file, and its read killed the process with SIGBUS.
+    The file the map maps is checked through /proc now: every pass raises until streaming is enabled again, also
+    where no pass ran between the truncation and the repair. In a child process, as a regression kills it."""
+    import subprocess
+    import sys
+
+    ckpt, shards, *_ = llama
+    copy = _copy_shards(shards, tmp_path)
+    tests = str(Path(__file__).parent)
+    out = subprocess.run(
+        [sys.executable, "-c", _TRUNCATED_THEN_REPLACED, str(ckpt), str(copy), name, tests],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), (out.returncode, out.stderr[-3000:])
+
+
 def test_running_out_of_file_descriptors_is_named_as_the_limit_not_damage(llama, monkeypatch):
     """On CPU each layer file's map is kept, holding a descriptor: a model of more layers than `ulimit -n` allows ran
     out at some layer with "cannot be read: Too many open files. Re-create the shard directory" (the file is sound),
