@@ -1209,6 +1209,9 @@ def split_checkpoint(
                     "with other options.",
                     "Pass `overwrite=True` (`--overwrite`) to replace it, or choose another directory.",
                 )
+        # an interrupted `overwrite=True` run, resumed without it, still replaces the split it was replacing: the side
+        # files and deeper layers of the model there before go too (the record says so)
+        replacing = overwrite or _resumes_an_overwrite(shard_dir, options)
         done = _load_progress(shard_dir, options, overwrite=overwrite)
         digest = _options_digest(options)
         if repaired is not None:  # damaged units are rewritten, never adopted
@@ -1265,11 +1268,11 @@ def split_checkpoint(
         # always says what it is and how to finish it (removed first, a run killed in between left neither, and the
         # same split refused the folder as holding no shard directory).
         with _write_errors_named(shard_dir, PROGRESS_NAME, f"{len(done)} of {len(units)} units are complete and kept"):
-            _save_progress(shard_dir, options, {u: done[u] for u in units if u in done})
+            _save_progress(shard_dir, options, {u: done[u] for u in units if u in done}, replacing=replacing)
         if manifest_path.exists():
             manifest_path.unlink()
             fsync_dir(shard_dir)
-        if overwrite:
+        if replacing:
             _remove_foreign_unit_files(shard_dir, {u: _unit_file(u) for u in units})
 
         kept = kept_in_float32(model, dtype) if dtype is not None else None
@@ -1294,7 +1297,7 @@ def split_checkpoint(
                     done[unit] = _write_unit(
                         shard_dir, unit, tensors, scheme, quantize_tensor, should_quantize, split_digest=digest
                     )
-                    _save_progress(shard_dir, options, done)
+                    _save_progress(shard_dir, options, done, replacing=replacing)
                 # keep only the source files the next units still need open
                 nxt = units[units.index(unit) + 1 :]
                 src.release({src.keys[k] for u in nxt for k, _, _ in plan.units.get(u, [])})
@@ -1311,7 +1314,7 @@ def split_checkpoint(
             if generation is not None:
                 _write_file(shard_dir, "generation_config.json", generation.encode())
                 written.add("generation_config.json")
-        if overwrite:  # the replaced split's chat template or generation config would pass for the new source's
+        if replacing:  # the replaced split's chat template or generation config would pass for the new source's
             _remove_foreign_side_files(shard_dir, written)
         if dtype is not None:
             # the weights were cast: the config says so, as `from_pretrained(dtype=...)` sets it on the config and its
@@ -1581,8 +1584,14 @@ def _load_progress(shard_dir: Path, options: dict, *, overwrite: bool) -> dict[s
     return done
 
 
-def _save_progress(shard_dir: Path, options: dict, done: dict[str, UnitEntry]) -> None:
-    payload = {"options": options, "units": [u.to_json() for u in done.values()]}
+def _resumes_an_overwrite(shard_dir: Path, options: dict) -> bool:
+    """Whether the directory's progress record is an interrupted `overwrite=True` run's with these options."""
+    progress = _read_json(shard_dir / PROGRESS_NAME)
+    return isinstance(progress, dict) and progress.get("options") == options and progress.get("replacing") is True
+
+
+def _save_progress(shard_dir: Path, options: dict, done: dict[str, UnitEntry], *, replacing: bool) -> None:
+    payload = {"options": options, "units": [u.to_json() for u in done.values()], "replacing": replacing}
     atomic_write_bytes(shard_dir / PROGRESS_NAME, json.dumps(payload).encode())
 
 

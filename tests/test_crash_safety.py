@@ -925,3 +925,35 @@ def test_summary():
     )
     assert LEDGER["data_lost"] == 0
     assert LEDGER["faults_survived"] == LEDGER["faults_injected"]
+
+
+def test_an_interrupted_overwrite_resumed_without_it_still_replaces_the_old_split(tmp_path, monkeypatch):
+    """`split_checkpoint(B, d, overwrite=True)` over a split of A (a deeper model with a generation config and chat
+    template), interrupted while a layer was written, then run again as the error and the progress record allow, the
+    same split without `overwrite`: the record matched, the run resumed, and it kept A's side files (B's streamed
+    model got A's end-of-sequence ids and sampling settings) and A's deeper layer files. The record says it replaces
+    a split now: the resumed run removes them as the uninterrupted one does (byte-identical to a fresh split)."""
+    a = _models.save_tiny_checkpoint("llama", tmp_path / "a", num_hidden_layers=4)
+    (a / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 99], "do_sample": True}))
+    b = _models.save_tiny_checkpoint("llama", tmp_path / "b", num_hidden_layers=3, seed=7)
+    for name in ("chat_template.jinja", "generation_config.json"):
+        (b / name).unlink(missing_ok=True)
+    d = split_checkpoint(a, tmp_path / "d", progress=False)
+    assert (d / "generation_config.json").is_file() and (d / "layers" / "00003.safetensors").is_file()
+    real = split_mod.atomic_write_safetensors
+
+    def interrupted(path, *args, **kwargs):
+        if str(path).endswith("00001.safetensors"):
+            raise KeyboardInterrupt
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(split_mod, "atomic_write_safetensors", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        split_checkpoint(b, d, overwrite=True, progress=False)
+    monkeypatch.setattr(split_mod, "atomic_write_safetensors", real)
+    split_checkpoint(b, d, progress=False)
+    fresh = split_checkpoint(b, tmp_path / "fresh", progress=False)
+    assert tree(d) == tree(fresh)
+    model = streamed_model(b, d)
+    assert model.generation_config.eos_token_id != [2, 99] and not model.generation_config.do_sample
+    disable_layer_streaming(model)
