@@ -1319,8 +1319,9 @@ class LayerLoader:
         except BaseException:
             # interrupted while waiting (Ctrl-C): the load goes on in the loader thread; handed back as read
             # ahead, it is used by the next pass or let go as that pass begins (`sweep_begins`), not lost with
-            # its buffer or populated pages
-            if future is not None:
+            # its buffer or populated pages; one that failed so (a `SystemExit` in the loader) is not: the next pass
+            # reads the layer again, where it re-raised at every pass
+            if future is not None and not (future.done() and (future.cancelled() or future.exception() is not None)):
                 with self._lock:
                     self._pending.setdefault(index, future)
             raise

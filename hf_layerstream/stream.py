@@ -977,11 +977,12 @@ def _enable(
         _refuse(model, state)
         model.eval()
         loader.start()
+        if logger.isEnabledFor(logging.INFO):  # (inside: interrupted there, the enable is undone too)
+            logger.info("Layer streaming enabled from %s: %s", shards.path, plan.summary())
     except BaseException:
         with contextlib.suppress(Exception):  # (the first error is the one to see)
             _disable(model, state)
         raise
-    logger.info("Layer streaming enabled from %s: %s", shards.path, plan.summary())
     return model
 
 

@@ -7,6 +7,7 @@ import errno
 import functools
 import gc
 import io
+import logging
 import mmap
 import os
 import re
@@ -851,8 +852,8 @@ def test_a_disable_interrupted_while_it_waits_for_the_threads_is_finished_by_the
     disable_layer_streaming(model)
 
 
-@pytest.mark.parametrize("where", ["_load_generation_config", "_refuse", "start"])
-def test_an_enable_interrupted_at_its_end_leaves_the_model_as_it_was(llama, monkeypatch, where):
+@pytest.mark.parametrize("where", ["_load_generation_config", "_refuse", "start", "summary"])
+def test_an_enable_interrupted_at_its_end_leaves_the_model_as_it_was(llama, monkeypatch, where, caplog):
     """Ctrl-C late in `enable_layer_streaming` (reading the shard directory's `generation_config.json`; wrapping the
     model's methods; starting the loader): the hooks were in but no state was attached, so `disable` said streaming
     was not enabled and a second `enable` named a `device_map` the caller never gave, for good. Now an interrupted
@@ -865,6 +866,9 @@ def test_an_enable_interrupted_at_its_end_leaves_the_model_as_it_was(llama, monk
     before = set(vars(model))
     threads = set(_loader_threads())  # (other tests' models may be alive in this process)
     owner, name = (engine.LayerLoader, where) if where == "start" else (stream, where)
+    if where == "summary":  # (the plan logged as the last step: it was outside the undo, leaving the model enabled)
+        owner = engine.ResidencyPlan
+        caplog.set_level(logging.INFO, logger="hf_layerstream")
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -879,6 +883,30 @@ def test_an_enable_interrupted_at_its_end_leaves_the_model_as_it_was(llama, monk
     assert not hasattr(model, "hf_device_map") and model.config.dtype == dtype_before
     assert all(p.is_meta for p in model.parameters())
     enable_layer_streaming(model, shards, device="cpu", **STREAM_ALL)
+    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+    disable_layer_streaming(model)
+
+
+def test_a_base_exception_in_the_loader_thread_fails_one_pass_not_every_later_one(llama, monkeypatch):
+    """A `BaseException` that is no `Exception` (a `SystemExit` from code the loader thread ran) for one layer: the pass
+    re-raised it, and the failed read went back among the reads ahead as if Ctrl-C had interrupted the wait, so every
+    later pass re-raised it too, until streaming was enabled again. The next pass reads the layer again now."""
+    from hf_layerstream.engine import LayerLoader
+
+    ckpt, shards, inputs, expected, pad = llama
+    model = streamed_model(ckpt, shards, **STREAM_ALL)
+    real, fired = LayerLoader._load_streamed, []
+
+    def once(self, index, *args, **kwargs):
+        if index == 2 and not fired:
+            fired.append(index)
+            raise SystemExit("in the loader thread")
+        return real(self, index, *args, **kwargs)
+
+    monkeypatch.setattr(LayerLoader, "_load_streamed", once)
+    with pytest.raises(SystemExit, match="in the loader thread"), torch.no_grad():
+        model(**inputs)
+    assert fired == [2]
     assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
     disable_layer_streaming(model)
 
