@@ -118,10 +118,15 @@ class Header:
             return
         now = _identity(st)
         if now != self.identity:
+            if now[2] != self.identity[2]:
+                how = f"size {self.identity[2]} -> {now[2]} bytes"
+            elif now[:2] != self.identity[:2]:
+                how = "replaced by another file"
+            else:
+                how = "rewritten in place: modified since"
             raise ShardFileError(
                 self.path,
-                f"changed on disk since it was opened (size {self.identity[2]} -> {now[2]} bytes, or replaced or "
-                "rewritten in place)",
+                f"changed on disk since it was opened ({how})",
                 "Do not modify a shard directory while a model streams from it. Restore the file: delete it and "
                 "re-run the same `split_checkpoint` (`hf-layerstream split`), which writes it again (a re-run alone "
                 "checks sizes, headers and sample digests only: it takes a file changed within for sound; "

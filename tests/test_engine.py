@@ -640,6 +640,28 @@ def _rewrite_in_place(path) -> None:
         f.write(bytes(size // 2))
 
 
+def test_a_changed_file_is_named_by_what_changed(llama, tmp_path):
+    """The error said "size 149888 -> 149888 bytes, or replaced or rewritten in place" for a file of the same size:
+    it names the change it found now."""
+    _, shards, *_ = llama
+    for i, (change, named) in enumerate(
+        (
+            (_rewrite_in_place, "(rewritten in place: modified since)"),
+            (lambda p: (p.with_name("x").write_bytes(p.read_bytes()), os.replace(p.with_name("x"), p)), None),
+            (lambda p: os.truncate(p, p.stat().st_size // 2), "(size {size} -> {half} bytes)"),
+        )
+    ):
+        copy = _copy_shards(shards, tmp_path / str(i))
+        path = copy / "layers" / "00001.safetensors"
+        size = path.stat().st_size
+        header = ShardDirectory(copy).header(layer_unit(1))
+        change(path)
+        with pytest.raises(ShardFileError) as caught:
+            header.check_stat(os.stat(path))
+        named = (named or "(replaced by another file)").format(size=size, half=size // 2)
+        assert f"changed on disk since it was opened {named}" in str(caught.value)
+
+
 def test_a_file_mapped_once_and_kept_rewritten_in_place_fails_the_next_pass(llama, tmp_path):
     """On CPU a layer the plan keeps, and the resident parts, are maps of their files made once: a file rewritten in
     place between two calls (`cp` of another split's file over it) changed the weights under the model, silently
