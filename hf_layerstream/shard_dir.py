@@ -297,6 +297,8 @@ class ShardDirectory:
         manifest_path = self.path / MANIFEST_NAME
         if os.path.lexists(manifest_path):
             manifest_path = _inside(self.path, MANIFEST_NAME, manifest_path)
+        if manifest_path.exists() and not manifest_path.is_file():  # (a folder, a FIFO: it read as "has no manifest")
+            raise ShardFileError(manifest_path, "is not a regular file")
         if not manifest_path.is_file():
             if _split_running(self.path):  # (its advice to run the same split again was refused: the lock is held)
                 fix = "a split is writing it right now (it holds its lock): wait for that split to finish"

@@ -1391,7 +1391,10 @@ def progress_bar(enabled: bool, **kwargs):
 
 
 def _read_json(path: Path) -> Any:
+    """`path`'s JSON, or `None` where it is not a readable JSON file (a FIFO too: reading it waited for a writer)."""
     try:
+        if not path.is_file():
+            return None
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None

@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import streamed_model
 
-from hf_layerstream import ShardDirectory, ShardDirError, disable_layer_streaming
+from hf_layerstream import ShardDirectory, ShardDirError, ShardFileError, disable_layer_streaming
 from hf_layerstream import _safetensors as st_mod
 from hf_layerstream._safetensors import (
     DATA_ALIGN,
@@ -326,6 +326,21 @@ def test_a_damaged_manifest_fails_verify_and_split_says_what_to_do(shard_copy, c
         split_checkpoint(ckpt, shards, progress=False)
     split_checkpoint(ckpt, shards, progress=False, overwrite=True)
     assert ShardDirectory(shards, checksums=True).verify() == []
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder"])
+def test_a_manifest_that_is_no_regular_file_is_named_so(shard_copy, kind):
+    """A `manifest.json` that is a FIFO or a folder read as "has no manifest.json, so it is not a shard directory"."""
+    from hf_layerstream import split_checkpoint
+
+    ckpt, shards = shard_copy
+    manifest = shards / "manifest.json"
+    manifest.unlink()
+    os.mkfifo(manifest) if kind == "fifo" else manifest.mkdir()
+    with pytest.raises(ShardFileError, match=r"manifest\.json is not a regular file"):
+        ShardDirectory(shards)
+    with pytest.raises(ShardDirError, match=r"manifest\.json is damaged"):  # (a FIFO: it waited for a writer)
+        split_checkpoint(ckpt, shards, progress=False)
 
 
 def test_loading_never_writes(shard_copy, monkeypatch):
