@@ -831,6 +831,9 @@ class _Ready:
     # profiling: the loader's times for this layer (read, dequantize, copy), added to the profile when the layer is
     # used, so a `generate` call's profile has the reads of the layers it used, read ahead before it began or not
     times: dict | None = None
+    # CPU, a streamed layer: the header of the file it was read from (checked again at a use long after: see
+    # `LayerLoader._still_sound`)
+    header: object = None
 
 
 @dataclass
@@ -1302,6 +1305,8 @@ class LayerLoader:
                             self._after_cold_in_place(index)
                     else:
                         ready = future.result()
+                        if prefetched and ready.header is not None:
+                            ready = self._still_sound(index, ready)
                 except Exception:  # noqa: BLE001
                     if not prefetched:
                         raise
@@ -1339,6 +1344,26 @@ class LayerLoader:
         if self.profile is not None:
             self.profile.add(index, wait=time.perf_counter() - t0, calls=1, **(ready.times or {}))
         return ready.tensors
+
+    def _still_sound(self, index: int, ready: _Ready) -> _Ready:
+        """CPU: layer `index`, read ahead (possibly long before this use), checked at its use as a layer mapped at its
+        use is (one `stat`): a file rewritten in place since shows through the map's pages (or was read before it
+        changed), and was computed with once, silently. Read ahead before `ShardDirectory.verify` read the headers
+        anew, it is loaded again (the map made anew, see `_map_file`).
+
+        Raises:
+            `ShardFileError`: The file changed since it was read (the layer let go).
+        """
+        header = self.shards.header(layer_unit(index))
+        try:
+            if header is ready.header:
+                _check_file(header, os.stat(header.path))
+                return ready
+        except BaseException:
+            self._let_go(index, ready)
+            raise
+        self._let_go(index, ready)
+        return self._submit(index).result()
 
     def kept_runs(self, index: int) -> None:
         """Layer `index`, kept on the device and holding its weights since its last pass, runs (no `acquire`): the
@@ -2083,7 +2108,14 @@ class LayerLoader:
             evict = header.path if mapped and not self._keep_cached(index, header) else None
             repair = evict is not None and self.plan.keeps_in_page_cache(index)
             return _Ready(
-                tensors, None, (self._pool, buffer, views) if buffer is not None else None, mapped, evict, repair, times
+                tensors,
+                None,
+                (self._pool, buffer, views) if buffer is not None else None,
+                mapped,
+                evict,
+                repair,
+                times,
+                header,
             )
         # CUDA: copy (and dequantize/cast) on the side stream; the compute stream waits on the event, and the
         # staging buffer goes back to the pool tagged with the event, to be refilled once the copy has landed

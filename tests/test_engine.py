@@ -662,6 +662,30 @@ def test_a_changed_file_is_named_by_what_changed(llama, tmp_path):
         assert f"changed on disk since it was opened {named}" in str(caught.value)
 
 
+@pytest.mark.parametrize("when", ["at enable", "by the last call"])
+def test_a_layer_read_ahead_is_checked_at_its_use(llama, tmp_path, when):
+    """A layer read ahead (at enable, or for the next call as a call ends) was checked when it was read only: its
+    file rewritten in place before its use was computed with once, silently (a map shows the page cache's pages:
+    logits 0.26 off), and refused from the call after. It is checked at its use now, as a layer mapped then is."""
+    ckpt, shards, inputs, expected, pad = llama
+    shards = _copy_shards(shards, tmp_path)
+    options = {"max_memory": {"cpu": 0}}
+    if when == "by the last call":
+        options.update(prefetch=2, keep_in_page_cache=False)
+    model = streamed_model(ckpt, shards, **options)
+    loader = get_streaming_state(model).loader
+    if when == "by the last call":
+        assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+    loader.wait_idle()
+    assert 1 in loader._pending  # (read ahead, waiting for its use)
+    _rewrite_in_place(shards / "layers" / "00001.safetensors")
+    with pytest.raises(LayerLoadError, match=r"decoder layer 1 .*changed on disk"), torch.no_grad():
+        model(**inputs)
+    with pytest.raises(LayerLoadError, match=r"decoder layer 1 .*changed on disk"), torch.no_grad():
+        model(**inputs)
+    disable_layer_streaming(model)
+
+
 def test_a_file_mapped_once_and_kept_rewritten_in_place_fails_the_next_pass(llama, tmp_path):
     """On CPU a layer the plan keeps, and the resident parts, are maps of their files made once: a file rewritten in
     place between two calls (`cp` of another split's file over it) changed the weights under the model, silently
@@ -1306,6 +1330,9 @@ class _InterruptedOnce:
             self.interrupted = True
             raise KeyboardInterrupt
         return self.future.result()
+
+    def __getattr__(self, name):  # (`done`, `exception`: the read's own state)
+        return getattr(self.future, name)
 
 
 def _interrupt_then_generate(model, inputs, pad, layer: int = 3) -> tuple[torch.Tensor, list[int]]:
