@@ -534,8 +534,14 @@ def mmap_tensors(header: Header) -> dict[str, torch.Tensor]:
 
     The mapping lives as long as any returned tensor does; pages are read from the page cache on first touch.
     """
+    return map_file(header)[1]
+
+
+def map_file(header: Header) -> tuple[mmap.mmap | None, dict[str, torch.Tensor]]:
+    """`mmap_tensors`, with the map (`None` for an empty file): its `size()` is its own file's, whatever the path
+    names later (Python keeps a descriptor of the file mapped)."""
     if header.file_size == 0:
-        return {}
+        return None, {}
     try:
         with open(header.path, "rb") as f:
             header.check_unchanged(f.fileno())
@@ -545,7 +551,7 @@ def mmap_tensors(header: Header) -> dict[str, torch.Tensor]:
     if len(mm) != header.file_size:
         raise ShardFileError(header.path, f"changed size while being opened ({len(mm)} != {header.file_size})")
     advise_huge(mm)
-    return _views(header, mm, header.data_offset)
+    return mm, _views(header, mm, header.data_offset)
 
 
 _TAGS = {v: k for k, v in _DTYPES.items()}

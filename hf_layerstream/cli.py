@@ -243,17 +243,18 @@ def _as_options(message: str, parser: argparse.ArgumentParser, command: str) -> 
         long = [o for o in action.option_strings if o.startswith("--")]
         if long and action.dest != "help":
             for name in (action.dest, *_LIBRARY_NAMES.get(action.dest, ())):
-                message = message.replace(f"`{name}`", f"`{long[0]}`")
+                message = message.replace(f"`{name}`", f"`{long[0]}`").replace(f"`{name}=`", f"`{long[0]}`")
                 message = re.sub(rf"(?<![\w.`-]){re.escape(name)}=", f"{long[0]} ", message)
         if action.dest == "max_memory":  # its entries and examples as the option writes them, not as Python does
             message = re.sub(r"max_memory\[(['\"]?)(\w+)\1\]", r"--max-memory \2", message)
-            message = re.sub(r"\{(?:'?\w+'?: '[^']*'(?:, )?)+\}", _as_option_value, message)
+            message = re.sub(r"\{(?:'?\w+'?: (?:'[^']*'|\d+)(?:, )?)+\}", _as_option_value, message)
     return message
 
 
 def _as_option_value(match: re.Match) -> str:
-    """`{0: '4GiB', 'cpu': '16GiB'}` -> `0=4GiB,cpu=16GiB`."""
-    return ",".join(f"{key}={value}" for key, value in re.findall(r"'?(\w+)'?: '([^']*)'", match.group(0)))
+    """`{0: '4GiB', 'cpu': '16GiB'}` -> `0=4GiB,cpu=16GiB` (`{'cpu': 0}` -> `cpu=0`)."""
+    entries = re.findall(r"'?(\w+)'?: (?:'([^']*)'|(\d+))", match.group(0))
+    return ",".join(f"{key}={text or number}" for key, text, number in entries)
 
 
 class _OptionNames(logging.Filter):

@@ -57,6 +57,7 @@ from ._safetensors import (
     can_release_mapped_pages,
     huge_pages_enabled,
     map_address,
+    map_file,
     map_readonly,
     mmap_tensors,
     populate,
@@ -800,23 +801,6 @@ def _check_file(header: Header, st: os.stat_result) -> None:
         raise ShardFileError(header.path, f"is shorter than its {header.file_size} bytes (truncated)")
 
 
-def _mapped_file_stat(identity: tuple) -> os.stat_result | None:
-    """A `stat` of the file this process maps with `identity` (its device and inode first), whatever its path names
-    now: through the map's entry in /proc/self/map_files (Linux). `None` where there is no such map, or no /proc to
-    tell it by."""
-    device, inode = identity[:2]
-    want = f"{os.major(device):02x}:{os.minor(device):02x}"
-    try:
-        with open("/proc/self/maps") as f:
-            for line in f:
-                fields = line.split(maxsplit=5)
-                if len(fields) >= 5 and fields[4] == str(inode) and fields[3] == want:
-                    return os.stat(f"/proc/self/map_files/{fields[0]}")
-    except OSError:
-        return None
-    return None
-
-
 # --- the loader ----------------------------------------------------------------------------------------------------
 
 
@@ -1243,12 +1227,10 @@ class LayerLoader:
         self._kept_order = sorted(plan.device_layers)
         self._warmed: set[int] = set()
         # CPU: the files the model computes with in place, mapped once and kept (the resident parts, the layers the
-        # plan keeps), by unit: checked at every pass (`check_kept_files`)
-        self._kept_files: dict[str, Header] = {}
-        # of those, the ones found changed (they fail every later pass: the map shows the changed file), and the ones
-        # replaced by a rename whose old file was found whole and unlinked (nothing can change it any more)
+        # plan keeps), by unit, with their maps: checked at every pass (`check_kept_files`)
+        self._kept_files: dict[str, tuple[Header, mmap.mmap | None]] = {}
+        # of those, the ones found changed: they fail every later pass (the map shows the changed file)
         self._changed_kept: dict[str, ShardFileError] = {}
-        self._detached_kept: set[str] = set()
         self._host_cache: dict[int, dict[str, torch.Tensor]] = {}
         self._copy_stream = torch.cuda.Stream(device) if self.is_cuda else None
         if self._pinned is not None:  # a loader dropped without `close` (model deleted while streaming) unpins too,
@@ -1305,8 +1287,9 @@ class LayerLoader:
                             self._after_cold_in_place(index)
                     else:
                         ready = future.result()
-                        if prefetched and ready.header is not None:
-                            ready = self._still_sound(index, ready)
+                        if prefetched and ready.header is not None and not self._still_sound(index, ready):
+                            future = self._submit(index)  # (here: a Ctrl-C while it reads hands this one back)
+                            ready = future.result()
                 except Exception:  # noqa: BLE001
                     if not prefetched:
                         raise
@@ -1345,11 +1328,12 @@ class LayerLoader:
             self.profile.add(index, wait=time.perf_counter() - t0, calls=1, **(ready.times or {}))
         return ready.tensors
 
-    def _still_sound(self, index: int, ready: _Ready) -> _Ready:
-        """CPU: layer `index`, read ahead (possibly long before this use), checked at its use as a layer mapped at its
-        use is (one `stat`): a file rewritten in place since shows through the map's pages (or was read before it
-        changed), and was computed with once, silently. Read ahead before `ShardDirectory.verify` read the headers
-        anew, it is loaded again (the map made anew, see `_map_file`).
+    def _still_sound(self, index: int, ready: _Ready) -> bool:
+        """CPU: whether layer `index`, read ahead (possibly long before this use), can be used: checked at its use as
+        a layer mapped at its use is (one `stat`), since a file rewritten in place after the read shows through the
+        map's pages (or was read before it changed), and was computed with once, silently. `False` (the layer let go:
+        load it again) where it was read ahead before `ShardDirectory.verify` read the headers anew (the map is made
+        anew then, see `_map_file`).
 
         Raises:
             `ShardFileError`: The file changed since it was read (the layer let go).
@@ -1358,12 +1342,12 @@ class LayerLoader:
         try:
             if header is ready.header:
                 _check_file(header, os.stat(header.path))
-                return ready
+                return True
         except BaseException:
             self._let_go(index, ready)
             raise
         self._let_go(index, ready)
-        return self._submit(index).result()
+        return False
 
     def kept_runs(self, index: int) -> None:
         """Layer `index`, kept on the device and holding its weights since its last pass, runs (no `acquire`): the
@@ -1503,7 +1487,6 @@ class LayerLoader:
         self._device_cache.clear()
         self._kept_files.clear()
         self._changed_kept.clear()
-        self._detached_kept.clear()
         self._host_cache.clear()
         self._pool.clear()
         if self._pinned is not None:
@@ -1599,11 +1582,11 @@ class LayerLoader:
         file rewritten in place since it was mapped changes the weights under the model (its map shows the page
         cache's pages): that raises, as a streamed layer's file does at its next use, and at every pass after it (the
         map stays the changed file's, also once the path names a repaired one). A path that now names another file
-        (replaced by a rename: what a re-run split does) or none leaves the map the file it was: that file is checked
-        through the map (`_mapped_file_stat`), since one truncated before it was replaced would end the process with
-        `SIGBUS` at the next read of its pages; once found whole and unlinked, it is not checked again."""
-        for unit, header in list(self._kept_files.items()):
-            if header.identity is None or unit in self._detached_kept:
+        (replaced by a rename: what a re-run split does) or none leaves the map the file it was: that file's size is
+        checked through the map (`mmap.size()`, an `fstat` of the descriptor Python keeps), since one truncated before
+        it was replaced would end the process with `SIGBUS` at the next read of its pages."""
+        for unit, (header, mm) in list(self._kept_files.items()):
+            if header.identity is None:
                 continue
             found = self._changed_kept.get(unit)
             if found is not None:  # (as found then: also where it was rewritten to its old bytes since)
@@ -1616,12 +1599,15 @@ class LayerLoader:
                 if st is not None and (st.st_dev, st.st_ino) == header.identity[:2]:
                     _check_file(header, st)
                     continue
-                mapped = _mapped_file_stat(header.identity)
-                if mapped is None:  # (no /proc here, or the map is gone: nothing to check it by)
-                    continue
-                _check_file(header, mapped)
-                if mapped.st_nlink == 0:
-                    self._detached_kept.add(unit)
+                size = mm.size() if mm is not None and not mm.closed else header.file_size
+                if size < header.file_size:
+                    raise ShardFileError(
+                        header.path,
+                        f"was truncated to {size} of its {header.file_size} bytes after it was mapped, then replaced "
+                        "by another file (the map still maps the truncated one)",
+                        "Do not modify a shard directory while a model streams from it. Call "
+                        "`disable_layer_streaming(model)` and `enable_layer_streaming(model, shard_dir)` again.",
+                    )
             except ShardFileError as e:
                 self._changed_kept[unit] = e
                 raise
@@ -1820,12 +1806,12 @@ class LayerLoader:
         # whatever the caller's, as a loaded model's weights are (an inference tensor cannot be saved for backward)
         header = self.shards.header(unit)
         with torch.inference_mode(False):
-            raw = mmap_tensors(header)
+            mm, raw = map_file(header)
             tensors = self._relative(index, self._finish(unit, raw, index))
         if self.is_cuda:  # as for the resident parts: a later pass run on another stream must find them there
             torch.cuda.current_stream(self.device).synchronize()
         else:  # (its tensors view the file's map)
-            self._kept_files[unit] = header
+            self._kept_files[unit] = (header, mm)
         # (one `_Ready` for every use: releasing a kept layer changes nothing in it)
         ready = self._device_cache[index] = _Ready(tensors)
         return ready
@@ -1854,9 +1840,9 @@ class LayerLoader:
                 self.shards.path,
                 DATA_ALIGN,
             )
-        raw = mmap_tensors(header)
+        mm, raw = map_file(header)
         if not self.is_cuda or set(on_host) - set(pinned):  # (on CUDA, parts in host RAM may be views of the map)
-            self._kept_files[RESIDENT] = header
+            self._kept_files[RESIDENT] = (header, mm)
         skip = frozenset(on_host)
         out = self._finish(RESIDENT, raw, -1, skip=skip)
         for name in skip:

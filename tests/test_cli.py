@@ -1001,10 +1001,11 @@ def test_max_memory_is_named_as_the_option_writes_it(split_dir, capsys, caplog):
     warning = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("warning"))
     assert warning.startswith("warning          --max-memory cpu = 1.0 KiB cannot hold the resident parts")
     assert "max_memory[" not in warning and "with --prefetch 0 (" in warning
-    caplog.set_level(logging.WARNING, logger="hf_layerstream")
+    caplog.set_level(logging.INFO, logger="hf_layerstream")
     argv = ["generate", str(shards), "hi", "--max-new-tokens", "1", "--device", "cpu", "--max-memory", "cpu=1KiB"]
     assert main(argv) == 0
     assert "--max-memory cpu = 1.0 KiB cannot hold" in caplog.text and "max_memory[" not in caplog.text
+    assert "Pass `--prefetch` to choose it." in caplog.text  # (the INFO record of the prefetch lowered, `-v`)
     # the filter goes with the command: the library's records outside it are as the library wrote them
     assert not any(isinstance(f, _OptionNames) for h in logging.getLogger().handlers for f in h.filters)
 
