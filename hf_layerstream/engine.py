@@ -801,6 +801,24 @@ def _check_file(header: Header, st: os.stat_result) -> None:
         raise ShardFileError(header.path, f"is shorter than its {header.file_size} bytes (truncated)")
 
 
+class _Executor(ThreadPoolExecutor):
+    """The loader's threads, each started at its first task: one that cannot start (`RuntimeError: can't start new
+    thread`, bare) is named by the limits that stop it."""
+
+    def submit(self, *args, **kwargs) -> Future:
+        try:
+            return super().submit(*args, **kwargs)
+        except RuntimeError as e:
+            if "can't start new thread" not in str(e):
+                raise
+            raise RuntimeError(
+                f"Layer streaming cannot start a loader thread ({e}): this process is at a limit of its address space "
+                "(`ulimit -v`: on CPU every layer file stays mapped while streaming is enabled, and each thread takes "
+                "its stack, 8 MiB by default, and up to 64 MiB of malloc arena), of threads (`ulimit -u`, a cgroup's "
+                "`pids.max`) or of memory. Raise the limit at fault."
+            ) from e
+
+
 # --- the loader ----------------------------------------------------------------------------------------------------
 
 
@@ -1515,10 +1533,10 @@ class LayerLoader:
         loader thread's current device is the model's from its start (every call that needs one also names it): a
         call made there without `torch.cuda.device` would otherwise reach device 0, and make a CUDA context there."""
         on_device = {"initializer": torch.cuda.set_device, "initargs": (self.device,)} if self.is_cuda else {}
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf_layerstream-loader", **on_device)
+        self._executor = _Executor(max_workers=1, thread_name_prefix="hf_layerstream-loader", **on_device)
         self._helpers: ThreadPoolExecutor | None = None
         self._mappers = [
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"hf_layerstream-loader-map-{k}")
+            _Executor(max_workers=1, thread_name_prefix=f"hf_layerstream-loader-map-{k}")
             for k in range(self._map_streams)
         ]
         self._warmer: ThreadPoolExecutor | None = None  # (see `_warm_kept_ahead`; made at its first task)
@@ -1556,7 +1574,7 @@ class LayerLoader:
         if self._closed or not todo:
             return
         if self._warmer is None:
-            self._warmer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf_layerstream-loader-warm")
+            self._warmer = _Executor(max_workers=1, thread_name_prefix="hf_layerstream-loader-warm")
         for i in todo[: max(self.prefetch, 2)]:
             self._warmed.add(i)
             self._warmer.submit(self._warm_file, i)
@@ -1708,7 +1726,7 @@ class LayerLoader:
             work(start, end)
             return
         if self._helpers is None:
-            self._helpers = ThreadPoolExecutor(
+            self._helpers = _Executor(
                 max_workers=self.read_streams - 1, thread_name_prefix="hf_layerstream-loader-read"
             )
         futures = [self._helpers.submit(work, lo, hi) for lo, hi in parts[1:]]

@@ -9,7 +9,7 @@ import os
 import threading
 import weakref
 from collections import Counter
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 import torch
@@ -781,6 +781,12 @@ def _enable(
     stack = require_layer_stack(model)
     _refuse_weights_changed_by_forward(model)
     for name, module in model.named_modules():
+        if isinstance(getattr(module, "_hf_hook", None), (LayerStreamingHook, HostResidentHook)):
+            raise ValueError(
+                f"Module {name or type(model).__name__!r} holds a hook of an `enable_layer_streaming` that failed part "
+                "way and could not undo itself. Build the model again (under `init_empty_weights()`) and enable "
+                "streaming on it."
+            )
         if hasattr(module, "_hf_hook"):
             raise ValueError(
                 f"Module {name or type(model).__name__!r} already has an accelerate hook (the model was dispatched with "
@@ -923,12 +929,15 @@ def _enable(
                 if all(owners[id(m)] == 1 for m in hook.modules):
                     handles += hook.hold_between_passes()
     except BaseException:
-        loader.close()
-        for handle in handles:
-            handle.remove()
-        for module in model.modules():
-            _detach(module, (LayerStreamingHook, HostResidentHook))
-        _restore(model, originals)
+
+        def detach() -> None:
+            for module in list(model.modules()):
+                _detach(module, (LayerStreamingHook, HostResidentHook))
+
+        # (the hooks' removal twice: a second try once the loader's memory is free, where the first failed half way)
+        _undo_each(
+            loader.close, *(handle.remove for handle in handles), detach, detach, lambda: _restore(model, originals)
+        )
         raise
 
     state = StreamingState(shards, device, stack, plan, loader, prof, hooks, originals)
@@ -984,6 +993,17 @@ def _enable(
             _disable(model, state)
         raise
     return model
+
+
+def _undo_each(*steps: Callable[[], object]) -> None:
+    """An enable that failed part way undoes each of its steps, whatever the others raise: at a tight memory limit
+    (`ulimit -v`) one raised `MemoryError` in turn and the rest were skipped, leaving hooks on the model, which the
+    next enable took for a `device_map`'s. The caller raises the first error."""
+    for step in steps:
+        try:
+            step()
+        except Exception:  # noqa: BLE001 - the error that failed the enable is the one to see
+            logger.debug("A step undoing a failed enable raised", exc_info=True)
 
 
 def _refuse_weights_changed_by_forward(model: nn.Module) -> None:

@@ -938,6 +938,71 @@ def test_an_enable_interrupted_at_its_end_leaves_the_model_as_it_was(llama, monk
     disable_layer_streaming(model)
 
 
+def test_an_enable_failing_out_of_memory_undoes_itself_when_its_undo_fails_too(llama, monkeypatch):
+    """At a tight address-space limit (`ulimit -v`) an enable of a 200-layer model raised `MemoryError`, and its undo
+    raised `MemoryError` again part way: the hooks of 176 layers were left on the model, and the next enable said it
+    "already has an accelerate hook (the model was dispatched with a `device_map`)". Each undo step runs now, the
+    hooks' removal a second time where the first failed."""
+    from hf_layerstream import stream
+    from hf_layerstream.hooks import LayerStreamingHook
+
+    ckpt, shards, inputs, expected, pad = llama
+    model = build_meta_model(AutoConfig.from_pretrained(ckpt))
+    real_detach, failed = stream._detach, []
+
+    def detach(module, kinds):
+        if not failed and isinstance(getattr(module, "_hf_hook", None), LayerStreamingHook):
+            failed.append(module)
+            raise MemoryError
+        return real_detach(module, kinds)
+
+    def out_of_memory(self):
+        raise MemoryError
+
+    monkeypatch.setattr(stream, "_detach", detach)
+    monkeypatch.setattr(LayerStreamingHook, "hold_between_passes", out_of_memory)
+    with pytest.raises(MemoryError):
+        enable_layer_streaming(model, shards, device="cpu")
+    monkeypatch.undo()
+    assert failed and not any(hasattr(m, "_hf_hook") for m in model.modules())
+    assert get_streaming_state(model) is None and all(p.is_meta for p in model.parameters())
+    enable_layer_streaming(model, shards, device="cpu")
+    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+    disable_layer_streaming(model)
+    # where hooks are left all the same (no undo could run), the next enable names them as such, not a device_map
+    other = build_meta_model(AutoConfig.from_pretrained(ckpt))
+    monkeypatch.setattr(stream, "_undo_each", lambda *steps: None)
+    monkeypatch.setattr(LayerStreamingHook, "hold_between_passes", out_of_memory)
+    with pytest.raises(MemoryError):
+        enable_layer_streaming(other, shards, device="cpu")
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match=r"holds a hook of an `enable_layer_streaming` that failed part way"):
+        enable_layer_streaming(other, shards, device="cpu")
+
+
+def test_a_loader_thread_that_cannot_start_is_named_by_the_limits(llama, monkeypatch):
+    """At a tight address-space limit (`ulimit -v`) a loader thread could not start, and enable raised a bare
+    `RuntimeError: can't start new thread`, where the README says such a limit is named: it names the limits now (the
+    enable undoes itself, and works once the limit is raised)."""
+    ckpt, shards, inputs, expected, pad = llama
+    model = build_meta_model(AutoConfig.from_pretrained(ckpt))
+    real_start = threading.Thread.start
+
+    def start(self):
+        if self.name.startswith("hf_layerstream-loader"):
+            raise RuntimeError("can't start new thread")
+        return real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    with pytest.raises(RuntimeError, match=r"cannot start a loader thread \(can't start new thread\).*`ulimit -v`"):
+        enable_layer_streaming(model, shards, device="cpu", **STREAM_ALL)
+    monkeypatch.undo()
+    assert get_streaming_state(model) is None and not any(hasattr(m, "_hf_hook") for m in model.modules())
+    enable_layer_streaming(model, shards, device="cpu", **STREAM_ALL)
+    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+    disable_layer_streaming(model)
+
+
 def test_a_base_exception_in_the_loader_thread_fails_one_pass_not_every_later_one(llama, monkeypatch):
     """A `BaseException` that is no `Exception` (a `SystemExit` from code the loader thread ran) for one layer: the pass
     re-raised it, and the failed read went back among the reads ahead as if Ctrl-C had interrupted the wait, so every
