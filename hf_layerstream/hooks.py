@@ -622,12 +622,19 @@ class PassGuard:
                         self._raised = False
                     self.loader.check_kept_files()
                     self.loader.pass_runs(self.layers_run())
-                    return forward(*args, **kwargs)
-                except BaseException:
+                    out = forward(*args, **kwargs)
+                    if self.loader is None:  # disabled from inside the pass: what came after ran on meta weights
+                        raise RuntimeError(DISABLED_DURING_CALL)
+                    return out
+                except BaseException as e:
                     self._raised = True
                     if self.loader is not None:  # (`None`: disabled from inside the pass)
                         self._put_back()
                         self._put_back_host()
+                    elif isinstance(e, Exception) and str(e) != DISABLED_DURING_CALL:
+                        # (a plain call raised torch's "Tensor on device cpu is not on the expected device meta!", or
+                        # accelerate's missing `_hf_hook`, where `generate` names the cause)
+                        raise RuntimeError(DISABLED_DURING_CALL) from e
                     raise
                 finally:
                     self.owner, self.running = owner, running

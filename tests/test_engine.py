@@ -1154,6 +1154,26 @@ def test_disable_from_a_callback_of_generate_is_named(llama):
     assert get_streaming_state(model) is None
 
 
+@pytest.mark.parametrize("options", [STREAM_ALL, {}], ids=["streamed", "kept"])
+def test_disable_from_a_layers_hook_during_a_plain_call_is_named(llama, options):
+    """`disable_layer_streaming` from a decoder layer's forward hook during a plain `model(...)` call: the rest of the
+    pass met the model's own meta weights and raised torch's "Tensor on device cpu is not on the expected device
+    meta!" (or accelerate's missing `_hf_hook`), where `generate` names the cause. The plain call names it too; the
+    model enables again and is exact."""
+    from hf_layerstream.hooks import DISABLED_DURING_CALL
+
+    ckpt, shards, inputs, expected, pad = llama
+    model = streamed_model(ckpt, shards, **options)
+    handle = model.model.layers[2].register_forward_hook(lambda *_: disable_layer_streaming(model))
+    with pytest.raises(RuntimeError) as info, torch.no_grad():
+        model(**inputs)
+    handle.remove()
+    assert str(info.value) == DISABLED_DURING_CALL and get_streaming_state(model) is None
+    enable_layer_streaming(model, shards, device="cpu", **options)
+    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+    disable_layer_streaming(model)
+
+
 def test_disable_in_another_thread_during_generate_is_named(llama):
     """`disable_layer_streaming` run by another thread between two passes of a `generate`: the call's next pass finds
     the layers on the meta device, and the error says what happened (it was torch's meta-device error)."""
