@@ -266,7 +266,11 @@ class _OptionNames(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name.startswith("hf_layerstream"):
-            record.msg, record.args = _as_options(record.getMessage(), self.parser, self.command), None
+            try:
+                message = record.getMessage()
+            except Exception:  # noqa: BLE001 - a record that does not format: logging reports it as it emits it
+                return True
+            record.msg, record.args = _as_options(message, self.parser, self.command), None
         return True
 
 
