@@ -1357,13 +1357,13 @@ class LayerLoader:
             `ShardFileError`: The file changed since it was read (the layer let go).
         """
         header = self.shards.header(layer_unit(index))
-        try:
-            if header is ready.header:
+        if header is ready.header:
+            try:
                 _check_file(header, os.stat(header.path))
-                return True
-        except BaseException:
-            self._let_go(index, ready)
-            raise
+            except BaseException:
+                self._let_go(index, ready)
+                raise
+            return True
         self._let_go(index, ready)
         return False
 
