@@ -836,6 +836,8 @@ class _Ready:
     # CPU, a streamed layer: the header of the file it was read from (checked again at a use long after: see
     # `LayerLoader._still_sound`)
     header: object = None
+    # its tensors were let go (`LayerLoader._let_go`): not to be handed back as read ahead (a Ctrl-C in `acquire`)
+    let_go: bool = False
 
 
 @dataclass
@@ -1326,8 +1328,11 @@ class LayerLoader:
             # interrupted while waiting (Ctrl-C): the load goes on in the loader thread; handed back as read
             # ahead, it is used by the next pass or let go as that pass begins (`sweep_begins`), not lost with
             # its buffer or populated pages; one that failed so (a `SystemExit` in the loader) is not: the next pass
-            # reads the layer again, where it re-raised at every pass
-            if future is not None and not (future.done() and (future.cancelled() or future.exception() is not None)):
+            # reads the layer again, where it re-raised at every pass; nor is one let go here (interrupted while
+            # `_still_sound` checked it, or just after it found it stale): the next pass used it with no tensors
+            if future is not None and not (
+                future.done() and (future.cancelled() or future.exception() is not None or future.result().let_go)
+            ):
                 with self._lock:
                     self._pending.setdefault(index, future)
             raise
@@ -1419,6 +1424,7 @@ class LayerLoader:
             self._schedule_after(-1)
 
     def _let_go(self, index: int, ready: _Ready) -> None:
+        ready.let_go = True
         if ready.mapped:
             # its pages leave the resident set here and now: `MADV_DONTNEED` on a kept map, or the munmap when the
             # last view of a map made for this use dies (about 0.1 ms for an 86 MB layer in 2 MiB mappings here);

@@ -233,8 +233,8 @@ class LayerStreamingHook(ModelHook):
         for _ in map(setitem, self._dicts, self._keys, values):  # (the swap: no loop in Python, nor a deque to make)
             pass
         if no_grad and self.holds_between:  # (they stay in after the pass: the loader holds them anyway)
+            self._held = values  # (first: a Ctrl-C between the two leaves nothing installed that `_held` misses)
             self._installed = True
-            self._held = values
             self.loader.release(self.index)
         if self._fresh_each_pass is None:
             self._fresh_each_pass = bool(self.packed_placeholders) or self.loader.plan.tier(self.index) != "device"
@@ -529,6 +529,8 @@ class PassGuard:
         # the resident modules kept in host RAM (`HostResidentHook`): the head runs after the pass over the layers,
         # and a VLM's embeddings before it, so with those the model's own forward is wrapped too (`wrap_model`)
         self.host_hooks = host_hooks or []
+        # the output head's `_HeadGrad` (stream.py), if any: a call that raised puts back what its thread swapped in
+        self.head_grad = None
         self.lock = threading.RLock()
         self.guarded = None  # the wrapper `wrap` made
         self.model_guarded = None  # the wrapper `wrap_model` made
@@ -572,7 +574,7 @@ class PassGuard:
 
     def close(self) -> None:
         """Streaming is disabled (called with the lock held)."""
-        self.hooks, self.loader, self.host_hooks = [], None, []
+        self.hooks, self.loader, self.host_hooks, self.head_grad = [], None, [], None
 
     def wrap_model(self, forward):
         """Wrap the model's own forward (where the runner is not the model itself): the head, and a vision-language
@@ -590,10 +592,14 @@ class PassGuard:
                     if was_open:  # (it waited for the lock while streaming was disabled: see `wrap`)
                         raise RuntimeError(DISABLED_DURING_CALL)
                     return forward(*args, **kwargs)
+                head_grad = self.head_grad
+                mark = head_grad.counts() if head_grad is not None else None
                 try:
                     return forward(*args, **kwargs)
                 except BaseException:
                     self._put_back_host()
+                    if mark is not None:
+                        head_grad.unwind(mark)
                     raise
 
         self.model_guarded = guarded
@@ -615,6 +621,8 @@ class PassGuard:
                 inside = running if owner == self.owner and running is not None else None
                 if inside is not None:
                     self.under_way.append(inside)
+                head_grad = self.head_grad
+                mark = head_grad.counts() if head_grad is not None else None
                 try:
                     self._put_back()  # (a layer called on its own, outside a pass, that raised)
                     if self._raised:
@@ -628,6 +636,8 @@ class PassGuard:
                     return out
                 except BaseException as e:
                     self._raised = True
+                    if mark is not None:  # (a tied input embedding's alias, whose forward the pass runs)
+                        head_grad.unwind(mark)
                     if self.loader is not None:  # (`None`: disabled from inside the pass)
                         self._put_back()
                         self._put_back_host()

@@ -239,11 +239,14 @@ class _HeadGrad:
 
     With gradients on, no resident weight takes part in autograd (README, Limits: no weight gets a gradient, and
     an input's backward pass holds none): each module holding the head's weight (the input embeddings too, where
-    tied) swaps in an alias of it that does not require grad for its forward, put back as the forward leaves."""
+    tied) swaps in an alias of it that does not require grad for its forward, put back as the forward leaves (by
+    `post`, an always-call hook, which torch skips for an exception that is not an `Exception`: a Ctrl-C in the
+    head's forward left the alias in for good, so the model's call puts back what its thread swapped in, `unwind`)."""
 
     def __init__(self, weight: nn.Parameter):
         self.weight = weight
-        # id(module) -> [the weight it held, the forwards with gradients on under way with the alias in], while one is
+        # id(module) -> [the weight it held, the forwards with gradients on under way with the alias in, the module],
+        # while one is
         # in: the head runs outside `PassGuard`, and a call from another thread meeting the alias leaves it in until
         # the last one leaves (put back by the first to leave, the other's forward read the weight itself: a graph
         # held it and its backward gave it a gradient)
@@ -266,7 +269,7 @@ class _HeadGrad:
                 weight = module._parameters.get("weight")
                 if weight is not self.weight or not weight.requires_grad:
                     return
-                entry = self.swapped[id(module)] = [weight, 0]
+                entry = self.swapped[id(module)] = [weight, 0, module]
                 alias = nn.Parameter(weight.detach(), requires_grad=False)
                 alias.stands_for = weight  # (what `_fold_head_input` and `_disable` read the flag of)
                 module._parameters["weight"] = alias
@@ -279,29 +282,47 @@ class _HeadGrad:
         if not counted.get(id(module)):
             return  # (gradients off, or a frozen head: this forward swapped nothing in)
         counted[id(module)] -= 1
+        self._leave(id(module), 1)
+
+    def _leave(self, key: int, forwards: int) -> None:
         with self.lock:
-            entry = self.swapped[id(module)]
-            entry[1] -= 1
+            entry = self.swapped[key]
+            entry[1] -= forwards
             if not entry[1]:
-                del self.swapped[id(module)]
-                module._parameters["weight"] = entry[0]
+                del self.swapped[key]
+                entry[2]._parameters["weight"] = entry[0]
+
+    def counts(self) -> dict:
+        """This thread's forwards under way with the alias in, by module (`unwind`'s mark)."""
+        return dict(getattr(self.counted, "of", {}))
+
+    def unwind(self, mark: dict) -> None:
+        """A call that raised: the forwards of this thread it began and `post` did not see leave (a Ctrl-C: torch
+        runs always-call hooks on an `Exception` only) put their weight back, down to the counts of `mark`."""
+        counted = getattr(self.counted, "of", {})
+        for key, n in list(counted.items()):
+            left = n - mark.get(key, 0)
+            if left > 0:
+                counted[key] = n - left
+                self._leave(key, left)
 
 
-def _follow_head_grad(model: nn.Module, head: nn.Module, wants_grad: bool, handles: list) -> None:
+def _follow_head_grad(model: nn.Module, head: nn.Module, wants_grad: bool, handles: list) -> _HeadGrad | None:
     """See `_HeadGrad`: the head's weight, as resident on the device (a weight kept in host RAM has its placeholder
     there, which `HostResidentHook` follows), made to require grad as `wants_grad`, and the modules holding it
-    hooked."""
+    hooked; the `_HeadGrad` hooking them, if any."""
     weight = head._parameters.get("weight")
     if not isinstance(weight, nn.Parameter) or not (weight.is_floating_point() or weight.is_complex()):
-        return
+        return None
     weight.requires_grad_(wants_grad)
     if isinstance(weight, HostResident):
-        return
+        return None
     swap = _HeadGrad(weight)
     for module in model.modules():
         if module._parameters.get("weight") is weight:
             handles.append(module.register_forward_pre_hook(swap.pre))
             handles.append(module.register_forward_hook(swap.post, always_call=True))
+    return swap
 
 
 def _set_tensor(module: nn.Module, attr: str, value: torch.Tensor, is_param: bool) -> None:
@@ -959,7 +980,7 @@ def _enable(
             model.forward = state.guard.wrap_model(model.forward)
         if isinstance(head, nn.Module):  # (the module looked up before loading: tying replaces its weight, not it)
             state.handles.append(head.register_forward_pre_hook(_fold_head_input))  # (first: it reads the flag)
-            _follow_head_grad(model, head, head_wants_grad, state.handles)
+            state.guard.head_grad = _follow_head_grad(model, head, head_wants_grad, state.handles)
             state.head_weight = (head, head_weight)
         state.compute_dtypes = frozenset(d for d in target_dtypes.values() if d.is_floating_point)
         dev = device.index if device.type == "cuda" else "cpu"

@@ -12,6 +12,7 @@ import mmap
 import os
 import re
 import shutil
+import sys
 import threading
 import time
 import traceback
@@ -2264,6 +2265,77 @@ def test_interrupted_while_waiting_for_a_layer_loses_nothing(llama, mapped):
     loader.wait_idle()
     assert loader._pool.allocated <= prefetch + 1
     assert loader.in_use() == []
+    disable_layer_streaming(model)
+
+
+@pytest.mark.parametrize("stale", [False, True], ids=["while_checked", "found_stale"])
+def test_interrupted_while_a_layer_read_ahead_is_checked_loses_nothing(llama, monkeypatch, stale):
+    """Ctrl-C while `acquire` checks a layer read ahead against its file (`_still_sound`, one `stat`), or just after
+    it found it read before `verify` (let go, to be read again): the layer, let go there, was handed back as read
+    ahead, and the next call failed with `KeyError: 'input_layernorm.weight'` (its tensors were gone)."""
+    from hf_layerstream import engine
+
+    ckpt, shards, inputs, expected, pad = llama
+    model = streamed_model(ckpt, shards, max_memory={"cpu": 0}, prefetch=2)
+    loader = get_streaming_state(model).loader
+    loader.wait_idle()
+    assert 1 in loader._pending  # (read ahead at enable)
+    found_stale, interrupted = [], []
+
+    def check_file(header, st):  # (the check of a layer read ahead, at its use)
+        if not interrupted and sys._getframe(1).f_code.co_name == "_still_sound":
+            interrupted.append(1)
+            raise KeyboardInterrupt
+        return real_check(header, st)
+
+    def still_sound(index, ready):  # (as where `verify` read the headers anew since it was read)
+        loader._let_go(index, ready)
+        found_stale.append(index)
+        return False
+
+    def submit(index):  # (then Ctrl-C before it is read again)
+        if found_stale and not interrupted:
+            interrupted.append(1)
+            raise KeyboardInterrupt
+        return real_submit(index)
+
+    real_check, real_submit = engine._check_file, loader._submit
+    if stale:
+        monkeypatch.setattr(loader, "_still_sound", still_sound)
+        monkeypatch.setattr(loader, "_submit", submit)
+    else:
+        monkeypatch.setattr(engine, "_check_file", check_file)
+    with pytest.raises(KeyboardInterrupt):
+        model.generate(**inputs, **GEN, pad_token_id=pad)
+    assert interrupted
+    monkeypatch.undo()
+    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+    assert loader.in_use() == []
+    disable_layer_streaming(model)
+
+
+def test_interrupted_as_a_kept_layer_first_holds_its_weights(llama):
+    """Ctrl-C in a kept layer's first pass just after its hook marked its weights installed, before it noted which
+    (`_held`): the pass's clean-up indexed the empty list and an `IndexError` replaced the KeyboardInterrupt."""
+    ckpt, shards, inputs, expected, pad = llama
+    model = streamed_model(ckpt, shards)  # (the default plan keeps every layer, holding its weights between passes)
+    hook = get_streaming_state(model).stack.layers[1]._hf_hook
+    assert hook.holds_between
+
+    class InterruptedOnce(type(hook)):
+        def __setattr__(self, name, value):
+            super().__setattr__(name, value)
+            if name == "_installed" and value:
+                object.__setattr__(self, "__class__", base)  # (once)
+                raise KeyboardInterrupt
+
+    base = type(hook)
+    hook.__class__ = InterruptedOnce
+    with pytest.raises(KeyboardInterrupt) as caught:
+        model.generate(**inputs, **GEN, pad_token_id=pad)
+    assert type(hook) is base and caught.type is KeyboardInterrupt
+    assert all(t.is_meta for t in get_streaming_state(model).stack.layers[1].parameters())  # (put back)
+    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
     disable_layer_streaming(model)
 
 

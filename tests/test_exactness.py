@@ -511,6 +511,41 @@ def test_the_head_called_from_two_threads_with_gradients_on_in_one(checkpoints):
     disable_layer_streaming(model)
 
 
+@pytest.mark.parametrize("arch, where", [("llama", "head"), ("gpt2", "head"), ("gpt2", "embeddings")])
+def test_ctrl_c_in_the_head_with_gradients_on_puts_its_weight_back(checkpoints, arch, where):
+    """With gradients on, the head's forward computes with an alias of its weight that does not require grad, put
+    back by an always-call forward hook, which torch runs on an `Exception` only: a Ctrl-C in the head (or in the
+    embeddings tied to it, gpt2) left the alias in for good. A `model.requires_grad_(False)` then froze the alias, not
+    the weight the head's path is chosen by: a frozen model's prompt pass gave other bits than the frozen loaded
+    model's, and disabling left the weight requiring grad. The model's call puts it back as the interrupt leaves."""
+    ckpt, shards = checkpoints(arch, dtype=torch.bfloat16)
+    ref = _models.load_reference(ckpt, dtype=torch.bfloat16)
+    model = streamed_model(ckpt, shards, **STREAM_ALL)
+    head = model.get_output_embeddings()
+    weight = head.weight
+    module = head if where == "head" else model.get_input_embeddings()
+    assert module.weight is weight
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    batch = tok(list(_models.SAMPLE_PROMPTS), return_tensors="pt", padding=True)
+
+    def ctrl_c(module, args):  # (after streaming's hooks: with the alias in)
+        assert module.weight is not weight
+        raise KeyboardInterrupt
+
+    handle = module.register_forward_pre_hook(ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        model(**batch)  # (gradients on)
+    handle.remove()
+    assert head.weight is weight and module.weight is weight and weight.requires_grad
+    ref.requires_grad_(False)
+    model.requires_grad_(False)
+    assert not weight.requires_grad
+    with torch.no_grad():
+        assert torch.equal(model(**batch, logits_to_keep=1).logits, ref(**batch, logits_to_keep=1).logits)
+    disable_layer_streaming(model)
+    assert not head.weight.requires_grad
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_bf16_batch_exact(checkpoints, arch):
     """bf16 shards, a left-padded batch: logits at every position and greedy tokens equal `from_pretrained`'s."""
