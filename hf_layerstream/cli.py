@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate text with a streamed model (tokens printed as produced)")
     p.add_argument("shard_dir", help="shard directory made by `split`")
     p.add_argument("prompt", nargs="?", default=None, help="prompt text (default: read from stdin)")
+    # (as other LLM command lines take it; without it, argparse read `--prompt TEXT` as `--prompt-lookup TEXT`, its
+    # abbreviation, and refused TEXT as "invalid int value")
+    p.add_argument("--prompt", dest="prompt_option", default=None, metavar="TEXT", help="the prompt, as an option")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder or hub id (default: the shard directory's)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
@@ -325,6 +328,10 @@ def main(argv: list[str] | None = None) -> int:
         args.prompt, leftovers = _prompt_from_leftovers(leftovers)
     if leftovers:  # what `parse_args` would have refused
         parser.error(f"unrecognized arguments: {' '.join(leftovers)}")
+    if getattr(args, "prompt_option", None) is not None:
+        if args.prompt is not None:
+            parser.error(f"the prompt is given twice: {args.prompt!r} and --prompt {args.prompt_option!r}")
+        args.prompt = args.prompt_option
     for name in _PATH_ARGUMENTS:  # `"~/m.layers"` quoted (no shell expanded it): as `split`, `inspect` take it
         value = getattr(args, name, None)
         if isinstance(value, str) and value.startswith("~"):

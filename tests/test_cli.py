@@ -136,6 +136,19 @@ def test_generate_prompt_argument_streams_tokens(split_dir, capsys):
     assert out[len(prompt) :].strip() == _greedy_text(ckpt, prompt, 8).strip()
 
 
+def test_generate_takes_the_prompt_as_an_option_too(split_dir, capsys):
+    """`--prompt TEXT`, as other LLM command lines take it: argparse read it as an abbreviation of `--prompt-lookup`
+    and refused TEXT ("argument --prompt-lookup: invalid int value"). A prompt given both ways is refused."""
+    ckpt, shards = split_dir
+    prompt = _models.SAMPLE_PROMPTS[0]
+    assert main(["generate", str(shards), "--prompt", prompt, "--max-new-tokens", "8", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(prompt) and out[len(prompt) :].strip() == _greedy_text(ckpt, prompt, 8).strip()
+    with pytest.raises(SystemExit) as caught:
+        main(["generate", str(shards), "other", "--prompt", prompt, "--device", "cpu"])
+    assert caught.value.code == 2 and "the prompt is given twice" in capsys.readouterr().err
+
+
 def test_generate_prints_the_space_before_the_first_new_word(split_dir, tmp_path, capsys):
     """With a SentencePiece tokenizer, the new tokens decoded on their own lose the first one's leading space: the
     first word was printed glued to the prompt. What is printed is the whole sequence, decoded."""
