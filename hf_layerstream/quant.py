@@ -627,12 +627,25 @@ def load_backend(need: str = "This shard directory is quantized and decoding it"
     Raises:
         ImportError: bitsandbytes is missing, with the install command.
     """
+    # bitsandbytes looks for a hub kernel for its CPU 4-bit matmul (`gemv_4bit`) as it is imported, on CPUs with
+    # AVX512-BF16 and the `kernels` package (transformers 5.25 installs it), and warns where it cannot load one
+    # (offline; a publisher `kernels` does not trust): "Failed to load CPU gemm_4bit_forward from kernels-community
+    # ... Please make sure you already `pip install kernels`". Streaming never calls that op (it decodes the weights
+    # whole, `dequantize_4bit` / `dequantize_blockwise`): the notice is left out.
+    notices = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    notices.addFilter(_no_hub_kernel_notice)
     try:
         import bitsandbytes.functional  # noqa: F401
     except ImportError as e:
         raise ImportError(
             f"{need} needs bitsandbytes: `pip install bitsandbytes` (or `pip install hf_layerstream[quant]`)."
         ) from e
+    finally:
+        notices.removeFilter(_no_hub_kernel_notice)
+
+
+def _no_hub_kernel_notice(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward")
 
 
 def packed_nbytes(parts: Mapping[str, torch.Tensor] | Iterable[torch.Tensor]) -> int:

@@ -492,3 +492,34 @@ FP4_TABLE = [
 @pytest.mark.parametrize("key, table", [("nf4", NF4_TABLE), ("fp4", FP4_TABLE)])
 def test_the_4bit_code_tables_are_the_ones_shards_were_written_with(key, table):
     assert _code_table(key).tolist() == table
+
+
+_IMPORT_AND_LOG = """
+import logging, sys
+logging.basicConfig(format="%(name)s: %(message)s")
+if sys.argv[1] == "ours":
+    from hf_layerstream.quant import load_backend
+    load_backend()
+else:
+    import bitsandbytes.functional
+logging.getLogger("bitsandbytes.backends.cpu.ops").warning("a later notice")
+"""
+
+
+def test_importing_bitsandbytes_leaves_out_its_hub_kernel_notice():
+    """bitsandbytes looks for a hub kernel for its CPU 4-bit matmul as it is imported (AVX512-BF16 CPUs, with the
+    `kernels` package transformers installs) and warns where it cannot load one, advising `pip install kernels`:
+    every quantized split or decode printed that, for an op streaming never calls. The notice is left out (others
+    from that logger, later, are not)."""
+    import subprocess
+    import sys
+
+    def stderr(way: str) -> str:
+        run = subprocess.run([sys.executable, "-c", _IMPORT_AND_LOG, way], capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr
+        return run.stderr
+
+    if "gemm_4bit_forward" not in stderr("plain"):
+        pytest.skip("bitsandbytes gives no hub-kernel notice here (no AVX512-BF16, or no `kernels` package)")
+    ours = stderr("ours")
+    assert "gemm_4bit_forward" not in ours and "a later notice" in ours
