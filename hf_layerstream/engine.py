@@ -805,6 +805,15 @@ class _Executor(ThreadPoolExecutor):
     """The loader's threads, each started at its first task: one that cannot start (`RuntimeError: can't start new
     thread`, bare) is named by the limits that stop it."""
 
+    def _adjust_thread_count(self) -> None:
+        # every thread started: nothing to do. The base class first asks its idle semaphore, a `threading.Semaphore`
+        # whose `Condition` is entered in Python code: a Ctrl-C landing as that took its lock left the lock taken, and
+        # the next task handed over hung both threads (the compute thread here, the loader thread releasing the
+        # semaphore after its task; signal handlers run in the main thread only, so that release cannot leave it so)
+        if len(self._threads) >= self._max_workers:
+            return
+        super()._adjust_thread_count()
+
     def submit(self, *args, **kwargs) -> Future:
         try:
             return super().submit(*args, **kwargs)

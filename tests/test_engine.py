@@ -2314,6 +2314,40 @@ def test_interrupted_while_a_layer_read_ahead_is_checked_loses_nothing(llama, mo
     disable_layer_streaming(model)
 
 
+@pytest.mark.parametrize("mapped", [True, False], ids=["mapped", "read"])
+def test_handing_a_read_to_a_started_loader_thread_takes_no_lock_a_ctrl_c_can_keep(llama, mapped):
+    """`ThreadPoolExecutor.submit` asks its idle semaphore whether a thread is free, a `threading.Semaphore` whose
+    `Condition` is entered in Python code: a Ctrl-C landing as that took its lock (the compute thread hands reads over
+    at every layer) left the lock taken, and the next `generate` hung for good, the compute thread in `submit` and the
+    loader thread releasing the semaphore after its task (the read path; found by a Ctrl-C fuzz, once in ~840). Once
+    its thread runs, handing a read over does not touch the semaphore from the main thread, where Python runs signal
+    handlers."""
+    ckpt, shards, inputs, expected, pad = llama
+    model = streamed_model(ckpt, shards, max_memory={"cpu": 0}, prefetch=2)
+    loader = get_streaming_state(model).loader
+    loader._map, loader._in_place = mapped, False
+    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)  # (its threads started)
+
+    class Watched:
+        def __init__(self, semaphore):
+            self.semaphore, self.in_main = semaphore, 0
+
+        def acquire(self, *args, **kwargs):
+            self.in_main += threading.current_thread() is threading.main_thread()
+            return self.semaphore.acquire(*args, **kwargs)
+
+        def release(self, *args, **kwargs):
+            return self.semaphore.release(*args, **kwargs)
+
+    pools = [p for p in (loader._executor, *loader._mappers) if p._threads]
+    assert pools
+    for pool in pools:
+        pool._idle_semaphore = Watched(pool._idle_semaphore)
+    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+    assert [pool._idle_semaphore.in_main for pool in pools] == [0] * len(pools)
+    disable_layer_streaming(model)
+
+
 def test_interrupted_as_a_kept_layer_first_holds_its_weights(llama):
     """Ctrl-C in a kept layer's first pass just after its hook marked its weights installed, before it noted which
     (`_held`): the pass's clean-up indexed the empty list and an `IndexError` replaced the KeyboardInterrupt."""
