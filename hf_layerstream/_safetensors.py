@@ -118,21 +118,31 @@ class Header:
             return
         now = _identity(st)
         if now != self.identity:
+            replaced = now[:2] != self.identity[:2]
             if now[2] != self.identity[2]:
-                how = f"size {self.identity[2]} -> {now[2]} bytes"
-            elif now[:2] != self.identity[:2]:
+                how = f"size {self.identity[2]} -> {now[2]} bytes" + (", another file" if replaced else "")
+            elif replaced:
                 how = "replaced by another file"
             else:
                 how = "rewritten in place: modified since"
-            raise ShardFileError(
-                self.path,
-                f"changed on disk since it was opened ({how})",
-                "Do not modify a shard directory while a model streams from it. Restore the file: delete it and "
-                "re-run the same `split_checkpoint` (`hf-layerstream split`), which writes it again (a re-run alone "
-                "checks sizes, headers and sample digests only: it takes a file changed within for sound; "
-                "`hf-layerstream verify` lists every file that no longer matches), then call "
-                "`disable_layer_streaming(model)` and `enable_layer_streaming(model, shard_dir)` again.",
-            )
+            if replaced:
+                # (a split writes each file anew and renames it into place: most likely the directory was split
+                # again, or its path now leads to another split; deleting that file would damage a sound split)
+                fix = (
+                    "Another file is at this path now: the shard directory was split again (`overwrite=True`), or "
+                    "its path leads to another split now (a symlink moved). To stream what is there, call "
+                    "`disable_layer_streaming(model)` and `enable_layer_streaming(model, shard_dir)` again "
+                    "(`hf-layerstream verify` checks every file against the manifest)."
+                )
+            else:
+                fix = (
+                    "Do not modify a shard directory while a model streams from it. Restore the file: delete it and "
+                    "re-run the same `split_checkpoint` (`hf-layerstream split`), which writes it again (a re-run "
+                    "alone checks sizes, headers and sample digests only: it takes a file changed within for sound; "
+                    "`hf-layerstream verify` lists every file that no longer matches), then call "
+                    "`disable_layer_streaming(model)` and `enable_layer_streaming(model, shard_dir)` again."
+                )
+            raise ShardFileError(self.path, f"changed on disk since it was opened ({how})", fix)
 
 
 def _identity(st: os.stat_result) -> tuple[int, int, int, int]:

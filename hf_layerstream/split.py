@@ -1400,7 +1400,7 @@ def _read_json(path: Path) -> Any:
         return None
 
 
-_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG)
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM)
 
 
 @contextmanager
@@ -1414,8 +1414,16 @@ def _write_errors_named(shard_dir: Path, name: str, kept: str | Callable[[], str
             raise
         free = shutil.disk_usage(shard_dir).free
         fix = "free disk space, check the device"
-        if e.errno == errno.EFBIG:  # (FAT32 holds files up to 4 GiB; `ulimit -f` caps the size of any file)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            # (the preflight counts a file the split replaces as freed: one a process still has open or mapped is not)
+            fix += (
+                "; a file the split replaced frees its space only once no process holds it: a model streaming "
+                "from this directory keeps the old files until `disable_layer_streaming` or its exit"
+            )
+        elif e.errno == errno.EFBIG:  # (FAT32 holds files up to 4 GiB; `ulimit -f` caps the size of any file)
             fix = "split onto a filesystem that holds files this large, such as ext4 or NTFS, or raise `ulimit -f`"
+        elif e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):  # (a temporary file's name alone said nothing)
+            fix = "this folder cannot be written: make it writable, or choose another `shard_dir`"
         raise OSError(
             e.errno,
             f"Writing {name} into {shard_dir} failed: {e.strerror or e} ({size_text(free)} free). "

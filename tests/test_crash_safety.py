@@ -449,11 +449,16 @@ def _fail_on(monkeypatch, what: str, when: str, err: int):
         ("write", "config.json", errno.EIO),
         ("write", "tokenizer.json", errno.ENOSPC),
         ("write", "manifest.json", errno.EFBIG),
+        ("write", ".progress.json", errno.EACCES),
+        ("write", "00001.safetensors", errno.EROFS),
     ],
 )
 def test_disk_full_or_io_error_mid_split_then_rerun(llama, tmp_path, monkeypatch, what, when, err):
     """Each error names the file, the free space and the fix (the first progress record, the side files, config and
-    manifest, and any EFBIG, raised a bare "[Errno 28] No space left on device")."""
+    manifest, and any EFBIG, raised a bare "[Errno 28] No space left on device"; a folder this user cannot write
+    named a temporary file only, "[Errno 13] Permission denied: '...progress.json.tmp-25130'"). A full disk names
+    the space a process streaming from the directory holds: the preflight counts a file the split replaces as freed,
+    and it is not while a model maps it."""
     shards = tmp_path / "shards"
     LEDGER["faults_injected"] += 1
     with monkeypatch.context() as m:
@@ -463,6 +468,8 @@ def test_disk_full_or_io_error_mid_split_then_rerun(llama, tmp_path, monkeypatch
     assert state["fired"] and info.value.errno == err
     assert f"{when} into {shards} failed" in str(info.value) and "free)" in str(info.value)
     assert "run the same split again" in str(info.value)  # names the cause and the fix
+    assert ("keeps the old files until `disable_layer_streaming`" in str(info.value)) is (err == errno.ENOSPC)
+    assert ("cannot be written: make it writable" in str(info.value)) is (err in (errno.EACCES, errno.EROFS))
     no_partial_files(shards)
     assert not (shards / "manifest.json").exists()
     # an interrupted directory never looks valid, and says how to finish it once it recorded anything

@@ -641,15 +641,26 @@ def _rewrite_in_place(path) -> None:
         f.write(bytes(size // 2))
 
 
+def _replace_by(data: bytes):
+    def replace(path):  # (as a split writes a file: anew, renamed into place)
+        path.with_name("x").write_bytes(data if data else path.read_bytes())
+        os.replace(path.with_name("x"), path)
+
+    return replace
+
+
 def test_a_changed_file_is_named_by_what_changed(llama, tmp_path):
     """The error said "size 149888 -> 149888 bytes, or replaced or rewritten in place" for a file of the same size:
-    it names the change it found now."""
+    it names the change it found now. Its fix told to delete the file and re-run the split for a file another had
+    replaced too: a split run again (`overwrite=True`), or the path's symlink moved to another split, where deleting
+    it damaged a sound split; for those it says to enable streaming again."""
     _, shards, *_ = llama
-    for i, (change, named) in enumerate(
+    for i, (change, named, replaced) in enumerate(
         (
-            (_rewrite_in_place, "(rewritten in place: modified since)"),
-            (lambda p: (p.with_name("x").write_bytes(p.read_bytes()), os.replace(p.with_name("x"), p)), None),
-            (lambda p: os.truncate(p, p.stat().st_size // 2), "(size {size} -> {half} bytes)"),
+            (_rewrite_in_place, "(rewritten in place: modified since)", False),
+            (_replace_by(b""), "(replaced by another file)", True),
+            (lambda p: os.truncate(p, p.stat().st_size // 2), "(size {size} -> {half} bytes)", False),
+            (_replace_by(bytes(100)), "(size {size} -> 100 bytes, another file)", True),
         )
     ):
         copy = _copy_shards(shards, tmp_path / str(i))
@@ -659,8 +670,10 @@ def test_a_changed_file_is_named_by_what_changed(llama, tmp_path):
         change(path)
         with pytest.raises(ShardFileError) as caught:
             header.check_stat(os.stat(path))
-        named = (named or "(replaced by another file)").format(size=size, half=size // 2)
+        named = named.format(size=size, half=size // 2)
         assert f"changed on disk since it was opened {named}" in str(caught.value)
+        assert ("delete it and re-run" in str(caught.value)) is not replaced, named
+        assert ("split again (`overwrite=True`)" in str(caught.value)) is replaced, named
 
 
 @pytest.mark.parametrize("when", ["at enable", "by the last call"])
