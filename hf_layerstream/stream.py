@@ -246,10 +246,9 @@ class _HeadGrad:
     def __init__(self, weight: nn.Parameter):
         self.weight = weight
         # id(module) -> [the weight it held, the forwards with gradients on under way with the alias in, the module],
-        # while one is
-        # in: the head runs outside `PassGuard`, and a call from another thread meeting the alias leaves it in until
-        # the last one leaves (put back by the first to leave, the other's forward read the weight itself: a graph
-        # held it and its backward gave it a gradient)
+        # while one is in: the head runs outside `PassGuard`, and a call from another thread meeting the alias leaves
+        # it in until the last one leaves (put back by the first to leave, the other's forward read the weight itself:
+        # a graph held it and its backward gave it a gradient)
         self.swapped: dict[int, list] = {}
         self.lock = threading.Lock()
         self.counted = threading.local()  # (`of`: id(module) -> the forwards of this thread counted there)
