@@ -761,27 +761,60 @@ def _estimate_units_bytes(
     return {u: _estimate_unit_bytes(shapes[u], scheme, u, quantizes) for u in units}
 
 
-def _space_needed(shard_dir: Path, estimates: dict[str, int]) -> int:
-    """Disk space that writing the unit files of `estimates` (unit -> bytes) takes beyond what `shard_dir` holds.
+def _space_needed(shard_dir: Path, estimates: dict[str, int]) -> tuple[int, int]:
+    """Disk space that writing the unit files of `estimates` (unit -> bytes) takes beyond what `shard_dir` holds, and
+    how many of the files there it replaces are held open (see below).
 
     Each file is written beside the file of the same unit a previous split left (a re-split, `overwrite=True`) and
     renamed over it, one unit at a time: the old file's bytes are freed as its replacement takes its place, so only
     growth counts, plus the largest old file, which still exists while its replacement is being written. Counting
     every unit as new refused a re-split that fits (a disk holding one split and one more layer). A file that is a
-    symlink or has other hard links frees nothing when replaced.
+    symlink or has other hard links frees nothing when replaced, and neither does one a process holds open or mapped
+    (a model streaming from the directory): its bytes stay on the disk until that process lets it go, and the split
+    ran out of space part way, its manifest removed.
     """
     import stat
 
-    grown, beside = 0, 0
+    grown, beside, held = 0, 0, 0
     for unit, new in estimates.items():
+        path = shard_dir / _unit_file(unit)
         try:
-            st = os.lstat(shard_dir / _unit_file(unit))
+            st = os.lstat(path)
         except OSError:
             st = None
         old = st.st_size if st is not None and stat.S_ISREG(st.st_mode) and st.st_nlink == 1 else 0
+        if old and _held_open(path):
+            held += 1
+            old = 0
         grown += max(new - old, 0)
         beside = max(beside, old)
-    return grown + beside
+    return grown + beside, held
+
+
+def _held_open(path: Path) -> bool:
+    """Whether some process holds `path` open or mapped: a write lease is granted only on a file nobody else has open
+    (Linux; taken and given back at once). `False` where that cannot be told (another user's file, a filesystem
+    without leases such as NFS, other systems)."""
+    try:
+        import fcntl
+    except ImportError:  # (Windows)
+        return False
+    set_lease = getattr(fcntl, "F_SETLEASE", None)
+    if set_lease is None:
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return False
+    try:
+        fcntl.fcntl(fd, set_lease, fcntl.F_WRLCK)
+    except OSError as e:
+        return e.errno in (errno.EAGAIN, errno.EBUSY)
+    else:
+        fcntl.fcntl(fd, set_lease, fcntl.F_UNLCK)
+        return False
+    finally:
+        os.close(fd)
 
 
 def _config_dtype(config) -> torch.dtype | None:
@@ -1242,15 +1275,22 @@ def split_checkpoint(
         side = {name: src.fetch(name) for name in _SIDE_FILES}
         side |= {name: src.fetch(name) for name in _tokenizer_files(side["tokenizer_config.json"], config)}
         side |= {name: src.fetch(name) for name in (f"{_CHAT_TEMPLATE_DIR}/{n}" for n in src.chat_templates())}
-        needed = _space_needed(shard_dir, estimates)
+        needed, held = _space_needed(shard_dir, estimates)
         needed += sum(path.stat().st_size for path in side.values() if path is not None)
         needed += 4096 * len(units) + 2**20  # manifest, progress record and config
         free = shutil.disk_usage(shard_dir).free
         if needed > free:
+            held_text = (
+                f" ({held} of the files it replaces {'is' if held == 1 else 'are'} held open by a process, such as a "
+                "model streaming from this directory: their space is freed only once it lets them go, with "
+                "`disable_layer_streaming` or its exit)"
+                if held
+                else ""
+            )
             raise OSError(
                 errno.ENOSPC,
                 f"Not enough disk space in {shard_dir}: the split needs about {size_text(needed)} more and "
-                f"{size_text(free)} are free. Free some space or choose another `shard_dir`; nothing was "
+                f"{size_text(free)} are free{held_text}. Free some space or choose another `shard_dir`; nothing was "
                 "written",
             )
 

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import builtins
 import errno
+import gc
 import hashlib
 import json
 import logging
 import os
 import random
+import re
 import shutil
 import signal
 import stat
@@ -545,6 +547,35 @@ def test_a_resplit_in_place_needs_room_for_one_layer_not_a_second_copy(llama, tm
     model = streamed_model(other, shards, **STREAM_ALL)
     with torch.no_grad():
         assert torch.equal(model(IDS).logits, _models.load_reference(other)(IDS).logits)
+
+
+def test_a_resplit_while_a_model_streams_from_the_split_counts_its_files_as_kept(llama, tmp_path, monkeypatch):
+    """A file the split replaces frees its space only once no process holds it: a model streaming from the directory
+    maps its files. The preflight counted them as freed, the split ran out of disk part way and left the directory
+    without a manifest (a new enable refused) until it was run again after that process stopped. It refuses up front
+    now, naming the cause; once streaming is disabled, the same split fits."""
+    shards = tmp_path / "shards"
+    shutil.copytree(llama["reference"], shards)
+    size = sum(p.stat().st_size for p in shards.rglob("*.safetensors"))
+    other = _models.save_tiny_checkpoint("llama", tmp_path / "other", num_hidden_layers=4, seed=1)
+    model = streamed_model(llama["ckpt"], shards, **STREAM_ALL)
+    with torch.no_grad():
+        want = model(IDS).logits  # (every file mapped)
+    _free_bytes(monkeypatch, size // 2 + 2**20 + 4096 * 5)  # (room for the re-split where the old files are freed)
+    with pytest.raises(OSError, match=r"Not enough disk space") as info:
+        split_checkpoint(other, shards, overwrite=True, progress=False)
+    assert re.search(r"\d+ of the files it replaces are held open by a process", str(info.value)), str(info.value)
+    assert "nothing was written" in str(info.value)
+    with torch.no_grad():
+        assert torch.equal(model(IDS).logits, want)  # (the split there is left as it was)
+    disable_layer_streaming(model)
+    del model
+    gc.collect()
+    split_checkpoint(other, shards, overwrite=True, progress=False)
+    model = streamed_model(other, shards, **STREAM_ALL)
+    with torch.no_grad():
+        assert torch.equal(model(IDS).logits, _models.load_reference(other)(IDS).logits)
+    disable_layer_streaming(model)
 
 
 @pytest.mark.parametrize(
