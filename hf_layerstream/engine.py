@@ -42,7 +42,7 @@ import traceback
 import weakref
 from collections import defaultdict, deque
 from collections.abc import Callable, Collection
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -814,6 +814,13 @@ class _Executor(ThreadPoolExecutor):
             return
         super()._adjust_thread_count()
 
+    def load(self, fn: Callable, *args) -> _Load:
+        """`fn(*args)` in this executor's thread, as a `_Load` (not a `Future`: see there). One that a shutdown with
+        `cancel_futures` drops never finishes: `LayerLoader.close` cancels the loads it holds before that."""
+        load = _Load(fn, *args)
+        self.submit(load.run)
+        return load
+
     def submit(self, *args, **kwargs) -> Future:
         try:
             return super().submit(*args, **kwargs)
@@ -826,6 +833,81 @@ class _Executor(ThreadPoolExecutor):
                 "its stack, 8 MiB by default, and up to 64 MiB of malloc arena), of threads (`ulimit -u`, a cgroup's "
                 "`pids.max`) or of memory. Raise the limit at fault."
             ) from e
+
+
+class _Load:
+    """A layer's load handed to the loader thread (`_Executor.load`), and its outcome: what the compute thread uses of
+    a `concurrent.futures.Future` (`result`, `done`, `cancelled`, `exception`, `cancel`), finished and waited for with
+    a bare lock, whose methods are C code. A `Future` is entered by its `threading.Condition`, whose `__enter__` is
+    Python code: a Ctrl-C landing just after it took its lock (the compute thread waits for a load at every layer)
+    left the lock taken, and the loader thread hung setting that load's result, with every load queued after it: the
+    next pass waiting for one of those, or `disable_layer_streaming` for the thread, hung for good. Here the waiter
+    only takes the lock (interrupted while it waits, it has not taken it) and gives it back; a Ctrl-C between the two
+    leaves it taken, but the outcome, set before the loader thread gave the lock, is read without it from then on."""
+
+    __slots__ = ("_call", "_claim", "_signal", "_finished", "_value", "_error", "__weakref__")
+
+    def __init__(self, fn: Callable, *args) -> None:
+        self._call = (fn, args)
+        self._claim = [True]  # popped once (an atomic step): by the thread that runs the load, or by `cancel`
+        self._signal = threading.Lock()
+        self._signal.acquire()  # given when the outcome is set
+        self._finished = False
+        self._value = self._error = None
+
+    def run(self) -> None:
+        """In the loader thread."""
+        try:
+            self._claim.pop()
+        except IndexError:  # cancelled
+            return
+        fn, args = self._call
+        self._call = None
+        try:
+            self._value = fn(*args)
+        except BaseException as e:  # noqa: BLE001 - raised in the thread that asks for the result
+            self._error = e
+        self._finished = True
+        self._signal.release()
+
+    def cancel(self) -> bool:
+        """As `Future.cancel`: `True` where the load had not begun (it will not run), `False` otherwise."""
+        try:
+            self._claim.pop()
+        except IndexError:
+            return self.cancelled()
+        self._call = None
+        self._error = CancelledError()
+        self._finished = True
+        self._signal.release()
+        return True
+
+    def done(self) -> bool:
+        return self._finished
+
+    def cancelled(self) -> bool:
+        return self._finished and isinstance(self._error, CancelledError)
+
+    def exception(self) -> BaseException | None:
+        """The load's error, waiting for it to finish; raises `CancelledError` for a cancelled load, as a `Future`."""
+        self._wait()
+        if isinstance(self._error, CancelledError):
+            raise self._error
+        return self._error
+
+    def result(self):
+        self._wait()
+        if self._error is not None:
+            try:
+                raise self._error
+            finally:  # (no reference cycle through this frame: the error's traceback holds it)
+                self = None  # noqa: PLW0642
+        return self._value
+
+    def _wait(self) -> None:
+        if not self._finished:
+            self._signal.acquire()
+            self._signal.release()
 
 
 # --- the loader ----------------------------------------------------------------------------------------------------
@@ -1239,7 +1321,7 @@ class LayerLoader:
         self._from_disk = set(self._streamed)  # layers whose last map read from the disk (every layer until mapped)
         self._dropped: set[int] = set()  # streamed layers dropped from the page cache after their last use
         self._in_place = True  # warm layers mapped by the compute thread (see `_maps_in_place`; tests turn it off)
-        self._pending: dict[int, Future] = {}
+        self._pending: dict[int, _Load] = {}
         self._in_use: dict[int, _Ready] = {}
         self._lock = threading.Lock()
         self._closed = False
@@ -1558,8 +1640,8 @@ class LayerLoader:
 
     # -- scheduling -----------------------------------------------------------------------------------------------
 
-    def _submit(self, index: int) -> Future:
-        return self._executor.submit(self._load_in_loader, index)
+    def _submit(self, index: int) -> _Load:
+        return self._executor.load(self._load_in_loader, index)
 
     def _load_in_loader(self, index: int, ahead: Future | None = None) -> _Ready:
         """`_load_streamed` in the loader thread. A load that fails (a GPU out of memory part way, a damaged file)
@@ -1677,7 +1759,7 @@ class LayerLoader:
                 ahead = (
                     self._mappers[self._map_thread[nxt]].submit(self._map_ahead, nxt) if self._maps_ahead(nxt) else None
                 )
-                self._pending[nxt] = self._executor.submit(self._load_in_loader, nxt, ahead)
+                self._pending[nxt] = self._executor.load(self._load_in_loader, nxt, ahead)
 
     def _maps_in_place(self, index: int) -> bool:
         """CPU: whether layer `index` is mapped where it is used, in the compute thread as its forward begins, with no

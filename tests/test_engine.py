@@ -2361,6 +2361,55 @@ def test_handing_a_read_to_a_started_loader_thread_takes_no_lock_a_ctrl_c_can_ke
     disable_layer_streaming(model)
 
 
+@pytest.mark.parametrize("mapped", [True, False], ids=["mapped", "read"])
+def test_waiting_for_a_layer_takes_no_lock_a_ctrl_c_can_keep(llama, mapped):
+    """The compute thread waits for the loader's read of a layer at every layer. A `concurrent.futures.Future` is
+    waited for inside its `threading.Condition`, entered in Python code: a Ctrl-C landing just after it took its lock
+    left the lock taken, and the loader thread hung setting that read's result, with every read queued after it (the
+    next pass waiting for one of those, or `disable_layer_streaming` for the thread, hung for good). No Python-level
+    `Condition` is entered in the main thread, where Python runs signal handlers, by a call of ours in a `generate`
+    (its threads started), nor in a pass interrupted and the one after it."""
+    ckpt, shards, inputs, expected, pad = llama
+    model = streamed_model(ckpt, shards, max_memory={"cpu": 0}, prefetch=2)
+    loader = get_streaming_state(model).loader
+    loader._map, loader._in_place = mapped, False
+    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)  # (its threads started)
+    ours = os.path.dirname(sys.modules["hf_layerstream"].__file__)
+    entered, calls = [], []
+
+    def profile(frame, event, arg):
+        if event != "call":
+            return
+        if frame.f_code.co_name == "acquire" and frame.f_code.co_filename.startswith(ours):
+            calls.append(1)
+        if frame.f_code is threading.Condition.__enter__.__code__:
+            caller = frame.f_back
+            while caller is not None and not caller.f_code.co_filename.startswith(ours):
+                caller = caller.f_back
+            if caller is not None:
+                entered.append(f"{frame.f_back.f_code.co_name} from {caller.f_code.co_name}")
+
+    interrupted = []
+
+    def interrupt(module, args):
+        if not interrupted:
+            interrupted.append(1)
+            raise KeyboardInterrupt
+
+    handle = get_streaming_state(model).stack.layers[2].register_forward_pre_hook(interrupt)
+    sys.setprofile(profile)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            model.generate(**inputs, **GEN, pad_token_id=pad)
+        out = model.generate(**inputs, **GEN, pad_token_id=pad)
+    finally:
+        sys.setprofile(None)
+        handle.remove()
+    assert torch.equal(out, expected)
+    assert interrupted and len(calls) > 20 and entered == []
+    disable_layer_streaming(model)
+
+
 def test_interrupted_as_a_kept_layer_first_holds_its_weights(llama):
     """Ctrl-C in a kept layer's first pass just after its hook marked its weights installed, before it noted which
     (`_held`): the pass's clean-up indexed the empty list and an `IndexError` replaced the KeyboardInterrupt."""
