@@ -2410,6 +2410,40 @@ def test_waiting_for_a_layer_takes_no_lock_a_ctrl_c_can_keep(llama, mapped):
     disable_layer_streaming(model)
 
 
+def test_interrupted_just_after_a_wait_for_a_layer_took_its_lock(llama, monkeypatch):
+    """A Ctrl-C landing as the compute thread's wait for a layer's load (begun while the load ran) has taken its lock,
+    before it gives it back: the lock stays taken, but nothing waits on it again (the loader thread only gives it, and
+    the load's outcome is read without it), and the next `generate` gives the same tokens. With a
+    `concurrent.futures.Future` in its place, the loader thread hung setting that load's result, and the next pass
+    with it."""
+    from hf_layerstream import engine
+
+    ckpt, shards, inputs, expected, pad = llama
+    model = streamed_model(ckpt, shards, max_memory={"cpu": 0}, prefetch=2)
+    loader = get_streaming_state(model).loader
+    loader._map, loader._in_place = False, False
+    slow = loader._load_in_loader
+    monkeypatch.setattr(loader, "_load_in_loader", lambda *a: (time.sleep(0.02), slow(*a))[1])
+    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+    wait, taken = engine._Load._wait, []
+
+    def interrupted(load):
+        if taken or load.done():
+            return wait(load)
+        load._signal.acquire()
+        taken.append(load)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine._Load, "_wait", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        model.generate(**inputs, **GEN, pad_token_id=pad)
+    assert taken and taken[0]._signal.locked()
+    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+    assert taken[0].done() and loader.in_use() == []
+    disable_layer_streaming(model)
+    assert not [t for t in loader._executor._threads if t.is_alive()]
+
+
 def test_interrupted_as_a_kept_layer_first_holds_its_weights(llama):
     """Ctrl-C in a kept layer's first pass just after its hook marked its weights installed, before it noted which
     (`_held`): the pass's clean-up indexed the empty list and an `IndexError` replaced the KeyboardInterrupt."""
