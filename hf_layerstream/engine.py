@@ -1188,12 +1188,16 @@ class _BufferPool:
                 event.synchronize()  # in the loader thread; the copy was queued long ago, this rarely waits
             return buf
         buf = _aligned_buffer(need, self.pinned)
-        self.allocated += 1  # (counted once made: a failed allocation leaves no buffer to count)
+        with self._lock:  # (counted once made: a failed allocation leaves no buffer to count)
+            self.allocated += 1
         return buf
 
     def give(self, buf: torch.Tensor, views: list[weakref.ref], event=None) -> None:
-        # Views still referenced elsewhere (e.g. an autograd graph) would see the next layer's bytes: drop the buffer.
+        # Views still referenced elsewhere (e.g. an autograd graph, a traceback) would see the next layer's bytes:
+        # the buffer leaves the pool, and goes with the last of them
         if any(r() is not None for r in views):
+            with self._lock:
+                self.allocated -= 1
             return
         with self._lock:
             self._free.append((buf, event))
@@ -1544,7 +1548,7 @@ class LayerLoader:
         if ready.buffer is None:
             return
         pool, buf, views = ready.buffer
-        ready.tensors = {}
+        ready.tensors, ready.buffer = {}, None  # (given once)
         pool.give(buf, views)
 
     def __deepcopy__(self, memo):

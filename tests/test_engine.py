@@ -530,6 +530,26 @@ def _assert_every_buffer_accounted_for(loader) -> None:
     assert loader._pool.allocated == len(loader._pool._free) + held
 
 
+def test_a_read_buffer_kept_alive_by_a_view_leaves_the_pool(llama):
+    """A layer read into a pool buffer (CPU: its tensors are views of it) whose weight a caller keeps past the layer's
+    use (a hook, an autograd graph, a traceback after Ctrl-C): the buffer is not reused (the view keeps the bytes it
+    read) and no longer counted as the pool's, which counted it for good before."""
+    ckpt, shards, inputs, expected, pad = llama
+    ref = _models.load_reference(ckpt)
+    model = streamed_model(ckpt, shards, max_memory={"cpu": 0}, prefetch=2)
+    loader = get_streaming_state(model).loader
+    loader._map, loader._in_place = False, False
+    kept = []
+    handle = model.model.layers[2].mlp.register_forward_hook(lambda m, a, o: kept.append(m.down_proj.weight))
+    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+    handle.remove()
+    assert kept and all(torch.equal(w, ref.model.layers[2].mlp.down_proj.weight) for w in kept)
+    _assert_every_buffer_accounted_for(loader)
+    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+    _assert_every_buffer_accounted_for(loader)
+    disable_layer_streaming(model)
+
+
 def test_transient_read_error_then_works_again(llama, monkeypatch):
     """A failing read (e.g. an I/O error) raises in the caller naming the layer; the next call reads it again."""
     ckpt, shards, inputs, expected, pad = llama
