@@ -58,6 +58,7 @@ from ._safetensors import (
     huge_pages_enabled,
     map_address,
     map_file,
+    map_populated,
     map_readonly,
     mmap_tensors,
     populate,
@@ -1690,9 +1691,15 @@ class LayerLoader:
                 return
             mm = map_readonly(header.path, header.file_size)
             try:
-                populate(mm, header.path)
+                populated = populate(mm, header.path)
             finally:
                 mm.close()
+            if not populated:  # (an older kernel: read at mmap time, and unmapped at once)
+                fd = os.open(header.path, os.O_RDONLY)
+                try:
+                    map_populated(fd, header.file_size)
+                finally:
+                    os.close(fd)
         except Exception as e:  # noqa: BLE001 - the layer's first use reads it and raises what is wrong
             logger.debug("Could not read layer %d ahead (%s: %s)", index, type(e).__name__, e)
 
@@ -2065,8 +2072,11 @@ class LayerLoader:
                 fd = os.open(header.path, os.O_RDONLY)
                 try:
                     _check_file(header, os.fstat(fd))
-                    flags = mmap.MAP_PRIVATE | (0 if populating else map_populate)
-                    mm = mmap.mmap(fd, header.file_size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+                    # (an older kernel: populated at mmap time, over the page cache's pages, see `map_populated`)
+                    mm = None if populating else map_populated(fd, header.file_size)
+                    if mm is None:
+                        flags = mmap.MAP_PRIVATE | (0 if populating else map_populate)
+                        mm = mmap.mmap(fd, header.file_size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
                 finally:
                     os.close(fd)
             except OSError as e:

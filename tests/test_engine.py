@@ -2442,14 +2442,16 @@ def test_interrupted_just_after_a_wait_for_a_layer_took_its_lock(llama, monkeypa
     model = streamed_model(ckpt, shards, max_memory={"cpu": 0}, prefetch=2)
     loader = get_streaming_state(model).loader
     loader._map, loader._in_place = False, False
-    slow = loader._load_in_loader
-    monkeypatch.setattr(loader, "_load_in_loader", lambda *a: (time.sleep(0.02), slow(*a))[1])
     assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+    loader.wait_idle()
+    gate, load = threading.Event(), loader._load_in_loader  # (the loads from here on wait for it)
+    monkeypatch.setattr(loader, "_load_in_loader", lambda *a: (gate.wait(10), load(*a))[1])
     wait, taken = engine._Load._wait, []
 
     def interrupted(load):
-        if taken or load.done():
+        if taken or load.done():  # (not the layers read ahead before the gate)
             return wait(load)
+        threading.Timer(0.05, gate.set).start()  # (the load goes on once the wait has begun)
         load._signal.acquire()
         taken.append(load)
         raise KeyboardInterrupt
@@ -2956,8 +2958,9 @@ def test_a_failed_part_names_the_layer_and_waits_for_the_others(llama, tmp_path,
     disable_layer_streaming(model)
 
 
-def _resident_bytes(address: int, length: int) -> int:
-    """This process's resident bytes in the mappings that overlap `[address, address + length)` (`/proc/self/smaps`)."""
+def _resident_bytes(address: int, length: int, field: str = "Rss") -> int:
+    """This process's resident bytes in the mappings that overlap `[address, address + length)` (`/proc/self/smaps`;
+    `field="Anonymous"`: those of them in anonymous memory, copies of the file's pages)."""
     total, inside = 0, False
     with open("/proc/self/smaps") as f:
         for line in f:
@@ -2965,9 +2968,41 @@ def _resident_bytes(address: int, length: int) -> int:
             if not head.endswith(":"):  # a mapping's first line: "start-end perms offset dev inode path"
                 start, end = (int(x, 16) for x in head.split("-"))
                 inside = start < address + length and address < end
-            elif head == "Rss:" and inside:
+            elif head == f"{field}:" and inside:
                 total += int(line.split()[1]) * 1024
     return total
+
+
+def test_an_older_kernel_maps_streamed_layers_over_the_page_cache(llama, monkeypatch):
+    """Before Linux 5.14 (no `MADV_POPULATE_READ`: the kernel refuses the advice) a streamed layer is populated at
+    mmap time. `MAP_POPULATE` on a writable private map pre-faults it for writing, which copied every page into
+    anonymous memory at every use (5x the time per token on the bench model, the layers in flight held twice);
+    mapped read-only, populated, then made writable, its pages are the page cache's: resident, none anonymous. A
+    weight written in place by a hook copies the page it touches (no `SIGSEGV`), and the output stays exact."""
+    from hf_layerstream import _safetensors
+
+    if not os.path.exists("/proc/self/smaps") or _safetensors._libc() is None:
+        pytest.skip("needs /proc/self/smaps and libc")
+    monkeypatch.setattr(_safetensors, "_MADV_POPULATE_READ", 9999)  # (an advice the kernel does not know: EINVAL)
+    ckpt, shards, inputs, expected, pad = llama
+    model = streamed_model(ckpt, shards, max_memory={"cpu": 0}, prefetch=2)
+    loader = get_streaming_state(model).loader
+    seen = []
+
+    def look(module, args):
+        weight = module.down_proj.weight
+        size = weight.numel() * weight.element_size()
+        seen.append((_resident_bytes(weight.data_ptr(), size), _resident_bytes(weight.data_ptr(), size, "Anonymous")))
+        weight.mul_(1)  # (the same values, written in place)
+
+    handle = model.model.layers[3].mlp.register_forward_pre_hook(look)
+    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+    handle.remove()
+    assert not loader._populate and loader.reads["mapped"] > 0
+    assert seen and all(rss > 0 for rss, _ in seen), seen
+    assert all(anon == 0 for _, anon in seen), seen
+    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+    disable_layer_streaming(model)
 
 
 @pytest.mark.parametrize("in_place", [False, True], ids=["read_ahead", "in_place"])
@@ -4028,6 +4063,27 @@ def test_under_autocast_the_callers_own_weights_keep_their_single_cast(checkpoin
         assert all(torch.equal(a, b) for a, b in zip(got, want)), options
         assert torch.is_autocast_cache_enabled()  # (on again after the passes)
         disable_layer_streaming(model)
+
+
+@pytest.mark.parametrize("kernel", ["current", "before_5_14"])
+def test_reading_a_kept_layer_ahead_reads_its_file(llama, monkeypatch, kernel):
+    """`_warm_file` (a kept layer read ahead of its first use) leaves the whole file in the page cache, also on a
+    kernel without `MADV_POPULATE_READ` (before Linux 5.14: the advice refused), where it read nothing before."""
+    from hf_layerstream import _safetensors
+
+    if kernel != "current":
+        monkeypatch.setattr(_safetensors, "_MADV_POPULATE_READ", 9999)  # (an advice the kernel does not know)
+    ckpt, shards, inputs, expected, pad = llama
+    model = streamed_model(ckpt, shards)  # (every layer kept)
+    loader = get_streaming_state(model).loader
+    path = loader.shards.files[layer_unit(5)]
+    drop_from_page_cache([path])
+    if cached_share(path) > 0.5:
+        pytest.skip("this file system keeps the file in the page cache")
+    loader._warm_file(5)
+    assert cached_share(path) == 1.0
+    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+    disable_layer_streaming(model)
 
 
 def test_kept_layers_are_read_into_the_page_cache_ahead_of_their_first_use(llama, monkeypatch):
