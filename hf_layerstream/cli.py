@@ -717,7 +717,7 @@ def _cmd_demo(args) -> int:
 def _cmd_inspect(args) -> int:
     import torch
 
-    from .engine import budget_shortfall, host_memory, size_text
+    from .engine import budget_shortfall, host_memory, memory_reading, size_text
     from .modeling import resolve_dtype
     from .shard_dir import ShardDirectory
     from .stream import plan_shard_dir
@@ -743,6 +743,7 @@ def _cmd_inspect(args) -> int:
     )
     ratio = sum(stored) / max(sum(full_bytes), 1)
     memory = host_memory()  # (what the default plan took its share of)
+    memory["mem_available_from"] = memory_reading()[1]
     # what streaming computes in: `--dtype`, else the dtype `from_pretrained(dtype="auto")` loads at (recorded by the
     # split; a directory split before it was recorded streams at its stored dtypes)
     computes = str(dtype).replace("torch.", "") if dtype is not None else (m.load_dtype or m.dtype)
@@ -783,7 +784,11 @@ def _cmd_inspect(args) -> int:
     print(f"ratio            {ratio:.3f}x of {'bf16' if dtype is None else named}")
     print(f"{f'plan on {device}':16} {'(not on this machine) ' if absent else ''}{plan.summary()}")
     gib = 2**30
-    source = f"MemAvailable {memory['mem_available'] / gib:.2f} GiB"
+    told, amount = memory["mem_available_from"], f"{memory['mem_available'] / gib:.2f} GiB"
+    source = {
+        "assumed": f"assumed {amount}: this system reports none; plan with --max-memory",
+        "free memory": f"free memory {amount}, without the page cache",
+    }.get(told, f"{told} {amount}")
     if memory["cgroup_room"] is not None:
         source += f"; left under this process's cgroup memory limit {memory['cgroup_room'] / gib:.2f} GiB"
     print(f"host memory      {memory['available'] / gib:.2f} GiB available ({source})")

@@ -138,18 +138,52 @@ def host_memory() -> dict[str, int | None]:
 
 
 def _mem_available() -> int:
-    """MemAvailable from /proc/meminfo (what the kernel can give without swapping), else a psutil-free fallback."""
+    """The memory the system can give without swapping (see `memory_reading`)."""
+    return memory_reading()[0]
+
+
+_MEMINFO = "/proc/meminfo"
+_ASSUMED_AVAILABLE = 4 * 2**30
+_warned_assumed = False
+
+
+def memory_reading() -> tuple[int, str]:
+    """The memory the system can give without swapping, and where it was read: `"MemAvailable"` (/proc/meminfo),
+    `"psutil"` (where there is no /proc/meminfo, as on macOS, and psutil is installed), `"free memory"` (sysconf's
+    available pages: free memory only, without the page cache the kernel could give back; less than it can give),
+    or `"assumed"`: none of them (4 GiB, with a warning once: a plan made from it may be far from the machine's)."""
+    global _warned_assumed
     try:
-        with open("/proc/meminfo") as f:
+        with open(_MEMINFO) as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
+                    return int(line.split()[1]) * 1024, "MemAvailable"
+    except (OSError, ValueError, IndexError):
         pass
     try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
-        return 4 * 2**30
+        import psutil
+    except ImportError:
+        pass
+    else:
+        try:
+            return int(psutil.virtual_memory().available), "psutil"
+        except Exception:  # noqa: BLE001 - (a platform psutil cannot read)
+            pass
+    try:
+        pages, size = os.sysconf("SC_AVPHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        pages = size = -1
+    if pages > 0 and size > 0:
+        return pages * size, "free memory"
+    if not _warned_assumed:
+        _warned_assumed = True
+        logger.warning(
+            "Could not read the memory available on this system (no /proc/meminfo, psutil or sysconf "
+            "SC_AVPHYS_PAGES): default plans assume %.0f GiB. Pass `max_memory={'cpu': ...}` to plan for this "
+            "machine.",
+            _ASSUMED_AVAILABLE / 2**30,
+        )
+    return _ASSUMED_AVAILABLE, "assumed"
 
 
 _NO_LIMIT = 2**60  # cgroup v1 writes "no limit" as the largest page count (9223372036854771712 with 4 KiB pages)

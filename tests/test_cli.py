@@ -656,7 +656,7 @@ def test_inspect_shows_the_host_memory_the_default_plan_used(split_dir, capsys, 
     from hf_layerstream import engine
 
     _, shards = split_dir
-    monkeypatch.setattr(engine, "_mem_available", lambda: 20 * 2**30)
+    monkeypatch.setattr(engine, "memory_reading", lambda: (20 * 2**30, "MemAvailable"))
     monkeypatch.setattr(engine, "cgroup_memory_room", lambda: None)
     assert main(["inspect", str(shards), "--device", "cpu"]) == 0
     assert "host memory      20.00 GiB available (MemAvailable 20.00 GiB)\n" in capsys.readouterr().out
@@ -667,8 +667,21 @@ def test_inspect_shows_the_host_memory_the_default_plan_used(split_dir, capsys, 
     assert "[budget cpu: 1.50 GiB]" in out
     assert main(["inspect", str(shards), "--json", "--device", "cpu"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["host_memory"] == {"available": 3 * 2**30, "mem_available": 20 * 2**30, "cgroup_room": 3 * 2**30}
+    assert info["host_memory"] == {
+        "available": 3 * 2**30,
+        "mem_available": 20 * 2**30,
+        "cgroup_room": 3 * 2**30,
+        "mem_available_from": "MemAvailable",
+    }
     assert info["plan"]["budgets"]["cpu"] == int(engine.DEFAULT_HOST_SHARE * 3 * 2**30)
+    # (a system that reports no available memory: the default plan's 4 GiB is said to be assumed)
+    monkeypatch.setattr(engine, "memory_reading", lambda: (4 * 2**30, "assumed"))
+    monkeypatch.setattr(engine, "cgroup_memory_room", lambda: None)
+    assert main(["inspect", str(shards), "--device", "cpu"]) == 0
+    assert (
+        "4.00 GiB available (assumed 4.00 GiB: this system reports none; plan with --max-memory)\n"
+        in capsys.readouterr().out
+    )
 
 
 def test_verify_reports_corruption(split_dir, tmp_path, capsys):

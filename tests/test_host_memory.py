@@ -110,6 +110,28 @@ def test_the_available_memory_is_the_less_of_meminfo_and_the_cgroups_room(monkey
     assert available_host_memory() == 20 * GiB
 
 
+def test_where_no_meminfo_can_be_read_the_available_memory_says_how_it_was_told(tmp_path, monkeypatch, caplog):
+    """Without /proc/meminfo (macOS, a sandbox without /proc): psutil where installed, else sysconf's free pages
+    (`"free memory"`), else 4 GiB assumed, with one warning naming `max_memory`; never a negative or zero
+    reading (sysconf can answer -1)."""
+    import sys
+
+    monkeypatch.setattr(engine, "_MEMINFO", str(tmp_path / "no-meminfo"))
+    assert engine.memory_reading()[1] in ("psutil", "free memory")
+    monkeypatch.setitem(sys.modules, "psutil", None)  # (not installed: its import raises ImportError)
+    free, told = engine.memory_reading()
+    assert told == "free memory" and free > 0
+    monkeypatch.setattr(engine.os, "sysconf", lambda name: -1)
+    monkeypatch.setattr(engine, "_warned_assumed", False)
+    with caplog.at_level("WARNING", logger="hf_layerstream.engine"):
+        assert engine.memory_reading() == (4 * GiB, "assumed")
+        assert engine.available_host_memory() <= 4 * GiB
+    warned = [r.getMessage() for r in caplog.records if "Could not read the memory available" in r.getMessage()]
+    assert len(warned) == 1 and "max_memory={'cpu': ...}" in warned[0]
+    assert engine.memory_reading() == (4 * GiB, "assumed")  # (warned once)
+    assert len([r for r in caplog.records if "Could not read the memory available" in r.getMessage()]) == 1
+
+
 def test_this_machines_reading_is_sane():
     """Whatever the machine (a container or not): some memory, and no more than the machine has."""
     total = engine.os.sysconf("SC_PHYS_PAGES") * engine.os.sysconf("SC_PAGE_SIZE")
