@@ -201,7 +201,7 @@ def _read_direct(paths: list[str], chunk: int) -> tuple[int, str]:
     """Read `paths` with `O_DIRECT` (buffered where the file system refuses it); returns (bytes, method)."""
     buf = mmap.mmap(-1, chunk)  # page-aligned, as O_DIRECT requires
     view = memoryview(buf)
-    total, method = 0, "O_DIRECT"
+    total, method = 0, "O_DIRECT" if hasattr(os, "O_DIRECT") else "buffered (no O_DIRECT here)"
     try:
         for path in paths:
             flags = os.O_RDONLY | getattr(os, "O_DIRECT", 0)
@@ -856,7 +856,7 @@ def bench(args) -> dict:
             disk["samples"] = samples
             disk["sample_ways"] = ways
             disk["steal_samples"] = steal
-        baseline_rss = min((r["baseline_rss"] for r in rows if r.get("baseline_rss")), default=0)
+        baseline_rss = min((r["baseline_rss"] for r in rows if r.get("baseline_rss")), default=None)
         _derive(rows, disk, stored, baseline_rss, resident_bytes, layer_bytes, stored_by_system, h2d, lossy, scheme)
         if paired is not None and not paired.get("error"):
             paired["targets"] = paired_targets(paired, rows, on_cuda)
@@ -1096,7 +1096,8 @@ def _derive(
         if r["cold_cached"]:
             r["target"] = None  # (not a read from the disk: the disk's limit does not bound it)
         r["ratio_to_limit"] = spt / r["limit_s"] if (spt and r.get("limit_s")) else None
-        r.setdefault("peak_rss", None)
+        if not r.get("peak_rss"):  # (0: no /proc/self/status here, nothing was measured)
+            r["peak_rss"] = None
         r["ratio_to_bound"] = spt / r["bound_s"] if (spt and r.get("bound_s")) else None
         k = plan["prefetch"] if plan is not None else None
         # a layer in flight, and what its weights need beyond that: held packed, one weight dequantized at a time,
@@ -1110,9 +1111,9 @@ def _derive(
         )
         # host RSS on CPU only: on CUDA the weights live on the device, and the CUDA runtime's libraries (loaded at
         # its first use, after the baseline) dwarf what the loader holds in host memory
-        if r["system"].startswith("streamed_disk") and plan is not None and not on_cuda:
+        if r["system"].startswith("streamed_disk") and plan is not None and not on_cuda and r["peak_rss"] is not None:
             allowed = RSS_SLACK * (resident_bytes + (k + 1) * in_flight_layer + scratch)
-            r["rss_over_baseline"] = r["peak_rss"] - (r.get("baseline_rss") or baseline_rss)
+            r["rss_over_baseline"] = r["peak_rss"] - (r.get("baseline_rss") or baseline_rss or 0)
             r["rss_allowed"] = allowed
             r["in_flight_terms"] = in_flight_terms
         if on_cuda and plan is not None and base is not None and base.get("cuda_peak") is not None:
@@ -1296,8 +1297,13 @@ def format_report(report: dict) -> str:
         least = " (the least of those rows)" if len(cached) > 1 else ""
         lines.append(
             f"cold (cached): after the drop from the page cache, {share:.0%} of the weight files' bytes stayed cached"
-            f"{least} (a tmpfs keeps them in memory whatever is dropped; or something else maps them), so those cold "
-            "rows read from memory, not from the disk; no cold target is held to them"
+            f"{least} ("
+            + (
+                "a tmpfs keeps them in memory whatever is dropped; or something else maps them"
+                if hasattr(os, "posix_fadvise")
+                else "this system has no posix_fadvise to drop them"
+            )
+            + "), so those cold rows read from memory, not from the disk; no cold target is held to them"
         )
     lines += notes
     paired = report.get("paired")

@@ -1080,6 +1080,47 @@ def test_the_warm_run_in_one_process_needs_room_for_two_models(tmp_path, monkeyp
     assert asked == ["in_memory", "streamed", "paired"]
 
 
+def test_a_disk_read_without_o_direct_is_not_named_o_direct(tmp_path, monkeypatch):
+    """Where the system has no `O_DIRECT` (macOS) the bandwidth way named after it reads through the page cache, and
+    its method says so (it said "O_DIRECT")."""
+    from hf_layerstream.bench import _read_direct
+
+    path = tmp_path / "f"
+    path.write_bytes(b"x" * 3 * 4096)
+    if hasattr(os, "O_DIRECT"):
+        n, method = _read_direct([str(path)], 4096)
+        assert n == 3 * 4096 and method in ("O_DIRECT", "buffered after POSIX_FADV_DONTNEED")
+        monkeypatch.delattr(os, "O_DIRECT")
+    assert _read_direct([str(path)], 4096) == (3 * 4096, "buffered (no O_DIRECT here)")
+
+
+def test_a_peak_rss_that_could_not_be_read_is_not_held_to_the_allowance():
+    """Where /proc/self/status cannot be read (macOS, a sandbox without /proc) the peak RSS reads 0: it shows as
+    not measured ("-"), and no note says the row is within its allowance (one did, "0.00 GB ... (ok)")."""
+    from hf_layerstream.bench import _derive
+
+    layer, resident = 100, 50
+    rows = [
+        {"system": "in_memory", "mode": "warm", "s_per_token": 0.01},
+        {"system": "streamed_disk", "mode": "warm", "s_per_token": 0.04, "plan_data": _cuda_plan(streamed=range(4))},
+    ]
+    for r in rows:
+        r.update(batch=1, tokens=[1, 2], peak_rss=0, baseline_rss=0)
+    _derive(rows, None, [layer] * 4, None, resident, layer, None)
+    assert [r["peak_rss"] for r in rows] == [None, None] and "rss_allowed" not in rows[1]
+    report = {
+        "model": {"num_layers": 4, "layer_file_bytes": 4 * layer, "resident_bytes": resident, "prompt_tokens": 4},
+        "disk": None,
+        "baseline_rss": None,
+        "rows": rows,
+    }
+    report["model"]["max_new_tokens"] = 3
+    text = format_report(report)
+    assert "peak RSS over baseline" not in text and "before loading): -" in text
+    row = next(line for line in text.splitlines() if line.startswith("hf_layerstream (every layer from disk)"))
+    assert "GB" not in row  # (the peak RSS column: "-")
+
+
 def test_allowances_of_rows_dequantized_per_module_count_packed_layers_and_one_weight():
     """A row whose plan dequantizes per module holds its layers packed and one weight dequantized at a time: its RSS
     allowance (CPU) and GPU allowance (CUDA) count (prefetch + 1) packed layers plus that weight, not (prefetch + 1)
