@@ -76,7 +76,9 @@ __all__ = ["generate_batch", "generate_jsonl"]
 
 _FORBIDDEN_KWARGS = ("input_ids", "attention_mask", "inputs", "streamer")
 # the decoding modes that take a streamer (the tokens/s display)
-_METERED_MODES = (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE, GenerationMode.ASSISTED_GENERATION)
+_METERED_MODES = tuple(  # (by name: a mode a transformers release folds into another is left out, not an import error)
+    m for n in ("GREEDY_SEARCH", "SAMPLE", "ASSISTED_GENERATION") if (m := getattr(GenerationMode, n, None)) is not None
+)
 # the keys every result line has (`settings_sha256` too, from files written by newer versions)
 _RESULT_KEYS = ("id", "completion", "finish_reason", "prompt_tokens", "completion_tokens", "prompt_sha256")
 _RECORD_START = b'{"id": '  # how every result line written by `_dumps` starts

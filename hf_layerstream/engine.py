@@ -845,7 +845,8 @@ class _Executor(ThreadPoolExecutor):
         # whose `Condition` is entered in Python code: a Ctrl-C landing as that took its lock left the lock taken, and
         # the next task handed over hung both threads (the compute thread here, the loader thread releasing the
         # semaphore after its task; signal handlers run in the main thread only, so that release cannot leave it so)
-        if len(self._threads) >= self._max_workers:
+        threads, most = getattr(self, "_threads", None), getattr(self, "_max_workers", None)
+        if threads is not None and most is not None and len(threads) >= most:
             return
         super()._adjust_thread_count()
 

@@ -802,7 +802,8 @@ class Streamed(_Placeholder):
         )
 
 
-_DATA = torch._C.TensorBase.data  # (`Tensor.data`'s getter and setter)
+# (`Tensor.data`'s getter and setter, as torch's C tensor defines it: a Python subclass's override is not called)
+_DATA = getattr(torch._C, "TensorBase", torch.Tensor).data
 
 
 def _to_a_device(kwargs: dict) -> bool:

@@ -135,8 +135,8 @@ def resolve_dtype(dtype) -> torch.dtype | None:
 def tied_targets(model: nn.Module) -> dict[str, str]:
     """Tied parameter names (target -> source), e.g. GPT-2's `{"lm_head.weight": "transformer.wte.weight"}`."""
     tied = getattr(model, "all_tied_weights_keys", None)
-    if tied is None:  # older transformers
-        tied = {}
+    if tied is None:  # (the attribute `post_init` fills, gone in a release: the method that fills it)
+        tied = model.get_expanded_tied_weights_keys(all_submodels=True)
     return dict(tied)
 
 
@@ -156,6 +156,17 @@ def expected_tensors(model: nn.Module, stack: LayerStack) -> dict[str, dict[str,
     for i in range(len(stack)):
         units.setdefault(layer_unit(i), {})
     return dict(units)
+
+
+def _attributes(obj) -> dict:
+    """An object's attributes: its `__dict__`, or its slots' values for a class with `__slots__`."""
+    found = getattr(obj, "__dict__", None)
+    if found is not None:
+        return found
+    names = (
+        n for cls in type(obj).__mro__ for n in getattr(cls, "__slots__", ()) if n not in ("__dict__", "__weakref__")
+    )
+    return {n: getattr(obj, n) for n in names if hasattr(obj, n)}
 
 
 def architecture_fingerprint(model: nn.Module, stack: LayerStack) -> str:
@@ -324,9 +335,12 @@ def _install_register_parameter() -> None:
             inner(module, name, param)
             if param is not None and getattr(_ON_META, "depth", 0):  # (as accelerate's `register_empty_parameter`)
                 made = module._parameters[name]
-                kwargs = made.__dict__
+                kwargs = dict(made.__dict__)
+                # (not a constructor's argument: transformers' mark of an initialized weight, put back after)
+                marks = {k: kwargs.pop(k) for k in ("_is_hf_initialized",) if k in kwargs}
                 kwargs["requires_grad"] = param.requires_grad
                 module._parameters[name] = type(made)(made.to("meta"), **kwargs)
+                module._parameters[name].__dict__.update(marks)
 
         register_parameter._hf_layerstream_meta = True
         nn.Module.register_parameter = register_parameter
@@ -639,7 +653,7 @@ def conversion_record(model: nn.Module) -> dict:
     for t in get_model_conversion_mapping(model):
         if not isinstance(t, WeightConverter):
             continue
-        ops = [[type(o).__name__, sorted((k, repr(v)) for k, v in vars(o).items())] for o in t.operations]
+        ops = [[type(o).__name__, sorted((k, repr(v)) for k, v in _attributes(o).items())] for o in t.operations]
         described.append([list(t.source_patterns), list(t.target_patterns), ops])
     digest = hashlib.sha256(json.dumps(sorted(described, key=repr)).encode()).hexdigest()[:16]
     return {"transformers": transformers.__version__, "converters": digest}

@@ -16,7 +16,11 @@ import torch
 from accelerate.hooks import add_hook_to_module, remove_hook_from_module
 from torch import nn
 from transformers import GenerationConfig
-from transformers.utils import GENERATION_CONFIG_NAME
+
+try:
+    from transformers.utils import GENERATION_CONFIG_NAME
+except ImportError:  # (a constant transformers may move)
+    GENERATION_CONFIG_NAME = "generation_config.json"
 
 from .engine import (
     LayerLoader,
@@ -1047,9 +1051,18 @@ def _load_generation_config(model: nn.Module, shards: ShardDirectory, state: Str
     records for that check); a model given another keeps it. (A file transformers cannot read is warned about.)"""
     own = getattr(model, "generation_config", None)
     path = shards.path / GENERATION_CONFIG_NAME
-    if own is None or not path.is_file() or not getattr(own, "_from_model_config", False):
+    if own is None or not path.is_file():
         return
-    if getattr(own, "_original_object_hash", None) != hash(own):
+    derived, marked = getattr(own, "_from_model_config", None), getattr(own, "_original_object_hash", None)
+    if derived is None or marked is None:
+        # (transformers' private marks gone in a release: unchanged if it equals the one its config derives)
+        try:
+            if own != GenerationConfig.from_model_config(model.config):
+                return
+        except Exception as e:  # noqa: BLE001 - streaming works without it
+            logger.warning("Could not tell whether the model's generation config is its config's (%s).", e)
+            return
+    elif not derived or marked != hash(own):
         return
     try:
         loaded = GenerationConfig.from_pretrained(shards.path)

@@ -127,6 +127,33 @@ def test_the_checkpoints_generation_config_is_the_streamed_models_as_from_pretra
     disable_layer_streaming(model)
 
 
+@pytest.mark.parametrize("changed", [False, True], ids=["unchanged", "changed"])
+def test_the_checkpoints_generation_config_applies_without_transformers_private_marks(tmp_path, changed):
+    """transformers marks the generation config `from_config` derives (`_from_model_config`, `_original_object_hash`):
+    in a release without those private marks, one equal to the config's own is still taken as unchanged and the
+    checkpoint's `generation_config.json` applies (it was dropped silently: other tokens than `from_pretrained`'s
+    model), and one the caller changed still stays."""
+    from transformers import GenerationConfig
+
+    ckpt = _models.save_tiny_checkpoint("llama", tmp_path / "ckpt")
+    GenerationConfig(bos_token_id=1, eos_token_id=[2, 90], pad_token_id=0, repetition_penalty=1.3).save_pretrained(ckpt)
+    shards = split_checkpoint(ckpt, tmp_path / "shards", progress=False)
+    model = build_meta_model(AutoConfig.from_pretrained(shards))
+    own = model.generation_config
+    for mark in ("_from_model_config", "_original_object_hash"):
+        own.__dict__.pop(mark, None)
+    assert not hasattr(own, "_original_object_hash")
+    if changed:
+        own.max_new_tokens = 3
+    enable_layer_streaming(model, shards, device="cpu", max_memory={"cpu": 0})
+    if changed:
+        assert model.generation_config is own and own.repetition_penalty is None
+    else:
+        assert model.generation_config.eos_token_id == [2, 90] and model.generation_config.repetition_penalty == 1.3
+    disable_layer_streaming(model)
+    assert model.generation_config is own
+
+
 def test_an_unreadable_generation_config_leaves_the_models_own_with_a_warning(tmp_path, caplog):
     """A shard directory's `generation_config.json` that is not valid JSON (a torn copy, an edit gone wrong) is what
     `from_pretrained` falls back from, logging it: the model keeps the generation config made from its config, and the
@@ -823,6 +850,58 @@ def test_streaming_warns_when_transformers_converts_the_checkpoint_otherwise(che
         disable_layer_streaming(streamed_model(ckpt, shards))
     assert f"split with transformers {transformers.__version__}, which converted" in caplog.text
     assert "split the checkpoint again" in caplog.text
+
+
+def test_a_conversion_record_transformers_internals_refuse_does_not_fail_the_split(
+    checkpoints, tmp_path, caplog, monkeypatch
+):
+    """The conversion record reads transformers' conversion internals, written last in a split: a release whose
+    operations keep their state in `__slots__` (no `__dict__`) is described by their slots, and one the record cannot
+    read at all leaves it out with a warning, instead of failing the split after every layer was written (no
+    manifest: every re-run failed the same way). The model streams exactly."""
+    import logging
+
+    import transformers.conversion_mapping as conversion_mapping
+
+    from hf_layerstream import split as split_module
+    from hf_layerstream.modeling import _attributes, conversion_record
+
+    class Slotted:
+        __slots__ = ("dim", "unset")
+
+        def __init__(self):
+            self.dim = 1
+
+    assert _attributes(Slotted()) == {"dim": 1}
+    ckpt, _ = checkpoints("mixtral")
+    model = build_meta_model(AutoConfig.from_pretrained(ckpt))
+    original = conversion_mapping.get_model_conversion_mapping
+
+    def slotted(model, *args, **kwargs):  # (each operation's state in slots: `vars()` raised TypeError on them)
+        mapping = [copy.deepcopy(t) for t in original(model, *args, **kwargs)]
+        for t in mapping:
+            for k, op in enumerate(getattr(t, "operations", [])):
+                kind = type(type(op).__name__, (), {"__slots__": tuple(vars(op))})
+                t.operations[k] = kind()
+                for name, value in vars(op).items():
+                    setattr(t.operations[k], name, value)
+        return mapping
+
+    want = conversion_record(model)["converters"]
+    monkeypatch.setattr(conversion_mapping, "get_model_conversion_mapping", slotted)
+    assert conversion_record(model)["converters"] == want  # (the same state, read from the slots)
+    monkeypatch.undo()
+    monkeypatch.setattr(split_module, "conversion_record", lambda model: {}["changed in a release"])
+    with caplog.at_level(logging.WARNING, logger="hf_layerstream"):
+        shards = split_checkpoint(ckpt, tmp_path / "shards", progress=False)
+    assert "Could not record how transformers converts this model's checkpoints (KeyError" in caplog.text
+    assert ShardDirectory(shards).manifest.conversion is None
+    monkeypatch.undo()
+    ref = _models.load_reference(ckpt)
+    ids = torch.tensor([[1, 5, 7, 9, 11]])
+    model = streamed_model(ckpt, shards)
+    assert torch.equal(model(ids).logits, ref(ids).logits)
+    disable_layer_streaming(model)
 
 
 def _fake_hub_cache(cache_dir, repo_id, ckpt, commit="a" * 40):
@@ -1692,6 +1771,34 @@ def test_the_readmes_api_table_shows_each_function_as_it_is():
                 assert param.default is param.empty, (name, part)
         else:
             assert k == len(params), f"{name}: the README leaves out {[p.name for p in params[k:]]}"
+
+
+def test_tied_weights_and_initialized_marks_without_transformers_attributes(monkeypatch):
+    """Two transformers internals a release may drop or add: without the `all_tied_weights_keys` attribute
+    `post_init` fills, the tied names come from the method that fills it (they were taken as none: GPT-2's split
+    lacked `lm_head.weight` and enabling named the shards as another model's); a parameter carrying transformers'
+    `_is_hf_initialized` mark goes to meta keeping it (passed to the parameter's constructor, it raised
+    `TypeError`, as accelerate's own swap did before it set the mark aside)."""
+    from torch import nn
+
+    from hf_layerstream.modeling import parameters_on_meta, tied_targets
+
+    model = build_meta_model(_models.make_config("gpt2"))
+    want = tied_targets(model)
+    assert want == {"lm_head.weight": "transformer.wte.weight"}
+    monkeypatch.delattr(model, "all_tied_weights_keys")
+    assert tied_targets(model) == want
+
+    class Marked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            weight = nn.Parameter(torch.ones(2))
+            weight._is_hf_initialized = True
+            self.weight = weight
+
+    with parameters_on_meta():
+        marked = Marked()
+    assert marked.weight.is_meta and marked.weight.requires_grad and marked.weight._is_hf_initialized
 
 
 def test_building_a_skeleton_leaves_other_threads_modules_as_they_are(checkpoints):
