@@ -658,6 +658,9 @@ def _continuation_streamer(tokenizer, prompt_ids: list[int], **decode_kwargs):
                 self.print_len = len(self.tokenizer.decode(self.token_cache, **self.decode_kwargs))
 
     streamer = _Streamer(tokenizer, skip_prompt=True, **decode_kwargs)
+    if not (hasattr(streamer, "token_cache") and hasattr(streamer, "print_len")):
+        # (a transformers whose streamer keeps its state otherwise: its own, which may glue the first word)
+        return TextStreamer(tokenizer, skip_prompt=True, **decode_kwargs)
     # (it decodes its cache whole at each token and prints past `print_len`: the prompt's text is already out)
     streamer.token_cache = list(prompt_ids)
     streamer.print_len = len(tokenizer.decode(prompt_ids, **decode_kwargs))

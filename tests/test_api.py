@@ -904,6 +904,43 @@ def test_a_conversion_record_transformers_internals_refuse_does_not_fail_the_spl
     disable_layer_streaming(model)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "mixtral"])
+def test_our_calls_make_transformers_log_no_deprecation(arch, tmp_path):
+    """transformers announces many deprecations with `logger.warning_once` (accelerate with its logger), which
+    pytest's warning filters do not see: a split, enable, `generate` (greedy, sampled, with `pipeline`), a loss,
+    `save_pretrained` and disable log none of them (the early warning of a break in their next releases)."""
+    import logging
+
+    import transformers
+    from transformers import AutoTokenizer, pipeline
+
+    transformers.utils.logging.warning_once.cache_clear()  # (each message once per process: not only to this test)
+    records = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append
+    loggers = [logging.getLogger(name) for name in ("transformers", "accelerate", "huggingface_hub")]
+    for lg in loggers:
+        lg.addHandler(handler)
+    try:
+        ckpt = _models.save_tiny_checkpoint(arch, tmp_path / "ckpt")
+        shards = split_checkpoint(ckpt, tmp_path / "shards", progress=False)
+        model = build_meta_model(AutoConfig.from_pretrained(shards))
+        enable_layer_streaming(model, shards, device="cpu", max_memory={"cpu": 0})
+        tok = AutoTokenizer.from_pretrained(shards)
+        ids = tok(_models.SAMPLE_PROMPTS[0], return_tensors="pt").input_ids
+        model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id)
+        model.generate(ids, max_new_tokens=3, do_sample=True, top_p=0.9, pad_token_id=tok.pad_token_id)
+        pipeline("text-generation", model=model, tokenizer=tok)(_models.SAMPLE_PROMPTS[0], max_new_tokens=2)
+        model(ids, labels=ids).loss.item()
+        model.save_pretrained(tmp_path / "saved")
+        disable_layer_streaming(model)
+    finally:
+        for lg in loggers:
+            lg.removeHandler(handler)
+    said = [f"{r.name}: {r.getMessage()}" for r in records if "deprecat" in r.getMessage().lower()]
+    assert said == []
+
+
 def _fake_hub_cache(cache_dir, repo_id, ckpt, commit="a" * 40):
     """The layout huggingface_hub writes: models--org--name/{refs/main, snapshots/<commit>/...}."""
     root = cache_dir / ("models--" + repo_id.replace("/", "--"))
