@@ -513,9 +513,46 @@ class ConversionPlan:
     tied_stored: dict[str, str] = field(default_factory=dict)
 
 
+def unsupported_transformers(detail: str) -> str:
+    """The message for a transformers release whose internals a split uses have changed: names it, the releases this
+    hf_layerstream supports (its requirement), and what to do."""
+    import transformers
+
+    from . import __version__
+
+    try:
+        from importlib.metadata import requires
+
+        wanted = next((r for r in requires("hf_layerstream") or [] if r.startswith("transformers")), None)
+    except Exception:  # noqa: BLE001 - (not installed as a distribution)
+        wanted = None
+    return (
+        f"hf_layerstream {__version__} splits checkpoints with transformers' own conversion internals, which "
+        f"transformers {transformers.__version__} changed ({detail}). Install a transformers release it supports"
+        f"{f' ({wanted})' if wanted else ''}, or an hf_layerstream release made for this one."
+    )
+
+
+def _conversion_internals():
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+    except ImportError as e:
+        raise ImportError(unsupported_transformers(str(e))) from e
+    return get_model_conversion_mapping, WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+
+
 def plan_conversion(model: nn.Module, stack: LayerStack, checkpoint_keys: Iterable[str]) -> ConversionPlan:
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+    internals = _conversion_internals()
+    get_model_conversion_mapping, WeightConverter, WeightRenaming, dot_natural_key, _rename = internals  # noqa: N806
+
+    def rename_source_key(*args) -> tuple[str, str | None]:
+        found = _rename(*args)
+        if not (isinstance(found, tuple) and len(found) == 2):
+            raise RuntimeError(
+                unsupported_transformers(f"`rename_source_key` returned {type(found).__name__} {found!r:.80}")
+            )
+        return found
 
     weight_mapping = get_model_conversion_mapping(model)
     renamings = [t for t in weight_mapping if isinstance(t, WeightRenaming)]

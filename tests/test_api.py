@@ -941,6 +941,28 @@ def test_our_calls_make_transformers_log_no_deprecation(arch, tmp_path):
     assert said == []
 
 
+def test_a_transformers_whose_conversion_internals_changed_is_named_by_the_split(tmp_path, monkeypatch):
+    """A split uses transformers' conversion internals (`get_model_conversion_mapping`, `rename_source_key`), which
+    changed shape in earlier releases without a deprecation: one gone, or returning another shape, fails the split
+    with an error naming the transformers release and the ones supported, not a bare `ImportError` or "too many values
+    to unpack"."""
+    import transformers
+    import transformers.conversion_mapping as conversion_mapping
+    import transformers.core_model_loading as core_model_loading
+
+    ckpt = _models.save_tiny_checkpoint("llama", tmp_path / "ckpt")
+    real = core_model_loading.rename_source_key
+    monkeypatch.setattr(core_model_loading, "rename_source_key", lambda *a, **k: (*real(*a, **k), None))
+    with pytest.raises(RuntimeError, match=r"transformers \S+ changed \(`rename_source_key` returned tuple") as e:
+        split_checkpoint(ckpt, tmp_path / "a", progress=False)
+    assert f"transformers {transformers.__version__} changed" in str(e.value)
+    assert re.search(r"it supports \(transformers[<>=,.0-9]+\)", str(e.value))  # (this package's requirement)
+    monkeypatch.undo()
+    monkeypatch.delattr(conversion_mapping, "get_model_conversion_mapping")
+    with pytest.raises(ImportError, match=r"get_model_conversion_mapping.*Install a transformers release it supports"):
+        split_checkpoint(ckpt, tmp_path / "b", progress=False)
+
+
 def _fake_hub_cache(cache_dir, repo_id, ckpt, commit="a" * 40):
     """The layout huggingface_hub writes: models--org--name/{refs/main, snapshots/<commit>/...}."""
     root = cache_dir / ("models--" + repo_id.replace("/", "--"))
