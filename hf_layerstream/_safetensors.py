@@ -422,7 +422,8 @@ def map_populated(fd: int, size: int):
         libc.munmap(address, size)
         raise OSError(err, os.strerror(err))
     buf = (ctypes.c_char * size).from_address(address)
-    weakref.finalize(buf, libc.munmap, address, size)
+    # (not at exit: a thread still computing with its views then would fault, instead of the process just ending)
+    weakref.finalize(buf, libc.munmap, address, size).atexit = False
     return buf
 
 

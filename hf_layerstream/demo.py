@@ -320,7 +320,8 @@ def run_demo(args) -> int:
                 agree = sum(a == b for a, b in zip(r["tokens"], ref["tokens"])) / max(len(ref["tokens"]), 1)
                 same = f"{agree:.0%} (lossy)"
             spt = r["s_per_token"]
-            print(f"{label:44} {spt:9.4f} {1 / spt:9.1f} {size_text(r['peak_rss']):>10} {same:>12}")
+            peak = size_text(r["peak_rss"]) if r.get("peak_rss") else "-"  # (0: no /proc/self/status to read it)
+            print(f"{label:44} {spt:9.4f} {1 / spt:9.1f} {peak:>10} {same:>12}")
         exact = results[1][1]["tokens"] == ref["tokens"]
         print()
         print("streamed output equals the whole model's:", "yes" if exact else "NO")

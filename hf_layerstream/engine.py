@@ -854,7 +854,7 @@ class _Executor(ThreadPoolExecutor):
         """`fn(*args)` in this executor's thread, as a `_Load` (not a `Future`: see there). One that a shutdown with
         `cancel_futures` drops never finishes: `LayerLoader.close` cancels the loads it holds before that."""
         load = _Load(fn, *args)
-        self.submit(load.run)
+        self.submit(_run_load, [load])
         return load
 
     def submit(self, *args, **kwargs) -> Future:
@@ -869,6 +869,13 @@ class _Executor(ThreadPoolExecutor):
                 "its stack, 8 MiB by default, and up to 64 MiB of malloc arena), of threads (`ulimit -u`, a cgroup's "
                 "`pids.max`) or of memory. Raise the limit at fault."
             ) from e
+
+
+def _run_load(box: list) -> None:
+    """In the executor's thread: the `_Load` in `box`, taken out of it first: the pool's work item (which the frames
+    of a failed load's traceback keep) holds the empty box, not the load, whose error holds that traceback: a cycle
+    that kept a failed load's layer (its tensors, its read buffer) until the garbage collector ran."""
+    box.pop().run()
 
 
 class _Load:
@@ -903,8 +910,11 @@ class _Load:
             self._value = fn(*args)
         except BaseException as e:  # noqa: BLE001 - raised in the thread that asks for the result
             self._error = e
+        # (the error's traceback keeps this frame: none of its locals may lead back to the error, see `_run_load`)
+        fn = args = None
         self._finished = True
-        self._signal.release()
+        signal, self = self._signal, None  # noqa: PLW0642
+        signal.release()
 
     def cancel(self) -> bool:
         """As `Future.cancel`: `True` where the load had not begun (it will not run), `False` otherwise."""

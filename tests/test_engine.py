@@ -550,6 +550,40 @@ def test_a_read_buffer_kept_alive_by_a_view_leaves_the_pool(llama):
     disable_layer_streaming(model)
 
 
+def test_a_failed_read_is_freed_without_the_garbage_collector(llama, monkeypatch):
+    """A layer read ahead whose read fails once (an I/O error) and is read again at its use: the failed load, its
+    error and what its traceback's frames hold are freed as the call drops them, not left in a reference cycle for
+    the garbage collector (a process that turns it off, as some servers do, kept a layer per failed read)."""
+    ckpt, shards, inputs, expected, pad = llama
+    model = streamed_model(ckpt, shards, max_memory={"cpu": 0}, prefetch=2)
+    loader = get_streaming_state(model).loader
+    loader._map, loader._in_place = False, False
+    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+    real, failed = loader._read_file, []
+
+    def flaky(header, buf, index):
+        if index == 3 and not failed:
+            failed.append(1)
+            raise OSError(errno.EIO, "Input/output error (injected)")
+        return real(header, buf, index)
+
+    monkeypatch.setattr(loader, "_read_file", flaky)
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected) and failed
+        loader.wait_idle()
+        gc.collect()
+        kinds = {type(o).__name__ for o in gc.garbage}
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert not kinds & {"_Load", "_Ready", "OSError", "_WorkItem"}, kinds
+    disable_layer_streaming(model)
+
+
 def test_transient_read_error_then_works_again(llama, monkeypatch):
     """A failing read (e.g. an I/O error) raises in the caller naming the layer; the next call reads it again."""
     ckpt, shards, inputs, expected, pad = llama
