@@ -1054,6 +1054,8 @@ def _load_generation_config(model: nn.Module, shards: ShardDirectory, state: Str
     if own is None or not path.is_file():
         return
     derived, marked = getattr(own, "_from_model_config", None), getattr(own, "_original_object_hash", None)
+    if derived is not None and not derived:  # (one the caller gave, not derived from the config)
+        return
     if derived is None or marked is None:
         # (transformers' private marks gone in a release: unchanged if it equals the one its config derives)
         try:
@@ -1062,7 +1064,7 @@ def _load_generation_config(model: nn.Module, shards: ShardDirectory, state: Str
         except Exception as e:  # noqa: BLE001 - streaming works without it
             logger.warning("Could not tell whether the model's generation config is its config's (%s).", e)
             return
-    elif not derived or marked != hash(own):
+    elif marked != hash(own):
         return
     try:
         loaded = GenerationConfig.from_pretrained(shards.path)
