@@ -720,7 +720,7 @@ def _cmd_demo(args) -> int:
 def _cmd_inspect(args) -> int:
     import torch
 
-    from .engine import budget_shortfall, host_memory, memory_reading, size_text
+    from .engine import budget_shortfall, host_memory, size_text
     from .modeling import resolve_dtype
     from .shard_dir import ShardDirectory
     from .stream import plan_shard_dir
@@ -746,7 +746,6 @@ def _cmd_inspect(args) -> int:
     )
     ratio = sum(stored) / max(sum(full_bytes), 1)
     memory = host_memory()  # (what the default plan took its share of)
-    memory["mem_available_from"] = memory_reading()[1]
     # what streaming computes in: `--dtype`, else the dtype `from_pretrained(dtype="auto")` loads at (recorded by the
     # split; a directory split before it was recorded streams at its stored dtypes)
     computes = str(dtype).replace("torch.", "") if dtype is not None else (m.load_dtype or m.dtype)

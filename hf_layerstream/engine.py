@@ -129,17 +129,13 @@ def available_host_memory() -> int:
     return host_memory()["available"]
 
 
-def host_memory() -> dict[str, int | None]:
-    """`available` (see `available_host_memory`) and what it is the less of: `mem_available` (/proc/meminfo) and
-    `cgroup_room` (`None` where no cgroup limit applies)."""
-    mem_available, room = _mem_available(), cgroup_memory_room()
+def host_memory() -> dict[str, int | str | None]:
+    """`available` (see `available_host_memory`) and what it is the less of: `mem_available` (`memory_reading`:
+    /proc/meminfo where there is one; where it was read in `mem_available_from`) and `cgroup_room` (`None` where no
+    cgroup limit applies)."""
+    (mem_available, told), room = memory_reading(), cgroup_memory_room()
     available = mem_available if room is None else min(mem_available, room)
-    return {"available": available, "mem_available": mem_available, "cgroup_room": room}
-
-
-def _mem_available() -> int:
-    """The memory the system can give without swapping (see `memory_reading`)."""
-    return memory_reading()[0]
+    return {"available": available, "mem_available": mem_available, "cgroup_room": room, "mem_available_from": told}
 
 
 _MEMINFO = "/proc/meminfo"

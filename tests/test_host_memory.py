@@ -101,7 +101,7 @@ def test_no_limit_or_nothing_readable_is_none(tmp_path, cgroup, mount):
 
 
 def test_the_available_memory_is_the_less_of_meminfo_and_the_cgroups_room(monkeypatch):
-    monkeypatch.setattr(engine, "_mem_available", lambda: 20 * GiB)
+    monkeypatch.setattr(engine, "memory_reading", lambda: (20 * GiB, "MemAvailable"))
     monkeypatch.setattr(engine, "cgroup_memory_room", lambda: 5 * GiB)
     assert available_host_memory() == 5 * GiB
     monkeypatch.setattr(engine, "cgroup_memory_room", lambda: 30 * GiB)
@@ -144,7 +144,7 @@ def test_a_cgroup_limit_lowers_the_default_cpu_plan(monkeypatch):
     """On a host with far more memory than the container's limit, the default plan keeps layers by the limit: with
     MemAvailable alone it would keep half of 80 GiB of layers in a 16 GiB container."""
     shards = shaped_shard_dir(80, GiB, GiB)
-    monkeypatch.setattr(engine, "_mem_available", lambda: 80 * GiB)
+    monkeypatch.setattr(engine, "memory_reading", lambda: (80 * GiB, "MemAvailable"))
     room = {"bytes": None}
     monkeypatch.setattr(engine, "cgroup_memory_room", lambda: room["bytes"])
 
