@@ -44,6 +44,7 @@ from collections import defaultdict, deque
 from collections.abc import Callable, Collection
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 import torch
 
@@ -983,8 +984,19 @@ class _LayerMap:
     header: Header  # the header the map was made with (the file as it was then)
     finished: dict[str, torch.Tensor] | None = None  # the layer's tensors, where they are `views` as they are
 
-    def release_pages(self) -> None:
+    def release_pages(self) -> bool:
+        """Its pages out of the resident set (they stay in the page cache; the next use maps them again), unless a
+        view was written in place (a hook's write during a pass: autograd's `_version` counts it): that would drop
+        the written pages, and whatever still holds the weights (a pass's autograd graph, for its backward) would
+        compute with the file's values instead. Returns whether it released them: a written map is to be forgotten
+        (it is unmapped once no tensor views it; the next use maps the file afresh)."""
+        if any(map(_version, self.views.values())):
+            return False
         release_mapped_range(self.address, len(self.mm))
+        return True
+
+
+_version = attrgetter("_version")
 
 
 def _evict(path, *, whole: bool = False) -> None:
@@ -1568,8 +1580,8 @@ class LayerLoader:
             # the eviction, when the plan asks for one, in the loader thread (pages still mapped are not dropped)
             ready.tensors = {}
             kept = self._maps.get(index)
-            if kept is not None:
-                kept.release_pages()
+            if kept is not None and not kept.release_pages():
+                self._maps.pop(index, None)  # (written in place: see `_LayerMap.release_pages`)
             if ready.evict is None:
                 self._dropped.discard(index)
                 return

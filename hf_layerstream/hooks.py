@@ -84,25 +84,21 @@ def _wants_grad(requires_grad: bool, value: torch.Tensor) -> bool:
     return requires_grad and (value.is_floating_point() or value.is_complex())
 
 
-class _NoWeightGradient(torch.autograd.Function):
-    """The identity, whose backward passes nothing on: see `_no_weight_gradient`."""
-
-    @staticmethod
-    def forward(ctx, weight):
-        return weight.view_as(weight)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return None
+def _drop_gradient(weight: torch.Tensor) -> None:
+    weight.grad = None
 
 
-def _no_weight_gradient(value: torch.Tensor) -> torch.Tensor:
+def _no_weight_gradient(value: torch.Tensor) -> nn.Parameter:
     """`value` as a weight that requires grad, as the loaded model's, in a pass with gradients to its inputs (a
     backward to them: saliency, prompt tuning), whose gradient goes nowhere: the kernels that pick by it are the
     loaded model's (`torch.matmul`'s fold, see `_wants_grad`: Jamba's and FalconMamba's `dt_proj.weight @ x` gave
     input gradients 1e-5 off), and no `.grad` is kept (each is computed, as the loaded model computes them, and let
-    go at once)."""
-    return _NoWeightGradient.apply(value.detach().requires_grad_())
+    go at once). A leaf parameter, as the loaded model's: a hook writing it in place under `torch.no_grad()` works as
+    there, and one writing it with gradients on is refused with the loaded model's error (an identity
+    `autograd.Function` made it a view, which autograd refuses to write in place either way)."""
+    weight = nn.Parameter(value.detach(), requires_grad=True)
+    weight.register_post_accumulate_grad_hook(_drop_gradient)
+    return weight
 
 
 def _an_input_requires_grad(args, kwargs) -> bool:

@@ -1767,9 +1767,14 @@ for name, model in models.items():
     handle = model.model.layers[1].mlp.down_proj.register_forward_pre_hook(clamp)
     with torch.no_grad():
         clamped = [model(ids).logits for _ in range(2)]
+    # and in a pass with gradients to the inputs (saliency), where the streamed weights require grad
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+    logits = model(inputs_embeds=embeds).logits
+    logits.pow(2).mean().backward()
+    clamped += [logits.detach(), embeds.grad]
     handle.remove()
     models[name] = clamped
-assert edits["streamed"] == edits["loaded"] == [torch.tensor(0.01).item()] * 2, edits
+assert edits["streamed"] == edits["loaded"] == [torch.tensor(0.01).item()] * 3, edits
 assert all(torch.equal(a, b) for a, b in zip(models["streamed"], models["loaded"]))
 print("ok")
 """
@@ -1779,7 +1784,9 @@ def test_an_in_place_write_to_a_streamed_weight_inside_its_pass_reaches_that_pas
     """A forward pre-hook writing into a streamed layer's weight in place (a clamp, noise injection) killed the process
     with SIGSEGV on CPU: the layer's tensors were views of a read-only map of its file. The map is private
     (copy-on-write): the write reaches the pass, as on the loaded model (an idempotent one gives its output), and the
-    shard file is not written. In a child process, as a regression would kill the one running it."""
+    shard file is not written. In a pass with gradients to the inputs too, where the weights require grad: there the
+    write (under `torch.no_grad()`, as on the loaded model) was refused, the weight being an autograd view. In a child
+    process, as a regression would kill the one running it."""
     import hashlib
     import subprocess
     import sys
