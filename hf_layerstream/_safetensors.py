@@ -415,12 +415,11 @@ def map_populated(fd: int, size: int):
 
     address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_PRIVATE | mmap.MAP_POPULATE, fd, 0)
     if address is None or address == ctypes.c_void_p(-1).value:  # (MAP_FAILED)
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
+        raise _errno_error()
     if libc.mprotect(address, size, mmap.PROT_READ | mmap.PROT_WRITE) != 0:
-        err = ctypes.get_errno()
+        error = _errno_error()
         libc.munmap(address, size)
-        raise OSError(err, os.strerror(err))
+        raise error
     buf = (ctypes.c_char * size).from_address(address)
     # (not at exit: a thread still computing with its views then would fault, instead of the process just ending)
     weakref.finalize(buf, libc.munmap, address, size).atexit = False
@@ -438,11 +437,16 @@ def madvise_released(mm: mmap.mmap, advice: int, address: int | None = None) -> 
     if libc is None or len(mm) == 0:
         mm.madvise(advice)
         return
+    if libc.madvise(map_address(mm) if address is None else address, len(mm), advice) != 0:
+        raise _errno_error()
+
+
+def _errno_error() -> OSError:
+    """The `OSError` of the last libc call made through `_libc()` (which keeps `errno` for ctypes)."""
     import ctypes
 
-    if libc.madvise(map_address(mm) if address is None else address, len(mm), advice) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
+    err = ctypes.get_errno()
+    return OSError(err, os.strerror(err))
 
 
 _MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", None)

@@ -1742,11 +1742,15 @@ class LayerLoader:
         try:
             if _known_cached(header):
                 return
-            mm = map_readonly(header.path, header.file_size)
-            try:
-                populated = populate(mm, header.path)
-            finally:
-                mm.close()
+            populated = False
+            if self._populate:  # (refused once, by an older kernel: not asked again, as the loader does not)
+                mm = map_readonly(header.path, header.file_size)
+                try:
+                    populated = populate(mm, header.path)
+                finally:
+                    mm.close()
+                if not populated:
+                    self._populate = False
             if not populated:  # (an older kernel: read at mmap time, and unmapped at once)
                 fd = os.open(header.path, os.O_RDONLY)
                 try:

@@ -279,10 +279,16 @@ def modules_to_not_convert(model: torch.nn.Module) -> list[str]:
 
 def _not_converted(module_name: str, patterns: list[str]) -> bool:
     """Whether transformers' bitsandbytes path skips the module `module_name` for `patterns`, by its own matching rule
-    (`should_convert_module`; in 5.24 a pattern from the start up to a module boundary, as a regex, or a suffix)."""
-    from transformers.quantizers.quantizers_utils import should_convert_module
-
+    (`should_convert_module`; in 5.24 a pattern from the start up to a module boundary, as a regex, or a suffix).
+    Where a later transformers moved or renamed it, that 5.24 rule."""
+    try:
+        from transformers.quantizers.quantizers_utils import should_convert_module
+    except ImportError:
+        return any(re.match(rf"(?:{key}){_BOUNDARY}", module_name) or module_name.endswith(key) for key in patterns)
     return not should_convert_module(module_name, patterns)
+
+
+_BOUNDARY = r"(?:(?<=\.)|(?=\.|$))"  # (after a dot, or before one or the end: a module boundary)
 
 
 def _is_matrix_weight(name: str, tensor: torch.Tensor, owner: torch.nn.Module) -> bool:

@@ -4109,20 +4109,29 @@ def test_under_autocast_the_callers_own_weights_keep_their_single_cast(checkpoin
 @pytest.mark.parametrize("kernel", ["current", "before_5_14"])
 def test_reading_a_kept_layer_ahead_reads_its_file(llama, monkeypatch, kernel):
     """`_warm_file` (a kept layer read ahead of its first use) leaves the whole file in the page cache, also on a
-    kernel without `MADV_POPULATE_READ` (before Linux 5.14: the advice refused), where it read nothing before."""
-    from hf_layerstream import _safetensors
+    kernel without `MADV_POPULATE_READ` (before Linux 5.14: the advice refused), where it read nothing before; there
+    the advice is asked once, not again for each layer (a map made and refused each time)."""
+    from hf_layerstream import _safetensors, engine
 
     if kernel != "current":
         monkeypatch.setattr(_safetensors, "_MADV_POPULATE_READ", 9999)  # (an advice the kernel does not know)
+    asked = []
+    real_populate = engine.populate
+    monkeypatch.setattr(engine, "populate", lambda *a, **k: asked.append(a[1]) or real_populate(*a, **k))
     ckpt, shards, inputs, expected, pad = llama
     model = streamed_model(ckpt, shards)  # (every layer kept)
     loader = get_streaming_state(model).loader
-    path = loader.shards.files[layer_unit(5)]
-    drop_from_page_cache([path])
-    if cached_share(path) > 0.5:
+    paths = [loader.shards.files[layer_unit(i)] for i in (5, 4)]
+    drop_from_page_cache(paths)
+    if max(map(cached_share, paths)) > 0.5:
         pytest.skip("this file system keeps the file in the page cache")
-    loader._warm_file(5)
-    assert cached_share(path) == 1.0
+    for i in (5, 4):
+        loader._warm_file(i)
+    assert [cached_share(p) for p in paths] == [1.0, 1.0]
+    if kernel == "current":
+        assert set(paths) <= set(asked)
+    else:
+        assert len(asked) == 1 and not loader._populate, asked
     assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
     disable_layer_streaming(model)
 

@@ -342,6 +342,31 @@ def test_should_quantize_knowing_the_module_quantizes_what_transformers_bitsandb
         assert not should_quantize(name, torch.empty(64, 4096, dtype=torch.bfloat16, device="meta"), NF4)
 
 
+def test_modules_left_unconverted_match_transformers_rule_also_without_its_function(monkeypatch):
+    """`_not_converted` asks transformers' own rule (`should_convert_module`: which modules its bitsandbytes path
+    leaves out for `llm_int8_skip_modules`); a transformers that moved or renamed it gets that rule as of 5.24, the
+    same answers, not an ImportError at split time."""
+    import sys
+    import types
+
+    from hf_layerstream.quant import _not_converted
+
+    cases = [
+        ("model.layers.1.mlp.down_proj", ["model.layers.1"]),
+        ("model.layers.11.mlp.down_proj", ["model.layers.1"]),
+        ("model.layers.11.mlp.down_proj", ["model.layers.*"]),
+        ("model.layers.0.mlp.gate", ["mlp.gate"]),
+        ("model.layers.0.mlp.gate_proj", ["mlp.gate"]),
+        ("model.decoder.layers.23.fc1", ["fc1"]),
+        ("model.layers.0.self_attn.q_proj", ["lm_head", "k_proj"]),
+        ("lm_head", ["lm_head"]),
+    ]
+    answers = [_not_converted(name, patterns) for name, patterns in cases]
+    assert answers == [True, False, True, True, False, True, False, True]  # (transformers' own, as 5.24 defines it)
+    monkeypatch.setitem(sys.modules, "transformers.quantizers.quantizers_utils", types.ModuleType("moved"))
+    assert [_not_converted(name, patterns) for name, patterns in cases] == answers
+
+
 def test_should_quantize_embeddings_opt_in():
     emb = torch.empty(1000, 512, dtype=torch.bfloat16, device="meta")
     with_emb = QuantScheme(4, quantize_embeddings=True)
