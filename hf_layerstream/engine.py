@@ -984,16 +984,24 @@ class _LayerMap:
     header: Header  # the header the map was made with (the file as it was then)
     finished: dict[str, torch.Tensor] | None = None  # the layer's tensors, where they are `views` as they are
 
-    def release_pages(self) -> bool:
-        """Its pages out of the resident set (they stay in the page cache; the next use maps them again), unless a
-        view was written in place (a hook's write during a pass: autograd's `_version` counts it): that would drop
-        the written pages, and whatever still holds the weights (a pass's autograd graph, for its backward) would
-        compute with the file's values instead. Returns whether it released them: a written map is to be forgotten
-        (it is unmapped once no tensor views it; the next use maps the file afresh)."""
-        if any(map(_version, self.views.values())):
-            return False
+    # the views' in-place writes (autograd's `_version`s, summed) as its pages were last released: those made since
+    # (a weight a hook kept, written after its pass) are in the map's own pages, not the file's (see `written_since`)
+    written: int = 0
+
+    def release_pages(self) -> None:
+        """Its pages out of the resident set: they stay in the page cache, and the next use maps them again. Pages
+        written in place (copied on write: a hook's write during the pass) go too, so each pass computes with the
+        file's weights. Never where the pass's weights may still be in use: an autograd graph holding them for its
+        backward would compute with the file's values instead of the written ones (`LayerLoader.release`'s
+        `graph`)."""
         release_mapped_range(self.address, len(self.mm))
-        return True
+        self.written = sum(map(_version, self.views.values()))
+
+    def written_since(self) -> bool:
+        """Whether a view was written in place since the pages were last released (a weight a hook kept, written
+        after its pass): the write is in the map's pages, and the next use would compute with it. (A write through
+        `.data` is not counted.)"""
+        return sum(map(_version, self.views.values())) != self.written
 
 
 _version = attrgetter("_version")
@@ -1529,11 +1537,14 @@ class LayerLoader:
         if self.profile is not None:
             self.profile.add(index, wait=0.0, calls=1)
 
-    def release(self, index: int) -> None:
-        """Layer `index` finished its forward pass: drop its tensors (their memory is reused by later reads)."""
+    def release(self, index: int, graph: bool = False) -> None:
+        """Layer `index` finished its forward pass: drop its tensors (their memory is reused by later reads).
+        `graph`: the pass recorded an autograd graph on its weights (a pass with gradients to its inputs), which may
+        hold them until its backward: a kept map of the layer's file is forgotten, not released (see
+        `_LayerMap.release_pages`)."""
         ready = self._in_use.pop(index, None)
         if ready is not None:
-            self._let_go(index, ready)
+            self._let_go(index, ready, graph)
 
     def holds(self, index: int) -> bool:
         """Whether layer `index` is in use (see `in_use`)."""
@@ -1572,7 +1583,7 @@ class LayerLoader:
         if stale:
             self._schedule_after(-1)
 
-    def _let_go(self, index: int, ready: _Ready) -> None:
+    def _let_go(self, index: int, ready: _Ready, graph: bool = False) -> None:
         ready.let_go = True
         if ready.mapped:
             # its pages leave the resident set here and now: `MADV_DONTNEED` on a kept map, or the munmap when the
@@ -1580,8 +1591,11 @@ class LayerLoader:
             # the eviction, when the plan asks for one, in the loader thread (pages still mapped are not dropped)
             ready.tensors = {}
             kept = self._maps.get(index)
-            if kept is not None and not kept.release_pages():
-                self._maps.pop(index, None)  # (written in place: see `_LayerMap.release_pages`)
+            if kept is not None:
+                if graph:  # (the next use maps the file afresh; this map goes once no tensor views it)
+                    self._maps.pop(index, None)
+                else:
+                    kept.release_pages()
             if ready.evict is None:
                 self._dropped.discard(index)
                 return
@@ -2115,9 +2129,10 @@ class LayerLoader:
         if map_populate is None or not self._map or header.file_size == 0:
             return None
         kept = self._maps.get(index)
-        if kept is not None and kept.header is not header:
+        if kept is not None and (kept.header is not header or kept.written_since()):
             # the directory's headers were read again since the map was made (`ShardDirectory.verify`): the map holds
-            # the file as it was then, the header the file as it is now; map it anew
+            # the file as it was then, the header the file as it is now; or a weight of its last use, kept by the
+            # caller, was written since, in the map's pages: map it anew (that weight keeps the map it views)
             self._maps.pop(index, None)
             kept = None
         populating = self._populate  # (read once: the loader and the map thread may both be here)

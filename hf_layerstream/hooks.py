@@ -101,6 +101,9 @@ def _no_weight_gradient(value: torch.Tensor) -> nn.Parameter:
     return weight
 
 
+_requires_grad = attrgetter("requires_grad")
+
+
 def _an_input_requires_grad(args, kwargs) -> bool:
     return any(isinstance(t, torch.Tensor) and t.requires_grad for t in pytree.tree_leaves((args, kwargs)))
 
@@ -166,6 +169,13 @@ class LayerStreamingHook(ModelHook):
         # while the layer is loaded, and, during its forward pass, the packed weight
         self.packed_placeholders: dict[int, nn.Parameter] = {}
         self.packed: dict = {}
+        # during a forward pass, the weights its `ModuleDequantizer`s put in those slots (by slot), dequantized
+        self.dequantized_values: dict[int, nn.Parameter] = {}
+        # during a forward pass (not held after it): the values it put in the slots, whether each required grad then,
+        # and whether the pass records an autograd graph on them (see `_swap_out`)
+        self._swapped: list | None = None
+        self._flags: list[bool] = []
+        self._graph = False
         self.dequantized = 0.0  # profiling: seconds spent dequantizing in this forward pass (not compute)
 
     def init_hook(self, module):
@@ -226,11 +236,15 @@ class LayerStreamingHook(ModelHook):
             values = made[1]
         else:
             values = self._values(tensors, no_grad, kinds, to_inputs)
+        # (first: what `_swap_out` finds of them in the slots, after the pass, is taken out, with a `requires_grad`
+        # set meanwhile; another value put in a slot meanwhile stays, and is refused at the next pass)
+        self._swapped, self._flags, self._graph = values, list(map(_requires_grad, values)), to_inputs
         for _ in map(setitem, self._dicts, self._keys, values):  # (the swap: no loop in Python, nor a deque to make)
             pass
         if no_grad and self.holds_between:  # (they stay in after the pass: the loader holds them anyway)
             self._held = values  # (first: a Ctrl-C between the two leaves nothing installed that `_held` misses)
             self._installed = True
+            self._swapped = None
             self.loader.release(self.index)
         if self._fresh_each_pass is None:
             self._fresh_each_pass = bool(self.packed_placeholders) or self.loader.plan.tier(self.index) != "device"
@@ -372,12 +386,36 @@ class LayerStreamingHook(ModelHook):
             entry[key] = p
 
     def _swap_out(self):
+        """The placeholders back in the slots, and the layer's tensors let go. A slot the caller gave another value
+        during the pass (`module.weight = nn.Parameter(...)` in a hook) keeps it, as a loaded model would, and the
+        next pass refuses it (see `_moved`: the layer computes with the shard directory's weights), as for a layer
+        holding its weights between passes (it was put back silently, and the next pass computed without it); a
+        slot the caller emptied (`torch.nn.utils.prune`) stays empty (refused too). A `requires_grad` the caller set
+        on a weight during the pass goes to its placeholder, as it stays on a loaded model's weight."""
         self._installed = False
         if self.packed:
             self.packed = {}
-        for _ in map(setitem, self._dicts, self._keys, self.placeholders):
-            pass
-        self.loader.release(self.index)
+        swapped, self._swapped = self._swapped, None
+        graph, self._graph = self._graph, False
+        if swapped is None or (
+            all(map(is_, map(dict.get, self._dicts, self._keys), swapped))
+            and list(map(_requires_grad, swapped)) == self._flags
+        ):  # (every slot holds what the pass put there, as it was: the swap back, no loop in Python)
+            for _ in map(setitem, self._dicts, self._keys, self.placeholders):
+                pass
+        else:
+            dequantized = self.dequantized_values
+            for k, (entry, key, p) in enumerate(zip(self._dicts, self._keys, self.placeholders)):
+                v = entry.get(key)
+                if v is None or v is p:
+                    continue
+                if v is swapped[k] or v is dequantized.get(k):
+                    if isinstance(p, nn.Parameter) and v is swapped[k] and v.requires_grad != self._flags[k]:
+                        p.requires_grad_(v.requires_grad)
+                        self._kept_values = None
+                    entry[key] = p
+        self.dequantized_values.clear()
+        self.loader.release(self.index, graph)
 
     def _unload(self):
         """Out of a forward that did not reach `post_forward` (it raised; or streaming is disabled). A kept layer's
@@ -390,7 +428,7 @@ class LayerStreamingHook(ModelHook):
         removed = [(entry, key) for entry, key in zip(self._dicts, self._keys) if key not in entry]
         self._swap_out()
         for entry, key in removed:  # (taken out by the caller, `torch.nn.utils.prune`: left so, as the caller made it)
-            del entry[key]
+            entry.pop(key, None)
         self._kept_values = None
 
     @property
@@ -933,15 +971,18 @@ class ModuleDequantizer:
                 wants = not torch.is_grad_enabled() and _wants_grad(
                     self.layer_hook.placeholders[k].requires_grad, value
                 )
-                module._parameters[attr] = nn.Parameter(value, requires_grad=wants)
+                module._parameters[attr] = self.layer_hook.dequantized_values[k] = nn.Parameter(
+                    value, requires_grad=wants
+                )
         if profile is not None:
             _sync(self.layer_hook.loader.device)
             self.layer_hook.dequantized += time.perf_counter() - t0
 
     def post(self, module: nn.Module, args, output):
-        packed = self.layer_hook.packed
+        packed, dequantized = self.layer_hook.packed, self.layer_hook.dequantized_values
         for attr, k in self.slots:
-            if k in packed:
+            # (another value the caller put there meanwhile stays, and is refused at the next pass: see `_swap_out`)
+            if k in packed and module._parameters.get(attr) is dequantized.pop(k, None):
                 module._parameters[attr] = self.layer_hook.packed_placeholders[k]
         return None
 

@@ -1834,6 +1834,78 @@ def test_a_weight_taken_out_of_its_module_is_refused_and_disable_works(llama, pl
     assert all(p.is_meta for n, p in model.model.layers[2].named_parameters())
 
 
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad_to_inputs"])
+@pytest.mark.parametrize("plan", ["kept", "streamed", "8bit_per_module"])
+def test_a_weight_replaced_by_a_hook_in_a_pass_is_kept_and_refused_at_the_next(checkpoints, llama, plan, grad):
+    """`module.weight = nn.Parameter(...)` from a hook inside a pass: the loaded model keeps the new weight. Where
+    the layer does not hold its weights after the pass (a streamed layer; any pass with gradients; a weight
+    dequantized module by module), the placeholder was put back over it silently, and the next passes computed
+    without it. Now the slot keeps it, as a layer holding its weights did, and the next pass refuses it, naming the
+    weight; disable puts the model back."""
+    ckpt, shards, inputs, *_ = llama
+    options = {"kept": {}, "streamed": {"max_memory": {"cpu": 0}}, "8bit_per_module": {"dequantize": "module"}}[plan]
+    if plan == "8bit_per_module":
+        ckpt, shards = checkpoints("llama", num_hidden_layers=6, compression="8bit")
+    model = streamed_model(ckpt, shards, **options)
+    ids = inputs["input_ids"]
+    module = model.model.layers[1].mlp.down_proj
+    replacement = torch.nn.Parameter(torch.zeros(module.out_features, module.in_features))
+    handle = module.register_forward_pre_hook(lambda m, a: setattr(m, "weight", replacement))
+    if grad:
+        embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        model(inputs_embeds=embeds).logits.sum().backward()
+    else:
+        with torch.no_grad():
+            model(ids)
+    handle.remove()
+    assert module.weight is replacement  # (as the loaded model keeps it)
+    with pytest.raises(RuntimeError, match=r"Decoder layer 1's mlp.down_proj.weight was replaced by another tensor"):
+        with torch.no_grad():
+            model(ids)
+    loader = get_streaming_state(model).loader
+    disable_layer_streaming(model)
+    assert not _loader_threads(loader) and module.weight.is_meta
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad_to_inputs"])
+@pytest.mark.parametrize("plan", ["kept", "streamed"])
+def test_requires_grad_set_on_a_weight_during_a_pass_stays(llama, plan, grad):
+    """`weight.requires_grad_(False)` from a hook during a pass stays on a loaded model's weight. Where the layer does
+    not hold its weights after the pass (a streamed layer; any pass with gradients), its placeholder did not take it:
+    the model said the weight still requires grad, and the next passes computed as for one that does (which picks
+    `torch.matmul`'s kernel where the layer calls it itself: FalconMamba's logits 3e-8 off). It goes to the
+    placeholder now, and the next pass uses it; a weight swapped in without requiring grad (a pass with gradients
+    and none to its inputs) leaves the placeholder's as it was."""
+    ckpt, shards, inputs, expected, pad = llama
+    model = streamed_model(ckpt, shards, **({"max_memory": {"cpu": 0}} if plan == "streamed" else {}))
+    ids = inputs["input_ids"]
+    modules = [layer.mlp.down_proj for layer in model.model.layers]
+
+    def freeze(module, args):
+        module.weight.requires_grad_(False)
+
+    handles = [m.register_forward_pre_hook(freeze) for m in modules[:3]]
+    if grad:
+        embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        model(inputs_embeds=embeds).logits.sum().backward()
+    else:
+        with torch.no_grad():
+            model(ids)
+    for handle in handles:
+        handle.remove()
+    assert [m.weight.requires_grad for m in modules] == [False] * 3 + [True] * 3
+    model(ids)  # (gradients on, none to the inputs: weights swapped in frozen, placeholders left as they are)
+    assert [m.weight.requires_grad for m in modules] == [False] * 3 + [True] * 3
+    seen = []
+    handles = [m.register_forward_pre_hook(lambda m, a: seen.append(m.weight.requires_grad)) for m in modules]
+    with torch.no_grad():
+        assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+    assert seen[:6] == [False] * 3 + [True] * 3
+    for handle in handles:
+        handle.remove()
+    disable_layer_streaming(model)
+
+
 @pytest.mark.parametrize("plan", ["kept", "streamed"])
 def test_an_edit_of_a_weight_outside_its_layers_pass_is_refused_not_dropped(llama, plan):
     """Neuron ablation or a ROME-style edit, in place, of a decoder layer's weight outside a pass (`weight[:, :8] = 0`,

@@ -194,6 +194,79 @@ def test_gradients_with_respect_to_the_inputs(checkpoints, arch, prefetch, way):
     disable_layer_streaming(model)
 
 
+def _streamed_way(ckpt, shards, plan, way, **kwargs):
+    """A streamed model whose loader maps its streamed layers' files ("mapped") or reads them into its buffers
+    ("read"), from the first layer on."""
+    options = {"max_memory": {"cpu": 0}} if plan == "streamed" else {}
+    model = streamed_model(ckpt, shards, keep_in_page_cache=way == "mapped", **options, **kwargs)
+    loader = get_streaming_state(model).loader
+    loader.wait_idle()
+    loader._map = way == "mapped"
+    with torch.no_grad():  # (the first layer, read ahead at enable, is mapped: used up, the next are read so)
+        model(torch.tensor([[1, 5, 9]]))
+    loader.wait_idle()
+    return model
+
+
+@pytest.mark.parametrize("write", ["no_grad", "data"])
+@pytest.mark.parametrize("way", ["mapped", "read"])
+@pytest.mark.parametrize("plan", ["streamed", "kept"])
+def test_a_hook_writing_a_weight_in_a_pass_with_gradients_to_the_inputs(checkpoints, plan, way, write):
+    """A forward pre-hook clamping a weight in place (under `torch.no_grad()`, or through `.data`), in a pass with
+    gradients to the inputs: the backward computes with the written weight, as the loaded model's does. The weights
+    were autograd views there, which refused the write; then, a streamed layer's map dropped its written pages as
+    the layer was let go, and the backward, which the graph holds the weights for, read the file's values again
+    (the input gradient 4e-3 off). The next passes are exact too (the write is idempotent)."""
+    ckpt, shards = checkpoints("llama")
+    ids = torch.randint(4, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    models = {"loaded": _models.load_reference(ckpt), "streamed": _streamed_way(ckpt, shards, plan, way)}
+    plain = models["loaded"](ids).logits.detach()
+    seen = {}
+    for name, model in models.items():
+
+        def clamp(module, args):
+            if write == "data":
+                module.weight.data.clamp_(-0.01, 0.01)
+            else:
+                with torch.no_grad():
+                    module.weight.clamp_(-0.01, 0.01)
+
+        handles = [layer.mlp.down_proj.register_forward_pre_hook(clamp) for layer in model.model.layers]
+        seen[name] = [*_input_gradient(model, ids), *_input_gradient(model, ids)]
+        with torch.no_grad():
+            seen[name].append(model(ids).logits)
+        for handle in handles:
+            handle.remove()
+    assert not torch.equal(seen["loaded"][0], plain)  # (the clamp changes the output)
+    assert all(torch.equal(a, b) for a, b in zip(seen["streamed"], seen["loaded"]))
+    loader = get_streaming_state(models["streamed"]).loader
+    if plan == "streamed":
+        assert (loader.reads["mapped"] if way == "mapped" else loader.reads["direct"] + loader.reads["page_cache"]) > 0
+    disable_layer_streaming(models["streamed"])
+
+
+@pytest.mark.parametrize("way", ["mapped", "read"])
+def test_a_streamed_weight_kept_by_a_hook_and_written_after_its_pass_reaches_no_later_pass(checkpoints, way):
+    """A streamed layer's weights belong to its pass: a reference a hook keeps is a view of the file's weights as
+    that pass used them, and a write to it after the pass reaches no later pass (a loaded model's weight would keep
+    it: README, Limits). It reached the next pass only where the layer's file map is kept and used again."""
+    ckpt, shards = checkpoints("llama")
+    ids = torch.randint(4, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    model = _streamed_way(ckpt, shards, "streamed", way)
+    with torch.no_grad():
+        expected = _models.load_reference(ckpt)(ids).logits
+    kept = []
+    handle = model.model.layers[1].mlp.down_proj.register_forward_pre_hook(lambda m, a: kept.append(m.weight))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, expected)
+    handle.remove()
+    with torch.no_grad():
+        kept[0].add_(0.05)
+        assert [torch.equal(model(ids).logits, expected) for _ in range(3)] == [True] * 3
+    assert kept[0].abs().max() > 0.04  # (the caller's reference keeps its write)
+    disable_layer_streaming(model)
+
+
 def test_gradient_checkpointing_is_refused_with_the_fix_named(checkpoints):
     """Checkpointing runs a layer's forward again in the backward pass, outside the hook that streams its weights in:
     the backward failed with a meta-device error. The forward refuses it, naming the fix; without it, training mode
