@@ -35,6 +35,7 @@ _SOURCES = {
     "measure_sweeps": "speculative",
     "split_checkpoint": "split",
     "StreamingState": "stream",
+    "attaching_adapters": "stream",
     "disable_layer_streaming": "stream",
     "enable_layer_streaming": "stream",
     "get_streaming_state": "stream",
@@ -46,7 +47,13 @@ if TYPE_CHECKING:
     from .shard_dir import ShardDirectory
     from .speculative import SweepCounter, configure_draft, count_sweeps, measure_sweeps
     from .split import split_checkpoint
-    from .stream import StreamingState, disable_layer_streaming, enable_layer_streaming, get_streaming_state
+    from .stream import (
+        StreamingState,
+        attaching_adapters,
+        disable_layer_streaming,
+        enable_layer_streaming,
+        get_streaming_state,
+    )
 
 
 def __getattr__(name: str):
@@ -72,6 +79,7 @@ __all__ = [
     "split_checkpoint",
     "enable_layer_streaming",
     "disable_layer_streaming",
+    "attaching_adapters",
     "get_streaming_state",
     "generate_batch",
     "generate_jsonl",

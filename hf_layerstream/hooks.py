@@ -533,6 +533,10 @@ class _NoGuard:
         self.lock = contextlib.nullcontext()
 
 
+def _no_check() -> None:
+    pass
+
+
 class PassGuard:
     """Wraps the forward of the module that runs the decoder layers (e.g. `LlamaModel`): one pass over the layers.
 
@@ -565,6 +569,8 @@ class PassGuard:
         self.host_hooks = host_hooks or []
         # the output head's `_HeadGrad` (stream.py), if any: a call that raised puts back what its thread swapped in
         self.head_grad = None
+        # called at each pass: PEFT adapters attached since have values (stream.py's `_adapter_check`)
+        self.check_adapters: Callable[[], None] = _no_check
         self.lock = threading.RLock()
         self.guarded = None  # the wrapper `wrap` made
         self.model_guarded = None  # the wrapper `wrap_model` made
@@ -663,6 +669,7 @@ class PassGuard:
                         self.loader.sweep_begins()  # (interrupted there too: the next pass lets go of the rest)
                         self._raised = False
                     self.loader.check_kept_files()
+                    self.check_adapters()
                     self.loader.pass_runs(self.layers_run())
                     out = forward(*args, **kwargs)
                     if self.loader is None:  # disabled from inside the pass: what came after ran on meta weights
@@ -825,7 +832,8 @@ class Streamed(_Placeholder):
             "streams to: outside that pass it has no values to move or copy. To stream to another device, "
             "`disable_layer_streaming(model)`, then `enable_layer_streaming(model, shard_dir, device=...)`; to read "
             "its values, see a forward hook on its module (inside the pass) or the layer's file in the shard "
-            "directory."
+            "directory. (Attaching a PEFT adapter, which moves the model to the device of its map? Attach it inside "
+            "`with hf_layerstream.attaching_adapters(model):`.)"
         )
 
     def _read_refusal(self, func) -> str:

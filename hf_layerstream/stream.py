@@ -44,6 +44,7 @@ from .hooks import (
     Packed,
     PassGuard,
     Streamed,
+    _Placeholder,
     host_state_dict_hook,
     kept_state_dict_hook,
     streamed_state_dict_hook,
@@ -148,6 +149,118 @@ class StreamingState:
 def get_streaming_state(model: nn.Module) -> StreamingState | None:
     """The [`StreamingState`] of a model with layer streaming enabled, else `None`."""
     return getattr(model, _STATE_ATTR, None)
+
+
+# --- adapters (PEFT) -------------------------------------------------------------------------------------------------
+
+_ATTACH_FIX = (
+    "enable streaming on the model without adapters, then attach them inside `with "
+    "hf_layerstream.attaching_adapters(model):` (e.g. `model = PeftModel.from_pretrained(model, adapter_dir)` or "
+    "`model.load_adapter(adapter_dir)` there)"
+)
+
+
+def _adapter_modules(model: nn.Module):
+    """(name, module) of the PEFT adapter layers in `model` (its tuner layers: `lora.Linear` and the like)."""
+    for name, module in model.named_modules():
+        if type(module).__module__.startswith("peft.") and hasattr(module, "base_layer"):
+            yield name, module
+
+
+def _refuse_adapters(model: nn.Module) -> None:
+    """At enable: a model holding adapter layers (a `PeftModel`, or one an adapter was loaded into) is refused, naming
+    the order that works. (Its shard directory holds the base model's weights, named without PEFT's `base_layer`, so
+    the match failed as "a different model"; and an adapter attached to a model built on the meta device has no
+    values: PEFT leaves them there.)"""
+    found = next(_adapter_modules(model), None)
+    if found is not None or type(model).__module__.startswith("peft."):
+        where = f" (`{found[0]}`)" if found is not None else ""
+        raise ValueError(f"The model holds PEFT adapter layers{where}: {_ATTACH_FIX}.")
+
+
+def _adapter_check(model: nn.Module, stack) -> Callable[[], None]:
+    """What the pass guard calls at each pass: where PEFT adapters were attached to the model since the last check
+    (its `peft_config`, which PEFT and transformers' `load_adapter` set on it, names other adapters), none of their
+    weights in the decoder layers may be on the meta device. Attached outside `attaching_adapters`, PEFT puts them on
+    the device of the weight each adapts, which for a streamed weight is its meta placeholder: the layers then
+    computed on memory never written (NaN or noise, silently)."""
+    model_ref = weakref.ref(model)
+    layers = stack.layers
+    checked: list = [None]
+
+    def check() -> None:
+        model = model_ref()
+        config = vars(model).get("peft_config") if model is not None else None
+        if not isinstance(config, dict) or tuple(config) == checked[0]:
+            return
+        for name, module in _adapter_modules(layers):
+            for rel, t in module.named_parameters():
+                if t.is_meta and not isinstance(t, _Placeholder):
+                    raise RuntimeError(
+                        f"The adapter weight `{stack.prefix}.{name}.{rel}` is on the meta device: the adapter was "
+                        "attached to the streaming model outside `hf_layerstream.attaching_adapters(model)`, so PEFT "
+                        "put it beside the streamed weight's placeholder, with no values. Build the model again and "
+                        f"{_ATTACH_FIX}."
+                    )
+        checked[0] = tuple(config)
+
+    return check
+
+
+@contextlib.contextmanager
+def attaching_adapters(model: nn.Module):
+    """Attach PEFT adapters (LoRA and the like) to a model streaming its layers, inside this block:
+
+    ```python
+    enable_layer_streaming(model, shard_dir)
+    with attaching_adapters(model):
+        model = PeftModel.from_pretrained(model, adapter_dir)  # or model.load_adapter(adapter_dir)
+    ```
+
+    PEFT puts an adapter's weights on the device and in the dtype of the weight each adapts; a streamed weight is a
+    meta placeholder between passes. Inside the block, each such weight stands in as a tensor of its dtype and shape
+    on the device the model computes on (one element, broadcast: no memory), and `model.hf_device_map` is hidden (a
+    map naming "disk" or "cpu" sends `PeftModel.from_pretrained` to re-dispatch the model, which removes the
+    streaming hooks, and transformers' `load_adapter` to leave the weights there). The placeholders are back as the
+    block ends, and every adapter weight is checked to have values. The base weights still stream, adapted as the
+    loaded model's are: the output equals the loaded model with the same adapter, bit for bit in fp32 (tested for
+    LoRA). The adapter weights stay in memory on that device, outside the plan's budget. Adapters whose
+    initialisation reads or writes the base weights (PiSSA, OLoRA, LoftQ and others, for training) cannot be made on
+    the stand-ins: a write into one raises; and the streamed weights cannot be merged (`merge_and_unload`): merge on
+    the loaded model, save it and split that. Attached outside the block, the next pass raises, naming it.
+
+    Passes from other threads wait for the block to end.
+    """
+    state = get_streaming_state(model)
+    if state is None:
+        raise ValueError(
+            "Layer streaming is not enabled on this model: attach adapters to it as to any model, or enable streaming "
+            "first and attach them inside this block."
+        )
+    with state.guard.lock, _model_lock(model):
+        device = state.loader.device
+        stand_ins = []
+        hidden = vars(model).pop("hf_device_map", _NONE)
+        try:
+            for hook in state.hooks:
+                for entry, key, p in zip(hook._dicts, hook._keys, hook.placeholders):
+                    if entry.get(key) is p and p.is_meta:
+                        stand_in = torch.empty((), dtype=p.dtype, device=device).expand(p.shape)
+                        if isinstance(p, nn.Parameter):
+                            stand_in = nn.Parameter(stand_in, requires_grad=p.requires_grad)
+                        stand_ins.append((entry, key, p, stand_in))
+                        entry[key] = stand_in
+            yield model
+        finally:
+            for entry, key, p, stand_in in stand_ins:
+                if entry.get(key) is stand_in:
+                    entry[key] = p
+            if hidden is not _NONE:
+                model.hf_device_map = hidden
+        state.guard.check_adapters()
+
+
+_NONE = object()
 
 
 def _check_conversion(model: nn.Module, shards: ShardDirectory) -> None:
@@ -802,6 +915,7 @@ def _enable(
     shards = ShardDirectory(shard_dir, checksums=verify)
     chosen = prefetch is not None
     default = default_prefetch(device, shards)
+    _refuse_adapters(model)
     stack = require_layer_stack(model)
     _refuse_weights_changed_by_forward(model)
     for name, module in model.named_modules():
@@ -975,6 +1089,7 @@ def _enable(
         state.guard = PassGuard(
             hooks, loader, [m._hf_hook for m in host_modules], _layers_run(state.runner, len(stack))
         )
+        state.guard.check_adapters = _adapter_check(model, stack)
         # an instance attribute it had (another wrapper), if any
         state.runner_forward = vars(state.runner).get("forward")
         state.runner.forward = state.guard.wrap(state.runner.forward)

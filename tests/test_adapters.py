@@ -1,0 +1,162 @@
+"""PEFT adapters (LoRA) on a streaming model: attached inside `attaching_adapters`, the output is the loaded model's
+with the same adapter, bit for bit; attached any other way, refused with the order that works named (it computed on
+adapter weights PEFT had left on the meta device: NaN or noise, silently)."""
+
+from __future__ import annotations
+
+import _models
+import pytest
+import torch
+from conftest import build_meta_model, streamed_model
+from transformers import AutoConfig
+
+from hf_layerstream import attaching_adapters, disable_layer_streaming, enable_layer_streaming, get_streaming_state
+
+peft = pytest.importorskip("peft")
+
+IDS = torch.tensor([[1, 5, 9, 17, 33, 60, 7, 12], [1, 40, 41, 42, 43, 44, 45, 46]])
+GEN = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+PLANS = {"kept": {}, "streamed": {"max_memory": {"cpu": 0}}}
+
+
+@pytest.fixture(scope="module")
+def adapter(checkpoints, tmp_path_factory):
+    """(checkpoint, shards, adapter folder, the loaded model's (base logits, base tokens, adapted logits, adapted
+    tokens)): a LoRA adapter on three projections of every layer, initialised at random so that it changes the
+    output."""
+    ckpt, shards = checkpoints("llama")
+    torch.manual_seed(1)
+    config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    folder = tmp_path_factory.mktemp("adapter")
+    peft.get_peft_model(_models.load_reference(ckpt), config).save_pretrained(folder)
+    base = _models.load_reference(ckpt)
+    with torch.no_grad():
+        expected = [base(IDS).logits, base.generate(IDS, **GEN)]
+        adapted = peft.PeftModel.from_pretrained(base, folder).eval()
+        expected += [adapted(input_ids=IDS).logits, adapted.generate(input_ids=IDS, **GEN)]
+    assert not torch.equal(expected[0], expected[2])  # (the adapter changes the output)
+    return ckpt, shards, folder, expected
+
+
+def _outputs(runner):
+    with torch.no_grad():
+        return runner(input_ids=IDS).logits, runner.generate(input_ids=IDS, **GEN)
+
+
+@pytest.mark.parametrize("route", ["PeftModel.from_pretrained", "load_adapter"])
+@pytest.mark.parametrize("plan", ["kept", "streamed"])
+def test_an_adapter_attached_inside_the_block_gives_the_loaded_models_output(adapter, plan, route):
+    """The base weights stream, adapted as the loaded model's are: logits and greedy tokens bit for bit, twice; the
+    adapter switched off (PEFT's `disable_adapter`) gives the base model's; the device map is the model's again after the block, and disable
+    leaves no hook."""
+    ckpt, shards, folder, (base_logits, base_tokens, logits, tokens) = adapter
+    model = streamed_model(ckpt, shards, **PLANS[plan])
+    device_map = dict(model.hf_device_map)
+    with attaching_adapters(model):
+        if route == "load_adapter":
+            model.load_adapter(str(folder))
+            runner = model
+        else:
+            runner = peft.PeftModel.from_pretrained(model, folder).eval()
+    assert model.hf_device_map == device_map
+    for _ in range(2):
+        got = _outputs(runner)
+        assert torch.equal(got[0], logits) and torch.equal(got[1], tokens)
+    if route != "load_adapter":  # (transformers 5.25's `disable_adapters` wants peft 0.22, not released)
+        with runner.disable_adapter():
+            assert all(map(torch.equal, _outputs(runner), (base_logits, base_tokens)))
+    loader = get_streaming_state(model).loader
+    disable_layer_streaming(model)
+    assert not [n for n, m in model.named_modules() if hasattr(m, "_hf_hook")]
+    assert not [t for t in loader._executor._threads if t.is_alive()]
+    assert all(p.is_meta for n, p in model.named_parameters() if "lora_" not in n)
+
+
+@pytest.mark.parametrize("route", ["load_adapter", "inject_adapter_in_model"])
+@pytest.mark.parametrize("plan", ["kept", "streamed"])
+def test_an_adapter_attached_outside_the_block_is_refused_at_the_next_pass(adapter, plan, route):
+    """Attached to the streaming model as to any model, the adapter's weights stayed on the meta device (where PEFT
+    put them, beside the streamed weights' placeholders, or where transformers' loader left them for layers the
+    device map calls "disk"), and the layers computed on memory never written: NaN or noise, silently. The next pass
+    raises now, naming a weight and the block. (Where every layer is kept, transformers' loader gives them values on
+    the device, from the device map: those are the loaded model's.)"""
+    ckpt, shards, folder, (*_, logits, tokens) = adapter
+    model = streamed_model(ckpt, shards, **PLANS[plan])
+    if route == "load_adapter":
+        model.load_adapter(str(folder))
+    else:
+        config = peft.PeftConfig.from_pretrained(folder)
+        peft.inject_adapter_in_model(config, model)
+        peft.set_peft_model_state_dict(model, peft.load_peft_weights(str(folder)))
+    if plan == "kept" and route == "load_adapter":
+        # (every layer kept: the device map says "cpu" for all, where transformers' loader puts the adapter's
+        # weights, with values: used as they are)
+        got = _outputs(model)
+        assert torch.equal(got[0], logits) and torch.equal(got[1], tokens)
+        disable_layer_streaming(model)
+        return
+    with pytest.raises(RuntimeError, match=r"lora_[AB]\..*is on the meta device.*`hf_layerstream.attaching_adapters"):
+        _outputs(model)
+    with pytest.raises(RuntimeError, match="attaching_adapters"):  # (and at every pass after)
+        _outputs(model)
+    disable_layer_streaming(model)
+
+
+def test_peft_model_from_pretrained_outside_the_block_names_it(adapter):
+    """`PeftModel.from_pretrained` on a streaming model whose device map names "disk" re-dispatches it (accelerate's
+    `remove_hook_from_submodules`, then `model.to`), which the streaming model refuses: the refusal names the
+    block, and so does the next pass."""
+    ckpt, shards, folder, _ = adapter
+    model = streamed_model(ckpt, shards, **PLANS["streamed"])
+    with pytest.raises(NotImplementedError, match=r"PEFT adapter.*`with hf_layerstream.attaching_adapters\(model\):`"):
+        peft.PeftModel.from_pretrained(model, folder)
+    with pytest.raises(RuntimeError, match="attaching_adapters"):
+        _outputs(model)
+    disable_layer_streaming(model)
+    assert not [n for n, m in model.named_modules() if hasattr(m, "_hf_hook")]
+
+
+@pytest.mark.parametrize("wrapped", [True, False], ids=["PeftModel", "injected"])
+def test_enable_refuses_a_model_holding_adapter_layers(adapter, wrapped):
+    """A model an adapter was attached to before enable (built on the meta device, its adapter weights have no
+    values) is refused before any hook, naming the order that works: it failed as "a different model"."""
+    ckpt, shards, folder, _ = adapter
+    model = build_meta_model(AutoConfig.from_pretrained(ckpt))
+    if wrapped:
+        model = peft.PeftModel.from_pretrained(model, folder)
+    else:
+        peft.inject_adapter_in_model(peft.PeftConfig.from_pretrained(folder), model)
+    with pytest.raises(ValueError, match=r"holds PEFT adapter layers.*attaching_adapters"):
+        enable_layer_streaming(model, shards, device="cpu")
+    assert get_streaming_state(model) is None
+
+
+def test_the_block_needs_streaming_enabled_and_undoes_itself_on_error(adapter):
+    ckpt, shards, folder, (base_logits, *_) = adapter
+    model = build_meta_model(AutoConfig.from_pretrained(ckpt))
+    with pytest.raises(ValueError, match="not enabled"):
+        with attaching_adapters(model):
+            pass
+    model = streamed_model(ckpt, shards, **PLANS["streamed"])
+    device_map = dict(model.hf_device_map)
+    with pytest.raises(KeyError):
+        with attaching_adapters(model):
+            assert not any(p.is_meta for p in model.model.layers.parameters())  # (the stand-ins)
+            raise KeyError("the caller's")
+    assert model.hf_device_map == device_map
+    assert all(p.is_meta for p in model.model.layers.parameters())  # (the placeholders back)
+    with torch.no_grad():
+        assert torch.equal(model(IDS).logits, base_logits)
+    disable_layer_streaming(model)
+
+
+def test_merging_an_adapter_into_streamed_weights_is_refused(adapter):
+    """`merge_and_unload` writes the adapter into the base weights: a streamed layer's are read from the shard
+    directory at each pass, so the write is refused (it would not reach them), naming where to merge."""
+    ckpt, shards, folder, _ = adapter
+    model = streamed_model(ckpt, shards, **PLANS["streamed"])
+    with attaching_adapters(model):
+        runner = peft.PeftModel.from_pretrained(model, folder)
+    with pytest.raises(RuntimeError, match=r"Edit the loaded model's weights, save it"):
+        runner.merge_and_unload()
+    disable_layer_streaming(model)
