@@ -449,7 +449,8 @@ def _set_tensor(module: nn.Module, attr: str, value: torch.Tensor, is_param: boo
 
 
 def _foldable(x: torch.Tensor) -> bool:
-    """Whether `torch.matmul` folds `x` (3-D or more) into a matrix by a view, as torch's `should_fold` checks."""
+    """Whether `torch.matmul` folds `x` (3-D or more) into a matrix by a view, as torch's `should_fold` checks up to
+    torch 2.13 (from 2.14 it skips size-1 dimensions too: it folds more, never less)."""
     return all(x.stride(i) == x.stride(i + 1) * x.size(i + 1) for i in range(x.dim() - 2))
 
 
@@ -458,9 +459,10 @@ def _fold_head_input(module: nn.Module, args: tuple):
 
     `generate` feeds the head `hidden_states[:, -1:, :]` in the prompt pass. For a weight that requires grad (every
     weight `from_pretrained` loads), `matmul` folds that into a matrix (`reshape(-1, hidden)`, a view) and calls
-    `mm`; for one that does not (ours), it folds only inputs whose strides say so, and calls `bmm` on the weight
-    expanded to the batch and copied otherwise: 0.3-0.4 s per prompt pass for a 131 MB head on this machine instead
-    of 6 ms, batch times the head's memory, and other bits in bf16 logits from batch 2 on. The strides of size-1
+    `mm`; for one that does not (ours), torch up to 2.13 folds only inputs whose strides say so (2.14 skips size-1
+    dimensions, so it folds this slice too), and calls `bmm` on the weight expanded to the batch and copied
+    otherwise: 0.3-0.4 s per prompt pass for a 131 MB head on this machine instead of 6 ms, batch times the head's
+    memory, and other bits in bf16 logits from batch 2 on. The strides of size-1
     dimensions address nothing: set so that the fold check passes, the head takes the fully loaded model's path,
     `mm` on the same view. Inputs that cannot be folded by a view are copied, as `reshape` copies them there.
     The head's weight requires grad as the loaded model's does (see `_HeadGrad`), so a head the caller froze is

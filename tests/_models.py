@@ -389,3 +389,15 @@ def save_metaspace_tokenizer(path):
             merges.append(("▁" + a, b))
     LlamaTokenizer(vocab=vocab, merges=merges).save_pretrained(path)
     return path
+
+
+def matmul_folds(x: torch.Tensor) -> bool:
+    """Whether this torch's `matmul` folds `x` (3-D or more) into one matrix (`mm`) for a weight that does not require
+    grad, rather than `bmm` a batch-sized copy of the weight. Up to torch 2.13 only inputs whose strides chain fold
+    (`hf_layerstream.stream._foldable`); from 2.14 size-1 dimensions are skipped too (`hidden[:, -1:, :]` folds)."""
+    from torch.profiler import profile
+
+    w = torch.zeros(1, x.shape[-1], dtype=x.dtype)
+    with profile() as prof:
+        torch.nn.functional.linear(x.detach(), w)
+    return "aten::bmm" not in {e.name for e in prof.events()}

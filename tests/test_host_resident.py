@@ -412,7 +412,8 @@ def test_a_host_resident_head_requires_grad_as_the_loaded_one_frozen_or_not(chec
                     with profile() as prof:
                         out = m(last)
                     ops.append({e.name for e in prof.events()} & {"aten::bmm", "aten::mm"})
-                assert ops[0] == ops[1] == ({"aten::bmm"} if frozen else {"aten::mm"}), (frozen, grad, ops)
+                bmm = frozen and not _models.matmul_folds(last)  # (torch 2.14 folds this slice for a frozen head)
+                assert ops[0] == ops[1] == ({"aten::bmm"} if bmm else {"aten::mm"}), (frozen, grad, ops)
                 assert torch.equal(out, ref_head(last)) and out.grad_fn is None
                 got = model(**batch, logits_to_keep=1).logits
                 assert torch.equal(got, ref(**batch, logits_to_keep=1).logits), (frozen, grad)
