@@ -160,6 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--prompt-lookup", type=int, default=None, metavar="N", help="prompt-lookup decoding with N tokens")
     p.add_argument(
+        "--adapter",
+        default=None,
+        metavar="ADAPTER",
+        help="a PEFT adapter (LoRA) of the model, folder or hub id, applied as the weights stream (needs peft)",
+    )
+    p.add_argument(
         "--profile",
         action="store_true",
         help="print where the time went after generating: compute, waiting for the loader, reads, dequantizing, "
@@ -443,6 +449,19 @@ def load_streamed_model(
     )
 
 
+def _attach_adapter(model, adapter: str) -> None:
+    """`--adapter`: the PEFT adapter loaded into the streaming model (transformers' `load_adapter`, inside
+    `attaching_adapters`), which stays the same object."""
+    from .stream import attaching_adapters
+
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        raise ValueError("`--adapter` needs the peft package: `pip install peft`.") from None
+    with attaching_adapters(model):
+        model.load_adapter(adapter)
+
+
 def _cmd_generate(args) -> int:
     import torch
     from transformers import AutoTokenizer
@@ -465,7 +484,11 @@ def _cmd_generate(args) -> int:
         raise ValueError(f"`--temperature` (={args.temperature}) has to be a strictly positive number.")
     if args.do_sample and args.top_p is not None and not 0 <= args.top_p <= 1:
         raise ValueError(f"`--top-p` (={args.top_p}) has to be a number from 0 to 1.")
-    for option, value in (("--assistant", args.assistant), ("--tokenizer", args.tokenizer)):
+    for option, value in (
+        ("--assistant", args.assistant),
+        ("--tokenizer", args.tokenizer),
+        ("--adapter", args.adapter),
+    ):
         if value and missing_local_folder(value):
             raise ValueError(  # (it went to the hub as a repo id, once the model was loaded)
                 f"`{option}` {value} is neither an existing local folder nor a hub repo id (`organization/name`)."
@@ -484,6 +507,12 @@ def _cmd_generate(args) -> int:
             f"`--assistant` {args.assistant} is a folder without a config.json, not a model: pass a small draft "
             "model's checkpoint folder or hub id, sharing the tokenizer."
         )
+    if (
+        args.adapter
+        and os.path.isdir(args.adapter)
+        and not os.path.isfile(os.path.join(args.adapter, "adapter_config.json"))
+    ):
+        raise ValueError(f"`--adapter` {args.adapter} is a folder without an adapter_config.json, not a PEFT adapter.")
     if args.input == "-":  # (the usual name for standard input: it was looked for as a file named "-")
         args.input = "/dev/stdin"  # (read once, as a pipe is)
     if args.output == "-":
@@ -526,6 +555,8 @@ def _cmd_generate(args) -> int:
         keep_in_page_cache=_page_cache(args.page_cache),
         dequantize=_dequantize(args.dequantize),
     )
+    if args.adapter:
+        _attach_adapter(model, args.adapter)
     try:
         tok = AutoTokenizer.from_pretrained(args.tokenizer or args.shard_dir)
     except (OSError, ValueError) as e:

@@ -1072,3 +1072,25 @@ sys.exit(cli.main(["split", "source", "dest", "--quiet"]))
     assert done.returncode == 0, done.stdout
     fd, stderr = done.stdout.split("\n")[0].split(" ")
     assert fd != "fd=2" and stderr == f"stderr={os.devnull}" and "shard directory ready" in done.stdout
+
+
+def test_generate_with_a_peft_adapter(split_dir, tmp_path, capsys):
+    """`--adapter DIR`: a LoRA adapter of the model, applied as the weights stream (`attaching_adapters`): the tokens
+    are the loaded model's with the same adapter, every layer streamed. A folder that is not an adapter is refused
+    before the model loads."""
+    peft = pytest.importorskip("peft")
+    ckpt, shards = split_dir
+    torch.manual_seed(1)
+    config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    peft.get_peft_model(_models.load_reference(ckpt), config).save_pretrained(tmp_path / "adapter")
+    prompt, n = _models.SAMPLE_PROMPTS[0], 8
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    ref = peft.PeftModel.from_pretrained(_models.load_reference(ckpt, attn_implementation=None), tmp_path / "adapter")
+    out = ref.generate(**tok(prompt, return_tensors="pt"), max_new_tokens=n, do_sample=False, pad_token_id=0)
+    expected = tok.decode(out[0, -n:], skip_special_tokens=True)
+    assert expected != _greedy_text(ckpt, prompt, n)  # (the adapter changes the output)
+    argv = ["generate", str(shards), prompt, "--max-new-tokens", str(n), "--device", "cpu", "--max-memory", "cpu=0"]
+    assert main([*argv, "--adapter", str(tmp_path / "adapter")]) == 0
+    assert capsys.readouterr().out[len(prompt) :].strip() == expected.strip()
+    assert main([*argv, "--adapter", str(ckpt)]) == 2
+    assert "without an adapter_config.json, not a PEFT adapter" in capsys.readouterr().err
