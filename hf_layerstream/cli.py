@@ -452,12 +452,28 @@ def load_streamed_model(
 def _attach_adapter(model, adapter: str) -> None:
     """`--adapter`: the PEFT adapter loaded into the streaming model (transformers' `load_adapter`, inside
     `attaching_adapters`), which stays the same object."""
+    from .quant import quiet_hub_kernel_notice
     from .stream import attaching_adapters
 
-    try:
-        import peft  # noqa: F401
-    except ImportError:
-        raise ValueError("`--adapter` needs the peft package: `pip install peft`.") from None
+    with quiet_hub_kernel_notice():  # (peft imports bitsandbytes where installed: see `load_backend`)
+        try:
+            import peft  # noqa: F401
+        except ImportError:
+            raise ValueError("`--adapter` needs the peft package: `pip install peft`.") from None
+    if not os.path.isdir(adapter):  # a hub repo: its adapter_config.json first, for a clear error offline
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+        from .split import hub_unreachable_error, no_such_repo_error
+
+        try:
+            hf_hub_download(adapter, "adapter_config.json")
+        except LocalEntryNotFoundError as e:  # (a subclass of EntryNotFoundError: first)
+            raise hub_unreachable_error(adapter, "adapter_config.json", "`--adapter`") from e
+        except EntryNotFoundError as e:
+            raise ValueError(f"`--adapter` {adapter!r} holds no adapter_config.json: it is not a PEFT adapter.") from e
+        except RepositoryNotFoundError as e:
+            raise no_such_repo_error(adapter, "`--adapter`") from e
     with attaching_adapters(model):
         model.load_adapter(adapter)
 

@@ -21,6 +21,7 @@ tensors) round-trips the same way on every device.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -638,20 +639,36 @@ def load_backend(need: str = "This shard directory is quantized and decoding it"
     # (offline; a publisher `kernels` does not trust): "Failed to load CPU gemm_4bit_forward from kernels-community
     # ... Please make sure you already `pip install kernels`". Streaming never calls that op (it decodes the weights
     # whole, `dequantize_4bit` / `dequantize_blockwise`): the notice is left out.
-    notices = logging.getLogger("bitsandbytes.backends.cpu.ops")
-    notices.addFilter(_no_hub_kernel_notice)
+    with quiet_hub_kernel_notice():
+        try:
+            import bitsandbytes.functional  # noqa: F401
+        except ImportError as e:
+            raise ImportError(
+                f"{need} needs bitsandbytes: `pip install bitsandbytes` (or `pip install hf_layerstream[quant]`)."
+            ) from e
+
+
+@contextlib.contextmanager
+def quiet_hub_kernel_notice():
+    """Leave out bitsandbytes' notice that it could not load its hub kernel (see `load_backend`), and `kernels'`
+    that it skipped checking that kernel's publisher offline, while importing it (directly, or through a package
+    importing it: peft)."""
+    loggers = [logging.getLogger(name) for name in ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub")]
+    for notices in loggers:
+        notices.addFilter(_no_hub_kernel_notice)
     try:
-        import bitsandbytes.functional  # noqa: F401
-    except ImportError as e:
-        raise ImportError(
-            f"{need} needs bitsandbytes: `pip install bitsandbytes` (or `pip install hf_layerstream[quant]`)."
-        ) from e
+        yield
     finally:
-        notices.removeFilter(_no_hub_kernel_notice)
+        for notices in loggers:
+            notices.removeFilter(_no_hub_kernel_notice)
 
 
 def _no_hub_kernel_notice(record: logging.LogRecord) -> bool:
-    return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward")
+    message = record.getMessage()
+    return not (
+        message.startswith("Failed to load CPU gemm_4bit_forward")
+        or (message.startswith("Skipping publisher trust check") and "quantization-bitsandbytes" in message)
+    )
 
 
 def packed_nbytes(parts: Mapping[str, torch.Tensor] | Iterable[torch.Tensor]) -> int:

@@ -1074,10 +1074,10 @@ sys.exit(cli.main(["split", "source", "dest", "--quiet"]))
     assert fd != "fd=2" and stderr == f"stderr={os.devnull}" and "shard directory ready" in done.stdout
 
 
-def test_generate_with_a_peft_adapter(split_dir, tmp_path, capsys):
+def test_generate_with_a_peft_adapter(split_dir, tmp_path, capsys, monkeypatch):
     """`--adapter DIR`: a LoRA adapter of the model, applied as the weights stream (`attaching_adapters`): the tokens
     are the loaded model's with the same adapter, every layer streamed. A folder that is not an adapter is refused
-    before the model loads."""
+    before the model loads; a hub id that cannot be fetched is named so."""
     peft = pytest.importorskip("peft")
     ckpt, shards = split_dir
     torch.manual_seed(1)
@@ -1094,3 +1094,9 @@ def test_generate_with_a_peft_adapter(split_dir, tmp_path, capsys):
     assert capsys.readouterr().out[len(prompt) :].strip() == expected.strip()
     assert main([*argv, "--adapter", str(ckpt)]) == 2
     assert "without an adapter_config.json, not a PEFT adapter" in capsys.readouterr().err
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # (a hub id, offline: named so, not "file not found")
+    assert main([*argv, "--adapter", "someorg/some-lora"]) == 2
+    err = capsys.readouterr().err
+    assert "Cannot fetch adapter_config.json of 'someorg/some-lora': the hub cannot be reached" in err

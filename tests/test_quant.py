@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import importlib.util
 import json
 import math
 import zlib
@@ -525,6 +526,10 @@ logging.basicConfig(format="%(name)s: %(message)s")
 if sys.argv[1] == "ours":
     from hf_layerstream.quant import load_backend
     load_backend()
+elif sys.argv[1] == "peft":  # (peft imports bitsandbytes: `generate --adapter`)
+    from hf_layerstream.quant import quiet_hub_kernel_notice
+    with quiet_hub_kernel_notice():
+        import peft
 else:
     import bitsandbytes.functional
 logging.getLogger("bitsandbytes.backends.cpu.ops").warning("a later notice")
@@ -535,16 +540,24 @@ def test_importing_bitsandbytes_leaves_out_its_hub_kernel_notice():
     """bitsandbytes looks for a hub kernel for its CPU 4-bit matmul as it is imported (AVX512-BF16 CPUs, with the
     `kernels` package transformers installs) and warns where it cannot load one, advising `pip install kernels`:
     every quantized split or decode printed that, for an op streaming never calls. The notice is left out (others
-    from that logger, later, are not)."""
+    from that logger, later, are not), and so is `kernels'` notice, offline, that it did not check that kernel's
+    publisher; also where peft imports bitsandbytes (`generate --adapter`)."""
+    import os
     import subprocess
     import sys
 
     def stderr(way: str) -> str:
-        run = subprocess.run([sys.executable, "-c", _IMPORT_AND_LOG, way], capture_output=True, text=True, timeout=300)
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        args = [sys.executable, "-c", _IMPORT_AND_LOG, way]
+        run = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
         assert run.returncode == 0, run.stderr
         return run.stderr
 
-    if "gemm_4bit_forward" not in stderr("plain"):
+    plain = stderr("plain")
+    if "gemm_4bit_forward" not in plain:
         pytest.skip("bitsandbytes gives no hub-kernel notice here (no AVX512-BF16, or no `kernels` package)")
-    ours = stderr("ours")
-    assert "gemm_4bit_forward" not in ours and "a later notice" in ours
+    ways = ["ours"] + (["peft"] if importlib.util.find_spec("peft") is not None else [])
+    for way in ways:
+        ours = stderr(way)
+        assert "gemm_4bit_forward" not in ours and "a later notice" in ours, (way, ours)
+        assert "Skipping publisher trust check" not in ours, (way, ours)
