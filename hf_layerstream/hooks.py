@@ -517,6 +517,10 @@ class _LayerWeights(Mapping):
         return len(self.hook.names)
 
 
+ATTACHING = (
+    "A forward pass ran inside `attaching_adapters`, where the streamed weights are stand-ins without values (for "
+    "PEFT to see their device and dtype): run it after the block."
+)
 DISABLED_DURING_CALL = (
     "disable_layer_streaming(model) ran during this call (in another thread, or in a callback of this one: a "
     "streamer, a stopping criterion): the model's decoder layers are back on the meta device. Let calls end before "
@@ -571,6 +575,7 @@ class PassGuard:
         self.head_grad = None
         # called at each pass: PEFT adapters attached since have values (stream.py's `_adapter_check`)
         self.check_adapters: Callable[[], None] = _no_check
+        self.attaching = False  # inside `attaching_adapters` (stream.py): a pass is refused
         self.lock = threading.RLock()
         self.guarded = None  # the wrapper `wrap` made
         self.model_guarded = None  # the wrapper `wrap_model` made
@@ -654,6 +659,8 @@ class PassGuard:
                     if was_open:  # it waited for the lock while streaming was disabled: the layers are meta now
                         raise RuntimeError(DISABLED_DURING_CALL)  # (a pass on them may even "succeed", on meta)
                     return forward(*args, **kwargs)
+                if self.attaching:
+                    raise RuntimeError(ATTACHING)
                 owner, self.owner = self.owner, threading.get_ident()
                 running, self.running = self.running, None  # (a pass inside a layer's forward: back to it after)
                 # a pass from inside that layer's forward, in the thread running it: the layer keeps its weights, and

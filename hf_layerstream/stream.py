@@ -154,9 +154,9 @@ def get_streaming_state(model: nn.Module) -> StreamingState | None:
 # --- adapters (PEFT) -------------------------------------------------------------------------------------------------
 
 _ATTACH_FIX = (
-    "enable streaming on the model without adapters, then attach them inside `with "
-    "hf_layerstream.attaching_adapters(model):` (e.g. `model = PeftModel.from_pretrained(model, adapter_dir)` or "
-    "`model.load_adapter(adapter_dir)` there)"
+    "enable streaming on the model without adapters (a `PeftModel`'s: `model.unload()`), then attach them inside "
+    "`with hf_layerstream.attaching_adapters(model):` (e.g. `model = PeftModel.from_pretrained(model, adapter_dir)` "
+    "or `model.load_adapter(adapter_dir)` there)"
 )
 
 
@@ -178,31 +178,78 @@ def _refuse_adapters(model: nn.Module) -> None:
         raise ValueError(f"The model holds PEFT adapter layers{where}: {_ATTACH_FIX}.")
 
 
+# modules and parameters registered anywhere in this process since the first adapter check (torch's global
+# registration hooks, installed then): an adapter added, or deleted and added again under the same name, registers
+# new ones, and `_adapter_check` looks at the adapters again
+_REGISTERED = [0]
+_COUNTING: list = []
+
+
+def _count_registration(*args) -> None:
+    _REGISTERED[0] += 1
+
+
+def _count_registrations() -> None:
+    if not _COUNTING:
+        from torch.nn.modules import module
+
+        _COUNTING.append(module.register_module_module_registration_hook(_count_registration))
+        _COUNTING.append(module.register_module_parameter_registration_hook(_count_registration))
+
+
+def _adapter_weight_problem(stack, *, finite: bool) -> str | None:
+    """What is wrong with the adapters' weights in the decoder layers, if anything: one on the meta device, or (with
+    `finite`) one holding inf or NaN."""
+    for name, module in _adapter_modules(stack.layers):
+        for rel, t in module.named_parameters():
+            if isinstance(t, _Placeholder):
+                continue
+            parts = rel.split(".")
+            adapter = parts[1] if len(parts) > 2 and parts[0] in getattr(module, "adapter_layer_names", ()) else None
+            full = f"`{stack.prefix}.{name}.{rel}`"
+            if t.is_meta:
+                again = f" (`model.delete_adapter({adapter!r})`)" if adapter is not None else ""
+                return (
+                    f"The adapter weight {full} is on the meta device: the adapter was attached to the streaming model "
+                    "outside `hf_layerstream.attaching_adapters(model)` (`load_adapter`, `get_peft_model`, "
+                    "`add_weighted_adapter` and the like), so PEFT put it beside the streamed weight's placeholder, "
+                    f"with no values. Delete that adapter{again} and attach it again inside the block; or build the "
+                    f"model again and {_ATTACH_FIX}."
+                )
+            if finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                return (
+                    f"The adapter weight {full} holds inf or NaN after `attaching_adapters`: its initialisation read "
+                    "the base weights, which the block stands in for without values (DoRA's magnitude, PiSSA, "
+                    "OLoRA, LoftQ: made anew, or loaded without the saved values, as transformers' `load_adapter` "
+                    "loads DoRA). Load a saved adapter with `PeftModel.from_pretrained`, or make it on the loaded "
+                    "model and save it."
+                )
+    return None
+
+
 def _adapter_check(model: nn.Module, stack) -> Callable[[], None]:
-    """What the pass guard calls at each pass: where PEFT adapters were attached to the model since the last check
-    (its `peft_config`, which PEFT and transformers' `load_adapter` set on it, names other adapters), none of their
-    weights in the decoder layers may be on the meta device. Attached outside `attaching_adapters`, PEFT puts them on
-    the device of the weight each adapts, which for a streamed weight is its meta placeholder: the layers then
-    computed on memory never written (NaN or noise, silently)."""
+    """What the pass guard calls at each pass: where the model has PEFT adapters (its `peft_config`, which PEFT and
+    transformers' `load_adapter` set on it) and modules or parameters were registered since the last check (an
+    adapter added, or deleted and added again), none of their weights in the decoder layers may be on the meta
+    device. Attached outside `attaching_adapters`, PEFT puts them on the device of the weight each adapts, which for
+    a streamed weight is its meta placeholder: the layers then computed on memory never written (NaN or noise,
+    silently)."""
     model_ref = weakref.ref(model)
-    layers = stack.layers
     checked: list = [None]
 
     def check() -> None:
         model = model_ref()
         config = vars(model).get("peft_config") if model is not None else None
-        if not isinstance(config, dict) or tuple(config) == checked[0]:
+        if not isinstance(config, dict):
             return
-        for name, module in _adapter_modules(layers):
-            for rel, t in module.named_parameters():
-                if t.is_meta and not isinstance(t, _Placeholder):
-                    raise RuntimeError(
-                        f"The adapter weight `{stack.prefix}.{name}.{rel}` is on the meta device: the adapter was "
-                        "attached to the streaming model outside `hf_layerstream.attaching_adapters(model)`, so PEFT "
-                        "put it beside the streamed weight's placeholder, with no values. Build the model again and "
-                        f"{_ATTACH_FIX}."
-                    )
-        checked[0] = tuple(config)
+        _count_registrations()
+        seen = (tuple(config), _REGISTERED[0])
+        if seen == checked[0]:
+            return
+        problem = _adapter_weight_problem(stack, finite=False)
+        if problem is not None:
+            raise RuntimeError(problem)
+        checked[0] = seen
 
     return check
 
@@ -219,17 +266,20 @@ def attaching_adapters(model: nn.Module):
 
     PEFT puts an adapter's weights on the device and in the dtype of the weight each adapts; a streamed weight is a
     meta placeholder between passes. Inside the block, each such weight stands in as a tensor of its dtype and shape
-    on the device the model computes on (one element, broadcast: no memory), and `model.hf_device_map` is hidden (a
-    map naming "disk" or "cpu" sends `PeftModel.from_pretrained` to re-dispatch the model, which removes the
-    streaming hooks, and transformers' `load_adapter` to leave the weights there). The placeholders are back as the
-    block ends, and every adapter weight is checked to have values. The base weights still stream, adapted as the
-    loaded model's are: the output equals the loaded model with the same adapter, bit for bit in fp32 (tested for
-    LoRA). The adapter weights stay in memory on that device, outside the plan's budget. Adapters whose
-    initialisation reads or writes the base weights (PiSSA, OLoRA, LoftQ and others, for training) cannot be made on
-    the stand-ins: a write into one raises; and the streamed weights cannot be merged (`merge_and_unload`): merge on
-    the loaded model, save it and split that. Attached outside the block, the next pass raises, naming it.
+    on the device the model computes on (one NaN, broadcast: no memory), and `model.hf_device_map` is hidden (a map
+    naming "disk" or "cpu" sends `PeftModel.from_pretrained` to re-dispatch the model, which removes the streaming
+    hooks, and transformers' `load_adapter` to leave the weights there). The placeholders are back as the block ends.
+    The base weights still stream, adapted as the loaded model's are: the output equals the loaded model with the
+    same adapter, bit for bit in fp32 (tested for LoRA; DoRA, IA3, LoHa, LoKr, VeRA, OFT and AdaLoRA were seen
+    exact). Everything that creates adapters goes inside the block (`load_adapter`, `get_peft_model`,
+    `add_weighted_adapter`); attached outside it, the next pass raises, naming the weight. The adapter weights stay in
+    memory on that device, outside the plan's budget.
 
-    Passes from other threads wait for the block to end.
+    Refused as the block ends, naming the weight: an initialisation that reads the base weights (DoRA's magnitude
+    made anew, PiSSA, OLoRA, LoftQ: their adapter weights come out NaN) or writes them (PiSSA's residual); load a
+    saved adapter, or make it on the loaded model. A forward pass inside the block is refused (run it after); passes
+    from other threads wait for the block to end. The streamed weights cannot be merged (`merge_and_unload`): merge
+    on the loaded model, save it and split that.
     """
     state = get_streaming_state(model)
     if state is None:
@@ -241,23 +291,49 @@ def attaching_adapters(model: nn.Module):
         device = state.loader.device
         stand_ins = []
         hidden = vars(model).pop("hf_device_map", _NONE)
+        written = []
+        state.guard.attaching = True
         try:
             for hook in state.hooks:
-                for entry, key, p in zip(hook._dicts, hook._keys, hook.placeholders):
+                for entry, key, p, name in zip(hook._dicts, hook._keys, hook.placeholders, hook.names):
                     if entry.get(key) is p and p.is_meta:
-                        stand_in = torch.empty((), dtype=p.dtype, device=device).expand(p.shape)
+                        value = float("nan") if p.dtype.is_floating_point or p.dtype.is_complex else 0
+                        stand_in = torch.full((), value, dtype=p.dtype, device=device).expand(p.shape)
                         if isinstance(p, nn.Parameter):
                             stand_in = nn.Parameter(stand_in, requires_grad=p.requires_grad)
-                        stand_ins.append((entry, key, p, stand_in))
+                        stand_ins.append((entry, key, p, stand_in, stand_in.data_ptr(), hook.index, name))
                         entry[key] = stand_in
-            yield model
+            try:
+                yield model
+            except RuntimeError as e:  # (a stand-in written in place, OLoRA; its NaN decomposed, PiSSA's SVD)
+                if "single memory location" not in str(e) and "non-finite values" not in str(e):
+                    raise
+                raise RuntimeError(
+                    "An adapter initialisation read or wrote a decoder layer's weights inside `attaching_adapters` "
+                    "(OLoRA, PiSSA, LoftQ: torch's error follows), where they are stand-ins without values: the "
+                    "streamed weights are the shard directory's. Load a saved adapter, or make it on the loaded "
+                    "model and save it."
+                ) from e
         finally:
-            for entry, key, p, stand_in in stand_ins:
-                if entry.get(key) is stand_in:
+            state.guard.attaching = False
+            for entry, key, p, stand_in, address, index, name in stand_ins:
+                current = entry.get(key)
+                if current is not stand_in or stand_in.data_ptr() != address or any(stand_in.stride()):
+                    written.append(f"decoder layer {index}'s {name}")
+                if current is not None:  # (the placeholder back, whatever the block put there)
                     entry[key] = p
             if hidden is not _NONE:
                 model.hf_device_map = hidden
-        state.guard.check_adapters()
+        if written:
+            raise RuntimeError(
+                f"{written[0]} was replaced inside `attaching_adapters`"
+                f"{f' (and {len(written) - 1} more)' if len(written) > 1 else ''} (an adapter initialisation that "
+                "changes the base weights, as PiSSA's residual does): the streamed weights are the shard directory's, "
+                "and the change is dropped. Load a saved adapter, or make it on the loaded model and save it."
+            )
+        problem = _adapter_weight_problem(state.stack, finite=True)
+        if problem is not None:
+            raise RuntimeError(problem)
 
 
 _NONE = object()

@@ -160,3 +160,75 @@ def test_merging_an_adapter_into_streamed_weights_is_refused(adapter):
     with pytest.raises(RuntimeError, match=r"Edit the loaded model's weights, save it"):
         runner.merge_and_unload()
     disable_layer_streaming(model)
+
+
+@pytest.mark.parametrize("init", ["dora", "pissa"])
+def test_an_initialisation_that_reads_or_writes_the_base_weights_is_refused(adapter, init):
+    """A new DoRA adapter sets its magnitude from the base weights' norms, PiSSA decomposes them: inside the block
+    those are stand-ins without values, and it ran silently (NaN or inf magnitudes; PiSSA's residual dropped as the
+    block ended: logits 0.5-0.7 off). Refused now, naming the cause (DoRA as the block ends, PiSSA as its SVD meets
+    the stand-ins' NaN); the base weights are placeholders again."""
+    ckpt, shards, folder, (base_logits, *_) = adapter
+    model = streamed_model(ckpt, shards, **PLANS["streamed"])
+    options = {"use_dora": True} if init == "dora" else {"init_lora_weights": "pissa"}
+    config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], **options)
+    with pytest.raises(
+        RuntimeError, match="DoRA's magnitude" if init == "dora" else "read or wrote a decoder layer's weights"
+    ):
+        with attaching_adapters(model):
+            peft.get_peft_model(model, config)
+    assert all(p.is_meta for n, p in model.model.layers.named_parameters() if "lora_" not in n)
+    disable_layer_streaming(model)
+
+
+def test_a_pass_inside_the_block_is_refused_and_one_after_it_is_exact(adapter):
+    """A forward pass inside the block ran on the stand-ins and failed as "input_layernorm.weight was replaced by
+    another tensor ... split it again"."""
+    ckpt, shards, folder, (*_, logits, tokens) = adapter
+    model = streamed_model(ckpt, shards, **PLANS["streamed"])
+    with attaching_adapters(model):
+        runner = peft.PeftModel.from_pretrained(model, folder).eval()
+        with pytest.raises(RuntimeError, match="A forward pass ran inside `attaching_adapters`.*run it after"):
+            _outputs(runner)
+    assert all(map(torch.equal, _outputs(runner), (logits, tokens)))
+    disable_layer_streaming(model)
+
+
+def test_an_adapter_deleted_and_loaded_again_under_its_name_outside_the_block_is_refused(adapter):
+    """The check looks at the adapters again whenever modules or parameters were registered since (torch's global
+    registration hooks): it looked only when the adapters' names changed, so one deleted and loaded again under the
+    same name, outside the block, computed on weights PEFT had left on the meta device (silently wrong). Delete it
+    and load it inside the block, and the output is exact again."""
+    ckpt, shards, folder, (*_, logits, tokens) = adapter
+    model = streamed_model(ckpt, shards, **PLANS["streamed"])
+    with attaching_adapters(model):
+        runner = peft.PeftModel.from_pretrained(model, folder, adapter_name="a").eval()
+        runner.load_adapter(folder, adapter_name="c")
+    runner.set_adapter("c")
+    assert all(map(torch.equal, _outputs(runner), (logits, tokens)))
+    runner.delete_adapter("c")  # (PEFT's `load_adapter` re-dispatches a model holding one adapter: two here)
+    runner.load_adapter(folder, adapter_name="c")
+    runner.set_adapter("c")
+    with pytest.raises(RuntimeError, match=r"is on the meta device.*`model.delete_adapter\('c'\)`"):
+        _outputs(runner)
+    runner.delete_adapter("c")
+    with attaching_adapters(model):
+        runner.load_adapter(folder, adapter_name="c")
+    runner.set_adapter("c")
+    assert all(map(torch.equal, _outputs(runner.eval()), (logits, tokens)))
+    disable_layer_streaming(model)
+
+
+def test_a_base_weight_replaced_inside_the_block_is_refused(adapter):
+    """PiSSA's initialisation replaces the base weight (`weight.data = residual`): the stand-in went, silently, with
+    what was put in it, and the layer computed with the shard directory's weight. Refused as the block ends, naming
+    the weight; the model is as before."""
+    ckpt, shards, folder, (base_logits, *_) = adapter
+    model = streamed_model(ckpt, shards, **PLANS["streamed"])
+    with pytest.raises(RuntimeError, match=r"decoder layer 1's mlp.down_proj.weight was replaced inside"):
+        with attaching_adapters(model):
+            weight = model.model.layers[1].mlp.down_proj.weight
+            weight.data = torch.zeros(weight.shape)
+    with torch.no_grad():
+        assert torch.equal(model(IDS).logits, base_logits)
+    disable_layer_streaming(model)
