@@ -1519,14 +1519,19 @@ class LayerLoader:
             `ShardFileError`: The file changed since it was read (the layer let go).
         """
         header = self.shards.header(layer_unit(index))
-        if header is ready.header:
+        stale = header is not ready.header
+        if not stale:
             try:
                 _check_file(header, os.stat(header.path))
             except BaseException:
                 self._let_go(index, ready)
                 raise
-            return True
-        self._let_go(index, ready)
+            kept = self._maps.get(index) if ready.mapped else None
+            if kept is None or not kept.written_since():
+                return True
+            # a weight of the layer's last use, kept by the caller, was written since this map was read ahead: the
+            # write is in its pages; forgotten, not released (that weight keeps its write), and mapped afresh
+        self._let_go(index, ready, forget=not stale)
         return False
 
     def kept_runs(self, index: int) -> None:
@@ -1539,12 +1544,12 @@ class LayerLoader:
 
     def release(self, index: int, graph: bool = False) -> None:
         """Layer `index` finished its forward pass: drop its tensors (their memory is reused by later reads).
-        `graph`: the pass recorded an autograd graph on its weights (a pass with gradients to its inputs), which may
-        hold them until its backward: a kept map of the layer's file is forgotten, not released (see
-        `_LayerMap.release_pages`)."""
+        `graph`: the pass recorded an autograd graph on its weights (a pass with gradients to its inputs, or to a
+        tensor inside the layer), which may hold them until its backward: a kept map of the layer's file is
+        forgotten, not released (see `_LayerMap.release_pages`)."""
         ready = self._in_use.pop(index, None)
         if ready is not None:
-            self._let_go(index, ready, graph)
+            self._let_go(index, ready, forget=graph)
 
     def holds(self, index: int) -> bool:
         """Whether layer `index` is in use (see `in_use`)."""
@@ -1583,7 +1588,9 @@ class LayerLoader:
         if stale:
             self._schedule_after(-1)
 
-    def _let_go(self, index: int, ready: _Ready, graph: bool = False) -> None:
+    def _let_go(self, index: int, ready: _Ready, forget: bool = False) -> None:
+        """`forget`: a kept map of the layer's file is forgotten, not released: something other than the loader may
+        still view it (an autograd graph, a weight the caller kept), and must keep what it sees."""
         ready.let_go = True
         if ready.mapped:
             # its pages leave the resident set here and now: `MADV_DONTNEED` on a kept map, or the munmap when the
@@ -1592,7 +1599,7 @@ class LayerLoader:
             ready.tensors = {}
             kept = self._maps.get(index)
             if kept is not None:
-                if graph:  # (the next use maps the file afresh; this map goes once no tensor views it)
+                if forget:  # (the next use maps the file afresh; this map goes once no tensor views it)
                     self._maps.pop(index, None)
                 else:
                     kept.release_pages()

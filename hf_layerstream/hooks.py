@@ -104,6 +104,12 @@ def _no_weight_gradient(value: torch.Tensor) -> nn.Parameter:
 _requires_grad = attrgetter("requires_grad")
 
 
+def _requires_grad_out(output) -> bool:
+    """Whether a decoder layer's output (a tensor, or a tuple starting with one) requires grad."""
+    first = output[0] if isinstance(output, (tuple, list)) and output else output
+    return isinstance(first, torch.Tensor) and first.requires_grad
+
+
 def _an_input_requires_grad(args, kwargs) -> bool:
     return any(isinstance(t, torch.Tensor) and t.requires_grad for t in pytree.tree_leaves((args, kwargs)))
 
@@ -348,6 +354,10 @@ class LayerStreamingHook(ModelHook):
             elapsed = time.perf_counter() - self._t0
             self.profile.add(self.index, compute=elapsed - self.dequantized, dequantize=self.dequantized)
         if not self._installed:
+            if not self._graph and torch.is_grad_enabled() and _requires_grad_out(output):
+                # (an autograd graph through the layer, though none of its inputs required grad: a tensor inside
+                # it does, a prefix or an adapter being trained; its weights may be saved for the backward)
+                self._graph = True
             self._swap_out()
         autocast_cache_back(self)
         return output
@@ -986,9 +996,9 @@ class ModuleDequantizer:
                 wants = not torch.is_grad_enabled() and _wants_grad(
                     self.layer_hook.placeholders[k].requires_grad, value
                 )
-                module._parameters[attr] = self.layer_hook.dequantized_values[k] = nn.Parameter(
-                    value, requires_grad=wants
-                )
+                # (noted first: a slot holding it is ours, for `_swap_out`, also if a Ctrl-C lands between the two)
+                self.layer_hook.dequantized_values[k] = param = nn.Parameter(value, requires_grad=wants)
+                module._parameters[attr] = param
         if profile is not None:
             _sync(self.layer_hook.loader.device)
             self.layer_hook.dequantized += time.perf_counter() - t0
@@ -996,9 +1006,11 @@ class ModuleDequantizer:
     def post(self, module: nn.Module, args, output):
         packed, dequantized = self.layer_hook.packed, self.layer_hook.dequantized_values
         for attr, k in self.slots:
-            # (another value the caller put there meanwhile stays, and is refused at the next pass: see `_swap_out`)
-            if k in packed and module._parameters.get(attr) is dequantized.pop(k, None):
+            # (another value the caller put there meanwhile stays, and is refused at the next pass: see `_swap_out`;
+            # the note goes last: a Ctrl-C before it leaves the slot one `_swap_out` takes for ours)
+            if k in packed and module._parameters.get(attr) is dequantized.get(k):
                 module._parameters[attr] = self.layer_hook.packed_placeholders[k]
+                dequantized.pop(k, None)
         return None
 
 

@@ -561,3 +561,49 @@ def test_under_autocast_a_layer_decoded_by_module_holds_one_weight_at_a_time(tmp
     # (all 7 weights held, with their casts: 17x the smallest (a 512 x 512 one))
     assert max(trace) - trace[0] < smallest, (trace, smallest)
     disable_layer_streaming(model)
+
+
+@pytest.mark.parametrize("method", ["pre", "post"])
+def test_a_ctrl_c_at_any_line_of_a_modules_dequantizing_hooks_leaves_the_next_pass_exact(quantized, method):
+    """A KeyboardInterrupt landing at each line of `ModuleDequantizer.pre`/`post` in turn (as a Ctrl-C can, between
+    two lines): the next pass gives the same logits, and disable leaves every weight meta. One landing in `post`
+    between noting the dequantized weight gone and putting the packed placeholder back left the weight in its slot,
+    taken for one the caller had put there: every later pass refused the layer ("replaced by another tensor")."""
+    import inspect
+    import sys
+
+    from hf_layerstream.hooks import ModuleDequantizer
+
+    ckpt, dirs = quantized
+    model = streamed_model(ckpt, dirs["8bit"], max_memory={"cpu": 0}, dequantize="module")
+    expected = _logits(model)
+    code = getattr(ModuleDequantizer, method).__code__
+    lines, first = inspect.getsourcelines(code)
+    body = [first + i for i, text in enumerate(lines) if i and text.strip() and not text.strip().startswith("#")]
+    hit = []
+    for line in body:
+
+        def trace(frame, event, arg, line=line):
+            if frame.f_code is not code:
+                return None
+
+            def local(frame, event, arg):
+                if event == "line" and frame.f_lineno == line and not hit:
+                    hit.append(line)
+                    raise KeyboardInterrupt
+                return local
+
+            return local
+
+        hit.clear()
+        sys.settrace(trace)
+        try:
+            _logits(model)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            sys.settrace(None)
+        assert torch.equal(_logits(model), expected), (method, line, hit)
+    loader = get_streaming_state(model).loader
+    disable_layer_streaming(model)
+    assert all(p.is_meta for p in model.model.layers.parameters()) and not loader.in_use()

@@ -201,7 +201,7 @@ def _streamed_way(ckpt, shards, plan, way, **kwargs):
     model = streamed_model(ckpt, shards, keep_in_page_cache=way == "mapped", **options, **kwargs)
     loader = get_streaming_state(model).loader
     loader.wait_idle()
-    loader._map = way == "mapped"
+    loader._map = way != "read"  # ("mapped_ahead": mapped, and dropped from the page cache after use: read ahead)
     with torch.no_grad():  # (the first layer, read ahead at enable, is mapped: used up, the next are read so)
         model(torch.tensor([[1, 5, 9]]))
     loader.wait_idle()
@@ -246,20 +246,56 @@ def test_a_hook_writing_a_weight_in_a_pass_with_gradients_to_the_inputs(checkpoi
 
 
 @pytest.mark.parametrize("way", ["mapped", "read"])
-def test_a_streamed_weight_kept_by_a_hook_and_written_after_its_pass_reaches_no_later_pass(checkpoints, way):
-    """A streamed layer's weights belong to its pass: a reference a hook keeps is a view of the file's weights as
-    that pass used them, and a write to it after the pass reaches no later pass (a loaded model's weight would keep
-    it: README, Limits). It reached the next pass only where the layer's file map is kept and used again."""
+def test_a_hook_writing_a_weight_in_a_pass_whose_graph_begins_inside_the_layer(checkpoints, way):
+    """A pass with gradients on whose inputs require none, through a layer where a tensor does (a prefix or an adapter
+    being trained), and a hook clamping that layer's weights in place: the graph holds them for the backward, which
+    read the file's values again (the tensor's gradient 1.3 off), as the layer's map was released like one of a pass
+    without a graph. A layer whose output requires grad counts as holding a graph now."""
     ckpt, shards = checkpoints("llama")
     ids = torch.randint(4, 100, (2, 12), generator=torch.Generator().manual_seed(0))
-    model = _streamed_way(ckpt, shards, "streamed", way)
+    grads = []
+    for model in (_models.load_reference(ckpt), _streamed_way(ckpt, shards, "streamed", way)):
+        prefix = torch.zeros(model.config.hidden_size, requires_grad=True)
+        layer = model.model.layers[0]
+
+        def clamp(module, args):
+            with torch.no_grad():
+                module.weight.clamp_(-0.01, 0.01)
+
+        handles = [layer.post_attention_layernorm.register_forward_hook(lambda m, a, out, p=prefix: out + p)]
+        handles += [
+            layer.mlp.down_proj.register_forward_pre_hook(clamp),
+            layer.mlp.up_proj.register_forward_pre_hook(clamp),
+        ]
+        model(ids).logits.sum().backward()
+        grads.append(prefix.grad)
+        for handle in handles:
+            handle.remove()
+    assert grads[0].abs().sum() > 0 and torch.equal(grads[1], grads[0])
+    disable_layer_streaming(model)
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+@pytest.mark.parametrize("way", ["mapped", "mapped_ahead", "read"])
+def test_a_streamed_weight_kept_by_a_hook_and_written_after_its_pass_reaches_no_later_pass(checkpoints, way, layer):
+    """A streamed layer's weights belong to its pass: a reference a hook keeps is a view of the file's weights as
+    that pass used them, and a write to it after the pass reaches no later pass (a loaded model's weight would keep
+    it: README, Limits). It reached the next pass where the layer's file map is kept and used again; also where that
+    map was read ahead for the next pass before the write ("mapped_ahead": the first layers, read ahead at the end
+    of a sweep)."""
+    ckpt, shards = checkpoints("llama")
+    ids = torch.randint(4, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    model = _streamed_way(ckpt, shards, "streamed", way, prefetch=2)
     with torch.no_grad():
         expected = _models.load_reference(ckpt)(ids).logits
     kept = []
-    handle = model.model.layers[1].mlp.down_proj.register_forward_pre_hook(lambda m, a: kept.append(m.weight))
+    module = model.model.layers[layer].mlp.down_proj
+    handle = module.register_forward_pre_hook(lambda m, a: kept.append(m.weight))
     with torch.no_grad():
         assert torch.equal(model(ids).logits, expected)
     handle.remove()
+    loader = get_streaming_state(model).loader
+    loader.wait_idle()
     with torch.no_grad():
         kept[0].add_(0.05)
         assert [torch.equal(model(ids).logits, expected) for _ in range(3)] == [True] * 3
