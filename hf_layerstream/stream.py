@@ -189,12 +189,14 @@ def _count_registration(*args) -> None:
     _REGISTERED[0] += 1
 
 
-def _count_registrations() -> None:
+def _count_registrations() -> bool:
+    """Whether registrations are counted (torch's global registration hooks: torch 2.0 on), installed once."""
     if not _COUNTING:
         from torch.nn.modules import module
 
-        _COUNTING.append(module.register_module_module_registration_hook(_count_registration))
-        _COUNTING.append(module.register_module_parameter_registration_hook(_count_registration))
+        hooks = [getattr(module, f"register_module_{kind}_registration_hook", None) for kind in ("module", "parameter")]
+        _COUNTING.extend(hook(_count_registration) if hook is not None else None for hook in hooks)
+    return None not in _COUNTING
 
 
 def _adapter_weight_problem(stack, *, finite: bool) -> str | None:
@@ -242,8 +244,8 @@ def _adapter_check(model: nn.Module, stack) -> Callable[[], None]:
         config = vars(model).get("peft_config") if model is not None else None
         if not isinstance(config, dict):
             return
-        _count_registrations()
-        seen = (tuple(config), _REGISTERED[0])
+        # (without the hooks: every pass)
+        seen = (tuple(config), _REGISTERED[0] if _count_registrations() else object())
         if seen == checked[0]:
             return
         problem = _adapter_weight_problem(stack, finite=False)
@@ -289,11 +291,10 @@ def attaching_adapters(model: nn.Module):
         )
     with state.guard.lock, _model_lock(model):
         device = state.loader.device
-        stand_ins = []
-        hidden = vars(model).pop("hf_device_map", _NONE)
-        written = []
-        state.guard.attaching = True
+        stand_ins, written, hidden = [], [], _NONE
         try:
+            state.guard.attaching = True
+            hidden = vars(model).pop("hf_device_map", _NONE)
             for hook in state.hooks:
                 for entry, key, p, name in zip(hook._dicts, hook._keys, hook.placeholders, hook.names):
                     if entry.get(key) is p and p.is_meta:

@@ -194,11 +194,18 @@ def test_a_pass_inside_the_block_is_refused_and_one_after_it_is_exact(adapter):
     disable_layer_streaming(model)
 
 
-def test_an_adapter_deleted_and_loaded_again_under_its_name_outside_the_block_is_refused(adapter):
+@pytest.mark.parametrize("counting", ["registration_hooks", "every_pass"])
+def test_an_adapter_deleted_and_loaded_again_under_its_name_outside_the_block_is_refused(
+    adapter, monkeypatch, counting
+):
     """The check looks at the adapters again whenever modules or parameters were registered since (torch's global
     registration hooks): it looked only when the adapters' names changed, so one deleted and loaded again under the
     same name, outside the block, computed on weights PEFT had left on the meta device (silently wrong). Delete it
-    and load it inside the block, and the output is exact again."""
+    and load it inside the block, and the output is exact again. (A torch without those hooks: checked every pass.)"""
+    from hf_layerstream import stream
+
+    if counting == "every_pass":
+        monkeypatch.setattr(stream, "_COUNTING", [None, None])
     ckpt, shards, folder, (*_, logits, tokens) = adapter
     model = streamed_model(ckpt, shards, **PLANS["streamed"])
     with attaching_adapters(model):
