@@ -1834,6 +1834,16 @@ def test_a_weight_taken_out_of_its_module_is_refused_and_disable_works(llama, pl
     assert all(p.is_meta for n, p in model.model.layers[2].named_parameters())
 
 
+def _one_pass(model, ids, grad: bool) -> None:
+    """A forward pass without gradients, or (`grad`) one with gradients to the input embeddings, and its backward."""
+    if grad:
+        embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        model(inputs_embeds=embeds).logits.sum().backward()
+    else:
+        with torch.no_grad():
+            model(ids)
+
+
 @pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad_to_inputs"])
 @pytest.mark.parametrize("plan", ["kept", "streamed", "8bit_per_module"])
 def test_a_weight_replaced_by_a_hook_in_a_pass_is_kept_and_refused_at_the_next(checkpoints, llama, plan, grad):
@@ -1851,12 +1861,7 @@ def test_a_weight_replaced_by_a_hook_in_a_pass_is_kept_and_refused_at_the_next(c
     module = model.model.layers[1].mlp.down_proj
     replacement = torch.nn.Parameter(torch.zeros(module.out_features, module.in_features))
     handle = module.register_forward_pre_hook(lambda m, a: setattr(m, "weight", replacement))
-    if grad:
-        embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-        model(inputs_embeds=embeds).logits.sum().backward()
-    else:
-        with torch.no_grad():
-            model(ids)
+    _one_pass(model, ids, grad)
     handle.remove()
     assert module.weight is replacement  # (as the loaded model keeps it)
     with pytest.raises(RuntimeError, match=r"Decoder layer 1's mlp.down_proj.weight was replaced by another tensor"):
@@ -1885,12 +1890,7 @@ def test_requires_grad_set_on_a_weight_during_a_pass_stays(llama, plan, grad):
         module.weight.requires_grad_(False)
 
     handles = [m.register_forward_pre_hook(freeze) for m in modules[:3]]
-    if grad:
-        embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-        model(inputs_embeds=embeds).logits.sum().backward()
-    else:
-        with torch.no_grad():
-            model(ids)
+    _one_pass(model, ids, grad)
     for handle in handles:
         handle.remove()
     assert [m.weight.requires_grad for m in modules] == [False] * 3 + [True] * 3
