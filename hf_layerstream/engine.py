@@ -1233,6 +1233,7 @@ class _BufferPool:
         self._free: list[tuple[torch.Tensor, object]] = []  # (buffer, CUDA event that must complete, or None)
         self._lock = threading.Lock()
         self.allocated = 0
+        self.made = 0  # buffers allocated in all (`allocated` less those dropped since)
 
     def take(self, size: int, limit: int | None = None) -> torch.Tensor:
         need = _round_up(size)
@@ -1252,6 +1253,7 @@ class _BufferPool:
         buf = _aligned_buffer(need, self.pinned)
         with self._lock:  # (counted once made: a failed allocation leaves no buffer to count)
             self.allocated += 1
+            self.made += 1
         return buf
 
     def give(self, buf: torch.Tensor, views: list[weakref.ref], event=None) -> None:

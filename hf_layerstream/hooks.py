@@ -424,6 +424,9 @@ class LayerStreamingHook(ModelHook):
                         p.requires_grad_(v.requires_grad)
                         self._kept_values = None
                     entry[key] = p
+        # (none of its values alive here as the layer is let go: a value is a view of a read buffer, which the pool
+        # drops instead of reusing while one is, and a new buffer was allocated for every layer read)
+        swapped = v = None  # noqa: F841
         self.dequantized_values.clear()
         self.loader.release(self.index, graph)
 

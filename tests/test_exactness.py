@@ -187,10 +187,10 @@ def test_gradients_with_respect_to_the_inputs(checkpoints, arch, prefetch, way):
     # the read buffers are reused (a second pass allocates none)
     expected = ref(ids).logits.detach()
     for _ in range(2):
-        allocated = loader._pool.allocated
+        allocated, made = loader._pool.allocated, loader._pool.made
         plain = model(ids).logits
         assert plain.grad_fn is None and torch.equal(plain, expected)
-    assert loader._pool.allocated == allocated
+    assert (loader._pool.allocated, loader._pool.made) == (allocated, made)
     disable_layer_streaming(model)
 
 
