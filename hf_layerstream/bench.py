@@ -562,24 +562,22 @@ def _checkpoint_folder(source: str, *, fetch: bool = True, role: str = "SOURCE")
         `FileNotFoundError`: A hub repo that cannot be reached and is not in the hub cache, or that the hub lacks.
         `ValueError`: No config.json.
     """
+    from .split import fetch_hub_file, hub_unreachable_error, no_such_repo_error
+
     path = Path(source)
-    if not path.is_dir():  # a hub id: from_pretrained and split_checkpoint both resolve it
-        from huggingface_hub import hf_hub_download, snapshot_download
+    # a hub id: from_pretrained and split_checkpoint both resolve it (without a config.json: refused below)
+    if not path.is_dir() and fetch_hub_file(source, "config.json", role) is not None:
+        if not fetch:
+            return path
+        from huggingface_hub import snapshot_download
         from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-        from .split import hub_unreachable_error, no_such_repo_error
-
-        what = "config.json"
         try:
-            hf_hub_download(source, what)
-            if not fetch:
-                return path
-            what = "the weight files"
             path = Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
         except LocalEntryNotFoundError as e:  # (a subclass of EntryNotFoundError: first)
-            raise hub_unreachable_error(source, what, role) from e
+            raise hub_unreachable_error(source, "the weight files", role) from e
         except EntryNotFoundError:
-            pass  # (no config.json: refused below)
+            pass
         except RepositoryNotFoundError as e:
             raise no_such_repo_error(source, role) from e
     if not (path / "config.json").is_file():

@@ -461,19 +461,10 @@ def _attach_adapter(model, adapter: str) -> None:
         except ImportError:
             raise ValueError("`--adapter` needs the peft package: `pip install peft`.") from None
     if not os.path.isdir(adapter):  # a hub repo: its adapter_config.json first, for a clear error offline
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+        from .split import fetch_hub_file
 
-        from .split import hub_unreachable_error, no_such_repo_error
-
-        try:
-            hf_hub_download(adapter, "adapter_config.json")
-        except LocalEntryNotFoundError as e:  # (a subclass of EntryNotFoundError: first)
-            raise hub_unreachable_error(adapter, "adapter_config.json", "`--adapter`") from e
-        except EntryNotFoundError as e:
-            raise ValueError(f"`--adapter` {adapter!r} holds no adapter_config.json: it is not a PEFT adapter.") from e
-        except RepositoryNotFoundError as e:
-            raise no_such_repo_error(adapter, "`--adapter`") from e
+        if fetch_hub_file(adapter, "adapter_config.json", "`--adapter`") is None:
+            raise ValueError(f"`--adapter` {adapter!r} holds no adapter_config.json: it is not a PEFT adapter.")
     with attaching_adapters(model):
         model.load_adapter(adapter)
 

@@ -606,7 +606,7 @@ def convert_unit(
     converters: dict[str, object],
 ) -> dict[str, torch.Tensor]:
     """Materialize one unit's tensors under the model's names, running transformers' conversion ops."""
-    from transformers.core_model_loading import WeightRenaming
+    WeightRenaming = _conversion_internals()[2]  # noqa: N806
 
     mappings: dict[str, object] = {}
     for key, renamed, pattern in entries:
@@ -683,9 +683,8 @@ def conversion_record(model: nn.Module) -> dict:
     when streaming, because a release that changed a layout without changing names or shapes would load an older
     split's tensors silently wrong. Renamings are left out: a changed name fails the shard check loudly."""
     import transformers
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightConverter
 
+    get_model_conversion_mapping, WeightConverter = _conversion_internals()[:2]  # noqa: N806
     described = []
     for t in get_model_conversion_mapping(model):
         if not isinstance(t, WeightConverter):

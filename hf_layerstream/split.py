@@ -123,6 +123,27 @@ def hub_unreachable_error(repo_id: str, filename: str, role: str) -> FileNotFoun
     )
 
 
+def fetch_hub_file(repo_id: str, filename: str, role: str) -> Path | None:
+    """`filename` of the hub repo `repo_id` (given as `role`), fetched or found in the hub cache; `None` where the repo
+    has no such file.
+
+    Raises:
+        `FileNotFoundError`: The hub cannot be reached and the file is not in the hub cache (`hub_unreachable_error`),
+            or the hub has no such repo (`no_such_repo_error`).
+    """
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(hf_hub_download(repo_id, filename))
+    except LocalEntryNotFoundError as e:  # (a subclass of EntryNotFoundError: first)
+        raise hub_unreachable_error(repo_id, filename, role) from e
+    except EntryNotFoundError:
+        return None
+    except RepositoryNotFoundError as e:
+        raise no_such_repo_error(repo_id, role) from e
+
+
 def no_such_repo_error(repo_id: str, role: str) -> FileNotFoundError:
     """The error for a hub repo id (given as `role`) the hub does not know (or that is gated without a token)."""
     return FileNotFoundError(
