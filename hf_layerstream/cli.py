@@ -119,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
         "Llama-3.2-Vision with their vision weights (default: AutoModelForCausalLM's, else "
         "AutoModelForImageTextToText's)",
     )
+    p.add_argument(
+        "--adapter",
+        default=None,
+        help="a PEFT adapter of the model (LoRA and the like), folder or hub id, merged into the weights as they are "
+        "written, as merge_and_unload merges it (needs peft)",
+    )
 
     p = sub.add_parser("generate", help="generate text with a streamed model (tokens printed as produced)")
     p.add_argument("shard_dir", help="shard directory made by `split`")
@@ -407,6 +413,7 @@ def _cmd_split(args) -> int:
         wait=args.wait,
         progress=not args.quiet,
         model_class=args.model_class,
+        adapter=args.adapter,
     )
     print(f"shard directory ready: {path}")
     return 0
@@ -795,6 +802,7 @@ def _cmd_inspect(args) -> int:
         "dtype": m.dtype,
         "compute_dtype": computes,
         "compression": m.compression,
+        "adapter": m.adapter,
         "resident_bytes": shards.unit("resident").size,
         "layer_bytes": stored,
         # (the same keys whatever `--dtype`: each layer at bfloat16, and at the dtype `ratio` is to, `ratio_dtype`)
@@ -817,6 +825,8 @@ def _cmd_inspect(args) -> int:
     dtypes = f"dtype {m.dtype}" if computes == m.dtype else f"stored in {m.dtype}, computes in {computes}"
     print(f"model            {m.model_type}, {m.num_layers} layers under {m.layers_prefix!r}, {dtypes}")
     print(f"compression      {scheme}")
+    if m.adapter is not None:
+        print(f"adapter          {m.adapter.get('id')} ({m.adapter.get('peft_type')}), merged into the weights")
     print(f"resident file    {size_text(shards.unit('resident').size)}")
     named = "bfloat16" if dtype is None else str(dtype).replace("torch.", "")
     mean_stored, mean_full = (sum(b) // max(len(b), 1) for b in (stored, full_bytes))

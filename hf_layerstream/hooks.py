@@ -842,8 +842,9 @@ class Streamed(_Placeholder):
         return (
             f"{self.source} is brought in by layer streaming for its layer's forward pass only, read from the shard "
             f"directory: `{func}` writes into it outside that pass, which would not reach the weights the layer "
-            "computes with. Edit the loaded model's weights, save it (`save_pretrained`) and split that; or change "
-            "what the module computes with a forward hook on it."
+            "computes with. Edit the loaded model's weights, save it (`save_pretrained`) and split that (a PEFT "
+            "adapter's merge: `split_checkpoint(..., adapter=...)` merges it as it splits); or change what the module "
+            "computes with a forward hook on it."
         )
 
     def _move_refusal(self) -> str:

@@ -189,6 +189,7 @@ class Manifest:
     # the dtype `from_pretrained(dtype="auto")` loads the source's floating weights at (the split's `dtype` where
     # given): what they are streamed at by default. `None`: split before it was recorded (streamed as stored)
     load_dtype: str | None = None
+    adapter: dict | None = None  # the PEFT adapter merged into the weights at split time (`merge.adapter_identity`)
 
     def to_json(self) -> dict:
         return {
@@ -207,6 +208,7 @@ class Manifest:
             **({"split_options": self.split_options} if self.split_options is not None else {}),
             **({"conversion": self.conversion} if self.conversion is not None else {}),
             **({"load_dtype": self.load_dtype} if self.load_dtype is not None else {}),
+            **({"adapter": self.adapter} if self.adapter is not None else {}),
         }
 
     @classmethod
@@ -236,6 +238,7 @@ class Manifest:
             split_options=d.get("split_options"),
             conversion=d.get("conversion") if isinstance(d.get("conversion"), dict) else None,
             load_dtype=load_dtype,
+            adapter=d.get("adapter") if isinstance(d.get("adapter"), dict) else None,
         )
 
 

@@ -661,14 +661,20 @@ def _foreign_entries(shard_dir: Path) -> list[str]:
 
 
 def _options_key(
-    fingerprint: str, dtype: torch.dtype | None, compression: dict | None, source: dict | None = None
+    fingerprint: str,
+    dtype: torch.dtype | None,
+    compression: dict | None,
+    source: dict | None = None,
+    adapter: dict | None = None,
 ) -> dict:
-    """Everything a unit file depends on: two runs with equal keys write byte-identical files."""
+    """Everything a unit file depends on: two runs with equal keys write byte-identical files. (`adapter`, the merged
+    one's identity, only where there is one: the splits without keep their digests.)"""
     return {
         "fingerprint": fingerprint,
         "dtype": None if dtype is None else dtype_to_str(dtype),
         "compression": compression,
         "source": source,
+        **({"adapter": adapter} if adapter is not None else {}),
     }
 
 
@@ -1033,6 +1039,7 @@ def split_checkpoint(
     wait: bool = False,
     progress: bool = True,
     model_class: type | str | None = None,
+    adapter: str | os.PathLike | None = None,
 ) -> Path:
     """Split a transformers checkpoint into a shard directory: one file per decoder layer plus the resident parts.
 
@@ -1073,6 +1080,14 @@ def split_checkpoint(
             `AutoModelForCausalLM`'s, else `AutoModelForImageTextToText`'s). Llama-4's and Llama-3.2-Vision's
             checkpoints are split as the text-only class `AutoModelForCausalLM` loads them as; pass
             `"AutoModelForImageTextToText"` to split them with their vision weights, for images.
+        adapter (`str` or `os.PathLike`, *optional*):
+            A PEFT adapter of the model (LoRA, DoRA, IA3, LoHa, LoKr and the other kinds PEFT merges; a folder or a
+            hub repo id, needs the peft package), merged into the weights as they are written, as PEFT's
+            `merge_and_unload` merges it into the loaded model: the streamed model is that merged model, bit for bit,
+            at the base model's speed and memory (and `compression` quantizes the merged weights). The merge is at
+            the dtype the shard directory streams at (`dtype`, else the one `from_pretrained(dtype="auto")` loads
+            the checkpoint at). The manifest records the adapter; a split with another adapter, or none, is another
+            split.
 
     Returns:
         `pathlib.Path`: the shard directory.
@@ -1172,11 +1187,20 @@ def split_checkpoint(
         _refuse_unquantizable(plan, src, load_dtype)
 
     compression_dict = scheme.to_dict() if scheme is not None else None
+    merger = adapter_record = None
+    if adapter is not None:
+        from .merge import AdapterMerge, adapter_identity, resolve_adapter
+
+        adapter_folder = resolve_adapter(adapter)
+        adapter_record = adapter_identity(adapter_folder, adapter)
+        # (made before anything is written: an adapter PEFT cannot load or merge is refused first)
+        merger = AdapterMerge(adapter_folder, config, model_class, load_dtype)
+        adapter_record["peft_type"] = merger.peft_type
     source_identity = src.identity(needed_files)
-    options = _options_key(fingerprint, dtype, compression_dict, source_identity)
+    options = _options_key(fingerprint, dtype, compression_dict, source_identity, adapter_record)
     # (a split finished before, which recorded the source otherwise, is this one too: see `_Source.identity`)
     earlier_digests = [
-        _options_digest(_options_key(fingerprint, dtype, compression_dict, src.identity(legacy=legacy)))
+        _options_digest(_options_key(fingerprint, dtype, compression_dict, src.identity(legacy=legacy), adapter_record))
         for legacy in (False, True)
     ]
     units = [layer_unit(i) for i in range(len(stack))] + [RESIDENT]
@@ -1206,6 +1230,7 @@ def split_checkpoint(
                 isinstance(existing, dict)
                 and existing.get("fingerprint") == fingerprint
                 and existing.get("compression") == compression_dict
+                and existing.get("adapter") == adapter_record
                 and (dtype is None or existing.get("dtype") == dtype_to_str(dtype))
                 and existing.get("split_options") in (None, _options_digest(options), *earlier_digests)
             )
@@ -1352,6 +1377,8 @@ def split_checkpoint(
                         if tensors[k].is_floating_point():
                             to = torch.float32 if kept is not None and kept.search(k) else created.get(k, dtype)
                             tensors[k] = tensors[k].to(to)
+                if merger is not None:
+                    merger.merge(tensors)
                 with _write_errors_named(
                     shard_dir, _unit_file(unit), lambda: f"{len(done)} of {len(units)} units are complete and kept"
                 ):
@@ -1404,6 +1431,7 @@ def split_checkpoint(
             split_options=digest,
             conversion=_conversion_record(model),
             load_dtype=None if load_dtype is None else dtype_to_str(load_dtype),
+            adapter=adapter_record,
         )
         _write_file(shard_dir, MANIFEST_NAME, json.dumps(manifest.to_json(), indent=1).encode())
         with _finishing_errors_named(shard_dir, f"removing the progress record {shard_dir / PROGRESS_NAME}"):

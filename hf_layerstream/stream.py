@@ -280,14 +280,23 @@ def attaching_adapters(model: nn.Module):
     Refused as the block ends, naming the weight: an initialisation that reads the base weights (DoRA's magnitude
     made anew, PiSSA, OLoRA, LoftQ: their adapter weights come out NaN) or writes them (PiSSA's residual); load a
     saved adapter, or make it on the loaded model. A forward pass inside the block is refused (run it after); passes
-    from other threads wait for the block to end. The streamed weights cannot be merged (`merge_and_unload`): merge
-    on the loaded model, save it and split that.
+    from other threads wait for the block to end. The streamed weights cannot be merged (`merge_and_unload`): split
+    with the adapter merged instead (`split_checkpoint(..., adapter=adapter_dir)`), which streams at the base model's
+    speed with no adapter weights in memory.
     """
     state = get_streaming_state(model)
     if state is None:
         raise ValueError(
             "Layer streaming is not enabled on this model: attach adapters to it as to any model, or enable streaming "
             "first and attach them inside this block."
+        )
+    merged = state.shard_dir.manifest.adapter
+    if merged is not None:  # (attached again, it would count twice)
+        logger.warning(
+            "The shard directory %s holds the adapter %s merged into its weights (split with `adapter=`): an adapter "
+            "attached now adds to it.",
+            state.shard_dir.path,
+            merged.get("id"),
         )
     with state.guard.lock, _model_lock(model):
         device = state.loader.device

@@ -1,0 +1,243 @@
+"""A PEFT adapter (LoRA and the like) merged into the weights as `split_checkpoint` writes them, one unit at a time.
+
+The merge is PEFT's own (`merge_and_unload`'s steps, module by module), on the weights at the dtype the shard
+directory streams at: the streamed model equals the loaded model with the adapter merged, bit for bit, and it streams
+at the base model's speed, with no adapter weights in memory (and can be compressed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .modeling import build_skeleton, resolve_model_class, tied_targets
+
+_CONFIG = "adapter_config.json"
+_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def _import_peft():
+    try:
+        import peft
+    except ImportError:
+        raise ImportError(
+            "Merging an adapter (`adapter=`, `--adapter`) needs the peft package: `pip install peft`."
+        ) from None
+    return peft
+
+
+def resolve_adapter(adapter: str | os.PathLike) -> Path:
+    """The local folder of `adapter`: a folder holding `adapter_config.json` and the adapter's weights, or a hub repo
+    id, whose two files are fetched (or found in the hub cache).
+
+    Raises:
+        `ValueError`: the folder or repo holds no `adapter_config.json` or no adapter weights.
+        `FileNotFoundError`: a hub repo the hub cannot be reached for (offline) and that is not in the hub cache, or
+            one the hub does not have.
+    """
+    from .split import fetch_hub_file, missing_local_folder
+
+    text = str(adapter)
+    local = Path(text).expanduser()
+    if local.is_dir():
+        folder = local
+    elif missing_local_folder(adapter):
+        raise FileNotFoundError(f"`adapter` {text} is no folder (and not a hub repo id).")
+    else:
+        config = fetch_hub_file(text, _CONFIG, "`adapter`")
+        if config is None:
+            raise ValueError(f"`adapter` {text!r} holds no {_CONFIG}: it is not a PEFT adapter.")
+        for name in _WEIGHTS:
+            if fetch_hub_file(text, name, "`adapter`") is not None:
+                break
+        folder = config.parent
+    if not (folder / _CONFIG).is_file():
+        raise ValueError(f"`adapter` {folder} holds no {_CONFIG}: it is not a PEFT adapter's folder.")
+    if not any((folder / name).is_file() for name in _WEIGHTS):
+        raise ValueError(f"`adapter` {folder} holds no adapter weights ({' or '.join(_WEIGHTS)}).")
+    return folder
+
+
+def adapter_identity(folder: Path, adapter: str | os.PathLike) -> dict:
+    """What the split records of the adapter, in its options (a changed adapter is another split) and manifest: the
+    name given, and the digests of its config and weights."""
+    digests = {}
+    for name in (_CONFIG, *_WEIGHTS):
+        if (folder / name).is_file():
+            h = hashlib.sha256()
+            with open(folder / name, "rb") as f:
+                for block in iter(lambda: f.read(2**22), b""):
+                    h.update(block)
+            digests[name] = h.hexdigest()
+    local = Path(str(adapter)).expanduser()
+    return {"id": str(local.resolve()) if local.is_dir() else str(adapter), "sha256": digests}
+
+
+def _stand_in(p: torch.Tensor) -> torch.Tensor:
+    """One NaN (zero, for an integer dtype) broadcast to `p`'s shape, on the CPU: no memory."""
+    value = float("nan") if p.dtype.is_floating_point or p.dtype.is_complex else 0
+    return torch.full((), value, dtype=p.dtype).expand(p.shape)
+
+
+class AdapterMerge:
+    """The adapter at `folder`, attached to the model of `config` built on meta as `from_pretrained(dtype=dtype)`
+    builds it; `merge(tensors)` merges it into one unit's tensors.
+
+    Each weight of the skeleton stands in as one NaN broadcast to its shape (no memory), so that PEFT makes the adapter
+    weights on the CPU and in the dtypes it makes them for the loaded model (`PeftModel.from_pretrained`, which upcasts
+    half-precision adapters to float32). A unit's weights take the stand-ins' places while its adapted modules merge,
+    as `merge_and_unload` merges each (the same steps: its `safe_merge` rounds the change to the weight's dtype before
+    adding it, other bits in bfloat16); a merge that gives non-finite values is refused.
+    """
+
+    def __init__(self, folder: Path, config, model_class=None, dtype: torch.dtype | None = None):
+        peft = _import_peft()
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
+
+        model = build_skeleton(config, resolve_model_class(config, model_class), dtype)
+        # one stand-in for each weight, shared by the names tied to it (as the loaded model shares one tensor)
+        tied = tied_targets(model)
+        params = dict(model.named_parameters(remove_duplicate=False))
+        stand_ins = {source: nn.Parameter(_stand_in(params[source]), requires_grad=False) for source in tied.values()}
+        slots: list[tuple[nn.Module, str, nn.Parameter]] = []
+        self.names: dict[int, list[str]] = {}  # a weight (by id) -> its names (tied weights: several)
+        for name, p in params.items():
+            source = tied.get(name, name)
+            if source not in stand_ins:
+                stand_ins[source] = nn.Parameter(_stand_in(p), requires_grad=False)
+            stand_in = stand_ins[source]
+            module_name, _, attr = name.rpartition(".")
+            module = model.get_submodule(module_name)
+            module._parameters[attr] = stand_in
+            slots.append((module, attr, stand_in))
+            self.names.setdefault(id(stand_in), []).append(name)
+        try:
+            with warnings.catch_warnings():
+                # (PEFT's notices on adapting a tied head: merged here into the one tensor, or refused below; and
+                # transformers' deprecation of a method PEFT calls)
+                warnings.filterwarnings("ignore", message=r".*tie_word_embeddings=True.*", category=UserWarning)
+                warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
+                wrapped = peft.PeftModel.from_pretrained(model, str(folder), low_cpu_mem_usage=True)
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise ValueError(f"Cannot load the adapter {folder} onto this model: {type(e).__name__}: {e}") from e
+        # A weight the adapter holds a copy of (PEFT saves an adapted embedding or head whole) is that copy, as PEFT
+        # loads it into the loaded model's weight (copied into it, tied ones too; here loaded with `assign`, in its
+        # place): the shard's is not used.
+        self.given: set[int] = set()
+        for module, attr, stand_in in slots:
+            p = module._parameters.get(attr)
+            if p is not None and p is not stand_in:
+                stand_in.data = p.data.to(stand_in.dtype)
+                module._parameters[attr] = stand_in
+                self.given.add(id(stand_in))
+        # Loaded with `low_cpu_mem_usage`, the adapter weights went through the base weights' dtype (bfloat16: rounded)
+        # before PEFT's upcast; loaded again, into the weights as they are now, they hold the values the loaded model's
+        # adapter holds (PEFT makes its weights, upcast, then loads the file into them).
+        from peft.utils import load_peft_weights, set_peft_model_state_dict
+
+        set_peft_model_state_dict(wrapped, load_peft_weights(str(folder), device="cpu"), adapter_name="default")
+        self.peft_type = str(wrapped.peft_config["default"].peft_type.value)
+        if wrapped.peft_config["default"].is_prompt_learning:
+            raise ValueError(
+                f"The adapter {folder} is a prompt-learning adapter ({self.peft_type}): it has no weights to merge. "
+                "Attach it to the streaming model inside `attaching_adapters` instead."
+            )
+        try:
+            wrapped.base_model._check_merge_allowed()
+        except ValueError as e:
+            raise ValueError(f"PEFT cannot merge the adapter {folder}: {e}") from e
+        self.model = wrapped.base_model.model
+        adapted = [
+            k for k, m in self.model.named_modules() if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper))
+        ]
+        # the outermost adapted modules (a tuner layer's own parts are not merged on their own), as peft's unload walks
+        self.modules = [k for k in adapted if not any(k.startswith(o + ".") for o in adapted)]
+        self.owner: dict[str, list[str]] = {}  # a weight's name -> the adapted modules holding it (tied: several)
+        for key in self.modules:
+            module = self.model.get_submodule(key)
+            for p in module.parameters():
+                names = self.names.get(id(p), [])
+                if len(names) > 1 and isinstance(module, ModulesToSaveWrapper):
+                    raise ValueError(self._untied(key, names))
+                for name in names:
+                    self.owner.setdefault(name, []).append(key)
+        for name, p in self.model.named_parameters():
+            if id(p) in self.names:
+                continue
+            if p.is_meta:  # (a weight PEFT made for the adapter that its file does not hold)
+                raise ValueError(f"The adapter {folder} holds no value for {name}: its weights file is incomplete.")
+            if p.is_floating_point() and not torch.isfinite(p).all():
+                raise ValueError(f"The adapter {folder} holds non-finite values in {name}: its weights are damaged.")
+        self.merged: set[str] = set()
+
+    def merge(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Merge the adapter into the adapted modules whose weights `tensors` (one unit's, by the model's names) holds,
+        in place of those tensors (each keeps its dtype)."""
+        from peft.utils import _get_submodules
+
+        held = {k for n in tensors for k in self.owner.get(n, ())}
+        keys = [k for k in self.modules if k in held]  # (in the model's order, as `merge_and_unload` goes)
+        placed: dict[int, nn.Parameter] = {}
+        stored: dict[str, list[str]] = {}  # a weight's name in `tensors` -> all its names (tied: several)
+        for key in keys:
+            for p in self.model.get_submodule(key).parameters():
+                names = self.names.get(id(p), [])
+                here = [n for n in names if n in tensors]
+                if names and not here:  # (a weight stored in another unit)
+                    raise ValueError(self._tied(key, names[0]))
+                if here and id(p) not in placed:
+                    if id(p) not in self.given:
+                        p.data = tensors[here[0]].to(p.dtype, copy=True)
+                    placed[id(p)] = p
+                    stored[here[0]] = names
+        for key in keys:
+            parent, target, target_name = _get_submodules(self.model, key)
+            if hasattr(target, "unload_and_optionally_merge_module"):
+                merged = target.unload_and_optionally_merge_module(merge=True, safe_merge=False, adapter_names=None)
+            else:
+                target.merge(safe_merge=False)
+                merged = target.get_base_layer()
+            setattr(parent, target_name, merged)
+            placed.update((id(p), p) for p in merged.parameters())
+            self.merged.add(key)
+        for name, names in stored.items():
+            value = self._value(name)
+            if any(self._value(n) is not value for n in names):
+                # (an adapted weight the model ties to another that the merge changed alone)
+                raise ValueError(self._tied(self.owner[name][0], next(n for n in names if n != name)))
+            if value.is_floating_point() and not torch.isfinite(value).all():
+                raise ValueError(
+                    f"Merging the adapter into {self.owner[name][0]} gives non-finite values in {name}: the adapter is "
+                    "not of this model, or its weights are damaged."
+                )
+            tensors[name] = value.detach().to(tensors[name].dtype)
+        for p in placed.values():  # (their memory goes with the unit)
+            p.data = _stand_in(p)
+
+    def _value(self, name: str) -> torch.Tensor:
+        """The model's tensor of that name now (a tied head's weight may be its embeddings' tensor, not a parameter)."""
+        module, _, attr = name.rpartition(".")
+        return getattr(self.model.get_submodule(module), attr)
+
+    @staticmethod
+    def _untied(key: str, names: list[str]) -> str:
+        return (
+            f"The adapter replaces {key} (`modules_to_save`), whose weight the model ties to "
+            f"another ({' and '.join(names)}): merged, the two differ, as `merge_and_unload` unties them, and the shard "
+            "directory stores tied weights once. Merge the adapter into the loaded model (`merge_and_unload`), save "
+            "it and split that."
+        )
+
+    @staticmethod
+    def _tied(key: str, name: str) -> str:
+        return (
+            f"The adapter adapts {key}, whose weight {name} is tied to another that the shard directory stores "
+            "in its place: merging it there is not supported. Merge the adapter into the loaded model "
+            "(`merge_and_unload`), save it and split that."
+        )

@@ -1,0 +1,220 @@
+"""A PEFT adapter merged as the checkpoint is split (`split_checkpoint(..., adapter=...)`): the streamed model is the
+loaded model with the adapter merged by PEFT's `merge_and_unload`, bit for bit, with no adapter weights in memory; the
+manifest records the adapter, a split with another adapter is another split, and what cannot be merged into a shard
+directory is refused before anything is written."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import _models
+import pytest
+import torch
+from conftest import streamed_model
+
+from hf_layerstream import ShardDirectory, ShardDirOccupiedError, attaching_adapters, split_checkpoint
+from hf_layerstream.cli import main
+
+peft = pytest.importorskip("peft")
+
+IDS = torch.tensor([[1, 5, 9, 17, 33, 60, 7, 12], [1, 40, 41, 42, 43, 44, 45, 46]])
+GEN = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": 0}
+
+KINDS = {
+    "lora": lambda: peft.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False),
+    "dora": lambda: peft.LoraConfig(
+        r=4, target_modules=["q_proj", "down_proj"], init_lora_weights=False, use_dora=True
+    ),
+    "ia3": lambda: peft.IA3Config(
+        target_modules=["q_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"], init_ia3_weights=False
+    ),
+    "loha": lambda: peft.LoHaConfig(r=4, target_modules=["q_proj", "v_proj"], init_weights=False),
+    # the head adapted and the embeddings replaced whole (PEFT saves both whole), new rows for two tokens
+    "head, modules_to_save": lambda: peft.LoraConfig(
+        r=4, target_modules=["q_proj", "lm_head"], init_lora_weights=False, modules_to_save=["embed_tokens"]
+    ),
+    "trainable tokens": lambda: peft.LoraConfig(
+        r=4, target_modules=["v_proj"], init_lora_weights=False, trainable_token_indices=[3, 5]
+    ),
+}
+
+
+def _save_adapter(ckpt, folder, config, dtype=torch.float32):
+    """An adapter made on the loaded model, initialised at random (every weight PEFT trains, also the whole modules
+    it saves), so that it changes the output."""
+    torch.manual_seed(1)
+    model = peft.get_peft_model(_models.load_reference(ckpt, dtype), config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "modules_to_save" in name or "trainable_tokens" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(folder)
+    return folder
+
+
+def _merged_reference(ckpt, folder, dtype=torch.float32):
+    """The loaded model, the adapter attached by PEFT and merged (`merge_and_unload`), and its outputs."""
+    model = peft.PeftModel.from_pretrained(_models.load_reference(ckpt, dtype), folder).merge_and_unload()
+    with torch.no_grad():
+        return model, (model(IDS).logits, model.generate(IDS, **GEN))
+
+
+def _outputs(model):
+    with torch.no_grad():
+        return model(IDS).logits, model.generate(IDS, **GEN)
+
+
+def _unit(shards, unit):
+    """The tensors of one unit file of a shard directory, as stored."""
+    from safetensors.torch import load_file
+
+    return load_file(shards / ShardDirectory(shards).unit(unit).file)
+
+
+def _assert_same(got, expected):
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_the_split_merges_the_adapter_as_merge_and_unload_does(checkpoints, tmp_path, kind):
+    """Each kind of adapter PEFT merges, merged into the weights as they are written: the streamed model, every layer
+    streamed or kept, gives the merged loaded model's logits and greedy tokens, bit for bit; the manifest records the
+    adapter, and the merge leaves the base weights of layers it does not adapt as they were."""
+    ckpt, plain = checkpoints("llama")
+    folder = _save_adapter(ckpt, tmp_path / "adapter", KINDS[kind]())
+    _, expected = _merged_reference(ckpt, folder)
+    base = _outputs(_models.load_reference(ckpt))
+    assert not torch.equal(base[0], expected[0])  # (the adapter changes the output)
+    shards = split_checkpoint(ckpt, tmp_path / "shards", adapter=folder, progress=False)
+    for plan in ({}, {"max_memory": {"cpu": 0}}):
+        _assert_same(_outputs(streamed_model(ckpt, shards, **plan)), expected)
+    record = ShardDirectory(shards).manifest.adapter
+    assert record["id"] == str(folder.resolve())
+    assert record["peft_type"] == KINDS[kind]().peft_type.value
+    assert set(record["sha256"]) == {"adapter_config.json", "adapter_model.safetensors"}
+    norm = "model.layers.0.input_layernorm.weight"
+    assert torch.equal(_unit(shards, "layers.0")[norm], _unit(plain, "layers.0")[norm])
+
+
+def test_the_merge_is_at_the_dtype_the_shards_stream_at(checkpoints, tmp_path):
+    """Split with `dtype=torch.bfloat16`, the adapter merges into the bfloat16 weights as PEFT merges it into the
+    model loaded in bfloat16 (its float32 change added to each weight and rounded once: `safe_merge`'s change rounded
+    first gave other bits): the same logits and tokens, bit for bit."""
+    ckpt, _ = checkpoints("llama")
+    folder = _save_adapter(ckpt, tmp_path / "adapter", KINDS["head, modules_to_save"]())
+    _, expected = _merged_reference(ckpt, folder, torch.bfloat16)
+    shards = split_checkpoint(ckpt, tmp_path / "shards", adapter=folder, dtype=torch.bfloat16, progress=False)
+    _assert_same(_outputs(streamed_model(ckpt, shards, dtype=torch.bfloat16, max_memory={"cpu": 0})), expected)
+
+
+def test_compressed_shards_hold_the_merged_weights_quantized(checkpoints, tmp_path):
+    """`compression` quantizes the merged weights: the shard files are those of the merged model saved and split,
+    byte for byte."""
+    pytest.importorskip("bitsandbytes")
+    ckpt, _ = checkpoints("llama")
+    folder = _save_adapter(ckpt, tmp_path / "adapter", KINDS["lora"]())
+    merged, _ = _merged_reference(ckpt, folder)
+    merged.save_pretrained(tmp_path / "merged")
+    ours = split_checkpoint(ckpt, tmp_path / "ours", adapter=folder, compression="4bit", progress=False)
+    theirs = split_checkpoint(tmp_path / "merged", tmp_path / "theirs", compression="4bit", progress=False)
+    for unit in ["layers.0", "layers.2", "resident"]:
+        a, b = _unit(ours, unit), _unit(theirs, unit)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_tied_head_merges_with_its_embeddings_and_one_replaced_alone_is_refused(checkpoints, tmp_path):
+    """Gemma ties its head to its embeddings, stored once: LoRA on the head merges into that one tensor, as PEFT's
+    merge changes both (bit for bit); `modules_to_save` on the head would make the two differ (`merge_and_unload`
+    unties them), which a shard directory of this config cannot hold: refused before anything is written."""
+    ckpt, _ = checkpoints("gemma")
+    folder = _save_adapter(
+        ckpt, tmp_path / "lora", peft.LoraConfig(r=4, target_modules=["lm_head"], init_lora_weights=False)
+    )
+    _, expected = _merged_reference(ckpt, folder)
+    shards = split_checkpoint(ckpt, tmp_path / "shards", adapter=folder, progress=False)
+    _assert_same(_outputs(streamed_model(ckpt, shards, max_memory={"cpu": 0})), expected)
+
+    config = peft.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    folder = _save_adapter(ckpt, tmp_path / "mts", config)
+    with pytest.raises(ValueError, match=r"replaces lm_head \(`modules_to_save`\), whose weight the model ties"):
+        split_checkpoint(ckpt, tmp_path / "refused", adapter=folder, progress=False)
+    assert not (tmp_path / "refused").exists() or not any((tmp_path / "refused").iterdir())
+
+
+def test_another_adapter_is_another_split(checkpoints, tmp_path, caplog):
+    """The adapter's identity (its files' digests) is one of the split's options: the same split again does nothing,
+    one with another adapter or none is refused into the same folder without `overwrite`, and made with it."""
+    ckpt, _ = checkpoints("llama")
+    first = _save_adapter(ckpt, tmp_path / "a", KINDS["lora"]())
+    torch.manual_seed(2)
+    second = _save_adapter(ckpt, tmp_path / "b", KINDS["ia3"]())
+    shards = split_checkpoint(ckpt, tmp_path / "shards", adapter=first, progress=False)
+    files = {p: p.stat().st_mtime_ns for p in (shards / "layers").iterdir()}
+    with caplog.at_level(logging.INFO, logger="hf_layerstream"):
+        split_checkpoint(ckpt, shards, adapter=first, progress=False)
+    assert "already holds this split" in caplog.text
+    assert {p: p.stat().st_mtime_ns for p in (shards / "layers").iterdir()} == files
+    for other in (second, None):
+        with pytest.raises(ShardDirOccupiedError):
+            split_checkpoint(ckpt, shards, adapter=other, progress=False)
+    split_checkpoint(ckpt, shards, adapter=second, overwrite=True, progress=False)
+    _, expected = _merged_reference(ckpt, second)
+    _assert_same(_outputs(streamed_model(ckpt, shards)), expected)
+    assert ShardDirectory(shards).manifest.adapter["peft_type"] == "IA3"
+
+
+def test_an_adapter_that_cannot_be_merged_here_is_refused_before_anything_is_written(
+    checkpoints, tmp_path, monkeypatch
+):
+    """A folder that is no adapter, an adapter of another model (other shapes), a prompt-learning adapter (nothing
+    to merge), and a hub id offline: each refused, naming the cause, and nothing written."""
+    ckpt, _ = checkpoints("llama")
+    wide = _models.make_config(
+        "llama", hidden_size=_models.HIDDEN_SIZE * 2, intermediate_size=_models.INTERMEDIATE_SIZE
+    )
+    wide_ckpt = _models.save_tiny_checkpoint(wide, tmp_path / "wide")
+    wrong = _save_adapter(wide_ckpt, tmp_path / "wrong", KINDS["lora"]())
+    torch.manual_seed(0)
+    prompt = tmp_path / "prompt"
+    peft.get_peft_model(
+        _models.load_reference(ckpt), peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
+    ).save_pretrained(prompt)
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    cases = [
+        (ckpt, ValueError, "holds no adapter_config.json"),
+        (wrong, ValueError, "Cannot load the adapter .* onto this model"),
+        (prompt, ValueError, "prompt-learning adapter"),
+        ("someorg/some-lora", FileNotFoundError, "Cannot fetch adapter_config.json of 'someorg/some-lora'"),
+    ]
+    for adapter, error, message in cases:
+        with pytest.raises(error, match=message):
+            split_checkpoint(ckpt, tmp_path / "out", adapter=adapter, progress=False)
+        assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_attaching_an_adapter_to_a_merged_split_warns(checkpoints, tmp_path, caplog):
+    """An adapter attached to a model streaming a split that has one merged adds to it: said, naming the merged one."""
+    ckpt, _ = checkpoints("llama")
+    folder = _save_adapter(ckpt, tmp_path / "adapter", KINDS["lora"]())
+    shards = split_checkpoint(ckpt, tmp_path / "shards", adapter=folder, progress=False)
+    model = streamed_model(ckpt, shards)
+    with caplog.at_level(logging.WARNING, logger="hf_layerstream"), attaching_adapters(model):
+        pass
+    assert f"holds the adapter {folder.resolve()} merged into its weights" in caplog.text
+
+
+def test_cli_split_merges_the_adapter_and_inspect_names_it(checkpoints, tmp_path, capsys):
+    ckpt, _ = checkpoints("llama")
+    folder = _save_adapter(ckpt, tmp_path / "adapter", KINDS["lora"]())
+    shards = tmp_path / "shards"
+    assert main(["split", str(ckpt), str(shards), "--adapter", str(folder), "--quiet"]) == 0
+    capsys.readouterr()
+    _, expected = _merged_reference(ckpt, folder)
+    _assert_same(_outputs(streamed_model(ckpt, shards)), expected)
+    assert main(["inspect", str(shards), "--device", "cpu"]) == 0
+    assert f"adapter          {folder.resolve()} (LORA), merged into the weights" in capsys.readouterr().out
+    assert main(["inspect", str(shards), "--device", "cpu", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["adapter"]["peft_type"] == "LORA"
