@@ -78,6 +78,16 @@ def adapter_identity(folder: Path, adapter: str | os.PathLike) -> dict:
     return {"id": str(local.resolve()) if local.is_dir() else str(adapter), "sha256": digests}
 
 
+def _peft_type(folder: Path) -> str:
+    """The `peft_type` an adapter's config names (for messages)."""
+    import json
+
+    try:
+        return str(json.loads((folder / _CONFIG).read_text()).get("peft_type"))
+    except (OSError, ValueError, AttributeError):
+        return "of unknown type"
+
+
 def _stand_in(p: torch.Tensor) -> torch.Tensor:
     """One NaN (zero, for an integer dtype) broadcast to `p`'s shape, on the CPU: no memory."""
     value = float("nan") if p.dtype.is_floating_point or p.dtype.is_complex else 0
@@ -124,11 +134,18 @@ class AdapterMerge:
                 warnings.filterwarnings("ignore", message=r".*tie_word_embeddings=True.*", category=UserWarning)
                 warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
                 wrapped = peft.PeftModel.from_pretrained(model, str(folder), low_cpu_mem_usage=True)
+        except torch.linalg.LinAlgError as e:  # (before the others: a RuntimeError)
+            # (TinyLoRA, OSF: made from an SVD of the weights each adapts, which are stand-ins here)
+            raise ValueError(
+                f"The adapter {folder} ({_peft_type(folder)}) reads the weights it adapts as PEFT loads it, which the "
+                f"split does not hold at that point ({type(e).__name__}: {e}). Merge it into the loaded model "
+                "(`merge_and_unload`), save it and split that."
+            ) from e
         except (ValueError, KeyError, TypeError, RuntimeError) as e:
             raise ValueError(f"Cannot load the adapter {folder} onto this model: {type(e).__name__}: {e}") from e
-        # A weight the adapter holds a copy of (PEFT saves an adapted embedding or head whole) is that copy, as PEFT
-        # loads it into the loaded model's weight (copied into it, tied ones too; here loaded with `assign`, in its
-        # place): the shard's is not used.
+        # A weight the adapter holds a copy of (PEFT saves an adapted embedding or head whole, and with `bias="all"`
+        # every bias, of adapted modules or not) is that copy, as PEFT loads it into the loaded model's weight
+        # (copied into it, tied ones too; here loaded with `assign`, in its place): the shard's is not used.
         self.given: set[int] = set()
         for module, attr, stand_in in slots:
             p = module._parameters.get(attr)
@@ -174,7 +191,8 @@ class AdapterMerge:
                 raise ValueError(f"The adapter {folder} holds no value for {name}: its weights file is incomplete.")
             if p.is_floating_point() and not torch.isfinite(p).all():
                 raise ValueError(f"The adapter {folder} holds non-finite values in {name}: its weights are damaged.")
-        self.merged: set[str] = set()
+        # the copies of weights of modules not adapted: stored as they are
+        self.copies = {n: p for p in self.given_weights() for n in self.names[id(p)] if n not in self.owner}
 
     def merge(self, tensors: dict[str, torch.Tensor]) -> None:
         """Merge the adapter into the adapted modules whose weights `tensors` (one unit's, by the model's names) holds,
@@ -205,7 +223,6 @@ class AdapterMerge:
                 merged = target.get_base_layer()
             setattr(parent, target_name, merged)
             placed.update((id(p), p) for p in merged.parameters())
-            self.merged.add(key)
         for name, names in stored.items():
             value = self._value(name)
             if any(self._value(n) is not value for n in names):
@@ -217,8 +234,14 @@ class AdapterMerge:
                     "not of this model, or its weights are damaged."
                 )
             tensors[name] = value.detach().to(tensors[name].dtype)
+        for name in [n for n in tensors if n in self.copies]:
+            tensors[name] = self.copies[name].detach().to(tensors[name].dtype)
         for p in placed.values():  # (their memory goes with the unit)
             p.data = _stand_in(p)
+
+    def given_weights(self) -> list[nn.Parameter]:
+        """The model's weights the adapter holds copies of (in their places)."""
+        return [p for p in self.model.parameters() if id(p) in self.given]
 
     def _value(self, name: str) -> torch.Tensor:
         """The model's tensor of that name now (a tied head's weight may be its embeddings' tensor, not a parameter)."""

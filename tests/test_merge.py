@@ -97,6 +97,22 @@ def test_the_split_merges_the_adapter_as_merge_and_unload_does(checkpoints, tmp_
     assert torch.equal(_unit(shards, "layers.0")[norm], _unit(plain, "layers.0")[norm])
 
 
+def test_the_biases_an_adapter_saves_of_modules_it_does_not_adapt_are_stored(checkpoints, tmp_path):
+    """LoRA with `bias="all"` saves every bias, also of the modules it does not adapt, and PEFT loads them into the
+    loaded model: the split stores the adapter's (it kept the checkpoint's for a trained bias of an unadapted
+    `k_proj`: logits 0.1 off, silently)."""
+    ckpt, _ = checkpoints("qwen2")
+    torch.manual_seed(1)
+    config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], bias="all", init_lora_weights=False)
+    model = peft.get_peft_model(_models.load_reference(ckpt), config)
+    with torch.no_grad():
+        model.base_model.model.model.layers[0].self_attn.k_proj.bias.add_(1.0)
+    model.save_pretrained(tmp_path / "adapter")
+    _, expected = _merged_reference(ckpt, tmp_path / "adapter")
+    shards = split_checkpoint(ckpt, tmp_path / "shards", adapter=tmp_path / "adapter", progress=False)
+    _assert_same(_outputs(streamed_model(ckpt, shards, max_memory={"cpu": 0})), expected)
+
+
 def test_the_merge_is_at_the_dtype_the_shards_stream_at(checkpoints, tmp_path):
     """Split with `dtype=torch.bfloat16`, the adapter merges into the bfloat16 weights as PEFT merges it into the
     model loaded in bfloat16 (its float32 change added to each weight and rounded once: `safe_merge`'s change rounded
@@ -168,7 +184,8 @@ def test_an_adapter_that_cannot_be_merged_here_is_refused_before_anything_is_wri
     checkpoints, tmp_path, monkeypatch
 ):
     """A folder that is no adapter, an adapter of another model (other shapes), a prompt-learning adapter (nothing
-    to merge), and a hub id offline: each refused, naming the cause, and nothing written."""
+    to merge), one PEFT makes from the weights it adapts (TinyLoRA's SVD met the stand-ins: refused as an adapter of
+    another model), and a hub id offline: each refused, naming the cause, and nothing written."""
     ckpt, _ = checkpoints("llama")
     wide = _models.make_config(
         "llama", hidden_size=_models.HIDDEN_SIZE * 2, intermediate_size=_models.INTERMEDIATE_SIZE
@@ -180,6 +197,10 @@ def test_an_adapter_that_cannot_be_merged_here_is_refused_before_anything_is_wri
     peft.get_peft_model(
         _models.load_reference(ckpt), peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
     ).save_pretrained(prompt)
+    tiny = tmp_path / "tiny"  # (TinyLoRA: made from an SVD of the weights it adapts, as PEFT loads it)
+    peft.get_peft_model(_models.load_reference(ckpt), peft.TinyLoraConfig(target_modules=["q_proj"])).save_pretrained(
+        tiny
+    )
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
@@ -187,6 +208,7 @@ def test_an_adapter_that_cannot_be_merged_here_is_refused_before_anything_is_wri
         (ckpt, ValueError, "holds no adapter_config.json"),
         (wrong, ValueError, "Cannot load the adapter .* onto this model"),
         (prompt, ValueError, "prompt-learning adapter"),
+        (tiny, ValueError, r"\(TINYLORA\) reads the weights it adapts as PEFT loads it"),
         ("someorg/some-lora", FileNotFoundError, "Cannot fetch adapter_config.json of 'someorg/some-lora'"),
     ]
     for adapter, error, message in cases:
