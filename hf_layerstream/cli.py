@@ -470,7 +470,7 @@ def _attach_adapter(model, adapter: str) -> None:
     if not os.path.isdir(adapter):  # a hub repo: its adapter_config.json first, for a clear error offline
         from .split import fetch_hub_file
 
-        if fetch_hub_file(adapter, "adapter_config.json", "`--adapter`") is None:
+        if fetch_hub_file(adapter, "adapter_config.json", "`--adapter`", what="adapter folder") is None:
             raise ValueError(f"`--adapter` {adapter!r} holds no adapter_config.json: it is not a PEFT adapter.")
     with attaching_adapters(model):
         model.load_adapter(adapter)

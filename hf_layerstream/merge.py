@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from .modeling import build_skeleton, resolve_model_class, tied_targets
@@ -31,9 +32,9 @@ def _import_peft():
     return peft
 
 
-def resolve_adapter(adapter: str | os.PathLike) -> Path:
+def resolve_adapter(adapter: str | os.PathLike, *, token: str | bool | None = None, cache_dir=None) -> Path:
     """The local folder of `adapter`: a folder holding `adapter_config.json` and the adapter's weights, or a hub repo
-    id, whose two files are fetched (or found in the hub cache).
+    id, whose config and weights are fetched (or found in the hub cache) with `token` and `cache_dir`.
 
     Raises:
         `ValueError`: the folder or repo holds no `adapter_config.json` or no adapter weights.
@@ -46,36 +47,54 @@ def resolve_adapter(adapter: str | os.PathLike) -> Path:
     local = Path(text).expanduser()
     if local.is_dir():
         folder = local
+    elif local.is_file():
+        raise FileNotFoundError(f"`adapter` {text} is a file: pass the adapter's folder ({local.parent}).")
     elif missing_local_folder(adapter):
         raise FileNotFoundError(f"`adapter` {text} is no folder (and not a hub repo id).")
     else:
-        config = fetch_hub_file(text, _CONFIG, "`adapter`")
+        config = fetch_hub_file(text, _CONFIG, "`adapter`", token=token, cache_dir=cache_dir, what="adapter folder")
         if config is None:
             raise ValueError(f"`adapter` {text!r} holds no {_CONFIG}: it is not a PEFT adapter.")
-        for name in _WEIGHTS:
-            if fetch_hub_file(text, name, "`adapter`") is not None:
-                break
+        errors = []
+        for name in _WEIGHTS:  # (a repo of the older format holds only the second; offline, the cache may too)
+            try:
+                if fetch_hub_file(text, name, "`adapter`", token=token, cache_dir=cache_dir, what="adapter folder"):
+                    break
+            except FileNotFoundError as e:
+                errors.append(e)
+        else:
+            if errors:
+                raise errors[0]
         folder = config.parent
     if not (folder / _CONFIG).is_file():
         raise ValueError(f"`adapter` {folder} holds no {_CONFIG}: it is not a PEFT adapter's folder.")
-    if not any((folder / name).is_file() for name in _WEIGHTS):
+    if _weights_file(folder) is None:
         raise ValueError(f"`adapter` {folder} holds no adapter weights ({' or '.join(_WEIGHTS)}).")
     return folder
 
 
+def _weights_file(folder: Path) -> Path | None:
+    """The weights file PEFT loads from an adapter's folder (safetensors first)."""
+    return next((folder / name for name in _WEIGHTS if (folder / name).is_file()), None)
+
+
 def adapter_identity(folder: Path, adapter: str | os.PathLike) -> dict:
     """What the split records of the adapter, in its options (a changed adapter is another split) and manifest: the
-    name given, and the digests of its config and weights."""
+    name given, its kind, and the digests of the two files PEFT loads (its config and weights; another file there,
+    or fetched into the hub cache since, does not count)."""
     digests = {}
-    for name in (_CONFIG, *_WEIGHTS):
-        if (folder / name).is_file():
-            h = hashlib.sha256()
-            with open(folder / name, "rb") as f:
-                for block in iter(lambda: f.read(2**22), b""):
-                    h.update(block)
-            digests[name] = h.hexdigest()
+    for path in (folder / _CONFIG, _weights_file(folder)):
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(2**22), b""):  # noqa: B023 - (read at once, in this iteration)
+                h.update(block)
+        digests[path.name] = h.hexdigest()
     local = Path(str(adapter)).expanduser()
-    return {"id": str(local.resolve()) if local.is_dir() else str(adapter), "sha256": digests}
+    return {
+        "id": str(local.resolve()) if local.is_dir() else str(adapter),
+        "peft_type": _peft_type(folder),
+        "sha256": digests,
+    }
 
 
 def _peft_type(folder: Path) -> str:
@@ -141,7 +160,8 @@ class AdapterMerge:
                 f"split does not hold at that point ({type(e).__name__}: {e}). Merge it into the loaded model "
                 "(`merge_and_unload`), save it and split that."
             ) from e
-        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        except (ValueError, KeyError, TypeError, RuntimeError, OSError, SafetensorError) as e:
+            # (an adapter of another model: other shapes or module names; a damaged weights file)
             raise ValueError(f"Cannot load the adapter {folder} onto this model: {type(e).__name__}: {e}") from e
         # A weight the adapter holds a copy of (PEFT saves an adapted embedding or head whole, and with `bias="all"`
         # every bias, of adapted modules or not) is that copy, as PEFT loads it into the loaded model's weight
@@ -211,7 +231,9 @@ class AdapterMerge:
                     raise ValueError(self._tied(key, names[0]))
                 if here and id(p) not in placed:
                     if id(p) not in self.given:
-                        p.data = tensors[here[0]].to(p.dtype, copy=True)
+                        p.data = tensors[here[0]].to(p.dtype, copy=True)  # (merged in place)
+                    # (the unit's own goes now, its dtype and shape kept: one copy of each weight at a time)
+                    tensors[here[0]] = tensors[here[0]].to("meta")
                     placed[id(p)] = p
                     stored[here[0]] = names
         for key in keys:

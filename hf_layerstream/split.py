@@ -107,37 +107,46 @@ def missing_local_folder(source: str | os.PathLike) -> bool:
     return isinstance(source, os.PathLike) or text.startswith((".", "/", "~")) or text.count("/") > 1 or local.exists()
 
 
-def hub_unreachable_error(repo_id: str, filename: str, role: str) -> FileNotFoundError:
+def hub_unreachable_error(repo_id: str, filename: str, role: str, what: str = "checkpoint folder") -> FileNotFoundError:
     """The error for a file of the hub repo `repo_id` (given as `role`, e.g. "`source`") that could not be fetched:
-    the hub cannot be reached and the file is not in the hub cache. For config.json, the first file fetched, it says
-    that no local folder has that name either (a misspelt folder name reads as a hub repo id, and meets this first)."""
+    the hub cannot be reached and the file is not in the hub cache. For the first file fetched (config.json,
+    adapter_config.json), it says that no local folder has that name either (a misspelt folder name reads as a hub
+    repo id, and meets this first). `what`: what a local `role` is (a checkpoint folder, an adapter folder)."""
     no_folder = ""
-    if filename == "config.json":
+    if filename in ("config.json", "adapter_config.json"):
         no_folder = (
             f"{role} {repo_id!r} is no local folder ({Path(repo_id).absolute()} does not exist), and as a hub repo: "
         )
     return FileNotFoundError(
         f"{no_folder}Cannot fetch {filename} of {repo_id!r}: the hub cannot be reached (offline, "
         f"HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}) and it is not in the hub cache. "
-        f"Download it once with network access (`hf download REPO`) or pass a local checkpoint folder as {role}."
+        f"Download it once with network access (`hf download REPO`) or pass a local {what} as {role}."
     )
 
 
-def fetch_hub_file(repo_id: str, filename: str, role: str) -> Path | None:
-    """`filename` of the hub repo `repo_id` (given as `role`), fetched or found in the hub cache; `None` where the repo
-    has no such file.
+def fetch_hub_file(
+    repo_id: str,
+    filename: str,
+    role: str,
+    *,
+    token: str | bool | None = None,
+    cache_dir=None,
+    what: str = "checkpoint folder",
+) -> Path | None:
+    """`filename` of the hub repo `repo_id` (given as `role`), fetched or found in the hub cache (`token`,
+    `cache_dir`: `hf_hub_download`'s); `None` where the repo has no such file.
 
     Raises:
-        `FileNotFoundError`: The hub cannot be reached and the file is not in the hub cache (`hub_unreachable_error`),
-            or the hub has no such repo (`no_such_repo_error`).
+        `FileNotFoundError`: The hub cannot be reached and the file is not in the hub cache (`hub_unreachable_error`,
+            naming a local `what` as the other way), or the hub has no such repo (`no_such_repo_error`).
     """
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
-        return Path(hf_hub_download(repo_id, filename))
+        return Path(hf_hub_download(repo_id, filename, token=token, cache_dir=cache_dir))
     except LocalEntryNotFoundError as e:  # (a subclass of EntryNotFoundError: first)
-        raise hub_unreachable_error(repo_id, filename, role) from e
+        raise hub_unreachable_error(repo_id, filename, role, what) from e
     except EntryNotFoundError:
         return None
     except RepositoryNotFoundError as e:
@@ -684,6 +693,29 @@ def _options_digest(options: dict) -> str:
     return hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()
 
 
+def _recorded_adapter(shard_dir: Path) -> dict | None:
+    """The adapter a finished split in `shard_dir` records (`None`: none, or no readable manifest)."""
+    try:
+        recorded = json.loads((shard_dir / MANIFEST_NAME).read_text()).get("adapter")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return recorded if isinstance(recorded, dict) else None
+
+
+def _adapter_difference(recorded: dict | None, given: dict | None) -> str:
+    """Why a finished split's adapter is not the one given, for the refusal (empty where they are the same)."""
+    if recorded == given:
+        return ""
+    if recorded is None:
+        return " (it has no adapter merged)"
+    named = f"the adapter {recorded.get('id')} merged"
+    if given is None:
+        return f" ({named}, and none was given)"
+    if recorded.get("id") == given.get("id"):
+        return f" ({named}, whose files have changed since)"
+    return f" ({named}; a moved or copied adapter counts as another)"
+
+
 def _quantization_rule(model: torch.nn.Module) -> Callable[..., bool]:
     """Whether the split stores a tensor of `model` quantized: `rule(name, tensor, scheme, *, is_embedding=False)`,
     decided knowing the module that holds each weight (a linear layer's, an expert's: `quant.should_quantize`); a
@@ -1082,7 +1114,7 @@ def split_checkpoint(
             `"AutoModelForImageTextToText"` to split them with their vision weights, for images.
         adapter (`str` or `os.PathLike`, *optional*):
             A PEFT adapter of the model (LoRA, DoRA, IA3, LoHa, LoKr and the other kinds PEFT merges; a folder or a
-            hub repo id, needs the peft package), merged into the weights as they are written, as PEFT's
+            hub repo id, fetched with `token` and `cache_dir` at its default revision; needs the peft package), merged into the weights as they are written, as PEFT's
             `merge_and_unload` merges it into the loaded model: the streamed model is that merged model, bit for bit,
             at the base model's speed and memory (and `compression` quantizes the merged weights). The merge is at
             the dtype the shard directory streams at (`dtype`, else the one `from_pretrained(dtype="auto")` loads
@@ -1187,15 +1219,12 @@ def split_checkpoint(
         _refuse_unquantizable(plan, src, load_dtype)
 
     compression_dict = scheme.to_dict() if scheme is not None else None
-    merger = adapter_record = None
+    merger = adapter_folder = adapter_record = None
     if adapter is not None:
-        from .merge import AdapterMerge, adapter_identity, resolve_adapter
+        from .merge import adapter_identity, resolve_adapter
 
-        adapter_folder = resolve_adapter(adapter)
+        adapter_folder = resolve_adapter(adapter, token=token, cache_dir=cache_dir)
         adapter_record = adapter_identity(adapter_folder, adapter)
-        # (made before anything is written: an adapter PEFT cannot load or merge is refused first)
-        merger = AdapterMerge(adapter_folder, config, model_class, load_dtype)
-        adapter_record["peft_type"] = merger.peft_type
     source_identity = src.identity(needed_files)
     options = _options_key(fingerprint, dtype, compression_dict, source_identity, adapter_record)
     # (a split finished before, which recorded the source otherwise, is this one too: see `_Source.identity`)
@@ -1204,6 +1233,12 @@ def split_checkpoint(
         for legacy in (False, True)
     ]
     units = [layer_unit(i) for i in range(len(stack))] + [RESIDENT]
+    if adapter_folder is not None and _recorded_adapter(shard_dir) != adapter_record:
+        from .merge import AdapterMerge
+
+        # (made before anything is written, the folder too: an adapter PEFT cannot load or merge is refused first;
+        # and not for a run that finds this split done)
+        merger = AdapterMerge(adapter_folder, config, model_class, load_dtype)
     shard_dir.mkdir(parents=True, exist_ok=True)
     with _locked(shard_dir, wait=wait):
         # Only one split runs here at a time (the lock): anything temporary is a leftover of a killed run.
@@ -1285,9 +1320,13 @@ def split_checkpoint(
             elif not overwrite:
                 raise ShardDirOccupiedError(
                     f"`shard_dir` {shard_dir} already holds a split of another model, another source checkpoint or "
-                    "with other options.",
+                    f"with other options{_adapter_difference(existing.get('adapter'), adapter_record)}.",
                     "Pass `overwrite=True` (`--overwrite`) to replace it, or choose another directory.",
                 )
+        if adapter_folder is not None and merger is None:
+            from .merge import AdapterMerge
+
+            merger = AdapterMerge(adapter_folder, config, model_class, load_dtype)
         # an interrupted `overwrite=True` run, resumed without it, still replaces the split it was replacing: the side
         # files and deeper layers of the model there before go too (the record says so)
         replacing = overwrite or _resumes_an_overwrite(shard_dir, options)

@@ -172,7 +172,8 @@ def test_another_adapter_is_another_split(checkpoints, tmp_path, caplog):
     assert "already holds this split" in caplog.text
     assert {p: p.stat().st_mtime_ns for p in (shards / "layers").iterdir()} == files
     for other in (second, None):
-        with pytest.raises(ShardDirOccupiedError):
+        named = "and none was given" if other is None else "a moved or copied adapter counts as another"
+        with pytest.raises(ShardDirOccupiedError, match=rf"the adapter {first.resolve()} merged.*{named}"):
             split_checkpoint(ckpt, shards, adapter=other, progress=False)
     split_checkpoint(ckpt, shards, adapter=second, overwrite=True, progress=False)
     _, expected = _merged_reference(ckpt, second)
@@ -185,7 +186,7 @@ def test_an_adapter_that_cannot_be_merged_here_is_refused_before_anything_is_wri
 ):
     """A folder that is no adapter, an adapter of another model (other shapes), a prompt-learning adapter (nothing
     to merge), one PEFT makes from the weights it adapts (TinyLoRA's SVD met the stand-ins: refused as an adapter of
-    another model), and a hub id offline: each refused, naming the cause, and nothing written."""
+    another model), a damaged weights file, the path of the adapter's config, and a hub id offline: each refused, naming the cause, and nothing written."""
     ckpt, _ = checkpoints("llama")
     wide = _models.make_config(
         "llama", hidden_size=_models.HIDDEN_SIZE * 2, intermediate_size=_models.INTERMEDIATE_SIZE
@@ -197,6 +198,10 @@ def test_an_adapter_that_cannot_be_merged_here_is_refused_before_anything_is_wri
     peft.get_peft_model(
         _models.load_reference(ckpt), peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
     ).save_pretrained(prompt)
+    damaged = tmp_path / "damaged"  # (its weights file cut short)
+    damaged.mkdir()
+    (damaged / "adapter_config.json").write_bytes((wrong / "adapter_config.json").read_bytes())
+    (damaged / "adapter_model.safetensors").write_bytes((wrong / "adapter_model.safetensors").read_bytes()[:100])
     tiny = tmp_path / "tiny"  # (TinyLoRA: made from an SVD of the weights it adapts, as PEFT loads it)
     peft.get_peft_model(_models.load_reference(ckpt), peft.TinyLoraConfig(target_modules=["q_proj"])).save_pretrained(
         tiny
@@ -208,6 +213,8 @@ def test_an_adapter_that_cannot_be_merged_here_is_refused_before_anything_is_wri
         (ckpt, ValueError, "holds no adapter_config.json"),
         (wrong, ValueError, "Cannot load the adapter .* onto this model"),
         (prompt, ValueError, "prompt-learning adapter"),
+        (damaged, ValueError, "Cannot load the adapter .*damaged onto this model: SafetensorError"),
+        (wrong / "adapter_config.json", FileNotFoundError, r"is a file: pass the adapter's folder \(.*wrong\)"),
         (tiny, ValueError, r"\(TINYLORA\) reads the weights it adapts as PEFT loads it"),
         ("someorg/some-lora", FileNotFoundError, "Cannot fetch adapter_config.json of 'someorg/some-lora'"),
     ]
@@ -240,3 +247,59 @@ def test_cli_split_merges_the_adapter_and_inspect_names_it(checkpoints, tmp_path
     assert f"adapter          {folder.resolve()} (LORA), merged into the weights" in capsys.readouterr().out
     assert main(["inspect", str(shards), "--device", "cpu", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["adapter"]["peft_type"] == "LORA"
+
+
+def _hub_cache(cache, repo, files: dict) -> None:
+    """A hub cache holding `files` (name -> bytes) of the hub repo `repo` at its main revision."""
+    commit = "a" * 40
+    root = cache / f"models--{repo.replace('/', '--')}"
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(commit)
+    (root / "snapshots" / commit).mkdir(parents=True)
+    for name, data in files.items():
+        (root / "snapshots" / commit / name).write_bytes(data)
+
+
+def test_a_hub_adapter_comes_from_the_hub_cache_offline(checkpoints, tmp_path, monkeypatch):
+    """A hub id is fetched with the split's `cache_dir` (and `token`), and offline from the cache: also an adapter of
+    the older format, only `adapter_model.bin` (refused: the missing safetensors file was taken for a download that
+    failed), which merges as the same adapter's folder does."""
+    from huggingface_hub import constants
+    from safetensors.torch import load_file
+
+    ckpt, _ = checkpoints("llama")
+    folder = _save_adapter(ckpt, tmp_path / "adapter", KINDS["lora"]())
+    config = (folder / "adapter_config.json").read_bytes()
+    weights = load_file(folder / "adapter_model.safetensors")
+    torch.save(weights, tmp_path / "adapter_model.bin")
+    cache = tmp_path / "cache"
+    _hub_cache(
+        cache,
+        "org/lora",
+        {"adapter_config.json": config, "adapter_model.bin": (tmp_path / "adapter_model.bin").read_bytes()},
+    )
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    shards = split_checkpoint(ckpt, tmp_path / "shards", adapter="org/lora", cache_dir=cache, progress=False)
+    reference = split_checkpoint(ckpt, tmp_path / "reference", adapter=folder, progress=False)
+    for unit in ["layers.0", "layers.2", "resident"]:
+        a, b = _unit(shards, unit), _unit(reference, unit)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    record = ShardDirectory(shards).manifest.adapter
+    assert record["id"] == "org/lora" and set(record["sha256"]) == {"adapter_config.json", "adapter_model.bin"}
+
+
+def test_a_rerun_of_a_finished_adapter_split_does_not_load_the_adapter(checkpoints, tmp_path, monkeypatch):
+    """The same split again is done: it neither loads the adapter (4.4 s against 2.8 s, and peft needed) nor counts a
+    file PEFT does not read (an `adapter_model.bin` beside the safetensors one was another adapter: refused)."""
+    import hf_layerstream.merge
+
+    ckpt, _ = checkpoints("llama")
+    folder = _save_adapter(ckpt, tmp_path / "adapter", KINDS["lora"]())
+    shards = split_checkpoint(ckpt, tmp_path / "shards", adapter=folder, progress=False)
+    (folder / "adapter_model.bin").write_bytes(b"not read")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the adapter was loaded")
+
+    monkeypatch.setattr(hf_layerstream.merge, "AdapterMerge", refuse)
+    assert split_checkpoint(ckpt, shards, adapter=folder, progress=False) == shards
