@@ -2,6 +2,7 @@
 
     python examples/quickstart.py Qwen/Qwen2.5-0.5B-Instruct --shards qwen05b.layers
     python examples/quickstart.py ./my-local-checkpoint --shards my.layers --compression 4bit --max-memory '{"cpu": "2GiB"}'
+    python examples/quickstart.py ./my-local-checkpoint --shards tuned.layers --adapter ./my-lora  # merged as it splits
 
 The first run splits the checkpoint into `--shards` (one file per decoder layer); later runs find the split done and
 go straight to generating. Nothing but the resident parts (embeddings, final norm, head) and the layers the budget
@@ -25,6 +26,7 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("model", nargs="?", default="Qwen/Qwen2.5-0.5B-Instruct", help="hub id or local checkpoint folder")
     p.add_argument("--shards", default=None, help="shard directory (default: <model name>.layers)")
     p.add_argument("--compression", choices=["4bit", "8bit"], default=None, help="block-quantized shards (lossy)")
+    p.add_argument("--adapter", default=None, help="a PEFT adapter (LoRA) merged into the weights as they are split")
     p.add_argument("--max-memory", type=json.loads, default=None, help='budget, e.g. \'{"cpu": "16GiB", "0": "4GiB"}\'')
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--prompt", default="What is the capital of France?")
@@ -33,7 +35,7 @@ def main(argv: list[str] | None = None) -> str:
     shards = args.shards or args.model.rstrip("/").split("/")[-1] + ".layers"
 
     # 1. once: one safetensors file per decoder layer (resumable; a finished split is only checked)
-    split_checkpoint(args.model, shards, compression=args.compression)
+    split_checkpoint(args.model, shards, compression=args.compression, adapter=args.adapter)
 
     # 2. the model as transformers builds it, without weights; the shard directory carries config and tokenizer
     config = AutoConfig.from_pretrained(shards)

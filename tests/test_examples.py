@@ -46,6 +46,27 @@ def test_quickstart_splits_then_generates_as_the_loaded_model(checkpoints, tmp_p
     assert again == expected
 
 
+def test_quickstart_merges_an_adapter_as_it_splits(checkpoints, tmp_path, capsys):
+    """`--adapter`: the text is the loaded model's with the adapter merged (`merge_and_unload`)."""
+    peft = pytest.importorskip("peft")
+    ckpt, _ = checkpoints("llama")
+    torch.manual_seed(1)
+    config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    peft.get_peft_model(_models.load_reference(ckpt), config).save_pretrained(tmp_path / "adapter")
+    argv = [str(ckpt), "--shards", str(tmp_path / "tuned.layers"), "--device", "cpu", "--max-new-tokens", "6"]
+    text = _example("quickstart").main([*argv, "--prompt", "Once upon", "--adapter", str(tmp_path / "adapter")])
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    merged = peft.PeftModel.from_pretrained(_models.load_reference(ckpt), tmp_path / "adapter").merge_and_unload()
+    ref = pipeline("text-generation", model=merged, tokenizer=tok)
+    expected = ref("Once upon", max_new_tokens=6, do_sample=False, return_full_text=False)[0]["generated_text"]
+    plain = pipeline("text-generation", model=_models.load_reference(ckpt), tokenizer=tok)
+    assert (
+        text
+        == expected
+        != plain("Once upon", max_new_tokens=6, do_sample=False, return_full_text=False)[0]["generated_text"]
+    )
+
+
 def test_budget_and_profile_reports_every_streamed_layer(checkpoints, capsys):
     ckpt, shards = checkpoints("llama")
     profile = _example("budget_and_profile").main([str(shards), "--device", "cpu", "--max-new-tokens", "4"])
