@@ -169,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--adapter",
         default=None,
         metavar="ADAPTER",
-        help="a PEFT adapter (LoRA) of the model, folder or hub id, applied as the weights stream (needs peft)",
+        help="a PEFT adapter (LoRA) of the model, folder or hub id, applied as the weights stream (needs peft; "
+        "`split --adapter` merges one into the shards instead: the base model's speed, no adapter weights in memory)",
     )
     p.add_argument(
         "--profile",

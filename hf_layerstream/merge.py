@@ -7,8 +7,8 @@ at the base model's speed, with no adapter weights in memory (and can be compres
 
 from __future__ import annotations
 
-import hashlib
 import os
+import pickle
 import warnings
 from pathlib import Path
 
@@ -16,9 +16,13 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from .modeling import build_skeleton, resolve_model_class, tied_targets
+from ._safetensors import sha256_file
+from .modeling import build_skeleton, created_dtypes, kept_in_float32, resolve_model_class, tied_targets
 
 _CONFIG = "adapter_config.json"
+# what `torch.load(weights_only=True)` raises for a damaged `adapter_model.bin` (besides RuntimeError, for a zip cut
+# short): the unpickler's own errors
+_DAMAGED_PICKLE = (pickle.UnpicklingError, EOFError, IndexError)
 _WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 
 
@@ -50,7 +54,10 @@ def resolve_adapter(adapter: str | os.PathLike, *, token: str | bool | None = No
     elif local.is_file():
         raise FileNotFoundError(f"`adapter` {text} is a file: pass the adapter's folder ({local.parent}).")
     elif missing_local_folder(adapter):
-        raise FileNotFoundError(f"`adapter` {text} is no folder (and not a hub repo id).")
+        raise FileNotFoundError(
+            f"`adapter` {text} is neither an existing folder nor a hub repo id (`organization/name`). Pass the folder "
+            f"that holds the adapter's {_CONFIG} and weights (what PEFT's `save_pretrained` writes)."
+        )
     else:
         config = fetch_hub_file(text, _CONFIG, "`adapter`", token=token, cache_dir=cache_dir, what="adapter folder")
         if config is None:
@@ -82,19 +89,20 @@ def adapter_identity(folder: Path, adapter: str | os.PathLike) -> dict:
     """What the split records of the adapter, in its options (a changed adapter is another split) and manifest: the
     name given, its kind, and the digests of the two files PEFT loads (its config and weights; another file there,
     or fetched into the hub cache since, does not count)."""
-    digests = {}
-    for path in (folder / _CONFIG, _weights_file(folder)):
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(2**22), b""):  # noqa: B023 - (read at once, in this iteration)
-                h.update(block)
-        digests[path.name] = h.hexdigest()
+    digests = {path.name: sha256_file(path) for path in (folder / _CONFIG, _weights_file(folder))}
     local = Path(str(adapter)).expanduser()
     return {
         "id": str(local.resolve()) if local.is_dir() else str(adapter),
         "peft_type": _peft_type(folder),
         "sha256": digests,
     }
+
+
+def _stored_dtype(merged: torch.dtype, stored: torch.dtype) -> torch.dtype:
+    """The dtype a merged weight is stored at: the checkpoint's, unless it merged at a wider one (a bfloat16
+    checkpoint's router, merged in float32 as the loaded model keeps it: its bits kept)."""
+    wider = merged.is_floating_point and stored.is_floating_point and merged.itemsize > stored.itemsize
+    return merged if wider else stored
 
 
 def _peft_type(folder: Path) -> str:
@@ -107,10 +115,12 @@ def _peft_type(folder: Path) -> str:
         return "of unknown type"
 
 
-def _stand_in(p: torch.Tensor) -> torch.Tensor:
-    """One NaN (zero, for an integer dtype) broadcast to `p`'s shape, on the CPU: no memory."""
-    value = float("nan") if p.dtype.is_floating_point or p.dtype.is_complex else 0
-    return torch.full((), value, dtype=p.dtype).expand(p.shape)
+def _stand_in(p: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """One NaN (zero, for an integer dtype) broadcast to `p`'s shape, on the CPU, of `dtype` (default: `p`'s): no
+    memory."""
+    dtype = dtype or p.dtype
+    value = float("nan") if dtype.is_floating_point or dtype.is_complex else 0
+    return torch.full((), value, dtype=dtype).expand(p.shape)
 
 
 class AdapterMerge:
@@ -130,6 +140,10 @@ class AdapterMerge:
         from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
 
         model = build_skeleton(config, resolve_model_class(config, model_class), dtype)
+        # each weight at the dtype the loaded model holds it in: `dtype`, but float32 where `from_pretrained` keeps
+        # it so (a router, `_keep_in_fp32_modules`), and its own where the class creates it in another
+        kept = kept_in_float32(model, dtype) if dtype is not None else None
+        created = created_dtypes(model, dtype) if dtype is not None else {}
         # one stand-in for each weight, shared by the names tied to it (as the loaded model shares one tensor)
         tied = tied_targets(model)
         params = dict(model.named_parameters(remove_duplicate=False))
@@ -139,7 +153,10 @@ class AdapterMerge:
         for name, p in params.items():
             source = tied.get(name, name)
             if source not in stand_ins:
-                stand_ins[source] = nn.Parameter(_stand_in(p), requires_grad=False)
+                at = p.dtype
+                if p.is_floating_point():
+                    at = torch.float32 if kept is not None and kept.search(source) else created.get(source, p.dtype)
+                stand_ins[source] = nn.Parameter(_stand_in(p, at), requires_grad=False)
             stand_in = stand_ins[source]
             module_name, _, attr = name.rpartition(".")
             module = model.get_submodule(module_name)
@@ -160,7 +177,7 @@ class AdapterMerge:
                 f"split does not hold at that point ({type(e).__name__}: {e}). Merge it into the loaded model "
                 "(`merge_and_unload`), save it and split that."
             ) from e
-        except (ValueError, KeyError, TypeError, RuntimeError, OSError, SafetensorError) as e:
+        except (ValueError, KeyError, TypeError, RuntimeError, OSError, SafetensorError, *_DAMAGED_PICKLE) as e:
             # (an adapter of another model: other shapes or module names; a damaged weights file)
             raise ValueError(f"Cannot load the adapter {folder} onto this model: {type(e).__name__}: {e}") from e
         # A weight the adapter holds a copy of (PEFT saves an adapted embedding or head whole, and with `bias="all"`
@@ -255,9 +272,10 @@ class AdapterMerge:
                     f"Merging the adapter into {self.owner[name][0]} gives non-finite values in {name}: the adapter is "
                     "not of this model, or its weights are damaged."
                 )
-            tensors[name] = value.detach().to(tensors[name].dtype)
+            tensors[name] = value.detach().to(_stored_dtype(value.dtype, tensors[name].dtype))
         for name in [n for n in tensors if n in self.copies]:
-            tensors[name] = self.copies[name].detach().to(tensors[name].dtype)
+            value = self.copies[name].detach()
+            tensors[name] = value.to(_stored_dtype(value.dtype, tensors[name].dtype))
         for p in placed.values():  # (their memory goes with the unit)
             p.data = _stand_in(p)
 

@@ -693,17 +693,15 @@ def _options_digest(options: dict) -> str:
     return hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()
 
 
-def _recorded_adapter(shard_dir: Path) -> dict | None:
-    """The adapter a finished split in `shard_dir` records (`None`: none, or no readable manifest)."""
-    try:
-        recorded = json.loads((shard_dir / MANIFEST_NAME).read_text()).get("adapter")
-    except (OSError, ValueError, AttributeError):
-        return None
+def _recorded_adapter(manifest) -> dict | None:
+    """The adapter a finished split's manifest (its JSON, read or not) records: `None` for none, and for a damaged
+    record (as `Manifest.from_json` reads it)."""
+    recorded = manifest.get("adapter") if isinstance(manifest, dict) else None
     return recorded if isinstance(recorded, dict) else None
 
 
 def _adapter_difference(recorded: dict | None, given: dict | None) -> str:
-    """Why a finished split's adapter is not the one given, for the refusal (empty where they are the same)."""
+    """Why the adapter a split records is not the one given, for a refusal (empty where they are the same)."""
     if recorded == given:
         return ""
     if recorded is None:
@@ -1114,12 +1112,13 @@ def split_checkpoint(
             `"AutoModelForImageTextToText"` to split them with their vision weights, for images.
         adapter (`str` or `os.PathLike`, *optional*):
             A PEFT adapter of the model (LoRA, DoRA, IA3, LoHa, LoKr and the other kinds PEFT merges; a folder or a
-            hub repo id, fetched with `token` and `cache_dir` at its default revision; needs the peft package), merged into the weights as they are written, as PEFT's
-            `merge_and_unload` merges it into the loaded model: the streamed model is that merged model, bit for bit,
-            at the base model's speed and memory (and `compression` quantizes the merged weights). The merge is at
-            the dtype the shard directory streams at (`dtype`, else the one `from_pretrained(dtype="auto")` loads
-            the checkpoint at). The manifest records the adapter; a split with another adapter, or none, is another
-            split.
+            hub repo id, fetched with `token` and `cache_dir` at its default revision; needs the peft package), merged
+            into the weights as they are written, as PEFT's `merge_and_unload` merges it into the loaded model: the
+            streamed model is that merged model, bit for bit, at the base model's speed and memory (and
+            `compression` quantizes the merged weights). The merge is at the dtype the shard directory streams at
+            (`dtype`, else the one `from_pretrained(dtype="auto")` loads the checkpoint at; float32 for the weights
+            `from_pretrained` keeps so, stored so). The manifest records the adapter; a split with another adapter,
+            or none, is another split.
 
     Returns:
         `pathlib.Path`: the shard directory.
@@ -1233,11 +1232,11 @@ def split_checkpoint(
         for legacy in (False, True)
     ]
     units = [layer_unit(i) for i in range(len(stack))] + [RESIDENT]
-    if adapter_folder is not None and _recorded_adapter(shard_dir) != adapter_record:
+    if adapter_folder is not None and not os.path.lexists(shard_dir / MANIFEST_NAME):
         from .merge import AdapterMerge
 
-        # (made before anything is written, the folder too: an adapter PEFT cannot load or merge is refused first;
-        # and not for a run that finds this split done)
+        # (made before anything is written, the folder too, where there is no finished split to compare with first:
+        # an adapter PEFT cannot load or merge is refused first)
         merger = AdapterMerge(adapter_folder, config, model_class, load_dtype)
     shard_dir.mkdir(parents=True, exist_ok=True)
     with _locked(shard_dir, wait=wait):
@@ -1265,7 +1264,7 @@ def split_checkpoint(
                 isinstance(existing, dict)
                 and existing.get("fingerprint") == fingerprint
                 and existing.get("compression") == compression_dict
-                and existing.get("adapter") == adapter_record
+                and _recorded_adapter(existing) == adapter_record
                 and (dtype is None or existing.get("dtype") == dtype_to_str(dtype))
                 and existing.get("split_options") in (None, _options_digest(options), *earlier_digests)
             )
@@ -1320,7 +1319,7 @@ def split_checkpoint(
             elif not overwrite:
                 raise ShardDirOccupiedError(
                     f"`shard_dir` {shard_dir} already holds a split of another model, another source checkpoint or "
-                    f"with other options{_adapter_difference(existing.get('adapter'), adapter_record)}.",
+                    f"with other options{_adapter_difference(_recorded_adapter(existing), adapter_record)}.",
                     "Pass `overwrite=True` (`--overwrite`) to replace it, or choose another directory.",
                 )
         if adapter_folder is not None and merger is None:
@@ -1719,9 +1718,11 @@ def _load_progress(shard_dir: Path, options: dict, *, overwrite: bool) -> dict[s
         return {}
     if progress.get("options") != options:
         if not overwrite:
+            recorded = progress.get("options")
+            difference = _adapter_difference(_recorded_adapter(recorded), options.get("adapter"))
             raise ShardDirOccupiedError(
                 f"`shard_dir` {shard_dir} holds an unfinished split of another model, another source checkpoint or "
-                "with other options.",
+                f"with other options{difference}.",
                 "Run the split with the same source and options to finish it, pass `overwrite=True` (`--overwrite`) "
                 "to start over, or choose another directory.",
             )

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 
 import _models
 import pytest
 import torch
-from conftest import streamed_model
+from conftest import returns_within, streamed_model
 
 from hf_layerstream import ShardDirectory, ShardDirOccupiedError, attaching_adapters, split_checkpoint
 from hf_layerstream.cli import main
@@ -80,7 +82,7 @@ def _assert_same(got, expected):
 def test_the_split_merges_the_adapter_as_merge_and_unload_does(checkpoints, tmp_path, kind):
     """Each kind of adapter PEFT merges, merged into the weights as they are written: the streamed model, every layer
     streamed or kept, gives the merged loaded model's logits and greedy tokens, bit for bit; the manifest records the
-    adapter, and the merge leaves the base weights of layers it does not adapt as they were."""
+    adapter, and the merge leaves a weight it does not adapt as it was."""
     ckpt, plain = checkpoints("llama")
     folder = _save_adapter(ckpt, tmp_path / "adapter", KINDS[kind]())
     _, expected = _merged_reference(ckpt, folder)
@@ -93,7 +95,7 @@ def test_the_split_merges_the_adapter_as_merge_and_unload_does(checkpoints, tmp_
     assert record["id"] == str(folder.resolve())
     assert record["peft_type"] == KINDS[kind]().peft_type.value
     assert set(record["sha256"]) == {"adapter_config.json", "adapter_model.safetensors"}
-    norm = "model.layers.0.input_layernorm.weight"
+    norm = "model.layers.0.input_layernorm.weight"  # (a weight no adapter here adapts)
     assert torch.equal(_unit(shards, "layers.0")[norm], _unit(plain, "layers.0")[norm])
 
 
@@ -173,7 +175,9 @@ def test_another_adapter_is_another_split(checkpoints, tmp_path, caplog):
     assert {p: p.stat().st_mtime_ns for p in (shards / "layers").iterdir()} == files
     for other in (second, None):
         named = "and none was given" if other is None else "a moved or copied adapter counts as another"
-        with pytest.raises(ShardDirOccupiedError, match=rf"the adapter {first.resolve()} merged.*{named}"):
+        with pytest.raises(
+            ShardDirOccupiedError, match=rf"the adapter {re.escape(str(first.resolve()))} merged.*{named}"
+        ):
             split_checkpoint(ckpt, shards, adapter=other, progress=False)
     split_checkpoint(ckpt, shards, adapter=second, overwrite=True, progress=False)
     _, expected = _merged_reference(ckpt, second)
@@ -185,8 +189,10 @@ def test_an_adapter_that_cannot_be_merged_here_is_refused_before_anything_is_wri
     checkpoints, tmp_path, monkeypatch
 ):
     """A folder that is no adapter, an adapter of another model (other shapes), a prompt-learning adapter (nothing
-    to merge), one PEFT makes from the weights it adapts (TinyLoRA's SVD met the stand-ins: refused as an adapter of
-    another model), a damaged weights file, the path of the adapter's config, and a hub id offline: each refused, naming the cause, and nothing written."""
+    to merge), one PEFT makes from the weights it adapts (TinyLoRA's SVD met the stand-ins: it was refused as an
+    adapter of another model), a damaged weights file (safetensors, and a `.bin` whose unpickler raised
+    IndexError), the path of the adapter's config, and a hub id offline: each refused, naming the cause, and nothing
+    written."""
     ckpt, _ = checkpoints("llama")
     wide = _models.make_config(
         "llama", hidden_size=_models.HIDDEN_SIZE * 2, intermediate_size=_models.INTERMEDIATE_SIZE
@@ -198,10 +204,14 @@ def test_an_adapter_that_cannot_be_merged_here_is_refused_before_anything_is_wri
     peft.get_peft_model(
         _models.load_reference(ckpt), peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
     ).save_pretrained(prompt)
-    damaged = tmp_path / "damaged"  # (its weights file cut short)
-    damaged.mkdir()
-    (damaged / "adapter_config.json").write_bytes((wrong / "adapter_config.json").read_bytes())
-    (damaged / "adapter_model.safetensors").write_bytes((wrong / "adapter_model.safetensors").read_bytes()[:100])
+    damaged, pickled = tmp_path / "damaged", tmp_path / "pickled"  # (their weights files cut short, and garbage)
+    for folder, name, data in [
+        (damaged, "adapter_model.safetensors", (wrong / "adapter_model.safetensors").read_bytes()[:100]),
+        (pickled, "adapter_model.bin", b"\x80\x02}q\x00."[:3] + b"garbage"),
+    ]:
+        folder.mkdir()
+        (folder / "adapter_config.json").write_bytes((wrong / "adapter_config.json").read_bytes())
+        (folder / name).write_bytes(data)
     tiny = tmp_path / "tiny"  # (TinyLoRA: made from an SVD of the weights it adapts, as PEFT loads it)
     peft.get_peft_model(_models.load_reference(ckpt), peft.TinyLoraConfig(target_modules=["q_proj"])).save_pretrained(
         tiny
@@ -214,6 +224,7 @@ def test_an_adapter_that_cannot_be_merged_here_is_refused_before_anything_is_wri
         (wrong, ValueError, "Cannot load the adapter .* onto this model"),
         (prompt, ValueError, "prompt-learning adapter"),
         (damaged, ValueError, "Cannot load the adapter .*damaged onto this model: SafetensorError"),
+        (pickled, ValueError, "Cannot load the adapter .*pickled onto this model"),
         (wrong / "adapter_config.json", FileNotFoundError, r"is a file: pass the adapter's folder \(.*wrong\)"),
         (tiny, ValueError, r"\(TINYLORA\) reads the weights it adapts as PEFT loads it"),
         ("someorg/some-lora", FileNotFoundError, "Cannot fetch adapter_config.json of 'someorg/some-lora'"),
@@ -261,7 +272,7 @@ def _hub_cache(cache, repo, files: dict) -> None:
 
 
 def test_a_hub_adapter_comes_from_the_hub_cache_offline(checkpoints, tmp_path, monkeypatch):
-    """A hub id is fetched with the split's `cache_dir` (and `token`), and offline from the cache: also an adapter of
+    """A hub id is fetched with the split's `cache_dir`, and offline from the cache: also an adapter of
     the older format, only `adapter_model.bin` (refused: the missing safetensors file was taken for a download that
     failed), which merges as the same adapter's folder does."""
     from huggingface_hub import constants
@@ -303,3 +314,89 @@ def test_a_rerun_of_a_finished_adapter_split_does_not_load_the_adapter(checkpoin
 
     monkeypatch.setattr(hf_layerstream.merge, "AdapterMerge", refuse)
     assert split_checkpoint(ckpt, shards, adapter=folder, progress=False) == shards
+
+
+@pytest.mark.parametrize("kept", ["_keep_in_fp32_modules", "_keep_in_fp32_modules_strict"])
+def test_a_weight_the_model_keeps_in_float32_merges_in_float32(checkpoints, tmp_path, monkeypatch, kept):
+    """A weight `from_pretrained` keeps in float32 at a half dtype (a router; here Llama's `q_proj`, marked so) is
+    merged in float32, as the loaded model merges it, and stored so: merged at the split's float16 it was 1e-4 off
+    (`_keep_in_fp32_modules`, `dtype=torch.float16`), at a bfloat16 checkpoint's own dtype 8e-4 off
+    (`_keep_in_fp32_modules_strict`, no `dtype`: stored as float32 now, where the checkpoint's bfloat16 would lose
+    the merged bits)."""
+    from transformers import LlamaForCausalLM
+
+    monkeypatch.setattr(LlamaForCausalLM, kept, ["q_proj"])
+    half = torch.float16 if kept == "_keep_in_fp32_modules" else torch.bfloat16
+    ckpt, _ = checkpoints("llama", dtype=torch.float32 if half == torch.float16 else torch.bfloat16)
+    folder = _save_adapter(ckpt, tmp_path / "adapter", KINDS["lora"](), half)
+    merged = peft.PeftModel.from_pretrained(_models.load_reference(ckpt, half), folder).merge_and_unload()
+    split_dtype = half if half == torch.float16 else None
+    shards = split_checkpoint(ckpt, tmp_path / "shards", adapter=folder, dtype=split_dtype, progress=False)
+    weights = _unit(shards, "layers.1")
+    for name in ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "mlp.down_proj.weight"]:
+        want = merged.get_parameter(f"model.layers.1.{name}").detach()
+        assert want.dtype == (torch.float32 if "q_proj" in name else half)
+        assert weights[f"model.layers.1.{name}"].dtype == want.dtype
+        assert torch.equal(weights[f"model.layers.1.{name}"], want)
+
+
+def test_an_interrupted_or_damaged_adapter_split_is_finished_merged(checkpoints, tmp_path, monkeypatch):
+    """A split with an adapter interrupted after two units, run again with it, finishes as a clean split (the units
+    written since are merged too; without the adapter, refused, naming it); a finished one with a damaged unit is
+    repaired merged."""
+    import hf_layerstream.split as split_module
+
+    ckpt, _ = checkpoints("llama")
+    folder = _save_adapter(ckpt, tmp_path / "adapter", KINDS["lora"]())
+    clean = split_checkpoint(ckpt, tmp_path / "clean", adapter=folder, progress=False)
+    write, calls = split_module._write_unit, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(split_module, "_write_unit", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        split_checkpoint(ckpt, tmp_path / "shards", adapter=folder, progress=False)
+    monkeypatch.setattr(split_module, "_write_unit", write)
+    with pytest.raises(ShardDirOccupiedError, match=r"unfinished split .*the adapter .* merged, and none was given"):
+        split_checkpoint(ckpt, tmp_path / "shards", progress=False)
+    shards = split_checkpoint(ckpt, tmp_path / "shards", adapter=folder, progress=False)
+    units = ["layers.0", "layers.1", "layers.2", "resident"]
+
+    def same_as_clean():
+        return all(
+            (shards / ShardDirectory(shards).unit(u).file).read_bytes()
+            == (clean / ShardDirectory(clean).unit(u).file).read_bytes()
+            for u in units
+        )
+
+    assert same_as_clean()
+    damaged = shards / ShardDirectory(shards).unit("layers.2").file
+    data = bytearray(damaged.read_bytes())
+    data[-10] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    split_checkpoint(ckpt, shards, adapter=folder, progress=False)
+    assert same_as_clean()
+
+
+def test_a_manifest_that_is_a_fifo_or_holds_a_damaged_adapter_record(checkpoints, tmp_path):
+    """With an adapter given, a `manifest.json` that is a FIFO is refused as damaged (the adapter's check read it and
+    waited for a writer, forever), and a finished split whose manifest's adapter record is no object is read as
+    having none, as `ShardDirectory` reads it (the refusal raised AttributeError)."""
+    ckpt, _ = checkpoints("llama")
+    folder = _save_adapter(ckpt, tmp_path / "adapter", KINDS["lora"]())
+    fifo = tmp_path / "fifo"
+    fifo.mkdir()
+    os.mkfifo(fifo / "manifest.json")
+    with pytest.raises(ShardDirOccupiedError, match=r"manifest\.json is damaged"):
+        returns_within(30, split_checkpoint, ckpt, fifo, adapter=folder, progress=False)
+    shards = split_checkpoint(ckpt, tmp_path / "shards", progress=False)
+    manifest = json.loads((shards / "manifest.json").read_text())
+    (shards / "manifest.json").write_text(json.dumps({**manifest, "adapter": "lost"}))
+    assert ShardDirectory(shards).manifest.adapter is None
+    assert split_checkpoint(ckpt, shards, progress=False) == shards
+    with pytest.raises(ShardDirOccupiedError, match=r"\(it has no adapter merged\)"):
+        split_checkpoint(ckpt, shards, adapter=folder, progress=False)
