@@ -30,9 +30,7 @@ def _import_peft():
     try:
         import peft
     except ImportError:
-        raise ImportError(
-            "Merging an adapter (`adapter=`, `--adapter`) needs the peft package: `pip install peft`."
-        ) from None
+        raise ImportError("Merging an adapter into the split needs the peft package: `pip install peft`.") from None
     return peft
 
 
@@ -233,7 +231,7 @@ class AdapterMerge:
 
     def merge(self, tensors: dict[str, torch.Tensor]) -> None:
         """Merge the adapter into the adapted modules whose weights `tensors` (one unit's, by the model's names) holds,
-        in place of those tensors (each keeps its dtype)."""
+        in place of those tensors (each at its dtype, or at the wider one it merged at: `_stored_dtype`)."""
         from peft.utils import _get_submodules
 
         held = {k for n in tensors for k in self.owner.get(n, ())}
