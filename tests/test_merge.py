@@ -400,3 +400,19 @@ def test_a_manifest_that_is_a_fifo_or_holds_a_damaged_adapter_record(checkpoints
     assert split_checkpoint(ckpt, shards, progress=False) == shards
     with pytest.raises(ShardDirOccupiedError, match=r"\(it has no adapter merged\)"):
         split_checkpoint(ckpt, shards, adapter=folder, progress=False)
+
+
+def test_without_peft_an_adapter_split_is_refused_and_the_rest_works(checkpoints, tmp_path, monkeypatch, capsys):
+    """peft not installed: a split with an adapter says which package it needs, before anything is written (the CLI's
+    message named `--adapter` twice); one without an adapter needs none."""
+    import sys
+
+    ckpt, _ = checkpoints("llama")
+    folder = _save_adapter(ckpt, tmp_path / "adapter", KINDS["lora"]())
+    monkeypatch.setitem(sys.modules, "peft", None)
+    with pytest.raises(ImportError, match=r"^Merging an adapter into the split needs the peft package"):
+        split_checkpoint(ckpt, tmp_path / "shards", adapter=folder, progress=False)
+    assert not (tmp_path / "shards").exists()
+    assert main(["split", str(ckpt), str(tmp_path / "shards"), "--adapter", str(folder), "--quiet"]) != 0
+    assert "needs the peft package: `pip install peft`" in capsys.readouterr().err
+    assert split_checkpoint(ckpt, tmp_path / "plain", progress=False) == tmp_path / "plain"
