@@ -24,15 +24,26 @@ from hf_layerstream import enable_layer_streaming, get_streaming_state, split_ch
 def main(argv: list[str] | None = None) -> str:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("model", nargs="?", default="Qwen/Qwen2.5-0.5B-Instruct", help="hub id or local checkpoint folder")
-    p.add_argument("--shards", default=None, help="shard directory (default: <model name>.layers)")
+    p.add_argument(
+        "--shards",
+        default=None,
+        help="shard directory (default: <model name>.layers, <model name>+<adapter name>.layers with --adapter)",
+    )
     p.add_argument("--compression", choices=["4bit", "8bit"], default=None, help="block-quantized shards (lossy)")
-    p.add_argument("--adapter", default=None, help="a PEFT adapter (LoRA) merged into the weights as they are split")
+    p.add_argument(
+        "--adapter",
+        default=None,
+        help="a PEFT adapter (LoRA and the like), folder or hub id, merged into the weights as they are split (needs "
+        "peft)",
+    )
     p.add_argument("--max-memory", type=json.loads, default=None, help='budget, e.g. \'{"cpu": "16GiB", "0": "4GiB"}\'')
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--prompt", default="What is the capital of France?")
     p.add_argument("--max-new-tokens", type=int, default=32)
     args = p.parse_args(argv)
-    shards = args.shards or args.model.rstrip("/").split("/")[-1] + ".layers"
+    # (another folder with an adapter merged: a split with another adapter, or none, is another split)
+    name = "+".join(a.rstrip("/").split("/")[-1] for a in (args.model, args.adapter) if a)
+    shards = args.shards or name + ".layers"
 
     # 1. once: one safetensors file per decoder layer (resumable; a finished split is only checked)
     split_checkpoint(args.model, shards, compression=args.compression, adapter=args.adapter)

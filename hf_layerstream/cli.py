@@ -123,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--adapter",
         default=None,
         help="a PEFT adapter of the model (LoRA and the like), folder or hub id, merged into the weights as they are "
-        "written, as merge_and_unload merges it (needs peft)",
+        "written, as merge_and_unload merges it (needs peft: pip install hf_layerstream[peft]; a hub id is fetched at "
+        "its default revision, with --token)",
     )
 
     p = sub.add_parser("generate", help="generate text with a streamed model (tokens printed as produced)")
@@ -467,7 +468,9 @@ def _attach_adapter(model, adapter: str) -> None:
         try:
             import peft  # noqa: F401
         except ImportError:
-            raise ValueError("`--adapter` needs the peft package: `pip install peft`.") from None
+            raise ValueError(
+                "`--adapter` needs the peft package: `pip install peft` (or `pip install hf_layerstream[peft]`)."
+            ) from None
     if not os.path.isdir(adapter):  # a hub repo: its adapter_config.json first, for a clear error offline
         from .split import fetch_hub_file
 

@@ -1,7 +1,8 @@
 """A PEFT adapter (LoRA and the like) merged into the weights as `split_checkpoint` writes them, one unit at a time.
 
 The merge is PEFT's own (`merge_and_unload`'s steps, module by module), on the weights at the dtype the shard
-directory streams at: the streamed model equals the loaded model with the adapter merged, bit for bit, and it streams
+directory streams at: the streamed model equals the loaded model with the adapter merged, bit for bit (without
+compression), and it streams
 at the base model's speed, with no adapter weights in memory (and can be compressed).
 """
 
@@ -30,7 +31,10 @@ def _import_peft():
     try:
         import peft
     except ImportError:
-        raise ImportError("Merging an adapter into the split needs the peft package: `pip install peft`.") from None
+        raise ImportError(
+            "Merging an adapter into the split needs the peft package: `pip install peft` (or "
+            "`pip install hf_layerstream[peft]`)."
+        ) from None
     return peft
 
 
@@ -41,7 +45,7 @@ def resolve_adapter(adapter: str | os.PathLike, *, token: str | bool | None = No
     Raises:
         `ValueError`: the folder or repo holds no `adapter_config.json` or no adapter weights.
         `FileNotFoundError`: a hub repo the hub cannot be reached for (offline) and that is not in the hub cache, or
-            one the hub does not have.
+            one the hub does not have; a path that is a file, or neither an existing folder nor a hub repo id.
     """
     from .split import fetch_hub_file, missing_local_folder
 
@@ -85,8 +89,9 @@ def _weights_file(folder: Path) -> Path | None:
 
 def adapter_identity(folder: Path, adapter: str | os.PathLike) -> dict:
     """What the split records of the adapter, in its options (a changed adapter is another split) and manifest: the
-    name given, its kind, and the digests of the two files PEFT loads (its config and weights; another file there,
-    or fetched into the hub cache since, does not count)."""
+    folder's absolute path (a hub id as given: the same files at another path are another adapter, as for the
+    source), its kind, and the digests of the two files PEFT loads (its config and weights; another file there, or
+    fetched into the hub cache since, does not count)."""
     digests = {path.name: sha256_file(path) for path in (folder / _CONFIG, _weights_file(folder))}
     local = Path(str(adapter)).expanduser()
     return {
@@ -128,8 +133,9 @@ class AdapterMerge:
     Each weight of the skeleton stands in as one NaN broadcast to its shape (no memory), so that PEFT makes the adapter
     weights on the CPU and in the dtypes it makes them for the loaded model (`PeftModel.from_pretrained`, which upcasts
     half-precision adapters to float32). A unit's weights take the stand-ins' places while its adapted modules merge,
-    as `merge_and_unload` merges each (the same steps: its `safe_merge` rounds the change to the weight's dtype before
-    adding it, other bits in bfloat16); a merge that gives non-finite values is refused.
+    as `merge_and_unload` merges each (the same steps, with `safe_merge=False` as `merge_and_unload()` defaults to:
+    `safe_merge=True` rounds the change to the weight's dtype before adding it, which gives other bits in bfloat16); a
+    merge that gives non-finite values is refused.
     """
 
     def __init__(self, folder: Path, config, model_class=None, dtype: torch.dtype | None = None):

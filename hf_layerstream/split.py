@@ -1097,7 +1097,8 @@ def split_checkpoint(
             records the dtype they are streamed at by default: this one, else the one `from_pretrained(dtype="auto")`
             loads the checkpoint at.
         revision, token, cache_dir:
-            Passed to `huggingface_hub.hf_hub_download` for hub sources.
+            Passed to `huggingface_hub.hf_hub_download` for a hub `source`; `token` and `cache_dir` for a hub
+            `adapter` too (fetched at its default revision: `revision` is the source's).
         overwrite (`bool`, defaults to `False`):
             Replace an existing shard directory made with other options or from another model, or write into a
             non-empty folder that holds no shard directory (files of the names the split writes are replaced).
@@ -1113,9 +1114,9 @@ def split_checkpoint(
         adapter (`str` or `os.PathLike`, *optional*):
             A PEFT adapter of the model (LoRA, DoRA, IA3, LoHa, LoKr and the other kinds PEFT merges; a folder or a
             hub repo id, fetched with `token` and `cache_dir` at its default revision; needs the peft package), merged
-            into the weights as they are written, as PEFT's `merge_and_unload` merges it into the loaded model: the
-            streamed model is that merged model, bit for bit, at the base model's speed and memory (and
-            `compression` quantizes the merged weights). The merge is at the dtype the shard directory streams at
+            into the weights as they are written, as PEFT's `merge_and_unload` merges it into the loaded model: without
+            `compression` the streamed model is that merged model, bit for bit (with it, the merged weights are
+            quantized); it streams at the base model's speed and memory. The merge is at the dtype the shard directory streams at
             (`dtype`, else the one `from_pretrained(dtype="auto")` loads the checkpoint at; float32 for the weights
             `from_pretrained` keeps so, stored so). The manifest records the adapter; a split with another adapter,
             or none, is another split.
@@ -1127,6 +1128,11 @@ def split_checkpoint(
         [`ShardDirError`]: the checkpoint is stored pre-quantized (its config has a `quantization_config`), or its
             config ties a pair of weights it stores with different values; `shard_dir` holds another split, one
             made by a newer hf_layerstream, or files but no shard directory (pass `overwrite=True` to write there).
+        `ImportError`: `adapter` given without peft installed.
+        `ValueError`: `adapter` holds no adapter, is of another model, damaged, prompt learning, made from the
+            weights it adapts, or sets `modules_to_save` on a tied weight (before anything is written).
+        `FileNotFoundError`: `adapter` is neither a folder nor a hub repo id, is a file, or is a hub id offline and not
+            in the hub cache.
 
     Example:
     ```python

@@ -282,7 +282,8 @@ def attaching_adapters(model: nn.Module):
     saved adapter, or make it on the loaded model. A forward pass inside the block is refused (run it after); passes
     from other threads wait for the block to end. The streamed weights cannot be merged (`merge_and_unload`): split
     with the adapter merged instead (`split_checkpoint(..., adapter=adapter_dir)`), which streams at the base model's
-    speed with no adapter weights in memory.
+    speed with no adapter weights in memory. On a shard directory split with an adapter merged, a warning names it:
+    an adapter attached adds to the merged one.
     """
     state = get_streaming_state(model)
     if state is None:
