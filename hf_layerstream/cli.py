@@ -461,23 +461,13 @@ def load_streamed_model(
 def _attach_adapter(model, adapter: str) -> None:
     """`--adapter`: the PEFT adapter loaded into the streaming model (transformers' `load_adapter`, inside
     `attaching_adapters`), which stays the same object."""
-    from .quant import quiet_hub_kernel_notice
+    from .merge import import_peft, resolve_adapter
     from .stream import attaching_adapters
 
-    with quiet_hub_kernel_notice():  # (peft imports bitsandbytes where installed: see `load_backend`)
-        try:
-            import peft  # noqa: F401
-        except ImportError:
-            raise ValueError(
-                "`--adapter` needs the peft package: `pip install peft` (or `pip install hf_layerstream[peft]`)."
-            ) from None
-    if not os.path.isdir(adapter):  # a hub repo: its adapter_config.json first, for a clear error offline
-        from .split import fetch_hub_file
-
-        if fetch_hub_file(adapter, "adapter_config.json", "`--adapter`", what="adapter folder") is None:
-            raise ValueError(f"`--adapter` {adapter!r} holds no adapter_config.json: it is not a PEFT adapter.")
+    import_peft("`--adapter`")
+    folder = resolve_adapter(adapter)  # (a hub repo's files fetched first, for a clear error offline)
     with attaching_adapters(model):
-        model.load_adapter(adapter)
+        model.load_adapter(str(folder))
 
 
 def _cmd_generate(args) -> int:

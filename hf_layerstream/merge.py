@@ -27,14 +27,18 @@ _DAMAGED_PICKLE = (pickle.UnpicklingError, EOFError, IndexError)
 _WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 
 
-def _import_peft():
-    try:
-        import peft
-    except ImportError:
-        raise ImportError(
-            "Merging an adapter into the split needs the peft package: `pip install peft` (or "
-            "`pip install hf_layerstream[peft]`)."
-        ) from None
+def import_peft(use: str):
+    """peft, imported without bitsandbytes' hub-kernel notice (peft imports it where installed: see
+    `quant.load_backend`); `use` names what needs it in the error where it is missing."""
+    from .quant import quiet_hub_kernel_notice
+
+    with quiet_hub_kernel_notice():
+        try:
+            import peft
+        except ImportError:
+            raise ImportError(
+                f"{use} needs the peft package: `pip install peft` (or `pip install hf_layerstream[peft]`)."
+            ) from None
     return peft
 
 
@@ -139,7 +143,7 @@ class AdapterMerge:
     """
 
     def __init__(self, folder: Path, config, model_class=None, dtype: torch.dtype | None = None):
-        peft = _import_peft()
+        peft = import_peft("Merging an adapter into the split")
         from peft.tuners.tuners_utils import BaseTunerLayer
         from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
 

@@ -1116,9 +1116,9 @@ def split_checkpoint(
             hub repo id, fetched with `token` and `cache_dir` at its default revision; needs the peft package), merged
             into the weights as they are written, as PEFT's `merge_and_unload` merges it into the loaded model: without
             `compression` the streamed model is that merged model, bit for bit (with it, the merged weights are
-            quantized); it streams at the base model's speed and memory. The merge is at the dtype the shard directory streams at
-            (`dtype`, else the one `from_pretrained(dtype="auto")` loads the checkpoint at; float32 for the weights
-            `from_pretrained` keeps so, stored so). The manifest records the adapter; a split with another adapter,
+            quantized); it streams at the base model's speed and memory. The merge is at the dtype the shard
+            directory streams at (`dtype`, else the one `from_pretrained(dtype="auto")` loads the checkpoint at;
+            float32 for the weights `from_pretrained` keeps so, stored so). The manifest records the adapter; a split with another adapter,
             or none, is another split.
 
     Returns:

@@ -539,10 +539,9 @@ logging.basicConfig(format="%(name)s: %(message)s")
 if sys.argv[1] == "ours":
     from hf_layerstream.quant import load_backend
     load_backend()
-elif sys.argv[1] == "peft":  # (peft imports bitsandbytes: `generate --adapter`)
-    from hf_layerstream.quant import quiet_hub_kernel_notice
-    with quiet_hub_kernel_notice():
-        import peft
+elif sys.argv[1] == "peft":  # (peft imports bitsandbytes: `generate --adapter`, `split --adapter`)
+    from hf_layerstream.merge import import_peft
+    import_peft("this")
 else:
     import bitsandbytes.functional
 logging.getLogger("bitsandbytes.backends.cpu.ops").warning("a later notice")
@@ -554,7 +553,7 @@ def test_importing_bitsandbytes_leaves_out_its_hub_kernel_notice():
     `kernels` package transformers installs) and warns where it cannot load one, advising `pip install kernels`:
     every quantized split or decode printed that, for an op streaming never calls. The notice is left out (others
     from that logger, later, are not), and so is `kernels'` notice, offline, that it did not check that kernel's
-    publisher; also where peft imports bitsandbytes (`generate --adapter`)."""
+    publisher; also where peft imports bitsandbytes (`generate --adapter`, and `split --adapter`, which printed it)."""
     import os
     import subprocess
     import sys
