@@ -123,8 +123,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--adapter",
         default=None,
         help="a PEFT adapter of the model (LoRA and the like), folder or hub id, merged into the weights as they are "
-        "written, as merge_and_unload merges it (needs peft: pip install hf_layerstream[peft]; a hub id is fetched at "
-        "its default revision, with --token)",
+        "written, as merge_and_unload merges it (needs peft: pip install hf_layerstream[peft]; a hub id is fetched "
+        "with --token, at --adapter-revision)",
+    )
+    p.add_argument(
+        "--adapter-revision",
+        default=None,
+        metavar="REVISION",
+        help="with --adapter: the hub adapter's revision (branch, tag or commit; default: its default branch)",
     )
 
     p = sub.add_parser("generate", help="generate text with a streamed model (tokens printed as produced)")
@@ -172,6 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ADAPTER",
         help="a PEFT adapter (LoRA) of the model, folder or hub id, applied as the weights stream (needs peft; "
         "`split --adapter` merges one into the shards instead: the base model's speed, no adapter weights in memory)",
+    )
+    p.add_argument(
+        "--adapter-revision",
+        default=None,
+        metavar="REVISION",
+        help="with --adapter: the hub adapter's revision (branch, tag or commit; default: its default branch)",
     )
     p.add_argument(
         "--profile",
@@ -402,6 +414,8 @@ _PATH_ARGUMENTS = ("source", "shard_dir", "tokenizer", "assistant", "input", "ou
 def _cmd_split(args) -> int:
     from .split import split_checkpoint
 
+    if args.adapter_revision is not None and args.adapter is None:
+        raise ValueError("`--adapter-revision` only applies with `--adapter`; pass `--adapter` too, or drop it.")
     path = split_checkpoint(
         args.source,
         args.shard_dir,
@@ -416,6 +430,7 @@ def _cmd_split(args) -> int:
         progress=not args.quiet,
         model_class=args.model_class,
         adapter=args.adapter,
+        adapter_revision=args.adapter_revision,
     )
     print(f"shard directory ready: {path}")
     return 0
@@ -458,14 +473,14 @@ def load_streamed_model(
     )
 
 
-def _attach_adapter(model, adapter: str) -> None:
-    """`--adapter`: the PEFT adapter loaded into the streaming model (transformers' `load_adapter`, inside
-    `attaching_adapters`), which stays the same object."""
+def _attach_adapter(model, adapter: str, revision: str | None = None) -> None:
+    """`--adapter`: the PEFT adapter (at `revision`, `--adapter-revision`, for a hub one) loaded into the streaming
+    model (transformers' `load_adapter`, inside `attaching_adapters`), which stays the same object."""
     from .merge import import_peft, resolve_adapter
     from .stream import attaching_adapters
 
     import_peft("`--adapter`")
-    folder = resolve_adapter(adapter)  # (a hub repo's files fetched first, for a clear error offline)
+    folder = resolve_adapter(adapter, revision=revision)  # (a hub repo's files fetched first: a clear error offline)
     with attaching_adapters(model):
         model.load_adapter(str(folder))
 
@@ -537,6 +552,7 @@ def _cmd_generate(args) -> int:
         ("--output", args.output, "--input", args.input),
         ("--batch-size", args.batch_size, "--input", args.input),
         ("--num-assistant-tokens", args.num_assistant_tokens, "--assistant", args.assistant),
+        ("--adapter-revision", args.adapter_revision, "--adapter", args.adapter),
     ):
         if value is not None and not needed:
             raise ValueError(f"`{option}` only applies with `{partner}`; pass `{partner}` too, or drop `{option}`.")
@@ -564,7 +580,7 @@ def _cmd_generate(args) -> int:
         dequantize=_dequantize(args.dequantize),
     )
     if args.adapter:
-        _attach_adapter(model, args.adapter)
+        _attach_adapter(model, args.adapter, args.adapter_revision)
     try:
         tok = AutoTokenizer.from_pretrained(args.tokenizer or args.shard_dir)
     except (OSError, ValueError) as e:
@@ -820,7 +836,8 @@ def _cmd_inspect(args) -> int:
     print(f"model            {m.model_type}, {m.num_layers} layers under {m.layers_prefix!r}, {dtypes}")
     print(f"compression      {scheme}")
     if m.adapter is not None:
-        print(f"adapter          {m.adapter.get('id')} ({m.adapter.get('peft_type')}), merged into the weights")
+        at = f" at revision {m.adapter['revision']}" if m.adapter.get("revision") else ""
+        print(f"adapter          {m.adapter.get('id')}{at} ({m.adapter.get('peft_type')}), merged into the weights")
     print(f"resident file    {size_text(shards.unit('resident').size)}")
     named = "bfloat16" if dtype is None else str(dtype).replace("torch.", "")
     mean_stored, mean_full = (sum(b) // max(len(b), 1) for b in (stored, full_bytes))

@@ -8,6 +8,7 @@ at the base model's speed, with no adapter weights in memory (and can be compres
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import warnings
@@ -19,6 +20,8 @@ from torch import nn
 
 from ._safetensors import sha256_file
 from .modeling import build_skeleton, created_dtypes, kept_in_float32, resolve_model_class, tied_targets
+
+logger = logging.getLogger(__name__)
 
 _CONFIG = "adapter_config.json"
 # what `torch.load(weights_only=True)` raises for a damaged `adapter_model.bin` (besides RuntimeError, for a zip cut
@@ -42,9 +45,12 @@ def import_peft(use: str):
     return peft
 
 
-def resolve_adapter(adapter: str | os.PathLike, *, token: str | bool | None = None, cache_dir=None) -> Path:
+def resolve_adapter(
+    adapter: str | os.PathLike, *, revision: str | None = None, token: str | bool | None = None, cache_dir=None
+) -> Path:
     """The local folder of `adapter`: a folder holding `adapter_config.json` and the adapter's weights, or a hub repo
-    id, whose config and weights are fetched (or found in the hub cache) with `token` and `cache_dir`.
+    id, whose config and weights are fetched (or found in the hub cache) at `revision` (default: the repo's default
+    branch) with `token` and `cache_dir`. `revision` with a local folder is warned about and not used.
 
     Raises:
         `ValueError`: the folder or repo holds no `adapter_config.json` or no adapter weights.
@@ -57,6 +63,10 @@ def resolve_adapter(adapter: str | os.PathLike, *, token: str | bool | None = No
     local = Path(text).expanduser()
     if local.is_dir():
         folder = local
+        if revision is not None:
+            logger.warning(
+                "`adapter_revision` %r applies to hub repos; %s is a local folder, used as it is.", revision, text
+            )
     elif local.is_file():
         raise FileNotFoundError(f"`adapter` {text} is a file: pass the adapter's folder ({local.parent}).")
     elif missing_local_folder(adapter):
@@ -65,13 +75,15 @@ def resolve_adapter(adapter: str | os.PathLike, *, token: str | bool | None = No
             f"that holds the adapter's {_CONFIG} and weights (what PEFT's `save_pretrained` writes)."
         )
     else:
-        config = fetch_hub_file(text, _CONFIG, "`adapter`", token=token, cache_dir=cache_dir, what="adapter folder")
+        hub = {"token": token, "cache_dir": cache_dir, "what": "adapter folder", "revision": revision}
+        config = fetch_hub_file(text, _CONFIG, "`adapter`", **hub)
         if config is None:
-            raise ValueError(f"`adapter` {text!r} holds no {_CONFIG}: it is not a PEFT adapter.")
+            at = f" at revision {revision!r}" if revision is not None else ""
+            raise ValueError(f"`adapter` {text!r}{at} holds no {_CONFIG}: it is not a PEFT adapter.")
         errors = []
         for name in _WEIGHTS:  # (a repo of the older format holds only the second; offline, the cache may too)
             try:
-                if fetch_hub_file(text, name, "`adapter`", token=token, cache_dir=cache_dir, what="adapter folder"):
+                if fetch_hub_file(text, name, "`adapter`", **hub):
                     break
             except FileNotFoundError as e:
                 errors.append(e)
@@ -91,18 +103,23 @@ def _weights_file(folder: Path) -> Path | None:
     return next((folder / name for name in _WEIGHTS if (folder / name).is_file()), None)
 
 
-def adapter_identity(folder: Path, adapter: str | os.PathLike) -> dict:
+def adapter_identity(folder: Path, adapter: str | os.PathLike, revision: str | None = None) -> dict:
     """What the split records of the adapter, in its options (a changed adapter is another split) and manifest: the
     folder's absolute path (a hub id as given: the same files at another path are another adapter, as for the
     source), its kind, and the digests of the two files PEFT loads (its config and weights; another file there, or
-    fetched into the hub cache since, does not count)."""
+    fetched into the hub cache since, does not count). For a hub adapter fetched at a given `revision`, the commit
+    it resolved to too (the hub cache's folder name: a branch or tag that moved since is another adapter, and the same
+    commit named otherwise is the same; not recorded without one, as splits made before recorded none)."""
     digests = {path.name: sha256_file(path) for path in (folder / _CONFIG, _weights_file(folder))}
     local = Path(str(adapter)).expanduser()
-    return {
+    identity = {
         "id": str(local.resolve()) if local.is_dir() else str(adapter),
         "peft_type": _peft_type(folder),
         "sha256": digests,
     }
+    if revision is not None and not local.is_dir():
+        identity["revision"] = folder.name  # (the cache's layout: .../snapshots/<commit>/adapter_config.json)
+    return identity
 
 
 def _stored_dtype(merged: torch.dtype, stored: torch.dtype) -> torch.dtype:

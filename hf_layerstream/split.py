@@ -107,20 +107,24 @@ def missing_local_folder(source: str | os.PathLike) -> bool:
     return isinstance(source, os.PathLike) or text.startswith((".", "/", "~")) or text.count("/") > 1 or local.exists()
 
 
-def hub_unreachable_error(repo_id: str, filename: str, role: str, what: str = "checkpoint folder") -> FileNotFoundError:
+def hub_unreachable_error(
+    repo_id: str, filename: str, role: str, what: str = "checkpoint folder", revision: str | None = None
+) -> FileNotFoundError:
     """The error for a file of the hub repo `repo_id` (given as `role`, e.g. "`source`") that could not be fetched:
     the hub cannot be reached and the file is not in the hub cache. For the first file fetched (config.json,
     adapter_config.json), it says that no local folder has that name either (a misspelt folder name reads as a hub
-    repo id, and meets this first). `what`: what a local `role` is (a checkpoint folder, an adapter folder)."""
+    repo id, and meets this first). `what`: what a local `role` is (a checkpoint folder, an adapter folder);
+    `revision`: the one asked for, named."""
     no_folder = ""
+    at, option = (f" at revision {revision!r}", f" --revision {revision}") if revision is not None else ("", "")
     if filename in ("config.json", "adapter_config.json"):
         no_folder = (
             f"{role} {repo_id!r} is no local folder ({Path(repo_id).absolute()} does not exist), and as a hub repo: "
         )
     return FileNotFoundError(
-        f"{no_folder}Cannot fetch {filename} of {repo_id!r}: the hub cannot be reached (offline, "
+        f"{no_folder}Cannot fetch {filename} of {repo_id!r}{at}: the hub cannot be reached (offline, "
         f"HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}) and it is not in the hub cache. "
-        f"Download it once with network access (`hf download REPO`) or pass a local {what} as {role}."
+        f"Download it once with network access (`hf download REPO{option}`) or pass a local {what} as {role}."
     )
 
 
@@ -132,8 +136,9 @@ def fetch_hub_file(
     token: str | bool | None = None,
     cache_dir=None,
     what: str = "checkpoint folder",
+    revision: str | None = None,
 ) -> Path | None:
-    """`filename` of the hub repo `repo_id` (given as `role`), fetched or found in the hub cache (`token`,
+    """`filename` of the hub repo `repo_id` (given as `role`), fetched or found in the hub cache (`revision`, `token`,
     `cache_dir`: `hf_hub_download`'s); `None` where the repo has no such file.
 
     Raises:
@@ -144,9 +149,9 @@ def fetch_hub_file(
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
-        return Path(hf_hub_download(repo_id, filename, token=token, cache_dir=cache_dir))
+        return Path(hf_hub_download(repo_id, filename, revision=revision, token=token, cache_dir=cache_dir))
     except LocalEntryNotFoundError as e:  # (a subclass of EntryNotFoundError: first)
-        raise hub_unreachable_error(repo_id, filename, role, what) from e
+        raise hub_unreachable_error(repo_id, filename, role, what, revision) from e
     except EntryNotFoundError:
         return None
     except RepositoryNotFoundError as e:
@@ -243,7 +248,7 @@ class _Source:
                     )
                 self.hub_unreachable = True
                 return None
-            raise hub_unreachable_error(self.repo_id, filename, "`source`") from e
+            raise hub_unreachable_error(self.repo_id, filename, "`source`", revision=self.revision) from e
         except EntryNotFoundError:
             if required:
                 raise FileNotFoundError(f"The hub repo {self.repo_id!r} has no {filename}.") from None
@@ -709,6 +714,9 @@ def _adapter_difference(recorded: dict | None, given: dict | None) -> str:
     named = f"the adapter {recorded.get('id')} merged"
     if given is None:
         return f" ({named}, and none was given)"
+    if recorded.get("id") == given.get("id") and recorded.get("revision") != given.get("revision"):
+        at = f"at revision {recorded['revision']}" if recorded.get("revision") else "at its default revision"
+        return f" ({named} {at})"
     if recorded.get("id") == given.get("id"):
         return f" ({named}, whose files have changed since)"
     return f" ({named}; a moved or copied adapter counts as another)"
@@ -1070,6 +1078,7 @@ def split_checkpoint(
     progress: bool = True,
     model_class: type | str | None = None,
     adapter: str | os.PathLike | None = None,
+    adapter_revision: str | None = None,
 ) -> Path:
     """Split a transformers checkpoint into a shard directory: one file per decoder layer plus the resident parts.
 
@@ -1098,7 +1107,7 @@ def split_checkpoint(
             loads the checkpoint at.
         revision, token, cache_dir:
             Passed to `huggingface_hub.hf_hub_download` for a hub `source`; `token` and `cache_dir` for a hub
-            `adapter` too (fetched at its default revision: `revision` is the source's).
+            `adapter` too (`revision` is the source's: `adapter_revision` is the adapter's).
         overwrite (`bool`, defaults to `False`):
             Replace an existing shard directory made with other options or from another model, or write into a
             non-empty folder that holds no shard directory (files of the names the split writes are replaced).
@@ -1113,13 +1122,16 @@ def split_checkpoint(
             `"AutoModelForImageTextToText"` to split them with their vision weights, for images.
         adapter (`str` or `os.PathLike`, *optional*):
             A PEFT adapter of the model (LoRA, DoRA, IA3, LoHa, LoKr and the other kinds PEFT merges; a folder or a
-            hub repo id, fetched with `token` and `cache_dir` at its default revision; needs the peft package), merged
+            hub repo id, fetched with `token` and `cache_dir` at `adapter_revision`; needs the peft package), merged
             into the weights as they are written, as PEFT's `merge_and_unload` merges it into the loaded model: without
             `compression` the streamed model is that merged model, bit for bit (with it, the merged weights are
             quantized); it streams at the base model's speed and memory. The merge is at the dtype the shard
             directory streams at (`dtype`, else the one `from_pretrained(dtype="auto")` loads the checkpoint at;
-            float32 for the weights `from_pretrained` keeps so, stored so). The manifest records the adapter; a split with another adapter,
-            or none, is another split.
+            float32 for the weights `from_pretrained` keeps so, stored so). The manifest records the adapter; a split
+            with another adapter, or none, is another split.
+        adapter_revision (`str`, *optional*):
+            The revision (branch, tag or commit) of a hub `adapter` (default: its default branch), as
+            `PeftModel.from_pretrained(..., revision=...)` takes it; the manifest records the commit it resolved to.
 
     Returns:
         `pathlib.Path`: the shard directory.
@@ -1130,7 +1142,8 @@ def split_checkpoint(
             made by a newer hf_layerstream, or files but no shard directory (pass `overwrite=True` to write there).
         `ImportError`: `adapter` given without peft installed.
         `ValueError`: `adapter` holds no adapter, is of another model, damaged, prompt learning, made from the
-            weights it adapts, or sets `modules_to_save` on a tied weight (before anything is written).
+            weights it adapts, or sets `modules_to_save` on a tied weight (before anything is written);
+            `adapter_revision` without `adapter`.
         `FileNotFoundError`: `adapter` is neither a folder nor a hub repo id, is a file, or is a hub id offline and not
             in the hub cache.
 
@@ -1142,6 +1155,8 @@ def split_checkpoint(
     """
     from transformers import AutoConfig
 
+    if adapter_revision is not None and adapter is None:
+        raise ValueError("`adapter_revision` is the revision of a hub `adapter`: pass the `adapter` too.")
     scheme = None
     quantize_tensor = None
     if compression is not None or quant_type is not None or blocksize is not None:
@@ -1228,8 +1243,8 @@ def split_checkpoint(
     if adapter is not None:
         from .merge import adapter_identity, resolve_adapter
 
-        adapter_folder = resolve_adapter(adapter, token=token, cache_dir=cache_dir)
-        adapter_record = adapter_identity(adapter_folder, adapter)
+        adapter_folder = resolve_adapter(adapter, revision=adapter_revision, token=token, cache_dir=cache_dir)
+        adapter_record = adapter_identity(adapter_folder, adapter, adapter_revision)
     source_identity = src.identity(needed_files)
     options = _options_key(fingerprint, dtype, compression_dict, source_identity, adapter_record)
     # (a split finished before, which recorded the source otherwise, is this one too: see `_Source.identity`)

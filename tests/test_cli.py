@@ -1076,8 +1076,9 @@ sys.exit(cli.main(["split", "source", "dest", "--quiet"]))
 
 def test_generate_with_a_peft_adapter(split_dir, tmp_path, capsys, monkeypatch):
     """`--adapter DIR`: a LoRA adapter of the model, applied as the weights stream (`attaching_adapters`): the tokens
-    are the loaded model's with the same adapter, every layer streamed. A folder that is not an adapter is refused
-    before the model loads; a hub id that cannot be fetched is named so."""
+    are the loaded model's with the same adapter, every layer streamed; also from the hub cache at a revision
+    (`--adapter-revision`). A folder that is not an adapter is refused before the model loads; a hub id that cannot be
+    fetched is named so."""
     peft = pytest.importorskip("peft")
     ckpt, shards = split_dir
     torch.manual_seed(1)
@@ -1100,3 +1101,18 @@ def test_generate_with_a_peft_adapter(split_dir, tmp_path, capsys, monkeypatch):
     assert main([*argv, "--adapter", "someorg/some-lora"]) == 2
     err = capsys.readouterr().err
     assert "Cannot fetch adapter_config.json of 'someorg/some-lora': the hub cannot be reached" in err
+    # a hub adapter at a revision (`--adapter-revision`), from the hub cache, which holds it only at that tag
+    commit, cache = "c" * 40, tmp_path / "cache"
+    repo = cache / "models--someorg--tagged-lora"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "v1").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (repo / "snapshots" / commit / name).write_bytes((tmp_path / "adapter" / name).read_bytes())
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    assert main([*argv, "--adapter", "someorg/tagged-lora", "--adapter-revision", "v1"]) == 0
+    assert capsys.readouterr().out[len(prompt) :].strip() == expected.strip()
+    assert main([*argv, "--adapter", "someorg/tagged-lora"]) == 2  # (at main: not in the cache)
+    assert "Cannot fetch adapter_config.json of 'someorg/tagged-lora': the hub" in capsys.readouterr().err
+    assert main([*argv, "--adapter-revision", "v1"]) == 2
+    assert "`--adapter-revision` only applies with `--adapter`" in capsys.readouterr().err

@@ -260,12 +260,12 @@ def test_cli_split_merges_the_adapter_and_inspect_names_it(checkpoints, tmp_path
     assert json.loads(capsys.readouterr().out)["adapter"]["peft_type"] == "LORA"
 
 
-def _hub_cache(cache, repo, files: dict) -> None:
-    """A hub cache holding `files` (name -> bytes) of the hub repo `repo` at its main revision."""
-    commit = "a" * 40
+def _hub_cache(cache, repo, files: dict, ref: str = "main", commit: str = "a" * 40) -> None:
+    """A hub cache holding `files` (name -> bytes) of the hub repo `repo` at `commit`, which `ref` (a branch or tag)
+    names."""
     root = cache / f"models--{repo.replace('/', '--')}"
-    (root / "refs").mkdir(parents=True)
-    (root / "refs" / "main").write_text(commit)
+    (root / "refs").mkdir(parents=True, exist_ok=True)
+    (root / "refs" / ref).write_text(commit)
     (root / "snapshots" / commit).mkdir(parents=True)
     for name, data in files.items():
         (root / "snapshots" / commit / name).write_bytes(data)
@@ -297,6 +297,61 @@ def test_a_hub_adapter_comes_from_the_hub_cache_offline(checkpoints, tmp_path, m
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     record = ShardDirectory(shards).manifest.adapter
     assert record["id"] == "org/lora" and set(record["sha256"]) == {"adapter_config.json", "adapter_model.bin"}
+
+
+def test_a_hub_adapter_at_a_revision(checkpoints, tmp_path, monkeypatch, caplog, capsys):
+    """`adapter_revision` (`--adapter-revision`) fetches a hub adapter at that branch, tag or commit (here offline,
+    from the hub cache, which holds another adapter at main): the manifest records the commit, so that the same commit
+    named otherwise is the same split and another revision is refused as another adapter. One not in the cache is
+    named in the error; with a local folder it is warned about; without an adapter it is refused."""
+    from huggingface_hub import constants
+
+    ckpt, _ = checkpoints("llama")
+    first = _save_adapter(ckpt, tmp_path / "a", KINDS["lora"]())
+    torch.manual_seed(2)
+    second = _save_adapter(ckpt, tmp_path / "b", KINDS["ia3"]())
+    cache, commit = tmp_path / "cache", "b" * 40
+    for folder, ref, at in ((first, "main", "a" * 40), (second, "v2", commit)):
+        files = {name: (folder / name).read_bytes() for name in ("adapter_config.json", "adapter_model.safetensors")}
+        _hub_cache(cache, "org/lora", files, ref=ref, commit=at)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))  # (the command line's: it takes no cache folder)
+    shards = tmp_path / "shards"
+    assert main(["split", str(ckpt), str(shards), "--adapter", "org/lora", "--adapter-revision", "v2", "--quiet"]) == 0
+    reference = split_checkpoint(ckpt, tmp_path / "reference", adapter=second, progress=False)
+    for unit in ["layers.0", "layers.2", "resident"]:
+        a, b = _unit(shards, unit), _unit(reference, unit)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    record = ShardDirectory(shards).manifest.adapter
+    assert (record["id"], record["revision"], record["peft_type"]) == ("org/lora", commit, "IA3")
+    capsys.readouterr()
+    assert main(["inspect", str(shards), "--device", "cpu"]) == 0
+    assert f"adapter          org/lora at revision {commit} (IA3), merged" in capsys.readouterr().out
+    with caplog.at_level(logging.INFO, logger="hf_layerstream"):
+        split_checkpoint(ckpt, shards, adapter="org/lora", adapter_revision=commit, progress=False)
+    assert "already holds this split" in caplog.text
+    for revision in ("main", None):
+        with pytest.raises(ShardDirOccupiedError, match=rf"the adapter org/lora merged at revision {commit}\)"):
+            split_checkpoint(ckpt, shards, adapter="org/lora", adapter_revision=revision, progress=False)
+    # (the other way round: a split of main, asked for at the tag)
+    main_split = split_checkpoint(ckpt, tmp_path / "main", adapter="org/lora", progress=False)
+    assert "revision" not in ShardDirectory(main_split).manifest.adapter  # (as splits made before recorded it)
+    with pytest.raises(ShardDirOccupiedError, match=r"the adapter org/lora merged at its default revision\)"):
+        split_checkpoint(ckpt, main_split, adapter="org/lora", adapter_revision="v2", progress=False)
+    with pytest.raises(FileNotFoundError, match=r"adapter_config.json of 'org/lora' at revision 'v3': the hub cannot"):
+        split_checkpoint(ckpt, tmp_path / "v3", adapter="org/lora", adapter_revision="v3", progress=False)
+    assert not (tmp_path / "v3").exists()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hf_layerstream"):
+        local = split_checkpoint(ckpt, tmp_path / "local", adapter=first, adapter_revision="v2", progress=False)
+    assert "`adapter_revision` 'v2' applies to hub repos" in caplog.text
+    assert "revision" not in ShardDirectory(local).manifest.adapter
+    with pytest.raises(ValueError, match="pass the `adapter` too"):
+        split_checkpoint(ckpt, tmp_path / "none", adapter_revision="v2", progress=False)
+    assert not (tmp_path / "none").exists()
+    capsys.readouterr()
+    assert main(["split", str(ckpt), str(tmp_path / "none"), "--adapter-revision", "v2", "--quiet"]) == 2
+    assert "`--adapter-revision` only applies with `--adapter`" in capsys.readouterr().err
 
 
 def test_a_rerun_of_a_finished_adapter_split_does_not_load_the_adapter(checkpoints, tmp_path, monkeypatch):
