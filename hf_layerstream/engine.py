@@ -327,6 +327,20 @@ class ResidencyPlan:
     def keeps_in_page_cache(self, index: int) -> bool:
         return index in self._page_cache_set
 
+    def planned_use(self) -> int:
+        """The bytes the plan counts against the budget of the device it computes on (`budgets`: "cpu", or the GPU's
+        index): the resident parts there, the layers kept there, and the working set (`prefetch + 1` layers in flight
+        where any layer is not kept there, the weight dequantized one module at a time, the reserve on a GPU), as
+        `plan_residency` sums them."""
+        biggest = max(self.layer_bytes, default=0)
+        kept = sum(self.layer_bytes[i] for i in self.device_layers)
+        working = self.scratch
+        if len(self.device_layers) < len(self.layer_bytes):
+            working += (self.prefetch + 1) * biggest
+        if self.host_resident_copied:  # (the head's copy, with the next sweep's first layers read ahead)
+            working = max(working, self.host_resident_copied + self.prefetch * biggest)
+        return self.resident_bytes + kept + working + self.reserve
+
     def summary(self) -> str:
         parts = [f"resident parts {size_text(self.resident_bytes)} on {self.device}"]
         if self.host_resident:

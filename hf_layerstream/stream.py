@@ -26,6 +26,7 @@ from .engine import (
     LayerLoader,
     Profile,
     ResidencyPlan,
+    _device_key,
     budget_shortfall,
     check_device,
     deepen_prefetch,
@@ -275,7 +276,8 @@ def attaching_adapters(model: nn.Module):
     same adapter, bit for bit in fp32 (tested for LoRA; DoRA, IA3, LoHa, LoKr, VeRA, OFT and AdaLoRA were seen
     exact). Everything that creates adapters goes inside the block (`load_adapter`, `get_peft_model`,
     `add_weighted_adapter`); attached outside it, the next pass raises, naming the weight. The adapter weights stay in
-    memory on that device, outside the plan's budget.
+    memory on that device, outside the plan's budget: their bytes are logged as the block ends, with a warning where
+    with them the model holds more there than the budget (`ResidencyPlan.planned_use` and theirs).
 
     Refused as the block ends, naming the weight: an initialisation that reads the base weights (DoRA's magnitude
     made anew, PiSSA, OLoRA, LoftQ: their adapter weights come out NaN) or writes them (PiSSA's residual); load a
@@ -302,6 +304,7 @@ def attaching_adapters(model: nn.Module):
     with state.guard.lock, _model_lock(model):
         device = state.loader.device
         stand_ins, written, hidden = [], [], _NONE
+        held = _held_storages(model)  # (what the model holds before: the adapters' weights are what it holds after)
         try:
             state.guard.attaching = True
             hidden = vars(model).pop("hf_device_map", _NONE)
@@ -345,9 +348,49 @@ def attaching_adapters(model: nn.Module):
         problem = _adapter_weight_problem(state.stack, finite=True)
         if problem is not None:
             raise RuntimeError(problem)
+        added = sum(size for ptr, size in _held_storages(model).items() if ptr not in held)
+        if added:
+            _note_adapter_memory(state.plan, added)
 
 
 _NONE = object()
+
+
+def _held_storages(model: nn.Module) -> dict[tuple[str, int], int]:
+    """The memory the model's parameters and buffers hold (streamed weights' placeholders, on meta, hold none), by
+    storage: {(device, address): bytes}."""
+    held = {}
+    for t in (*model.parameters(), *model.buffers()):
+        if t.is_meta or isinstance(t, _Placeholder):
+            continue
+        storage = t.untyped_storage()
+        held[(str(t.device), storage.data_ptr())] = storage.nbytes()
+    return held
+
+
+def _note_adapter_memory(plan, added: int) -> None:
+    """The adapters just attached hold `added` bytes, which the plan did not count: logged, and a warning where with
+    them the plan's use passes the budget of the device it computes on (a budget of 0 asked for every layer streamed,
+    not for a limit)."""
+    budget, use = plan.budgets.get(str(_device_key(plan.device))), plan.planned_use()
+    logger.info(
+        "The adapters attached hold %s on %s, which the residency plan does not count (it plans %s of its budget, %s).",
+        size_text(added),
+        plan.device,
+        size_text(use),
+        size_text(budget or 0),
+    )
+    if budget and use + added > budget:
+        logger.warning(
+            "The adapters attached hold %s on %s, which the residency plan did not count: with them, what it holds "
+            "there (%s) passes its budget (%s). Enable streaming with a `max_memory` lower by theirs before attaching "
+            "them, or merge the adapter into the shards as you split (`split_checkpoint(..., adapter=...)`, "
+            "`hf-layerstream split --adapter`: the base model's speed, no adapter weights in memory).",
+            size_text(added),
+            plan.device,
+            size_text(use + added),
+            size_text(budget),
+        )
 
 
 def _check_conversion(model: nn.Module, shards: ShardDirectory) -> None:

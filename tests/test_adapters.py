@@ -239,3 +239,33 @@ def test_a_base_weight_replaced_inside_the_block_is_refused(adapter):
     with torch.no_grad():
         assert torch.equal(model(IDS).logits, base_logits)
     disable_layer_streaming(model)
+
+
+def test_the_memory_adapters_take_is_logged_and_a_budget_it_passes_warned_about(adapter, caplog):
+    """The adapters' weights are outside the residency plan (made before them): their bytes are logged as the block
+    ends, and where with them the model holds more than the plan's budget, a warning names both and the ways out."""
+    import logging
+
+    from hf_layerstream.engine import size_text
+
+    ckpt, shards, folder, _ = adapter
+    roomy = streamed_model(ckpt, shards, max_memory={"cpu": "100GiB"})
+    whole = get_streaming_state(roomy).plan.planned_use()  # (the resident parts and every layer)
+    for budget, warned in ((whole * 2, False), (whole, True)):
+        model = streamed_model(ckpt, shards, max_memory={"cpu": budget})
+        plan = get_streaming_state(model).plan
+        assert plan.streamed == [] and plan.planned_use() == whole
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="hf_layerstream"), attaching_adapters(model):
+            model.load_adapter(str(folder))
+        added = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" in n)
+        assert added > 0
+        assert f"The adapters attached hold {size_text(added)} on cpu, which the residency plan does not" in caplog.text
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert bool(warnings) == warned, warnings
+        if warned:
+            told = f"what it holds there ({size_text(whole + added)}) passes its budget ({size_text(whole)})"
+            assert told in warnings[0]
+            assert "split_checkpoint(..., adapter=...)" in warnings[0]
+        disable_layer_streaming(model)
+    disable_layer_streaming(roomy)

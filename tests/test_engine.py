@@ -287,6 +287,53 @@ def test_plans_of_layers_of_different_sizes_stay_within_the_budget(llama):
     assert plan.device_layers == [0, 1, 2, 3, 4, 5] and plan.streamed == []
 
 
+def test_planned_use_is_what_the_plan_counts_against_the_device_budget():
+    """`planned_use()` (what `attaching_adapters` adds the adapters' bytes to) is what `plan_residency` fitted into
+    the device's budget: within it, with no room left for another layer there, wherever the budget can hold the
+    least the plan needs; over CPU and GPU plans, layers of different sizes, `prefetch`, the weight dequantized per
+    module, the reserve, and resident parts moved to host RAM."""
+    from conftest import shaped_shard_dir
+
+    unit = 2**20
+    m = shaped_shard_dir(6, 10 * unit, 40 * unit)
+    sizes = {i: s * unit for i, s in enumerate([2, 2, 10, 10, 10, 4])}
+    # (the head moved to host RAM is copied to the device for each pass: 30 MiB there while it runs, more than the
+    # layers in flight)
+    candidates = [("output_embeddings", 30 * unit, 30 * unit)]
+    checked = 0
+    for device in (torch.device("cpu"), torch.device("cuda", 0)):
+        key = "cpu" if device.type == "cpu" else 0
+        for prefetch, scratch, reserve, dtype_size in [
+            (0, 0, 0, None),
+            (1, 0, 0, sizes),
+            (2, 3 * unit, 0, sizes),
+            (1, 0, 5 * unit, None),
+            (3, unit, 2 * unit, sizes),
+        ]:
+            for budget in range(0, 120 * unit, 3 * unit):
+                plan = plan_residency(
+                    m,
+                    device,
+                    dtype_size=dtype_size,
+                    max_memory={key: budget, "cpu": budget} if key == 0 else {"cpu": budget},
+                    prefetch=prefetch,
+                    reserve=reserve,
+                    scratch=scratch,
+                    host_candidates=candidates,
+                )
+                use = plan.planned_use()
+                if use > budget:  # (a budget that cannot hold the least the plan needs: nothing kept there)
+                    assert plan.device_layers == [], (device, prefetch, budget, plan)
+                    continue
+                checked += 1
+                others = [i for i in range(6) if i not in plan.device_layers]
+                assert all(use + plan.layer_bytes[i] > budget for i in others), (device, prefetch, budget, plan)
+    assert checked > 50
+    # by hand: 40 MiB resident, three layers of 10 MiB kept in a budget of 90 MiB, two in flight
+    plan = plan_residency(m, torch.device("cpu"), max_memory={"cpu": 90 * unit}, prefetch=1)
+    assert len(plan.device_layers) == 3 and plan.planned_use() == (40 + 3 * 10 + 2 * 10) * unit
+
+
 def test_pick_keeps_the_uniform_rule_and_fills_what_is_left():
     from hf_layerstream.engine import _pick
 
