@@ -103,23 +103,28 @@ def _weights_file(folder: Path) -> Path | None:
     return next((folder / name for name in _WEIGHTS if (folder / name).is_file()), None)
 
 
-def adapter_identity(folder: Path, adapter: str | os.PathLike, revision: str | None = None) -> dict:
+def adapter_identity(folder: Path, adapter: str | os.PathLike) -> dict:
     """What the split records of the adapter, in its options (a changed adapter is another split) and manifest: the
     folder's absolute path (a hub id as given: the same files at another path are another adapter, as for the
     source), its kind, and the digests of the two files PEFT loads (its config and weights; another file there, or
-    fetched into the hub cache since, does not count). For a hub adapter fetched at a given `revision`, the commit
-    it resolved to too (the hub cache's folder name: a branch or tag that moved since is another adapter, and the same
-    commit named otherwise is the same; not recorded without one, as splits made before recorded none)."""
+    fetched into the hub cache since, does not count). The same files at another commit of a hub repo are the same
+    adapter: the commit is recorded beside it in the manifest (`hub_commit`), for what it says."""
     digests = {path.name: sha256_file(path) for path in (folder / _CONFIG, _weights_file(folder))}
     local = Path(str(adapter)).expanduser()
-    identity = {
+    return {
         "id": str(local.resolve()) if local.is_dir() else str(adapter),
         "peft_type": _peft_type(folder),
         "sha256": digests,
     }
-    if revision is not None and not local.is_dir():
-        identity["revision"] = folder.name  # (the cache's layout: .../snapshots/<commit>/adapter_config.json)
-    return identity
+
+
+def hub_commit(folder: Path, adapter: str | os.PathLike) -> str | None:
+    """The commit a hub `adapter` was fetched at (`resolve_adapter`'s folder in the hub cache is
+    `.../snapshots/<commit>`); `None` for a local folder."""
+    if Path(str(adapter)).expanduser().is_dir():
+        return None
+    name = folder.name
+    return name if len(name) == 40 and all(c in "0123456789abcdef" for c in name) else None
 
 
 def _stored_dtype(merged: torch.dtype, stored: torch.dtype) -> torch.dtype:

@@ -705,19 +705,24 @@ def _recorded_adapter(manifest) -> dict | None:
     return recorded if isinstance(recorded, dict) else None
 
 
+def _adapter_key(record: dict | None) -> dict | None:
+    """An adapter's record as splits compare them: without the hub commit the manifest notes beside it (the same files
+    at another commit are the same adapter; splits made before noted none)."""
+    return None if record is None else {k: v for k, v in record.items() if k != "revision"}
+
+
 def _adapter_difference(recorded: dict | None, given: dict | None) -> str:
     """Why the adapter a split records is not the one given, for a refusal (empty where they are the same)."""
-    if recorded == given:
+    if _adapter_key(recorded) == _adapter_key(given):
         return ""
     if recorded is None:
         return " (it has no adapter merged)"
     named = f"the adapter {recorded.get('id')} merged"
     if given is None:
         return f" ({named}, and none was given)"
-    if recorded.get("id") == given.get("id") and recorded.get("revision") != given.get("revision"):
-        at = f"at revision {recorded['revision']}" if recorded.get("revision") else "at its default revision"
-        return f" ({named} {at})"
     if recorded.get("id") == given.get("id"):
+        if recorded.get("revision") and given.get("revision") and recorded["revision"] != given["revision"]:
+            return f" ({named} at commit {recorded['revision']}, whose files differ from those at {given['revision']})"
         return f" ({named}, whose files have changed since)"
     return f" ({named}; a moved or copied adapter counts as another)"
 
@@ -1131,7 +1136,8 @@ def split_checkpoint(
             with another adapter, or none, is another split.
         adapter_revision (`str`, *optional*):
             The revision (branch, tag or commit) of a hub `adapter` (default: its default branch), as
-            `PeftModel.from_pretrained(..., revision=...)` takes it; the manifest records the commit it resolved to.
+            `PeftModel.from_pretrained(..., revision=...)` takes it. The manifest notes the commit a hub adapter was
+            fetched at; the same files at another commit are the same adapter.
 
     Returns:
         `pathlib.Path`: the shard directory.
@@ -1239,12 +1245,15 @@ def split_checkpoint(
         _refuse_unquantizable(plan, src, load_dtype)
 
     compression_dict = scheme.to_dict() if scheme is not None else None
-    merger = adapter_folder = adapter_record = None
+    merger = adapter_folder = adapter_record = adapter_noted = None
     if adapter is not None:
-        from .merge import adapter_identity, resolve_adapter
+        from .merge import adapter_identity, hub_commit, resolve_adapter
 
         adapter_folder = resolve_adapter(adapter, revision=adapter_revision, token=token, cache_dir=cache_dir)
-        adapter_record = adapter_identity(adapter_folder, adapter, adapter_revision)
+        adapter_record = adapter_identity(adapter_folder, adapter)
+        commit = hub_commit(adapter_folder, adapter)
+        # (the manifest notes the commit of a hub adapter beside it, for what it says; not compared: `_adapter_key`)
+        adapter_noted = adapter_record | ({"revision": commit} if commit is not None else {})
     source_identity = src.identity(needed_files)
     options = _options_key(fingerprint, dtype, compression_dict, source_identity, adapter_record)
     # (a split finished before, which recorded the source otherwise, is this one too: see `_Source.identity`)
@@ -1285,7 +1294,7 @@ def split_checkpoint(
                 isinstance(existing, dict)
                 and existing.get("fingerprint") == fingerprint
                 and existing.get("compression") == compression_dict
-                and _recorded_adapter(existing) == adapter_record
+                and _adapter_key(_recorded_adapter(existing)) == adapter_record
                 and (dtype is None or existing.get("dtype") == dtype_to_str(dtype))
                 and existing.get("split_options") in (None, _options_digest(options), *earlier_digests)
             )
@@ -1340,7 +1349,7 @@ def split_checkpoint(
             elif not overwrite:
                 raise ShardDirOccupiedError(
                     f"`shard_dir` {shard_dir} already holds a split of another model, another source checkpoint or "
-                    f"with other options{_adapter_difference(_recorded_adapter(existing), adapter_record)}.",
+                    f"with other options{_adapter_difference(_recorded_adapter(existing), adapter_noted)}.",
                     "Pass `overwrite=True` (`--overwrite`) to replace it, or choose another directory.",
                 )
         if adapter_folder is not None and merger is None:
@@ -1490,7 +1499,7 @@ def split_checkpoint(
             split_options=digest,
             conversion=_conversion_record(model),
             load_dtype=None if load_dtype is None else dtype_to_str(load_dtype),
-            adapter=adapter_record,
+            adapter=adapter_noted,
         )
         _write_file(shard_dir, MANIFEST_NAME, json.dumps(manifest.to_json(), indent=1).encode())
         with _finishing_errors_named(shard_dir, f"removing the progress record {shard_dir / PROGRESS_NAME}"):

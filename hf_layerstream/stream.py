@@ -145,6 +145,8 @@ class StreamingState:
     head_weight: tuple[nn.Module, object] | None = None
     # (config or sub-config, its dtype before): where enable's `dtype=` set the dtype on them (put back by disable)
     config_dtypes: list = field(default_factory=list)
+    # the storages of adapter weights `attaching_adapters` saw attached, {(device, address): bytes} (outside the plan)
+    adapter_storages: dict = field(default_factory=dict)
 
 
 def get_streaming_state(model: nn.Module) -> StreamingState | None:
@@ -348,9 +350,12 @@ def attaching_adapters(model: nn.Module):
         problem = _adapter_weight_problem(state.stack, finite=True)
         if problem is not None:
             raise RuntimeError(problem)
-        added = sum(size for ptr, size in _held_storages(model).items() if ptr not in held)
-        if added:
-            _note_adapter_memory(state.plan, added)
+        now = _held_storages(model)
+        new = {key: size for key, size in now.items() if key not in held}
+        if new:
+            # (those of earlier blocks that the model still holds count too: an adapter deleted since does not)
+            state.adapter_storages = {k: v for k, v in {**state.adapter_storages, **new}.items() if k in now}
+            _note_adapter_memory(state.plan, new, state.adapter_storages)
 
 
 _NONE = object()
@@ -368,29 +373,56 @@ def _held_storages(model: nn.Module) -> dict[tuple[str, int], int]:
     return held
 
 
-def _note_adapter_memory(plan, added: int) -> None:
-    """The adapters just attached hold `added` bytes, which the plan did not count: logged, and a warning where with
-    them the plan's use passes the budget of the device it computes on (a budget of 0 asked for every layer streamed,
-    not for a limit)."""
+_MERGE_INSTEAD = (
+    "merge the adapter into the shards as you split (`split_checkpoint(..., adapter=...)`, `hf-layerstream split "
+    "--adapter`: the base model's speed, no adapter weights in memory)"
+)
+
+
+def _note_adapter_memory(plan, new: dict, attached: dict) -> None:
+    """The adapters one `attaching_adapters` block attached hold the storages `new` ({(device, address): bytes}), and
+    with those of earlier blocks the model still holds, `attached`; the plan counted none of them. Logged, and a
+    warning where those on the device it computes on take what it holds there past that device's budget (a budget of
+    0 asks for every layer streamed, not for a limit; one already short of what the plan needs was warned about as
+    streaming was enabled)."""
+    device = str(plan.device)
     budget, use = plan.budgets.get(str(_device_key(plan.device))), plan.planned_use()
+    here = sum(size for (where, _), size in attached.items() if where == device)
+    by_device = Counter()
+    for (where, _), size in new.items():
+        by_device[where] += size
+    held = " and ".join(f"{size_text(size)} on {where}" for where, size in sorted(by_device.items()))
+    earlier = f"; {size_text(here)} on {device} with those attached before" if len(attached) > len(new) else ""
+    if not budget:
+        counted = "every layer streamed, as a budget of 0 asks"
+    else:
+        counted = f"it plans {size_text(use)} of the budget of {device}, {size_text(budget)}"
     logger.info(
-        "The adapters attached hold %s on %s, which the residency plan does not count (it plans %s of its budget, %s).",
-        size_text(added),
-        plan.device,
-        size_text(use),
-        size_text(budget or 0),
+        "The adapters attached hold %s%s, which the residency plan does not count (%s).", held, earlier, counted
     )
-    if budget and use + added > budget:
+    if not budget or use + here <= budget:
+        return
+    if use > budget:
         logger.warning(
-            "The adapters attached hold %s on %s, which the residency plan did not count: with them, what it holds "
-            "there (%s) passes its budget (%s). Enable streaming with a `max_memory` lower by theirs before attaching "
-            "them, or merge the adapter into the shards as you split (`split_checkpoint(..., adapter=...)`, "
-            "`hf-layerstream split --adapter`: the base model's speed, no adapter weights in memory).",
-            size_text(added),
-            plan.device,
-            size_text(use + added),
+            "The adapters attached add %s on %s to a budget (%s) already short of what the plan holds there (%s; "
+            "warned as streaming was enabled). To leave their memory out, %s.",
+            size_text(here),
+            device,
             size_text(budget),
+            size_text(use),
+            _MERGE_INSTEAD,
         )
+        return
+    logger.warning(
+        "The adapters attached hold %s on %s, which the residency plan did not count: with them, what it holds there "
+        "(%s) passes its budget (%s). Enable streaming with a `max_memory` lower by theirs before attaching them, or "
+        "%s.",
+        size_text(here),
+        device,
+        size_text(use + here),
+        size_text(budget),
+        _MERGE_INSTEAD,
+    )
 
 
 def _check_conversion(model: nn.Module, shards: ShardDirectory) -> None:

@@ -243,29 +243,57 @@ def test_a_base_weight_replaced_inside_the_block_is_refused(adapter):
 
 def test_the_memory_adapters_take_is_logged_and_a_budget_it_passes_warned_about(adapter, caplog):
     """The adapters' weights are outside the residency plan (made before them): their bytes are logged as the block
-    ends, and where with them the model holds more than the plan's budget, a warning names both and the ways out."""
+    ends, and where with them the model holds more than the plan's budget, a warning names both and the ways out;
+    also where two blocks' adapters pass it together. A budget of 0 (every layer streamed) is not a limit; one already
+    short of the plan's need is not told to shrink further."""
     import logging
 
     from hf_layerstream.engine import size_text
 
     ckpt, shards, folder, _ = adapter
+
+    def attach(model, name=None):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="hf_layerstream"), attaching_adapters(model):
+            model.load_adapter(str(folder), adapter_name=name)
+        return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+    def lora_bytes(model):
+        return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" in n)
+
     roomy = streamed_model(ckpt, shards, max_memory={"cpu": "100GiB"})
     whole = get_streaming_state(roomy).plan.planned_use()  # (the resident parts and every layer)
+    disable_layer_streaming(roomy)
     for budget, warned in ((whole * 2, False), (whole, True)):
         model = streamed_model(ckpt, shards, max_memory={"cpu": budget})
         plan = get_streaming_state(model).plan
         assert plan.streamed == [] and plan.planned_use() == whole
-        caplog.clear()
-        with caplog.at_level(logging.INFO, logger="hf_layerstream"), attaching_adapters(model):
-            model.load_adapter(str(folder))
-        added = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" in n)
+        warnings = attach(model)
+        added = lora_bytes(model)
         assert added > 0
         assert f"The adapters attached hold {size_text(added)} on cpu, which the residency plan does not" in caplog.text
-        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert f"it plans {size_text(whole)} of the budget of cpu, {size_text(budget)}" in caplog.text
         assert bool(warnings) == warned, warnings
         if warned:
             told = f"what it holds there ({size_text(whole + added)}) passes its budget ({size_text(whole)})"
-            assert told in warnings[0]
+            assert told in warnings[0] and "lower by theirs" in warnings[0]
             assert "split_checkpoint(..., adapter=...)" in warnings[0]
         disable_layer_streaming(model)
-    disable_layer_streaming(roomy)
+    # two blocks, each within the room the budget leaves and together past it: the second warns, counting both
+    model = streamed_model(ckpt, shards, max_memory={"cpu": whole + added * 3 // 2})
+    assert not attach(model, "first")
+    warnings = attach(model, "second")
+    assert lora_bytes(model) == 2 * added
+    assert f"; {size_text(2 * added)} on cpu with those attached before" in caplog.text
+    assert warnings and f"what it holds there ({size_text(whole + 2 * added)}) passes" in warnings[0]
+    disable_layer_streaming(model)
+    # every layer streamed (a budget of 0): no limit, said so
+    model = streamed_model(ckpt, shards, max_memory={"cpu": 0})
+    assert not attach(model) and "every layer streamed, as a budget of 0 asks" in caplog.text
+    disable_layer_streaming(model)
+    # a budget already short of the plan's need (warned as streaming was enabled): no advice to lower it
+    model = streamed_model(ckpt, shards, max_memory={"cpu": 1})
+    warnings = attach(model)
+    assert len(warnings) == 1 and "already short of what the plan holds there" in warnings[0]
+    assert "lower by theirs" not in warnings[0] and "split_checkpoint(..., adapter=...)" in warnings[0]
+    disable_layer_streaming(model)

@@ -301,17 +301,18 @@ def test_a_hub_adapter_comes_from_the_hub_cache_offline(checkpoints, tmp_path, m
 
 def test_a_hub_adapter_at_a_revision(checkpoints, tmp_path, monkeypatch, caplog, capsys):
     """`adapter_revision` (`--adapter-revision`) fetches a hub adapter at that branch, tag or commit (here offline,
-    from the hub cache, which holds another adapter at main): the manifest records the commit, so that the same commit
-    named otherwise is the same split and another revision is refused as another adapter. One not in the cache is
-    named in the error; with a local folder it is warned about; without an adapter it is refused."""
+    from the hub cache, which holds another adapter at main, and the first again at a third commit): the manifest
+    notes the commit a hub adapter came from. The same files are the same split however the commit is named, or at
+    another commit; other files are another split, refused naming both commits. One not in the cache is named in the
+    error; with a local folder it is warned about; without an adapter it is refused."""
     from huggingface_hub import constants
 
     ckpt, _ = checkpoints("llama")
     first = _save_adapter(ckpt, tmp_path / "a", KINDS["lora"]())
     torch.manual_seed(2)
     second = _save_adapter(ckpt, tmp_path / "b", KINDS["ia3"]())
-    cache, commit = tmp_path / "cache", "b" * 40
-    for folder, ref, at in ((first, "main", "a" * 40), (second, "v2", commit)):
+    cache, main_commit, commit = tmp_path / "cache", "a" * 40, "b" * 40
+    for folder, ref, at in ((first, "main", main_commit), (second, "v2", commit), (first, "again", "c" * 40)):
         files = {name: (folder / name).read_bytes() for name in ("adapter_config.json", "adapter_model.safetensors")}
         _hub_cache(cache, "org/lora", files, ref=ref, commit=at)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
@@ -331,12 +332,23 @@ def test_a_hub_adapter_at_a_revision(checkpoints, tmp_path, monkeypatch, caplog,
         split_checkpoint(ckpt, shards, adapter="org/lora", adapter_revision=commit, progress=False)
     assert "already holds this split" in caplog.text
     for revision in ("main", None):
-        with pytest.raises(ShardDirOccupiedError, match=rf"the adapter org/lora merged at revision {commit}\)"):
+        with pytest.raises(
+            ShardDirOccupiedError,
+            match=rf"org/lora merged at commit {commit}, whose files differ from those at {main_commit}\)",
+        ):
             split_checkpoint(ckpt, shards, adapter="org/lora", adapter_revision=revision, progress=False)
-    # (the other way round: a split of main, asked for at the tag)
+    # a split of main: the same as main named, by its commit, or another commit holding the same files
     main_split = split_checkpoint(ckpt, tmp_path / "main", adapter="org/lora", progress=False)
-    assert "revision" not in ShardDirectory(main_split).manifest.adapter  # (as splits made before recorded it)
-    with pytest.raises(ShardDirOccupiedError, match=r"the adapter org/lora merged at its default revision\)"):
+    assert ShardDirectory(main_split).manifest.adapter["revision"] == main_commit
+    for revision in ("main", main_commit, "again"):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="hf_layerstream"):
+            split_checkpoint(ckpt, main_split, adapter="org/lora", adapter_revision=revision, progress=False)
+        assert "already holds this split" in caplog.text, revision
+    with pytest.raises(
+        ShardDirOccupiedError,
+        match=rf"org/lora merged at commit {main_commit}, whose files differ from those at {commit}\)",
+    ):
         split_checkpoint(ckpt, main_split, adapter="org/lora", adapter_revision="v2", progress=False)
     with pytest.raises(FileNotFoundError, match=r"adapter_config.json of 'org/lora' at revision 'v3': the hub cannot"):
         split_checkpoint(ckpt, tmp_path / "v3", adapter="org/lora", adapter_revision="v3", progress=False)
