@@ -297,3 +297,31 @@ def test_the_memory_adapters_take_is_logged_and_a_budget_it_passes_warned_about(
     assert len(warnings) == 1 and "already short of what the plan holds there" in warnings[0]
     assert "lower by theirs" not in warnings[0] and "split_checkpoint(..., adapter=...)" in warnings[0]
     disable_layer_streaming(model)
+
+
+def test_on_a_gpu_only_the_adapter_weights_there_count_against_its_budget(caplog):
+    """A GPU plan (arithmetic: no GPU needed) that keeps the head in host RAM: PEFT puts an adapter of the head beside
+    it, on the CPU. Those bytes are logged on their device, and only the ones on the GPU count against its budget."""
+    import logging
+
+    from conftest import shaped_shard_dir
+
+    from hf_layerstream.engine import plan_residency, size_text
+    from hf_layerstream.stream import _note_adapter_memory
+
+    unit = 2**20
+    plan = plan_residency(
+        shaped_shard_dir(4, 10 * unit, 40 * unit),
+        torch.device("cuda", 0),
+        max_memory={0: 100 * unit, "cpu": 200 * unit},
+        prefetch=1,
+        reserve=0,
+    )
+    room = 100 * unit - plan.planned_use()
+    for on_gpu, warned in ((room, False), (room + 1, True)):
+        new = {("cpu", 1): 50 * unit, ("cuda:0", 2): on_gpu}
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="hf_layerstream"):
+            _note_adapter_memory(plan, new, dict(new))
+        assert f"hold 50.0 MiB on cpu and {size_text(on_gpu)} on cuda:0, which the residency plan" in caplog.text
+        assert any(r.levelno == logging.WARNING for r in caplog.records) == warned
