@@ -302,8 +302,9 @@ def test_the_memory_adapters_take_is_logged_and_a_budget_it_passes_warned_about(
 
 
 def test_on_a_gpu_only_the_adapter_weights_there_count_against_its_budget(caplog):
-    """A GPU plan (arithmetic: no GPU needed) that keeps the head in host RAM: PEFT puts an adapter of the head beside
-    it, on the CPU. Those bytes are logged on their device, and only the ones on the GPU count against its budget."""
+    """A GPU plan (arithmetic: no GPU needed) and adapter weights on the CPU as well as on the GPU (PEFT puts an
+    adapter of a head kept in host RAM beside it, on the CPU): each device's bytes are logged, and only the GPU's
+    count against its budget."""
     import logging
 
     from conftest import shaped_shard_dir
