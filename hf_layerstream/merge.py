@@ -20,6 +20,7 @@ from torch import nn
 
 from ._safetensors import sha256_file
 from .modeling import build_skeleton, created_dtypes, kept_in_float32, resolve_model_class, tied_targets
+from .modeling import stand_in as make_stand_in
 
 logger = logging.getLogger(__name__)
 
@@ -144,14 +145,6 @@ def _peft_type(folder: Path) -> str:
         return "of unknown type"
 
 
-def _stand_in(p: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """One NaN (zero, for an integer dtype) broadcast to `p`'s shape, on the CPU, of `dtype` (default: `p`'s): no
-    memory."""
-    dtype = dtype or p.dtype
-    value = float("nan") if dtype.is_floating_point or dtype.is_complex else 0
-    return torch.full((), value, dtype=dtype).expand(p.shape)
-
-
 class AdapterMerge:
     """The adapter at `folder`, attached to the model of `config` built on meta as `from_pretrained(dtype=dtype)`
     builds it; `merge(tensors)` merges it into one unit's tensors.
@@ -177,7 +170,9 @@ class AdapterMerge:
         # one stand-in for each weight, shared by the names tied to it (as the loaded model shares one tensor)
         tied = tied_targets(model)
         params = dict(model.named_parameters(remove_duplicate=False))
-        stand_ins = {source: nn.Parameter(_stand_in(params[source]), requires_grad=False) for source in tied.values()}
+        stand_ins = {
+            source: nn.Parameter(make_stand_in(params[source]), requires_grad=False) for source in tied.values()
+        }
         slots: list[tuple[nn.Module, str, nn.Parameter]] = []
         self.names: dict[int, list[str]] = {}  # a weight (by id) -> its names (tied weights: several)
         for name, p in params.items():
@@ -186,7 +181,7 @@ class AdapterMerge:
                 at = p.dtype
                 if p.is_floating_point():
                     at = torch.float32 if kept is not None and kept.search(source) else created.get(source, p.dtype)
-                stand_ins[source] = nn.Parameter(_stand_in(p, at), requires_grad=False)
+                stand_ins[source] = nn.Parameter(make_stand_in(p, at), requires_grad=False)
             stand_in = stand_ins[source]
             module_name, _, attr = name.rpartition(".")
             module = model.get_submodule(module_name)
@@ -307,7 +302,7 @@ class AdapterMerge:
             value = self.copies[name].detach()
             tensors[name] = value.to(_stored_dtype(value.dtype, tensors[name].dtype))
         for p in placed.values():  # (their memory goes with the unit)
-            p.data = _stand_in(p)
+            p.data = make_stand_in(p)
 
     def given_weights(self) -> list[nn.Parameter]:
         """The model's weights the adapter holds copies of (in their places)."""

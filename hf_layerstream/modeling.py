@@ -132,6 +132,15 @@ def resolve_dtype(dtype) -> torch.dtype | None:
     return dtype
 
 
+def stand_in(like: torch.Tensor, dtype: torch.dtype | None = None, device=None) -> torch.Tensor:
+    """One NaN (zero, for an integer dtype) broadcast to `like`'s shape, of `dtype` (default: `like`'s), on `device`
+    (default: the CPU): a weight that holds no memory and no value, for PEFT to attach an adapter beside (see
+    `stream.attaching_adapters`, `merge.AdapterMerge`)."""
+    dtype = dtype or like.dtype
+    value = float("nan") if dtype.is_floating_point or dtype.is_complex else 0
+    return torch.full((), value, dtype=dtype, device=device).expand(like.shape)
+
+
 def tied_targets(model: nn.Module) -> dict[str, str]:
     """Tied parameter names (target -> source), e.g. GPT-2's `{"lm_head.weight": "transformer.wte.weight"}`."""
     tied = getattr(model, "all_tied_weights_keys", None)

@@ -64,6 +64,7 @@ from .modeling import (
     resolve_dtype,
     tied_targets,
 )
+from .modeling import stand_in as make_stand_in
 from .shard_dir import ShardDirectory
 
 logger = logging.getLogger(__name__)
@@ -313,8 +314,7 @@ def attaching_adapters(model: nn.Module):
             for hook in state.hooks:
                 for entry, key, p, name in zip(hook._dicts, hook._keys, hook.placeholders, hook.names):
                     if entry.get(key) is p and p.is_meta:
-                        value = float("nan") if p.dtype.is_floating_point or p.dtype.is_complex else 0
-                        stand_in = torch.full((), value, dtype=p.dtype, device=device).expand(p.shape)
+                        stand_in = make_stand_in(p, device=device)
                         if isinstance(p, nn.Parameter):
                             stand_in = nn.Parameter(stand_in, requires_grad=p.requires_grad)
                         stand_ins.append((entry, key, p, stand_in, stand_in.data_ptr(), hook.index, name))
