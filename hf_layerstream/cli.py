@@ -411,11 +411,18 @@ def main(argv: list[str] | None = None) -> int:
 _PATH_ARGUMENTS = ("source", "shard_dir", "tokenizer", "assistant", "input", "output", "checkpoint", "work", "dir")
 
 
+def _refuse_without_partner(*pairs: tuple[str, object, str, object]) -> None:
+    """Options that do nothing without their partner, `(option, value, partner, partner's value)`: refused rather
+    than silently ignored."""
+    for option, value, partner, needed in pairs:
+        if value is not None and not needed:
+            raise ValueError(f"`{option}` only applies with `{partner}`; pass `{partner}` too, or drop `{option}`.")
+
+
 def _cmd_split(args) -> int:
     from .split import split_checkpoint
 
-    if args.adapter_revision is not None and args.adapter is None:
-        raise ValueError("`--adapter-revision` only applies with `--adapter`; pass `--adapter` too, or drop it.")
+    _refuse_without_partner(("--adapter-revision", args.adapter_revision, "--adapter", args.adapter))
     path = split_checkpoint(
         args.source,
         args.shard_dir,
@@ -547,15 +554,12 @@ def _cmd_generate(args) -> int:
         raise ValueError("Pass either a PROMPT or `--input` (a JSONL file of prompts), not both.")
     if args.input and not args.output:
         raise ValueError("`--input` needs `--output` (each batch's results are appended there as the batch completes).")
-    # options that do nothing without their partner: refused rather than silently ignored
-    for option, value, partner, needed in (
+    _refuse_without_partner(
         ("--output", args.output, "--input", args.input),
         ("--batch-size", args.batch_size, "--input", args.input),
         ("--num-assistant-tokens", args.num_assistant_tokens, "--assistant", args.assistant),
         ("--adapter-revision", args.adapter_revision, "--adapter", args.adapter),
-    ):
-        if value is not None and not needed:
-            raise ValueError(f"`{option}` only applies with `{partner}`; pass `{partner}` too, or drop `{option}`.")
+    )
     if not args.input:  # (before the model loads: a missing prompt is refused at once, not minutes later)
         # (from standard input: without the newline that ends the piped text)
         prompt = args.prompt if args.prompt is not None else _prompt_from_stdin()
