@@ -373,6 +373,17 @@ def disk_keys(path: str | pathlib.Path) -> dict[str, str]:
         return dict.fromkeys(handle.keys(), "model.safetensors")
 
 
+def hub_cache(cache, repo: str, files: dict[str, bytes], ref: str = "main", commit: str = "a" * 40) -> None:
+    """A hub cache (the layout huggingface_hub writes: `models--org--name/{refs/<ref>, snapshots/<commit>/...}`)
+    holding `files` (name -> bytes) of the hub repo `repo` at `commit`, which `ref` (a branch or tag) names."""
+    root = pathlib.Path(cache) / f"models--{repo.replace('/', '--')}"
+    (root / "refs").mkdir(parents=True, exist_ok=True)
+    (root / "refs" / ref).write_text(commit)
+    (root / "snapshots" / commit).mkdir(parents=True)
+    for name, data in files.items():
+        (root / "snapshots" / commit / name).write_bytes(data)
+
+
 def save_metaspace_tokenizer(path):
     """A Llama-2-style tokenizer (SentencePiece pieces, `▁` for a space; decoding strips the text's first space) of
     the tiny models' 128 ids."""

@@ -1102,13 +1102,12 @@ def test_generate_with_a_peft_adapter(split_dir, tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "Cannot fetch adapter_config.json of 'someorg/some-lora': the hub cannot be reached" in err
     # a hub adapter at a revision (`--adapter-revision`), from the hub cache, which holds it only at that tag
-    commit, cache = "c" * 40, tmp_path / "cache"
-    repo = cache / "models--someorg--tagged-lora"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "v1").write_text(commit)
-    (repo / "snapshots" / commit).mkdir(parents=True)
-    for name in ("adapter_config.json", "adapter_model.safetensors"):
-        (repo / "snapshots" / commit / name).write_bytes((tmp_path / "adapter" / name).read_bytes())
+    cache = tmp_path / "cache"
+    files = {
+        name: (tmp_path / "adapter" / name).read_bytes()
+        for name in ("adapter_config.json", "adapter_model.safetensors")
+    }
+    _models.hub_cache(cache, "someorg/tagged-lora", files, ref="v1", commit="c" * 40)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     assert main([*argv, "--adapter", "someorg/tagged-lora", "--adapter-revision", "v1"]) == 0
     assert capsys.readouterr().out[len(prompt) :].strip() == expected.strip()

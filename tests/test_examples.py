@@ -67,6 +67,47 @@ def test_quickstart_merges_an_adapter_as_it_splits(checkpoints, tmp_path, capsys
     )
 
 
+def test_quickstart_merges_a_hub_adapter_at_a_revision(checkpoints, tmp_path, monkeypatch, capsys):
+    """`--adapter-revision`: a hub adapter at that tag (offline, from a hub cache that holds it only there), merged
+    into a default folder named by the model, the adapter and the revision; without `--adapter` it is refused."""
+    peft = pytest.importorskip("peft")
+    from huggingface_hub import constants
+
+    ckpt, _ = checkpoints("llama")
+    torch.manual_seed(1)
+    config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    peft.get_peft_model(_models.load_reference(ckpt), config).save_pretrained(tmp_path / "adapter")
+    files = {n: (tmp_path / "adapter" / n).read_bytes() for n in ("adapter_config.json", "adapter_model.safetensors")}
+    _models.hub_cache(tmp_path / "cache", "some-org/lora", files, ref="v2", commit="b" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    argv = [
+        str(ckpt),
+        "--device",
+        "cpu",
+        "--max-new-tokens",
+        "6",
+        "--prompt",
+        "Once upon",
+        "--adapter",
+        "some-org/lora",
+    ]
+    text = _example("quickstart").main([*argv, "--adapter-revision", "v2"])
+    shards = ShardDirectory(tmp_path / f"{ckpt.name}+lora@v2.layers")
+    assert (shards.manifest.adapter["id"], shards.manifest.adapter["revision"]) == ("some-org/lora", "b" * 40)
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    merged = peft.PeftModel.from_pretrained(_models.load_reference(ckpt), tmp_path / "adapter").merge_and_unload()
+    ref = pipeline("text-generation", model=merged, tokenizer=tok)
+    assert text == ref("Once upon", max_new_tokens=6, do_sample=False, return_full_text=False)[0]["generated_text"]
+    with pytest.raises(FileNotFoundError, match="the hub cannot be reached"):  # (at main: not in the cache)
+        _example("quickstart").main(argv)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        _example("quickstart").main([str(ckpt), "--adapter-revision", "v2"])
+    assert e.value.code == 2 and "pass the --adapter too" in capsys.readouterr().err
+
+
 def test_budget_and_profile_reports_every_streamed_layer(checkpoints, capsys):
     ckpt, shards = checkpoints("llama")
     profile = _example("budget_and_profile").main([str(shards), "--device", "cpu", "--max-new-tokens", "4"])

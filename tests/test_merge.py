@@ -260,17 +260,6 @@ def test_cli_split_merges_the_adapter_and_inspect_names_it(checkpoints, tmp_path
     assert json.loads(capsys.readouterr().out)["adapter"]["peft_type"] == "LORA"
 
 
-def _hub_cache(cache, repo, files: dict, ref: str = "main", commit: str = "a" * 40) -> None:
-    """A hub cache holding `files` (name -> bytes) of the hub repo `repo` at `commit`, which `ref` (a branch or tag)
-    names."""
-    root = cache / f"models--{repo.replace('/', '--')}"
-    (root / "refs").mkdir(parents=True, exist_ok=True)
-    (root / "refs" / ref).write_text(commit)
-    (root / "snapshots" / commit).mkdir(parents=True)
-    for name, data in files.items():
-        (root / "snapshots" / commit / name).write_bytes(data)
-
-
 def test_a_hub_adapter_comes_from_the_hub_cache_offline(checkpoints, tmp_path, monkeypatch):
     """A hub id is fetched with the split's `cache_dir`, and offline from the cache: also an adapter of
     the older format, only `adapter_model.bin` (refused: the missing safetensors file was taken for a download that
@@ -284,7 +273,7 @@ def test_a_hub_adapter_comes_from_the_hub_cache_offline(checkpoints, tmp_path, m
     weights = load_file(folder / "adapter_model.safetensors")
     torch.save(weights, tmp_path / "adapter_model.bin")
     cache = tmp_path / "cache"
-    _hub_cache(
+    _models.hub_cache(
         cache,
         "org/lora",
         {"adapter_config.json": config, "adapter_model.bin": (tmp_path / "adapter_model.bin").read_bytes()},
@@ -314,7 +303,7 @@ def test_a_hub_adapter_at_a_revision(checkpoints, tmp_path, monkeypatch, caplog,
     cache, main_commit, commit = tmp_path / "cache", "a" * 40, "b" * 40
     for folder, ref, at in ((first, "main", main_commit), (second, "v2", commit), (first, "again", "c" * 40)):
         files = {name: (folder / name).read_bytes() for name in ("adapter_config.json", "adapter_model.safetensors")}
-        _hub_cache(cache, "org/lora", files, ref=ref, commit=at)
+        _models.hub_cache(cache, "org/lora", files, ref=ref, commit=at)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))  # (the command line's: it takes no cache folder)
     shards = tmp_path / "shards"
