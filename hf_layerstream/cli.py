@@ -121,16 +121,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--adapter",
+        action="append",
         default=None,
         help="a PEFT adapter of the model (LoRA and the like), folder or hub id, merged into the weights as they are "
         "written, as merge_and_unload merges it (needs peft: pip install hf_layerstream[peft]; a hub id is fetched "
-        "with --token, at --adapter-revision)",
+        "with --token, at --adapter-revision); repeated, each is merged in turn, onto what the ones before left",
     )
     p.add_argument(
         "--adapter-revision",
+        action="append",
         default=None,
         metavar="REVISION",
-        help="with --adapter: the hub adapter's revision (branch, tag or commit; default: its default branch)",
+        help="with --adapter: the hub adapter's revision (branch, tag or commit; default: its default branch); with "
+        "--adapter repeated, once per --adapter, in the same order",
     )
 
     p = sub.add_parser("generate", help="generate text with a streamed model (tokens printed as produced)")
@@ -174,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-lookup", type=int, default=None, metavar="N", help="prompt-lookup decoding with N tokens")
     p.add_argument(
         "--adapter",
+        action="append",  # (one: given twice it is refused, not the last taken, as `split` merges each it is given)
         default=None,
         metavar="ADAPTER",
         help="a PEFT adapter (LoRA) of the model, folder or hub id, applied as the weights stream (needs peft; "
@@ -419,10 +423,22 @@ def _refuse_without_partner(*pairs: tuple[str, object, str, object]) -> None:
             raise ValueError(f"`{option}` only applies with `{partner}`; pass `{partner}` too, or drop `{option}`.")
 
 
+def _adapter_text(record: dict) -> str:
+    """An adapter the manifest records, for `inspect`: its id, the commit of a hub one, its kind."""
+    at = f" at revision {record['revision']}" if record.get("revision") else ""
+    return f"{record.get('id')}{at} ({record.get('peft_type')})"
+
+
 def _cmd_split(args) -> int:
     from .split import split_checkpoint
 
     _refuse_without_partner(("--adapter-revision", args.adapter_revision, "--adapter", args.adapter))
+    adapters, revisions = args.adapter or [], args.adapter_revision or []
+    if revisions and len(revisions) != len(adapters):
+        raise ValueError(
+            f"{len(adapters)} `--adapter` and {len(revisions)} `--adapter-revision`: give `--adapter-revision` once per "
+            "`--adapter`, in the same order (a branch's name for a default branch), or not at all."
+        )
     path = split_checkpoint(
         args.source,
         args.shard_dir,
@@ -436,8 +452,8 @@ def _cmd_split(args) -> int:
         wait=args.wait,
         progress=not args.quiet,
         model_class=args.model_class,
-        adapter=args.adapter,
-        adapter_revision=args.adapter_revision,
+        adapter=adapters[0] if len(adapters) == 1 else adapters or None,
+        adapter_revision=revisions[0] if len(revisions) == 1 else revisions or None,
     )
     print(f"shard directory ready: {path}")
     return 0
@@ -501,6 +517,12 @@ def _cmd_generate(args) -> int:
     from .split import missing_local_folder
     from .stream import get_streaming_state
 
+    if args.adapter and len(args.adapter) > 1:
+        raise ValueError(
+            f"`--adapter` given {len(args.adapter)} times: `generate` attaches one adapter. Merge several into the "
+            "shards as they are split, each in turn (`split SOURCE SHARD_DIR --adapter A --adapter B`)."
+        )
+    args.adapter = args.adapter[0] if args.adapter else None
     # refused before the model loads: transformers would take one of them and ignore the other
     if args.assistant and args.prompt_lookup is not None:
         raise ValueError("Pass either `--assistant` or `--prompt-lookup`, not both.")
@@ -839,9 +861,12 @@ def _cmd_inspect(args) -> int:
     dtypes = f"dtype {m.dtype}" if computes == m.dtype else f"stored in {m.dtype}, computes in {computes}"
     print(f"model            {m.model_type}, {m.num_layers} layers under {m.layers_prefix!r}, {dtypes}")
     print(f"compression      {scheme}")
-    if m.adapter is not None:
-        at = f" at revision {m.adapter['revision']}" if m.adapter.get("revision") else ""
-        print(f"adapter          {m.adapter.get('id')}{at} ({m.adapter.get('peft_type')}), merged into the weights")
+    if isinstance(m.adapter, list):
+        print(f"adapters         {len(m.adapter)}, merged into the weights in this order:")
+        for n, record in enumerate(m.adapter, 1):
+            print(f"  {n}. {_adapter_text(record)}")
+    elif m.adapter is not None:
+        print(f"adapter          {_adapter_text(m.adapter)}, merged into the weights")
     print(f"resident file    {size_text(shards.unit('resident').size)}")
     named = "bfloat16" if dtype is None else str(dtype).replace("torch.", "")
     mean_stored, mean_full = (sum(b) // max(len(b), 1) for b in (stored, full_bytes))

@@ -189,7 +189,8 @@ class Manifest:
     # the dtype `from_pretrained(dtype="auto")` loads the source's floating weights at (the split's `dtype` where
     # given): what they are streamed at by default. `None`: split before it was recorded (streamed as stored)
     load_dtype: str | None = None
-    adapter: dict | None = None  # the PEFT adapter merged into the weights at split time (`merge.adapter_identity`)
+    # the PEFT adapter merged into the weights at split time (`merge.adapter_identity`); a list: several, merged in turn
+    adapter: dict | list[dict] | None = None
 
     def to_json(self) -> dict:
         return {
@@ -238,8 +239,18 @@ class Manifest:
             split_options=d.get("split_options"),
             conversion=d.get("conversion") if isinstance(d.get("conversion"), dict) else None,
             load_dtype=load_dtype,
-            adapter=d.get("adapter") if isinstance(d.get("adapter"), dict) else None,
+            adapter=read_adapter_record(d.get("adapter")),
         )
+
+
+def read_adapter_record(value) -> dict | list[dict] | None:
+    """A manifest's adapter record as read: one adapter's (an object), several in merge order (a list of two or more
+    objects), else `None` (none, or a damaged record)."""
+    if isinstance(value, dict):
+        return value
+    if isinstance(value, list) and len(value) > 1 and all(isinstance(v, dict) for v in value):
+        return value
+    return None
 
 
 def _inside(root: Path, rel: str, manifest_path: Path) -> Path:

@@ -57,6 +57,7 @@ from .shard_dir import (
     UnitEntry,
     _is_newer_format,
     layer_file,
+    read_adapter_record,
 )
 
 logger = logging.getLogger(__name__)
@@ -698,33 +699,98 @@ def _options_digest(options: dict) -> str:
     return hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()
 
 
-def _recorded_adapter(manifest) -> dict | None:
-    """The adapter a finished split's manifest (its JSON, read or not) records: `None` for none, and for a damaged
-    record (as `Manifest.from_json` reads it)."""
-    recorded = manifest.get("adapter") if isinstance(manifest, dict) else None
-    return recorded if isinstance(recorded, dict) else None
+def _recorded_adapter(manifest) -> dict | list[dict] | None:
+    """The adapter a finished split's manifest (its JSON, read or not) records (a list: several, merged in that
+    order): `None` for none, and for a damaged record (as `Manifest.from_json` reads it)."""
+    return read_adapter_record(manifest.get("adapter") if isinstance(manifest, dict) else None)
 
 
-def _adapter_key(record: dict | None) -> dict | None:
+def _adapter_key(record: dict | list[dict] | None) -> dict | list[dict] | None:
     """An adapter's record as splits compare them: without the hub commit the manifest notes beside it (the same files
-    at another commit are the same adapter; splits made before noted none)."""
+    at another commit are the same adapter; splits made before noted none); several, each so, in order."""
+    if isinstance(record, list):
+        return [_adapter_key(r) for r in record]
     return None if record is None else {k: v for k, v in record.items() if k != "revision"}
 
 
-def _adapter_difference(recorded: dict | None, given: dict | None) -> str:
-    """Why the adapter a split records is not the one given, for a refusal (empty where they are the same)."""
+def _adapter_difference(recorded: dict | list[dict] | None, given: dict | list[dict] | None) -> str:
+    """Why the adapters a split records are not the ones given, for a refusal (empty where they are the same)."""
     if _adapter_key(recorded) == _adapter_key(given):
         return ""
-    if recorded is None:
+    recorded, given = _as_list(recorded), _as_list(given)
+    if not recorded:
         return " (it has no adapter merged)"
-    named = f"the adapter {recorded.get('id')} merged"
-    if given is None:
+    ids = ", ".join(_ids(recorded))
+    named = f"the adapter {ids} merged" if len(recorded) == 1 else f"the adapters {ids} merged, in that order"
+    if not given:
         return f" ({named}, and none was given)"
-    if recorded.get("id") == given.get("id"):
-        if recorded.get("revision") and given.get("revision") and recorded["revision"] != given["revision"]:
-            return f" ({named} at commit {recorded['revision']}, whose files differ from those at {given['revision']})"
-        return f" ({named}, whose files have changed since)"
-    return f" ({named}; a moved or copied adapter counts as another)"
+    if _ids(recorded) == _ids(given):
+        # the same adapters in the same order: one's files differ
+        r, g = next((r, g) for r, g in zip(recorded, given) if _adapter_key(r) != _adapter_key(g))
+        one = named if len(recorded) == 1 else f"{named}; {r.get('id')}"
+        if r.get("revision") and g.get("revision") and r["revision"] != g["revision"]:
+            return f" ({one} at commit {r['revision']}, whose files differ from those at {g['revision']})"
+        return f" ({one}, whose files have changed since)"
+    if len(recorded) == len(given) == 1:
+        return f" ({named}; a moved or copied adapter counts as another)"
+    others = ", ".join(_ids(given))
+    if sorted(_ids(recorded)) == sorted(_ids(given)):
+        return f" ({named}; given in another order: {others})"
+    moved = "; a moved or copied adapter counts as another" if len(recorded) == len(given) else ""
+    return f" ({named}, not {others}{moved})"
+
+
+def _ids(records: list[dict]) -> list[str]:
+    return [str(r.get("id")) for r in records]
+
+
+def _as_list(record: dict | list[dict] | None) -> list[dict]:
+    return [] if record is None else record if isinstance(record, list) else [record]
+
+
+def _adapters_given(adapter, adapter_revision) -> list[tuple[str | os.PathLike, str | None]]:
+    """`split_checkpoint`'s `adapter` and `adapter_revision` as (adapter, revision) pairs, in merge order (none for
+    no adapter). Raises `ValueError` for what cannot be paired so (before anything is read)."""
+    if adapter is None:
+        if adapter_revision is not None:
+            raise ValueError("`adapter_revision` is the revision of a hub `adapter`: pass the `adapter` too.")
+        return []
+    revisions = adapter_revision
+    if revisions is not None and not isinstance(revisions, (str, list, tuple)):
+        raise ValueError(
+            f"`adapter_revision` is {revisions!r}: pass a branch, tag or commit (a string), or a list of them, one per "
+            "adapter."
+        )
+    if isinstance(adapter, (str, os.PathLike)):
+        adapters = [adapter]
+    elif isinstance(adapter, (list, tuple)):
+        adapters = list(adapter)
+        if not adapters:
+            raise ValueError("`adapter` is an empty list: pass one adapter or more, or `None` for none.")
+        for i, a in enumerate(adapters):
+            if not isinstance(a, (str, os.PathLike)):
+                raise ValueError(f"`adapter` [{i}] is {a!r}: each adapter is a folder or a hub repo id (a string).")
+    else:
+        raise ValueError(
+            f"`adapter` is {adapter!r}: pass a folder or hub repo id, or a list of them (merged in that order)."
+        )
+    if revisions is None or isinstance(revisions, str):
+        if isinstance(revisions, str) and len(adapters) > 1:
+            raise ValueError(
+                f"`adapter_revision` {revisions!r} with {len(adapters)} adapters: pass a list, one revision per adapter "
+                "(`None` for a default branch or a local folder)."
+            )
+        return [(a, revisions) for a in adapters]
+    revisions = list(revisions)
+    if len(revisions) != len(adapters):
+        raise ValueError(
+            f"`adapter_revision` pairs {len(adapters)} adapters and {len(revisions)} revisions: pass one revision per "
+            "adapter (`None` for a default branch or a local folder)."
+        )
+    for i, r in enumerate(revisions):
+        if r is not None and not isinstance(r, str):
+            raise ValueError(f"`adapter_revision` [{i}] is {r!r}: a revision is a branch, tag or commit (a string).")
+    return list(zip(adapters, revisions))
 
 
 def _quantization_rule(model: torch.nn.Module) -> Callable[..., bool]:
@@ -1082,8 +1148,8 @@ def split_checkpoint(
     wait: bool = False,
     progress: bool = True,
     model_class: type | str | None = None,
-    adapter: str | os.PathLike | None = None,
-    adapter_revision: str | None = None,
+    adapter: str | os.PathLike | list[str | os.PathLike] | None = None,
+    adapter_revision: str | list[str | None] | None = None,
 ) -> Path:
     """Split a transformers checkpoint into a shard directory: one file per decoder layer plus the resident parts.
 
@@ -1133,11 +1199,15 @@ def split_checkpoint(
             quantized); it streams at the base model's speed and memory. The merge is at the dtype the shard
             directory streams at (`dtype`, else the one `from_pretrained(dtype="auto")` loads the checkpoint at;
             float32 for the weights `from_pretrained` keeps so, stored so). The manifest records the adapter; a split
-            with another adapter, or none, is another split.
-        adapter_revision (`str`, *optional*):
+            with another adapter, or none, is another split. A list of adapters merges each in turn, onto the weights
+            the ones before left: as `PeftModel.from_pretrained(model, first).merge_and_unload()`, then the next
+            loaded onto that model and merged, and so on (the order counts where a merge reads the weight it merges
+            into, as DoRA's does, or an adapter replaces a module whole); a list of one is that adapter.
+        adapter_revision (`str` or `list`, *optional*):
             The revision (branch, tag or commit) of a hub `adapter` (default: its default branch), as
-            `PeftModel.from_pretrained(..., revision=...)` takes it. The manifest notes the commit a hub adapter was
-            fetched at; the same files at another commit are the same adapter.
+            `PeftModel.from_pretrained(..., revision=...)` takes it; for a list of adapters, a list of as many (`None`
+            for a default branch or a local folder). The manifest notes the commit a hub adapter was fetched at; the
+            same files at another commit are the same adapter.
 
     Returns:
         `pathlib.Path`: the shard directory.
@@ -1149,7 +1219,7 @@ def split_checkpoint(
         `ImportError`: `adapter` given without peft installed.
         `ValueError`: `adapter` holds no adapter, is of another model, damaged, prompt learning, made from the
             weights it adapts, or sets `modules_to_save` on a tied weight (before anything is written);
-            `adapter_revision` without `adapter`.
+            `adapter_revision` without `adapter`, or not one per adapter.
         `FileNotFoundError`: `adapter` is neither a folder nor a hub repo id, is a file, or is a hub id offline and not
             in the hub cache.
 
@@ -1161,8 +1231,7 @@ def split_checkpoint(
     """
     from transformers import AutoConfig
 
-    if adapter_revision is not None and adapter is None:
-        raise ValueError("`adapter_revision` is the revision of a hub `adapter`: pass the `adapter` too.")
+    adapters = _adapters_given(adapter, adapter_revision)
     scheme = None
     quantize_tensor = None
     if compression is not None or quant_type is not None or blocksize is not None:
@@ -1245,15 +1314,21 @@ def split_checkpoint(
         _refuse_unquantizable(plan, src, load_dtype)
 
     compression_dict = scheme.to_dict() if scheme is not None else None
-    merger = adapter_folder = adapter_record = adapter_noted = None
-    if adapter is not None:
+    mergers: list = []  # an `AdapterMerge` for each adapter, in order
+    adapter_folders, records, noted = [], [], []
+    if adapters:
         from .merge import adapter_identity, hub_commit, resolve_adapter
 
-        adapter_folder = resolve_adapter(adapter, revision=adapter_revision, token=token, cache_dir=cache_dir)
-        adapter_record = adapter_identity(adapter_folder, adapter)
-        commit = hub_commit(adapter_folder, adapter)
-        # (the manifest notes the commit of a hub adapter beside it, for what it says; not compared: `_adapter_key`)
-        adapter_noted = adapter_record | ({"revision": commit} if commit is not None else {})
+        for given, revision in adapters:
+            folder = resolve_adapter(given, revision=revision, token=token, cache_dir=cache_dir)
+            adapter_folders.append(folder)
+            records.append(adapter_identity(folder, given))
+            commit = hub_commit(folder, given)
+            # (the manifest notes the commit of a hub adapter beside it, for what it says; not compared: `_adapter_key`)
+            noted.append(records[-1] | ({"revision": commit} if commit is not None else {}))
+    # (one adapter is recorded as it always was, a list of one too: the splits made before keep their digests)
+    adapter_record = None if not records else records[0] if len(records) == 1 else records
+    adapter_noted = None if not noted else noted[0] if len(noted) == 1 else noted
     source_identity = src.identity(needed_files)
     options = _options_key(fingerprint, dtype, compression_dict, source_identity, adapter_record)
     # (a split finished before, which recorded the source otherwise, is this one too: see `_Source.identity`)
@@ -1262,12 +1337,12 @@ def split_checkpoint(
         for legacy in (False, True)
     ]
     units = [layer_unit(i) for i in range(len(stack))] + [RESIDENT]
-    if adapter_folder is not None and not os.path.lexists(shard_dir / MANIFEST_NAME):
+    if adapter_folders and not os.path.lexists(shard_dir / MANIFEST_NAME):
         from .merge import AdapterMerge
 
         # (made before anything is written, the folder too, where there is no finished split to compare with first:
         # an adapter PEFT cannot load or merge is refused first)
-        merger = AdapterMerge(adapter_folder, config, model_class, load_dtype)
+        mergers = [AdapterMerge(folder, config, model_class, load_dtype) for folder in adapter_folders]
     shard_dir.mkdir(parents=True, exist_ok=True)
     with _locked(shard_dir, wait=wait):
         # Only one split runs here at a time (the lock): anything temporary is a leftover of a killed run.
@@ -1352,10 +1427,10 @@ def split_checkpoint(
                     f"with other options{_adapter_difference(_recorded_adapter(existing), adapter_noted)}.",
                     "Pass `overwrite=True` (`--overwrite`) to replace it, or choose another directory.",
                 )
-        if adapter_folder is not None and merger is None:
+        if adapter_folders and not mergers:
             from .merge import AdapterMerge
 
-            merger = AdapterMerge(adapter_folder, config, model_class, load_dtype)
+            mergers = [AdapterMerge(folder, config, model_class, load_dtype) for folder in adapter_folders]
         # an interrupted `overwrite=True` run, resumed without it, still replaces the split it was replacing: the side
         # files and deeper layers of the model there before go too (the record says so)
         replacing = overwrite or _resumes_an_overwrite(shard_dir, options)
@@ -1445,7 +1520,7 @@ def split_checkpoint(
                         if tensors[k].is_floating_point():
                             to = torch.float32 if kept is not None and kept.search(k) else created.get(k, dtype)
                             tensors[k] = tensors[k].to(to)
-                if merger is not None:
+                for merger in mergers:  # (each onto what the ones before left)
                     merger.merge(tensors)
                 with _write_errors_named(
                     shard_dir, _unit_file(unit), lambda: f"{len(done)} of {len(units)} units are complete and kept"

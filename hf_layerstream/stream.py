@@ -298,11 +298,14 @@ def attaching_adapters(model: nn.Module):
         )
     merged = state.shard_dir.manifest.adapter
     if merged is not None:  # (attached again, it would count twice)
+        several = isinstance(merged, list)
         logger.warning(
-            "The shard directory %s holds the adapter %s merged into its weights (split with `adapter=`): an adapter "
-            "attached now adds to it.",
+            "The shard directory %s holds the adapter%s %s merged into its weights (split with `adapter=`): an adapter "
+            "attached now adds to %s.",
             state.shard_dir.path,
-            merged.get("id"),
+            "s" if several else "",
+            ", ".join(str(r.get("id")) for r in merged) if several else merged.get("id"),
+            "them" if several else "it",
         )
     with state.guard.lock, _model_lock(model):
         device = state.loader.device

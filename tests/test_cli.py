@@ -1115,3 +1115,6 @@ def test_generate_with_a_peft_adapter(split_dir, tmp_path, capsys, monkeypatch):
     assert "Cannot fetch adapter_config.json of 'someorg/tagged-lora': the hub" in capsys.readouterr().err
     assert main([*argv, "--adapter-revision", "v1"]) == 2
     assert "`--adapter-revision` only applies with `--adapter`" in capsys.readouterr().err
+    # one adapter attached: given twice, refused (the last was taken, silently), pointing to `split`, which merges several
+    assert main([*argv, "--adapter", str(tmp_path / "adapter"), "--adapter", "someorg/tagged-lora"]) == 2
+    assert "`--adapter` given 2 times: `generate` attaches one adapter" in capsys.readouterr().err

@@ -185,6 +185,94 @@ def test_another_adapter_is_another_split(checkpoints, tmp_path, caplog):
     assert ShardDirectory(shards).manifest.adapter["peft_type"] == "IA3"
 
 
+def _sequential_reference(ckpt, folders):
+    """The loaded model with each adapter merged in turn, onto the weights the one before left
+    (`PeftModel.from_pretrained(model, folder).merge_and_unload()`, then the next), and its outputs."""
+    model = _models.load_reference(ckpt)
+    for folder in folders:
+        model = peft.PeftModel.from_pretrained(model, folder).merge_and_unload()
+    return _outputs(model)
+
+
+def test_several_adapters_merge_in_turn(checkpoints, tmp_path, caplog, capsys):
+    """`adapter=[...]` (`--adapter` repeated) merges each adapter in turn, onto the weights the ones before left, as
+    `merge_and_unload` of one, then of the next loaded onto that, gives: the streamed model equals that loaded model,
+    bit for bit (a DoRA merge reads the weight it merges into: the order counts; an adapter replacing the embeddings
+    whole comes last). The manifest records them in order; `inspect` names each. Another order is another split,
+    refused naming both; a list of one is that adapter's split; revisions go one per adapter."""
+    ckpt, _ = checkpoints("llama")
+    folders = []
+    for i, kind in enumerate(["lora", "dora", "head, modules_to_save"]):
+        torch.manual_seed(10 + i)
+        folders.append(_save_adapter(ckpt, tmp_path / kind.replace(", ", "-"), KINDS[kind]()))
+    expected = _sequential_reference(ckpt, folders)
+    shards = split_checkpoint(ckpt, tmp_path / "shards", adapter=folders, progress=False)
+    for plan in ({}, {"max_memory": {"cpu": 0}}):
+        _assert_same(_outputs(streamed_model(ckpt, shards, **plan)), expected)
+    record = ShardDirectory(shards).manifest.adapter
+    assert [r["id"] for r in record] == [str(f.resolve()) for f in folders]
+    assert [r["peft_type"] for r in record] == ["LORA", "LORA", "LORA"]
+    assert main(["inspect", str(shards), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "adapters         3, merged into the weights in this order:" in out
+    assert all(f"  {n}. {f.resolve()} (LORA)" in out for n, f in enumerate(folders, 1))
+    with caplog.at_level(logging.WARNING, logger="hf_layerstream"), attaching_adapters(streamed_model(ckpt, shards)):
+        pass
+    assert f"holds the adapters {', '.join(str(f.resolve()) for f in folders)} merged into its weights" in caplog.text
+    with caplog.at_level(logging.INFO, logger="hf_layerstream"):
+        split_checkpoint(ckpt, shards, adapter=tuple(str(f) for f in folders), progress=False)
+    assert "already holds this split" in caplog.text
+    # the order counts: the DoRA merged before the LoRA gives other weights
+    first_two, swapped = folders[:2], folders[1::-1]
+    reversed_shards = split_checkpoint(ckpt, tmp_path / "swapped", adapter=swapped, progress=False)
+    got = _outputs(streamed_model(ckpt, reversed_shards))
+    _assert_same(got, _sequential_reference(ckpt, swapped))
+    assert not torch.equal(got[0], _sequential_reference(ckpt, first_two)[0])
+    with pytest.raises(
+        ShardDirOccupiedError,
+        match=rf"the adapters {re.escape(str(swapped[0].resolve()))}, {re.escape(str(swapped[1].resolve()))} merged, "
+        rf"in that order; given in another order: {re.escape(str(first_two[0].resolve()))}, ",
+    ):
+        split_checkpoint(ckpt, reversed_shards, adapter=first_two, progress=False)
+    with pytest.raises(ShardDirOccupiedError, match=rf"in that order, not {re.escape(str(folders[0].resolve()))}\)"):
+        split_checkpoint(ckpt, reversed_shards, adapter=folders[0], progress=False)
+    # a list of one is that adapter's split, recorded as one
+    single = split_checkpoint(ckpt, tmp_path / "single", adapter=folders[0], progress=False)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="hf_layerstream"):
+        split_checkpoint(ckpt, single, adapter=[folders[0]], adapter_revision=[None], progress=False)
+    assert "already holds this split" in caplog.text
+    assert ShardDirectory(single).manifest.adapter["id"] == str(folders[0].resolve())
+    # the CLI: `--adapter` repeated, the same split unit by unit
+    assert (
+        main(
+            ["split", str(ckpt), str(tmp_path / "cli"), *(a for f in swapped for a in ("--adapter", str(f))), "--quiet"]
+        )
+        == 0
+    )
+    for unit in ["layers.0", "layers.2", "resident"]:
+        a, b = _unit(tmp_path / "cli", unit), _unit(reversed_shards, unit)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    capsys.readouterr()
+    for argv, message in [
+        (["--adapter-revision", "v1"], "give `--adapter-revision` once per `--adapter`"),
+        (["--adapter-revision", "v1", "--adapter-revision", "v2", "--adapter-revision", "v3"], "once per `--adapter`"),
+    ]:
+        args = ["split", str(ckpt), str(tmp_path / "x"), "--adapter", str(folders[0]), "--adapter", str(folders[1])]
+        assert main([*args, *argv]) == 2
+        assert message in capsys.readouterr().err
+    for adapter, revision, message in [
+        ([], None, "`adapter` is an empty list"),
+        (first_two, "v1", "one revision per adapter"),
+        (first_two, ["v1"], "2 adapters and 1 revision"),
+        ([folders[0], 3], None, r"`adapter` \[1\] is 3"),
+        (folders[0], 3, r"`adapter_revision` is 3: pass a branch"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            split_checkpoint(ckpt, tmp_path / "x", adapter=adapter, adapter_revision=revision, progress=False)
+    assert not (tmp_path / "x").exists()
+
+
 def test_an_adapter_that_cannot_be_merged_here_is_refused_before_anything_is_written(
     checkpoints, tmp_path, monkeypatch
 ):
@@ -451,8 +539,9 @@ def test_a_manifest_that_is_a_fifo_or_holds_a_damaged_adapter_record(checkpoints
         returns_within(30, split_checkpoint, ckpt, fifo, adapter=folder, progress=False)
     shards = split_checkpoint(ckpt, tmp_path / "shards", progress=False)
     manifest = json.loads((shards / "manifest.json").read_text())
-    (shards / "manifest.json").write_text(json.dumps({**manifest, "adapter": "lost"}))
-    assert ShardDirectory(shards).manifest.adapter is None
+    for damaged in ("lost", [{"id": "a"}, "lost"], [{"id": "a"}]):  # (several are two or more records)
+        (shards / "manifest.json").write_text(json.dumps({**manifest, "adapter": damaged}))
+        assert ShardDirectory(shards).manifest.adapter is None
     assert split_checkpoint(ckpt, shards, progress=False) == shards
     with pytest.raises(ShardDirOccupiedError, match=r"\(it has no adapter merged\)"):
         split_checkpoint(ckpt, shards, adapter=folder, progress=False)
