@@ -4,6 +4,7 @@
     python examples/quickstart.py ./my-local-checkpoint --shards my.layers --compression 4bit --max-memory '{"cpu": "2GiB"}'
     python examples/quickstart.py ./my-local-checkpoint --shards tuned.layers --adapter ./my-lora  # merged as it splits
     python examples/quickstart.py Qwen/Qwen2.5-0.5B-Instruct --adapter some-org/qwen-lora --adapter-revision v2
+    python examples/quickstart.py ./my-local-checkpoint --adapter ./domain-lora --adapter ./style-lora  # each in turn
 
 The first run splits the checkpoint into `--shards` (one file per decoder layer); later runs find the split done and
 go straight to generating. Nothing but the resident parts (embeddings, final norm, head) and the layers the budget
@@ -28,38 +29,43 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument(
         "--shards",
         default=None,
-        help="shard directory (default: <model name>.layers; <model name>+<adapter name>.layers with --adapter, "
+        help="shard directory (default: <model name>.layers; <model name>+<adapter name>[+...].layers with --adapter, "
         "<model name>+<adapter name>@<revision>.layers with --adapter-revision too)",
     )
     p.add_argument("--compression", choices=["4bit", "8bit"], default=None, help="block-quantized shards (lossy)")
     p.add_argument(
         "--adapter",
+        action="append",
         default=None,
         help="a PEFT adapter (LoRA and the like), folder or hub id, merged into the weights as they are split (needs "
-        "peft)",
+        "peft); repeated, each is merged in turn",
     )
     p.add_argument(
         "--adapter-revision",
+        action="append",
         default=None,
-        help="branch, tag or commit of a hub --adapter (default: its default branch)",
+        help="branch, tag or commit of a hub --adapter (default: its default branch); once per --adapter where given",
     )
     p.add_argument("--max-memory", type=json.loads, default=None, help='budget, e.g. \'{"cpu": "16GiB", "0": "4GiB"}\'')
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--prompt", default="What is the capital of France?")
     p.add_argument("--max-new-tokens", type=int, default=32)
     args = p.parse_args(argv)
-    if args.adapter_revision is not None and args.adapter is None:
+    adapters, revisions = args.adapter or [], args.adapter_revision or []
+    if revisions and not adapters:
         p.error("--adapter-revision is the revision of a hub --adapter: pass the --adapter too")
-    # (another folder with an adapter merged: a split with another adapter, or none, is another split; so is one of
-    # the adapter at another revision, where its files differ)
-    name = "+".join(a.rstrip("/").split("/")[-1] for a in (args.model, args.adapter) if a)
-    if args.adapter_revision is not None:
-        name += "@" + args.adapter_revision.replace("/", "-")  # (a branch may hold a slash: `refs/pr/1`)
+    if revisions and len(revisions) != len(adapters):
+        p.error("give --adapter-revision once per --adapter, or not at all")
+    # (another folder with an adapter merged: a split with other adapters, or none, is another split; so is one of
+    # an adapter at another revision, where its files differ)
+    name = "+".join(a.rstrip("/").split("/")[-1] for a in [args.model, *adapters])
+    if revisions:
+        name += "@" + ",".join(r.replace("/", "-") for r in revisions)  # (a branch may hold a slash: `refs/pr/1`)
     shards = args.shards or name + ".layers"
 
     # 1. once: one safetensors file per decoder layer (resumable; a finished split is only checked)
     split_checkpoint(
-        args.model, shards, compression=args.compression, adapter=args.adapter, adapter_revision=args.adapter_revision
+        args.model, shards, compression=args.compression, adapter=adapters or None, adapter_revision=revisions or None
     )
 
     # 2. the model as transformers builds it, without weights; the shard directory carries config and tokenizer

@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="REVISION",
         help="with --adapter: the hub adapter's revision (branch, tag or commit; default: its default branch); with "
-        "--adapter repeated, once per --adapter, in the same order",
+        "--adapter repeated, once per --adapter, in the same order ('' for a default branch or a local folder)",
     )
 
     p = sub.add_parser("generate", help="generate text with a streamed model (tokens printed as produced)")
@@ -185,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--adapter-revision",
+        action="append",  # (one, as `--adapter`)
         default=None,
         metavar="REVISION",
         help="with --adapter: the hub adapter's revision (branch, tag or commit; default: its default branch)",
@@ -433,11 +434,12 @@ def _cmd_split(args) -> int:
     from .split import split_checkpoint
 
     _refuse_without_partner(("--adapter-revision", args.adapter_revision, "--adapter", args.adapter))
-    adapters, revisions = args.adapter or [], args.adapter_revision or []
+    adapters = args.adapter or []
+    revisions = [r or None for r in args.adapter_revision or []]  # ('' for none: a default branch, a local folder)
     if revisions and len(revisions) != len(adapters):
         raise ValueError(
             f"{len(adapters)} `--adapter` and {len(revisions)} `--adapter-revision`: give `--adapter-revision` once per "
-            "`--adapter`, in the same order (a branch's name for a default branch), or not at all."
+            "`--adapter`, in the same order ('' for a default branch or a local folder), or not at all."
         )
     path = split_checkpoint(
         args.source,
@@ -522,7 +524,13 @@ def _cmd_generate(args) -> int:
             f"`--adapter` given {len(args.adapter)} times: `generate` attaches one adapter. Merge several into the "
             "shards as they are split, each in turn (`split SOURCE SHARD_DIR --adapter A --adapter B`)."
         )
+    if args.adapter_revision and len(args.adapter_revision) > 1:
+        raise ValueError(
+            f"`--adapter-revision` given {len(args.adapter_revision)} times: `generate` attaches one adapter, at one "
+            "revision."
+        )
     args.adapter = args.adapter[0] if args.adapter else None
+    args.adapter_revision = (args.adapter_revision or [None])[0] or None  # ('' for none, as `split` takes it)
     # refused before the model loads: transformers would take one of them and ignore the other
     if args.assistant and args.prompt_lookup is not None:
         raise ValueError("Pass either `--assistant` or `--prompt-lookup`, not both.")

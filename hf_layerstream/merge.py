@@ -21,6 +21,7 @@ from torch import nn
 from ._safetensors import sha256_file
 from .modeling import build_skeleton, created_dtypes, kept_in_float32, resolve_model_class, tied_targets
 from .modeling import stand_in as make_stand_in
+from .quant import all_finite
 
 logger = logging.getLogger(__name__)
 
@@ -251,7 +252,7 @@ class AdapterMerge:
                 continue
             if p.is_meta:  # (a weight PEFT made for the adapter that its file does not hold)
                 raise ValueError(f"The adapter {folder} holds no value for {name}: its weights file is incomplete.")
-            if p.is_floating_point() and not torch.isfinite(p).all():
+            if p.is_floating_point() and not all_finite(p):
                 raise ValueError(f"The adapter {folder} holds non-finite values in {name}: its weights are damaged.")
         # the copies of weights of modules not adapted: stored as they are
         self.copies = {n: p for p in self.given_weights() for n in self.names[id(p)] if n not in self.owner}
@@ -292,7 +293,7 @@ class AdapterMerge:
             if any(self._value(n) is not value for n in names):
                 # (an adapted weight the model ties to another that the merge changed alone)
                 raise ValueError(self._tied(self.owner[name][0], next(n for n in names if n != name)))
-            if value.is_floating_point() and not torch.isfinite(value).all():
+            if value.is_floating_point() and not all_finite(value):
                 raise ValueError(
                     f"Merging the adapter into {self.owner[name][0]} gives non-finite values in {name}: the adapter is "
                     "not of this model, or its weights are damaged."

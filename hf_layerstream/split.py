@@ -45,7 +45,7 @@ from .modeling import (
     resolve_dtype,
     unit_index,
 )
-from .quant import _BNB_DTYPES
+from .quant import _BNB_DTYPES, all_finite
 from .shard_dir import (
     FORMAT_VERSION,
     LOCK_NAME,
@@ -726,8 +726,10 @@ def _adapter_difference(recorded: dict | list[dict] | None, given: dict | list[d
         return f" ({named}, and none was given)"
     if _ids(recorded) == _ids(given):
         # the same adapters in the same order: one's files differ
-        r, g = next((r, g) for r, g in zip(recorded, given) if _adapter_key(r) != _adapter_key(g))
-        one = named if len(recorded) == 1 else f"{named}; {r.get('id')}"
+        n, r, g = next(
+            (n, r, g) for n, (r, g) in enumerate(zip(recorded, given), 1) if _adapter_key(r) != _adapter_key(g)
+        )
+        one = named if len(recorded) == 1 else f"{named}; adapter {n} of {len(recorded)}, {r.get('id')}"
         if r.get("revision") and g.get("revision") and r["revision"] != g["revision"]:
             return f" ({one} at commit {r['revision']}, whose files differ from those at {g['revision']})"
         return f" ({one}, whose files have changed since)"
@@ -736,12 +738,17 @@ def _adapter_difference(recorded: dict | list[dict] | None, given: dict | list[d
     others = ", ".join(_ids(given))
     if sorted(_ids(recorded)) == sorted(_ids(given)):
         return f" ({named}; given in another order: {others})"
-    moved = "; a moved or copied adapter counts as another" if len(recorded) == len(given) else ""
+    # (a path it does not record among those given: maybe one of its own, moved)
+    moved = "; a moved or copied adapter counts as another" if set(_ids(given)) - set(_ids(recorded)) else ""
     return f" ({named}, not {others}{moved})"
 
 
 def _ids(records: list[dict]) -> list[str]:
     return [str(r.get("id")) for r in records]
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _as_list(record: dict | list[dict] | None) -> list[dict]:
@@ -784,8 +791,8 @@ def _adapters_given(adapter, adapter_revision) -> list[tuple[str | os.PathLike, 
     revisions = list(revisions)
     if len(revisions) != len(adapters):
         raise ValueError(
-            f"`adapter_revision` pairs {len(adapters)} adapters and {len(revisions)} revisions: pass one revision per "
-            "adapter (`None` for a default branch or a local folder)."
+            f"`adapter_revision` lists {_count(len(revisions), 'revision')} for {_count(len(adapters), 'adapter')}: "
+            "pass one revision per adapter (`None` for a default branch or a local folder)."
         )
     for i, r in enumerate(revisions):
         if r is not None and not isinstance(r, str):
@@ -1326,6 +1333,14 @@ def split_checkpoint(
             commit = hub_commit(folder, given)
             # (the manifest notes the commit of a hub adapter beside it, for what it says; not compared: `_adapter_key`)
             noted.append(records[-1] | ({"revision": commit} if commit is not None else {}))
+    for n, record in enumerate(records[1:], 2):
+        if _adapter_key(record) in [_adapter_key(r) for r in records[: n - 1]]:
+            logger.warning(
+                "Adapter %d, %s, is an adapter given before it (the same files): it is merged again, as asked, its "
+                "change added twice.",
+                n,
+                record["id"],
+            )
     # (one adapter is recorded as it always was, a list of one too: the splits made before keep their digests)
     adapter_record = None if not records else records[0] if len(records) == 1 else records
     adapter_noted = None if not noted else noted[0] if len(noted) == 1 else noted
@@ -1796,7 +1811,7 @@ def _units_of_another_rule(directory, rule: Callable[..., bool], scheme) -> list
                 continue
             if quantizes:
                 with safe_open(directory.path / entry.file, framework="pt") as f:
-                    if not bool(torch.isfinite(f.get_tensor(name)).all()):
+                    if not all_finite(f.get_tensor(name)):
                         continue
             out.append(unit)
             break

@@ -206,6 +206,8 @@ def _count_registrations() -> bool:
 def _adapter_weight_problem(stack, *, finite: bool) -> str | None:
     """What is wrong with the adapters' weights in the decoder layers, if anything: one on the meta device, or (with
     `finite`) one holding inf or NaN."""
+    from .quant import all_finite
+
     for name, module in _adapter_modules(stack.layers):
         for rel, t in module.named_parameters():
             if isinstance(t, _Placeholder):
@@ -222,7 +224,7 @@ def _adapter_weight_problem(stack, *, finite: bool) -> str | None:
                     f"with no values. Delete that adapter{again} and attach it again inside the block; or build the "
                     f"model again and {_ATTACH_FIX}."
                 )
-            if finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            if finite and t.is_floating_point() and not all_finite(t):
                 return (
                     f"The adapter weight {full} holds inf or NaN after `attaching_adapters`: its initialisation read "
                     "the base weights, which the block stands in for without values (DoRA's magnitude, PiSSA, "

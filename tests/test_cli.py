@@ -1118,3 +1118,7 @@ def test_generate_with_a_peft_adapter(split_dir, tmp_path, capsys, monkeypatch):
     # one adapter attached: given twice, refused (the last was taken, silently), pointing to `split`, which merges several
     assert main([*argv, "--adapter", str(tmp_path / "adapter"), "--adapter", "someorg/tagged-lora"]) == 2
     assert "`--adapter` given 2 times: `generate` attaches one adapter" in capsys.readouterr().err
+    assert (
+        main([*argv, "--adapter", "someorg/tagged-lora", "--adapter-revision", "v1", "--adapter-revision", "v2"]) == 2
+    )
+    assert "`--adapter-revision` given 2 times" in capsys.readouterr().err

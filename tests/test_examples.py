@@ -46,8 +46,9 @@ def test_quickstart_splits_then_generates_as_the_loaded_model(checkpoints, tmp_p
     assert again == expected
 
 
-def test_quickstart_merges_an_adapter_as_it_splits(checkpoints, tmp_path, capsys):
-    """`--adapter`: the text is the loaded model's with the adapter merged (`merge_and_unload`)."""
+def test_quickstart_merges_an_adapter_as_it_splits(checkpoints, tmp_path, capsys, monkeypatch):
+    """`--adapter`: the text is the loaded model's with the adapter merged (`merge_and_unload`); repeated, with each
+    merged in turn."""
     peft = pytest.importorskip("peft")
     ckpt, _ = checkpoints("llama")
     torch.manual_seed(1)
@@ -65,6 +66,24 @@ def test_quickstart_merges_an_adapter_as_it_splits(checkpoints, tmp_path, capsys
         == expected
         != plain("Once upon", max_new_tokens=6, do_sample=False, return_full_text=False)[0]["generated_text"]
     )
+    # `--adapter` repeated: each merged in turn, into a default folder named by the model and both adapters
+    torch.manual_seed(2)
+    config = peft.LoraConfig(r=4, target_modules=["k_proj", "o_proj"], init_lora_weights=False)
+    peft.get_peft_model(_models.load_reference(ckpt), config).save_pretrained(tmp_path / "second")
+    monkeypatch.chdir(tmp_path)
+    argv = [str(ckpt), "--device", "cpu", "--max-new-tokens", "6", "--prompt", "Once upon"]
+    both = ["--adapter", str(tmp_path / "adapter"), "--adapter", str(tmp_path / "second")]
+    text = _example("quickstart").main([*argv, *both])
+    assert [r["id"] for r in ShardDirectory(tmp_path / f"{ckpt.name}+adapter+second.layers").manifest.adapter] == [
+        str(tmp_path / "adapter"),
+        str(tmp_path / "second"),
+    ]
+    merged = peft.PeftModel.from_pretrained(merged, tmp_path / "second").merge_and_unload()
+    ref = pipeline("text-generation", model=merged, tokenizer=tok)
+    assert text == ref("Once upon", max_new_tokens=6, do_sample=False, return_full_text=False)[0]["generated_text"]
+    with pytest.raises(SystemExit):
+        _example("quickstart").main([*argv, *both, "--adapter-revision", "v1"])
+    assert "give --adapter-revision once per --adapter" in capsys.readouterr().err
 
 
 def test_quickstart_merges_a_hub_adapter_at_a_revision(checkpoints, tmp_path, monkeypatch, capsys):

@@ -243,13 +243,12 @@ def test_several_adapters_merge_in_turn(checkpoints, tmp_path, caplog, capsys):
         split_checkpoint(ckpt, single, adapter=[folders[0]], adapter_revision=[None], progress=False)
     assert "already holds this split" in caplog.text
     assert ShardDirectory(single).manifest.adapter["id"] == str(folders[0].resolve())
-    # the CLI: `--adapter` repeated, the same split unit by unit
-    assert (
-        main(
-            ["split", str(ckpt), str(tmp_path / "cli"), *(a for f in swapped for a in ("--adapter", str(f))), "--quiet"]
-        )
-        == 0
-    )
+    # the CLI: `--adapter` repeated, the same split unit by unit (`--adapter-revision ''`: none, for a local folder)
+    caplog.clear()
+    argv = [a for f in swapped for a in ("--adapter", str(f), "--adapter-revision", "")]
+    with caplog.at_level(logging.WARNING, logger="hf_layerstream"):
+        assert main(["split", str(ckpt), str(tmp_path / "cli"), *argv, "--quiet"]) == 0
+    assert "applies to hub repos" not in caplog.text
     for unit in ["layers.0", "layers.2", "resident"]:
         a, b = _unit(tmp_path / "cli", unit), _unit(reversed_shards, unit)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -264,13 +263,52 @@ def test_several_adapters_merge_in_turn(checkpoints, tmp_path, caplog, capsys):
     for adapter, revision, message in [
         ([], None, "`adapter` is an empty list"),
         (first_two, "v1", "one revision per adapter"),
-        (first_two, ["v1"], "2 adapters and 1 revision"),
+        (first_two, ["v1"], "lists 1 revision for 2 adapters: pass one revision per adapter"),
         ([folders[0], 3], None, r"`adapter` \[1\] is 3"),
         (folders[0], 3, r"`adapter_revision` is 3: pass a branch"),
     ]:
         with pytest.raises(ValueError, match=message):
             split_checkpoint(ckpt, tmp_path / "x", adapter=adapter, adapter_revision=revision, progress=False)
     assert not (tmp_path / "x").exists()
+    # the same adapter twice: merged twice, as asked, and said
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hf_layerstream"):
+        twice = split_checkpoint(ckpt, tmp_path / "twice", adapter=[folders[0], folders[0]], progress=False)
+    assert f"Adapter 2, {folders[0].resolve()}, is an adapter given before it" in caplog.text
+    _assert_same(_outputs(streamed_model(ckpt, twice)), _sequential_reference(ckpt, [folders[0], folders[0]]))
+
+
+def test_the_refusal_says_how_the_adapters_differ():
+    """What a refusal says of the adapters a split records against those given: which one's files changed (by its
+    place, where an adapter comes twice), another order, others; a moved copy is named as a possible cause only
+    where an adapter the split does not record is given."""
+    from hf_layerstream.split import _adapter_difference
+
+    def rec(name, digest="1", commit=None):
+        return {"id": name, "peft_type": "LORA", "sha256": {"w": digest}} | ({"revision": commit} if commit else {})
+
+    a, b, c, d = rec("a"), rec("b"), rec("c"), rec("d")
+    assert _adapter_difference([a, b], [rec("a", commit="f" * 40), b]) == ""  # (the commit is noted, not compared)
+    assert _adapter_difference([a, a], [a, rec("a", "2")]) == (
+        " (the adapters a, a merged, in that order; adapter 2 of 2, a, whose files have changed since)"
+    )
+    assert _adapter_difference([a, rec("a", commit="1" * 40)], [a, rec("a", "2", commit="2" * 40)]).endswith(
+        f"adapter 2 of 2, a at commit {'1' * 40}, whose files differ from those at {'2' * 40})"
+    )
+    assert (
+        _adapter_difference([a, b], [b, a])
+        == " (the adapters a, b merged, in that order; given in another order: b, a)"
+    )
+    assert _adapter_difference([a, b, d], [a, b, b]) == " (the adapters a, b, d merged, in that order, not a, b, b)"
+    assert _adapter_difference([a, b], [a, c]).endswith("not a, c; a moved or copied adapter counts as another)")
+    assert _adapter_difference([a, b], a) == " (the adapters a, b merged, in that order, not a)"
+    assert (
+        _adapter_difference(a, [a, b])
+        == " (the adapter a merged, not a, b; a moved or copied adapter counts as another)"
+    )
+    assert _adapter_difference([a, b], None) == " (the adapters a, b merged, in that order, and none was given)"
+    assert _adapter_difference(None, [a, b]) == " (it has no adapter merged)"
+    assert _adapter_difference(a, c) == " (the adapter a merged; a moved or copied adapter counts as another)"
 
 
 def test_an_adapter_that_cannot_be_merged_here_is_refused_before_anything_is_written(

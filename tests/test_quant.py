@@ -252,6 +252,27 @@ def test_quantize_rejects_bad_input():
     assert not isinstance(other.value, NonFiniteError)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_all_finite_finds_one_nan_or_inf_anywhere(dtype):
+    """`all_finite` (one `aminmax`, not a boolean tensor of the weight's size) says what `torch.isfinite(t).all()`
+    says: one NaN, inf or -inf at any place of a tensor of any shape (the vectorized body and the tail of the
+    reduction), in a transposed view too; an empty tensor is finite."""
+    from hf_layerstream.quant import all_finite
+
+    gen = torch.Generator().manual_seed(0)
+    for shape in [(1,), (7,), (33,), (1000,), (64, 129), (3, 5, 17)]:
+        x = torch.randn(shape, generator=gen).to(dtype)
+        assert all_finite(x) and all_finite(x.T if x.dim() == 2 else x)
+        for value in (float("nan"), float("inf"), float("-inf")):
+            for place in {0, x.numel() // 2, x.numel() - 1, int(torch.randint(x.numel(), (), generator=gen))}:
+                bad = x.clone()
+                bad.view(-1)[place] = value
+                assert not all_finite(bad) and not all_finite(bad.T if bad.dim() == 2 else bad), (shape, value, place)
+                assert all_finite(bad) == bool(torch.isfinite(bad).all())
+    assert not all_finite(torch.full((100,), float("nan"), dtype=dtype))
+    assert all_finite(torch.zeros(0, 4, dtype=dtype))
+
+
 def test_dequantize_rejects_mismatched_parts():
     parts, meta = quantize_tensor(_randn((128, 64), torch.bfloat16), NF4)
     with pytest.raises(ValueError, match="qdata"):
