@@ -409,7 +409,8 @@ def _owned_cpu(t: torch.Tensor) -> torch.Tensor:
 def all_finite(tensor: torch.Tensor) -> bool:
     """Whether every value of a floating-point `tensor` is finite (no NaN, no inf): its least and greatest values are
     (`torch.aminmax` propagates NaN). One reduction, no boolean tensor of its size: 0.03 s for a 28672 x 8192
-    bfloat16 weight here, where `torch.isfinite(t).all()` took 1.3 s (most of a compressed split's time per weight)."""
+    bfloat16 weight here, where `torch.isfinite(t).all()` took 1.3 s; `quantize_tensor` of that weight went from 5.4-5.5
+    s to 4.7-4.8 s, and merging a rank-16 LoRA into a 70B-shaped layer from 6.8-8.7 s to 5.1-6.0 s."""
     if tensor.numel() == 0:
         return True
     low, high = torch.aminmax(tensor)
