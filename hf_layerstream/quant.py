@@ -406,6 +406,9 @@ def _owned_cpu(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+_MIN_MAX_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+
+
 def all_finite(tensor: torch.Tensor) -> bool:
     """Whether every value of a floating-point `tensor` is finite (no NaN, no inf): its least and greatest values are
     (`torch.aminmax` propagates NaN). One reduction, no boolean tensor of its size: 0.03 s for a 28672 x 8192
@@ -413,6 +416,8 @@ def all_finite(tensor: torch.Tensor) -> bool:
     s to 4.7-4.8 s, and merging a rank-16 LoRA into a 70B-shaped layer from 6.8-8.7 s to 5.1-6.0 s."""
     if tensor.numel() == 0:
         return True
+    if tensor.dtype not in _MIN_MAX_DTYPES:  # (no `aminmax` of float8 on the CPU; `isfinite` of some of them)
+        return bool(torch.isfinite(tensor).all())
     low, high = torch.aminmax(tensor)
     return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
 
