@@ -1336,8 +1336,8 @@ def split_checkpoint(
     for n, record in enumerate(records[1:], 2):
         if _adapter_key(record) in [_adapter_key(r) for r in records[: n - 1]]:
             logger.warning(
-                "Adapter %d, %s, is an adapter given before it (the same files): it is merged again, as asked, its "
-                "change added twice.",
+                "Adapter %d, %s, is an adapter given before it (the same files): it is merged again, as asked (its "
+                "change applied twice).",
                 n,
                 record["id"],
             )
