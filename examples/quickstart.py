@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--prompt", default="What is the capital of France?")
     p.add_argument("--max-new-tokens", type=int, default=32)
     args = p.parse_args(argv)
-    adapters, revisions = args.adapter or [], args.adapter_revision or []
+    adapters, revisions = args.adapter or [], args.adapter_revision or []  # ('' for a default branch, as in `split`)
     if revisions and not adapters:
         p.error("--adapter-revision is the revision of a hub --adapter: pass the --adapter too")
     if revisions and len(revisions) != len(adapters):
@@ -60,12 +60,16 @@ def main(argv: list[str] | None = None) -> str:
     # an adapter at another revision, where its files differ)
     name = "+".join(a.rstrip("/").split("/")[-1] for a in [args.model, *adapters])
     if revisions:
-        name += "@" + ",".join(r.replace("/", "-") for r in revisions)  # (a branch may hold a slash: `refs/pr/1`)
+        name += "@" + ",".join(r.replace("/", "-") or "-" for r in revisions)  # (a branch may hold a slash: refs/pr/1)
     shards = args.shards or name + ".layers"
 
     # 1. once: one safetensors file per decoder layer (resumable; a finished split is only checked)
     split_checkpoint(
-        args.model, shards, compression=args.compression, adapter=adapters or None, adapter_revision=revisions or None
+        args.model,
+        shards,
+        compression=args.compression,
+        adapter=adapters or None,
+        adapter_revision=[r or None for r in revisions] or None,
     )
 
     # 2. the model as transformers builds it, without weights; the shard directory carries config and tokenizer
