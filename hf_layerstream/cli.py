@@ -454,8 +454,8 @@ def _cmd_split(args) -> int:
         wait=args.wait,
         progress=not args.quiet,
         model_class=args.model_class,
-        adapter=adapters[0] if len(adapters) == 1 else adapters or None,
-        adapter_revision=revisions[0] if len(revisions) == 1 else revisions or None,
+        adapter=adapters or None,  # (a list of one is that adapter: `split._adapters_given`)
+        adapter_revision=revisions or None,
     )
     print(f"shard directory ready: {path}")
     return 0
