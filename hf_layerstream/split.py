@@ -424,6 +424,26 @@ class _Source:
         self._handles[filename] = handle
         return handle
 
+    def to_download(self, files: set[str]) -> tuple[list[str], int, Path] | None:
+        """Those of `files` (weight files the split reads) a hub repo's cache lacks, which `read_keys_of_files` is to
+        download, their size in bytes (as the hub lists them) and the hub cache folder they go to; `None` for a local
+        folder, where none is to be downloaded, or where the hub cannot tell the sizes (unreachable: nothing is
+        downloaded then, the split stops at the first file it lacks)."""
+        if self.local_dir is None:
+            missing = sorted(f for f in files if self._local_weight_file(f) is None)
+        if self.local_dir is not None or not missing or self.hub_unreachable or _is_offline():
+            return None
+        try:
+            from huggingface_hub import HfApi
+
+            listed = HfApi().get_paths_info(self.repo_id, missing, revision=self.revision, token=self._token)
+            sizes = {info.path: info.size for info in listed if isinstance(getattr(info, "size", None), int)}
+        except Exception as e:  # noqa: BLE001 - only a check of the disk space; the download says what is wrong
+            logger.info("Could not list the sizes of %s's weight files (%s: %s)", self.repo_id, type(e).__name__, e)
+            return None
+        # (the snapshot folder of config.json: on the disk the blobs are downloaded to, beside it in the repo's folder)
+        return missing, sum(sizes.get(f, 0) for f in missing), self.config_path.parent
+
     def missing_files(self, files: set[str]) -> list[str]:
         """Those of `files` a local folder lacks (a hub repo's are fetched when first needed)."""
         if self.local_dir is None:
@@ -932,6 +952,14 @@ def _space_needed(shard_dir: Path, estimates: dict[str, int]) -> tuple[int, int]
         grown += max(new - old, 0)
         beside = max(beside, old)
     return grown + beside, held
+
+
+def _same_disk(a: Path, b: Path) -> bool:
+    """Whether the existing paths `a` and `b` lie on the same filesystem (taken so where that cannot be told)."""
+    try:
+        return os.stat(a).st_dev == os.stat(b).st_dev
+    except OSError:
+        return True
 
 
 def _held_open(path: Path) -> bool:
@@ -1483,6 +1511,28 @@ def split_checkpoint(
         needed += sum(path.stat().st_size for path in side.values() if path is not None)
         needed += 4096 * len(units) + 2**20  # manifest, progress record and config
         free = shutil.disk_usage(shard_dir).free
+        # the weight files of a hub repo not in the hub cache yet are downloaded there before a layer is written (and
+        # kept): huggingface_hub only warns when they do not fit, and the split ran out of space after the download
+        download = src.to_download(needed_files) if todo else None
+        download_text = ""
+        if download is not None:
+            missing, download_bytes, cache = download
+            files = f"{len(missing)} weight file{'s' if len(missing) > 1 else ''} of {src.repo_id}"
+            if _same_disk(cache, shard_dir):
+                needed += download_bytes
+                download_text = (
+                    f", {size_text(download_bytes)} of it to download the {files} it reads that the hub cache lacks, "
+                    f"into the cache there ({cache}),"
+                )
+            elif download_bytes > (cache_free := shutil.disk_usage(cache).free):
+                raise OSError(
+                    errno.ENOSPC,
+                    f"Not enough disk space in the hub cache {cache} to download the {files} the split reads that it "
+                    f"lacks: they take {size_text(download_bytes)} and {size_text(cache_free)} are free there. Free "
+                    "some space, or point the hub cache to a disk with room (`cache_dir`, or the HF_HUB_CACHE "
+                    "variable), or download the repo to such a disk (`hf download REPO --local-dir DIR`) and split "
+                    "from that folder; nothing was written",
+                )
         if needed > free:
             held_text = (
                 f" ({held} of the files it replaces {'is' if held == 1 else 'are'} held open by a process, such as a "
@@ -1493,9 +1543,13 @@ def split_checkpoint(
             )
             raise OSError(
                 errno.ENOSPC,
-                f"Not enough disk space in {shard_dir}: the split needs about {size_text(needed)} more and "
-                f"{size_text(free)} are free{held_text}. Free some space or choose another `shard_dir`; nothing was "
-                "written",
+                f"Not enough disk space in {shard_dir}: the split needs about {size_text(needed)} more{download_text} "
+                f"and {size_text(free)} are free{held_text}. Free some space or choose another `shard_dir`"
+                + (
+                    ", or point the hub cache to another disk (`cache_dir`, or the HF_HUB_CACHE variable)"
+                    * bool(download_text)
+                )
+                + "; nothing was written",
             )
 
         if todo and src.read_keys_of_files(needed_files):

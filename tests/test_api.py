@@ -1094,7 +1094,14 @@ def _lazy_hub_repo(monkeypatch, remote, cache_dir, repo_id, commit, *, interrupt
             shutil.copy(remote / filename, snapshot / filename)
         return str(snapshot / filename)
 
+    def get_paths_info(self, repo_id, paths, *, revision=None, token=None, **kwargs):
+        assert revision == commit  # (the commit config.json was fetched at, not a branch that may have moved since)
+        from huggingface_hub.hf_api import RepoFile
+
+        return [RepoFile(path=p, size=(remote / p).stat().st_size, oid="0" * 40) for p in paths]
+
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    monkeypatch.setattr(huggingface_hub.HfApi, "get_paths_info", get_paths_info)
     # (the hub's listing of `additional_chat_templates/`: this repo has none)
     monkeypatch.setattr(transformers.utils.hub, "list_repo_templates", lambda *args, **kwargs: [])
     return fetched
@@ -1168,6 +1175,68 @@ def test_hub_repo_fetched_during_the_split_resumes_and_reruns(tmp_path, monkeypa
     assert (out / "manifest.json").stat().st_mtime_ns == stamp
     assert json.loads((out / "manifest.json").read_text())["source"]["revision"] == commit
     assert sorted(f for f in fetched if f.endswith(".safetensors")) == files  # (each once)
+    assert _exact(remote, out)
+
+
+def test_the_disk_space_check_counts_the_download_of_a_hub_repo(tmp_path, monkeypatch):
+    """A hub repo's weight files not in the hub cache are downloaded there before a layer is written, and kept:
+    huggingface_hub only warns when they do not fit. The check of the free space counted only what the split writes,
+    so a disk with room for the split or the download, not both, passed it, and the split ran out of space after
+    the download. Now the download counts where the hub cache is on the disk of `shard_dir` (it is refused before a
+    file is fetched, saying why); on another disk, that disk must hold the download."""
+    import errno
+
+    from hf_layerstream import split as split_mod
+
+    remote = _models.save_tiny_checkpoint("llama", tmp_path / "remote", num_hidden_layers=4)
+    files = sorted(set(json.loads((remote / "model.safetensors.index.json").read_text())["weight_map"].values()))
+    download = sum((remote / f).stat().st_size for f in files)
+    free = {}  # the free space each check is told of, by the folder it asks about: the hub cache's, or another
+
+    def told(path):
+        cached = Path(path).resolve().is_relative_to((tmp_path / "cache").resolve())
+        return type("U", (), {"free": free["cache" if cached else "shards"]})()
+
+    monkeypatch.setattr(split_mod.shutil, "disk_usage", told)
+    # what the split itself needs, as the check counts it for the same checkpoint in a local folder
+    free["cache"] = free["shards"] = 0
+    with pytest.raises(OSError, match="needs about") as local:
+        split_checkpoint(remote, tmp_path / "local", progress=False)
+    needs = float(re.search(r"needs about ([\d.]+) MiB more and", str(local.value)).group(1)) * 2**20
+    assert download > 2**18  # (the test's premise: half the download and the margin below are less than all of it)
+
+    fetched = _lazy_hub_repo(monkeypatch, remote, tmp_path / "cache", "tiny-org/lazy", "c" * 40)
+    out = tmp_path / "shards"
+    free["cache"] = free["shards"] = int(needs + 2**16 + download // 2)  # room for the split, not the download too
+    with pytest.raises(OSError) as refused:
+        split_checkpoint("tiny-org/lazy", out, cache_dir=tmp_path / "cache", progress=False)
+    assert refused.value.errno == errno.ENOSPC
+    cache = tmp_path / "cache" / "models--tiny-org--lazy" / "snapshots" / ("c" * 40)
+    assert re.fullmatch(
+        rf"Not enough disk space in {re.escape(str(out))}: the split needs about [\d.]+ MiB more, "
+        rf"{re.escape(split_mod.size_text(download))} of it to download the {len(files)} weight files of tiny-org/lazy "
+        rf"it reads that the hub cache lacks, into the cache there \({re.escape(str(cache))}\), and [\d.]+ MiB are "
+        r"free\. Free some space or choose another `shard_dir`, or point the hub cache to another disk \(`cache_dir`, "
+        r"or the HF_HUB_CACHE variable\); nothing was written",
+        refused.value.strerror,
+    )
+    assert not [f for f in fetched if f.endswith(".safetensors")]  # (refused before the download)
+    assert not list(out.glob("layers/*")) and not (out / "manifest.json").exists()
+
+    # the hub cache on another disk: that disk must hold the download, the split's disk only the split
+    monkeypatch.setattr(split_mod, "_same_disk", lambda a, b: False)
+    free["cache"], free["shards"] = download - 1, int(needs + 2**16)
+    with pytest.raises(OSError) as refused:
+        split_checkpoint("tiny-org/lazy", out, cache_dir=tmp_path / "cache", progress=False)
+    assert refused.value.strerror.startswith(
+        f"Not enough disk space in the hub cache {cache} to download the {len(files)} weight files of tiny-org/lazy "
+        f"the split reads that it lacks: they take {split_mod.size_text(download)} and "
+        f"{split_mod.size_text(download - 1)} are free there."
+    )
+    assert not [f for f in fetched if f.endswith(".safetensors")]
+    free["cache"] = download
+    split_checkpoint("tiny-org/lazy", out, cache_dir=tmp_path / "cache", progress=False)
+    assert sorted(f for f in fetched if f.endswith(".safetensors")) == files
     assert _exact(remote, out)
 
 
