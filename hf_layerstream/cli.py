@@ -111,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace a shard directory of another model/options, or write into a non-empty folder holding none",
     )
     p.add_argument("--wait", action="store_true", help="wait for another split into the same directory to finish")
+    p.add_argument(
+        "--remove-from-cache",
+        action="store_true",
+        help="for a hub repo: download each weight file when the split first reads it and delete it from the hub "
+        "cache once written, so the disk holds the split and a few of the repo's files, not the whole repo beside it",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument(
         "--model-class",
@@ -456,6 +462,7 @@ def _cmd_split(args) -> int:
         model_class=args.model_class,
         adapter=adapters or None,  # (a list of one is that adapter: `split._adapters_given`)
         adapter_revision=revisions or None,
+        remove_from_cache=args.remove_from_cache,
     )
     print(f"shard directory ready: {path}")
     return 0

@@ -197,6 +197,9 @@ class _Source:
         self.index_metadata: dict = {}  # the checkpoint index's `metadata` (transformers reads a `dtype` there)
         self.files: list[str] = []  # the weight files, in the order transformers loads them
         self._listed: dict[str, set[str]] = {}  # (see `_keys_of_files`)
+        # a hub repo's safetensors file not on this machine -> its tensors' dtypes, from its header read over the
+        # network (`read_remote_headers`)
+        self._remote: dict[str, dict[str, torch.dtype]] = {}
         self._weight_map: dict = {}
         self.config_path = self.fetch("config.json", required=True)
         self.keys = self._list_keys()
@@ -363,7 +366,9 @@ class _Source:
         keys: dict[str, str] = {}
         for filename in self.files:
             path = self._local_weight_file(filename)
-            if path is None:
+            if path is None and filename in self._remote:
+                names = list(self._remote[filename])
+            elif path is None:
                 names = self._listed[filename] = {str(k) for k, f in weight_map.items() if f == filename}
             elif filename.endswith(".safetensors"):
                 names = read_header(path, source=True).tensors
@@ -389,6 +394,67 @@ class _Source:
             keys = self._keys_of_files(self._weight_map)
         moved, self.keys = keys != self.keys, keys
         return moved
+
+    def read_remote_headers(self) -> bool:
+        """Take the keys (and dtypes) of a hub repo's safetensors files not on this machine from their headers, read
+        from the hub (a range request each) instead of downloading the files: the split is then planned from what
+        they hold, as transformers loads them, before it downloads any (`remove_from_cache` downloads each file when a
+        unit first reads it). A `.bin` file is downloaded (its keys are in its pickle). Returns whether a key then
+        comes from another file than planned."""
+        if not self._listed or self.hub_unreachable or _is_offline():  # (the download's error says what is wrong)
+            return False
+        from concurrent.futures import ThreadPoolExecutor
+
+        from huggingface_hub import HfApi
+
+        from ._safetensors import _SOURCE_DTYPES
+
+        api = HfApi()
+
+        def header(filename: str) -> dict[str, torch.dtype]:
+            try:
+                meta = api.parse_safetensors_file_metadata(
+                    self.repo_id, filename, revision=self.revision, token=self._token
+                )
+            except Exception as e:  # noqa: BLE001 - re-raised naming the file and what to do
+                raise OSError(
+                    f"Could not read the header of {filename} of the hub repo {self.repo_id!r} ({type(e).__name__}: "
+                    f"{e}). `remove_from_cache` reads the weight files' headers from the hub before it downloads "
+                    "them; check the network, or split without it."
+                ) from e
+            # (as `read_header` lists them: sub-byte dtypes are not listed; one it does not know fails when read)
+            return {k: _SOURCE_DTYPES[i.dtype] for k, i in meta.tensors.items() if i.dtype in _SOURCE_DTYPES}
+
+        names = sorted(f for f in self._listed if f.endswith(".safetensors"))
+        with ThreadPoolExecutor(max_workers=min(8, len(names) or 1)) as pool:
+            self._remote.update(zip(names, pool.map(header, names)))
+        for filename in sorted(f for f in self._listed if not f.endswith(".safetensors")):
+            self.fetch(filename, required=True)
+        keys = self._keys_of_files(self._weight_map)
+        moved, self.keys = keys != self.keys, keys
+        return moved
+
+    def remove_from_cache(self, files: set[str]) -> None:
+        """Delete `files`, weight files of this hub repo, from the hub cache (`remove_from_cache`): each one's entry in
+        the snapshot, and the blob it links to unless another snapshot of the repo links to it too (another revision
+        holding the same file). A file not in the cache is skipped; one that cannot be deleted is warned about."""
+        snapshots = self.config_path.parents[1]
+        for filename in sorted(files):
+            self._handles.pop(filename, None)
+            path = self._local_weight_file(filename)
+            if path is None:
+                continue
+            blob = Path(os.path.realpath(path)) if path.is_symlink() else None
+            try:
+                path.unlink()
+                if blob is not None and not any(
+                    link.is_symlink() and Path(os.path.realpath(link)) == blob for link in snapshots.rglob("*")
+                ):
+                    blob.unlink()
+            except OSError as e:  # (Windows: a file still mapped)
+                logger.warning("Could not remove %s from the hub cache (%s); it stays there", path, e)
+            else:
+                logger.info("Removed %s from the hub cache, its tensors written into the split", filename)
 
     def _open(self, filename: str):
         if filename in self._handles:
@@ -424,9 +490,9 @@ class _Source:
         self._handles[filename] = handle
         return handle
 
-    def to_download(self, files: set[str]) -> tuple[list[str], int, Path] | None:
-        """Those of `files` (weight files the split reads) a hub repo's cache lacks, which `read_keys_of_files` is to
-        download, their size in bytes (as the hub lists them) and the hub cache folder they go to; `None` for a local
+    def to_download(self, files: set[str]) -> tuple[dict[str, int], Path] | None:
+        """Those of `files` (weight files the split reads) a hub repo's cache lacks, which the split is to download,
+        with their sizes in bytes (as the hub lists them), and the hub cache folder they go to; `None` for a local
         folder, where none is to be downloaded, or where the hub cannot tell the sizes (unreachable: nothing is
         downloaded then, the split stops at the first file it lacks)."""
         if self.local_dir is None:
@@ -442,7 +508,7 @@ class _Source:
             logger.info("Could not list the sizes of %s's weight files (%s: %s)", self.repo_id, type(e).__name__, e)
             return None
         # (the snapshot folder of config.json: on the disk the blobs are downloaded to, beside it in the repo's folder)
-        return missing, sum(sizes.get(f, 0) for f in missing), self.config_path.parent
+        return {f: sizes.get(f, 0) for f in missing}, self.config_path.parent
 
     def missing_files(self, files: set[str]) -> list[str]:
         """Those of `files` a local folder lacks (a hub repo's are fetched when first needed)."""
@@ -521,6 +587,7 @@ class _Source:
         for filename in self.files:
             path = self._local_weight_file(filename)
             if path is None:
+                out.update(self._remote.get(filename, {}))
                 continue
             if filename.endswith(".safetensors"):
                 header = read_header(path, source=True)
@@ -536,7 +603,9 @@ class _Source:
         filename = self.files[0] if self.files else None
         if filename is None:
             return None
-        if filename.endswith(".safetensors"):
+        if filename in self._remote and self._local_weight_file(filename) is None:  # (not downloaded for this)
+            dtypes = [self._remote[filename][k] for k in sorted(self._remote[filename])]
+        elif filename.endswith(".safetensors"):
             header = read_header(self.fetch(filename, required=True), source=True)
             dtypes = [header.tensors[k].dtype for k in sorted(header.tensors)]
         else:
@@ -954,6 +1023,20 @@ def _space_needed(shard_dir: Path, estimates: dict[str, int]) -> tuple[int, int]
     return grown + beside, held
 
 
+def _files_read(plan, src: _Source, units: list[str] | None) -> set[str]:
+    """The weight files writing `units` reads (`None`: every unit, and the checks of tied pairs before the first)."""
+    files = {src.keys[k] for u, entries in plan.units.items() if units is None or u in units for k, _, _ in entries}
+    return files | ({src.keys[k] for k in plan.tied_stored.values()} if units is None else set())
+
+
+def _most_held(sizes: dict[str, int], reads: list[set[str]]) -> int:
+    """The most bytes of the files of `sizes` held at once when each is downloaded as the first of the units (`reads`:
+    the files each one reads, in order) reading it is written, and removed once the last one is."""
+    span = {f: [i for i, files in enumerate(reads) if f in files] for f in sizes}
+    span = {f: (i[0], i[-1]) for f, i in span.items() if i}
+    return max((sum(sizes[f] for f, (a, b) in span.items() if a <= i <= b) for i in range(len(reads))), default=0)
+
+
 def _same_disk(a: Path, b: Path) -> bool:
     """Whether the existing paths `a` and `b` lie on the same filesystem (taken so where that cannot be told)."""
     try:
@@ -1185,6 +1268,7 @@ def split_checkpoint(
     model_class: type | str | None = None,
     adapter: str | os.PathLike | list[str | os.PathLike] | None = None,
     adapter_revision: str | list[str | None] | None = None,
+    remove_from_cache: bool = False,
 ) -> Path:
     """Split a transformers checkpoint into a shard directory: one file per decoder layer plus the resident parts.
 
@@ -1243,6 +1327,13 @@ def split_checkpoint(
             `PeftModel.from_pretrained(..., revision=...)` takes it; for a list of adapters, a list of as many (`None`
             for a default branch or a local folder). The manifest notes the commit a hub adapter was fetched at; the
             same files at another commit are the same adapter.
+        remove_from_cache (`bool`, defaults to `False`):
+            For a hub repo `source`: delete each weight file the split reads from the hub cache once every unit reading
+            it is written (whoever downloaded it; another revision's copy of the same file stays), and download each
+            one only when a unit first reads it (the split is planned from the files' headers, read from the hub):
+            the disk then holds the split and a few of the repo's files at a time, not the whole repo beside it.
+            Files a split interrupted before downloaded are removed by the run that finishes it. `from_pretrained` of
+            the repo downloads them again.
 
     Returns:
         `pathlib.Path`: the shard directory.
@@ -1252,7 +1343,7 @@ def split_checkpoint(
             config ties a pair of weights it stores with different values; `shard_dir` holds another split, one
             made by a newer hf_layerstream, or files but no shard directory (pass `overwrite=True` to write there).
         `ImportError`: `adapter` given without peft installed.
-        `ValueError`: `adapter` holds no adapter, is of another model, damaged, prompt learning, made from the
+        `ValueError`: `remove_from_cache` with a local folder as `source`; `adapter` holds no adapter, is of another model, damaged, prompt learning, made from the
             weights it adapts, or sets `modules_to_save` on a tied weight (before anything is written);
             `adapter_revision` without `adapter`, or not one per adapter.
         `FileNotFoundError`: `adapter` is neither a folder nor a hub repo id, is a file, or is a hub id offline and not
@@ -1292,6 +1383,11 @@ def split_checkpoint(
         )
 
     src = _Source(source, revision=revision, token=token, cache_dir=cache_dir)
+    if remove_from_cache and src.local_dir is not None:
+        raise ValueError(
+            f"`remove_from_cache` deletes a hub repo's weight files from the hub cache as the split goes; `source` "
+            f"{src.local_dir} is a local folder, which the split never modifies. Split without it; nothing was written."
+        )
     if src.local_dir is not None:
         # (`overwrite=True` into a folder holding the source, `split(ckpt_dir / "layers", ckpt_dir)`, deleted its weight
         # files before they were read)
@@ -1320,9 +1416,7 @@ def split_checkpoint(
     fingerprint = architecture_fingerprint(model, stack)
     plan = _plan(model, stack, src, config, model_class)
     # the weight files the split reads: checked before anything is written, not found missing half way through
-    needed_files = {src.keys[k] for entries in plan.units.values() for k, _, _ in entries} | {
-        src.keys[k] for k in plan.tied_stored.values()
-    }
+    needed_files = _files_read(plan, src, None)
     absent = src.missing_files(needed_files)
     if absent:
         raise FileNotFoundError(
@@ -1457,6 +1551,8 @@ def split_checkpoint(
                         except OSError as e:
                             logger.info("could not remove %s (%s); it is ignored beside the manifest", stale, e)
                     logger.info("%s already holds this split; nothing to do", shard_dir)
+                    if remove_from_cache:
+                        src.remove_from_cache(needed_files)
                     return shard_dir
             elif not overwrite and not isinstance(existing, dict):
                 raise ShardDirOccupiedError(
@@ -1491,6 +1587,12 @@ def split_checkpoint(
             logger.info("Resuming the split in %s: %d of %d units already done", shard_dir, len(done), len(units))
 
         todo = [u for u in units if u not in done]
+        if todo and remove_from_cache and src.read_remote_headers():
+            # (a hub file holds other tensors than its index lists: planned from what the files hold, as transformers
+            # loads them; see `read_keys_of_files`, which downloads them instead)
+            plan = _plan(model, stack, src, config, model_class)
+            _refuse_untied_pairs(model, plan, src, dtype)
+            needed_files = _files_read(plan, src, None)
         stored_dtypes = src.stored_dtypes() if dtype is None else {}
         estimates = _estimate_units_bytes(
             model,
@@ -1516,13 +1618,19 @@ def split_checkpoint(
         download = src.to_download(needed_files) if todo else None
         download_text = ""
         if download is not None:
-            missing, download_bytes, cache = download
-            files = f"{len(missing)} weight file{'s' if len(missing) > 1 else ''} of {src.repo_id}"
+            sizes, cache = download
+            files = f"{len(sizes)} weight file{'s' if len(sizes) > 1 else ''} of {src.repo_id}"
+            download_bytes = sum(sizes.values())
+            if remove_from_cache:  # (the most the files downloaded take at once, each removed once written)
+                download_bytes = _most_held(sizes, [_files_read(plan, src, [u]) for u in todo])
             if _same_disk(cache, shard_dir):
                 needed += download_bytes
                 download_text = (
-                    f", {size_text(download_bytes)} of it to download the {files} it reads that the hub cache lacks, "
-                    f"into the cache there ({cache}),"
+                    f", {size_text(download_bytes)} of it for the {files} it reads that the hub cache lacks, downloaded "
+                    f"into the cache there ({cache}) and removed as it goes (the most it holds at once),"
+                    if remove_from_cache
+                    else f", {size_text(download_bytes)} of it to download the {files} it reads that the hub cache "
+                    f"lacks, into the cache there ({cache}),"
                 )
             elif download_bytes > (cache_free := shutil.disk_usage(cache).free):
                 raise OSError(
@@ -1601,6 +1709,8 @@ def split_checkpoint(
                 # keep only the source files the next units still need open
                 nxt = units[units.index(unit) + 1 :]
                 src.release({src.keys[k] for u in nxt for k, _, _ in plan.units.get(u, [])})
+                if remove_from_cache:  # (and in the hub cache, those the units still to write read)
+                    src.remove_from_cache(needed_files - _files_read(plan, src, [u for u in nxt if u not in done]))
                 bar.update(1)
         finally:
             bar.close()
@@ -1650,6 +1760,8 @@ def split_checkpoint(
             _remove(shard_dir / PROGRESS_NAME)
         with _finishing_errors_named(shard_dir, f"syncing the directory {shard_dir} (to make the manifest durable)"):
             fsync_dir(shard_dir)
+        if remove_from_cache:  # (those only the units written before read, or the checks before the first unit)
+            src.remove_from_cache(needed_files)
     logger.info("Wrote %d layers to %s", len(stack), shard_dir)
     return shard_dir
 

@@ -7,6 +7,7 @@ import copy
 import hashlib
 import inspect
 import json
+import os
 import re
 import shutil
 import threading
@@ -1068,19 +1069,24 @@ def test_an_index_naming_shards_in_a_subfolder_is_split_as_transformers_loads_it
     assert not (tmp_path / "refused").exists()
 
 
-def _lazy_hub_repo(monkeypatch, remote, cache_dir, repo_id, commit, *, interrupt_at=None):
+def _lazy_hub_repo(monkeypatch, remote, cache_dir, repo_id, commit, *, interrupt_at=None, held=None):
     """A hub repo holding the checkpoint folder `remote`, none of it in the hub cache yet: each file is copied into the
-    cache as `hf_hub_download` fetches it (the first fetch of `interrupt_at` raises KeyboardInterrupt instead).
+    cache as `hf_hub_download` fetches it, as huggingface_hub stores it (a blob, and a symlink to it in the commit's
+    snapshot; the first fetch of `interrupt_at` raises KeyboardInterrupt instead). The hub lists the files' sizes and
+    gives their headers, as its API does. `held`, a list: each fetch appends the weight files in the cache then.
     Returns the list of the files fetched, as they are."""
     import huggingface_hub
     import transformers.utils.hub
     from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub.hf_api import RepoFile
+    from huggingface_hub.utils import SafetensorsFileMetadata, TensorInfo
 
     repo = cache_dir / ("models--" + repo_id.replace("/", "--"))
     snapshot = repo / "snapshots" / commit
     snapshot.mkdir(parents=True)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
+    (repo / "blobs").mkdir()
     fetched, interrupted = [], []
 
     def hf_hub_download(repo_id, filename, revision=None, token=None, cache_dir=None, **kwargs):
@@ -1091,17 +1097,34 @@ def _lazy_hub_repo(monkeypatch, remote, cache_dir, repo_id, commit, *, interrupt
                 interrupted.append(filename)
                 raise KeyboardInterrupt
             fetched.append(filename)
-            shutil.copy(remote / filename, snapshot / filename)
+            blob = repo / "blobs" / hashlib.sha256((remote / filename).read_bytes()).hexdigest()
+            shutil.copy(remote / filename, blob)
+            (snapshot / filename).parent.mkdir(parents=True, exist_ok=True)
+            (snapshot / filename).unlink(missing_ok=True)  # (a dangling link: its blob was removed)
+            (snapshot / filename).symlink_to(os.path.relpath(blob, (snapshot / filename).parent))
+            if held is not None and filename.endswith(".safetensors"):
+                held.append(sorted(p.name for p in snapshot.glob("*.safetensors") if p.exists()))
         return str(snapshot / filename)
 
     def get_paths_info(self, repo_id, paths, *, revision=None, token=None, **kwargs):
         assert revision == commit  # (the commit config.json was fetched at, not a branch that may have moved since)
-        from huggingface_hub.hf_api import RepoFile
-
         return [RepoFile(path=p, size=(remote / p).stat().st_size, oid="0" * 40) for p in paths]
+
+    def parse_safetensors_file_metadata(self, repo_id, filename, *, revision=None, token=None, **kwargs):
+        assert revision == commit
+        data = (remote / filename).read_bytes()
+        header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+        return SafetensorsFileMetadata(
+            metadata=header.pop("__metadata__", {}),
+            tensors={
+                k: TensorInfo(dtype=v["dtype"], shape=v["shape"], data_offsets=tuple(v["data_offsets"]))
+                for k, v in header.items()
+            },
+        )
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
     monkeypatch.setattr(huggingface_hub.HfApi, "get_paths_info", get_paths_info)
+    monkeypatch.setattr(huggingface_hub.HfApi, "parse_safetensors_file_metadata", parse_safetensors_file_metadata)
     # (the hub's listing of `additional_chat_templates/`: this repo has none)
     monkeypatch.setattr(transformers.utils.hub, "list_repo_templates", lambda *args, **kwargs: [])
     return fetched
@@ -1238,6 +1261,107 @@ def test_the_disk_space_check_counts_the_download_of_a_hub_repo(tmp_path, monkey
     split_checkpoint("tiny-org/lazy", out, cache_dir=tmp_path / "cache", progress=False)
     assert sorted(f for f in fetched if f.endswith(".safetensors")) == files
     assert _exact(remote, out)
+
+
+def _split_needs(monkeypatch, ckpt, tmp_path) -> float:
+    """The disk space (bytes, to about 5 KiB) the check counts for splitting the local checkpoint `ckpt`."""
+    from hf_layerstream import split as split_mod
+
+    with monkeypatch.context() as m:
+        m.setattr(split_mod.shutil, "disk_usage", lambda p: type("U", (), {"free": 0})())
+        with pytest.raises(OSError, match="needs about") as refused:
+            split_checkpoint(ckpt, tmp_path / "needs", progress=False)
+    return float(re.search(r"needs about ([\d.]+) MiB more and", str(refused.value)).group(1)) * 2**20
+
+
+def test_remove_from_cache_downloads_each_file_when_read_and_removes_it_once_written(tmp_path, monkeypatch):
+    """`remove_from_cache=True`: the split is planned from the hub files' headers, read from the hub; each weight file
+    is downloaded when a unit first reads it and deleted from the hub cache (its snapshot link and its blob) once
+    every unit reading it is written, so the cache holds a few of them at a time, not the whole repo beside the
+    split. The output is the same split; the disk-space check counts the most they take at once (without the
+    option, all of them), and a blob another revision's snapshot links to stays."""
+    import huggingface_hub
+
+    from hf_layerstream import split as split_mod
+
+    remote = _models.save_tiny_checkpoint("llama", tmp_path / "remote", num_hidden_layers=6)
+    files = sorted(set(json.loads((remote / "model.safetensors.index.json").read_text())["weight_map"].values()))
+    assert len(files) >= 6
+    needs = _split_needs(monkeypatch, remote, tmp_path)
+    held = []
+    fetched = _lazy_hub_repo(monkeypatch, remote, tmp_path / "cache", "tiny-org/lazy", "c" * 40, held=held)
+    repo = tmp_path / "cache" / "models--tiny-org--lazy"
+    snapshot = repo / "snapshots" / ("c" * 40)
+    # the first file is in the cache already, and another revision holds it too (the same blob)
+    huggingface_hub.hf_hub_download("tiny-org/lazy", files[0])
+    (repo / "snapshots" / ("e" * 40)).mkdir()
+    (repo / "snapshots" / ("e" * 40) / files[0]).symlink_to(os.readlink(snapshot / files[0]))
+    held.clear()
+
+    free = {"bytes": 2**40}
+    monkeypatch.setattr(split_mod.shutil, "disk_usage", lambda p: type("U", (), {"free": free["bytes"]})())
+    out = split_checkpoint("tiny-org/lazy", tmp_path / "a", cache_dir=tmp_path / "cache", remove_from_cache=True)
+    assert _exact(remote, out)
+    assert sorted(f for f in fetched if f.endswith(".safetensors")) == files  # (each once)
+    assert not [p for p in snapshot.glob("*.safetensors")]  # (links and blobs gone: only the side files' are left)
+    assert {p.name for p in (repo / "blobs").iterdir()} == {
+        os.path.basename(os.readlink(p)) for p in [*snapshot.iterdir(), repo / "snapshots" / ("e" * 40) / files[0]]
+    }
+    assert (repo / "snapshots" / ("e" * 40) / files[0]).read_bytes() == (remote / files[0]).read_bytes()
+    most = max(sum((remote / f).stat().st_size for f in h) for h in held)
+    total = sum((remote / f).stat().st_size for f in files)
+    assert len(max(held, key=len)) <= len(files) // 2 and most < total / 2
+
+    # the check counts what the cache holds at once: `most`; all the files without the option
+    free["bytes"] = int(needs + 2**16 + most)
+    split_checkpoint("tiny-org/lazy", tmp_path / "b", cache_dir=tmp_path / "cache", remove_from_cache=True)
+    assert _exact(remote, tmp_path / "b")
+    free["bytes"] = int(needs - 2**16 + most)
+    with pytest.raises(OSError) as refused:
+        split_checkpoint("tiny-org/lazy", tmp_path / "c", cache_dir=tmp_path / "cache", remove_from_cache=True)
+    assert (
+        f"more, {split_mod.size_text(most)} of it for the {len(files)} weight files of tiny-org/lazy it reads that "
+        f"the hub cache lacks, downloaded into the cache there ({snapshot}) and removed as it goes (the most it holds "
+        "at once), and "
+    ) in refused.value.strerror
+    free["bytes"] = int(needs + 2**16 + most)
+    with pytest.raises(OSError, match=rf"{re.escape(split_mod.size_text(total))} of it to download the 11 weight"):
+        split_checkpoint("tiny-org/lazy", tmp_path / "c", cache_dir=tmp_path / "cache")
+
+
+def test_remove_from_cache_resumes_an_interrupted_split_and_frees_a_finished_one(tmp_path, monkeypatch):
+    """A split with `remove_from_cache` interrupted part way leaves in the cache the files the units still to write
+    read: the run that resumes it downloads only the others, each once in all, and removes every one. Run on a
+    finished split whose repo the cache holds, it removes the files and writes nothing."""
+    remote = _models.save_tiny_checkpoint("llama", tmp_path / "remote", num_hidden_layers=6)
+    files = sorted(set(json.loads((remote / "model.safetensors.index.json").read_text())["weight_map"].values()))
+    fetched = _lazy_hub_repo(monkeypatch, remote, tmp_path / "cache", "tiny-org/lazy", "c" * 40)
+    snapshot = tmp_path / "cache" / "models--tiny-org--lazy" / "snapshots" / ("c" * 40)
+    out = tmp_path / "shards"
+    restore = _interrupt_at(monkeypatch, "layers.3")
+    with pytest.raises(KeyboardInterrupt):
+        split_checkpoint("tiny-org/lazy", out, cache_dir=tmp_path / "cache", remove_from_cache=True, progress=False)
+    restore()
+    left = {p.name for p in snapshot.glob("*.safetensors") if p.exists()}
+    assert files[0] in left and files[-1] not in left and 0 < len(left) < len(files)
+    split_checkpoint("tiny-org/lazy", out, cache_dir=tmp_path / "cache", remove_from_cache=True, progress=False)
+    assert sorted(f for f in fetched if f.endswith(".safetensors")) == files
+    assert not list(snapshot.glob("*.safetensors")) and _exact(remote, out)
+
+    split_checkpoint("tiny-org/lazy", tmp_path / "kept", cache_dir=tmp_path / "cache", progress=False)
+    assert {p.name for p in snapshot.glob("*.safetensors")} == set(files)  # (without the option: all kept)
+    stamp = (out / "manifest.json").stat().st_mtime_ns
+    split_checkpoint("tiny-org/lazy", out, cache_dir=tmp_path / "cache", remove_from_cache=True, progress=False)
+    assert (out / "manifest.json").stat().st_mtime_ns == stamp and not list(snapshot.glob("*.safetensors"))
+    assert _exact(remote, tmp_path / "kept")
+
+
+def test_remove_from_cache_refuses_a_local_folder(tmp_path):
+    ckpt = _models.save_tiny_checkpoint("llama", tmp_path / "ckpt")
+    before = sorted(p.name for p in ckpt.iterdir())
+    with pytest.raises(ValueError, match=r"`source` .* is a local folder, which the split never modifies"):
+        split_checkpoint(ckpt, tmp_path / "shards", remove_from_cache=True, progress=False)
+    assert not (tmp_path / "shards").exists() and sorted(p.name for p in ckpt.iterdir()) == before
 
 
 def test_hub_repo_id_offline_and_not_cached_is_a_clear_error(tmp_path, monkeypatch):

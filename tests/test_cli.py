@@ -491,6 +491,7 @@ def test_generate_errors_are_clear(tmp_path, capsys):
             "`--model-class` GPT2LMHeadModel does not build from this checkpoint's config (LlamaConfig",
         ),
         (["split", "{ckpt}", "{tmp}/out", "--model-class", "LlamaModel"], "builds LlamaModel, which cannot generate"),
+        (["split", "{ckpt}", "{tmp}/out", "--remove-from-cache"], "is a local folder, which the split never modifies"),
     ],
     ids=[
         "generate-dtype",
@@ -513,6 +514,7 @@ def test_generate_errors_are_clear(tmp_path, capsys):
         "quant-type-without-compression",
         "model-class-of-another-architecture",
         "model-class-without-head",
+        "remove-from-cache-of-a-local-folder",
     ],
 )
 def test_bad_option_values_are_clear_errors(split_dir, tmp_path, capsys, argv, message):
