@@ -198,8 +198,9 @@ class _Source:
         self.files: list[str] = []  # the weight files, in the order transformers loads them
         self._listed: dict[str, set[str]] = {}  # (see `_keys_of_files`)
         # a hub repo's safetensors file not on this machine -> its tensors' dtypes, from its header read over the
-        # network (`read_remote_headers`)
+        # network (`read_keys_of_files` with `headers_only`)
         self._remote: dict[str, dict[str, torch.dtype]] = {}
+        self.headers_only = False  # (`remove_from_cache`: see `read_keys_of_files`)
         self._weight_map: dict = {}
         self.config_path = self.fetch("config.json", required=True)
         self.keys = self._list_keys()
@@ -378,73 +379,80 @@ class _Source:
             keys.update(dict.fromkeys(names, filename))
         return keys
 
-    def read_keys_of_files(self, files: set[str]) -> bool:
+    def read_keys_of_files(self, files: set[str], *, download: bool = True) -> bool:
         """Fetch those of `files` (the weight files the split reads, by the index) not on this machine yet and take the
         keys from them, as transformers does (see `_keys_of_files`); all of the index's files where one of them does
-        not hold what the index lists for it. Returns whether a key then comes from another file than planned."""
+        not hold what the index lists for it. Returns whether a key then comes from another file than planned.
+
+        With `headers_only` (`remove_from_cache`), a safetensors file is not downloaded: its header is read from the
+        hub (a range request), which lists its keys and dtypes. A `.bin` file is downloaded (its keys are in its
+        pickle), unless `download=False`: it is then taken as the index lists it, for now."""
         if not self._listed:  # (every file's own keys known: a local folder, a repo in the hub cache)
             return False
         listed = dict(self._listed)
-        for filename in sorted(files & listed.keys()):
-            self.fetch(filename, required=True)
+        self._take_keys(sorted(files & listed.keys()), download)
         keys = self._keys_of_files(self._weight_map)
         if any(f not in self._listed and {k for k, g in keys.items() if g == f} != v for f, v in listed.items()):
-            for filename in sorted(self._listed):
-                self.fetch(filename, required=True)
+            self._take_keys(sorted(self._listed), download)
             keys = self._keys_of_files(self._weight_map)
         moved, self.keys = keys != self.keys, keys
         return moved
 
-    def read_remote_headers(self) -> bool:
-        """Take the keys (and dtypes) of a hub repo's safetensors files not on this machine from their headers, read
-        from the hub (a range request each) instead of downloading the files: the split is then planned from what
-        they hold, as transformers loads them, before it downloads any (`remove_from_cache` downloads each file when a
-        unit first reads it). A `.bin` file is downloaded (its keys are in its pickle). Returns whether a key then
-        comes from another file than planned."""
-        if not self._listed or self.hub_unreachable or _is_offline():  # (the download's error says what is wrong)
-            return False
-        from concurrent.futures import ThreadPoolExecutor
+    def _take_keys(self, filenames: list[str], download: bool) -> None:
+        """Fetch `filenames`, or read their headers from the hub (see `read_keys_of_files`)."""
+        heads = [f for f in filenames if self._reads_headers() and f.endswith(".safetensors") and f not in self._remote]
+        if heads:
+            from concurrent.futures import ThreadPoolExecutor
 
+            with ThreadPoolExecutor(max_workers=min(8, len(heads))) as pool:
+                self._remote.update(zip(heads, pool.map(self._remote_header, heads)))
+        for filename in filenames:
+            if filename not in heads and (download or filename.endswith(".safetensors")):
+                self.fetch(filename, required=True)
+
+    def _reads_headers(self) -> bool:
+        """Whether a hub file's keys are read from its header on the hub, not downloaded (`headers_only`): not where
+        the hub cannot be reached (the download then says what is wrong, or the cache serves)."""
+        return self.headers_only and self.local_dir is None and not self.hub_unreachable and not _is_offline()
+
+    def _remote_header(self, filename: str) -> dict[str, torch.dtype]:
+        """The dtypes of the tensors of `filename`, a safetensors file of this hub repo, from its header on the hub,
+        as `read_header` lists them (sub-byte dtypes are not; a dtype it does not know fails when the file is read)."""
         from huggingface_hub import HfApi
+        from huggingface_hub.errors import EntryNotFoundError
 
         from ._safetensors import _SOURCE_DTYPES
 
-        api = HfApi()
-
-        def header(filename: str) -> dict[str, torch.dtype]:
-            try:
-                meta = api.parse_safetensors_file_metadata(
-                    self.repo_id, filename, revision=self.revision, token=self._token
-                )
-            except Exception as e:  # noqa: BLE001 - re-raised naming the file and what to do
-                raise OSError(
-                    f"Could not read the header of {filename} of the hub repo {self.repo_id!r} ({type(e).__name__}: "
-                    f"{e}). `remove_from_cache` reads the weight files' headers from the hub before it downloads "
-                    "them; check the network, or split without it."
-                ) from e
-            # (as `read_header` lists them: sub-byte dtypes are not listed; one it does not know fails when read)
-            return {k: _SOURCE_DTYPES[i.dtype] for k, i in meta.tensors.items() if i.dtype in _SOURCE_DTYPES}
-
-        names = sorted(f for f in self._listed if f.endswith(".safetensors"))
-        with ThreadPoolExecutor(max_workers=min(8, len(names) or 1)) as pool:
-            self._remote.update(zip(names, pool.map(header, names)))
-        for filename in sorted(f for f in self._listed if not f.endswith(".safetensors")):
-            self.fetch(filename, required=True)
-        keys = self._keys_of_files(self._weight_map)
-        moved, self.keys = keys != self.keys, keys
-        return moved
+        try:
+            meta = HfApi().parse_safetensors_file_metadata(
+                self.repo_id, filename, revision=self.revision, token=self._token
+            )
+        except EntryNotFoundError:
+            raise FileNotFoundError(
+                f"The hub repo {self.repo_id!r} has no {filename}, which its index names."
+            ) from None
+        except Exception as e:  # noqa: BLE001 - re-raised naming the file and what to do
+            raise OSError(
+                f"Could not read the header of {filename} of the hub repo {self.repo_id!r} ({type(e).__name__}: {e}). "
+                "`remove_from_cache` reads the weight files' headers from the hub before it downloads them; check the "
+                "network, or split without it."
+            ) from e
+        return {k: _SOURCE_DTYPES[i.dtype] for k, i in meta.tensors.items() if i.dtype in _SOURCE_DTYPES}
 
     def remove_from_cache(self, files: set[str]) -> None:
         """Delete `files`, weight files of this hub repo, from the hub cache (`remove_from_cache`): each one's entry in
         the snapshot, and the blob it links to unless another snapshot of the repo links to it too (another revision
         holding the same file). A file not in the cache is skipped; one that cannot be deleted is warned about."""
         snapshots = self.config_path.parents[1]
+        blobs = Path(os.path.realpath(snapshots.parent / "blobs"))
         for filename in sorted(files):
             self._handles.pop(filename, None)
             path = self._local_weight_file(filename)
             if path is None:
                 continue
             blob = Path(os.path.realpath(path)) if path.is_symlink() else None
+            if blob is not None and blob.parent != blobs:  # (a link the user made to a file elsewhere: only the link)
+                blob = None
             try:
                 path.unlink()
                 if blob is not None and not any(
@@ -603,7 +611,9 @@ class _Source:
         filename = self.files[0] if self.files else None
         if filename is None:
             return None
-        if filename in self._remote and self._local_weight_file(filename) is None:  # (not downloaded for this)
+        if filename.endswith(".safetensors") and self._reads_headers() and self._local_weight_file(filename) is None:
+            if filename not in self._remote:  # (not downloaded for this)
+                self._remote[filename] = self._remote_header(filename)
             dtypes = [self._remote[filename][k] for k in sorted(self._remote[filename])]
         elif filename.endswith(".safetensors"):
             header = read_header(self.fetch(filename, required=True), source=True)
@@ -1023,10 +1033,11 @@ def _space_needed(shard_dir: Path, estimates: dict[str, int]) -> tuple[int, int]
     return grown + beside, held
 
 
-def _files_read(plan, src: _Source, units: list[str] | None) -> set[str]:
-    """The weight files writing `units` reads (`None`: every unit, and the checks of tied pairs before the first)."""
+def _files_read(plan, src: _Source, units: list[str] | None = None, *, tied: bool = True) -> set[str]:
+    """The weight files writing `units` reads (`None`: every unit), and with `tied` those the checks of tied pairs
+    before the first unit read."""
     files = {src.keys[k] for u, entries in plan.units.items() if units is None or u in units for k, _, _ in entries}
-    return files | ({src.keys[k] for k in plan.tied_stored.values()} if units is None else set())
+    return files | ({src.keys[k] for k in plan.tied_stored.values()} if tied else set())
 
 
 def _most_held(sizes: dict[str, int], reads: list[set[str]]) -> int:
@@ -1333,7 +1344,10 @@ def split_checkpoint(
             one only when a unit first reads it (the split is planned from the files' headers, read from the hub):
             the disk then holds the split and a few of the repo's files at a time, not the whole repo beside it.
             Files a split interrupted before downloaded are removed by the run that finishes it. `from_pretrained` of
-            the repo downloads them again.
+            the repo downloads them again. A repo of `.bin` files is downloaded whole before the first unit (their
+            keys are in their pickles), then removed as the split goes. A file outside the hub cache that links to
+            one of its blobs (a `--local-dir` download made by huggingface_hub before 0.23, whose files were such
+            links) no longer opens once that blob is removed.
 
     Returns:
         `pathlib.Path`: the shard directory.
@@ -1383,6 +1397,7 @@ def split_checkpoint(
         )
 
     src = _Source(source, revision=revision, token=token, cache_dir=cache_dir)
+    src.headers_only = remove_from_cache
     if remove_from_cache and src.local_dir is not None:
         raise ValueError(
             f"`remove_from_cache` deletes a hub repo's weight files from the hub cache as the split goes; `source` "
@@ -1416,7 +1431,7 @@ def split_checkpoint(
     fingerprint = architecture_fingerprint(model, stack)
     plan = _plan(model, stack, src, config, model_class)
     # the weight files the split reads: checked before anything is written, not found missing half way through
-    needed_files = _files_read(plan, src, None)
+    needed_files = _files_read(plan, src)
     absent = src.missing_files(needed_files)
     if absent:
         raise FileNotFoundError(
@@ -1587,12 +1602,15 @@ def split_checkpoint(
             logger.info("Resuming the split in %s: %d of %d units already done", shard_dir, len(done), len(units))
 
         todo = [u for u in units if u not in done]
-        if todo and remove_from_cache and src.read_remote_headers():
-            # (a hub file holds other tensors than its index lists: planned from what the files hold, as transformers
-            # loads them; see `read_keys_of_files`, which downloads them instead)
+        # the weight files the units still to write read (and the checks of tied pairs): those a resumed split needs
+        reading = _files_read(plan, src, todo) if todo else set()
+        if remove_from_cache and src.read_keys_of_files(reading, download=False):
+            # (the hub files' headers, read from the hub: a file holds other tensors than its index lists, and the
+            # split is planned from what the files hold, as transformers loads them, before anything is downloaded)
             plan = _plan(model, stack, src, config, model_class)
             _refuse_untied_pairs(model, plan, src, dtype)
-            needed_files = _files_read(plan, src, None)
+            needed_files = _files_read(plan, src)
+            reading = _files_read(plan, src, todo)
         stored_dtypes = src.stored_dtypes() if dtype is None else {}
         estimates = _estimate_units_bytes(
             model,
@@ -1615,14 +1633,19 @@ def split_checkpoint(
         free = shutil.disk_usage(shard_dir).free
         # the weight files of a hub repo not in the hub cache yet are downloaded there before a layer is written (and
         # kept): huggingface_hub only warns when they do not fit, and the split ran out of space after the download
-        download = src.to_download(needed_files) if todo else None
+        download = src.to_download(reading)
         download_text = ""
         if download is not None:
             sizes, cache = download
             files = f"{len(sizes)} weight file{'s' if len(sizes) > 1 else ''} of {src.repo_id}"
             download_bytes = sum(sizes.values())
-            if remove_from_cache:  # (the most the files downloaded take at once, each removed once written)
-                download_bytes = _most_held(sizes, [_files_read(plan, src, [u]) for u in todo])
+            if remove_from_cache:
+                # the most the files downloaded take at once, each when a unit first reads it and removed once the
+                # last one is written; `.bin` files all before the first unit (their keys are in their pickles)
+                bins = {f: n for f, n in sizes.items() if not f.endswith(".safetensors")}
+                safetensors = {f: n for f, n in sizes.items() if f not in bins}
+                reads = [_files_read(plan, src, [u], tied=False) for u in todo]
+                download_bytes = sum(bins.values()) + _most_held(safetensors, reads)
             if _same_disk(cache, shard_dir):
                 needed += download_bytes
                 download_text = (
@@ -1636,7 +1659,8 @@ def split_checkpoint(
                 raise OSError(
                     errno.ENOSPC,
                     f"Not enough disk space in the hub cache {cache} to download the {files} the split reads that it "
-                    f"lacks: they take {size_text(download_bytes)} and {size_text(cache_free)} are free there. Free "
+                    f"lacks: they take {size_text(download_bytes)}{' at once at most' * remove_from_cache} and "
+                    f"{size_text(cache_free)} are free there. Free "
                     "some space, or point the hub cache to a disk with room (`cache_dir`, or the HF_HUB_CACHE "
                     "variable), or download the repo to such a disk (`hf download REPO --local-dir DIR`) and split "
                     "from that folder; nothing was written",
@@ -1660,7 +1684,7 @@ def split_checkpoint(
                 + "; nothing was written",
             )
 
-        if todo and src.read_keys_of_files(needed_files):
+        if todo and src.read_keys_of_files(reading):
             # (a hub file fetched just now holds other tensors than its index lists: planned from what the files hold,
             # as transformers loads them)
             plan = _plan(model, stack, src, config, model_class)
@@ -1710,7 +1734,9 @@ def split_checkpoint(
                 nxt = units[units.index(unit) + 1 :]
                 src.release({src.keys[k] for u in nxt for k, _, _ in plan.units.get(u, [])})
                 if remove_from_cache:  # (and in the hub cache, those the units still to write read)
-                    src.remove_from_cache(needed_files - _files_read(plan, src, [u for u in nxt if u not in done]))
+                    src.remove_from_cache(
+                        needed_files - _files_read(plan, src, [u for u in nxt if u not in done], tied=False)
+                    )
                 bar.update(1)
         finally:
             bar.close()

@@ -1112,6 +1112,8 @@ def _lazy_hub_repo(monkeypatch, remote, cache_dir, repo_id, commit, *, interrupt
 
     def parse_safetensors_file_metadata(self, repo_id, filename, *, revision=None, token=None, **kwargs):
         assert revision == commit
+        if not (remote / filename).is_file():
+            raise EntryNotFoundError(f"{filename} not found")
         data = (remote / filename).read_bytes()
         header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
         return SafetensorsFileMetadata(
@@ -1348,12 +1350,90 @@ def test_remove_from_cache_resumes_an_interrupted_split_and_frees_a_finished_one
     assert sorted(f for f in fetched if f.endswith(".safetensors")) == files
     assert not list(snapshot.glob("*.safetensors")) and _exact(remote, out)
 
+    # interrupted at the last unit: only the files it reads are left, and a resume reads no other (offline, where
+    # the others cannot be fetched, or online without the option, which fetched them all again and kept them)
+    from huggingface_hub import constants
+
+    for resumed, offline, option in [("r1", True, True), ("r2", False, False)]:
+        restore = _interrupt_at(monkeypatch, "resident")
+        with pytest.raises(KeyboardInterrupt):
+            split_checkpoint("tiny-org/lazy", tmp_path / resumed, cache_dir=tmp_path / "cache", remove_from_cache=True)
+        restore()
+        left = {p.name for p in snapshot.glob("*.safetensors") if p.exists()}
+        assert left == {files[0], files[-1]}  # (the embeddings', the head's)
+        count = len(fetched)
+        with monkeypatch.context() as m:
+            m.setattr(constants, "HF_HUB_OFFLINE", offline)
+            split_checkpoint(
+                "tiny-org/lazy", tmp_path / resumed, cache_dir=tmp_path / "cache", remove_from_cache=option
+            )
+        assert len(fetched) == count and _exact(remote, tmp_path / resumed)
+        assert {p.name for p in snapshot.glob("*.safetensors") if p.exists()} == (set() if option else left)
+
     split_checkpoint("tiny-org/lazy", tmp_path / "kept", cache_dir=tmp_path / "cache", progress=False)
     assert {p.name for p in snapshot.glob("*.safetensors")} == set(files)  # (without the option: all kept)
     stamp = (out / "manifest.json").stat().st_mtime_ns
     split_checkpoint("tiny-org/lazy", out, cache_dir=tmp_path / "cache", remove_from_cache=True, progress=False)
     assert (out / "manifest.json").stat().st_mtime_ns == stamp and not list(snapshot.glob("*.safetensors"))
     assert _exact(remote, tmp_path / "kept")
+
+
+def _to_bin(ckpt):
+    """Store the sharded checkpoint `ckpt`'s weights in pickled files instead (as many, with their index)."""
+    from safetensors.torch import load_file
+
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    weight_map = {}
+    for i, f in enumerate(files):
+        state = load_file(str(ckpt / f))
+        name = f"pytorch_model-{i + 1:05d}-of-{len(files):05d}.bin"
+        torch.save(state, ckpt / name)
+        weight_map.update(dict.fromkeys(state, name))
+        (ckpt / f).unlink()
+    (ckpt / "model.safetensors.index.json").unlink()
+    (ckpt / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return sorted(set(weight_map.values()))
+
+
+def test_remove_from_cache_removes_only_the_hub_caches_files_and_reads_only_what_it_needs(tmp_path, monkeypatch):
+    """A snapshot entry the user made a link to a file of theirs outside the hub cache: the link goes, the file stays
+    (it was deleted as if a blob). A file the index names that the split does not read, absent from the hub: not
+    looked at, as without the option (its header was read, and the split failed on a 404). A repo of `.bin` files:
+    each is downloaded before the first unit (its keys are in its pickle), which the disk-space check counts, and
+    removed as the split goes."""
+    from hf_layerstream import split as split_mod
+
+    remote = _models.save_tiny_checkpoint("llama", tmp_path / "remote", num_hidden_layers=4)
+    reference = shutil.copytree(remote, tmp_path / "reference")  # (loadable: without the file the hub lacks)
+    _add_unused_weight_file(remote, write=False)
+    files = sorted(f for f in set(_models.disk_keys(remote).values()) if f != "model-unused.safetensors")
+    fetched = _lazy_hub_repo(monkeypatch, remote, tmp_path / "cache", "tiny-org/lazy", "c" * 40)
+    snapshot = tmp_path / "cache" / "models--tiny-org--lazy" / "snapshots" / ("c" * 40)
+    mine = tmp_path / "mine" / files[0]
+    mine.parent.mkdir()
+    shutil.copy(remote / files[0], mine)
+    (snapshot / files[0]).symlink_to(mine)
+    out = split_checkpoint("tiny-org/lazy", tmp_path / "a", cache_dir=tmp_path / "cache", remove_from_cache=True)
+    assert _exact(reference, out) and sorted(f for f in fetched if f.endswith(".safetensors")) == files[1:]
+    assert not os.path.lexists(snapshot / files[0]) and mine.read_bytes() == (remote / files[0]).read_bytes()
+    assert not list(snapshot.glob("*.safetensors"))
+
+    remote = _models.save_tiny_checkpoint("llama", tmp_path / "remote-bin", num_hidden_layers=4)
+    files = _to_bin(remote)
+    total = sum((remote / f).stat().st_size for f in files)
+    needs = _split_needs(monkeypatch, remote, tmp_path)
+    fetched = _lazy_hub_repo(monkeypatch, remote, tmp_path / "cache-bin", "tiny-org/bin", "d" * 40)
+    snapshot = tmp_path / "cache-bin" / "models--tiny-org--bin" / "snapshots" / ("d" * 40)
+    free = {"bytes": int(needs + total - 2**16)}
+    monkeypatch.setattr(split_mod.shutil, "disk_usage", lambda p: type("U", (), {"free": free["bytes"]})())
+    with pytest.raises(OSError, match=rf"more, {re.escape(split_mod.size_text(total))} of it for the {len(files)} "):
+        split_checkpoint("tiny-org/bin", tmp_path / "b", cache_dir=tmp_path / "cache-bin", remove_from_cache=True)
+    assert not fetched or not any(f.endswith(".bin") for f in fetched)
+    free["bytes"] = int(needs + total + 2**16)
+    split_checkpoint("tiny-org/bin", tmp_path / "b", cache_dir=tmp_path / "cache-bin", remove_from_cache=True)
+    assert _exact(remote, tmp_path / "b") and sorted(f for f in fetched if f.endswith(".bin")) == files
+    assert not list(snapshot.glob("*.bin"))
 
 
 def test_remove_from_cache_refuses_a_local_folder(tmp_path):
