@@ -267,9 +267,20 @@ def _inside(root: Path, rel: str, manifest_path: Path) -> Path:
         raise ShardFileError(path, f"cannot be resolved: a symlink loop or an unreadable path ({e})") from e
     if os.path.islink(path) and not os.path.exists(path):
         raise ShardFileError(path, "is a dangling symlink or a symlink loop")
-    if not resolved.is_relative_to(root_resolved):
+    if not resolved.is_relative_to(root_resolved) and resolved.parent != _hub_blobs(root_resolved):
         raise ShardFileError(manifest_path, f"names {rel!r}, which resolves outside the directory to {resolved}")
     return path
+
+
+def _hub_blobs(root: Path) -> Path | None:
+    """The folder of the blobs of the hub cache repo whose snapshot `root` (resolved) is, where it is one: a shard
+    directory uploaded to the hub and downloaded with `snapshot_download` (`<cache>/models--org--name/snapshots/
+    <commit>`), whose entries are symlinks huggingface_hub made to the files it keeps in `../../blobs`, named by
+    their content's hash. Those are the repo's files: a link there is not one out of the directory."""
+    if root.parent.name != "snapshots":
+        return None
+    blobs = root.parent.parent / "blobs"
+    return blobs if blobs.is_dir() else None
 
 
 class ShardDirectory:

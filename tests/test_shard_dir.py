@@ -437,3 +437,48 @@ def test_a_folder_a_split_is_writing_is_named_so(tmp_path):
             ShardDirectory(folder)
     with pytest.raises(ShardDirError, match="unfinished split: run the same split again to finish it"):
         ShardDirectory(folder)
+
+
+LAYER = "layers/00001.safetensors"
+
+
+def _as_hub_download(shards, cache, repo="org--shards", commit="a" * 40):
+    """`shards` laid out as huggingface_hub lays out a repo it downloaded into its cache (`snapshot_download`): each
+    file a blob named by its hash in `models--REPO/blobs`, and the snapshot `models--REPO/snapshots/COMMIT` of
+    relative symlinks to them (its folders real ones). Returns the snapshot."""
+    import hashlib
+
+    root = cache / f"models--{repo}"
+    snapshot, blobs = root / "snapshots" / commit, root / "blobs"
+    blobs.mkdir(parents=True)
+    for path in sorted(shards.rglob("*")):
+        if path.is_file() and not path.name.startswith("."):
+            blob = blobs / hashlib.sha256(path.read_bytes()).hexdigest()
+            shutil.copy(path, blob)
+            link = snapshot / path.relative_to(shards)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(os.path.relpath(blob, link.parent))
+    return snapshot
+
+
+def test_a_shard_directory_downloaded_from_the_hub_streams_from_the_hub_cache(shard_copy, tmp_path):
+    """A shard directory uploaded to the hub and downloaded with `snapshot_download` (or `hf download`) is the hub
+    cache's snapshot of the repo: symlinks to the repo's blobs, beside the snapshot. It was refused as resolving
+    outside the directory; it streams, exact. A link there to anything else still is refused: a file elsewhere, or
+    a blob of another repo of the cache."""
+    ckpt, shards = shard_copy
+    ref = _models.load_reference(ckpt)
+    ids = torch.tensor([[1, 5, 9, 3]])
+    snapshot = _as_hub_download(shards, tmp_path / "cache")
+    assert (snapshot / "manifest.json").is_symlink() and (snapshot / LAYER).is_symlink()
+    model = streamed_model(ckpt, snapshot, **STREAM_ALL)
+    assert torch.equal(model(ids).logits, ref(ids).logits)
+    disable_layer_streaming(model)
+    assert ShardDirectory(snapshot).verify() == []
+
+    other = _as_hub_download(shards, tmp_path / "cache", repo="org--other")
+    for target in (shards / LAYER, os.path.realpath(other / LAYER)):
+        (snapshot / LAYER).unlink()
+        (snapshot / LAYER).symlink_to(target)
+        with pytest.raises(ShardFileError, match=f"names '{LAYER}', which resolves outside the directory"):
+            ShardDirectory(snapshot)
