@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = sub.add_parser("generate", help="generate text with a streamed model (tokens printed as produced)")
-    p.add_argument("shard_dir", help="shard directory made by `split`")
+    p.add_argument("shard_dir", help="shard directory made by `split`, or a hub repo holding one")
     p.add_argument("prompt", nargs="?", default=None, help="prompt text (default: read from stdin)")
     # (as other LLM command lines take it; without it, argparse read `--prompt TEXT` as `--prompt-lookup TEXT`, its
     # abbreviation, and refused TEXT as "invalid int value")
@@ -223,12 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="where both runs compute (default: cuda if available, else cpu)")
 
     p = sub.add_parser("inspect", help="show a shard directory: scheme, bytes per layer, residency plan")
-    p.add_argument("shard_dir")
+    p.add_argument("shard_dir", help="shard directory made by `split`, or a hub repo holding one")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     _add_runtime_args(p)
 
     p = sub.add_parser("verify", help="check every file of a shard directory against its manifest")
-    p.add_argument("shard_dir")
+    p.add_argument("shard_dir", help="shard directory made by `split`, or a hub repo holding one")
     p.add_argument(
         "--quick",
         action="store_true",
@@ -394,6 +394,10 @@ def main(argv: list[str] | None = None) -> int:
         from huggingface_hub.utils import logging as hub_logging
 
         hub_logging.get_logger().propagate = False
+        if args.command in ("generate", "inspect", "verify"):  # (a hub repo holding a shard directory: downloaded)
+            from .shard_dir import local_shard_dir
+
+            args.shard_dir = local_shard_dir(args.shard_dir)
         status = int(handler(args) or 0)
         if sys.stdout is not None:  # (`None` where the command ran with standard output closed, `>&-`)
             sys.stdout.flush()  # a closed pipe shows here rather than at exit, where it could not be handled

@@ -283,6 +283,35 @@ def _hub_blobs(root: Path) -> Path | None:
     return blobs if blobs.is_dir() else None
 
 
+def local_shard_dir(shard_dir):
+    """`shard_dir` as a folder on this machine: itself, or where it is a hub repo id (`org/name`, and nothing of that
+    name here), that repo as the hub cache holds it, downloaded with `snapshot_download` (its default branch; a token
+    as huggingface_hub finds one, `hf auth login` or HF_TOKEN; offline, from the cache). Its manifest is fetched
+    first: a repo that is no shard directory (a checkpoint) is refused before anything else is downloaded.
+
+    Raises:
+        `FileNotFoundError`: The hub cannot be reached and the repo is not in the hub cache, or there is no such repo.
+        [`ShardDirError`]: The repo holds no manifest.
+    """
+    if not isinstance(shard_dir, str) or shard_dir.count("/") != 1 or Path(shard_dir).expanduser().exists():
+        return shard_dir
+    from .split import fetch_hub_file, missing_local_folder
+
+    if missing_local_folder(shard_dir):  # (`./org/name`, `~/x`: a path)
+        return shard_dir
+    manifest = fetch_hub_file(shard_dir, MANIFEST_NAME, "`shard_dir`", what="shard directory")
+    if manifest is None:
+        raise ShardDirError(
+            f"`shard_dir` {shard_dir!r} is no local folder ({Path(shard_dir).absolute()} does not exist), and the hub "
+            f"repo of that name holds no {MANIFEST_NAME}: it is no shard directory. If it is a checkpoint, split it "
+            f"first (`split_checkpoint({shard_dir!r}, DIR)`, `hf-layerstream split {shard_dir} DIR`) and stream DIR."
+        )
+    from huggingface_hub import snapshot_download
+
+    commit = manifest.parent.name  # (the snapshot's: the files of the commit the manifest was fetched at)
+    return snapshot_download(shard_dir, revision=commit if len(commit) == 40 else None)
+
+
 class ShardDirectory:
     """A validated shard directory (read-only: opening it never writes).
 

@@ -65,7 +65,7 @@ from .modeling import (
     tied_targets,
 )
 from .modeling import stand_in as make_stand_in
-from .shard_dir import ShardDirectory
+from .shard_dir import ShardDirectory, local_shard_dir
 
 logger = logging.getLogger(__name__)
 
@@ -984,7 +984,9 @@ def enable_layer_streaming(
         model (`transformers.PreTrainedModel`):
             A causal LM built on the meta device.
         shard_dir (`str` or `os.PathLike`):
-            A shard directory made by [`split_checkpoint`].
+            A shard directory made by [`split_checkpoint`], or the id of a hub repo holding one (`"org/name"`, where
+            no folder of that name is here): its manifest is fetched, then the repo is downloaded into the hub cache
+            with `snapshot_download` (its default branch), as `from_pretrained` downloads a model.
         device (`str`, `int` or `torch.device`, *optional*):
             Execution device; defaults to CUDA when available, else CPU.
         dtype (`torch.dtype` or `str`, *optional*):
@@ -1081,7 +1083,7 @@ def _enable(
         )
     device = check_device(device)
     dtype = _check_options(dtype, prefetch, keep_in_page_cache, dequantize)
-    shards = ShardDirectory(shard_dir, checksums=verify)
+    shards = ShardDirectory(local_shard_dir(shard_dir), checksums=verify)
     chosen = prefetch is not None
     default = default_prefetch(device, shards)
     _refuse_adapters(model)

@@ -458,6 +458,8 @@ def _as_hub_download(shards, cache, repo="org--shards", commit="a" * 40):
             link = snapshot / path.relative_to(shards)
             link.parent.mkdir(parents=True, exist_ok=True)
             link.symlink_to(os.path.relpath(blob, link.parent))
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text(commit)
     return snapshot
 
 
@@ -482,3 +484,48 @@ def test_a_shard_directory_downloaded_from_the_hub_streams_from_the_hub_cache(sh
         (snapshot / LAYER).symlink_to(target)
         with pytest.raises(ShardFileError, match=f"names '{LAYER}', which resolves outside the directory"):
             ShardDirectory(snapshot)
+
+
+def test_a_hub_repo_holding_a_shard_directory_streams_by_its_id(shard_copy, tmp_path, monkeypatch, capsys):
+    """`enable_layer_streaming(model, "org/name")`, `generate`, `inspect` and `verify` take the id of a hub repo holding
+    a shard directory, as `from_pretrained` takes a model's: downloaded into the hub cache (here: found there,
+    offline), exact. Its manifest is fetched first: a repo without one (a checkpoint) is refused before its weights
+    are downloaded, saying to split it; a misspelt folder name offline says no such folder exists either."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    ckpt, shards = shard_copy
+    ref = _models.load_reference(ckpt)
+    ids = torch.tensor([[1, 5, 9, 3]])
+    _as_hub_download(shards, tmp_path / "cache", repo="someorg--llama-layers")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)  # (no folder named `someorg/llama-layers` here)
+    model = streamed_model(ckpt, "someorg/llama-layers", **STREAM_ALL)
+    assert torch.equal(model(ids).logits, ref(ids).logits)
+    disable_layer_streaming(model)
+
+    argv = ["--max-new-tokens", "4", "--device", "cpu", "--max-memory", "cpu=0"]
+    assert main(["generate", str(shards), "Hello", *argv]) == 0
+    expected = capsys.readouterr().out
+    assert main(["generate", "someorg/llama-layers", "Hello", *argv]) == 0
+    assert capsys.readouterr().out == expected
+    assert main(["inspect", "someorg/llama-layers"]) == 0
+    assert "models--someorg--llama-layers" in capsys.readouterr().out
+    assert main(["verify", "someorg/llama-layers"]) == 0
+
+    assert main(["generate", "someorg/llama-layerz", "Hello"]) == 2
+    err = capsys.readouterr().err
+    assert "`shard_dir` 'someorg/llama-layerz' is no local folder" in err and "Cannot fetch manifest.json" in err
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    fetched = []
+
+    def hf_hub_download(repo_id, filename, **kwargs):  # (a hub repo holding a checkpoint: no manifest.json)
+        fetched.append(filename)
+        raise huggingface_hub.errors.EntryNotFoundError(f"{filename} not found")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: pytest.fail("downloaded the repo"))
+    with pytest.raises(ShardDirError, match=r"holds no manifest.json: it is no shard directory. If it is a checkpoint"):
+        streamed_model(ckpt, "someorg/a-checkpoint", **STREAM_ALL)
+    assert fetched == ["manifest.json"]
