@@ -436,6 +436,15 @@ def _check_source(args) -> None:
         raise ValueError(
             f"Pass either SOURCE ({args.source!r}) or `--demo` (which writes and measures its own model), not both."
         )
+    if args.source is not None and not Path(args.source).is_dir():
+        # a hub repo holding a shard directory: downloaded, and measured as the folder it is then
+        from .errors import ShardDirError
+        from .shard_dir import local_shard_dir
+
+        try:
+            args.source = str(local_shard_dir(args.source))
+        except (ShardDirError, OSError):  # (no manifest there, or none to fetch: a checkpoint's, named below)
+            pass
     if args.source is not None and not Path(args.source).is_dir():  # a hub id: its config.json, before any work
         _checkpoint_folder(args.source, fetch=False)
     if args.checkpoint is None:

@@ -394,10 +394,6 @@ def main(argv: list[str] | None = None) -> int:
         from huggingface_hub.utils import logging as hub_logging
 
         hub_logging.get_logger().propagate = False
-        if args.command in ("generate", "inspect", "verify"):  # (a hub repo holding a shard directory: downloaded)
-            from .shard_dir import local_shard_dir
-
-            args.shard_dir = local_shard_dir(args.shard_dir)
         status = int(handler(args) or 0)
         if sys.stdout is not None:  # (`None` where the command ran with standard output closed, `>&-`)
             sys.stdout.flush()  # a closed pipe shows here rather than at exit, where it could not be handled
@@ -488,11 +484,16 @@ def load_streamed_model(
     from transformers import AutoConfig
 
     from .modeling import build_for_shards
-    from .shard_dir import ShardDirectory
+    from .shard_dir import ShardDirectory, local_shard_dir
     from .stream import enable_layer_streaming
 
-    shards = ShardDirectory(shard_dir)  # a clear error before transformers looks for config.json
-    config = AutoConfig.from_pretrained(shard_dir)
+    # (a hub repo: its manifest and config, the model built from them; its layers downloaded by the enable, once it
+    # checked the model against the manifest)
+    local = local_shard_dir(shard_dir, weights=False)
+    shards = ShardDirectory(
+        local, check_files=local is shard_dir
+    )  # a clear error before transformers reads config.json
+    config = AutoConfig.from_pretrained(local)
     model = build_for_shards(shards.manifest, config)  # the class it was split for
     model.eval()
     return enable_layer_streaming(
@@ -627,7 +628,7 @@ def _cmd_generate(args) -> int:
     if args.adapter:
         _attach_adapter(model, args.adapter, args.adapter_revision)
     try:
-        tok = AutoTokenizer.from_pretrained(args.tokenizer or args.shard_dir)
+        tok = AutoTokenizer.from_pretrained(args.tokenizer or get_streaming_state(model).shard_dir.path)
     except (OSError, ValueError) as e:
         if args.tokenizer is not None:
             raise
@@ -822,14 +823,16 @@ def _cmd_inspect(args) -> int:
 
     from .engine import budget_shortfall, host_memory, size_text
     from .modeling import resolve_dtype
-    from .shard_dir import ShardDirectory
+    from .shard_dir import ShardDirectory, local_shard_dir
     from .stream import plan_shard_dir
 
-    shards = ShardDirectory(args.shard_dir)
-    m = shards.manifest
     max_memory = _max_memory(args.max_memory)
     device, absent = _planned_device(args.device, max_memory)
     dtype = resolve_dtype(args.dtype)
+    # (a hub repo: its manifest and config only, what the plan needs; its layer files neither downloaded nor checked)
+    local = local_shard_dir(args.shard_dir, weights=False)
+    shards = ShardDirectory(local, check_files=local is args.shard_dir)
+    m = shards.manifest
     units = [shards.unit(f"layers.{i}") for i in range(m.num_layers)]
     bf16_bytes = [u.nbytes_as(torch.bfloat16) for u in units]
     full_bytes = bf16_bytes if dtype is None else [u.nbytes_as(dtype) for u in units]
@@ -876,6 +879,8 @@ def _cmd_inspect(args) -> int:
         return 0
     scheme = "none (full precision)" if not m.compression else ", ".join(f"{k}={v}" for k, v in m.compression.items())
     print(f"shard directory  {shards.path}")
+    if local is not args.shard_dir:
+        print(f"hub repo         {args.shard_dir}: its manifest and config read, its layer files not downloaded")
     print(f"source           {m.source.get('id')} (revision {m.source.get('revision')})")
     dtypes = f"dtype {m.dtype}" if computes == m.dtype else f"stored in {m.dtype}, computes in {computes}"
     print(f"model            {m.model_type}, {m.num_layers} layers under {m.layers_prefix!r}, {dtypes}")
@@ -933,15 +938,21 @@ def _planned_device(name: str | None, max_memory: dict | None):
 
 def _cmd_verify(args) -> int:
     from .errors import NOT_DAMAGE, ShardFileError
-    from .shard_dir import ShardDirectory
+    from .shard_dir import ShardDirectory, hub_repo_of, local_shard_dir
 
+    args.shard_dir = local_shard_dir(args.shard_dir)  # (a hub repo: downloaded, then checked)
     try:
         shards = ShardDirectory(args.shard_dir, check_files=False)
     except ShardFileError as e:  # (its manifest: a check failed, not an option refused)
         print(f"{e.path} {e.problem}", file=sys.stderr)
+        repo = hub_repo_of(args.shard_dir)
         print(
-            f"The manifest of {args.shard_dir} is damaged: split again there (`hf-layerstream split SOURCE "
-            "SHARD_DIR --overwrite`)",
+            f"The manifest of {args.shard_dir} is damaged: "
+            + (
+                f"download it again (`hf download {repo} --force-download`)"
+                if repo is not None
+                else "split again there (`hf-layerstream split SOURCE SHARD_DIR --overwrite`)"
+            ),
             file=sys.stderr,
         )
         return 1
@@ -955,6 +966,8 @@ def _cmd_verify(args) -> int:
             "delete the files named and re-run the same split (`hf-layerstream split SOURCE SHARD_DIR`), which writes "
             "them again"
         )
+        if hub_repo_of(shards.path) is not None:  # (a download from the hub, in its cache: downloaded again)
+            advice = f"download them again (`hf download {hub_repo_of(shards.path)} --force-download`)"
         if sound == len(problems):  # (a new split is not the fix)
             advice = "the files named could not be read, but may be sound: fix what each message names"
         elif sound:

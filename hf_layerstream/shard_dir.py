@@ -273,30 +273,62 @@ def _inside(root: Path, rel: str, manifest_path: Path) -> Path:
 
 
 def _hub_blobs(root: Path) -> Path | None:
-    """The folder of the blobs of the hub cache repo whose snapshot `root` (resolved) is, where it is one: a shard
+    """The folder of the blobs of the hub cache repo whose snapshot holds `root` (resolved), where one does: a shard
     directory uploaded to the hub and downloaded with `snapshot_download` (`<cache>/models--org--name/snapshots/
-    <commit>`), whose entries are symlinks huggingface_hub made to the files it keeps in `../../blobs`, named by
-    their content's hash. Those are the repo's files: a link there is not one out of the directory."""
-    if root.parent.name != "snapshots":
+    <commit>`, or a folder of it), whose entries are symlinks huggingface_hub made to the files it keeps in the repo's
+    `blobs`, named by their content's hash. Those are the repo's files: a link there is not one out of the directory.
+    (The `blobs` folder as it is named, not resolved: one that is itself a link leads elsewhere.)"""
+    for folder in (root, *root.parents):
+        if folder.parent.name == "snapshots":
+            blobs = folder.parent.parent / "blobs"
+            return blobs if blobs.is_dir() and not blobs.is_symlink() else None
+    return None
+
+
+def hub_repo_of(path: str | os.PathLike) -> str | None:
+    """The id of the hub repo whose downloaded snapshot in the hub cache holds `path`, else `None`."""
+    resolved = Path(os.path.realpath(path))
+    if _hub_blobs(resolved) is None:
         return None
-    blobs = root.parent.parent / "blobs"
-    return blobs if blobs.is_dir() else None
+    folder = next(f for f in (resolved, *resolved.parents) if f.parent.name == "snapshots")
+    name = folder.parent.parent.name  # (`models--org--name`)
+    return name.split("--", 1)[1].replace("--", "/") if name.startswith("models--") else None
 
 
-def local_shard_dir(shard_dir):
+# a shard directory's files that are no weights (config, tokenizer, chat templates, README): downloaded whole
+_NOT_WEIGHTS = ["*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.gguf", "*.h5", "*.msgpack", "*.onnx"]
+
+
+def _read_json_object(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def local_shard_dir(shard_dir, *, weights: bool = True):
     """`shard_dir` as a folder on this machine: itself, or where it is a hub repo id (`org/name`, and nothing of that
-    name here), that repo as the hub cache holds it, downloaded with `snapshot_download` (its default branch; a token
-    as huggingface_hub finds one, `hf auth login` or HF_TOKEN; offline, from the cache). Its manifest is fetched
-    first: a repo that is no shard directory (a checkpoint) is refused before anything else is downloaded.
+    name here), that repo's snapshot in the hub cache (its default branch; a token as huggingface_hub finds one, `hf
+    auth login` or HF_TOKEN; offline, from the cache). Its manifest is fetched first: a repo that is no shard
+    directory (a checkpoint) is refused before anything else is downloaded. Then its other small files, and with
+    `weights` the unit files its manifest names (nothing else: a repo may hold more), at the manifest's commit.
+    Without `weights` the snapshot holds the manifest and config only: open it with `check_files=False`.
 
     Raises:
         `FileNotFoundError`: The hub cannot be reached and the repo is not in the hub cache, or there is no such repo.
         [`ShardDirError`]: The repo holds no manifest.
     """
-    if not isinstance(shard_dir, str) or shard_dir.count("/") != 1 or Path(shard_dir).expanduser().exists():
+    if not isinstance(shard_dir, str) or shard_dir.count("/") != 1 or os.path.lexists(Path(shard_dir).expanduser()):
         return shard_dir
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
     from .split import fetch_hub_file, missing_local_folder
 
+    try:
+        validate_repo_id(shard_dir)
+    except HFValidationError:  # (`C:/x`, `x.layers/`, `my models/x`: a path, missing)
+        return shard_dir
     if missing_local_folder(shard_dir):  # (`./org/name`, `~/x`: a path)
         return shard_dir
     manifest = fetch_hub_file(shard_dir, MANIFEST_NAME, "`shard_dir`", what="shard directory")
@@ -306,10 +338,18 @@ def local_shard_dir(shard_dir):
             f"repo of that name holds no {MANIFEST_NAME}: it is no shard directory. If it is a checkpoint, split it "
             f"first (`split_checkpoint({shard_dir!r}, DIR)`, `hf-layerstream split {shard_dir} DIR`) and stream DIR."
         )
+    commit = manifest.parent.name  # (the snapshot's: the files of the commit the manifest was fetched at)
+    revision = commit if len(commit) == 40 else None
+    fetch_hub_file(shard_dir, "config.json", "`shard_dir`", what="shard directory", revision=revision)
+    if not weights:
+        return manifest.parent
     from huggingface_hub import snapshot_download
 
-    commit = manifest.parent.name  # (the snapshot's: the files of the commit the manifest was fetched at)
-    return snapshot_download(shard_dir, revision=commit if len(commit) == 40 else None)
+    snapshot_download(shard_dir, revision=revision, ignore_patterns=_NOT_WEIGHTS)
+    units = _read_json_object(manifest).get("units")
+    units = units if isinstance(units, list) else []  # (a damaged manifest: named so when the directory is opened)
+    files = [u["file"] for u in units if isinstance(u, dict) and isinstance(u.get("file"), str)]
+    return Path(snapshot_download(shard_dir, revision=revision, allow_patterns=files or [MANIFEST_NAME]))
 
 
 class ShardDirectory:

@@ -56,6 +56,7 @@ from .shard_dir import (
     TensorEntry,
     UnitEntry,
     _is_newer_format,
+    hub_repo_of,
     layer_file,
     read_adapter_record,
 )
@@ -105,7 +106,13 @@ def missing_local_folder(source: str | os.PathLike) -> bool:
     local = Path(text).expanduser()
     if local.is_dir():
         return False
-    return isinstance(source, os.PathLike) or text.startswith((".", "/", "~")) or text.count("/") > 1 or local.exists()
+    # (`lexists`: a dangling symlink, such as one to a disk not mounted, is a path too)
+    return (
+        isinstance(source, os.PathLike)
+        or text.startswith((".", "/", "~"))
+        or text.count("/") > 1
+        or os.path.lexists(local)
+    )
 
 
 def hub_unreachable_error(
@@ -147,7 +154,12 @@ def fetch_hub_file(
             naming a local `what` as the other way), or the hub has no such repo (`no_such_repo_error`).
     """
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
 
     try:
         return Path(hf_hub_download(repo_id, filename, revision=revision, token=token, cache_dir=cache_dir))
@@ -155,8 +167,19 @@ def fetch_hub_file(
         raise hub_unreachable_error(repo_id, filename, role, what, revision) from e
     except EntryNotFoundError:
         return None
+    except GatedRepoError as e:  # (a subclass of RepositoryNotFoundError: first)
+        raise gated_repo_error(repo_id, role, e) from e
     except RepositoryNotFoundError as e:
         raise no_such_repo_error(repo_id, role) from e
+
+
+def gated_repo_error(repo_id: str, role: str, error: Exception) -> PermissionError:
+    """The error for a gated hub repo (given as `role`) this user has no access to, with the hub's own message (which
+    names the page to ask for access on)."""
+    return PermissionError(
+        f"{role} {repo_id!r} is a gated hub repo that this user cannot access: ask for access on its page, then log in "
+        f"(`hf auth login`) or set HF_TOKEN, or pass a `token` where one is taken. The hub said: {error}"
+    )
 
 
 def no_such_repo_error(repo_id: str, role: str) -> FileNotFoundError:
@@ -316,9 +339,30 @@ class _Source:
             )
         return name
 
+    def _find(self, filename: str) -> bool:
+        """Whether the source has the weight file `filename` (`fetch`'s `None`: it has not). A hub repo's safetensors
+        file not in the hub cache is not downloaded for this: its header is read from the hub (its keys and dtypes
+        kept in `_remote`), so that the split downloads it only once its checks passed (the disk space's counts it),
+        when the first unit reads it. Where the header cannot be read so, the file is fetched, as before."""
+        if (
+            self.local_dir is None
+            and filename.endswith(".safetensors")
+            and self._local_weight_file(filename) is None
+            and not self.hub_unreachable
+            and not _is_offline()
+        ):
+            try:
+                self._remote[filename] = self._remote_header(filename)
+                return True
+            except FileNotFoundError:  # (the hub says the repo has no such file)
+                return False
+            except OSError as e:  # (the hub unreachable, a proxy refusing range requests: `fetch` says or serves)
+                logger.info("Could not read the header of %s from the hub (%s); fetching it", filename, e.__cause__)
+        return self.fetch(filename) is not None
+
     def _list_keys(self) -> dict[str, str]:
         explicit = self._explicit_weights()
-        if explicit is not None and self.fetch(explicit) is None:
+        if explicit is not None and not self._find(explicit):
             where = self.local_dir or self.repo_id
             cache = " in the hub cache, and the hub cannot be reached" if self.hub_unreachable else ""
             raise FileNotFoundError(
@@ -328,8 +372,10 @@ class _Source:
         # the file config.json names, else transformers' preference (see `_PREFERENCE`)
         for name in _PREFERENCE if explicit is None else (explicit,):
             if name in _SINGLE_FILES or name == explicit and not name.endswith(".index.json"):
-                if self.fetch(name) is not None:
+                if self._find(name):
                     self.files, self._listed = [name], {}
+                    if name in self._remote and self._local_weight_file(name) is None:  # (its header, from the hub)
+                        return dict.fromkeys(self._remote[name], name)
                     return dict.fromkeys(self._open(name).keys(), name)
                 continue
             index = self.fetch(name)
@@ -611,7 +657,8 @@ class _Source:
         filename = self.files[0] if self.files else None
         if filename is None:
             return None
-        if filename.endswith(".safetensors") and self._reads_headers() and self._local_weight_file(filename) is None:
+        remote = filename.endswith(".safetensors") and self._local_weight_file(filename) is None
+        if remote and (filename in self._remote or self._reads_headers()):
             if filename not in self._remote:  # (not downloaded for this)
                 self._remote[filename] = self._remote_header(filename)
             dtypes = [self._remote[filename][k] for k in sorted(self._remote[filename])]
@@ -1388,6 +1435,13 @@ def split_checkpoint(
         )
     if shard_dir.exists() and not shard_dir.is_dir():
         raise ShardDirError(f"`shard_dir` {shard_dir} exists and is not a directory.")
+    if shard_dir.exists() and hub_repo_of(shard_dir) is not None:
+        # (a shard directory downloaded from the hub: the split replaced the cache's links with its own files)
+        raise ShardDirError(
+            f"`shard_dir` {shard_dir} is in the hub cache, a download of the repo {hub_repo_of(shard_dir)!r}, which "
+            "the split must not write into: choose a folder outside the hub cache (to mend that download, `hf "
+            f"download {hub_repo_of(shard_dir)} --force-download`)."
+        )
     if os.path.islink(shard_dir / "layers"):
         # (the split wrote through it, then every layer was refused as resolving outside the directory)
         raise ShardDirError(

@@ -985,8 +985,8 @@ def enable_layer_streaming(
             A causal LM built on the meta device.
         shard_dir (`str` or `os.PathLike`):
             A shard directory made by [`split_checkpoint`], or the id of a hub repo holding one (`"org/name"`, where
-            no folder of that name is here): its manifest is fetched, then the repo is downloaded into the hub cache
-            with `snapshot_download` (its default branch), as `from_pretrained` downloads a model.
+            no folder of that name is here): its manifest is fetched and checked against the model, then its files
+            are downloaded into the hub cache (its default branch), as `from_pretrained` downloads a model.
         device (`str`, `int` or `torch.device`, *optional*):
             Execution device; defaults to CUDA when available, else CPU.
         dtype (`torch.dtype` or `str`, *optional*):
@@ -1083,9 +1083,6 @@ def _enable(
         )
     device = check_device(device)
     dtype = _check_options(dtype, prefetch, keep_in_page_cache, dequantize)
-    shards = ShardDirectory(local_shard_dir(shard_dir), checksums=verify)
-    chosen = prefetch is not None
-    default = default_prefetch(device, shards)
     _refuse_adapters(model)
     stack = require_layer_stack(model)
     _refuse_weights_changed_by_forward(model)
@@ -1101,6 +1098,13 @@ def _enable(
                 f"Module {name or type(model).__name__!r} already has an accelerate hook (the model was dispatched with "
                 "a `device_map`). Build the model with `init_empty_weights()` and no device_map, then enable streaming."
             )
+    local = local_shard_dir(shard_dir, weights=False)
+    if local is not shard_dir:  # (a hub repo: checked against the model by its manifest before its layers download)
+        _check_match(model, stack, ShardDirectory(local, check_files=False))
+        shard_dir = local_shard_dir(shard_dir)
+    shards = ShardDirectory(shard_dir, checksums=verify)
+    chosen = prefetch is not None
+    default = default_prefetch(device, shards)
     _check_match(model, stack, shards)
     _check_conversion(model, shards)
     if shards.compression is not None:

@@ -384,6 +384,31 @@ def hub_cache(cache, repo: str, files: dict[str, bytes], ref: str = "main", comm
         (root / "snapshots" / commit / name).write_bytes(data)
 
 
+def hub_snapshot(folder, cache, repo="org--shards", commit="a" * 40) -> pathlib.Path:
+    """The folder `folder` laid out as huggingface_hub lays out a repo it downloaded into its cache `cache`
+    (`snapshot_download`): each file a blob named by its hash in `models--REPO/blobs` (`repo` as `org--name`), and the
+    snapshot `models--REPO/snapshots/COMMIT` of relative symlinks to them (its folders real ones), which `refs/main`
+    names. Returns the snapshot."""
+    import hashlib
+    import os
+    import shutil
+
+    folder = pathlib.Path(folder)
+    root = pathlib.Path(cache) / f"models--{repo}"
+    snapshot, blobs = root / "snapshots" / commit, root / "blobs"
+    blobs.mkdir(parents=True)
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and not path.name.startswith("."):
+            blob = blobs / hashlib.sha256(path.read_bytes()).hexdigest()
+            shutil.copy(path, blob)
+            link = snapshot / path.relative_to(folder)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(os.path.relpath(blob, link.parent))
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text(commit)
+    return snapshot
+
+
 def save_metaspace_tokenizer(path):
     """A Llama-2-style tokenizer (SentencePiece pieces, `▁` for a space; decoding strips the text's first space) of
     the tiny models' 128 ids."""

@@ -8,6 +8,7 @@ import os
 import time
 import types
 
+import _models
 import pytest
 import torch
 
@@ -145,6 +146,21 @@ def test_bench_refuses_systems_that_need_the_checkpoint_it_was_not_given(tmp_pat
         "streamed_host needs a CUDA device); choose from streamed, streamed_disk." in capsys.readouterr().err
     )
     assert not (tmp_path / "w").exists()
+
+
+def test_bench_takes_a_hub_repo_holding_a_shard_directory_as_one(tmp_path, capsys, checkpoints, monkeypatch):
+    """SOURCE a hub repo holding a shard directory: downloaded, and measured as the shard directory it is (it was
+    taken for a checkpoint, downloaded, and refused as having no weights)."""
+    from huggingface_hub import constants
+
+    _, shards = checkpoints("llama")
+    _models.hub_snapshot(shards, tmp_path / "cache", repo="someorg--llama-layers")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    argv = ["bench", "someorg/llama-layers", "--work", str(tmp_path / "w"), "--device", "cpu", "--modes", "warm"]
+    assert main([*argv, "--systems", "in_memory,accelerate_offload"]) == 2
+    assert "in_memory needs the original checkpoint (`--checkpoint`)" in capsys.readouterr().err
 
 
 def test_bench_refuses_a_checkpoint_of_another_model_than_the_shards(tmp_path, capsys, checkpoints):
@@ -358,9 +374,9 @@ def test_a_cold_step_is_paired_with_the_way_fastest_over_all_rounds(tmp_path, mo
 
         return read
 
-    ways = {
-        "lucky": way("lucky", [0.001, 0.3]),
-        "steady": way("steady", [0.02, 0.02]),
+    ways = {  # (tens of milliseconds apart: a loaded machine delayed a 0.1 ms sleep past a 1 ms one)
+        "lucky": way("lucky", [0.05, 1.0]),
+        "steady": way("steady", [0.2, 0.2]),
         "failing": way("failing", [0.0001, None]),
     }
     monkeypatch.setattr(bench, "disk_ways", lambda **kwargs: ways)

@@ -8,6 +8,7 @@ import io
 import os
 import shutil
 import stat
+from pathlib import Path
 
 import _models
 import pytest
@@ -442,27 +443,6 @@ def test_a_folder_a_split_is_writing_is_named_so(tmp_path):
 LAYER = "layers/00001.safetensors"
 
 
-def _as_hub_download(shards, cache, repo="org--shards", commit="a" * 40):
-    """`shards` laid out as huggingface_hub lays out a repo it downloaded into its cache (`snapshot_download`): each
-    file a blob named by its hash in `models--REPO/blobs`, and the snapshot `models--REPO/snapshots/COMMIT` of
-    relative symlinks to them (its folders real ones). Returns the snapshot."""
-    import hashlib
-
-    root = cache / f"models--{repo}"
-    snapshot, blobs = root / "snapshots" / commit, root / "blobs"
-    blobs.mkdir(parents=True)
-    for path in sorted(shards.rglob("*")):
-        if path.is_file() and not path.name.startswith("."):
-            blob = blobs / hashlib.sha256(path.read_bytes()).hexdigest()
-            shutil.copy(path, blob)
-            link = snapshot / path.relative_to(shards)
-            link.parent.mkdir(parents=True, exist_ok=True)
-            link.symlink_to(os.path.relpath(blob, link.parent))
-    (root / "refs").mkdir()
-    (root / "refs" / "main").write_text(commit)
-    return snapshot
-
-
 def test_a_shard_directory_downloaded_from_the_hub_streams_from_the_hub_cache(shard_copy, tmp_path):
     """A shard directory uploaded to the hub and downloaded with `snapshot_download` (or `hf download`) is the hub
     cache's snapshot of the repo: symlinks to the repo's blobs, beside the snapshot. It was refused as resolving
@@ -471,14 +451,14 @@ def test_a_shard_directory_downloaded_from_the_hub_streams_from_the_hub_cache(sh
     ckpt, shards = shard_copy
     ref = _models.load_reference(ckpt)
     ids = torch.tensor([[1, 5, 9, 3]])
-    snapshot = _as_hub_download(shards, tmp_path / "cache")
+    snapshot = _models.hub_snapshot(shards, tmp_path / "cache")
     assert (snapshot / "manifest.json").is_symlink() and (snapshot / LAYER).is_symlink()
     model = streamed_model(ckpt, snapshot, **STREAM_ALL)
     assert torch.equal(model(ids).logits, ref(ids).logits)
     disable_layer_streaming(model)
     assert ShardDirectory(snapshot).verify() == []
 
-    other = _as_hub_download(shards, tmp_path / "cache", repo="org--other")
+    other = _models.hub_snapshot(shards, tmp_path / "cache", repo="org--other")
     for target in (shards / LAYER, os.path.realpath(other / LAYER)):
         (snapshot / LAYER).unlink()
         (snapshot / LAYER).symlink_to(target)
@@ -497,7 +477,7 @@ def test_a_hub_repo_holding_a_shard_directory_streams_by_its_id(shard_copy, tmp_
     ckpt, shards = shard_copy
     ref = _models.load_reference(ckpt)
     ids = torch.tensor([[1, 5, 9, 3]])
-    _as_hub_download(shards, tmp_path / "cache", repo="someorg--llama-layers")
+    _models.hub_snapshot(shards, tmp_path / "cache", repo="someorg--llama-layers")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)  # (no folder named `someorg/llama-layers` here)
@@ -529,3 +509,85 @@ def test_a_hub_repo_holding_a_shard_directory_streams_by_its_id(shard_copy, tmp_
     with pytest.raises(ShardDirError, match=r"holds no manifest.json: it is no shard directory. If it is a checkpoint"):
         streamed_model(ckpt, "someorg/a-checkpoint", **STREAM_ALL)
     assert fetched == ["manifest.json"]
+
+
+def test_a_hub_repo_is_checked_before_its_layers_are_downloaded(shard_copy, tmp_path, monkeypatch, capsys):
+    """What can be refused without a hub repo's layers is refused before they are downloaded: a model that is not the
+    one split, a command line's mistakes; `inspect` reads the manifest and config only. A shard directory in a folder
+    of the snapshot streams too, and the split refuses to write into the hub cache. An id that cannot be a repo's
+    (`x.layers/`) or a dangling symlink is a missing path, as before; a gated repo says so, with the hub's words; a
+    damaged download is told to be downloaded again, not split."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from hf_layerstream import split_checkpoint
+    from hf_layerstream.shard_dir import local_shard_dir
+
+    ckpt, shards = shard_copy
+    snapshot = _models.hub_snapshot(shards, tmp_path / "cache", repo="someorg--llama-layers")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    downloads = []
+    real = huggingface_hub.snapshot_download
+
+    def snapshot_download(*args, **kwargs):
+        downloads.append(kwargs.get("allow_patterns"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    other = _models.save_tiny_checkpoint("llama", tmp_path / "deeper", num_hidden_layers=5)
+    with pytest.raises(ShardDirError, match="layers"):
+        streamed_model(other, "someorg/llama-layers", **STREAM_ALL)
+    assert downloads == []
+    assert main(["generate", "someorg/llama-layers", "Hi", "--max-new-tokens", "0"]) == 2
+    assert main(["inspect", "someorg/llama-layers"]) == 0
+    assert "hub repo         someorg/llama-layers: its manifest and config read" in capsys.readouterr().out
+    assert downloads == []
+    assert main(["verify", "someorg/llama-layers", "--quick"]) == 0  # (downloads the files the manifest names)
+    assert sorted(downloads[-1]) == sorted(str(p.relative_to(shards)) for p in shards.rglob("*.safetensors"))
+
+    # a damaged download: downloaded again, not split again
+    blob = os.path.realpath(snapshot / LAYER)
+    os.chmod(blob, 0o644)
+    _flip_middle_byte(Path(blob))
+    capsys.readouterr()
+    assert main(["verify", "someorg/llama-layers"]) == 1
+    assert "download them again (`hf download someorg/llama-layers --force-download`)" in capsys.readouterr().err
+    with pytest.raises(ShardDirError, match="is in the hub cache, a download of the repo 'someorg/llama-layers'"):
+        split_checkpoint(ckpt, snapshot, overwrite=True, progress=False)
+    assert (snapshot / LAYER).is_symlink()
+
+    # a shard directory in a folder of a downloaded repo
+    (tmp_path / "several").mkdir()
+    shutil.copytree(shards, tmp_path / "several" / "fp32")
+    nested = _models.hub_snapshot(tmp_path / "several", tmp_path / "cache", repo="someorg--several") / "fp32"
+    ids = torch.tensor([[1, 5, 9, 3]])
+    model = streamed_model(ckpt, nested, **STREAM_ALL)
+    assert torch.equal(model(ids).logits, _models.load_reference(ckpt)(ids).logits)
+    disable_layer_streaming(model)
+
+    # paths, not repo ids
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "x.layers").symlink_to(tmp_path / "unmounted")
+    for path in ("x.layers/", "C:/x", "out/x.layers"):
+        assert local_shard_dir(path) == path
+        with pytest.raises((FileNotFoundError, ShardDirError)) as raised:
+            streamed_model(ckpt, path, **STREAM_ALL)
+        assert "does not exist" in str(raised.value) or "dangling symlink" in str(raised.value)
+
+    # a gated repo
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    gated = huggingface_hub.errors.GatedRepoError.__new__(huggingface_hub.errors.GatedRepoError)
+    Exception.__init__(gated, "Access to model someorg/gated is restricted. Ask for access at its page.")
+
+    def hf_hub_download(repo_id, filename, **kwargs):
+        raise gated
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    with pytest.raises(PermissionError) as raised:
+        streamed_model(ckpt, "someorg/gated", **STREAM_ALL)
+    assert str(raised.value).startswith("`shard_dir` 'someorg/gated' is a gated hub repo that this user cannot access")
+    assert str(raised.value).endswith(
+        "The hub said: Access to model someorg/gated is restricted. Ask for access at its page."
+    )
