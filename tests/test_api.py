@@ -1265,6 +1265,27 @@ def test_the_disk_space_check_counts_the_download_of_a_hub_repo(tmp_path, monkey
     assert _exact(remote, out)
 
 
+def test_a_single_file_hub_repo_is_downloaded_after_the_disk_space_check(tmp_path, monkeypatch):
+    """A hub repo of one `model.safetensors` (transformers 5 saves up to 50 GB in one file): the split fetched it to
+    learn that it is there and which tensors it holds, before the disk-space check, which then did not count it. Its
+    header is read from the hub instead: the check counts the download, and refuses before it."""
+    from hf_layerstream import split as split_mod
+
+    remote = _models.save_tiny_checkpoint("llama", tmp_path / "remote", max_shard_size="1GB")
+    assert (remote / "model.safetensors").is_file() and not (remote / "model.safetensors.index.json").exists()
+    size = (remote / "model.safetensors").stat().st_size
+    needs = _split_needs(monkeypatch, remote, tmp_path)
+    fetched = _lazy_hub_repo(monkeypatch, remote, tmp_path / "cache", "tiny-org/single", "c" * 40)
+    free = {"bytes": int(needs + 2**16 + size // 2)}
+    monkeypatch.setattr(split_mod.shutil, "disk_usage", lambda p: type("U", (), {"free": free["bytes"]})())
+    with pytest.raises(OSError, match=rf"{re.escape(split_mod.size_text(size))} of it to download the 1 weight file "):
+        split_checkpoint("tiny-org/single", tmp_path / "a", cache_dir=tmp_path / "cache", progress=False)
+    assert "model.safetensors" not in fetched
+    free["bytes"] = int(needs + 2**16 + size)
+    split_checkpoint("tiny-org/single", tmp_path / "a", cache_dir=tmp_path / "cache", progress=False)
+    assert fetched.count("model.safetensors") == 1 and _exact(remote, tmp_path / "a")
+
+
 def _split_needs(monkeypatch, ckpt, tmp_path) -> float:
     """The disk space (bytes, to about 5 KiB) the check counts for splitting the local checkpoint `ckpt`."""
     from hf_layerstream import split as split_mod
