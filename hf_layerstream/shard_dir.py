@@ -317,6 +317,7 @@ def local_shard_dir(shard_dir, *, weights: bool = True):
 
     Raises:
         `FileNotFoundError`: The hub cannot be reached and the repo is not in the hub cache, or there is no such repo.
+        `PermissionError`: The repo is gated, and this user cannot access it.
         [`ShardDirError`]: The repo holds no manifest.
     """
     if not isinstance(shard_dir, str) or shard_dir.count("/") != 1 or os.path.lexists(Path(shard_dir).expanduser()):

@@ -120,9 +120,9 @@ def hub_unreachable_error(
 ) -> FileNotFoundError:
     """The error for a file of the hub repo `repo_id` (given as `role`, e.g. "`source`") that could not be fetched:
     the hub cannot be reached and the file is not in the hub cache. For the first file fetched (config.json,
-    adapter_config.json, a shard directory's manifest.json), it says that no local folder has that name either (a misspelt folder name reads as a hub
-    repo id, and meets this first). `what`: what a local `role` is (a checkpoint folder, an adapter folder);
-    `revision`: the one asked for, named."""
+    adapter_config.json, a shard directory's manifest.json), it says that no local folder has that name either (a
+    misspelt folder name reads as a hub repo id, and meets this first). `what`: what a local `role` is (a checkpoint
+    folder, an adapter folder); `revision`: the one asked for, named."""
     no_folder = ""
     at, option = (f" at revision {revision!r}", f" --revision {revision}") if revision is not None else ("", "")
     if filename in ("config.json", "adapter_config.json", "manifest.json"):
@@ -221,7 +221,7 @@ class _Source:
         self.files: list[str] = []  # the weight files, in the order transformers loads them
         self._listed: dict[str, set[str]] = {}  # (see `_keys_of_files`)
         # a hub repo's safetensors file not on this machine -> its tensors' dtypes, from its header read over the
-        # network (`read_keys_of_files` with `headers_only`)
+        # network (`_find`, and `read_keys_of_files` with `headers_only`)
         self._remote: dict[str, dict[str, torch.dtype]] = {}
         self.headers_only = False  # (`remove_from_cache`: see `read_keys_of_files`)
         self._weight_map: dict = {}
@@ -1404,9 +1404,10 @@ def split_checkpoint(
             config ties a pair of weights it stores with different values; `shard_dir` holds another split, one
             made by a newer hf_layerstream, or files but no shard directory (pass `overwrite=True` to write there).
         `ImportError`: `adapter` given without peft installed.
-        `ValueError`: `remove_from_cache` with a local folder as `source`; `adapter` holds no adapter, is of another model, damaged, prompt learning, made from the
-            weights it adapts, or sets `modules_to_save` on a tied weight (before anything is written);
-            `adapter_revision` without `adapter`, or not one per adapter.
+        `ValueError`: `remove_from_cache` with a local folder as `source`; `adapter` holds no adapter, is of another
+            model, damaged, prompt learning, made from the weights it adapts, or sets `modules_to_save` on a tied
+            weight (before anything is written); `adapter_revision` without `adapter`, or not one per adapter.
+        `PermissionError`: `source` or `adapter` is a gated hub repo this user cannot access.
         `FileNotFoundError`: `adapter` is neither a folder nor a hub repo id, is a file, or is a hub id offline and not
             in the hub cache.
 
