@@ -490,9 +490,8 @@ def load_streamed_model(
     # (a hub repo: its manifest and config, the model built from them; its layers downloaded by the enable, once it
     # checked the model against the manifest)
     local = local_shard_dir(shard_dir, weights=False)
-    shards = ShardDirectory(
-        local, check_files=local is shard_dir
-    )  # a clear error before transformers reads config.json
+    # a clear error before transformers reads config.json
+    shards = ShardDirectory(local, check_files=local is shard_dir)
     config = AutoConfig.from_pretrained(local)
     model = build_for_shards(shards.manifest, config)  # the class it was split for
     model.eval()
