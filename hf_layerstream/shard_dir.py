@@ -342,15 +342,26 @@ def local_shard_dir(shard_dir, *, weights: bool = True):
     commit = manifest.parent.name  # (the snapshot's: the files of the commit the manifest was fetched at)
     revision = commit if len(commit) == 40 else None
     fetch_hub_file(shard_dir, "config.json", "`shard_dir`", what="shard directory", revision=revision)
-    if not weights:
+    if not weights or _is_offline():  # (offline: what the hub cache holds; a file it lacks is named when opened)
         return manifest.parent
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
 
-    snapshot_download(shard_dir, revision=revision, ignore_patterns=_NOT_WEIGHTS)
     units = _read_json_object(manifest).get("units")
     units = units if isinstance(units, list) else []  # (a damaged manifest: named so when the directory is opened)
     files = [u["file"] for u in units if isinstance(u, dict) and isinstance(u.get("file"), str)]
-    return Path(snapshot_download(shard_dir, revision=revision, allow_patterns=files or [MANIFEST_NAME]))
+    try:
+        snapshot_download(shard_dir, revision=revision, ignore_patterns=_NOT_WEIGHTS)
+        return Path(snapshot_download(shard_dir, revision=revision, allow_patterns=files or [MANIFEST_NAME]))
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:  # (the hub unreachable: the cache, as offline)
+        logger.warning("Could not download %s (%s); streaming what the hub cache holds of it", shard_dir, e)
+        return manifest.parent
+
+
+def _is_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
 
 
 class ShardDirectory:

@@ -525,16 +525,21 @@ def test_a_hub_repo_is_checked_before_its_layers_are_downloaded(shard_copy, tmp_
 
     ckpt, shards = shard_copy
     snapshot = _models.hub_snapshot(shards, tmp_path / "cache", repo="someorg--llama-layers")
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
-    downloads = []
-    real = huggingface_hub.snapshot_download
+    # the hub, online: a file is fetched into the cache (here, found there); a download of the repo is recorded
+    fetched, downloads = [], []
 
-    def snapshot_download(*args, **kwargs):
-        downloads.append(kwargs.get("allow_patterns"))
-        return real(*args, **kwargs)
+    def hf_hub_download(repo_id, filename, **kwargs):
+        fetched.append(filename)
+        assert repo_id == "someorg/llama-layers"
+        return str(snapshot / filename)
 
+    def snapshot_download(repo_id, **kwargs):
+        downloads.append(kwargs.get("allow_patterns") or kwargs.get("ignore_patterns"))
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     other = _models.save_tiny_checkpoint("llama", tmp_path / "deeper", num_hidden_layers=5)
     with pytest.raises(ShardDirError, match="layers"):
@@ -544,8 +549,10 @@ def test_a_hub_repo_is_checked_before_its_layers_are_downloaded(shard_copy, tmp_
     assert main(["inspect", "someorg/llama-layers"]) == 0
     assert "hub repo         someorg/llama-layers: its manifest and config read" in capsys.readouterr().out
     assert downloads == []
+    assert set(fetched) == {"manifest.json", "config.json"}
     assert main(["verify", "someorg/llama-layers", "--quick"]) == 0  # (downloads the files the manifest names)
     assert sorted(downloads[-1]) == sorted(str(p.relative_to(shards)) for p in shards.rglob("*.safetensors"))
+    assert "*.safetensors" in downloads[-2]  # (the small files first, no weights)
 
     # a damaged download: downloaded again, not split again
     blob = os.path.realpath(snapshot / LAYER)
