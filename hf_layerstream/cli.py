@@ -965,8 +965,9 @@ def _cmd_verify(args) -> int:
             "delete the files named and re-run the same split (`hf-layerstream split SOURCE SHARD_DIR`), which writes "
             "them again"
         )
-        if hub_repo_of(shards.path) is not None:  # (a download from the hub, in its cache: downloaded again)
-            advice = f"download them again (`hf download {hub_repo_of(shards.path)} --force-download`)"
+        repo = hub_repo_of(shards.path)
+        if repo is not None:  # (a download from the hub, in its cache: downloaded again)
+            advice = f"download them again (`hf download {repo} --force-download`)"
         if sound == len(problems):  # (a new split is not the fix)
             advice = "the files named could not be read, but may be sound: fix what each message names"
         elif sound:

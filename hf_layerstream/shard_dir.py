@@ -272,26 +272,30 @@ def _inside(root: Path, rel: str, manifest_path: Path) -> Path:
     return path
 
 
-def _hub_blobs(root: Path) -> Path | None:
-    """The folder of the blobs of the hub cache repo whose snapshot holds `root` (resolved), where one does: a shard
-    directory uploaded to the hub and downloaded with `snapshot_download` (`<cache>/models--org--name/snapshots/
-    <commit>`, or a folder of it), whose entries are symlinks huggingface_hub made to the files it keeps in the repo's
-    `blobs`, named by their content's hash. Those are the repo's files: a link there is not one out of the directory.
-    (The `blobs` folder as it is named, not resolved: one that is itself a link leads elsewhere.)"""
+def _hub_snapshot(root: Path) -> Path | None:
+    """The snapshot in the hub cache that holds `root` (resolved), where one does: a shard directory uploaded to the
+    hub and downloaded with `snapshot_download` is `<cache>/models--org--name/snapshots/<commit>` (or a folder of it),
+    whose entries are symlinks huggingface_hub made to the files it keeps in the repo's `blobs`, named by their
+    content's hash. `None` where no `blobs` folder is beside it (as it is named, not resolved: one that is itself a
+    link leads elsewhere)."""
     for folder in (root, *root.parents):
         if folder.parent.name == "snapshots":
             blobs = folder.parent.parent / "blobs"
-            return blobs if blobs.is_dir() and not blobs.is_symlink() else None
+            return folder if blobs.is_dir() and not blobs.is_symlink() else None
     return None
+
+
+def _hub_blobs(root: Path) -> Path | None:
+    """The folder of the blobs of the hub cache repo whose snapshot holds `root` (resolved), else `None`: those are
+    the repo's files, so a link there is not one out of the directory (see `_hub_snapshot`)."""
+    snapshot = _hub_snapshot(root)
+    return None if snapshot is None else snapshot.parent.parent / "blobs"
 
 
 def hub_repo_of(path: str | os.PathLike) -> str | None:
     """The id of the hub repo whose downloaded snapshot in the hub cache holds `path`, else `None`."""
-    resolved = Path(os.path.realpath(path))
-    if _hub_blobs(resolved) is None:
-        return None
-    folder = next(f for f in (resolved, *resolved.parents) if f.parent.name == "snapshots")
-    name = folder.parent.parent.name  # (`models--org--name`)
+    snapshot = _hub_snapshot(Path(os.path.realpath(path)))
+    name = snapshot.parent.parent.name if snapshot is not None else ""  # (`models--org--name`)
     return name.split("--", 1)[1].replace("--", "/") if name.startswith("models--") else None
 
 
@@ -311,9 +315,9 @@ def local_shard_dir(shard_dir, *, weights: bool = True):
     """`shard_dir` as a folder on this machine: itself, or where it is a hub repo id (`org/name`, and nothing of that
     name here), that repo's snapshot in the hub cache (its default branch; a token as huggingface_hub finds one, `hf
     auth login` or HF_TOKEN; offline, from the cache). Its manifest is fetched first: a repo that is no shard
-    directory (a checkpoint) is refused before anything else is downloaded. Then its other small files, and with
-    `weights` the unit files its manifest names (nothing else: a repo may hold more), at the manifest's commit.
-    Without `weights` the snapshot holds the manifest and config only: open it with `check_files=False`.
+    directory (a checkpoint) is refused before anything else is downloaded. Then its config, and with `weights` its
+    other files (`hub_shard_files`). Without `weights` the snapshot holds the manifest and config only: open it with
+    `check_files=False`, and pass it to `hub_shard_files` once what it allows to check is checked.
 
     Raises:
         `FileNotFoundError`: The hub cannot be reached and the repo is not in the hub cache, or there is no such repo.
@@ -339,29 +343,37 @@ def local_shard_dir(shard_dir, *, weights: bool = True):
             f"repo of that name holds no {MANIFEST_NAME}: it is no shard directory. If it is a checkpoint, split it "
             f"first (`split_checkpoint({shard_dir!r}, DIR)`, `hf-layerstream split {shard_dir} DIR`) and stream DIR."
         )
-    commit = manifest.parent.name  # (the snapshot's: the files of the commit the manifest was fetched at)
-    revision = commit if len(commit) == 40 else None
-    fetch_hub_file(shard_dir, "config.json", "`shard_dir`", what="shard directory", revision=revision)
-    if not weights or _is_offline():  # (offline: what the hub cache holds; a file it lacks is named when opened)
-        return manifest.parent
+    fetch_hub_file(shard_dir, "config.json", "`shard_dir`", what="shard directory", revision=_commit(manifest.parent))
+    return hub_shard_files(shard_dir, manifest.parent) if weights else manifest.parent
+
+
+def _commit(snapshot: Path) -> str | None:
+    """The commit a hub cache snapshot folder is named by (the files of the commit its manifest was fetched at)."""
+    return snapshot.name if len(snapshot.name) == 40 else None
+
+
+def hub_shard_files(repo_id: str, snapshot: Path) -> Path:
+    """The snapshot of the hub repo `repo_id` that `local_shard_dir(repo_id, weights=False)` returned, with the rest of
+    the shard directory downloaded into it, at its commit: the small files (tokenizer, chat templates), and the unit
+    files its manifest names (nothing else: a repo may hold more). Offline, or where the hub cannot be reached, the
+    snapshot as the hub cache holds it (a file it lacks is named when the directory is opened)."""
+    from .split import _is_offline
+
+    if _is_offline():
+        return snapshot
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
 
-    units = _read_json_object(manifest).get("units")
+    units = _read_json_object(snapshot / MANIFEST_NAME).get("units")
     units = units if isinstance(units, list) else []  # (a damaged manifest: named so when the directory is opened)
     files = [u["file"] for u in units if isinstance(u, dict) and isinstance(u.get("file"), str)]
+    revision = _commit(snapshot)
     try:
-        snapshot_download(shard_dir, revision=revision, ignore_patterns=_NOT_WEIGHTS)
-        return Path(snapshot_download(shard_dir, revision=revision, allow_patterns=files or [MANIFEST_NAME]))
+        snapshot_download(repo_id, revision=revision, ignore_patterns=_NOT_WEIGHTS)
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=files or [MANIFEST_NAME]))
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:  # (the hub unreachable: the cache, as offline)
-        logger.warning("Could not download %s (%s); streaming what the hub cache holds of it", shard_dir, e)
-        return manifest.parent
-
-
-def _is_offline() -> bool:
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE)
+        logger.warning("Could not download %s (%s); streaming what the hub cache holds of it", repo_id, e)
+        return snapshot
 
 
 class ShardDirectory:

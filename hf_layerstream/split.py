@@ -1436,12 +1436,13 @@ def split_checkpoint(
         )
     if shard_dir.exists() and not shard_dir.is_dir():
         raise ShardDirError(f"`shard_dir` {shard_dir} exists and is not a directory.")
-    if shard_dir.exists() and hub_repo_of(shard_dir) is not None:
+    downloaded = hub_repo_of(shard_dir) if shard_dir.exists() else None
+    if downloaded is not None:
         # (a shard directory downloaded from the hub: the split replaced the cache's links with its own files)
         raise ShardDirError(
-            f"`shard_dir` {shard_dir} is in the hub cache, a download of the repo {hub_repo_of(shard_dir)!r}, which "
-            "the split must not write into: choose a folder outside the hub cache (to mend that download, `hf "
-            f"download {hub_repo_of(shard_dir)} --force-download`)."
+            f"`shard_dir` {shard_dir} is in the hub cache, a download of the repo {downloaded!r}, which the split must "
+            f"not write into: choose a folder outside the hub cache (to mend that download, `hf download {downloaded} "
+            "--force-download`)."
         )
     if os.path.islink(shard_dir / "layers"):
         # (the split wrote through it, then every layer was refused as resolving outside the directory)

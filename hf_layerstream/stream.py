@@ -65,7 +65,7 @@ from .modeling import (
     tied_targets,
 )
 from .modeling import stand_in as make_stand_in
-from .shard_dir import ShardDirectory, local_shard_dir
+from .shard_dir import ShardDirectory, hub_shard_files, local_shard_dir
 
 logger = logging.getLogger(__name__)
 
@@ -1101,7 +1101,7 @@ def _enable(
     local = local_shard_dir(shard_dir, weights=False)
     if local is not shard_dir:  # (a hub repo: checked against the model by its manifest before its layers download)
         _check_match(model, stack, ShardDirectory(local, check_files=False))
-        shard_dir = local_shard_dir(shard_dir)
+        shard_dir = hub_shard_files(shard_dir, local)
     shards = ShardDirectory(shard_dir, checksums=verify)
     chosen = prefetch is not None
     default = default_prefetch(device, shards)
