@@ -118,6 +118,10 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
         "section (sized by --layers, --hidden-size, ...)",
     )
     p.add_argument("--checkpoint", default=None, help="original checkpoint (when SOURCE is a shard directory)")
+    p.add_argument(
+        "--revision", default=None, help="for a hub repo SOURCE: its branch, tag or commit (default: default branch)"
+    )
+    p.add_argument("--token", default=None, help="for a hub repo SOURCE: hub token for gated/private repos")
     p.add_argument("--work", default=None, help="folder for the split / demo model / offload (default: temporary)")
     p.add_argument("--layers", type=int, default=None, help=f"--demo: decoder layers (default {DEMO_SIZES['layers']})")
     p.add_argument(
@@ -436,17 +440,18 @@ def _check_source(args) -> None:
         raise ValueError(
             f"Pass either SOURCE ({args.source!r}) or `--demo` (which writes and measures its own model), not both."
         )
-    if args.source is not None and not Path(args.source).is_dir():
-        # a hub repo holding a shard directory: downloaded, and measured as the folder it is then
+    if args.source is not None:
+        # a hub repo holding a shard directory: downloaded, and measured as the folder it is then (a local folder:
+        # itself, `--revision` and `--token` ignored with a warning)
         from .errors import ShardDirError
         from .shard_dir import local_shard_dir
 
         try:
-            args.source = str(local_shard_dir(args.source))
+            args.source = str(local_shard_dir(args.source, revision=args.revision, token=args.token))
         except (ShardDirError, OSError):  # (no manifest there, or none to fetch: a checkpoint's, named below)
             pass
     if args.source is not None and not Path(args.source).is_dir():  # a hub id: its config.json, before any work
-        _checkpoint_folder(args.source, fetch=False)
+        _checkpoint_folder(args.source, fetch=False, revision=args.revision, token=args.token)
     if args.checkpoint is None:
         return
     if args.demo:
@@ -531,7 +536,8 @@ def prepare(args, work: Path) -> tuple[Path | None, Path]:
                 "SOURCE is a shard directory and no --checkpoint was given: skipping in-memory and accelerate rows"
             )
         return ckpt, source
-    return (ckpt := _checkpoint_folder(args.source)), split_in_work(ckpt, work / "shards")
+    ckpt = _checkpoint_folder(args.source, revision=args.revision, token=args.token)
+    return ckpt, split_in_work(ckpt, work / "shards")
 
 
 def _refuse_another_model(checkpoint: str, source: Path) -> None:
@@ -560,12 +566,14 @@ def _refuse_another_model(checkpoint: str, source: Path) -> None:
         )
 
 
-def _checkpoint_folder(source: str, *, fetch: bool = True, role: str = "SOURCE") -> Path:
+def _checkpoint_folder(
+    source: str, *, fetch: bool = True, role: str = "SOURCE", revision: str | None = None, token: str | None = None
+) -> Path:
     """The checkpoint `source` (given as `role`), checked before anything is measured (the rows that load it run in
     child processes, where a repo that cannot be reached failed each of them after the streamed rows were measured):
-    a local folder holding a config.json, or a hub repo, whose files are fetched (or found in the hub cache) to split
-    it, or with `fetch=False` (a `--checkpoint` the rows load with `from_pretrained`, which fetches what it needs)
-    whose config.json is.
+    a local folder holding a config.json, or a hub repo (at `revision`, with `token`), whose files are fetched (or
+    found in the hub cache) to split it, or with `fetch=False` (a `--checkpoint` the rows load with `from_pretrained`,
+    which fetches what it needs) whose config.json is.
 
     Raises:
         `FileNotFoundError`: A hub repo that cannot be reached and is not in the hub cache, or that the hub lacks.
@@ -575,16 +583,17 @@ def _checkpoint_folder(source: str, *, fetch: bool = True, role: str = "SOURCE")
 
     path = Path(source)
     # a hub id: from_pretrained and split_checkpoint both resolve it (without a config.json: refused below)
-    if not path.is_dir() and fetch_hub_file(source, "config.json", role) is not None:
+    if not path.is_dir() and fetch_hub_file(source, "config.json", role, revision=revision, token=token) is not None:
         if not fetch:
             return path
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
 
         try:
-            path = Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+            patterns = ["*.json", "*.safetensors", "*.model", "*.txt"]
+            path = Path(snapshot_download(source, revision=revision, token=token, allow_patterns=patterns))
         except LocalEntryNotFoundError as e:  # (a subclass of EntryNotFoundError: first)
-            raise hub_unreachable_error(source, "the weight files", role) from e
+            raise hub_unreachable_error(source, "the weight files", role, revision=revision) from e
         except EntryNotFoundError:
             pass
         except RepositoryNotFoundError as e:

@@ -67,6 +67,18 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     _add_dequantize_arg(p)
 
 
+def _add_hub_args(
+    p: argparse.ArgumentParser, token: str = "for a hub repo SHARD_DIR: hub token for gated/private repos"
+):
+    """`--revision`/`--token` of a SHARD_DIR that is a hub repo holding one (`token`: the help of `--token`)."""
+    p.add_argument(
+        "--revision",
+        default=None,
+        help="for a hub repo SHARD_DIR: its branch, tag or commit (default: its default branch)",
+    )
+    p.add_argument("--token", default=None, help=token)
+
+
 def _add_dequantize_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dequantize",
@@ -204,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--verify", action="store_true", help="check every shard file's checksum before loading")
     _add_runtime_args(p)
+    _add_hub_args(p, "hub token for gated/private repos (SHARD_DIR, and --adapter, --assistant, --tokenizer)")
 
     p = sub.add_parser("demo", help="the whole pipeline on a built-in random-weight Llama-shaped model (no download)")
     p.add_argument("--dir", default=None, help="work folder (default: a temporary folder, removed afterwards)")
@@ -226,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("shard_dir", help="shard directory made by `split`, or a hub repo holding one")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     _add_runtime_args(p)
+    _add_hub_args(p)
 
     p = sub.add_parser("verify", help="check every file of a shard directory against its manifest")
     p.add_argument("shard_dir", help="shard directory made by `split`, or a hub repo holding one")
@@ -234,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="sizes, headers and a sample digest of each file (as every load checks them), no full checksums",
     )
+    _add_hub_args(p)
 
     try:
         from .bench import add_bench_parser
@@ -479,17 +494,21 @@ def load_streamed_model(
     verify=False,
     keep_in_page_cache=None,
     dequantize=None,
+    revision=None,
+    token=None,
 ):
-    """Build the model of a shard directory on meta and enable streaming (what `generate` and `bench` use)."""
+    """Build the model of a shard directory (or of a hub repo holding one, at `revision`, with `token`) on meta and
+    enable streaming (what `generate` and `bench` use)."""
     from transformers import AutoConfig
 
     from .modeling import build_for_shards
-    from .shard_dir import ShardDirectory, local_shard_dir
+    from .shard_dir import ShardDirectory, local_shard_dir, snapshot_commit
     from .stream import enable_layer_streaming
 
     # (a hub repo: its manifest and config, the model built from them; its layers downloaded by the enable, once it
-    # checked the model against the manifest)
-    local = local_shard_dir(shard_dir, weights=False)
+    # checked the model against the manifest, at the commit they came from: a push in between changes nothing, and
+    # what the hub cache holds of that commit is not fetched again)
+    local = local_shard_dir(shard_dir, weights=False, revision=revision, token=token)
     # a clear error before transformers reads config.json
     shards = ShardDirectory(local, check_files=local is shard_dir)
     config = AutoConfig.from_pretrained(local)
@@ -506,17 +525,21 @@ def load_streamed_model(
         verify=verify,
         keep_in_page_cache=keep_in_page_cache,
         dequantize=dequantize,
+        # (a local folder: `revision` and `token` warned about once, above)
+        revision=None if local is shard_dir else snapshot_commit(local),
+        token=None if local is shard_dir else token,
     )
 
 
-def _attach_adapter(model, adapter: str, revision: str | None = None) -> None:
-    """`--adapter`: the PEFT adapter (at `revision`, `--adapter-revision`, for a hub one) loaded into the streaming
-    model (transformers' `load_adapter`, inside `attaching_adapters`), which stays the same object."""
+def _attach_adapter(model, adapter: str, revision: str | None = None, token: str | None = None) -> None:
+    """`--adapter`: the PEFT adapter (at `revision`, `--adapter-revision`, with `token`, for a hub one) loaded into the
+    streaming model (transformers' `load_adapter`, inside `attaching_adapters`), which stays the same object."""
     from .merge import import_peft, resolve_adapter
     from .stream import attaching_adapters
 
     import_peft("`--adapter`")
-    folder = resolve_adapter(adapter, revision=revision)  # (a hub repo's files fetched first: a clear error offline)
+    # (a hub repo's files fetched first: a clear error offline)
+    folder = resolve_adapter(adapter, revision=revision, token=token)
     with attaching_adapters(model):
         model.load_adapter(str(folder))
 
@@ -623,11 +646,15 @@ def _cmd_generate(args) -> int:
         verify=args.verify,
         keep_in_page_cache=_page_cache(args.page_cache),
         dequantize=_dequantize(args.dequantize),
+        revision=args.revision,
+        token=args.token,
     )
     if args.adapter:
-        _attach_adapter(model, args.adapter, args.adapter_revision)
+        _attach_adapter(model, args.adapter, args.adapter_revision, args.token)
     try:
-        tok = AutoTokenizer.from_pretrained(args.tokenizer or get_streaming_state(model).shard_dir.path)
+        tok = AutoTokenizer.from_pretrained(
+            args.tokenizer or get_streaming_state(model).shard_dir.path, token=args.token
+        )
     except (OSError, ValueError) as e:
         if args.tokenizer is not None:
             raise
@@ -649,7 +676,7 @@ def _cmd_generate(args) -> int:
 
         from .speculative import configure_draft
 
-        draft = AutoModelForCausalLM.from_pretrained(args.assistant).to(model.device).eval()
+        draft = AutoModelForCausalLM.from_pretrained(args.assistant, token=args.token).to(model.device).eval()
         tokens = 8 if args.num_assistant_tokens is None else args.num_assistant_tokens
         threshold = draft.generation_config.assistant_confidence_threshold
         gen_kwargs["assistant_model"] = configure_draft(draft, num_assistant_tokens=tokens)
@@ -659,7 +686,7 @@ def _cmd_generate(args) -> int:
         # for), a one-token prompt crashed inside transformers' translation ("cannot reshape tensor of 0 elements")
         if draft.config.get_text_config().vocab_size != model.config.get_text_config().vocab_size:
             draft.generation_config.assistant_confidence_threshold = threshold
-            gen_kwargs["assistant_tokenizer"] = AutoTokenizer.from_pretrained(args.assistant)
+            gen_kwargs["assistant_tokenizer"] = AutoTokenizer.from_pretrained(args.assistant, token=args.token)
 
     if args.chat and not getattr(tok, "chat_template", None):
         print(
@@ -829,7 +856,7 @@ def _cmd_inspect(args) -> int:
     device, absent = _planned_device(args.device, max_memory)
     dtype = resolve_dtype(args.dtype)
     # (a hub repo: its manifest and config only, what the plan needs; its layer files neither downloaded nor checked)
-    local = local_shard_dir(args.shard_dir, weights=False)
+    local = local_shard_dir(args.shard_dir, weights=False, revision=args.revision, token=args.token)
     shards = ShardDirectory(local, check_files=local is args.shard_dir)
     m = shards.manifest
     units = [shards.unit(f"layers.{i}") for i in range(m.num_layers)]
@@ -937,19 +964,20 @@ def _planned_device(name: str | None, max_memory: dict | None):
 
 def _cmd_verify(args) -> int:
     from .errors import NOT_DAMAGE, ShardFileError
-    from .shard_dir import ShardDirectory, hub_repo_of, local_shard_dir
+    from .shard_dir import ShardDirectory, local_shard_dir, redownload_command
 
-    args.shard_dir = local_shard_dir(args.shard_dir)  # (a hub repo: downloaded, then checked)
+    # (a hub repo: downloaded, then checked)
+    args.shard_dir = local_shard_dir(args.shard_dir, revision=args.revision, token=args.token)
     try:
         shards = ShardDirectory(args.shard_dir, check_files=False)
     except ShardFileError as e:  # (its manifest: a check failed, not an option refused)
         print(f"{e.path} {e.problem}", file=sys.stderr)
-        repo = hub_repo_of(args.shard_dir)
+        command = redownload_command(args.shard_dir)
         print(
             f"The manifest of {args.shard_dir} is damaged: "
             + (
-                f"download it again (`hf download {repo} --force-download`)"
-                if repo is not None
+                f"download it again (`{command}`)"
+                if command is not None
                 else "split again there (`hf-layerstream split SOURCE SHARD_DIR --overwrite`)"
             ),
             file=sys.stderr,
@@ -965,9 +993,9 @@ def _cmd_verify(args) -> int:
             "delete the files named and re-run the same split (`hf-layerstream split SOURCE SHARD_DIR`), which writes "
             "them again"
         )
-        repo = hub_repo_of(shards.path)
-        if repo is not None:  # (a download from the hub, in its cache: downloaded again)
-            advice = f"download them again (`hf download {repo} --force-download`)"
+        command = redownload_command(shards.path)
+        if command is not None:  # (a download from the hub, in its cache: downloaded again)
+            advice = f"download them again (`{command}`)"
         if sound == len(problems):  # (a new split is not the fix)
             advice = "the files named could not be read, but may be sound: fix what each message names"
         elif sound:

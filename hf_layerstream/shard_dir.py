@@ -299,6 +299,21 @@ def hub_repo_of(path: str | os.PathLike) -> str | None:
     return name.split("--", 1)[1].replace("--", "/") if name.startswith("models--") else None
 
 
+def redownload_command(path: str | os.PathLike) -> str | None:
+    """The command that downloads again the hub cache's snapshot holding `path` (`hf download REPO --force-download`,
+    with `--revision COMMIT` where the snapshot is not the default branch's), else `None`."""
+    repo = hub_repo_of(path)
+    if repo is None:
+        return None
+    snapshot = _hub_snapshot(Path(os.path.realpath(path)))
+    try:
+        main = (snapshot.parent.parent / "refs" / "main").read_text().strip()
+    except OSError:
+        main = None
+    revision = f" --revision {snapshot.name}" if snapshot.name != main else ""
+    return f"hf download {repo}{revision} --force-download"
+
+
 # a shard directory's files that are no weights (config, tokenizer, chat templates, README): downloaded whole
 _NOT_WEIGHTS = ["*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.gguf", "*.h5", "*.msgpack", "*.onnx"]
 
@@ -311,52 +326,72 @@ def _read_json_object(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def local_shard_dir(shard_dir, *, weights: bool = True):
+def local_shard_dir(shard_dir, *, weights: bool = True, revision: str | None = None, token: str | bool | None = None):
     """`shard_dir` as a folder on this machine: itself, or where it is a hub repo id (`org/name`, and nothing of that
-    name here), that repo's snapshot in the hub cache (its default branch; a token as huggingface_hub finds one, `hf
-    auth login` or HF_TOKEN; offline, from the cache). Its manifest is fetched first: a repo that is no shard
-    directory (a checkpoint) is refused before anything else is downloaded. Then its config, and with `weights` its
-    other files (`hub_shard_files`). Without `weights` the snapshot holds the manifest and config only: open it with
-    `check_files=False`, and pass it to `hub_shard_files` once what it allows to check is checked.
+    name here), that repo's snapshot in the hub cache at `revision` (a branch, tag or commit; default: its default
+    branch), fetched with `token` (default: the one huggingface_hub finds, `hf auth login` or HF_TOKEN; offline,
+    from the cache), as `from_pretrained` takes them. Its manifest is fetched first: a repo that is no shard
+    directory (a checkpoint) is refused before anything else is downloaded. Then its config, at the commit the
+    manifest came from, and with `weights` its other files (`hub_shard_files`). Without `weights` the snapshot holds
+    the manifest and config only: open it with `check_files=False`, and pass it to `hub_shard_files` once what it
+    allows to check is checked. For a local folder, `revision` and `token` are ignored, with a warning.
 
     Raises:
-        `FileNotFoundError`: The hub cannot be reached and the repo is not in the hub cache, or there is no such repo.
+        `FileNotFoundError`: The hub cannot be reached and the repo is not in the hub cache, or there is no such repo
+            (or revision).
         `PermissionError`: The repo is gated, and this user cannot access it.
         [`ShardDirError`]: The repo holds no manifest.
     """
-    if not isinstance(shard_dir, str) or shard_dir.count("/") != 1 or os.path.lexists(Path(shard_dir).expanduser()):
+    if not _hub_repo_id(shard_dir):
+        if revision is not None:
+            logger.warning(
+                "`revision` %r applies to hub repos; %s is a local path, read as it is.", revision, shard_dir
+            )
+        if isinstance(token, str):
+            logger.warning("`token` applies to hub repos; %s is a local path, read without it.", shard_dir)
         return shard_dir
+    from .split import fetch_hub_file
+
+    manifest = fetch_hub_file(
+        shard_dir, MANIFEST_NAME, "`shard_dir`", what="shard directory", revision=revision, token=token
+    )
+    if manifest is None:
+        at = f" at revision {revision!r}" if revision is not None else ""
+        raise ShardDirError(
+            f"`shard_dir` {shard_dir!r} is no local folder ({Path(shard_dir).absolute()} does not exist), and the hub "
+            f"repo of that name holds no {MANIFEST_NAME}{at}: it is no shard directory. If it is a checkpoint, split "
+            f"it first (`split_checkpoint({shard_dir!r}, DIR)`, `hf-layerstream split {shard_dir} DIR`) and stream DIR."
+        )
+    commit = snapshot_commit(manifest.parent)
+    fetch_hub_file(shard_dir, "config.json", "`shard_dir`", what="shard directory", revision=commit, token=token)
+    return hub_shard_files(shard_dir, manifest.parent, token=token) if weights else manifest.parent
+
+
+def _hub_repo_id(shard_dir) -> bool:
+    """Whether `shard_dir` is taken as a hub repo id: text `org/name` that can be one, naming no path here."""
+    if not isinstance(shard_dir, str) or shard_dir.count("/") != 1 or os.path.lexists(Path(shard_dir).expanduser()):
+        return False
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    from .split import fetch_hub_file, missing_local_folder
+    from .split import missing_local_folder
 
     try:
         validate_repo_id(shard_dir)
     except HFValidationError:  # (`C:/x`, `x.layers/`, `my models/x`: a path, missing)
-        return shard_dir
-    if missing_local_folder(shard_dir):  # (`./org/name`, `~/x`: a path)
-        return shard_dir
-    manifest = fetch_hub_file(shard_dir, MANIFEST_NAME, "`shard_dir`", what="shard directory")
-    if manifest is None:
-        raise ShardDirError(
-            f"`shard_dir` {shard_dir!r} is no local folder ({Path(shard_dir).absolute()} does not exist), and the hub "
-            f"repo of that name holds no {MANIFEST_NAME}: it is no shard directory. If it is a checkpoint, split it "
-            f"first (`split_checkpoint({shard_dir!r}, DIR)`, `hf-layerstream split {shard_dir} DIR`) and stream DIR."
-        )
-    fetch_hub_file(shard_dir, "config.json", "`shard_dir`", what="shard directory", revision=_commit(manifest.parent))
-    return hub_shard_files(shard_dir, manifest.parent) if weights else manifest.parent
+        return False
+    return not missing_local_folder(shard_dir)  # (`./org/name`, `~/x`: a path)
 
 
-def _commit(snapshot: Path) -> str | None:
+def snapshot_commit(snapshot: Path) -> str | None:
     """The commit a hub cache snapshot folder is named by (the files of the commit its manifest was fetched at)."""
     return snapshot.name if len(snapshot.name) == 40 else None
 
 
-def hub_shard_files(repo_id: str, snapshot: Path) -> Path:
+def hub_shard_files(repo_id: str, snapshot: Path, *, token: str | bool | None = None) -> Path:
     """The snapshot of the hub repo `repo_id` that `local_shard_dir(repo_id, weights=False)` returned, with the rest of
-    the shard directory downloaded into it, at its commit: the small files (tokenizer, chat templates), and the unit
-    files its manifest names (nothing else: a repo may hold more). Offline, or where the hub cannot be reached, the
-    snapshot as the hub cache holds it (a file it lacks is named when the directory is opened)."""
+    the shard directory downloaded into it (with `token`), at its commit: the small files (tokenizer, chat templates),
+    and the unit files its manifest names (nothing else: a repo may hold more). Offline, or where the hub cannot be
+    reached, the snapshot as the hub cache holds it (a file it lacks is named when the directory is opened)."""
     from .split import _is_offline
 
     if _is_offline():
@@ -367,10 +402,10 @@ def hub_shard_files(repo_id: str, snapshot: Path) -> Path:
     units = _read_json_object(snapshot / MANIFEST_NAME).get("units")
     units = units if isinstance(units, list) else []  # (a damaged manifest: named so when the directory is opened)
     files = [u["file"] for u in units if isinstance(u, dict) and isinstance(u.get("file"), str)]
-    revision = _commit(snapshot)
+    revision = snapshot_commit(snapshot)
     try:
-        snapshot_download(repo_id, revision=revision, ignore_patterns=_NOT_WEIGHTS)
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=files or [MANIFEST_NAME]))
+        snapshot_download(repo_id, revision=revision, token=token, ignore_patterns=_NOT_WEIGHTS)
+        return Path(snapshot_download(repo_id, revision=revision, token=token, allow_patterns=files or [MANIFEST_NAME]))
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:  # (the hub unreachable: the cache, as offline)
         logger.warning("Could not download %s (%s); streaming what the hub cache holds of it", repo_id, e)
         return snapshot

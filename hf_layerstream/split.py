@@ -59,6 +59,7 @@ from .shard_dir import (
     hub_repo_of,
     layer_file,
     read_adapter_record,
+    redownload_command,
 )
 
 logger = logging.getLogger(__name__)
@@ -151,7 +152,7 @@ def fetch_hub_file(
 
     Raises:
         `FileNotFoundError`: The hub cannot be reached and the file is not in the hub cache (`hub_unreachable_error`,
-            naming a local `what` as the other way), or the hub has no such repo (`no_such_repo_error`).
+            naming a local `what` as the other way), or the hub has no such repo (`no_such_repo_error`) or revision.
     """
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import (
@@ -159,6 +160,7 @@ def fetch_hub_file(
         GatedRepoError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
+        RevisionNotFoundError,
     )
 
     try:
@@ -171,6 +173,10 @@ def fetch_hub_file(
         raise gated_repo_error(repo_id, role, e) from e
     except RepositoryNotFoundError as e:
         raise no_such_repo_error(repo_id, role) from e
+    except RevisionNotFoundError as e:
+        raise FileNotFoundError(
+            f"{role} {repo_id!r} has no revision {revision!r} on the hub (a branch, tag or commit of the repo)."
+        ) from e
 
 
 def gated_repo_error(repo_id: str, role: str, error: Exception) -> PermissionError:
@@ -1441,8 +1447,8 @@ def split_checkpoint(
         # (a shard directory downloaded from the hub: the split replaced the cache's links with its own files)
         raise ShardDirError(
             f"`shard_dir` {shard_dir} is in the hub cache, a download of the repo {downloaded!r}, which the split must "
-            f"not write into: choose a folder outside the hub cache (to mend that download, `hf download {downloaded} "
-            "--force-download`)."
+            f"not write into: choose a folder outside the hub cache (to mend that download, "
+            f"`{redownload_command(shard_dir)}`)."
         )
     if os.path.islink(shard_dir / "layers"):
         # (the split wrote through it, then every layer was refused as resolving outside the directory)

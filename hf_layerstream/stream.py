@@ -967,6 +967,8 @@ def enable_layer_streaming(
     verify: bool = False,
     keep_in_page_cache: bool | None = None,
     dequantize: str | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
 ) -> nn.Module:
     """Stream a model's decoder layers from a shard directory, in place; returns the same model.
 
@@ -986,7 +988,7 @@ def enable_layer_streaming(
         shard_dir (`str` or `os.PathLike`):
             A shard directory made by [`split_checkpoint`], or the id of a hub repo holding one (`"org/name"`, where
             no folder of that name is here): its manifest is fetched and checked against the model, then its files
-            are downloaded into the hub cache (its default branch), as `from_pretrained` downloads a model.
+            are downloaded into the hub cache, as `from_pretrained` downloads a model.
         device (`str`, `int` or `torch.device`, *optional*):
             Execution device; defaults to CUDA when available, else CPU.
         dtype (`torch.dtype` or `str`, *optional*):
@@ -1034,6 +1036,12 @@ def enable_layer_streaming(
         verify (`bool`, defaults to `False`):
             Hash every shard file in full and compare with the manifest before loading. Sizes, headers and a
             sample digest of every file are always checked.
+        revision (`str`, *optional*):
+            For a hub repo `shard_dir`: the branch, tag or commit to stream (default: its default branch), as
+            `from_pretrained` takes it. Every file comes from the commit its manifest was fetched at.
+        token (`str` or `bool`, *optional*):
+            For a hub repo `shard_dir`: the token to download with (a private or gated repo; default: the one
+            huggingface_hub finds, `hf auth login` or HF_TOKEN).
 
     Returns:
         The same `model`, ready to run.
@@ -1056,7 +1064,18 @@ def enable_layer_streaming(
         )
     with _model_lock(model):  # (two threads enabling one model at once: the second is refused, as one after the other)
         return _enable(
-            model, shard_dir, device, dtype, max_memory, prefetch, profile, verify, keep_in_page_cache, dequantize
+            model,
+            shard_dir,
+            device,
+            dtype,
+            max_memory,
+            prefetch,
+            profile,
+            verify,
+            keep_in_page_cache,
+            dequantize,
+            revision,
+            token,
         )
 
 
@@ -1075,7 +1094,18 @@ def _model_lock(model: nn.Module) -> threading.RLock:
 
 
 def _enable(
-    model, shard_dir, device, dtype, max_memory, prefetch, profile, verify, keep_in_page_cache, dequantize
+    model,
+    shard_dir,
+    device,
+    dtype,
+    max_memory,
+    prefetch,
+    profile,
+    verify,
+    keep_in_page_cache,
+    dequantize,
+    revision,
+    token,
 ) -> nn.Module:
     if get_streaming_state(model) is not None:
         raise ValueError(
@@ -1098,10 +1128,10 @@ def _enable(
                 f"Module {name or type(model).__name__!r} already has an accelerate hook (the model was dispatched with "
                 "a `device_map`). Build the model with `init_empty_weights()` and no device_map, then enable streaming."
             )
-    local = local_shard_dir(shard_dir, weights=False)
+    local = local_shard_dir(shard_dir, weights=False, revision=revision, token=token)
     if local is not shard_dir:  # (a hub repo: checked against the model by its manifest before its layers download)
         _check_match(model, stack, ShardDirectory(local, check_files=False))
-        shard_dir = hub_shard_files(shard_dir, local)
+        shard_dir = hub_shard_files(shard_dir, local, token=token)
     shards = ShardDirectory(shard_dir, checksums=verify)
     chosen = prefetch is not None
     default = default_prefetch(device, shards)

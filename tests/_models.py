@@ -384,11 +384,11 @@ def hub_cache(cache, repo: str, files: dict[str, bytes], ref: str = "main", comm
         (root / "snapshots" / commit / name).write_bytes(data)
 
 
-def hub_snapshot(folder, cache, repo="org--shards", commit="a" * 40) -> pathlib.Path:
+def hub_snapshot(folder, cache, repo="org--shards", commit="a" * 40, ref="main") -> pathlib.Path:
     """The folder `folder` laid out as huggingface_hub lays out a repo it downloaded into its cache `cache`
     (`snapshot_download`): each file a blob named by its hash in `models--REPO/blobs` (`repo` as `org--name`), and the
-    snapshot `models--REPO/snapshots/COMMIT` of relative symlinks to them (its folders real ones), which `refs/main`
-    names. Returns the snapshot."""
+    snapshot `models--REPO/snapshots/COMMIT` of relative symlinks to them (its folders real ones), which `refs/REF`
+    names (another commit of a repo already there: another snapshot beside the first). Returns the snapshot."""
     import hashlib
     import os
     import shutil
@@ -396,7 +396,7 @@ def hub_snapshot(folder, cache, repo="org--shards", commit="a" * 40) -> pathlib.
     folder = pathlib.Path(folder)
     root = pathlib.Path(cache) / f"models--{repo}"
     snapshot, blobs = root / "snapshots" / commit, root / "blobs"
-    blobs.mkdir(parents=True)
+    blobs.mkdir(parents=True, exist_ok=True)
     for path in sorted(folder.rglob("*")):
         if path.is_file() and not path.name.startswith("."):
             blob = blobs / hashlib.sha256(path.read_bytes()).hexdigest()
@@ -404,8 +404,8 @@ def hub_snapshot(folder, cache, repo="org--shards", commit="a" * 40) -> pathlib.
             link = snapshot / path.relative_to(folder)
             link.parent.mkdir(parents=True, exist_ok=True)
             link.symlink_to(os.path.relpath(blob, link.parent))
-    (root / "refs").mkdir()
-    (root / "refs" / "main").write_text(commit)
+    (root / "refs").mkdir(exist_ok=True)
+    (root / "refs" / ref).write_text(commit)
     return snapshot
 
 

@@ -163,6 +163,27 @@ def test_bench_takes_a_hub_repo_holding_a_shard_directory_as_one(tmp_path, capsy
     assert "in_memory needs the original checkpoint (`--checkpoint`)" in capsys.readouterr().err
 
 
+def test_bench_takes_a_hub_repo_at_a_revision(tmp_path, capsys, checkpoints, monkeypatch):
+    """`--revision` (and `--token`) for a hub repo SOURCE: its default branch was measured. Here the default branch
+    holds a README only; the tag `v2` a shard directory, measured as one."""
+    from huggingface_hub import constants
+
+    _, shards = checkpoints("llama")
+    (tmp_path / "readme").mkdir()
+    (tmp_path / "readme" / "README.md").write_text("soon")
+    _models.hub_snapshot(tmp_path / "readme", tmp_path / "cache", repo="someorg--llama-layers")
+    _models.hub_snapshot(shards, tmp_path / "cache", repo="someorg--llama-layers", commit="b" * 40, ref="v2")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    argv = ["bench", "someorg/llama-layers", "--work", str(tmp_path / "w"), "--device", "cpu", "--modes", "warm"]
+    argv += ["--systems", "in_memory,accelerate_offload"]
+    assert main(argv) == 2
+    assert "Cannot fetch config.json of 'someorg/llama-layers'" in capsys.readouterr().err
+    assert main([*argv, "--revision", "v2", "--token", "hf_secret"]) == 2
+    assert "in_memory needs the original checkpoint (`--checkpoint`)" in capsys.readouterr().err
+
+
 def test_bench_refuses_a_checkpoint_of_another_model_than_the_shards(tmp_path, capsys, checkpoints):
     """`bench SHARDS --checkpoint OTHER` measured both and said the streamed output was not the same (exit 1), as if
     streaming were wrong. Refused before anything is measured, as another model."""

@@ -1113,6 +1113,16 @@ def test_generate_with_a_peft_adapter(split_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     assert main([*argv, "--adapter", "someorg/tagged-lora", "--adapter-revision", "v1"]) == 0
     assert capsys.readouterr().out[len(prompt) :].strip() == expected.strip()
+    import huggingface_hub  # (`--token`: the adapter's files fetched with it too)
+
+    tokens, real = [], huggingface_hub.hf_hub_download
+    monkeypatch.setattr(
+        huggingface_hub, "hf_hub_download", lambda *a, **k: tokens.append(k.get("token")) or real(*a, **k)
+    )
+    assert main([*argv, "--adapter", "someorg/tagged-lora", "--adapter-revision", "v1", "--token", "hf_secret"]) == 0
+    assert capsys.readouterr().out[len(prompt) :].strip() == expected.strip()
+    assert tokens and set(tokens) == {"hf_secret"}
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", real)
     assert main([*argv, "--adapter", "someorg/tagged-lora"]) == 2  # (at main: not in the cache)
     assert "Cannot fetch adapter_config.json of 'someorg/tagged-lora': the hub" in capsys.readouterr().err
     assert main([*argv, "--adapter-revision", "v1"]) == 2

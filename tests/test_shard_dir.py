@@ -15,7 +15,14 @@ import pytest
 import torch
 from conftest import streamed_model
 
-from hf_layerstream import ShardDirectory, ShardDirError, ShardFileError, disable_layer_streaming
+from hf_layerstream import (
+    ShardDirectory,
+    ShardDirError,
+    ShardFileError,
+    disable_layer_streaming,
+    get_streaming_state,
+    split_checkpoint,
+)
 from hf_layerstream import _safetensors as st_mod
 from hf_layerstream._safetensors import (
     DATA_ALIGN,
@@ -161,7 +168,6 @@ def test_a_file_damaged_within_is_repaired_as_its_error_says(shard_copy, capsys)
     """The checksum error said "re-run the same split to repair", which takes a file damaged within (same size, same
     header and sample digest) for sound and does nothing. It says to delete the files named first; done so, the same
     split writes them again, the bytes they had."""
-    from hf_layerstream import split_checkpoint
 
     ckpt, shards = shard_copy
     target = shards / "layers" / "00001.safetensors"
@@ -207,7 +213,6 @@ def test_a_lost_config_json_is_named_and_written_again_by_the_same_split(shard_c
     """`config.json`, which the model is built from, deleted: `verify` said every file matched, a re-run of the split
     found nothing to do, and `generate` failed with transformers' "Should have a `model_type` key". Opening the
     directory names the file and the fix, `verify` lists it, and the same split writes it again."""
-    from hf_layerstream import split_checkpoint
 
     ckpt, shards = shard_copy
     config = shards / "config.json"
@@ -229,7 +234,6 @@ def test_a_damaged_config_json_is_named_and_written_again_by_the_same_split(shar
     """Only a missing `config.json` was caught: a torn one (or another model's) passed `ShardDirectory`, `verify` and
     `hf-layerstream verify` (exit 0), a re-run of the split found nothing to do, and the model could not be built.
     It must be a JSON object of the manifest's model_type; the same split writes it again."""
-    from hf_layerstream import split_checkpoint
 
     ckpt, shards = shard_copy
     config = shards / "config.json"
@@ -262,8 +266,6 @@ def test_a_config_json_describing_another_model_is_named_and_written_again_by_th
     `verify` said every file matched (exit 0), a re-run of the split found nothing to do, and the model built from it
     failed at enable. `verify` names it now (exit 1), and the same split writes it again."""
     import json
-
-    from hf_layerstream import split_checkpoint
 
     ckpt, shards = shard_copy
     config = shards / "config.json"
@@ -314,7 +316,6 @@ def test_a_damaged_manifest_fails_verify_and_split_says_what_to_do(shard_copy, c
     """A torn `manifest.json`: `hf-layerstream verify` exited 2 (an option refused) advising to run verify, and the
     same split said the directory held a split of another model. Now verify exits 1 naming the manifest, and the split
     says the manifest is damaged; `overwrite=True` splits again there."""
-    from hf_layerstream import split_checkpoint
     from hf_layerstream.errors import ShardDirOccupiedError
 
     ckpt, shards = shard_copy
@@ -332,7 +333,6 @@ def test_a_damaged_manifest_fails_verify_and_split_says_what_to_do(shard_copy, c
 @pytest.mark.parametrize("kind", ["fifo", "folder"])
 def test_a_manifest_that_is_no_regular_file_is_named_so(shard_copy, kind):
     """A `manifest.json` that is a FIFO or a folder read as "has no manifest.json, so it is not a shard directory"."""
-    from hf_layerstream import split_checkpoint
 
     ckpt, shards = shard_copy
     manifest = shards / "manifest.json"
@@ -520,7 +520,6 @@ def test_a_hub_repo_is_checked_before_its_layers_are_downloaded(shard_copy, tmp_
     import huggingface_hub
     from huggingface_hub import constants
 
-    from hf_layerstream import split_checkpoint
     from hf_layerstream.shard_dir import local_shard_dir
 
     ckpt, shards = shard_copy
@@ -598,3 +597,98 @@ def test_a_hub_repo_is_checked_before_its_layers_are_downloaded(shard_copy, tmp_
     assert str(raised.value).endswith(
         "The hub said: Access to model someorg/gated is restricted. Ask for access at its page."
     )
+
+
+def test_a_hub_repo_streams_at_a_revision_with_a_token(shard_copy, tmp_path, monkeypatch, capsys, caplog):
+    """`revision=` and `token=` (`--revision`, `--token` of `generate`, `inspect`, `verify` and `bench`) for a hub repo
+    holding a shard directory, as `from_pretrained` takes them: only its default branch was streamed, and a private
+    repo needed HF_TOKEN. Every file comes from the commit the manifest was fetched at (a push in between changes
+    nothing), each request with the token; `generate` builds the model and streams at that commit, and the files it
+    already fetched are not asked for again. A revision the repo lacks is named; for a local folder, both are
+    ignored with a warning."""
+    import logging
+
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    ckpt, shards = shard_copy
+    ref = _models.load_reference(ckpt)
+    ids = torch.tensor([[1, 5, 9, 3]])
+    v2 = "b" * 40
+    # the default branch holds another split (5 layers); the tag `v2` this one
+    other = _models.save_tiny_checkpoint("llama", tmp_path / "deeper", num_hidden_layers=5)
+    _models.hub_snapshot(
+        split_checkpoint(other, tmp_path / "deeper.layers", progress=False), tmp_path / "cache", repo="someorg--layers"
+    )
+    snapshot = _models.hub_snapshot(shards, tmp_path / "cache", repo="someorg--layers", commit=v2, ref="v2")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    # the hub, online: each request recorded, then answered from the cache (as huggingface_hub resolves a branch or
+    # a tag to its commit)
+    requests = []
+    real_file, real_snapshot = huggingface_hub.hf_hub_download, huggingface_hub.snapshot_download
+
+    def hf_hub_download(repo_id, filename, **kwargs):
+        requests.append((filename, kwargs.get("revision"), kwargs.get("token")))
+        if kwargs.get("revision") == "nope":
+            missing = huggingface_hub.errors.RevisionNotFoundError.__new__(huggingface_hub.errors.RevisionNotFoundError)
+            Exception.__init__(missing, "Invalid rev id: nope")
+            raise missing
+        return real_file(repo_id, filename, **{**kwargs, "local_files_only": True})
+
+    def snapshot_download(repo_id, **kwargs):
+        requests.append(("snapshot", kwargs.get("revision"), kwargs.get("token")))
+        return real_snapshot(repo_id, **{**kwargs, "local_files_only": True})
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+
+    with pytest.raises(ShardDirError, match="layers"):  # (the default branch: another model)
+        streamed_model(ckpt, "someorg/layers", **STREAM_ALL)
+    requests.clear()
+    model = streamed_model(ckpt, "someorg/layers", revision="v2", token="hf_secret", **STREAM_ALL)
+    assert get_streaming_state(model).shard_dir.path == snapshot
+    assert torch.equal(model(ids).logits, ref(ids).logits)
+    disable_layer_streaming(model)
+    assert requests == [
+        ("manifest.json", "v2", "hf_secret"),
+        ("config.json", v2, "hf_secret"),
+        ("snapshot", v2, "hf_secret"),
+        ("snapshot", v2, "hf_secret"),
+    ]
+
+    argv = ["Hello", "--max-new-tokens", "4", "--device", "cpu", "--max-memory", "cpu=0"]
+    assert main(["generate", str(shards), *argv]) == 0
+    expected = capsys.readouterr().out
+    requests.clear()
+    assert main(["generate", "someorg/layers", *argv, "--revision", "v2", "--token", "hf_secret"]) == 0
+    assert capsys.readouterr().out == expected
+    assert [r for r in requests if r[0] != "snapshot"] == [
+        ("manifest.json", "v2", "hf_secret"),
+        ("config.json", v2, "hf_secret"),
+        ("manifest.json", v2, "hf_secret"),  # (the commit: found in the cache, not asked of the hub)
+        ("config.json", v2, "hf_secret"),
+    ]
+    assert all(r[1:] == (v2, "hf_secret") for r in requests if r[0] == "snapshot")
+    assert main(["inspect", "someorg/layers", "--revision", "v2"]) == 0
+    assert f"shard directory  {snapshot}" in capsys.readouterr().out
+    blob = os.path.realpath(snapshot / LAYER)
+    os.chmod(blob, 0o644)
+    _flip_middle_byte(Path(blob))
+    assert main(["verify", "someorg/layers", "--revision", "v2"]) == 1
+    assert f"download them again (`hf download someorg/layers --revision {v2} --force-download`)" in (
+        capsys.readouterr().err
+    )
+
+    with pytest.raises(FileNotFoundError, match="`shard_dir` 'someorg/layers' has no revision 'nope' on the hub"):
+        streamed_model(ckpt, "someorg/layers", revision="nope", **STREAM_ALL)
+    with caplog.at_level(logging.WARNING, logger="hf_layerstream.shard_dir"):
+        model = streamed_model(ckpt, shards, revision="v2", token="hf_secret", **STREAM_ALL)
+    assert torch.equal(model(ids).logits, ref(ids).logits)
+    assert "`revision` 'v2' applies to hub repos" in caplog.text and "`token` applies to hub repos" in caplog.text
+    disable_layer_streaming(model)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hf_layerstream.shard_dir"):
+        assert main(["generate", str(shards), *argv, "--revision", "v2", "--token", "hf_secret"]) == 0
+    assert capsys.readouterr().out == expected
+    assert caplog.text.count("applies to hub repos") == 2  # (once each)
