@@ -147,6 +147,11 @@ MORE_ARCHITECTURES: dict[str, dict] = {
     },
     # one hybrid layer: its shared attention block is its own
     "zamba2": {**_ZAMBA2, "hybrid_layer_ids": [1], "layers_block_type": ["mamba", "hybrid", "mamba"]},
+    # BERT-style causal LMs: their head's transform (`cls.predictions.transform.dense`, `lm_head.dense`), a resident
+    # `nn.Linear` before the output embeddings, is fed the prompt pass's last position too (see `stream._HeadGrad`)
+    "bert": {"is_decoder": True},
+    "roberta": {"is_decoder": True},
+    "modernbert-decoder": {},
     # a captioning model: its image encoder (4 layers, more weights) is not the stack streamed, its text decoder is
     "git": {"vision_config": {**_VISION, "num_hidden_layers": 4}},
 }
@@ -176,6 +181,36 @@ def test_streamed_decode_steps_equal_the_loaded_model(tmp_path, model_type):
     # requiring grad (see `hooks._wants_grad`); a batch of one long prompt happened to give the same bits either way
     ids = torch.tensor([[1, 5, 7, 9, 11, 13, 17], [1, 19, 23, 29, 31, 37, 41]])
     assert_same_decode_steps(ref, streamed, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+
+
+@pytest.mark.parametrize("model_type", ["bert", "roberta"])
+def test_a_head_transform_requires_grad_as_the_loaded_one_frozen_or_not(tmp_path, model_type):
+    """A BERT-style head runs a resident `nn.Linear` (`cls.predictions.transform.dense`, `lm_head.dense`) before the
+    output embeddings, on the prompt pass's last positions: a slice `torch.matmul` folds into one matrix product only
+    for a weight that requires grad. Its weight was loaded frozen and gave other bits (1e-7) from batch 2 on. It
+    requires grad as the loaded model's, frozen by `requires_grad_(False)` as it is; with gradients on, no gradient
+    reaches it; on disable the model's own weight keeps the flag set, and the hooks go."""
+    ckpt = _models.save_tiny_checkpoint(_config(model_type), tmp_path / "checkpoint")
+    shards = split_checkpoint(ckpt, tmp_path / "shards", progress=False)
+    ref = _models.load_reference(ckpt)
+    model = streamed_model(ckpt, shards, max_memory={"cpu": 0}, prefetch=1)
+    name = "cls.predictions.transform.dense" if model_type == "bert" else "lm_head.dense"
+    dense, ref_dense = model.get_submodule(name), ref.get_submodule(name)
+    ids = torch.tensor([[1, 5, 7, 9, 11, 13, 17], [1, 19, 23, 29, 31, 37, 41]])
+    for frozen in (False, True):
+        if frozen:
+            ref.requires_grad_(False)
+            model.requires_grad_(False)
+        assert dense.weight.requires_grad == ref_dense.weight.requires_grad == (not frozen)
+        for grad in (False, True):
+            with torch.set_grad_enabled(grad):
+                assert torch.equal(model(ids, logits_to_keep=1).logits, ref(ids, logits_to_keep=1).logits)
+        embeds = ref.get_input_embeddings()(ids).detach().requires_grad_(True)
+        model(inputs_embeds=embeds, logits_to_keep=1).logits.sum().backward()
+        assert embeds.grad is not None and all(p.grad is None for p in model.parameters())
+    disable_layer_streaming(model)
+    assert not dense._forward_pre_hooks and not dense._forward_hooks
+    assert dense.weight.is_meta and not dense.weight.requires_grad  # (frozen while streaming: stays frozen)
 
 
 def test_a_stack_of_several_layer_classes_is_found():
