@@ -6,6 +6,7 @@ import errno
 import json
 import logging
 import os
+import re
 import shutil
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -86,6 +87,9 @@ _SIDE_FILES = (
     "video_preprocessor_config.json",
 )
 _CHAT_TEMPLATE_DIR = "additional_chat_templates"  # a tokenizer's named chat templates besides the default one
+# a checkpoint's license and notice files, copied into the split (it is the model's weights, to be shared so): no code
+_LICENSE_FILE = re.compile(r"(?i)(licen[cs]e|notice|use_policy|copying)([-_.][\w.-]*)?(?<!\.py)")
+MODEL_CARD_NAME = "README.md"
 _SAMPLE = 64 * 1024  # bytes read at each end of a local weight file for the source's identity
 _SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
 # transformers' order (`_get_resolved_checkpoint_files`): safetensors before pickled `.bin`, each single file before
@@ -320,6 +324,25 @@ class _Source:
         # (listed online with their `.jinja`, from the cache without it, as transformers does)
         names = {n.removesuffix(".jinja") + ".jinja" for n in names if isinstance(n, str)}
         return sorted(n for n in names if "/" not in n and "\\" not in n and not n.startswith("."))
+
+    def license_files(self) -> list[str]:
+        """The names of the checkpoint's license and notice files (`LICENSE`, `LICENSE.txt`, `NOTICE`, Llama's
+        `USE_POLICY.md`, DeepSeek's `LICENSE-MODEL`...: `_LICENSE_FILE`), at its top level, which a shared split
+        must carry; on the hub, listed with `HfApi.list_repo_files` (the hub cache's snapshot where the hub cannot be
+        reached). Empty where it cannot tell."""
+        if self.local_dir is not None:
+            names = [p.name for p in self.local_dir.iterdir() if p.is_file()]
+        elif self.hub_unreachable or _is_offline():
+            names = [p.name for p in self.config_path.parent.iterdir() if p.is_file()]
+        else:
+            try:
+                from huggingface_hub import HfApi
+
+                names = HfApi().list_repo_files(self.repo_id, revision=self.revision, token=self._token)
+            except Exception as e:  # noqa: BLE001 - the files are copied where they can be listed
+                logger.warning("Cannot list the files of %r (%s); its license files are not copied", self.repo_id, e)
+                return []
+        return sorted(n for n in names if _LICENSE_FILE.fullmatch(n))
 
     def _explicit_weights(self) -> str | None:
         """config.json's `transformers_weights`: the one weight file (`.safetensors`) or index
@@ -1689,6 +1712,8 @@ def split_checkpoint(
         side = {name: src.fetch(name) for name in _SIDE_FILES}
         side |= {name: src.fetch(name) for name in _tokenizer_files(side["tokenizer_config.json"], config)}
         side |= {name: src.fetch(name) for name in (f"{_CHAT_TEMPLATE_DIR}/{n}" for n in src.chat_templates())}
+        side |= {name: src.fetch(name) for name in src.license_files()}
+        source_card = src.fetch(MODEL_CARD_NAME)  # (its license and language go into the split's own model card)
         needed, held = _space_needed(shard_dir, estimates)
         needed += sum(path.stat().st_size for path in side.values() if path is not None)
         needed += 4096 * len(units) + 2**20  # manifest, progress record and config
@@ -1814,6 +1839,9 @@ def split_checkpoint(
                 written.add("generation_config.json")
         if replacing:  # the replaced split's chat template or generation config would pass for the new source's
             _remove_foreign_side_files(shard_dir, written)
+        if replacing or not os.path.lexists(shard_dir / MODEL_CARD_NAME):  # (a card edited since a split: kept)
+            card = _model_card(src, source_card, shard_dir, model, config, compression_dict, adapter_noted, dtype)
+            _write_file(shard_dir, MODEL_CARD_NAME, card.encode())
         if dtype is not None:
             # the weights were cast: the config says so, as `from_pretrained(dtype=...)` sets it on the config and its
             # sub-configs (a model built from the shard directory's config is then built at the dtype it streams at)
@@ -1963,6 +1991,97 @@ def _conversion_record(model) -> dict | None:
         return None
 
 
+def _model_card(src, source_card, shard_dir, model, config, compression, adapters, dtype) -> str:
+    """The split's README.md, a hub model card: what it is, how to stream it, and the source's license (the
+    `license`, `license_name`, `license_link` and `language` of its own card, and its license files, copied beside),
+    with `base_model` naming a hub source (`base_model_relation: quantized` where compressed), as a split uploaded to
+    the hub is the source's weights shared."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    metadata: dict = {}
+    if source_card is not None:
+        try:
+            metadata = ModelCard.load(source_card, ignore_metadata_errors=True).data.to_dict()
+        except Exception as e:  # noqa: BLE001 - the card is written without them
+            logger.warning(
+                "Cannot read the model card of %s (%s); the split's card names no license", src.description, e
+            )
+    data = {k: metadata[k] for k in ("license", "license_name", "license_link", "language") if metadata.get(k)}
+    if src.local_dir is None:
+        data["base_model"] = src.repo_id
+        if compression is not None and adapters is None:
+            data["base_model_relation"] = "quantized"
+    data["tags"] = ["hf-layerstream"]
+    if src.local_dir is None:
+        commit = f" (commit {src.revision[:7]})" if src.revision and len(src.revision) == 40 else ""
+        what = f"[{src.repo_id}](https://huggingface.co/{src.repo_id}){commit}"
+    else:
+        what = f"The checkpoint `{src.local_dir.resolve().name}`"
+    if compression is not None:
+        blocks = f", blocks of {compression['blocksize']}" if compression.get("blocksize") else ""
+        embeddings = ", the embeddings too" if compression.get("quantize_embeddings") else ""
+        precision = (
+            f", the weights of its linear layers quantized to {compression.get('bits')} bits with bitsandbytes "
+            f"({compression.get('quant_type') or 'int8'}{blocks}{embeddings}; lossy)"
+        )
+    elif dtype is not None:
+        precision = f", its weights cast to {dtype_to_str(dtype)}"
+    else:
+        precision = ", at full precision (the checkpoint's weights, bit for bit)"
+    if adapters is not None:
+        names = [a.get("id") for a in (adapters if isinstance(adapters, list) else [adapters]) if isinstance(a, dict)]
+        names = [Path(n).name if os.path.isabs(str(n)) else n for n in names]  # (a local folder: its name only)
+        precision += ", with the PEFT adapter" + ("s " if len(names) > 1 else " ")
+        precision += ", ".join(f"`{n}`" for n in names) + " merged into them"
+    build, expression = _building(model, config)
+    licenses = sorted(p.name for p in shard_dir.iterdir() if _LICENSE_FILE.fullmatch(p.name) and p.is_file())
+    license_text = ""
+    if data.get("license") or licenses:
+        named = f" ({data['license']})" if data.get("license") else ""
+        copied = f" Its license files are copied here: {', '.join(licenses)}." if licenses else ""
+        license_text = f"\n## License\n\nThe license of the original model applies{named}.{copied}\n"
+    original = ""
+    if src.local_dir is None:
+        original = f"\nSee [the original model card](https://huggingface.co/{src.repo_id}) for the model itself.\n"
+    # (of the source and options only: the same split in another folder is the same files)
+    body = f"""# {src.repo_id.split("/")[-1] if src.local_dir is None else src.local_dir.resolve().name}, split for hf_layerstream
+
+{what} split by hf_layerstream {__version__} into one file per decoder layer{precision}.
+hf_layerstream streams the layers from disk as they run: a model larger than the machine's memory runs, on a GPU or
+a CPU, with the output of this model loaded whole.
+
+```bash
+hf-layerstream generate REPO "Hello"   # REPO: this repo's id on the hub, or the folder's path
+```
+
+```python
+from accelerate import init_empty_weights
+from transformers import AutoConfig, AutoTokenizer, {build}
+from hf_layerstream import enable_layer_streaming
+
+repo = "REPO"  # this repo's id on the hub, or the folder's path
+config = AutoConfig.from_pretrained(repo)
+with init_empty_weights():
+    model = {expression}
+enable_layer_streaming(model, repo)
+tokenizer = AutoTokenizer.from_pretrained(repo)
+```
+{license_text}{original}"""
+    return str(ModelCard(f"---\n{ModelCardData(**data).to_yaml()}\n---\n\n{body}"))
+
+
+def _building(model, config) -> tuple[str, str]:
+    """The transformers name to import and the expression that build `model`'s class from `config`: its auto class
+    where that builds it, else the class."""
+    try:
+        auto = auto_class_for(config)
+        if auto._model_mapping[type(config)] is type(model):
+            return auto.__name__, f"{auto.__name__}.from_config(config)"
+    except (ValueError, KeyError, AttributeError):
+        pass
+    return type(model).__name__, f"{type(model).__name__}(config)"
+
+
 def _write_file(shard_dir: Path, name: str, data: bytes) -> None:
     """Write one of the small files the split writes after the units (config, tokenizer files, manifest)."""
     with _write_errors_named(shard_dir, name, "Every unit is complete and kept"):
@@ -1993,11 +2112,12 @@ def _remove_foreign_unit_files(shard_dir: Path, keep: dict[str, str]) -> None:
 
 
 def _remove_foreign_side_files(shard_dir: Path, keep: set[str]) -> None:
-    """With `overwrite=True`: delete the side files (tokenizer, chat templates, generation config) a previous split
-    copied from its source that the new source lacks: the names every split may copy, versioned `tokenizer.*.json`
-    files and named chat templates. (Files only a tokenizer class names, such as GPT-NeoX-Japanese's `emoji.json`,
+    """With `overwrite=True`: delete the side files (tokenizer, chat templates, generation config, license files) a
+    previous split copied from its source that the new source lacks: the names every split may copy, versioned
+    `tokenizer.*.json` files and named chat templates. (Files only a tokenizer class names, such as GPT-NeoX-Japanese's `emoji.json`,
     stay: not knowing the old source, a name could be a file of the user's.)"""
     names = set(_SIDE_FILES) | {p.name for p in shard_dir.glob("tokenizer.*.json")}
+    names |= {p.name for p in shard_dir.iterdir() if _LICENSE_FILE.fullmatch(p.name)}
     templates = shard_dir / _CHAT_TEMPLATE_DIR
     if templates.is_dir():
         names |= {f"{_CHAT_TEMPLATE_DIR}/{p.name}" for p in templates.iterdir() if p.suffix == ".jinja"}

@@ -989,6 +989,101 @@ def test_hub_repo_id_from_the_hub_cache_offline(tmp_path, monkeypatch):
     assert _exact(ckpt, shards)
 
 
+_SOURCE_CARD = """---
+license: llama3.1
+language:
+- en
+- de
+tags:
+- facebook
+- transformers
+extra_gated_prompt: Agree to the license.
+---
+# Tiny Llama
+
+The original card.
+"""
+
+
+def _card_code(shards) -> str:
+    """The Python block of a shard directory's model card, with its REPO the directory."""
+    text = (shards / "README.md").read_text()
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    return code.replace('"REPO"', repr(str(shards)))
+
+
+def test_a_split_carries_the_source_s_license_and_a_model_card(tmp_path):
+    """A split is the model's weights, made to be shared (on the hub too): it had neither the source's license
+    files nor a model card. It copies the license and notice files at the source's top level (not code, not a
+    subfolder's) and writes README.md, a hub model card carrying the source card's license and languages (not its
+    tags, gating or text), tagged `hf-layerstream`, whose code streams the split, exact. A card edited since is kept
+    by a re-run; a split replacing another (`overwrite=True`) drops the other source's license files and card."""
+    from huggingface_hub import ModelCard
+
+    ckpt = _models.save_tiny_checkpoint("llama", tmp_path / "ckpt")
+    (ckpt / "README.md").write_text(_SOURCE_CARD)
+    licenses = {"LICENSE": "the license", "USE_POLICY.md": "the policy", "NOTICE-model.txt": "the notice"}
+    for name, text in licenses.items():
+        (ckpt / name).write_text(text)
+    (ckpt / "license_check.py").write_text("print(1)")
+    (ckpt / "extra").mkdir()
+    (ckpt / "extra" / "LICENSE").write_text("another")
+    shards = split_checkpoint(ckpt, tmp_path / "shards", progress=False)
+    for name, text in licenses.items():
+        assert (shards / name).read_text() == text
+    assert not (shards / "license_check.py").exists() and not (shards / "extra").exists()
+    card = ModelCard.load(shards / "README.md")
+    assert card.data.to_dict() == {"license": "llama3.1", "language": ["en", "de"], "tags": ["hf-layerstream"]}
+    assert "The checkpoint `ckpt` split by hf_layerstream" in card.text and "at full precision" in card.text
+    assert "The license of the original model applies (llama3.1)" in card.text
+    assert "LICENSE, NOTICE-model.txt, USE_POLICY.md" in card.text and "The original card" not in card.text
+    namespace: dict = {}
+    exec(_card_code(shards), namespace)
+    ids = torch.tensor([[1, 20, 30, 40, 50, 60]])
+    with torch.no_grad():
+        reference = _models.load_reference(ckpt, attn_implementation=None)  # (as `from_pretrained` loads it)
+        assert torch.equal(namespace["model"](ids).logits, reference(ids).logits)
+    assert namespace["tokenizer"].decode([20, 30]) == AutoTokenizer.from_pretrained(ckpt).decode([20, 30])
+
+    (shards / "README.md").write_text("my card")
+    split_checkpoint(ckpt, shards, progress=False)
+    assert (shards / "README.md").read_text() == "my card"
+    other = _models.save_tiny_checkpoint("gpt2", tmp_path / "gpt2")
+    split_checkpoint(other, shards, progress=False, overwrite=True, dtype=torch.bfloat16)
+    assert not any((shards / name).exists() for name in licenses)
+    card = ModelCard.load(shards / "README.md")
+    assert card.data.to_dict() == {"tags": ["hf-layerstream"]} and "## License" not in card.text
+    assert "The checkpoint `gpt2`" in card.text and "its weights cast to bfloat16" in card.text
+    assert "model = AutoModelForCausalLM.from_config(config)" in card.text
+
+
+def test_a_split_of_a_hub_repo_names_it_as_its_base_model(tmp_path, monkeypatch):
+    """From the hub: the card's `base_model` is the repo (its relation `quantized` for a compressed split), linked
+    with the commit split; its license files are those the hub lists (here, offline, those the hub cache holds)."""
+    from huggingface_hub import ModelCard, constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    ckpt = _models.save_tiny_checkpoint("llama", tmp_path / "ckpt")
+    (ckpt / "README.md").write_text(_SOURCE_CARD)
+    (ckpt / "LICENSE").write_text("the license")
+    commit = _fake_hub_cache(tmp_path / "cache", "tiny-org/tiny-llama", ckpt)
+    shards = split_checkpoint(
+        "tiny-org/tiny-llama", tmp_path / "shards", cache_dir=tmp_path / "cache", progress=False, compression="4bit"
+    )
+    assert (shards / "LICENSE").read_text() == "the license"
+    card = ModelCard.load(shards / "README.md")
+    assert card.data.to_dict() == {
+        "license": "llama3.1",
+        "language": ["en", "de"],
+        "base_model": "tiny-org/tiny-llama",
+        "base_model_relation": "quantized",
+        "tags": ["hf-layerstream"],
+    }
+    assert f"[tiny-org/tiny-llama](https://huggingface.co/tiny-org/tiny-llama) (commit {commit[:7]}) split" in card.text
+    assert "quantized to 4 bits with bitsandbytes (nf4, blocks of 64; lossy)" in card.text
+    assert "See [the original model card](https://huggingface.co/tiny-org/tiny-llama)" in card.text
+
+
 def test_hub_repo_id_from_the_hub_cache_when_the_hub_cannot_be_reached(tmp_path, monkeypatch, caplog):
     """HF_HUB_OFFLINE unset and the hub unreachable (no network, the hub down), the repo in the hub cache: the split is
     made from the cache, as `from_pretrained` loads it. Files the repo lacks (a single-file repo's index, tokenizer
@@ -1127,6 +1222,11 @@ def _lazy_hub_repo(monkeypatch, remote, cache_dir, repo_id, commit, *, interrupt
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
     monkeypatch.setattr(huggingface_hub.HfApi, "get_paths_info", get_paths_info)
     monkeypatch.setattr(huggingface_hub.HfApi, "parse_safetensors_file_metadata", parse_safetensors_file_metadata)
+    monkeypatch.setattr(  # (the hub's listing of the repo's files, for its license files)
+        huggingface_hub.HfApi,
+        "list_repo_files",
+        lambda self, *args, **kwargs: [str(p.relative_to(remote)) for p in remote.rglob("*") if p.is_file()],
+    )
     # (the hub's listing of `additional_chat_templates/`: this repo has none)
     monkeypatch.setattr(transformers.utils.hub, "list_repo_templates", lambda *args, **kwargs: [])
     return fetched
