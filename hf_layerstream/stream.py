@@ -7,6 +7,7 @@ import functools
 import logging
 import os
 import threading
+import types
 import weakref
 from collections import Counter
 from collections.abc import Callable, Collection
@@ -142,9 +143,10 @@ class StreamingState:
     model_forward: object = None  # the instance attribute `forward` the model had before, if any (see `wrap_model`)
     generation_config: object = None  # the shard directory's, set by enable (see `_load_generation_config`)
     own_generation_config: object = None  # the model's before it (put back by disable)
-    # (the output head and the other resident `nn.Linear`s, each with its own weight before enable): disable gives
-    # those the `requires_grad` the caller set since (see `_HeadGrad`)
-    head_weights: list = field(default_factory=list)
+    # (the output head, its own weight before enable): disable gives that one the `requires_grad` the caller set since
+    head_weight: tuple[nn.Module, object] | None = None
+    # (a resident `nn.Linear`, and the instance attribute `forward` set on it: see `_linear_as_loaded`)
+    linear_forwards: list = field(default_factory=list)
     # (config or sub-config, its dtype before): where enable's `dtype=` set the dtype on them (put back by disable)
     config_dtypes: list = field(default_factory=list)
     # the storages of adapter weights `attaching_adapters` saw attached, {(device, address): bytes} (outside the plan)
@@ -520,10 +522,8 @@ class _HeadGrad:
     streaming was enabled (True, unless the caller froze it), and then as the caller sets it (`model.requires_grad_
     (False)`). `torch.matmul` chooses its kernel for the prompt pass's input by it (see `_fold_head_input`): a frozen
     loaded head multiplies a batch-sized copy of its weight, and gives other bits from batch 2 on, which the streamed
-    head must give too. So does every other resident `nn.Linear` (outside the decoder layers): a BERT-style head's
-    transform (`cls.predictions.transform.dense`, RoBERTa's `lm_head.dense`) runs before the output embeddings, on
-    the prompt pass's sliced input too (it was loaded not requiring grad, and gave bits 1e-7 off from batch 2 on).
-    The other resident weights (embeddings, norms) are loaded not requiring grad; they take no part in that choice.
+    head must give too. The other resident weights are loaded not requiring grad; a resident `nn.Linear` fed such an
+    input computes as the loaded model's by `_linear_as_loaded` instead (a BERT-style head's transform).
 
     With gradients on, no resident weight takes part in autograd (README, Limits: no weight gets a gradient, and
     an input's backward pass holds none): each module holding the head's weight (the input embeddings too, where
@@ -594,13 +594,10 @@ class _HeadGrad:
                 self._leave(key, left)
 
 
-def _follow_head_grad(
-    holders: dict[int, list[nn.Module]], head: nn.Module, wants_grad: bool, handles: list
-) -> _HeadGrad | None:
-    """See `_HeadGrad`: the weight of `head` (the output head, or another resident `nn.Linear`), as resident on the
-    device (a weight kept in host RAM has its placeholder there, which `HostResidentHook` follows), made to require
-    grad as `wants_grad`, and the modules holding it (`holders`: id of a weight -> those modules) hooked; the
-    `_HeadGrad` hooking them, if any."""
+def _follow_head_grad(model: nn.Module, head: nn.Module, wants_grad: bool, handles: list) -> _HeadGrad | None:
+    """See `_HeadGrad`: the head's weight, as resident on the device (a weight kept in host RAM has its placeholder
+    there, which `HostResidentHook` follows), made to require grad as `wants_grad`, and the modules holding it
+    hooked; the `_HeadGrad` hooking them, if any."""
     weight = head._parameters.get("weight")
     if not isinstance(weight, nn.Parameter) or not (weight.is_floating_point() or weight.is_complex()):
         return None
@@ -608,40 +605,11 @@ def _follow_head_grad(
     if isinstance(weight, HostResident):
         return None
     swap = _HeadGrad(weight)
-    for module in holders.get(id(weight), ()):
-        handles.append(module.register_forward_pre_hook(swap.pre))
-        handles.append(module.register_forward_hook(swap.post, always_call=True))
+    for module in model.modules():
+        if module._parameters.get("weight") is weight:
+            handles.append(module.register_forward_pre_hook(swap.pre))
+            handles.append(module.register_forward_hook(swap.post, always_call=True))
     return swap
-
-
-class _HeadGrads:
-    """The `_HeadGrad`s of the head and the other resident `nn.Linear`s, as one for `PassGuard` (`counts`, `unwind`)."""
-
-    def __init__(self, swaps: list[_HeadGrad]):
-        self.swaps = swaps
-
-    def counts(self) -> list[dict]:
-        return [swap.counts() for swap in self.swaps]
-
-    def unwind(self, mark: list[dict]) -> None:
-        for swap, counted in zip(self.swaps, mark):
-            swap.unwind(counted)
-
-
-def _matmul_modules(model: nn.Module, stack, head) -> list[tuple[nn.Module, object]]:
-    """The modules whose weight must require grad as the loaded model's (see `_HeadGrad`), each with its weight as
-    the model holds it before streaming: the output head, then the `nn.Linear`s outside the decoder layers, one per
-    weight (tied ones are followed by the first)."""
-    inside = {id(m) for m in stack.layers.modules()}
-    found, seen = [], set()
-    candidates = [head] if isinstance(head, nn.Module) else []
-    candidates += [m for m in model.modules() if isinstance(m, nn.Linear) and id(m) not in inside and m is not head]
-    for module in candidates:
-        weight = module._parameters.get("weight")
-        if id(weight) not in seen:
-            seen.add(id(weight))
-            found.append((module, weight))
-    return found
 
 
 def _set_tensor(module: nn.Module, attr: str, value: torch.Tensor, is_param: bool) -> None:
@@ -686,6 +654,44 @@ def _fold_head_input(module: nn.Module, args: tuple):
     if not _foldable(folded):
         folded = x.clone(memory_format=torch.contiguous_format)
     return (folded, *args[1:])
+
+
+def _linear_as_loaded(module: nn.Linear, input: torch.Tensor, *, head: nn.Module | None = None) -> torch.Tensor:
+    """`forward` of a resident `nn.Linear` other than the output head (outside the decoder layers; see
+    `_as_loaded_linears`): `F.linear`, or, for an input `torch.matmul` does not fold into a matrix by a view, what
+    `F.linear` computes for the loaded model's weight, which requires grad: the input copied into a matrix
+    (`reshape`), `mm`, then the bias added in place. A BERT-style head's transform (`cls.predictions.transform.dense`,
+    RoBERTa's `lm_head.dense`) runs before the output embeddings on the prompt pass's last positions: loaded frozen
+    (see `_HeadGrad`), it multiplied a batch-sized copy of its weight (`bmm`) and gave logits 1e-7 off from batch 2 on.
+    The weight stays frozen (a pass holds no graph of it: README, Limits); where the caller made it require grad,
+    `F.linear` takes that path itself. A model frozen since (`model.requires_grad_(False)`, which leaves a frozen
+    weight as it is) is seen by the flag of its output head, `head`'s, which follows it: the loaded model's frozen
+    weight then takes the batched path, and so does this one."""
+    weight, bias = module.weight, module.bias
+    if input.dim() >= 3 and not weight.requires_grad and not _foldable(input):
+        flag = head._parameters.get("weight") if head is not None else None
+        if not isinstance(flag, torch.Tensor) or getattr(flag, "stands_for", flag).requires_grad:
+            out = torch.mm(input.reshape(-1, input.shape[-1]), weight.t()).view(*input.shape[:-1], weight.shape[0])
+            return out.add_(bias) if bias is not None else out
+    return torch.nn.functional.linear(input, weight, bias)
+
+
+def _as_loaded_linears(model: nn.Module, stack, head) -> list[nn.Module]:
+    """The resident `nn.Linear`s (outside the decoder layers; `F.linear` their forward) other than the output head
+    whose weight requires grad in the model as built (as `from_pretrained` loads it), and that have no `forward` of
+    their own (a wrapper's, left as it is): those `_linear_as_loaded` runs."""
+    inside = {id(m) for m in stack.layers.modules()}
+    return [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.Linear)
+        and type(m).forward is nn.Linear.forward
+        and "forward" not in vars(m)
+        and id(m) not in inside
+        and m is not head
+        and isinstance(m._parameters.get("weight"), torch.Tensor)
+        and m._parameters["weight"].requires_grad
+    ]
 
 
 def _load_dtype(shards: ShardDirectory, dtype: torch.dtype | None) -> torch.dtype | None:
@@ -1189,8 +1195,9 @@ def _enable(
     target_dtypes = _target_dtypes(shards, dtype, model)
 
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    # (the modules looked up before loading: tying replaces their weights, not them; see `_HeadGrad`)
-    head_weights = _matmul_modules(model, stack, head)
+    as_loaded = _as_loaded_linears(model, stack, head)  # (before loading: as the model was built)
+    head_weight = head._parameters.get("weight") if isinstance(head, nn.Module) else None
+    head_wants_grad = isinstance(head_weight, torch.Tensor) and head_weight.requires_grad  # (see `_HeadGrad`)
     originals: list[tuple[nn.Module, str, bool, object]] = []
     for module in model.modules():
         for attr, p in module._parameters.items():
@@ -1337,17 +1344,14 @@ def _enable(
         if state.runner is not model:  # (the head runs after the pass over the layers: see `wrap_model`)
             state.model_forward = vars(model).get("forward")
             model.forward = state.guard.wrap_model(model.forward)
-        holders: dict[int, list[nn.Module]] = {}
-        for module in model.modules():
-            holders.setdefault(id(module._parameters.get("weight")), []).append(module)
-        swaps = []
-        for module, own in head_weights:
-            state.handles.append(module.register_forward_pre_hook(_fold_head_input))  # (first: it reads the flag)
-            wants_grad = isinstance(own, torch.Tensor) and own.requires_grad
-            swap = _follow_head_grad(holders, module, wants_grad, state.handles)
-            swaps += [swap] if swap is not None else []
-            state.head_weights.append((module, own))  # (followed: disable gives `own` the flag set since)
-        state.guard.head_grad = _HeadGrads(swaps) if swaps else None
+        if isinstance(head, nn.Module):  # (the module looked up before loading: tying replaces its weight, not it)
+            state.handles.append(head.register_forward_pre_hook(_fold_head_input))  # (first: it reads the flag)
+            state.guard.head_grad = _follow_head_grad(model, head, head_wants_grad, state.handles)
+            state.head_weight = (head, head_weight)
+        forward = functools.partial(_linear_as_loaded, head=head if isinstance(head, nn.Module) else None)
+        for module in as_loaded:  # (an instance attribute: put back on disable, see `_disable`)
+            state.linear_forwards.append((module, types.MethodType(forward, module)))
+            module.forward = state.linear_forwards[-1][1]
         state.compute_dtypes = frozenset(d for d in target_dtypes.values() if d.is_floating_point)
         dev = device.index if device.type == "cuda" else "cpu"
         # pipeline() reads the first value as the device (and then does not call model.to); generate() sees the
@@ -1664,11 +1668,16 @@ def _disable(model: nn.Module, state: StreamingState) -> None:
     for handle in state.handles:
         handle.remove()
     state.loader.close()
-    for head, own in state.head_weights:  # (frozen while streaming: the model's own weight is frozen too)
+    if state.head_weight is not None:  # (frozen while streaming: the model's own head weight is frozen too)
+        head, own = state.head_weight
         current = head._parameters.get("weight")
         current = getattr(current, "stands_for", current)  # (a head running in another thread, gradients on)
         if isinstance(own, torch.Tensor) and isinstance(current, torch.Tensor) and own.is_floating_point():
             own.requires_grad_(current.requires_grad)
+    for module, ours in state.linear_forwards:  # (only ours: a wrapper set over it since stays)
+        if vars(module).get("forward") is ours:
+            del module.forward
+    state.linear_forwards.clear()
     _restore(model, state.originals)
     for name, wrapper in state.installed.items():  # (only ours: an instance attribute set over it since stays)
         if vars(model).get(name) is wrapper:
