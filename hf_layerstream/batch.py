@@ -45,6 +45,7 @@ import json
 import logging
 import os
 import stat
+import threading
 import time
 import types
 from collections.abc import Collection, Iterator, Sequence
@@ -60,12 +61,12 @@ from transformers.generation import GenerationMode
 from ._safetensors import atomic_write_bytes, fsync_dir
 from .modeling import position_overrun
 from .speculative import (
+    SweepCounter,
     _generation_config,
     _StopRecorder,
     _StopWatch,
     _with_settings,
     count_new_tokens,
-    count_sweeps,
     eos_token_ids,
 )
 from .split import progress_bar
@@ -212,6 +213,12 @@ def _check_kwargs(model: nn.Module, batch_size: Any, generate_kwargs: dict) -> t
                 f"here{' and progress is reported through a streamer of its own' if name == 'streamer' else ''}. "
                 "Remove it, or call `model.generate` yourself."
             )
+    if generate_kwargs.get("cache_implementation") == "paged":  # (transformers' continuous batching: other outputs)
+        raise ValueError(
+            "`cache_implementation='paged'` makes `generate` run transformers' continuous batching, which returns "
+            "its results otherwise and takes no streamer: drop it here (these batches share each sweep of the weights "
+            "already), or call `model.generate_batch(...)` yourself."
+        )
     config = _generation_config(model, generate_kwargs)
     if (config.num_return_sequences or 1) != 1:
         where = "" if "num_return_sequences" in generate_kwargs else " (from the generation config)"
@@ -411,7 +418,8 @@ def _run(
     use_meter = mode in _METERED_MODES
     device = model.device
     try:
-        with count_sweeps(model) as counter:
+        # (this job's sweeps: another thread's jobs on the model count theirs)
+        with SweepCounter(model, thread=threading.get_ident()) as counter:
             for start in range(0, len(order), batch_size):
                 batch = order[start : start + batch_size]
                 width = max(len(p.input_ids) for p in batch)
@@ -425,6 +433,13 @@ def _run(
                 with torch.no_grad():
                     out = model.generate(ids.to(device), attention_mask=mask.to(device), **call, **extra)
                 sequences = out.sequences if hasattr(out, "sequences") else out
+                if not isinstance(sequences, torch.Tensor) or sequences.dim() != 2:
+                    raise ValueError(  # (a custom decoding function's own output, say)
+                        f"`generate` returned {type(sequences).__name__} "
+                        f"{tuple(sequences.shape) if isinstance(sequences, torch.Tensor) else ''}, not a tensor of one "
+                        "sequence per prompt: batched generation reads that. Remove the setting that makes it return "
+                        "another output."
+                    )
                 if sequences.shape[0] != len(batch):
                     raise ValueError(
                         f"`generate` returned {sequences.shape[0]} sequences for a batch of {len(batch)} prompts; "

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import threading
 import time
 from collections.abc import Iterable, Sequence
 
@@ -75,22 +76,27 @@ class SweepCounter:
     Args:
         model (`torch.nn.Module`):
             The model to watch, streamed or not.
+        thread (`int`, *optional*):
+            Count only the passes run by this thread (its `threading.get_ident()`), where other threads run the model
+            too: a job's own sweeps (default: every thread's).
 
     Attributes:
         sweeps (`int`): Forward sweeps seen since the counter started (or was [`~SweepCounter.reset`]).
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, *, thread: int | None = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` must be a torch.nn.Module (a transformers model), got {type(model).__name__}.")
         self.model = model
+        self.thread = thread
         self.sweeps = 0
         self._handle = None
         self._depth = 0
         self._started_before = False
 
     def _hook(self, module, args):
-        self.sweeps += 1
+        if self.thread is None or threading.get_ident() == self.thread:
+            self.sweeps += 1
 
     @property
     def active(self) -> bool:

@@ -12,6 +12,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import _models
 import pytest
 import torch
 from conftest import returns_within, streamed_model, tqdm_lock_held_elsewhere
-from transformers import AutoTokenizer, GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from transformers import AutoTokenizer, GenerationConfig, LogitsProcessor, StoppingCriteria, StoppingCriteriaList
 
 from hf_layerstream.batch import _encode, generate_batch, generate_jsonl
 from hf_layerstream.cli import main as cli_main
@@ -506,6 +507,55 @@ def test_a_generate_call_returning_more_sequences_than_prompts_is_refused(llama,
     monkeypatch.setattr(model, "generate", lambda *a, **k: original(*a, **k).repeat_interleave(2, dim=0))
     with pytest.raises(ValueError, match="`generate` returned 4 sequences for a batch of 2 prompts"):
         generate_batch(model, tok, PROMPTS[:2], batch_size=2, progress=False, max_new_tokens=2)
+
+
+def test_transformers_continuous_batching_is_refused_and_other_outputs_are_named(llama, tmp_path, monkeypatch):
+    """`cache_implementation="paged"` makes `generate` run transformers' continuous batching, which returns a 3-D
+    tensor and takes no streamer: it failed naming the job's own progress streamer, or (beam search) gave empty
+    completions written to the file as finished, which a rerun without it kept. Refused before anything runs; a
+    `generate` returning anything but one sequence per row is refused as such."""
+    model, tok, _ = llama
+    (tmp_path / "in.jsonl").write_text(json.dumps({"id": 0, "prompt": PROMPTS[0]}) + "\n")
+    for run in (
+        lambda: generate_batch(model, tok, PROMPTS[:2], progress=False, cache_implementation="paged", num_beams=2),
+        lambda: generate_jsonl(
+            model, tok, tmp_path / "in.jsonl", tmp_path / "out.jsonl", progress=False, cache_implementation="paged"
+        ),
+    ):
+        with pytest.raises(ValueError, match=r"`cache_implementation='paged'` makes `generate` run transformers' "):
+            run()
+    assert not (tmp_path / "out.jsonl").exists()
+    original = model.generate
+    monkeypatch.setattr(model, "generate", lambda *a, **k: original(*a, **k)[None])
+    with pytest.raises(ValueError, match=r"`generate` returned Tensor \(1, 2, \d+\), not a tensor of one sequence"):
+        generate_batch(model, tok, PROMPTS[:2], batch_size=2, progress=False, max_new_tokens=2)
+
+
+def test_a_job_counts_its_own_sweeps_while_another_thread_runs_the_model(llama, tmp_path):
+    """Two jobs on one model from two threads: each counted the other's sweeps too (its tokens per sweep halved).
+    Here a logits processor runs a pass of the model in another thread at every step of the job."""
+    model, tok, _ = llama
+
+    class PassInAnotherThread(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            def run():
+                with torch.no_grad():
+                    model(torch.tensor([[1, 2, 3]]))
+
+            thread = threading.Thread(target=run)
+            thread.start()
+            thread.join()
+            self.calls = getattr(self, "calls", 0) + 1
+            return scores
+
+    _write_input(tmp_path / "in.jsonl")
+    alone = generate_jsonl(model, tok, tmp_path / "in.jsonl", tmp_path / "a.jsonl", progress=False, **GREEDY)
+    other = PassInAnotherThread()
+    kw = {"progress": False, "logits_processor": [other], **GREEDY}
+    busy = generate_jsonl(model, tok, tmp_path / "in.jsonl", tmp_path / "b.jsonl", **kw)
+    assert other.calls >= GREEDY["max_new_tokens"] and busy["sweeps"] == alone["sweeps"] > 0
+    completions = [[json.loads(line)["completion"] for line in (tmp_path / f).open()] for f in ("a.jsonl", "b.jsonl")]
+    assert completions[0] == completions[1]
 
 
 class _StopAtToken(StoppingCriteria):
