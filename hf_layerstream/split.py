@@ -1362,7 +1362,10 @@ def split_checkpoint(
     Tensors are stored under the model's own parameter names exactly as `from_pretrained` would load them (the
     checkpoint's keys go through transformers' conversion mapping: fused MoE experts, renamed heads, legacy names).
     Each file is written atomically; an interrupted split resumes where it stopped when run again, and the
-    manifest, written last, is what makes the directory valid. The source is only read.
+    manifest, written last, is what makes the directory valid. The source is only read. Beside the weights: the
+    config, the tokenizer and generation config, the source's license and notice files, and `README.md`, a hub model
+    card with the source's license, its `base_model` (a hub source) and the code that streams the split (one there
+    from an earlier run, perhaps edited, is kept).
 
     Args:
         source (`str` or `os.PathLike`):
@@ -2006,7 +2009,15 @@ def _model_card(src, source_card, shard_dir, model, config, compression, adapter
             logger.warning(
                 "Cannot read the model card of %s (%s); the split's card names no license", src.description, e
             )
-    data = {k: metadata[k] for k in ("license", "license_name", "license_link", "language") if metadata.get(k)}
+
+    def text(value) -> bool:  # (a card's value as the hub takes it: a string, or a list of strings)
+        return isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+
+    data = {k: metadata[k] for k in ("license", "license_name", "license_link", "language") if text(metadata.get(k))}
+    data = {k: v for k, v in data.items() if v}
+    link = data.get("license_link")
+    if isinstance(link, str) and "://" not in link and not (shard_dir / link).is_file():
+        del data["license_link"]  # (a file of the source's repo that the split does not carry: a broken link)
     if src.local_dir is None:
         data["base_model"] = src.repo_id
         if compression is not None and adapters is None:
@@ -2037,7 +2048,8 @@ def _model_card(src, source_card, shard_dir, model, config, compression, adapter
     licenses = sorted(p.name for p in shard_dir.iterdir() if _LICENSE_FILE.fullmatch(p.name) and p.is_file())
     license_text = ""
     if data.get("license") or licenses:
-        named = f" ({data['license']})" if data.get("license") else ""
+        name = data.get("license_name") if data.get("license") == "other" else data.get("license")
+        named = f" ({name if isinstance(name, str) else ', '.join(name)})" if name else ""
         copied = f" Its license files are copied here: {', '.join(licenses)}." if licenses else ""
         license_text = f"\n## License\n\nThe license of the original model applies{named}.{copied}\n"
     original = ""

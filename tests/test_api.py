@@ -1057,6 +1057,40 @@ def test_a_split_carries_the_source_s_license_and_a_model_card(tmp_path):
     assert "model = AutoModelForCausalLM.from_config(config)" in card.text
 
 
+@pytest.mark.parametrize(
+    "front, license_text, data",
+    [
+        ("license: [mit, apache-2.0]\nlanguage: en", "(mit, apache-2.0)", {"license": ["mit", "apache-2.0"]}),
+        # `other` is named by its `license_name`; a link to a file the split does not carry is left out
+        ("license: other\nlicense_name: llama3\nlicense_link: LICENSE", "(llama3)", {"license_name": "llama3"}),
+        (
+            "license: 5\nlanguage: {a: 1}\nlicense_link: https://example.com/l",
+            None,
+            {"license_link": "https://example"},
+        ),
+    ],
+    ids=["list", "other", "odd"],
+)
+def test_the_model_card_takes_what_the_hub_reads_of_the_source_card(tmp_path, front, license_text, data):
+    """A review's cases: a license given as a list is named as one, `other` by its name; values that are not text
+    (a number, a mapping) are left out, and a relative `license_link` to a file the split does not copy."""
+    from huggingface_hub import ModelCard
+
+    ckpt = _models.save_tiny_checkpoint("llama", tmp_path / "ckpt")
+    (ckpt / "README.md").write_text(f"---\n{front}\n---\nThe card.\n")
+    card = ModelCard.load(split_checkpoint(ckpt, tmp_path / "shards", progress=False) / "README.md")
+    metadata = card.data.to_dict()
+    for key, value in data.items():
+        assert str(metadata[key]).startswith(str(value)) if isinstance(value, str) else metadata[key] == value
+    assert "license_link" not in metadata or "://" in metadata["license_link"]
+    assert "license" not in metadata or isinstance(metadata["license"], (str, list))
+    assert "language" not in metadata or metadata["language"] == "en"
+    if license_text is None:
+        assert "## License" not in card.text
+    else:
+        assert f"The license of the original model applies {license_text}." in card.text
+
+
 def test_a_split_of_a_hub_repo_names_it_as_its_base_model(tmp_path, monkeypatch):
     """From the hub: the card's `base_model` is the repo (its relation `quantized` for a compressed split), linked
     with the commit split; its license files are those the hub lists (here, offline, those the hub cache holds)."""
