@@ -92,10 +92,20 @@ def require_layer_stack(model: nn.Module) -> LayerStack:
     its own weights, and a layer is swapped in alone."""
     stack = find_layer_stack(model)
     if stack is None:
+        # the list of layers it may have, unmarked (CTRL's and GPT-1's `EncoderLayer`s, `Block`s): named
+        lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 1]
+        lists = [(n, m) for n, m in lists if len({type(c) for c in m}) == 1]
+        unmarked = ""
+        if lists:
+            name, layers = max(lists, key=lambda item: sum(p.numel() for p in item[1].parameters()))
+            unmarked = (
+                f" Its `{name}` holds {len(layers)} `{type(layers[0]).__name__}`, a class transformers marks neither "
+                "way (an older architecture's), so it is not taken for one."
+            )
         raise ValueError(
             f"Found no decoder-layer stack in {type(model).__name__}: no nn.ModuleList of decoder layers "
-            "(classes in `_no_split_modules` or `GradientCheckpointingLayer`). hf_layerstream streams causal LMs "
-            "built of repeated decoder layers."
+            f"(classes in `_no_split_modules` or `GradientCheckpointingLayer`).{unmarked} hf_layerstream streams "
+            "causal LMs built of repeated decoder layers that transformers marks so."
         )
     for target, source in tied_targets(model).items():
         units = {stack.unit_of(target), stack.unit_of(source)}

@@ -1788,6 +1788,10 @@ def test_error_model_without_decoder_layers(checkpoints):
 
     with pytest.raises(ValueError, match="Found no decoder-layer stack in NoLayers"):
         enable_layer_streaming(NoLayers(), shards)
+    model = NoLayers()  # (layers of a class transformers does not mark: named, CTRL's and GPT-1's were not)
+    model.blocks = torch.nn.ModuleList(torch.nn.Linear(4, 4, device="meta") for _ in range(3))
+    with pytest.raises(ValueError, match="Its `blocks` holds 3 `Linear`, a class transformers marks neither way"):
+        enable_layer_streaming(model, shards)
 
 
 def test_error_not_a_model(checkpoints):
