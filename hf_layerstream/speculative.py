@@ -87,6 +87,11 @@ class SweepCounter:
     def __init__(self, model: nn.Module, *, thread: int | None = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` must be a torch.nn.Module (a transformers model), got {type(model).__name__}.")
+        if thread is not None and (not isinstance(thread, int) or isinstance(thread, bool)):
+            raise TypeError(
+                f"`thread` must be a thread's `threading.get_ident()` (an int), got {type(thread).__name__}"
+                + (": pass its `.ident`." if isinstance(thread, threading.Thread) else ".")
+            )
         self.model = model
         self.thread = thread
         self.sweeps = 0
@@ -132,7 +137,8 @@ class SweepCounter:
             self.stop()
 
     def __repr__(self) -> str:
-        return f"SweepCounter(model={type(self.model).__name__}, sweeps={self.sweeps}, active={self.active})"
+        thread = "" if self.thread is None else f", thread={self.thread}"
+        return f"SweepCounter(model={type(self.model).__name__}, sweeps={self.sweeps}, active={self.active}{thread})"
 
 
 def count_sweeps(model: nn.Module) -> SweepCounter:

@@ -7,7 +7,6 @@ import functools
 import logging
 import os
 import threading
-import types
 import weakref
 from collections import Counter
 from collections.abc import Callable, Collection
@@ -145,8 +144,6 @@ class StreamingState:
     own_generation_config: object = None  # the model's before it (put back by disable)
     # (the output head, its own weight before enable): disable gives that one the `requires_grad` the caller set since
     head_weight: tuple[nn.Module, object] | None = None
-    # (a resident `nn.Linear`, and the instance attribute `forward` set on it: see `_linear_as_loaded`)
-    linear_forwards: list = field(default_factory=list)
     # (config or sub-config, its dtype before): where enable's `dtype=` set the dtype on them (put back by disable)
     config_dtypes: list = field(default_factory=list)
     # the storages of adapter weights `attaching_adapters` saw attached, {(device, address): bytes} (outside the plan)
@@ -522,8 +519,7 @@ class _HeadGrad:
     streaming was enabled (True, unless the caller froze it), and then as the caller sets it (`model.requires_grad_
     (False)`). `torch.matmul` chooses its kernel for the prompt pass's input by it (see `_fold_head_input`): a frozen
     loaded head multiplies a batch-sized copy of its weight, and gives other bits from batch 2 on, which the streamed
-    head must give too. The other resident weights are loaded not requiring grad; a resident `nn.Linear` fed such an
-    input computes as the loaded model's by `_linear_as_loaded` instead (a BERT-style head's transform).
+    head must give too. The other resident weights are loaded not requiring grad; they take no part in that choice.
 
     With gradients on, no resident weight takes part in autograd (README, Limits: no weight gets a gradient, and
     an input's backward pass holds none): each module holding the head's weight (the input embeddings too, where
@@ -654,44 +650,6 @@ def _fold_head_input(module: nn.Module, args: tuple):
     if not _foldable(folded):
         folded = x.clone(memory_format=torch.contiguous_format)
     return (folded, *args[1:])
-
-
-def _linear_as_loaded(module: nn.Linear, input: torch.Tensor, *, head: nn.Module | None = None) -> torch.Tensor:
-    """`forward` of a resident `nn.Linear` other than the output head (outside the decoder layers; see
-    `_as_loaded_linears`): `F.linear`, or, for an input `torch.matmul` does not fold into a matrix by a view, what
-    `F.linear` computes for the loaded model's weight, which requires grad: the input copied into a matrix
-    (`reshape`), `mm`, then the bias added in place. A BERT-style head's transform (`cls.predictions.transform.dense`,
-    RoBERTa's `lm_head.dense`) runs before the output embeddings on the prompt pass's last positions: loaded frozen
-    (see `_HeadGrad`), it multiplied a batch-sized copy of its weight (`bmm`) and gave logits 1e-7 off from batch 2 on.
-    The weight stays frozen (a pass holds no graph of it: README, Limits); where the caller made it require grad,
-    `F.linear` takes that path itself. A model frozen since (`model.requires_grad_(False)`, which leaves a frozen
-    weight as it is) is seen by the flag of its output head, `head`'s, which follows it: the loaded model's frozen
-    weight then takes the batched path, and so does this one."""
-    weight, bias = module.weight, module.bias
-    if input.dim() >= 3 and not weight.requires_grad and not _foldable(input):
-        flag = head._parameters.get("weight") if head is not None else None
-        if not isinstance(flag, torch.Tensor) or getattr(flag, "stands_for", flag).requires_grad:
-            out = torch.mm(input.reshape(-1, input.shape[-1]), weight.t()).view(*input.shape[:-1], weight.shape[0])
-            return out.add_(bias) if bias is not None else out
-    return torch.nn.functional.linear(input, weight, bias)
-
-
-def _as_loaded_linears(model: nn.Module, stack, head) -> list[nn.Module]:
-    """The resident `nn.Linear`s (outside the decoder layers; `F.linear` their forward) other than the output head
-    whose weight requires grad in the model as built (as `from_pretrained` loads it), and that have no `forward` of
-    their own (a wrapper's, left as it is): those `_linear_as_loaded` runs."""
-    inside = {id(m) for m in stack.layers.modules()}
-    return [
-        m
-        for m in model.modules()
-        if isinstance(m, nn.Linear)
-        and type(m).forward is nn.Linear.forward
-        and "forward" not in vars(m)
-        and id(m) not in inside
-        and m is not head
-        and isinstance(m._parameters.get("weight"), torch.Tensor)
-        and m._parameters["weight"].requires_grad
-    ]
 
 
 def _load_dtype(shards: ShardDirectory, dtype: torch.dtype | None) -> torch.dtype | None:
@@ -1195,7 +1153,6 @@ def _enable(
     target_dtypes = _target_dtypes(shards, dtype, model)
 
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    as_loaded = _as_loaded_linears(model, stack, head)  # (before loading: as the model was built)
     head_weight = head._parameters.get("weight") if isinstance(head, nn.Module) else None
     head_wants_grad = isinstance(head_weight, torch.Tensor) and head_weight.requires_grad  # (see `_HeadGrad`)
     originals: list[tuple[nn.Module, str, bool, object]] = []
@@ -1348,10 +1305,6 @@ def _enable(
             state.handles.append(head.register_forward_pre_hook(_fold_head_input))  # (first: it reads the flag)
             state.guard.head_grad = _follow_head_grad(model, head, head_wants_grad, state.handles)
             state.head_weight = (head, head_weight)
-        forward = functools.partial(_linear_as_loaded, head=head if isinstance(head, nn.Module) else None)
-        for module in as_loaded:  # (an instance attribute: put back on disable, see `_disable`)
-            state.linear_forwards.append((module, types.MethodType(forward, module)))
-            module.forward = state.linear_forwards[-1][1]
         state.compute_dtypes = frozenset(d for d in target_dtypes.values() if d.is_floating_point)
         dev = device.index if device.type == "cuda" else "cpu"
         # pipeline() reads the first value as the device (and then does not call model.to); generate() sees the
@@ -1674,10 +1627,6 @@ def _disable(model: nn.Module, state: StreamingState) -> None:
         current = getattr(current, "stands_for", current)  # (a head running in another thread, gradients on)
         if isinstance(own, torch.Tensor) and isinstance(current, torch.Tensor) and own.is_floating_point():
             own.requires_grad_(current.requires_grad)
-    for module, ours in state.linear_forwards:  # (only ours: a wrapper set over it since stays)
-        if vars(module).get("forward") is ours:
-            del module.forward
-    state.linear_forwards.clear()
     _restore(model, state.originals)
     for name, wrapper in state.installed.items():  # (only ours: an instance attribute set over it since stays)
         if vars(model).get(name) is wrapper:

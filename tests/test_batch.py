@@ -24,6 +24,7 @@ from transformers import AutoTokenizer, GenerationConfig, LogitsProcessor, Stopp
 
 from hf_layerstream.batch import _encode, generate_batch, generate_jsonl
 from hf_layerstream.cli import main as cli_main
+from hf_layerstream.speculative import SweepCounter
 
 STREAM_ALL = {"max_memory": {"cpu": 0}}
 GREEDY = {"max_new_tokens": 8, "do_sample": False}
@@ -554,6 +555,8 @@ def test_a_job_counts_its_own_sweeps_while_another_thread_runs_the_model(llama, 
     kw = {"progress": False, "logits_processor": [other], **GREEDY}
     busy = generate_jsonl(model, tok, tmp_path / "in.jsonl", tmp_path / "b.jsonl", **kw)
     assert other.calls >= GREEDY["max_new_tokens"] and busy["sweeps"] == alone["sweeps"] > 0
+    with pytest.raises(TypeError, match=r"a thread's `threading.get_ident\(\)` \(an int\), got _MainThread: pass its"):
+        SweepCounter(model, thread=threading.current_thread())
     completions = [[json.loads(line)["completion"] for line in (tmp_path / f).open()] for f in ("a.jsonl", "b.jsonl")]
     assert completions[0] == completions[1]
 
