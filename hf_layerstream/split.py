@@ -2126,8 +2126,8 @@ def _remove_foreign_unit_files(shard_dir: Path, keep: dict[str, str]) -> None:
 def _remove_foreign_side_files(shard_dir: Path, keep: set[str]) -> None:
     """With `overwrite=True`: delete the side files (tokenizer, chat templates, generation config, license files) a
     previous split copied from its source that the new source lacks: the names every split may copy, versioned
-    `tokenizer.*.json` files and named chat templates. (Files only a tokenizer class names, such as GPT-NeoX-Japanese's `emoji.json`,
-    stay: not knowing the old source, a name could be a file of the user's.)"""
+    `tokenizer.*.json` files and named chat templates. (Files only a tokenizer class names, such as
+    GPT-NeoX-Japanese's `emoji.json`, stay: not knowing the old source, a name could be a file of the user's.)"""
     names = set(_SIDE_FILES) | {p.name for p in shard_dir.glob("tokenizer.*.json")}
     names |= {p.name for p in shard_dir.iterdir() if _LICENSE_FILE.fullmatch(p.name)}
     templates = shard_dir / _CHAT_TEMPLATE_DIR
