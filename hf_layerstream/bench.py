@@ -108,7 +108,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
         help="ours vs whole model in RAM vs accelerate disk offload, warm and cold, against the physical limits",
         description=__doc__.split("\n\n")[0],
     )
-    from .cli import _add_dequantize_arg
+    from .cli import _add_dequantize_arg, _add_hub_args
 
     p.add_argument("source", nargs="?", default=None, help="checkpoint folder, hub id, or shard directory")
     p.add_argument(
@@ -118,10 +118,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
         "section (sized by --layers, --hidden-size, ...)",
     )
     p.add_argument("--checkpoint", default=None, help="original checkpoint (when SOURCE is a shard directory)")
-    p.add_argument(
-        "--revision", default=None, help="for a hub repo SOURCE: its branch, tag or commit (default: default branch)"
-    )
-    p.add_argument("--token", default=None, help="for a hub repo SOURCE: hub token for gated/private repos")
+    _add_hub_args(p, "SOURCE")
     p.add_argument("--work", default=None, help="folder for the split / demo model / offload (default: temporary)")
     p.add_argument("--layers", type=int, default=None, help=f"--demo: decoder layers (default {DEMO_SIZES['layers']})")
     p.add_argument(

@@ -67,16 +67,15 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     _add_dequantize_arg(p)
 
 
-def _add_hub_args(
-    p: argparse.ArgumentParser, token: str = "for a hub repo SHARD_DIR: hub token for gated/private repos"
-):
-    """`--revision`/`--token` of a SHARD_DIR that is a hub repo holding one (`token`: the help of `--token`)."""
+def _add_hub_args(p: argparse.ArgumentParser, what: str = "SHARD_DIR", token: str | None = None) -> None:
+    """`--revision`/`--token` of `what` (SHARD_DIR, bench's SOURCE) where it is a hub repo (`token`: the help of
+    `--token`, where it serves more)."""
     p.add_argument(
         "--revision",
         default=None,
-        help="for a hub repo SHARD_DIR: its branch, tag or commit (default: its default branch)",
+        help=f"for a hub repo {what}: its branch, tag or commit (default: its default branch)",
     )
-    p.add_argument("--token", default=None, help=token)
+    p.add_argument("--token", default=None, help=token or f"for a hub repo {what}: hub token for gated/private repos")
 
 
 def _add_dequantize_arg(p: argparse.ArgumentParser) -> None:
@@ -216,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--verify", action="store_true", help="check every shard file's checksum before loading")
     _add_runtime_args(p)
-    _add_hub_args(p, "hub token for gated/private repos (SHARD_DIR, and --adapter, --assistant, --tokenizer)")
+    _add_hub_args(p, token="hub token for gated/private repos (SHARD_DIR, and --adapter, --assistant, --tokenizer)")
 
     p = sub.add_parser("demo", help="the whole pipeline on a built-in random-weight Llama-shaped model (no download)")
     p.add_argument("--dir", default=None, help="work folder (default: a temporary folder, removed afterwards)")

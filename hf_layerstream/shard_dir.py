@@ -294,7 +294,11 @@ def _hub_blobs(root: Path) -> Path | None:
 
 def hub_repo_of(path: str | os.PathLike) -> str | None:
     """The id of the hub repo whose downloaded snapshot in the hub cache holds `path`, else `None`."""
-    snapshot = _hub_snapshot(Path(os.path.realpath(path)))
+    return _repo_of_snapshot(_hub_snapshot(Path(os.path.realpath(path))))
+
+
+def _repo_of_snapshot(snapshot: Path | None) -> str | None:
+    """The id of the hub repo whose snapshot in the hub cache `snapshot` is (`None`: none)."""
     name = snapshot.parent.parent.name if snapshot is not None else ""  # (`models--org--name`)
     return name.split("--", 1)[1].replace("--", "/") if name.startswith("models--") else None
 
@@ -302,10 +306,10 @@ def hub_repo_of(path: str | os.PathLike) -> str | None:
 def redownload_command(path: str | os.PathLike) -> str | None:
     """The command that downloads again the hub cache's snapshot holding `path` (`hf download REPO --force-download`,
     with `--revision COMMIT` where the snapshot is not the default branch's), else `None`."""
-    repo = hub_repo_of(path)
+    snapshot = _hub_snapshot(Path(os.path.realpath(path)))
+    repo = _repo_of_snapshot(snapshot)
     if repo is None:
         return None
-    snapshot = _hub_snapshot(Path(os.path.realpath(path)))
     try:
         main = (snapshot.parent.parent / "refs" / "main").read_text().strip()
     except OSError:
