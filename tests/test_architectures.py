@@ -207,8 +207,7 @@ def test_a_projector_fed_sliced_features_takes_the_loaded_models_path(tmp_path):
     matrix by a view; with a bias, `F.linear` takes a contiguous input to a fused `addmm`, which gives other bits than
     its `matmul` path. Two attempts at exactness for other resident `nn.Linear`s (see `_KNOWN_OFF`) put two images,
     then one, 5e-7 off the loaded model here. Wider than `_vision_language`'s, where the bits agree either way."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers import AutoModelForImageTextToText
 
     _skip_unless_known("llava")
     vision = {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4, "num_hidden_layers": 2}
@@ -222,11 +221,7 @@ def test_a_projector_fed_sliced_features_takes_the_loaded_models_path(tmp_path):
     _save_vision_language(config, tmp_path / "checkpoint")
     shards = split_checkpoint(tmp_path / "checkpoint", tmp_path / "shards", progress=False)
     ref = _models.load_reference(tmp_path / "checkpoint", auto_class=AutoModelForImageTextToText)
-    with init_empty_weights():
-        streamed = AutoModelForImageTextToText.from_config(
-            AutoConfig.from_pretrained(shards), attn_implementation=_models.ATTN_IMPLEMENTATION
-        )
-    enable_layer_streaming(streamed, shards, device="cpu", max_memory={"cpu": 0})
+    streamed = _streamed_vision_language(shards)
     torch.manual_seed(1)
     for images in (2, 1):
         ids = torch.tensor([[_models.BOS_TOKEN_ID] + [_IMAGE] * 16 + list(range(5, 12))] * images)
@@ -633,6 +628,19 @@ def _save_vision_language(config, path):
     return model
 
 
+def _streamed_vision_language(shards, **options):
+    """The vision-language model of the shard directory `shards`, built on meta as its config says (the tests'
+    attention) and streamed on the CPU with every layer from disk (`options`: more of `enable_layer_streaming`'s)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    with init_empty_weights():
+        streamed = AutoModelForImageTextToText.from_config(
+            AutoConfig.from_pretrained(shards), attn_implementation=_models.ATTN_IMPLEMENTATION
+        )
+    return enable_layer_streaming(streamed, shards, device="cpu", max_memory={"cpu": 0}, **options)
+
+
 def test_a_split_cast_to_a_dtype_says_it_in_its_config_and_sub_configs(tmp_path):
     """`split_checkpoint(dtype=torch.bfloat16)` of a float32 checkpoint wrote the source's config.json unchanged: a
     model built from the shard directory's config (as the README builds it) came out float32 while it streamed at
@@ -669,8 +677,7 @@ def test_vision_language_models_stream_their_language_model(tmp_path, model_type
     """Split from the checkpoint `save_pretrained` wrote, streamed with every layer from disk: the image and the
     prompt give the loaded model's decode steps, bit for bit. (`AutoModelForCausalLM` does not take Llava's,
     Qwen2-VL's or PaliGemma's config: split refused them before.)"""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers import AutoModelForImageTextToText
 
     config, inputs = _vision_language(model_type)
     model = _save_vision_language(config, tmp_path / "checkpoint")
@@ -689,11 +696,7 @@ def test_vision_language_models_stream_their_language_model(tmp_path, model_type
     assert type(baseline) is type(model)
 
     ref = _models.load_reference(tmp_path / "checkpoint", auto_class=AutoModelForImageTextToText)
-    with init_empty_weights():
-        streamed = AutoModelForImageTextToText.from_config(
-            AutoConfig.from_pretrained(shards), attn_implementation=_models.ATTN_IMPLEMENTATION
-        )
-    enable_layer_streaming(streamed, shards, device="cpu", max_memory={"cpu": 0})
+    streamed = _streamed_vision_language(shards)
     from_cli = load_streamed_model(shards, device="cpu")  # what `hf-layerstream generate` builds: the same class
     assert type(from_cli) is type(ref)
     disable_layer_streaming(from_cli)
@@ -783,15 +786,10 @@ def test_a_vision_language_checkpoint_the_text_class_cannot_take_names_model_cla
     shards = split_checkpoint(
         tmp_path / "checkpoint", tmp_path / "shards", progress=False, model_class="AutoModelForImageTextToText"
     )
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers import AutoModelForImageTextToText
 
     ref = _models.load_reference(tmp_path / "checkpoint", auto_class=AutoModelForImageTextToText)
-    with init_empty_weights():
-        streamed = AutoModelForImageTextToText.from_config(
-            AutoConfig.from_pretrained(shards), attn_implementation=_models.ATTN_IMPLEMENTATION
-        )
-    enable_layer_streaming(streamed, shards, device="cpu", max_memory={"cpu": 0})
+    streamed = _streamed_vision_language(shards)
     assert type(streamed).__name__ == "Emu3ForConditionalGeneration" == type(ref).__name__
     assert_same_decode_steps(ref, streamed, {"input_ids": torch.tensor([[_models.BOS_TOKEN_ID, *range(5, 14)]])})
 
@@ -811,8 +809,7 @@ def test_llama_3_2_vision_split_for_images_with_model_class(tmp_path):
     as `MllamaForConditionalGeneration`: streamed (its cross-attention layers among the others), an image and a
     prompt give the loaded model's decode steps, bit for bit; `hf-layerstream generate` builds that class again.
     (Llama-4's vision-language forward fails in transformers itself here, loaded or streamed.)"""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers import AutoModelForImageTextToText
 
     from hf_layerstream.cli import main
 
@@ -823,11 +820,7 @@ def test_llama_3_2_vision_split_for_images_with_model_class(tmp_path):
     )
     assert ShardDirectory(shards).manifest.architectures == ["MllamaForConditionalGeneration"]
     ref = _models.load_reference(tmp_path / "checkpoint", auto_class=AutoModelForImageTextToText)
-    with init_empty_weights():
-        streamed = AutoModelForImageTextToText.from_config(
-            AutoConfig.from_pretrained(shards), attn_implementation=_models.ATTN_IMPLEMENTATION
-        )
-    enable_layer_streaming(streamed, shards, device="cpu", max_memory={"cpu": 0})
+    streamed = _streamed_vision_language(shards)
     first_step = assert_same_decode_steps(ref, streamed, inputs)[0]
     without_image = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
     with torch.no_grad():

@@ -463,8 +463,7 @@ def test_vision_language_model_with_host_resident_parts(tmp_path, force_host_res
     """A vision-language model's input embeddings (its language model's) in host RAM: the image's features are
     merged into embeddings sent back to the device, and the decode steps are the loaded model's (Gemma-3: tied and
     scaled embeddings)."""
-    from accelerate import init_empty_weights
-    from test_architectures import _save_vision_language, _vision_language
+    from test_architectures import _save_vision_language, _streamed_vision_language, _vision_language
     from transformers import AutoModelForImageTextToText
 
     from hf_layerstream import split_checkpoint
@@ -473,11 +472,7 @@ def test_vision_language_model_with_host_resident_parts(tmp_path, force_host_res
     _save_vision_language(config, tmp_path / "checkpoint")
     shards = split_checkpoint(tmp_path / "checkpoint", tmp_path / "shards", progress=False)
     ref = _models.load_reference(tmp_path / "checkpoint", auto_class=AutoModelForImageTextToText)
-    with init_empty_weights():
-        streamed = AutoModelForImageTextToText.from_config(
-            AutoConfig.from_pretrained(shards), attn_implementation=_models.ATTN_IMPLEMENTATION
-        )
-    enable_layer_streaming(streamed, shards, device="cpu", max_memory={"cpu": 0}, prefetch=1)
+    streamed = _streamed_vision_language(shards, prefetch=1)
     assert get_streaming_state(streamed).plan.host_resident[0] == "input_embeddings"
     assert isinstance(streamed.get_input_embeddings()._hf_hook, HostResidentHook)
     assert_same_decode_steps(ref, streamed, inputs)
