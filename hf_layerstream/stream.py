@@ -142,8 +142,9 @@ class StreamingState:
     model_forward: object = None  # the instance attribute `forward` the model had before, if any (see `wrap_model`)
     generation_config: object = None  # the shard directory's, set by enable (see `_load_generation_config`)
     own_generation_config: object = None  # the model's before it (put back by disable)
-    # (the output head, its own weight before enable): disable gives that one the `requires_grad` the caller set since
-    head_weight: tuple[nn.Module, object] | None = None
+    # [(the output head or an outer linear, its own weight before enable)]: disable gives that one the `requires_grad`
+    # the caller set since (see `_HeadGrad`)
+    head_weights: list = field(default_factory=list)
     # (config or sub-config, its dtype before): where enable's `dtype=` set the dtype on them (put back by disable)
     config_dtypes: list = field(default_factory=list)
     # the storages of adapter weights `attaching_adapters` saw attached, {(device, address): bytes} (outside the plan)
@@ -519,7 +520,8 @@ class _HeadGrad:
     streaming was enabled (True, unless the caller froze it), and then as the caller sets it (`model.requires_grad_
     (False)`). `torch.matmul` chooses its kernel for the prompt pass's input by it (see `_fold_head_input`): a frozen
     loaded head multiplies a batch-sized copy of its weight, and gives other bits from batch 2 on, which the streamed
-    head must give too. The other resident weights are loaded not requiring grad; they take no part in that choice.
+    head must give too. The `nn.Linear`s outside the base model (`_outer_linears`: BERT's head transform) follow the
+    same rule, in the same `_HeadGrad`; the other resident weights are loaded not requiring grad.
 
     With gradients on, no resident weight takes part in autograd (README, Limits: no weight gets a gradient, and
     an input's backward pass holds none): each module holding the head's weight (the input embeddings too, where
@@ -527,8 +529,8 @@ class _HeadGrad:
     `post`, an always-call hook, which torch skips for an exception that is not an `Exception`: a Ctrl-C in the
     head's forward left the alias in for good, so the model's call puts back what its thread swapped in, `unwind`)."""
 
-    def __init__(self, weight: nn.Parameter):
-        self.weight = weight
+    def __init__(self, weights: list):
+        self.weights = {id(w): w for w in weights}
         # id(module) -> [the weight it held, the forwards with gradients on under way with the alias in, the module],
         # while one is in: the head runs outside `PassGuard`, and a call from another thread meeting the alias leaves
         # it in until the last one leaves (put back by the first to leave, the other's forward read the weight itself:
@@ -541,7 +543,7 @@ class _HeadGrad:
         # a copy of a module it hooks (`copy.deepcopy(model.lm_head)`, `torch.save` of it) gets an inert one, for no
         # weight (the copy's is not this one): a plain module, as the loaded head's copy is (its lock and thread-local
         # counts made either fail with "cannot pickle '_thread.lock' object")
-        return _HeadGrad, (None,)
+        return _HeadGrad, ([],)
 
     def pre(self, module: nn.Module, args):
         if not torch.is_grad_enabled():
@@ -550,7 +552,7 @@ class _HeadGrad:
             entry = self.swapped.get(id(module))
             if entry is None:
                 weight = module._parameters.get("weight")
-                if weight is not self.weight or not weight.requires_grad:
+                if self.weights.get(id(weight)) is not weight or not weight.requires_grad:
                     return
                 entry = self.swapped[id(module)] = [weight, 0, module]
                 alias = nn.Parameter(weight.detach(), requires_grad=False)
@@ -590,22 +592,41 @@ class _HeadGrad:
                 self._leave(key, left)
 
 
-def _follow_head_grad(model: nn.Module, head: nn.Module, wants_grad: bool, handles: list) -> _HeadGrad | None:
-    """See `_HeadGrad`: the head's weight, as resident on the device (a weight kept in host RAM has its placeholder
-    there, which `HostResidentHook` follows), made to require grad as `wants_grad`, and the modules holding it
+def _follow_head_grad(model: nn.Module, followers: list, handles: list) -> _HeadGrad | None:
+    """See `_HeadGrad`: the weight of each `(module, wants_grad)` of `followers` (the head, and the `nn.Linear`s of the
+    base model's outside, see `_outer_linears`), as resident on the device (a weight kept in host RAM has its placeholder
+    there, which `HostResidentHook` follows), made to require grad as `wants_grad`, and the modules holding them
     hooked; the `_HeadGrad` hooking them, if any."""
-    weight = head._parameters.get("weight")
-    if not isinstance(weight, nn.Parameter) or not (weight.is_floating_point() or weight.is_complex()):
+    weights = []
+    for module, wants_grad in followers:
+        weight = module._parameters.get("weight")
+        if not isinstance(weight, nn.Parameter) or not (weight.is_floating_point() or weight.is_complex()):
+            continue
+        weight.requires_grad_(wants_grad)
+        if not isinstance(weight, HostResident):
+            weights.append(weight)
+    if not weights:
         return None
-    weight.requires_grad_(wants_grad)
-    if isinstance(weight, HostResident):
-        return None
-    swap = _HeadGrad(weight)
+    swap = _HeadGrad(weights)
     for module in model.modules():
-        if module._parameters.get("weight") is weight:
+        if id(module._parameters.get("weight")) in swap.weights:
             handles.append(module.register_forward_pre_hook(swap.pre))
             handles.append(module.register_forward_hook(swap.post, always_call=True))
     return swap
+
+
+def _outer_linears(model: nn.Module, head) -> list[nn.Module]:
+    """The `nn.Linear`s of a model outside its base model, the head aside: the BERT family's head transform (BERT's
+    `cls.predictions.transform.dense`, RoBERTa's and ModernBERT-decoder's `lm_head.dense`), which takes the slice of
+    the last positions `generate` keeps, as the head does: `matmul` chooses its kernel for it by the weight's flag
+    (see `_fold_head_input`), and frozen it gave logits 1e-7 off for a batch of prompts. (Others found: the Gemma-4
+    assistant's projections, fed contiguous inputs, whose kernel no flag changes.) The ones inside the base model (a
+    vision-language model's projector) stay frozen, and trainable as README's Limits say."""
+    base = getattr(model, "base_model", model)
+    if not isinstance(base, nn.Module) or base is model:
+        return []
+    inside = {id(m) for m in base.modules()}
+    return [m for m in model.modules() if isinstance(m, nn.Linear) and m is not head and id(m) not in inside]
 
 
 def _set_tensor(module: nn.Module, attr: str, value: torch.Tensor, is_param: bool) -> None:
@@ -631,7 +652,8 @@ def _fold_head_input(module: nn.Module, args: tuple):
     otherwise: 0.3-0.4 s per prompt pass for a 131 MB head on this machine instead of 6 ms, batch times the head's
     memory, and other bits in bf16 logits from batch 2 on. The strides of size-1
     dimensions address nothing: set so that the fold check passes, the head takes the fully loaded model's path,
-    `mm` on the same view. Inputs that cannot be folded by a view are copied, as `reshape` copies them there.
+    `mm` on the same view. Inputs that cannot be folded by a view are copied, as `reshape` copies them there (for a
+    module with a bias, see `_folding_copy`). The `nn.Linear`s outside the base model get it too (`_outer_linears`).
     The head's weight requires grad as the loaded model's does (see `_HeadGrad`), so a head the caller froze is
     left to the path the loaded model takes then.
     """
@@ -648,8 +670,24 @@ def _fold_head_input(module: nn.Module, args: tuple):
             strides[i + 1] = strides[i]
     folded = x.as_strided(x.shape, strides, x.storage_offset())
     if not _foldable(folded):
-        folded = x.clone(memory_format=torch.contiguous_format)
+        biased = isinstance(module._parameters.get("bias"), torch.Tensor)
+        if biased and x.is_contiguous():
+            return None  # (`F.linear` takes it to its fused `addmm` whatever the weight's flag: so does the loaded one)
+        folded = _folding_copy(x) if biased else x.clone(memory_format=torch.contiguous_format)
     return (folded, *args[1:])
+
+
+def _folding_copy(x: torch.Tensor) -> torch.Tensor:
+    """A copy of `x` that `torch.matmul` folds into a matrix by a view and that is not contiguous: each row of its last
+    dimension padded by 64 bytes (the rows start where the contiguous copy's do, modulo 64 bytes). `F.linear` sends a
+    contiguous 3-D input with a bias to a fused `addmm`, where the loaded model's input (the slice of several last
+    positions, `logits_to_keep` > 1, of a batch) goes to `matmul`, which copies it (`reshape`), calls `mm` and adds
+    the bias after: other bits in bfloat16 and float16 (Phi's and GPT-J's biased heads gave 0.002 off). This one goes
+    to `matmul` too, which multiplies the same rows by `mm` (checked bit for bit on this machine in float32, float16
+    and bfloat16; a padding of one element gave other float32 bits)."""
+    pad = max(64 // x.element_size(), 1)
+    copy = torch.empty((*x.shape[:-1], x.shape[-1] + pad), dtype=x.dtype, device=x.device)[..., : x.shape[-1]]
+    return copy.copy_(x)
 
 
 def _load_dtype(shards: ShardDirectory, dtype: torch.dtype | None) -> torch.dtype | None:
@@ -1153,8 +1191,9 @@ def _enable(
     target_dtypes = _target_dtypes(shards, dtype, model)
 
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    head_weight = head._parameters.get("weight") if isinstance(head, nn.Module) else None
-    head_wants_grad = isinstance(head_weight, torch.Tensor) and head_weight.requires_grad  # (see `_HeadGrad`)
+    # the output head and the linears outside the base model, each with its own weight before enable (`_HeadGrad`)
+    followers = ([head] if isinstance(head, nn.Module) else []) + _outer_linears(model, head)
+    own_weights = [(m, m._parameters.get("weight")) for m in followers]
     originals: list[tuple[nn.Module, str, bool, object]] = []
     for module in model.modules():
         for attr, p in module._parameters.items():
@@ -1301,10 +1340,12 @@ def _enable(
         if state.runner is not model:  # (the head runs after the pass over the layers: see `wrap_model`)
             state.model_forward = vars(model).get("forward")
             model.forward = state.guard.wrap_model(model.forward)
-        if isinstance(head, nn.Module):  # (the module looked up before loading: tying replaces its weight, not it)
-            state.handles.append(head.register_forward_pre_hook(_fold_head_input))  # (first: it reads the flag)
-            state.guard.head_grad = _follow_head_grad(model, head, head_wants_grad, state.handles)
-            state.head_weight = (head, head_weight)
+        # (the modules looked up before loading: tying replaces their weight, not them)
+        for module, _ in own_weights:
+            state.handles.append(module.register_forward_pre_hook(_fold_head_input))  # (first: it reads the flag)
+        wants = [(m, isinstance(w, torch.Tensor) and w.requires_grad) for m, w in own_weights]
+        state.guard.head_grad = _follow_head_grad(model, wants, state.handles)
+        state.head_weights = own_weights
         state.compute_dtypes = frozenset(d for d in target_dtypes.values() if d.is_floating_point)
         dev = device.index if device.type == "cuda" else "cpu"
         # pipeline() reads the first value as the device (and then does not call model.to); generate() sees the
@@ -1621,8 +1662,7 @@ def _disable(model: nn.Module, state: StreamingState) -> None:
     for handle in state.handles:
         handle.remove()
     state.loader.close()
-    if state.head_weight is not None:  # (frozen while streaming: the model's own head weight is frozen too)
-        head, own = state.head_weight
+    for head, own in state.head_weights:  # (frozen while streaming: the model's own weight is frozen too)
         current = head._parameters.get("weight")
         current = getattr(current, "stands_for", current)  # (a head running in another thread, gradients on)
         if isinstance(own, torch.Tensor) and isinstance(current, torch.Tensor) and own.is_floating_point():

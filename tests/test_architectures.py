@@ -147,11 +147,13 @@ MORE_ARCHITECTURES: dict[str, dict] = {
     },
     # one hybrid layer: its shared attention block is its own
     "zamba2": {**_ZAMBA2, "hybrid_layer_ids": [1], "layers_block_type": ["mamba", "hybrid", "mamba"]},
-    # BERT-style causal LMs: their head's transform (`cls.predictions.transform.dense`, `lm_head.dense`), a resident
-    # `nn.Linear` before the output embeddings, is fed the prompt pass's last positions too: known 1e-7 off in a batch
-    # (`_KNOWN_OFF`, README: Limits)
+    # BERT-style causal LMs: their head's transform (`cls.predictions.transform.dense`, `lm_head.dense`, ELECTRA's
+    # `generator_predictions.dense`, RemBERT's `cls.predictions.dense`), a resident `nn.Linear` before the output
+    # embeddings, is fed the prompt pass's last positions too (1e-7 off in a batch before it followed the head's rule)
     "bert": {"is_decoder": True},
     "roberta": {"is_decoder": True},
+    "electra": {"is_decoder": True},
+    "rembert": {"is_decoder": True, "input_embedding_size": _models.HIDDEN_SIZE, "output_embedding_size": 32},
     "modernbert-decoder": {},
     # a captioning model: its image encoder (4 layers, more weights) is not the stack streamed, its text decoder is
     "git": {"vision_config": {**_VISION, "num_hidden_layers": 4}},
@@ -170,25 +172,7 @@ def _config(model_type: str, **overrides):
     return config
 
 
-#: model types whose streamed logits are known to be off the loaded model's for a batch of prompts: a resident
-#: `nn.Linear` other than the head (frozen) fed an input `torch.matmul` does not fold takes another kernel than the
-#: loaded weight, which requires grad (README: Limits). Two attempts at a fix broke other models (see commits 89406dc
-#: and 2b74245, reverted); strict: a fix shows here as an unexpected pass
-_KNOWN_OFF = {"bert", "roberta", "modernbert-decoder"}
-
-
-@pytest.mark.parametrize(
-    "model_type",
-    [
-        pytest.param(
-            t,
-            marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason="resident head transform: 1e-7 off"),
-        )
-        if t in _KNOWN_OFF
-        else t
-        for t in MORE_ARCHITECTURES
-    ],
-)
+@pytest.mark.parametrize("model_type", list(MORE_ARCHITECTURES))
 def test_streamed_decode_steps_equal_the_loaded_model(tmp_path, model_type):
     ckpt = _models.save_tiny_checkpoint(_config(model_type), tmp_path / "checkpoint")
     shards = split_checkpoint(ckpt, tmp_path / "shards", progress=False)
@@ -205,8 +189,9 @@ def test_streamed_decode_steps_equal_the_loaded_model(tmp_path, model_type):
 def test_a_projector_fed_sliced_features_takes_the_loaded_models_path(tmp_path):
     """Llava's projector is fed `features[:, 1:]` (the class token dropped), which `torch.matmul` does not fold into a
     matrix by a view; with a bias, `F.linear` takes a contiguous input to a fused `addmm`, which gives other bits than
-    its `matmul` path. Two attempts at exactness for other resident `nn.Linear`s (see `_KNOWN_OFF`) put two images,
-    then one, 5e-7 off the loaded model here. Wider than `_vision_language`'s, where the bits agree either way."""
+    its `matmul` path. Two attempts at exactness for the BERT family's head transform (commits 89406dc and 2b74245,
+    reverted: every resident `nn.Linear` made to follow the head's rule) put two images, then one, 5e-7 off the
+    loaded model here. Wider than `_vision_language`'s, where the bits agree either way."""
     from transformers import AutoModelForImageTextToText
 
     _skip_unless_known("llava")
@@ -231,6 +216,82 @@ def test_a_projector_fed_sliced_features_takes_the_loaded_models_path(tmp_path):
             with torch.set_grad_enabled(grad):
                 assert torch.equal(streamed(**inputs).logits, ref(**inputs).logits)
     disable_layer_streaming(streamed)
+
+
+@pytest.mark.parametrize(
+    ("model_type", "transform"),
+    [
+        ("bert", "cls.predictions.transform.dense"),
+        ("roberta", "lm_head.dense"),
+        ("electra", "generator_predictions.dense"),
+    ],
+)
+def test_a_bert_style_head_transform_takes_the_loaded_models_path(tmp_path, model_type, transform):
+    """A BERT-style causal LM runs a resident `nn.Linear` (its head's transform) on the prompt pass's last positions,
+    a slice `torch.matmul` folds into a matrix for a weight that requires grad (as `from_pretrained` loads it) and
+    `bmm`s otherwise: frozen, as the resident weights are loaded, it gave logits 1e-7 off for a batch of prompts.
+    It follows the head's rule (see `stream._HeadGrad`): its weight requires grad as the loaded one's, frozen alone by
+    the caller too, and with gradients on an alias stands in for its forward, so no graph holds it; a copy of the
+    module is a plain one; disable takes its hooks off and gives the model's own weight the flag set since."""
+    import copy
+
+    ckpt = _models.save_tiny_checkpoint(_config(model_type), tmp_path / "checkpoint")
+    shards = split_checkpoint(ckpt, tmp_path / "shards", progress=False)
+    ref = _models.load_reference(ckpt)
+    model = streamed_model(ckpt, shards, max_memory={"cpu": 0}, prefetch=1)
+    dense, ref_dense = model.get_submodule(transform), ref.get_submodule(transform)
+    weight = dense.weight
+    ids = torch.tensor([[1, 5, 7, 9, 11, 13, 17], [1, 19, 23, 29, 31, 37, 41]])
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "logits_to_keep": 1}
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 9, model.config.hidden_size)
+    for frozen in (False, True):  # (as loaded, then the transform alone frozen by the caller)
+        if frozen:
+            ref_dense.requires_grad_(False)
+            dense.requires_grad_(False)
+        assert dense.weight.requires_grad == ref_dense.weight.requires_grad == (not frozen)
+        for grad in (False, True):
+            with torch.set_grad_enabled(grad):
+                for x in (hidden[:, -1:, :], hidden[:, 2:5, :], hidden[:1, -1:, :], hidden):
+                    out = dense(x)
+                    assert torch.equal(out, ref_dense(x)), (frozen, grad, tuple(x.shape))
+                    assert out.grad_fn is None and dense.weight is weight
+                logits = model(**batch).logits
+                assert torch.equal(logits, ref(**batch).logits) and logits.grad_fn is None
+        assert weight.grad is None
+        # copies of it and of the head holding it: plain modules, as the loaded ones' copies
+        parent, _, name = transform.rpartition(".")
+        for copied in (copy.deepcopy(dense), copy.deepcopy(model.get_submodule(parent)).get_submodule(name)):
+            want = copy.deepcopy(ref_dense)
+            out, expected = copied(hidden[:, -1:, :]), want(hidden[:, -1:, :])
+            assert copied.weight is not weight and torch.equal(out, expected)
+            assert out.requires_grad == expected.requires_grad == (not frozen)
+    with torch.no_grad():
+        assert_same_decode_steps(ref, model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    disable_layer_streaming(model)
+    assert not dense._forward_pre_hooks and not dense._forward_hooks
+    assert dense.weight.is_meta and not dense.weight.requires_grad  # (frozen while streaming: stays frozen)
+
+
+@pytest.mark.parametrize("model_type", ["phi", "gptj"])
+def test_a_biased_head_fed_several_last_positions_of_a_batch_gives_the_loaded_models_bits(tmp_path, model_type):
+    """Phi's and GPT-J's heads have a bias. Fed the last positions of a batch (`logits_to_keep` > 1), a slice neither
+    contiguous nor folded by a view, the loaded head's `matmul` copies it, calls `mm` and adds the bias after; the
+    contiguous copy the streamed head was given went to `F.linear`'s fused `addmm` instead: bfloat16 logits 0.002
+    off. Exact now, with gradients off and on, for one prompt and a batch."""
+    ckpt = _models.save_tiny_checkpoint(_config(model_type), tmp_path / "checkpoint", dtype=torch.bfloat16)
+    shards = split_checkpoint(ckpt, tmp_path / "shards", progress=False)
+    ref = _models.load_reference(ckpt, dtype=torch.bfloat16)
+    model = streamed_model(ckpt, shards, max_memory={"cpu": 0}, prefetch=1)
+    assert isinstance(model.get_output_embeddings().bias, torch.Tensor)  # (the premise)
+    ids = torch.tensor([[1, 5, 7, 9, 11, 13, 17], [1, 19, 23, 29, 31, 37, 41], [1, 43, 47, 53, 59, 61, 67]])
+    for batch in (ids, ids[:1]):
+        for keep in (1, 2, 4):
+            kw = {"input_ids": batch, "attention_mask": torch.ones_like(batch), "logits_to_keep": keep}
+            for grad in (False, True):
+                with torch.set_grad_enabled(grad):
+                    assert torch.equal(model(**kw).logits, ref(**kw).logits), (len(batch), keep, grad)
+    disable_layer_streaming(model)
 
 
 def test_a_stack_of_several_layer_classes_is_found():
