@@ -59,16 +59,14 @@ def resolve_adapter(
         `FileNotFoundError`: a hub repo the hub cannot be reached for (offline) and that is not in the hub cache, or
             one the hub does not have; a path that is a file, or neither an existing folder nor a hub repo id.
     """
+    from .shard_dir import warn_hub_only
     from .split import fetch_hub_file, missing_local_folder
 
     text = str(adapter)
     local = Path(text).expanduser()
     if local.is_dir():
         folder = local
-        if revision is not None:
-            logger.warning(
-                "`adapter_revision` %r applies to hub repos; %s is a local folder, used as it is.", revision, text
-            )
+        warn_hub_only(text, "used as it is", revision=revision, revision_name="`adapter_revision`")
     elif local.is_file():
         raise FileNotFoundError(f"`adapter` {text} is a file: pass the adapter's folder ({local.parent}).")
     elif missing_local_folder(adapter):

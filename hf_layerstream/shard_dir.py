@@ -330,6 +330,17 @@ def _read_json_object(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
+def warn_hub_only(
+    local, done: str, *, revision: str | None = None, token=None, revision_name: str = "`revision`"
+) -> None:
+    """A hub repo's `revision` (or `token`, a string) given with the local folder `local`: said, once each, to be
+    ignored; `done` says what is done with the folder instead ("read as it is")."""
+    if revision is not None:
+        logger.warning("%s %r applies to hub repos; %s is a local folder, %s.", revision_name, revision, local, done)
+    if isinstance(token, str):
+        logger.warning("`token` applies to hub repos; %s is a local folder, read without it.", local)
+
+
 def local_shard_dir(shard_dir, *, weights: bool = True, revision: str | None = None, token: str | bool | None = None):
     """`shard_dir` as a folder on this machine: itself, or where it is a hub repo id (`org/name`, and nothing of that
     name here), that repo's snapshot in the hub cache at `revision` (a branch, tag or commit; default: its default
@@ -347,12 +358,7 @@ def local_shard_dir(shard_dir, *, weights: bool = True, revision: str | None = N
         [`ShardDirError`]: The repo holds no manifest.
     """
     if not _hub_repo_id(shard_dir):
-        if revision is not None:
-            logger.warning(
-                "`revision` %r applies to hub repos; %s is a local path, read as it is.", revision, shard_dir
-            )
-        if isinstance(token, str):
-            logger.warning("`token` applies to hub repos; %s is a local path, read without it.", shard_dir)
+        warn_hub_only(shard_dir, "read as it is", revision=revision, token=token)
         return shard_dir
     from .split import fetch_hub_file
 

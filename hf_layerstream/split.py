@@ -61,6 +61,7 @@ from .shard_dir import (
     layer_file,
     read_adapter_record,
     redownload_command,
+    warn_hub_only,
 )
 
 logger = logging.getLogger(__name__)
@@ -212,11 +213,9 @@ class _Source:
         self._cache_dir = cache_dir
         local = Path(source).expanduser()
         self.local_dir: Path | None = local if local.is_dir() else None
-        if self.local_dir is not None and revision is not None:
-            logger.warning("`revision` %r applies to hub repos; %s is a local folder, split as it is.", revision, local)
+        if self.local_dir is not None:
+            warn_hub_only(local, "split as it is", revision=revision, token=token)
             self.revision = None  # (nor recorded: a later run without it is the same split)
-        if self.local_dir is not None and isinstance(token, str):
-            logger.warning("`token` applies to hub repos; %s is a local folder, read without it.", local)
         if self.local_dir is None:
             if missing_local_folder(source):
                 raise FileNotFoundError(
