@@ -45,6 +45,7 @@ from .hooks import (
     Packed,
     PassGuard,
     Streamed,
+    _in_functorch,
     _Placeholder,
     host_state_dict_hook,
     kept_state_dict_hook,
@@ -143,7 +144,7 @@ class StreamingState:
     generation_config: object = None  # the shard directory's, set by enable (see `_load_generation_config`)
     own_generation_config: object = None  # the model's before it (put back by disable)
     # [(the output head or an outer linear, its own weight before enable)]: disable gives that one the `requires_grad`
-    # the caller set since (see `_HeadGrad`)
+    # the caller set since (see `_HeadGrad`, `_outer_linears`)
     head_weights: list = field(default_factory=list)
     # (config or sub-config, its dtype before): where enable's `dtype=` set the dtype on them (put back by disable)
     config_dtypes: list = field(default_factory=list)
@@ -520,8 +521,8 @@ class _HeadGrad:
     streaming was enabled (True, unless the caller froze it), and then as the caller sets it (`model.requires_grad_
     (False)`). `torch.matmul` chooses its kernel for the prompt pass's input by it (see `_fold_head_input`): a frozen
     loaded head multiplies a batch-sized copy of its weight, and gives other bits from batch 2 on, which the streamed
-    head must give too. The `nn.Linear`s outside the base model (`_outer_linears`: BERT's head transform) follow the
-    same rule, in the same `_HeadGrad`; the other resident weights are loaded not requiring grad.
+    head must give too. The `nn.Linear`s outside the base model (`_outer_linears`: BERT's head transform) require grad
+    as loaded too, with no alias; the other resident weights are loaded not requiring grad.
 
     With gradients on, no resident weight takes part in autograd (README, Limits: no weight gets a gradient, and
     an input's backward pass holds none): each module holding the head's weight (the input embeddings too, where
@@ -529,8 +530,8 @@ class _HeadGrad:
     `post`, an always-call hook, which torch skips for an exception that is not an `Exception`: a Ctrl-C in the
     head's forward left the alias in for good, so the model's call puts back what its thread swapped in, `unwind`)."""
 
-    def __init__(self, weights: list):
-        self.weights = {id(w): w for w in weights}
+    def __init__(self, weight: nn.Parameter):
+        self.weight = weight
         # id(module) -> [the weight it held, the forwards with gradients on under way with the alias in, the module],
         # while one is in: the head runs outside `PassGuard`, and a call from another thread meeting the alias leaves
         # it in until the last one leaves (put back by the first to leave, the other's forward read the weight itself:
@@ -543,7 +544,7 @@ class _HeadGrad:
         # a copy of a module it hooks (`copy.deepcopy(model.lm_head)`, `torch.save` of it) gets an inert one, for no
         # weight (the copy's is not this one): a plain module, as the loaded head's copy is (its lock and thread-local
         # counts made either fail with "cannot pickle '_thread.lock' object")
-        return _HeadGrad, ([],)
+        return _HeadGrad, (None,)
 
     def pre(self, module: nn.Module, args):
         if not torch.is_grad_enabled():
@@ -552,7 +553,7 @@ class _HeadGrad:
             entry = self.swapped.get(id(module))
             if entry is None:
                 weight = module._parameters.get("weight")
-                if self.weights.get(id(weight)) is not weight or not weight.requires_grad:
+                if weight is not self.weight or not weight.requires_grad:
                     return
                 entry = self.swapped[id(module)] = [weight, 0, module]
                 alias = nn.Parameter(weight.detach(), requires_grad=False)
@@ -592,24 +593,19 @@ class _HeadGrad:
                 self._leave(key, left)
 
 
-def _follow_head_grad(model: nn.Module, followers: list, handles: list) -> _HeadGrad | None:
-    """See `_HeadGrad`: the weight of each `(module, wants_grad)` of `followers` (the head, and the `nn.Linear`s of the
-    base model's outside, see `_outer_linears`), as resident on the device (a weight kept in host RAM has its placeholder
-    there, which `HostResidentHook` follows), made to require grad as `wants_grad`, and the modules holding them
+def _follow_head_grad(model: nn.Module, head: nn.Module, wants_grad: bool, handles: list) -> _HeadGrad | None:
+    """See `_HeadGrad`: the head's weight, as resident on the device (a weight kept in host RAM has its placeholder
+    there, which `HostResidentHook` follows), made to require grad as `wants_grad`, and the modules holding it
     hooked; the `_HeadGrad` hooking them, if any."""
-    weights = []
-    for module, wants_grad in followers:
-        weight = module._parameters.get("weight")
-        if not isinstance(weight, nn.Parameter) or not (weight.is_floating_point() or weight.is_complex()):
-            continue
-        weight.requires_grad_(wants_grad)
-        if not isinstance(weight, HostResident):
-            weights.append(weight)
-    if not weights:
+    weight = head._parameters.get("weight")
+    if not isinstance(weight, nn.Parameter) or not (weight.is_floating_point() or weight.is_complex()):
         return None
-    swap = _HeadGrad(weights)
+    weight.requires_grad_(wants_grad)
+    if isinstance(weight, HostResident):
+        return None
+    swap = _HeadGrad(weight)
     for module in model.modules():
-        if id(module._parameters.get("weight")) in swap.weights:
+        if module._parameters.get("weight") is weight:
             handles.append(module.register_forward_pre_hook(swap.pre))
             handles.append(module.register_forward_hook(swap.post, always_call=True))
     return swap
@@ -619,9 +615,12 @@ def _outer_linears(model: nn.Module, head) -> list[nn.Module]:
     """The `nn.Linear`s of a model outside its base model, the head aside: the BERT family's head transform (BERT's
     `cls.predictions.transform.dense`, RoBERTa's and ModernBERT-decoder's `lm_head.dense`), which takes the slice of
     the last positions `generate` keeps, as the head does: `matmul` chooses its kernel for it by the weight's flag
-    (see `_fold_head_input`), and frozen it gave logits 1e-7 off for a batch of prompts. (Others found: the Gemma-4
-    assistant's projections, fed contiguous inputs, whose kernel no flag changes.) The ones inside the base model (a
-    vision-language model's projector) stay frozen, and trainable as README's Limits say."""
+    (see `_fold_head_input`), and frozen it gave logits 1e-7 off for a batch of prompts. Their weights require grad as
+    the loaded model's (as the model's own did when streaming was enabled), with the head's pre-hook; unlike the
+    head's, no alias stands in for them with gradients on: they take part in autograd, and get gradients, as the
+    loaded ones do (a small graph from the decoder's output on; the rest of the model records none). (Others found:
+    the Gemma-4 assistant's projections, fed contiguous inputs, whose kernel no flag changes.) The ones inside the
+    base model (a vision-language model's projector) are loaded frozen, as the other resident weights."""
     base = getattr(model, "base_model", model)
     if not isinstance(base, nn.Module) or base is model:
         return []
@@ -643,7 +642,8 @@ def _foldable(x: torch.Tensor) -> bool:
 
 
 def _fold_head_input(module: nn.Module, args: tuple):
-    """Forward pre-hook of the output head: give it its input in strides `matmul` folds into a matrix.
+    """Forward pre-hook of the output head (and of the linears outside the base model, `_outer_linears`): give it its
+    input in strides `matmul` folds into a matrix.
 
     `generate` feeds the head `hidden_states[:, -1:, :]` in the prompt pass. For a weight that requires grad (every
     weight `from_pretrained` loads), `matmul` folds that into a matrix (`reshape(-1, hidden)`, a view) and calls
@@ -653,7 +653,7 @@ def _fold_head_input(module: nn.Module, args: tuple):
     memory, and other bits in bf16 logits from batch 2 on. The strides of size-1
     dimensions address nothing: set so that the fold check passes, the head takes the fully loaded model's path,
     `mm` on the same view. Inputs that cannot be folded by a view are copied, as `reshape` copies them there (for a
-    module with a bias, see `_folding_copy`). The `nn.Linear`s outside the base model get it too (`_outer_linears`).
+    module with a bias, see `_folding_copy`).
     The head's weight requires grad as the loaded model's does (see `_HeadGrad`), so a head the caller froze is
     left to the path the loaded model takes then.
     """
@@ -664,10 +664,23 @@ def _fold_head_input(module: nn.Module, args: tuple):
     weight = getattr(weight, "stands_for", weight)  # (another thread's forward with gradients on has an alias in)
     if isinstance(weight, torch.Tensor) and not weight.requires_grad:
         return None  # (the caller froze the head, as `model.requires_grad_(False)` does: the loaded one's `bmm` then)
-    strides = list(x.stride())
-    for i in range(x.dim() - 2):
-        if x.size(i + 1) == 1:
-            strides[i + 1] = strides[i]
+    if _in_functorch():
+        return None  # (inside `torch.func.grad` a weight not lifted into the transform counts as frozen for `matmul`)
+    try:  # (where `reshape` would view it as a matrix, as the loaded head's `matmul` does: the same addresses)
+        row = x.view(-1, x.size(-1)).stride(0)
+    except RuntimeError:
+        row = None
+    if row is not None:
+        strides, n = list(x.stride()), 1
+        for i in range(x.dim() - 2, -1, -1):
+            strides[i] = row * n
+            n *= x.size(i)
+        strides[-1] = x.stride(-1)
+    else:
+        strides = list(x.stride())
+        for i in range(x.dim() - 2):
+            if x.size(i + 1) == 1:
+                strides[i + 1] = strides[i]
     folded = x.as_strided(x.shape, strides, x.storage_offset())
     if not _foldable(folded):
         biased = isinstance(module._parameters.get("bias"), torch.Tensor)
@@ -1191,9 +1204,9 @@ def _enable(
     target_dtypes = _target_dtypes(shards, dtype, model)
 
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    # the output head and the linears outside the base model, each with its own weight before enable (`_HeadGrad`)
-    followers = ([head] if isinstance(head, nn.Module) else []) + _outer_linears(model, head)
-    own_weights = [(m, m._parameters.get("weight")) for m in followers]
+    head_weight = head._parameters.get("weight") if isinstance(head, nn.Module) else None
+    head_wants_grad = isinstance(head_weight, torch.Tensor) and head_weight.requires_grad  # (see `_HeadGrad`)
+    outer = [(m, m._parameters.get("weight")) for m in _outer_linears(model, head)]  # (their own weights before)
     originals: list[tuple[nn.Module, str, bool, object]] = []
     for module in model.modules():
         for attr, p in module._parameters.items():
@@ -1340,12 +1353,16 @@ def _enable(
         if state.runner is not model:  # (the head runs after the pass over the layers: see `wrap_model`)
             state.model_forward = vars(model).get("forward")
             model.forward = state.guard.wrap_model(model.forward)
-        # (the modules looked up before loading: tying replaces their weight, not them)
-        for module, _ in own_weights:
-            state.handles.append(module.register_forward_pre_hook(_fold_head_input))  # (first: it reads the flag)
-        wants = [(m, isinstance(w, torch.Tensor) and w.requires_grad) for m, w in own_weights]
-        state.guard.head_grad = _follow_head_grad(model, wants, state.handles)
-        state.head_weights = own_weights
+        if isinstance(head, nn.Module):  # (the module looked up before loading: tying replaces its weight, not it)
+            state.handles.append(head.register_forward_pre_hook(_fold_head_input))  # (first: it reads the flag)
+            state.guard.head_grad = _follow_head_grad(model, head, head_wants_grad, state.handles)
+            state.head_weights.append((head, head_weight))
+        for module, own in outer:  # (see `_outer_linears`)
+            weight = module._parameters.get("weight")
+            if isinstance(weight, nn.Parameter) and weight.is_floating_point() and not isinstance(weight, HostResident):
+                weight.requires_grad_(isinstance(own, torch.Tensor) and own.requires_grad)
+                state.handles.append(module.register_forward_pre_hook(_fold_head_input))
+                state.head_weights.append((module, own))
         state.compute_dtypes = frozenset(d for d in target_dtypes.values() if d.is_floating_point)
         dev = device.index if device.type == "cuda" else "cpu"
         # pipeline() reads the first value as the device (and then does not call model.to); generate() sees the
@@ -1662,8 +1679,8 @@ def _disable(model: nn.Module, state: StreamingState) -> None:
     for handle in state.handles:
         handle.remove()
     state.loader.close()
-    for head, own in state.head_weights:  # (frozen while streaming: the model's own weight is frozen too)
-        current = head._parameters.get("weight")
+    for module, own in state.head_weights:  # (frozen while streaming: the model's own weight is frozen too)
+        current = module._parameters.get("weight")
         current = getattr(current, "stands_for", current)  # (a head running in another thread, gradients on)
         if isinstance(own, torch.Tensor) and isinstance(current, torch.Tensor) and own.is_floating_point():
             own.requires_grad_(current.requires_grad)

@@ -230,9 +230,10 @@ def test_a_bert_style_head_transform_takes_the_loaded_models_path(tmp_path, mode
     """A BERT-style causal LM runs a resident `nn.Linear` (its head's transform) on the prompt pass's last positions,
     a slice `torch.matmul` folds into a matrix for a weight that requires grad (as `from_pretrained` loads it) and
     `bmm`s otherwise: frozen, as the resident weights are loaded, it gave logits 1e-7 off for a batch of prompts.
-    It follows the head's rule (see `stream._HeadGrad`): its weight requires grad as the loaded one's, frozen alone by
-    the caller too, and with gradients on an alias stands in for its forward, so no graph holds it; a copy of the
-    module is a plain one; disable takes its hooks off and gives the model's own weight the flag set since."""
+    Its weight requires grad as the loaded one's (frozen alone by the caller too) and gets the head's pre-hook; with
+    gradients on it takes part in autograd as the loaded one does (the same gradient: it trains), and under
+    `torch.func.grad` the gradient to the inputs is the loaded model's; a copy of it, or of the head holding it, is
+    a plain module; disable takes its hook off and gives the model's own weight the flag set since."""
     import copy
 
     ckpt = _models.save_tiny_checkpoint(_config(model_type), tmp_path / "checkpoint")
@@ -243,6 +244,13 @@ def test_a_bert_style_head_transform_takes_the_loaded_models_path(tmp_path, mode
     weight = dense.weight
     ids = torch.tensor([[1, 5, 7, 9, 11, 13, 17], [1, 19, 23, 29, 31, 37, 41]])
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "logits_to_keep": 1}
+    embeds = ref.get_input_embeddings()(ids).detach()
+
+    def loss(m):
+        return lambda e: (
+            m(inputs_embeds=e, attention_mask=batch["attention_mask"], logits_to_keep=1).logits.square().sum()
+        )
+
     torch.manual_seed(0)
     hidden = torch.randn(3, 9, model.config.hidden_size)
     for frozen in (False, True):  # (as loaded, then the transform alone frozen by the caller)
@@ -253,12 +261,18 @@ def test_a_bert_style_head_transform_takes_the_loaded_models_path(tmp_path, mode
         for grad in (False, True):
             with torch.set_grad_enabled(grad):
                 for x in (hidden[:, -1:, :], hidden[:, 2:5, :], hidden[:1, -1:, :], hidden):
-                    out = dense(x)
-                    assert torch.equal(out, ref_dense(x)), (frozen, grad, tuple(x.shape))
-                    assert out.grad_fn is None and dense.weight is weight
-                logits = model(**batch).logits
-                assert torch.equal(logits, ref(**batch).logits) and logits.grad_fn is None
-        assert weight.grad is None
+                    out, expected = dense(x), ref_dense(x)
+                    assert torch.equal(out, expected), (frozen, grad, tuple(x.shape))
+                    assert out.requires_grad == expected.requires_grad == (grad and not frozen)
+                logits, expected = model(**batch).logits, ref(**batch).logits
+                assert torch.equal(logits, expected) and logits.requires_grad == (grad and not frozen)
+            if grad and not frozen:  # (it trains as the loaded one does)
+                logits.sum().backward()
+                expected.sum().backward()
+                assert torch.equal(weight.grad, ref_dense.weight.grad) and dense.weight is weight
+                weight.grad = None
+                ref.zero_grad(set_to_none=True)
+        assert torch.equal(torch.func.grad(loss(model))(embeds), torch.func.grad(loss(ref))(embeds)), frozen
         # copies of it and of the head holding it: plain modules, as the loaded ones' copies
         parent, _, name = transform.rpartition(".")
         for copied in (copy.deepcopy(dense), copy.deepcopy(model.get_submodule(parent)).get_submodule(name)):

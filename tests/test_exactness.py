@@ -562,6 +562,62 @@ def test_prompt_pass_head_takes_the_path_of_the_loaded_model(checkpoints, arch):
     disable_layer_streaming(model)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_head_pre_hook_gives_the_loaded_linears_bits_for_every_input_layout(dtype):
+    """`_fold_head_input` against a loaded `nn.Linear` (its weight requiring grad): slices of last positions of a
+    batch (several: no strides fold them), of one prompt (contiguous for torch, not foldable by torch 2.13's check),
+    4-D, expanded and transposed inputs, odd widths, with and without a bias; gradients off (the weight itself) and
+    on (the frozen alias the head computes with then). Three of these gave other bits: a biased module's contiguous
+    copy went to `F.linear`'s fused `addmm` (bf16 and fp16), and an aligned copy of one prompt's slice of an odd
+    width, where the loaded `matmul` views the input in place (fp32)."""
+    from hf_layerstream.stream import _fold_head_input
+
+    torch.manual_seed(0)
+
+    def inputs(width):
+        for b, s, k in [(2, 9, 2), (3, 12, 4), (2, 9, 1), (1, 9, 3), (4, 33, 8)]:
+            yield torch.randn(b, s, width, dtype=dtype)[:, -k:, :]
+        four = torch.randn(2, 3, 9, width, dtype=dtype)
+        yield four[:, :, -3:, :]
+        yield four[:, :, -1:, :]
+        yield torch.randn(1, 9, width, dtype=dtype).expand(3, 9, width)[:, -2:, :]
+        yield torch.randn(4, 3, width, dtype=dtype).transpose(0, 1)
+
+    for width, out_features in [(64, 128), (63, 50), (100, 1000), (65, 3000)]:
+        for bias in (True, False):
+            loaded = torch.nn.Linear(width, out_features, bias=bias, dtype=dtype)
+            alias = (loaded.weight.detach(), loaded.bias.detach() if bias else None)
+            for x in inputs(width):
+                for grad in (False, True):
+                    with torch.set_grad_enabled(grad):
+                        expected = loaded(x)
+                        given = _fold_head_input(loaded, (x,))
+                        given = x if given is None else given[0]
+                        out = torch.nn.functional.linear(given, *alias) if grad else loaded(given)
+                    assert torch.equal(out, expected), (width, bias, tuple(x.shape), x.stride(), grad)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_gradient_to_the_inputs_under_torch_func_is_the_loaded_models(checkpoints, arch):
+    """Inside a `torch.func` transform a weight not lifted into it counts as frozen for `torch.matmul` (it `bmm`s the
+    prompts' last positions): the head's pre-hook folded them as for a weight requiring grad, and `torch.func.grad`
+    to the input embeddings of a batch was 1e-8 off the loaded model's. The hook leaves them there."""
+    ckpt, shards = checkpoints(arch)
+    ref = _models.load_reference(ckpt)
+    model = streamed_model(ckpt, shards, **STREAM_ALL)
+    ids = torch.tensor([[1, 5, 7, 9, 11, 13, 17], [1, 19, 23, 29, 31, 37, 41], [1, 43, 47, 53, 59, 61, 67]])
+    embeds = ref.get_input_embeddings()(ids).detach()
+    for keep in (1, 3):
+
+        def loss(m, keep=keep):
+            return lambda e: (
+                m(inputs_embeds=e, attention_mask=torch.ones_like(ids), logits_to_keep=keep).logits.square().sum()
+            )
+
+        assert torch.equal(torch.func.grad(loss(model))(embeds), torch.func.grad(loss(ref))(embeds)), keep
+    disable_layer_streaming(model)
+
+
 def test_the_head_called_from_two_threads_with_gradients_on_in_one(checkpoints):
     """The head runs outside `PassGuard`: while one thread's forward with gradients on has the alias that does not
     require grad in, another thread's call of the head takes the loaded model's path all the same (it took `bmm` for
