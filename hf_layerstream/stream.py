@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import logging
 import os
+import re
 import threading
 import weakref
 from collections import Counter
@@ -45,7 +47,6 @@ from .hooks import (
     Packed,
     PassGuard,
     Streamed,
-    _in_functorch,
     _Placeholder,
     host_state_dict_hook,
     kept_state_dict_hook,
@@ -521,11 +522,11 @@ class _HeadGrad:
     streaming was enabled (True, unless the caller froze it), and then as the caller sets it (`model.requires_grad_
     (False)`). `torch.matmul` chooses its kernel for the prompt pass's input by it (see `_fold_head_input`): a frozen
     loaded head multiplies a batch-sized copy of its weight, and gives other bits from batch 2 on, which the streamed
-    head must give too. The `nn.Linear`s outside the base model (`_outer_linears`: BERT's head transform) require grad
-    as loaded too, with no alias; the other resident weights are loaded not requiring grad.
+    head must give too. The `nn.Linear`s a model runs after its base model (`_outer_linears`: BERT's head transform)
+    require grad as loaded too, with no alias; the other resident weights are loaded not requiring grad.
 
-    With gradients on, no resident weight takes part in autograd (README, Limits: no weight gets a gradient, and
-    an input's backward pass holds none): each module holding the head's weight (the input embeddings too, where
+    With gradients on, the head's weight takes no part in autograd (README, Limits: no weight gets a gradient, and
+    an input's backward pass holds none, but for those outer linears): each module holding the head's weight (the input embeddings too, where
     tied) swaps in an alias of it that does not require grad for its forward, put back as the forward leaves (by
     `post`, an always-call hook, which torch skips for an exception that is not an `Exception`: a Ctrl-C in the
     head's forward left the alias in for good, so the model's call puts back what its thread swapped in, `unwind`)."""
@@ -612,20 +613,46 @@ def _follow_head_grad(model: nn.Module, head: nn.Module, wants_grad: bool, handl
 
 
 def _outer_linears(model: nn.Module, head) -> list[nn.Module]:
-    """The `nn.Linear`s of a model outside its base model, the head aside: the BERT family's head transform (BERT's
-    `cls.predictions.transform.dense`, RoBERTa's and ModernBERT-decoder's `lm_head.dense`), which takes the slice of
-    the last positions `generate` keeps, as the head does: `matmul` chooses its kernel for it by the weight's flag
-    (see `_fold_head_input`), and frozen it gave logits 1e-7 off for a batch of prompts. Their weights require grad as
-    the loaded model's (as the model's own did when streaming was enabled), with the head's pre-hook; unlike the
-    head's, no alias stands in for them with gradients on: they take part in autograd, and get gradients, as the
-    loaded ones do (a small graph from the decoder's output on; the rest of the model records none). (Others found:
-    the Gemma-4 assistant's projections, fed contiguous inputs, whose kernel no flag changes.) The ones inside the
-    base model (a vision-language model's projector) are loaded frozen, as the other resident weights."""
+    """The `nn.Linear`s of a model outside its base model that its forward runs after the base model, the head aside:
+    the BERT family's head transform (BERT's `cls.predictions.transform.dense`, RoBERTa's and ModernBERT-decoder's
+    `lm_head.dense`, ELECTRA's `generator_predictions.dense`), which takes the slice of the last positions `generate`
+    keeps, as the head does: `matmul` chooses its kernel for it by the weight's flag (see `_fold_head_input`), and
+    frozen it gave logits 1e-7 off for a batch of prompts. Their weights require grad as the loaded model's (as the
+    model's own did when streaming was enabled), with the head's pre-hook; unlike the head's, no alias stands in for
+    them with gradients on: they take part in autograd, and get gradients, as the loaded ones do (a small graph from
+    the base model's output on). "After": the model's forward names the module's top-level attribute only after its
+    first call of the base model (`self.bert(`), read in its source. One named before may feed the base model (the
+    Gemma-4 assistants' `pre_projection`): requiring grad, it made a plain forward pass with gradients on record a
+    graph through every layer. Those, the ones inside the base model (a vision-language model's projector) and all
+    of a model whose forward's source cannot be read are loaded frozen, as the other resident weights."""
     base = getattr(model, "base_model", model)
-    if not isinstance(base, nn.Module) or base is model:
+    prefix = getattr(model, "base_model_prefix", None)
+    if not isinstance(base, nn.Module) or base is model or not isinstance(prefix, str) or not prefix:
+        return []
+    try:
+        source = inspect.getsource(type(model).forward)
+    except (OSError, TypeError):
+        return []
+    call = re.search(rf"\bself\.{re.escape(prefix)}\(", source)
+    if call is None:
         return []
     inside = {id(m) for m in base.modules()}
-    return [m for m in model.modules() if isinstance(m, nn.Linear) and m is not head and id(m) not in inside]
+    outer = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and module is not head and id(module) not in inside:
+            first = re.search(rf"\bself\.{re.escape(name.split('.')[0])}\b", source)
+            if first is not None and first.start() > call.start():
+                outer.append(module)
+    return outer
+
+
+def _in_grad_transform() -> bool:
+    """Whether a `torch.func` transform that differentiates (`grad`, `vjp`, `jacrev`, `jvp`, ...) runs the calling
+    code: there `torch.matmul` takes a weight not lifted into it as frozen. (`vmap` alone lifts no weight: the flag
+    counts there as outside.)"""
+    stack = getattr(getattr(torch._C, "_functorch", None), "get_interpreter_stack", None)
+    interpreters = stack() if stack is not None else None
+    return bool(interpreters) and any(i.key().name in ("Grad", "Jvp") for i in interpreters)
 
 
 def _set_tensor(module: nn.Module, attr: str, value: torch.Tensor, is_param: bool) -> None:
@@ -664,7 +691,7 @@ def _fold_head_input(module: nn.Module, args: tuple):
     weight = getattr(weight, "stands_for", weight)  # (another thread's forward with gradients on has an alias in)
     if isinstance(weight, torch.Tensor) and not weight.requires_grad:
         return None  # (the caller froze the head, as `model.requires_grad_(False)` does: the loaded one's `bmm` then)
-    if _in_functorch():
+    if _in_grad_transform():
         return None  # (inside `torch.func.grad` a weight not lifted into the transform counts as frozen for `matmul`)
     try:  # (where `reshape` would view it as a matrix, as the loaded head's `matmul` does: the same addresses)
         row = x.view(-1, x.size(-1)).stride(0)
@@ -698,9 +725,8 @@ def _folding_copy(x: torch.Tensor) -> torch.Tensor:
     the bias after: other bits in bfloat16 and float16 (Phi's and GPT-J's biased heads gave 0.002 off). This one goes
     to `matmul` too, which multiplies the same rows by `mm` (checked bit for bit on this machine in float32, float16
     and bfloat16; a padding of one element gave other float32 bits)."""
-    pad = max(64 // x.element_size(), 1)
-    copy = torch.empty((*x.shape[:-1], x.shape[-1] + pad), dtype=x.dtype, device=x.device)[..., : x.shape[-1]]
-    return copy.copy_(x)
+    pad = max(64 // x.element_size(), 1)  # (out of place: under `torch.func.vmap` too)
+    return torch.nn.functional.pad(x, (0, pad))[..., : x.shape[-1]]
 
 
 def _load_dtype(shards: ShardDirectory, dtype: torch.dtype | None) -> torch.dtype | None:

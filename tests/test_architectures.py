@@ -287,6 +287,42 @@ def test_a_bert_style_head_transform_takes_the_loaded_models_path(tmp_path, mode
     assert dense.weight.is_meta and not dense.weight.requires_grad  # (frozen while streaming: stays frozen)
 
 
+def test_a_linear_feeding_the_base_model_from_outside_stays_frozen(tmp_path):
+    """The Gemma-4 assistant runs an `nn.Linear` outside its base model before it (`pre_projection`) and one after it
+    (`post_projection`). Only the one after requires grad as loaded (see `stream._outer_linears`): the one before,
+    requiring grad, made a plain forward pass with gradients on record a graph through every streamed layer."""
+    _skip_unless_known("gemma4_unified_assistant")
+    text = {
+        **{k: _COMMON[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "max_position_embeddings")},
+        **{"num_hidden_layers": 3, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32},
+        "layer_types": ["sliding_attention", "sliding_attention", "full_attention"],
+        **{"num_kv_shared_layers": 3, "per_layer_config": {}, "sliding_window": 16},
+    }
+    config = CONFIG_MAPPING["gemma4_unified_assistant"](text_config=text, backbone_hidden_size=_models.HIDDEN_SIZE)
+    config._attn_implementation = _models.ATTN_IMPLEMENTATION
+    ckpt = _models.save_tiny_checkpoint(config, tmp_path / "checkpoint")
+    ref = _models.load_reference(ckpt)
+    model = streamed_model(ckpt, split_checkpoint(ckpt, tmp_path / "shards", progress=False), max_memory={"cpu": 0})
+    assert not model.pre_projection.weight.requires_grad and model.post_projection.weight.requires_grad
+    torch.manual_seed(0)
+    batch, length = 2, 5
+    kv = {
+        kind: (torch.randn(batch, 1, 8, 32), torch.randn(batch, 1, 8, 32))
+        for kind in ("sliding_attention", "full_attention")
+    }
+    inputs = {
+        "inputs_embeds": torch.randn(batch, length, model.pre_projection.in_features),
+        "shared_kv_states": kv,
+        "position_ids": torch.arange(length).expand(batch, length),
+    }
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            out, expected = model(**inputs), ref(**inputs)
+        assert torch.equal(out.logits, expected.logits) and out.logits.grad_fn is None, grad
+        assert torch.equal(out.last_hidden_state, expected.last_hidden_state)
+    disable_layer_streaming(model)
+
+
 @pytest.mark.parametrize("model_type", ["phi", "gptj"])
 def test_a_biased_head_fed_several_last_positions_of_a_batch_gives_the_loaded_models_bits(tmp_path, model_type):
     """Phi's and GPT-J's heads have a bias. Fed the last positions of a batch (`logits_to_keep` > 1), a slice neither

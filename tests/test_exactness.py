@@ -598,7 +598,7 @@ def test_the_head_pre_hook_gives_the_loaded_linears_bits_for_every_input_layout(
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_a_gradient_to_the_inputs_under_torch_func_is_the_loaded_models(checkpoints, arch):
+def test_the_head_under_torch_func_transforms_gives_the_loaded_models_bits(checkpoints, arch):
     """Inside a `torch.func` transform a weight not lifted into it counts as frozen for `torch.matmul` (it `bmm`s the
     prompts' last positions): the head's pre-hook folded them as for a weight requiring grad, and `torch.func.grad`
     to the input embeddings of a batch was 1e-8 off the loaded model's. The hook leaves them there."""
@@ -615,6 +615,20 @@ def test_a_gradient_to_the_inputs_under_torch_func_is_the_loaded_models(checkpoi
             )
 
         assert torch.equal(torch.func.grad(loss(model))(embeds), torch.func.grad(loss(ref))(embeds)), keep
+    # `vmap` alone lifts no weight: the loaded head's weight requires grad there, so the hook folds the input (with
+    # gradients on the streamed head computes with its frozen alias: it took `bmm` when the hook left every
+    # transform alone, 1.5e-7 off), and the padded copy of a biased head's input is made out of place
+    torch.manual_seed(0)
+    last = torch.randn(4, 3, 9, model.config.hidden_size)[:, :, -1:, :]
+    head, ref_head = model.get_output_embeddings(), ref.get_output_embeddings()
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            assert torch.equal(torch.func.vmap(head)(last), torch.func.vmap(ref_head)(last)), grad
+            twice = torch.stack([embeds, embeds * 0.5])
+            out = [
+                torch.func.vmap(lambda e, m=m: m(inputs_embeds=e, logits_to_keep=1).logits)(twice) for m in (model, ref)
+            ]
+            assert torch.equal(*out), grad
     disable_layer_streaming(model)
 
 
