@@ -526,10 +526,11 @@ class _HeadGrad:
     require grad as loaded too, with no alias; the other resident weights are loaded not requiring grad.
 
     With gradients on, the head's weight takes no part in autograd (README, Limits: no weight gets a gradient, and
-    an input's backward pass holds none, but for those outer linears): each module holding the head's weight (the input embeddings too, where
-    tied) swaps in an alias of it that does not require grad for its forward, put back as the forward leaves (by
-    `post`, an always-call hook, which torch skips for an exception that is not an `Exception`: a Ctrl-C in the
-    head's forward left the alias in for good, so the model's call puts back what its thread swapped in, `unwind`)."""
+    an input's backward pass holds none, but for those outer linears): each module holding the head's weight (the
+    input embeddings too, where tied) swaps in an alias of it that does not require grad for its forward, put back
+    as the forward leaves (by `post`, an always-call hook, which torch skips for an exception that is not an
+    `Exception`: a Ctrl-C in the head's forward left the alias in for good, so the model's call puts back what its
+    thread swapped in, `unwind`)."""
 
     def __init__(self, weight: nn.Parameter):
         self.weight = weight
@@ -669,8 +670,8 @@ def _foldable(x: torch.Tensor) -> bool:
 
 
 def _fold_head_input(module: nn.Module, args: tuple):
-    """Forward pre-hook of the output head (and of the linears outside the base model, `_outer_linears`): give it its
-    input in strides `matmul` folds into a matrix.
+    """Forward pre-hook of the output head (and of the linears a model runs after its base model, `_outer_linears`):
+    give it its input in strides `matmul` folds into a matrix.
 
     `generate` feeds the head `hidden_states[:, -1:, :]` in the prompt pass. For a weight that requires grad (every
     weight `from_pretrained` loads), `matmul` folds that into a matrix (`reshape(-1, hidden)`, a view) and calls
