@@ -6,6 +6,7 @@ Every architecture is a tiny random-weight checkpoint written by `save_pretraine
 
 from __future__ import annotations
 
+import copy
 import io
 from contextlib import redirect_stdout
 
@@ -595,6 +596,14 @@ def test_the_head_pre_hook_gives_the_loaded_linears_bits_for_every_input_layout(
                         given = x if given is None else given[0]
                         out = torch.nn.functional.linear(given, *alias) if grad else loaded(given)
                     assert torch.equal(out, expected), (width, bias, tuple(x.shape), x.stride(), grad)
+    # under `torch.func.vmap`: a biased module's padded copy is made out of place (an in-place copy into a buffer
+    # not vmapped was refused)
+    hooked = torch.nn.Linear(64, 128, dtype=dtype)
+    hooked.register_forward_pre_hook(_fold_head_input)
+    stacked = torch.randn(2, 3, 9, 64, dtype=dtype)[:, :, -2:, :]
+    loaded = copy.deepcopy(hooked)
+    loaded._forward_pre_hooks.clear()
+    assert torch.equal(torch.func.vmap(hooked)(stacked), torch.func.vmap(loaded)(stacked))
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -617,7 +626,7 @@ def test_the_head_under_torch_func_transforms_gives_the_loaded_models_bits(check
         assert torch.equal(torch.func.grad(loss(model))(embeds), torch.func.grad(loss(ref))(embeds)), keep
     # `vmap` alone lifts no weight: the loaded head's weight requires grad there, so the hook folds the input (with
     # gradients on the streamed head computes with its frozen alias: it took `bmm` when the hook left every
-    # transform alone, 1.5e-7 off), and the padded copy of a biased head's input is made out of place
+    # transform alone, 1.5e-7 off)
     torch.manual_seed(0)
     last = torch.randn(4, 3, 9, model.config.hidden_size)[:, :, -1:, :]
     head, ref_head = model.get_output_embeddings(), ref.get_output_embeddings()
