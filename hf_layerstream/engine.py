@@ -1287,6 +1287,7 @@ class _BufferPool:
             for i, (_, event) in enumerate(self._free):
                 if event is None:
                     del self._free[i]
+                    self.allocated -= 1
                     return
 
     def clear(self) -> None:

@@ -597,6 +597,26 @@ def test_a_read_buffer_kept_alive_by_a_view_leaves_the_pool(llama):
     disable_layer_streaming(model)
 
 
+def test_read_buffers_freed_for_mapped_layers_are_not_counted(llama):
+    """Layers read into pool buffers, then mapped (the page cache holds the files now, or the plan changed its way):
+    each mapped layer frees one idle buffer, and the pool counts it as gone (it counted it for good before, so its
+    bound of `prefetch + 1` buffers was checked against buffers that no longer existed)."""
+    ckpt, shards, inputs, expected, pad = llama
+    model = streamed_model(ckpt, shards, max_memory={"cpu": 0}, prefetch=2)
+    loader = get_streaming_state(model).loader
+    loader.wait_idle()
+    loader._map = False
+    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+    _assert_every_buffer_accounted_for(loader)
+    read = loader._pool.allocated
+    assert read > 0
+    loader._map = True
+    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+    _assert_every_buffer_accounted_for(loader)
+    assert loader._pool.allocated < read
+    disable_layer_streaming(model)
+
+
 def test_a_failed_read_is_freed_without_the_garbage_collector(llama, monkeypatch):
     """A layer read ahead whose read fails once (an I/O error) and is read again at its use: the failed load, its
     error and what its traceback's frames hold are freed as the call drops them, not left in a reference cycle for
