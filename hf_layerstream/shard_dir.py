@@ -191,6 +191,10 @@ class Manifest:
     load_dtype: str | None = None
     # the PEFT adapter merged into the weights at split time (`merge.adapter_identity`); a list: several, merged in turn
     adapter: dict | list[dict] | None = None
+    # the files the split copied or wrote beside the units (tokenizer, chat templates, generation config, license
+    # files, model card): a finished split run again writes those gone since again. `None`: split before they were
+    # recorded
+    side_files: list[str] | None = None
 
     def to_json(self) -> dict:
         return {
@@ -210,6 +214,7 @@ class Manifest:
             **({"conversion": self.conversion} if self.conversion is not None else {}),
             **({"load_dtype": self.load_dtype} if self.load_dtype is not None else {}),
             **({"adapter": self.adapter} if self.adapter is not None else {}),
+            **({"side_files": self.side_files} if self.side_files is not None else {}),
         }
 
     @classmethod
@@ -240,7 +245,22 @@ class Manifest:
             conversion=d.get("conversion") if isinstance(d.get("conversion"), dict) else None,
             load_dtype=load_dtype,
             adapter=read_adapter_record(d.get("adapter")),
+            side_files=read_side_files(d.get("side_files")),
         )
+
+
+def read_side_files(value) -> list[str] | None:
+    """A manifest's side-file record as read: the names that are a file of the directory or of its chat templates'
+    folder (no path out of it), else `None` (not recorded, or damaged)."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        return None
+    return [v for v in value if _side_file_name(v)]
+
+
+def _side_file_name(name: str) -> bool:
+    parts = name.split("/")
+    plain = all(p and p not in (".", "..") and "\\" not in p and "\x00" not in p for p in parts)
+    return plain and (len(parts) == 1 or (len(parts) == 2 and parts[0] == "additional_chat_templates"))
 
 
 def read_adapter_record(value) -> dict | list[dict] | None:

@@ -60,6 +60,7 @@ from .shard_dir import (
     hub_repo_of,
     layer_file,
     read_adapter_record,
+    read_side_files,
     redownload_command,
     warn_hub_only,
 )
@@ -1652,7 +1653,24 @@ def split_checkpoint(
                             _remove(stale)
                         except OSError as e:
                             logger.info("could not remove %s (%s); it is ignored beside the manifest", stale, e)
-                    logger.info("%s already holds this split; nothing to do", shard_dir)
+                    restored = _restore_side_files(
+                        shard_dir,
+                        read_side_files(existing.get("side_files")),
+                        src,
+                        config,
+                        lambda: _model_card(
+                            src,
+                            src.fetch(MODEL_CARD_NAME),
+                            shard_dir,
+                            model,
+                            config,
+                            compression_dict,
+                            adapter_noted,
+                            dtype,
+                        ),
+                    )
+                    if not restored:
+                        logger.info("%s already holds this split; nothing to do", shard_dir)
                     if remove_from_cache:
                         src.remove_from_cache(needed_files)
                     return shard_dir
@@ -1872,6 +1890,7 @@ def split_checkpoint(
             conversion=_conversion_record(model),
             load_dtype=None if load_dtype is None else dtype_to_str(load_dtype),
             adapter=adapter_noted,
+            side_files=sorted(written | {MODEL_CARD_NAME}),
         )
         _write_file(shard_dir, MANIFEST_NAME, json.dumps(manifest.to_json(), indent=1).encode())
         with _finishing_errors_named(shard_dir, f"removing the progress record {shard_dir / PROGRESS_NAME}"):
@@ -2097,6 +2116,47 @@ def _write_file(shard_dir: Path, name: str, data: bytes) -> None:
     """Write one of the small files the split writes after the units (config, tokenizer files, manifest)."""
     with _write_errors_named(shard_dir, name, "Every unit is complete and kept"):
         atomic_write_bytes(shard_dir / name, data)
+
+
+def _restore_side_files(shard_dir: Path, names: list[str] | None, src, config, card) -> list[str]:
+    """A finished split run again: the side files it recorded writing (`names`: tokenizer, chat templates, generation
+    config, license files, model card) that are gone since are written again from the source (`card()`: the model
+    card's text), where splitting again said there was nothing to do and left, say, a split whose tokenizer was
+    deleted unusable with `AutoTokenizer`. Files still there, edited or not, are kept. Returns the names written."""
+    missing = [name for name in names or [] if not os.path.lexists(shard_dir / name)]
+    if not missing:
+        return []
+    if not os.access(shard_dir, os.W_OK):
+        logger.warning(
+            "%s lacks %s, which its split wrote; the directory cannot be written to, so they are not written again",
+            shard_dir,
+            ", ".join(missing),
+        )
+        return []
+    written = []
+    for name in missing:
+        if name == MODEL_CARD_NAME:
+            data = card()
+        else:
+            path = src.fetch(name)
+            data = path.read_bytes() if path is not None else None
+            if data is None and name == "generation_config.json":  # (written from an older checkpoint's config.json)
+                data = _generation_config_of_config_json(src, config)
+        if data is None:
+            logger.warning(
+                "%s lacks %s, which its split copied from %s; the source has it no more",
+                shard_dir,
+                name,
+                src.description,
+            )
+            continue
+        _write_file(shard_dir, name, data.encode() if isinstance(data, str) else data)
+        written.append(name)
+    if written:
+        logger.warning(
+            "%s holds this split, but lacked %s: written again from the source", shard_dir, ", ".join(written)
+        )
+    return written
 
 
 def _remove(path: Path) -> None:

@@ -7,6 +7,7 @@ import copy
 import hashlib
 import inspect
 import json
+import logging
 import os
 import re
 import shutil
@@ -1055,6 +1056,82 @@ def test_a_split_carries_the_source_s_license_and_a_model_card(tmp_path):
     assert card.data.to_dict() == {"tags": ["hf-layerstream"]} and "## License" not in card.text
     assert "The checkpoint `gpt2`" in card.text and "its weights cast to bfloat16" in card.text
     assert "model = AutoModelForCausalLM.from_config(config)" in card.text
+
+
+@pytest.mark.parametrize("source", ["local", "hub"])
+def test_a_finished_split_run_again_writes_the_side_files_gone_since(tmp_path, monkeypatch, caplog, source):
+    """A finished split whose tokenizer, chat template, generation config, license or model card was deleted: running
+    the split again said it had nothing to do and left them missing (`AutoTokenizer.from_pretrained(shard_dir)`
+    failed for good, short of `overwrite=True`). It writes those the split recorded writing again, from the source (a
+    local folder, or the hub cache offline); files still there, edited or not, are kept, and the units and manifest
+    are untouched. A split made before the record was kept leaves them as they are, as before; a directory that
+    cannot be written to says what it lacks."""
+    from huggingface_hub import constants
+
+    ckpt = _models.save_tiny_checkpoint("llama", tmp_path / "ckpt")
+    (ckpt / "README.md").write_text(_SOURCE_CARD)
+    (ckpt / "LICENSE").write_text("the license")
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    tok.chat_template = {"default": "{{ messages[0].content }}", "tool_use": "tool: {{ messages[0].content }}"}
+    tok.save_pretrained(ckpt)
+    given = ckpt
+    if source == "hub":
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+        _fake_hub_cache(tmp_path / "cache", "tiny-org/tiny-llama", ckpt)
+        given = "tiny-org/tiny-llama"
+    out = tmp_path / "shards"
+    split_checkpoint(given, out, cache_dir=tmp_path / "cache", progress=False)
+    gone = [
+        "tokenizer.json",
+        "chat_template.jinja",
+        "additional_chat_templates/tool_use.jinja",
+        "generation_config.json",
+        "LICENSE",
+        "README.md",
+    ]
+    before = {name: (out / name).read_bytes() for name in gone}
+    recorded = json.loads((out / "manifest.json").read_text())["side_files"]
+    assert set(gone) <= set(recorded)
+    manifest = (out / "manifest.json").read_bytes()
+    units = {p.name: p.stat().st_mtime_ns for p in (out / "layers").iterdir()}
+    for name in gone:
+        (out / name).unlink()
+    edited = (out / "tokenizer_config.json").read_text().replace("{", '{"my_key": 1, ', 1)
+    (out / "tokenizer_config.json").write_text(edited)
+    with caplog.at_level(logging.INFO, logger="hf_layerstream.split"):
+        split_checkpoint(given, out, cache_dir=tmp_path / "cache", progress=False)
+    assert "nothing to do" not in caplog.text and "but lacked" in caplog.text
+    assert {name: (out / name).read_bytes() for name in gone} == before
+    assert (out / "tokenizer_config.json").read_text() == edited
+    assert (out / "manifest.json").read_bytes() == manifest
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "layers").iterdir()} == units
+    loaded = AutoTokenizer.from_pretrained(out)
+    assert loaded("hello world").input_ids == tok("hello world").input_ids and loaded.chat_template == tok.chat_template
+    assert _exact(ckpt, out)
+
+    # run again with nothing gone: nothing to do
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="hf_layerstream.split"):
+        split_checkpoint(given, out, cache_dir=tmp_path / "cache", progress=False)
+    assert "nothing to do" in caplog.text
+
+    # a directory this user cannot write to: what it lacks is named, nothing written, no error
+    (out / "LICENSE").unlink()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if Path(path) == out else real_access(path, mode))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="hf_layerstream.split"):
+        split_checkpoint(given, out, cache_dir=tmp_path / "cache", progress=False)
+    assert "lacks LICENSE, which its split wrote; the directory cannot be written to" in caplog.text
+    assert not (out / "LICENSE").exists()
+    monkeypatch.setattr(os, "access", real_access)
+
+    # a split made before the record: left as it was
+    record = json.loads((out / "manifest.json").read_text())
+    del record["side_files"]
+    (out / "manifest.json").write_text(json.dumps(record))
+    split_checkpoint(given, out, cache_dir=tmp_path / "cache", progress=False)
+    assert not (out / "LICENSE").exists()
 
 
 @pytest.mark.parametrize(
