@@ -139,7 +139,17 @@ def resolve_dtype(dtype) -> torch.dtype | None:
             f"`dtype` must be a floating-point torch.dtype or its name (e.g. torch.bfloat16 or 'bfloat16'), got "
             f"{dtype!r}."
         )
+    if dtype not in _MODEL_DTYPES:
+        # (float8 and float4 ones: transformers builds the model at `dtype` as torch's default dtype, which refuses
+        # them, "couldn't find storage object Float8_e4m3fnStorage", after a split had begun; `from_pretrained` too)
+        raise ValueError(
+            f"`dtype` {str(dtype).removeprefix('torch.')} is not a dtype a model is built at: pass float32, bfloat16, float16 or "
+            "float64 (for 8-bit or 4-bit weights, `compression`)."
+        )
     return dtype
+
+
+_MODEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # (`torch.set_default_dtype`'s)
 
 
 def stand_in(like: torch.Tensor, dtype: torch.dtype | None = None, device=None) -> torch.Tensor:

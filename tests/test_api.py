@@ -1905,6 +1905,10 @@ def test_error_bad_arguments(checkpoints):
     for dtype in (torch.int8, "int8", 16):
         with pytest.raises(ValueError, match="`dtype` must be a floating-point torch.dtype or its name"):
             enable_layer_streaming(model, shards, dtype=dtype)
+    # (floating, but no model is built at them: transformers' default dtype refused them with a TypeError)
+    for dtype in (torch.float8_e4m3fn, "float8_e5m2"):
+        with pytest.raises(ValueError, match=r"`dtype` float8_e\w+ is not a dtype a model is built at: pass float32"):
+            enable_layer_streaming(model, shards, dtype=dtype)
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available here; pass device='cpu'"):
             enable_layer_streaming(model, shards, device="cuda")

@@ -905,6 +905,12 @@ def test_errors_name_the_options_typed(split_dir, tmp_path, capsys):
     assert main(["split", str(ckpt), str(tmp_path / "out"), "--dtype", "int8", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("hf-layerstream split: error: `--dtype` must be a floating-point torch.dtype"), err
+    # a float8 dtype: refused as plainly, before anything is written (it failed with "couldn't find storage object
+    # Float8_e4m3fnStorage" after the lock and progress record were made, and the right split then needed --overwrite)
+    assert main(["split", str(ckpt), str(tmp_path / "out"), "--dtype", "float8_e4m3fn", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "error: `--dtype` float8_e4m3fn is not a dtype a model is built at" in err, err
+    assert not (tmp_path / "out").exists()
     assert main(["split", str(ckpt), str(ckpt), "--quiet"]) == 2
     assert "error: `shard_dir` must differ from `source`" in capsys.readouterr().err
     assert main(["generate", str(shards), "hi", "--prefetch", "-1", "--device", "cpu"]) == 2
