@@ -898,6 +898,9 @@ def _cmd_inspect(args) -> int:
         "device_available": not absent,
         "host_memory": memory,
         "warning": budget_shortfall(plan, max_memory),
+        # (its config.json edited since the split: a model built from it is refused; a re-run of the split writes it
+        # back. Builds the model on meta: about a second for a 70B one)
+        "config_problem": _config_problem(shards),
     }
     if args.json:
         print(json.dumps(info, indent=1))
@@ -933,7 +936,19 @@ def _cmd_inspect(args) -> int:
     print(f"host memory      {memory['available'] / gib:.2f} GiB available ({source})")
     if info["warning"]:
         print(f"warning          {_as_options(info['warning'], build_parser(), 'inspect')}")
+    if info["config_problem"]:
+        print(f"warning          {info['config_problem']}")
     return 0
+
+
+def _config_problem(shards) -> str | None:
+    mismatch = shards.config_mismatch()
+    if mismatch is None:
+        return None
+    return (
+        f"config.json {mismatch}: a model built from it does not take the shards. If it was edited, run the same "
+        "split again (`hf-layerstream split` with the same source and options), which writes it back."
+    )
 
 
 def _planned_device(name: str | None, max_memory: dict | None):

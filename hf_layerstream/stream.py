@@ -458,7 +458,27 @@ def _check_conversion(model: nn.Module, shards: ShardDirectory) -> None:
 
 
 def _check_match(model: nn.Module, stack: LayerStack, shards: ShardDirectory) -> None:
-    """Raise before touching the model when the shard directory was not made from this model's architecture."""
+    """Raise before touching the model when the shard directory was not made from this model's architecture. Where the
+    directory's own `config.json` no longer builds the model its shards hold (edited since the split), the error says
+    so: a model built from it (`hf-layerstream generate`, the model card's code) is refused, and splitting into a new
+    directory, which the error names otherwise, would not help; running the same split again writes it back."""
+    try:
+        _check_match_manifest(model, stack, shards)
+    except ShardDirError as e:
+        try:
+            edited = shards.config_mismatch()
+        except Exception:  # noqa: BLE001 - the refusal stands as it is
+            edited = None
+        if edited is None:
+            raise
+        raise ShardDirError(
+            f"{e} Note: its own config.json {edited}. If it was edited, run the same split again "
+            "(`split_checkpoint` / `hf-layerstream split` with the same source and options), which writes it back, "
+            "and build the model from it."
+        ) from None
+
+
+def _check_match_manifest(model: nn.Module, stack: LayerStack, shards: ShardDirectory) -> None:
     m = shards.manifest
     where = f"`shard_dir` {shards.path}"
     fix = "Split this model's checkpoint into a new directory with `split_checkpoint` / `hf-layerstream split`."

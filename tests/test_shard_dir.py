@@ -20,6 +20,7 @@ from hf_layerstream import (
     ShardDirError,
     ShardFileError,
     disable_layer_streaming,
+    enable_layer_streaming,
     get_streaming_state,
     split_checkpoint,
 )
@@ -280,8 +281,34 @@ def test_a_config_json_describing_another_model_is_named_and_written_again_by_th
     assert message in problems[0]
     assert main(["verify", "--quick", str(shards)]) == 1
     assert message in capsys.readouterr().out
+    # `inspect` says so too, and the model built from it is refused saying so: it said the shards were made from a
+    # different model, and to split into a new directory (the re-run below is the fix)
+    assert main(["inspect", str(shards), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "warning          config.json describes another model than the split's" in out and message in out
+    assert main(["inspect", str(shards), "--device", "cpu", "--json"]) == 0
+    assert message in json.loads(capsys.readouterr().out)["config_problem"]
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(shards))
+    with pytest.raises(ShardDirError) as info:
+        enable_layer_streaming(model, shards)
+    assert "Note: its own config.json describes another model than the split's" in str(info.value)
+    assert "run the same split again" in str(info.value)
     split_checkpoint(ckpt, shards, progress=False)
     assert config.read_bytes() == before and ShardDirectory(shards, checksums=True).verify() == []
+    assert main(["inspect", str(shards), "--device", "cpu", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["config_problem"] is None
+    # a model of another shape, given a sound directory: no note (the directory's config builds its shards)
+    other = AutoConfig.from_pretrained(shards)
+    setattr(other, edit, edited[edit])
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(other)
+    with pytest.raises(ShardDirError) as info:
+        enable_layer_streaming(model, shards)
+    assert "Note:" not in str(info.value)
 
 
 def test_a_config_json_this_machine_cannot_build_is_not_called_damaged(shard_copy, monkeypatch, caplog):
