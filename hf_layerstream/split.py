@@ -428,6 +428,11 @@ class _Source:
                 "Download the repo once with network access (`hf download REPO`) or pass a local checkpoint folder "
                 "as `source`."
             )
+        if self.fetch(MANIFEST_NAME) is not None:  # (a shard directory: its weights are in `layers/`)
+            raise FileNotFoundError(
+                f"`source` {where} is a shard directory (it holds {MANIFEST_NAME}), not a checkpoint: stream it as it "
+                "is, or split the checkpoint it was made from (`manifest.json` names it) to make another."
+            )
         raise FileNotFoundError(f"`source` {where} has no weights: expected one of {', '.join(_PREFERENCE)}.")
 
     def _keys_of_files(self, weight_map: dict) -> dict[str, str]:

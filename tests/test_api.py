@@ -1758,6 +1758,15 @@ def test_a_weight_file_holding_only_unused_tensors_may_be_absent_or_arrive_later
     assert (out / "manifest.json").stat().st_mtime_ns == stamp
 
 
+def test_a_shard_directory_given_as_the_source_is_named_so(checkpoints, tmp_path):
+    """Splitting a shard directory (a user re-splitting with other options) said it had no weights, expecting
+    `model.safetensors` and the rest: it says what the folder is, and nothing is written."""
+    _, shards = checkpoints("llama")
+    with pytest.raises(FileNotFoundError, match=r"is a shard directory \(it holds manifest\.json\), not a checkpoint"):
+        split_checkpoint(shards, tmp_path / "again", progress=False)
+    assert not (tmp_path / "again").exists()
+
+
 def test_missing_local_source(tmp_path):
     with pytest.raises(FileNotFoundError, match="neither an existing local checkpoint folder"):
         split_checkpoint(tmp_path / "nope", tmp_path / "shards")
