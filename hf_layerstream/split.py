@@ -88,6 +88,16 @@ _SIDE_FILES = (
     "preprocessor_config.json",
     "video_preprocessor_config.json",
 )
+_TOKENIZER_FILES = (  # (any of them: the source has a tokenizer)
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "sentencepiece.bpe.model",
+    "spiece.model",
+    "tiktoken.model",
+)
 _CHAT_TEMPLATE_DIR = "additional_chat_templates"  # a tokenizer's named chat templates besides the default one
 # a checkpoint's license and notice files, copied into the split (it is the model's weights, to be shared so): no code
 _LICENSE_FILE = re.compile(r"(?i)(licen[cs]e|notice|use_policy|copying)([-_.][\w.-]*)?(?<!\.py)")
@@ -1738,6 +1748,15 @@ def split_checkpoint(
         side |= {name: src.fetch(name) for name in _tokenizer_files(side["tokenizer_config.json"], config)}
         side |= {name: src.fetch(name) for name in (f"{_CHAT_TEMPLATE_DIR}/{n}" for n in src.chat_templates())}
         side |= {name: src.fetch(name) for name in src.license_files()}
+        if not any(side.get(name) is not None for name in _TOKENIZER_FILES):
+            # (the split went through, and `generate` failed later with transformers' unrelated "needs sentencepiece
+            # or tiktoken" text)
+            logger.warning(
+                "%s has no tokenizer files: the split has none either, so `AutoTokenizer.from_pretrained` of it fails. "
+                "Load the tokenizer from elsewhere (`--tokenizer` for `hf-layerstream generate`), or copy its files "
+                "into the shard directory.",
+                src.description,
+            )
         source_card = src.fetch(MODEL_CARD_NAME)  # (its license and language go into the split's own model card)
         needed, held = _space_needed(shard_dir, estimates)
         needed += sum(path.stat().st_size for path in side.values() if path is not None)

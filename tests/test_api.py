@@ -1767,6 +1767,22 @@ def test_a_shard_directory_given_as_the_source_is_named_so(checkpoints, tmp_path
     assert not (tmp_path / "again").exists()
 
 
+def test_a_source_without_a_tokenizer_is_split_with_a_warning(tmp_path, caplog):
+    """A checkpoint without tokenizer files split without a word, and the split's use failed later with
+    transformers' unrelated "needs sentencepiece or tiktoken" text: the split warns, naming the way out."""
+    ckpt = _models.save_tiny_checkpoint("llama", tmp_path / "ckpt")
+    with caplog.at_level(logging.WARNING, logger="hf_layerstream.split"):
+        split_checkpoint(ckpt, tmp_path / "with", progress=False)
+    assert "has no tokenizer files" not in caplog.text
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (ckpt / name).unlink()
+    with caplog.at_level(logging.WARNING, logger="hf_layerstream.split"):
+        shards = split_checkpoint(ckpt, tmp_path / "without", progress=False)
+    assert f"{ckpt} has no tokenizer files: the split has none either" in caplog.text
+    assert "`--tokenizer` for `hf-layerstream generate`" in caplog.text
+    assert _exact(ckpt, shards)
+
+
 def test_missing_local_source(tmp_path):
     with pytest.raises(FileNotFoundError, match="neither an existing local checkpoint folder"):
         split_checkpoint(tmp_path / "nope", tmp_path / "shards")
