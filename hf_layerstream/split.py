@@ -903,6 +903,65 @@ def _adapter_key(record: dict | list[dict] | None) -> dict | list[dict] | None:
     return None if record is None else {k: v for k, v in record.items() if k != "revision"}
 
 
+def _options_difference(recorded: dict, options: dict, recorded_source: dict | None, source: dict) -> str:
+    """What differs between the options a split there was made with (`recorded`: an unfinished one's progress record,
+    or what a finished one's manifest shows of them, `_recorded_options`) and those asked (`options`, `_options_key`),
+    for a refusal; `recorded_source` and `source`: the sources' ids and revisions. Empty where nothing it can name
+    differs (the adapters are `_adapter_difference`'s)."""
+    differs = []
+    if recorded.get("fingerprint") != options["fingerprint"]:
+        differs.append("the model's architecture (other layers, tensor names or shapes)")
+    if recorded.get("compression") != options["compression"]:
+        there, asked = _scheme_text(recorded.get("compression")), _scheme_text(options["compression"])
+        differs.append(f"compression {there} there, {asked} asked")
+    if "dtype" in recorded and recorded["dtype"] != options["dtype"]:
+        there, asked = (
+            d if d is not None else "not given (the checkpoint's)" for d in (recorded["dtype"], options["dtype"])
+        )
+        differs.append(f"`dtype` {there} there, {asked} asked")
+    if recorded_source is not None and recorded_source.get("id") != source.get("id"):
+        differs.append(f"the source: {recorded_source.get('id')} there, {source.get('id')} given")
+    elif recorded_source is not None and recorded_source.get("revision") != source.get("revision"):
+        differs.append(f"the source's commit: {recorded_source.get('revision')} there, {source.get('revision')} now")
+    elif "source" in recorded and recorded["source"] != options["source"]:
+        differs.append("the source's weight files (another checkpoint at that path, or its files changed since)")
+    elif "source" not in recorded and not differs:  # (a finished split whose digest matched no `dtype` option)
+        differs.append(
+            "the source's weight files (another checkpoint at that path, or its files changed since) or the `dtype` "
+            "option"
+        )
+    return f" (what differs: {'; '.join(differs)})" if differs else ""
+
+
+def _scheme_text(compression: dict | None) -> str:
+    if not compression:
+        return "none"
+    blocks = f", blocks of {compression['blocksize']}" if compression.get("blocksize") else ""
+    embeddings = ", the embeddings too" if compression.get("quantize_embeddings") else ""
+    return f"{compression.get('bits')}-bit {compression.get('quant_type') or 'int8'}{blocks}{embeddings}"
+
+
+def _recorded_options(manifest: dict, options: dict) -> dict:
+    """A finished split's manifest as `_options_difference` compares it: with the `dtype` option it was made with
+    where its options digest shows it (the same model, compression, source and adapters, at some `dtype`: only their
+    digest is recorded), else with neither that nor the source's identity known."""
+    recorded = {k: manifest.get(k) for k in ("fingerprint", "compression")}
+    for dtype in (None, "float32", "bfloat16", "float16", "float64"):
+        candidate = options | {"dtype": dtype}
+        if manifest.get("split_options") == _options_digest(candidate):
+            return recorded | {"dtype": dtype, "source": options["source"]}
+    return recorded
+
+
+def _manifest_source(src) -> dict:
+    """The source as a manifest records it."""
+    return {
+        "id": src.description if src.local_dir is None else str(src.local_dir.resolve()),
+        "kind": "local" if src.local_dir is not None else "hub",
+        "revision": src.revision,
+    }
+
+
 def _adapter_difference(recorded: dict | list[dict] | None, given: dict | list[dict] | None) -> str:
     """Why the adapters a split records are not the ones given, for a refusal (empty where they are the same)."""
     if _adapter_key(recorded) == _adapter_key(given):
@@ -1696,9 +1755,16 @@ def split_checkpoint(
                     "Pass `overwrite=True` (`--overwrite`) to split again there, or choose another directory.",
                 )
             elif not overwrite:
+                # (what differs, where it can be told: the manifest records the source, model and compression, and
+                # the digest of the options, which shows the `dtype` option where the rest is the same)
+                difference = _adapter_difference(_recorded_adapter(existing), adapter_noted)
+                if not difference:  # (other adapters: the digest tells nothing more)
+                    recorded_source = existing.get("source") if isinstance(existing.get("source"), dict) else {}
+                    recorded = _recorded_options(existing, options)
+                    difference = _options_difference(recorded, options, recorded_source, _manifest_source(src))
                 raise ShardDirOccupiedError(
                     f"`shard_dir` {shard_dir} already holds a split of another model, another source checkpoint or "
-                    f"with other options{_adapter_difference(_recorded_adapter(existing), adapter_noted)}.",
+                    f"with other options{difference}.",
                     "Pass `overwrite=True` (`--overwrite`) to replace it, or choose another directory.",
                 )
         if adapter_folders and not mergers:
@@ -1896,11 +1962,7 @@ def split_checkpoint(
         floating = [t.dtype for u in done.values() for t in u.tensors.values() if t.dtype.is_floating_point]
         main_dtype = max(set(floating), key=floating.count) if floating else torch.float32
         manifest = Manifest(
-            source={
-                "id": src.description if src.local_dir is None else str(src.local_dir.resolve()),
-                "kind": "local" if src.local_dir is not None else "hub",
-                "revision": src.revision,
-            },
+            source=_manifest_source(src),
             model_type=getattr(config, "model_type", None),
             architectures=[type(model).__name__],  # the class the files were laid out for
             layers_prefix=stack.prefix,
@@ -2309,6 +2371,9 @@ def _load_progress(shard_dir: Path, options: dict, *, overwrite: bool) -> dict[s
         if not overwrite:
             recorded = progress.get("options")
             difference = _adapter_difference(_recorded_adapter(recorded), options.get("adapter"))
+            if not difference and isinstance(recorded, dict):
+                sources = [o.get("source") if isinstance(o.get("source"), dict) else {} for o in (recorded, options)]
+                difference = _options_difference(recorded, options, *sources)
             raise ShardDirOccupiedError(
                 f"`shard_dir` {shard_dir} holds an unfinished split of another model, another source checkpoint or "
                 f"with other options{difference}.",

@@ -24,6 +24,7 @@ from transformers import AutoConfig, AutoTokenizer
 from hf_layerstream import (
     ShardDirectory,
     ShardDirError,
+    ShardDirOccupiedError,
     ShardFileError,
     disable_layer_streaming,
     enable_layer_streaming,
@@ -355,6 +356,56 @@ def test_a_checkpoint_saved_again_in_place_is_not_resumed_into(tmp_path, monkeyp
         split_checkpoint(ckpt, tmp_path / "shards", progress=False)
     split_checkpoint(ckpt, tmp_path / "shards", progress=False, overwrite=True)
     assert _exact(ckpt, tmp_path / "shards")
+
+
+def test_a_refused_split_says_what_differs_from_the_one_there(tmp_path, monkeypatch):
+    """A split refused because the folder holds another one (finished or not) said "another model, another source
+    checkpoint or with other options" and no more: which one was for the user to guess (a copy of the source at
+    another path, `--dtype float32` given for a float32 split made without it). It names what differs."""
+    ckpt = _models.save_tiny_checkpoint("llama", tmp_path / "ckpt")
+    out = tmp_path / "shards"
+    split_checkpoint(ckpt, out, progress=False)
+    copy = shutil.copytree(ckpt, tmp_path / "copy")
+    wider = _models.save_tiny_checkpoint("llama", tmp_path / "wider", num_hidden_layers=4)
+    cases = [
+        ({"source": copy}, f"(what differs: the source: {ckpt} there, {copy} given)."),
+        ({"dtype": "float32"}, "(what differs: `dtype` not given (the checkpoint's) there, float32 asked)."),
+        ({"compression": "8bit"}, "(what differs: compression none there, 8-bit blockwise, blocks of 256 asked)."),
+        (
+            {"source": wider},
+            "(what differs: the model's architecture (other layers, tensor names or shapes); the source",
+        ),
+    ]
+    for kwargs, difference in cases:
+        source = kwargs.pop("source", ckpt)
+        with pytest.raises(ShardDirOccupiedError) as refused:
+            split_checkpoint(source, out, progress=False, **kwargs)
+        assert "already holds a split of another model" in str(refused.value)
+        assert difference in refused.value.problem, refused.value.problem
+    cast = split_checkpoint(ckpt, tmp_path / "cast", progress=False, dtype="bfloat16")
+    with pytest.raises(
+        ShardDirOccupiedError, match=r"\(what differs: `dtype` bfloat16 there, not given \(the checkpoint"
+    ):
+        split_checkpoint(ckpt, cast, progress=False)
+    # the source saved again in place (other weights, same shapes): only the digest of the options tells
+    _models.save_tiny_checkpoint("llama", ckpt, seed=1)
+    with pytest.raises(
+        ShardDirOccupiedError, match=r"\(what differs: the source's weight files \(another checkpoint at"
+    ):
+        split_checkpoint(ckpt, out, progress=False)
+    # an unfinished one: its progress record keeps every option
+    restore = _interrupt_at(monkeypatch, "layers.1")
+    with pytest.raises(KeyboardInterrupt):
+        split_checkpoint(ckpt, tmp_path / "half", progress=False)
+    restore()
+    with pytest.raises(
+        ShardDirOccupiedError, match=r"unfinished split .*\(what differs: `dtype` not given .* float16 asked\)"
+    ):
+        split_checkpoint(ckpt, tmp_path / "half", progress=False, dtype="float16")
+    with pytest.raises(
+        ShardDirOccupiedError, match=rf"unfinished split .*\(what differs: the source: {re.escape(str(ckpt))} there"
+    ):
+        split_checkpoint(copy, tmp_path / "half", progress=False)
 
 
 def test_an_overwrite_leaves_no_side_file_of_the_split_it_replaces(tmp_path):

@@ -267,7 +267,8 @@ def test_split_refusals_of_an_occupied_directory_are_told_apart_by_type(tmp_path
     with pytest.raises(ShardDirOccupiedError) as refused:
         split_checkpoint(ckpt, taken, progress=False)
     assert refused.value.problem.endswith(
-        "already holds a split of another model, another source checkpoint or with other options."
+        "already holds a split of another model, another source checkpoint or with other options (what differs: the "
+        f"source: {ShardDirectory(other).manifest.source['id']} there, {ckpt} given)."
     )
     assert "overwrite=True" in refused.value.fix and str(refused.value).endswith(refused.value.fix)
     copy = pickle.loads(pickle.dumps(refused.value))
