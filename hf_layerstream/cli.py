@@ -656,7 +656,7 @@ def _cmd_generate(args) -> int:
         )
     except (OSError, ValueError) as e:
         if args.tokenizer is not None:
-            raise
+            raise _not_loaded("--tokenizer", args.tokenizer, e) from e
         raise ValueError(
             f"The shard directory {args.shard_dir} holds no tokenizer that loads ({e}); give one with `--tokenizer` "
             "(a folder or a hub id)."
@@ -675,7 +675,11 @@ def _cmd_generate(args) -> int:
 
         from .speculative import configure_draft
 
-        draft = AutoModelForCausalLM.from_pretrained(args.assistant, token=args.token).to(model.device).eval()
+        try:
+            draft = AutoModelForCausalLM.from_pretrained(args.assistant, token=args.token)
+        except OSError as e:
+            raise _not_loaded("--assistant", args.assistant, e) from e
+        draft = draft.to(model.device).eval()
         tokens = 8 if args.num_assistant_tokens is None else args.num_assistant_tokens
         threshold = draft.generation_config.assistant_confidence_threshold
         gen_kwargs["assistant_model"] = configure_draft(draft, num_assistant_tokens=tokens)
@@ -949,6 +953,12 @@ def _config_problem(shards) -> str | None:
         f"config.json {mismatch}: a model built from it does not take the shards. If it was edited, run the same "
         "split again (`hf-layerstream split` with the same source and options), which writes it back."
     )
+
+
+def _not_loaded(option: str, value: str, error: Exception) -> OSError:
+    """transformers' error for a folder or hub id given as `option` that did not load (offline: "We couldn't connect to
+    'https://huggingface.co'..."), naming the option: it named neither."""
+    return OSError(f"`{option}` {value} did not load: {error}")
 
 
 def _planned_device(name: str | None, max_memory: dict | None):

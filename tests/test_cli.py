@@ -1140,3 +1140,17 @@ def test_generate_with_a_peft_adapter(split_dir, tmp_path, capsys, monkeypatch):
         main([*argv, "--adapter", "someorg/tagged-lora", "--adapter-revision", "v1", "--adapter-revision", "v2"]) == 2
     )
     assert "`--adapter-revision` given 2 times" in capsys.readouterr().err
+
+
+def test_a_tokenizer_or_draft_that_does_not_load_is_named_by_its_option(split_dir, capsys, monkeypatch):
+    """`--tokenizer` or `--assistant` given a hub id, offline and not in the hub cache: the error was transformers'
+    "We couldn't connect to 'https://huggingface.co'...", naming neither the option nor the id. It names both."""
+    from huggingface_hub import constants
+
+    _, shards = split_dir
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    argv = ["generate", str(shards), "hi", "--max-new-tokens", "2", "--device", "cpu"]
+    for option in ("--tokenizer", "--assistant"):
+        assert main([*argv, option, "someorg/not-cached"]) == 2
+        err = capsys.readouterr().err
+        assert f"hf-layerstream generate: error: `{option}` someorg/not-cached did not load: " in err, err
