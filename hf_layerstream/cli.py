@@ -381,7 +381,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(leftovers)}")
     if getattr(args, "prompt_option", None) is not None:
         if args.prompt is not None:
-            parser.error(f"the prompt is given twice: {args.prompt!r} and --prompt {args.prompt_option!r}")
+            # (as `generate`'s own usage error: the top-level one showed the usage of `hf-layerstream COMMAND`)
+            generate = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["generate"]
+            generate.error(f"the prompt is given twice: {args.prompt!r} and --prompt {args.prompt_option!r}")
         args.prompt = args.prompt_option
     for name in _PATH_ARGUMENTS:  # `"~/m.layers"` quoted (no shell expanded it): as `split`, `inspect` take it
         value = getattr(args, name, None)

@@ -146,7 +146,9 @@ def test_generate_takes_the_prompt_as_an_option_too(split_dir, capsys):
     assert out.startswith(prompt) and out[len(prompt) :].strip() == _greedy_text(ckpt, prompt, 8).strip()
     with pytest.raises(SystemExit) as caught:
         main(["generate", str(shards), "other", "--prompt", prompt, "--device", "cpu"])
-    assert caught.value.code == 2 and "the prompt is given twice" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert caught.value.code == 2 and "hf-layerstream generate: error: the prompt is given twice" in err, err
+    assert err.startswith("usage: hf-layerstream generate ")  # (its usage, not the top-level one's)
 
 
 def test_generate_prints_the_space_before_the_first_new_word(split_dir, tmp_path, capsys):
