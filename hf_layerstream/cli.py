@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="block-wise quantization (default: none, lossless)",
     )
-    p.add_argument("--quant-type", default=None, help="4-bit code: nf4 (default) or fp4")
+    p.add_argument("--quant-type", default=None, help="4-bit code: nf4 (default) or fp4 (8-bit takes blockwise only)")
     p.add_argument("--blocksize", type=int, default=None, help="quantization block size")
     p.add_argument("--dtype", default=None, help="cast floating tensors (default: keep the checkpoint's)")
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")

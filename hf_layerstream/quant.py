@@ -212,10 +212,12 @@ def resolve_compression(
     if compression is None:
         if quant_type is not None or blocksize is not None:
             given = [f"{k}={v!r}" for k, v in (("quant_type", quant_type), ("blocksize", blocksize)) if v is not None]
+            # (a 4-bit code takes 4 bits only: "or '8bit'" was refused next)
+            four = isinstance(quant_type, str) and quant_type.strip().lower() in ("nf4", "fp4")
+            which = "compression='4bit'" if four else "compression='4bit' or '8bit'"
             raise ValueError(
                 f"{' and '.join(given)} only {'apply' if len(given) > 1 else 'applies'} to quantized shards; pass "
-                f"compression='4bit' or '8bit' as well (or drop {'them' if len(given) > 1 else 'it'} to store weights "
-                "in full precision)."
+                f"{which} as well (or drop {'them' if len(given) > 1 else 'it'} to store weights in full precision)."
             )
         return None
     if isinstance(compression, QuantScheme):

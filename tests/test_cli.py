@@ -485,7 +485,12 @@ def test_generate_errors_are_clear(tmp_path, capsys):
         (["demo", "--dtype", "half"], "`--dtype` 'half' is not a checkpoint dtype (use float32, bfloat16 or float16)"),
         (
             ["split", "{ckpt}", "{tmp}/out", "--quant-type", "fp4"],
-            "--quant-type 'fp4' only applies to quantized shards",
+            # (a 4-bit code: 4-bit compression named alone, as 8-bit with fp4 is refused next)
+            "--quant-type 'fp4' only applies to quantized shards; pass --compression '4bit' as well (or drop it",
+        ),
+        (
+            ["split", "{ckpt}", "{tmp}/out", "--blocksize", "64"],
+            "--blocksize 64 only applies to quantized shards; pass --compression '4bit' or '8bit' as well",
         ),
         # (a traceback; and a split that `generate` then failed on with a traceback: `LlamaModel` has no `generate`)
         (
@@ -514,6 +519,7 @@ def test_generate_errors_are_clear(tmp_path, capsys):
         "demo-dtype",
         "demo-dtype-alias",
         "quant-type-without-compression",
+        "blocksize-without-compression",
         "model-class-of-another-architecture",
         "model-class-without-head",
         "remove-from-cache-of-a-local-folder",
