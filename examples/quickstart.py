@@ -25,7 +25,12 @@ from hf_layerstream import enable_layer_streaming, get_streaming_state, split_ch
 
 def main(argv: list[str] | None = None) -> str:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("model", nargs="?", default="Qwen/Qwen2.5-0.5B-Instruct", help="hub id or local checkpoint folder")
+    p.add_argument(
+        "model",
+        nargs="?",
+        default="Qwen/Qwen2.5-0.5B-Instruct",
+        help="hub id or local checkpoint folder (default: %(default)s, downloaded)",
+    )
     p.add_argument(
         "--shards",
         default=None,
