@@ -490,6 +490,13 @@ def plan_residency(
     # a budget that holds every layer (and the one weight dequantized at a time) keeps them all: nothing is in flight
     everything = sum(layer_bytes) + scratch
     if device.type == "cpu":
+        gpus = [k for k in (max_memory or {}) if k not in ("cpu", "disk")]
+        if gpus:  # (they were ignored without a word)
+            logger.warning(
+                "`max_memory` gives a budget for GPU %s, but the model streams on the CPU, where only max_memory['cpu'] "
+                "counts: ignored. Pass device='cuda' to stream on a GPU.",
+                ", ".join(dict.fromkeys(str(k) for k in gpus)),  # ("0" and 0: the same GPU)
+            )
         room = host_budget - resident - working
         device_layers = order if host_budget - resident >= everything else _pick(layer_bytes, order, room)
         host_layers: list[int] = []

@@ -169,14 +169,21 @@ def test_parse_size_is_strict(value):
         ({"cpu": "1.5"}, r"without a unit a size is bytes, a whole number; give a unit, e.g. '1.5GiB'"),  # (1 byte)
     ],
 )
-def test_max_memory_keys_and_sizes_are_checked(llama, max_memory, match):
+def test_max_memory_keys_and_sizes_are_checked(llama, max_memory, match, caplog):
     """As accelerate does: a misspelled key or a bad size is an error at enable time, not a budget silently ignored
-    (the plan then built on the default share of free memory the caller meant to replace)."""
+    (the plan then built on the default share of free memory the caller meant to replace). A GPU's budget, on CPU, is
+    accepted and ignored with a warning (it was ignored without a word)."""
     ckpt, shards, *_ = llama
     with pytest.raises(ValueError, match=match):
         streamed_model(ckpt, shards, max_memory=max_memory)
-    plan = plan_residency(ShardDirectory(shards), torch.device("cpu"), max_memory={"0": "1GiB", "disk": "1TB", 0: 1})
+    with caplog.at_level(logging.WARNING, logger="hf_layerstream.engine"):
+        plan = plan_residency(ShardDirectory(shards), torch.device("cpu"), max_memory={"disk": "1TB", "cpu": "1GiB"})
+    assert plan.budgets["cpu"] > 0 and "ignored" not in caplog.text  # ('disk' is accepted, as accelerate's)
+    budget = {"0": "1GiB", "disk": "1TB", 0: 1}
+    with caplog.at_level(logging.WARNING, logger="hf_layerstream.engine"):
+        plan = plan_residency(ShardDirectory(shards), torch.device("cpu"), max_memory=budget)
     assert plan.budgets["cpu"] > 0  # GPU indices (int or digits) and 'disk' are accepted; on CPU they do not apply
+    assert "`max_memory` gives a budget for GPU 0, but the model streams on the CPU" in caplog.text
 
 
 def test_a_budget_past_a_floats_range_plans_and_prints(llama, capsys):
