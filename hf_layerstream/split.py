@@ -243,6 +243,7 @@ class _Source:
         # a hub repo's safetensors file not on this machine -> its tensors' dtypes, from its header read over the
         # network (`_find`, and `read_keys_of_files` with `headers_only`)
         self._remote: dict[str, dict[str, torch.dtype]] = {}
+        self._remote_shapes: dict[str, dict[str, tuple[int, ...]]] = {}  # (their shapes, from the same headers)
         self.headers_only = False  # (`remove_from_cache`: see `read_keys_of_files`)
         self._weight_map: dict = {}
         self.config_path = self.fetch("config.json", required=True)
@@ -527,6 +528,9 @@ class _Source:
                 "`remove_from_cache` reads the weight files' headers from the hub before it downloads them; check the "
                 "network, or split without it."
             ) from e
+        # (the shapes too, for `stored_shapes`: a checkpoint that does not match its config is refused before the
+        # file is downloaded)
+        self._remote_shapes[filename] = {k: tuple(i.shape) for k, i in meta.tensors.items()}
         return {k: _SOURCE_DTYPES[i.dtype] for k, i in meta.tensors.items() if i.dtype in _SOURCE_DTYPES}
 
     def remove_from_cache(self, files: set[str]) -> None:
@@ -693,6 +697,23 @@ class _Source:
             else:
                 handle = self._open(filename)
                 out.update({k: v.dtype for k, v in handle.items() if isinstance(v, torch.Tensor)})
+        return out
+
+    def stored_shapes(self, keys: set[str]) -> dict[str, tuple[int, ...]]:
+        """Checkpoint key -> shape as stored, for those of `keys` whose file is on this machine (its safetensors
+        header, or a `.bin` file's pickle, mapped as `stored_dtypes` reads it: no tensor data is read) or whose header
+        was read from the hub; a file not fetched yet tells none (it is looked at again once fetched)."""
+        out: dict[str, tuple[int, ...]] = {}
+        for filename in sorted({self.keys[k] for k in keys}):
+            path = self._local_weight_file(filename)
+            if path is None:
+                shapes = self._remote_shapes.get(filename, {})
+            elif filename.endswith(".safetensors"):
+                shapes = {k: info.shape for k, info in read_header(path, source=True).tensors.items()}
+            else:
+                shapes = {k: tuple(v.shape) for k, v in self._open(filename).items() if isinstance(v, torch.Tensor)}
+            # (a key several files hold is loaded from the last one, as `self.keys` says)
+            out.update({k: shapes[k] for k in keys if self.keys[k] == filename and k in shapes})
         return out
 
     def first_floating_dtype(self) -> torch.dtype | None:
@@ -1342,7 +1363,34 @@ def _plan(model, stack, src: _Source, config=None, model_class=None):
             f"The checkpoint {src.description} lacks {len(plan.missing)} tensors that {type(model).__name__} needs "
             f"(e.g. {plan.missing[:4]}); it does not match its config.json.{_vision_language_hint(config, model_class)}"
         )
+    _refuse_misshapen(model, plan, src)
     return plan
+
+
+def _refuse_misshapen(model, plan, src: _Source) -> None:
+    """Raise where the checkpoint stores a tensor in another shape than the model built from its config.json has
+    (a config edited, or another checkpoint's weights beside it): `from_pretrained` refuses it (size mismatch), and
+    the split wrote it, to be refused only when a model streamed it, advising a new split that did the same. Compared
+    where a checkpoint tensor becomes the model's as it is (renamed at most); a converter's (experts fused into one
+    3-D tensor, a fused qkv split) changes its shape, and is left to the conversion. From the headers of the files
+    on this machine: a hub repo's are looked at again once fetched, before anything is written."""
+    direct = {key: renamed for entries in plan.units.values() for key, renamed, pattern in entries if pattern is None}
+    stored = src.stored_shapes(set(direct))
+    # (a module's `_extra_state` is no tensor)
+    expected = {k: tuple(t.shape) for k, t in model.state_dict(keep_vars=True).items() if isinstance(t, torch.Tensor)}
+    wrong = [key for key in direct if key in stored and stored[key] != expected.get(direct[key], stored[key])]
+    if wrong:
+        shown = "; ".join(
+            f"{key!r}{f' (loaded as {direct[key]!r})' if direct[key] != key else ''} with shape {list(stored[key])}, the "
+            f"model's {list(expected[direct[key]])}"
+            for key in wrong[:4]
+        )
+        raise ShardDirError(
+            f"The checkpoint {src.description} stores {_count(len(wrong), 'tensor')} in another shape than "
+            f"{type(model).__name__} built from its config.json has (e.g. {shown}); it does not match its "
+            "config.json, and `from_pretrained` refuses it too (size mismatch). Split a checkpoint whose config.json "
+            "is the one its weights were saved with; nothing was written."
+        )
 
 
 def _vision_language_hint(config, model_class) -> str:
@@ -1884,8 +1932,10 @@ def split_checkpoint(
         if todo and src.read_keys_of_files(reading):
             # (a hub file fetched just now holds other tensors than its index lists: planned from what the files hold,
             # as transformers loads them)
-            plan = _plan(model, stack, src, config, model_class)
+            plan = _plan(model, stack, src, config, model_class)  # (the shapes checked there too)
             _refuse_untied_pairs(model, plan, src, dtype)
+        elif todo:
+            _refuse_misshapen(model, plan, src)  # (a hub repo's files, fetched by now)
         if todo and scheme is not None and dtype is None:
             _refuse_unquantizable(plan, src, load_dtype)  # (a hub repo's files, fetched by now)
 

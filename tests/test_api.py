@@ -1437,6 +1437,29 @@ def test_compression_of_a_hub_repo_stored_in_float64_is_refused_once_its_files_a
     assert not list((tmp_path / "shards").glob("layers/*")) and not (tmp_path / "shards" / "manifest.json").exists()
 
 
+@pytest.mark.parametrize("remove_from_cache", [False, True])
+def test_a_hub_repo_of_other_shapes_than_its_config_is_refused_before_a_layer_is_written(
+    tmp_path, monkeypatch, remove_from_cache
+):
+    """A hub repo not in the cache whose config.json says other sizes than its weights have: its shapes are known
+    only once the files are fetched (or, with `remove_from_cache`, their headers read from the hub). The split wrote
+    it, to be refused only when a model streamed it; now it is refused then, before the progress record or a layer,
+    as a local folder is (before anything), and with `remove_from_cache` before a weight file is downloaded."""
+    remote = _models.save_tiny_checkpoint("llama", tmp_path / "remote")
+    config = json.loads((remote / "config.json").read_text())
+    config["intermediate_size"] *= 2
+    (remote / "config.json").write_text(json.dumps(config))
+    fetched = _lazy_hub_repo(monkeypatch, remote, tmp_path / "cache", "tiny-org/wide", "e" * 40)
+    out = tmp_path / "shards"
+    with pytest.raises(ShardDirError, match=r"stores 9 tensors in another shape .* does not match its config.json"):
+        split_checkpoint(
+            "tiny-org/wide", out, cache_dir=tmp_path / "cache", progress=False, remove_from_cache=remove_from_cache
+        )
+    assert any(f.endswith(".safetensors") for f in fetched) != remove_from_cache
+    assert not list(out.glob("layers/*")) and not (out / ".progress.json").exists()
+    assert not (out / "manifest.json").exists()
+
+
 def test_hub_repo_fetched_during_the_split_resumes_and_reruns(tmp_path, monkeypatch):
     """A sharded hub repo not in the cache: the weight files the split reads are fetched before it writes a layer. A
     split interrupted while fetching them, then one interrupted while writing, resume, and running the finished split

@@ -489,6 +489,37 @@ def test_hostile_source_checkpoint(tmp_path, case):
     LEDGER["rejected"] += 1
 
 
+@pytest.mark.parametrize("form", ["safetensors", "bin"])
+def test_a_checkpoint_of_other_shapes_than_its_config_is_refused_before_writing(tmp_path, form):
+    """A checkpoint whose config.json says other sizes than its weights have (`intermediate_size` doubled, the
+    weights as saved): `from_pretrained` refuses it (size mismatch). The split wrote it and `verify` passed it, and a
+    model streaming it was refused only then, advised to split the checkpoint again, which did the same. Now the
+    split refuses it before anything is written, naming tensors with their shapes and the model's, from the
+    safetensors headers or the `.bin` file's pickle, mapped (no tensor data read)."""
+    ckpt = _models.save_tiny_checkpoint("llama", tmp_path / "ckpt")
+    if form == "bin":
+        state = _models.build_tiny_model("llama").state_dict()
+        for p in ckpt.glob("model*.safetensors*"):
+            p.unlink()
+        torch.save(state, ckpt / "pytorch_model.bin")
+    config = json.loads((ckpt / "config.json").read_text())
+    config["intermediate_size"] *= 2
+    (ckpt / "config.json").write_text(json.dumps(config))
+    before = snapshot(ckpt)
+    shards = tmp_path / "shards"
+    big = config["intermediate_size"]
+    message = (
+        rf"stores 9 tensors in another shape than LlamaForCausalLM built from its config.json has \(e.g. "
+        rf"'model.layers.0.mlp.down_proj.weight' with shape \[64, {big // 2}\], the model's \[64, {big}\]; "
+        rf"'model.layers.0.mlp.gate_proj.weight' with shape \[{big // 2}, 64\], the model's \[{big}, 64\]; .*\); "
+        r"it does not match its config.json"
+    )
+    with pytest.raises(ShardDirError, match=message):
+        split_checkpoint(ckpt, shards, progress=False)
+    assert not shards.exists(), "nothing is written, not even the lock"
+    assert snapshot(ckpt) == before
+
+
 def _write_unaligned(path: Path, tensors: dict[str, torch.Tensor], extra: dict[str, tuple[str, list, bytes]]) -> None:
     """A safetensors file as the format allows and early or third-party writers made them: `extra` raw entries
     (`name: (dtype tag, shape, bytes)`) first, then the tensors in name order, none aligned to its element size."""
