@@ -312,9 +312,30 @@ def _hub_blobs(root: Path) -> Path | None:
     return None if snapshot is None else snapshot.parent.parent / "blobs"
 
 
+_HUB_CACHE_KINDS = ("models--", "datasets--", "spaces--")  # (how the hub cache names a repo's folder, by its type)
+
+
 def hub_repo_of(path: str | os.PathLike) -> str | None:
-    """The id of the hub repo whose downloaded snapshot in the hub cache holds `path`, else `None`."""
-    return _repo_of_snapshot(_hub_snapshot(Path(os.path.realpath(path))))
+    """The id of the hub repo whose folder in a hub cache holds `path`, made yet or not (its symlinks resolved as far
+    as it exists), else `None`: `path` lies in `<cache>/models--org--name/snapshots/` or in its `blobs/` (a
+    downloaded snapshot, a folder of one, or one a download would make), or it is, or lies in, such a folder holding
+    `snapshots/` or `blobs/` (`refs/`, the repo's folder itself). Only an existing snapshot was seen before: a folder
+    not made yet, in the snapshot of the split's own source or in a repo's folder with no snapshot yet, was written."""
+    full = Path(os.path.realpath(Path(path).expanduser()))
+    for folder in (full, *full.parents):
+        if not folder.name.startswith(_HUB_CACHE_KINDS) or not folder.name.split("--", 1)[1]:
+            continue
+        below = full.relative_to(folder).parts[:1]
+        if below in (("snapshots",), ("blobs",)) or (folder / "snapshots").is_dir() or (folder / "blobs").is_dir():
+            return folder.name.split("--", 1)[1].replace("--", "/")
+    return None
+
+
+def hub_download_of(path: str | os.PathLike) -> str | None:
+    """The id of the hub repo whose downloaded snapshot in the hub cache holds `path` (the snapshot exists, with the
+    repo's `blobs` beside it; `path` itself may not), else `None`."""
+    snapshot = _hub_snapshot(Path(os.path.realpath(Path(path).expanduser())))
+    return _repo_of_snapshot(snapshot) if snapshot is not None and snapshot.is_dir() else None
 
 
 def _repo_of_snapshot(snapshot: Path | None) -> str | None:

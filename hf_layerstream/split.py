@@ -57,6 +57,7 @@ from .shard_dir import (
     TensorEntry,
     UnitEntry,
     _is_newer_format,
+    hub_download_of,
     hub_repo_of,
     layer_file,
     read_adapter_record,
@@ -1556,9 +1557,11 @@ def split_checkpoint(
     Raises:
         [`ShardDirError`]: the checkpoint is stored pre-quantized (its config has a `quantization_config`), or its
             config ties a pair of weights it stores with different values; `shard_dir` holds another split, one
-            made by a newer hf_layerstream, or files but no shard directory (pass `overwrite=True` to write there).
+            made by a newer hf_layerstream, or files but no shard directory (pass `overwrite=True` to write there);
+            `shard_dir` is in the hub cache (a folder of a repo's there, made yet or not).
         `ImportError`: `adapter` given without peft installed.
-        `ValueError`: `remove_from_cache` with a local folder as `source`; `adapter` holds no adapter, is of another
+        `ValueError`: `shard_dir` inside the source's folder (a local one, or a hub repo's snapshot in the hub cache)
+            or holding it; `remove_from_cache` with a local folder as `source`; `adapter` holds no adapter, is of another
             model, damaged, prompt learning, made from the weights it adapts, or sets `modules_to_save` on a tied
             weight (before anything is written); `adapter_revision` without `adapter`, or not one per adapter.
         `PermissionError`: `source` or `adapter` is a gated hub repo this user cannot access.
@@ -1590,13 +1593,17 @@ def split_checkpoint(
         )
     if shard_dir.exists() and not shard_dir.is_dir():
         raise ShardDirError(f"`shard_dir` {shard_dir} exists and is not a directory.")
-    downloaded = hub_repo_of(shard_dir) if shard_dir.exists() else None
-    if downloaded is not None:
-        # (a shard directory downloaded from the hub: the split replaced the cache's links with its own files)
+    in_cache = hub_repo_of(shard_dir)  # (made yet or not)
+    if in_cache is not None:
+        # (a shard directory downloaded from the hub: the split replaced the cache's links with its own files; a folder
+        # not made yet was not checked, and the split made it in the source's own snapshot, or a snapshot of its own)
+        downloaded = hub_download_of(shard_dir) is not None
+        mend = redownload_command(shard_dir) if downloaded and shard_dir.exists() else None
         raise ShardDirError(
-            f"`shard_dir` {shard_dir} is in the hub cache, a download of the repo {downloaded!r}, which the split must "
-            f"not write into: choose a folder outside the hub cache (to mend that download, "
-            f"`{redownload_command(shard_dir)}`)."
+            f"`shard_dir` {shard_dir} is in the hub cache, "
+            + (f"a download of the repo {in_cache!r}" if downloaded else f"in the folder of the repo {in_cache!r}")
+            + ", which the split must not write into: choose a folder outside the hub cache"
+            + (f" (to mend that download, `{mend}`)." if mend is not None else "; nothing was written.")
         )
     if os.path.islink(shard_dir / "layers"):
         # (the split wrote through it, then every layer was refused as resolving outside the directory)
@@ -1622,6 +1629,18 @@ def split_checkpoint(
                 f"`shard_dir` must differ from `source`, and neither may be inside the other ({shard_dir}, "
                 f"{src.local_dir}): the split would write into the source's folder, which it never modifies. Choose a "
                 "`shard_dir` outside the checkpoint folder (and not holding it); nothing was written."
+            )
+    else:
+        # (a hub repo's snapshot in the hub cache is the source's folder: a `shard_dir` holding the hub cache, with
+        # `overwrite`, wrote among the repos there)
+        snapshot = src.config_path.parent
+        inner, outer = shard_dir.resolve(), snapshot.resolve()
+        if inner.is_relative_to(outer) or outer.is_relative_to(inner):
+            raise ValueError(
+                f"`shard_dir` must differ from `source`, and neither may be inside the other ({shard_dir}, the hub "
+                f"cache's snapshot of {src.repo_id!r}, {snapshot}): the split would write into the source's folder, "
+                "which it never modifies. Choose a `shard_dir` outside the hub cache (and not holding it); nothing was "
+                "written."
             )
     foreign = _foreign_entries(shard_dir)
     if foreign and not overwrite:

@@ -626,6 +626,54 @@ def test_a_hub_repo_is_checked_before_its_layers_are_downloaded(shard_copy, tmp_
     )
 
 
+def test_the_split_refuses_a_folder_in_the_hub_cache_not_made_yet(shard_copy, tmp_path, monkeypatch, capsys):
+    """`split` refuses to write into the hub cache, but it checked an existing snapshot folder only: a `shard_dir` not
+    made yet there was made and written, in a folder of the source's own snapshot (`split org/ckpt SNAPSHOT/sub`), as
+    a snapshot of a repo the cache holds none of (`models--org--new/snapshots/COMMIT`), or in a repo's `blobs/` or
+    `refs/`. Now a folder there is refused whether it exists or not (also through a symlink), and so is a `shard_dir`
+    holding a hub source's snapshot in the cache, as one holding a local source's folder was: before anything is
+    written (no folder, no lock)."""
+    from huggingface_hub import constants
+
+    ckpt, shards = shard_copy
+    cache = tmp_path / "cache"
+    snapshot = _models.hub_snapshot(ckpt, cache, repo="someorg--ckpt")
+    _models.hub_snapshot(shards, cache, repo="someorg--layers", commit="b" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    (tmp_path / "link").symlink_to(snapshot)
+
+    def listing():
+        return sorted((str(p), p.is_symlink()) for p in tmp_path.rglob("*") if not p.is_relative_to(tmp_path / "ok"))
+
+    before = listing()
+    refusal = "which the split must not write into: choose a folder outside the hub cache; nothing was written."
+    for source, shard_dir, where in (
+        ("someorg/ckpt", snapshot / "sub", "a download of the repo 'someorg/ckpt'"),
+        ("someorg/ckpt", tmp_path / "link" / "sub", "a download of the repo 'someorg/ckpt'"),
+        (ckpt, snapshot / "sub" / "deeper", "a download of the repo 'someorg/ckpt'"),
+        (ckpt, cache / "models--someorg--new" / "snapshots" / ("c" * 40), "in the folder of the repo 'someorg/new'"),
+        (ckpt, cache / "models--someorg--layers" / "blobs" / "x", "in the folder of the repo 'someorg/layers'"),
+        (ckpt, cache / "models--someorg--layers" / "refs" / "v2", "in the folder of the repo 'someorg/layers'"),
+    ):
+        message = f"`shard_dir` {shard_dir} is in the hub cache, {where}, {refusal}"
+        with pytest.raises(ShardDirError) as raised:
+            split_checkpoint(source, shard_dir, progress=False, overwrite=True)
+        assert str(raised.value) == message
+        assert main(["split", str(source), str(shard_dir), "--quiet"]) == 2
+        assert message in capsys.readouterr().err
+        assert listing() == before
+    # a `shard_dir` holding the hub source's snapshot: refused as one holding a local source's folder
+    for shard_dir in (cache, tmp_path):
+        with pytest.raises(ValueError, match=r"`shard_dir` must differ from `source`, and neither may be inside the "):
+            split_checkpoint("someorg/ckpt", shard_dir, progress=False, overwrite=True)
+        assert listing() == before
+    # outside the hub cache, as before
+    split_checkpoint("someorg/ckpt", tmp_path / "ok" / "llama.layers", progress=False)
+    assert ShardDirectory(tmp_path / "ok" / "llama.layers").num_layers == 3
+    assert listing() == before
+
+
 def test_a_hub_repo_streams_at_a_revision_with_a_token(shard_copy, tmp_path, monkeypatch, capsys, caplog):
     """`revision=` and `token=` (`--revision`, `--token` of `generate`, `inspect`, `verify` and `bench`) for a hub repo
     holding a shard directory, as `from_pretrained` takes them: only its default branch was streamed, and a private
