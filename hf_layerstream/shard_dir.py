@@ -396,26 +396,87 @@ def local_shard_dir(shard_dir, *, weights: bool = True, revision: str | None = N
         `FileNotFoundError`: The hub cannot be reached and the repo is not in the hub cache, or there is no such repo
             (or revision).
         `PermissionError`: The repo is gated, and this user cannot access it.
-        [`ShardDirError`]: The repo holds no manifest.
+        [`ShardDirError`]: The repo holds no manifest; the hub unreachable, the hub cache holds its snapshot without
+            one (a checkpoint's download, or another folder as downloaded), or records that the hub has none.
     """
     if not _hub_repo_id(shard_dir):
         warn_hub_only(shard_dir, "read as it is", revision=revision, token=token)
         return shard_dir
-    from .split import fetch_hub_file
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
-    manifest = fetch_hub_file(
-        shard_dir, MANIFEST_NAME, "`shard_dir`", what="shard directory", revision=revision, token=token
-    )
+    from .split import fetch_hub_file, unreachable_reason
+
+    at = f" at revision {revision!r}" if revision is not None else ""
+    named = f"`shard_dir` {shard_dir!r} is no local folder ({Path(shard_dir).absolute()} does not exist), and the hub"
+    split = f"(`split_checkpoint({shard_dir!r}, DIR)`, `hf-layerstream split {shard_dir} DIR`) and stream DIR"
+    try:
+        manifest = fetch_hub_file(
+            shard_dir, MANIFEST_NAME, "`shard_dir`", what="shard directory", revision=revision, token=token
+        )
+    except FileNotFoundError as e:
+        # the hub unreachable and no manifest in the hub cache: where the cache holds the repo, that is said (it was
+        # said not to be in the hub cache, to be downloaded once)
+        snapshot = _cached_snapshot(shard_dir, revision) if isinstance(e.__cause__, LocalEntryNotFoundError) else None
+        if snapshot is None:
+            raise
+        absent = (snapshot.parent.parent / ".no_exist" / snapshot.name / MANIFEST_NAME).is_file()
+        cached = f"{named} repo of that name is in the hub cache{at} ({snapshot}) without {MANIFEST_NAME}"
+        if snapshot.is_dir() and (snapshot / "config.json").exists() and _holds_checkpoint_weights(snapshot):
+            raise ShardDirError(
+                f"{cached}, holding a checkpoint (config.json and weights): it is no shard directory. Split it first "
+                f"{split}."
+            ) from None
+        if not absent and not snapshot.is_dir():
+            raise
+        if not absent:
+            option = f" --revision {revision}" if revision is not None else ""
+            raise ShardDirError(
+                f"{cached} or a checkpoint's config.json and weights: as downloaded, it is no shard directory, and the "
+                f"hub cannot be reached ({unreachable_reason()}) to say more. If the repo holds a shard directory, "
+                f"download it whole once with network access (`hf download {shard_dir}{option}`); if a checkpoint, "
+                f"split it first {split}."
+            ) from None
+        manifest = None  # (as the hub said when it was asked, which the cache records)
     if manifest is None:
-        at = f" at revision {revision!r}" if revision is not None else ""
         raise ShardDirError(
-            f"`shard_dir` {shard_dir!r} is no local folder ({Path(shard_dir).absolute()} does not exist), and the hub "
-            f"repo of that name holds no {MANIFEST_NAME}{at}: it is no shard directory. If it is a checkpoint, split "
-            f"it first (`split_checkpoint({shard_dir!r}, DIR)`, `hf-layerstream split {shard_dir} DIR`) and stream DIR."
+            f"{named} repo of that name holds no {MANIFEST_NAME}{at}: it is no shard directory. If it is a checkpoint, "
+            f"split it first {split}."
         )
     commit = snapshot_commit(manifest.parent)
     fetch_hub_file(shard_dir, "config.json", "`shard_dir`", what="shard directory", revision=commit, token=token)
     return hub_shard_files(shard_dir, manifest.parent, token=token) if weights else manifest.parent
+
+
+def _cached_snapshot(repo_id: str, revision: str | None) -> Path | None:
+    """The hub cache's snapshot folder of the model repo `repo_id` at `revision` (a commit, or the branch or tag its
+    `refs` name; default: the default branch), where the cache holds it or records a file of it absent (`.no_exist`,
+    written as the hub answers that a file is not there), else `None`."""
+    from huggingface_hub import constants
+
+    folder = Path(constants.HF_HUB_CACHE) / ("models--" + repo_id.replace("/", "--"))
+    commit = revision or constants.DEFAULT_REVISION
+    if not _is_sha1(commit):
+        try:
+            commit = (folder / "refs" / commit).read_text().strip()
+        except (OSError, ValueError):  # (no such branch or tag in the cache)
+            return None
+    if not _is_sha1(commit):
+        return None
+    snapshot = folder / "snapshots" / commit
+    return snapshot if snapshot.is_dir() or (folder / ".no_exist" / commit).is_dir() else None
+
+
+def _is_sha1(text: str) -> bool:
+    return len(text) == 40 and all(c in "0123456789abcdef" for c in text)
+
+
+def _holds_checkpoint_weights(folder: Path) -> bool:
+    """Whether `folder` holds a checkpoint's weights at its top level (a weight file or index `from_pretrained` reads,
+    not a shard directory's `resident.safetensors` and `layers/`)."""
+    if (folder / "layers").is_dir():
+        return False
+    names = [p.name for p in folder.iterdir() if p.name != RESIDENT_FILE]
+    return any(n.endswith((".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")) for n in names)
 
 
 def _hub_repo_id(shard_dir) -> bool:

@@ -148,10 +148,21 @@ def hub_unreachable_error(
             f"{role} {repo_id!r} is no local folder ({Path(repo_id).absolute()} does not exist), and as a hub repo: "
         )
     return FileNotFoundError(
-        f"{no_folder}Cannot fetch {filename} of {repo_id!r}{at}: the hub cannot be reached (offline, "
-        f"HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}) and it is not in the hub cache. "
-        f"Download it once with network access (`hf download REPO{option}`) or pass a local {what} as {role}."
+        f"{no_folder}Cannot fetch {filename} of {repo_id!r}{at}: the hub cannot be reached ({unreachable_reason()}) "
+        f"and it is not in the hub cache. Download it once with network access (`hf download REPO{option}`) or pass "
+        f"a local {what} as {role}."
     )
+
+
+def unreachable_reason() -> str:
+    """Why the hub cannot be reached, as a message says it: offline mode (HF_HUB_OFFLINE, with the value it is set to),
+    else the network or the hub (it said "offline, HF_HUB_OFFLINE=0" there, the variable unset)."""
+    if not _is_offline():
+        return "no network, or the hub is down"
+    value = os.environ.get("HF_HUB_OFFLINE", "")
+    if value.strip().upper() in ("1", "ON", "YES", "TRUE"):
+        return f"offline, HF_HUB_OFFLINE={value}"
+    return "offline, huggingface_hub.constants.HF_HUB_OFFLINE set"  # (set in the program, not by the variable)
 
 
 def fetch_hub_file(
@@ -435,8 +446,8 @@ class _Source:
         where = self.local_dir or self.repo_id
         if self.hub_unreachable:
             raise FileNotFoundError(
-                f"`source` {where} has no weights in the hub cache, and the hub cannot be reached (HF_HUB_OFFLINE="
-                f"{os.environ.get('HF_HUB_OFFLINE', '0')}) to fetch them: expected one of {', '.join(_PREFERENCE)}. "
+                f"`source` {where} has no weights in the hub cache, and the hub cannot be reached "
+                f"({unreachable_reason()}) to fetch them: expected one of {', '.join(_PREFERENCE)}. "
                 "Download the repo once with network access (`hf download REPO`) or pass a local checkpoint folder "
                 "as `source`."
             )

@@ -674,6 +674,97 @@ def test_the_split_refuses_a_folder_in_the_hub_cache_not_made_yet(shard_copy, tm
     assert listing() == before
 
 
+def test_a_hub_repo_in_the_hub_cache_without_a_manifest_is_named_so_offline(shard_copy, tmp_path, monkeypatch, capsys):
+    """A hub repo in the hub cache without manifest.json (a checkpoint downloaded with `hf download`), given as the
+    shard directory offline: it was said not to be in the hub cache, to be downloaded once with network access (it
+    was), with "(offline, HF_HUB_OFFLINE=0)" where offline mode was set otherwise than by the variable, or not at all
+    (the hub unreachable). Now a checkpoint in the cache is named so and told to be split, as the hub's answer online
+    says; a snapshot holding neither a manifest nor a checkpoint is named as downloaded (part of a repo, maybe), the
+    cache's record that the hub has no manifest as that answer; a revision not in the cache is still said to be
+    missing, with the reason the hub cannot be reached as it is. Nothing is written."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    ckpt, shards = shard_copy
+    cache = tmp_path / "cache"
+    snapshot = _models.hub_snapshot(ckpt, cache, repo="someorg--ckpt")
+    tagged = _models.hub_snapshot(ckpt, cache, repo="someorg--ckpt", commit="b" * 40, ref="v2")
+    (tmp_path / "partial").mkdir()  # (a shard directory's config.json only, as `AutoConfig` downloads it)
+    shutil.copy(shards / "config.json", tmp_path / "partial")
+    partial = _models.hub_snapshot(tmp_path / "partial", cache, repo="someorg--layers")
+    (cache / "models--someorg--said" / ".no_exist" / ("c" * 40)).mkdir(parents=True)  # (the hub's answer, recorded)
+    (cache / "models--someorg--said" / ".no_exist" / ("c" * 40) / "manifest.json").touch()
+    (cache / "models--someorg--said" / "refs").mkdir()
+    (cache / "models--someorg--said" / "refs" / "main").write_text("c" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.chdir(tmp_path)
+
+    def listing():
+        return sorted((str(p), p.is_symlink()) for p in tmp_path.rglob("*"))
+
+    before = listing()
+    named = (
+        f"`shard_dir` 'someorg/ckpt' is no local folder ({tmp_path / 'someorg' / 'ckpt'} does not exist), and the hub"
+    )
+    split = "(`split_checkpoint('someorg/ckpt', DIR)`, `hf-layerstream split someorg/ckpt DIR`) and stream DIR."
+    checkpoint = "without manifest.json, holding a checkpoint (config.json and weights): it is no shard directory."
+    for revision, folder in ((None, snapshot), ("v2", tagged)):
+        at = f" at revision {revision!r}" if revision else ""
+        message = f"{named} repo of that name is in the hub cache{at} ({folder}) {checkpoint} Split it first {split}"
+        with pytest.raises(ShardDirError) as raised:
+            streamed_model(ckpt, "someorg/ckpt", revision=revision, **STREAM_ALL)
+        assert str(raised.value) == message
+        option = ["--revision", revision] if revision else []
+        for argv in (["inspect", "someorg/ckpt"], ["generate", "someorg/ckpt", "Hi", "--max-new-tokens", "1"]):
+            assert main([*argv, *option]) == 2
+            err = capsys.readouterr().err
+            assert message in err and "Download it once" not in err
+    # neither a manifest nor a checkpoint, as downloaded
+    with pytest.raises(ShardDirError) as raised:
+        streamed_model(ckpt, "someorg/layers", **STREAM_ALL)
+    assert str(raised.value) == (
+        f"`shard_dir` 'someorg/layers' is no local folder ({tmp_path / 'someorg' / 'layers'} does not exist), and the "
+        f"hub repo of that name is in the hub cache ({partial}) without manifest.json or a checkpoint's config.json and "
+        "weights: as downloaded, it is no shard directory, and the hub cannot be reached (offline, "
+        "huggingface_hub.constants.HF_HUB_OFFLINE set) to say more. If the repo holds a shard directory, download it "
+        "whole once with network access (`hf download someorg/layers`); if a checkpoint, split it first "
+        "(`split_checkpoint('someorg/layers', DIR)`, `hf-layerstream split someorg/layers DIR`) and stream DIR."
+    )
+    # the hub said it has no manifest, as the cache records: the hub's answer
+    with pytest.raises(ShardDirError, match=r"and the hub repo of that name holds no manifest.json: it is no shard "):
+        streamed_model(ckpt, "someorg/said", **STREAM_ALL)
+    # a revision the cache does not hold: not in the hub cache, the reason as it is
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError) as raised:
+        streamed_model(ckpt, "someorg/ckpt", revision="v3", **STREAM_ALL)
+    assert (
+        "Cannot fetch manifest.json of 'someorg/ckpt' at revision 'v3': the hub cannot be reached (offline, "
+        "HF_HUB_OFFLINE=1) and it is not in the hub cache." in str(raised.value)
+    )
+    # the hub unreachable, offline mode not set: not called offline (it said "offline, HF_HUB_OFFLINE=0")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    real = huggingface_hub.hf_hub_download
+
+    def unreachable(repo_id, filename, **kwargs):
+        try:
+            return real(repo_id, filename, **{**kwargs, "local_files_only": True})
+        except huggingface_hub.errors.LocalEntryNotFoundError as e:
+            raise huggingface_hub.errors.LocalEntryNotFoundError("the hub cannot be reached") from e
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", unreachable)
+    with pytest.raises(FileNotFoundError) as raised:
+        streamed_model(ckpt, "someorg/nothing", **STREAM_ALL)
+    assert "the hub cannot be reached (no network, or the hub is down) and it is not in the hub cache" in str(
+        raised.value
+    )
+    with pytest.raises(ShardDirError, match="without manifest.json, holding a checkpoint"):
+        streamed_model(ckpt, "someorg/ckpt", **STREAM_ALL)
+    assert listing() == before
+
+
 def test_a_hub_repo_streams_at_a_revision_with_a_token(shard_copy, tmp_path, monkeypatch, capsys, caplog):
     """`revision=` and `token=` (`--revision`, `--token` of `generate`, `inspect`, `verify` and `bench`) for a hub repo
     holding a shard directory, as `from_pretrained` takes them: only its default branch was streamed, and a private
