@@ -372,8 +372,13 @@ def test_plan_counts_resident_parts_at_the_compute_dtype(llama):
     disable_layer_streaming(model)
 
 
-def test_plan_cuda_tiers_without_a_gpu(llama):
-    """The device/host/disk split is arithmetic: with explicit budgets it needs no GPU to check."""
+def test_plan_cuda_tiers_without_a_gpu(llama, monkeypatch):
+    """The device/host/disk split is arithmetic: with explicit budgets it needs no GPU to check. (The available
+    memory, which a budget without "cpu" takes its share of, held still: two plans compared read it apart, and another
+    process allocating between them made them differ.)"""
+    from hf_layerstream import engine
+
+    monkeypatch.setattr(engine, "available_host_memory", lambda: 16 * 2**30)
     _, shards, *_ = llama
     m, resident, layer = _sizes(shards)
     stored = m.unit("layers.0").size
