@@ -159,9 +159,10 @@ def unreachable_reason() -> str:
     else the network or the hub (it said "offline, HF_HUB_OFFLINE=0" there, the variable unset)."""
     if not _is_offline():
         return "no network, or the hub is down"
-    value = os.environ.get("HF_HUB_OFFLINE", "")
-    if value.strip().upper() in ("1", "ON", "YES", "TRUE"):
-        return f"offline, HF_HUB_OFFLINE={value}"
+    for variable in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):  # (huggingface_hub reads either)
+        value = os.environ.get(variable, "")
+        if value.strip().upper() in ("1", "ON", "YES", "TRUE"):
+            return f"offline, {variable}={value}"
     return "offline, huggingface_hub.constants.HF_HUB_OFFLINE set"  # (set in the program, not by the variable)
 
 
@@ -2300,7 +2301,8 @@ def _restore_side_files(shard_dir: Path, names: list[str] | None, src, config, c
         )
         return []
     written = []
-    for name in missing:
+    # (the model card last: it lists the license files there as it is written)
+    for name in sorted(missing, key=lambda name: name == MODEL_CARD_NAME):
         if name == MODEL_CARD_NAME:
             data = card()
         else:
@@ -2309,12 +2311,12 @@ def _restore_side_files(shard_dir: Path, names: list[str] | None, src, config, c
             if data is None and name == "generation_config.json":  # (written from an older checkpoint's config.json)
                 data = _generation_config_of_config_json(src, config)
         if data is None:
-            logger.warning(
-                "%s lacks %s, which its split copied from %s; the source has it no more",
-                shard_dir,
-                name,
-                src.description,
+            why = (
+                f"the hub cannot be reached ({unreachable_reason()}) and the hub cache lacks it"
+                if src.hub_unreachable
+                else "the source has it no more"
             )
+            logger.warning("%s lacks %s, which its split copied from %s; %s", shard_dir, name, src.description, why)
             continue
         _write_file(shard_dir, name, data.encode() if isinstance(data, str) else data)
         written.append(name)

@@ -1122,6 +1122,7 @@ def test_a_finished_split_run_again_writes_the_side_files_gone_since(tmp_path, m
     ckpt = _models.save_tiny_checkpoint("llama", tmp_path / "ckpt")
     (ckpt / "README.md").write_text(_SOURCE_CARD)
     (ckpt / "LICENSE").write_text("the license")
+    (ckpt / "USE_POLICY.md").write_text("the policy")  # (after README.md in order: the card, written last, names it)
     tok = AutoTokenizer.from_pretrained(ckpt)
     tok.chat_template = {"default": "{{ messages[0].content }}", "tool_use": "tool: {{ messages[0].content }}"}
     tok.save_pretrained(ckpt)
@@ -1139,8 +1140,10 @@ def test_a_finished_split_run_again_writes_the_side_files_gone_since(tmp_path, m
         "generation_config.json",
         "LICENSE",
         "README.md",
+        "USE_POLICY.md",
     ]
     before = {name: (out / name).read_bytes() for name in gone}
+    assert b"LICENSE, USE_POLICY.md" in before["README.md"]
     recorded = json.loads((out / "manifest.json").read_text())["side_files"]
     assert set(gone) <= set(recorded)
     manifest = (out / "manifest.json").read_bytes()
@@ -1176,6 +1179,18 @@ def test_a_finished_split_run_again_writes_the_side_files_gone_since(tmp_path, m
     assert "lacks LICENSE, which its split wrote; the directory cannot be written to" in caplog.text
     assert not (out / "LICENSE").exists()
     monkeypatch.setattr(os, "access", real_access)
+
+    # a hub source whose file the hub cache lacks now, the hub unreachable: said so, not that the source lacks it
+    if source == "hub":
+        cached = next((tmp_path / "cache").glob("models--*/snapshots/*"))
+        (cached / "LICENSE").unlink()
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="hf_layerstream.split"):
+            split_checkpoint(given, out, cache_dir=tmp_path / "cache", progress=False)
+        assert (
+            "lacks LICENSE, which its split copied from tiny-org/tiny-llama; the hub cannot be reached" in caplog.text
+        )
+        assert not (out / "LICENSE").exists()
 
     # a split made before the record: left as it was
     record = json.loads((out / "manifest.json").read_text())

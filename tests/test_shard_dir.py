@@ -743,6 +743,14 @@ def test_a_hub_repo_in_the_hub_cache_without_a_manifest_is_named_so_offline(shar
         "Cannot fetch manifest.json of 'someorg/ckpt' at revision 'v3': the hub cannot be reached (offline, "
         "HF_HUB_OFFLINE=1) and it is not in the hub cache." in str(raised.value)
     )
+    # (transformers' variable, which huggingface_hub reads too: named as it is)
+    from hf_layerstream.split import unreachable_reason
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    assert unreachable_reason() == "offline, TRANSFORMERS_OFFLINE=1"
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     # the hub unreachable, offline mode not set: not called offline (it said "offline, HF_HUB_OFFLINE=0")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.delenv("HF_HUB_OFFLINE")
