@@ -970,9 +970,14 @@ def _options_difference(recorded: dict, options: dict, recorded_source: dict | N
 def _scheme_text(compression: dict | None) -> str:
     if not compression:
         return "none"
+    return f"{compression.get('bits')}-bit {_scheme_detail(compression)}"
+
+
+def _scheme_detail(compression: dict) -> str:
+    """A compression's code, block size and whether it takes the embeddings, as messages and the model card say it."""
     blocks = f", blocks of {compression['blocksize']}" if compression.get("blocksize") else ""
     embeddings = ", the embeddings too" if compression.get("quantize_embeddings") else ""
-    return f"{compression.get('bits')}-bit {compression.get('quant_type') or 'int8'}{blocks}{embeddings}"
+    return f"{compression.get('quant_type') or 'int8'}{blocks}{embeddings}"
 
 
 def _recorded_options(manifest: dict, options: dict) -> dict:
@@ -1965,8 +1970,8 @@ def split_checkpoint(
             # as transformers loads them)
             plan = _plan(model, stack, src, config, model_class)  # (the shapes checked there too)
             _refuse_untied_pairs(model, plan, src, dtype)
-        elif todo:
-            _refuse_misshapen(model, plan, src)  # (a hub repo's files, fetched by now)
+        elif todo and src.local_dir is None:
+            _refuse_misshapen(model, plan, src)  # (a hub repo's files, fetched by now; a folder's were, in `_plan`)
         if todo and scheme is not None and dtype is None:
             _refuse_unquantizable(plan, src, load_dtype)  # (a hub repo's files, fetched by now)
 
@@ -2214,11 +2219,9 @@ def _model_card(src, source_card, shard_dir, model, config, compression, adapter
     else:
         what = f"The checkpoint `{src.local_dir.resolve().name}`"
     if compression is not None:
-        blocks = f", blocks of {compression['blocksize']}" if compression.get("blocksize") else ""
-        embeddings = ", the embeddings too" if compression.get("quantize_embeddings") else ""
         precision = (
             f", the weights of its linear layers quantized to {compression.get('bits')} bits with bitsandbytes "
-            f"({compression.get('quant_type') or 'int8'}{blocks}{embeddings}; lossy)"
+            f"({_scheme_detail(compression)}; lossy)"
         )
     elif dtype is not None:
         precision = f", its weights cast to {dtype_to_str(dtype)}"
