@@ -286,14 +286,20 @@ def _prompt_from_leftovers(leftovers: list[str]) -> tuple[str | None, list[str]]
 _NEGATIVE_NUMBER = re.compile(r"-\d+|-\d*\.\d+")  # (argparse's `_negative_number_matcher`)
 
 
+def _command_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser | None:
+    """The parser of `command` (`split`, `generate`, ...) under the top-level `parser`, if it has one."""
+    sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    return None if sub is None else sub.choices.get(command)
+
+
 def _as_options(message: str, parser: argparse.ArgumentParser, command: str) -> str:
     """The library's error `message` with each Python argument it names written as the command's option, where the
     command has one (`` `dtype` `` as `` `--dtype` ``, `quant_type='fp4'` as `--quant-type 'fp4'`): what the user of
     the command line typed."""
-    sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
-    if sub is None or command not in sub.choices:
+    sub = _command_parser(parser, command)
+    if sub is None:
         return message
-    for action in sub.choices[command]._actions:
+    for action in sub._actions:
         long = [o for o in action.option_strings if o.startswith("--")]
         if long and action.dest != "help":
             for name in (action.dest, *_LIBRARY_NAMES.get(action.dest, ())):
@@ -382,8 +388,9 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "prompt_option", None) is not None:
         if args.prompt is not None:
             # (as `generate`'s own usage error: the top-level one showed the usage of `hf-layerstream COMMAND`)
-            generate = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["generate"]
-            generate.error(f"the prompt is given twice: {args.prompt!r} and --prompt {args.prompt_option!r}")
+            _command_parser(parser, "generate").error(
+                f"the prompt is given twice: {args.prompt!r} and --prompt {args.prompt_option!r}"
+            )
         args.prompt = args.prompt_option
     for name in _PATH_ARGUMENTS:  # `"~/m.layers"` quoted (no shell expanded it): as `split`, `inspect` take it
         value = getattr(args, name, None)

@@ -22,6 +22,7 @@ from ._safetensors import sha256_file
 from .modeling import build_skeleton, created_dtypes, kept_in_float32, resolve_model_class, tied_targets
 from .modeling import stand_in as make_stand_in
 from .quant import all_finite
+from .shard_dir import is_commit_hash
 
 logger = logging.getLogger(__name__)
 
@@ -123,8 +124,7 @@ def hub_commit(folder: Path, adapter: str | os.PathLike) -> str | None:
     `.../snapshots/<commit>`); `None` for a local folder."""
     if Path(str(adapter)).expanduser().is_dir():
         return None
-    name = folder.name
-    return name if len(name) == 40 and all(c in "0123456789abcdef" for c in name) else None
+    return folder.name if is_commit_hash(folder.name) else None
 
 
 def _stored_dtype(merged: torch.dtype, stored: torch.dtype) -> torch.dtype:

@@ -455,18 +455,19 @@ def _cached_snapshot(repo_id: str, revision: str | None) -> Path | None:
 
     folder = Path(constants.HF_HUB_CACHE) / ("models--" + repo_id.replace("/", "--"))
     commit = revision or constants.DEFAULT_REVISION
-    if not _is_sha1(commit):
+    if not is_commit_hash(commit):
         try:
             commit = (folder / "refs" / commit).read_text().strip()
         except (OSError, ValueError):  # (no such branch or tag in the cache)
             return None
-    if not _is_sha1(commit):
+    if not is_commit_hash(commit):
         return None
     snapshot = folder / "snapshots" / commit
     return snapshot if snapshot.is_dir() or (folder / ".no_exist" / commit).is_dir() else None
 
 
-def _is_sha1(text: str) -> bool:
+def is_commit_hash(text: str) -> bool:
+    """Whether `text` is a full commit hash, as the hub cache names a snapshot folder by."""
     return len(text) == 40 and all(c in "0123456789abcdef" for c in text)
 
 
