@@ -73,6 +73,15 @@ def _in_functorch() -> bool:
     return peek is not None and peek() is not None
 
 
+def _in_grad_transform() -> bool:
+    """Whether a `torch.func` transform that differentiates (`grad`, `vjp`, `jacrev`, `jvp`, ...) runs the calling
+    code: there `torch.matmul` takes a weight not lifted into it as frozen. (`vmap` alone lifts no weight: the flag
+    counts there as outside.)"""
+    stack = getattr(getattr(torch._C, "_functorch", None), "get_interpreter_stack", None)
+    interpreters = stack() if stack is not None else None
+    return bool(interpreters) and any(i.key().name in ("Grad", "Jvp") for i in interpreters)
+
+
 def _wants_grad(requires_grad: bool, value: torch.Tensor) -> bool:
     """Whether a streamed weight swapped in for a forward pass run without gradients (`no_grad`, `inference_mode`:
     `generate`, `pipeline`) requires grad: as the parameter it stands in for does (all of them, in a model as

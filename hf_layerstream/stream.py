@@ -47,6 +47,7 @@ from .hooks import (
     Packed,
     PassGuard,
     Streamed,
+    _in_grad_transform,
     _Placeholder,
     host_state_dict_hook,
     kept_state_dict_hook,
@@ -665,15 +666,6 @@ def _outer_linears(model: nn.Module, head) -> list[nn.Module]:
             if first is not None and first.start() > call.start():
                 outer.append(module)
     return outer
-
-
-def _in_grad_transform() -> bool:
-    """Whether a `torch.func` transform that differentiates (`grad`, `vjp`, `jacrev`, `jvp`, ...) runs the calling
-    code: there `torch.matmul` takes a weight not lifted into it as frozen. (`vmap` alone lifts no weight: the flag
-    counts there as outside.)"""
-    stack = getattr(getattr(torch._C, "_functorch", None), "get_interpreter_stack", None)
-    interpreters = stack() if stack is not None else None
-    return bool(interpreters) and any(i.key().name in ("Grad", "Jvp") for i in interpreters)
 
 
 def _set_tensor(module: nn.Module, attr: str, value: torch.Tensor, is_param: bool) -> None:
