@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 from accelerate import init_empty_weights
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -29,6 +30,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template to plain prompts")
     p.add_argument("--device", default=None)
     args = p.parse_args(argv)
+    if not os.path.isfile(args.input):  # (before the model is built: a usage error, not a traceback)
+        p.error(f"no input file {args.input!r}")
 
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.shard_dir))

@@ -163,6 +163,15 @@ def test_batch_jsonl_writes_the_loaded_models_completions(checkpoints, tmp_path,
     capsys.readouterr()
 
 
+def test_batch_jsonl_names_a_missing_input_before_building_the_model(tmp_path, capsys):
+    """A missing input file is a usage error (exit 2, the file named), not a traceback after the model is built."""
+    with pytest.raises(SystemExit) as e:
+        _example("batch_jsonl").main([str(tmp_path / "no_shards"), str(tmp_path / "none.jsonl"), str(tmp_path / "o")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "no input file" in err and "none.jsonl" in err
+
+
 def test_speculative_example_keeps_the_output_in_fewer_sweeps(checkpoints, capsys):
     ckpt, shards = checkpoints("llama")
     # the draft is the same model, loaded whole: every proposed token is accepted
