@@ -1156,7 +1156,10 @@ def _fmt(x, spec: str, none: str = "-") -> str:
 
 
 def _gb(n) -> str:
-    return "-" if n is None else f"{n / 1e9:.2f} GB"
+    """Bytes as GB; below 0.1 GB as MB (a tiny model's "0.01 GB, allowed 0.00 GB" told nothing)."""
+    if n is None:
+        return "-"
+    return f"{n / 1e6:.1f} MB" if abs(n) < 1e8 else f"{n / 1e9:.2f} GB"
 
 
 def format_report(report: dict) -> str:

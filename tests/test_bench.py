@@ -1473,3 +1473,30 @@ def test_a_checkpoint_whose_model_does_not_build_is_a_one_line_error(tmp_path, c
     assert f"`--checkpoint` {str(ckpt)!r}: building its model (as the class SOURCE was split for) failed" in err
     assert "(RuntimeError: no kernel for this model)" in err and "Traceback" not in err
     assert not (tmp_path / "w").exists()
+
+
+def test_a_tiny_models_memory_figures_are_shown_in_mb():
+    """Figures below 0.1 GB show in MB: a tiny model's RSS note read "0.01 GB, allowed 0.00 GB (over)", which told
+    neither figure."""
+    from hf_layerstream.bench import _derive
+
+    layer, resident = 2_000_000, 3_000_000
+    rows = [
+        {"system": "in_memory", "mode": "warm", "s_per_token": 0.01},
+        {"system": "streamed_disk", "mode": "warm", "s_per_token": 0.04, "plan_data": _cuda_plan(streamed=range(4))},
+    ]
+    for r in rows:
+        r.update(batch=1, tokens=[1, 2], peak_rss=500_000_000 + 12_345_678, baseline_rss=500_000_000)
+    _derive(rows, None, [layer] * 4, None, resident, layer, None)
+    report = {
+        "model": {"num_layers": 4, "layer_file_bytes": 4 * layer, "resident_bytes": resident, "prompt_tokens": 4},
+        "disk": None,
+        "baseline_rss": 500_000_000,
+        "rows": rows,
+    }
+    report["model"]["max_new_tokens"] = 3
+    text = format_report(report)
+    allowed = rows[1]["rss_allowed"]
+    assert allowed < 1e8
+    assert "peak RSS over baseline 12.3 MB, allowed" in text and f"= {allowed / 1e6:.1f} MB (over)" in text
+    assert "baseline RSS (python + torch + transformers imported, before loading): 0.50 GB" in text
