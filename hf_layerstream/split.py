@@ -1316,6 +1316,17 @@ def _shard_config_json(config, src: _Source) -> str:
     return json.dumps(data, indent=2, sort_keys=True) + "\n" if changed else text
 
 
+def _source_side_files(src: _Source, config) -> dict[str, Path | None]:
+    """The side files a split of `src` copies (tokenizer files, those its class names too, chat templates, generation
+    config, processor configs, license and notice files), each name with its file as fetched (`None`: the source has
+    no such file)."""
+    side = {name: src.fetch(name) for name in _SIDE_FILES}
+    side |= {name: src.fetch(name) for name in _tokenizer_files(side["tokenizer_config.json"], config)}
+    side |= {name: src.fetch(name) for name in (f"{_CHAT_TEMPLATE_DIR}/{n}" for n in src.chat_templates())}
+    side |= {name: src.fetch(name) for name in src.license_files()}
+    return side
+
+
 def _generation_config_of_config_json(src: _Source, config) -> str | None:
     """For a source without generation_config.json: the generation config `from_pretrained` gives its model, built from
     the source's config.json (`GenerationConfig.from_pretrained(source, config_file_name="config.json",
@@ -1811,9 +1822,13 @@ def split_checkpoint(
                             _remove(stale)
                         except OSError as e:
                             logger.info("could not remove %s (%s); it is ignored beside the manifest", stale, e)
+                    # (a split made before its manifest listed them: those a split of this source writes, which the
+                    # manifest lists from now on)
+                    recorded = read_side_files(existing.get("side_files"))
+                    side_files = recorded if recorded is not None else _side_files_of_a_split(src, config)
                     restored = _restore_side_files(
                         shard_dir,
-                        read_side_files(existing.get("side_files")),
+                        side_files,
                         src,
                         config,
                         lambda: _model_card(
@@ -1826,7 +1841,10 @@ def split_checkpoint(
                             adapter_noted,
                             dtype,
                         ),
+                        recorded=recorded is not None,
                     )
+                    if recorded is None:
+                        _record_side_files(shard_dir, existing, side_files)
                     if not restored:
                         logger.info("%s already holds this split; nothing to do", shard_dir)
                     if remove_from_cache:
@@ -1893,11 +1911,7 @@ def split_checkpoint(
             fallback_dtype=_config_dtype(config),
             quantizes=should_quantize,
         )
-        # the side files, fetched first so their sizes count (a tokenizer.json takes up to tens of MB)
-        side = {name: src.fetch(name) for name in _SIDE_FILES}
-        side |= {name: src.fetch(name) for name in _tokenizer_files(side["tokenizer_config.json"], config)}
-        side |= {name: src.fetch(name) for name in (f"{_CHAT_TEMPLATE_DIR}/{n}" for n in src.chat_templates())}
-        side |= {name: src.fetch(name) for name in src.license_files()}
+        side = _source_side_files(src, config)  # (fetched first so their sizes count: a tokenizer.json takes MBs)
         if not any(side.get(name) is not None for name in _TOKENIZER_FILES):
             # (the split went through, and `generate` failed later with transformers' unrelated "needs sentencepiece
             # or tiktoken" text)
@@ -2288,19 +2302,32 @@ def _write_file(shard_dir: Path, name: str, data: bytes) -> None:
         atomic_write_bytes(shard_dir / name, data)
 
 
-def _restore_side_files(shard_dir: Path, names: list[str] | None, src, config, card) -> list[str]:
+def _side_files_of_a_split(src: _Source, config) -> list[str]:
+    """The names of the side files a split of `src` writes, as its manifest lists them (`_source_side_files` that the
+    source has, generation_config.json where one is built from its config.json, and the model card)."""
+    names = {name for name, path in _source_side_files(src, config).items() if path is not None}
+    if "generation_config.json" not in names and _generation_config_of_config_json(src, config) is not None:
+        names.add("generation_config.json")
+    return sorted(names | {MODEL_CARD_NAME})
+
+
+def _restore_side_files(shard_dir: Path, names: list[str], src, config, card, *, recorded: bool = True) -> list[str]:
     """A finished split run again: the side files it recorded writing (`names`: tokenizer, chat templates, generation
     config, license files, model card) that are gone since are written again from the source (`card()`: the model
     card's text), where splitting again said there was nothing to do and left, say, a split whose tokenizer was
-    deleted unusable with `AutoTokenizer`. Files still there, edited or not, are kept. Returns the names written."""
-    missing = [name for name in names or [] if not os.path.lexists(shard_dir / name)]
+    deleted unusable with `AutoTokenizer`. Files still there, edited or not, are kept (a symlink to nothing is not
+    there). Not `recorded`: a split made before its manifest listed them, and `names` those a split of the source
+    writes. Returns the names written."""
+    missing = [name for name in names if not os.path.exists(shard_dir / name)]
     if not missing:
         return []
+    wrote = "its split wrote" if recorded else f"a split of {src.description} writes"
     if not os.access(shard_dir, os.W_OK):
         logger.warning(
-            "%s lacks %s, which its split wrote; the directory cannot be written to, so they are not written again",
+            "%s lacks %s, which %s; the directory cannot be written to, so they are not written again",
             shard_dir,
             ", ".join(missing),
+            wrote,
         )
         return []
     written = []
@@ -2323,11 +2350,30 @@ def _restore_side_files(shard_dir: Path, names: list[str] | None, src, config, c
             continue
         _write_file(shard_dir, name, data.encode() if isinstance(data, str) else data)
         written.append(name)
-    if written:
+    if written and recorded:
         logger.warning(
             "%s holds this split, but lacked %s: written again from the source", shard_dir, ", ".join(written)
         )
+    elif written:
+        logger.warning(
+            "%s holds this split, but lacked %s, which a split of %s writes (its manifest, made before the split "
+            "listed its side files, does not say which it wrote): written from the source",
+            shard_dir,
+            ", ".join(written),
+            src.description,
+        )
     return written
+
+
+def _record_side_files(shard_dir: Path, manifest: dict, names: list[str]) -> None:
+    """A finished split run again whose manifest does not list its side files (made before it was kept, or the list
+    damaged): `names` (`_side_files_of_a_split`) written into it, its other entries as they are, so that a later run
+    writes again those deleted since, and `verify` names them, as for a split made now. Left as it is where the
+    directory cannot be written to."""
+    if not os.access(shard_dir, os.W_OK):
+        return
+    _write_file(shard_dir, MANIFEST_NAME, json.dumps(manifest | {"side_files": names}, indent=1).encode())
+    logger.info("%s: its manifest lists its side files now (%s)", shard_dir, ", ".join(names))
 
 
 def _remove(path: Path) -> None:

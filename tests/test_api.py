@@ -1115,8 +1115,8 @@ def test_a_finished_split_run_again_writes_the_side_files_gone_since(tmp_path, m
     the split again said it had nothing to do and left them missing (`AutoTokenizer.from_pretrained(shard_dir)`
     failed for good, short of `overwrite=True`). It writes those the split recorded writing again, from the source (a
     local folder, or the hub cache offline); files still there, edited or not, are kept, and the units and manifest
-    are untouched. A split made before the record was kept leaves them as they are, as before; a directory that
-    cannot be written to says what it lacks."""
+    are untouched. A directory that cannot be written to says what it lacks. (A split made before the record was
+    kept: `test_a_split_made_before_its_manifest_listed_the_side_files_gets_them_back`.)"""
     from huggingface_hub import constants
 
     ckpt = _models.save_tiny_checkpoint("llama", tmp_path / "ckpt")
@@ -1192,12 +1192,62 @@ def test_a_finished_split_run_again_writes_the_side_files_gone_since(tmp_path, m
         )
         assert not (out / "LICENSE").exists()
 
-    # a split made before the record: left as it was
-    record = json.loads((out / "manifest.json").read_text())
-    del record["side_files"]
-    (out / "manifest.json").write_text(json.dumps(record))
-    split_checkpoint(given, out, cache_dir=tmp_path / "cache", progress=False)
-    assert not (out / "LICENSE").exists()
+
+def test_a_split_made_before_its_manifest_listed_the_side_files_gets_them_back(tmp_path, monkeypatch, caplog):
+    """A finished split whose manifest has no `side_files` (made before the list was kept), its tokenizer, generation
+    config, license or model card deleted: running the same split again said it had nothing to do and left them
+    missing (only `overwrite=True` wrote them). It writes those a split of the source writes that the folder lacks
+    (files still there, edited or not, are kept) and lists them in the manifest, as the split writes it (the other
+    entries as they were), so that a later run writes again what is deleted after; the units are untouched. A
+    directory that cannot be written to says what it lacks, and its manifest is left as it is."""
+    ckpt = _models.save_tiny_checkpoint("llama", tmp_path / "ckpt")
+    (ckpt / "README.md").write_text(_SOURCE_CARD)
+    (ckpt / "LICENSE").write_text("the license")
+    out = split_checkpoint(ckpt, tmp_path / "shards", progress=False)
+    made = (out / "manifest.json").read_bytes()
+    record = json.loads(made)
+    gone = ["tokenizer.json", "generation_config.json", "LICENSE", "README.md"]
+    assert set(gone) <= set(record["side_files"])
+    before = {name: (out / name).read_bytes() for name in gone}
+    units = {p.name: p.stat().st_mtime_ns for p in (out / "layers").iterdir()}
+    del record["side_files"]  # (as a split made before the list was kept wrote its manifest)
+    (out / "manifest.json").write_text(json.dumps(record, indent=1))
+    for name in gone:
+        (out / name).unlink()
+    edited = (out / "tokenizer_config.json").read_text().replace("{", '{"my_key": 1, ', 1)
+    (out / "tokenizer_config.json").write_text(edited)
+
+    # a directory that cannot be written to: what it lacks is named, nothing written, the manifest as it was
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if Path(path) == out else real_access(path, mode))
+    with caplog.at_level(logging.INFO, logger="hf_layerstream.split"):
+        split_checkpoint(ckpt, out, progress=False)
+    assert f"lacks LICENSE, README.md, generation_config.json, tokenizer.json, which a split of {ckpt} writes" in (
+        caplog.text
+    )
+    assert not any((out / name).exists() for name in gone) and "side_files" not in json.loads(
+        (out / "manifest.json").read_text()
+    )
+    monkeypatch.setattr(os, "access", real_access)
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="hf_layerstream.split"):
+        split_checkpoint(ckpt, out, progress=False)
+    assert "nothing to do" not in caplog.text and "but lacked" in caplog.text
+    assert f"which a split of {ckpt} writes (its manifest, made before" in caplog.text
+    assert {name: (out / name).read_bytes() for name in gone} == before
+    assert (out / "tokenizer_config.json").read_text() == edited
+    assert (out / "manifest.json").read_bytes() == made  # (the list, written as the split writes it)
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "layers").iterdir()} == units
+    assert ShardDirectory(out, checksums=True).verify() == [] and _exact(ckpt, out)
+
+    # listed now: a file deleted later is written again as for a split made now
+    (out / "LICENSE").unlink()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="hf_layerstream.split"):
+        split_checkpoint(ckpt, out, progress=False)
+    assert "lacked LICENSE: written again from the source" in caplog.text
+    assert (out / "LICENSE").read_bytes() == before["LICENSE"] and (out / "manifest.json").read_bytes() == made
 
 
 @pytest.mark.parametrize(
