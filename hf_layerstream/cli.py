@@ -1035,8 +1035,17 @@ def _cmd_verify(args) -> int:
             advice += f"; {sound} of them may be sound: fix what their messages name instead"
         print(f"{len(problems)} problem(s) in {n} files of {shards.path}: {advice}", file=sys.stderr)
         return 1
+    listed = shards.manifest.side_files or []  # (none: split before the manifest listed them)
+    missing = shards.missing_side_files()  # (a license file or the model card: a warning, logged by `verify`)
+    side = f", and the {len(listed)} side files it lists are there" if listed else ""
+    if missing:
+        side = (
+            f", and {len(listed) - len(missing)} of the {len(listed)} side files it lists are there "
+            f"({', '.join(missing)} missing: see the warning)"
+        )
     print(
         f"{shards.path}: all {n} files match the manifest{' (sizes, headers and sample digests)' if args.quick else ''}"
+        + side
     )
     return 0
 

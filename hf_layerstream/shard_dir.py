@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,9 @@ from .modeling import RESIDENT, layer_unit
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
+MODEL_CARD_NAME = "README.md"
+# a checkpoint's license and notice files, copied into the split (it is the model's weights, to be shared so): no code
+_LICENSE_FILE = re.compile(r"(?i)(licen[cs]e|notice|use_policy|copying)([-_.][\w.-]*)?(?<!\.py)")
 FORMAT_NAME = "hf_layerstream.shards"
 FORMAT_VERSION = 1
 
@@ -778,13 +782,54 @@ class ShardDirectory:
             return f"{len(stack)} decoder layers, where the shards hold {self.manifest.num_layers}"
         return "other tensor names or shapes than the shards hold"
 
+    def missing_side_files(self) -> list[str]:
+        """The side files the manifest lists (what the split copied or wrote beside the weights: tokenizer, chat
+        templates, generation config, processor configs, license files, model card) that the directory lacks (a
+        symlink to nothing too); `[]` where the manifest lists none (a split made before they were listed)."""
+        return [name for name in self.manifest.side_files or [] if not os.path.exists(self.path / name)]
+
+    def _side_file_problems(self) -> list[str]:
+        """`verify`'s problems of the side files the directory lacks: those a tokenizer, processor or `generate` reads
+        (a tokenizer file gone, `AutoTokenizer.from_pretrained` of the directory fails or tokenizes otherwise). The
+        license files and model card, which the model runs without, are a warning, logged."""
+        missing = self.missing_side_files()
+        if not missing:
+            return []
+        downloaded = _hub_snapshot(Path(os.path.realpath(self.path))) is not None
+
+        def fix(it: str) -> str:
+            if downloaded:  # (the uploader's split has it: a download cut short, or an upload without it)
+                return (
+                    f"this download of the hub repo lacks {it}: download the repo again, or, where the repo lacks "
+                    f"{it}, run the same split again and upload {it}"
+                )
+            return f"running the same split again writes {it} back"
+
+        informative = [name for name in missing if name == MODEL_CARD_NAME or _LICENSE_FILE.fullmatch(name)]
+        if informative:
+            logger.warning(
+                "%s lacks %s, which its split wrote (the model runs without, but a copy shared on the hub should "
+                "carry its model's license and card): %s",
+                self.path,
+                ", ".join(informative),
+                fix("it" if len(informative) == 1 else "them"),
+            )
+        return [
+            f"{self.path / name} is missing ({_side_file_use(name)}; the split wrote it, and the manifest lists it): "
+            + fix("it")
+            for name in missing
+            if name not in informative
+        ]
+
     def verify(self, *, checksums: bool = True) -> list[str]:
         """Check every file against the manifest and return every problem found (empty when the directory is sound).
 
-        Checks `config.json` (readable, and building the model the shards were split from), each file's existence,
-        size, safetensors header (offsets inside the file), tensor names, shapes and dtypes, the unit tag and the
-        sample digest, and with `checksums=True` (the default) its full SHA-256. Files that pass the cheap checks are
-        hashed; a file that fails them is reported once. Never writes.
+        Checks `config.json` (readable, and building the model the shards were split from), that the side files the
+        manifest lists are there (a tokenizer file, chat template, generation or processor config missing is a
+        problem; a license file or the model card, which the model runs without, is logged as a warning), each unit
+        file's existence, size, safetensors header (offsets inside the file), tensor names, shapes and dtypes, the
+        unit tag and the sample digest, and with `checksums=True` (the default) its full SHA-256. Files that pass the
+        cheap checks are hashed; a file that fails them is reported once. Never writes.
 
         Args:
             checksums (`bool`, defaults to `True`):
@@ -797,6 +842,7 @@ class ShardDirectory:
         problem = self._config_problem() or self.config_mismatch()
         if problem is not None:
             problems.append(f"{self.path / 'config.json'} {problem}")
+        problems.extend(self._side_file_problems())
         sound = []
         for unit in self.manifest.units:
             self._headers.pop(unit, None)
@@ -808,6 +854,17 @@ class ShardDirectory:
         if checksums:
             problems.extend(self._checksum_problems(sound))
         return problems
+
+
+def _side_file_use(name: str) -> str:
+    """What reads the side file `name` of a shard directory (`verify`'s message of one missing)."""
+    if name == "generation_config.json":
+        return "the generation settings streaming gives the model: end-of-sequence ids, sampling defaults"
+    if name.startswith(("chat_template.", "additional_chat_templates/")):
+        return "a chat template of the tokenizer, which `apply_chat_template` reads"
+    if name.endswith("processor_config.json"):
+        return "`AutoProcessor.from_pretrained` of the directory reads it"
+    return "a file of the tokenizer: `AutoTokenizer.from_pretrained` of the directory fails or tokenizes otherwise"
 
 
 def dtype_name(dtype: torch.dtype | None) -> str:

@@ -6,7 +6,6 @@ import errno
 import json
 import logging
 import os
-import re
 import shutil
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -48,9 +47,11 @@ from .modeling import (
 )
 from .quant import _BNB_DTYPES, all_finite
 from .shard_dir import (
+    _LICENSE_FILE,
     FORMAT_VERSION,
     LOCK_NAME,
     MANIFEST_NAME,
+    MODEL_CARD_NAME,
     RESIDENT_FILE,
     Manifest,
     ShardDirectory,
@@ -100,9 +101,6 @@ _TOKENIZER_FILES = (  # (any of them: the source has a tokenizer)
     "tiktoken.model",
 )
 _CHAT_TEMPLATE_DIR = "additional_chat_templates"  # a tokenizer's named chat templates besides the default one
-# a checkpoint's license and notice files, copied into the split (it is the model's weights, to be shared so): no code
-_LICENSE_FILE = re.compile(r"(?i)(licen[cs]e|notice|use_policy|copying)([-_.][\w.-]*)?(?<!\.py)")
-MODEL_CARD_NAME = "README.md"
 _SAMPLE = 64 * 1024  # bytes read at each end of a local weight file for the source's identity
 _SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
 # transformers' order (`_get_resolved_checkpoint_files`): safetensors before pickled `.bin`, each single file before

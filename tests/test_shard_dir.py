@@ -230,6 +230,51 @@ def test_a_lost_config_json_is_named_and_written_again_by_the_same_split(shard_c
     assert config.read_bytes() == before and ShardDirectory(shards, checksums=True).verify() == []
 
 
+def test_verify_names_a_side_file_the_manifest_lists_that_is_missing(shard_copy, capsys, caplog):
+    """A side file the manifest lists, deleted: `verify` said every file matched (exit 0), and the directory's
+    tokenizer failed or tokenized otherwise, and `generate` ran with other generation settings. A tokenizer file,
+    chat template, generation or processor config missing (a symlink to nothing too) is a problem now, named with
+    what reads it and that the same split writes it back, which it does; a license file or the model card, which the
+    model runs without, is a warning (exit 0), the summary saying which are missing."""
+    import logging
+
+    ckpt, shards = shard_copy
+    names = ["generation_config.json", "tokenizer.json", "README.md"]
+    assert set(names) <= set(ShardDirectory(shards).manifest.side_files)
+    before = {name: (shards / name).read_bytes() for name in names}
+    for name in names:
+        (shards / name).unlink()
+    (shards / "tokenizer.json").symlink_to(shards / "elsewhere.json")
+    with caplog.at_level(logging.WARNING, logger="hf_layerstream.shard_dir"):
+        problems = ShardDirectory(shards).verify(checksums=False)
+    again = "the split wrote it, and the manifest lists it): running the same split again writes it back"
+    assert problems == [
+        f"{shards / 'generation_config.json'} is missing (the generation settings streaming gives the model: "
+        f"end-of-sequence ids, sampling defaults; {again}",
+        f"{shards / 'tokenizer.json'} is missing (a file of the tokenizer: `AutoTokenizer.from_pretrained` of the "
+        f"directory fails or tokenizes otherwise; {again}",
+    ]
+    assert f"{shards} lacks README.md, which its split wrote (the model runs without" in caplog.text
+    assert "running the same split again writes it back" in caplog.text
+    assert main(["verify", "--quick", str(shards)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out.count("is missing") == 2 and "2 problem(s) in 4 files" in captured.err
+    split_checkpoint(ckpt, shards, progress=False)
+    assert {name: (shards / name).read_bytes() for name in names} == before
+    assert not (shards / "tokenizer.json").is_symlink() and ShardDirectory(shards, checksums=True).verify() == []
+    listed = len(ShardDirectory(shards).manifest.side_files)
+
+    (shards / "README.md").unlink()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hf_layerstream.shard_dir"):
+        assert main(["verify", "--quick", str(shards)]) == 0
+    assert "lacks README.md, which its split wrote" in caplog.text
+    assert capsys.readouterr().out.endswith(
+        "all 4 files match the manifest (sizes, headers and sample digests), and "
+        f"{listed - 1} of the {listed} side files it lists are there (README.md missing: see the warning)\n"
+    )
+
+
 @pytest.mark.parametrize("damage", ["torn", "not_an_object", "another_model"])
 def test_a_damaged_config_json_is_named_and_written_again_by_the_same_split(shard_copy, capsys, damage):
     """Only a missing `config.json` was caught: a torn one (or another model's) passed `ShardDirectory`, `verify` and
