@@ -335,6 +335,20 @@ def hub_repo_of(path: str | os.PathLike) -> str | None:
     return None
 
 
+def hub_cache_of(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path | None:
+    """The hub cache folder that is `path` or holds it (its symlinks resolved as far as it exists, as `hub_repo_of`
+    resolves them), else `None`: huggingface_hub's (`HF_HUB_CACHE`, or HF_HOME's `hub`), or `cache_dir`, one named
+    for a hub repo's files. (`hf cache ls` takes each folder there for a repo's: one of another layout is reported as
+    an inconsistency of the cache, and `hf cache rm` cannot remove it.)"""
+    from huggingface_hub import constants
+
+    full = Path(os.path.realpath(Path(path).expanduser()))
+    for cache in (constants.HF_HUB_CACHE, cache_dir):
+        if cache is not None and full.is_relative_to(os.path.realpath(Path(cache).expanduser())):
+            return Path(cache).expanduser()
+    return None
+
+
 def hub_download_of(path: str | os.PathLike) -> str | None:
     """The id of the hub repo whose downloaded snapshot in the hub cache holds `path` (the snapshot exists, with the
     repo's `blobs` beside it; `path` itself may not), else `None`."""

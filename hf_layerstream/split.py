@@ -58,6 +58,7 @@ from .shard_dir import (
     TensorEntry,
     UnitEntry,
     _is_newer_format,
+    hub_cache_of,
     hub_download_of,
     hub_repo_of,
     layer_file,
@@ -1584,7 +1585,8 @@ def split_checkpoint(
         [`ShardDirError`]: the checkpoint is stored pre-quantized (its config has a `quantization_config`), or its
             config ties a pair of weights it stores with different values; `shard_dir` holds another split, one
             made by a newer hf_layerstream, or files but no shard directory (pass `overwrite=True` to write there);
-            `shard_dir` is in the hub cache (a folder of a repo's there, made yet or not).
+            `shard_dir` is in the hub cache (a folder of a repo's there, made yet or not, or any other folder of
+            `HF_HUB_CACHE` or `cache_dir`, or the cache itself).
         `ImportError`: `adapter` given without peft installed.
         `ValueError`: `shard_dir` inside the source's folder (a local one, or a hub repo's snapshot in the hub cache)
             or holding it; `remove_from_cache` with a local folder as `source`; `adapter` holds no adapter, is of another
@@ -1630,6 +1632,20 @@ def split_checkpoint(
             + (f"a download of the repo {in_cache!r}" if downloaded else f"in the folder of the repo {in_cache!r}")
             + ", which the split must not write into: choose a folder outside the hub cache"
             + (f" (to mend that download, `{mend}`)." if mend is not None else "; nothing was written.")
+        )
+    cache = hub_cache_of(shard_dir, cache_dir)
+    if cache is not None:
+        # (made beside the repos' folders, `$HF_HUB_CACHE/llama.layers`, it was written: `hf cache ls` then reported it
+        # as an inconsistency of the cache, and `hf cache rm` could not remove it)
+        here = os.path.realpath(shard_dir) == os.path.realpath(cache)
+        made = (shard_dir / MANIFEST_NAME).is_file()
+        raise ShardDirError(
+            f"`shard_dir` {shard_dir} is "
+            + ("the hub cache" if here else f"in the hub cache {cache}, in no repo's folder there")
+            + ", which the split must not write into (`hf cache ls` reports what is there but a repo's folder as an "
+            "inconsistency of the cache, and `hf cache rm` cannot remove it): choose a folder outside the hub cache"
+            + ("; to keep the split made there, move it out: it streams from any folder" if made and not here else "")
+            + "; nothing was written."
         )
     if os.path.islink(shard_dir / "layers"):
         # (the split wrote through it, then every layer was refused as resolving outside the directory)

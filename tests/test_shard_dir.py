@@ -708,14 +708,68 @@ def test_the_split_refuses_a_folder_in_the_hub_cache_not_made_yet(shard_copy, tm
         assert main(["split", str(source), str(shard_dir), "--quiet"]) == 2
         assert message in capsys.readouterr().err
         assert listing() == before
-    # a `shard_dir` holding the hub source's snapshot: refused as one holding a local source's folder
-    for shard_dir in (cache, tmp_path):
-        with pytest.raises(ValueError, match=r"`shard_dir` must differ from `source`, and neither may be inside the "):
-            split_checkpoint("someorg/ckpt", shard_dir, progress=False, overwrite=True)
-        assert listing() == before
+    # a `shard_dir` holding the hub source's snapshot: refused as one holding a local source's folder (the hub cache
+    # itself as the hub cache: `test_the_split_refuses_a_folder_beside_the_repos_in_the_hub_cache`)
+    with pytest.raises(ValueError, match=r"`shard_dir` must differ from `source`, and neither may be inside the "):
+        split_checkpoint("someorg/ckpt", tmp_path, progress=False, overwrite=True)
+    with pytest.raises(ShardDirError, match=r"cache is the hub cache, which the split must not write into"):
+        split_checkpoint("someorg/ckpt", cache, progress=False, overwrite=True)
+    assert listing() == before
     # outside the hub cache, as before
     split_checkpoint("someorg/ckpt", tmp_path / "ok" / "llama.layers", progress=False)
     assert ShardDirectory(tmp_path / "ok" / "llama.layers").num_layers == 3
+    assert listing() == before
+
+
+def test_the_split_refuses_a_folder_beside_the_repos_in_the_hub_cache(shard_copy, tmp_path, monkeypatch, capsys):
+    """A `shard_dir` in the hub cache but in no repo's folder (`$HF_HUB_CACHE/llama.layers`, made yet or not) was
+    written, with a local source: `hf cache ls` (huggingface_hub's `scan_cache_dir`) then reports it as an
+    inconsistency of the cache, and `hf cache rm` cannot remove it. It is refused as a folder of a repo's there is,
+    before anything is written: any folder of the hub cache (deeper too, through a symlink too), of a `cache_dir`
+    given, and the cache itself; a split made there before is told to be moved out."""
+    from huggingface_hub import constants, scan_cache_dir
+
+    ckpt, shards = shard_copy
+    cache = tmp_path / "cache"
+    _models.hub_snapshot(ckpt, cache, repo="someorg--ckpt")
+    shutil.copytree(shards, cache / "old.layers")  # (made there before)
+    (tmp_path / "link").symlink_to(cache)
+    other = tmp_path / "other-cache"
+    other.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    [warning] = scan_cache_dir(cache).warnings  # (why: a folder there is taken for a damaged repo's)
+    assert "old.layers" in str(warning)
+
+    def listing():
+        return sorted((str(p), p.is_symlink()) for p in tmp_path.rglob("*"))
+
+    before = listing()
+    why = (
+        "which the split must not write into (`hf cache ls` reports what is there but a repo's folder as an "
+        "inconsistency of the cache, and `hf cache rm` cannot remove it): choose a folder outside the hub cache"
+    )
+    for source, shard_dir, where, kwargs in (
+        (ckpt, cache / "llama.layers", f"in the hub cache {cache}, in no repo's folder there", {}),
+        (ckpt, cache / "splits" / "llama.layers", f"in the hub cache {cache}, in no repo's folder there", {}),
+        (ckpt, tmp_path / "link" / "llama.layers", f"in the hub cache {cache}, in no repo's folder there", {}),
+        ("someorg/ckpt", cache / "llama.layers", f"in the hub cache {cache}, in no repo's folder there", {}),
+        (ckpt, cache, "the hub cache", {"overwrite": True}),
+        (ckpt, other / "llama.layers", f"in the hub cache {other}, in no repo's folder there", {"cache_dir": other}),
+    ):
+        message = f"`shard_dir` {shard_dir} is {where}, {why}; nothing was written."
+        with pytest.raises(ShardDirError) as raised:
+            split_checkpoint(source, shard_dir, progress=False, **kwargs)
+        assert str(raised.value) == message
+        if not kwargs:
+            assert main(["split", str(source), str(shard_dir), "--quiet"]) == 2
+            assert message in capsys.readouterr().err
+        assert listing() == before
+    with pytest.raises(ShardDirError) as raised:
+        split_checkpoint(ckpt, cache / "old.layers", progress=False)
+    assert str(raised.value).endswith(
+        f"{why}; to keep the split made there, move it out: it streams from any folder; nothing was written."
+    )
     assert listing() == before
 
 
