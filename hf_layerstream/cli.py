@@ -1020,6 +1020,7 @@ def _cmd_verify(args) -> int:
     for p in problems:
         print(p)
     n = len(shards.manifest.units)
+    listed = shards.manifest.side_files or []  # (none: split before the manifest listed them)
     if problems:
         sound = sum(NOT_DAMAGE in p for p in problems)  # (permissions or a limit of the process: not damage)
         advice = (
@@ -1033,9 +1034,9 @@ def _cmd_verify(args) -> int:
             advice = "the files named could not be read, but may be sound: fix what each message names"
         elif sound:
             advice += f"; {sound} of them may be sound: fix what their messages name instead"
-        print(f"{len(problems)} problem(s) in {n} files of {shards.path}: {advice}", file=sys.stderr)
+        checked = f"{n} files" + (f" and {len(listed)} side files" if listed else "")
+        print(f"{len(problems)} problem(s) in {checked} of {shards.path}: {advice}", file=sys.stderr)
         return 1
-    listed = shards.manifest.side_files or []  # (none: split before the manifest listed them)
     missing = shards.missing_side_files()  # (a license file or the model card: a warning, logged by `verify`)
     side = f", and the {len(listed)} side files it lists are there" if listed else ""
     if missing:
