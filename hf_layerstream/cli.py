@@ -914,6 +914,8 @@ def _cmd_inspect(args) -> int:
         # (its config.json edited since the split: a model built from it is refused; a re-run of the split writes it
         # back. Builds the model on meta: about a second for a 70B one)
         "config_problem": _config_problem(shards),
+        # (a local folder's side files the manifest lists that it lacks; a hub repo's are not downloaded here)
+        "missing_side_files": shards.missing_side_files() if local is args.shard_dir else [],
     }
     if args.json:
         print(json.dumps(info, indent=1))
@@ -951,6 +953,11 @@ def _cmd_inspect(args) -> int:
         print(f"warning          {_as_options(info['warning'], build_parser(), 'inspect')}")
     if info["config_problem"]:
         print(f"warning          {info['config_problem']}")
+    if info["missing_side_files"]:
+        print(
+            f"warning          side files its split wrote are missing: {', '.join(info['missing_side_files'])} "
+            "(`hf-layerstream verify` says what each is for; running the same split again writes them back)"
+        )
     return 0
 
 

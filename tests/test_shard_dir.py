@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import builtins
 import io
+import json
 import os
 import shutil
 import stat
@@ -260,9 +261,19 @@ def test_verify_names_a_side_file_the_manifest_lists_that_is_missing(shard_copy,
     captured = capsys.readouterr()
     listed = len(ShardDirectory(shards).manifest.side_files)
     assert captured.out.count("is missing") == 2 and f"2 problem(s) in 4 files and {listed} side files" in captured.err
+    # `inspect` says so too (it said nothing)
+    assert main(["inspect", str(shards), "--device", "cpu"]) == 0
+    assert (
+        "warning          side files its split wrote are missing: README.md, generation_config.json, tokenizer.json"
+        in capsys.readouterr().out
+    )
+    assert main(["inspect", str(shards), "--device", "cpu", "--json"]) == 0
+    assert sorted(json.loads(capsys.readouterr().out)["missing_side_files"]) == sorted(names)
     split_checkpoint(ckpt, shards, progress=False)
     assert {name: (shards / name).read_bytes() for name in names} == before
     assert not (shards / "tokenizer.json").is_symlink() and ShardDirectory(shards, checksums=True).verify() == []
+    assert main(["inspect", str(shards), "--device", "cpu", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["missing_side_files"] == []
 
     (shards / "README.md").unlink()
     caplog.clear()
@@ -311,7 +322,6 @@ def test_a_config_json_describing_another_model_is_named_and_written_again_by_th
     """A `config.json` edited since the split to another number of layers or other sizes, with the same model_type:
     `verify` said every file matched (exit 0), a re-run of the split found nothing to do, and the model built from it
     failed at enable. `verify` names it now (exit 1), and the same split writes it again."""
-    import json
 
     ckpt, shards = shard_copy
     config = shards / "config.json"
@@ -477,7 +487,6 @@ def test_a_directory_made_by_a_newer_version_says_so_and_is_not_rewritten(shard_
     """A manifest of a newer format version: the error said to re-split "with this version" (a downgrade), and the
     same split "repaired" the directory, rewriting its manifest at the older version. Now the error says it is newer
     and to upgrade, and the split leaves the directory alone unless asked to replace it (`overwrite=True`)."""
-    import json
 
     from hf_layerstream import ShardFileError, split_checkpoint
 
