@@ -63,7 +63,7 @@ _SOURCE_FIX = (
     "`save_pretrained`)."
 )
 
-_MAX_HEADER = 100 * 1024 * 1024  # same bound as the safetensors library
+_MAX_HEADER = 100_000_000  # the safetensors library's bound (its MAX_HEADER_SIZE): a longer header it refuses
 
 
 def dtype_to_str(dtype: torch.dtype) -> str:
@@ -210,8 +210,12 @@ def _read_header(path: Path, expected_size: int | None, *, source: bool) -> Head
         if len(prefix) != 8:
             raise ShardFileError(path, "is too short to be a safetensors file (no 8-byte header length)")
         (header_len,) = struct.unpack("<Q", prefix)
-        if header_len > _MAX_HEADER or 8 + header_len > file_size:
+        if 8 + header_len > file_size:
             raise ShardFileError(path, f"declares a {header_len}-byte header but the file has only {file_size} bytes")
+        if header_len > _MAX_HEADER:  # (the library then failed with "header too large", naming no file)
+            raise ShardFileError(
+                path, f"declares a {header_len}-byte header, more than the {_MAX_HEADER} bytes safetensors reads"
+            )
         raw = b""
         while len(raw) < header_len:
             chunk = os.pread(fd, header_len - len(raw), 8 + len(raw))

@@ -87,6 +87,24 @@ def test_written_tensors_start_on_cache_lines(tmp_path):
         assert all(back[k].dtype == v.dtype and torch.equal(back[k], v) for k, v in tensors.items())
 
 
+def test_a_header_longer_than_safetensors_reads_is_refused_naming_the_file(tmp_path):
+    """A header the file holds but longer than the safetensors library reads (100,000,000 bytes): the bound was
+    100 MiB, and the library then refused such a source file with "header too large", naming no file. (A sparse
+    file: nothing past the length is written.)"""
+    from safetensors import safe_open
+
+    path = tmp_path / "big_header.safetensors"
+    length = 100_000_008
+    with open(path, "wb") as f:
+        f.write(length.to_bytes(8, "little"))
+        f.truncate(8 + length + 64)
+    with pytest.raises(ShardFileError, match="100000008-byte header, more than the 100000000 bytes") as info:
+        read_header(path)
+    assert str(path) in str(info.value)
+    with pytest.raises(Exception, match="(?i)header too large"):  # (the library's own bound: the same)
+        safe_open(str(path), "pt")
+
+
 def test_a_unit_file_is_written_one_tensor_at_a_time(tmp_path, monkeypatch):
     """`atomic_write_safetensors` writes `serialize`'s bytes (and reports their size and digests) without holding the
     file in memory: with `consume`, each tensor is released before the next one is written, so splitting a 70B
