@@ -675,3 +675,44 @@ def test_disable_while_maps_are_made_ahead(bf16_checkpoint, monkeypatch):
     enable_layer_streaming(model, bf16_checkpoint[1]["4bit"], device="cpu", max_memory={"cpu": 0}, prefetch=2)
     assert torch.equal(_logits(model, ids), expected)
     disable_layer_streaming(model)
+
+
+def _openmp_max_threads():
+    """`omp_get_max_threads` of the OpenMP runtime torch loaded (the same library: its per-thread settings), or `None`
+    where none is found in this process's maps."""
+    import ctypes
+
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "/libgomp" in line or "/libiomp" in line or "/libomp" in line}
+    except OSError:
+        return None
+    for path in sorted(paths):
+        try:
+            return ctypes.CDLL(path).omp_get_max_threads
+        except (OSError, AttributeError):
+            continue
+    return None
+
+
+@pytest.mark.skipif("OMP_NUM_THREADS" in __import__("os").environ, reason="the OpenMP default is set by the env")
+def test_the_loader_thread_decodes_with_torchs_number_of_threads(bf16_checkpoint):
+    """bitsandbytes' CPU kernel runs OpenMP directly in the loader thread, where no op of torch's had set its threads:
+    it took the OpenMP default (one thread per CPU) whatever `torch.set_num_threads` said, a team that spun beside the
+    compute thread's (a 4-bit `generate` under `torch.set_num_threads(1)` on a loaded 2-core VM: 1.5 s against 0.33)."""
+    import os
+
+    max_threads = _openmp_max_threads()
+    if max_threads is None or (os.cpu_count() or 1) < 2:
+        pytest.skip("no OpenMP runtime found, or one CPU (its default is then one thread)")
+    ckpt, dirs = bf16_checkpoint
+    ids = torch.tensor([[1, 5, 6, 7]])
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = streamed_model(ckpt, dirs["4bit"], max_memory={"cpu": 0})
+        model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0)
+        loader = get_streaming_state(model).loader
+        assert loader._executor.submit(max_threads).result() == 1  # (the thread that decoded the layers)
+    finally:
+        torch.set_num_threads(before)
