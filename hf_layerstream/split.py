@@ -2052,15 +2052,12 @@ def split_checkpoint(
         finally:
             bar.close()
 
+        written = set()
         for name, path in side.items():
-            if path is not None:
-                _write_file(shard_dir, name, path.read_bytes())
-        written = {name for name, path in side.items() if path is not None}
-        if side["generation_config.json"] is None:  # (the generation settings of an older checkpoint's config.json)
-            generation = _generation_config_of_config_json(src, config)
-            if generation is not None:
-                _write_file(shard_dir, "generation_config.json", generation.encode())
-                written.add("generation_config.json")
+            data = _side_file_bytes(src, config, name, path)
+            if data is not None:
+                _write_file(shard_dir, name, data)
+                written.add(name)
         if replacing:  # the replaced split's chat template or generation config would pass for the new source's
             _remove_foreign_side_files(shard_dir, written)
         if replacing or not os.path.lexists(shard_dir / MODEL_CARD_NAME):  # (a card edited since a split: kept)
@@ -2316,6 +2313,18 @@ def _write_file(shard_dir: Path, name: str, data: bytes) -> None:
         atomic_write_bytes(shard_dir / name, data)
 
 
+def _side_file_bytes(src: _Source, config, name: str, path: Path | None) -> bytes | None:
+    """What a split writes as the side file `name` of `src` (`path`: the source's, as fetched, `None` if it has none):
+    its bytes; for a source without generation_config.json, the generation settings of an older checkpoint's
+    config.json (`_generation_config_of_config_json`), where it has any."""
+    if path is not None:
+        return path.read_bytes()
+    if name == "generation_config.json":
+        generation = _generation_config_of_config_json(src, config)
+        return generation.encode() if generation is not None else None
+    return None
+
+
 def _side_files_of_a_split(src: _Source, config) -> list[str]:
     """The names of the side files a split of `src` writes, as its manifest lists them (`_source_side_files` that the
     source has, generation_config.json where one is built from its config.json, and the model card)."""
@@ -2350,10 +2359,7 @@ def _restore_side_files(shard_dir: Path, names: list[str], src, config, card, *,
         if name == MODEL_CARD_NAME:
             data = card()
         else:
-            path = src.fetch(name)
-            data = path.read_bytes() if path is not None else None
-            if data is None and name == "generation_config.json":  # (written from an older checkpoint's config.json)
-                data = _generation_config_of_config_json(src, config)
+            data = _side_file_bytes(src, config, name, src.fetch(name))
         if data is None:
             why = (
                 f"the hub cannot be reached ({unreachable_reason()}) and the hub cache lacks it"
