@@ -86,11 +86,13 @@ def steal_share(spans: list[tuple[tuple[int, int] | None, tuple[int, int] | None
 
 
 def drop_page_cache(paths) -> None:
-    """Evict files from the page cache (POSIX_FADV_DONTNEED), simulating a model larger than RAM."""
+    """Evict files from the page cache (POSIX_FADV_DONTNEED), simulating a model larger than RAM; each is checked and
+    dropped again where pages were busy a moment (`_evict(whole=True)`): a cold run's file read partly warm is not
+    cold."""
     from .engine import _evict
 
     for path in paths:
-        _evict(path)
+        _evict(path, whole=True)
 
 
 def cached_after_drop(paths) -> float | None:

@@ -564,7 +564,7 @@ def test_quantized_layers_leave_the_page_cache_when_the_plan_says_so(bf16_checkp
     layer file is left there."""
     import shutil
 
-    from _pagecache import cached_share, drop_from_page_cache
+    from _pagecache import cached_share, drop_from_page_cache, drop_or_skip
 
     from hf_layerstream import disable_layer_streaming
 
@@ -573,9 +573,7 @@ def test_quantized_layers_leave_the_page_cache_when_the_plan_says_so(bf16_checkp
     files = sorted((shards / "layers").glob("*.safetensors"))
     ids = torch.randint(4, 120, (1, 20), generator=torch.Generator().manual_seed(1))
     expected = _kept_logits(ckpt, shards, ids)  # (disabled: its maps would keep the files in the page cache)
-    drop_from_page_cache(files)
-    if any(cached_share(p) for p in files):
-        pytest.skip("this file system keeps dropped files in the page cache")
+    drop_or_skip(files)
     model = streamed_model(ckpt, shards, max_memory={"cpu": 0}, prefetch=2, keep_in_page_cache=False)
     loader = get_streaming_state(model).loader
     for _ in range(2):
