@@ -16,6 +16,7 @@ import torch
 
 from . import __version__
 from ._safetensors import (
+    _MAX_HEADER,
     _SOURCE_FIX,
     atomic_write_bytes,
     atomic_write_safetensors,
@@ -404,7 +405,7 @@ class _Source:
             and not _is_offline()
         ):
             try:
-                self._remote[filename] = self._remote_header(filename)
+                self._read_remote_header(filename)
                 return True
             except FileNotFoundError:  # (the hub says the repo has no such file)
                 return False
@@ -508,7 +509,7 @@ class _Source:
             from concurrent.futures import ThreadPoolExecutor
 
             with ThreadPoolExecutor(max_workers=min(8, len(heads))) as pool:
-                self._remote.update(zip(heads, pool.map(self._remote_header, heads)))
+                list(pool.map(self._read_remote_header, heads))  # (each into `_remote` and `_remote_shapes`)
         for filename in filenames:
             if filename not in heads and (download or filename.endswith(".safetensors")):
                 self.fetch(filename, required=True)
@@ -518,9 +519,10 @@ class _Source:
         the hub cannot be reached (the download then says what is wrong, or the cache serves)."""
         return self.headers_only and self.local_dir is None and not self.hub_unreachable and not _is_offline()
 
-    def _remote_header(self, filename: str) -> dict[str, torch.dtype]:
-        """The dtypes of the tensors of `filename`, a safetensors file of this hub repo, from its header on the hub,
-        as `read_header` lists them (sub-byte dtypes are not; a dtype it does not know fails when the file is read)."""
+    def _read_remote_header(self, filename: str) -> None:
+        """Read the header of `filename`, a safetensors file of this hub repo, on the hub, into `_remote` (the dtypes of
+        its tensors, as `read_header` lists them: sub-byte dtypes are not; a dtype it does not know fails when the file
+        is read) and `_remote_shapes` (their shapes)."""
         from huggingface_hub import HfApi
         from huggingface_hub.errors import EntryNotFoundError
 
@@ -543,7 +545,9 @@ class _Source:
         # (the shapes too, for `stored_shapes`: a checkpoint that does not match its config is refused before the
         # file is downloaded)
         self._remote_shapes[filename] = {k: tuple(i.shape) for k, i in meta.tensors.items()}
-        return {k: _SOURCE_DTYPES[i.dtype] for k, i in meta.tensors.items() if i.dtype in _SOURCE_DTYPES}
+        self._remote[filename] = {
+            k: _SOURCE_DTYPES[i.dtype] for k, i in meta.tensors.items() if i.dtype in _SOURCE_DTYPES
+        }
 
     def remove_from_cache(self, files: set[str]) -> None:
         """Delete `files`, weight files of this hub repo, from the hub cache (`remove_from_cache`): each one's entry in
@@ -679,7 +683,7 @@ class _Source:
                 if filename.endswith(".safetensors"):
                     prefix = f.read(8)
                     if len(prefix) == 8:
-                        h.update(f.read(min(int.from_bytes(prefix, "little"), 100 * 2**20)))
+                        h.update(f.read(min(int.from_bytes(prefix, "little"), _MAX_HEADER)))
                 if not legacy:
                     h.update(f.read(_SAMPLE))
                     f.seek(max(size - _SAMPLE, 0))
@@ -737,7 +741,7 @@ class _Source:
         remote = filename.endswith(".safetensors") and self._local_weight_file(filename) is None
         if remote and (filename in self._remote or self._reads_headers()):
             if filename not in self._remote:  # (not downloaded for this)
-                self._remote[filename] = self._remote_header(filename)
+                self._read_remote_header(filename)
             dtypes = [self._remote[filename][k] for k in sorted(self._remote[filename])]
         elif filename.endswith(".safetensors"):
             header = read_header(self.fetch(filename, required=True), source=True)
