@@ -761,9 +761,16 @@ class _Source:
         except Exception as e:  # noqa: BLE001
             raise ShardFileError(self.fetch(filename), f"cannot provide tensor {key!r}: {e}") from e
 
-    def release(self, keep: set[str]) -> None:
+    def release(self, later: set[str], following: set[str]) -> None:
+        """Close the files no unit still to write reads (`later`: the files those units read), and the safetensors
+        files the next unit does not read (`following`), opened again (their header read) when a later unit reads
+        them: safetensors 0.9 holds a file descriptor for each open file, and a checkpoint whose files each hold
+        tensors of early and late layers (a file per expert across the layers, tensors dealt out across the files)
+        kept one open for each file, past the limit on open files (macOS: 256 by default) with as many files. A
+        `.bin` file stays open while a later unit reads it: its pickle would be read again (its map holds no file
+        descriptor)."""
         for filename in list(self._handles):
-            if filename not in keep:
+            if filename not in (following if filename.endswith(".safetensors") else later):
                 del self._handles[filename]
 
 
@@ -2045,13 +2052,15 @@ def split_checkpoint(
                         shard_dir, unit, tensors, scheme, quantize_tensor, should_quantize, split_digest=digest
                     )
                     _save_progress(shard_dir, options, done, replacing=replacing)
-                # keep only the source files the next units still need open
+                # keep only the source files the next units still need open (a safetensors file: the next unit)
                 nxt = units[units.index(unit) + 1 :]
-                src.release({src.keys[k] for u in nxt for k, _, _ in plan.units.get(u, [])})
+                upcoming = [u for u in nxt if u not in done]
+                src.release(
+                    {src.keys[k] for u in upcoming for k, _, _ in plan.units.get(u, [])},
+                    {src.keys[k] for k, _, _ in plan.units.get(upcoming[0], [])} if upcoming else set(),
+                )
                 if remove_from_cache:  # (and in the hub cache, those the units still to write read)
-                    src.remove_from_cache(
-                        needed_files - _files_read(plan, src, [u for u in nxt if u not in done], tied=False)
-                    )
+                    src.remove_from_cache(needed_files - _files_read(plan, src, upcoming, tied=False))
                 bar.update(1)
         finally:
             bar.close()

@@ -1391,6 +1391,87 @@ def test_an_index_naming_shards_in_a_subfolder_is_split_as_transformers_loads_it
     assert not (tmp_path / "refused").exists()
 
 
+def _dealt_out(ckpt, files: int) -> dict[str, str]:
+    """Store the sharded checkpoint `ckpt`'s tensors dealt out across `files` safetensors files, in the model's order
+    (the i-th in file i % files): each file holds tensors of early and late layers. Returns its weight map."""
+    from safetensors.torch import load_file, save_file
+
+    index_path = ckpt / "model.safetensors.index.json"
+    state = {}
+    for name in sorted(set(json.loads(index_path.read_text())["weight_map"].values())):
+        state.update(load_file(str(ckpt / name)))
+        (ckpt / name).unlink()
+    layer = re.compile(r"\.layers\.(\d+)\.")
+    keys = sorted(state, key=lambda k: (int(m[1]) if (m := layer.search(k)) else -1, k))
+    weight_map = {k: f"model-{i % files + 1:05d}-of-{files:05d}.safetensors" for i, k in enumerate(keys)}
+    for name in sorted(set(weight_map.values())):
+        save_file({k: state[k] for k in keys if weight_map[k] == name}, str(ckpt / name), metadata={"format": "pt"})
+    index_path.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return weight_map
+
+
+def test_a_split_holds_open_the_safetensors_files_of_the_layer_it_writes_and_the_next_only(tmp_path, monkeypatch):
+    """safetensors 0.9 holds a file descriptor for each file open with `safe_open` (0.8: a map only). The split kept
+    every source file open that a unit still to write reads: one for each file of a checkpoint whose files each hold
+    tensors of early and late layers (a tiny Llama of 80 layers dealt out across 300 files: 276 open at once, and
+    "Too many open files" under macOS's default limit of 256). It keeps open those the unit it writes and the next
+    one read, the others opened again when read; the same layers."""
+    from hf_layerstream import split as split_mod
+
+    layers = 12
+    ckpt = _models.save_tiny_checkpoint("llama", tmp_path / "ckpt", num_hidden_layers=layers)
+    weight_map = _dealt_out(ckpt, 40)
+    reads = [{f for k, f in weight_map.items() if f".layers.{i}." in k} for i in range(layers)]
+    reads.append({f for k, f in weight_map.items() if ".layers." not in k})  # (the resident unit, written last)
+    bound = max(len(a | b) for a, b in zip(reads, reads[1:]))
+    held = []
+    real_open = split_mod._Source._open
+
+    def _open(self, filename):
+        handle = real_open(self, filename)
+        held.append(sum(f.endswith(".safetensors") for f in self._handles))
+        return handle
+
+    monkeypatch.setattr(split_mod._Source, "_open", _open)
+    shards = split_checkpoint(ckpt, tmp_path / "shards", progress=False)
+    assert held and max(held) <= bound < len(set(weight_map.values())), (max(held), bound)
+    assert _exact(ckpt, shards)
+
+
+def test_a_split_of_many_files_each_holding_early_and_late_layers_fits_a_low_open_files_limit(tmp_path):
+    """The split under a limit of 48 open files (`ulimit -n`, in a child process) of a checkpoint dealt out across 64
+    files (see the test above): with safetensors 0.9, which holds a file descriptor per open file, it failed with
+    "Too many open files", holding one for each of them."""
+    resource = pytest.importorskip("resource")
+    import subprocess
+    import sys
+
+    import hf_layerstream
+
+    ckpt = _models.save_tiny_checkpoint("llama", tmp_path / "ckpt", num_hidden_layers=16)
+    _dealt_out(ckpt, 64)
+    limit, hard = 48, resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard < limit:
+        pytest.skip("the hard limit on open files is below the one set")
+    code = (
+        "import resource, sys\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[3]), resource.getrlimit(resource.RLIMIT_NOFILE)[1]))\n"
+        "from hf_layerstream import split_checkpoint\n"
+        "split_checkpoint(sys.argv[1], sys.argv[2], progress=False)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(hf_layerstream.__file__).parents[1]), *sys.path]))
+    shards = tmp_path / "shards"
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(ckpt), str(shards), str(limit)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert _exact(ckpt, shards)
+
+
 def _lazy_hub_repo(monkeypatch, remote, cache_dir, repo_id, commit, *, interrupt_at=None, held=None):
     """A hub repo holding the checkpoint folder `remote`, none of it in the hub cache yet: each file is copied into the
     cache as `hf_hub_download` fetches it, as huggingface_hub stores it (a blob, and a symlink to it in the commit's
