@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=None,
         help="a PEFT adapter of the model (LoRA and the like), folder or hub id, merged into the weights as they are "
-        "written, as merge_and_unload merges it (needs peft: pip install hf_layerstream[peft]; a hub id is fetched "
+        "written, as merge_and_unload merges it (needs peft: pip install peft; a hub id is fetched "
         "with --token, at --adapter-revision); repeated, each is merged in turn, onto what the ones before left",
     )
     p.add_argument(

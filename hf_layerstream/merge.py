@@ -42,9 +42,7 @@ def import_peft(use: str):
         try:
             import peft
         except ImportError:
-            raise ImportError(
-                f"{use} needs the peft package: `pip install peft` (or `pip install hf_layerstream[peft]`)."
-            ) from None
+            raise ImportError(f"{use} needs the peft package: `pip install peft`.") from None
     return peft
 
 

@@ -661,9 +661,7 @@ def load_backend(need: str = "This shard directory is quantized and decoding it"
         try:
             import bitsandbytes.functional  # noqa: F401
         except ImportError as e:
-            raise ImportError(
-                f"{need} needs bitsandbytes: `pip install bitsandbytes` (or `pip install hf_layerstream[quant]`)."
-            ) from e
+            raise ImportError(f"{need} needs bitsandbytes: `pip install bitsandbytes`.") from e
 
 
 @contextlib.contextmanager
