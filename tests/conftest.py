@@ -115,6 +115,20 @@ def tqdm_lock_held_elsewhere():
         holder.join()
 
 
+def run_python(code: str, *args, timeout: float = 300):
+    """`code` run by this Python in a child process (`sys.argv[1:]`: `args`, as strings), importing this checkout's
+    hf_layerstream; its completed process, output captured as text. (For a limit set on the child, `ulimit` style,
+    that the test process must not take.)"""
+    import subprocess
+
+    import hf_layerstream
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(hf_layerstream.__file__).parents[1]), *sys.path]))
+    return subprocess.run(
+        [sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
 def returns_within(seconds: float, fn, *args, **kwargs):
     """`fn(*args, **kwargs)` run in a thread; fails if it has not returned after `seconds` (it is left to finish)."""
     out: dict = {}

@@ -17,7 +17,7 @@ from pathlib import Path
 import _models
 import pytest
 import torch
-from conftest import build_meta_model, streamed_model
+from conftest import build_meta_model, run_python, streamed_model
 from safetensors import safe_open
 from transformers import AutoConfig, AutoTokenizer
 
@@ -1443,11 +1443,6 @@ def test_a_split_of_many_files_each_holding_early_and_late_layers_fits_a_low_ope
     files (see the test above): with safetensors 0.9, which holds a file descriptor per open file, it failed with
     "Too many open files", holding one for each of them."""
     resource = pytest.importorskip("resource")
-    import subprocess
-    import sys
-
-    import hf_layerstream
-
     ckpt = _models.save_tiny_checkpoint("llama", tmp_path / "ckpt", num_hidden_layers=16)
     _dealt_out(ckpt, 64)
     limit, hard = 48, resource.getrlimit(resource.RLIMIT_NOFILE)[1]
@@ -1459,15 +1454,8 @@ def test_a_split_of_many_files_each_holding_early_and_late_layers_fits_a_low_ope
         "from hf_layerstream import split_checkpoint\n"
         "split_checkpoint(sys.argv[1], sys.argv[2], progress=False)\n"
     )
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(hf_layerstream.__file__).parents[1]), *sys.path]))
     shards = tmp_path / "shards"
-    out = subprocess.run(
-        [sys.executable, "-c", code, str(ckpt), str(shards), str(limit)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
+    out = run_python(code, ckpt, shards, limit)
     assert out.returncode == 0, out.stderr[-2000:]
     assert _exact(ckpt, shards)
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import _models
 import pytest
 import torch
-from conftest import returns_within, streamed_model, tqdm_lock_held_elsewhere
+from conftest import returns_within, run_python, streamed_model, tqdm_lock_held_elsewhere
 
 from hf_layerstream import LayerLoadError, ShardDirectory, ShardDirError, disable_layer_streaming, split_checkpoint
 from hf_layerstream import _safetensors as st_mod
@@ -628,8 +628,6 @@ def test_a_file_too_large_for_the_filesystem_is_named_with_the_fix(llama, tmp_pa
     the side files, config and manifest written after the layers were outside that handling: a bare "[Errno 27] File
     too large". Here a file size limit that every unit file fits but the tokenizer.json does not (a real one, set in
     a child process)."""
-    import hf_layerstream
-
     big = _with_big_tokenizer(llama["ckpt"], tmp_path / "ckpt", 2 * 2**20)
     assert max(p.stat().st_size for p in llama["reference"].rglob("*")) < 2**20
     code = (
@@ -642,11 +640,8 @@ def test_a_file_too_large_for_the_filesystem_is_named_with_the_fix(llama, tmp_pa
         "except OSError as e:\n"
         "    print(e.errno, e)\n"
     )
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(hf_layerstream.__file__).parents[1]), *sys.path]))
     shards = tmp_path / "shards"
-    out = subprocess.run(
-        [sys.executable, "-c", code, str(big), str(shards)], capture_output=True, text=True, timeout=300, env=env
-    )
+    out = run_python(code, big, shards)
     assert out.returncode == 0, out.stderr
     message = out.stdout.strip()
     assert message.startswith(f"{errno.EFBIG} [Errno {errno.EFBIG}] Writing tokenizer.json into {shards} failed"), (
