@@ -2055,12 +2055,10 @@ def split_checkpoint(
                 # keep only the source files the next units still need open (a safetensors file: the next unit)
                 nxt = units[units.index(unit) + 1 :]
                 upcoming = [u for u in nxt if u not in done]
-                src.release(
-                    {src.keys[k] for u in upcoming for k, _, _ in plan.units.get(u, [])},
-                    {src.keys[k] for k, _, _ in plan.units.get(upcoming[0], [])} if upcoming else set(),
-                )
+                later = _files_read(plan, src, upcoming, tied=False)
+                src.release(later, _files_read(plan, src, upcoming[:1], tied=False))
                 if remove_from_cache:  # (and in the hub cache, those the units still to write read)
-                    src.remove_from_cache(needed_files - _files_read(plan, src, upcoming, tied=False))
+                    src.remove_from_cache(needed_files - later)
                 bar.update(1)
         finally:
             bar.close()
