@@ -104,6 +104,9 @@ _TOKENIZER_FILES = (  # (any of them: the source has a tokenizer)
 )
 _CHAT_TEMPLATE_DIR = "additional_chat_templates"  # a tokenizer's named chat templates besides the default one
 _SAMPLE = 64 * 1024  # bytes read at each end of a local weight file for the source's identity
+# safetensors files the split holds open at most (safetensors 0.9 holds a file descriptor for each): the least recently
+# read is closed first, and opened again (its header read) when read again (see `_Source._open`)
+_MAX_OPEN = 64
 _SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
 # transformers' order (`_get_resolved_checkpoint_files`): safetensors before pickled `.bin`, each single file before
 # its index (a folder holding both, with other weights, loads the single file)
@@ -576,7 +579,8 @@ class _Source:
 
     def _open(self, filename: str):
         if filename in self._handles:
-            return self._handles[filename]
+            handle = self._handles[filename] = self._handles.pop(filename)  # (last: the most recently read)
+            return handle
         if not _inside_name(filename):  # (checked where the names are read too: `_check_plain_name`)
             raise ShardFileError(filename, "is named by the checkpoint index but is not a file in the checkpoint")
         path = self.fetch(filename, required=True)
@@ -584,6 +588,12 @@ class _Source:
             from safetensors import safe_open
 
             read_header(path, source=True)  # a clear error for a truncated / hostile header before safetensors sees it
+            # (a unit reading more files than the limit on open files, a layer stored an expert per file, failed with
+            # "Too many open files" under safetensors 0.9 before its first tensor was written; `release` keeps the
+            # count down across units)
+            held = [f for f in self._handles if f.endswith(".safetensors")]
+            for least_recent in held[: max(len(held) + 1 - _MAX_OPEN, 0)]:
+                del self._handles[least_recent]
             handle = safe_open(path, framework="pt", device="cpu")
         else:
             import pickle

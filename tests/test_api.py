@@ -1438,6 +1438,31 @@ def test_a_split_holds_open_the_safetensors_files_of_the_layer_it_writes_and_the
     assert _exact(ckpt, shards)
 
 
+def test_a_split_holds_open_at_most_its_cap_of_safetensors_files_where_one_layer_reads_more(tmp_path, monkeypatch):
+    """A unit reading more files than the limit on open files (a layer stored an expert per file) failed under
+    safetensors 0.9 (a file descriptor for each open file) whatever the split closed between units: the split holds
+    `_MAX_OPEN` open at most, the least recently read closed first (here the cap is 3 and each layer reads 9 files);
+    the same layers."""
+    from hf_layerstream import split as split_mod
+
+    ckpt = _models.save_tiny_checkpoint("llama", tmp_path / "ckpt", num_hidden_layers=2)
+    weight_map = _dealt_out(ckpt, 40)
+    per_layer = min(len({f for k, f in weight_map.items() if f".layers.{i}." in k}) for i in range(2))
+    cap, held = 3, []
+    monkeypatch.setattr(split_mod, "_MAX_OPEN", cap)
+    real_open = split_mod._Source._open
+
+    def _open(self, filename):
+        handle = real_open(self, filename)
+        held.append(sum(f.endswith(".safetensors") for f in self._handles))
+        return handle
+
+    monkeypatch.setattr(split_mod._Source, "_open", _open)
+    shards = split_checkpoint(ckpt, tmp_path / "shards", progress=False)
+    assert per_layer > cap and held and max(held) == cap, (per_layer, max(held))
+    assert _exact(ckpt, shards)
+
+
 def test_a_split_of_many_files_each_holding_early_and_late_layers_fits_a_low_open_files_limit(tmp_path):
     """The split under a limit of 48 open files (`ulimit -n`, in a child process) of a checkpoint dealt out across 64
     files (see the test above): with safetensors 0.9, which holds a file descriptor per open file, it failed with
