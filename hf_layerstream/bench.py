@@ -117,8 +117,17 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
         help="instead of SOURCE: write and measure the random-weight Llama-shaped model of the README's Performance "
         "section (sized by --layers, --hidden-size, ...)",
     )
-    p.add_argument("--checkpoint", default=None, help="original checkpoint (when SOURCE is a shard directory)")
-    _add_hub_args(p, "SOURCE")
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        help="original checkpoint, a folder or hub id (when SOURCE is a shard directory; a hub one is downloaded first)",
+    )
+    p.add_argument(
+        "--checkpoint-revision",
+        default=None,
+        help="for a hub repo --checkpoint: its branch, tag or commit (default: its default branch)",
+    )
+    _add_hub_args(p, "SOURCE", token="hub token for gated/private repos: SOURCE's and --checkpoint's, hub repos")
     p.add_argument("--work", default=None, help="folder for the split / demo model / offload (default: temporary)")
     p.add_argument("--layers", type=int, default=None, help=f"--demo: decoder layers (default {DEMO_SIZES['layers']})")
     p.add_argument(
@@ -439,18 +448,31 @@ def _check_source(args) -> None:
         )
     if args.source is not None:
         # a hub repo holding a shard directory: downloaded, and measured as the folder it is then (a local folder:
-        # itself, `--revision` and `--token` ignored with a warning)
+        # itself, `--revision` and `--token` ignored with a warning; `--token` not where a hub `--checkpoint` takes it)
         from .errors import ShardDirError
         from .shard_dir import local_shard_dir
 
+        hub_checkpoint = args.checkpoint is not None and not Path(args.checkpoint).is_dir()
+        token = None if hub_checkpoint and Path(args.source).is_dir() else args.token
         try:
-            args.source = str(local_shard_dir(args.source, revision=args.revision, token=args.token))
+            args.source = str(local_shard_dir(args.source, revision=args.revision, token=token))
         except (ShardDirError, OSError):  # (no manifest there, or none to fetch: a checkpoint's, named below)
             pass
     if args.source is not None and not Path(args.source).is_dir():  # a hub id: its config.json, before any work
         _checkpoint_folder(args.source, fetch=False, revision=args.revision, token=args.token)
     if args.checkpoint is None:
+        if args.checkpoint_revision is not None:
+            raise ValueError(
+                "`--checkpoint-revision` only applies with `--checkpoint`; pass `--checkpoint` too, or drop "
+                "`--checkpoint-revision`."
+            )
         return
+    if Path(args.checkpoint).is_dir():
+        from .shard_dir import warn_hub_only
+
+        warn_hub_only(
+            args.checkpoint, "read as it is", revision=args.checkpoint_revision, revision_name="`--checkpoint-revision`"
+        )
     if args.demo:
         raise ValueError("`--checkpoint` is not used with `--demo` (which writes its own checkpoint); drop it.")
     if args.source is not None and not (Path(args.source).is_dir() and _is_shard_dir(Path(args.source))):
@@ -459,7 +481,19 @@ def _check_source(args) -> None:
             "split and measured itself): drop `--checkpoint`, or pass the shard directory as SOURCE."
         )
     if args.source is not None:
-        _refuse_another_model(args.checkpoint, Path(args.source))
+        _refuse_another_model(args.checkpoint, Path(args.source), revision=args.checkpoint_revision, token=args.token)
+
+
+def _fetch_checkpoint(args) -> None:
+    """A hub repo `--checkpoint` downloaded (or found in the hub cache), at `--checkpoint-revision`, with `--token`:
+    `args.checkpoint` becomes its folder, which the rows load. They loaded the repo id in their child processes, which
+    get no token, at its default branch: a gated one given `--token` failed there, after the streamed rows."""
+    if args.checkpoint is not None and not Path(args.checkpoint).is_dir():
+        args.checkpoint = str(
+            _checkpoint_folder(
+                args.checkpoint, role="`--checkpoint`", revision=args.checkpoint_revision, token=args.token
+            )
+        )
 
 
 def _check_systems(args, systems: list[str], modes: list[str], compressed: list[str]) -> None:
@@ -537,17 +571,20 @@ def prepare(args, work: Path) -> tuple[Path | None, Path]:
     return ckpt, split_in_work(ckpt, work / "shards")
 
 
-def _refuse_another_model(checkpoint: str, source: Path) -> None:
-    """`--checkpoint` must build the model the shard directory `source` was split from (its architecture
-    fingerprint): another model was measured beside it, and its rows said the streamed output was not the same (exit
-    1), as if streaming were wrong."""
+def _refuse_another_model(
+    checkpoint: str, source: Path, *, revision: str | None = None, token: str | None = None
+) -> None:
+    """`--checkpoint` (a hub one at `revision`, with `token`) must build the model the shard directory `source` was
+    split from (its architecture fingerprint): another model was measured beside it, and its rows said the streamed
+    output was not the same (exit 1), as if streaming were wrong."""
     from transformers import AutoConfig
 
     from .shard_dir import ShardDirectory
 
     shards = ShardDirectory(source)
-    _checkpoint_folder(checkpoint, fetch=False, role="`--checkpoint`")  # (a folder without config.json: named so)
-    config = AutoConfig.from_pretrained(checkpoint)
+    # (a folder without config.json: named so)
+    _checkpoint_folder(checkpoint, fetch=False, role="`--checkpoint`", revision=revision, token=token)
+    config = AutoConfig.from_pretrained(checkpoint, revision=revision, token=token)
     try:
         differs = shards.model_mismatch(config)
     except Exception as e:  # noqa: BLE001 - a one-line error, not a traceback; the rows that load it fail alike
@@ -719,6 +756,7 @@ def bench(args) -> dict:
         raise ValueError("`--assistant demo` builds a 1-layer draft of the demo model; it needs `--demo`.")
     _check_source(args)
     _check_systems(args, systems, modes, compressed)
+    _fetch_checkpoint(args)
     work = work_folder(args.work, "--work", "hf_layerstream_bench_")
     try:
         ckpt, shard_dir = prepare(args, work)

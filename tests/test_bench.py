@@ -7,6 +7,7 @@ import mmap
 import os
 import time
 import types
+from pathlib import Path
 
 import _models
 import pytest
@@ -182,6 +183,49 @@ def test_bench_takes_a_hub_repo_at_a_revision(tmp_path, capsys, checkpoints, mon
     assert "Cannot fetch config.json of 'someorg/llama-layers'" in capsys.readouterr().err
     assert main([*argv, "--revision", "v2", "--token", "hf_secret"]) == 2
     assert "in_memory needs the original checkpoint (`--checkpoint`)" in capsys.readouterr().err
+
+
+def test_a_hub_checkpoint_is_fetched_at_its_revision_with_the_token(tmp_path, capsys, checkpoints, monkeypatch, caplog):
+    """A hub repo `--checkpoint`: its rows loaded the repo id in child processes, which get no token (a gated one given
+    `--token` failed there, after the streamed rows), at its default branch (`--revision` is SOURCE's). It is fetched
+    first, at `--checkpoint-revision`, with `--token`, and the rows load that folder (here the children see neither
+    the hub cache nor offline mode: they would fail on the repo id). Here the default branch holds a README only."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    ckpt, shards = checkpoints("llama")
+    (tmp_path / "readme").mkdir()
+    (tmp_path / "readme" / "README.md").write_text("soon")
+    _models.hub_snapshot(tmp_path / "readme", tmp_path / "cache", repo="someorg--llama")
+    v2 = _models.hub_snapshot(ckpt, tmp_path / "cache", repo="someorg--llama", commit="b" * 40, ref="v2")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    asked = []
+    real = huggingface_hub.snapshot_download
+
+    def snapshot_download(repo_id, **kwargs):
+        asked.append((repo_id, kwargs.get("revision"), kwargs.get("token")))
+        return real(repo_id, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    argv = ["bench", str(shards), "--checkpoint", "someorg/llama", "--work", str(tmp_path / "w"), "--device", "cpu"]
+    argv += ["--systems", "in_memory,streamed", "--modes", "warm", "--paired-calls", "0", "--max-new-tokens", "2"]
+    assert main(argv) == 2
+    assert "Cannot fetch config.json of 'someorg/llama'" in capsys.readouterr().err
+    assert main([*argv, "--checkpoint-revision", "v2", "--token", "hf_secret", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert asked == [("someorg/llama", "v2", "hf_secret")]
+    assert Path(report["model"]["checkpoint"]).resolve() == v2.resolve()
+    rows = {r["system"]: r for r in report["rows"]}
+    assert rows["in_memory"]["s_per_token"] and rows["streamed"]["same_tokens"] is True
+    # without `--checkpoint`: refused; with a local one: warned about, and the folder read as it is
+    assert main(["bench", str(shards), "--checkpoint-revision", "v2", *argv[4:]]) == 2
+    assert "`--checkpoint-revision` only applies with `--checkpoint`" in capsys.readouterr().err
+    with caplog.at_level("WARNING", logger="hf_layerstream"):
+        assert main(["bench", str(shards), "--checkpoint", str(ckpt), "--checkpoint-revision", "v2", *argv[4:]]) == 0
+    assert f"`--checkpoint-revision` 'v2' applies to hub repos; {ckpt} is a local folder, read as it is." in caplog.text
+    assert "`--token` applies to hub repos" not in caplog.text  # (nor above, where it served the hub `--checkpoint`)
 
 
 def test_bench_refuses_a_checkpoint_of_another_model_than_the_shards(tmp_path, capsys, checkpoints):
