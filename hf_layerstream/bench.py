@@ -606,8 +606,8 @@ def _checkpoint_folder(
     """The checkpoint `source` (given as `role`), checked before anything is measured (the rows that load it run in
     child processes, where a repo that cannot be reached failed each of them after the streamed rows were measured):
     a local folder holding a config.json, or a hub repo (at `revision`, with `token`), whose files are fetched (or
-    found in the hub cache) to split it, or with `fetch=False` (a `--checkpoint` the rows load with `from_pretrained`,
-    which fetches what it needs) whose config.json is.
+    found in the hub cache: its safetensors weights, or its `.bin` ones where it has none, the JSON and tokenizer
+    files), to split it and for the rows to load, or with `fetch=False` (a check before any work) whose config.json is.
 
     Raises:
         `FileNotFoundError`: A hub repo that cannot be reached and is not in the hub cache, or that the hub lacks.
@@ -626,6 +626,11 @@ def _checkpoint_folder(
         try:
             patterns = ["*.json", "*.safetensors", "*.model", "*.txt"]
             path = Path(snapshot_download(source, revision=revision, token=token, allow_patterns=patterns))
+            if not any(path.rglob("*.safetensors")):
+                # (a checkpoint of `.bin` files only, as `from_pretrained` falls back to: they were not downloaded,
+                # and the split found its index's files missing)
+                patterns = ["pytorch_model*.bin"]
+                path = Path(snapshot_download(source, revision=revision, token=token, allow_patterns=patterns))
         except LocalEntryNotFoundError as e:  # (a subclass of EntryNotFoundError: first)
             raise hub_unreachable_error(source, "the weight files", role, revision=revision) from e
         except EntryNotFoundError:

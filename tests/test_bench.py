@@ -228,6 +228,58 @@ def test_a_hub_checkpoint_is_fetched_at_its_revision_with_the_token(tmp_path, ca
     assert "`--token` applies to hub repos" not in caplog.text  # (nor above, where it served the hub `--checkpoint`)
 
 
+def test_a_hub_checkpoint_of_bin_files_is_downloaded_with_them(tmp_path, capsys, checkpoints, monkeypatch):
+    """A hub repo SOURCE holding its weights as `.bin` files only (as `from_pretrained` falls back to): bench
+    downloaded the safetensors files, the JSON and tokenizer files, none of its weights, and the split found them
+    missing. They are downloaded where no safetensors file is (the hub here: a folder, its files fetched as asked)."""
+    import fnmatch
+    import shutil
+
+    import huggingface_hub
+    from huggingface_hub.errors import EntryNotFoundError
+    from safetensors.torch import load_file
+
+    ckpt, _ = checkpoints("llama")
+    remote = tmp_path / "remote"
+    shutil.copytree(ckpt, remote)
+    index = json.loads((remote / "model.safetensors.index.json").read_text())
+    state = {}
+    for name in sorted(set(index["weight_map"].values())):
+        state.update(load_file(remote / name))
+        (remote / name).unlink()
+    (remote / "model.safetensors.index.json").unlink()
+    torch.save(state, remote / "pytorch_model.bin")
+    local, asked = tmp_path / "downloaded", []
+
+    def fetch(name):
+        if not (remote / name).is_file():
+            raise EntryNotFoundError(f"404 {name}")
+        (local / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(remote / name, local / name)
+        return str(local / name)
+
+    def hf_hub_download(repo_id, filename, **kwargs):
+        return fetch(filename)
+
+    def snapshot_download(repo_id, *, allow_patterns, **kwargs):
+        asked.append(allow_patterns)
+        for path in remote.rglob("*"):
+            name = str(path.relative_to(remote))
+            if path.is_file() and any(fnmatch.fnmatch(name, pattern) for pattern in allow_patterns):
+                fetch(name)
+        return str(local)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.chdir(tmp_path)
+    argv = ["bench", "someorg/llama-bin", "--work", str(tmp_path / "w"), "--device", "cpu", "--json"]
+    argv += ["--systems", "in_memory,streamed", "--modes", "warm", "--paired-calls", "0", "--max-new-tokens", "2"]
+    assert main(argv) == 0
+    rows = {r["system"]: r for r in json.loads(capsys.readouterr().out)["rows"]}
+    assert rows["in_memory"]["s_per_token"] and rows["streamed"]["same_tokens"] is True
+    assert asked[-1] == ["pytorch_model*.bin"] and (local / "pytorch_model.bin").is_file()
+
+
 def test_bench_refuses_a_checkpoint_of_another_model_than_the_shards(tmp_path, capsys, checkpoints):
     """`bench SHARDS --checkpoint OTHER` measured both and said the streamed output was not the same (exit 1), as if
     streaming were wrong. Refused before anything is measured, as another model."""
