@@ -278,14 +278,16 @@ def _settings_digest(
     legacy=False,
     seed: int | None = None,
     prefill: bool = False,
+    messages: bool = False,
 ) -> str:
     """A fingerprint of what decides a job's results besides the prompt and the model: how prompts are rendered (the
-    chat template's text, where `chat` renders them with it), the generation settings (not those that only change
-    the speed, such as a draft model or prompt lookup) and `seed` (given for a sampled job only: greedy results do
-    not depend on it; without it, the fingerprint is the one made before seeds were part of it) and `prefill`: some
-    conversation ends with an assistant turn, which the reply continues (rendered as a new turn after it before, so
-    results written then are not taken). `legacy`: as hf_layerstream 0.1.0 made it (`chat` as a flag, see
-    `_describe`)."""
+    chat template's text, where `chat` or a conversation has it render them), the generation settings (not those
+    that only change the speed, such as a draft model or prompt lookup) and `seed` (given for a sampled job only:
+    greedy results do not depend on it; without it, the fingerprint is the one made before seeds were part of it) and
+    `prefill`: some conversation ends with an assistant turn, which the reply continues (rendered as a new turn after
+    it before, so results written then are not taken). `messages`: some prompt is a conversation, which the chat template renders
+    whatever `chat` says (its text was left out then: a resume with another template mixed results). `legacy`: as
+    hf_layerstream 0.1.0 made it (`chat` as a flag, see `_describe`)."""
     generation = {k: v for k, v in config.to_diff_dict().items() if k not in _NOT_IN_SETTINGS}
     custom = ("logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "custom_generate")
     templated = bool(chat and _has_chat_template(tokenizer))
@@ -296,6 +298,8 @@ def _settings_digest(
             k: _describe(generate_kwargs[k], legacy=legacy) for k in custom if generate_kwargs.get(k) is not None
         },
     }
+    if messages and not templated and not legacy and _has_chat_template(tokenizer):
+        settings["template"] = str(tokenizer.chat_template)  # (the conversations'; "prompt" lines are plain text)
     if seed is not None:
         settings["seed"] = seed
     if prefill:
@@ -666,11 +670,19 @@ def _read_input(path: Path) -> list[_Prompt]:
 
 
 def _load_done(
-    path: Path, by_key: dict[str, _Prompt], settings: Collection[str], *, unseeded: str | None = None, seed=None
+    path: Path,
+    by_key: dict[str, _Prompt],
+    settings: Collection[str],
+    *,
+    unseeded: str | None = None,
+    seed=None,
+    untemplated: Collection[str] = (),
 ) -> tuple[dict[str, dict], bool]:
     """Results already in `path`, by id key; drops a torn last line (a crash mid-write). Returns (done, repaired).
     `unseeded`: for a sampled job given `seed`, the fingerprint of its settings without it, which results written
-    before seeds were part of it carry: taken, with a warning."""
+    before seeds were part of it carry: taken, with a warning. `untemplated`: for a job of conversations, the
+    fingerprints of its settings without the chat template (with and without the seed), which results written before
+    the template was part of them carry: taken, with a warning."""
     if not path.exists():
         return {}, False
     with open(path, "rb") as f:
@@ -681,6 +693,7 @@ def _load_done(
     repaired = False
     unchecked = 0
     seedless = 0
+    templateless = 0
     while pos < len(data):
         nl = data.find(b"\n", pos)
         end = len(data) if nl < 0 else nl + 1
@@ -724,6 +737,8 @@ def _load_done(
             unchecked += 1
         elif unseeded is not None and record["settings_sha256"] == unseeded:
             seedless += 1
+        elif record["settings_sha256"] in untemplated:
+            templateless += 1
         elif record["settings_sha256"] not in settings:
             raise ValueError(
                 f"`output_path` {path} has a result for id {record['id']!r} made with other settings than this "
@@ -740,6 +755,13 @@ def _load_done(
             "%d results in %s have no `settings_sha256` (an older hf_layerstream wrote them): whether they were made "
             "with this run's settings is not checked.",
             unchecked,
+            path,
+        )
+    if templateless:
+        logger.warning(
+            "%d results in %s record no chat template (an older hf_layerstream wrote them): whether their "
+            "conversations were rendered with this run's template is not checked.",
+            templateless,
             path,
         )
     if seedless:
@@ -863,7 +885,10 @@ def generate_jsonl(
     sampled_seed = seed if config.do_sample else None  # (greedy results do not depend on it)
     items = _read_input(input_path)
     prefill = any(_continues_final_message(p.prompt) for p in items)
-    settings = _settings_digest(tokenizer, chat, config, generate_kwargs, seed=sampled_seed, prefill=prefill)
+    messages = any(isinstance(p.prompt, list) for p in items)  # (rendered with the chat template, whatever `chat`)
+    settings = _settings_digest(
+        tokenizer, chat, config, generate_kwargs, seed=sampled_seed, prefill=prefill, messages=messages
+    )
     by_key = {p.key: p for p in items}
     output_path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -878,9 +903,26 @@ def generate_jsonl(
         unseeded = (
             None
             if sampled_seed is None
-            else _settings_digest(tokenizer, chat, config, generate_kwargs, prefill=prefill)
+            else _settings_digest(tokenizer, chat, config, generate_kwargs, prefill=prefill, messages=messages)
         )
-        done, repaired = _load_done(output_path, by_key, {settings, legacy}, unseeded=unseeded, seed=sampled_seed)
+        # (and results written before a conversation's chat template was, with a warning)
+        untemplated = (
+            {
+                _settings_digest(tokenizer, chat, config, generate_kwargs, seed=sampled_seed, prefill=prefill),
+                _settings_digest(tokenizer, chat, config, generate_kwargs, prefill=prefill),
+            }
+            - {settings}
+            if messages
+            else set()
+        )
+        done, repaired = _load_done(
+            output_path,
+            by_key,
+            {settings, legacy},
+            unseeded=unseeded,
+            seed=sampled_seed,
+            untemplated=untemplated,
+        )
         todo = [p for p in items if p.key not in done]
         stats = {"input": str(input_path), "output": str(output_path), "prompts": len(items), "skipped": len(done)}
         stats.update(_new_stats(batch_size))

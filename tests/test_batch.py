@@ -741,6 +741,48 @@ def test_resume_refuses_another_logits_processor_or_chat_template(llama, tmp_pat
     assert stats["skipped"] == 1 and stats["generated"] == 1
 
 
+def test_resume_refuses_another_chat_template_for_conversation_lines(llama, tmp_path, caplog):
+    """`{"messages": [...]}` lines are rendered with the chat template whether or not `chat` is set, but the template
+    was part of the settings only with `chat=True`: a job of conversations resumed with another template (`--tokenizer`
+    of another model) took the first run's results and rendered the rest otherwise, silently mixing them. The
+    template is a setting wherever a prompt is a conversation; the same one resumes, and results written before
+    (no template in their fingerprint) resume with a warning."""
+    from hf_layerstream import batch
+
+    model, tok, _ = llama
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    lines = [{"id": i, "messages": [{"role": "user", "content": p}]} for i, p in enumerate(PROMPTS[:2])]
+    inp.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    generate_jsonl(model, tok, inp, tmp_path / "straight.jsonl", progress=False, max_new_tokens=3)
+    first = (tmp_path / "straight.jsonl").read_text().splitlines(True)[0]
+    out.write_text(first)  # as if killed after the first prompt
+    templated = tok.chat_template
+    tok.chat_template = templated.replace("assistant:", "answer:")
+    try:
+        with pytest.raises(ValueError, match="made with other settings than this run's"):
+            generate_jsonl(model, tok, inp, out, progress=False, max_new_tokens=3)
+    finally:
+        tok.chat_template = templated
+    assert out.read_text() == first
+    stats = generate_jsonl(model, tok, inp, out, progress=False, max_new_tokens=3)
+    assert stats["skipped"] == 1 and stats["generated"] == 1
+    assert out.read_text() == (tmp_path / "straight.jsonl").read_text()
+    # with "prompt" lines too, `chat` still decides how those are rendered: a resume with another is refused
+    inp.write_text(inp.read_text() + json.dumps({"id": 2, "prompt": PROMPTS[2]}) + "\n")
+    with pytest.raises(ValueError, match="made with other settings than this run's"):
+        generate_jsonl(model, tok, inp, out, progress=False, max_new_tokens=3, chat=True)
+    assert generate_jsonl(model, tok, inp, out, progress=False, max_new_tokens=3)["generated"] == 1
+    # a result written before the template was part of the settings: taken, with a warning (a sampled, seeded job)
+    sampled = {"max_new_tokens": 3, "do_sample": True, "top_k": 0}
+    config = batch._check_kwargs(model, 8, dict(sampled))[1]
+    record = json.loads(first)
+    record["settings_sha256"] = batch._settings_digest(tok, False, config, dict(sampled), seed=5)
+    out.write_text(json.dumps(record) + "\n")
+    with caplog.at_level(logging.WARNING, logger="hf_layerstream.batch"):
+        stats = generate_jsonl(model, tok, inp, out, progress=False, seed=5, **sampled)
+    assert stats["skipped"] == 1 and "record no chat template" in caplog.text
+
+
 def test_a_prompt_past_a_learned_position_table_is_refused_before_any_generation(checkpoints, tmp_path):
     """GPT-2's learned table of 256 positions here: a job whose longest prompt and `max_new_tokens` ran past it ended
     in a torch `IndexError` traceback part way through the first batch (`hf-layerstream generate --input` too), with
