@@ -598,6 +598,36 @@ def generate_batch(
 # --- JSONL jobs ---------------------------------------------------------------------------------------------------
 
 
+def _check_paths(input_path: Path, output_path: Path) -> None:
+    """A job's files, as far as they can be checked without reading them (and without a model)."""
+    if not input_path.exists():
+        raise FileNotFoundError(
+            f"`input_path` {input_path} does not exist; give a JSONL file with one prompt per line."
+        )
+    if input_path.is_dir():
+        raise ValueError(f"`input_path` {input_path} is a directory; give a JSONL file with one prompt per line.")
+    if output_path.resolve() == input_path.resolve():
+        raise ValueError(f"`output_path` {output_path} is the input file; write results to another file.")
+    if output_path.exists() and not output_path.is_file():
+        # (a pipe or `/dev/stdout` waited forever for the read-back, `/dev/null` failed to fsync after the first batch)
+        raise ValueError(
+            f"`output_path` {output_path} is not a regular file: the results are read back (to resume a job) and "
+            "rewritten in input order at the end. Write them to a file."
+        )
+
+
+def check_job(input_path: str | os.PathLike, output_path: str | os.PathLike, batch_size: Any = 8) -> None:
+    """What `generate_jsonl` refuses of its files and batch size without a model: for the command line to refuse
+    them before the model loads (a hub shard directory is downloaded first). An input that is a regular file is read
+    (its lines checked); a pipe is left for the job to read, once."""
+    input_path, output_path = Path(input_path), Path(output_path)
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"`batch_size` must be a positive int (e.g. 8 or 16), got {batch_size!r}.")
+    _check_paths(input_path, output_path)
+    if input_path.is_file() and not str(input_path).startswith("/dev/"):  # (`--input -`: standard input, left alone)
+        _read_input(input_path)
+
+
 def _read_input(path: Path) -> list[_Prompt]:
     # (read once: a pipe, `/dev/stdin` or `<(...)`, does too)
     if not path.exists():
@@ -871,14 +901,7 @@ def generate_jsonl(
     """
     input_path = Path(input_path)
     output_path = Path(output_path)
-    if output_path.resolve() == input_path.resolve():
-        raise ValueError(f"`output_path` {output_path} is the input file; write results to another file.")
-    if output_path.exists() and not output_path.is_file():
-        # (a pipe or `/dev/stdout` waited forever for the read-back, `/dev/null` failed to fsync after the first batch)
-        raise ValueError(
-            f"`output_path` {output_path} is not a regular file: the results are read back (to resume a job) and "
-            "rewritten in input order at the end. Write them to a file."
-        )
+    _check_paths(input_path, output_path)
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise TypeError(f"`seed` must be an int or None, got {seed!r}.")
     batch_size, config, mode = _check_kwargs(model, batch_size, generate_kwargs)

@@ -632,6 +632,10 @@ def _cmd_generate(args) -> int:
         ("--num-assistant-tokens", args.num_assistant_tokens, "--assistant", args.assistant),
         ("--adapter-revision", args.adapter_revision, "--adapter", args.adapter),
     )
+    if args.input:  # (before the model loads, which downloads a hub one's layers first: not minutes later)
+        from .batch import check_job
+
+        check_job(args.input, args.output, 8 if args.batch_size is None else args.batch_size)
     if not args.input:  # (before the model loads: a missing prompt is refused at once, not minutes later)
         # (from standard input: without the newline that ends the piped text)
         prompt = args.prompt if args.prompt is not None else _prompt_from_stdin()

@@ -1032,6 +1032,38 @@ def test_input_dash_reads_standard_input_and_output_dash_is_refused(split_dir, t
     assert not (tmp_path / "-").exists()
 
 
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing", "`--input` {tmp}/missing.jsonl does not exist"),
+        ("not-json", "in.jsonl:2 is not valid JSON"),
+        ("output-folder", "`--output` {tmp} is not a regular file"),
+        ("output-is-input", "is the input file; write results to another file"),
+        ("batch-size-0", "`--batch-size` must be a positive int"),
+    ],
+    ids=["missing", "not-json", "output-folder", "output-is-input", "batch-size-0"],
+)
+def test_a_jsonl_job_is_refused_before_the_model_loads(split_dir, tmp_path, monkeypatch, capsys, case, message):
+    """`generate --input` checked its files and batch size only once the model was loaded: for a hub shard
+    directory, after its layers were downloaded (minutes, for a large model), it then said that the input file did
+    not exist, or that line 2 was not JSON. Refused before the model loads now, as a missing prompt is."""
+    import hf_layerstream.cli as cli
+
+    _, shards = split_dir
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text('{"id": 1, "prompt": "Hello"}\n' + ('{"id": 2, "prompt": \n' if case == "not-json" else ""))
+    if case == "missing":
+        inp = tmp_path / "missing.jsonl"
+    out = {"output-folder": tmp_path, "output-is-input": inp}.get(case, out)
+    loads = []
+    monkeypatch.setattr(cli, "load_streamed_model", lambda *a, **k: loads.append(1))
+    argv = ["generate", str(shards), "--input", str(inp), "--output", str(out), "--device", "cpu"]
+    assert main([*argv, *(["--batch-size", "0"] if case == "batch-size-0" else [])]) == 2
+    err = capsys.readouterr().err
+    assert loads == [] and message.format(tmp=tmp_path) in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out.jsonl").exists()
+
+
 def test_max_memory_is_named_as_the_option_writes_it(split_dir, capsys, caplog):
     """The command line's messages wrote budgets as Python does: `max_memory['cpu'] = 1.0 KiB cannot hold ...` (in
     `inspect`'s warning line and `generate`'s logged warning) and `e.g. {0: '4GiB', 'cpu': '16GiB'}` for a key it
