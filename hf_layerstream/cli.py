@@ -719,6 +719,15 @@ def _cmd_generate(args) -> int:
             stats = generate_jsonl(
                 model, tok, args.input, args.output, batch_size=batch_size, chat=args.chat, seed=args.seed, **gen_kwargs
             )
+        except (RuntimeError, MemoryError) as e:
+            if not _out_of_memory(e):
+                raise
+            # (a traceback before; the batch size is not one of the job's settings: a smaller one resumes it)
+            raise ValueError(
+                f"Out of memory generating a batch of up to {batch_size} prompts ({_first_line(e)}). The results of "
+                f"the batches done are in {args.output}; run the same command with a smaller `--batch-size` to go on "
+                "from there."
+            ) from e
         finally:
             if job is not None:
                 job.stop()
@@ -756,6 +765,26 @@ def _cmd_generate(args) -> int:
     ):
         print(state.profile.summary(), file=sys.stderr)
     return 0
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """Whether `e`, or what caused it (a layer that failed to load: `LayerLoadError`), is torch running out of memory:
+    `torch.OutOfMemoryError` on a GPU, a `RuntimeError` of its CPU allocator, `MemoryError`."""
+    import torch
+
+    oom = getattr(torch, "OutOfMemoryError", ())
+    while e is not None:
+        if isinstance(e, MemoryError) or (oom and isinstance(e, oom)):
+            return True
+        if isinstance(e, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(e):
+            return True
+        e = e.__cause__
+    return False
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"
 
 
 def _prompt_from_stdin() -> str:

@@ -1064,6 +1064,38 @@ def test_a_jsonl_job_is_refused_before_the_model_loads(split_dir, tmp_path, monk
     assert not (tmp_path / "out.jsonl").exists()
 
 
+@pytest.mark.parametrize("error", ["gpu", "cpu"])
+def test_a_jsonl_job_out_of_memory_names_the_batch_size_in_one_line(split_dir, tmp_path, capsys, monkeypatch, error):
+    """A batch too large for the memory (`--batch-size 64` on a GPU) ended `generate --input` in torch's traceback.
+    It is one line now, naming the batch size and that a smaller one resumes the job (the batch size is not one of its
+    settings), and the batches done before are kept: the same command with a smaller `--batch-size` finishes it."""
+    from transformers.generation.utils import GenerationMixin
+
+    _, shards = split_dir
+    lines = "".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in enumerate(_models.SAMPLE_PROMPTS[:3]))
+    (tmp_path / "in.jsonl").write_text(lines)
+    out = tmp_path / "out.jsonl"
+    argv = ["generate", str(shards), "--input", str(tmp_path / "in.jsonl"), "--output", str(out)]
+    argv += ["--max-new-tokens", "3", "--device", "cpu"]
+    real = GenerationMixin.generate
+
+    def generate(self, input_ids, **kwargs):
+        if input_ids.shape[0] > 1:  # (a batch of one fits)
+            if error == "gpu":
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore details")
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: ...")
+        return real(self, input_ids, **kwargs)
+
+    monkeypatch.setattr(GenerationMixin, "generate", generate)
+    assert main([*argv, "--batch-size", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("hf-layerstream generate: error: Out of memory generating a batch of up to 2 prompts (")
+    assert f"The results of the batches done are in {out}; run the same command with a smaller `--batch-size`" in err
+    assert main([*argv, "--batch-size", "1"]) == 0
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == [0, 1, 2]
+    capsys.readouterr()
+
+
 def test_max_memory_is_named_as_the_option_writes_it(split_dir, capsys, caplog):
     """The command line's messages wrote budgets as Python does: `max_memory['cpu'] = 1.0 KiB cannot hold ...` (in
     `inspect`'s warning line and `generate`'s logged warning) and `e.g. {0: '4GiB', 'cpu': '16GiB'}` for a key it
