@@ -642,6 +642,11 @@ def _read_input(path: Path) -> list[_Prompt]:
             try:  # (a byte-order mark, as some Windows editors write, is not JSON)
                 line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError as e:
+                if lineno == 1 and raw[:2] in (b"\xff\xfe", b"\xfe\xff"):  # (Windows PowerShell's `>` writes it)
+                    raise ValueError(
+                        f"{where}: the file is UTF-16 text (it begins with a UTF-16 byte-order mark); convert it to "
+                        "UTF-8 (e.g. `iconv -f UTF-16 -t UTF-8`)."
+                    ) from None
                 raise ValueError(
                     f"{where} is not UTF-8 text ({e.reason} at byte {e.start}); convert the file to "
                     "UTF-8 (e.g. `iconv -f LATIN1 -t UTF-8`)."

@@ -694,6 +694,19 @@ def test_an_unpaired_surrogate_is_refused_when_the_input_is_read(llama, tmp_path
         assert not (tmp_path / "out.jsonl").exists()
 
 
+def test_a_utf16_input_file_is_named_so(llama, tmp_path):
+    """A JSONL file saved as UTF-16 (Windows PowerShell's `>` and `Out-File` write it, with a byte-order mark) was
+    called "not UTF-8 text (invalid start byte at byte 0)", with `iconv -f LATIN1` as the fix, which gives a file of
+    NUL bytes. It is named as UTF-16 now, with the conversion that works."""
+    model, tok, _ = llama
+    text = json.dumps({"id": 1, "prompt": "Hello"}) + "\n"
+    for codec in ("utf-16-le", "utf-16-be"):
+        (tmp_path / "in.jsonl").write_bytes(("\ufeff" + text).encode(codec))
+        with pytest.raises(ValueError, match=r"in.jsonl:1: the file is UTF-16 text .*`iconv -f UTF-16 -t UTF-8`"):
+            generate_jsonl(model, tok, tmp_path / "in.jsonl", tmp_path / "out.jsonl", progress=False, max_new_tokens=2)
+    assert not (tmp_path / "out.jsonl").exists()
+
+
 def test_resume_refuses_another_logits_processor_or_chat_template(llama, tmp_path):
     """The fingerprint took an object passed to `generate` (a logits processor, a stopping criterion) by its class's
     name, and `chat` as a flag: a resumed job suppressing other tokens, or rendering prompts with another chat template
