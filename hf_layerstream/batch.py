@@ -818,8 +818,13 @@ def _load_done(
     return done, repaired
 
 
+# characters `str.splitlines()` (and so `Path.read_text().splitlines()`) ends a line at, which JSON leaves as they are
+# in a string: escaped, so that a result is one line however the file is split (a completion holding one was two)
+_LINE_BREAKS = str.maketrans({c: f"\\u{ord(c):04x}" for c in "\x85\u2028\u2029"})
+
+
 def _dumps(record: dict) -> bytes:
-    return (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+    return (json.dumps(record, ensure_ascii=False).translate(_LINE_BREAKS) + "\n").encode("utf-8")
 
 
 def _lock(f, path: Path) -> None:

@@ -707,6 +707,23 @@ def test_a_utf16_input_file_is_named_so(llama, tmp_path):
     assert not (tmp_path / "out.jsonl").exists()
 
 
+def test_a_completion_holding_a_unicode_line_separator_stays_on_one_line(llama, tmp_path, monkeypatch):
+    """JSON leaves U+2028, U+2029 and U+0085 (NEL) as they are in a string, and the results were written with
+    `ensure_ascii=False`: a completion holding one (a model can generate them) made its result two lines for
+    `str.splitlines()` (`Path.read_text().splitlines()`), which then failed to parse. They are escaped now: one line
+    per prompt however the file is split, the completion itself unchanged."""
+    from hf_layerstream import batch
+
+    model, tok, _ = llama
+    odd = "one\u2028two\u2029three\x85four é"
+    monkeypatch.setattr(batch, "completion_text", lambda *a: odd)
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(p) + "\n" for p in PROMPTS[:3]))
+    generate_jsonl(model, tok, tmp_path / "in.jsonl", tmp_path / "out.jsonl", progress=False, max_new_tokens=2)
+    lines = (tmp_path / "out.jsonl").read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 3 and [json.loads(line)["completion"] for line in lines] == [odd] * 3
+    assert "é" in lines[0]  # (other text is written as it is, not escaped)
+
+
 def test_resume_refuses_another_logits_processor_or_chat_template(llama, tmp_path):
     """The fingerprint took an object passed to `generate` (a logits processor, a stopping criterion) by its class's
     name, and `chat` as a flag: a resumed job suppressing other tokens, or rendering prompts with another chat template
