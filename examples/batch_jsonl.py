@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template to plain prompts")
     p.add_argument("--device", default=None)
     args = p.parse_args(argv)
-    if not os.path.isfile(args.input):  # (before the model is built: a usage error, not a traceback)
+    # (before the model is built: a usage error, not a traceback; a pipe, `<(...)`, is read as a file is)
+    if not os.path.exists(args.input) or os.path.isdir(args.input):
         p.error(f"no input file {args.input!r}")
 
     with init_empty_weights():

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import threading
 from pathlib import Path
 
 import _models
@@ -160,6 +162,20 @@ def test_batch_jsonl_writes_the_loaded_models_completions(checkpoints, tmp_path,
     )
     assert [r["id"] for r in rows] == ["p0", "p1", "p2"]
     assert [r["completion"] for r in rows] == expected
+    capsys.readouterr()
+    # the prompts from a pipe (`<(...)`), as `generate_jsonl` takes them: it refused one as "no input file"
+    fifo = tmp_path / "prompts.fifo"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_bytes(src.read_bytes()))
+    writer.start()
+    try:
+        _example("batch_jsonl").main([str(shards), str(fifo), str(tmp_path / "piped.jsonl"), *argv[3:]])
+    finally:
+        if writer.is_alive():  # (refused before it was read: let the writer go)
+            with open(fifo, "rb") as f:
+                f.read()
+        writer.join()
+    assert (tmp_path / "piped.jsonl").read_text() == dst.read_text()
     capsys.readouterr()
 
 
