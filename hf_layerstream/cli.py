@@ -617,6 +617,13 @@ def _cmd_generate(args) -> int:
         raise ValueError(f"`--adapter` {args.adapter} is a folder without an adapter_config.json, not a PEFT adapter.")
     if args.input == "-":  # (the usual name for standard input: it was looked for as a file named "-")
         args.input = "/dev/stdin"  # (read once, as a pipe is)
+        if sys.stdin is not None and sys.stdin.isatty():  # (it waited silently, once the model had loaded)
+            print(
+                "Reading the prompts (JSONL, one per line) from standard input once the model has loaded; end them "
+                "with Ctrl-D.",
+                file=sys.stderr,
+                flush=True,
+            )
     if args.output == "-":
         raise ValueError(
             "`--output` - (standard output) is not supported: the results go to a regular file, read back to resume "

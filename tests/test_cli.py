@@ -1023,7 +1023,21 @@ def test_input_dash_reads_standard_input_and_output_dash_is_refused(split_dir, t
     assert piped.returncode == 0, piped.stderr
     assert (tmp_path / "piped.jsonl").read_text() == (tmp_path / "file.jsonl").read_text()
     assert len((tmp_path / "piped.jsonl").read_text().splitlines()) == 2
+    assert "Reading the prompts" not in piped.stderr  # (from a pipe: nothing to say)
     capsys.readouterr()
+
+    # from a terminal it waited silently once the model had loaded: a line says what it waits for (here the output, a
+    # folder, is refused next, before anything is read)
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(sys, "stdin", Terminal(""))
+        assert main(["generate", str(shards), "--input", "-", "--output", str(tmp_path), *common]) == 2
+    err = capsys.readouterr().err
+    assert "Reading the prompts (JSONL, one per line) from standard input once the model has loaded; end them" in err
+    assert "is not a regular file" in err
     argv = ["generate", str(shards), "--input", str(tmp_path / "in.jsonl"), "--output", "-", *common]
     with pytest.MonkeyPatch.context() as m:
         m.chdir(tmp_path)
