@@ -406,7 +406,10 @@ def _device_key(device: torch.device) -> int | str:
 def check_max_memory(max_memory: dict | None) -> None:
     """Every key is one accelerate knows (GPU indices, `"cpu"`, `"disk"`, which streaming ignores: the shards are the
     disk; also GPU indices as digit strings, as a JSON config gives them) and every value a size: a misspelled key
-    would otherwise be ignored silently, and the plan built on a default the caller meant to replace."""
+    would otherwise be ignored silently, and the plan built on a default the caller meant to replace. A GPU given
+    twice, as an int and as its digits (`{0: "1GiB", "0": "4GiB"}`: a JSON config merged with a Python dict), is refused
+    as the command line refuses `--max-memory 0=1GiB,0=4GiB`: the plan took the int's and ignored the other."""
+    seen: dict[int, object] = {}
     for key, value in (max_memory or {}).items():
         index = isinstance(key, numbers.Integral) and not isinstance(key, bool) and key >= 0  # (NumPy's too)
         # (as `_max_memory_for` looks them up: "00" would be ignored, and the plan built on the default)
@@ -421,6 +424,13 @@ def check_max_memory(max_memory: dict | None) -> None:
                 f"`max_memory` key {key!r} is not recognized{hint}: use GPU indices (0, 1, ...), 'cpu' or 'disk', as "
                 f"accelerate does, e.g. {{0: '4GiB', 'cpu': '16GiB'}}."
             )
+        if key not in ("cpu", "disk"):
+            gpu = int(key)
+            if gpu in seen:
+                raise ValueError(
+                    f"`max_memory` gives GPU {gpu} twice, as {seen[gpu]!r} and {key!r}: give its budget once."
+                )
+            seen[gpu] = key
         parse_size(value)
 
 

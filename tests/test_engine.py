@@ -179,11 +179,30 @@ def test_max_memory_keys_and_sizes_are_checked(llama, max_memory, match, caplog)
     with caplog.at_level(logging.WARNING, logger="hf_layerstream.engine"):
         plan = plan_residency(ShardDirectory(shards), torch.device("cpu"), max_memory={"disk": "1TB", "cpu": "1GiB"})
     assert plan.budgets["cpu"] > 0 and "ignored" not in caplog.text  # ('disk' is accepted, as accelerate's)
-    budget = {"0": "1GiB", "disk": "1TB", 0: 1}
+    budget = {"0": "1GiB", "disk": "1TB", 1: 1}
     with caplog.at_level(logging.WARNING, logger="hf_layerstream.engine"):
         plan = plan_residency(ShardDirectory(shards), torch.device("cpu"), max_memory=budget)
     assert plan.budgets["cpu"] > 0  # GPU indices (int or digits) and 'disk' are accepted; on CPU they do not apply
-    assert "`max_memory` gives a budget for GPU 0, but the model streams on the CPU" in caplog.text
+    assert "`max_memory` gives a budget for GPU 0, 1, but the model streams on the CPU" in caplog.text
+
+
+@pytest.mark.parametrize("on_gpu", [False, True])  # (a GPU's plan from its budget: no GPU needed)
+def test_a_gpu_given_twice_as_an_int_and_as_its_digits_is_refused(on_gpu):
+    """`{0: "1GiB", "0": "4GiB"}` (a JSON config's budget merged with a Python dict's) planned with the int's budget
+    and ignored the other without a word, where `--max-memory 0=1GiB,0=4GiB` is refused; now it is refused too,
+    naming the GPU and both keys. Other GPUs, each given once in either form, are accepted."""
+    from conftest import shaped_shard_dir
+
+    shards = shaped_shard_dir(4, 1000, 100)
+    where = torch.device("cuda", 0) if on_gpu else torch.device("cpu")
+    for budget in ({0: "1GiB", "0": "4GiB"}, {"1": 0, 0: "1GiB", 1: "1MiB"}):
+        gpu = "0" if "0" in budget else "1"
+        with pytest.raises(
+            ValueError, match=rf"`max_memory` gives GPU {gpu} twice, as .* and .*: give its budget once"
+        ):
+            plan_residency(shards, where, max_memory=budget, keep_in_page_cache=False)
+    plan = plan_residency(shards, where, max_memory={"0": "4GiB", 1: 0, "cpu": "1GiB"}, keep_in_page_cache=False)
+    assert plan.budgets["cpu"] == 2**30 and (not on_gpu or plan.budgets["0"] == 4 * 2**30)
 
 
 def test_a_budget_past_a_floats_range_plans_and_prints(llama, capsys):
