@@ -504,7 +504,7 @@ def plan_residency(
         if gpus:  # (they were ignored without a word)
             logger.warning(
                 "`max_memory` gives a budget for GPU %s, but the model streams on the CPU, where only max_memory['cpu'] "
-                "counts: ignored. Pass device='cuda' (`--device cuda`) to stream on a GPU.",
+                "counts: ignored. Pass device='cuda' to stream on a GPU.",  # (the command line writes it `--device 'cuda'`)
                 ", ".join(dict.fromkeys(str(k) for k in gpus)),  # ("0" and 0: the same GPU)
             )
         room = host_budget - resident - working

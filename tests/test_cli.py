@@ -1133,6 +1133,24 @@ def test_max_memory_is_named_as_the_option_writes_it(split_dir, capsys, caplog):
     assert not any(isinstance(f, _OptionNames) for h in logging.getLogger().handlers for f in h.filters)
 
 
+def test_a_gpu_budget_on_the_cpu_is_named_once_as_the_option_writes_it(split_dir, capsys, caplog):
+    """`inspect --device cpu --max-memory 0=1GiB` warned "Pass --device 'cuda' (`--device cuda`) to stream on a
+    GPU": the library's `device='cuda'`, written as the option, beside the option the message already named. The
+    option is named once, as the command line writes it; the library's record names the argument."""
+    _, shards = split_dir
+    with caplog.at_level(logging.WARNING, logger="hf_layerstream"):
+        assert main(["inspect", str(shards), "--device", "cpu", "--max-memory", "0=1GiB"]) == 0
+    warning = next(r.getMessage() for r in caplog.records if "budget for GPU 0" in r.getMessage())
+    assert warning.endswith("ignored. Pass --device 'cuda' to stream on a GPU."), warning
+    assert warning.count("--device") == 1 and "device=" not in warning
+    caplog.clear()
+    from hf_layerstream.engine import plan_residency
+
+    with caplog.at_level(logging.WARNING, logger="hf_layerstream"):
+        plan_residency(ShardDirectory(shards), torch.device("cpu"), max_memory={0: "1GiB"}, keep_in_page_cache=False)
+    assert "Pass device='cuda' to stream on a GPU." in caplog.text and "--device" not in caplog.text
+
+
 def test_inspect_keeps_its_labels_aligned_for_a_device_not_on_this_machine(split_dir, capsys):
     """`plan on cuda:0 (not on this machine)` ran past the 16 columns of the labels, the plan after it unaligned."""
     if torch.cuda.is_available():
