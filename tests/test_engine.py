@@ -186,6 +186,32 @@ def test_max_memory_keys_and_sizes_are_checked(llama, max_memory, match, caplog)
     assert "`max_memory` gives a budget for GPU 0, 1, but the model streams on the CPU" in caplog.text
 
 
+def test_prefetch_takes_numpys_integers_and_refuses_what_is_not_a_count(llama):
+    """`prefetch=np.int64(1)` (a value from a NumPy sweep) was refused as "must be a non-negative int, got
+    np.int64(1)", where `max_memory` takes NumPy's integers; it streams as 1 does now, its plan's `prefetch` a Python
+    int (the plan's `to_dict()` stays JSON), and `inspect`'s plan is the same. Bools, floats, strings and negatives are
+    still refused."""
+    import json
+
+    import numpy as np
+
+    from hf_layerstream.stream import plan_shard_dir
+
+    ckpt, shards, inputs, expected, pad = llama
+    model = streamed_model(ckpt, shards, max_memory={"cpu": 0}, prefetch=np.int64(1))
+    plan = get_streaming_state(model).plan
+    assert type(plan.prefetch) is int and plan.prefetch == 1 and plan.streamed == list(range(6))
+    assert json.loads(json.dumps(plan.to_dict()))["prefetch"] == 1
+    assert get_streaming_state(model).loader.prefetch == 1
+    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+    disable_layer_streaming(model)
+    shown = plan_shard_dir(ShardDirectory(shards), torch.device("cpu"), prefetch=np.uint8(2), max_memory={"cpu": 0})
+    assert type(shown.prefetch) is int and shown.prefetch == 2
+    for bad in (True, 1.0, "2", -1, np.int64(-1)):
+        with pytest.raises(ValueError, match=r"`prefetch` must be a non-negative int, got"):
+            streamed_model(ckpt, shards, prefetch=bad)
+
+
 @pytest.mark.parametrize("on_gpu", [False, True])  # (a GPU's plan from its budget: no GPU needed)
 def test_a_gpu_given_twice_as_an_int_and_as_its_digits_is_refused(on_gpu):
     """`{0: "1GiB", "0": "4GiB"}` (a JSON config's budget merged with a Python dict's) planned with the int's budget
