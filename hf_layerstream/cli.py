@@ -899,7 +899,7 @@ def _cmd_demo(args) -> int:
 def _cmd_inspect(args) -> int:
     import torch
 
-    from .engine import budget_shortfall, host_memory, size_text
+    from .engine import budget_shortfall, host_budget_shortfall, host_memory, size_text
     from .modeling import resolve_dtype
     from .shard_dir import ShardDirectory, local_shard_dir
     from .stream import plan_shard_dir
@@ -950,7 +950,11 @@ def _cmd_inspect(args) -> int:
         "plan": plan.to_dict(),
         "device_available": not absent,
         "host_memory": memory,
-        "warning": budget_shortfall(plan, max_memory),
+        # (the execution device's budget, then, on a GPU, host RAM's: each a sentence, joined)
+        "warning": " ".join(
+            w for w in (budget_shortfall(plan, max_memory), host_budget_shortfall(plan, max_memory)) if w
+        )
+        or None,
         # (its config.json edited since the split: a model built from it is refused; a re-run of the split writes it
         # back. Builds the model on meta: about a second for a 70B one)
         "config_problem": _config_problem(shards),

@@ -710,6 +710,30 @@ def budget_shortfall(plan: ResidencyPlan, max_memory: dict | None) -> str | None
     )
 
 
+def host_budget_shortfall(plan: ResidencyPlan, max_memory: dict | None) -> str | None:
+    """A GPU plan: a warning where the caller's `max_memory["cpu"]` (given, and not 0: nothing asked of it) cannot
+    hold the pinned host RAM the plan takes there (`_over_host_budget`): the staging buffers of the layers read from
+    the disk, one per layer in flight, and what it keeps in host RAM. The plan keeps no layer there where the buffers
+    take the budget, and does not lower `prefetch` for it (see `deepen_prefetch`), so the budget was exceeded without
+    a word; pinned memory is not reclaimed. `None` otherwise, and on CPU, where `budget_shortfall` tells."""
+    budget = _max_memory_for(max_memory, "cpu")
+    if plan.device.type == "cpu" or not budget or not _over_host_budget(plan):
+        return None
+    biggest = max((plan.stored_bytes[i] for i in plan.streamed), default=0)
+    buffers = min(plan.prefetch + 1, len(plan.streamed))
+    staging = _staging_bytes(plan.stored_bytes, plan.streamed, plan.prefetch)
+    kept = sum(plan.stored_bytes[i] for i in plan.host_layers) + plan.host_resident_bytes
+    what = f"{buffers} staging buffer{'s' if buffers != 1 else ''} for the layers read from the disk with "
+    what += f"prefetch={plan.prefetch} ({size_text(staging)})"
+    if kept:
+        what += f" and what it keeps in host RAM ({size_text(kept)})"
+    less = f" Each step less of `prefetch` saves {size_text(biggest)}." if plan.prefetch and buffers > 1 else ""
+    return (
+        f"max_memory['cpu'] = {size_text(budget)} cannot hold the pinned host RAM the plan takes there: {what}; "
+        f"about {size_text(staging + kept)} will be pinned.{less}"
+    )
+
+
 def size_text(nbytes: int) -> str:
     """`nbytes` for a message: in GiB from a tenth of one, else in MiB, KiB or bytes (a small model's sizes read 0.00
     GiB otherwise)."""

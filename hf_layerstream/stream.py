@@ -35,6 +35,7 @@ from .engine import (
     deepen_prefetch,
     empty_allocator_caches,
     fit_prefetch,
+    host_budget_shortfall,
     plan_residency,
     size_text,
 )
@@ -1288,9 +1289,9 @@ def _enable(
     prefetch = plan.prefetch
     deferred = deferrable if plan.dequantize == "module" else frozenset()
     host_parts = [p for p in host_parts if p.name in plan.host_resident]
-    shortfall = budget_shortfall(plan, max_memory)
-    if shortfall is not None:
-        logger.warning(shortfall)
+    for shortfall in (budget_shortfall(plan, max_memory), host_budget_shortfall(plan, max_memory)):
+        if shortfall is not None:
+            logger.warning(shortfall)
     prof = Profile() if profile else None
     handles: list = []
     loader = LayerLoader(

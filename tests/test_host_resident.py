@@ -25,7 +25,7 @@ from conftest import (
 from transformers import AutoConfig, AutoTokenizer
 
 from hf_layerstream import ShardDirectory, disable_layer_streaming, enable_layer_streaming, get_streaming_state
-from hf_layerstream.engine import budget_shortfall, fit_prefetch, plan_residency
+from hf_layerstream.engine import budget_shortfall, fit_prefetch, plan_residency, size_text
 from hf_layerstream.hooks import HostResident, HostResidentHook
 from hf_layerstream.stream import host_candidates
 
@@ -244,6 +244,38 @@ def test_on_cuda_reading_further_ahead_stays_within_the_host_budget(checkpoints)
     # with room for a layer more the plan keeps it in host RAM, as at prefetch 2
     plan = plan_shard_dir(m, CUDA0, max_memory={0: 0, "cpu": 4 * stored})
     assert plan.host_layers == [0] and plan.prefetch == 2
+
+
+def test_on_cuda_a_host_budget_the_staging_buffers_pass_is_warned_about(checkpoints, capsys):
+    """A GPU plan reading layers from the disk pins a staging buffer for each layer in flight, counted in
+    `max_memory["cpu"]`; where they alone pass it, the plan keeps prefetch 2 (the test above), and pinned memory past
+    the caller's host budget went without a word, in `enable` and in `inspect` (which warned for the device's budget
+    only). Now a warning names the buffers and the bytes pinned; none within the budget, for a budget of 0 (nothing
+    asked of host RAM), or on CPU (`budget_shortfall` tells there)."""
+    from hf_layerstream.cli import main
+    from hf_layerstream.engine import host_budget_shortfall
+    from hf_layerstream.stream import plan_shard_dir
+
+    _, shards = checkpoints("llama", num_hidden_layers=6)
+    m = ShardDirectory(shards)
+    stored = max(m.unit(f"layers.{i}").size for i in range(m.num_layers))
+    budget = {0: 0, "cpu": int(2.5 * stored)}
+    plan = plan_shard_dir(m, CUDA0, max_memory=budget)
+    assert plan.host_layers == [] and plan.prefetch == 2
+    warning = host_budget_shortfall(plan, budget)
+    assert warning is not None and warning.startswith(f"max_memory['cpu'] = {size_text(budget['cpu'])} cannot hold")
+    assert f"3 staging buffers for the layers read from the disk with prefetch=2 ({size_text(3 * stored)})" in warning
+    assert "Each step less of `prefetch`" in warning
+    for fits in ({0: 0, "cpu": 3 * stored}, {0: 0, "cpu": 4 * stored}, {0: 0, "cpu": 0}, {0: 0}):
+        assert host_budget_shortfall(plan_shard_dir(m, CUDA0, max_memory=fits), fits) is None, fits
+    fewer = plan_shard_dir(m, CUDA0, max_memory=budget, prefetch=1)  # two buffers: within it
+    assert host_budget_shortfall(fewer, budget) is None
+    on_cpu = {"cpu": 1}
+    assert host_budget_shortfall(plan_shard_dir(m, torch.device("cpu"), max_memory=on_cpu), on_cpu) is None
+    if not torch.cuda.is_available():  # (`inspect` plans for a GPU this machine lacks)
+        assert main(["inspect", str(shards), "--device", "cuda", "--max-memory", f"0=0,cpu={budget['cpu']}"]) == 0
+        line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("warning"))
+        assert "--max-memory cpu = " in line and "3 staging buffers" in line and "--prefetch 2" in line, line
 
 
 def test_on_cpu_the_default_prefetch_is_lowered_by_a_cpu_budget_not_by_the_available_memory(monkeypatch):
