@@ -420,6 +420,8 @@ def check_max_memory(max_memory: dict | None) -> None:
                 hint = f" (for {key}, the key is {int(key[5:])})"
             elif isinstance(key, str) and key.isascii() and key.isdigit():
                 hint = f" (the key is {int(key)})"
+            elif key in ("mps", "xpu", "npu", "mlu", "sdaa", "musa", "hpu"):  # (accelerate's other devices' keys)
+                hint = " (streaming runs on the CPU and on CUDA GPUs only)"
             raise ValueError(
                 f"`max_memory` key {key!r} is not recognized{hint}: use GPU indices (0, 1, ...), 'cpu' or 'disk', as "
                 f"accelerate does, e.g. {{0: '4GiB', 'cpu': '16GiB'}}."

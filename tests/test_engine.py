@@ -161,6 +161,8 @@ def test_parse_size_is_strict(value):
     [
         ({"gpu": "4GiB"}, "'gpu' is not recognized"),
         ({"cuda:0": "4GiB", "cpu": "1GiB"}, r"for cuda:0, the key is 0"),
+        # (accelerate takes it for Apple's GPU; the message said to use what accelerate uses, as if it did not)
+        ({"mps": "4GiB"}, r"'mps' is not recognized \(streaming runs on the CPU and on CUDA GPUs only\)"),
         ({-1: "4GiB"}, "-1 is not recognized"),
         ({True: "4GiB"}, "True is not recognized"),
         ({"cpu": "1GiB", 1: "lots"}, "'lots'"),  # a size for a device the plan does not use is still a size
