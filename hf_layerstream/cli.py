@@ -617,13 +617,6 @@ def _cmd_generate(args) -> int:
         raise ValueError(f"`--adapter` {args.adapter} is a folder without an adapter_config.json, not a PEFT adapter.")
     if args.input == "-":  # (the usual name for standard input: it was looked for as a file named "-")
         args.input = "/dev/stdin"  # (read once, as a pipe is)
-        if sys.stdin is not None and sys.stdin.isatty():  # (it waited silently, once the model had loaded)
-            print(
-                "Reading the prompts (JSONL, one per line) from standard input once the model has loaded; end them "
-                "with Ctrl-D.",
-                file=sys.stderr,
-                flush=True,
-            )
     if args.output == "-":
         raise ValueError(
             "`--output` - (standard output) is not supported: the results go to a regular file, read back to resume "
@@ -643,6 +636,13 @@ def _cmd_generate(args) -> int:
         from .batch import check_job
 
         check_job(args.input, args.output, 8 if args.batch_size is None else args.batch_size)
+        if args.input == "/dev/stdin" and sys.stdin is not None and sys.stdin.isatty():  # (it waited silently)
+            print(
+                "Reading the prompts (JSONL, one per line) from standard input once the model has loaded; end them "
+                "with Ctrl-D.",
+                file=sys.stderr,
+                flush=True,
+            )
     if not args.input:  # (before the model loads: a missing prompt is refused at once, not minutes later)
         # (from standard input: without the newline that ends the piped text)
         prompt = args.prompt if args.prompt is not None else _prompt_from_stdin()

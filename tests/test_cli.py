@@ -1026,18 +1026,26 @@ def test_input_dash_reads_standard_input_and_output_dash_is_refused(split_dir, t
     assert "Reading the prompts" not in piped.stderr  # (from a pipe: nothing to say)
     capsys.readouterr()
 
-    # from a terminal it waited silently once the model had loaded: a line says what it waits for (here the output, a
-    # folder, is refused next, before anything is read)
+    # from a terminal it waited silently once the model had loaded: a line says what it waits for, once the options
+    # are checked (here the model's load is stopped, before anything is read)
+    import hf_layerstream.cli as cli
+
     class Terminal(io.StringIO):
         def isatty(self):
             return True
 
+    def stop(*args, **kwargs):
+        raise ValueError("stopped before the load")
+
     with pytest.MonkeyPatch.context() as m:
         m.setattr(sys, "stdin", Terminal(""))
+        m.setattr(cli, "load_streamed_model", stop)
         assert main(["generate", str(shards), "--input", "-", "--output", str(tmp_path), *common]) == 2
+        assert "Reading the prompts" not in capsys.readouterr().err  # (the output, a folder, refused first)
+        assert main(["generate", str(shards), "--input", "-", "--output", str(tmp_path / "t.jsonl"), *common]) == 2
     err = capsys.readouterr().err
     assert "Reading the prompts (JSONL, one per line) from standard input once the model has loaded; end them" in err
-    assert "is not a regular file" in err
+    assert "stopped before the load" in err and not (tmp_path / "t.jsonl").exists()
     argv = ["generate", str(shards), "--input", str(tmp_path / "in.jsonl"), "--output", "-", *common]
     with pytest.MonkeyPatch.context() as m:
         m.chdir(tmp_path)
