@@ -1410,20 +1410,10 @@ def _dealt_out(ckpt, files: int) -> dict[str, str]:
     return weight_map
 
 
-def test_a_split_holds_open_the_safetensors_files_of_the_layer_it_writes_and_the_next_only(tmp_path, monkeypatch):
-    """safetensors 0.9 holds a file descriptor for each file open with `safe_open` (0.8: a map only). The split kept
-    every source file open that a unit still to write reads: one for each file of a checkpoint whose files each hold
-    tensors of early and late layers (a tiny Llama of 80 layers dealt out across 300 files: 276 open at once, and
-    "Too many open files" under macOS's default limit of 256). It keeps open those the unit it writes and the next
-    one read, the others opened again when read; the same layers."""
+def _count_held_safetensors(monkeypatch) -> list[int]:
+    """A list the split's `_Source._open` appends to, at each call, the safetensors files the source holds open."""
     from hf_layerstream import split as split_mod
 
-    layers = 12
-    ckpt = _models.save_tiny_checkpoint("llama", tmp_path / "ckpt", num_hidden_layers=layers)
-    weight_map = _dealt_out(ckpt, 40)
-    reads = [{f for k, f in weight_map.items() if f".layers.{i}." in k} for i in range(layers)]
-    reads.append({f for k, f in weight_map.items() if ".layers." not in k})  # (the resident unit, written last)
-    bound = max(len(a | b) for a, b in zip(reads, reads[1:]))
     held = []
     real_open = split_mod._Source._open
 
@@ -1433,6 +1423,23 @@ def test_a_split_holds_open_the_safetensors_files_of_the_layer_it_writes_and_the
         return handle
 
     monkeypatch.setattr(split_mod._Source, "_open", _open)
+    return held
+
+
+def test_a_split_holds_open_the_safetensors_files_of_the_layer_it_writes_and_the_next_only(tmp_path, monkeypatch):
+    """safetensors 0.9 holds a file descriptor for each file open with `safe_open` (0.8: a map only). The split kept
+    every source file open that a unit still to write reads: one for each file of a checkpoint whose files each hold
+    tensors of early and late layers (a tiny Llama of 80 layers dealt out across 300 files: 276 open at once, and
+    "Too many open files" under macOS's default limit of 256). It keeps open those the unit it writes and the next
+    one read, the others opened again when read; the same layers."""
+
+    layers = 12
+    ckpt = _models.save_tiny_checkpoint("llama", tmp_path / "ckpt", num_hidden_layers=layers)
+    weight_map = _dealt_out(ckpt, 40)
+    reads = [{f for k, f in weight_map.items() if f".layers.{i}." in k} for i in range(layers)]
+    reads.append({f for k, f in weight_map.items() if ".layers." not in k})  # (the resident unit, written last)
+    bound = max(len(a | b) for a, b in zip(reads, reads[1:]))
+    held = _count_held_safetensors(monkeypatch)
     shards = split_checkpoint(ckpt, tmp_path / "shards", progress=False)
     assert held and max(held) <= bound < len(set(weight_map.values())), (max(held), bound)
     assert _exact(ckpt, shards)
@@ -1448,16 +1455,9 @@ def test_a_split_holds_open_at_most_its_cap_of_safetensors_files_where_one_layer
     ckpt = _models.save_tiny_checkpoint("llama", tmp_path / "ckpt", num_hidden_layers=2)
     weight_map = _dealt_out(ckpt, 40)
     per_layer = min(len({f for k, f in weight_map.items() if f".layers.{i}." in k}) for i in range(2))
-    cap, held = 3, []
+    cap = 3
     monkeypatch.setattr(split_mod, "_MAX_OPEN", cap)
-    real_open = split_mod._Source._open
-
-    def _open(self, filename):
-        handle = real_open(self, filename)
-        held.append(sum(f.endswith(".safetensors") for f in self._handles))
-        return handle
-
-    monkeypatch.setattr(split_mod._Source, "_open", _open)
+    held = _count_held_safetensors(monkeypatch)
     shards = split_checkpoint(ckpt, tmp_path / "shards", progress=False)
     assert per_layer > cap and held and max(held) == cap, (per_layer, max(held))
     assert _exact(ckpt, shards)
