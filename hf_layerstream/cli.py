@@ -760,8 +760,14 @@ def _cmd_generate(args) -> int:
     try:
         with torch.no_grad():
             model.generate(**inputs, streamer=streamer, tokenizer=tok, **gen_kwargs)
-    except BaseException:  # (Ctrl-C too)
+    except BaseException as e:  # (Ctrl-C too)
         print(flush=True)  # (the error goes on a line of its own, not after the text printed: "hihf-layerstream ...")
+        if isinstance(e, (RuntimeError, MemoryError)) and _out_of_memory(e):
+            # (torch's traceback before, where `--input` said it in one line)
+            raise ValueError(
+                f"Out of memory generating ({_first_line(e)}). Lower the budget of the device (`--max-memory`) or "
+                "`--prefetch`, or generate fewer tokens (`--max-new-tokens`) from a shorter prompt."
+            ) from e
         raise
     state = get_streaming_state(model)
     # (with `-v` the library has logged it, as it logs each generate call's profile)
@@ -791,7 +797,7 @@ def _out_of_memory(e: BaseException) -> bool:
 
 def _first_line(e: BaseException) -> str:
     lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0] if lines else ''}"
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__  # (a bare `MemoryError()`: no ": ")
 
 
 def _prompt_from_stdin() -> str:

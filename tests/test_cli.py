@@ -313,6 +313,38 @@ def test_ctrl_c_during_generate_goes_on_a_line_of_its_own(split_dir, capsys, mon
     assert out == "hi\n" and err == "interrupted\n"
 
 
+@pytest.mark.parametrize("error", ["gpu", "cpu", "loader"])
+def test_generate_out_of_memory_is_a_one_line_error(split_dir, capsys, monkeypatch, error):
+    """Out of memory while a single prompt generates (a GPU's `torch.OutOfMemoryError`, the CPU allocator's
+    `RuntimeError`, a `MemoryError` the loader raised reading a layer) ended in torch's traceback, where `--input`
+    said it in one line. One line now (exit 2), on a line of its own after the text printed, naming what to lower."""
+    from hf_layerstream.engine import LayerLoader
+
+    _, shards = split_dir
+    argv = ["generate", str(shards), "hi", "--max-new-tokens", "2", "--device", "cpu"]
+    if error == "loader":
+
+        def populate_fails(self, index, *_):
+            raise MemoryError("Out of memory reading 00000.safetensors (1 MiB) into memory")
+
+        monkeypatch.setattr(LayerLoader, "_load_streamed", populate_fails)
+        argv += ["--max-memory", "cpu=0", "--prefetch", "0"]
+    else:
+        from transformers.generation.utils import GenerationMixin
+
+        def generate(self, *args, **kwargs):
+            if error == "gpu":
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore details")
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: ...")
+
+        monkeypatch.setattr(GenerationMixin, "generate", generate)
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "hi\n"
+    assert err.startswith("hf-layerstream generate: error: Out of memory generating (") and err.count("\n") == 1, err
+    assert "`--max-memory`" in err and "`--max-new-tokens`" in err
+
+
 def test_generate_prompt_from_stdin(split_dir, capsys, monkeypatch):
     ckpt, shards = split_dir
     prompt = _models.SAMPLE_PROMPTS[1]
