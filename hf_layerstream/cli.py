@@ -751,6 +751,7 @@ def _cmd_generate(args) -> int:
     else:
         inputs = tok(prompt, return_tensors="pt")
     inputs = {k: v.to(model.device) for k, v in inputs.items()}
+    _refuse_tokens_past_the_vocabulary(model, inputs["input_ids"], args.tokenizer)
     _refuse_past_the_position_table(model, inputs["input_ids"].shape[-1], args.max_new_tokens)
     if tok.pad_token_id is None and tok.eos_token_id is not None:
         gen_kwargs["pad_token_id"] = tok.eos_token_id
@@ -824,6 +825,25 @@ def _refuse_past_the_position_table(model, prompt_tokens: int, max_new_tokens: i
     raise ValueError(
         f"The prompt ({prompt_tokens} tokens) and `--max-new-tokens` {max_new_tokens} run past {table}: pass "
         f"`--max-new-tokens` {room} or less, or a shorter prompt."
+    )
+
+
+def _refuse_tokens_past_the_vocabulary(model, input_ids, tokenizer: str | None) -> None:
+    """A prompt whose token ids run past the model's embedding table (a `--tokenizer` of another model) ended in
+    torch's traceback ("IndexError: index out of range in self"; on a GPU, a device-side assert): refused before
+    anything is printed, naming the tokenizer."""
+    try:
+        size = getattr(model.get_input_embeddings(), "num_embeddings", None)
+    except (AttributeError, NotImplementedError):
+        size = None
+    size = size or getattr(model.config.get_text_config(), "vocab_size", None)
+    largest = int(input_ids.max()) if input_ids.numel() else -1
+    if not isinstance(size, int) or largest < size:
+        return
+    which = f"`--tokenizer` {tokenizer}" if tokenizer else "the shard directory's tokenizer"
+    raise ValueError(
+        f"The prompt holds token id {largest}, past the {size} tokens of the model's vocabulary: {which} is not this "
+        "model's; pass the model's tokenizer with `--tokenizer` (a folder or a hub id)."
     )
 
 

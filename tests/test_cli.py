@@ -345,6 +345,31 @@ def test_generate_out_of_memory_is_a_one_line_error(split_dir, capsys, monkeypat
     assert "`--max-memory`" in err and "`--max-new-tokens`" in err
 
 
+def test_a_tokenizer_of_a_larger_vocabulary_is_refused_in_one_line(split_dir, tmp_path, capsys):
+    """A `--tokenizer` of another model, whose ids for the prompt run past this model's embedding table, ended in
+    torch's traceback ("IndexError: index out of range in self"; on a GPU, a device-side assert). Refused in one line
+    now, before anything is printed, naming the option; a prompt within the vocabulary still generates."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    _, shards = split_dir
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()  # (256 byte tokens: past the 128 of the tiny model)
+    backend.train_from_iterator(["hi"], trainers.BpeTrainer(vocab_size=300, initial_alphabet=alphabet))
+    PreTrainedTokenizerFast(tokenizer_object=backend).save_pretrained(tmp_path / "other")
+    argv = ["generate", str(shards), "--tokenizer", str(tmp_path / "other"), "--max-new-tokens", "2", "--device", "cpu"]
+    other = AutoTokenizer.from_pretrained(tmp_path / "other")
+    assert max(other("中文").input_ids) >= 128 > max(other("!").input_ids)  # (the premise)
+    assert main([*argv, "中文"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1, err
+    assert err.startswith("hf-layerstream generate: error: The prompt holds token id ")
+    assert f"past the 128 tokens of the model's vocabulary: `--tokenizer` {tmp_path / 'other'} is not this" in err
+    assert main([*argv, "!"]) == 0 and capsys.readouterr().out.startswith("!")
+
+
 def test_generate_prompt_from_stdin(split_dir, capsys, monkeypatch):
     ckpt, shards = split_dir
     prompt = _models.SAMPLE_PROMPTS[1]
