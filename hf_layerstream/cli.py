@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import os
@@ -756,6 +757,7 @@ def _cmd_generate(args) -> int:
     if tok.pad_token_id is None and tok.eos_token_id is not None:
         gen_kwargs["pad_token_id"] = tok.eos_token_id
     streamer = _continuation_streamer(tok, inputs["input_ids"][0].tolist(), skip_special_tokens=True)
+    _escape_what_stdout_cannot_encode()
     # (a chat reply answers the prompt, on a line of its own; a completion continues it)
     print(prompt, end="\n" if args.chat and getattr(tok, "chat_template", None) else "", flush=True)
     try:
@@ -826,6 +828,25 @@ def _refuse_past_the_position_table(model, prompt_tokens: int, max_new_tokens: i
         f"The prompt ({prompt_tokens} tokens) and `--max-new-tokens` {max_new_tokens} run past {table}: pass "
         f"`--max-new-tokens` {room} or less, or a shorter prompt."
     )
+
+
+def _escape_what_stdout_cannot_encode() -> None:
+    """Standard output in an encoding other than UTF-8 (a Latin-1 locale, `PYTHONIOENCODING=ascii`, a file on Windows)
+    cannot encode every character a model writes (curly quotes, CJK, emoji): the first one ended the command part way
+    through the text ("error: 'latin-1' codec can't encode character '\\u201c'"). Such characters are written as
+    Python's escapes (`\\u201c`) instead, as Python writes them to standard error."""
+    import codecs
+
+    stream = sys.stdout
+    encoding = getattr(stream, "encoding", None)
+    if stream is None or not encoding or not hasattr(stream, "reconfigure"):
+        return
+    try:
+        if codecs.lookup(encoding).name in ("utf-8", "utf-16", "utf-32"):
+            return
+        stream.reconfigure(errors="backslashreplace")
+    except (LookupError, ValueError, io.UnsupportedOperation):  # (an unknown codec, a stream that cannot change)
+        return
 
 
 def _refuse_tokens_past_the_vocabulary(model, input_ids, tokenizer: str | None) -> None:

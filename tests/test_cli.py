@@ -370,6 +370,26 @@ def test_a_tokenizer_of_a_larger_vocabulary_is_refused_in_one_line(split_dir, tm
     assert main([*argv, "!"]) == 0 and capsys.readouterr().out.startswith("!")
 
 
+@pytest.mark.parametrize("encoding", ["ascii", "latin-1"])
+def test_generate_to_a_stdout_that_cannot_encode_the_text_escapes_it(split_dir, capsys, monkeypatch, encoding):
+    """Standard output in an encoding other than UTF-8 (a Latin-1 locale, `PYTHONIOENCODING=ascii`, a file on
+    Windows): the first character it cannot encode (a curly quote, CJK, an emoji: of the prompt echoed, or of the
+    text the model writes) ended the command part way ("error: 'latin-1' codec can't encode character '\\u201c'",
+    exit 2). Written as Python's escapes now, the rest as it is, and the text goes on."""
+    ckpt, shards = split_dir
+    stdout = io.TextIOWrapper(io.BytesIO(), encoding=encoding)
+    monkeypatch.setattr(sys, "stdout", stdout)
+    prompt = "caf\u00e9 \u201cquoted\u201d"
+    assert main(["generate", str(shards), prompt, "--max-new-tokens", "4", "--device", "cpu"]) == 0
+    stdout.flush()
+    out = stdout.buffer.getvalue().decode(encoding)
+    escaped = "caf\\xe9" if encoding == "ascii" else "caf\u00e9"
+    head = escaped + " \\u201cquoted\\u201d"
+    assert out.startswith(head), out
+    assert out[len(head) :].strip() == _greedy_text(ckpt, prompt, 4).strip() != ""
+    assert capsys.readouterr().err == ""
+
+
 def test_generate_prompt_from_stdin(split_dir, capsys, monkeypatch):
     ckpt, shards = split_dir
     prompt = _models.SAMPLE_PROMPTS[1]
