@@ -579,6 +579,11 @@ def _cmd_generate(args) -> int:
         raise ValueError("Pass either `--assistant` or `--prompt-lookup`, not both.")
     if args.prompt_lookup is not None and args.prompt_lookup < 1:
         raise ValueError(f"`--prompt-lookup` must be a positive number of tokens, got {args.prompt_lookup}.")
+    # (`configure_draft` refused it too, but only once the model and the draft were loaded)
+    if args.num_assistant_tokens is not None and args.num_assistant_tokens < 1:
+        raise ValueError(
+            f"`--num-assistant-tokens` must be a positive number of tokens, got {args.num_assistant_tokens}."
+        )
     if args.max_new_tokens < 1:  # (transformers refuses it too, but only once the model is loaded)
         raise ValueError(f"`--max-new-tokens` must be a positive number of tokens, got {args.max_new_tokens}.")
     # (as transformers' sampling checks them, which they met only once the model was loaded and the prompt printed;

@@ -1163,6 +1163,25 @@ def test_a_jsonl_job_is_refused_before_the_model_loads(split_dir, tmp_path, monk
     assert not (tmp_path / "out.jsonl").exists()
 
 
+@pytest.mark.parametrize("tokens", ["0", "-1"])
+def test_a_draft_size_below_one_is_refused_before_the_model_loads(split_dir, monkeypatch, capsys, tokens):
+    """`--num-assistant-tokens 0` was refused by `configure_draft` only once the streamed model and the draft had
+    loaded (for a hub shard directory, after its layers were downloaded). Refused first now, as `--max-new-tokens 0`
+    is, in one line."""
+    import hf_layerstream.cli as cli
+
+    ckpt, shards = split_dir
+    loads = []
+    monkeypatch.setattr(cli, "load_streamed_model", lambda *a, **k: loads.append(1))
+    argv = ["generate", str(shards), "hi", "--assistant", str(ckpt), "--num-assistant-tokens", tokens]
+    assert main([*argv, "--device", "cpu"]) == 2
+    out, err = capsys.readouterr()
+    assert loads == [] and out == ""
+    assert err == (
+        f"hf-layerstream generate: error: `--num-assistant-tokens` must be a positive number of tokens, got {tokens}.\n"
+    )
+
+
 @pytest.mark.parametrize("error", ["gpu", "cpu"])
 def test_a_jsonl_job_out_of_memory_names_the_batch_size_in_one_line(split_dir, tmp_path, capsys, monkeypatch, error):
     """A batch too large for the memory (`--batch-size 64` on a GPU) ended `generate --input` in torch's traceback.
