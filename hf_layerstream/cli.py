@@ -751,9 +751,17 @@ def _cmd_generate(args) -> int:
         return 0
 
     if args.chat and getattr(tok, "chat_template", None):
-        inputs = tok.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )
+        try:
+            from jinja2.exceptions import TemplateError
+        except ImportError:  # pragma: no cover - transformers needs jinja2 to apply a template
+            TemplateError = ()  # noqa: N806
+        try:
+            inputs = tok.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+            )
+        except TemplateError as e:  # (its `raise_exception(...)`, or a template that does not parse: a traceback)
+            which = f"`--tokenizer` {args.tokenizer}" if args.tokenizer else "the shard directory's tokenizer"
+            raise ValueError(f"The chat template of {which} failed for the prompt: {e}") from e
     else:
         inputs = tok(prompt, return_tensors="pt")
     inputs = {k: v.to(model.device) for k, v in inputs.items()}

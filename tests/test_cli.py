@@ -127,6 +127,35 @@ def test_a_chat_reply_goes_on_a_line_of_its_own(split_dir, capsys, tmp_path):
     assert chatted == capsys.readouterr().out and not chatted.startswith(prompt + "\n")
 
 
+@pytest.mark.parametrize(
+    "template, message",
+    [
+        (
+            "{{ raise_exception('Only system and user roles are supported') }}",
+            "Only system and user roles are supported",
+        ),
+        ("{{ messages | nosuchfilter }}", "No filter named 'nosuchfilter'"),
+    ],
+    ids=["raises", "does-not-parse"],
+)
+def test_a_chat_template_that_fails_is_a_one_line_error(split_dir, tmp_path, capsys, template, message):
+    """`--chat` with a chat template that refuses the conversation (its `raise_exception(...)`) or does not parse
+    ended in jinja2's traceback. One line now (exit 2), naming the tokenizer and the template's own message, with
+    nothing printed on standard output."""
+    ckpt, shards = split_dir
+    tokenizer = tmp_path / "tokenizer"
+    tokenizer.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(ckpt / name, tokenizer / name)
+    (tokenizer / "chat_template.jinja").write_text(template)
+    argv = ["generate", str(shards), "hi", "--chat", "--tokenizer", str(tokenizer), "--max-new-tokens", "2"]
+    assert main([*argv, "--device", "cpu"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1, err
+    assert err.startswith(f"hf-layerstream generate: error: The chat template of `--tokenizer` {tokenizer} failed ")
+    assert message in err
+
+
 def test_generate_prompt_argument_streams_tokens(split_dir, capsys):
     ckpt, shards = split_dir
     prompt = _models.SAMPLE_PROMPTS[0]
