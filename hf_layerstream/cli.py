@@ -765,6 +765,14 @@ def _cmd_generate(args) -> int:
     else:
         inputs = tok(prompt, return_tensors="pt")
     inputs = {k: v.to(model.device) for k, v in inputs.items()}
+    if inputs["input_ids"].shape[-1] == 0:  # (torch's "cannot reshape tensor of 0 elements" traceback before)
+        which = f"`--tokenizer` {args.tokenizer}" if args.tokenizer else "the shard directory's tokenizer"
+        if args.chat and getattr(tok, "chat_template", None):
+            raise ValueError(
+                f"The chat template of {which} made no tokens of the prompt: drop `--chat`, or pass a "
+                "tokenizer whose template works with `--tokenizer`."
+            )
+        raise ValueError(f"The prompt is no tokens for {which} (which adds no BOS token): give other text.")
     _refuse_tokens_past_the_vocabulary(model, inputs["input_ids"], args.tokenizer)
     _refuse_past_the_position_table(model, inputs["input_ids"].shape[-1], args.max_new_tokens)
     if tok.pad_token_id is None and tok.eos_token_id is not None:

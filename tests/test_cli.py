@@ -156,6 +156,25 @@ def test_a_chat_template_that_fails_is_a_one_line_error(split_dir, tmp_path, cap
     assert message in err
 
 
+def test_a_chat_template_that_makes_no_tokens_is_a_one_line_error(split_dir, tmp_path, capsys):
+    """A prompt of no tokens (a chat template that renders nothing, a tokenizer that adds no BOS) went to the model and
+    ended in torch's traceback ("cannot reshape tensor of 0 elements"). One line now (exit 2), before anything is
+    printed."""
+    ckpt, shards = split_dir
+    tokenizer = tmp_path / "tokenizer"
+    tokenizer.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(ckpt / name, tokenizer / name)
+    (tokenizer / "chat_template.jinja").write_text("{{ '' }}")
+    argv = ["generate", str(shards), "hi", "--chat", "--tokenizer", str(tokenizer), "--max-new-tokens", "2"]
+    assert main([*argv, "--device", "cpu"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == (
+        f"hf-layerstream generate: error: The chat template of `--tokenizer` {tokenizer} made no tokens of the prompt: "
+        "drop `--chat`, or pass a tokenizer whose template works with `--tokenizer`.\n"
+    )
+
+
 def test_generate_prompt_argument_streams_tokens(split_dir, capsys):
     ckpt, shards = split_dir
     prompt = _models.SAMPLE_PROMPTS[0]
