@@ -59,7 +59,7 @@ from transformers import GenerationConfig
 from transformers.generation import GenerationMode
 
 from ._safetensors import atomic_write_bytes, fsync_dir
-from .modeling import position_overrun
+from .modeling import position_overrun, vocabulary_overrun
 from .speculative import (
     SweepCounter,
     _generation_config,
@@ -397,6 +397,13 @@ def _run(
         if not p.input_ids:
             raise ValueError(f"Prompt {p.id!r} is empty after tokenization; give it some text.")
     # (refused before anything is generated: the loaded model ends in a torch `IndexError` there, and with it the job)
+    largest = max(prompts, key=lambda p: max(p.input_ids), default=None)
+    size = vocabulary_overrun(model, max(largest.input_ids)) if largest is not None else None
+    if size is not None:
+        raise ValueError(
+            f"Prompt {largest.id!r} holds token id {max(largest.input_ids)}, past the {size} tokens of "
+            f"{type(model).__name__}'s vocabulary: the tokenizer is not this model's; nothing was generated."
+        )
     new = config.max_new_tokens
     longest = max(prompts, key=lambda p: len(p.input_ids), default=None)
     overrun = position_overrun(model, len(longest.input_ids), new) if new is not None and longest else None

@@ -874,13 +874,11 @@ def _refuse_tokens_past_the_vocabulary(model, input_ids, tokenizer: str | None) 
     """A prompt whose token ids run past the model's embedding table (a `--tokenizer` of another model) ended in
     torch's traceback ("IndexError: index out of range in self"; on a GPU, a device-side assert): refused before
     anything is printed, naming the tokenizer."""
-    try:
-        size = getattr(model.get_input_embeddings(), "num_embeddings", None)
-    except (AttributeError, NotImplementedError):
-        size = None
-    size = size or getattr(model.config.get_text_config(), "vocab_size", None)
+    from .modeling import vocabulary_overrun
+
     largest = int(input_ids.max()) if input_ids.numel() else -1
-    if not isinstance(size, int) or largest < size:
+    size = vocabulary_overrun(model, largest)
+    if size is None:
         return
     which = f"`--tokenizer` {tokenizer}" if tokenizer else "the shard directory's tokenizer"
     raise ValueError(

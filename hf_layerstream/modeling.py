@@ -430,6 +430,18 @@ def position_overrun(model: nn.Module, prompt_tokens: int, max_new_tokens: int) 
     return limit, limit - prompt_tokens + 1
 
 
+def vocabulary_overrun(model: nn.Module, largest_id: int) -> int | None:
+    """The size of `model`'s vocabulary (its input embedding table's rows, else its config's `vocab_size`) where a
+    prompt's largest token id `largest_id` runs past it (a tokenizer of another model: torch's "IndexError: index out
+    of range in self" traceback, on a GPU a device-side assert), else `None` (also where the size is not known)."""
+    try:
+        size = getattr(model.get_input_embeddings(), "num_embeddings", None)
+    except (AttributeError, NotImplementedError):
+        size = None
+    size = size or getattr(model.config.get_text_config(), "vocab_size", None)
+    return size if isinstance(size, int) and largest_id >= size else None
+
+
 def buffers_built_at(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The non-persistent floating-point buffers `model`'s class computes as it is built (Gemma's `embed_scale`, XGLM's
     sinusoidal position table) in another dtype at `dtype` than `model` holds them: as a skeleton built at `dtype`

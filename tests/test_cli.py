@@ -416,6 +416,13 @@ def test_a_tokenizer_of_a_larger_vocabulary_is_refused_in_one_line(split_dir, tm
     assert err.startswith("hf-layerstream generate: error: The prompt holds token id ")
     assert f"past the 128 tokens of the model's vocabulary: `--tokenizer` {tmp_path / 'other'} is not this" in err
     assert main([*argv, "!"]) == 0 and capsys.readouterr().out.startswith("!")
+    # a job of prompts (`--input`, `generate_jsonl`) alike, naming the prompt
+    (tmp_path / "in.jsonl").write_text('{"id": 1, "prompt": "!"}\n{"id": 2, "prompt": "中文"}\n')
+    assert main([*argv, "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "error: Prompt 2 holds token id " in err, err
+    assert "past the 128 tokens of LlamaForCausalLM's vocabulary: the tokenizer is not this model's" in err
+    assert not (tmp_path / "out.jsonl").exists() or not (tmp_path / "out.jsonl").read_text()
 
 
 @pytest.mark.parametrize("encoding", ["ascii", "latin-1"])
