@@ -1122,6 +1122,9 @@ def _cmd_verify(args) -> int:
         shards = ShardDirectory(args.shard_dir, check_files=False)
     except ShardFileError as e:  # (its manifest: a check failed, not an option refused)
         print(f"{e.path} {e.problem}", file=sys.stderr)
+        if e.fix is not None:  # (not damage, a fix of its own: a newer hf_layerstream's format is upgraded to)
+            print(e.fix, file=sys.stderr)
+            return 1
         command = redownload_command(args.shard_dir)
         print(
             f"The manifest of {args.shard_dir} is damaged: "

@@ -846,6 +846,27 @@ def test_verify_reports_corruption(split_dir, tmp_path, capsys):
     assert "layers/00002.safetensors" in report and "00001.safetensors" not in report
 
 
+def test_verify_of_a_newer_format_says_to_upgrade_not_to_split_again(split_dir, tmp_path, capsys):
+    """A manifest a newer hf_layerstream wrote is not damaged: `verify` called it damaged and said to split again
+    there with `--overwrite` (replacing the newer split with this version's, the downgrade `ShardDirectory` and
+    `split` refuse to suggest). It now gives the manifest's own fix, to upgrade, as `inspect` does."""
+    _, shards = split_dir
+    copy = tmp_path / "newer"
+    shutil.copytree(shards, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    (copy / "manifest.json").write_text(json.dumps({**manifest, "format_version": 2}))
+    assert main(["verify", str(copy)]) == 1
+    err = capsys.readouterr().err
+    assert "written by a newer hf_layerstream (shard format version 2" in err
+    assert "Upgrade hf_layerstream" in err
+    assert "damaged" not in err and "--overwrite" not in err
+    # (a manifest that is damaged still gets the advice to split again)
+    (copy / "manifest.json").write_text("{")
+    assert main(["verify", str(copy)]) == 1
+    err = capsys.readouterr().err
+    assert "is not readable JSON" in err and "is damaged: split again there" in err
+
+
 def test_verify_tells_a_file_this_user_may_not_read_from_a_damaged_one(split_dir, monkeypatch, capsys):
     """A layer file this user may not read (mode 000, another owner) was reported with the fix for damage: re-create
     the shard directory, delete the files named and split again. It is named now with the fix for permissions, and
