@@ -593,7 +593,9 @@ class ShardDirectory:
             )
         try:
             raw = json.loads(manifest_path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        except OSError as e:  # (this user may not read it, a limit of the process: not damage, as for a layer file)
+            raise unreadable(manifest_path, e) from e
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ShardFileError(manifest_path, f"is not readable JSON ({e})") from e
         if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:
             raise ShardFileError(

@@ -903,6 +903,33 @@ def test_verify_tells_a_file_this_user_may_not_read_from_a_damaged_one(split_dir
         assert named in str(limit) and "Re-create" not in str(limit), err
 
 
+def test_a_manifest_this_user_may_not_read_is_not_called_damaged(split_dir, monkeypatch, capsys):
+    """A manifest.json this user may not read was "not readable JSON ([Errno 13] Permission denied ...)", and `verify`
+    called the manifest damaged, saying to split again there with `--overwrite`. It is named now with the fix for
+    permissions, as a layer file is, by `verify` and `inspect`. (Run as root, the refusal is simulated.)"""
+    import errno
+    import pathlib
+
+    from hf_layerstream.errors import UNREADABLE_BY_THIS_USER
+
+    _, shards = split_dir
+    manifest = shards / "manifest.json"
+    real_read_text = pathlib.Path.read_text
+
+    def read_text(self, *args, **kwargs):
+        if str(self) == str(manifest):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        return real_read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "read_text", read_text)
+    assert main(["verify", str(shards)]) == 1
+    err = capsys.readouterr().err
+    assert f"{manifest} cannot be read: Permission denied\n{UNREADABLE_BY_THIS_USER}\n" in err
+    assert "damaged" not in err and "JSON" not in err
+    assert main(["inspect", str(shards)]) == 2
+    assert f"{manifest} cannot be read: Permission denied. {UNREADABLE_BY_THIS_USER}" in capsys.readouterr().err
+
+
 def test_demo_runs_and_agrees(tmp_path):
     """The main job on the built-in default, shrunk: streamed and in-memory runs must produce the same tokens."""
     cmd = [
