@@ -865,6 +865,8 @@ class ShardDirectory:
             try:
                 self.header(unit)
                 sound.append(unit)
+            except ShardFileError as e:  # (the fix of a damaged file is the caller's: `verify`'s summary gives it)
+                problems.append(str(e) if e.fix is not None else f"{e.path} {e.problem}")
             except ShardDirError as e:
                 problems.append(str(e))
         if checksums:

@@ -867,6 +867,28 @@ def test_verify_of_a_newer_format_says_to_upgrade_not_to_split_again(split_dir, 
     assert "is not readable JSON" in err and "is damaged: split again there" in err
 
 
+def test_verify_names_each_damaged_file_without_telling_to_run_verify(split_dir, tmp_path, capsys):
+    """Each damaged file `verify` listed carried the fix of an error raised while loading: "Re-create the shard
+    directory ..., or run `hf-layerstream verify` to list every damaged file", telling the user running `verify` to
+    run it, and to re-create the whole directory where its summary says to delete the files named and split again
+    (or, for a download, to download them again). A line names the file and its problem now, the summary the fix."""
+    _, shards = split_dir
+    copy = tmp_path / "copy"
+    shutil.copytree(shards, copy)
+    victim = copy / "layers" / "00001.safetensors"
+    os.truncate(victim, 1000)
+    (copy / "resident.safetensors").unlink()
+    for quick in ([], ["--quick"]):
+        assert main(["verify", str(copy), *quick]) == 1
+        captured = capsys.readouterr()
+        lines = captured.out.splitlines()
+        assert len(lines) == 2, lines
+        assert any(line.startswith(f"{victim} has 1000 bytes but the manifest records") for line in lines), lines
+        assert any(line.startswith(f"{copy / 'resident.safetensors'} is missing") for line in lines), lines
+        assert "hf-layerstream verify" not in captured.out and "Re-create" not in captured.out
+        assert "2 problem(s) in 4 files" in captured.err and "delete the files named" in captured.err
+
+
 def test_verify_tells_a_file_this_user_may_not_read_from_a_damaged_one(split_dir, monkeypatch, capsys):
     """A layer file this user may not read (mode 000, another owner) was reported with the fix for damage: re-create
     the shard directory, delete the files named and split again. It is named now with the fix for permissions, and
