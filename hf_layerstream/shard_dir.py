@@ -226,8 +226,13 @@ class Manifest:
         if not isinstance(d["units"], list):
             raise TypeError("`units` must be a list")
         num_layers = d["num_layers"]
-        if not isinstance(num_layers, int) or isinstance(num_layers, bool) or not 0 < num_layers < len(d["units"]):
-            raise ValueError(f"`num_layers` {num_layers!r} does not fit the {len(d['units'])} units listed")
+        if not isinstance(num_layers, int) or isinstance(num_layers, bool) or num_layers <= 0:
+            raise ValueError(f"`num_layers` {num_layers!r} is not a positive int")
+        if num_layers >= len(d["units"]):  # (units past it are named by `ShardDirectory`: "lists the wrong units")
+            raise ValueError(
+                f"`num_layers` {num_layers} needs {num_layers + 1} units (the resident one and one per layer), and "
+                f"{len(d['units'])} are listed"
+            )
         units = [UnitEntry.from_json(u) for u in d["units"]]
         if len({u.name for u in units}) != len(units):
             raise ValueError("a unit is listed twice")

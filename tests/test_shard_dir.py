@@ -430,6 +430,19 @@ def test_a_damaged_manifest_fails_verify_and_split_says_what_to_do(shard_copy, c
     assert ShardDirectory(shards, checksums=True).verify() == []
 
 
+def test_a_manifest_whose_layer_count_does_not_fit_its_units_says_how_many_it_needs(shard_copy):
+    """A manifest of 3 layers with a layer's unit deleted said "`num_layers` 3 does not fit the 3 units listed", which
+    reads as if they fit: the resident unit is one of them. It now says how many units the count needs."""
+    _, shards = shard_copy
+    manifest = json.loads((shards / "manifest.json").read_text())
+    assert manifest["num_layers"] == 3 and len(manifest["units"]) == 4
+    manifest["units"] = [u for u in manifest["units"] if u["name"] != "layers.1"]
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ShardFileError, match="malformed") as info:
+        ShardDirectory(shards, check_files=False)
+    assert "`num_layers` 3 needs 4 units (the resident one and one per layer), and 3 are listed" in str(info.value)
+
+
 @pytest.mark.parametrize("kind", ["fifo", "folder"])
 def test_a_manifest_that_is_no_regular_file_is_named_so(shard_copy, kind):
     """A `manifest.json` that is a FIFO or a folder read as "has no manifest.json, so it is not a shard directory"."""
