@@ -297,7 +297,14 @@ def _inside(root: Path, rel: str, manifest_path: Path) -> Path:
     if os.path.islink(path) and not os.path.exists(path):
         raise ShardFileError(path, "is a dangling symlink or a symlink loop")
     if not resolved.is_relative_to(root_resolved) and resolved.parent != _hub_blobs(root_resolved):
-        raise ShardFileError(manifest_path, f"names {rel!r}, which resolves outside the directory to {resolved}")
+        # (`rel` itself stays inside: a symlink on its way leads out, the user's (`layers` moved to another disk and
+        # linked back), not damage of the manifest that a new split would repair)
+        raise ShardFileError(
+            path,
+            f"resolves outside the directory to {resolved}, through a symlink (the manifest names {rel!r})",
+            "A shard directory's files must lie inside it: put the file (or the folder linked) back in place of the "
+            "symlink, or make the whole shard directory the folder on the other disk (or a symlink to it).",
+        )
     return path
 
 

@@ -889,6 +889,33 @@ def test_verify_names_each_damaged_file_without_telling_to_run_verify(split_dir,
         assert "2 problem(s) in 4 files" in captured.err and "delete the files named" in captured.err
 
 
+def test_layers_linked_to_another_disk_are_named_with_the_fix_not_as_a_damaged_manifest(split_dir, tmp_path, capsys):
+    """A split whose `layers/` was moved to another disk and symlinked back is refused (its files must lie inside
+    it), but `verify` said its manifest.json was damaged and to split again there with `--overwrite` (which refuses
+    `layers` as a symlink), and `inspect` to re-create the directory. Both now name the symlinked file and the fix."""
+    _, shards = split_dir
+    copy, elsewhere = tmp_path / "copy", tmp_path / "other_disk"
+    shutil.copytree(shards, copy)
+    shutil.move(copy / "layers", elsewhere)
+    (copy / "layers").symlink_to(elsewhere)
+    assert main(["verify", str(copy)]) == 1
+    err = capsys.readouterr().err
+    layer = copy / "layers" / "00000.safetensors"
+    assert f"{layer} resolves outside the directory to {elsewhere / '00000.safetensors'}, through a symlink" in err
+    assert "make the whole shard directory the folder on the other disk" in err
+    assert "damaged" not in err and "--overwrite" not in err
+    assert main(["inspect", str(copy)]) == 2
+    err = capsys.readouterr().err
+    assert f"{layer} resolves outside the directory" in err and "make the whole shard directory" in err
+    assert "Re-create" not in err
+    # the fix it gives works: the whole directory on the other disk, linked
+    (copy / "layers").unlink()
+    shutil.move(elsewhere, copy / "layers")
+    shutil.move(copy, elsewhere)
+    copy.symlink_to(elsewhere)
+    assert main(["verify", str(copy)]) == 0
+
+
 def test_verify_tells_a_file_this_user_may_not_read_from_a_damaged_one(split_dir, monkeypatch, capsys):
     """A layer file this user may not read (mode 000, another owner) was reported with the fix for damage: re-create
     the shard directory, delete the files named and split again. It is named now with the fix for permissions, and

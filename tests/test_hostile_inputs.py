@@ -275,7 +275,7 @@ def manifest_absolute_path(shards, tmp):
 def symlink_out_of_the_directory(shards, tmp):
     shutil.move(shards / LAYER, tmp / "elsewhere.safetensors")
     (shards / LAYER).symlink_to(tmp / "elsewhere.safetensors")
-    return "manifest.json", "resolves outside the directory"
+    return LAYER, "resolves outside the directory"
 
 
 def symlink_loop(shards, tmp):

@@ -574,7 +574,9 @@ def test_a_shard_directory_downloaded_from_the_hub_streams_from_the_hub_cache(sh
     for target in (shards / LAYER, os.path.realpath(other / LAYER)):
         (snapshot / LAYER).unlink()
         (snapshot / LAYER).symlink_to(target)
-        with pytest.raises(ShardFileError, match=f"names '{LAYER}', which resolves outside the directory"):
+        with pytest.raises(
+            ShardFileError, match=f"{LAYER} resolves outside the directory.*the manifest names '{LAYER}'"
+        ):
             ShardDirectory(snapshot)
 
 
