@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from ._safetensors import Header, read_header, sample_digest, sha256_file, str_to_dtype
-from .errors import ShardDirError, ShardFileError, unreadable
+from .errors import NOT_DAMAGE, ShardDirError, ShardFileError, unreadable
 from .modeling import RESIDENT, layer_unit
 
 logger = logging.getLogger(__name__)
@@ -653,13 +653,9 @@ class ShardDirectory:
             seen[key] = unit
         self._headers: dict[str, Header] = {}
         if check_files:
-            problem = self._config_problem()
-            if problem is not None:
-                raise ShardFileError(
-                    self.path / "config.json",
-                    problem,
-                    "Run the same split again (`split_checkpoint` / `hf-layerstream split`): it writes the file again.",
-                )
+            error = self._config_error()
+            if error is not None:
+                raise error
             for unit in self.manifest.units:
                 self.header(unit)
         if checksums:
@@ -752,20 +748,36 @@ class ShardDirectory:
     def _config_problem(self) -> str | None:
         """What is wrong with the directory's `config.json`, which the split writes beside the manifest and a model is
         built from (without it transformers' own error named no file: "Should have a `model_type` key"), if
-        anything."""
+        anything: with the fix where it is not damage (this user may not read it), as `verify` lists it."""
+        error = self._config_error()
+        if error is None:
+            return None
+        return f"{error.problem}. {error.fix}" if NOT_DAMAGE in (error.fix or "") else error.problem
+
+    def _config_error(self) -> ShardFileError | None:
+        """`_config_problem` as the error opening the directory raises, with its fix: the same split run again
+        writes the file again; a file this user may not read (or a limit of the process) is not damage."""
         path = self.path / "config.json"
-        if not path.is_file():
-            return "is missing (the split writes it beside the manifest; the model is built from it)"
+        rerun = "Run the same split again (`split_checkpoint` / `hf-layerstream split`): it writes the file again."
+        what = "the split writes it beside the manifest; the model is built from it"
+        if not path.is_file():  # (a folder there read as "is missing")
+            return ShardFileError(
+                path, f"is not a regular file ({what})" if path.exists() else f"is missing ({what})", rerun
+            )
         # (a damaged one passed `verify` and the split's re-run, and failed only as the model was built)
         try:
             config = json.loads(path.read_bytes())
-        except (OSError, ValueError) as e:
-            return f"is not readable JSON ({e})"
+        except OSError as e:  # (permissions: it was "not readable JSON", damage to re-split)
+            error = unreadable(path, e)
+            return error if error.fix is not None else ShardFileError(path, error.problem, rerun)
+        except ValueError as e:
+            return ShardFileError(path, f"is not readable JSON ({e})", rerun)
         if not isinstance(config, dict):
-            return "is not a JSON object"
+            return ShardFileError(path, "is not a JSON object", rerun)
         expected = self.manifest.model_type
         if expected is not None and config.get("model_type") != expected:
-            return f"has model_type {config.get('model_type')!r}, not {expected!r} as the manifest records"
+            problem = f"has model_type {config.get('model_type')!r}, not {expected!r} as the manifest records"
+            return ShardFileError(path, problem, rerun)
         return None
 
     def config_mismatch(self) -> str | None:

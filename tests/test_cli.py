@@ -979,6 +979,46 @@ def test_a_manifest_this_user_may_not_read_is_not_called_damaged(split_dir, monk
     assert f"{manifest} cannot be read: Permission denied. {UNREADABLE_BY_THIS_USER}" in capsys.readouterr().err
 
 
+def test_a_config_this_user_may_not_read_or_a_folder_there_is_named_so(split_dir, tmp_path, monkeypatch, capsys):
+    """A config.json this user may not read was "not readable JSON ([Errno 13] Permission denied ...)": `verify`
+    counted it as damage (delete it and split again), `inspect` said to split again. It is named with the fix for
+    permissions now, and `verify` says it may be sound. A folder in its place was "missing": "not a regular file"
+    now. (Run as root, the refusal is simulated.)"""
+    import errno
+    import pathlib
+
+    from hf_layerstream.errors import UNREADABLE_BY_THIS_USER
+
+    _, shards = split_dir
+    config = shards / "config.json"
+    real_read_bytes = pathlib.Path.read_bytes
+
+    def read_bytes(self):
+        if str(self) == str(config):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        return real_read_bytes(self)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pathlib.Path, "read_bytes", read_bytes)
+        assert main(["verify", str(shards), "--quick"]) == 1
+        captured = capsys.readouterr()
+        assert f"{config} cannot be read: Permission denied. {UNREADABLE_BY_THIS_USER}" in captured.out
+        assert "JSON" not in captured.out
+        assert "could not be read, but may be sound" in captured.err and "delete the files" not in captured.err
+        assert main(["inspect", str(shards)]) == 2
+        err = capsys.readouterr().err
+        assert f"{config} cannot be read: Permission denied. {UNREADABLE_BY_THIS_USER}" in err
+        assert "Run the same split again" not in err
+    copy = tmp_path / "copy"
+    shutil.copytree(shards, copy)
+    (copy / "config.json").unlink()
+    (copy / "config.json").mkdir()
+    assert main(["verify", str(copy), "--quick"]) == 1
+    assert f"{copy / 'config.json'} is not a regular file" in capsys.readouterr().out
+    assert main(["inspect", str(copy)]) == 2
+    assert f"{copy / 'config.json'} is not a regular file" in capsys.readouterr().err
+
+
 def test_demo_runs_and_agrees(tmp_path):
     """The main job on the built-in default, shrunk: streamed and in-memory runs must produce the same tokens."""
     cmd = [
