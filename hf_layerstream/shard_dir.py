@@ -816,6 +816,8 @@ class ShardDirectory:
 
         model = build_for_shards(self.manifest, config, meta=True)
         stack = require_layer_stack(model)
+        if stack.prefix != self.manifest.layers_prefix:  # (streaming refuses it: `verify` passed it)
+            return f"decoder layers under {stack.prefix!r}, where the manifest records {self.manifest.layers_prefix!r}"
         if architecture_fingerprint(model, stack) == self.manifest.fingerprint:
             return None
         if len(stack) != self.manifest.num_layers:

@@ -443,6 +443,22 @@ def test_a_manifest_whose_layer_count_does_not_fit_its_units_says_how_many_it_ne
     assert "`num_layers` 3 needs 4 units (the resident one and one per layer), and 3 are listed" in str(info.value)
 
 
+def test_verify_fails_a_manifest_whose_layers_prefix_the_model_does_not_have(shard_copy, capsys):
+    """A manifest whose `layers_prefix` is not where the model built from config.json keeps its decoder layers
+    (edited, or damaged within valid JSON) passed `verify`, and streaming it then refused it ("stores decoder layers
+    under 'model.blocks' but the model's are under 'model.layers'"). `verify` fails it now, naming both; the same
+    split run again repairs it."""
+    ckpt, shards = shard_copy
+    manifest = json.loads((shards / "manifest.json").read_text())
+    (shards / "manifest.json").write_text(json.dumps({**manifest, "layers_prefix": "model.blocks"}))
+    assert main(["verify", str(shards), "--quick"]) == 1
+    out = capsys.readouterr().out
+    assert "decoder layers under 'model.layers', where the manifest records 'model.blocks'" in out
+    split_checkpoint(ckpt, shards, progress=False)
+    assert json.loads((shards / "manifest.json").read_text())["layers_prefix"] == "model.layers"
+    assert ShardDirectory(shards, checksums=True).verify() == []
+
+
 @pytest.mark.parametrize("kind", ["fifo", "folder"])
 def test_a_manifest_that_is_no_regular_file_is_named_so(shard_copy, kind):
     """A `manifest.json` that is a FIFO or a folder read as "has no manifest.json, so it is not a shard directory"."""
