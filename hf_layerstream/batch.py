@@ -285,9 +285,9 @@ def _settings_digest(
     that only change the speed, such as a draft model or prompt lookup) and `seed` (given for a sampled job only:
     greedy results do not depend on it; without it, the fingerprint is the one made before seeds were part of it) and
     `prefill`: some conversation ends with an assistant turn, which the reply continues (rendered as a new turn after
-    it before, so results written then are not taken). `messages`: some prompt is a conversation, which the chat template renders
-    whatever `chat` says (its text was left out then: a resume with another template mixed results). `legacy`: as
-    hf_layerstream 0.1.0 made it (`chat` as a flag, see `_describe`)."""
+    it before, so results written then are not taken). `messages`: some prompt is a conversation, which the chat
+    template renders whatever `chat` says (its text was left out then: a resume with another template mixed results).
+    `legacy`: as hf_layerstream 0.1.0 made it (`chat` as a flag, see `_describe`)."""
     generation = {k: v for k, v in config.to_diff_dict().items() if k not in _NOT_IN_SETTINGS}
     custom = ("logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "custom_generate")
     templated = bool(chat and _has_chat_template(tokenizer))
