@@ -352,13 +352,13 @@ class ResidencyPlan:
             if "output_embeddings" not in self.host_resident and self.host_resident_copied:
                 kept.append("the head tied to them copies them to the device for each forward pass")
             parts.append(f"{size_text(self.host_resident_bytes)} kept in host RAM ({'; '.join(kept)})")
-        parts.append(f"{len(self.device_layers)} layers kept on {self.device}")
+        parts.append(f"{_layers(len(self.device_layers))} kept on {self.device}")
         if self.dequantize == "module":
             parts.append(
                 f"quantized weights held packed, dequantized one module at a time (up to {size_text(self.scratch)})"
             )
         if self.device.type != "cpu":
-            parts.append(f"{len(self.host_layers)} layers kept in pinned host RAM")
+            parts.append(f"{_layers(len(self.host_layers))} kept in pinned host RAM")
         parts.append(f"{len(self.streamed)} streamed from disk (prefetch {self.prefetch})")
         if self.streamed:
             parts.append(f"{len(self.page_cache_layers)} of those left in the page cache between sweeps")
@@ -734,6 +734,10 @@ def host_budget_shortfall(plan: ResidencyPlan, max_memory: dict | None) -> str |
         f"max_memory['cpu'] = {size_text(budget)} cannot hold the pinned host RAM the plan takes there: {what}; "
         f"about {size_text(staging + kept)} will be pinned.{less}"
     )
+
+
+def _layers(n: int) -> str:
+    return f"{n} layer" if n == 1 else f"{n} layers"  # (the plan's summary said "1 layers kept")
 
 
 def size_text(nbytes: int) -> str:

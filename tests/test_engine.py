@@ -279,6 +279,8 @@ def test_plan_cpu_tiers(llama):
     assert three.device_layers == [0, 2, 4] and three.streamed == [1, 3, 5]
     assert three.tier(2) == "device" and three.tier(3) == "disk"
     assert "3 layers kept on cpu" in three.summary() and "3 streamed" in three.summary()
+    one = plan_residency(m, cpu, max_memory={"cpu": resident + layer + 2 * layer}, prefetch=1)
+    assert len(one.device_layers) == 1 and "; 1 layer kept on cpu;" in one.summary()  # ("1 layers kept" before)
     assert three.to_dict()["streamed"] == [1, 3, 5]
     with pytest.raises(TypeError, match="max_memory"):
         plan_residency(m, cpu, max_memory="4GiB")
