@@ -380,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         for a usage error or a one-line error, 130 on Ctrl-C.
     """
     _closed_standard_streams_on_devnull()
+    _escape_what_stdout_cannot_encode()  # (every command's: a path, a prompt or a model's text)
     parser = build_parser()
     args, leftovers = parser.parse_known_args(argv)
     if args.command == "generate" and args.prompt is None and leftovers:
@@ -778,7 +779,6 @@ def _cmd_generate(args) -> int:
     if tok.pad_token_id is None and tok.eos_token_id is not None:
         gen_kwargs["pad_token_id"] = tok.eos_token_id
     streamer = _continuation_streamer(tok, inputs["input_ids"][0].tolist(), skip_special_tokens=True)
-    _escape_what_stdout_cannot_encode()
     # (a chat reply answers the prompt, on a line of its own; a completion continues it)
     print(prompt, end="\n" if args.chat and getattr(tok, "chat_template", None) else "", flush=True)
     try:
@@ -853,9 +853,9 @@ def _refuse_past_the_position_table(model, prompt_tokens: int, max_new_tokens: i
 
 def _escape_what_stdout_cannot_encode() -> None:
     """Standard output in an encoding other than UTF-8 (a Latin-1 locale, `PYTHONIOENCODING=ascii`, a file on Windows)
-    cannot encode every character a model writes (curly quotes, CJK, emoji): the first one ended the command part way
-    through the text ("error: 'latin-1' codec can't encode character '\\u201c'"). Such characters are written as
-    Python's escapes (`\\u201c`) instead, as Python writes them to standard error."""
+    cannot encode every character a model writes (curly quotes, CJK, emoji), nor every path `verify` and `inspect`
+    print: the first one ended the command part way ("error: 'latin-1' codec can't encode character '\\u201c'").
+    Such characters are written as Python's escapes (`\\u201c`) instead, as Python writes them to standard error."""
     import codecs
 
     stream = sys.stdout
@@ -1034,7 +1034,8 @@ def _cmd_inspect(args) -> int:
     print(f"shard directory  {shards.path}")
     if local is not args.shard_dir:
         print(f"hub repo         {args.shard_dir}: its manifest and config read, its layer files not downloaded")
-    print(f"source           {m.source.get('id')} (revision {m.source.get('revision')})")
+    revision = f" (revision {m.source['revision']})" if m.source.get("revision") else ""  # (a local source: none)
+    print(f"source           {m.source.get('id')}{revision}")
     dtypes = f"dtype {m.dtype}" if computes == m.dtype else f"stored in {m.dtype}, computes in {computes}"
     print(f"model            {m.model_type}, {m.num_layers} layers under {m.layers_prefix!r}, {dtypes}")
     print(f"compression      {scheme}")

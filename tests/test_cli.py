@@ -445,6 +445,24 @@ def test_generate_to_a_stdout_that_cannot_encode_the_text_escapes_it(split_dir, 
     assert capsys.readouterr().err == ""
 
 
+def test_verify_and_inspect_of_a_path_stdout_cannot_encode_escape_it(split_dir, tmp_path, monkeypatch, capsys):
+    """`verify` of a sound directory whose path standard output cannot encode (`PYTHONIOENCODING=ascii`) ended with
+    "error: 'ascii' codec can't encode character" (exit 2), as `generate` did for a model's text: every command's
+    standard output writes such characters as Python's escapes."""
+    import shutil
+
+    _, shards = split_dir
+    copy = shutil.copytree(shards, tmp_path / "caf\u00e9.layers")
+    stdout = io.TextIOWrapper(io.BytesIO(), encoding="ascii")
+    monkeypatch.setattr(sys, "stdout", stdout)
+    assert main(["verify", str(copy)]) == 0
+    assert main(["inspect", str(copy), "--device", "cpu"]) == 0
+    stdout.flush()
+    out = stdout.buffer.getvalue().decode("ascii")
+    assert "caf\\xe9.layers" in out and "all 4 files match" in out and "per layer" in out
+    assert "error" not in capsys.readouterr().err
+
+
 def test_generate_prompt_from_stdin(split_dir, capsys, monkeypatch):
     ckpt, shards = split_dir
     prompt = _models.SAMPLE_PROMPTS[1]
@@ -745,6 +763,8 @@ def test_inspect_and_verify(split_dir, capsys):
     assert main(["inspect", str(shards), "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "3 layers" in out and "compression      none" in out
+    # a local source has no revision ("(revision None)" before)
+    assert f"source           {ShardDirectory(shards).manifest.source['id']}\n" in out and "revision" not in out
     # sizes in the unit `engine.size_text` gives messages and the plan summary (a tiny model's in KiB)
     directory = ShardDirectory(shards)
     layer_sizes = [directory.unit(f"layers.{i}").size for i in range(3)]
