@@ -636,11 +636,7 @@ def check_job(input_path: str | os.PathLike, output_path: str | os.PathLike, bat
 
 
 def _read_input(path: Path) -> list[_Prompt]:
-    # (read once: a pipe, `/dev/stdin` or `<(...)`, does too)
-    if not path.exists():
-        raise FileNotFoundError(f"`input_path` {path} does not exist; give a JSONL file with one prompt per line.")
-    if path.is_dir():
-        raise ValueError(f"`input_path` {path} is a directory; give a JSONL file with one prompt per line.")
+    # (read once: a pipe, `/dev/stdin` or `<(...)`, does too; its path checked by `_check_paths` first)
     items: list[_Prompt] = []
     seen: dict[str, str] = {}  # id key -> the line that has it
     with open(path, "rb") as f:  # (decoded line by line: a line that is not UTF-8 is named)
