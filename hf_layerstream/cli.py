@@ -751,7 +751,9 @@ def _cmd_generate(args) -> int:
             print(job.profile.summary(), file=sys.stderr)
         return 0
 
-    if args.chat and getattr(tok, "chat_template", None):
+    templated = bool(args.chat and getattr(tok, "chat_template", None))
+    which = f"`--tokenizer` {args.tokenizer}" if args.tokenizer else "the shard directory's tokenizer"
+    if templated:
         try:
             from jinja2.exceptions import TemplateError
         except ImportError:  # pragma: no cover - transformers needs jinja2 to apply a template
@@ -761,26 +763,24 @@ def _cmd_generate(args) -> int:
                 [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
             )
         except TemplateError as e:  # (its `raise_exception(...)`, or a template that does not parse: a traceback)
-            which = f"`--tokenizer` {args.tokenizer}" if args.tokenizer else "the shard directory's tokenizer"
             raise ValueError(f"The chat template of {which} failed for the prompt: {e}") from e
     else:
         inputs = tok(prompt, return_tensors="pt")
     inputs = {k: v.to(model.device) for k, v in inputs.items()}
     if inputs["input_ids"].shape[-1] == 0:  # (torch's "cannot reshape tensor of 0 elements" traceback before)
-        which = f"`--tokenizer` {args.tokenizer}" if args.tokenizer else "the shard directory's tokenizer"
-        if args.chat and getattr(tok, "chat_template", None):
+        if templated:
             raise ValueError(
                 f"The chat template of {which} made no tokens of the prompt: drop `--chat`, or pass a "
                 "tokenizer whose template works with `--tokenizer`."
             )
         raise ValueError(f"The prompt is no tokens for {which} (which adds no BOS token): give other text.")
-    _refuse_tokens_past_the_vocabulary(model, inputs["input_ids"], args.tokenizer)
+    _refuse_tokens_past_the_vocabulary(model, inputs["input_ids"], which)
     _refuse_past_the_position_table(model, inputs["input_ids"].shape[-1], args.max_new_tokens)
     if tok.pad_token_id is None and tok.eos_token_id is not None:
         gen_kwargs["pad_token_id"] = tok.eos_token_id
     streamer = _continuation_streamer(tok, inputs["input_ids"][0].tolist(), skip_special_tokens=True)
     # (a chat reply answers the prompt, on a line of its own; a completion continues it)
-    print(prompt, end="\n" if args.chat and getattr(tok, "chat_template", None) else "", flush=True)
+    print(prompt, end="\n" if templated else "", flush=True)
     try:
         with torch.no_grad():
             model.generate(**inputs, streamer=streamer, tokenizer=tok, **gen_kwargs)
@@ -870,17 +870,16 @@ def _escape_what_stdout_cannot_encode() -> None:
         return
 
 
-def _refuse_tokens_past_the_vocabulary(model, input_ids, tokenizer: str | None) -> None:
+def _refuse_tokens_past_the_vocabulary(model, input_ids, which: str) -> None:
     """A prompt whose token ids run past the model's embedding table (a `--tokenizer` of another model) ended in
     torch's traceback ("IndexError: index out of range in self"; on a GPU, a device-side assert): refused before
-    anything is printed, naming the tokenizer."""
+    anything is printed, naming the tokenizer (`which`)."""
     from .modeling import vocabulary_overrun
 
     largest = int(input_ids.max()) if input_ids.numel() else -1
     size = vocabulary_overrun(model, largest)
     if size is None:
         return
-    which = f"`--tokenizer` {tokenizer}" if tokenizer else "the shard directory's tokenizer"
     raise ValueError(
         f"The prompt holds token id {largest}, past the {size} tokens of the model's vocabulary: {which} is not this "
         "model's; pass the model's tokenizer with `--tokenizer` (a folder or a hub id)."
@@ -965,7 +964,7 @@ def _cmd_demo(args) -> int:
 def _cmd_inspect(args) -> int:
     import torch
 
-    from .engine import budget_shortfall, host_budget_shortfall, host_memory, size_text
+    from .engine import budget_warnings, host_memory, size_text
     from .modeling import resolve_dtype
     from .shard_dir import ShardDirectory, local_shard_dir
     from .stream import plan_shard_dir
@@ -1017,10 +1016,7 @@ def _cmd_inspect(args) -> int:
         "device_available": not absent,
         "host_memory": memory,
         # (the execution device's budget, then, on a GPU, host RAM's: each a sentence, joined)
-        "warning": " ".join(
-            w for w in (budget_shortfall(plan, max_memory), host_budget_shortfall(plan, max_memory)) if w
-        )
-        or None,
+        "warning": " ".join(budget_warnings(plan, max_memory)) or None,
         # (its config.json edited since the split: a model built from it is refused; a re-run of the split writes it
         # back. Builds the model on meta: about a second for a 70B one)
         "config_problem": _config_problem(shards),

@@ -736,8 +736,10 @@ def host_budget_shortfall(plan: ResidencyPlan, max_memory: dict | None) -> str |
     )
 
 
-def _layers(n: int) -> str:
-    return f"{n} layer" if n == 1 else f"{n} layers"  # (the plan's summary said "1 layers kept")
+def budget_warnings(plan: ResidencyPlan, max_memory: dict | None) -> list[str]:
+    """What `plan` cannot hold of the caller's `max_memory`, as enable logs it and `inspect` shows it: the execution
+    device's budget (`budget_shortfall`), then, on a GPU, host RAM's (`host_budget_shortfall`)."""
+    return [w for w in (budget_shortfall(plan, max_memory), host_budget_shortfall(plan, max_memory)) if w is not None]
 
 
 def size_text(nbytes: int) -> str:

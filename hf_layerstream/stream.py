@@ -30,12 +30,11 @@ from .engine import (
     Profile,
     ResidencyPlan,
     _device_key,
-    budget_shortfall,
+    budget_warnings,
     check_device,
     deepen_prefetch,
     empty_allocator_caches,
     fit_prefetch,
-    host_budget_shortfall,
     plan_residency,
     size_text,
 )
@@ -1289,9 +1288,8 @@ def _enable(
     prefetch = plan.prefetch
     deferred = deferrable if plan.dequantize == "module" else frozenset()
     host_parts = [p for p in host_parts if p.name in plan.host_resident]
-    for shortfall in (budget_shortfall(plan, max_memory), host_budget_shortfall(plan, max_memory)):
-        if shortfall is not None:
-            logger.warning(shortfall)
+    for warning in budget_warnings(plan, max_memory):
+        logger.warning(warning)
     prof = Profile() if profile else None
     handles: list = []
     loader = LayerLoader(
