@@ -20,14 +20,17 @@ chat template, else used as plain text.
 Output JSONL: one line per prompt,
 
     {"id": "q1", "completion": " Paris.", "finish_reason": "stop", "prompt_tokens": 12, "completion_tokens": 3,
-     "prompt_sha256": "9f2c...", "settings_sha256": "51ab..."}
+     "prompt_sha256": "9f2c...", "settings_sha256": "51ab...", "model_sha256": "0c7e..."}
 
 `finish_reason` is `"stop"` (an end-of-sequence token, a stop string of `stop_strings=` or a stopping criterion of
 `stopping_criteria=`) or `"length"` (`max_new_tokens` reached); `completion_tokens` counts the end-of-sequence token
 (the completion leaves it out, but keeps a stop string); `prompt_sha256` identifies the prompt and
 `settings_sha256` the settings (`chat`, the generation settings that change what is generated, from the keyword
-arguments and the generation config, and a sampled job's `seed`), so a rerun against a different input file or with
-other settings is refused instead of mixing results.
+arguments and the generation config, and a sampled job's `seed`) and `model_sha256` the model (a streamed model's
+shard files as its manifest records them, else its `name_or_path` and size; the dtype of its parameters; the PEFT
+adapters attached, with their weights), so a rerun against a different input file, with other settings or with
+another model is refused instead of mixing results. Results written by an older hf_layerstream, which record no
+settings or no model, resume with a warning.
 
 Order and crash safety. Prompts are sorted by token length (longest first) so that each batch holds prompts of
 similar length and little padding; greedy results do not depend on the batch. Each finished batch is appended to
@@ -70,6 +73,7 @@ from .speculative import (
     eos_token_ids,
 )
 from .split import progress_bar
+from .stream import _adapter_modules, get_streaming_state
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +84,7 @@ _FORBIDDEN_KWARGS = ("input_ids", "attention_mask", "inputs", "streamer")
 _METERED_MODES = tuple(  # (by name: a mode a transformers release folds into another is left out, not an import error)
     m for n in ("GREEDY_SEARCH", "SAMPLE", "ASSISTED_GENERATION") if (m := getattr(GenerationMode, n, None)) is not None
 )
-# the keys every result line has (`settings_sha256` too, from files written by newer versions)
+# the keys every result line has (`settings_sha256` and `model_sha256` too, from files written by newer versions)
 _RESULT_KEYS = ("id", "completion", "finish_reason", "prompt_tokens", "completion_tokens", "prompt_sha256")
 _RECORD_START = b'{"id": '  # how every result line written by `_dumps` starts
 # generation settings that change the speed or what `generate` returns besides the tokens, not the tokens
@@ -305,6 +309,45 @@ def _settings_digest(
     if prefill:
         settings["prefill"] = "continue_final_message"
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _model_digest(model: nn.Module) -> str:
+    """A fingerprint of the model a job's results come from (`model_sha256`, beside the settings'), read without its
+    base weights: for a streamed model, the digests of its shard directory's files as its manifest records them (the
+    checkpoint, the split's dtype and compression, an adapter merged by the split; the same files at another path are
+    the same model); for another, its `name_or_path` and number of parameters (and quantization config). For both,
+    the dtypes of its parameters (the dtype a model is streamed at) and the PEFT adapters attached: their configs,
+    each adapter layer's active adapters and its adapter weights (hashed: small beside the model)."""
+    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model  # (a `PeftModel`)
+    state = get_streaming_state(base)
+    if state is not None:
+        weights: Any = [unit.sha256 for unit in state.shard_dir.manifest.units.values()]
+    else:
+        config = getattr(base, "config", None)
+        weights = {
+            "name_or_path": str(getattr(base, "name_or_path", "") or getattr(config, "_name_or_path", "")),
+            "parameters": sum(p.numel() for p in base.parameters()),
+            "quantization": _describe(getattr(config, "quantization_config", None)),
+        }
+    configs = getattr(model, "peft_config", None)
+    identity = {
+        "weights": weights,
+        "dtypes": sorted({str(p.dtype) for p in model.parameters()}),
+        "adapter_configs": {
+            str(k): _describe(c.to_dict() if callable(getattr(c, "to_dict", None)) else c)
+            for k, c in (configs.items() if isinstance(configs, dict) else ())
+        },
+        "adapters": [
+            {
+                "module": name,
+                "active": _describe(getattr(module, "active_adapters", None)),
+                "disabled": bool(getattr(module, "disable_adapters", False)),
+                "weights": {n: _describe(p) for n, p in module.named_parameters() if not n.startswith("base_layer.")},
+            }
+            for name, module in _adapter_modules(model)
+        ],
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # --- the batch loop -----------------------------------------------------------------------------------------------
@@ -715,8 +758,11 @@ def _load_done(
     unseeded: str | None = None,
     seed=None,
     untemplated: Collection[str] = (),
+    model: str | None = None,
 ) -> tuple[dict[str, dict], bool]:
     """Results already in `path`, by id key; drops a torn last line (a crash mid-write). Returns (done, repaired).
+    `model`: this run's `_model_digest`; a result made by another model is refused, one that records none (written
+    before it was recorded) taken, with a warning.
     `unseeded`: for a sampled job given `seed`, the fingerprint of its settings without it, which results written
     before seeds were part of it carry: taken, with a warning. `untemplated`: for a job of conversations, the
     fingerprints of its settings without the chat template (with and without the seed), which results written before
@@ -732,6 +778,7 @@ def _load_done(
     unchecked = 0
     seedless = 0
     templateless = 0
+    modelless = 0
     while pos < len(data):
         nl = data.find(b"\n", pos)
         end = len(data) if nl < 0 else nl + 1
@@ -784,6 +831,14 @@ def _load_done(
                 "sampled job differs, and the results would mix. Rerun with the settings of the run that wrote it, "
                 "or choose another `output_path`."
             )
+        if "model_sha256" not in record:
+            modelless += 1
+        elif model is not None and record["model_sha256"] != model:
+            raise ValueError(
+                f"`output_path` {path} has a result for id {record['id']!r} made by another model than this run's: "
+                "another checkpoint or shard directory, another dtype or another adapter (PEFT), and the results would "
+                "mix. Rerun with the model that wrote it, or choose another `output_path`."
+            )
         if key in done:
             logger.warning("Ignoring a second result for id %r in %s.", record["id"], path)
             continue
@@ -793,6 +848,13 @@ def _load_done(
             "%d results in %s have no `settings_sha256` (an older hf_layerstream wrote them): whether they were made "
             "with this run's settings is not checked.",
             unchecked,
+            path,
+        )
+    if modelless:
+        logger.warning(
+            "%d results in %s record no model (an older hf_layerstream wrote them): whether this run's model made "
+            "them is not checked.",
+            modelless,
             path,
         )
     if templateless:
@@ -875,7 +937,8 @@ def generate_jsonl(
 
     See the module docstring for the input and output schemas. Prompts that already have a result in `output_path`
     are skipped, so rerunning the same command after a crash finishes the job; a rerun with other settings (`chat`,
-    generation settings, a sampled job's `seed`) is refused. Each batch's results are `fsync`ed once the batch
+    generation settings, a sampled job's `seed`) or another model (another checkpoint or shard directory, dtype or
+    PEFT adapter) is refused. Each batch's results are `fsync`ed once the batch
     completes. Once all prompts have a result, `output_path` holds exactly one line per prompt, in input order.
 
     Args:
@@ -926,6 +989,7 @@ def generate_jsonl(
         tokenizer, chat, config, generate_kwargs, seed=sampled_seed, prefill=prefill, messages=messages
     )
     by_key = {p.key: p for p in items}
+    model_digest = _model_digest(model)
     output_path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     created = not output_path.exists()
@@ -958,6 +1022,7 @@ def generate_jsonl(
             unseeded=unseeded,
             seed=sampled_seed,
             untemplated=untemplated,
+            model=model_digest,
         )
         todo = [p for p in items if p.key not in done]
         stats = {"input": str(input_path), "output": str(output_path), "prompts": len(items), "skipped": len(done)}
@@ -980,6 +1045,7 @@ def generate_jsonl(
         ):
             for p, record in results:
                 record["settings_sha256"] = settings
+                record["model_sha256"] = model_digest
                 out.write(_dumps(record))
                 out.flush()
                 done[p.key] = record

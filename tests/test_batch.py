@@ -228,6 +228,7 @@ def test_jsonl_schema_order_and_stats(llama, tmp_path):
             "completion_tokens",
             "prompt_sha256",
             "settings_sha256",
+            "model_sha256",
         }
         assert r["finish_reason"] in ("stop", "length")
         assert r["completion_tokens"] == GREEDY["max_new_tokens"] or r["finish_reason"] == "stop"
@@ -923,3 +924,57 @@ def test_resume_refuses_another_seed_of_a_sampled_job(llama, tmp_path, caplog, c
     with caplog.at_level(logging.WARNING, logger="hf_layerstream.batch"):
         stats = generate_jsonl(model, tok, inp, out, batch_size=1, progress=False, seed=1, **sampled)
     assert stats["skipped"] == 1 and "record no seed" in caplog.text
+
+
+def test_resume_refuses_another_model(llama, checkpoints, tmp_path, caplog):
+    """The settings fingerprint leaves the model out: a job resumed with another model (the checkpoint split again at
+    another dtype, the same shards streamed at another dtype, a PEFT adapter attached, a model loaded whole) took the
+    first run's results and mixed them with its own, silently. Each result records its model now, and another is
+    refused; the same shard files at another path are the same model, and results written before the model was
+    recorded resume with a warning."""
+    import shutil
+
+    from hf_layerstream import attaching_adapters, split_checkpoint
+
+    model, tok, shards = llama
+    ckpt = checkpoints("llama")[0]
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in enumerate(PROMPTS[:2])))
+    generate_jsonl(model, tok, inp, tmp_path / "straight.jsonl", progress=False, **GREEDY)
+    first = (tmp_path / "straight.jsonl").read_text().splitlines(True)[0]
+    resplit = split_checkpoint(ckpt, tmp_path / "bf16", dtype=torch.bfloat16, progress=False)
+    others = {
+        "split again at bfloat16": streamed_model(ckpt, resplit, **STREAM_ALL),
+        "streamed at bfloat16": streamed_model(ckpt, shards, dtype=torch.bfloat16, **STREAM_ALL),
+        "loaded whole": _models.load_reference(ckpt),
+    }
+    for name, other in others.items():
+        out.write_text(first)  # as if killed after the first prompt
+        with pytest.raises(ValueError, match="made by another model than this run's"):
+            generate_jsonl(other, tok, inp, out, progress=False, **GREEDY)
+        assert out.read_text() == first, name
+    # the same files at another path: the same model
+    shutil.copytree(shards, tmp_path / "copy")
+    stats = generate_jsonl(
+        streamed_model(ckpt, tmp_path / "copy", **STREAM_ALL), tok, inp, out, progress=False, **GREEDY
+    )
+    assert stats["skipped"] == 1 and out.read_text() == (tmp_path / "straight.jsonl").read_text()
+    # a result written before the model was recorded: taken, with a warning
+    record = json.loads(first)
+    del record["model_sha256"]
+    out.write_text(json.dumps(record) + "\n")
+    with caplog.at_level(logging.WARNING, logger="hf_layerstream.batch"):
+        stats = generate_jsonl(model, tok, inp, out, progress=False, **GREEDY)
+    assert stats["skipped"] == 1 and "record no model" in caplog.text
+    # a PEFT adapter attached to the same streamed model
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(1)
+    config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    peft.get_peft_model(_models.load_reference(ckpt), config).save_pretrained(tmp_path / "adapter")
+    adapted = streamed_model(ckpt, shards, **STREAM_ALL)
+    with attaching_adapters(adapted):
+        adapted.load_adapter(str(tmp_path / "adapter"))
+    out.write_text(first)
+    with pytest.raises(ValueError, match="made by another model than this run's"):
+        generate_jsonl(adapted, tok, inp, out, progress=False, **GREEDY)
+    assert out.read_text() == first
