@@ -43,6 +43,7 @@ order: a finished output file is in input order, one line per prompt, whatever c
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -907,6 +908,34 @@ def _lock(f, path: Path) -> None:
         ) from None
 
 
+@contextlib.contextmanager
+def _open_output(path: Path) -> Iterator[tuple[Any, bool]]:
+    """`path` opened to append results and locked (`_lock`), created with the folders above it where missing; yields
+    (the file, whether this call created it). A job that ends in an error before it writes a result (a prompt refused
+    by the checks before generation, an interrupt) leaves no empty file behind: the file this call created is
+    removed, with the folders it created for it; a file that was there before is left as it is, empty or not."""
+    new_folders = [d for d in (path.parent, *path.parent.parents) if not d.exists()]  # (deepest first)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
+    try:  # (exclusive: a file another job created meanwhile, or a link, is not taken for one this call created)
+        fd, created = os.open(path, flags | os.O_EXCL, 0o666), True
+    except FileExistsError:
+        fd, created = os.open(path, flags, 0o666), False
+    with open(fd, "ab") as out:
+        _lock(out, path)
+        try:
+            yield out, created
+        except BaseException:
+            if created and os.fstat(out.fileno()).st_size == 0:
+                os.unlink(path)  # (still under the lock)
+                for folder in new_folders:
+                    try:
+                        folder.rmdir()
+                    except OSError:  # (something else was put there meanwhile)
+                        break
+            raise
+
+
 def _rewrite_in_order(path: Path, items: list[_Prompt], done: dict[str, dict]) -> None:
     """Write every result in input order to a temporary file and rename it over `path` (atomic). Where `path` is a
     symlink, over the file it points to, where the results were appended (renaming over the link replaced it with a
@@ -949,7 +978,8 @@ def generate_jsonl(
         input_path (`str` or `os.PathLike`):
             JSONL prompts (read once: a pipe does too).
         output_path (`str` or `os.PathLike`):
-            JSONL results, a regular file; created, or resumed when it exists.
+            JSONL results, a regular file; created, or resumed when it exists. A job that ends in an error before it
+            writes a result removes the file (and folders) it created, not a file that was there.
         batch_size (`int`, defaults to 8):
             Prompts per sweep.
         chat (`bool`, defaults to `False`):
@@ -990,11 +1020,8 @@ def generate_jsonl(
     )
     by_key = {p.key: p for p in items}
     model_digest = _model_digest(model)
-    output_path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    created = not output_path.exists()
-    with open(output_path, "ab") as out:
-        _lock(out, output_path)
+    with _open_output(output_path) as (out, created):
         if created:
             fsync_dir(output_path.parent)
         # (results an older hf_layerstream wrote carry its fingerprint of the same settings)

@@ -186,6 +186,27 @@ def test_a_job_continuing_assistant_turns_refuses_results_rendered_as_new_turns(
         generate_batch(model, tok_without, [prefill], progress=False, **GREEDY)
 
 
+def test_a_job_refused_before_it_generates_leaves_no_file_of_its_own(llama, tmp_path):
+    """A job refused by a check of its prompts made once its output file was open (a conversation the chat template
+    cannot render, here) left that file behind, empty, and the folders made for it. What the job created is removed;
+    an output file that was there before is kept, empty or not."""
+    model, tok, _ = llama
+    tok_without = AutoTokenizer.from_pretrained(tok.name_or_path)  # (a template that cannot continue a turn)
+    tok_without.chat_template = "{% for m in messages %}{{ m['role'] }}: ...\n{% endfor %}"
+    prefill = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "The colour is"}]
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(json.dumps({"id": "q", "prompt": "Hi"}) + "\n" + json.dumps({"id": "p", "messages": prefill}) + "\n")
+    refused = r"Prompt 'p' could not be rendered and tokenized"
+    with pytest.raises(ValueError, match=refused):
+        generate_jsonl(model, tok_without, inp, tmp_path / "new" / "folder" / "out.jsonl", progress=False, **GREEDY)
+    assert not (tmp_path / "new").exists()
+    out = tmp_path / "out.jsonl"
+    out.touch()
+    with pytest.raises(ValueError, match=refused):
+        generate_jsonl(model, tok_without, inp, out, progress=False, **GREEDY)
+    assert out.exists() and out.read_bytes() == b""
+
+
 def _write_input(path: Path) -> list:
     lines = [
         {"id": "a", "prompt": PROMPTS[0]},
@@ -835,7 +856,7 @@ def test_a_prompt_past_a_learned_position_table_is_refused_before_any_generation
         generate_jsonl(
             model, tok, inp, tmp_path / "out.jsonl", progress=False, max_new_tokens=258 - n, min_new_tokens=258 - n
         )
-    assert not (tmp_path / "out.jsonl").exists() or (tmp_path / "out.jsonl").read_text() == ""
+    assert not (tmp_path / "out.jsonl").exists()
     with pytest.raises(ValueError, match="Prompt 1 "):
         generate_batch(model, tok, ["hi", long], progress=False, max_new_tokens=258 - n, min_new_tokens=258 - n)
     kw = {"max_new_tokens": 257 - n, "min_new_tokens": 257 - n}
