@@ -736,6 +736,22 @@ def _cmd_generate(args) -> int:
         except (RuntimeError, MemoryError) as e:
             if not _out_of_memory(e):
                 raise
+            from transformers.generation import GenerationMode
+
+            from .speculative import _generation_config
+
+            # (speculative decoding runs one prompt per generate call, whatever the batch size: a smaller one is no
+            # help there; a draft is not one of the job's settings, nor are the budgets: the job resumes without it)
+            mode = _generation_config(model, gen_kwargs).get_generation_mode(gen_kwargs.get("assistant_model"))
+            if mode == GenerationMode.ASSISTED_GENERATION:
+                which = "`--assistant`" if args.assistant else "`--prompt-lookup`" if args.prompt_lookup else None
+                draft = ", or a smaller draft model (or none)" if args.assistant else ""
+                raise ValueError(
+                    f"Out of memory generating one prompt ({_first_line(e)}); speculative decoding"
+                    f"{f' ({which})' if which else ''} runs one prompt at a time, whatever `--batch-size`. The results "
+                    f"of the prompts done are in {args.output}; run the command again with a lower budget for the "
+                    f"device (`--max-memory`) or `--prefetch`{draft} to go on from there."
+                ) from e
             # (a traceback before; the batch size is not one of the job's settings: a smaller one resumes it)
             raise ValueError(
                 f"Out of memory generating a batch of up to {batch_size} prompts ({_first_line(e)}). The results of "

@@ -1426,6 +1426,46 @@ def test_a_jsonl_job_out_of_memory_names_the_batch_size_in_one_line(split_dir, t
     capsys.readouterr()
 
 
+@pytest.mark.parametrize("speculative", ["--assistant", "--prompt-lookup"])
+def test_a_speculative_jsonl_job_out_of_memory_gives_advice_that_applies(
+    split_dir, tmp_path, capsys, monkeypatch, speculative
+):
+    """`--assistant` and `--prompt-lookup` run one prompt per generate call, whatever `--batch-size`: out of memory,
+    a job told to try a smaller `--batch-size`, which changes nothing. It names the one prompt at a time and the
+    budgets (and a smaller draft); the prompts done are kept, and the same command finishes the job."""
+    from transformers.generation.utils import GenerationMixin
+
+    ckpt, shards = split_dir
+    lines = "".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in enumerate(_models.SAMPLE_PROMPTS[:3]))
+    (tmp_path / "in.jsonl").write_text(lines)
+    out = tmp_path / "out.jsonl"
+    argv = ["generate", str(shards), "--input", str(tmp_path / "in.jsonl"), "--output", str(out)]
+    argv += ["--max-new-tokens", "3", "--device", "cpu", "--batch-size", "2"]
+    argv += [speculative, str(ckpt) if speculative == "--assistant" else "2"]
+    real, calls = GenerationMixin.generate, []
+
+    def generate(self, input_ids, **kwargs):
+        if kwargs.get("assistant_model") is None and kwargs.get("prompt_lookup_num_tokens") is None:
+            return real(self, input_ids, **kwargs)  # (the draft's own calls)
+        calls.append(input_ids.shape[0])
+        if len(calls) == 2:  # (the first prompt done)
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore details")
+        return real(self, input_ids, **kwargs)
+
+    monkeypatch.setattr(GenerationMixin, "generate", generate)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("hf-layerstream generate: error: Out of memory generating one prompt (")
+    assert f"speculative decoding (`{speculative}`) runs one prompt at a time, whatever `--batch-size`" in err
+    assert f"The results of the prompts done are in {out}; run the command again with a lower budget" in err
+    assert "smaller `--batch-size`" not in err
+    assert ("a smaller draft model" in err) == (speculative == "--assistant")
+    assert len(out.read_text().splitlines()) == 1 and calls == [1, 1]
+    assert main(argv) == 0
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == [0, 1, 2]
+    capsys.readouterr()
+
+
 def test_max_memory_is_named_as_the_option_writes_it(split_dir, capsys, caplog):
     """The command line's messages wrote budgets as Python does: `max_memory['cpu'] = 1.0 KiB cannot hold ...` (in
     `inspect`'s warning line and `generate`'s logged warning) and `e.g. {0: '4GiB', 'cpu': '16GiB'}` for a key it
