@@ -923,6 +923,18 @@ def _open_output(path: Path) -> Iterator[tuple[Any, bool]]:
         fd, created = os.open(path, flags, 0o666), False
     with open(fd, "ab") as out:
         _lock(out, path)
+        held = os.fstat(out.fileno())
+        try:
+            named = os.stat(path)
+        except FileNotFoundError:
+            named = None
+        if named is None or (named.st_dev, named.st_ino) != (held.st_dev, held.st_ino):
+            # another job, which held the lock while this call opened the file, renamed its finished results over it
+            # or removed the empty file it had created: results appended to the file opened would be lost
+            raise ValueError(
+                f"`output_path` {path} was replaced or removed by another job while this one opened it. Run again "
+                "(it resumes from the results there)."
+            )
         try:
             yield out, created
         except BaseException:

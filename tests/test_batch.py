@@ -999,3 +999,29 @@ def test_resume_refuses_another_model(llama, checkpoints, tmp_path, caplog):
     with pytest.raises(ValueError, match="made by another model than this run's"):
         generate_jsonl(adapted, tok, inp, out, progress=False, **GREEDY)
     assert out.read_text() == first
+
+
+@pytest.mark.parametrize("how", ["replaced", "removed"])
+def test_a_job_refuses_an_output_file_another_job_replaced_before_its_lock(llama, tmp_path, monkeypatch, how):
+    """Between opening the output and locking it, another job that held the lock renamed its finished results over
+    the path (`_rewrite_in_order`) or removed the empty file it had created: the file this job opened is no longer
+    the output, and every result appended to it was lost."""
+    import hf_layerstream.batch as batch
+
+    model, tok, _ = llama
+    (tmp_path / "in.jsonl").write_text(json.dumps({"id": 1, "prompt": "Hello"}) + "\n")
+    out = tmp_path / "out.jsonl"
+    out.write_text("")
+    real = batch._lock
+
+    def another_job_first(f, path):
+        if how == "replaced":
+            (tmp_path / "theirs").write_text("")
+            os.replace(tmp_path / "theirs", path)
+        else:
+            path.unlink()
+        real(f, path)
+
+    monkeypatch.setattr(batch, "_lock", another_job_first)
+    with pytest.raises(ValueError, match="was replaced or removed by another job while this one opened it"):
+        generate_jsonl(model, tok, tmp_path / "in.jsonl", out, progress=False, max_new_tokens=2)
