@@ -15,7 +15,9 @@ Input JSONL: one prompt per line, in any of these forms (blank lines are skipped
 
 `id` is a string or an integer, unique in the file. `messages` are rendered with the tokenizer's chat template
 (always; there must be one). A `prompt` is rendered as one user message when `chat=True` and the tokenizer has a
-chat template, else used as plain text.
+chat template, else used as plain text. Other keys of a line (a reference answer kept beside the prompt) are not
+read: they are named in a warning (a misspelt key, or a setting of one prompt such as `max_new_tokens`, was ignored
+silently; generation settings are the job's, for every prompt).
 
 Output JSONL: one line per prompt,
 
@@ -87,6 +89,8 @@ _METERED_MODES = tuple(  # (by name: a mode a transformers release folds into an
 )
 # the keys every result line has (`settings_sha256` and `model_sha256` too, from files written by newer versions)
 _RESULT_KEYS = ("id", "completion", "finish_reason", "prompt_tokens", "completion_tokens", "prompt_sha256")
+# the keys an input line (a JSON object) takes
+_INPUT_KEYS = ("id", "prompt", "messages")
 _RECORD_START = b'{"id": '  # how every result line written by `_dumps` starts
 # generation settings that change the speed or what `generate` returns besides the tokens, not the tokens
 _NOT_IN_SETTINGS = frozenset(
@@ -676,13 +680,15 @@ def check_job(input_path: str | os.PathLike, output_path: str | os.PathLike, bat
         raise ValueError(f"`batch_size` must be a positive int (e.g. 8 or 16), got {batch_size!r}.")
     _check_paths(input_path, output_path)
     if input_path.is_file() and not str(input_path).startswith("/dev/"):  # (`--input -`: standard input, left alone)
-        _read_input(input_path)
+        _read_input(input_path, warn=False)
 
 
-def _read_input(path: Path) -> list[_Prompt]:
-    # (read once: a pipe, `/dev/stdin` or `<(...)`, does too; its path checked by `_check_paths` first)
+def _read_input(path: Path, warn: bool = True) -> list[_Prompt]:
+    # (read once: a pipe, `/dev/stdin` or `<(...)`, does too; its path checked by `_check_paths` first). `warn`: of
+    # keys a line does not take, once (`check_job` reads the file before the job does)
     items: list[_Prompt] = []
     seen: dict[str, str] = {}  # id key -> the line that has it
+    unread: dict[str, int] = {}  # a key no line takes -> the first line that has it
     with open(path, "rb") as f:  # (decoded line by line: a line that is not UTF-8 is named)
         for lineno, raw in enumerate(f, 1):
             where = f"{path}:{lineno}"
@@ -722,6 +728,8 @@ def _read_input(path: Path) -> list[_Prompt]:
                         f"{where} has both 'prompt' and 'messages': {line.strip()[:80]!r}. Give one of them (the "
                         "messages for a chat, the prompt for a completion)."
                     )
+                for k in (k for k in obj if k not in _INPUT_KEYS):
+                    unread.setdefault(k, lineno)
                 if "messages" in obj:
                     prompt = _check_messages(obj["messages"], where)
                 elif isinstance(obj.get("prompt"), str):
@@ -748,6 +756,15 @@ def _read_input(path: Path) -> list[_Prompt]:
                 )
             seen[item.key] = f"line {lineno}{given}"
             items.append(item)
+    if unread and warn:  # (a line's own data, such as a reference answer, or a misspelt key: read by no one)
+        keys = sorted(unread, key=unread.get)
+        logger.warning(
+            "%s: %s not read (first on line %d): a line's 'id' and 'prompt' or 'messages' are; generation settings "
+            "such as `max_new_tokens` are the job's, for every prompt. Check a misspelt key.",
+            path,
+            f"key {keys[0]!r} is" if len(keys) == 1 else "keys " + ", ".join(map(repr, keys)) + " are",
+            unread[keys[0]],
+        )
     return items
 
 

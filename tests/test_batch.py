@@ -1025,3 +1025,27 @@ def test_a_job_refuses_an_output_file_another_job_replaced_before_its_lock(llama
     monkeypatch.setattr(batch, "_lock", another_job_first)
     with pytest.raises(ValueError, match="was replaced or removed by another job while this one opened it"):
         generate_jsonl(model, tok, tmp_path / "in.jsonl", out, progress=False, max_new_tokens=2)
+
+
+def test_keys_a_line_does_not_take_are_named_once(llama, tmp_path, caplog):
+    """A line's other keys (a reference answer kept beside the prompt, a misspelt key, a setting of one prompt such
+    as `max_new_tokens`) were ignored without a word: named in one warning, with the first line holding them."""
+    model, tok, _ = llama
+    (tmp_path / "in.jsonl").write_text(
+        '{"id": 1, "prompt": "Hello"}\n{"id": 2, "prompt": "Hi", "answer": "x", "max_new_token": 3}\n'
+        '{"id": 3, "prompt": "Hey", "answer": "y"}\n'
+    )
+    with caplog.at_level(logging.WARNING, logger="hf_layerstream"):
+        stats = generate_jsonl(model, tok, tmp_path / "in.jsonl", tmp_path / "o.jsonl", progress=False, **GREEDY)
+    assert stats["generated"] == 3  # (still a job: the keys are the user's)
+    named = [r.getMessage() for r in caplog.records if "not read" in r.getMessage()]
+    assert named == [
+        f"{tmp_path / 'in.jsonl'}: keys 'answer', 'max_new_token' are not read (first on line 2): a "
+        "line's 'id' and 'prompt' or 'messages' are; generation settings such as `max_new_tokens` are "
+        "the job's, for every prompt. Check a misspelt key."
+    ]
+    caplog.clear()
+    (tmp_path / "in.jsonl").write_text('{"id": 1, "prompt": "Hello"}\n')
+    with caplog.at_level(logging.WARNING, logger="hf_layerstream"):
+        generate_jsonl(model, tok, tmp_path / "in.jsonl", tmp_path / "o2.jsonl", progress=False, **GREEDY)
+    assert not [r for r in caplog.records if "not read" in r.getMessage()]

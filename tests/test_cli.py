@@ -520,6 +520,18 @@ def test_generate_from_a_jsonl_file_prints_its_profile(split_dir, tmp_path, caps
     assert "profile of the whole job (3 generate calls):" in profile and "compute" in profile and "wait" in profile
 
 
+def test_a_jsonl_job_names_keys_its_lines_do_not_take_once(split_dir, tmp_path, capsys, caplog):
+    """The command reads a regular input file before the model loads (`check_job`) and again for the job: a key no
+    line takes is named in one warning, not two."""
+    _, shards = split_dir
+    (tmp_path / "in.jsonl").write_text('{"id": 1, "prompt": "Hello", "answer": "x"}\n')
+    argv = ["generate", str(shards), "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl")]
+    with caplog.at_level("WARNING", logger="hf_layerstream"):
+        assert main([*argv, "--max-new-tokens", "2", "--device", "cpu"]) == 0
+    shown = capsys.readouterr().err + caplog.text
+    assert shown.count("key 'answer' is not read (first on line 1)") == 1
+
+
 @pytest.mark.parametrize(
     "between, prompt",
     [
