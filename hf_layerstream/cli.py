@@ -56,7 +56,8 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="layers read ahead of the compute (default on CPU: 3 with full-precision shards, 2 with quantized ones, "
         "lowered to fit a --max-memory cpu= budget other than 0; on CUDA: 2, or as many layers as hold 320 MiB, up "
-        "to 8, where that gives up no layer kept on the GPU)",
+        "to 8, where that gives up no layer kept on the GPU, lowered to fit the GPU's budget and a --max-memory cpu= "
+        "budget other than 0 with its pinned staging buffers)",
     )
     p.add_argument(
         "--page-cache",

@@ -624,6 +624,11 @@ def fit_prefetch(
     only, which is a choice for speed: on a small GPU fitting comes first (a 70B model's 1.7 GB layers on a 4 GiB GPU
     fit one at a time). A budget of 0 asks for nothing on the device and changes nothing.
 
+    On a GPU the caller's `max_memory["cpu"]` (given, and not 0) lowers it the same way where the plan's pinned host
+    RAM passes it (`_over_host_budget`: a staging buffer for each layer in flight read from the disk, which the plan
+    counts before the layers it keeps there): the buffers fit first, and the layers kept in host RAM take the room
+    they leave. Only where even `prefetch` 0 passes it does `host_budget_shortfall` warn.
+
     On CPU only the caller's `max_memory["cpu"]` lowers it, not the available memory: there the layers in flight are
     file pages, which the kernel reclaims as it needs (a used layer's, the embedding rows no token looked up), and
     lowering the default for a small memory was not measured to gain anything. A 70B-shaped model (1.78 GB layers,
@@ -635,7 +640,8 @@ def fit_prefetch(
         while budget and plan.prefetch > 0 and plan.streamed and _least_need(plan)[0] > budget:
             plan = plan_for(plan.prefetch - 1)  # (nothing streamed: nothing in flight, nothing to lower)
         return plan
-    while plan.prefetch > 0 and _over_budget(plan):
+    host = bool(_max_memory_for(max_memory, "cpu"))  # (the default host budget, a share of the free memory, does not)
+    while plan.prefetch > 0 and (_over_budget(plan) or host and _over_host_budget(plan)):
         plan = plan_for(plan.prefetch - 1)
     return plan
 
@@ -716,8 +722,9 @@ def host_budget_shortfall(plan: ResidencyPlan, max_memory: dict | None) -> str |
     """A GPU plan: a warning where the caller's `max_memory["cpu"]` (given, and not 0: nothing asked of it) cannot
     hold the pinned host RAM the plan takes there (`_over_host_budget`): the staging buffers of the layers read from
     the disk, one per layer in flight, and what it keeps in host RAM. The plan keeps no layer there where the buffers
-    take the budget, and does not lower `prefetch` for it (see `deepen_prefetch`), so the budget was exceeded without
-    a word; pinned memory is not reclaimed. `None` otherwise, and on CPU, where `budget_shortfall` tells."""
+    take the budget; the default `prefetch` is lowered for it (`fit_prefetch`), a `prefetch` given is not, and pinned
+    memory is not reclaimed: past the budget with the one given, or even at 0, the budget is exceeded, and said so.
+    `None` otherwise, and on CPU, where `budget_shortfall` tells."""
     budget = _max_memory_for(max_memory, "cpu")
     if plan.device.type == "cpu" or not budget or not _over_host_budget(plan):
         return None

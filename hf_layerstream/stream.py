@@ -13,7 +13,7 @@ import threading
 import weakref
 from collections import Counter
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from accelerate.hooks import add_hook_to_module, remove_hook_from_module
@@ -30,6 +30,7 @@ from .engine import (
     Profile,
     ResidencyPlan,
     _device_key,
+    _over_budget,
     budget_warnings,
     check_device,
     deepen_prefetch,
@@ -880,10 +881,11 @@ def plan_streaming(
     """The residency plan `enable_layer_streaming` (and `hf-layerstream inspect`) runs with.
 
     `prefetch=None`: the default, lowered until the device's budget holds it (on CPU, a `max_memory["cpu"]` given;
-    `fit_prefetch`). `dequantize=None`: "layer" unless the shards are quantized and a GPU's budget cannot keep every
-    layer on it dequantized: then "module" (the layers in flight and kept on the GPU are held packed, about a quarter
-    of their size at 4 bits, so more fit; each weight is dequantized as its module runs: a memory-bound kernel there,
-    against the copy over PCIe). On CPU dequantizing is slow (about 2 GB/s of output here), so the loader does it
+    on a GPU, its budget and a `max_memory["cpu"]` given, for the pinned staging buffers; `fit_prefetch`).
+    `dequantize=None`: "layer" unless the shards are quantized and a GPU's budget cannot keep every layer on it
+    dequantized: then "module" (the layers in flight and kept on the GPU are held packed, about a quarter of their
+    size at 4 bits, so more fit; each weight is dequantized as its module runs: a memory-bound kernel there, against
+    the copy over PCIe). On CPU dequantizing is slow (about 2 GB/s of output here), so the loader does it
     ahead of the compute there unless asked.
     """
     n = shards.num_layers
@@ -1277,13 +1279,17 @@ def _enable(
     if not chosen and plan.prefetch < min(base, max(len(plan.layer_bytes) - 1, 0)):
         key = "cpu" if device.type == "cpu" else str(device.index)
         name = "max_memory['cpu']" if device.type == "cpu" else "the device budget"
+        what = "the resident parts and more layers in flight"
+        # (on a GPU, a `max_memory["cpu"]` lowers it too, for the pinned staging buffers: `fit_prefetch`)
+        if device.type != "cpu" and not _over_budget(replace(plan, prefetch=plan.prefetch + 1)):
+            key, name, what = "cpu", "max_memory['cpu']", "the pinned staging buffers of more layers in flight"
         room = f"{name} ({size_text(plan.budgets[key])})"
         logger.info(
-            "prefetch lowered to %d from the default %d: %s cannot hold the resident parts and more layers in flight. "
-            "Pass `prefetch=` to choose it.",
+            "prefetch lowered to %d from the default %d: %s cannot hold %s. Pass `prefetch=` to choose it.",
             plan.prefetch,
             base,
             room,
+            what,
         )
     prefetch = plan.prefetch
     deferred = deferrable if plan.dequantize == "module" else frozenset()

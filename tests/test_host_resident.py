@@ -230,14 +230,14 @@ def test_on_cuda_reading_further_ahead_stays_within_the_host_budget(checkpoints)
     """A layer streamed from the disk to a GPU is read into a pinned staging buffer, one for each of the `prefetch + 1`
     layers in flight, which the plan counts in `max_memory["cpu"]` before the layers it keeps there. Where that budget
     keeps none (less than 4 layers' room at prefetch 2), reading further ahead than 2 took 9 buffers (tiny layers:
-    `CUDA_MAX_PREFETCH`), beyond the budget; it reads ahead only as far as the budget holds, and not at all where it
-    holds not even prefetch 2's. (A budget of 0, as for the device, asks for nothing: the previous test.)"""
+    `CUDA_MAX_PREFETCH`), beyond the budget; it reads ahead only as far as the budget holds. (A budget of 0, as for the
+    device, asks for nothing: the previous test.)"""
     from hf_layerstream.stream import plan_shard_dir
 
     _, shards = checkpoints("llama", num_hidden_layers=6)
     m = ShardDirectory(shards)
     stored = max(m.unit(f"layers.{i}").size for i in range(m.num_layers))
-    for layers in (2.5, 3.5, 3.99):
+    for layers in (3, 3.5, 3.99):
         cpu = int(layers * stored)
         plan = plan_shard_dir(m, CUDA0, max_memory={0: 0, "cpu": cpu})
         assert plan.host_layers == [] and plan.prefetch == 2, (layers, plan.prefetch)
@@ -246,12 +246,42 @@ def test_on_cuda_reading_further_ahead_stays_within_the_host_budget(checkpoints)
     assert plan.host_layers == [0] and plan.prefetch == 2
 
 
+def test_on_cuda_the_default_prefetch_is_lowered_until_the_host_budget_holds_its_staging_buffers(checkpoints, capsys):
+    """The pinned staging buffers (one per layer in flight read from the disk) count in `max_memory["cpu"]` before the
+    layers kept there; where the default `prefetch`'s passed it (2.5 layers' room: 3 buffers at prefetch 2), the plan
+    kept prefetch 2 and pinned past the caller's budget, with a warning only. The default is lowered until they fit,
+    as it is for the device's budget; the layers kept in host RAM take the room left after that. A `prefetch` given is
+    kept (and warned about: the next test), and a budget that not even one buffer fits gets prefetch 0, and the
+    warning."""
+    from hf_layerstream.cli import main
+    from hf_layerstream.engine import _over_host_budget, budget_warnings
+    from hf_layerstream.stream import plan_shard_dir
+
+    _, shards = checkpoints("llama", num_hidden_layers=6)
+    m = ShardDirectory(shards)
+    stored = max(m.unit(f"layers.{i}").size for i in range(m.num_layers))
+    for layers, prefetch, host in ((2.5, 1, []), (2.99, 1, []), (1.5, 0, []), (0.5, 0, []), (4, 2, [0])):
+        budget = {0: 0, "cpu": int(layers * stored)}
+        plan = plan_shard_dir(m, CUDA0, max_memory=budget)
+        assert (plan.prefetch, plan.host_layers) == (prefetch, host), layers
+        assert _over_host_budget(plan) == (layers < 1), layers  # (even one buffer passes half a layer: warned)
+        assert bool(budget_warnings(plan, budget)) == (layers < 1), layers
+    # a `prefetch` given is kept, past the budget
+    given = plan_shard_dir(m, CUDA0, max_memory={0: 0, "cpu": int(2.5 * stored)}, prefetch=2)
+    assert given.prefetch == 2 and _over_host_budget(given)
+    if not torch.cuda.is_available():  # (`inspect` plans for a GPU this machine lacks, as `enable` would)
+        spec = f"0=0,cpu={int(2.5 * stored)}"
+        assert main(["inspect", str(shards), "--device", "cuda", "--max-memory", spec]) == 0
+        out = capsys.readouterr().out
+        assert "6 streamed from disk (prefetch 1)" in out and "warning" not in out, out
+
+
 def test_on_cuda_a_host_budget_the_staging_buffers_pass_is_warned_about(checkpoints, capsys):
     """A GPU plan reading layers from the disk pins a staging buffer for each layer in flight, counted in
-    `max_memory["cpu"]`; where they alone pass it, the plan keeps prefetch 2 (the test above), and pinned memory past
-    the caller's host budget went without a word, in `enable` and in `inspect` (which warned for the device's budget
-    only). Now a warning names the buffers and the bytes pinned; none within the budget, for a budget of 0 (nothing
-    asked of host RAM), or on CPU (`budget_shortfall` tells there)."""
+    `max_memory["cpu"]`; where they alone pass it with the `prefetch` given (the default is lowered until they fit: the
+    test above), pinned memory past the caller's host budget went without a word, in `enable` and in `inspect` (which
+    warned for the device's budget only). Now a warning names the buffers and the bytes pinned; none within the
+    budget, for a budget of 0 (nothing asked of host RAM), or on CPU (`budget_shortfall` tells there)."""
     from hf_layerstream.cli import main
     from hf_layerstream.engine import host_budget_shortfall
     from hf_layerstream.stream import plan_shard_dir
@@ -260,20 +290,21 @@ def test_on_cuda_a_host_budget_the_staging_buffers_pass_is_warned_about(checkpoi
     m = ShardDirectory(shards)
     stored = max(m.unit(f"layers.{i}").size for i in range(m.num_layers))
     budget = {0: 0, "cpu": int(2.5 * stored)}
-    plan = plan_shard_dir(m, CUDA0, max_memory=budget)
+    plan = plan_shard_dir(m, CUDA0, max_memory=budget, prefetch=2)
     assert plan.host_layers == [] and plan.prefetch == 2
     warning = host_budget_shortfall(plan, budget)
     assert warning is not None and warning.startswith(f"max_memory['cpu'] = {size_text(budget['cpu'])} cannot hold")
     assert f"3 staging buffers for the layers read from the disk with prefetch=2 ({size_text(3 * stored)})" in warning
     assert "Each step less of `prefetch`" in warning
     for fits in ({0: 0, "cpu": 3 * stored}, {0: 0, "cpu": 4 * stored}, {0: 0, "cpu": 0}, {0: 0}):
-        assert host_budget_shortfall(plan_shard_dir(m, CUDA0, max_memory=fits), fits) is None, fits
+        assert host_budget_shortfall(plan_shard_dir(m, CUDA0, max_memory=fits, prefetch=2), fits) is None, fits
     fewer = plan_shard_dir(m, CUDA0, max_memory=budget, prefetch=1)  # two buffers: within it
     assert host_budget_shortfall(fewer, budget) is None
     on_cpu = {"cpu": 1}
     assert host_budget_shortfall(plan_shard_dir(m, torch.device("cpu"), max_memory=on_cpu), on_cpu) is None
     if not torch.cuda.is_available():  # (`inspect` plans for a GPU this machine lacks)
-        assert main(["inspect", str(shards), "--device", "cuda", "--max-memory", f"0=0,cpu={budget['cpu']}"]) == 0
+        spec = f"0=0,cpu={budget['cpu']}"
+        assert main(["inspect", str(shards), "--device", "cuda", "--max-memory", spec, "--prefetch", "2"]) == 0
         line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("warning"))
         assert "--max-memory cpu = " in line and "3 staging buffers" in line and "--prefetch 2" in line, line
 
