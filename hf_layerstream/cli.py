@@ -15,17 +15,23 @@ from .errors import LayerLoadError
 
 
 def _max_memory(text: str | None) -> dict | None:
-    """`"cpu=16GiB,0=4GiB"` -> `{"cpu": "16GiB", 0: "4GiB"}`."""
-    if not text:
+    """`"cpu=16GiB,0=4GiB"` -> `{"cpu": "16GiB", 0: "4GiB"}`; `None` (the option not given) -> `None`."""
+    if text is None:
         return None
+    if not text.replace(",", "").strip():  # (it meant the default plan without a word, as if the option were not given)
+        raise ValueError(
+            f"--max-memory {text!r} gives no budget: give one or more, e.g. cpu=16GiB,0=4GiB, or leave the option out "
+            "for the default plan."
+        )
     out: dict = {}
     for item in filter(str.strip, text.split(",")):  # (a trailing comma is harmless)
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"--max-memory item {item!r} must look like cpu=16GiB or 0=4GiB")
         key = key.strip()
-        # (ASCII digits only: int() takes '٤' and str.isdigit() '²', which int() refuses with its own message)
-        key = int(key) if key.isascii() and key.isdigit() else key
+        # (ASCII digits only: int() takes '٤' and str.isdigit() '²', which int() refuses with its own message; and
+        # written as the library takes them, "0" not "00": `check_max_memory` names the key those mean)
+        key = int(key) if key.isascii() and key.isdigit() and str(int(key)) == key else key
         if key in out:  # (the last one silently won)
             raise ValueError(f"--max-memory gives {key} twice: {text!r}")
         out[key] = value.strip()

@@ -757,13 +757,31 @@ def test_a_trailing_comma_in_max_memory_is_harmless(split_dir, capsys):
     assert json.loads(capsys.readouterr().out)["plan"]["streamed"] == [0, 1, 2]
 
 
+def test_an_empty_max_memory_or_a_key_the_library_refuses_is_refused(split_dir, capsys):
+    """`--max-memory ,` (or an empty one: a shell variable left unset) gave no budget and planned as if the option were
+    not given, without a word; `00=1GiB` was taken as GPU 0, where the library refuses the key "00" (the plan looks
+    GPUs up as 0 or "0"): both are refused, naming the fix."""
+    from hf_layerstream.engine import check_max_memory
+
+    _, shards = split_dir
+    for budget in (",", " , ,", ""):
+        assert main(["inspect", str(shards), "--device", "cpu", "--max-memory", budget]) == 2, budget
+        err = capsys.readouterr().err
+        assert f"--max-memory {budget!r} gives no budget" in err and "leave the option out" in err, err
+    with pytest.raises(ValueError, match="key '00' is not recognized \\(the key is 0\\)"):
+        check_max_memory({"00": "1GiB"})
+    for budget in ("00=1GiB", "0=1GiB,00=2GiB"):
+        assert main(["inspect", str(shards), "--device", "cpu", "--max-memory", budget]) == 2, budget
+        assert "`--max-memory` key '00' is not recognized (the key is 0)" in capsys.readouterr().err, budget
+
+
 def test_max_memory_given_twice_or_keyed_as_a_device_name_is_refused(split_dir, capsys):
     """`--max-memory cpu=1GiB,cpu=0` kept the last silently; `--device cuda --max-memory cuda:0=1GiB` on a machine
     without a GPU said to give its budget (it had), not that the key for cuda:0 is 0."""
     _, shards = split_dir
     for budget, device, message in (
         ("cpu=1GiB,cpu=0", "cpu", "--max-memory gives cpu twice: 'cpu=1GiB,cpu=0'"),
-        ("0=1GiB,00=2GiB", "cpu", "--max-memory gives 0 twice"),
+        ("0=1GiB,0=2GiB", "cpu", "--max-memory gives 0 twice"),
         ("cuda:0=1GiB", "cuda", "for cuda:0, the key is 0"),
     ):
         assert main(["inspect", str(shards), "--device", device, "--max-memory", budget]) == 2, budget
