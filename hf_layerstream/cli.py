@@ -1038,8 +1038,9 @@ def _cmd_inspect(args) -> int:
         "plan": plan.to_dict(),
         "device_available": not absent,
         "host_memory": memory,
-        # (the execution device's budget, then, on a GPU, host RAM's: each a sentence, joined)
-        "warning": " ".join(budget_warnings(plan, max_memory)) or None,
+        # (the execution device's budget, then, on a GPU, host RAM's: each a sentence, joined; with the options'
+        # names, `--max-memory cpu`, `--prefetch 2`, as the text output has them)
+        "warning": _as_options(" ".join(budget_warnings(plan, max_memory)), build_parser(), "inspect") or None,
         # (its config.json edited since the split: a model built from it is refused; a re-run of the split writes it
         # back. Builds the model on meta: about a second for a 70B one)
         "config_problem": _config_problem(shards),
@@ -1080,7 +1081,7 @@ def _cmd_inspect(args) -> int:
         source += f"; left under this process's cgroup memory limit {memory['cgroup_room'] / gib:.2f} GiB"
     print(f"host memory      {memory['available'] / gib:.2f} GiB available ({source})")
     if info["warning"]:
-        print(f"warning          {_as_options(info['warning'], build_parser(), 'inspect')}")
+        print(f"warning          {info['warning']}")
     if info["config_problem"]:
         print(f"warning          {info['config_problem']}")
     if info["missing_side_files"]:

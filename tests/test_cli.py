@@ -1498,8 +1498,8 @@ def test_a_speculative_jsonl_job_out_of_memory_gives_advice_that_applies(
 
 def test_max_memory_is_named_as_the_option_writes_it(split_dir, capsys, caplog):
     """The command line's messages wrote budgets as Python does: `max_memory['cpu'] = 1.0 KiB cannot hold ...` (in
-    `inspect`'s warning line and `generate`'s logged warning) and `e.g. {0: '4GiB', 'cpu': '16GiB'}` for a key it
-    does not know, where the user typed `--max-memory cpu=...`."""
+    `inspect`'s warning line, its `--json` warning and `generate`'s logged warning) and `e.g. {0: '4GiB', 'cpu':
+    '16GiB'}` for a key it does not know, where the user typed `--max-memory cpu=...`."""
     from hf_layerstream.cli import _OptionNames
 
     _, shards = split_dir
@@ -1510,6 +1510,11 @@ def test_max_memory_is_named_as_the_option_writes_it(split_dir, capsys, caplog):
     warning = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("warning"))
     assert warning.startswith("warning          --max-memory cpu = 1.0 KiB cannot hold the resident parts")
     assert "max_memory[" not in warning and "with --prefetch 0 (" in warning
+    # `--json` too: its warning wrote `max_memory['cpu'] = ...` and `prefetch=0`
+    assert main(["inspect", str(shards), "--json", "--device", "cpu", "--max-memory", "cpu=1KiB"]) == 0
+    warning = json.loads(capsys.readouterr().out)["warning"]
+    assert warning.startswith("--max-memory cpu = 1.0 KiB cannot hold the resident parts"), warning
+    assert "max_memory[" not in warning and "with --prefetch 0 (" in warning and "prefetch=" not in warning
     caplog.set_level(logging.INFO, logger="hf_layerstream")
     argv = ["generate", str(shards), "hi", "--max-new-tokens", "1", "--device", "cpu", "--max-memory", "cpu=1KiB"]
     assert main(argv) == 0
