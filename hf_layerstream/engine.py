@@ -749,12 +749,22 @@ def budget_warnings(plan: ResidencyPlan, max_memory: dict | None) -> list[str]:
     return [w for w in (budget_shortfall(plan, max_memory), host_budget_shortfall(plan, max_memory)) if w is not None]
 
 
+_LARGE_UNITS = ("TiB", "PiB", "EiB", "ZiB", "YiB")
+
+
 def size_text(nbytes: int) -> str:
     """`nbytes` for a message: in GiB from a tenth of one, else in MiB, KiB or bytes (a small model's sizes read 0.00
-    GiB otherwise)."""
+    GiB otherwise); from 1 TiB up in TiB to YiB, and past 1024 YiB (a budget of many digits, which `parse_size`
+    takes, as a way to say "no limit") in bytes as a power of ten: such a budget was written as a number of GiB of
+    up to hundreds of digits."""
+    if nbytes >= 2**40:
+        nbytes = int(nbytes)
+        power = min((nbytes.bit_length() - 1) // 10, 3 + len(_LARGE_UNITS))
+        if nbytes < 2**10 * 2 ** (10 * power):  # (TiB to YiB, in exact integers: the size may be past a float's range)
+            return f"{nbytes / 2 ** (10 * power):.2f} {_LARGE_UNITS[power - 4]}"
+        digits = str(nbytes)  # (its first digits, not rounded: 10**400 is past a float's range)
+        return f"{digits[0]}.{digits[1:3]}e+{len(digits) - 1} B"
     if nbytes >= 2**30 // 10:
-        if nbytes >= 2**1000:  # (a budget of hundreds of digits, which `parse_size` takes: past a float's range)
-            return f"{nbytes // 2**30} GiB"
         return f"{nbytes / 2**30:.2f} GiB"
     if nbytes >= 2**20:
         return f"{nbytes / 2**20:.1f} MiB"

@@ -242,7 +242,7 @@ def test_a_budget_past_a_floats_range_plans_and_prints(llama, capsys):
 
     ckpt, shards, inputs, expected, pad = llama
     huge = "1" + "0" * 400
-    assert size_text(10**400) == f"{10**400 // 2**30} GiB" and size_text(3 * 2**30) == "3.00 GiB"
+    assert size_text(10**400) == "1.00e+400 B" and size_text(3 * 2**30) == "3.00 GiB"
     model = streamed_model(ckpt, shards, max_memory={"cpu": huge}, prefetch=1)
     plan = get_streaming_state(model).plan
     assert plan.device_layers == list(range(6)) and size_text(10**400) in plan.summary()
@@ -250,6 +250,19 @@ def test_a_budget_past_a_floats_range_plans_and_prints(llama, capsys):
     disable_layer_streaming(model)
     assert main(["inspect", str(shards), "--device", "cpu", "--max-memory", f"cpu={huge}"]) == 0
     assert "6 layers kept" in capsys.readouterr().out
+
+
+def test_sizes_past_a_tebibyte_are_written_in_larger_units():
+    """A budget given as "no limit" (`cpu=1000000000000000000000000000000`) was written as a number of GiB of 21
+    digits and two decimals (931322574615478515625.00 GiB), and a 400-digit one as 391 digits: from 1 TiB up, TiB to
+    YiB; past 1024 YiB, bytes as a power of ten. Below, as before."""
+    from hf_layerstream.engine import size_text
+
+    assert [size_text(n) for n in (2**20, 3 * 2**30, 2**40 - 2**30)] == ["1.0 MiB", "3.00 GiB", "1023.00 GiB"]
+    assert [size_text(n) for n in (2**40, 1536 * 2**30, 3 * 2**50)] == ["1.00 TiB", "1.50 TiB", "3.00 PiB"]
+    assert [size_text(2**60), size_text(2**70), size_text(5 * 2**80)] == ["1.00 EiB", "1.00 ZiB", "5.00 YiB"]
+    assert size_text(10**30) == "1.00e+30 B" and size_text(2**1000) == "1.07e+301 B"
+    assert size_text(float(2**41)) == "2.00 TiB"
 
 
 def test_spread_picks_evenly():
