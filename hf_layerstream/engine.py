@@ -357,9 +357,13 @@ class ResidencyPlan:
             parts.append(
                 f"quantized weights held packed, dequantized one module at a time (up to {size_text(self.scratch)})"
             )
+        # (read ahead are the layers not kept on the device, copied from host RAM or read from the disk: with every
+        # layer kept there is nothing to read ahead, and a prefetch shown there only misled)
+        ahead = f" (prefetch {self.prefetch})"
         if self.device.type != "cpu":
-            parts.append(f"{_layers(len(self.host_layers))} kept in pinned host RAM")
-        parts.append(f"{len(self.streamed)} streamed from disk (prefetch {self.prefetch})")
+            copied = ahead if self.host_layers and not self.streamed else ""
+            parts.append(f"{_layers(len(self.host_layers))} kept in pinned host RAM{copied}")
+        parts.append(f"{len(self.streamed)} streamed from disk{ahead if self.streamed else ''}")
         if self.streamed:
             parts.append(f"{len(self.page_cache_layers)} of those left in the page cache between sweeps")
         budget = ", ".join(f"{k}: {size_text(v)}" for k, v in self.budgets.items())

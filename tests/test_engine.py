@@ -265,6 +265,29 @@ def test_sizes_past_a_tebibyte_are_written_in_larger_units():
     assert size_text(float(2**41)) == "2.00 TiB"
 
 
+def test_the_plan_summary_shows_prefetch_only_where_layers_are_read_ahead():
+    """The summary showed `0 streamed from disk (prefetch 3)` with every layer kept, where nothing is read ahead; it
+    shows the prefetch with the layers read ahead: streamed from the disk, or, on a GPU, copied from host RAM."""
+    from conftest import shaped_shard_dir
+
+    shards = shaped_shard_dir(4, 1000, 100)
+    cpu = torch.device("cpu")
+    kept = plan_residency(shards, cpu, max_memory={"cpu": 10**6}, prefetch=3, keep_in_page_cache=False)
+    assert kept.device_layers == [0, 1, 2, 3] and "; 0 streamed from disk [budget" in kept.summary()
+    assert "prefetch" not in kept.summary()
+    streamed = plan_residency(shards, cpu, max_memory={"cpu": 0}, prefetch=3, keep_in_page_cache=False)
+    assert "4 streamed from disk (prefetch 3)" in streamed.summary()
+    gpu = torch.device("cuda", 0)  # (explicit budgets: no GPU needed)
+    in_host = plan_residency(shards, gpu, max_memory={0: 0, "cpu": 10**6}, prefetch=2, keep_in_page_cache=False)
+    assert in_host.host_layers == [0, 1, 2, 3] and not in_host.streamed
+    assert "4 layers kept in pinned host RAM (prefetch 2); 0 streamed from disk [budget" in in_host.summary()
+    on_gpu = plan_residency(shards, gpu, max_memory={0: 10**6, "cpu": 0}, prefetch=2, keep_in_page_cache=False)
+    assert on_gpu.device_layers == [0, 1, 2, 3] and "prefetch" not in on_gpu.summary()
+    mixed = plan_residency(shards, gpu, max_memory={0: 0, "cpu": 3500}, prefetch=1, keep_in_page_cache=False)
+    assert len(mixed.host_layers) == 1 and len(mixed.streamed) == 3
+    assert "1 layer kept in pinned host RAM; 3 streamed from disk (prefetch 1)" in mixed.summary()
+
+
 def test_spread_picks_evenly():
     assert _spread(list(range(8)), 0) == []
     assert _spread(list(range(8)), 2) == [0, 4]
