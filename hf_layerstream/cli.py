@@ -163,7 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate text with a streamed model (tokens printed as produced)")
     p.add_argument("shard_dir", help="shard directory made by `split`, or a hub repo holding one")
-    p.add_argument("prompt", nargs="?", default=None, help="prompt text (default: read from stdin)")
+    p.add_argument(
+        "prompt",
+        nargs="?",
+        default=None,
+        help="prompt text (default: read from stdin, without the one newline that ends it, as echo writes it: a "
+        "prompt meant to end in a newline is piped in with two)",
+    )
     # (as other LLM command lines take it; without it, argparse read `--prompt TEXT` as `--prompt-lookup TEXT`, its
     # abbreviation, and refused TEXT as "invalid int value")
     p.add_argument("--prompt", dest="prompt_option", default=None, metavar="TEXT", help="the prompt, as an option")
@@ -658,7 +664,7 @@ def _cmd_generate(args) -> int:
                 flush=True,
             )
     if not args.input:  # (before the model loads: a missing prompt is refused at once, not minutes later)
-        # (from standard input: without the newline that ends the piped text)
+        # (from standard input: without the one newline that ends the piped text)
         prompt = args.prompt if args.prompt is not None else _prompt_from_stdin()
         if not prompt.strip():
             raise ValueError("No prompt: pass it as an argument or on standard input.")
@@ -848,13 +854,16 @@ def _first_line(e: BaseException) -> str:
 
 
 def _prompt_from_stdin() -> str:
-    """The prompt piped in, without the newline that ends it; empty where standard input is closed (`<&-`). From a
-    terminal, read as typed, with a line on stderr saying so (it waited silently)."""
+    """The prompt piped in, without the one line ending that ends it (`echo`'s, a text file's last line's, LF or
+    CRLF); empty where standard input is closed (`<&-`). The line endings before that one are the prompt's: a prompt
+    ending in a blank line (a few-shot prompt the model is to go on after) lost them all. From a terminal, read as
+    typed, with a line on stderr saying so (it waited silently)."""
     if sys.stdin is None:
         return ""
     if sys.stdin.isatty():
         print("Reading the prompt from standard input; end it with Ctrl-D.", file=sys.stderr, flush=True)
-    return sys.stdin.read().rstrip("\r\n")
+    text = sys.stdin.read()
+    return text[:-1].removesuffix("\r") if text.endswith("\n") else text
 
 
 def _refuse_past_the_position_table(model, prompt_tokens: int, max_new_tokens: int) -> None:

@@ -472,6 +472,20 @@ def test_generate_prompt_from_stdin(split_dir, capsys, monkeypatch):
     assert out.startswith(prompt) and out[len(prompt) :].strip() == _greedy_text(ckpt, prompt, 5).strip()
 
 
+def test_a_prompt_from_stdin_loses_only_the_newline_that_ends_it(split_dir, capsys, monkeypatch):
+    """Every newline at the end of the text piped in was dropped (`rstrip`): a prompt ending in a blank line, for the
+    model to go on after it, lost it. Only the one that ends the text (`echo`'s, a file's last line's; CRLF too) is
+    dropped now."""
+    ckpt, shards = split_dir
+    prompt = _models.SAMPLE_PROMPTS[1] + "\n"
+    for piped in (prompt + "\n", prompt + "\r\n"):
+        monkeypatch.setattr(sys, "stdin", io.StringIO(piped))
+        assert main(["generate", str(shards), "--max-new-tokens", "3", "--device", "cpu"]) == 0
+        out = capsys.readouterr().out
+        assert out.startswith(prompt) and out[len(prompt) :].strip() == _greedy_text(ckpt, prompt, 3).strip(), piped
+    assert _greedy_text(ckpt, prompt, 3) != _greedy_text(ckpt, prompt.rstrip(), 3)  # (the newline is seen)
+
+
 @pytest.mark.parametrize("where", ["stdin", "argument"])
 def test_generate_refuses_a_prompt_that_is_not_utf8(split_dir, capsys, monkeypatch, where):
     """Bytes that are not UTF-8 (a Latin-1 file piped in) reach Python as lone surrogates (`surrogateescape`, as
