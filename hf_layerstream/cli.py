@@ -182,8 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed",
         type=int,
         default=None,
-        help="random seed for sampling (with --input: part of a sampled job's settings, a resume with another is "
-        "refused)",
+        help="random seed for sampling, with --do-sample (without it, ignored with a warning; with --input: part of "
+        "a sampled job's settings, a resume with another is refused)",
     )
     p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template to the prompt")
     p.add_argument(
@@ -606,6 +606,12 @@ def _cmd_generate(args) -> int:
         raise ValueError(f"`--temperature` (={args.temperature}) has to be a strictly positive number.")
     if args.do_sample and args.top_p is not None and not 0 <= args.top_p <= 1:
         raise ValueError(f"`--top-p` (={args.top_p}) has to be a number from 0 to 1.")
+    if args.seed is not None and not args.do_sample:  # (transformers says nothing of it: it is only torch's seed)
+        print(
+            f"hf-layerstream generate: `--seed` {args.seed} is ignored without `--do-sample` (greedy decoding draws "
+            "no random numbers); pass `--do-sample` to sample.",
+            file=sys.stderr,
+        )
     for option, value in (
         ("--assistant", args.assistant),
         ("--tokenizer", args.tokenizer),

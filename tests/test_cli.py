@@ -316,6 +316,20 @@ def test_sampling_settings_transformers_refuses_are_refused_before_anything_is_p
     assert capsys.readouterr().out.startswith("hi")
 
 
+def test_a_seed_without_sampling_is_warned_about(split_dir, capsys):
+    """`--seed` without `--do-sample` did nothing, without a word (greedy decoding draws no random numbers, and
+    transformers, which warns of `--temperature` unused, never sees the seed): a line on standard error says so; the
+    text is the greedy one, and with `--do-sample` there is no such line."""
+    ckpt, shards = split_dir
+    argv = ["generate", str(shards), "hi", "--max-new-tokens", "2", "--device", "cpu", "--seed", "7"]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert "`--seed` 7 is ignored without `--do-sample`" in err and "pass `--do-sample` to sample" in err, err
+    assert out.startswith("hi") and out[2:].strip() == _greedy_text(ckpt, "hi", 2).strip()
+    assert main([*argv, "--do-sample"]) == 0
+    assert "--seed" not in capsys.readouterr().err
+
+
 def test_a_generation_past_a_learned_position_table_is_refused_before_it_starts(tmp_path, capsys):
     """GPT-2 has a learned table of 256 positions here (`n_positions`): a prompt and `--max-new-tokens` past it ran
     until the table ran out, then ended in a torch traceback (`IndexError: index out of range in self`, the loaded
