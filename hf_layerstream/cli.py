@@ -670,16 +670,15 @@ def _cmd_generate(args) -> int:
                 flush=True,
             )
     if not args.input:  # (before the model loads: a missing prompt is refused at once, not minutes later)
-        # (from standard input: without the one newline that ends the piped text)
-        prompt = args.prompt if args.prompt is not None else _prompt_from_stdin()
+        # (an argument's bytes: the file system encoding's, as `os.fsencode` gives them back; from standard input,
+        # without the one newline that ends the piped text, in the stream's encoding)
+        if args.prompt is not None:
+            prompt = _as_utf8(args.prompt, os.fsencode)
+        else:
+            encoding = getattr(sys.stdin, "encoding", None) or "utf-8"  # (`None`: a `StringIO` put in its place)
+            prompt = _as_utf8(_prompt_from_stdin(), lambda text: text.encode(encoding, "surrogateescape"))
         if not prompt.strip():
             raise ValueError("No prompt: pass it as an argument or on standard input.")
-        try:  # (Python passes bytes that are not UTF-8 through as lone surrogates, which the tokenizer refuses oddly)
-            prompt.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ValueError(
-                "The prompt is not valid UTF-8 text; pass it in UTF-8 (e.g. convert it with `iconv -t UTF-8`)."
-            ) from None
 
     model = load_streamed_model(
         args.shard_dir,
@@ -857,6 +856,25 @@ def _out_of_memory(e: BaseException) -> bool:
 def _first_line(e: BaseException) -> str:
     lines = str(e).strip().splitlines()
     return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__  # (a bare `MemoryError()`: no ": ")
+
+
+def _as_utf8(prompt: str, to_bytes) -> str:
+    """`prompt` as read from the command line or standard input, where bytes the locale's encoding does not decode came
+    as lone surrogates (`surrogateescape`), which the tokenizer refuses oddly ("TextEncodeInput must be
+    Union[...]"): its bytes (`to_bytes`) decoded as UTF-8. Under `LC_ALL=C` with Python's UTF-8 mode off, the locale's
+    encoding is ASCII, and a UTF-8 prompt came as surrogates for every other character: it was refused as not UTF-8.
+    Bytes that are not UTF-8 (a Latin-1 file piped in) are refused, naming the fix."""
+    try:
+        prompt.encode("utf-8")
+        return prompt
+    except UnicodeEncodeError:
+        pass
+    try:
+        return to_bytes(prompt).decode("utf-8")
+    except (UnicodeError, LookupError):
+        raise ValueError(
+            "The prompt is not valid UTF-8 text; pass it in UTF-8 (e.g. convert it with `iconv -t UTF-8`)."
+        ) from None
 
 
 def _prompt_from_stdin() -> str:

@@ -518,6 +518,47 @@ def test_generate_refuses_a_prompt_that_is_not_utf8(split_dir, capsys, monkeypat
     assert captured.out == ""
 
 
+_UNDER_THE_C_LOCALE = r"""
+import contextlib, io, json, os, sys
+from hf_layerstream.cli import main
+
+shards, prompt = sys.argv[1:3]
+argv = ["generate", shards, "--max-new-tokens", "2", "--device", "cpu"]
+runs = []
+for args, piped in (([*argv, prompt], None), (argv, os.fsencode(prompt) + b"\n"), (argv, b"h\xe9llo\n")):
+    if piped is not None:  # (standard input as Python makes it under this locale: its encoding, `surrogateescape`)
+        sys.stdin = io.TextIOWrapper(io.BytesIO(piped), encoding=sys.__stdin__.encoding, errors=sys.__stdin__.errors)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        runs.append([main(args), out.getvalue(), err.getvalue()])
+print(json.dumps({"utf8_mode": sys.flags.utf8_mode, "argv": ascii(prompt), "runs": runs}))
+"""
+
+
+def test_a_utf8_prompt_is_taken_with_pythons_utf8_mode_off(split_dir, capsys, monkeypatch):
+    """Under `LC_ALL=C` with Python's UTF-8 mode off (`PYTHONUTF8=0 PYTHONCOERCECLOCALE=0`), Python decodes the
+    command line and standard input as ASCII, each other byte a lone surrogate (`surrogateescape`): a UTF-8 prompt,
+    as an argument or piped in, was refused as "not valid UTF-8 text". Its bytes are put back and decoded as UTF-8
+    now: the text is the one generated from the prompt under a UTF-8 locale; bytes that are not UTF-8 are refused."""
+    from conftest import run_python
+
+    ckpt, shards = split_dir
+    prompt = "caf\u00e9 \u201cq\u201d"
+    assert main(["generate", str(shards), prompt, "--max-new-tokens", "2", "--device", "cpu"]) == 0
+    expected = capsys.readouterr().out
+    assert expected.startswith(prompt)
+    for name, value in (("LC_ALL", "C"), ("PYTHONUTF8", "0"), ("PYTHONCOERCECLOCALE", "0")):
+        monkeypatch.setenv(name, value)
+    proc = run_python(_UNDER_THE_C_LOCALE, shards, prompt)
+    assert proc.returncode == 0, proc.stderr
+    child = json.loads(proc.stdout)
+    assert child["utf8_mode"] == 0 and "\\udc" in child["argv"], child  # (the locale this is about)
+    (argument, argument_out, err), (piped, piped_out, piped_err), (latin1, latin1_out, latin1_err) = child["runs"]
+    assert (argument, argument_out) == (0, expected), err
+    assert (piped, piped_out) == (0, expected), piped_err
+    assert latin1 == 2 and latin1_out == "" and "The prompt is not valid UTF-8 text" in latin1_err, latin1_err
+
+
 @pytest.mark.parametrize("verbose", [False, True], ids=["quiet", "-v"])
 def test_generate_prints_its_profile_once(split_dir, capsys, caplog, verbose):
     """`generate --profile` prints the call's profile; with `-v`, which logs every generate call's profile, it was
