@@ -3900,9 +3900,10 @@ def test_cuda_output_exact_when_one_stream_lags_far_behind(checkpoints, monkeypa
     else:
         real_release = loader.release
 
-        def release(index):  # on the compute stream, after the layer's kernels, before its release is recorded
+        # (the hooks call it with the layer's `graph` flag too: `release(index, graph)`)
+        def release(index, graph=False):  # on the compute stream, after the layer's kernels, before its release
             torch.cuda._sleep(cycles)
-            real_release(index)
+            real_release(index, graph)
 
         monkeypatch.setattr(loader, "release", release)
     for _ in range(2):
