@@ -1155,9 +1155,11 @@ def _planned_device(name: str | None, max_memory: dict | None):
             wanted = torch.device(name)
         except (RuntimeError, TypeError):
             wanted = None
-        if wanted is None or wanted.type != "cuda" or torch.cuda.is_available():
+        if wanted is None or wanted.type != "cuda":
             raise
         index = wanted.index or 0
+        if torch.cuda.is_available() and index < torch.cuda.device_count():
+            raise
         if index not in (max_memory or {}) and str(index) not in (max_memory or {}):
             raise ValueError(
                 f"{wanted} is not available here: to plan for it anyway, give its budget, e.g. "

@@ -2474,6 +2474,13 @@ def check_device(device) -> torch.device:
             raise ValueError(f"`device` is {device} but CUDA is not available here; pass device='cpu'.")
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
+        elif device.index >= torch.cuda.device_count():
+            # (else the plan's `mem_get_info`, or the loader's stream, failed with CUDA's "invalid device ordinal")
+            count = torch.cuda.device_count()
+            raise ValueError(
+                f"`device` is {device} but this machine has {count} CUDA device{'' if count == 1 else 's'} "
+                f"(cuda:0{f' to cuda:{count - 1}' if count > 1 else ''})."
+            )
     elif device.type != "cpu":
         raise ValueError(f"`device` {device} is not supported yet; use 'cpu' or a CUDA device.")
     elif device.index is not None:

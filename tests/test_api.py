@@ -2173,6 +2173,29 @@ def test_error_bad_arguments(checkpoints):
     assert _untouched(model)
 
 
+def test_a_gpu_index_past_the_machines_gpus_is_refused(monkeypatch, checkpoints, capsys):
+    """`device="cuda:1"` on a machine with one GPU: a clear `ValueError` naming the GPUs there (the plan's
+    `mem_get_info`, or the loader's stream, failed with CUDA's "invalid device ordinal"); `inspect` plans for it
+    from its budget, as for any GPU this machine lacks. (A one-GPU machine stood in for: this one may have none.)"""
+    from hf_layerstream.cli import main
+    from hf_layerstream.engine import check_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert check_device("cuda:0") == torch.device("cuda", 0) and check_device(0) == torch.device("cuda", 0)
+    assert check_device("cuda") == torch.device("cuda", 0)
+    for device in ("cuda:1", 1, torch.device("cuda", 3)):
+        with pytest.raises(ValueError, match=r"`device` is cuda:\d but this machine has 1 CUDA device \(cuda:0\)"):
+            check_device(device)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match=r"has 2 CUDA devices \(cuda:0 to cuda:1\)"):
+        check_device("cuda:2")
+    _, shards = checkpoints("llama")
+    assert main(["inspect", str(shards), "--device", "cuda:2", "--max-memory", "2=4GiB"]) == 0
+    assert "plan on cuda:2   (not on this machine)" in capsys.readouterr().out
+
+
 # --- enable / disable -----------------------------------------------------------------------------------------------
 
 
