@@ -414,12 +414,12 @@ def measure(spec: dict) -> dict:
     results = []
     spans = []  # the CPU time of every decode step timed: how much the hypervisor took (`steal_share`)
     read_before = disk_read_bytes()
+    if gpu is not None:  # (once: the peak of every repeat, not the last one's)
+        torch.cuda.reset_peak_memory_stats(gpu)
     for _ in range(int(spec.get("repeats", 1))):
         clock = _TokenClock(evict)
         if evict:
             evict()
-        if gpu is not None:
-            torch.cuda.reset_peak_memory_stats(gpu)
         sweeps[0] = 0
         with torch.no_grad():
             out = model.generate(ids, streamer=clock, **kwargs)
