@@ -1190,6 +1190,8 @@ class _PinnedHost:
         self.device = device
 
     def empty(self, size: int) -> torch.Tensor:
+        if size == 0:  # (a tensor with no elements: nothing to pin, and `mmap` refuses an empty map)
+            return torch.empty(0, dtype=torch.uint8)
         if self._registering:
             mm = mmap.mmap(-1, size)
             buf = torch.frombuffer(mm, dtype=torch.uint8)

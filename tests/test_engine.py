@@ -4405,3 +4405,15 @@ def test_kept_layers_are_read_into_the_page_cache_ahead_of_their_first_use(llama
     for path in sorted((shards / "layers").iterdir()):
         assert cached_share(path) == 1.0, path
     disable_layer_streaming(model)
+
+
+def test_pinned_host_gives_an_empty_buffer_for_nothing(monkeypatch):
+    """A host-kept resident tensor of no elements: `mmap` refuses an empty map (ValueError), so the loader failed;
+    an empty buffer is nothing to pin or register."""
+    pinned, fake = _PinnedHost(torch.device("cuda", 0)), _FakeCudart()
+    _fake_cuda(monkeypatch, fake)
+    buf = pinned.empty(0)
+    assert buf.numel() == 0 and buf.dtype == torch.uint8 and not pinned._held
+    pinned.free(buf)
+    pinned.release()
+    assert fake.unregistered == []
