@@ -240,7 +240,9 @@ def _read_header(path: Path, expected_size: int | None, *, source: bool) -> Head
         raise ShardFileError(path, "has a `__metadata__` entry that is not an object")
     odd = next((k for k, v in metadata.items() if not isinstance(v, str)), None)
     if odd is not None:  # (the safetensors library refuses such a file: its metadata maps strings to strings)
-        raise ShardFileError(path, f"has a `__metadata__` value that is not a string: {odd!r}: {metadata[odd]!r}")
+        raise ShardFileError(
+            path, f"has a `__metadata__` value that is not a string: {odd!r}: {_clipped(metadata[odd])}"
+        )
     data_offset = 8 + header_len
     data_size = file_size - data_offset
     dtypes = _SOURCE_DTYPES if source else _DTYPES
@@ -256,7 +258,8 @@ def _read_header(path: Path, expected_size: int | None, *, source: bool) -> Head
             shape = tuple(_integers(entry["shape"]))
             begin, end = _integers(entry["data_offsets"])
         except (KeyError, TypeError, ValueError) as e:
-            raise ShardFileError(path, f"has a malformed header entry for tensor {name!r}: {entry!r}") from e
+            fault = _entry_fault(entry, set(dtypes) | (set(_SOURCE_BITS) if source else set()))
+            raise ShardFileError(path, f"has a malformed header entry for tensor {name!r}: {fault}") from e
         if any(s < 0 for s in shape):
             raise ShardFileError(path, f"declares a negative dimension for tensor {name!r}: {shape}")
         numel = 1
@@ -286,6 +289,29 @@ def _read_header(path: Path, expected_size: int | None, *, source: bool) -> Head
             path, f"has {data_size - cursor} bytes after its last tensor (the data region must be fully indexed)"
         )
     return Header(path, data_offset, file_size, tensors, {str(k): str(v) for k, v in metadata.items()}, _identity(st))
+
+
+def _entry_fault(entry, known: set[str]) -> str:
+    """What is wrong with a header's tensor entry, its values cut short: in a damaged header the entry can be the
+    whole metadata (a byte of `__metadata__` changed makes it a tensor's name), kilobytes of it."""
+    if not isinstance(entry, dict):
+        return f"a {type(entry).__name__} ({_clipped(entry)}), not an object of `dtype`, `shape` and `data_offsets`"
+    lacking = [f"`{k}`" for k in ("dtype", "shape", "data_offsets") if k not in entry]
+    if lacking:
+        return f"it has no {', '.join(lacking)} (its keys: {_clipped(sorted(map(str, entry)))})"
+    if not isinstance(entry["dtype"], str) or entry["dtype"] not in known:
+        return f"`dtype` {_clipped(entry['dtype'])} is none of the safetensors dtypes this reads"
+    for key, count in (("shape", None), ("data_offsets", 2)):
+        value = entry[key]
+        if not isinstance(value, list) or any(type(v) is not int for v in value) or count not in (None, len(value)):
+            return f"`{key}` {_clipped(value)} is not a list of {count or 'any number of'} integers"
+    return _clipped(entry)
+
+
+def _clipped(value, limit: int = 80) -> str:
+    """`repr(value)`, cut to `limit` characters (saying how long it was) where longer."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _integers(values) -> list[int]:

@@ -404,6 +404,26 @@ def test_shard_dir_is_a_symlink_loop(checkpoints, tmp_path):
     LEDGER["rejected"] += 1
 
 
+def test_a_damaged_header_entry_is_named_without_its_whole_content(shard_copy):
+    """A byte of `__metadata__` changed makes the metadata a tensor's entry: the error quoted that entry whole (the
+    split's record of every tensor of the layer: kilobytes for a real model's). It says what the entry lacks, its
+    values cut short."""
+    _, shards = shard_copy
+    LEDGER["tried"] += 1
+    data = bytearray((shards / LAYER).read_bytes())
+    data[data.index(b"__metadata__") + 10] = ord("X")
+    replace_file(shards, LAYER, bytes(data))
+    with pytest.raises(ShardDirError) as info:
+        ShardDirectory(shards)
+    message = str(info.value)
+    assert (
+        f"{shards / LAYER} has a malformed header entry for tensor '__metadataX_': it has no `dtype`, `shape`, "
+        "`data_offsets` (its keys: ['format', 'hf_layerstream.split', 'hf_layerstream.tensors', 'unit'])"
+    ) in message
+    assert "input_layernorm" not in message and len(message) < 500, message
+    LEDGER["rejected"] += 1
+
+
 # --- hostile sources -----------------------------------------------------------------------------------------------
 
 
