@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import sys
+from pathlib import Path
 
 from . import __version__
 from .errors import LayerLoadError
@@ -1182,8 +1183,8 @@ def _cmd_verify(args) -> int:
             print(e.fix, file=sys.stderr)
             return 1
         command = redownload_command(args.shard_dir)
-        print(
-            f"The manifest of {args.shard_dir} is damaged: "
+        print(  # (the directory as every other line names it: absolute, as `ShardDirectory` holds it)
+            f"The manifest of {Path(args.shard_dir).expanduser().absolute()} is damaged: "
             + (
                 f"download it again (`{command}`)"
                 if command is not None

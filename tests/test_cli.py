@@ -986,6 +986,26 @@ def test_verify_of_a_newer_format_says_to_upgrade_not_to_split_again(split_dir, 
     assert "is not readable JSON" in err and "is damaged: split again there" in err
 
 
+def test_verify_names_the_directory_by_one_path(split_dir, tmp_path, monkeypatch, capsys):
+    """`verify` of a relative path named the directory absolute in every line (as `inspect` does) but the last of a
+    damaged manifest, which gave it as typed: "/abs/shards/manifest.json is not readable JSON" then "The manifest of
+    shards is damaged". Absolute in both now."""
+    _, shards = split_dir
+    copy = tmp_path / "typed"
+    shutil.copytree(shards, copy)
+    monkeypatch.chdir(tmp_path)
+    (copy / "resident.safetensors").unlink()
+    assert main(["verify", "typed", "--quick"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out.startswith(f"{copy / 'resident.safetensors'} is missing")
+    assert f"4 files and 5 side files of {copy}: delete" in captured.err
+    (copy / "manifest.json").write_text("{")
+    assert main(["verify", "typed"]) == 1
+    first, second = capsys.readouterr().err.splitlines()
+    assert first.startswith(f"{copy / 'manifest.json'} is not readable JSON")
+    assert second.startswith(f"The manifest of {copy} is damaged: split again there")
+
+
 def test_verify_names_each_damaged_file_without_telling_to_run_verify(split_dir, tmp_path, capsys):
     """Each damaged file `verify` listed carried the fix of an error raised while loading: "Re-create the shard
     directory ..., or run `hf-layerstream verify` to list every damaged file", telling the user running `verify` to
