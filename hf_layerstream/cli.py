@@ -137,7 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="for a hub repo: download each weight file when the split first reads it and delete it from the hub "
         "cache once written, so the disk holds the split and a few of the repo's files, not the whole repo beside it",
     )
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress bar, nor a line for each retry while the hub cannot be reached",
+    )
     p.add_argument(
         "--model-class",
         default=None,
@@ -486,25 +490,39 @@ def _cmd_split(args) -> int:
             f"{len(adapters)} `--adapter` and {len(revisions)} `--adapter-revision`: give `--adapter-revision` once per "
             "`--adapter`, in the same order ('' for a default branch or a local folder), or not at all."
         )
-    path = split_checkpoint(
-        args.source,
-        args.shard_dir,
-        compression=args.compression,
-        quant_type=args.quant_type,
-        blocksize=args.blocksize,
-        dtype=args.dtype,
-        revision=args.revision,
-        token=args.token,
-        overwrite=args.overwrite,
-        wait=args.wait,
-        progress=not args.quiet,
-        model_class=args.model_class,
-        adapter=adapters or None,  # (a list of one is that adapter: `split._adapters_given`)
-        adapter_revision=revisions or None,
-        remove_from_cache=args.remove_from_cache,
-    )
+    retries = logging.getLogger("huggingface_hub.utils._http")
+    if args.quiet:
+        retries.addFilter(_no_hub_retries)
+    try:
+        path = split_checkpoint(
+            args.source,
+            args.shard_dir,
+            compression=args.compression,
+            quant_type=args.quant_type,
+            blocksize=args.blocksize,
+            dtype=args.dtype,
+            revision=args.revision,
+            token=args.token,
+            overwrite=args.overwrite,
+            wait=args.wait,
+            progress=not args.quiet,
+            model_class=args.model_class,
+            adapter=adapters or None,  # (a list of one is that adapter: `split._adapters_given`)
+            adapter_revision=revisions or None,
+            remove_from_cache=args.remove_from_cache,
+        )
+    finally:  # (`main` called again in one process, as the tests do)
+        retries.removeFilter(_no_hub_retries)
     print(f"shard directory ready: {path}")
     return 0
+
+
+def _no_hub_retries(record: logging.LogRecord) -> bool:
+    """`split --quiet`'s filter of huggingface_hub's records: not its line for each retry of a request while the hub
+    cannot be reached (ten lines over about 20 s per file, which the split's error then sums up in one); its other
+    warnings (the hub's own, about a repo) pass."""
+    message = record.getMessage()
+    return " thrown while requesting " not in message and "[Retry " not in message
 
 
 def load_streamed_model(

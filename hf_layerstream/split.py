@@ -121,19 +121,29 @@ _EXPLICIT_SUFFIXES = (".safetensors", ".safetensors.index.json")
 
 def missing_local_folder(source: str | os.PathLike) -> bool:
     """Whether `source` names a local path, not a hub repo id, and no folder is there: a path object, or text
-    starting with `.`, `/` or `~`, with more than one `/`, or naming something that exists (a file:
-    `llama/config.json` read as a repo id went to the hub, and offline failed with a connection error)."""
+    starting with `.`, `/` or `~`, with more than one `/`, naming something that exists (a file:
+    `llama/config.json` read as a repo id went to the hub, and offline failed with a connection error), or that
+    huggingface_hub refuses as a repo id (`models\\llama`, `my models/llama`, `llama/`: its message, about repo ids,
+    was the error of a misspelt folder)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
     text = str(source)
     local = Path(text).expanduser()
     if local.is_dir():
         return False
     # (`lexists`: a dangling symlink, such as one to a disk not mounted, is a path too)
-    return (
+    if (
         isinstance(source, os.PathLike)
         or text.startswith((".", "/", "~"))
         or text.count("/") > 1
         or os.path.lexists(local)
-    )
+    ):
+        return True
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return True
+    return False
 
 
 def hub_unreachable_error(

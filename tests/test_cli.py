@@ -691,6 +691,48 @@ def test_a_hub_warning_is_printed_once(split_dir):
     assert proc.returncode == 0 and proc.stderr.count("retry 1") == 1, proc.stderr
 
 
+@pytest.mark.parametrize("quiet", [False, True])
+def test_split_quiet_leaves_out_the_hubs_retries(tmp_path, quiet):
+    """`split --quiet` of a source the hub could not be asked about (a misspelt folder, `models/llama`, offline)
+    printed ten lines of huggingface_hub's retries before its error; they are left out now, and the hub's other
+    warnings are not."""
+    code = (
+        "import sys\n"
+        "from huggingface_hub.utils import logging\n"
+        "from hf_layerstream import split\n"
+        "from hf_layerstream.cli import main\n"
+        "def fake(*args, **kwargs):\n"
+        "    hub = logging.get_logger('huggingface_hub.utils._http')\n"
+        "    hub.warning(\"'[Errno -2] Name or service not known' thrown while requesting HEAD https://hf.co/x\")\n"
+        "    hub.warning('Retrying in 1s [Retry 1/5].')\n"
+        "    hub.warning('This repo is deprecated')\n"
+        "    raise FileNotFoundError('no such repo')\n"
+        "split.split_checkpoint = fake\n"
+        "sys.exit(main(['split', 'models/llama', sys.argv[1], *sys.argv[2:]]))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "out"), *(["--quiet"] if quiet else [])],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2 and "error: no such repo" in proc.stderr, proc.stderr
+    assert "This repo is deprecated" in proc.stderr
+    assert ("thrown while requesting" in proc.stderr) is not quiet and ("[Retry 1/5]" in proc.stderr) is not quiet
+
+
+@pytest.mark.parametrize("source", ["models\\llama", "my models/llama", "llama-7b/"])
+def test_split_of_a_missing_folder_no_hub_id_can_name_says_so(tmp_path, monkeypatch, capsys, source):
+    """A misspelt local folder that cannot be a hub repo id (a backslash, a space, a trailing `/`) was refused with
+    huggingface_hub's message about repo ids ("Repo id must use alphanumeric chars ..."): it is named as a folder that
+    is not there now, as `./models/llama` is."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["split", source, "out", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"`source` {source} is neither an existing local checkpoint folder nor a hub repo id" in err, err
+    assert "Repo id must" not in err and not (tmp_path / "out").exists()
+
+
 def test_generate_errors_are_clear(tmp_path, capsys):
     assert main(["generate", str(tmp_path / "nope"), "hi"]) == 2
     assert "does not exist" in capsys.readouterr().err
