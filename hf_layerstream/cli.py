@@ -1145,7 +1145,11 @@ def _cmd_inspect(args) -> int:
 
 
 def _config_problem(shards) -> str | None:
-    mismatch = shards.config_mismatch()
+    from .shard_dir import MANIFEST_NAME
+
+    mismatch, fingerprint = shards.model_problems()
+    if fingerprint is not None:  # (config.json builds the shards' model: the manifest's record of it differs)
+        return f"{MANIFEST_NAME} {fingerprint}."
     if mismatch is None:
         return None
     return (
@@ -1189,7 +1193,7 @@ def _planned_device(name: str | None, max_memory: dict | None):
 
 def _cmd_verify(args) -> int:
     from .errors import NOT_DAMAGE, ShardFileError
-    from .shard_dir import ShardDirectory, local_shard_dir, redownload_command
+    from .shard_dir import MANIFEST_NAME, ShardDirectory, local_shard_dir, redownload_command
 
     # (a hub repo: downloaded, then checked)
     args.shard_dir = local_shard_dir(args.shard_dir, revision=args.revision, token=args.token)
@@ -1218,6 +1222,9 @@ def _cmd_verify(args) -> int:
     listed = shards.manifest.side_files or []  # (none: split before the manifest listed them)
     if problems:
         sound = sum(NOT_DAMAGE in p for p in problems)  # (permissions or a limit of the process: not damage)
+        # (a record of the manifest edited since the split, the message saying what to put back: deleting it would
+        # leave a folder the split refuses as no shard directory's)
+        edited = sum(p.startswith(f"{shards.manifest_path} ") for p in problems)
         advice = (
             "delete the files named and re-run the same split (`hf-layerstream split SOURCE SHARD_DIR`), which writes "
             "them again"
@@ -1227,8 +1234,13 @@ def _cmd_verify(args) -> int:
             advice = f"download them again (`{command}`)"
         if sound == len(problems):  # (a new split is not the fix)
             advice = "the files named could not be read, but may be sound: fix what each message names"
-        elif sound:
-            advice += f"; {sound} of them may be sound: fix what their messages name instead"
+        elif edited == len(problems):
+            advice = f"fix {MANIFEST_NAME} as its message says"
+        else:
+            if sound:
+                advice += f"; {sound} of them may be sound: fix what their messages name instead"
+            if edited:
+                advice += f"; {MANIFEST_NAME}: fix it as its message says, not by deleting it"
         checked = f"{n} files" + (f" and {len(listed)} side files" if listed else "")
         print(f"{len(problems)} problem(s) in {checked} of {shards.path}: {advice}", file=sys.stderr)
         return 1

@@ -783,15 +783,30 @@ class ShardDirectory:
     def config_mismatch(self) -> str | None:
         """What differs between the model the directory's `config.json` builds and the one the shards were split from
         (another number of layers, other tensor shapes: the architecture fingerprint the manifest records), if
-        anything; `None` also where `config.json` is unreadable (see `_config_problem`). Builds the model without
-        weights, which takes a moment for a large one: `verify` and a re-run split check it, opening the directory
-        does not (enabling streaming compares the model given with the manifest anyway)."""
+        anything; `None` also where `config.json` is unreadable (see `_config_problem`), and where the model it builds
+        holds the tensors the manifest lists but the manifest's fingerprint differs (`model_problems`: the
+        manifest's, not config.json's). Builds the model without weights, which takes a moment for a large one:
+        `verify` and a re-run split check it, opening the directory does not (enabling streaming compares the model
+        given with the manifest anyway)."""
+        return self._config_text(self._model_difference())
+
+    def model_problems(self) -> tuple[str | None, str | None]:
+        """`config_mismatch()`, and where the model the directory's `config.json` builds has the type, decoder layers,
+        tensor names and shapes the manifest lists but not the architecture fingerprint it records, what is wrong with
+        the manifest (its `fingerprint` was changed since the split: nothing else makes them differ), with the value
+        to put back; from one build of the model."""
+        found = self._model_difference()
+        return self._config_text(found), self._fingerprint_text(found)
+
+    def _model_difference(self) -> tuple[str | None, str | None] | None:
+        """`_model_mismatch` of the model the directory's `config.json` builds; `None` where it is unreadable or
+        building the model fails (logged: this machine or this transformers, not damage found)."""
         if self._config_problem() is not None:
             return None
         from transformers import AutoConfig
 
         try:
-            differs = self.model_mismatch(AutoConfig.from_pretrained(self.path))
+            return self._model_mismatch(AutoConfig.from_pretrained(self.path))
         except Exception as e:  # noqa: BLE001 - this machine or this transformers, not the file: not a damage found
             logger.warning(
                 "Could not check %s against the shards: building its model failed (%s: %s)",
@@ -800,29 +815,65 @@ class ShardDirectory:
                 e,
             )
             return None
-        if differs is None:
+
+    @staticmethod
+    def _config_text(found: tuple[str | None, str | None] | None) -> str | None:
+        if found is None or found[0] is None:
             return None
         return (
-            f"describes another model than the split's: {differs} (it was changed since the split, or this "
+            f"describes another model than the split's: {found[0]} (it was changed since the split, or this "
             "transformers builds the model otherwise)"
+        )
+
+    def _fingerprint_text(self, found: tuple[str | None, str | None] | None) -> str | None:
+        if found is None or found[1] is None:
+            return None
+        return (
+            f"records the architecture fingerprint {self.manifest.fingerprint!r}, but the model config.json builds, "
+            "whose decoder layers, tensor names and shapes are those the manifest lists, has "
+            f"{found[1]!r}: the manifest's `fingerprint` was changed since the split (or written by an hf_layerstream "
+            "that computed it otherwise); set it back to the second (a split run again there takes the directory for "
+            "another model's while it differs)"
         )
 
     def model_mismatch(self, config) -> str | None:
         """What differs between the model `config` builds (as the class the shards were split for) and the one the
-        shards hold (the architecture fingerprint the manifest records): another number of decoder layers, or other
-        tensor names or shapes; `None` where nothing does. Builds it without weights (names and shapes only: on meta,
-        buffers too, and what a model makes on the CPU first); raises what building it raises."""
-        from .modeling import architecture_fingerprint, build_for_shards, require_layer_stack
+        shards hold (the architecture fingerprint the manifest records): another number of decoder layers, other
+        tensor names or shapes, or, where those are the ones the manifest lists, its fingerprint; `None` where nothing
+        does. Builds it without weights (names and shapes only: on meta, buffers too, and what a model makes on the
+        CPU first); raises what building it raises."""
+        differs, fingerprint = self._model_mismatch(config)
+        if fingerprint is None:
+            return differs
+        return (
+            "the decoder layers, tensor names and shapes the manifest lists, but another architecture fingerprint than "
+            f"it records ({fingerprint!r}, where it records {self.manifest.fingerprint!r}: the manifest's "
+            "`fingerprint` was changed since the split)"
+        )
+
+    def _model_mismatch(self, config) -> tuple[str | None, str | None]:
+        """`model_mismatch` as a pair: what differs in the model (`None`: nothing it holds), and the model's
+        fingerprint where only the manifest's differs from it (else `None`)."""
+        from .modeling import architecture_fingerprint, build_for_shards, expected_tensors, require_layer_stack
 
         model = build_for_shards(self.manifest, config, meta=True)
         stack = require_layer_stack(model)
         if stack.prefix != self.manifest.layers_prefix:  # (streaming refuses it: `verify` passed it)
-            return f"decoder layers under {stack.prefix!r}, where the manifest records {self.manifest.layers_prefix!r}"
-        if architecture_fingerprint(model, stack) == self.manifest.fingerprint:
-            return None
+            return (
+                f"decoder layers under {stack.prefix!r}, where the manifest records {self.manifest.layers_prefix!r}",
+                None,
+            )
+        fingerprint = architecture_fingerprint(model, stack)
+        if fingerprint == self.manifest.fingerprint:
+            return None, None
         if len(stack) != self.manifest.num_layers:
-            return f"{len(stack)} decoder layers, where the shards hold {self.manifest.num_layers}"
-        return "other tensor names or shapes than the shards hold"
+            return f"{len(stack)} decoder layers, where the shards hold {self.manifest.num_layers}", None
+        model_type = getattr(config, "model_type", None)
+        if self.manifest.model_type is not None and model_type != self.manifest.model_type:
+            return f"model type {model_type!r}, where the shards hold {self.manifest.model_type!r}", None
+        if not lists_tensors(self.manifest.units, expected_tensors(model, stack)):
+            return "other tensor names or shapes than the shards hold", None
+        return None, fingerprint
 
     def missing_side_files(self) -> list[str]:
         """The side files the manifest lists (what the split copied or wrote beside the weights: tokenizer, chat
@@ -881,9 +932,12 @@ class ShardDirectory:
             `list[str]`: one message per damaged file, naming the file and the problem.
         """
         problems = []
-        problem = self._config_problem() or self.config_mismatch()
+        config, fingerprint = self.model_problems()
+        problem = self._config_problem() or config
         if problem is not None:
             problems.append(f"{self.path / 'config.json'} {problem}")
+        if fingerprint is not None:
+            problems.append(f"{self.manifest_path} {fingerprint}")
         problems.extend(self._side_file_problems())
         sound = []
         for unit in self.manifest.units:
@@ -898,6 +952,17 @@ class ShardDirectory:
         if checksums:
             problems.extend(self._checksum_problems(sound))
         return problems
+
+
+def lists_tensors(units: dict[str, UnitEntry], expected: dict[str, dict[str, tuple]]) -> bool:
+    """Whether a manifest's `units` list the tensor names and shapes of `expected` (`modeling.expected_tensors` of a
+    model), unit by unit. The architecture fingerprint hashes those, the model type and the layers' prefix and number:
+    a model that matches them, of the manifest's type and layers, has the fingerprint the split recorded, and where
+    the manifest records another, its `fingerprint` was changed since."""
+    return set(units) == set(expected) and all(
+        {name: t.shape for name, t in units[unit].tensors.items()} == {n: s for n, (s, _) in tensors.items()}
+        for unit, tensors in expected.items()
+    )
 
 
 def _side_file_use(name: str) -> str:

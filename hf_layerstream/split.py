@@ -39,6 +39,7 @@ from .modeling import (
     convert_unit,
     created_dtypes,
     dtype_configs,
+    expected_tensors,
     kept_in_float32,
     layer_unit,
     plan_conversion,
@@ -63,6 +64,7 @@ from .shard_dir import (
     hub_download_of,
     hub_repo_of,
     layer_file,
+    lists_tensors,
     read_adapter_record,
     read_side_files,
     redownload_command,
@@ -967,13 +969,22 @@ def _adapter_key(record: dict | list[dict] | None) -> dict | list[dict] | None:
     return None if record is None else {k: v for k, v in record.items() if k != "revision"}
 
 
-def _options_difference(recorded: dict, options: dict, recorded_source: dict | None, source: dict) -> str:
+def _options_difference(
+    recorded: dict, options: dict, recorded_source: dict | None, source: dict, *, fingerprint_edited: bool = False
+) -> str:
     """What differs between the options a split there was made with (`recorded`: an unfinished one's progress record,
     or what a finished one's manifest shows of them, `_recorded_options`) and those asked (`options`, `_options_key`),
-    for a refusal; `recorded_source` and `source`: the sources' ids and revisions. Empty where nothing it can name
-    differs (the adapters are `_adapter_difference`'s)."""
+    for a refusal; `recorded_source` and `source`: the sources' ids and revisions; `fingerprint_edited`: the
+    manifest's units list the model's tensors, its fingerprint differing nonetheless (`_fingerprint_edited`). Empty
+    where nothing it can name differs (the adapters are `_adapter_difference`'s)."""
     differs = []
-    if recorded.get("fingerprint") != options["fingerprint"]:
+    if recorded.get("fingerprint") != options["fingerprint"] and fingerprint_edited:
+        differs.append(
+            f"the architecture fingerprint: {recorded.get('fingerprint')!r} there, this model's "
+            f"{options['fingerprint']!r}, though the manifest lists this model's decoder layers, tensor names and "
+            "shapes (its `fingerprint` was changed since the split: set it back to the second)"
+        )
+    elif recorded.get("fingerprint") != options["fingerprint"]:
         differs.append("the model's architecture (other layers, tensor names or shapes)")
     if recorded.get("compression") != options["compression"]:
         there, asked = _scheme_text(recorded.get("compression")), _scheme_text(options["compression"])
@@ -995,6 +1006,22 @@ def _options_difference(recorded: dict, options: dict, recorded_source: dict | N
             "option"
         )
     return f" (what differs: {'; '.join(differs)})" if differs else ""
+
+
+def _fingerprint_edited(manifest_json: dict, fingerprint: str, model: torch.nn.Module, stack) -> bool:
+    """Whether a finished split's manifest records another architecture fingerprint than `fingerprint` (`model`'s)
+    though it lists `model`'s type, decoder layers, tensor names and shapes, the fingerprint's whole content: its
+    `fingerprint` was changed since the split (`shard_dir.lists_tensors`)."""
+    if manifest_json.get("fingerprint") == fingerprint:
+        return False
+    try:
+        manifest = Manifest.from_json(manifest_json)
+    except (KeyError, TypeError, ValueError):
+        return False
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if (manifest.model_type, manifest.layers_prefix, manifest.num_layers) != (model_type, stack.prefix, len(stack)):
+        return False
+    return lists_tensors(manifest.units, expected_tensors(model, stack))
 
 
 def _scheme_text(compression: dict | None) -> str:
@@ -1908,7 +1935,13 @@ def split_checkpoint(
                 if not difference:  # (other adapters: the digest tells nothing more)
                     recorded_source = existing.get("source") if isinstance(existing.get("source"), dict) else {}
                     recorded = _recorded_options(existing, options)
-                    difference = _options_difference(recorded, options, recorded_source, _manifest_source(src))
+                    difference = _options_difference(
+                        recorded,
+                        options,
+                        recorded_source,
+                        _manifest_source(src),
+                        fingerprint_edited=_fingerprint_edited(existing, fingerprint, model, stack),
+                    )
                 raise ShardDirOccupiedError(
                     f"`shard_dir` {shard_dir} already holds a split of another model, another source checkpoint or "
                     f"with other options{difference}.",

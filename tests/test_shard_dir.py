@@ -384,6 +384,36 @@ def test_a_config_json_describing_another_model_is_named_and_written_again_by_th
     assert "Note:" not in str(info.value)
 
 
+def test_an_edited_fingerprint_is_named_as_the_manifests_not_config_jsons(shard_copy, capsys):
+    """The manifest's `fingerprint` changed since the split: `verify` and `inspect` said config.json "describes another
+    model than the split's" (it builds the very model the shards hold), and the same split refused the directory as
+    another model's ("the model's architecture"). They name the manifest's fingerprint now, and the value that, put
+    back, makes the directory sound again."""
+    from hf_layerstream.errors import ShardDirOccupiedError
+
+    ckpt, shards = shard_copy
+    manifest = shards / "manifest.json"
+    sound = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**sound, "fingerprint": "0" * 64}, indent=1))
+    [problem] = ShardDirectory(shards).verify(checksums=False)
+    assert problem.startswith(f"{manifest} records the architecture fingerprint '{'0' * 64}'"), problem
+    assert f"has {sound['fingerprint']!r}: the manifest's `fingerprint` was changed since the split" in problem
+    assert "describes another model" not in problem
+    assert main(["verify", "--quick", str(shards)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out.startswith(f"{manifest} records") and "fix manifest.json as its message says" in captured.err
+    assert main(["inspect", str(shards), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "warning          manifest.json records the architecture fingerprint" in out
+    assert "config.json describes" not in out
+    with pytest.raises(ShardDirOccupiedError, match=r"`fingerprint` was changed since the split: set it back") as info:
+        split_checkpoint(ckpt, shards, progress=False)
+    assert sound["fingerprint"] in str(info.value) and "the model's architecture" not in str(info.value)
+    manifest.write_text(json.dumps(sound, indent=1))  # (put back, as said)
+    assert ShardDirectory(shards, checksums=True).verify() == []
+    split_checkpoint(ckpt, shards, progress=False)
+
+
 def test_a_config_json_this_machine_cannot_build_is_not_called_damaged(shard_copy, monkeypatch, caplog):
     """Building the model to compare it with the shards can fail for reasons of this machine (memory) or this
     transformers (a model type it lacks): `verify` said the file was damaged and to split again. It warns that it
