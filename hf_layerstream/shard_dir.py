@@ -53,6 +53,8 @@ RESIDENT_FILE = "resident.safetensors"
 
 
 LOCK_NAME = ".lock"  # what a split holds while it writes (see `split._locked`)
+# a unit file's metadata key holding its tensors' records, as the manifest lists them (`TensorEntry.to_json`)
+TENSORS_KEY = "hf_layerstream.tensors"
 
 
 def _split_running(path: Path) -> bool:
@@ -558,9 +560,11 @@ class ShardDirectory:
     """A validated shard directory (read-only: opening it never writes).
 
     Opening checks the manifest and, cheaply, that every file exists with the recorded size, a header that matches
-    the manifest (tensor names, shapes, dtypes, offsets inside the file) and the recorded sample digest (the first
-    and last 64 KiB: a file from another split or another layer is caught). `checksums=True` also hashes every
-    file in full at open; [`~ShardDirectory.verify`] lists every problem instead of raising at the first.
+    the manifest (tensor names, shapes, dtypes, offsets inside the file), the recorded sample digest (the first
+    and last 64 KiB: a file from another split or another layer is caught), and the manifest's record of the tensors,
+    its `compression` and `dtype` against the records the files carry (the manifest has no digest of its own: an edit
+    of what streaming reads the files by is caught so). `checksums=True` also hashes every file in full at open;
+    [`~ShardDirectory.verify`] lists every problem instead of raising at the first.
 
     Args:
         path (`str` or `os.PathLike`):
@@ -658,6 +662,10 @@ class ShardDirectory:
                 raise error
             for unit in self.manifest.units:
                 self.header(unit)
+            # (after the tensors' records, checked against their files': those are what the summary is checked by)
+            summary = _summary_otherwise(self.manifest)
+            if summary is not None:
+                raise ShardFileError(manifest_path, *summary)
         if checksums:
             problems = self._checksum_problems()
             if problems:
@@ -715,8 +723,8 @@ class ShardDirectory:
         tagged = header.metadata.get("unit")
         if tagged is not None and tagged != unit:
             problems.append(f"holds unit {tagged!r}, not {unit!r} (a file moved or copied from another place)")
-        if problems:
-            raise ShardFileError(path, "; ".join(problems))
+        if problems:  # (a file whose content is the split's: the manifest's record of it was changed since)
+            raise self._edited_record(unit, header) or ShardFileError(path, "; ".join(problems))
         if entry.sample_sha256 is not None:
             try:
                 sample = sample_digest(path)
@@ -728,8 +736,32 @@ class ShardDirectory:
                     "has the recorded size and header but other content than the manifest records (a file from "
                     "another split or another model, or corrupted)",
                 )
+        edited = self._edited_record(unit, header)
+        if edited is not None:
+            raise edited
         self._headers[unit] = header
         return header
+
+    def _edited_record(self, unit: str, header: Header) -> ShardFileError | None:
+        """The error of a manifest whose record of the tensors of `unit` differs from the one its file carries (see
+        `recorded_otherwise`), where the file is the split's (its sample digest as recorded, or none recorded), else
+        `None`: the manifest was changed since, and streaming would read the file by its record."""
+        entry, path = self.manifest.units[unit], self.files[unit]
+        edited = recorded_otherwise(entry, header)
+        if edited is None:
+            return None
+        try:
+            if entry.sample_sha256 is not None and sample_digest(path) != entry.sample_sha256:
+                return None  # (another file: named so by the checks of its content)
+        except OSError:
+            return None
+        return ShardFileError(
+            self.manifest_path,
+            f"records tensor {edited[0]!r} of unit {unit!r} otherwise than the file {path}, written with it, does: "
+            f"{edited[1]} (changed since the split: streaming would read the file by the manifest's record)",
+            "Run the same split again (`split_checkpoint` / `hf-layerstream split`, same source and options): it "
+            "writes that unit and the manifest again.",
+        )
 
     def _checksum_problems(self, units=None) -> list[str]:
         problems = []
@@ -921,8 +953,10 @@ class ShardDirectory:
         manifest lists are there (a tokenizer file, chat template, generation or processor config missing is a
         problem; a license file or the model card, which the model runs without, is logged as a warning), each unit
         file's existence, size, safetensors header (offsets inside the file), tensor names, shapes and dtypes, the
-        unit tag and the sample digest, and with `checksums=True` (the default) its full SHA-256. Files that pass the
-        cheap checks are hashed; a file that fails them is reported once. Never writes.
+        unit tag, the sample digest and the manifest's record of its tensors (against the one the file carries), then
+        the manifest's `compression` and `dtype` (against its tensors' records), and with `checksums=True` (the
+        default) each file's full SHA-256. Files that pass the cheap checks are hashed; a file that fails them is
+        reported once. Never writes.
 
         Args:
             checksums (`bool`, defaults to `True`):
@@ -949,6 +983,9 @@ class ShardDirectory:
                 problems.append(str(e) if e.fix is not None else f"{e.path} {e.problem}")
             except ShardDirError as e:
                 problems.append(str(e))
+        summary = _summary_otherwise(self.manifest) if len(sound) == len(self.manifest.units) else None
+        if summary is not None:  # (the tensors' records all checked against their files': the summary was changed)
+            problems.append(f"{self.manifest_path} {summary[0]}. {summary[1]}")
         if checksums:
             problems.extend(self._checksum_problems(sound))
         return problems
@@ -963,6 +1000,79 @@ def lists_tensors(units: dict[str, UnitEntry], expected: dict[str, dict[str, tup
         {name: t.shape for name, t in units[unit].tensors.items()} == {n: s for n, (s, _) in tensors.items()}
         for unit, tensors in expected.items()
     )
+
+
+def recorded_otherwise(entry: UnitEntry, header: Header) -> tuple[str, str] | None:
+    """The first tensor the manifest records otherwise than the unit's file does, and how (`"quant.quant_type 'fp4'
+    (the file: 'nf4')"`), if any: the split writes each tensor's record (shape, dtype, and a quantized one's code,
+    block size and parts) into the file's metadata as well as into the manifest, and the file's is covered by its
+    digests. `None` also where the file carries no record (not written by a split) or one unreadable."""
+    try:
+        own = json.loads(header.metadata[TENSORS_KEY])
+    except (KeyError, ValueError):
+        return None
+    listed = {name: t.to_json() for name, t in entry.tensors.items()}
+    if not isinstance(own, dict) or own == listed:
+        return None
+    for name in sorted(set(own) | set(listed)):
+        if name not in listed or name not in own:
+            return name, "listed in the file, not in the manifest" if name in own else "not listed in the file"
+        if own[name] != listed[name]:
+            return name, ", ".join(_differences(listed[name], own[name])[:3])
+    return None
+
+
+def _differences(mine, theirs, prefix: str = "") -> list[str]:
+    """Where the JSON values `mine` (the manifest's) and `theirs` (a file's) differ, as `key 'mine' (the file:
+    'theirs')`, the keys of nested objects dotted."""
+    if not isinstance(mine, dict) or not isinstance(theirs, dict):
+        return [f"{prefix.rstrip('.') or 'the record'} {mine!r} (the file: {theirs!r})"]
+    out = []
+    for key in sorted(set(mine) | set(theirs)):
+        if mine.get(key) != theirs.get(key):
+            out.extend(_differences(mine.get(key), theirs.get(key), f"{prefix}{key}."))
+    return out
+
+
+def _summary_otherwise(manifest: Manifest) -> tuple[str, str] | None:
+    """What the manifest's `compression` or `dtype` say otherwise than its tensors' records (checked against the files
+    as they are read), with the fix, if anything: the split derives both from the tensors it wrote (the scheme every
+    quantized one records; the most common floating dtype), so a difference is an edit since. Streaming reads each
+    tensor by its own record; these two set its defaults (the read-ahead depth) and what `inspect` shows."""
+    units = manifest.units.values()
+    quantized = [(n, t.quant) for u in units for n, t in u.tensors.items() if isinstance(t.quant, dict)]
+    fix = "The manifest was changed since the split: set {} back to {}."  # (its keys as JSON has them: no options)
+    scheme = manifest.compression
+    if quantized and not isinstance(scheme, dict):
+        name, quant = quantized[0]
+        wanted = json.dumps({k: quant.get(k) for k in _SCHEME_KEYS})
+        return (
+            f'records "compression": {json.dumps(scheme)}, but {len(quantized)} of its tensors are stored quantized '
+            f"(e.g. {name!r}: {wanted})",
+            fix.format('"compression"', f'{wanted[:-1]}, "quantize_embeddings": ...}} (as split)'),
+        )
+    for key in _SCHEME_KEYS if quantized else ():
+        stored = {json.dumps(quant.get(key)) for _, quant in quantized}
+        # (tensors that differ among themselves: one's record changed, which its file's own record names)
+        if key in scheme and len(stored) == 1 and json.dumps(scheme[key]) not in stored:
+            return (
+                f'records "compression" with "{key}": {json.dumps(scheme[key])}, but its {len(quantized)} quantized '
+                f"tensors are stored with {next(iter(stored))}",
+                fix.format(f'its "{key}"', next(iter(stored))),
+            )
+    floating = [dtype_name(t.dtype) for u in units for t in u.tensors.values() if t.dtype.is_floating_point]
+    most = max((floating.count(d) for d in set(floating)), default=0)
+    common = sorted(d for d in set(floating) if floating.count(d) == most) or ["float32"]
+    if manifest.dtype not in common:
+        return (
+            f'records "dtype": {json.dumps(manifest.dtype)}, but its floating-point tensors are mostly '
+            f"{' or '.join(common)} ({most} of {len(floating)}), the dtype the split records",
+            fix.format('"dtype"', json.dumps(common[0])),
+        )
+    return None
+
+
+_SCHEME_KEYS = ("bits", "quant_type", "blocksize")  # (what a quantized tensor records of the split's scheme)
 
 
 def _side_file_use(name: str) -> str:

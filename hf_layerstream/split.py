@@ -55,6 +55,7 @@ from .shard_dir import (
     MANIFEST_NAME,
     MODEL_CARD_NAME,
     RESIDENT_FILE,
+    TENSORS_KEY,
     Manifest,
     ShardDirectory,
     TensorEntry,
@@ -67,6 +68,7 @@ from .shard_dir import (
     lists_tensors,
     read_adapter_record,
     read_side_files,
+    recorded_otherwise,
     redownload_command,
     warn_hub_only,
 )
@@ -2506,8 +2508,8 @@ def _unit_file_sound(shard_dir: Path, entry: UnitEntry) -> bool:
         return False
     try:
         header = read_header(path, expected_size=entry.size)
-        if header.metadata.get("unit", entry.name) != entry.name:
-            return False
+        if header.metadata.get("unit", entry.name) != entry.name or recorded_otherwise(entry, header) is not None:
+            return False  # (another unit's file, or the manifest's record of its tensors changed since: written again)
         return entry.sample_sha256 is None or sample_digest(path) == entry.sample_sha256
     except (OSError, ShardDirError):
         return False
@@ -2529,7 +2531,7 @@ def _adopt_unit_file(shard_dir: Path, unit: str, digest: str) -> UnitEntry | Non
         meta = header.metadata
         if meta.get("unit") != unit or meta.get("hf_layerstream.split") != digest:
             return None
-        tensors = {k: TensorEntry.from_json(v) for k, v in json.loads(meta["hf_layerstream.tensors"]).items()}
+        tensors = {k: TensorEntry.from_json(v) for k, v in json.loads(meta[TENSORS_KEY]).items()}
         entry = UnitEntry(unit, rel, path.stat().st_size, sha256_file(path), tensors, sample_digest(path))
     except (OSError, ShardDirError, KeyError, TypeError, ValueError):
         return None
@@ -2643,7 +2645,7 @@ def _write_unit(
     metadata = {"format": "pt", "unit": unit}
     if split_digest is not None:
         metadata["hf_layerstream.split"] = split_digest
-        metadata["hf_layerstream.tensors"] = json.dumps({k: v.to_json() for k, v in entries.items()}, sort_keys=True)
+        metadata[TENSORS_KEY] = json.dumps({k: v.to_json() for k, v in entries.items()}, sort_keys=True)
     size, sha256, sample = atomic_write_safetensors(shard_dir / rel, stored, metadata, consume=True)
     return UnitEntry(unit, rel, size, sha256, entries, sample)
 

@@ -21,6 +21,7 @@ from conftest import streamed_model
 
 from hf_layerstream import ShardDirectory, ShardDirError, ShardFileError, split_checkpoint
 from hf_layerstream._safetensors import read_header, sample_digest, serialize
+from hf_layerstream.shard_dir import TENSORS_KEY
 
 LEDGER = {"tried": 0, "rejected": 0}
 LAYER = "layers/00001.safetensors"
@@ -79,11 +80,11 @@ def rewrite_header(data: bytes, edit, *, grow: bool = False) -> bytes:
     return struct.pack("<Q", size) + raw + b" " * (size - len(raw)) + data[8 + n :]
 
 
-def resave(data_path: Path, change) -> bytes:
+def resave(data_path: Path, change, meta: dict | None = None) -> bytes:
     from safetensors.torch import load_file
 
     tensors = load_file(data_path)
-    meta = read_header(data_path).metadata
+    meta = read_header(data_path).metadata if meta is None else meta
     change(tensors)
     return bytes(serialize(tensors, meta))
 
@@ -218,25 +219,39 @@ def missing_tensor(shards, tmp):
     return LAYER, "lacks 1 tensor"
 
 
+def edit_consistently(shards: Path, name: str, change, **record) -> None:
+    """Tensor `name` of LAYER changed by `change` in its file, and `record` (its `shape` or `dtype`) written both in
+    the manifest and in the file's own record of its tensors (its metadata, as the split writes it): all agree."""
+    meta = read_header(shards / LAYER).metadata
+    own = json.loads(meta[TENSORS_KEY])
+    own[name].update(record)
+    meta[TENSORS_KEY] = json.dumps(own, sort_keys=True)
+    replace_file(shards, LAYER, resave(shards / LAYER, lambda t: t.__setitem__(name, change(t[name])), meta))
+    m = manifest(shards)
+    unit_json(m, LAYER)["tensors"][name].update(record)
+    write_manifest(shards, m)
+
+
 def consistent_but_wrong_shape_for_the_model(shards, tmp):
     """File and manifest agree, but not with the model: refused when streaming is enabled (stream.py's check)."""
     name = "model.layers.1.self_attn.q_proj.weight"
-    replace_file(
-        shards, LAYER, resave(shards / LAYER, lambda t: t.__setitem__(name, t[name].reshape(32, -1).contiguous()))
-    )
-    m = manifest(shards)
-    unit_json(m, LAYER)["tensors"][name]["shape"] = [32, 128]
-    write_manifest(shards, m)
+    edit_consistently(shards, name, lambda t: t.reshape(32, -1).contiguous(), shape=[32, 128])
     return None, "q_proj.weight.*shape \\[32, 128\\].*expects \\[64, 64\\]"
 
 
 def consistent_but_integer_dtype(shards, tmp):
     name = "model.layers.1.input_layernorm.weight"
-    replace_file(shards, LAYER, resave(shards / LAYER, lambda t: t.__setitem__(name, t[name].to(torch.int32))))
-    m = manifest(shards)
-    unit_json(m, LAYER)["tensors"][name]["dtype"] = "int32"
-    write_manifest(shards, m)
+    edit_consistently(shards, name, lambda t: t.to(torch.int32), dtype="int32")
     return None, "input_layernorm.weight.*int32"
+
+
+def manifest_tensor_record_edited(shards, tmp):
+    """The manifest's record of a tensor changed (its dtype) where the file, its digests as recorded, holds it as the
+    split wrote it: it passed every check, and streaming would have read the file's bytes by the manifest's record."""
+    m = manifest(shards)
+    unit_json(m, LAYER)["tensors"]["model.layers.1.mlp.down_proj.weight"]["dtype"] = "bfloat16"
+    write_manifest(shards, m)
+    return "manifest.json", "records tensor 'model.layers.1.mlp.down_proj.weight' of unit 'layers.1' otherwise than"
 
 
 def shard_from_another_model(shards, tmp):
@@ -336,6 +351,7 @@ SHARD_CASES = [
     missing_tensor,
     consistent_but_wrong_shape_for_the_model,
     consistent_but_integer_dtype,
+    manifest_tensor_record_edited,
     shard_from_another_model,
     layer_swapped_within_the_model,
     missing_file,

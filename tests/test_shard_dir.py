@@ -7,6 +7,7 @@ import builtins
 import io
 import json
 import os
+import re
 import shutil
 import stat
 from pathlib import Path
@@ -382,6 +383,63 @@ def test_a_config_json_describing_another_model_is_named_and_written_again_by_th
     with pytest.raises(ShardDirError) as info:
         enable_layer_streaming(model, shards)
     assert "Note:" not in str(info.value)
+
+
+def _unit_json(manifest: dict, unit: str) -> dict:
+    return next(u for u in manifest["units"] if u["name"] == unit)
+
+
+@pytest.mark.parametrize(
+    "edit, problem",
+    [
+        (
+            lambda m: _unit_json(m, "layers.1")["tensors"]["model.layers.1.mlp.down_proj.weight"]["quant"].update(
+                quant_type="fp4"
+            ),
+            "records tensor 'model.layers.1.mlp.down_proj.weight' of unit 'layers.1' otherwise than the file "
+            "{shards}/layers/00001.safetensors, written with it, does: quant.quant_type 'fp4' (the file: 'nf4')",
+        ),
+        (
+            lambda m: m.update(compression=None),
+            'records "compression": null, but 21 of its tensors are stored quantized',
+        ),
+        (
+            lambda m: m["compression"].update(blocksize=128),
+            'records "compression" with "blocksize": 128, but its 21 quantized tensors are stored with 64',
+        ),
+        (
+            lambda m: m.update(dtype="bfloat16"),
+            'records "dtype": "bfloat16", but its floating-point tensors are mostly float32',
+        ),
+    ],
+    ids=["a tensor's code", "compression", "block size", "dtype"],
+)
+def test_a_manifest_changed_since_the_split_is_named_by_what_its_files_record(
+    checkpoints, tmp_path, capsys, edit, problem
+):
+    """The manifest's record of a quantized tensor's code, or its `compression` or `dtype`, edited by hand or by a
+    tool: every check passed (the manifest has no digest of its own), and streaming decoded the layer by the edited
+    code. Each tensor's record is checked against the one its file carries (the split writes both), and the manifest's
+    `compression` and `dtype` against the tensors' records, at load and by `verify`; the same split run again writes
+    the manifest back where it takes the directory for its own."""
+    ckpt, made = checkpoints("llama", compression="4bit")
+    shards = shutil.copytree(made, tmp_path / "shards")
+    manifest = shards / "manifest.json"
+    sound = json.loads(manifest.read_text())
+    edited = json.loads(manifest.read_text())
+    edit(edited)
+    manifest.write_text(json.dumps(edited, indent=1))
+    problem = problem.format(shards=shards)
+    with pytest.raises(ShardFileError, match="^" + re.escape(f"{manifest} {problem}")):
+        ShardDirectory(shards)
+    [found] = ShardDirectory(shards, check_files=False).verify(checksums=False)
+    assert found.startswith(f"{manifest} {problem}"), found
+    assert main(["verify", str(shards)]) == 1
+    captured = capsys.readouterr()
+    assert problem in captured.out and "fix manifest.json as its message says" in captured.err
+    if edited["compression"] == sound["compression"]:  # (taken for its own split: repaired)
+        split_checkpoint(ckpt, shards, compression="4bit", progress=False)
+        assert json.loads(manifest.read_text()) == sound and ShardDirectory(shards, checksums=True).verify() == []
 
 
 def test_an_edited_fingerprint_is_named_as_the_manifests_not_config_jsons(shard_copy, capsys):
