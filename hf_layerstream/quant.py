@@ -212,9 +212,15 @@ def resolve_compression(
     if compression is None:
         if quant_type is not None or blocksize is not None:
             given = [f"{k}={v!r}" for k, v in (("quant_type", quant_type), ("blocksize", blocksize)) if v is not None]
-            # (a 4-bit code takes 4 bits only: "or '8bit'" was refused next)
-            four = isinstance(quant_type, str) and quant_type.strip().lower() in ("nf4", "fp4")
-            which = "compression='4bit'" if four else "compression='4bit' or '8bit'"
+            # (only the compressions that take them: a 4-bit code takes 4 bits, 'blockwise' 8, a block of 32 4 bits;
+            # the other was refused next. Where none takes them, both: the next message names the value refused)
+            code = quant_type.strip().lower() if isinstance(quant_type, str) else quant_type
+            fits = [
+                f"'{bits}bit'"
+                for bits in SUPPORTED_BITS
+                if (code is None or code in QUANT_TYPES[bits]) and (blocksize is None or blocksize in BLOCKSIZES[bits])
+            ] or [f"'{bits}bit'" for bits in SUPPORTED_BITS]
+            which = "compression=" + " or ".join(fits)
             raise ValueError(
                 f"{' and '.join(given)} only {'apply' if len(given) > 1 else 'applies'} to quantized shards; pass "
                 f"{which} as well (or drop {'them' if len(given) > 1 else 'it'} to store weights in full precision)."

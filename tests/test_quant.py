@@ -481,6 +481,11 @@ def test_resolve_compression_errors():
     assert "quant_type='nf4'" in str(exc.value)
     with pytest.raises(ValueError, match="blocksize=64"):
         resolve_compression(None, blocksize=64)
+    # only the compression that takes the value is named (the other one was refused next)
+    with pytest.raises(ValueError, match=r"pass compression='8bit' as well"):
+        resolve_compression(None, quant_type="blockwise")
+    with pytest.raises(ValueError, match=r"pass compression='4bit' as well"):
+        resolve_compression(None, blocksize=32)
     with pytest.raises(ValueError) as exc:
         resolve_compression("2bit")
     assert "'2bit'" in str(exc.value) and all(a in str(exc.value) for a in ("4bit", "8bit", "nf4", "fp4", "int8"))
