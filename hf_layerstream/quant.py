@@ -25,6 +25,7 @@ import contextlib
 import hashlib
 import logging
 import math
+import numbers
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -89,7 +90,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)  # (NumPy's integers too)
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,8 @@ class QuantScheme:
     def __post_init__(self) -> None:
         if not _is_int(self.bits) or self.bits not in SUPPORTED_BITS:
             raise ValueError(f"`bits` must be one of {list(SUPPORTED_BITS)}, got {self.bits!r}.")
+        # (NumPy's integers are taken, as `prefetch` is, and made Python's: the manifest stores `to_dict()` as JSON)
+        object.__setattr__(self, "bits", int(self.bits))
         quant_type = DEFAULT_QUANT_TYPE[self.bits] if self.quant_type is None else self.quant_type
         accepted_types = QUANT_TYPES[self.bits]
         if not isinstance(quant_type, str) or quant_type not in accepted_types:
@@ -137,7 +140,7 @@ class QuantScheme:
             raise ValueError(f"`quantize_embeddings` must be True or False, got {self.quantize_embeddings!r}.")
         # frozen dataclass: fill the resolved defaults in place (equality and hashing see concrete values)
         object.__setattr__(self, "quant_type", quant_type)
-        object.__setattr__(self, "blocksize", blocksize)
+        object.__setattr__(self, "blocksize", int(blocksize))
 
     def to_dict(self) -> dict[str, Any]:
         """The scheme as a JSON-able dict (stored in the shard manifest).

@@ -9,6 +9,7 @@ import math
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -472,6 +473,11 @@ def test_resolve_compression():
     assert resolve_compression("8bit") == QuantScheme(8, "blockwise", 256)
     assert resolve_compression("int8", blocksize=64) == QuantScheme(8, "blockwise", 64)
     assert resolve_compression(" INT8 ") == QuantScheme(8, "blockwise", 256)
+    # NumPy's integers are taken, as `prefetch` takes them (refused, naming a size it accepts), and made Python's: the
+    # manifest stores the scheme as JSON
+    scheme = resolve_compression("4bit", blocksize=np.int64(128))
+    assert scheme == QuantScheme(4, "nf4", 128) and type(scheme.blocksize) is int
+    assert json.loads(json.dumps(QuantScheme(np.int32(8)).to_dict())) == QuantScheme(8).to_dict()
     assert resolve_compression(NF4) is NF4
 
 
