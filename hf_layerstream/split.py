@@ -2662,7 +2662,15 @@ def _stored_form(
         try:  # (quantize_tensor checks the values are finite: a second check here took about 6% of a 4-bit split)
             parts, meta = quantize_tensor(tensor, scheme)
         except NonFiniteError:  # block-wise scales cannot hold inf / NaN
-            logger.warning("%s holds inf or NaN values; it is stored unquantized", name)
+            # (at float16, most likely made so by the split's own `dtype` cast of a checkpoint holding none: the
+            # warning then sent the user looking for inf in a checkpoint of finite weights)
+            hint = (
+                " (float16 holds values up to 65504: where the checkpoint holds none, a `dtype` float16 cast made "
+                "larger ones inf, which `dtype='bfloat16'` keeps finite, and quantized)"
+                if tensor.dtype == torch.float16
+                else ""
+            )
+            logger.warning("%s holds inf or NaN values; it is stored unquantized%s", name, hint)
     if parts is None:
         return {name: tensor.contiguous()}, TensorEntry(tuple(tensor.shape), tensor.dtype)
     meta = dict(meta)

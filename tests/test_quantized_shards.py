@@ -201,6 +201,21 @@ def test_a_weight_with_inf_or_nan_is_stored_unquantized_with_a_warning(tmp_path,
     assert "already holds this split; nothing to do" in caplog.text
 
 
+def test_a_weight_made_inf_by_a_float16_cast_is_named_with_the_dtype_that_keeps_it(tmp_path, caplog):
+    """A checkpoint of finite weights, one beyond float16's range: split at `dtype` float16, the cast makes it inf and
+    it is stored unquantized. The warning said only that it "holds inf or NaN values", sending the user to look for
+    them in a checkpoint that holds none; it names the cast and `dtype='bfloat16'`."""
+    model = _models.build_tiny_model("llama", num_hidden_layers=2)
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = 1e5
+    model.save_pretrained(tmp_path / "ckpt")
+    _models.make_tokenizer().save_pretrained(tmp_path / "ckpt")
+    with caplog.at_level("WARNING", logger="hf_layerstream"):
+        split_checkpoint(tmp_path / "ckpt", tmp_path / "shards", compression="4bit", dtype="float16", progress=False)
+    assert "model.layers.1.mlp.up_proj.weight holds inf or NaN values; it is stored unquantized" in caplog.text
+    assert "float16 holds values up to 65504" in caplog.text and "`dtype='bfloat16'`" in caplog.text, caplog.text
+
+
 def test_a_split_of_an_earlier_compression_rule_is_made_again_where_the_rule_changed(
     bf16_checkpoint, tmp_path, monkeypatch, caplog
 ):
