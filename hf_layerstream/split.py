@@ -1440,6 +1440,28 @@ def _refuse_unquantizable(plan, src: _Source, load_dtype: torch.dtype | None) ->
         )
 
 
+def _warn_if_nothing_quantized(model, rule: Callable[..., bool], scheme) -> None:
+    """Warn, before anything is written, where `scheme` quantizes none of `model`'s weights (each spans fewer than
+    `MIN_BLOCKS_TO_QUANTIZE` blocks: a small model at a large `blocksize`): the split stored every weight at full
+    precision under a manifest saying 4-bit, as large as without compression, without a word."""
+    from .quant import MIN_BLOCKS_TO_QUANTIZE
+
+    for name, param in model.named_parameters():
+        # (by shape: the skeleton's dtype may be one the checkpoint is not stored in)
+        shaped = torch.empty(param.shape, dtype=torch.float32, device="meta") if param.is_floating_point() else param
+        if rule(name, shaped, scheme):
+            return
+    logger.warning(
+        "`compression` %d-bit with blocks of %d quantizes none of this model's weights (a weight is quantized where it "
+        "spans at least %d blocks, %d values): every weight is stored at full precision. Pass a smaller `blocksize` "
+        "(`--blocksize`) to compress it.",
+        scheme.bits,
+        scheme.blocksize,
+        MIN_BLOCKS_TO_QUANTIZE,
+        MIN_BLOCKS_TO_QUANTIZE * scheme.blocksize,
+    )
+
+
 def _plan(model, stack, src: _Source, config=None, model_class=None):
     plan = plan_conversion(model, stack, src.keys)
     if plan.missing and src.read_keys_of_files(set(src.files)):
@@ -1787,6 +1809,8 @@ def split_checkpoint(
         )
     if scheme is not None and dtype is None:
         _refuse_unquantizable(plan, src, load_dtype)
+    if scheme is not None:
+        _warn_if_nothing_quantized(model, should_quantize, scheme)
 
     compression_dict = scheme.to_dict() if scheme is not None else None
     mergers: list = []  # an `AdapterMerge` for each adapter, in order

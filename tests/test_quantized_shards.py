@@ -216,6 +216,23 @@ def test_a_weight_made_inf_by_a_float16_cast_is_named_with_the_dtype_that_keeps_
     assert "float16 holds values up to 65504" in caplog.text and "`dtype='bfloat16'`" in caplog.text, caplog.text
 
 
+def test_a_compression_that_quantizes_no_weight_says_so_before_the_split(tmp_path, caplog):
+    """A small model at a large `blocksize`: no weight spans the 16 blocks a quantized one needs, so the split stores
+    every weight at full precision under a manifest saying 8-bit, as large as without compression, without a word
+    (`inspect` then showed the scheme and a ratio of 2x of bf16). It warns, naming the `blocksize` that would compress."""
+    ckpt = _models.save_tiny_checkpoint("llama", tmp_path / "ckpt")  # (hidden size 64: 8192-value weights at most)
+    with caplog.at_level("WARNING", logger="hf_layerstream"):
+        shards = split_checkpoint(ckpt, tmp_path / "big", compression="8bit", blocksize=4096, progress=False)
+    assert "`compression` 8-bit with blocks of 4096 quantizes none of this model's weights" in caplog.text
+    assert "Pass a smaller `blocksize`" in caplog.text
+    directory = ShardDirectory(shards)
+    assert not any(t.quant for u in directory.manifest.units for t in directory.unit(u).tensors.values())
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hf_layerstream"):
+        split_checkpoint(ckpt, tmp_path / "default", compression="8bit", progress=False)
+    assert "quantizes none" not in caplog.text
+
+
 def test_a_split_of_an_earlier_compression_rule_is_made_again_where_the_rule_changed(
     bf16_checkpoint, tmp_path, monkeypatch, caplog
 ):
