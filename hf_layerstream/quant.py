@@ -239,10 +239,19 @@ def resolve_compression(
     bits, implied_type = _COMPRESSION_ALIASES[compression.strip().lower()]
     if isinstance(quant_type, str):  # case-insensitive, as `compression` is ("NF4" is nf4)
         quant_type = quant_type.strip().lower()
+    # (the compression a known code takes: 'blockwise' was sent to '4bit', and 'nf4' / 'fp4' with '8bit' were refused
+    # naming no way out)
+    code_bits = next((b for b in SUPPORTED_BITS if quant_type in QUANT_TYPES[b]), None)
     if implied_type is not None and quant_type is not None and quant_type != implied_type:
         raise ValueError(
             f"compression={compression!r} implies quant_type={implied_type!r}, but quant_type={quant_type!r} was "
-            f"given; use compression='4bit' with quant_type={quant_type!r} instead."
+            f"given; use compression='{code_bits or 4}bit' with quant_type={quant_type!r} instead."
+        )
+    if code_bits is not None and code_bits != bits:
+        raise ValueError(
+            f"`quant_type` must be one of {list(QUANT_TYPES[bits])} for bits={bits}, got {quant_type!r}, "
+            f"{'an' if code_bits == 8 else 'a'} {code_bits}-bit code: pass compression='{code_bits}bit' with it (or "
+            f"no `quant_type`, for {bits}-bit's own)."
         )
     return QuantScheme(
         bits,

@@ -1384,6 +1384,7 @@ def test_errors_name_the_options_typed(split_dir, tmp_path, capsys):
     assert main(["split", str(ckpt), str(tmp_path / "q"), "--compression", "8bit", "--quant-type", "fp4"]) == 2
     err = capsys.readouterr().err
     assert "error: `--quant-type` must be one of" in err and "got 'fp4'" in err, err
+    assert "a 4-bit code: pass --compression '4bit' with it (or no `--quant-type`, for 8-bit's own)" in err, err
     # the library's names for an option's value (`generate_jsonl`'s `input_path`, `output_path`)
     assert (
         main(["generate", str(shards), "--input", str(tmp_path / "none.jsonl"), "--output", str(tmp_path / "o")]) == 2

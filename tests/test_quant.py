@@ -501,6 +501,14 @@ def test_resolve_compression_errors():
         resolve_compression("nf4", quant_type="fp4")
     with pytest.raises(ValueError, match="quant_type"):
         resolve_compression("8bit", quant_type="nf4")
+    # a code of the other compression names it (a 4-bit one with '8bit' named no way out; 'blockwise' with 'nf4' was
+    # sent to '4bit', which refused it next)
+    with pytest.raises(ValueError, match=r"got 'fp4', a 4-bit code: pass compression='4bit' with it"):
+        resolve_compression("int8", quant_type="FP4")
+    with pytest.raises(ValueError, match=r"got 'blockwise', an 8-bit code: pass compression='8bit' with it"):
+        resolve_compression("4bit", quant_type="blockwise")
+    with pytest.raises(ValueError, match=r"use compression='8bit' with quant_type='blockwise' instead"):
+        resolve_compression("nf4", quant_type="blockwise")
     with pytest.raises(ValueError, match="blocksize"):
         resolve_compression("8bit", blocksize=32)
 
