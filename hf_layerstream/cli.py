@@ -90,6 +90,7 @@ def _add_hub_args(p: argparse.ArgumentParser, what: str = "SHARD_DIR", token: st
 def _add_dequantize_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dequantize",
+        type=str.lower,  # (case-insensitive, as `dequantize=` is)
         choices=["auto", "layer", "module"],
         default="auto",
         help="quantized shards: dequantize each layer ahead of the compute (layer), or hold layers packed and "

@@ -796,10 +796,13 @@ def _skeleton(shards: ShardDirectory) -> nn.Module:
     return build_for_shards(shards.manifest, AutoConfig.from_pretrained(shards.path))
 
 
-def _check_options(dtype, prefetch, keep_in_page_cache, dequantize) -> tuple[torch.dtype | None, int | None]:
+def _check_options(
+    dtype, prefetch, keep_in_page_cache, dequantize
+) -> tuple[torch.dtype | None, int | None, str | None]:
     """`enable_layer_streaming`'s (and `plan_shard_dir`'s) options checked; the dtype as a `torch.dtype` (or `None`),
-    and `prefetch` as an `int` (or `None`): NumPy's integers are taken, as `max_memory`'s sizes are (they were refused
-    as not an int), and made Python's, so the plan's `to_dict()` stays JSON."""
+    `prefetch` as an `int` (or `None`): NumPy's integers are taken, as `max_memory`'s sizes are (they were refused
+    as not an int), and made Python's, so the plan's `to_dict()` stays JSON; and `dequantize` in lower case (or
+    `None`): it is case-insensitive, as `compression` is ("Module" was refused)."""
     dtype = resolve_dtype(dtype)
     if prefetch is not None:
         if not isinstance(prefetch, numbers.Integral) or isinstance(prefetch, bool) or prefetch < 0:
@@ -807,9 +810,11 @@ def _check_options(dtype, prefetch, keep_in_page_cache, dequantize) -> tuple[tor
         prefetch = int(prefetch)
     if keep_in_page_cache is not None and not isinstance(keep_in_page_cache, bool):
         raise ValueError(f"`keep_in_page_cache` must be True, False or None (automatic), got {keep_in_page_cache!r}.")
-    if dequantize is not None and dequantize not in DEQUANTIZE_MODES:
-        raise ValueError(f"`dequantize` must be 'layer', 'module' or None (automatic), got {dequantize!r}.")
-    return dtype, prefetch
+    if dequantize is not None:
+        if not isinstance(dequantize, str) or dequantize.strip().lower() not in DEQUANTIZE_MODES:
+            raise ValueError(f"`dequantize` must be 'layer', 'module' or None (automatic), got {dequantize!r}.")
+        dequantize = dequantize.strip().lower()
+    return dtype, prefetch, dequantize
 
 
 def plan_shard_dir(
@@ -825,7 +830,7 @@ def plan_shard_dir(
     """The plan `enable_layer_streaming` would make for the shard directory's model with these arguments, from a
     skeleton built from its config (what `hf-layerstream inspect` shows; `device` may be one this machine lacks, given
     a budget for it in `max_memory`). The arguments are checked as `enable_layer_streaming` checks them."""
-    dtype, prefetch = _check_options(dtype, prefetch, keep_in_page_cache, dequantize)
+    dtype, prefetch, dequantize = _check_options(dtype, prefetch, keep_in_page_cache, dequantize)
     model = _skeleton(shards)
     stack = require_layer_stack(model)
     target_dtypes = _target_dtypes(shards, dtype, model)
@@ -1209,7 +1214,7 @@ def _enable(
             "Layer streaming is already enabled on this model; call `disable_layer_streaming(model)` first."
         )
     device = check_device(device)
-    dtype, prefetch = _check_options(dtype, prefetch, keep_in_page_cache, dequantize)
+    dtype, prefetch, dequantize = _check_options(dtype, prefetch, keep_in_page_cache, dequantize)
     _refuse_adapters(model)
     stack = require_layer_stack(model)
     _refuse_weights_changed_by_forward(model)

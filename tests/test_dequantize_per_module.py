@@ -354,6 +354,23 @@ def test_bad_dequantize_values_are_refused(quantized):
     assert get_streaming_state(model) is None
 
 
+def test_dequantize_is_case_insensitive(quantized, capsys):
+    """`dequantize=` is taken in any case, as `compression=` is ("Module" was refused as not 'layer' or 'module'),
+    and so is `--dequantize`; the plan records it in lower case."""
+    from hf_layerstream.cli import main
+    from hf_layerstream.stream import plan_shard_dir
+
+    ckpt, dirs = quantized
+    for given, mode in (("Module", "module"), (" LAYER ", "layer")):
+        model = streamed_model(ckpt, dirs["4bit"], max_memory={"cpu": 0}, dequantize=given)
+        assert get_streaming_state(model).plan.dequantize == mode
+        disable_layer_streaming(model)
+        plan = plan_shard_dir(ShardDirectory(dirs["4bit"]), torch.device("cpu"), dequantize=given)
+        assert plan.dequantize == mode
+    assert main(["inspect", str(dirs["4bit"]), "--json", "--dequantize", "Module"]) == 0
+    assert json.loads(capsys.readouterr().out)["plan"]["dequantize"] == "module"
+
+
 def test_the_packed_weight_decodes_as_the_codec_does(quantized):
     _, dirs = quantized
     m = ShardDirectory(dirs["8bit"])
