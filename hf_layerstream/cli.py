@@ -1226,10 +1226,23 @@ def _cmd_verify(args) -> int:
         # (a record of the manifest edited since the split, the message saying what to put back: deleting it would
         # leave a folder the split refuses as no shard directory's)
         edited = sum(p.startswith(f"{shards.manifest_path} ") for p in problems)
-        advice = (
-            "delete the files named and re-run the same split (`hf-layerstream split SOURCE SHARD_DIR`), which writes "
-            "them again"
-        )
+        # (config.json damaged or edited, a side file missing: the same split run again writes them back as they
+        # are, so there is nothing to delete; a unit file damaged within passes the re-run's checks, so it is deleted)
+        rewritten = [
+            name
+            for name in ("config.json", *listed)
+            if any(p.startswith(f"{shards.path / name} ") and NOT_DAMAGE not in p for p in problems)
+        ]
+        rerun = "re-run the same split (`hf-layerstream split SOURCE SHARD_DIR`)"
+        damaged = len(problems) - sound - edited - len(rewritten)
+        advice = f"delete the files named and {rerun}, which writes them again"
+        if rewritten:
+            what = ", ".join(rewritten)
+            advice = (
+                f"delete the files named except {what} and {rerun}, which writes them again and {what} back"
+                if damaged
+                else f"{rerun}, which writes {what} back (nothing to delete)"
+            )
         command = redownload_command(shards.path)
         if command is not None:  # (a download from the hub, in its cache: downloaded again)
             advice = f"download them again (`{command}`)"

@@ -250,6 +250,39 @@ def test_a_lost_config_json_is_named_and_written_again_by_the_same_split(shard_c
     assert config.read_bytes() == before and ShardDirectory(shards, checksums=True).verify() == []
 
 
+def test_verify_advises_what_the_same_split_writes_back_without_deleting_it(shard_copy, capsys):
+    """`verify`'s summary said to delete the files named and re-run the split whatever they were: config.json (edited,
+    damaged) and a missing side file are written back by the same split run as they are, deleted or not, so it says
+    so, and to delete only the unit files named (one damaged within passes the re-run's checks). Each advice done,
+    the directory verifies."""
+    ckpt, shards = shard_copy
+    config = shards / "config.json"
+    edited = json.loads(config.read_text())
+    edited["num_hidden_layers"] += 1
+    config.write_text(json.dumps(edited))
+    (shards / "tokenizer.json").unlink()
+    assert main(["verify", str(shards)]) == 1
+    err = capsys.readouterr().err
+    assert (
+        "re-run the same split (`hf-layerstream split SOURCE SHARD_DIR`), which writes config.json, tokenizer.json"
+        in err
+    )
+    assert "back (nothing to delete)" in err and "delete the files named" not in err
+    split_checkpoint(ckpt, shards, progress=False)
+    assert main(["verify", str(shards)]) == 0
+    # with a unit file damaged within: that one deleted, config.json left as it is
+    config.write_text("{")
+    target = shards / "layers" / "00001.safetensors"
+    _flip_middle_byte(target)
+    assert main(["verify", str(shards)]) == 1
+    err = capsys.readouterr().err
+    assert "delete the files named except config.json and re-run the same split" in err
+    assert "which writes them again and config.json back" in err
+    target.unlink()
+    split_checkpoint(ckpt, shards, progress=False)
+    assert main(["verify", str(shards)]) == 0
+
+
 def test_verify_names_a_side_file_the_manifest_lists_that_is_missing(shard_copy, capsys, caplog):
     """A side file the manifest lists, deleted: `verify` said every file matched (exit 0), and the directory's
     tokenizer failed or tokenized otherwise, and `generate` ran with other generation settings. A tokenizer file,
