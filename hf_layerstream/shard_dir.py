@@ -663,7 +663,7 @@ class ShardDirectory:
             for unit in self.manifest.units:
                 self.header(unit)
             # (after the tensors' records, checked against their files': those are what the summary is checked by)
-            summary = _summary_otherwise(self.manifest)
+            summary = _summary_otherwise(self.manifest) or self._load_dtype_otherwise()
             if summary is not None:
                 raise ShardFileError(manifest_path, *summary)
         if checksums:
@@ -812,6 +812,16 @@ class ShardDirectory:
             return ShardFileError(path, problem, rerun)
         return None
 
+    def _load_dtype_otherwise(self) -> tuple[str, str] | None:
+        """What the manifest's `load_dtype` (the dtype streaming computes in by default) says otherwise than the
+        directory's `config.json` and its tensors' records, with the fix, if anything (see `_load_dtype_differs`);
+        `None` also where `config.json` is unreadable (named as such by `_config_error`)."""
+        try:
+            config = json.loads((self.path / "config.json").read_bytes())
+        except (OSError, ValueError):
+            return None
+        return _load_dtype_differs(self.manifest, config)
+
     def config_mismatch(self) -> str | None:
         """What differs between the model the directory's `config.json` builds and the one the shards were split from
         (another number of layers, other tensor shapes: the architecture fingerprint the manifest records), if
@@ -954,9 +964,9 @@ class ShardDirectory:
         problem; a license file or the model card, which the model runs without, is logged as a warning), each unit
         file's existence, size, safetensors header (offsets inside the file), tensor names, shapes and dtypes, the
         unit tag, the sample digest and the manifest's record of its tensors (against the one the file carries), then
-        the manifest's `compression` and `dtype` (against its tensors' records), and with `checksums=True` (the
-        default) each file's full SHA-256. Files that pass the cheap checks are hashed; a file that fails them is
-        reported once. Never writes.
+        the manifest's `compression` and `dtype` (against its tensors' records) and `load_dtype` (against config.json's
+        `dtype` and the tensors' records), and with `checksums=True` (the default) each file's full SHA-256. Files
+        that pass the cheap checks are hashed; a file that fails them is reported once. Never writes.
 
         Args:
             checksums (`bool`, defaults to `True`):
@@ -983,7 +993,9 @@ class ShardDirectory:
                 problems.append(str(e) if e.fix is not None else f"{e.path} {e.problem}")
             except ShardDirError as e:
                 problems.append(str(e))
-        summary = _summary_otherwise(self.manifest) if len(sound) == len(self.manifest.units) else None
+        summary = None
+        if len(sound) == len(self.manifest.units):  # (and `load_dtype` against a config.json found sound)
+            summary = _summary_otherwise(self.manifest) or (self._load_dtype_otherwise() if problem is None else None)
         if summary is not None:  # (the tensors' records all checked against their files': the summary was changed)
             problems.append(f"{self.manifest_path} {summary[0]}. {summary[1]}")
         if checksums:
@@ -1070,6 +1082,37 @@ def _summary_otherwise(manifest: Manifest) -> tuple[str, str] | None:
             fix.format('"dtype"', json.dumps(common[0])),
         )
     return None
+
+
+def _load_dtype_differs(manifest: Manifest, config) -> tuple[str, str] | None:
+    """What the manifest's `load_dtype` says otherwise than the shard directory's config.json (`config`, as read) and
+    the tensors' records (checked against the files), with the fix, if anything. The split records as `load_dtype` the
+    dtype `from_pretrained(dtype="auto")` loads at: the config's `dtype` where it names a floating-point one, which the
+    split writes into config.json; with `dtype=`, that one, which it sets on the config too (an earlier hf_layerstream
+    left config.json's there, but cast the tensors to it). So a `load_dtype` that is neither config.json's
+    `dtype` nor the dtype of any floating-point tensor was changed since (or config.json's `dtype` was). Where config.json
+    names none (the split then took the index's or the first tensor's), or `load_dtype` is one some tensor is stored
+    in (a float32 one kept so at bfloat16), nothing is said: cheap, and never wrong for a split as made."""
+    if manifest.load_dtype is None or not isinstance(config, dict):
+        return None
+    value = config.get("dtype") or config.get("torch_dtype")  # (as the split read it: `split._config_dtype`)
+    try:
+        said = str_to_dtype(value) if isinstance(value, str) else None
+    except ValueError:
+        return None
+    load = str_to_dtype(manifest.load_dtype)
+    if said is None or not said.is_floating_point or load == said:
+        return None
+    if any(t.dtype == load for u in manifest.units.values() for t in u.tensors.values()):
+        return None
+    return (
+        f'records "load_dtype": {json.dumps(manifest.load_dtype)} (the dtype streaming computes in by default), but '
+        f'config.json records "dtype": {json.dumps(dtype_name(said))}, and none of its tensors is stored in '
+        f"{manifest.load_dtype}: one of the two was changed since the split (it records config.json's, or the dtype "
+        "it cast the tensors to)",
+        "Run the same split again (`split_checkpoint` / `hf-layerstream split`, same source and options): it writes "
+        "both again.",
+    )
 
 
 _SCHEME_KEYS = ("bits", "quant_type", "blocksize")  # (what a quantized tensor records of the split's scheme)

@@ -444,8 +444,13 @@ def _unit_json(manifest: dict, unit: str) -> dict:
             lambda m: m.update(dtype="bfloat16"),
             'records "dtype": "bfloat16", but its floating-point tensors are mostly float32',
         ),
+        (
+            lambda m: m.update(load_dtype="bfloat16"),
+            'records "load_dtype": "bfloat16" (the dtype streaming computes in by default), but config.json records '
+            '"dtype": "float32", and none of its tensors is stored in bfloat16',
+        ),
     ],
-    ids=["a tensor's code", "compression", "block size", "dtype"],
+    ids=["a tensor's code", "compression", "block size", "dtype", "load_dtype"],
 )
 def test_a_manifest_changed_since_the_split_is_named_by_what_its_files_record(
     checkpoints, tmp_path, capsys, edit, problem
@@ -473,6 +478,55 @@ def test_a_manifest_changed_since_the_split_is_named_by_what_its_files_record(
     if edited["compression"] == sound["compression"]:  # (taken for its own split: repaired)
         split_checkpoint(ckpt, shards, compression="4bit", progress=False)
         assert json.loads(manifest.read_text()) == sound and ShardDirectory(shards, checksums=True).verify() == []
+
+
+def test_load_dtype_is_checked_without_refusing_a_split_as_made(tmp_path):
+    """The manifest's `load_dtype` (the dtype streaming computes in by default) is checked against config.json's
+    `dtype` and the tensors' records: a split made with and without `dtype`, with and without compression, of a model
+    that keeps weights in float32 at float16 (gpt-oss's norms), of a config naming no dtype, and one made with `dtype`
+    by an earlier hf_layerstream (config.json left at the checkpoint's dtype) are sound; `load_dtype` edited to a
+    dtype neither config.json nor any tensor has is named (it was not: streaming computed in it)."""
+    from test_architectures import _config
+
+    ckpt = _models.save_tiny_checkpoint("llama", tmp_path / "llama")
+    plain = _models.save_tiny_checkpoint("llama", tmp_path / "plain")
+    config = json.loads((plain / "config.json").read_text())
+    del config["dtype"]  # (the split takes the first tensor's: nothing to check against)
+    (plain / "config.json").write_text(json.dumps(config))
+    gpt_oss = _models.save_tiny_checkpoint(_config("gpt_oss"), tmp_path / "gpt_oss")
+    splits = {
+        (source.name, dtype, compression): split_checkpoint(
+            source,
+            tmp_path / f"{source.name}-{dtype}-{compression}",
+            dtype=dtype,
+            compression=compression,
+            progress=False,
+        )
+        for source in (ckpt, gpt_oss)
+        for dtype in (None, "float16")
+        for compression in (None, "4bit")
+    }
+    splits["plain", None, None] = split_checkpoint(plain, tmp_path / "plain-shards", progress=False)
+    earlier = splits["gpt_oss", "float16", None]
+    config = json.loads((earlier / "config.json").read_text())
+    assert (
+        config["dtype"] == "float16" and json.loads((earlier / "manifest.json").read_text())["load_dtype"] == "float16"
+    )
+    (earlier / "config.json").write_text(json.dumps({**config, "dtype": "float32"}))  # (as split before it was set)
+    for key, shards in splits.items():
+        assert ShardDirectory(shards).verify(checksums=False) == [], key
+    kept = ShardDirectory(earlier).manifest.units["layers.0"].tensors["model.layers.0.input_layernorm.weight"]
+    assert kept.dtype == torch.float32
+    # edited: to a dtype nothing is stored in, named, whichever of the two the other was
+    for key, edit in [
+        (("llama", None, "4bit"), "float16"),
+        (("gpt_oss", None, None), "bfloat16"),
+        (("plain", None, None), "bfloat16"),
+    ]:
+        manifest = splits[key] / "manifest.json"
+        manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "load_dtype": edit}))
+        problems = ShardDirectory(splits[key], check_files=False).verify(checksums=False)
+        assert (f'records "load_dtype": "{edit}"' in "".join(problems)) is (key[0] != "plain"), (key, problems)
 
 
 def test_an_edited_fingerprint_is_named_as_the_manifests_not_config_jsons(shard_copy, capsys):
