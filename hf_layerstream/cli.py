@@ -117,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("shard_dir", help="output shard directory")
     p.add_argument(
         "--compression",
+        type=str.lower,  # (case-insensitive, as `compression=` and `--quant-type` are)
         choices=["4bit", "8bit"],
         default=None,
         help="block-wise quantization (default: none, lossless)",

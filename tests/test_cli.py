@@ -658,13 +658,15 @@ def test_missing_bitsandbytes_is_a_one_line_error(split_dir, tmp_path, monkeypat
     assert "pip install bitsandbytes" in err and len(err.splitlines()) == 1
 
 
-def test_quant_type_is_case_insensitive(split_dir, tmp_path, capsys):
+def test_quant_type_and_compression_are_case_insensitive(split_dir, tmp_path, capsys):
+    """`--quant-type FP4`, and `--compression 4BIT` as `compression="4BIT"` is taken (argparse refused it as an
+    invalid choice)."""
     pytest.importorskip("bitsandbytes")
     ckpt, _ = split_dir
-    argv = ["split", str(ckpt), str(tmp_path / "q4"), "--compression", "4bit", "--quant-type", "FP4", "--quiet"]
+    argv = ["split", str(ckpt), str(tmp_path / "q4"), "--compression", "4BIT", "--quant-type", "FP4", "--quiet"]
     assert main(argv) == 0, capsys.readouterr().err
     manifest = json.loads((tmp_path / "q4" / "manifest.json").read_text())
-    assert manifest["compression"]["quant_type"] == "fp4"
+    assert manifest["compression"]["quant_type"] == "fp4" and manifest["compression"]["bits"] == 4
 
 
 def test_closed_stdout_ends_quietly(split_dir):
