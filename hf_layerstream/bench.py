@@ -657,7 +657,8 @@ def _prompt_ids(path: Path, n: int) -> tuple[list[int], int]:
 
 
 def _parse_list(text: str, allowed, name: str) -> list[str]:
-    items = [s.strip() for s in text.split(",") if s.strip()]
+    # (case-insensitive, as the library's `compression=` and split's `--compression` are)
+    items = [s.strip().lower() for s in text.split(",") if s.strip()]
     bad = [s for s in items if s not in allowed]
     if bad or not items:
         raise ValueError(f"`{name}` got {text!r}; choose a comma-separated subset of {', '.join(allowed)}.")

@@ -246,7 +246,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, default=32000, help="at least the demo tokenizer's (default: 32000)")
     p.add_argument("--dtype", default="bfloat16", help="checkpoint dtype (default bfloat16)")
     p.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate (default 16)")
-    p.add_argument("--compression", choices=["4bit", "8bit"], default=None, help="also compare quantized shards")
+    p.add_argument(
+        "--compression",
+        type=str.lower,  # (case-insensitive, as split's is)
+        choices=["4bit", "8bit"],
+        default=None,
+        help="also compare quantized shards",
+    )
     p.add_argument(
         "--max-memory",
         default=None,

@@ -1596,3 +1596,12 @@ def test_a_tiny_models_memory_figures_are_shown_in_mb():
     assert allowed < 1e8
     assert "peak RSS over baseline 12.3 MB, allowed" in text and f"= {allowed / 1e6:.1f} MB (over)" in text
     assert "baseline RSS (python + torch + transformers imported, before loading): 0.50 GB" in text
+
+
+def test_bench_and_demo_take_compression_in_any_case():
+    """`split --compression 4BIT` and `compression="4BIT"` are taken; bench's and demo's `--compression` refused it."""
+    from hf_layerstream.bench import _parse_list
+    from hf_layerstream.cli import build_parser
+
+    assert _parse_list("4BIT, 8bit", ("4bit", "8bit"), "--compression") == ["4bit", "8bit"]
+    assert build_parser().parse_args(["demo", "--compression", "4BIT"]).compression == "4bit"
