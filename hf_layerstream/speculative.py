@@ -361,7 +361,7 @@ def measure_sweeps(
     attention_mask: torch.Tensor | None = None,
     assistant_model: nn.Module | None = None,
     prompt_lookup_num_tokens: int | None = None,
-    max_new_tokens: int = 32,
+    max_new_tokens: int | None = None,
     **generate_kwargs,
 ) -> dict:
     """Run one `model.generate` call and report tokens, forward sweeps of `model` and tokens per sweep.
@@ -381,8 +381,9 @@ def measure_sweeps(
             A resident draft model with the same tokenizer (assisted generation; batch size 1).
         prompt_lookup_num_tokens (`int`, *optional*):
             Prompt-lookup decoding with this many candidate tokens (batch size 1).
-        max_new_tokens (`int`, defaults to 32):
-            Tokens to generate per prompt.
+        max_new_tokens (`int`, *optional*):
+            Tokens to generate per prompt: defaults to those a `generation_config` given sets (`max_new_tokens`, else
+            `max_length`), or a `max_length` given, else 32.
         **generate_kwargs:
             Passed to `model.generate` (e.g. `min_new_tokens`, `pad_token_id`).
 
@@ -392,7 +393,16 @@ def measure_sweeps(
         `seconds`, `tokens_per_s`, `batch_size`, `mode` (`"plain"`, `"assisted"`, `"prompt_lookup"` or
         `"early_exit"`) and `output_ids` (the generated ids of each prompt, as lists).
     """
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+    given = generate_kwargs.get("generation_config")
+    # (a length the call sets otherwise is kept: 32 in its place gave another number of tokens, without a word)
+    length_given = "max_length" in generate_kwargs or any(
+        getattr(given, name, None) is not None for name in ("max_new_tokens", "max_length")
+    )
+    if max_new_tokens is None and not length_given:
+        max_new_tokens = 32
+    if max_new_tokens is not None and (
+        not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1
+    ):
         raise ValueError(f"`max_new_tokens` must be a positive int, got {max_new_tokens!r}.")
     if prompt_lookup_num_tokens is not None and (
         not isinstance(prompt_lookup_num_tokens, int)
@@ -417,8 +427,7 @@ def measure_sweeps(
     input_ids = input_ids.to(device)
     # (none given: `generate` infers it from `pad_token_id`, as for a plain call; all ones attended to the padding)
     attention_mask = None if attention_mask is None else attention_mask.to(device)
-    given = generate_kwargs.get("generation_config")
-    settings = {"max_new_tokens": max_new_tokens}
+    settings = {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}
     if "do_sample" not in generate_kwargs and getattr(given, "do_sample", None) is None:
         settings["do_sample"] = False  # greedy by default; a `do_sample` given either way is kept
     if prompt_lookup_num_tokens is not None:

@@ -302,3 +302,25 @@ def test_measure_sweeps_of_a_padded_batch_without_a_mask_infers_it_as_generate_d
     with torch.no_grad():
         plain = model.generate(batch.input_ids, do_sample=False, **kw)[:, batch.input_ids.shape[1] :]
     assert inferred["output_ids"] == plain.tolist()
+
+
+def test_measure_sweeps_keeps_the_length_a_call_sets(setup):
+    """A `generation_config` given with `max_new_tokens` (or `max_length`), or `max_length` given: `measure_sweeps`
+    put its own default of 32 new tokens in their place, and measured another call than the one asked for."""
+    from transformers import GenerationConfig
+
+    model, tok, _, _, plain = setup
+    prompt = _models.SAMPLE_PROMPTS[0]
+    ids = tok(prompt, return_tensors="pt").input_ids
+    pad = tok.pad_token_id
+    for kw in [
+        {"generation_config": GenerationConfig(max_new_tokens=5, min_new_tokens=5, pad_token_id=pad)},
+        {"generation_config": GenerationConfig(max_length=ids.shape[1] + 5, min_new_tokens=5, pad_token_id=pad)},
+        {"max_length": ids.shape[1] + 5, "min_new_tokens": 5, "pad_token_id": pad},
+    ]:
+        r = measure_sweeps(model, ids, **kw)
+        assert r["tokens"] == r["sweeps"] == 5 and r["output_ids"][0] == plain[prompt]["output_ids"][0][:5], kw
+    # (given as well, `max_new_tokens` is the one taken, as `generate` takes it)
+    given = GenerationConfig(max_new_tokens=5, pad_token_id=pad)
+    assert measure_sweeps(model, ids, max_new_tokens=3, generation_config=given)["sweeps"] == 3
+    assert measure_sweeps(model, ids, pad_token_id=pad, min_new_tokens=32)["tokens"] == 32
