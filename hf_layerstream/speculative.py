@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import numbers
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -49,6 +50,10 @@ from transformers import (
 logger = logging.getLogger(__name__)
 
 __all__ = ["SweepCounter", "count_sweeps", "measure_sweeps", "configure_draft", "count_new_tokens"]
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)  # (NumPy's integers too)
 
 
 def _sweep_module(model: nn.Module) -> nn.Module:
@@ -400,18 +405,17 @@ def measure_sweeps(
     )
     if max_new_tokens is None and not length_given:
         max_new_tokens = 32
-    if max_new_tokens is not None and (
-        not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1
-    ):
-        raise ValueError(f"`max_new_tokens` must be a positive int, got {max_new_tokens!r}.")
-    if prompt_lookup_num_tokens is not None and (
-        not isinstance(prompt_lookup_num_tokens, int)
-        or isinstance(prompt_lookup_num_tokens, bool)
-        or prompt_lookup_num_tokens < 1
-    ):
-        raise ValueError(
-            f"`prompt_lookup_num_tokens` must be a positive int (e.g. 10) or None, got {prompt_lookup_num_tokens!r}."
-        )
+    # (NumPy's integers too, taken as Python's)
+    if max_new_tokens is not None:
+        if not _is_int(max_new_tokens) or max_new_tokens < 1:
+            raise ValueError(f"`max_new_tokens` must be a positive int, got {max_new_tokens!r}.")
+        max_new_tokens = int(max_new_tokens)
+    if prompt_lookup_num_tokens is not None:
+        if not _is_int(prompt_lookup_num_tokens) or prompt_lookup_num_tokens < 1:
+            raise ValueError(
+                f"`prompt_lookup_num_tokens` must be a positive int (e.g. 10) or None, got {prompt_lookup_num_tokens!r}."
+            )
+        prompt_lookup_num_tokens = int(prompt_lookup_num_tokens)
     if assistant_model is not None and prompt_lookup_num_tokens is not None:
         raise ValueError(
             "Pass either `assistant_model` or `prompt_lookup_num_tokens`, not both: transformers uses one candidate "
@@ -508,13 +512,13 @@ def configure_draft(
     Returns:
         The same `draft_model`.
     """
-    if not isinstance(num_assistant_tokens, int) or isinstance(num_assistant_tokens, bool) or num_assistant_tokens < 1:
+    if not _is_int(num_assistant_tokens) or num_assistant_tokens < 1:
         raise ValueError(f"`num_assistant_tokens` must be a positive int (e.g. 8), got {num_assistant_tokens!r}.")
     schedules = ("constant", "heuristic", "heuristic_transient")
     if schedule not in schedules:
         raise ValueError(f"`schedule` must be one of {schedules}, got {schedule!r}.")
     if confidence_threshold is not None and (
-        not isinstance(confidence_threshold, (int, float))
+        not isinstance(confidence_threshold, numbers.Real)
         or isinstance(confidence_threshold, bool)
         or not 0.0 <= confidence_threshold < 1.0
     ):
@@ -524,10 +528,11 @@ def configure_draft(
         raise TypeError(
             f"`draft_model` must be a transformers model with a `generation_config`, got {type(draft_model).__name__}."
         )
+    # (as Python's numbers: the config is saved as JSON)
     settings = {
-        "num_assistant_tokens": num_assistant_tokens,
+        "num_assistant_tokens": int(num_assistant_tokens),
         "num_assistant_tokens_schedule": schedule,
-        "assistant_confidence_threshold": confidence_threshold or 0.0,
+        "assistant_confidence_threshold": float(confidence_threshold or 0.0),
     }
     # a generation config takes any attribute: one transformers renamed would be set and silently ignored
     missing = [name for name in settings if not hasattr(type(config)(), name)]

@@ -324,3 +324,27 @@ def test_measure_sweeps_keeps_the_length_a_call_sets(setup):
     given = GenerationConfig(max_new_tokens=5, pad_token_id=pad)
     assert measure_sweeps(model, ids, max_new_tokens=3, generation_config=given)["sweeps"] == 3
     assert measure_sweeps(model, ids, pad_token_id=pad, min_new_tokens=32)["tokens"] == 32
+
+
+def test_numpy_numbers_are_taken_as_python_ones(setup):
+    """NumPy's integers (a count read from an array, a sweep over `np.arange`) were refused as "must be a positive
+    int, got np.int64(4)", naming a value of the kind asked for; `generate` takes them. They are taken as Python's,
+    stored so in the draft's generation config (saved as JSON)."""
+    import numpy as np
+
+    model, tok, _, _, plain = setup
+    prompt = _models.SAMPLE_PROMPTS[1]
+    ids = tok(prompt, return_tensors="pt").input_ids
+    kw = {"min_new_tokens": NEW, "pad_token_id": tok.pad_token_id}
+    r = measure_sweeps(model, ids, max_new_tokens=np.int64(NEW), prompt_lookup_num_tokens=np.int32(4), **kw)
+    assert r["mode"] == "prompt_lookup" and r["output_ids"] == plain[prompt]["output_ids"]
+    draft = _models.build_tiny_model("llama", num_hidden_layers=1)
+    configure_draft(draft, num_assistant_tokens=np.int64(4), confidence_threshold=np.float32(0.25))
+    config = draft.generation_config
+    assert type(config.num_assistant_tokens) is int and config.num_assistant_tokens == 4
+    assert type(config.assistant_confidence_threshold) is float and config.assistant_confidence_threshold == 0.25
+    config.to_json_string()
+    with pytest.raises(ValueError, match="`num_assistant_tokens` must be a positive int"):
+        configure_draft(draft, num_assistant_tokens=np.bool_(True))
+    with pytest.raises(ValueError, match="`confidence_threshold` must be in"):
+        configure_draft(draft, confidence_threshold=np.float32("nan"))
