@@ -380,8 +380,8 @@ def measure_sweeps(
             The (streamed) model, the verifier when speculating.
         input_ids (`torch.LongTensor` of shape `(batch, length)`, or a 1-D tensor / list of ids for one prompt):
             Prompt ids; a batch must be left-padded (and should come with `attention_mask`).
-        attention_mask (`torch.Tensor`, *optional*):
-            Defaults to what `generate` infers from the padding (`pad_token_id`), as for a plain `generate` call.
+        attention_mask (`torch.Tensor` or list, *optional*):
+            Of the shape of `input_ids` (1-D for one prompt too). Defaults to what `generate` infers from the padding (`pad_token_id`), as for a plain `generate` call.
         assistant_model (`transformers.PreTrainedModel`, *optional*):
             A resident draft model with the same tokenizer (assisted generation; batch size 1).
         prompt_lookup_num_tokens (`int`, *optional*):
@@ -427,6 +427,17 @@ def measure_sweeps(
         input_ids = input_ids[None]
     if input_ids.dim() != 2:
         raise ValueError(f"`input_ids` must have shape (batch, length), got {tuple(input_ids.shape)}.")
+    if attention_mask is not None:
+        # (taken as `input_ids` is: a list, or a 1-D mask of one prompt)
+        if not isinstance(attention_mask, torch.Tensor):
+            attention_mask = torch.tensor(attention_mask, dtype=torch.long)
+        if attention_mask.dim() == 1:
+            attention_mask = attention_mask[None]
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"`attention_mask` must have the shape of `input_ids`, {tuple(input_ids.shape)}, got "
+                f"{tuple(attention_mask.shape)}."
+            )
     device = model.device
     input_ids = input_ids.to(device)
     # (none given: `generate` infers it from `pad_token_id`, as for a plain call; all ones attended to the padding)

@@ -348,3 +348,21 @@ def test_numpy_numbers_are_taken_as_python_ones(setup):
         configure_draft(draft, num_assistant_tokens=np.bool_(True))
     with pytest.raises(ValueError, match="`confidence_threshold` must be in"):
         configure_draft(draft, confidence_threshold=np.float32("nan"))
+
+
+def test_measure_sweeps_takes_a_mask_as_it_takes_the_ids(setup):
+    """`input_ids` may be a list or one prompt's 1-D ids; its `attention_mask` given so failed inside (`'list' object
+    has no attribute 'to'`, an `IndexError` in `generate`), and one of another shape with a size mismatch deep in
+    attention."""
+    model, tok, _, _, plain = setup
+    prompt = _models.SAMPLE_PROMPTS[0]
+    enc = tok(prompt, return_tensors="pt")
+    kw = {"max_new_tokens": NEW, "min_new_tokens": NEW, "pad_token_id": tok.pad_token_id}
+    for ids, mask in [
+        (enc.input_ids[0], enc.attention_mask[0]),
+        (enc.input_ids[0].tolist(), enc.attention_mask[0].tolist()),
+        (enc.input_ids.tolist(), enc.attention_mask.tolist()),
+    ]:
+        assert measure_sweeps(model, ids, attention_mask=mask, **kw)["output_ids"] == plain[prompt]["output_ids"]
+    with pytest.raises(ValueError, match=r"`attention_mask` must have the shape of `input_ids`, \(1, \d+\), got"):
+        measure_sweeps(model, enc.input_ids, attention_mask=enc.attention_mask[:, 1:], **kw)
