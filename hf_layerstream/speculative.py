@@ -46,6 +46,7 @@ from transformers import (
     StoppingCriteriaList,
     StopStringCriteria,
 )
+from transformers.generation import GenerationMode
 
 logger = logging.getLogger(__name__)
 
@@ -395,8 +396,8 @@ def measure_sweeps(
     Returns:
         `dict` with `tokens` (generated, summed over the batch; the padding after a row's end, by an
         end-of-sequence token, a stop string or a stopping criterion, excluded), `sweeps`, `tokens_per_sweep`,
-        `seconds`, `tokens_per_s`, `batch_size`, `mode` (`"plain"`, `"assisted"`, `"prompt_lookup"` or
-        `"early_exit"`) and `output_ids` (the generated ids of each prompt, as lists).
+        `seconds`, `tokens_per_s`, `batch_size`, `mode` (`"plain"`, `"assisted"`, `"prompt_lookup"`, `"early_exit"`
+        or `"mtp"`: the speculative decoding `generate` ran, none under beam search) and `output_ids` (the generated ids of each prompt, as lists).
     """
     given = generate_kwargs.get("generation_config")
     # (a length the call sets otherwise is kept: 32 in its place gave another number of tokens, without a word)
@@ -451,13 +452,14 @@ def measure_sweeps(
     if assistant_model is not None:
         kwargs["assistant_model"] = assistant_model
     config = _generation_config(model, kwargs)
-    # (prompt lookup and early exit set in a generation config, given or the model's, count as given here)
-    lookup = config.prompt_lookup_num_tokens
-    if (assistant_model is not None or lookup or config.assistant_early_exit is not None) and input_ids.shape[0] != 1:
+    # (prompt lookup, early exit and multi-token prediction set in a generation config, given or the model's, count
+    # as given here; as in `generate`, none of them under beam search, which ignores them with a warning)
+    speculative = config.get_generation_mode(assistant_model) == GenerationMode.ASSISTED_GENERATION
+    if speculative and input_ids.shape[0] != 1:
         raise ValueError(
             f"Speculative decoding in transformers handles one prompt at a time; `input_ids` has batch size "
             f"{input_ids.shape[0]}. Measure one prompt (`input_ids[:1]`) or drop `assistant_model` / "
-            "`prompt_lookup_num_tokens` / `assistant_early_exit`."
+            "`prompt_lookup_num_tokens` / `assistant_early_exit` / `use_mtp`."
         )
     eos = eos_token_ids(model, None, kwargs)
     if config.pad_token_id is None and eos:
@@ -475,12 +477,17 @@ def measure_sweeps(
     counts = count_new_tokens(new, eos, stops.stopped_at(new, eos, pad_id))
     tokens = sum(counts)
     sweeps = counter.sweeps
-    if assistant_model is not None:
-        mode = "assisted"
-    elif lookup:
+    # (the candidate generator `generate` picks, in its order)
+    if not speculative:
+        mode = "plain"
+    elif config.assistant_early_exit is not None:
+        mode = "early_exit"
+    elif config.prompt_lookup_num_tokens is not None:
         mode = "prompt_lookup"
+    elif config.use_mtp:
+        mode = "mtp"
     else:
-        mode = "early_exit" if config.assistant_early_exit is not None else "plain"
+        mode = "assisted"
     return {
         "mode": mode,
         "batch_size": int(input_ids.shape[0]),

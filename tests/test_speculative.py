@@ -366,3 +366,22 @@ def test_measure_sweeps_takes_a_mask_as_it_takes_the_ids(setup):
         assert measure_sweeps(model, ids, attention_mask=mask, **kw)["output_ids"] == plain[prompt]["output_ids"]
     with pytest.raises(ValueError, match=r"`attention_mask` must have the shape of `input_ids`, \(1, \d+\), got"):
         measure_sweeps(model, enc.input_ids, attention_mask=enc.attention_mask[:, 1:], **kw)
+
+
+def test_measure_sweeps_reports_the_decoding_generate_ran(setup):
+    """`mode` and the refusal of a batch followed the arguments, not what `generate` does with them: prompt lookup under
+    beam search (which `generate` ignores, with a warning) was reported as "prompt_lookup" and refused for a batch, a
+    draft beside early exit (`generate` drafts with early exit) as "assisted", and `use_mtp` (speculative too) as
+    "plain", its batch left to fail inside `generate`."""
+    model, tok, strong, _, plain = setup
+    prompt = _models.SAMPLE_PROMPTS[0]
+    ids = tok(prompt, return_tensors="pt").input_ids
+    kw = {"max_new_tokens": 4, "min_new_tokens": 4, "pad_token_id": tok.pad_token_id}
+    beams = measure_sweeps(model, ids, num_beams=2, **kw)
+    r = measure_sweeps(model, ids, num_beams=2, prompt_lookup_num_tokens=3, **kw)
+    assert r["mode"] == "plain" and r["output_ids"] == beams["output_ids"] and r["sweeps"] == beams["sweeps"]
+    assert measure_sweeps(model, ids.repeat(2, 1), num_beams=2, prompt_lookup_num_tokens=3, **kw)["batch_size"] == 2
+    r = measure_sweeps(model, ids, assistant_model=strong, assistant_early_exit=1, **kw)
+    assert r["mode"] == "early_exit" and r["output_ids"][0] == plain[prompt]["output_ids"][0][:4]
+    with pytest.raises(ValueError, match="batch size 2.*`use_mtp`"):
+        measure_sweeps(model, ids.repeat(2, 1), use_mtp=True, **kw)
