@@ -1454,7 +1454,7 @@ def _warn_if_nothing_quantized(model, rule: Callable[..., bool], scheme) -> None
     logger.warning(
         "`compression` %d-bit with blocks of %d quantizes none of this model's weights (a weight is quantized where it "
         "spans at least %d blocks, %d values): every weight is stored at full precision. Pass a smaller `blocksize` "
-        "(`--blocksize`) to compress it.",
+        "to compress it.",
         scheme.bits,
         scheme.blocksize,
         MIN_BLOCKS_TO_QUANTIZE,

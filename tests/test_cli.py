@@ -1676,6 +1676,25 @@ def test_a_gpu_budget_on_the_cpu_is_named_once_as_the_option_writes_it(split_dir
     assert "Pass device='cuda' to stream on a GPU." in caplog.text and "--device" not in caplog.text
 
 
+def test_a_blocksize_that_quantizes_nothing_names_the_option_once(split_dir, tmp_path, caplog):
+    """`split --compression 8bit --blocksize 4096` of a small model warned "Pass a smaller `--blocksize`
+    (`--blocksize`)": the library's message named the argument and the option, and the command line wrote the
+    argument as the option too. The option is named once; the library's record names the argument."""
+    ckpt, _ = split_dir
+    argv = ["split", str(ckpt), str(tmp_path / "big"), "--compression", "8bit", "--blocksize", "4096", "--quiet"]
+    with caplog.at_level(logging.WARNING, logger="hf_layerstream"):
+        assert main(argv) == 0
+    warning = next(r.getMessage() for r in caplog.records if "quantizes none" in r.getMessage())
+    assert warning.startswith("`--compression` 8-bit with blocks of 4096"), warning
+    assert warning.endswith("Pass a smaller `--blocksize` to compress it."), warning
+    from hf_layerstream import split_checkpoint
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hf_layerstream"):
+        split_checkpoint(ckpt, tmp_path / "api", compression="8bit", blocksize=4096, progress=False)
+    assert "Pass a smaller `blocksize` to compress it." in caplog.text and "--blocksize" not in caplog.text
+
+
 def test_inspect_keeps_its_labels_aligned_for_a_device_not_on_this_machine(split_dir, capsys):
     """`plan on cuda:0 (not on this machine)` ran past the 16 columns of the labels, the plan after it unaligned."""
     if torch.cuda.is_available():
