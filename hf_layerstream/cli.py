@@ -183,8 +183,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None, help="tokenizer folder or hub id (default: the shard directory's)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="with --do-sample: the sampling temperature, above 0 (default: the shard directory's generation config's)",
+    )
+    p.add_argument(
+        "--top-p",
+        type=float,
+        default=None,
+        help="with --do-sample: nucleus sampling's probability mass, 0 to 1 (default: the shard directory's "
+        "generation config's)",
+    )
     p.add_argument(
         "--seed",
         type=int,
@@ -258,7 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="budget for the streamed run (default: stream every layer: cpu=0, and 0=0,cpu=0 on a GPU)",
     )
-    p.add_argument("--prefetch", type=int, default=None)
+    p.add_argument(
+        "--prefetch", type=int, default=None, help="layers read ahead in the streamed run (default: the library's)"
+    )
     p.add_argument("--device", default=None, help="where both runs compute (default: cuda if available, else cpu)")
 
     p = sub.add_parser("inspect", help="show a shard directory: scheme, bytes per layer, residency plan")

@@ -34,6 +34,16 @@ def test_help_for_each_command(command, capsys):
     assert "pip install hf_layerstream" not in " ".join(out.split())
 
 
+@pytest.mark.parametrize("command", [*COMMANDS, "bench"])
+def test_every_option_of_each_command_is_described_in_its_help(command):
+    """The README says `hf-layerstream COMMAND --help` documents each command; `generate --help` listed
+    `--temperature` and `--top-p`, and `demo --help` `--prefetch`, with no word of what they do or default to."""
+    from hf_layerstream.cli import _command_parser
+
+    sub = _command_parser(build_parser(), command)
+    assert [a.dest for a in sub._actions if a.help is None] == []
+
+
 def test_console_script_is_installed():
     out = subprocess.run(["hf-layerstream", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0
