@@ -821,7 +821,8 @@ def _cmd_generate(args) -> int:
                 job.stop()
         print(json.dumps(stats), file=sys.stderr)
         if job is not None:
-            print(f"profile of the whole job ({job.calls} generate calls):", file=sys.stderr)
+            calls = f"{job.calls} generate call{'s' if job.calls != 1 else ''}"
+            print(f"profile of the whole job ({calls}):", file=sys.stderr)
             print(job.profile.summary(), file=sys.stderr)
         return 0
 

@@ -597,6 +597,11 @@ def test_generate_from_a_jsonl_file_prints_its_profile(split_dir, tmp_path, caps
     # one forward call per sweep of the model, in all three batches (2 tokens each)
     assert stats["sweeps"] == 6 and f"forward calls: {stats['sweeps']}," in profile
     assert "profile of the whole job (3 generate calls):" in profile and "compute" in profile and "wait" in profile
+    # a job of one batch: one call (it said "1 generate calls")
+    argv[argv.index("--output") + 1] = str(tmp_path / "one.jsonl")
+    argv[argv.index("--batch-size") + 1] = "8"
+    assert main(argv) == 0
+    assert "profile of the whole job (1 generate call):" in capsys.readouterr().err
 
 
 def test_a_jsonl_job_names_keys_its_lines_do_not_take_once(split_dir, tmp_path, capsys, caplog):
