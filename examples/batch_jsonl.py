@@ -22,13 +22,13 @@ from hf_layerstream import enable_layer_streaming, generate_jsonl
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("shard_dir")
+    p.add_argument("shard_dir", help="shard directory made by `split_checkpoint` / `hf-layerstream split`")
     p.add_argument("input", help="JSONL prompts")
     p.add_argument("output", help="JSONL results (resumed when it exists)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per sweep (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens per prompt (default: %(default)s)")
     p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template to plain prompts")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     args = p.parse_args(argv)
     # (before the model is built: a usage error, not a traceback; a pipe, `<(...)`, is read as a file is)
     if not os.path.exists(args.input) or os.path.isdir(args.input):

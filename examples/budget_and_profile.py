@@ -25,16 +25,16 @@ from hf_layerstream import disable_layer_streaming, enable_layer_streaming, get_
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("shard_dir")
+    p.add_argument("shard_dir", help="shard directory made by `split_checkpoint` / `hf-layerstream split`")
     p.add_argument(
         "--max-memory", type=json.loads, default={"cpu": 0}, help='budget (default {"cpu": 0}: every layer from disk)'
     )
     p.add_argument(
         "--prefetch", type=int, default=None, help="layers read ahead of the compute (default: the library's)"
     )
-    p.add_argument("--device", default=None)
-    p.add_argument("--prompt", default="The quick brown fox")
-    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--prompt", default="The quick brown fox", help="the prompt (default: %(default)r)")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate (default: %(default)s)")
     args = p.parse_args(argv)
 
     with init_empty_weights():

@@ -51,10 +51,15 @@ def main(argv: list[str] | None = None) -> str:
         default=None,
         help="branch, tag or commit of a hub --adapter (default: its default branch); once per --adapter where given",
     )
-    p.add_argument("--max-memory", type=json.loads, default=None, help='budget, e.g. \'{"cpu": "16GiB", "0": "4GiB"}\'')
+    p.add_argument(
+        "--max-memory",
+        type=json.loads,
+        default=None,
+        help='budget, e.g. \'{"cpu": "16GiB", "0": "4GiB"}\' (default: the library\'s plan)',
+    )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--prompt", default="What is the capital of France?")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--prompt", default="What is the capital of France?", help="the prompt (default: %(default)r)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default: %(default)s)")
     args = p.parse_args(argv)
     adapters, revisions = args.adapter or [], args.adapter_revision or []  # ('' for a default branch, as in `split`)
     if revisions and not adapters:

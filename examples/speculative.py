@@ -20,10 +20,12 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("shard_dir", help="the streamed (large) model's shard directory")
     p.add_argument("draft", help="the draft (small) model: hub id or local folder")
-    p.add_argument("--prompt", default="def fibonacci(n):")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--num-assistant-tokens", type=int, default=8, help="tokens the draft proposes per sweep")
-    p.add_argument("--device", default=None)
+    p.add_argument("--prompt", default="def fibonacci(n):", help="the prompt (default: %(default)r)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default: %(default)s)")
+    p.add_argument(
+        "--num-assistant-tokens", type=int, default=8, help="tokens the draft proposes per sweep (default: %(default)s)"
+    )
+    p.add_argument("--device", default=None, help="cpu or cuda, for both models (default: cuda when available)")
     args = p.parse_args(argv)
 
     with init_empty_weights():

@@ -212,3 +212,22 @@ def test_examples_document_their_command_line(name):
     with pytest.raises(SystemExit) as e:
         module.main(["--help"])
     assert e.value.code == 0
+
+
+@pytest.mark.parametrize("name", ["quickstart", "budget_and_profile", "batch_jsonl", "speculative"])
+def test_every_option_of_an_example_is_described_in_its_help(name, monkeypatch):
+    """The README sends readers to `python examples/NAME.py --help`, which listed options such as `--max-new-tokens`,
+    `--batch-size` and `--device` with no word of what they do or default to."""
+    import argparse
+
+    class ParsedError(Exception):
+        pass
+
+    def parse_args(self, args=None, namespace=None):
+        raise ParsedError(self)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_args)
+    with pytest.raises(ParsedError) as e:
+        _example(name).main([])
+    parser = e.value.args[0]
+    assert [a.dest for a in parser._actions if a.help is None] == []
