@@ -1711,17 +1711,28 @@ def _half_detached(module: nn.Module) -> bool:
     )
 
 
+def _remove_hook(module: nn.Module) -> None:
+    """`remove_hook_from_module`, then the module as it was before: accelerate puts the forward back as an instance
+    attribute, the module's own method bound to it, which the next `add_hook_to_module` then wrapped after `_hf_hook`
+    in the module's attributes, so `pickle` of a model enabled a second time reached that wrapper (a local function:
+    "Can't pickle local object") before the loader, which refuses naming the fix."""
+    remove_hook_from_module(module)
+    forward = vars(module).get("forward")
+    if getattr(forward, "__self__", None) is module and getattr(forward, "__func__", None) is type(module).forward:
+        del module.forward
+
+
 def _attach(module: nn.Module, hook) -> None:
     """`add_hook_to_module`, after finishing a removal interrupted there (see `_half_detached`): its own forward back."""
     if _half_detached(module):
-        remove_hook_from_module(module)
+        _remove_hook(module)
     add_hook_to_module(module, hook)
 
 
 def _detach(module: nn.Module, kinds) -> None:
     """Take our hook off `module`, or finish taking it off where that was interrupted (see `_half_detached`)."""
     if isinstance(getattr(module, "_hf_hook", None), kinds) or _half_detached(module):
-        remove_hook_from_module(module)
+        _remove_hook(module)
 
 
 def _disable(model: nn.Module, state: StreamingState) -> None:

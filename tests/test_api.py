@@ -2370,14 +2370,22 @@ def test_disable_leaves_attributes_it_did_not_set_and_frees_the_loader_without_g
 
 
 def test_copying_or_pickling_a_streamed_model_is_refused_with_the_fix_named(checkpoints):
+    """Also once enabled again after a disable: accelerate's removal of a hook left the module's own forward as an
+    instance attribute, and `pickle` of the model (or of a layer) then reached the next enable's wrapper first,
+    failing with "Can't pickle local object 'add_hook_to_module.<locals>.new_forward'"."""
     import pickle
 
     ckpt, shards = checkpoints("llama")
     model = streamed_model(ckpt, shards, max_memory={"cpu": 0})
-    for copy_it in (copy.deepcopy, pickle.dumps):
-        with pytest.raises(TypeError, match=r"call `disable_layer_streaming\(model\)` first"):
-            copy_it(model)
-    disable_layer_streaming(model)
+    for again in (False, True):
+        if again:
+            enable_layer_streaming(model, shards, device="cpu", max_memory={"cpu": 0})
+        for copy_it in (copy.deepcopy, pickle.dumps):
+            for what in (model, model.model.layers[0]):
+                with pytest.raises(TypeError, match=r"call `disable_layer_streaming\(model\)` first"):
+                    copy_it(what)
+        disable_layer_streaming(model)
+        assert "forward" not in vars(model.model.layers[0])  # (the module as it was before)
     twin = copy.deepcopy(model)  # (a meta model again: copied as any)
     enable_layer_streaming(twin, shards, device="cpu", max_memory={"cpu": 0})
     ids = torch.tensor([[1, 5, 7, 9, 11]])
