@@ -907,6 +907,37 @@ def _noop() -> None:
     return None
 
 
+def _open_error(path: str | os.PathLike, error: OSError) -> ShardFileError:
+    """A layer file that cannot be opened or `stat`ed at its use: one deleted (or its folder moved or deleted) while
+    a model streams from it is named so, with the fix (a bare `FileNotFoundError` was raised, naming no way out);
+    any other error as `unreadable` names it."""
+    if error.errno != errno.ENOENT:
+        return unreadable(path, error)
+    return ShardFileError(
+        path,
+        "is gone: deleted, or its folder moved or deleted, since streaming was enabled",
+        "Do not modify a shard directory while a model streams from it. Run the same `split_checkpoint` "
+        "(`hf-layerstream split`) again, which writes the files missing, then call `disable_layer_streaming(model)` "
+        "and `enable_layer_streaming(model, shard_dir)` again (with the folder's new path, if it was moved).",
+    )
+
+
+def _stat(header: Header) -> os.stat_result:
+    """`os.stat` of a layer file at its use (see `_open_error`)."""
+    try:
+        return os.stat(header.path)
+    except OSError as e:
+        raise _open_error(header.path, e) from e
+
+
+def _open(header: Header, flags: int = os.O_RDONLY) -> int:
+    """`os.open` of a layer file at its use (see `_open_error`)."""
+    try:
+        return os.open(header.path, flags)
+    except OSError as e:
+        raise _open_error(header.path, e) from e
+
+
 def _check_file(header: Header, st: os.stat_result) -> None:
     """At every use of a layer file: one replaced or rewritten under a running model fails loudly, and one shorter
     than its header says fails before it is mapped (a read past the end of a map is a `SIGBUS`, not an error)."""
@@ -1625,7 +1656,7 @@ class LayerLoader:
         stale = header is not ready.header
         if not stale:
             try:
-                _check_file(header, os.stat(header.path))
+                _check_file(header, _stat(header))
             except BaseException:
                 self._let_go(index, ready)
                 raise
@@ -2190,7 +2221,7 @@ class LayerLoader:
         """
         size = header.file_size
         view = memoryview(buf)
-        fd = os.open(header.path, os.O_RDONLY)
+        fd = _open(header)
         try:
             check = getattr(header, "check_unchanged", None)
             if check is not None:  # a file replaced or rewritten under a running model fails loudly, naming it
@@ -2253,7 +2284,7 @@ class LayerLoader:
             kept = None
         populating = self._populate  # (read once: the loader and the map thread may both be here)
         if kept is not None:  # a map we have: one `stat` of the path checks the file, nothing to open
-            _check_file(header, os.stat(header.path))
+            _check_file(header, _stat(header))
             mm = kept.mm
         else:
             try:  # (out of descriptors, one per map kept; `vm.max_map_count`; `ulimit -v`: see `errors.unreadable`)
@@ -2268,7 +2299,7 @@ class LayerLoader:
                 finally:
                     os.close(fd)
             except OSError as e:
-                raise unreadable(header.path, e) from e
+                raise _open_error(header.path, e) from e
             if populating:
                 advise_huge(mm)
         if populating:
@@ -2329,7 +2360,7 @@ class LayerLoader:
     def _read_direct(self, header: Header, view: memoryview) -> None:
         size = header.file_size
         end = _round_up(size)  # the buffer's size: the last read asks for whole blocks
-        fd = os.open(header.path, os.O_RDONLY | os.O_DIRECT)
+        fd = _open(header, os.O_RDONLY | os.O_DIRECT)
         try:
             check = getattr(header, "check_unchanged", None)
             if check is not None:  # (opened again: the file checked on the other descriptor may have been replaced)

@@ -539,6 +539,30 @@ def test_truncated_file_mid_generation_names_the_layer(llama, tmp_path):
     assert not _loader_threads(loader)
 
 
+@pytest.mark.parametrize("mapped", [True, False], ids=["mapped", "read"])
+def test_a_streamed_layers_file_deleted_mid_generation_is_named_with_the_fix(llama, tmp_path, mapped):
+    """A layer file deleted (or its folder moved) while a model streams from it failed its next use with a bare
+    `FileNotFoundError`, naming no way out: it is a `ShardFileError` saying what happened and the fix (the same split
+    run again writes it back; then enable streaming again), which gives the exact output again."""
+    ckpt, shards, inputs, expected, pad = llama
+    shards = _copy_shards(shards, tmp_path)
+    model = streamed_model(ckpt, shards, **STREAM_ALL)
+    get_streaming_state(model).loader._map = mapped
+    path = shards / "layers" / "00003.safetensors"
+    with pytest.raises(LayerLoadError, match=r"layer 3\b") as info:
+        model.generate(**inputs, **GEN, pad_token_id=pad, streamer=_OnToken(1, path.unlink))
+    cause = info.value.__cause__
+    assert isinstance(cause, ShardFileError) and cause.path == path, repr(cause)
+    assert "is gone" in str(cause) and "Run the same `split_checkpoint`" in str(cause)
+    with pytest.raises(LayerLoadError, match="is gone"):  # (at every use, until repaired)
+        model.generate(**inputs, **GEN, pad_token_id=pad)
+    split_checkpoint(ckpt, shards, progress=False)
+    disable_layer_streaming(model)
+    enable_layer_streaming(model, shards, device="cpu", **STREAM_ALL)
+    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+    disable_layer_streaming(model)
+
+
 def test_a_kept_layer_that_cannot_be_loaded_names_the_layer(llama, tmp_path):
     """The default CPU plan keeps layers, loaded at their first use: a failure there is a `LayerLoadError` naming the
     decoder layer and its file, as for a streamed layer (it was the file's `ShardFileError`, which code catching
