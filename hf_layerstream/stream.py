@@ -1676,8 +1676,18 @@ def _restore(model: nn.Module, originals) -> None:
             continue
         current = entry.get(attr)
         if isinstance(current, Streamed) and isinstance(value, torch.Tensor) and current is not value:
-            value.requires_grad_(current.requires_grad)  # (a decoder layer's meta weight: as set while streaming)
+            _set_requires_grad(value, current.requires_grad)  # (a decoder layer's meta weight: as set while streaming)
         entry[attr] = value
+
+
+def _set_requires_grad(tensor: torch.Tensor, flag: bool) -> None:
+    """`tensor.requires_grad_(flag)` for a weight of the model as it was, where it changed; in inference mode for one
+    made there: a model built under `torch.inference_mode()` holds inference tensors, and torch refuses
+    `requires_grad_(True)` on one outside it, even one requiring grad already (every `disable_layer_streaming`
+    raised that, and the model stayed enabled)."""
+    if tensor.requires_grad != flag:
+        with torch.inference_mode(tensor.is_inference()):
+            tensor.requires_grad_(flag)
 
 
 def disable_layer_streaming(model: nn.Module) -> nn.Module:
@@ -1748,7 +1758,7 @@ def _disable(model: nn.Module, state: StreamingState) -> None:
         current = module._parameters.get("weight")
         current = getattr(current, "stands_for", current)  # (a head running in another thread, gradients on)
         if isinstance(own, torch.Tensor) and isinstance(current, torch.Tensor) and own.is_floating_point():
-            own.requires_grad_(current.requires_grad)
+            _set_requires_grad(own, current.requires_grad)
     _restore(model, state.originals)
     for name, wrapper in state.installed.items():  # (only ours: an instance attribute set over it since stays)
         if vars(model).get(name) is wrapper:

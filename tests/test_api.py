@@ -2199,6 +2199,31 @@ def test_a_gpu_index_past_the_machines_gpus_is_refused(monkeypatch, checkpoints,
 # --- enable / disable -----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("enabled_there", [False, True], ids=["built_there", "built_and_enabled_there"])
+def test_a_model_built_under_inference_mode_is_disabled_outside_it(checkpoints, enabled_there):
+    """A script run under `torch.inference_mode()` builds the model's skeleton there: its weights are inference
+    tensors, and every `disable_layer_streaming` outside that mode raised torch's "Setting requires_grad=True on
+    inference tensor outside InferenceMode is not allowed" (putting back a weight's flag, unchanged), and the model
+    stayed enabled: enable refused it as "already enabled". It is disabled, and enabled again, exact."""
+    ckpt, shards = checkpoints("llama")
+    ref = _models.load_reference(ckpt)
+    with torch.inference_mode():
+        model = build_meta_model(AutoConfig.from_pretrained(ckpt))
+        if enabled_there:
+            enable_layer_streaming(model, shards, device="cpu")
+    if not enabled_there:
+        enable_layer_streaming(model, shards, device="cpu")
+    ids = torch.tensor([[1, 5, 7, 9, 11]])
+    for again in (False, True):
+        if again:
+            enable_layer_streaming(model, shards, device="cpu", max_memory={"cpu": 0})
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, ref(ids).logits)
+        disable_layer_streaming(model)
+        assert get_streaming_state(model) is None
+        assert model.lm_head.weight.is_meta and model.lm_head.weight.requires_grad
+
+
 def test_disable_restores_the_model_and_stops_the_loader(checkpoints):
     ckpt, shards = checkpoints("gpt2")
 
