@@ -26,6 +26,7 @@ except ImportError:  # (a constant transformers may move)
     GENERATION_CONFIG_NAME = "generation_config.json"
 
 from .engine import (
+    _NO_COPY,
     LayerLoader,
     Profile,
     ResidencyPlan,
@@ -1616,6 +1617,14 @@ def _refuse(model: nn.Module, state: StreamingState) -> None:
             raise RuntimeError(f"`model.{_name}(...)` is not supported with layer streaming enabled: {_why}")
 
         _shadow(model, state, name, functools.wraps(original)(refused))
+
+    # `copy.deepcopy` refused by the model itself: the loader's own refusal (`LayerLoader.__deepcopy__`) came after
+    # whatever the copy reached first, and a weight kept in host RAM (a small GPU's plan) was reached first, refusing
+    # with its own fix ("read it from `model.state_dict()`, or give the GPU more `max_memory`"), not the one here
+    def no_deepcopy(memo=None):
+        raise TypeError(_NO_COPY)
+
+    _shadow(model, state, "__deepcopy__", no_deepcopy)
 
 
 def _wrap_generate(model: nn.Module, state: StreamingState) -> None:

@@ -662,6 +662,29 @@ def _fail_on_layers(add_hook):
     return add
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_copying_a_model_with_host_resident_parts_is_refused_with_the_fix_named(checkpoints, force_host_resident, arch):
+    """`copy.deepcopy` of a streamed model whose embeddings and head are kept in host RAM (a small GPU's plan) reached
+    their placeholders before the loader, and was refused with theirs ("read it from `model.state_dict()`, or give
+    the GPU more `max_memory`"): it is refused as any streamed model's copy, naming `disable_layer_streaming`, as is
+    `pickle`; once disabled, the model copies as any."""
+    import copy
+    import pickle
+
+    ckpt, shards = checkpoints(arch)
+    model = streamed_model(ckpt, shards, max_memory={"cpu": 0})
+    assert isinstance(model.get_output_embeddings().weight, HostResident)
+    for copy_it in (copy.deepcopy, pickle.dumps):
+        with pytest.raises(TypeError, match=r"call `disable_layer_streaming\(model\)` first"):
+            copy_it(model)
+    ids = torch.tensor([[1, 5, 7, 9, 11]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, _models.load_reference(ckpt)(ids).logits)
+    disable_layer_streaming(model)
+    assert "__deepcopy__" not in vars(model)
+    copy.deepcopy(model)
+
+
 def test_inspect_shows_the_host_resident_parts(checkpoints, capsys):
     """`hf-layerstream inspect` plans as `enable_layer_streaming` does, the host parts included; for a GPU this
     machine lacks too, from its budget (planning for the machine one is about to rent)."""
