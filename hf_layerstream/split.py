@@ -6,6 +6,7 @@ import errno
 import json
 import logging
 import os
+import shlex
 import shutil
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -151,22 +152,30 @@ def missing_local_folder(source: str | os.PathLike) -> bool:
 
 
 def hub_unreachable_error(
-    repo_id: str, filename: str, role: str, what: str = "checkpoint folder", revision: str | None = None
+    repo_id: str,
+    filename: str,
+    role: str,
+    what: str = "checkpoint folder",
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
 ) -> FileNotFoundError:
     """The error for a file of the hub repo `repo_id` (given as `role`, e.g. "`source`") that could not be fetched:
     the hub cannot be reached and the file is not in the hub cache. For the first file fetched (config.json,
     adapter_config.json, a shard directory's manifest.json), it says that no local folder has that name either (a
     misspelt folder name reads as a hub repo id, and meets this first). `what`: what a local `role` is (a checkpoint
-    folder, an adapter folder); `revision`: the one asked for, named."""
+    folder, an adapter folder); `revision`: the one asked for, named; `cache_dir`: the hub cache given, where the
+    download it names goes."""
     no_folder = ""
     at, option = (f" at revision {revision!r}", f" --revision {revision}") if revision is not None else ("", "")
+    if cache_dir is not None:
+        option += f" --cache-dir {shlex.quote(str(cache_dir))}"
     if filename in ("config.json", "adapter_config.json", "manifest.json"):
         no_folder = (
             f"{role} {repo_id!r} is no local folder ({Path(repo_id).absolute()} does not exist), and as a hub repo: "
         )
     return FileNotFoundError(
         f"{no_folder}Cannot fetch {filename} of {repo_id!r}{at}: the hub cannot be reached ({unreachable_reason()}) "
-        f"and it is not in the hub cache. Download it once with network access (`hf download REPO{option}`) or pass "
+        f"and it is not in the hub cache. Download it once with network access (`hf download {repo_id}{option}`) or pass "
         f"a local {what} as {role}."
     )
 
@@ -212,7 +221,7 @@ def fetch_hub_file(
     try:
         return Path(hf_hub_download(repo_id, filename, revision=revision, token=token, cache_dir=cache_dir))
     except LocalEntryNotFoundError as e:  # (a subclass of EntryNotFoundError: first)
-        raise hub_unreachable_error(repo_id, filename, role, what, revision) from e
+        raise hub_unreachable_error(repo_id, filename, role, what, revision, cache_dir) from e
     except EntryNotFoundError:
         return None
     except GatedRepoError as e:  # (a subclass of RepositoryNotFoundError: first)
@@ -327,7 +336,9 @@ class _Source:
                     )
                 self.hub_unreachable = True
                 return None
-            raise hub_unreachable_error(self.repo_id, filename, "`source`", revision=self.revision) from e
+            raise hub_unreachable_error(
+                self.repo_id, filename, "`source`", revision=self.revision, cache_dir=self._cache_dir
+            ) from e
         except EntryNotFoundError:
             if required:
                 raise FileNotFoundError(f"The hub repo {self.repo_id!r} has no {filename}.") from None

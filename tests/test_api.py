@@ -1920,6 +1920,9 @@ def test_hub_repo_id_offline_and_not_cached_is_a_clear_error(tmp_path, monkeypat
     assert str(raised.value).startswith(
         f"`source` 'nobody/nothing' is no local folder ({Path.cwd() / 'nobody' / 'nothing'} does not exist), and as a hub repo: Cannot fetch config.json"
     )
+    # the download it names is of this repo, into the hub cache given (it said `hf download REPO`: into the default
+    # cache, where the split does not look)
+    assert f"(`hf download nobody/nothing --cache-dir {tmp_path / 'empty'}`)" in str(raised.value)
 
 
 def _add_unused_weight_file(ckpt, *, write=True, name="model-unused.safetensors"):

@@ -1073,7 +1073,8 @@ def test_a_hub_repo_in_the_hub_cache_without_a_manifest_is_named_so_offline(shar
         streamed_model(ckpt, "someorg/ckpt", revision="v3", **STREAM_ALL)
     assert (
         "Cannot fetch manifest.json of 'someorg/ckpt' at revision 'v3': the hub cannot be reached (offline, "
-        "HF_HUB_OFFLINE=1) and it is not in the hub cache." in str(raised.value)
+        "HF_HUB_OFFLINE=1) and it is not in the hub cache. Download it once with network access (`hf download "
+        "someorg/ckpt --revision v3`)" in str(raised.value)
     )
     # (transformers' variable, which huggingface_hub reads too: named as it is)
     from hf_layerstream.split import unreachable_reason
