@@ -771,6 +771,28 @@ def test_a_shard_directory_downloaded_from_the_hub_streams_from_the_hub_cache(sh
             ShardDirectory(snapshot)
 
 
+def test_a_hub_cache_download_missing_a_file_is_told_to_be_downloaded_again(shard_copy, tmp_path):
+    """A hub cache snapshot of a shard directory missing a layer file (an incomplete download) or whose link leads to
+    a blob deleted: opening it said to re-create the shard directory with `split_checkpoint`, which refuses to write
+    into the hub cache. It says to download it again, as `verify` does (at its revision, where not the default
+    branch's)."""
+    _, shards = shard_copy
+    snapshot = _models.hub_snapshot(shards, tmp_path / "cache", repo="someorg--layers")
+    os.unlink(os.path.realpath(snapshot / LAYER))  # (the blob: the link dangles)
+    with pytest.raises(ShardFileError) as raised:
+        ShardDirectory(snapshot)
+    assert str(raised.value) == (
+        f"{snapshot / LAYER} is a dangling symlink or a symlink loop. It is a download in the hub cache: download it "
+        "again (`hf download someorg/layers --force-download`), or run `hf-layerstream verify` to list every damaged "
+        "file."
+    )
+    v2 = "c" * 40
+    other = _models.hub_snapshot(shards, tmp_path / "cache", repo="someorg--layers", commit=v2, ref="v2")
+    (other / LAYER).unlink()  # (the link: missing from the snapshot)
+    with pytest.raises(ShardFileError, match=rf"is missing .*\(`hf download someorg/layers --revision {v2} --force"):
+        ShardDirectory(other)
+
+
 def test_a_hub_repo_holding_a_shard_directory_streams_by_its_id(shard_copy, tmp_path, monkeypatch, capsys):
     """`enable_layer_streaming(model, "org/name")`, `generate`, `inspect` and `verify` take the id of a hub repo holding
     a shard directory, as `from_pretrained` takes a model's: downloaded into the hub cache (here: found there,
