@@ -771,21 +771,27 @@ def test_a_shard_directory_downloaded_from_the_hub_streams_from_the_hub_cache(sh
             ShardDirectory(snapshot)
 
 
-def test_a_hub_cache_download_missing_a_file_is_told_to_be_downloaded_again(shard_copy, tmp_path):
+def test_a_hub_cache_download_missing_a_file_is_told_to_be_downloaded_again(shard_copy, tmp_path, capsys):
     """A hub cache snapshot of a shard directory missing a layer file (an incomplete download) or whose link leads to
     a blob deleted: opening it said to re-create the shard directory with `split_checkpoint`, which refuses to write
     into the hub cache. It says to download it again, as `verify` does (at its revision, where not the default
-    branch's)."""
+    branch's); `verify` lists a link to a blob deleted among the files, not as a damaged manifest."""
     _, shards = shard_copy
     snapshot = _models.hub_snapshot(shards, tmp_path / "cache", repo="someorg--layers")
     os.unlink(os.path.realpath(snapshot / LAYER))  # (the blob: the link dangles)
     with pytest.raises(ShardFileError) as raised:
         ShardDirectory(snapshot)
     assert str(raised.value) == (
-        f"{snapshot / LAYER} is a dangling symlink or a symlink loop. It is a download in the hub cache: download it "
-        "again (`hf download someorg/layers --force-download`), or run `hf-layerstream verify` to list every damaged "
-        "file."
+        f"{snapshot / LAYER} is a dangling symlink (the manifest records unit 'layers.1' there). It is a download in "
+        "the hub cache: download it again (`hf download someorg/layers --force-download`), or run `hf-layerstream "
+        "verify` to list every damaged file."
     )
+    # `verify` lists it (it said the manifest was damaged: the link was refused as it was read)
+    capsys.readouterr()
+    assert main(["verify", str(snapshot), "--quick"]) == 1
+    out, err = capsys.readouterr()
+    assert out == f"{snapshot / LAYER} is a dangling symlink (the manifest records unit 'layers.1' there)\n"
+    assert "damaged" not in err and "download them again (`hf download someorg/layers --force-download`)" in err
     v2 = "c" * 40
     other = _models.hub_snapshot(shards, tmp_path / "cache", repo="someorg--layers", commit=v2, ref="v2")
     (other / LAYER).unlink()  # (the link: missing from the snapshot)
