@@ -173,6 +173,19 @@ def hub_unreachable_error(
         no_folder = (
             f"{role} {repo_id!r} is no local folder ({Path(repo_id).absolute()} does not exist), and as a hub repo: "
         )
+    # a short commit hash: the hub resolves it, the hub cache knows its snapshots by the full hash only
+    commits = []
+    if revision is not None and 4 <= len(revision) < 40 and all(c in "0123456789abcdef" for c in revision):
+        from huggingface_hub import constants
+
+        snapshots = Path(cache_dir or constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "snapshots"
+        commits = sorted(p.name for p in snapshots.glob(f"{revision}*") if len(p.name) == 40)
+    if commits:
+        return FileNotFoundError(
+            f"{no_folder}Cannot fetch {filename} of {repo_id!r}{at}: the hub cannot be reached "
+            f"({unreachable_reason()}) to resolve that short commit hash, and the hub cache names commits by their "
+            f"full hash: give it whole (its snapshot of {repo_id!r} there: {' or '.join(commits)})."
+        )
     return FileNotFoundError(
         f"{no_folder}Cannot fetch {filename} of {repo_id!r}{at}: the hub cannot be reached ({unreachable_reason()}) "
         f"and it is not in the hub cache. Download it once with network access (`hf download {repo_id}{option}`) or pass "

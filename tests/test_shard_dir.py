@@ -830,6 +830,15 @@ def test_a_hub_repo_holding_a_shard_directory_streams_by_its_id(shard_copy, tmp_
     assert main(["generate", "someorg/llama-layerz", "Hello"]) == 2
     err = capsys.readouterr().err
     assert "`shard_dir` 'someorg/llama-layerz' is no local folder" in err and "Cannot fetch manifest.json" in err
+    # a short commit hash offline: the hub cache names its snapshots by the full hash, so it is not found there (it
+    # said to download it, held in the cache): named whole
+    with pytest.raises(FileNotFoundError) as raised:
+        streamed_model(ckpt, "someorg/llama-layers", revision="aaaaaaa", **STREAM_ALL)
+    assert str(raised.value).endswith(
+        "at revision 'aaaaaaa': the hub cannot be reached (offline, huggingface_hub.constants.HF_HUB_OFFLINE set) to "
+        "resolve that short commit hash, and the hub cache names commits by their full hash: give it whole (its "
+        f"snapshot of 'someorg/llama-layers' there: {'a' * 40})."
+    )
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     fetched = []
 
