@@ -671,12 +671,17 @@ class ShardDirectory:
         if checksums:
             problems = self._checksum_problems()
             if problems:
+                command = redownload_command(self.path)
                 raise ShardDirError(
                     f"`shard_dir` {self.path}: {len(problems)} file(s) do not match their manifest checksum: "
                     + "; ".join(problems[:3])
-                    + ". Run `hf-layerstream verify` for the full list, delete the files it names and re-run the same "
-                    "`split_checkpoint` (`hf-layerstream split`), which writes them again (a re-run alone checks sizes, "
-                    "headers and sample digests only: it takes a file damaged within for sound)."
+                    + (
+                        f". It is a download in the hub cache: download it again (`{command}`)."
+                        if command is not None  # (the split refuses to write there)
+                        else ". Run `hf-layerstream verify` for the full list, delete the files it names and re-run "
+                        "the same `split_checkpoint` (`hf-layerstream split`), which writes them again (a re-run alone "
+                        "checks sizes, headers and sample digests only: it takes a file damaged within for sound)."
+                    )
                 )
 
     # ---------------------------------------------------------------------------------------------------------

@@ -797,6 +797,16 @@ def test_a_hub_cache_download_missing_a_file_is_told_to_be_downloaded_again(shar
     (other / LAYER).unlink()  # (the link: missing from the snapshot)
     with pytest.raises(ShardFileError, match=rf"is missing .*\(`hf download someorg/layers --revision {v2} --force"):
         ShardDirectory(other)
+    # a blob damaged within, found by `checksums=True` (`verify=True`): downloaded again, not split again there
+    third = _models.hub_snapshot(shards, tmp_path / "cache", repo="someorg--damaged")
+    blob = Path(os.path.realpath(third / LAYER))
+    os.chmod(blob, 0o644)
+    _flip_middle_byte(blob)
+    with pytest.raises(ShardDirError, match="do not match their manifest checksum") as raised:
+        ShardDirectory(third, checksums=True)
+    assert str(raised.value).endswith(
+        ". It is a download in the hub cache: download it again (`hf download someorg/damaged --force-download`)."
+    )
 
 
 def test_a_hub_repo_holding_a_shard_directory_streams_by_its_id(shard_copy, tmp_path, monkeypatch, capsys):
