@@ -798,6 +798,9 @@ class ShardDirectory:
         writes the file again; a file this user may not read (or a limit of the process) is not damage."""
         path = self.path / "config.json"
         rerun = "Run the same split again (`split_checkpoint` / `hf-layerstream split`): it writes the file again."
+        command = redownload_command(self.path)
+        if command is not None:  # (a download in the hub cache, where the split refuses to write)
+            rerun = f"It is a download in the hub cache: download it again (`{command}`)."
         what = "the split writes it beside the manifest; the model is built from it"
         if not path.is_file():  # (a folder there read as "is missing")
             return ShardFileError(

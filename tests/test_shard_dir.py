@@ -797,6 +797,15 @@ def test_a_hub_cache_download_missing_a_file_is_told_to_be_downloaded_again(shar
     (other / LAYER).unlink()  # (the link: missing from the snapshot)
     with pytest.raises(ShardFileError, match=rf"is missing .*\(`hf download someorg/layers --revision {v2} --force"):
         ShardDirectory(other)
+    # its config.json's blob deleted: downloaded again, not split again there
+    config = _models.hub_snapshot(shards, tmp_path / "cache", repo="someorg--configless")
+    os.unlink(os.path.realpath(config / "config.json"))
+    with pytest.raises(ShardFileError) as raised:
+        ShardDirectory(config)
+    assert str(raised.value).endswith(
+        "is missing (the split writes it beside the manifest; the model is built from it). It is a download in the "
+        "hub cache: download it again (`hf download someorg/configless --force-download`)."
+    )
     # a blob damaged within, found by `checksums=True` (`verify=True`): downloaded again, not split again there
     third = _models.hub_snapshot(shards, tmp_path / "cache", repo="someorg--damaged")
     blob = Path(os.path.realpath(third / LAYER))
