@@ -276,8 +276,13 @@ def test_a_shard_directory_without_a_tokenizer_names_the_option_to_give_one(spli
     ckpt, shards = split_dir
     bare = tmp_path / "shards"
     shutil.copytree(shards, bare)
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
+    names = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+    for name in names:
         (bare / name).unlink(missing_ok=True)
+    # (as such a split's manifest lists them: not at all; one it lists that is gone is named as missing)
+    manifest = json.loads((bare / "manifest.json").read_text())
+    manifest["side_files"] = [name for name in manifest["side_files"] if name not in names]
+    (bare / "manifest.json").write_text(json.dumps(manifest))
     assert main(["generate", str(bare), "hi", "--max-new-tokens", "2", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert f"The shard directory {bare} holds no tokenizer that loads" in err
@@ -1820,3 +1825,21 @@ def test_a_tokenizer_or_draft_that_does_not_load_is_named_by_its_option(split_di
         assert main([*argv, option, "someorg/not-cached"]) == 2
         err = capsys.readouterr().err
         assert f"hf-layerstream generate: error: `{option}` someorg/not-cached did not load: " in err, err
+
+
+def test_generate_names_a_tokenizer_file_the_shard_directory_lacks(split_dir, tmp_path, capsys):
+    """A shard directory whose tokenizer.json is gone (deleted, or a download of it cut short): the tokenizer failed
+    to load without it (said as "holds no tokenizer that loads") or loaded and read the prompt as no tokens (a
+    SentencePiece one), so `generate` said to give other text. It names the file missing and the fix, as `verify`
+    does, or `--tokenizer`; exit code 2."""
+    ckpt, shards = split_dir
+    copy = tmp_path / "copy"
+    shutil.copytree(shards, copy)
+    (copy / "tokenizer.json").unlink()
+    assert main(["generate", str(copy), "Hello", "--max-new-tokens", "1", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {copy / 'tokenizer.json'} is missing (a file of the tokenizer" in err
+    assert "running the same split again writes it back; or give a tokenizer with `--tokenizer`" in err
+    assert "no tokens" not in err
+    argv = ["generate", str(copy), "Hello", "--max-new-tokens", "1", "--device", "cpu", "--tokenizer", str(ckpt)]
+    assert main(argv) == 0
