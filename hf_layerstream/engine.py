@@ -69,7 +69,7 @@ from ._safetensors import (
 )
 from .errors import LayerLoadError, ShardDirError, ShardFileError, unreadable
 from .modeling import RESIDENT, layer_unit
-from .shard_dir import ShardDirectory
+from .shard_dir import ShardDirectory, redownload_command
 
 logger = logging.getLogger(__name__)
 
@@ -913,12 +913,20 @@ def _open_error(path: str | os.PathLike, error: OSError) -> ShardFileError:
     any other error as `unreadable` names it."""
     if error.errno != errno.ENOENT:
         return unreadable(path, error)
+    # (a hub repo's download in the hub cache, where the split refuses to write: downloaded again. By its folder: the
+    # file may be a link to a blob deleted)
+    command = redownload_command(os.path.dirname(path))
+    again = (
+        f"It is a download in the hub cache: download it again (`{command}`)"
+        if command is not None
+        else "Run the same `split_checkpoint` (`hf-layerstream split`) again, which writes the files missing"
+    )
     return ShardFileError(
         path,
         "is gone: deleted, or its folder moved or deleted, since streaming was enabled",
-        "Do not modify a shard directory while a model streams from it. Run the same `split_checkpoint` "
-        "(`hf-layerstream split`) again, which writes the files missing, then call `disable_layer_streaming(model)` "
-        "and `enable_layer_streaming(model, shard_dir)` again (with the folder's new path, if it was moved).",
+        f"Do not modify a shard directory while a model streams from it. {again}, then call "
+        "`disable_layer_streaming(model)` and `enable_layer_streaming(model, shard_dir)` again (with the folder's new "
+        "path, if it was moved).",
     )
 
 

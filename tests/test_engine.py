@@ -563,6 +563,22 @@ def test_a_streamed_layers_file_deleted_mid_generation_is_named_with_the_fix(lla
     disable_layer_streaming(model)
 
 
+def test_a_streamed_layers_blob_deleted_from_the_hub_cache_is_told_to_be_downloaded_again(llama, tmp_path):
+    """The same for a hub repo's download in the hub cache (a layer file there is a link to a blob): its fix said to
+    run the split again, which refuses to write into the hub cache; it says to download it again."""
+    ckpt, shards, inputs, expected, pad = llama
+    snapshot = _models.hub_snapshot(_copy_shards(shards, tmp_path), tmp_path / "cache", repo="someorg--layers")
+    model = streamed_model(ckpt, snapshot, **STREAM_ALL)
+    blob = os.path.realpath(snapshot / "layers" / "00003.safetensors")
+    with pytest.raises(LayerLoadError, match=r"layer 3\b") as info:
+        model.generate(**inputs, **GEN, pad_token_id=pad, streamer=_OnToken(1, lambda: os.unlink(blob)))
+    cause = info.value.__cause__
+    assert isinstance(cause, ShardFileError) and "is gone" in str(cause), repr(cause)
+    assert "download it again (`hf download someorg/layers --force-download`)" in str(cause)
+    assert "split_checkpoint" not in str(cause)
+    disable_layer_streaming(model)
+
+
 def test_a_kept_layer_that_cannot_be_loaded_names_the_layer(llama, tmp_path):
     """The default CPU plan keeps layers, loaded at their first use: a failure there is a `LayerLoadError` naming the
     decoder layer and its file, as for a streamed layer (it was the file's `ShardFileError`, which code catching
