@@ -69,7 +69,7 @@ from ._safetensors import (
 )
 from .errors import LayerLoadError, ShardDirError, ShardFileError, unreadable
 from .modeling import RESIDENT, layer_unit
-from .shard_dir import ShardDirectory, redownload_command
+from .shard_dir import ShardDirectory, redownload_advice
 
 logger = logging.getLogger(__name__)
 
@@ -913,13 +913,10 @@ def _open_error(path: str | os.PathLike, error: OSError) -> ShardFileError:
     any other error as `unreadable` names it."""
     if error.errno != errno.ENOENT:
         return unreadable(path, error)
-    # (a hub repo's download in the hub cache, where the split refuses to write: downloaded again. By its folder: the
-    # file may be a link to a blob deleted)
-    command = redownload_command(os.path.dirname(path))
-    again = (
-        f"It is a download in the hub cache: download it again (`{command}`)"
-        if command is not None
-        else "Run the same `split_checkpoint` (`hf-layerstream split`) again, which writes the files missing"
+    # (a hub repo's download in the hub cache: downloaded again. By its folder: the file may be a link to a blob
+    # deleted)
+    again = redownload_advice(os.path.dirname(path)) or (
+        "Run the same `split_checkpoint` (`hf-layerstream split`) again, which writes the files missing"
     )
     return ShardFileError(
         path,

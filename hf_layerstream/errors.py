@@ -33,16 +33,13 @@ class ShardFileError(ShardDirError):
         self.problem = problem
         self.fix = fix  # (as given: `None` for the default below)
         if fix is None:
-            from .shard_dir import redownload_command  # (here: shard_dir imports this module)
+            from .shard_dir import redownload_advice  # (here: shard_dir imports this module)
 
             # a file of a hub repo's download in the hub cache (through its folder: the file may be a link to a blob,
-            # or missing): downloaded again, as `verify` says; the split refuses to write there
-            command = redownload_command(self.path.parent)
-            if command is not None:
-                fix = (
-                    f"It is a download in the hub cache: download it again (`{command}`), or run "
-                    "`hf-layerstream verify` to list every damaged file."
-                )
+            # or missing): downloaded again, as `verify` says
+            again = redownload_advice(self.path.parent)
+            if again is not None:
+                fix = f"{again}, or run `hf-layerstream verify` to list every damaged file."
         fix = fix or (
             "Re-create the shard directory with `split_checkpoint(...)` / `hf-layerstream split`, or run "
             "`hf-layerstream verify` to list every damaged file."

@@ -393,6 +393,13 @@ def redownload_command(path: str | os.PathLike) -> str | None:
     return f"hf download {repo}{revision} --force-download"
 
 
+def redownload_advice(path: str | os.PathLike) -> str | None:
+    """The fix for a damaged or missing file of the hub cache's snapshot holding `path` (`redownload_command`; the
+    split refuses to write there), without a final stop, else `None`."""
+    command = redownload_command(path)
+    return None if command is None else f"It is a download in the hub cache: download it again (`{command}`)"
+
+
 # a shard directory's files that are no weights (config, tokenizer, chat templates, README): downloaded whole
 _NOT_WEIGHTS = ["*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.gguf", "*.h5", "*.msgpack", "*.onnx"]
 
@@ -671,13 +678,13 @@ class ShardDirectory:
         if checksums:
             problems = self._checksum_problems()
             if problems:
-                command = redownload_command(self.path)
+                again = redownload_advice(self.path)
                 raise ShardDirError(
                     f"`shard_dir` {self.path}: {len(problems)} file(s) do not match their manifest checksum: "
                     + "; ".join(problems[:3])
                     + (
-                        f". It is a download in the hub cache: download it again (`{command}`)."
-                        if command is not None  # (the split refuses to write there)
+                        f". {again}."
+                        if again is not None
                         else ". Run `hf-layerstream verify` for the full list, delete the files it names and re-run "
                         "the same `split_checkpoint` (`hf-layerstream split`), which writes them again (a re-run alone "
                         "checks sizes, headers and sample digests only: it takes a file damaged within for sound)."
@@ -797,10 +804,12 @@ class ShardDirectory:
         """`_config_problem` as the error opening the directory raises, with its fix: the same split run again
         writes the file again; a file this user may not read (or a limit of the process) is not damage."""
         path = self.path / "config.json"
-        rerun = "Run the same split again (`split_checkpoint` / `hf-layerstream split`): it writes the file again."
-        command = redownload_command(self.path)
-        if command is not None:  # (a download in the hub cache, where the split refuses to write)
-            rerun = f"It is a download in the hub cache: download it again (`{command}`)."
+        again = redownload_advice(self.path)
+        rerun = (
+            f"{again}."
+            if again is not None
+            else "Run the same split again (`split_checkpoint` / `hf-layerstream split`): it writes the file again."
+        )
         what = "the split writes it beside the manifest; the model is built from it"
         if not path.is_file():  # (a folder there read as "is missing")
             return ShardFileError(
