@@ -666,13 +666,13 @@ class ShardDirectory:
             seen[key] = unit
         self._headers: dict[str, Header] = {}
         if check_files:
-            error = self._config_error()
+            config, error = self._read_config()
             if error is not None:
                 raise error
             for unit in self.manifest.units:
                 self.header(unit)
             # (after the tensors' records, checked against their files': those are what the summary is checked by)
-            summary = _summary_otherwise(self.manifest) or self._load_dtype_otherwise()
+            summary = _summary_otherwise(self.manifest) or _load_dtype_differs(self.manifest, config)
             if summary is not None:
                 raise ShardFileError(manifest_path, *summary)
         if checksums:
@@ -801,45 +801,42 @@ class ShardDirectory:
         return f"{error.problem}. {error.fix}" if NOT_DAMAGE in (error.fix or "") else error.problem
 
     def _config_error(self) -> ShardFileError | None:
-        """`_config_problem` as the error opening the directory raises, with its fix: the same split run again
-        writes the file again; a file this user may not read (or a limit of the process) is not damage."""
+        """`_config_problem` as the error opening the directory raises, with its fix (see `_read_config`)."""
+        return self._read_config()[1]
+
+    def _read_config(self) -> tuple[dict | None, ShardFileError | None]:
+        """The directory's `config.json`, read once for the checks of an open: (its content, `None`), or (`None`, the
+        error opening the directory raises), with its fix: the same split run again writes the file again (a hub
+        cache download: downloaded again); a file this user may not read (or a limit of the process) is not
+        damage."""
         path = self.path / "config.json"
-        again = redownload_advice(self.path)
-        rerun = (
-            f"{again}."
-            if again is not None
-            else "Run the same split again (`split_checkpoint` / `hf-layerstream split`): it writes the file again."
-        )
+
+        def error(problem: str) -> tuple[None, ShardFileError]:
+            again = redownload_advice(self.path)
+            rerun = (
+                f"{again}."
+                if again is not None
+                else "Run the same split again (`split_checkpoint` / `hf-layerstream split`): it writes the file again."
+            )
+            return None, ShardFileError(path, problem, rerun)
+
         what = "the split writes it beside the manifest; the model is built from it"
         if not path.is_file():  # (a folder there read as "is missing")
-            return ShardFileError(
-                path, f"is not a regular file ({what})" if path.exists() else f"is missing ({what})", rerun
-            )
+            return error(f"is not a regular file ({what})" if path.exists() else f"is missing ({what})")
         # (a damaged one passed `verify` and the split's re-run, and failed only as the model was built)
         try:
             config = json.loads(path.read_bytes())
         except OSError as e:  # (permissions: it was "not readable JSON", damage to re-split)
-            error = unreadable(path, e)
-            return error if error.fix is not None else ShardFileError(path, error.problem, rerun)
+            found = unreadable(path, e)
+            return (None, found) if found.fix is not None else error(found.problem)
         except ValueError as e:
-            return ShardFileError(path, f"is not readable JSON ({e})", rerun)
+            return error(f"is not readable JSON ({e})")
         if not isinstance(config, dict):
-            return ShardFileError(path, "is not a JSON object", rerun)
+            return error("is not a JSON object")
         expected = self.manifest.model_type
         if expected is not None and config.get("model_type") != expected:
-            problem = f"has model_type {config.get('model_type')!r}, not {expected!r} as the manifest records"
-            return ShardFileError(path, problem, rerun)
-        return None
-
-    def _load_dtype_otherwise(self) -> tuple[str, str] | None:
-        """What the manifest's `load_dtype` (the dtype streaming computes in by default) says otherwise than the
-        directory's `config.json` and its tensors' records, with the fix, if anything (see `_load_dtype_differs`);
-        `None` also where `config.json` is unreadable (named as such by `_config_error`)."""
-        try:
-            config = json.loads((self.path / "config.json").read_bytes())
-        except (OSError, ValueError):
-            return None
-        return _load_dtype_differs(self.manifest, config)
+            return error(f"has model_type {config.get('model_type')!r}, not {expected!r} as the manifest records")
+        return config, None
 
     def config_mismatch(self) -> str | None:
         """What differs between the model the directory's `config.json` builds and the one the shards were split from
@@ -1014,7 +1011,10 @@ class ShardDirectory:
                 problems.append(str(e))
         summary = None
         if len(sound) == len(self.manifest.units):  # (and `load_dtype` against a config.json found sound)
-            summary = _summary_otherwise(self.manifest) or (self._load_dtype_otherwise() if problem is None else None)
+            read = self._read_config()[0] if problem is None else None
+            summary = _summary_otherwise(self.manifest) or (
+                _load_dtype_differs(self.manifest, read) if read is not None else None
+            )
         if summary is not None:  # (the tensors' records all checked against their files': the summary was changed)
             problems.append(f"{self.manifest_path} {summary[0]}. {summary[1]}")
         if checksums:
