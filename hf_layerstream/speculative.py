@@ -48,13 +48,11 @@ from transformers import (
 )
 from transformers.generation import GenerationMode
 
+from .quant import _is_int  # (an int, NumPy's too, not a bool)
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["SweepCounter", "count_sweeps", "measure_sweeps", "configure_draft", "count_new_tokens"]
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)  # (NumPy's integers too)
 
 
 def _sweep_module(model: nn.Module) -> nn.Module:
