@@ -309,6 +309,7 @@ def _load(spec: dict):
             device=spec.get("device"),
             dtype=dtype,
             max_memory=spec.get("max_memory"),
+            reserve=spec.get("reserve"),
             prefetch=spec.get("prefetch"),
             profile=spec.get("profile", False),
             keep_in_page_cache=spec.get("keep_in_page_cache"),
@@ -345,8 +346,8 @@ def measure(spec: dict) -> dict:
 
     Keys of `spec`: `system` (`in_memory`, `accelerate_offload`, `streamed` or `baseline`), `path`, `input_ids`,
     `max_new_tokens`, and optionally `cold`, `batch`, `repeats`, `threads`, `dtype`, `device`, `max_memory`,
-    `prefetch`, `profile`, `keep_in_page_cache`, `dequantize`, `offload_folder`, `assistant` (a draft model folder for assisted
-    decoding), `pad_token_id`, `warmup` (warm runs only: one untimed `generate` first; default true), `disk_way`
+    `reserve`, `prefetch`, `profile`, `keep_in_page_cache`, `dequantize`, `offload_folder`, `assistant` (a draft
+    model folder for assisted decoding), `pad_token_id`, `warmup` (warm runs only: one untimed `generate` first; default true), `disk_way`
     (cold runs of our model: pair every decode step with a read of the layer files it streams, that way, just before
     it; see `_DiskPairing`).
     """

@@ -108,7 +108,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
         help="ours vs whole model in RAM vs accelerate disk offload, warm and cold, against the physical limits",
         description=__doc__.split("\n\n")[0],
     )
-    from .cli import _add_dequantize_arg, _add_hub_args
+    from .cli import _RESERVE_HELP, _add_dequantize_arg, _add_hub_args
 
     p.add_argument("source", nargs="?", default=None, help="checkpoint folder, hub id, or shard directory")
     p.add_argument(
@@ -153,6 +153,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--max-memory", default=None, help="budget of the 'streamed' row, e.g. 'cpu=1GiB' (default: library's plan)"
     )
+    p.add_argument("--reserve", default=None, metavar="SIZE", help=f"for the 'streamed' row, {_RESERVE_HELP}")
     p.add_argument(
         "--systems",
         default=",".join(SYSTEMS),
@@ -719,7 +720,7 @@ def bench(args) -> dict:
     """
     import torch
 
-    from .cli import _dequantize, _max_memory
+    from .cli import _dequantize, _max_memory, _reserve
     from .demo import work_folder
     from .engine import check_device, check_max_memory
     from .shard_dir import ShardDirectory
@@ -745,6 +746,7 @@ def bench(args) -> dict:
         raise ValueError(f"`--timeout` is {args.timeout}; use a positive number of seconds per child process.")
     max_memory = _max_memory(args.max_memory)
     check_max_memory(max_memory)  # keys accelerate knows, sizes that parse
+    reserve = _reserve(getattr(args, "reserve", None))
     if args.device:  # before any work: a device this machine lacks fails here, with the fix
         check_device(args.device)
     if args.assistant and args.assistant != "demo" and _is_shard_dir(Path(args.assistant)):
@@ -863,6 +865,7 @@ def bench(args) -> dict:
                 spec["max_memory"] = {str(device.index): 0}
             else:
                 spec["max_memory"] = max_memory
+                spec["reserve"] = reserve
             return spec
 
         stored_by_system: dict[str, list[int]] = {}

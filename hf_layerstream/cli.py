@@ -42,9 +42,22 @@ def _max_memory(text: str | None) -> dict | None:
     return out
 
 
+def _reserve(text: str | None) -> int | None:
+    """`--reserve 3GiB` -> its bytes (as `--max-memory`'s sizes are read); `None` (not given) -> `None`."""
+    from .engine import check_reserve
+
+    return check_reserve(text)
+
+
 def _page_cache(choice: str | None) -> bool | None:
     """`--page-cache auto|keep|drop` -> `keep_in_page_cache` None/True/False."""
     return {"keep": True, "drop": False}.get(choice or "auto")
+
+
+_RESERVE_HELP = (
+    "on a GPU: the part of its budget left free for activations and the KV cache, in bytes or as a size such as 3GiB "
+    "(default: a tenth of the GPU's budget, at most 2GiB; more for a long context or a large batch; ignored on CPU)"
+)
 
 
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
@@ -57,6 +70,7 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-memory", default=None, help="memory budget, e.g. 'cpu=16GiB,0=4GiB' (accelerate's convention)"
     )
+    p.add_argument("--reserve", default=None, metavar="SIZE", help=_RESERVE_HELP)
     p.add_argument(
         "--prefetch",
         type=int,
@@ -269,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="budget for the streamed run (default: stream every layer: cpu=0, and 0=0,cpu=0 on a GPU)",
     )
+    p.add_argument("--reserve", default=None, metavar="SIZE", help=f"for the streamed run, {_RESERVE_HELP}")
     p.add_argument(
         "--prefetch", type=int, default=None, help="layers read ahead in the streamed run (default: the library's)"
     )
@@ -559,6 +574,7 @@ def load_streamed_model(
     dequantize=None,
     revision=None,
     token=None,
+    reserve=None,
 ):
     """Build the model of a shard directory (or of a hub repo holding one, at `revision`, with `token`) on meta and
     enable streaming (what `generate` and `bench` use)."""
@@ -583,6 +599,7 @@ def load_streamed_model(
         device=device,
         dtype=dtype,
         max_memory=max_memory,
+        reserve=reserve,
         prefetch=prefetch,
         profile=profile,
         verify=verify,
@@ -725,6 +742,7 @@ def _cmd_generate(args) -> int:
         device=args.device,
         dtype=resolve_dtype(args.dtype),
         max_memory=_max_memory(args.max_memory),
+        reserve=_reserve(args.reserve),
         prefetch=args.prefetch,
         profile=args.profile,
         verify=args.verify,
@@ -1073,6 +1091,7 @@ def _cmd_inspect(args) -> int:
     from .stream import plan_shard_dir
 
     max_memory = _max_memory(args.max_memory)
+    reserve = _reserve(args.reserve)
     device, absent = _planned_device(args.device, max_memory)
     dtype = resolve_dtype(args.dtype)
     # (a hub repo: its manifest and config only, what the plan needs; its layer files neither downloaded nor checked)
@@ -1092,6 +1111,7 @@ def _cmd_inspect(args) -> int:
         dequantize=_dequantize(args.dequantize),
         max_memory=max_memory,
         keep_in_page_cache=_page_cache(args.page_cache),
+        reserve=reserve,
     )
     ratio = sum(stored) / max(sum(full_bytes), 1)
     memory = host_memory()  # (what the default plan took its share of)

@@ -257,7 +257,7 @@ def run_demo(args) -> int:
     from transformers import AutoTokenizer
 
     from ._measure import run_child
-    from .cli import _max_memory
+    from .cli import _max_memory, _reserve
     from .engine import check_device, check_max_memory, size_text
     from .split import split_checkpoint
 
@@ -267,6 +267,7 @@ def run_demo(args) -> int:
     budget = args.max_memory or ("cpu=0" if device == "cpu" else f"{device.partition(':')[2] or 0}=0,cpu=0")
     max_memory = _max_memory(budget)
     check_max_memory(max_memory)
+    reserve = _reserve(getattr(args, "reserve", None))
     if args.prefetch is not None and args.prefetch < 0:
         raise ValueError(f"`--prefetch` is {args.prefetch}; use a non-negative number of layers.")
     if args.max_new_tokens < 1:
@@ -293,6 +294,7 @@ def run_demo(args) -> int:
         # both runs on the same device (on a GPU: the whole model there, against every layer streamed to it)
         runs = [("whole model in memory", {"system": "in_memory", "path": str(ckpt), "device": device})]
         stream = {"system": "streamed", "path": str(shards), "max_memory": max_memory, "prefetch": args.prefetch}
+        stream["reserve"] = reserve
         runs.append((f"streamed (max_memory={budget})", {**stream, "device": device}))
         if args.compression:
             qdir = work / f"shards-{args.compression}"

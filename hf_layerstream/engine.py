@@ -278,6 +278,9 @@ def _cgroup1_room(level: str) -> int | None:
 
 DEFAULT_HOST_SHARE = 0.5  # of the available memory: leave the rest to the page cache, the KV cache and other programs
 DEFAULT_DEVICE_SHARE = 0.8  # of free device memory, before reserving room for activations and the KV cache
+# a GPU plan's default room for activations and the KV cache (`reserve=None`): a tenth of the device budget, at most
+# this
+DEFAULT_RESERVE_MAX = 2 * 2**30
 # of the available memory, for the pages of kept and streamed layers together: streamed layers beyond it are dropped
 # from the page cache after use (a sweep over more than fits would evict each layer before its next use anyway)
 DEFAULT_PAGE_CACHE_SHARE = 0.8
@@ -366,8 +369,15 @@ class ResidencyPlan:
         parts.append(f"{len(self.streamed)} streamed from disk{ahead if self.streamed else ''}")
         if self.streamed:
             parts.append(f"{len(self.page_cache_layers)} of those left in the page cache between sweeps")
-        budget = ", ".join(f"{k}: {size_text(v)}" for k, v in self.budgets.items())
+        budget = ", ".join(f"{k}: {size_text(v)}{self._reserve_text(k, v)}" for k, v in self.budgets.items())
         return "; ".join(parts) + (f" [budget {budget}]" if budget else "")
+
+    def _reserve_text(self, key: str, budget: int) -> str:
+        """For the GPU's budget in `summary`: the part of it the plan leaves free for activations and the KV cache
+        (nothing for a budget of 0 with no reserve: every layer streamed, no limit)."""
+        if self.device.type == "cpu" or key == "cpu" or not (budget or self.reserve):  # (the other key: the GPU's)
+            return ""
+        return f" ({size_text(self.reserve)} of it reserved for activations and the KV cache)"
 
     def to_dict(self) -> dict:
         return {
@@ -440,6 +450,64 @@ def check_max_memory(max_memory: dict | None) -> None:
         parse_size(value)
 
 
+def default_reserve(budget: int) -> int:
+    """A GPU plan's room for activations and the KV cache when `reserve` is not given: a tenth of the device's budget,
+    at most 2 GiB."""
+    return min(DEFAULT_RESERVE_MAX, budget // 10)
+
+
+def check_reserve(reserve) -> int | None:
+    """`reserve` (`enable_layer_streaming`'s, `--reserve`) as bytes: an int, or a size string as `max_memory` takes
+    its values (`"3GiB"`, parsed by `parse_size`); `None` (the default) stays `None`.
+
+    Raises:
+        `ValueError`: A value that is not a size (negative, a bool, a float with a fraction, garbage), naming
+            `reserve`, the value and what to give.
+    """
+    if reserve is None:
+        return None
+    if isinstance(reserve, bool):  # (an int to Python: True was 1 byte)
+        raise ValueError(
+            f"`reserve` got {reserve!r}: give the bytes to leave free on the GPU for activations and the KV cache, as "
+            "an int or a size such as '3GiB', or None for the default (a tenth of the device budget, at most 2 GiB)."
+        )
+    return parse_size(reserve, name="reserve")
+
+
+def check_reserve_fits(plan: ResidencyPlan, max_memory: dict | None) -> None:
+    """A GPU plan made with a `reserve` given: refused where that reserve is more than the device's budget (other than
+    0, which asks for every layer streamed, not for a limit), which it is part of: nothing would be left for the
+    model. Nothing to check on CPU, where it is ignored.
+
+    Raises:
+        `ValueError`: Naming `reserve`, the budget and where it came from (`max_memory`, or the default share of
+            the free memory), and the fix.
+    """
+    if plan.device.type != "cpu":
+        check_reserve_within(plan.reserve, plan.device, max_memory, plan.budgets.get(str(_device_key(plan.device))))
+
+
+def check_reserve_within(reserve: int, device: torch.device, max_memory: dict | None, budget: int | None = None):
+    """`check_reserve_fits` before a plan is made (`enable_layer_streaming` checks it before a hub repo's layers
+    download), against the GPU's `max_memory` (or `budget`, the plan's: the default share of the free memory); where
+    neither is known, nothing to check yet."""
+    key = _device_key(device)
+    given = _max_memory_for(max_memory, key)
+    budget = given if given is not None else budget
+    if not budget or reserve <= budget:
+        return
+    source = (
+        f"max_memory[{key!r}]"
+        if given is not None
+        else f"the default budget, {DEFAULT_DEVICE_SHARE:.0%} of its free memory"
+    )
+    raise ValueError(
+        f"`reserve` = {size_text(reserve)} is more than the budget of {device} ({source}: "
+        f"{size_text(budget)}), which it is part of: nothing would be left for the model. Give a smaller `reserve`, "
+        f"or a larger max_memory[{key!r}]."
+    )
+
+
 def _max_memory_for(max_memory: dict | None, key) -> int | None:
     if not max_memory:
         return None
@@ -457,7 +525,7 @@ def plan_residency(
     resident_size: int | None = None,
     max_memory: dict | None = None,
     prefetch: int = 1,
-    reserve: int | None = None,
+    reserve: int | str | None = None,
     keep_in_page_cache: bool | None = None,
     host_candidates: list[tuple[str, int, int]] | None = None,
     dequantize: str = "layer",
@@ -480,12 +548,18 @@ def plan_residency(
     `dequantize="module"`: the quantized weights are dequantized one module at a time, as it runs; `dtype_size` then
     gives their layers' sizes with those weights packed, and `scratch` (the largest of them dequantized) is added to
     the working set.
+
+    `reserve` (on a GPU): the bytes of its budget left free for activations and the KV cache (an int, or a size string
+    as `max_memory` takes, see `check_reserve`); default `default_reserve(budget)`, a tenth of the budget, at most
+    2 GiB (one larger than the budget is the caller's to refuse: `check_reserve_fits`). Ignored on CPU (the plan's
+    is 0).
     """
     if max_memory is not None and not isinstance(max_memory, dict):
         raise TypeError(
             f"`max_memory` must be a dict such as {{0: '4GiB', 'cpu': '16GiB'}}, got {type(max_memory).__name__}."
         )
     check_max_memory(max_memory)
+    reserve = check_reserve(reserve)
     n = shards.num_layers
     prefetch = min(prefetch, max(n - 1, 0))  # (the loader reads at most n - 1 layers ahead: more would be counted)
     layer_bytes = [dtype_size[i] if dtype_size else shards.unit(layer_unit(i)).logical_nbytes for i in range(n)]
@@ -524,7 +598,7 @@ def plan_residency(
             dev_budget = int(DEFAULT_DEVICE_SHARE * free)
         budgets[str(index)] = dev_budget
         if reserve is None:
-            reserve = min(2 * 2**30, dev_budget // 10)  # activations and KV cache
+            reserve = default_reserve(dev_budget)  # activations and KV cache
         fits_all = dev_budget - resident - reserve >= everything
         # (a budget of 0 is the usual way to ask for every layer streamed, not for the resident parts off the device)
         for name, size, copied in (host_candidates or ()) if dev_budget and not fits_all else ():
@@ -693,9 +767,10 @@ def deepen_prefetch(plan: ResidencyPlan, plan_for: Callable[[int], ResidencyPlan
 
 def budget_shortfall(plan: ResidencyPlan, max_memory: dict | None) -> str | None:
     """A warning where the caller's `max_memory` for the execution device cannot hold even the least the plan needs:
-    the resident parts plus `prefetch + 1` layers in flight (every layer is then streamed, and the peak still reaches
-    that). `None` otherwise, and for a budget of 0, the usual way to ask for every layer streamed. On a GPU with no
-    `max_memory` for it, the default budget (a share of its free memory) is checked the same way."""
+    the resident parts plus `prefetch + 1` layers in flight, and on a GPU the plan's `reserve` for activations and the
+    KV cache, as `fit_prefetch` counts them (every layer is then streamed, and the peak still reaches that). `None`
+    otherwise, and for a budget of 0, the usual way to ask for every layer streamed. On a GPU with no `max_memory` for
+    it, the default budget (a share of its free memory) is checked the same way."""
     key = _device_key(plan.device)
     budget = _max_memory_for(max_memory, key)
     name = f"max_memory[{key!r}] = {size_text(budget or 0)}"
@@ -706,10 +781,16 @@ def budget_shortfall(plan: ResidencyPlan, max_memory: dict | None) -> str | None
         )
     biggest = max(plan.layer_bytes, default=0)
     need, working, what = _least_need(plan)
+    need += plan.reserve  # (0 on CPU)
     if not budget or budget >= need:
         return None
     where = " on the device" if plan.host_resident else ""
     less = f" Each step less of `prefetch` saves {size_text(biggest)}." if plan.prefetch else ""
+    what += f" ({size_text(working)})"
+    if plan.reserve:  # (a GPU's: counted as `fit_prefetch` counts it)
+        what += f", with the `reserve` for activations and the KV cache ({size_text(plan.reserve)})"
+        if need - plan.reserve <= budget:  # (the model alone fits: a smaller reserve is the fix)
+            less += f" A `reserve` of at most {size_text(budget - need + plan.reserve)} fits it."
     fate = "every layer is streamed"
     if plan.host_layers:  # (a GPU's plan keeping layers in host RAM: copied for each pass, not read from the disk)
         rest = ", the rest streamed from disk" if plan.streamed else ""
@@ -717,8 +798,8 @@ def budget_shortfall(plan: ResidencyPlan, max_memory: dict | None) -> str | None
             f"no layer is kept on the device ({_layers(len(plan.host_layers))} in host RAM, copied for each pass{rest})"
         )
     return (
-        f"{name} cannot hold the resident parts{where} ({size_text(plan.resident_bytes)}) and {what} "
-        f"({size_text(working)}): {fate}, and peak memory will still reach about {size_text(need)}.{less}"
+        f"{name} cannot hold the resident parts{where} ({size_text(plan.resident_bytes)}) and {what}: {fate}, and "
+        f"peak memory will still reach about {size_text(need)}.{less}"
     )
 
 

@@ -34,6 +34,9 @@ from .engine import (
     _over_budget,
     budget_warnings,
     check_device,
+    check_reserve,
+    check_reserve_fits,
+    check_reserve_within,
     deepen_prefetch,
     empty_allocator_caches,
     fit_prefetch,
@@ -827,11 +830,13 @@ def plan_shard_dir(
     dequantize: str | None = None,
     max_memory: dict | None = None,
     keep_in_page_cache: bool | None = None,
+    reserve: int | str | None = None,
 ) -> ResidencyPlan:
     """The plan `enable_layer_streaming` would make for the shard directory's model with these arguments, from a
     skeleton built from its config (what `hf-layerstream inspect` shows; `device` may be one this machine lacks, given
     a budget for it in `max_memory`). The arguments are checked as `enable_layer_streaming` checks them."""
     dtype, prefetch, dequantize = _check_options(dtype, prefetch, keep_in_page_cache, dequantize)
+    reserve = check_reserve(reserve)
     model = _skeleton(shards)
     stack = require_layer_stack(model)
     target_dtypes = _target_dtypes(shards, dtype, model)
@@ -846,6 +851,7 @@ def plan_shard_dir(
         max_memory=max_memory,
         keep_in_page_cache=keep_in_page_cache,
         host_candidates=[p.candidate for p in parts],
+        reserve=reserve,
     )
 
 
@@ -883,6 +889,7 @@ def plan_streaming(
     max_memory: dict | None = None,
     keep_in_page_cache: bool | None = None,
     host_candidates: list[tuple[str, int, int]] | None = None,
+    reserve: int | None = None,
 ) -> ResidencyPlan:
     """The residency plan `enable_layer_streaming` (and `hf-layerstream inspect`) runs with.
 
@@ -893,7 +900,15 @@ def plan_streaming(
     size at 4 bits, so more fit; each weight is dequantized as its module runs: a memory-bound kernel there, against
     the copy over PCIe). On CPU dequantizing is slow (about 2 GB/s of output here), so the loader does it
     ahead of the compute there unless asked.
+    `reserve` (bytes, checked by `check_reserve`): on a GPU, the room left free for activations and the KV cache
+    (`None`: the default, see `plan_residency`); on CPU ignored, with a warning where it is not 0.
     """
+    if reserve and device.type == "cpu":
+        logger.warning(
+            "`reserve` (%s) is room kept free on a GPU for activations and the KV cache; the model streams on the "
+            "CPU, where they take host RAM and the plan keeps none: ignored. Pass device='cuda' to stream on a GPU.",
+            size_text(reserve),
+        )
     n = shards.num_layers
     chosen = prefetch is not None
     if prefetch is None:
@@ -920,6 +935,7 @@ def plan_streaming(
             host_candidates=host_candidates,
             dequantize="module" if deferred else "layer",
             scratch=scratch,
+            reserve=reserve,
         )
         if chosen:
             return plan_for(prefetch=prefetch)
@@ -935,10 +951,13 @@ def plan_streaming(
             else "no quantized weight of its layers is an `nn.Linear`'s (GPT-2's `Conv1D`) to dequantize as it runs",
         )
     if dequantize == "module" or not deferrable:
-        return fitted(deferrable if dequantize == "module" else frozenset())
-    plan = fitted(frozenset())
-    if dequantize is None and device.type == "cuda" and len(plan.device_layers) < n:
-        plan = fitted(deferrable)
+        plan = fitted(deferrable if dequantize == "module" else frozenset())
+    else:
+        plan = fitted(frozenset())
+        if dequantize is None and device.type == "cuda" and len(plan.device_layers) < n:
+            plan = fitted(deferrable)
+    if reserve is not None:  # (against the budget the plan was made with: the default one, a share of free memory)
+        check_reserve_fits(plan, max_memory)
     return plan
 
 
@@ -1065,6 +1084,7 @@ def enable_layer_streaming(
     device: str | int | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
     max_memory: dict | None = None,
+    reserve: int | str | None = None,
     prefetch: int | None = None,
     profile: bool = False,
     verify: bool = False,
@@ -1113,6 +1133,14 @@ def enable_layer_streaming(
             any other key, or a value that is not a size, raises `ValueError`. A GPU budget that cannot hold the
             resident parts with the layers in flight keeps the input embeddings, then the output head, in host RAM
             (looked up there; copied to the GPU for each pass), with placeholders on the GPU between passes.
+        reserve (`int` or `str`, *optional*):
+            On a GPU: the part of its budget left free for activations and the KV cache, which the plan does not
+            fill with layers, as bytes or a size as `max_memory` takes them (`"3GiB"`). Defaults to a tenth of the
+            device budget, at most 2 GiB; a long context or a large batch needs more, a small GPU may do with less
+            (0: none). Counted wherever the plan is fitted to the budget (the layers kept, the resident parts moved
+            to host RAM, the default `prefetch` lowered) and in the warning of a budget too small. One larger than
+            the device budget (other than 0) raises `ValueError`, as does a value that is not a size. On CPU it is
+            ignored, with a warning (activations take host RAM there, outside the plan).
         prefetch (`int`, *optional*):
             How many streamed layers are read ahead of the compute, at most one fewer than the layers. Default on
             CPU: 3 with full-precision shards, 2 with quantized ones (the fastest from a cold page cache in our
@@ -1179,6 +1207,7 @@ def enable_layer_streaming(
             dequantize,
             revision,
             token,
+            reserve,
         )
 
 
@@ -1209,6 +1238,7 @@ def _enable(
     dequantize,
     revision,
     token,
+    reserve=None,
 ) -> nn.Module:
     if get_streaming_state(model) is not None:
         raise ValueError(
@@ -1216,6 +1246,10 @@ def _enable(
         )
     device = check_device(device)
     dtype, prefetch, dequantize = _check_options(dtype, prefetch, keep_in_page_cache, dequantize)
+    reserve = check_reserve(reserve)
+    # (a budget given: checked before a hub repo's layers download; the default one is known once the plan is made)
+    if reserve is not None and device.type != "cpu" and isinstance(max_memory, dict):
+        check_reserve_within(reserve, device, max_memory)
     _refuse_adapters(model)
     stack = require_layer_stack(model)
     _refuse_weights_changed_by_forward(model)
@@ -1279,6 +1313,7 @@ def _enable(
         max_memory=max_memory,
         keep_in_page_cache=keep_in_page_cache,
         host_candidates=[p.candidate for p in host_parts],
+        reserve=reserve,
     )
     base = base_prefetch(device, default)
     # (the plan reads at most n - 1 layers ahead, whatever the default: not a budget's lowering)
@@ -1286,6 +1321,8 @@ def _enable(
         key = "cpu" if device.type == "cpu" else str(device.index)
         name = "max_memory['cpu']" if device.type == "cpu" else "the device budget"
         what = "the resident parts and more layers in flight"
+        if plan.reserve:  # (counted as `fit_prefetch` counts it)
+            what += f" beside the `reserve` for activations and the KV cache ({size_text(plan.reserve)})"
         # (on a GPU, a `max_memory["cpu"]` lowers it too, for the pinned staging buffers: `fit_prefetch`)
         if device.type != "cpu" and not _over_budget(replace(plan, prefetch=plan.prefetch + 1)):
             key, name, what = "cpu", "max_memory['cpu']", "the pinned staging buffers of more layers in flight"
