@@ -1091,16 +1091,23 @@ def _summary_otherwise(manifest: Manifest) -> tuple[str, str] | None:
                 f"tensors are stored with {next(iter(stored))}",
                 fix.format(f'its "{key}"', next(iter(stored))),
             )
-    floating = [dtype_name(t.dtype) for u in units for t in u.tensors.values() if t.dtype.is_floating_point]
-    most = max((floating.count(d) for d in set(floating)), default=0)
-    common = sorted(d for d in set(floating) if floating.count(d) == most) or ["float32"]
+    common, most, floating = _main_dtypes(manifest)
     if manifest.dtype not in common:
         return (
             f'records "dtype": {json.dumps(manifest.dtype)}, but its floating-point tensors are mostly '
-            f"{' or '.join(common)} ({most} of {len(floating)}), the dtype the split records",
+            f"{' or '.join(common)} ({most} of {floating}), the dtype the split records",
             fix.format('"dtype"', json.dumps(common[0])),
         )
     return None
+
+
+def _main_dtypes(manifest: Manifest) -> tuple[list[str], int, int]:
+    """The floating dtypes most of the manifest's tensors are stored in (several where tied; `["float32"]` where none is
+    floating), as the split records its `dtype`: with how many tensors each, and how many are floating in all."""
+    units = manifest.units.values()
+    floating = [dtype_name(t.dtype) for u in units for t in u.tensors.values() if t.dtype.is_floating_point]
+    most = max((floating.count(d) for d in set(floating)), default=0)
+    return sorted(d for d in set(floating) if floating.count(d) == most) or ["float32"], most, len(floating)
 
 
 def _load_dtype_differs(manifest: Manifest, config) -> tuple[str, str] | None:
@@ -1108,10 +1115,11 @@ def _load_dtype_differs(manifest: Manifest, config) -> tuple[str, str] | None:
     the tensors' records (checked against the files), with the fix, if anything. The split records as `load_dtype` the
     dtype `from_pretrained(dtype="auto")` loads at: the config's `dtype` where it names a floating-point one, which the
     split writes into config.json; with `dtype=`, that one, which it sets on the config too (an earlier hf_layerstream
-    left config.json's there, but cast the tensors to it). So a `load_dtype` that is neither config.json's
-    `dtype` nor the dtype of any floating-point tensor was changed since (or config.json's `dtype` was). Where config.json
-    names none (the split then took the index's or the first tensor's), or `load_dtype` is one some tensor is stored
-    in (a float32 one kept so at bfloat16), nothing is said: cheap, and never wrong for a split as made."""
+    left config.json's there, but cast the tensors to it: most are in it). So a `load_dtype` that is neither
+    config.json's `dtype` nor the dtype most floating-point tensors are stored in, nor, other than float32, that of
+    any (float32: the split keeps norms or routers so at any dtype, and `load_dtype` edited to float32 passed by
+    them), was changed since (or config.json's `dtype` was). Where config.json names none (the split then took the
+    index's or the first tensor's), nothing is said: cheap, and never wrong for a split as made."""
     if manifest.load_dtype is None or not isinstance(config, dict):
         return None
     value = config.get("dtype") or config.get("torch_dtype")  # (as the split read it: `split._config_dtype`)
@@ -1122,13 +1130,21 @@ def _load_dtype_differs(manifest: Manifest, config) -> tuple[str, str] | None:
     load = str_to_dtype(manifest.load_dtype)
     if said is None or not said.is_floating_point or load == said:
         return None
-    if any(t.dtype == load for u in manifest.units.values() for t in u.tensors.values()):
+    common = _main_dtypes(manifest)[0]
+    if dtype_name(load) in common:  # (an earlier split's, cast to it: most tensors are)
         return None
+    # (a float32 tensor says nothing: the split keeps some in float32, norms or routers, whatever it casts the rest to)
+    if load != torch.float32 and any(t.dtype == load for u in manifest.units.values() for t in u.tensors.values()):
+        return None
+    stored = (
+        f"its tensors are mostly stored in {' or '.join(common)} (those in float32 are the ones the split keeps so)"
+        if load == torch.float32
+        else f"none of its tensors is stored in {manifest.load_dtype}"
+    )
     return (
         f'records "load_dtype": {json.dumps(manifest.load_dtype)} (the dtype streaming computes in by default), but '
-        f'config.json records "dtype": {json.dumps(dtype_name(said))}, and none of its tensors is stored in '
-        f"{manifest.load_dtype}: one of the two was changed since the split (it records config.json's, or the dtype "
-        "it cast the tensors to)",
+        f'config.json records "dtype": {json.dumps(dtype_name(said))}, and {stored}: one of the two was changed since '
+        "the split (it records config.json's, or the dtype it cast the tensors to)",
         "Run the same split again (`split_checkpoint` / `hf-layerstream split`, same source and options): it writes "
         "both again.",
     )

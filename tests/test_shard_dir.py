@@ -517,10 +517,12 @@ def test_load_dtype_is_checked_without_refusing_a_split_as_made(tmp_path):
         assert ShardDirectory(shards).verify(checksums=False) == [], key
     kept = ShardDirectory(earlier).manifest.units["layers.0"].tensors["model.layers.0.input_layernorm.weight"]
     assert kept.dtype == torch.float32
-    # edited: to a dtype nothing is stored in, named, whichever of the two the other was
+    # edited: to a dtype nothing is stored in, named, whichever of the two the other was; to float32 where only the
+    # tensors the split keeps in float32 are (gpt-oss's norms at float16), named too
     for key, edit in [
         (("llama", None, "4bit"), "float16"),
         (("gpt_oss", None, None), "bfloat16"),
+        (("gpt_oss", "float16", "4bit"), "float32"),
         (("plain", None, None), "bfloat16"),
     ]:
         manifest = splits[key] / "manifest.json"
