@@ -1082,6 +1082,20 @@ def _summary_otherwise(manifest: Manifest) -> tuple[str, str] | None:
             f"(e.g. {name!r}: {wanted})",
             fix.format('"compression"', f'{wanted[:-1]}, "quantize_embeddings": ...}} (as split)'),
         )
+    if not quantized and scheme is not None:  # (the split of an fp checkpoint claimed compressed: refused without bnb)
+        would = _quantized_under(manifest, scheme)
+        if would is not None:
+            name, entry, parsed = would
+            how = (
+                f"where a split with it stores {name!r} ({list(entry.shape)} {dtype_name(entry.dtype)}) quantized"
+                if parsed
+                else "and it is no compression scheme a split writes"
+            )
+            return (
+                f'records "compression": {json.dumps(scheme)}, but none of its tensors is stored quantized, {how}: '
+                "the split was made without compression",
+                fix.format('"compression"', "null"),
+            )
     for key in _SCHEME_KEYS if quantized else ():
         stored = {json.dumps(quant.get(key)) for _, quant in quantized}
         # (tensors that differ among themselves: one's record changed, which its file's own record names)
@@ -1108,6 +1122,26 @@ def _main_dtypes(manifest: Manifest) -> tuple[list[str], int, int]:
     floating = [dtype_name(t.dtype) for u in units for t in u.tensors.values() if t.dtype.is_floating_point]
     most = max((floating.count(d) for d in set(floating)), default=0)
     return sorted(d for d in set(floating) if floating.count(d) == most) or ["float32"], most, len(floating)
+
+
+def _quantized_under(manifest: Manifest, scheme) -> tuple[str, TensorEntry, bool] | None:
+    """Of a manifest none of whose tensors is stored quantized, a tensor a split with the `compression` it records
+    (`scheme`) stores quantized, by its name, shape and dtype (`quant.should_quantize`), and `True`; where `scheme` is
+    no scheme a split writes, its first tensor and `False`; `None` where the split quantizes none (a model too small
+    for its block size: the split warns so, and records the scheme). Without the model, a weight of another module
+    than a linear layer's is taken by its name and shape, as the split decides only with the model."""
+    from .quant import QuantScheme, should_quantize
+
+    try:
+        parsed = QuantScheme.from_dict(scheme)
+    except (TypeError, ValueError):
+        parsed = None
+    for unit in manifest.units.values():
+        for name, t in unit.tensors.items():
+            shaped = torch.empty(t.shape, dtype=t.dtype, device="meta")
+            if parsed is None or should_quantize(name, shaped, parsed, is_embedding=unit.name == RESIDENT):
+                return name, t, parsed is not None
+    return None
 
 
 def _load_dtype_differs(manifest: Manifest, config) -> tuple[str, str] | None:

@@ -480,6 +480,50 @@ def test_a_manifest_changed_since_the_split_is_named_by_what_its_files_record(
         assert json.loads(manifest.read_text()) == sound and ShardDirectory(shards, checksums=True).verify() == []
 
 
+@pytest.mark.parametrize(
+    "compression, problem",
+    [
+        (
+            {"bits": 4, "quant_type": "nf4", "blocksize": 64, "quantize_embeddings": False},
+            'records "compression": {"bits": 4, "quant_type": "nf4", "blocksize": 64, "quantize_embeddings": false}, '
+            "but none of its tensors is stored quantized, where a split with it stores "
+            "'model.layers.0.mlp.down_proj.weight' ([64, 128] float32) quantized: the split was made without "
+            "compression",
+        ),
+        (
+            "8bit",
+            'records "compression": "8bit", but none of its tensors is stored quantized, and it is no compression '
+            "scheme a split writes: the split was made without compression",
+        ),
+    ],
+    ids=["4bit", "not a scheme"],
+)
+def test_a_manifest_claiming_compression_of_a_full_precision_split_is_named(
+    checkpoints, tmp_path, capsys, caplog, compression, problem
+):
+    """A full-precision split whose manifest was edited to record a compression passed every check: the tensors'
+    records are the files' own, and the summary was checked against quantized tensors only. Streaming then required
+    bitsandbytes and planned its read-ahead as for quantized layers. It is named at load and by `verify`, with the
+    value to put back; a split with a compression that quantizes none of the weights (a block size too large for the
+    model, which the split warns of) is sound."""
+    ckpt, made = checkpoints("llama")
+    shards = shutil.copytree(made, tmp_path / "shards")
+    manifest = shards / "manifest.json"
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "compression": compression}, indent=1))
+    fix = 'The manifest was changed since the split: set "compression" back to null.'
+    with pytest.raises(ShardFileError, match="^" + re.escape(f"{manifest} {problem}. {fix}")):
+        ShardDirectory(shards)
+    [found] = ShardDirectory(shards, check_files=False).verify(checksums=False)
+    assert found == f"{manifest} {problem}. {fix}", found
+    assert main(["verify", str(shards)]) == 1
+    captured = capsys.readouterr()
+    assert problem in captured.out and "fix manifest.json as its message says" in captured.err
+    with caplog.at_level("WARNING"):
+        nothing = split_checkpoint(ckpt, tmp_path / "nothing", compression="4bit", blocksize=4096, progress=False)
+    assert "quantizes none of this model's weights" in caplog.text
+    assert ShardDirectory(nothing).verify(checksums=False) == []
+
+
 def test_load_dtype_is_checked_without_refusing_a_split_as_made(tmp_path):
     """The manifest's `load_dtype` (the dtype streaming computes in by default) is checked against config.json's
     `dtype` and the tensors' records: a split made with and without `dtype`, with and without compression, of a model
