@@ -791,18 +791,15 @@ class ShardDirectory:
                 problems.append(f"{path} does not match its SHA-256 in the manifest (corrupted or replaced)")
         return problems
 
-    def _config_problem(self) -> str | None:
+    def _config_problem(self, read: tuple[dict | None, ShardFileError | None] | None = None) -> str | None:
         """What is wrong with the directory's `config.json`, which the split writes beside the manifest and a model is
         built from (without it transformers' own error named no file: "Should have a `model_type` key"), if
-        anything: with the fix where it is not damage (this user may not read it), as `verify` lists it."""
-        error = self._config_error()
+        anything: with the fix where it is not damage (this user may not read it), as `verify` lists it. `read`:
+        `_read_config()` as the caller read it (default: read here)."""
+        error = (read or self._read_config())[1]
         if error is None:
             return None
         return f"{error.problem}. {error.fix}" if NOT_DAMAGE in (error.fix or "") else error.problem
-
-    def _config_error(self) -> ShardFileError | None:
-        """`_config_problem` as the error opening the directory raises, with its fix (see `_read_config`)."""
-        return self._read_config()[1]
 
     def _read_config(self) -> tuple[dict | None, ShardFileError | None]:
         """The directory's `config.json`, read once for the checks of an open: (its content, `None`), or (`None`, the
@@ -853,13 +850,20 @@ class ShardDirectory:
         tensor names and shapes the manifest lists but not the architecture fingerprint it records, what is wrong with
         the manifest (its `fingerprint` was changed since the split: nothing else makes them differ), with the value
         to put back; from one build of the model."""
-        found = self._model_difference()
+        return self._model_problems(self._read_config())
+
+    def _model_problems(self, read: tuple[dict | None, ShardFileError | None]) -> tuple[str | None, str | None]:
+        """`model_problems()`, of config.json as `_read_config()` read it (`read`: `verify` reads it once)."""
+        found = self._model_difference(read)
         return self._config_text(found), self._fingerprint_text(found)
 
-    def _model_difference(self) -> tuple[str | None, str | None] | None:
-        """`_model_mismatch` of the model the directory's `config.json` builds; `None` where it is unreadable or
-        building the model fails (logged: this machine or this transformers, not damage found)."""
-        if self._config_problem() is not None:
+    def _model_difference(
+        self, read: tuple[dict | None, ShardFileError | None] | None = None
+    ) -> tuple[str | None, str | None] | None:
+        """`_model_mismatch` of the model the directory's `config.json` builds; `None` where it is unreadable (`read`:
+        `_read_config()` as the caller read it; default: read here) or building the model fails (logged: this machine
+        or this transformers, not damage found)."""
+        if self._config_problem(read) is not None:
             return None
         from transformers import AutoConfig
 
@@ -992,8 +996,9 @@ class ShardDirectory:
             `list[str]`: one message per damaged file, naming the file and the problem.
         """
         problems = []
-        config, fingerprint = self.model_problems()
-        problem = self._config_problem() or config
+        read = self._read_config()  # (once, for its own checks, the model's and `load_dtype`'s)
+        config, fingerprint = self._model_problems(read)
+        problem = self._config_problem(read) or config
         if problem is not None:
             problems.append(f"{self.path / 'config.json'} {problem}")
         if fingerprint is not None:
@@ -1011,9 +1016,8 @@ class ShardDirectory:
                 problems.append(str(e))
         summary = None
         if len(sound) == len(self.manifest.units):  # (and `load_dtype` against a config.json found sound)
-            read = self._read_config()[0] if problem is None else None
             summary = _summary_otherwise(self.manifest) or (
-                _load_dtype_differs(self.manifest, read) if read is not None else None
+                _load_dtype_differs(self.manifest, read[0]) if problem is None else None
             )
         if summary is not None:  # (the tensors' records all checked against their files': the summary was changed)
             problems.append(f"{self.manifest_path} {summary[0]}. {summary[1]}")

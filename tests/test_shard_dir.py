@@ -172,6 +172,27 @@ def test_sound_directory_passes_every_check(shard_copy, capsys):
     assert "all 4 files match the manifest" in capsys.readouterr().out
 
 
+def test_verify_reads_config_json_once(shard_copy, monkeypatch):
+    """`verify` read and parsed config.json three times (its own checks, again before building the model from it,
+    and again for the manifest's `load_dtype`): it reads it once for all three (transformers' `AutoConfig` reads it
+    for the model it builds)."""
+    _, shards = shard_copy
+    reads = []
+    read_bytes = Path.read_bytes
+
+    def counted(self):
+        if self.name == "config.json":
+            reads.append(self)
+        return read_bytes(self)
+
+    monkeypatch.setattr(Path, "read_bytes", counted)
+    assert ShardDirectory(shards, check_files=False).verify(checksums=False) == []
+    assert reads == [shards / "config.json"]
+    reads.clear()
+    assert main(["verify", str(shards), "--quick"]) == 0
+    assert reads == [shards / "config.json"]
+
+
 def test_checksums_catch_what_the_cheap_checks_cannot(shard_copy):
     """A flipped byte in the middle of a file: same size, same header, same sampled head and tail."""
     _, shards = shard_copy
