@@ -268,6 +268,19 @@ def read_side_files(value) -> list[str] | None:
     return [v for v in value if _side_file_name(v)]
 
 
+def side_file_damage(path: Path) -> str | None:
+    """What makes the side file at `path` unusable where it is there, if anything: for a JSON one (tokenizer,
+    generation and processor configs, chat templates), content that is not readable JSON (cut short or corrupted: the
+    reader's own error named no file, and `verify` passed it as there). `None` where it is sound, missing
+    (`ShardDirectory.missing_side_files`) or no file. Raises `OSError` where it cannot be read."""
+    if path.suffix == ".json" and path.is_file():
+        try:
+            json.loads(path.read_bytes())
+        except ValueError as e:  # (UnicodeDecodeError too)
+            return f"is not readable JSON ({e})"
+    return None
+
+
 def _side_file_name(name: str) -> bool:
     parts = name.split("/")
     plain = all(p and p not in (".", "..") and "\\" not in p and "\x00" not in p for p in parts)
@@ -943,16 +956,32 @@ class ShardDirectory:
         symlink to nothing too); `[]` where the manifest lists none (a split made before they were listed)."""
         return [name for name in self.manifest.side_files or [] if not os.path.exists(self.path / name)]
 
-    def _side_file_problems(self) -> list[str]:
+    def _side_file_problems(self, *, content: bool = False) -> list[str]:
         """`verify`'s problems of the side files the directory lacks: those a tokenizer, processor or `generate` reads
         (a tokenizer file gone, `AutoTokenizer.from_pretrained` of the directory fails or tokenizes otherwise). The
-        license files and model card, which the model runs without, are a warning, logged."""
+        license files and model card, which the model runs without, are a warning, logged. With `content`, also those
+        there but damaged (`side_file_damage`: a JSON one that is not readable JSON), or that cannot be read."""
         missing = self.missing_side_files()
-        if not missing:
+        damaged = []
+        for name in self.manifest.side_files or [] if content else []:
+            try:
+                damage = side_file_damage(self.path / name)
+            except OSError as e:
+                error = unreadable(self.path / name, e)
+                damaged.append((name, None, str(error) if error.fix else f"{error.path} {error.problem}"))
+                continue
+            if damage is not None:
+                damaged.append((name, damage, None))
+        if not missing and not damaged:
             return []
         downloaded = _hub_snapshot(Path(os.path.realpath(self.path))) is not None
 
-        def fix(it: str) -> str:
+        def fix(it: str, *, damaged: bool = False) -> str:
+            if downloaded and damaged:  # (its blob: downloaded again over it)
+                command = redownload_command(self.path)
+                return f"this download of the hub repo holds {it} damaged: download it again" + (
+                    f" (`{command}`)" if command is not None else ""
+                )
             if downloaded:  # (the uploader's split has it: a download cut short, or an upload without it)
                 return (
                     f"this download of the hub repo lacks {it}: download the repo again, or, where the repo lacks "
@@ -974,6 +1003,11 @@ class ShardDirectory:
             + fix("it")
             for name in missing
             if name not in informative
+        ] + [
+            problem
+            or f"{self.path / name} {damage} ({_side_file_use(name)}; the split wrote it, and the manifest lists it): "
+            + fix("it", damaged=True)
+            for name, damage, problem in damaged
         ]
 
     def verify(self, *, checksums: bool = True) -> list[str]:
@@ -981,7 +1015,8 @@ class ShardDirectory:
 
         Checks `config.json` (readable, and building the model the shards were split from), that the side files the
         manifest lists are there (a tokenizer file, chat template, generation or processor config missing is a
-        problem; a license file or the model card, which the model runs without, is logged as a warning), each unit
+        problem; a license file or the model card, which the model runs without, is logged as a warning) and, where
+        JSON, readable JSON, each unit
         file's existence, size, safetensors header (offsets inside the file), tensor names, shapes and dtypes, the
         unit tag, the sample digest and the manifest's record of its tensors (against the one the file carries), then
         the manifest's `compression` and `dtype` (against its tensors' records) and `load_dtype` (against config.json's
@@ -1003,7 +1038,7 @@ class ShardDirectory:
             problems.append(f"{self.path / 'config.json'} {problem}")
         if fingerprint is not None:
             problems.append(f"{self.manifest_path} {fingerprint}")
-        problems.extend(self._side_file_problems())
+        problems.extend(self._side_file_problems(content=True))
         sound = []
         for unit in self.manifest.units:
             self._headers.pop(unit, None)

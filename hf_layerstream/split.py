@@ -71,6 +71,7 @@ from .shard_dir import (
     read_side_files,
     recorded_otherwise,
     redownload_command,
+    side_file_damage,
     warn_hub_only,
 )
 
@@ -2453,9 +2454,18 @@ def _restore_side_files(shard_dir: Path, names: list[str], src, config, card, *,
     config, license files, model card) that are gone since are written again from the source (`card()`: the model
     card's text), where splitting again said there was nothing to do and left, say, a split whose tokenizer was
     deleted unusable with `AutoTokenizer`. Files still there, edited or not, are kept (a symlink to nothing is not
-    there). Not `recorded`: a split made before its manifest listed them, and `names` those a split of the source
-    writes. Returns the names written."""
-    missing = [name for name in names if not os.path.exists(shard_dir / name)]
+    there), but for those damaged (`side_file_damage`: a JSON one not readable as JSON), which `verify` says the same
+    split writes back. Not `recorded`: a split made before its manifest listed them, and `names` those a split of the
+    source writes. Returns the names written."""
+
+    def damaged(name: str) -> bool:
+        try:
+            return side_file_damage(shard_dir / name) is not None
+        except OSError:  # (this user may not read it: not damage, and not replaced)
+            return False
+
+    broken = [name for name in names if os.path.exists(shard_dir / name) and damaged(name)]
+    missing = [name for name in names if not os.path.exists(shard_dir / name) or name in broken]
     if not missing:
         return []
     wrote = "its split wrote" if recorded else f"a split of {src.description} writes"
@@ -2486,7 +2496,9 @@ def _restore_side_files(shard_dir: Path, names: list[str], src, config, card, *,
         written.append(name)
     if written and recorded:
         logger.warning(
-            "%s holds this split, but lacked %s: written again from the source", shard_dir, ", ".join(written)
+            "%s holds this split, but lacked %s: written again from the source",
+            shard_dir,
+            ", ".join(f"{name} (there, but not readable JSON)" if name in broken else name for name in written),
         )
     elif written:
         logger.warning(

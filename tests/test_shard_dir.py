@@ -359,6 +359,45 @@ def test_verify_names_a_side_file_the_manifest_lists_that_is_missing(shard_copy,
     )
 
 
+def test_verify_names_a_side_file_damaged_and_the_same_split_writes_it_back(shard_copy, tmp_path, capsys, caplog):
+    """A JSON side file the manifest lists, cut short or corrupted: `verify` checked only that it was there, said
+    every file matched (exit 0), and the tokenizer then failed to load with an error naming no file, and a re-run of
+    the same split said there was nothing to do. It is a problem now, named with what reads it, and the same split
+    writes it back from the source, as it writes back one missing."""
+    import logging
+
+    ckpt, shards = shard_copy
+    names = ["generation_config.json", "tokenizer.json"]
+    assert set(names) <= set(ShardDirectory(shards).manifest.side_files)
+    before = {name: (shards / name).read_bytes() for name in names}
+    for name in names:
+        (shards / name).write_bytes(before[name][: len(before[name]) // 2])
+    problems = ShardDirectory(shards).verify(checksums=False)
+    again = "the split wrote it, and the manifest lists it): running the same split again writes it back"
+    assert [p.split(" (", 1)[0] for p in problems] == [f"{shards / name} is not readable JSON" for name in names]
+    assert all(p.endswith(again) for p in problems), problems
+    assert "(a file of the tokenizer: `AutoTokenizer.from_pretrained` of the directory" in problems[1]
+    assert main(["verify", "--quick", str(shards)]) == 1
+    err = capsys.readouterr().err
+    assert f"which writes {', '.join(names)} back (nothing to delete)" in err, err
+    with caplog.at_level(logging.WARNING, logger="hf_layerstream"):
+        split_checkpoint(ckpt, shards, progress=False)
+    assert "generation_config.json (there, but not readable JSON)" in caplog.text
+    assert {name: (shards / name).read_bytes() for name in names} == before
+    assert ShardDirectory(shards).verify(checksums=False) == []
+    # a hub cache download's blob cut short: downloaded again (a split refuses to write into the hub cache)
+    snapshot = _models.hub_snapshot(shards, tmp_path / "cache", repo="someorg--layers")
+    blob = Path(os.path.realpath(snapshot / "tokenizer.json"))
+    os.chmod(blob, 0o644)
+    blob.write_bytes(before["tokenizer.json"][:10])
+    [problem] = ShardDirectory(snapshot).verify(checksums=False)
+    assert problem.startswith(f"{snapshot / 'tokenizer.json'} is not readable JSON"), problem
+    assert problem.endswith(
+        "this download of the hub repo holds it damaged: download it again "
+        "(`hf download someorg/layers --force-download`)"
+    ), problem
+
+
 @pytest.mark.parametrize("damage", ["torn", "not_an_object", "another_model"])
 def test_a_damaged_config_json_is_named_and_written_again_by_the_same_split(shard_copy, capsys, damage):
     """Only a missing `config.json` was caught: a torn one (or another model's) passed `ShardDirectory`, `verify` and
