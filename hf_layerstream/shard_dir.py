@@ -111,8 +111,37 @@ class TensorEntry:
         return d
 
     @classmethod
-    def from_json(cls, d: dict) -> TensorEntry:
-        return cls(tuple(int(s) for s in d["shape"]), str_to_dtype(d["dtype"]), d.get("quant"))
+    def from_json(cls, d: dict, name: str = "a tensor") -> TensorEntry:
+        quant = d.get("quant")
+        if quant is not None and not _is_quant_record(quant):
+            # (streaming read it on: an AttributeError at open, not a manifest named as damaged)
+            raise TypeError(
+                f"tensor {name!r} has a `quant` record {json.dumps(quant)[:120]} that is not an object whose `parts` "
+                "map each part to its `shape` (a list of ints) and `dtype`"
+            )
+        return cls(tuple(int(s) for s in d["shape"]), str_to_dtype(d["dtype"]), quant)
+
+
+def _is_quant_record(quant) -> bool:
+    """Whether `quant` has the form of a quantized tensor's record (`TensorEntry.quant`): an object whose `parts`, if
+    any, map each stored part's name to its `shape` (a list of ints) and a dtype's name."""
+    parts = quant.get("parts", {}) if isinstance(quant, dict) else None
+    if not isinstance(parts, dict):
+        return False
+    for spec in parts.values():
+        if (
+            not isinstance(spec, dict)
+            or not isinstance(spec.get("shape"), list)
+            or not isinstance(spec.get("dtype"), str)
+        ):
+            return False
+        if not all(isinstance(n, int) and not isinstance(n, bool) for n in spec["shape"]):
+            return False
+        try:
+            str_to_dtype(spec["dtype"])
+        except ValueError:
+            return False
+    return True
 
 
 @dataclass
@@ -171,7 +200,8 @@ class UnitEntry:
         tensors = d["tensors"]
         if not isinstance(tensors, dict):
             raise TypeError(f"unit {name!r} has `tensors` that is not an object")
-        return cls(name, file, size, sha, {str(k): TensorEntry.from_json(v) for k, v in tensors.items()}, sample)
+        entries = {str(k): TensorEntry.from_json(v, str(k)) for k, v in tensors.items()}
+        return cls(name, file, size, sha, entries, sample)
 
 
 def _is_sha256(value) -> bool:

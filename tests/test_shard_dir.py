@@ -711,6 +711,29 @@ def test_a_damaged_manifest_fails_verify_and_split_says_what_to_do(shard_copy, c
     assert ShardDirectory(shards, checksums=True).verify() == []
 
 
+@pytest.mark.parametrize(
+    "quant",
+    ["nf4", {"parts": ["absmax", "codes"]}, {"parts": {"codes": {"shape": 64, "dtype": "uint8"}}}],
+    ids=["a string", "parts a list", "a part's shape a number"],
+)
+def test_a_tensors_quant_record_of_another_form_is_named_as_a_damaged_manifest(shard_copy, capsys, quant):
+    """A tensor's `quant` record in the manifest edited to another form than an object of parts: opening the directory
+    and `verify` failed with a bare AttributeError or TypeError (`'str' object has no attribute 'get'`), naming no
+    file. The manifest is named as malformed, with the tensor, and `verify` says it is damaged (exit 1)."""
+    _, shards = shard_copy
+    manifest = shards / "manifest.json"
+    edited = json.loads(manifest.read_text())
+    name = "model.layers.1.mlp.down_proj.weight"
+    _unit_json(edited, "layers.1")["tensors"][name]["quant"] = quant
+    manifest.write_text(json.dumps(edited, indent=1))
+    problem = f"{manifest} is malformed (TypeError: tensor {name!r} has a `quant` record {json.dumps(quant)}"
+    with pytest.raises(ShardFileError, match="^" + re.escape(problem)):
+        ShardDirectory(shards)
+    assert main(["verify", str(shards)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(problem) and f"The manifest of {shards} is damaged" in err, err
+
+
 def test_a_manifest_whose_layer_count_does_not_fit_its_units_says_how_many_it_needs(shard_copy):
     """A manifest of 3 layers with a layer's unit deleted said "`num_layers` 3 does not fit the 3 units listed", which
     reads as if they fit: the resident unit is one of them. It now says how many units the count needs."""
