@@ -1168,11 +1168,28 @@ def _summary_otherwise(manifest: Manifest) -> tuple[str, str] | None:
     for key in _SCHEME_KEYS if quantized else ():
         stored = {json.dumps(quant.get(key)) for _, quant in quantized}
         # (tensors that differ among themselves: one's record changed, which its file's own record names)
-        if key in scheme and len(stored) == 1 and json.dumps(scheme[key]) not in stored:
+        if len(stored) == 1 and (key not in scheme or json.dumps(scheme[key]) not in stored):
+            said = f'with "{key}": {json.dumps(scheme[key])}' if key in scheme else f'without "{key}"'
             return (
-                f'records "compression" with "{key}": {json.dumps(scheme[key])}, but its {len(quantized)} quantized '
-                f"tensors are stored with {next(iter(stored))}",
+                f'records "compression" {said}, but its {len(quantized)} quantized tensors are stored with '
+                f"{next(iter(stored))}",
                 fix.format(f'its "{key}"', next(iter(stored))),
+            )
+    resident = manifest.units.get(RESIDENT)
+    if quantized and resident is not None:  # (its tensors, embeddings and head, are quantized only with it true)
+        said = scheme.get("quantize_embeddings")
+        embedded = [n for n, t in resident.tensors.items() if isinstance(t.quant, dict)]
+        would = _quantized_under(manifest, scheme, [resident]) if said is True and not embedded else None
+        if (embedded and said is not True) or (would is not None and would[2]):
+            what = (
+                f"{embedded[0]!r} of its resident unit (the embeddings and head) is stored quantized"
+                if embedded
+                else "none of its resident unit (the embeddings and head) is stored quantized, where a split with it "
+                f"stores {would[0]!r} ({list(would[1].shape)} {dtype_name(would[1].dtype)}) quantized"
+            )
+            return (
+                f'records "compression" with "quantize_embeddings": {json.dumps(said)}, but {what}',
+                fix.format('its "quantize_embeddings"', json.dumps(bool(embedded))),
             )
     common, most, floating = _main_dtypes(manifest)
     if manifest.dtype not in common:
@@ -1193,19 +1210,22 @@ def _main_dtypes(manifest: Manifest) -> tuple[list[str], int, int]:
     return sorted(d for d in set(floating) if floating.count(d) == most) or ["float32"], most, len(floating)
 
 
-def _quantized_under(manifest: Manifest, scheme) -> tuple[str, TensorEntry, bool] | None:
-    """Of a manifest none of whose tensors is stored quantized, a tensor a split with the `compression` it records
-    (`scheme`) stores quantized, by its name, shape and dtype (`quant.should_quantize`), and `True`; where `scheme` is
-    no scheme a split writes, its first tensor and `False`; `None` where the split quantizes none (a model too small
-    for its block size: the split warns so, and records the scheme). Without the model, a weight of another module
-    than a linear layer's is taken by its name and shape, as the split decides only with the model."""
+def _quantized_under(
+    manifest: Manifest, scheme, units: Collection[UnitEntry] | None = None
+) -> tuple[str, TensorEntry, bool] | None:
+    """Of a manifest none of whose tensors (of `units`; default: all) is stored quantized, a tensor a split with the
+    `compression` it records (`scheme`) stores quantized, by its name, shape and dtype (`quant.should_quantize`), and
+    `True`; where `scheme` is no scheme a split writes, its first tensor and `False`; `None` where the split quantizes
+    none (a model too small for its block size: the split warns so, and records the scheme). Without the model, a
+    weight of another module than a linear layer's is taken by its name and shape, as the split decides only with
+    the model."""
     from .quant import QuantScheme, should_quantize
 
     try:
         parsed = QuantScheme.from_dict(scheme)
     except (TypeError, ValueError):
         parsed = None
-    for unit in manifest.units.values():
+    for unit in manifest.units.values() if units is None else units:
         for name, t in unit.tensors.items():
             shaped = torch.empty(t.shape, dtype=t.dtype, device="meta")
             if parsed is None or should_quantize(name, shaped, parsed, is_embedding=unit.name == RESIDENT):

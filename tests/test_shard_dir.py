@@ -501,6 +501,15 @@ def _unit_json(manifest: dict, unit: str) -> dict:
             'records "compression" with "blocksize": 128, but its 21 quantized tensors are stored with 64',
         ),
         (
+            lambda m: m["compression"].pop("blocksize"),
+            'records "compression" without "blocksize", but its 21 quantized tensors are stored with 64',
+        ),
+        (
+            lambda m: m["compression"].update(quantize_embeddings=True),
+            'records "compression" with "quantize_embeddings": true, but none of its resident unit (the embeddings and '
+            "head) is stored quantized, where a split with it stores 'lm_head.weight' ([128, 64] float32) quantized",
+        ),
+        (
             lambda m: m.update(dtype="bfloat16"),
             'records "dtype": "bfloat16", but its floating-point tensors are mostly float32',
         ),
@@ -510,7 +519,7 @@ def _unit_json(manifest: dict, unit: str) -> dict:
             '"dtype": "float32", and none of its tensors is stored in bfloat16',
         ),
     ],
-    ids=["a tensor's code", "compression", "block size", "dtype", "load_dtype"],
+    ids=["a tensor's code", "compression", "block size", "no block size", "embeddings", "dtype", "load_dtype"],
 )
 def test_a_manifest_changed_since_the_split_is_named_by_what_its_files_record(
     checkpoints, tmp_path, capsys, edit, problem
@@ -582,6 +591,29 @@ def test_a_manifest_claiming_compression_of_a_full_precision_split_is_named(
         nothing = split_checkpoint(ckpt, tmp_path / "nothing", compression="4bit", blocksize=4096, progress=False)
     assert "quantizes none of this model's weights" in caplog.text
     assert ShardDirectory(nothing).verify(checksums=False) == []
+
+
+def test_a_manifest_saying_its_embeddings_are_not_quantized_where_they_are_is_named(checkpoints, tmp_path):
+    """A split with `quantize_embeddings=True` is sound; its manifest edited to say false (its embeddings and head,
+    which the split quantizes only with it true, stored quantized) is named at load and by `verify`."""
+    from hf_layerstream.quant import QuantScheme
+
+    ckpt, _ = checkpoints("llama")
+    scheme = QuantScheme(4, quantize_embeddings=True)
+    shards = split_checkpoint(ckpt, tmp_path / "shards", compression=scheme, progress=False)
+    assert ShardDirectory(shards).verify(checksums=False) == []
+    manifest = shards / "manifest.json"
+    edited = json.loads(manifest.read_text())
+    edited["compression"]["quantize_embeddings"] = False
+    manifest.write_text(json.dumps(edited, indent=1))
+    problem = (
+        f'{manifest} records "compression" with "quantize_embeddings": false, but \'lm_head.weight\' of its resident '
+        "unit (the embeddings and head) is stored quantized. The manifest was changed since the split: set its "
+        '"quantize_embeddings" back to true.'
+    )
+    with pytest.raises(ShardFileError, match="^" + re.escape(problem) + "$"):
+        ShardDirectory(shards)
+    assert ShardDirectory(shards, check_files=False).verify(checksums=False) == [problem]
 
 
 def test_load_dtype_is_checked_without_refusing_a_split_as_made(tmp_path):
