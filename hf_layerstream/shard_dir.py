@@ -314,7 +314,10 @@ def side_file_damage(path: Path) -> str | None:
 def _side_file_name(name: str) -> bool:
     parts = name.split("/")
     plain = all(p and p not in (".", "..") and "\\" not in p and "\x00" not in p for p in parts)
-    return plain and (len(parts) == 1 or (len(parts) == 2 and parts[0] == "additional_chat_templates"))
+    return plain and (len(parts) == 1 or (len(parts) == 2 and parts[0] == _CHAT_TEMPLATE_DIR))
+
+
+_CHAT_TEMPLATE_DIR = "additional_chat_templates"  # a tokenizer's named chat templates besides the default one
 
 
 def read_adapter_record(value) -> dict | list[dict] | None:
@@ -691,6 +694,7 @@ class ShardDirectory:
         except (KeyError, TypeError, ValueError) as e:
             raise ShardFileError(manifest_path, f"is malformed ({type(e).__name__}: {e})") from e
         self.manifest_path = manifest_path
+        self._side_files_record = raw.get("side_files")  # (as written: `verify` names one `read_side_files` dropped)
         expected = {RESIDENT} | {layer_unit(i) for i in range(self.manifest.num_layers)}
         if set(self.manifest.units) != expected:
             missing = sorted(expected - set(self.manifest.units))
@@ -1040,6 +1044,26 @@ class ShardDirectory:
             for name, damage, problem in damaged
         ]
 
+    def _side_files_problem(self) -> str | None:
+        """What is wrong with the manifest's list of its side files, where `read_side_files` dropped it or some of its
+        names (its side files then went unchecked), with the fix; `None` where it is sound or absent (a split made
+        before the list was kept)."""
+        record = self._side_files_record
+        if record is None or record == self.manifest.side_files:
+            return None
+        if self.manifest.side_files is None:  # (a re-run of the split lists them again, as for a split made before)
+            return (
+                f'records "side_files": {json.dumps(record)[:120]}, which is not a list of file names (the split lists '
+                "the files it wrote beside the units, which `verify` checks): run the same split again "
+                "(`split_checkpoint` / `hf-layerstream split`, same source and options), which lists them again"
+            )
+        outside = [name for name in record if name not in self.manifest.side_files]
+        return (
+            f"lists the side files {outside}, which are not files of the directory (a path out of it, or into another "
+            f"folder than {_CHAT_TEMPLATE_DIR}/): the manifest was changed since the split; remove them from its "
+            '"side_files"'
+        )
+
     def verify(self, *, checksums: bool = True) -> list[str]:
         """Check every file against the manifest and return every problem found (empty when the directory is sound).
 
@@ -1068,6 +1092,9 @@ class ShardDirectory:
             problems.append(f"{self.path / 'config.json'} {problem}")
         if fingerprint is not None:
             problems.append(f"{self.manifest_path} {fingerprint}")
+        listed = self._side_files_problem()
+        if listed is not None:
+            problems.append(f"{self.manifest_path} {listed}")
         problems.extend(self._side_file_problems(content=True))
         sound = []
         for unit in self.manifest.units:
@@ -1280,7 +1307,7 @@ def _side_file_use(name: str) -> str:
     """What reads the side file `name` of a shard directory (`verify`'s message of one missing)."""
     if name == "generation_config.json":
         return "the generation settings streaming gives the model: end-of-sequence ids, sampling defaults"
-    if name.startswith(("chat_template.", "additional_chat_templates/")):
+    if name.startswith(("chat_template.", f"{_CHAT_TEMPLATE_DIR}/")):
         return "a chat template of the tokenizer, which `apply_chat_template` reads"
     if name.endswith("processor_config.json"):
         return "`AutoProcessor.from_pretrained` of the directory reads it"

@@ -50,6 +50,7 @@ from .modeling import (
 )
 from .quant import _BNB_DTYPES, all_finite
 from .shard_dir import (
+    _CHAT_TEMPLATE_DIR,
     _LICENSE_FILE,
     FORMAT_VERSION,
     LOCK_NAME,
@@ -108,7 +109,6 @@ _TOKENIZER_FILES = (  # (any of them: the source has a tokenizer)
     "spiece.model",
     "tiktoken.model",
 )
-_CHAT_TEMPLATE_DIR = "additional_chat_templates"  # a tokenizer's named chat templates besides the default one
 _SAMPLE = 64 * 1024  # bytes read at each end of a local weight file for the source's identity
 # safetensors files the split holds open at most (safetensors 0.9 holds a file descriptor for each): the least recently
 # read is closed first, and opened again (its header read) when read again (see `_Source._open`)

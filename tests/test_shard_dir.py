@@ -359,6 +359,33 @@ def test_verify_names_a_side_file_the_manifest_lists_that_is_missing(shard_copy,
     )
 
 
+def test_verify_names_a_side_files_list_it_cannot_check(shard_copy, capsys):
+    """The manifest's `side_files` edited into something other than a list of the directory's file names (a string, or
+    a name out of the directory): it was taken for a split made before the list was kept, or the name dropped, and
+    `verify` said every file matched without checking them. It names the record, with the fix; the same split run
+    again lists them again where the record was no list."""
+    ckpt, shards = shard_copy
+    manifest = shards / "manifest.json"
+    sound = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**sound, "side_files": "tokenizer.json"}, indent=1))
+    assert ShardDirectory(shards).verify(checksums=False) == [
+        f'{manifest} records "side_files": "tokenizer.json", which is not a list of file names (the split lists the '
+        "files it wrote beside the units, which `verify` checks): run the same split again (`split_checkpoint` / "
+        "`hf-layerstream split`, same source and options), which lists them again"
+    ]
+    assert main(["verify", "--quick", str(shards)]) == 1
+    assert "fix manifest.json as its message says" in capsys.readouterr().err
+    split_checkpoint(ckpt, shards, progress=False)
+    assert json.loads(manifest.read_text())["side_files"] == sound["side_files"]
+    assert ShardDirectory(shards).verify(checksums=False) == []
+    manifest.write_text(json.dumps({**sound, "side_files": [*sound["side_files"], "../elsewhere.json"]}, indent=1))
+    assert ShardDirectory(shards).verify(checksums=False) == [
+        f"{manifest} lists the side files ['../elsewhere.json'], which are not files of the directory (a path out of "
+        "it, or into another folder than additional_chat_templates/): the manifest was changed since the split; "
+        'remove them from its "side_files"'
+    ]
+
+
 def test_verify_names_a_side_file_damaged_and_the_same_split_writes_it_back(shard_copy, tmp_path, capsys, caplog):
     """A JSON side file the manifest lists, cut short or corrupted: `verify` checked only that it was there, said
     every file matched (exit 0), and the tokenizer then failed to load with an error naming no file, and a re-run of
