@@ -1067,15 +1067,16 @@ class ShardDirectory:
     def verify(self, *, checksums: bool = True) -> list[str]:
         """Check every file against the manifest and return every problem found (empty when the directory is sound).
 
-        Checks `config.json` (readable, and building the model the shards were split from), that the side files the
-        manifest lists are there (a tokenizer file, chat template, generation or processor config missing is a
-        problem; a license file or the model card, which the model runs without, is logged as a warning) and, where
-        JSON, readable JSON, each unit
-        file's existence, size, safetensors header (offsets inside the file), tensor names, shapes and dtypes, the
-        unit tag, the sample digest and the manifest's record of its tensors (against the one the file carries), then
-        the manifest's `compression` and `dtype` (against its tensors' records) and `load_dtype` (against config.json's
-        `dtype` and the tensors' records), and with `checksums=True` (the default) each file's full SHA-256. Files
-        that pass the cheap checks are hashed; a file that fails them is reported once. Never writes.
+        Checks `config.json` (readable, and building the model the shards were split from), the manifest's list of
+        side files (a list of the directory's file names), that the side files it lists are there and, a JSON one,
+        readable JSON (a tokenizer file, chat template, generation or processor config missing or damaged is a
+        problem; a license file or the model card missing, which the model runs without, is logged as a warning),
+        each unit file's existence, size, safetensors header (offsets inside the file), tensor names, shapes and
+        dtypes, the unit tag, the sample digest and the manifest's record of its tensors (against the one the file
+        carries), then the manifest's `compression` and `dtype` (against its tensors' records) and `load_dtype`
+        (against config.json's `dtype` and the tensors' records), and with `checksums=True` (the default) each file's
+        full SHA-256. Files that pass the cheap checks are hashed; a file that fails them is reported once. Never
+        writes.
 
         Args:
             checksums (`bool`, defaults to `True`):
