@@ -866,7 +866,8 @@ def deferrable_weights(model: nn.Module, stack: LayerStack, shards: ShardDirecto
     for _, p in stack.layers.named_parameters(remove_duplicate=False):
         owners[id(p)] = owners.get(id(p), 0) + 1
     out: set[str] = set()
-    for i, layer in enumerate(stack.layers):
+    # (the layers both have: `inspect` plans a model whose config.json has more layers than the manifest, and warns)
+    for i, layer in enumerate(list(stack.layers)[: shards.num_layers]):
         prefix = stack.layer_prefix(i)
         for name, entry in shards.unit(layer_unit(i)).tensors.items():
             if entry.quant is None or not name.startswith(prefix):

@@ -456,17 +456,20 @@ def test_a_damaged_config_json_is_named_and_written_again_by_the_same_split(shar
     assert config.read_bytes() == before and ShardDirectory(shards, checksums=True).verify() == []
 
 
-@pytest.mark.parametrize("edit", ["num_hidden_layers", "intermediate_size"])
+@pytest.mark.parametrize("edit", ["num_hidden_layers", "more layers", "intermediate_size"])
 def test_a_config_json_describing_another_model_is_named_and_written_again_by_the_same_split(shard_copy, capsys, edit):
     """A `config.json` edited since the split to another number of layers or other sizes, with the same model_type:
     `verify` said every file matched (exit 0), a re-run of the split found nothing to do, and the model built from it
-    failed at enable. `verify` names it now (exit 1), and the same split writes it again."""
+    failed at enable. `verify` names it now (exit 1), and the same split writes it again. (`inspect` of one with more
+    layers than the shards failed with a KeyError for the first layer they lack.)"""
 
     ckpt, shards = shard_copy
     config = shards / "config.json"
     before = config.read_bytes()
     edited = json.loads(before)
-    edited[edit] = edited[edit] - 1 if edit == "num_hidden_layers" else edited[edit] * 2
+    more = edit == "more layers"
+    edit = "num_hidden_layers" if more else edit
+    edited[edit] = edited[edit] + (1 if more else -1) if edit == "num_hidden_layers" else edited[edit] * 2
     config.write_text(json.dumps(edited))
     ShardDirectory(shards)  # (opening it does not build the model: enable compares the model given with the manifest)
     problems = ShardDirectory(shards, check_files=False).verify(checksums=False)
