@@ -902,11 +902,11 @@ class ShardDirectory:
     def _model_problems(self, read: tuple[dict | None, ShardFileError | None]) -> tuple[str | None, str | None]:
         """`model_problems()`, of config.json as `_read_config()` read it (`read`: `verify` reads it once)."""
         found = self._model_difference(read)
-        return self._config_text(found), self._fingerprint_text(found)
+        return self._config_text(found), self._fingerprint_text(found) or self._layers_text(found)
 
     def _model_difference(
         self, read: tuple[dict | None, ShardFileError | None] | None = None
-    ) -> tuple[str | None, str | None] | None:
+    ) -> tuple[str | None, str | None, int | None] | None:
         """`_model_mismatch` of the model the directory's `config.json` builds; `None` where it is unreadable (`read`:
         `_read_config()` as the caller read it; default: read here) or building the model fails (logged: this machine
         or this transformers, not damage found)."""
@@ -926,7 +926,7 @@ class ShardDirectory:
             return None
 
     @staticmethod
-    def _config_text(found: tuple[str | None, str | None] | None) -> str | None:
+    def _config_text(found: tuple[str | None, str | None, int | None] | None) -> str | None:
         if found is None or found[0] is None:
             return None
         return (
@@ -934,7 +934,17 @@ class ShardDirectory:
             "transformers builds the model otherwise)"
         )
 
-    def _fingerprint_text(self, found: tuple[str | None, str | None] | None) -> str | None:
+    def _layers_text(self, found: tuple[str | None, str | None, int | None] | None) -> str | None:
+        if found is None or found[2] is None:
+            return None
+        return (
+            f"records {self.manifest.num_layers} decoder layers (and lists a unit for each), but the model config.json "
+            f"builds, whose architecture fingerprint it records (which hashes their number), has {found[2]}: the "
+            "manifest's `num_layers` and units were changed since the split; run the same split again "
+            "(`split_checkpoint` / `hf-layerstream split`, same source and options), which writes the manifest again"
+        )
+
+    def _fingerprint_text(self, found: tuple[str | None, str | None, int | None] | None) -> str | None:
         if found is None or found[1] is None:
             return None
         return (
@@ -951,7 +961,13 @@ class ShardDirectory:
         tensor names or shapes, or, where those are the ones the manifest lists, its fingerprint; `None` where nothing
         does. Builds it without weights (names and shapes only: on meta, buffers too, and what a model makes on the
         CPU first); raises what building it raises."""
-        differs, fingerprint = self._model_mismatch(config)
+        differs, fingerprint, layers = self._model_mismatch(config)
+        if layers is not None:
+            return (
+                f"{layers} decoder layers, where the manifest records {self.manifest.num_layers} with the architecture "
+                "fingerprint of this model, which hashes their number (the manifest's `num_layers` and units were "
+                "changed since the split)"
+            )
         if fingerprint is None:
             return differs
         return (
@@ -960,9 +976,10 @@ class ShardDirectory:
             "`fingerprint` was changed since the split)"
         )
 
-    def _model_mismatch(self, config) -> tuple[str | None, str | None]:
-        """`model_mismatch` as a pair: what differs in the model (`None`: nothing it holds), and the model's
-        fingerprint where only the manifest's differs from it (else `None`)."""
+    def _model_mismatch(self, config) -> tuple[str | None, str | None, int | None]:
+        """`model_mismatch` as a triple: what differs in the model (`None`: nothing it holds), the model's fingerprint
+        where only the manifest's differs from it (else `None`), and the model's number of decoder layers where its
+        fingerprint is the manifest's but the manifest's `num_layers` is not that number (else `None`)."""
         from .modeling import architecture_fingerprint, build_for_shards, expected_tensors, require_layer_stack
 
         model = build_for_shards(self.manifest, config, meta=True)
@@ -971,18 +988,20 @@ class ShardDirectory:
             return (
                 f"decoder layers under {stack.prefix!r}, where the manifest records {self.manifest.layers_prefix!r}",
                 None,
+                None,
             )
         fingerprint = architecture_fingerprint(model, stack)
         if fingerprint == self.manifest.fingerprint:
-            return None, None
+            # (the split's model: a number of layers other than its own is the manifest's edit, a unit dropped or added)
+            return None, None, len(stack) if len(stack) != self.manifest.num_layers else None
         if len(stack) != self.manifest.num_layers:
-            return f"{len(stack)} decoder layers, where the shards hold {self.manifest.num_layers}", None
+            return f"{len(stack)} decoder layers, where the shards hold {self.manifest.num_layers}", None, None
         model_type = getattr(config, "model_type", None)
         if self.manifest.model_type is not None and model_type != self.manifest.model_type:
-            return f"model type {model_type!r}, where the shards hold {self.manifest.model_type!r}", None
+            return f"model type {model_type!r}, where the shards hold {self.manifest.model_type!r}", None, None
         if not lists_tensors(self.manifest.units, expected_tensors(model, stack)):
-            return "other tensor names or shapes than the shards hold", None
-        return None, fingerprint
+            return "other tensor names or shapes than the shards hold", None, None
+        return None, fingerprint, None
 
     def missing_side_files(self) -> list[str]:
         """The side files the manifest lists (what the split copied or wrote beside the weights: tokenizer, chat

@@ -1908,9 +1908,12 @@ def split_checkpoint(
             if same and not overwrite:
                 try:
                     directory = ShardDirectory(shard_dir)  # sizes, headers and sample digests
-                    mismatch = directory.config_mismatch()  # (a config.json edited since: its side files are rewritten)
+                    # (a config.json edited since: its side files are rewritten; the manifest's layers: it is too)
+                    mismatch, edited = directory.model_problems()
                     if mismatch is not None:
                         raise ShardFileError(shard_dir / "config.json", mismatch)
+                    if edited is not None:
+                        raise ShardFileError(directory.manifest_path, edited)
                 except ShardDirError as e:
                     logger.warning("%s holds this split but is damaged (%s); repairing it", shard_dir, e)
                     repaired = _sound_manifest_units(shard_dir, existing)

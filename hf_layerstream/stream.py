@@ -468,14 +468,18 @@ def _check_match(model: nn.Module, stack: LayerStack, shards: ShardDirectory) ->
     """Raise before touching the model when the shard directory was not made from this model's architecture. Where the
     directory's own `config.json` no longer builds the model its shards hold (edited since the split), the error says
     so: a model built from it (`hf-layerstream generate`, the model card's code) is refused, and splitting into a new
-    directory, which the error names otherwise, would not help; running the same split again writes it back."""
+    directory, which the error names otherwise, would not help; running the same split again writes it back. Where
+    config.json builds the model the manifest's fingerprint records but the manifest says otherwise (its layers
+    edited), the error names the manifest's edit."""
     try:
         _check_match_manifest(model, stack, shards)
     except ShardDirError as e:
         try:
-            edited = shards.config_mismatch()
+            edited, manifest = shards.model_problems()
         except Exception:  # noqa: BLE001 - the refusal stands as it is
-            edited = None
+            edited = manifest = None
+        if manifest is not None and edited is None:  # (the manifest's layers edited: config.json builds this model)
+            raise ShardDirError(f"{e} Note: its own {shards.manifest_path.name} {manifest}.") from None
         if edited is None:
             raise
         raise ShardDirError(

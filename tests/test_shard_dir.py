@@ -727,6 +727,40 @@ def test_an_edited_fingerprint_is_named_as_the_manifests_not_config_jsons(shard_
     split_checkpoint(ckpt, shards, progress=False)
 
 
+def test_a_manifest_with_its_last_layer_taken_out_is_named_and_written_again_by_the_same_split(shard_copy, capsys):
+    """The manifest's `num_layers` lowered and its last layer's unit taken out: the directory opened, `verify` said
+    every file matched (config.json builds the model whose fingerprint the manifest records, which was taken for
+    sound), the same split said there was nothing to do, and streaming refused the model built from config.json as
+    another model's. `verify`, `inspect` and that refusal name the manifest's edit, and the same split writes the
+    manifest again."""
+    from conftest import build_meta_model
+    from transformers import AutoConfig
+
+    ckpt, shards = shard_copy
+    manifest = shards / "manifest.json"
+    sound = json.loads(manifest.read_text())
+    n = sound["num_layers"]
+    units = [u for u in sound["units"] if u["name"] != f"layers.{n - 1}"]
+    manifest.write_text(json.dumps({**sound, "num_layers": n - 1, "units": units}, indent=1))
+    problem = (
+        f"records {n - 1} decoder layers (and lists a unit for each), but the model config.json builds, whose "
+        f"architecture fingerprint it records (which hashes their number), has {n}: the manifest's `num_layers` and "
+        "units were changed since the split"
+    )
+    [found] = ShardDirectory(shards).verify(checksums=False)
+    assert found.startswith(f"{manifest} {problem}; run the same split again"), found
+    assert main(["verify", "--quick", str(shards)]) == 1
+    assert "fix manifest.json as its message says" in capsys.readouterr().err
+    assert main(["inspect", str(shards), "--device", "cpu"]) == 0
+    assert f"warning          manifest.json {problem}" in capsys.readouterr().out
+    model = build_meta_model(AutoConfig.from_pretrained(shards))
+    with pytest.raises(ShardDirError, match=re.escape(f"Note: its own manifest.json {problem}")):
+        enable_layer_streaming(model, shards, device="cpu")
+    split_checkpoint(ckpt, shards, progress=False)
+    assert json.loads(manifest.read_text()) == sound
+    assert ShardDirectory(shards, checksums=True).verify() == []
+
+
 def test_a_config_json_this_machine_cannot_build_is_not_called_damaged(shard_copy, monkeypatch, caplog):
     """Building the model to compare it with the shards can fail for reasons of this machine (memory) or this
     transformers (a model type it lacks): `verify` said the file was damaged and to split again. It warns that it
