@@ -906,7 +906,7 @@ class ShardDirectory:
 
     def _model_difference(
         self, read: tuple[dict | None, ShardFileError | None] | None = None
-    ) -> tuple[str | None, str | None, int | None] | None:
+    ) -> tuple[str | None, str | None, list[str] | None] | None:
         """`_model_mismatch` of the model the directory's `config.json` builds; `None` where it is unreadable (`read`:
         `_read_config()` as the caller read it; default: read here) or building the model fails (logged: this machine
         or this transformers, not damage found)."""
@@ -926,7 +926,7 @@ class ShardDirectory:
             return None
 
     @staticmethod
-    def _config_text(found: tuple[str | None, str | None, int | None] | None) -> str | None:
+    def _config_text(found: tuple[str | None, str | None, list[str] | None] | None) -> str | None:
         if found is None or found[0] is None:
             return None
         return (
@@ -934,17 +934,17 @@ class ShardDirectory:
             "transformers builds the model otherwise)"
         )
 
-    def _layers_text(self, found: tuple[str | None, str | None, int | None] | None) -> str | None:
+    def _layers_text(self, found: tuple[str | None, str | None, list[str] | None] | None) -> str | None:
         if found is None or found[2] is None:
             return None
         return (
-            f"records {self.manifest.num_layers} decoder layers (and lists a unit for each), but the model config.json "
-            f"builds, whose architecture fingerprint it records (which hashes their number), has {found[2]}: the "
-            "manifest's `num_layers` and units were changed since the split; run the same split again "
-            "(`split_checkpoint` / `hf-layerstream split`, same source and options), which writes the manifest again"
+            f"records {' and '.join(found[2])}, where the model config.json builds has the architecture fingerprint "
+            "it records (which hashes its decoder layers' number and names): the manifest was changed since the "
+            "split; run the same split again (`split_checkpoint` / `hf-layerstream split`, same source and options), "
+            "which writes the manifest again"
         )
 
-    def _fingerprint_text(self, found: tuple[str | None, str | None, int | None] | None) -> str | None:
+    def _fingerprint_text(self, found: tuple[str | None, str | None, list[str] | None] | None) -> str | None:
         if found is None or found[1] is None:
             return None
         return (
@@ -961,12 +961,11 @@ class ShardDirectory:
         tensor names or shapes, or, where those are the ones the manifest lists, its fingerprint; `None` where nothing
         does. Builds it without weights (names and shapes only: on meta, buffers too, and what a model makes on the
         CPU first); raises what building it raises."""
-        differs, fingerprint, layers = self._model_mismatch(config)
-        if layers is not None:
+        differs, fingerprint, edited = self._model_mismatch(config)
+        if edited is not None:
             return (
-                f"{layers} decoder layers, where the manifest records {self.manifest.num_layers} with the architecture "
-                "fingerprint of this model, which hashes their number (the manifest's `num_layers` and units were "
-                "changed since the split)"
+                f"the architecture fingerprint the manifest records, which hashes its decoder layers' number and names, "
+                f"but the manifest records {' and '.join(edited)} (changed since the split)"
             )
         if fingerprint is None:
             return differs
@@ -976,24 +975,28 @@ class ShardDirectory:
             "`fingerprint` was changed since the split)"
         )
 
-    def _model_mismatch(self, config) -> tuple[str | None, str | None, int | None]:
+    def _model_mismatch(self, config) -> tuple[str | None, str | None, list[str] | None]:
         """`model_mismatch` as a triple: what differs in the model (`None`: nothing it holds), the model's fingerprint
-        where only the manifest's differs from it (else `None`), and the model's number of decoder layers where its
-        fingerprint is the manifest's but the manifest's `num_layers` is not that number (else `None`)."""
+        where only the manifest's differs from it (else `None`), and where the model has the manifest's fingerprint,
+        the manifest's `num_layers` or `layers_prefix` that are not the model's, with the model's (else `None`)."""
         from .modeling import architecture_fingerprint, build_for_shards, expected_tensors, require_layer_stack
 
         model = build_for_shards(self.manifest, config, meta=True)
         stack = require_layer_stack(model)
-        if stack.prefix != self.manifest.layers_prefix:  # (streaming refuses it: `verify` passed it)
-            return (
-                f"decoder layers under {stack.prefix!r}, where the manifest records {self.manifest.layers_prefix!r}",
-                None,
-                None,
-            )
         fingerprint = architecture_fingerprint(model, stack)
-        if fingerprint == self.manifest.fingerprint:
-            # (the split's model: a number of layers other than its own is the manifest's edit, a unit dropped or added)
-            return None, None, len(stack) if len(stack) != self.manifest.num_layers else None
+        m = self.manifest
+        if fingerprint == m.fingerprint:
+            # (the split's model: the number of its layers (a unit dropped or added) or their names otherwise than its
+            # own are the manifest's edit)
+            edited = [
+                f"`num_layers` {m.num_layers} (the model: {len(stack)})" if len(stack) != m.num_layers else "",
+                f"`layers_prefix` {m.layers_prefix!r} (the model: {stack.prefix!r})"
+                if stack.prefix != m.layers_prefix
+                else "",
+            ]
+            return None, None, [e for e in edited if e] or None
+        if stack.prefix != m.layers_prefix:  # (streaming refuses it: `verify` passed it)
+            return f"decoder layers under {stack.prefix!r}, where the manifest records {m.layers_prefix!r}", None, None
         if len(stack) != self.manifest.num_layers:
             return f"{len(stack)} decoder layers, where the shards hold {self.manifest.num_layers}", None, None
         model_type = getattr(config, "model_type", None)

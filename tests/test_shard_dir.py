@@ -743,9 +743,9 @@ def test_a_manifest_with_its_last_layer_taken_out_is_named_and_written_again_by_
     units = [u for u in sound["units"] if u["name"] != f"layers.{n - 1}"]
     manifest.write_text(json.dumps({**sound, "num_layers": n - 1, "units": units}, indent=1))
     problem = (
-        f"records {n - 1} decoder layers (and lists a unit for each), but the model config.json builds, whose "
-        f"architecture fingerprint it records (which hashes their number), has {n}: the manifest's `num_layers` and "
-        "units were changed since the split"
+        f"records `num_layers` {n - 1} (the model: {n}), where the model config.json builds has the architecture "
+        "fingerprint it records (which hashes its decoder layers' number and names): the manifest was changed since "
+        "the split"
     )
     [found] = ShardDirectory(shards).verify(checksums=False)
     assert found.startswith(f"{manifest} {problem}; run the same split again"), found
@@ -846,14 +846,19 @@ def test_a_manifest_whose_layer_count_does_not_fit_its_units_says_how_many_it_ne
 def test_verify_fails_a_manifest_whose_layers_prefix_the_model_does_not_have(shard_copy, capsys):
     """A manifest whose `layers_prefix` is not where the model built from config.json keeps its decoder layers
     (edited, or damaged within valid JSON) passed `verify`, and streaming it then refused it ("stores decoder layers
-    under 'model.blocks' but the model's are under 'model.layers'"). `verify` fails it now, naming both; the same
-    split run again repairs it."""
+    under 'model.blocks' but the model's are under 'model.layers'"). `verify` fails it now, naming both, as the
+    manifest's edit (config.json builds the model whose fingerprint it records: it said config.json described another
+    model); the same split run again repairs it."""
     ckpt, shards = shard_copy
     manifest = json.loads((shards / "manifest.json").read_text())
     (shards / "manifest.json").write_text(json.dumps({**manifest, "layers_prefix": "model.blocks"}))
     assert main(["verify", str(shards), "--quick"]) == 1
-    out = capsys.readouterr().out
-    assert "decoder layers under 'model.layers', where the manifest records 'model.blocks'" in out
+    captured = capsys.readouterr()
+    assert captured.out.startswith(
+        f"{shards / 'manifest.json'} records `layers_prefix` 'model.blocks' (the model: 'model.layers'), where the "
+        "model config.json builds has the architecture fingerprint it records"
+    ), captured.out
+    assert "fix manifest.json as its message says" in captured.err
     split_checkpoint(ckpt, shards, progress=False)
     assert json.loads((shards / "manifest.json").read_text())["layers_prefix"] == "model.layers"
     assert ShardDirectory(shards, checksums=True).verify() == []
