@@ -886,8 +886,8 @@ class ShardDirectory:
         """What differs between the model the directory's `config.json` builds and the one the shards were split from
         (another number of layers, other tensor shapes: the architecture fingerprint the manifest records), if
         anything; `None` also where `config.json` is unreadable (see `_config_problem`), and where the model it builds
-        holds the tensors the manifest lists but the manifest's fingerprint differs (`model_problems`: the
-        manifest's, not config.json's). Builds the model without weights, which takes a moment for a large one:
+        holds the tensors the manifest lists but the manifest's fingerprint differs, or has the fingerprint but not
+        the manifest's number or names of decoder layers (`model_problems`: the manifest's, not config.json's). Builds the model without weights, which takes a moment for a large one:
         `verify` and a re-run split check it, opening the directory does not (enabling streaming compares the model
         given with the manifest anyway)."""
         return self._config_text(self._model_difference())
@@ -896,7 +896,8 @@ class ShardDirectory:
         """`config_mismatch()`, and where the model the directory's `config.json` builds has the type, decoder layers,
         tensor names and shapes the manifest lists but not the architecture fingerprint it records, what is wrong with
         the manifest (its `fingerprint` was changed since the split: nothing else makes them differ), with the value
-        to put back; from one build of the model."""
+        to put back; or where the model has the fingerprint it records (which hashes its decoder layers' number and
+        names) but not its `num_layers` or `layers_prefix`, those, with the fix; from one build of the model."""
         return self._model_problems(self._read_config())
 
     def _model_problems(self, read: tuple[dict | None, ShardFileError | None]) -> tuple[str | None, str | None]:
