@@ -39,8 +39,9 @@ def main(argv: list[str] | None = None) -> dict:
     plain = measure_sweeps(model, ids, max_new_tokens=args.max_new_tokens)
     assisted = measure_sweeps(model, ids, assistant_model=draft, max_new_tokens=args.max_new_tokens)
     for name, run in (("plain", plain), ("assisted", assisted)):
+        tokens, sweeps = run["tokens"], run["sweeps"]
         print(
-            f"{name:9s} {run['tokens']:4d} tokens in {run['sweeps']:4d} sweeps "
+            f"{name:9s} {tokens:4d} token{'s' if tokens != 1 else ''} in {sweeps:4d} sweep{'s' if sweeps != 1 else ''} "
             f"({run['tokens_per_sweep']:.2f} tokens/sweep, {run['tokens_per_s']:.2f} tokens/s)"
         )
     print("same output:", plain["output_ids"] == assisted["output_ids"])

@@ -231,3 +231,12 @@ def test_every_option_of_an_example_is_described_in_its_help(name, monkeypatch):
         _example(name).main([])
     parser = e.value.args[0]
     assert [a.dest for a in parser._actions if a.help is None] == []
+
+
+def test_speculative_example_says_1_sweep_and_1_token(checkpoints, capsys):
+    """One token asked for is one sweep, plain or assisted: the example printed "1 tokens in 1 sweeps"."""
+    ckpt, shards = checkpoints("llama")
+    runs = _example("speculative").main([str(shards), str(ckpt), "--max-new-tokens", "1", "--device", "cpu"])
+    assert runs["plain"]["sweeps"] == runs["assisted"]["sweeps"] == 1
+    out = capsys.readouterr().out
+    assert "sweeps" not in out.replace("tokens/sweep", "") and "1 token in    1 sweep (" in out, out
