@@ -256,6 +256,24 @@ def _with_settings(generate_kwargs: dict, **settings) -> dict:
     return kwargs
 
 
+def _refuse_what_drafting_fails_on(config: GenerationConfig, generate_kwargs: dict) -> None:
+    """Settings with which transformers' assisted decoding by a draft model fails inside `generate`, refused up front.
+
+    `config` is what the call runs with (`_generation_config`); `generate_kwargs` its keyword arguments."""
+    draft = generate_kwargs.get("assistant_model")
+    if config.get_generation_mode(draft) != GenerationMode.ASSISTED_GENERATION:
+        return
+    if config.stop_strings and (draft is not None or config.assistant_early_exit is not None):
+        # (the draft's own `generate` gets the call's settings, stop strings included, and no tokenizer)
+        which = "`assistant_model`" if draft is not None else "`assistant_early_exit`"
+        raise ValueError(
+            f"`stop_strings` ({config.stop_strings!r}) cannot be used with a draft model ({which}): transformers "
+            "hands them to the draft's own `generate` without the tokenizer, which fails there ('we could not "
+            "locate a tokenizer', though `tokenizer` is given). Drop the draft (plain decoding, or "
+            "`prompt_lookup_num_tokens`), or drop `stop_strings` and cut the text at the stop string."
+        )
+
+
 class _StopRecorder(StoppingCriteria):
     """Runs stopping criteria for `generate` (their verdicts OR-ed, as `generate` does) and records, per row, the
     length at which one of them first ended it."""
@@ -382,7 +400,8 @@ def measure_sweeps(
         attention_mask (`torch.Tensor` or list, *optional*):
             Of the shape of `input_ids` (1-D for one prompt too). Defaults to what `generate` infers from the padding (`pad_token_id`), as for a plain `generate` call.
         assistant_model (`transformers.PreTrainedModel`, *optional*):
-            A resident draft model with the same tokenizer (assisted generation; batch size 1).
+            A resident draft model with the same tokenizer (assisted generation; batch size 1). Not with
+            `stop_strings`, which transformers passes on to the draft's own `generate`, where they fail.
         prompt_lookup_num_tokens (`int`, *optional*):
             Prompt-lookup decoding with this many candidate tokens (batch size 1).
         max_new_tokens (`int`, *optional*):
@@ -459,6 +478,7 @@ def measure_sweeps(
             f"{input_ids.shape[0]}. Measure one prompt (`input_ids[:1]`) or drop `assistant_model` / "
             "`prompt_lookup_num_tokens` / `assistant_early_exit` / `use_mtp`."
         )
+    _refuse_what_drafting_fails_on(config, kwargs)
     eos = eos_token_ids(model, None, kwargs)
     if config.pad_token_id is None and eos:
         kwargs = _with_settings(kwargs, pad_token_id=min(eos))

@@ -385,3 +385,38 @@ def test_measure_sweeps_reports_the_decoding_generate_ran(setup):
     assert r["mode"] == "early_exit" and r["output_ids"][0] == plain[prompt]["output_ids"][0][:4]
     with pytest.raises(ValueError, match="batch size 2.*`use_mtp`"):
         measure_sweeps(model, ids.repeat(2, 1), use_mtp=True, **kw)
+
+
+def test_stop_strings_with_a_draft_model_are_refused_up_front(setup, tmp_path):
+    """transformers hands the call's stop strings to the draft's own `generate` without the tokenizer: it failed
+    there ("we could not locate a tokenizer"), though `tokenizer` was given. Refused before anything runs, naming
+    both; prompt lookup (no draft model) keeps them."""
+    model, tok, strong, _, plain = setup
+    prompt = _models.SAMPLE_PROMPTS[1]
+    ids = tok(prompt, return_tensors="pt").input_ids
+    stop = tok.decode(plain[prompt]["output_ids"][0][3:4]).strip()
+    assert stop
+    kw = {"max_new_tokens": NEW, "stop_strings": [stop], "tokenizer": tok, "pad_token_id": tok.pad_token_id}
+    batch_kw = {k: v for k, v in kw.items() if k != "tokenizer"}  # (the batch functions pass their own on)
+    refused = r"`stop_strings` \(\[.*\]\) cannot be used with a draft model \(`{}`\).*Drop the draft"
+    with count_sweeps(model) as counter:
+        with pytest.raises(ValueError, match=refused.format("assistant_model")):
+            measure_sweeps(model, ids, assistant_model=strong, **kw)
+        with pytest.raises(ValueError, match=refused.format("assistant_early_exit")):
+            measure_sweeps(model, ids, assistant_early_exit=1, **kw)
+        with pytest.raises(ValueError, match=refused.format("assistant_model")):
+            generate_batch(model, tok, [prompt], progress=False, assistant_model=strong, **batch_kw)
+        (tmp_path / "in.jsonl").write_text(json.dumps({"id": "a", "prompt": prompt}) + "\n")
+        with pytest.raises(ValueError, match=refused.format("assistant_model")):
+            generate_jsonl(
+                model,
+                tok,
+                tmp_path / "in.jsonl",
+                tmp_path / "out.jsonl",
+                progress=False,
+                assistant_model=strong,
+                **batch_kw,
+            )
+    assert counter.sweeps == 0
+    looked_up = measure_sweeps(model, ids, prompt_lookup_num_tokens=3, **kw)
+    assert looked_up["output_ids"] == measure_sweeps(model, ids, **kw)["output_ids"]
