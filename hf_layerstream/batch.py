@@ -238,7 +238,7 @@ def _check_kwargs(model: nn.Module, batch_size: Any, generate_kwargs: dict) -> t
         )
     assistant = generate_kwargs.get("assistant_model")
     mode = config.get_generation_mode(assistant)
-    _refuse_what_drafting_fails_on(config, generate_kwargs)
+    _refuse_what_drafting_fails_on(model, config, generate_kwargs)
     if mode == GenerationMode.ASSISTED_GENERATION and batch_size > 1:
         reasons = ["assistant_model"] if assistant is not None else []
         reasons += [k for k in ("prompt_lookup_num_tokens", "assistant_early_exit") if getattr(config, k) is not None]

@@ -795,7 +795,8 @@ def _cmd_generate(args) -> int:
         # transformers takes a draft of another vocabulary size for one with another tokenizer: it then translates
         # through both tokenizers (universal assisted decoding) and refuses `assistant_tokenizer` otherwise. There
         # the draft keeps transformers' confidence threshold: with `configure_draft`'s 0 (draft every token asked
-        # for), a one-token prompt crashed inside transformers' translation ("cannot reshape tensor of 0 elements")
+        # for), transformers failed inside once a draft of several tokens was accepted ("cannot reshape tensor of 0
+        # elements"; see `speculative._refuse_what_drafting_fails_on`)
         if draft.config.get_text_config().vocab_size != model.config.get_text_config().vocab_size:
             draft.generation_config.assistant_confidence_threshold = threshold
             gen_kwargs["assistant_tokenizer"] = AutoTokenizer.from_pretrained(args.assistant, token=args.token)

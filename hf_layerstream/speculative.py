@@ -256,10 +256,15 @@ def _with_settings(generate_kwargs: dict, **settings) -> dict:
     return kwargs
 
 
-def _refuse_what_drafting_fails_on(config: GenerationConfig, generate_kwargs: dict) -> None:
+def _vocab_size(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    return getattr(config.get_text_config(), "vocab_size", None) if config is not None else None
+
+
+def _refuse_what_drafting_fails_on(model: nn.Module, config: GenerationConfig, generate_kwargs: dict) -> None:
     """Settings with which transformers' assisted decoding by a draft model fails inside `generate`, refused up front.
 
-    `config` is what the call runs with (`_generation_config`); `generate_kwargs` its keyword arguments."""
+    `config` is what `model.generate(**generate_kwargs)` runs with (`_generation_config`)."""
     draft = generate_kwargs.get("assistant_model")
     if config.get_generation_mode(draft) != GenerationMode.ASSISTED_GENERATION:
         return
@@ -271,6 +276,20 @@ def _refuse_what_drafting_fails_on(config: GenerationConfig, generate_kwargs: di
             "hands them to the draft's own `generate` without the tokenizer, which fails there ('we could not "
             "locate a tokenizer', though `tokenizer` is given). Drop the draft (plain decoding, or "
             "`prompt_lookup_num_tokens`), or drop `stop_strings` and cut the text at the stop string."
+        )
+    draft_config = getattr(draft, "generation_config", None)
+    threshold = getattr(draft_config, "assistant_confidence_threshold", None)
+    universal = generate_kwargs.get("assistant_tokenizer") is not None and _vocab_size(draft) != _vocab_size(model)
+    if universal and not config.do_sample and threshold == 0:
+        default = GenerationConfig._get_default_generation_params()["assistant_confidence_threshold"]
+        raise ValueError(
+            "The draft's `assistant_confidence_threshold` is 0 (`configure_draft`'s `confidence_threshold`, 0 by "
+            "default) and it has a tokenizer of its own (`assistant_tokenizer`): transformers' universal assisted "
+            "decoding fails inside once a draft of several tokens is accepted ('cannot reshape tensor of 0 "
+            "elements'), where drafting never stops early. Configure the draft with "
+            f"`configure_draft(draft, confidence_threshold={default})` (transformers' default: fewer tokens per draft; "
+            "a draft sure of several tokens can still meet that failure), or use a draft that shares the model's "
+            "tokenizer."
         )
 
 
@@ -478,7 +497,7 @@ def measure_sweeps(
             f"{input_ids.shape[0]}. Measure one prompt (`input_ids[:1]`) or drop `assistant_model` / "
             "`prompt_lookup_num_tokens` / `assistant_early_exit` / `use_mtp`."
         )
-    _refuse_what_drafting_fails_on(config, kwargs)
+    _refuse_what_drafting_fails_on(model, config, kwargs)
     eos = eos_token_ids(model, None, kwargs)
     if config.pad_token_id is None and eos:
         kwargs = _with_settings(kwargs, pad_token_id=min(eos))
@@ -544,6 +563,8 @@ def configure_draft(
             `"constant"`, `"heuristic"` (+2 after a fully accepted block, -1 otherwise) or `"heuristic_transient"`.
         confidence_threshold (`float`, *optional*, defaults to 0.0):
             Stop drafting early when the draft's probability of its token falls below this; 0 or `None` never stops.
+            A draft with a tokenizer of its own (`assistant_tokenizer=`, greedy decoding) fails inside transformers
+            with 0, and [`measure_sweeps`] and the batch functions refuse it: give it transformers' default there.
 
     Returns:
         The same `draft_model`.

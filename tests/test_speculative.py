@@ -420,3 +420,46 @@ def test_stop_strings_with_a_draft_model_are_refused_up_front(setup, tmp_path):
     assert counter.sweeps == 0
     looked_up = measure_sweeps(model, ids, prompt_lookup_num_tokens=3, **kw)
     assert looked_up["output_ids"] == measure_sweeps(model, ids, **kw)["output_ids"]
+
+
+def test_a_draft_of_another_tokenizer_never_stopping_early_is_refused_up_front(setup, tmp_path):
+    """`configure_draft`'s threshold of 0 (drafting never stops early) with a draft of another tokenizer: transformers'
+    universal assisted decoding failed inside once a draft of several tokens was accepted ("cannot reshape tensor of
+    0 elements"). Refused before anything runs, naming the setting and transformers' default, with which it runs."""
+    from transformers import GenerationConfig
+
+    model, tok, _, _, plain = setup
+    ckpt = _models.save_tiny_checkpoint(
+        _models.make_config("llama", num_hidden_layers=1, vocab_size=136), tmp_path / "draft"
+    )
+    draft = configure_draft(_models.load_reference(ckpt))
+    kw = {
+        "assistant_model": draft,
+        "tokenizer": tok,
+        "assistant_tokenizer": AutoTokenizer.from_pretrained(ckpt),
+        "max_new_tokens": NEW,
+        "min_new_tokens": NEW,
+        "pad_token_id": tok.pad_token_id,
+    }
+    default = GenerationConfig._get_default_generation_params()["assistant_confidence_threshold"]
+    refused = (
+        r"The draft's `assistant_confidence_threshold` is 0 .*`assistant_tokenizer`.*"
+        rf"`configure_draft\(draft, confidence_threshold={default}\)`"
+    )
+    # (the failure, as `generate` meets it: this fails once a transformers release fixes it, and the refusal can go)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="cannot reshape tensor of 0 elements"):
+        model.generate(tok("Hello", return_tensors="pt").input_ids, do_sample=False, **kw)
+    for prompt in ("Hello", _models.SAMPLE_PROMPTS[1]):
+        ids = tok(prompt, return_tensors="pt").input_ids
+        with count_sweeps(model) as counter:
+            with pytest.raises(ValueError, match=refused):
+                measure_sweeps(model, ids, **kw)
+            with pytest.raises(ValueError, match=refused):
+                generate_batch(
+                    model, tok, [prompt], progress=False, **{k: v for k, v in kw.items() if k != "tokenizer"}
+                )
+        assert counter.sweeps == 0
+    configure_draft(draft, confidence_threshold=default)
+    prompt = _models.SAMPLE_PROMPTS[1]
+    r = measure_sweeps(model, tok(prompt, return_tensors="pt").input_ids, **kw)
+    assert r["mode"] == "assisted" and r["output_ids"] == plain[prompt]["output_ids"]
