@@ -489,7 +489,7 @@ def _run(
                 for row, p in enumerate(batch):  # left padding: every prompt ends where generation starts
                     ids[row, width - len(p.input_ids) :] = torch.tensor(p.input_ids, dtype=torch.long)
                     mask[row, width - len(p.input_ids) :] = 1
-                call = stops.criteria(width, kwargs)
+                call = stops.criteria(width, kwargs, len(batch))
                 extra = {"streamer": _TokenMeter(eos_ids, bar.add_tokens, stops.recorder)} if use_meter else {}
                 with torch.no_grad():
                     out = model.generate(ids.to(device), attention_mask=mask.to(device), **call, **extra)
@@ -508,7 +508,7 @@ def _run(
                         "several sequences per prompt."
                     )
                 new = sequences[:, width:].cpu().tolist()
-                stopped_at = stops.stopped_at(new, eos_ids, pad_id)
+                stopped_at = stops.stopped_at(new)
                 counts = count_new_tokens(new, eos_ids, stopped_at)
                 results = []
                 for p, row, n, stop in zip(batch, new, counts, stopped_at):

@@ -319,6 +319,41 @@ class _StopRecorder(StoppingCriteria):
         return [n - self.prompt_length if n >= 0 else None for n in self.lengths.tolist()]
 
 
+class _BeamStopRecorder(StoppingCriteria):
+    """Under beam search: runs stopping criteria as `_StopRecorder` does, on the beams `generate` weighs (all the
+    prompts' candidates, prompt by prompt), and records the generated tokens of each beam one of them ended. A row of
+    the output is ended by them at the first length where its tokens are those of a beam so ended, for its prompt."""
+
+    def __init__(self, criteria: Sequence[StoppingCriteria], prompt_length: int, batch_size: int):
+        self.criteria = list(criteria)
+        self.prompt_length = prompt_length
+        self.batch_size = batch_size
+        self.ended: set[tuple[int, tuple[int, ...]]] = set()  # (prompt, generated tokens)
+        self.lengths: set[int] = set()
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for criterion in self.criteria:
+            done = done | criterion(input_ids, scores, **kwargs)
+        if bool(done.any()):
+            rows = input_ids.shape[0]
+            for r in done.nonzero().flatten().tolist():
+                new = tuple(input_ids[r, self.prompt_length :].tolist())
+                self.ended.add((r * self.batch_size // rows, new))
+                self.lengths.add(len(new))
+        return done
+
+    def stopped_at(self, new_tokens: Sequence[Sequence[int]]) -> list[int | None]:
+        """For each row of the output (`num_return_sequences` rows per prompt), the generated tokens when a criterion
+        ended it, or `None`."""
+        stops: list[int | None] = []
+        for i, row in enumerate(new_tokens):
+            prompt = i * self.batch_size // len(new_tokens)
+            lengths = (n for n in sorted(self.lengths) if n <= len(row))
+            stops.append(next((n for n in lengths if (prompt, tuple(row[:n])) in self.ended), None))
+        return stops
+
+
 class _StopWatch:
     """Finds which rows of a `generate` call were ended by stop strings or custom stopping criteria, and when.
 
@@ -327,8 +362,9 @@ class _StopWatch:
     instead of the caller's: the same criteria, the caller's custom ones called (once per step, as before) through a
     recorder. Transformers' own criterion types (`EosTokenCriteria`, `StopStringCriteria`, `MaxLengthCriteria`,
     `MaxTimeCriteria`) stay in place (one given replaces `generate`'s own of its type); the first two are stateless
-    and are also evaluated by the recorder. Beam search ranks beams, not prompts: there the rows that end in a run of
-    padding (with a padding id that is no end-of-sequence id) are taken as stopped.
+    and are also evaluated by the recorder. Beam search ranks beams, not prompts: there the recorder notes the beams
+    the criteria end (`_BeamStopRecorder`); `generate` fills the rest of such a row with padding, or with an
+    end-of-sequence id where the padding id is 0 (transformers takes it for none), which no model generated there.
 
     Args:
         config (`GenerationConfig`):
@@ -357,42 +393,26 @@ class _StopWatch:
             self.watched.append(StopStringCriteria(tokenizer=tokenizer, stop_strings=config.stop_strings))
         self.active = bool(self.watched)
         self.beams = (config.num_beams or 1) > 1
-        self.recorder: _StopRecorder | None = None
+        self.recorder: _StopRecorder | _BeamStopRecorder | None = None
 
-    def criteria(self, prompt_length: int, generate_kwargs: dict) -> dict:
-        """The keyword arguments for one `generate` call whose prompts are `prompt_length` tokens (padded)."""
+    def criteria(self, prompt_length: int, generate_kwargs: dict, batch_size: int = 1) -> dict:
+        """The keyword arguments for one `generate` call of `batch_size` prompts of `prompt_length` tokens (padded)."""
         self.recorder = None
-        if not self.active or self.beams:
+        if not self.active:
             return generate_kwargs
-        self.recorder = _StopRecorder(self.watched, prompt_length)
+        if self.beams:
+            self.recorder = _BeamStopRecorder(self.watched, prompt_length, batch_size)
+        else:
+            self.recorder = _StopRecorder(self.watched, prompt_length)
         return {**generate_kwargs, "stopping_criteria": StoppingCriteriaList([*self.kept, self.recorder])}
 
-    def stopped_at(self, new_tokens: Sequence[Sequence[int]], eos_ids: Iterable[int], pad_id: int | None):
+    def stopped_at(self, new_tokens: Sequence[Sequence[int]]) -> list[int | None]:
         """For each row of the last call's generated tokens, the count at which a criterion ended it, or `None`."""
+        if isinstance(self.recorder, _BeamStopRecorder):
+            return self.recorder.stopped_at(new_tokens)
         if self.recorder is not None:
             return self.recorder.stopped_at() or [None] * len(new_tokens)
-        eos = set(eos_ids)
-        stops: list[int | None] = [None] * len(new_tokens)
-        strings = [c for c in self.watched if type(c) is StopStringCriteria]
-        if self.active and strings:
-            # (beam search: a stop string found again, stateless, at the first count where it ends the row; the row
-            # is filled after it with padding, or with an end-of-sequence id that no model generated there)
-            for i, row in enumerate(new_tokens):
-                for n in range(1, len(row) + 1):
-                    ids = torch.tensor([row[:n]], dtype=torch.long)
-                    if any(bool(c(ids, None)[0]) for c in strings):
-                        stops[i] = n
-                        break
-            if len(strings) == len(self.watched):  # (every criterion watched is a stop string: the rest is "length")
-                return stops
-        if self.active and pad_id is not None and pad_id not in eos:
-            for i, row in enumerate(new_tokens):
-                n = len(row)
-                while n and row[n - 1] == pad_id:
-                    n -= 1
-                if n < len(row) and not eos.intersection(row):
-                    stops[i] = n
-        return stops
+        return [None] * len(new_tokens)
 
 
 def measure_sweeps(
@@ -502,7 +522,7 @@ def measure_sweeps(
     if config.pad_token_id is None and eos:
         kwargs = _with_settings(kwargs, pad_token_id=min(eos))
     stops = _StopWatch(config, kwargs)
-    kwargs = stops.criteria(input_ids.shape[1], kwargs)
+    kwargs = stops.criteria(input_ids.shape[1], kwargs, input_ids.shape[0])
 
     with count_sweeps(model) as counter, torch.no_grad():
         t0 = time.perf_counter()
@@ -510,8 +530,7 @@ def measure_sweeps(
         seconds = time.perf_counter() - t0
     sequences = out.sequences if hasattr(out, "sequences") else out
     new = sequences[:, input_ids.shape[1] :].cpu().tolist()
-    pad_id = config.pad_token_id if config.pad_token_id is not None else min(eos) if eos else None
-    counts = count_new_tokens(new, eos, stops.stopped_at(new, eos, pad_id))
+    counts = count_new_tokens(new, eos, stops.stopped_at(new))
     tokens = sum(counts)
     sweeps = counter.sweeps
     # (the candidate generator `generate` picks, in its order)

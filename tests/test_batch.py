@@ -660,6 +660,47 @@ def test_beam_search_rows_ended_by_a_stop_string_report_stop_whatever_the_batch_
             assert (r["completion_tokens"], r["finish_reason"]) == (len(new), "stop" if stopped else "length"), r
 
 
+def test_beam_search_rows_ended_by_a_stopping_criterion_count_the_tokens_generated(llama, tmp_path):
+    """Beam search with a custom stopping criterion, in a batch: transformers fills the rest of a row it ended with
+    the end-of-sequence id where the padding id is 0 (it takes that id for none), and that fill was counted as a
+    token generated (`completion_tokens`, `measure_sweeps`' `tokens` and `output_ids`: one too many). Each row now
+    counts the tokens generating it alone gives, at any batch size."""
+    from hf_layerstream.speculative import measure_sweeps
+
+    model, tok, _ = llama
+    assert tok.pad_token_id == 0 and tok.eos_token_id != 0
+    prompts = list(_models.SAMPLE_PROMPTS)
+    kw = {"max_new_tokens": 12, "do_sample": False, "num_beams": 2, "pad_token_id": tok.pad_token_id}
+    with torch.no_grad():
+        x = tok(prompts[1], return_tensors="pt")
+        token = model.generate(**x, **kw)[0, x["input_ids"].shape[1] + 2].item()
+
+    def stop():
+        return {"stopping_criteria": StoppingCriteriaList([_StopAtToken(token)])}
+
+    alone = []
+    for p in prompts:
+        x = tok(p, return_tensors="pt")
+        with torch.no_grad():
+            new = model.generate(**x, **kw, **stop())[0, x["input_ids"].shape[1] :].tolist()
+        alone.append(new[: new.index(tok.eos_token_id) + 1] if tok.eos_token_id in new else new)
+    assert any(len(new) < kw["max_new_tokens"] and new[-1] == token for new in alone)
+    assert any(len(new) == kw["max_new_tokens"] for new in alone)
+    batch = tok(prompts, return_tensors="pt", padding=True)
+    r = measure_sweeps(model, batch.input_ids, attention_mask=batch.attention_mask, **kw, **stop())
+    assert r["output_ids"] == alone and r["tokens"] == sum(map(len, alone))
+    (tmp_path / "in.jsonl").write_text(
+        "".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in enumerate(prompts))
+    )
+    for batch_size in (1, 3):
+        out = tmp_path / f"out{batch_size}.jsonl"
+        generate_jsonl(model, tok, tmp_path / "in.jsonl", out, batch_size=batch_size, progress=False, **kw, **stop())
+        records = [json.loads(line) for line in out.read_text().splitlines()]
+        for new, rec in zip(alone, records):
+            ended = len(new) < kw["max_new_tokens"] or new[-1] in (tok.eos_token_id, token)
+            assert (rec["completion_tokens"], rec["finish_reason"]) == (len(new), "stop" if ended else "length"), rec
+
+
 def test_a_draft_with_another_vocabulary_size(llama, checkpoints, tmp_path):
     """Universal assisted decoding: a draft whose vocabulary size differs needs `tokenizer=` and
     `assistant_tokenizer=` in `generate`; the batch functions pass their tokenizer on. Greedy output unchanged."""
