@@ -211,7 +211,9 @@ def _pad_token_id(model: nn.Module, tokenizer, generate_kwargs: dict) -> int:
     )
 
 
-def _check_kwargs(model: nn.Module, batch_size: Any, generate_kwargs: dict) -> tuple[int, GenerationConfig, str]:
+def _check_kwargs(
+    model: nn.Module, batch_size: Any, generate_kwargs: dict, tokenizer=None
+) -> tuple[int, GenerationConfig, str]:
     """Checks the arguments against the settings `generate` will run with (the keyword arguments over
     `generation_config`, else the model's own); returns the batch size to use, those settings and the decoding mode."""
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
@@ -238,7 +240,7 @@ def _check_kwargs(model: nn.Module, batch_size: Any, generate_kwargs: dict) -> t
         )
     assistant = generate_kwargs.get("assistant_model")
     mode = config.get_generation_mode(assistant)
-    _refuse_what_drafting_fails_on(model, config, generate_kwargs)
+    _refuse_what_drafting_fails_on(model, config, generate_kwargs, tokenizer)
     if mode == GenerationMode.ASSISTED_GENERATION and batch_size > 1:
         reasons = ["assistant_model"] if assistant is not None else []
         reasons += [k for k in ("prompt_lookup_num_tokens", "assistant_early_exit") if getattr(config, k) is not None]
@@ -622,7 +624,7 @@ def generate_batch(
     """
     if isinstance(prompts, (str, bytes)):
         raise TypeError("`prompts` must be a list of prompts, got a single string; wrap it: `[prompt]`.")
-    batch_size, config, mode = _check_kwargs(model, batch_size, generate_kwargs)
+    batch_size, config, mode = _check_kwargs(model, batch_size, generate_kwargs, tokenizer)
     items = []
     for i, prompt in enumerate(prompts):
         if isinstance(prompt, list):
@@ -1041,7 +1043,7 @@ def generate_jsonl(
     _check_paths(input_path, output_path)
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise TypeError(f"`seed` must be an int or None, got {seed!r}.")
-    batch_size, config, mode = _check_kwargs(model, batch_size, generate_kwargs)
+    batch_size, config, mode = _check_kwargs(model, batch_size, generate_kwargs, tokenizer)
     sampled_seed = seed if config.do_sample else None  # (greedy results do not depend on it)
     items = _read_input(input_path)
     prefill = any(_continues_final_message(p.prompt) for p in items)

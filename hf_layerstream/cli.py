@@ -800,6 +800,10 @@ def _cmd_generate(args) -> int:
         if draft.config.get_text_config().vocab_size != model.config.get_text_config().vocab_size:
             draft.generation_config.assistant_confidence_threshold = threshold
             gen_kwargs["assistant_tokenizer"] = AutoTokenizer.from_pretrained(args.assistant, token=args.token)
+        from .speculative import _generation_config, _refuse_what_drafting_fails_on
+
+        names = ("`--do-sample`", "`--assistant`")
+        _refuse_what_drafting_fails_on(model, _generation_config(model, gen_kwargs), gen_kwargs, tok, names=names)
 
     if args.chat and not getattr(tok, "chat_template", None):
         print(

@@ -261,16 +261,25 @@ def _vocab_size(model: nn.Module) -> int | None:
     return getattr(config.get_text_config(), "vocab_size", None) if config is not None else None
 
 
-def _refuse_what_drafting_fails_on(model: nn.Module, config: GenerationConfig, generate_kwargs: dict) -> None:
+def _refuse_what_drafting_fails_on(
+    model: nn.Module,
+    config: GenerationConfig,
+    generate_kwargs: dict,
+    tokenizer=None,
+    *,
+    names: tuple[str, str] = ("`do_sample=True`", "`assistant_model`"),
+) -> None:
     """Settings with which transformers' assisted decoding by a draft model fails inside `generate`, refused up front.
 
-    `config` is what `model.generate(**generate_kwargs)` runs with (`_generation_config`)."""
+    `config` is what `model.generate(**generate_kwargs)` runs with (`_generation_config`); `tokenizer` the model's,
+    where `generate_kwargs` has none; `names` how the caller names sampling and the draft (the command line's
+    options)."""
     draft = generate_kwargs.get("assistant_model")
     if config.get_generation_mode(draft) != GenerationMode.ASSISTED_GENERATION:
         return
     if config.stop_strings and (draft is not None or config.assistant_early_exit is not None):
         # (the draft's own `generate` gets the call's settings, stop strings included, and no tokenizer)
-        which = "`assistant_model`" if draft is not None else "`assistant_early_exit`"
+        which = names[1] if draft is not None else "`assistant_early_exit`"
         raise ValueError(
             f"`stop_strings` ({config.stop_strings!r}) cannot be used with a draft model ({which}): transformers "
             "hands them to the draft's own `generate` without the tokenizer, which fails there ('we could not "
@@ -279,7 +288,20 @@ def _refuse_what_drafting_fails_on(model: nn.Module, config: GenerationConfig, g
         )
     draft_config = getattr(draft, "generation_config", None)
     threshold = getattr(draft_config, "assistant_confidence_threshold", None)
-    universal = generate_kwargs.get("assistant_tokenizer") is not None and _vocab_size(draft) != _vocab_size(model)
+    draft_tokenizer = generate_kwargs.get("assistant_tokenizer")
+    universal = draft_tokenizer is not None and _vocab_size(draft) != _vocab_size(model)
+    tokenizer = generate_kwargs.get("tokenizer", tokenizer)
+    if universal and config.do_sample and tokenizer is not None:
+        # (transformers 5.25 prunes the draft's head to the tokens the model lacks, and with none to prune, sets no
+        # map it then reads: "'AssistantToTargetTranslator' object has no attribute 'assistant_overlap_token_ids'")
+        if set(draft_tokenizer.get_vocab()) <= set(tokenizer.get_vocab()):
+            sample, which = names
+            raise ValueError(
+                f"{sample} with a draft ({which}) whose vocabulary size differs from the model's while its tokenizer's "
+                "tokens are all the model's (a padded embedding) fails inside transformers' universal assisted "
+                "decoding (\"'AssistantToTargetTranslator' object has no attribute 'assistant_overlap_token_ids'\"). "
+                "Decode greedily with this draft, or sample without it."
+            )
     if universal and not config.do_sample and threshold == 0:
         default = GenerationConfig._get_default_generation_params()["assistant_confidence_threshold"]
         raise ValueError(

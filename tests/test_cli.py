@@ -270,6 +270,24 @@ def test_generate_with_a_draft_of_another_vocabulary_size(split_dir, tmp_path, c
     assert out[len(prompt) :].strip() == _greedy_text(ckpt, prompt, 8).strip()
 
 
+def test_sampling_with_a_draft_of_a_padded_vocabulary_is_refused_before_generating(split_dir, tmp_path, capsys):
+    """A draft of the model's tokenizer with a padded vocabulary (Qwen2.5-0.5B for Qwen2.5-7B) goes through universal
+    assisted decoding, which, sampling, failed inside transformers on its first draft ("'AssistantToTargetTranslator'
+    object has no attribute 'assistant_overlap_token_ids'", a traceback). Refused before anything is printed, naming
+    the options; greedy, it runs."""
+    ckpt, shards = split_dir
+    draft = _models.save_tiny_checkpoint(
+        _models.make_config("llama", num_hidden_layers=1, vocab_size=136), tmp_path / "draft"
+    )
+    argv = ["generate", str(shards), "Hello", "--assistant", str(draft), "--max-new-tokens", "4", "--device", "cpu"]
+    assert main([*argv, "--do-sample", "--seed", "0"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "`--do-sample` with a draft (`--assistant`) whose vocabulary size differs" in captured.err
+    assert "'assistant_overlap_token_ids'" in captured.err and "Traceback" not in captured.err
+    assert main(argv) == 0
+
+
 def test_a_shard_directory_without_a_tokenizer_names_the_option_to_give_one(split_dir, tmp_path, capsys):
     """A shard directory split from a checkpoint without tokenizer files: `generate` says so and names `--tokenizer`
     (transformers' own error spoke of converting a slow tokenizer); with `--tokenizer` it runs."""

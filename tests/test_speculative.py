@@ -463,3 +463,31 @@ def test_a_draft_of_another_tokenizer_never_stopping_early_is_refused_up_front(s
     prompt = _models.SAMPLE_PROMPTS[1]
     r = measure_sweeps(model, tok(prompt, return_tensors="pt").input_ids, **kw)
     assert r["mode"] == "assisted" and r["output_ids"] == plain[prompt]["output_ids"]
+
+
+def test_sampling_with_a_draft_of_a_padded_vocabulary_is_refused_up_front(setup, tmp_path):
+    """A draft of the model's tokenizer with a padded vocabulary goes through universal assisted decoding, which,
+    sampling, failed inside transformers ("'AssistantToTargetTranslator' object has no attribute
+    'assistant_overlap_token_ids'"). Refused before anything runs; greedy, it runs."""
+    model, tok, _, _, plain = setup
+    ckpt = _models.save_tiny_checkpoint(
+        _models.make_config("llama", num_hidden_layers=1, vocab_size=136), tmp_path / "draft"
+    )
+    draft = _models.load_reference(ckpt)  # (transformers' own draft settings)
+    kw = {
+        "assistant_model": draft,
+        "assistant_tokenizer": AutoTokenizer.from_pretrained(ckpt),
+        "max_new_tokens": NEW,
+        "pad_token_id": tok.pad_token_id,
+    }
+    refused = r"`do_sample=True` with a draft \(`assistant_model`\) whose vocabulary size differs"
+    prompt = _models.SAMPLE_PROMPTS[1]
+    ids = tok(prompt, return_tensors="pt").input_ids
+    with count_sweeps(model) as counter:
+        with pytest.raises(ValueError, match=refused):
+            measure_sweeps(model, ids, tokenizer=tok, do_sample=True, **kw)
+        with pytest.raises(ValueError, match=refused):
+            generate_batch(model, tok, [prompt], progress=False, do_sample=True, **kw)
+    assert counter.sweeps == 0
+    r = measure_sweeps(model, ids, tokenizer=tok, min_new_tokens=NEW, **kw)
+    assert r["mode"] == "assisted" and r["output_ids"] == plain[prompt]["output_ids"]
