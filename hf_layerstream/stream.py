@@ -1668,6 +1668,14 @@ def _refuse(model: nn.Module, state: StreamingState) -> None:
 
     _shadow(model, state, "__deepcopy__", no_deepcopy)
 
+    # `copy.copy` too (it reduces the model, found on the instance; `pickle` too, which the loader refused anyway): a
+    # shallow copy shared the hooks, the loader and the state, and `disable_layer_streaming` of either left the other
+    # enabled on meta weights, its passes giving meta outputs without an error
+    def no_copy(protocol=None):
+        raise TypeError(_NO_COPY)
+
+    _shadow(model, state, "__reduce_ex__", no_copy)
+
 
 def _wrap_generate(model: nn.Module, state: StreamingState) -> None:
     """`generate`: a profile per call (`profile=True`), and a clear error where `disable_layer_streaming` ran in another

@@ -2422,6 +2422,22 @@ def test_copying_or_pickling_a_streamed_model_is_refused_with_the_fix_named(chec
     disable_layer_streaming(twin)
 
 
+def test_a_shallow_copy_of_a_streamed_model_is_refused_with_the_fix_named(checkpoints):
+    """`copy.copy(model)` made a model sharing the original's hooks, loader and state: `disable_layer_streaming` of
+    the copy left the original enabled on meta weights, its next pass giving a meta output without an error."""
+    ckpt, shards = checkpoints("llama")
+    model = streamed_model(ckpt, shards, max_memory={"cpu": 0})
+    for again in (False, True):
+        if again:
+            enable_layer_streaming(model, shards, device="cpu", max_memory={"cpu": 0})
+        with pytest.raises(TypeError, match=r"call `disable_layer_streaming\(model\)` first"):
+            copy.copy(model)
+        disable_layer_streaming(model)
+        assert "__reduce_ex__" not in vars(model)
+        twin = copy.copy(model)  # (a meta model again: copied as any)
+        assert twin is not model and get_streaming_state(twin) is None
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_the_head_of_a_streamed_model_copies_and_saves_as_the_loaded_heads(checkpoints, arch):
     """`copy.deepcopy(model.lm_head)` or `torch.save` of it (GPT-2: its tied input embeddings too) failed with
