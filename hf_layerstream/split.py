@@ -8,6 +8,8 @@ import logging
 import os
 import shlex
 import shutil
+import signal
+import threading
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -643,7 +645,8 @@ class _Source:
             # transformers' `load_state_dict` reads it (it passes mmap only for a zip file too).
             mmap = zipfile.is_zipfile(path)
             try:
-                handle = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+                with _ctrl_c_noted():
+                    handle = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
             except pickle.UnpicklingError as e:  # (what weights_only raises for what it refuses to unpickle)
                 raise ShardFileError(
                     path,
@@ -651,6 +654,7 @@ class _Source:
                     "Only load checkpoints you trust; convert it to safetensors, or use the original publisher's files.",
                 ) from e
             except Exception as e:  # noqa: BLE001 - re-raised with the file name
+                _interrupted_inside(e)
                 raise ShardFileError(path, f"cannot be read by torch.load: {type(e).__name__}: {e}", _SOURCE_FIX) from e
             if not isinstance(handle, dict):
                 raise ShardFileError(path, "does not hold a state dict")
@@ -806,8 +810,10 @@ class _Source:
         if isinstance(handle, dict):
             return handle[key]
         try:
-            return handle.get_tensor(key)
+            with _ctrl_c_noted():
+                return handle.get_tensor(key)
         except Exception as e:  # noqa: BLE001
+            _interrupted_inside(e)
             raise ShardFileError(self.fetch(filename), f"cannot provide tensor {key!r}: {e}") from e
 
     def release(self, later: set[str], following: set[str]) -> None:
@@ -821,6 +827,45 @@ class _Source:
         for filename in list(self._handles):
             if filename not in (following if filename.endswith(".safetensors") else later):
                 del self._handles[filename]
+
+
+# Ctrl-C while torch's C code runs: the KeyboardInterrupt that Python's handler raises inside a call torch makes
+# back into Python is cleared there, and the call fails with another error (safetensors' `get_tensor`: "ValueError:
+# could not determine the shape of object type 'torch.storage.UntypedStorage'"), which a read wrapped as a damaged
+# file (a ShardFileError saying to re-create it), the Ctrl-C lost. The SIGINTs of such a read are noted (in the main
+# thread, the only one Python's handlers run in, where the handler is a Python function), and its error is then the
+# KeyboardInterrupt.
+_ctrl_c = threading.local()  # (`seen`: the SIGINTs noted in the read under way; `None` outside one)
+
+
+@contextmanager
+def _ctrl_c_noted():
+    """Note the SIGINTs that arrive inside the block, for `_interrupted_inside` (nothing else changes: the handler
+    in place still runs). A block in another thread, or under a handler that is not a Python function, notes none."""
+    _ctrl_c.seen = False
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or not callable(previous):
+        yield
+        return
+
+    def noted(signum, frame):
+        _ctrl_c.seen = True
+        return previous(signum, frame)
+
+    signal.signal(signal.SIGINT, noted)
+    try:
+        yield
+    finally:
+        if signal.getsignal(signal.SIGINT) is noted:  # (one set inside the block stays)
+            signal.signal(signal.SIGINT, previous)
+
+
+def _interrupted_inside(error: Exception) -> None:
+    """Raise `KeyboardInterrupt` for `error`, the error of a `_ctrl_c_noted` block, where a Ctrl-C arrived inside it:
+    the error is what torch's C code made of the KeyboardInterrupt it cleared (see `_ctrl_c`)."""
+    seen, _ctrl_c.seen = getattr(_ctrl_c, "seen", False), False
+    if seen:
+        raise KeyboardInterrupt from error
 
 
 def _inside_name(filename) -> bool:

@@ -504,6 +504,46 @@ def test_a_quantized_split_killed_after_a_unit_is_in_place_resumes_byte_identica
     assert_same_tree(shards, reference)
 
 
+def test_ctrl_c_in_torchs_c_code_reading_a_source_tensor_is_a_keyboard_interrupt(llama, tmp_path, monkeypatch):
+    """A Ctrl-C while torch's C code ran inside safetensors' `get_tensor` (its KeyboardInterrupt cleared there, the
+    call failing with "ValueError: could not determine the shape of object type 'torch.storage.UntypedStorage'") was
+    raised as a ShardFileError saying the source file was damaged, the Ctrl-C lost: it is the KeyboardInterrupt, with
+    nothing partial left, and the same split resumes. The handler in place is put back after each read."""
+    shards = tmp_path / "shards"
+    import safetensors
+
+    real_open = safetensors.safe_open
+    handler = signal.getsignal(signal.SIGINT)
+    fired = []
+
+    class Interrupted:
+        def __init__(self, handle):
+            self.handle = handle
+
+        def __getattr__(self, name):
+            return getattr(self.handle, name)
+
+        def get_tensor(self, key):
+            if "layers.2." in key and not fired:
+                fired.append(key)
+                try:  # what torch's C code does: a call back into Python meets the Ctrl-C, and it clears the error
+                    signal.raise_signal(signal.SIGINT)
+                except KeyboardInterrupt:
+                    pass
+                raise ValueError("could not determine the shape of object type 'torch.storage.UntypedStorage'")
+            return self.handle.get_tensor(key)
+
+    with monkeypatch.context() as m:
+        m.setattr(safetensors, "safe_open", lambda *a, **k: Interrupted(real_open(*a, **k)))
+        with pytest.raises(KeyboardInterrupt):
+            split_checkpoint(llama["ckpt"], shards, progress=False)
+    assert fired and signal.getsignal(signal.SIGINT) is handler
+    no_partial_files(shards)
+    assert not (shards / "manifest.json").exists()
+    resume_and_check(llama, shards, monkeypatch)
+    check_exact(llama, shards)
+
+
 def test_disk_space_preflight_refuses_before_writing(llama, tmp_path, monkeypatch):
     shards = tmp_path / "shards"
     need = sum(p.stat().st_size for p in llama["reference"].rglob("*.safetensors"))
