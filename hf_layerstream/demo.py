@@ -264,7 +264,9 @@ def run_demo(args) -> int:
     checkpoint_dtype(args.dtype)  # (a typo fails before anything is written)
     # what the streamed run would refuse only in its child, after the checkpoint was written, split and run whole
     device = str(check_device(getattr(args, "device", None)))
-    budget = args.max_memory or ("cpu=0" if device == "cpu" else f"{device.partition(':')[2] or 0}=0,cpu=0")
+    budget = args.max_memory  # (an empty one is refused, as by generate: it gives no budget)
+    if budget is None:
+        budget = "cpu=0" if device == "cpu" else f"{device.partition(':')[2] or 0}=0,cpu=0"
     max_memory = _max_memory(budget)
     check_max_memory(max_memory)
     reserve = _reserve(getattr(args, "reserve", None))

@@ -1321,6 +1321,9 @@ def test_demo_refuses_a_folder_holding_a_checkpoint_of_other_sizes(tmp_path, mon
     [
         (["--max-memory", "cpu=abc"], "`--max-memory` got the size 'abc'"),
         (["--max-memory", "gpu=1GiB"], "`--max-memory` key 'gpu' is not recognized"),
+        # (an empty one ran the default plan without a word, where "," was refused, as generate refuses both)
+        (["--max-memory", ""], "--max-memory '' gives no budget: give one or more"),
+        (["--max-memory", ","], "--max-memory ',' gives no budget: give one or more"),
         (["--prefetch", "-1"], "`--prefetch` is -1"),
         (["--max-new-tokens", "0"], "`--max-new-tokens` is 0"),
         (["--layers", "0"], "`--layers` is 0"),
