@@ -756,7 +756,7 @@ def _cmd_generate(args) -> int:
     if args.tokenizer is None:
         # a tokenizer file the split wrote gone (a download cut short, deleted): the tokenizer loads without it and
         # tokenizes otherwise (the prompt read as no tokens), so it is named first, with its fix
-        gone = [p for p in get_streaming_state(model).shard_dir._side_file_problems() if "file of the tokenizer" in p]
+        gone = get_streaming_state(model).shard_dir._side_file_problems(tokenizer=True)
         if gone:
             raise ValueError(f"{gone[0]}; or give a tokenizer with `--tokenizer` (a folder or a hub id).")
     try:

@@ -1013,14 +1013,18 @@ class ShardDirectory:
         symlink to nothing too); `[]` where the manifest lists none (a split made before they were listed)."""
         return [name for name in self.manifest.side_files or [] if not os.path.exists(self.path / name)]
 
-    def _side_file_problems(self, *, content: bool = False) -> list[str]:
+    def _side_file_problems(self, *, content: bool = False, tokenizer: bool = False) -> list[str]:
         """`verify`'s problems of the side files the directory lacks: those a tokenizer, processor or `generate` reads
         (a tokenizer file gone, `AutoTokenizer.from_pretrained` of the directory fails or tokenizes otherwise). The
         license files and model card, which the model runs without, are a warning, logged. With `content`, also those
-        there but damaged (`side_file_damage`: a JSON one that is not readable JSON), or that cannot be read."""
-        missing = self.missing_side_files()
+        there but damaged (`side_file_damage`: a JSON one that is not readable JSON), or that cannot be read.
+        `tokenizer`: those of the tokenizer's files only (by their names), without the warning."""
+        names = self.manifest.side_files or []
+        if tokenizer:
+            names = [n for n in names if not _informative(n) and _side_file_use(n) == _TOKENIZER_FILE_USE]
+        missing = [n for n in self.missing_side_files() if n in names]
         damaged = []
-        for name in self.manifest.side_files or [] if content else []:
+        for name in names if content else []:
             try:
                 damage = side_file_damage(self.path / name)
             except OSError as e:
@@ -1046,7 +1050,7 @@ class ShardDirectory:
                 )
             return f"running the same split again writes {it} back"
 
-        informative = [name for name in missing if name == MODEL_CARD_NAME or _LICENSE_FILE.fullmatch(name)]
+        informative = [name for name in missing if _informative(name)]
         if informative:
             logger.warning(
                 "%s lacks %s, which its split wrote (the model runs without, but a copy shared on the hub should "
@@ -1327,6 +1331,11 @@ def _load_dtype_differs(manifest: Manifest, config) -> tuple[str, str] | None:
 _SCHEME_KEYS = ("bits", "quant_type", "blocksize")  # (what a quantized tensor records of the split's scheme)
 
 
+def _informative(name: str) -> bool:
+    """Whether the side file `name` is one the model runs without (a license file, the model card): a warning."""
+    return name == MODEL_CARD_NAME or bool(_LICENSE_FILE.fullmatch(name))
+
+
 def _side_file_use(name: str) -> str:
     """What reads the side file `name` of a shard directory (`verify`'s message of one missing)."""
     if name == "generation_config.json":
@@ -1335,7 +1344,12 @@ def _side_file_use(name: str) -> str:
         return "a chat template of the tokenizer, which `apply_chat_template` reads"
     if name.endswith("processor_config.json"):
         return "`AutoProcessor.from_pretrained` of the directory reads it"
-    return "a file of the tokenizer: `AutoTokenizer.from_pretrained` of the directory fails or tokenizes otherwise"
+    return _TOKENIZER_FILE_USE  # (the rest: tokenizer.json, tokenizer_config.json, a vocabulary, special tokens)
+
+
+_TOKENIZER_FILE_USE = (
+    "a file of the tokenizer: `AutoTokenizer.from_pretrained` of the directory fails or tokenizes otherwise"
+)
 
 
 def dtype_name(dtype: torch.dtype | None) -> str:

@@ -1864,3 +1864,18 @@ def test_generate_names_a_tokenizer_file_the_shard_directory_lacks(split_dir, tm
     assert "no tokens" not in err
     argv = ["generate", str(copy), "Hello", "--max-new-tokens", "1", "--device", "cpu", "--tokenizer", str(ckpt)]
     assert main(argv) == 0
+
+
+def test_generate_tells_the_tokenizer_files_by_their_names(split_dir, tmp_path, capsys):
+    """`generate` told a tokenizer file gone by the text of its problem: in a folder whose path held "file of the
+    tokenizer", a missing generation_config.json (which streaming runs without: it warns) was refused as one."""
+    ckpt, shards = split_dir
+    copy = tmp_path / "a file of the tokenizer" / "shards"
+    shutil.copytree(shards, copy)
+    (copy / "generation_config.json").unlink()
+    assert main(["generate", str(copy), "Hello", "--max-new-tokens", "1", "--device", "cpu"]) == 0, capsys.readouterr()
+    (copy / "tokenizer.json").unlink()
+    assert main(["generate", str(copy), "Hello", "--max-new-tokens", "1", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {copy / 'tokenizer.json'} is missing (a file of the tokenizer" in err
+    assert "generation_config.json" not in err
