@@ -1036,6 +1036,8 @@ class ShardDirectory:
         if not missing and not damaged:
             return []
         downloaded = _hub_snapshot(Path(os.path.realpath(self.path))) is not None
+        command = redownload_command(self.path) if downloaded else None
+        again = f"download the repo again (`{command}`)" if command is not None else "download the repo again"
 
         def fix(it: str, *, damaged: bool = False) -> str:
             if downloaded and damaged:  # (its blob: downloaded again over it)
@@ -1045,8 +1047,8 @@ class ShardDirectory:
                 )
             if downloaded:  # (the uploader's split has it: a download cut short, or an upload without it)
                 return (
-                    f"this download of the hub repo lacks {it}: download the repo again, or, where the repo lacks "
-                    f"{it}, run the same split again and upload {it}"
+                    f"this download of the hub repo lacks {it}: {again}, or, where the repo lacks {it}, run the same "
+                    f"split again and upload {it}"
                 )
             return f"running the same split again writes {it} back"
 

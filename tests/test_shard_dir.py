@@ -1048,6 +1048,28 @@ def test_a_hub_cache_download_missing_a_file_is_told_to_be_downloaded_again(shar
     )
 
 
+def test_a_hub_cache_download_missing_a_tokenizer_file_names_the_download_command(shard_copy, tmp_path, capsys):
+    """A hub cache snapshot of a shard directory missing its tokenizer.json (a download cut short, its blob deleted):
+    `verify` and `generate` said to "download the repo again" with no command, where the other files of a download
+    name it (`hf download REPO --force-download`, at its revision where not the default branch's)."""
+    _, shards = shard_copy
+    snapshot = _models.hub_snapshot(shards, tmp_path / "cache", repo="someorg--tok")
+    os.unlink(os.path.realpath(snapshot / "tokenizer.json"))  # (the blob: the link dangles)
+    problem = (
+        f"{snapshot / 'tokenizer.json'} is missing (a file of the tokenizer: `AutoTokenizer.from_pretrained` of the "
+        "directory fails or tokenizes otherwise; the split wrote it, and the manifest lists it): this download of the "
+        "hub repo lacks it: download the repo again (`hf download someorg/tok --force-download`), or, where the repo "
+        "lacks it, run the same split again and upload it"
+    )
+    assert ShardDirectory(snapshot).verify() == [problem]
+    assert main(["generate", str(snapshot), "Hello", "--max-new-tokens", "1", "--device", "cpu"]) == 2
+    assert f"error: {problem}; or give a tokenizer with `--tokenizer`" in capsys.readouterr().err
+    v2 = "c" * 40
+    other = _models.hub_snapshot(shards, tmp_path / "cache", repo="someorg--tok", commit=v2, ref="v2")
+    (other / "tokenizer.json").unlink()  # (the link: missing from the snapshot)
+    assert "(`hf download someorg/tok --revision " + v2 + " --force-download`)" in ShardDirectory(other).verify()[0]
+
+
 def test_a_hub_repo_holding_a_shard_directory_streams_by_its_id(shard_copy, tmp_path, monkeypatch, capsys):
     """`enable_layer_streaming(model, "org/name")`, `generate`, `inspect` and `verify` take the id of a hub repo holding
     a shard directory, as `from_pretrained` takes a model's: downloaded into the hub cache (here: found there,
