@@ -320,13 +320,15 @@ def _settings_digest(
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _model_digest(model: nn.Module) -> str:
+def _model_digest(model: nn.Module, *, legacy: bool = False) -> str:
     """A fingerprint of the model a job's results come from (`model_sha256`, beside the settings'), read without its
     base weights: for a streamed model, the digests of its shard directory's files as its manifest records them (the
     checkpoint, the split's dtype and compression, an adapter merged by the split; the same files at another path are
     the same model); for another, its `name_or_path` and number of parameters (and quantization config). For both,
     the dtypes of its parameters (the dtype a model is streamed at) and the PEFT adapters attached: their configs,
-    each adapter layer's active adapters and its adapter weights (hashed: small beside the model)."""
+    each adapter layer's active adapters and its adapter weights (hashed: small beside the model), the layers named
+    in the base model (a `PeftModel`'s, as `load_adapter` attaches them: the same adapter attached either way is the
+    same model). `legacy`: as hf_layerstream 0.1.0 made it (a `PeftModel`'s layers named in it, `base_model.model.`)."""
     base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model  # (a `PeftModel`)
     state = get_streaming_state(base)
     if state is not None:
@@ -353,7 +355,7 @@ def _model_digest(model: nn.Module) -> str:
                 "disabled": bool(getattr(module, "disable_adapters", False)),
                 "weights": {n: _describe(p) for n, p in module.named_parameters() if not n.startswith("base_layer.")},
             }
-            for name, module in _adapter_modules(model)
+            for name, module in _adapter_modules(model if legacy else base)
         ],
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
@@ -780,11 +782,11 @@ def _load_done(
     unseeded: str | None = None,
     seed=None,
     untemplated: Collection[str] = (),
-    model: str | None = None,
+    model: Collection[str] | None = None,
 ) -> tuple[dict[str, dict], bool]:
     """Results already in `path`, by id key; drops a torn last line (a crash mid-write). Returns (done, repaired).
-    `model`: this run's `_model_digest`; a result made by another model is refused, one that records none (written
-    before it was recorded) taken, with a warning.
+    `model`: this run's `_model_digest`s (as made now and by older versions); a result made by another model is
+    refused, one that records none (written before it was recorded) taken, with a warning.
     `unseeded`: for a sampled job given `seed`, the fingerprint of its settings without it, which results written
     before seeds were part of it carry: taken, with a warning. `untemplated`: for a job of conversations, the
     fingerprints of its settings without the chat template (with and without the seed), which results written before
@@ -855,7 +857,7 @@ def _load_done(
             )
         if "model_sha256" not in record:
             modelless += 1
-        elif model is not None and record["model_sha256"] != model:
+        elif model is not None and record["model_sha256"] not in model:
             raise ValueError(
                 f"`output_path` {path} has a result for id {record['id']!r} made by another model than this run's: "
                 "another checkpoint or shard directory, another dtype or another adapter (PEFT), and the results would "
@@ -1082,7 +1084,7 @@ def generate_jsonl(
             unseeded=unseeded,
             seed=sampled_seed,
             untemplated=untemplated,
-            model=model_digest,
+            model={model_digest, _model_digest(model, legacy=True)},  # (the latter: results an older version wrote)
         )
         todo = [p for p in items if p.key not in done]
         stats = {"input": str(input_path), "output": str(output_path), "prompts": len(items), "skipped": len(done)}

@@ -1042,6 +1042,43 @@ def test_resume_refuses_another_model(llama, checkpoints, tmp_path, caplog):
     assert out.read_text() == first
 
 
+def test_the_same_adapter_attached_either_way_is_the_same_model(llama, checkpoints, tmp_path):
+    """A PEFT adapter loaded into the streamed model (`load_adapter`) and the same adapter wrapping it (`PeftModel`)
+    made two `model_sha256`s (the adapter layers named with the `PeftModel`'s `base_model.model.` prefix), so a job
+    begun one way was refused as made by another model when resumed the other way. They are one model now; results a
+    `PeftModel` job wrote before (the old fingerprint) still resume with it."""
+    peft = pytest.importorskip("peft")
+    from hf_layerstream import attaching_adapters
+    from hf_layerstream import batch as batch_mod
+
+    _, tok, shards = llama
+    ckpt = checkpoints("llama")[0]
+    torch.manual_seed(1)
+    config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    peft.get_peft_model(_models.load_reference(ckpt), config).save_pretrained(tmp_path / "adapter")
+    loaded = streamed_model(ckpt, shards, **STREAM_ALL)
+    with attaching_adapters(loaded):
+        loaded.load_adapter(str(tmp_path / "adapter"))
+    wrapped = streamed_model(ckpt, shards, **STREAM_ALL)
+    with attaching_adapters(wrapped):
+        wrapped = peft.PeftModel.from_pretrained(wrapped, tmp_path / "adapter")
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in enumerate(PROMPTS[:2])))
+    generate_jsonl(loaded, tok, inp, tmp_path / "straight.jsonl", progress=False, **GREEDY)
+    first = (tmp_path / "straight.jsonl").read_text().splitlines(True)[0]
+    for resumed, by in ((wrapped, first), (loaded, first), (wrapped, None)):
+        if by is None:  # (as a `PeftModel` job wrote it before)
+            record = json.loads(first)
+            record["model_sha256"] = batch_mod._model_digest(wrapped, legacy=True)
+            assert record["model_sha256"] != json.loads(first)["model_sha256"]
+            by = json.dumps(record) + "\n"
+        out.write_text(by)  # as if killed after the first prompt
+        stats = generate_jsonl(resumed, tok, inp, out, progress=False, **GREEDY)
+        assert stats["skipped"] == 1
+        lines = out.read_text().splitlines(True)
+        assert lines[0] == by and lines[1] == (tmp_path / "straight.jsonl").read_text().splitlines(True)[1]
+
+
 @pytest.mark.parametrize("how", ["replaced", "removed"])
 def test_a_job_refuses_an_output_file_another_job_replaced_before_its_lock(llama, tmp_path, monkeypatch, how):
     """Between opening the output and locking it, another job that held the lock renamed its finished results over
