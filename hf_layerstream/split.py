@@ -657,7 +657,7 @@ class _Source:
                 _interrupted_inside(e)
                 raise ShardFileError(path, f"cannot be read by torch.load: {type(e).__name__}: {e}", _SOURCE_FIX) from e
             if not isinstance(handle, dict):
-                raise ShardFileError(path, "does not hold a state dict")
+                raise ShardFileError(path, "does not hold a state dict", _SOURCE_FIX)
         self._handles[filename] = handle
         return handle
 
@@ -814,7 +814,7 @@ class _Source:
                 return handle.get_tensor(key)
         except Exception as e:  # noqa: BLE001
             _interrupted_inside(e)
-            raise ShardFileError(self.fetch(filename), f"cannot provide tensor {key!r}: {e}") from e
+            raise ShardFileError(self.fetch(filename), f"cannot provide tensor {key!r}: {e}", _SOURCE_FIX) from e
 
     def release(self, later: set[str], following: set[str]) -> None:
         """Close the files no unit still to write reads (`later`: the files those units read), and the safetensors

@@ -463,6 +463,15 @@ def malicious_pickle_bin(ckpt: Path, tmp: Path):
     return "pytorch_model.bin", "weights_only=True", marker
 
 
+def bin_without_a_state_dict(ckpt: Path, tmp: Path):
+    """A `.bin` file holding no state dict: it said to re-create the shard directory (or verify it), for a file of
+    the source; the fix is the source's."""
+    for p in ckpt.glob("model*.safetensors*"):
+        p.unlink()
+    torch.save([torch.zeros(2)], ckpt / "pytorch_model.bin")
+    return "pytorch_model.bin", r"does not hold a state dict\. It is a file of the source checkpoint: re-download", None
+
+
 def truncated_source_shard(ckpt: Path, tmp: Path):
     path = sorted(ckpt.glob("model-*.safetensors"))[2]
     path.write_bytes(path.read_bytes()[:30])
@@ -500,6 +509,7 @@ def source_without_config(ckpt: Path, tmp: Path):
 
 SOURCE_CASES = [
     malicious_pickle_bin,
+    bin_without_a_state_dict,
     truncated_source_shard,
     source_offsets_outside,
     source_dimension_not_an_integer,
