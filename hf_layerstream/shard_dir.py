@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import re
+import shlex
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -426,7 +427,10 @@ def _repo_of_snapshot(snapshot: Path | None) -> str | None:
 
 def redownload_command(path: str | os.PathLike) -> str | None:
     """The command that downloads again the hub cache's snapshot holding `path` (`hf download REPO --force-download`,
-    with `--revision COMMIT` where the snapshot is not the default branch's), else `None`."""
+    with `--revision COMMIT` where the snapshot is not the default branch's, and `--cache-dir DIR` where its cache is
+    not huggingface_hub's: the download went to that one, leaving this one as it was), else `None`."""
+    from huggingface_hub import constants
+
     snapshot = _hub_snapshot(Path(os.path.realpath(path)))
     repo = _repo_of_snapshot(snapshot)
     if repo is None:
@@ -435,8 +439,11 @@ def redownload_command(path: str | os.PathLike) -> str | None:
         main = (snapshot.parent.parent / "refs" / "main").read_text().strip()
     except OSError:
         main = None
-    revision = f" --revision {snapshot.name}" if snapshot.name != main else ""
-    return f"hf download {repo}{revision} --force-download"
+    option = f" --revision {snapshot.name}" if snapshot.name != main else ""
+    cache = snapshot.parents[2]  # (`<cache>/models--org--name/snapshots/<commit>`)
+    if str(cache) != os.path.realpath(Path(constants.HF_HUB_CACHE).expanduser()):
+        option += f" --cache-dir {shlex.quote(str(cache))}"
+    return f"hf download {repo}{option} --force-download"
 
 
 def redownload_advice(path: str | os.PathLike) -> str | None:

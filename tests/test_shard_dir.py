@@ -8,6 +8,7 @@ import io
 import json
 import os
 import re
+import shlex
 import shutil
 import stat
 from pathlib import Path
@@ -1001,11 +1002,14 @@ def test_a_shard_directory_downloaded_from_the_hub_streams_from_the_hub_cache(sh
             ShardDirectory(snapshot)
 
 
-def test_a_hub_cache_download_missing_a_file_is_told_to_be_downloaded_again(shard_copy, tmp_path, capsys):
+def test_a_hub_cache_download_missing_a_file_is_told_to_be_downloaded_again(shard_copy, tmp_path, capsys, monkeypatch):
     """A hub cache snapshot of a shard directory missing a layer file (an incomplete download) or whose link leads to
     a blob deleted: opening it said to re-create the shard directory with `split_checkpoint`, which refuses to write
     into the hub cache. It says to download it again, as `verify` does (at its revision, where not the default
     branch's); `verify` lists a link to a blob deleted among the files, not as a damaged manifest."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))  # (another is named: see the next test)
     _, shards = shard_copy
     snapshot = _models.hub_snapshot(shards, tmp_path / "cache", repo="someorg--layers")
     os.unlink(os.path.realpath(snapshot / LAYER))  # (the blob: the link dangles)
@@ -1048,10 +1052,17 @@ def test_a_hub_cache_download_missing_a_file_is_told_to_be_downloaded_again(shar
     )
 
 
-def test_a_hub_cache_download_missing_a_tokenizer_file_names_the_download_command(shard_copy, tmp_path, capsys):
+def test_a_hub_cache_download_missing_a_tokenizer_file_names_the_download_command(
+    shard_copy, tmp_path, capsys, monkeypatch
+):
     """A hub cache snapshot of a shard directory missing its tokenizer.json (a download cut short, its blob deleted):
     `verify` and `generate` said to "download the repo again" with no command, where the other files of a download
-    name it (`hf download REPO --force-download`, at its revision where not the default branch's)."""
+    name it (`hf download REPO --force-download`, at its revision where not the default branch's). In a hub cache
+    other than huggingface_hub's, the command names it (`--cache-dir`): without, it downloaded into that one, leaving
+    this one as it was."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
     _, shards = shard_copy
     snapshot = _models.hub_snapshot(shards, tmp_path / "cache", repo="someorg--tok")
     os.unlink(os.path.realpath(snapshot / "tokenizer.json"))  # (the blob: the link dangles)
@@ -1068,6 +1079,10 @@ def test_a_hub_cache_download_missing_a_tokenizer_file_names_the_download_comman
     other = _models.hub_snapshot(shards, tmp_path / "cache", repo="someorg--tok", commit=v2, ref="v2")
     (other / "tokenizer.json").unlink()  # (the link: missing from the snapshot)
     assert "(`hf download someorg/tok --revision " + v2 + " --force-download`)" in ShardDirectory(other).verify()[0]
+    elsewhere = _models.hub_snapshot(shards, tmp_path / "my cache", repo="someorg--tok")
+    (elsewhere / "tokenizer.json").unlink()
+    cache = shlex.quote(os.path.realpath(tmp_path / "my cache"))
+    assert f"(`hf download someorg/tok --cache-dir {cache} --force-download`)" in ShardDirectory(elsewhere).verify()[0]
 
 
 def test_a_hub_repo_holding_a_shard_directory_streams_by_its_id(shard_copy, tmp_path, monkeypatch, capsys):
