@@ -835,7 +835,7 @@ class _Source:
 # file (a ShardFileError saying to re-create it), the Ctrl-C lost. The SIGINTs of such a read are noted (in the main
 # thread, the only one Python's handlers run in, where the handler is a Python function), and its error is then the
 # KeyboardInterrupt.
-_ctrl_c = threading.local()  # (`seen`: the SIGINTs noted in the read under way; `None` outside one)
+_ctrl_c = threading.local()  # (`seen`: whether a SIGINT arrived in this thread's last read noting them)
 
 
 @contextmanager
@@ -852,12 +852,18 @@ def _ctrl_c_noted():
         _ctrl_c.seen = True
         return previous(signum, frame)
 
-    signal.signal(signal.SIGINT, noted)
     try:
+        # (in the `try`: `signal.signal` runs Python code after the change, where a Ctrl-C pending is handled, and
+        # raised; without, the handler stayed noting for good, one more wrapper at each such Ctrl-C)
+        signal.signal(signal.SIGINT, noted)
         yield
     finally:
-        if signal.getsignal(signal.SIGINT) is noted:  # (one set inside the block stays)
-            signal.signal(signal.SIGINT, previous)
+        try:  # (one set inside the block stays)
+            if signal.getsignal(signal.SIGINT) is noted:
+                signal.signal(signal.SIGINT, previous)
+        finally:  # (a Ctrl-C handled, and raised, in `getsignal`'s Python code, before the handler was put back)
+            if signal.getsignal(signal.SIGINT) is noted:
+                signal.signal(signal.SIGINT, previous)
 
 
 def _interrupted_inside(error: Exception) -> None:
