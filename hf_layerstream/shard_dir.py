@@ -1048,7 +1048,6 @@ class ShardDirectory:
 
         def fix(it: str, *, damaged: bool = False) -> str:
             if downloaded and damaged:  # (its blob: downloaded again over it)
-                command = redownload_command(self.path)
                 return f"this download of the hub repo holds {it} damaged: download it again" + (
                     f" (`{command}`)" if command is not None else ""
                 )
