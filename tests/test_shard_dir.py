@@ -387,7 +387,9 @@ def test_verify_names_a_side_files_list_it_cannot_check(shard_copy, capsys):
     ]
 
 
-def test_verify_names_a_side_file_damaged_and_the_same_split_writes_it_back(shard_copy, tmp_path, capsys, caplog):
+def test_verify_names_a_side_file_damaged_and_the_same_split_writes_it_back(
+    shard_copy, tmp_path, capsys, caplog, monkeypatch
+):
     """A JSON side file the manifest lists, cut short or corrupted: `verify` checked only that it was there, said
     every file matched (exit 0), and the tokenizer then failed to load with an error naming no file, and a re-run of
     the same split said there was nothing to do. It is a problem now, named with what reads it, and the same split
@@ -414,6 +416,9 @@ def test_verify_names_a_side_file_damaged_and_the_same_split_writes_it_back(shar
     assert {name: (shards / name).read_bytes() for name in names} == before
     assert ShardDirectory(shards).verify(checksums=False) == []
     # a hub cache download's blob cut short: downloaded again (a split refuses to write into the hub cache)
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))  # (the default one: no --cache-dir)
     snapshot = _models.hub_snapshot(shards, tmp_path / "cache", repo="someorg--layers")
     blob = Path(os.path.realpath(snapshot / "tokenizer.json"))
     os.chmod(blob, 0o644)
