@@ -883,11 +883,18 @@ def _cmd_generate(args) -> int:
     if tok.pad_token_id is None and tok.eos_token_id is not None:
         gen_kwargs["pad_token_id"] = tok.eos_token_id
     streamer = _continuation_streamer(tok, inputs["input_ids"][0].tolist(), skip_special_tokens=True)
+    streams = _one_sequence_streamed(model, gen_kwargs)
     # (a chat reply answers the prompt, on a line of its own; a completion continues it)
     print(prompt, end="\n" if templated else "", flush=True)
     try:
         with torch.no_grad():
-            model.generate(**inputs, streamer=streamer, tokenizer=tok, **gen_kwargs)
+            if streams:
+                model.generate(**inputs, streamer=streamer, tokenizer=tok, **gen_kwargs)
+            else:  # (the best beam, printed through the same streamer once done: the same text streaming prints)
+                out = model.generate(**inputs, tokenizer=tok, **gen_kwargs)
+                streamer.put(inputs["input_ids"].cpu())  # (the prompt: skipped, as generate's first put is)
+                streamer.put(out[:1, inputs["input_ids"].shape[-1] :].cpu())
+                streamer.end()
     except BaseException as e:  # (Ctrl-C too)
         print(flush=True)  # (the error goes on a line of its own, not after the text printed: "hihf-layerstream ...")
         if isinstance(e, (RuntimeError, MemoryError)) and _out_of_memory(e):
@@ -906,6 +913,34 @@ def _cmd_generate(args) -> int:
     ):
         print(state.profile.summary(), file=sys.stderr)
     return 0
+
+
+def _one_sequence_streamed(model, gen_kwargs: dict) -> bool:
+    """Whether `generate`'s tokens can be printed as they come, asking for one sequence in `gen_kwargs` where the
+    generation config asks for more (`num_return_sequences`; the command prints one). transformers refuses a streamer
+    with beam search ("`streamer` cannot be used with beam search (yet!). Make sure that `num_beams` is set to 1."),
+    and with several rows its streamer fails ("TextStreamer only supports batch size 1"): a generation config
+    (generation_config.json) with `num_beams` > 1 ended the command there, with no option to set it. The command
+    generates the beams then, printing the best one when done, and says so on stderr."""
+    from .speculative import _generation_config
+
+    config = _generation_config(model, gen_kwargs)
+    if (config.num_return_sequences or 1) > 1:
+        gen_kwargs["num_return_sequences"] = 1
+        print(
+            f"hf-layerstream generate: the generation config asks for {config.num_return_sequences} sequences "
+            "(`num_return_sequences`); one is generated and printed",
+            file=sys.stderr,
+        )
+    if (config.num_beams or 1) == 1:
+        return True
+    print(
+        f"hf-layerstream generate: the generation config asks for beam search (`num_beams` {config.num_beams}), "
+        "whose tokens cannot be printed as they come; the best beam is printed once generated",
+        file=sys.stderr,
+        flush=True,
+    )
+    return False
 
 
 def _out_of_memory(e: BaseException) -> bool:

@@ -1879,3 +1879,37 @@ def test_generate_tells_the_tokenizer_files_by_their_names(split_dir, tmp_path, 
     err = capsys.readouterr().err
     assert f"error: {copy / 'tokenizer.json'} is missing (a file of the tokenizer" in err
     assert "generation_config.json" not in err
+
+
+def _beam_text(ckpt, prompt, n, num_beams):
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    ref = _models.load_reference(ckpt, attn_implementation=None)
+    ids = tok(prompt, return_tensors="pt")
+    out = ref.generate(**ids, max_new_tokens=n, do_sample=False, num_beams=num_beams, pad_token_id=0)
+    return tok.decode(out[0, ids["input_ids"].shape[-1] :], skip_special_tokens=True)
+
+
+def test_generate_runs_a_generation_config_asking_for_beam_search(split_dir, tmp_path, capsys):
+    """A shard directory whose generation_config.json asks for beam search (`num_beams` > 1): transformers refuses a
+    streamer with it, and `generate` ended there ("`streamer` cannot be used with beam search (yet!). Make sure that
+    `num_beams` is set to 1.", an option it has not). It generates the beams and prints the best one when done, saying
+    so on stderr; several sequences asked for (`num_return_sequences`, which broke the streamer too) print one."""
+    ckpt, shards = split_dir
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy)
+    config = json.loads((copy / "generation_config.json").read_text())
+    prompt = _models.SAMPLE_PROMPTS[0]
+    wanted = _beam_text(ckpt, prompt, 8, 3)
+    assert wanted.strip() != _greedy_text(ckpt, prompt, 8).strip()  # (the premise: the beams are what is printed)
+    for extra in ({"num_beams": 3}, {"num_beams": 3, "num_return_sequences": 2}):
+        (copy / "generation_config.json").write_text(json.dumps({**config, **extra}))
+        assert main(["generate", str(copy), prompt, "--max-new-tokens", "8", "--device", "cpu"]) == 0
+        out, err = capsys.readouterr()
+        assert out.startswith(prompt) and out[len(prompt) :].strip() == wanted.strip(), (out, err)
+        assert "asks for beam search (`num_beams` 3), whose tokens cannot be printed as they come" in err
+        assert ("asks for 2 sequences (`num_return_sequences`); one is generated" in err) == (len(extra) == 2)
+    # (sampling beams: the streamer failed there, "TextStreamer only supports batch size 1")
+    argv = ["generate", str(copy), prompt, "--max-new-tokens", "8", "--device", "cpu", "--do-sample", "--seed", "0"]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith(prompt) and "whose tokens cannot be printed as they come" in err
