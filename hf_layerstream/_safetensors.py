@@ -63,6 +63,18 @@ _SOURCE_FIX = (
     "`save_pretrained`)."
 )
 
+
+def source_fix(path: str | os.PathLike) -> str:
+    """The fix for a damaged file `path` of a source checkpoint: where it is a file of a hub repo's download in the
+    hub cache (a hub repo being split, or its snapshot given by its path), the command that downloads it again
+    (`shard_dir.redownload_advice`, as a shard directory's files are told; "re-download it" named none), else
+    `_SOURCE_FIX`."""
+    from .shard_dir import redownload_advice  # (here: shard_dir imports this module)
+
+    again = redownload_advice(Path(path).parent)  # (its folder: the file may be a link to a blob, or missing)
+    return _SOURCE_FIX if again is None else f"{again}, then run the same split again."
+
+
 _MAX_HEADER = 100_000_000  # the safetensors library's bound (its MAX_HEADER_SIZE): a longer header it refuses
 
 
@@ -189,7 +201,8 @@ def read_header(path: str | os.PathLike, *, expected_size: int | None = None, so
     try:
         return _read_header(Path(path), expected_size, source=True)
     except ShardFileError as e:
-        raise ShardFileError(e.path, e.problem, _SOURCE_FIX) from e.__cause__
+        # (a fix for what is no damage, a permission or a limit of the process, is kept: no download mends it)
+        raise ShardFileError(e.path, e.problem, e.fix or source_fix(e.path)) from e.__cause__
 
 
 def _read_header(path: Path, expected_size: int | None, *, source: bool) -> Header:

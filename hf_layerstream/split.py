@@ -20,7 +20,6 @@ import torch
 from . import __version__
 from ._safetensors import (
     _MAX_HEADER,
-    _SOURCE_FIX,
     atomic_write_bytes,
     atomic_write_safetensors,
     dtype_to_str,
@@ -29,6 +28,7 @@ from ._safetensors import (
     remove_stale_tmp_files,
     sample_digest,
     sha256_file,
+    source_fix,
     str_to_dtype,
 )
 from .engine import size_text
@@ -655,9 +655,11 @@ class _Source:
                 ) from e
             except Exception as e:  # noqa: BLE001 - re-raised with the file name
                 _interrupted_inside(e)
-                raise ShardFileError(path, f"cannot be read by torch.load: {type(e).__name__}: {e}", _SOURCE_FIX) from e
+                raise ShardFileError(
+                    path, f"cannot be read by torch.load: {type(e).__name__}: {e}", source_fix(path)
+                ) from e
             if not isinstance(handle, dict):
-                raise ShardFileError(path, "does not hold a state dict", _SOURCE_FIX)
+                raise ShardFileError(path, "does not hold a state dict", source_fix(path))
         self._handles[filename] = handle
         return handle
 
@@ -814,7 +816,8 @@ class _Source:
                 return handle.get_tensor(key)
         except Exception as e:  # noqa: BLE001
             _interrupted_inside(e)
-            raise ShardFileError(self.fetch(filename), f"cannot provide tensor {key!r}: {e}", _SOURCE_FIX) from e
+            path = self.fetch(filename)
+            raise ShardFileError(path, f"cannot provide tensor {key!r}: {e}", source_fix(path)) from e
 
     def release(self, later: set[str], following: set[str]) -> None:
         """Close the files no unit still to write reads (`later`: the files those units read), and the safetensors
@@ -1863,11 +1866,15 @@ def split_checkpoint(
     needed_files = _files_read(plan, src)
     absent = src.missing_files(needed_files)
     if absent:
+        # (a hub repo's download in the hub cache, its snapshot given by its path: the command that downloads it
+        # there, as a damaged file of it is told; `--local-dir DIR` downloads elsewhere)
+        command = redownload_command(src.local_dir)
+        finish = f"`{command}`" if command else "`hf download REPO --local-dir DIR` fetches what is missing"
         raise FileNotFoundError(
             f"`source` {src.local_dir} lacks {len(absent)} weight file(s) that its checkpoint index names and that "
             f"hold tensors {type(model).__name__} needs: {', '.join(absent[:8])}{', ...' if len(absent) > 8 else ''}. "
-            "The download or copy of the checkpoint looks incomplete: finish it (`hf download REPO --local-dir DIR` "
-            "fetches what is missing) and run the split again; nothing was written."
+            f"The download or copy of the checkpoint looks incomplete: finish it ({finish}) and run the split again; "
+            "nothing was written."
         )
     _refuse_untied_pairs(model, plan, src, dtype)
     if plan.unexpected:

@@ -682,6 +682,70 @@ def test_a_damaged_pytorch_bin_source_is_named_unreadable_not_unsafe(tmp_path):
     assert str(path) in message and "re-download it" in message and "safely" not in message
 
 
+def test_a_damaged_or_missing_source_file_of_a_hub_download_names_the_command_that_downloads_it_again(tmp_path):
+    """A source checkpoint that is a hub repo's download in the hub cache (its snapshot given by its path, or the repo
+    split by its id): a damaged file of it was told to "re-download it", with no command, where a shard directory's
+    files name it (`redownload_command`), and a missing one `hf download REPO --local-dir DIR`, which downloads
+    elsewhere. Both name the command now; a local checkpoint's are told as before."""
+    ckpt = _models.save_tiny_checkpoint("llama", tmp_path / "ckpt")
+    cache = tmp_path / "cache"
+    snapshot = _models.hub_snapshot(ckpt, cache, repo="org--model")
+    command = f"`hf download org/model --cache-dir {cache} --force-download`"
+    name = "model-00002-of-00006.safetensors"
+    blob = (snapshot / name).resolve()
+    data = blob.read_bytes()
+    blob.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ShardFileError) as info:
+        split_checkpoint(snapshot, tmp_path / "shards", progress=False)
+    message = str(info.value)
+    assert str(snapshot / name) in message and "re-download it" not in message
+    assert (
+        f"It is a download in the hub cache: download it again ({command}), then run the same split again." in message
+    )
+    blob.unlink()
+    with pytest.raises(FileNotFoundError) as info:
+        split_checkpoint(snapshot, tmp_path / "shards2", progress=False)
+    assert f"looks incomplete: finish it ({command}) and run the split again" in str(info.value)
+    # a .bin file torch.load fails on
+    bin_ckpt = tmp_path / "bin"
+    bin_ckpt.mkdir()
+    model = _models.build_tiny_model("llama")
+    model.config.save_pretrained(bin_ckpt)
+    torch.save(model.state_dict(), bin_ckpt / "pytorch_model.bin")
+    snapshot = _models.hub_snapshot(bin_ckpt, cache, repo="org--bin")
+    blob = (snapshot / "pytorch_model.bin").resolve()
+    blob.write_bytes(blob.read_bytes()[:100])
+    with pytest.raises(ShardFileError, match="cannot be read by torch.load") as info:
+        split_checkpoint(snapshot, tmp_path / "shards3", progress=False)
+    assert f"(`hf download org/bin --cache-dir {cache} --force-download`)" in str(info.value)
+    # (a local checkpoint: no command; a file this user may not read: no download mends it)
+    local = tmp_path / "local"
+    shutil.copytree(ckpt, local)
+    (local / name).write_bytes(data[: len(data) // 2])
+    with pytest.raises(ShardFileError, match="re-download it, or save the checkpoint again"):
+        split_checkpoint(local, tmp_path / "shards4", progress=False)
+
+
+def test_a_source_file_this_user_may_not_read_is_not_told_to_be_downloaded_again(tmp_path, monkeypatch):
+    """A source safetensors file that could not be opened for a permission (or a limit of the process) was told
+    to be re-downloaded, the fix `unreadable` gives it replaced; it keeps that fix."""
+    from hf_layerstream.errors import UNREADABLE_BY_THIS_USER
+
+    ckpt = _models.save_tiny_checkpoint("llama", tmp_path / "ckpt")
+    denied = str(ckpt / "model-00002-of-00006.safetensors")
+    real_open = os.open
+
+    def refusing_open(path, *args, **kwargs):
+        if os.fspath(path) == denied:
+            raise PermissionError(13, "Permission denied", path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refusing_open)
+    with pytest.raises(ShardFileError) as info:
+        split_checkpoint(ckpt, tmp_path / "shards", progress=False)
+    assert str(info.value) == f"{denied} cannot be read: Permission denied. {UNREADABLE_BY_THIS_USER}"
+
+
 def test_a_tied_pair_stored_under_the_heads_name_only(tmp_path):
     """`safetensors.torch.save_model` keeps one name of each shared tensor: for GPT-2's tied embeddings and head,
     `lm_head.weight`. `from_pretrained` ties it the other way; the split takes the embeddings from there too (it
