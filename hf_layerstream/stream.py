@@ -1408,6 +1408,7 @@ def _enable(
             hook = LayerStreamingHook(i, loader, slots, prof)
             _dequantize_per_module(hook, prefix, deferred, target_dtypes, device, handles)
             _attach(layer, hook)
+            handles.append(_CopyRefusal(layer))
             kept = plan.tier(i) == "device"
             handles.append(
                 layer.register_state_dict_post_hook(kept_state_dict_hook if kept else streamed_state_dict_hook)
@@ -1671,10 +1672,29 @@ def _refuse(model: nn.Module, state: StreamingState) -> None:
     # `copy.copy` too (it reduces the model, found on the instance; `pickle` too, which the loader refused anyway): a
     # shallow copy shared the hooks, the loader and the state, and `disable_layer_streaming` of either left the other
     # enabled on meta weights, its passes giving meta outputs without an error
-    def no_copy(protocol=None):
-        raise TypeError(_NO_COPY)
+    _shadow(model, state, "__reduce_ex__", _refuse_copy)
 
-    _shadow(model, state, "__reduce_ex__", no_copy)
+
+def _refuse_copy(protocol=None):
+    """A streamed model's, or decoder layer's, `__reduce_ex__`, an instance attribute: what `copy.copy` and `pickle`
+    call (found on the instance, as `copy.deepcopy` finds `__deepcopy__`)."""
+    raise TypeError(_NO_COPY)
+
+
+class _CopyRefusal:
+    """`copy.copy` of a streamed decoder layer (`model.model.layers[0]`) refused as its `copy.deepcopy` and `pickle`
+    are (their copy of its hook reaches the loader, which refuses them): the shallow copy shared the layer's hook and
+    accelerate's forward, which ran the layer itself, and once streaming was disabled it failed ("AttributeError:
+    _hf_hook"). Set on the layer as it is hooked; `remove` (a handle of the state's, as torch's hooks are) takes it
+    off at `disable_layer_streaming`, where it is still ours."""
+
+    def __init__(self, layer: nn.Module):
+        self.layer = layer
+        layer.__reduce_ex__ = _refuse_copy
+
+    def remove(self) -> None:
+        if vars(self.layer).get("__reduce_ex__") is _refuse_copy:
+            del self.layer.__reduce_ex__
 
 
 def _wrap_generate(model: nn.Module, state: StreamingState) -> None:

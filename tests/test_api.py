@@ -2502,6 +2502,34 @@ def test_a_shallow_copy_of_a_streamed_model_is_refused_with_the_fix_named(checkp
         assert twin is not model and get_streaming_state(twin) is None
 
 
+def test_a_shallow_copy_of_a_streamed_layer_is_refused_as_its_deepcopy_is(checkpoints):
+    """`copy.copy(model.model.layers[0])` made a layer sharing the original's hook and accelerate's forward (which ran
+    the original layer): once streaming was disabled, calling it failed with "AttributeError: ... '_hf_hook'". It is
+    refused as `copy.deepcopy` and `pickle` of a layer are, naming `disable_layer_streaming`; once disabled, the layer
+    copies as any, and its copy runs."""
+    import pickle
+
+    ckpt, shards = checkpoints("llama")
+    model = streamed_model(ckpt, shards, max_memory={"cpu": 0})
+    layer = model.model.layers[0]
+    for again in (False, True):
+        if again:
+            enable_layer_streaming(model, shards, device="cpu", max_memory={"cpu": 0})
+        messages = set()
+        for copy_it in (copy.copy, copy.deepcopy, pickle.dumps):
+            with pytest.raises(TypeError, match=r"call `disable_layer_streaming\(model\)` first") as info:
+                copy_it(layer)
+            messages.add(str(info.value))
+        assert len(messages) == 1
+        disable_layer_streaming(model)
+        assert "__reduce_ex__" not in vars(layer)  # (the layer as it was before)
+        twin = copy.copy(layer)
+        hidden = torch.zeros(1, 3, model.config.hidden_size)
+        position = [p.to("meta") for p in model.model.rotary_emb(hidden, torch.arange(3)[None])]
+        hidden = hidden.to("meta")
+        assert twin(hidden, position_embeddings=position).shape == hidden.shape  # (meta weights: a meta output)
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_the_head_of_a_streamed_model_copies_and_saves_as_the_loaded_heads(checkpoints, arch):
     """`copy.deepcopy(model.lm_head)` or `torch.save` of it (GPT-2: its tied input embeddings too) failed with
