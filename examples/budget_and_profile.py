@@ -3,6 +3,7 @@
     python examples/budget_and_profile.py qwen05b.layers --max-memory '{"cpu": 0}'         # all streamed
     python examples/budget_and_profile.py qwen05b.layers --max-memory '{"cpu": "1GiB"}'    # some kept
     python examples/budget_and_profile.py qwen05b.layers --max-memory '{"0": "2GiB", "cpu": "8GiB"}' --prefetch 3
+    python examples/budget_and_profile.py qwen05b.layers --max-memory '{"0": "8GiB"}' --reserve 3GiB  # a long context
 
 `SHARD_DIR` is a shard directory made by `split_checkpoint` or `hf-layerstream split` (see quickstart.py). The profile
 separates what the compute waited for the loader from what the loader did in the background (read, dequantize,
@@ -30,6 +31,12 @@ def main(argv: list[str] | None = None) -> dict:
         "--max-memory", type=json.loads, default={"cpu": 0}, help='budget (default {"cpu": 0}: every layer from disk)'
     )
     p.add_argument(
+        "--reserve",
+        default=None,
+        help="on a GPU: the part of its budget left free for activations and the KV cache, in bytes or as a size such "
+        "as 3GiB (default: the library's; ignored on CPU)",
+    )
+    p.add_argument(
         "--prefetch", type=int, default=None, help="layers read ahead of the compute (default: the library's)"
     )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -45,6 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.shard_dir,
         device=args.device,
         max_memory=args.max_memory,
+        reserve=args.reserve,
         prefetch=args.prefetch,
         profile=True,
     )

@@ -57,6 +57,12 @@ def main(argv: list[str] | None = None) -> str:
         default=None,
         help='budget, e.g. \'{"cpu": "16GiB", "0": "4GiB"}\' (default: the library\'s plan)',
     )
+    p.add_argument(
+        "--reserve",
+        default=None,
+        help="on a GPU: the part of its budget left free for activations and the KV cache, in bytes or as a size such "
+        "as 3GiB (default: the library's; ignored on CPU)",
+    )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--prompt", default="What is the capital of France?", help="the prompt (default: %(default)r)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default: %(default)s)")
@@ -89,7 +95,7 @@ def main(argv: list[str] | None = None) -> str:
     tokenizer = AutoTokenizer.from_pretrained(shards)
 
     # 3. the one extra line
-    enable_layer_streaming(model, shards, device=args.device, max_memory=args.max_memory)
+    enable_layer_streaming(model, shards, device=args.device, max_memory=args.max_memory, reserve=args.reserve)
     print("residency plan:", get_streaming_state(model).plan.summary())
 
     # the model is still a transformers model: generate with a streamer...

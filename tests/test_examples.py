@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import threading
 from pathlib import Path
@@ -145,6 +146,27 @@ def test_budget_and_profile_reports_every_streamed_layer(checkpoints, capsys):
     with torch.no_grad():
         ref = _models.load_reference(ckpt).generate(**inputs, max_new_tokens=4, do_sample=False)
     assert tok.decode(ref[0], skip_special_tokens=True) + "\n" in out
+
+
+@pytest.mark.parametrize("name", ["quickstart", "budget_and_profile"])
+def test_the_examples_taking_a_budget_take_a_reserve_too(name, checkpoints, tmp_path, monkeypatch, caplog):
+    """`enable_layer_streaming(reserve=)` (`--reserve` on the CLI) sets the part of a GPU's budget left free for
+    activations and the KV cache; the examples taking a budget (`--max-memory`) had no option for it. They take
+    `--reserve` and pass it on (on CPU ignored, with the library's warning)."""
+    ckpt, shards = checkpoints("llama")
+    module = _example(name)
+    real, given = module.enable_layer_streaming, []
+
+    def enable(*args, **kwargs):
+        given.append(kwargs.get("reserve"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "enable_layer_streaming", enable)
+    argv = [str(shards)] if name == "budget_and_profile" else [str(ckpt), "--shards", str(tmp_path / "shards")]
+    with caplog.at_level(logging.WARNING, logger="hf_layerstream"):
+        module.main([*argv, "--device", "cpu", "--max-new-tokens", "1", "--reserve", "1GiB"])
+    assert given == ["1GiB"]
+    assert "`reserve` (1.00 GiB) is room kept free on a GPU" in caplog.text
 
 
 def test_batch_jsonl_writes_the_loaded_models_completions(checkpoints, tmp_path, capsys):
