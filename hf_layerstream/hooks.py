@@ -549,6 +549,28 @@ DISABLED_DURING_CALL = (
     "disabling streaming (it waits for a forward pass running, not for a whole `generate`)."
 )
 
+# `torch.compile` of a streamed model (or of its forward): the pass reads each layer's weights in at every call, which
+# a graph cannot hold. Dynamo traced into it and recompiled each layer's forward up to its recompile limit, and
+# `fullgraph=True` failed with "Unsupported context manager", naming no cause. The wrappers are left out of any graph:
+# the pass runs eagerly (what the rest of the model compiles to around it is dynamo's), and `fullgraph=True` says this.
+NOT_COMPILED = (
+    "hf_layerstream: with layer streaming enabled the decoder layers' weights are read in from the shard directory "
+    "at every pass, which a compiled graph cannot hold, so the pass runs eagerly: drop `fullgraph=True`, or call "
+    "`disable_layer_streaming(model)` and compile the fully loaded model (`from_pretrained`)"
+)
+
+
+def _not_compiled(fn: Callable) -> Callable:
+    """`fn`, run eagerly (with what it calls) where `torch.compile` traces it: see `NOT_COMPILED`. (Called through a
+    plain function: `torch.compile` of a function `torch.compiler.disable` returned compiles the function it wraps.)"""
+    eager = torch.compiler.disable(fn, reason=NOT_COMPILED)
+
+    @functools.wraps(fn)
+    def not_compiled(*args, **kwargs):
+        return eager(*args, **kwargs)
+
+    return not_compiled
+
 
 class _NoGuard:
     """A hook's guard before `PassGuard` takes it (no pass runs then)."""
@@ -669,7 +691,7 @@ class PassGuard:
                         head_grad.unwind(mark)
                     raise
 
-        self.model_guarded = guarded
+        self.model_guarded = guarded = _not_compiled(guarded)
         return guarded
 
     def wrap(self, forward):
@@ -723,7 +745,7 @@ class PassGuard:
                     if owner is None and self.deferred:
                         self._take_out_deferred()
 
-        self.guarded = guarded
+        self.guarded = guarded = _not_compiled(guarded)
         return guarded
 
 

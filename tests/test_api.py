@@ -2723,6 +2723,38 @@ def test_generate_does_not_compile_a_streamed_model(checkpoints, caplog):
     assert "_valid_auto_compile_criteria" not in vars(model)
 
 
+def test_torch_compile_of_a_streamed_model_runs_its_pass_eagerly_and_fullgraph_names_why(checkpoints):
+    """`torch.compile(model)` (or of `model.forward`, as transformers' docs show): dynamo traced into the pass and
+    its hooks, recompiling each decoder layer's forward (the weights swapped in at every pass) until its recompile
+    limit, and `fullgraph=True` failed with "Unsupported context manager", naming no cause. The pass runs eagerly
+    (the loaded model's output), and `fullgraph=True` says why and what to do."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    ckpt, shards = checkpoints("llama")
+    ref = _models.load_reference(ckpt)
+    model = streamed_model(ckpt, shards, max_memory={"cpu": 0}, prefetch=1)
+    ids = torch.randint(4, 100, (1, 8), generator=torch.Generator().manual_seed(0))
+    kw = {"max_new_tokens": 3, "min_new_tokens": 3, "do_sample": False, "pad_token_id": 0}
+    expected = ref.generate(ids, **kw)
+    torch._dynamo.reset()
+    counters.clear()
+    model.forward = torch.compile(model.forward, backend="eager")
+    try:
+        assert torch.equal(model.generate(ids, **kw), expected)
+    finally:
+        del model.forward  # (the compiled wrapper: the streamed model's own wrapper is under it)
+    assert not counters["stats"]["unique_graphs"], dict(counters["stats"])
+    for compiled in (model, model.forward, model.model):
+        with pytest.raises(torch._dynamo.exc.Unsupported, match=r"layer streaming .* drop `fullgraph=True`"):
+            with torch.no_grad():
+                torch.compile(compiled, backend="eager", fullgraph=True)(ids)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        assert torch.equal(torch.compile(model, backend="eager")(ids).logits, ref(ids).logits)
+    disable_layer_streaming(model)
+
+
 def _readme_signatures() -> dict[str, str]:
     """The calls the README's API table shows (first column): name -> the text between its parentheses."""
     readme = (Path(__file__).parents[1] / "README.md").read_text()
