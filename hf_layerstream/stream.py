@@ -1707,6 +1707,7 @@ def _wrap_generate(model: nn.Module, state: StreamingState) -> None:
 
     @functools.wraps(original)
     def generate(*args, **kwargs):
+        _refuse_mtp(model, args, kwargs)
         outer = not getattr(calls, "depth", 0)
         if outer and state.profile is not None:
             state.profile.reset()
@@ -1724,6 +1725,33 @@ def _wrap_generate(model: nn.Module, state: StreamingState) -> None:
                 logger.info("hf_layerstream profile of the last generate call:\n%s", state.profile.summary())
 
     _shadow(model, state, "generate", generate)
+
+
+# `use_mtp=True`: transformers drafts with the checkpoint's multi-token-prediction layers, which it loads by themselves
+# from the files at `config.name_or_path` onto the device of the last decoder layer's weights. A shard directory holds
+# no such files and `split_checkpoint` leaves those layers out (the model's forward does not use them), and a streamed
+# layer's weights are on the meta device: it failed with "no file named model.safetensors found in directory" (the
+# config read from the shard directory), or read the original checkpoint's files to load them on the meta device.
+NO_MTP = (
+    "`use_mtp=True` is not supported with layer streaming enabled: transformers drafts with the checkpoint's "
+    "multi-token-prediction (MTP) layers, loaded by themselves from the original checkpoint's files onto the device of "
+    "the last decoder layer's weights, and `split_checkpoint` leaves them out of the shard directory (the model's "
+    "forward does not use them). Draft with `assistant_model=` (a small model sharing the tokenizer), "
+    "`prompt_lookup_num_tokens=` or `assistant_early_exit=` instead, or drop `use_mtp`."
+)
+
+
+def _refuse_mtp(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """`generate(..., use_mtp=True)` (or a generation config asking for it): refused, see `NO_MTP`."""
+    if "use_mtp" in kwargs:
+        asked = kwargs["use_mtp"]
+    else:  # (`generate(inputs, generation_config, ...)`: its unset values are the model's generation config's)
+        config = kwargs.get("generation_config", args[1] if len(args) > 1 else None)
+        asked = getattr(config, "use_mtp", None)
+        if asked is None:
+            asked = getattr(model.generation_config, "use_mtp", None)
+    if asked:
+        raise ValueError(NO_MTP)
 
 
 def _no_auto_compile(model: nn.Module, state: StreamingState) -> None:

@@ -491,3 +491,60 @@ def test_sampling_with_a_draft_of_a_padded_vocabulary_is_refused_up_front(setup,
     assert counter.sweeps == 0
     r = measure_sweeps(model, ids, tokenizer=tok, min_new_tokens=NEW, **kw)
     assert r["mode"] == "assisted" and r["output_ids"] == plain[prompt]["output_ids"]
+
+
+def test_multi_token_prediction_is_refused_with_the_drafts_that_work_named(tmp_path):
+    """`use_mtp=True` drafts with the checkpoint's MTP layers, which transformers loads by themselves from the files
+    at `config.name_or_path` onto the last decoder layer's device. A shard directory has neither those files nor those
+    layers (the split leaves them out), and a streamed layer is on the meta device: with the config read from the
+    shard directory it failed with "no file named model.safetensors found in directory". It is refused before
+    `generate` runs, however it is asked for, naming the drafts that work; plain `generate` goes on as before."""
+    from transformers import AutoConfig, GenerationConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from hf_layerstream import disable_layer_streaming, enable_layer_streaming, split_checkpoint
+    from hf_layerstream.stream import NO_MTP
+
+    config = CONFIG_MAPPING["mellum"](  # (a model type with an MTP layer in transformers 5.25)
+        vocab_size=_models.VOCAB_SIZE,
+        hidden_size=_models.HIDDEN_SIZE,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        moe_intermediate_size=32,
+        num_experts=4,
+        num_experts_per_tok=2,
+        sliding_window=16,
+        max_position_embeddings=_models.MAX_POSITIONS,
+        num_mtp_layers=1,
+        pad_token_id=_models.PAD_TOKEN_ID,
+    )
+    ckpt = _models.save_tiny_checkpoint(config, tmp_path / "checkpoint")
+    shards = split_checkpoint(ckpt, tmp_path / "shards", progress=False)
+    from conftest import build_meta_model
+
+    model = build_meta_model(AutoConfig.from_pretrained(shards))
+    enable_layer_streaming(model, shards, device="cpu", **STREAM_ALL)
+    ids = torch.tensor([[1, 5, 9, 14, 20]])
+    kw = {"max_new_tokens": 3, "do_sample": False, "pad_token_id": 0}
+    expected = model.generate(ids, **kw)
+    asked = GenerationConfig(use_mtp=True, **kw)
+    for call in (
+        lambda: model.generate(ids, use_mtp=True, **kw),
+        lambda: model.generate(ids, generation_config=asked),
+        lambda: model.generate(ids, asked),
+    ):
+        with pytest.raises(ValueError) as refused:
+            call()
+        assert str(refused.value) == NO_MTP
+        assert "`assistant_model=`" in NO_MTP and "`prompt_lookup_num_tokens=`" in NO_MTP
+    model.generation_config.use_mtp = True
+    for call in (lambda: model.generate(ids, **kw), lambda: model.generate(ids, GenerationConfig(**kw))):
+        with pytest.raises(ValueError, match=r"`use_mtp=True` is not supported with layer streaming enabled"):
+            call()  # (a generation config given takes the values it leaves unset from the model's)
+    assert torch.equal(model.generate(ids, use_mtp=False, **kw), expected)  # (the call's word over the model's)
+    model.generation_config.use_mtp = None
+    assert torch.equal(model.generate(ids, **kw), expected)
+    disable_layer_streaming(model)
