@@ -827,8 +827,7 @@ class ShardDirectory:
             self.manifest_path,
             f"records tensor {edited[0]!r} of unit {unit!r} otherwise than the file {path}, written with it, does: "
             f"{edited[1]} (changed since the split: streaming would read the file by the manifest's record)",
-            "Run the same split again (`split_checkpoint` / `hf-layerstream split`, same source and options): it "
-            "writes that unit and the manifest again.",
+            f"Run the same split again {SAME_SPLIT}: it writes that unit and the manifest again.",
         )
 
     def _checksum_problems(self, units=None) -> list[str]:
@@ -948,8 +947,7 @@ class ShardDirectory:
         return (
             f"records {' and '.join(found[2])}, where the model config.json builds has the architecture fingerprint "
             "it records (which hashes its decoder layers' number and names): the manifest was changed since the "
-            "split; run the same split again (`split_checkpoint` / `hf-layerstream split`, same source and options), "
-            "which writes the manifest again"
+            f"split; run the same split again {SAME_SPLIT}, which writes the manifest again"
         )
 
     def _fingerprint_text(self, found: tuple[str | None, str | None, list[str] | None] | None) -> str | None:
@@ -1089,8 +1087,8 @@ class ShardDirectory:
         if self.manifest.side_files is None:  # (a re-run of the split lists them again, as for a split made before)
             return (
                 f'records "side_files": {json.dumps(record)[:120]}, which is not a list of file names (the split lists '
-                "the files it wrote beside the units, which `verify` checks): run the same split again "
-                "(`split_checkpoint` / `hf-layerstream split`, same source and options), which lists them again"
+                f"the files it wrote beside the units, which `verify` checks): run the same split again {SAME_SPLIT}, "
+                "which lists them again"
             )
         outside = [name for name in record if name not in self.manifest.side_files]
         return (
@@ -1331,11 +1329,11 @@ def _load_dtype_differs(manifest: Manifest, config) -> tuple[str, str] | None:
         f'records "load_dtype": {json.dumps(manifest.load_dtype)} (the dtype streaming computes in by default), but '
         f'config.json records "dtype": {json.dumps(dtype_name(said))}, and {stored}: one of the two was changed since '
         "the split (it records config.json's, or the dtype it cast the tensors to)",
-        "Run the same split again (`split_checkpoint` / `hf-layerstream split`, same source and options): it writes "
-        "both again.",
+        f"Run the same split again {SAME_SPLIT}: it writes both again.",
     )
 
 
+SAME_SPLIT = "(`split_checkpoint` / `hf-layerstream split`, same source and options)"  # (what "the same split" is)
 _SCHEME_KEYS = ("bits", "quant_type", "blocksize")  # (what a quantized tensor records of the split's scheme)
 
 
