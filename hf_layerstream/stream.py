@@ -1074,6 +1074,7 @@ def _keep_on_host(model: nn.Module, parts: list[_HostPart], values: dict, loader
             before_copy=loader.wait_released_passed,
         )
         _attach(module, hook)
+        handles.append(_CopyRefusal(module))  # (its shallow copy shared the hook: see `_CopyRefusal`)
         handles.append(module.register_state_dict_post_hook(host_state_dict_hook))
         # a call of the module itself that raises (e.g. `model.get_output_embeddings()(x)` out of memory) never reaches
         # accelerate's post-forward: put the placeholders back as it leaves (after one that returned, again: a no-op)
@@ -1682,19 +1683,20 @@ def _refuse_copy(protocol=None):
 
 
 class _CopyRefusal:
-    """`copy.copy` of a streamed decoder layer (`model.model.layers[0]`) refused as its `copy.deepcopy` and `pickle`
-    are (their copy of its hook reaches the loader, which refuses them): the shallow copy shared the layer's hook and
-    accelerate's forward, which ran the layer itself, and once streaming was disabled it failed ("AttributeError:
-    _hf_hook"). Set on the layer as it is hooked; `remove` (a handle of the state's, as torch's hooks are) takes it
-    off at `disable_layer_streaming`, where it is still ours."""
+    """`copy.copy` of a streamed decoder layer (`model.model.layers[0]`), or of a resident module kept in host RAM (a
+    small GPU's embeddings or head), refused as its `copy.deepcopy` and `pickle` are (their copy of its hook reaches
+    the loader, which refuses them; a host-resident weight's placeholder refuses its clone): the shallow copy shared
+    the module's hook and accelerate's forward, which ran the module itself, and once streaming was disabled it failed
+    ("AttributeError: _hf_hook"). Set on the module as it is hooked; `remove` (a handle of the state's, as torch's
+    hooks are) takes it off at `disable_layer_streaming`, where it is still ours."""
 
-    def __init__(self, layer: nn.Module):
-        self.layer = layer
-        layer.__reduce_ex__ = _refuse_copy
+    def __init__(self, module: nn.Module):
+        self.module = module
+        module.__reduce_ex__ = _refuse_copy
 
     def remove(self) -> None:
-        if vars(self.layer).get("__reduce_ex__") is _refuse_copy:
-            del self.layer.__reduce_ex__
+        if vars(self.module).get("__reduce_ex__") is _refuse_copy:
+            del self.module.__reduce_ex__
 
 
 def _wrap_generate(model: nn.Module, state: StreamingState) -> None:

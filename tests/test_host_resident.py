@@ -619,7 +619,7 @@ def test_failed_enable_leaves_no_host_hooks(checkpoints, force_host_resident, mo
         patch.setattr(stream, "add_hook_to_module", _fail_on_layers(stream.add_hook_to_module))
         with pytest.raises(RuntimeError, match="injected"):
             enable_layer_streaming(model, shards, device="cpu", max_memory={"cpu": 0})
-    assert all(not hasattr(m, "_hf_hook") for m in model.modules())
+    assert all(not hasattr(m, "_hf_hook") and "__reduce_ex__" not in vars(m) for m in model.modules())
     assert model.get_input_embeddings().weight.is_meta
     assert not model.get_input_embeddings()._state_dict_hooks
     enable_layer_streaming(model, shards, device="cpu", max_memory={"cpu": 0})
@@ -683,6 +683,34 @@ def test_copying_a_model_with_host_resident_parts_is_refused_with_the_fix_named(
     disable_layer_streaming(model)
     assert "__deepcopy__" not in vars(model)
     copy.deepcopy(model)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_shallow_copy_of_a_host_resident_module_is_refused_as_a_layers_is(checkpoints, force_host_resident, arch):
+    """`copy.copy` of the embeddings or head kept in host RAM (a small GPU's plan) made a module sharing the original's
+    hook and accelerate's forward (which ran the original): once streaming was disabled, calling it failed with
+    "AttributeError: ... '_hf_hook'". It is refused as a streamed layer's is (and as `pickle` of it is), naming
+    `disable_layer_streaming`; once disabled, the module copies as any, and its copy runs."""
+    import copy
+    import pickle
+
+    ckpt, shards = checkpoints(arch)
+    model = streamed_model(ckpt, shards, max_memory={"cpu": 0})
+    hooked = get_streaming_state(model).host_modules
+    assert {id(model.get_input_embeddings()), id(model.get_output_embeddings())} <= {id(m) for m in hooked}
+    for module in hooked:
+        for copy_it in (copy.copy, pickle.dumps):
+            with pytest.raises(TypeError, match=r"call `disable_layer_streaming\(model\)` first"):
+                copy_it(module)
+    ids = torch.tensor([[1, 5, 7, 9, 11]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, _models.load_reference(ckpt)(ids).logits)
+    disable_layer_streaming(model)
+    for module in hooked:
+        assert "__reduce_ex__" not in vars(module)  # (the module as it was before)
+        twin = copy.copy(module)
+        given = ids if isinstance(module, torch.nn.Embedding) else torch.zeros(1, 2, model.config.hidden_size)
+        assert twin(given.to("meta")).is_meta  # (meta weights: a meta output)
 
 
 def test_inspect_shows_the_host_resident_parts(checkpoints, capsys):
