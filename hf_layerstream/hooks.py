@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import sys
 import threading
 import time
@@ -562,8 +563,13 @@ NOT_COMPILED = (
 
 def _not_compiled(fn: Callable) -> Callable:
     """`fn`, run eagerly (with what it calls) where `torch.compile` traces it: see `NOT_COMPILED`. (Called through a
-    plain function: `torch.compile` of a function `torch.compiler.disable` returned compiles the function it wraps.)"""
-    eager = torch.compiler.disable(fn, reason=NOT_COMPILED)
+    plain function: `torch.compile` of a function `torch.compiler.disable` returned compiles the function it wraps.)
+    Before torch 2.8 (the package takes 2.5 on) `torch.compiler.disable` takes no `reason`, and every enable failed
+    with a TypeError: there `fullgraph=True` fails with dynamo's own message."""
+    if "reason" in inspect.signature(torch.compiler.disable).parameters:
+        eager = torch.compiler.disable(fn, reason=NOT_COMPILED)
+    else:
+        eager = torch.compiler.disable(fn)
 
     @functools.wraps(fn)
     def not_compiled(*args, **kwargs):

@@ -2755,6 +2755,31 @@ def test_torch_compile_of_a_streamed_model_runs_its_pass_eagerly_and_fullgraph_n
     disable_layer_streaming(model)
 
 
+def test_streaming_runs_on_a_torch_whose_compiler_disable_takes_no_reason(checkpoints, monkeypatch):
+    """`torch.compiler.disable` takes `reason=` from torch 2.8 on; the package takes torch 2.5 on, where every
+    `enable_layer_streaming` failed with "disable() got an unexpected keyword argument 'reason'". The pass is left
+    out of graphs there too (dynamo's own message for `fullgraph=True`)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    def disable(fn=None, recursive=True):  # (torch 2.7's)
+        return torch._dynamo.disable(fn, recursive)
+
+    monkeypatch.setattr(torch.compiler, "disable", disable)
+    ckpt, shards = checkpoints("llama")
+    ref = _models.load_reference(ckpt)
+    model = streamed_model(ckpt, shards, max_memory={"cpu": 0}, prefetch=1)
+    ids = torch.tensor([[1, 5, 7, 9]])
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)
+        assert torch.equal(torch.compile(model, backend="eager")(ids).logits, ref(ids).logits)
+    assert not counters["stats"]["unique_graphs"], dict(counters["stats"])
+    torch._dynamo.reset()
+    disable_layer_streaming(model)
+
+
 def _readme_signatures() -> dict[str, str]:
     """The calls the README's API table shows (first column): name -> the text between its parentheses."""
     readme = (Path(__file__).parents[1] / "README.md").read_text()
