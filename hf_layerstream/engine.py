@@ -456,6 +456,12 @@ def default_reserve(budget: int) -> int:
     return min(DEFAULT_RESERVE_MAX, budget // 10)
 
 
+def default_device_budget(device: torch.device) -> int:
+    """A GPU's budget where `max_memory` gives none: `DEFAULT_DEVICE_SHARE` of its free memory now."""
+    free, _total = torch.cuda.mem_get_info(_device_key(device))
+    return int(DEFAULT_DEVICE_SHARE * free)
+
+
 def check_reserve(reserve) -> int | None:
     """`reserve` (`enable_layer_streaming`'s, `--reserve`) as bytes: an int, or a size string as `max_memory` takes
     its values (`"3GiB"`, parsed by `parse_size`); `None` (the default) stays `None`.
@@ -487,13 +493,15 @@ def check_reserve_fits(plan: ResidencyPlan, max_memory: dict | None) -> None:
         check_reserve_within(plan.reserve, plan.device, max_memory, plan.budgets.get(str(_device_key(plan.device))))
 
 
-def check_reserve_within(reserve: int, device: torch.device, max_memory: dict | None, budget: int | None = None):
+def check_reserve_within(
+    reserve: int, device: torch.device, max_memory: dict | None, budget: int | Callable[[], int] | None = None
+):
     """`check_reserve_fits` before a plan is made (`enable_layer_streaming` checks it before a hub repo's layers
-    download), against the GPU's `max_memory` (or `budget`, the plan's: the default share of the free memory); where
-    neither is known, nothing to check yet."""
+    download), against the GPU's `max_memory` (or `budget`, the plan's, or a function giving it: the default share of
+    the free memory, `default_device_budget`); where neither is known, nothing to check yet."""
     key = _device_key(device)
     given = _max_memory_for(max_memory, key)
-    budget = given if given is not None else budget
+    budget = given if given is not None else budget() if callable(budget) else budget
     if not budget or reserve <= budget:
         return
     source = (
@@ -594,8 +602,7 @@ def plan_residency(
         index = _device_key(device)
         dev_budget = _max_memory_for(max_memory, index)
         if dev_budget is None:
-            free, _total = torch.cuda.mem_get_info(index)
-            dev_budget = int(DEFAULT_DEVICE_SHARE * free)
+            dev_budget = default_device_budget(device)
         budgets[str(index)] = dev_budget
         if reserve is None:
             reserve = default_reserve(dev_budget)  # activations and KV cache

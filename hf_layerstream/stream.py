@@ -34,10 +34,12 @@ from .engine import (
     _over_budget,
     budget_warnings,
     check_device,
+    check_max_memory,
     check_reserve,
     check_reserve_fits,
     check_reserve_within,
     deepen_prefetch,
+    default_device_budget,
     empty_allocator_caches,
     fit_prefetch,
     plan_residency,
@@ -1253,9 +1255,11 @@ def _enable(
     device = check_device(device)
     dtype, prefetch, dequantize = _check_options(dtype, prefetch, keep_in_page_cache, dequantize)
     reserve = check_reserve(reserve)
-    # (a budget given: checked before a hub repo's layers download; the default one is known once the plan is made)
-    if reserve is not None and device.type != "cpu" and isinstance(max_memory, dict):
-        check_reserve_within(reserve, device, max_memory)
+    # (checked before a hub repo's layers download, against the budget given, or the default one, a share of the free
+    # memory, which the plan reads again; the budgets checked first, as the plan checks them: a GPU given twice)
+    if reserve is not None and device.type != "cpu" and (max_memory is None or isinstance(max_memory, dict)):
+        check_max_memory(max_memory)
+        check_reserve_within(reserve, device, max_memory, functools.partial(default_device_budget, device))
     _refuse_adapters(model)
     stack = require_layer_stack(model)
     _refuse_weights_changed_by_forward(model)

@@ -130,7 +130,7 @@ def test_a_reserve_larger_than_the_gpu_budget_is_refused(checkpoints):
         "`reserve` = 2.00 GiB is more than the budget of cuda:0 (max_memory[0]: 1.00 GiB), which it is part of: "
         "nothing would be left for the model. Give a smaller `reserve`, or a larger max_memory[0]."
     )
-    # (as enable checks it before a hub repo's layers download, with a budget given; the default one: once planned)
+    # (as enable checks it before a hub repo's layers download, against the budget given or the default one)
     with pytest.raises(ValueError) as before:
         check_reserve_within(2 * 2**30, CUDA0, {"0": "1GiB"})
     assert str(before.value) == str(e.value)
@@ -139,6 +139,39 @@ def test_a_reserve_larger_than_the_gpu_budget_is_refused(checkpoints):
         check_reserve_within(2 * 2**30, CUDA0, None, 2**30)
     assert plan_shard_dir(m, CUDA0, max_memory={0: "1GiB", "cpu": 0}, reserve="1GiB").reserve == 2**30
     assert plan_shard_dir(m, CUDA0, max_memory={0: 0, "cpu": 0}, reserve="2GiB").device_layers == []
+
+
+def test_enable_checks_the_reserve_against_the_default_budget_before_finding_the_shards(checkpoints, monkeypatch):
+    """With no `max_memory` for the GPU, a reserve larger than its default budget (a share of its free memory) was
+    refused only once the plan was made: for a hub repo, after its layers had downloaded. It is refused before the
+    shard directory is looked up, as one larger than a budget given is; and a GPU given twice in `max_memory` is named
+    as the plan names it, not as a budget the reserve passes. (A GPU stood in for: the device and its free memory.)"""
+    import hf_layerstream.engine as engine
+    import hf_layerstream.stream as stream
+
+    ckpt, shards = checkpoints("llama", num_hidden_layers=6)
+    monkeypatch.setattr(stream, "check_device", lambda device: CUDA0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda index=None: (2**30, 8 * 2**30))
+
+    def looked_up(*args, **kwargs):
+        raise AssertionError("the shard directory was looked up (a hub repo's layers downloaded)")
+
+    monkeypatch.setattr(stream, "local_shard_dir", looked_up)
+    assert engine.default_device_budget(CUDA0) == int(0.8 * 2**30)
+    cases = [
+        (None, "(the default budget, 80% of its free memory: 0.80 GiB)"),
+        ({"cpu": "4GiB"}, "(the default budget, 80% of its free memory: 0.80 GiB)"),
+        ({"0": "1GiB"}, "(max_memory[0]: 1.00 GiB)"),
+        ({0: "1GiB", "0": "4GiB"}, "`max_memory` gives GPU 0 twice, as 0 and '0': give its budget once."),
+    ]
+    for max_memory, message in cases:
+        model = build_meta_model(AutoConfig.from_pretrained(ckpt))
+        with pytest.raises(ValueError) as e:
+            enable_layer_streaming(model, "org/shards", device="cuda", max_memory=max_memory, reserve="3GiB")
+        assert message in str(e.value), max_memory
+        assert get_streaming_state(model) is None
+    with pytest.raises(AssertionError, match="was looked up"):  # (one that fits goes on)
+        enable_layer_streaming(model, "org/shards", device="cuda", reserve="0.5GiB")
 
 
 def test_on_cpu_a_reserve_is_ignored_with_a_warning(checkpoints, caplog):
