@@ -816,6 +816,7 @@ def _cmd_generate(args) -> int:
         state = get_streaming_state(model)
         # the profile restarts at every generate call (one per batch): sum them into one for the whole job
         job = _JobProfile(model, state) if args.profile and state.profile is not None else None
+        _one_sequence(model, gen_kwargs, "one is generated for each prompt")
         try:
             stats = generate_jsonl(
                 model, tok, args.input, args.output, batch_size=batch_size, chat=args.chat, seed=args.seed, **gen_kwargs
@@ -915,13 +916,11 @@ def _cmd_generate(args) -> int:
     return 0
 
 
-def _one_sequence_streamed(model, gen_kwargs: dict) -> bool:
-    """Whether `generate`'s tokens can be printed as they come, asking for one sequence in `gen_kwargs` where the
-    generation config asks for more (`num_return_sequences`; the command prints one). transformers refuses a streamer
-    with beam search ("`streamer` cannot be used with beam search (yet!). Make sure that `num_beams` is set to 1."),
-    and with several rows its streamer fails ("TextStreamer only supports batch size 1"): a generation config
-    (generation_config.json) with `num_beams` > 1 ended the command there, with no option to set it. The command
-    generates the beams then, printing the best one when done, and says so on stderr."""
+def _one_sequence(model, gen_kwargs: dict, which: str = "one is generated and printed"):
+    """The settings `generate` runs with, asking for one sequence in `gen_kwargs` where the generation config
+    (generation_config.json, which the command has no option to override) asks for more (`num_return_sequences`),
+    and saying so on stderr: the command prints one (`which`), and `generate --input` writes one result a prompt
+    (`generate_jsonl` refused the job, "`num_return_sequences` must be 1 ... (from the generation config)")."""
     from .speculative import _generation_config
 
     config = _generation_config(model, gen_kwargs)
@@ -929,9 +928,19 @@ def _one_sequence_streamed(model, gen_kwargs: dict) -> bool:
         gen_kwargs["num_return_sequences"] = 1
         print(
             f"hf-layerstream generate: the generation config asks for {config.num_return_sequences} sequences "
-            "(`num_return_sequences`); one is generated and printed",
+            f"(`num_return_sequences`); {which}",
             file=sys.stderr,
         )
+    return config
+
+
+def _one_sequence_streamed(model, gen_kwargs: dict) -> bool:
+    """Whether `generate`'s tokens can be printed as they come, asking for one sequence (`_one_sequence`).
+    transformers refuses a streamer with beam search ("`streamer` cannot be used with beam search (yet!). Make sure
+    that `num_beams` is set to 1."), and with several rows its streamer fails ("TextStreamer only supports batch size
+    1"): a generation config (generation_config.json) with `num_beams` > 1 ended the command there, with no option to
+    set it. The command generates the beams then, printing the best one when done, and says so on stderr."""
+    config = _one_sequence(model, gen_kwargs)
     if (config.num_beams or 1) == 1:
         return True
     print(

@@ -1913,3 +1913,28 @@ def test_generate_runs_a_generation_config_asking_for_beam_search(split_dir, tmp
     assert main(argv) == 0
     out, err = capsys.readouterr()
     assert out.startswith(prompt) and "whose tokens cannot be printed as they come" in err
+
+
+def test_generate_input_runs_a_generation_config_asking_for_several_sequences(split_dir, tmp_path, capsys):
+    """`generate --input` of a shard directory whose generation_config.json asks for several sequences
+    (`num_return_sequences` 2) was refused by `generate_jsonl` ("`num_return_sequences` must be 1 ... (from the
+    generation config)"), with no option to change it. As for one prompt, one sequence is generated for each prompt
+    (the best beam), saying so on stderr."""
+    ckpt, shards = split_dir
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy)
+    config = json.loads((copy / "generation_config.json").read_text())
+    (copy / "generation_config.json").write_text(json.dumps({**config, "num_beams": 3, "num_return_sequences": 2}))
+    prompts = _models.SAMPLE_PROMPTS[:2]
+    (tmp_path / "in.jsonl").write_text(
+        "".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in enumerate(prompts))
+    )
+    out = tmp_path / "out.jsonl"
+    argv = ["generate", str(copy), "--input", str(tmp_path / "in.jsonl"), "--output", str(out)]
+    assert main([*argv, "--max-new-tokens", "4", "--device", "cpu"]) == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "asks for 2 sequences (`num_return_sequences`); one is generated for each prompt" in err
+    results = sorted((json.loads(line) for line in out.read_text().splitlines()), key=lambda r: r["id"])
+    assert [r["id"] for r in results] == [0, 1]
+    for r, p in zip(results, prompts):
+        assert r["completion"].strip() == _beam_text(ckpt, p, 4, 3).strip(), r
