@@ -315,23 +315,42 @@ def _refuse_what_drafting_fails_on(
         )
 
 
+# transformers' stopping criteria that depend on the tokens alone, which can be asked again of a shorter sequence
+_STATELESS_CRITERIA = (EosTokenCriteria, StopStringCriteria)
+
+
 class _StopRecorder(StoppingCriteria):
     """Runs stopping criteria for `generate` (their verdicts OR-ed, as `generate` does) and records, per row, the
-    length at which one of them first ended it."""
+    length at which one of them first ended it.
+
+    Speculative decoding adds a block of accepted tokens per step and asks the criteria once, of the whole sequence: a
+    stop string ending inside the block went unseen (`StopStringCriteria` looks at the sequence's end), the output
+    running on past where plain decoding stops. The stateless criteria (`_STATELESS_CRITERIA`) are asked of each
+    shorter length the block adds too: the row ends at the first one they end, where the output is then cut
+    (`count_new_tokens`). Other criteria are asked once per step, as `generate` asks them."""
 
     def __init__(self, criteria: Sequence[StoppingCriteria], prompt_length: int):
         self.criteria = list(criteria)
         self.prompt_length = prompt_length
         self.lengths: torch.Tensor | None = None  # per row: sequence length when stopped, -1 while running
+        self.seen = prompt_length  # the sequence length the criteria were last asked of
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        length = input_ids.shape[1]
+        if self.lengths is None:
+            self.lengths = torch.full((input_ids.shape[0],), -1, dtype=torch.long, device=input_ids.device)
+        stateless = [c for c in self.criteria if type(c) in _STATELESS_CRITERIA]
+        # (on the device: no synchronization per step)
+        for shorter in range(self.seen + 1, length) if stateless else ():
+            ended = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+            for criterion in stateless:
+                ended = ended | criterion(input_ids[:, :shorter], scores)
+            self.lengths = torch.where(ended & (self.lengths < 0), shorter, self.lengths)
+        self.seen = length
+        done = self.lengths >= 0
         for criterion in self.criteria:
             done = done | criterion(input_ids, scores, **kwargs)
-        if self.lengths is None:
-            self.lengths = torch.full_like(done, -1, dtype=torch.long)
-        # (on the device: no synchronization per step)
-        self.lengths = torch.where(done & (self.lengths < 0), input_ids.shape[1], self.lengths)
+        self.lengths = torch.where(done & (self.lengths < 0), length, self.lengths)
         return done
 
     def stopped_at(self) -> list[int | None]:
@@ -462,7 +481,8 @@ def measure_sweeps(
             Of the shape of `input_ids` (1-D for one prompt too). Defaults to what `generate` infers from the padding (`pad_token_id`), as for a plain `generate` call.
         assistant_model (`transformers.PreTrainedModel`, *optional*):
             A resident draft model with the same tokenizer (assisted generation; batch size 1). Not with
-            `stop_strings`, which transformers passes on to the draft's own `generate`, where they fail.
+            `stop_strings`, which transformers passes on to the draft's own `generate`, where they fail; a
+            `StopStringCriteria` in `stopping_criteria` works, the output cut where plain decoding stops.
         prompt_lookup_num_tokens (`int`, *optional*):
             Prompt-lookup decoding with this many candidate tokens (batch size 1).
         max_new_tokens (`int`, *optional*):

@@ -548,3 +548,37 @@ def test_multi_token_prediction_is_refused_with_the_drafts_that_work_named(tmp_p
     model.generation_config.use_mtp = None
     assert torch.equal(model.generate(ids, **kw), expected)
     disable_layer_streaming(model)
+
+
+def test_a_stop_string_inside_an_accepted_draft_ends_the_output_there(setup, tmp_path):
+    """transformers checks stopping criteria once per accepted block under speculative decoding: a stop string ending
+    inside a block of accepted draft tokens (a `StopStringCriteria` given with `assistant_model`, or `stop_strings`
+    with prompt lookup) went unseen, the output running on past it, unlike plain decoding's. `measure_sweeps` and the
+    batch functions cut each output where plain decoding stops (tokens, text, `finish_reason` "stop")."""
+    from transformers import StoppingCriteriaList, StopStringCriteria
+
+    model, tok, strong, _, plain = setup
+    prompt = _models.SAMPLE_PROMPTS[1]
+    ids = tok(prompt, return_tensors="pt").input_ids
+    wanted = plain[prompt]["output_ids"][0]
+    # (" a" after " a": drafted right by the model's own weights, and looked up in the text by prompt lookup)
+    stop, n = " a a a a a", 8
+    assert [tok.decode(t) for t in wanted[:n]] == ["T", "'", "ay", *[" a"] * 5]
+    criteria = StoppingCriteriaList([StopStringCriteria(tokenizer=tok, stop_strings=[stop])])
+    kw = {"max_new_tokens": NEW, "pad_token_id": tok.pad_token_id}
+    alone = measure_sweeps(model, ids, stopping_criteria=criteria, **kw)
+    assert alone["output_ids"] == [wanted[:n]] and alone["tokens"] == n  # (plain decoding: the premise)
+    drafted = measure_sweeps(model, ids, assistant_model=strong, stopping_criteria=criteria, **kw)
+    assert drafted["mode"] == "assisted" and drafted["output_ids"] == alone["output_ids"], drafted
+    assert drafted["tokens"] == n and drafted["sweeps"] < n  # (the stop inside a block: the premise)
+    looked_up = measure_sweeps(model, ids, prompt_lookup_num_tokens=NEW, stop_strings=[stop], tokenizer=tok, **kw)
+    assert looked_up["output_ids"] == alone["output_ids"] and looked_up["sweeps"] < n, looked_up
+    text = tok.decode(wanted[:n], skip_special_tokens=True)
+    (tmp_path / "in.jsonl").write_text(json.dumps({"id": "a", "prompt": prompt}) + "\n")
+    for i, extra in enumerate(({"assistant_model": strong, "stopping_criteria": criteria}, {"stop_strings": [stop]})):
+        extra = {**extra, "prompt_lookup_num_tokens": NEW} if i else extra
+        assert generate_batch(model, tok, [prompt], progress=False, **kw, **extra) == [text], extra
+        out = tmp_path / f"out{i}.jsonl"
+        generate_jsonl(model, tok, tmp_path / "in.jsonl", out, progress=False, **kw, **extra)
+        (r,) = [json.loads(line) for line in out.read_text().splitlines()]
+        assert (r["completion"], r["completion_tokens"], r["finish_reason"]) == (text, n, "stop"), (extra, r)
