@@ -284,7 +284,7 @@ class Manifest:
             units={u.name: u for u in units},
             library_version=d.get("library_version", ""),
             split_options=d.get("split_options"),
-            conversion=d.get("conversion") if isinstance(d.get("conversion"), dict) else None,
+            conversion=read_conversion_record(d.get("conversion")),
             load_dtype=load_dtype,
             adapter=read_adapter_record(d.get("adapter")),
             side_files=read_side_files(d.get("side_files")),
@@ -319,6 +319,14 @@ def _side_file_name(name: str) -> bool:
 
 
 _CHAT_TEMPLATE_DIR = "additional_chat_templates"  # a tokenizer's named chat templates besides the default one
+
+
+def read_conversion_record(value) -> dict | None:
+    """A manifest's conversion record as read (`modeling.conversion_record`: the transformers release and the digest
+    of its converters, both strings), else `None` (not recorded, or damaged)."""
+    if isinstance(value, dict) and all(isinstance(value.get(k), str) for k in ("transformers", "converters")):
+        return value
+    return None
 
 
 def read_adapter_record(value) -> dict | list[dict] | None:
@@ -701,7 +709,8 @@ class ShardDirectory:
         except (KeyError, TypeError, ValueError) as e:
             raise ShardFileError(manifest_path, f"is malformed ({type(e).__name__}: {e})") from e
         self.manifest_path = manifest_path
-        self._side_files_record = raw.get("side_files")  # (as written: `verify` names one `read_side_files` dropped)
+        # (as written: `verify` names one `read_side_files`, `read_conversion_record` or `read_adapter_record` dropped)
+        self._records = {name: raw.get(name) for name in ("side_files", "conversion", "adapter")}
         expected = {RESIDENT} | {layer_unit(i) for i in range(self.manifest.num_layers)}
         if set(self.manifest.units) != expected:
             missing = sorted(expected - set(self.manifest.units))
@@ -1081,7 +1090,7 @@ class ShardDirectory:
         """What is wrong with the manifest's list of its side files, where `read_side_files` dropped it or some of its
         names (its side files then went unchecked), with the fix; `None` where it is sound or absent (a split made
         before the list was kept)."""
-        record = self._side_files_record
+        record = self._records["side_files"]
         if record is None or record == self.manifest.side_files:
             return None
         if self.manifest.side_files is None:  # (a re-run of the split lists them again, as for a split made before)
@@ -1097,11 +1106,38 @@ class ShardDirectory:
             '"side_files"'
         )
 
+    def _records_problems(self) -> list[str]:
+        """What is wrong with the manifest's `conversion` and `adapter` records, where `read_conversion_record` or
+        `read_adapter_record` dropped one (streaming then runs as without it), with the fix."""
+        problems = []
+        record = self._records["conversion"]
+        if record is not None and self.manifest.conversion is None:
+            # (not written again by a re-run: what this release converts is not what the one of the split did)
+            problems.append(
+                f'records "conversion": {json.dumps(record)[:120]}, which is not the form the split writes (the '
+                'transformers release and a digest of how it converted the checkpoint\'s tensors, {"transformers": '
+                '..., "converters": ...}): the manifest was changed since the split, and streaming skips the check '
+                'that this release converts them as that one did. Remove "conversion" from the manifest to stream '
+                "without the check (as a split made before it was recorded), or split again with `overwrite=True` "
+                f"(`--overwrite`) {SAME_SPLIT}, which records it"
+            )
+        record = self._records["adapter"]
+        if record is not None and self.manifest.adapter is None:
+            problems.append(
+                f'records "adapter": {json.dumps(record)[:120]}, which is not the form the split writes (the PEFT '
+                "adapter merged into the weights: an object, or a list of two or more in merge order): the manifest "
+                "was changed since the split, and which adapter the weights hold is unknown (to `info`, and to the "
+                f"warning where one is attached again): run the same split again {SAME_SPLIT}, its adapters "
+                "included, which writes the record again"
+            )
+        return problems
+
     def verify(self, *, checksums: bool = True) -> list[str]:
         """Check every file against the manifest and return every problem found (empty when the directory is sound).
 
         Checks `config.json` (readable, and building the model the shards were split from), the manifest's list of
-        side files (a list of the directory's file names), that the side files it lists are there and, a JSON one,
+        side files (a list of the directory's file names) and its `conversion` and `adapter` records (of the form the
+        split writes), that the side files it lists are there and, a JSON one,
         readable JSON (a tokenizer file, chat template, generation or processor config missing or damaged is a
         problem; a license file or the model card missing, which the model runs without, is logged as a warning),
         each unit file's existence, size, safetensors header (offsets inside the file), tensor names, shapes and
@@ -1129,6 +1165,7 @@ class ShardDirectory:
         listed = self._side_files_problem()
         if listed is not None:
             problems.append(f"{self.manifest_path} {listed}")
+        problems.extend(f"{self.manifest_path} {problem}" for problem in self._records_problems())
         problems.extend(self._side_file_problems(content=True))
         sound = []
         for unit in self.manifest.units:

@@ -1955,11 +1955,19 @@ def split_checkpoint(
                     "Upgrade hf_layerstream to use it, pass `overwrite=True` (`--overwrite`) to replace it with a "
                     "split made by this version, or choose another directory.",
                 )
+            # (a damaged adapter record, `verify` names it: a split whose options' digest, the adapters in it, is
+            # this one's is this split, and its record is written again)
+            adapter_damaged = (
+                isinstance(existing, dict)
+                and existing.get("adapter") is not None
+                and _recorded_adapter(existing) is None
+                and existing.get("split_options") in (_options_digest(options), *earlier_digests)
+            )
             same = (
                 isinstance(existing, dict)
                 and existing.get("fingerprint") == fingerprint
                 and existing.get("compression") == compression_dict
-                and _adapter_key(_recorded_adapter(existing)) == adapter_record
+                and (adapter_damaged or _adapter_key(_recorded_adapter(existing)) == adapter_record)
                 and (dtype is None or existing.get("dtype") == dtype_to_str(dtype))
                 and existing.get("split_options") in (None, _options_digest(options), *earlier_digests)
             )
@@ -2028,7 +2036,9 @@ def split_checkpoint(
                         recorded=recorded is not None,
                     )
                     if recorded is None:
-                        _record_side_files(shard_dir, existing, side_files)
+                        existing = _record_side_files(shard_dir, existing, side_files)
+                    if adapter_damaged:
+                        _record_adapter(shard_dir, existing, adapter_noted)
                     if not restored:
                         logger.info("%s already holds this split; nothing to do", shard_dir)
                     if remove_from_cache:
@@ -2572,15 +2582,29 @@ def _restore_side_files(shard_dir: Path, names: list[str], src, config, card, *,
     return written
 
 
-def _record_side_files(shard_dir: Path, manifest: dict, names: list[str]) -> None:
+def _record_side_files(shard_dir: Path, manifest: dict, names: list[str]) -> dict:
     """A finished split run again whose manifest does not list its side files (made before it was kept, or the list
     damaged): `names` (`_side_files_of_a_split`) written into it, its other entries as they are, so that a later run
     writes again those deleted since, and `verify` names them, as for a split made now. Left as it is where the
-    directory cannot be written to."""
+    directory cannot be written to. Returns the manifest as written."""
+    if not os.access(shard_dir, os.W_OK):
+        return manifest
+    manifest = manifest | {"side_files": names}
+    _write_file(shard_dir, MANIFEST_NAME, json.dumps(manifest, indent=1).encode())
+    logger.info("%s: its manifest lists its side files now (%s)", shard_dir, ", ".join(names))
+    return manifest
+
+
+def _record_adapter(shard_dir: Path, manifest: dict, noted: dict | list[dict] | None) -> None:
+    """A finished split run again whose manifest's adapter record is damaged (`read_adapter_record` drops it), its
+    options' digest, which holds the adapters, this run's: the record of this run's adapters (`noted`; none: the
+    entry removed) written into it, its other entries as they are. Left as it is where the directory cannot be written
+    to."""
     if not os.access(shard_dir, os.W_OK):
         return
-    _write_file(shard_dir, MANIFEST_NAME, json.dumps(manifest | {"side_files": names}, indent=1).encode())
-    logger.info("%s: its manifest lists its side files now (%s)", shard_dir, ", ".join(names))
+    manifest = {k: v for k, v in manifest.items() if k != "adapter"} | ({"adapter": noted} if noted else {})
+    _write_file(shard_dir, MANIFEST_NAME, json.dumps(manifest, indent=1).encode())
+    logger.warning("%s: its manifest's adapter record was damaged; it is written again", shard_dir)
 
 
 def _remove(path: Path) -> None:

@@ -372,6 +372,45 @@ def test_attaching_an_adapter_to_a_merged_split_warns(checkpoints, tmp_path, cap
     assert f"holds the adapter {folder.resolve()} merged into its weights" in caplog.text
 
 
+def test_verify_names_an_adapter_record_damaged_and_the_same_split_writes_it_again(checkpoints, tmp_path, caplog):
+    """The manifest's `adapter` record edited into another form (a string, a list of one): it was taken for none,
+    `info` and the warning on attaching one again named no adapter merged, `verify` passed, and the same split run
+    again was refused as another one ("it has no adapter merged"). `verify` names the record, with the fix: the same
+    split (its options' digest holds the adapters) writes the record again; a split without one removes it."""
+    ckpt, _ = checkpoints("llama")
+    folder = _save_adapter(ckpt, tmp_path / "adapter", KINDS["lora"]())
+    shards = split_checkpoint(ckpt, tmp_path / "shards", adapter=folder, progress=False)
+    manifest = shards / "manifest.json"
+    sound = json.loads(manifest.read_text())
+    files = {p: p.stat().st_mtime_ns for p in (shards / "layers").iterdir()}
+    for damaged in ("lora", [sound["adapter"]]):
+        manifest.write_text(json.dumps({**sound, "adapter": damaged}, indent=1))
+        assert ShardDirectory(shards).verify(checksums=False) == [
+            f'{manifest} records "adapter": {json.dumps(damaged)[:120]}, which is not the form the split writes (the '
+            "PEFT adapter merged into the weights: an object, or a list of two or more in merge order): the manifest "
+            "was changed since the split, and which adapter the weights hold is unknown (to `info`, and to the "
+            "warning where one is attached again): run the same split again (`split_checkpoint` / `hf-layerstream "
+            "split`, same source and options), its adapters included, which writes the record again"
+        ]
+        with caplog.at_level(logging.WARNING, logger="hf_layerstream"):
+            split_checkpoint(ckpt, shards, adapter=folder, progress=False)
+        assert "its manifest's adapter record was damaged; it is written again" in caplog.text
+        assert json.loads(manifest.read_text()) == sound
+        assert ShardDirectory(shards).verify(checksums=False) == []
+    assert {p: p.stat().st_mtime_ns for p in (shards / "layers").iterdir()} == files  # (nothing split again)
+    # (another adapter, or none: another split's options, refused as before)
+    manifest.write_text(json.dumps({**sound, "adapter": "lora"}, indent=1))
+    with pytest.raises(ShardDirOccupiedError):
+        split_checkpoint(ckpt, shards, progress=False)
+    # a split without an adapter: the record added to it removed
+    plain = split_checkpoint(ckpt, tmp_path / "plain", progress=False)
+    without = json.loads((plain / "manifest.json").read_text())
+    (plain / "manifest.json").write_text(json.dumps({**without, "adapter": "lora"}, indent=1))
+    assert len(ShardDirectory(plain).verify(checksums=False)) == 1
+    split_checkpoint(ckpt, plain, progress=False)
+    assert json.loads((plain / "manifest.json").read_text()) == without
+
+
 def test_cli_split_merges_the_adapter_and_inspect_names_it(checkpoints, tmp_path, capsys):
     ckpt, _ = checkpoints("llama")
     folder = _save_adapter(ckpt, tmp_path / "adapter", KINDS["lora"]())

@@ -387,6 +387,31 @@ def test_verify_names_a_side_files_list_it_cannot_check(shard_copy, capsys):
     ]
 
 
+def test_verify_names_a_conversion_record_damaged(shard_copy, capsys):
+    """The manifest's `conversion` record (transformers' release and its converters' digest at split time) edited into
+    another form: it was taken for none, streaming skipped its check without a word, and `verify` passed. It names
+    the record, with the fix; the model still streams."""
+    ckpt, shards = shard_copy
+    manifest = shards / "manifest.json"
+    sound = json.loads(manifest.read_text())
+    assert set(sound["conversion"]) == {"transformers", "converters"}
+    for damaged in ("5.25.0", {**sound["conversion"], "converters": 5}, {"transformers": "5.25.0"}):
+        manifest.write_text(json.dumps({**sound, "conversion": damaged}, indent=1))
+        assert ShardDirectory(shards).verify(checksums=False) == [
+            f'{manifest} records "conversion": {json.dumps(damaged)}, which is not the form the split writes (the '
+            'transformers release and a digest of how it converted the checkpoint\'s tensors, {"transformers": ..., '
+            '"converters": ...}): the manifest was changed since the split, and streaming skips the check that this '
+            'release converts them as that one did. Remove "conversion" from the manifest to stream without the check '
+            "(as a split made before it was recorded), or split again with `overwrite=True` (`--overwrite`) "
+            "(`split_checkpoint` / `hf-layerstream split`, same source and options), which records it"
+        ]
+    assert main(["verify", "--quick", str(shards)]) == 1
+    assert "fix manifest.json as its message says" in capsys.readouterr().err
+    streamed_model(ckpt, shards)  # (loading keeps working)
+    manifest.write_text(json.dumps({k: v for k, v in sound.items() if k != "conversion"}, indent=1))
+    assert ShardDirectory(shards).verify(checksums=False) == []
+
+
 def test_verify_names_a_side_file_damaged_and_the_same_split_writes_it_back(
     shard_copy, tmp_path, capsys, caplog, monkeypatch
 ):
