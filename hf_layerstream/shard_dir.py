@@ -839,6 +839,29 @@ class ShardDirectory:
             f"Run the same split again {SAME_SPLIT}: it writes that unit and the manifest again.",
         )
 
+    def _edited_digests(self, unit: str) -> str | None:
+        """Where the file of `unit` failed the cheap checks (its size, or its sample digest) and yet matches the
+        manifest's SHA-256 in full (it is the file the split wrote), the manifest's `size` or `sample_sha256` of it
+        changed since, with the fix; `None` otherwise (the file damaged or replaced, or unreadable). The full digest
+        itself edited cannot be told so from damage the sample misses: it is left to `_checksum_problems`."""
+        entry, path = self.manifest.units[unit], self.files[unit]
+        try:
+            if not path.is_file() or sha256_file(path) != entry.sha256:
+                return None
+            file = {"size": path.stat().st_size, "sample_sha256": sample_digest(path)}
+        except OSError:
+            return None
+        listed = {"size": entry.size, "sample_sha256": entry.sample_sha256}
+        differ = [k for k in file if listed[k] is not None and listed[k] != file[k]]
+        if not differ:
+            return None
+        return (
+            f"records unit {unit!r} otherwise than its file {path}, which matches the manifest's SHA-256 (the file the "
+            f"split wrote): {', '.join(f'{k} {listed[k]!r} (the file: {file[k]!r})' for k in differ)} (changed since "
+            f"the split). Put back the file's value{'s' if len(differ) > 1 else ''}, or run the same split again "
+            f"{SAME_SPLIT}, which writes that unit and the manifest again"
+        )
+
     def _checksum_problems(self, units=None) -> list[str]:
         problems = []
         for unit in units if units is not None else self.manifest.units:
@@ -1174,7 +1197,11 @@ class ShardDirectory:
                 self.header(unit)
                 sound.append(unit)
             except ShardFileError as e:  # (the fix of a damaged file is the caller's: `verify`'s summary gives it)
-                problems.append(str(e) if e.fix is not None else f"{e.path} {e.problem}")
+                edited = self._edited_digests(unit) if checksums and e.path == self.files[unit] else None
+                if edited is not None:
+                    problems.append(f"{self.manifest_path} {edited}")
+                else:
+                    problems.append(str(e) if e.fix is not None else f"{e.path} {e.problem}")
             except ShardDirError as e:
                 problems.append(str(e))
         summary = None

@@ -412,6 +412,45 @@ def test_verify_names_a_conversion_record_damaged(shard_copy, capsys):
     assert ShardDirectory(shards).verify(checksums=False) == []
 
 
+def test_verify_names_a_units_size_or_sample_digest_edited_in_the_manifest(shard_copy, capsys):
+    """A unit's `size` or `sample_sha256` edited in the manifest: `verify` called the file damaged, the fix to delete
+    it and split again. Where the file matches the manifest's SHA-256 in full (the file the split wrote), it names the
+    manifest's edit, with the file's values to put back; `--quick` (no full digest) and a file that does not match it
+    stay damaged files. The same split run again writes the manifest again."""
+    ckpt, shards = shard_copy
+    manifest = shards / "manifest.json"
+    sound = json.loads(manifest.read_text())
+    edited = json.loads(manifest.read_text())
+    first, second = edited["units"][0], edited["units"][1]
+    size, sample = first["size"], second["sample_sha256"]
+    first["size"] += 1
+    second["sample_sha256"] = "0" * 64
+    manifest.write_text(json.dumps(edited, indent=1))
+    directory = ShardDirectory(shards, check_files=False)
+    fix = (
+        "(changed since the split). Put back the file's value, or run the same split again (`split_checkpoint` / "
+        "`hf-layerstream split`, same source and options), which writes that unit and the manifest again"
+    )
+    assert directory.verify() == [
+        f"{manifest} records unit {first['name']!r} otherwise than its file {shards / first['file']}, which matches the "
+        f"manifest's SHA-256 (the file the split wrote): size {size + 1} (the file: {size}) {fix}",
+        f"{manifest} records unit {second['name']!r} otherwise than its file {shards / second['file']}, which matches "
+        f"the manifest's SHA-256 (the file the split wrote): sample_sha256 {'0' * 64!r} (the file: {sample!r}) {fix}",
+    ]
+    assert main(["verify", str(shards)]) == 1
+    assert "fix manifest.json as its message says" in capsys.readouterr().err
+    # (without the full digest, or with it edited too: the file may be damaged, as before)
+    quick = directory.verify(checksums=False)
+    assert len(quick) == 2 and not any(p.startswith(str(manifest)) for p in quick)
+    first["sha256"] = "0" * 64
+    manifest.write_text(json.dumps(edited, indent=1))
+    problems = ShardDirectory(shards, check_files=False).verify()
+    assert problems[0].startswith(f"{shards / first['file']} ") and problems[1].startswith(str(manifest))
+    split_checkpoint(ckpt, shards, progress=False)
+    assert json.loads(manifest.read_text()) == sound
+    assert ShardDirectory(shards, checksums=True).verify() == []
+
+
 def test_verify_names_a_side_file_damaged_and_the_same_split_writes_it_back(
     shard_copy, tmp_path, capsys, caplog, monkeypatch
 ):
