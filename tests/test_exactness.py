@@ -438,8 +438,11 @@ def test_continuous_batching_generate_batch(pair):
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])  # gemma2: sliding-window layers beside full ones in the cache
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
 def test_a_cache_passed_back_in_for_the_next_turn(pair, arch, cache):
-    """A chat's next turn reuses the cache of the last (`cache=`: the second call's prompt pass runs only the
-    new tokens, on a cache the model filled in another call): both turns' logits as the loaded model's."""
+    """A chat's next turn reuses the cache of the last (`cache=`, `past_key_values=` before transformers renamed it:
+    the second call's prompt pass runs only the new tokens, on a cache the model filled in another call): both turns'
+    logits as the loaded model's."""
+    import inspect
+
     from transformers import DynamicCache, StaticCache
 
     ref, streamed, tok = pair(arch)
@@ -447,15 +450,17 @@ def test_a_cache_passed_back_in_for_the_next_turn(pair, arch, cache):
     more = tok(" and then", return_tensors="pt", add_special_tokens=False)["input_ids"]
     kw = {"max_new_tokens": 3, "min_new_tokens": 3, "do_sample": False, "pad_token_id": tok.pad_token_id}
     kw |= {"return_dict_in_generate": True, "output_logits": True}
+    # (the name this transformers takes: 5.15's generate refuses `cache`, 5.25's deprecates `past_key_values`)
+    name = "cache" if "cache" in inspect.signature(type(ref).forward).parameters else "past_key_values"
     turns = []
     for model in (ref, streamed):
         if cache == "dynamic":
             past = DynamicCache(config=model.config)
         else:
             past = StaticCache(config=model.config, max_cache_len=inputs["input_ids"].shape[1] + more.shape[1] + 8)
-        first = model.generate(**inputs, cache=past, **kw)
+        first = model.generate(**inputs, **{name: past}, **kw)
         ids = torch.cat([first.sequences, more], 1)
-        second = model.generate(ids, attention_mask=torch.ones_like(ids), cache=past, **kw)
+        second = model.generate(ids, attention_mask=torch.ones_like(ids), **{name: past}, **kw)
         assert past.get_seq_length() == ids.shape[1] + 2
         turns.append((first, second))
     for a, b in zip(*turns):
