@@ -446,9 +446,16 @@ def test_a_draft_of_another_tokenizer_never_stopping_early_is_refused_up_front(s
         r"The draft's `assistant_confidence_threshold` is 0 .*`assistant_tokenizer`.*"
         rf"`configure_draft\(draft, confidence_threshold={default}\)`"
     )
-    # (the failure, as `generate` meets it: this fails once a transformers release fixes it, and the refusal can go)
-    with torch.no_grad(), pytest.raises(RuntimeError, match="cannot reshape tensor of 0 elements"):
-        model.generate(tok("Hello", return_tensors="pt").input_ids, do_sample=False, **kw)
+    # (the failure, as `generate` meets it, on 5.15.0 and 5.25.0 with these random weights: 5.20.2-5.24.0 build other
+    # weights from the same seeds, whose drafts for this prompt never reach it, and give the plain output)
+    hello = tok("Hello", return_tensors="pt").input_ids
+    try:
+        with torch.no_grad():
+            out = model.generate(hello, do_sample=False, **kw)
+    except RuntimeError as e:
+        assert "cannot reshape tensor of 0 elements" in str(e), e
+    else:
+        assert torch.equal(out, model.generate(hello, do_sample=False, **{k: kw[k] for k in kw if "assist" not in k}))
     for prompt in ("Hello", _models.SAMPLE_PROMPTS[1]):
         ids = tok(prompt, return_tensors="pt").input_ids
         with count_sweeps(model) as counter:
