@@ -446,8 +446,8 @@ def test_a_draft_of_another_tokenizer_never_stopping_early_is_refused_up_front(s
         r"The draft's `assistant_confidence_threshold` is 0 .*`assistant_tokenizer`.*"
         rf"`configure_draft\(draft, confidence_threshold={default}\)`"
     )
-    # (the failure, as `generate` meets it, on 5.15.0 and 5.25.0 with these random weights: 5.20.2-5.24.0 build other
-    # weights from the same seeds, whose drafts for this prompt never reach it, and give the plain output)
+    # (the failure, as `generate` meets it, on 5.15.0 and 5.25.0 with these random weights: 5.20.2, 5.22.0, 5.24.0 build
+    # other weights from the same seeds, whose drafts for this prompt never reach it, and give the plain output)
     hello = tok("Hello", return_tensors="pt").input_ids
     try:
         with torch.no_grad():
