@@ -319,6 +319,14 @@ def _refuse_what_drafting_fails_on(
 _STATELESS_CRITERIA = (EosTokenCriteria, StopStringCriteria)
 
 
+def _ended_by(criteria: Sequence[StoppingCriteria], input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+    """Per row of `input_ids`, whether any of `criteria` ends it (their verdicts OR-ed, as `generate` does)."""
+    done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    for criterion in criteria:
+        done = done | criterion(input_ids, scores, **kwargs)
+    return done
+
+
 class _StopRecorder(StoppingCriteria):
     """Runs stopping criteria for `generate` (their verdicts OR-ed, as `generate` does) and records, per row, the
     length at which one of them first ended it.
@@ -331,6 +339,7 @@ class _StopRecorder(StoppingCriteria):
 
     def __init__(self, criteria: Sequence[StoppingCriteria], prompt_length: int):
         self.criteria = list(criteria)
+        self.stateless = [c for c in self.criteria if type(c) in _STATELESS_CRITERIA]
         self.prompt_length = prompt_length
         self.lengths: torch.Tensor | None = None  # per row: sequence length when stopped, -1 while running
         self.seen = prompt_length  # the sequence length the criteria were last asked of
@@ -339,17 +348,12 @@ class _StopRecorder(StoppingCriteria):
         length = input_ids.shape[1]
         if self.lengths is None:
             self.lengths = torch.full((input_ids.shape[0],), -1, dtype=torch.long, device=input_ids.device)
-        stateless = [c for c in self.criteria if type(c) in _STATELESS_CRITERIA]
         # (on the device: no synchronization per step)
-        for shorter in range(self.seen + 1, length) if stateless else ():
-            ended = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-            for criterion in stateless:
-                ended = ended | criterion(input_ids[:, :shorter], scores)
+        for shorter in range(self.seen + 1, length) if self.stateless else ():
+            ended = _ended_by(self.stateless, input_ids[:, :shorter], scores)
             self.lengths = torch.where(ended & (self.lengths < 0), shorter, self.lengths)
         self.seen = length
-        done = self.lengths >= 0
-        for criterion in self.criteria:
-            done = done | criterion(input_ids, scores, **kwargs)
+        done = (self.lengths >= 0) | _ended_by(self.criteria, input_ids, scores, **kwargs)
         self.lengths = torch.where(done & (self.lengths < 0), length, self.lengths)
         return done
 
@@ -373,9 +377,7 @@ class _BeamStopRecorder(StoppingCriteria):
         self.lengths: set[int] = set()
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        for criterion in self.criteria:
-            done = done | criterion(input_ids, scores, **kwargs)
+        done = _ended_by(self.criteria, input_ids, scores, **kwargs)
         if bool(done.any()):
             rows = input_ids.shape[0]
             for r in done.nonzero().flatten().tolist():
