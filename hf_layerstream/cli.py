@@ -885,6 +885,8 @@ def _cmd_generate(args) -> int:
         gen_kwargs["pad_token_id"] = tok.eos_token_id
     streamer = _continuation_streamer(tok, inputs["input_ids"][0].tolist(), skip_special_tokens=True)
     streams = _one_sequence_streamed(model, gen_kwargs)
+    if streams:
+        streamer, gen_kwargs = _streamed_to_the_stop(streamer, model, gen_kwargs, tok)
     # (a chat reply answers the prompt, on a line of its own; a completion continues it)
     print(prompt, end="\n" if templated else "", flush=True)
     try:
@@ -1079,6 +1081,65 @@ def _continuation_streamer(tokenizer, prompt_ids: list[int], **decode_kwargs):
     streamer.token_cache = list(prompt_ids)
     streamer.print_len = len(tokenizer.decode(prompt_ids, **decode_kwargs))
     return streamer
+
+
+def _streamed_to_the_stop(streamer, model, gen_kwargs: dict, tokenizer):
+    """`streamer`, and the settings `generate` streams to it with, where the call decodes speculatively
+    (`--prompt-lookup`, `--assistant`, or the generation config's): there each step adds a block of accepted draft
+    tokens, which transformers puts to the streamer before it asks the stopping criteria, once, of the whole sequence.
+    A stop string (the generation config's `stop_strings`) ending inside the block went unseen (`StopStringCriteria`
+    looks at the sequence's end), and the text past it was printed, where plain decoding stops. The stateless criteria
+    (`speculative._STATELESS_CRITERIA`: the stop strings, the end-of-sequence ids) are asked of each length the block
+    adds (`speculative._StopRecorder`): the tokens up to the first they end are printed, none after, and the call ends
+    at that step (its tokens past there are not printed)."""
+    import torch
+    from transformers import EosTokenCriteria, StoppingCriteria, StoppingCriteriaList
+    from transformers.generation import GenerationMode
+    from transformers.generation.streamers import BaseStreamer
+
+    from .speculative import _STATELESS_CRITERIA, _generation_config, _StopRecorder, _StopWatch, eos_token_ids
+
+    config = _generation_config(model, gen_kwargs)
+    if config.get_generation_mode(gen_kwargs.get("assistant_model")) != GenerationMode.ASSISTED_GENERATION:
+        return streamer, gen_kwargs  # (a token a step: the criteria see each)
+    criteria = [c for c in _StopWatch(config, gen_kwargs, tokenizer).watched if type(c) in _STATELESS_CRITERIA]
+    eos = eos_token_ids(model, None, gen_kwargs)
+    if eos:  # (transformers 5.25 cuts a block at one itself; a release that does not would print past it)
+        criteria.append(EosTokenCriteria(sorted(eos)))
+    if not criteria:
+        return streamer, gen_kwargs
+
+    class _ToTheStop(BaseStreamer, StoppingCriteria):
+        def __init__(self):
+            self.recorder = None
+            self.ids = None
+            self.ended = False
+
+        def put(self, value):
+            value = value.reshape(1, -1)
+            if self.recorder is None:  # (`generate`'s first put: the prompt)
+                self.recorder, self.ids = _StopRecorder(criteria, value.shape[1]), value
+            elif self.ended:
+                return
+            else:
+                before = self.ids.shape[1]
+                self.ids = torch.cat([self.ids, value], dim=1)
+                self.recorder(self.ids, None)
+                (stop,) = self.recorder.stopped_at()
+                self.ended = stop is not None
+                if self.ended:
+                    value = self.ids[:, before : self.recorder.prompt_length + stop]
+            streamer.put(value)
+
+        def end(self):
+            streamer.end()
+
+        def __call__(self, input_ids, scores, **kwargs):  # (a stopping criterion: the printing ended, the call too)
+            return torch.full((input_ids.shape[0],), self.ended, dtype=torch.bool, device=input_ids.device)
+
+    cut = _ToTheStop()
+    given = list(gen_kwargs.get("stopping_criteria") or [])
+    return cut, {**gen_kwargs, "stopping_criteria": StoppingCriteriaList([*given, cut])}
 
 
 class _JobProfile:

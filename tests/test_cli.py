@@ -1915,6 +1915,45 @@ def test_generate_runs_a_generation_config_asking_for_beam_search(split_dir, tmp
     assert out.startswith(prompt) and "whose tokens cannot be printed as they come" in err
 
 
+def test_speculative_generate_prints_no_further_than_a_stop_string_inside_a_drafted_block(
+    split_dir, tmp_path, capsys, monkeypatch
+):
+    """Speculative decoding (`--prompt-lookup`) adds a block of accepted draft tokens a step, which transformers puts
+    to the streamer before it asks the stopping criteria, once, of the whole sequence: a stop string of the generation
+    config (`stop_strings`) ending inside the block went unseen, and the text past it was printed (up to
+    `--max-new-tokens`), where plain decoding stops. The text printed is plain decoding's, and the call ends at the
+    step the stop string came in."""
+    from transformers.generation.utils import GenerationMixin
+
+    ckpt, shards = split_dir
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy)
+    config = json.loads((copy / "generation_config.json").read_text())
+    # (" a" after " a": looked up in the text by prompt lookup, several a step; the stop string is not at the end of
+    # the block it ends in, nor at the end of any later one)
+    stop = "ay a a a a"
+    (copy / "generation_config.json").write_text(json.dumps({**config, "stop_strings": [stop]}))
+    prompt = _models.SAMPLE_PROMPTS[1]
+    wanted = _greedy_text(ckpt, prompt, 16)
+    assert stop in wanted and not wanted.endswith(stop)  # (the premise: plain decoding runs past it without it)
+    real, generated = GenerationMixin.generate, []
+
+    def generate(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        generated.append(out.shape[-1] - kwargs["input_ids"].shape[-1])
+        return out
+
+    monkeypatch.setattr(GenerationMixin, "generate", generate)
+    argv = ["generate", str(copy), prompt, "--max-new-tokens", "16", "--device", "cpu"]
+    assert main(argv) == 0
+    plain = capsys.readouterr().out
+    assert plain == prompt + wanted[: wanted.index(stop) + len(stop)] + "\n"
+    assert main([*argv, "--prompt-lookup", "16"]) == 0
+    assert capsys.readouterr().out == plain
+    # (the premise: the speculative call's last block ran past the stop string; it ended there, not at 16 tokens)
+    assert generated[0] < generated[1] < 16, generated
+
+
 def test_generate_input_runs_a_generation_config_asking_for_several_sequences(split_dir, tmp_path, capsys):
     """`generate --input` of a shard directory whose generation_config.json asks for several sequences
     (`num_return_sequences` 2) was refused by `generate_jsonl` ("`num_return_sequences` must be 1 ... (from the
