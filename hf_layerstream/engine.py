@@ -308,7 +308,7 @@ class ResidencyPlan:
     # bytes copied to the device for each forward pass for the host-resident parts (the head's, or the tied
     # embeddings' a head computes with): held there while the head runs, with `prefetch` layers read ahead
     host_resident_copied: int = 0
-    # CUDA: what the plan leaves free on the device for activations and the KV cache
+    # CUDA: what the plan leaves free on the device for activations and the KV cache (0 for a budget of 0: no limit)
     reserve: int = 0
     # where quantized weights are dequantized: "layer" (the whole layer by the loader, before its forward pass) or
     # "module" (each weight as its module runs: layers are held packed, and `scratch` bytes hold the weight dequantized)
@@ -374,8 +374,8 @@ class ResidencyPlan:
 
     def _reserve_text(self, key: str, budget: int) -> str:
         """For the GPU's budget in `summary`: the part of it the plan leaves free for activations and the KV cache
-        (nothing for a budget of 0 with no reserve: every layer streamed, no limit)."""
-        if self.device.type == "cpu" or key == "cpu" or not (budget or self.reserve):  # (the other key: the GPU's)
+        (nothing for a budget of 0: every layer streamed, no limit to leave room in)."""
+        if self.device.type == "cpu" or key == "cpu" or not budget:  # (the other key: the GPU's)
             return ""
         return f" ({size_text(self.reserve)} of it reserved for activations and the KV cache)"
 
@@ -559,8 +559,8 @@ def plan_residency(
 
     `reserve` (on a GPU): the bytes of its budget left free for activations and the KV cache (an int, or a size string
     as `max_memory` takes, see `check_reserve`); default `default_reserve(budget)`, a tenth of the budget, at most
-    2 GiB (one larger than the budget is the caller's to refuse: `check_reserve_fits`). Ignored on CPU (the plan's
-    is 0).
+    2 GiB (one larger than the budget is the caller's to refuse: `check_reserve_fits`). Ignored on CPU and for a
+    budget of 0, every layer streamed with no limit (the plan's is 0).
     """
     if max_memory is not None and not isinstance(max_memory, dict):
         raise TypeError(
@@ -604,7 +604,9 @@ def plan_residency(
         if dev_budget is None:
             dev_budget = default_device_budget(device)
         budgets[str(index)] = dev_budget
-        if reserve is None:
+        if not dev_budget:  # (every layer streamed, no limit: there is no budget to leave room in, as on CPU)
+            reserve = 0
+        elif reserve is None:
             reserve = default_reserve(dev_budget)  # activations and KV cache
         fits_all = dev_budget - resident - reserve >= everything
         # (a budget of 0 is the usual way to ask for every layer streamed, not for the resident parts off the device)

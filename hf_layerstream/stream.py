@@ -1147,8 +1147,9 @@ def enable_layer_streaming(
             device budget, at most 2 GiB; a long context or a large batch needs more, a small GPU may do with less
             (0: none). Counted wherever the plan is fitted to the budget (the layers kept, the resident parts moved
             to host RAM, the default `prefetch` lowered) and in the warning of a budget too small. One larger than
-            the device budget (other than 0) raises `ValueError`, as does a value that is not a size. On CPU it is
-            ignored, with a warning (activations take host RAM there, outside the plan).
+            the device budget (other than 0) raises `ValueError`, as does a value that is not a size. A budget of 0
+            (every layer streamed, no limit) leaves it unused; on CPU it is ignored, with a warning (activations
+            take host RAM there, outside the plan).
         prefetch (`int`, *optional*):
             How many streamed layers are read ahead of the compute, at most one fewer than the layers. Default on
             CPU: 3 with full-precision shards, 2 with quantized ones (the fastest from a cold page cache in our

@@ -141,6 +141,17 @@ def test_a_reserve_larger_than_the_gpu_budget_is_refused(checkpoints):
     assert plan_shard_dir(m, CUDA0, max_memory={0: 0, "cpu": 0}, reserve="2GiB").device_layers == []
 
 
+def test_a_budget_of_0_leaves_the_reserve_unused(checkpoints):
+    """A GPU budget of 0 streams every layer with no limit: a reserve given has no budget to be part of, and the
+    summary said "0: 0 B (2.00 GiB of it reserved ...)". The plan's is 0, as without one (and as on CPU)."""
+    _, shards = checkpoints("llama", num_hidden_layers=6)
+    m = ShardDirectory(shards)
+    without = plan_shard_dir(m, CUDA0, prefetch=1, max_memory={0: 0, "cpu": 0})
+    got = plan_shard_dir(m, CUDA0, prefetch=1, max_memory={0: 0, "cpu": 0}, reserve="2GiB")
+    assert got.reserve == 0 and got.to_dict() == without.to_dict() and got.summary() == without.summary()
+    assert got.streamed == list(range(6)) and got.summary().endswith("[budget cpu: 0 B, 0: 0 B]"), got.summary()
+
+
 def test_enable_checks_the_reserve_against_the_default_budget_before_finding_the_shards(checkpoints, monkeypatch):
     """With no `max_memory` for the GPU, a reserve larger than its default budget (a share of its free memory) was
     refused only once the plan was made: for a hub repo, after its layers had downloaded. It is refused before the
@@ -236,6 +247,13 @@ def test_inspect_shows_the_reserve_given(split_dir, capsys):
     assert main([*argv, "--reserve", "0"]) == 0
     plan = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("plan on"))
     assert "[budget cpu: 0 B, 0: 1.00 GiB (0 B of it reserved for activations and the KV cache)]" in plan, plan
+    # a budget of 0 (every layer streamed, no limit) leaves none: not "0: 0 B (2.00 GiB of it reserved ...)"
+    zero = ["inspect", str(shards), "--device", "cuda", "--max-memory", "0=0,cpu=0", "--reserve", "2GiB"]
+    assert main(zero) == 0
+    plan = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("plan on"))
+    assert plan.endswith("[budget cpu: 0 B, 0: 0 B]"), plan
+    assert main([*zero, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["plan"]["reserve"] == 0
 
 
 @pytest.mark.parametrize(
