@@ -499,7 +499,7 @@ def check_reserve_within(
     """`check_reserve_fits` before a plan is made (`enable_layer_streaming` checks it before a hub repo's layers
     download), against the GPU's `max_memory` (or `budget`, the plan's, or a function giving it: the default share of
     the free memory, `default_device_budget`); where neither is known, nothing to check yet."""
-    key = _device_key(device)
+    key = _given_key(max_memory, _device_key(device))
     given = _max_memory_for(max_memory, key)
     budget = given if given is not None else budget() if callable(budget) else budget
     if not budget or reserve <= budget:
@@ -514,6 +514,12 @@ def check_reserve_within(
         f"{size_text(budget)}), which it is part of: nothing would be left for the model. Give a smaller `reserve`, "
         f"or a larger max_memory[{key!r}]."
     )
+
+
+def _given_key(max_memory: dict | None, key):
+    """`key` as `max_memory` gives it, for messages naming it: a GPU's index, or its digits (`"0"`, as a JSON config
+    gives them); `key` where it is not given."""
+    return next((k for k in (key, str(key)) if k in (max_memory or {})), key)
 
 
 def _max_memory_for(max_memory: dict | None, key) -> int | None:
@@ -782,7 +788,7 @@ def budget_shortfall(plan: ResidencyPlan, max_memory: dict | None) -> str | None
     it, the default budget (a share of its free memory) is checked the same way."""
     key = _device_key(plan.device)
     budget = _max_memory_for(max_memory, key)
-    name = f"max_memory[{key!r}] = {size_text(budget or 0)}"
+    name = f"max_memory[{_given_key(max_memory, key)!r}] = {size_text(budget or 0)}"
     if budget is None and plan.device.type != "cpu":
         budget = plan.budgets.get(str(key))
         name = (

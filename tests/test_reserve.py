@@ -93,6 +93,10 @@ def test_a_budget_short_of_the_reserve_given_is_warned_about_with_its_fix():
     assert "peak memory will still reach about 80.0 MiB" in warning and "A `reserve` of at most 10.0 MiB" in warning
     fits = plan_residency(m, CUDA0, max_memory=budget, prefetch=1, reserve=10 * unit)
     assert budget_shortfall(fits, budget) is None
+    # the budget named as given: a JSON config's "0" is max_memory['0'] (it was named max_memory[0])
+    assert warning.startswith("max_memory[0] = 70.0 MiB cannot hold")
+    digits = {"0": 70 * unit, "cpu": 0}
+    assert budget_shortfall(plan, digits) == warning.replace("max_memory[0]", "max_memory['0']")
 
 
 @pytest.mark.parametrize(
@@ -132,8 +136,17 @@ def test_a_reserve_larger_than_the_gpu_budget_is_refused(checkpoints):
     )
     # (as enable checks it before a hub repo's layers download, against the budget given or the default one)
     with pytest.raises(ValueError) as before:
-        check_reserve_within(2 * 2**30, CUDA0, {"0": "1GiB"})
+        check_reserve_within(2 * 2**30, CUDA0, {0: "1GiB"})
     assert str(before.value) == str(e.value)
+    # named as given: a JSON config's "0" is max_memory['0'] (it was named max_memory[0], a key the caller lacked)
+    digits = str(e.value).replace("max_memory[0]", "max_memory['0']")
+    assert "(max_memory['0']: 1.00 GiB)" in digits and digits.endswith("or a larger max_memory['0'].")
+    with pytest.raises(ValueError) as given:
+        check_reserve_within(2 * 2**30, CUDA0, {"0": "1GiB"})
+    assert str(given.value) == digits
+    with pytest.raises(ValueError) as planned:
+        plan_shard_dir(m, CUDA0, max_memory={"0": "1GiB", "cpu": 0}, reserve="2GiB")
+    assert str(planned.value) == digits
     check_reserve_within(2 * 2**30, CUDA0, None)
     with pytest.raises(ValueError, match=r"\(the default budget, 80% of its free memory: 1.00 GiB\)"):
         check_reserve_within(2 * 2**30, CUDA0, None, 2**30)
@@ -172,7 +185,7 @@ def test_enable_checks_the_reserve_against_the_default_budget_before_finding_the
     cases = [
         (None, "(the default budget, 80% of its free memory: 0.80 GiB)"),
         ({"cpu": "4GiB"}, "(the default budget, 80% of its free memory: 0.80 GiB)"),
-        ({"0": "1GiB"}, "(max_memory[0]: 1.00 GiB)"),
+        ({"0": "1GiB"}, "(max_memory['0']: 1.00 GiB)"),
         ({0: "1GiB", "0": "4GiB"}, "`max_memory` gives GPU 0 twice, as 0 and '0': give its budget once."),
     ]
     for max_memory, message in cases:
