@@ -494,10 +494,13 @@ def measure_sweeps(
             Passed to `model.generate` (e.g. `min_new_tokens`, `pad_token_id`).
 
     Returns:
-        `dict` with `tokens` (generated, summed over the batch; the padding after a row's end, by an
+        `dict` with `tokens` (generated, summed over the sequences returned; the padding after a row's end, by an
         end-of-sequence token, a stop string or a stopping criterion, excluded), `sweeps`, `tokens_per_sweep`,
-        `seconds`, `tokens_per_s`, `batch_size`, `mode` (`"plain"`, `"assisted"`, `"prompt_lookup"`, `"early_exit"`
-        or `"mtp"`: the speculative decoding `generate` ran, none under beam search) and `output_ids` (the generated ids of each prompt, as lists).
+        `seconds`, `tokens_per_s`, `batch_size` (the prompts), `sequences` (the sequences returned: `batch_size`
+        times `num_return_sequences`, which each sweep generates together as it does a batch's prompts), `mode`
+        (`"plain"`, `"assisted"`, `"prompt_lookup"`, `"early_exit"` or `"mtp"`: the speculative decoding `generate`
+        ran, none under beam search) and `output_ids` (the generated ids of each sequence, as lists: one per
+        prompt, or `num_return_sequences` per prompt in its order).
     """
     given = generate_kwargs.get("generation_config")
     # (a length the call sets otherwise is kept: 32 in its place gave another number of tokens, without a word)
@@ -591,6 +594,7 @@ def measure_sweeps(
     return {
         "mode": mode,
         "batch_size": int(input_ids.shape[0]),
+        "sequences": len(new),  # (`num_return_sequences` per prompt: `tokens` counts them all)
         "tokens": tokens,
         "sweeps": sweeps,
         "tokens_per_sweep": tokens / sweeps if sweeps else None,

@@ -387,6 +387,27 @@ def test_measure_sweeps_reports_the_decoding_generate_ran(setup):
         measure_sweeps(model, ids.repeat(2, 1), use_mtp=True, **kw)
 
 
+def test_measure_sweeps_counts_every_sequence_returned(setup):
+    """With `num_return_sequences` > 1 the result said `batch_size` 1 while `tokens` summed every sequence's and
+    `output_ids` had a row for each: `sequences` names the rows, which each sweep generates together (as a batch's
+    prompts), and `tokens` counts them all; one per prompt by default."""
+    model, tok, _, _, plain = setup
+    prompt = _models.SAMPLE_PROMPTS[0]
+    ids = tok(prompt, return_tensors="pt").input_ids
+    kw = {"max_new_tokens": 4, "min_new_tokens": 4, "pad_token_id": tok.pad_token_id}
+    assert plain[prompt]["sequences"] == plain[prompt]["batch_size"] == 1
+    assert measure_sweeps(model, ids.repeat(2, 1), **kw)["sequences"] == 2
+    torch.manual_seed(0)
+    sampled = measure_sweeps(model, ids, do_sample=True, num_return_sequences=3, **kw)
+    beams = measure_sweeps(model, ids, num_beams=3, **kw)
+    best = measure_sweeps(model, ids, num_beams=3, num_return_sequences=2, **kw)
+    for r, sequences in ((sampled, 3), (best, 2)):
+        assert r["batch_size"] == 1 and r["sequences"] == len(r["output_ids"]) == sequences
+        assert r["sweeps"] == 4 and r["tokens"] == sum(map(len, r["output_ids"])) == 4 * sequences
+        assert r["tokens_per_sweep"] == r["tokens"] / r["sweeps"]
+    assert best["output_ids"][0] == beams["output_ids"][0] and beams["sequences"] == 1
+
+
 def test_stop_strings_with_a_draft_model_are_refused_up_front(setup, tmp_path):
     """transformers hands the call's stop strings to the draft's own `generate` without the tokenizer: it failed
     there ("we could not locate a tokenizer"), though `tokenizer` was given. Refused before anything runs, naming
