@@ -599,14 +599,22 @@ def test_a_stop_string_inside_an_accepted_draft_ends_the_output_there(setup, tmp
     drafted = measure_sweeps(model, ids, assistant_model=strong, stopping_criteria=criteria, **kw)
     assert drafted["mode"] == "assisted" and drafted["output_ids"] == alone["output_ids"], drafted
     assert drafted["tokens"] == n and drafted["sweeps"] < n  # (the stop inside a block: the premise)
-    looked_up = measure_sweeps(model, ids, prompt_lookup_num_tokens=NEW, stop_strings=[stop], tokenizer=tok, **kw)
-    assert looked_up["output_ids"] == alone["output_ids"] and looked_up["sweeps"] < n, looked_up
-    text = tok.decode(wanted[:n], skip_special_tokens=True)
+    # (prompt lookup accepts the " a"s in blocks of 2 and 4 after the sixth token, the first ending on `stop`: this one
+    # ends inside the second)
+    looked_stop, m = "ay" + " a" * 8, 11
+    looked_up = measure_sweeps(
+        model, ids, prompt_lookup_num_tokens=NEW, stop_strings=[looked_stop], tokenizer=tok, **kw
+    )
+    assert looked_up["output_ids"] == [wanted[:m]] and looked_up["sweeps"] < m, looked_up
     (tmp_path / "in.jsonl").write_text(json.dumps({"id": "a", "prompt": prompt}) + "\n")
-    for i, extra in enumerate(({"assistant_model": strong, "stopping_criteria": criteria}, {"stop_strings": [stop]})):
-        extra = {**extra, "prompt_lookup_num_tokens": NEW} if i else extra
+    cases = (
+        ({"assistant_model": strong, "stopping_criteria": criteria}, n),
+        ({"stop_strings": [looked_stop], "prompt_lookup_num_tokens": NEW}, m),
+    )
+    for i, (extra, k) in enumerate(cases):
+        text = tok.decode(wanted[:k], skip_special_tokens=True)
         assert generate_batch(model, tok, [prompt], progress=False, **kw, **extra) == [text], extra
         out = tmp_path / f"out{i}.jsonl"
         generate_jsonl(model, tok, tmp_path / "in.jsonl", out, progress=False, **kw, **extra)
         (r,) = [json.loads(line) for line in out.read_text().splitlines()]
-        assert (r["completion"], r["completion_tokens"], r["finish_reason"]) == (text, n, "stop"), (extra, r)
+        assert (r["completion"], r["completion_tokens"], r["finish_reason"]) == (text, k, "stop"), (extra, r)
