@@ -1950,8 +1950,9 @@ def test_speculative_generate_prints_no_further_than_a_stop_string_inside_a_draf
     assert plain == prompt + wanted[: wanted.index(stop) + len(stop)] + "\n"
     assert main([*argv, "--prompt-lookup", "16"]) == 0
     assert capsys.readouterr().out == plain
-    # (the premise: the speculative call's last block ran past the stop string; it ended there, not at 16 tokens)
-    assert generated[0] < generated[1] < 16, generated
+    # (the speculative call ended at the step the stop string came in, not at 16 tokens: with transformers 5.25 one
+    # token past it, the end of its block; 5.15 stops at the stop string itself here, printing right without the wrapper)
+    assert generated[0] <= generated[1] < 16, generated
 
 
 def test_generate_input_runs_a_generation_config_asking_for_several_sequences(split_dir, tmp_path, capsys):
