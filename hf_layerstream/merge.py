@@ -23,6 +23,7 @@ from .modeling import build_skeleton, created_dtypes, kept_in_float32, resolve_m
 from .modeling import stand_in as make_stand_in
 from .quant import all_finite
 from .shard_dir import is_commit_hash
+from .split import _ctrl_c_noted, _interrupted_inside
 
 logger = logging.getLogger(__name__)
 
@@ -186,13 +187,16 @@ class AdapterMerge:
             slots.append((module, attr, stand_in))
             self.names.setdefault(id(stand_in), []).append(name)
         try:
-            with warnings.catch_warnings():
+            # (a Ctrl-C while safetensors reads the adapter's weights through torch's C code made a ValueError of it,
+            # which said the adapter could not be loaded onto this model: see `split._ctrl_c`)
+            with warnings.catch_warnings(), _ctrl_c_noted():
                 # (PEFT's notices on adapting a tied head: merged here into the one tensor, or refused below; and
                 # transformers' deprecation of a method PEFT calls)
                 warnings.filterwarnings("ignore", message=r".*tie_word_embeddings=True.*", category=UserWarning)
                 warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
                 wrapped = peft.PeftModel.from_pretrained(model, str(folder), low_cpu_mem_usage=True)
         except torch.linalg.LinAlgError as e:  # (before the others: a RuntimeError)
+            _interrupted_inside(e)
             # (TinyLoRA, OSF: made from an SVD of the weights each adapts, which are stand-ins here)
             raise ValueError(
                 f"The adapter {folder} ({_peft_type(folder)}) reads the weights it adapts as PEFT loads it, which the "
@@ -200,6 +204,7 @@ class AdapterMerge:
                 "(`merge_and_unload`), save it and split that."
             ) from e
         except (ValueError, KeyError, TypeError, RuntimeError, OSError, SafetensorError, *_DAMAGED_PICKLE) as e:
+            _interrupted_inside(e)
             # (an adapter of another model: other shapes or module names; a damaged weights file)
             raise ValueError(f"Cannot load the adapter {folder} onto this model: {type(e).__name__}: {e}") from e
         # A weight the adapter holds a copy of (PEFT saves an adapted embedding or head whole, and with `bias="all"`
@@ -217,7 +222,13 @@ class AdapterMerge:
         # adapter holds (PEFT makes its weights, upcast, then loads the file into them).
         from peft.utils import load_peft_weights, set_peft_model_state_dict
 
-        set_peft_model_state_dict(wrapped, load_peft_weights(str(folder), device="cpu"), adapter_name="default")
+        try:
+            with _ctrl_c_noted():
+                weights = load_peft_weights(str(folder), device="cpu")
+        except Exception as e:  # noqa: BLE001 - raised as it is, or as the Ctrl-C it was made of
+            _interrupted_inside(e)
+            raise
+        set_peft_model_state_dict(wrapped, weights, adapter_name="default")
         self.peft_type = str(wrapped.peft_config["default"].peft_type.value)
         if wrapped.peft_config["default"].is_prompt_learning:
             raise ValueError(

@@ -835,7 +835,8 @@ class _Source:
 # Ctrl-C while torch's C code runs: the KeyboardInterrupt that Python's handler raises inside a call torch makes
 # back into Python is cleared there, and the call fails with another error (safetensors' `get_tensor`: "ValueError:
 # could not determine the shape of object type 'torch.storage.UntypedStorage'"), which a read wrapped as a damaged
-# file (a ShardFileError saying to re-create it), the Ctrl-C lost. The SIGINTs of such a read are noted (in the main
+# file (a ShardFileError saying to re-create it), the Ctrl-C lost (an adapter's read, by PEFT: as an adapter that
+# cannot be loaded onto the model, `merge.AdapterMerge`). The SIGINTs of such a read are noted (in the main
 # thread, the only one Python's handlers run in, where the handler is a Python function), and its error is then the
 # KeyboardInterrupt.
 _ctrl_c = threading.local()  # (`seen`: whether a SIGINT arrived in this thread's last read noting them)

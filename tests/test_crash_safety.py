@@ -26,6 +26,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -572,6 +573,117 @@ def test_ctrl_c_at_any_moment_of_reading_source_tensors_is_a_keyboard_interrupt(
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
     assert set(outcomes) == {"KeyboardInterrupt"}, collections.Counter(outcomes)
+
+
+@pytest.mark.parametrize(("compression", "dtype"), [("4bit", "bfloat16"), ("8bit", "float16")])
+def test_ctrl_c_at_any_moment_of_casting_quantizing_and_writing_units_is_a_keyboard_interrupt(
+    tmp_path, monkeypatch, compression, dtype
+):
+    """A real SIGINT at random moments of the units' work (the `dtype` cast, bitsandbytes' quantization, whose CPU
+    kernels are Python that torch's dispatcher calls, the file's write, fsync and rename), each run resumed by the
+    next until one finishes: each is the KeyboardInterrupt (those errors are not wrapped as a damaged source, as a
+    read's are, and none was another error), the SIGINT handler in place is the same after each, no temporary file is
+    left and a file under its final name is complete; the split finished so is byte-identical to an uninterrupted one.
+    (Layers wider than the `llama` fixture's: the cast and the quantization take most of a unit's time.)"""
+    config = _models.make_config("llama", num_hidden_layers=2, hidden_size=256, intermediate_size=1024)
+    ckpt = _models.save_tiny_checkpoint(config, tmp_path / "ckpt")
+    options = {"compression": compression, "dtype": dtype, "progress": False}
+    reference = split_checkpoint(ckpt, tmp_path / "reference", **options)
+    real_convert, real_write = split_mod.convert_unit, split_mod._write_unit
+    armed: list[float] = []  # (the delay of the run's Ctrl-C, from its first unit's conversion; none: not armed)
+    timers, started, written = [], [], []
+
+    def convert_unit(*args, **kwargs):
+        if not started:
+            started.append(time.perf_counter())
+            if armed:
+                timer = threading.Timer(armed[0], signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
+                timers.append(timer)
+                timer.start()
+        return real_convert(*args, **kwargs)
+
+    def write_unit(*args, **kwargs):
+        entry = real_write(*args, **kwargs)
+        written.append(time.perf_counter())
+        return entry
+
+    monkeypatch.setattr(split_mod, "convert_unit", convert_unit)
+    monkeypatch.setattr(split_mod, "_write_unit", write_unit)
+    for timed in ("timed", "timed-again"):  # (the second: what a first quantization sets up is set up)
+        started.clear()
+        split_checkpoint(ckpt, tmp_path / timed, **options)
+    span = written[-1] - started[0]  # (from the first unit's conversion to the last unit's file in place)
+    handler = signal.getsignal(signal.SIGINT)
+    outcomes = []
+    try:
+        for cycle in range(4):
+            shards = tmp_path / f"shards-{cycle}"
+            for _run in range(40):
+                started.clear()
+                armed[:] = [random.uniform(0, span)]
+                try:
+                    split_checkpoint(ckpt, shards, **options)
+                    outcomes.append("none")
+                except BaseException as e:  # noqa: BLE001 - what is raised is the result
+                    outcomes.append(type(e).__name__)
+                finally:
+                    _let_go(timers[-1])
+                assert signal.getsignal(signal.SIGINT) is handler
+                assert not [p.name for p in shards.rglob("*") if st_mod.TMP_MARKER in p.name]
+                no_partial_files(shards)
+                if outcomes[-1] == "none":
+                    break
+            armed.clear()
+            split_checkpoint(ckpt, shards, **options)  # (finished, or the last run interrupted)
+            assert_same_tree(shards, reference)
+    finally:
+        armed.clear()
+        for timer in timers:
+            _let_go(timer)
+    assert set(outcomes) <= {"KeyboardInterrupt", "none"}, collections.Counter(outcomes)
+    assert "KeyboardInterrupt" in outcomes, collections.Counter(outcomes)
+
+
+def test_ctrl_c_halfway_through_writing_a_unit_file_leaves_no_temporary_file(llama, tmp_path, monkeypatch):
+    """A Ctrl-C (a real SIGINT) once half of a tensor's bytes are in a unit's temporary file: the KeyboardInterrupt,
+    the temporary file removed (the faults injected above are OSErrors: a cleanup of those only passed them), no file
+    under the unit's name, and the same split resumes, reading only the units still missing."""
+    shards = tmp_path / "shards"
+    real_atomic, real_write_all = split_mod.atomic_write_safetensors, st_mod._write_all
+    writing, fired = [], []
+
+    def atomic_write_safetensors(path, *args, **kwargs):
+        writing[:] = [Path(path).name]
+        return real_atomic(path, *args, **kwargs)
+
+    def write_all(fd, data):
+        if writing == ["00002.safetensors"] and len(data) > 1024 and not fired:  # (a tensor's bytes, not the header)
+            real_write_all(fd, data[: len(data) // 2])
+            fired.append(len(data))
+            signal.raise_signal(signal.SIGINT)
+        real_write_all(fd, data)
+
+    with monkeypatch.context() as m:
+        m.setattr(split_mod, "atomic_write_safetensors", atomic_write_safetensors)
+        m.setattr(st_mod, "_write_all", write_all)
+        with pytest.raises(KeyboardInterrupt):
+            split_checkpoint(llama["ckpt"], shards, progress=False)
+    assert fired
+    assert not [p.name for p in shards.rglob("*") if st_mod.TMP_MARKER in p.name]
+    assert not (shards / "layers" / "00002.safetensors").exists() and not (shards / "manifest.json").exists()
+    no_partial_files(shards)
+    resume_and_check(llama, shards, monkeypatch)
+
+
+def _let_go(timer: threading.Timer) -> None:
+    """Stop `timer`, or let the SIGINT it sent go by (a run it did not interrupt, one that failed otherwise: the
+    KeyboardInterrupt is not to end the test session)."""
+    timer.cancel()
+    try:
+        timer.join()
+        time.sleep(0.01)  # (a SIGINT sent as the timer was stopped is raised here)
+    except KeyboardInterrupt:
+        pass
 
 
 def test_disk_space_preflight_refuses_before_writing(llama, tmp_path, monkeypatch):

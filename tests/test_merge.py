@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import re
+import signal
 
 import _models
 import pytest
@@ -601,6 +602,42 @@ def test_an_interrupted_or_damaged_adapter_split_is_finished_merged(checkpoints,
     damaged.write_bytes(bytes(data))
     split_checkpoint(ckpt, shards, adapter=folder, progress=False)
     assert same_as_clean()
+
+
+@pytest.mark.parametrize("read", [0, 1], ids=["as PEFT loads it", "as it is read again"])
+def test_ctrl_c_in_torchs_c_code_reading_the_adapter_is_a_keyboard_interrupt(checkpoints, tmp_path, monkeypatch, read):
+    """A Ctrl-C while torch's C code ran inside safetensors' reading of the adapter's weights (its KeyboardInterrupt
+    cleared there, the read failing with "ValueError: could not determine the shape of object type
+    'torch.storage.UntypedStorage'", as a source's read does) was a ValueError, "Cannot load the adapter ... onto this
+    model" (the CLI: "error: ...", exit 2) or the bare ValueError: it is the KeyboardInterrupt, the SIGINT handler in
+    place is the same after, and the same split then finishes as an uninterrupted one."""
+    import peft.utils.save_and_load as peft_io
+
+    ckpt, _ = checkpoints("llama")
+    folder = _save_adapter(ckpt, tmp_path / "adapter", KINDS["lora"]())
+    clean = split_checkpoint(ckpt, tmp_path / "clean", adapter=folder, progress=False)
+    real_load, reads = peft_io.safe_load_file, []
+    handler = signal.getsignal(signal.SIGINT)
+
+    def load_file(*args, **kwargs):
+        reads.append(args)
+        if len(reads) == read + 1:
+            try:  # what torch's C code does: a call back into Python meets the Ctrl-C, and it clears the error
+                signal.raise_signal(signal.SIGINT)
+            except KeyboardInterrupt:
+                pass
+            raise ValueError("could not determine the shape of object type 'torch.storage.UntypedStorage'")
+        return real_load(*args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(peft_io, "safe_load_file", load_file)
+        with pytest.raises(KeyboardInterrupt):
+            split_checkpoint(ckpt, tmp_path / "shards", adapter=folder, progress=False)
+    assert len(reads) == read + 1 and signal.getsignal(signal.SIGINT) is handler
+    shards = split_checkpoint(ckpt, tmp_path / "shards", adapter=folder, progress=False)
+    for unit in ["layers.0", "layers.1", "layers.2", "resident"]:
+        got, want = (d / ShardDirectory(d).unit(unit).file for d in (shards, clean))
+        assert got.read_bytes() == want.read_bytes()
 
 
 def test_a_manifest_that_is_a_fifo_or_holds_a_damaged_adapter_record(checkpoints, tmp_path):
