@@ -151,6 +151,46 @@ def test_forward_with_labels_and_attentions(pair, arch):
     assert all(torch.equal(x, y) for x, y in zip(a.attentions, b.attentions))
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_what_user_code_reads_off_the_model_and_its_modes_are_the_loaded_models(pair, arch):
+    """What a script reads off a model before using it is the loaded model's: its printout, parameter counts (with and
+    without the embeddings), memory footprint, dtype and device, its first parameter's device (where inputs are put).
+    `accelerate`'s `prepare` gives the model back as it is. `train()` reaches every dropout: seeded, the loaded
+    model's logits (GPT-2's dropout is 0.1: not its evaluation logits), and `eval()` puts it back."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    ref, streamed, tok = pair(arch)
+    assert repr(streamed) == repr(ref)
+    for kwargs in ({}, {"exclude_embeddings": True}):
+        assert streamed.num_parameters(**kwargs) == ref.num_parameters(**kwargs)
+    assert streamed.get_memory_footprint() == ref.get_memory_footprint()
+    assert (streamed.dtype, streamed.device) == (ref.dtype, ref.device) == (torch.float32, torch.device("cpu"))
+    assert next(streamed.parameters()).device == next(ref.parameters()).device
+    assert streamed.can_generate() and ref.can_generate()
+    inputs = _ids(tok)
+    with torch.no_grad():
+        evaluated = ref(**inputs).logits
+    try:
+        assert Accelerator(cpu=True).prepare(streamed) is streamed
+    finally:
+        AcceleratorState._reset_state(True)
+    try:
+        trained = []
+        for model in (ref, streamed):
+            model.train()
+            torch.manual_seed(0)
+            with torch.no_grad():
+                trained.append(model(**inputs).logits)
+    finally:
+        ref.eval()
+        streamed.eval()
+    assert torch.equal(trained[1], trained[0])
+    assert torch.equal(trained[0], evaluated) == (arch == "llama")
+    with torch.no_grad():
+        assert torch.equal(streamed(**inputs).logits, evaluated)
+
+
 def _input_gradient(model, ids):
     embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
     logits = model(inputs_embeds=embeds).logits
