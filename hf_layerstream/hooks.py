@@ -98,6 +98,16 @@ def _drop_gradient(weight: torch.Tensor) -> None:
     weight.grad = None
 
 
+def mark_loaded(value: torch.Tensor) -> torch.Tensor:
+    """`value`, marked as `from_pretrained` marks each weight it loads (transformers' `_is_hf_initialized`): the init
+    functions a model's `_init_weights` calls (`transformers.initialization`) leave it as it is, as they leave the
+    loaded model's. (`model.apply(model._init_weights)`, a no-op on the loaded model, re-initialised the resident
+    weights and a kept layer's held ones, silently, or the embeddings before it refused a streamed layer's
+    placeholder.) Placeholders carry the mark as a class attribute."""
+    value._is_hf_initialized = True
+    return value
+
+
 def _no_weight_gradient(value: torch.Tensor) -> nn.Parameter:
     """`value` as a weight that requires grad, as the loaded model's, in a pass with gradients to its inputs (a
     backward to them: saliency, prompt tuning), whose gradient goes nowhere: the kernels that pick by it are the
@@ -310,7 +320,7 @@ class LayerStreamingHook(ModelHook):
             kept = self._kept_values
             if kept is None or kept[0] is not tensors:
                 kept = self._kept_values = (tensors, {})
-            kept[1][no_grad] = (kinds, values)
+            kept[1][no_grad] = (kinds, list(map(mark_loaded, values)))  # (held between passes, see `mark_loaded`)
         return values
 
     def _check(self, kinds: list[tuple]) -> None:
@@ -760,6 +770,7 @@ class _Placeholder(torch.Tensor):
     what the model computes with), and any computation with it raises `_refusal`."""
 
     source: str  # the tensor's name in the shard directory
+    _is_hf_initialized = True  # (a loaded weight's: see `mark_loaded`)
 
     @staticmethod
     def __new__(cls, source: str, shape, dtype: torch.dtype, device: torch.device):

@@ -59,6 +59,7 @@ from .hooks import (
     _Placeholder,
     host_state_dict_hook,
     kept_state_dict_hook,
+    mark_loaded,
     streamed_state_dict_hook,
 )
 from .modeling import (
@@ -682,9 +683,9 @@ def _outer_linears(model: nn.Module, head) -> list[nn.Module]:
 
 def _set_tensor(module: nn.Module, attr: str, value: torch.Tensor, is_param: bool) -> None:
     if is_param:
-        module._parameters[attr] = nn.Parameter(value, requires_grad=False)
+        module._parameters[attr] = mark_loaded(nn.Parameter(value, requires_grad=False))
     else:
-        module._buffers[attr] = value
+        module._buffers[attr] = mark_loaded(value)
 
 
 def _foldable(x: torch.Tensor) -> bool:

@@ -856,6 +856,30 @@ def test_casting_part_of_a_model_enabled_over_loaded_weights_is_refused_too(chec
     disable_layer_streaming(model)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("after_a_pass", [False, True], ids=["before", "after-a-pass"])
+@pytest.mark.parametrize("options", [{}, STREAM_ALL], ids=["kept", "streamed"])
+def test_init_weights_leaves_the_streamed_weights_as_the_loaded_ones(checkpoints, arch, after_a_pass, options):
+    """`model.apply(model._init_weights)` is a no-op on the loaded model: the init functions it calls leave a weight
+    `from_pretrained` loaded as it is (transformers' `_is_hf_initialized` mark). On the streamed model it re-initialised
+    the resident weights and, after a pass, the weights a kept layer holds, silently; before one, it re-initialised the
+    embeddings, then refused a layer's placeholder. The streamed weights carry the mark too: the same no-op."""
+    ckpt, shards = checkpoints(arch)
+    ref = _models.load_reference(ckpt)
+    model = streamed_model(ckpt, shards, **options)
+    ids = torch.tensor([[1, 5, 7, 9]])
+    with torch.no_grad():
+        expected = ref(ids).logits
+        if after_a_pass:
+            assert torch.equal(model(ids).logits, expected)
+    ref.apply(ref._init_weights)
+    model.apply(model._init_weights)
+    with torch.no_grad():
+        assert torch.equal(ref(ids).logits, expected)
+        assert torch.equal(model(ids).logits, expected)
+    disable_layer_streaming(model)
+
+
 @pytest.mark.parametrize("options", [{}, STREAM_ALL], ids=["kept", "streamed"])
 def test_casting_part_of_a_streamed_model_is_refused_at_its_next_pass(checkpoints, options):
     """`model.model.half()` (the module running the layers, not the model, whose moves streaming guards) cast the
