@@ -880,10 +880,20 @@ class Streamed(_Placeholder):
         return out
 
     def _refusal(self, func) -> str:
+        if _in_a_module_holding(self.source):
+            return (
+                f"{self.source} is brought in by layer streaming for its layer's forward pass only, but `{func}` ran "
+                "on it with a real tensor outside that pass (a module of the layer called by itself?). Call the whole "
+                "decoder layer (its hook brings its weights in) or the model."
+            )
+        # (no module holding it runs: code computing with its values, as `parameters_to_vector(model.parameters())`
+        # or `sum(p.norm() for p in model.parameters())` do with the resident weights' values)
         return (
-            f"{self.source} is brought in by layer streaming for its layer's forward pass only, but `{func}` ran on it "
-            "with a real tensor outside that pass (a module of the layer called by itself?). Call the whole decoder "
-            "layer (its hook brings its weights in) or the model."
+            f"{self.source} is brought in by layer streaming for its layer's forward pass only: outside that pass it "
+            f"holds no values, but `{func}` computed with them and a real tensor (code reading the weights' values, "
+            "as `parameters_to_vector(model.parameters())`?). Read or compute with them in a forward hook on its "
+            "module (inside the pass), or read them from the layer's file in the shard directory (safetensors), or "
+            "save the model (`save_pretrained` writes each weight, read back from its shard file)."
         )
 
     def _write_refusal(self, func) -> str:
@@ -943,6 +953,24 @@ def _loading_state_dict() -> bool:
 
 
 _LOAD_FROM_STATE_DICT = nn.Module._load_from_state_dict.__code__
+
+
+def _in_a_module_holding(source: str) -> bool:
+    """Whether the calling thread is in a call or `forward` of a module holding the placeholder named `source` (a
+    module of its layer called by itself), rather than in code computing with the weight's values itself."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code is _CALL_IMPL or frame.f_code.co_name == "forward":
+            module = frame.f_locals.get("self")
+            if isinstance(module, nn.Module) and any(
+                isinstance(t, Streamed) and t.source == source for t in (*module.parameters(), *module.buffers())
+            ):
+                return True
+        frame = frame.f_back
+    return False
+
+
+_CALL_IMPL = nn.Module._call_impl.__code__
 
 
 def _plain_meta(t: Streamed) -> torch.Tensor:

@@ -1951,6 +1951,63 @@ def test_a_module_of_a_layer_without_its_weights_called_by_itself_is_refused_not
     assert model.model.layers[0].mlp.gate_proj.weight is own and not own.requires_grad
 
 
+@pytest.mark.parametrize("kept", [False, True], ids=["streamed", "some kept"])
+def test_reading_a_streamed_weights_values_is_refused_as_a_read_not_as_a_module_called_by_itself(llama, tmp_path, kept):
+    """Code reading every weight's values (`parameters_to_vector(model.parameters())`, `sum(p.norm() ...)`, a
+    comparison with the loaded model's) reaches a streamed layer's placeholder with the resident weights' values, and
+    was refused as a module of the layer called by itself ("Call the whole decoder layer ... or the model"): nothing
+    there to call. It says that only where a module holding the weight runs (`layer.mlp(x)`, its `forward`); a read
+    names what works: a forward hook on its module (tried here), the layer's file, or `save_pretrained` (tried too).
+    The same single refusal, naming the first streamed layer's first weight, with every layer streamed or some kept
+    (holding real tensors since the pass)."""
+    ckpt, shards, inputs, expected, pad = llama
+    _, resident, layer = _sizes(shards)
+    budget = {"max_memory": {"cpu": resident + 5 * layer}, "prefetch": 1} if kept else {"max_memory": {"cpu": 0}}
+    model = streamed_model(ckpt, shards, **budget)
+    ref = _models.load_reference(ckpt)
+    i = get_streaming_state(model).plan.streamed[0]
+    assert i == (1 if kept else 0)
+    mlp, ref_mlp = model.model.layers[i].mlp, ref.model.layers[i].mlp
+    seen = []
+    mlp.down_proj.register_forward_pre_hook(lambda m, a: seen.append(m.weight.norm()))
+    with torch.no_grad():
+        assert torch.equal(model(inputs["input_ids"]).logits, ref(inputs["input_ids"]).logits)
+    assert len(seen) == 1 and torch.equal(seen[0], ref_mlp.down_proj.weight.norm())  # (the loaded model's)
+    x = torch.randn(1, 3, ref.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    module = re.escape(f"Decoder layer {i}'s mlp.gate_proj.weight is brought in by layer streaming for its layer's ")
+    module += r".*\(a module of the layer called by itself\?\)\. Call the whole decoder layer"
+    weight = mlp.gate_proj.weight
+    with torch.no_grad():
+        for call in (lambda: mlp(x), lambda: mlp.forward(x), lambda: mlp.gate_proj.forward(x)):
+            with pytest.raises(RuntimeError, match=module):
+                call()
+        reads = {
+            f"Decoder layer {i}'s self_attn.q_proj.weight": [
+                lambda: torch.nn.utils.parameters_to_vector(model.parameters()),
+                lambda: sum(p.norm() for p in model.parameters()),
+                lambda: torch.stack([p.abs().max() for p in model.parameters()]),
+            ],
+            f"Decoder layer {i}'s mlp.gate_proj.weight": [
+                lambda: torch.equal(weight, ref_mlp.gate_proj.weight),
+                lambda: torch.cat([weight.flatten(), ref_mlp.gate_proj.weight.flatten()]),
+                lambda: x @ weight.T,
+            ],
+        }
+        for source, calls in reads.items():
+            for call in calls:
+                with pytest.raises(RuntimeError) as refused:
+                    call()
+                message = str(refused.value)
+                assert message.startswith(f"{source} is brought in by layer streaming for its layer's forward pass")
+                assert "called by itself" not in message and "Call the whole decoder layer" not in message
+                assert "in a forward hook on its module (inside the pass)" in message
+                assert "the layer's file in the shard directory" in message and "`save_pretrained`" in message
+    model.save_pretrained(tmp_path / "saved")
+    saved = _models.load_reference(tmp_path / "saved")
+    vector = torch.nn.utils.parameters_to_vector
+    assert torch.equal(vector(saved.parameters()), vector(ref.parameters()))
+
+
 _WRITE_IN_A_PASS = """
 import sys
 import torch
