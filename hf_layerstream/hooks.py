@@ -915,6 +915,12 @@ class Streamed(_Placeholder):
             "`with hf_layerstream.attaching_adapters(model):`.)"
         )
 
+    def numpy(self, *args, **kwargs):
+        raise RuntimeError(self._read_refusal("Tensor.numpy"))  # (torch's own: "not supported for tensor subclasses")
+
+    def tolist(self):
+        raise RuntimeError(self._read_refusal("Tensor.tolist"))  # (as `numpy`)
+
     def _read_refusal(self, func) -> str:
         return (
             f"{self.source} is brought in by layer streaming for its layer's forward pass only: outside that pass it "

@@ -1959,7 +1959,10 @@ def test_reading_a_streamed_weights_values_is_refused_as_a_read_not_as_a_module_
     there to call. It says that only where a module holding the weight runs (`layer.mlp(x)`, its `forward`); a read
     names what works: a forward hook on its module (tried here), the layer's file, or `save_pretrained` (tried too).
     The same single refusal, naming the first streamed layer's first weight, with every layer streamed or some kept
-    (holding real tensors since the pass)."""
+    (holding real tensors since the pass). `.numpy()` and `.tolist()` of a placeholder (torch's own refusal: "not
+    supported for tensor subclasses", naming neither the weight nor what works) are refused as reads too."""
+    import numpy as np
+
     ckpt, shards, inputs, expected, pad = llama
     _, resident, layer = _sizes(shards)
     budget = {"max_memory": {"cpu": resident + 5 * layer}, "prefetch": 1} if kept else {"max_memory": {"cpu": 0}}
@@ -1991,6 +1994,10 @@ def test_reading_a_streamed_weights_values_is_refused_as_a_read_not_as_a_module_
                 lambda: torch.equal(weight, ref_mlp.gate_proj.weight),
                 lambda: torch.cat([weight.flatten(), ref_mlp.gate_proj.weight.flatten()]),
                 lambda: x @ weight.T,
+                lambda: weight.float().numpy(),  # (torch's own: "not supported for tensor subclasses")
+                lambda: weight.detach().tolist(),
+                lambda: np.asarray(weight),
+                lambda: bool(torch.isnan(weight).any()),
             ],
         }
         for source, calls in reads.items():
