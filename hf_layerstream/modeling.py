@@ -240,8 +240,9 @@ def auto_class_for(config) -> type:
 
 
 def model_from_config(config) -> nn.Module:
-    """The model of `config`, built by `auto_class_for(config).from_config(config)`."""
-    return auto_class_for(config).from_config(config)
+    """The model of `config`, built by `auto_class_for(config).from_config(config)` (in turn: see `_BUILDING`)."""
+    with _BUILDING:
+        return auto_class_for(config).from_config(config)
 
 
 def resolve_model_class(config, model_class: type | str | None = None) -> type:
@@ -336,7 +337,7 @@ def build_skeleton(
     kwargs = {}
     if dtype is not None:
         config, kwargs = deepcopy(config), {"dtype": dtype}
-    with torch.device("meta") if meta else parameters_on_meta():
+    with _BUILDING, torch.device("meta") if meta else parameters_on_meta():
         if model_class is not None and hasattr(model_class, "_from_config"):
             return model_class._from_config(config, **kwargs)
         if model_class is not None:
@@ -344,6 +345,11 @@ def build_skeleton(
         return auto_class_for(config).from_config(config, **kwargs)
 
 
+# transformers swaps torch's init functions (`torch.nn.init.normal_`, ...) for its own around each build (its
+# `guard_torch_init_functions`), saving and putting back what it finds: two builds overlapping in two threads (several
+# enables at once, in a server) put back each other's, leaving its own there for good, which skip a weight marked as
+# loaded (`nn.init.normal_` of a loaded model's head, to train it anew, did nothing). Our builds take turns.
+_BUILDING = threading.RLock()
 _ON_META = threading.local()  # `depth`: how many `parameters_on_meta` the thread is in
 _INSTALLING = threading.Lock()
 

@@ -2878,6 +2878,7 @@ def test_building_a_skeleton_leaves_other_threads_modules_as_they_are(checkpoint
 
     config = _models.make_config("llama")
     stop, on_meta, errors = threading.Event(), [], []
+    inits = {name: getattr(torch.nn.init, name) for name in ("normal_", "zeros_", "kaiming_uniform_", "constant_")}
 
     def skeletons():
         try:
@@ -2904,6 +2905,9 @@ def test_building_a_skeleton_leaves_other_threads_modules_as_they_are(checkpoint
     assert not errors, errors
     assert on_meta and not any(on_meta)  # (accelerate's swap: hundreds of meta Linears here)
     assert nn.Module.register_parameter is pristine and not nn.Linear(2, 2).weight.is_meta
+    # (transformers swaps torch's init functions around each build for its own, which skip a weight marked as loaded:
+    # two builds overlapping left its own there for good, `nn.init.normal_` a no-op on a loaded model's weights)
+    assert {name: getattr(torch.nn.init, name) for name in inits} == inits
 
     # overlapping a user's `init_empty_weights` in another thread, which ends first (it put back the function it
     # found, taking ours out while our build went on)
