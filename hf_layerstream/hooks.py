@@ -799,6 +799,17 @@ class _Placeholder(torch.Tensor):
     def _refusal(self, func) -> str:
         raise NotImplementedError
 
+    def numpy(self, *args, **kwargs):
+        raise RuntimeError(self._read_refusal("Tensor.numpy"))  # (torch's own: "not supported for tensor subclasses")
+
+    def tolist(self):
+        raise RuntimeError(self._read_refusal("Tensor.tolist"))  # (as `numpy`)
+
+    def _read_refusal(self, func) -> str:
+        """What `.numpy()` and `.tolist()` (reads of its values) are refused with: `_refusal`, unless its kind tells
+        reads apart (`Streamed`'s, which `.item()` gets too)."""
+        return self._refusal(func)
+
 
 class Streamed(_Placeholder):
     """What a decoder layer's module holds in place of a weight outside its layer's forward pass, where the model was
@@ -914,12 +925,6 @@ class Streamed(_Placeholder):
             "directory. (Attaching a PEFT adapter, which moves the model to the device of its map? Attach it inside "
             "`with hf_layerstream.attaching_adapters(model):`.)"
         )
-
-    def numpy(self, *args, **kwargs):
-        raise RuntimeError(self._read_refusal("Tensor.numpy"))  # (torch's own: "not supported for tensor subclasses")
-
-    def tolist(self):
-        raise RuntimeError(self._read_refusal("Tensor.tolist"))  # (as `numpy`)
 
     def _read_refusal(self, func) -> str:
         return (

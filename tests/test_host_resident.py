@@ -12,6 +12,7 @@ import dataclasses
 import json
 
 import _models
+import numpy as np
 import pytest
 import torch
 from conftest import (
@@ -416,8 +417,18 @@ def test_host_resident_parts_stream_exactly(checkpoints, force_host_resident, tm
     weight = emb.weight
     assert isinstance(weight, HostResident) and weight.device == state.device and model.device == state.device
     assert weight.shape == ref.get_input_embeddings().weight.shape and model.dtype == torch.float32
-    with pytest.raises(RuntimeError, match=rf"'{embeddings}.weight' is kept in host RAM by layer streaming"):
-        weight.sum()
+    refusal = rf"'{embeddings}.weight' is kept in host RAM by layer streaming.*Read it from `model.state_dict\(\)`"
+    # (`.numpy()` and `.tolist()` were torch's own refusal: "not supported for tensor subclasses", naming neither the
+    # weight nor what works)
+    for read in (
+        weight.sum,
+        lambda: weight.sum().item(),
+        weight.numpy,
+        weight.detach().tolist,
+        lambda: np.asarray(weight),
+    ):
+        with pytest.raises(RuntimeError, match=refusal):
+            read()
     assert isinstance(emb._hf_hook, HostResidentHook) and emb._hf_hook.on_host
     out_head = model.get_output_embeddings()
     assert isinstance(out_head._hf_hook, HostResidentHook) and not out_head._hf_hook.on_host
