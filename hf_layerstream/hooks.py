@@ -1034,10 +1034,21 @@ class Packed(_Placeholder):
         t._hook, t.slot = self._hook, self.slot
         return t
 
+    def numpy(self, *args, **kwargs):
+        # (torch's own refusal: "not supported for tensor subclasses"; in its layer's pass the weight's values, as any
+        # operation there gets them)
+        return _dequantized(self, "Tensor.numpy").numpy(*args, **kwargs)
+
+    def tolist(self):
+        return _dequantized(self, "Tensor.tolist").tolist()  # (as `numpy`)
+
     def _refusal(self, func) -> str:
         return (
             f"{self.source!r} is held packed (quantized) by layer streaming and dequantized for its layer's forward "
-            f"pass, but `{func}` ran on it outside that pass."
+            f"pass only: outside that pass it holds no values, but `{func}` ran on it there (a reference kept from "
+            "the pass?). Read or compute with the weight inside the pass (in a forward hook on its module, or on "
+            "another module of its layer: each operation there gets it dequantized), or save the model "
+            "(`save_pretrained` writes each weight dequantized)."
         )
 
 

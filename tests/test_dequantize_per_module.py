@@ -12,6 +12,7 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 
 import _models
+import numpy as np
 import pytest
 import torch
 from conftest import build_meta_model, generate_from_threads, shaped_shard_dir, streamed_model
@@ -203,6 +204,57 @@ def test_code_computing_with_a_packed_weight_outside_its_module_gets_it_dequanti
     with pytest.raises(RuntimeError, match=r"'model\.layers\.0\.mlp\.gate_proj\.weight' is held packed.*outside"):
         seen[0] + 1
     disable_layer_streaming(model)
+
+
+def test_a_packed_weights_values_are_read_in_its_layers_pass_and_refused_after_it_naming_what_works(
+    quantized, tmp_path
+):
+    """In its layer's pass, `.numpy()` and `.tolist()` of a packed weight's placeholder (torch's own refusal: "not
+    supported for tensor subclasses") give the weight's values, as any operation there gets them dequantized. After
+    the pass (a reference kept from it) they, and any operation, are refused naming the weight and what works: a
+    forward hook on its module, or `save_pretrained` (tried here: the weight dequantized); the refusal named none."""
+    ckpt, dirs = quantized
+    model = streamed_model(ckpt, dirs["4bit"], max_memory={"cpu": 0}, dequantize="module", dtype=torch.float32)
+    layer = model.model.layers[1]
+    seen = {}
+
+    def in_layer(module, args, kwargs):  # (the layer's pass, before its MLP runs: the MLP's weights held packed)
+        weight = seen["placeholder"] = layer.mlp.down_proj.weight
+        seen["reads"] = [weight.detach().numpy(), np.asarray(weight.detach()), weight.detach().tolist()]
+
+    def in_module(module, args):
+        seen["weight"] = module.weight.detach().clone()
+
+    handles = [
+        layer.self_attn.register_forward_pre_hook(in_layer, with_kwargs=True),
+        layer.mlp.down_proj.register_forward_pre_hook(in_module),
+    ]
+    _logits(model)
+    for h in handles:
+        h.remove()
+    weight, placeholder = seen["weight"], seen["placeholder"]
+    assert isinstance(placeholder, Packed) and weight.dtype == torch.float32
+    as_numpy, as_array, as_list = seen["reads"]
+    assert torch.equal(torch.from_numpy(as_numpy), weight) and torch.equal(torch.from_numpy(as_array), weight)
+    assert torch.equal(torch.tensor(as_list), weight)
+    x = torch.randn(1, 3, placeholder.shape[1])
+    for call in (
+        placeholder.sum,
+        lambda: placeholder.detach().numpy(),
+        lambda: np.asarray(placeholder.detach()),
+        lambda: placeholder.tolist(),
+        lambda: x @ placeholder.T,
+        lambda: torch.nn.utils.parameters_to_vector([placeholder]),
+    ):
+        with pytest.raises(RuntimeError) as refused:
+            call()
+        message = str(refused.value)
+        assert message.startswith("'model.layers.1.mlp.down_proj.weight' is held packed (quantized) by layer stream")
+        assert "outside that pass it holds no values" in message and "in a forward hook on its module" in message
+        assert "`save_pretrained` writes each weight dequantized" in message
+    model.save_pretrained(tmp_path / "saved")
+    saved = _models.load_reference(tmp_path / "saved")
+    assert torch.equal(saved.model.layers[1].mlp.down_proj.weight, weight)
 
 
 def test_a_module_that_raises_drops_its_weight_and_the_next_pass_is_exact(quantized):
