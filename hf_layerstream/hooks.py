@@ -967,16 +967,17 @@ _LOAD_FROM_STATE_DICT = nn.Module._load_from_state_dict.__code__
 
 
 def _in_a_module_holding(source: str) -> bool:
-    """Whether the calling thread is in a call or `forward` of a module holding the placeholder named `source` (a
-    module of its layer called by itself), rather than in code computing with the weight's values itself."""
+    """Whether the module whose call or `forward` the calling thread is innermost in holds the placeholder named
+    `source` (a module of its layer called by itself), rather than code computing with the weight's values itself.
+    (Innermost: the model's forward holds every weight too, and a forward hook on a module of a layer in its pass,
+    reading the values of the model's weights there as `parameters_to_vector(model.parameters())`, runs inside it.)"""
     frame = sys._getframe(2)
     while frame is not None:
         if frame.f_code is _CALL_IMPL or frame.f_code.co_name == "forward":
             module = frame.f_locals.get("self")
-            if isinstance(module, nn.Module) and any(
-                isinstance(t, Streamed) and t.source == source for t in (*module.parameters(), *module.buffers())
-            ):
-                return True
+            if isinstance(module, nn.Module):
+                held = (*module.parameters(), *module.buffers())
+                return any(isinstance(t, Streamed) and t.source == source for t in held)
         frame = frame.f_back
     return False
 

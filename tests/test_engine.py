@@ -2000,15 +2000,30 @@ def test_reading_a_streamed_weights_values_is_refused_as_a_read_not_as_a_module_
                 lambda: bool(torch.isnan(weight).any()),
             ],
         }
+        refusals = []
         for source, calls in reads.items():
             for call in calls:
                 with pytest.raises(RuntimeError) as refused:
                     call()
-                message = str(refused.value)
-                assert message.startswith(f"{source} is brought in by layer streaming for its layer's forward pass")
-                assert "called by itself" not in message and "Call the whole decoder layer" not in message
-                assert "in a forward hook on its module (inside the pass)" in message
-                assert "the layer's file in the shard directory" in message and "`save_pretrained`" in message
+                refusals.append((source, str(refused.value)))
+        # the same read from a forward hook on a module of a layer in its pass (where the model's forward, and that
+        # layer's, hold the next layer's weights too: it was told as a module called by itself)
+        j = get_streaming_state(model).plan.streamed[1]  # (the first placeholder it meets: earlier layers hold theirs)
+
+        def read_all(module, args, output):
+            with pytest.raises(RuntimeError) as refused:
+                torch.nn.utils.parameters_to_vector(model.parameters())
+            refusals.append((f"Decoder layer {j}'s self_attn.q_proj.weight", str(refused.value)))
+
+        handle = mlp.register_forward_hook(read_all)
+        model(inputs["input_ids"])
+        handle.remove()
+    assert len(refusals) == sum(map(len, reads.values())) + 1
+    for source, message in refusals:
+        assert message.startswith(f"{source} is brought in by layer streaming for its layer's forward pass")
+        assert "called by itself" not in message and "Call the whole decoder layer" not in message
+        assert "in a forward hook on its module (inside the pass)" in message
+        assert "the layer's file in the shard directory" in message and "`save_pretrained`" in message
     model.save_pretrained(tmp_path / "saved")
     saved = _models.load_reference(tmp_path / "saved")
     vector = torch.nn.utils.parameters_to_vector
