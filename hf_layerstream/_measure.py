@@ -37,6 +37,26 @@ def vm_rss() -> int:
     return _status_bytes("VmRSS")
 
 
+def library_rss() -> int:
+    """Resident bytes of this process's shared-library mappings (`.so` files: their code and read-only data), from
+    `/proc/self/smaps` (0 where it is not available). The first pass pages in library code a process had not run yet,
+    which its peak RSS counts: 11 MiB of libtorch_cpu.so here with torch's CPU build, 27 MiB with its CUDA build."""
+    total, library = 0, False
+    try:
+        with open("/proc/self/smaps") as f:
+            for line in f:
+                field = line.split(None, 1)[0]
+                if field.endswith(":"):
+                    if library and field == "Rss:":
+                        total += int(line.split()[1]) * 1024
+                    continue
+                path = line.split()[5] if len(line.split()) > 5 else ""  # (a mapping's line: its path last)
+                library = ".so" in os.path.basename(path)
+    except (OSError, ValueError, IndexError):
+        return 0
+    return total
+
+
 def reset_peak_rss() -> bool:
     """Set this process's peak RSS (`VmHWM`) back to its current RSS (Linux 4.0: `/proc/self/clear_refs`); whether
     it could."""
@@ -357,6 +377,7 @@ def measure(spec: dict) -> dict:
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
     baseline_rss = _baseline_rss(spec["path"])
+    library_before = library_rss()
     cold = bool(spec.get("cold"))
     # before the model maps anything: whether the drop that makes a run cold leaves the weight files cached (tmpfs)
     cached_share = cached_after_drop(weight_files(spec["system"], spec["path"])) if cold else None
@@ -457,6 +478,8 @@ def measure(spec: dict) -> dict:
         "sweeps_per_token": last["sweeps"] / max(last["new_tokens"], 1),
         "peak_rss": max(vm_hwm(), pairing.peak_rss if pairing else 0, loaded_peak),
         "baseline_rss": baseline_rss,
+        # (of the growth over the baseline: library code the run paged in, not what it holds; see `library_rss`)
+        "library_rss_growth": library_rss() - library_before,
         # bytes read from storage while generating, and sweeps made: a warm run that reads much is not warm
         "disk_read_bytes": (read_after - read_before - (pairing.sampled_bytes if pairing else 0))
         if read_before is not None and read_after is not None

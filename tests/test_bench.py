@@ -1605,3 +1605,18 @@ def test_bench_and_demo_take_compression_in_any_case():
 
     assert _parse_list("4BIT, 8bit", ("4bit", "8bit"), "--compression") == ["4bit", "8bit"]
     assert build_parser().parse_args(["demo", "--compression", "4BIT"]).compression == "4bit"
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads /proc/self/smaps (Linux)")
+def test_library_rss_counts_shared_libraries_not_mapped_weights(tmp_path):
+    """`_measure.library_rss`, which the peak-RSS tests leave out of a run's growth (library code the first pass pages
+    in): the resident pages of `.so` mappings (torch's among them), not those of a weight file mapped and read."""
+    from hf_layerstream._measure import library_rss, vm_rss
+
+    before = library_rss()
+    assert 0 < before <= vm_rss()
+    path = tmp_path / "weights.safetensors"
+    path.write_bytes(os.urandom(8 * 2**20))
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        assert sum(mm[i] for i in range(0, len(mm), 4096)) >= 0  # (every page touched: resident)
+        assert abs(library_rss() - before) < 2**20

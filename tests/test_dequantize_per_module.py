@@ -545,7 +545,9 @@ def test_peak_rss_holds_packed_layers(tmp_path, monkeypatch):
     plan = per_module["plan_data"]
     assert plan["dequantize"] == "module" and per_layer["plan_data"]["dequantize"] == "layer"
     assert plan["scratch"] == 4096 * 1024 * 2 and max(plan["layer_bytes"]) < 0.3 * decoded
-    grown = per_module["peak_rss"] - per_module["baseline_rss"]
+    # (library code the pass paged in is not held: 11 MiB of libtorch_cpu.so with torch's CPU build, 27 MiB with its
+    # CUDA build, which failed this by a MiB on Python 3.13 with PyPI's torch)
+    grown = per_module["peak_rss"] - per_module["baseline_rss"] - per_module["library_rss_growth"]
     allowed = 1.15 * (resident + 3 * max(plan["layer_bytes"]) + plan["scratch"]) + 32 * 2**20
     assert grown <= allowed, f"grew {grown / 2**20:.0f} MiB, allowed {allowed / 2**20:.0f} MiB"
     layer_grown = per_layer["peak_rss"] - per_layer["baseline_rss"]

@@ -3833,7 +3833,8 @@ def test_peak_rss_is_resident_plus_a_few_layers(tmp_path, prefetch):
     with ThreadPoolExecutor(2) as pool:  # two child processes side by side: each reads its own VmHWM
         streamed, full = pool.map(run_child, specs)
     assert streamed["tokens"] == full["tokens"]
-    grown = streamed["peak_rss"] - streamed["baseline_rss"]
+    # (library code the pass paged in is not held: see `_measure.library_rss`)
+    grown = streamed["peak_rss"] - streamed["baseline_rss"] - streamed["library_rss_growth"]
     k = 3 if prefetch is None else prefetch
     assert streamed["plan_data"]["prefetch"] == k
     allowed = 1.15 * (resident + (k + 1) * layer) + 32 * 2**20  # + activations, allocator slack
