@@ -45,13 +45,12 @@ def library_rss() -> int:
     try:
         with open("/proc/self/smaps") as f:
             for line in f:
-                field = line.split(None, 1)[0]
-                if field.endswith(":"):
-                    if library and field == "Rss:":
-                        total += int(line.split()[1]) * 1024
-                    continue
-                path = line.split()[5] if len(line.split()) > 5 else ""  # (a mapping's line: its path last)
-                library = ".so" in os.path.basename(path)
+                parts = line.split()
+                if parts[0].endswith(":"):  # (a field of the mapping above)
+                    if library and parts[0] == "Rss:":
+                        total += int(parts[1]) * 1024
+                else:  # (a mapping: address range, permissions, offset, device, inode, then its path if any)
+                    library = len(parts) > 5 and ".so" in os.path.basename(parts[5])
     except (OSError, ValueError, IndexError):
         return 0
     return total
