@@ -191,6 +191,29 @@ def test_what_user_code_reads_off_the_model_and_its_modes_are_the_loaded_models(
         assert torch.equal(streamed(**inputs).logits, evaluated)
 
 
+def test_accelerate_save_model_refuses_and_unwrapped_save_pretrained_writes_the_model(pair, tmp_path):
+    """As README says: `Accelerator.save_model` refuses a streamed model (accelerate's own check for meta
+    parameters), and `accelerator.unwrap_model(model).save_pretrained(dir)` writes one that loads back with the
+    loaded model's logits."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    ref, streamed, tok = pair("llama")
+    inputs = _ids(tok)
+    try:
+        accelerator = Accelerator(cpu=True)
+        prepared = accelerator.prepare(streamed)
+        with pytest.raises(RuntimeError, match="meta device"):
+            accelerator.save_model(prepared, tmp_path / "by_accelerate")
+        accelerator.unwrap_model(prepared).save_pretrained(tmp_path / "saved")
+    finally:
+        AcceleratorState._reset_state(True)
+    saved = _models.load_reference(tmp_path / "saved")
+    with torch.no_grad():
+        assert torch.equal(saved(**inputs).logits, ref(**inputs).logits)
+        assert torch.equal(streamed(**inputs).logits, ref(**inputs).logits)
+
+
 def _input_gradient(model, ids):
     embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
     logits = model(inputs_embeds=embeds).logits
