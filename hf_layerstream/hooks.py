@@ -560,6 +560,52 @@ DISABLED_DURING_CALL = (
     "disabling streaming (it waits for a forward pass running, not for a whole `generate`)."
 )
 
+NO_TRAINING = (
+    "hf_layerstream: this loss was computed by a model with layer streaming enabled, whose weights get no gradients "
+    "(layer streaming is for inference: README, Limits), so a backward pass from it has nothing to train. Fine-tune "
+    "the fully loaded model (`from_pretrained`), or a PEFT adapter on it, and split the result "
+    "(`split_checkpoint(..., adapter=...)`). A backward pass to the inputs works: pass `inputs_embeds` that require "
+    "grad."
+)
+
+
+class _NoWeightGrads(torch.autograd.Function):
+    """The loss a streamed model's forward computed with gradients on (`labels`), as it is, requiring grad where the
+    loaded model's does; its backward raises `NO_TRAINING`. No weight of the pass requires grad (README, Limits), so
+    that loss required none, and a training loop's `loss.backward()` (`Trainer`, `accelerator.backward`) failed with
+    torch's "element 0 of tensors does not require grad and does not have a grad_fn", naming no cause."""
+
+    @staticmethod
+    def forward(loss, anchor):
+        return loss.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError(NO_TRAINING)
+
+
+def refuse_backward(out, head_weight: torch.Tensor | None):
+    """`out` (a model's output), its `loss` made to say why a backward pass from it cannot train (`_NoWeightGrads`),
+    where gradients are on, the loss requires none, and the loaded model's would: `head_weight`, the output head's
+    weight, requires grad (as the loaded model's: a model the caller froze, `requires_grad_(False)`, gets torch's own
+    error, as loaded)."""
+    loss = out.get("loss") if isinstance(out, dict) else None
+    if (
+        isinstance(loss, torch.Tensor)
+        and loss.is_floating_point()
+        and not loss.requires_grad
+        and torch.is_grad_enabled()
+        and head_weight is not None
+        and head_weight.requires_grad
+    ):
+        out["loss"] = _NoWeightGrads.apply(loss, loss.new_zeros((), requires_grad=True))
+    return out
+
+
 # `torch.compile` of a streamed model (or of its forward): the pass reads each layer's weights in at every call, which
 # a graph cannot hold. Dynamo traced into it and recompiled each layer's forward up to its recompile limit, and
 # `fullgraph=True` failed with "Unsupported context manager", naming no cause. The wrappers are left out of any graph:
@@ -633,6 +679,8 @@ class PassGuard:
         self.host_hooks = host_hooks or []
         # the output head's `_HeadGrad` (stream.py), if any: a call that raised puts back what its thread swapped in
         self.head_grad = None
+        # the output head's weight, if any: whether the loaded model's loss would require grad (`refuse_backward`)
+        self.head_weight: torch.Tensor | None = None
         # called at each pass: PEFT adapters attached since have values (stream.py's `_adapter_check`)
         self.check_adapters: Callable[[], None] = _no_check
         self.attaching = False  # inside `attaching_adapters` (stream.py): a pass is refused
@@ -679,7 +727,7 @@ class PassGuard:
 
     def close(self) -> None:
         """Streaming is disabled (called with the lock held)."""
-        self.hooks, self.loader, self.host_hooks, self.head_grad = [], None, [], None
+        self.hooks, self.loader, self.host_hooks, self.head_grad, self.head_weight = [], None, [], None, None
 
     def wrap_model(self, forward):
         """Wrap the model's own forward (where the runner is not the model itself): the head, and a vision-language
@@ -700,7 +748,7 @@ class PassGuard:
                 head_grad = self.head_grad
                 mark = head_grad.counts() if head_grad is not None else None
                 try:
-                    return forward(*args, **kwargs)
+                    return refuse_backward(forward(*args, **kwargs), self.head_weight)
                 except BaseException:
                     self._put_back_host()
                     if mark is not None:

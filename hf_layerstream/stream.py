@@ -1461,6 +1461,7 @@ def _enable(
         if isinstance(head, nn.Module):  # (the module looked up before loading: tying replaces its weight, not it)
             state.handles.append(head.register_forward_pre_hook(_fold_head_input))  # (first: it reads the flag)
             state.guard.head_grad = _follow_head_grad(model, head, head_wants_grad, state.handles)
+            state.guard.head_weight = head._parameters.get("weight")
             state.head_weights.append((head, head_weight))
         for module, own in outer:  # (see `_outer_linears`)
             weight = module._parameters.get("weight")

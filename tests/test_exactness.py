@@ -214,6 +214,41 @@ def test_accelerate_save_model_refuses_and_unwrapped_save_pretrained_writes_the_
         assert torch.equal(streamed(**inputs).logits, ref(**inputs).logits)
 
 
+def test_a_training_step_is_refused_naming_why(pair):
+    """A training loop's step on a streamed model (README, Limits: inference only) fails naming why: its loss, computed
+    with gradients on, equals the loaded model's and requires grad as it does, and its backward pass raises saying no
+    weight gets a gradient (it was torch's "element 0 of tensors does not require grad"). With gradients off, or
+    with the model frozen as the loaded one would be, the loss is a plain tensor; with an input requiring grad, the
+    backward pass gives that input the loaded model's gradient."""
+    ref, streamed, tok = pair("llama")
+    ids = _ids(tok)["input_ids"]
+    expected = ref(ids, labels=ids).loss
+    assert expected.requires_grad
+    loss = streamed(ids, labels=ids).loss
+    assert torch.equal(loss, expected) and loss.requires_grad
+    with pytest.raises(RuntimeError, match="layer streaming enabled, whose weights get no gradients"):
+        loss.backward()
+    assert all(p.grad is None for p in streamed.parameters())
+    with torch.no_grad():
+        loss = streamed(ids, labels=ids).loss
+    assert torch.equal(loss, expected) and not loss.requires_grad and loss.grad_fn is None
+    flags = [(p, p.requires_grad) for p in streamed.parameters()]
+    streamed.requires_grad_(False)
+    try:
+        loss = streamed(ids, labels=ids).loss
+        assert torch.equal(loss, expected) and not loss.requires_grad
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+    grads = []
+    for model in (ref, streamed):
+        embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        model(inputs_embeds=embeds, labels=ids).loss.backward()
+        grads.append(embeds.grad)
+    ref.zero_grad(set_to_none=True)
+    assert grads[0] is not None and torch.equal(grads[1], grads[0])
+
+
 def _input_gradient(model, ids):
     embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
     logits = model(inputs_embeds=embeds).logits
