@@ -355,6 +355,13 @@ def attaching_adapters(model: nn.Module):
                 if current is not stand_in or stand_in.data_ptr() != address or any(stand_in.stride()):
                     written.append(f"decoder layer {index}'s {name}")
                 if current is not None:  # (the placeholder back, whatever the block put there)
+                    # with the `requires_grad` the block set on its stand-in: PEFT freezes the weights it adapts
+                    # (`get_peft_model`, `PeftModel.from_pretrained(..., is_trainable=True)`), and the placeholder
+                    # kept the flag it had, so the base weights counted as trainable (`print_trainable_parameters`,
+                    # an optimizer over `requires_grad` parameters) and required grad in a pass with gradients to
+                    # the inputs, where the loaded model's do not
+                    if isinstance(p, nn.Parameter) and isinstance(current, torch.Tensor):
+                        p.requires_grad_(current.requires_grad)
                     entry[key] = p
             if hidden is not _NONE:
                 model.hf_device_map = hidden

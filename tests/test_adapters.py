@@ -328,3 +328,32 @@ def test_on_a_gpu_only_the_adapter_weights_there_count_against_its_budget(caplog
             _note_adapter_memory(plan, new, dict(new))
         assert f"hold 50.0 MiB on cpu and {size_text(on_gpu)} on cuda:0, which the residency plan" in caplog.text
         assert any(r.levelno == logging.WARNING for r in caplog.records) == warned
+
+
+@pytest.mark.parametrize("plan", ["kept", "streamed"])
+def test_an_adapters_weights_get_the_loaded_models_gradients(adapter, plan):
+    """An adapter made trainable inside the block (`PeftModel.from_pretrained(..., is_trainable=True)`): PEFT freezes
+    the weights it adapts, and those of the streamed model stay frozen after the block, as the loaded model's (they
+    counted as trainable, all of them, once the block ended: `print_trainable_parameters`, an optimizer over the
+    parameters requiring grad); the loss with `labels` requires grad through the adapter's weights, so the backward
+    pass runs (not the refusal of a training step on frozen weights) and gives each of them the loaded model's
+    gradient, bit for bit, and the base weights none. (README, Limits: the graph holds every layer.)"""
+    ckpt, shards, folder, _ = adapter
+    loaded = peft.PeftModel.from_pretrained(_models.load_reference(ckpt), folder, is_trainable=True)
+    model = streamed_model(ckpt, shards, **PLANS[plan])
+    with attaching_adapters(model):
+        streamed = peft.PeftModel.from_pretrained(model, folder, is_trainable=True)
+
+    def trainable(runner):
+        return [n for n, p in runner.named_parameters() if p.requires_grad]
+
+    assert trainable(loaded) and all("lora_" in n for n in trainable(loaded))
+    assert trainable(streamed) == trainable(loaded)
+    grads = []
+    for runner in (loaded, streamed):
+        loss = runner(input_ids=IDS, labels=IDS).loss
+        loss.backward()
+        grads.append({n: p.grad for n, p in runner.named_parameters() if p.grad is not None})
+    assert trainable(streamed) == trainable(loaded) == list(grads[0]) == list(grads[1])
+    assert all(torch.equal(grads[1][n], g) for n, g in grads[0].items())
+    disable_layer_streaming(model)
