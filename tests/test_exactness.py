@@ -164,6 +164,14 @@ def test_what_user_code_reads_off_the_model_and_its_modes_are_the_loaded_models(
     assert repr(streamed) == repr(ref)
     for kwargs in ({}, {"exclude_embeddings": True}):
         assert streamed.num_parameters(**kwargs) == ref.num_parameters(**kwargs)
+    # (README, Limits: the resident parts but the head are loaded not requiring grad, and so not counted as trainable)
+    frozen = {"llama": ["model.embed_tokens.weight", "model.norm.weight"]}.get(
+        arch, ["transformer.ln_f.bias", "transformer.ln_f.weight", "transformer.wpe.weight"]
+    )
+    assert sorted(n for n, p in streamed.named_parameters() if not p.requires_grad) == frozen
+    assert all(p.requires_grad for p in ref.parameters())
+    held_out = sum(streamed.get_parameter(n).numel() for n in frozen)
+    assert streamed.num_parameters(only_trainable=True) == ref.num_parameters(only_trainable=True) - held_out
     assert streamed.get_memory_footprint() == ref.get_memory_footprint()
     assert (streamed.dtype, streamed.device) == (ref.dtype, ref.device) == (torch.float32, torch.device("cpu"))
     assert next(streamed.parameters()).device == next(ref.parameters()).device
