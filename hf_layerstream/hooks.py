@@ -939,6 +939,8 @@ class Streamed(_Placeholder):
         return out
 
     def _refusal(self, func) -> str:
+        if _in_a_hook_of_its_layer(self.source):
+            return self._layer_hook_refusal(func)
         if _in_a_module_holding(self.source):
             return (
                 f"{self.source} is brought in by layer streaming for its layer's forward pass only, but `{func}` ran "
@@ -974,7 +976,17 @@ class Streamed(_Placeholder):
             "`with hf_layerstream.attaching_adapters(model):`.)"
         )
 
+    def _layer_hook_refusal(self, func) -> str:
+        return (
+            f"{self.source} is brought in by layer streaming inside its decoder layer's forward only, but `{func}` "
+            "used its values in a forward hook or pre-hook on that decoder layer itself, which torch runs outside the "
+            "layer's forward (before its weights come in, or after they go). Register the hook on a module of the "
+            "layer instead (`layer.self_attn`, `layer.mlp`, the weight's own module), whose hooks run inside it."
+        )
+
     def _read_refusal(self, func) -> str:
+        if _in_a_hook_of_its_layer(self.source):
+            return self._layer_hook_refusal(func)
         return (
             f"{self.source} is brought in by layer streaming for its layer's forward pass only: outside that pass it "
             f"holds no values to read (`{func}`). Read it in a forward hook on its module (inside the pass), or from "
@@ -1024,6 +1036,26 @@ def _in_a_module_holding(source: str) -> bool:
         if frame.f_code is _CALL_IMPL or frame.f_code.co_name == "forward":
             module = frame.f_locals.get("self")
             if isinstance(module, nn.Module):
+                held = (*module.parameters(), *module.buffers())
+                return any(isinstance(t, Streamed) and t.source == source for t in held)
+        frame = frame.f_back
+    return False
+
+
+def _in_a_hook_of_its_layer(source: str) -> bool:
+    """Whether the calling thread is in a forward hook or pre-hook of the decoder layer holding the placeholder named
+    `source`: in that layer's call (`nn.Module._call_impl`), whose forward, where its `LayerStreamingHook` brings its
+    weights in, is not under way (torch runs the module's hooks around it)."""
+    frame, forwards = sys._getframe(2), set()
+    while frame is not None:
+        module = frame.f_locals.get("self")
+        if isinstance(module, nn.Module):
+            if frame.f_code.co_name == "forward":
+                forwards.add(id(module))
+            elif frame.f_code is _CALL_IMPL and isinstance(getattr(module, "_hf_hook", None), LayerStreamingHook):
+                # (the first decoder layer met: its hooks, unless its forward is in the frames inside this one)
+                if id(module) in forwards:
+                    return False
                 held = (*module.parameters(), *module.buffers())
                 return any(isinstance(t, Streamed) and t.source == source for t in held)
         frame = frame.f_back

@@ -2030,6 +2030,54 @@ def test_reading_a_streamed_weights_values_is_refused_as_a_read_not_as_a_module_
     assert torch.equal(vector(saved.parameters()), vector(ref.parameters()))
 
 
+@pytest.mark.parametrize("where", ["pre-hook", "hook"])
+@pytest.mark.parametrize("use", ["call", "read"])
+def test_a_hook_on_a_streamed_decoder_layer_itself_using_its_weights_is_told_to_hook_a_module_of_it(llama, where, use):
+    """A forward hook or pre-hook registered on a streamed decoder layer itself runs outside its forward, where its
+    weights come in (README, Hooks): calling a module of the layer there, or reading a weight's value, was refused as
+    a module called by itself ("Call the whole decoder layer (its hook brings its weights in) or the model": the user
+    had called the model) or as code reading values ("in a forward hook on its module": it was in one). It names the
+    hook on the layer now, and what works: the same hook on a module of the layer, which gets the loaded model's
+    values."""
+    ckpt, shards, inputs, expected, pad = llama
+    model = streamed_model(ckpt, shards, max_memory={"cpu": 0})
+    ref = _models.load_reference(ckpt)
+    ids = inputs["input_ids"]
+    layer = model.model.layers[1]
+
+    def hook(module, args, *output):
+        if use == "call":
+            module.mlp(args[0])
+        else:
+            module.self_attn.q_proj.weight.sum().item()
+
+    handle = (layer.register_forward_pre_hook if where == "pre-hook" else layer.register_forward_hook)(hook)
+    weight = "mlp.gate_proj" if use == "call" else "self_attn.q_proj"
+    message = (
+        rf"Decoder layer 1's {re.escape(weight)}\.weight is brought in by layer streaming inside its decoder layer's "
+        r"forward only, .* in a forward hook or pre-hook on that decoder layer itself, .* Register the hook on a "
+        r"module of the layer instead"
+    )
+    with torch.no_grad(), pytest.raises(RuntimeError, match=message):
+        model(ids)
+    handle.remove()
+    seen = {}
+    for name, m in (("loaded", ref), ("streamed", model)):
+        hooked = m.model.layers[1].self_attn
+
+        def note(module, args, name=name):
+            seen[name] = module.q_proj.weight.sum()
+
+        handle = hooked.register_forward_pre_hook(note)
+        with torch.no_grad():
+            assert torch.equal(m(ids).logits, ref(ids).logits)
+        handle.remove()
+    assert torch.equal(seen["streamed"], seen["loaded"])
+    with torch.no_grad(), pytest.raises(RuntimeError, match=r"\(a module of the layer called by itself\?\)"):
+        layer.mlp(torch.zeros(1, 2, ref.config.hidden_size))
+    disable_layer_streaming(model)
+
+
 _WRITE_IN_A_PASS = """
 import sys
 import torch
