@@ -113,6 +113,13 @@ class TensorEntry:
 
     @classmethod
     def from_json(cls, d: dict, name: str = "a tensor") -> TensorEntry:
+        if not isinstance(d, dict) or not _is_shape(d.get("shape")):
+            # (a number read on to an AttributeError at open, and in the split's repair, naming no file; a shape `"64"`
+            # was read as [6, 4], and `[64.5]` as [64])
+            raise TypeError(
+                f"tensor {name!r} has a record {json.dumps(d)[:120]} that is not an object of its `shape` (a list of "
+                "ints) and `dtype`"
+            )
         quant = d.get("quant")
         if quant is not None and not _is_quant_record(quant):
             # (streaming read it on: an AttributeError at open, not a manifest named as damaged)
@@ -121,6 +128,11 @@ class TensorEntry:
                 "map each part to its `shape` (a list of ints) and `dtype`"
             )
         return cls(tuple(int(s) for s in d["shape"]), str_to_dtype(d["dtype"]), quant)
+
+
+def _is_shape(shape) -> bool:
+    """Whether `shape` has the form of a tensor's shape in the manifest: a list of ints, as the split writes it."""
+    return isinstance(shape, list) and all(isinstance(n, int) and not isinstance(n, bool) for n in shape)
 
 
 def _is_quant_record(quant) -> bool:
@@ -136,7 +148,7 @@ def _is_quant_record(quant) -> bool:
             or not isinstance(spec.get("dtype"), str)
         ):
             return False
-        if not all(isinstance(n, int) and not isinstance(n, bool) for n in spec["shape"]):
+        if not _is_shape(spec["shape"]):
             return False
         try:
             str_to_dtype(spec["dtype"])

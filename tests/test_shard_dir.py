@@ -900,6 +900,33 @@ def test_a_tensors_quant_record_of_another_form_is_named_as_a_damaged_manifest(s
     assert err.startswith(problem) and f"The manifest of {shards} is damaged" in err, err
 
 
+@pytest.mark.parametrize(
+    "record",
+    [5, "float32", {"shape": "64", "dtype": "float32"}, {"shape": [64.5], "dtype": "float32"}],
+    ids=["a number", "a string", "shape a string", "a fractional dimension"],
+)
+def test_a_tensors_record_of_another_form_is_named_as_a_damaged_manifest(shard_copy, capsys, record):
+    """A tensor's record in the manifest edited to another form than an object of its shape and dtype: a number failed
+    opening the directory, `verify` and `inspect` with a bare AttributeError (`'int' object has no attribute 'get'`),
+    naming no file, and so did the same split run again to repair it; a shape `"64"` was read as [6, 4] (named as the
+    manifest recording shape [6, 4]) and `[64.5]` as [64] (passed). The manifest is named as malformed, with the
+    tensor, `verify` says it is damaged (exit 1), and the same split run again writes it again."""
+    ckpt, shards = shard_copy
+    manifest = shards / "manifest.json"
+    edited = json.loads(manifest.read_text())
+    name = "model.layers.1.input_layernorm.weight"
+    _unit_json(edited, "layers.1")["tensors"][name] = record
+    manifest.write_text(json.dumps(edited, indent=1))
+    problem = f"{manifest} is malformed (TypeError: tensor {name!r} has a record {json.dumps(record)}"
+    with pytest.raises(ShardFileError, match="^" + re.escape(problem)):
+        ShardDirectory(shards)
+    assert main(["verify", str(shards)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(problem) and f"The manifest of {shards} is damaged" in err, err
+    split_checkpoint(ckpt, shards, progress=False)
+    assert ShardDirectory(shards, checksums=True).verify() == []
+
+
 def test_a_manifest_whose_layer_count_does_not_fit_its_units_says_how_many_it_needs(shard_copy):
     """A manifest of 3 layers with a layer's unit deleted said "`num_layers` 3 does not fit the 3 units listed", which
     reads as if they fit: the resident unit is one of them. It now says how many units the count needs."""
