@@ -281,13 +281,18 @@ class Manifest:
         units = [UnitEntry.from_json(u) for u in d["units"]]
         if len({u.name for u in units}) != len(units):
             raise ValueError("a unit is listed twice")
+        architectures = d.get("architectures") or []
+        if not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures):
+            # (a string was read as its letters: a model of another class told to be built as 'L')
+            raise TypeError(f"`architectures` {json.dumps(architectures)[:120]} is not a list of class names")
         load_dtype = d.get("load_dtype")
         if load_dtype is not None and not (isinstance(load_dtype, str) and str_to_dtype(load_dtype).is_floating_point):
             raise ValueError(f"`load_dtype` {load_dtype!r} is not a floating-point dtype")
         return cls(
-            source=d.get("source") or {},
+            # (what `inspect` shows: one of another form, which `inspect` failed on, is no record, as before one was kept)
+            source=d["source"] if isinstance(d.get("source"), dict) else {},
             model_type=d.get("model_type"),
-            architectures=list(d.get("architectures") or []),
+            architectures=architectures,
             layers_prefix=d["layers_prefix"],
             num_layers=int(d["num_layers"]),
             fingerprint=d["fingerprint"],

@@ -412,6 +412,24 @@ def test_verify_names_a_conversion_record_damaged(shard_copy, capsys):
     assert ShardDirectory(shards).verify(checksums=False) == []
 
 
+def test_a_manifests_source_or_architectures_of_another_form_is_read_as_the_split_writes_them(shard_copy, capsys):
+    """The manifest's `source` (what `inspect` shows) edited into another form than an object: the directory streamed
+    and passed `verify`, but `hf-layerstream inspect` failed with a bare AttributeError (`'str' object has no attribute
+    'get'`). It is read as no record, as a split made before one was kept. Its `architectures` (the class the shards
+    were split for) edited into a string was read as its letters: a model of another class was told to be built as
+    'L'. The manifest is named as malformed."""
+    ckpt, shards = shard_copy
+    manifest = shards / "manifest.json"
+    sound = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**sound, "source": "meta-llama/Llama-3.2-1B"}, indent=1))
+    assert main(["inspect", str(shards), "--device", "cpu"]) == 0
+    assert "source           None" in capsys.readouterr().out
+    streamed_model(ckpt, shards)
+    manifest.write_text(json.dumps({**sound, "architectures": "LlamaForCausalLM"}, indent=1))
+    with pytest.raises(ShardFileError, match=r"malformed \(TypeError: `architectures` \"LlamaForCausalLM\" is not a"):
+        ShardDirectory(shards)
+
+
 def test_verify_names_a_units_size_or_sample_digest_edited_in_the_manifest(shard_copy, capsys):
     """A unit's `size` or `sample_sha256` edited in the manifest: `verify` called the file damaged, the fix to delete
     it and split again. Where the file matches the manifest's SHA-256 in full (the file the split wrote), it names the
