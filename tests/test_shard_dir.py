@@ -227,6 +227,36 @@ def test_a_file_damaged_within_is_repaired_as_its_error_says(shard_copy, capsys)
     assert target.read_bytes() == sound and ShardDirectory(shards, checksums=True).verify() == []
 
 
+def test_a_full_digest_that_differs_where_the_cheap_checks_pass_names_both_causes(shard_copy, capsys):
+    """A unit's `sha256` edited in the manifest, its file as the split wrote it: `verify` called the file "corrupted or
+    replaced". Its size, header and sample digest are as recorded (a replaced file fails those), so either it is
+    damaged within, past the bytes the sample reads, or the manifest's digest was changed: the two cannot be told
+    apart without hashing against another record, and it names both; the fix given (delete the file, run the same split
+    again) mends either. A file that fails the cheap checks, hashed unchecked, stays "corrupted or replaced"."""
+    ckpt, shards = shard_copy
+    manifest = shards / "manifest.json"
+    edited = json.loads(manifest.read_text())
+    _unit_json(edited, "layers.1")["sha256"] = "0" * 64
+    manifest.write_text(json.dumps(edited, indent=1))
+    target = shards / "layers" / "00001.safetensors"
+    both = (
+        f"{target} does not match its SHA-256 in the manifest, though its size, header and sample digest (its first "
+        "and last 64 KiB) do: it is damaged within, or the manifest's `sha256` of it was changed since the split"
+    )
+    assert ShardDirectory(shards).verify() == [both]
+    with pytest.raises(ShardDirError, match=re.escape(both) + r"\. Run `hf-layerstream verify` for the full list"):
+        ShardDirectory(shards, checksums=True)
+    assert main(["verify", str(shards)]) == 1
+    assert "delete the files named and re-run the same split" in capsys.readouterr().err
+    target.unlink()  # (as the fix says)
+    split_checkpoint(ckpt, shards, progress=False)
+    assert ShardDirectory(shards, checksums=True).verify() == []
+    os.truncate(target, 1000)
+    assert ShardDirectory(shards, check_files=False)._checksum_problems(["layers.1"]) == [
+        f"{target} does not match its SHA-256 in the manifest (corrupted or replaced)"
+    ]
+
+
 def test_verify_reports_each_problem(shard_copy, capsys):
     _, shards = shard_copy
     (shards / "layers" / "00000.safetensors").unlink()
