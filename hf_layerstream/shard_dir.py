@@ -127,6 +127,13 @@ class TensorEntry:
                 f"tensor {name!r} has a `quant` record {json.dumps(quant)[:120]} that is not an object whose `parts` "
                 "map each part to its `shape` (a list of ints) and `dtype`"
             )
+        if quant is not None and quant.get("shape", d["shape"]) != d["shape"]:
+            # (a weight is decoded to its record's shape: it failed in the model's matmul at the first pass, naming
+            # nothing, where the checks compare the tensor's own with the model's)
+            raise ValueError(
+                f"tensor {name!r} has a `quant` record of shape {json.dumps(quant['shape'])[:120]}, not its own "
+                f"{d['shape']}"
+            )
         return cls(tuple(int(s) for s in d["shape"]), str_to_dtype(d["dtype"]), quant)
 
 

@@ -631,6 +631,33 @@ def test_our_own_files_keep_the_strict_checks(checkpoints, tmp_path):
     assert LAYER in str(info.value) and "Re-create the shard directory" in str(info.value)
 
 
+def test_a_quantized_tensors_record_of_another_shape_than_the_tensor_is_named(checkpoints, tmp_path):
+    """A quantized tensor's record (in its file and in the manifest, which agree, its digests recorded) whose own
+    shape is not the tensor's: streaming decodes the weight by the record's, and the first pass failed in the model's
+    matmul naming nothing (`mat1 and mat2 shapes cannot be multiplied (3x128 and 64x128)`). Opening the directory, and
+    so enabling streaming, names the tensor and both shapes."""
+    ckpt, shards = checkpoints("llama", compression="4bit")
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy)
+    name = "model.layers.1.mlp.down_proj.weight"
+    meta = read_header(copy / LAYER).metadata
+    own = json.loads(meta[TENSORS_KEY])
+    assert own[name]["shape"] == own[name]["quant"]["shape"] == [64, 128]
+    own[name]["quant"]["shape"] = [128, 64]
+    meta[TENSORS_KEY] = json.dumps(own, sort_keys=True)
+    replace_file(copy, LAYER, resave(copy / LAYER, lambda t: None, meta))
+    m = manifest(copy)
+    unit_json(m, LAYER)["tensors"] = own
+    write_manifest(copy, m)
+    message = (
+        rf"malformed \(ValueError: tensor '{name}' has a `quant` record of shape \[128, 64\], not its own \[64, 128\]"
+    )
+    with pytest.raises(ShardFileError, match=message):
+        ShardDirectory(copy)
+    with pytest.raises(ShardFileError, match=message):
+        streamed_model(ckpt, copy, max_memory={"cpu": 0})(torch.tensor([[1, 5, 7]]))
+
+
 def test_a_broken_source_file_is_named_as_the_sources(tmp_path):
     """A damaged source file is reported as the source's, with what to do about it (not as a damaged shard directory
     to re-create)."""
