@@ -804,7 +804,11 @@ class ShardDirectory:
                 if not path.exists()
                 else "is not a file"
             )
-            raise ShardFileError(path, f"{what} (the manifest records unit {unit!r} there)")
+            # (something else there, a folder: the same split run again, which the default fix named, failed renaming
+            # its file over it)
+            moved = what == "is not a file" and redownload_advice(self.path) is None  # (a download's: downloaded again)
+            fix = f"It is no file the split wrote: move it away, then {_RERUN}." if moved else None
+            raise ShardFileError(path, f"{what} (the manifest records unit {unit!r} there)", fix)
         header = read_header(path, expected_size=entry.size)
         stored = _stored_layout(entry)
         problems = []
@@ -938,6 +942,10 @@ class ShardDirectory:
             return None, ShardFileError(path, problem, rerun)
 
         what = "the split writes it beside the manifest; the model is built from it"
+        if path.exists() and not path.is_file() and redownload_advice(self.path) is None:
+            # (the same split run again, the fix named, failed renaming its file over it)
+            fix = f"It is no file the split wrote: move it away, then {_RERUN}."
+            return None, ShardFileError(path, f"is not a regular file ({what})", fix)
         if not path.is_file():  # (a folder there read as "is missing")
             return error(f"is not a regular file ({what})" if path.exists() else f"is missing ({what})")
         # (a damaged one passed `verify` and the split's re-run, and failed only as the model was built)
@@ -1433,6 +1441,7 @@ def _load_dtype_differs(manifest: Manifest, config) -> tuple[str, str] | None:
 
 
 SAME_SPLIT = "(`split_checkpoint` / `hf-layerstream split`, same source and options)"  # (what "the same split" is)
+_RERUN = f"run the same split again {SAME_SPLIT}, which writes the file there"
 _SCHEME_KEYS = ("bits", "quant_type", "blocksize")  # (what a quantized tensor records of the split's scheme)
 
 

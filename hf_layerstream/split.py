@@ -2334,7 +2334,10 @@ def _read_json(path: Path) -> Any:
         return None
 
 
-_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM)
+_WRITE_ERRNOS = (
+    *(errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM),
+    *(errno.EISDIR, errno.EEXIST, errno.ENOTDIR),  # (something else where the split writes a file or makes a folder)
+)
 
 
 @contextmanager
@@ -2358,6 +2361,10 @@ def _write_errors_named(shard_dir: Path, name: str, kept: str | Callable[[], str
             fix = "split onto a filesystem that holds files this large, such as ext4 or NTFS, or raise `ulimit -f`"
         elif e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):  # (a temporary file's name alone said nothing)
             fix = "this folder cannot be written: make it writable, or choose another `shard_dir`"
+        elif e.errno == errno.EISDIR:  # (the rename over it failed: the bare error named the temporary file)
+            fix = f"a folder is at {shard_dir / name}, where the split writes a file: move it away"
+        elif e.errno in (errno.EEXIST, errno.ENOTDIR):  # (`layers` a file: its `mkdir` failed, "File exists")
+            fix = f"a file is at {(shard_dir / name).parent}, where the split makes a folder: move it away"
         raise OSError(
             e.errno,
             f"Writing {name} into {shard_dir} failed: {e.strerror or e} ({size_text(free)} free). "

@@ -282,6 +282,43 @@ def test_verify_reports_each_problem(shard_copy, capsys):
     assert main(["verify", "--quick", str(shards)]) == 1  # sizes and headers: 3 of the 4
 
 
+@pytest.mark.parametrize("rel", ["config.json", "resident.safetensors", "layers/00001.safetensors", "layers"])
+def test_a_folder_or_file_in_the_way_of_the_split_is_named_with_the_fix(shard_copy, tmp_path, rel):
+    """A folder where the split writes a file (config.json, a unit file): opening the directory said to run the same
+    split again, "which writes the file again", and that split failed with the bare `IsADirectoryError` of its rename
+    (naming its temporary file); a file `layers`, with the bare `FileExistsError` of its `mkdir`. Opening names what is
+    there and the fix (move it away, then the same split), and so does the split; done so, the split writes the files
+    back, and what was moved away is left as it was."""
+    ckpt, shards = shard_copy
+    path = shards / rel
+    if rel == "layers":  # (a file where the split makes a folder)
+        shutil.rmtree(path)
+        path.write_text("notes")
+    else:
+        path.unlink()
+        path.mkdir()
+        (path / "notes.txt").write_text("notes")
+    with pytest.raises(ShardFileError) as info:
+        ShardDirectory(shards)
+    if rel != "layers":  # (its files are named missing, the default fix: the same split, whose error then names it)
+        opened = str(info.value)
+        assert opened.startswith(f"{path} is not a"), opened
+        assert "It is no file the split wrote: move it away, then run the same split again" in opened, opened
+    written = "config.json" if rel == "config.json" else "layers/00000.safetensors" if rel == "layers" else rel
+    with pytest.raises(OSError) as info:
+        split_checkpoint(ckpt, shards, progress=False)
+    there = (
+        f"a folder is at {path}, where the split writes a file" if rel != "layers" else f"a file is at {path}, where"
+    )
+    message = str(info.value)
+    assert f"] Writing {written} into {shards} failed: " in message and there in message, message
+    assert "move it away) and run the same split again to resume" in message, message
+    shutil.move(path, tmp_path / "moved")
+    split_checkpoint(ckpt, shards, progress=False)
+    assert ShardDirectory(shards, checksums=True).verify() == []
+    assert (tmp_path / "moved" / ("notes.txt" if rel != "layers" else "")).read_text() == "notes"
+
+
 def test_a_lost_config_json_is_named_and_written_again_by_the_same_split(shard_copy, capsys):
     """`config.json`, which the model is built from, deleted: `verify` said every file matched, a re-run of the split
     found nothing to do, and `generate` failed with transformers' "Should have a `model_type` key". Opening the
