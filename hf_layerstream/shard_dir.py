@@ -1103,8 +1103,13 @@ class ShardDirectory:
         if tokenizer:
             names = [n for n in names if not _informative(n) and _side_file_use(n) == _TOKENIZER_FILE_USE]
         missing = [n for n in self.missing_side_files() if n in names]
-        damaged = []
+        # (a folder at its path: it passed as there, and `generate` then said the tokenizer did not load for another
+        # cause, "You need to have sentencepiece or tiktoken installed")
+        other = [n for n in names if n not in missing and not _informative(n) and not (self.path / n).is_file()]
+        damaged = [(n, "is not a file (move what is there away)", None) for n in other]
         for name in names if content else []:
+            if name in other:
+                continue
             try:
                 damage = side_file_damage(self.path / name)
             except OSError as e:

@@ -580,6 +580,28 @@ def test_verify_names_a_side_file_damaged_and_the_same_split_writes_it_back(
     ), problem
 
 
+def test_a_folder_at_a_side_files_path_is_named(shard_copy, tmp_path, capsys):
+    """A folder where the split wrote a side file the manifest lists (the tokenizer's `tokenizer.json`): `verify`
+    passed it as there (exit 0), and `generate` said the directory held no tokenizer that loads for another cause
+    ("You need to have sentencepiece or tiktoken installed ..."). `verify` names it, with what reads it and the fix,
+    and so does `generate`; moved away, the same split writes the file back."""
+    ckpt, shards = shard_copy
+    before = (shards / "tokenizer.json").read_bytes()
+    (shards / "tokenizer.json").unlink()
+    (shards / "tokenizer.json").mkdir()
+    named = f"{shards / 'tokenizer.json'} is not a file (move what is there away) (a file of the tokenizer: "
+    [problem] = ShardDirectory(shards).verify(checksums=False)
+    assert problem.startswith(named) and problem.endswith("running the same split again writes it back"), problem
+    assert main(["verify", "--quick", str(shards)]) == 1
+    capsys.readouterr()
+    assert main(["generate", str(shards), "hello", "--max-new-tokens", "1", "--device", "cpu"]) == 2
+    assert named in capsys.readouterr().err
+    shutil.move(shards / "tokenizer.json", tmp_path / "moved")
+    split_checkpoint(ckpt, shards, progress=False)
+    assert (shards / "tokenizer.json").read_bytes() == before
+    assert ShardDirectory(shards).verify(checksums=False) == []
+
+
 @pytest.mark.parametrize("damage", ["torn", "not_an_object", "another_model"])
 def test_a_damaged_config_json_is_named_and_written_again_by_the_same_split(shard_copy, capsys, damage):
     """Only a missing `config.json` was caught: a torn one (or another model's) passed `ShardDirectory`, `verify` and
