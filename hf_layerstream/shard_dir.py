@@ -606,6 +606,21 @@ def _holds_checkpoint_weights(folder: Path) -> bool:
     return any(n.endswith((".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")) for n in names)
 
 
+def _not_a_shard_dir_fix(path: Path, fix: str) -> str:
+    """The fix for a `shard_dir` that is no shard directory (`fix`: split one there), where `path` is a file or folder
+    of one (its `manifest.json`, its `layers`), or a checkpoint's folder: splitting into it, as `fix` said, is refused
+    (into a shard directory's folder, as a folder holding files; into a checkpoint, as the source's own folder)."""
+    for folder in path.parents[:2]:
+        if (folder / MANIFEST_NAME).is_file():
+            return f"it is inside the shard directory {folder}: pass that folder"
+    if path.is_dir() and (path / "config.json").is_file() and _holds_checkpoint_weights(path):
+        return (
+            f"it holds a checkpoint (config.json and weights): split it into another folder first "
+            f"(`split_checkpoint({str(path)!r}, DIR)`, `hf-layerstream split {shlex.quote(str(path))} DIR`) and stream DIR"
+        )
+    return fix
+
+
 def _hub_repo_id(shard_dir) -> bool:
     """Whether `shard_dir` is taken as a hub repo id: text `org/name` that can be one, naming no path here."""
     if not isinstance(shard_dir, str) or shard_dir.count("/") != 1 or os.path.lexists(Path(shard_dir).expanduser()):
@@ -687,7 +702,7 @@ class ShardDirectory:
                 raise ShardDirError(f"`shard_dir` {self.path} is a dangling symlink or a symlink loop; {fix}.")
             raise FileNotFoundError(f"`shard_dir` {self.path} does not exist; {fix}.")
         if not self.path.is_dir():
-            raise ShardDirError(f"`shard_dir` {self.path} is not a directory; {fix}.")
+            raise ShardDirError(f"`shard_dir` {self.path} is not a directory; {_not_a_shard_dir_fix(self.path, fix)}.")
         manifest_path = self.path / MANIFEST_NAME
         if os.path.lexists(manifest_path):
             manifest_path = _inside(self.path, MANIFEST_NAME, manifest_path)
@@ -698,6 +713,8 @@ class ShardDirectory:
                 fix = "a split is writing it right now (it holds its lock): wait for that split to finish"
             elif (self.path / ".progress.json").exists():
                 fix = "it holds an unfinished split: run the same split again to finish it"
+            else:
+                fix = _not_a_shard_dir_fix(self.path, fix)
             raise ShardDirError(
                 f"`shard_dir` {self.path} has no {MANIFEST_NAME}, so it is not a shard directory; {fix}."
             )

@@ -735,6 +735,26 @@ def test_shard_dir_paths_a_user_types(checkpoints, tmp_path, monkeypatch):
     LEDGER["rejected"] += 1
 
 
+def test_a_checkpoint_or_a_shard_directorys_own_file_given_as_shard_dir_names_what_to_pass(checkpoints, tmp_path):
+    """The checkpoint's folder given as `shard_dir` (the source, not its split), or a file or folder of a shard
+    directory (its `manifest.json`, its `layers`): the error said to create a shard directory there with
+    `split_checkpoint(source, shard_dir)`, which refuses each (the source's own folder; a folder holding files). It
+    says to split the checkpoint into another folder, or names the shard directory to pass."""
+    ckpt, shards = checkpoints("llama")
+    LEDGER["tried"] += 1
+    with pytest.raises(ShardDirError) as info:
+        streamed_model(ckpt, ckpt)
+    assert str(info.value).endswith(
+        f"it holds a checkpoint (config.json and weights): split it into another folder first (`split_checkpoint("
+        f"{str(ckpt)!r}, DIR)`, `hf-layerstream split {ckpt} DIR`) and stream DIR."
+    ), info.value
+    for inner in (shards / "manifest.json", shards / "layers", shards / LAYER):
+        with pytest.raises(ShardDirError) as info:
+            ShardDirectory(inner)
+        assert str(info.value).endswith(f"it is inside the shard directory {shards}: pass that folder."), info.value
+    LEDGER["rejected"] += 1
+
+
 def test_summary():
     print("\nhostile-inputs summary: rejected cleanly {rejected} / tried {tried}".format(**LEDGER))
     assert LEDGER["rejected"] == LEDGER["tried"]
