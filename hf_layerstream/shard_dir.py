@@ -608,11 +608,20 @@ def _holds_checkpoint_weights(folder: Path) -> bool:
 
 def _not_a_shard_dir_fix(path: Path, fix: str) -> str:
     """The fix for a `shard_dir` that is no shard directory (`fix`: split one there), where `path` is a file or folder
-    of one (its `manifest.json`, its `layers`), or a checkpoint's folder: splitting into it, as `fix` said, is refused
-    (into a shard directory's folder, as a folder holding files; into a checkpoint, as the source's own folder)."""
+    of one (its `manifest.json`, its `layers`), one without its manifest, or a checkpoint's folder: splitting into it,
+    as `fix` said, is refused (into a folder holding files, without `overwrite`; into a checkpoint, as the source's own
+    folder)."""
     for folder in path.parents[:2]:
         if (folder / MANIFEST_NAME).is_file():
             return f"it is inside the shard directory {folder}: pass that folder"
+    if (path / "config.json").is_file() and ((path / "layers").is_dir() or (path / RESIDENT_FILE).is_file()):
+        # (a copy cut short: the manifest, written last, is not there; the same split refuses the folder as one
+        # holding files. A split killed before it wrote config.json, just before the manifest, resumes: not this)
+        return (
+            f"it holds a shard directory's files but no {MANIFEST_NAME}, which a split writes last (a copy cut short, "
+            "or the manifest deleted): copy the shard directory again whole, or split again there with "
+            "`overwrite=True` (`--overwrite`)"
+        )
     if path.is_dir() and (path / "config.json").is_file() and _holds_checkpoint_weights(path):
         return (
             f"it holds a checkpoint (config.json and weights): split it into another folder first "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 import struct
@@ -752,6 +753,31 @@ def test_a_checkpoint_or_a_shard_directorys_own_file_given_as_shard_dir_names_wh
         with pytest.raises(ShardDirError) as info:
             ShardDirectory(inner)
         assert str(info.value).endswith(f"it is inside the shard directory {shards}: pass that folder."), info.value
+    LEDGER["rejected"] += 1
+
+
+def test_a_shard_directory_without_its_manifest_names_the_fix_the_split_takes(checkpoints, tmp_path):
+    """A shard directory copied without its manifest (written last by the split, so missing from a copy cut short):
+    the error said to create a shard directory there with `split_checkpoint(source, shard_dir)`, which refuses a folder
+    holding files without `overwrite=True`. It says what the folder holds, and to copy it again or split again there
+    with `overwrite=True`, which the split then takes."""
+    ckpt, shards = checkpoints("llama")
+    LEDGER["tried"] += 1
+    copy = tmp_path / "copy"
+    shutil.copytree(shards, copy, ignore=shutil.ignore_patterns("manifest.json"))
+    fix = "which a split writes last (a copy cut short, or the manifest deleted): copy the shard directory again whole"
+    with pytest.raises(
+        ShardDirError,
+        match=re.escape(
+            f"{copy} has no manifest.json, so it is not a shard directory; "
+            f"it holds a shard directory's files but no manifest.json, {fix}"
+        ),
+    ):
+        streamed_model(ckpt, copy)
+    with pytest.raises(ShardDirError, match="pass `overwrite=True`"):
+        split_checkpoint(ckpt, copy, progress=False)
+    split_checkpoint(ckpt, copy, progress=False, overwrite=True)
+    assert ShardDirectory(copy, checksums=True).verify() == []
     LEDGER["rejected"] += 1
 
 
