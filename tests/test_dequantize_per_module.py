@@ -348,6 +348,29 @@ def test_disable_removes_the_module_hooks(quantized):
     assert torch.equal(_logits(model), expected)
 
 
+def test_a_kept_layer_held_packed_holds_placeholders_between_passes(quantized):
+    """A layer kept whole holds its kept weights in its modules between passes without gradients (test_engine.py),
+    so a module of it called by itself computes with them. One kept packed (`dequantize="module"`) does not: its
+    weights are dequantized as each module runs within the layer's pass, so between passes its modules hold
+    placeholders, and one called by itself raises, naming what works (the whole layer, or the model), as a streamed
+    layer's does. (The README said every kept layer holds its weights; this behaviour was already so: a test of it.)"""
+    ckpt, dirs = quantized
+    model = streamed_model(ckpt, dirs["4bit"], dequantize="module")
+    plan = get_streaming_state(model).plan
+    assert plan.dequantize == "module" and not plan.streamed  # (every layer kept, packed)
+    with torch.no_grad():
+        expected = _logits(model)
+        mlp = model.model.layers[1].mlp
+        assert mlp.down_proj.weight.is_meta and mlp.gate_proj.weight.is_meta  # (between passes)
+        x = torch.randn(1, 3, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+        with pytest.raises(
+            RuntimeError, match=r"Decoder layer 1's mlp\.gate_proj\.weight .* Call the whole decoder layer"
+        ):
+            mlp(x.to(torch.bfloat16))
+        assert torch.equal(_logits(model), expected)
+    disable_layer_streaming(model)
+
+
 def test_the_profile_counts_dequantizing_apart_from_compute(quantized):
     """Every layer kept: with whole-layer decoding the weights are decoded once, at the first use; per module, at
     every pass, timed as dequantize and not as compute."""
