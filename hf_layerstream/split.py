@@ -2205,6 +2205,13 @@ def split_checkpoint(
 
         kept = kept_in_float32(model, dtype) if dtype is not None else None
         created = created_dtypes(model, dtype) if dtype is not None else {}
+        # compressed without `dtype`: a weight stored in another dtype than the one `from_pretrained` loads it at
+        # (float32 files under a config saying bfloat16, a checkpoint of mixed dtypes) is cast to that one before it
+        # is quantized, as the loaded model holds it: quantized from the stored values, its codes and scales were
+        # others, and the streamed model was not the loaded one with its weights quantized (logits 4e-2 off)
+        as_loaded = None
+        if scheme is not None and dtype is None and load_dtype is not None:
+            as_loaded = (kept_in_float32(model, load_dtype), created_dtypes(model, load_dtype))
         bar = progress_bar(progress, total=len(units), desc="Splitting", unit="layer")
         bar.update(len([u for u in units if u in done]))
         try:
@@ -2221,6 +2228,16 @@ def split_checkpoint(
                             tensors[k] = tensors[k].to(to)
                 for merger in mergers:  # (each onto what the ones before left)
                     merger.merge(tensors)
+                if as_loaded is not None:  # (the weights quantized only: the others are cast as they stream)
+                    kept_loaded, created_loaded = as_loaded
+                    for k, t in tensors.items():
+                        to = (
+                            torch.float32
+                            if kept_loaded and kept_loaded.search(k)
+                            else created_loaded.get(k, load_dtype)
+                        )
+                        if t.dtype != to and should_quantize(k, t, scheme, is_embedding=unit == RESIDENT):
+                            tensors[k] = t.to(to)
                 with _write_errors_named(
                     shard_dir, _unit_file(unit), lambda: f"{len(done)} of {len(units)} units are complete and kept"
                 ):

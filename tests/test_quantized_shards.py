@@ -216,6 +216,38 @@ def test_a_weight_made_inf_by_a_float16_cast_is_named_with_the_dtype_that_keeps_
     assert "float16 holds values up to 65504" in caplog.text and "`dtype='bfloat16'`" in caplog.text, caplog.text
 
 
+def test_weights_stored_in_another_dtype_than_loaded_are_quantized_as_loaded(tmp_path):
+    """A checkpoint stored in float32 under a config saying bfloat16 (`from_pretrained(dtype="auto")` loads it at
+    bfloat16, and streaming computes at that dtype by default): the split without `dtype` quantized the float32
+    values, so the streamed model was not the loaded model with its weights quantized and dequantized (codes and
+    scales of other values: logits 4e-2 off). Each weight is cast to the dtype it is loaded at first, as the loaded
+    model holds it; the streamed logits then equal those of the loaded model whose quantized weights went through the
+    codec, bit for bit, every layer kept, from the disk and per module."""
+    from hf_layerstream import disable_layer_streaming
+    from hf_layerstream.quant import QuantScheme, dequantize_tensor, quantize_tensor
+
+    ckpt = _models.save_tiny_checkpoint(_models.make_config("llama", **FIDELITY_CONFIG), tmp_path / "ckpt")
+    config = json.loads((ckpt / "config.json").read_text())
+    config["dtype"] = "bfloat16"  # (the weights stay float32 in the files)
+    (ckpt / "config.json").write_text(json.dumps(config))
+    shards = split_checkpoint(ckpt, tmp_path / "shards", compression="4bit", progress=False)
+    directory = ShardDirectory(shards)
+    scheme = QuantScheme.from_dict(directory.compression)
+    quantized = {n for u in directory.manifest.units.values() for n, t in u.tensors.items() if t.quant is not None}
+    assert quantized
+    ref = _models.load_reference(ckpt, dtype=torch.bfloat16)  # (what `dtype="auto"` loads it at)
+    with torch.no_grad():
+        for name, param in ref.named_parameters():
+            if name in quantized:
+                param.copy_(dequantize_tensor(*quantize_tensor(param, scheme)))
+    ids = torch.randint(4, 120, (2, 12), generator=torch.Generator().manual_seed(0))
+    expected = _logits(ref, ids)
+    for options in ({}, {"max_memory": {"cpu": 0}}, {"max_memory": {"cpu": 0}, "dequantize": "module"}):
+        model = streamed_model(ckpt, shards, **options)
+        assert torch.equal(_logits(model, ids), expected), options
+        disable_layer_streaming(model)
+
+
 def test_a_compression_that_quantizes_no_weight_says_so_before_the_split(tmp_path, caplog):
     """A small model at a large `blocksize`: no weight spans the 16 blocks a quantized one needs, so the split stores
     every weight at full precision under a manifest saying 8-bit, as large as without compression, without a word
