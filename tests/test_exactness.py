@@ -95,6 +95,126 @@ def test_generate_variants(pair, arch, variant):
     assert torch.equal(streamed.generate(**inputs, **kw), expected)
 
 
+# `generate` features beyond those, each compared with everything `generate` returns (tokens, every step's logits and
+# scores, hidden states, attentions): processors that read the tokens so far, beams and sampling warpers, and those
+# that run the model on other passes than one prompt pass and decode steps (a second, unconditional prompt on a cache
+# of its own; the prompt in parts; no cache at all)
+GENERATE_FEATURES = {
+    "hidden_states_and_attentions": {"output_hidden_states": True, "output_attentions": True},
+    "logits_processors": {
+        "repetition_penalty": 1.5,
+        "no_repeat_ngram_size": 2,
+        "sequence_bias": {(5,): -10.0, (7, 9): 5.0},
+        "bad_words_ids": [[10, 11]],
+        "suppress_tokens": [3, 4],
+        "begin_suppress_tokens": [7],
+        "renormalize_logits": True,
+    },
+    "beams_returning_several": {
+        "num_beams": 4,
+        "num_return_sequences": 3,
+        "early_stopping": True,
+        "length_penalty": -0.5,
+    },
+    "sampling_warpers": {"do_sample": True, "top_p": 0.9, "min_p": 0.02, "typical_p": 0.9, "num_return_sequences": 2},
+    "classifier_free_guidance": {"guidance_scale": 1.5, "negative_prompt_ids": torch.tensor([[1, 40, 41]])},
+    "prefill_in_chunks": {"prefill_chunk_size": 5},
+    "no_cache": {"use_cache": False, "output_hidden_states": True},
+}
+
+
+def _assert_same_generate_output(expected, got) -> None:
+    """Every tensor of two `generate(..., return_dict_in_generate=True)` results equal (the cache aside)."""
+
+    def tensors(value):
+        if isinstance(value, torch.Tensor):
+            return [value]
+        if isinstance(value, (tuple, list)):
+            return [t for v in value for t in tensors(v)]
+        return []
+
+    assert expected.keys() == got.keys()
+    for key in expected.keys() - {"cache", "past_key_values"}:
+        a, b = tensors(expected[key]), tensors(got[key])
+        assert len(a) == len(b) > 0, key
+        assert all(torch.equal(x, y) for x, y in zip(a, b)), f"`{key}` differs"
+
+
+@pytest.mark.parametrize(
+    "arch, feature",
+    [("llama", feature) for feature in GENERATE_FEATURES]
+    # gemma2 (sliding-window layers beside full ones in the cache) for the features with passes of their own
+    + [("gemma2", feature) for feature in ("classifier_free_guidance", "prefill_in_chunks", "no_cache")],
+)
+def test_generate_features(pair, arch, feature):
+    ref, streamed, tok = pair(arch)
+    inputs = _ids(tok)
+    kw = {"max_new_tokens": 5, "pad_token_id": tok.pad_token_id, **GENERATE_FEATURES[feature]}
+    kw |= {"return_dict_in_generate": True, "output_logits": True, "output_scores": True}
+    torch.manual_seed(0)
+    expected = ref.generate(**inputs, **kw)
+    torch.manual_seed(0)
+    _assert_same_generate_output(expected, streamed.generate(**inputs, **kw))
+
+
+def test_generate_from_inputs_embeds_in_inference_mode(pair):
+    """`generate(inputs_embeds=...)` (the prompt given as embeddings, a batch with padding), under
+    `torch.inference_mode()`, as the loaded model's."""
+    ref, streamed, tok = pair("llama")
+    batch = tok(list(_models.SAMPLE_PROMPTS[:2]), return_tensors="pt", padding=True)
+    kw = {"max_new_tokens": 4, "pad_token_id": tok.pad_token_id, "return_dict_in_generate": True, "output_logits": True}
+    outputs = []
+    for model in (ref, streamed):
+        with torch.inference_mode():
+            embeds = model.get_input_embeddings()(batch["input_ids"])
+            outputs.append(model.generate(inputs_embeds=embeds, attention_mask=batch["attention_mask"], **kw))
+    _assert_same_generate_output(*outputs)
+
+
+def test_pipeline_chat_and_batches(pair):
+    """`pipeline("text-generation")` with chat messages in a batch, and with prompts in batches and
+    `return_full_text=False`."""
+    ref, streamed, tok = pair("llama")
+    chats = [[{"role": "user", "content": "Hello there"}], [{"role": "user", "content": _models.SAMPLE_PROMPTS[1]}]]
+    kw = {"max_new_tokens": 5, "do_sample": False, "batch_size": 2}
+    texts = []
+    for model in (ref, streamed):
+        generator = pipeline("text-generation", model=model, tokenizer=tok)
+        texts.append([generator(chats, **kw), generator(list(_models.SAMPLE_PROMPTS), return_full_text=False, **kw)])
+    assert texts[1] == texts[0]
+    assert texts[0][0][1][0]["generated_text"][-1]["role"] == "assistant" and len(texts[0][1]) == 3
+
+
+def test_two_streamed_models_alternating_in_one_thread(checkpoints):
+    """Two streamed models (two architectures, each with its own shard directory) called in turn in one thread, and one
+    run inside the other's `generate` (a logits processor mixing in its next-token distribution): each as its loaded
+    model."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class MixIn(LogitsProcessor):
+        def __init__(self, other):
+            self.other = other
+
+        def __call__(self, input_ids, scores):
+            return scores + torch.log_softmax(self.other(input_ids).logits[:, -1], -1)
+
+    models = {}
+    for arch in ("llama", "gemma2"):
+        ckpt, shards = checkpoints(arch)
+        models[arch] = (_models.load_reference(ckpt), streamed_model(ckpt, shards, **STREAM_ALL))
+    tok = AutoTokenizer.from_pretrained(checkpoints("llama")[0])
+    kw = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": tok.pad_token_id}
+    kw |= {"return_dict_in_generate": True, "output_logits": True}
+    outputs = []
+    for side in (0, 1):
+        llama, gemma2 = models["llama"][side], models["gemma2"][side]
+        turns = [m.generate(**_ids(tok, prompt), **kw) for prompt in _models.SAMPLE_PROMPTS for m in (llama, gemma2)]
+        mixed = llama.generate(**_ids(tok), logits_processor=LogitsProcessorList([MixIn(gemma2)]), **kw)
+        outputs.append([*turns, mixed])
+    for expected, got in zip(*outputs):
+        _assert_same_generate_output(expected, got)
+
+
 @pytest.mark.parametrize("arch", ["llama", "mixtral"])  # (on gpt2, early exit fails in transformers itself)
 def test_early_exit_self_speculation_keeps_its_read_ahead(checkpoints, arch):
     """`assistant_early_exit`: the model drafts with its own first layers, passes that end early without raising.
