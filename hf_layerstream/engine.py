@@ -930,6 +930,20 @@ class Profile:
         self.host_resident: dict[str, LayerTimes] = defaultdict(LayerTimes)
         self.forward_calls = 0
         self.started = time.perf_counter()
+        # when the `generate` call it profiles ended (`stop`): the wall time is the call's, not the time since, as a
+        # summary printed after the call read; `None` while passes run (a pass after the call clears it: see `begin`)
+        self.ended: float | None = None
+
+    def begin(self) -> None:
+        """A pass begins: counted, and the wall time runs on again (to now) if a `generate` call had stopped it."""
+        with self._lock:
+            self.forward_calls += 1
+            self.ended = None
+
+    def stop(self) -> None:
+        """The `generate` call profiled ended: the wall time stays what it is now."""
+        with self._lock:
+            self.ended = time.perf_counter()
 
     def add(self, index: int, **values: float) -> None:
         with self._lock:
@@ -949,6 +963,7 @@ class Profile:
             self.host_resident.clear()
             self.forward_calls = 0
             self.started = time.perf_counter()
+            self.ended = None
 
     def totals(self) -> dict[str, float]:
         out = {k: 0.0 for k in ("wait", "read", "dequantize", "copy", "compute")}
@@ -958,7 +973,7 @@ class Profile:
                 for k in ("wait", "read", "dequantize", "copy", "compute"):
                     out[k] += getattr(t, k)
                 out["bytes_read"] += t.bytes_read
-        out["wall"] = time.perf_counter() - self.started
+        out["wall"] = (time.perf_counter() if self.ended is None else self.ended) - self.started
         out["forward_calls"] = self.forward_calls
         return out
 

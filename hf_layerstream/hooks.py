@@ -292,7 +292,7 @@ class LayerStreamingHook(ModelHook):
 
     def _profile_begins(self) -> None:
         if self.index == 0:
-            self.profile.forward_calls += 1
+            self.profile.begin()
         self.dequantized = 0.0
         self._t0 = time.perf_counter()
 

@@ -1737,6 +1737,7 @@ def _wrap_generate(model: nn.Module, state: StreamingState) -> None:
         finally:
             calls.depth -= 1
             if outer and state.profile is not None:
+                state.profile.stop()
                 state.last_profile = state.profile.to_dict()
                 logger.info("hf_layerstream profile of the last generate call:\n%s", state.profile.summary())
 

@@ -3831,6 +3831,27 @@ def test_profile_records_every_layer(llama):
     disable_layer_streaming(model)
 
 
+def test_the_profiles_wall_time_is_the_generate_calls_not_the_time_since(llama):
+    """`state.profile.summary()` after a `generate` call (as `budget_and_profile.py` prints it) is that call's profile:
+    its wall time ran on to the moment it was printed (a 0.3 s call printed 1.5 s later said "wall 1.8 s"). It stops
+    as the call ends; a pass run after it (outside any `generate`) adds to the profile and starts it again."""
+    ckpt, shards, inputs, expected, pad = llama
+    model = streamed_model(ckpt, shards, profile=True, **STREAM_ALL)
+    state = get_streaming_state(model)
+    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+    wall = state.last_profile["totals"]["wall"]
+    time.sleep(0.5)
+    assert state.profile.totals()["wall"] == wall
+    assert f"wall {wall:.3f} s" in state.profile.summary()
+    with torch.no_grad():
+        model(**inputs)  # (a pass of its own: part of the profile since the call began, as its forward_calls are)
+    totals = state.profile.totals()
+    assert totals["forward_calls"] == GEN["max_new_tokens"] + 1 and totals["wall"] >= wall + 0.5
+    model.generate(**inputs, **GEN, pad_token_id=pad)
+    assert state.profile.totals()["wall"] == state.last_profile["totals"]["wall"]  # (restarted, and stopped again)
+    disable_layer_streaming(model)
+
+
 def test_the_profile_of_an_early_exit_call_covers_the_whole_call(llama):
     """`assistant_early_exit`: transformers drafts with the model's own `generate`, called inside the outer call; those
     calls restarted the profile, which then held only the tail of the call (3 of 29 passes). The draft's passes
