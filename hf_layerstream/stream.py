@@ -1297,12 +1297,14 @@ def _enable(
         from .quant import load_backend
 
         load_backend()  # a missing bitsandbytes fails here, before any hook; its slow import stays off the hot path
-    loaded = sum(p.numel() for p in stack.layers.parameters() if not p.is_meta)
+    # (the whole model's: a model loaded with `from_pretrained` holds its embeddings and head too, replaced as well;
+    # and kept, as every original is, for `disable_layer_streaming` to give back: not freed by it)
+    loaded = sum(p.numel() for p in model.parameters() if not p.is_meta)
     if loaded:
         logger.warning(
-            "The model's decoder layers already hold %d loaded parameters; streaming replaces them, but the loaded "
-            "copies stay in memory until `disable_layer_streaming`. Build the model under `init_empty_weights()` "
-            "to save that memory.",
+            "The model already holds %d loaded parameters; streaming computes with the shard directory's weights "
+            "instead, and keeps the loaded ones for `disable_layer_streaming` to put back, so they stay in memory, "
+            "unused, as long as the model. Build the model under `init_empty_weights()` to save that memory.",
             loaded,
         )
 

@@ -2321,6 +2321,30 @@ def test_disable_restores_the_model_and_stops_the_loader(checkpoints):
     disable_layer_streaming(model)
 
 
+def test_a_loaded_model_streams_and_is_told_its_loaded_weights_stay_in_memory(checkpoints, caplog):
+    """A model loaded whole (`from_pretrained`) rather than built on the meta device streams, with a warning. It
+    counted the decoder layers' parameters only (the embeddings and head were loaded, and replaced, too) and said
+    the loaded copies stay in memory "until `disable_layer_streaming`", which gives them back to the model: they stay
+    as long as the model. Every loaded parameter is counted, and the message says where they go."""
+    ckpt, shards = checkpoints("llama")
+    model = _models.load_reference(ckpt)
+    ids = torch.tensor([[1, 5, 7, 9]])
+    with torch.no_grad():
+        expected = model(ids).logits
+    own = {name: p for name, p in model.named_parameters()}
+    with caplog.at_level(logging.WARNING, logger="hf_layerstream"):
+        enable_layer_streaming(model, shards, device="cpu", max_memory={"cpu": 0})
+    said = [r.getMessage() for r in caplog.records if "loaded" in r.getMessage()]
+    assert len(said) == 1, said
+    assert f"holds {sum(p.numel() for p in own.values())} loaded parameters" in said[0]
+    assert "until `disable_layer_streaming`" not in said[0] and "as long as the model" in said[0]
+    assert "init_empty_weights()" in said[0]
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, expected)
+    disable_layer_streaming(model)
+    assert all(p is own[name] for name, p in model.named_parameters())  # (its own back, as the warning says)
+
+
 def test_the_model_is_put_in_evaluation_mode_as_from_pretrained_does(checkpoints):
     """`from_config` builds a model in training mode: GPT-2's dropout (0.1) would make greedy decoding random.
     Enabling streaming puts it in evaluation mode, as `from_pretrained` does; the logits equal the loaded model's."""
