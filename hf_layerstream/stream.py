@@ -1271,6 +1271,15 @@ def _enable(
         check_reserve_within(reserve, device, max_memory, functools.partial(default_device_budget, device))
     _refuse_adapters(model)
     stack = require_layer_stack(model)
+    if not callable(getattr(model, "generate", None)):
+        # (an encoder, a masked LM: `BertForMaskedLM` holds the tensors of a BERT causal LM's split, passed every check
+        # against it and failed as streaming wrapped `generate`, with transformers' AttributeError)
+        raise TypeError(
+            f"`model` is a {type(model).__name__}, which has no `generate`: layer streaming runs causal LMs and "
+            "vision-language models (their decoder layers). Build the model the shard directory was split for: "
+            "`AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(shard_dir))` under `init_empty_weights()` "
+            "(`AutoModelForImageTextToText` for a vision-language one)."
+        )
     _refuse_weights_changed_by_forward(model)
     for name, module in model.named_modules():
         if isinstance(getattr(module, "_hf_hook", None), (LayerStreamingHook, HostResidentHook)):

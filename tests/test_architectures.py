@@ -1049,3 +1049,24 @@ def test_input_gradients_through_torch_func_and_of_quantized_shards(tmp_path):
         got.append((logits.detach(), embeds.grad))
         disable_layer_streaming(model)
     assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1])
+
+
+@pytest.mark.parametrize("cls", ["BertForMaskedLM", "BertModel"])
+def test_a_model_that_does_not_generate_is_refused_naming_the_class_to_build(tmp_path, cls):
+    """A BERT causal LM's split (`BertLMHeadModel`) holds the tensors `BertForMaskedLM` has too, so that model passed
+    every check against the shard directory, loaded its resident parts and failed at the end with transformers'
+    `AttributeError: 'BertForMaskedLM' object has no attribute 'generate'` (an encoder, `BertModel`, with the
+    mismatch of its layers' names). A model without `generate` is refused first, naming what streams and how to
+    build it; nothing was hooked or started."""
+    import transformers
+    from accelerate import init_empty_weights
+
+    ckpt = _models.save_tiny_checkpoint(_config("bert"), tmp_path / "checkpoint")
+    shards = split_checkpoint(ckpt, tmp_path / "shards", progress=False)
+    with init_empty_weights():
+        model = getattr(transformers, cls)(AutoConfig.from_pretrained(shards))
+    with pytest.raises(TypeError) as refused:
+        enable_layer_streaming(model, shards, device="cpu")
+    said = str(refused.value)
+    assert f"is a {cls}, which has no `generate`" in said and "AutoModelForCausalLM.from_config" in said
+    assert get_streaming_state(model) is None and not any(hasattr(m, "_hf_hook") for m in model.modules())
