@@ -1834,12 +1834,16 @@ def disable_layer_streaming(model: nn.Module) -> nn.Module:
     state = get_streaming_state(model)
     if state is None:
         raise ValueError("Layer streaming is not enabled on this model.")
+    # a wrapper that finds the state through the model it wraps (a `PeftModel` made inside `attaching_adapters`, which
+    # hands attributes on to it: `model = PeftModel.from_pretrained(model, ...)`, as README shows): the model streaming
+    # was enabled on is disabled (the wrapper's own attributes failed half way: "no attribute 'hf_device_map'")
+    streamed = next((m for m in model.modules() if vars(m).get(_STATE_ATTR) is state), model)
     # a pass running in another thread ends first; then, one enable or disable of the model at a time (in this order:
     # a disable from a callback inside a pass holds the pass's lock already)
-    with state.guard.lock, _model_lock(model):
-        if get_streaming_state(model) is not state:  # (disabled meanwhile, by another thread)
+    with state.guard.lock, _model_lock(streamed):
+        if get_streaming_state(streamed) is not state:  # (disabled meanwhile, by another thread)
             raise ValueError("Layer streaming is not enabled on this model.")
-        _disable(model, state)
+        _disable(streamed, state)
     return model
 
 

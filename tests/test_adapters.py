@@ -72,6 +72,31 @@ def test_an_adapter_attached_inside_the_block_gives_the_loaded_models_output(ada
     assert all(p.is_meta for n, p in model.named_parameters() if "lora_" not in n)
 
 
+@pytest.mark.parametrize("plan", ["kept", "streamed"])
+def test_disable_takes_the_peft_model_the_block_returned(adapter, plan):
+    """README's `model = PeftModel.from_pretrained(model, adapter_dir)` inside the block names the `PeftModel` `model`,
+    and `get_streaming_state` finds the state through it (PEFT hands attributes on to the model it wraps), but
+    `disable_layer_streaming` of it failed half way, with `AttributeError: 'PeftModel' object has no attribute
+    'hf_device_map'`: the hooks taken off, the state left on the model. It disables the model the wrapper holds,
+    and returns the wrapper."""
+    ckpt, shards, folder, (*_, logits, tokens) = adapter
+    model = streamed_model(ckpt, shards, **PLANS[plan])
+    base = model
+    with attaching_adapters(model):
+        model = peft.PeftModel.from_pretrained(model, folder).eval()
+    assert get_streaming_state(model) is get_streaming_state(base) is not None
+    got = _outputs(model)
+    assert torch.equal(got[0], logits) and torch.equal(got[1], tokens)
+    loader = get_streaming_state(model).loader
+    assert disable_layer_streaming(model) is model
+    assert get_streaming_state(model) is None and get_streaming_state(base) is None
+    assert not hasattr(base, "hf_device_map") and not [n for n, m in base.named_modules() if hasattr(m, "_hf_hook")]
+    assert not [t for t in loader._executor._threads if t.is_alive()]
+    assert all(p.is_meta for n, p in base.named_parameters() if "lora_" not in n)
+    with pytest.raises(ValueError, match="not enabled"):
+        disable_layer_streaming(model)
+
+
 @pytest.mark.parametrize("route", ["load_adapter", "inject_adapter_in_model"])
 @pytest.mark.parametrize("plan", ["kept", "streamed"])
 def test_an_adapter_attached_outside_the_block_is_refused_at_the_next_pass(adapter, plan, route):
