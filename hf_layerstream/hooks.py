@@ -563,16 +563,16 @@ DISABLED_DURING_CALL = (
 NO_TRAINING = (
     "hf_layerstream: this loss was computed by a model with layer streaming enabled, whose weights get no gradients "
     "(layer streaming is for inference: README, Limits), so a backward pass from it has nothing to train. Fine-tune "
-    "the fully loaded model (`from_pretrained`), or a PEFT adapter on it, and split the result "
-    "(`split_checkpoint(..., adapter=...)`). A backward pass to the inputs works: pass `inputs_embeds` that require "
-    "grad."
+    "the fully loaded model (`from_pretrained`) and split the result, or merge an adapter trained on it as you split "
+    "(`split_checkpoint(..., adapter=...)`); a PEFT adapter made trainable inside `attaching_adapters` gets "
+    "gradients here too. A backward pass to the inputs works: pass `inputs_embeds` that require grad."
 )
 
 
 class _NoWeightGrads(torch.autograd.Function):
     """The loss a streamed model's forward computed with gradients on (`labels`), as it is, requiring grad where the
     loaded model's does; its backward raises `NO_TRAINING`. No weight of the pass requires grad (README, Limits), so
-    that loss required none, and a training loop's `loss.backward()` (`Trainer`, `accelerator.backward`) failed with
+    that loss required none, and a training loop's `loss.backward()` (or `accelerator.backward(loss)`) failed with
     torch's "element 0 of tensors does not require grad and does not have a grad_fn", naming no cause."""
 
     @staticmethod
