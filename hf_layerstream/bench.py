@@ -481,8 +481,54 @@ def _check_source(args) -> None:
             f"`--checkpoint` is only used when SOURCE is a shard directory; SOURCE {args.source!r} is not one (it is "
             "split and measured itself): drop `--checkpoint`, or pass the shard directory as SOURCE."
         )
+    if Path(args.checkpoint).is_dir() and _is_shard_dir(Path(args.checkpoint)):
+        # (its rows of the whole model in memory and of accelerate's offload each failed with transformers' traceback,
+        # "no file named model.safetensors", after the streamed rows were measured: exit 1)
+        raise ValueError(
+            f"`--checkpoint` {args.checkpoint!r} is a shard directory (it holds manifest.json), not a checkpoint: pass "
+            "the checkpoint folder or hub id SOURCE was split from (its manifest.json names it), or drop "
+            "`--checkpoint` to measure the streamed rows only."
+        )
     if args.source is not None:
         _refuse_another_model(args.checkpoint, Path(args.source), revision=args.checkpoint_revision, token=args.token)
+
+
+def _meta_model(path: Path):
+    """The model of the shard directory or checkpoint folder `path`, on meta (as `generate` builds a shard
+    directory's, `split` a checkpoint's), for the checks before measuring; `None` where it does not build (the split
+    or the rows name what is wrong)."""
+    from transformers import AutoConfig
+
+    from .modeling import build_for_shards, build_skeleton
+    from .shard_dir import ShardDirectory
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+        if _is_shard_dir(path):
+            return build_for_shards(ShardDirectory(path, check_files=False).manifest, config, meta=True)
+        return build_skeleton(config, meta=True)
+    except (ValueError, TypeError, OSError, ImportError, RuntimeError, AttributeError) as e:
+        logger.debug("could not build the model of %s to check its positions: %s", path, e)
+        return None
+
+
+def _refuse_past_the_position_table(path: Path, prompt_tokens: int, max_new_tokens: int) -> None:
+    """A `--prompt-tokens` and `--max-new-tokens` that run past the learned position table (GPT-2's, OPT's; see
+    `modeling.position_overrun`) of the model at `path` (`_meta_model`): every row failed in its child process, with
+    torch's traceback ("IndexError: index out of range in self"), after the minutes of work before it. Refused before
+    anything is measured."""
+    from .modeling import position_overrun
+
+    model = _meta_model(path)
+    overrun = None if model is None else position_overrun(model, prompt_tokens, max_new_tokens)
+    if overrun is None:
+        return
+    limit, _ = overrun
+    raise ValueError(
+        f"`--prompt-tokens` {prompt_tokens} and `--max-new-tokens` {max_new_tokens} run past the {limit} positions of "
+        f"{type(model).__name__}'s learned position table (`max_position_embeddings`): pass values that add up to "
+        f"{limit + 1} or less."
+    )
 
 
 def _fetch_checkpoint(args) -> None:
@@ -764,11 +810,15 @@ def bench(args) -> dict:
         raise ValueError("`--assistant demo` builds a 1-layer draft of the demo model; it needs `--demo`.")
     _check_source(args)
     _check_systems(args, systems, modes, compressed)
+    source = Path(args.source) if args.source is not None else None
+    if source is not None and source.is_dir():  # (a local one, before anything is written; again once split)
+        _refuse_past_the_position_table(source, args.prompt_tokens, args.max_new_tokens)
     _fetch_checkpoint(args)
     work = work_folder(args.work, "--work", "hf_layerstream_bench_")
     try:
         ckpt, shard_dir = prepare(args, work)
         shards = ShardDirectory(shard_dir)
+        _refuse_past_the_position_table(Path(shard_dir), args.prompt_tokens, args.max_new_tokens)  # (a hub SOURCE's)
         # quantized shards as SOURCE: every row of ours is lossy, held to token agreement rather than exactness
         scheme = scheme_name(shards.compression)
         lossy = {"streamed", "streamed_disk", "streamed_host"} if scheme else set()

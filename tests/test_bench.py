@@ -292,6 +292,42 @@ def test_bench_refuses_a_checkpoint_of_another_model_than_the_shards(tmp_path, c
     assert not (tmp_path / "w").exists()
 
 
+def test_bench_refuses_a_shard_directory_as_its_checkpoint(tmp_path, capsys, checkpoints):
+    """`bench SHARDS --checkpoint SHARDS` (the shard directory for the checkpoint: its config.json builds the same
+    model) measured the streamed rows, then failed the whole model's and accelerate's, each with transformers'
+    traceback ("no file named model.safetensors"), exit 1. Refused before anything is measured, naming the fix."""
+    _, shards = checkpoints("llama")
+    argv = ["bench", str(shards), "--checkpoint", str(shards), "--work", str(tmp_path / "w"), "--device", "cpu"]
+    assert main([*argv, "--modes", "warm", "--systems", "in_memory,streamed", "--paired-calls", "0"]) == 2
+    captured = capsys.readouterr()
+    assert f"`--checkpoint` {str(shards)!r} is a shard directory (it holds manifest.json), not a checkpoint" in (
+        captured.err
+    )
+    assert "Traceback" not in captured.err and "s/token" not in captured.out and not (tmp_path / "w").exists()
+
+
+def test_bench_refuses_a_prompt_past_a_learned_position_table(tmp_path, capsys, checkpoints):
+    """`--prompt-tokens` and `--max-new-tokens` past GPT-2's learned position table (256 positions in the tiny
+    config) failed every row in its child process with torch's traceback ("IndexError: index out of range in self"),
+    exit 1, after the split; `generate` refuses it up front. Refused before anything is split or measured, as the
+    checkpoint or as the shard directory; the most that fits (a prompt and new tokens adding up to 257) runs."""
+    ckpt, shards = checkpoints("gpt2")
+    quick = ["--systems", "streamed", "--modes", "warm", "--paired-calls", "0", "--device", "cpu"]
+    message = (
+        "`--prompt-tokens` 250 and `--max-new-tokens` 8 run past the 256 positions of GPT2LMHeadModel's learned "
+        "position table (`max_position_embeddings`): pass values that add up to 257 or less."
+    )
+    for source in (ckpt, shards):
+        argv = ["bench", str(source), "--work", str(tmp_path / "w"), "--prompt-tokens", "250", *quick]
+        assert main(argv) == 2, source
+        captured = capsys.readouterr()
+        assert message in captured.err and "Traceback" not in captured.err, source
+        assert not (tmp_path / "w").exists(), source
+    argv = ["bench", str(shards), "--work", str(tmp_path / "w"), "--prompt-tokens", "249", "--json", *quick]
+    assert main(argv) == 0
+    assert [r["new_tokens"] for r in json.loads(capsys.readouterr().out)["rows"]] == [8]
+
+
 def test_bench_expands_a_tilde_in_its_paths(tmp_path, capsys, monkeypatch, checkpoints):
     """`bench "~/m.layers"` took the path for a hub id (`Path` does not expand it)."""
     ckpt, shards = checkpoints("llama")
