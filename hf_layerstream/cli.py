@@ -692,6 +692,12 @@ def _cmd_generate(args) -> int:
             f"`--assistant` {args.assistant} is a folder without a config.json, not a model: pass a small draft "
             "model's checkpoint folder or hub id, sharing the tokenizer."
         )
+    if args.tokenizer and os.path.isdir(args.tokenizer) and not _holds_tokenizer_files(args.tokenizer):
+        # (transformers' error, once the model was loaded, was about converting a slow tokenizer, over five lines)
+        raise ValueError(
+            f"`--tokenizer` {args.tokenizer} is a folder without tokenizer files (tokenizer.json, "
+            "tokenizer_config.json, a vocabulary): pass the folder or hub id of the model's tokenizer."
+        )
     if (
         args.adapter
         and os.path.isdir(args.adapter)
@@ -767,8 +773,8 @@ def _cmd_generate(args) -> int:
         if args.tokenizer is not None:
             raise _not_loaded("--tokenizer", args.tokenizer, e) from e
         raise ValueError(
-            f"The shard directory {args.shard_dir} holds no tokenizer that loads ({e}); give one with `--tokenizer` "
-            "(a folder or a hub id)."
+            f"The shard directory {args.shard_dir} holds no tokenizer that loads ({' '.join(str(e).split())}); give "
+            "one with `--tokenizer` (a folder or a hub id)."
         ) from e
     gen_kwargs = {"max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample}
     if args.temperature is not None:
@@ -1318,8 +1324,20 @@ def _config_problem(shards) -> str | None:
 
 def _not_loaded(option: str, value: str, error: Exception) -> OSError:
     """transformers' error for a folder or hub id given as `option` that did not load (offline: "We couldn't connect to
-    'https://huggingface.co'..."), naming the option: it named neither."""
-    return OSError(f"`{option}` {value} did not load: {error}")
+    'https://huggingface.co'..."), naming the option: it named neither. On one line, as the command's errors are
+    (transformers writes some over several)."""
+    return OSError(f"`{option}` {value} did not load: {' '.join(str(error).split())}")
+
+
+def _holds_tokenizer_files(folder: str) -> bool:
+    """Whether the local `folder` holds a file a tokenizer is saved as (its JSON files, a vocabulary, a SentencePiece
+    or tiktoken model): one without any does not load as a tokenizer."""
+    try:
+        names = os.listdir(folder)
+    except OSError:  # (unreadable: transformers names what is wrong)
+        return True
+    prefixes = ("tokenizer", "vocab", "merges", "spiece", "special_tokens_map", "added_tokens")
+    return any(n.startswith(prefixes) or n.endswith((".model", ".tiktoken")) for n in names)
 
 
 def _planned_device(name: str | None, max_memory: dict | None):

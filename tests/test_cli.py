@@ -1848,6 +1848,46 @@ def test_a_tokenizer_or_draft_that_does_not_load_is_named_by_its_option(split_di
         assert f"hf-layerstream generate: error: `{option}` someorg/not-cached did not load: " in err, err
 
 
+def test_a_tokenizer_folder_without_tokenizer_files_is_refused_before_the_model_loads(
+    split_dir, tmp_path, capsys, monkeypatch
+):
+    """`--tokenizer` a folder holding no tokenizer file (an empty one, a checkpoint's config.json alone, a shard
+    directory's `layers/`): transformers' error came once the model had loaded, over five lines about converting a
+    slow tokenizer ("You need to have sentencepiece or tiktoken installed"). Refused first, in one line, exit 2; a
+    tokenizer that fails to load otherwise (its tokenizer_config.json alone: those five lines) is said in one line."""
+    import hf_layerstream.cli as cli
+
+    ckpt, shards = split_dir
+    empty, config_only = tmp_path / "empty", tmp_path / "config-only"
+    empty.mkdir()
+    config_only.mkdir()
+    shutil.copy(ckpt / "config.json", config_only)
+
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    with monkeypatch.context() as m:
+        m.setattr(cli, "load_streamed_model", load)
+        for folder in (empty, config_only, shards / "layers"):
+            assert main(["generate", str(shards), "hi", "--tokenizer", str(folder)]) == 2, folder
+            err = capsys.readouterr().err
+            assert err == (
+                f"hf-layerstream generate: error: `--tokenizer` {folder} is a folder without tokenizer files "
+                "(tokenizer.json, tokenizer_config.json, a vocabulary): pass the folder or hub id of the model's "
+                "tokenizer.\n"
+            ), err
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+    argv = ["generate", str(shards), "hi", "--max-new-tokens", "1", "--device", "cpu", "--tokenizer", str(broken)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith(f"hf-layerstream generate: error: `--tokenizer` {broken} did not load: ")
+        and err.count("\n") == 1
+    ), err
+
+
 def test_generate_names_a_tokenizer_file_the_shard_directory_lacks(split_dir, tmp_path, capsys):
     """A shard directory whose tokenizer.json is gone (deleted, or a download of it cut short): the tokenizer failed
     to load without it (said as "holds no tokenizer that loads") or loaded and read the prompt as no tokens (a
