@@ -385,7 +385,10 @@ class _OptionNames(logging.Filter):
                 message = record.getMessage()
             except Exception:  # noqa: BLE001 - a record that does not format: logging reports it as it emits it
                 return True
-            record.msg, record.args = _as_options(message, self.parser, self.command), None
+            # (a child's traceback quoted in it, `bench`'s failed row: its source lines as they are, not `dtype=dtype`
+            # written as `--dtype dtype`)
+            head, sep, traceback = message.partition("Traceback (most recent call last):")
+            record.msg, record.args = _as_options(head, self.parser, self.command) + sep + traceback, None
         return True
 
 

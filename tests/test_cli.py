@@ -1699,6 +1699,24 @@ def test_max_memory_is_named_as_the_option_writes_it(split_dir, capsys, caplog):
     assert not any(isinstance(f, _OptionNames) for h in logging.getLogger().handlers for f in h.filters)
 
 
+def test_a_traceback_quoted_in_a_record_keeps_its_source_lines():
+    """`bench`'s warning for a failed row quotes its child's traceback; the command's names were written into its
+    source lines too (`from_pretrained(spec["path"], dtype=dtype or "auto")` as `--dtype dtype or "auto"`). The
+    message before the traceback is written with the options' names, the traceback as it is."""
+    from hf_layerstream.cli import _OptionNames
+
+    traceback = (
+        'Traceback (most recent call last):\n  File "x.py", line 1, in load\n'
+        '    model = from_pretrained(path, dtype=dtype or "auto", max_memory=None)\nOSError: no file\n'
+    )
+    record = logging.LogRecord(
+        "hf_layerstream.bench", logging.WARNING, __file__, 1, "%s failed (max_memory=%s):\n%s", None, None
+    )
+    record.args = ("in_memory", "{'cpu': 0}", traceback)
+    assert _OptionNames(build_parser(), "bench").filter(record)
+    assert record.getMessage() == f"in_memory failed (--max-memory cpu=0):\n{traceback}"
+
+
 def test_a_gpu_budget_on_the_cpu_is_named_once_as_the_option_writes_it(split_dir, capsys, caplog):
     """`inspect --device cpu --max-memory 0=1GiB` warned "Pass --device 'cuda' (`--device cuda`) to stream on a
     GPU": the library's `device='cuda'`, written as the option, beside the option the message already named. The
