@@ -791,6 +791,8 @@ def test_generate_errors_are_clear(tmp_path, capsys):
         (["generate", "{shards}", "hi", "--input", "{tmp}/in.jsonl", "--output", "{tmp}/o"], "either a PROMPT or"),
         (["generate", "{shards}", "hi", "--prompt-lookup", "0"], "`--prompt-lookup` must be a positive"),
         (["generate", "{shards}", "hi", "--max-new-tokens", "0"], "`--max-new-tokens` must be a positive"),
+        # (torch's "Overflow when unpacking long long" once the model had loaded, naming no option)
+        (["generate", "{shards}", "hi", "--do-sample", "--seed", str(2**64)], f"`--seed` {2**64} is out of range"),
         (["generate", "{shards}", "hi", "--assistant", "{shards}"], "is a shard directory; the draft model is loaded"),
         (["generate", "{shards}", "hi", "--assistant", "{tmp}"], "is a folder without a config.json, not a model"),
         (["generate", "{shards}", "hi", "--output", "{tmp}/o"], "`--output` only applies with `--input`"),
@@ -827,6 +829,7 @@ def test_generate_errors_are_clear(tmp_path, capsys):
         "prompt-and-input",
         "lookup-0",
         "max-new-tokens-0",
+        "seed-out-of-range",
         "assistant-shard-dir",
         "assistant-folder-without-config",
         "output-without-input",
