@@ -651,8 +651,12 @@ def _cmd_generate(args) -> int:
     # refused before the model loads: transformers would take one of them and ignore the other
     if args.assistant and args.prompt_lookup is not None:
         raise ValueError("Pass either `--assistant` or `--prompt-lookup`, not both.")
-    if args.prompt_lookup is not None and args.prompt_lookup < 1:
-        raise ValueError(f"`--prompt-lookup` must be a positive number of tokens, got {args.prompt_lookup}.")
+    # (a count past any context: one past torch's 64-bit integers, 10**23, was "OverflowError: int too big to convert"
+    # in transformers' lookup, a traceback once the model had loaded and the prompt was printed)
+    if args.prompt_lookup is not None and not 1 <= args.prompt_lookup < 2**31:
+        raise ValueError(
+            f"`--prompt-lookup` must be a positive number of tokens, at most {2**31 - 1}, got {args.prompt_lookup}."
+        )
     # (`configure_draft` refused it too, but only once the model and the draft were loaded)
     if args.num_assistant_tokens is not None and args.num_assistant_tokens < 1:
         raise ValueError(

@@ -790,6 +790,8 @@ def test_generate_errors_are_clear(tmp_path, capsys):
         (["generate", "{shards}", "hi", "--assistant", "{ckpt}", "--prompt-lookup", "3"], "either `--assistant` or"),
         (["generate", "{shards}", "hi", "--input", "{tmp}/in.jsonl", "--output", "{tmp}/o"], "either a PROMPT or"),
         (["generate", "{shards}", "hi", "--prompt-lookup", "0"], "`--prompt-lookup` must be a positive"),
+        # (an OverflowError traceback, once the model had loaded and the prompt was printed)
+        (["generate", "{shards}", "hi", "--prompt-lookup", str(2**70)], f"at most {2**31 - 1}, got {2**70}."),
         (["generate", "{shards}", "hi", "--max-new-tokens", "0"], "`--max-new-tokens` must be a positive"),
         # (torch's "Overflow when unpacking long long" once the model had loaded, naming no option)
         (["generate", "{shards}", "hi", "--do-sample", "--seed", str(2**64)], f"`--seed` {2**64} is out of range"),
@@ -828,6 +830,7 @@ def test_generate_errors_are_clear(tmp_path, capsys):
         "assistant-and-lookup",
         "prompt-and-input",
         "lookup-0",
+        "lookup-past-torch-integers",
         "max-new-tokens-0",
         "seed-out-of-range",
         "assistant-shard-dir",
