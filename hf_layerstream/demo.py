@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 import tempfile
@@ -61,6 +62,19 @@ def write_demo_checkpoint(
     torch_dtype = getattr(torch, dtype)
     with torch.device("meta"):  # (names and shapes only)
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    # (a size past the disk, `--layers 100000`, was written until the disk was full, then failed: refused first, as the
+    # split refuses a shard directory that does not fit)
+    needed = sum(p.numel() for p in model.parameters()) * torch_dtype.itemsize
+    free = shutil.disk_usage(next(p for p in (path, *path.absolute().parents) if p.exists())).free
+    if needed > free:
+        from .engine import size_text
+
+        raise OSError(
+            errno.ENOSPC,
+            f"Not enough disk space in {path} for the demo checkpoint: its weights take {size_text(needed)} (and its "
+            f"split as much again) and {size_text(free)} are free. Choose smaller sizes, or a folder on a disk with "
+            "room; nothing was written",
+        )
     path.mkdir(parents=True, exist_ok=True)
     _write_random_weights(model, path, torch_dtype, seed)
     model.config.architectures = [type(model).__name__]  # (as `save_pretrained` records it: vLLM and others need it)

@@ -1350,6 +1350,26 @@ def test_demo_refuses_its_options_before_writing_anything(tmp_path, monkeypatch,
     assert not (tmp_path / "work" / "shards").exists()
 
 
+def test_a_demo_checkpoint_larger_than_the_free_disk_space_is_refused_before_it_is_written(
+    tmp_path, monkeypatch, capsys
+):
+    """`demo --layers 100000 --hidden-size 8192` (43 TiB) wrote its checkpoint until the disk was full, then failed.
+    Refused before anything is written, with the sizes, as the split refuses a shard directory that does not fit."""
+    import hf_layerstream.demo as demo
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(demo.shutil, "disk_usage", lambda p: real(p)._replace(free=100 * 2**10))
+    tiny = ["--layers", "2", "--hidden-size", "64", "--intermediate-size", "128", "--vocab-size", "256"]
+    assert main(["demo", "--dir", str(tmp_path / "work"), "--device", "cpu", *tiny]) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"Not enough disk space in {tmp_path / 'work' / 'checkpoint'} for the demo checkpoint: its weights take "
+        in (err)
+    )
+    assert "and 100.0 KiB are free. Choose smaller sizes, or a folder on a disk with room; nothing was written" in err
+    assert not (tmp_path / "work" / "checkpoint").exists()
+
+
 def test_the_demo_checkpoint_is_written_a_shard_at_a_time(tmp_path, monkeypatch):
     """The demo model is never built: its weights are drawn and written one shard at a time (a checkpoint larger than
     RAM can be written), laid out as `save_pretrained` lays them out, loaded by `from_pretrained` with every weight
