@@ -434,6 +434,8 @@ def check_max_memory(max_memory: dict | None) -> None:
                 hint = f" (for {key}, the key is {int(key[5:])})"
             elif isinstance(key, str) and key.isascii() and key.isdigit():
                 hint = f" (the key is {int(key)})"
+            elif isinstance(key, str) and key.strip().lower() in ("cpu", "disk"):  # ("CPU", "Disk ": said nothing)
+                hint = f" (the key is {key.strip().lower()!r})"
             elif key in ("mps", "xpu", "npu", "mlu", "sdaa", "musa", "hpu"):  # (accelerate's other devices' keys)
                 hint = " (streaming runs on the CPU and on CUDA GPUs only)"
             raise ValueError(

@@ -940,6 +940,7 @@ def test_max_memory_given_twice_or_keyed_as_a_device_name_is_refused(split_dir, 
         ("cpu=1GiB,cpu=0", "cpu", "--max-memory gives cpu twice: 'cpu=1GiB,cpu=0'"),
         ("0=1GiB,0=2GiB", "cpu", "--max-memory gives 0 twice"),
         ("cuda:0=1GiB", "cuda", "for cuda:0, the key is 0"),
+        ("CPU=1GiB", "cpu", "`--max-memory` key 'CPU' is not recognized (the key is 'cpu')"),
     ):
         assert main(["inspect", str(shards), "--device", device, "--max-memory", budget]) == 2, budget
         assert message in capsys.readouterr().err, budget
