@@ -2224,18 +2224,12 @@ def split_checkpoint(
                 if dtype is not None:  # (what the model keeps in float32 or creates in another dtype keeps it)
                     for k in list(tensors):  # (one at a time: each source tensor is freed once cast)
                         if tensors[k].is_floating_point():
-                            to = torch.float32 if kept is not None and kept.search(k) else created.get(k, dtype)
-                            tensors[k] = tensors[k].to(to)
+                            tensors[k] = tensors[k].to(_dtype_of(k, kept, created, dtype))
                 for merger in mergers:  # (each onto what the ones before left)
                     merger.merge(tensors)
                 if as_loaded is not None:  # (the weights quantized only: the others are cast as they stream)
-                    kept_loaded, created_loaded = as_loaded
                     for k, t in tensors.items():
-                        to = (
-                            torch.float32
-                            if kept_loaded and kept_loaded.search(k)
-                            else created_loaded.get(k, load_dtype)
-                        )
+                        to = _dtype_of(k, *as_loaded, load_dtype)
                         if t.dtype != to and should_quantize(k, t, scheme, is_embedding=unit == RESIDENT):
                             tensors[k] = t.to(to)
                 with _write_errors_named(
@@ -2349,6 +2343,12 @@ def _read_json(path: Path) -> Any:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+def _dtype_of(name: str, kept, created: dict, dtype: torch.dtype) -> torch.dtype:
+    """The dtype `from_pretrained(dtype=dtype)` gives the weight `name`: float32 where the model keeps it so (`kept`, a
+    `kept_in_float32` pattern or `None`), the dtype it creates it in where another (`created`), else `dtype`."""
+    return torch.float32 if kept is not None and kept.search(name) else created.get(name, dtype)
 
 
 _WRITE_ERRNOS = (
