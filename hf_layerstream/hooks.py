@@ -1036,10 +1036,14 @@ def _in_a_module_holding(source: str) -> bool:
         if frame.f_code is _CALL_IMPL or frame.f_code.co_name == "forward":
             module = frame.f_locals.get("self")
             if isinstance(module, nn.Module):
-                held = (*module.parameters(), *module.buffers())
-                return any(isinstance(t, Streamed) and t.source == source for t in held)
+                return _holds(module, source)
         frame = frame.f_back
     return False
+
+
+def _holds(module: nn.Module, source: str) -> bool:
+    """Whether `module` (or a module of it) holds the placeholder named `source`."""
+    return any(isinstance(t, Streamed) and t.source == source for t in (*module.parameters(), *module.buffers()))
 
 
 def _in_a_hook_of_its_layer(source: str) -> bool:
@@ -1054,10 +1058,7 @@ def _in_a_hook_of_its_layer(source: str) -> bool:
                 forwards.add(id(module))
             elif frame.f_code is _CALL_IMPL and isinstance(getattr(module, "_hf_hook", None), LayerStreamingHook):
                 # (the first decoder layer met: its hooks, unless its forward is in the frames inside this one)
-                if id(module) in forwards:
-                    return False
-                held = (*module.parameters(), *module.buffers())
-                return any(isinstance(t, Streamed) and t.source == source for t in held)
+                return id(module) not in forwards and _holds(module, source)
         frame = frame.f_back
     return False
 
