@@ -811,14 +811,16 @@ def bench(args) -> dict:
     _check_source(args)
     _check_systems(args, systems, modes, compressed)
     source = Path(args.source) if args.source is not None else None
-    if source is not None and source.is_dir():  # (a local one, before anything is written; again once split)
+    local = source is not None and source.is_dir()
+    if local:  # (before anything is written; a hub SOURCE's once split)
         _refuse_past_the_position_table(source, args.prompt_tokens, args.max_new_tokens)
     _fetch_checkpoint(args)
     work = work_folder(args.work, "--work", "hf_layerstream_bench_")
     try:
         ckpt, shard_dir = prepare(args, work)
         shards = ShardDirectory(shard_dir)
-        _refuse_past_the_position_table(Path(shard_dir), args.prompt_tokens, args.max_new_tokens)  # (a hub SOURCE's)
+        if not local:  # (a hub SOURCE's, or the demo's: a local one was checked before)
+            _refuse_past_the_position_table(Path(shard_dir), args.prompt_tokens, args.max_new_tokens)
         # quantized shards as SOURCE: every row of ours is lossy, held to token agreement rather than exactness
         scheme = scheme_name(shards.compression)
         lossy = {"streamed", "streamed_disk", "streamed_host"} if scheme else set()
