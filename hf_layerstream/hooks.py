@@ -592,8 +592,14 @@ def refuse_backward(out, head_weight: torch.Tensor | None):
     """`out` (a model's output), its `loss` made to say why a backward pass from it cannot train (`_NoWeightGrads`),
     where gradients are on, the loss requires none, and the loaded model's would: `head_weight`, the output head's
     weight, requires grad (as the loaded model's: a model the caller froze, `requires_grad_(False)`, gets torch's own
-    error, as loaded)."""
-    loss = out.get("loss") if isinstance(out, dict) else None
+    error, as loaded). With `return_dict=False` the output is a tuple, its loss first where there is one: the one
+    element of it with no dimensions (logits have some)."""
+    if isinstance(out, dict):
+        loss = out.get("loss")
+    elif type(out) is tuple and out:
+        loss = out[0] if isinstance(out[0], torch.Tensor) and out[0].dim() == 0 else None
+    else:
+        loss = None
     if (
         isinstance(loss, torch.Tensor)
         and loss.is_floating_point()
@@ -602,7 +608,11 @@ def refuse_backward(out, head_weight: torch.Tensor | None):
         and head_weight is not None
         and head_weight.requires_grad
     ):
-        out["loss"] = _NoWeightGrads.apply(loss, loss.new_zeros((), requires_grad=True))
+        loss = _NoWeightGrads.apply(loss, loss.new_zeros((), requires_grad=True))
+        if isinstance(out, dict):
+            out["loss"] = loss
+        else:
+            out = (loss, *out[1:])
     return out
 
 

@@ -377,6 +377,25 @@ def test_a_training_step_is_refused_naming_why(pair):
     assert grads[0] is not None and torch.equal(grads[1], grads[0])
 
 
+def test_a_training_step_from_a_tuple_output_is_refused_naming_why(pair):
+    """With `return_dict=False` (the model's output a tuple, its loss first) a training step fails naming why, as from
+    the output object: it failed with torch's "element 0 of tensors does not require grad". The tuple holds the loaded
+    model's values, as many as it does, and its loss requires grad as the loaded one's."""
+    ref, streamed, tok = pair("llama")
+    ids = _ids(tok)["input_ids"]
+    expected = ref(ids, labels=ids, return_dict=False)
+    out = streamed(ids, labels=ids, return_dict=False)
+    assert type(out) is tuple and len(out) == len(expected)
+    assert torch.equal(out[0], expected[0]) and torch.equal(out[1], expected[1])
+    assert expected[0].requires_grad and out[0].requires_grad
+    with pytest.raises(RuntimeError, match="layer streaming enabled, whose weights get no gradients"):
+        out[0].backward()
+    assert all(p.grad is None for p in streamed.parameters())
+    with torch.no_grad():  # (no labels: the logits first, left as they are)
+        out = streamed(ids, return_dict=False)
+    assert torch.equal(out[0], ref(ids, return_dict=False)[0]) and out[0].grad_fn is None
+
+
 def _input_gradient(model, ids):
     embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
     logits = model(inputs_embeds=embeds).logits
