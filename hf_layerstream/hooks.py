@@ -737,6 +737,12 @@ class PassGuard:
 
     def close(self) -> None:
         """Streaming is disabled (called with the lock held)."""
+        if self.head_grad is not None:
+            # the frames of a call that raised hold it (`guarded`'s local), and so does the error's traceback, kept
+            # by the caller or by IPython (`sys.last_value`): the head's weight, a view of the resident file's map,
+            # kept that file mapped and open after disable. Its hooks are off: nothing reads it any more (a forward
+            # under way with the alias in puts back the weight its entry holds)
+            self.head_grad.weight = None
         self.hooks, self.loader, self.host_hooks, self.head_grad, self.head_weight = [], None, [], None, None
 
     def wrap_model(self, forward):

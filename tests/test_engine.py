@@ -1539,6 +1539,67 @@ def test_a_model_deleted_without_disable_leaves_no_thread_or_memory(llama, in_pl
     assert not [r for r in refs if r() is not None]
 
 
+def _files_open_under(folder: Path) -> tuple[list[str], list[str]]:
+    """(the maps, the file descriptors) this process holds of files under `folder`."""
+    with open("/proc/self/maps") as f:
+        maps = [line.split()[-1] for line in f if str(folder) in line]
+    fds = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # (closed meanwhile: the one `listdir` read with)
+            continue
+        if target.startswith(str(folder)):
+            fds.append(target)
+    return maps, fds
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc")
+@pytest.mark.parametrize("where", ["layer", "streamer"])
+@pytest.mark.parametrize("options", [STREAM_ALL, {}], ids=["streamed", "resident"])
+def test_disable_after_a_call_that_raised_frees_the_files_while_its_error_is_kept(llama, tmp_path, where, options):
+    """A `generate` call that raised (an error in a hook on a layer, in a streamer; Ctrl-C) whose error is kept: by
+    the caller (`except ... as e`), by Jupyter or IPython (`sys.last_value`, until the next error), by a logger. Its
+    traceback holds the frames of the call, ours among them; `disable_layer_streaming` then left the resident file
+    mapped and open (the output head's weight, a view of its map, held through a frame's local) until the error was
+    let go: the embeddings and head of a large model, and their pages, for as long as the notebook ran. Disable lets
+    go of every file."""
+    ckpt, _, inputs, expected, pad = llama
+    shards = tmp_path / "shards"
+    shutil.copytree(llama[1], shards)  # (this test's own files: another test's model may map the fixture's)
+    model = streamed_model(ckpt, shards, **options)
+    state = get_streaming_state(model)
+
+    class FailedError(Exception):
+        pass
+
+    def fail(*args):
+        raise FailedError
+
+    class Streamer:
+        put, end = fail, lambda self: None
+
+    handle = state.stack.layers[2].mlp.register_forward_pre_hook(fail) if where == "layer" else None
+    kwargs = {"streamer": Streamer()} if where == "streamer" else {}
+    with pytest.raises(FailedError) as info:
+        model.generate(**inputs, **GEN, pad_token_id=pad, **kwargs)
+    if handle is not None:
+        handle.remove()
+    kept = info.value  # (the error, with its traceback)
+    del state, info
+    assert _files_open_under(shards)[0], "the model maps its files"
+    disable_layer_streaming(model)
+    gc.collect()
+    assert _files_open_under(shards) == ([], [])
+    assert kept.__traceback__ is not None
+    # and the model streams again, exactly
+    enable_layer_streaming(model, shards, device="cpu", **options)
+    assert torch.equal(model.generate(**inputs, **GEN, pad_token_id=pad), expected)
+    disable_layer_streaming(model)
+    gc.collect()
+    assert _files_open_under(shards) == ([], [])
+
+
 @contextmanager
 def _pass_held_inside_a_layer(model, inputs, layer: int = 2):
     """Another thread runs a forward pass of `model` that waits inside decoder layer `layer` for as long as the block
