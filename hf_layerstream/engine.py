@@ -31,6 +31,7 @@ from __future__ import annotations
 import bisect
 import errno
 import fractions
+import functools
 import logging
 import mmap
 import numbers
@@ -1082,15 +1083,42 @@ class _Executor(ThreadPoolExecutor):
 
     def load(self, fn: Callable, *args) -> _Load:
         """`fn(*args)` in this executor's thread, as a `_Load` (not a `Future`: see there). One that a shutdown with
-        `cancel_futures` drops never finishes: `LayerLoader.close` cancels the loads it holds before that."""
+        `cancel_futures` drops never finishes: `LayerLoader.close` cancels the loads it holds before that. Once the
+        interpreter's exit has stopped the threads (see `submit`), the first thread that waits for it runs it (not
+        here: the loader hands loads over holding its lock, which the load takes)."""
         load = _Load(fn, *args)
-        self.submit(_run_load, [load])
+        if self._handed(_run_load, [load]) is None:
+            load._by_waiter = True
         return load
 
-    def submit(self, *args, **kwargs) -> Future:
+    def submit(self, fn: Callable, *args, **kwargs) -> Future | _Load:
+        """As `ThreadPoolExecutor.submit`; once the interpreter's exit has stopped the threads, a `_Load` its first
+        waiter runs (work nobody waits for, a page-cache warm-up or eviction, is left undone then)."""
+        if kwargs:
+            fn = functools.partial(fn, **kwargs)
+        future = self._handed(fn, *args)
+        if future is None:
+            future = _Load(fn, *args)
+            future._by_waiter = True
+        return future
+
+    def shutdown(self, *args, **kwargs) -> None:
+        self._closing = True  # (ours: work handed over after it is refused, as before)
+        super().shutdown(*args, **kwargs)
+
+    def _handed(self, fn: Callable, *args) -> Future | None:
+        """`fn(*args)` handed to this executor's thread; `None` where the interpreter's exit stopped its threads. At
+        exit Python stops every `concurrent.futures` thread pool (its threads leave, and it refuses work from then
+        on: "cannot schedule new futures after [interpreter] shutdown"), and only then waits for the threads that are
+        not daemons: a `generate` running in one (a worker that outlives the main thread) failed at its next layer,
+        where the loaded model finished the call. Its threads gone, the waiting thread does their work."""
         try:
-            return super().submit(*args, **kwargs)
+            return super().submit(fn, *args)
         except RuntimeError as e:
+            if type(e) is RuntimeError and str(e).startswith("cannot schedule new futures after"):
+                if not getattr(self, "_closing", False):
+                    return None
+                raise
             if "can't start new thread" not in str(e):
                 raise
             raise RuntimeError(
@@ -1118,7 +1146,7 @@ class _Load:
     only takes the lock (interrupted while it waits, it has not taken it) and gives it back; a Ctrl-C between the two
     leaves it taken, but the outcome, set before the loader thread gave the lock, is read without it from then on."""
 
-    __slots__ = ("_call", "_claim", "_signal", "_finished", "_value", "_error", "__weakref__")
+    __slots__ = ("_call", "_claim", "_signal", "_finished", "_value", "_error", "_by_waiter", "__weakref__")
 
     def __init__(self, fn: Callable, *args) -> None:
         self._call = (fn, args)
@@ -1127,9 +1155,10 @@ class _Load:
         self._signal.acquire()  # given when the outcome is set
         self._finished = False
         self._value = self._error = None
+        self._by_waiter = False  # run by the first thread that waits for it (see `_Executor.load`)
 
     def run(self) -> None:
-        """In the loader thread."""
+        """In the loader thread (or, after the interpreter's exit stopped it, in the first that waits for it)."""
         try:
             self._claim.pop()
         except IndexError:  # cancelled
@@ -1182,6 +1211,8 @@ class _Load:
 
     def _wait(self) -> None:
         if not self._finished:
+            if self._by_waiter:
+                self.run()  # (claimed by another waiter, or cancelled: returns at once, and that one gives the lock)
             self._signal.acquire()
             self._signal.release()
 

@@ -1677,6 +1677,66 @@ def test_a_child_forked_while_another_thread_runs_a_pass(llama):
     disable_layer_streaming(model)
 
 
+_GENERATE_AFTER_THE_MAIN_THREAD_ENDS = """
+import sys, threading
+sys.path.insert(0, sys.argv[3])
+import torch
+from conftest import streamed_model
+from transformers import AutoTokenizer
+from hf_layerstream import disable_layer_streaming
+
+ckpt, shards = sys.argv[1], sys.argv[2]
+tok = AutoTokenizer.from_pretrained(ckpt)
+inputs = tok("Hello there, streaming world", return_tensors="pt")
+left, disabled = (streamed_model(ckpt, shards, max_memory={"cpu": 0}, prefetch=2) for _ in range(2))
+started = threading.Event()
+
+
+def work():
+    started.set()
+    with torch.no_grad():
+        for model in (left, disabled):
+            model(**inputs)  # (passes on before the main thread has ended, to have the loader's threads working)
+        main.join()  # the interpreter's exit has stopped every thread pool's threads once the main thread is done
+        for name, model in (("left", left), ("disabled", disabled)):
+            out = model.generate(**inputs, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+            print(name, out[0].tolist(), flush=True)
+    disable_layer_streaming(disabled)  # (the other one is left enabled: the process exits all the same)
+
+
+main = threading.main_thread()
+threading.Thread(target=work).start()  # (not a daemon: the interpreter waits for it at exit)
+started.wait()
+"""
+
+
+def test_generate_in_a_thread_that_outlives_the_main_thread(llama):
+    """A `generate` in a (non-daemon) thread that goes on after the main thread has ended: a script whose workers
+    finish the requests, a server's main thread that returns while a worker thread still serves. Python's exit first
+    stops every `concurrent.futures` thread pool (their threads leave, and later work is refused), then waits for
+    such threads; the loader's pools are such pools, so that thread's next layer failed with "Loading decoder layer 0
+    ... failed: RuntimeError: cannot schedule new futures after shutdown", where the loaded model finished the call.
+    Once its threads are stopped so, the loader does their work in the thread that waits for it: the output is the
+    loaded model's, and the process exits (no thread of ours is left to wait for), with a model left enabled and one
+    disabled there. In a child process, as the exit is the process's."""
+    from conftest import run_python
+
+    ckpt, shards, *_ = llama
+    ref = _models.load_reference(ckpt)
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    expected = ref.generate(
+        **tok("Hello there, streaming world", return_tensors="pt"),
+        max_new_tokens=8,
+        min_new_tokens=8,
+        do_sample=False,
+        pad_token_id=0,
+    )
+    out = run_python(_GENERATE_AFTER_THE_MAIN_THREAD_ENDS, ckpt, shards, Path(__file__).parent, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for name in ("left", "disabled"):
+        assert f"{name} {expected[0].tolist()}" in out.stdout, (out.stdout, out.stderr[-3000:])
+
+
 def test_acquire_after_close_raises():
     from hf_layerstream.engine import LayerLoader
 
