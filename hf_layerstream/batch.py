@@ -65,7 +65,7 @@ from transformers import GenerationConfig
 from transformers.generation import GenerationMode
 
 from ._safetensors import atomic_write_bytes, fsync_dir
-from .modeling import position_overrun, vocabulary_overrun
+from .modeling import check_flag, position_overrun, vocabulary_overrun
 from .speculative import (
     SweepCounter,
     _generation_config,
@@ -626,6 +626,7 @@ def generate_batch(
     """
     if isinstance(prompts, (str, bytes)):
         raise TypeError("`prompts` must be a list of prompts, got a single string; wrap it: `[prompt]`.")
+    chat, progress = check_flag("chat", chat), check_flag("progress", progress)
     batch_size, config, mode = _check_kwargs(model, batch_size, generate_kwargs, tokenizer)
     items = []
     for i, prompt in enumerate(prompts):
@@ -1040,6 +1041,7 @@ def generate_jsonl(
     {'prompts': 1000, 'skipped': 0, 'generated': 1000, 'tokens_per_sweep': 15.2, ...}
     ```
     """
+    chat, progress = check_flag("chat", chat), check_flag("progress", progress)
     input_path = Path(input_path)
     output_path = Path(output_path)
     _check_paths(input_path, output_path)

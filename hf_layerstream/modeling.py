@@ -152,6 +152,15 @@ def resolve_dtype(dtype) -> torch.dtype | None:
 _MODEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # (`torch.set_default_dtype`'s)
 
 
+def check_flag(name: str, value) -> bool:
+    """An on/off option of the public API (`verify`, `progress`, `overwrite`, ...) as given: True or False only. Its
+    truth value was taken before, so `verify="no"` (a string, truthy) hashed every file; None, 0 and 1 and NumPy's
+    bools are refused too, as `keep_in_page_cache` refuses them (None left off a flag whose default is on)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"`{name}` must be True or False, got {value!r}.")
+    return value
+
+
 def stand_in(like: torch.Tensor, dtype: torch.dtype | None = None, device=None) -> torch.Tensor:
     """One NaN (zero, for an integer dtype) broadcast to `like`'s shape, of `dtype` (default: `like`'s), on `device`
     (default: the CPU): a weight that holds no memory and no value, for PEFT to attach an adapter beside (see

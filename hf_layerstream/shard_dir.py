@@ -29,7 +29,7 @@ import torch
 
 from ._safetensors import Header, read_header, sample_digest, sha256_file, str_to_dtype
 from .errors import NOT_DAMAGE, ShardDirError, ShardFileError, unreadable
-from .modeling import RESIDENT, layer_unit
+from .modeling import RESIDENT, check_flag, layer_unit
 
 logger = logging.getLogger(__name__)
 
@@ -701,6 +701,7 @@ class ShardDirectory:
     def __init__(self, path: str | os.PathLike, *, check_files: bool = True, checksums: bool = False):
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"`shard_dir` must be a str or os.PathLike, got {type(path).__name__}.")
+        check_files, checksums = check_flag("check_files", check_files), check_flag("checksums", checksums)
         # absolute: the files are opened as they are needed, and the process may change its working directory by
         # then (a server, a notebook's `%cd`); `~` expanded, as `split_checkpoint` expands it for the directory it
         # writes
@@ -1251,6 +1252,7 @@ class ShardDirectory:
         Returns:
             `list[str]`: one message per damaged file, naming the file and the problem.
         """
+        checksums = check_flag("checksums", checksums)
         problems = []
         read = self._read_config()  # (once, for its own checks, the model's and `load_dtype`'s)
         config, fingerprint = self._model_problems(read)

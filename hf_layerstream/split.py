@@ -38,6 +38,7 @@ from .modeling import (
     architecture_fingerprint,
     auto_class_for,
     build_as,
+    check_flag,
     conversion_record,
     convert_unit,
     created_dtypes,
@@ -1766,6 +1767,8 @@ def split_checkpoint(
     """
     from transformers import AutoConfig
 
+    overwrite, wait = check_flag("overwrite", overwrite), check_flag("wait", wait)
+    progress, remove_from_cache = check_flag("progress", progress), check_flag("remove_from_cache", remove_from_cache)
     adapters = _adapters_given(adapter, adapter_revision)
     scheme = None
     quantize_tensor = None

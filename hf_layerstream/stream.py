@@ -67,6 +67,7 @@ from .modeling import (
     LayerStack,
     buffers_as_loaded,
     buffers_built_at,
+    check_flag,
     dtype_configs,
     expected_tensors,
     get_submodule_attr,
@@ -1263,6 +1264,7 @@ def _enable(
         )
     device = check_device(device)
     dtype, prefetch, dequantize = _check_options(dtype, prefetch, keep_in_page_cache, dequantize)
+    profile, verify = check_flag("profile", profile), check_flag("verify", verify)
     reserve = check_reserve(reserve)
     # (checked before a hub repo's layers download, against the budget given, or the default one, a share of the free
     # memory, which the plan reads again; the budgets checked first, as the plan checks them: a GPU given twice)

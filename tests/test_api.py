@@ -2240,6 +2240,36 @@ def test_error_bad_arguments(checkpoints):
     assert _untouched(model)
 
 
+def test_a_flag_given_anything_but_true_or_false_is_refused(checkpoints, tmp_path):
+    """The public API's on/off options take True or False only: `verify="no"` and `profile="no"` (a string, truthy)
+    were taken as True, hashing every file and recording a profile; `split_checkpoint(progress="no")` showed its bar,
+    `overwrite="no"` wrote over another split. None, 0 and 1 and NumPy's bools are refused too, as
+    `keep_in_page_cache` refuses them (None left a flag off whose default is on: `progress`)."""
+    import numpy as np
+
+    ckpt, shards = checkpoints("llama")
+    model = _llama_model()
+    odd = ("no", "False", None, 0, 1, np.bool_(True))
+    for name in ("profile", "verify"):
+        for value in odd:
+            with pytest.raises(TypeError, match=rf"^`{name}` must be True or False, got {re.escape(repr(value))}\.$"):
+                enable_layer_streaming(model, shards, **{name: value})
+    assert _untouched(model)
+    out = tmp_path / "out"
+    for name in ("overwrite", "wait", "progress", "remove_from_cache"):
+        for value in odd:
+            with pytest.raises(TypeError, match=rf"^`{name}` must be True or False, got {re.escape(repr(value))}\.$"):
+                split_checkpoint(ckpt, out, **{name: value})
+    assert not out.exists()  # (refused before anything was written)
+    for name in ("check_files", "checksums"):
+        with pytest.raises(TypeError, match=rf"^`{name}` must be True or False, got 'no'\.$"):
+            ShardDirectory(shards, **{name: "no"})
+    # (what is taken still works)
+    assert enable_layer_streaming(model, shards, profile=True, verify=False) is model
+    assert get_streaming_state(model).profile is not None
+    disable_layer_streaming(model)
+
+
 def test_a_gpu_index_past_the_machines_gpus_is_refused(monkeypatch, checkpoints, capsys):
     """`device="cuda:1"` on a machine with one GPU: a clear `ValueError` naming the GPUs there (the plan's
     `mem_get_info`, or the loader's stream, failed with CUDA's "invalid device ordinal"); `inspect` plans for it

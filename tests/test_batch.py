@@ -372,6 +372,15 @@ def test_user_errors(llama, tmp_path):
         generate_batch(model, tok, ["Hi"], num_return_sequences=2)
     with pytest.raises(TypeError, match="wrap it"):
         generate_batch(model, tok, "Hi")
+    # (the on/off options take True or False: `chat="no"`, a string, truthy, rendered every prompt as a chat, and
+    # `generate_jsonl` recorded its results under those settings)
+    (tmp_path / "in.jsonl").write_text('{"id": 1, "prompt": "a"}\n')
+    for name in ("chat", "progress"):
+        with pytest.raises(TypeError, match=rf"^`{name}` must be True or False, got 'no'\.$"):
+            generate_batch(model, tok, ["Hi"], **{name: "no"})
+        with pytest.raises(TypeError, match=rf"^`{name}` must be True or False, got None\.$"):
+            generate_jsonl(model, tok, tmp_path / "in.jsonl", tmp_path / "flag.jsonl", **{name: None})
+        assert not (tmp_path / "flag.jsonl").exists()
     (tmp_path / "dup.jsonl").write_text('{"id": 1, "prompt": "a"}\n{"id": 1, "prompt": "b"}\n')
     with pytest.raises(ValueError, match=r"dup.jsonl:2: id 1 is already the id of line 1;"):
         generate_jsonl(model, tok, tmp_path / "dup.jsonl", tmp_path / "o.jsonl", progress=False)
