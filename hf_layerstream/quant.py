@@ -27,6 +27,7 @@ import logging
 import math
 import numbers
 import re
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -398,9 +399,7 @@ def _dynamic_code(device: torch.device) -> torch.Tensor:
     if code is None:
         cpu = _DYNAMIC_CODE.get(torch.device("cpu"))
         if cpu is None:
-            import bitsandbytes.functional as bnbf
-
-            cpu = bnbf.create_dynamic_map().to(torch.float32).contiguous()
+            cpu = _functional().create_dynamic_map().to(torch.float32).contiguous()
             _DYNAMIC_CODE[torch.device("cpu")] = cpu
         code = cpu if device.type == "cpu" else cpu.to(device)
         _DYNAMIC_CODE[device] = code
@@ -481,8 +480,7 @@ def quantize_tensor(tensor: torch.Tensor, scheme: QuantScheme) -> tuple[dict[str
             "would corrupt its whole block. Keep it unquantized or fix the checkpoint."
         )
 
-    import bitsandbytes.functional as bnbf
-
+    bnbf = _functional()
     meta: dict[str, Any] = {
         "codec": CODEC_NAME,
         "version": CODEC_VERSION,
@@ -602,9 +600,7 @@ def dequantize_tensor(
     want = orig if dtype is None else dtype
     out_dtype = want if want in _BNB_DTYPES else torch.float32
     numel = math.prod(shape)
-
-    import bitsandbytes.functional as bnbf
-
+    bnbf = _functional()
     if bits == 4:
         # Decode an even number of elements: the CPU kernel only handles an even last dimension and otherwise falls
         # back to a torch.compile'd path that compiles for seconds per new shape. The padding nibble is in qdata.
@@ -680,6 +676,18 @@ def load_backend(need: str = "This shard directory is quantized and decoding it"
             import bitsandbytes.functional  # noqa: F401
         except ImportError as e:
             raise ImportError(f"{need} needs bitsandbytes: `pip install bitsandbytes`.") from e
+
+
+def _functional():
+    """`bitsandbytes.functional`, imported as `load_backend` imports it where it is not yet: the split and the loader
+    import it so first, but `quantize_tensor` and `dequantize_tensor` called directly imported it themselves and
+    printed bitsandbytes' hub-kernel notice, which those leave out (and, without bitsandbytes, failed with Python's
+    bare ImportError instead of the install command)."""
+    bnbf = sys.modules.get("bitsandbytes.functional")
+    if bnbf is None:
+        load_backend("Quantizing or dequantizing a weight")
+        bnbf = sys.modules["bitsandbytes.functional"]
+    return bnbf
 
 
 @contextlib.contextmanager

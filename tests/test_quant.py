@@ -585,6 +585,15 @@ if sys.argv[1] == "ours":
 elif sys.argv[1] == "peft":  # (peft imports bitsandbytes: `generate --adapter`, `split --adapter`)
     from hf_layerstream.merge import import_peft
     import_peft("this")
+elif sys.argv[1] == "quantize":  # (the codec called directly, without `load_backend` first)
+    import torch
+    from hf_layerstream.quant import QuantScheme, quantize_tensor
+    quantize_tensor(torch.ones(128), QuantScheme(bits=int(sys.argv[2])))
+elif sys.argv[1] == "dequantize":
+    import torch
+    from hf_layerstream.quant import dequantize_tensor
+    meta = {"bits": 4, "quant_type": "nf4", "blocksize": 64, "shape": [128], "dtype": "float32"}
+    dequantize_tensor({"qdata": torch.zeros(64, dtype=torch.uint8), "absmax": torch.ones(2)}, meta)
 else:
     import bitsandbytes.functional
 logging.getLogger("bitsandbytes.backends.cpu.ops").warning("a later notice")
@@ -596,14 +605,16 @@ def test_importing_bitsandbytes_leaves_out_its_hub_kernel_notice():
     `kernels` package transformers installs) and warns where it cannot load one, advising `pip install kernels`:
     every quantized split or decode printed that, for an op streaming never calls. The notice is left out (others
     from that logger, later, are not), and so is `kernels'` notice, offline, that it did not check that kernel's
-    publisher; also where peft imports bitsandbytes (`generate --adapter`, and `split --adapter`, which printed it)."""
+    publisher; also where peft imports bitsandbytes (`generate --adapter`, and `split --adapter`, which printed it),
+    and where the codec is called directly (`quantize_tensor`, `dequantize_tensor`: they imported bitsandbytes
+    themselves, and printed it)."""
     import os
     import subprocess
     import sys
 
-    def stderr(way: str) -> str:
+    def stderr(*way: str) -> str:
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-        args = [sys.executable, "-c", _IMPORT_AND_LOG, way]
+        args = [sys.executable, "-c", _IMPORT_AND_LOG, *way]
         run = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
         assert run.returncode == 0, run.stderr
         return run.stderr
@@ -611,8 +622,9 @@ def test_importing_bitsandbytes_leaves_out_its_hub_kernel_notice():
     plain = stderr("plain")
     if "gemm_4bit_forward" not in plain:
         pytest.skip("bitsandbytes gives no hub-kernel notice here (no AVX512-BF16, or no `kernels` package)")
-    ways = ["ours"] + (["peft"] if importlib.util.find_spec("peft") is not None else [])
+    ways = [("ours",), ("quantize", "4"), ("quantize", "8"), ("dequantize",)]
+    ways += [("peft",)] if importlib.util.find_spec("peft") is not None else []
     for way in ways:
-        ours = stderr(way)
+        ours = stderr(*way)
         assert "gemm_4bit_forward" not in ours and "a later notice" in ours, (way, ours)
         assert "Skipping publisher trust check" not in ours, (way, ours)
