@@ -929,6 +929,17 @@ def plan_streaming(
     chosen = prefetch is not None
     if prefetch is None:
         prefetch = default_prefetch(device, shards)
+    elif prefetch > max(n - 1, 0):
+        # (the plan takes at most n - 1, as the loader reads it, `plan_residency`: a `prefetch` given beyond that was
+        # lowered without a word, where `inspect` and the plan showed another number than the one asked)
+        logger.warning(
+            "`prefetch` (%d) is more layers than can be read ahead of the compute, at most one fewer than the model's "
+            "%d layers: the plan reads %d ahead. Pass prefetch=%d or less.",
+            prefetch,
+            n,
+            max(n - 1, 0),
+            max(n - 1, 0),
+        )
 
     def fitted(deferred: frozenset) -> ResidencyPlan:
         scratch = max(
@@ -1160,7 +1171,8 @@ def enable_layer_streaming(
             (every layer streamed, no limit) leaves it unused; on CPU it is ignored, with a warning (activations
             take host RAM there, outside the plan).
         prefetch (`int`, *optional*):
-            How many streamed layers are read ahead of the compute, at most one fewer than the layers. Default on
+            How many streamed layers are read ahead of the compute, at most one fewer than the layers (one given
+            beyond that is lowered to it, with a warning). Default on
             CPU: 3 with full-precision shards, 2 with quantized ones (the fastest from a cold page cache in our
             measurements); on CUDA: as many layers as hold 320 MiB as stored, from 2 to 8, where that gives up no
             layer the plan would keep on the GPU at 2 (else 2). Each one more holds one more layer in memory. On a

@@ -3273,18 +3273,34 @@ def test_default_prefetch_on_cpu_fits_a_cpu_budget(llama, monkeypatch, caplog):
     disable_layer_streaming(model)
 
 
-def test_a_prefetch_beyond_the_layers_is_shown_as_the_loader_runs_it(checkpoints, caplog):
+def test_a_prefetch_beyond_the_layers_is_shown_as_the_loader_runs_it(checkpoints, caplog, capsys):
     """The loader reads at most n - 1 layers ahead; the plan showed (and budgeted) the `prefetch` asked, 8 for a
-    6-layer model. The default (3 on CPU) for a 2-layer model is 1 then, which is not a budget's lowering."""
+    6-layer model. The default (3 on CPU) for a 2-layer model is 1 then, which is not a budget's lowering. A `prefetch`
+    given beyond it was lowered without a word: it is warned of, once, by `enable_layer_streaming` and by `inspect`
+    (with the option's name), as the other options the plan does not take as given (`reserve` on CPU) are."""
+    from hf_layerstream.cli import main
+
     ckpt, shards = checkpoints("llama", num_hidden_layers=2)
-    for prefetch in (None, 8):
+    warning = (
+        "`prefetch` (8) is more layers than can be read ahead of the compute, at most one fewer than the model's 2 "
+        "layers: the plan reads 1 ahead. Pass prefetch=1 or less."
+    )
+    for prefetch in (None, 1, 8):
         caplog.clear()
         with caplog.at_level("INFO", logger="hf_layerstream"):
             model = streamed_model(ckpt, shards, max_memory={"cpu": 0}, prefetch=prefetch)
         plan = get_streaming_state(model).plan
         assert plan.prefetch == 1 and "prefetch 1" in plan.summary(), prefetch
         assert "prefetch lowered" not in caplog.text
+        warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "`prefetch`" in r.getMessage()]
+        assert warned == ([warning] if prefetch == 8 else []), prefetch
         disable_layer_streaming(model)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hf_layerstream"):
+        assert main(["inspect", str(shards), "--device", "cpu", "--max-memory", "cpu=0", "--prefetch", "8"]) == 0
+    assert "(prefetch 1)" in capsys.readouterr().out
+    assert caplog.text.count("`--prefetch` (8) is more layers than can be read ahead") == 1
+    assert "Pass --prefetch 1 or less." in caplog.text
 
 
 @pytest.mark.parametrize("keep", [None, True, False])
