@@ -66,6 +66,7 @@ from transformers.generation import GenerationMode
 
 from ._safetensors import atomic_write_bytes, fsync_dir
 from .modeling import check_flag, position_overrun, vocabulary_overrun
+from .quant import _is_int  # (an int, NumPy's too, not a bool)
 from .speculative import (
     SweepCounter,
     _generation_config,
@@ -216,8 +217,10 @@ def _check_kwargs(
 ) -> tuple[int, GenerationConfig, str]:
     """Checks the arguments against the settings `generate` will run with (the keyword arguments over
     `generation_config`, else the model's own); returns the batch size to use, those settings and the decoding mode."""
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+    # (NumPy's integers too, as `prefetch` takes them: they were refused as not an int; made Python's, for the stats)
+    if not _is_int(batch_size) or batch_size < 1:
         raise ValueError(f"`batch_size` must be a positive int (e.g. 8 or 16), got {batch_size!r}.")
+    batch_size = int(batch_size)
     for name in _FORBIDDEN_KWARGS:
         if name in generate_kwargs:
             raise ValueError(
@@ -683,7 +686,7 @@ def check_job(input_path: str | os.PathLike, output_path: str | os.PathLike, bat
     them before the model loads (a hub shard directory is downloaded first). An input that is a regular file is read
     (its lines checked); a pipe is left for the job to read, once."""
     input_path, output_path = Path(input_path), Path(output_path)
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+    if not _is_int(batch_size) or batch_size < 1:
         raise ValueError(f"`batch_size` must be a positive int (e.g. 8 or 16), got {batch_size!r}.")
     _check_paths(input_path, output_path)
     if input_path.is_file() and not str(input_path).startswith("/dev/"):  # (`--input -`: standard input, left alone)
@@ -1045,8 +1048,9 @@ def generate_jsonl(
     input_path = Path(input_path)
     output_path = Path(output_path)
     _check_paths(input_path, output_path)
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+    if seed is not None and not _is_int(seed):  # (NumPy's integers too, made Python's: the settings are JSON)
         raise TypeError(f"`seed` must be an int or None, got {seed!r}.")
+    seed = None if seed is None else int(seed)
     batch_size, config, mode = _check_kwargs(model, batch_size, generate_kwargs, tokenizer)
     sampled_seed = seed if config.do_sample else None  # (greedy results do not depend on it)
     items = _read_input(input_path)

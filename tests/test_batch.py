@@ -362,6 +362,33 @@ def test_resume_refuses_other_input(llama, tmp_path):
         generate_jsonl(model, tok, tmp_path / "in.jsonl", tmp_path / "bad.jsonl", progress=False, max_new_tokens=2)
 
 
+def test_numpy_integers_are_taken_as_batch_size_and_seed(llama, tmp_path):
+    """`prefetch`, `max_memory`'s sizes, `blocksize` and `measure_sweeps`' `max_new_tokens` take NumPy's integers (a
+    value from an array, a sweep over `np.arange`); `batch_size` and `seed` refused them, saying they must be an int
+    ("got np.int64(2)"). They are taken as Python's: the same completions, and the seed, in the job's settings, the
+    same (a resume with Python's takes the results)."""
+    import numpy as np
+
+    model, tok, _ = llama
+    expected = generate_batch(model, tok, PROMPTS[:3], batch_size=2, progress=False, **GREEDY)
+    assert generate_batch(model, tok, PROMPTS[:3], batch_size=np.int64(2), progress=False, **GREEDY) == expected
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in enumerate(PROMPTS[:3])))
+    sampled = {"max_new_tokens": 3, "do_sample": True, "top_k": 0}
+    generate_jsonl(
+        model, tok, inp, tmp_path / "np.jsonl", batch_size=np.int32(2), seed=np.int64(7), progress=False, **sampled
+    )
+    generate_jsonl(model, tok, inp, tmp_path / "py.jsonl", batch_size=2, seed=7, progress=False, **sampled)
+    assert (tmp_path / "np.jsonl").read_text() == (tmp_path / "py.jsonl").read_text()
+    stats = generate_jsonl(model, tok, inp, tmp_path / "np.jsonl", seed=7, progress=False, **sampled)
+    assert stats["skipped"] == 3
+    for value in (np.float64(2.0), np.bool_(True)):  # (not integers: still refused)
+        with pytest.raises(ValueError, match="`batch_size` must be a positive int"):
+            generate_batch(model, tok, PROMPTS[:1], batch_size=value, progress=False, **GREEDY)
+        with pytest.raises(TypeError, match="`seed` must be an int or None"):
+            generate_jsonl(model, tok, inp, tmp_path / "x.jsonl", seed=value, progress=False, **sampled)
+
+
 def test_user_errors(llama, tmp_path):
     model, tok, _ = llama
     with pytest.raises(ValueError, match="`batch_size` must be a positive int"):
