@@ -71,6 +71,7 @@ from .speculative import (
     SweepCounter,
     _generation_config,
     _refuse_what_drafting_fails_on,
+    _require_model,
     _StopRecorder,
     _StopWatch,
     _with_settings,
@@ -169,6 +170,18 @@ def _continues_final_message(prompt: str | list) -> bool:
         and isinstance(prompt[-1], dict)
         and prompt[-1].get("role") == "assistant"
     )
+
+
+def _check_model_and_tokenizer(model, tokenizer) -> None:
+    """Checked first: something else than a model failed deep inside ("'NoneType' object has no attribute
+    'config'"), and something else than a tokenizer (None, the shard directory's path) blamed the first prompt
+    ("Prompt 0 could not be rendered and tokenized: TypeError: 'str' object is not callable")."""
+    _require_model(model)
+    if not callable(tokenizer):
+        raise TypeError(
+            "`tokenizer` must be the model's tokenizer (`AutoTokenizer.from_pretrained(shard_dir)`), got "
+            f"{type(tokenizer).__name__}."
+        )
 
 
 def _encode(tokenizer, prompt: str | list, chat: bool) -> list[int]:
@@ -630,6 +643,7 @@ def generate_batch(
     if isinstance(prompts, (str, bytes)):
         raise TypeError("`prompts` must be a list of prompts, got a single string; wrap it: `[prompt]`.")
     chat, progress = check_flag("chat", chat), check_flag("progress", progress)
+    _check_model_and_tokenizer(model, tokenizer)
     batch_size, config, mode = _check_kwargs(model, batch_size, generate_kwargs, tokenizer)
     items = []
     for i, prompt in enumerate(prompts):
@@ -1045,6 +1059,7 @@ def generate_jsonl(
     ```
     """
     chat, progress = check_flag("chat", chat), check_flag("progress", progress)
+    _check_model_and_tokenizer(model, tokenizer)
     input_path = Path(input_path)
     output_path = Path(output_path)
     _check_paths(input_path, output_path)

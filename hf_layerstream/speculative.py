@@ -222,6 +222,16 @@ def count_new_tokens(
 # --- what a generate call will do, and which rows its stopping criteria ended -----------------------------------
 
 
+def _require_model(model) -> None:
+    """`model`, of `measure_sweeps`, `generate_batch` and `generate_jsonl`, checked first: something else (None, the
+    shard directory's path, the tokenizer) failed deep inside, "'NoneType' object has no attribute 'config'"."""
+    if not isinstance(model, nn.Module) or not callable(getattr(model, "generate", None)):
+        raise TypeError(
+            "`model` must be a transformers model with `generate` (a causal LM, streaming or loaded), got "
+            f"{type(model).__name__}."
+        )
+
+
 def _generation_config(model: nn.Module, generate_kwargs: dict) -> GenerationConfig:
     """The settings a `model.generate(**generate_kwargs)` call runs with, as `generate` works them out.
 
@@ -502,6 +512,7 @@ def measure_sweeps(
         ran, none under beam search) and `output_ids` (the generated ids of each sequence, as lists: one per
         prompt, or `num_return_sequences` per prompt in its order).
     """
+    _require_model(model)
     given = generate_kwargs.get("generation_config")
     # (a length the call sets otherwise is kept: 32 in its place gave another number of tokens, without a word)
     length_given = "max_length" in generate_kwargs or any(

@@ -390,7 +390,7 @@ def test_numpy_integers_are_taken_as_batch_size_and_seed(llama, tmp_path):
 
 
 def test_user_errors(llama, tmp_path):
-    model, tok, _ = llama
+    model, tok, shards = llama
     with pytest.raises(ValueError, match="`batch_size` must be a positive int"):
         generate_batch(model, tok, ["Hi"], batch_size=0)
     with pytest.raises(ValueError, match="`streamer` cannot be passed"):
@@ -399,6 +399,22 @@ def test_user_errors(llama, tmp_path):
         generate_batch(model, tok, ["Hi"], num_return_sequences=2)
     with pytest.raises(TypeError, match="wrap it"):
         generate_batch(model, tok, "Hi")
+    # (something else than a model, or a tokenizer, failed deep inside: "'NoneType' object has no attribute 'config'",
+    # or blamed the prompt, "Prompt 0 could not be rendered and tokenized: TypeError: 'str' object is not callable")
+    (tmp_path / "one.jsonl").write_text('{"id": 1, "prompt": "a"}\n')
+    for not_a_model in (None, str(shards), tok):
+        name = type(not_a_model).__name__
+        with pytest.raises(TypeError, match=rf"^`model` must be a transformers model with `generate`.*, got {name}\.$"):
+            generate_batch(not_a_model, tok, ["Hi"], progress=False)
+        with pytest.raises(TypeError, match=rf"^`model` must be a transformers model with `generate`.*, got {name}\.$"):
+            generate_jsonl(not_a_model, tok, tmp_path / "one.jsonl", tmp_path / "none.jsonl", progress=False)
+    for not_a_tokenizer in (None, str(shards)):
+        name = type(not_a_tokenizer).__name__
+        with pytest.raises(TypeError, match=rf"^`tokenizer` must be the model's tokenizer .*, got {name}\.$"):
+            generate_batch(model, not_a_tokenizer, ["Hi"], progress=False)
+        with pytest.raises(TypeError, match=rf"^`tokenizer` must be the model's tokenizer .*, got {name}\.$"):
+            generate_jsonl(model, not_a_tokenizer, tmp_path / "one.jsonl", tmp_path / "none.jsonl", progress=False)
+    assert not (tmp_path / "none.jsonl").exists()
     # (the on/off options take True or False: `chat="no"`, a string, truthy, rendered every prompt as a chat, and
     # `generate_jsonl` recorded its results under those settings)
     (tmp_path / "in.jsonl").write_text('{"id": 1, "prompt": "a"}\n')

@@ -258,6 +258,10 @@ def test_user_errors(setup):
         configure_draft(strong, schedule="fast")
     with pytest.raises(TypeError, match="`model` must be a torch.nn.Module"):
         SweepCounter("model")
+    # (failed deep inside: "'NoneType' object has no attribute 'device'")
+    for not_a_model in (None, "model", tok):
+        with pytest.raises(TypeError, match=r"^`model` must be a transformers model with `generate`"):
+            measure_sweeps(not_a_model, ids)
 
 
 def test_configure_draft_sets_what_generate_reads(setup):
