@@ -508,6 +508,13 @@ def warn_hub_only(
         logger.warning("`token` applies to hub repos; %s is a local folder, read without it.", local)
 
 
+def check_revision(revision) -> None:
+    """A hub `revision` as given: a branch, tag or commit (a str), or None. Another type failed in huggingface_hub,
+    naming no argument ("expected string or bytes-like object, got 'int'")."""
+    if revision is not None and not isinstance(revision, str):
+        raise TypeError(f"`revision` must be a branch, tag or commit (a str) or None, got {revision!r}.")
+
+
 def local_shard_dir(shard_dir, *, weights: bool = True, revision: str | None = None, token: str | bool | None = None):
     """`shard_dir` as a folder on this machine: itself, or where it is a hub repo id (`org/name`, and nothing of that
     name here), that repo's snapshot in the hub cache at `revision` (a branch, tag or commit; default: its default
@@ -525,6 +532,7 @@ def local_shard_dir(shard_dir, *, weights: bool = True, revision: str | None = N
         [`ShardDirError`]: The repo holds no manifest; the hub unreachable, the hub cache holds its snapshot without
             one (a checkpoint's download, or another folder as downloaded), or records that the hub has none.
     """
+    check_revision(revision)
     if not _hub_repo_id(shard_dir):
         warn_hub_only(shard_dir, "read as it is", revision=revision, token=token)
         return shard_dir

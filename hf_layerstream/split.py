@@ -66,6 +66,7 @@ from .shard_dir import (
     TensorEntry,
     UnitEntry,
     _is_newer_format,
+    check_revision,
     hub_cache_of,
     hub_download_of,
     hub_repo_of,
@@ -1767,6 +1768,14 @@ def split_checkpoint(
     """
     from transformers import AutoConfig
 
+    # (something else than a path failed in pathlib, naming no argument: "expected str, bytes or os.PathLike object,
+    # not NoneType"; a `revision` that is no string, in huggingface_hub)
+    for name, value in (("source", source), ("shard_dir", shard_dir)):
+        if not isinstance(value, (str, os.PathLike)):
+            raise TypeError(f"`{name}` must be a str or os.PathLike, got {type(value).__name__}.")
+    if cache_dir is not None and not isinstance(cache_dir, (str, os.PathLike)):
+        raise TypeError(f"`cache_dir` must be a str or os.PathLike or None, got {type(cache_dir).__name__}.")
+    check_revision(revision)
     overwrite, wait = check_flag("overwrite", overwrite), check_flag("wait", wait)
     progress, remove_from_cache = check_flag("progress", progress), check_flag("remove_from_cache", remove_from_cache)
     adapters = _adapters_given(adapter, adapter_revision)

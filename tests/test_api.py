@@ -2240,6 +2240,31 @@ def test_error_bad_arguments(checkpoints):
     assert _untouched(model)
 
 
+def test_a_path_or_revision_of_another_type_is_refused_naming_the_argument(checkpoints, tmp_path):
+    """`split_checkpoint`'s `source`, `shard_dir` and `cache_dir` given something else than a path (None, an int,
+    bytes) failed in pathlib, naming none of them ("expected str, bytes or os.PathLike object, not NoneType"), and a
+    `revision` that is no string failed in huggingface_hub ("expected string or bytes-like object, got 'int'"), as
+    it did through `enable_layer_streaming`: each is refused first, by name, as `ShardDirectory` refuses its path."""
+    ckpt, shards = checkpoints("llama")
+    out = tmp_path / "out"
+    for value in (None, 5, str(ckpt).encode()):
+        name = type(value).__name__
+        with pytest.raises(TypeError, match=rf"^`source` must be a str or os.PathLike, got {name}\.$"):
+            split_checkpoint(value, out, progress=False)
+        with pytest.raises(TypeError, match=rf"^`shard_dir` must be a str or os.PathLike, got {name}\.$"):
+            split_checkpoint(ckpt, value, progress=False)
+        if value is not None:
+            with pytest.raises(TypeError, match=rf"^`cache_dir` must be a str or os.PathLike or None, got {name}\.$"):
+                split_checkpoint(ckpt, out, cache_dir=value, progress=False)
+    for revision in (5, b"main"):
+        refused = rf"^`revision` must be a branch, tag or commit \(a str\) or None, got {re.escape(repr(revision))}\.$"
+        with pytest.raises(TypeError, match=refused):
+            split_checkpoint("tiny-org/tiny", out, revision=revision, progress=False)
+        with pytest.raises(TypeError, match=refused):
+            enable_layer_streaming(_llama_model(), "tiny-org/tiny.layers", revision=revision)
+    assert not out.exists()
+
+
 def test_a_flag_given_anything_but_true_or_false_is_refused(checkpoints, tmp_path):
     """The public API's on/off options take True or False only: `verify="no"` and `profile="no"` (a string, truthy)
     were taken as True, hashing every file and recording a profile; `split_checkpoint(progress="no")` showed its bar,
