@@ -54,7 +54,7 @@ import stat
 import threading
 import time
 import types
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -642,6 +642,13 @@ def generate_batch(
     """
     if isinstance(prompts, (str, bytes)):
         raise TypeError("`prompts` must be a list of prompts, got a single string; wrap it: `[prompt]`.")
+    if isinstance(prompts, Mapping):  # (iterated, its keys were the prompts: a dict of id -> prompt generated its ids)
+        raise TypeError(
+            "`prompts` is a dict: pass a list of prompts (its prompts in order: `list(prompts.values())`), or write "
+            "them with their ids to a JSONL file for `generate_jsonl`."
+        )
+    if not isinstance(prompts, Iterable):
+        raise TypeError(f"`prompts` must be a list of prompts, got {type(prompts).__name__}.")
     chat, progress = check_flag("chat", chat), check_flag("progress", progress)
     _check_model_and_tokenizer(model, tokenizer)
     batch_size, config, mode = _check_kwargs(model, batch_size, generate_kwargs, tokenizer)

@@ -399,6 +399,13 @@ def test_user_errors(llama, tmp_path):
         generate_batch(model, tok, ["Hi"], num_return_sequences=2)
     with pytest.raises(TypeError, match="wrap it"):
         generate_batch(model, tok, "Hi")
+    # (a dict was taken as its keys: {"q1": "What is...", "q2": ...} generated completions of "q1" and "q2", without a
+    # word; None and an int failed in Python, "'NoneType' object is not iterable")
+    with pytest.raises(TypeError, match=r"^`prompts` is a dict: .*`list\(prompts.values\(\)\)`.*generate_jsonl"):
+        generate_batch(model, tok, {"q1": "Hi", "q2": "It was"}, progress=False)
+    for value in (None, 5):
+        with pytest.raises(TypeError, match=rf"^`prompts` must be a list of prompts, got {type(value).__name__}\.$"):
+            generate_batch(model, tok, value, progress=False)
     # (something else than a model, or a tokenizer, failed deep inside: "'NoneType' object has no attribute 'config'",
     # or blamed the prompt, "Prompt 0 could not be rendered and tokenized: TypeError: 'str' object is not callable")
     (tmp_path / "one.jsonl").write_text('{"id": 1, "prompt": "a"}\n')
