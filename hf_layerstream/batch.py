@@ -1067,6 +1067,9 @@ def generate_jsonl(
     """
     chat, progress = check_flag("chat", chat), check_flag("progress", progress)
     _check_model_and_tokenizer(model, tokenizer)
+    for name, path in (("input_path", input_path), ("output_path", output_path)):  # (else pathlib's, naming neither)
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"`{name}` must be a str or os.PathLike, got {type(path).__name__}.")
     input_path = Path(input_path)
     output_path = Path(output_path)
     _check_paths(input_path, output_path)

@@ -406,6 +406,12 @@ def test_user_errors(llama, tmp_path):
     for value in (None, 5):
         with pytest.raises(TypeError, match=rf"^`prompts` must be a list of prompts, got {type(value).__name__}\.$"):
             generate_batch(model, tok, value, progress=False)
+        # (failed in pathlib, naming neither: "expected str, bytes or os.PathLike object, not NoneType")
+        name = type(value).__name__
+        with pytest.raises(TypeError, match=rf"^`input_path` must be a str or os.PathLike, got {name}\.$"):
+            generate_jsonl(model, tok, value, tmp_path / "o.jsonl", progress=False)
+        with pytest.raises(TypeError, match=rf"^`output_path` must be a str or os.PathLike, got {name}\.$"):
+            generate_jsonl(model, tok, tmp_path / "o.jsonl", value, progress=False)
     # (something else than a model, or a tokenizer, failed deep inside: "'NoneType' object has no attribute 'config'",
     # or blamed the prompt, "Prompt 0 could not be rendered and tokenized: TypeError: 'str' object is not callable")
     (tmp_path / "one.jsonl").write_text('{"id": 1, "prompt": "a"}\n')
