@@ -771,8 +771,9 @@ def _cmd_generate(args) -> int:
         _attach_adapter(model, args.adapter, args.adapter_revision, args.token)
     if args.tokenizer is None:
         # a tokenizer file the split wrote gone (a download cut short, deleted): the tokenizer loads without it and
-        # tokenizes otherwise (the prompt read as no tokens), so it is named first, with its fix
-        gone = get_streaming_state(model).shard_dir._side_file_problems(tokenizer=True)
+        # tokenizes otherwise (the prompt read as no tokens), so it is named first, with its fix; so is one damaged
+        # (tokenizer_config.json a list: transformers' AttributeError, a traceback naming no file)
+        gone = get_streaming_state(model).shard_dir._side_file_problems(content=True, tokenizer=True)
         if gone:
             raise ValueError(f"{gone[0]}; or give a tokenizer with `--tokenizer` (a folder or a hub id).")
     try:

@@ -326,14 +326,28 @@ def read_side_files(value) -> list[str] | None:
 def side_file_damage(path: Path) -> str | None:
     """What makes the side file at `path` unusable where it is there, if anything: for a JSON one (tokenizer,
     generation and processor configs, chat templates), content that is not readable JSON (cut short or corrupted: the
-    reader's own error named no file, and `verify` passed it as there). `None` where it is sound, missing
-    (`ShardDirectory.missing_side_files`) or no file. Raises `OSError` where it cannot be read."""
+    reader's own error named no file, and `verify` passed it as there), and for one its reader takes as an object
+    (`_JSON_OBJECT_FILES`), JSON of another kind (`[]`, `3`: it passed `verify`, and enabling streaming warned only
+    "'list' object is not a mapping", the model generating with its config's settings). `None` where it is sound,
+    missing (`ShardDirectory.missing_side_files`) or no file. Raises `OSError` where it cannot be read."""
     if path.suffix == ".json" and path.is_file():
         try:
-            json.loads(path.read_bytes())
+            content = json.loads(path.read_bytes())
         except ValueError as e:  # (UnicodeDecodeError too)
             return f"is not readable JSON ({e})"
+        if not isinstance(content, dict) and _json_object_file(path.name):
+            return f"is not a JSON object (it holds {json.dumps(content)[:60]}, where its reader takes an object)"
     return None
+
+
+# the JSON side files whose readers (transformers' `GenerationConfig`, `AutoTokenizer`, `AutoProcessor`) take an object
+_JSON_OBJECT_FILES = ("tokenizer.json", "special_tokens_map.json", "added_tokens.json", "chat_template.json")
+
+
+def _json_object_file(name: str) -> bool:
+    """Whether the JSON side file `name` is one its reader takes as an object: the configs (generation, tokenizer,
+    processor) and `_JSON_OBJECT_FILES` (a tokenizer's other files, `emoji.json`, are left to it)."""
+    return name.endswith("config.json") or name in _JSON_OBJECT_FILES
 
 
 def _side_file_name(name: str) -> bool:

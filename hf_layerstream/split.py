@@ -2566,13 +2566,14 @@ def _restore_side_files(shard_dir: Path, names: list[str], src, config, card, *,
     split writes back. Not `recorded`: a split made before its manifest listed them, and `names` those a split of the
     source writes. Returns the names written."""
 
-    def damaged(name: str) -> bool:
+    def damage(name: str) -> str | None:
         try:
-            return side_file_damage(shard_dir / name) is not None
+            return side_file_damage(shard_dir / name)
         except OSError:  # (this user may not read it: not damage, and not replaced)
-            return False
+            return None
 
-    broken = [name for name in names if os.path.exists(shard_dir / name) and damaged(name)]
+    # (what is wrong with each, without its detail: "not readable JSON", "not a JSON object")
+    broken = {name: found.removeprefix("is ").split(" (")[0] for name in names if (found := damage(name)) is not None}
     missing = [name for name in names if not os.path.exists(shard_dir / name) or name in broken]
     if not missing:
         return []
@@ -2606,7 +2607,7 @@ def _restore_side_files(shard_dir: Path, names: list[str], src, config, card, *,
         logger.warning(
             "%s holds this split, but lacked %s: written again from the source",
             shard_dir,
-            ", ".join(f"{name} (there, but not readable JSON)" if name in broken else name for name in written),
+            ", ".join(f"{name} (there, but {broken[name]})" if name in broken else name for name in written),
         )
     elif written:
         logger.warning(

@@ -78,7 +78,7 @@ from .modeling import (
     tied_targets,
 )
 from .modeling import stand_in as make_stand_in
-from .shard_dir import ShardDirectory, hub_shard_files, local_shard_dir
+from .shard_dir import ShardDirectory, hub_shard_files, local_shard_dir, redownload_advice, side_file_damage
 
 logger = logging.getLogger(__name__)
 
@@ -1581,6 +1581,21 @@ def _load_generation_config(model: nn.Module, shards: ShardDirectory, state: Str
             logger.warning("Could not tell whether the model's generation config is its config's (%s).", e)
             return
     elif marked != hash(own):
+        return
+    try:
+        damage = side_file_damage(path)
+    except OSError:  # (this user may not read it: `from_pretrained` says so below)
+        damage = None
+    if damage is not None:  # (a list's error read "'list' object is not a mapping", naming neither file nor fix)
+        again = redownload_advice(shards.path)
+        logger.warning(
+            "%s could not be read: it %s; the model keeps the generation settings of its config (end-of-sequence "
+            "ids, sampling defaults). "
+            "%s.",
+            path,
+            damage,
+            again if again is not None else "Running the same split again writes it back",
+        )
         return
     try:
         loaded = GenerationConfig.from_pretrained(shards.path)

@@ -580,6 +580,40 @@ def test_verify_names_a_side_file_damaged_and_the_same_split_writes_it_back(
     ), problem
 
 
+@pytest.mark.parametrize("content", [b"[]", b"3", b'"text"'])
+def test_a_json_side_file_that_is_not_an_object_is_named_as_damaged(shard_copy, capsys, caplog, content):
+    """A generation_config.json (or tokenizer_config.json) that is readable JSON but not an object: `verify` passed it
+    (exit 0), and enabling streaming warned only "('list' object is not a mapping)", the model generating with its
+    config's settings, not the checkpoint's. It is damage, named as a torn one is (with what reads it and the fix),
+    enabling streaming says what is wrong and the fix, and the same split writes it back."""
+    import logging
+
+    ckpt, shards = shard_copy
+    before = {name: (shards / name).read_bytes() for name in ("generation_config.json", "tokenizer_config.json")}
+    for name in before:
+        (shards / name).write_bytes(content)
+    problems = ShardDirectory(shards).verify(checksums=False)
+    assert [p.split(" (", 1)[0] for p in problems] == [f"{shards / n} is not a JSON object" for n in sorted(before)]
+    assert all(p.endswith("running the same split again writes it back") for p in problems), problems
+    assert main(["verify", "--quick", str(shards)]) == 1
+    capsys.readouterr()
+    # (`generate` of the CLI failed with transformers' AttributeError: "'list' object has no attribute 'get'")
+    assert main(["generate", str(shards), "hello", "--max-new-tokens", "1", "--device", "cpu"]) == 2
+    assert f"{shards / 'tokenizer_config.json'} is not a JSON object" in capsys.readouterr().err
+    (shards / "tokenizer_config.json").write_bytes(before["tokenizer_config.json"])
+    with caplog.at_level(logging.WARNING, logger="hf_layerstream"):
+        model = streamed_model(ckpt, shards, **STREAM_ALL)
+    disable_layer_streaming(model)
+    assert f"{shards / 'generation_config.json'} could not be read: it is not a JSON object" in caplog.text
+    assert "Running the same split again writes it back" in caplog.text, caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hf_layerstream"):
+        split_checkpoint(ckpt, shards, progress=False)
+    assert "generation_config.json (there, but not a JSON object)" in caplog.text, caplog.text
+    assert {name: (shards / name).read_bytes() for name in before} == before
+    assert ShardDirectory(shards).verify(checksums=False) == []
+
+
 def test_a_folder_at_a_side_files_path_is_named(shard_copy, tmp_path, capsys):
     """A folder where the split wrote a side file the manifest lists (the tokenizer's `tokenizer.json`): `verify`
     passed it as there (exit 0), and `generate` said the directory held no tokenizer that loads for another cause
