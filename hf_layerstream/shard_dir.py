@@ -56,6 +56,9 @@ RESIDENT_FILE = "resident.safetensors"
 LOCK_NAME = ".lock"  # what a split holds while it writes (see `split._locked`)
 # a unit file's metadata key holding its tensors' records, as the manifest lists them (`TensorEntry.to_json`)
 TENSORS_KEY = "hf_layerstream.tensors"
+# a unit file's metadata key holding the digest of its split's options (model, source, dtype, compression, adapters),
+# which the manifest records as `split_options`: what tells a unit of another split of the same architecture
+SPLIT_KEY = "hf_layerstream.split"
 
 
 def _split_running(path: Path) -> bool:
@@ -701,7 +704,9 @@ class ShardDirectory:
 
     Opening checks the manifest and, cheaply, that every file exists with the recorded size, a header that matches
     the manifest (tensor names, shapes, dtypes, offsets inside the file), the recorded sample digest (the first
-    and last 64 KiB: a file from another split or another layer is caught), and the manifest's record of the tensors,
+    and last 64 KiB: a file from another split or another layer is caught), the digest of its split's options each
+    file carries against the manifest's (a file of another split copied in with its manifest entry), and the
+    manifest's record of the tensors,
     its `compression` and `dtype` against the records the files carry (the manifest has no digest of its own: an edit
     of what streaming reads the files by is caught so). `checksums=True` also hashes every file in full at open;
     [`~ShardDirectory.verify`] lists every problem instead of raising at the first.
@@ -893,8 +898,38 @@ class ShardDirectory:
         edited = self._edited_record(unit, header)
         if edited is not None:
             raise edited
+        foreign = other_split(self.manifest, header)
+        if foreign is not None and self._carried_by_all(foreign):
+            # (every unit's: the manifest's, not the files', was changed; a re-run of the split took it for another's)
+            raise ShardFileError(
+                self.manifest_path,
+                f'records "split_options": {json.dumps(self.manifest.split_options)}, but every unit file carries the '
+                f"split digest {foreign!r} (changed since the split)",
+                f'Set "split_options" back to "{foreign}".',
+            )
+        if foreign is not None:
+            # (copied in with its manifest entry, its size and digests are its own: every other check passed, and the
+            # model streamed another model's layer)
+            raise ShardFileError(
+                path,
+                f"was written by another split than the manifest records (its split digest {foreign[:12]}..., the "
+                f"manifest's `split_options` {self.manifest.split_options[:12]}...: another source, other weights or "
+                "other options), copied in with its manifest entry",
+            )
         self._headers[unit] = header
         return header
+
+    def _carried_by_all(self, digest: str) -> bool:
+        """Whether every unit's file carries the split digest `digest` (`SPLIT_KEY`), read from their headers (a file
+        unreadable or without one: not). Asked only where one carries another than the manifest's `split_options`."""
+        for unit, path in self.files.items():
+            try:
+                header = self._headers.get(unit) or read_header(path)
+            except (OSError, ShardDirError):
+                return False
+            if header.metadata.get(SPLIT_KEY) != digest:
+                return False
+        return True
 
     def _edited_record(self, unit: str, header: Header) -> ShardFileError | None:
         """The error of a manifest whose record of the tensors of `unit` differs from the one its file carries (see
@@ -1261,8 +1296,8 @@ class ShardDirectory:
         readable JSON (a tokenizer file, chat template, generation or processor config missing or damaged is a
         problem; a license file or the model card missing, which the model runs without, is logged as a warning),
         each unit file's existence, size, safetensors header (offsets inside the file), tensor names, shapes and
-        dtypes, the unit tag, the sample digest and the manifest's record of its tensors (against the one the file
-        carries), then the manifest's `compression` and `dtype` (against its tensors' records) and `load_dtype`
+        dtypes, the unit tag, the sample digest, the split digest (against the manifest's `split_options`) and the
+        manifest's record of its tensors (against the one the file carries), then the manifest's `compression` and `dtype` (against its tensors' records) and `load_dtype`
         (against config.json's `dtype` and the tensors' records), and with `checksums=True` (the default) each file's
         full SHA-256. Files that pass the cheap checks are hashed; a file that fails them is reported once. Never
         writes.
@@ -1298,7 +1333,7 @@ class ShardDirectory:
                 edited = self._edited_digests(unit) if checksums and e.path == self.files[unit] else None
                 if edited is not None:
                     problems.append(f"{self.manifest_path} {edited}")
-                else:
+                elif str(e) not in problems:  # (the manifest's `split_options` edited: the same for every unit)
                     problems.append(str(e) if e.fix is not None else f"{e.path} {e.problem}")
             except ShardDirError as e:
                 problems.append(str(e))
@@ -1323,6 +1358,18 @@ def lists_tensors(units: dict[str, UnitEntry], expected: dict[str, dict[str, tup
         {name: t.shape for name, t in units[unit].tensors.items()} == {n: s for n, (s, _) in tensors.items()}
         for unit, tensors in expected.items()
     )
+
+
+def other_split(manifest: Manifest, header: Header) -> str | None:
+    """The digest of the split options a unit's file carries (`SPLIT_KEY`), where it is not the one the manifest
+    records (`split_options`): the file is another split's (of another source or with other options), copied in, its
+    manifest entry too. `None` where they agree or either is not recorded (a split made before it was, or a file not
+    written by a split)."""
+    carried = header.metadata.get(SPLIT_KEY)
+    recorded = manifest.split_options
+    if carried is None or not isinstance(recorded, str) or carried == recorded:
+        return None
+    return carried
 
 
 def recorded_otherwise(entry: UnitEntry, header: Header) -> tuple[str, str] | None:

@@ -60,6 +60,7 @@ from .shard_dir import (
     MANIFEST_NAME,
     MODEL_CARD_NAME,
     RESIDENT_FILE,
+    SPLIT_KEY,
     TENSORS_KEY,
     Manifest,
     ShardDirectory,
@@ -1957,6 +1958,10 @@ def split_checkpoint(
                 raise
         manifest_path = shard_dir / MANIFEST_NAME
         repaired: dict[str, UnitEntry] | None = None
+        # what each unit file carries (`SPLIT_KEY`) and the manifest records: where this split was recorded under an
+        # earlier form of its source's identity, that one, which its units kept carry (opening the directory refuses a
+        # unit carrying another digest than the manifest's: another split's)
+        digest = _options_digest(options)
         if manifest_path.exists():
             existing = _read_json(manifest_path)
             version = existing.get("format_version") if isinstance(existing, dict) else None
@@ -1985,6 +1990,8 @@ def split_checkpoint(
                 and existing.get("split_options") in (None, _options_digest(options), *earlier_digests)
             )
             if same and not overwrite:
+                if existing.get("split_options") in earlier_digests:
+                    digest = existing["split_options"]
                 try:
                     directory = ShardDirectory(shard_dir)  # sizes, headers and sample digests
                     # (a config.json edited since: its side files are rewritten; the manifest's layers: it is too)
@@ -1995,7 +2002,7 @@ def split_checkpoint(
                         raise ShardFileError(directory.manifest_path, edited)
                 except ShardDirError as e:
                     logger.warning("%s holds this split but is damaged (%s); repairing it", shard_dir, e)
-                    repaired = _sound_manifest_units(shard_dir, existing)
+                    repaired = _sound_manifest_units(shard_dir, existing, digest)
                 else:
                     ruled_otherwise = (
                         _units_of_another_rule(directory, should_quantize, scheme) if scheme is not None else []
@@ -2089,8 +2096,7 @@ def split_checkpoint(
         # an interrupted `overwrite=True` run, resumed without it, still replaces the split it was replacing: the side
         # files and deeper layers of the model there before go too (the record says so)
         replacing = overwrite or _resumes_an_overwrite(shard_dir, options)
-        done = _load_progress(shard_dir, options, overwrite=overwrite)
-        digest = _options_digest(options)
+        done = _load_progress(shard_dir, options, digest, overwrite=overwrite)
         if repaired is not None:  # damaged units are rewritten, never adopted
             done.update({u: e for u, e in repaired.items() if u not in done})
         for unit in units if repaired is None and not overwrite else ():
@@ -2684,8 +2690,9 @@ def _remove_foreign_side_files(shard_dir: Path, keep: set[str]) -> None:
             path.unlink()
 
 
-def _unit_file_sound(shard_dir: Path, entry: UnitEntry) -> bool:
-    """Cheap check that a recorded unit's file is still what was written: size, header, sample digest."""
+def _unit_file_sound(shard_dir: Path, entry: UnitEntry, digest: str) -> bool:
+    """Cheap check that a recorded unit's file is still what was written, by this split (`digest`, where the file
+    carries one: `SPLIT_KEY`): size, header, sample digest."""
     path = shard_dir / entry.file
     if entry.file != _unit_file(entry.name) or not path.is_file() or path.is_symlink():
         return False
@@ -2693,6 +2700,8 @@ def _unit_file_sound(shard_dir: Path, entry: UnitEntry) -> bool:
         header = read_header(path, expected_size=entry.size)
         if header.metadata.get("unit", entry.name) != entry.name or recorded_otherwise(entry, header) is not None:
             return False  # (another unit's file, or the manifest's record of its tensors changed since: written again)
+        if header.metadata.get(SPLIT_KEY, digest) != digest:
+            return False  # (another split's, copied in with its record: it passed as this one's, and was kept)
         return entry.sample_sha256 is None or sample_digest(path) == entry.sample_sha256
     except (OSError, ShardDirError):
         return False
@@ -2712,7 +2721,7 @@ def _adopt_unit_file(shard_dir: Path, unit: str, digest: str) -> UnitEntry | Non
     try:
         header = read_header(path)
         meta = header.metadata
-        if meta.get("unit") != unit or meta.get("hf_layerstream.split") != digest:
+        if meta.get("unit") != unit or meta.get(SPLIT_KEY) != digest:
             return None
         tensors = {k: TensorEntry.from_json(v) for k, v in json.loads(meta[TENSORS_KEY]).items()}
         entry = UnitEntry(unit, rel, path.stat().st_size, sha256_file(path), tensors, sample_digest(path))
@@ -2749,21 +2758,22 @@ def _units_of_another_rule(directory, rule: Callable[..., bool], scheme) -> list
     return out
 
 
-def _sound_manifest_units(shard_dir: Path, manifest_json: dict) -> dict[str, UnitEntry]:
-    """Units of an existing (damaged) manifest whose files still pass the cheap checks."""
+def _sound_manifest_units(shard_dir: Path, manifest_json: dict, digest: str) -> dict[str, UnitEntry]:
+    """Units of an existing (damaged) manifest whose files still pass the cheap checks, as this split's (`digest`)."""
     out = {}
     for unit_json in manifest_json.get("units") or []:
         try:
             entry = UnitEntry.from_json(unit_json)
         except (KeyError, TypeError, ValueError):
             continue
-        if _unit_file_sound(shard_dir, entry):
+        if _unit_file_sound(shard_dir, entry, digest):
             out[entry.name] = entry
     return out
 
 
-def _load_progress(shard_dir: Path, options: dict, *, overwrite: bool) -> dict[str, UnitEntry]:
-    """Units finished by an earlier, interrupted run with the same options (their files checked cheaply)."""
+def _load_progress(shard_dir: Path, options: dict, digest: str, *, overwrite: bool) -> dict[str, UnitEntry]:
+    """Units finished by an earlier, interrupted run with the same options (their files checked cheaply, as this
+    split's: `digest`)."""
     progress = _read_json(shard_dir / PROGRESS_NAME)
     if not isinstance(progress, dict):
         return {}
@@ -2787,7 +2797,7 @@ def _load_progress(shard_dir: Path, options: dict, *, overwrite: bool) -> dict[s
             entry = UnitEntry.from_json(unit_json)
         except (KeyError, TypeError, ValueError):
             continue
-        if _unit_file_sound(shard_dir, entry):
+        if _unit_file_sound(shard_dir, entry, digest):
             done[entry.name] = entry
         else:
             logger.warning("%s changed since an earlier run wrote it; writing it again", shard_dir / entry.file)
@@ -2827,7 +2837,7 @@ def _write_unit(
         stored.update(parts)
     metadata = {"format": "pt", "unit": unit}
     if split_digest is not None:
-        metadata["hf_layerstream.split"] = split_digest
+        metadata[SPLIT_KEY] = split_digest
         metadata[TENSORS_KEY] = json.dumps({k: v.to_json() for k, v in entries.items()}, sort_keys=True)
     size, sha256, sample = atomic_write_safetensors(shard_dir / rel, stored, metadata, consume=True)
     return UnitEntry(unit, rel, size, sha256, entries, sample)

@@ -453,6 +453,13 @@ def test_a_split_finished_by_0_1_0_is_recognized(tmp_path, monkeypatch, recorded
     stamp = (tmp_path / "shards" / "manifest.json").stat().st_mtime_ns
     split_checkpoint(ckpt, tmp_path / "shards", progress=False)
     assert (tmp_path / "shards" / "manifest.json").stat().st_mtime_ns == stamp
+    # damaged, it is repaired as that split: the units written again carry the digest its manifest records, as the
+    # units kept do (opening refuses a unit carrying another digest than the manifest's: another split's)
+    recorded_digest = json.loads((tmp_path / "shards" / "manifest.json").read_text())["split_options"]
+    (tmp_path / "shards" / "layers" / "00001.safetensors").unlink()
+    split_checkpoint(ckpt, tmp_path / "shards", progress=False)
+    assert json.loads((tmp_path / "shards" / "manifest.json").read_text())["split_options"] == recorded_digest
+    assert ShardDirectory(tmp_path / "shards").verify() == [] and _exact(ckpt, tmp_path / "shards")
 
 
 # --- sources ------------------------------------------------------------------------------------------------------

@@ -714,6 +714,38 @@ def test_a_refused_overwrite_leaves_the_split_there_usable(llama, tmp_path, monk
     check_exact(llama, shards)
 
 
+def test_a_unit_copied_in_from_another_split_with_its_record_is_named_and_written_again(llama, tmp_path):
+    """A layer file copied in from a split of the same architecture with other weights (another seed), its manifest
+    entry with it (size, digests, tensors' records, all the other split's): opening, `verify` and the same split's
+    re-run took it for this split's, and the model streamed the other model's layer (other logits, no error). Each unit
+    file carries the digest of its split's options (model, source, dtype, compression), as the manifest does: a file
+    carrying another is named at open (no read beyond its header), `verify` names it, and the same split run again
+    writes it again. A manifest without that digest (a split made before it was recorded) opens as before."""
+    shards = tmp_path / "shards"
+    shutil.copytree(llama["reference"], shards)
+    other = _models.save_tiny_checkpoint("llama", tmp_path / "other", num_hidden_layers=4, seed=1)
+    foreign = split_checkpoint(other, tmp_path / "foreign", progress=False)
+    rel = "layers/00002.safetensors"
+    shutil.copy(foreign / rel, shards / rel)
+    mine = json.loads((shards / "manifest.json").read_text())
+    theirs = next(u for u in json.loads((foreign / "manifest.json").read_text())["units"] if u["file"] == rel)
+    mine["units"] = [theirs if u["file"] == rel else u for u in mine["units"]]
+    (shards / "manifest.json").write_text(json.dumps(mine, indent=1))
+    named = f"{shards / rel} was written by another split than the manifest records"
+    with pytest.raises(ShardDirError, match=re.escape(named)):
+        ShardDirectory(shards)
+    with pytest.raises(ShardDirError, match=re.escape(named)):
+        streamed_model(llama["ckpt"], shards, **STREAM_ALL)
+    [problem] = ShardDirectory(shards, check_files=False).verify()
+    assert problem.startswith(named), problem
+    split_checkpoint(llama["ckpt"], shards, progress=False)
+    check_exact(llama, shards)
+    del mine["split_options"]  # (a split made before the digest was recorded: nothing to compare with)
+    mine["units"] = json.loads((shards / "manifest.json").read_text())["units"]
+    (shards / "manifest.json").write_text(json.dumps(mine, indent=1))
+    assert ShardDirectory(shards).verify() == []
+
+
 def test_a_resplit_in_place_needs_room_for_one_layer_not_a_second_copy(llama, tmp_path, monkeypatch):
     """Each unit file replaces the one of the same unit in place (written beside it, renamed over it): re-splitting
     into a directory that holds a split of the same size needs room for about one layer, not for a second copy of

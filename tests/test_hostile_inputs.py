@@ -263,6 +263,30 @@ def shard_from_another_model(shards, tmp):
     return LAYER, "another split or another model"
 
 
+def shard_and_its_record_from_another_split(shards, tmp):
+    """A layer file copied in from a split of the same architecture with other weights (another seed), its manifest
+    entry with it (size, digests, tensors' records): every check passed, `verify` too, and the model streamed another
+    model's layer. The file carries the digest of its split's options (source, dtype, compression), which the manifest
+    records too."""
+    other = tmp / "other"
+    _models.save_tiny_checkpoint("llama", other / "ckpt", seed=1)
+    split_checkpoint(other / "ckpt", other / "shards", progress=False)
+    shutil.copy(other / "shards" / LAYER, shards / LAYER)
+    m = manifest(shards)
+    m["units"] = [unit_json(manifest(other / "shards"), LAYER) if u["file"] == LAYER else u for u in m["units"]]
+    write_manifest(shards, m)
+    return LAYER, "was written by another split than the manifest records"
+
+
+def manifest_split_digest_edited(shards, tmp):
+    """The manifest's `split_options` changed: every file carries the split's digest, which differs from it now. Named
+    as the manifest's edit, with the value to put back (not as every file being another split's)."""
+    m = manifest(shards)
+    m["split_options"] = "0" * 64
+    write_manifest(shards, m)
+    return "manifest.json", 'records "split_options": "0{64}", but every unit file carries the split digest'
+
+
 def layer_swapped_within_the_model(shards, tmp):
     shutil.copy(shards / "layers/00000.safetensors", shards / LAYER)
     return LAYER, "holds unit 'layers.0', not 'layers.1'"
@@ -354,6 +378,8 @@ SHARD_CASES = [
     consistent_but_integer_dtype,
     manifest_tensor_record_edited,
     shard_from_another_model,
+    shard_and_its_record_from_another_split,
+    manifest_split_digest_edited,
     layer_swapped_within_the_model,
     missing_file,
     manifest_path_outside,
