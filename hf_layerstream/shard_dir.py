@@ -59,6 +59,9 @@ TENSORS_KEY = "hf_layerstream.tensors"
 # a unit file's metadata key holding the digest of its split's options (model, source, dtype, compression, adapters),
 # which the manifest records as `split_options`: what tells a unit of another split of the same architecture
 SPLIT_KEY = "hf_layerstream.split"
+# a unit file's metadata key holding the dtype the split records for loading (the manifest's `load_dtype`): what tells
+# an edit of it where config.json names no dtype to compare with
+LOAD_DTYPE_KEY = "hf_layerstream.load_dtype"
 
 
 def _split_running(path: Path) -> bool:
@@ -916,6 +919,18 @@ class ShardDirectory:
                 f"manifest's `split_options` {self.manifest.split_options[:12]}...: another source, other weights or "
                 "other options), copied in with its manifest entry",
             )
+        load = header.metadata.get(LOAD_DTYPE_KEY)
+        if load is not None and load != self.manifest.load_dtype:
+            # (config.json naming no dtype, `_load_dtype_differs` has nothing to compare it with: streaming computed in
+            # the dtype edited in, silently)
+            said = json.dumps(self.manifest.load_dtype) if self.manifest.load_dtype is not None else "none"
+            raise ShardFileError(
+                self.manifest_path,
+                f'records "load_dtype": {said} (the dtype streaming computes in by default), but its unit files, '
+                f'written with it, record "{load}" (the dtype `from_pretrained(dtype="auto")` loads the checkpoint at, '
+                "as the split found it): the manifest was changed since the split",
+                f'Set "load_dtype" back to "{load}".',
+            )
         self._headers[unit] = header
         return header
 
@@ -1296,8 +1311,9 @@ class ShardDirectory:
         readable JSON (a tokenizer file, chat template, generation or processor config missing or damaged is a
         problem; a license file or the model card missing, which the model runs without, is logged as a warning),
         each unit file's existence, size, safetensors header (offsets inside the file), tensor names, shapes and
-        dtypes, the unit tag, the sample digest, the split digest (against the manifest's `split_options`) and the
-        manifest's record of its tensors (against the one the file carries), then the manifest's `compression` and `dtype` (against its tensors' records) and `load_dtype`
+        dtypes, the unit tag, the sample digest, the split digest (against the manifest's `split_options`), the
+        manifest's record of its tensors (against the one the file carries) and its `load_dtype` (against the one the
+        file records), then the manifest's `compression` and `dtype` (against its tensors' records) and `load_dtype`
         (against config.json's `dtype` and the tensors' records), and with `checksums=True` (the default) each file's
         full SHA-256. Files that pass the cheap checks are hashed; a file that fails them is reported once. Never
         writes.
@@ -1512,7 +1528,9 @@ def _load_dtype_differs(manifest: Manifest, config) -> tuple[str, str] | None:
     config.json's `dtype` nor the dtype most floating-point tensors are stored in, nor, other than float32, that of
     any (float32: the split keeps norms or routers so at any dtype, and `load_dtype` edited to float32 passed by
     them), was changed since (or config.json's `dtype` was). Where config.json names none (the split then took the
-    index's or the first tensor's), nothing is said: cheap, and never wrong for a split as made."""
+    index's or the first tensor's), nothing is said here: cheap, and never wrong for a split as made (a split now
+    records `load_dtype` in each unit file too, which `ShardDirectory.header` compares with the manifest's: an edit is
+    named so wherever config.json names no dtype; a directory split before is left unchecked)."""
     if manifest.load_dtype is None or not isinstance(config, dict):
         return None
     value = config.get("dtype") or config.get("torch_dtype")  # (as the split read it: `split._config_dtype`)

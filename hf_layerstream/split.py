@@ -56,6 +56,7 @@ from .shard_dir import (
     _CHAT_TEMPLATE_DIR,
     _LICENSE_FILE,
     FORMAT_VERSION,
+    LOAD_DTYPE_KEY,
     LOCK_NAME,
     MANIFEST_NAME,
     MODEL_CARD_NAME,
@@ -2254,7 +2255,14 @@ def split_checkpoint(
                     shard_dir, _unit_file(unit), lambda: f"{len(done)} of {len(units)} units are complete and kept"
                 ):
                     done[unit] = _write_unit(
-                        shard_dir, unit, tensors, scheme, quantize_tensor, should_quantize, split_digest=digest
+                        shard_dir,
+                        unit,
+                        tensors,
+                        scheme,
+                        quantize_tensor,
+                        should_quantize,
+                        split_digest=digest,
+                        load_dtype=load_dtype,
                     )
                     _save_progress(shard_dir, options, done, replacing=replacing)
                 # keep only the source files the next units still need open (a safetensors file: the next unit)
@@ -2824,8 +2832,10 @@ def _write_unit(
     should_quantize: Callable,
     *,
     split_digest: str | None = None,
+    load_dtype: torch.dtype | None = None,
 ) -> UnitEntry:
-    """Serialize one unit and write it atomically; the file carries its own unit record (see `_adopt_unit_file`).
+    """Serialize one unit and write it atomically; the file carries its own unit record (see `_adopt_unit_file`), and
+    the dtype recorded for loading (`load_dtype`, the manifest's too: `ShardDirectory` checks the two agree).
     Consumes `tensors`: each one is dropped from it once stored, so a unit is held in memory about once."""
 
     index = unit_index(unit)
@@ -2839,6 +2849,8 @@ def _write_unit(
     if split_digest is not None:
         metadata[SPLIT_KEY] = split_digest
         metadata[TENSORS_KEY] = json.dumps({k: v.to_json() for k, v in entries.items()}, sort_keys=True)
+    if load_dtype is not None:
+        metadata[LOAD_DTYPE_KEY] = dtype_to_str(load_dtype)
     size, sha256, sample = atomic_write_safetensors(shard_dir / rel, stored, metadata, consume=True)
     return UnitEntry(unit, rel, size, sha256, entries, sample)
 

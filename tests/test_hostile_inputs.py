@@ -461,7 +461,8 @@ def test_a_damaged_header_entry_is_named_without_its_whole_content(shard_copy):
     message = str(info.value)
     assert (
         f"{shards / LAYER} has a malformed header entry for tensor '__metadataX_': it has no `dtype`, `shape`, "
-        "`data_offsets` (its keys: ['format', 'hf_layerstream.split', 'hf_layerstream.tensors', 'unit'])"
+        "`data_offsets` (its keys: ['format', 'hf_layerstream.load_dtype', 'hf_layerstream.split', 'hf_layerstream.... "
+        "(97 characters))"
     ) in message
     assert "input_layernorm" not in message and len(message) < 500, message
     LEDGER["rejected"] += 1

@@ -756,8 +756,8 @@ def _unit_json(manifest: dict, unit: str) -> dict:
         ),
         (
             lambda m: m.update(load_dtype="bfloat16"),
-            'records "load_dtype": "bfloat16" (the dtype streaming computes in by default), but config.json records '
-            '"dtype": "float32", and none of its tensors is stored in bfloat16',
+            'records "load_dtype": "bfloat16" (the dtype streaming computes in by default), but its unit files, '
+            'written with it, record "float32"',
         ),
     ],
     ids=["a tensor's code", "compression", "block size", "no block size", "embeddings", "dtype", "load_dtype"],
@@ -905,7 +905,41 @@ def test_load_dtype_is_checked_without_refusing_a_split_as_made(tmp_path):
         manifest = splits[key] / "manifest.json"
         manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "load_dtype": edit}))
         problems = ShardDirectory(splits[key], check_files=False).verify(checksums=False)
-        assert (f'records "load_dtype": "{edit}"' in "".join(problems)) is (key[0] != "plain"), (key, problems)
+        assert f'records "load_dtype": "{edit}"' in "".join(problems), (key, problems)
+
+
+def test_an_edited_load_dtype_is_named_where_config_json_names_no_dtype(tmp_path, capsys):
+    """A checkpoint whose config names no dtype: the split records as `load_dtype` the one `from_pretrained` loads it
+    at (the index's, or the first weight's), and config.json names none. An edit of `load_dtype` had nothing to be
+    checked against: opening and `verify` passed it (exit 0), and the model streamed at the dtype edited in (bfloat16
+    logits for a float32 checkpoint). Each unit file records it too: the edit is named with the value to put back,
+    removing it too (streamed as stored), and the same split writes the manifest again."""
+    ckpt = _models.save_tiny_checkpoint("llama", tmp_path / "ckpt")
+    config = json.loads((ckpt / "config.json").read_text())
+    del config["dtype"]
+    (ckpt / "config.json").write_text(json.dumps(config))
+    shards = split_checkpoint(ckpt, tmp_path / "shards", progress=False)
+    manifest = json.loads((shards / "manifest.json").read_text())
+    assert "dtype" not in json.loads((shards / "config.json").read_text()) and manifest["load_dtype"] == "float32"
+    want = streamed_model(ckpt, shards, **STREAM_ALL)(torch.tensor([[1, 5, 7]])).logits
+    for edit in ("bfloat16", None):
+        edited = {**manifest, "load_dtype": edit} if edit else {k: v for k, v in manifest.items() if k != "load_dtype"}
+        (shards / "manifest.json").write_text(json.dumps(edited, indent=1))
+        said = f'"{edit}"' if edit else "none"
+        named = f'manifest.json records "load_dtype": {said} (the dtype streaming computes in by default), but its'
+        with pytest.raises(ShardFileError, match=re.escape(named)) as info:
+            ShardDirectory(shards)
+        assert str(info.value).endswith('Set "load_dtype" back to "float32".'), str(info.value)
+        with pytest.raises(ShardFileError, match=re.escape(named)):
+            streamed_model(ckpt, shards, **STREAM_ALL)
+        [problem] = ShardDirectory(shards, check_files=False).verify(checksums=False)
+        assert named in problem, problem
+        assert main(["verify", "--quick", str(shards)]) == 1
+        capsys.readouterr()
+    split_checkpoint(ckpt, shards, progress=False)
+    assert json.loads((shards / "manifest.json").read_text()) == manifest
+    got = streamed_model(ckpt, shards, **STREAM_ALL)(torch.tensor([[1, 5, 7]])).logits
+    assert got.dtype == torch.float32 and torch.equal(got, want)
 
 
 def test_an_edited_fingerprint_is_named_as_the_manifests_not_config_jsons(shard_copy, capsys):
