@@ -230,6 +230,14 @@ class UnitEntry:
         return cls(name, file, size, sha, entries, sample)
 
 
+def _floating_dtype_name(value) -> bool:
+    """Whether `value` is the name of a floating-point torch dtype, as a config's `dtype` is written (`"bfloat16"`)."""
+    try:
+        return isinstance(value, str) and str_to_dtype(value).is_floating_point
+    except ValueError:
+        return False
+
+
 def _is_sha256(value) -> bool:
     return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
@@ -1060,6 +1068,15 @@ class ShardDirectory:
         expected = self.manifest.model_type
         if expected is not None and config.get("model_type") != expected:
             return error(f"has model_type {config.get('model_type')!r}, not {expected!r} as the manifest records")
+        for key in ("dtype", "torch_dtype"):
+            # (the model is built at it: "foo" passed `verify`, whose build failed as "not damage found", and
+            # `generate` died with torch's AttributeError; "int8" with transformers' refusal, naming no file)
+            value = config.get(key)
+            if value is not None and not _floating_dtype_name(value):
+                return error(
+                    f"records {json.dumps(key)}: {json.dumps(value)[:60]}, which is no floating-point dtype torch has "
+                    '(the split writes the one the weights load at, e.g. "bfloat16")'
+                )
         return config, None
 
     def config_mismatch(self) -> str | None:

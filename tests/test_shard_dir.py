@@ -636,11 +636,14 @@ def test_a_folder_at_a_side_files_path_is_named(shard_copy, tmp_path, capsys):
     assert ShardDirectory(shards).verify(checksums=False) == []
 
 
-@pytest.mark.parametrize("damage", ["torn", "not_an_object", "another_model"])
+@pytest.mark.parametrize("damage", ["torn", "not_an_object", "another_model", "unknown_dtype", "integer_dtype"])
 def test_a_damaged_config_json_is_named_and_written_again_by_the_same_split(shard_copy, capsys, damage):
     """Only a missing `config.json` was caught: a torn one (or another model's) passed `ShardDirectory`, `verify` and
     `hf-layerstream verify` (exit 0), a re-run of the split found nothing to do, and the model could not be built.
-    It must be a JSON object of the manifest's model_type; the same split writes it again."""
+    It must be a JSON object of the manifest's model_type; the same split writes it again. So must its `dtype` name a
+    floating-point dtype: "foo" or "int8" passed `verify` (exit 0: building the model failed, "not damage found"), and
+    `hf-layerstream generate` died with torch's traceback ("module 'torch' has no attribute 'foo'") or said the model
+    "cannot be instantiated under `dtype=torch.int8`", naming no file."""
 
     ckpt, shards = shard_copy
     config = shards / "config.json"
@@ -649,6 +652,8 @@ def test_a_damaged_config_json_is_named_and_written_again_by_the_same_split(shar
         "torn": before[: len(before) // 2],
         "not_an_object": b"[]",
         "another_model": before.replace(b'"model_type": "llama"', b'"model_type": "gpt2"'),
+        "unknown_dtype": before.replace(b'"dtype": "float32"', b'"dtype": "foo"'),
+        "integer_dtype": before.replace(b'"dtype": "float32"', b'"torch_dtype": "int8"'),
     }[damage]
     assert damaged != before
     config.write_bytes(damaged)
@@ -656,6 +661,8 @@ def test_a_damaged_config_json_is_named_and_written_again_by_the_same_split(shar
         "torn": "is not readable JSON",
         "not_an_object": "is not a JSON object",
         "another_model": "has model_type 'gpt2'",
+        "unknown_dtype": 'records "dtype": "foo", which is no floating-point dtype',
+        "integer_dtype": 'records "torch_dtype": "int8", which is no floating-point dtype',
     }[damage]
     with pytest.raises(ShardDirError, match=rf"config\.json {message}.* Run the same split again"):
         ShardDirectory(shards)
