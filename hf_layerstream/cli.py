@@ -341,6 +341,55 @@ def _prompt_from_leftovers(leftovers: list[str]) -> tuple[str | None, list[str]]
 _NEGATIVE_NUMBER = re.compile(r"-\d+|-\d*\.\d+")  # (argparse's `_negative_number_matcher`)
 
 
+def _dash_values_joined(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """`argv` with each value that begins with a dash, given after an option of the command that takes one, joined to
+    it as `--option=value`, which argparse reads as that option's value.
+
+    argparse reads `--max-memory -1=4GiB` (a key beginning with a dash, not a negative number) as two options, and
+    refused it: "argument --max-memory: expected one argument", where one was given, naming no fix. A value that is
+    one of the command's own options (or an abbreviation of one, as argparse takes them) stays an option; nothing
+    after `--` is touched.
+
+    Args:
+        parser (`argparse.ArgumentParser`): The top-level parser (its options take no value).
+        argv (`list[str]`): The command line's arguments.
+
+    Returns:
+        `list[str]`: The arguments to parse.
+    """
+    sub = next((_command_parser(parser, a) for a in argv if not a.startswith("-")), None)
+    if sub is None:  # (no command, or an unknown one: argparse says so)
+        return argv
+    options = sub._option_string_actions
+    longs = [o for o in options if o.startswith("--")]
+
+    def action_of(arg: str):
+        name = arg.partition("=")[0] if arg.startswith("--") else arg
+        if name in options:
+            return options[name]
+        matches = {options[o] for o in longs if o.startswith(name)} if name.startswith("--") and name != "--" else ()
+        return next(iter(matches)) if len(matches) == 1 else (False if matches else None)  # (False: ambiguous)
+
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        out.append(arg)
+        i += 1
+        if arg == "--":
+            return out + argv[i:]
+        action = action_of(arg) if arg.startswith("-") and "=" not in arg else None
+        if not action or action.nargs is not None or i == len(argv):  # (a flag, or no option that takes one value)
+            continue
+        value = argv[i]
+        if not value.startswith("-"):  # (its value: not looked at as an option)
+            out.append(value)
+            i += 1
+        elif value != "--" and action_of(value) is None:
+            out[-1] = f"{arg}={value}"
+            i += 1
+    return out
+
+
 def _command_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser | None:
     """The parser of `command` (`split`, `generate`, ...) under the top-level `parser`, if it has one."""
     sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
@@ -439,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     _closed_standard_streams_on_devnull()
     _escape_what_stdout_cannot_encode()  # (every command's: a path, a prompt or a model's text)
     parser = build_parser()
-    args, leftovers = parser.parse_known_args(argv)
+    args, leftovers = parser.parse_known_args(_dash_values_joined(parser, sys.argv[1:] if argv is None else argv))
     if args.command == "generate" and args.prompt is None and leftovers:
         args.prompt, leftovers = _prompt_from_leftovers(leftovers)
     if leftovers:  # what `parse_args` would have refused

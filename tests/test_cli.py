@@ -946,6 +946,25 @@ def test_max_memory_given_twice_or_keyed_as_a_device_name_is_refused(split_dir, 
         assert message in capsys.readouterr().err, budget
 
 
+def test_an_option_value_beginning_with_a_dash_is_taken_as_its_value(split_dir, capsys):
+    """`--max-memory -1=4GiB` (a value beginning with a dash, not a negative number) was read by argparse as an option
+    of its own: "argument --max-memory: expected one argument", where one was given, and the fix (writing
+    `--max-memory=-1=4GiB`) named nowhere. It is taken as the option's value, as `--max-memory=-1=4GiB` is, and
+    checked as such; a value that is one of the command's options (or an abbreviation of one) is still an option."""
+    _, shards = split_dir
+    for option, budget in (("--max-memory", "-1=4GiB"), ("--max-mem", "-1=4GiB"), ("--max-memory", "-cpu=1GiB")):
+        assert main(["inspect", str(shards), "--device", "cpu", option, budget]) == 2, budget
+        key = budget.partition("=")[0]
+        assert f"`--max-memory` key '{key}' is not recognized" in capsys.readouterr().err, budget
+    # (refused before the model loads: the value reached the option's own check)
+    assert main(["generate", str(shards), "hi", "--tokenizer", "-x"]) == 2
+    assert "`--tokenizer` -x is neither an existing local folder nor a hub repo id" in capsys.readouterr().err
+    for value in ("--json", "--js", "--device=cpu"):
+        with pytest.raises(SystemExit):
+            main(["inspect", str(shards), "--max-memory", value])
+        assert "argument --max-memory: expected one argument" in capsys.readouterr().err, value
+
+
 def test_inspect_and_verify(split_dir, capsys):
     _, shards = split_dir
     assert main(["inspect", str(shards), "--device", "cpu"]) == 0
