@@ -349,6 +349,30 @@ def test_sampling_settings_transformers_refuses_are_refused_before_anything_is_p
     assert capsys.readouterr().out.startswith("hi")
 
 
+def test_top_p_is_checked_as_transformers_checks_it(split_dir, capsys):
+    """`--top-p` is refused before the model loads exactly where transformers' `TopPLogitsWarper` refuses it (below 0
+    or above 1: its message says "> 0 and < 1", its check takes both ends), so a value transformers takes is never
+    refused, nor one it refuses met only once the prompt is printed. `--top-p 0` keeps the most probable token alone
+    (the warper keeps one token at least): sampling then gives the greedy text."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    ckpt, shards = split_dir
+    argv = ["generate", str(shards), "hi", "--max-new-tokens", "3", "--device", "cpu", "--do-sample", "--top-p"]
+    for value in ("-0.01", "1.01"):
+        with pytest.raises(ValueError, match="top_p"):
+            TopPLogitsWarper(float(value))
+        assert main([*argv, value]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and f"`--top-p` (={float(value)}) has to be a number from 0 to 1" in err, err
+    TopPLogitsWarper(1.0)  # (taken, as 0 is)
+    assert main([*argv, "1", "--seed", "1"]) == 0
+    assert capsys.readouterr().out.startswith("hi")
+    TopPLogitsWarper(0.0)
+    for seed in ("1", "2"):
+        assert main([*argv, "0", "--seed", seed]) == 0
+        assert capsys.readouterr().out[2:].strip() == _greedy_text(ckpt, "hi", 3).strip()
+
+
 def test_a_seed_without_sampling_is_warned_about(split_dir, capsys):
     """`--seed` without `--do-sample` did nothing, without a word (greedy decoding draws no random numbers, and
     transformers, which warns of `--temperature` unused, never sees the seed): a line on standard error says so; the
