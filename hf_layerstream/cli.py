@@ -802,6 +802,9 @@ def _cmd_generate(args) -> int:
         if not prompt.strip():
             raise ValueError("No prompt: pass it as an argument or on standard input.")
 
+    # (a hub id: its first file fetched now, as SHARD_DIR's manifest is, not once the model has loaded)
+    _fetch_first_hub_file("--tokenizer", args.tokenizer, "tokenizer_config.json", "tokenizer folder", args.token)
+    _fetch_first_hub_file("--assistant", args.assistant, "config.json", "draft model folder", args.token)
     model = load_streamed_model(
         args.shard_dir,
         device=args.device,
@@ -1387,6 +1390,26 @@ def _not_loaded(option: str, value: str, error: Exception) -> OSError:
     'https://huggingface.co'..."), naming the option: it named neither. On one line, as the command's errors are
     (transformers writes some over several)."""
     return OSError(f"`{option}` {value} did not load: {' '.join(str(error).split())}")
+
+
+def _fetch_first_hub_file(option: str, value: str | None, filename: str, what: str, token: str | None) -> None:
+    """`--tokenizer` or `--assistant` (`option`) given a hub id (`value`): the first file transformers reads of it
+    (`filename`) fetched into the hub cache before the model loads, as SHARD_DIR's manifest is. Without network
+    (HF_HUB_OFFLINE unset) the model loaded first, then transformers retried the hub for each file it tried (a
+    tokenizer: about 50 s) and said "We couldn't connect to 'https://huggingface.co'...", naming neither the option
+    nor the fix; now one round of retries, and the error names the option, that no folder has that name, and what to
+    download (`split.hub_unreachable_error`; `what`: what a local one is). A repo the hub does not have, or a gated
+    one, is named too. Nothing is fetched where the file is in the hub cache (or recorded absent there): transformers
+    reads it from there, as before; nor for a local folder, nor where the hub has no such file (transformers then
+    looks for the others)."""
+    if not value or os.path.isdir(os.path.expanduser(value)):
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    from .split import fetch_hub_file
+
+    if try_to_load_from_cache(value, filename) is None:
+        fetch_hub_file(value, filename, f"`{option}`", token=token, what=what)
 
 
 def _holds_tokenizer_files(folder: str) -> bool:

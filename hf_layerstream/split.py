@@ -168,7 +168,7 @@ def hub_unreachable_error(
 ) -> FileNotFoundError:
     """The error for a file of the hub repo `repo_id` (given as `role`, e.g. "`source`") that could not be fetched:
     the hub cannot be reached and the file is not in the hub cache. For the first file fetched (config.json,
-    adapter_config.json, a shard directory's manifest.json), it says that no local folder has that name either (a
+    adapter_config.json, a shard directory's manifest.json, a tokenizer's tokenizer_config.json), it says that no local folder has that name either (a
     misspelt folder name reads as a hub repo id, and meets this first). `what`: what a local `role` is (a checkpoint
     folder, an adapter folder); `revision`: the one asked for, named; `cache_dir`: the hub cache given, where the
     download it names goes."""
@@ -176,7 +176,7 @@ def hub_unreachable_error(
     at, option = (f" at revision {revision!r}", f" --revision {revision}") if revision is not None else ("", "")
     if cache_dir is not None:
         option += f" --cache-dir {shlex.quote(str(cache_dir))}"
-    if filename in ("config.json", "adapter_config.json", "manifest.json"):
+    if filename in ("config.json", "adapter_config.json", "manifest.json", "tokenizer_config.json"):
         no_folder = (
             f"{role} {repo_id!r} is no local folder ({Path(repo_id).absolute()} does not exist), and as a hub repo: "
         )

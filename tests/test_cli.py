@@ -1922,18 +1922,82 @@ def test_generate_with_a_peft_adapter(split_dir, tmp_path, capsys, monkeypatch):
     assert "`--adapter-revision` given 2 times" in capsys.readouterr().err
 
 
-def test_a_tokenizer_or_draft_that_does_not_load_is_named_by_its_option(split_dir, capsys, monkeypatch):
-    """`--tokenizer` or `--assistant` given a hub id, offline and not in the hub cache: the error was transformers'
-    "We couldn't connect to 'https://huggingface.co'...", naming neither the option nor the id. It names both."""
+def test_a_tokenizer_or_draft_that_does_not_load_is_named_by_its_option(split_dir, tmp_path, capsys, monkeypatch):
+    """`--tokenizer` or `--assistant` given a hub id whose first file is in the hub cache but that does not load
+    offline (its other files not there): the error was transformers' "We couldn't connect to
+    'https://huggingface.co'...", naming neither the option nor the id. It names both."""
     from huggingface_hub import constants
 
-    _, shards = split_dir
+    ckpt, shards = split_dir
+    cache = tmp_path / "cache"
+    _models.hub_cache(cache, "someorg/tok", {"tokenizer_config.json": (ckpt / "tokenizer_config.json").read_bytes()})
+    _models.hub_cache(cache, "someorg/draft", {"config.json": (ckpt / "config.json").read_bytes()})
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     argv = ["generate", str(shards), "hi", "--max-new-tokens", "2", "--device", "cpu"]
-    for option in ("--tokenizer", "--assistant"):
-        assert main([*argv, option, "someorg/not-cached"]) == 2
+    for option, repo in (("--tokenizer", "someorg/tok"), ("--assistant", "someorg/draft")):
+        assert main([*argv, option, repo]) == 2
         err = capsys.readouterr().err
-        assert f"hf-layerstream generate: error: `{option}` someorg/not-cached did not load: " in err, err
+        assert f"hf-layerstream generate: error: `{option}` {repo} did not load: " in err, err
+
+
+@pytest.mark.parametrize("unreachable", ["offline", "no network"])
+def test_a_hub_tokenizer_or_draft_that_cannot_be_fetched_is_refused_before_the_model_loads(
+    split_dir, tmp_path, capsys, monkeypatch, unreachable
+):
+    """`--tokenizer gpt2` or `--assistant gpt2` with no network (HF_HUB_OFFLINE unset) and nothing of it in the hub
+    cache: the model loaded first, then transformers tried the hub (the tokenizer two files, about 50 s of retries)
+    and said "We couldn't connect to 'https://huggingface.co'... offline mode", where SHARD_DIR's hub repo is fetched
+    first (its manifest: one round of retries) and named with the fix. Their first file is fetched as SHARD_DIR's is,
+    before the model loads (a hub id at once, with the same message: which option, that no folder has that name,
+    what to download). Here offline (HF_HUB_OFFLINE), and without network as huggingface_hub reports it (its
+    retries left out); from the hub cache, a tokenizer loads as before."""
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    import hf_layerstream.cli as cli
+
+    ckpt, shards = split_dir
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    if unreachable == "offline":
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+        reason = "offline, huggingface_hub.constants.HF_HUB_OFFLINE set"
+    else:
+
+        def no_network(*args, **kwargs):  # (what hf_hub_download raises once its retries failed)
+            raise LocalEntryNotFoundError("An error happened while trying to locate the file on the Hub")
+
+        monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_network)
+        reason = "no network, or the hub is down"
+    real_load = cli.load_streamed_model
+
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(cli, "load_streamed_model", load)
+    argv = ["generate", str(shards), "hi", "--max-new-tokens", "2", "--device", "cpu"]
+    for option, first, what in (
+        ("--tokenizer", "tokenizer_config.json", "tokenizer folder"),
+        ("--assistant", "config.json", "draft model folder"),
+    ):
+        for repo in ("gpt2", "someorg/not-cached"):
+            assert main([*argv, option, repo]) == 2
+            err = capsys.readouterr().err
+            assert err == (
+                f"hf-layerstream generate: error: `{option}` {repo!r} is no local folder "
+                f"({os.path.abspath(repo)} does not exist), and as a hub repo: Cannot fetch {first} of {repo!r}: the "
+                f"hub cannot be reached ({reason}) and it is not in the hub cache. Download it once with network "
+                f"access (`hf download {repo}`) or pass a local {what} as `{option}`.\n"
+            ), err
+    if unreachable == "offline":  # (in the hub cache: it loads, as before)
+        files = {p.name: p.read_bytes() for p in ckpt.iterdir() if not p.name.endswith(".safetensors")}
+        _models.hub_cache(cache, "someorg/tok", files)
+        monkeypatch.setattr(cli, "load_streamed_model", real_load)
+        assert main([*argv, "--tokenizer", "someorg/tok"]) == 0, capsys.readouterr().err
+        assert capsys.readouterr().out.startswith("hi")
 
 
 def test_a_tokenizer_folder_without_tokenizer_files_is_refused_before_the_model_loads(
