@@ -575,23 +575,24 @@ def _check_systems(args, systems: list[str], modes: list[str], compressed: list[
     )
 
 
-def split_in_work(ckpt: Path, dest: Path, **kwargs) -> Path:
+def split_in_work(ckpt: Path, dest: Path, *, command: str = "bench", option: str = "--work", **kwargs) -> Path:
     """`split_checkpoint(ckpt, dest, progress=False, **kwargs)` into the work folder, where a refusal advises what
-    bench can do. `split` refuses a directory holding another split (or an unfinished one, or a newer format's) and
-    says to pass `--overwrite`, an option bench does not have: bench never overwrites a split in `--work`.
+    the `command` (bench, or demo with its work folder `option`, `--dir`) can do. `split` refuses a directory holding
+    another split (or an unfinished one, or a newer format's) and says to pass `--overwrite`, an option neither has:
+    they never overwrite a split in their work folder.
 
     Raises:
-        `ShardDirError`: `dest` holds another split: the problem as `split` states it, and bench's fix.
+        `ShardDirError`: `dest` holds another split: the problem as `split` states it, and the command's fix.
     """
     from .errors import ShardDirError, ShardDirOccupiedError
     from .split import split_checkpoint
 
     try:
-        return split_checkpoint(ckpt, dest, progress=False, **kwargs)
+        return split_checkpoint(ckpt, dest, **{"progress": False, **kwargs})
     except ShardDirOccupiedError as e:
         raise ShardDirError(
-            f"{e.problem} bench does not overwrite a split in its `--work` folder: pass another `--work`, or delete "
-            f"{dest} to have it split there anew."
+            f"{e.problem} {command} does not overwrite a split in its `{option}` folder: pass another `{option}`, or "
+            f"delete {dest} to have it split there anew."
         ) from e
 
 

@@ -264,7 +264,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_hub_args(p, token="hub token for gated/private repos (SHARD_DIR, and --adapter, --assistant, --tokenizer)")
 
     p = sub.add_parser("demo", help="the whole pipeline on a built-in random-weight Llama-shaped model (no download)")
-    p.add_argument("--dir", default=None, help="work folder (default: a temporary folder, removed afterwards)")
+    p.add_argument(
+        "--dir",
+        default=None,
+        help="work folder, kept: the checkpoint is written to DIR/checkpoint (one already there is reused if it has "
+        "the sizes and dtype asked for, else refused) and split into DIR/shards (and DIR/shards-4bit or "
+        "DIR/shards-8bit with --compression); nothing else in DIR is touched (default: a temporary folder, removed "
+        "afterwards)",
+    )
     p.add_argument("--layers", type=int, default=8, help="decoder layers (default 8)")
     p.add_argument("--hidden-size", type=int, default=1024, help="hidden size (default 1024)")
     p.add_argument("--intermediate-size", type=int, default=2816, help="MLP size (default 2816)")

@@ -211,9 +211,12 @@ def write_demo_checkpoint_from_args(path: str | Path, args) -> bool:
         stored.setdefault("dtype", stored.get("torch_dtype"))  # (the name before transformers 5)
         found = {key: stored.get(key) for key in _SIZE_FIELDS}
         if found != wanted:
+            # (the fix named the work folder to be emptied: one given may hold more than the demo's folders)
+            split = sorted(str(p) for p in Path(path).parent.glob("shards*") if p.is_dir())
+            beside = f" and {', '.join(split)} (split from it)" if split else ""
             raise ValueError(
                 f"{path} already holds a checkpoint of {_describe(found)}, not the {_describe(wanted)} asked for; "
-                f"pass another folder, or empty {Path(path).parent} to start anew (nothing in it is overwritten: the "
+                f"pass another folder, or delete {path}{beside} to start anew (nothing there is overwritten: the "
                 "shards there were split from the checkpoint there)."
             )
         return False
@@ -271,9 +274,9 @@ def run_demo(args) -> int:
     from transformers import AutoTokenizer
 
     from ._measure import run_child
+    from .bench import split_in_work
     from .cli import _max_memory, _reserve
     from .engine import check_device, check_max_memory, size_text
-    from .split import split_checkpoint
 
     checkpoint_dtype(args.dtype)  # (a typo fails before anything is written)
     # what the streamed run would refuse only in its child, after the checkpoint was written, split and run whole
@@ -305,7 +308,10 @@ def run_demo(args) -> int:
         print(f"   checkpoint: {size_text(size)} of weights")
         print(f"2. splitting it into one file per decoder layer: {shards}")
         t0 = time.perf_counter()
-        split_checkpoint(ckpt, shards)
+        # (a split of another checkpoint there, or a folder of other files: refused with the demo's fix, not split's
+        # `--overwrite`, which the demo has not)
+        in_work = {"command": "demo", "option": "--dir", "progress": True}
+        split_in_work(ckpt, shards, **in_work)
         print(f"   done in {time.perf_counter() - t0:.1f} s")
         # both runs on the same device (on a GPU: the whole model there, against every layer streamed to it)
         runs = [("whole model in memory", {"system": "in_memory", "path": str(ckpt), "device": device})]
@@ -315,7 +321,7 @@ def run_demo(args) -> int:
         if args.compression:
             qdir = work / f"shards-{args.compression}"
             print(f"   also splitting with compression={args.compression}: {qdir}")
-            split_checkpoint(ckpt, qdir, compression=args.compression)
+            split_in_work(ckpt, qdir, compression=args.compression, **in_work)
             runs.append((f"streamed, {args.compression} shards", {**stream, "path": str(qdir), "device": device}))
         tok = AutoTokenizer.from_pretrained(ckpt)
         prompt = "The quick brown fox jumps over the lazy dog. Layer streaming lets"

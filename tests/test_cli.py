@@ -1366,6 +1366,39 @@ def test_demo_refuses_a_folder_holding_a_checkpoint_of_other_sizes(tmp_path, mon
     assert "1. reusing the checkpoint" in capsys.readouterr().out
 
 
+def test_demo_dir_holds_its_checkpoint_and_shards_and_names_its_own_fixes(tmp_path, monkeypatch, capsys):
+    """`demo --dir D` writes D/checkpoint and D/shards (D/shards-4bit with `--compression 4bit`), which neither its help
+    ("work folder") nor the README said; its refusals said to "empty D" (a folder of the user's, holding more than the
+    demo's) and, for a D/shards holding another split, to pass `overwrite=True` (`--overwrite`), which demo has not.
+    The help says where each goes, and each refusal names the demo's own folders and fix."""
+    import hf_layerstream._measure as measure
+    from hf_layerstream.cli import _command_parser
+
+    monkeypatch.setattr(measure, "run_child", lambda spec: {"tokens": [1], "s_per_token": 0.1, "peak_rss": 2**20})
+    help_text = " ".join(_command_parser(build_parser(), "demo").format_help().split())
+    assert "DIR/checkpoint" in help_text and "DIR/shards" in help_text, help_text
+    work = tmp_path / "mine"
+    (work / "notes.txt").parent.mkdir()
+    (work / "notes.txt").write_text("the user's")
+    tiny = ["--hidden-size", "64", "--intermediate-size", "128", "--vocab-size", "256", "--max-new-tokens", "2"]
+    argv = ["demo", "--dir", str(work), "--device", "cpu", *tiny]
+    assert main([*argv, "--layers", "2"]) == 0
+    assert sorted(p.name for p in work.iterdir()) == ["checkpoint", "notes.txt", "shards"]
+    capsys.readouterr()
+    assert main([*argv, "--layers", "3"]) == 2
+    err = capsys.readouterr().err
+    assert f"empty {work}" not in err and f"delete {work / 'checkpoint'} and {work / 'shards'}" in err, err
+    shutil.rmtree(work / "checkpoint")  # (the shards of the 2-layer checkpoint stay)
+    assert main([*argv, "--layers", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "overwrite" not in err.replace("does not overwrite", ""), err
+    assert (
+        f"demo does not overwrite a split in its `--dir` folder: pass another `--dir`, or delete {work / 'shards'}"
+        in err
+    )
+    assert (work / "notes.txt").read_text() == "the user's"
+
+
 @pytest.mark.parametrize(
     "extra, named",
     [
