@@ -8,7 +8,9 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from . import __version__
@@ -490,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
 
     Returns:
         `int`: The exit status: 0 on success, 1 when a check failed (or stdout was closed early: a broken pipe), 2
-        for a usage error or a one-line error, 130 on Ctrl-C.
+        for a usage error or a one-line error, 130 on Ctrl-C, 143 on SIGTERM (handled as Ctrl-C).
     """
     _closed_standard_streams_on_devnull()
     _escape_what_stdout_cannot_encode()  # (every command's: a path, a prompt or a model's text)
@@ -526,6 +528,7 @@ def main(argv: list[str] | None = None) -> int:
         "verify": _cmd_verify,
     }
     handler = handlers.get(args.command) or getattr(args, "handler", None)
+    terminated = _sigterm_as_ctrl_c()
     try:  # (torch, transformers and huggingface_hub are first imported in here: Ctrl-C during that is handled too)
         # huggingface_hub prints its records through a handler of its own (its retries while the hub cannot be
         # reached): passed on to the root logger's too, each came out twice
@@ -549,11 +552,48 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hf-layerstream {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        if terminated.seen:
+            print("terminated", file=sys.stderr)
+            return 128 + signal.SIGTERM  # (143: as a shell reports a process SIGTERM ended)
         print("interrupted", file=sys.stderr)
         return 130
-    finally:  # (`main` called again in one process, as the tests do: one filter per call)
+    finally:  # (`main` called again in one process, as the tests do: one filter per call, one handler)
+        terminated.restore()
         for log_handler in log_handlers:
             log_handler.removeFilter(names)
+
+
+class _SigtermAsCtrlC:
+    """The SIGTERM handler of a command's run (see `_sigterm_as_ctrl_c`): `seen` once one arrived."""
+
+    def __init__(self):
+        self.seen = False
+        self.previous = None
+
+    def __call__(self, signum, frame):
+        self.seen = True
+        # (the SIGINT handler in place: Python's, raising KeyboardInterrupt, or one noting Ctrl-C around a read in
+        # torch's C code, `split._ctrl_c_noted`, which would otherwise take the interrupt for a damaged file)
+        interrupt = signal.getsignal(signal.SIGINT)
+        if callable(interrupt):
+            interrupt(signal.SIGINT, frame)
+        raise KeyboardInterrupt  # (SIGINT ignored, as in a background job of a script: Ctrl-C's way all the same)
+
+    def restore(self) -> None:
+        if self.previous is not None and signal.getsignal(signal.SIGTERM) is self:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
+def _sigterm_as_ctrl_c() -> _SigtermAsCtrlC:
+    """SIGTERM (`kill`, a job scheduler, `timeout`) taken as Ctrl-C for the command's run: it ended the process at
+    once, so what Ctrl-C cleans up was left (`demo`'s and `bench`'s temporary work folders, a child process measuring
+    a system). Now a KeyboardInterrupt is raised as for Ctrl-C, the command cleans up as it does then, and `main`
+    says "terminated" and returns 143. Only where SIGTERM has its default action, in the main thread (where Python
+    runs signal handlers); put back by `restore`."""
+    handler = _SigtermAsCtrlC()
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        handler.previous = signal.signal(signal.SIGTERM, handler)
+    return handler
 
 
 # the arguments that name files or folders, of every command (a hub id never starts with "~")

@@ -1318,6 +1318,34 @@ def test_demo_runs_and_agrees(tmp_path):
     assert torch.__version__  # the demo ran with this interpreter's torch
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGTERM cannot be handled on Windows")
+def test_demo_killed_with_sigterm_removes_its_temporary_folder(tmp_path):
+    """`demo` (no `--dir`) removes its temporary work folder when it ends, or on Ctrl-C; killed with SIGTERM (`kill`,
+    a job scheduler, `timeout`) it was left behind, checkpoint, shards and all. SIGTERM takes Ctrl-C's way now: the
+    folder is removed, "terminated" said, exit code 143 (128 + SIGTERM, as a shell reports a process it ended)."""
+    import signal
+    import time
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    cmd = [sys.executable, "-m", "hf_layerstream", "demo", "--device", "cpu", "--layers", "2", "--hidden-size", "64"]
+    cmd += ["--intermediate-size", "128", "--vocab-size", "256", "--max-new-tokens", "2"]
+    env = {**os.environ, "TMPDIR": str(temp), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        first = proc.stdout.readline()  # (printed once its work folder is made, as it begins writing there)
+        assert first.startswith("1. writing a random-weight Llama-shaped checkpoint"), first + proc.stderr.read()
+        (work,) = temp.glob("hf_layerstream_demo_*")
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err
+    assert err.rstrip().endswith("terminated"), err
+    assert not work.exists() and not list(temp.glob("hf_layerstream_demo_*"))
+
+
 def test_demo_runs_both_systems_on_one_device(tmp_path, monkeypatch, capsys):
     """The whole model and the streamed one are compared on the same device, and the default budget streams every
     layer there (on a GPU: `0=0,cpu=0`; the reference ran on the CPU and the streamed model kept every layer on the
