@@ -535,6 +535,7 @@ def main(argv: list[str] | None = None) -> int:
         from huggingface_hub.utils import logging as hub_logging
 
         hub_logging.get_logger().propagate = False
+        _refuse_empty_revisions(args)
         status = int(handler(args) or 0)
         if sys.stdout is not None:  # (`None` where the command ran with standard output closed, `>&-`)
             sys.stdout.flush()  # a closed pipe shows here rather than at exit, where it could not be handled
@@ -598,6 +599,20 @@ def _sigterm_as_ctrl_c() -> _SigtermAsCtrlC:
 
 # the arguments that name files or folders, of every command (a hub id never starts with "~")
 _PATH_ARGUMENTS = ("source", "shard_dir", "tokenizer", "assistant", "input", "output", "checkpoint", "work", "dir")
+
+
+def _refuse_empty_revisions(args) -> None:
+    """`--revision ''` (a shell variable left unset, `--revision "$REV"`) was passed on as the revision '': offline
+    the error named `hf download REPO --revision ` to run, a command that does not run; online a URL with no
+    revision. Refused, as an empty `--max-memory` is (`--adapter-revision ''` stays the default branch: it is given
+    once per `--adapter`, in order, where '' holds a place)."""
+    for dest in ("revision", "checkpoint_revision"):
+        value = getattr(args, dest, None)
+        if isinstance(value, str) and not value.strip():
+            raise ValueError(
+                f"`--{dest.replace('_', '-')}` is empty: give a branch, tag or commit of the hub repo, or leave the "
+                "option out for its default branch."
+            )
 
 
 def _refuse_without_partner(*pairs: tuple[str, object, str, object]) -> None:

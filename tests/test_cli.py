@@ -1983,6 +1983,35 @@ def test_generate_with_a_peft_adapter(split_dir, tmp_path, capsys, monkeypatch):
     assert "`--adapter-revision` given 2 times" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["inspect", "someorg/shards", "--revision", ""],
+        ["verify", "someorg/shards", "--revision", ""],
+        ["generate", "someorg/shards", "hi", "--revision", ""],
+        ["split", "someorg/checkpoint", "{out}", "--revision", ""],
+        ["bench", "someorg/checkpoint", "--revision", ""],
+        ["bench", "{out}", "--checkpoint", "someorg/checkpoint", "--checkpoint-revision", ""],
+    ],
+)
+def test_an_empty_revision_is_refused(tmp_path, capsys, monkeypatch, argv):
+    """`--revision ''` (a shell variable left unset, `--revision "$REV"`) was passed on as the revision '': offline it
+    ended in "Cannot fetch manifest.json of 'someorg/shards' at revision '' ... (`hf download someorg/shards
+    --revision `)", a command that does not run, and online in a URL with no revision. Refused first, naming the
+    option and the fix, as an empty `--max-memory` is."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    (tmp_path / "shards").mkdir()  # (bench's SOURCE, a shard directory beside its --checkpoint: not looked at)
+    argv = [a.replace("{out}", str(tmp_path / "shards")) for a in argv]
+    option = argv[-2]
+    assert main(argv) == 2
+    assert capsys.readouterr().err == (
+        f"hf-layerstream {argv[0]}: error: `{option}` is empty: give a branch, tag or commit of the hub repo, or leave "
+        "the option out for its default branch.\n"
+    )
+
+
 def test_a_tokenizer_or_draft_that_does_not_load_is_named_by_its_option(split_dir, tmp_path, capsys, monkeypatch):
     """`--tokenizer` or `--assistant` given a hub id whose first file is in the hub cache but that does not load
     offline (its other files not there): the error was transformers' "We couldn't connect to
