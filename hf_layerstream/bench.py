@@ -995,7 +995,7 @@ def bench(args) -> dict:
             },
         }
     finally:
-        if not args.work:
+        if args.work is None:  # (a temporary folder of its own; never one given)
             shutil.rmtree(work, ignore_errors=True)
 
 

@@ -256,10 +256,12 @@ def work_folder(path: str | None, option: str, prefix: str) -> Path:
     `prefix`) where `path` is `None`.
 
     Raises:
-        `ValueError`: `path` is a file, or cannot be made a folder (naming the option, not an `[Errno 17]`).
+        `ValueError`: `path` is empty, a file, or cannot be made a folder (naming the option, not an `[Errno 17]`).
     """
     if path is None:
         return Path(tempfile.mkdtemp(prefix=prefix))
+    if not path:  # (`Path('')` is the current folder, which the command took for its own and removed when done)
+        raise ValueError(f"`{option}` is empty: pass a folder, or leave the option out for a temporary one.")
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"`{option}` {path!r} is a file; pass a folder.")
@@ -366,5 +368,5 @@ def run_demo(args) -> int:
             )
         return 0 if exact else 1
     finally:
-        if not args.dir:
+        if args.dir is None:  # (a temporary folder of its own; never one given)
             shutil.rmtree(work, ignore_errors=True)

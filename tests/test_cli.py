@@ -1346,6 +1346,26 @@ def test_demo_killed_with_sigterm_removes_its_temporary_folder(tmp_path):
     assert not work.exists() and not list(temp.glob("hf_layerstream_demo_*"))
 
 
+@pytest.mark.parametrize("argv", [["demo", "--dir", ""], ["bench", "--demo", "--work", ""]])
+def test_an_empty_work_folder_is_refused_and_the_current_folder_left_alone(tmp_path, monkeypatch, capsys, argv):
+    """`demo --dir ''` (a shell variable left unset, `--dir "$WORK"`) took '' as the current folder (`Path('')` is
+    `.`), wrote its checkpoint and shards there, and, '' being no `--dir` to keep, removed its work folder when done:
+    every file of the current folder was deleted. `bench --work ''` alike. Refused before anything is written."""
+    import hf_layerstream._measure as measure
+
+    monkeypatch.setattr(measure, "run_child", lambda spec, **kwargs: pytest.fail("a system was run"))
+    here = tmp_path / "here"
+    here.mkdir()
+    (here / "mine.txt").write_text("the user's")
+    monkeypatch.chdir(here)
+    tiny = ["--layers", "2", "--hidden-size", "64", "--intermediate-size", "128", "--vocab-size", "256"]
+    assert main([*argv, *tiny, "--max-new-tokens", "2", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    option = argv[-2]
+    assert f"`{option}` is empty: pass a folder, or leave the option out for a temporary one" in err, err
+    assert sorted(p.name for p in here.iterdir()) == ["mine.txt"]
+
+
 def test_demo_runs_both_systems_on_one_device(tmp_path, monkeypatch, capsys):
     """The whole model and the streamed one are compared on the same device, and the default budget streams every
     layer there (on a GPU: `0=0,cpu=0`; the reference ran on the CPU and the streamed model kept every layer on the
