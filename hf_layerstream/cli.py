@@ -747,6 +747,17 @@ def _cmd_generate(args) -> int:
     from .split import missing_local_folder
     from .stream import get_streaming_state
 
+    # (a shell variable left unset, `--adapter "$LORA"`: '' was taken as the option not given, without a word, and the
+    # base model ran; `--input ''` and `--output ''` were refused as the other one missing)
+    for option, value, what in (
+        ("--tokenizer", args.tokenizer, "a tokenizer's folder or hub id"),
+        ("--assistant", args.assistant, "a draft model's folder or hub id"),
+        ("--adapter", next((a for a in args.adapter or [] if not a), None), "a PEFT adapter's folder or hub id"),
+        ("--input", args.input, "a JSONL file of prompts (- for standard input)"),
+        ("--output", args.output, "the JSONL file the results go to"),
+    ):
+        if value is not None and not value:
+            raise ValueError(f"`{option}` is empty: pass {what}, or leave the option out.")
     if args.adapter and len(args.adapter) > 1:
         raise ValueError(
             f"`--adapter` given {len(args.adapter)} times: `generate` attaches one adapter. Merge several into the "

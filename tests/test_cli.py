@@ -2110,6 +2110,36 @@ def test_a_hub_tokenizer_or_draft_that_cannot_be_fetched_is_refused_before_the_m
         assert capsys.readouterr().out.startswith("hi")
 
 
+@pytest.mark.parametrize(
+    "options, option",
+    [
+        (["--tokenizer", ""], "--tokenizer"),
+        (["--assistant", ""], "--assistant"),
+        (["--adapter", ""], "--adapter"),
+        (["--input", "", "--output", "{out}"], "--input"),
+        (["--input", "{in}", "--output", ""], "--output"),
+    ],
+)
+def test_generate_refuses_an_empty_file_or_model_option(split_dir, tmp_path, capsys, monkeypatch, options, option):
+    """`generate --adapter ''` (a shell variable left unset, `--adapter "$LORA"`) ran the base model without a word,
+    as if the option were not given; `--tokenizer ''` used the shard directory's tokenizer, `--assistant ''` decoded
+    without a draft, `--input ''` was refused as "`--output` only applies with `--input`", where it was given, and
+    `--output ''` as "`--input` needs `--output`". Each is refused before the model loads, naming the option."""
+    import hf_layerstream.cli as cli
+
+    _, shards = split_dir
+    (tmp_path / "in.jsonl").write_text('{"id": 1, "prompt": "hi"}\n')
+    options = [
+        o.replace("{in}", str(tmp_path / "in.jsonl")).replace("{out}", str(tmp_path / "out.jsonl")) for o in options
+    ]
+    monkeypatch.setattr(cli, "load_streamed_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    prompt = [] if "--input" in options else ["hi"]
+    assert main(["generate", str(shards), *prompt, *options]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"hf-layerstream generate: error: `{option}` is empty: pass "), err
+    assert err.rstrip().endswith("or leave the option out."), err
+
+
 def test_a_tokenizer_folder_without_tokenizer_files_is_refused_before_the_model_loads(
     split_dir, tmp_path, capsys, monkeypatch
 ):
