@@ -536,6 +536,7 @@ def main(argv: list[str] | None = None) -> int:
 
         hub_logging.get_logger().propagate = False
         _refuse_empty_revisions(args)
+        _refuse_empty_paths(args)
         status = int(handler(args) or 0)
         if sys.stdout is not None:  # (`None` where the command ran with standard output closed, `>&-`)
             sys.stdout.flush()  # a closed pipe shows here rather than at exit, where it could not be handled
@@ -613,6 +614,20 @@ def _refuse_empty_revisions(args) -> None:
                 f"`--{dest.replace('_', '-')}` is empty: give a branch, tag or commit of the hub repo, or leave the "
                 "option out for its default branch."
             )
+
+
+def _refuse_empty_paths(args) -> None:
+    """A SOURCE, SHARD_DIR or `--checkpoint` given as '' (a shell variable left unset, `split CKPT "$OUT"`) was the
+    current folder (`Path('')` is `.`): `split` wrote its shards there ("shard directory ready: ."), `inspect`,
+    `verify` and `generate` read it as the shard directory, `split --adapter ''` as the adapter. Refused, naming the
+    argument (generate's own options that take a folder are refused in `_cmd_generate`, saying what each takes)."""
+    named = [("source", "SOURCE"), ("shard_dir", "SHARD_DIR"), ("checkpoint", "--checkpoint")]
+    if args.command == "split":
+        named.append(("adapter", "--adapter"))
+    for dest, name in named:
+        value = getattr(args, dest, None)
+        if value == "" or (isinstance(value, list) and "" in value):
+            raise ValueError(f"`{name}` is empty: pass a folder or a hub repo id.")
 
 
 def _refuse_without_partner(*pairs: tuple[str, object, str, object]) -> None:

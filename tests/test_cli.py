@@ -2032,6 +2032,35 @@ def test_an_empty_revision_is_refused(tmp_path, capsys, monkeypatch, argv):
     )
 
 
+@pytest.mark.parametrize(
+    "argv, named",
+    [
+        (["split", "{ckpt}", ""], "SHARD_DIR"),
+        (["split", "", "{out}"], "SOURCE"),
+        (["split", "{ckpt}", "{out}", "--adapter", ""], "--adapter"),
+        (["inspect", ""], "SHARD_DIR"),
+        (["verify", ""], "SHARD_DIR"),
+        (["generate", "", "hi"], "SHARD_DIR"),
+        (["bench", ""], "SOURCE"),
+        (["bench", "{shards}", "--checkpoint", ""], "--checkpoint"),
+    ],
+)
+def test_an_empty_source_or_shard_directory_is_refused(split_dir, tmp_path, capsys, monkeypatch, argv, named):
+    """`split CKPT ''` (a shell variable left unset, `split CKPT "$OUT"`) split into the current folder ('' is `.`),
+    saying "shard directory ready: ."; `inspect ''`, `verify ''` and `generate '' hi` read the current folder as the
+    shard directory, `split --adapter ''` it as the adapter, `bench --checkpoint ''` as the checkpoint. Each is
+    refused, naming the argument, before anything is read or written."""
+    ckpt, shards = split_dir
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    paths = {"{ckpt}": str(ckpt), "{out}": str(tmp_path / "out"), "{shards}": str(shards)}
+    assert main([paths.get(a, a) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err == f"hf-layerstream {argv[0]}: error: `{named}` is empty: pass a folder or a hub repo id.\n", err
+    assert list(here.iterdir()) == [] and not (tmp_path / "out").exists()
+
+
 def test_a_tokenizer_or_draft_that_does_not_load_is_named_by_its_option(split_dir, tmp_path, capsys, monkeypatch):
     """`--tokenizer` or `--assistant` given a hub id whose first file is in the hub cache but that does not load
     offline (its other files not there): the error was transformers' "We couldn't connect to
