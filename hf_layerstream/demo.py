@@ -77,11 +77,13 @@ def write_demo_checkpoint(
         )
     path.mkdir(parents=True, exist_ok=True)
     _write_random_weights(model, path, torch_dtype, seed)
-    model.config.architectures = [type(model).__name__]  # (as `save_pretrained` records it: vLLM and others need it)
-    model.config.save_pretrained(path)
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.save_pretrained(path)
     tok.save_pretrained(path)
+    model.config.architectures = [type(model).__name__]  # (as `save_pretrained` records it: vLLM and others need it)
+    # (last: a checkpoint there is known by it, and reused; written before the tokenizer, a run interrupted between
+    # them left one the next run reused and failed on)
+    model.config.save_pretrained(path)
     return path
 
 

@@ -1366,6 +1366,30 @@ def test_an_empty_work_folder_is_refused_and_the_current_folder_left_alone(tmp_p
     assert sorted(p.name for p in here.iterdir()) == ["mine.txt"]
 
 
+def test_a_demo_checkpoint_cut_short_is_written_again_not_reused(tmp_path, monkeypatch, capsys):
+    """`demo --dir D` interrupted (Ctrl-C, SIGTERM) once the checkpoint's config.json was written but not its tokenizer
+    left a D/checkpoint that the next run reused (config.json of the sizes asked for), then failed for want of the
+    tokenizer. config.json, what a checkpoint there is recognized by, is written last."""
+    from transformers import PreTrainedTokenizerFast
+
+    import hf_layerstream._measure as measure
+
+    monkeypatch.setattr(measure, "run_child", lambda spec: {"tokens": [1], "s_per_token": 0.1, "peak_rss": 2**20})
+    tiny = ["--layers", "2", "--hidden-size", "64", "--intermediate-size", "128", "--vocab-size", "256"]
+    argv = ["demo", "--dir", str(tmp_path), "--device", "cpu", *tiny, "--max-new-tokens", "2"]
+    with monkeypatch.context() as m:
+
+        def interrupted(self, *args, **kwargs):
+            raise KeyboardInterrupt
+
+        m.setattr(PreTrainedTokenizerFast, "save_pretrained", interrupted)
+        assert main(argv) == 130
+    capsys.readouterr()
+    assert main(argv) == 0, capsys.readouterr().err
+    assert "1. writing a random-weight Llama-shaped checkpoint" in capsys.readouterr().out
+    assert (tmp_path / "checkpoint" / "tokenizer.json").is_file()
+
+
 def test_demo_runs_both_systems_on_one_device(tmp_path, monkeypatch, capsys):
     """The whole model and the streamed one are compared on the same device, and the default budget streams every
     layer there (on a GPU: `0=0,cpu=0`; the reference ran on the CPU and the streamed model kept every layer on the
