@@ -717,9 +717,8 @@ class ShardDirectory:
     the manifest (tensor names, shapes, dtypes, offsets inside the file), the recorded sample digest (the first
     and last 64 KiB: a file from another split or another layer is caught), the digest of its split's options each
     file carries against the manifest's (a file of another split copied in with its manifest entry), and the
-    manifest's record of the tensors,
-    its `compression` and `dtype` against the records the files carry (the manifest has no digest of its own: an edit
-    of what streaming reads the files by is caught so). `checksums=True` also hashes every file in full at open;
+    manifest's record of the tensors, its `compression`, `dtype` and `load_dtype` against the records the files carry
+    (the manifest has no digest of its own: an edit of what streaming reads the files by is caught so). `checksums=True` also hashes every file in full at open;
     [`~ShardDirectory.verify`] lists every problem instead of raising at the first.
 
     Args:

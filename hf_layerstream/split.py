@@ -168,8 +168,8 @@ def hub_unreachable_error(
 ) -> FileNotFoundError:
     """The error for a file of the hub repo `repo_id` (given as `role`, e.g. "`source`") that could not be fetched:
     the hub cannot be reached and the file is not in the hub cache. For the first file fetched (config.json,
-    adapter_config.json, a shard directory's manifest.json, a tokenizer's tokenizer_config.json), it says that no local folder has that name either (a
-    misspelt folder name reads as a hub repo id, and meets this first). `what`: what a local `role` is (a checkpoint
+    adapter_config.json, a shard directory's manifest.json, a tokenizer's tokenizer_config.json), it says that no
+    local folder has that name either (a misspelt folder name reads as a hub repo id, and meets this first). `what`: what a local `role` is (a checkpoint
     folder, an adapter folder); `revision`: the one asked for, named; `cache_dir`: the hub cache given, where the
     download it names goes."""
     no_folder = ""

@@ -1172,12 +1172,12 @@ def enable_layer_streaming(
             take host RAM there, outside the plan).
         prefetch (`int`, *optional*):
             How many streamed layers are read ahead of the compute, at most one fewer than the layers (one given
-            beyond that is lowered to it, with a warning). Default on
-            CPU: 3 with full-precision shards, 2 with quantized ones (the fastest from a cold page cache in our
-            measurements); on CUDA: as many layers as hold 320 MiB as stored, from 2 to 8, where that gives up no
-            layer the plan would keep on the GPU at 2 (else 2). Each one more holds one more layer in memory. On a
-            GPU whose budget cannot hold the resident parts and that many layers in flight, the default is lowered
-            until it can (down to 0); on CPU, until they fit in `max_memory["cpu"]`, when given and not 0.
+            beyond that is lowered to it, with a warning). Default on CPU: 3 with full-precision shards, 2 with
+            quantized ones (the fastest from a cold page cache in our measurements); on CUDA: as many layers as
+            hold 320 MiB as stored, from 2 to 8, where that gives up no layer the plan would keep on the GPU at 2
+            (else 2). Each one more holds one more layer in memory. On a GPU whose budget cannot hold the resident
+            parts and that many layers in flight, the default is lowered until it can (down to 0); on CPU, until
+            they fit in `max_memory["cpu"]`, when given and not 0.
         profile (`bool`, defaults to `False`):
             Record per-layer timings; see [`get_streaming_state`]`(model).profile`.
         keep_in_page_cache (`bool`, *optional*):
