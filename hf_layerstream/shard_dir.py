@@ -543,6 +543,14 @@ def check_revision(revision) -> None:
         raise TypeError(f"`revision` must be a branch, tag or commit (a str) or None, got {revision!r}.")
 
 
+def check_token(token) -> None:
+    """A hub `token` as given: a str, a bool (huggingface_hub's: `False` sends none) or None. Another type (an int, a
+    dict) was passed to huggingface_hub for a hub repo, failing there naming no argument, and taken without a word
+    for a local folder."""
+    if token is not None and not isinstance(token, (str, bool)):
+        raise TypeError(f"`token` must be a str, True, False or None, got {type(token).__name__}.")
+
+
 def local_shard_dir(shard_dir, *, weights: bool = True, revision: str | None = None, token: str | bool | None = None):
     """`shard_dir` as a folder on this machine: itself, or where it is a hub repo id (`org/name`, and nothing of that
     name here), that repo's snapshot in the hub cache at `revision` (a branch, tag or commit; default: its default
@@ -561,6 +569,7 @@ def local_shard_dir(shard_dir, *, weights: bool = True, revision: str | None = N
             one (a checkpoint's download, or another folder as downloaded), or records that the hub has none.
     """
     check_revision(revision)
+    check_token(token)
     if not _hub_repo_id(shard_dir):
         warn_hub_only(shard_dir, "read as it is", revision=revision, token=token)
         return shard_dir

@@ -69,6 +69,7 @@ from .shard_dir import (
     UnitEntry,
     _is_newer_format,
     check_revision,
+    check_token,
     hub_cache_of,
     hub_download_of,
     hub_repo_of,
@@ -1778,6 +1779,7 @@ def split_checkpoint(
     if cache_dir is not None and not isinstance(cache_dir, (str, os.PathLike)):
         raise TypeError(f"`cache_dir` must be a str or os.PathLike or None, got {type(cache_dir).__name__}.")
     check_revision(revision)
+    check_token(token)
     overwrite, wait = check_flag("overwrite", overwrite), check_flag("wait", wait)
     progress, remove_from_cache = check_flag("progress", progress), check_flag("remove_from_cache", remove_from_cache)
     adapters = _adapters_given(adapter, adapter_revision)

@@ -2269,6 +2269,15 @@ def test_a_path_or_revision_of_another_type_is_refused_naming_the_argument(check
             split_checkpoint("tiny-org/tiny", out, revision=revision, progress=False)
         with pytest.raises(TypeError, match=refused):
             enable_layer_streaming(_llama_model(), "tiny-org/tiny.layers", revision=revision)
+    # a `token` that is no str, bool or None: passed to huggingface_hub for a hub repo, taken silently for a folder
+    for token in (5, {"token": "hf_x"}):
+        refused = rf"^`token` must be a str, True, False or None, got {type(token).__name__}\.$"
+        for source in ("tiny-org/tiny", ckpt):
+            with pytest.raises(TypeError, match=refused):
+                split_checkpoint(source, out, token=token, progress=False)
+        for where in ("tiny-org/tiny.layers", shards):
+            with pytest.raises(TypeError, match=refused):
+                enable_layer_streaming(_llama_model(), where, token=token)
     assert not out.exists()
 
 
