@@ -65,7 +65,7 @@ from transformers import GenerationConfig
 from transformers.generation import GenerationMode
 
 from ._safetensors import atomic_write_bytes, fsync_dir
-from .modeling import check_flag, position_overrun, vocabulary_overrun
+from .modeling import check_flag, check_path, position_overrun, vocabulary_overrun
 from .quant import _is_int  # (an int, NumPy's too, not a bool)
 from .speculative import (
     SweepCounter,
@@ -1067,9 +1067,8 @@ def generate_jsonl(
     """
     chat, progress = check_flag("chat", chat), check_flag("progress", progress)
     _check_model_and_tokenizer(model, tokenizer)
-    for name, path in (("input_path", input_path), ("output_path", output_path)):  # (else pathlib's, naming neither)
-        if not isinstance(path, (str, os.PathLike)):
-            raise TypeError(f"`{name}` must be a str or os.PathLike, got {type(path).__name__}.")
+    check_path("input_path", input_path)
+    check_path("output_path", output_path)
     input_path = Path(input_path)
     output_path = Path(output_path)
     _check_paths(input_path, output_path)

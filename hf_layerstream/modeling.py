@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import threading
 from collections import defaultdict
@@ -159,6 +160,15 @@ def check_flag(name: str, value) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"`{name}` must be True or False, got {value!r}.")
     return value
+
+
+def check_path(name: str, value, *, optional: bool = False) -> None:
+    """A path argument of the public API as given: a str or `os.PathLike` (or None, where `optional`). Something else
+    (None, an int, bytes) failed in pathlib, naming no argument: "expected str, bytes or os.PathLike object, not
+    NoneType"."""
+    if (value is not None or not optional) and not isinstance(value, (str, os.PathLike)):
+        allowed = "a str or os.PathLike or None" if optional else "a str or os.PathLike"
+        raise TypeError(f"`{name}` must be {allowed}, got {type(value).__name__}.")
 
 
 def stand_in(like: torch.Tensor, dtype: torch.dtype | None = None, device=None) -> torch.Tensor:

@@ -29,7 +29,7 @@ import torch
 
 from ._safetensors import Header, read_header, sample_digest, sha256_file, str_to_dtype
 from .errors import NOT_DAMAGE, ShardDirError, ShardFileError, unreadable
-from .modeling import RESIDENT, check_flag, layer_unit
+from .modeling import RESIDENT, check_flag, check_path, layer_unit
 
 logger = logging.getLogger(__name__)
 
@@ -745,8 +745,7 @@ class ShardDirectory:
     """
 
     def __init__(self, path: str | os.PathLike, *, check_files: bool = True, checksums: bool = False):
-        if not isinstance(path, (str, os.PathLike)):
-            raise TypeError(f"`shard_dir` must be a str or os.PathLike, got {type(path).__name__}.")
+        check_path("shard_dir", path)
         check_files, checksums = check_flag("check_files", check_files), check_flag("checksums", checksums)
         # absolute: the files are opened as they are needed, and the process may change its working directory by
         # then (a server, a notebook's `%cd`); `~` expanded, as `split_checkpoint` expands it for the directory it

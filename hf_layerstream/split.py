@@ -39,6 +39,7 @@ from .modeling import (
     auto_class_for,
     build_as,
     check_flag,
+    check_path,
     conversion_record,
     convert_unit,
     created_dtypes,
@@ -1771,13 +1772,10 @@ def split_checkpoint(
     """
     from transformers import AutoConfig
 
-    # (something else than a path failed in pathlib, naming no argument: "expected str, bytes or os.PathLike object,
-    # not NoneType"; a `revision` that is no string, in huggingface_hub)
-    for name, value in (("source", source), ("shard_dir", shard_dir)):
-        if not isinstance(value, (str, os.PathLike)):
-            raise TypeError(f"`{name}` must be a str or os.PathLike, got {type(value).__name__}.")
-    if cache_dir is not None and not isinstance(cache_dir, (str, os.PathLike)):
-        raise TypeError(f"`cache_dir` must be a str or os.PathLike or None, got {type(cache_dir).__name__}.")
+    # (a `revision` that is no string failed in huggingface_hub, naming no argument)
+    check_path("source", source)
+    check_path("shard_dir", shard_dir)
+    check_path("cache_dir", cache_dir, optional=True)
     check_revision(revision)
     check_token(token)
     overwrite, wait = check_flag("overwrite", overwrite), check_flag("wait", wait)
