@@ -63,6 +63,12 @@ RSS_SLACK = 1.15
 FIT_SHARE = 0.9
 CUDA_HOST_TARGET = 1.2  # x bytes per sweep / pinned host-to-device bandwidth, decoding from host RAM
 COMPRESSED_SPEEDUP = 1.8  # issue #3: 4-bit shards vs full-precision shards, cold, on CPU
+# `--compression`'s names -> `split_checkpoint`'s options
+COMPRESSIONS = {
+    "4bit": {"compression": "4bit"},
+    "4bit-dq": {"compression": "4bit", "double_quant": True},
+    "8bit": {"compression": "8bit"},
+}
 # a cold row whose weight files kept more than this share of their bytes in the page cache after the drop (a tmpfs,
 # where the drop does nothing) read from memory: marked "cold (cached)", and held to no cold target
 COLD_CACHED_SHARE = 0.5
@@ -86,7 +92,8 @@ def scheme_name(compression: dict | None) -> str | None:
         return None
     bits = compression.get("bits")
     quant_type = compression.get("quant_type")
-    return f"{bits}bit" + (f" {quant_type}" if bits == 4 and quant_type else "")
+    double = " dq" if compression.get("double_quant") else ""
+    return f"{bits}bit" + (f" {quant_type}" if bits == 4 and quant_type else "") + double
 
 
 def token_agreement(tokens: list, reference: list) -> float:
@@ -163,8 +170,9 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--compression",
         default=None,
-        help="also split with 4bit and/or 8bit (e.g. '4bit,8bit') and add rows streaming those shards from disk, "
-        "side by side with the full-precision ones (needs the original checkpoint)",
+        help="also split with 4bit, 4bit-dq (its block scales quantized too: double quantization) and/or 8bit (e.g. "
+        "'4bit,8bit') and add rows streaming those shards from disk, side by side with the full-precision ones "
+        "(needs the original checkpoint)",
     )
     p.add_argument("--modes", default="warm,cold", help="warm, cold or both (default warm,cold)")
     p.add_argument("--batch-sizes", default="1", help="prompts per sweep, e.g. 1,4,16,64: one row per size")
@@ -775,7 +783,7 @@ def bench(args) -> dict:
     systems = _parse_list(args.systems, SYSTEMS, "--systems")
     modes = _parse_list(args.modes, ("warm", "cold"), "--modes")
     batches = _parse_batches(args.batch_sizes)
-    compressed = _parse_list(args.compression, ("4bit", "8bit"), "--compression") if args.compression else []
+    compressed = _parse_list(args.compression, COMPRESSIONS, "--compression") if args.compression else []
     if args.max_new_tokens < 2:
         raise ValueError(f"`--max-new-tokens` is {args.max_new_tokens}; use at least 2 (decode steps are timed).")
     if args.rounds < 1 or args.repeats < 1:
@@ -927,7 +935,7 @@ def bench(args) -> dict:
             if ckpt is None:
                 raise ValueError("`--compression` needs the original checkpoint: pass it with `--checkpoint`.")
             for c in compressed:
-                qdir = split_in_work(ckpt, work / f"shards-{c}", compression=c)
+                qdir = split_in_work(ckpt, work / f"shards-{c}", **COMPRESSIONS[c])
                 q = ShardDirectory(qdir)
                 name = f"streamed_disk_{c}"
                 systems.append(name)

@@ -140,6 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quant-type", default=None, help="4-bit code: nf4 (default) or fp4 (8-bit takes blockwise only)")
     p.add_argument("--blocksize", type=int, default=None, help="quantization block size")
+    p.add_argument(
+        "--double-quant",
+        action="store_true",
+        help="4-bit: quantize the block scales too (8%% less to read per token at nf4/64, same error)",
+    )
     p.add_argument("--dtype", default=None, help="cast floating tensors (default: keep the checkpoint's)")
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     p.add_argument("--token", default=None, help="hub token for gated/private repos")
@@ -417,6 +422,8 @@ def _as_options(message: str, parser: argparse.ArgumentParser, command: str) -> 
         if long and action.dest != "help":
             for name in (action.dest, *_LIBRARY_NAMES.get(action.dest, ())):
                 message = message.replace(f"`{name}`", f"`{long[0]}`").replace(f"`{name}=`", f"`{long[0]}`")
+                if isinstance(action, argparse._StoreTrueAction):  # (`double_quant=True` is `--double-quant`)
+                    message = re.sub(rf"(?<![\w.`-]){re.escape(name)}=True\b", long[0], message)
                 message = re.sub(rf"(?<![\w.`-]){re.escape(name)}=", f"{long[0]} ", message)
         if action.dest == "max_memory":  # its entries and examples as the option writes them, not as Python does
             message = re.sub(r"max_memory\[(['\"]?)(\w+)\1\]", r"--max-memory \2", message)
@@ -665,6 +672,7 @@ def _cmd_split(args) -> int:
             compression=args.compression,
             quant_type=args.quant_type,
             blocksize=args.blocksize,
+            double_quant=args.double_quant,
             dtype=args.dtype,
             revision=args.revision,
             token=args.token,

@@ -1455,7 +1455,7 @@ def _summary_otherwise(manifest: Manifest) -> tuple[str, str] | None:
     scheme = manifest.compression
     if quantized and not isinstance(scheme, dict):
         name, quant = quantized[0]
-        wanted = json.dumps({k: quant.get(k) for k in _SCHEME_KEYS})
+        wanted = json.dumps({k: quant.get(k) for k in _SCHEME_KEYS if k in quant or k not in _SCHEME_DEFAULTS})
         return (
             f'records "compression": {json.dumps(scheme)}, but {len(quantized)} of its tensors are stored quantized '
             f"(e.g. {name!r}: {wanted})",
@@ -1476,9 +1476,13 @@ def _summary_otherwise(manifest: Manifest) -> tuple[str, str] | None:
                 fix.format('"compression"', "null"),
             )
     for key in _SCHEME_KEYS if quantized else ():
-        stored = {json.dumps(quant.get(key)) for _, quant in quantized}
+        default = _SCHEME_DEFAULTS.get(key)  # (a key written only where it is not its default: as that default)
+        stored = {json.dumps(quant.get(key, default)) for _, quant in quantized}
+        recorded = scheme.get(key, default)
         # (tensors that differ among themselves: one's record changed, which its file's own record names)
-        if len(stored) == 1 and (key not in scheme or json.dumps(scheme[key]) not in stored):
+        if len(stored) == 1 and (
+            (key not in scheme and key not in _SCHEME_DEFAULTS) or json.dumps(recorded) not in stored
+        ):
             said = f'with "{key}": {json.dumps(scheme[key])}' if key in scheme else f'without "{key}"'
             return (
                 f'records "compression" {said}, but its {len(quantized)} quantized tensors are stored with '
@@ -1586,7 +1590,8 @@ def _load_dtype_differs(manifest: Manifest, config) -> tuple[str, str] | None:
 
 SAME_SPLIT = "(`split_checkpoint` / `hf-layerstream split`, same source and options)"  # (what "the same split" is)
 _RERUN = f"run the same split again {SAME_SPLIT}, which writes the file there"
-_SCHEME_KEYS = ("bits", "quant_type", "blocksize")  # (what a quantized tensor records of the split's scheme)
+_SCHEME_KEYS = ("bits", "quant_type", "blocksize", "double_quant")  # (what a quantized tensor records of the scheme)
+_SCHEME_DEFAULTS = {"double_quant": False}  # (written only where true: by the scheme and its tensors alike)
 
 
 def _informative(name: str) -> bool:

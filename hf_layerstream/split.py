@@ -1122,7 +1122,8 @@ def _scheme_detail(compression: dict) -> str:
     """A compression's code, block size and whether it takes the embeddings, as messages and the model card say it."""
     blocks = f", blocks of {compression['blocksize']}" if compression.get("blocksize") else ""
     embeddings = ", the embeddings too" if compression.get("quantize_embeddings") else ""
-    return f"{compression.get('quant_type') or 'int8'}{blocks}{embeddings}"
+    scales = ", scales quantized too (double quantization)" if compression.get("double_quant") else ""
+    return f"{compression.get('quant_type') or 'int8'}{blocks}{scales}{embeddings}"
 
 
 def _recorded_options(manifest: dict, options: dict) -> dict:
@@ -1266,8 +1267,11 @@ def _estimate_unit_bytes(
         if scheme is not None and numel and len(shape) >= 2 and dtype.is_floating_point:
             meta = torch.empty(shape, dtype=dtype, device="meta")
             if quantizes(name, meta, scheme, is_embedding=unit == RESIDENT):
-                nbytes = -(-numel * scheme.bits // 8) + 4 * -(-numel // scheme.blocksize)
-                overhead = 4 * len(name) + 600  # two parts and the codec metadata
+                blocks = -(-numel // scheme.blocksize)
+                # (double-quantized: a byte per block, and a float32 per 256 blocks)
+                scales = blocks + 4 * -(-blocks // 256) if scheme.double_quant else 4 * blocks
+                nbytes = -(-numel * scheme.bits // 8) + scales
+                overhead = 4 * len(name) + 600  # two parts (three) and the codec metadata
         total += nbytes + overhead
     return total
 
@@ -1663,6 +1667,7 @@ def split_checkpoint(
     compression: str | None = None,
     quant_type: str | None = None,
     blocksize: int | None = None,
+    double_quant: bool = False,
     dtype: torch.dtype | str | None = None,
     revision: str | None = None,
     token: str | bool | None = None,
@@ -1698,6 +1703,9 @@ def split_checkpoint(
             For 4-bit: `"nf4"` (default) or `"fp4"`.
         blocksize (`int`, *optional*):
             Quantization block size.
+        double_quant (`bool`, defaults to `False`):
+            For 4-bit: quantize the block scales too (transformers' `bnb_4bit_use_double_quant`), 8% less to read
+            per token at nf4 / 64, for the same error to a few parts in 10,000 (see `QuantScheme`).
         dtype (`torch.dtype` or `str`, *optional*):
             Cast floating-point tensors to this dtype (default: keep the checkpoint's); the shard directory's config
             (and its sub-configs) then says it, as `from_pretrained(dtype=...)` sets it. Either way the manifest
@@ -1783,10 +1791,10 @@ def split_checkpoint(
     adapters = _adapters_given(adapter, adapter_revision)
     scheme = None
     quantize_tensor = None
-    if compression is not None or quant_type is not None or blocksize is not None:
+    if compression is not None or quant_type is not None or blocksize is not None or double_quant is not False:
         from .quant import load_backend, quantize_tensor, resolve_compression
 
-        scheme = resolve_compression(compression, quant_type=quant_type, blocksize=blocksize)
+        scheme = resolve_compression(compression, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant)
         load_backend("Splitting with `compression`")  # (before anything is written: not half way)
     dtype = resolve_dtype(dtype)
     shard_dir = Path(shard_dir).expanduser()  # (as `source` is: `~/x.layers` made a folder named `~`)

@@ -1643,6 +1643,20 @@ def test_bench_and_demo_take_compression_in_any_case():
     assert build_parser().parse_args(["demo", "--compression", "4BIT"]).compression == "4bit"
 
 
+def test_bench_compression_4bit_dq_splits_with_double_quant(tmp_path, checkpoints):
+    """`--compression 4bit-dq`: the rows of 4-bit shards whose block scales are quantized too, named so."""
+    from hf_layerstream.bench import COMPRESSIONS, _label, _parse_list, scheme_name, split_in_work
+
+    assert _parse_list("4bit,4BIT-DQ", COMPRESSIONS, "--compression") == ["4bit", "4bit-dq"]
+    ckpt, _ = checkpoints("llama")
+    shards = ShardDirectory(split_in_work(ckpt, tmp_path / "shards-4bit-dq", **COMPRESSIONS["4bit-dq"]))
+    assert shards.compression["bits"] == 4 and shards.compression["double_quant"] is True
+    assert (
+        scheme_name(shards.compression) == "4bit nf4 dq" and scheme_name({"bits": 4, "quant_type": "nf4"}) == "4bit nf4"
+    )
+    assert _label("streamed_disk_4bit-dq") == "hf_layerstream, 4bit-dq shards (from disk)"
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads /proc/self/smaps (Linux)")
 def test_library_rss_counts_shared_libraries_not_mapped_weights(tmp_path):
     """`_measure.library_rss`, which the peak-RSS tests leave out of a run's growth (library code the first pass pages

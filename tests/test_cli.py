@@ -836,6 +836,15 @@ def test_generate_errors_are_clear(tmp_path, capsys):
             ["split", "{ckpt}", "{tmp}/out", "--blocksize", "64"],
             "--blocksize 64 only applies to quantized shards; pass --compression '4bit' or '8bit' as well",
         ),
+        # (a flag: named as it is typed, not `--double-quant True`)
+        (
+            ["split", "{ckpt}", "{tmp}/out", "--double-quant"],
+            "--double-quant only applies to quantized shards; pass --compression '4bit' as well (or drop it",
+        ),
+        (
+            ["split", "{ckpt}", "{tmp}/out", "--double-quant", "--compression", "8bit"],
+            "`--double-quant` applies to 4-bit",
+        ),
         # (a traceback; and a split that `generate` then failed on with a traceback: `LlamaModel` has no `generate`)
         (
             ["split", "{ckpt}", "{tmp}/out", "--model-class", "GPT2LMHeadModel"],
@@ -866,6 +875,8 @@ def test_generate_errors_are_clear(tmp_path, capsys):
         "demo-dtype-alias",
         "quant-type-without-compression",
         "blocksize-without-compression",
+        "double-quant-without-compression",
+        "double-quant-with-8bit",
         "model-class-of-another-architecture",
         "model-class-without-head",
         "remove-from-cache-of-a-local-folder",

@@ -36,11 +36,12 @@ FIDELITY_CONFIG = {"hidden_size": 256, "intermediate_size": 688, "num_attention_
 
 @pytest.fixture(scope="module")
 def quantized(tmp_path_factory):
-    """A bf16 Llama checkpoint and its 4-bit and 8-bit shard directories."""
+    """A bf16 Llama checkpoint and its 4-bit, 8-bit and double-quantized 4-bit shard directories."""
     root = tmp_path_factory.mktemp("per-module")
     config = _models.make_config("llama", num_hidden_layers=5, **FIDELITY_CONFIG)  # (prefetch 3 needs 5 streamed)
     ckpt = _models.save_tiny_checkpoint(config, root / "ckpt", dtype=torch.bfloat16, max_shard_size="1MB")
     dirs = {c: split_checkpoint(ckpt, root / f"shards-{c}", compression=c, progress=False) for c in ("4bit", "8bit")}
+    dirs["4bit-dq"] = split_checkpoint(ckpt, root / "shards-dq", compression="4bit", double_quant=True, progress=False)
     return ckpt, dirs
 
 
@@ -65,7 +66,7 @@ def _linear_weights(shards) -> list[str]:
 # --- exact under every plan -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("compression", ["4bit", "8bit"])
+@pytest.mark.parametrize("compression", ["4bit", "8bit", "4bit-dq"])
 def test_every_plan_gives_the_layer_decodes_bits(quantized, compression):
     """Kept, streamed with prefetch 0 to 3, mixed: the logits and greedy tokens equal dequantizing whole layers."""
     ckpt, dirs = quantized

@@ -118,6 +118,76 @@ def test_round_trip(key, dtype, shape):
     assert torch.equal(dequantize_tensor(parts, meta, dtype=torch.float32), ref)
 
 
+@pytest.mark.parametrize("key", ["nf4", "fp4"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize(
+    "shape", [(64, 128), (100, 129), (7, 5), (4, 96, 64), (300, 257)], ids=lambda s: "x".join(map(str, s))
+)
+def test_double_quant_round_trip(key, dtype, shape):
+    """`double_quant=True`: the block scales stored as bitsandbytes' nested state (a byte each, less their mean, and a
+    float32 per 256 of them), decoded bit for bit as bitsandbytes decodes its own nested state, and as the documented
+    layout says; the weight's error is the single-quantized one's, give or take a few parts in 10,000."""
+    import bitsandbytes.functional as bnbf
+
+    scheme = QuantScheme(4, key, 64, double_quant=True)
+    x = _randn(shape, dtype, seed=zlib.crc32(f"dq{key}{shape}".encode()) % 1000)
+    parts, meta = quantize_tensor(x, scheme)
+    blocks = math.ceil(x.numel() / 64)
+    assert {k: (v.dtype, v.numel()) for k, v in parts.items()} == {
+        "qdata": (torch.uint8, (x.numel() + 1) // 2),
+        "absmax": (torch.uint8, blocks),
+        "absmax2": (torch.float32, math.ceil(blocks / 256)),
+    }
+    assert meta["double_quant"] is True and meta["nested_blocksize"] == 256 and isinstance(meta["offset"], float)
+    meta = json.loads(json.dumps(meta))  # (as the manifest gives it back)
+
+    y = dequantize_tensor(parts, meta)
+    assert y.shape == x.shape and y.dtype == dtype
+    # bitsandbytes' own quantization and decoding of the same tensor, nested state and all
+    packed, state = bnbf.quantize_4bit(x.reshape(-1), blocksize=64, quant_type=key, compress_statistics=True)
+    assert torch.equal(packed.reshape(-1), parts["qdata"]) and torch.equal(state.absmax, parts["absmax"])
+    if x.numel() % 2 == 0:  # (bitsandbytes' CPU kernel takes an even count only: see `dequantize_tensor`)
+        assert torch.equal(y.reshape(-1), bnbf.dequantize_4bit(packed, state).reshape(-1))
+    # the documented layout: the scales are dynamic_map[absmax] * absmax2[of its 256-block] + offset
+    code8 = bnbf.create_dynamic_map().float()
+    scales = code8[parts["absmax"].long()] * parts["absmax2"][torch.arange(blocks) // 256] + meta["offset"]
+    ref = _reference_decode({"qdata": parts["qdata"], "absmax": scales}, meta, key)
+    assert torch.equal(dequantize_tensor(parts, meta, dtype=torch.float32), ref)
+
+    single = dequantize_tensor(*quantize_tensor(x, QuantScheme(4, key, 64)))
+    if x.numel() >= 1000:
+        assert _cos(x, y) >= COS_FLOOR_LARGE[key] and abs(_cos(x, y) - _cos(x, single)) < 3e-4
+    if blocks > 1:  # (one block: its byte and its float32 take more than its float32 scale)
+        assert packed_nbytes(parts) < packed_nbytes(quantize_tensor(x, QuantScheme(4, key, 64))[0])
+
+
+def test_double_quant_metadata_and_parts_are_checked():
+    x = _randn((64, 128), torch.bfloat16)
+    parts, meta = quantize_tensor(x, QuantScheme(4, double_quant=True))
+    for key, value, match in (
+        ("offset", None, "'offset'"),
+        ("offset", "0.5", "'offset'"),
+        ("offset", float("nan"), "'offset'"),
+        ("nested_blocksize", 100, "'nested_blocksize'"),
+        ("double_quant", "yes", "'double_quant'"),
+        ("code", "dynamic-0000000000000000", "block scales were quantized with code table"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            dequantize_tensor(parts, {**meta, key: value})
+    with pytest.raises(ValueError, match="'double_quant' must be true at 4 bits"):
+        p8, m8 = quantize_tensor(x, INT8)
+        dequantize_tensor(p8, {**m8, "double_quant": True, "offset": 0.0, "nested_blocksize": 256})
+    with pytest.raises(ValueError, match="missing part 'absmax2'"):
+        dequantize_tensor({k: v for k, v in parts.items() if k != "absmax2"}, meta)
+    with pytest.raises(ValueError, match="'absmax2' should be float32 with 1 elements"):
+        dequantize_tensor({**parts, "absmax2": torch.zeros(2)}, meta)
+    with pytest.raises(ValueError, match="'absmax' should be uint8 with 128 elements"):
+        dequantize_tensor({**parts, "absmax": parts["absmax"].float()}, meta)
+    # single-quantized scales read as before: float32 ones, no `absmax2`
+    with pytest.raises(ValueError, match="'absmax' should be float32"):
+        dequantize_tensor(parts, {k: v for k, v in meta.items() if k != "double_quant"})
+
+
 def test_absmax_is_per_flat_block():
     # one huge value must only widen the scale of its own block
     x = torch.full((64, 130), 0.01)
@@ -431,6 +501,27 @@ def test_scheme_defaults_and_dict_round_trip():
     assert len({NF4, QuantScheme(4)}) == 1  # hashable, defaults resolved
 
 
+def test_double_quant_scheme():
+    dq = QuantScheme(4, double_quant=True)
+    assert dq != NF4 and dq.to_dict() == {**NF4.to_dict(), "double_quant": True}
+    assert QuantScheme.from_dict(json.loads(json.dumps(dq.to_dict()))) == dq
+    # without it, the scheme's record is what it was (shard directories read by earlier versions as before)
+    assert "double_quant" not in NF4.to_dict() and QuantScheme.from_dict(NF4.to_dict()) == NF4
+    assert resolve_compression("nf4", double_quant=True) == dq
+    assert resolve_compression("4bit", quant_type="fp4", double_quant=True) == QuantScheme(4, "fp4", double_quant=True)
+    assert resolve_compression("4bit", double_quant=False) == NF4
+    with pytest.raises(ValueError, match=r"`double_quant` applies to 4-bit quantization only, got bits=8"):
+        resolve_compression("8bit", double_quant=True)
+    with pytest.raises(
+        ValueError, match=r"double_quant=True only applies to quantized shards; pass compression='4bit'"
+    ):
+        resolve_compression(None, double_quant=True)
+    with pytest.raises(ValueError, match=r"double_quant=True cannot be combined with a QuantScheme"):
+        resolve_compression(NF4, double_quant=True)
+    with pytest.raises(ValueError, match=r"`double_quant` must be True or False, got 'yes'"):
+        QuantScheme(4, double_quant="yes")
+
+
 @pytest.mark.parametrize(
     "kwargs, field, shown",
     [
@@ -556,6 +647,20 @@ def test_cuda_dequant_matches_cpu(key):
         assert all(t.device.type == "cpu" for t in gparts.values())
         assert {k: v.shape for k, v in gparts.items()} == {k: v.shape for k, v in parts.items()}
         assert _cos(dequantize_tensor(gparts, gmeta), x) >= COS_FLOOR_SMALL[key]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_double_quant_dequant_matches_cpu():
+    for shape, dtype in [((300, 129), torch.bfloat16), ((4, 96, 64), torch.float16)]:
+        x = _randn(shape, dtype)
+        parts, meta = quantize_tensor(x, QuantScheme(4, double_quant=True))
+        cpu = dequantize_tensor(parts, meta, dtype=torch.float32)
+        pinned = {k: v.pin_memory() for k, v in parts.items()}  # (the non_blocking path, `absmax2` too)
+        gpu = dequantize_tensor(pinned, meta, device="cuda", dtype=torch.float32)
+        torch.cuda.synchronize()
+        assert gpu.device.type == "cuda" and gpu.shape == cpu.shape
+        torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-5, atol=1e-6)
 
 
 # the 4-bit code tables shards are written with (bitsandbytes 0.50; NF4 as in the QLoRA paper): decoding takes the

@@ -88,6 +88,67 @@ def test_compression_and_prefetch_work_together(bf16_checkpoint):
         assert torch.equal(_logits(model, ids), resident)
 
 
+def test_double_quant_shards_are_smaller_and_stream_exactly_their_weights(bf16_checkpoint, tmp_path, capsys):
+    """`double_quant=True` (`--double-quant`): the block scales quantized too, the layer files about 8% smaller than
+    plain 4-bit's; under every plan the streamed model computes exactly what the loaded model computes with each
+    quantized weight replaced by its double-quantized decoding."""
+    from hf_layerstream.quant import QuantScheme, dequantize_tensor, quantize_tensor
+
+    ckpt, dirs = bf16_checkpoint
+    assert main(["split", str(ckpt), str(tmp_path / "dq"), "--compression", "4bit", "--double-quant", "--quiet"]) == 0
+    shards, single = ShardDirectory(tmp_path / "dq"), ShardDirectory(dirs["4bit"])
+    assert shards.compression == {**single.compression, "double_quant": True}
+    for i in range(shards.num_layers):
+        ratio = shards.unit(f"layers.{i}").size / single.unit(f"layers.{i}").size
+        assert 0.85 < ratio < 0.95, f"layer {i}: {ratio:.3f}"
+    records = {n: t.quant for i in range(shards.num_layers) for n, t in shards.unit(f"layers.{i}").tensors.items()}
+    quantized = {n for n, quant in records.items() if quant}
+    assert quantized and all(records[n]["double_quant"] is True for n in quantized)
+
+    reference = _models.load_reference(ckpt, dtype=torch.bfloat16)
+    scheme = QuantScheme(4, double_quant=True)
+    with torch.no_grad():
+        for name, param in reference.named_parameters():
+            if name in quantized:
+                param.copy_(dequantize_tensor(*quantize_tensor(param, scheme)))
+    ids = torch.randint(4, 120, (1, 20), generator=torch.Generator().manual_seed(1))
+    expected = _logits(reference, ids)
+    assert not torch.equal(expected, _logits(streamed_model(ckpt, dirs["4bit"]), ids))  # (not plain 4-bit's)
+    for kwargs in ({}, {"max_memory": {"cpu": 0}, "prefetch": 0}, {"max_memory": {"cpu": 0}, "prefetch": 2}):
+        assert torch.equal(_logits(streamed_model(ckpt, tmp_path / "dq", **kwargs), ids), expected), kwargs
+
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "dq"), "--device", "cpu"]) == 0
+    assert "double_quant=True" in capsys.readouterr().out
+    # with 8-bit, or without compression, it is refused before anything is written
+    with pytest.raises(ValueError, match="applies to 4-bit quantization only"):
+        split_checkpoint(ckpt, tmp_path / "x", compression="8bit", double_quant=True, progress=False)
+    with pytest.raises(ValueError, match="pass compression='4bit' as well"):
+        split_checkpoint(ckpt, tmp_path / "y", double_quant=True, progress=False)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_a_manifest_edit_of_double_quant_is_named(bf16_checkpoint, tmp_path):
+    """The manifest's `compression` says whether the scales are quantized as its tensors' records do: an edit either
+    way is named at open (as one of `bits` or `blocksize` is), not read on."""
+    from hf_layerstream.errors import ShardFileError
+
+    ckpt, dirs = bf16_checkpoint
+    dq = split_checkpoint(ckpt, tmp_path / "dq", compression="4bit", double_quant=True, progress=False)
+    plain = split_checkpoint(ckpt, tmp_path / "plain", compression="4bit", progress=False)
+    for shards, edit, stored in (
+        (dq, lambda c: c.pop("double_quant"), "true"),
+        (plain, lambda c: c.update(double_quant=True), "false"),
+    ):
+        manifest = json.loads((shards / "manifest.json").read_text())
+        edit(manifest["compression"])
+        (shards / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(
+            ShardFileError, match=rf'quantized tensors are stored with {stored}.*"double_quant" back to {stored}'
+        ):
+            ShardDirectory(shards)
+
+
 def test_default_prefetch_is_by_device_and_compression(bf16_checkpoint, capsys):
     """Without `prefetch`: 3 on CPU with full-precision shards (two map threads, one more layer queued), 2 with
     quantized shards; on CUDA as many layers as hold `CUDA_AHEAD_BYTES` as stored (what crosses to the device), from 2
