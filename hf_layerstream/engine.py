@@ -1071,6 +1071,10 @@ class _Executor(ThreadPoolExecutor):
     """The loader's threads, each started at its first task: one that cannot start (`RuntimeError: can't start new
     thread`, bare) is named by the limits that stop it."""
 
+    def __init__(self, *args, **kwargs) -> None:
+        self._closing = False  # (shut down by us: see `_handed`)
+        super().__init__(*args, **kwargs)
+
     def _adjust_thread_count(self) -> None:
         # every thread started: nothing to do. The base class first asks its idle semaphore, a `threading.Semaphore`
         # whose `Condition` is entered in Python code: a Ctrl-C landing as that took its lock left the lock taken, and
@@ -1116,7 +1120,7 @@ class _Executor(ThreadPoolExecutor):
             return super().submit(fn, *args)
         except RuntimeError as e:
             if type(e) is RuntimeError and str(e).startswith("cannot schedule new futures after"):
-                if not getattr(self, "_closing", False):
+                if not self._closing:
                     return None
                 raise
             if "can't start new thread" not in str(e):
