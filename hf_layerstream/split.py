@@ -1788,10 +1788,11 @@ def split_checkpoint(
     check_token(token)
     overwrite, wait = check_flag("overwrite", overwrite), check_flag("wait", wait)
     progress, remove_from_cache = check_flag("progress", progress), check_flag("remove_from_cache", remove_from_cache)
+    double_quant = check_flag("double_quant", double_quant)
     adapters = _adapters_given(adapter, adapter_revision)
     scheme = None
     quantize_tensor = None
-    if compression is not None or quant_type is not None or blocksize is not None or double_quant is not False:
+    if compression is not None or quant_type is not None or blocksize is not None or double_quant:
         from .quant import load_backend, quantize_tensor, resolve_compression
 
         scheme = resolve_compression(compression, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant)

@@ -2297,7 +2297,7 @@ def test_a_flag_given_anything_but_true_or_false_is_refused(checkpoints, tmp_pat
                 enable_layer_streaming(model, shards, **{name: value})
     assert _untouched(model)
     out = tmp_path / "out"
-    for name in ("overwrite", "wait", "progress", "remove_from_cache"):
+    for name in ("overwrite", "wait", "progress", "remove_from_cache", "double_quant"):
         for value in odd:
             with pytest.raises(TypeError, match=rf"^`{name}` must be True or False, got {re.escape(repr(value))}\.$"):
                 split_checkpoint(ckpt, out, **{name: value})
