@@ -1271,7 +1271,9 @@ def _estimate_unit_bytes(
                 # (double-quantized: a byte per block, and a float32 per 256 blocks)
                 scales = blocks + 4 * -(-blocks // 256) if scheme.double_quant else 4 * blocks
                 nbytes = -(-numel * scheme.bits // 8) + scales
-                overhead = 4 * len(name) + 600  # two parts (three) and the codec metadata
+                # two parts and the codec metadata (double-quantized: a third part and the nested state's record,
+                # 277 bytes more per weight measured)
+                overhead = 4 * len(name) + (900 if scheme.double_quant else 600)
         total += nbytes + overhead
     return total
 

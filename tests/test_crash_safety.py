@@ -484,11 +484,14 @@ def test_disk_full_or_io_error_mid_split_then_rerun(llama, tmp_path, monkeypatch
     LEDGER["faults_survived"] += 1
 
 
-def test_a_quantized_split_killed_after_a_unit_is_in_place_resumes_byte_identical(llama, tmp_path, monkeypatch):
+@pytest.mark.parametrize("options", [{}, {"double_quant": True}], ids=["4bit", "4bit-dq"])
+def test_a_quantized_split_killed_after_a_unit_is_in_place_resumes_byte_identical(
+    llama, tmp_path, monkeypatch, options
+):
     """Killed right after a unit file took its final name, before the progress record named it: the rerun adopts it
     from its own metadata. Of a quantized split, the manifest then held that unit's codec settings in sorted key order
     (as the metadata holds them), not as an uninterrupted split writes them: not byte-identical."""
-    reference = split_checkpoint(llama["ckpt"], tmp_path / "reference", compression="4bit", progress=False)
+    reference = split_checkpoint(llama["ckpt"], tmp_path / "reference", compression="4bit", progress=False, **options)
     shards = tmp_path / "shards"
     replace = os.replace
 
@@ -500,9 +503,9 @@ def test_a_quantized_split_killed_after_a_unit_is_in_place_resumes_byte_identica
     with monkeypatch.context() as m:
         m.setattr(os, "replace", killed_after)
         with pytest.raises(KeyboardInterrupt):
-            split_checkpoint(llama["ckpt"], shards, compression="4bit", progress=False)
+            split_checkpoint(llama["ckpt"], shards, compression="4bit", progress=False, **options)
     assert (shards / "layers" / "00000.safetensors").exists() and not (shards / "manifest.json").exists()
-    split_checkpoint(llama["ckpt"], shards, compression="4bit", progress=False)
+    split_checkpoint(llama["ckpt"], shards, compression="4bit", progress=False, **options)
     assert_same_tree(shards, reference)
 
 
@@ -794,7 +797,13 @@ def test_a_resplit_while_a_model_streams_from_the_split_counts_its_files_as_kept
 
 @pytest.mark.parametrize(
     "dtype, compression",
-    [(torch.float32, None), (torch.bfloat16, None), (torch.bfloat16, "4bit"), (torch.float32, "8bit")],
+    [
+        (torch.float32, None),
+        (torch.bfloat16, None),
+        (torch.bfloat16, "4bit"),
+        (torch.float32, "8bit"),
+        (torch.bfloat16, "4bit-dq"),
+    ],
 )
 def test_disk_space_estimate_uses_the_checkpoint_dtypes(tmp_path, monkeypatch, dtype, compression):
     """The estimate follows the stored dtypes (bf16: half of the fp32 skeleton's) and the codec's packed sizes."""
@@ -810,10 +819,27 @@ def test_disk_space_estimate_uses_the_checkpoint_dtypes(tmp_path, monkeypatch, d
         return estimates
 
     monkeypatch.setattr(split_mod, "_estimate_units_bytes", spy)
-    shards = split_checkpoint(ckpt, tmp_path / "shards", compression=compression, progress=False)
+    options = (
+        {"compression": "4bit", "double_quant": True} if compression == "4bit-dq" else {"compression": compression}
+    )
+    shards = split_checkpoint(ckpt, tmp_path / "shards", progress=False, **options)
     actual = sum(p.stat().st_size for p in shards.rglob("*.safetensors"))
     # never under (the preflight would let the split run out of space), and close
     assert actual <= seen["bytes"] <= 1.08 * actual, (seen["bytes"], actual)
+
+
+def test_disk_space_estimate_of_a_double_quantized_weight_counts_its_byte_scales():
+    """A double-quantized weight's scales take a byte per block (and a float32 per 256 blocks), not a float32 per
+    block: the estimate of a layer file holding a large one is its packed size, not plain 4-bit's (8% more)."""
+    pytest.importorskip("bitsandbytes")
+    from hf_layerstream.quant import QuantScheme, packed_nbytes, quantize_tensor, should_quantize
+
+    name, shape = "model.layers.0.mlp.down_proj.weight", (1024, 2816)
+    weight = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    for scheme in (QuantScheme(4), QuantScheme(4, double_quant=True)):
+        estimate = split_mod._estimate_unit_bytes({name: (shape, torch.bfloat16)}, scheme, "layers.0", should_quantize)
+        packed = packed_nbytes(quantize_tensor(weight, scheme)[0])
+        assert packed < estimate <= packed + 2560, (scheme, estimate, packed)  # (+ the header's and record's bytes)
 
 
 def _with_big_tokenizer(ckpt: Path, dest: Path, size: int) -> Path:
