@@ -225,15 +225,25 @@ def _pad_token_id(model: nn.Module, tokenizer, generate_kwargs: dict) -> int:
     )
 
 
+def _check_batch_size(batch_size: Any) -> int:
+    """`batch_size` as an int (NumPy's integers too, made Python's): another type (a str, a float, a bool) is a
+    TypeError, a number below 1 a ValueError."""
+    if not _is_int(batch_size):
+        raise TypeError(
+            f"`batch_size` must be a positive int (e.g. 8 or 16), got {type(batch_size).__name__} {batch_size!r}."
+        )
+    if batch_size < 1:
+        raise ValueError(f"`batch_size` must be a positive int (e.g. 8 or 16), got {batch_size!r}.")
+    return int(batch_size)
+
+
 def _check_kwargs(
     model: nn.Module, batch_size: Any, generate_kwargs: dict, tokenizer=None
 ) -> tuple[int, GenerationConfig, str]:
     """Checks the arguments against the settings `generate` will run with (the keyword arguments over
     `generation_config`, else the model's own); returns the batch size to use, those settings and the decoding mode."""
     # (NumPy's integers too, as `prefetch` takes them: they were refused as not an int; made Python's, for the stats)
-    if not _is_int(batch_size) or batch_size < 1:
-        raise ValueError(f"`batch_size` must be a positive int (e.g. 8 or 16), got {batch_size!r}.")
-    batch_size = int(batch_size)
+    batch_size = _check_batch_size(batch_size)
     for name in _FORBIDDEN_KWARGS:
         if name in generate_kwargs:
             raise ValueError(
@@ -707,8 +717,7 @@ def check_job(input_path: str | os.PathLike, output_path: str | os.PathLike, bat
     them before the model loads (a hub shard directory is downloaded first). An input that is a regular file is read
     (its lines checked); a pipe is left for the job to read, once."""
     input_path, output_path = Path(input_path), Path(output_path)
-    if not _is_int(batch_size) or batch_size < 1:
-        raise ValueError(f"`batch_size` must be a positive int (e.g. 8 or 16), got {batch_size!r}.")
+    _check_batch_size(batch_size)
     _check_paths(input_path, output_path)
     if input_path.is_file() and not str(input_path).startswith("/dev/"):  # (`--input -`: standard input, left alone)
         _read_input(input_path, warn=False)

@@ -89,6 +89,7 @@ def parse_size(value: int | float | str, *, name: str = "max_memory") -> int:
     `b` other than in `KiB`-style units (`"500Mb"`, `"500mb"`) is refused: accelerate reads it as bits.
 
     Raises:
+        `TypeError`: Neither a number nor a string (None, a list, a bool), naming `name`.
         `ValueError`: Anything else (empty, negative, trailing or leading text, non-ASCII digits, a second decimal
             point, NaN, infinity), naming `name`.
     """
@@ -119,6 +120,11 @@ def parse_size(value: int | float | str, *, name: str = "max_memory") -> int:
                     f"e.g. {number + 'GiB'!r}."
                 )
             return int(fractions.Fraction(number) * base**power)
+    if not isinstance(value, str):  # (None, a list, a bool: another type than a size's)
+        raise TypeError(
+            f"`{name}` got the size {value!r}, a {type(value).__name__}; use bytes (a non-negative int) or a string "
+            "such as '4GiB', '1.5GB' or '500MB'."
+        )
     raise ValueError(
         f"`{name}` got the size {value!r}; use bytes (a non-negative int) or a string such as '4GiB', '1.5GB' or "
         "'500MB' (ASCII digits, then an optional unit: K, M, G or T, with i for powers of 1024, and B)."
@@ -430,6 +436,11 @@ def check_max_memory(max_memory: dict | None) -> None:
         # (as `_max_memory_for` looks them up: "00" would be ignored, and the plan built on the default)
         digits = isinstance(key, str) and key.isascii() and key.isdigit() and str(int(key)) == key
         if not (index or digits or key in ("cpu", "disk")):
+            if not isinstance(key, (str, numbers.Integral)) or isinstance(key, bool):  # (None, 1.5, True)
+                raise TypeError(
+                    f"`max_memory` key {key!r} is a {type(key).__name__}: use GPU indices (0, 1, ...), 'cpu' or 'disk', "
+                    "as accelerate does, e.g. {0: '4GiB', 'cpu': '16GiB'}."
+                )
             hint = ""
             if isinstance(key, str) and key.startswith("cuda:") and key[5:].isascii() and key[5:].isdigit():
                 hint = f" (for {key}, the key is {int(key[5:])})"
@@ -470,13 +481,15 @@ def check_reserve(reserve) -> int | None:
     its values (`"3GiB"`, parsed by `parse_size`); `None` (the default) stays `None`.
 
     Raises:
-        `ValueError`: A value that is not a size (negative, a bool, a float with a fraction, garbage), naming
-            `reserve`, the value and what to give.
+        `TypeError`: A value of another type than a size's (a bool, a list), naming `reserve`, the value and what to
+            give.
+        `ValueError`: A value that is not a size (negative, a float with a fraction, garbage), naming `reserve`, the
+            value and what to give.
     """
     if reserve is None:
         return None
     if isinstance(reserve, bool):  # (an int to Python: True was 1 byte)
-        raise ValueError(
+        raise TypeError(
             f"`reserve` got {reserve!r}: give the bytes to leave free on the GPU for activations and the KV cache, as "
             "an int or a size such as '3GiB', or None for the default (a tenth of the device budget, at most 2 GiB)."
         )
@@ -2651,6 +2664,13 @@ class LayerLoader:
 def check_device(device) -> torch.device:
     if device is None:
         return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    if not isinstance(device, (str, torch.device, numbers.Integral)) or isinstance(device, bool):
+        # (a wrong type is a TypeError, as for every argument of the public API: 1.5 and [0] were a ValueError, and
+        # True was taken as GPU 1)
+        raise TypeError(
+            f"`device` must be a str, an int (a GPU's index) or a torch.device (e.g. 'cpu', 'cuda', 'cuda:1'), got "
+            f"{type(device).__name__}."
+        )
     try:
         device = torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
     except (RuntimeError, TypeError) as e:

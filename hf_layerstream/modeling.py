@@ -131,6 +131,11 @@ def resolve_dtype(dtype) -> torch.dtype | None:
     or `None` / `"auto"` (the checkpoint's)."""
     if dtype is None or dtype == "auto":
         return None
+    if not isinstance(dtype, (str, torch.dtype)):  # (another type: 16, a list; a dtype of another kind is a ValueError)
+        raise TypeError(
+            f"`dtype` must be a floating-point torch.dtype or its name (e.g. torch.bfloat16 or 'bfloat16'), got "
+            f"{type(dtype).__name__} {dtype!r}."
+        )
     if isinstance(dtype, str):
         name, dtype = dtype, getattr(torch, dtype.removeprefix("torch."), None)
         if not isinstance(dtype, torch.dtype):
@@ -269,6 +274,7 @@ def resolve_model_class(config, model_class: type | str | None = None) -> type:
     name, e.g. `"AutoModelForImageTextToText"` or `"MllamaForConditionalGeneration"`), else `auto_class_for(config)`.
 
     Raises:
+        `TypeError`: `model_class` is neither a class nor a str.
         `ValueError`: `model_class` names no class of transformers that builds a model from a config.
     """
     if model_class is None:
@@ -286,9 +292,12 @@ def resolve_model_class(config, model_class: type | str | None = None) -> type:
                 "'AutoModelForImageTextToText', or a model class such as 'MllamaForConditionalGeneration'."
             )
         model_class = found
-    if not isinstance(model_class, type) or not (
-        hasattr(model_class, "_from_config") or hasattr(model_class, "from_config")
-    ):
+    if not isinstance(model_class, type):
+        raise TypeError(
+            f"`model_class` must be a transformers model class or auto class, or its name (a str), got "
+            f"{type(model_class).__name__} {model_class!r}."
+        )
+    if not (hasattr(model_class, "_from_config") or hasattr(model_class, "from_config")):
         raise ValueError(f"`model_class` {model_class!r} is not a model class or auto class of transformers.")
     return model_class
 

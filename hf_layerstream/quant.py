@@ -235,8 +235,19 @@ def resolve_compression(
         [`QuantScheme`] or `None`.
 
     Raises:
+        `TypeError`: `compression` neither a str nor a [`QuantScheme`], `quant_type` not a str, `blocksize` not an int.
         `ValueError`: Unknown `compression`, or `quant_type` / `blocksize` / `double_quant` that do not fit it.
     """
+    # (a wrong type is a TypeError, as for every argument of the public API: 4 and '64' were a ValueError)
+    if compression is not None and not isinstance(compression, (str, QuantScheme)):
+        raise TypeError(
+            f"compression must be None or one of {sorted(_COMPRESSION_ALIASES)} (a str), got "
+            f"{type(compression).__name__} {compression!r}."
+        )
+    if quant_type is not None and not isinstance(quant_type, str):
+        raise TypeError(f"`quant_type` must be a str ('nf4', 'fp4' or 'blockwise') or None, got {quant_type!r}.")
+    if blocksize is not None and not _is_int(blocksize):
+        raise TypeError(f"`blocksize` must be an int (e.g. 64) or None, got {type(blocksize).__name__} {blocksize!r}.")
     options = (("quant_type", quant_type), ("blocksize", blocksize), ("double_quant", double_quant))
     given = [f"{k}={v!r}" for k, v in options if v is not None and v is not False]
     if compression is None:
@@ -265,7 +276,7 @@ def resolve_compression(
             )
         return compression
     accepted = sorted(_COMPRESSION_ALIASES)
-    if not isinstance(compression, str) or compression.strip().lower() not in _COMPRESSION_ALIASES:
+    if compression.strip().lower() not in _COMPRESSION_ALIASES:
         raise ValueError(f"compression must be None or one of {accepted}, got {compression!r}.")
     bits, implied_type = _COMPRESSION_ALIASES[compression.strip().lower()]
     if isinstance(quant_type, str):  # case-insensitive, as `compression` is ("NF4" is nf4)

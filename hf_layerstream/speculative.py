@@ -521,12 +521,22 @@ def measure_sweeps(
     if max_new_tokens is None and not length_given:
         max_new_tokens = 32
     # (NumPy's integers too, taken as Python's)
+    # (a wrong type is a TypeError, a value of the right type out of range a ValueError)
     if max_new_tokens is not None:
-        if not _is_int(max_new_tokens) or max_new_tokens < 1:
+        if not _is_int(max_new_tokens):
+            raise TypeError(
+                f"`max_new_tokens` must be a positive int, got {type(max_new_tokens).__name__} {max_new_tokens!r}."
+            )
+        if max_new_tokens < 1:
             raise ValueError(f"`max_new_tokens` must be a positive int, got {max_new_tokens!r}.")
         max_new_tokens = int(max_new_tokens)
     if prompt_lookup_num_tokens is not None:
-        if not _is_int(prompt_lookup_num_tokens) or prompt_lookup_num_tokens < 1:
+        if not _is_int(prompt_lookup_num_tokens):
+            raise TypeError(
+                "`prompt_lookup_num_tokens` must be a positive int (e.g. 10) or None, got "
+                f"{type(prompt_lookup_num_tokens).__name__} {prompt_lookup_num_tokens!r}."
+            )
+        if prompt_lookup_num_tokens < 1:
             raise ValueError(
                 f"`prompt_lookup_num_tokens` must be a positive int (e.g. 10) or None, got {prompt_lookup_num_tokens!r}."
             )
@@ -647,16 +657,27 @@ def configure_draft(
     Returns:
         The same `draft_model`.
     """
-    if not _is_int(num_assistant_tokens) or num_assistant_tokens < 1:
+    # (a wrong type is a TypeError, a value of the right type out of range a ValueError)
+    if not _is_int(num_assistant_tokens):
+        raise TypeError(
+            f"`num_assistant_tokens` must be a positive int (e.g. 8), got {type(num_assistant_tokens).__name__} "
+            f"{num_assistant_tokens!r}."
+        )
+    if num_assistant_tokens < 1:
         raise ValueError(f"`num_assistant_tokens` must be a positive int (e.g. 8), got {num_assistant_tokens!r}.")
     schedules = ("constant", "heuristic", "heuristic_transient")
+    if not isinstance(schedule, str):
+        raise TypeError(f"`schedule` must be one of {schedules} (a str), got {type(schedule).__name__} {schedule!r}.")
     if schedule not in schedules:
         raise ValueError(f"`schedule` must be one of {schedules}, got {schedule!r}.")
     if confidence_threshold is not None and (
-        not isinstance(confidence_threshold, numbers.Real)
-        or isinstance(confidence_threshold, bool)
-        or not 0.0 <= confidence_threshold < 1.0
+        not isinstance(confidence_threshold, numbers.Real) or isinstance(confidence_threshold, bool)
     ):
+        raise TypeError(
+            f"`confidence_threshold` must be a number in [0, 1) or None, got {type(confidence_threshold).__name__} "
+            f"{confidence_threshold!r}."
+        )
+    if confidence_threshold is not None and not 0.0 <= confidence_threshold < 1.0:
         raise ValueError(f"`confidence_threshold` must be in [0, 1) or None, got {confidence_threshold!r}.")
     config = getattr(draft_model, "generation_config", None)
     if config is None:

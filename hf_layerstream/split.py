@@ -1191,14 +1191,15 @@ def _as_list(record: dict | list[dict] | None) -> list[dict]:
 
 def _adapters_given(adapter, adapter_revision) -> list[tuple[str | os.PathLike, str | None]]:
     """`split_checkpoint`'s `adapter` and `adapter_revision` as (adapter, revision) pairs, in merge order (none for
-    no adapter). Raises `ValueError` for what cannot be paired so (before anything is read)."""
+    no adapter). Raises `TypeError` for an adapter or revision of another type, `ValueError` for what cannot be paired
+    so (before anything is read)."""
     if adapter is None:
         if adapter_revision is not None:
             raise ValueError("`adapter_revision` is the revision of a hub `adapter`: pass the `adapter` too.")
         return []
     revisions = adapter_revision
     if revisions is not None and not isinstance(revisions, (str, list, tuple)):
-        raise ValueError(
+        raise TypeError(
             f"`adapter_revision` is {revisions!r}: pass a branch, tag or commit (a string), or a list of them, one per "
             "adapter."
         )
@@ -1210,9 +1211,9 @@ def _adapters_given(adapter, adapter_revision) -> list[tuple[str | os.PathLike, 
             raise ValueError("`adapter` is an empty list: pass one adapter or more, or `None` for none.")
         for i, a in enumerate(adapters):
             if not isinstance(a, (str, os.PathLike)):
-                raise ValueError(f"`adapter` [{i}] is {a!r}: each adapter is a folder or a hub repo id (a string).")
+                raise TypeError(f"`adapter` [{i}] is {a!r}: each adapter is a folder or a hub repo id (a string).")
     else:
-        raise ValueError(
+        raise TypeError(
             f"`adapter` is {adapter!r}: pass a folder or hub repo id, or a list of them (merged in that order)."
         )
     if revisions is None or isinstance(revisions, str):
@@ -1230,7 +1231,7 @@ def _adapters_given(adapter, adapter_revision) -> list[tuple[str | os.PathLike, 
         )
     for i, r in enumerate(revisions):
         if r is not None and not isinstance(r, str):
-            raise ValueError(f"`adapter_revision` [{i}] is {r!r}: a revision is a branch, tag or commit (a string).")
+            raise TypeError(f"`adapter_revision` [{i}] is {r!r}: a revision is a branch, tag or commit (a string).")
     return list(zip(adapters, revisions))
 
 
@@ -1766,6 +1767,8 @@ def split_checkpoint(
             `shard_dir` is in the hub cache (a folder of a repo's there, made yet or not, or any other folder of
             `HF_HUB_CACHE` or `cache_dir`, or the cache itself).
         `ImportError`: `adapter` given without peft installed.
+        `TypeError`: an argument of another type than it takes (a path, `revision` or `adapter` that is no str, a
+            `blocksize` that is no int, a flag that is not a bool), naming it.
         `ValueError`: `shard_dir` inside the source's folder (a local one, or a hub repo's snapshot in the hub cache)
             or holding it; `remove_from_cache` with a local folder as `source`; `adapter` holds no adapter, is of another
             model, damaged, prompt learning, made from the weights it adapts, or sets `modules_to_save` on a tied

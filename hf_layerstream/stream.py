@@ -164,6 +164,13 @@ class StreamingState:
     adapter_storages: dict = field(default_factory=dict)
 
 
+def _require_module(model) -> None:
+    """`model` of `disable_layer_streaming` and `attaching_adapters`: something else than a model (None, the shard
+    directory's path) was told "Layer streaming is not enabled on this model", a ValueError for a wrong type."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be a transformers model (a torch.nn.Module), got {type(model).__name__}.")
+
+
 def get_streaming_state(model: nn.Module) -> StreamingState | None:
     """The [`StreamingState`] of a model with layer streaming enabled, else `None`."""
     return getattr(model, _STATE_ATTR, None)
@@ -306,6 +313,7 @@ def attaching_adapters(model: nn.Module):
     speed with no adapter weights in memory. On a shard directory split with an adapter merged, a warning names it:
     an adapter attached adds to the merged one.
     """
+    _require_module(model)
     state = get_streaming_state(model)
     if state is None:
         raise ValueError(
@@ -823,14 +831,19 @@ def _check_options(
     as not an int), and made Python's, so the plan's `to_dict()` stays JSON; and `dequantize` in lower case (or
     `None`): it is case-insensitive, as `compression` is ("Module" was refused)."""
     dtype = resolve_dtype(dtype)
+    # (a wrong type is a TypeError, as for `verify` and the paths; a value of the right type out of range a ValueError)
     if prefetch is not None:
-        if not isinstance(prefetch, numbers.Integral) or isinstance(prefetch, bool) or prefetch < 0:
+        if not isinstance(prefetch, numbers.Integral) or isinstance(prefetch, bool):
+            raise TypeError(f"`prefetch` must be a non-negative int, got {type(prefetch).__name__} {prefetch!r}.")
+        if prefetch < 0:
             raise ValueError(f"`prefetch` must be a non-negative int, got {prefetch!r}.")
         prefetch = int(prefetch)
     if keep_in_page_cache is not None and not isinstance(keep_in_page_cache, bool):
-        raise ValueError(f"`keep_in_page_cache` must be True, False or None (automatic), got {keep_in_page_cache!r}.")
+        raise TypeError(f"`keep_in_page_cache` must be True, False or None (automatic), got {keep_in_page_cache!r}.")
     if dequantize is not None:
-        if not isinstance(dequantize, str) or dequantize.strip().lower() not in DEQUANTIZE_MODES:
+        if not isinstance(dequantize, str):
+            raise TypeError(f"`dequantize` must be 'layer', 'module' or None (automatic), got {dequantize!r}.")
+        if dequantize.strip().lower() not in DEQUANTIZE_MODES:
             raise ValueError(f"`dequantize` must be 'layer', 'module' or None (automatic), got {dequantize!r}.")
         dequantize = dequantize.strip().lower()
     return dtype, prefetch, dequantize
@@ -1158,7 +1171,8 @@ def enable_layer_streaming(
             container, a Kubernetes pod, a Slurm job). On CPU every layer that fits is kept (as a zero-copy file
             map), which is what makes decoding from a warm page cache run at in-memory speed.
             Keys as accelerate takes them: GPU indices, `"cpu"`, `"disk"` (ignored: the shards are the disk);
-            any other key, or a value that is not a size, raises `ValueError`. A GPU budget that cannot hold the
+            any other key, or a value that is not a size, raises `ValueError` (a key or value of another type than
+            those, `TypeError`). A GPU budget that cannot hold the
             resident parts with the layers in flight keeps the input embeddings, then the output head, in host RAM
             (looked up there; copied to the GPU for each pass), with placeholders on the GPU between passes.
         reserve (`int` or `str`, *optional*):
@@ -1167,9 +1181,9 @@ def enable_layer_streaming(
             device budget, at most 2 GiB; a long context or a large batch needs more, a small GPU may do with less
             (0: none). Counted wherever the plan is fitted to the budget (the layers kept, the resident parts moved
             to host RAM, the default `prefetch` lowered) and in the warning of a budget too small. One larger than
-            the device budget (other than 0) raises `ValueError`, as does a value that is not a size. A budget of 0
-            (every layer streamed, no limit) leaves it unused; on CPU it is ignored, with a warning (activations
-            take host RAM there, outside the plan).
+            the device budget (other than 0) raises `ValueError`, as does a value that is not a size (a bool, a
+            list: `TypeError`). A budget of 0 (every layer streamed, no limit) leaves it unused; on CPU it is
+            ignored, with a warning (activations take host RAM there, outside the plan).
         prefetch (`int`, *optional*):
             How many streamed layers are read ahead of the compute, at most one fewer than the layers (one given
             beyond that is lowered to it, with a warning). Default on CPU: 3 with full-precision shards, 2 with
@@ -1860,6 +1874,7 @@ def disable_layer_streaming(model: nn.Module) -> nn.Module:
     Returns:
         The same `model`.
     """
+    _require_module(model)
     state = get_streaming_state(model)
     if state is None:
         raise ValueError("Layer streaming is not enabled on this model.")

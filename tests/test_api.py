@@ -2226,7 +2226,7 @@ def test_error_bad_arguments(checkpoints):
     model = _llama_model()
     with pytest.raises(ValueError, match="`prefetch` must be a non-negative int"):
         enable_layer_streaming(model, shards, prefetch=-1)
-    with pytest.raises(ValueError, match="`keep_in_page_cache` must be True, False or None"):
+    with pytest.raises(TypeError, match="`keep_in_page_cache` must be True, False or None"):
         enable_layer_streaming(model, shards, keep_in_page_cache="yes")
     with pytest.raises(ValueError, match="`max_memory` got the size 'lots'"):
         enable_layer_streaming(model, shards, max_memory={"cpu": "lots"})
@@ -2234,9 +2234,11 @@ def test_error_bad_arguments(checkpoints):
         enable_layer_streaming(model, shards, device="gpu0")
     with pytest.raises(ValueError, match="`dtype` 'fp16' is not a torch dtype name"):
         enable_layer_streaming(model, shards, dtype="fp16")
-    for dtype in (torch.int8, "int8", 16):
+    for dtype in (torch.int8, "int8"):
         with pytest.raises(ValueError, match="`dtype` must be a floating-point torch.dtype or its name"):
             enable_layer_streaming(model, shards, dtype=dtype)
+    with pytest.raises(TypeError, match="`dtype` must be a floating-point torch.dtype or its name"):
+        enable_layer_streaming(model, shards, dtype=16)
     # (floating, but no model is built at them: transformers' default dtype refused them with a TypeError)
     for dtype in (torch.float8_e4m3fn, "float8_e5m2"):
         with pytest.raises(ValueError, match=r"`dtype` float8_e\w+ is not a dtype a model is built at: pass float32"):
@@ -2245,6 +2247,64 @@ def test_error_bad_arguments(checkpoints):
         with pytest.raises(ValueError, match="CUDA is not available here; pass device='cpu'"):
             enable_layer_streaming(model, shards, device="cuda")
     assert _untouched(model)
+
+
+def test_an_argument_of_another_type_is_a_type_error_and_a_bad_value_of_its_type_a_value_error(checkpoints, tmp_path):
+    """Python's convention, which the flags and paths followed and the other arguments did not: another type than an
+    argument takes is a `TypeError` (`keep_in_page_cache="yes"`, `prefetch="3"`, `dtype=16`, `adapter=5` were a
+    `ValueError`), a value of its type out of range a `ValueError` (`prefetch=-1`). Not a class that is both."""
+    from hf_layerstream import attaching_adapters, configure_draft, generate_batch, measure_sweeps
+
+    ckpt, shards = checkpoints("llama")
+    model = _llama_model()
+    wrong_types = {
+        "device": (1.5, True, [0]),
+        "dtype": (16, [torch.float32]),
+        "max_memory": ({"cpu": [1]}, {"cpu": True}, {None: "1GiB"}, {1.5: "1GiB"}, {True: "1GiB"}),
+        "reserve": (True, [1]),
+        "prefetch": ("3", 2.0, True),
+        "keep_in_page_cache": ("yes", 1),
+        "dequantize": (5, True),
+    }
+    for name, values in wrong_types.items():
+        for value in values:
+            with pytest.raises(TypeError, match=f"`{name}`") as e:
+                enable_layer_streaming(model, shards, **{"device": "cpu", name: value})
+            assert not isinstance(e.value, ValueError), (name, value)
+    for name, value in (("prefetch", -1), ("dequantize", "rows"), ("dtype", "int8"), ("device", "gpu0")):
+        with pytest.raises(ValueError) as e:
+            enable_layer_streaming(model, shards, **{"device": "cpu", name: value})
+        assert not isinstance(e.value, TypeError), (name, value)
+    assert _untouched(model)
+    for kwargs in (
+        {"compression": 4},
+        {"compression": "4bit", "quant_type": 5},
+        {"compression": "4bit", "blocksize": "64"},
+        {"blocksize": 64.0},
+        {"dtype": 16},
+        {"model_class": 5},
+        {"adapter": 5},
+        {"adapter": [5]},
+        {"adapter": "a", "adapter_revision": 5},
+        {"adapter": ["a"], "adapter_revision": [5]},
+    ):
+        with pytest.raises(TypeError) as e:
+            split_checkpoint(ckpt, tmp_path / "split", progress=False, **kwargs)
+        assert not isinstance(e.value, ValueError) and not (tmp_path / "split").exists(), kwargs
+    tok = AutoTokenizer.from_pretrained(shards)
+    for call in (
+        lambda: measure_sweeps(model, [[1, 2]], max_new_tokens="4"),
+        lambda: measure_sweeps(model, [[1, 2]], prompt_lookup_num_tokens=True),
+        lambda: configure_draft(model, num_assistant_tokens=8.0),
+        lambda: configure_draft(model, schedule=5),
+        lambda: configure_draft(model, confidence_threshold="0.5"),
+        lambda: generate_batch(model, tok, ["Hi"], batch_size="8", progress=False),
+        lambda: disable_layer_streaming(str(shards)),
+        lambda: attaching_adapters(None).__enter__(),
+    ):
+        with pytest.raises(TypeError) as e:
+            call()
+        assert not isinstance(e.value, ValueError)
 
 
 def test_a_path_or_revision_of_another_type_is_refused_naming_the_argument(checkpoints, tmp_path):

@@ -383,7 +383,7 @@ def test_numpy_integers_are_taken_as_batch_size_and_seed(llama, tmp_path):
     stats = generate_jsonl(model, tok, inp, tmp_path / "np.jsonl", seed=7, progress=False, **sampled)
     assert stats["skipped"] == 3
     for value in (np.float64(2.0), np.bool_(True)):  # (not integers: still refused)
-        with pytest.raises(ValueError, match="`batch_size` must be a positive int"):
+        with pytest.raises(TypeError, match="`batch_size` must be a positive int"):
             generate_batch(model, tok, PROMPTS[:1], batch_size=value, progress=False, **GREEDY)
         with pytest.raises(TypeError, match="`seed` must be an int or None"):
             generate_jsonl(model, tok, inp, tmp_path / "x.jsonl", seed=value, progress=False, **sampled)

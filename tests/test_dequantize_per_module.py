@@ -425,7 +425,7 @@ def test_bad_dequantize_values_are_refused(quantized):
     ckpt, dirs = quantized
     model = build_meta_model(AutoConfig.from_pretrained(ckpt))
     for bad in ("modules", "", True, 4):
-        with pytest.raises(ValueError, match="`dequantize` must be 'layer', 'module' or None"):
+        with pytest.raises(ValueError if isinstance(bad, str) else TypeError, match="`dequantize` must be 'layer'"):
             enable_layer_streaming(model, dirs["4bit"], device="cpu", dequantize=bad)
     assert get_streaming_state(model) is None
 

@@ -261,14 +261,14 @@ def test_several_adapters_merge_in_turn(checkpoints, tmp_path, caplog, capsys):
         args = ["split", str(ckpt), str(tmp_path / "x"), "--adapter", str(folders[0]), "--adapter", str(folders[1])]
         assert main([*args, *argv]) == 2
         assert message in capsys.readouterr().err
-    for adapter, revision, message in [
-        ([], None, "`adapter` is an empty list"),
-        (first_two, "v1", "one revision per adapter"),
-        (first_two, ["v1"], "lists 1 revision for 2 adapters: pass one revision per adapter"),
-        ([folders[0], 3], None, r"`adapter` \[1\] is 3"),
-        (folders[0], 3, r"`adapter_revision` is 3: pass a branch"),
+    for adapter, revision, message, error in [
+        ([], None, "`adapter` is an empty list", ValueError),
+        (first_two, "v1", "one revision per adapter", ValueError),
+        (first_two, ["v1"], "lists 1 revision for 2 adapters: pass one revision per adapter", ValueError),
+        ([folders[0], 3], None, r"`adapter` \[1\] is 3", TypeError),  # (another type: TypeError)
+        (folders[0], 3, r"`adapter_revision` is 3: pass a branch", TypeError),
     ]:
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(error, match=message):
             split_checkpoint(ckpt, tmp_path / "x", adapter=adapter, adapter_revision=revision, progress=False)
     assert not (tmp_path / "x").exists()
     # the same adapter twice: merged twice, as asked, and said

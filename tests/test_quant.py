@@ -586,7 +586,7 @@ def test_resolve_compression_errors():
     with pytest.raises(ValueError) as exc:
         resolve_compression("2bit")
     assert "'2bit'" in str(exc.value) and all(a in str(exc.value) for a in ("4bit", "8bit", "nf4", "fp4", "int8"))
-    with pytest.raises(ValueError, match="compression"):
+    with pytest.raises(TypeError, match="compression"):
         resolve_compression(4)
     with pytest.raises(ValueError, match="quant_type"):
         resolve_compression("nf4", quant_type="fp4")

@@ -246,9 +246,9 @@ def test_user_errors(setup):
             measure_sweeps(model, ids.repeat(2, 1))
     finally:
         model.generation_config.prompt_lookup_num_tokens = None
-    with pytest.raises(ValueError, match="`prompt_lookup_num_tokens` must be a positive int"):
+    with pytest.raises(TypeError, match="`prompt_lookup_num_tokens` must be a positive int"):
         measure_sweeps(model, ids, prompt_lookup_num_tokens=True)
-    with pytest.raises(ValueError, match="`confidence_threshold` must be in"):
+    with pytest.raises(TypeError, match="`confidence_threshold` must be a number in"):
         configure_draft(strong, confidence_threshold="0.5")
     with pytest.raises(ValueError, match="`max_new_tokens` must be a positive int"):
         measure_sweeps(model, ids, max_new_tokens=0)
@@ -348,7 +348,7 @@ def test_numpy_numbers_are_taken_as_python_ones(setup):
     assert type(config.num_assistant_tokens) is int and config.num_assistant_tokens == 4
     assert type(config.assistant_confidence_threshold) is float and config.assistant_confidence_threshold == 0.25
     config.to_json_string()
-    with pytest.raises(ValueError, match="`num_assistant_tokens` must be a positive int"):
+    with pytest.raises(TypeError, match="`num_assistant_tokens` must be a positive int"):
         configure_draft(draft, num_assistant_tokens=np.bool_(True))
     with pytest.raises(ValueError, match="`confidence_threshold` must be in"):
         configure_draft(draft, confidence_threshold=np.float32("nan"))
