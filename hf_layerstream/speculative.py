@@ -287,6 +287,20 @@ def _refuse_what_drafting_fails_on(
     draft = generate_kwargs.get("assistant_model")
     if config.get_generation_mode(draft) != GenerationMode.ASSISTED_GENERATION:
         return
+    # (the call's own, as an argument or in a `generation_config` given, where `measure_sweeps` puts its argument)
+    lookup = generate_kwargs.get("prompt_lookup_num_tokens")
+    lookup = (
+        lookup
+        if lookup is not None
+        else getattr(generate_kwargs.get("generation_config"), "prompt_lookup_num_tokens", None)
+    )
+    if draft is not None and lookup is not None:
+        # (refused by `measure_sweeps` alone: `generate_batch` took both, and transformers, which drafts with prompt
+        # lookup before a draft model, left the draft unused without a word)
+        raise ValueError(
+            f"Pass either {names[1]} or `prompt_lookup_num_tokens`, not both: transformers uses one candidate "
+            "generator per call, prompt lookup before a draft model, which would be left unused. Drop one of them."
+        )
     if config.stop_strings and (draft is not None or config.assistant_early_exit is not None):
         # (the draft's own `generate` gets the call's settings, stop strings included, and no tokenizer)
         which = names[1] if draft is not None else "`assistant_early_exit`"
@@ -541,11 +555,6 @@ def measure_sweeps(
                 f"`prompt_lookup_num_tokens` must be a positive int (e.g. 10) or None, got {prompt_lookup_num_tokens!r}."
             )
         prompt_lookup_num_tokens = int(prompt_lookup_num_tokens)
-    if assistant_model is not None and prompt_lookup_num_tokens is not None:
-        raise ValueError(
-            "Pass either `assistant_model` or `prompt_lookup_num_tokens`, not both: transformers uses one candidate "
-            "generator per call."
-        )
     if not isinstance(input_ids, torch.Tensor):
         input_ids = torch.tensor(input_ids, dtype=torch.long)
     if input_ids.dim() == 1:

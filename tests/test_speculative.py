@@ -6,6 +6,7 @@ random model) and prompt lookup must still give exactly the greedy output.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 
@@ -219,6 +220,22 @@ def test_measure_sweeps_does_not_count_the_padding_after_a_stop_string(setup):
     r = measure_sweeps(model, batch.input_ids, attention_mask=batch.attention_mask, **kw)
     assert r["output_ids"] == alone
     assert r["tokens"] == sum(len(a) for a in alone)
+
+
+def test_a_draft_with_prompt_lookup_is_refused_by_the_batch_functions_too(setup):
+    """transformers uses one candidate generator per `generate` call, prompt lookup before a draft: `measure_sweeps`
+    refused `assistant_model` with `prompt_lookup_num_tokens`, and `generate_batch` took both without a word, the draft
+    unused. The same refusal now, from one place, both ways in."""
+    model, tok, strong, _, _ = setup
+    ids = tok("Hello", return_tensors="pt").input_ids
+    both = {"assistant_model": strong, "prompt_lookup_num_tokens": 3}
+    with pytest.raises(ValueError, match="either `assistant_model` or `prompt_lookup_num_tokens`, not both") as e:
+        generate_batch(model, tok, ["Hello"], max_new_tokens=2, progress=False, **both)
+    with pytest.raises(ValueError) as again:
+        measure_sweeps(model, ids, max_new_tokens=2, **both)
+    assert str(again.value) == str(e.value)
+    with pytest.raises(ValueError, match="not both"):  # (its argument goes into a `generation_config` given)
+        measure_sweeps(model, ids, max_new_tokens=2, generation_config=copy.deepcopy(model.generation_config), **both)
 
 
 def test_configure_draft_states_transformers_current_defaults():
