@@ -627,12 +627,19 @@ NOT_COMPILED = (
 )
 
 
+@functools.lru_cache(maxsize=4)
+def _takes_reason(disable: Callable) -> bool:
+    """Whether `disable` (`torch.compiler.disable`) takes `reason` (torch 2.8 on): read once per function, not at every
+    enable (keyed by the function: one put in its place, as a test does, is read anew)."""
+    return "reason" in inspect.signature(disable).parameters
+
+
 def _not_compiled(fn: Callable) -> Callable:
     """`fn`, run eagerly (with what it calls) where `torch.compile` traces it: see `NOT_COMPILED`. (Called through a
     plain function: `torch.compile` of a function `torch.compiler.disable` returned compiles the function it wraps.)
     Before torch 2.8 (the package takes 2.5 on) `torch.compiler.disable` takes no `reason`, and every enable failed
     with a TypeError: there `fullgraph=True` fails with dynamo's own message."""
-    if "reason" in inspect.signature(torch.compiler.disable).parameters:
+    if _takes_reason(torch.compiler.disable):
         eager = torch.compiler.disable(fn, reason=NOT_COMPILED)
     else:
         eager = torch.compiler.disable(fn)
