@@ -1056,9 +1056,9 @@ def generate_jsonl(
         progress (`bool`, defaults to `True`):
             Show a progress bar with tokens/s.
         seed (`int`, *optional*):
-            Seeds torch's random number generators (`torch.manual_seed`) before the first batch, for sampling
-            (`do_sample=True`). A sampled job's seed is one of its settings: a rerun with another one (or none) is
-            refused. A resumed job seeds them again, so its remaining prompts get other samples than an uninterrupted
+            Seeds torch's random number generators (`torch.manual_seed`, which takes -2**63 to 2**64 - 1) before
+            the first batch, for sampling (`do_sample=True`). A sampled job's seed is one of its settings: a rerun
+            with another one (or none) is refused. A resumed job seeds them again, so its remaining prompts get other samples than an uninterrupted
             run's (each batch draws from the generator in turn).
         **generate_kwargs:
             Passed to `model.generate` (see [`generate_batch`]).
@@ -1084,6 +1084,10 @@ def generate_jsonl(
     if seed is not None and not _is_int(seed):  # (NumPy's integers too, made Python's: the settings are JSON)
         raise TypeError(f"`seed` must be an int or None, got {seed!r}.")
     seed = None if seed is None else int(seed)
+    if seed is not None and not -(2**63) <= seed < 2**64:
+        # (`torch.manual_seed`'s range, as `generate --seed` checks it: torch's "Overflow when unpacking long long" named
+        # no argument, and came after the output file was made)
+        raise ValueError(f"`seed` {seed} is out of range: use a whole number from {-(2**63)} to {2**64 - 1}.")
     batch_size, config, mode = _check_kwargs(model, batch_size, generate_kwargs, tokenizer)
     sampled_seed = seed if config.do_sample else None  # (greedy results do not depend on it)
     items = _read_input(input_path)

@@ -362,6 +362,21 @@ def test_resume_refuses_other_input(llama, tmp_path):
         generate_jsonl(model, tok, tmp_path / "in.jsonl", tmp_path / "bad.jsonl", progress=False, max_new_tokens=2)
 
 
+def test_a_seed_out_of_torchs_range_is_refused_naming_it_before_the_output_is_made(llama, tmp_path):
+    """`torch.manual_seed` takes -2**63 to 2**64 - 1: `seed=2**64` failed with torch's "Overflow when unpacking long
+    long", naming no argument, after the output file was created; `generate --seed` refused it naming the range."""
+    model, tok, _ = llama
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(json.dumps({"id": 0, "prompt": PROMPTS[0]}) + "\n")
+    sampled = {"max_new_tokens": 2, "do_sample": True, "top_k": 0}
+    for seed in (2**64, -(2**63) - 1):
+        with pytest.raises(ValueError, match=rf"`seed` {seed} is out of range: use a whole number from -{2**63} to"):
+            generate_jsonl(model, tok, inp, tmp_path / "out.jsonl", seed=seed, progress=False, **sampled)
+        assert not (tmp_path / "out.jsonl").exists()
+    for seed in (2**64 - 1, -(2**63)):  # (the ends of the range are taken)
+        generate_jsonl(model, tok, inp, tmp_path / f"{seed}.jsonl", seed=seed, progress=False, **sampled)
+
+
 def test_numpy_integers_are_taken_as_batch_size_and_seed(llama, tmp_path):
     """`prefetch`, `max_memory`'s sizes, `blocksize` and `measure_sweeps`' `max_new_tokens` take NumPy's integers (a
     value from an array, a sweep over `np.arange`); `batch_size` and `seed` refused them, saying they must be an int
