@@ -168,12 +168,18 @@ def check_flag(name: str, value) -> bool:
 
 
 def check_path(name: str, value, *, optional: bool = False) -> None:
-    """A path argument of the public API as given: a str or `os.PathLike` (or None, where `optional`). Something else
-    (None, an int, bytes) failed in pathlib, naming no argument: "expected str, bytes or os.PathLike object, not
-    NoneType"."""
+    """A path argument of the public API as given: a str or `os.PathLike` (or None, where `optional`), not empty.
+    Something else (None, an int, bytes) failed in pathlib, naming no argument: "expected str, bytes or os.PathLike
+    object, not NoneType"."""
     if (value is not None or not optional) and not isinstance(value, (str, os.PathLike)):
         allowed = "a str or os.PathLike or None" if optional else "a str or os.PathLike"
         raise TypeError(f"`{name}` must be {allowed}, got {type(value).__name__}.")
+    if isinstance(value, str) and not value:
+        # (pathlib reads "" as ".": an unset variable's empty path was taken for the current directory, which
+        # `split_checkpoint(..., overwrite=True)` wrote its config.json and layers into; `open("")` refuses it)
+        raise ValueError(
+            f"`{name}` is an empty string, which names no path: pass the path ('.' for the current directory)."
+        )
 
 
 def stand_in(like: torch.Tensor, dtype: torch.dtype | None = None, device=None) -> torch.Tensor:

@@ -2307,6 +2307,31 @@ def test_an_argument_of_another_type_is_a_type_error_and_a_bad_value_of_its_type
         assert not isinstance(e.value, ValueError)
 
 
+def test_an_empty_path_is_refused_not_read_as_the_current_directory(checkpoints, tmp_path, monkeypatch):
+    """pathlib reads "" as "." (an unset variable's path): `split_checkpoint(source, "", overwrite=True)` wrote its
+    config.json and layers into the current directory, and `enable_layer_streaming(model, "")` said the current
+    directory "has no manifest.json". Refused, naming the argument, as `open("")` refuses it."""
+    ckpt, shards = checkpoints("llama")
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    (cwd / "notes.txt").write_text("mine")
+    monkeypatch.chdir(cwd)
+    message = "is an empty string, which names no path"
+    with pytest.raises(ValueError, match=f"`shard_dir` {message}"):
+        split_checkpoint(ckpt, "", overwrite=True, progress=False)
+    with pytest.raises(ValueError, match=f"`source` {message}"):
+        split_checkpoint("", tmp_path / "split", progress=False)
+    with pytest.raises(ValueError, match=f"`cache_dir` {message}"):
+        split_checkpoint(ckpt, tmp_path / "split", cache_dir="", progress=False)
+    assert sorted(p.name for p in cwd.iterdir()) == ["notes.txt"] and not (tmp_path / "split").exists()
+    model = _llama_model()
+    with pytest.raises(ValueError, match=f"`shard_dir` {message}"):
+        enable_layer_streaming(model, "", device="cpu")
+    with pytest.raises(ValueError, match=f"`shard_dir` {message}"):
+        ShardDirectory("")
+    assert _untouched(model)
+
+
 def test_a_path_or_revision_of_another_type_is_refused_naming_the_argument(checkpoints, tmp_path):
     """`split_checkpoint`'s `source`, `shard_dir` and `cache_dir` given something else than a path (None, an int,
     bytes) failed in pathlib, naming none of them ("expected str, bytes or os.PathLike object, not NoneType"), and a
