@@ -482,6 +482,26 @@ class _StopWatch:
         return [None] * len(new_tokens)
 
 
+def _as_tensor(name: str, value) -> torch.Tensor:
+    """`measure_sweeps`' `input_ids` or `attention_mask` as a tensor: a list (of lists) of ints is made one. What is
+    not (the prompt's text, None, lists of unequal lengths) failed in `torch.tensor`, naming no argument ("new():
+    invalid data type 'str'", "expected sequence of length 2 at dim 1 (got 1)")."""
+    if isinstance(value, torch.Tensor):
+        return value
+    hint = (
+        ": tokenize the prompt first, `tokenizer(prompt, return_tensors='pt').input_ids`"
+        if isinstance(value, str)
+        else ""
+    )
+    try:
+        return torch.tensor(value, dtype=torch.long)
+    except (TypeError, ValueError) as e:
+        raise type(e)(
+            f"`{name}` must be a tensor or a list of ints (a list of such lists of one length for a batch), got "
+            f"{type(value).__name__} ({e}){hint}."
+        ) from e
+
+
 def measure_sweeps(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -555,16 +575,14 @@ def measure_sweeps(
                 f"`prompt_lookup_num_tokens` must be a positive int (e.g. 10) or None, got {prompt_lookup_num_tokens!r}."
             )
         prompt_lookup_num_tokens = int(prompt_lookup_num_tokens)
-    if not isinstance(input_ids, torch.Tensor):
-        input_ids = torch.tensor(input_ids, dtype=torch.long)
+    input_ids = _as_tensor("input_ids", input_ids)
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
     if input_ids.dim() != 2:
         raise ValueError(f"`input_ids` must have shape (batch, length), got {tuple(input_ids.shape)}.")
     if attention_mask is not None:
         # (taken as `input_ids` is: a list, or a 1-D mask of one prompt)
-        if not isinstance(attention_mask, torch.Tensor):
-            attention_mask = torch.tensor(attention_mask, dtype=torch.long)
+        attention_mask = _as_tensor("attention_mask", attention_mask)
         if attention_mask.dim() == 1:
             attention_mask = attention_mask[None]
         if attention_mask.shape != input_ids.shape:

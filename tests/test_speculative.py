@@ -238,6 +238,22 @@ def test_a_draft_with_prompt_lookup_is_refused_by_the_batch_functions_too(setup)
         measure_sweeps(model, ids, max_new_tokens=2, generation_config=copy.deepcopy(model.generation_config), **both)
 
 
+def test_ids_that_are_not_token_ids_are_refused_naming_the_argument(setup):
+    """`measure_sweeps(model, "Hello")` (the prompt's text, not its ids) failed in `torch.tensor` with "new(): invalid
+    data type 'str'", and a ragged batch or mask with "expected sequence of length 2 at dim 1 (got 1)", naming no
+    argument. The argument is named, with the fix; lists of ints still work."""
+    model, tok, *_ = setup
+    with pytest.raises(TypeError, match=r"`input_ids` must be a tensor or a list of ints .*got str .*tokenize the"):
+        measure_sweeps(model, "Hello", max_new_tokens=1)
+    with pytest.raises(TypeError, match="`input_ids` must be a tensor or a list of ints"):
+        measure_sweeps(model, None, max_new_tokens=1)
+    with pytest.raises(ValueError, match=r"`input_ids` must be .*got list \(expected sequence of length 2"):
+        measure_sweeps(model, [[1, 2], [3]], max_new_tokens=1)
+    with pytest.raises(ValueError, match=r"`attention_mask` must be .*got list"):
+        measure_sweeps(model, [[1, 2], [3, 4]], attention_mask=[[1, 1], [1]], max_new_tokens=1)
+    assert measure_sweeps(model, [[1, 2]], attention_mask=[[1, 1]], max_new_tokens=1)["tokens"] == 1
+
+
 def test_configure_draft_states_transformers_current_defaults():
     """`configure_draft` explains itself against transformers' own draft settings: those of this release."""
     from transformers import GenerationConfig
