@@ -2672,7 +2672,12 @@ def check_device(device) -> torch.device:
             f"{type(device).__name__}."
         )
     try:
-        device = torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
+        # (an index as NumPy's integer too, as `prefetch` takes them: `torch.device(np.int64(0))` failed without CUDA
+        # as "not a valid torch device", where 0 is told CUDA is not available)
+        if isinstance(device, numbers.Integral):
+            device = torch.device("cuda", int(device))
+        else:
+            device = torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise ValueError(f"`device` {device!r} is not a valid torch device (e.g. 'cpu', 'cuda', 'cuda:1').") from e
     if device.type == "cuda":

@@ -2396,6 +2396,25 @@ def test_a_flag_given_anything_but_true_or_false_is_refused(checkpoints, tmp_pat
     disable_layer_streaming(model)
 
 
+def test_a_gpu_index_of_numpys_is_taken_as_an_int(monkeypatch):
+    """`device=np.int64(0)` (an index from an array, as `prefetch` and `max_memory` take NumPy's integers) went to
+    `torch.device` itself, and on a machine without CUDA was refused as "not a valid torch device", where 0 is told
+    CUDA is not available here; it is GPU 0, as 0 is. (A one-GPU machine stood in for: this one may have none.)"""
+    import numpy as np
+
+    from hf_layerstream.engine import check_device
+
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="`device` is cuda:0 but CUDA is not available here; pass device='cpu'"):
+            check_device(np.int64(0))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert check_device(np.int64(0)) == torch.device("cuda", 0) and check_device(np.uint8(0)) == check_device(0)
+    with pytest.raises(ValueError, match=r"`device` is cuda:1 but this machine has 1 CUDA device \(cuda:0\)"):
+        check_device(np.int32(1))
+
+
 def test_a_gpu_index_past_the_machines_gpus_is_refused(monkeypatch, checkpoints, capsys):
     """`device="cuda:1"` on a machine with one GPU: a clear `ValueError` naming the GPUs there (the plan's
     `mem_get_info`, or the loader's stream, failed with CUDA's "invalid device ordinal"); `inspect` plans for it
