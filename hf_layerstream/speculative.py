@@ -285,6 +285,12 @@ def _refuse_what_drafting_fails_on(
     where `generate_kwargs` has none; `names` how the caller names sampling and the draft (the command line's
     options)."""
     draft = generate_kwargs.get("assistant_model")
+    if draft is not None and not isinstance(draft, nn.Module):
+        # (the draft's hub id, say: transformers' `generate` failed with "'str' object has no attribute 'config'")
+        raise TypeError(
+            f"{names[1]} must be a model (a draft loaded with `AutoModelForCausalLM.from_pretrained(...)`), got "
+            f"{type(draft).__name__}."
+        )
     if config.get_generation_mode(draft) != GenerationMode.ASSISTED_GENERATION:
         return
     # (the call's own, as an argument or in a `generation_config` given, where `measure_sweeps` puts its argument)

@@ -254,6 +254,18 @@ def test_ids_that_are_not_token_ids_are_refused_naming_the_argument(setup):
     assert measure_sweeps(model, [[1, 2]], attention_mask=[[1, 1]], max_new_tokens=1)["tokens"] == 1
 
 
+def test_a_draft_that_is_not_a_model_is_refused_naming_it(setup):
+    """`assistant_model="org/draft"` (the draft's id, not the model) failed inside transformers' `generate` with
+    "'str' object has no attribute 'config'", naming no argument (`generate_batch` first warned that it would use
+    batch_size=1 for it). Refused first, naming the argument and how to load the draft."""
+    model, tok, *_ = setup
+    message = r"`assistant_model` must be a model \(a draft loaded with `AutoModelForCausalLM.from_pretrained\(\.\.\.\)`\), got str"
+    with pytest.raises(TypeError, match=message):
+        measure_sweeps(model, [[1, 2, 3]], assistant_model="org/draft", max_new_tokens=2)
+    with pytest.raises(TypeError, match=message):
+        generate_batch(model, tok, ["Hello"], assistant_model="org/draft", max_new_tokens=2, progress=False)
+
+
 def test_configure_draft_states_transformers_current_defaults():
     """`configure_draft` explains itself against transformers' own draft settings: those of this release."""
     from transformers import GenerationConfig
