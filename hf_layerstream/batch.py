@@ -162,6 +162,17 @@ def _has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
+def _warn_untemplated(tokenizer, chat: bool) -> None:
+    """`chat=True` with a tokenizer that has no chat template: its plain-text prompts are tokenized as they are, as
+    with `chat=False`; said (it was taken without a word, where `generate --chat` says it)."""
+    if chat and not _has_chat_template(tokenizer):
+        logger.warning(
+            "`chat=True`, but the tokenizer (%s) has no chat template: plain-text prompts are tokenized as they are, "
+            "as with chat=False. Set `tokenizer.chat_template`, or pass chat=False.",
+            type(tokenizer).__name__,
+        )
+
+
 def _continues_final_message(prompt: str | list) -> bool:
     """Whether `prompt` is a conversation whose last message is the assistant's, which the reply continues."""
     return (
@@ -632,7 +643,8 @@ def generate_batch(
             `prompt_lookup_num_tokens=`, `assistant_early_exit=`, `use_mtp=`, as arguments or in the generation
             config) runs one prompt per call.
         chat (`bool`, defaults to `False`):
-            Render plain-text prompts as a user message with the tokenizer's chat template (when it has one).
+            Render plain-text prompts as a user message with the tokenizer's chat template (one without a template:
+            as they are, with a warning).
         progress (`bool`, defaults to `True`):
             Show a progress bar with tokens/s.
         **generate_kwargs:
@@ -662,6 +674,7 @@ def generate_batch(
     chat, progress = check_flag("chat", chat), check_flag("progress", progress)
     _check_model_and_tokenizer(model, tokenizer)
     batch_size, config, mode = _check_kwargs(model, batch_size, generate_kwargs, tokenizer)
+    _warn_untemplated(tokenizer, chat)
     items = []
     for i, prompt in enumerate(prompts):
         if isinstance(prompt, list):
@@ -1052,7 +1065,8 @@ def generate_jsonl(
         batch_size (`int`, defaults to 8):
             Prompts per sweep.
         chat (`bool`, defaults to `False`):
-            Render `"prompt"` lines with the tokenizer's chat template (`"messages"` lines always are).
+            Render `"prompt"` lines with the tokenizer's chat template (`"messages"` lines always are; one without a
+            template: as they are, with a warning).
         progress (`bool`, defaults to `True`):
             Show a progress bar with tokens/s.
         seed (`int`, *optional*):
@@ -1089,6 +1103,7 @@ def generate_jsonl(
         # no argument, and came after the output file was made)
         raise ValueError(f"`seed` {seed} is out of range: use a whole number from {-(2**63)} to {2**64 - 1}.")
     batch_size, config, mode = _check_kwargs(model, batch_size, generate_kwargs, tokenizer)
+    _warn_untemplated(tokenizer, chat)
     sampled_seed = seed if config.do_sample else None  # (greedy results do not depend on it)
     items = _read_input(input_path)
     prefill = any(_continues_final_message(p.prompt) for p in items)

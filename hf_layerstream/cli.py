@@ -984,7 +984,15 @@ def _cmd_generate(args) -> int:
         _one_sequence(model, gen_kwargs, "one is generated for each prompt")
         try:
             stats = generate_jsonl(
-                model, tok, args.input, args.output, batch_size=batch_size, chat=args.chat, seed=args.seed, **gen_kwargs
+                model,
+                tok,
+                args.input,
+                args.output,
+                batch_size=batch_size,
+                # (said above where the tokenizer has no template, and not again: the same settings either way)
+                chat=args.chat and bool(getattr(tok, "chat_template", None)),
+                seed=args.seed,
+                **gen_kwargs,
             )
         except (RuntimeError, MemoryError) as e:
             if not _out_of_memory(e):

@@ -5,6 +5,7 @@ The streamed models read every layer from disk on every sweep (`max_memory={"cpu
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -110,6 +111,29 @@ def test_batch_without_a_bar_never_takes_tqdm_lock(llama):
     with tqdm_lock_held_elsewhere():
         got = returns_within(60, generate_batch, model, tok, PROMPTS[:2], progress=False, **GREEDY)
     assert got == expected
+
+
+def test_chat_with_a_tokenizer_without_a_template_is_said(llama, tmp_path, caplog):
+    """`chat=True` with a tokenizer that has no chat template tokenized the prompts as they are, without a word (the
+    command line's `--chat` says it): a warning says so and names the fix; the results are those of `chat=False`."""
+    model, tok, _ = llama
+    plain = copy.deepcopy(tok)
+    plain.chat_template = None
+    expected = generate_batch(model, plain, ["Hello"], progress=False, **GREEDY)
+    assert "chat template" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="hf_layerstream.batch"):
+        assert generate_batch(model, plain, ["Hello"], chat=True, progress=False, **GREEDY) == expected
+    assert "`chat=True`, but the tokenizer" in caplog.text and "has no chat template" in caplog.text
+    caplog.clear()
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(json.dumps({"id": 0, "prompt": "Hello"}) + "\n")
+    with caplog.at_level(logging.WARNING, logger="hf_layerstream.batch"):
+        generate_jsonl(model, plain, inp, tmp_path / "out.jsonl", chat=True, progress=False, **GREEDY)
+    assert "`chat=True`, but the tokenizer" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hf_layerstream.batch"):
+        generate_batch(model, tok, ["Hello"], chat=True, progress=False, **GREEDY)  # (a tokenizer with one)
+    assert "chat template" not in caplog.text
 
 
 def test_chat_template_and_messages(llama, checkpoints):
