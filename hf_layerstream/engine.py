@@ -429,7 +429,12 @@ def check_max_memory(max_memory: dict | None) -> None:
     disk; also GPU indices as digit strings, as a JSON config gives them) and every value a size: a misspelled key
     would otherwise be ignored silently, and the plan built on a default the caller meant to replace. A GPU given
     twice, as an int and as its digits (`{0: "1GiB", "0": "4GiB"}`: a JSON config merged with a Python dict), is refused
-    as the command line refuses `--max-memory 0=1GiB,0=4GiB`: the plan took the int's and ignored the other."""
+    as the command line refuses `--max-memory 0=1GiB,0=4GiB`: the plan took the int's and ignored the other. Another
+    type than a dict (or None) is a TypeError."""
+    if max_memory is not None and not isinstance(max_memory, dict):
+        raise TypeError(
+            f"`max_memory` must be a dict such as {{0: '4GiB', 'cpu': '16GiB'}}, got {type(max_memory).__name__}."
+        )
     seen: dict[int, object] = {}
     for key, value in (max_memory or {}).items():
         index = isinstance(key, numbers.Integral) and not isinstance(key, bool) and key >= 0  # (NumPy's too)
@@ -584,10 +589,6 @@ def plan_residency(
     2 GiB (one larger than the budget is the caller's to refuse: `check_reserve_fits`). Ignored on CPU and for a
     budget of 0, every layer streamed with no limit (the plan's is 0).
     """
-    if max_memory is not None and not isinstance(max_memory, dict):
-        raise TypeError(
-            f"`max_memory` must be a dict such as {{0: '4GiB', 'cpu': '16GiB'}}, got {type(max_memory).__name__}."
-        )
     check_max_memory(max_memory)
     reserve = check_reserve(reserve)
     n = shards.num_layers

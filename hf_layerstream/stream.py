@@ -1292,10 +1292,12 @@ def _enable(
     dtype, prefetch, dequantize = _check_options(dtype, prefetch, keep_in_page_cache, dequantize)
     profile, verify = check_flag("profile", profile), check_flag("verify", verify)
     reserve = check_reserve(reserve)
+    # (`max_memory`'s type, keys and sizes, as the plan checks them, before a hub repo's layers download: they were
+    # checked as the plan was made, after the download, unless `reserve` was given)
+    check_max_memory(max_memory)
     # (checked before a hub repo's layers download, against the budget given, or the default one, a share of the free
-    # memory, which the plan reads again; the budgets checked first, as the plan checks them: a GPU given twice)
-    if reserve is not None and device.type != "cpu" and (max_memory is None or isinstance(max_memory, dict)):
-        check_max_memory(max_memory)
+    # memory, which the plan reads again)
+    if reserve is not None and device.type != "cpu":
         check_reserve_within(reserve, device, max_memory, functools.partial(default_device_budget, device))
     _refuse_adapters(model)
     stack = require_layer_stack(model)

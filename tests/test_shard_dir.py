@@ -1505,6 +1505,35 @@ def test_a_hub_repo_is_checked_before_its_layers_are_downloaded(shard_copy, tmp_
     )
 
 
+def test_a_max_memory_that_is_refused_is_refused_before_a_hub_repos_layers_download(shard_copy, tmp_path, monkeypatch):
+    """`max_memory` was checked (its type, keys, sizes) only as the plan was made, after a hub repo's layer files were
+    downloaded (a 70B model's 40 GB, then "key 'gpu' is not recognized"), unless `reserve` was given: refused first, as
+    the other arguments are, with the plan's own message."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    ckpt, shards = shard_copy
+    snapshot = _models.hub_snapshot(shards, tmp_path / "cache", repo="someorg--llama-layers")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    downloads = []
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo_id, filename, **kw: str(snapshot / filename))
+    monkeypatch.setattr(
+        huggingface_hub, "snapshot_download", lambda repo_id, **kw: downloads.append(kw) or str(snapshot)
+    )
+    for max_memory, error, match in (
+        ({"gpu": "4GiB"}, ValueError, "`max_memory` key 'gpu' is not recognized"),
+        ({"cpu": "lots"}, ValueError, "`max_memory` got the size 'lots'"),
+        ("4GiB", TypeError, "`max_memory` must be a dict such as"),
+    ):
+        with pytest.raises(error, match=match):
+            streamed_model(ckpt, "someorg/llama-layers", max_memory=max_memory)
+        assert downloads == [], max_memory
+    model = streamed_model(ckpt, "someorg/llama-layers", **STREAM_ALL)  # (and a budget that is taken streams)
+    assert downloads and get_streaming_state(model) is not None
+    disable_layer_streaming(model)
+
+
 def test_the_split_refuses_a_folder_in_the_hub_cache_not_made_yet(shard_copy, tmp_path, monkeypatch, capsys):
     """`split` refuses to write into the hub cache, but it checked an existing snapshot folder only: a `shard_dir` not
     made yet there was made and written, in a folder of the source's own snapshot (`split org/ckpt SNAPSHOT/sub`), as
