@@ -235,7 +235,8 @@ def resolve_compression(
         [`QuantScheme`] or `None`.
 
     Raises:
-        `TypeError`: `compression` neither a str nor a [`QuantScheme`], `quant_type` not a str, `blocksize` not an int.
+        `TypeError`: `compression` neither a str nor a [`QuantScheme`], `quant_type` not a str, `blocksize` not an
+            int, `double_quant` not a bool.
         `ValueError`: Unknown `compression`, or `quant_type` / `blocksize` / `double_quant` that do not fit it.
     """
     # (a wrong type is a TypeError, as for every argument of the public API: 4 and '64' were a ValueError)
@@ -248,8 +249,10 @@ def resolve_compression(
         raise TypeError(f"`quant_type` must be a str ('nf4', 'fp4' or 'blockwise') or None, got {quant_type!r}.")
     if blocksize is not None and not _is_int(blocksize):
         raise TypeError(f"`blocksize` must be an int (e.g. 64) or None, got {type(blocksize).__name__} {blocksize!r}.")
+    if not isinstance(double_quant, bool):
+        raise TypeError(f"`double_quant` must be True or False, got {double_quant!r}.")
     options = (("quant_type", quant_type), ("blocksize", blocksize), ("double_quant", double_quant))
-    given = [f"{k}={v!r}" for k, v in options if v is not None and v is not False]
+    given = [f"{k}={v!r}" for k, v in options if v is not None and v is not False]  # (False: double_quant's default)
     if compression is None:
         if given:
             # (only the compressions that take them: a 4-bit code takes 4 bits, 'blockwise' 8, a block of 32 4 bits;

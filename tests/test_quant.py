@@ -520,6 +520,10 @@ def test_double_quant_scheme():
         resolve_compression(NF4, double_quant=True)
     with pytest.raises(ValueError, match=r"`double_quant` must be True or False, got 'yes'"):
         QuantScheme(4, double_quant="yes")
+    # (a wrong type is a TypeError, as for the public API's other arguments; `split_checkpoint` checks it so first)
+    for value in ("yes", None, 1):
+        with pytest.raises(TypeError, match=rf"`double_quant` must be True or False, got {value!r}"):
+            resolve_compression("4bit", double_quant=value)
 
 
 @pytest.mark.parametrize(
