@@ -1072,8 +1072,8 @@ def generate_jsonl(
         seed (`int`, *optional*):
             Seeds torch's random number generators (`torch.manual_seed`, which takes -2**63 to 2**64 - 1) before
             the first batch, for sampling (`do_sample=True`). A sampled job's seed is one of its settings: a rerun
-            with another one (or none) is refused. A resumed job seeds them again, so its remaining prompts get other samples than an uninterrupted
-            run's (each batch draws from the generator in turn).
+            with another one (or none) is refused. A resumed job seeds them again, so its remaining prompts get other
+            samples than an uninterrupted run's (each batch draws from the generator in turn).
         **generate_kwargs:
             Passed to `model.generate` (see [`generate_batch`]).
 

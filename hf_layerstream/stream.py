@@ -1172,9 +1172,9 @@ def enable_layer_streaming(
             map), which is what makes decoding from a warm page cache run at in-memory speed.
             Keys as accelerate takes them: GPU indices, `"cpu"`, `"disk"` (ignored: the shards are the disk);
             any other key, or a value that is not a size, raises `ValueError` (a key or value of another type than
-            those, `TypeError`). A GPU budget that cannot hold the
-            resident parts with the layers in flight keeps the input embeddings, then the output head, in host RAM
-            (looked up there; copied to the GPU for each pass), with placeholders on the GPU between passes.
+            those, `TypeError`). A GPU budget that cannot hold the resident parts with the layers in flight keeps
+            the input embeddings, then the output head, in host RAM (looked up there; copied to the GPU for each
+            pass), with placeholders on the GPU between passes.
         reserve (`int` or `str`, *optional*):
             On a GPU: the part of its budget left free for activations and the KV cache, which the plan does not
             fill with layers, as bytes or a size as `max_memory` takes them (`"3GiB"`). Defaults to a tenth of the
