@@ -208,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--temperature",
         type=float,
         default=None,
-        help="with --do-sample: the sampling temperature, above 0 (default: the shard directory's generation config's)",
+        help="with --do-sample: the sampling temperature, a finite number above 0 (default: the shard directory's "
+        "generation config's)",
     )
     p.add_argument(
         "--top-p",
@@ -813,6 +814,12 @@ def _cmd_generate(args) -> int:
     # unused without --do-sample, where transformers warns that they are ignored)
     if args.do_sample and args.temperature is not None and not args.temperature > 0:
         raise ValueError(f"`--temperature` (={args.temperature}) has to be a strictly positive number.")
+    # (transformers takes it: the logits divided by it are all 0, and every token was sampled alike, whatever the model)
+    if args.do_sample and args.temperature == float("inf"):
+        raise ValueError(
+            f"`--temperature` (={args.temperature}) has to be a finite number: an infinite one samples every token "
+            "alike, whatever the model; pass a positive number such as 1.0, or leave it out."
+        )
     if args.do_sample and args.top_p is not None and not 0 <= args.top_p <= 1:
         raise ValueError(f"`--top-p` (={args.top_p}) has to be a number from 0 to 1.")
     # (torch's range: past it, torch's "Overflow when unpacking long long" once the model had loaded, naming no option)

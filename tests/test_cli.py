@@ -333,6 +333,9 @@ def test_an_error_from_generate_goes_on_a_line_of_its_own(split_dir, capsys, mon
         (["--temperature", "-1"], "`--temperature` (=-1.0) has to be a strictly positive number"),
         (["--top-p", "1.5"], "`--top-p` (=1.5) has to be a number from 0 to 1"),
         (["--top-p", "nan"], "`--top-p` (=nan) has to be a number from 0 to 1"),
+        (["--temperature", "nan"], "`--temperature` (=nan) has to be a strictly positive number"),
+        (["--temperature", "inf"], "`--temperature` (=inf) has to be a finite number"),
+        (["--temperature", "1e309"], "`--temperature` (=inf) has to be a finite number"),
     ],
 )
 def test_sampling_settings_transformers_refuses_are_refused_before_anything_is_printed(
@@ -340,7 +343,8 @@ def test_sampling_settings_transformers_refuses_are_refused_before_anything_is_p
 ):
     """transformers checks the sampling settings once `generate` has begun: the prompt was printed, then the error
     (after the model had loaded). Refused first now, with nothing on standard output; without `--do-sample` they are
-    not used (transformers warns that they are ignored), and not refused."""
+    not used (transformers warns that they are ignored), and not refused. An infinite temperature, which transformers
+    takes, sampled every token alike whatever the model (logits divided by it are all 0): refused too."""
     _, shards = split_dir
     assert main(["generate", str(shards), "hi", "--do-sample", "--device", "cpu", *options]) == 2
     out, err = capsys.readouterr()
