@@ -195,12 +195,14 @@ def build_parser() -> argparse.ArgumentParser:
         "prompt",
         nargs="?",
         default=None,
-        help="prompt text (default: read from stdin, without the one newline that ends it, as echo writes it: a "
-        "prompt meant to end in a newline is piped in with two)",
+        help="prompt text, or - (the default) to read it from stdin, without the one newline that ends it, as echo "
+        "writes it: a prompt meant to end in a newline is piped in with two",
     )
     # (as other LLM command lines take it; without it, argparse read `--prompt TEXT` as `--prompt-lookup TEXT`, its
     # abbreviation, and refused TEXT as "invalid int value")
-    p.add_argument("--prompt", dest="prompt_option", default=None, metavar="TEXT", help="the prompt, as an option")
+    p.add_argument(
+        "--prompt", dest="prompt_option", default=None, metavar="TEXT", help="the prompt, as an option (- for stdin)"
+    )
     p.add_argument("--tokenizer", default=None, help="tokenizer folder or hub id (default: the shard directory's)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
@@ -875,6 +877,8 @@ def _cmd_generate(args) -> int:
         )
     if args.input and args.prompt is not None:
         raise ValueError("Pass either a PROMPT or `--input` (a JSONL file of prompts), not both.")
+    if args.prompt == "-":  # (standard input, as for `--input -`: it was the prompt's text, "-")
+        args.prompt = None
     if args.input and not args.output:
         raise ValueError("`--input` needs `--output` (each batch's results are appended there as the batch completes).")
     _refuse_without_partner(

@@ -547,6 +547,25 @@ def test_generate_prompt_from_stdin(split_dir, capsys, monkeypatch):
     assert out.startswith(prompt) and out[len(prompt) :].strip() == _greedy_text(ckpt, prompt, 5).strip()
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [["-", "--max-new-tokens", "3"], ["--max-new-tokens", "3", "-"], ["--prompt", "-", "--max-new-tokens", "3"]],
+    ids=["first", "after-the-options", "prompt-option"],
+)
+def test_a_dash_prompt_reads_standard_input(split_dir, capsys, monkeypatch, argv):
+    """`generate SHARD_DIR -` took "-" as the prompt's text: it reads the prompt from standard input now, as `--input -`
+    reads the prompts and as most commands read a file named "-"; so does `--prompt -`. With `--input` it is still a
+    PROMPT given beside it, refused."""
+    ckpt, shards = split_dir
+    prompt = _models.SAMPLE_PROMPTS[1]
+    monkeypatch.setattr(sys, "stdin", io.StringIO(prompt + "\n"))
+    assert main(["generate", str(shards), "--device", "cpu", *argv]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(prompt) and out[len(prompt) :].strip() == _greedy_text(ckpt, prompt, 3).strip(), out
+    assert main(["generate", str(shards), "-", "--input", "-", "--output", "out.jsonl"]) == 2
+    assert "Pass either a PROMPT or `--input`" in capsys.readouterr().err
+
+
 def test_a_prompt_from_stdin_loses_only_the_newline_that_ends_it(split_dir, capsys, monkeypatch):
     """Every newline at the end of the text piped in was dropped (`rstrip`): a prompt ending in a blank line, for the
     model to go on after it, lost it. Only the one that ends the text (`echo`'s, a file's last line's; CRLF too) is
@@ -675,14 +694,14 @@ def test_a_jsonl_job_names_keys_its_lines_do_not_take_once(split_dir, tmp_path, 
         (["--max-new-tokens", "4", "--"], _models.SAMPLE_PROMPTS[0]),
         (["--max-new-tokens", "4"], "- item one"),
         (["--max-new-tokens", "4"], "-5"),
-        (["--max-new-tokens", "4"], "-"),
     ],
-    ids=["after-an-option", "after-a-flag", "after-dashes", "a-dash-and-a-space", "a-negative-number", "a-dash"],
+    ids=["after-an-option", "after-a-flag", "after-dashes", "a-dash-and-a-space", "a-negative-number"],
 )
 def test_generate_prompt_after_options(split_dir, capsys, between, prompt):
     """`generate SHARD_DIR --max-new-tokens 4 PROMPT`: a prompt after the options is the prompt (argparse fills an
     optional positional from the first run of positionals only, and refused it as an unrecognized argument), also one
-    that begins with a dash where argparse reads it as a positional ("- item one", "-5", "-": refused before)."""
+    that begins with a dash where argparse reads it as a positional ("- item one", "-5": refused before; "-" alone
+    reads standard input, `test_a_dash_prompt_reads_standard_input`)."""
     ckpt, shards = split_dir
     assert main(["generate", str(shards), "--device", "cpu", *between, prompt]) == 0
     out = capsys.readouterr().out
