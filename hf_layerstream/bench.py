@@ -150,7 +150,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
         "--vocab-size",
         type=int,
         default=None,
-        help=f"--demo: vocabulary, at least the demo tokenizer's (default {DEMO_SIZES['vocab_size']})",
+        help=f"--demo: vocabulary, at least the demo tokenizer's 120 tokens (default {DEMO_SIZES['vocab_size']})",
     )
     p.add_argument("--dtype", default=None, help="--demo: checkpoint dtype (default bfloat16)")
     p.add_argument("--max-new-tokens", type=int, default=8, help="tokens generated per run (default 8)")

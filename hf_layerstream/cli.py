@@ -285,7 +285,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=8, help="decoder layers (default 8)")
     p.add_argument("--hidden-size", type=int, default=1024, help="hidden size (default 1024)")
     p.add_argument("--intermediate-size", type=int, default=2816, help="MLP size (default 2816)")
-    p.add_argument("--vocab-size", type=int, default=32000, help="at least the demo tokenizer's (default: 32000)")
+    p.add_argument(
+        "--vocab-size",
+        type=int,
+        default=32000,
+        help="vocabulary size, at least the demo tokenizer's 120 tokens (default: 32000)",
+    )
     p.add_argument("--dtype", default="bfloat16", help="checkpoint dtype (default bfloat16)")
     p.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate (default 16)")
     p.add_argument(

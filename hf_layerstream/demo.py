@@ -146,10 +146,15 @@ def _demo_config(layers: int, hidden_size: int, intermediate_size: int, vocab_si
     from .testing import make_tokenizer
 
     sizes = (("--layers", layers), ("--hidden-size", hidden_size), ("--intermediate-size", intermediate_size))
-    for option, value in (*sizes, ("--vocab-size", vocab_size)):
+    for option, value in sizes:
         if value < 1:
             raise ValueError(f"`{option}` is {value}; use at least 1.")
     tok = make_tokenizer()
+    if vocab_size < len(tok):  # (it was raised to the tokenizer's without a word: a checkpoint of another size)
+        raise ValueError(
+            f"`--vocab-size` is {vocab_size}; use at least {len(tok)}, the demo tokenizer's number of tokens (the "
+            "embeddings and the head hold a row for each)."
+        )
     heads = max(hidden_size // 64, 1)
     head_size, rest = divmod(hidden_size, heads)
     if rest or head_size % 2:  # (checked here: transformers before 5.2x builds the config and fails in the forward)
@@ -168,7 +173,7 @@ def _demo_config(layers: int, hidden_size: int, intermediate_size: int, vocab_si
             num_hidden_layers=layers,
             num_attention_heads=heads,
             num_key_value_heads=kv_heads,
-            vocab_size=max(vocab_size, len(tok)),
+            vocab_size=vocab_size,
             max_position_embeddings=2048,
             bos_token_id=tok.bos_token_id,
             eos_token_id=tok.eos_token_id,

@@ -1697,12 +1697,17 @@ def test_a_prompt_from_a_terminal_is_asked_for_before_the_model_loads(split_dir,
     assert capsys.readouterr().out.startswith(_models.SAMPLE_PROMPTS[0])
 
 
-@pytest.mark.parametrize("option", [["--layers", "0"], ["--hidden-size", "0"], ["--vocab-size", "-1"]])
-def test_demo_refuses_its_sizes_before_it_prints_a_step(tmp_path, capsys, option):
-    """`demo --layers 0` printed "1. writing a random-weight Llama-shaped checkpoint (0 layers...)", then refused."""
+@pytest.mark.parametrize(
+    "option, least",
+    [(["--layers", "0"], 1), (["--hidden-size", "0"], 1), (["--vocab-size", "-1"], 120), (["--vocab-size", "50"], 120)],
+)
+def test_demo_refuses_its_sizes_before_it_prints_a_step(tmp_path, capsys, option, least):
+    """`demo --layers 0` printed "1. writing a random-weight Llama-shaped checkpoint (0 layers...)", then refused.
+    A `--vocab-size` below the demo tokenizer's 120 tokens was raised to 120 without a word (the checkpoint was not of
+    the size asked for): refused too, naming the least it takes."""
     assert main(["demo", "--dir", str(tmp_path / "d"), *option]) == 2
     captured = capsys.readouterr()
-    assert captured.out == "" and f"`{option[0]}` is {option[1]}; use at least 1." in captured.err
+    assert captured.out == "" and f"`{option[0]}` is {option[1]}; use at least {least}" in captured.err, captured.err
     assert not (tmp_path / "d").exists()
 
 
