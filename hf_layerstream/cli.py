@@ -997,7 +997,7 @@ def _cmd_generate(args) -> int:
         state = get_streaming_state(model)
         # the profile restarts at every generate call (one per batch): sum them into one for the whole job
         job = _JobProfile(model, state) if args.profile and state.profile is not None else None
-        _one_sequence(model, gen_kwargs, "one is generated for each prompt")
+        config = _one_sequence(model, gen_kwargs, "one is generated for each prompt")
         try:
             stats = generate_jsonl(
                 model,
@@ -1015,11 +1015,9 @@ def _cmd_generate(args) -> int:
                 raise
             from transformers.generation import GenerationMode
 
-            from .speculative import _generation_config
-
             # (speculative decoding runs one prompt per generate call, whatever the batch size: a smaller one is no
             # help there; a draft is not one of the job's settings, nor are the budgets: the job resumes without it)
-            mode = _generation_config(model, gen_kwargs).get_generation_mode(gen_kwargs.get("assistant_model"))
+            mode = config.get_generation_mode(gen_kwargs.get("assistant_model"))
             if mode == GenerationMode.ASSISTED_GENERATION:
                 which = "`--assistant`" if args.assistant else "`--prompt-lookup`" if args.prompt_lookup else None
                 draft = ", or a smaller draft model (or none)" if args.assistant else ""
@@ -1073,9 +1071,9 @@ def _cmd_generate(args) -> int:
     if tok.pad_token_id is None and tok.eos_token_id is not None:
         gen_kwargs["pad_token_id"] = tok.eos_token_id
     streamer = _continuation_streamer(tok, inputs["input_ids"][0].tolist(), skip_special_tokens=True)
-    streams = _one_sequence_streamed(model, gen_kwargs)
+    streams, config = _one_sequence_streamed(model, gen_kwargs)
     if streams:
-        streamer, gen_kwargs = _streamed_to_the_stop(streamer, model, gen_kwargs, tok)
+        streamer, gen_kwargs = _streamed_to_the_stop(streamer, model, config, gen_kwargs, tok)
     # (a chat reply answers the prompt, on a line of its own; a completion continues it)
     print(prompt, end="\n" if templated else "", flush=True)
     try:
@@ -1108,39 +1106,41 @@ def _cmd_generate(args) -> int:
 
 
 def _one_sequence(model, gen_kwargs: dict, which: str = "one is generated and printed"):
-    """The settings `generate` runs with, asking for one sequence in `gen_kwargs` where the generation config
-    (generation_config.json, which the command has no option to override) asks for more (`num_return_sequences`),
-    and saying so on stderr: the command prints one (`which`), and `generate --input` writes one result a prompt
-    (`generate_jsonl` refused the job, "`num_return_sequences` must be 1 ... (from the generation config)")."""
+    """The settings `generate` runs with (`speculative._generation_config`, built once here for the command's
+    checks), asking for one sequence in `gen_kwargs` where the generation config (generation_config.json, which the
+    command has no option to override) asks for more (`num_return_sequences`), and saying so on stderr: the command
+    prints one (`which`), and `generate --input` writes one result a prompt (`generate_jsonl` refused the job,
+    "`num_return_sequences` must be 1 ... (from the generation config)")."""
     from .speculative import _generation_config
 
     config = _generation_config(model, gen_kwargs)
     if (config.num_return_sequences or 1) > 1:
-        gen_kwargs["num_return_sequences"] = 1
         print(
             f"hf-layerstream generate: the generation config asks for {config.num_return_sequences} sequences "
             f"(`num_return_sequences`); {which}",
             file=sys.stderr,
         )
+        gen_kwargs["num_return_sequences"] = config.num_return_sequences = 1  # (the settings returned are the run's)
     return config
 
 
-def _one_sequence_streamed(model, gen_kwargs: dict) -> bool:
-    """Whether `generate`'s tokens can be printed as they come, asking for one sequence (`_one_sequence`).
+def _one_sequence_streamed(model, gen_kwargs: dict):
+    """Whether `generate`'s tokens can be printed as they come, and the settings it runs with, asking for one sequence
+    (`_one_sequence`).
     transformers refuses a streamer with beam search ("`streamer` cannot be used with beam search (yet!). Make sure
     that `num_beams` is set to 1."), and with several rows its streamer fails ("TextStreamer only supports batch size
     1"): a generation config (generation_config.json) with `num_beams` > 1 ended the command there, with no option to
     set it. The command generates the beams then, printing the best one when done, and says so on stderr."""
     config = _one_sequence(model, gen_kwargs)
     if (config.num_beams or 1) == 1:
-        return True
+        return True, config
     print(
         f"hf-layerstream generate: the generation config asks for beam search (`num_beams` {config.num_beams}), "
         "whose tokens cannot be printed as they come; the best beam is printed once generated",
         file=sys.stderr,
         flush=True,
     )
-    return False
+    return False, config
 
 
 def _out_of_memory(e: BaseException) -> bool:
@@ -1272,8 +1272,9 @@ def _continuation_streamer(tokenizer, prompt_ids: list[int], **decode_kwargs):
     return streamer
 
 
-def _streamed_to_the_stop(streamer, model, gen_kwargs: dict, tokenizer):
-    """`streamer`, and the settings `generate` streams to it with, where the call decodes speculatively
+def _streamed_to_the_stop(streamer, model, config, gen_kwargs: dict, tokenizer):
+    """`streamer`, and the settings `generate` streams to it with (`config`: the settings of `gen_kwargs`, as
+    `_one_sequence` gives them), where the call decodes speculatively
     (`--prompt-lookup`, `--assistant`, or the generation config's): there each step adds a block of accepted draft
     tokens, which transformers puts to the streamer before it asks the stopping criteria, once, of the whole sequence.
     A stop string (the generation config's `stop_strings`) ending inside the block went unseen (`StopStringCriteria`
@@ -1286,9 +1287,8 @@ def _streamed_to_the_stop(streamer, model, gen_kwargs: dict, tokenizer):
     from transformers.generation import GenerationMode
     from transformers.generation.streamers import BaseStreamer
 
-    from .speculative import _STATELESS_CRITERIA, _generation_config, _StopRecorder, _StopWatch, eos_token_ids
+    from .speculative import _STATELESS_CRITERIA, _StopRecorder, _StopWatch, eos_token_ids
 
-    config = _generation_config(model, gen_kwargs)
     if config.get_generation_mode(gen_kwargs.get("assistant_model")) != GenerationMode.ASSISTED_GENERATION:
         return streamer, gen_kwargs  # (a token a step: the criteria see each)
     criteria = [c for c in _StopWatch(config, gen_kwargs, tokenizer).watched if type(c) in _STATELESS_CRITERIA]
