@@ -29,7 +29,6 @@ import json
 import logging
 import mmap
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -776,7 +775,7 @@ def bench(args) -> dict:
     import torch
 
     from .cli import _dequantize, _max_memory, _reserve
-    from .demo import work_folder
+    from .demo import remove_work_folder, work_folder
     from .engine import check_device, check_max_memory
     from .shard_dir import ShardDirectory
 
@@ -1004,7 +1003,7 @@ def bench(args) -> dict:
         }
     finally:
         if args.work is None:  # (a temporary folder of its own; never one given)
-            shutil.rmtree(work, ignore_errors=True)
+            remove_work_folder(work)
 
 
 def probe_cuda(device) -> dict:

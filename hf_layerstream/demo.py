@@ -279,6 +279,37 @@ def work_folder(path: str | None, option: str, prefix: str) -> Path:
     return folder
 
 
+def remove_work_folder(work: Path) -> None:
+    """Remove the temporary work folder `work` (`work_folder`'s, `path` `None`), whatever Ctrl-C comes meanwhile.
+
+    It is removed as the command ends, also on Ctrl-C, where a second Ctrl-C (pressed twice, as people do) came while
+    it was removed: that stopped the removal part way, and the folder was left in the temporary folder, a checkpoint
+    and its shards. A SIGINT or SIGTERM arriving while it is removed is noted instead, and its handler run once it is
+    removed (the KeyboardInterrupt of Ctrl-C, the command line's SIGTERM taken as Ctrl-C). Only for handlers that are
+    Python functions, in the main thread, where Python runs them; a signal's other handling (its default action, as
+    for SIGTERM outside the command line) is left as it is.
+    """
+    import signal
+    import threading
+
+    held: dict = {}
+    arrived: list = []
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            handler = signal.getsignal(signum)
+            if callable(handler):
+                held[signum] = handler
+    try:
+        for signum in held:
+            signal.signal(signum, lambda signum, frame: arrived.append((signum, frame)))
+        shutil.rmtree(work, ignore_errors=True)
+    finally:
+        for signum, handler in held.items():
+            signal.signal(signum, handler)
+    for signum, frame in arrived[:1]:  # (the first: Ctrl-C or SIGTERM, acted on as if it came now)
+        held[signum](signum, frame)
+
+
 def run_demo(args) -> int:
     from transformers import AutoTokenizer
 
@@ -376,4 +407,4 @@ def run_demo(args) -> int:
         return 0 if exact else 1
     finally:
         if args.dir is None:  # (a temporary folder of its own; never one given)
-            shutil.rmtree(work, ignore_errors=True)
+            remove_work_folder(work)

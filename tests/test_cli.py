@@ -1380,6 +1380,38 @@ def test_demo_killed_with_sigterm_removes_its_temporary_folder(tmp_path):
     assert not work.exists() and not list(temp.glob("hf_layerstream_demo_*"))
 
 
+@pytest.mark.parametrize("command", [["demo"], ["bench", "--demo", "--systems", "streamed", "--modes", "warm"]])
+def test_a_second_ctrl_c_while_the_temporary_folder_is_removed_leaves_none(tmp_path, monkeypatch, capsys, command):
+    """`demo` and `bench --demo` remove their temporary work folder on Ctrl-C; a second Ctrl-C while it was removed
+    (pressed twice, as people do: it came once the child process measuring a system had been waited for) stopped the
+    removal part way, and the folder was left in the temporary folder, a checkpoint and its shards (0.9 GiB of a
+    16-layer demo's). A Ctrl-C then is acted on once the folder is removed: none is left, "interrupted", 130."""
+    import signal
+    import tempfile
+
+    import hf_layerstream._measure as measure
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    real_unlink, fired = os.unlink, []
+
+    def unlink(*args, **kwargs):
+        if not fired:  # (the second Ctrl-C, as the first file of the folder is removed)
+            fired.append(args[0])
+            signal.raise_signal(signal.SIGINT)
+        return real_unlink(*args, **kwargs)
+
+    def first_ctrl_c(spec, **kwargs):  # (as the first system is measured)
+        monkeypatch.setattr(os, "unlink", unlink)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(measure, "run_child", first_ctrl_c)
+    tiny = ["--layers", "2", "--hidden-size", "64", "--intermediate-size", "128", "--vocab-size", "256"]
+    assert main([*command, "--device", "cpu", *tiny, "--max-new-tokens", "2"]) == 130
+    monkeypatch.setattr(os, "unlink", real_unlink)
+    assert fired and capsys.readouterr().err.rstrip().endswith("interrupted")
+    assert not list(tmp_path.glob("hf_layerstream_*"))
+
+
 @pytest.mark.parametrize("argv", [["demo", "--dir", ""], ["bench", "--demo", "--work", ""]])
 def test_an_empty_work_folder_is_refused_and_the_current_folder_left_alone(tmp_path, monkeypatch, capsys, argv):
     """`demo --dir ''` (a shell variable left unset, `--dir "$WORK"`) took '' as the current folder (`Path('')` is
