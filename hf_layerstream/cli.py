@@ -1011,6 +1011,9 @@ def _cmd_generate(args) -> int:
                 **gen_kwargs,
             )
         except (RuntimeError, MemoryError) as e:
+            overflow = _temperature_overflow(e, args)
+            if overflow is not None:  # (nothing of the batch is written: the job goes on with a larger one)
+                raise overflow from e
             if not _out_of_memory(e):
                 raise
             from transformers.generation import GenerationMode
@@ -1087,6 +1090,9 @@ def _cmd_generate(args) -> int:
                 streamer.end()
     except BaseException as e:  # (Ctrl-C too)
         print(flush=True)  # (the error goes on a line of its own, not after the text printed: "hihf-layerstream ...")
+        overflow = _temperature_overflow(e, args)
+        if overflow is not None:
+            raise overflow from e
         if isinstance(e, (RuntimeError, MemoryError)) and _out_of_memory(e):
             # (torch's traceback before, where `--input` said it in one line)
             raise ValueError(
@@ -1156,6 +1162,26 @@ def _out_of_memory(e: BaseException) -> bool:
             return True
         e = e.__cause__
     return False
+
+
+def _temperature_overflow(e: BaseException, args) -> ValueError | None:
+    """The error for torch's "probability tensor contains either `inf`, `nan` or element < 0" (`e`, a traceback once
+    the prompt was printed, naming no option) where `--temperature` is so small that the logits divided by it overflow
+    float32, as transformers divides them (below about 3e-39 every logit of 1 or more does): the one-line error naming
+    it and the fix; `None` for another error, or a temperature at which no logit below 10**4 overflows (something
+    else made the probabilities inf or NaN: its traceback, as before)."""
+    import torch
+
+    temperature = args.temperature if args.do_sample else None  # (unused without `--do-sample`)
+    if temperature is None or not isinstance(e, RuntimeError) or "probability tensor contains" not in str(e):
+        return None
+    if temperature * torch.finfo(torch.float32).max >= 1e4:
+        return None
+    return ValueError(
+        f"`--temperature` {temperature} is too small: the logits divided by it overflow float32, and sampling met inf "
+        f"or NaN probabilities ({_first_line(e)}). Pass a larger one, or leave out `--do-sample` for greedy "
+        "decoding, which a temperature near 0 approaches."
+    )
 
 
 def _first_line(e: BaseException) -> str:

@@ -353,6 +353,26 @@ def test_sampling_settings_transformers_refuses_are_refused_before_anything_is_p
     assert capsys.readouterr().out.startswith("hi")
 
 
+@pytest.mark.parametrize("job", [False, True], ids=["prompt", "input"])
+def test_a_temperature_too_small_to_divide_by_is_a_one_line_error(split_dir, tmp_path, capsys, job):
+    """`--do-sample --temperature 1e-300`: the logits divided by it overflow float32 (inf, NaN), and sampling ended in
+    torch's traceback, "probability tensor contains either `inf`, `nan` or element < 0", naming no option. One line
+    now, naming `--temperature`, its value and the fix; a larger one then runs (with `--input`: nothing was written,
+    so the same job goes on with it)."""
+    _, shards = split_dir
+    argv = ["generate", str(shards), "--do-sample", "--max-new-tokens", "2", "--device", "cpu", "--seed", "0"]
+    if job:
+        (tmp_path / "in.jsonl").write_text('{"prompt": "hi"}\n')
+        argv += ["--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl")]
+    else:
+        argv.append("hi")
+    assert main([*argv, "--temperature", "1e-300"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("hf-layerstream generate: error: `--temperature` 1e-300 is too small") and "\n" not in err
+    assert "Pass a larger one" in err and "`--do-sample`" in err, err
+    assert main([*argv, "--temperature", "0.5"]) == 0
+
+
 def test_top_p_is_checked_as_transformers_checks_it(split_dir, capsys):
     """`--top-p` is refused before the model loads exactly where transformers' `TopPLogitsWarper` refuses it (below 0
     or above 1: its message says "> 0 and < 1", its check takes both ends), so a value transformers takes is never
