@@ -420,8 +420,8 @@ def _command_parser(parser: argparse.ArgumentParser, command: str) -> argparse.A
 
 def _as_options(message: str, parser: argparse.ArgumentParser, command: str) -> str:
     """The library's error `message` with each Python argument it names written as the command's option, where the
-    command has one (`` `dtype` `` as `` `--dtype` ``, `quant_type='fp4'` as `--quant-type 'fp4'`): what the user of
-    the command line typed."""
+    command has one (`` `dtype` `` as `` `--dtype` ``, `quant_type='fp4'` as `--quant-type 'fp4'`, in backticks too):
+    what the user of the command line typed."""
     sub = _command_parser(parser, command)
     if sub is None:
         return message
@@ -433,6 +433,12 @@ def _as_options(message: str, parser: argparse.ArgumentParser, command: str) -> 
                 if isinstance(action, argparse._StoreTrueAction):  # (`double_quant=True` is `--double-quant`)
                     message = re.sub(rf"(?<![\w.`-]){re.escape(name)}=True\b", long[0], message)
                 message = re.sub(rf"(?<![\w.`-]){re.escape(name)}=", f"{long[0]} ", message)
+                # (`dequantize='module'` in backticks too; not a flag's `overwrite=True`, which such messages name
+                # beside it as `--overwrite`, nor a budget's dict, written below)
+                if action.nargs != 0:
+                    message = re.sub(
+                        rf"`{re.escape(name)}=((?!\{{)[^`]+)`", lambda m, o=long[0]: f"`{o} {m.group(1)}`", message
+                    )
         if action.dest == "max_memory":  # its entries and examples as the option writes them, not as Python does
             message = re.sub(r"max_memory\[(['\"]?)(\w+)\1\]", r"--max-memory \2", message)
             message = re.sub(r"\{(?:'?\w+'?: (?:'[^']*'|\d+)(?:, )?)+\}", _as_option_value, message)

@@ -1965,6 +1965,20 @@ def test_max_memory_is_named_as_the_option_writes_it(split_dir, capsys, caplog):
     assert not any(isinstance(f, _OptionNames) for h in logging.getLogger().handlers for f in h.filters)
 
 
+def test_an_argument_and_its_value_in_backticks_are_named_as_the_option_writes_them(split_dir, capsys, caplog):
+    """`generate --dequantize module` of full-precision shards warned "`dequantize='module'`: ... holds full-precision
+    layers": the library's argument with its value, in backticks, stayed as Python writes it, where the argument alone
+    (`` `dequantize` ``, `` `dequantize=` ``) or a value outside backticks (`quant_type='fp4'`) is written as the
+    option. Written as the option now, `--dequantize 'module'`; the library's record names the argument."""
+    _, shards = split_dir
+    argv = ["generate", str(shards), "hi", "--max-new-tokens", "1", "--device", "cpu", "--dequantize", "module"]
+    with caplog.at_level(logging.WARNING, logger="hf_layerstream"):
+        assert main(argv) == 0
+    warning = next(r.getMessage() for r in caplog.records if "holds full-precision layers" in r.getMessage())
+    assert warning.startswith("`--dequantize 'module'`: ") and "dequantize=" not in warning, warning
+    capsys.readouterr()
+
+
 def test_a_traceback_quoted_in_a_record_keeps_its_source_lines():
     """`bench`'s warning for a failed row quotes its child's traceback; the command's names were written into its
     source lines too (`from_pretrained(spec["path"], dtype=dtype or "auto")` as `--dtype dtype or "auto"`). The
