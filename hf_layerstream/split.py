@@ -1811,6 +1811,13 @@ def split_checkpoint(
         )
     if shard_dir.exists() and not shard_dir.is_dir():
         raise ShardDirError(f"`shard_dir` {shard_dir} exists and is not a directory.")
+    # (a file on the way: the folder cannot be made, and mkdir's bare "[Errno 20] Not a directory" came once the source
+    # was planned, naming no argument)
+    above = next((p for p in shard_dir.absolute().parents if os.path.lexists(p)), None)
+    if above is not None and not above.is_dir():
+        raise ShardDirError(
+            f"`shard_dir` {shard_dir} cannot be made: {above} is a file, not a folder; pass another `shard_dir`."
+        )
     in_cache = hub_repo_of(shard_dir)  # (made yet or not)
     if in_cache is not None:
         # (a shard directory downloaded from the hub: the split replaced the cache's links with its own files; a folder
@@ -1962,7 +1969,12 @@ def split_checkpoint(
         # (made before anything is written, the folder too, where there is no finished split to compare with first:
         # an adapter PEFT cannot load or merge is refused first)
         mergers = [AdapterMerge(folder, config, model_class, load_dtype) for folder in adapter_folders]
-    shard_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        shard_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # (mkdir's bare error named no argument: `/proc/x`, a folder this user cannot write in)
+        raise ShardDirError(
+            f"`shard_dir` {shard_dir} cannot be made ({e.strerror or e}: {e.filename}); pass another `shard_dir`."
+        ) from e
     with _locked(shard_dir, wait=wait):
         # Only one split runs here at a time (the lock): anything temporary is a leftover of a killed run.
         try:

@@ -763,6 +763,30 @@ def test_shard_dir_paths_a_user_types(checkpoints, tmp_path, monkeypatch):
     LEDGER["rejected"] += 1
 
 
+def test_a_shard_dir_that_cannot_be_made_is_refused_naming_it(checkpoints, tmp_path):
+    """A `shard_dir` under a file (`model.safetensors/x.layers`), or where no folder can be made (`/proc/x`), failed
+    with mkdir's bare "[Errno 20] Not a directory: '...'" ("[Errno 2] No such file or directory: '/proc/x'" for
+    `/proc/x/y`), naming neither the argument nor a fix, once the source was planned (a hub one's files fetched).
+    Refused naming `shard_dir`, what is wrong and the fix; the one under a file with the other checks of `shard_dir`,
+    before that."""
+    ckpt, _ = checkpoints("llama")
+    LEDGER["tried"] += 1
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    with pytest.raises(ShardDirError) as info:
+        split_checkpoint(ckpt, a_file / "sub" / "x.layers", progress=False)
+    assert str(info.value) == (
+        f"`shard_dir` {a_file / 'sub' / 'x.layers'} cannot be made: {a_file} is a file, not a folder; pass another "
+        "`shard_dir`."
+    )
+    if os.path.isdir("/proc") and not os.path.exists("/proc/hf_layerstream_test"):
+        with pytest.raises(ShardDirError) as info:
+            split_checkpoint(ckpt, "/proc/hf_layerstream_test/x.layers", progress=False)
+        assert str(info.value).startswith("`shard_dir` /proc/hf_layerstream_test/x.layers cannot be made (")
+        assert str(info.value).endswith("); pass another `shard_dir`."), info.value
+    LEDGER["rejected"] += 1
+
+
 def test_a_checkpoint_or_a_shard_directorys_own_file_given_as_shard_dir_names_what_to_pass(checkpoints, tmp_path):
     """The checkpoint's folder given as `shard_dir` (the source, not its split), or a file or folder of a shard
     directory (its `manifest.json`, its `layers`): the error said to create a shard directory there with
