@@ -332,6 +332,12 @@ def build_parser() -> argparse.ArgumentParser:
         add_bench_parser = None
     if add_bench_parser is not None:
         add_bench_parser(sub)
+    # (`-v` after the command, `generate SHARD_DIR PROMPT -v`, was refused as "unrecognized arguments: -v", an option
+    # of the program: taken there too; not given there, the one before the command, if any, stands)
+    for command in sub.choices.values():
+        command.add_argument(
+            "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log what the library does"
+        )
     return parser
 
 

@@ -659,16 +659,23 @@ def test_a_utf8_prompt_is_taken_with_pythons_utf8_mode_off(split_dir, capsys, mo
     assert latin1 == 2 and latin1_out == "" and "The prompt is not valid UTF-8 text" in latin1_err, latin1_err
 
 
-@pytest.mark.parametrize("verbose", [False, True], ids=["quiet", "-v"])
+@pytest.mark.parametrize("verbose", [[], ["-v"], ["--verbose"]], ids=["quiet", "-v", "--verbose-after-the-command"])
 def test_generate_prints_its_profile_once(split_dir, capsys, caplog, verbose):
     """`generate --profile` prints the call's profile; with `-v`, which logs every generate call's profile, it was
-    printed twice."""
+    printed twice. `-v` after the command (`generate ... -v`) was refused, "unrecognized arguments: --verbose", where
+    it is an option of the program: taken there too."""
     _, shards = split_dir
     argv = ["generate", str(shards), _models.SAMPLE_PROMPTS[0], "--max-new-tokens", "2", "--device", "cpu"]
     with caplog.at_level("INFO" if verbose else "WARNING", logger="hf_layerstream"):
-        assert main((["-v"] if verbose else []) + [*argv, "--profile"]) == 0
+        if verbose == ["--verbose"]:
+            assert main([*argv, "--profile", *verbose]) == 0
+        else:
+            assert main(verbose + [*argv, "--profile"]) == 0
     shown = capsys.readouterr().err + caplog.text
     assert shown.count("forward calls: 2,") == 1, shown
+    parser = build_parser()  # (what the logging is set up from)
+    given = [*verbose, *argv] if verbose != ["--verbose"] else [*argv, *verbose]
+    assert parser.parse_known_args(given)[0].verbose is bool(verbose)
 
 
 def test_generate_from_a_jsonl_file_prints_its_profile(split_dir, tmp_path, capsys):
