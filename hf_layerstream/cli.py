@@ -36,7 +36,7 @@ def _max_memory(text: str | None) -> dict | None:
         # written as the library takes them, "0" not "00": `check_max_memory` names the key those mean)
         key = int(key) if key.isascii() and key.isdigit() and str(int(key)) == key else key
         if key in out:  # (the last one silently won)
-            raise ValueError(f"--max-memory gives {key} twice: {text!r}")
+            raise ValueError(f"--max-memory gives {key} twice: {text!r}; give each key once.")
         out[key] = value.strip()
     from .engine import check_max_memory
 

@@ -1019,10 +1019,11 @@ def test_an_empty_max_memory_or_a_key_the_library_refuses_is_refused(split_dir, 
 
 def test_max_memory_given_twice_or_keyed_as_a_device_name_is_refused(split_dir, capsys):
     """`--max-memory cpu=1GiB,cpu=0` kept the last silently; `--device cuda --max-memory cuda:0=1GiB` on a machine
-    without a GPU said to give its budget (it had), not that the key for cuda:0 is 0."""
+    without a GPU said to give its budget (it had), not that the key for cuda:0 is 0. The key given twice is named
+    with the fix (it named none)."""
     _, shards = split_dir
     for budget, device, message in (
-        ("cpu=1GiB,cpu=0", "cpu", "--max-memory gives cpu twice: 'cpu=1GiB,cpu=0'"),
+        ("cpu=1GiB,cpu=0", "cpu", "--max-memory gives cpu twice: 'cpu=1GiB,cpu=0'; give each key once."),
         ("0=1GiB,0=2GiB", "cpu", "--max-memory gives 0 twice"),
         ("cuda:0=1GiB", "cuda", "for cuda:0, the key is 0"),
         ("CPU=1GiB", "cpu", "`--max-memory` key 'CPU' is not recognized (the key is 'cpu')"),
