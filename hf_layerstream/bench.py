@@ -782,7 +782,8 @@ def bench(args) -> dict:
     systems = _parse_list(args.systems, SYSTEMS, "--systems")
     modes = _parse_list(args.modes, ("warm", "cold"), "--modes")
     batches = _parse_batches(args.batch_sizes)
-    compressed = _parse_list(args.compression, COMPRESSIONS, "--compression") if args.compression else []
+    # ('' too is refused, as an empty `--systems` is: a shell variable left unset left the rows out without a word)
+    compressed = [] if args.compression is None else _parse_list(args.compression, COMPRESSIONS, "--compression")
     if args.max_new_tokens < 2:
         raise ValueError(f"`--max-new-tokens` is {args.max_new_tokens}; use at least 2 (decode steps are timed).")
     if args.rounds < 1 or args.repeats < 1:

@@ -109,6 +109,8 @@ def test_bench_demo_json_and_table(tmp_path, capsys):
         (["--threads", "-2"], "`--threads` is -2; use at least 1"),
         (["--timeout", "0"], "`--timeout` is 0.0; use a positive number"),
         (["--compression", "3bit"], "`--compression` got '3bit'"),
+        # (a shell variable left unset, `--compression "$SCHEMES"`: the rows asked for were left out without a word)
+        (["--compression", ""], "`--compression` got ''; choose a comma-separated subset of 4bit, 4bit-dq, 8bit."),
         # a selection that leaves nothing to measure (the bench measured nothing and exited 0)
         (["--systems", ""], "choose a comma-separated subset of in_memory, accelerate_offload, streamed,"),
         (
