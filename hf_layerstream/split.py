@@ -1716,7 +1716,8 @@ def split_checkpoint(
             loads the checkpoint at.
         revision, token, cache_dir:
             Passed to `huggingface_hub.hf_hub_download` for a hub `source`; `token` and `cache_dir` for a hub
-            `adapter` too (`revision` is the source's: `adapter_revision` is the adapter's).
+            `adapter` too (`revision` is the source's: `adapter_revision` is the adapter's). With a local folder as
+            `source` each is warned about (`cache_dir` where no `adapter` is a hub one) and not used to read it.
         overwrite (`bool`, defaults to `False`):
             Replace an existing shard directory made with other options or from another model, or write into a
             non-empty folder that holds no shard directory (files of the names the split writes are replaced).
@@ -1853,6 +1854,13 @@ def split_checkpoint(
         )
 
     src = _Source(source, revision=revision, token=token, cache_dir=cache_dir)
+    if src.local_dir is not None and cache_dir is not None and all(Path(a).expanduser().is_dir() for a, _ in adapters):
+        # (nothing is downloaded, a hub adapter aside: it was taken without a word, as `revision` and `token` were)
+        logger.warning(
+            "`cache_dir` applies to hub repos (the hub cache they are downloaded into, for `source` and `adapter`); "
+            "%s is a local folder, split as it is.",
+            src.local_dir,
+        )
     src.headers_only = remove_from_cache
     if remove_from_cache and src.local_dir is not None:
         raise ValueError(

@@ -925,6 +925,23 @@ def test_a_revision_or_token_for_a_local_folder_is_ignored_with_a_warning(tmp_pa
     assert (tmp_path / "shards" / "manifest.json").stat().st_mtime_ns == stamp
 
 
+def test_a_cache_dir_for_a_local_folder_is_ignored_with_a_warning(tmp_path, caplog):
+    """`cache_dir` is where a hub repo's files are downloaded; with a local folder as `source` (and no hub adapter,
+    which it serves too) nothing is downloaded, and it was taken without a word, as `revision` and `token` were."""
+    ckpt = _models.save_tiny_checkpoint("llama", tmp_path / "ckpt")
+    with caplog.at_level(logging.WARNING, logger="hf_layerstream"):
+        split_checkpoint(ckpt, tmp_path / "shards", cache_dir=tmp_path / "cache", progress=False)
+    assert (
+        f"`cache_dir` applies to hub repos (the hub cache they are downloaded into, for `source` and `adapter`); "
+        f"{ckpt} is a local folder, split as it is." in caplog.text
+    )
+    assert not (tmp_path / "cache").exists()  # (nothing was written there)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hf_layerstream"):
+        split_checkpoint(ckpt, tmp_path / "shards", progress=False)  # (without it: nothing said)
+    assert "cache_dir" not in caplog.text
+
+
 def test_safetensors_are_preferred_to_pickled_shards(tmp_path):
     """A folder with sharded `.bin` files (and their index) and a single `model.safetensors`, as some hub repos hold:
     the safetensors file is split, as transformers would load it (the `.bin` index was taken first before)."""
