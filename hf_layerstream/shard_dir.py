@@ -15,6 +15,7 @@ Quantized tensors are stored as `"<name>::<part>"` entries and described in the 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -265,6 +266,9 @@ class Manifest:
     # files, model card): a finished split run again writes those gone since again. `None`: split before they were
     # recorded
     side_files: list[str] | None = None
+    # the digest of the config.json the split wrote (`config_digest`): what tells an edit of it that keeps every tensor
+    # shape (`rms_norm_eps`, rope parameters), warned about at open. `None`: split before it was recorded
+    config_sha256: str | None = None
 
     def to_json(self) -> dict:
         return {
@@ -285,6 +289,7 @@ class Manifest:
             **({"load_dtype": self.load_dtype} if self.load_dtype is not None else {}),
             **({"adapter": self.adapter} if self.adapter is not None else {}),
             **({"side_files": self.side_files} if self.side_files is not None else {}),
+            **({"config_sha256": self.config_sha256} if self.config_sha256 is not None else {}),
         }
 
     @classmethod
@@ -326,6 +331,8 @@ class Manifest:
             load_dtype=load_dtype,
             adapter=read_adapter_record(d.get("adapter")),
             side_files=read_side_files(d.get("side_files")),
+            # (one of another form: no record, as before one was kept; the config is the user's to edit anyway)
+            config_sha256=d["config_sha256"] if _is_sha256(d.get("config_sha256")) else None,
         )
 
 
@@ -335,6 +342,27 @@ def read_side_files(value) -> list[str] | None:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         return None
     return [v for v in value if _side_file_name(v)]
+
+
+# what a config.json's digest leaves out: the kernels chosen (`split._shard_config_json` keeps the source's; the user's to
+# set) and the release that wrote it (a `save_pretrained` of the config by another release): none changes the model
+_UNDIGESTED_CONFIG_KEYS = ("attn_implementation", "experts_implementation", "transformers_version")
+
+
+def config_digest(config: dict) -> str:
+    """The SHA-256 of a config.json's values (`config`, as read), as the manifest records them (`config_sha256`): of
+    its JSON with sorted keys, so its form (indentation, key order) does not count, nor `_UNDIGESTED_CONFIG_KEYS` at
+    any depth (a sub-config's too)."""
+
+    def counted(value):
+        if isinstance(value, dict):
+            return {k: counted(v) for k, v in value.items() if k not in _UNDIGESTED_CONFIG_KEYS}
+        if isinstance(value, list):
+            return [counted(v) for v in value]
+        return value
+
+    text = json.dumps(counted(config), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def side_file_damage(path: Path) -> str | None:
@@ -727,7 +755,9 @@ class ShardDirectory:
     and last 64 KiB: a file from another split or another layer is caught), the digest of its split's options each
     file carries against the manifest's (a file of another split copied in with its manifest entry), and the
     manifest's record of the tensors, its `compression`, `dtype` and `load_dtype` against the records the files carry
-    (the manifest has no digest of its own: an edit of what streaming reads the files by is caught so). `checksums=True` also hashes every file in full at open;
+    (the manifest has no digest of its own: an edit of what streaming reads the files by is caught so). A config.json
+    holding other values than the split wrote (by the digest the manifest records of it, `config_sha256`) is warned
+    about, not refused: it is the user's to edit. `checksums=True` also hashes every file in full at open;
     [`~ShardDirectory.verify`] lists every problem instead of raising at the first.
 
     Args:
@@ -824,10 +854,12 @@ class ShardDirectory:
                 raise ShardFileError(manifest_path, f"names the same file {file} for units {seen[key]!r} and {unit!r}")
             seen[key] = unit
         self._headers: dict[str, Header] = {}
+        self._config_warned = False  # (an edit of config.json is warned about once: at open, or by `verify`)
         if check_files:
             config, error = self._read_config()
             if error is not None:
                 raise error
+            self._warn_if_config_edited(config)
             for unit in self.manifest.units:
                 self.header(unit)
             # (after the tensors' records, checked against their files': those are what the summary is checked by)
@@ -1086,6 +1118,32 @@ class ShardDirectory:
                 )
         return config, None
 
+    def _warn_if_config_edited(self, config: dict | None) -> None:
+        """Warn (once) where config.json (`config`, as `_read_config` read it) holds other values than the one the split
+        wrote, by the digest the manifest records (`config_sha256`; none recorded: split before it was, nothing to
+        compare with). An edit that keeps every tensor shape (`rms_norm_eps`, rope parameters, `hidden_act`) passes
+        every other check, and a model built from the file computes otherwise than the split's source; not refused:
+        the file is the user's to edit (rope scaling for longer contexts)."""
+        recorded = self.manifest.config_sha256
+        if self._config_warned or recorded is None or not isinstance(config, dict):
+            return
+        digest = config_digest(config)
+        if digest == recorded:
+            return
+        self._config_warned = True
+        logger.warning(
+            "%s was edited since the split (its values differ from those the split wrote, whose digest %s records): "
+            "a model built from it (`hf-layerstream generate`, `AutoConfig.from_pretrained(shard_dir)`) computes "
+            "otherwise than the split's source checkpoint where the edit changes what it computes (`rms_norm_eps`, "
+            "rope parameters, `hidden_act`). To put the split's back, delete config.json and run the same split again "
+            '%s; to keep the edit without this warning, set "config_sha256" in %s to "%s".',
+            self.path / "config.json",
+            MANIFEST_NAME,
+            SAME_SPLIT,
+            MANIFEST_NAME,
+            digest,
+        )
+
     def config_mismatch(self) -> str | None:
         """What differs between the model the directory's `config.json` builds and the one the shards were split from
         (another number of layers, other tensor shapes: the architecture fingerprint the manifest records), if
@@ -1329,18 +1387,18 @@ class ShardDirectory:
     def verify(self, *, checksums: bool = True) -> list[str]:
         """Check every file against the manifest and return every problem found (empty when the directory is sound).
 
-        Checks `config.json` (readable, and building the model the shards were split from), the manifest's list of
-        side files (a list of the directory's file names) and its `conversion` and `adapter` records (of the form the
-        split writes), that the side files it lists are there and, a JSON one,
-        readable JSON (a tokenizer file, chat template, generation or processor config missing or damaged is a
-        problem; a license file or the model card missing, which the model runs without, is logged as a warning),
-        each unit file's existence, size, safetensors header (offsets inside the file), tensor names, shapes and
-        dtypes, the unit tag, the sample digest, the split digest (against the manifest's `split_options`), the
-        manifest's record of its tensors (against the one the file carries) and its `load_dtype` (against the one the
-        file records), then the manifest's `compression` and `dtype` (against its tensors' records) and `load_dtype`
-        (against config.json's `dtype` and the tensors' records), and with `checksums=True` (the default) each file's
-        full SHA-256. Files that pass the cheap checks are hashed; a file that fails them is reported once. Never
-        writes.
+        Checks `config.json` (readable, and building the model the shards were split from; other values than the split
+        wrote, by the manifest's `config_sha256`, are a warning, logged once per instance, as at open), the manifest's
+        list of side files (a list of the directory's file names) and its `conversion` and `adapter` records (of the
+        form the split writes), that the side files it lists are there and, a JSON one, readable JSON (a tokenizer file,
+        chat template, generation or processor config missing or damaged is a problem; a license file or the model card
+        missing, which the model runs without, is logged as a warning), each unit file's existence, size, safetensors
+        header (offsets inside the file), tensor names, shapes and dtypes, the unit tag, the sample digest, the split
+        digest (against the manifest's `split_options`), the manifest's record of its tensors (against the one the file
+        carries) and its `load_dtype` (against the one the file records), then the manifest's `compression` and `dtype`
+        (against its tensors' records) and `load_dtype` (against config.json's `dtype` and the tensors' records), and
+        with `checksums=True` (the default) each file's full SHA-256. Files that pass the cheap checks are hashed; a
+        file that fails them is reported once. Never writes.
 
         Args:
             checksums (`bool`, defaults to `True`):
@@ -1354,6 +1412,8 @@ class ShardDirectory:
         read = self._read_config()  # (once, for its own checks, the model's and `load_dtype`'s)
         config, fingerprint = self._model_problems(read)
         problem = self._config_problem(read) or config
+        if problem is None:  # (a warning, not a problem: the file is the user's to edit)
+            self._warn_if_config_edited(read[0])
         if problem is not None:
             problems.append(f"{self.path / 'config.json'} {problem}")
         if fingerprint is not None:

@@ -71,6 +71,7 @@ from .shard_dir import (
     _is_newer_format,
     check_revision,
     check_token,
+    config_digest,
     hub_cache_of,
     hub_download_of,
     hub_repo_of,
@@ -2326,7 +2327,8 @@ def split_checkpoint(
             # sub-configs (a model built from the shard directory's config is then built at the dtype it streams at)
             for cfg in dtype_configs(config):
                 cfg.dtype = dtype
-        _write_file(shard_dir, "config.json", _shard_config_json(config, src).encode())
+        config_text = _shard_config_json(config, src)
+        _write_file(shard_dir, "config.json", config_text.encode())
 
         floating = [t.dtype for u in done.values() for t in u.tensors.values() if t.dtype.is_floating_point]
         main_dtype = max(set(floating), key=floating.count) if floating else torch.float32
@@ -2346,6 +2348,7 @@ def split_checkpoint(
             load_dtype=None if load_dtype is None else dtype_to_str(load_dtype),
             adapter=adapter_noted,
             side_files=sorted(written | {MODEL_CARD_NAME}),
+            config_sha256=config_digest(json.loads(config_text)),
         )
         _write_file(shard_dir, MANIFEST_NAME, json.dumps(manifest.to_json(), indent=1).encode())
         with _finishing_errors_named(shard_dir, f"removing the progress record {shard_dir / PROGRESS_NAME}"):

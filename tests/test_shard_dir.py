@@ -674,6 +674,56 @@ def test_a_damaged_config_json_is_named_and_written_again_by_the_same_split(shar
     assert config.read_bytes() == before and ShardDirectory(shards, checksums=True).verify() == []
 
 
+def test_a_config_json_edited_keeping_every_shape_is_warned_about_not_refused(shard_copy, caplog):
+    """An edit of config.json that keeps every tensor shape (`rms_norm_eps`, rope parameters, `hidden_act`) went unseen:
+    a model built from it computed otherwise than the split's source, `verify` clean. The manifest records a digest of
+    the config the split wrote (`config_sha256`): opening the directory and `verify` warn, once each, naming the file,
+    how to put the split's back and how to keep the edit without the warning; they do not refuse it (the user's to
+    edit). Its form (indentation, key order), the kernel choices (`attn_implementation`) and `transformers_version`
+    do not count; a directory split before the digest was recorded has nothing to compare with."""
+    import logging
+
+    ckpt, shards = shard_copy
+    config, manifest_path = shards / "config.json", shards / "manifest.json"
+    before = config.read_bytes()
+    manifest = json.loads(manifest_path.read_text())
+    assert re.fullmatch(r"[0-9a-f]{64}", manifest["config_sha256"])
+
+    def warnings(open_it) -> list[str]:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="hf_layerstream"):
+            open_it()
+        return [r.getMessage() for r in caplog.records if "config.json was edited since the split" in r.getMessage()]
+
+    values = json.loads(before)
+    values |= {"attn_implementation": "eager", "transformers_version": "4.0.0"}
+    config.write_text(json.dumps(values, indent=4, sort_keys=False))
+    assert warnings(lambda: ShardDirectory(shards).verify(checksums=False)) == []
+    values["rms_norm_eps"] = 0.5
+    config.write_text(json.dumps(values))
+    said = warnings(lambda: ShardDirectory(shards).verify(checksums=False))  # (open and `verify`: said once)
+    assert len(said) == 1 and str(config) in said[0]
+    assert "delete config.json and run the same split again" in said[0]
+    digest = re.search(r'set "config_sha256" in manifest\.json to "([0-9a-f]{64})"', said[0]).group(1)
+    assert len(warnings(lambda: ShardDirectory(shards, check_files=False).verify(checksums=False))) == 1
+    assert ShardDirectory(shards, check_files=False).verify(checksums=False) == []  # (not a problem: not refused)
+    assert len(warnings(lambda: main(["verify", "--quick", str(shards)]) == 0)) == 1
+    assert len(warnings(lambda: split_checkpoint(ckpt, shards, progress=False))) == 1  # (a re-run keeps the edit)
+    assert json.loads(config.read_text())["rms_norm_eps"] == 0.5
+    # the edit kept, as the warning says: silent from then on
+    manifest_path.write_text(json.dumps(manifest | {"config_sha256": digest}, indent=1))
+    assert warnings(lambda: ShardDirectory(shards).verify(checksums=False)) == []
+    # a directory split before the digest was recorded: nothing to compare with, nothing said
+    manifest_path.write_text(json.dumps({k: v for k, v in manifest.items() if k != "config_sha256"}, indent=1))
+    assert warnings(lambda: ShardDirectory(shards).verify(checksums=False)) == []
+    # the split's put back as the warning says: config.json deleted, the same split run again
+    manifest_path.write_text(json.dumps(manifest, indent=1))
+    config.unlink()
+    split_checkpoint(ckpt, shards, progress=False)
+    assert config.read_bytes() == before
+    assert warnings(lambda: ShardDirectory(shards).verify(checksums=False)) == []
+
+
 @pytest.mark.parametrize("edit", ["num_hidden_layers", "more layers", "intermediate_size"])
 def test_a_config_json_describing_another_model_is_named_and_written_again_by_the_same_split(shard_copy, capsys, edit):
     """A `config.json` edited since the split to another number of layers or other sizes, with the same model_type:
