@@ -142,7 +142,9 @@ class LayerStreamingHook(ModelHook):
     back and tells the loader the memory can go. Swapping `_parameters` entries is a pointer update: no copy.
     """
 
-    def __init__(self, index: int, loader, slots: list[tuple[nn.Module, str, str, bool]], profile=None):
+    def __init__(
+        self, index: int, loader, slots: list[tuple[nn.Module, str, str, bool]], profile=None, prefix: str | None = None
+    ):
         self.index = index
         self.loader = loader
         # (module, attribute, name relative to the layer, is_parameter)
@@ -155,7 +157,7 @@ class LayerStreamingHook(ModelHook):
         # what the slots hold outside the layer's forward: a meta tensor of the model's (`init_empty_weights()`) gives
         # way to a `Streamed` one, which refuses a computation with real tensors (the model's own go back at disable)
         self.placeholders = [
-            _streamed(entry[a], index, rel, p) if entry[a].is_meta else entry[a]
+            _streamed(entry[a], index, rel, p, self._stored(prefix, rel)) if entry[a].is_meta else entry[a]
             for (entry, a), (_, _, rel, p) in zip(self.entries, slots)
         ]
         for entry, a, placeholder in zip(self._dicts, self._keys, self.placeholders):
@@ -279,6 +281,16 @@ class LayerStreamingHook(ModelHook):
         if self.profile is not None:
             self._profile_begins()
         return args, kwargs
+
+    def _stored(self, prefix: str | None, rel: str) -> tuple[str, str, bool] | None:
+        """Where the layer's tensor `rel` is stored (named `prefix + rel` in the manifest): its shard file, its name
+        there and whether it is stored quantized, for its placeholder's refusals; `None` where not known (no prefix
+        given)."""
+        unit = layer_unit(self.index)
+        entry = self.loader.shards.unit(unit).tensors.get(prefix + rel) if prefix is not None else None
+        if entry is None:
+            return None
+        return str(self.loader.shards.files[unit]), prefix + rel, entry.quant is not None
 
     def _to_inputs(self, args, kwargs) -> bool:
         """A pass with gradients on: whether its weights require grad (see `_no_weight_gradient`): where an input
@@ -893,6 +905,9 @@ class Streamed(_Placeholder):
     # how many times a placeholder was cast (`cast` set on it, see `data`): each layer's hook looks for such slots at
     # its next pass (`LayerStreamingHook._check`)
     casts = 0
+    # where the weight's values are stored (its shard file, its name there, whether quantized), for the refusals: a
+    # quantized one's file holds packed parts (`name::qdata`), which read as the weight are not its values
+    stored: tuple[str, str, bool] | None = None
 
     @property
     def data(self):
@@ -953,7 +968,27 @@ class Streamed(_Placeholder):
         return out
 
     def _like(self, t: torch.Tensor, of_weight: bool) -> Streamed:
-        return Streamed.of(self.source, t, of_weight)
+        out = Streamed.of(self.source, t, of_weight)
+        out.stored = self.stored
+        return out
+
+    def _from_file(self) -> str | None:
+        """Where the refusals say the weight's values can be read in the shard directory ("from ..."); `None` where its
+        file stores it quantized (packed parts, not its values: `_saved` says so)."""
+        if self.stored is None:
+            return "from the layer's file in the shard directory (safetensors)"
+        file, name, quantized = self.stored
+        return None if quantized else f"from its shard file (tensor {name!r} of {file}, with safetensors)"
+
+    def _saved(self) -> str:
+        """What the refusals say of `save_pretrained`, which writes each weight as the model computes with it."""
+        if self.stored is None or not self.stored[2]:
+            return "`save_pretrained` writes each weight, read back from its shard file"
+        file, name, _ = self.stored
+        return (
+            f"`save_pretrained` writes it dequantized: {file} stores it quantized, as packed parts ('{name}::...'), "
+            "not its values"
+        )
 
     def _copy(self) -> Streamed:
         out = self._like(self, self.of_weight)  # (`detach`, `alias`: the same weight)
@@ -972,12 +1007,13 @@ class Streamed(_Placeholder):
             )
         # (no module holding it runs: code computing with its values, as `parameters_to_vector(model.parameters())`
         # or `sum(p.norm() for p in model.parameters())` do with the resident weights' values)
+        where = self._from_file()
         return (
             f"{self.source} is brought in by layer streaming for its layer's forward pass only: outside that pass it "
             f"holds no values, but `{func}` computed with them and a real tensor (code reading the weights' values, "
             "as `parameters_to_vector(model.parameters())`?). Read or compute with them in a forward hook on its "
-            "module (inside the pass), or read them from the layer's file in the shard directory (safetensors), or "
-            "save the model (`save_pretrained` writes each weight, read back from its shard file)."
+            f"module (inside the pass), {f'or read them {where}, ' if where else ''}or save the model "
+            f"({self._saved()})."
         )
 
     def _write_refusal(self, func) -> str:
@@ -994,8 +1030,9 @@ class Streamed(_Placeholder):
             f"{self.source} is brought in by layer streaming for its layer's forward pass only, onto the device it "
             "streams to: outside that pass it has no values to move or copy. To stream to another device, "
             "`disable_layer_streaming(model)`, then `enable_layer_streaming(model, shard_dir, device=...)`; to read "
-            "its values, see a forward hook on its module (inside the pass) or the layer's file in the shard "
-            "directory. (Attaching a PEFT adapter, which moves the model to the device of its map? Attach it inside "
+            "its values, see a forward hook on its module (inside the pass), "
+            + (f"or read them {where}" if (where := self._from_file()) else f"or save the model ({self._saved()})")
+            + ". (Attaching a PEFT adapter, which moves the model to the device of its map? Attach it inside "
             "`with hf_layerstream.attaching_adapters(model):`.)"
         )
 
@@ -1010,10 +1047,15 @@ class Streamed(_Placeholder):
     def _read_refusal(self, func) -> str:
         if _in_a_hook_of_its_layer(self.source):
             return self._layer_hook_refusal(func)
+        where = self._from_file()
         return (
             f"{self.source} is brought in by layer streaming for its layer's forward pass only: outside that pass it "
-            f"holds no values to read (`{func}`). Read it in a forward hook on its module (inside the pass), or from "
-            "the layer's file in the shard directory (safetensors), or save the model (`save_pretrained`)."
+            f"holds no values to read (`{func}`). Read it in a forward hook on its module (inside the pass), "
+            + (
+                f"or {where}, or save the model (`save_pretrained`)."
+                if where
+                else f"or save the model ({self._saved()})."
+            )
         )
 
 
@@ -1093,10 +1135,13 @@ def _plain_meta(t: Streamed) -> torch.Tensor:
     return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
 
 
-def _streamed(value: torch.Tensor, index: int, rel: str, is_param: bool) -> torch.Tensor:
+def _streamed(
+    value: torch.Tensor, index: int, rel: str, is_param: bool, stored: tuple[str, str, bool] | None = None
+) -> torch.Tensor:
     """A `Streamed` stand-in for the meta tensor `value`, decoder layer `index`'s `rel` (a parameter requiring grad
-    as `value` does, for a parameter)."""
+    as `value` does, for a parameter); `stored`: where its values are (`LayerStreamingHook._stored`)."""
     placeholder = Streamed.of(f"Decoder layer {index}'s {rel}", value)
+    placeholder.stored = stored
     return nn.Parameter(placeholder, requires_grad=value.requires_grad) if is_param else placeholder
 
 

@@ -1460,7 +1460,7 @@ def _enable(
                         value = nn.Parameter(value, requires_grad=held.requires_grad)
                     (module._parameters if is_param else module._buffers)[attr] = value
                 slots.append((module, attr, rel_name, is_param))
-            hook = LayerStreamingHook(i, loader, slots, prof)
+            hook = LayerStreamingHook(i, loader, slots, prof, prefix=prefix)
             _dequantize_per_module(hook, prefix, deferred, target_dtypes, device, handles)
             _attach(layer, hook)
             handles.append(_CopyRefusal(layer))

@@ -2147,7 +2147,12 @@ def test_reading_a_streamed_weights_values_is_refused_as_a_read_not_as_a_module_
         assert message.startswith(f"{source} is brought in by layer streaming for its layer's forward pass")
         assert "called by itself" not in message and "Call the whole decoder layer" not in message
         assert "in a forward hook on its module (inside the pass)" in message
-        assert "the layer's file in the shard directory" in message and "`save_pretrained`" in message
+        # (the weight's file and its name there, where its values are: a quantized split's are not, see
+        # test_quantized_shards)
+        layer_index = int(source.split()[2].removesuffix("'s"))
+        stored = f"from its shard file (tensor 'model.layers.{layer_index}.{source.split()[-1]}' of "
+        assert stored + f"{shards / 'layers' / f'{layer_index:05d}.safetensors'}, with safetensors)" in message
+        assert "`save_pretrained`" in message
     model.save_pretrained(tmp_path / "saved")
     saved = _models.load_reference(tmp_path / "saved")
     vector = torch.nn.utils.parameters_to_vector

@@ -9,7 +9,13 @@ import pytest
 import torch
 from conftest import shaped_shard_dir, streamed_model
 
-from hf_layerstream import ShardDirectory, ShardDirError, get_streaming_state, split_checkpoint
+from hf_layerstream import (
+    ShardDirectory,
+    ShardDirError,
+    disable_layer_streaming,
+    get_streaming_state,
+    split_checkpoint,
+)
 from hf_layerstream.cli import main
 
 # hidden size >= 256 so that quantization error behaves as on real models
@@ -383,6 +389,38 @@ def test_a_compressed_split_without_bitsandbytes_fails_first_with_the_install_co
     ):
         split_checkpoint(ckpt, tmp_path / "shards", compression="4bit", progress=False)
     assert not (tmp_path / "shards").exists()
+
+
+def test_a_streamed_weights_refusal_names_where_its_values_can_be_read(bf16_checkpoint):
+    """A streamed weight read outside its layer's pass (`.numpy()`, a computation, a move) is refused, saying where
+    its values are. It said "from the layer's file in the shard directory (safetensors)" for a quantized split too,
+    whose file holds the weight's packed parts (`...weight::qdata`, `::absmax`), not its values, and named neither the
+    file nor the tensor: now the file and tensor where it is stored as it is computed with (a quantized split's
+    norms), and for a weight stored quantized, `save_pretrained`, which writes it dequantized."""
+    from safetensors import safe_open
+
+    ckpt, dirs = bf16_checkpoint
+    for compression in ("none", "4bit"):
+        model = streamed_model(ckpt, dirs[compression], max_memory={"cpu": 0})
+        layer = model.model.layers[1]
+        file = dirs[compression] / "layers" / "00001.safetensors"
+        with safe_open(file, "pt") as f:
+            stored = set(f.keys())
+        weight, norm = layer.mlp.down_proj.weight, layer.input_layernorm.weight
+        for read in (lambda w: w.numpy(), lambda w: w + torch.ones(1), lambda w: w.to("cpu", copy=True).numpy()):
+            for tensor, name in ((weight, "mlp.down_proj.weight"), (norm, "input_layernorm.weight")):
+                key = f"model.layers.1.{name}"
+                with pytest.raises((RuntimeError, NotImplementedError)) as info:
+                    read(tensor)
+                message = str(info.value)
+                if key in stored:  # (its values, as streamed: named with its file)
+                    assert f"tensor {key!r} of {file}" in message, message
+                else:  # (packed parts only: not to be read as the weight)
+                    assert compression == "4bit" and f"{key}::qdata" in stored
+                    assert "layer's file" not in message and "of " + str(file) not in message, message
+                    assert "`save_pretrained` writes it dequantized" in message, message
+                    assert f"{file} stores it quantized" in message, message
+        disable_layer_streaming(model)
 
 
 def test_inspect_shows_scheme_and_ratio(bf16_checkpoint, capsys):
