@@ -365,6 +365,14 @@ def config_digest(config: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def read_json_as_transformers(path: Path):
+    """The JSON file at `path` read as transformers reads its configs and tokenizer files: UTF-8 text. JSON read from
+    bytes takes a byte-order mark and UTF-16 or UTF-32 too, which transformers refuses ("Unexpected UTF-8 BOM", "not a
+    valid JSON file"): an editor's UTF-8 with BOM passed the checks, and the model or tokenizer did not load. Raises
+    `ValueError` (`UnicodeDecodeError`, `json.JSONDecodeError`) for what it cannot read, `OSError` as reading does."""
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
 def side_file_damage(path: Path) -> str | None:
     """What makes the side file at `path` unusable where it is there, if anything: for a JSON one (tokenizer,
     generation and processor configs, chat templates), content that is not readable JSON (cut short or corrupted: the
@@ -374,7 +382,7 @@ def side_file_damage(path: Path) -> str | None:
     missing (`ShardDirectory.missing_side_files`) or no file. Raises `OSError` where it cannot be read."""
     if path.suffix == ".json" and path.is_file():
         try:
-            content = json.loads(path.read_bytes())
+            content = read_json_as_transformers(path)
         except ValueError as e:  # (UnicodeDecodeError too)
             return f"is not readable JSON ({e})"
         if not isinstance(content, dict) and _json_object_file(path.name):
@@ -1096,7 +1104,7 @@ class ShardDirectory:
             return error(f"is not a regular file ({what})" if path.exists() else f"is missing ({what})")
         # (a damaged one passed `verify` and the split's re-run, and failed only as the model was built)
         try:
-            config = json.loads(path.read_bytes())
+            config = read_json_as_transformers(path)
         except OSError as e:  # (permissions: it was "not readable JSON", damage to re-split)
             found = unreadable(path, e)
             return (None, found) if found.fix is not None else error(found.problem)

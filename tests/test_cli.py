@@ -1324,15 +1324,15 @@ def test_a_config_this_user_may_not_read_or_a_folder_there_is_named_so(split_dir
 
     _, shards = split_dir
     config = shards / "config.json"
-    real_read_bytes = pathlib.Path.read_bytes
+    real_read_text = pathlib.Path.read_text  # (config.json is read as transformers reads it: UTF-8 text)
 
-    def read_bytes(self):
+    def read_text(self, *args, **kwargs):
         if str(self) == str(config):
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
-        return real_read_bytes(self)
+        return real_read_text(self, *args, **kwargs)
 
     with monkeypatch.context() as patch:
-        patch.setattr(pathlib.Path, "read_bytes", read_bytes)
+        patch.setattr(pathlib.Path, "read_text", read_text)
         assert main(["verify", str(shards), "--quick"]) == 1
         captured = capsys.readouterr()
         assert f"{config} cannot be read: Permission denied. {UNREADABLE_BY_THIS_USER}" in captured.out

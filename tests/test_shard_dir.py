@@ -179,14 +179,14 @@ def test_verify_reads_config_json_once(shard_copy, monkeypatch):
     for the model it builds)."""
     _, shards = shard_copy
     reads = []
-    read_bytes = Path.read_bytes
+    read_text = Path.read_text  # (as transformers reads it: UTF-8 text)
 
-    def counted(self):
+    def counted(self, *args, **kwargs):
         if self.name == "config.json":
             reads.append(self)
-        return read_bytes(self)
+        return read_text(self, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "read_bytes", counted)
+    monkeypatch.setattr(Path, "read_text", counted)
     assert ShardDirectory(shards, check_files=False).verify(checksums=False) == []
     assert reads == [shards / "config.json"]
     reads.clear()
@@ -614,6 +614,26 @@ def test_a_json_side_file_that_is_not_an_object_is_named_as_damaged(shard_copy, 
     assert ShardDirectory(shards).verify(checksums=False) == []
 
 
+def test_a_json_side_file_with_a_byte_order_mark_is_named_as_damaged(shard_copy, capsys):
+    """A JSON side file saved with a byte-order mark (an editor's UTF-8 with BOM) passed `verify` (exit 0: the check
+    read it from bytes, which JSON takes with a BOM, and UTF-16 too), and transformers, which reads it as UTF-8 text,
+    refused it (`AutoTokenizer`: "Unexpected UTF-8 BOM", naming no file; `GenerationConfig`: "not a valid JSON
+    file"). `verify` names it as the reader does; the same split writes it back."""
+    ckpt, shards = shard_copy
+    names = ("generation_config.json", "tokenizer_config.json")
+    before = {name: (shards / name).read_bytes() for name in names}
+    for name in names:
+        (shards / name).write_bytes(b"\xef\xbb\xbf" + before[name])
+    problems = ShardDirectory(shards).verify(checksums=False)
+    assert [p.split(" (", 1)[0] for p in problems] == [f"{shards / n} is not readable JSON" for n in names]
+    assert all("Unexpected UTF-8 BOM" in p for p in problems), problems
+    assert main(["verify", "--quick", str(shards)]) == 1
+    capsys.readouterr()
+    split_checkpoint(ckpt, shards, progress=False)
+    assert {name: (shards / name).read_bytes() for name in names} == before
+    assert ShardDirectory(shards).verify(checksums=False) == []
+
+
 def test_a_folder_at_a_side_files_path_is_named(shard_copy, tmp_path, capsys):
     """A folder where the split wrote a side file the manifest lists (the tokenizer's `tokenizer.json`): `verify`
     passed it as there (exit 0), and `generate` said the directory held no tokenizer that loads for another cause
@@ -636,14 +656,18 @@ def test_a_folder_at_a_side_files_path_is_named(shard_copy, tmp_path, capsys):
     assert ShardDirectory(shards).verify(checksums=False) == []
 
 
-@pytest.mark.parametrize("damage", ["torn", "not_an_object", "another_model", "unknown_dtype", "integer_dtype"])
+@pytest.mark.parametrize(
+    "damage", ["torn", "not_an_object", "another_model", "unknown_dtype", "integer_dtype", "byte_order_mark"]
+)
 def test_a_damaged_config_json_is_named_and_written_again_by_the_same_split(shard_copy, capsys, damage):
     """Only a missing `config.json` was caught: a torn one (or another model's) passed `ShardDirectory`, `verify` and
     `hf-layerstream verify` (exit 0), a re-run of the split found nothing to do, and the model could not be built.
     It must be a JSON object of the manifest's model_type; the same split writes it again. So must its `dtype` name a
     floating-point dtype: "foo" or "int8" passed `verify` (exit 0: building the model failed, "not damage found"), and
     `hf-layerstream generate` died with torch's traceback ("module 'torch' has no attribute 'foo'") or said the model
-    "cannot be instantiated under `dtype=torch.int8`", naming no file."""
+    "cannot be instantiated under `dtype=torch.int8`", naming no file. One with a byte-order mark (an editor's UTF-8
+    with BOM) passed all three too (the check read it from bytes, which JSON takes with a BOM), and transformers, which
+    reads it as UTF-8 text, refused it: "It looks like the config file ... is not a valid JSON file"."""
 
     ckpt, shards = shard_copy
     config = shards / "config.json"
@@ -654,6 +678,7 @@ def test_a_damaged_config_json_is_named_and_written_again_by_the_same_split(shar
         "another_model": before.replace(b'"model_type": "llama"', b'"model_type": "gpt2"'),
         "unknown_dtype": before.replace(b'"dtype": "float32"', b'"dtype": "foo"'),
         "integer_dtype": before.replace(b'"dtype": "float32"', b'"torch_dtype": "int8"'),
+        "byte_order_mark": b"\xef\xbb\xbf" + before,
     }[damage]
     assert damaged != before
     config.write_bytes(damaged)
@@ -663,11 +688,12 @@ def test_a_damaged_config_json_is_named_and_written_again_by_the_same_split(shar
         "another_model": "has model_type 'gpt2'",
         "unknown_dtype": 'records "dtype": "foo", which is no floating-point dtype',
         "integer_dtype": 'records "torch_dtype": "int8", which is no floating-point dtype',
+        "byte_order_mark": r"is not readable JSON \(Unexpected UTF-8 BOM",
     }[damage]
     with pytest.raises(ShardDirError, match=rf"config\.json {message}.* Run the same split again"):
         ShardDirectory(shards)
     problems = ShardDirectory(shards, check_files=False).verify(checksums=False)
-    assert len(problems) == 1 and f"config.json {message}" in problems[0]
+    assert len(problems) == 1 and re.search(rf"config\.json {message}", problems[0]), problems
     assert main(["verify", "--quick", str(shards)]) == 1
     capsys.readouterr()
     split_checkpoint(ckpt, shards, progress=False)
