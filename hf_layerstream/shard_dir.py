@@ -349,6 +349,10 @@ def read_side_files(value) -> list[str] | None:
 _UNDIGESTED_CONFIG_KEYS = ("attn_implementation", "experts_implementation", "transformers_version")
 
 
+# (shard directory, digest of its config.json) of the edits warned about (`ShardDirectory._warn_if_config_edited`)
+_CONFIG_EDITS_WARNED: set[tuple[Path, str]] = set()
+
+
 def config_digest(config: dict) -> str:
     """The SHA-256 of a config.json's values (`config`, as read), as the manifest records them (`config_sha256`): of
     its JSON with sorted keys, so its form (indentation, key order) does not count, nor `_UNDIGESTED_CONFIG_KEYS` at
@@ -862,7 +866,6 @@ class ShardDirectory:
                 raise ShardFileError(manifest_path, f"names the same file {file} for units {seen[key]!r} and {unit!r}")
             seen[key] = unit
         self._headers: dict[str, Header] = {}
-        self._config_warned = False  # (an edit of config.json is warned about once: at open, or by `verify`)
         if check_files:
             config, error = self._read_config()
             if error is not None:
@@ -1127,18 +1130,19 @@ class ShardDirectory:
         return config, None
 
     def _warn_if_config_edited(self, config: dict | None) -> None:
-        """Warn (once) where config.json (`config`, as `_read_config` read it) holds other values than the one the split
-        wrote, by the digest the manifest records (`config_sha256`; none recorded: split before it was, nothing to
-        compare with). An edit that keeps every tensor shape (`rms_norm_eps`, rope parameters, `hidden_act`) passes
+        """Warn where config.json (`config`, as `_read_config` read it) holds other values than the one the split wrote,
+        by the digest the manifest records (`config_sha256`; none recorded: split before it was, nothing to compare
+        with): once per process for a directory and an edit (`hf-layerstream generate` opens it twice, and a notebook
+        enabling streaming again need not be told again). An edit that keeps every tensor shape (`rms_norm_eps`, rope parameters, `hidden_act`) passes
         every other check, and a model built from the file computes otherwise than the split's source; not refused:
         the file is the user's to edit (rope scaling for longer contexts)."""
         recorded = self.manifest.config_sha256
-        if self._config_warned or recorded is None or not isinstance(config, dict):
+        if recorded is None or not isinstance(config, dict):
             return
         digest = config_digest(config)
-        if digest == recorded:
+        if digest == recorded or (self.path, digest) in _CONFIG_EDITS_WARNED:
             return
-        self._config_warned = True
+        _CONFIG_EDITS_WARNED.add((self.path, digest))
         logger.warning(
             "%s was edited since the split (its values differ from those the split wrote, whose digest %s records): "
             "a model built from it (`hf-layerstream generate`, `AutoConfig.from_pretrained(shard_dir)`) computes "
@@ -1396,17 +1400,17 @@ class ShardDirectory:
         """Check every file against the manifest and return every problem found (empty when the directory is sound).
 
         Checks `config.json` (readable, and building the model the shards were split from; other values than the split
-        wrote, by the manifest's `config_sha256`, are a warning, logged once per instance, as at open), the manifest's
-        list of side files (a list of the directory's file names) and its `conversion` and `adapter` records (of the
-        form the split writes), that the side files it lists are there and, a JSON one, readable JSON (a tokenizer file,
-        chat template, generation or processor config missing or damaged is a problem; a license file or the model card
-        missing, which the model runs without, is logged as a warning), each unit file's existence, size, safetensors
-        header (offsets inside the file), tensor names, shapes and dtypes, the unit tag, the sample digest, the split
-        digest (against the manifest's `split_options`), the manifest's record of its tensors (against the one the file
-        carries) and its `load_dtype` (against the one the file records), then the manifest's `compression` and `dtype`
-        (against its tensors' records) and `load_dtype` (against config.json's `dtype` and the tensors' records), and
-        with `checksums=True` (the default) each file's full SHA-256. Files that pass the cheap checks are hashed; a
-        file that fails them is reported once. Never writes.
+        wrote, by the manifest's `config_sha256`, are a warning, logged once per process and edit, as at open), the
+        manifest's list of side files (a list of the directory's file names) and its `conversion` and `adapter` records
+        (of the form the split writes), that the side files it lists are there and, a JSON one, readable JSON (a
+        tokenizer file, chat template, generation or processor config missing or damaged is a problem; a license file or
+        the model card missing, which the model runs without, is logged as a warning), each unit file's existence, size,
+        safetensors header (offsets inside the file), tensor names, shapes and dtypes, the unit tag, the sample digest,
+        the split digest (against the manifest's `split_options`), the manifest's record of its tensors (against the one
+        the file carries) and its `load_dtype` (against the one the file records), then the manifest's `compression` and
+        `dtype` (against its tensors' records) and `load_dtype` (against config.json's `dtype` and the tensors'
+        records), and with `checksums=True` (the default) each file's full SHA-256. Files that pass the cheap checks are
+        hashed; a file that fails them is reported once. Never writes.
 
         Args:
             checksums (`bool`, defaults to `True`):

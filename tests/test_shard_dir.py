@@ -700,14 +700,17 @@ def test_a_damaged_config_json_is_named_and_written_again_by_the_same_split(shar
     assert config.read_bytes() == before and ShardDirectory(shards, checksums=True).verify() == []
 
 
-def test_a_config_json_edited_keeping_every_shape_is_warned_about_not_refused(shard_copy, caplog):
+def test_a_config_json_edited_keeping_every_shape_is_warned_about_not_refused(shard_copy, caplog, capsys, monkeypatch):
     """An edit of config.json that keeps every tensor shape (`rms_norm_eps`, rope parameters, `hidden_act`) went unseen:
     a model built from it computed otherwise than the split's source, `verify` clean. The manifest records a digest of
-    the config the split wrote (`config_sha256`): opening the directory and `verify` warn, once each, naming the file,
-    how to put the split's back and how to keep the edit without the warning; they do not refuse it (the user's to
-    edit). Its form (indentation, key order), the kernel choices (`attn_implementation`) and `transformers_version`
-    do not count; a directory split before the digest was recorded has nothing to compare with."""
+    the config the split wrote (`config_sha256`): opening the directory and `verify` warn, once per process and edit
+    (`hf-layerstream generate`, which opens it twice, said it twice), naming the file, how to put the split's back and
+    how to keep the edit without the warning; they do not refuse it (the user's to edit). Its form (indentation, key
+    order), the kernel choices (`attn_implementation`) and `transformers_version` do not count; a directory split
+    before the digest was recorded has nothing to compare with."""
     import logging
+
+    from hf_layerstream import shard_dir as shard_dir_mod
 
     ckpt, shards = shard_copy
     config, manifest_path = shards / "config.json", shards / "manifest.json"
@@ -715,10 +718,13 @@ def test_a_config_json_edited_keeping_every_shape_is_warned_about_not_refused(sh
     manifest = json.loads(manifest_path.read_text())
     assert re.fullmatch(r"[0-9a-f]{64}", manifest["config_sha256"])
 
-    def warnings(open_it) -> list[str]:
+    def warnings(open_it, *, fresh: bool = True) -> list[str]:
+        """The warnings of an edit `open_it()` logs (`fresh`: as a process that has said none yet)."""
+        if fresh:
+            monkeypatch.setattr(shard_dir_mod, "_CONFIG_EDITS_WARNED", set())
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="hf_layerstream"):
-            open_it()
+            assert open_it() is not False
         return [r.getMessage() for r in caplog.records if "config.json was edited since the split" in r.getMessage()]
 
     values = json.loads(before)
@@ -730,12 +736,20 @@ def test_a_config_json_edited_keeping_every_shape_is_warned_about_not_refused(sh
     said = warnings(lambda: ShardDirectory(shards).verify(checksums=False))  # (open and `verify`: said once)
     assert len(said) == 1 and str(config) in said[0]
     assert "delete config.json and run the same split again" in said[0]
-    digest = re.search(r'set "config_sha256" in manifest\.json to "([0-9a-f]{64})"', said[0]).group(1)
+    assert warnings(lambda: ShardDirectory(shards), fresh=False) == []  # (said in this process already)
     assert len(warnings(lambda: ShardDirectory(shards, check_files=False).verify(checksums=False))) == 1
     assert ShardDirectory(shards, check_files=False).verify(checksums=False) == []  # (not a problem: not refused)
     assert len(warnings(lambda: main(["verify", "--quick", str(shards)]) == 0)) == 1
+    generate = ["generate", str(shards), "hello", "--max-new-tokens", "1", "--device", "cpu"]
+    assert len(warnings(lambda: main(generate) == 0)) == 1
+    capsys.readouterr()
+    values["rms_norm_eps"] = 0.25  # (another edit: said again)
+    config.write_text(json.dumps(values))
+    said = warnings(lambda: ShardDirectory(shards), fresh=False)
+    assert len(said) == 1
+    digest = re.search(r'set "config_sha256" in manifest\.json to "([0-9a-f]{64})"', said[0]).group(1)
     assert len(warnings(lambda: split_checkpoint(ckpt, shards, progress=False))) == 1  # (a re-run keeps the edit)
-    assert json.loads(config.read_text())["rms_norm_eps"] == 0.5
+    assert json.loads(config.read_text())["rms_norm_eps"] == 0.25
     # the edit kept, as the warning says: silent from then on
     manifest_path.write_text(json.dumps(manifest | {"config_sha256": digest}, indent=1))
     assert warnings(lambda: ShardDirectory(shards).verify(checksums=False)) == []
