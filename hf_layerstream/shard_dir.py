@@ -288,8 +288,9 @@ class Manifest:
             **({"conversion": self.conversion} if self.conversion is not None else {}),
             **({"load_dtype": self.load_dtype} if self.load_dtype is not None else {}),
             **({"adapter": self.adapter} if self.adapter is not None else {}),
-            **({"side_files": self.side_files} if self.side_files is not None else {}),
+            # (before `side_files`, which a re-run of a split made before the list was kept adds last: as written)
             **({"config_sha256": self.config_sha256} if self.config_sha256 is not None else {}),
+            **({"side_files": self.side_files} if self.side_files is not None else {}),
         }
 
     @classmethod
