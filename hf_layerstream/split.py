@@ -69,6 +69,7 @@ from .shard_dir import (
     TensorEntry,
     UnitEntry,
     _is_newer_format,
+    _load_dtype_differs,
     check_revision,
     check_token,
     config_digest,
@@ -1443,6 +1444,21 @@ def _config_dtype(config) -> torch.dtype | None:
 _IMPLEMENTATION_KEYS = ("attn_implementation", "experts_implementation")
 
 
+def _config_json_sound(shard_dir: Path) -> bool:
+    """Whether the config.json of the shard directory a repair finds damaged is sound (readable, of the manifest's
+    model type and dtype form, with a `dtype` opening the directory takes beside its `load_dtype`, building the model
+    the shards were split from), so the repair keeps it; a damaged manifest, or a config.json that fails any of those
+    checks (which the repair would leave failing), is written again."""
+    try:
+        directory = ShardDirectory(shard_dir, check_files=False)
+        config, error = directory._read_config()
+        if error is not None or _load_dtype_differs(directory.manifest, config) is not None:
+            return False
+        return directory._model_problems((config, None))[0] is None
+    except (ShardDirError, OSError):
+        return False
+
+
 def _shard_config_json(config, src: _Source) -> str:
     """The shard directory's config.json: the config's, as `save_pretrained` writes it (without `transformers_weights`,
     which names a weight file of the source: `save_pretrained` drops it too), with the source config.json's
@@ -1994,6 +2010,7 @@ def split_checkpoint(
                 raise
         manifest_path = shard_dir / MANIFEST_NAME
         repaired: dict[str, UnitEntry] | None = None
+        keep_config = False  # (a repair: config.json as it is, edited or not, where it is sound)
         # what each unit file carries (`SPLIT_KEY`) and the manifest records: where this split was recorded under an
         # earlier form of its source's identity, that one, which its units kept carry (opening the directory refuses a
         # unit carrying another digest than the manifest's: another split's)
@@ -2039,7 +2056,9 @@ def split_checkpoint(
                 except ShardDirError as e:
                     logger.warning("%s holds this split but is damaged (%s); repairing it", shard_dir, e)
                     repaired = _sound_manifest_units(shard_dir, existing, digest)
+                    keep_config = _config_json_sound(shard_dir)
                 else:
+                    keep_config = True  # (sound: the units of an earlier compression rule are written again)
                     ruled_otherwise = (
                         _units_of_another_rule(directory, should_quantize, scheme) if scheme is not None else []
                     )
@@ -2328,7 +2347,10 @@ def split_checkpoint(
             for cfg in dtype_configs(config):
                 cfg.dtype = dtype
         config_text = _shard_config_json(config, src)
-        _write_file(shard_dir, "config.json", config_text.encode())
+        if not (keep_config and repaired is not None and not replacing):
+            # (a repair keeps it, as a re-run of a sound split does: the user's to edit, rope scaling for longer
+            # contexts; it was written over, silently. The manifest records the split's digest: an edit is warned of)
+            _write_file(shard_dir, "config.json", config_text.encode())
 
         floating = [t.dtype for u in done.values() for t in u.tensors.values() if t.dtype.is_floating_point]
         main_dtype = max(set(floating), key=floating.count) if floating else torch.float32

@@ -764,6 +764,33 @@ def test_a_config_json_edited_keeping_every_shape_is_warned_about_not_refused(sh
     assert warnings(lambda: ShardDirectory(shards).verify(checksums=False)) == []
 
 
+def test_the_same_split_repairing_a_unit_keeps_an_edited_config_json(shard_copy, caplog, monkeypatch):
+    """A re-run of the same split keeps an edited config.json (README: the user's to edit, rope scaling for longer
+    contexts), but one that repaired a damaged unit wrote the split's over it, silently. It is kept there too, where it
+    is sound and builds the split's model (a damaged one, or one of another model, is written again: the tests
+    above), and still warned about as edited."""
+    import logging
+
+    from hf_layerstream import shard_dir as shard_dir_mod
+
+    ckpt, shards = shard_copy
+    config, layer = shards / "config.json", shards / "layers" / "00001.safetensors"
+    values = json.loads(config.read_text())
+    values["rms_norm_eps"] = 0.5
+    config.write_text(json.dumps(values, indent=2))
+    edited, before = config.read_bytes(), layer.read_bytes()
+    layer.write_bytes(before[:-10])
+    with caplog.at_level(logging.WARNING, logger="hf_layerstream"):
+        split_checkpoint(ckpt, shards, progress=False)
+    assert "is damaged" in caplog.text and "repairing it" in caplog.text
+    assert layer.read_bytes() == before and config.read_bytes() == edited
+    caplog.clear()
+    monkeypatch.setattr(shard_dir_mod, "_CONFIG_EDITS_WARNED", set())  # (as a process that said nothing yet)
+    with caplog.at_level(logging.WARNING, logger="hf_layerstream"):
+        assert ShardDirectory(shards, checksums=True).verify() == []
+    assert "config.json was edited since the split" in caplog.text
+
+
 @pytest.mark.parametrize("edit", ["num_hidden_layers", "more layers", "intermediate_size"])
 def test_a_config_json_describing_another_model_is_named_and_written_again_by_the_same_split(shard_copy, capsys, edit):
     """A `config.json` edited since the split to another number of layers or other sizes, with the same model_type:
