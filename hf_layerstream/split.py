@@ -291,6 +291,12 @@ class _Source:
             warn_hub_only(local, "split as it is", revision=revision, token=token)
             self.revision = None  # (nor recorded: a later run without it is the same split)
         if self.local_dir is None:
+            if local.is_file():
+                # (it was "neither an existing local checkpoint folder nor a hub repo id", though it exists)
+                raise FileNotFoundError(
+                    f"`source` {source} is a file, not a checkpoint folder: pass the folder that holds config.json and "
+                    f"the weight files ({local.parent}, if it is this file's)."
+                )
             if missing_local_folder(source):
                 raise FileNotFoundError(
                     f"`source` {source} is neither an existing local checkpoint folder nor a hub repo id "

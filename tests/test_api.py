@@ -2110,6 +2110,17 @@ def test_a_source_without_a_tokenizer_is_split_with_a_warning(tmp_path, caplog):
 def test_missing_local_source(tmp_path):
     with pytest.raises(FileNotFoundError, match="neither an existing local checkpoint folder"):
         split_checkpoint(tmp_path / "nope", tmp_path / "shards")
+    # a file of a checkpoint (its weights, its config.json) was "neither an existing local checkpoint folder nor a hub
+    # repo id", though it exists: named as a file, with its folder to pass, as an `adapter` file is
+    ckpt = _models.save_tiny_checkpoint("llama", tmp_path / "ckpt")
+    for name in ("config.json", "model.safetensors.index.json"):
+        with pytest.raises(FileNotFoundError) as refused:
+            split_checkpoint(ckpt / name, tmp_path / "shards")
+        assert str(refused.value) == (
+            f"`source` {ckpt / name} is a file, not a checkpoint folder: pass the folder that holds config.json and "
+            f"the weight files ({ckpt}, if it is this file's)."
+        )
+    assert not (tmp_path / "shards").exists()
 
 
 # --- errors before any hook -----------------------------------------------------------------------------------------
