@@ -1099,8 +1099,8 @@ def generate_jsonl(
         raise TypeError(f"`seed` must be an int or None, got {seed!r}.")
     seed = None if seed is None else int(seed)
     if seed is not None and not -(2**63) <= seed < 2**64:
-        # (`torch.manual_seed`'s range, as `generate --seed` checks it: torch's "Overflow when unpacking long long" named
-        # no argument, and came after the output file was made)
+        # (`torch.manual_seed`'s range, as `generate --seed` checks it: torch's "Overflow when unpacking long long"
+        # named no argument, and came after the output file was made)
         raise ValueError(f"`seed` {seed} is out of range: use a whole number from {-(2**63)} to {2**64 - 1}.")
     batch_size, config, mode = _check_kwargs(model, batch_size, generate_kwargs, tokenizer)
     _warn_untemplated(tokenizer, chat)

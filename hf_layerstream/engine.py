@@ -443,8 +443,8 @@ def check_max_memory(max_memory: dict | None) -> None:
         if not (index or digits or key in ("cpu", "disk")):
             if not isinstance(key, (str, numbers.Integral)) or isinstance(key, bool):  # (None, 1.5, True)
                 raise TypeError(
-                    f"`max_memory` key {key!r} is a {type(key).__name__}: use GPU indices (0, 1, ...), 'cpu' or 'disk', "
-                    "as accelerate does, e.g. {0: '4GiB', 'cpu': '16GiB'}."
+                    f"`max_memory` key {key!r} is a {type(key).__name__}: use GPU indices (0, 1, ...), 'cpu' or "
+                    "'disk', as accelerate does, e.g. {0: '4GiB', 'cpu': '16GiB'}."
                 )
             hint = ""
             if isinstance(key, str) and key.startswith("cuda:") and key[5:].isascii() and key[5:].isdigit():

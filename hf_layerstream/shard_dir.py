@@ -345,8 +345,8 @@ def read_side_files(value) -> list[str] | None:
     return [v for v in value if _side_file_name(v)]
 
 
-# what a config.json's digest leaves out: the kernels chosen (`split._shard_config_json` keeps the source's; the user's to
-# set) and the release that wrote it (a `save_pretrained` of the config by another release): none changes the model
+# what a config.json's digest leaves out: the kernels chosen (`split._shard_config_json` keeps the source's; the user's
+# to set) and the release that wrote it (a `save_pretrained` of the config by another release): none changes the model
 _UNDIGESTED_CONFIG_KEYS = ("attn_implementation", "experts_implementation", "transformers_version")
 
 
@@ -1134,9 +1134,9 @@ class ShardDirectory:
         """Warn where config.json (`config`, as `_read_config` read it) holds other values than the one the split wrote,
         by the digest the manifest records (`config_sha256`; none recorded: split before it was, nothing to compare
         with): once per process for a directory and an edit (`hf-layerstream generate` opens it twice, and a notebook
-        enabling streaming again need not be told again). An edit that keeps every tensor shape (`rms_norm_eps`, rope parameters, `hidden_act`) passes
-        every other check, and a model built from the file computes otherwise than the split's source; not refused:
-        the file is the user's to edit (rope scaling for longer contexts)."""
+        enabling streaming again need not be told again). An edit that keeps every tensor shape (`rms_norm_eps`, rope
+        parameters, `hidden_act`) passes every other check, and a model built from the file computes otherwise than
+        the split's source; not refused: the file is the user's to edit (rope scaling for longer contexts)."""
         recorded = self.manifest.config_sha256
         if recorded is None or not isinstance(config, dict):
             return
