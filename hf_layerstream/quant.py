@@ -153,7 +153,10 @@ class QuantScheme:
             raise ValueError(f"`double_quant` must be True or False, got {self.double_quant!r}.")
         if self.double_quant and self.bits != 4:
             # (bitsandbytes' 8-bit scales are one float32 per 256 values at the default block: little to save)
-            raise ValueError(f"`double_quant` applies to 4-bit quantization only, got bits={self.bits}.")
+            raise ValueError(
+                f"`double_quant` applies to 4-bit quantization only, got bits={self.bits}: pass bits=4 with it, or "
+                "double_quant=False."
+            )
         # frozen dataclass: fill the resolved defaults in place (equality and hashing see concrete values)
         object.__setattr__(self, "quant_type", quant_type)
         object.__setattr__(self, "blocksize", int(blocksize))
@@ -297,6 +300,12 @@ def resolve_compression(
             f"`quant_type` must be one of {list(QUANT_TYPES[bits])} for bits={bits}, got {quant_type!r}, "
             f"{'an' if code_bits == 8 else 'a'} {code_bits}-bit code: pass compression='{code_bits}bit' with it (or "
             f"no `quant_type`, for {bits}-bit's own)."
+        )
+    if double_quant and bits != 4:
+        # (the scheme's own message named `bits=8`, an argument the caller never passed, and no way out)
+        raise ValueError(
+            f"`double_quant` applies to 4-bit quantization only, got compression={compression!r} ({bits}-bit): pass "
+            "compression='4bit' with it, or drop it to quantize to 8 bits."
         )
     return QuantScheme(
         bits,

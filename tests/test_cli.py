@@ -893,7 +893,8 @@ def test_generate_errors_are_clear(tmp_path, capsys):
         ),
         (
             ["split", "{ckpt}", "{tmp}/out", "--double-quant", "--compression", "8bit"],
-            "`--double-quant` applies to 4-bit",
+            "`--double-quant` applies to 4-bit quantization only, got --compression '8bit' (8-bit): pass --compression "
+            "'4bit' with it, or drop it to quantize to 8 bits.",
         ),
         # (a traceback; and a split that `generate` then failed on with a traceback: `LlamaModel` has no `generate`)
         (

@@ -510,8 +510,16 @@ def test_double_quant_scheme():
     assert resolve_compression("nf4", double_quant=True) == dq
     assert resolve_compression("4bit", quant_type="fp4", double_quant=True) == QuantScheme(4, "fp4", double_quant=True)
     assert resolve_compression("4bit", double_quant=False) == NF4
-    with pytest.raises(ValueError, match=r"`double_quant` applies to 4-bit quantization only, got bits=8"):
-        resolve_compression("8bit", double_quant=True)
+    # (the compression asked for and the way out named: it said "got bits=8", an argument never passed, and no fix)
+    for compression in ("8bit", "int8"):
+        with pytest.raises(ValueError) as info:
+            resolve_compression(compression, double_quant=True)
+        assert str(info.value) == (
+            f"`double_quant` applies to 4-bit quantization only, got compression={compression!r} (8-bit): pass "
+            "compression='4bit' with it, or drop it to quantize to 8 bits."
+        )
+    with pytest.raises(ValueError, match=r"only, got bits=8: pass bits=4 with it, or double_quant=False\.$"):
+        QuantScheme(8, double_quant=True)
     with pytest.raises(
         ValueError, match=r"double_quant=True only applies to quantized shards; pass compression='4bit'"
     ):
