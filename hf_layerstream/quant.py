@@ -561,6 +561,14 @@ def quantize_tensor(tensor: torch.Tensor, scheme: QuantScheme) -> tuple[dict[str
         qdata = qdata.reshape(-1)
         meta["code"] = _dynamic_code_id()
     if scheme.double_quant:
+        if not math.isfinite(float(state.offset)):
+            # (bitsandbytes takes the scales' mean in float32: finite scales summing past its range give inf, and
+            # parts that no decoding takes; the split stores such a weight unquantized)
+            raise NonFiniteError(
+                f"quantize_tensor: the block scales of tensor of shape {list(tensor.shape)} (values up to "
+                f"{float(flat.abs().max()):.3g}) average past float32's range (bitsandbytes' offset, their mean, "
+                "is inf); quantize it without double_quant or keep it unquantized."
+            )
         nested = state.state2
         if not torch.equal(nested.code.to("cpu", torch.float32), _dynamic_code(torch.device("cpu"))):
             raise ValueError(  # (decoding rebuilds the map the fingerprint names, as for 8-bit)

@@ -2824,11 +2824,24 @@ def _units_of_another_rule(directory, rule: Callable[..., bool], scheme) -> list
                 continue
             if quantizes:
                 with safe_open(directory.path / entry.file, framework="pt") as f:
-                    if not all_finite(f.get_tensor(name)):
-                        continue
+                    stored = f.get_tensor(name)
+                if not all_finite(stored) or (scheme.double_quant and not _double_quantizes(stored, scheme)):
+                    continue
             out.append(unit)
             break
     return out
+
+
+def _double_quantizes(tensor: torch.Tensor, scheme) -> bool:
+    """Whether `quantize_tensor` takes finite `tensor` under double-quantizing `scheme` (not where its block scales
+    average past float32's range: `_stored_form` stores it unquantized then)."""
+    from .quant import NonFiniteError, quantize_tensor
+
+    try:
+        quantize_tensor(tensor, scheme)
+    except NonFiniteError:
+        return False
+    return True
 
 
 def _sound_manifest_units(shard_dir: Path, manifest_json: dict, digest: str) -> dict[str, UnitEntry]:
@@ -2932,15 +2945,23 @@ def _stored_form(
         try:  # (quantize_tensor checks the values are finite: a second check here took about 6% of a 4-bit split)
             parts, meta = quantize_tensor(tensor, scheme)
         except NonFiniteError:  # block-wise scales cannot hold inf / NaN
-            # (at float16, most likely made so by the split's own `dtype` cast of a checkpoint holding none: the
-            # warning then sent the user looking for inf in a checkpoint of finite weights)
-            hint = (
-                " (float16 holds values up to 65504: where the checkpoint holds none, a `dtype` float16 cast made "
-                "larger ones inf, which `dtype='bfloat16'` keeps finite, and quantized)"
-                if tensor.dtype == torch.float16
-                else ""
-            )
-            logger.warning("%s holds inf or NaN values; it is stored unquantized%s", name, hint)
+            if all_finite(tensor):  # (finite values whose scales' mean, double quantization's offset, is not)
+                logger.warning(
+                    "%s: its block scales average past float32's range (values up to %.3g), which double "
+                    "quantization cannot hold; it is stored unquantized",
+                    name,
+                    float(tensor.abs().max()),
+                )
+            else:
+                # (at float16, most likely made so by the split's own `dtype` cast of a checkpoint holding none: the
+                # warning then sent the user looking for inf in a checkpoint of finite weights)
+                hint = (
+                    " (float16 holds values up to 65504: where the checkpoint holds none, a `dtype` float16 cast made "
+                    "larger ones inf, which `dtype='bfloat16'` keeps finite, and quantized)"
+                    if tensor.dtype == torch.float16
+                    else ""
+                )
+                logger.warning("%s holds inf or NaN values; it is stored unquantized%s", name, hint)
     if parts is None:
         return {name: tensor.contiguous()}, TensorEntry(tuple(tensor.shape), tensor.dtype)
     meta = dict(meta)

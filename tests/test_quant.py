@@ -161,6 +161,18 @@ def test_double_quant_round_trip(key, dtype, shape):
         assert packed_nbytes(parts) < packed_nbytes(quantize_tensor(x, QuantScheme(4, key, 64))[0])
 
 
+def test_double_quant_of_scales_averaging_past_float32_is_refused():
+    """bitsandbytes' offset (the block scales' mean, taken in float32) of finite scales summing past float32's range
+    is inf: the tensor was quantized to parts no decoding takes. Refused as a NonFiniteError (the split stores such
+    a weight unquantized), naming the cause and the fix; without double_quant it quantizes."""
+    from hf_layerstream.quant import NonFiniteError
+
+    x = torch.full((64 * 300,), 3e37)
+    with pytest.raises(NonFiniteError, match=r"average past float32's range .* without double_quant"):
+        quantize_tensor(x, QuantScheme(4, double_quant=True))
+    assert torch.isfinite(dequantize_tensor(*quantize_tensor(x, QuantScheme(4)))).all()
+
+
 def test_double_quant_metadata_and_parts_are_checked():
     x = _randn((64, 128), torch.bfloat16)
     parts, meta = quantize_tensor(x, QuantScheme(4, double_quant=True))

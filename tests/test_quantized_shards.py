@@ -283,6 +283,34 @@ def test_a_weight_made_inf_by_a_float16_cast_is_named_with_the_dtype_that_keeps_
     assert "float16 holds values up to 65504" in caplog.text and "`dtype='bfloat16'`" in caplog.text, caplog.text
 
 
+def test_a_weight_whose_scales_average_past_float32_is_stored_unquantized_with_double_quant(tmp_path, caplog):
+    """Double quantization stores the block scales less their mean, which bitsandbytes takes in float32: a weight of
+    finite values whose scales sum past float32's range (3e37 over 128 blocks) got an offset of inf. The split wrote
+    it (`Infinity` in manifest.json, not JSON) and streaming failed at its layer, the record called damaged, where the
+    loaded model runs. It is stored unquantized, with a warning naming it and why, as a weight holding inf is."""
+    model = _models.build_tiny_model("llama", num_hidden_layers=2)
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight.fill_(3e37)
+    model.save_pretrained(tmp_path / "ckpt")
+    _models.make_tokenizer().save_pretrained(tmp_path / "ckpt")
+    with caplog.at_level("WARNING", logger="hf_layerstream"):
+        shards = split_checkpoint(
+            tmp_path / "ckpt", tmp_path / "shards", compression="4bit", double_quant=True, progress=False
+        )
+    assert "model.layers.1.mlp.up_proj.weight: its block scales average past float32's range" in caplog.text
+    assert "it is stored unquantized" in caplog.text and "holds inf or NaN" not in caplog.text
+    layer = ShardDirectory(shards).unit("layers.1").tensors
+    assert layer["model.layers.1.mlp.up_proj.weight"].quant is None
+    assert layer["model.layers.1.mlp.down_proj.weight"].quant is not None
+    assert "Infinity" not in (shards / "manifest.json").read_text()
+    with torch.no_grad():
+        streamed_model(tmp_path / "ckpt", shards)(torch.tensor([[5, 6, 7]]))  # (it failed at layer 1)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="hf_layerstream"):  # (not taken for a split of an earlier rule)
+        split_checkpoint(tmp_path / "ckpt", shards, compression="4bit", double_quant=True, progress=False)
+    assert "already holds this split; nothing to do" in caplog.text
+
+
 def test_weights_stored_in_another_dtype_than_loaded_are_quantized_as_loaded(tmp_path):
     """A checkpoint stored in float32 under a config saying bfloat16 (`from_pretrained(dtype="auto")` loads it at
     bfloat16, and streaming computes at that dtype by default): the split without `dtype` quantized the float32
