@@ -315,6 +315,14 @@ class Manifest:
         load_dtype = d.get("load_dtype")
         if load_dtype is not None and not (isinstance(load_dtype, str) and str_to_dtype(load_dtype).is_floating_point):
             raise ValueError(f"`load_dtype` {load_dtype!r} is not a floating-point dtype")
+        split_options = d.get("split_options")
+        if split_options is not None and not isinstance(split_options, str):
+            # (read as none recorded, a split made before it was: the check naming a unit file of another split, copied
+            # in with its manifest entry, was off)
+            raise TypeError(
+                f"`split_options` {json.dumps(split_options)[:120]} is not a string (the digest of the split's options, "
+                "which every unit file carries too)"
+            )
         return cls(
             # (what `inspect` shows: one of another form, which `inspect` failed on, is no record, as before one was kept)
             source=d["source"] if isinstance(d.get("source"), dict) else {},
@@ -327,7 +335,7 @@ class Manifest:
             compression=d.get("compression"),
             units={u.name: u for u in units},
             library_version=d.get("library_version", ""),
-            split_options=d.get("split_options"),
+            split_options=split_options,
             conversion=read_conversion_record(d.get("conversion")),
             load_dtype=load_dtype,
             adapter=read_adapter_record(d.get("adapter")),

@@ -287,6 +287,18 @@ def manifest_split_digest_edited(shards, tmp):
     return "manifest.json", 'records "split_options": "0{64}", but every unit file carries the split digest'
 
 
+def manifest_split_digest_of_another_type(shards, tmp):
+    """The manifest's `split_options` edited into another type than a string (a number), and a layer file of another
+    split copied in with its manifest entry: a digest of another type was read as none recorded (a split made before
+    it was), which turned off the check that names the copied file, and opening and `verify` passed. The manifest is
+    named as malformed."""
+    shard_and_its_record_from_another_split(shards, tmp)
+    m = manifest(shards)
+    m["split_options"] = 5
+    write_manifest(shards, m)
+    return "manifest.json", r"malformed \(TypeError: `split_options` 5 is not"
+
+
 def layer_swapped_within_the_model(shards, tmp):
     shutil.copy(shards / "layers/00000.safetensors", shards / LAYER)
     return LAYER, "holds unit 'layers.0', not 'layers.1'"
@@ -380,6 +392,7 @@ SHARD_CASES = [
     shard_from_another_model,
     shard_and_its_record_from_another_split,
     manifest_split_digest_edited,
+    manifest_split_digest_of_another_type,
     layer_swapped_within_the_model,
     missing_file,
     manifest_path_outside,
