@@ -845,10 +845,25 @@ class ShardDirectory:
                 "Upgrade hf_layerstream to use this shard directory (or split the checkpoint again into another "
                 "directory with this version).",
             )
-        if raw.get("format_version") != FORMAT_VERSION:
+        version = raw.get("format_version")
+        if "format_version" not in raw or not isinstance(version, (int, float)) or isinstance(version, bool):
+            # (edited: "has format version '1', this library reads version 1" read as the same version)
+            kind = {str: "a string", list: "a list", dict: "an object", bool: "a boolean"}.get(type(version), "null")
+            said = (
+                "no `format_version`"
+                if "format_version" not in raw
+                else f"`format_version` {json.dumps(version)[:60]}, {kind} where the split writes a number"
+            )
             raise ShardFileError(
                 manifest_path,
-                f"has format version {raw.get('format_version')!r}, this library reads version {FORMAT_VERSION}",
+                f"records {said} (this library reads version {FORMAT_VERSION})",
+                f'Set "format_version" to {FORMAT_VERSION} (a number) if the manifest was edited, or re-split the '
+                "checkpoint with this version of hf_layerstream (the same split run again repairs it).",
+            )
+        if version != FORMAT_VERSION:
+            raise ShardFileError(
+                manifest_path,
+                f"has format version {version!r}, this library reads version {FORMAT_VERSION}",
                 "Re-split the checkpoint with this version of hf_layerstream.",
             )
         try:

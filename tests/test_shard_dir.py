@@ -1354,6 +1354,21 @@ def test_a_directory_made_by_a_newer_version_says_so_and_is_not_rewritten(shard_
     assert ShardDirectory(shards, checksums=True).verify() == []
 
 
+def test_a_format_version_of_another_type_is_named_so(shard_copy):
+    """A manifest's `format_version` edited into a string ("1"): the error read "has format version '1', this library
+    reads version 1", the same version to a reader. It names the type (a string where the split writes a number) and
+    the value to set back; a missing one is named as missing."""
+    _, shards = shard_copy
+    manifest = json.loads((shards / "manifest.json").read_text())
+    (shards / "manifest.json").write_text(json.dumps({**manifest, "format_version": "1"}))
+    with pytest.raises(ShardFileError, match=r'records `format_version` "1", a string where the split writes a number'):
+        ShardDirectory(shards)
+    del manifest["format_version"]
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ShardFileError, match=r"records no `format_version`"):
+        ShardDirectory(shards)
+
+
 def test_a_folder_a_split_is_writing_is_named_so(tmp_path):
     """A folder a split is writing right now (it holds the lock): opening it said to run the same split again to
     finish it, which the lock then refused ("Another process is splitting into ..."); it now says to wait."""
