@@ -288,7 +288,8 @@ class _Source:
         local = Path(source).expanduser()
         self.local_dir: Path | None = local if local.is_dir() else None
         if self.local_dir is not None:
-            warn_hub_only(local, "split as it is", revision=revision, token=token)
+            # (`token`: by `split_checkpoint`, where no `adapter` is a hub one, which it serves too)
+            warn_hub_only(local, "split as it is", revision=revision)
             self.revision = None  # (nor recorded: a later run without it is the same split)
         if self.local_dir is None:
             if local.is_file():
@@ -1740,7 +1741,8 @@ def split_checkpoint(
         revision, token, cache_dir:
             Passed to `huggingface_hub.hf_hub_download` for a hub `source`; `token` and `cache_dir` for a hub
             `adapter` too (`revision` is the source's: `adapter_revision` is the adapter's). With a local folder as
-            `source` each is warned about (`cache_dir` where no `adapter` is a hub one) and not used to read it.
+            `source` each is warned about (`token` and `cache_dir` where no `adapter` is a hub one) and not used to
+            read it.
         overwrite (`bool`, defaults to `False`):
             Replace an existing shard directory made with other options or from another model, or write into a
             non-empty folder that holds no shard directory (files of the names the split writes are replaced).
@@ -1877,13 +1879,16 @@ def split_checkpoint(
         )
 
     src = _Source(source, revision=revision, token=token, cache_dir=cache_dir)
-    if src.local_dir is not None and cache_dir is not None and all(Path(a).expanduser().is_dir() for a, _ in adapters):
-        # (nothing is downloaded, a hub adapter aside: it was taken without a word, as `revision` and `token` were)
-        logger.warning(
-            "`cache_dir` applies to hub repos (the hub cache they are downloaded into, for `source` and `adapter`); "
-            "%s is a local folder, split as it is.",
-            src.local_dir,
-        )
+    if src.local_dir is not None and all(Path(a).expanduser().is_dir() for a, _ in adapters):
+        # (nothing is downloaded, a hub adapter aside, which `token` and `cache_dir` serve too: `token` was warned about
+        # as unused where it fetched one; `cache_dir` was taken without a word, as `revision` and `token` were)
+        warn_hub_only(src.local_dir, "split as it is", token=token)
+        if cache_dir is not None:
+            logger.warning(
+                "`cache_dir` applies to hub repos (the hub cache they are downloaded into, for `source` and `adapter`); "
+                "%s is a local folder, split as it is.",
+                src.local_dir,
+            )
     src.headers_only = remove_from_cache
     if remove_from_cache and src.local_dir is not None:
         raise ValueError(

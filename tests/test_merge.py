@@ -429,8 +429,8 @@ def test_cli_split_merges_the_adapter_and_inspect_names_it(checkpoints, tmp_path
 def test_a_hub_adapter_comes_from_the_hub_cache_offline(checkpoints, tmp_path, monkeypatch, caplog):
     """A hub id is fetched with the split's `cache_dir`, and offline from the cache: also an adapter of
     the older format, only `adapter_model.bin` (refused: the missing safetensors file was taken for a download that
-    failed), which merges as the same adapter's folder does. `cache_dir` served the adapter: not warned about as
-    unused for the local `source`."""
+    failed), which merges as the same adapter's folder does. `cache_dir` and `token` served the adapter: not warned
+    about as unused for the local `source` (`token` was: "`token` applies to hub repos; ... read without it")."""
     from huggingface_hub import constants
     from safetensors.torch import load_file
 
@@ -447,8 +447,10 @@ def test_a_hub_adapter_comes_from_the_hub_cache_offline(checkpoints, tmp_path, m
     )
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with caplog.at_level(logging.WARNING, logger="hf_layerstream"):
-        shards = split_checkpoint(ckpt, tmp_path / "shards", adapter="org/lora", cache_dir=cache, progress=False)
-    assert "`cache_dir` applies to hub repos" not in caplog.text
+        shards = split_checkpoint(
+            ckpt, tmp_path / "shards", adapter="org/lora", cache_dir=cache, token="hf_abc", progress=False
+        )
+    assert "`cache_dir` applies to hub repos" not in caplog.text and "`token` applies to hub repos" not in caplog.text
     reference = split_checkpoint(ckpt, tmp_path / "reference", adapter=folder, progress=False)
     for unit in ["layers.0", "layers.2", "resident"]:
         a, b = _unit(shards, unit), _unit(reference, unit)
