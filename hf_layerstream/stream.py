@@ -663,6 +663,17 @@ def _follow_head_grad(model: nn.Module, head: nn.Module, wants_grad: bool, handl
     return swap
 
 
+@functools.lru_cache(maxsize=64)
+def _source_of(forward) -> str | None:
+    """The source of a model class's `forward`, `None` where it cannot be read: read once for each function (a few
+    milliseconds, its modeling file's lines tokenized), where every enable of a model of its class asked for it. Keyed
+    by the function, not the class: a forward the class is given since is read in turn."""
+    try:
+        return inspect.getsource(forward)
+    except (OSError, TypeError):
+        return None
+
+
 def _outer_linears(model: nn.Module, head) -> list[nn.Module]:
     """The `nn.Linear`s of a model outside its base model that its forward runs after the base model, the head aside:
     the BERT family's head transform (BERT's `cls.predictions.transform.dense`, RoBERTa's and ModernBERT-decoder's
@@ -681,8 +692,10 @@ def _outer_linears(model: nn.Module, head) -> list[nn.Module]:
     if not isinstance(base, nn.Module) or base is model or not isinstance(prefix, str) or not prefix:
         return []
     try:
-        source = inspect.getsource(type(model).forward)
-    except (OSError, TypeError):
+        source = _source_of(type(model).forward)
+    except TypeError:  # (a forward that is no function, and unhashable: no source either)
+        return []
+    if source is None:
         return []
     call = re.search(rf"\bself\.{re.escape(prefix)}\(", source)
     if call is None:

@@ -218,6 +218,42 @@ def test_a_projector_fed_sliced_features_takes_the_loaded_models_path(tmp_path):
     disable_layer_streaming(streamed)
 
 
+def test_a_models_forward_source_is_read_once_per_forward(monkeypatch):
+    """`_outer_linears` read the model's forward's source (`inspect.getsource`: a few milliseconds, its modeling file's
+    lines tokenized) at every enable, though it is the same for every model of a class: it is read once for each
+    forward function (a forward the class is given since is read in turn), with the same outer linears found."""
+    import inspect
+
+    from torch import nn
+
+    from hf_layerstream import stream
+
+    class Outer(nn.Module):
+        base_model_prefix = "body"
+
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(4, 4))
+            self.dense = nn.Linear(4, 4)
+            self.head = nn.Linear(4, 2)
+
+        @property
+        def base_model(self):
+            return self.body
+
+        def forward(self, x):
+            hidden = self.body(x)
+            return self.head(self.dense(hidden))
+
+    read = []
+    getsource = inspect.getsource
+    monkeypatch.setattr(inspect, "getsource", lambda obj: read.append(obj) or getsource(obj))
+    for _ in range(3):
+        model = Outer()
+        assert stream._outer_linears(model, model.head) == [model.dense]
+    assert read == [Outer.forward]
+
+
 @pytest.mark.parametrize(
     ("model_type", "transform"),
     [
