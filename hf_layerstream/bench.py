@@ -529,6 +529,8 @@ def _refuse_past_the_position_table(path: Path, prompt_tokens: int, max_new_toke
     model = _meta_model(path)
     overrun = None if model is None else position_overrun(model, prompt_tokens, max_new_tokens)
     if overrun is None:
+        if model is not None:
+            _refuse_a_prompt_past_the_context(model.config, prompt_tokens)
         return
     limit, _ = overrun
     raise ValueError(
@@ -536,6 +538,43 @@ def _refuse_past_the_position_table(path: Path, prompt_tokens: int, max_new_toke
         f"{type(model).__name__}'s learned position table (`max_position_embeddings`): pass values that add up to "
         f"{limit + 1} or less."
     )
+
+
+def _refuse_a_prompt_past_the_context(config, prompt_tokens: int) -> None:
+    """A `--prompt-tokens` longer than the context of the model of `config`: its `max_position_embeddings`, times its
+    RoPE scaling factor where it has one (what a long-context config allows: rotary models run past it, but not as the
+    model was made to). The bench grew its prompt's token ids to that length by doubling a list: a huge value ran the
+    machine out of memory. A model without one (Mamba's) is bounded by `_refuse_a_prompt_past_the_memory`."""
+    text = config.get_text_config()
+    limit = getattr(text, "max_position_embeddings", None)
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+        return
+    rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None)
+    # (transformers 5 keeps one set of rope parameters per layer type where they differ: Gemma 3's)
+    sets = [] if not isinstance(rope, dict) else [rope] if "rope_type" in rope or "factor" in rope else rope.values()
+    factors = [r["factor"] for r in sets if isinstance(r, dict) and isinstance(r.get("factor"), (int, float))]
+    factor = max([f for f in factors if f > 1], default=None)
+    context = limit if factor is None else int(limit * factor)
+    if prompt_tokens > context:
+        scaled = "" if factor is None else f", times its RoPE scaling factor {factor:g}"
+        raise ValueError(
+            f"`--prompt-tokens` is {prompt_tokens}, more than the {context} positions of the model's context (its "
+            f"config's `max_position_embeddings` {limit}{scaled}): pass at most {context}."
+        )
+
+
+def _refuse_a_prompt_past_the_memory(prompt_tokens: int) -> None:
+    """A `--prompt-tokens` whose token ids alone (8 bytes each, an int64 tensor; the model's activations take many
+    times that) are more than the memory available: checked before anything is written, for any model (one without a
+    position limit too)."""
+    from .engine import available_host_memory
+
+    need, free = 8 * prompt_tokens, available_host_memory()
+    if need > free:
+        raise ValueError(
+            f"`--prompt-tokens` is {prompt_tokens}: its token ids alone take {need / 1e6:.2f} MB, more than the "
+            f"{free / 1e6:.2f} MB of memory available here; pass a prompt of at most the model's context."
+        )
 
 
 def _fetch_checkpoint(args) -> None:
@@ -819,10 +858,17 @@ def bench(args) -> dict:
         raise ValueError("`--assistant demo` builds a 1-layer draft of the demo model; it needs `--demo`.")
     _check_source(args)
     _check_systems(args, systems, modes, compressed)
+    if args.demo:  # (its config, before it is written)
+        from .demo import _demo_config
+
+        config, _ = _demo_config(args.layers, args.hidden_size, args.intermediate_size, args.vocab_size)
+        _refuse_a_prompt_past_the_context(config, args.prompt_tokens)
     source = Path(args.source) if args.source is not None else None
     local = source is not None and source.is_dir()
     if local:  # (before anything is written; a hub SOURCE's once split)
         _refuse_past_the_position_table(source, args.prompt_tokens, args.max_new_tokens)
+    # (any model, one without a position limit too, or a hub SOURCE's, whose model is known once it is split)
+    _refuse_a_prompt_past_the_memory(args.prompt_tokens)
     _fetch_checkpoint(args)
     work = work_folder(args.work, "--work", "hf_layerstream_bench_")
     try:

@@ -105,6 +105,10 @@ def test_bench_demo_json_and_table(tmp_path, capsys):
         (["--max-memory", "cpu=4iB"], "`--max-memory` got the size '4iB'"),
         (["--max-memory", "\u00b2=1GiB"], "`--max-memory` key '\u00b2' is not recognized"),
         (["--prompt-tokens", "0"], "`--prompt-tokens` is 0; use at least 1"),
+        # (a huge one grew a list of token ids by doubling until the machine ran out of memory; the demo's context is
+        # its config's 2048 positions)
+        (["--prompt-tokens", "2049"], "`--prompt-tokens` is 2049, more than the 2048 positions of the model's"),
+        (["--prompt-tokens", str(10**23)], f"`--prompt-tokens` is {10**23}, more than the 2048 positions of the"),
         (["--threads", "0"], "`--threads` is 0; use at least 1"),
         (["--threads", "-2"], "`--threads` is -2; use at least 1"),
         (["--timeout", "0"], "`--timeout` is 0.0; use a positive number"),
@@ -135,6 +139,29 @@ def test_bench_rejects_bad_options(tmp_path, capsys, extra, message):
     assert main(["bench", "--demo", *TINY, "--work", str(tmp_path), *quick, *extra]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "checkpoint").exists()
+
+
+def test_a_prompt_longer_than_a_models_context_or_the_memory_is_refused(monkeypatch):
+    """`--prompt-tokens` past the model's context (its config's `max_position_embeddings`, times its RoPE scaling
+    factor where it has one: what a long-context config allows), and for a model without one (Mamba's) past what the
+    memory available can hold of its token ids alone: the bench grew a list of token ids to that length by doubling
+    it, until the machine ran out of memory. Refused before anything is measured."""
+    from transformers import LlamaConfig, MambaConfig
+
+    from hf_layerstream import bench as bench_mod
+    from hf_layerstream import engine
+
+    scaled = LlamaConfig(max_position_embeddings=4096, rope_scaling={"rope_type": "linear", "factor": 4.0})
+    bench_mod._refuse_a_prompt_past_the_context(scaled, 16384)
+    with pytest.raises(
+        ValueError, match=r"`--prompt-tokens` is 16385, more than the 16384 positions of the model's co"
+    ):
+        bench_mod._refuse_a_prompt_past_the_context(scaled, 16385)
+    bench_mod._refuse_a_prompt_past_the_context(MambaConfig(), 10**6)  # (no position limit: the memory's, below)
+    monkeypatch.setattr(engine, "available_host_memory", lambda: 8 * 10**6)
+    bench_mod._refuse_a_prompt_past_the_memory(10**6)
+    with pytest.raises(ValueError, match=r"`--prompt-tokens` is 1000001: its token ids alone take 8\.00 MB"):
+        bench_mod._refuse_a_prompt_past_the_memory(10**6 + 1)
 
 
 def test_bench_refuses_systems_that_need_the_checkpoint_it_was_not_given(tmp_path, capsys, checkpoints):
