@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import io
 import json
 import logging
@@ -493,6 +494,48 @@ def _stdout_to_devnull() -> None:
     os.close(devnull)
 
 
+class _NamedStdout:
+    """`sys.stdout` for a command's run: an `OSError` writing it (stdout redirected to a full disk, `> /dev/full`)
+    ended the command with "error: [Errno 28] No space left on device", naming no file (the shard directory's disk,
+    the reader would think). It is raised as standard output's (`StdoutWriteError`); a broken pipe as it is (`main`
+    handles it). Anything else is the stream's."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            raise StdoutWriteError(e) from e
+
+    def flush(self):
+        try:
+            return self._stream.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            raise StdoutWriteError(e) from e
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+class StdoutWriteError(OSError):
+    """Standard output could not be written (see `_NamedStdout`)."""
+
+    def __init__(self, error: OSError):
+        super().__init__(error.errno, error.strerror)
+        self.error = error
+
+    def __str__(self) -> str:
+        full = self.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+        fix = ": free space on the disk it is redirected to, or redirect it elsewhere" if full else ""
+        return f"cannot write standard output ({self.error}){fix}."
+
+
 def _closed_standard_streams_on_devnull() -> None:
     """Run with a standard stream closed (`2>&-`), its file descriptor was free: the next file the command opened
     took its number (a shard file or results file as fd 2, where anything written to standard error would land), and
@@ -556,6 +599,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     handler = handlers.get(args.command) or getattr(args, "handler", None)
     terminated = _sigterm_as_ctrl_c()
+    stdout = sys.stdout
+    if stdout is not None:  # (`None` where the command ran with standard output closed, `>&-`)
+        sys.stdout = _NamedStdout(stdout)
     try:  # (torch, transformers and huggingface_hub are first imported in here: Ctrl-C during that is handled too)
         # huggingface_hub prints its records through a handler of its own (its retries while the hub cannot be
         # reached): passed on to the root logger's too, each came out twice
@@ -571,6 +617,10 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # stdout closed early (`| head`): quietly, as the Python docs recommend
         _stdout_to_devnull()
         return 1
+    except StdoutWriteError as e:  # (named: nothing more can be written there, the flush at exit included)
+        print(f"hf-layerstream {args.command}: error: {e}", file=sys.stderr)
+        _stdout_to_devnull()
+        return 2
     # (ImportError: an optional dependency is missing; the message says what to install)
     except (ValueError, FileNotFoundError, TypeError, OSError, NotImplementedError, ImportError) as e:
         print(f"hf-layerstream {args.command}: error: {_as_options(str(e), parser, args.command)}", file=sys.stderr)
@@ -587,6 +637,8 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     finally:  # (`main` called again in one process, as the tests do: one filter per call, one handler)
+        if isinstance(sys.stdout, _NamedStdout):
+            sys.stdout = stdout
         terminated.restore()
         for log_handler in log_handlers:
             log_handler.removeFilter(names)

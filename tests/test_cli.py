@@ -540,6 +540,27 @@ def test_generate_to_a_stdout_that_cannot_encode_the_text_escapes_it(split_dir, 
     assert capsys.readouterr().err == ""
 
 
+def test_standard_output_on_a_full_disk_is_named(split_dir, monkeypatch, capsys):
+    """Standard output redirected to a full disk (`> /dev/full`): the command ended with "error: [Errno 28] No space
+    left on device", naming no file (the shard directory's disk, the reader would think). The error names standard
+    output, with the fix; `generate`'s streamed text and `inspect`'s table alike."""
+    import errno
+
+    class Full(io.StringIO):
+        def write(self, text):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    _, shards = split_dir
+    for argv in (["inspect", str(shards), "--device", "cpu"], ["generate", str(shards), "Hi", "--max-new-tokens", "2"]):
+        monkeypatch.setattr(sys, "stdout", Full())
+        assert main([*argv, "--device", "cpu"] if argv[0] == "generate" else argv) == 2
+        err = capsys.readouterr().err
+        assert (
+            f"hf-layerstream {argv[0]}: error: cannot write standard output ([Errno 28] No space left on device)" in err
+        )
+        assert "free space on the disk it is redirected to, or redirect it elsewhere" in err
+
+
 def test_verify_and_inspect_of_a_path_stdout_cannot_encode_escape_it(split_dir, tmp_path, monkeypatch, capsys):
     """`verify` of a sound directory whose path standard output cannot encode (`PYTHONIOENCODING=ascii`) ended with
     "error: 'ascii' codec can't encode character" (exit 2), as `generate` did for a model's text: every command's
