@@ -1141,7 +1141,18 @@ class ShardDirectory:
             return error("is not a JSON object")
         expected = self.manifest.model_type
         if expected is not None and config.get("model_type") != expected:
-            return error(f"has model_type {config.get('model_type')!r}, not {expected!r} as the manifest records")
+            found = config.get("model_type")
+            if self.manifest.config_sha256 is not None and config_digest(config) == self.manifest.config_sha256:
+                # (config.json is the one the split wrote: the manifest's record was edited, and the file was blamed)
+                return None, ShardFileError(
+                    self.manifest_path,
+                    f'records "model_type": {json.dumps(expected)[:60]}, but config.json, as the split wrote it (its '
+                    f"digest is the one the manifest records), has {json.dumps(found)[:60]}: the manifest was changed "
+                    "since the split",
+                    f'Set "model_type" back to {json.dumps(found)[:60]}, or run the same split again, which writes the '
+                    "manifest again.",
+                )
+            return error(f"has model_type {found!r}, not {expected!r} as the manifest records")
         for key in ("dtype", "torch_dtype"):
             # (the model is built at it: "foo" passed `verify`, whose build failed as "not damage found", and
             # `generate` died with torch's AttributeError; "int8" with transformers' refusal, naming no file)
@@ -1450,8 +1461,8 @@ class ShardDirectory:
         problem = self._config_problem(read) or config
         if problem is None:  # (a warning, not a problem: the file is the user's to edit)
             self._warn_if_config_edited(read[0])
-        if problem is not None:
-            problems.append(f"{self.path / 'config.json'} {problem}")
+        if problem is not None:  # (config.json's, or the manifest's where its record of the model type was edited)
+            problems.append(f"{read[1].path if read[1] is not None else self.path / 'config.json'} {problem}")
         if fingerprint is not None:
             problems.append(f"{self.manifest_path} {fingerprint}")
         listed = self._side_files_problem()

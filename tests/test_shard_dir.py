@@ -700,6 +700,25 @@ def test_a_damaged_config_json_is_named_and_written_again_by_the_same_split(shar
     assert config.read_bytes() == before and ShardDirectory(shards, checksums=True).verify() == []
 
 
+def test_a_manifests_model_type_edited_is_named_as_the_manifests_edit(shard_copy):
+    """The manifest's `model_type` edited ("mistral"), config.json as the split wrote it: the error blamed config.json
+    ("config.json has model_type 'llama', not 'mistral' as the manifest records"), the file the split wrote. Where
+    config.json is the split's (its digest is the one the manifest records), the manifest is named, with the value to
+    put back; the same split run again writes the manifest again."""
+    ckpt, shards = shard_copy
+    manifest_path = shards / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest_path.write_text(json.dumps({**manifest, "model_type": "mistral"}))
+    named = f'{manifest_path} records "model_type": "mistral", but config.json, as the split wrote it'
+    with pytest.raises(ShardFileError, match=re.escape(named)) as info:
+        ShardDirectory(shards)
+    assert 'Set "model_type" back to "llama"' in str(info.value)
+    [problem] = ShardDirectory(shards, check_files=False).verify(checksums=False)
+    assert problem.startswith(named), problem
+    split_checkpoint(ckpt, shards, progress=False)
+    assert ShardDirectory(shards, checksums=True).verify() == []
+
+
 def test_a_config_json_edited_keeping_every_shape_is_warned_about_not_refused(shard_copy, caplog, capsys, monkeypatch):
     """An edit of config.json that keeps every tensor shape (`rms_norm_eps`, rope parameters, `hidden_act`) went unseen:
     a model built from it computed otherwise than the split's source, `verify` clean. The manifest records a digest of
