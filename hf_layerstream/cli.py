@@ -981,6 +981,10 @@ def _cmd_generate(args) -> int:
     # (a hub id: its first file fetched now, as SHARD_DIR's manifest is, not once the model has loaded)
     _fetch_first_hub_file("--tokenizer", args.tokenizer, "tokenizer_config.json", "tokenizer folder", args.token)
     _fetch_first_hub_file("--assistant", args.assistant, "config.json", "draft model folder", args.token)
+    # (a local SHARD_DIR is read without `--token`, which is said to be unused: not where it serves a hub `--adapter`,
+    # `--tokenizer` or `--assistant`, as `split` says nothing of it where it serves a hub adapter)
+    hub = [v for v in (args.adapter, args.tokenizer, args.assistant) if v and not os.path.isdir(os.path.expanduser(v))]
+    local_token = None if hub and os.path.isdir(args.shard_dir) else args.token
     model = load_streamed_model(
         args.shard_dir,
         device=args.device,
@@ -993,7 +997,7 @@ def _cmd_generate(args) -> int:
         keep_in_page_cache=_page_cache(args.page_cache),
         dequantize=_dequantize(args.dequantize),
         revision=args.revision,
-        token=args.token,
+        token=local_token,
     )
     if args.adapter:
         _attach_adapter(model, args.adapter, args.adapter_revision, args.token)

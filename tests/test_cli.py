@@ -2102,7 +2102,7 @@ sys.exit(cli.main(["split", "source", "dest", "--quiet"]))
     assert fd != "fd=2" and stderr == f"stderr={os.devnull}" and "shard directory ready" in done.stdout
 
 
-def test_generate_with_a_peft_adapter(split_dir, tmp_path, capsys, monkeypatch):
+def test_generate_with_a_peft_adapter(split_dir, tmp_path, capsys, monkeypatch, caplog):
     """`--adapter DIR`: a LoRA adapter of the model, applied as the weights stream (`attaching_adapters`): the tokens
     are the loaded model's with the same adapter, every layer streamed; also from the hub cache at a revision
     (`--adapter-revision`). A folder that is not an adapter is refused before the model loads; a hub id that cannot be
@@ -2146,8 +2146,11 @@ def test_generate_with_a_peft_adapter(split_dir, tmp_path, capsys, monkeypatch):
         huggingface_hub, "hf_hub_download", lambda *a, **k: tokens.append(k.get("token")) or real(*a, **k)
     )
     assert main([*argv, "--adapter", "someorg/tagged-lora", "--adapter-revision", "v1", "--token", "hf_secret"]) == 0
-    assert capsys.readouterr().out[len(prompt) :].strip() == expected.strip()
+    out, err = capsys.readouterr()
+    assert out[len(prompt) :].strip() == expected.strip()
     assert tokens and set(tokens) == {"hf_secret"}
+    # (the local SHARD_DIR was read without it, but it served the adapter: it was said to be unused)
+    assert "applies to hub repos" not in err + caplog.text
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", real)
     assert main([*argv, "--adapter", "someorg/tagged-lora"]) == 2  # (at main: not in the cache)
     assert "Cannot fetch adapter_config.json of 'someorg/tagged-lora': the hub" in capsys.readouterr().err
