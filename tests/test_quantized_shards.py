@@ -44,6 +44,19 @@ def _logits(model, ids):
         return model(ids).logits
 
 
+def _through_the_codec(ckpt, quantized: set[str], scheme) -> torch.nn.Module:
+    """The checkpoint loaded at bfloat16 (what `dtype="auto"` loads it at) with each weight named in `quantized`
+    replaced by its decoding under `scheme`: what a streamed model of its split must equal, bit for bit."""
+    from hf_layerstream.quant import dequantize_tensor, quantize_tensor
+
+    reference = _models.load_reference(ckpt, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for name, param in reference.named_parameters():
+            if name in quantized:
+                param.copy_(dequantize_tensor(*quantize_tensor(param, scheme)))
+    return reference
+
+
 @pytest.mark.parametrize("compression,min_cosine", [("8bit", 0.995), ("4bit", 0.95)])
 def test_fidelity_against_full_precision(bf16_checkpoint, compression, min_cosine):
     ckpt, dirs = bf16_checkpoint
@@ -98,7 +111,7 @@ def test_double_quant_shards_are_smaller_and_stream_exactly_their_weights(bf16_c
     """`double_quant=True` (`--double-quant`): the block scales quantized too, the layer files about 8% smaller than
     plain 4-bit's; under every plan the streamed model computes exactly what the loaded model computes with each
     quantized weight replaced by its double-quantized decoding."""
-    from hf_layerstream.quant import QuantScheme, dequantize_tensor, quantize_tensor
+    from hf_layerstream.quant import QuantScheme
 
     ckpt, dirs = bf16_checkpoint
     assert main(["split", str(ckpt), str(tmp_path / "dq"), "--compression", "4bit", "--double-quant", "--quiet"]) == 0
@@ -111,12 +124,7 @@ def test_double_quant_shards_are_smaller_and_stream_exactly_their_weights(bf16_c
     quantized = {n for n, quant in records.items() if quant}
     assert quantized and all(records[n]["double_quant"] is True for n in quantized)
 
-    reference = _models.load_reference(ckpt, dtype=torch.bfloat16)
-    scheme = QuantScheme(4, double_quant=True)
-    with torch.no_grad():
-        for name, param in reference.named_parameters():
-            if name in quantized:
-                param.copy_(dequantize_tensor(*quantize_tensor(param, scheme)))
+    reference = _through_the_codec(ckpt, quantized, QuantScheme(4, double_quant=True))
     ids = torch.randint(4, 120, (1, 20), generator=torch.Generator().manual_seed(1))
     expected = _logits(reference, ids)
     assert not torch.equal(expected, _logits(streamed_model(ckpt, dirs["4bit"]), ids))  # (not plain 4-bit's)
@@ -319,7 +327,7 @@ def test_weights_stored_in_another_dtype_than_loaded_are_quantized_as_loaded(tmp
     model holds it; the streamed logits then equal those of the loaded model whose quantized weights went through the
     codec, bit for bit, every layer kept, from the disk and per module."""
     from hf_layerstream import disable_layer_streaming
-    from hf_layerstream.quant import QuantScheme, dequantize_tensor, quantize_tensor
+    from hf_layerstream.quant import QuantScheme
 
     ckpt = _models.save_tiny_checkpoint(_models.make_config("llama", **FIDELITY_CONFIG), tmp_path / "ckpt")
     config = json.loads((ckpt / "config.json").read_text())
@@ -330,11 +338,7 @@ def test_weights_stored_in_another_dtype_than_loaded_are_quantized_as_loaded(tmp
     scheme = QuantScheme.from_dict(directory.compression)
     quantized = {n for u in directory.manifest.units.values() for n, t in u.tensors.items() if t.quant is not None}
     assert quantized
-    ref = _models.load_reference(ckpt, dtype=torch.bfloat16)  # (what `dtype="auto"` loads it at)
-    with torch.no_grad():
-        for name, param in ref.named_parameters():
-            if name in quantized:
-                param.copy_(dequantize_tensor(*quantize_tensor(param, scheme)))
+    ref = _through_the_codec(ckpt, quantized, scheme)
     ids = torch.randint(4, 120, (2, 12), generator=torch.Generator().manual_seed(0))
     expected = _logits(ref, ids)
     for options in ({}, {"max_memory": {"cpu": 0}}, {"max_memory": {"cpu": 0}, "dequantize": "module"}):
