@@ -32,6 +32,7 @@ import math
 import numbers
 import re
 import sys
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -717,7 +718,9 @@ def dequantize_tensor(
         # back to a torch.compile'd path that compiles for seconds per new shape. The padding nibble is in qdata.
         n_even = numel + (numel & 1)
         nested = offset = None
-        if absmax2 is not None:  # (bitsandbytes adds the offset, a Python float here, to the decoded float32 scales)
+        if absmax2 is not None and device.type == "cpu":
+            absmax = _nested_scales_cpu(absmax, absmax2, meta["nested_blocksize"], meta["offset"])
+        elif absmax2 is not None:  # (bitsandbytes adds the offset, a Python float here, to the decoded float32 scales)
             nested = bnbf.QuantState(
                 absmax=absmax2, code=_dynamic_code(device), blocksize=meta["nested_blocksize"], dtype=torch.float32
             )
@@ -742,6 +745,31 @@ def dequantize_tensor(
     if out.dtype != want:
         out = out.to(want)
     return out
+
+
+_scratch = threading.local()
+
+
+def _nested_scales_cpu(codes: torch.Tensor, absmax2: torch.Tensor, nested_blocksize: int, offset: float):
+    """The float32 block scales of a double-quantized weight, decoded on CPU as bitsandbytes decodes its nested state
+    (`code[codes] * absmax2[block] + offset`, in float32), into this thread's scratch buffers, which grow to the
+    largest weight's and are reused: no allocation per weight."""
+    n = codes.numel()
+    idx = getattr(_scratch, "idx", None)
+    if idx is None or idx.numel() < n:
+        _scratch.idx = idx = torch.empty(n, dtype=torch.int32)
+        _scratch.scales = torch.empty(n, dtype=torch.float32)
+    scales = _scratch.scales[:n]
+    idx = idx[:n]
+    idx.copy_(codes.reshape(-1))
+    torch.index_select(_dynamic_code(torch.device("cpu")), 0, idx, out=scales)
+    full = n // nested_blocksize
+    if full:
+        scales[: full * nested_blocksize].view(full, nested_blocksize).mul_(absmax2[:full, None])
+    if full * nested_blocksize < n:
+        scales[full * nested_blocksize :].mul_(absmax2[full])
+    scales.add_(offset)
+    return scales
 
 
 class PackedWeight:

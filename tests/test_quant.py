@@ -173,6 +173,78 @@ def test_double_quant_of_scales_averaging_past_float32_is_refused():
     assert torch.isfinite(dequantize_tensor(*quantize_tensor(x, QuantScheme(4)))).all()
 
 
+def test_double_quant_scales_decode_into_reused_per_thread_buffers():
+    """On CPU a double-quantized weight's float32 block scales are decoded into buffers each decoding thread keeps
+    and reuses (bitsandbytes allocates them afresh for every weight: freed and allocated again between the decoded
+    weights, those scales left glibc's heaps holding twice the streamed layers' memory in a streaming run). A
+    smaller weight decoded after a larger one reuses the larger one's buffer, and threads decoding at once each
+    get their own weights' scales: every result is bitsandbytes' own decoding of the nested state."""
+    import threading
+
+    import bitsandbytes.functional as bnbf
+
+    from hf_layerstream import quant
+
+    scheme = QuantScheme(4, double_quant=True)
+    weights = [_randn(shape, torch.bfloat16, seed=i) for i, shape in enumerate([(512, 300), (64, 66), (256, 257)])]
+    packed = [quantize_tensor(x, scheme) for x in weights]
+
+    def bnb_decode(parts, meta):
+        numel = math.prod(meta["shape"])
+        nested = bnbf.QuantState(
+            absmax=parts["absmax2"], code=bnbf.create_dynamic_map(), blocksize=256, dtype=torch.float32
+        )
+        state = bnbf.QuantState(
+            absmax=parts["absmax"],
+            shape=torch.Size([numel + (numel & 1)]),
+            dtype=torch.bfloat16,
+            blocksize=64,
+            quant_type="nf4",
+            offset=meta["offset"],
+            state2=nested,
+        )
+        return bnbf.dequantize_4bit(parts["qdata"], state).reshape(-1)[:numel].view(meta["shape"])
+
+    expected = [bnb_decode(*p) for p in packed]
+    seen = {}
+
+    def decode_in_order():  # (in a thread of its own: this one's buffers may be sized by earlier tests)
+        seen["equal"] = [torch.equal(dequantize_tensor(*p), e) for p, e in zip(packed, expected)]
+        buffer = quant._scratch.scales
+        seen["size"] = buffer.numel()
+        # smaller ones after it: no new buffer
+        seen["again"] = [torch.equal(dequantize_tensor(*p), e) for p, e in zip(packed[::-1], expected[::-1])]
+        seen["reused"] = quant._scratch.scales is buffer
+
+    thread = threading.Thread(target=decode_in_order)
+    thread.start()
+    thread.join()
+    assert seen == {
+        "equal": [True] * 3,
+        "size": math.ceil(512 * 300 / 64),  # the largest weight's scales (decoded first)
+        "again": [True] * 3,
+        "reused": True,
+    }
+
+    errors = []
+
+    def decode_many(order):
+        try:
+            for _ in range(20):
+                for i in order:
+                    if not torch.equal(dequantize_tensor(*packed[i]), expected[i]):
+                        errors.append(i)
+        except BaseException as e:  # noqa: BLE001 - reported by the assertion below
+            errors.append(e)
+
+    threads = [threading.Thread(target=decode_many, args=(order,)) for order in ([0, 1, 2], [2, 1, 0], [1, 2, 0])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+
+
 def test_double_quant_metadata_and_parts_are_checked():
     x = _randn((64, 128), torch.bfloat16)
     parts, meta = quantize_tensor(x, QuantScheme(4, double_quant=True))
