@@ -122,7 +122,9 @@ class QuantScheme:
             the same error to a few parts in 10,000.
 
     Raises:
-        `ValueError`: A field has a bad type or value; the message names the field, the value and what is accepted.
+        `TypeError`: A field has the wrong type (`bits` or `blocksize` not an int, a bool being none here;
+            `quant_type` not a str; `quantize_embeddings` or `double_quant` not a bool).
+        `ValueError`: A field has a bad value; the message names the field, the value and what is accepted.
     """
 
     bits: int
@@ -132,26 +134,42 @@ class QuantScheme:
     double_quant: bool = False
 
     def __post_init__(self) -> None:
-        if not _is_int(self.bits) or self.bits not in SUPPORTED_BITS:
+        # (a wrong type is a TypeError, as for every argument of the public API: "4", True and blocksize="64" were a
+        # ValueError; a bool is no int here. `from_dict` reads a stored dict, where it is a bad value: a ValueError)
+        if not _is_int(self.bits):
+            raise TypeError(
+                f"`bits` must be an int, one of {list(SUPPORTED_BITS)}, got {type(self.bits).__name__} {self.bits!r}."
+            )
+        if self.bits not in SUPPORTED_BITS:
             raise ValueError(f"`bits` must be one of {list(SUPPORTED_BITS)}, got {self.bits!r}.")
         # (NumPy's integers are taken, as `prefetch` is, and made Python's: the manifest stores `to_dict()` as JSON)
         object.__setattr__(self, "bits", int(self.bits))
-        quant_type = DEFAULT_QUANT_TYPE[self.bits] if self.quant_type is None else self.quant_type
         accepted_types = QUANT_TYPES[self.bits]
-        if not isinstance(quant_type, str) or quant_type not in accepted_types:
+        if self.quant_type is not None and not isinstance(self.quant_type, str):
+            raise TypeError(
+                f"`quant_type` must be a str, one of {list(accepted_types)} for bits={self.bits} (or None for "
+                f"{DEFAULT_QUANT_TYPE[self.bits]!r}), got {type(self.quant_type).__name__} {self.quant_type!r}."
+            )
+        quant_type = DEFAULT_QUANT_TYPE[self.bits] if self.quant_type is None else self.quant_type
+        if quant_type not in accepted_types:
             raise ValueError(
                 f"`quant_type` must be one of {list(accepted_types)} for bits={self.bits}, got {self.quant_type!r}."
             )
-        blocksize = DEFAULT_BLOCKSIZE[self.bits] if self.blocksize is None else self.blocksize
         accepted_sizes = BLOCKSIZES[self.bits]
-        if not _is_int(blocksize) or blocksize not in accepted_sizes:
+        if self.blocksize is not None and not _is_int(self.blocksize):
+            raise TypeError(
+                f"`blocksize` must be an int, one of {list(accepted_sizes)} for bits={self.bits} (or None for "
+                f"{DEFAULT_BLOCKSIZE[self.bits]}), got {type(self.blocksize).__name__} {self.blocksize!r}."
+            )
+        blocksize = DEFAULT_BLOCKSIZE[self.bits] if self.blocksize is None else self.blocksize
+        if blocksize not in accepted_sizes:
             raise ValueError(
                 f"`blocksize` must be one of {list(accepted_sizes)} for bits={self.bits}, got {self.blocksize!r}."
             )
-        if not isinstance(self.quantize_embeddings, bool):
-            raise ValueError(f"`quantize_embeddings` must be True or False, got {self.quantize_embeddings!r}.")
-        if not isinstance(self.double_quant, bool):
-            raise ValueError(f"`double_quant` must be True or False, got {self.double_quant!r}.")
+        for field in ("quantize_embeddings", "double_quant"):
+            value = getattr(self, field)
+            if not isinstance(value, bool):
+                raise TypeError(f"`{field}` must be True or False, got {value!r}.")
         if self.double_quant and self.bits != 4:
             # (bitsandbytes' 8-bit scales are one float32 per 256 values at the default block: little to save)
             raise ValueError(
@@ -191,8 +209,8 @@ class QuantScheme:
             [`QuantScheme`]: The validated scheme.
 
         Raises:
-            `ValueError`: `d` is not a mapping, lacks `bits`, has unknown keys or a bad value (the message names the
-                field).
+            `ValueError`: `d` is not a mapping, lacks `bits`, has unknown keys or a bad value, one of the wrong type
+                too (the message names the field): `d` is stored data, such as a shard manifest's.
         """
         if not isinstance(d, Mapping):
             raise ValueError(f"QuantScheme.from_dict expects a dict, got {type(d).__name__}: {d!r}.")
@@ -205,13 +223,16 @@ class QuantScheme:
             )
         if "bits" not in d:
             raise ValueError(f"QuantScheme.from_dict: field 'bits' is missing from {dict(d)!r}.")
-        return cls(
-            bits=d["bits"],
-            quant_type=d.get("quant_type"),
-            blocksize=d.get("blocksize"),
-            quantize_embeddings=d.get("quantize_embeddings", False),
-            double_quant=d.get("double_quant", False),
-        )
+        try:
+            return cls(
+                bits=d["bits"],
+                quant_type=d.get("quant_type"),
+                blocksize=d.get("blocksize"),
+                quantize_embeddings=d.get("quantize_embeddings", False),
+                double_quant=d.get("double_quant", False),
+            )
+        except TypeError as e:  # (a field of the wrong type in stored data: a bad value of the dict, as JSON's are)
+            raise ValueError(*e.args) from None
 
 
 def resolve_compression(
@@ -639,9 +660,18 @@ def _parse_meta(meta: Mapping[str, Any]) -> tuple[int, str, int, list[int], torc
         dtype_name = meta["dtype"]
     except (KeyError, TypeError) as e:
         raise ValueError(f"Quantization metadata is missing field {e.args[0]!r}: {meta!r}.") from None
-    if bits not in QUANT_TYPES or quant_type not in QUANT_TYPES[bits] or blocksize not in BLOCKSIZES[bits]:
-        # re-validate through the scheme for a precise message
-        QuantScheme(bits, quant_type, blocksize)
+    if (
+        not _is_int(bits)  # (first: a list's `in` raised a bare TypeError, "unhashable type")
+        or bits not in QUANT_TYPES
+        or quant_type not in QUANT_TYPES[bits]
+        or not _is_int(blocksize)
+        or blocksize not in BLOCKSIZES[bits]
+    ):
+        # re-validate through the scheme for a precise message (a field of the wrong type: malformed metadata too)
+        try:
+            QuantScheme(bits, quant_type, blocksize)
+        except TypeError as e:
+            raise ValueError(*e.args) from None
     orig = _FLOAT_DTYPES.get(dtype_name)
     if orig is None:
         raise ValueError(

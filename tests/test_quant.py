@@ -445,6 +445,12 @@ def test_dequantize_rejects_mismatched_parts():
         dequantize_tensor(parts, {**meta, "blocksize": 100})
     with pytest.raises(ValueError, match="dtype"):
         dequantize_tensor(parts, {**meta, "dtype": "int8"})
+    # metadata fields of the wrong type are malformed metadata, a ValueError as the rest (a list was a bare TypeError,
+    # "unhashable type: 'list'")
+    for field, value in (("bits", "4"), ("bits", [4]), ("bits", True), ("quant_type", 4), ("blocksize", "64")):
+        with pytest.raises(ValueError, match=f"`{field}` must be") as info:
+            dequantize_tensor(parts, {**meta, field: value})
+        assert not isinstance(info.value, TypeError)
     p8, m8 = quantize_tensor(_randn((128, 64), torch.bfloat16), INT8)
     with pytest.raises(ValueError, match="code table"):
         dequantize_tensor(p8, {**m8, "code": "dynamic-0000000000000000"})
@@ -610,7 +616,7 @@ def test_double_quant_scheme():
         resolve_compression(None, double_quant=True)
     with pytest.raises(ValueError, match=r"double_quant=True cannot be combined with a QuantScheme"):
         resolve_compression(NF4, double_quant=True)
-    with pytest.raises(ValueError, match=r"`double_quant` must be True or False, got 'yes'"):
+    with pytest.raises(TypeError, match=r"`double_quant` must be True or False, got 'yes'"):
         QuantScheme(4, double_quant="yes")
     # (a wrong type is a TypeError, as for the public API's other arguments; `split_checkpoint` checks it so first)
     for value in ("yes", None, 1):
@@ -622,15 +628,11 @@ def test_double_quant_scheme():
     "kwargs, field, shown",
     [
         ({"bits": 3}, "bits", "3"),
-        ({"bits": "4"}, "bits", "'4'"),
-        ({"bits": True}, "bits", "True"),
         ({"bits": 4, "quant_type": "int4"}, "quant_type", "'int4'"),
         ({"bits": 8, "quant_type": "nf4"}, "quant_type", "'nf4'"),
         ({"bits": 4, "blocksize": 100}, "blocksize", "100"),
         ({"bits": 4, "blocksize": 16}, "blocksize", "16"),
         ({"bits": 8, "blocksize": 32}, "blocksize", "32"),
-        ({"bits": 4, "blocksize": 64.0}, "blocksize", "64.0"),
-        ({"bits": 4, "quantize_embeddings": "yes"}, "quantize_embeddings", "'yes'"),
     ],
 )
 def test_scheme_validation(kwargs, field, shown):
@@ -640,6 +642,36 @@ def test_scheme_validation(kwargs, field, shown):
     assert field in msg and shown in msg and "must be" in msg
     with pytest.raises(ValueError, match=field):
         QuantScheme.from_dict(kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, field, shown",
+    [
+        ({"bits": "4"}, "bits", "str '4'"),
+        ({"bits": True}, "bits", "bool True"),
+        ({"bits": 4.0}, "bits", "float 4.0"),
+        ({"bits": None}, "bits", "NoneType None"),
+        ({"bits": 4, "quant_type": 4}, "quant_type", "int 4"),
+        ({"bits": 4, "blocksize": "64"}, "blocksize", "str '64'"),
+        ({"bits": 4, "blocksize": 64.0}, "blocksize", "float 64.0"),
+        ({"bits": 4, "blocksize": True}, "blocksize", "bool True"),
+        ({"bits": 4, "quantize_embeddings": "yes"}, "quantize_embeddings", "'yes'"),
+        ({"bits": 4, "quantize_embeddings": 0}, "quantize_embeddings", "0"),
+        ({"bits": 4, "double_quant": 1}, "double_quant", "1"),
+    ],
+)
+def test_scheme_wrong_types_are_type_errors(kwargs, field, shown):
+    """A field of the wrong type is a TypeError, as for every argument of the public API (`resolve_compression` and
+    the rest): `QuantScheme("4")`, `QuantScheme(True)` or `blocksize="64"` were a ValueError (a bool is no int here).
+    `from_dict` reads a stored dict, the shard manifest's: a field of the wrong type there is a bad value of the dict,
+    a ValueError as before (what the manifest checks report as the manifest's damage)."""
+    with pytest.raises(TypeError) as exc:
+        QuantScheme(**kwargs)
+    msg = str(exc.value)
+    assert f"`{field}` must be" in msg and f"got {shown}" in msg, msg
+    with pytest.raises(ValueError) as from_dict:
+        QuantScheme.from_dict(kwargs)
+    assert not isinstance(from_dict.value, TypeError) and str(from_dict.value) == msg
 
 
 def test_scheme_from_dict_errors():

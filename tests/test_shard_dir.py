@@ -948,8 +948,15 @@ def test_a_manifest_changed_since_the_split_is_named_by_what_its_files_record(
             'records "compression": "8bit", but none of its tensors is stored quantized, and it is no compression '
             "scheme a split writes: the split was made without compression",
         ),
+        (
+            # (a field of the wrong type: `QuantScheme` raises TypeError for it, `from_dict` a ValueError, the record's)
+            {"bits": "4", "quant_type": "nf4", "blocksize": 64, "quantize_embeddings": False},
+            'records "compression": {"bits": "4", "quant_type": "nf4", "blocksize": 64, "quantize_embeddings": '
+            "false}, but none of its tensors is stored quantized, and it is no compression scheme a split writes: the "
+            "split was made without compression",
+        ),
     ],
-    ids=["4bit", "not a scheme"],
+    ids=["4bit", "not a scheme", "bits a string"],
 )
 def test_a_manifest_claiming_compression_of_a_full_precision_split_is_named(
     checkpoints, tmp_path, capsys, caplog, compression, problem
