@@ -279,9 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--dir",
         default=None,
         help="work folder, kept: the checkpoint is written to DIR/checkpoint (one already there is reused if it has "
-        "the sizes and dtype asked for, else refused) and split into DIR/shards (and DIR/shards-4bit or "
-        "DIR/shards-8bit with --compression); nothing else in DIR is touched (default: a temporary folder, removed "
-        "afterwards)",
+        "the sizes and dtype asked for, else refused) and split into DIR/shards (and DIR/shards-4bit, "
+        "DIR/shards-4bit-dq or DIR/shards-8bit with --compression); nothing else in DIR is touched (default: a "
+        "temporary folder, removed afterwards)",
     )
     p.add_argument("--layers", type=int, default=8, help="decoder layers (default 8)")
     p.add_argument("--hidden-size", type=int, default=1024, help="hidden size (default 1024)")
@@ -297,9 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--compression",
         type=str.lower,  # (case-insensitive, as split's is)
-        choices=["4bit", "8bit"],
+        choices=["4bit", "4bit-dq", "8bit"],  # (bench's `--compression` names: 4bit-dq is split's `--double-quant`)
         default=None,
-        help="also compare quantized shards",
+        help="also compare quantized shards: 4bit, 4bit-dq (its block scales quantized too, split's --double-quant) "
+        "or 8bit",
     )
     p.add_argument(
         "--max-memory",

@@ -314,7 +314,7 @@ def run_demo(args) -> int:
     from transformers import AutoTokenizer
 
     from ._measure import run_child
-    from .bench import split_in_work
+    from .bench import COMPRESSIONS, split_in_work
     from .cli import _max_memory, _reserve
     from .engine import check_device, check_max_memory, size_text
 
@@ -361,7 +361,7 @@ def run_demo(args) -> int:
         if args.compression:
             qdir = work / f"shards-{args.compression}"
             print(f"   also splitting with compression={args.compression}: {qdir}")
-            split_in_work(ckpt, qdir, compression=args.compression, **in_work)
+            split_in_work(ckpt, qdir, **COMPRESSIONS[args.compression], **in_work)
             runs.append((f"streamed, {args.compression} shards", {**stream, "path": str(qdir), "device": device}))
         tok = AutoTokenizer.from_pretrained(ckpt)
         prompt = "The quick brown fox jumps over the lazy dog. Layer streaming lets"
@@ -380,7 +380,7 @@ def run_demo(args) -> int:
         print(f"{'system':44} {'s/token':>9} {'tokens/s':>9} {'peak RSS':>10} {'same tokens':>12}")
         for label, r in results:
             same = "yes" if r["tokens"] == ref["tokens"] else "NO"
-            if label.endswith("bit shards"):
+            if label.endswith(("bit shards", "bit-dq shards")):
                 agree = sum(a == b for a, b in zip(r["tokens"], ref["tokens"])) / max(len(ref["tokens"]), 1)
                 same = f"{agree:.0%} (lossy)"
             spt = r["s_per_token"]

@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -1585,6 +1586,27 @@ def test_demo_dir_holds_its_checkpoint_and_shards_and_names_its_own_fixes(tmp_pa
         in err
     )
     assert (work / "notes.txt").read_text() == "the user's"
+
+
+def test_demo_compares_double_quantized_shards_as_bench_does(tmp_path, monkeypatch, capsys):
+    """`demo --compression` took 4bit and 8bit only, where `bench --compression` takes 4bit-dq too (4-bit with its block
+    scales quantized: `split_checkpoint(..., double_quant=True)`). `demo --compression 4bit-dq` splits D/shards-4bit-dq
+    so, and its row is lossy as the other quantized ones are."""
+    import hf_layerstream._measure as measure
+    from hf_layerstream.cli import _command_parser
+
+    monkeypatch.setattr(measure, "run_child", lambda spec: {"tokens": [1, 2], "s_per_token": 0.1, "peak_rss": 2**20})
+    monkeypatch.setenv("COLUMNS", "1000")  # (argparse wraps its help at a hyphen too)
+    help_text = " ".join(_command_parser(build_parser(), "demo").format_help().split())
+    assert "4bit-dq" in help_text and "DIR/shards-4bit-dq" in help_text, help_text
+    tiny = ["--layers", "2", "--hidden-size", "64", "--intermediate-size", "128", "--vocab-size", "256"]
+    argv = ["demo", "--dir", str(tmp_path), "--device", "cpu", *tiny, "--max-new-tokens", "2"]
+    assert main([*argv, "--compression", "4BIT-DQ"]) == 0
+    out = capsys.readouterr().out
+    manifest = json.loads((tmp_path / "shards-4bit-dq" / "manifest.json").read_text())
+    assert manifest["compression"]["double_quant"] is True and manifest["compression"]["bits"] == 4
+    assert re.search(r"streamed, 4bit-dq shards .* 100% \(lossy\)", out), out
+    assert "4bit-dq shards vs full precision, teacher-forced over" in out
 
 
 @pytest.mark.parametrize(
