@@ -517,6 +517,57 @@ def all_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
 
 
+def _base_meta(shape: Iterable[int], dtype: torch.dtype, scheme: QuantScheme) -> dict[str, Any]:
+    """The metadata `quantize_tensor` records of every tensor, whatever its values."""
+    return {
+        "codec": CODEC_NAME,
+        "version": CODEC_VERSION,
+        "shape": [int(s) for s in shape],
+        "dtype": _dtype_name(dtype),
+        "bits": scheme.bits,
+        "quant_type": scheme.quant_type,
+        "blocksize": scheme.blocksize,
+    }
+
+
+# the longest JSON text of a float32 value (23 characters): a double-quantized tensor's `offset` at its longest
+_LONGEST_FLOAT32_TEXT = -1.1754943508222875e-38
+
+
+def _stored_layout(
+    shape: Iterable[int], dtype: torch.dtype, scheme: QuantScheme
+) -> tuple[dict[str, tuple[list[int], torch.dtype]], dict[str, Any]]:
+    """What [`quantize_tensor`] stores for a tensor of `shape` and `dtype`, without quantizing anything: for the
+    split's disk-space estimate, which counts each part's bytes and header entry, and the metadata's record.
+
+    Args:
+        shape (`Iterable[int]`): The tensor's shape.
+        dtype (`torch.dtype`): Its dtype.
+        scheme ([`QuantScheme`]): Bits, type, block size and double quantization.
+
+    Returns:
+        `tuple[dict, dict]`: `{part: (shape, dtype)}` (`qdata`, `absmax`, and `absmax2` double-quantized), and the
+        metadata, `parts` included, with its value-dependent fields at their longest (double quantization's `offset`)
+        or their length (`code`), so that its JSON is at least as long as that of any tensor so quantized.
+    """
+    meta = _base_meta(shape, dtype, scheme)
+    numel = math.prod(meta["shape"])
+    qbytes, blocks = _expected_sizes(numel, scheme.bits, scheme.blocksize)
+    parts: dict[str, tuple[list[int], torch.dtype]] = {"qdata": ([qbytes], torch.uint8)}
+    code = "dynamic-" + "0" * 16  # (`_dynamic_code_id`'s length, without importing bitsandbytes)
+    if scheme.bits == 8:
+        meta["code"] = code
+    if scheme.double_quant:
+        nested_blocksize = 256  # (bitsandbytes' nested state: `quantize_4bit` with `compress_statistics`)
+        meta.update(double_quant=True, offset=_LONGEST_FLOAT32_TEXT, nested_blocksize=nested_blocksize, code=code)
+        parts["absmax"] = ([blocks], torch.uint8)
+        parts["absmax2"] = ([-(-blocks // nested_blocksize)], torch.float32)
+    else:
+        parts["absmax"] = ([blocks], torch.float32)
+    meta["parts"] = {p: {"shape": list(s), "dtype": _dtype_name(d)} for p, (s, d) in parts.items()}
+    return parts, meta
+
+
 class NonFiniteError(ValueError):
     """`quantize_tensor` was given a tensor holding NaN or Inf, which block-wise scales cannot hold."""
 
@@ -559,15 +610,7 @@ def quantize_tensor(tensor: torch.Tensor, scheme: QuantScheme) -> tuple[dict[str
         )
 
     bnbf = _functional()
-    meta: dict[str, Any] = {
-        "codec": CODEC_NAME,
-        "version": CODEC_VERSION,
-        "shape": [int(s) for s in tensor.shape],
-        "dtype": _dtype_name(tensor.dtype),
-        "bits": scheme.bits,
-        "quant_type": scheme.quant_type,
-        "blocksize": scheme.blocksize,
-    }
+    meta = _base_meta(tensor.shape, tensor.dtype, scheme)
     if scheme.bits == 4:
         packed, state = bnbf.quantize_4bit(
             flat,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import math
 import os
 import shlex
 import shutil
@@ -20,6 +21,7 @@ import torch
 from . import __version__
 from ._safetensors import (
     _MAX_HEADER,
+    _TAGS,
     atomic_write_bytes,
     atomic_write_safetensors,
     dtype_to_str,
@@ -1267,24 +1269,33 @@ def _estimate_unit_bytes(
 ) -> int:
     """Bytes of one unit file: tensor data (quantized where the codec would be used, `quantizes`: see
     `_quantization_rule`) plus header and metadata."""
+    from .quant import _stored_layout
+
     total = 1024  # length prefix, `__metadata__`, padding
+    layouts = {}  # name -> the parts and metadata of a quantized weight
     for name, (shape, dtype) in shapes.items():
-        numel = 1
-        for s in shape:
-            numel *= s
+        numel = math.prod(shape)
         nbytes = numel * dtype.itemsize
         overhead = 2 * len(name) + 120  # the header entry and the tensor's entry in the embedded unit record
         if scheme is not None and numel and len(shape) >= 2 and dtype.is_floating_point:
             meta = torch.empty(shape, dtype=dtype, device="meta")
             if quantizes(name, meta, scheme, is_embedding=unit == RESIDENT):
-                blocks = -(-numel // scheme.blocksize)
-                # (double-quantized: a byte per block, and a float32 per 256 blocks)
-                scales = blocks + 4 * -(-blocks // 256) if scheme.double_quant else 4 * blocks
-                nbytes = -(-numel * scheme.bits // 8) + scales
-                # two parts and the codec metadata (double-quantized: a third part and the nested state's record,
-                # 277 bytes more per weight measured)
-                overhead = 4 * len(name) + (900 if scheme.double_quant else 600)
+                # its parts as the codec stores them (double-quantized: a byte per block, a float32 per 256 blocks)
+                layouts[name] = _stored_layout(shape, dtype, scheme)
+                nbytes = sum(math.prod(s) * d.itemsize for s, d in layouts[name][0].values())
+                overhead = 0  # (counted below, from the parts)
         total += nbytes + overhead
+    # a quantized weight's header bytes: an entry per part, its two offsets at most as long as the file's data bytes
+    # (`total` so far), and its record in the unit record the header embeds (JSON in a JSON string: quotes escaped)
+    digits = len(str(total))
+    for name, (parts, meta) in layouts.items():
+        for part, (part_shape, part_dtype) in parts.items():
+            entry = {f"{name}::{part}": {"dtype": _TAGS[part_dtype], "shape": part_shape, "data_offsets": [0, 0]}}
+            # (less its braces, with its comma: "0,0" written with up to `digits` digits each)
+            total += len(json.dumps(entry, separators=(",", ":"))) - 2 + 1 + 2 * (digits - 1)
+        shape, dtype = shapes[name]
+        record = json.dumps({name: TensorEntry(tuple(shape), dtype, meta).to_json()}, sort_keys=True)[1:-1] + ", "
+        total += len(json.dumps(record)) - 2
     return total
 
 

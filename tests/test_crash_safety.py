@@ -842,6 +842,40 @@ def test_disk_space_estimate_of_a_double_quantized_weight_counts_its_byte_scales
         assert packed < estimate <= packed + 2560, (scheme, estimate, packed)  # (+ the header's and record's bytes)
 
 
+@pytest.mark.parametrize("options", [{}, {"double_quant": True}, {"bits": 8}], ids=["4bit", "4bit-dq", "8bit"])
+def test_disk_space_estimate_counts_a_quantized_weights_header_from_its_parts(tmp_path, options):
+    """A quantized weight's bytes in its unit file beyond its data, a header entry per part and its record (codec
+    metadata included) in the unit record the header embeds, were counted as a flat 900 bytes double-quantized (600
+    otherwise), about 100 more than they take: a unit of many such weights was overcounted by that much each. They are
+    counted from the weight's parts and metadata: the estimate of a unit of 24 quantized weights (one a fused experts'
+    3-D tensor) is never under the file written, and over it by less than the file's own allowance (1024 bytes: its
+    length prefix, metadata and padding) and a few bytes a weight, whatever the scheme."""
+    pytest.importorskip("bitsandbytes")
+    from hf_layerstream.quant import QuantScheme, quantize_tensor, should_quantize
+
+    scheme = QuantScheme(**{"bits": 4, **options})
+    gen = torch.Generator().manual_seed(0)
+    shapes = {f"model.layers.0.mlp.experts.{i}.down_proj.weight": (64, 96 + 32 * i) for i in range(23)}
+    shapes["model.layers.0.mlp.experts.gate_up_proj"] = (8, 256, 64)
+    tensors = {name: torch.randn(shape, generator=gen).to(torch.bfloat16) for name, shape in shapes.items()}
+    assert all(should_quantize(name, t, scheme) for name, t in tensors.items())
+    estimate = split_mod._estimate_unit_bytes(
+        {name: (shape, torch.bfloat16) for name, shape in shapes.items()}, scheme, "layers.0", should_quantize
+    )
+    entry = split_mod._write_unit(
+        tmp_path,
+        "layers.0",
+        tensors,
+        scheme,
+        quantize_tensor,
+        should_quantize,
+        split_digest="0" * 64,
+        load_dtype=torch.bfloat16,
+    )
+    # (a few bytes a weight more: each part's offsets counted at the file's longest)
+    assert entry.size <= estimate < entry.size + 1024 + 8 * len(shapes), (estimate, entry.size)
+
+
 def _with_big_tokenizer(ckpt: Path, dest: Path, size: int) -> Path:
     """A copy of `ckpt` whose tokenizer.json is `size` bytes (padded with spaces: the same JSON)."""
     shutil.copytree(ckpt, dest)

@@ -431,6 +431,23 @@ def test_all_finite_finds_one_nan_or_inf_anywhere(dtype):
         assert not all_finite(e5m2) and all_finite(e5m2[::2])
 
 
+@pytest.mark.parametrize("scheme", [NF4, INT8, QuantScheme(4, "fp4", 128, double_quant=True)], ids=str)
+@pytest.mark.parametrize("shape", [(128, 64), (3, 100, 77), (4096, 33)])
+def test_stored_layout_is_what_quantize_tensor_stores(scheme, shape):
+    """`_stored_layout` (the split's disk-space estimate counts each part and the metadata's record from it) gives the
+    parts `quantize_tensor` stores, and its metadata's fields, its JSON at least as long."""
+    from hf_layerstream.quant import _stored_layout
+
+    parts, meta = quantize_tensor(_randn(shape, torch.bfloat16), scheme)
+    layout, template = _stored_layout(shape, torch.bfloat16, scheme)
+    assert {p: (list(t.shape), t.dtype) for p, t in parts.items()} == layout
+    assert sorted(template) == sorted(meta) and template["parts"] == meta["parts"]
+    assert {k: v for k, v in template.items() if k not in ("offset", "code")} == {
+        k: v for k, v in meta.items() if k not in ("offset", "code")
+    }
+    assert len(json.dumps(template)) >= len(json.dumps(meta))
+
+
 def test_dequantize_rejects_mismatched_parts():
     parts, meta = quantize_tensor(_randn((128, 64), torch.bfloat16), NF4)
     with pytest.raises(ValueError, match="qdata"):
