@@ -1133,7 +1133,8 @@ def _scheme_detail(compression: dict) -> str:
     """A compression's code, block size and whether it takes the embeddings, as messages and the model card say it."""
     blocks = f", blocks of {compression['blocksize']}" if compression.get("blocksize") else ""
     embeddings = ", the embeddings too" if compression.get("quantize_embeddings") else ""
-    scales = ", scales quantized too (double quantization)" if compression.get("double_quant") else ""
+    # (no parentheses: the model card says it within its own, "(nf4, blocks of 64, double-quantized scales; lossy)")
+    scales = ", double-quantized scales" if compression.get("double_quant") else ""
     return f"{compression.get('quant_type') or 'int8'}{blocks}{scales}{embeddings}"
 
 

@@ -117,6 +117,9 @@ def test_double_quant_shards_are_smaller_and_stream_exactly_their_weights(bf16_c
     assert main(["split", str(ckpt), str(tmp_path / "dq"), "--compression", "4bit", "--double-quant", "--quiet"]) == 0
     shards, single = ShardDirectory(tmp_path / "dq"), ShardDirectory(dirs["4bit"])
     assert shards.compression == {**single.compression, "double_quant": True}
+    # the model card says so, without parentheses nested in its own ("scales quantized too (double quantization)")
+    card = (tmp_path / "dq" / "README.md").read_text()
+    assert "with bitsandbytes (nf4, blocks of 64, double-quantized scales; lossy)" in card, card
     for i in range(shards.num_layers):
         ratio = shards.unit(f"layers.{i}").size / single.unit(f"layers.{i}").size
         assert 0.85 < ratio < 0.95, f"layer {i}: {ratio:.3f}"
