@@ -136,14 +136,17 @@ def resolve_dtype(dtype) -> torch.dtype | None:
             f"`dtype` must be a floating-point torch.dtype or its name (e.g. torch.bfloat16 or 'bfloat16'), got "
             f"{type(dtype).__name__} {dtype!r}."
         )
+    given = dtype
     if isinstance(dtype, str):
-        name, dtype = dtype, getattr(torch, dtype.removeprefix("torch."), None)
+        dtype = getattr(torch, dtype.removeprefix("torch."), None)
         if not isinstance(dtype, torch.dtype):
-            raise ValueError(f"`dtype` {name!r} is not a torch dtype name (e.g. 'bfloat16', 'float16', 'float32').")
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"`dtype` {given!r} is not a torch dtype name (e.g. 'bfloat16', 'float16', 'float32').")
+    if not dtype.is_floating_point:
+        # (named as given, `--dtype int8` as typed: it said "got torch.int8", and to pass "a floating-point torch.dtype
+        # or its name", naming none)
         raise ValueError(
-            f"`dtype` must be a floating-point torch.dtype or its name (e.g. torch.bfloat16 or 'bfloat16'), got "
-            f"{dtype!r}."
+            f"`dtype` {given!r} is not a floating-point dtype: pass float32, bfloat16, float16 or float64 (for 8-bit "
+            "or 4-bit weights, `compression`)."
         )
     if dtype not in _MODEL_DTYPES:
         # (float8 and float4 ones: transformers builds the model at `dtype` as torch's default dtype, which refuses

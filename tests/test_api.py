@@ -2262,9 +2262,14 @@ def test_error_bad_arguments(checkpoints):
         enable_layer_streaming(model, shards, device="gpu0")
     with pytest.raises(ValueError, match="`dtype` 'fp16' is not a torch dtype name"):
         enable_layer_streaming(model, shards, dtype="fp16")
-    for dtype in (torch.int8, "int8"):
-        with pytest.raises(ValueError, match="`dtype` must be a floating-point torch.dtype or its name"):
+    # (named as given, with the values taken)
+    for dtype, shown in ((torch.int8, "torch.int8"), ("int8", "'int8'"), ("torch.bool", "'torch.bool'")):
+        with pytest.raises(ValueError) as info:
             enable_layer_streaming(model, shards, dtype=dtype)
+        assert str(info.value) == (
+            f"`dtype` {shown} is not a floating-point dtype: pass float32, bfloat16, float16 or float64 (for 8-bit or "
+            "4-bit weights, `compression`)."
+        )
     with pytest.raises(TypeError, match="`dtype` must be a floating-point torch.dtype or its name"):
         enable_layer_streaming(model, shards, dtype=16)
     # (floating, but no model is built at them: transformers' default dtype refused them with a TypeError)

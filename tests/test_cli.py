@@ -881,7 +881,7 @@ def test_generate_errors_are_clear(tmp_path, capsys):
         (["inspect", "{shards}", "--dtype", "fp16"], "`--dtype` 'fp16' is not a torch dtype name (e.g. 'bfloat16'"),
         (["inspect", "{shards}", "--max-memory", "cpu16GiB"], "--max-memory item 'cpu16GiB' must look like"),
         (["inspect", "{shards}", "--prefetch", "-1"], "`--prefetch` must be a non-negative int, got -1"),
-        (["inspect", "{shards}", "--dtype", "int8"], "`--dtype` must be a floating-point torch.dtype"),
+        (["inspect", "{shards}", "--dtype", "int8"], "`--dtype` 'int8' is not a floating-point dtype: pass float32,"),
         (["split", "{ckpt}", "{tmp}/out", "--dtype", "fp16"], "`--dtype` 'fp16' is not a torch dtype name"),
         (["generate", "{shards}", "hi", "--assistant", "{ckpt}", "--prompt-lookup", "3"], "either `--assistant` or"),
         (["generate", "{shards}", "hi", "--input", "{tmp}/in.jsonl", "--output", "{tmp}/o"], "either a PROMPT or"),
@@ -1719,9 +1719,15 @@ def test_errors_name_the_options_typed(split_dir, tmp_path, capsys):
     """A library error naming a Python argument (`dtype`, `prefetch`) names the command's option instead (`--dtype`,
     `--prefetch`): what the user of the command line typed. Positionals read the same either way."""
     ckpt, shards = split_dir
-    assert main(["split", str(ckpt), str(tmp_path / "out"), "--dtype", "int8", "--quiet"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("hf-layerstream split: error: `--dtype` must be a floating-point torch.dtype"), err
+    # a dtype of another kind: named as typed, with the values taken (it said "got torch.int8", and to pass "a
+    # floating-point torch.dtype or its name (e.g. torch.bfloat16 or 'bfloat16')", the API's words)
+    for typed in ("int8", "bool", "torch.int64", "complex64"):
+        assert main(["split", str(ckpt), str(tmp_path / "out"), "--dtype", typed, "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err == (
+            f"hf-layerstream split: error: `--dtype` {typed!r} is not a floating-point dtype: pass float32, bfloat16, "
+            "float16 or float64 (for 8-bit or 4-bit weights, `--compression`).\n"
+        ), err
     # a float8 dtype: refused as plainly, before anything is written (it failed with "couldn't find storage object
     # Float8_e4m3fnStorage" after the lock and progress record were made, and the right split then needed --overwrite)
     assert main(["split", str(ckpt), str(tmp_path / "out"), "--dtype", "float8_e4m3fn", "--quiet"]) == 2
