@@ -700,7 +700,7 @@ def _refuse_empty_paths(args) -> None:
     """A SOURCE, SHARD_DIR or `--checkpoint` given as '' (a shell variable left unset, `split CKPT "$OUT"`) was the
     current folder (`Path('')` is `.`): `split` wrote its shards there ("shard directory ready: ."), `inspect`,
     `verify` and `generate` read it as the shard directory, `split --adapter ''` as the adapter. Refused, naming the
-    argument (generate's own options that take a folder are refused in `_cmd_generate`, saying what each takes)."""
+    argument (generate's own options that take a folder are refused in `_generate`, saying what each takes)."""
     named = [("source", "SOURCE"), ("shard_dir", "SHARD_DIR"), ("checkpoint", "--checkpoint")]
     if args.command == "split":
         named.append(("adapter", "--adapter"))
@@ -834,7 +834,45 @@ def _attach_adapter(model, adapter: str, revision: str | None = None, token: str
         model.load_adapter(str(folder))
 
 
+def _sampling_options_unused(args) -> list[str]:
+    """`generate`'s sampling options given without `--do-sample`, each as "`--option` value": greedy decoding ignored
+    them, the user told only by transformers' generic "The following generation flags are not valid and may be
+    ignored: ['temperature']" once the prompt was printed (the seed, only torch's, not even that)."""
+    if args.do_sample:
+        return []
+    options = (("--temperature", args.temperature), ("--top-p", args.top_p), ("--seed", args.seed))
+    return [f"`{option}` {value}" for option, value in options if value is not None]
+
+
+def _sampling_flags_warned(flags: set[str]):
+    """A filter of transformers' generation-config records leaving out its warning "The following generation flags
+    are not valid and may be ignored: [...]" where each flag it lists is one of `flags` (`temperature`, `top_p`):
+    options the command has warned about itself (`_sampling_options_unused`). Any other flag listed: the record
+    passes, whole."""
+
+    def passes(record: logging.LogRecord) -> bool:
+        found = re.match(
+            r"The following generation flags are not valid and may be ignored: \[([^]]*)\]", str(record.msg)
+        )
+        return found is None or not set(re.findall(r"'(\w+)'", found.group(1))) <= flags
+
+    return passes
+
+
 def _cmd_generate(args) -> int:
+    # transformers warns of the sampling flags it is given without sampling, as the command does (once is enough)
+    flags = {name for name in ("temperature", "top_p") if getattr(args, name) is not None}
+    warned = logging.getLogger("transformers.generation.configuration_utils")
+    leave_out = _sampling_flags_warned(flags)
+    if flags and not args.do_sample:
+        warned.addFilter(leave_out)
+    try:
+        return _generate(args)
+    finally:  # (`main` called again in one process, as the tests do)
+        warned.removeFilter(leave_out)
+
+
+def _generate(args) -> int:
     import torch
     from transformers import AutoTokenizer
 
@@ -883,7 +921,7 @@ def _cmd_generate(args) -> int:
     if args.max_new_tokens < 1:  # (transformers refuses it too, but only once the model is loaded)
         raise ValueError(f"`--max-new-tokens` must be a positive number of tokens, got {args.max_new_tokens}.")
     # (as transformers' sampling checks them, which they met only once the model was loaded and the prompt printed;
-    # unused without --do-sample, where transformers warns that they are ignored)
+    # unused without --do-sample, where the command warns that they are ignored)
     if args.do_sample and args.temperature is not None and not args.temperature > 0:
         raise ValueError(f"`--temperature` (={args.temperature}) has to be a strictly positive number.")
     # (transformers takes it: the logits divided by it are all 0, and every token was sampled alike, whatever the model)
@@ -897,10 +935,13 @@ def _cmd_generate(args) -> int:
     # (torch's range: past it, torch's "Overflow when unpacking long long" once the model had loaded, naming no option)
     if args.seed is not None and not -(2**63) <= args.seed < 2**64:
         raise ValueError(f"`--seed` {args.seed} is out of range: use a whole number from {-(2**63)} to {2**64 - 1}.")
-    if args.seed is not None and not args.do_sample:  # (transformers says nothing of it: it is only torch's seed)
+    unused = _sampling_options_unused(args)
+    if unused:  # (said once, for all of them: transformers' own, for some, is left out in `_cmd_generate`)
+        named = " and ".join(filter(None, (", ".join(unused[:-1]), unused[-1])))
+        they = "it applies" if len(unused) == 1 else "they apply"
         print(
-            f"hf-layerstream generate: `--seed` {args.seed} is ignored without `--do-sample` (greedy decoding draws "
-            "no random numbers); pass `--do-sample` to sample.",
+            f"hf-layerstream generate: {named} {'is' if len(unused) == 1 else 'are'} ignored without `--do-sample`: "
+            f"{they} only to sampling, and decoding is greedy; pass `--do-sample` to sample.",
             file=sys.stderr,
         )
     for option, value in (

@@ -412,6 +412,56 @@ def test_a_seed_without_sampling_is_warned_about(split_dir, capsys):
     assert "--seed" not in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("job", [False, True], ids=["prompt", "input"])
+def test_sampling_options_without_sampling_are_warned_about_once(split_dir, tmp_path, capsys, job):
+    """`--temperature` and `--top-p` without `--do-sample` did nothing: the text was the greedy one, and the user got
+    only transformers' generic "The following generation flags are not valid and may be ignored: ['temperature',
+    'top_p']", once the prompt was printed (and a line of ours for `--seed`, apart). One line of the command's now,
+    before the model loads, naming each option given, that it applies only with `--do-sample`, and that decoding is
+    greedy; transformers' own for those flags is not printed during the command, and printed again after it."""
+    from transformers.generation import GenerationConfig
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    flags = logging.getLogger("transformers.generation.configuration_utils")
+    flags.addHandler(handler)
+    logging.Logger.warning_once.cache_clear()  # (transformers says each message once a process)
+    ckpt, shards = split_dir
+    argv = ["generate", str(shards), "--max-new-tokens", "2", "--device", "cpu"]
+    if job:
+        (tmp_path / "in.jsonl").write_text('{"id": "a", "prompt": "hi"}\n')
+        argv += ["--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl")]
+    else:
+        argv.append("hi")
+    try:
+        assert main([*argv, "--temperature", "0.5", "--top-p", "0.9", "--seed", "3"]) == 0
+        out, err = capsys.readouterr()
+        ours = [line for line in err.splitlines() if "--do-sample" in line]
+        assert ours == [
+            "hf-layerstream generate: `--temperature` 0.5, `--top-p` 0.9 and `--seed` 3 are ignored without "
+            "`--do-sample`: they apply only to sampling, and decoding is greedy; pass `--do-sample` to sample."
+        ], err
+        assert not [r for r in records if "not valid and may be ignored" in r.getMessage()], records
+        if job:
+            out = json.loads((tmp_path / "out.jsonl").read_text())["completion"]
+            assert out.strip() == _greedy_text(ckpt, "hi", 2).strip()
+        else:
+            assert out.startswith("hi") and out[2:].strip() == _greedy_text(ckpt, "hi", 2).strip()
+            assert main([*argv, "--top-p", "0.9"]) == 0
+            err = capsys.readouterr().err
+            assert (
+                "hf-layerstream generate: `--top-p` 0.9 is ignored without `--do-sample`: it applies only to "
+                "sampling, and decoding is greedy; pass `--do-sample` to sample." in err
+            ), err
+            assert main([*argv, "--top-p", "0.9", "--do-sample", "--seed", "0"]) == 0
+            assert "--do-sample" not in capsys.readouterr().err
+        GenerationConfig(do_sample=False, temperature=0.5).validate()  # (outside the command: transformers' own)
+        assert [r for r in records if "not valid and may be ignored: ['temperature']" in r.getMessage()], records
+    finally:
+        flags.removeHandler(handler)
+
+
 def test_a_generation_past_a_learned_position_table_is_refused_before_it_starts(tmp_path, capsys):
     """GPT-2 has a learned table of 256 positions here (`n_positions`): a prompt and `--max-new-tokens` past it ran
     until the table ran out, then ended in a torch traceback (`IndexError: index out of range in self`, the loaded
