@@ -326,10 +326,21 @@ def build_as(config, model_class: type | str | None = None) -> nn.Module:
     try:
         model = build_skeleton(config, cls)
     except (AttributeError, TypeError, KeyError, ValueError) as e:
+        mapping = getattr(cls, "_model_mapping", None)
+        if mapping is not None and type(config) not in mapping:
+            # (an auto class of another kind, `AutoModelForSeq2SeqLM`: transformers' error lists every config it has a
+            # model for, on a second line)
+            why = f"{cls.__name__} has no model for {type(config).__name__}"
+        else:  # (on one line, as the command's errors are)
+            why = f"{type(e).__name__}: {' '.join(str(e).split()).rstrip('.')}"
+        try:
+            instead = f" ('{auto_class_for(config).__name__}' builds it)"
+        except ValueError:  # (neither a causal LM's config nor a vision-language model's)
+            instead = ""
         raise ValueError(
             f"`model_class` {cls.__name__} does not build from this checkpoint's config ({type(config).__name__}, "
-            f"model type {getattr(config, 'model_type', None)!r}): {type(e).__name__}: {e}. Pass the class of its "
-            "architecture, or leave `model_class` out."
+            f"model type {getattr(config, 'model_type', None)!r}): {why}. Pass the class of its architecture"
+            f"{instead}, or leave `model_class` out."
         ) from e
     if not callable(getattr(model, "generate", None)):
         raise ValueError(

@@ -1015,6 +1015,36 @@ def test_bad_option_values_are_clear_errors(split_dir, tmp_path, capsys, argv, m
     assert not (tmp_path / "out" / "manifest.json").exists() and not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize(
+    "model_class, why",
+    [
+        ("AutoModelForSeq2SeqLM", "AutoModelForSeq2SeqLM has no model for LlamaConfig"),
+        ("AutoModelForMaskedLM", "AutoModelForMaskedLM has no model for LlamaConfig"),
+        ("GPT2LMHeadModel", "AttributeError: 'LlamaConfig' object has no attribute"),
+    ],
+)
+def test_a_model_class_that_does_not_build_from_the_config_is_one_refusal_naming_the_class_to_pass(
+    split_dir, tmp_path, capsys, model_class, why
+):
+    """`split --model-class AutoModelForSeq2SeqLM` of a Llama checkpoint was refused over two lines: transformers'
+    "Unrecognized configuration class ... for this kind of AutoModel", then, on a line of its own, "Model type should
+    be one of" its forty-odd seq2seq configs, ending "..", then "Pass the class of its architecture", naming none. One
+    line now: what is wrong, and the class to pass instead (the one the split builds without the option)."""
+    ckpt, _ = split_dir
+    assert main(["split", str(ckpt), str(tmp_path / "out"), "--model-class", model_class, "--quiet"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1, err
+    assert err.startswith(
+        f"hf-layerstream split: error: `--model-class` {model_class} does not build from this checkpoint's config "
+        f"(LlamaConfig, model type 'llama'): {why}"
+    ), err
+    assert err.endswith(
+        ". Pass the class of its architecture ('AutoModelForCausalLM' builds it), or leave `--model-class` out.\n"
+    ), err
+    assert "Model type should be one of" not in err and ".." not in err, err
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
 def test_a_peft_adapter_folder_is_taken_as_a_draft(split_dir, tmp_path, monkeypatch):
     """`--assistant` refuses a folder without config.json before the model loads, but not a PEFT adapter's (its
     adapter_config.json: `from_pretrained` loads it, with peft installed): past the early checks, the model loads."""
