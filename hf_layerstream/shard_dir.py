@@ -575,14 +575,22 @@ def _read_json_object(path: Path) -> dict:
 
 
 def warn_hub_only(
-    local, done: str, *, revision: str | None = None, token=None, revision_name: str = "`revision`"
+    local, done: str, *, revision: str | None = None, token=None, revision_name: str = "`revision`", cache_dir=None
 ) -> None:
-    """A hub repo's `revision` (or `token`, a string) given with the local folder `local`: said, once each, to be
-    ignored; `done` says what is done with the folder instead ("read as it is")."""
+    """A hub repo's `revision` (or `token`, a string, or `split_checkpoint`'s `cache_dir`, the hub cache of its
+    `source` and `adapter`) given with the local folder `local`: said, once each, to be ignored; `done` says what is
+    done with the folder instead ("read as it is")."""
     if revision is not None:
         logger.warning("%s %r applies to hub repos; %s is a local folder, %s.", revision_name, revision, local, done)
     if isinstance(token, str):
         logger.warning("`token` applies to hub repos; %s is a local folder, read without it.", local)
+    if cache_dir is not None:
+        logger.warning(
+            "`cache_dir` applies to hub repos (the hub cache they are downloaded into, for `source` and `adapter`); "
+            "%s is a local folder, %s.",
+            local,
+            done,
+        )
 
 
 def check_revision(revision) -> None:

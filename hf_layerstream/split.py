@@ -1894,13 +1894,7 @@ def split_checkpoint(
     if src.local_dir is not None and all(Path(a).expanduser().is_dir() for a, _ in adapters):
         # (nothing is downloaded, a hub adapter aside, which `token` and `cache_dir` serve too: `token` was warned about
         # as unused where it fetched one; `cache_dir` was taken without a word, as `revision` and `token` were)
-        warn_hub_only(src.local_dir, "split as it is", token=token)
-        if cache_dir is not None:
-            logger.warning(
-                "`cache_dir` applies to hub repos (the hub cache they are downloaded into, for `source` and `adapter`); "
-                "%s is a local folder, split as it is.",
-                src.local_dir,
-            )
+        warn_hub_only(src.local_dir, "split as it is", token=token, cache_dir=cache_dir)
     src.headers_only = remove_from_cache
     if remove_from_cache and src.local_dir is not None:
         raise ValueError(
