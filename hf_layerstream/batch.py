@@ -126,6 +126,11 @@ _NOT_IN_SETTINGS = frozenset(
         "return_dict_in_generate",
     }
 )
+# generation settings transformers uses only when sampling (`do_sample=True`): a greedy job's results do not depend
+# on them, as they do not on its `seed`
+_SAMPLING_ONLY = frozenset(
+    {"temperature", "top_k", "top_p", "min_p", "top_h", "typical_p", "epsilon_cutoff", "eta_cutoff"}
+)
 
 
 @dataclass
@@ -329,6 +334,7 @@ def _settings_digest(
     seed: int | None = None,
     prefill: bool = False,
     messages: bool = False,
+    greedy_sampling: bool = False,
 ) -> str:
     """A fingerprint of what decides a job's results besides the prompt and the model: how prompts are rendered (the
     chat template's text, where `chat` or a conversation has it render them), the generation settings (not those
@@ -337,8 +343,15 @@ def _settings_digest(
     `prefill`: some conversation ends with an assistant turn, which the reply continues (rendered as a new turn after
     it before, so results written then are not taken). `messages`: some prompt is a conversation, which the chat
     template renders whatever `chat` says (its text was left out then: a resume with another template mixed results).
-    `legacy`: as hf_layerstream 0.1.0 made it (`chat` as a flag, see `_describe`)."""
-    generation = {k: v for k, v in config.to_diff_dict().items() if k not in _NOT_IN_SETTINGS}
+    `legacy`: as hf_layerstream 0.1.0 made it (`chat` as a flag, see `_describe`). The sampling-only settings
+    (`_SAMPLING_ONLY`) of a greedy job are left out, as its seed is (its results do not depend on them), unless
+    `legacy` or `greedy_sampling`: as the fingerprint was made before."""
+    sampling = config.do_sample is True or legacy or greedy_sampling
+    generation = {
+        k: v
+        for k, v in config.to_diff_dict().items()
+        if k not in _NOT_IN_SETTINGS and (sampling or k not in _SAMPLING_ONLY)
+    }
     custom = ("logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "custom_generate")
     templated = bool(chat and _has_chat_template(tokenizer))
     settings = {
@@ -1119,6 +1132,17 @@ def generate_jsonl(
             fsync_dir(output_path.parent)
         # (results an older hf_layerstream wrote carry its fingerprint of the same settings)
         legacy = _settings_digest(tokenizer, chat, config, generate_kwargs, legacy=True, prefill=prefill)
+        # (and results of a greedy job written while its sampling-only settings were part of its fingerprint)
+        sampling = _settings_digest(
+            tokenizer,
+            chat,
+            config,
+            generate_kwargs,
+            seed=sampled_seed,
+            prefill=prefill,
+            messages=messages,
+            greedy_sampling=True,
+        )
         # (and results written before a sampled job's seed was part of the settings, with a warning)
         unseeded = (
             None
@@ -1130,6 +1154,8 @@ def generate_jsonl(
             {
                 _settings_digest(tokenizer, chat, config, generate_kwargs, seed=sampled_seed, prefill=prefill),
                 _settings_digest(tokenizer, chat, config, generate_kwargs, prefill=prefill),
+                # (a greedy job's, its sampling-only settings in it then)
+                _settings_digest(tokenizer, chat, config, generate_kwargs, prefill=prefill, greedy_sampling=True),
             }
             - {settings}
             if messages
@@ -1138,7 +1164,7 @@ def generate_jsonl(
         done, repaired = _load_done(
             output_path,
             by_key,
-            {settings, legacy},
+            {settings, legacy, sampling},
             unseeded=unseeded,
             seed=sampled_seed,
             untemplated=untemplated,

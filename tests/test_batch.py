@@ -938,6 +938,42 @@ def test_resume_refuses_another_logits_processor_or_chat_template(llama, tmp_pat
     assert stats["skipped"] == 1 and stats["generated"] == 1
 
 
+def test_sampling_settings_of_a_greedy_job_are_not_part_of_its_settings(llama, tmp_path):
+    """Greedy results do not depend on `temperature`, `top_p` and the other sampling-only settings (transformers
+    uses them only with `do_sample=True`), as they do not on `seed`; but they were part of a greedy job's settings:
+    `hf-layerstream generate --input ... --temperature 0.5` (greedy: the command says it is ignored) resumed without
+    it was refused, "made with other settings than this run's ... the results would mix", though they would not.
+    A greedy job resumes whatever its sampling settings, and so do results written with them in their fingerprint;
+    a sampled job's are its settings still."""
+    from hf_layerstream import batch
+
+    model, tok, _ = llama
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in enumerate(PROMPTS[:2])))
+    greedy = {"max_new_tokens": 3, "do_sample": False}
+    generate_jsonl(model, tok, inp, tmp_path / "straight.jsonl", progress=False, **greedy)
+    first = (tmp_path / "straight.jsonl").read_text().splitlines(True)[0]
+    out.write_text(first)  # as if killed after the first prompt
+    stats = generate_jsonl(model, tok, inp, out, progress=False, temperature=0.5, top_p=0.9, top_k=3, **greedy)
+    assert stats["skipped"] == 1 and stats["generated"] == 1
+    assert out.read_text() == (tmp_path / "straight.jsonl").read_text()
+    # a result whose fingerprint holds them (as written before): taken
+    kwargs = {"temperature": 0.5, "top_p": 0.9, **greedy}
+    config = batch._check_kwargs(model, 8, dict(kwargs))[1]
+    record = json.loads(first)
+    record["settings_sha256"] = batch._settings_digest(tok, False, config, dict(kwargs), greedy_sampling=True)
+    assert record["settings_sha256"] != json.loads(first)["settings_sha256"]  # (the premise)
+    out.write_text(json.dumps(record) + "\n")
+    stats = generate_jsonl(model, tok, inp, out, progress=False, **kwargs)
+    assert stats["skipped"] == 1 and stats["generated"] == 1
+    # sampled: another temperature is another job
+    sampled = {"max_new_tokens": 3, "do_sample": True}
+    generate_jsonl(model, tok, inp, tmp_path / "sampled.jsonl", progress=False, seed=1, temperature=0.5, **sampled)
+    out.write_text((tmp_path / "sampled.jsonl").read_text().splitlines(True)[0])
+    with pytest.raises(ValueError, match="made with other settings than this run's"):
+        generate_jsonl(model, tok, inp, out, progress=False, seed=1, temperature=0.7, **sampled)
+
+
 def test_resume_refuses_another_chat_template_for_conversation_lines(llama, tmp_path, caplog):
     """`{"messages": [...]}` lines are rendered with the chat template whether or not `chat` is set, but the template
     was part of the settings only with `chat=True`: a job of conversations resumed with another template (`--tokenizer`

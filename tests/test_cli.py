@@ -446,6 +446,10 @@ def test_sampling_options_without_sampling_are_warned_about_once(split_dir, tmp_
         if job:
             out = json.loads((tmp_path / "out.jsonl").read_text())["completion"]
             assert out.strip() == _greedy_text(ckpt, "hi", 2).strip()
+            # (ignored, they are no setting of the job: it resumes without them, as it would without `--seed`)
+            (tmp_path / "in.jsonl").write_text('{"id": "a", "prompt": "hi"}\n{"id": "b", "prompt": "yo"}\n')
+            assert main(argv) == 0
+            assert json.loads(capsys.readouterr().err.splitlines()[-1])["skipped"] == 1
         else:
             assert out.startswith("hi") and out[2:].strip() == _greedy_text(ckpt, "hi", 2).strip()
             assert main([*argv, "--top-p", "0.9"]) == 0
