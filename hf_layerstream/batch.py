@@ -223,15 +223,43 @@ def _encode(tokenizer, prompt: str | list, chat: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def _pad_token_id(model: nn.Module, tokenizer, generate_kwargs: dict) -> int:
-    for value in (
-        generate_kwargs.get("pad_token_id"),
-        getattr(generate_kwargs.get("generation_config"), "pad_token_id", None),
-        getattr(tokenizer, "pad_token_id", None),
-        getattr(getattr(model, "generation_config", None), "pad_token_id", None),
+def _pad_token_id(model: nn.Module, tokenizer, generate_kwargs: dict, batched: bool = True) -> int:
+    """The id batches are left-padded with (and `generate` fills finished rows with). `batched` (several prompts per
+    call): one that is not a token of the model (a padding token added to the tokenizer without resizing the model's
+    embeddings, a `-1` in a config) is refused, as the model runs the padding: padded rows failed in the embedding
+    with torch's "IndexError: index out of range in self" (on a GPU a device-side assert), though each prompt alone,
+    unpadded, generates."""
+    for where, value in (
+        ("`pad_token_id`", generate_kwargs.get("pad_token_id")),
+        (
+            "the `generation_config`'s `pad_token_id`",
+            getattr(generate_kwargs.get("generation_config"), "pad_token_id", None),
+        ),
+        ("the tokenizer's `pad_token_id`", getattr(tokenizer, "pad_token_id", None)),
+        (
+            "the model's `generation_config.pad_token_id`",
+            getattr(getattr(model, "generation_config", None), "pad_token_id", None),
+        ),
     ):
         if value is not None:
-            return int(value)
+            value = int(value)
+            size = vocabulary_overrun(model, value)
+            if batched and (value < 0 or size is not None):
+                eos = eos_token_ids(model, tokenizer, generate_kwargs)
+                raise ValueError(
+                    f"Batched generation pads prompts with {where}, {value}, which is not a token of "
+                    f"{type(model).__name__}'s vocabulary"
+                    + (
+                        f" of {size} tokens (a padding token added to the tokenizer without resizing the model's "
+                        "embeddings?)"
+                        if size is not None
+                        else ""
+                    )
+                    + ": the padded rows would fail in the embedding. Pass `pad_token_id=` a token of the model"
+                    + (f" (its end-of-sequence id, {min(eos)}, as `generate` pads without one)" if eos else "")
+                    + "."
+                )
+            return value
     eos = eos_token_ids(model, tokenizer, generate_kwargs)
     if eos:
         return min(eos)
@@ -519,7 +547,7 @@ def _run(
             + (f"pass `max_new_tokens` {room} or less, or " if room >= 1 else "")
             + "shorten the prompt (or leave it out); nothing was generated."
         )
-    pad_id = _pad_token_id(model, tokenizer, generate_kwargs)
+    pad_id = _pad_token_id(model, tokenizer, generate_kwargs, batched=batch_size > 1 and len(prompts) > 1)
     eos_ids = eos_token_ids(model, tokenizer, generate_kwargs)
     kwargs = dict(generate_kwargs)
     if "pad_token_id" not in kwargs:
