@@ -508,6 +508,37 @@ def _as_tensor(name: str, value) -> torch.Tensor:
         ) from e
 
 
+def _refuse_what_the_model_cannot_run(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int | None) -> None:
+    """`measure_sweeps`' `input_ids`, refused before anything is generated where the model cannot run them, as
+    `generate_batch` refuses such prompts: no token (torch's "cannot reshape tensor of 0 elements"), an id that is not a
+    row of the embedding (another tokenizer's, or a negative one: torch's bare "IndexError: index out of range in
+    self", on a GPU a device-side assert), or a prompt and `max_new_tokens` running past a learned position table."""
+    from .modeling import position_overrun, vocabulary_overrun
+
+    if input_ids.numel() == 0:
+        raise ValueError(
+            f"`input_ids` holds no token (shape {tuple(input_ids.shape)}); give a prompt of at least one token."
+        )
+    smallest, largest = int(input_ids.min()), int(input_ids.max())
+    size = vocabulary_overrun(model, largest)
+    if smallest < 0 or size is not None:
+        which = smallest if smallest < 0 else largest
+        raise ValueError(
+            f"`input_ids` holds token id {which}, which is not a token of {type(model).__name__}'s vocabulary"
+            + (f" of {size} tokens: the ids are not from this model's tokenizer" if size is not None else "")
+            + "; nothing was generated."
+        )
+    overrun = position_overrun(model, input_ids.shape[1], max_new_tokens) if max_new_tokens is not None else None
+    if overrun is not None:
+        (limit, room), n = overrun, input_ids.shape[1]
+        raise ValueError(
+            f"`input_ids` ({n} tokens) and `max_new_tokens` {max_new_tokens} run past the {limit} positions of "
+            f"{type(model).__name__}'s learned position table (`max_position_embeddings`): "
+            + (f"pass `max_new_tokens` {room} or less, or " if room >= 1 else "")
+            + "shorten the prompt; nothing was generated."
+        )
+
+
 def measure_sweeps(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -528,7 +559,8 @@ def measure_sweeps(
         model (`transformers.PreTrainedModel`):
             The (streamed) model, the verifier when speculating.
         input_ids (`torch.LongTensor` of shape `(batch, length)`, or a 1-D tensor / list of ids for one prompt):
-            Prompt ids; a batch must be left-padded (and should come with `attention_mask`).
+            Prompt ids; a batch must be left-padded (and should come with `attention_mask`). Ids the model cannot
+            run (none, one past its vocabulary, a prompt and `max_new_tokens` past a learned position table) are refused.
         attention_mask (`torch.Tensor` or list, *optional*):
             Of the shape of `input_ids` (1-D for one prompt too). Defaults to what `generate` infers from the padding (`pad_token_id`), as for a plain `generate` call.
         assistant_model (`transformers.PreTrainedModel`, *optional*):
@@ -596,6 +628,7 @@ def measure_sweeps(
                 f"`attention_mask` must have the shape of `input_ids`, {tuple(input_ids.shape)}, got "
                 f"{tuple(attention_mask.shape)}."
             )
+    _refuse_what_the_model_cannot_run(model, input_ids, max_new_tokens)
     device = model.device
     input_ids = input_ids.to(device)
     # (none given: `generate` infers it from `pad_token_id`, as for a plain call; all ones attended to the padding)

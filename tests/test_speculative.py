@@ -254,6 +254,36 @@ def test_ids_that_are_not_token_ids_are_refused_naming_the_argument(setup):
     assert measure_sweeps(model, [[1, 2]], attention_mask=[[1, 1]], max_new_tokens=1)["tokens"] == 1
 
 
+def test_ids_the_model_cannot_run_are_refused_before_generating(setup, checkpoints):
+    """`generate_batch` refuses a prompt the model cannot run before generating; `measure_sweeps` ended deep inside
+    instead: an id past the vocabulary (another tokenizer's) or a negative one in torch's bare "IndexError: index out
+    of range in self" (on a GPU a device-side assert), no token in "cannot reshape tensor of 0 elements", and a
+    prompt with `max_new_tokens` past a learned position table (GPT-2's) in the same IndexError. Each is refused,
+    naming `input_ids` and what to do; what fits still runs."""
+    model, tok, *_ = setup
+    size = _models.VOCAB_SIZE
+    message = rf"^`input_ids` holds token id {size}, which is not a token of LlamaForCausalLM's vocabulary of {size} "
+    with pytest.raises(ValueError, match=message + r"tokens: the ids are not from this model's tokenizer; nothing"):
+        measure_sweeps(model, [[1, 5, size]], max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"^`input_ids` holds token id -1, which is not a token of LlamaForCausal"):
+        measure_sweeps(model, [[1, -1, 5]], max_new_tokens=2)
+    for empty in ([], torch.zeros((0, 3), dtype=torch.long)):
+        with pytest.raises(ValueError, match=r"^`input_ids` holds no token \(shape \((1, 0|0, 3)\)\); give a prompt"):
+            measure_sweeps(model, empty, max_new_tokens=2)
+    ckpt, shards = checkpoints("gpt2")
+    gpt2 = streamed_model(ckpt, shards, **STREAM_ALL)
+    prompt = [[1] * (_models.MAX_POSITIONS - 6)]
+    message = (
+        rf"^`input_ids` \({len(prompt[0])} tokens\) and `max_new_tokens` 20 run past the {_models.MAX_POSITIONS} "
+        r"positions of GPT2LMHeadModel's learned position table \(`max_position_embeddings`\): pass `max_new_tokens` 7 "
+        "or less"
+    )
+    with pytest.raises(ValueError, match=message):
+        measure_sweeps(gpt2, prompt, max_new_tokens=20)
+    assert measure_sweeps(gpt2, prompt, max_new_tokens=7, min_new_tokens=7)["tokens"] == 7
+    assert measure_sweeps(model, [[1, 5, size - 1]], max_new_tokens=2)["tokens"] == 2
+
+
 def test_a_draft_that_is_not_a_model_is_refused_naming_it(setup):
     """`assistant_model="org/draft"` (the draft's id, not the model) failed inside transformers' `generate` with
     "'str' object has no attribute 'config'", naming no argument (`generate_batch` first warned that it would use
