@@ -345,6 +345,10 @@ def _describe(value: Any, depth: int = 0, *, legacy: bool = False) -> Any:
     if isinstance(value, torch.Tensor):
         data = value.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
         return {"tensor": str(value.dtype), "shape": list(value.shape), "sha256": hashlib.sha256(data).hexdigest()}
+    if getattr(value, "shape", None) == () and callable(getattr(value, "item", None)):
+        # a NumPy number (`max_new_tokens=np.int64(64)`, `temperature=np.float32(0.7)`): by its value, as Python's (by
+        # its type's name, "int64", a resume with another one was taken, the results mixing)
+        return _describe(value.item(), depth)
     if isinstance(value, (type, types.FunctionType, types.MethodType, types.BuiltinFunctionType)) or depth >= 2:
         return name
     state = getattr(value, "__dict__", None)

@@ -1104,6 +1104,26 @@ def test_resume_refuses_other_settings(llama, tmp_path, caplog):
     assert stats["skipped"] == 1 and "have no `settings_sha256`" in caplog.text
 
 
+def test_resume_refuses_other_settings_given_as_numpy_numbers(llama, tmp_path):
+    """A generation setting given as a NumPy number (`max_new_tokens=np.int64(3)`, read from an array) went into the
+    settings' fingerprint by its type's name, "int64": a resume with another value was taken, the results mixing (3
+    tokens for the first prompt, 5 for the others). By its value: another one is refused, and the same one given as
+    Python's number resumes."""
+    np = pytest.importorskip("numpy")
+    model, tok, _ = llama
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in enumerate(PROMPTS[:3])))
+    straight = tmp_path / "straight.jsonl"
+    generate_jsonl(model, tok, inp, straight, batch_size=2, progress=False, max_new_tokens=np.int64(3))
+    first = straight.read_text().splitlines(True)[0]
+    out.write_text(first)  # as if killed after the first prompt
+    with pytest.raises(ValueError, match="made with other settings than this run's"):
+        generate_jsonl(model, tok, inp, out, batch_size=2, progress=False, max_new_tokens=np.int64(5))
+    assert out.read_text() == first
+    stats = generate_jsonl(model, tok, inp, out, batch_size=2, progress=False, max_new_tokens=3)
+    assert stats["skipped"] == 1 and out.read_text() == straight.read_text()
+
+
 def test_resume_refuses_another_seed_of_a_sampled_job(llama, tmp_path, caplog, capsys):
     """A sampled job's seed (`seed=`, `generate --seed`) was not one of its settings: a resume with another seed mixed
     its samples with the first run's, silently. It is now, for sampled jobs only (greedy results do not depend on it);
