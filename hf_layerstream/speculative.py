@@ -33,7 +33,7 @@ import logging
 import numbers
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -232,13 +232,27 @@ def _require_model(model) -> None:
         )
 
 
+def _given_generation_config(generate_kwargs: dict) -> GenerationConfig | None:
+    """The `generation_config` of `generate_kwargs`, checked: another object than a `GenerationConfig` (its settings as
+    a dict) failed in attribute lookups, "'dict' object has no attribute 'num_return_sequences'", naming no
+    argument."""
+    given = generate_kwargs.get("generation_config")
+    if given is not None and not isinstance(given, GenerationConfig):
+        hint = ": make one of it, `GenerationConfig(**generation_config)`" if isinstance(given, Mapping) else ""
+        raise TypeError(
+            f"`generation_config` must be a transformers `GenerationConfig`, got {type(given).__name__}{hint}, or "
+            "pass its settings as keyword arguments (`max_new_tokens=...`)."
+        )
+    return given
+
+
 def _generation_config(model: nn.Module, generate_kwargs: dict) -> GenerationConfig:
     """The settings a `model.generate(**generate_kwargs)` call runs with, as `generate` works them out.
 
     A copy of `generation_config` (the model's own when none is given; the model's values fill what a given one
     leaves unset), updated with the keyword arguments that are generation settings.
     """
-    given = generate_kwargs.get("generation_config")
+    given = _given_generation_config(generate_kwargs)
     own = getattr(model, "generation_config", None)
     config = copy.deepcopy(given if given is not None else own if own is not None else GenerationConfig())
     if given is not None and own is not None:
@@ -585,7 +599,7 @@ def measure_sweeps(
         prompt, or `num_return_sequences` per prompt in its order).
     """
     _require_model(model)
-    given = generate_kwargs.get("generation_config")
+    given = _given_generation_config(generate_kwargs)
     # (a length the call sets otherwise is kept: 32 in its place gave another number of tokens, without a word)
     length_given = "max_length" in generate_kwargs or any(
         getattr(given, name, None) is not None for name in ("max_new_tokens", "max_length")

@@ -284,6 +284,22 @@ def test_ids_the_model_cannot_run_are_refused_before_generating(setup, checkpoin
     assert measure_sweeps(model, [[1, 5, size - 1]], max_new_tokens=2)["tokens"] == 2
 
 
+def test_a_generation_config_that_is_not_one_is_refused_naming_it(setup, tmp_path):
+    """`generation_config={"max_new_tokens": 4}` (its settings as a dict) failed in an attribute lookup, "'dict' object
+    has no attribute 'num_return_sequences'" (`measure_sweeps`: "... 'max_new_tokens'"), naming no argument. Refused
+    first, naming it and how to make one; a job leaves no output file."""
+    model, tok, *_ = setup
+    message = r"^`generation_config` must be a transformers `GenerationConfig`, got dict: make one of it, `Generation"
+    with pytest.raises(TypeError, match=message):
+        measure_sweeps(model, [[1, 5, 6]], generation_config={"max_new_tokens": 4})
+    with pytest.raises(TypeError, match=message):
+        generate_batch(model, tok, ["Hello"], progress=False, generation_config={"max_new_tokens": 4})
+    (tmp_path / "in.jsonl").write_text('{"id": 1, "prompt": "Hello"}\n')
+    with pytest.raises(TypeError, match=r"^`generation_config` must be a transformers `GenerationConfig`, got str, or"):
+        generate_jsonl(model, tok, tmp_path / "in.jsonl", tmp_path / "out.jsonl", generation_config="greedy")
+    assert not (tmp_path / "out.jsonl").exists()
+
+
 def test_a_draft_that_is_not_a_model_is_refused_naming_it(setup):
     """`assistant_model="org/draft"` (the draft's id, not the model) failed inside transformers' `generate` with
     "'str' object has no attribute 'config'", naming no argument (`generate_batch` first warned that it would use
