@@ -522,18 +522,34 @@ def _as_tensor(name: str, value) -> torch.Tensor:
         ) from e
 
 
+# the config attributes naming a multimodal placeholder token, which the model replaces before its embedding
+_PLACEHOLDER_NAMES = ("image_token_id", "image_token_index", "video_token_id", "video_token_index", "audio_token_id")
+
+
 def _refuse_what_the_model_cannot_run(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int | None) -> None:
     """`measure_sweeps`' `input_ids`, refused before anything is generated where the model cannot run them, as
     `generate_batch` refuses such prompts: no token (torch's "cannot reshape tensor of 0 elements"), an id that is not a
     row of the embedding (another tokenizer's, or a negative one: torch's bare "IndexError: index out of range in
-    self", on a GPU a device-side assert), or a prompt and `max_new_tokens` running past a learned position table."""
+    self", on a GPU a device-side assert; a placeholder its config names, `image_token_id` and the like, is left to the
+    model), or a prompt and `max_new_tokens` running past a learned position table."""
     from .modeling import position_overrun, vocabulary_overrun
 
     if input_ids.numel() == 0:
         raise ValueError(
             f"`input_ids` holds no token (shape {tuple(input_ids.shape)}); give a prompt of at least one token."
         )
-    smallest, largest = int(input_ids.min()), int(input_ids.max())
+    # (a vision-language model's image or video placeholder may lie past the embedding: Gemma-3 and PaliGemma map it
+    # to a token before embedding it)
+    config = getattr(model, "config", None)
+    placeholders = sorted(
+        {v for k, v in vars(config).items() if k.endswith(_PLACEHOLDER_NAMES) and _is_int(v)} if config else ()
+    )
+    ids = (
+        input_ids[~torch.isin(input_ids, torch.tensor(placeholders, device=input_ids.device))]
+        if placeholders
+        else input_ids
+    )
+    smallest, largest = (int(ids.min()), int(ids.max())) if ids.numel() else (0, 0)
     size = vocabulary_overrun(model, largest)
     if smallest < 0 or size is not None:
         which = smallest if smallest < 0 else largest

@@ -856,6 +856,29 @@ def test_vision_language_models_stream_their_language_model(tmp_path, model_type
         assert not torch.equal(streamed(**text_only).logits[:, -1], first_step)
 
 
+def test_measure_sweeps_leaves_an_image_placeholder_past_the_vocabulary_to_the_model(tmp_path):
+    """PaliGemma (and Gemma-3) replace an image placeholder lying past the embedding (`image_token_index` equal to the
+    text vocabulary's size) before embedding their ids: `measure_sweeps` refused such a prompt as holding "token id
+    160, which is not a token of PaliGemmaForConditionalGeneration's vocabulary". The placeholder is left to the
+    model: the loaded model's tokens; another id past the vocabulary is still refused."""
+    from transformers import AutoModelForImageTextToText
+
+    from hf_layerstream.speculative import measure_sweeps
+
+    config, inputs = _vision_language("paligemma")
+    config.image_token_index = size = config.text_config.vocab_size
+    ids = torch.where(inputs["input_ids"] == _IMAGE, size, inputs["input_ids"])
+    _save_vision_language(config, tmp_path / "checkpoint")
+    ref = _models.load_reference(tmp_path / "checkpoint", auto_class=AutoModelForImageTextToText)
+    streamed = _streamed_vision_language(split_checkpoint(tmp_path / "checkpoint", tmp_path / "shards", progress=False))
+    kw = {"attention_mask": inputs["attention_mask"], "pixel_values": inputs["pixel_values"], "max_new_tokens": 3}
+    with torch.no_grad():
+        expected = ref.generate(ids, do_sample=False, **kw)[:, ids.shape[1] :].tolist()
+    assert measure_sweeps(streamed, ids, **kw)["output_ids"] == expected
+    with pytest.raises(ValueError, match=rf"^`input_ids` holds token id {size + 1}, which is not a token of PaliGemma"):
+        measure_sweeps(streamed, torch.where(ids == 5, size + 1, ids), **kw)
+
+
 def _llama4_config():
     _skip_unless_known("llama4")
     vision = {"hidden_size": 32, "intermediate_size": 128, "num_attention_heads": 2, "num_hidden_layers": 2}
