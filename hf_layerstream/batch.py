@@ -225,47 +225,62 @@ def _encode(tokenizer, prompt: str | list, chat: bool) -> list[int]:
 
 def _pad_token_id(model: nn.Module, tokenizer, generate_kwargs: dict, batched: bool = True) -> int:
     """The id batches are left-padded with (and `generate` fills finished rows with). `batched` (several prompts per
-    call): one that is not a token of the model (a padding token added to the tokenizer without resizing the model's
-    embeddings, a `-1` in a config) is refused, as the model runs the padding: padded rows failed in the embedding
-    with torch's "IndexError: index out of range in self" (on a GPU a device-side assert), though each prompt alone,
-    unpadded, generates."""
-    for where, value in (
-        ("`pad_token_id`", generate_kwargs.get("pad_token_id")),
+    call): the model runs the padding, so an id that is not a token of the model (a padding token added to the
+    tokenizer without resizing the model's embeddings, a `-1` in a config) failed in the embedding with torch's
+    "IndexError: index out of range in self" (on a GPU a device-side assert), though each prompt alone, unpadded,
+    generates. One given (`pad_token_id=`, or in a `generation_config` given) is refused; the tokenizer's or the
+    model's own is passed over for the next, with a warning (the padding is masked: the completions are the same)."""
+    skipped = None
+    for where, value, given in (
+        ("`pad_token_id`", generate_kwargs.get("pad_token_id"), True),
         (
             "the `generation_config`'s `pad_token_id`",
             getattr(generate_kwargs.get("generation_config"), "pad_token_id", None),
+            True,
         ),
-        ("the tokenizer's `pad_token_id`", getattr(tokenizer, "pad_token_id", None)),
+        ("the tokenizer's `pad_token_id`", getattr(tokenizer, "pad_token_id", None), False),
         (
             "the model's `generation_config.pad_token_id`",
             getattr(getattr(model, "generation_config", None), "pad_token_id", None),
+            False,
         ),
     ):
-        if value is not None:
-            value = int(value)
-            size = vocabulary_overrun(model, value)
-            if batched and (value < 0 or size is not None):
-                eos = eos_token_ids(model, tokenizer, generate_kwargs)
-                raise ValueError(
-                    f"Batched generation pads prompts with {where}, {value}, which is not a token of "
-                    f"{type(model).__name__}'s vocabulary"
-                    + (
-                        f" of {size} tokens (a padding token added to the tokenizer without resizing the model's "
-                        "embeddings?)"
-                        if size is not None
-                        else ""
-                    )
-                    + ": the padded rows would fail in the embedding. Pass `pad_token_id=` a token of the model"
-                    + (f" (its end-of-sequence id, {min(eos)}, as `generate` pads without one)" if eos else "")
-                    + "."
-                )
+        if value is None:
+            continue
+        value = int(value)
+        size = vocabulary_overrun(model, value)
+        if not batched or (value >= 0 and size is None):
+            if skipped is not None:
+                logger.warning("%s; padding with %d instead (masked: the same completions).", skipped, value)
             return value
+        problem = f"{where[0].upper()}{where[1:]}, {value}, is not a token of {type(model).__name__}'s vocabulary" + (
+            f" of {size} tokens (a padding token added to the tokenizer without resizing the model's embeddings?)"
+            if size is not None
+            else ""
+        )
+        if given:
+            eos = eos_token_ids(model, tokenizer, generate_kwargs)
+            raise ValueError(
+                f"{problem}: batched generation pads prompts with it, and the padded rows would fail in the "
+                "embedding. Pass `pad_token_id=` a token of the model"
+                + (f" (its end-of-sequence id, {min(eos)}, as `generate` pads without one)" if eos else "")
+                + "."
+            )
+        skipped = skipped or problem
     eos = eos_token_ids(model, tokenizer, generate_kwargs)
     if eos:
+        if skipped is not None:
+            logger.warning(
+                "%s; padding with the end-of-sequence id %d instead (masked: the same completions).", skipped, min(eos)
+            )
         return min(eos)
     raise ValueError(
-        "Batched generation needs a padding token and neither the tokenizer nor the model defines one (nor an "
-        "end-of-sequence token). Pass `pad_token_id=...` or set `tokenizer.pad_token`."
+        (
+            "Batched generation needs a padding token and neither the tokenizer nor the model defines one"
+            if skipped is None
+            else f"{skipped}, and batched generation needs a padding token the model has"
+        )
+        + " (nor an end-of-sequence token). Pass `pad_token_id=...` or set `tokenizer.pad_token`."
     )
 
 

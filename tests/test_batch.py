@@ -627,32 +627,34 @@ def test_the_padding_id_travels_inside_a_given_generation_config(llama, monkeypa
     assert got == [_text(tok, _alone(model, tok, tok(p)["input_ids"])[:3]) for p in PROMPTS[:2]]
 
 
-def test_a_padding_id_the_model_has_no_token_for_is_refused_naming_it(llama):
+def test_a_padding_id_the_model_has_no_token_for(llama, caplog):
     """A padding token added to the tokenizer without resizing the model's embeddings (`add_special_tokens({"pad_token":
     "[PAD]"})`, a recipe for tokenizers without one), or a `-1` in a config: each prompt alone generated, but a batch
     failed in the embedding with torch's bare "IndexError: index out of range in self" (on a GPU a device-side
-    assert). Refused before anything is generated, naming the padding id and the fix; one prompt per call still
-    generates (nothing is padded)."""
+    assert). The tokenizer's is passed over for the model's own padding id, with a warning naming it (the padding is
+    masked: each prompt gets what it gets alone; `generate --input` has no option to name another); one given
+    (`pad_token_id=`, or in a `generation_config`) is refused before anything is generated, naming it and the fix."""
     model, tok, _ = llama
     padded = copy.deepcopy(tok)
     padded.add_tokens([f"<extra_{i}>" for i in range(_models.VOCAB_SIZE - len(padded))], special_tokens=True)
     padded.add_special_tokens({"pad_token": "[PAD]"})
     assert padded.pad_token_id >= _models.VOCAB_SIZE  # (the premise: no row of the embedding)
-    message = (
-        rf"^Batched generation pads prompts with the tokenizer's `pad_token_id`, {padded.pad_token_id}, which is not a "
-        rf"token of LlamaForCausalLM's vocabulary of {_models.VOCAB_SIZE} tokens .*Pass `pad_token_id=` a token of the "
-        rf"model \(its end-of-sequence id, {tok.eos_token_id}, "
-    )
-    with pytest.raises(ValueError, match=message):
-        generate_batch(model, padded, PROMPTS[:3], batch_size=3, progress=False, **GREEDY)
-    with pytest.raises(ValueError, match=r"^Batched generation pads prompts with `pad_token_id`, -1, which is not a"):
-        generate_batch(model, tok, PROMPTS[:3], batch_size=3, progress=False, pad_token_id=-1, **GREEDY)
     expected = [_text(tok, _alone(model, tok, tok(p)["input_ids"])) for p in PROMPTS[:3]]
+    with caplog.at_level(logging.WARNING, logger="hf_layerstream.batch"):
+        assert generate_batch(model, padded, PROMPTS[:3], batch_size=3, progress=False, **GREEDY) == expected
+    assert (
+        f"The tokenizer's `pad_token_id`, {padded.pad_token_id}, is not a token of LlamaForCausalLM's vocabulary of "
+        f"{_models.VOCAB_SIZE} tokens (a padding token added to the tokenizer without resizing the model's "
+        f"embeddings?); padding with {model.generation_config.pad_token_id} instead"
+    ) in caplog.text
+    message = r"^`pad_token_id`, -1, is not a token of LlamaForCausalLM's vocabulary: batched generation pads prompts"
+    with pytest.raises(ValueError, match=message + rf".*\(its end-of-sequence id, {tok.eos_token_id}, as `generate`"):
+        generate_batch(model, tok, PROMPTS[:3], batch_size=3, progress=False, pad_token_id=-1, **GREEDY)
+    given = GenerationConfig(pad_token_id=_models.VOCAB_SIZE, **GREEDY)
+    message = rf"^The `generation_config`'s `pad_token_id`, {_models.VOCAB_SIZE}, is not a token of LlamaForCausalLM"
+    with pytest.raises(ValueError, match=message):
+        generate_batch(model, tok, PROMPTS[:3], batch_size=3, progress=False, generation_config=given)
     assert generate_batch(model, padded, PROMPTS[:3], batch_size=1, progress=False, **GREEDY) == expected
-    fixed = generate_batch(
-        model, padded, PROMPTS[:3], batch_size=3, progress=False, pad_token_id=tok.eos_token_id, **GREEDY
-    )
-    assert fixed == expected
 
 
 def test_a_generate_call_returning_more_sequences_than_prompts_is_refused(llama, monkeypatch):
