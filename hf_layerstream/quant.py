@@ -587,12 +587,19 @@ def quantize_tensor(tensor: torch.Tensor, scheme: QuantScheme) -> tuple[dict[str
         (`{part: {"shape", "dtype"}}`).
 
     Raises:
+        `TypeError`: `tensor` is not a `torch.Tensor` or `scheme` is not a [`QuantScheme`].
         `ValueError`: Unsupported dtype, empty tensor, meta tensor or non-finite values.
     """
     if not isinstance(tensor, torch.Tensor):
-        raise ValueError(f"quantize_tensor expects a torch.Tensor, got {type(tensor).__name__}.")
+        raise TypeError(
+            f"quantize_tensor expects a torch.Tensor, got {type(tensor).__name__}; convert it first "
+            "(torch.as_tensor(...))."
+        )
     if not isinstance(scheme, QuantScheme):
-        raise ValueError(f"quantize_tensor expects a QuantScheme, got {type(scheme).__name__}.")
+        raise TypeError(
+            f"quantize_tensor expects a QuantScheme, got {type(scheme).__name__}; build one "
+            "(QuantScheme(4), QuantScheme.from_dict(...) or resolve_compression('4bit'))."
+        )
     if tensor.dtype not in _BNB_DTYPES:
         raise ValueError(
             f"quantize_tensor supports {sorted(_FLOAT_DTYPES)} tensors, got {_dtype_name(tensor.dtype)}; "

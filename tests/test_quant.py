@@ -407,6 +407,18 @@ def test_quantize_rejects_bad_input():
     assert not isinstance(other.value, NonFiniteError)
 
 
+def test_quantize_rejects_wrong_types_with_type_error():
+    """A wrong type is a TypeError (as in the rest of the public API), not a ValueError, and says what to pass."""
+    for tensor, scheme, match in [
+        ([[1.0, 2.0]], NF4, "expects a torch.Tensor, got list"),
+        (np.zeros((64, 64), dtype=np.float32), NF4, "expects a torch.Tensor, got ndarray"),
+        (torch.zeros(64, 64), "4bit", "expects a QuantScheme, got str"),
+        (torch.zeros(64, 64), {"bits": 4}, "expects a QuantScheme, got dict"),
+    ]:
+        with pytest.raises(TypeError, match=match):
+            quantize_tensor(tensor, scheme)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
 def test_all_finite_finds_one_nan_or_inf_anywhere(dtype):
     """`all_finite` (one `aminmax`, not a boolean tensor of the weight's size) says what `torch.isfinite(t).all()`
