@@ -165,14 +165,22 @@ class StreamingState:
 
 
 def _require_module(model) -> None:
-    """`model` of `disable_layer_streaming` and `attaching_adapters`: something else than a model (None, the shard
-    directory's path) was told "Layer streaming is not enabled on this model", a ValueError for a wrong type."""
+    """`model` of `disable_layer_streaming`, `attaching_adapters` and `get_streaming_state`: something else than a model
+    (None, the shard directory's path, a `pipeline`) was told "Layer streaming is not enabled on this model", a
+    ValueError for a wrong type (`get_streaming_state` returned `None`, as for a model not streaming)."""
     if not isinstance(model, nn.Module):
-        raise TypeError(f"`model` must be a transformers model (a torch.nn.Module), got {type(model).__name__}.")
+        # (a `pipeline` holds the model: named, as the object to pass)
+        held = "; pass its `.model`" if isinstance(getattr(model, "model", None), nn.Module) else ""
+        raise TypeError(f"`model` must be a transformers model (a torch.nn.Module), got {type(model).__name__}{held}.")
 
 
 def get_streaming_state(model: nn.Module) -> StreamingState | None:
-    """The [`StreamingState`] of a model with layer streaming enabled, else `None`."""
+    """The [`StreamingState`] of a model with layer streaming enabled, else `None`.
+
+    Raises:
+        `TypeError`: `model` is not a model (a `torch.nn.Module`): a `pipeline`'s is its `.model`.
+    """
+    _require_module(model)
     return getattr(model, _STATE_ATTR, None)
 
 

@@ -2340,6 +2340,31 @@ def test_an_argument_of_another_type_is_a_type_error_and_a_bad_value_of_its_type
         assert not isinstance(e.value, ValueError)
 
 
+def test_get_streaming_state_of_something_else_than_a_model_is_a_type_error(checkpoints):
+    """`get_streaming_state` took anything and returned `None`, as for a model not streaming: passed a `pipeline` (or
+    the shard directory's path), the caller read "streaming is not enabled", where the other public functions raise
+    `TypeError` for a `model` of another type. A model not streaming still gives `None`."""
+    from types import SimpleNamespace
+
+    _, shards = checkpoints("llama")
+    model = _llama_model()
+    for value, name in ((None, "NoneType"), (str(shards), "str"), (shards, type(shards).__name__)):
+        with pytest.raises(
+            TypeError, match=rf"^`model` must be a transformers model \(a torch.nn.Module\), got {name}\.$"
+        ):
+            get_streaming_state(value)
+    pipe = SimpleNamespace(model=model)  # (what a `pipeline` holds the model as)
+    with pytest.raises(TypeError, match=r"got SimpleNamespace; pass its `\.model`\.$"):
+        get_streaming_state(pipe)
+    with pytest.raises(TypeError, match=r"pass its `\.model`"):
+        disable_layer_streaming(pipe)
+    assert get_streaming_state(model) is None
+    enable_layer_streaming(model, shards, device="cpu")
+    assert get_streaming_state(model) is not None and get_streaming_state(model).shard_dir.path == shards
+    disable_layer_streaming(model)
+    assert get_streaming_state(model) is None
+
+
 def test_an_empty_path_is_refused_not_read_as_the_current_directory(checkpoints, tmp_path, monkeypatch):
     """pathlib reads "" as "." (an unset variable's path): `split_checkpoint(source, "", overwrite=True)` wrote its
     config.json and layers into the current directory, and `enable_layer_streaming(model, "")` said the current
