@@ -763,7 +763,9 @@ def dequantize_tensor(
 
     On CPU the native kernel releases the GIL (the Python around it needs it a few times per call) and is
     memory-bound: a 2048x5632 matrix decodes in ~11 ms (nf4 or 8-bit -> bf16, 2 cores; ~21 ms on one), about 7x a
-    plain bf16 copy of the same matrix, and ~27 ms to float32. Fixed cost is ~60-80 us per call.
+    plain bf16 copy of the same matrix, and ~27 ms to float32. Fixed cost is ~60-80 us per call. Double-quantized
+    scales are decoded on CPU into buffers the calling thread keeps and reuses (4 + 4 bytes per block of the largest
+    weight it has decoded), not allocated for every weight.
 
     Args:
         parts (`Mapping[str, torch.Tensor]`): `{"qdata": ..., "absmax": ...}` (and `"absmax2"`, double-quantized) as
