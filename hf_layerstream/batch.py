@@ -27,12 +27,13 @@ Output JSONL: one line per prompt,
 `finish_reason` is `"stop"` (an end-of-sequence token, a stop string of `stop_strings=` or a stopping criterion of
 `stopping_criteria=`) or `"length"` (`max_new_tokens` reached); `completion_tokens` counts the end-of-sequence token
 (the completion leaves it out, but keeps a stop string); `prompt_sha256` identifies the prompt and
-`settings_sha256` the settings (`chat`, the generation settings that change what is generated, from the keyword
-arguments and the generation config, and a sampled job's `seed`) and `model_sha256` the model (a streamed model's
+`settings_sha256` the settings (`chat`, the tokenizer, as it serializes its vocabulary, added tokens and
+normalization, the generation settings that change what is generated, from the keyword arguments and the generation
+config, and a sampled job's `seed`) and `model_sha256` the model (a streamed model's
 shard files as its manifest records them, else its `name_or_path` and size; the dtype of its parameters; the PEFT
 adapters attached, with their weights), so a rerun against a different input file, with other settings or with
 another model is refused instead of mixing results. Results written by an older hf_layerstream, which record no
-settings or no model, resume with a warning.
+settings, no tokenizer or no model, resume with a warning.
 
 Order and crash safety. Prompts are sorted by token length (longest first) so that each batch holds prompts of
 similar length and little padding; greedy results do not depend on the batch. Each finished batch is appended to
@@ -372,6 +373,31 @@ def _describe(value: Any, depth: int = 0, *, legacy: bool = False) -> Any:
     return {"type": name, "state": _describe({k: v for k, v in state.items() if not k.startswith("_")}, depth + 1)}
 
 
+def _tokenizer_digest(tokenizer) -> str:
+    """A fingerprint of how `tokenizer` tokenizes (and decodes): a fast tokenizer's serialization (its vocabulary,
+    merges, added tokens, normalizer, pre-tokenizer, post-processor and decoder, as `tokenizer.json` holds them; not
+    its truncation and padding, which each call sets), else its class, vocabulary and added tokens (and a
+    SentencePiece model's bytes). The same tokenizer loaded again, in another process, has the same one; not its
+    folder's path (the same files elsewhere are the same tokenizer)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if callable(getattr(backend, "to_str", None)):
+        identity: Any = json.loads(backend.to_str())
+        identity.pop("truncation", None)
+        identity.pop("padding", None)
+    else:
+        vocab = tokenizer.get_vocab() if callable(getattr(tokenizer, "get_vocab", None)) else {}
+        added = getattr(tokenizer, "added_tokens_decoder", None)
+        sp_model = getattr(tokenizer, "sp_model", None)
+        proto = getattr(sp_model, "serialized_model_proto", None)
+        identity = {
+            "type": type(tokenizer).__qualname__,
+            "vocab": sorted((str(k), int(v)) for k, v in vocab.items()),
+            "added": sorted((int(k), repr(v)) for k, v in added.items()) if isinstance(added, dict) else None,
+            "sentencepiece": hashlib.sha256(proto()).hexdigest() if callable(proto) else None,
+        }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
 def _settings_digest(
     tokenizer,
     chat: bool,
@@ -382,6 +408,7 @@ def _settings_digest(
     prefill: bool = False,
     messages: bool = False,
     greedy_sampling: bool = False,
+    vocabulary: bool = False,
 ) -> str:
     """A fingerprint of what decides a job's results besides the prompt and the model: how prompts are rendered (the
     chat template's text, where `chat` or a conversation has it render them), the generation settings (not those
@@ -392,7 +419,9 @@ def _settings_digest(
     template renders whatever `chat` says (its text was left out then: a resume with another template mixed results).
     `legacy`: as hf_layerstream 0.1.0 made it (`chat` as a flag, see `_describe`). The sampling-only settings
     (`_SAMPLING_ONLY`) of a greedy job are left out, as its seed is (its results do not depend on them), unless
-    `legacy` or `greedy_sampling`: as the fingerprint was made before."""
+    `legacy` or `greedy_sampling`: as the fingerprint was made before. `vocabulary`: with the tokenizer's identity
+    (`_tokenizer_digest`), as a job's fingerprint has it now (without, as it was made before: a resume with another
+    tokenizer mixed results)."""
     sampling = config.do_sample is True or legacy or greedy_sampling
     generation = {
         k: v
@@ -414,6 +443,8 @@ def _settings_digest(
         settings["seed"] = seed
     if prefill:
         settings["prefill"] = "continue_final_message"
+    if vocabulary:
+        settings["tokenizer"] = _tokenizer_digest(tokenizer)
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -886,6 +917,7 @@ def _load_done(
     by_key: dict[str, _Prompt],
     settings: Collection[str],
     *,
+    untokenized: Collection[str] = (),
     unseeded: str | None = None,
     seed=None,
     untemplated: Collection[str] = (),
@@ -894,6 +926,8 @@ def _load_done(
     """Results already in `path`, by id key; drops a torn last line (a crash mid-write). Returns (done, repaired).
     `model`: this run's `_model_digest`s (as made now and by older versions); a result made by another model is
     refused, one that records none (written before it was recorded) taken, with a warning.
+    `untokenized`: the fingerprints of this run's settings without the tokenizer, which results written before it
+    was part of them carry (as do those `unseeded` and `untemplated` name): taken, with a warning.
     `unseeded`: for a sampled job given `seed`, the fingerprint of its settings without it, which results written
     before seeds were part of it carry: taken, with a warning. `untemplated`: for a job of conversations, the
     fingerprints of its settings without the chat template (with and without the seed), which results written before
@@ -910,6 +944,7 @@ def _load_done(
     seedless = 0
     templateless = 0
     modelless = 0
+    tokenless = 0
     while pos < len(data):
         nl = data.find(b"\n", pos)
         end = len(data) if nl < 0 else nl + 1
@@ -955,13 +990,15 @@ def _load_done(
             seedless += 1
         elif record["settings_sha256"] in untemplated:
             templateless += 1
-        elif record["settings_sha256"] not in settings:
+        elif record["settings_sha256"] not in settings and record["settings_sha256"] not in untokenized:
             raise ValueError(
                 f"`output_path` {path} has a result for id {record['id']!r} made with other settings than this "
-                "run's: `chat` (the chat template), `max_new_tokens`, another generation setting or the `seed` of a "
-                "sampled job differs, and the results would mix. Rerun with the settings of the run that wrote it, "
-                "or choose another `output_path`."
+                "run's: `chat` (the chat template), the tokenizer, `max_new_tokens`, another generation setting or "
+                "the `seed` of a sampled job differs, and the results would mix. Rerun with the settings (and "
+                "tokenizer) of the run that wrote it, or choose another `output_path`."
             )
+        if "settings_sha256" in record and record["settings_sha256"] not in settings:
+            tokenless += 1  # (every fingerprint taken but this run's was made before the tokenizer was in it)
         if "model_sha256" not in record:
             modelless += 1
         elif model is not None and record["model_sha256"] not in model:
@@ -993,6 +1030,13 @@ def _load_done(
             "%d results in %s record no chat template (an older hf_layerstream wrote them): whether their "
             "conversations were rendered with this run's template is not checked.",
             templateless,
+            path,
+        )
+    if tokenless:
+        logger.warning(
+            "%d results in %s record no tokenizer (an older hf_layerstream wrote them): whether their prompts were "
+            "tokenized with this run's tokenizer is not checked.",
+            tokenless,
             path,
         )
     if seedless:
@@ -1108,7 +1152,7 @@ def generate_jsonl(
 
     See the module docstring for the input and output schemas. Prompts that already have a result in `output_path`
     are skipped, so rerunning the same command after a crash finishes the job; a rerun with other settings (`chat`,
-    generation settings, a sampled job's `seed`) or another model (another checkpoint or shard directory, dtype or
+    another tokenizer, generation settings, a sampled job's `seed`) or another model (another checkpoint or shard directory, dtype or
     PEFT adapter) is refused. Each batch's results are `fsync`ed once the batch
     completes. Once all prompts have a result, `output_path` holds exactly one line per prompt, in input order.
 
@@ -1169,6 +1213,10 @@ def generate_jsonl(
     prefill = any(_continues_final_message(p.prompt) for p in items)
     messages = any(isinstance(p.prompt, list) for p in items)  # (rendered with the chat template, whatever `chat`)
     settings = _settings_digest(
+        tokenizer, chat, config, generate_kwargs, seed=sampled_seed, prefill=prefill, messages=messages, vocabulary=True
+    )
+    # (results written before the tokenizer was part of the settings carry the same without it, with a warning)
+    untokenized = _settings_digest(
         tokenizer, chat, config, generate_kwargs, seed=sampled_seed, prefill=prefill, messages=messages
     )
     by_key = {p.key: p for p in items}
@@ -1211,7 +1259,8 @@ def generate_jsonl(
         done, repaired = _load_done(
             output_path,
             by_key,
-            {settings, legacy, sampling},
+            {settings},
+            untokenized={untokenized, legacy, sampling},
             unseeded=unseeded,
             seed=sampled_seed,
             untemplated=untemplated,

@@ -1046,6 +1046,43 @@ def test_resume_refuses_another_chat_template_for_conversation_lines(llama, tmp_
     assert stats["skipped"] == 1 and "record no chat template" in caplog.text
 
 
+def test_resume_refuses_another_tokenizer(llama, checkpoints, tmp_path, caplog):
+    """The tokenizer was not part of a job's fingerprint: a job resumed with another one (`--tokenizer` another
+    folder, a tokenizer with added tokens or another vocabulary) took the first run's results and tokenized the rest
+    otherwise, silently mixing them. Its identity (its vocabulary, added tokens, normalization and the rest, as it
+    serializes itself) is a setting now: the same tokenizer, loaded again, resumes; results written before (no
+    tokenizer in their fingerprint) resume with a warning."""
+    from hf_layerstream import batch
+
+    model, tok, _ = llama
+    ckpt, _ = checkpoints("llama")
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in enumerate(PROMPTS[:2])))
+    generate_jsonl(model, tok, inp, tmp_path / "straight.jsonl", progress=False, max_new_tokens=3)
+    first = (tmp_path / "straight.jsonl").read_text().splitlines(True)[0]
+    out.write_text(first)  # as if killed after the first prompt
+    added = AutoTokenizer.from_pretrained(ckpt)
+    added.add_tokens(["capital"])  # (the same text tokenized otherwise)
+    with pytest.raises(ValueError, match="made with other settings than this run's: .*the tokenizer"):
+        generate_jsonl(model, added, inp, out, progress=False, max_new_tokens=3)
+    assert out.read_text() == first
+    # the same tokenizer, loaded again (another object, its state touched by other calls): the same job
+    again = AutoTokenizer.from_pretrained(ckpt)
+    again(["a", "bb"], padding=True, truncation=True, max_length=1)
+    stats = generate_jsonl(model, again, inp, out, progress=False, max_new_tokens=3)
+    assert stats["skipped"] == 1 and stats["generated"] == 1
+    assert out.read_text() == (tmp_path / "straight.jsonl").read_text()
+    # a result written before the tokenizer was part of the settings: taken, with a warning
+    record = json.loads(first)
+    config = batch._check_kwargs(model, 8, {"max_new_tokens": 3})[1]
+    record["settings_sha256"] = batch._settings_digest(tok, False, config, {"max_new_tokens": 3})
+    assert record["settings_sha256"] != json.loads(first)["settings_sha256"]  # (the premise)
+    out.write_text(json.dumps(record) + "\n")
+    with caplog.at_level(logging.WARNING, logger="hf_layerstream.batch"):
+        stats = generate_jsonl(model, tok, inp, out, progress=False, max_new_tokens=3)
+    assert stats["skipped"] == 1 and stats["generated"] == 1 and "record no tokenizer" in caplog.text
+
+
 def test_a_prompt_past_a_learned_position_table_is_refused_before_any_generation(checkpoints, tmp_path):
     """GPT-2's learned table of 256 positions here: a job whose longest prompt and `max_new_tokens` ran past it ended
     in a torch `IndexError` traceback part way through the first batch (`hf-layerstream generate --input` too), with
