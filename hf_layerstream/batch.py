@@ -297,6 +297,19 @@ def _check_batch_size(batch_size: Any) -> int:
     return int(batch_size)
 
 
+def _check_seed(seed: Any) -> int | None:
+    """`seed` as a Python int (NumPy's integers too: a job's settings are JSON), or None: another type is a TypeError,
+    a number out of `torch.manual_seed`'s range a ValueError."""
+    if seed is not None and not _is_int(seed):
+        raise TypeError(f"`seed` must be an int or None, got {seed!r}.")
+    seed = None if seed is None else int(seed)
+    if seed is not None and not -(2**63) <= seed < 2**64:
+        # (`torch.manual_seed`'s range, as `generate --seed` checks it: torch's "Overflow when unpacking long long"
+        # named no argument, and came after the output file was made)
+        raise ValueError(f"`seed` {seed} is out of range: use a whole number from {-(2**63)} to {2**64 - 1}.")
+    return seed
+
+
 def _check_kwargs(
     model: nn.Module, batch_size: Any, generate_kwargs: dict, tokenizer=None
 ) -> tuple[int, GenerationConfig, str]:
@@ -712,6 +725,7 @@ def generate_batch(
     batch_size: int = 8,
     chat: bool = False,
     progress: bool = True,
+    seed: int | None = None,
     **generate_kwargs,
 ) -> list[str]:
     """Generate a completion for every prompt, many prompts per sweep of the (streamed) weights.
@@ -738,6 +752,10 @@ def generate_batch(
             as they are, with a warning).
         progress (`bool`, defaults to `True`):
             Show a progress bar with tokens/s.
+        seed (`int`, *optional*):
+            Seeds torch's random number generators (`torch.manual_seed`, which takes -2**63 to 2**64 - 1) before
+            the first batch, for sampling (`do_sample=True`), as [`generate_jsonl`] does: the same prompts, batch
+            size and seed, the same samples.
         **generate_kwargs:
             Passed to `model.generate` (`max_new_tokens`, `do_sample`, `generation_config`, `stop_strings`,
             `assistant_model`, ...). Use `max_new_tokens` rather than `max_length`, which counts the padding of the
@@ -764,6 +782,7 @@ def generate_batch(
         raise TypeError(f"`prompts` must be a list of prompts, got {type(prompts).__name__}.")
     chat, progress = check_flag("chat", chat), check_flag("progress", progress)
     _check_model_and_tokenizer(model, tokenizer)
+    seed = _check_seed(seed)  # (it went on to `generate`: "model_kwargs are not used by the model: ['seed']")
     batch_size, config, mode = _check_kwargs(model, batch_size, generate_kwargs, tokenizer)
     _warn_untemplated(tokenizer, chat)
     items = []
@@ -776,6 +795,8 @@ def generate_batch(
     completions: list[str | None] = [None] * len(items)
     stats = _new_stats(batch_size)
     t0 = time.perf_counter()
+    if seed is not None:
+        torch.manual_seed(seed)
     for results in _run(
         model,
         tokenizer,
@@ -1199,13 +1220,7 @@ def generate_jsonl(
     input_path = Path(input_path)
     output_path = Path(output_path)
     _check_paths(input_path, output_path)
-    if seed is not None and not _is_int(seed):  # (NumPy's integers too, made Python's: the settings are JSON)
-        raise TypeError(f"`seed` must be an int or None, got {seed!r}.")
-    seed = None if seed is None else int(seed)
-    if seed is not None and not -(2**63) <= seed < 2**64:
-        # (`torch.manual_seed`'s range, as `generate --seed` checks it: torch's "Overflow when unpacking long long"
-        # named no argument, and came after the output file was made)
-        raise ValueError(f"`seed` {seed} is out of range: use a whole number from {-(2**63)} to {2**64 - 1}.")
+    seed = _check_seed(seed)
     batch_size, config, mode = _check_kwargs(model, batch_size, generate_kwargs, tokenizer)
     _warn_untemplated(tokenizer, chat)
     sampled_seed = seed if config.do_sample else None  # (greedy results do not depend on it)

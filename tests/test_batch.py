@@ -401,6 +401,26 @@ def test_a_seed_out_of_torchs_range_is_refused_naming_it_before_the_output_is_ma
         generate_jsonl(model, tok, inp, tmp_path / f"{seed}.jsonl", seed=seed, progress=False, **sampled)
 
 
+def test_generate_batch_takes_a_seed_as_generate_jsonl_does(llama, tmp_path):
+    """`generate_jsonl` takes `seed` (torch seeded before the first batch); `generate_batch(..., seed=3)` passed it on
+    to `model.generate`, which failed with transformers' "model_kwargs are not used by the model: ['seed']". It
+    seeds torch the same way: the same seed, the same samples (those of a `generate_jsonl` job with it), checked as
+    `generate_jsonl` checks it."""
+    model, tok, _ = llama
+    sampled = {"max_new_tokens": 4, "do_sample": True, "top_k": 0}
+    first = generate_batch(model, tok, PROMPTS[:3], batch_size=2, seed=3, progress=False, **sampled)
+    assert generate_batch(model, tok, PROMPTS[:3], batch_size=2, seed=3, progress=False, **sampled) == first
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in enumerate(PROMPTS[:3])))
+    generate_jsonl(model, tok, inp, tmp_path / "out.jsonl", batch_size=2, seed=3, progress=False, **sampled)
+    lines = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [line["completion"] for line in lines] == first
+    with pytest.raises(ValueError, match=rf"`seed` {2**64} is out of range: use a whole number from"):
+        generate_batch(model, tok, PROMPTS[:1], seed=2**64, progress=False, **sampled)
+    with pytest.raises(TypeError, match="`seed` must be an int or None, got '3'"):
+        generate_batch(model, tok, PROMPTS[:1], seed="3", progress=False, **sampled)
+
+
 def test_numpy_integers_are_taken_as_batch_size_and_seed(llama, tmp_path):
     """`prefetch`, `max_memory`'s sizes, `blocksize` and `measure_sweeps`' `max_new_tokens` take NumPy's integers (a
     value from an array, a sweep over `np.arange`); `batch_size` and `seed` refused them, saying they must be an int
