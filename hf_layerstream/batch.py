@@ -337,6 +337,17 @@ def _check_kwargs(
             f"`num_return_sequences` must be 1 for batched generation (one result per prompt), got "
             f"{config.num_return_sequences!r}{where}. Repeat the prompt with different ids instead."
         )
+    for name, example in (("prompt_lookup_num_tokens", 10), ("max_matching_ngram_size", 2)):
+        # (0 or -1 ended in transformers' "Invalid max_matching_ngram_size or num_output_tokens", naming neither)
+        value = getattr(config, name, None)
+        if value is None:
+            continue
+        where = "" if name in generate_kwargs else " (from the generation config)"
+        problem = f"`{name}` must be a positive int (e.g. {example}) or None, got"
+        if not _is_int(value):
+            raise TypeError(f"{problem} {type(value).__name__} {value!r}{where}.")
+        if value < 1:
+            raise ValueError(f"{problem} {value!r}{where}.")
     assistant = generate_kwargs.get("assistant_model")
     mode = config.get_generation_mode(assistant)
     _refuse_what_drafting_fails_on(model, config, generate_kwargs, tokenizer)

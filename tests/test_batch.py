@@ -686,6 +686,43 @@ def test_a_generate_call_returning_more_sequences_than_prompts_is_refused(llama,
         generate_batch(model, tok, PROMPTS[:2], batch_size=2, progress=False, max_new_tokens=2)
 
 
+def test_a_prompt_lookup_that_is_not_a_positive_int_is_refused_naming_it(llama, tmp_path):
+    """`prompt_lookup_num_tokens=0` or `-1` (or a `max_matching_ngram_size` of 0) ended in transformers' "Invalid
+    max_matching_ngram_size or num_output_tokens", naming no argument given: refused up front, naming the argument
+    (or the generation config it is in) and what it takes, as `measure_sweeps` refuses it."""
+    model, tok, _ = llama
+    for value in (0, -1):
+        with pytest.raises(
+            ValueError, match=rf"^`prompt_lookup_num_tokens` must be a positive int \(e.g. 10\) or None, got {value}\."
+        ):
+            generate_batch(model, tok, PROMPTS[:2], progress=False, prompt_lookup_num_tokens=value, **GREEDY)
+    with pytest.raises(ValueError, match=r"`prompt_lookup_num_tokens` .* got 0 \(from the generation config\)\."):
+        generate_batch(
+            model,
+            tok,
+            PROMPTS[:2],
+            progress=False,
+            generation_config=GenerationConfig(max_new_tokens=3, prompt_lookup_num_tokens=0),
+        )
+    with pytest.raises(TypeError, match=r"`prompt_lookup_num_tokens` must be a positive int .* got float 2\.5\."):
+        generate_batch(model, tok, PROMPTS[:2], progress=False, prompt_lookup_num_tokens=2.5, **GREEDY)
+    with pytest.raises(
+        ValueError, match=r"^`max_matching_ngram_size` must be a positive int \(e.g. 2\) or None, got 0"
+    ):
+        generate_batch(
+            model, tok, PROMPTS[:2], progress=False, prompt_lookup_num_tokens=3, max_matching_ngram_size=0, **GREEDY
+        )
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(json.dumps({"id": 0, "prompt": PROMPTS[0]}) + "\n")
+    with pytest.raises(ValueError, match=r"^`prompt_lookup_num_tokens` must be a positive int"):
+        generate_jsonl(model, tok, inp, tmp_path / "out.jsonl", progress=False, prompt_lookup_num_tokens=0, **GREEDY)
+    assert not (tmp_path / "out.jsonl").exists()
+    # (a positive one still runs, one prompt per call)
+    assert generate_batch(model, tok, PROMPTS[:2], progress=False, prompt_lookup_num_tokens=2, **GREEDY) == (
+        generate_batch(model, tok, PROMPTS[:2], progress=False, **GREEDY)
+    )
+
+
 def test_transformers_continuous_batching_is_refused_and_other_outputs_are_named(llama, tmp_path, monkeypatch):
     """`cache_implementation="paged"` makes `generate` run transformers' continuous batching, which returns a 3-D
     tensor and takes no streamer: it failed naming the job's own progress streamer, or (beam search) gave empty
