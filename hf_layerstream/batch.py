@@ -612,9 +612,30 @@ def _run(
         )
     new = config.max_new_tokens
     longest = max(prompts, key=lambda p: len(p.input_ids), default=None)
-    overrun = position_overrun(model, len(longest.input_ids), new) if new is not None and longest else None
+    n = len(longest.input_ids) if longest else 0
+    if new is None and longest and config.max_length is not None:
+        # `max_length` (where `max_new_tokens` is not set: it decides where both are) counts the prompt and the
+        # padding, whose row runs its own positions from 0: the longest prompt's row reaches `max_length` (at least
+        # one new token, past a `max_length` the prompt alone reaches); one past the table ended in a bare IndexError
+        length = int(config.max_length)
+        overrun = position_overrun(model, n, max(length - n, 1))
+        if overrun is not None:
+            limit, room = overrun
+            where = "" if "max_length" in generate_kwargs else " (from the generation config)"
+            raise ValueError(
+                f"Prompt {longest.id!r} ({n} tokens) and `max_length` {length}{where} run past the {limit} positions "
+                f"of {type(model).__name__}'s learned position table (`max_position_embeddings`): "
+                + (
+                    f"pass `max_length` {limit + 1} or less (or `max_new_tokens` {room} or less, which counts the "
+                    "new tokens alone), or "
+                    if room >= 1
+                    else ""
+                )
+                + "shorten the prompt (or leave it out); nothing was generated."
+            )
+    overrun = position_overrun(model, n, new) if new is not None and longest else None
     if overrun is not None:
-        (limit, room), n = overrun, len(longest.input_ids)
+        limit, room = overrun
         raise ValueError(
             f"Prompt {longest.id!r} ({n} tokens) and `max_new_tokens` {new} run past the {limit} positions of "
             f"{type(model).__name__}'s learned position table (`max_position_embeddings`): "
@@ -770,7 +791,8 @@ def generate_batch(
         **generate_kwargs:
             Passed to `model.generate` (`max_new_tokens`, `do_sample`, `generation_config`, `stop_strings`,
             `assistant_model`, ...). Use `max_new_tokens` rather than `max_length`, which counts the padding of the
-            batch. The generation config must ask for one sequence per prompt (`num_return_sequences=1`).
+            batch; either, past a learned position table (GPT-2's), is refused before anything is generated. The
+            generation config must ask for one sequence per prompt (`num_return_sequences=1`).
 
     Returns:
         `list[str]`: the completion of each prompt (special tokens removed), in input order.

@@ -1168,6 +1168,33 @@ def test_a_prompt_past_a_learned_position_table_is_refused_before_any_generation
     assert len(generate_batch(model, tok, ["hi", long], progress=False, **kw)) == 2
 
 
+def test_a_max_length_past_a_learned_position_table_is_refused_as_max_new_tokens_is(checkpoints, tmp_path):
+    """An explicit `max_length` (which counts the prompt and its padding) was not checked against GPT-2's learned
+    position table as `max_new_tokens` is: one past it ended in a bare torch `IndexError` part way through the first
+    batch. Refused before anything is generated, naming the prompt and the fix; within the table it runs (the last
+    token needs no position: `max_length` up to 257 with 256 positions)."""
+    ckpt, shards = checkpoints("gpt2")
+    model = streamed_model(ckpt, shards)
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    long = "hello"
+    while len(tok(long + " hello").input_ids) < 200:
+        long += " hello"
+    n = len(tok(long).input_ids)
+    message = rf"^Prompt 1 \({n} tokens\) and `max_length` 258 run past the 256 positions of GPT2LMHeadModel's "
+    with pytest.raises(ValueError, match=message + r".*pass `max_length` 257 or less \(or `max_new_tokens` "):
+        generate_batch(model, tok, ["hi", long], progress=False, max_length=258, min_length=258)
+    with pytest.raises(ValueError, match=r"`max_length` 258 \(from the generation config\) run past"):
+        generate_batch(model, tok, ["hi", long], progress=False, generation_config=GenerationConfig(max_length=258))
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(json.dumps({"id": "long", "prompt": long}) + "\n")
+    with pytest.raises(ValueError, match=rf"^Prompt 'long' \({n} tokens\) and `max_length` 258 run past"):
+        generate_jsonl(model, tok, inp, tmp_path / "out.jsonl", progress=False, max_length=258)
+    assert not (tmp_path / "out.jsonl").exists()
+    # (max_new_tokens decides where both are given, as in `generate`)
+    assert len(generate_batch(model, tok, ["hi", long], progress=False, max_length=258, max_new_tokens=2)) == 2
+    assert len(generate_batch(model, tok, ["hi", long], progress=False, max_length=257, min_length=257)) == 2
+
+
 def test_resume_refuses_other_settings(llama, tmp_path, caplog):
     """A resumed job whose rendering or generation settings changed would mix results: refused. The batch size and
     speed-only settings (prompt lookup, a draft) may change."""
