@@ -334,6 +334,14 @@ class ResidencyPlan:
         self._host_set = set(self.host_layers)
         self._page_cache_set = set(self.page_cache_layers)
 
+    def __repr__(self) -> str:
+        # (the default listed every layer's index and bytes: `summary()` says it in words, `to_dict()` in full)
+        return (
+            f"ResidencyPlan(device={self.device}, device_layers={len(self.device_layers)}, "
+            f"host_layers={len(self.host_layers)}, streamed={len(self.streamed)}, prefetch={self.prefetch}, "
+            f"dequantize={self.dequantize!r})"
+        )
+
     def keeps_in_page_cache(self, index: int) -> bool:
         return index in self._page_cache_set
 
@@ -950,6 +958,12 @@ class Profile:
         # when the `generate` call it profiles ended (`stop`): the wall time is the call's, not the time since, as a
         # summary printed after the call read; `None` while passes run (a pass after the call clears it: see `begin`)
         self.ended: float | None = None
+
+    def __repr__(self) -> str:
+        # (`summary()` prints the times; `to_dict()` holds them per layer)
+        with self._lock:
+            calls, layers = self.forward_calls, len(self.layers)
+        return f"Profile(forward_calls={calls}, layers={layers})"
 
     def begin(self) -> None:
         """A pass begins: counted, and the wall time runs on again (to now) if a `generate` call had stopped it."""

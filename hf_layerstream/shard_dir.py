@@ -270,6 +270,13 @@ class Manifest:
     # shape (`rms_norm_eps`, rope parameters), warned about at open. `None`: split before it was recorded
     config_sha256: str | None = None
 
+    def __repr__(self) -> str:
+        # (the default named every unit and tensor: a screenful per layer)
+        return (
+            f"Manifest(model_type={self.model_type!r}, num_layers={self.num_layers}, dtype={self.dtype!r}, "
+            f"compression={self.compression!r})"
+        )
+
     def to_json(self) -> dict:
         return {
             "format": FORMAT_NAME,
@@ -924,6 +931,9 @@ class ShardDirectory:
                         "checks sizes, headers and sample digests only: it takes a file damaged within for sound)."
                     )
                 )
+
+    def __repr__(self) -> str:
+        return f"ShardDirectory({str(self.path)!r}, num_layers={self.num_layers})"
 
     # ---------------------------------------------------------------------------------------------------------
     @property

@@ -163,6 +163,16 @@ class StreamingState:
     # the storages of adapter weights `attaching_adapters` saw attached, {(device, address): bytes} (outside the plan)
     adapter_storages: dict = field(default_factory=dict)
 
+    def __repr__(self) -> str:
+        # (the default showed the layer stack and every parameter: megabytes for a real model, in a notebook's output)
+        status = ", disabled" if self.disabled else ""
+        return (
+            f"StreamingState(shard_dir={str(self.shard_dir.path)!r}, {self.shard_dir.num_layers} layers, "
+            f"device={self.device}, plan: {len(self.plan.device_layers)} on the device, {len(self.plan.host_layers)} "
+            f"in host RAM, {len(self.plan.streamed)} streamed, prefetch={self.plan.prefetch}, "
+            f"profile={'on' if self.profile is not None else 'off'}{status})"
+        )
+
 
 def _require_module(model) -> None:
     """`model` of `disable_layer_streaming`, `attaching_adapters` and `get_streaming_state`: something else than a model

@@ -2365,6 +2365,40 @@ def test_get_streaming_state_of_something_else_than_a_model_is_a_type_error(chec
     assert get_streaming_state(model) is None
 
 
+def test_reprs_of_the_state_plan_profile_and_shard_directory_are_short(checkpoints):
+    """`repr(get_streaming_state(model))` was the dataclass's: the layer stack and every parameter (11.6 KB for a
+    3-layer test model, a notebook cell's output of megabytes for a real one). The state, its plan, its profile and
+    its shard directory now show a line each, the same length whatever the depth, naming what their users need."""
+    reprs = {}
+    for layers in (2, 6):
+        _, shards = checkpoints("llama", num_hidden_layers=layers)
+        model = build_meta_model(_models.make_config("llama", num_hidden_layers=layers))
+        enable_layer_streaming(model, shards, device="cpu", max_memory={"cpu": 0}, prefetch=1, profile=True)
+        state = get_streaming_state(model)
+        model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2, do_sample=False)
+        reprs[layers] = {
+            "state": repr(state),
+            "plan": repr(state.plan),
+            "profile": repr(state.profile),
+            "shards": repr(state.shard_dir),
+        }
+        r = reprs[layers]
+        assert r["state"].startswith("StreamingState(") and str(shards) in r["state"]
+        assert f"{layers} layers" in r["state"] and "device=cpu" in r["state"] and "prefetch=1" in r["state"]
+        assert "profile=on" in r["state"] and "Parameter" not in r["state"] and "Linear" not in r["state"]
+        assert (
+            r["plan"].startswith("ResidencyPlan(") and f"streamed={layers}" in r["plan"] and "prefetch=1" in r["plan"]
+        )
+        assert r["profile"].startswith("Profile(") and "forward_calls=2" in r["profile"]
+        assert r["shards"] == f"ShardDirectory({str(shards)!r}, num_layers={layers})"
+        assert repr(state.shard_dir.manifest).count("\n") == 0 and len(repr(state.shard_dir.manifest)) < 300
+        disable_layer_streaming(model)
+        assert "disabled" in repr(state)
+    for name in ("state", "plan", "profile"):  # (the paths differ in length: the rest does not grow with depth)
+        short, deep = (len(reprs[n][name]) - (len(str(shards)) if name == "state" else 0) for n in (2, 6))
+        assert deep - short <= 2 and deep < 400, (name, reprs[6][name])
+
+
 def test_an_empty_path_is_refused_not_read_as_the_current_directory(checkpoints, tmp_path, monkeypatch):
     """pathlib reads "" as "." (an unset variable's path): `split_checkpoint(source, "", overwrite=True)` wrote its
     config.json and layers into the current directory, and `enable_layer_streaming(model, "")` said the current
