@@ -945,7 +945,11 @@ class LayerTimes:
 
 class Profile:
     """Per-layer timings: waiting for the loader, read, dequantize, host-to-device copy, compute (seconds). A layer's
-    read is its own: on CPU two layers may be read from the disk at once, so the total can exceed the wall time."""
+    read is its own: on CPU two layers may be read from the disk at once, so the total can exceed the wall time.
+
+    A `generate` call has a profile of its own besides (`follow`): what the passes of the thread that made it record
+    (every time is recorded in the thread running the pass: the loader's, of a layer read ahead, at its use) goes to
+    that call's too, so that calls made at once from several threads each get theirs."""
 
     def __init__(self):
         self._lock = threading.Lock()
@@ -958,6 +962,30 @@ class Profile:
         # when the `generate` call it profiles ended (`stop`): the wall time is the call's, not the time since, as a
         # summary printed after the call read; `None` while passes run (a pass after the call clears it: see `begin`)
         self.ended: float | None = None
+        # the profiles of the `generate` calls under way, by the thread that made each (see `follow`)
+        self._calls: dict[int, Profile] = {}
+
+    def follow(self) -> Profile:
+        """A `generate` call begins in this thread: a new profile that the passes of this thread record into too,
+        until `unfollow`. A call made while none is under way restarts this profile (`reset`): both start now."""
+        call = Profile()
+        with self._lock:
+            if not self._calls:
+                self._clear()
+                call.started = self.started
+            self._calls[threading.get_ident()] = call
+        return call
+
+    def unfollow(self) -> None:
+        """The call of this thread ended: its profile stops, and this one with it where it was the last under way
+        (both at the same moment)."""
+        now = time.perf_counter()
+        with self._lock:
+            call = self._calls.pop(threading.get_ident(), None)
+            if not self._calls:
+                self.ended = now
+        if call is not None:
+            call.stop(now)
 
     def __repr__(self) -> str:
         # (`summary()` prints the times; `to_dict()` holds them per layer)
@@ -970,31 +998,44 @@ class Profile:
         with self._lock:
             self.forward_calls += 1
             self.ended = None
+            call = self._calls.get(threading.get_ident())
+        if call is not None:
+            call.begin()
 
-    def stop(self) -> None:
-        """The `generate` call profiled ended: the wall time stays what it is now."""
+    def stop(self, now: float | None = None) -> None:
+        """The `generate` call profiled ended: the wall time stays what it is now (or at `now`, a `perf_counter`)."""
         with self._lock:
-            self.ended = time.perf_counter()
+            self.ended = time.perf_counter() if now is None else now
 
     def add(self, index: int, **values: float) -> None:
         with self._lock:
             t = self.layers[index]
             for k, v in values.items():
                 setattr(t, k, getattr(t, k) + v)
+            call = self._calls.get(threading.get_ident())
+        if call is not None:
+            call.add(index, **values)
 
     def add_host_resident(self, part: str, **values: float) -> None:
         with self._lock:
             t = self.host_resident[part]
             for k, v in values.items():
                 setattr(t, k, getattr(t, k) + v)
+            call = self._calls.get(threading.get_ident())
+        if call is not None:
+            call.add_host_resident(part, **values)
 
     def reset(self) -> None:
         with self._lock:
-            self.layers.clear()
-            self.host_resident.clear()
-            self.forward_calls = 0
-            self.started = time.perf_counter()
-            self.ended = None
+            self._clear()
+
+    def _clear(self) -> None:
+        """`reset`, the lock held."""
+        self.layers.clear()
+        self.host_resident.clear()
+        self.forward_calls = 0
+        self.started = time.perf_counter()
+        self.ended = None
 
     def totals(self) -> dict[str, float]:
         out = {k: 0.0 for k in ("wait", "read", "dequantize", "copy", "compute")}
@@ -2012,6 +2053,9 @@ class LayerLoader:
         self._pool = _BufferPool(self._pinned)
         if self.profile is not None:
             self.profile._lock = threading.Lock()
+            # (the calls of the parent's other threads never end here: they would keep the profile from restarting)
+            mine = self.profile._calls.get(threading.get_ident())
+            self.profile._calls = {} if mine is None else {threading.get_ident(): mine}
         self._pending = {}
         self._released.clear()
         self._last_released = None

@@ -1224,7 +1224,8 @@ def enable_layer_streaming(
             parts and that many layers in flight, the default is lowered until it can (down to 0); on CPU, until
             they fit in `max_memory["cpu"]`, when given and not 0.
         profile (`bool`, defaults to `False`):
-            Record per-layer timings; see [`get_streaming_state`]`(model).profile`.
+            Record per-layer timings; see [`get_streaming_state`]`(model).profile`, and `.last_profile`: the last
+            `generate` call's (its own, where calls run at once from several threads).
         keep_in_page_cache (`bool`, *optional*):
             CPU: whether streamed layers' file pages stay in the page cache after use, so later sweeps read them
             from RAM. By default they stay while they fit in 80% of the available memory together with the kept
@@ -1804,7 +1805,9 @@ def _wrap_generate(model: nn.Module, state: StreamingState) -> None:
     """`generate`: a profile per call (`profile=True`), and a clear error where `disable_layer_streaming` ran in another
     thread during the call (its next pass found the layers back on the meta device). A call made inside another in the
     same thread (an early-exit draft: transformers drafts with the model's own `generate`) is part of the outer
-    call's profile: it neither restarts it nor ends it."""
+    call's profile: it neither restarts it nor ends it. Calls at once from several threads each get their own
+    (`Profile.follow`: the passes of its thread) as `last_profile`; the model's `profile` restarts at a call made
+    while none is under way, and covers the calls under way together."""
     original = model.generate
     calls = threading.local()  # (`depth`: the calls of this thread under way)
 
@@ -1812,8 +1815,8 @@ def _wrap_generate(model: nn.Module, state: StreamingState) -> None:
     def generate(*args, **kwargs):
         _refuse_mtp(model, args, kwargs)
         outer = not getattr(calls, "depth", 0)
-        if outer and state.profile is not None:
-            state.profile.reset()
+        # this call's profile (restarting the model's where no other call is under way)
+        own = state.profile.follow() if outer and state.profile is not None else None
         calls.depth = getattr(calls, "depth", 0) + 1
         try:
             return original(*args, **kwargs)
@@ -1823,10 +1826,10 @@ def _wrap_generate(model: nn.Module, state: StreamingState) -> None:
             raise
         finally:
             calls.depth -= 1
-            if outer and state.profile is not None:
-                state.profile.stop()
-                state.last_profile = state.profile.to_dict()
-                logger.info("hf_layerstream profile of the last generate call:\n%s", state.profile.summary())
+            if own is not None:
+                state.profile.unfollow()  # (the last call under way: the model's profile stops with it)
+                state.last_profile = own.to_dict()
+                logger.info("hf_layerstream profile of the last generate call:\n%s", own.summary())
 
     _shadow(model, state, "generate", generate)
 

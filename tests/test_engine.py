@@ -4020,6 +4020,64 @@ def test_the_profile_of_an_early_exit_call_covers_the_whole_call(llama):
     disable_layer_streaming(model)
 
 
+def test_generate_calls_at_once_from_two_threads_each_get_their_own_profile(llama):
+    """Two `generate` calls at once (a server's worker threads) shared one profile, which each reset as it began: each
+    call's `last_profile` mixed both (a 5-token call reported 12 passes). Each call now has its own, the passes its
+    thread ran and the loader's times of the layers they used; `state.profile` covers the calls under way together."""
+    ckpt, shards, inputs, expected, pad = llama
+    model = streamed_model(ckpt, shards, profile=True, **STREAM_ALL)
+    state = get_streaming_state(model)
+    tokens = {"first": 5, "second": 7}
+    second_began = threading.Event()
+    # the second call begins while the first is inside its first pass (passes run one at a time: it waits for it)
+    prepare = model.prepare_inputs_for_generation
+
+    def prepare_inputs(*args, **kwargs):
+        if threading.current_thread().name == "second":
+            second_began.set()
+        return prepare(*args, **kwargs)
+
+    def hold_first_pass(module, args):
+        if threading.current_thread().name == "first":
+            assert second_began.wait(30)
+
+    model.prepare_inputs_for_generation = prepare_inputs
+    handle = model.model.embed_tokens.register_forward_pre_hook(hold_first_pass)
+    profiles, errors = {}, []
+
+    def call(name):
+        try:
+            n = tokens[name]
+            model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=pad)
+            profiles[name] = state.last_profile
+        except BaseException as e:  # (reported below, with its traceback)
+            errors.append(e)
+
+    threads = [threading.Thread(target=call, args=(name,), name=name) for name in tokens]
+    threads[0].start()
+    time.sleep(0.2)
+    threads[1].start()
+    for t in threads:
+        t.join(120)
+    handle.remove()
+    del model.prepare_inputs_for_generation
+    if errors:
+        raise errors[0]
+    m = ShardDirectory(shards)
+    for name, n in tokens.items():
+        data = profiles[name]
+        assert data["totals"]["forward_calls"] == n, (name, data["totals"])
+        assert sorted(data["layers"]) == list(range(6))
+        for i, t in data["layers"].items():
+            assert t["calls"] == n and t["bytes_read"] == m.header(f"layers.{i}").data_size * n
+        assert 0 < data["totals"]["compute"] <= data["totals"]["wall"]
+    assert state.profile.totals()["forward_calls"] == sum(tokens.values())  # (both calls, since the first began)
+    # a call alone afterwards: its own again, and the model's profile restarts with it
+    model.generate(**inputs, max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=pad)
+    assert state.last_profile["totals"]["forward_calls"] == state.profile.totals()["forward_calls"] == 2
+    disable_layer_streaming(model)
+
+
 # --- peak memory ----------------------------------------------------------------------------------------------------
 
 
