@@ -844,6 +844,25 @@ def _sampling_options_unused(args) -> list[str]:
     return [f"`{option}` {value}" for option, value in options if value is not None]
 
 
+def _warn_sampling_options_unused(args, config) -> None:
+    """The sampling options given without `--do-sample` (`_sampling_options_unused`), said once, for all of them
+    (transformers' own, for some, is left out in `_cmd_generate`), with the decoding that runs instead: greedy, or beam
+    search where the generation config (`config`, the settings `generate` runs with) asks for it (`num_beams` > 1,
+    which this line said was greedy when it was printed before the generation config was read)."""
+    unused = _sampling_options_unused(args)
+    if not unused:
+        return
+    named = " and ".join(filter(None, (", ".join(unused[:-1]), unused[-1])))
+    they = "it applies" if len(unused) == 1 else "they apply"
+    beams = config.num_beams or 1
+    decoding = f"beam search (the generation config's `num_beams` {beams})" if beams > 1 else "greedy"
+    print(
+        f"hf-layerstream generate: {named} {'is' if len(unused) == 1 else 'are'} ignored without `--do-sample`: "
+        f"{they} only to sampling, and decoding is {decoding}; pass `--do-sample` to sample.",
+        file=sys.stderr,
+    )
+
+
 def _sampling_flags_warned(flags: set[str]):
     """A filter of transformers' generation-config records leaving out its warning "The following generation flags
     are not valid and may be ignored: [...]" where each flag it lists is one of `flags` (`temperature`, `top_p`):
@@ -935,15 +954,6 @@ def _generate(args) -> int:
     # (torch's range: past it, torch's "Overflow when unpacking long long" once the model had loaded, naming no option)
     if args.seed is not None and not -(2**63) <= args.seed < 2**64:
         raise ValueError(f"`--seed` {args.seed} is out of range: use a whole number from {-(2**63)} to {2**64 - 1}.")
-    unused = _sampling_options_unused(args)
-    if unused:  # (said once, for all of them: transformers' own, for some, is left out in `_cmd_generate`)
-        named = " and ".join(filter(None, (", ".join(unused[:-1]), unused[-1])))
-        they = "it applies" if len(unused) == 1 else "they apply"
-        print(
-            f"hf-layerstream generate: {named} {'is' if len(unused) == 1 else 'are'} ignored without `--do-sample`: "
-            f"{they} only to sampling, and decoding is greedy; pass `--do-sample` to sample.",
-            file=sys.stderr,
-        )
     for option, value in (
         ("--assistant", args.assistant),
         ("--tokenizer", args.tokenizer),
@@ -1108,6 +1118,7 @@ def _generate(args) -> int:
         # the profile restarts at every generate call (one per batch): sum them into one for the whole job
         job = _JobProfile(model, state) if args.profile and state.profile is not None else None
         config = _one_sequence(model, gen_kwargs, "one is generated for each prompt")
+        _warn_sampling_options_unused(args, config)
         try:
             stats = generate_jsonl(
                 model,
@@ -1185,6 +1196,7 @@ def _generate(args) -> int:
         gen_kwargs["pad_token_id"] = tok.eos_token_id
     streamer = _continuation_streamer(tok, inputs["input_ids"][0].tolist(), skip_special_tokens=True)
     streams, config = _one_sequence_streamed(model, gen_kwargs)
+    _warn_sampling_options_unused(args, config)
     if streams:
         streamer, gen_kwargs = _streamed_to_the_stop(streamer, model, config, gen_kwargs, tok)
     # (a chat reply answers the prompt, on a line of its own; a completion continues it)

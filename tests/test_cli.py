@@ -417,8 +417,9 @@ def test_sampling_options_without_sampling_are_warned_about_once(split_dir, tmp_
     """`--temperature` and `--top-p` without `--do-sample` did nothing: the text was the greedy one, and the user got
     only transformers' generic "The following generation flags are not valid and may be ignored: ['temperature',
     'top_p']", once the prompt was printed (and a line of ours for `--seed`, apart). One line of the command's now,
-    before the model loads, naming each option given, that it applies only with `--do-sample`, and that decoding is
-    greedy; transformers' own for those flags is not printed during the command, and printed again after it."""
+    before generating, naming each option given, that it applies only with `--do-sample`, and that decoding is
+    greedy (the generation config asks for no beams); transformers' own for those flags is not printed during the
+    command, and printed again after it."""
     from transformers.generation import GenerationConfig
 
     records = []
@@ -2548,6 +2549,34 @@ def test_generate_runs_a_generation_config_asking_for_beam_search(split_dir, tmp
     assert main(argv) == 0
     out, err = capsys.readouterr()
     assert out.startswith(prompt) and "whose tokens cannot be printed as they come" in err
+
+
+def test_sampling_options_without_sampling_name_beam_search_where_the_generation_config_asks_for_it(
+    split_dir, tmp_path, capsys
+):
+    """`--temperature` without `--do-sample` was said to be ignored because "decoding is greedy" where the shard
+    directory's generation_config.json asks for beam search (`num_beams` > 1): the decoding was beam search. The line
+    names the decoding the generation config gives, in prompt and job modes; greedy where it asks for no beams."""
+    ckpt, shards = split_dir
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy)
+    config = json.loads((copy / "generation_config.json").read_text())
+    (copy / "generation_config.json").write_text(json.dumps({**config, "num_beams": 3}))
+    (tmp_path / "in.jsonl").write_text('{"id": "a", "prompt": "hi"}\n')
+    job = ["--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl")]
+    for mode in (["hi"], job):
+        argv = ["generate", str(copy), *mode, "--max-new-tokens", "2", "--device", "cpu", "--temperature", "0.5"]
+        assert main(argv) == 0
+        err = capsys.readouterr().err
+        ours = [line for line in err.splitlines() if "--do-sample" in line]
+        assert ours == [
+            "hf-layerstream generate: `--temperature` 0.5 is ignored without `--do-sample`: it applies only to "
+            "sampling, and decoding is beam search (the generation config's `num_beams` 3); pass `--do-sample` to "
+            "sample."
+        ], err
+    argv = ["generate", str(shards), "hi", "--max-new-tokens", "2", "--device", "cpu", "--temperature", "0.5"]
+    assert main(argv) == 0
+    assert "it applies only to sampling, and decoding is greedy; pass" in capsys.readouterr().err
 
 
 def test_speculative_generate_prints_no_further_than_a_stop_string_inside_a_drafted_block(
