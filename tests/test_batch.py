@@ -1140,18 +1140,24 @@ def test_resume_refuses_another_tokenizer(llama, checkpoints, tmp_path, caplog):
     assert stats["skipped"] == 1 and stats["generated"] == 1 and "record no tokenizer" in caplog.text
 
 
-def test_a_prompt_past_a_learned_position_table_is_refused_before_any_generation(checkpoints, tmp_path):
-    """GPT-2's learned table of 256 positions here: a job whose longest prompt and `max_new_tokens` ran past it ended
-    in a torch `IndexError` traceback part way through the first batch (`hf-layerstream generate --input` too), with
-    no result for the other prompts of that batch. Refused before anything is generated, naming the prompt; within
-    the table it runs (the last new token needs no position: a prompt of P tokens takes 257 - P)."""
+def _gpt2_and_a_prompt_of_200_tokens(checkpoints):
+    """GPT-2 streamed (its learned table of 256 positions here), its tokenizer, a prompt of about 200 tokens and how
+    many it has."""
     ckpt, shards = checkpoints("gpt2")
     model = streamed_model(ckpt, shards)
     tok = AutoTokenizer.from_pretrained(ckpt)
     long = "hello"
     while len(tok(long + " hello").input_ids) < 200:
         long += " hello"
-    n = len(tok(long).input_ids)
+    return model, tok, long, len(tok(long).input_ids)
+
+
+def test_a_prompt_past_a_learned_position_table_is_refused_before_any_generation(checkpoints, tmp_path):
+    """GPT-2's learned table of 256 positions here: a job whose longest prompt and `max_new_tokens` ran past it ended
+    in a torch `IndexError` traceback part way through the first batch (`hf-layerstream generate --input` too), with
+    no result for the other prompts of that batch. Refused before anything is generated, naming the prompt; within
+    the table it runs (the last new token needs no position: a prompt of P tokens takes 257 - P)."""
+    model, tok, long, n = _gpt2_and_a_prompt_of_200_tokens(checkpoints)
     inp = tmp_path / "in.jsonl"
     inp.write_text(
         json.dumps({"id": "short", "prompt": "hi"}) + "\n" + json.dumps({"id": "long", "prompt": long}) + "\n"
@@ -1173,13 +1179,7 @@ def test_a_max_length_past_a_learned_position_table_is_refused_as_max_new_tokens
     position table as `max_new_tokens` is: one past it ended in a bare torch `IndexError` part way through the first
     batch. Refused before anything is generated, naming the prompt and the fix; within the table it runs (the last
     token needs no position: `max_length` up to 257 with 256 positions)."""
-    ckpt, shards = checkpoints("gpt2")
-    model = streamed_model(ckpt, shards)
-    tok = AutoTokenizer.from_pretrained(ckpt)
-    long = "hello"
-    while len(tok(long + " hello").input_ids) < 200:
-        long += " hello"
-    n = len(tok(long).input_ids)
+    model, tok, long, n = _gpt2_and_a_prompt_of_200_tokens(checkpoints)
     message = rf"^Prompt 1 \({n} tokens\) and `max_length` 258 run past the 256 positions of GPT2LMHeadModel's "
     with pytest.raises(ValueError, match=message + r".*pass `max_length` 257 or less \(or `max_new_tokens` "):
         generate_batch(model, tok, ["hi", long], progress=False, max_length=258, min_length=258)
