@@ -1206,9 +1206,9 @@ def generate_jsonl(
 
     See the module docstring for the input and output schemas. Prompts that already have a result in `output_path`
     are skipped, so rerunning the same command after a crash finishes the job; a rerun with other settings (`chat`,
-    another tokenizer, generation settings, a sampled job's `seed`) or another model (another checkpoint or shard directory, dtype or
-    PEFT adapter) is refused. Each batch's results are `fsync`ed once the batch
-    completes. Once all prompts have a result, `output_path` holds exactly one line per prompt, in input order.
+    another tokenizer, generation settings, a sampled job's `seed`) or another model (another checkpoint or shard
+    directory, dtype or PEFT adapter) is refused. Each batch's results are `fsync`ed once the batch completes. Once
+    all prompts have a result, `output_path` holds exactly one line per prompt, in input order.
 
     Args:
         model (`transformers.PreTrainedModel`):

@@ -590,7 +590,8 @@ def measure_sweeps(
             The (streamed) model, the verifier when speculating.
         input_ids (`torch.LongTensor` of shape `(batch, length)`, or a 1-D tensor / list of ids for one prompt):
             Prompt ids; a batch must be left-padded (and should come with `attention_mask`). Ids the model cannot
-            run (none, one past its vocabulary, a prompt and `max_new_tokens` past a learned position table) are refused.
+            run (none, one past its vocabulary, a prompt and `max_new_tokens` past a learned position table) are
+            refused.
         attention_mask (`torch.Tensor` or list, *optional*):
             Of the shape of `input_ids` (1-D for one prompt too). Defaults to what `generate` infers from the padding (`pad_token_id`), as for a plain `generate` call.
         assistant_model (`transformers.PreTrainedModel`, *optional*):
