@@ -26,14 +26,14 @@ Output JSONL: one line per prompt,
 
 `finish_reason` is `"stop"` (an end-of-sequence token, a stop string of `stop_strings=` or a stopping criterion of
 `stopping_criteria=`) or `"length"` (`max_new_tokens` reached); `completion_tokens` counts the end-of-sequence token
-(the completion leaves it out, but keeps a stop string); `prompt_sha256` identifies the prompt and
-`settings_sha256` the settings (`chat`, the tokenizer, as it serializes its vocabulary, added tokens and
-normalization, the generation settings that change what is generated, from the keyword arguments and the generation
-config, and a sampled job's `seed`) and `model_sha256` the model (a streamed model's
-shard files as its manifest records them, else its `name_or_path` and size; the dtype of its parameters; the PEFT
-adapters attached, with their weights), so a rerun against a different input file, with other settings or with
-another model is refused instead of mixing results. Results written by an older hf_layerstream, which record no
-settings, no tokenizer or no model, resume with a warning.
+(the completion leaves it out, but keeps a stop string); `prompt_sha256` identifies the prompt and `settings_sha256` the
+settings (`chat`, the tokenizer, as it serializes its vocabulary, added tokens and normalization, with its
+`clean_up_tokenization_spaces`, the generation settings that change what is generated, from the keyword arguments and
+the generation config, and a sampled job's `seed`) and `model_sha256` the model (a streamed model's shard files as its
+manifest records them, else its `name_or_path` and size; the dtype of its parameters; the PEFT adapters attached, with
+their weights), so a rerun against a different input file, with other settings or with another model is refused instead
+of mixing results. Results written by an older hf_layerstream, which record no settings, no tokenizer or no model,
+resume with a warning.
 
 Order and crash safety. Prompts are sorted by token length (longest first) so that each batch holds prompts of
 similar length and little padding; greedy results do not depend on the batch. Each finished batch is appended to
@@ -401,8 +401,9 @@ def _tokenizer_digest(tokenizer) -> str:
     """A fingerprint of how `tokenizer` tokenizes (and decodes): a fast tokenizer's serialization (its vocabulary,
     merges, added tokens, normalizer, pre-tokenizer, post-processor and decoder, as `tokenizer.json` holds them; not
     its truncation and padding, which each call sets), else its class, vocabulary and added tokens (and a
-    SentencePiece model's bytes). The same tokenizer loaded again, in another process, has the same one; not its
-    folder's path (the same files elsewhere are the same tokenizer)."""
+    SentencePiece model's bytes); and its `clean_up_tokenization_spaces`, which decoding reads. The same tokenizer
+    loaded again, in another process, has the same one; not its folder's path (the same files elsewhere are the same
+    tokenizer)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if callable(getattr(backend, "to_str", None)):
         identity: Any = json.loads(backend.to_str())
@@ -419,7 +420,11 @@ def _tokenizer_digest(tokenizer) -> str:
             "added": sorted((int(k), repr(v)) for k, v in added.items()) if isinstance(added, dict) else None,
             "sentencepiece": hashlib.sha256(proto()).hexdigest() if callable(proto) else None,
         }
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+    # (not serialized: whether decoding drops the spaces before punctuation, which changes the completions' text)
+    clean_up = getattr(tokenizer, "clean_up_tokenization_spaces", None)
+    return hashlib.sha256(
+        json.dumps({"tokenizer": identity, "clean_up": bool(clean_up)}, sort_keys=True).encode()
+    ).hexdigest()
 
 
 def _settings_digest(

@@ -1123,6 +1123,12 @@ def test_resume_refuses_another_tokenizer(llama, checkpoints, tmp_path, caplog):
     with pytest.raises(ValueError, match="made with other settings than this run's: .*the tokenizer"):
         generate_jsonl(model, added, inp, out, progress=False, max_new_tokens=3)
     assert out.read_text() == first
+    # the same files, decoding otherwise: the completions' spaces before punctuation kept or cleaned up
+    cleans = AutoTokenizer.from_pretrained(ckpt)
+    cleans.clean_up_tokenization_spaces = not tok.clean_up_tokenization_spaces
+    with pytest.raises(ValueError, match="made with other settings than this run's: .*the tokenizer"):
+        generate_jsonl(model, cleans, inp, out, progress=False, max_new_tokens=3)
+    assert out.read_text() == first
     # the same tokenizer, loaded again (another object, its state touched by other calls): the same job
     again = AutoTokenizer.from_pretrained(ckpt)
     again(["a", "bb"], padding=True, truncation=True, max_length=1)
