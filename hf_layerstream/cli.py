@@ -505,16 +505,15 @@ class _NamedStdout:
         self._stream = stream
 
     def write(self, text):
-        try:
-            return self._stream.write(text)
-        except BrokenPipeError:
-            raise
-        except OSError as e:
-            raise StdoutWriteError(e) from e
+        return self._named(self._stream.write, text)
 
     def flush(self):
+        return self._named(self._stream.flush)
+
+    @staticmethod
+    def _named(call, *args):
         try:
-            return self._stream.flush()
+            return call(*args)
         except BrokenPipeError:
             raise
         except OSError as e:
