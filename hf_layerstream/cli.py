@@ -843,11 +843,35 @@ def _sampling_options_unused(args) -> list[str]:
     return [f"`{option}` {value}" for option, value in options if value is not None]
 
 
+def _generation_config_before_load(shard_dir):
+    """The generation config the model of a local `shard_dir` will run with, read without loading the model, as
+    enabling streaming picks it (`stream._load_generation_config`): its generation_config.json where that reads, else
+    the one its config.json derives. `None` for a hub repo (its generation_config.json is fetched with the weights),
+    or where neither reads (the load then says why)."""
+    from transformers import AutoConfig, GenerationConfig
+
+    from .shard_dir import side_file_damage
+
+    if not os.path.isdir(shard_dir):
+        return None
+    path = Path(shard_dir, "generation_config.json")
+    try:
+        if path.is_file() and side_file_damage(path) is None:
+            try:
+                return GenerationConfig.from_pretrained(shard_dir)
+            except Exception:  # noqa: BLE001 - enabling streaming keeps the config's then (with a warning), as here
+                pass
+        return GenerationConfig.from_model_config(AutoConfig.from_pretrained(shard_dir))
+    except Exception:  # noqa: BLE001 - the load says what is wrong
+        return None
+
+
 def _warn_sampling_options_unused(args, config) -> None:
     """The sampling options given without `--do-sample` (`_sampling_options_unused`), said once, for all of them
     (transformers' own, for some, is left out in `_cmd_generate`), with the decoding that runs instead: greedy, or beam
     search where the generation config (`config`, the settings `generate` runs with) asks for it (`num_beams` > 1,
-    which this line said was greedy when it was printed before the generation config was read)."""
+    which this line said was greedy when it was printed before the generation config was read). Said before the model
+    loads where the generation config can be read then (`_generation_config_before_load`), else once it has loaded."""
     unused = _sampling_options_unused(args)
     if not unused:
         return
@@ -1036,6 +1060,10 @@ def _generate(args) -> int:
     # `--tokenizer` or `--assistant`, as `split` says nothing of it where it serves a hub adapter)
     hub = [v for v in (args.adapter, args.tokenizer, args.assistant) if v and not os.path.isdir(os.path.expanduser(v))]
     local_token = None if hub and os.path.isdir(args.shard_dir) else args.token
+    # (before the load, minutes for a large model: the decoding it names is the generation config's, read on its own)
+    early = _generation_config_before_load(args.shard_dir) if _sampling_options_unused(args) else None
+    if early is not None:
+        _warn_sampling_options_unused(args, early)
     model = load_streamed_model(
         args.shard_dir,
         device=args.device,
@@ -1117,7 +1145,8 @@ def _generate(args) -> int:
         # the profile restarts at every generate call (one per batch): sum them into one for the whole job
         job = _JobProfile(model, state) if args.profile and state.profile is not None else None
         config = _one_sequence(model, gen_kwargs, "one is generated for each prompt")
-        _warn_sampling_options_unused(args, config)
+        if early is None:
+            _warn_sampling_options_unused(args, config)
         try:
             stats = generate_jsonl(
                 model,
@@ -1195,7 +1224,8 @@ def _generate(args) -> int:
         gen_kwargs["pad_token_id"] = tok.eos_token_id
     streamer = _continuation_streamer(tok, inputs["input_ids"][0].tolist(), skip_special_tokens=True)
     streams, config = _one_sequence_streamed(model, gen_kwargs)
-    _warn_sampling_options_unused(args, config)
+    if early is None:
+        _warn_sampling_options_unused(args, config)
     if streams:
         streamer, gen_kwargs = _streamed_to_the_stop(streamer, model, config, gen_kwargs, tok)
     # (a chat reply answers the prompt, on a line of its own; a completion continues it)

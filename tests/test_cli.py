@@ -2579,6 +2579,40 @@ def test_sampling_options_without_sampling_name_beam_search_where_the_generation
     assert "it applies only to sampling, and decoding is greedy; pass" in capsys.readouterr().err
 
 
+def test_sampling_options_without_sampling_are_warned_about_before_the_model_loads(
+    split_dir, tmp_path, capsys, monkeypatch
+):
+    """The line saying `--temperature` and the like are ignored without `--do-sample` was printed once the model had
+    loaded (minutes, for a large one), as it named the decoding the generation config gives. A local shard directory's
+    generation_config.json (`num_beams`) is read without loading the model: the line comes before the load, once,
+    naming the decoding that runs, in prompt and job modes."""
+    from hf_layerstream import cli
+
+    ckpt, shards = split_dir
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy)
+    config = json.loads((copy / "generation_config.json").read_text())
+    (copy / "generation_config.json").write_text(json.dumps({**config, "num_beams": 3}))
+    (tmp_path / "in.jsonl").write_text('{"id": "a", "prompt": "hi"}\n')
+    real, at_load = cli.load_streamed_model, []
+
+    def load(*args, **kwargs):
+        at_load.append(capsys.readouterr().err)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "load_streamed_model", load)
+    greedy = "it applies only to sampling, and decoding is greedy; pass `--do-sample` to sample."
+    beams = "it applies only to sampling, and decoding is beam search (the generation config's `num_beams` 3); pass"
+    job = ["--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl")]
+    for folder, mode, wanted in ((shards, ["hi"], greedy), (copy, ["hi"], beams), (copy, job, beams)):
+        (tmp_path / "out.jsonl").unlink(missing_ok=True)
+        argv = ["generate", str(folder), *mode, "--max-new-tokens", "2", "--device", "cpu", "--temperature", "0.5"]
+        assert main(argv) == 0
+        after = capsys.readouterr().err
+        assert wanted in at_load[-1], (at_load[-1], after)
+        assert "--do-sample" not in after, after  # (said once)
+
+
 def test_speculative_generate_prints_no_further_than_a_stop_string_inside_a_drafted_block(
     split_dir, tmp_path, capsys, monkeypatch
 ):
