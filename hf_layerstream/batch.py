@@ -297,16 +297,17 @@ def _check_batch_size(batch_size: Any) -> int:
     return int(batch_size)
 
 
-def _check_seed(seed: Any) -> int | None:
+def _check_seed(seed: Any, name: str = "seed") -> int | None:
     """`seed` as a Python int (NumPy's integers too: a job's settings are JSON), or None: another type is a TypeError,
-    a number out of `torch.manual_seed`'s range a ValueError."""
+    a number out of `torch.manual_seed`'s range a ValueError, naming it as `name` (`generate --seed` checks its own
+    here, before the model loads)."""
     if seed is not None and not _is_int(seed):
-        raise TypeError(f"`seed` must be an int or None, got {seed!r}.")
+        raise TypeError(f"`{name}` must be an int or None, got {seed!r}.")
     seed = None if seed is None else int(seed)
     if seed is not None and not -(2**63) <= seed < 2**64:
-        # (`torch.manual_seed`'s range, as `generate --seed` checks it: torch's "Overflow when unpacking long long"
-        # named no argument, and came after the output file was made)
-        raise ValueError(f"`seed` {seed} is out of range: use a whole number from {-(2**63)} to {2**64 - 1}.")
+        # (`torch.manual_seed`'s range: torch's "Overflow when unpacking long long" named no argument, and came after
+        # the output file was made)
+        raise ValueError(f"`{name}` {seed} is out of range: use a whole number from {-(2**63)} to {2**64 - 1}.")
     return seed
 
 

@@ -975,8 +975,9 @@ def _generate(args) -> int:
     if args.do_sample and args.top_p is not None and not 0 <= args.top_p <= 1:
         raise ValueError(f"`--top-p` (={args.top_p}) has to be a number from 0 to 1.")
     # (torch's range: past it, torch's "Overflow when unpacking long long" once the model had loaded, naming no option)
-    if args.seed is not None and not -(2**63) <= args.seed < 2**64:
-        raise ValueError(f"`--seed` {args.seed} is out of range: use a whole number from {-(2**63)} to {2**64 - 1}.")
+    from . import batch
+
+    batch._check_seed(args.seed, "--seed")
     for option, value in (
         ("--assistant", args.assistant),
         ("--tokenizer", args.tokenizer),

@@ -398,6 +398,22 @@ def test_top_p_is_checked_as_transformers_checks_it(split_dir, capsys):
         assert capsys.readouterr().out[2:].strip() == _greedy_text(ckpt, "hi", 3).strip()
 
 
+def test_generate_checks_the_seed_as_the_batch_api_does(split_dir, capsys, monkeypatch):
+    """`--seed`'s range (`torch.manual_seed`'s) was checked in the command beside `batch._check_seed`, the same numbers
+    written twice. The command asks `_check_seed`, naming `--seed`, before the model loads."""
+    from hf_layerstream import batch, cli
+
+    ckpt, shards = split_dir
+    real, seen = batch._check_seed, []
+    monkeypatch.setattr(batch, "_check_seed", lambda seed, name="seed": seen.append((seed, name)) or real(seed, name))
+    monkeypatch.setattr(cli, "load_streamed_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    for seed in (2**64, -(2**63) - 1):
+        assert main(["generate", str(shards), "hi", "--do-sample", "--seed", str(seed)]) == 2
+        err = capsys.readouterr().err
+        assert f"`--seed` {seed} is out of range: use a whole number from {-(2**63)} to {2**64 - 1}." in err, err
+    assert seen == [(2**64, "--seed"), (-(2**63) - 1, "--seed")]
+
+
 def test_a_seed_without_sampling_is_warned_about(split_dir, capsys):
     """`--seed` without `--do-sample` did nothing, without a word (greedy decoding draws no random numbers, and
     transformers, which warns of `--temperature` unused, never sees the seed): a line on standard error says so; the
