@@ -833,14 +833,18 @@ def _attach_adapter(model, adapter: str, revision: str | None = None, token: str
         model.load_adapter(str(folder))
 
 
+# `generate`'s options that apply only with `--do-sample`, by their names in `args` (and in a generation config, for
+# the ones transformers takes: `--top-p` is `top_p`)
+_SAMPLING_OPTIONS = ("temperature", "top_p", "seed")
+
+
 def _sampling_options_unused(args) -> list[str]:
-    """`generate`'s sampling options given without `--do-sample`, each as "`--option` value": greedy decoding ignored
-    them, the user told only by transformers' generic "The following generation flags are not valid and may be
-    ignored: ['temperature']" once the prompt was printed (the seed, only torch's, not even that)."""
+    """`generate`'s sampling options (`_SAMPLING_OPTIONS`) given without `--do-sample`, by their names in `args`:
+    greedy decoding ignored them, the user told only by transformers' generic "The following generation flags are not
+    valid and may be ignored: ['temperature']" once the prompt was printed (the seed, only torch's, not even that)."""
     if args.do_sample:
         return []
-    options = (("--temperature", args.temperature), ("--top-p", args.top_p), ("--seed", args.seed))
-    return [f"`{option}` {value}" for option, value in options if value is not None]
+    return [name for name in _SAMPLING_OPTIONS if getattr(args, name) is not None]
 
 
 def _generation_config_before_load(shard_dir):
@@ -872,7 +876,7 @@ def _warn_sampling_options_unused(args, config) -> None:
     search where the generation config (`config`, the settings `generate` runs with) asks for it (`num_beams` > 1,
     which this line said was greedy when it was printed before the generation config was read). Said before the model
     loads where the generation config can be read then (`_generation_config_before_load`), else once it has loaded."""
-    unused = _sampling_options_unused(args)
+    unused = [f"`--{name.replace('_', '-')}` {getattr(args, name)}" for name in _sampling_options_unused(args)]
     if not unused:
         return
     named = " and ".join(filter(None, (", ".join(unused[:-1]), unused[-1])))
@@ -888,9 +892,8 @@ def _warn_sampling_options_unused(args, config) -> None:
 
 def _sampling_flags_warned(flags: set[str]):
     """A filter of transformers' generation-config records leaving out its warning "The following generation flags
-    are not valid and may be ignored: [...]" where each flag it lists is one of `flags` (`temperature`, `top_p`):
-    options the command has warned about itself (`_sampling_options_unused`). Any other flag listed: the record
-    passes, whole."""
+    are not valid and may be ignored: [...]" where each flag it lists is one of `flags`: options the command has warned
+    about itself (`_sampling_options_unused`). Any other flag listed: the record passes, whole."""
 
     def passes(record: logging.LogRecord) -> bool:
         found = re.match(
@@ -902,11 +905,12 @@ def _sampling_flags_warned(flags: set[str]):
 
 
 def _cmd_generate(args) -> int:
-    # transformers warns of the sampling flags it is given without sampling, as the command does (once is enough)
-    flags = {name for name in ("temperature", "top_p") if getattr(args, name) is not None}
+    # transformers warns of the sampling flags it is given without sampling, as the command does (once is enough; the
+    # seed, no flag of transformers', is never among those it lists)
+    flags = set(_sampling_options_unused(args))
     warned = logging.getLogger("transformers.generation.configuration_utils")
     leave_out = _sampling_flags_warned(flags)
-    if flags and not args.do_sample:
+    if flags:
         warned.addFilter(leave_out)
     try:
         return _generate(args)

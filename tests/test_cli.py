@@ -483,6 +483,38 @@ def test_sampling_options_without_sampling_are_warned_about_once(split_dir, tmp_
         flags.removeHandler(handler)
 
 
+def test_transformers_flags_warning_is_left_out_for_the_options_the_command_warns_of(monkeypatch):
+    """`generate` leaves out transformers' "The following generation flags are not valid and may be ignored: [...]"
+    where it says itself which sampling options go unused: its list of the flags to leave out (temperature, top_p)
+    was a second copy of the options `_sampling_options_unused` knows. The flags left out are those it names."""
+    from transformers.generation import GenerationConfig
+
+    from hf_layerstream import cli
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    flags = logging.getLogger("transformers.generation.configuration_utils")
+
+    def generate(args):
+        logging.Logger.warning_once.cache_clear()  # (transformers says each message once a process)
+        GenerationConfig(do_sample=False, temperature=0.5, top_p=0.9).validate()
+        return 0
+
+    monkeypatch.setattr(cli, "_generate", generate)
+    args = build_parser().parse_args(["generate", "shards", "hi", "--temperature", "0.5", "--top-p", "0.9"])
+    flags.addHandler(handler)
+    try:
+        for unused, printed in ((["temperature", "top_p"], False), (["temperature"], True), ([], True)):
+            monkeypatch.setattr(cli, "_sampling_options_unused", lambda args, unused=unused: unused)
+            records.clear()
+            assert cli._cmd_generate(args) == 0
+            said = [r for r in records if "not valid and may be ignored" in r.getMessage()]
+            assert bool(said) == printed, (unused, said)
+    finally:
+        flags.removeHandler(handler)
+
+
 def test_a_generation_past_a_learned_position_table_is_refused_before_it_starts(tmp_path, capsys):
     """GPT-2 has a learned table of 256 positions here (`n_positions`): a prompt and `--max-new-tokens` past it ran
     until the table ran out, then ended in a torch traceback (`IndexError: index out of range in self`, the loaded
