@@ -66,7 +66,7 @@ from transformers import GenerationConfig
 from transformers.generation import GenerationMode
 
 from ._safetensors import atomic_write_bytes, fsync_dir
-from .modeling import check_flag, check_path, position_overrun, vocabulary_overrun
+from .modeling import check_flag, check_path, learned_position_limit, position_overrun, vocabulary_overrun
 from .quant import _is_int  # (an int, NumPy's too, not a bool)
 from .speculative import (
     SweepCounter,
@@ -309,6 +309,26 @@ def _check_seed(seed: Any, name: str = "seed") -> int | None:
         # the output file was made)
         raise ValueError(f"`{name}` {seed} is out of range: use a whole number from {-(2**63)} to {2**64 - 1}.")
     return seed
+
+
+def _setting_source(model: nn.Module, generate_kwargs: dict, name: str) -> str | None:
+    """Where the generation setting `name` of a `model.generate(**generate_kwargs)` call comes from, as words to put
+    after its value in a message: "" (the call's own argument), " (from the `generation_config` given)", " (from the
+    shard directory's generation_config.json)" (a streaming model's, as enabling streaming loads it), " (from
+    `model.generation_config`)"; `None` where none of them sets it: transformers' default (a refusal saying "from the
+    generation config" of a value nobody set misled)."""
+    if name in generate_kwargs:
+        return ""
+    given = generate_kwargs.get("generation_config")
+    if given is not None and name in given.to_diff_dict():
+        return " (from the `generation_config` given)"
+    own = getattr(model, "generation_config", None)
+    if own is None or name not in own.to_diff_dict():
+        return None
+    state = get_streaming_state(model)
+    if state is not None and state.generation_config is own:
+        return " (from the shard directory's generation_config.json)"
+    return " (from `model.generation_config`)"
 
 
 def _check_kwargs(
@@ -619,7 +639,22 @@ def _run(
     new = config.max_new_tokens
     longest = max(prompts, key=lambda p: len(p.input_ids), default=None)
     n = len(longest.input_ids) if longest else 0
-    if new is None and longest and config.max_length is not None:
+    where = _setting_source(model, generate_kwargs, "max_length") if new is None and longest else None
+    limit = learned_position_limit(model) if new is None and longest and where is None else None
+    if limit is not None and n >= limit:
+        # no length set: transformers generates its default number of new tokens, up to the table's end (`max_length`
+        # capped at `max_position_embeddings`), and refused a prompt that fills the table ("Input length of input_ids
+        # is 256, but `max_length` is set to 256 ... consider increasing `max_length`", a value nobody set, past which
+        # the table ends)
+        default = GenerationConfig._get_default_generation_params().get("max_length", 20)
+        raise ValueError(
+            f"Prompt {longest.id!r} ({n} tokens) {'fills' if n == limit else 'runs past'} the {limit} positions of "
+            f"{type(model).__name__}'s learned position table (`max_position_embeddings`), and no length is set "
+            f"(transformers' default: {default} new tokens, up to the table's end"
+            + (", which leaves none): pass `max_new_tokens` 1, or " if n == limit else "): ")
+            + "shorten the prompt (or leave it out); nothing was generated."
+        )
+    if where is not None and config.max_length is not None:
         # `max_length` (where `max_new_tokens` is not set: it decides where both are) counts the prompt and the
         # padding, whose row runs its own positions from 0: the longest prompt's row reaches `max_length` (at least
         # one new token, past a `max_length` the prompt alone reaches); one past the table ended in a bare IndexError
@@ -627,7 +662,6 @@ def _run(
         overrun = position_overrun(model, n, max(length - n, 1))
         if overrun is not None:
             limit, room = overrun
-            where = "" if "max_length" in generate_kwargs else " (from the generation config)"
             raise ValueError(
                 f"Prompt {longest.id!r} ({n} tokens) and `max_length` {length}{where} run past the {limit} positions "
                 f"of {type(model).__name__}'s learned position table (`max_position_embeddings`): "

@@ -9,6 +9,7 @@ import copy
 import json
 import logging
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -1189,7 +1190,7 @@ def test_a_max_length_past_a_learned_position_table_is_refused_as_max_new_tokens
     message = rf"^Prompt 1 \({n} tokens\) and `max_length` 258 run past the 256 positions of GPT2LMHeadModel's "
     with pytest.raises(ValueError, match=message + r".*pass `max_length` 257 or less \(or `max_new_tokens` "):
         generate_batch(model, tok, ["hi", long], progress=False, max_length=258, min_length=258)
-    with pytest.raises(ValueError, match=r"`max_length` 258 \(from the generation config\) run past"):
+    with pytest.raises(ValueError, match=r"`max_length` 258 \(from the `generation_config` given\) run past"):
         generate_batch(model, tok, ["hi", long], progress=False, generation_config=GenerationConfig(max_length=258))
     inp = tmp_path / "in.jsonl"
     inp.write_text(json.dumps({"id": "long", "prompt": long}) + "\n")
@@ -1199,6 +1200,43 @@ def test_a_max_length_past_a_learned_position_table_is_refused_as_max_new_tokens
     # (max_new_tokens decides where both are given, as in `generate`)
     assert len(generate_batch(model, tok, ["hi", long], progress=False, max_length=258, max_new_tokens=2)) == 2
     assert len(generate_batch(model, tok, ["hi", long], progress=False, max_length=257, min_length=257)) == 2
+
+
+def test_a_length_past_a_learned_position_table_says_where_the_length_came_from(checkpoints, tmp_path):
+    """A refusal of a `max_length` past GPT-2's learned position table said "(from the generation config)" of every
+    length the call did not give, the value transformers' default where nothing set one. It names where it came from:
+    the call, the `generation_config` given, the shard directory's generation_config.json, the model's
+    `generation_config`. With no length set (transformers' default: 20 new tokens, up to the table's end), a prompt
+    filling the table ended in transformers' "Input length of input_ids is N, but `max_length` is set to 256 ... consider
+    increasing `max_length`", a value nobody set whose increase runs past the table: refused naming the prompt."""
+    model, tok, long, n = _gpt2_and_a_prompt_of_200_tokens(checkpoints)
+    past = rf"^Prompt 1 \({n} tokens\) and `max_length` 258"
+    with pytest.raises(ValueError, match=past + r" run past"):
+        generate_batch(model, tok, ["hi", long], progress=False, max_length=258)
+    with pytest.raises(ValueError, match=past + r" \(from the `generation_config` given\) run past"):
+        generate_batch(model, tok, ["hi", long], progress=False, generation_config=GenerationConfig(max_length=258))
+    own = model.generation_config
+    model.generation_config = GenerationConfig(max_length=258)
+    try:
+        with pytest.raises(ValueError, match=past + r" \(from `model.generation_config`\) run past"):
+            generate_batch(model, tok, ["hi", long], progress=False)
+    finally:
+        model.generation_config = own
+    ckpt, shards = checkpoints("gpt2")
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy)
+    config = json.loads((copy / "generation_config.json").read_text())
+    (copy / "generation_config.json").write_text(json.dumps({**config, "max_length": 258}))
+    from_file = streamed_model(ckpt, copy)
+    with pytest.raises(ValueError, match=past + r" \(from the shard directory's generation_config.json\) run past"):
+        generate_batch(from_file, tok, ["hi", long], progress=False)
+    # no length set: the prompt alone, named as such
+    longer = long + " " + long
+    m = len(tok(longer).input_ids)
+    message = rf"^Prompt 1 \({m} tokens\) runs past the 256 positions of GPT2LMHeadModel's learned position table "
+    with pytest.raises(ValueError, match=message + r".*no length is set \(transformers' default: 20 new tokens"):
+        generate_batch(model, tok, ["hi", longer], progress=False)
+    assert len(generate_batch(model, tok, ["hi", long], progress=False)) == 2  # (20 new tokens fit after it)
 
 
 def test_resume_refuses_other_settings(llama, tmp_path, caplog):
