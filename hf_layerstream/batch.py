@@ -71,8 +71,10 @@ from .quant import _is_int  # (an int, NumPy's too, not a bool)
 from .speculative import (
     SweepCounter,
     _generation_config,
+    _refuse_lookup_settings,
     _refuse_what_drafting_fails_on,
     _require_model,
+    _setting_source,
     _StopRecorder,
     _StopWatch,
     _with_settings,
@@ -311,26 +313,6 @@ def _check_seed(seed: Any, name: str = "seed") -> int | None:
     return seed
 
 
-def _setting_source(model: nn.Module, generate_kwargs: dict, name: str) -> str | None:
-    """Where the generation setting `name` of a `model.generate(**generate_kwargs)` call comes from, as words to put
-    after its value in a message: "" (the call's own argument), " (from the `generation_config` given)", " (from the
-    shard directory's generation_config.json)" (a streaming model's, as enabling streaming loads it), " (from
-    `model.generation_config`)"; `None` where none of them sets it: transformers' default (a refusal saying "from the
-    generation config" of a value nobody set misled)."""
-    if name in generate_kwargs:
-        return ""
-    given = generate_kwargs.get("generation_config")
-    if given is not None and name in given.to_diff_dict():
-        return " (from the `generation_config` given)"
-    own = getattr(model, "generation_config", None)
-    if own is None or name not in own.to_diff_dict():
-        return None
-    state = get_streaming_state(model)
-    if state is not None and state.generation_config is own:
-        return " (from the shard directory's generation_config.json)"
-    return " (from `model.generation_config`)"
-
-
 def _check_kwargs(
     model: nn.Module, batch_size: Any, generate_kwargs: dict, tokenizer=None
 ) -> tuple[int, GenerationConfig, str]:
@@ -358,17 +340,7 @@ def _check_kwargs(
             f"`num_return_sequences` must be 1 for batched generation (one result per prompt), got "
             f"{config.num_return_sequences!r}{where}. Repeat the prompt with different ids instead."
         )
-    for name, example in (("prompt_lookup_num_tokens", 10), ("max_matching_ngram_size", 2)):
-        # (0 or -1 ended in transformers' "Invalid max_matching_ngram_size or num_output_tokens", naming neither)
-        value = getattr(config, name, None)
-        if value is None:
-            continue
-        where = "" if name in generate_kwargs else " (from the generation config)"
-        problem = f"`{name}` must be a positive int (e.g. {example}) or None, got"
-        if not _is_int(value):
-            raise TypeError(f"{problem} {type(value).__name__} {value!r}{where}.")
-        if value < 1:
-            raise ValueError(f"{problem} {value!r}{where}.")
+    _refuse_lookup_settings(model, config, generate_kwargs)
     assistant = generate_kwargs.get("assistant_model")
     mode = config.get_generation_mode(assistant)
     _refuse_what_drafting_fails_on(model, config, generate_kwargs, tokenizer)

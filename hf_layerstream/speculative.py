@@ -265,6 +265,44 @@ def _generation_config(model: nn.Module, generate_kwargs: dict) -> GenerationCon
     return config
 
 
+def _setting_source(model: nn.Module, generate_kwargs: dict, name: str) -> str | None:
+    """Where the generation setting `name` of a `model.generate(**generate_kwargs)` call comes from, as words to put
+    after its value in a message: "" (the call's own argument), " (from the `generation_config` given)", " (from the
+    shard directory's generation_config.json)" (a streaming model's, as enabling streaming loads it), " (from
+    `model.generation_config`)"; `None` where none of them sets it: transformers' default (a refusal saying "from the
+    generation config" of a value nobody set misled)."""
+    if name in generate_kwargs:
+        return ""
+    given = generate_kwargs.get("generation_config")
+    if given is not None and name in given.to_diff_dict():
+        return " (from the `generation_config` given)"
+    own = getattr(model, "generation_config", None)
+    if own is None or name not in own.to_diff_dict():
+        return None
+    from .stream import get_streaming_state
+
+    state = get_streaming_state(model)
+    if state is not None and state.generation_config is own:
+        return " (from the shard directory's generation_config.json)"
+    return " (from `model.generation_config`)"
+
+
+def _refuse_lookup_settings(model: nn.Module, config: GenerationConfig, generate_kwargs: dict) -> None:
+    """Prompt lookup's settings in `config` (what `model.generate(**generate_kwargs)` runs with) that are not positive
+    ints, refused naming each and where it came from (`_setting_source`): 0 or -1 ended in transformers' "Invalid
+    max_matching_ngram_size or num_output_tokens", naming neither, or ran without a word."""
+    for name, example in (("prompt_lookup_num_tokens", 10), ("max_matching_ngram_size", 2)):
+        value = getattr(config, name, None)
+        if value is None:
+            continue
+        where = _setting_source(model, generate_kwargs, name) or ""
+        problem = f"`{name}` must be a positive int (e.g. {example}) or None, got"
+        if not _is_int(value):
+            raise TypeError(f"{problem} {type(value).__name__} {value!r}{where}.")
+        if value < 1:
+            raise ValueError(f"{problem} {value!r}{where}.")
+
+
 def _with_settings(generate_kwargs: dict, **settings) -> dict:
     """`generate_kwargs` plus `settings`, inside a copy of `generation_config` when one is given (transformers warns
     when a config comes with generation arguments), else as keyword arguments."""
@@ -673,6 +711,8 @@ def measure_sweeps(
     if assistant_model is not None:
         kwargs["assistant_model"] = assistant_model
     config = _generation_config(model, kwargs)
+    named = {**generate_kwargs, **settings} if prompt_lookup_num_tokens is not None else generate_kwargs
+    _refuse_lookup_settings(model, config, named)  # (its own argument checked above)
     # (prompt lookup, early exit and multi-token prediction set in a generation config, given or the model's, count
     # as given here; as in `generate`, none of them under beam search, which ignores them with a warning)
     speculative = config.get_generation_mode(assistant_model) == GenerationMode.ASSISTED_GENERATION

@@ -697,7 +697,9 @@ def test_a_prompt_lookup_that_is_not_a_positive_int_is_refused_naming_it(llama, 
             ValueError, match=rf"^`prompt_lookup_num_tokens` must be a positive int \(e.g. 10\) or None, got {value}\."
         ):
             generate_batch(model, tok, PROMPTS[:2], progress=False, prompt_lookup_num_tokens=value, **GREEDY)
-    with pytest.raises(ValueError, match=r"`prompt_lookup_num_tokens` .* got 0 \(from the generation config\)\."):
+    with pytest.raises(
+        ValueError, match=r"`prompt_lookup_num_tokens` .* got 0 \(from the `generation_config` given\)\."
+    ):
         generate_batch(
             model,
             tok,

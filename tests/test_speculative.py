@@ -355,6 +355,31 @@ def test_user_errors(setup):
             measure_sweeps(not_a_model, ids)
 
 
+def test_measure_sweeps_refuses_a_lookup_setting_that_is_not_a_positive_int_as_generate_batch_does(setup):
+    """`measure_sweeps` checked its `prompt_lookup_num_tokens` argument only: a `max_matching_ngram_size` of 0 or -1
+    (given, or in a `generation_config`), or a `prompt_lookup_num_tokens` of 0 in a `generation_config` given, ended in
+    transformers' "Invalid max_matching_ngram_size or num_output_tokens", naming neither. Refused up front, naming it
+    (and where it came from), as `generate_batch` refuses them; a positive one runs."""
+    from transformers import GenerationConfig
+
+    model, tok, _, _, _ = setup
+    ids = tok("Hello", return_tensors="pt").input_ids
+    for value in (0, -1):
+        with pytest.raises(
+            ValueError, match=rf"^`max_matching_ngram_size` must be a positive int \(e.g. 2\) or None, got {value}\.$"
+        ):
+            measure_sweeps(model, ids, prompt_lookup_num_tokens=3, max_matching_ngram_size=value, max_new_tokens=2)
+    with pytest.raises(TypeError, match=r"^`max_matching_ngram_size` must be a positive int .* got float 2\.5\.$"):
+        measure_sweeps(model, ids, prompt_lookup_num_tokens=3, max_matching_ngram_size=2.5, max_new_tokens=2)
+    given = GenerationConfig(max_new_tokens=2, prompt_lookup_num_tokens=0)
+    with pytest.raises(ValueError, match=r"`prompt_lookup_num_tokens` .* got 0 \(from the `generation_config` given\)"):
+        measure_sweeps(model, ids, generation_config=given)
+    given = GenerationConfig(max_new_tokens=2, max_matching_ngram_size=0)
+    with pytest.raises(ValueError, match=r"`max_matching_ngram_size` .* got 0 \(from the `generation_config` given\)"):
+        measure_sweeps(model, ids, prompt_lookup_num_tokens=3, generation_config=given)
+    assert measure_sweeps(model, ids, prompt_lookup_num_tokens=3, max_matching_ngram_size=1, max_new_tokens=2)["tokens"]
+
+
 def test_configure_draft_sets_what_generate_reads(setup):
     """The draft's settings are generation-config attributes transformers reads in assisted decoding. A config
     takes any attribute, so one transformers renamed would be set and ignored: `configure_draft` checks each exists
