@@ -607,6 +607,38 @@ def _refuse_what_the_model_cannot_run(model: nn.Module, input_ids: torch.Tensor,
         )
 
 
+def _refuse_a_length_past_the_table(model: nn.Module, n: int, config: GenerationConfig, generate_kwargs: dict) -> None:
+    """`measure_sweeps`' `input_ids` (`n` tokens, padding included) and the length the call sets otherwise than by its
+    `max_new_tokens` argument (`config`'s `max_new_tokens`, from a `generation_config` given, else its `max_length`,
+    which counts the prompt), refused where they run past a learned position table, naming the length and where it came
+    from (`_setting_source`): it ended in torch's bare "IndexError: index out of range in self" once generated that
+    far."""
+    from .modeling import position_overrun
+
+    if config.max_new_tokens is not None:
+        name, value, new = "max_new_tokens", config.max_new_tokens, config.max_new_tokens
+    elif config.max_length is not None:  # (at least one new token, past a `max_length` the prompt alone reaches)
+        name, value, new = "max_length", config.max_length, max(config.max_length - n, 1)
+    else:
+        return
+    overrun = position_overrun(model, n, new)
+    if overrun is None:
+        return
+    limit, room = overrun
+    fix = (
+        f"pass `max_new_tokens` {room} or less"
+        if name == "max_new_tokens"
+        else f"pass `max_length` {limit + 1} or less (or `max_new_tokens` {room} or less, which counts the new tokens "
+        "alone)"
+    )
+    raise ValueError(
+        f"`input_ids` ({n} tokens) and `{name}` {value}{_setting_source(model, generate_kwargs, name) or ''} run past "
+        f"the {limit} positions of {type(model).__name__}'s learned position table (`max_position_embeddings`): "
+        + (f"{fix}, or " if room >= 1 else "")
+        + "shorten the prompt; nothing was generated."
+    )
+
+
 def measure_sweeps(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -628,8 +660,8 @@ def measure_sweeps(
             The (streamed) model, the verifier when speculating.
         input_ids (`torch.LongTensor` of shape `(batch, length)`, or a 1-D tensor / list of ids for one prompt):
             Prompt ids; a batch must be left-padded (and should come with `attention_mask`). Ids the model cannot
-            run (none, one past its vocabulary, a prompt and `max_new_tokens` past a learned position table) are
-            refused.
+            run (none, one past its vocabulary, a prompt and the length the call sets, `max_new_tokens` or
+            `max_length` or a `generation_config`'s, past a learned position table) are refused.
         attention_mask (`torch.Tensor` or list, *optional*):
             Of the shape of `input_ids` (1-D for one prompt too). Defaults to what `generate` infers from the padding (`pad_token_id`), as for a plain `generate` call.
         assistant_model (`transformers.PreTrainedModel`, *optional*):
@@ -713,6 +745,8 @@ def measure_sweeps(
     config = _generation_config(model, kwargs)
     named = {**generate_kwargs, **settings} if prompt_lookup_num_tokens is not None else generate_kwargs
     _refuse_lookup_settings(model, config, named)  # (its own argument checked above)
+    if max_new_tokens is None:  # (the call sets the length otherwise; its own argument is checked above)
+        _refuse_a_length_past_the_table(model, input_ids.shape[1], config, named)
     # (prompt lookup, early exit and multi-token prediction set in a generation config, given or the model's, count
     # as given here; as in `generate`, none of them under beam search, which ignores them with a warning)
     speculative = config.get_generation_mode(assistant_model) == GenerationMode.ASSISTED_GENERATION

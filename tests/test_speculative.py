@@ -284,6 +284,38 @@ def test_ids_the_model_cannot_run_are_refused_before_generating(setup, checkpoin
     assert measure_sweeps(model, [[1, 5, size - 1]], max_new_tokens=2)["tokens"] == 2
 
 
+def test_a_length_set_otherwise_past_a_learned_position_table_is_refused_by_measure_sweeps(checkpoints):
+    """`measure_sweeps` checked its own `max_new_tokens` against GPT-2's learned position table, not a length the call
+    set otherwise (`max_length`, or a `generation_config` given with `max_new_tokens` or `max_length`): past the table
+    it ended in torch's bare "IndexError: index out of range in self" once it had generated that far. Refused first,
+    naming the length, where it came from and what fits; within the table it runs."""
+    from transformers import GenerationConfig
+
+    ckpt, shards = checkpoints("gpt2")
+    gpt2 = streamed_model(ckpt, shards, **STREAM_ALL)
+    n = _models.MAX_POSITIONS - 6
+    prompt, limit = [[1] * n], _models.MAX_POSITIONS
+    head = rf"^`input_ids` \({n} tokens\) and "
+    table = (
+        rf" run past the {limit} positions of GPT2LMHeadModel's learned position table \(`max_position_embeddings`\)"
+    )
+    fix = (
+        rf": pass `max_length` {limit + 1} or less \(or `max_new_tokens` 7 or less, which counts the new tokens alone\)"
+    )
+    with pytest.raises(ValueError, match=head + rf"`max_length` {limit + 10}" + table + fix):
+        measure_sweeps(gpt2, prompt, max_length=limit + 10)
+    given = " \\(from the `generation_config` given\\)"
+    with pytest.raises(ValueError, match=head + rf"`max_length` {limit + 10}{given}" + table):
+        measure_sweeps(gpt2, prompt, generation_config=GenerationConfig(max_length=limit + 10))
+    with pytest.raises(ValueError, match=head + rf"`max_new_tokens` 20{given}" + table + ": pass `max_new_tokens` 7"):
+        measure_sweeps(gpt2, prompt, generation_config=GenerationConfig(max_new_tokens=20))
+    assert measure_sweeps(gpt2, prompt, max_length=limit + 1, min_length=limit + 1)["tokens"] == 7
+    assert (
+        measure_sweeps(gpt2, prompt, generation_config=GenerationConfig(max_new_tokens=7, min_new_tokens=7))["tokens"]
+        == 7
+    )
+
+
 def test_a_generation_config_that_is_not_one_is_refused_naming_it(setup, tmp_path):
     """`generation_config={"max_new_tokens": 4}` (its settings as a dict) failed in an attribute lookup, "'dict' object
     has no attribute 'num_return_sequences'" (`measure_sweeps`: "... 'max_new_tokens'"), naming no argument. Refused
