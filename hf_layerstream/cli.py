@@ -912,10 +912,22 @@ def _cmd_generate(args) -> int:
     leave_out = _sampling_flags_warned(flags)
     if flags:
         warned.addFilter(leave_out)
+    # (transformers' candidate generator calls the draft's `generate` with a generation config and length arguments,
+    # which transformers itself says is deprecated: a warning in the middle of the text, of nothing the user can change)
+    drafting = logging.getLogger("transformers.generation.utils")
+    if args.assistant:
+        drafting.addFilter(_draft_call_deprecation)
     try:
         return _generate(args)
     finally:  # (`main` called again in one process, as the tests do)
         warned.removeFilter(leave_out)
+        drafting.removeFilter(_draft_call_deprecation)
+
+
+def _draft_call_deprecation(record: logging.LogRecord) -> bool:
+    """`generate --assistant`'s filter of transformers' "Passing `generation_config` together with generation-related
+    arguments=(...) is deprecated ...", which its own call of the draft's `generate` makes; its other records pass."""
+    return not str(record.msg).startswith("Passing `generation_config` together with generation-related arguments")
 
 
 def _generate(args) -> int:

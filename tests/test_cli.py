@@ -2056,6 +2056,38 @@ def test_a_draft_size_below_one_is_refused_before_the_model_loads(split_dir, mon
     )
 
 
+def test_generate_with_a_draft_prints_no_deprecation_warning_of_transformers_own_draft_call(split_dir, capsys):
+    """`--assistant` printed transformers' "Passing `generation_config` together with generation-related
+    arguments=({'use_cache', 'max_new_tokens', 'min_new_tokens'}) is deprecated ..." in the middle of the text (after
+    the prompt printed): transformers' candidate generator calls the draft's `generate` so, nothing the user passed or
+    can change. Left out during the command (the text is the greedy one), and said again after it."""
+    from transformers import GenerationConfig
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    warned = logging.getLogger("transformers.generation.utils")
+    warned.addHandler(handler)
+    ckpt, shards = split_dir
+    try:
+        logging.Logger.warning_once.cache_clear()  # (transformers says each message once a process)
+        argv = ["generate", str(shards), "hi", "--assistant", str(ckpt), "--max-new-tokens", "4", "--device", "cpu"]
+        assert main(argv) == 0
+        out, err = capsys.readouterr()
+        assert out.startswith("hi") and out[2:].strip() == _greedy_text(ckpt, "hi", 4).strip(), (out, err)
+        said = [r.getMessage() for r in records if "together with generation-related" in r.getMessage()]
+        assert said == [], said
+        assert "together with generation-related" not in err
+        # (outside the command, transformers' own)
+        logging.Logger.warning_once.cache_clear()
+        model = _models.load_reference(ckpt, attn_implementation=None)
+        ids = AutoTokenizer.from_pretrained(ckpt)("hi", return_tensors="pt")
+        model.generate(**ids, generation_config=GenerationConfig(do_sample=False), max_new_tokens=1, pad_token_id=0)
+        assert [r for r in records if "together with generation-related" in r.getMessage()], records
+    finally:
+        warned.removeHandler(handler)
+
+
 @pytest.mark.parametrize("error", ["gpu", "cpu"])
 def test_a_jsonl_job_out_of_memory_names_the_batch_size_in_one_line(split_dir, tmp_path, capsys, monkeypatch, error):
     """A batch too large for the memory (`--batch-size 64` on a GPU) ended `generate --input` in torch's traceback.
