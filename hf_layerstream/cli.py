@@ -120,6 +120,9 @@ def _dequantize(text: str | None) -> str | None:
     return None if text in (None, "auto") else text
 
 
+_MAX_NEW_TOKENS = 64  # `generate`'s default `--max-new-tokens`
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hf-layerstream",
@@ -205,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--prompt", dest="prompt_option", default=None, metavar="TEXT", help="the prompt, as an option (- for stdin)"
     )
     p.add_argument("--tokenizer", default=None, help="tokenizer folder or hub id (default: the shard directory's)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    # (None: not given, the default said as such where a refusal names it)
+    p.add_argument("--max-new-tokens", type=int, default=None, help=f"tokens to generate (default {_MAX_NEW_TOKENS})")
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument(
         "--temperature",
@@ -976,6 +980,9 @@ def _generate(args) -> int:
         raise ValueError(
             f"`--num-assistant-tokens` must be a positive number of tokens, got {args.num_assistant_tokens}."
         )
+    args.default_max_new_tokens = args.max_new_tokens is None
+    if args.default_max_new_tokens:
+        args.max_new_tokens = _MAX_NEW_TOKENS
     if args.max_new_tokens < 1:  # (transformers refuses it too, but only once the model is loaded)
         raise ValueError(f"`--max-new-tokens` must be a positive number of tokens, got {args.max_new_tokens}.")
     # (as transformers' sampling checks them, which they met only once the model was loaded and the prompt printed;
@@ -1236,7 +1243,9 @@ def _generate(args) -> int:
             )
         raise ValueError(f"The prompt is no tokens for {which} (which adds no BOS token): give other text.")
     _refuse_tokens_past_the_vocabulary(model, inputs["input_ids"], which)
-    _refuse_past_the_position_table(model, inputs["input_ids"].shape[-1], args.max_new_tokens)
+    _refuse_past_the_position_table(
+        model, inputs["input_ids"].shape[-1], args.max_new_tokens, args.default_max_new_tokens
+    )
     if tok.pad_token_id is None and tok.eos_token_id is not None:
         gen_kwargs["pad_token_id"] = tok.eos_token_id
     streamer = _continuation_streamer(tok, inputs["input_ids"][0].tolist(), skip_special_tokens=True)
@@ -1389,8 +1398,9 @@ def _prompt_from_stdin() -> str:
     return text[:-1].removesuffix("\r") if text.endswith("\n") else text
 
 
-def _refuse_past_the_position_table(model, prompt_tokens: int, max_new_tokens: int) -> None:
-    """Refused before anything is generated (see `modeling.position_overrun`)."""
+def _refuse_past_the_position_table(model, prompt_tokens: int, max_new_tokens: int, default: bool = False) -> None:
+    """Refused before anything is generated (see `modeling.position_overrun`), saying where `max_new_tokens` is the
+    default (`default`: the option not given, which the refusal named as if it were)."""
     from .modeling import position_overrun
 
     overrun = position_overrun(model, prompt_tokens, max_new_tokens)
@@ -1400,8 +1410,9 @@ def _refuse_past_the_position_table(model, prompt_tokens: int, max_new_tokens: i
     table = f"the {limit} positions of {type(model).__name__}'s learned position table (`max_position_embeddings`)"
     if room < 1:
         raise ValueError(f"The prompt ({prompt_tokens} tokens) runs past {table}: shorten it.")
+    given = " (its default)" if default else ""
     raise ValueError(
-        f"The prompt ({prompt_tokens} tokens) and `--max-new-tokens` {max_new_tokens} run past {table}: pass "
+        f"The prompt ({prompt_tokens} tokens) and `--max-new-tokens` {max_new_tokens}{given} run past {table}: pass "
         f"`--max-new-tokens` {room} or less, or a shorter prompt."
     )
 

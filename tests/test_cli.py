@@ -546,6 +546,26 @@ def test_a_generation_past_a_learned_position_table_is_refused_before_it_starts(
     assert main(long) == 0
 
 
+def test_a_default_max_new_tokens_past_a_learned_position_table_is_named_as_the_default(tmp_path, capsys):
+    """A GPT-2 prompt whose room in the position table is under the 64 new tokens `generate` makes by default was
+    refused naming "`--max-new-tokens` 64", an option the user never gave. The refusal says it is the default; one
+    given is named as before."""
+    ckpt = _models.save_tiny_checkpoint("gpt2", tmp_path / "gpt2")
+    shards = tmp_path / "shards"
+    assert main(["split", str(ckpt), str(shards), "--quiet"]) == 0
+    capsys.readouterr()
+    prompt = " ".join(["hello"] * 45)
+    n = len(AutoTokenizer.from_pretrained(ckpt)(prompt).input_ids)
+    assert 257 - n < 64  # (the premise: the default does not fit)
+    argv = ["generate", str(shards), prompt, "--device", "cpu"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"The prompt ({n} tokens) and `--max-new-tokens` 64 (its default) run past the 256 positions" in err, err
+    assert f"pass `--max-new-tokens` {257 - n} or less, or a shorter prompt." in err
+    assert main([*argv, "--max-new-tokens", "64"]) == 2
+    assert f"The prompt ({n} tokens) and `--max-new-tokens` 64 run past" in capsys.readouterr().err
+
+
 def test_ctrl_c_during_generate_goes_on_a_line_of_its_own(split_dir, capsys, monkeypatch):
     """Ctrl-C while the text is printed: "interrupted" (exit 130) on a line of its own, as an error is."""
     from transformers.generation.utils import GenerationMixin
