@@ -1637,6 +1637,12 @@ class _BufferPool:
             self._free.clear()
 
 
+def _decode_buffers():
+    from .quant import DecodeBuffers  # (as the loader imports the codec: where a layer is decoded)
+
+    return DecodeBuffers()
+
+
 def _page_cached(fd: int, header: Header) -> bool:
     """Whether all of the file is in the page cache (then a buffered read costs no I/O)."""
     fraction = cached_fraction(fd, header.file_size)
@@ -1750,6 +1756,9 @@ class LayerLoader:
         self._close_done = False  # (`close` ran to its end)
         self._pinned = _PinnedHost(device) if self.is_cuda else None
         self._pool = _BufferPool(self._pinned)
+        # CPU: the buffers streamed layers' 4-bit weights are decoded into, reused from layer to layer (see
+        # `quant.DecodeBuffers`); given back as each layer is let go
+        self._decoded = _decode_buffers() if not self.is_cuda else None
         # read buffers all take the largest file of a layer streamed from the disk: any buffer fits any such layer, so
         # the pool never grows past `prefetch + 1` (layers of different sizes, or file sizes that round up to
         # different pages, would otherwise leave buffers that fit none of the next ones)
@@ -1947,6 +1956,17 @@ class LayerLoader:
     def _let_go(self, index: int, ready: _Ready, forget: bool = False) -> None:
         """`forget`: a kept map of the layer's file is forgotten, not released: something other than the loader may
         still view it (an autograd graph, a weight the caller kept), and must keep what it sees."""
+        # the addresses of its weights decoded into our buffers, which go back once its tensors are dropped (others
+        # are not ours: ignored)
+        decoded = [t.untyped_storage().data_ptr() for t in ready.tensors.values() if isinstance(t, torch.Tensor)]
+        try:
+            self._drop(index, ready, forget)
+        finally:
+            if self._decoded is not None:
+                self._decoded.give(decoded)
+
+    def _drop(self, index: int, ready: _Ready, forget: bool) -> None:
+        """`_let_go`'s work, but for the buffers its weights were decoded into."""
         ready.let_go = True
         if ready.mapped:
             # its pages leave the resident set here and now: `MADV_DONTNEED` on a kept map, or the munmap when the
@@ -2039,6 +2059,8 @@ class LayerLoader:
         self._changed_kept.clear()
         self._host_cache.clear()
         self._pool.clear()
+        if self._decoded is not None:
+            self._decoded.clear()
         if self._pinned is not None:
             self._unpin()
         self._close_done = True
@@ -2051,6 +2073,8 @@ class LayerLoader:
         self._lock = threading.Lock()
         self._pool._lock = threading.Lock()  # (layers in use hand their buffers back to it: a held lock would hang)
         self._pool = _BufferPool(self._pinned)
+        if self._decoded is not None:  # (as the read buffers: a lock held by a parent's thread would hang)
+            self._decoded = _decode_buffers()
         if self.profile is not None:
             self.profile._lock = threading.Lock()
             # (the calls of the parent's other threads never end here: they would keep the profile from restarting)
@@ -2306,12 +2330,14 @@ class LayerLoader:
         mapped: bool = False,
         times: dict | None = None,
         skip: frozenset = frozenset(),
+        buffers=None,
     ) -> dict[str, torch.Tensor]:
         """Stored tensors (host or device) -> logical tensors on the device, at the model's dtypes. `mapped`: `raw`
         views a private map of the file used for this sweep only; packed parts leave the resident set once decoded,
         and stored tensors once cast (so a layer's stored and decoded or cast weights are not both resident until its
         use ends: the plan counts a layer in flight at the compute dtype only). The weights
-        in `deferred` stay packed (`PackedWeight`, its parts on the device)."""
+        in `deferred` stay packed (`PackedWeight`, its parts on the device). `buffers`: where 4-bit weights are
+        decoded on CPU (a streamed layer's: see `quant.DecodeBuffers`)."""
         from .quant import PackedWeight, dequantize_tensor
 
         entry = self.shards.unit(unit)
@@ -2336,7 +2362,7 @@ class LayerLoader:
                     value = PackedWeight(parts, info.quant, target, self.device)
                 else:
                     t0 = time.perf_counter()
-                    value = dequantize_tensor(parts, info.quant, device=self.device, dtype=target)
+                    value = dequantize_tensor(parts, info.quant, device=self.device, dtype=target, buffers=buffers)
                     if mapped:
                         for part in parts.values():
                             release_mapped_pages(part)
@@ -2651,7 +2677,9 @@ class LayerLoader:
                     if times is not None:
                         times.update(dequantize=0.0, copy=0.0)
                 else:
-                    tensors = self._relative(index, self._finish(unit, raw, index, mapped=mapped, times=times))
+                    tensors = self._relative(
+                        index, self._finish(unit, raw, index, mapped=mapped, times=times, buffers=self._decoded)
+                    )
                     if kept is not None and raw is kept.views:
                         # nothing decoded or cast: the layer's tensors are its map's views (or packed weights of
                         # them), the same at every use

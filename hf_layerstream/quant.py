@@ -26,6 +26,8 @@ tensors) round-trips the same way on every device.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import hashlib
 import logging
 import math
@@ -754,6 +756,7 @@ def dequantize_tensor(
     *,
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
+    buffers: DecodeBuffers | None = None,
 ) -> torch.Tensor:
     """Decode one weight on `device` (hot path: called once per weight per forward step).
 
@@ -765,7 +768,11 @@ def dequantize_tensor(
     memory-bound: a 2048x5632 matrix decodes in ~11 ms (nf4 or 8-bit -> bf16, 2 cores; ~21 ms on one), about 7x a
     plain bf16 copy of the same matrix, and ~27 ms to float32. Fixed cost is ~60-80 us per call. Double-quantized
     scales are decoded on CPU into buffers the calling thread keeps and reuses (4 + 4 bytes per block of the largest
-    weight it has decoded), not allocated for every weight.
+    weight it has decoded), not allocated for every weight. With `buffers` (the streaming loader passes its own), a
+    4-bit weight itself is decoded into one of them by the same native function bitsandbytes' `dequantize_4bit`
+    calls, with our output pointer: the same bits, without a tensor allocated per weight (nor, for one past glibc's
+    mmap threshold, 32 MiB at most, such as 2048x5632 in float32, the page faults of new memory at every decode:
+    about half the decode's time here).
 
     Args:
         parts (`Mapping[str, torch.Tensor]`): `{"qdata": ..., "absmax": ...}` (and `"absmax2"`, double-quantized) as
@@ -773,6 +780,9 @@ def dequantize_tensor(
         meta (`Mapping[str, Any]`): Its metadata (extra keys such as `"parts"` are ignored).
         device (`torch.device` or `str`, *optional*, defaults to `"cpu"`): Where to decode.
         dtype (`torch.dtype`, *optional*): Output dtype; defaults to the original dtype (`meta["dtype"]`).
+        buffers ([`DecodeBuffers`], *optional*): On CPU, where a 4-bit weight is decoded (by the same native kernel,
+            into a buffer taken from them instead of a tensor allocated for it): the result views that buffer until
+            it is given back.
 
     Returns:
         `torch.Tensor`: Contiguous, of shape `meta["shape"]` and dtype `dtype`, on `device`.
@@ -816,7 +826,14 @@ def dequantize_tensor(
             offset=offset,
             state2=nested,
         )
-        out = bnbf.dequantize_4bit(qdata.reshape(-1), state)  # CPU returns (1, n_even), CUDA (n_even,)
+        kernel = None
+        if buffers is not None and device.type == "cpu" and nested is None:
+            kernel = _native_4bit(quant_type, out_dtype, blocksize)
+        if kernel is not None:
+            out = buffers.take(n_even, out_dtype)
+            _call_4bit(kernel, qdata, state.absmax, out, blocksize)
+        else:
+            out = bnbf.dequantize_4bit(qdata.reshape(-1), state)  # CPU returns (1, n_even), CUDA (n_even,)
         out = out.reshape(-1)
         if n_even != numel:
             out = out[:numel]
@@ -852,6 +869,106 @@ def _nested_scales_cpu(codes: torch.Tensor, absmax2: torch.Tensor, nested_blocks
         scales[full * nested_blocksize :].mul_(absmax2[full])
     scales.add_(offset)
     return scales
+
+
+# bitsandbytes' CPU kernels by output dtype (`cdequantize_blockwise_cpu_{nf4,fp4}_{fp32,bf16,fp16}`)
+_KERNEL_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+@functools.cache
+def _native_4bit(quant_type: str, dtype: torch.dtype, blocksize: int):
+    """The native function bitsandbytes' CPU `dequantize_4bit` calls for these settings (it writes into an output
+    pointer it is given), or `None` where that op computes otherwise, and is called instead: no native library, or
+    its torch fallback (on an AVX-512 CPU at blocks of 2048 or more, where bitsandbytes does not trust its kernel's
+    accuracy)."""
+    try:
+        from bitsandbytes.backends.cpu import ops
+    except ImportError:
+        return None
+    if getattr(ops, "_has_avx512", True) and blocksize >= 2048:
+        return None
+    return getattr(
+        getattr(getattr(ops, "lib", None), "_lib", None),
+        f"cdequantize_blockwise_cpu_{quant_type}_{_KERNEL_DTYPES[dtype]}",
+        None,
+    )
+
+
+def _call_4bit(kernel, qdata: torch.Tensor, absmax: torch.Tensor, out: torch.Tensor, blocksize: int) -> None:
+    """`kernel` (see `_native_4bit`) decoding `qdata` into `out` (flat, an even count), called as bitsandbytes' CPU
+    `dequantize_4bit` calls it for a flat weight: one row of `out.numel()` elements."""
+    qdata = qdata.reshape(-1).contiguous()
+    absmax = absmax.reshape(-1).contiguous()
+    if qdata.numel() * 2 != out.numel() or absmax.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError("internal: 4-bit parts that do not fit the output buffer")
+    kernel(
+        ctypes.c_void_p(qdata.data_ptr()),
+        ctypes.c_void_p(absmax.data_ptr()),
+        ctypes.c_void_p(out.data_ptr()),
+        ctypes.c_longlong(blocksize),
+        ctypes.c_longlong(1),
+        ctypes.c_longlong(out.numel()),
+    )
+
+
+def _storage_uses(t: torch.Tensor) -> int | None:
+    """How many tensors (and other holders) reference `t`'s memory; `None` where this torch cannot tell."""
+    count = getattr(torch._C, "_storage_Use_Count", None)
+    return None if count is None else count(t.untyped_storage()._cdata)
+
+
+class DecodeBuffers:
+    """CPU memory that 4-bit weights are decoded into (`dequantize_tensor`'s `buffers`), allocated once and reused.
+
+    bitsandbytes' CPU `dequantize_4bit` returns a new tensor for every weight (it registers no `out=` variant on CPU):
+    a streaming run allocated and freed every layer's decoded weights at each sweep, from the loader thread, and
+    glibc kept much of what was freed in that thread's heaps. Here the same native kernel writes into a buffer of
+    ours (the same call, with our output pointer: the same bits). The loader takes buffers for a streamed layer's
+    weights as it decodes them and gives them back as the layer is released; a buffer that something else still
+    views then (a weight the caller kept, an autograd graph) is left to it, freed with it and never reused.
+    Buffers are matched by their size in bytes: a model's layers repeat the same few weight sizes.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._free: dict[int, list[tuple[torch.Tensor, int]]] = {}  # bytes -> idle (buffer, its uses when idle)
+        self._lent: dict[int, tuple[torch.Tensor, int]] = {}  # address -> the same, for a buffer taken
+        self.made = 0  # buffers allocated in all
+
+    def take(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """A flat tensor of `numel` elements of `dtype` (its values undefined) in a buffer of this pool."""
+        nbytes = max(numel * dtype.itemsize, 1)
+        with self._lock:
+            idle = self._free.get(nbytes)
+            entry = idle.pop() if idle else None
+        made = entry is None
+        if made:
+            buf = torch.empty(nbytes, dtype=torch.uint8)
+            entry = (buf, _storage_uses(buf))
+        buf = entry[0]
+        with self._lock:
+            self._lent[buf.data_ptr()] = entry
+            self.made += made
+        return buf[: numel * dtype.itemsize].view(dtype)
+
+    def give(self, addresses: Iterable[int]) -> None:
+        """Give back the buffers at `addresses` (those of tensors taken, or of views of them; others are ignored),
+        once the caller holds no tensor viewing them: each one nothing else views either is reused."""
+        with self._lock:
+            for address in addresses:
+                entry = self._lent.pop(address, None)
+                if entry is None:
+                    continue
+                buf, idle_uses = entry
+                uses = _storage_uses(buf)
+                if uses is not None and uses == idle_uses:
+                    self._free.setdefault(buf.numel(), []).append(entry)
+
+    def clear(self) -> None:
+        """Drop the idle buffers (those lent go with their tensors)."""
+        with self._lock:
+            self._free.clear()
+            self._lent.clear()
 
 
 class PackedWeight:
@@ -993,6 +1110,7 @@ def split_parts(
 
 __all__ = [
     "QUANT_SUFFIX_SEP",
+    "DecodeBuffers",
     "NonFiniteError",
     "PackedWeight",
     "QuantScheme",

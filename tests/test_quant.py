@@ -245,6 +245,116 @@ def test_double_quant_scales_decode_into_reused_per_thread_buffers():
     assert errors == []
 
 
+def _bnb_4bit(parts, meta, dtype) -> torch.Tensor:
+    """bitsandbytes' own `dequantize_4bit` of stored 4-bit parts (its nested state for double-quantized scales), at
+    `dtype`, over the even count `dequantize_tensor` decodes, cut to the weight's elements."""
+    import bitsandbytes.functional as bnbf
+
+    numel = math.prod(meta["shape"])
+    nested = offset = None
+    if meta.get("double_quant"):
+        nested = bnbf.QuantState(
+            absmax=parts["absmax2"],
+            code=bnbf.create_dynamic_map(),
+            blocksize=meta["nested_blocksize"],
+            dtype=torch.float32,
+        )
+        offset = meta["offset"]
+    state = bnbf.QuantState(
+        absmax=parts["absmax"],
+        shape=torch.Size([numel + (numel & 1)]),
+        dtype=dtype,
+        blocksize=meta["blocksize"],
+        quant_type=meta["quant_type"],
+        offset=offset,
+        state2=nested,
+    )
+    return bnbf.dequantize_4bit(parts["qdata"], state).reshape(-1)[:numel].view(meta["shape"])
+
+
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "nested"])
+@pytest.mark.parametrize("key", ["nf4", "fp4"])
+def test_4bit_decoded_into_reused_buffers_is_bitsandbytes_own_decoding(key, double_quant):
+    """CPU, `buffers=`: a 4-bit weight is decoded into a buffer of the pool by bitsandbytes' native kernel (called
+    with our output pointer, where `dequantize_4bit` allocates a tensor for every weight): bit for bit what
+    `dequantize_4bit` gives, at every block size and compute dtype, with scales nested or not, an odd element count
+    too, into a fresh buffer and into one given back holding another weight's values. At blocks of 2048 or more
+    on an AVX-512 CPU bitsandbytes decodes with torch instead (its kernel is not trusted there): so is it here."""
+    from hf_layerstream import quant
+
+    pool = quant.DecodeBuffers()
+    for blocksize in quant.BLOCKSIZES[4]:
+        scheme = QuantScheme(4, key, blocksize, double_quant=double_quant)
+        for shape in [(96, 1000), (7, 5)]:
+            x = _randn(shape, torch.bfloat16, seed=zlib.crc32(f"{key}{blocksize}{shape}".encode()) % 1000) * 3
+            parts, meta = quantize_tensor(x, scheme)
+            for dtype in DTYPES:
+                expected = _bnb_4bit(parts, meta, dtype)
+                native = quant._native_4bit(key, dtype, blocksize) is not None
+                addresses = []
+                for again in range(2):
+                    made = pool.made
+                    y = dequantize_tensor(parts, meta, dtype=dtype, buffers=pool)
+                    where = (key, blocksize, shape, dtype, again)
+                    assert y.dtype == dtype and y.shape == x.shape and torch.equal(y, expected), where
+                    addresses.append(y.untyped_storage().data_ptr())
+                    # a buffer of the pool (made now at most the first time, refilled the second); else bitsandbytes'
+                    # own tensor
+                    assert (addresses[-1] in pool._lent) == native, where
+                    assert pool.made - made <= (native and not again), where
+                    y.fill_(float("nan"))  # (the next weight decoded there must not show it)
+                    y = None
+                    pool.give(addresses[-1:])
+                if native:
+                    assert addresses[0] == addresses[1], where
+    assert pool.made > 0
+
+
+def test_decode_buffers_are_reused_only_once_nothing_views_them():
+    """A buffer given back while a tensor still views it (a weight kept by its caller, a view of it) is not reused:
+    the kept weight keeps its values; the next decode of that size takes a new buffer, and once given back without
+    holders a buffer is taken again. Threads decoding at once into one pool each get their own weights."""
+    import threading
+
+    from hf_layerstream import quant
+
+    scheme = QuantScheme(4, double_quant=True)
+    packed = [quantize_tensor(_randn((256, 300), torch.bfloat16, seed=i), scheme) for i in range(3)]
+    expected = [_bnb_4bit(*p, torch.bfloat16) for p in packed]
+    pool = quant.DecodeBuffers()
+    kept = dequantize_tensor(*packed[0], buffers=pool).t()  # (a view of it, its tensor dropped)
+    pool.give([kept.untyped_storage().data_ptr()])
+    other = dequantize_tensor(*packed[1], buffers=pool)
+    assert pool.made == 2 and torch.equal(kept.t(), expected[0]) and torch.equal(other, expected[1])
+    address = other.untyped_storage().data_ptr()
+    other = None
+    pool.give([address])
+    again = dequantize_tensor(*packed[2], buffers=pool)
+    assert pool.made == 2 and again.untyped_storage().data_ptr() == address and torch.equal(again, expected[2])
+    assert torch.equal(kept.t(), expected[0])
+
+    errors = []
+
+    def decode_many(order):
+        try:
+            for _ in range(20):
+                for i in order:
+                    y = dequantize_tensor(*packed[i], buffers=pool)
+                    if not torch.equal(y, expected[i]):
+                        errors.append(i)
+                    address, y = y.untyped_storage().data_ptr(), None
+                    pool.give([address])
+        except BaseException as e:  # noqa: BLE001 - reported by the assertion below
+            errors.append(e)
+
+    threads = [threading.Thread(target=decode_many, args=(order,)) for order in ([0, 1, 2], [2, 1, 0], [1, 2, 0])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and pool.made <= 2 + 3 and torch.equal(kept.t(), expected[0])
+
+
 def test_double_quant_metadata_and_parts_are_checked():
     x = _randn((64, 128), torch.bfloat16)
     parts, meta = quantize_tensor(x, QuantScheme(4, double_quant=True))
