@@ -2338,10 +2338,19 @@ class LayerLoader:
         use ends: the plan counts a layer in flight at the compute dtype only). The weights
         in `deferred` stay packed (`PackedWeight`, its parts on the device). `buffers`: where 4-bit weights are
         decoded on CPU (a streamed layer's: see `quant.DecodeBuffers`)."""
-        from .quant import PackedWeight, dequantize_tensor
-
         entry = self.shards.unit(unit)
         out: dict[str, torch.Tensor] = {}
+        try:
+            return self._finish_into(out, entry, raw, index, mapped, times, skip, buffers)
+        except BaseException:
+            if buffers is not None:  # (a decode failing part way: the buffers its first weights took go back)
+                buffers.give([t.untyped_storage().data_ptr() for t in out.values() if isinstance(t, torch.Tensor)])
+            raise
+
+    def _finish_into(self, out, entry, raw, index, mapped, times, skip, buffers) -> dict[str, torch.Tensor]:
+        """`_finish`'s work, filling `out`."""
+        from .quant import PackedWeight, dequantize_tensor
+
         t_deq = 0.0
         t_copy = 0.0
         # copies are asynchronous on CUDA: when profiling (only then) wait for each, so the times are real

@@ -827,7 +827,8 @@ def dequantize_tensor(
             state2=nested,
         )
         kernel = None
-        if buffers is not None and device.type == "cpu" and nested is None:
+        # (not for a weight cast after: the cast is a new tensor, and the buffer would never be given back)
+        if buffers is not None and device.type == "cpu" and nested is None and out_dtype == want:
             kernel = _native_4bit(quant_type, out_dtype, blocksize)
         if kernel is not None:
             out = buffers.take(n_even, out_dtype)

@@ -355,6 +355,21 @@ def test_decode_buffers_are_reused_only_once_nothing_views_them():
     assert errors == [] and pool.made <= 2 + 3 and torch.equal(kept.t(), expected[0])
 
 
+def test_decode_buffers_lend_nothing_to_a_weight_cast_after_decoding():
+    """A 4-bit weight asked for at a dtype bitsandbytes does not decode to (float64: decoded to float32, then cast)
+    takes no buffer of the pool: the cast is a new tensor, so a buffer taken for the float32 step would never come
+    back (the loader gives back the buffers its layer's tensors view), and every sweep would leave one more."""
+    from hf_layerstream import quant
+
+    packed = quantize_tensor(_randn((64, 256), torch.bfloat16), QuantScheme(4))
+    pool = quant.DecodeBuffers()
+    for _ in range(3):
+        y = dequantize_tensor(*packed, dtype=torch.float64, buffers=pool)
+        assert y.dtype == torch.float64 and torch.equal(y, _bnb_4bit(*packed, torch.float32).double())
+        pool.give([y.untyped_storage().data_ptr()])
+    assert pool.made == 0 and pool._lent == {}
+
+
 def test_double_quant_metadata_and_parts_are_checked():
     x = _randn((64, 128), torch.bfloat16)
     parts, meta = quantize_tensor(x, QuantScheme(4, double_quant=True))

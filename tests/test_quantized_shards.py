@@ -112,8 +112,9 @@ def test_streamed_4bit_weights_are_decoded_into_buffers_reused_from_sweep_to_swe
     each layer is released (bitsandbytes' CPU `dequantize_4bit` allocated every weight afresh at every sweep, and
     glibc's heaps kept the freed ones: a 4-bit, double-quantized warm run of the README's demo model peaked up to
     1.1 GB over its baseline against the 0.61 GB its plan allows). Every sweep computes the same bits as with
-    every layer kept, at prefetch 0 to 3 and with the compute on one thread or two; at most the weights of the `prefetch + 1` layers in flight are ever decoded into buffers of
-    their own; a weight the caller keeps from a pass keeps its values (its buffer is not reused)."""
+    every layer kept, at prefetch 0 to 3 and with the compute on one thread or two; at most the weights of the
+    `prefetch + 1` layers in flight are ever decoded into buffers of their own; a weight the caller keeps from a pass
+    keeps its values (its buffer is not reused)."""
     config = _models.make_config("llama", num_hidden_layers=5, **FIDELITY_CONFIG)  # (prefetch 3 needs 5 streamed)
     ckpt = _models.save_tiny_checkpoint(config, tmp_path / "ckpt", dtype=torch.bfloat16, max_shard_size="1MB")
     shards = split_checkpoint(ckpt, tmp_path / "dq", compression="4bit", double_quant=True, progress=False)
@@ -154,6 +155,38 @@ def test_streamed_4bit_weights_are_decoded_into_buffers_reused_from_sweep_to_swe
     for handle in handles:
         handle.remove()
     assert len(unchanged) == 5 * 4 - 2 and all(unchanged)
+    disable_layer_streaming(model)
+
+
+def test_a_layer_that_fails_to_decode_gives_back_the_buffers_it_took(tmp_path, monkeypatch):
+    """A streamed layer whose decoding fails part way (here its third weight) gives back the buffers its first weights
+    took: the pool lends none after the error (each would otherwise stay held by it, a layer's decoded weights lost at
+    every failure), and the next pass, the failure gone, computes the kept model's bits."""
+    from hf_layerstream import quant
+
+    config = _models.make_config("llama", num_hidden_layers=3, **FIDELITY_CONFIG)
+    ckpt = _models.save_tiny_checkpoint(config, tmp_path / "ckpt", dtype=torch.bfloat16, max_shard_size="1MB")
+    shards = split_checkpoint(ckpt, tmp_path / "q4", compression="4bit", progress=False)
+    ids = torch.randint(4, 120, (1, 12), generator=torch.Generator().manual_seed(3))
+    expected = _kept_logits(ckpt, shards, ids)
+    model = streamed_model(ckpt, shards, max_memory={"cpu": 0}, prefetch=0)
+    loader = get_streaming_state(model).loader
+    decode = quant.dequantize_tensor
+    calls = []
+
+    def fail_third(*args, **kwargs):
+        calls.append(None)
+        if len(calls) == 3:
+            raise RuntimeError("a decode that fails")
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(quant, "dequantize_tensor", fail_third)
+    with pytest.raises(Exception, match="a decode that fails"):
+        _logits(model, ids)
+    loader.wait_idle()
+    assert len(calls) >= 3 and loader._decoded._lent == {}
+    monkeypatch.setattr(quant, "dequantize_tensor", decode)
+    assert torch.equal(_logits(model, ids), expected)
     disable_layer_streaming(model)
 
 
