@@ -335,7 +335,7 @@ def _check_kwargs(
         )
     config = _generation_config(model, generate_kwargs)
     if (config.num_return_sequences or 1) != 1:
-        where = "" if "num_return_sequences" in generate_kwargs else " (from the generation config)"
+        where = _setting_source(model, generate_kwargs, "num_return_sequences") or ""
         raise ValueError(
             f"`num_return_sequences` must be 1 for batched generation (one result per prompt), got "
             f"{config.num_return_sequences!r}{where}. Repeat the prompt with different ids instead."

@@ -597,7 +597,7 @@ def test_the_generation_config_is_checked_as_keyword_arguments_are(llama, checkp
     model, tok, _ = llama
     ref = _models.load_reference(checkpoints("llama")[0])
     prompts = PROMPTS[:6]
-    with pytest.raises(ValueError, match=r"`num_return_sequences` must be 1 .*\(from the generation config\)"):
+    with pytest.raises(ValueError, match=r"`num_return_sequences` must be 1 .*\(from the `generation_config` given\)"):
         generate_batch(
             model,
             tok,
