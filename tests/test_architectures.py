@@ -1,10 +1,11 @@
 """More architectures than the 16 the rest of the suite runs everything on: each one split and streamed (every layer
 read from its file at each use), its greedy decode steps' logits bit for bit those of the loaded model.
 
-Among them MoE models with their own expert layouts (gpt-oss, DeepSeek-V3, Llama-4, Qwen3-Next), state-space and
-hybrid models (Mamba, Mamba-2, Bamba, Nemotron-H, LFM2, Jamba, whose stack mixes attention and Mamba layer
-classes), and older layouts (MPT, BLOOM, GPT-J). A model whose decoder layers share weights (Zamba2 with several
-hybrid layers) is refused with a `ValueError`.
+Among them MoE models with their own expert layouts (gpt-oss, DeepSeek-V3, Llama-4, Qwen3-Next, DBRX, LongCat-Flash),
+state-space and hybrid models (Mamba, Mamba-2, Bamba, Nemotron-H, LFM2, Jamba, whose stack mixes attention and Mamba
+layer classes; Qwen3.5 and Kimi Linear with linear attention), layers reading an earlier layer's keys and values or
+of other shapes than their neighbours (Gemma-3n, Gemma-4), and older layouts (MPT, BLOOM, GPT-J, GPT-Neo, CodeGen). A
+model whose decoder layers share weights (Zamba2 with several hybrid layers) is refused with a `ValueError`.
 
 Vision-language models stream their language model's layers: Llava, Qwen2-VL, Gemma-3 and PaliGemma with an image;
 Llama-4's and Llama-3.2-Vision's checkpoints as the text-only class `AutoModelForCausalLM` builds for them. A T5
@@ -147,6 +148,133 @@ MORE_ARCHITECTURES: dict[str, dict] = {
     },
     # one hybrid layer: its shared attention block is its own
     "zamba2": {**_ZAMBA2, "hybrid_layer_ids": [1], "layers_block_type": ["mamba", "hybrid", "mamba"]},
+    # per-layer token embeddings beside the stack, layers reading an earlier layer's keys and values
+    # (`num_kv_shared_layers`); Gemma-3n with AltUp's several residual streams, LAuReL and a sparse first MLP; Gemma-4
+    # with full-attention layers of another head size than the sliding ones (layers of different shapes), keys as
+    # values there, and an MoE block beside the MLP
+    "gemma3n_text": {
+        **_HEAD,
+        **_WINDOW,
+        "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+        "num_kv_shared_layers": 1,
+        "vocab_size_per_layer_input": _models.VOCAB_SIZE,
+        "hidden_size_per_layer_input": 16,
+        "laurel_rank": 8,
+        "activation_sparsity_pattern": [0.95, 0.0, 0.0],
+    },
+    "gemma4_text": {
+        **_HEAD,
+        **_WINDOW,
+        "layer_types": ["sliding_attention", "full_attention", "full_attention"],
+        "global_head_dim": 32,
+        "num_kv_shared_layers": 1,
+        "vocab_size_per_layer_input": _models.VOCAB_SIZE,
+        "hidden_size_per_layer_input": 16,
+        "attention_k_eq_v": True,
+        "num_global_key_value_heads": 1,
+        "enable_moe_block": True,
+        "num_experts": 4,
+        "top_k_experts": 2,
+        "moe_intermediate_size": 32,
+    },
+    # gated delta-rule linear attention beside full attention (Qwen3.5), with MLA (Kimi Linear)
+    "qwen3_5_moe_text": {
+        **_HEAD,
+        "layer_types": ["linear_attention", "full_attention", "linear_attention"],
+        "linear_num_key_heads": 2,
+        "linear_num_value_heads": 4,
+        "linear_key_head_dim": 16,
+        "linear_value_head_dim": 16,
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "shared_expert_intermediate_size": 32,
+    },
+    "kimi_linear": {
+        **_MLA,
+        "q_lora_rank": None,
+        "layer_types": ["linear_attention", "full_attention", "linear_attention"],
+        "mlp_layer_types": ["dense", "sparse", "sparse"],
+        "num_experts": 4,
+        "num_experts_per_token": 2,
+        "moe_intermediate_size": 32,
+        "linear_head_dim": 16,
+        "linear_num_heads": 4,
+    },
+    # DeepSeek-V3.2's indexer picking the keys attended to; DeepSeek-V4's compressed attention, hash-routed experts and
+    # hyper-connections (several residual streams mixed per layer)
+    "deepseek_v32": {**_MLA, **_DEEPSEEK_MOE, "index_topk": 4, "index_head_dim": 16, "index_n_heads": 2},
+    "deepseek_v4": {
+        **_HEAD,
+        "num_key_value_heads": 1,
+        "q_lora_rank": 32,
+        "qk_rope_head_dim": 8,
+        "o_groups": 2,
+        "o_lora_rank": 16,
+        **{k: _DEEPSEEK_MOE[k] for k in ("n_routed_experts", "num_experts_per_tok", "moe_intermediate_size")},
+        "index_n_heads": 2,
+        "index_head_dim": 16,
+        "index_topk": 4,
+        **_WINDOW,
+        "layer_types": ["compressed_sparse_attention", "heavily_compressed_attention", "compressed_sparse_attention"],
+        "mlp_layer_types": ["hash_moe", "moe", "moe"],
+    },
+    # two attention and MLP blocks per layer, experts that compute nothing
+    "longcat_flash": {
+        **_MLA,
+        "head_dim": _MLA["qk_rope_head_dim"],
+        "num_hidden_layers": 2 * _models.NUM_HIDDEN_LAYERS,  # (its `num_layers`, each of two blocks)
+        "n_routed_experts": 4,
+        "moe_topk": 2,
+        "zero_expert_num": 2,
+        "expert_ffn_hidden_size": 32,
+    },
+    "glm4_moe": {**{k: _DEEPSEEK_MOE[k] for k in ("n_routed_experts", "num_experts_per_tok", "moe_intermediate_size")}},
+    "mimo_v2_flash": {
+        **_HEAD,
+        **_WINDOW,
+        "v_head_dim": 8,
+        **{k: _DEEPSEEK_MOE[k] for k in ("n_routed_experts", "num_experts_per_tok", "moe_intermediate_size")},
+        "layer_types": ["full_attention", "sliding_attention", "full_attention"],
+        "mlp_layer_types": ["dense", "sparse", "sparse"],
+    },
+    "minimax_m2": {**_HEAD, **_EXPERTS},
+    "lfm2_moe": {
+        "layer_types": ["conv", "full_attention", "conv"],
+        "num_dense_layers": 1,
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+    },
+    # experts in the attention too (mixture of attention heads)
+    "jetmoe": {"kv_channels": _models.HEAD_DIM, "num_local_experts": 4, "num_experts_per_tok": 2},
+    # DBRX's experts: 2-D parameters of `DbrxExpertGLU`
+    "dbrx": {
+        "d_model": _models.HIDDEN_SIZE,
+        "n_heads": _models.NUM_HEADS,
+        "n_layers": _models.NUM_HIDDEN_LAYERS,
+        "max_seq_len": _models.MAX_POSITIONS,
+        "attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
+        "ffn_config": {"ffn_hidden_size": 128, "moe_num_experts": 4, "moe_top_k": 2},
+    },
+    "olmo_hybrid": {
+        "layer_types": ["linear_attention", "full_attention", "linear_attention"],
+        "linear_num_key_heads": 2,
+        "linear_num_value_heads": 4,
+        "linear_key_head_dim": 16,
+        "linear_value_head_dim": 16,
+    },
+    "ernie4_5": {**_HEAD},
+    # layer norms without weights
+    "olmo": {},
+    # GPT-Neo's local (windowed) attention layers; CodeGen's packed, interleaved qkv projection
+    "gpt_neo": {
+        "num_layers": _models.NUM_HIDDEN_LAYERS,
+        "num_heads": _models.NUM_HEADS,
+        "attention_types": [[["global", "local"], 1], [["global"], 1]],
+        "window_size": 16,
+    },
+    "codegen": {**_GPT_STYLE, "rotary_dim": 8},
     # BERT-style causal LMs: their head's transform (`cls.predictions.transform.dense`, `lm_head.dense`, ELECTRA's
     # `generator_predictions.dense`, RemBERT's `cls.predictions.dense`), a resident `nn.Linear` before the output
     # embeddings, is fed the prompt pass's last positions too (1e-7 off in a batch before it followed the head's rule)
@@ -497,23 +625,6 @@ def test_compression_quantizes_linear_and_expert_weights_only(tmp_path, model_ty
     }
 
 
-def _dbrx_config():
-    from transformers import DbrxConfig
-
-    return DbrxConfig(
-        d_model=_models.HIDDEN_SIZE,
-        n_heads=_models.NUM_HEADS,
-        n_layers=_models.NUM_HIDDEN_LAYERS,
-        max_seq_len=256,
-        vocab_size=_models.VOCAB_SIZE,
-        attn_config={"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
-        ffn_config={"ffn_hidden_size": 128, "moe_num_experts": 4, "moe_top_k": 2},
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-
-
 @pytest.mark.parametrize("model_type", ["minimax", "recurrent_gemma", "dbrx"])
 def test_compression_tells_expert_weights_from_other_tensors_of_their_shapes(tmp_path, model_type):
     """Fused expert weights are quantized wherever they are: DBRX holds them as 2-D parameters of its `DbrxExpertGLU`
@@ -521,9 +632,7 @@ def test_compression_tells_expert_weights_from_other_tensors_of_their_shapes(tmp
     not: every 3-D parameter was taken for fused experts (RecurrentGemma's block-diagonal gate weights, Zamba's
     `A_log`), and buffers for weights (MiniMax's lightning-attention decays). Streamed, per layer and per module, the
     logits equal those with every layer kept."""
-    if model_type == "dbrx":
-        config = _dbrx_config()
-    elif model_type == "minimax":  # (a lightning-attention layer: decays of 4 x 256 x 1)
+    if model_type == "minimax":  # (a lightning-attention layer: decays of 4 x 256 x 1)
         config = _config(model_type, layer_types=["linear_attention", "full_attention", "full_attention"])
     else:
         config = _config(model_type)
