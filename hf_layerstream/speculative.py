@@ -546,6 +546,13 @@ def _as_tensor(name: str, value) -> torch.Tensor:
     invalid data type 'str'", "expected sequence of length 2 at dim 1 (got 1)")."""
     if isinstance(value, torch.Tensor):
         return value
+    if isinstance(value, Mapping) and name == "input_ids":
+        # (`tokenizer(prompt, return_tensors="pt")` whole, a `BatchEncoding`: "'str' object cannot be interpreted as an
+        # integer")
+        raise TypeError(
+            f"`input_ids` is the tokenizer's whole output ({type(value).__name__}): pass its `input_ids` (and "
+            "`attention_mask=`), or unpack it: `measure_sweeps(model, **inputs, ...)`."
+        )
     hint = (
         ": tokenize the prompt first, `tokenizer(prompt, return_tensors='pt').input_ids`"
         if isinstance(value, str)
@@ -715,6 +722,13 @@ def measure_sweeps(
             )
         prompt_lookup_num_tokens = int(prompt_lookup_num_tokens)
     input_ids = _as_tensor("input_ids", input_ids)
+    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+        # (it failed in the embedding: "Expected tensor for argument #1 'indices' to have one of the following scalar
+        # types: Long, Int")
+        raise TypeError(
+            f"`input_ids` must hold integer token ids, got a tensor of {input_ids.dtype}: pass the tokenizer's ids "
+            "as they are (`tokenizer(prompt, return_tensors='pt').input_ids`), or `input_ids.long()`."
+        )
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
     if input_ids.dim() != 2:

@@ -254,6 +254,31 @@ def test_ids_that_are_not_token_ids_are_refused_naming_the_argument(setup):
     assert measure_sweeps(model, [[1, 2]], attention_mask=[[1, 1]], max_new_tokens=1)["tokens"] == 1
 
 
+def test_the_tokenizers_output_or_ids_of_another_dtype_are_refused_naming_the_fix(setup):
+    """`measure_sweeps(model, tok(prompt, return_tensors="pt"))`, the tokenizer's whole output where its `input_ids`
+    go, was refused as "got BatchEncoding ('str' object cannot be interpreted as an integer)", naming no fix; a tensor
+    of floating-point (or bool) ids went into `generate` and ended in torch's embedding ("Expected tensor for argument
+    #1 'indices' to have one of the following scalar types: Long, Int"). Each is refused naming the argument and the
+    fix; integer tensors of any width still run."""
+    model, tok, *_ = setup
+    inputs = tok("Hello", return_tensors="pt")
+    fix = r"pass its `input_ids` \(and `attention_mask=`\), or unpack it: `measure_sweeps\(model, \*\*inputs, \.\.\.\)`"
+    for whole in (inputs, dict(inputs)):
+        with pytest.raises(
+            TypeError, match=rf"^`input_ids` is the tokenizer's whole output \({type(whole).__name__}\): {fix}"
+        ):
+            measure_sweeps(model, whole, max_new_tokens=1)
+    for dtype in (torch.float32, torch.bool):
+        with pytest.raises(TypeError, match=rf"^`input_ids` must hold integer token ids, got a tensor of {dtype}"):
+            measure_sweeps(model, inputs.input_ids.to(dtype), max_new_tokens=1)
+    want = measure_sweeps(model, inputs.input_ids, max_new_tokens=2)["output_ids"]
+    assert measure_sweeps(model, inputs.input_ids.int(), max_new_tokens=2)["output_ids"] == want
+    # (a mask of floats or bools is taken, as `generate` takes it)
+    mask = inputs.attention_mask.float()
+    assert measure_sweeps(model, inputs.input_ids, attention_mask=mask, max_new_tokens=2)["output_ids"] == want
+    assert measure_sweeps(model, **inputs, max_new_tokens=2)["output_ids"] == want
+
+
 def test_ids_the_model_cannot_run_are_refused_before_generating(setup, checkpoints):
     """`generate_batch` refuses a prompt the model cannot run before generating; `measure_sweeps` ended deep inside
     instead: an id past the vocabulary (another tokenizer's) or a negative one in torch's bare "IndexError: index out
