@@ -646,6 +646,42 @@ def _refuse_a_length_past_the_table(model: nn.Module, n: int, config: Generation
     )
 
 
+def _refuse_a_padding_id_the_model_cannot_run(
+    model: nn.Module, config: GenerationConfig, generate_kwargs: dict, input_ids: torch.Tensor, eos: set[int]
+) -> None:
+    """`measure_sweeps`' padding id (`config`'s, as the call runs), refused before generating where it is not a token
+    of the model and several rows run together: `generate` fills a row that ends before the others with it and runs
+    it through the model, where it failed in the embedding, part way ("IndexError: index out of range in self"), as
+    `generate_batch` refuses it. One row stops as it ends: the id is never run."""
+    from .modeling import vocabulary_overrun
+
+    pad = config.pad_token_id
+    if pad is None or input_ids.shape[0] * (config.num_return_sequences or 1) < 2:
+        return
+    pad = int(pad)
+    size = vocabulary_overrun(model, pad)
+    if pad >= 0 and size is None:
+        return
+    if "pad_token_id" in generate_kwargs:
+        where = "`pad_token_id`"
+    elif getattr(generate_kwargs.get("generation_config"), "pad_token_id", None) is not None:
+        where = "The `generation_config`'s `pad_token_id`"
+    else:
+        where = "The model's `generation_config.pad_token_id`"
+    raise ValueError(
+        f"{where}, {pad}, is not a token of {type(model).__name__}'s vocabulary"
+        + (
+            f" of {size} tokens (a padding token added to the tokenizer without resizing the model's embeddings?)"
+            if size
+            else ""
+        )
+        + ": `generate` fills the rows that end before the others with it and runs them through the model, where it "
+        "would fail in the embedding. Pass `pad_token_id=` a token of the model"
+        + (f" (its end-of-sequence id, {min(eos)}, as `generate` pads without one)" if eos else "")
+        + "; nothing was generated."
+    )
+
+
 def measure_sweeps(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -774,6 +810,7 @@ def measure_sweeps(
     eos = eos_token_ids(model, None, kwargs)
     if config.pad_token_id is None and eos:
         kwargs = _with_settings(kwargs, pad_token_id=min(eos))
+    _refuse_a_padding_id_the_model_cannot_run(model, _generation_config(model, kwargs), generate_kwargs, input_ids, eos)
     stops = _StopWatch(config, kwargs)
     kwargs = stops.criteria(input_ids.shape[1], kwargs, input_ids.shape[0])
 

@@ -341,6 +341,31 @@ def test_a_length_set_otherwise_past_a_learned_position_table_is_refused_by_meas
     )
 
 
+def test_a_padding_id_the_model_has_no_token_for_is_refused_where_rows_end_apart(setup):
+    """A padding id that is not a token of the model (a pad token added to the tokenizer without resizing the
+    embeddings, a config's -1) with a batch: `generate` fills a row that ends before the others with it and runs it
+    through the model, so `measure_sweeps` ended in torch's "IndexError: index out of range in self" part way, where
+    `generate_batch` refuses it. Refused before generating, naming where it came from and the fix; one prompt, whose
+    generation stops as it ends, still runs with it."""
+    model, tok, *_ = setup
+    batch = tok(list(_models.SAMPLE_PROMPTS[:2]), return_tensors="pt", padding=True)
+    kw = {"attention_mask": batch.attention_mask, "max_new_tokens": 6}
+    first = measure_sweeps(model, batch.input_ids, pad_token_id=0, **kw)["output_ids"]
+    eos = first[0][1]  # (the first row ends after two tokens, the second runs on)
+    size = _models.VOCAB_SIZE
+    for pad in (size + 5, -1):
+        with pytest.raises(ValueError, match=rf"^`pad_token_id`, {pad}, is not a token of LlamaForCausalLM's vocab"):
+            measure_sweeps(model, batch.input_ids, pad_token_id=pad, eos_token_id=eos, **kw)
+    own = copy.deepcopy(model.generation_config)
+    own.pad_token_id = size + 5
+    with pytest.raises(ValueError, match=r"^The `generation_config`'s `pad_token_id`, 133, is not a token of Llama"):
+        measure_sweeps(model, batch.input_ids, generation_config=own, eos_token_id=eos, **kw)
+    ended = measure_sweeps(model, batch.input_ids, pad_token_id=0, eos_token_id=eos, **kw)["output_ids"]
+    assert ended == [first[0][:2], first[1]]
+    one = {"attention_mask": batch.attention_mask[1:], "pad_token_id": size + 5, "eos_token_id": eos}
+    assert measure_sweeps(model, batch.input_ids[1:], max_new_tokens=6, **one)["output_ids"] == [first[1]]
+
+
 def test_a_generation_config_that_is_not_one_is_refused_naming_it(setup, tmp_path):
     """`generation_config={"max_new_tokens": 4}` (its settings as a dict) failed in an attribute lookup, "'dict' object
     has no attribute 'num_return_sequences'" (`measure_sweeps`: "... 'max_new_tokens'"), naming no argument. Refused
