@@ -730,6 +730,13 @@ def measure_sweeps(
     """
     _require_model(model)
     given = _given_generation_config(generate_kwargs)
+    if generate_kwargs.get("cache_implementation") == "paged":
+        # (transformers' continuous batching: its results came back otherwise, counted as 0 tokens without a word)
+        raise ValueError(
+            "`cache_implementation='paged'` makes `generate` run transformers' continuous batching, which returns its "
+            "results otherwise and is not measured here: drop it (a batch of prompts shares each sweep of the weights "
+            "already), or call `model.generate_batch(...)` yourself."
+        )
     # (a length the call sets otherwise is kept: 32 in its place gave another number of tokens, without a word)
     length_given = "max_length" in generate_kwargs or any(
         getattr(given, name, None) is not None for name in ("max_new_tokens", "max_length")

@@ -366,6 +366,17 @@ def test_a_padding_id_the_model_has_no_token_for_is_refused_where_rows_end_apart
     assert measure_sweeps(model, batch.input_ids[1:], max_new_tokens=6, **one)["output_ids"] == [first[1]]
 
 
+def test_a_paged_cache_is_refused_not_measured_as_nothing(setup):
+    """`measure_sweeps(..., cache_implementation="paged")` makes `generate` run transformers' continuous batching,
+    which returns its results otherwise: the call reported 0 tokens and empty `output_ids` for the tokens it
+    generated, without a word. Refused before generating, as `generate_batch` refuses it, naming the way out."""
+    model, tok, *_ = setup
+    ids = tok(_models.SAMPLE_PROMPTS[1], return_tensors="pt").input_ids
+    with pytest.raises(ValueError, match=r"^`cache_implementation='paged'` makes `generate` run transformers' contin"):
+        measure_sweeps(model, ids, max_new_tokens=4, cache_implementation="paged")
+    assert measure_sweeps(model, ids, max_new_tokens=4, cache_implementation="dynamic")["tokens"] == 4
+
+
 def test_a_generation_config_that_is_not_one_is_refused_naming_it(setup, tmp_path):
     """`generation_config={"max_new_tokens": 4}` (its settings as a dict) failed in an attribute lookup, "'dict' object
     has no attribute 'num_return_sequences'" (`measure_sweeps`: "... 'max_new_tokens'"), naming no argument. Refused
