@@ -92,6 +92,13 @@ def resolve_adapter(
                 raise errors[0]
         folder = config.parent
     if not (folder / _CONFIG).is_file():
+        # (PEFT's `save_pretrained` writes an adapter named otherwise than "default" into a subfolder of its name)
+        named = sorted(p.parent for p in folder.glob(f"*/{_CONFIG}") if p.is_file())
+        if named:
+            raise ValueError(
+                f"`adapter` {folder} holds no {_CONFIG} but adapters PEFT saved by name in its subfolders: pass one of "
+                f"them ({', '.join(str(p) for p in named)})."
+            )
         raise ValueError(f"`adapter` {folder} holds no {_CONFIG}: it is not a PEFT adapter's folder.")
     if _weights_file(folder) is None:
         raise ValueError(f"`adapter` {folder} holds no adapter weights ({' or '.join(_WEIGHTS)}).")

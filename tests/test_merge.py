@@ -362,6 +362,22 @@ def test_an_adapter_that_cannot_be_merged_here_is_refused_before_anything_is_wri
         assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
+def test_a_folder_of_adapters_peft_saved_by_name_names_them(checkpoints, tmp_path):
+    """PEFT's `save_pretrained` writes an adapter named otherwise than "default" into a subfolder of that name: the
+    folder given was refused as "holds no adapter_config.json: it is not a PEFT adapter's folder", though PEFT wrote it,
+    naming no fix. The adapters in its subfolders are named, to pass one of them; nothing is written."""
+    ckpt, _ = checkpoints("llama")
+    model = peft.get_peft_model(_models.load_reference(ckpt), KINDS["lora"](), adapter_name="mine")
+    model.save_pretrained(tmp_path / "saved")
+    message = (
+        rf"^`adapter` {re.escape(str(tmp_path / 'saved'))} holds no adapter_config.json but adapters PEFT saved by "
+        rf"name in its subfolders: pass one of them \({re.escape(str(tmp_path / 'saved' / 'mine'))}\)\.$"
+    )
+    with pytest.raises(ValueError, match=message):
+        split_checkpoint(ckpt, tmp_path / "out", adapter=tmp_path / "saved", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_attaching_an_adapter_to_a_merged_split_warns(checkpoints, tmp_path, caplog):
     """An adapter attached to a model streaming a split that has one merged adds to it: said, naming the merged one."""
     ckpt, _ = checkpoints("llama")
