@@ -454,7 +454,18 @@ def _as_options(message: str, parser: argparse.ArgumentParser, command: str) -> 
         if action.dest == "max_memory":  # its entries and examples as the option writes them, not as Python does
             message = re.sub(r"max_memory\[(['\"]?)(\w+)\1\]", r"--max-memory \2", message)
             message = re.sub(r"\{(?:'?\w+'?: (?:'[^']*'|\d+)(?:, )?)+\}", _as_option_value, message)
+    split = _command_parser(parser, "split")
+    if command != "split" and split is not None:
+        # how the shard directory is compressed, which only `split` sets (`compression`, named by `--dtype int8`'s
+        # refusal, an option of neither `generate` nor `inspect`): named as `split`'s option
+        for action in split._actions:
+            if action.dest in _SPLIT_ONLY and action.option_strings:
+                message = message.replace(f"`{action.dest}`", f"`split {action.option_strings[-1]}`")
     return message
+
+
+# `split`'s settings of how layers are stored, which the other commands read from the shard directory
+_SPLIT_ONLY = ("compression", "quant_type", "blocksize", "double_quant")
 
 
 def _as_option_value(match: re.Match) -> str:

@@ -1881,6 +1881,12 @@ def test_errors_name_the_options_typed(split_dir, tmp_path, capsys):
             f"hf-layerstream split: error: `--dtype` {typed!r} is not a floating-point dtype: pass float32, bfloat16, "
             "float16 or float64 (for 8-bit or 4-bit weights, `--compression`).\n"
         ), err
+    # a command without `--compression` (generate, inspect) names split's, where it said `compression`, an option of
+    # none of them
+    for command in (["generate", str(shards), "hi", "--device", "cpu"], ["inspect", str(shards)]):
+        assert main([*command, "--dtype", "int8"]) == 2
+        err = capsys.readouterr().err
+        assert err.endswith("float16 or float64 (for 8-bit or 4-bit weights, `split --compression`).\n"), err
     # a float8 dtype: refused as plainly, before anything is written (it failed with "couldn't find storage object
     # Float8_e4m3fnStorage" after the lock and progress record were made, and the right split then needed --overwrite)
     assert main(["split", str(ckpt), str(tmp_path / "out"), "--dtype", "float8_e4m3fn", "--quiet"]) == 2
