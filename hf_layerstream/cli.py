@@ -1304,7 +1304,7 @@ def _one_sequence(model, gen_kwargs: dict, which: str = "one is generated and pr
     checks), asking for one sequence in `gen_kwargs` where the generation config (generation_config.json, which the
     command has no option to override) asks for more (`num_return_sequences`), and saying so on stderr: the command
     prints one (`which`), and `generate --input` writes one result a prompt (`generate_jsonl` refused the job,
-    "`num_return_sequences` must be 1 ... (from the generation config)")."""
+    "`num_return_sequences` must be 1 ... (from the shard directory's generation_config.json)")."""
     from .speculative import _generation_config
 
     config = _generation_config(model, gen_kwargs)
