@@ -707,7 +707,7 @@ def _checkpoint_folder(
         `FileNotFoundError`: A hub repo that cannot be reached and is not in the hub cache, or that the hub lacks.
         `ValueError`: No config.json.
     """
-    from .split import fetch_hub_file, hub_unreachable_error, no_such_repo_error
+    from .split import cannot_reach_hub, fetch_hub_file, hub_unreachable_error, no_such_repo_error
 
     path = Path(source)
     # a hub id: from_pretrained and split_checkpoint both resolve it (without a config.json: refused below)
@@ -717,14 +717,20 @@ def _checkpoint_folder(
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
 
+        # (the hub unreachable: the hub cache's snapshot, at once; huggingface_hub retried the listing for 23 s)
+        hub = {
+            "revision": revision,
+            "token": token,
+            "local_files_only": cannot_reach_hub(source, "config.json") is not None,
+        }
         try:
             patterns = ["*.json", "*.safetensors", "*.model", "*.txt"]
-            path = Path(snapshot_download(source, revision=revision, token=token, allow_patterns=patterns))
+            path = Path(snapshot_download(source, allow_patterns=patterns, **hub))
             if not any(path.rglob("*.safetensors")):
                 # (a checkpoint of `.bin` files only, as `from_pretrained` falls back to: they were not downloaded,
                 # and the split found its index's files missing)
                 patterns = ["pytorch_model*.bin"]
-                path = Path(snapshot_download(source, revision=revision, token=token, allow_patterns=patterns))
+                path = Path(snapshot_download(source, allow_patterns=patterns, **hub))
         except LocalEntryNotFoundError as e:  # (a subclass of EntryNotFoundError: first)
             raise hub_unreachable_error(source, "the weight files", role, revision=revision) from e
         except EntryNotFoundError:

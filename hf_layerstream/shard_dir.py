@@ -764,7 +764,7 @@ def hub_shard_files(repo_id: str, snapshot: Path, *, token: str | bool | None = 
     the shard directory downloaded into it (with `token`), at its commit: the small files (tokenizer, chat templates),
     and the unit files its manifest names (nothing else: a repo may hold more). Offline, or where the hub cannot be
     reached, the snapshot as the hub cache holds it (a file it lacks is named when the directory is opened)."""
-    from .split import _is_offline
+    from .split import _is_offline, cannot_reach_hub
 
     if _is_offline():
         return snapshot
@@ -775,9 +775,12 @@ def hub_shard_files(repo_id: str, snapshot: Path, *, token: str | bool | None = 
     units = units if isinstance(units, list) else []  # (a damaged manifest: named so when the directory is opened)
     files = [u["file"] for u in units if isinstance(u, dict) and isinstance(u.get("file"), str)]
     revision = snapshot_commit(snapshot)
+    # (the hub unreachable: the cache at once; huggingface_hub retried the listing for 23 s)
+    hub = {"revision": revision, "token": token}
+    hub["local_files_only"] = cannot_reach_hub(repo_id, MANIFEST_NAME, revision) is not None
     try:
-        snapshot_download(repo_id, revision=revision, token=token, ignore_patterns=_NOT_WEIGHTS)
-        return Path(snapshot_download(repo_id, revision=revision, token=token, allow_patterns=files or [MANIFEST_NAME]))
+        snapshot_download(repo_id, ignore_patterns=_NOT_WEIGHTS, **hub)
+        return Path(snapshot_download(repo_id, allow_patterns=files or [MANIFEST_NAME], **hub))
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:  # (the hub unreachable: the cache, as offline)
         logger.warning("Could not download %s (%s); streaming what the hub cache holds of it", repo_id, e)
         return snapshot

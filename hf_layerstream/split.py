@@ -245,7 +245,12 @@ def fetch_hub_file(
     )
 
     try:
-        return Path(hf_hub_download(repo_id, filename, revision=revision, token=token, cache_dir=cache_dir))
+        cache_only = cannot_reach_hub(repo_id, filename, revision) is not None
+        return Path(
+            hf_hub_download(
+                repo_id, filename, revision=revision, token=token, cache_dir=cache_dir, local_files_only=cache_only
+            )
+        )
     except LocalEntryNotFoundError as e:  # (a subclass of EntryNotFoundError: first)
         raise hub_unreachable_error(repo_id, filename, role, what, revision, cache_dir) from e
     except EntryNotFoundError:
@@ -339,6 +344,7 @@ class _Source:
         from huggingface_hub import hf_hub_download
         from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
 
+        down = cannot_reach_hub(self.repo_id, filename, self.revision)
         try:
             path = Path(
                 hf_hub_download(
@@ -348,8 +354,9 @@ class _Source:
                     token=self._token,
                     cache_dir=self._cache_dir,
                     # once the hub was found unreachable, a file the checkpoint may lack is looked up in the cache
-                    # only: huggingface_hub retries each lookup of a file it has not cached for about 20 s
-                    local_files_only=self.hub_unreachable and not required,
+                    # only: huggingface_hub retries each lookup of a file it has not cached for about 20 s (every
+                    # file, where one connection did not reach the hub: `cannot_reach_hub`)
+                    local_files_only=self.hub_unreachable and not required or down is not None,
                 )
             )
         except LocalEntryNotFoundError as e:
@@ -363,7 +370,7 @@ class _Source:
                     logger.warning(
                         "The hub cannot be reached (%s); splitting %r from the hub cache, where files it does not "
                         "hold (such as %s) are taken as absent from the repo",
-                        type(e.__cause__ or e).__name__,
+                        down or type(e.__cause__ or e).__name__,
                         self.repo_id,
                         filename,
                     )
@@ -385,6 +392,12 @@ class _Source:
                 self.revision = commit
         return path
 
+    def _cache_only(self) -> bool:
+        """Whether the hub repo is read from the hub cache only: offline mode, or the hub found unreachable (a file it
+        could not fetch, or `cannot_reach_hub`'s one connection; listing the repo's files retried for 23 s)."""
+        down = self.hub_unreachable or _is_offline()
+        return down or cannot_reach_hub(self.repo_id, "config.json", self.revision) is not None
+
     def chat_templates(self) -> list[str]:
         """The file names in the checkpoint's `additional_chat_templates/` folder (`*.jinja`), which
         `AutoTokenizer.from_pretrained` loads as named chat templates; on the hub, listed with transformers'
@@ -398,7 +411,7 @@ class _Source:
 
                 names = list_repo_templates(
                     self.repo_id,
-                    local_files_only=self.hub_unreachable or _is_offline(),
+                    local_files_only=self._cache_only(),
                     revision=self.revision,
                     cache_dir=self._cache_dir,
                     token=self._token,
@@ -417,7 +430,7 @@ class _Source:
         reached). Empty where it cannot tell."""
         if self.local_dir is not None:
             names = [p.name for p in self.local_dir.iterdir() if p.is_file()]
-        elif self.hub_unreachable or _is_offline():
+        elif self._cache_only():
             names = [p.name for p in self.config_path.parent.iterdir() if p.is_file()]
         else:
             try:
@@ -462,8 +475,7 @@ class _Source:
             self.local_dir is None
             and filename.endswith(".safetensors")
             and self._local_weight_file(filename) is None
-            and not self.hub_unreachable
-            and not _is_offline()
+            and not self._cache_only()
         ):
             try:
                 self._read_remote_header(filename)
@@ -578,7 +590,7 @@ class _Source:
     def _reads_headers(self) -> bool:
         """Whether a hub file's keys are read from its header on the hub, not downloaded (`headers_only`): not where
         the hub cannot be reached (the download then says what is wrong, or the cache serves)."""
-        return self.headers_only and self.local_dir is None and not self.hub_unreachable and not _is_offline()
+        return self.headers_only and self.local_dir is None and not self._cache_only()
 
     def _read_remote_header(self, filename: str) -> None:
         """Read the header of `filename`, a safetensors file of this hub repo, on the hub, into `_remote` (the dtypes of
@@ -687,7 +699,7 @@ class _Source:
         downloaded then, the split stops at the first file it lacks)."""
         if self.local_dir is None:
             missing = sorted(f for f in files if self._local_weight_file(f) is None)
-        if self.local_dir is not None or not missing or self.hub_unreachable or _is_offline():
+        if self.local_dir is not None or not missing or self._cache_only():
             return None
         try:
             from huggingface_hub import HfApi
@@ -970,6 +982,47 @@ def _is_offline() -> bool:
         return bool(constants.HF_HUB_OFFLINE)
     except Exception:  # noqa: BLE001
         return False
+
+
+# the hub's hosts -> (when one connection to it was tried, `cannot_reach_hub`'s answer then): asked again after
+# `_HUB_ANSWER_SECONDS` (the network may be back, or gone)
+_HUB_ANSWERS: dict[str, tuple[float, str | None]] = {}
+_HUB_ANSWER_SECONDS = 60.0
+# the errors of a connection that did not reach the host (no network, its name not resolved, refused, timed out, a
+# proxy refusing it), by name: httpx's in huggingface_hub 1.x, httpx2's in 2.x
+_NOT_CONNECTED = frozenset({"ConnectError", "ConnectTimeout", "ProxyError"})
+
+
+def cannot_reach_hub(repo_id: str, filename: str, revision: str | None = None) -> str | None:
+    """Why the hub cannot be reached, found by one connection to it (a HEAD request for `filename` of the hub repo
+    `repo_id` at `revision`, without retries, through huggingface_hub's session: its proxies, its endpoint): the name
+    of the error where it did not connect (`ConnectError`: no network, the host's name not resolved, refused), else
+    `None` (it answered, whatever it answered; or offline mode, where huggingface_hub connects to nothing).
+
+    huggingface_hub tries a file it has not cached 7 times where a connection fails, waiting 23 s in all between the
+    tries (`http_backoff`): a hub id not in the hub cache failed after about 27 s without network, and a split from
+    the cache waited as long on the first file the repo lacks. Where this says unreachable, the hub cache alone is asked
+    (`local_files_only=True`): at once, with the same errors. The answer is kept a minute per host: one connection
+    per command. A hub that answers with an error (5xx) is retried by huggingface_hub as before."""
+    if _is_offline():
+        return None
+    import time
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants, get_session, hf_hub_url
+
+    url = hf_hub_url(repo_id, filename, revision=revision)
+    host = urlsplit(url).netloc
+    asked = _HUB_ANSWERS.get(host)
+    if asked is not None and time.monotonic() - asked[0] < _HUB_ANSWER_SECONDS:
+        return asked[1]
+    try:
+        get_session().head(url, timeout=constants.HF_HUB_ETAG_TIMEOUT, follow_redirects=False)
+        why = None
+    except Exception as e:  # noqa: BLE001 - any other error: huggingface_hub's request says what is wrong, as before
+        why = type(e).__name__ if _NOT_CONNECTED & {c.__name__ for c in type(e).__mro__} else None
+    _HUB_ANSWERS[host] = (time.monotonic(), why)
+    return why
 
 
 # --- locking & progress ---------------------------------------------------------------------------------------------

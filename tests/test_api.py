@@ -1585,6 +1585,8 @@ def _lazy_hub_repo(monkeypatch, remote, cache_dir, repo_id, commit, *, interrupt
     from huggingface_hub.hf_api import RepoFile
     from huggingface_hub.utils import SafetensorsFileMetadata, TensorInfo
 
+    import hf_layerstream.split
+
     repo = cache_dir / ("models--" + repo_id.replace("/", "--"))
     snapshot = repo / "snapshots" / commit
     snapshot.mkdir(parents=True)
@@ -1638,6 +1640,7 @@ def _lazy_hub_repo(monkeypatch, remote, cache_dir, repo_id, commit, *, interrupt
     )
     # (the hub's listing of `additional_chat_templates/`: this repo has none)
     monkeypatch.setattr(transformers.utils.hub, "list_repo_templates", lambda *args, **kwargs: [])
+    monkeypatch.setattr(hf_layerstream.split, "cannot_reach_hub", lambda *args: None)  # (the hub answers)
     return fetched
 
 

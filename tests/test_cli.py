@@ -2520,6 +2520,66 @@ def test_a_hub_tokenizer_or_draft_that_cannot_be_fetched_is_refused_before_the_m
         assert capsys.readouterr().out.startswith("hi")
 
 
+def test_a_hub_id_without_network_fails_at_once_and_a_cached_repo_still_loads(split_dir, tmp_path, capsys, monkeypatch):
+    """No network (HF_HUB_OFFLINE unset): a hub id not in the hub cache failed after about 27 s of huggingface_hub's
+    retries (a first try, then 6 more with 1 + 2 + 4 + 8 + 8 s between them: 7 connections), for `split`, `generate`,
+    `inspect`, `verify` and `bench`, and the split of a repo in the hub cache waited as long on the first file the
+    repo lacks. One connection now finds the hub unreachable, the hub cache alone answers then, and the error is the
+    one it was. The network is taken away here by name resolution failing for the hub's host (DNS), as without it."""
+    import socket
+    import time
+
+    from huggingface_hub import constants
+
+    import hf_layerstream.split as split
+
+    ckpt, shards = split_dir
+    connections = []
+    real_getaddrinfo = socket.getaddrinfo
+
+    def getaddrinfo(host, *args, **kwargs):
+        if host == "huggingface.co":
+            connections.append(host)
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    # (huggingface_hub's own request for its list of coding agents, once a process, with its telemetry: not counted)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(split, "_HUB_ANSWERS", {})  # (what the hub's hosts answered: none asked yet)
+    monkeypatch.chdir(tmp_path)
+    reason = "the hub cannot be reached (no network, or the hub is down) and it is not in the hub cache"
+    commands = {
+        "split": ["split", "someorg/llama", str(tmp_path / "out")],
+        "generate": ["generate", "someorg/llama-layers", "hi", "--max-new-tokens", "1", "--device", "cpu"],
+        "inspect": ["inspect", "someorg/llama-layers"],
+        "verify": ["verify", "someorg/llama-layers"],
+        "bench": ["bench", "someorg/llama", "--work", str(tmp_path / "w"), "--device", "cpu", "--modes", "warm"],
+    }
+    for command, argv in commands.items():
+        split._HUB_ANSWERS.clear()
+        connections.clear()
+        start = time.monotonic()
+        assert main(argv) == 2, command
+        took = time.monotonic() - start
+        err = capsys.readouterr().err
+        assert reason in err, (command, err)
+        assert connections == ["huggingface.co"], (command, len(connections))
+        assert took < 10, (command, took)
+    # in the hub cache: split from there, the files the repo lacks (its index, a tokenizer.model) taken as absent at
+    # once, with no connection but the first
+    _models.hub_snapshot(ckpt, tmp_path / "cache", repo="someorg--llama")
+    split._HUB_ANSWERS.clear()
+    connections.clear()
+    start = time.monotonic()
+    assert main(["split", "someorg/llama", str(tmp_path / "cached"), "--quiet"]) == 0, capsys.readouterr().err
+    assert connections == ["huggingface.co"] and time.monotonic() - start < 20
+    assert (tmp_path / "cached" / "manifest.json").is_file()
+
+
 @pytest.mark.parametrize(
     "options, option",
     [
