@@ -1601,6 +1601,7 @@ def _cmd_inspect(args) -> int:
     import torch
 
     from .engine import budget_warnings, host_memory, size_text
+    from .errors import NOT_DAMAGE, ShardDirError, ShardFileError
     from .modeling import resolve_dtype
     from .shard_dir import ShardDirectory, local_shard_dir
     from .stream import plan_shard_dir
@@ -1611,7 +1612,18 @@ def _cmd_inspect(args) -> int:
     dtype = resolve_dtype(args.dtype)
     # (a hub repo: its manifest and config only, what the plan needs; its layer files neither downloaded nor checked)
     local = local_shard_dir(args.shard_dir, weights=False, revision=args.revision, token=args.token)
-    shards = ShardDirectory(local, check_files=local is args.shard_dir)
+    # a local folder: the check every load makes (sizes, headers, sample digests). One that fails it is inspected all
+    # the same, from its manifest (it was refused with the first damaged file alone), and every problem the check
+    # finds is named after the plan, with `verify`'s fix, exit 1; a damaged manifest or config.json, which the plan
+    # is made from, is refused, as before
+    damaged: list[str] = []
+    try:
+        shards = ShardDirectory(local, check_files=local is args.shard_dir)
+    except (ShardDirError, ShardFileError) as e:
+        if isinstance(e, ShardFileError) and Path(e.path).name == "config.json":  # (checked first)
+            raise
+        shards = ShardDirectory(local, check_files=False)
+        damaged = shards.verify(checksums=False) or [str(e)]
     m = shards.manifest
     units = [shards.unit(f"layers.{i}") for i in range(m.num_layers)]
     bf16_bytes = [u.nbytes_as(torch.bfloat16) for u in units]
@@ -1661,10 +1673,13 @@ def _cmd_inspect(args) -> int:
         "config_problem": _config_problem(shards),
         # (a local folder's side files the manifest lists that it lacks; a hub repo's are not downloaded here)
         "missing_side_files": shards.missing_side_files() if local is args.shard_dir else [],
+        # (what the check every load makes found wrong, one message per file, and the fix: `verify`'s)
+        "damaged": damaged,
+        "repair": _problems_summary(shards, damaged) + _INSPECT_CHECKED if damaged else None,
     }
     if args.json:
         print(json.dumps(info, indent=1))
-        return 0
+        return 1 if damaged else 0
     scheme = "none (full precision)" if not m.compression else ", ".join(f"{k}={v}" for k, v in m.compression.items())
     print(f"shard directory  {shards.path}")
     if local is not args.shard_dir:
@@ -1704,7 +1719,16 @@ def _cmd_inspect(args) -> int:
             f"warning          side files its split wrote are missing: {', '.join(info['missing_side_files'])} "
             "(`hf-layerstream verify` says what each is for; running the same split again writes them back)"
         )
+    for problem in damaged:
+        print(f"{'unreadable' if NOT_DAMAGE in problem else 'damaged':16} {problem}")
+    if damaged:
+        print(info["repair"], file=sys.stderr)
+        return 1
     return 0
+
+
+# (`inspect`'s check of the files is `verify --quick`'s)
+_INSPECT_CHECKED = "; `hf-layerstream verify SHARD_DIR` also compares each file's full checksum"
 
 
 def _config_problem(shards) -> str | None:
@@ -1786,9 +1810,54 @@ def _planned_device(name: str | None, max_memory: dict | None):
         return torch.device("cuda", index), True
 
 
+def _problems_summary(shards, problems: list[str]) -> str:
+    """`verify`'s last line for the `problems` it found in `shards` (`ShardDirectory.verify`'s): how many, and the fix
+    (delete the files named and re-run the same split, which writes them again; download them again; for a file that
+    may be sound or a manifest record edited, what their messages name)."""
+    from .errors import NOT_DAMAGE
+    from .shard_dir import MANIFEST_NAME, redownload_command
+
+    listed = shards.manifest.side_files or []  # (none: split before the manifest listed them)
+    sound = sum(NOT_DAMAGE in p for p in problems)  # (permissions or a limit of the process: not damage)
+    # (a record of the manifest edited since the split, the message saying what to put back: deleting it would
+    # leave a folder the split refuses as no shard directory's)
+    edited = sum(p.startswith(f"{shards.manifest_path} ") for p in problems)
+    # (config.json damaged or edited, a side file missing: the same split run again writes them back as they
+    # are, so there is nothing to delete; a unit file damaged within passes the re-run's checks, so it is deleted)
+    rewritten = [
+        name
+        for name in ("config.json", *listed)
+        if any(p.startswith(f"{shards.path / name} ") and NOT_DAMAGE not in p for p in problems)
+    ]
+    rerun = "re-run the same split (`hf-layerstream split SOURCE SHARD_DIR`)"
+    damaged = len(problems) - sound - edited - len(rewritten)
+    advice = f"delete the files named and {rerun}, which writes them again"
+    if rewritten:
+        what = ", ".join(rewritten)
+        advice = (
+            f"delete the files named except {what} and {rerun}, which writes them again and {what} back"
+            if damaged
+            else f"{rerun}, which writes {what} back (nothing to delete)"
+        )
+    command = redownload_command(shards.path)
+    if command is not None:  # (a download from the hub, in its cache: downloaded again)
+        advice = f"download them again (`{command}`)"
+    if sound == len(problems):  # (a new split is not the fix)
+        advice = "the files named could not be read, but may be sound: fix what each message names"
+    elif edited == len(problems):
+        advice = f"fix {MANIFEST_NAME} as its message says"
+    else:
+        if sound:
+            advice += f"; {sound} of them may be sound: fix what their messages name instead"
+        if edited:
+            advice += f"; {MANIFEST_NAME}: fix it as its message says, not by deleting it"
+    checked = f"{len(shards.manifest.units)} files" + (f" and {len(listed)} side files" if listed else "")
+    return f"{len(problems)} problem(s) in {checked} of {shards.path}: {advice}"
+
+
 def _cmd_verify(args) -> int:
-    from .errors import NOT_DAMAGE, ShardFileError
-    from .shard_dir import MANIFEST_NAME, ShardDirectory, local_shard_dir, redownload_command
+    from .errors import ShardFileError
+    from .shard_dir import ShardDirectory, local_shard_dir, redownload_command
 
     # (a hub repo: downloaded, then checked)
     args.shard_dir = local_shard_dir(args.shard_dir, revision=args.revision, token=args.token)
@@ -1816,41 +1885,7 @@ def _cmd_verify(args) -> int:
     n = len(shards.manifest.units)
     listed = shards.manifest.side_files or []  # (none: split before the manifest listed them)
     if problems:
-        sound = sum(NOT_DAMAGE in p for p in problems)  # (permissions or a limit of the process: not damage)
-        # (a record of the manifest edited since the split, the message saying what to put back: deleting it would
-        # leave a folder the split refuses as no shard directory's)
-        edited = sum(p.startswith(f"{shards.manifest_path} ") for p in problems)
-        # (config.json damaged or edited, a side file missing: the same split run again writes them back as they
-        # are, so there is nothing to delete; a unit file damaged within passes the re-run's checks, so it is deleted)
-        rewritten = [
-            name
-            for name in ("config.json", *listed)
-            if any(p.startswith(f"{shards.path / name} ") and NOT_DAMAGE not in p for p in problems)
-        ]
-        rerun = "re-run the same split (`hf-layerstream split SOURCE SHARD_DIR`)"
-        damaged = len(problems) - sound - edited - len(rewritten)
-        advice = f"delete the files named and {rerun}, which writes them again"
-        if rewritten:
-            what = ", ".join(rewritten)
-            advice = (
-                f"delete the files named except {what} and {rerun}, which writes them again and {what} back"
-                if damaged
-                else f"{rerun}, which writes {what} back (nothing to delete)"
-            )
-        command = redownload_command(shards.path)
-        if command is not None:  # (a download from the hub, in its cache: downloaded again)
-            advice = f"download them again (`{command}`)"
-        if sound == len(problems):  # (a new split is not the fix)
-            advice = "the files named could not be read, but may be sound: fix what each message names"
-        elif edited == len(problems):
-            advice = f"fix {MANIFEST_NAME} as its message says"
-        else:
-            if sound:
-                advice += f"; {sound} of them may be sound: fix what their messages name instead"
-            if edited:
-                advice += f"; {MANIFEST_NAME}: fix it as its message says, not by deleting it"
-        checked = f"{n} files" + (f" and {len(listed)} side files" if listed else "")
-        print(f"{len(problems)} problem(s) in {checked} of {shards.path}: {advice}", file=sys.stderr)
+        print(_problems_summary(shards, problems), file=sys.stderr)
         return 1
     missing = shards.missing_side_files()  # (a license file or the model card: a warning, logged by `verify`)
     side = f", and the {len(listed)} side files it lists are there" if listed else ""

@@ -1398,6 +1398,46 @@ def test_verify_names_each_damaged_file_without_telling_to_run_verify(split_dir,
         assert "2 problem(s) in 4 files" in captured.err and "delete the files named" in captured.err
 
 
+def test_inspect_of_a_damaged_layer_file_shows_the_plan_and_names_the_file_with_the_fix(split_dir, tmp_path, capsys):
+    """`inspect` refused a shard directory whose layer file failed the check every load makes (size, header, sample
+    digest) with that error alone: no plan, no manifest, and only the first damaged file. It shows them now, then
+    names each damaged file and the fix (`verify`'s: delete them and re-run the same split, or download them again),
+    and exits 1, as `verify` does; `--json` lists them in `damaged`, the fix in `repair` (a sound one: none)."""
+    _, shards = split_dir
+    copy = tmp_path / "copy"
+    shutil.copytree(shards, copy)
+    as_json = ["inspect", str(copy), "--json", "--device", "cpu", "--max-memory", "cpu=1GiB"]
+    assert main(as_json) == 0
+    sound = json.loads(capsys.readouterr().out)
+    assert sound["damaged"] == [] and sound["repair"] is None
+    victim, truncated = copy / "layers" / "00001.safetensors", copy / "layers" / "00002.safetensors"
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 0xFF  # same size, other bytes: the sample digest
+    victim.write_bytes(bytes(data))
+    os.truncate(truncated, 1000)
+    assert main(["inspect", str(copy), "--device", "cpu"]) == 1
+    captured = capsys.readouterr()
+    assert "3 layers" in captured.out and "plan on cpu" in captured.out and "compression      none" in captured.out
+    damaged = [line for line in captured.out.splitlines() if line.startswith("damaged ")]
+    assert len(damaged) == 2, captured.out
+    assert damaged[0].startswith(f"damaged          {victim} has the recorded size and header but other content")
+    assert damaged[1].startswith(f"damaged          {truncated} has 1000 bytes but the manifest records")
+    assert "2 problem(s) in 4 files" in captured.err and "delete the files named and re-run the same split" in (
+        captured.err
+    )
+    assert "`hf-layerstream verify" in captured.err, captured.err  # (which also hashes every file)
+    assert main(as_json) == 1
+    info = json.loads(capsys.readouterr().out)
+    assert info.keys() == sound.keys() and info["plan"] == sound["plan"]
+    assert [p.split(" ")[0] for p in info["damaged"]] == [str(victim), str(truncated)]
+    assert "delete the files named" in info["repair"]
+    # the fix it gives works
+    victim.unlink()
+    truncated.unlink()
+    assert main(["split", str(split_dir[0]), str(copy), "--quiet"]) == 0
+    assert main(["inspect", str(copy), "--device", "cpu"]) == 0
+
+
 def test_layers_linked_to_another_disk_are_named_with_the_fix_not_as_a_damaged_manifest(split_dir, tmp_path, capsys):
     """A split whose `layers/` was moved to another disk and symlinked back is refused (its files must lie inside
     it), but `verify` said its manifest.json was damaged and to split again there with `--overwrite` (which refuses
