@@ -1124,7 +1124,9 @@ def _generate(args) -> int:
             raise ValueError(f"{gone[0]}; or give a tokenizer with `--tokenizer` (a folder or a hub id).")
     try:
         tok = AutoTokenizer.from_pretrained(
-            args.tokenizer or get_streaming_state(model).shard_dir.path, token=args.token
+            args.tokenizer or get_streaming_state(model).shard_dir.path,
+            token=args.token,
+            local_files_only=_cache_only(args.tokenizer),
         )
     except (OSError, ValueError) as e:
         if args.tokenizer is not None:
@@ -1148,7 +1150,12 @@ def _generate(args) -> int:
         from .speculative import configure_draft
 
         try:
-            draft = AutoModelForCausalLM.from_pretrained(args.assistant, token=args.token)
+            # (transformers passes `local_files_only` to everything it fetches but its look for an adapter's config,
+            # which takes `adapter_kwargs`)
+            cache_only = {"local_files_only": True, "adapter_kwargs": {"local_files_only": True}}
+            draft = AutoModelForCausalLM.from_pretrained(
+                args.assistant, token=args.token, **(cache_only if _cache_only(args.assistant) else {})
+            )
         except OSError as e:
             raise _not_loaded("--assistant", args.assistant, e) from e
         draft = draft.to(model.device).eval()
@@ -1162,7 +1169,9 @@ def _generate(args) -> int:
         # elements"; see `speculative._refuse_what_drafting_fails_on`)
         if draft.config.get_text_config().vocab_size != model.config.get_text_config().vocab_size:
             draft.generation_config.assistant_confidence_threshold = threshold
-            gen_kwargs["assistant_tokenizer"] = AutoTokenizer.from_pretrained(args.assistant, token=args.token)
+            gen_kwargs["assistant_tokenizer"] = AutoTokenizer.from_pretrained(
+                args.assistant, token=args.token, local_files_only=_cache_only(args.assistant)
+            )
         from .speculative import _generation_config, _refuse_what_drafting_fails_on
 
         names = ("`--do-sample`", "`--assistant`")
@@ -1770,6 +1779,19 @@ def _fetch_first_hub_file(option: str, value: str | None, filename: str, what: s
 
     if try_to_load_from_cache(value, filename) is None:
         fetch_hub_file(value, filename, f"`{option}`", token=token, what=what)
+
+
+def _cache_only(value: str | None) -> bool:
+    """Whether `--tokenizer` or `--assistant` given as `value` is to be loaded from the hub cache only
+    (`local_files_only`): a hub id where the hub cannot be reached (`split.cannot_reach_hub`: one connection, its
+    answer kept a minute). transformers asks the hub for each file a tokenizer or model may hold, and huggingface_hub
+    retried each lookup of one the cache lacks for 23 s: a tokenizer and a draft from the cache loaded after about 2
+    minutes without network."""
+    if not value or os.path.isdir(os.path.expanduser(value)):
+        return False
+    from .split import cannot_reach_hub
+
+    return cannot_reach_hub(value, "config.json") is not None
 
 
 def _holds_tokenizer_files(folder: str) -> bool:

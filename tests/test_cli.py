@@ -2620,6 +2620,45 @@ def test_a_hub_id_without_network_fails_at_once_and_a_cached_repo_still_loads(sp
     assert (tmp_path / "cached" / "manifest.json").is_file()
 
 
+def test_a_hub_tokenizer_or_draft_in_the_hub_cache_loads_at_once_without_network(
+    split_dir, tmp_path, capsys, monkeypatch
+):
+    """No network (HF_HUB_OFFLINE unset), `--tokenizer` and `--assistant` hub ids whose repos are in the hub cache:
+    they loaded, after transformers had asked the hub for each file they may hold, each lookup of one the cache lacks
+    retried by huggingface_hub for 23 s (about 2 minutes here). One connection finds the hub unreachable now, and
+    transformers reads them from the cache alone (`local_files_only`), as offline."""
+    import socket
+    import time
+
+    from huggingface_hub import constants
+
+    import hf_layerstream.split as split
+
+    ckpt, shards = split_dir
+    connections = []
+
+    def getaddrinfo(host, *args, **kwargs):  # (no network: the hub's name does not resolve)
+        connections.append(host)
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    # (huggingface_hub's own request for its list of coding agents, once a process, with its telemetry: not counted)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(split, "_HUB_ANSWERS", {})  # (what the hub's hosts answered: none asked yet)
+    _models.hub_snapshot(ckpt, tmp_path / "cache", repo="someorg--draft")
+    files = {p.name: p.read_bytes() for p in ckpt.iterdir() if not p.name.endswith(".safetensors")}
+    _models.hub_cache(tmp_path / "cache", "someorg/tok", files)
+    argv = ["generate", str(shards), "hi", "--max-new-tokens", "2", "--device", "cpu"]
+    start = time.monotonic()
+    assert main([*argv, "--tokenizer", "someorg/tok", "--assistant", "someorg/draft"]) == 0, capsys.readouterr().err
+    took = time.monotonic() - start
+    assert capsys.readouterr().out.startswith("hi")
+    assert connections == ["huggingface.co"] and took < 30, (connections, took)
+
+
 @pytest.mark.parametrize(
     "options, option",
     [
