@@ -1756,7 +1756,7 @@ class LayerLoader:
         self._close_done = False  # (`close` ran to its end)
         self._pinned = _PinnedHost(device) if self.is_cuda else None
         self._pool = _BufferPool(self._pinned)
-        # CPU: the buffers streamed layers' 4-bit weights are decoded into, reused from layer to layer (see
+        # CPU: the buffers streamed layers' 4-bit and 8-bit weights are decoded into, reused from layer to layer (see
         # `quant.DecodeBuffers`); given back as each layer is let go
         self._decoded = _decode_buffers() if not self.is_cuda else None
         # read buffers all take the largest file of a layer streamed from the disk: any buffer fits any such layer, so
@@ -2336,8 +2336,8 @@ class LayerLoader:
         views a private map of the file used for this sweep only; packed parts leave the resident set once decoded,
         and stored tensors once cast (so a layer's stored and decoded or cast weights are not both resident until its
         use ends: the plan counts a layer in flight at the compute dtype only). The weights
-        in `deferred` stay packed (`PackedWeight`, its parts on the device). `buffers`: where 4-bit weights are
-        decoded on CPU (a streamed layer's: see `quant.DecodeBuffers`)."""
+        in `deferred` stay packed (`PackedWeight`, its parts on the device). `buffers`: where 4-bit and 8-bit
+        weights are decoded on CPU (a streamed layer's: see `quant.DecodeBuffers`)."""
         entry = self.shards.unit(unit)
         out: dict[str, torch.Tensor] = {}
         try:

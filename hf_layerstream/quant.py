@@ -769,10 +769,11 @@ def dequantize_tensor(
     plain bf16 copy of the same matrix, and ~27 ms to float32. Fixed cost is ~60-80 us per call. Double-quantized
     scales are decoded on CPU into buffers the calling thread keeps and reuses (4 + 4 bytes per block of the largest
     weight it has decoded), not allocated for every weight. With `buffers` (the streaming loader passes its own), a
-    4-bit weight itself is decoded into one of them by the same native function bitsandbytes' `dequantize_4bit`
-    calls, with our output pointer: the same bits, without a tensor allocated per weight (nor, for one past glibc's
-    mmap threshold, 32 MiB at most, such as 2048x5632 in float32, the page faults of new memory at every decode:
-    about half the decode's time here).
+    4-bit or 8-bit weight itself is decoded into one of them by the same native function bitsandbytes'
+    `dequantize_4bit` or `dequantize_blockwise` calls, with our output pointer: the same bits, without a tensor
+    allocated per weight (nor, for one past glibc's mmap threshold, 32 MiB at most, such as 2048x5632 in float32, the
+    page faults of new memory at every decode: about half the decode's time here, and 8-bit 2048x5632 to float32 took
+    31 ms rather than 9).
 
     Args:
         parts (`Mapping[str, torch.Tensor]`): `{"qdata": ..., "absmax": ...}` (and `"absmax2"`, double-quantized) as
@@ -780,7 +781,7 @@ def dequantize_tensor(
         meta (`Mapping[str, Any]`): Its metadata (extra keys such as `"parts"` are ignored).
         device (`torch.device` or `str`, *optional*, defaults to `"cpu"`): Where to decode.
         dtype (`torch.dtype`, *optional*): Output dtype; defaults to the original dtype (`meta["dtype"]`).
-        buffers ([`DecodeBuffers`], *optional*): On CPU, where a 4-bit weight is decoded (by the same native kernel,
+        buffers ([`DecodeBuffers`], *optional*): On CPU, where a 4-bit or 8-bit weight is decoded (by the same native kernel,
             into a buffer taken from them instead of a tensor allocated for it): the result views that buffer until
             it is given back.
 
@@ -840,7 +841,14 @@ def dequantize_tensor(
             out = out[:numel]
     else:
         state = bnbf.QuantState(absmax=absmax, code=_dynamic_code(device), blocksize=blocksize, dtype=out_dtype)
-        out = bnbf.dequantize_blockwise(qdata.reshape(-1), state)
+        kernel = None
+        if buffers is not None and device.type == "cpu" and out_dtype == want:  # (as at 4 bits: no buffer for a cast)
+            kernel = _native_8bit(out_dtype)
+        if kernel is not None:
+            out = buffers.take(numel, out_dtype)
+            _call_8bit(kernel, qdata, absmax, state.code, out, blocksize)
+        else:
+            out = bnbf.dequantize_blockwise(qdata.reshape(-1), state)
     out = out.view(shape)
     if out.dtype != want:
         out = out.to(want)
@@ -912,6 +920,47 @@ def _call_4bit(kernel, qdata: torch.Tensor, absmax: torch.Tensor, out: torch.Ten
     )
 
 
+@functools.cache
+def _native_8bit(dtype: torch.dtype):
+    """The native function bitsandbytes' CPU `dequantize_blockwise` calls for output `dtype`
+    (`cdequantize_blockwise_cpu_{fp32,bf16,fp16}`, writing into an output pointer it is given), or `None` where that
+    op computes otherwise, and is called instead: no native library (its op is then the default backend's, in torch)."""
+    try:
+        from bitsandbytes.backends.cpu import ops
+        from bitsandbytes.cextension import ErrorHandlerMockBNBNativeLibrary
+    except ImportError:
+        return None
+    lib = getattr(ops, "lib", None)
+    if lib is None or isinstance(lib, ErrorHandlerMockBNBNativeLibrary):
+        return None
+    return getattr(getattr(lib, "_lib", None), f"cdequantize_blockwise_cpu_{_KERNEL_DTYPES[dtype]}", None)
+
+
+def _call_8bit(
+    kernel, qdata: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, out: torch.Tensor, blocksize: int
+) -> None:
+    """`kernel` (see `_native_8bit`) decoding `qdata` into `out` (flat, as many elements), with bitsandbytes' CPU
+    `dequantize_blockwise`'s arguments: code table, codes, float32 block scales, output, block size, count."""
+    qdata = qdata.reshape(-1).contiguous()
+    absmax = absmax.reshape(-1).contiguous()
+    code = code.contiguous()
+    if (
+        qdata.numel() != out.numel()
+        or absmax.dtype != torch.float32
+        or code.dtype != torch.float32
+        or not out.is_contiguous()
+    ):
+        raise ValueError("internal: 8-bit parts that do not fit the output buffer")
+    kernel(
+        ctypes.c_void_p(code.data_ptr()),
+        ctypes.c_void_p(qdata.data_ptr()),
+        ctypes.c_void_p(absmax.data_ptr()),
+        ctypes.c_void_p(out.data_ptr()),
+        ctypes.c_longlong(blocksize),
+        ctypes.c_longlong(out.numel()),
+    )
+
+
 def _storage_uses(t: torch.Tensor) -> int | None:
     """How many tensors (and other holders) reference `t`'s memory; `None` where this torch cannot tell."""
     count = getattr(torch._C, "_storage_Use_Count", None)
@@ -919,9 +968,11 @@ def _storage_uses(t: torch.Tensor) -> int | None:
 
 
 class DecodeBuffers:
-    """CPU memory that 4-bit weights are decoded into (`dequantize_tensor`'s `buffers`), allocated once and reused.
+    """CPU memory that 4-bit and 8-bit weights are decoded into (`dequantize_tensor`'s `buffers`), allocated once and
+    reused.
 
-    bitsandbytes' CPU `dequantize_4bit` returns a new tensor for every weight (it registers no `out=` variant on CPU):
+    bitsandbytes' CPU `dequantize_4bit` and `dequantize_blockwise` return a new tensor for every weight (they register
+    no `out=` variant on CPU):
     a streaming run allocated and freed every layer's decoded weights at each sweep, from the loader thread, and
     glibc kept much of what was freed in that thread's heaps. Here the same native kernel writes into a buffer of
     ours (the same call, with our output pointer: the same bits). The loader takes buffers for a streamed layer's

@@ -310,6 +310,51 @@ def test_4bit_decoded_into_reused_buffers_is_bitsandbytes_own_decoding(key, doub
     assert pool.made > 0
 
 
+def _bnb_8bit(parts, meta, dtype) -> torch.Tensor:
+    """bitsandbytes' own `dequantize_blockwise` of stored 8-bit parts, at `dtype`."""
+    import bitsandbytes.functional as bnbf
+
+    state = bnbf.QuantState(
+        absmax=parts["absmax"], code=bnbf.create_dynamic_map(), blocksize=meta["blocksize"], dtype=dtype
+    )
+    return bnbf.dequantize_blockwise(parts["qdata"].reshape(-1), state).view(meta["shape"])
+
+
+def test_8bit_decoded_into_reused_buffers_is_bitsandbytes_own_decoding():
+    """CPU, `buffers=`: an 8-bit weight is decoded into a buffer of the pool by bitsandbytes' native kernel (called
+    with our output pointer, where `dequantize_blockwise` allocates a tensor for every weight): bit for bit what
+    `dequantize_blockwise` gives, at every block size and compute dtype, an odd element count too (a last block cut
+    short), into a fresh buffer and into one given back holding another weight's values."""
+    from hf_layerstream import quant
+
+    pool = quant.DecodeBuffers()
+    for blocksize in quant.BLOCKSIZES[8]:
+        scheme = QuantScheme(8, blocksize=blocksize)
+        for shape in [(96, 1000), (7, 5)]:
+            x = _randn(shape, torch.bfloat16, seed=zlib.crc32(f"8bit{blocksize}{shape}".encode()) % 1000) * 3
+            parts, meta = quantize_tensor(x, scheme)
+            for dtype in DTYPES:
+                expected = _bnb_8bit(parts, meta, dtype)
+                native = quant._native_8bit(dtype) is not None
+                addresses = []
+                for again in range(2):
+                    made = pool.made
+                    y = dequantize_tensor(parts, meta, dtype=dtype, buffers=pool)
+                    where = (blocksize, shape, dtype, again)
+                    assert y.dtype == dtype and y.shape == x.shape and torch.equal(y, expected), where
+                    addresses.append(y.untyped_storage().data_ptr())
+                    # a buffer of the pool (made now at most the first time, refilled the second); else bitsandbytes'
+                    # own tensor
+                    assert (addresses[-1] in pool._lent) == native, where
+                    assert pool.made - made <= (native and not again), where
+                    y.fill_(float("nan"))  # (the next weight decoded there must not show it)
+                    y = None
+                    pool.give(addresses[-1:])
+                if native:
+                    assert addresses[0] == addresses[1], where
+    assert pool.made > 0
+
+
 def test_decode_buffers_are_reused_only_once_nothing_views_them():
     """A buffer given back while a tensor still views it (a weight kept by its caller, a view of it) is not reused:
     the kept weight keeps its values; the next decode of that size takes a new buffer, and once given back without
@@ -355,17 +400,19 @@ def test_decode_buffers_are_reused_only_once_nothing_views_them():
     assert errors == [] and pool.made <= 2 + 3 and torch.equal(kept.t(), expected[0])
 
 
-def test_decode_buffers_lend_nothing_to_a_weight_cast_after_decoding():
-    """A 4-bit weight asked for at a dtype bitsandbytes does not decode to (float64: decoded to float32, then cast)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_decode_buffers_lend_nothing_to_a_weight_cast_after_decoding(bits):
+    """A 4-bit or 8-bit weight asked for at a dtype bitsandbytes does not decode to (float64: decoded to float32, then cast)
     takes no buffer of the pool: the cast is a new tensor, so a buffer taken for the float32 step would never come
     back (the loader gives back the buffers its layer's tensors view), and every sweep would leave one more."""
     from hf_layerstream import quant
 
-    packed = quantize_tensor(_randn((64, 256), torch.bfloat16), QuantScheme(4))
+    packed = quantize_tensor(_randn((64, 256), torch.bfloat16), QuantScheme(bits))
+    decode = _bnb_4bit if bits == 4 else _bnb_8bit
     pool = quant.DecodeBuffers()
     for _ in range(3):
         y = dequantize_tensor(*packed, dtype=torch.float64, buffers=pool)
-        assert y.dtype == torch.float64 and torch.equal(y, _bnb_4bit(*packed, torch.float32).double())
+        assert y.dtype == torch.float64 and torch.equal(y, decode(*packed, torch.float32).double())
         pool.give([y.untyped_storage().data_ptr()])
     assert pool.made == 0 and pool._lent == {}
 

@@ -158,6 +158,30 @@ def test_streamed_4bit_weights_are_decoded_into_buffers_reused_from_sweep_to_swe
     disable_layer_streaming(model)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_streamed_8bit_weights_are_decoded_into_buffers_reused_from_sweep_to_sweep(tmp_path, dtype):
+    """CPU: the 8-bit weights of streamed layers are decoded into the loader's reused buffers too (bitsandbytes' CPU
+    `dequantize_blockwise` allocates every weight afresh): every sweep computes the same bits as with every layer
+    kept, at prefetch 0 and 2, and at most the weights of the `prefetch + 1` layers in flight are ever decoded into
+    buffers of their own."""
+    config = _models.make_config("llama", num_hidden_layers=4, **FIDELITY_CONFIG)
+    ckpt = _models.save_tiny_checkpoint(config, tmp_path / "ckpt", dtype=dtype, max_shard_size="1MB")
+    shards = split_checkpoint(ckpt, tmp_path / "q8", compression="8bit", progress=False)
+    per_layer = sum(t.quant is not None for t in ShardDirectory(shards).unit("layers.0").tensors.values())
+    ids = torch.randint(4, 120, (1, 12), generator=torch.Generator().manual_seed(2))
+    expected = _kept_logits(ckpt, shards, ids)
+    for prefetch in (0, 2):
+        model = streamed_model(ckpt, shards, max_memory={"cpu": 0}, prefetch=prefetch)
+        loader = get_streaming_state(model).loader
+        assert loader.prefetch == prefetch
+        for _ in range(3):
+            assert torch.equal(_logits(model, ids), expected), prefetch
+        loader.wait_idle()  # (the next sweep's first layers, decoded as the head ran)
+        # the weights of the layers in flight at once, at most: 4 layers a sweep made 3 * 4 * 7 without reuse
+        assert 0 < loader._decoded.made <= (prefetch + 1) * per_layer, prefetch
+        disable_layer_streaming(model)
+
+
 def test_a_layer_that_fails_to_decode_gives_back_the_buffers_it_took(tmp_path, monkeypatch):
     """A streamed layer whose decoding fails part way (here its third weight) gives back the buffers its first weights
     took: the pool lends none after the error (each would otherwise stay held by it, a layer's decoded weights lost at
