@@ -2560,36 +2560,46 @@ def test_a_hub_tokenizer_or_draft_that_cannot_be_fetched_is_refused_before_the_m
         assert capsys.readouterr().out.startswith("hi")
 
 
-def test_a_hub_id_without_network_fails_at_once_and_a_cached_repo_still_loads(split_dir, tmp_path, capsys, monkeypatch):
-    """No network (HF_HUB_OFFLINE unset): a hub id not in the hub cache failed after about 27 s of huggingface_hub's
-    retries (a first try, then 6 more with 1 + 2 + 4 + 8 + 8 s between them: 7 connections), for `split`, `generate`,
-    `inspect`, `verify` and `bench`, and the split of a repo in the hub cache waited as long on the first file the
-    repo lacks. One connection now finds the hub unreachable, the hub cache alone answers then, and the error is the
-    one it was. The network is taken away here by name resolution failing for the hub's host (DNS), as without it."""
+def _without_network(monkeypatch, cache, only: str | None = None) -> list[str]:
+    """No network for the test (HF_HUB_OFFLINE unset): a host's name does not resolve (`only`'s, else every one),
+    each lookup recorded in the list returned; the hub cache at `cache`, no hub host asked yet."""
     import socket
-    import time
 
     from huggingface_hub import constants
 
     import hf_layerstream.split as split
 
-    ckpt, shards = split_dir
     connections = []
     real_getaddrinfo = socket.getaddrinfo
 
     def getaddrinfo(host, *args, **kwargs):
-        if host == "huggingface.co":
-            connections.append(host)
-            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
-        return real_getaddrinfo(host, *args, **kwargs)
+        if only is not None and host != only:
+            return real_getaddrinfo(host, *args, **kwargs)
+        connections.append(host)
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
 
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     # (huggingface_hub's own request for its list of coding agents, once a process, with its telemetry: not counted)
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(split, "_HUB_ANSWERS", {})  # (what the hub's hosts answered: none asked yet)
+    return connections
+
+
+def test_a_hub_id_without_network_fails_at_once_and_a_cached_repo_still_loads(split_dir, tmp_path, capsys, monkeypatch):
+    """No network (HF_HUB_OFFLINE unset): a hub id not in the hub cache failed after about 27 s of huggingface_hub's
+    retries (a first try, then 6 more with 1 + 2 + 4 + 8 + 8 s between them: 7 connections), for `split`, `generate`,
+    `inspect`, `verify` and `bench`, and the split of a repo in the hub cache waited as long on the first file the
+    repo lacks. One connection now finds the hub unreachable, the hub cache alone answers then, and the error is the
+    one it was. The network is taken away here by name resolution failing for the hub's host (DNS), as without it."""
+    import time
+
+    import hf_layerstream.split as split
+
+    ckpt, shards = split_dir
+    connections = _without_network(monkeypatch, tmp_path / "cache", only="huggingface.co")
     monkeypatch.chdir(tmp_path)
     reason = "the hub cannot be reached (no network, or the hub is down) and it is not in the hub cache"
     commands = {
@@ -2627,27 +2637,10 @@ def test_a_hub_tokenizer_or_draft_in_the_hub_cache_loads_at_once_without_network
     they loaded, after transformers had asked the hub for each file they may hold, each lookup of one the cache lacks
     retried by huggingface_hub for 23 s (about 2 minutes here). One connection finds the hub unreachable now, and
     transformers reads them from the cache alone (`local_files_only`), as offline."""
-    import socket
     import time
 
-    from huggingface_hub import constants
-
-    import hf_layerstream.split as split
-
     ckpt, shards = split_dir
-    connections = []
-
-    def getaddrinfo(host, *args, **kwargs):  # (no network: the hub's name does not resolve)
-        connections.append(host)
-        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
-
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    # (huggingface_hub's own request for its list of coding agents, once a process, with its telemetry: not counted)
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(split, "_HUB_ANSWERS", {})  # (what the hub's hosts answered: none asked yet)
+    connections = _without_network(monkeypatch, tmp_path / "cache")
     _models.hub_snapshot(ckpt, tmp_path / "cache", repo="someorg--draft")
     files = {p.name: p.read_bytes() for p in ckpt.iterdir() if not p.name.endswith(".safetensors")}
     _models.hub_cache(tmp_path / "cache", "someorg/tok", files)

@@ -173,6 +173,28 @@ def test_double_quant_of_scales_averaging_past_float32_is_refused():
     assert torch.isfinite(dequantize_tensor(*quantize_tensor(x, QuantScheme(4)))).all()
 
 
+def _decode_in_three_threads(decode) -> list:
+    """`decode(i)` (True where weight `i` decoded as expected) run 20 times over weights 0, 1 and 2 in each of three
+    threads at once, each in its own order: the weights that did not, and the errors raised."""
+    import threading
+
+    errors = []
+
+    def decode_many(order):
+        try:
+            for _ in range(20):
+                errors.extend(i for i in order if not decode(i))
+        except BaseException as e:  # noqa: BLE001 - reported by the caller's assertion
+            errors.append(e)
+
+    threads = [threading.Thread(target=decode_many, args=(order,)) for order in ([0, 1, 2], [2, 1, 0], [1, 2, 0])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors
+
+
 def test_double_quant_scales_decode_into_reused_per_thread_buffers():
     """On CPU a double-quantized weight's float32 block scales are decoded into buffers each decoding thread keeps
     and reuses (bitsandbytes allocates them afresh for every weight: freed and allocated again between the decoded
@@ -226,23 +248,10 @@ def test_double_quant_scales_decode_into_reused_per_thread_buffers():
         "reused": True,
     }
 
-    errors = []
+    def decode(i):
+        return torch.equal(dequantize_tensor(*packed[i]), expected[i])
 
-    def decode_many(order):
-        try:
-            for _ in range(20):
-                for i in order:
-                    if not torch.equal(dequantize_tensor(*packed[i]), expected[i]):
-                        errors.append(i)
-        except BaseException as e:  # noqa: BLE001 - reported by the assertion below
-            errors.append(e)
-
-    threads = [threading.Thread(target=decode_many, args=(order,)) for order in ([0, 1, 2], [2, 1, 0], [1, 2, 0])]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
+    assert _decode_in_three_threads(decode) == []
 
 
 def _bnb_4bit(parts, meta, dtype) -> torch.Tensor:
@@ -359,7 +368,6 @@ def test_decode_buffers_are_reused_only_once_nothing_views_them():
     """A buffer given back while a tensor still views it (a weight kept by its caller, a view of it) is not reused:
     the kept weight keeps its values; the next decode of that size takes a new buffer, and once given back without
     holders a buffer is taken again. Threads decoding at once into one pool each get their own weights."""
-    import threading
 
     from hf_layerstream import quant
 
@@ -378,26 +386,15 @@ def test_decode_buffers_are_reused_only_once_nothing_views_them():
     assert pool.made == 2 and again.untyped_storage().data_ptr() == address and torch.equal(again, expected[2])
     assert torch.equal(kept.t(), expected[0])
 
-    errors = []
+    def decode(i):
+        y = dequantize_tensor(*packed[i], buffers=pool)
+        equal = torch.equal(y, expected[i])
+        address, y = y.untyped_storage().data_ptr(), None
+        pool.give([address])
+        return equal
 
-    def decode_many(order):
-        try:
-            for _ in range(20):
-                for i in order:
-                    y = dequantize_tensor(*packed[i], buffers=pool)
-                    if not torch.equal(y, expected[i]):
-                        errors.append(i)
-                    address, y = y.untyped_storage().data_ptr(), None
-                    pool.give([address])
-        except BaseException as e:  # noqa: BLE001 - reported by the assertion below
-            errors.append(e)
-
-    threads = [threading.Thread(target=decode_many, args=(order,)) for order in ([0, 1, 2], [2, 1, 0], [1, 2, 0])]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == [] and pool.made <= 2 + 3 and torch.equal(kept.t(), expected[0])
+    assert _decode_in_three_threads(decode) == []
+    assert pool.made <= 2 + 3 and torch.equal(kept.t(), expected[0])
 
 
 @pytest.mark.parametrize("bits", [4, 8])
