@@ -2789,6 +2789,17 @@ def test_generate_runs_a_generation_config_asking_for_beam_search(split_dir, tmp
     assert out.startswith(prompt) and "whose tokens cannot be printed as they come" in err
 
 
+def _asking_for_beam_search(shards, tmp_path):
+    """A copy of `shards` whose generation_config.json asks for beam search (`num_beams` 3), and a job file of one
+    prompt, `tmp_path / "in.jsonl"`."""
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy)
+    config = json.loads((copy / "generation_config.json").read_text())
+    (copy / "generation_config.json").write_text(json.dumps({**config, "num_beams": 3}))
+    (tmp_path / "in.jsonl").write_text('{"id": "a", "prompt": "hi"}\n')
+    return copy
+
+
 def test_sampling_options_without_sampling_name_beam_search_where_the_generation_config_asks_for_it(
     split_dir, tmp_path, capsys
 ):
@@ -2796,11 +2807,7 @@ def test_sampling_options_without_sampling_name_beam_search_where_the_generation
     directory's generation_config.json asks for beam search (`num_beams` > 1): the decoding was beam search. The line
     names the decoding the generation config gives, in prompt and job modes; greedy where it asks for no beams."""
     ckpt, shards = split_dir
-    copy = tmp_path / "shards"
-    shutil.copytree(shards, copy)
-    config = json.loads((copy / "generation_config.json").read_text())
-    (copy / "generation_config.json").write_text(json.dumps({**config, "num_beams": 3}))
-    (tmp_path / "in.jsonl").write_text('{"id": "a", "prompt": "hi"}\n')
+    copy = _asking_for_beam_search(shards, tmp_path)
     job = ["--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl")]
     for mode in (["hi"], job):
         argv = ["generate", str(copy), *mode, "--max-new-tokens", "2", "--device", "cpu", "--temperature", "0.5"]
@@ -2827,11 +2834,7 @@ def test_sampling_options_without_sampling_are_warned_about_before_the_model_loa
     from hf_layerstream import cli
 
     ckpt, shards = split_dir
-    copy = tmp_path / "shards"
-    shutil.copytree(shards, copy)
-    config = json.loads((copy / "generation_config.json").read_text())
-    (copy / "generation_config.json").write_text(json.dumps({**config, "num_beams": 3}))
-    (tmp_path / "in.jsonl").write_text('{"id": "a", "prompt": "hi"}\n')
+    copy = _asking_for_beam_search(shards, tmp_path)
     real, at_load = cli.load_streamed_model, []
 
     def load(*args, **kwargs):

@@ -281,6 +281,25 @@ def _bnb_4bit(parts, meta, dtype) -> torch.Tensor:
     return bnbf.dequantize_4bit(parts["qdata"], state).reshape(-1)[:numel].view(meta["shape"])
 
 
+def _decode_twice_into(pool, parts, meta, dtype, expected, native: bool, where: tuple) -> None:
+    """Decode a weight into `pool` twice, giving the buffer back between (filled with NaN, which the second decode
+    must not show): `expected` both times, in a buffer of the pool where bitsandbytes' native kernel serves (`native`:
+    made at most the first time, the same one the second), else in bitsandbytes' own tensor."""
+    addresses = []
+    for again in range(2):
+        made = pool.made
+        y = dequantize_tensor(parts, meta, dtype=dtype, buffers=pool)
+        assert y.dtype == dtype and y.shape == expected.shape and torch.equal(y, expected), (*where, again)
+        addresses.append(y.untyped_storage().data_ptr())
+        assert (addresses[-1] in pool._lent) == native, (*where, again)
+        assert pool.made - made <= (native and not again), (*where, again)
+        y.fill_(float("nan"))
+        y = None
+        pool.give(addresses[-1:])
+    if native:
+        assert addresses[0] == addresses[1], where
+
+
 @pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "nested"])
 @pytest.mark.parametrize("key", ["nf4", "fp4"])
 def test_4bit_decoded_into_reused_buffers_is_bitsandbytes_own_decoding(key, double_quant):
@@ -300,22 +319,7 @@ def test_4bit_decoded_into_reused_buffers_is_bitsandbytes_own_decoding(key, doub
             for dtype in DTYPES:
                 expected = _bnb_4bit(parts, meta, dtype)
                 native = quant._native_4bit(key, dtype, blocksize) is not None
-                addresses = []
-                for again in range(2):
-                    made = pool.made
-                    y = dequantize_tensor(parts, meta, dtype=dtype, buffers=pool)
-                    where = (key, blocksize, shape, dtype, again)
-                    assert y.dtype == dtype and y.shape == x.shape and torch.equal(y, expected), where
-                    addresses.append(y.untyped_storage().data_ptr())
-                    # a buffer of the pool (made now at most the first time, refilled the second); else bitsandbytes'
-                    # own tensor
-                    assert (addresses[-1] in pool._lent) == native, where
-                    assert pool.made - made <= (native and not again), where
-                    y.fill_(float("nan"))  # (the next weight decoded there must not show it)
-                    y = None
-                    pool.give(addresses[-1:])
-                if native:
-                    assert addresses[0] == addresses[1], where
+                _decode_twice_into(pool, parts, meta, dtype, expected, native, (key, blocksize, shape, dtype))
     assert pool.made > 0
 
 
@@ -345,22 +349,7 @@ def test_8bit_decoded_into_reused_buffers_is_bitsandbytes_own_decoding():
             for dtype in DTYPES:
                 expected = _bnb_8bit(parts, meta, dtype)
                 native = quant._native_8bit(dtype) is not None
-                addresses = []
-                for again in range(2):
-                    made = pool.made
-                    y = dequantize_tensor(parts, meta, dtype=dtype, buffers=pool)
-                    where = (blocksize, shape, dtype, again)
-                    assert y.dtype == dtype and y.shape == x.shape and torch.equal(y, expected), where
-                    addresses.append(y.untyped_storage().data_ptr())
-                    # a buffer of the pool (made now at most the first time, refilled the second); else bitsandbytes'
-                    # own tensor
-                    assert (addresses[-1] in pool._lent) == native, where
-                    assert pool.made - made <= (native and not again), where
-                    y.fill_(float("nan"))  # (the next weight decoded there must not show it)
-                    y = None
-                    pool.give(addresses[-1:])
-                if native:
-                    assert addresses[0] == addresses[1], where
+                _decode_twice_into(pool, parts, meta, dtype, expected, native, (blocksize, shape, dtype))
     assert pool.made > 0
 
 
