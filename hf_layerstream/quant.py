@@ -781,9 +781,9 @@ def dequantize_tensor(
         meta (`Mapping[str, Any]`): Its metadata (extra keys such as `"parts"` are ignored).
         device (`torch.device` or `str`, *optional*, defaults to `"cpu"`): Where to decode.
         dtype (`torch.dtype`, *optional*): Output dtype; defaults to the original dtype (`meta["dtype"]`).
-        buffers ([`DecodeBuffers`], *optional*): On CPU, where a 4-bit or 8-bit weight is decoded (by the same native kernel,
-            into a buffer taken from them instead of a tensor allocated for it): the result views that buffer until
-            it is given back.
+        buffers ([`DecodeBuffers`], *optional*): On CPU, where a 4-bit or 8-bit weight is decoded (by the same
+            native kernel, into a buffer taken from them instead of a tensor allocated for it): the result views that
+            buffer until it is given back.
 
     Returns:
         `torch.Tensor`: Contiguous, of shape `meta["shape"]` and dtype `dtype`, on `device`.
@@ -972,9 +972,8 @@ class DecodeBuffers:
     reused.
 
     bitsandbytes' CPU `dequantize_4bit` and `dequantize_blockwise` return a new tensor for every weight (they register
-    no `out=` variant on CPU):
-    a streaming run allocated and freed every layer's decoded weights at each sweep, from the loader thread, and
-    glibc kept much of what was freed in that thread's heaps. Here the same native kernel writes into a buffer of
+    no `out=` variant on CPU): a streaming run allocated and freed every layer's decoded weights at each sweep, from
+    the loader thread, and glibc kept much of what was freed in that thread's heaps. Here the same native kernel writes into a buffer of
     ours (the same call, with our output pointer: the same bits). The loader takes buffers for a streamed layer's
     weights as it decodes them and gives them back as the layer is released; a buffer that something else still
     views then (a weight the caller kept, an autograd graph) is left to it, freed with it and never reused.
