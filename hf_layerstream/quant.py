@@ -896,11 +896,34 @@ def _native_4bit(quant_type: str, dtype: torch.dtype, blocksize: int):
         return None
     if getattr(ops, "_has_avx512", True) and blocksize >= 2048:
         return None
-    return getattr(
-        getattr(getattr(ops, "lib", None), "_lib", None),
-        f"cdequantize_blockwise_cpu_{quant_type}_{_KERNEL_DTYPES[dtype]}",
-        None,
-    )
+    name = f"cdequantize_blockwise_cpu_{quant_type}_{_KERNEL_DTYPES[dtype]}"
+    kernel = getattr(getattr(getattr(ops, "lib", None), "_lib", None), name, None)
+
+    def decode(bnbf, x):  # (ours, and bitsandbytes' op, of `x` quantized as its op quantizes it)
+        qdata, state = bnbf.quantize_4bit(x, blocksize=blocksize, quant_type=quant_type)
+        out = torch.empty(x.numel(), dtype=dtype)
+        _call_4bit(kernel, qdata, state.absmax, out, blocksize)
+        return out, bnbf.dequantize_4bit(qdata, state).reshape(-1)
+
+    return _agreeing(kernel, name, dtype, 2 * blocksize, decode)
+
+
+def _agreeing(kernel, name: str, dtype: torch.dtype, numel: int, decode):
+    """`kernel` where it decodes a small random weight (`numel` elements of `dtype`) bit for bit as bitsandbytes' own
+    op does (`decode(bnbf, x)`: ours, then its op's), else `None`, with a warning: we call it with its op's arguments,
+    in their order, and a release of bitsandbytes calling it otherwise would decode other values without a word (its
+    op is then used, allocating every weight, as before the buffers)."""
+    if kernel is None:
+        return None
+    try:
+        ours, its = decode(_functional(), torch.randn(numel, generator=torch.Generator().manual_seed(0)).to(dtype))
+        agrees = torch.equal(ours, its)
+    except Exception:  # noqa: BLE001 - any failure: its op, which says what is wrong where it fails too
+        agrees = False
+    if not agrees:
+        logger.warning("bitsandbytes' native %s does not decode as bitsandbytes' own op does: the op is used", name)
+        return None
+    return kernel
 
 
 def _call_4bit(kernel, qdata: torch.Tensor, absmax: torch.Tensor, out: torch.Tensor, blocksize: int) -> None:
@@ -933,7 +956,16 @@ def _native_8bit(dtype: torch.dtype):
     lib = getattr(ops, "lib", None)
     if lib is None or isinstance(lib, ErrorHandlerMockBNBNativeLibrary):
         return None
-    return getattr(getattr(lib, "_lib", None), f"cdequantize_blockwise_cpu_{_KERNEL_DTYPES[dtype]}", None)
+    name = f"cdequantize_blockwise_cpu_{_KERNEL_DTYPES[dtype]}"
+    kernel = getattr(getattr(lib, "_lib", None), name, None)
+
+    def decode(bnbf, x):  # (ours, and bitsandbytes' op, of `x` quantized as its op quantizes it)
+        qdata, state = bnbf.quantize_blockwise(x, blocksize=256)
+        out = torch.empty(x.numel(), dtype=dtype)
+        _call_8bit(kernel, qdata, state.absmax, state.code, out, 256)
+        return out, bnbf.dequantize_blockwise(qdata, state).reshape(-1)
+
+    return _agreeing(kernel, name, dtype, 512, decode)
 
 
 def _call_8bit(

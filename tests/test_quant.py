@@ -353,6 +353,40 @@ def test_8bit_decoded_into_reused_buffers_is_bitsandbytes_own_decoding():
     assert pool.made > 0
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_native_kernel_that_decodes_otherwise_than_bitsandbytes_is_not_used(bits, monkeypatch, caplog):
+    """bitsandbytes' native kernel is called with our output pointer as its op calls it, arguments in its order: a
+    release calling it otherwise (another order, another meaning) would decode other values, silently. Each kernel is
+    tried once on a small weight against bitsandbytes' own op; one that disagrees (here: our call made to write
+    zeros) is not used, with a warning naming it, and the weight is decoded by bitsandbytes' op, in no buffer."""
+    import logging
+
+    from hf_layerstream import quant
+
+    scheme = QuantScheme(bits) if bits == 4 else QuantScheme(8, blocksize=256)
+    packed = quantize_tensor(_randn((64, 256), torch.bfloat16), scheme)
+    expected = (_bnb_4bit if bits == 4 else _bnb_8bit)(*packed, torch.bfloat16)
+    call = "_call_4bit" if bits == 4 else "_call_8bit"
+    real = getattr(quant, call)
+
+    def zeros(kernel, *args):
+        real(kernel, *args)
+        args[-2].zero_()  # (the output)
+
+    for finder in (quant._native_4bit, quant._native_8bit):
+        finder.cache_clear()
+    monkeypatch.setattr(quant, call, zeros)
+    try:
+        pool = quant.DecodeBuffers()
+        with caplog.at_level(logging.WARNING, logger="hf_layerstream.quant"):
+            y = dequantize_tensor(*packed, dtype=torch.bfloat16, buffers=pool)
+        assert torch.equal(y, expected) and pool.made == 0
+        assert "does not decode as bitsandbytes' own" in caplog.text, caplog.text
+    finally:
+        for finder in (quant._native_4bit, quant._native_8bit):
+            finder.cache_clear()
+
+
 def test_decode_buffers_are_reused_only_once_nothing_views_them():
     """A buffer given back while a tensor still views it (a weight kept by its caller, a view of it) is not reused:
     the kept weight keeps its values; the next decode of that size takes a new buffer, and once given back without
