@@ -1203,6 +1203,14 @@ def _generate(args) -> int:
                 seed=args.seed,
                 **gen_kwargs,
             )
+        except ValueError as e:
+            # (a prompt and the default `--max-new-tokens` past a learned position table: named as the default, as
+            # in prompt mode, not as if it were given)
+            given = f"`max_new_tokens` {args.max_new_tokens} run past"
+            if args.default_max_new_tokens and given in str(e):
+                said = given.replace(" run past", " (its default) run past")
+                raise ValueError(str(e).replace(given, said, 1)) from e
+            raise
         except (RuntimeError, MemoryError) as e:
             overflow = _temperature_overflow(e, args)
             if overflow is not None:  # (nothing of the batch is written: the job goes on with a larger one)

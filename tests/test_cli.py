@@ -564,6 +564,14 @@ def test_a_default_max_new_tokens_past_a_learned_position_table_is_named_as_the_
     assert f"pass `--max-new-tokens` {257 - n} or less, or a shorter prompt." in err
     assert main([*argv, "--max-new-tokens", "64"]) == 2
     assert f"The prompt ({n} tokens) and `--max-new-tokens` 64 run past" in capsys.readouterr().err
+    # a job (`--input`): its refusal, `generate_jsonl`'s, says so too
+    (tmp_path / "in.jsonl").write_text(json.dumps({"id": "a", "prompt": prompt}) + "\n")
+    job = ["generate", str(shards), "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl")]
+    assert main([*job, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert f"Prompt 'a' ({n} tokens) and `--max-new-tokens` 64 (its default) run past the 256 positions" in err, err
+    assert main([*job, "--device", "cpu", "--max-new-tokens", "64"]) == 2
+    assert f"Prompt 'a' ({n} tokens) and `--max-new-tokens` 64 run past" in capsys.readouterr().err
 
 
 def test_ctrl_c_during_generate_goes_on_a_line_of_its_own(split_dir, capsys, monkeypatch):
