@@ -1957,12 +1957,12 @@ class LayerLoader:
         """`forget`: a kept map of the layer's file is forgotten, not released: something other than the loader may
         still view it (an autograd graph, a weight the caller kept), and must keep what it sees."""
         # the addresses of its weights decoded into our buffers, which go back once its tensors are dropped (others
-        # are not ours: ignored)
-        decoded = [t.untyped_storage().data_ptr() for t in ready.tensors.values() if isinstance(t, torch.Tensor)]
+        # are not ours: ignored; none on CUDA, which decodes into no buffers)
+        decoded = [] if self._decoded is None else self._decoded.addresses(ready.tensors.values())
         try:
             self._drop(index, ready, forget)
         finally:
-            if self._decoded is not None:
+            if decoded:
                 self._decoded.give(decoded)
 
     def _drop(self, index: int, ready: _Ready, forget: bool) -> None:
@@ -2344,7 +2344,7 @@ class LayerLoader:
             return self._finish_into(out, entry, raw, index, mapped, times, skip, buffers)
         except BaseException:
             if buffers is not None:  # (a decode failing part way: the buffers its first weights took go back)
-                buffers.give([t.untyped_storage().data_ptr() for t in out.values() if isinstance(t, torch.Tensor)])
+                buffers.give(buffers.addresses(out.values()))
             raise
 
     def _finish_into(self, out, entry, raw, index, mapped, times, skip, buffers) -> dict[str, torch.Tensor]:

@@ -1034,6 +1034,12 @@ class DecodeBuffers:
             self.made += made
         return buf[: numel * dtype.itemsize].view(dtype)
 
+    @staticmethod
+    def addresses(tensors: Iterable) -> list[int]:
+        """The addresses `give` takes: those of the memory `tensors` view (anything else among them is passed over),
+        read while the caller still holds them."""
+        return [t.untyped_storage().data_ptr() for t in tensors if isinstance(t, torch.Tensor)]
+
     def give(self, addresses: Iterable[int]) -> None:
         """Give back the buffers at `addresses` (those of tensors taken, or of views of them; others are ignored),
         once the caller holds no tensor viewing them: each one nothing else views either is reused."""
