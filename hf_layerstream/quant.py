@@ -884,20 +884,31 @@ def _nested_scales_cpu(codes: torch.Tensor, absmax2: torch.Tensor, nested_blocks
 _KERNEL_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
+def _bnb_cpu_ops():
+    """bitsandbytes' CPU backend module, whose ops call its native library's kernels (`ops.lib._lib`), or `None`
+    where there is none to call: the backend not importable, or no native library (its mock stands in)."""
+    try:
+        from bitsandbytes.backends.cpu import ops
+        from bitsandbytes.cextension import ErrorHandlerMockBNBNativeLibrary
+    except ImportError:
+        return None
+    lib = getattr(ops, "lib", None)
+    if lib is None or isinstance(lib, ErrorHandlerMockBNBNativeLibrary) or getattr(lib, "_lib", None) is None:
+        return None
+    return ops
+
+
 @functools.cache
 def _native_4bit(quant_type: str, dtype: torch.dtype, blocksize: int):
     """The native function bitsandbytes' CPU `dequantize_4bit` calls for these settings (it writes into an output
     pointer it is given), or `None` where that op computes otherwise, and is called instead: no native library, or
     its torch fallback (on an AVX-512 CPU at blocks of 2048 or more, where bitsandbytes does not trust its kernel's
     accuracy)."""
-    try:
-        from bitsandbytes.backends.cpu import ops
-    except ImportError:
-        return None
-    if getattr(ops, "_has_avx512", True) and blocksize >= 2048:
+    ops = _bnb_cpu_ops()
+    if ops is None or getattr(ops, "_has_avx512", True) and blocksize >= 2048:
         return None
     name = f"cdequantize_blockwise_cpu_{quant_type}_{_KERNEL_DTYPES[dtype]}"
-    kernel = getattr(getattr(getattr(ops, "lib", None), "_lib", None), name, None)
+    kernel = getattr(ops.lib._lib, name, None)
 
     def decode(bnbf, x):  # (ours, and bitsandbytes' op, of `x` quantized as its op quantizes it)
         qdata, state = bnbf.quantize_4bit(x, blocksize=blocksize, quant_type=quant_type)
@@ -948,16 +959,11 @@ def _native_8bit(dtype: torch.dtype):
     """The native function bitsandbytes' CPU `dequantize_blockwise` calls for output `dtype`
     (`cdequantize_blockwise_cpu_{fp32,bf16,fp16}`, writing into an output pointer it is given), or `None` where that
     op computes otherwise, and is called instead: no native library (its op is then the default backend's, in torch)."""
-    try:
-        from bitsandbytes.backends.cpu import ops
-        from bitsandbytes.cextension import ErrorHandlerMockBNBNativeLibrary
-    except ImportError:
-        return None
-    lib = getattr(ops, "lib", None)
-    if lib is None or isinstance(lib, ErrorHandlerMockBNBNativeLibrary):
+    ops = _bnb_cpu_ops()
+    if ops is None:
         return None
     name = f"cdequantize_blockwise_cpu_{_KERNEL_DTYPES[dtype]}"
-    kernel = getattr(getattr(lib, "_lib", None), name, None)
+    kernel = getattr(ops.lib._lib, name, None)
 
     def decode(bnbf, x):  # (ours, and bitsandbytes' op, of `x` quantized as its op quantizes it)
         qdata, state = bnbf.quantize_blockwise(x, blocksize=256)
